@@ -1,0 +1,300 @@
+"""Admin profiles: one YAML file per profile, in KubeSpawner's ``profile_list`` shape.
+
+A profile names an environment (a file next to it or an inline mapping) and the
+hardware it runs on (GPUs, CPU, memory, the CUDA version to solve for), plus who
+may use it. :class:`ProfileCatalog` loads a directory of them, reporting every
+problem of every file at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from jupyterhub.traitlets import ByteSpecification
+from traitlets import TraitError, Unicode
+from traitlets.config import Configurable
+
+from .spec import EnvironmentSpec, SpecError, SpecPolicy, show
+
+PROFILE_SUFFIXES = (".yaml", ".yml")
+MAX_GPUS = 64
+_SLUG = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_CUDA_VERSION = re.compile(r"\d+(\.\d+){0,2}\Z")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One validated admin profile."""
+
+    slug: str
+    display_name: str
+    source: str
+    description: str = ""
+    default: bool = False
+    environment: EnvironmentSpec | None = None
+    environment_source: str | None = None
+    gpus: int = 0
+    gpu_model: str | None = None
+    cpu_limit: float | None = None
+    mem_limit: int | None = None
+    cuda: str | None = None
+    allowed_groups: tuple[str, ...] = ()
+    allowed_users: tuple[str, ...] = ()
+    allow_custom_environment: bool = False
+
+    def allows(self, user: str, groups: Iterable[str] = ()) -> bool:
+        """Whether ``user`` (member of ``groups``) may use this profile; empty lists mean everyone."""
+        if not self.allowed_users and not self.allowed_groups:
+            return True
+        return user in self.allowed_users or not set(groups).isdisjoint(self.allowed_groups)
+
+
+class ProfileError(ValueError):
+    """Every problem found while loading profiles, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _FieldError(Exception):
+    pass
+
+
+def slugify(text: str) -> str:
+    """A KubeSpawner-style slug: lowercase letters, digits and dashes, at most 63 chars."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:63].rstrip("-")
+
+
+# -- field readers: each takes the raw YAML value and returns the typed one ------------
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _FieldError("must be non-empty text")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _FieldError("must be text")
+    return value.strip()
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _FieldError(f"must be true or false, not {show(value)}")
+    return value
+
+
+def _slug(value: Any) -> str:
+    if not isinstance(value, str) or not _SLUG.match(value):
+        raise _FieldError(f"{show(value)} must be 1-63 lowercase letters, digits or dashes")
+    return value
+
+
+def _gpu_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS:
+        raise _FieldError(f"must be a whole number from 0 to {MAX_GPUS}, not {show(value)}")
+    return value
+
+
+def _cpu_limit(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise _FieldError(f"must be a positive number of CPUs, not {show(value)}")
+    return float(value)
+
+
+def _mem_limit(value: Any) -> int:
+    try:
+        limit = ByteSpecification().validate(None, value)
+    except TraitError:
+        raise _FieldError(f"{show(value)} is not a size such as 8G, 512M or a number of bytes")
+    if not isinstance(limit, int) or limit <= 0:
+        raise _FieldError(f"{show(value)} must be a positive size such as 8G")
+    return limit
+
+
+def _cuda(value: Any) -> str:
+    if isinstance(value, float):
+        raise _FieldError(f'write the version as quoted text (cuda: "{value}"): YAML reads 12.10 as 12.1')
+    if not isinstance(value, str) or not _CUDA_VERSION.match(value.strip()):
+        raise _FieldError(f'{show(value)} must be a CUDA version such as "11.8" or "12.4"')
+    return value.strip()
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _FieldError("must be a list of names")
+    return tuple(v.strip() for v in value)
+
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "display_name": _text,
+    "description": _optional_text,
+    "slug": _slug,
+    "default": _flag,
+    "environment": lambda value: None,  # read by ProfileCatalog._read_environment: it needs the file's folder
+    "gpus": _gpu_count,
+    "gpu_model": _text,
+    "cpu_limit": _cpu_limit,
+    "mem_limit": _mem_limit,
+    "cuda": _cuda,
+    "allowed_groups": _names,
+    "allowed_users": _names,
+    "allow_custom_environment": _flag,
+}
+
+
+class ProfileCatalog(Configurable):
+    """The admin's profiles, loaded from ``profiles_dir``, and who may use which."""
+
+    profiles_dir = Unicode(
+        "profiles",
+        config=True,
+        help="""Directory holding one YAML file per profile (relative to the hub's working directory).
+
+        Each file follows KubeSpawner's profile_list entries, plus `environment`, `gpus`,
+        `gpu_model`, `cuda`, `allowed_groups`, `allowed_users` and `allow_custom_environment`.
+
+        c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"
+        """,
+    )
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.profiles: list[Profile] = []
+        self.spec_policy = SpecPolicy(parent=self)
+
+    def load(self) -> list[Profile]:
+        """(Re)load every profile file; raise ProfileError listing every problem found."""
+        directory = Path(self.profiles_dir)
+        if not directory.is_dir():
+            raise ProfileError([f"{directory}: profiles directory not found"])
+        files = sorted(p for p in directory.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+        problems: list[str] = []
+        profiles = []
+        for path in files:
+            profile = self._load_file(path, problems)
+            if profile is not None:
+                profiles.append(profile)
+        problems += _catalog_problems(profiles)
+        if not profiles and not problems:
+            problems.append(f"{directory}: no profile files (*.yaml, *.yml)")
+        if problems:
+            raise ProfileError(problems)
+        self.profiles = profiles
+        return profiles
+
+    def visible_to(self, user: str, groups: Iterable[str] = ()) -> list[Profile]:
+        groups = list(groups)
+        return [profile for profile in self.profiles if profile.allows(user, groups)]
+
+    def default_for(self, user: str, groups: Iterable[str] = ()) -> Profile | None:
+        """The user's default: the visible profile marked ``default``, else the first visible."""
+        visible = self.visible_to(user, groups)
+        return next((p for p in visible if p.default), visible[0] if visible else None)
+
+    def get(self, slug: str) -> Profile:
+        """The profile with this slug; KeyError if none."""
+        for profile in self.profiles:
+            if profile.slug == slug:
+                return profile
+        raise KeyError(slug)
+
+    # -- one file ------------------------------------------------------------------
+
+    def _load_file(self, path: Path, problems: list[str]) -> Profile | None:
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            problems.append(f"{path}: cannot read: {str(error).splitlines()[0]}")
+            return None
+        if not isinstance(document, dict):
+            problems.append(f"{path}: must be a mapping of profile fields")
+            return None
+        if "dependencies" in document and "display_name" not in document:
+            problems.append(f"{path}: looks like an environment.yml; keep those in a subfolder such as envs/")
+            return None
+        found_before = len(problems)
+        values = self._read_fields(path, document, problems)
+        values["environment"], environment_source = self._read_environment(path, document, values, problems)
+        if "display_name" not in document:
+            problems.append(f"{path}: display_name: required")
+        if values.get("gpu_model") and not values.get("gpus"):
+            problems.append(f"{path}: gpu_model: set gpus to 1 or more to choose a GPU model")
+        if len(problems) > found_before:
+            return None
+        values.setdefault("slug", slugify(values["display_name"]) or slugify(path.stem))
+        return Profile(source=str(path), environment_source=environment_source, **values)
+
+    def _read_fields(self, path: Path, document: dict, problems: list[str]) -> dict[str, Any]:
+        values = {}
+        for key, raw in document.items():
+            reader = _FIELDS.get(key)
+            if reader is None:
+                hint = difflib.get_close_matches(str(key), _FIELDS, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                problems.append(f"{path}: unknown field {show(key)}{suggestion}")
+                continue
+            try:
+                values[key] = reader(raw)
+            except _FieldError as error:
+                problems.append(f"{path}: {key}: {error}")
+        return values
+
+    def _read_environment(
+        self, path: Path, document: dict, values: dict[str, Any], problems: list[str]
+    ) -> tuple[EnvironmentSpec | None, str | None]:
+        try:
+            environment, source = self._environment(path, document.get("environment"))
+        except _FieldError as error:
+            problems.append(f"{path}: environment: {error}")
+            return None, None
+        if environment is None and not values.get("allow_custom_environment", False):
+            problems.append(f"{path}: environment: required unless allow_custom_environment is true")
+        return environment, source
+
+    def _environment(self, path: Path, value: Any) -> tuple[EnvironmentSpec | None, str | None]:
+        if value is None:
+            return None, None
+        try:
+            if isinstance(value, dict):
+                return self.spec_policy.parse_mapping(value), "inline"
+            if isinstance(value, str) and value.strip():
+                env_path = path.parent / value.strip()
+                return self.spec_policy.parse(_read_bytes(env_path)), str(env_path)
+        except SpecError as error:
+            raise _FieldError(f"{value if isinstance(value, str) else 'inline'}: {error.detail}")
+        raise _FieldError("must be a path to an environment.yml (relative to this file) or a mapping")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise SpecError(f"cannot read ({error.strerror})")
+
+
+def _catalog_problems(profiles: list[Profile]) -> list[str]:
+    """Problems that span files: duplicate slugs, more than one default."""
+    problems = []
+    seen: dict[str, str] = {}
+    for profile in profiles:
+        if profile.slug in seen:
+            problems.append(f"{profile.source}: slug: {profile.slug!r} is also used by {seen[profile.slug]}")
+        seen.setdefault(profile.slug, profile.source)
+    defaults = [p.source for p in profiles if p.default]
+    if len(defaults) > 1:
+        problems.append(f"default: more than one profile is the default ({', '.join(defaults)})")
+    return problems

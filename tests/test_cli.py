@@ -1,0 +1,117 @@
+"""The condaspawner command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_spec import HOSTILE
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def condaspawner(*args: str, stdin: bytes = b"", cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jupyterhub_condaspawner.cli", *args],
+        input=stdin, capture_output=True, cwd=cwd, timeout=120,
+    )
+
+
+def test_validate_prints_ok_and_key_per_file():
+    files = sorted(str(p) for p in (CORPUS / "good").iterdir())
+    result = condaspawner("validate", *files)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == len(files)
+    for name, line in zip(files, lines):
+        prefix, key = line.rsplit(" ", 1)
+        assert prefix == f"{name}: ok" and len(key) == 64 and int(key, 16) >= 0
+
+
+def test_every_hostile_file_gets_one_error_line_and_no_traceback():
+    files = sorted(str(p) for p in (CORPUS / "hostile").iterdir())
+    result = condaspawner("validate", *files)
+    assert result.returncode == 1
+    assert result.stderr == b""
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == len(files)
+    for name, line in zip(files, lines):
+        assert line.startswith(f"{name}: error: ")
+        assert HOSTILE[Path(name).name] in line
+
+
+def test_one_bad_file_makes_the_exit_status_nonzero():
+    good = str(CORPUS / "good" / "variables.yml")
+    result = condaspawner("validate", good, str(CORPUS / "hostile" / "empty.yml"))
+    assert result.returncode == 1
+    assert result.stdout.decode().splitlines()[0].startswith(f"{good}: ok ")
+
+
+def test_missing_file_and_stdin():
+    result = condaspawner("validate", "/nonexistent/env.yml")
+    assert result.stdout.decode() == "/nonexistent/env.yml: error: cannot read file (No such file or directory)\n"
+    result = condaspawner("validate", "-", stdin=b"dependencies: [numpy]\n")
+    assert result.returncode == 0 and result.stdout.decode().startswith("-: ok ")
+
+
+def test_validate_json_has_normalised_spec_and_key():
+    good = str(CORPUS / "good" / "crlf-pip.yml")
+    result = condaspawner("validate", "--json", good, str(CORPUS / "hostile" / "pip-editable.yml"))
+    ok, bad = json.loads(result.stdout)
+    assert ok["ok"] and ok["spec"]["pip"] == ["requests>=2.0"] and ok["spec"]["channels"] == ["conda-forge"]
+    plain = condaspawner("validate", good).stdout.decode()
+    assert plain.strip().endswith(ok["key"])
+    assert not bad["ok"] and "pip options" in bad["error"]
+
+
+def test_validate_reads_limits_from_a_traitlets_config(tmp_path):
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text("c = get_config()\nc.SpecPolicy.allowed_channels = ['my-lab']\n")
+    env = tmp_path / "env.yml"
+    env.write_text("channels: [my-lab]\ndependencies: [numpy]\n")
+    assert condaspawner("validate", str(env)).returncode == 1
+    assert condaspawner("validate", "--config", str(config), str(env)).returncode == 0
+
+
+def test_bad_config_is_one_error_line(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("c = get_config(\n")
+    result = condaspawner("validate", "--config", str(config), str(CORPUS / "good" / "variables.yml"))
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("error: cannot load config")
+    assert "Traceback" not in result.stderr.decode()
+    missing = condaspawner("validate", "--config", str(tmp_path / "none.py"), "x")
+    assert missing.stderr.decode().strip() == f"error: config file not found: {tmp_path / 'none.py'}"
+
+
+def test_profiles_lists_the_shipped_examples():
+    result = condaspawner("profiles")
+    assert result.returncode == 0, result.stdout
+    out = result.stdout.decode()
+    assert out.splitlines()[0].split() == ["SLUG", "NAME", "GPUS", "ACCESS", "KEY"]
+    for slug in ("datascience-cpu *", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu"):
+        assert slug in out
+    assert "@dl-course" in out and "2 *A100* cuda 12.1" in out
+
+
+def test_profiles_json_and_config_dir(tmp_path):
+    (tmp_path / "p.yaml").write_text("display_name: Mine\nallow_custom_environment: true\n")
+    config = tmp_path / "c.py"
+    config.write_text(f"c = get_config()\nc.ProfileCatalog.profiles_dir = {str(tmp_path)!r}\n")
+    result = condaspawner("profiles", "--json", "--config", str(config))
+    (profile,) = json.loads(result.stdout)
+    assert profile["slug"] == "mine" and profile["key"] is None
+
+
+def test_profiles_reports_all_problems(tmp_path):
+    (tmp_path / "a.yaml").write_text("display_name: A\ngpus: many\n")
+    (tmp_path / "b.yaml").write_text("displayname: B\n")
+    result = condaspawner("profiles", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert all(line.startswith("error: ") for line in lines) and len(lines) == 5
+    assert any("a.yaml: gpus:" in line for line in lines)
+    assert any("b.yaml: unknown field 'displayname' (did you mean 'display_name'?)" in line for line in lines)

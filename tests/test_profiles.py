@@ -1,0 +1,167 @@
+"""Profiles: loading, validation of every field, access rules, and the shipped examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config
+
+from jupyterhub_condaspawner.profiles import ProfileCatalog, ProfileError, slugify
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = "channels: [conda-forge]\ndependencies: [python=3.9, numpy]\n"
+
+
+def write(directory: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return directory
+
+
+def load(directory: Path) -> ProfileCatalog:
+    catalog = ProfileCatalog(profiles_dir=str(directory))
+    catalog.load()
+    return catalog
+
+
+def problems(directory: Path) -> list[str]:
+    with pytest.raises(ProfileError) as info:
+        load(directory)
+    return info.value.problems
+
+
+def test_shipped_examples_load():
+    catalog = load(REPO / "profiles")
+    by_slug = {p.slug: p for p in catalog.profiles}
+    assert set(by_slug) == {"datascience-cpu", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu"}
+    cpu, torch, homework, lab = (by_slug[s] for s in ("datascience-cpu", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu"))
+    assert cpu.gpus == 0 and cpu.default and "python 3.9.*" in cpu.environment.conda
+    assert torch.gpus == 1 and torch.cuda == "11.8" and "pytorch-cuda 11.8.*" in torch.environment.conda
+    assert homework.allowed_groups == ("dl-course",)
+    assert homework.environment_source.endswith("profiles/envs/dl-course-hw3.yml")
+    assert lab.gpus == 2 and lab.gpu_model == "*A100*" and lab.environment_source == "inline"
+    assert lab.environment.pip == ("timm>=0.9", "wandb")
+
+
+def test_fields_are_typed(tmp_path):
+    write(tmp_path, {
+        "a.yaml": "display_name: Big GPU box\nenvironment: envs/env.yml\ngpus: 4\ncpu_limit: 7.5\n"
+                  "mem_limit: 64G\ncuda: '12.4'\nallowed_users: [ann]\n",
+        "envs/env.yml": ENV,
+    })
+    profile = load(tmp_path).get("big-gpu-box")
+    assert (profile.gpus, profile.cpu_limit, profile.mem_limit, profile.cuda) == (4, 7.5, 64 * 1024**3, "12.4")
+    assert profile.allowed_users == ("ann",) and not profile.allow_custom_environment
+
+
+def test_every_problem_of_every_file_is_reported_at_once(tmp_path):
+    write(tmp_path, {
+        "bad1.yaml": "display_name: One\nenvironment: missing.yml\ngpus: -1\nmem_limit: lots\n",
+        "bad2.yaml": "description: no name\nenvironmnet: envs/env.yml\ncuda: 12.1\n",
+        "bad3.yaml": "- not a mapping\n",
+        "bad4.yaml": "display_name: Four\nenvironment: envs/env.yml\ngpu_model: '*A100*'\nslug: Not_A_Slug\n",
+        "good.yaml": "display_name: Fine\nenvironment: envs/env.yml\n",
+        "envs/env.yml": ENV,
+    })
+    found = problems(tmp_path)
+    expected = [
+        "bad1.yaml: gpus: must be a whole number from 0 to 64, not '-1'",
+        "bad1.yaml: mem_limit: 'lots' is not a size",
+        "bad1.yaml: environment: missing.yml: cannot read (No such file or directory)",
+        "bad2.yaml: unknown field 'environmnet' (did you mean 'environment'?)",
+        "bad2.yaml: cuda: write the version as quoted text",
+        "bad2.yaml: display_name: required",
+        "bad2.yaml: environment: required unless allow_custom_environment is true",
+        "bad3.yaml: must be a mapping of profile fields",
+        "bad4.yaml: gpu_model: set gpus to 1 or more",
+        "bad4.yaml: slug: 'Not_A_Slug' must be 1-63 lowercase letters",
+    ]
+    for fragment in expected:
+        assert any(fragment in problem for problem in found), (fragment, found)
+    assert not any("good.yaml" in problem for problem in found)
+    assert len(found) == len(expected)
+
+
+def test_environment_errors_name_file_field_and_line(tmp_path):
+    write(tmp_path, {
+        "p.yaml": "display_name: P\nenvironment: envs/e.yml\n",
+        "envs/e.yml": "channels: [conda-forge]\ndependencies:\n  - pip:\n    - -e .\n",
+    })
+    (problem,) = problems(tmp_path)
+    assert problem.startswith(f"{tmp_path}/p.yaml: environment: envs/e.yml: dependencies[0].pip[0] (line 4): ")
+    assert "pip options" in problem
+
+
+def test_inline_environment_is_validated_too(tmp_path):
+    write(tmp_path, {"p.yaml": "display_name: P\nenvironment:\n  channels: ['https://evil/x']\n  dependencies: [a]\n"})
+    (problem,) = problems(tmp_path)
+    assert "environment: inline: channels[0]" in problem and "is a URL or a path" in problem
+
+
+def test_spec_policy_from_config_applies_to_profiles(tmp_path):
+    write(tmp_path, {"p.yaml": "display_name: P\nenvironment: envs/e.yml\n", "envs/e.yml": "channels: [my-lab]\ndependencies: [a]\n"})
+    assert "not an allowed channel" in problems(tmp_path)[0]
+    config = Config()
+    config.ProfileCatalog.profiles_dir = str(tmp_path)
+    config.SpecPolicy.allowed_channels = ["my-lab"]
+    catalog = ProfileCatalog(config=config)
+    assert catalog.load()[0].environment.channels == ("my-lab",)
+
+
+def test_custom_environment_only_profile_needs_no_environment(tmp_path):
+    write(tmp_path, {"p.yaml": "display_name: Bring your own, 1 GPU\ngpus: 1\nallow_custom_environment: true\n"})
+    profile = load(tmp_path).profiles[0]
+    assert profile.environment is None and profile.slug == "bring-your-own-1-gpu"
+
+
+def test_duplicate_slugs_and_two_defaults_are_reported(tmp_path):
+    write(tmp_path, {
+        "a.yaml": "display_name: Same\nenvironment: envs/e.yml\ndefault: true\n",
+        "b.yaml": "display_name: same!\nenvironment: envs/e.yml\ndefault: true\n",
+        "envs/e.yml": ENV,
+    })
+    found = problems(tmp_path)
+    assert any("b.yaml: slug: 'same' is also used by" in p for p in found)
+    assert any("more than one profile is the default" in p for p in found)
+
+
+def test_environment_file_among_profiles_gets_a_hint(tmp_path):
+    write(tmp_path, {"env.yml": ENV})
+    assert "looks like an environment.yml; keep those in a subfolder" in problems(tmp_path)[0]
+
+
+def test_missing_or_empty_directory(tmp_path):
+    assert "profiles directory not found" in problems(tmp_path / "nope")[0]
+    assert "no profile files" in problems(tmp_path)[0]
+
+
+def test_access_rules_visibility_and_default(tmp_path):
+    write(tmp_path, {
+        "1-open.yaml": "display_name: Open\nenvironment: envs/e.yml\n",
+        "2-course.yaml": "display_name: Course\nenvironment: envs/e.yml\nallowed_groups: [course]\ndefault: true\n",
+        "3-lab.yaml": "display_name: Lab\nenvironment: envs/e.yml\nallowed_groups: [lab]\nallowed_users: [pi]\n",
+        "envs/e.yml": ENV,
+    })
+    catalog = load(tmp_path)
+    slugs = lambda profiles: [p.slug for p in profiles]  # noqa: E731
+    assert slugs(catalog.visible_to("stranger")) == ["open"]
+    assert slugs(catalog.visible_to("student", ["course"])) == ["open", "course"]
+    assert slugs(catalog.visible_to("pi")) == ["open", "lab"]
+    assert catalog.default_for("student", ["course"]).slug == "course"
+    assert catalog.default_for("stranger").slug == "open"
+    assert not catalog.get("course").allows("stranger", ["lab"])
+    with pytest.raises(KeyError):
+        catalog.get("missing")
+
+
+def test_profiles_are_ordered_by_file_name(tmp_path):
+    write(tmp_path, {"b.yaml": "display_name: B\nenvironment: envs/e.yml\n", "a.yml": "display_name: A\nenvironment: envs/e.yml\n", "envs/e.yml": ENV})
+    assert [p.slug for p in load(tmp_path).profiles] == ["a", "b"]
+
+
+def test_slugify():
+    assert slugify("PyTorch 2.0 on 1 GPU (CUDA 11.8)") == "pytorch-2-0-on-1-gpu-cuda-11-8"
+    assert len(slugify("x" * 100)) == 63

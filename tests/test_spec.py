@@ -1,0 +1,251 @@
+"""EnvironmentSpec: parsing, policy, limits, normalisation and the key."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyterhub_condaspawner.spec import EnvironmentSpec, SpecError, SpecPolicy, parse_environment
+
+CORPUS = Path(__file__).parent / "corpus"
+
+# Each hostile file and a fragment its one-line error must contain (the field or the reason).
+HOSTILE = {
+    "alias-in-dependencies.yml": "anchors and aliases",
+    "bad-matchspec.yml": "dependencies[0] (line 3): 'numpy>>=1.0' is not a valid conda spec (MatchSpec:",
+    "bidi-override.yml": "invisible character (U+202E)",
+    "billion-laughs.yml": "anchors and aliases",
+    "channel-abs-path.yml": "channels[0] (line 2): '/srv/channel' is a URL or a path",
+    "channel-file-path.yml": "'file:///srv/channel' is a URL or a path",
+    "channel-not-allowed.yml": "'some-random-user' is not an allowed channel; allowed channels: conda-forge",
+    "channel-url.yml": "'https://evil.example/conda' is a URL or a path",
+    "comments-only.yml": "file is empty",
+    "conda-mapping-not-pip.yml": "only a 'pip:' list may appear here, found 'npm'",
+    "custom-tag.yml": "YAML tags are not allowed ('!mytag')",
+    "deep-nesting.yml": "YAML nesting deeper than 10 levels",
+    "dependencies-not-list.yml": "dependencies (line 2): must be a list",
+    "duplicate-key.yml": "duplicate key 'dependencies'",
+    "empty-entry.yml": "dependencies[0] (line 3): expected text, found an empty entry",
+    "empty.yml": "file is empty",
+    "invalid-yaml.yml": "invalid YAML at line 1, column 9",
+    "latin1.yml": "file is not UTF-8",
+    "long-package-name.yml": "is 150 characters, longer than 100",
+    "long-spec.yml": "characters, longer than 200",
+    "multiple-documents.yml": "invalid YAML at line 2",
+    "nested-dependency.yml": "expected text, found a nested list or mapping",
+    "newline-injection.yml": "control or invisible character (U+000A)",
+    "nul-byte.yml": "NUL bytes",
+    "pip-direct-reference.yml": "direct",
+    "pip-editable.yml": "pip options",
+    "pip-empty-arbitrary-equality.yml": "'requests===' has an operator with no version",
+    "pip-extra-index-url.yml": "pip options",
+    "pip-find-links.yml": "pip options",
+    "pip-git-url.yml": "URLs and version-control references are not allowed",
+    "pip-index-url.yml": "dependencies[1].pip[0] (line 5): '--index-url https://evil.example/simple': pip options",
+    "pip-local-path.yml": "local paths are not allowed",
+    "pip-option-after-name.yml": "pip options",
+    "pip-requirements-file.yml": "pip options",
+    "pip-shell-pipe.yml": "shell character '&'",
+    "pip-single-equals.yml": "(pip pins with '==', not '=')",
+    "pip-trusted-host.yml": "pip options",
+    "python-object-tag.yml": "YAML tags are not allowed",
+    "shell-backticks.yml": "shell character '`'",
+    "shell-semicolon.yml": "shell character ';'",
+    "shell-subst.yml": "shell character '$'",
+    "spec-channel-not-allowed.yml": "'evil-channel' is not an allowed channel",
+    "spec-channel-url.yml": "names its channel by URL or path",
+    "top-level-list.yml": "the top level must be a mapping",
+    "two-pip-sections.yml": "a second 'pip:' section",
+    "typo-dependancies.yml": "unknown key 'dependancies' (did you mean 'dependencies'?)",
+    "unknown-key.yml": "unknown key 'post_install'",
+    "utf16.yml": "UTF-16 or UTF-32; save it as UTF-8",
+    "variable-bad-name.yml": "'BAD NAME' is not a valid environment variable name",
+}
+
+
+def parse(text: str | bytes, **policy) -> EnvironmentSpec:
+    return SpecPolicy(**policy).parse(text)
+
+
+def refusal(text: str | bytes, **policy) -> str:
+    with pytest.raises(SpecError) as info:
+        SpecPolicy(**policy).parse(text, source="env.yml")
+    return str(info.value)
+
+
+def test_every_hostile_file_has_an_expectation():
+    assert sorted(HOSTILE) == sorted(p.name for p in (CORPUS / "hostile").iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_file_is_refused_with_one_clear_line(name):
+    data = (CORPUS / "hostile" / name).read_bytes()
+    started = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        SpecPolicy().parse(data, source=name)
+    elapsed = time.perf_counter() - started
+    message = str(info.value)
+    assert message.startswith(f"{name}: ")
+    assert HOSTILE[name] in message
+    assert "\n" not in message and "Traceback" not in message
+    assert len(message) < 400
+    assert elapsed < 1.0  # generous: only guards against pathological blowups (billion laughs)
+
+
+@pytest.mark.parametrize("path", sorted((CORPUS / "good").iterdir()), ids=lambda p: p.name)
+def test_real_world_syntax_is_accepted(path):
+    spec = parse(path.read_bytes())
+    assert len(spec.key()) == 64
+
+
+def test_conda_specs_canonical_sorted_and_deduplicated():
+    spec = parse("channels: [conda-forge]\ndependencies: [scipy, numpy=1.26, 'numpy 1.26.*', Pandas>=2]")
+    assert spec.conda == ("numpy 1.26.*", "pandas >=2", "scipy")
+
+
+def test_odd_but_valid_conda_specs_keep_their_meaning():
+    spec = parse((CORPUS / "good" / "conda-spec-syntax.yml").read_bytes())
+    assert "numpy ==1.11|==1.12" in spec.conda
+    assert "libblas * *openblas" in spec.conda
+    assert "pytorch >=2.0.0 *cuda112*" in spec.conda
+    assert "conda-forge/linux-64::cupy" in spec.conda
+    assert "bwa ==0.7.17" in spec.conda
+    assert spec.channels == ("conda-forge", "nodefaults")
+
+
+def test_pip_requirements_canonical_and_sorted():
+    spec = parse(
+        "dependencies:\n - pip:\n   - Foo_Bar[B,a]>=1.0,<2\n   - 'types-PyYAML'\n"
+        "   - requests >=2 ;python_version<'3.8'\n"
+    )
+    assert spec.pip == ("foo-bar[a,b]<2,>=1.0", 'requests>=2; python_version < "3.8"', "types-pyyaml")
+
+
+def test_channel_order_is_kept_and_duplicates_dropped():
+    spec = parse("channels: [pytorch, nvidia, conda-forge, pytorch]\ndependencies: [numpy]")
+    assert spec.channels == ("pytorch", "nvidia", "conda-forge")
+
+
+def test_name_prefix_comments_and_whitespace_do_not_change_the_key():
+    plain = parse("channels: [conda-forge]\ndependencies: [numpy, scipy]")
+    decorated = parse(
+        "# my env\nname: anything\nchannels:\n    - conda-forge   # main\n\ndependencies:\n"
+        "- scipy\n- numpy\nprefix: /home/me/miniconda3/envs/x\n"
+    )
+    assert plain.key() == decorated.key()
+    assert decorated.name == "anything"
+
+
+def test_crlf_and_bom_are_accepted():
+    assert parse(b"\xef\xbb\xbfchannels: [conda-forge]\r\ndependencies: [numpy]\r\n").conda == ("numpy",)
+
+
+def test_labels_and_defaults_members_follow_the_allowlist():
+    spec = parse("channels: [conda-forge/label/dev, pkgs/main]\ndependencies: [numpy]")
+    assert spec.channels == ("conda-forge/label/dev", "pkgs/main")
+    assert "not an allowed channel" in refusal("channels: [pkgs/main]", allowed_channels=["conda-forge"])
+    assert "not an allowed channel" in refusal("channels: [conda-forge/label/]")
+    assert "not an allowed channel" in refusal("channels: [evil/label/dev]")
+
+
+def test_allowlist_is_configurable():
+    spec = parse("channels: [my-lab]\ndependencies: [my-lab::tool]", allowed_channels=["my-lab"])
+    assert spec.conda == ("my-lab::tool",)
+    assert "allowed channels: my-lab" in refusal("channels: [conda-forge]", allowed_channels=["my-lab"])
+
+
+def test_size_limit_counts_bytes_before_parsing():
+    big = "channels: [conda-forge]\ndependencies:\n" + "".join(f"  - pkg{i}\n" for i in range(30000))
+    assert "larger than the limit of 262144" in refusal(big)
+    assert "larger than the limit of 100" in refusal("dependencies: [numpy]" + " " * 100, max_file_bytes=100)
+
+
+def test_dependency_count_limit():
+    text = "dependencies:\n" + "".join(f"  - pkg{i}\n" for i in range(11)) + "  - pip:\n    - one\n"
+    assert "12 entries, more than the limit of 10" in refusal(text, max_dependencies=10)
+    assert len(parse(text, max_dependencies=12).conda) == 11
+
+
+def test_spec_length_and_name_limits_are_configurable():
+    assert "longer than 20" in refusal("dependencies:\n  - numpy >=1.0,<2.0,!=1.5\n", max_spec_length=20)
+    assert "longer than 5" in refusal("dependencies: [abcdef]", max_name_length=5)
+
+
+def test_yaml_depth_limit_is_configurable():
+    text = "dependencies:\n  - pip:\n    - numpy\n"
+    assert parse(text, max_yaml_depth=5).pip == ("numpy",)
+    assert "nesting deeper than 4" in refusal(text, max_yaml_depth=4)
+
+
+def test_variables_are_kept_as_text_and_part_of_the_key():
+    spec = parse("dependencies: [numpy]\nvariables:\n  OMP_NUM_THREADS: 4\n  PATHX: $HOME:/x\n")
+    assert dict(spec.variables) == {"OMP_NUM_THREADS": "4", "PATHX": "$HOME:/x"}
+    assert spec.key() != parse("dependencies: [numpy]").key()
+    assert "control or invisible" in refusal('dependencies: [numpy]\nvariables:\n  A: "x\\ny"\n')
+
+
+def test_empty_sections_are_empty():
+    spec = parse("name: x\nchannels:\ndependencies:\n")
+    assert spec == EnvironmentSpec()
+
+
+def test_control_characters_are_refused_before_matchspec_parses_them():
+    # MatchSpec alone would read this as `numpy ==run[build="curl x"]`.
+    assert "U+000A" in refusal('dependencies: ["numpy\\nRUN curl x"]')
+    assert "U+0009" in refusal('dependencies: ["numpy\\t1.0"]')
+
+
+def test_non_text_values_are_refused_with_the_field():
+    assert "channels[0] (line 1): expected text" in refusal("channels: [[a]]\ndependencies: [numpy]")
+    assert "channels (line 1): must be a list" in refusal("channels: conda-forge\n")
+    assert "variables (line 1): must be a mapping" in refusal("variables: [a]\n")
+
+
+def test_error_source_field_and_detail():
+    with pytest.raises(SpecError) as info:
+        parse_environment("dependencies: [numpy>>=1]", source="upload.yml")
+    error = info.value
+    assert error.source == "upload.yml"
+    assert error.detail.startswith("dependencies[0] (line 1): ")
+    assert str(error) == f"upload.yml: {error.detail}"
+
+
+def test_long_values_are_truncated_in_messages():
+    message = refusal("dependencies:\n  - " + "x" * 5000 + "\n", max_file_bytes=10**6)
+    assert len(message) < 300 and "..." in message
+
+
+def test_normalized_form_is_json_and_round_trips():
+    spec = parse((CORPUS / "good" / "pip-markers-extras.yml").read_bytes())
+    data = json.loads(spec.normalized_json())
+    assert EnvironmentSpec.from_normalized(data) == spec
+    assert EnvironmentSpec.from_normalized(data).key() == spec.key()
+
+
+def test_to_yaml_reparses_to_the_same_spec():
+    for path in (CORPUS / "good").iterdir():
+        spec = parse(path.read_bytes())
+        again = parse(spec.to_yaml(name="env"))
+        assert again == spec and again.key() == spec.key()
+        assert again.name == "env"
+
+
+def test_parse_mapping_validates_like_text():
+    policy = SpecPolicy()
+    spec = policy.parse_mapping({"channels": ["conda-forge"], "dependencies": ["numpy", {"pip": ["rich"]}]})
+    assert spec.conda == ("numpy",) and spec.pip == ("rich",)
+    with pytest.raises(SpecError, match="unknown key 'dependancies'"):
+        policy.parse_mapping({"dependancies": ["numpy"]})
+
+
+def test_policy_reads_traitlets_config():
+    from traitlets.config import Config
+
+    config = Config()
+    config.SpecPolicy.allowed_channels = ["lab"]
+    config.SpecPolicy.max_dependencies = 1
+    policy = SpecPolicy(config=config)
+    assert policy.allowed_channels == ["lab"] and policy.max_dependencies == 1
