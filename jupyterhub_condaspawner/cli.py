@@ -7,8 +7,10 @@ so the command line and the hub share one configuration.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,7 +18,9 @@ from typing import Callable, Sequence
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
+from .devchannel import build_dev_channel
 from .profiles import ProfileCatalog, ProfileError
+from .resolve import ResolveError, Resolver
 from .spec import SpecError, SpecPolicy
 
 
@@ -123,6 +127,38 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+# -- resolve, dev-channel -------------------------------------------------------------
+
+
+def _resolver(args: argparse.Namespace, config: Config) -> Resolver:
+    resolver = Resolver(config=config)
+    if getattr(args, "channel_alias", None):
+        resolver.channel_alias = args.channel_alias
+    return resolver
+
+
+def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
+    try:
+        spec = SpecPolicy(config=config).parse(_read_input(args.file), source=args.file)
+        lock = asyncio.run(_resolver(args, config).solve(spec, cuda=args.cuda))
+    except (SpecError, ResolveError) as error:
+        raise CommandError(str(error))
+    if args.lock_file:
+        lock.write(Path(args.lock_file))
+    if args.json:
+        print(lock.to_json())
+    else:
+        for package in lock.packages():
+            print(" ".join(package[field] for field in ("name", "version", "build", "url", "sha256")))
+    return 0
+
+
+def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
+    url = build_dev_channel(Path(args.directory), progress=lambda line: print(line, file=sys.stderr))
+    print(url)
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------
 
 
@@ -144,11 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = add("profiles", cmd_profiles, "list the admin profiles, or every problem in them")
     profiles.add_argument("directory", nargs="?", metavar="DIR", help="profiles directory (default: from config)")
     profiles.add_argument("--json", action="store_true", help="print profiles as JSON")
+    resolve = add("resolve", cmd_resolve, "solve an environment.yml and print its lock (one package per line)")
+    resolve.add_argument("file", metavar="FILE", help="environment file ('-' reads stdin)")
+    resolve.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    resolve.add_argument("--cuda", metavar="VERSION", help="solve for this __cuda version, as a GPU profile does")
+    resolve.add_argument("--json", action="store_true", help="print the lock as JSON")
+    resolve.add_argument("--lock-file", metavar="OUT", help="also write a rattler lock file (pixi.lock format)")
+
+    dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL")
+    dev_channel.add_argument("directory", metavar="DIR")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        # py-rattler 0.28's worker threads may still hold the GIL briefly after an
+        # awaited call; exiting during that window aborts the process (exit 134).
+        time.sleep(0.1)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args, load_config(args.config))
     except CommandError as error:

@@ -1,0 +1,320 @@
+"""Resolve an EnvironmentSpec to a lock, and install a lock into a staging prefix.
+
+This is the one module that talks to py-rattler's solver and installer; its quirks
+(pinned in pyproject.toml) are wrapped here. Channel names from a spec are mapped to
+URLs under ``channel_alias`` (conda-forge in production, a local ``file://``
+channel on the test bench): only the URL differs, never the code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import os
+import platform as host_platform
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rattler
+from rattler import (
+    BuildString,
+    GenericVirtualPackage,
+    LockChannel,
+    LockFile,
+    LockPlatform,
+    MatchSpec,
+    PackageName,
+    RepoDataRecord,
+    Version,
+)
+from traitlets import Dict, Float, List, Unicode, default
+from traitlets.config import Configurable
+
+from .spec import EnvironmentSpec
+
+LOCK_ENVIRONMENT = "default"
+# `nodefaults` only removes `defaults` from the channel list; it is not a channel.
+NO_DEFAULTS = "nodefaults"
+_MESSAGE_CHARS = 400
+# Anaconda's `defaults` does not live under conda.anaconda.org.
+ANACONDA_DEFAULTS = {
+    "defaults": "https://repo.anaconda.com/pkgs/main",
+    "pkgs/main": "https://repo.anaconda.com/pkgs/main",
+    "pkgs/r": "https://repo.anaconda.com/pkgs/r",
+}
+
+
+class ResolveError(Exception):
+    """A spec that cannot be resolved or installed: ``str(error)`` is one line for the user."""
+
+
+@dataclass
+class Lock:
+    """The exact packages of one environment, for one platform."""
+
+    records: list[RepoDataRecord]
+    platform: str
+    channels: list[str]
+    virtual_packages: list[str]
+
+    def packages(self) -> list[dict[str, str]]:
+        """One dict per package (name, version, build, url, sha256), sorted by name."""
+        return [
+            {
+                "name": record.name.normalized,
+                "version": str(record.version),
+                "build": str(record.build),
+                "url": record.url,
+                "sha256": record.sha256.hex() if record.sha256 else "",
+            }
+            for record in sorted(self.records, key=lambda r: r.name.normalized)
+        ]
+
+    def digest(self) -> str:
+        """sha256 over the locked URLs and hashes: equal digests, identical installs."""
+        lines = sorted(f"{p['url']} {p['sha256']}" for p in self.packages())
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "platform": self.platform,
+                "channels": self.channels,
+                "virtual_packages": self.virtual_packages,
+                "digest": self.digest(),
+                "packages": self.packages(),
+            },
+            indent=2,
+        )
+
+    def write(self, path: Path) -> None:
+        """Write a rattler lock file (the format pixi uses) that :meth:`read` takes back."""
+        lock_platform = LockPlatform(self.platform, virtual_packages=self.virtual_packages)
+        lock_file = LockFile([lock_platform])
+        lock_file.set_channels(LOCK_ENVIRONMENT, [LockChannel(url) for url in self.channels])
+        for record in self.records:
+            lock_file.add_conda_package(LOCK_ENVIRONMENT, lock_platform, record)
+        lock_file.to_path(path)
+
+    @classmethod
+    def read(cls, path: Path) -> "Lock":
+        try:
+            lock_file = LockFile.from_path(path)
+        except Exception as error:  # py-rattler's parse errors have no common base
+            raise ResolveError(f"{path}: not a lock file ({_one_line(error)})")
+        environment = lock_file.environment(LOCK_ENVIRONMENT)
+        if environment is None or not lock_file.platforms():
+            raise ResolveError(f"{path}: lock file has no '{LOCK_ENVIRONMENT}' environment")
+        lock_platform = lock_file.platforms()[0]
+        records = environment.conda_repodata_records_for_platform(lock_platform) or []
+        return cls(
+            records=records,
+            platform=lock_platform.name,
+            channels=[str(channel) for channel in environment.channels()],
+            virtual_packages=list(lock_platform.virtual_packages or []),
+        )
+
+
+class Resolver(Configurable):
+    """Solve specs against the configured channels and install locks into staging prefixes."""
+
+    channel_alias = Unicode(
+        "https://conda.anaconda.org/",
+        config=True,
+        help="""URL under which channel names resolve: `<channel_alias>/<name>`.
+
+        Point it at a mirror, or at a local channel directory with file://.
+
+        c.Resolver.channel_alias = "https://conda-mirror.example.edu/"
+        """,
+    )
+    channel_urls = Dict(
+        config=True,
+        help="""Channel names that do not live under channel_alias, mapped to their URLs.
+
+        `defaults`, `pkgs/main` and `pkgs/r` map to repo.anaconda.com unless set here.
+
+        c.Resolver.channel_urls = {"defaults": "https://mirror.example.edu/pkgs/main",
+                                   "my-lab": "file:///srv/conda/my-lab"}
+        """,
+    )
+    default_channels = List(
+        Unicode(),
+        default_value=["conda-forge"],
+        config=True,
+        help="""Channels used when an environment.yml lists none.
+
+        c.Resolver.default_channels = ["conda-forge"]
+        """,
+    )
+    platform = Unicode(
+        "linux-64",
+        config=True,
+        help="""Conda platform of the images (the GPU hosts' architecture).
+
+        c.Resolver.platform = "linux-aarch64"
+        """,
+    )
+    glibc_version = Unicode(
+        "2.36",
+        config=True,
+        help="""glibc of the base image, solved as the __glibc virtual package (Debian bookworm: 2.36).
+
+        c.Resolver.glibc_version = "2.35"
+        """,
+    )
+    solve_timeout = Float(
+        300,
+        config=True,
+        help="""Seconds a solve may take before it fails with a timeout message.
+
+        c.Resolver.solve_timeout = 600
+        """,
+    )
+    package_cache_dir = Unicode(
+        config=True,
+        help="""Package cache shared by every install (downloads and extracted packages).
+
+        c.Resolver.package_cache_dir = "/var/cache/condaspawner/pkgs"
+        """,
+    )
+
+    @default("package_cache_dir")
+    def _default_package_cache_dir(self) -> str:
+        return str(Path.home() / ".cache" / "condaspawner" / "pkgs")
+
+    # -- channels ------------------------------------------------------------------
+
+    def channel_url(self, name: str) -> str:
+        """The URL a channel name stands for."""
+        if name in self.channel_urls:
+            return self.channel_urls[name].rstrip("/")
+        if name in ANACONDA_DEFAULTS:
+            return ANACONDA_DEFAULTS[name]
+        return f"{self.channel_alias.rstrip('/')}/{name}"
+
+    def channel_urls_for(self, spec: EnvironmentSpec) -> list[str]:
+        """The spec's channels as URLs, in order, plus those named by `channel::package` specs."""
+        names = [name for name in spec.channels if name != NO_DEFAULTS] or list(self.default_channels)
+        names += [MatchSpec(text).channel.name for text in spec.conda if "::" in text]
+        return list(dict.fromkeys(self.channel_url(name) for name in names))
+
+    def _solver_spec(self, text: str) -> str:
+        """Rewrite `channel[/subdir]::pkg` so the channel is our URL, not anaconda.org's."""
+        if "::" not in text:
+            return text
+        prefix, rest = text.split("::", 1)
+        match_spec = MatchSpec(text)
+        url = self.channel_url(match_spec.channel.name)
+        subdir = f"/{match_spec.subdir}" if match_spec.subdir else ""
+        return f"{url}{subdir}::{rest}"
+
+    # -- solving -------------------------------------------------------------------
+
+    def virtual_packages(self, cuda: str | None) -> list[GenericVirtualPackage]:
+        """What the image's runtime provides: unix, linux, glibc, archspec and (if set) CUDA."""
+        packages = [
+            ("__unix", "0", "0"),
+            ("__linux", _host_kernel_version(), "0"),
+            ("__glibc", self.glibc_version, "0"),
+            ("__archspec", "1", host_platform.machine() or "x86_64"),
+        ]
+        if cuda:
+            packages.append(("__cuda", cuda, "0"))
+        return [GenericVirtualPackage(PackageName(n), Version(v), BuildString(b)) for n, v, b in packages]
+
+    async def solve(self, spec: EnvironmentSpec, cuda: str | None = None) -> Lock:
+        """Solve the spec's conda dependencies; ResolveError with a one-line reason on failure."""
+        channels = self.channel_urls_for(spec)
+        virtual = self.virtual_packages(cuda)
+        try:
+            records = await asyncio.wait_for(
+                rattler.solve(
+                    channels,
+                    [self._solver_spec(text) for text in spec.conda],
+                    platforms=[self.platform, "noarch"],
+                    virtual_packages=virtual,
+                    timeout=datetime.timedelta(seconds=self.solve_timeout),
+                    # conda's default: every python brings pip (the pip: section needs it).
+                    add_pip_as_python_dependency=True,
+                ),
+                timeout=self.solve_timeout + 5,
+            )
+        except asyncio.TimeoutError:
+            raise ResolveError(f"solve took longer than {self.solve_timeout:g} s (Resolver.solve_timeout)")
+        except Exception as error:  # rattler raises SolverError, FetchRepoDataError, ...
+            raise ResolveError(self._explain(error, cuda))
+        return Lock(
+            records=records,
+            platform=self.platform,
+            channels=channels,
+            virtual_packages=[f"{p.name.normalized}={p.version}={p.build_string}" for p in virtual],
+        )
+
+    def _explain(self, error: Exception, cuda: str | None) -> str:
+        message = _one_line(error)
+        if error.__class__.__name__ == "GatewayError":  # fetching repodata failed
+            return f"a channel cannot be reached: {_first_and_root_cause(error)}"
+        if "__cuda" in message and not cuda:
+            return (
+                f"cannot solve: {message} - this environment needs a CUDA GPU: "
+                'set the profile\'s cuda version (e.g. cuda: "12.4")'
+            )
+        return f"cannot solve: {message}"
+
+    # -- installing ----------------------------------------------------------------
+
+    async def install(self, lock: Lock, staging_prefix: Path, target_prefix: str) -> None:
+        """Link the locked packages into ``staging_prefix`` as if it lived at ``target_prefix``.
+
+        Link scripts never run: user packages never execute code on the hub host.
+        """
+        Path(self.package_cache_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            await rattler.install(
+                lock.records,
+                target_prefix=staging_prefix,
+                cache_dir=Path(self.package_cache_dir),
+                alternative_target_prefix=target_prefix,
+                execute_link_scripts=False,
+                show_progress=False,
+            )
+        except Exception as error:  # download, checksum or link failures
+            raise ResolveError(f"install failed: {_one_line(error)}")
+        make_world_readable(staging_prefix)
+
+
+def make_world_readable(root: Path) -> None:
+    """chmod a+rX: rattler writes conda-meta/*.json with mode 0600, unreadable by the image's user."""
+    for directory, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(directory, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                continue
+            wanted = mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+            if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
+                wanted |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+            if wanted != mode:
+                os.chmod(path, stat.S_IMODE(wanted))
+
+
+def _host_kernel_version() -> str:
+    release = host_platform.release().split("-")[0]
+    parts = [part for part in release.split(".") if part.isdigit()]
+    return ".".join(parts[:3]) or "0"
+
+
+def _first_and_root_cause(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line.removeprefix("Caused by:").strip() for line in lines if line.startswith("Caused by:")]
+    return _one_line(f"{lines[0]}: {causes[-1]}" if causes else lines[0] if lines else error)
+
+
+def _one_line(error: Any) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."

@@ -1,0 +1,160 @@
+"""The resolver against the real local conda channel: solve, lock, install, reinstall."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver
+from jupyterhub_condaspawner.spec import SpecPolicy
+
+TARGET = "/opt/conda/envs/demo"
+
+
+def spec(text: str):
+    return SpecPolicy().parse(text)
+
+
+@pytest.fixture
+def resolver(dev_channel, tmp_path_factory) -> Resolver:
+    return Resolver(
+        channel_urls={"conda-forge": dev_channel.url},
+        package_cache_dir=str(tmp_path_factory.getbasetemp() / "pkgs"),
+    )
+
+
+def conda_meta(prefix: Path) -> dict[str, dict]:
+    """conda-meta records without fields that legitimately differ between installs."""
+    records = {}
+    for path in sorted((prefix / "conda-meta").glob("*.json")):
+        record = json.loads(path.read_text())
+        for volatile in ("extracted_package_dir", "package_tarball_full_path", "link"):
+            record.pop(volatile, None)
+        records[path.name] = record
+    return records
+
+
+def test_channel_names_map_to_urls(resolver, dev_channel):
+    environment = spec("channels: [conda-forge, nodefaults]\ndependencies: [bioconda::x, y]")
+    resolver.channel_alias = "https://mirror.example/"
+    assert resolver.channel_urls_for(environment) == [dev_channel.url, "https://mirror.example/bioconda"]
+    assert resolver.channel_urls_for(spec("dependencies: [y]")) == [dev_channel.url]
+    assert resolver.channel_url("defaults") == "https://repo.anaconda.com/pkgs/main"
+
+
+async def test_solve_picks_versions_and_dependencies(resolver):
+    lock = await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-gamma]"))
+    versions = {p["name"]: p["version"] for p in lock.packages()}
+    assert versions == {"cs-alpha": "1.1", "cs-beta": "1.0", "cs-gamma": "0.5"}
+    for package in lock.packages():
+        assert package["url"].startswith("file://") and len(package["sha256"]) == 64
+    again = await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-gamma]"))
+    assert again.digest() == lock.digest()
+
+
+async def test_channel_qualified_spec_uses_the_configured_url(resolver):
+    lock = await resolver.solve(spec("dependencies: ['conda-forge::cs-alpha=1.0']"))
+    assert [(p["name"], p["version"]) for p in lock.packages()] == [("cs-alpha", "1.0")]
+
+
+async def test_unsatisfiable_spec_names_what_is_missing(resolver):
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-conflict]"))
+    assert str(info.value).startswith("cannot solve: ") and "\n" not in str(info.value)
+    with pytest.raises(ResolveError, match="cs-does-not-exist"):
+        await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-does-not-exist]"))
+
+
+async def test_cuda_package_needs_the_override(resolver):
+    environment = spec("channels: [conda-forge]\ndependencies: [cs-cuda-kernels]")
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(environment)
+    assert "__cuda" in str(info.value) and "set the profile's cuda version" in str(info.value)
+    with pytest.raises(ResolveError):
+        await resolver.solve(environment, cuda="11.8")  # the package needs __cuda >=12
+    lock = await resolver.solve(environment, cuda="12.4")
+    assert "__cuda=12.4=0" in lock.virtual_packages
+    assert [p["name"] for p in lock.packages()] == ["cs-cuda-kernels"]
+
+
+async def test_unreachable_channel_is_one_line(resolver, tmp_path):
+    resolver.channel_urls = {"conda-forge": (tmp_path / "no-channel-here").as_uri()}
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("dependencies: [cs-alpha]"))
+    assert str(info.value).startswith("a channel cannot be reached: could not find subdir")
+    assert "No such file or directory" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_install_lock_reinstall_gives_identical_conda_meta(resolver, tmp_path):
+    lock = await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-gamma]"))
+    await resolver.install(lock, tmp_path / "first", TARGET)
+    assert (tmp_path / "first" / "share" / "cs-gamma" / "VERSION").read_text().strip() == "0.5"
+
+    lock.write(tmp_path / "env.lock")
+    reread = Lock.read(tmp_path / "env.lock")
+    assert reread.digest() == lock.digest() and reread.channels == lock.channels
+    await resolver.install(reread, tmp_path / "second", TARGET)
+    assert conda_meta(tmp_path / "first") == conda_meta(tmp_path / "second")
+    assert len(conda_meta(tmp_path / "first")) == 3
+
+
+async def test_installed_files_are_world_readable(resolver, tmp_path):
+    lock = await resolver.solve(spec("dependencies: [cs-alpha]"))
+    await resolver.install(lock, tmp_path / "env", TARGET)
+    for path in (tmp_path / "env" / "conda-meta").iterdir():
+        assert path.stat().st_mode & stat.S_IROTH, path
+
+
+def test_reading_a_bad_lock_file_is_one_line(tmp_path):
+    (tmp_path / "bad.lock").write_text("not: [a lock")
+    with pytest.raises(ResolveError, match="not a lock file"):
+        Lock.read(tmp_path / "bad.lock")
+
+
+async def test_python_env_installs_at_its_image_path(resolver, dev_python_channel, tmp_path):
+    lock = await resolver.solve(spec("channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]"))
+    names = {p["name"] for p in lock.packages()}
+    assert {"python", "ipykernel", "pip", "jupyter-client"} <= names
+    staging = tmp_path / "env"
+    await resolver.install(lock, staging, TARGET)
+    # Shebangs and sysconfig name the in-image prefix, never the staging path.
+    shebang = (staging / "bin" / "pip").read_text().splitlines()[0]
+    assert shebang == f"#!{TARGET}/bin/python3.9"
+    assert not any(str(staging) in p.read_text(errors="ignore") for p in (staging / "bin").iterdir() if p.is_file())
+    # The staged interpreter runs from the host too (its RUNPATH is relative).
+    out = subprocess.run(
+        [str(staging / "bin" / "python3.9"), "-c", "import ssl, sqlite3, ctypes, ipykernel; print(6*7)"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONNOUSERSITE": "1"},
+    )
+    assert out.stdout.strip() == "42", out.stderr
+
+
+def test_cli_resolve_prints_the_lock_and_one_line_errors(dev_channel, tmp_path):
+    from test_cli import condaspawner
+
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    (alias / "conda-forge").symlink_to(dev_channel.path)
+    env = tmp_path / "env.yml"
+    env.write_text("channels: [conda-forge]\ndependencies: [cs-beta]\n")
+    result = condaspawner("resolve", str(env), "--channel-alias", alias.as_uri(), "--lock-file", str(tmp_path / "l"))
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.decode().splitlines()]
+    assert [(name, version) for name, version, *_ in lines] == [("cs-alpha", "1.1"), ("cs-beta", "1.0")]
+    assert all(len(fields) == 5 and fields[3].startswith(alias.as_uri()) for fields in lines)
+    assert Lock.read(tmp_path / "l").packages()[1]["sha256"] == lines[1][4]
+
+    config = tmp_path / "config.py"
+    config.write_text(f"c = get_config()\nc.Resolver.channel_urls = {{'conda-forge': {dev_channel.url!r}}}\n")
+    env.write_text("dependencies: [cs-cuda-kernels]\n")
+    refused = condaspawner("resolve", "--config", str(config), str(env))
+    assert refused.returncode == 1 and refused.stdout == b""
+    (line,) = refused.stderr.decode().splitlines()
+    assert line.startswith("error: cannot solve:") and "set the profile's cuda version" in line
+    solved = condaspawner("resolve", "--config", str(config), str(env), "--cuda", "12.4", "--json")
+    assert json.loads(solved.stdout)["packages"][0]["name"] == "cs-cuda-kernels"
