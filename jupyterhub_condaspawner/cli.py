@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
+import docker
+
+from .baseimage import BASE_TAG, ImageBuildError, build_offline_base, build_production_base
 from .devchannel import build_dev_channel
 from .profiles import ProfileCatalog, ProfileError
 from .resolve import ResolveError, Resolver
@@ -159,6 +162,27 @@ def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_base(args: argparse.Namespace, config: Config) -> int:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as error:
+        raise CommandError(f"cannot reach the Docker daemon (set DOCKER_HOST): {error}")
+    try:
+        if args.offline:
+            resolver = _resolver(args, config)
+            image_id = asyncio.run(build_offline_base(client, Path(args.bench_dir), resolver, tag=args.tag))
+        else:
+            image_id = build_production_base(client, tag=args.tag)
+    except ResolveError as error:
+        raise CommandError(f"cannot resolve the base environment: {error}")
+    except ImageBuildError as error:
+        lines = str(error).splitlines()
+        raise CommandError(lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+    print(image_id)
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------
 
 
@@ -189,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL")
     dev_channel.add_argument("directory", metavar="DIR")
+    base = add("base", cmd_base, "build the base image (conda + Python 3.9 + single-user server); print its id")
+    base.add_argument("--offline", action="store_true",
+                      help="no registry: debootstrap Debian and install Python from the configured conda channel")
+    base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder for --offline")
+    base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    base.add_argument("--tag", default=BASE_TAG, help=f"image tag (default {BASE_TAG})")
     return parser
 
 

@@ -2,7 +2,7 @@
 
 import time
 
-pytest_plugins = ["fixtures_channel"]
+pytest_plugins = ["fixtures_docker", "fixtures_channel"]
 
 
 def pytest_unconfigure(config):

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from fixtures_docker import bench_dir, bench_unavailable
 
 from jupyterhub_condaspawner.devchannel import ChannelInfo, build_dev_channel, read_channel_info
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def bench_dir() -> Path:
-    """Where bench state lives: $CONDASPAWNER_BENCH_DIR, else <repo>/.bench."""
-    return Path(os.environ.get("CONDASPAWNER_BENCH_DIR") or REPO_ROOT / ".bench")
 
 
 def require_python(channel: ChannelInfo) -> None:
     """Skip (fail under CI=true) when the channel has no ``python`` package."""
-    if channel.python_available:
-        return
-    message = f"the dev channel has no python package: {channel.python_skip_reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    if not channel.python_available:
+        bench_unavailable(f"the dev channel has no python package: {channel.python_skip_reason}")
 
 
 @pytest.fixture(scope="session")
