@@ -327,7 +327,7 @@ def _write_channel(
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(lambda package: write_conda_package(package, directory), packages))
     say("dev channel: indexing")
-    _run_blocking(_index(directory))
+    _run_blocking(index_channel(directory))
 
 
 def _write_info(
@@ -342,7 +342,8 @@ def _write_info(
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-async def _index(directory: Path) -> None:
+async def index_channel(directory: Path) -> None:
+    """Index a channel directory with py-rattler (repodata.json per subdir)."""
     await rattler.index.index_fs(directory, write_zst=False, write_shards=False, force=True)
     with contextlib.suppress(OSError):
         (directory / ".tmp").rmdir()  # the indexer's staging folder, left empty
