@@ -8,19 +8,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
+import docker
+from tqdm import tqdm
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
-import docker
-
-from .baseimage import BASE_TAG, ImageBuildError, build_offline_base, build_production_base
+from .baseimage import (
+    BASE_TAG,
+    ImageBuildError,
+    build_offline_base,
+    build_production_base,
+)
+from .builder import (
+    LABEL_CREATED,
+    LABEL_KEY,
+    BuildError,
+    BuildRequest,
+    ImageBuilder,
+    request_for_profile,
+)
 from .devchannel import build_dev_channel
 from .profiles import ProfileCatalog, ProfileError
 from .resolve import ResolveError, Resolver
@@ -162,12 +177,17 @@ def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_base(args: argparse.Namespace, config: Config) -> int:
+def _docker_client() -> docker.DockerClient:
     try:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as error:
         raise CommandError(f"cannot reach the Docker daemon (set DOCKER_HOST): {error}")
+    return client
+
+
+def cmd_base(args: argparse.Namespace, config: Config) -> int:
+    client = _docker_client()
     try:
         if args.offline:
             resolver = _resolver(args, config)
@@ -181,6 +201,163 @@ def cmd_base(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
     print(image_id)
     return 0
+
+
+def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
+    from traitlets import TraitError
+
+    from .gpus import GpuAllocator, format_status, status_report
+
+    try:
+        report = status_report(GpuAllocator(config=config))
+    except TraitError as error:
+        raise CommandError(f"bad GPU configuration: {error}")
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+# -- build, ls, gc, lock, log ------------------------------------------------------------
+
+
+def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
+    builder = ImageBuilder(config=config, docker_client=_docker_client())
+    if args.channel_alias:
+        builder.resolver.channel_alias = args.channel_alias
+    return builder
+
+
+def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str, BuildRequest]]:
+    """(label, request) for each FILE, or for every profile with an environment."""
+    if args.files:
+        policy = SpecPolicy(config=config)
+        try:
+            return [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
+        except SpecError as error:
+            raise CommandError(str(error))
+    catalog = _load_catalog(config, args.profiles)
+    return [(p.slug, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
+
+
+def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
+    catalog = ProfileCatalog(config=config)
+    if directory:
+        catalog.profiles_dir = directory
+    try:
+        catalog.load()
+    except ProfileError as error:
+        raise CommandError("; ".join(error.problems))
+    return catalog
+
+
+async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, BuildRequest]]) -> list[tuple]:
+    async def one(position: int, label: str, request: BuildRequest) -> tuple:
+        bar = tqdm(total=100, desc=label[:24].ljust(24), position=position, leave=True, file=sys.stderr,
+                   bar_format="{desc} {bar} {percentage:3.0f}% {postfix}", disable=None)
+        build = builder.ensure(request)
+        async for event in build.follow():
+            bar.update(event["progress"] - bar.n)
+            bar.set_postfix_str(event["message"][:50], refresh=True)
+        bar.close()
+        try:
+            return (label, await build.result(), None)
+        except BuildError as error:
+            return (label, None, str(error))
+
+    return await asyncio.gather(*(one(i, label, request) for i, (label, request) in enumerate(requests)))
+
+
+def cmd_build(args: argparse.Namespace, config: Config) -> int:
+    builder = _builder(args, config)
+    requests = _build_requests(args, config)
+    if not requests:
+        raise CommandError("nothing to build: no FILE given and no profile has an environment")
+    try:
+        builder.base_image_id()
+    except BuildError as error:
+        raise CommandError(str(error))
+    results = asyncio.run(_build_with_bars(builder, requests))
+    rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT")]
+    for label, info, error in results:
+        if info is None:
+            rows.append((label, "", "", "", "", f"FAILED: {error}"))
+        else:
+            rows.append((label, info.key[:16], info.tag, _size(info.size), f"{info.seconds:.1f}",
+                         "cached" if info.cached else "built"))
+    print(_table(rows))
+    return 1 if any(info is None for _, info, _ in results) else 0
+
+
+def cmd_ls(args: argparse.Namespace, config: Config) -> int:
+    builder = _builder(args, config)
+    profiles_by_key: dict[str, list[str]] = {}
+    with contextlib.suppress(CommandError, BuildError):
+        for profile in _load_catalog(config, None).profiles:
+            if profile.environment is not None:
+                key = builder.build_key(request_for_profile(profile))
+                profiles_by_key.setdefault(key, []).append(profile.slug)
+    rows = [("KEY", "IMAGE", "SIZE", "CREATED", "LAST USED", "PROFILES")]
+    images = sorted(builder.images(), key=lambda image: -builder.last_used(image.labels[LABEL_KEY]))
+    for image in images:
+        key = image.labels[LABEL_KEY]
+        used = builder.last_used(key)
+        rows.append((key[:16], builder.tag_for(key), _size(image.attrs.get("Size", 0)),
+                     image.labels.get(LABEL_CREATED, "?"), _when(used) if used else "never",
+                     ", ".join(profiles_by_key.get(key, [])) or "-"))
+    print(_table(rows))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace, config: Config) -> int:
+    builder = _builder(args, config)
+    removed = builder.gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for image in removed:
+        print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(image.attrs.get('Size', 0))})")
+    freed = sum(image.attrs.get("Size", 0) for image in removed)
+    print(f"{verb} {len(removed)} image(s), {_size(freed)}")
+    return 0
+
+
+def _key_dir(builder: ImageBuilder, key: str) -> Path:
+    """The cache folder of a key given in full or as a prefix of at least 8 characters."""
+    builds = Path(builder.cache_dir) / "builds"
+    matches = sorted(builds.glob(f"{key}*")) if len(key) >= 8 and key.isalnum() else []
+    if len(matches) != 1:
+        raise CommandError(f"no single build matches key {key!r} (give 8 or more hex digits)")
+    return matches[0]
+
+
+def cmd_lock(args: argparse.Namespace, config: Config) -> int:
+    path = _key_dir(_builder(args, config), args.key) / "lock.json"
+    if not path.exists():
+        raise CommandError(f"build {args.key} has no lock (its solve failed; see `condaspawner log`)")
+    lock = json.loads(path.read_text())
+    if args.json:
+        print(json.dumps(lock, indent=2))
+    else:
+        for package in lock["packages"]:
+            print(" ".join(package[field] for field in ("name", "version", "build", "url", "sha256")))
+    return 0
+
+
+def cmd_log(args: argparse.Namespace, config: Config) -> int:
+    path = _key_dir(_builder(args, config), args.key) / "build.log"
+    if not path.exists():
+        raise CommandError(f"build {args.key} has no log")
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 # -- entry point ----------------------------------------------------------------------
@@ -219,6 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder for --offline")
     base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
     base.add_argument("--tag", default=BASE_TAG, help=f"image tag (default {BASE_TAG})")
+    gpus = add("gpus", cmd_gpus, "list GPUs: memory, utilization, which server holds each and since when")
+    gpus.add_argument("--json", action="store_true", help="print GPUs, holders and notes as JSON")
+    build = add("build", cmd_build, "prebuild the images of every profile, or of the given environment files")
+    build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")
+    build.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
+    ls = add("ls", cmd_ls, "list environment images: key, image, size, created, last used, profiles")
+    gc = add("gc", cmd_gc, "remove least-recently-used environment images over the budget (never one in use)")
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    lock = add("lock", cmd_lock, "print the lock (exact packages) of a build")
+    lock.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
+    lock.add_argument("--json", action="store_true")
+    log = add("log", cmd_log, "print the full log of a build")
+    log.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
+    for sub in (build, ls, gc, lock, log):
+        sub.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
     return parser
 
 

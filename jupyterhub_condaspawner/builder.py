@@ -1,0 +1,616 @@
+"""ImageBuilder: turn an EnvironmentSpec into a cached image, once, with progress.
+
+A build request is keyed by everything that changes the image (normalised spec, base
+image id, platform, CUDA override, env name, kernel name, recipe version). The image
+is tagged ``<image_repo>:<key[:16]>`` and labelled with the full key, so a cache hit
+is one lookup on the daemon. Concurrent requests for one key share one build (in
+this process through a shared task, across processes through a file lock), and
+every phase is published as progress events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import docker
+from jupyterhub.traitlets import ByteSpecification
+from packaging.requirements import Requirement
+from rattler import MatchSpec
+from traitlets import Dict, Float, Instance, Integer, Unicode, default
+from traitlets.config import Configurable
+
+from .profiles import Profile
+from .resolve import Lock, ResolveError, Resolver
+from .spec import EnvironmentSpec
+
+log = logging.getLogger(__name__)
+
+# Bump when the Dockerfile or the context layout changes: it changes every build key.
+RECIPE_VERSION = "2"
+ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
+ENVS_ROOT = "/opt/conda/envs"
+LABEL_PREFIX = "io.condaspawner."
+LABEL_KEY = LABEL_PREFIX + "key"
+LABEL_SPEC = LABEL_PREFIX + "spec"
+LABEL_LOCK_DIGEST = LABEL_PREFIX + "lock-digest"
+LABEL_BASE_IMAGE = LABEL_PREFIX + "base-image"
+LABEL_BUILDER_VERSION = LABEL_PREFIX + "builder-version"
+LABEL_CREATED = LABEL_PREFIX + "created"
+LABEL_ENV_NAME = LABEL_PREFIX + "env-name"
+ENV_NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+CUSTOM_ENV_NAME = "custom"
+_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+_FAILURE_TAIL_LINES = 8
+
+
+class BuildError(Exception):
+    """A failed build: ``str(error)`` is a short reason for the user; the full log is kept."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build: the environment and how it is presented in JupyterLab.
+
+    ``env_name`` names the folder under /opt/conda/envs and the kernel: a profile's
+    slug, or ``custom`` for a user's own file (never user text).
+    """
+
+    spec: EnvironmentSpec
+    cuda: str | None = None
+    env_name: str = CUSTOM_ENV_NAME
+    kernel_display_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not ENV_NAME_PATTERN.match(self.env_name):
+            raise ValueError(f"env_name {self.env_name!r} must be a slug (lowercase letters, digits, dashes)")
+
+    @property
+    def display_name(self) -> str:
+        return self.kernel_display_name or self.spec.name or self.env_name
+
+    @property
+    def prefix(self) -> str:
+        return f"{ENVS_ROOT}/{self.env_name}"
+
+
+def request_for_profile(profile: Profile, custom_spec: EnvironmentSpec | None = None) -> BuildRequest:
+    """The build of a profile's environment, or of a user's own spec on the profile's hardware."""
+    if custom_spec is not None:
+        return BuildRequest(custom_spec, cuda=profile.cuda, env_name=CUSTOM_ENV_NAME,
+                            kernel_display_name=custom_spec.name or "My environment")
+    if profile.environment is None:
+        raise ValueError(f"profile {profile.slug} has no environment of its own")
+    return BuildRequest(profile.environment, cuda=profile.cuda, env_name=profile.slug,
+                        kernel_display_name=profile.display_name)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """A ready image."""
+
+    key: str
+    tag: str
+    image_id: str
+    env_name: str
+    cached: bool
+    seconds: float = 0.0
+    size: int = 0
+
+
+@dataclass
+class Build:
+    """One build in progress: its events so far, and the task computing it."""
+
+    key: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    task: asyncio.Task | None = None
+    done: bool = False
+
+    async def publish(self, phase: str, progress: int, message: str) -> None:
+        event = {"phase": phase, "progress": progress, "message": message}
+        log.debug("build %s: %s", self.key[:16], event)
+        async with self.changed:
+            self.events.append(event)
+            self.changed.notify_all()
+
+    async def finish(self) -> None:
+        async with self.changed:
+            self.done = True
+            self.changed.notify_all()
+
+    async def follow(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event of this build, from the first, until it is finished."""
+        sent = 0
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(self.events) > sent or self.done)
+                pending = self.events[sent:]
+                finished = self.done
+            for event in pending:
+                yield event
+            sent += len(pending)
+            if finished and sent == len(self.events):
+                return
+
+    async def result(self) -> ImageInfo:
+        assert self.task is not None
+        return await asyncio.shield(self.task)
+
+
+class ImageBuilder(Configurable):
+    """Build or reuse one image per environment; see the module docstring."""
+
+    image_repo = Unicode(
+        "condaspawner-env",
+        config=True,
+        help="""Repository of environment images: each is tagged <image_repo>:<key[:16]>.
+
+        c.ImageBuilder.image_repo = "registry.example.edu/jupyter/envs"
+        """,
+    )
+    base_image = Unicode(
+        "condaspawner-base:py39",
+        config=True,
+        help="""Base image every environment image is built FROM (Miniconda + the single-user server).
+
+        Build it with `condaspawner base` (or `condaspawner base --offline`).
+
+        c.ImageBuilder.base_image = "condaspawner-base:py39"
+        """,
+    )
+    cache_dir = Unicode(
+        config=True,
+        help="""Folder for build logs, locks, last-use times and staging (survives hub restarts).
+
+        c.ImageBuilder.cache_dir = "/var/cache/condaspawner"
+        """,
+    )
+    build_network_mode = Unicode(
+        "host",
+        config=True,
+        help="""Docker network mode of build steps (the pip section needs the package index).
+
+        c.ImageBuilder.build_network_mode = "default"
+        """,
+    )
+    build_memory_limit = ByteSpecification(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Memory limit of each build step (None: no limit).
+
+        c.ImageBuilder.build_memory_limit = "4G"
+        """,
+    )
+    build_cpuset_cpus = Unicode(
+        "",
+        config=True,
+        help="""CPUs build steps may use, in docker's cpuset syntax ("" = all).
+
+        c.ImageBuilder.build_cpuset_cpus = "0-3"
+        """,
+    )
+    max_concurrent_builds = Integer(
+        2,
+        config=True,
+        help="""Builds run at once in this hub; further requests wait in a queue.
+
+        c.ImageBuilder.max_concurrent_builds = 4
+        """,
+    )
+    pip_config = Dict(
+        config=True,
+        help="""pip settings for the pip section of every build, written as the [global]
+        section of a pip.conf (e.g. an internal mirror). Users can never set these.
+
+        c.ImageBuilder.pip_config = {"index-url": "https://pypi-mirror.example.edu/simple"}
+        """,
+    )
+    max_images = Integer(
+        50,
+        config=True,
+        help="""`gc` keeps at most this many environment images (0 = no count limit).
+
+        c.ImageBuilder.max_images = 200
+        """,
+    )
+    disk_budget = ByteSpecification(
+        "100G",
+        config=True,
+        help="""`gc` removes least-recently-used environment images until they fit in this size.
+
+        c.ImageBuilder.disk_budget = "500G"
+        """,
+    )
+    build_timeout = Float(
+        3600,
+        config=True,
+        help="""Seconds a whole build may take before it is abandoned.
+
+        c.ImageBuilder.build_timeout = 7200
+        """,
+    )
+    resolver = Instance(Resolver)
+    docker_client = Instance(docker.DockerClient, allow_none=True)
+
+    @default("cache_dir")
+    def _default_cache_dir(self) -> str:
+        return str(Path.home() / ".cache" / "condaspawner")
+
+    @default("resolver")
+    def _default_resolver(self) -> Resolver:
+        return Resolver(parent=self)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._builds: dict[str, Build] = {}
+        self._slots = asyncio.Semaphore(self.max_concurrent_builds)
+        self._waiting = 0
+        self.builds_started = 0
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self.docker_client is None:
+            self.docker_client = docker.from_env()
+        return self.docker_client
+
+    # -- keys and lookup ---------------------------------------------------------------
+
+    def base_image_id(self) -> str:
+        try:
+            return self.client.images.get(self.base_image).id
+        except docker.errors.ImageNotFound:
+            raise BuildError(f"base image {self.base_image} not found: build it with `condaspawner base`")
+
+    def build_key(self, request: BuildRequest, base_image_id: str | None = None) -> str:
+        """sha256 over everything that changes the image."""
+        parts = {
+            "spec": request.spec.normalized(),
+            "base": base_image_id or self.base_image_id(),
+            "platform": self.resolver.platform,
+            "cuda": request.cuda,
+            "env_name": request.env_name,
+            "kernel": request.display_name,
+            "recipe": RECIPE_VERSION,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def tag_for(self, key: str) -> str:
+        return f"{self.image_repo}:{key[:16]}"
+
+    def find_image(self, key: str) -> docker.models.images.Image | None:
+        """The cached image for ``key``, if the daemon has it (checked by its full-key label)."""
+        try:
+            image = self.client.images.get(self.tag_for(key))
+        except docker.errors.ImageNotFound:
+            return None
+        return image if image.labels.get(LABEL_KEY) == key else None
+
+    def key_dir(self, key: str) -> Path:
+        return Path(self.cache_dir) / "builds" / key
+
+    def mark_used(self, key: str) -> None:
+        """Record a use of the key's image (the file's mtime survives hub restarts)."""
+        path = self.key_dir(key) / "last-used"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def last_used(self, key: str) -> float:
+        for name in ("last-used", "build.log"):
+            with contextlib.suppress(OSError):
+                return (self.key_dir(key) / name).stat().st_mtime
+        return 0.0
+
+    # -- the public entry point ----------------------------------------------------------
+
+    def lookup(self, request: BuildRequest) -> ImageInfo | None:
+        """The cached image for ``request`` or None: the fast path of every spawn."""
+        key = self.build_key(request)
+        image = self.find_image(key)
+        if image is None:
+            return None
+        self.mark_used(key)
+        return ImageInfo(key, self.tag_for(key), image.id, request.env_name, cached=True, size=image.attrs.get("Size", 0))
+
+    def ensure(self, request: BuildRequest) -> Build:
+        """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``."""
+        key = self.build_key(request)
+        build = self._builds.get(key)
+        if build is not None:
+            return build
+        build = Build(key)
+        build.task = asyncio.ensure_future(self._run(build, request))
+        self._builds[key] = build
+        return build
+
+    async def get_image(self, request: BuildRequest) -> ImageInfo:
+        """Build or reuse the image; raise BuildError on failure."""
+        return await self.ensure(request).result()
+
+    # -- one build ----------------------------------------------------------------------
+
+    async def _run(self, build: Build, request: BuildRequest) -> ImageInfo:
+        started = time.monotonic()
+        try:
+            info = await asyncio.wait_for(self._build_once(build, request, started), self.build_timeout)
+            await build.publish("ready", 100, f"image {info.tag} ready" + (" (cached)" if info.cached else ""))
+            return info
+        except asyncio.TimeoutError:
+            message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
+            await build.publish("error", 100, message)
+            raise BuildError(message)
+        except (BuildError, ResolveError) as error:
+            await build.publish("error", 100, str(error))
+            raise BuildError(str(error)) from None
+        finally:
+            self._builds.pop(build.key, None)
+            await build.finish()
+
+    async def _build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
+        key = build.key
+        cached = self._cached_info(key, request, started)
+        if cached:
+            return cached
+        async with self._slot(build):
+            async with _file_lock(self.key_dir(key) / "build.lock"):
+                # Another hub process may have built it while we waited for the lock.
+                cached = self._cached_info(key, request, started)
+                if cached:
+                    return cached
+                self.builds_started += 1
+                return await self._build(build, request, started)
+
+    def _cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:
+        image = self.find_image(key)
+        if image is None:
+            return None
+        self.mark_used(key)
+        return ImageInfo(key, self.tag_for(key), image.id, request.env_name, True,
+                         time.monotonic() - started, image.attrs.get("Size", 0))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, build: Build):
+        if self._slots.locked():
+            self._waiting += 1
+            await build.publish("queued", 1, f"waiting for {self.max_concurrent_builds} running builds to finish")
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _build(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
+        key = build.key
+        key_dir = self.key_dir(key)
+        key_dir.mkdir(parents=True, exist_ok=True)
+        log_path = key_dir / "build.log"
+        context = Path(self.cache_dir) / "staging" / key
+        shutil.rmtree(context, ignore_errors=True)
+        with log_path.open("w") as build_log:
+            try:
+                lock = await self._resolve(build, request, build_log)
+                await self._install(build, request, lock, context, build_log)
+                self._write_context(context, request, lock)
+                image_id = await self._docker_build(build, request, lock, context, build_log)
+            finally:
+                shutil.rmtree(context, ignore_errors=True)
+        self.mark_used(key)
+        image = self.client.images.get(image_id)
+        return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False,
+                         time.monotonic() - started, image.attrs.get("Size", 0))
+
+    async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
+        await build.publish("solve", 5, f"solving {len(request.spec.conda)} conda dependencies")
+        spec = _with_kernel_package(request.spec)
+        try:
+            lock = await self.resolver.solve(spec, cuda=request.cuda)
+        except ResolveError as error:
+            build_log.write(f"solve failed: {error}\n")
+            raise BuildError(f"solve: {error}")
+        lock.write(self.key_dir(build.key) / "environment.lock")
+        (self.key_dir(build.key) / "lock.json").write_text(lock.to_json())
+        build_log.write(f"solved: {len(lock.records)} packages, lock digest {lock.digest()}\n")
+        await build.publish("solve", 15, f"solved: {len(lock.records)} packages")
+        return lock
+
+    async def _install(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
+                       build_log: io.TextIOBase) -> None:
+        await build.publish("install", 20, f"downloading and linking {len(lock.records)} packages")
+        try:
+            await self.resolver.install(lock, context / "env", request.prefix)
+        except ResolveError as error:
+            build_log.write(f"install failed: {error}\n")
+            raise BuildError(f"install: {error}")
+        build_log.write("installed into the staging prefix\n")
+        await build.publish("install", 40, "conda environment installed")
+
+    def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
+        shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
+        meta = context / "meta"
+        meta.mkdir()
+        (meta / "environment.yml").write_text(request.spec.to_yaml(name=request.env_name))
+        (meta / "condaspawner-lock.json").write_text(lock.to_json())
+        (meta / "requirements.txt").write_text("".join(f"{line}\n" for line in request.spec.pip))
+        (meta / "pip.conf").write_text(_pip_conf(self.pip_config))
+        kernel = context / "kernel"
+        kernel.mkdir()
+        (kernel / "kernel.json").write_text(json.dumps(_kernel_spec(request), indent=2))
+        # Not a jupyter_server_config.d/ file: jupyter_server reads those for extensions only.
+        (context / "jupyter").mkdir()
+        (context / "jupyter" / "jupyter_server_config.json").write_text(json.dumps(
+            {"MultiKernelManager": {"default_kernel_name": request.env_name}}, indent=2))
+
+    async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
+                            build_log: io.TextIOBase) -> str:
+        await build.publish("build", 45, "building the image")
+        base_id = self.base_image_id()
+        labels = {
+            LABEL_KEY: build.key,
+            LABEL_SPEC: request.spec.normalized_json(),
+            LABEL_LOCK_DIGEST: lock.digest(),
+            LABEL_BASE_IMAGE: base_id,
+            LABEL_BUILDER_VERSION: RECIPE_VERSION,
+            LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            LABEL_ENV_NAME: request.env_name,
+        }
+        kwargs = dict(
+            path=str(context), tag=self.tag_for(build.key), labels=labels, rm=True, forcerm=True,
+            network_mode=self.build_network_mode, decode=True,
+            buildargs={"BASE_IMAGE": base_id, "ENV_NAME": request.env_name},
+            container_limits=self._container_limits(),
+        )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def stream() -> None:  # docker-py streams synchronously: read it in a thread
+            try:
+                for chunk in self.client.api.build(**kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as error:  # the daemon went away, context too large, ...
+                loop.call_soon_threadsafe(queue.put_nowait, {"error": f"docker: {error}"})
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        reader = loop.run_in_executor(None, stream)
+        image_id, failure, tail = None, None, []
+        while (chunk := await queue.get()) is not None:
+            if "error" in chunk:
+                failure = chunk["error"].strip()
+                build_log.write(failure + "\n")
+                continue
+            image_id = chunk.get("aux", {}).get("ID", image_id)
+            for line in chunk.get("stream", "").splitlines():
+                if line.strip():
+                    build_log.write(line + "\n")
+                    tail = (tail + [line])[-_FAILURE_TAIL_LINES:]
+                    await build.publish("build", _build_progress(line, build.events), line[:300])
+        await reader
+        if failure or image_id is None:
+            step = next((line for line in reversed(tail) if _STEP.match(line)), "the docker build")
+            detail = " | ".join(line.strip() for line in tail[-3:] if not _STEP.match(line))
+            raise BuildError(f"{step.split(' :', 1)[-1].strip()[:120]} failed: {failure or 'no image'}"
+                             + (f" ({detail[-300:]})" if detail else ""))
+        await build.publish("tag", 98, f"tagged {self.tag_for(build.key)}")
+        return image_id
+
+    def _container_limits(self) -> dict[str, Any]:
+        limits: dict[str, Any] = {}
+        if self.build_memory_limit:
+            limits["memory"] = int(self.build_memory_limit)
+        if self.build_cpuset_cpus:
+            limits["cpusetcpus"] = self.build_cpuset_cpus
+        return limits
+
+    # -- cache management ------------------------------------------------------------------
+
+    def images(self) -> list[docker.models.images.Image]:
+        """This builder's environment images: in ``image_repo`` and labelled with a key."""
+        return [
+            image for image in self.client.images.list(name=self.image_repo, filters={"label": LABEL_KEY})
+            if self.tag_for(image.labels[LABEL_KEY]) in image.tags
+        ]
+
+    def gc_plan(self) -> list[docker.models.images.Image]:
+        """Images `gc` would remove: least recently used first, never one a container uses."""
+        in_use = {container.attrs.get("Image") for container in self.client.containers.list(all=True)}
+        candidates = sorted(self.images(), key=lambda image: self.last_used(image.labels[LABEL_KEY]))
+        total = sum(image.attrs.get("Size", 0) for image in candidates)
+        count = len(candidates)
+        doomed = []
+        for image in candidates:
+            over_count = self.max_images and count > self.max_images
+            over_budget = total > int(self.disk_budget)
+            if not (over_count or over_budget):
+                break
+            if image.id in in_use:
+                continue
+            doomed.append(image)
+            count -= 1
+            total -= image.attrs.get("Size", 0)
+        return doomed
+
+    def gc(self, dry_run: bool = False) -> list[docker.models.images.Image]:
+        """Remove the images of :meth:`gc_plan` (unless ``dry_run``); return them."""
+        doomed = self.gc_plan()
+        if not dry_run:
+            for image in doomed:
+                self.client.images.remove(image.id, noprune=False)
+        return doomed
+
+
+def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
+    """The spec plus ipykernel when neither section has it: every env must run a kernel."""
+    names = {MatchSpec(text).name.normalized for text in spec.conda}
+    names |= {Requirement(text).name for text in spec.pip}  # already canonical
+    if "ipykernel" in names:
+        return spec
+    return dataclasses.replace(spec, conda=tuple(sorted((*spec.conda, "ipykernel"))))
+
+
+def _kernel_spec(request: BuildRequest) -> dict[str, Any]:
+    prefix = request.prefix
+    env = {
+        "CONDA_PREFIX": prefix,
+        "CONDA_DEFAULT_ENV": request.env_name,
+        "PATH": f"{prefix}/bin:/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        **dict(request.spec.variables),
+    }
+    return {
+        "argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": request.display_name,
+        "language": "python",
+        "env": env,
+        "metadata": {"debugger": True, "condaspawner": {"env_name": request.env_name}},
+    }
+
+
+def _pip_conf(settings: dict[str, Any]) -> str:
+    parser = configparser.ConfigParser()
+    parser["global"] = {str(k): str(v) for k, v in settings.items()}
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
+
+
+def _build_progress(line: str, events: list[dict[str, Any]]) -> int:
+    """45..95 along docker's "Step N/M" lines; never backwards."""
+    last = events[-1]["progress"] if events else 45
+    match = _STEP.match(line)
+    if not match:
+        return last
+    step, steps = int(match.group(1)), int(match.group(2))
+    return max(last, 45 + int(50 * step / steps))
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path):
+    """An exclusive lock across hub processes sharing the cache folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -1,0 +1,261 @@
+"""ImageBuilder on the real daemon, base image and local channel (pip from a loopback index)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import http.server
+import json
+import os
+import socket
+import textwrap
+import threading
+import time
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from jupyterhub_condaspawner.builder import (
+    LABEL_ENV_NAME,
+    LABEL_KEY,
+    LABEL_LOCK_DIGEST,
+    LABEL_SPEC,
+    BuildError,
+    BuildRequest,
+    ImageBuilder,
+)
+from jupyterhub_condaspawner.resolve import Resolver
+from jupyterhub_condaspawner.spec import SpecPolicy
+
+pytestmark = pytest.mark.docker
+SESSION = uuid.uuid4().hex[:8]
+
+
+def write_wheel(directory: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel whose module reports its version."""
+    module = name.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: condaspawner-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record_lines = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record_lines.append(f"{path},sha256={digest},{len(text.encode())}")
+    record_lines.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = "\n".join(record_lines) + "\n"
+    wheel = directory / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def wheel_index(tmp_path_factory):
+    """A find-links directory served on 127.0.0.1, so pip in builds stays on loopback."""
+    directory = tmp_path_factory.mktemp("wheels")
+    for version in ("1.0", "1.1"):
+        write_wheel(directory, "cs-hello", version)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield directory, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def builder(docker_daemon, base_image, dev_python_channel, wheel_index, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("builder-cache")
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(cache / "pkgs"))
+    return ImageBuilder(
+        resolver=resolver,
+        docker_client=docker_daemon.client(),
+        base_image=base_image,
+        cache_dir=str(cache),
+        image_repo=f"condaspawner-test-{SESSION}",
+        pip_config={"no-index": "true", "find-links": wheel_index[1]},
+    )
+
+
+def request(text: str, **kwargs) -> BuildRequest:
+    return BuildRequest(SpecPolicy().parse(textwrap.dedent(text)), **kwargs)
+
+
+def unique_env(pip: list[str] = (), extra: str = "") -> BuildRequest:
+    """A request whose key no earlier test built (a unique variable)."""
+    lines = ["channels: [conda-forge]", "dependencies:", "  - python=3.9", "  - ipykernel"]
+    if extra:
+        lines.append(f"  - {extra}")
+    if pip:
+        lines += ["  - pip:"] + [f"    - {p}" for p in pip]
+    lines += ["variables:", f"  TEST_ID: {uuid.uuid4().hex}"]
+    return request("\n".join(lines) + "\n", env_name="demo", kernel_display_name='Demo "quoted" env')
+
+
+async def collect(build) -> list[dict]:
+    return [event async for event in build.follow()]
+
+
+async def test_build_then_cache_hit(builder):
+    req = unique_env(pip=["cs-hello==1.0"])
+    before = builder.builds_started
+    build = builder.ensure(req)
+    events, info = await asyncio.gather(collect(build), build.result())
+    assert not info.cached and builder.builds_started == before + 1
+    phases = [event["phase"] for event in events]
+    assert phases[0] == "solve" and phases[-1] == "ready"
+    order = ["solve", "install", "build", "tag", "ready"]
+    assert [p for p in dict.fromkeys(phases)] == order
+    progress = [event["progress"] for event in events]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert any(event["message"].startswith("Step ") for event in events)
+
+    image = builder.client.images.get(info.tag)
+    assert image.labels[LABEL_KEY] == info.key and info.tag.endswith(info.key[:16])
+    assert json.loads(image.labels[LABEL_SPEC])["pip"] == ["cs-hello==1.0"]
+    assert image.labels[LABEL_ENV_NAME] == "demo" and len(image.labels[LABEL_LOCK_DIGEST]) == 64
+    assert (builder.key_dir(info.key) / "build.log").read_text().count("Step ") >= 5
+    assert json.loads((builder.key_dir(info.key) / "lock.json").read_text())["packages"]
+
+    started = time.perf_counter()
+    again = await builder.get_image(req)
+    assert again.cached and again.image_id == info.image_id
+    assert builder.builds_started == before + 1  # no second docker build
+    assert builder.lookup(req).image_id == info.image_id
+    print(f"first build {info.seconds:.1f} s, cache hit {time.perf_counter() - started:.3f} s")
+
+
+async def test_pip_only_change_reuses_the_conda_layer(builder):
+    marker = uuid.uuid4().hex
+    first = await builder.get_image(request(f"""
+        dependencies: [python=3.9, ipykernel, 'pip']
+        variables: {{TEST_ID: {marker}}}
+        """, env_name="pipdemo"))
+    second = await builder.get_image(request(f"""
+        dependencies: [python=3.9, ipykernel, 'pip', {{pip: [cs-hello==1.1]}}]
+        variables: {{TEST_ID: {marker}}}
+        """, env_name="pipdemo"))
+    assert first.key != second.key
+    layers = [builder.client.images.get(i.image_id).attrs["RootFS"]["Layers"] for i in (first, second)]
+    base_layers = len(builder.client.images.get(builder.base_image).attrs["RootFS"]["Layers"])
+    # base, then COPY env, then compileall: all shared; only the pip layers differ.
+    assert layers[0][: base_layers + 2] == layers[1][: base_layers + 2]
+    assert layers[0][base_layers + 2:] != layers[1][base_layers + 2:]
+
+
+async def test_concurrent_requests_share_one_build(builder):
+    req = unique_env(extra="cs-alpha=1.0")
+    before = builder.builds_started
+    results = await asyncio.gather(*(builder.get_image(req) for _ in range(20)))
+    assert builder.builds_started == before + 1
+    assert len({(r.key, r.image_id, r.tag) for r in results}) == 1
+
+
+async def test_late_joiner_sees_the_same_progress_stream(builder):
+    req = unique_env(extra="cs-alpha=1.1")
+    first = builder.ensure(req)
+    first_events = asyncio.ensure_future(collect(first))
+    await asyncio.sleep(0.5)
+    joined = builder.ensure(req)
+    assert joined is first
+    assert await collect(joined) == await first_events
+
+
+async def test_failing_pip_requirement_is_clear_and_retry_works(builder, wheel_index):
+    package = f"cs-late-{uuid.uuid4().hex[:6]}"
+    req = unique_env(pip=[f"{package}==1.0"])
+    key = builder.build_key(req)
+    build = builder.ensure(req)
+    events = asyncio.ensure_future(collect(build))
+    with pytest.raises(BuildError) as info:
+        await build.result()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 700
+    assert "pip install" in message and "returned a non-zero code" in message
+    assert (await events)[-1]["phase"] == "error"
+    assert builder.find_image(key) is None
+    assert not (Path(builder.cache_dir) / "staging" / key).exists()
+    assert package.replace("-", "_") in (builder.key_dir(key) / "build.log").read_text().lower() or \
+        package in (builder.key_dir(key) / "build.log").read_text()
+
+    write_wheel(wheel_index[0], package, "1.0")  # the index gains it: the next request retries
+    retried = await builder.get_image(req)
+    assert not retried.cached and builder.find_image(key) is not None
+
+
+async def test_built_image_serves_the_env_kernel(builder, docker_daemon):
+    info = await builder.get_image(unique_env(pip=["cs-hello==1.0"]))
+    client = docker_daemon.client()
+    port = free_port()
+    server = client.containers.run(
+        info.tag,
+        ["jupyter", "server", f"--port={port}", "--ip=127.0.0.1", "--IdentityProvider.token=t0ken"],
+        network_mode="host", detach=True,
+    )
+    try:
+        specs = wait_for_json(f"http://127.0.0.1:{port}/api/kernelspecs?token=t0ken")
+        assert specs["default"] == "demo"
+        assert specs["kernelspecs"]["demo"]["spec"]["display_name"] == 'Demo "quoted" env'
+        script = textwrap.dedent("""
+            from jupyter_client.manager import start_new_kernel
+            manager, kernel = start_new_kernel(kernel_name="demo", startup_timeout=60)
+            out = []
+            hook = lambda m: m["msg_type"] == "execute_result" and out.append(m["content"]["data"]["text/plain"])
+            code = "import sys, cs_hello; (sys.prefix, sys.version_info[:2], cs_hello.VERSION)"
+            kernel.execute_interactive(code, timeout=60, output_hook=hook)
+            print(*out)
+            kernel.stop_channels(); manager.shutdown_kernel(now=True)
+        """)
+        output = client.containers.run(info.tag, ["python", "-c", script], network_mode="host", remove=True)
+        assert output.decode().strip().splitlines()[-1] == "('/opt/conda/envs/demo', (3, 9), '1.0')"
+    finally:
+        server.remove(force=True)
+
+
+async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder, docker_daemon):
+    client = docker_daemon.client()
+    old, used = [await builder.get_image(unique_env()) for _ in range(2)]
+    ages = {image.labels[LABEL_KEY]: 0 for image in builder.images()}
+    ages.update({used.key: 400, old.key: 300})  # `used` is the oldest, but a container uses it
+    for key, age in ages.items():
+        stamp = time.time() - age
+        os.utime(builder.key_dir(key) / "last-used", (stamp, stamp))
+    container = client.containers.create(used.tag, ["true"], network_mode="host")
+    keep = builder.max_images
+    try:
+        builder.max_images = len(ages) - 1
+        assert [image.id for image in builder.gc_plan()] == [old.image_id]
+        assert [image.id for image in builder.gc(dry_run=True)] == [old.image_id]
+        assert builder.find_image(old.key) is not None
+        assert [image.id for image in builder.gc()] == [old.image_id]
+        assert builder.find_image(old.key) is None and builder.find_image(used.key) is not None
+        assert client.images.get(builder.base_image)  # never the base
+    finally:
+        builder.max_images = keep
+        container.remove(force=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_json(url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
