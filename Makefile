@@ -18,8 +18,7 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	@echo "The demo hub is not there yet: it lands with the spawner issue."
-	@echo "Meanwhile try: $(BIN)/condaspawner profiles  and  $(BIN)/condaspawner validate profiles/envs/*.yml"
+	$(BIN)/condaspawner demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

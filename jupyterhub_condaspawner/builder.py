@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import shutil
+import statistics
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -114,18 +115,15 @@ class ImageInfo:
 
 
 @dataclass
-class Build:
-    """One build in progress: its events so far, and the task computing it."""
+class EventStream:
+    """Progress events ``{"phase", "progress", "message"}`` that any number of readers follow."""
 
-    key: str
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    task: asyncio.Task | None = None
     done: bool = False
 
     async def publish(self, phase: str, progress: int, message: str) -> None:
         event = {"phase": phase, "progress": progress, "message": message}
-        log.debug("build %s: %s", self.key[:16], event)
         async with self.changed:
             self.events.append(event)
             self.changed.notify_all()
@@ -136,7 +134,7 @@ class Build:
             self.changed.notify_all()
 
     async def follow(self) -> AsyncIterator[dict[str, Any]]:
-        """Every event of this build, from the first, until it is finished."""
+        """Every event, from the first, until the stream is finished."""
         sent = 0
         while True:
             async with self.changed:
@@ -148,6 +146,14 @@ class Build:
             sent += len(pending)
             if finished and sent == len(self.events):
                 return
+
+
+@dataclass
+class Build(EventStream):
+    """One build in progress: its events, and the task computing its image."""
+
+    key: str = ""
+    task: asyncio.Task | None = None
 
     async def result(self) -> ImageInfo:
         assert self.task is not None
@@ -264,6 +270,7 @@ class ImageBuilder(Configurable):
         self._slots = asyncio.Semaphore(self.max_concurrent_builds)
         self._waiting = 0
         self.builds_started = 0
+        self.build_seconds: list[float] = []
 
     @property
     def client(self) -> docker.DockerClient:
@@ -335,7 +342,7 @@ class ImageBuilder(Configurable):
         build = self._builds.get(key)
         if build is not None:
             return build
-        build = Build(key)
+        build = Build(key=key)
         build.task = asyncio.ensure_future(self._run(build, request))
         self._builds[key] = build
         return build
@@ -418,8 +425,15 @@ class ImageBuilder(Configurable):
                 shutil.rmtree(context, ignore_errors=True)
         self.mark_used(key)
         image = self.client.images.get(image_id)
-        return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False,
-                         time.monotonic() - started, image.attrs.get("Size", 0))
+        seconds = time.monotonic() - started
+        self.build_seconds.append(seconds)
+        return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
+
+    def typical_build_seconds(self, default: float = 120.0) -> float:
+        """The median duration of this process's builds, for "about N min" notices."""
+        if not self.build_seconds:
+            return default
+        return statistics.median(self.build_seconds[-20:])
 
     async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
         await build.publish("solve", 5, f"solving {len(request.spec.conda)} conda dependencies")

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -28,6 +29,7 @@ from .baseimage import (
     build_offline_base,
     build_production_base,
 )
+from .bench import BenchError, ensure_bench
 from .builder import (
     LABEL_CREATED,
     LABEL_KEY,
@@ -37,6 +39,7 @@ from .builder import (
     request_for_profile,
 )
 from .devchannel import build_dev_channel
+from .dockerd import BenchDaemonError
 from .profiles import ProfileCatalog, ProfileError
 from .resolve import ResolveError, Resolver
 from .spec import SpecError, SpecPolicy
@@ -214,6 +217,25 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(f"bad GPU configuration: {error}")
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    try:
+        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None,
+                             say=lambda line: print(line, file=sys.stderr))
+    except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
+        raise CommandError(f"cannot set up the demo bench: {error}")
+    demo_config = Path(args.hub_config).resolve()
+    if not demo_config.is_file():
+        raise CommandError(f"demo config not found: {demo_config} (run this from the project folder)")
+    os.environ.update({
+        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
+        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
+        "CONDASPAWNER_DEMO_PORT": str(args.port),
+    })
+    print(f"demo hub: http://127.0.0.1:{args.port}/ (any user name, no password; "
+          "'student' sees the course profile)", file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
 
 
 # -- build, ls, gc, lock, log ------------------------------------------------------------
@@ -411,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
     for sub in (build, ls, gc, lock, log):
         sub.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    demo = add("demo", cmd_demo, "set up the bench (daemon, channel, base image, proxy) and run the demo hub")
+    demo.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1 (default 8000)")
+    demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
+    demo.add_argument("--hub-config", default="demo/jupyterhub_config.py", metavar="FILE")
     return parser
 
 

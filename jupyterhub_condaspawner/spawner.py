@@ -1,11 +1,428 @@
-"""CondaSpawner: DockerSpawner glue over spec, profiles, builder and gpus.
+"""CondaSpawner: DockerSpawner glue over profiles, spec, builder and gpus.
 
-The full spawner (form, progress, GPUs) arrives with the spawner issue; for now it
-is a plain DockerSpawner registered under the ``conda`` entry point.
+A spawn: the user's choice (a profile, maybe with their own environment.yml) is
+validated -> the builder returns the cached image or builds it -> the allocator
+hands out GPUs -> DockerSpawner creates and starts the container with the image,
+GPU devices and labels. Every phase is reported through ``progress()``.
 """
 
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import jinja2
 from dockerspawner import DockerSpawner
+from jupyterhub.utils import random_port
+from tornado import web
+from traitlets import Bool, default
+
+from .builder import (
+    BuildError,
+    BuildRequest,
+    EventStream,
+    ImageBuilder,
+    ImageInfo,
+    request_for_profile,
+)
+from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
+from .profiles import Profile, ProfileCatalog, ProfileError
+from .spec import EnvironmentSpec, SpecError, SpecPolicy
+
+LABEL_KEY = "io.condaspawner.key"
+TEMPLATES = Path(__file__).parent / "templates"
+_jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+# progress() ranges: GPUs 0-1, image 1-85, container 90-100.
+_IMAGE_SHARE = 83
+
+
+@dataclass
+class HubServices:
+    """What all spawners of one hub share: one catalog, one builder, one GPU allocator."""
+
+    catalog: ProfileCatalog
+    policy: SpecPolicy
+    builder: ImageBuilder
+    allocator: GpuAllocator
+
+
+_services: dict[int, HubServices] = {}
+
+
+def hub_services(spawner: "CondaSpawner") -> HubServices:
+    """The hub's shared services, created on first use from the spawner's config."""
+    key = id(spawner.config)
+    if key not in _services:
+        config = spawner.config
+        allocator = GpuAllocator(config=config)
+        services = HubServices(
+            catalog=ProfileCatalog(config=config),
+            policy=SpecPolicy(config=config),
+            builder=ImageBuilder(config=config),
+            allocator=allocator,
+        )
+        services.catalog.load()
+        with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
+            for problem in allocator.rebuild_from_containers(services.builder.client):
+                spawner.log.warning("GPU allocations after restart: %s", problem)
+        _services[key] = services
+    return _services[key]
+
+
+def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
+    """JupyterHub's apply_user_options hook (form and REST alike): validate, then normalise."""
+    spawner.apply_choice(user_options)
 
 
 class CondaSpawner(DockerSpawner):
     """Spawn JupyterLab in a cached image built from a profile or a user's environment.yml."""
+
+    replace_changed_containers = Bool(
+        True,
+        config=True,
+        help="""Remove a kept (stopped) container when its image or GPUs no longer match the
+        user's choice, instead of restarting the stale one (DockerSpawner keeps it).
+
+        c.CondaSpawner.replace_changed_containers = True
+        """,
+    )
+
+    @default("start_timeout")
+    def _default_start_timeout(self) -> int:
+        # The first spawn of a new environment builds its image: minutes, not seconds.
+        return 1800
+
+    @default("http_timeout")
+    def _default_http_timeout(self) -> int:
+        return 120
+
+    @default("use_internal_ip")
+    def _default_use_internal_ip(self) -> bool:
+        # With host networking there is nothing to publish: docker refuses port bindings.
+        return self.network_name != "bridge"
+
+    @default("options_form")
+    def _default_options_form(self):
+        return CondaSpawner.render_options_form
+
+    @default("options_from_form")
+    def _default_options_from_form(self):
+        return self.options_from_form_data
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self):
+        return _apply_user_options
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._choice: tuple[Profile, EnvironmentSpec | None] | None = None
+        self._feed = EventStream()
+        self._allocation: Allocation | None = None
+        self._image_info: ImageInfo | None = None
+        self._extra_labels: dict[str, str] = {}
+        self._extra_env: dict[str, str] = {}
+        self._device_requests: list = []
+
+    @property
+    def services(self) -> HubServices:
+        try:
+            return hub_services(self)
+        except ProfileError as error:
+            raise web.HTTPError(500, "the admin's profiles have problems: " + "; ".join(error.problems))
+
+    @property
+    def _group_names(self) -> list[str]:
+        return [group.name for group in getattr(self.user, "groups", [])]
+
+    # -- the choice: form, REST, validation --------------------------------------------------
+
+    def resolve_choice(self, user_options: dict | None) -> tuple[Profile, EnvironmentSpec | None]:
+        """The profile and custom spec in ``user_options``; HTTPError 400/403 when refused."""
+        options = user_options or {}
+        catalog = self.services.catalog
+        slug = options.get("profile")
+        if slug is None:
+            profile = catalog.default_for(self.user.name, self._group_names)
+            if profile is None:
+                raise web.HTTPError(403, "no profile is available to you")
+        else:
+            if not isinstance(slug, str):
+                raise web.HTTPError(400, "profile: must be a profile's slug")
+            try:
+                profile = catalog.get(slug)
+            except KeyError:
+                raise web.HTTPError(400, f"profile: unknown profile {slug[:64]!r}")
+            if not profile.allows(self.user.name, self._group_names):
+                raise web.HTTPError(403, f"profile: {profile.slug!r} is not available to you")
+        return profile, self._custom_spec(profile, options.get("environment"))
+
+    def _custom_spec(self, profile: Profile, text: Any) -> EnvironmentSpec | None:
+        if text in (None, ""):
+            if profile.environment is None:
+                raise web.HTTPError(400, f"environment: profile {profile.slug!r} needs your own environment.yml")
+            return None
+        if not isinstance(text, str):
+            raise web.HTTPError(400, "environment: must be the text of an environment.yml")
+        if not profile.allow_custom_environment:
+            raise web.HTTPError(400, f"environment: profile {profile.slug!r} does not allow your own environment")
+        try:
+            return self.services.policy.parse(text, source="environment.yml")
+        except SpecError as error:
+            raise web.HTTPError(400, str(error))
+
+    def apply_choice(self, user_options: dict | None) -> None:
+        """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
+        profile, custom = self.resolve_choice(user_options)
+        normalised: dict[str, Any] = {"profile": profile.slug}
+        if custom is not None:
+            normalised["environment"] = custom.to_yaml()
+            normalised["environment_key"] = custom.key()
+        self._choice = (profile, custom)
+        self._feed = EventStream()  # progress() of this spawn may be asked for before start() runs
+        self.user_options = normalised
+        if self.orm_spawner is not None:
+            self.orm_spawner.user_options = normalised
+
+    def options_from_form_data(self, formdata: dict[str, list]) -> dict[str, Any]:
+        """Form fields -> user_options. Errors are ValueError: the form shows them as one line."""
+        options: dict[str, Any] = {}
+        if formdata.get("profile"):
+            options["profile"] = formdata["profile"][0]
+        upload = (formdata.get("environment_file_file") or [{}])[0]
+        text = (formdata.get("environment_text") or [""])[0]
+        data: str | bytes = upload.get("body") or text.strip()
+        if data:
+            try:
+                spec = self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
+            except SpecError as error:
+                raise ValueError(str(error))
+            options["environment"] = spec.to_yaml()
+        try:
+            self.resolve_choice(options)
+        except web.HTTPError as error:
+            raise ValueError(error.log_message)
+        return options
+
+    async def render_options_form(self) -> str:
+        """The spawn form: one card per profile this user may use."""
+        services = self.services
+        builder = services.builder
+        last = (self.orm_spawner.user_options if self.orm_spawner else None) or {}
+        visible = services.catalog.visible_to(self.user.name, self._group_names)
+        default = services.catalog.default_for(self.user.name, self._group_names)
+        selected = last.get("profile") if any(p.slug == last.get("profile") for p in visible) else (
+            default.slug if default else None)
+        gpu_count = await asyncio.to_thread(lambda: len(services.allocator.latest_scan().usable))
+        minutes = max(1, round(builder.typical_build_seconds() / 60))
+        cards = [await self._card(profile, selected, gpu_count, minutes) for profile in visible]
+        return _jinja.get_template("options_form.html").render(
+            cards=cards,
+            custom_text=last.get("environment", ""),
+            allowed_channels=", ".join(services.policy.allowed_channels),
+        )
+
+    async def _card(self, profile: Profile, selected: str | None, gpu_count: int, minutes: int) -> dict:
+        ready = False
+        if profile.environment is not None:
+            with contextlib.suppress(Exception):  # no daemon or base image: show "will build"
+                ready = await asyncio.to_thread(self.services.builder.lookup, request_for_profile(profile)) is not None
+        gpus = "CPU only" if not profile.gpus else f"{profile.gpus} GPU" + ("s" if profile.gpus > 1 else "")
+        if profile.gpus and profile.gpu_model:
+            gpus += f" ({profile.gpu_model})"
+        note = ""
+        if profile.gpus > gpu_count:
+            note = "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
+        return {
+            "slug": profile.slug,
+            "display_name": profile.display_name,
+            "description": profile.description,
+            "selected": profile.slug == selected,
+            "allow_custom": profile.allow_custom_environment,
+            "has_environment": profile.environment is not None,
+            "ready": ready,
+            "build_estimate": f"about {minutes} min",
+            "gpus": gpus,
+            "gpu_note": note,
+            "cpu": f"{profile.cpu_limit:g} CPU" if profile.cpu_limit else "",
+            "memory": f"{profile.mem_limit / 2**30:g} GiB" if profile.mem_limit else "",
+        }
+
+    # -- start / stop / poll -------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        profile, custom = self._choice or self.resolve_choice(self.user_options)
+        self._choice = None
+        if self._feed.done:
+            self._feed = EventStream()
+        try:
+            return await self._start(profile, custom)
+        except Exception as error:
+            self._release_gpus()
+            await self._feed.publish("error", 100, str(error))
+            raise
+        finally:
+            await self._feed.finish()
+
+    async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
+        request = request_for_profile(profile, custom)
+        self.cpu_limit = profile.cpu_limit if profile.cpu_limit else self.cpu_limit
+        self.mem_limit = profile.mem_limit if profile.mem_limit else self.mem_limit
+        # GPUs first: on a full (or GPU-less) host the user hears so at once, nothing built.
+        self._allocation = await self._allocate_gpus(profile)
+        info = await self._ensure_image(request)
+        self._image_info = info
+        self.image = info.tag
+        self._prepare_container(info, self._allocation)
+        await self._replace_if_changed(info)
+        await self._feed.publish("start", 90, f"Starting your server ({profile.display_name})")
+        ip_port = await super().start()
+        await self._feed.publish("start", 95, "Container started; waiting for JupyterLab to answer")
+        return ip_port
+
+    async def _ensure_image(self, request: BuildRequest) -> ImageInfo:
+        builder = self.services.builder
+        await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
+        try:
+            cached = await asyncio.to_thread(builder.lookup, request)
+            if cached is not None:
+                await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
+                return cached
+            minutes = max(1, round(builder.typical_build_seconds() / 60))
+            await self._feed.publish("image", 2, f"First build of this environment, about {minutes} min")
+            build = builder.ensure(request)
+            async for event in build.follow():
+                progress = 2 + event["progress"] * _IMAGE_SHARE // 100
+                await self._feed.publish(event["phase"], progress, event["message"])
+            return await build.result()
+        except BuildError as error:
+            raise BuildError(f"building the environment failed: {error}") from None
+
+    async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
+        if not profile.gpus:
+            return None
+        await self._feed.publish("gpus", 0, f"Allocating {profile.gpus} GPU(s)")
+        try:
+            allocation = await asyncio.to_thread(
+                self.services.allocator.allocate, self.user.name, self.name, profile.gpus, profile.gpu_model,
+                cuda=profile.cuda, profile=profile.slug,
+            )
+        except GpuUnavailable as error:
+            raise web.HTTPError(503, str(error), reason="No GPU available") from None
+        await self._feed.publish("gpus", 1, "GPUs: " + ", ".join(allocation.uuids))
+        return allocation
+
+    def _release_gpus(self) -> None:
+        if self._allocation is not None or self.services.allocator.allocation(self.user.name, self.name):
+            self.services.allocator.release(self.user.name, self.name)
+        self._allocation = None
+
+    def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
+        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
+        self._extra_env, self._device_requests = {}, []
+        if allocation is not None:
+            options = self.services.allocator.container_options(allocation)
+            labels.update(options.labels)
+            self._extra_env = dict(options.environment)
+            self._device_requests = list(options.device_requests)
+        self._extra_labels = labels
+        if self.network_name == "host":
+            # Host networking: every server needs its own port on loopback.
+            self.port = random_port()
+            self.ip = "127.0.0.1"
+
+    async def _replace_if_changed(self, info: ImageInfo) -> None:
+        """Never restart a kept container whose image or GPUs differ from this start's."""
+        container = await self.get_object()
+        if container is None or not self.replace_changed_containers:
+            return
+        labels = container["Config"].get("Labels") or {}
+        stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
+        if container["Image"] != info.image_id or stale_labels or self.network_name == "host":
+            self.log.info("Replacing container %s: image or GPUs changed", self.object_name)
+            await self.remove_object()
+            self.object_id = ""
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        env.update(self._extra_env)
+        if self._image_info is not None:
+            env["CONDASPAWNER_ENV"] = f"/opt/conda/envs/{self._image_info.env_name}"
+        return env
+
+    async def create_object(self):
+        admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
+        self.extra_create_kwargs = _merged(self._eval_if_callable(admin_kwargs), {"labels": self._extra_labels})
+        self.extra_host_config = _merged(self._eval_if_callable(admin_host),
+                                         {"device_requests": self._device_requests} if self._device_requests else {})
+        try:
+            return await super().create_object()
+        finally:
+            self.extra_create_kwargs, self.extra_host_config = admin_kwargs, admin_host
+
+    async def get_ip_and_port(self) -> tuple[str, int]:
+        if self.network_name == "host":
+            return "127.0.0.1", self.port
+        return await super().get_ip_and_port()
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in self._feed.follow():
+            yield {"progress": event["progress"], "message": event["message"]}
+
+    async def poll(self) -> int | str | None:
+        status = await super().poll()
+        if status is not None:
+            self._release_gpus()
+        return status
+
+    async def stop(self, now: bool = False) -> None:
+        try:
+            await super().stop(now=now)
+        finally:
+            self._release_gpus()
+
+    # -- state across hub restarts ----------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self._image_info is not None and self.object_id:
+            state["condaspawner"] = {
+                "key": self._image_info.key,
+                "image": self._image_info.tag,
+                "image_id": self._image_info.image_id,
+                "env_name": self._image_info.env_name,
+                "gpus": list(self._allocation.uuids) if self._allocation else [],
+                "port": self.port,
+            }
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        saved = state.get("condaspawner")
+        if not saved:
+            return
+        self._image_info = ImageInfo(saved["key"], saved["image"], saved["image_id"], saved["env_name"], cached=True)
+        self.image = saved["image"]
+        self.port = saved.get("port") or self.port
+        if saved.get("gpus"):
+            # rebuild_from_containers restored the table from container labels; reuse its entry.
+            self._allocation = self.services.allocator.allocation(self.user.name, self.name)
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._image_info = None
+
+
+def _merged(base: dict | None, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, one level deep for dict values (labels, env)."""
+    merged = dict(base or {})
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,70 @@
+# jupyterhub_config.example.py: a complete CondaSpawner hub. Copy it, then adapt the
+# paths, channels and GPU settings. `condaspawner <command> --config jupyterhub_config.py`
+# reads the same file, so the command line and the hub agree.
+import sys
+
+c = get_config()  # noqa: F821  (provided by JupyterHub)
+
+# -- The spawner -----------------------------------------------------------------------
+c.JupyterHub.spawner_class = "conda"  # jupyterhub_condaspawner.CondaSpawner
+# Each named server has its own environment and its own GPUs.
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.named_server_limit_per_user = 3
+# The first start of a new environment builds its image; CondaSpawner already defaults
+# start_timeout to 1800 s. Raise it for very large environments.
+c.Spawner.start_timeout = 1800
+
+# -- Profiles: one YAML file per profile (see profiles/ in the project) ---------------------
+c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"
+
+# -- What users may put in their own environment.yml ------------------------------------------
+c.SpecPolicy.allowed_channels = ["conda-forge", "pytorch", "nvidia", "bioconda", "nodefaults"]
+c.SpecPolicy.max_dependencies = 1000
+
+# -- Where channel names resolve ------------------------------------------------------------
+c.Resolver.channel_alias = "https://conda.anaconda.org/"  # or your mirror
+# c.Resolver.channel_urls = {"my-lab": "https://conda.example.edu/my-lab"}
+c.Resolver.package_cache_dir = "/var/cache/condaspawner/pkgs"
+
+# -- Images -------------------------------------------------------------------------------
+c.ImageBuilder.base_image = "condaspawner-base:py39"  # built by `condaspawner base`
+c.ImageBuilder.image_repo = "condaspawner-env"
+c.ImageBuilder.cache_dir = "/var/cache/condaspawner"
+c.ImageBuilder.max_concurrent_builds = 2
+c.ImageBuilder.build_memory_limit = "8G"
+c.ImageBuilder.max_images = 200  # `condaspawner gc` (run it from cron) keeps at most this many
+c.ImageBuilder.disk_budget = "500G"
+# c.ImageBuilder.pip_config = {"index-url": "https://pypi-mirror.example.edu/simple"}
+
+# -- GPUs ---------------------------------------------------------------------------------
+c.GpuAllocator.policy = "pack"  # or "spread"
+c.GpuAllocator.max_servers_per_gpu = 1  # exclusive GPUs
+c.GpuAllocator.per_user_gpu_quota = 2
+c.GpuAllocator.device_mode = "device-request"  # or "nvidia-runtime"
+# Where NVML is not visible to the hub process, declare the GPUs:
+# c.GpuInventory.static_gpus = [{"uuid": "GPU-...", "name": "NVIDIA A100-SXM4-80GB", "cuda_version": "12.4"}]
+
+# -- Containers -----------------------------------------------------------------------------
+# A Docker network shared with the hub (or "host": every server then gets its own port
+# on the host's loopback).
+c.DockerSpawner.network_name = "jupyterhub"
+c.JupyterHub.hub_ip = "0.0.0.0"
+c.JupyterHub.hub_connect_ip = "jupyterhub"  # the hub container's name on that network
+# A per-user home volume survives rebuilds, restarts and environment changes.
+c.DockerSpawner.volumes = {"jupyterhub-user-{username}{servername}": "/home/jovyan"}
+c.DockerSpawner.remove = True  # containers are disposable; the volume holds the work
+c.DockerSpawner.cpu_limit = 2  # defaults; a profile's cpu_limit / mem_limit win
+c.DockerSpawner.mem_limit = "4G"
+
+# -- Idle servers give their GPUs back -------------------------------------------------------
+# pip install jupyterhub-idle-culler
+c.JupyterHub.services = [
+    {"name": "idle-culler", "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"]},
+]
+c.JupyterHub.load_roles = [
+    {
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    },
+]
