@@ -34,7 +34,7 @@ from jupyterhub.traitlets import ByteSpecification
 from packaging.requirements import Requirement
 from rattler import MatchSpec
 from traitlets import Dict, Float, Instance, Integer, Unicode, default
-from traitlets.config import Configurable
+from traitlets.config import LoggingConfigurable
 
 from .profiles import Profile
 from .resolve import Lock, ResolveError, Resolver
@@ -160,7 +160,7 @@ class Build(EventStream):
         return await asyncio.shield(self.task)
 
 
-class ImageBuilder(Configurable):
+class ImageBuilder(LoggingConfigurable):
     """Build or reuse one image per environment; see the module docstring."""
 
     image_repo = Unicode(
@@ -382,6 +382,7 @@ class ImageBuilder(Configurable):
                 if cached:
                     return cached
                 self.builds_started += 1
+                self.log.info("Building image %s (%s) for %s", self.tag_for(key), key, request.display_name)
                 return await self._build(build, request, started)
 
     def _cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:

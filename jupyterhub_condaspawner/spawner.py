@@ -57,11 +57,11 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
     key = id(spawner.config)
     if key not in _services:
         config = spawner.config
-        allocator = GpuAllocator(config=config)
+        allocator = GpuAllocator(config=config, log=spawner.log)
         services = HubServices(
             catalog=ProfileCatalog(config=config),
             policy=SpecPolicy(config=config),
-            builder=ImageBuilder(config=config),
+            builder=ImageBuilder(config=config, log=spawner.log),
             allocator=allocator,
         )
         services.catalog.load()

@@ -2,7 +2,7 @@
 
 import time
 
-pytest_plugins = ["fixtures_docker", "fixtures_channel"]
+pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub"]
 
 
 def pytest_unconfigure(config):

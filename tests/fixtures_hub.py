@@ -1,0 +1,259 @@
+"""A real JupyterHub (6.x) with a real configurable-http-proxy, running the demo config.
+
+The hub runs as a subprocess from demo/jupyterhub_config.py on the test bench, with
+extra settings for the tests: an API token, fake static GPUs, kept containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures_docker import REPO, bench_dir, bench_unavailable
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from jupyterhub_condaspawner.bench import BenchError, ensure_proxy
+
+TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
+FAKE_GPU = "GPU-00000000-fake-0000-0000-000000000000"
+EXTRA_CONFIG = f"""
+c = get_config()
+c.JupyterHub.services = [{{"name": "e2e", "api_token": {TOKEN!r}}}]
+c.JupyterHub.load_roles = [{{
+    "name": "e2e",
+    "scopes": ["admin:users", "admin:servers", "access:servers", "admin:groups", "read:users", "tokens"],
+    "services": ["e2e"],
+}}]
+c.JupyterHub.cleanup_servers = False      # the restart test keeps servers across hub restarts
+c.DockerSpawner.remove = False            # kept containers: inspected by the GPU test, replaced on respawn
+c.GpuInventory.static_gpus = [{{"uuid": {FAKE_GPU!r}, "name": "NVIDIA A100-SXM4-80GB", "index": 0,
+                                 "memory": "80G", "cuda_version": "12.4", "driver_version": "550.54"}}]
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}  # POST returns at once; progress streams the rest
+"""
+GPU_PROFILE = """
+display_name: "Fake A100 (CUDA 12.4)"
+slug: gpu-demo
+environment: envs/gpu.yml
+gpus: 1
+gpu_model: "*A100*"
+cuda: "12.4"
+allow_custom_environment: true
+"""
+GPU_ENV = "channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, cs-cuda-kernels]\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Hub:
+    """One hub process plus helpers for its REST API, the proxy and a kernel's websocket."""
+
+    def __init__(self, state: Path, env: dict[str, str]):
+        self.state = state
+        self.env = env
+        self.port = int(env["CONDASPAWNER_DEMO_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state / "hub.log"
+        self.process: subprocess.Popen | None = None
+
+    # -- process -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> None:
+        log = self.log_path.open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "demo" / "jupyterhub_config.py")],
+            cwd=self.state, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"hub exited ({self.process.returncode}):\n{self.log()[-3000:]}")
+            try:
+                if self.api("GET", "/")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"hub did not answer in {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- REST --------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return self.request(method, f"/hub/api{path}", body)
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Authorization": f"token {TOKEN}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                payload = response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            payload, status = error.read(), error.code
+        try:
+            return status, json.loads(payload) if payload else None
+        except json.JSONDecodeError:
+            return status, payload.decode(errors="replace")
+
+    def ensure_user(self, name: str) -> None:
+        self.api("POST", f"/users/{name}")
+
+    def spawn(self, user: str, options: dict | None = None, server: str = "") -> tuple[int, Any]:
+        self.ensure_user(user)
+        return self.api("POST", f"/users/{user}/servers/{server}", options or {})
+
+    def progress(self, user: str, server: str = "", timeout: float = 300) -> list[dict]:
+        """The spawn's progress events (server-sent events), until ready or failed."""
+        request = urllib.request.Request(f"{self.url}/hub/api/users/{user}/servers/{server}/progress",
+                                         headers={"Authorization": f"token {TOKEN}"})
+        events = []
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            for line in response:
+                if line.startswith(b"data:"):
+                    events.append(json.loads(line[5:]))
+                    if events[-1].get("ready") or events[-1].get("failed"):
+                        break
+        return events
+
+    def server_model(self, user: str, server: str = "") -> dict | None:
+        status, model = self.api("GET", f"/users/{user}")
+        assert status == 200, model
+        return model["servers"].get(server)
+
+    def stop_server(self, user: str, server: str = "", timeout: float = 60) -> None:
+        self.api("DELETE", f"/users/{user}/servers/{server}")
+        deadline = time.monotonic() + timeout
+        while self.server_model(user, server) is not None and time.monotonic() < deadline:
+            time.sleep(0.3)
+
+    # -- the single-user server, through the proxy ----------------------------------------------
+
+    def user_api(self, user: str, path: str, method: str = "GET", body: Any = None, server: str = "") -> tuple[int, Any]:
+        prefix = f"/user/{user}/{server + '/' if server else ''}"
+        return self.request(method, f"{prefix}api{path}", body)
+
+    async def execute(self, user: str, kernel_name: str, code: str) -> str:
+        """Start a kernel through the server's REST API and run ``code`` over its websocket."""
+        status, kernel = self.user_api(user, "/kernels", "POST", {"name": kernel_name})
+        assert status == 201, kernel
+        url = f"ws://127.0.0.1:{self.port}/user/{user}/api/kernels/{kernel['id']}/channels"
+        connection = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {TOKEN}"}))
+        try:
+            return await _run_code(connection, code)
+        finally:
+            connection.close()
+            self.user_api(user, f"/kernels/{kernel['id']}", "DELETE")
+
+
+async def _run_code(connection, code: str, timeout: float = 60) -> str:
+    msg_id = uuid.uuid4().hex
+    session = uuid.uuid4().hex
+    await connection.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "username": "e2e", "session": session, "msg_type": "execute_request",
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+    }))
+    output = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = await connection.read_message()
+        if raw is None:
+            break
+        message = json.loads(raw)
+        if message.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        kind = message["header"]["msg_type"]
+        if kind == "stream":
+            output.append(message["content"]["text"])
+        elif kind == "error":
+            output.append("ERROR: " + message["content"]["evalue"])
+        elif kind == "status" and message["content"]["execution_state"] == "idle":
+            break
+    return "".join(output)
+
+
+@pytest.fixture(scope="module")
+def hub(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
+    try:
+        proxy_command = ensure_proxy(bench_dir())
+    except BenchError as error:
+        bench_unavailable(f"no configurable-http-proxy: {error}")
+    state = tmp_path_factory.mktemp("hub")
+    profiles = state / "profiles"
+    (profiles / "envs").mkdir(parents=True)
+    for source in (REPO / "demo" / "profiles").rglob("*"):
+        if source.is_file() and "pytorch" not in source.name:
+            target = profiles / source.relative_to(REPO / "demo" / "profiles")
+            target.write_text(source.read_text())
+    (profiles / "40-gpu-demo.yaml").write_text(GPU_PROFILE)
+    (profiles / "envs" / "gpu.yml").write_text(GPU_ENV)
+    extra = state / "extra_config.py"
+    extra.write_text(EXTRA_CONFIG)
+    env = {
+        **os.environ,
+        "CONDASPAWNER_BENCH_DIR": str(bench_dir()),
+        "CONDASPAWNER_DEMO_STATE": str(state),
+        "CONDASPAWNER_DEMO_PORT": str(free_port()),
+        "CONDASPAWNER_DEMO_HUB_PORT": str(free_port()),
+        "CONDASPAWNER_DEMO_PROXY_PORT": str(free_port()),
+        "CONDASPAWNER_PROXY_COMMAND": "\n".join(proxy_command),
+        "CONDASPAWNER_DEMO_PROFILES": str(profiles),
+        "CONDASPAWNER_DEMO_IMAGE_REPO": f"condaspawner-e2e-{uuid.uuid4().hex[:8]}",
+        "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
+    }
+    hub = Hub(state, env)
+    hub.start()
+    try:
+        yield hub
+    finally:
+        _stop_all_servers(hub)
+        hub.stop()
+        _remove_containers(docker_daemon.client(), hub)
+
+
+def _stop_all_servers(hub: Hub) -> None:
+    status, users = hub.api("GET", "/users")
+    if status != 200:
+        return
+    for user in users:
+        for server in user.get("servers", {}):
+            hub.api("DELETE", f"/users/{user['name']}/servers/{server}")
+
+
+def _remove_containers(client, hub: Hub) -> None:
+    for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}):
+        if container.image.tags and container.image.tags[0].startswith(hub.env["CONDASPAWNER_DEMO_IMAGE_REPO"]):
+            container.remove(force=True)
+    for container in client.containers.list(all=True, filters={"label": f"io.condaspawner.gpus={FAKE_GPU}"}):
+        container.remove(force=True)

@@ -1,0 +1,155 @@
+"""End to end: a real hub, proxy, daemon and local channel, on host networking (loopback)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from fixtures_hub import FAKE_GPU
+
+pytestmark = pytest.mark.docker
+
+
+def unique_env(extra: str = "cs-alpha") -> str:
+    return (f"name: mine\nchannels: [conda-forge]\ndependencies: [python=3.9, ipykernel, {extra}]\n"
+            f"variables: {{RUN: {uuid.uuid4().hex}}}\n")
+
+
+def messages(events: list[dict]) -> list[str]:
+    return [event["message"] for event in events]
+
+
+def spawn_and_wait(hub, user: str, options: dict, server: str = "") -> tuple[list[dict], float]:
+    started = time.monotonic()
+    status, body = hub.spawn(user, options, server)
+    assert status in (201, 202), body
+    events = hub.progress(user, server)
+    return events, time.monotonic() - started
+
+
+async def test_first_spawn_builds_and_the_kernel_runs_in_the_env(hub):
+    events, first_seconds = spawn_and_wait(hub, "ada", {"profile": "python39"})
+    assert events[-1].get("ready"), events[-1]
+    text = messages(events)
+    phases = ("Looking up the image", "First build of this environment, about", "solving", "solved:",
+              "downloading and linking", "Step 5/", "tagged ", "Starting your server", "Server ready")
+    order = [next((i for i, m in enumerate(text) if m.startswith(prefix)), None) for prefix in phases]
+    assert None not in order and order == sorted(order), text
+    progress = [event["progress"] for event in events]
+    assert progress == sorted(progress)
+
+    status, specs = hub.user_api("ada", "/kernelspecs")
+    assert status == 200 and specs["default"] == "python39" and "python39" in specs["kernelspecs"]
+    output = await hub.execute("ada", "python39", "import sys, os; print(sys.prefix, sys.version_info[:2], os.getuid())")
+    assert output.split() == ["/opt/conda/envs/python39", "(3,", "9)", "1000"], output
+
+    hub.stop_server("ada")
+    events, second_seconds = spawn_and_wait(hub, "ada", {"profile": "python39"})
+    assert events[-1].get("ready")
+    assert any(m.endswith("(cached)") for m in messages(events))
+    assert not any(m.startswith(("Step ", "solving")) for m in messages(events))
+    print(f"\nfirst spawn (build) {first_seconds:.1f} s; second spawn (cache hit) {second_seconds:.1f} s")
+    assert second_seconds < first_seconds
+    hub.stop_server("ada")
+
+
+async def test_custom_environment_via_rest_is_built_and_served(hub):
+    events, _ = spawn_and_wait(hub, "grace", {"profile": "python39", "environment": unique_env("cs-beta")})
+    assert events[-1].get("ready"), events[-1]
+    model = hub.server_model("grace")
+    assert model["user_options"]["profile"] == "python39"
+    assert len(model["user_options"]["environment_key"]) == 64
+    assert "cs-beta" in model["user_options"]["environment"]
+    output = await hub.execute("grace", "custom", "import sys, os; print(sys.prefix, os.path.isdir(sys.prefix + '/share/cs-beta'))")
+    assert output.split() == ["/opt/conda/envs/custom", "True"]
+    hub.stop_server("grace")
+
+
+def test_hostile_environment_is_refused_with_400_and_nothing_built(hub):
+    builds = hub.state / "builder" / "builds"
+    before = set(builds.iterdir()) if builds.exists() else set()
+    hostile = "channels: [conda-forge]\ndependencies:\n  - pip:\n    - git+https://evil.example/x.git\n"
+    status, body = hub.spawn("mallory", {"profile": "python39", "environment": hostile})
+    assert status == 400
+    assert body["message"].startswith("environment.yml: dependencies[0].pip[0] (line 4): ")
+    assert "URLs and version-control references are not allowed" in body["message"]
+    status, body = hub.spawn("mallory", {"profile": "course-hw1", "environment": unique_env()})
+    assert status in (400, 403)
+    status, body = hub.spawn("mallory", {"profile": "no-such-profile"})
+    assert status == 400 and "unknown profile" in body["message"]
+    assert hub.server_model("mallory") is None
+    assert (set(builds.iterdir()) if builds.exists() else set()) == before
+
+
+def test_outsider_gets_403_for_the_course_profile(hub):
+    status, body = hub.spawn("outsider", {"profile": "course-hw1"})
+    assert status == 403 and "not available to you" in body["message"]
+    assert hub.server_model("outsider") is None
+
+
+def test_two_users_same_new_environment_one_build(hub):
+    environment = unique_env("cs-gamma")
+    results: dict[str, list] = {}
+
+    def spawn(user: str) -> None:
+        results[user] = spawn_and_wait(hub, user, {"profile": "python39", "environment": environment})[0]
+
+    threads = [threading.Thread(target=spawn, args=(user,)) for user in ("twin1", "twin2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert results["twin1"][-1].get("ready") and results["twin2"][-1].get("ready")
+    key = hub.server_model("twin1")["user_options"]["environment_key"]
+    assert key == hub.server_model("twin2")["user_options"]["environment_key"]
+    images = {hub.server_model(user)["state"]["condaspawner"]["image"] for user in ("twin1", "twin2")}
+    assert len(images) == 1
+    (image,) = images
+    assert hub.log().count(f"Building image {image} ") == 1
+    for user in ("twin1", "twin2"):
+        hub.stop_server(user)
+
+
+def test_gpu_profile_creates_the_device_request_and_releases_the_gpu(hub, docker_daemon):
+    client = docker_daemon.client()
+    events, _ = spawn_and_wait(hub, "gpu1", {"profile": "gpu-demo"})
+    assert events[-1].get("failed")
+    failure = events[-1]["message"]
+    assert "GPUs: " + FAKE_GPU in messages(events)
+    assert "nvidia" in failure.lower()  # docker cannot select the nvidia driver on this host
+    (container,) = client.containers.list(all=True, filters={"label": "io.condaspawner.user=gpu1"})
+    host = container.attrs["HostConfig"]
+    assert host["NetworkMode"] == "host"
+    (request,) = host["DeviceRequests"]
+    assert request["Driver"] == "nvidia" and request["DeviceIDs"] == [FAKE_GPU]
+    assert request["Capabilities"] == [["gpu"]]
+    assert container.labels["io.condaspawner.gpus"] == FAKE_GPU
+    assert f"CONDASPAWNER_GPUS={FAKE_GPU}" in container.attrs["Config"]["Env"]
+    # The failed server gave its GPU back: the next user gets the same (only) GPU.
+    events, _ = spawn_and_wait(hub, "gpu2", {"profile": "gpu-demo"})
+    assert "GPUs: " + FAKE_GPU in messages(events)
+    assert "no GPU" not in events[-1]["message"] and "busy" not in events[-1]["message"]
+
+
+def test_named_servers_have_their_own_environment(hub):
+    events, _ = spawn_and_wait(hub, "nina", {"profile": "python39"}, server="second")
+    assert events[-1].get("ready"), events[-1]
+    status, _ = hub.user_api("nina", "/kernelspecs", server="second")
+    assert status == 200
+    hub.stop_server("nina", "second")
+
+
+async def test_hub_restart_keeps_the_server_and_its_state(hub):
+    events, _ = spawn_and_wait(hub, "rita", {"profile": "python39"})
+    assert events[-1].get("ready")
+    state_before = hub.server_model("rita")["state"]
+    hub.stop()
+    hub.start()
+    model = hub.server_model("rita")
+    assert model is not None and model["ready"], model
+    assert model["state"]["condaspawner"] == state_before["condaspawner"]
+    output = await hub.execute("rita", "python39", "import sys; print(sys.prefix)")
+    assert output.strip() == "/opt/conda/envs/python39"
+    hub.stop_server("rita")
