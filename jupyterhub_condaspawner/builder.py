@@ -56,6 +56,8 @@ LABEL_CREATED = LABEL_PREFIX + "created"
 LABEL_ENV_NAME = LABEL_PREFIX + "env-name"
 ENV_NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 CUSTOM_ENV_NAME = "custom"
+# A rebuilt base is noticed within this many seconds; lookups skip a daemon round trip.
+BASE_ID_TTL_S = 10.0
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 _FAILURE_TAIL_LINES = 8
 
@@ -271,6 +273,7 @@ class ImageBuilder(LoggingConfigurable):
         self._waiting = 0
         self.builds_started = 0
         self.build_seconds: list[float] = []
+        self._base_id: tuple[str, float] = ("", 0.0)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -281,10 +284,16 @@ class ImageBuilder(LoggingConfigurable):
     # -- keys and lookup ---------------------------------------------------------------
 
     def base_image_id(self) -> str:
+        """The base image's ID, asked of the daemon at most every few seconds (it is in every key)."""
+        cached_id, fetched_at = self._base_id
+        if cached_id and time.monotonic() - fetched_at < BASE_ID_TTL_S:
+            return cached_id
         try:
-            return self.client.images.get(self.base_image).id
+            base_id = self.client.images.get(self.base_image).id
         except docker.errors.ImageNotFound:
             raise BuildError(f"base image {self.base_image} not found: build it with `condaspawner base`")
+        self._base_id = (base_id, time.monotonic())
+        return base_id
 
     def build_key(self, request: BuildRequest, base_image_id: str | None = None) -> str:
         """sha256 over everything that changes the image."""
@@ -415,7 +424,8 @@ class ImageBuilder(LoggingConfigurable):
         key_dir.mkdir(parents=True, exist_ok=True)
         log_path = key_dir / "build.log"
         context = Path(self.cache_dir) / "staging" / key
-        shutil.rmtree(context, ignore_errors=True)
+        # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
+        await asyncio.to_thread(shutil.rmtree, context, True)
         with log_path.open("w") as build_log:
             try:
                 lock = await self._resolve(build, request, build_log)
@@ -423,7 +433,7 @@ class ImageBuilder(LoggingConfigurable):
                 self._write_context(context, request, lock)
                 image_id = await self._docker_build(build, request, lock, context, build_log)
             finally:
-                shutil.rmtree(context, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, context, True)
         self.mark_used(key)
         image = self.client.images.get(image_id)
         seconds = time.monotonic() - started

@@ -285,7 +285,7 @@ class Resolver(Configurable):
             )
         except Exception as error:  # download, checksum or link failures
             raise ResolveError(f"install failed: {_one_line(error)}")
-        make_world_readable(staging_prefix)
+        await asyncio.to_thread(make_world_readable, staging_prefix)
 
 
 def make_world_readable(root: Path) -> None:
