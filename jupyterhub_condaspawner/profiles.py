@@ -175,6 +175,28 @@ class ProfileCatalog(Configurable):
         super().__init__(**kwargs)
         self.profiles: list[Profile] = []
         self.spec_policy = SpecPolicy(parent=self)
+        self._loaded_signature: tuple = ()
+
+    def files_signature(self) -> tuple:
+        """Names, sizes and mtimes of every file under the profiles folder: changes when an admin edits."""
+        directory = Path(self.profiles_dir)
+        if not directory.is_dir():
+            return ()
+        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
+
+    def reload_if_changed(self) -> list[str]:
+        """Reload when the files changed; on problems keep the previous profiles. Returns the problems."""
+        signature = self.files_signature()
+        if signature == self._loaded_signature:
+            return []
+        try:
+            self.load()
+        except ProfileError as error:
+            if not self.profiles:
+                raise
+            self._loaded_signature = signature  # report a broken edit once, not on every spawn
+            return error.problems
+        return []
 
     def load(self) -> list[Profile]:
         """(Re)load every profile file; raise ProfileError listing every problem found."""
@@ -194,6 +216,7 @@ class ProfileCatalog(Configurable):
         if problems:
             raise ProfileError(problems)
         self.profiles = profiles
+        self._loaded_signature = self.files_signature()
         return profiles
 
     def visible_to(self, user: str, groups: Iterable[str] = ()) -> list[Profile]:

@@ -128,8 +128,12 @@ class CondaSpawner(DockerSpawner):
 
     @property
     def services(self) -> HubServices:
+        """The shared services, with the profiles reloaded if an admin edited them."""
         try:
-            return hub_services(self)
+            services = hub_services(self)
+            for problem in services.catalog.reload_if_changed():
+                self.log.error("Profiles not reloaded, keeping the previous ones: %s", problem)
+            return services
         except ProfileError as error:
             raise web.HTTPError(500, "the admin's profiles have problems: " + "; ".join(error.problems))
 

@@ -165,3 +165,17 @@ def test_profiles_are_ordered_by_file_name(tmp_path):
 def test_slugify():
     assert slugify("PyTorch 2.0 on 1 GPU (CUDA 11.8)") == "pytorch-2-0-on-1-gpu-cuda-11-8"
     assert len(slugify("x" * 100)) == 63
+
+
+def test_reload_if_changed_picks_up_edits_and_keeps_the_old_profiles_on_errors(tmp_path):
+    write(tmp_path, {"a.yaml": "display_name: A\nenvironment: envs/e.yml\n", "envs/e.yml": ENV})
+    catalog = load(tmp_path)
+    assert catalog.reload_if_changed() == []
+    write(tmp_path, {"b.yaml": "display_name: B\nenvironment: envs/e.yml\n"})
+    assert catalog.reload_if_changed() == []
+    assert [p.slug for p in catalog.profiles] == ["a", "b"]
+    write(tmp_path, {"c.yaml": "display_name: C\ngpus: lots\n"})
+    problems = catalog.reload_if_changed()
+    assert any("c.yaml: gpus:" in problem for problem in problems)
+    assert [p.slug for p in catalog.profiles] == ["a", "b"]  # the last good profiles stay
+    assert catalog.reload_if_changed() == []  # reported once
