@@ -259,3 +259,17 @@ def wait_for_json(url: str, timeout: float = 60) -> dict:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+async def test_two_hub_processes_sharing_a_cache_build_a_key_once(builder):
+    # A second ImageBuilder on the same cache folder and daemon stands for a second hub
+    # process: it shares nothing in memory, only the per-key file lock.
+    other = ImageBuilder(
+        resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+        cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
+    )
+    req = unique_env(extra="cs-alpha=2.0")
+    mine, theirs = await asyncio.gather(builder.get_image(req), other.get_image(req))
+    assert mine.image_id == theirs.image_id
+    assert sorted([mine.cached, theirs.cached]) == [False, True]
+    assert other.builds_started == (0 if theirs.cached else 1)
