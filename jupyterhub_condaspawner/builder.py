@@ -43,7 +43,7 @@ from .spec import EnvironmentSpec
 log = logging.getLogger(__name__)
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
 ENVS_ROOT = "/opt/conda/envs"
 LABEL_PREFIX = "io.condaspawner."
@@ -440,6 +440,11 @@ class ImageBuilder(LoggingConfigurable):
         self.build_seconds.append(seconds)
         return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
 
+    def build_estimate(self) -> str:
+        """"about N min" (or "under a minute") from this process's builds, for the user."""
+        seconds = self.typical_build_seconds()
+        return "under a minute" if seconds < 60 else f"about {round(seconds / 60)} min"
+
     def typical_build_seconds(self, default: float = 120.0) -> float:
         """The median duration of this process's builds, for "about N min" notices."""
         if not self.build_seconds:
@@ -484,8 +489,11 @@ class ImageBuilder(LoggingConfigurable):
         (kernel / "kernel.json").write_text(json.dumps(_kernel_spec(request), indent=2))
         # Not a jupyter_server_config.d/ file: jupyter_server reads those for extensions only.
         (context / "jupyter").mkdir()
-        (context / "jupyter" / "jupyter_server_config.json").write_text(json.dumps(
-            {"MultiKernelManager": {"default_kernel_name": request.env_name}}, indent=2))
+        # The env's kernel is the only one offered: the base's own python3 kernel is hidden.
+        (context / "jupyter" / "jupyter_server_config.json").write_text(json.dumps({
+            "MultiKernelManager": {"default_kernel_name": request.env_name},
+            "KernelSpecManager": {"ensure_native_kernel": False, "allowed_kernelspecs": [request.env_name]},
+        }, indent=2))
 
     async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
                             build_log: io.TextIOBase) -> str:

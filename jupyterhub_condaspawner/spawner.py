@@ -30,6 +30,7 @@ from .builder import (
 )
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
 from .profiles import Profile, ProfileCatalog, ProfileError
+from .resolve import NO_DEFAULTS
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 LABEL_KEY = "io.condaspawner.key"
@@ -119,6 +120,7 @@ class CondaSpawner(DockerSpawner):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._choice: tuple[Profile, EnvironmentSpec | None] | None = None
+        self._last_form: dict[str, Any] | None = None
         self._feed = EventStream()
         self._allocation: Allocation | None = None
         self._image_info: ImageInfo | None = None
@@ -196,8 +198,13 @@ class CondaSpawner(DockerSpawner):
         if formdata.get("profile"):
             options["profile"] = formdata["profile"][0]
         upload = (formdata.get("environment_file_file") or [{}])[0]
-        text = (formdata.get("environment_text") or [""])[0]
-        data: str | bytes = upload.get("body") or text.strip()
+        raw_text = (formdata.get("environment_text") or [""])[0]
+        text = raw_text.strip()
+        # Shown again, as typed, if the hub sends the form back with an error.
+        self._last_form = {"profile": options.get("profile"), "environment": raw_text}
+        if upload.get("body") and text:
+            raise ValueError("environment: upload a file or paste text, not both")
+        data: str | bytes = upload.get("body") or text
         if data:
             try:
                 spec = self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
@@ -214,28 +221,30 @@ class CondaSpawner(DockerSpawner):
         """The spawn form: one card per profile this user may use."""
         services = self.services
         builder = services.builder
-        last = (self.orm_spawner.user_options if self.orm_spawner else None) or {}
+        # A submission the hub sent back with an error, else the last accepted choice.
+        last = self._last_form or (self.orm_spawner.user_options if self.orm_spawner else None) or {}
+        self._last_form = None
         visible = services.catalog.visible_to(self.user.name, self._group_names)
         default = services.catalog.default_for(self.user.name, self._group_names)
         selected = last.get("profile") if any(p.slug == last.get("profile") for p in visible) else (
             default.slug if default else None)
         gpu_count = await asyncio.to_thread(lambda: len(services.allocator.latest_scan().usable))
-        minutes = max(1, round(builder.typical_build_seconds() / 60))
-        cards = [await self._card(profile, selected, gpu_count, minutes) for profile in visible]
+        estimate = builder.build_estimate()
+        cards = [await self._card(profile, selected, gpu_count, estimate) for profile in visible]
         return _jinja.get_template("options_form.html").render(
             cards=cards,
             custom_text=last.get("environment", ""),
-            allowed_channels=", ".join(services.policy.allowed_channels),
+            allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
         )
 
-    async def _card(self, profile: Profile, selected: str | None, gpu_count: int, minutes: int) -> dict:
+    async def _card(self, profile: Profile, selected: str | None, gpu_count: int, estimate: str) -> dict:
         ready = False
         if profile.environment is not None:
             with contextlib.suppress(Exception):  # no daemon or base image: show "will build"
                 ready = await asyncio.to_thread(self.services.builder.lookup, request_for_profile(profile)) is not None
         gpus = "CPU only" if not profile.gpus else f"{profile.gpus} GPU" + ("s" if profile.gpus > 1 else "")
         if profile.gpus and profile.gpu_model:
-            gpus += f" ({profile.gpu_model})"
+            gpus += f" ({profile.gpu_model.strip('*')})"
         note = ""
         if profile.gpus > gpu_count:
             note = "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
@@ -247,7 +256,7 @@ class CondaSpawner(DockerSpawner):
             "allow_custom": profile.allow_custom_environment,
             "has_environment": profile.environment is not None,
             "ready": ready,
-            "build_estimate": f"about {minutes} min",
+            "build_estimate": estimate,
             "gpus": gpus,
             "gpu_note": note,
             "cpu": f"{profile.cpu_limit:g} CPU" if profile.cpu_limit else "",
@@ -294,8 +303,7 @@ class CondaSpawner(DockerSpawner):
             if cached is not None:
                 await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
                 return cached
-            minutes = max(1, round(builder.typical_build_seconds() / 60))
-            await self._feed.publish("image", 2, f"First build of this environment, about {minutes} min")
+            await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
             build = builder.ensure(request)
             async for event in build.follow():
                 progress = 2 + event["progress"] * _IMAGE_SHARE // 100
