@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
+from kernel_script import kernel_round_trip
 
 from jupyterhub_condaspawner.baseimage import BASE_RECIPE_LABEL
 from jupyterhub_condaspawner.resolve import Resolver
@@ -13,26 +12,6 @@ from jupyterhub_condaspawner.spec import SpecPolicy
 pytestmark = pytest.mark.docker
 ENV_PREFIX = "/opt/conda/envs/demo"
 
-KERNEL_ROUND_TRIP = textwrap.dedent(
-    """
-    import sys
-    from jupyter_client.manager import start_new_kernel
-
-    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=60)
-    results = []
-
-    def keep_result(message):
-        if message["msg_type"] == "execute_result":
-            results.append(message["content"]["data"]["text/plain"])
-
-    try:
-        reply = client.execute_interactive("import sys; sys.prefix", timeout=60, output_hook=keep_result)
-        print(reply["content"]["status"], *results)
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
-    """
-)
 
 
 def run_in(client, image: str, command: list[str], **kwargs) -> str:
@@ -64,7 +43,7 @@ async def test_resolved_env_runs_a_kernel_at_its_image_path(docker_daemon, base_
     python = f"{ENV_PREFIX}/bin/python"
     version = run_in(client, base_image, [python, "-c", "import sys, ssl, sqlite3; print(sys.version_info[:2])"], volumes=mount)
     assert version == "(3, 9)"
-    reply = run_in(client, base_image, [python, "-c", KERNEL_ROUND_TRIP], volumes=mount)
+    reply = run_in(client, base_image, [python, "-c", kernel_round_trip("import sys; sys.prefix")], volumes=mount)
     assert reply.splitlines()[-1] == f"ok '{ENV_PREFIX}'"
 
 

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from kernel_script import kernel_round_trip
 
 from jupyterhub_condaspawner.builder import (
     LABEL_ENV_NAME,
@@ -204,18 +205,9 @@ async def test_built_image_serves_the_env_kernel(builder, docker_daemon):
         specs = wait_for_json(f"http://127.0.0.1:{port}/api/kernelspecs?token=t0ken")
         assert specs["default"] == "demo"
         assert specs["kernelspecs"]["demo"]["spec"]["display_name"] == 'Demo "quoted" env'
-        script = textwrap.dedent("""
-            from jupyter_client.manager import start_new_kernel
-            manager, kernel = start_new_kernel(kernel_name="demo", startup_timeout=60)
-            out = []
-            hook = lambda m: m["msg_type"] == "execute_result" and out.append(m["content"]["data"]["text/plain"])
-            code = "import sys, cs_hello; (sys.prefix, sys.version_info[:2], cs_hello.VERSION)"
-            kernel.execute_interactive(code, timeout=60, output_hook=hook)
-            print(*out)
-            kernel.stop_channels(); manager.shutdown_kernel(now=True)
-        """)
+        script = kernel_round_trip("import sys, cs_hello; (sys.prefix, sys.version_info[:2], cs_hello.VERSION)", "demo")
         output = client.containers.run(info.tag, ["python", "-c", script], network_mode="host", remove=True)
-        assert output.decode().strip().splitlines()[-1] == "('/opt/conda/envs/demo', (3, 9), '1.0')"
+        assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/demo', (3, 9), '1.0')"
     finally:
         server.remove(force=True)
 

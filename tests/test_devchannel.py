@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import textwrap
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
-from rattler import BuildString, GenericVirtualPackage, PackageName, Version, install, solve
+from kernel_script import kernel_round_trip
+from rattler import (
+    BuildString,
+    GenericVirtualPackage,
+    PackageName,
+    Version,
+    install,
+    solve,
+)
 from rattler.exceptions import SolverError
 
 from jupyterhub_condaspawner import devchannel
@@ -265,25 +272,6 @@ async def test_python_env_imports_stdlib_and_runs_a_kernel(dev_python_channel, t
     assert run(f"{prefix}/bin/python", "-c", probe).split() == [str(prefix), str(prefix)]
     assert "python3" in run(f"{prefix}/bin/jupyter-kernelspec", "list")
     assert "pip 26" in run(f"{prefix}/bin/python", "-m", "pip", "--version")
-    assert run(f"{prefix}/bin/python", "-c", KERNEL_ROUND_TRIP).strip().endswith("ok 42")
+    assert run(f"{prefix}/bin/python", "-c", kernel_round_trip("6*7")).strip().endswith("ok 42")
 
 
-KERNEL_ROUND_TRIP = textwrap.dedent(
-    """
-    from jupyter_client.manager import start_new_kernel
-
-    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=60)
-    results = []
-
-    def keep_result(message):
-        if message["msg_type"] == "execute_result":
-            results.append(message["content"]["data"]["text/plain"])
-
-    try:
-        reply = client.execute_interactive("6*7", timeout=60, output_hook=keep_result)
-        print(reply["content"]["status"], *results)
-    finally:
-        client.stop_channels()
-        manager.shutdown_kernel(now=True)
-    """
-)
