@@ -347,8 +347,10 @@ class CondaSpawner(DockerSpawner):
 
     async def _replace_if_changed(self, info: ImageInfo) -> None:
         """Never restart a kept container whose image or GPUs differ from this start's."""
+        if self.remove or not self.replace_changed_containers:
+            return  # with remove=True DockerSpawner already removes any container it finds
         container = await self.get_object()
-        if container is None or not self.replace_changed_containers:
+        if container is None:
             return
         labels = container["Config"].get("Labels") or {}
         stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
