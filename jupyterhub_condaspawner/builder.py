@@ -336,6 +336,10 @@ class ImageBuilder(LoggingConfigurable):
 
     # -- the public entry point ----------------------------------------------------------
 
+    def is_cached(self, request: BuildRequest) -> bool:
+        """Whether the image exists, without counting as a use (for the form's badges)."""
+        return self.find_image(self.build_key(request)) is not None
+
     def lookup(self, request: BuildRequest) -> ImageInfo | None:
         """The cached image for ``request`` or None: the fast path of every spawn."""
         key = self.build_key(request)

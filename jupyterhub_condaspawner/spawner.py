@@ -241,7 +241,7 @@ class CondaSpawner(DockerSpawner):
         ready = False
         if profile.environment is not None:
             with contextlib.suppress(Exception):  # no daemon or base image: show "will build"
-                ready = await asyncio.to_thread(self.services.builder.lookup, request_for_profile(profile)) is not None
+                ready = await asyncio.to_thread(self.services.builder.is_cached, request_for_profile(profile))
         gpus = "CPU only" if not profile.gpus else f"{profile.gpus} GPU" + ("s" if profile.gpus > 1 else "")
         if profile.gpus and profile.gpu_model:
             gpus += f" ({profile.gpu_model.strip('*')})"

@@ -131,6 +131,8 @@ async def test_build_then_cache_hit(builder):
     assert again.cached and again.image_id == info.image_id
     assert builder.builds_started == before + 1  # no second docker build
     assert builder.lookup(req).image_id == info.image_id
+    used = builder.last_used(info.key)
+    assert builder.is_cached(req) and builder.last_used(info.key) == used  # a form badge is not a use
     print(f"first build {info.seconds:.1f} s, cache hit {time.perf_counter() - started:.3f} s")
 
 
