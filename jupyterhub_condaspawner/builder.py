@@ -342,12 +342,7 @@ class ImageBuilder(LoggingConfigurable):
 
     def lookup(self, request: BuildRequest) -> ImageInfo | None:
         """The cached image for ``request`` or None: the fast path of every spawn."""
-        key = self.build_key(request)
-        image = self.find_image(key)
-        if image is None:
-            return None
-        self.mark_used(key)
-        return ImageInfo(key, self.tag_for(key), image.id, request.env_name, cached=True, size=image.attrs.get("Size", 0))
+        return self._cached_info(self.build_key(request), request, time.monotonic())
 
     def ensure(self, request: BuildRequest) -> Build:
         """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``."""
@@ -410,7 +405,8 @@ class ImageBuilder(LoggingConfigurable):
     async def _slot(self, build: Build):
         if self._slots.locked():
             self._waiting += 1
-            await build.publish("queued", 1, f"waiting for {self.max_concurrent_builds} running builds to finish")
+            await build.publish("queued", 1, f"waiting for {self.max_concurrent_builds} running builds to finish"
+                                             f" ({self._waiting} in the queue)")
             try:
                 await self._slots.acquire()
             finally:

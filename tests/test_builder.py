@@ -267,3 +267,16 @@ async def test_two_hub_processes_sharing_a_cache_build_a_key_once(builder):
     assert mine.image_id == theirs.image_id
     assert sorted([mine.cached, theirs.cached]) == [False, True]
     assert other.builds_started == (0 if theirs.cached else 1)
+
+
+async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
+    one_at_a_time = ImageBuilder(
+        resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+        cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
+        max_concurrent_builds=1,
+    )
+    first, second = one_at_a_time.ensure(unique_env()), one_at_a_time.ensure(unique_env())
+    events, _ = await asyncio.gather(collect(second), asyncio.gather(first.result(), second.result()))
+    queued = [event for event in events if event["phase"] == "queued"]
+    assert queued and queued[0]["message"] == "waiting for 1 running builds to finish (1 in the queue)"
+    assert events[-1]["phase"] == "ready" and one_at_a_time.builds_started == 2
