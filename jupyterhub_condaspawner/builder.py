@@ -22,6 +22,7 @@ import logging
 import re
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -517,9 +518,13 @@ class ImageBuilder(LoggingConfigurable):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
+        abandoned = threading.Event()
+
         def stream() -> None:  # docker-py streams synchronously: read it in a thread
             try:
                 for chunk in self.client.api.build(**kwargs):
+                    if abandoned.is_set():
+                        break  # closing the stream makes the daemon cancel the build
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except Exception as error:  # the daemon went away, context too large, ...
                 loop.call_soon_threadsafe(queue.put_nowait, {"error": f"docker: {error}"})
@@ -527,17 +532,21 @@ class ImageBuilder(LoggingConfigurable):
 
         reader = loop.run_in_executor(None, stream)
         image_id, failure, tail = None, None, []
-        while (chunk := await queue.get()) is not None:
-            if "error" in chunk:
-                failure = chunk["error"].strip()
-                build_log.write(failure + "\n")
-                continue
-            image_id = chunk.get("aux", {}).get("ID", image_id)
-            for line in chunk.get("stream", "").splitlines():
-                if line.strip():
-                    build_log.write(line + "\n")
-                    tail = (tail + [line])[-_FAILURE_TAIL_LINES:]
-                    await build.publish("build", _build_progress(line, build.events), line[:300])
+        try:
+            while (chunk := await queue.get()) is not None:
+                if "error" in chunk:
+                    failure = chunk["error"].strip()
+                    build_log.write(failure + "\n")
+                    continue
+                image_id = chunk.get("aux", {}).get("ID", image_id)
+                for line in chunk.get("stream", "").splitlines():
+                    if line.strip():
+                        build_log.write(line + "\n")
+                        tail = (tail + [line])[-_FAILURE_TAIL_LINES:]
+                        await build.publish("build", _build_progress(line, build.events), line[:300])
+        except asyncio.CancelledError:  # build_timeout: stop reading at the next line docker sends
+            abandoned.set()
+            raise
         await reader
         if failure or image_id is None:
             step = next((line for line in reversed(tail) if _STEP.match(line)), "the docker build")

@@ -280,3 +280,18 @@ async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
     queued = [event for event in events if event["phase"] == "queued"]
     assert queued and queued[0]["message"] == "waiting for 1 running builds to finish (1 in the queue)"
     assert events[-1]["phase"] == "ready" and one_at_a_time.builds_started == 2
+
+
+async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder):
+    impatient = ImageBuilder(
+        resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+        cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
+        build_timeout=3,
+    )
+    req = unique_env(pip=["cs-hello==1.0"])
+    with pytest.raises(BuildError, match=r"^build took longer than 3 s \(ImageBuilder.build_timeout\)$"):
+        await impatient.get_image(req)
+    key = builder.build_key(req)
+    assert builder.find_image(key) is None
+    assert not (Path(builder.cache_dir) / "staging" / key).exists()
+    assert not (await builder.get_image(req)).cached  # a later request builds it
