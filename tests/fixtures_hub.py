@@ -27,6 +27,7 @@ from tornado.websocket import websocket_connect
 from jupyterhub_condaspawner.bench import BenchError, ensure_proxy
 
 TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
+VOLUME_PREFIX = f"condaspawner-e2e-{uuid.uuid4().hex[:8]}-"
 FAKE_GPU = "GPU-00000000-fake-0000-0000-000000000000"
 EXTRA_CONFIG = f"""
 c = get_config()
@@ -41,6 +42,7 @@ c.DockerSpawner.remove = False            # kept containers: inspected by the GP
 c.GpuInventory.static_gpus = [{{"uuid": {FAKE_GPU!r}, "name": "NVIDIA A100-SXM4-80GB", "index": 0,
                                  "memory": "80G", "cuda_version": "12.4", "driver_version": "550.54"}}]
 c.JupyterHub.allow_named_servers = True
+c.DockerSpawner.volumes = {{{VOLUME_PREFIX!r} + "{{username}}{{servername}}": "/home/jovyan"}}
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}  # POST returns at once; progress streams the rest
 """
 GPU_PROFILE = """
@@ -257,3 +259,6 @@ def _remove_containers(client, hub: Hub) -> None:
             container.remove(force=True)
     for container in client.containers.list(all=True, filters={"label": f"io.condaspawner.gpus={FAKE_GPU}"}):
         container.remove(force=True)
+    for volume in client.volumes.list():
+        if volume.name.startswith(VOLUME_PREFIX):
+            volume.remove(force=True)

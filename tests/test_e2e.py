@@ -154,3 +154,23 @@ async def test_hub_restart_keeps_the_server_and_its_state(hub):
     output = await hub.execute("rita", "python39", "import sys; print(sys.prefix)")
     assert output.strip() == "/opt/conda/envs/python39"
     hub.stop_server("rita")
+
+
+async def test_containers_are_unprivileged_and_the_home_volume_survives_an_env_change(hub, docker_daemon):
+    events, _ = spawn_and_wait(hub, "vera", {"profile": "python39", "environment": unique_env("cs-beta")})
+    assert events[-1].get("ready"), events[-1]
+    (container,) = docker_daemon.client().containers.list(filters={"label": "io.condaspawner.user=vera"})
+    host = container.attrs["HostConfig"]
+    assert not host["Privileged"] and not host.get("CapAdd")
+    mounts = container.attrs["Mounts"]
+    assert [(m["Type"], m["Destination"]) for m in mounts] == [("volume", "/home/jovyan")]
+    assert not any("docker.sock" in (m.get("Source") or "") for m in mounts)
+    assert container.image.attrs["Config"]["User"] == "jovyan"
+    note = uuid.uuid4().hex
+    await hub.execute("vera", "custom", f"open('/home/jovyan/note.txt', 'w').write({note!r})")
+
+    hub.stop_server("vera")
+    events, _ = spawn_and_wait(hub, "vera", {"profile": "python39"})  # another environment, another image
+    assert events[-1].get("ready"), events[-1]
+    assert (await hub.execute("vera", "python39", "print(open('/home/jovyan/note.txt').read())")).strip() == note
+    hub.stop_server("vera")
