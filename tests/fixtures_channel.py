@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 from fixtures_docker import bench_dir, bench_unavailable
 
-from jupyterhub_condaspawner.devchannel import ChannelInfo, build_dev_channel, read_channel_info
+from jupyterhub_condaspawner.devchannel import (
+    ChannelInfo,
+    build_dev_channel,
+    read_channel_info,
+)
 
 
 def require_python(channel: ChannelInfo) -> None:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from jupyterhub_condaspawner.baseimage import (
@@ -22,7 +23,11 @@ from jupyterhub_condaspawner.baseimage import (
     build_offline_base,
     build_rootfs_image,
 )
-from jupyterhub_condaspawner.dockerd import BenchDaemonError, DaemonHandle, ensure_daemon
+from jupyterhub_condaspawner.dockerd import (
+    BenchDaemonError,
+    DaemonHandle,
+    ensure_daemon,
+)
 from jupyterhub_condaspawner.resolve import Resolver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +87,12 @@ def base_image(docker_daemon: DaemonHandle, rootfs_image: str, dev_python_channe
     )
     asyncio.run(build_offline_base(docker_daemon.client(), bench_dir(), resolver))
     return BASE_TAG
+
+
+def remove_repo_images(client, repo: str) -> None:
+    """Delete a test session's environment images, so repeated runs don't fill the bench's disk."""
+    for image in client.images.list(name=repo):
+        try:
+            client.images.remove(image.id, force=True)
+        except docker.errors.APIError:  # still used by a container someone kept: leave it
+            pass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_docker import REPO, bench_dir, bench_unavailable
+from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_images
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -262,3 +262,4 @@ def _remove_containers(client, hub: Hub) -> None:
     for volume in client.volumes.list():
         if volume.name.startswith(VOLUME_PREFIX):
             volume.remove(force=True)
+    remove_repo_images(client, hub.env["CONDASPAWNER_DEMO_IMAGE_REPO"])

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from fixtures_docker import remove_repo_images
 from kernel_script import kernel_round_trip
 
 from jupyterhub_condaspawner.builder import (
@@ -76,7 +77,7 @@ def wheel_index(tmp_path_factory):
 def builder(docker_daemon, base_image, dev_python_channel, wheel_index, tmp_path_factory):
     cache = tmp_path_factory.mktemp("builder-cache")
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(cache / "pkgs"))
-    return ImageBuilder(
+    yield ImageBuilder(
         resolver=resolver,
         docker_client=docker_daemon.client(),
         base_image=base_image,
@@ -84,6 +85,7 @@ def builder(docker_daemon, base_image, dev_python_channel, wheel_index, tmp_path
         image_repo=f"condaspawner-test-{SESSION}",
         pip_config={"no-index": "true", "find-links": wheel_index[1]},
     )
+    remove_repo_images(docker_daemon.client(), f"condaspawner-test-{SESSION}")
 
 
 def request(text: str, **kwargs) -> BuildRequest:

@@ -5,24 +5,27 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from fixtures_docker import remove_repo_images
 from test_cli import condaspawner
 
 pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def config(base_image, dev_python_channel, tmp_path_factory):
+def config(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cli-builder")
     path = directory / "jupyterhub_config.py"
+    repo = f"condaspawner-cli-{uuid.uuid4().hex[:8]}"
     path.write_text(
         "c = get_config()\n"
         f"c.Resolver.channel_urls = {{'conda-forge': {dev_python_channel.url!r}}}\n"
         f"c.Resolver.package_cache_dir = {str(directory / 'pkgs')!r}\n"
         f"c.ImageBuilder.cache_dir = {str(directory / 'cache')!r}\n"
         f"c.ImageBuilder.base_image = {base_image!r}\n"
-        f"c.ImageBuilder.image_repo = 'condaspawner-cli-{uuid.uuid4().hex[:8]}'\n"
+        f"c.ImageBuilder.image_repo = {repo!r}\n"
     )
-    return path
+    yield path
+    remove_repo_images(docker_daemon.client(), repo)
 
 
 def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from jupyterhub_condaspawner.spec import EnvironmentSpec, SpecError, SpecPolicy, parse_environment
+from jupyterhub_condaspawner.spec import (
+    EnvironmentSpec,
+    SpecError,
+    SpecPolicy,
+    parse_environment,
+)
 
 CORPUS = Path(__file__).parent / "corpus"
 
