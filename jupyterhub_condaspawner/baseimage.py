@@ -30,7 +30,12 @@ from pathlib import Path
 import docker
 from docker.utils import parse_repository_tag
 
-from .dockerd import DEBOOTSTRAP_PACKAGES, ensure_debian_packages, unmount_under
+from .dockerd import (
+    DEBOOTSTRAP_PACKAGES,
+    ensure_debian_packages,
+    log_tail,
+    unmount_under,
+)
 from .resolve import Resolver, make_world_readable
 from .spec import EnvironmentSpec
 
@@ -166,7 +171,7 @@ def debootstrap(rootfs: Path, *, mirror: str) -> None:
     if result.returncode != 0:
         raise ImageBuildError(
             f"debootstrap {ROOTFS_SUITE} from {mirror} failed (status {result.returncode}).\n"
-            + _file_tail(log_file)
+            + log_tail(log_file)
         )
     log.info("debootstrap %s took %.0f s", ROOTFS_SUITE, time.monotonic() - started)
 
@@ -480,11 +485,3 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
-
-
-def _file_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        tail = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError as error:
-        return f"(no log at {path}: {error})"
-    return f"Last lines of {path}:\n" + "\n".join(tail)

@@ -240,22 +240,23 @@ def _wait_until_ready(handle: DaemonHandle, process: subprocess.Popen) -> None:
         if process.poll() is not None:
             raise BenchDaemonError(
                 f"dockerd exited with status {process.returncode} before answering.\n"
-                + _log_tail(handle.paths.log_file)
+                + log_tail(handle.paths.log_file)
             )
         if _answers(handle.docker_host):
             return
         time.sleep(0.1)
     raise BenchDaemonError(
         f"dockerd did not answer at {handle.docker_host} within {START_TIMEOUT_S:.0f} s.\n"
-        + _log_tail(handle.paths.log_file)
+        + log_tail(handle.paths.log_file)
     )
 
 
-def _log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+def log_tail(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file, for an error message."""
     try:
         tail = log_file.read_text(errors="replace").splitlines()[-lines:]
     except OSError as error:
-        return f"(no dockerd log at {log_file}: {error})"
+        return f"(no log at {log_file}: {error})"
     return f"Last lines of {log_file}:\n" + "\n".join(tail)
 
 
