@@ -175,7 +175,7 @@ class ProfileCatalog(Configurable):
         super().__init__(**kwargs)
         self.profiles: list[Profile] = []
         self.spec_policy = SpecPolicy(parent=self)
-        self._loaded_signature: tuple = ()
+        self._loaded_signature: tuple | None = None  # None: never loaded
 
     def files_signature(self) -> tuple:
         """Names, sizes and mtimes of every file under the profiles folder: changes when an admin edits."""
@@ -185,7 +185,8 @@ class ProfileCatalog(Configurable):
         return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
 
     def reload_if_changed(self) -> list[str]:
-        """Reload when the files changed; on problems keep the previous profiles. Returns the problems."""
+        """Load the first time, then reload when the files changed; on problems keep the
+        previous profiles (or raise ProfileError if there are none). Returns the problems."""
         signature = self.files_signature()
         if signature == self._loaded_signature:
             return []

@@ -65,7 +65,8 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             builder=ImageBuilder(config=config, log=spawner.log),
             allocator=allocator,
         )
-        services.catalog.load()
+        # The catalog loads on first use (CondaSpawner.services), so broken profiles never
+        # stop the hub from starting and restoring its servers.
         with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
             for problem in allocator.rebuild_from_containers(services.builder.client):
                 spawner.log.warning("GPU allocations after restart: %s", problem)
@@ -127,6 +128,8 @@ class CondaSpawner(DockerSpawner):
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
+        # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
+        self._configured_limits = (self.cpu_limit, self.mem_limit)
 
     @property
     def services(self) -> HubServices:
@@ -281,8 +284,9 @@ class CondaSpawner(DockerSpawner):
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
-        self.cpu_limit = profile.cpu_limit if profile.cpu_limit else self.cpu_limit
-        self.mem_limit = profile.mem_limit if profile.mem_limit else self.mem_limit
+        configured_cpu, configured_mem = self._configured_limits
+        self.cpu_limit = profile.cpu_limit or configured_cpu
+        self.mem_limit = profile.mem_limit or configured_mem
         # GPUs first: on a full (or GPU-less) host the user hears so at once, nothing built.
         self._allocation = await self._allocate_gpus(profile)
         info = await self._ensure_image(request)
@@ -422,7 +426,7 @@ class CondaSpawner(DockerSpawner):
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
-            self._allocation = self.services.allocator.allocation(self.user.name, self.name)
+            self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
 
     def clear_state(self) -> None:
         super().clear_state()

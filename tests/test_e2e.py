@@ -128,6 +128,7 @@ def test_gpu_profile_creates_the_device_request_and_releases_the_gpu(hub, docker
     assert request["Capabilities"] == [["gpu"]]
     assert container.labels["io.condaspawner.gpus"] == FAKE_GPU
     assert f"CONDASPAWNER_GPUS={FAKE_GPU}" in container.attrs["Config"]["Env"]
+    assert (host["CpuQuota"], host["Memory"]) == (200_000, 4 * 2**30)  # no profile limits: the config's 2 CPU, 4G
     # The failed server gave its GPU back: the next user gets the same (only) GPU.
     events, _ = spawn_and_wait(hub, "gpu2", {"profile": "gpu-demo"})
     assert "GPUs: " + FAKE_GPU in messages(events)
@@ -162,6 +163,7 @@ async def test_containers_are_unprivileged_and_the_home_volume_survives_an_env_c
     (container,) = docker_daemon.client().containers.list(filters={"label": "io.condaspawner.user=vera"})
     host = container.attrs["HostConfig"]
     assert not host["Privileged"] and not host.get("CapAdd")
+    assert (host["CpuQuota"], host["Memory"]) == (100_000, 2 * 2**30)  # the profile's 1 CPU, 2G
     mounts = container.attrs["Mounts"]
     assert [(m["Type"], m["Destination"]) for m in mounts] == [("volume", "/home/jovyan")]
     assert not any("docker.sock" in (m.get("Source") or "") for m in mounts)

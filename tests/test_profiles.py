@@ -179,3 +179,12 @@ def test_reload_if_changed_picks_up_edits_and_keeps_the_old_profiles_on_errors(t
     assert any("c.yaml: gpus:" in problem for problem in problems)
     assert [p.slug for p in catalog.profiles] == ["a", "b"]  # the last good profiles stay
     assert catalog.reload_if_changed() == []  # reported once
+
+
+def test_reload_if_changed_loads_the_first_time_and_reports_a_missing_folder(tmp_path):
+    catalog = ProfileCatalog(profiles_dir=str(tmp_path / "nope"))
+    with pytest.raises(ProfileError, match="profiles directory not found"):
+        catalog.reload_if_changed()
+    write(tmp_path, {"a.yaml": "display_name: A\nallow_custom_environment: true\n"})
+    catalog.profiles_dir = str(tmp_path)
+    assert catalog.reload_if_changed() == [] and [p.slug for p in catalog.profiles] == ["a"]
