@@ -21,6 +21,7 @@ from tornado import web
 from traitlets import Bool, default
 
 from .builder import (
+    LABEL_KEY,
     BuildError,
     BuildRequest,
     EventStream,
@@ -33,7 +34,6 @@ from .profiles import Profile, ProfileCatalog, ProfileError
 from .resolve import NO_DEFAULTS
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
-LABEL_KEY = "io.condaspawner.key"
 TEMPLATES = Path(__file__).parent / "templates"
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
 # progress() ranges: GPUs 0-1, image 1-85, container 90-100.
@@ -331,8 +331,7 @@ class CondaSpawner(DockerSpawner):
         return allocation
 
     def _release_gpus(self) -> None:
-        if self._allocation is not None or self.services.allocator.allocation(self.user.name, self.name):
-            self.services.allocator.release(self.user.name, self.name)
+        hub_services(self).allocator.release(self.user.name, self.name)  # a no-op when it holds none
         self._allocation = None
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
