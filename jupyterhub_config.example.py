@@ -10,6 +10,10 @@ c.JupyterHub.spawner_class = "conda"  # jupyterhub_condaspawner.CondaSpawner
 # Each named server has its own environment and its own GPUs.
 c.JupyterHub.allow_named_servers = True
 c.JupyterHub.named_server_limit_per_user = 3
+# Servers outlive a hub restart (an upgrade, a config change, Ctrl-C / SIGTERM): the hub
+# finds them again from its database and the GPU table from container labels. With the
+# default (True) every user's server is stopped whenever the hub stops.
+c.JupyterHub.cleanup_servers = False
 # The first start of a new environment builds its image; CondaSpawner already defaults
 # start_timeout to 1800 s. Raise it for very large environments.
 c.Spawner.start_timeout = 1800

@@ -39,6 +39,7 @@ c.ImageBuilder.build_memory_limit = None
 c.DockerSpawner.network_name = "host"  # all traffic stays on loopback
 c.DockerSpawner.volumes = {"condaspawner-demo-{username}{servername}": "/home/jovyan"}
 c.DockerSpawner.remove = True
+c.JupyterHub.cleanup_servers = False  # as in the example: Ctrl-C keeps users' servers running
 c.JupyterHub.services = []  # the idle culler is a separate package
 c.JupyterHub.load_roles = []
 extra = os.environ.get("CONDASPAWNER_DEMO_EXTRA_CONFIG")

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import statistics
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import requests.exceptions
 from jupyterhub.traitlets import ByteSpecification
 from packaging.requirements import Requirement
 from rattler import MatchSpec
@@ -60,11 +62,35 @@ CUSTOM_ENV_NAME = "custom"
 # A rebuilt base is noticed within this many seconds; lookups skip a daemon round trip.
 BASE_ID_TTL_S = 10.0
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
-_FAILURE_TAIL_LINES = 8
+# Which of env.Dockerfile's steps does what, found by what the instruction runs.
+_STEP_PHASES = (
+    (re.compile(r"^COPY env "), "image"),
+    (re.compile(r"-m compileall "), "compile"),
+    (re.compile(r"-m pip install "), "pip"),
+    (re.compile(r"^COPY kernel "), "kernel"),
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
+_UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Could not fetch URL",
+                        "Temporary failure in name resolution", "Connection refused")
+_MESSAGE_CHARS = 300
 
 
 class BuildError(Exception):
-    """A failed build: ``str(error)`` is a short reason for the user; the full log is kept."""
+    """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
+
+    ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout);
+    ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
+    ``unreachable``: a channel or index could not be reached (worth a retry).
+    """
+
+    def __init__(self, message: str, *, phase: str = "build", cause: str = "", key: str = "",
+                 unreachable: bool = False):
+        super().__init__(message)
+        self.phase = phase
+        self.cause = cause or message
+        self.key = key
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -279,7 +305,8 @@ class ImageBuilder(LoggingConfigurable):
     @property
     def client(self) -> docker.DockerClient:
         if self.docker_client is None:
-            self.docker_client = docker.from_env()
+            with _daemon_call("connecting"):
+                self.docker_client = docker.from_env()
         return self.docker_client
 
     # -- keys and lookup ---------------------------------------------------------------
@@ -290,9 +317,12 @@ class ImageBuilder(LoggingConfigurable):
         if cached_id and time.monotonic() - fetched_at < BASE_ID_TTL_S:
             return cached_id
         try:
-            base_id = self.client.images.get(self.base_image).id
+            with _daemon_call("looking up the base image"):
+                base_id = self.client.images.get(self.base_image).id
         except docker.errors.ImageNotFound:
-            raise BuildError(f"base image {self.base_image} not found: build it with `condaspawner base`")
+            raise BuildError(f"base image {self.base_image} not found: build it with `condaspawner base`",
+                             phase="base-image", cause=f"{self.base_image} is not on the Docker host "
+                             "(an admin builds it with `condaspawner base`)") from None
         self._base_id = (base_id, time.monotonic())
         return base_id
 
@@ -315,7 +345,8 @@ class ImageBuilder(LoggingConfigurable):
     def find_image(self, key: str) -> docker.models.images.Image | None:
         """The cached image for ``key``, if the daemon has it (checked by its full-key label)."""
         try:
-            image = self.client.images.get(self.tag_for(key))
+            with _daemon_call("looking up the image"):
+                image = self.client.images.get(self.tag_for(key))
         except docker.errors.ImageNotFound:
             return None
         return image if image.labels.get(LABEL_KEY) == key else None
@@ -371,10 +402,11 @@ class ImageBuilder(LoggingConfigurable):
         except asyncio.TimeoutError:
             message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
             await build.publish("error", 100, message)
-            raise BuildError(message)
-        except (BuildError, ResolveError) as error:
+            raise BuildError(message, phase="timeout", key=build.key) from None
+        except BuildError as error:
+            error.key = error.key or build.key
             await build.publish("error", 100, str(error))
-            raise BuildError(str(error)) from None
+            raise
         finally:
             self._builds.pop(build.key, None)
             await build.finish()
@@ -430,9 +462,9 @@ class ImageBuilder(LoggingConfigurable):
         with log_path.open("w") as build_log:
             try:
                 lock = await self._resolve(build, request, build_log)
-                await self._install(build, request, lock, context, build_log)
+                env_size = await self._install(build, request, lock, context, build_log)
                 self._write_context(context, request, lock)
-                image_id = await self._docker_build(build, request, lock, context, build_log)
+                image_id = await self._docker_build(build, request, lock, context, build_log, env_size)
             finally:
                 await asyncio.to_thread(shutil.rmtree, context, True)
         self.mark_used(key)
@@ -453,29 +485,37 @@ class ImageBuilder(LoggingConfigurable):
         return statistics.median(self.build_seconds[-20:])
 
     async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
-        await build.publish("solve", 5, f"solving {len(request.spec.conda)} conda dependencies")
+        await build.publish("solve", 5, f"Solving {_plural(len(request.spec.conda), 'conda dependency')}")
         spec = _with_kernel_package(request.spec)
         try:
             lock = await self.resolver.solve(spec, cuda=request.cuda)
         except ResolveError as error:
             build_log.write(f"solve failed: {error}\n")
-            raise BuildError(f"solve: {error}")
+            raise BuildError(f"solve: {error}", phase="solve", cause=str(error).removeprefix("cannot solve: "),
+                             unreachable=error.unreachable) from None
         lock.write(self.key_dir(build.key) / "environment.lock")
         (self.key_dir(build.key) / "lock.json").write_text(lock.to_json())
         build_log.write(f"solved: {len(lock.records)} packages, lock digest {lock.digest()}\n")
-        await build.publish("solve", 15, f"solved: {len(lock.records)} packages")
+        await build.publish("solve", 15, f"Solved: {_plural(len(lock.records), 'package')}")
         return lock
 
     async def _install(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                       build_log: io.TextIOBase) -> None:
-        await build.publish("install", 20, f"downloading and linking {len(lock.records)} packages")
+                       build_log: io.TextIOBase) -> int:
+        missing = self.resolver.not_in_cache(lock)
+        download = sum(record.size or 0 for record in missing)
+        await build.publish("install", 20, (f"Downloading {_plural(len(missing), 'package')} ({_megabytes(download)})"
+                                            f" and installing {len(lock.records)}") if missing
+                            else f"Installing {_plural(len(lock.records), 'package')} from the package cache")
         try:
             await self.resolver.install(lock, context / "env", request.prefix)
         except ResolveError as error:
             build_log.write(f"install failed: {error}\n")
-            raise BuildError(f"install: {error}")
-        build_log.write("installed into the staging prefix\n")
-        await build.publish("install", 40, "conda environment installed")
+            raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
+                             unreachable=error.unreachable) from None
+        size = await asyncio.to_thread(tree_size, context / "env")
+        build_log.write(f"installed into the staging prefix: {size} bytes\n")
+        await build.publish("install", 40, f"Installed the conda environment ({_megabytes(size)})")
+        return size
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
@@ -497,8 +537,8 @@ class ImageBuilder(LoggingConfigurable):
         }, indent=2))
 
     async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                            build_log: io.TextIOBase) -> str:
-        await build.publish("build", 45, "building the image")
+                            build_log: io.TextIOBase, env_size: int) -> str:
+        await build.publish("build", 45, "Writing the image")
         base_id = self.base_image_id()
         labels = {
             LABEL_KEY: build.key,
@@ -517,7 +557,6 @@ class ImageBuilder(LoggingConfigurable):
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
         abandoned = threading.Event()
 
         def stream() -> None:  # docker-py streams synchronously: read it in a thread
@@ -527,33 +566,39 @@ class ImageBuilder(LoggingConfigurable):
                         break  # closing the stream makes the daemon cancel the build
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except Exception as error:  # the daemon went away, context too large, ...
-                loop.call_soon_threadsafe(queue.put_nowait, {"error": f"docker: {error}"})
+                loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": _one_line(error)})
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         reader = loop.run_in_executor(None, stream)
-        image_id, failure, tail = None, None, []
+        steps = _StepTracker(request, env_size)
+        image_id, failure, daemon_failure = None, "", ""
         try:
             while (chunk := await queue.get()) is not None:
+                if "daemon_error" in chunk:
+                    daemon_failure = chunk["daemon_error"]
+                    build_log.write(f"docker: {daemon_failure}\n")
+                    continue
                 if "error" in chunk:
-                    failure = chunk["error"].strip()
+                    failure = _strip_ansi(chunk["error"]).strip()
                     build_log.write(failure + "\n")
                     continue
                 image_id = chunk.get("aux", {}).get("ID", image_id)
-                for line in chunk.get("stream", "").splitlines():
+                for line in _strip_ansi(chunk.get("stream", "")).splitlines():
                     if line.strip():
                         build_log.write(line + "\n")
-                        tail = (tail + [line])[-_FAILURE_TAIL_LINES:]
-                        await build.publish("build", _build_progress(line, build.events), line[:300])
+                        message = steps.feed(line)
+                        if message:
+                            await build.publish(steps.phase, steps.progress(), message)
         except asyncio.CancelledError:  # build_timeout: stop reading at the next line docker sends
             abandoned.set()
             raise
         await reader
+        if daemon_failure:
+            raise BuildError(f"the Docker daemon went away while writing the image: {daemon_failure}",
+                             phase="daemon", cause=f"the Docker daemon went away ({daemon_failure})")
         if failure or image_id is None:
-            step = next((line for line in reversed(tail) if _STEP.match(line)), "the docker build")
-            detail = " | ".join(line.strip() for line in tail[-3:] if not _STEP.match(line))
-            raise BuildError(f"{step.split(' :', 1)[-1].strip()[:120]} failed: {failure or 'no image'}"
-                             + (f" ({detail[-300:]})" if detail else ""))
-        await build.publish("tag", 98, f"tagged {self.tag_for(build.key)}")
+            raise steps.failure(failure or "docker gave no image")
+        await build.publish("tag", 98, f"Tagged {self.tag_for(build.key)}")
         return image_id
 
     def _container_limits(self) -> dict[str, Any]:
@@ -635,14 +680,67 @@ def _pip_conf(settings: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def _build_progress(line: str, events: list[dict[str, Any]]) -> int:
-    """45..95 along docker's "Step N/M" lines; never backwards."""
-    last = events[-1]["progress"] if events else 45
-    match = _STEP.match(line)
-    if not match:
-        return last
-    step, steps = int(match.group(1)), int(match.group(2))
-    return max(last, 45 + int(50 * step / steps))
+class _StepTracker:
+    """Docker's "Step N/M : INSTRUCTION" lines -> the phases a user understands, and failures.
+
+    Raw steps go to the build log only; the progress page says what a step is for.
+    """
+
+    def __init__(self, request: BuildRequest, env_size: int):
+        self.request = request
+        self.env_size = env_size
+        self.step, self.steps = 0, 1
+        self.instruction = ""
+        self.phase = "build"
+        self.output: list[str] = []  # the current step's output
+
+    def feed(self, line: str) -> str | None:
+        """Take one line of docker's output; return a progress message when a phase starts."""
+        match = _STEP.match(line)
+        if not match:
+            self.output.append(line)
+            return None
+        self.step, self.steps = int(match.group(1)), int(match.group(2))
+        self.instruction = line[match.end():].strip()
+        self.output = []
+        for pattern, phase in _STEP_PHASES:
+            if pattern.search(self.instruction):
+                self.phase = phase
+                return self._message(phase)
+        return None
+
+    def progress(self) -> int:
+        return 45 + int(50 * self.step / max(self.steps, 1))
+
+    def _message(self, phase: str) -> str | None:
+        if phase == "image":
+            return f"Writing the environment into the image ({_megabytes(self.env_size)})"
+        if phase == "compile":
+            return "Compiling the environment's Python files"
+        if phase == "pip":
+            pip = self.request.spec.pip
+            return f"Installing {_plural(len(pip), 'pip package')} in a container" if pip else None
+        return "Registering the kernel"
+
+    def failure(self, error: str) -> BuildError:
+        """The failed step as one line: what it was for, and the cause without docker's noise."""
+        if _STEP_PHASES[2][0].search(self.instruction):  # the pip step
+            return self._pip_failure()
+        what = {"image": "writing the environment into the image", "compile": "compiling Python files",
+                "kernel": "registering the kernel"}.get(self.phase, "writing the image")
+        detail = next((line.strip() for line in reversed(self.output) if line.strip()
+                       and not line.startswith(_DOCKER_NOISE)), "")
+        cause = _one_line(f"{what}: {detail or error}")
+        return BuildError(f"writing the image failed at {what}: {detail or error}", phase="build", cause=cause)
+
+    def _pip_failure(self) -> BuildError:
+        text = "\n".join(self.output)
+        if any(marker in text for marker in _UNREACHABLE_MARKERS):
+            cause = "the package index could not be reached"
+            return BuildError(f"pip: {cause}", phase="pip", cause=cause, unreachable=True)
+        errors = [line.strip().removeprefix("ERROR: ") for line in self.output if line.strip().startswith("ERROR:")]
+        cause = _one_line(errors[-1] if errors else "pip exited with an error (see the build log)")
+        return BuildError(f"pip: {cause}", phase="pip", cause=cause)
 
 
 @contextlib.asynccontextmanager
@@ -656,3 +754,48 @@ async def _file_lock(path: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def tree_size(root: Path) -> int:
+    """Bytes under ``root``, each hard-linked file counted once (staged envs link into the cache)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            info = os.lstat(os.path.join(directory, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
+    return total
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _one_line(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+
+
+def _plural(count: int, noun: str) -> str:
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+@contextlib.contextmanager
+def _daemon_call(what: str):
+    """Docker calls whose failure to connect is "the daemon cannot be reached", not a bug."""
+    try:
+        yield
+    except docker.errors.NotFound:
+        raise
+    except (docker.errors.DockerException, requests.exceptions.ConnectionError) as error:
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        raise BuildError(f"cannot reach the Docker daemon at {where} ({what}): {_one_line(error)}", phase="daemon",
+                         cause=f"the Docker daemon at {where} cannot be reached ({_one_line(error)})") from None

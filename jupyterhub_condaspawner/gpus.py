@@ -386,14 +386,27 @@ def _cuda_refusal(what: str, cuda: str | None, gpu: Gpu) -> str:
 
 
 class GpuUnavailable(Exception):
-    """No GPUs for this request; ``str()`` is one line meant for the user."""
+    """No GPUs for this request now.
+
+    ``str()`` / ``detail``: the whole reason, driver notes included (logs, `condaspawner gpus`);
+    ``user_message``: one line for the user, without the host's driver details.
+    """
+
+    def __init__(self, detail: str, user_message: str = ""):
+        super().__init__(detail)
+        self.detail = detail
+        self.user_message = user_message or detail
+
+
+class GpuInfeasible(GpuUnavailable):
+    """This request can never be met on this host, whoever holds what (count, model, driver)."""
 
 
 class GpuQuotaExceeded(GpuUnavailable):
     """The user already holds their quota of GPUs."""
 
 
-class CudaIncompatible(GpuUnavailable):
+class CudaIncompatible(GpuInfeasible):
     """The GPUs' driver is older than the CUDA the environment was built for."""
 
 
@@ -655,6 +668,32 @@ class GpuAllocator(LoggingConfigurable):
                 holders.setdefault(uuid, []).append(allocation)
         return holders
 
+    def check_feasible(self, user: str, server_name: str, count: int, model_glob: str | None = None,
+                       min_free_memory: int | None = None, *, cuda: str | None = None,
+                       profile: str | None = None) -> None:
+        """Raise :class:`GpuInfeasible` if no amount of waiting could give this request its GPUs
+        here (too few GPUs of that model, a driver too old for ``cuda``, over the quota).
+        Holds nothing: a spawn checks this at submit and allocates only once its image is ready.
+        """
+        if count <= 0:
+            return
+        request = GpuRequest(count, model_glob or None,
+                             min_free_memory if min_free_memory is not None else self.min_free_memory,
+                             cuda, profile)
+        what = _describe_server(user, server_name, request)
+        if self.per_user_gpu_quota and count > self.per_user_gpu_quota:
+            message = (f"{what} needs {_plural(count, 'GPU')}, more than the per-user quota of "
+                       f"{self.per_user_gpu_quota}: pick a smaller profile")
+            raise GpuInfeasible(message)
+        scan = self.latest_scan()
+        models = [gpu for gpu in scan.usable if request.model_matches(gpu)]
+        if models and not any(driver_supports(gpu, cuda) for gpu in models):
+            raise CudaIncompatible(_cuda_refusal(what, cuda, models[0]))
+        able = [gpu for gpu in models if driver_supports(gpu, cuda) and _memory_could_fit(gpu, request)]
+        if len(able) < count:
+            detail = unavailable_error(scan, request, {}, self.max_servers_per_gpu, what).detail
+            raise GpuInfeasible(detail, _user_refusal(scan, request, free=0, possible=False))
+
     def _allocate(self, user: str, server_name: str, request: GpuRequest) -> Allocation:
         scan = self.latest_scan()
         # The server's own GPUs count as free for its new request (a restart gets them back).
@@ -797,7 +836,8 @@ def unavailable_error(scan: GpuScan, request: GpuRequest, load: Mapping[str, int
     """The one-line refusal for ``request``: how many GPUs exist, match, are busy, and why not the rest."""
     need = f"{what} needs {_plural(request.count, 'GPU')}{_qualifiers(request)}"
     if not scan.gpus:
-        return GpuUnavailable(f"{need}, but this host has {scan.summary()}")
+        return GpuInfeasible(f"{need}, but this host has {scan.summary()}",
+                             _user_refusal(scan, request, free=0, possible=False))
     usable = [gpu for gpu in scan.usable if request.model_matches(gpu)]
     too_old = [gpu for gpu in usable if not driver_supports(gpu, request.cuda)]
     if usable and len(too_old) == len(usable):
@@ -813,8 +853,27 @@ def unavailable_error(scan: GpuScan, request: GpuRequest, load: Mapping[str, int
     busy = sum(1 for gpu in matching if load.get(gpu.uuid, 0) >= max_servers)
     facts = [f"{len(matching)} of the {_plural(len(scan.gpus), 'GPU')} on this host match, {busy} busy"]
     facts += [f"{count} {reason}" for reason, count in counts.items() if count]
-    advice = "try again when a server stops" if len(matching) >= request.count else "no request this big can fit"
-    return GpuUnavailable(f"{need}: {'; '.join(facts)}; {advice}")
+    possible = len(matching) >= request.count
+    advice = "try again when a server stops" if possible else "no request this big can fit"
+    user_message = _user_refusal(scan, request, free=len(matching) - busy, possible=possible)
+    error_class = GpuUnavailable if possible else GpuInfeasible
+    return error_class(f"{need}: {'; '.join(facts)}; {advice}", user_message)
+
+
+def _user_refusal(scan: GpuScan, request: GpuRequest, *, free: int, possible: bool) -> str:
+    """"No GPU is free on this hub: F of T (...)", in the user's terms, no driver details."""
+    need = f"{request.profile!r} needs " if request.profile else "this server needs "
+    need += _plural(request.count, "GPU") + _qualifiers(request)
+    advice = ("try again when a server stops" if possible
+              else "this hub never has that many: pick another profile or ask the hub admin")
+    return f"No GPU is free on this hub: {free} of {len(scan.gpus)} ({need}; {advice})"
+
+
+def _memory_could_fit(gpu: Gpu, request: GpuRequest) -> bool:
+    """Whether the GPU's total memory could ever hold the request's minimum (unknown: yes)."""
+    if not request.min_free_memory or gpu.memory_total is None:
+        return True
+    return gpu.memory_total >= request.min_free_memory
 
 
 def _qualifiers(request: GpuRequest) -> str:

@@ -49,7 +49,14 @@ ANACONDA_DEFAULTS = {
 
 
 class ResolveError(Exception):
-    """A spec that cannot be resolved or installed: ``str(error)`` is one line for the user."""
+    """A spec that cannot be resolved or installed: ``str(error)`` is one line for the user.
+
+    ``unreachable``: a channel could not be reached, so a retry may succeed.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -247,7 +254,8 @@ class Resolver(Configurable):
         except asyncio.TimeoutError:
             raise ResolveError(f"solve took longer than {self.solve_timeout:g} s (Resolver.solve_timeout)")
         except Exception as error:  # rattler raises SolverError, FetchRepoDataError, ...
-            raise ResolveError(self._explain(error, cuda))
+            raise ResolveError(self._explain(error, cuda),
+                               unreachable=error.__class__.__name__ == "GatewayError") from None
         return Lock(
             records=records,
             platform=self.platform,
@@ -256,7 +264,7 @@ class Resolver(Configurable):
         )
 
     def _explain(self, error: Exception, cuda: str | None) -> str:
-        message = _one_line(error)
+        message = _one_line(error).removeprefix("Cannot solve the request because of: ")
         if error.__class__.__name__ == "GatewayError":  # fetching repodata failed
             return f"a channel cannot be reached: {_first_and_root_cause(error)}"
         if "__cuda" in message and not cuda:
@@ -267,6 +275,12 @@ class Resolver(Configurable):
         return f"cannot solve: {message}"
 
     # -- installing ----------------------------------------------------------------
+
+    def not_in_cache(self, lock: Lock) -> list[RepoDataRecord]:
+        """The locked packages the shared package cache lacks (what an install will download)."""
+        cache = Path(self.package_cache_dir)
+        return [record for record in lock.records
+                if not (cache / f"{record.name.normalized}-{record.version}-{record.build}").is_dir()]
 
     async def install(self, lock: Lock, staging_prefix: Path, target_prefix: str) -> None:
         """Link the locked packages into ``staging_prefix`` as if it lived at ``target_prefix``.

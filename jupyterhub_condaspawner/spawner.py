@@ -1,9 +1,11 @@
 """CondaSpawner: DockerSpawner glue over profiles, spec, builder and gpus.
 
 A spawn: the user's choice (a profile, maybe with their own environment.yml) is
-validated -> the builder returns the cached image or builds it -> the allocator
-hands out GPUs -> DockerSpawner creates and starts the container with the image,
-GPU devices and labels. Every phase is reported through ``progress()``.
+validated, and a GPU profile checked against the GPUs this host could ever give it
+(nothing held) -> the builder returns the cached image or builds it -> only then the
+allocator hands out GPUs -> DockerSpawner creates and starts the container with the
+image, GPU devices and labels. Every phase is reported through ``progress()``; every
+failure leaves ``start()`` as one line with a fitting HTTP status (failures.py).
 """
 
 from __future__ import annotations
@@ -17,18 +19,17 @@ from typing import Any, AsyncIterator
 import jinja2
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
-from tornado import web
 from traitlets import Bool, default
 
 from .builder import (
     LABEL_KEY,
-    BuildError,
     BuildRequest,
     EventStream,
     ImageBuilder,
     ImageInfo,
     request_for_profile,
 )
+from .failures import StartFailure, explain, log_failure
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
 from .profiles import Profile, ProfileCatalog, ProfileError
 from .resolve import NO_DEFAULTS
@@ -36,7 +37,7 @@ from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 TEMPLATES = Path(__file__).parent / "templates"
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
-# progress() ranges: GPUs 0-1, image 1-85, container 90-100.
+# progress() ranges: image 1-85, GPUs 86-89, container 90-100.
 _IMAGE_SHARE = 83
 
 
@@ -140,7 +141,8 @@ class CondaSpawner(DockerSpawner):
                 self.log.error("Profiles not reloaded, keeping the previous ones: %s", problem)
             return services
         except ProfileError as error:
-            raise web.HTTPError(500, "the admin's profiles have problems: " + "; ".join(error.problems))
+            raise StartFailure("the admin's profiles have problems: " + "; ".join(error.problems),
+                               reason="profiles", status_code=500) from None
 
     @property
     def _group_names(self) -> list[str]:
@@ -156,35 +158,36 @@ class CondaSpawner(DockerSpawner):
         if slug is None:
             profile = catalog.default_for(self.user.name, self._group_names)
             if profile is None:
-                raise web.HTTPError(403, "no profile is available to you")
+                raise _refused(403, "no profile is available to you")
         else:
             if not isinstance(slug, str):
-                raise web.HTTPError(400, "profile: must be a profile's slug")
+                raise _refused(400, "profile: must be a profile's slug")
             try:
                 profile = catalog.get(slug)
             except KeyError:
-                raise web.HTTPError(400, f"profile: unknown profile {slug[:64]!r}")
+                raise _refused(400, f"profile: unknown profile {slug[:64]!r}") from None
             if not profile.allows(self.user.name, self._group_names):
-                raise web.HTTPError(403, f"profile: {profile.slug!r} is not available to you")
+                raise _refused(403, f"profile: {profile.slug!r} is not available to you")
         return profile, self._custom_spec(profile, options.get("environment"))
 
     def _custom_spec(self, profile: Profile, text: Any) -> EnvironmentSpec | None:
         if text in (None, ""):
             if profile.environment is None:
-                raise web.HTTPError(400, f"environment: profile {profile.slug!r} needs your own environment.yml")
+                raise _refused(400, f"environment: profile {profile.slug!r} needs your own environment.yml")
             return None
         if not isinstance(text, str):
-            raise web.HTTPError(400, "environment: must be the text of an environment.yml")
+            raise _refused(400, "environment: must be the text of an environment.yml")
         if not profile.allow_custom_environment:
-            raise web.HTTPError(400, f"environment: profile {profile.slug!r} does not allow your own environment")
+            raise _refused(400, f"environment: profile {profile.slug!r} does not allow your own environment")
         try:
             return self.services.policy.parse(text, source="environment.yml")
         except SpecError as error:
-            raise web.HTTPError(400, str(error))
+            raise _refused(400, str(error)) from None
 
     def apply_choice(self, user_options: dict | None) -> None:
         """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
         profile, custom = self.resolve_choice(user_options)
+        self.check_gpus_feasible(profile)
         normalised: dict[str, Any] = {"profile": profile.slug}
         if custom is not None:
             normalised["environment"] = custom.to_yaml()
@@ -215,10 +218,31 @@ class CondaSpawner(DockerSpawner):
                 raise ValueError(str(error))
             options["environment"] = spec.to_yaml()
         try:
-            self.resolve_choice(options)
-        except web.HTTPError as error:
-            raise ValueError(error.log_message)
+            self.check_gpus_feasible(self.resolve_choice(options)[0])
+        except StartFailure as refusal:
+            raise ValueError(refusal.message) from None
         return options
+
+    def check_gpus_feasible(self, profile: Profile) -> None:
+        """Refuse at once a GPU profile this host could never serve; nothing is held."""
+        if not profile.gpus:
+            return
+        try:
+            self.services.allocator.check_feasible(self.user.name, self.name, profile.gpus, profile.gpu_model,
+                                                   cuda=profile.cuda, profile=profile.slug)
+        except GpuUnavailable as error:
+            raise explain(error, custom_spec=False) from None
+
+    async def _run_apply_user_options(self, user_options: dict) -> None:
+        # JupyterHub logs any exception here with a traceback at ERROR; a refused input is
+        # the user's mistake, not the hub's: one line at INFO, and the one-line reason.
+        if self.apply_user_options is not _apply_user_options:
+            return await super()._run_apply_user_options(user_options)
+        try:
+            _apply_user_options(self, user_options)
+        except StartFailure as refusal:
+            self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
+            raise
 
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""
@@ -269,16 +293,18 @@ class CondaSpawner(DockerSpawner):
     # -- start / stop / poll -------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
-        profile, custom = self._choice or self.resolve_choice(self.user_options)
-        self._choice = None
         if self._feed.done:
             self._feed = EventStream()
+        custom = None
         try:
+            profile, custom = self._choice or self.resolve_choice(self.user_options)
+            self._choice = None
             return await self._start(profile, custom)
         except Exception as error:
             self._release_gpus()
-            await self._feed.publish("error", 100, str(error))
-            raise
+            failure = explain(error, custom_spec=custom is not None)
+            log_failure(self.log, self._log_name, failure, error)
+            raise failure from None  # JupyterHub's progress stream ends with "Spawn failed: <message>"
         finally:
             await self._feed.finish()
 
@@ -287,11 +313,12 @@ class CondaSpawner(DockerSpawner):
         configured_cpu, configured_mem = self._configured_limits
         self.cpu_limit = profile.cpu_limit or configured_cpu
         self.mem_limit = profile.mem_limit or configured_mem
-        # GPUs first: on a full (or GPU-less) host the user hears so at once, nothing built.
-        self._allocation = await self._allocate_gpus(profile)
+        # Never hold a GPU while an image builds: check now (nothing held), allocate last.
+        self.check_gpus_feasible(profile)
         info = await self._ensure_image(request)
         self._image_info = info
         self.image = info.tag
+        self._allocation = await self._allocate_gpus(profile)
         self._prepare_container(info, self._allocation)
         await self._replace_if_changed(info)
         await self._feed.publish("start", 90, f"Starting your server ({profile.display_name})")
@@ -302,32 +329,28 @@ class CondaSpawner(DockerSpawner):
     async def _ensure_image(self, request: BuildRequest) -> ImageInfo:
         builder = self.services.builder
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
-        try:
-            cached = await asyncio.to_thread(builder.lookup, request)
-            if cached is not None:
-                await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
-                return cached
-            await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
-            build = builder.ensure(request)
-            async for event in build.follow():
-                progress = 2 + event["progress"] * _IMAGE_SHARE // 100
-                await self._feed.publish(event["phase"], progress, event["message"])
-            return await build.result()
-        except BuildError as error:
-            raise BuildError(f"building the environment failed: {error}") from None
+        cached = await asyncio.to_thread(builder.lookup, request)
+        if cached is not None:
+            await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
+            return cached
+        await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
+        build = builder.ensure(request)
+        async for event in build.follow():
+            if event["phase"] == "error":
+                continue  # the failure itself reaches the user once, from start()
+            progress = 2 + event["progress"] * _IMAGE_SHARE // 100
+            await self._feed.publish(event["phase"], progress, event["message"])
+        return await build.result()
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
             return None
-        await self._feed.publish("gpus", 0, f"Allocating {profile.gpus} GPU(s)")
-        try:
-            allocation = await asyncio.to_thread(
-                self.services.allocator.allocate, self.user.name, self.name, profile.gpus, profile.gpu_model,
-                cuda=profile.cuda, profile=profile.slug,
-            )
-        except GpuUnavailable as error:
-            raise web.HTTPError(503, str(error), reason="No GPU available") from None
-        await self._feed.publish("gpus", 1, "GPUs: " + ", ".join(allocation.uuids))
+        await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
+        allocation = await asyncio.to_thread(
+            self.services.allocator.allocate, self.user.name, self.name, profile.gpus, profile.gpu_model,
+            cuda=profile.cuda, profile=profile.slug,
+        )
+        await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
 
     def _release_gpus(self) -> None:
@@ -443,3 +466,8 @@ def _merged(base: dict | None, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _refused(status: int, message: str) -> StartFailure:
+    """A refused choice (bad profile or environment): the user's to fix, shown as one line."""
+    return StartFailure(message, reason="options", status_code=status)

@@ -37,7 +37,6 @@ c.JupyterHub.load_roles = [{{
     "scopes": ["admin:users", "admin:servers", "access:servers", "admin:groups", "read:users", "tokens"],
     "services": ["e2e"],
 }}]
-c.JupyterHub.cleanup_servers = False      # the restart test keeps servers across hub restarts
 c.DockerSpawner.remove = False            # kept containers: inspected by the GPU test, replaced on respawn
 c.GpuInventory.static_gpus = [{{"uuid": {FAKE_GPU!r}, "name": "NVIDIA A100-SXM4-80GB", "index": 0,
                                  "memory": "80G", "cuda_version": "12.4", "driver_version": "550.54"}}]
@@ -133,12 +132,14 @@ class Hub:
         self.ensure_user(user)
         return self.api("POST", f"/users/{user}/servers/{server}", options or {})
 
+    def progress_request(self, user: str, server: str = "") -> urllib.request.Request:
+        return urllib.request.Request(f"{self.url}/hub/api/users/{user}/servers/{server}/progress",
+                                      headers={"Authorization": f"token {TOKEN}"})
+
     def progress(self, user: str, server: str = "", timeout: float = 300) -> list[dict]:
         """The spawn's progress events (server-sent events), until ready or failed."""
-        request = urllib.request.Request(f"{self.url}/hub/api/users/{user}/servers/{server}/progress",
-                                         headers={"Authorization": f"token {TOKEN}"})
         events = []
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(self.progress_request(user, server), timeout=timeout) as response:
             for line in response:
                 if line.startswith(b"data:"):
                     events.append(json.loads(line[5:]))
@@ -206,7 +207,8 @@ async def _run_code(connection, code: str, timeout: float = 60) -> str:
 
 
 @pytest.fixture(scope="module")
-def hub(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
+def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory):
+    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last."""
     try:
         proxy_command = ensure_proxy(bench_dir())
     except BenchError as error:
@@ -221,7 +223,7 @@ def hub(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
     (profiles / "40-gpu-demo.yaml").write_text(GPU_PROFILE)
     (profiles / "envs" / "gpu.yml").write_text(GPU_ENV)
     extra = state / "extra_config.py"
-    extra.write_text(EXTRA_CONFIG)
+    extra.write_text(EXTRA_CONFIG + getattr(request.module, "HUB_EXTRA_CONFIG", ""))
     env = {
         **os.environ,
         "CONDASPAWNER_BENCH_DIR": str(bench_dir()),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import hashlib
 import http.server
 import json
 import os
@@ -15,12 +13,12 @@ import threading
 import time
 import urllib.request
 import uuid
-import zipfile
 from pathlib import Path
 
 import pytest
 from fixtures_docker import remove_repo_images
 from kernel_script import kernel_round_trip
+from pip_index import tiny_wheel
 
 from jupyterhub_condaspawner.builder import (
     LABEL_ENV_NAME,
@@ -39,24 +37,10 @@ SESSION = uuid.uuid4().hex[:8]
 
 
 def write_wheel(directory: Path, name: str, version: str) -> Path:
-    """A minimal pure-Python wheel whose module reports its version."""
-    module = name.replace("-", "_")
-    dist_info = f"{module}-{version}.dist-info"
-    files = {
-        f"{module}.py": f"VERSION = {version!r}\n",
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: condaspawner-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record_lines = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record_lines.append(f"{path},sha256={digest},{len(text.encode())}")
-    record_lines.append(f"{dist_info}/RECORD,,")
-    files[f"{dist_info}/RECORD"] = "\n".join(record_lines) + "\n"
-    wheel = directory / f"{module}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path, text in files.items():
-            archive.writestr(path, text)
+    """A minimal pure-Python wheel whose module reports its version, in ``directory``."""
+    filename, data = tiny_wheel(name, version)
+    wheel = directory / filename
+    wheel.write_bytes(data)
     return wheel
 
 
@@ -115,11 +99,13 @@ async def test_build_then_cache_hit(builder):
     assert not info.cached and builder.builds_started == before + 1
     phases = [event["phase"] for event in events]
     assert phases[0] == "solve" and phases[-1] == "ready"
-    order = ["solve", "install", "build", "tag", "ready"]
+    order = ["solve", "install", "build", "image", "compile", "pip", "kernel", "tag", "ready"]
     assert [p for p in dict.fromkeys(phases)] == order
     progress = [event["progress"] for event in events]
     assert progress == sorted(progress) and progress[-1] == 100
-    assert any(event["message"].startswith("Step ") for event in events)
+    messages = [event["message"] for event in events]
+    assert "Installing 1 pip package in a container" in messages
+    assert not any(message.startswith("Step ") for message in messages)  # docker's steps stay in the log
 
     image = builder.client.images.get(info.tag)
     assert image.labels[LABEL_KEY] == info.key and info.tag.endswith(info.key[:16])
@@ -184,7 +170,8 @@ async def test_failing_pip_requirement_is_clear_and_retry_works(builder, wheel_i
         await build.result()
     message = str(info.value)
     assert "\n" not in message and len(message) < 700
-    assert "pip install" in message and "returned a non-zero code" in message
+    assert message == f"pip: No matching distribution found for {package}==1.0"
+    assert (info.value.phase, info.value.key) == ("pip", key)
     assert (await events)[-1]["phase"] == "error"
     assert builder.find_image(key) is None
     assert not (Path(builder.cache_dir) / "staging" / key).exists()

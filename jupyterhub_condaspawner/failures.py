@@ -1,0 +1,125 @@
+"""Why a start failed, in one line a user can act on, with the HTTP status it deserves.
+
+Every failure of a spawn leaves ``CondaSpawner.start()`` as a :class:`StartFailure`
+(JupyterHub's ``SpawnException``): the hub then shows ``message`` on the form's error
+page, as the progress page's "Spawn failed: ..." line and in the REST reply, with
+``status_code``, and logs it without a traceback. 4xx: the user's own spec or choice;
+503: capacity or a part that is down, worth retrying; 500: the hub's setup or a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+import docker.errors
+import requests.exceptions
+from jupyterhub.spawner import SpawnException
+from tornado import web
+
+from .builder import BuildError
+from .gpus import GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
+
+_MESSAGE_CHARS = 400
+
+
+class StartFailure(SpawnException):
+    """A failed start: ``message`` is one line for the user, ``log_message`` may say more."""
+
+    def __init__(self, message: str, *, reason: str, status_code: int, log_message: str = ""):
+        message = _one_line(message)
+        super().__init__(message, reason=reason, status_code=status_code, log_message=log_message or message)
+        # JupyterHub shows this on the progress page instead of the exception's repr.
+        self.jupyterhub_message = message
+
+    @property
+    def unexpected(self) -> bool:
+        return self.status_code >= 500 and self.reason == "unexpected"
+
+
+def explain(error: BaseException, *, custom_spec: bool) -> StartFailure:
+    """``error`` (from any phase of a start) as a :class:`StartFailure`.
+
+    ``custom_spec``: the environment is the user's own file, so a spec that cannot be
+    solved or pip-installed is the user's to fix (400); a profile's is the admin's (500).
+    """
+    if isinstance(error, StartFailure):
+        return error
+    if isinstance(error, GpuInfeasible):
+        return StartFailure(error.user_message, reason="gpu-infeasible", status_code=400, log_message=error.detail)
+    if isinstance(error, GpuQuotaExceeded):
+        return StartFailure(error.user_message, reason="quota", status_code=429, log_message=error.detail)
+    if isinstance(error, GpuUnavailable):
+        return StartFailure(error.user_message, reason="capacity", status_code=503, log_message=error.detail)
+    if isinstance(error, BuildError):
+        return _build_failure(error, custom_spec)
+    if isinstance(error, web.HTTPError):
+        return StartFailure(error.log_message or HTTPStatus(error.status_code).phrase,
+                            reason="refused", status_code=error.status_code)
+    if isinstance(error, (requests.exceptions.ConnectionError, docker.errors.DockerException)):
+        return _docker_failure(error)
+    return StartFailure("Unexpected error starting your server: the hub admin can find it in the hub's log",
+                        reason="unexpected", status_code=500, log_message=f"{error.__class__.__name__}: {error}")
+
+
+def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
+    cause = error.cause or str(error)
+    key = f" (build {error.key[:16]}: `condaspawner log {error.key[:16]}`)" if error.key else ""
+    owner = ("check your environment.yml" if custom_spec
+             else "the profile's environment needs fixing: tell the hub admin")
+    phase = error.phase
+    if phase == "solve" and error.unreachable:
+        return StartFailure(f"The package channel cannot be reached ({cause}): try again later", reason="channel",
+                            status_code=503)
+    if phase == "solve":
+        return StartFailure(f"Your environment cannot be solved: {cause}; {owner}" if custom_spec
+                            else f"This profile's environment cannot be solved: {cause}; {owner}",
+                            reason="solve", status_code=400 if custom_spec else 500)
+    if phase == "install":
+        return StartFailure(f"Downloading or installing the packages failed: {cause}; try again later, "
+                            f"or tell the hub admin if it keeps failing{key}", reason="install", status_code=503)
+    if phase == "pip" and error.unreachable:
+        return StartFailure(f"pip could not install the pip: section: {cause}; try again later, or tell the hub "
+                            "admin if it keeps failing", reason="pip-index", status_code=503)
+    if phase == "pip":
+        return StartFailure(f"pip could not install the pip: section: {cause}; "
+                            + ("check the pip: packages of your environment.yml" if custom_spec else owner),
+                            reason="pip", status_code=400 if custom_spec else 500)
+    if phase == "timeout":
+        return StartFailure(f"Building this environment took too long: {cause}; ask the hub admin to prebuild it "
+                            "(`condaspawner build`)", reason="timeout", status_code=503)
+    if phase == "base-image":
+        return StartFailure(f"The hub's base image is missing: {cause}; tell the hub admin", reason="base-image",
+                            status_code=500)
+    if phase == "daemon":
+        return _docker_failure(error)
+    return StartFailure(f"Writing the image failed: {cause}; tell the hub admin{key}", reason="build",
+                        status_code=500)
+
+
+def _docker_failure(error: BaseException) -> StartFailure:
+    text = _one_line(error)
+    if isinstance(error, docker.errors.APIError) and "device driver" in text and "nvidia" in text.lower():
+        return StartFailure("The GPU could not be attached: Docker on this host has no NVIDIA runtime; "
+                            "tell the hub admin", reason="gpu-runtime", status_code=500, log_message=text)
+    if isinstance(error, docker.errors.APIError):
+        return StartFailure(f"Docker refused to start your server: {error.explanation or text}; tell the hub admin",
+                            reason="docker", status_code=500, log_message=text)
+    return StartFailure("The Docker daemon cannot be reached: try again in a minute, or tell the hub admin",
+                        reason="docker-unreachable", status_code=503, log_message=text)
+
+
+def log_failure(log: logging.Logger | logging.LoggerAdapter, who: str, failure: StartFailure,
+                error: BaseException) -> None:
+    """One line per refused or failed start; a traceback only for the unexpected."""
+    if failure.unexpected:
+        log.error("Start of %s failed unexpectedly: %s", who, failure.log_message, exc_info=error)
+    elif failure.status_code >= 500:
+        log.error("Start of %s failed: %s", who, failure.log_message)
+    else:
+        log.warning("Start of %s refused (%s): %s", who, failure.status_code, failure.log_message)
+
+
+def _one_line(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."

@@ -1,0 +1,215 @@
+"""End to end, what a user sees when a start fails, when GPUs are busy, and across a hub restart.
+
+A real hub, proxy and daemon (fixtures_hub), with a fake GPU handed to containers through
+NVIDIA_VISIBLE_DEVICES ("nvidia-runtime" mode, so a GPU server really runs on this GPU-less
+host) and the pip sections of builds pointed at a package index on loopback (pip_index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+from fixtures_hub import FAKE_GPU
+from pip_index import PipIndex
+
+pytestmark = pytest.mark.docker
+
+HUB_EXTRA_CONFIG = """
+import os
+c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
+c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
+                             "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 10}  # the hub's default: quick failures answer the POST
+"""
+GATED = "gated-package"
+NO_SUCH = "definitely-not-a-real-pkg-xyz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pip_index():
+    with PipIndex() as index:
+        os.environ["CONDASPAWNER_TEST_PIP_INDEX"] = index.url
+        yield index
+    os.environ.pop("CONDASPAWNER_TEST_PIP_INDEX", None)
+
+
+def custom_env(conda: str = "cs-alpha", pip: list[str] | None = None) -> str:
+    text = (f"channels: [conda-forge]\ndependencies:\n  - python=3.9\n  - ipykernel\n  - {conda}\n"
+            f"variables: {{RUN: {uuid.uuid4().hex}}}\n")
+    if pip:
+        text = text.replace("variables:", "  - pip:\n" + "".join(f"    - {line}\n" for line in pip) + "variables:")
+    return text
+
+
+class Spawn:
+    """One spawn through REST, its progress events collected live in a thread."""
+
+    def __init__(self, hub, user: str, options: dict, server: str = ""):
+        self.hub, self.user, self.server = hub, user, server
+        self.events: list[dict] = []
+        self.status, self.body = hub.spawn(user, options, server)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        if self.status in (201, 202):
+            self._thread.start()
+
+    def _follow(self) -> None:
+        request = self.hub.progress_request(self.user, self.server)
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if line.startswith(b"data:"):
+                    self.events.append(json.loads(line[5:]))
+                    if self.events[-1].get("ready") or self.events[-1].get("failed"):
+                        return
+
+    def wait(self, timeout: float = 600) -> dict:
+        self._thread.join(timeout)
+        assert self.events, f"no progress events for {self.user} (POST said {self.status}: {self.body})"
+        return self.events[-1]
+
+    def wait_for(self, prefix: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(event["message"].startswith(prefix) for event in self.events):
+            assert time.monotonic() < deadline, f"no {prefix!r} in {self.messages}"
+            assert not (self.events and (self.events[-1].get("failed") or self.events[-1].get("ready"))), \
+                self.messages
+            time.sleep(0.2)
+
+    @property
+    def messages(self) -> list[str]:
+        return [event["message"] for event in self.events]
+
+
+def failure_message(hub, spawn: Spawn) -> str:
+    """The one line a REST client gets: the POST's error, or the progress stream's last event."""
+    if spawn.status >= 400:
+        return spawn.body["message"]
+    final = spawn.wait()
+    assert final.get("failed"), final
+    return final["message"].removeprefix("Spawn failed: ")
+
+
+def assert_one_clean_line(message: str) -> None:
+    assert "\n" not in message and "\x1b" not in message
+    for noise in ("Traceback", "Step ", "/bin/sh", "HTTP 500", "Internal Server Error", "returned a non-zero"):
+        assert noise not in message, message
+
+
+def test_a_spec_that_validates_but_cannot_solve_is_a_400_with_the_reason(hub):
+    log_start = len(hub.log())
+    spawn = Spawn(hub, "frank", {"profile": "python39", "environment": custom_env("cs-gamaa")})
+
+    assert spawn.status == 400, spawn.body
+    message = spawn.body["message"]
+    assert message.startswith("Your environment cannot be solved: ") and "cs-gamaa" in message, message
+    assert message.endswith("check your environment.yml")
+    assert_one_clean_line(message)
+    assert hub.server_model("frank") is None
+    # The progress page (what the browser shows after the form) says the same.
+    events = hub.progress("frank")
+    assert events[-1]["failed"] and events[-1]["message"] == f"Spawn failed: {message}"
+    assert "Traceback" not in hub.log()[log_start:]
+
+
+def test_refused_input_is_one_log_line_without_a_traceback(hub):
+    log_start = len(hub.log())
+    status, body = hub.spawn("mallory2", {"profile": "python39", "environment": "dependencies: [numpy; rm -rf /]"})
+
+    assert status == 400 and body["message"].startswith("environment.yml: dependencies[0]")
+    log = hub.log()[log_start:]
+    assert "Traceback" not in log
+    assert [line for line in log.splitlines() if "Refused options" in line and "mallory2" in line]
+
+
+def test_an_unsatisfiable_pip_section_names_the_requirement(hub, pip_index):
+    spawn = Spawn(hub, "pipper", {"profile": "python39", "environment": custom_env(pip=[f"{NO_SUCH}==1.0"])})
+
+    message = failure_message(hub, spawn)
+    assert message.startswith("pip could not install the pip: section: "), message
+    assert f"No matching distribution found for {NO_SUCH}==1.0" in message
+    assert message.endswith("check the pip: packages of your environment.yml")
+    assert_one_clean_line(message)
+    if spawn.events:  # the build's phases, in words, and no raw Dockerfile step
+        assert not any(m.startswith("Step ") for m in spawn.messages), spawn.messages
+        assert any(m.startswith("Installing 1 pip package") for m in spawn.messages), spawn.messages
+
+
+def test_a_gpu_request_this_hub_can_never_meet_is_refused_at_once(hub):
+    profiles = hub.state / "profiles"
+    (profiles / "45-two-gpus.yaml").write_text(
+        'display_name: "Two fake GPUs"\nslug: two-gpus\nenvironment: envs/gpu.yml\ngpus: 2\ncuda: "12.4"\n')
+    try:
+        status, body = hub.spawn("greedy", {"profile": "two-gpus"})
+    finally:
+        (profiles / "45-two-gpus.yaml").unlink()
+
+    assert status == 400, body
+    assert body["message"].startswith("No GPU is free on this hub: 0 of 1 ('two-gpus' needs 2 GPUs"), body
+    assert "pick another profile" in body["message"]
+    assert hub.server_model("greedy") is None
+
+
+def gpus_held(hub, user: str) -> list[str]:
+    model = hub.server_model(user) or {}
+    return (model.get("state") or {}).get("condaspawner", {}).get("gpus", [])
+
+
+def test_no_gpu_is_held_while_an_image_builds(hub, pip_index):
+    # The GPU profile's own image, built once so that later spawns of it are cache hits.
+    first = Spawn(hub, "gpu-b", {"profile": "gpu-demo"})
+    assert first.wait().get("ready"), first.messages
+    hub.stop_server("gpu-b")
+
+    gate = pip_index.add(GATED, gated=True)
+    try:
+        building = Spawn(hub, "gpu-a", {"profile": "gpu-demo",
+                                        "environment": custom_env("cs-cuda-kernels", [GATED])})
+        building.wait_for("Installing 1 pip package")  # gpu-a's build now waits on the index
+
+        # Meanwhile the only GPU goes to somebody else, and back.
+        other = Spawn(hub, "gpu-b", {"profile": "gpu-demo"})
+        assert other.wait().get("ready"), other.messages
+        assert gpus_held(hub, "gpu-b") == [FAKE_GPU]
+        refused = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
+        assert refused.status == 503, refused.body
+        message = failure_message(hub, refused)
+        assert message.startswith("No GPU is free on this hub: 0 of 1 ('gpu-demo' needs 1 GPU"), message
+        assert "try again when a server stops" in message and "NVML" not in message
+        hub.stop_server("gpu-b")
+        assert not any(m.startswith("GPUs: ") for m in building.messages), building.messages
+    finally:
+        gate.set()
+
+    assert building.wait().get("ready"), building.messages
+    text = building.messages
+    assert text.index(f"GPUs: {FAKE_GPU}") > max(i for i, m in enumerate(text) if m.startswith("Installing 1 pip"))
+    assert gpus_held(hub, "gpu-a") == [FAKE_GPU]
+    hub.stop_server("gpu-a")
+
+
+async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
+    spawn = Spawn(hub, "gpu-r", {"profile": "gpu-demo"})
+    assert spawn.status in (201, 202) and (spawn.status == 201 or spawn.wait().get("ready")), spawn.messages
+
+    hub.stop()  # SIGTERM, as systemd, docker stop or Ctrl-C would
+    hub.start()
+
+    model = hub.server_model("gpu-r")
+    assert model is not None and model["ready"], model
+    output = await hub.execute("gpu-r", "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
+    assert output.strip() == FAKE_GPU
+    refused = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})  # the GPU is still gpu-r's
+    assert refused.status == 503 and refused.body["message"].startswith("No GPU is free on this hub: 0 of 1")
+    after = Spawn(hub, "cpu-after-restart", {"profile": "python39"})
+    assert after.status == 201 or after.wait().get("ready")
+    hub.stop_server("cpu-after-restart")
+    hub.stop_server("gpu-r")
+    again = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
+    assert again.status == 201 or again.wait().get("ready")
+    assert gpus_held(hub, "gpu-c") == [FAKE_GPU]
+    hub.stop_server("gpu-c")

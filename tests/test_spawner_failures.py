@@ -1,0 +1,210 @@
+"""Every failure of a start reaches the user as one line with a fitting status.
+
+A CondaSpawner runs in-process with a stand-in user (as KubeSpawner tests its spawner in
+mock mode) against the bench's real daemon and channel; each test breaks one part: the
+base image, the daemon, the channel's files, the build's time. The end-to-end tests
+(test_e2e_failures.py) show the same lines travel through a real hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from jupyterhub.objects import Hub, Server
+from traitlets.config import Config
+
+from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
+from jupyterhub_condaspawner.failures import StartFailure, explain
+from jupyterhub_condaspawner.spawner import CondaSpawner
+from jupyterhub_condaspawner.spec import parse_environment
+
+
+class StandInUser:
+    """What a spawner reads of a JupyterHub user."""
+
+    def __init__(self, name: str):
+        self.name = self.escaped_name = name
+        self.id = 1
+        self.url = f"/user/{name}/"
+        self.groups: list = []
+        self.server = Server()
+        self.orm_user = None
+
+
+def profiles_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "profiles"
+    if directory.exists():
+        return directory
+    (directory / "envs").mkdir(parents=True)
+    (directory / "10-py.yaml").write_text(
+        "display_name: Python\nslug: py\nenvironment: envs/py.yml\nallow_custom_environment: true\n")
+    (directory / "envs" / "py.yml").write_text("channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha]\n")
+    (directory / "20-gpu.yaml").write_text(
+        'display_name: GPU\nslug: gpu\nenvironment: envs/py.yml\ngpus: 1\ncuda: "12.4"\n')
+    return directory
+
+
+def spawner_for(tmp_path: Path, channel_url: str, **settings) -> CondaSpawner:
+    config = Config()
+    config.ProfileCatalog.profiles_dir = str(profiles_dir(tmp_path))
+    config.Resolver.channel_urls = {"conda-forge": channel_url}
+    config.Resolver.package_cache_dir = str(tmp_path / "pkgs")
+    config.ImageBuilder.cache_dir = str(tmp_path / "builder")
+    config.ImageBuilder.image_repo = f"condaspawner-failtest-{uuid.uuid4().hex[:8]}"
+    for dotted, value in settings.items():
+        section, name = dotted.split("__")
+        setattr(config[section], name, value)
+    return CondaSpawner(user=StandInUser("alice"), hub=Hub(), config=config)
+
+
+def unique_env() -> str:
+    return f"channels: [conda-forge]\ndependencies: [python=3.9, cs-beta]\nvariables: {{RUN: {uuid.uuid4().hex}}}\n"
+
+
+async def failed_start(spawner: CondaSpawner, options: dict) -> tuple[StartFailure, list[str]]:
+    spawner.apply_choice(options)
+    with pytest.raises(StartFailure) as failure:
+        await spawner.start()
+    messages = [event["message"] async for event in spawner.progress()]
+    assert "\n" not in failure.value.message
+    assert failure.value.jupyterhub_message == failure.value.message  # what the progress page shows
+    return failure.value, messages
+
+
+@pytest.mark.docker
+async def test_a_missing_base_image_is_the_admins_to_fix(tmp_path, docker_daemon, dev_python_channel):
+    spawner = spawner_for(tmp_path, dev_python_channel.url, ImageBuilder__base_image="condaspawner-base:no-such-tag")
+
+    failure, _ = await failed_start(spawner, {"profile": "py"})
+
+    assert failure.status_code == 500
+    assert failure.message == ("The hub's base image is missing: condaspawner-base:no-such-tag is not on the Docker "
+                               "host (an admin builds it with `condaspawner base`); tell the hub admin")
+
+
+async def test_an_unreachable_daemon_is_a_503_worth_retrying(tmp_path, monkeypatch, dev_python_channel):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+    spawner = spawner_for(tmp_path, dev_python_channel.url)
+
+    failure, _ = await failed_start(spawner, {"profile": "py"})
+
+    assert (failure.status_code, failure.reason) == (503, "docker-unreachable")
+    assert failure.message == "The Docker daemon cannot be reached: try again in a minute, or tell the hub admin"
+    assert "no-daemon.sock" in failure.log_message  # the details go to the log
+
+
+@pytest.mark.docker
+async def test_a_build_past_build_timeout_says_so(tmp_path, docker_daemon, base_image, dev_python_channel):
+    spawner = spawner_for(tmp_path, dev_python_channel.url, ImageBuilder__build_timeout=0.01)
+
+    failure, messages = await failed_start(spawner, {"profile": "py", "environment": unique_env()})
+
+    assert failure.status_code == 503
+    assert failure.message.startswith("Building this environment took too long: build took longer than 0.01 s "
+                                      "(ImageBuilder.build_timeout); ask the hub admin to prebuild it")
+    assert messages[0].startswith("Looking up the image")
+
+
+@pytest.mark.docker
+async def test_a_package_the_channel_lost_fails_the_install_with_a_retry_hint(tmp_path, docker_daemon, base_image,
+                                                                             dev_python_channel):
+    channel = tmp_path / "channel"
+    shutil.copytree(Path(dev_python_channel.url.removeprefix("file://")), channel)
+    for package in (channel / "noarch").glob("cs-beta-*"):
+        package.unlink()  # still in repodata.json: the solve succeeds, the download cannot
+    spawner = spawner_for(tmp_path, channel.as_uri())
+
+    failure, messages = await failed_start(spawner, {"profile": "py", "environment": unique_env()})
+
+    assert (failure.status_code, failure.reason) == (503, "install")
+    assert failure.message.startswith("Downloading or installing the packages failed: ")
+    assert "cs-beta" in failure.message and "try again later" in failure.message
+    assert any(message.startswith("Solved: ") for message in messages)
+    assert any(message.startswith("Downloading ") for message in messages)
+
+
+@pytest.mark.docker
+async def test_a_spec_that_cannot_solve_is_the_users_to_fix_and_a_profiles_the_admins(tmp_path, docker_daemon,
+                                                                                      base_image, dev_python_channel):
+    spawner = spawner_for(tmp_path, dev_python_channel.url)
+    bad = "channels: [conda-forge]\ndependencies: [python=3.9, no-such-package-xyz]\n"
+
+    failure, _ = await failed_start(spawner, {"profile": "py", "environment": bad})
+    assert (failure.status_code, failure.reason) == (400, "solve")
+    assert failure.message.startswith("Your environment cannot be solved: ")
+    assert "no-such-package-xyz" in failure.message
+
+    (tmp_path / "profiles" / "envs" / "py.yml").write_text(bad)
+    failure, _ = await failed_start(spawner_for(tmp_path, dev_python_channel.url), {"profile": "py"})
+    assert failure.status_code == 500
+    assert failure.message.startswith("This profile's environment cannot be solved: ")
+    assert failure.message.endswith("tell the hub admin")
+
+
+def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "gpu"})
+
+    assert refusal.value.status_code == 400
+    assert refusal.value.message.startswith("No GPU is free on this hub: 0 of 0 ('gpu' needs 1 GPU for CUDA 12.4; ")
+    assert "NVML" not in refusal.value.message and "NVML" in refusal.value.log_message
+    with pytest.raises(ValueError, match="^No GPU is free on this hub: 0 of 0"):  # the form says the same
+        spawner.options_from_form_data({"profile": ["gpu"]})
+
+
+# -- docker's build output, as the build sees it ----------------------------------------------
+
+
+def tracker(pip: tuple[str, ...] = ()) -> _StepTracker:
+    spec = dataclasses.replace(parse_environment("dependencies: [python=3.9]\n"), pip=pip)
+    return _StepTracker(BuildRequest(spec, env_name="custom"), 101_000_000)
+
+
+PIP_STEP = ("Step 9/19 : RUN set -e;     if [ -s /opt/condaspawner/requirements.txt ]; then         "
+            "PIP_CONFIG_FILE=/opt/condaspawner/pip.conf /opt/conda/envs/${ENV_NAME}/bin/python -m pip install "
+            "        --no-cache-dir -r /opt/condaspawner/requirements.txt;     fi")
+
+
+def test_steps_become_phases_a_user_understands():
+    steps = tracker(pip=("requests",))
+    seen = [steps.feed(line) for line in (
+        "Step 1/19 : ARG BASE_IMAGE", "Step 5/19 : COPY env /opt/conda/envs/${ENV_NAME}", " ---> 1f2e3d",
+        "Step 6/19 : RUN /opt/conda/envs/${ENV_NAME}/bin/python -m compileall -q -j 0 /opt/x", PIP_STEP,
+        "Collecting requests", "Step 12/19 : COPY kernel /opt/conda/share/jupyter/kernels/${ENV_NAME}")]
+    assert [message for message in seen if message] == [
+        "Writing the environment into the image (101 MB)", "Compiling the environment's Python files",
+        "Installing 1 pip package in a container", "Registering the kernel"]
+
+
+def test_a_pip_failure_is_pips_error_line_without_docker_noise():
+    steps = tracker(pip=("definitely-not-a-real-pkg-xyz==1.0",))
+    for line in (PIP_STEP, " ---> Running in 6ff3d16200dd",
+                 "\x1b[91mERROR: Could not find a version that satisfies the requirement "
+                 "definitely-not-a-real-pkg-xyz==1.0 (from versions: none)\x1b[0m",
+                 "ERROR: No matching distribution found for definitely-not-a-real-pkg-xyz==1.0",
+                 "Removing intermediate container 6ff3d16200dd"):
+        steps.feed(line)
+    error = steps.failure("The command '/bin/sh -c set -e; ...' returned a non-zero code: 1")
+    assert (error.phase, error.cause) == ("pip", "No matching distribution found for definitely-not-a-real-pkg-xyz==1.0")
+    failure = explain(error, custom_spec=True)
+    assert failure.status_code == 400
+    assert failure.message == ("pip could not install the pip: section: No matching distribution found for "
+                               "definitely-not-a-real-pkg-xyz==1.0; check the pip: packages of your environment.yml")
+
+
+def test_an_unreachable_index_is_not_reported_as_a_missing_package():
+    steps = tracker(pip=("requests",))
+    for line in (PIP_STEP, "WARNING: Retrying (Retry(total=0)) after connection broken by "
+                 "'NewConnectionError(\"Failed to establish a new connection: [Errno 111] Connection refused\")'",
+                 "ERROR: No matching distribution found for requests"):
+        steps.feed(line)
+    error = steps.failure("returned a non-zero code: 1")
+    assert error.unreachable and error.cause == "the package index could not be reached"
+    failure = explain(error, custom_spec=True)
+    assert failure.status_code == 503 and "try again later" in failure.message
