@@ -3,16 +3,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every dependency of the tests, pinned with hashes (Linux, CPython 3.11); `make lock`
+# rewrites it from pyproject.toml's ranges.
+LOCK := requirements/test.lock
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(STAMP)
+
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --upgrade --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu --system-certs --quiet -o $(LOCK)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -435,6 +435,8 @@ class SpecPolicy(Configurable):
         refusal = _pip_policy_refusal(text)
         if refusal:
             raise SpecError(f"{show(text)}: {refusal}", field=_at(where, node))
+        if _EMPTY_OPERATOR.search(text.split(";", 1)[0]):
+            raise SpecError(f"{show(text)} has an operator with no version", field=_at(where, node))
         try:
             requirement = Requirement(text)
         except InvalidRequirement as error:
@@ -488,6 +490,11 @@ def _check_printable(text: str, where: str, node: yaml.Node) -> None:
             f"{show(text)} contains a control or invisible character (U+{ord(control):04X})",
             field=_at(where, node),
         )
+
+
+# A version operator with no version after it. Whether packaging accepts `requests===`
+# (arbitrary equality with an empty string) depends on its release: refuse it here.
+_EMPTY_OPERATOR = re.compile(r"(===|==|!=|~=|<=|>=|<|>)\s*(?=,|\)|$)")
 
 
 def _pip_policy_refusal(text: str) -> str | None:
