@@ -25,7 +25,7 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(BIN)/condaspawner demo $(DEMO_ARGS)
+	$(BIN)/python -m condaspawner_bench demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

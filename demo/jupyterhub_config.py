@@ -1,6 +1,7 @@
 # The demo hub: the example config, adapted to the local bench (no GPU, no registry, no
-# conda-forge). `condaspawner demo` sets up the bench and runs JupyterHub with this file;
-# the end-to-end tests use it too. Log in with any user name and no password.
+# conda-forge). `make demo` (`python -m condaspawner_bench demo`) sets up the bench and
+# runs JupyterHub with this file; the end-to-end tests use it too. Log in with any user
+# name and no password.
 import os
 from pathlib import Path
 

@@ -24,7 +24,7 @@ from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_imag
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from jupyterhub_condaspawner.bench import BenchError, ensure_proxy
+from condaspawner_bench.bench import BenchError, ensure_proxy
 
 TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
 VOLUME_PREFIX = f"condaspawner-e2e-{uuid.uuid4().hex[:8]}-"
