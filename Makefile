@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # rewrites it from pyproject.toml's ranges.
 LOCK := requirements/test.lock
 
-.PHONY: test demo venv lock clean
+.PHONY: test lint demo venv lock clean
 
 $(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ lock: venv
 	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --upgrade --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-unknown-linux-gnu --system-certs --quiet -o $(LOCK)
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m condaspawner_bench demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info

@@ -17,7 +17,7 @@ from traitlets.config import Config
 
 from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
-from jupyterhub_condaspawner.resolve import Resolver, ResolveError
+from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
 from .bench import BenchError, ensure_bench
 from .devchannel import build_dev_channel

@@ -294,9 +294,9 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(str(error))
     results = asyncio.run(_build_with_bars(builder, requests))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT")]
-    for label, info, error in results:
+    for label, info, failure in results:
         if info is None:
-            rows.append((label, "", "", "", "", f"FAILED: {error}"))
+            rows.append((label, "", "", "", "", f"FAILED: {failure}"))
         else:
             rows.append((label, info.key[:16], info.tag, _size(info.size), f"{info.seconds:.1f}",
                          "cached" if info.cached else "built"))
