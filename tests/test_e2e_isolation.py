@@ -7,6 +7,7 @@ the names that shared one volume under the old "{username}{servername}" template
 
 from __future__ import annotations
 
+import urllib.parse
 import uuid
 
 import pytest
@@ -70,6 +71,21 @@ async def test_users_whose_names_run_together_get_separate_homes(hub, docker_dae
     for user in ("erin", "erino", "erinone"):  # each home is labelled with its one owner
         assert client.volumes.get(VOLUME_PREFIX + "home-" + user).attrs["Labels"] == {LABEL_USER: user}
     assert erinos != erins
+
+
+async def test_a_name_with_control_characters_does_not_get_joses_home(hub, docker_daemon):
+    # DockerSpawner's own escaping wrote both names as "jos-c3-a9".
+    client = docker_daemon.client()
+    victim, attacker = "josé", "jos\x0c3\n9"
+    in_url = {name: urllib.parse.quote(name) for name in (victim, attacker)}  # as the REST API names them
+    spawn_ready(hub, in_url[victim])
+    await write_secret(hub, in_url[victim])
+    spawn_ready(hub, in_url[attacker])
+    assert await secrets_seen(hub, in_url[attacker]) == []
+    homes = {home_of(running_container(client, name)) for name in (victim, attacker)}
+    for name in (attacker, victim):
+        hub.stop_server(in_url[name])
+    assert homes == {VOLUME_PREFIX + "home-jos-c3-a9", VOLUME_PREFIX + "home-jos-0c3-0a9"}
 
 
 async def test_one_users_servers_share_one_home(hub, docker_daemon):
