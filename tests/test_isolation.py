@@ -25,7 +25,7 @@ from traitlets.config import Config, PyFileConfigLoader
 
 from jupyterhub_condaspawner.gpus import LABEL_USER
 from dockerspawner import DockerSpawner
-from jupyterhub_condaspawner.isolation import escape_name, is_user_template
+from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
 from jupyterhub_condaspawner.spawner import CondaSpawner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +149,11 @@ def test_hardening_defaults_and_the_swap_cap(db):
     relaxed = make_spawner(db, config, "erin")
     relaxed.mem_limit = "2G"
     assert relaxed.hardening_host_config({}) == {}
+
+
+def test_every_isolation_setting_has_help_with_a_config_example():
+    for name, trait in IsolationMixin.class_traits(config=True).items():
+        assert f"c.CondaSpawner.{name} = " in trait.help, name
 
 
 # -- real containers on the bench daemon -----------------------------------------------------
