@@ -1,4 +1,4 @@
-"""What keeps one user's server away from another's home and from the host.
+r"""What keeps one user's server away from another's home and from the host.
 
 Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
 
@@ -9,7 +9,6 @@ Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
   (``jos-c3-a9``). :func:`escape_name` always writes two digits: the same names as
   DockerSpawner's for every user name without control characters, and reversible,
   so no two user names share one.
-
 - **Hardening defaults** for every server container (admin traits): no capabilities,
   ``no-new-privileges``, a PID limit, no swap beyond the memory limit. They go in
   *under* the admin's own ``extra_host_config``, which wins for single values and
