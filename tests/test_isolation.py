@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import uuid
 from pathlib import Path
 
 import pytest
+from dockerspawner import DockerSpawner
 from escapism import unescape
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +24,6 @@ from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
 from jupyterhub_condaspawner.gpus import LABEL_USER
-from dockerspawner import DockerSpawner
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
 from jupyterhub_condaspawner.spawner import CondaSpawner
 
