@@ -54,11 +54,21 @@ c.GpuAllocator.device_mode = "device-request"  # or "nvidia-runtime"
 c.DockerSpawner.network_name = "jupyterhub"
 c.JupyterHub.hub_ip = "0.0.0.0"
 c.JupyterHub.hub_connect_ip = "jupyterhub"  # the hub container's name on that network
-# A per-user home volume survives rebuilds, restarts and environment changes.
-c.DockerSpawner.volumes = {"jupyterhub-user-{username}{servername}": "/home/jovyan"}
+# One home volume per user, shared by all of that user's servers; it survives rebuilds,
+# restarts and environment changes. Name it from {username} (DockerSpawner's escaped,
+# collision-free user name) and nothing user-chosen next to it: "{username}{servername}"
+# gives erin's server "one" and erino's server "ne" the same volume. CondaSpawner labels
+# each per-user volume with its owner and refuses to mount one that another user owns.
+c.DockerSpawner.volumes = {"jupyterhub-home-{username}": "/home/jovyan"}
 c.DockerSpawner.remove = True  # containers are disposable; the volume holds the work
 c.DockerSpawner.cpu_limit = 2  # defaults; a profile's cpu_limit / mem_limit win
 c.DockerSpawner.mem_limit = "4G"
+# Hardening (these are the defaults): no capabilities, no privilege gain, at most 4096
+# processes and threads, no swap beyond mem_limit. extra_host_config adds to or overrides them.
+c.CondaSpawner.cap_drop = ["ALL"]
+c.CondaSpawner.security_opt = ["no-new-privileges"]
+c.CondaSpawner.pids_limit = 4096
+c.CondaSpawner.allow_swap = False
 
 # -- Idle servers give their GPUs back -------------------------------------------------------
 # pip install jupyterhub-idle-culler

@@ -47,15 +47,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jupyterhub_condaspawner.baseimage import BASE_TAG, build_offline_base
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the bench package lives in the checkout, not the wheel
+
+from condaspawner_bench.devchannel import build_dev_channel, read_channel_info
+from condaspawner_bench.dockerd import DaemonHandle, ensure_daemon
+from condaspawner_bench.offlinebase import build_offline_base
+from jupyterhub_condaspawner.baseimage import BASE_TAG
 from jupyterhub_condaspawner.builder import (
     LABEL_KEY,
     BuildRequest,
     ImageBuilder,
     ImageInfo,
 )
-from jupyterhub_condaspawner.devchannel import build_dev_channel, read_channel_info
-from jupyterhub_condaspawner.dockerd import DaemonHandle, ensure_daemon
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -64,8 +68,6 @@ CHANNEL_NAME = "conda-forge"  # what the specs name; mapped to the dev channel's
 CACHE_HIT_GOAL_MS = 20.0
 COLD_BUILD_GOAL_S = 30.0
 RUN_ID = uuid.uuid4().hex[:8]
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_dir() -> Path:

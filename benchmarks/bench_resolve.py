@@ -36,8 +36,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jupyterhub_condaspawner import devchannel
-from jupyterhub_condaspawner.devchannel import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the bench package lives in the checkout, not the wheel
+
+from condaspawner_bench import devchannel
+from condaspawner_bench.devchannel import (
     CondaPackage,
     PackageFile,
     index_channel,
@@ -58,8 +61,6 @@ CHANNEL_NAME = "conda-forge"  # what the specs name; mapped to the local channel
 
 SOLVE_GOAL_S = 1.0
 INSTALL_RATIO_GOAL = 0.2
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_dir() -> Path:

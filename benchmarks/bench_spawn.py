@@ -5,7 +5,7 @@ Prints figures next to the goals from the issue; it asserts nothing. Run it with
 
     .venv/bin/python benchmarks/bench_spawn.py [--spawns N] [--users N] [--envs N] [--keep-logs DIR]
 
-It sets the bench up with ``jupyterhub_condaspawner.bench.ensure_bench()`` (Docker
+It sets the bench up with ``condaspawner_bench.bench.ensure_bench()`` (Docker
 daemon, local conda channel, offline base image, configurable-http-proxy; all cached)
 and runs real JupyterHub processes from ``demo/jupyterhub_config.py`` through the
 ``Hub`` harness of ``tests/fixtures_hub.py``: host networking, everything on
@@ -49,11 +49,11 @@ from datetime import datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]  # the bench package and the tests' harness
 
 from fixtures_hub import TOKEN, Hub, free_port  # the tests' hub harness
 
-from jupyterhub_condaspawner.bench import Bench, ensure_bench
+from condaspawner_bench.bench import Bench, ensure_bench
 
 RUN_ID = uuid.uuid4().hex[:8]
 IMAGE_REPO = f"condaspawner-benchspawn-{RUN_ID}"

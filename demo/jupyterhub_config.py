@@ -1,6 +1,7 @@
 # The demo hub: the example config, adapted to the local bench (no GPU, no registry, no
-# conda-forge). `condaspawner demo` sets up the bench and runs JupyterHub with this file;
-# the end-to-end tests use it too. Log in with any user name and no password.
+# conda-forge). `make demo` (`python -m condaspawner_bench demo`) sets up the bench and
+# runs JupyterHub with this file; the end-to-end tests use it too. Log in with any user
+# name and no password.
 import os
 from pathlib import Path
 
@@ -37,7 +38,10 @@ c.ImageBuilder.cache_dir = str(state / "builder")
 c.ImageBuilder.image_repo = os.environ.get("CONDASPAWNER_DEMO_IMAGE_REPO", "condaspawner-demo")
 c.ImageBuilder.build_memory_limit = None
 c.DockerSpawner.network_name = "host"  # all traffic stays on loopback
-c.DockerSpawner.volumes = {"condaspawner-demo-{username}{servername}": "/home/jovyan"}
+# One home per user, shared by all of their servers. {username} is DockerSpawner's escaped
+# name (injective), so no two users get one name. The tests set their own prefix (cleanup).
+volume_prefix = os.environ.get("CONDASPAWNER_DEMO_VOLUME_PREFIX", "condaspawner-demo-")
+c.DockerSpawner.volumes = {volume_prefix + "home-{username}": "/home/jovyan"}
 c.DockerSpawner.remove = True
 c.JupyterHub.cleanup_servers = False  # as in the example: Ctrl-C keeps users' servers running
 c.JupyterHub.services = []  # the idle culler is a separate package

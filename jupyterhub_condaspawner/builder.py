@@ -205,7 +205,7 @@ class ImageBuilder(LoggingConfigurable):
         config=True,
         help="""Base image every environment image is built FROM (Miniconda + the single-user server).
 
-        Build it with `condaspawner base` (or `condaspawner base --offline`).
+        Build it with `condaspawner base` (the test bench: `python -m condaspawner_bench base`).
 
         c.ImageBuilder.base_image = "condaspawner-base:py39"
         """,

@@ -2,47 +2,33 @@
 
 Every command takes ``--config FILE`` (a traitlets config such as jupyterhub_config.py)
 so the command line and the hub share one configuration.
+
+Each command imports only what it uses: ``validate`` must not pay for docker, the
+builder or the hub (jupyterhub, sqlalchemy, tornado) on every call.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
-import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import docker
-from tqdm import tqdm
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
-from .baseimage import (
-    BASE_TAG,
-    ImageBuildError,
-    build_offline_base,
-    build_production_base,
-)
-from .bench import BenchError, ensure_bench
-from .builder import (
-    LABEL_CREATED,
-    LABEL_KEY,
-    BuildError,
-    BuildRequest,
-    ImageBuilder,
-    request_for_profile,
-)
-from .devchannel import build_dev_channel
-from .dockerd import BenchDaemonError
-from .profiles import ProfileCatalog, ProfileError
-from .resolve import ResolveError, Resolver
-from .spec import SpecError, SpecPolicy
+if TYPE_CHECKING:
+    import docker
+
+    from .builder import BuildRequest, ImageBuilder
+    from .profiles import Profile, ProfileCatalog
+    from .resolve import Resolver
 
 
 class CommandError(Exception):
@@ -66,6 +52,8 @@ def load_config(path: str | None) -> Config:
 
 
 def _read_input(name: str) -> bytes:
+    from .spec import SpecError
+
     if name == "-":
         return sys.stdin.buffer.read()
     try:
@@ -75,6 +63,8 @@ def _read_input(name: str) -> bytes:
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    from .spec import SpecError, SpecPolicy
+
     policy = SpecPolicy(config=config)
     results = []
     for name in args.files:
@@ -95,7 +85,7 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
 # -- profiles -----------------------------------------------------------------------
 
 
-def _describe_gpus(profile) -> str:
+def _describe_gpus(profile: Profile) -> str:
     if not profile.gpus:
         return "cpu"
     model = f" {profile.gpu_model}" if profile.gpu_model else ""
@@ -104,6 +94,8 @@ def _describe_gpus(profile) -> str:
 
 
 def cmd_profiles(args: argparse.Namespace, config: Config) -> int:
+    from .profiles import ProfileCatalog, ProfileError
+
     catalog = ProfileCatalog(config=config)
     if args.directory:
         catalog.profiles_dir = args.directory
@@ -125,7 +117,7 @@ def cmd_profiles(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _profile_json(profile) -> dict:
+def _profile_json(profile: Profile) -> dict[str, Any]:
     return {
         "slug": profile.slug,
         "display_name": profile.display_name,
@@ -148,10 +140,12 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-# -- resolve, dev-channel -------------------------------------------------------------
+# -- resolve ---------------------------------------------------------------------------
 
 
 def _resolver(args: argparse.Namespace, config: Config) -> Resolver:
+    from .resolve import Resolver
+
     resolver = Resolver(config=config)
     if getattr(args, "channel_alias", None):
         resolver.channel_alias = args.channel_alias
@@ -159,6 +153,11 @@ def _resolver(args: argparse.Namespace, config: Config) -> Resolver:
 
 
 def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
+    import asyncio
+
+    from .resolve import ResolveError
+    from .spec import SpecError, SpecPolicy
+
     try:
         spec = SpecPolicy(config=config).parse(_read_input(args.file), source=args.file)
         lock = asyncio.run(_resolver(args, config).solve(spec, cuda=args.cuda))
@@ -174,13 +173,10 @@ def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
-    url = build_dev_channel(Path(args.directory), progress=lambda line: print(line, file=sys.stderr))
-    print(url)
-    return 0
+def docker_client() -> docker.DockerClient:
+    """A client of the daemon ``DOCKER_HOST`` names (or the default socket) that answers."""
+    import docker
 
-
-def _docker_client() -> docker.DockerClient:
     try:
         client = docker.from_env()
         client.ping()
@@ -190,20 +186,21 @@ def _docker_client() -> docker.DockerClient:
 
 
 def cmd_base(args: argparse.Namespace, config: Config) -> int:
-    client = _docker_client()
+    from .baseimage import ImageBuildError, build_production_base
+
+    client = docker_client()
     try:
-        if args.offline:
-            resolver = _resolver(args, config)
-            image_id = asyncio.run(build_offline_base(client, Path(args.bench_dir), resolver, tag=args.tag))
-        else:
-            image_id = build_production_base(client, tag=args.tag)
-    except ResolveError as error:
-        raise CommandError(f"cannot resolve the base environment: {error}")
+        image_id = build_production_base(client, tag=args.tag)
     except ImageBuildError as error:
-        lines = str(error).splitlines()
-        raise CommandError(lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+        raise CommandError(one_line(error))
     print(image_id)
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """A multi-line build error as its first line ... its last line."""
+    lines = str(error).splitlines() or [error.__class__.__name__]
+    return lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
 
 
 def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
@@ -219,30 +216,13 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    try:
-        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None,
-                             say=lambda line: print(line, file=sys.stderr))
-    except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
-        raise CommandError(f"cannot set up the demo bench: {error}")
-    demo_config = Path(args.hub_config).resolve()
-    if not demo_config.is_file():
-        raise CommandError(f"demo config not found: {demo_config} (run this from the project folder)")
-    os.environ.update({
-        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
-        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
-        "CONDASPAWNER_DEMO_PORT": str(args.port),
-    })
-    print(f"demo hub: http://127.0.0.1:{args.port}/ (any user name, no password; "
-          "'student' sees the course profile)", file=sys.stderr)
-    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
-
-
 # -- build, ls, gc, lock, log ------------------------------------------------------------
 
 
 def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
-    builder = ImageBuilder(config=config, docker_client=_docker_client())
+    from .builder import ImageBuilder
+
+    builder = ImageBuilder(config=config, docker_client=docker_client())
     if args.channel_alias:
         builder.resolver.channel_alias = args.channel_alias
     return builder
@@ -250,6 +230,9 @@ def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
 
 def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str, BuildRequest]]:
     """(label, request) for each FILE, or for every profile with an environment."""
+    from .builder import BuildRequest, request_for_profile
+    from .spec import SpecError, SpecPolicy
+
     if args.files:
         policy = SpecPolicy(config=config)
         try:
@@ -261,6 +244,8 @@ def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str,
 
 
 def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
+    from .profiles import ProfileCatalog, ProfileError
+
     catalog = ProfileCatalog(config=config)
     if directory:
         catalog.profiles_dir = directory
@@ -272,6 +257,12 @@ def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
 
 
 async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, BuildRequest]]) -> list[tuple]:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from .builder import BuildError
+
     async def one(position: int, label: str, request: BuildRequest) -> tuple:
         bar = tqdm(total=100, desc=label[:24].ljust(24), position=position, leave=True, file=sys.stderr,
                    bar_format="{desc} {bar} {percentage:3.0f}% {postfix}", disable=None)
@@ -289,6 +280,10 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
 
 
 def cmd_build(args: argparse.Namespace, config: Config) -> int:
+    import asyncio
+
+    from .builder import BuildError
+
     builder = _builder(args, config)
     requests = _build_requests(args, config)
     if not requests:
@@ -299,9 +294,9 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(str(error))
     results = asyncio.run(_build_with_bars(builder, requests))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT")]
-    for label, info, error in results:
+    for label, info, failure in results:
         if info is None:
-            rows.append((label, "", "", "", "", f"FAILED: {error}"))
+            rows.append((label, "", "", "", "", f"FAILED: {failure}"))
         else:
             rows.append((label, info.key[:16], info.tag, _size(info.size), f"{info.seconds:.1f}",
                          "cached" if info.cached else "built"))
@@ -310,6 +305,8 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
+    from .builder import LABEL_CREATED, LABEL_KEY, BuildError, request_for_profile
+
     builder = _builder(args, config)
     profiles_by_key: dict[str, list[str]] = {}
     with contextlib.suppress(CommandError, BuildError):
@@ -330,6 +327,8 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, config: Config) -> int:
+    from .builder import LABEL_KEY
+
     builder = _builder(args, config)
     removed = builder.gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -370,7 +369,7 @@ def cmd_log(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _size(size: int) -> str:
+def _size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -385,16 +384,32 @@ def _when(timestamp: float) -> str:
 # -- entry point ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="condaspawner", description=__doc__.splitlines()[0])
+Handler = Callable[[argparse.Namespace, Config], int]
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, AddCommand]:
+    """A parser with ``--debug``, and ``add(name, handler, help, rattler_async=False)`` for commands.
+
+    ``rattler_async`` marks commands that await py-rattler (see ``run``).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Handler, help_text: str, rattler_async: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", metavar="FILE", help="traitlets config file, e.g. jupyterhub_config.py")
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, rattler_async=rattler_async)
         return sub
+
+    return parser, add
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .baseimage import BASE_TAG
+
+    parser, add = command_parser("condaspawner", __doc__.splitlines()[0])
 
     validate = add("validate", cmd_validate, "check environment.yml files: 'FILE: ok KEY' or 'FILE: error: REASON'")
     validate.add_argument("files", nargs="+", metavar="FILE", help="environment files ('-' reads stdin)")
@@ -403,24 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = add("profiles", cmd_profiles, "list the admin profiles, or every problem in them")
     profiles.add_argument("directory", nargs="?", metavar="DIR", help="profiles directory (default: from config)")
     profiles.add_argument("--json", action="store_true", help="print profiles as JSON")
-    resolve = add("resolve", cmd_resolve, "solve an environment.yml and print its lock (one package per line)")
+    resolve = add("resolve", cmd_resolve, "solve an environment.yml and print its lock (one package per line)",
+                  rattler_async=True)
     resolve.add_argument("file", metavar="FILE", help="environment file ('-' reads stdin)")
     resolve.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
     resolve.add_argument("--cuda", metavar="VERSION", help="solve for this __cuda version, as a GPU profile does")
     resolve.add_argument("--json", action="store_true", help="print the lock as JSON")
     resolve.add_argument("--lock-file", metavar="OUT", help="also write a rattler lock file (pixi.lock format)")
 
-    dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL")
-    dev_channel.add_argument("directory", metavar="DIR")
-    base = add("base", cmd_base, "build the base image (conda + Python 3.9 + single-user server); print its id")
-    base.add_argument("--offline", action="store_true",
-                      help="no registry: debootstrap Debian and install Python from the configured conda channel")
-    base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder for --offline")
-    base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    base = add("base", cmd_base, "build the production base image (Miniconda Python 3.9 + single-user server) "
+               "from the packaged recipe; needs the internet; print its id")
     base.add_argument("--tag", default=BASE_TAG, help=f"image tag (default {BASE_TAG})")
     gpus = add("gpus", cmd_gpus, "list GPUs: memory, utilization, which server holds each and since when")
     gpus.add_argument("--json", action="store_true", help="print GPUs, holders and notes as JSON")
-    build = add("build", cmd_build, "prebuild the images of every profile, or of the given environment files")
+    build = add("build", cmd_build, "prebuild the images of every profile, or of the given environment files",
+                rattler_async=True)
     build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")
     build.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
     ls = add("ls", cmd_ls, "list environment images: key, image, size, created, last used, profiles")
@@ -433,21 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
     for sub in (build, ls, gc, lock, log):
         sub.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
-    demo = add("demo", cmd_demo, "set up the bench (daemon, channel, base image, proxy) and run the demo hub")
-    demo.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1 (default 8000)")
-    demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
-    demo.add_argument("--hub-config", default="demo/jupyterhub_config.py", metavar="FILE")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command: expected failures are one ``error:`` line."""
+    args = parser.parse_args(argv)
     try:
         return _run(args)
     finally:
-        # py-rattler 0.28's worker threads may still hold the GIL briefly after an
-        # awaited call; exiting during that window aborts the process (exit 134).
-        time.sleep(0.1)
+        if args.rattler_async:
+            # py-rattler 0.28's worker threads may still hold the GIL briefly after an
+            # awaited call; exiting during that window aborts the process (exit 134).
+            time.sleep(0.1)
 
 
 def _run(args: argparse.Namespace) -> int:

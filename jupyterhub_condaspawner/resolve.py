@@ -29,6 +29,7 @@ from rattler import (
     MatchSpec,
     PackageName,
     RepoDataRecord,
+    Subdir,
     Version,
 )
 from traitlets import Dict, Float, List, Unicode, default
@@ -207,7 +208,7 @@ class Resolver(Configurable):
     def channel_urls_for(self, spec: EnvironmentSpec) -> list[str]:
         """The spec's channels as URLs, in order, plus those named by `channel::package` specs."""
         names = [name for name in spec.channels if name != NO_DEFAULTS] or list(self.default_channels)
-        names += [MatchSpec(text).channel.name for text in spec.conda if "::" in text]
+        names += [_channel_name(text) for text in spec.conda if "::" in text]
         return list(dict.fromkeys(self.channel_url(name) for name in names))
 
     def _solver_spec(self, text: str) -> str:
@@ -216,7 +217,7 @@ class Resolver(Configurable):
             return text
         prefix, rest = text.split("::", 1)
         match_spec = MatchSpec(text)
-        url = self.channel_url(match_spec.channel.name)
+        url = self.channel_url(_channel_name(text))
         subdir = f"/{match_spec.subdir}" if match_spec.subdir else ""
         return f"{url}{subdir}::{rest}"
 
@@ -243,7 +244,7 @@ class Resolver(Configurable):
                 rattler.solve(
                     channels,
                     [self._solver_spec(text) for text in spec.conda],
-                    platforms=[self.platform, "noarch"],
+                    platforms=[Subdir(self.platform), Subdir("noarch")],
                     virtual_packages=virtual,
                     timeout=datetime.timedelta(seconds=self.solve_timeout),
                     # conda's default: every python brings pip (the pip: section needs it).
@@ -332,3 +333,11 @@ def _first_and_root_cause(error: Exception) -> str:
 def _one_line(error: Any) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+
+
+def _channel_name(text: str) -> str:
+    """The channel of a validated `channel::package` spec (SpecPolicy refused URL channels)."""
+    channel = MatchSpec(text).channel
+    if channel is None or channel.name is None:
+        raise ResolveError(f"{text!r} names no channel")
+    return channel.name

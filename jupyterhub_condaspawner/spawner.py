@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -31,6 +32,7 @@ from .builder import (
 )
 from .failures import StartFailure, explain, log_failure
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
+from .isolation import IsolationMixin
 from .profiles import Profile, ProfileCatalog, ProfileError
 from .resolve import NO_DEFAULTS
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
@@ -80,7 +82,7 @@ def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
     spawner.apply_choice(user_options)
 
 
-class CondaSpawner(DockerSpawner):
+class CondaSpawner(IsolationMixin, DockerSpawner):
     """Spawn JupyterLab in a cached image built from a profile or a user's environment.yml."""
 
     replace_changed_containers = Bool(
@@ -393,9 +395,12 @@ class CondaSpawner(DockerSpawner):
         return env
 
     async def create_object(self):
+        await self.claim_user_volumes()  # before docker creates them unlabelled for the binds
         admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
-        self.extra_create_kwargs = _merged(self._eval_if_callable(admin_kwargs), {"labels": self._extra_labels})
-        self.extra_host_config = _merged(self._eval_if_callable(admin_host),
+        host = await _evaluated(self, admin_host)
+        self.extra_create_kwargs = _merged(await _evaluated(self, admin_kwargs), {"labels": self._extra_labels})
+        # Hardening defaults first: the admin's own extra_host_config wins, or adds to lists.
+        self.extra_host_config = _merged(_merged(self.hardening_host_config(host), host),
                                          {"device_requests": self._device_requests} if self._device_requests else {})
         try:
             return await super().create_object()
@@ -453,6 +458,12 @@ class CondaSpawner(DockerSpawner):
     def clear_state(self) -> None:
         super().clear_state()
         self._image_info = None
+
+
+async def _evaluated(spawner: DockerSpawner, value: Any) -> Any:
+    """An admin's extra_* setting: a dict, or what its (maybe async) callable returns."""
+    value = spawner._eval_if_callable(value)
+    return await value if inspect.isawaitable(value) else value
 
 
 def _merged(base: dict | None, extra: dict) -> dict:

@@ -22,7 +22,7 @@ from typing import Iterator
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from rattler import MatchSpec
+from rattler import Channel, MatchSpec
 from traitlets import Integer, List, Unicode
 from traitlets.config import Configurable
 
@@ -161,7 +161,7 @@ class _StrictLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def compose_mapping_node(self, anchor):
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
         node = super().compose_mapping_node(anchor)
         seen: set[str] = set()
         for key_node, _ in node.value:
@@ -417,12 +417,11 @@ class SpecPolicy(Configurable):
             raise SpecError(f"{show(text)} names no package", field=_at(where, node))
         self._check_length(match_spec.name.normalized, self.max_name_length, where, node)
         if match_spec.channel is not None:
-            self._check_spec_channel(match_spec, text, where, node)
+            self._check_spec_channel(match_spec.channel, text, where, node)
         return str(match_spec)
 
-    def _check_spec_channel(self, match_spec: MatchSpec, text: str, where: str, node: yaml.Node) -> None:
-        channel = match_spec.channel
-        if channel.base_url != f"{_ANACONDA_ALIAS}{channel.name}/":
+    def _check_spec_channel(self, channel: Channel, text: str, where: str, node: yaml.Node) -> None:
+        if channel.name is None or channel.base_url != f"{_ANACONDA_ALIAS}{channel.name}/":
             raise SpecError(
                 f"{show(text)} names its channel by URL or path; use a channel name "
                 f"({', '.join(self.allowed_channels)})",
@@ -435,6 +434,8 @@ class SpecPolicy(Configurable):
         refusal = _pip_policy_refusal(text)
         if refusal:
             raise SpecError(f"{show(text)}: {refusal}", field=_at(where, node))
+        if _EMPTY_OPERATOR.search(text.split(";", 1)[0]):
+            raise SpecError(f"{show(text)} has an operator with no version", field=_at(where, node))
         try:
             requirement = Requirement(text)
         except InvalidRequirement as error:
@@ -488,6 +489,11 @@ def _check_printable(text: str, where: str, node: yaml.Node) -> None:
             f"{show(text)} contains a control or invisible character (U+{ord(control):04X})",
             field=_at(where, node),
         )
+
+
+# A version operator with no version after it. Whether packaging accepts `requests===`
+# (arbitrary equality with an empty string) depends on its release: refuse it here.
+_EMPTY_OPERATOR = re.compile(r"(===|==|!=|~=|<=|>=|<|>)\s*(?=,|\)|$)")
 
 
 def _pip_policy_refusal(text: str) -> str | None:

@@ -1,11 +1,11 @@
-"""Session fixtures for the local conda dev channel (see jupyterhub_condaspawner.devchannel)."""
+"""Session fixtures for the local conda dev channel (see condaspawner_bench.devchannel)."""
 
 from __future__ import annotations
 
 import pytest
 from fixtures_docker import bench_dir, bench_unavailable
 
-from jupyterhub_condaspawner.devchannel import (
+from condaspawner_bench.devchannel import (
     ChannelInfo,
     build_dev_channel,
     read_channel_info,

@@ -16,18 +16,17 @@ from pathlib import Path
 import docker
 import pytest
 
-from jupyterhub_condaspawner.baseimage import (
-    BASE_TAG,
-    ROOTFS_TAG,
-    ImageBuildError,
-    build_offline_base,
-    build_rootfs_image,
-)
-from jupyterhub_condaspawner.dockerd import (
+from condaspawner_bench.dockerd import (
     BenchDaemonError,
     DaemonHandle,
     ensure_daemon,
 )
+from condaspawner_bench.offlinebase import (
+    ROOTFS_TAG,
+    build_offline_base,
+    build_rootfs_image,
+)
+from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import Resolver
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_imag
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from jupyterhub_condaspawner.bench import BenchError, ensure_proxy
+from condaspawner_bench.bench import BenchError, ensure_proxy
 
 TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
 VOLUME_PREFIX = f"condaspawner-e2e-{uuid.uuid4().hex[:8]}-"
@@ -41,7 +41,6 @@ c.DockerSpawner.remove = False            # kept containers: inspected by the GP
 c.GpuInventory.static_gpus = [{{"uuid": {FAKE_GPU!r}, "name": "NVIDIA A100-SXM4-80GB", "index": 0,
                                  "memory": "80G", "cuda_version": "12.4", "driver_version": "550.54"}}]
 c.JupyterHub.allow_named_servers = True
-c.DockerSpawner.volumes = {{{VOLUME_PREFIX!r} + "{{username}}{{servername}}": "/home/jovyan"}}
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}  # POST returns at once; progress streams the rest
 """
 GPU_PROFILE = """
@@ -164,17 +163,18 @@ class Hub:
         prefix = f"/user/{user}/{server + '/' if server else ''}"
         return self.request(method, f"{prefix}api{path}", body)
 
-    async def execute(self, user: str, kernel_name: str, code: str) -> str:
+    async def execute(self, user: str, kernel_name: str, code: str, server: str = "") -> str:
         """Start a kernel through the server's REST API and run ``code`` over its websocket."""
-        status, kernel = self.user_api(user, "/kernels", "POST", {"name": kernel_name})
+        status, kernel = self.user_api(user, "/kernels", "POST", {"name": kernel_name}, server=server)
         assert status == 201, kernel
-        url = f"ws://127.0.0.1:{self.port}/user/{user}/api/kernels/{kernel['id']}/channels"
+        prefix = f"/user/{user}/{server + '/' if server else ''}"
+        url = f"ws://127.0.0.1:{self.port}{prefix}api/kernels/{kernel['id']}/channels"
         connection = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {TOKEN}"}))
         try:
             return await _run_code(connection, code)
         finally:
             connection.close()
-            self.user_api(user, f"/kernels/{kernel['id']}", "DELETE")
+            self.user_api(user, f"/kernels/{kernel['id']}", "DELETE", server=server)
 
 
 async def _run_code(connection, code: str, timeout: float = 60) -> str:
@@ -235,6 +235,7 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
         "CONDASPAWNER_DEMO_PROFILES": str(profiles),
         "CONDASPAWNER_DEMO_IMAGE_REPO": f"condaspawner-e2e-{uuid.uuid4().hex[:8]}",
         "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
+        "CONDASPAWNER_DEMO_VOLUME_PREFIX": VOLUME_PREFIX,  # the demo's own home template, test-named
     }
     hub = Hub(state, env)
     hub.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kernel_script import kernel_round_trip
 
-from jupyterhub_condaspawner.baseimage import BASE_RECIPE_LABEL
+from condaspawner_bench.offlinebase import BASE_RECIPE_LABEL
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -53,7 +53,7 @@ def test_offline_base_is_cached(docker_daemon, base_image, dev_python_channel):
 
     from fixtures_docker import bench_dir
 
-    from jupyterhub_condaspawner.baseimage import build_offline_base
+    from condaspawner_bench.offlinebase import build_offline_base
 
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
     started = time.monotonic()

@@ -20,8 +20,8 @@ from rattler import (
 )
 from rattler.exceptions import SolverError
 
-from jupyterhub_condaspawner import devchannel
-from jupyterhub_condaspawner.devchannel import (
+from condaspawner_bench import devchannel
+from condaspawner_bench.devchannel import (
     PREFIX_PLACEHOLDER,
     SYNTHETIC_VERSIONS,
     SyntheticPackage,

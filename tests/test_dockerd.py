@@ -9,18 +9,19 @@ from pathlib import Path
 
 import docker
 import pytest
-from fixtures_docker import REPO, bench_dir, bench_unavailable
+from fixtures_docker import bench_dir, bench_unavailable
 
-from jupyterhub_condaspawner import baseimage
-from jupyterhub_condaspawner.baseimage import (
+from condaspawner_bench import offlinebase
+from condaspawner_bench.dockerd import BenchPaths, ensure_daemon, mounts_under
+from condaspawner_bench.offlinebase import (
     HOST_CA_BUNDLE,
+    OFFLINE_DOCKERFILE,
     RECIPE_LABEL,
     build_rootfs_image,
     debian_mirror,
     rootfs_recipe,
-    singleuser_pins,
 )
-from jupyterhub_condaspawner.dockerd import BenchPaths, ensure_daemon, mounts_under
+from jupyterhub_condaspawner.baseimage import IMAGES_DIR, PRODUCTION_DOCKERFILE, singleuser_pins
 
 
 def run_in(client: docker.DockerClient, image: str, script: str) -> str:
@@ -212,8 +213,8 @@ def test_debian_mirror_comes_from_apt_sources(tmp_path, monkeypatch):
         "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian/\n"
         "Suites: bookworm bookworm-updates\nComponents: main\n"
     )
-    monkeypatch.setattr(baseimage, "APT_SOURCES_DIR", sources_dir)
-    monkeypatch.setattr(baseimage, "APT_SOURCES_LIST", tmp_path / "sources.list")
+    monkeypatch.setattr(offlinebase, "APT_SOURCES_DIR", sources_dir)
+    monkeypatch.setattr(offlinebase, "APT_SOURCES_LIST", tmp_path / "sources.list")
 
     assert debian_mirror() == "http://mirror.invalid/debian"
 
@@ -229,5 +230,5 @@ def test_both_base_images_install_the_shared_pins():
 
     assert pins["jupyterhub"] == "5.5.4"
     assert pins["jupyterlab"].startswith("4.")
-    for dockerfile in ("offline/Dockerfile", "miniconda-py39/Dockerfile"):
-        assert "singleuser-requirements.txt" in (REPO / "images" / dockerfile).read_text()
+    for dockerfile in (OFFLINE_DOCKERFILE, IMAGES_DIR / PRODUCTION_DOCKERFILE):
+        assert "singleuser-requirements.txt" in dockerfile.read_text()

@@ -1,7 +1,7 @@
 """The bench: everything the demo hub and the end-to-end tests need on a bare machine.
 
 A Docker daemon (dockerd.py), the local conda channel (devchannel.py), the offline
-base image (baseimage.py) and JupyterHub's configurable-http-proxy (from npm), all
+base image (offlinebase.py) and JupyterHub's configurable-http-proxy (from npm), all
 cached under one folder (``.bench`` by default). In production none of this is used:
 the admin's Docker, conda-forge and the production base image take its place.
 """
@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .baseimage import BASE_TAG, build_offline_base
+from jupyterhub_condaspawner.baseimage import BASE_TAG
+from jupyterhub_condaspawner.resolve import Resolver
+
 from .devchannel import ChannelInfo, build_dev_channel, read_channel_info
 from .dockerd import DaemonHandle, ensure_daemon
-from .resolve import Resolver
+from .offlinebase import build_offline_base
 
 PROXY_PACKAGE = "configurable-http-proxy@5.3.0"
 BENCH_DIR_ENV = "CONDASPAWNER_BENCH_DIR"

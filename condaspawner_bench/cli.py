@@ -1,0 +1,91 @@
+"""The test bench's commands: demo, dev-channel, base (python -m condaspawner_bench).
+
+They share the product CLI's conventions (``--config``, one ``error:`` line,
+``--debug``) by reusing its runner; the product CLI knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from traitlets.config import Config
+
+from jupyterhub_condaspawner import cli
+from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
+from jupyterhub_condaspawner.resolve import ResolveError, Resolver
+
+from .bench import BenchError, ensure_bench
+from .devchannel import build_dev_channel
+from .dockerd import BenchDaemonError
+from .offlinebase import build_offline_base
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "jupyterhub_config.py"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    try:
+        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None, say=_say)
+    except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
+        raise cli.CommandError(f"cannot set up the demo bench: {error}")
+    demo_config = Path(args.hub_config).resolve()
+    if not demo_config.is_file():
+        raise cli.CommandError(f"demo config not found: {demo_config}")
+    os.environ.update({
+        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
+        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
+        "CONDASPAWNER_DEMO_PORT": str(args.port),
+    })
+    _say(f"demo hub: http://127.0.0.1:{args.port}/ (any user name, no password; "
+         "'student' sees the course profile)")
+    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
+
+
+def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
+    print(build_dev_channel(Path(args.directory), progress=_say))
+    return 0
+
+
+def cmd_base(args: argparse.Namespace, config: Config) -> int:
+    resolver = Resolver(config=config)
+    if args.channel_alias:
+        resolver.channel_alias = args.channel_alias
+    try:
+        image_id = asyncio.run(build_offline_base(cli.docker_client(), Path(args.bench_dir), resolver, tag=args.tag))
+    except ResolveError as error:
+        raise cli.CommandError(f"cannot resolve the base environment: {error}")
+    except ImageBuildError as error:
+        raise cli.CommandError(cli.one_line(error))
+    print(image_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, add = cli.command_parser("python -m condaspawner_bench", __doc__.splitlines()[0])
+    demo = add("demo", cmd_demo, "set up the bench (daemon, channel, base image, proxy) and run the demo hub",
+               rattler_async=True)
+    demo.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1 (default 8000)")
+    demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
+    demo.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
+                      help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")
+    dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL",
+                      rattler_async=True)
+    dev_channel.add_argument("directory", metavar="DIR")
+    base = add("base", cmd_base, "build the offline base image: debootstrap Debian, Python from the configured "
+               "conda channel, the single-user server from PyPI; print its id", rattler_async=True)
+    base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder (default .bench)")
+    base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    base.add_argument("--tag", default=BASE_TAG, help=f"image tag (default {BASE_TAG})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(build_parser(), argv)

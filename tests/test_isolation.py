@@ -1,0 +1,225 @@
+"""Names built from user input never collide; containers get the hardening defaults.
+
+Spawners here are real CondaSpawners of real JupyterHub users (an in-memory hub
+database, no hub process); the names are what DockerSpawner 14 renders from the
+shipped configs. The last tests create real containers on the bench daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from pathlib import Path
+
+import pytest
+from dockerspawner import DockerSpawner
+from escapism import unescape
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jupyterhub import orm
+from jupyterhub.objects import Hub
+from jupyterhub.user import User
+from tornado import web
+from traitlets.config import Config, PyFileConfigLoader
+
+from jupyterhub_condaspawner.gpus import LABEL_USER
+from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
+from jupyterhub_condaspawner.spawner import CondaSpawner
+
+REPO = Path(__file__).resolve().parents[1]
+# (user, server) pairs that a naive template mixes up: erin's "one", erino's "ne" and erinone's
+# default server all concatenate to "erinone"; case, accents, dashes and the "--" separator;
+# control characters that DockerSpawner's own escaping writes with one hex digit.
+COLLIDING = [
+    ("\x010", ""), ("\x10", ""), ("jos\x0c3\n9", ""), ("josé", ""), ("\x0c3\x0ba", ""), ("ú", ""),
+    ("erin", "one"), ("erino", "ne"), ("erinone", ""), ("erin", ""), ("Erin", ""), ("ERIN", "one"),
+    ("érin", ""), ("e\u0301rin", ""), ("erin-one", ""), ("erin.one", ""), ("erin_one", ""),
+    ("a--b", ""), ("a", "b"), ("a-b", ""), ("a", "b-c"), ("a-2db", ""), ("-a", ""), ("a", "a"),
+    ("user@example.org", ""), ("用户", ""), ("a-2d-2db", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def db():
+    return orm.new_session_factory("sqlite:///:memory:")()
+
+
+def make_spawner(db, config: Config, user_name: str, server: str = "") -> CondaSpawner:
+    """A CondaSpawner of a real JupyterHub user, as the hub creates it."""
+    orm_user = orm.User.find(db, user_name) or orm.User(name=user_name)
+    db.add(orm_user)
+    db.commit()
+    user = User(orm_user, settings={"spawner_class": CondaSpawner, "config": config, "db": db, "hub": Hub(),
+                                    "allow_named_servers": True})
+    return user.get_or_create_spawner(server, server)
+
+
+def load_config(path: Path, tmp_path: Path) -> Config:
+    """A shipped config file as JupyterHub loads it (the demo's reads its bench from the environment)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CONDASPAWNER_BENCH_DIR", str(tmp_path / "bench"))
+        env.setenv("CONDASPAWNER_PROXY_COMMAND", "configurable-http-proxy")
+        env.setenv("CONDASPAWNER_DEMO_STATE", str(tmp_path / "state"))
+        for name in ("CONDASPAWNER_DEMO_VOLUME_PREFIX", "CONDASPAWNER_DEMO_EXTRA_CONFIG"):
+            env.delenv(name, raising=False)
+        return PyFileConfigLoader(path.name, str(path.parent)).load_config()
+
+
+@pytest.fixture(params=["jupyterhub_config.example.py", "demo/jupyterhub_config.py"], scope="module")
+def shipped_config(request, tmp_path_factory) -> Config:
+    return load_config(REPO / request.param, tmp_path_factory.mktemp("config"))
+
+
+def home_volume(spawner: CondaSpawner) -> str:
+    (name,) = spawner.user_volume_names()
+    return name
+
+
+def test_the_shipped_configs_give_each_user_one_home_no_one_else_gets(db, shipped_config):
+    homes = {(user, server): home_volume(make_spawner(db, shipped_config, user, server))
+             for user, server in COLLIDING}
+    for (user1, server1), (user2, server2) in itertools.combinations(homes, 2):
+        same = homes[(user1, server1)] == homes[(user2, server2)]
+        assert same == (user1 == user2), (user1, server1, user2, server2, homes[(user1, server1)])
+    assert homes[("erin", "one")] == homes[("erin", "")]  # one home, shared by all of erin's servers
+
+
+def test_container_names_never_collide(db, shipped_config):
+    names = [make_spawner(db, shipped_config, user, server).object_name for user, server in COLLIDING]
+    assert len(set(names)) == len(names), sorted(names)
+
+
+def test_the_old_template_is_the_collision_the_issue_reports(db):
+    config = Config()
+    config.DockerSpawner.volumes = {"jupyterhub-user-{username}{servername}": "/home/jovyan"}
+    names = {home_volume(make_spawner(db, config, user, server)) for user, server in
+             [("erin", "one"), ("erino", "ne"), ("erinone", "")]}
+    assert names == {"jupyterhub-user-erinone"}  # why CondaSpawner also checks who owns a volume
+
+
+def test_dockerspawners_own_escaping_collides_and_condaspawners_does_not(db):
+    # escapism 1.1 writes bytes below 0x10 with one hex digit: "\x01" "0" and "\x10" are both "-10".
+    for attacker, victim in (("\x010", "\x10"), ("jos\x0c3\n9", "josé"), ("\x0c3\x0ba", "ú")):
+        assert DockerSpawner._escape(attacker) == DockerSpawner._escape(victim)
+        assert escape_name(attacker) != escape_name(victim)
+        assert make_spawner(db, Config(), attacker).escaped_name != make_spawner(db, Config(), victim).escaped_name
+    assert make_spawner(db, Config(), "josé").escaped_name == "jos-c3-a9"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_escaped_names_are_reversible_so_distinct_users_stay_distinct(name):
+    escaped = escape_name(name)
+    assert set(escaped) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    assert unescape(escaped, escape_char="-") == name
+    assert "--" not in escaped  # so "{username}--{servername}" splits in one place only
+    if all(ord(c) >= 0x10 for c in name):  # existing deployments keep their names
+        assert escaped == DockerSpawner._escape(name)
+
+
+@pytest.mark.parametrize("template, per_user", [
+    ("jupyterhub-home-{username}", True), ("home-{raw_username}", True), ("h-{safe_username}", True),
+    ("{username!s:>3}-x", True), ("datasets", False), ("scratch-{servername}", False), ("{broken", False),
+])
+def test_which_volume_templates_are_per_user(template, per_user):
+    assert is_user_template(template) is per_user
+
+
+def test_shared_volumes_and_host_paths_are_not_labelled(db):
+    config = Config()
+    config.DockerSpawner.volumes = {"jupyterhub-home-{username}": "/home/jovyan", "datasets": "/data",
+                                    "/srv/scratch/{username}": "/scratch"}
+    config.DockerSpawner.read_only_volumes = {"course-{username}": "/course"}
+    assert make_spawner(db, config, "erin").user_volume_names() == ["course-erin", "jupyterhub-home-erin"]
+
+
+def test_hardening_defaults_and_the_swap_cap(db):
+    spawner = make_spawner(db, Config(), "erin")
+    spawner.mem_limit = "2G"
+    assert spawner.hardening_host_config({}) == {
+        "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "pids_limit": 4096, "memswap_limit": 2 * 2**30}
+    assert spawner.hardening_host_config({"mem_limit": "1G"})["memswap_limit"] == "1G"  # the admin's limit wins
+    config = Config()
+    config.CondaSpawner.cap_drop = []
+    config.CondaSpawner.security_opt = []
+    config.CondaSpawner.pids_limit = None
+    config.CondaSpawner.allow_swap = True
+    relaxed = make_spawner(db, config, "erin")
+    relaxed.mem_limit = "2G"
+    assert relaxed.hardening_host_config({}) == {}
+
+
+def test_every_isolation_setting_has_help_with_a_config_example():
+    for name, trait in IsolationMixin.class_traits(config=True).items():
+        assert f"c.CondaSpawner.{name} = " in trait.help, name
+
+
+# -- real containers on the bench daemon -----------------------------------------------------
+
+
+@pytest.fixture
+def docker_config(docker_daemon, base_image) -> tuple[Config, str]:
+    """A config whose homes and containers carry a unique test prefix; removed afterwards."""
+    prefix = f"cs-iso-{uuid.uuid4().hex[:8]}"
+    config = Config()
+    config.DockerSpawner.prefix = prefix
+    config.DockerSpawner.image = base_image
+    config.DockerSpawner.network_name = "host"
+    config.DockerSpawner.volumes = {prefix + "-home-{username}": "/home/jovyan"}
+    yield config, prefix
+    client = docker_daemon.client()
+    for container in client.containers.list(all=True, filters={"name": prefix}):
+        container.remove(force=True)
+    for volume in client.volumes.list(filters={"name": prefix}):
+        volume.remove(force=True)
+
+
+async def created_host_config(spawner: CondaSpawner) -> dict:
+    created = await spawner.create_object()
+    return spawner.client.inspect_container(created["Id"])["HostConfig"]
+
+
+@pytest.mark.docker
+async def test_the_admins_extra_host_config_wins_over_the_defaults_or_adds_to_them(db, docker_config):
+    config, _ = docker_config
+    config.DockerSpawner.mem_limit = "1G"
+    config.DockerSpawner.extra_host_config = {"pids_limit": 512, "cap_add": ["NET_BIND_SERVICE"],
+                                              "security_opt": ["label=disable"]}
+    host = await created_host_config(make_spawner(db, config, "hana"))
+    assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["NET_BIND_SERVICE"]
+    assert host["SecurityOpt"] == ["no-new-privileges", "label=disable"]
+    assert host["PidsLimit"] == 512
+    assert host["Memory"] == host["MemorySwap"] == 2**30
+
+
+@pytest.mark.docker
+async def test_a_home_volume_another_user_owns_is_refused_and_nothing_is_created(db, docker_daemon, docker_config):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    client.volumes.create(f"{prefix}-home-ivo", labels={LABEL_USER: "someone-else"})
+    client.volumes.create(f"{prefix}-home-jan")  # made by hand, or by docker for an older hub
+    for user, why in (("ivo", "belongs to another user"), ("jan", "has no owner label")):
+        spawner = make_spawner(db, config, user)
+        with pytest.raises(web.HTTPError) as refused:
+            await spawner.create_object()
+        assert refused.value.status_code == 500
+        assert refused.value.log_message == refused.value.log_message.strip().splitlines()[0]
+        assert f"volume {prefix}-home-{user} {why}" in refused.value.log_message
+        assert "someone-else" not in refused.value.log_message
+        assert not client.containers.list(all=True, filters={"name": f"{prefix}-{user}"})
+    # The volume's owner is let in, and a first start labels a new home for its user.
+    host = await created_host_config(make_spawner(db, config, "kai"))
+    assert host["Binds"] == [f"{prefix}-home-kai:/home/jovyan:rw"]
+    assert client.volumes.get(f"{prefix}-home-kai").attrs["Labels"] == {LABEL_USER: "kai"}
+    await created_host_config(make_spawner(db, config, "kai", "second"))  # kai's other server: same home
+
+
+@pytest.mark.docker
+async def test_two_users_racing_for_one_volume_name_cannot_both_win(db, docker_daemon, docker_config):
+    config, prefix = docker_config
+    config.DockerSpawner.volumes = {prefix + "-shared-{username}{servername}": "/home/jovyan"}  # the bad template
+    spawners = [make_spawner(db, config, "erin", "one"), make_spawner(db, config, "erino", "ne")]
+    results = await asyncio.gather(*(spawner.create_object() for spawner in spawners), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, web.HTTPError)]
+    assert len(refused) == 1 and "belongs to another user" in refused[0].log_message, results
