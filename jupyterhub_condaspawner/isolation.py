@@ -23,7 +23,7 @@ Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
 from __future__ import annotations
 
 import string
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from tornado import web
 from traitlets import Bool, Int, List, Unicode, default
@@ -49,6 +49,16 @@ def escape_name(text: str) -> str:
 
 class IsolationMixin(LoggingConfigurable):
     """Name escaping, hardening traits and home-volume ownership; the host class is a DockerSpawner."""
+
+    if TYPE_CHECKING:  # provided by DockerSpawner, the class this is mixed into
+        volumes: dict[str, Any]
+        read_only_volumes: dict[str, Any]
+        mounts: list[dict[str, Any]]
+        user: Any
+
+        def format_volume_name(self, template: str, spawner: Any) -> str: ...
+
+        async def docker(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
     @default("escape")
     def _escape_default(self):
