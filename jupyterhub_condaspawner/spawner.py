@@ -374,18 +374,26 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             self.ip = "127.0.0.1"
 
     async def _replace_if_changed(self, info: ImageInfo) -> None:
-        """Never restart a kept container whose image or GPUs differ from this start's."""
-        if self.remove or not self.replace_changed_containers:
-            return  # with remove=True DockerSpawner already removes any container it finds
+        """Never restart a kept container whose image or GPUs differ from this start's.
+
+        A container still running here is a leftover (the hub starts only servers it thinks
+        stopped): it is stopped first, since Docker refuses to remove a running container
+        and DockerSpawner would then quietly restart the stale one.
+        """
         container = await self.get_object()
         if container is None:
             return
         labels = container["Config"].get("Labels") or {}
         stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
-        if container["Image"] != info.image_id or stale_labels or self.network_name == "host":
-            self.log.info("Replacing container %s: image or GPUs changed", self.object_name)
-            await self.remove_object()
-            self.object_id = ""
+        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
+        if not (self.remove or (self.replace_changed_containers and changed)):
+            return
+        self.log.info("Replacing container %s: %s", self.object_name,
+                      "a leftover" if self.remove else "image or GPUs changed")
+        if container["State"].get("Running"):
+            await self.stop_object()
+        await self.remove_object()
+        self.object_id = ""
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()

@@ -41,6 +41,7 @@ HOSTILE_ENV = (
     "    - --index-url http://evil.example/simple\n"
     "    - requests\n"
 )
+UNSOLVABLE_ENV = "channels: [conda-forge]\ndependencies:\n  - python=3.9\n  - cs-gamaa\n"
 SPAWN_TIMEOUT = 900  # a first spawn builds the python39 image on the bench
 
 
@@ -266,6 +267,20 @@ def test_spawn_form_error_progress_and_lab_as_a_person_sees_them(chromium, hub, 
         assert (set(builds.iterdir()) if builds.exists() else set()) == builds_before
         assert page_errors(driver) == []
         shots["spawn-form-error.png"] = full_page_screenshot(driver, artifacts / "spawn-form-error.png")
+
+        # A file that validates but cannot solve: the user reads why, in one line, and nothing starts.
+        one(driver, "#environment_text").clear()
+        one(driver, "#environment_text").send_keys(UNSOLVABLE_ENV)
+        press(driver, one(driver, "#spawn_form button[type=submit]"))
+        wait_for(lambda: "cs-gamaa" in one(driver, "body").text, 120, "the solve failure")
+        body = one(driver, "body").text
+        assert "Your environment cannot be solved: No candidates were found for cs-gamaa" in body, body
+        assert "check your environment.yml" in body
+        assert "500" not in body and "Internal Server Error" not in body and "Traceback" not in body, body
+        assert hub.server_model(user) is None
+        shots["spawn-solve-error.png"] = full_page_screenshot(driver, artifacts / "spawn-solve-error.png")
+        driver.get(f"{hub.url}/hub/spawn")
+        wait_for(lambda: by_css(driver, "[data-testid=condaspawner-form]"), 30, "the spawn form again")
 
         # Now the plain default: python39, no custom environment.
         press(driver, one(driver, "label[for=profile-python39]"))
