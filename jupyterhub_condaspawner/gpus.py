@@ -105,7 +105,7 @@ _FATAL_DEVICE_ERRORS = frozenset({NVML_ERROR_GPU_IS_LOST, NVML_ERROR_RESET_REQUI
 def describe_nvml_error(error: Exception) -> str:
     """One line: NVML's own words, and what they mean for an admin."""
     code = getattr(error, "value", None)
-    explanation = _NVML_EXPLANATIONS.get(code)
+    explanation = _NVML_EXPLANATIONS.get(code) if isinstance(code, int) else None
     return f"NVML error '{error}'" + (f": {explanation}" if explanation else "")
 
 
@@ -130,7 +130,7 @@ class Gpu:
     """One GPU as last seen. ``state`` is "ok", "lost" (off the bus) or "failed"."""
 
     index: int
-    uuid: str | None
+    uuid: str  # "" when NVML could not read it (a lost GPU)
     name: str
     memory_total: int | None = None  # bytes
     memory_used: int | None = None  # bytes
@@ -300,7 +300,7 @@ class GpuInventory(LoggingConfigurable):
         return [_read_device(nvml, index, driver, cuda) for index in range(count)], notes
 
     def _forget_nvml_session(self) -> None:
-        if self._nvml_initialized:
+        if self._nvml_initialized and self._nvml is not None:
             self._nvml_initialized = False
             try:
                 self._nvml.nvmlShutdown()
@@ -321,7 +321,7 @@ def _read_device(nvml: Nvml, index: int, driver: str | None, cuda: str | None) -
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         uuid = nvml.nvmlDeviceGetUUID(handle)
     except nvml.NVMLError as error:
-        return Gpu(index, None, "unknown", driver_version=driver, cuda_version=cuda,
+        return Gpu(index, "", "unknown", driver_version=driver, cuda_version=cuda,
                    state=_device_state(error), reason=describe_nvml_error(error))
     readings: dict[str, Any] = {}
     fatal: Exception | None = None
@@ -750,6 +750,8 @@ class GpuAllocator(LoggingConfigurable):
     def _evict_soft_holders(self, uuid: str) -> None:
         for key in list(self._table.soft.get(uuid, ())):
             evicted = self._table.remove(key)
+            if evicted is None:
+                continue
             self.log.info("GPU %s goes to a new server; the stopped server %s/%r no longer holds %s",
                           uuid, key[0], key[1], ",".join(evicted.uuids))
 

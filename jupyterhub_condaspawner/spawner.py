@@ -132,7 +132,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
         # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
-        self._configured_limits = (self.cpu_limit, self.mem_limit)
+        self._configured_limits: tuple[float | None, int | None] = (self.cpu_limit, self.mem_limit)
 
     @property
     def services(self) -> HubServices:
