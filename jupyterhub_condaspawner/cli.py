@@ -392,7 +392,10 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(f"images file not found: {path}")
     else:
         images = PushedImages(source=f"{path} (not found)")
+    slugs = {profile.slug for profile in catalog.profiles}
     for slug, reference in args.image:
+        if slug not in slugs:
+            raise CommandError(f"--image {slug}=...: no such profile (profiles: {', '.join(sorted(slugs))})")
         images.set(slug, reference)
     try:
         export = exporter.export(catalog.profiles, images)

@@ -448,6 +448,11 @@ def test_a_broken_images_file_is_one_line_per_problem(tmp_path: Path):
                              "--images", str(tmp_path / "absent.yaml")], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert (result.returncode, result.stderr.strip()) == (1, f"error: images file not found: {tmp_path / 'absent.yaml'}")
+    result = subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", "export", "kubespawner",
+                             f"--image=pytorch={REGISTRY}:1@sha256:{'0' * 64}"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert (result.returncode, result.stderr.strip()) == (1, "error: --image pytorch=...: no such profile (profiles: "
+                                                          "datascience-cpu, dl-course-hw3, pytorch-gpu, vision-lab-2gpu)")
 
 
 # -- the build side: `build --push` and the builder's push API --------------------------------------
