@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import docker
 
     from .builder import BuildRequest, ImageBuilder
+    from .kubernetes import PushedImages
     from .profiles import Profile, ProfileCatalog
     from .resolve import Resolver
 
@@ -230,7 +231,7 @@ def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
 
 def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str, BuildRequest]]:
     """(label, request) for each FILE, or for every profile with an environment."""
-    from .builder import BuildRequest, request_for_profile
+    from .builder import BuildRequest
     from .spec import SpecError, SpecPolicy
 
     if args.files:
@@ -239,8 +240,15 @@ def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str,
             return [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
         except SpecError as error:
             raise CommandError(str(error))
-    catalog = _load_catalog(config, args.profiles)
-    return [(p.slug, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
+    return [(profile.slug, request) for profile, request in _profile_builds(config, args.profiles)]
+
+
+def _profile_builds(config: Config, directory: str | None) -> list[tuple[Profile, BuildRequest]]:
+    """Every profile with an environment of its own, and its build."""
+    from .builder import request_for_profile
+
+    catalog = _load_catalog(config, directory)
+    return [(p, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
 
 
 def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
@@ -284,6 +292,7 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
 
     from .builder import BuildError
 
+    images = _images_to_push(args, config) if args.push else None
     builder = _builder(args, config)
     requests = _build_requests(args, config)
     if not requests:
@@ -293,15 +302,117 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     except BuildError as error:
         raise CommandError(str(error))
     results = asyncio.run(_build_with_bars(builder, requests))
+    pushed: dict[str, str] = {}
+    if images is not None:
+        results, pushed = asyncio.run(_push(builder, results))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT")]
     for label, info, failure in results:
         if info is None:
             rows.append((label, "", "", "", "", f"FAILED: {failure}"))
         else:
-            rows.append((label, info.key[:16], info.tag, _size(info.size), f"{info.seconds:.1f}",
-                         "cached" if info.cached else "built"))
+            rows.append((label, info.key[:16], pushed.get(label, info.tag), _size(info.size), f"{info.seconds:.1f}",
+                         ("cached" if info.cached else "built") + (", pushed" if label in pushed else "")))
     print(_table(rows))
+    if images is not None and pushed:
+        for profile, _ in _profile_builds(config, args.profiles):
+            if profile.slug in pushed:
+                images.record(profile, pushed[profile.slug])
+        images.write(images.source)
+        print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
     return 1 if any(info is None for _, info, _ in results) else 0
+
+
+def _images_to_push(args: argparse.Namespace, config: Config) -> PushedImages:
+    """Before anything is built: can the builder push? The images file to update."""
+    from .builder import ImageBuilder
+    from .kubernetes import KubernetesExport, PushedImages, push_problem
+
+    if args.files:
+        raise CommandError("build --push prebuilds the profiles (for Kubernetes); give no FILE")
+    problem = push_problem(ImageBuilder(config=config))
+    if problem:
+        raise CommandError(f"cannot push: {problem}")
+    path = Path(args.images or KubernetesExport(config=config).images_file)
+    images = _load_images(path) if path.exists() else PushedImages()
+    images.source = str(path)
+    return images
+
+
+async def _push(builder: ImageBuilder, results: list[tuple]) -> tuple[list[tuple], dict[str, str]]:
+    """Push every built image; a failed push fails its row. Returns the rows and the references."""
+    from .builder import BuildError
+    from .kubernetes import PushUnavailable, pushed_reference
+
+    rows, pushed = [], {}
+    for label, info, failure in results:
+        if info is not None:
+            try:
+                pushed[label] = await pushed_reference(builder, info)
+            except (PushUnavailable, BuildError) as error:
+                info, failure = None, f"push: {one_line(error)}"
+        rows.append((label, info, failure))
+    return rows, pushed
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _load_images(path: Path) -> PushedImages:
+    from .kubernetes import ExportError, PushedImages
+
+    try:
+        return PushedImages.load(path)
+    except ExportError as error:
+        raise CommandError("; ".join(error.problems))
+
+
+def _image_argument(text: str) -> tuple[str, str]:
+    slug, equals, reference = text.partition("=")
+    if not equals or not slug or not reference:
+        raise argparse.ArgumentTypeError(f"{text!r}: write SLUG=REGISTRY/REPO:TAG@sha256:DIGEST")
+    return slug, reference
+
+
+def cmd_export(args: argparse.Namespace, config: Config) -> int:
+    from traitlets import TraitError
+
+    from .kubernetes import ExportError, KubernetesExport, PushedImages
+
+    exporter = KubernetesExport(config=config)
+    try:
+        if args.gpu_products:
+            exporter.gpu_products = args.gpu_products
+    except TraitError as error:
+        raise CommandError(str(error))
+    catalog = _load_catalog(config, args.profiles)
+    path = Path(args.images or exporter.images_file)
+    if path.exists():
+        images = _load_images(path)
+    elif args.images:
+        raise CommandError(f"images file not found: {path}")
+    else:
+        images = PushedImages(source=f"{path} (not found)")
+    slugs = {profile.slug for profile in catalog.profiles}
+    for slug, reference in args.image:
+        if slug not in slugs:
+            raise CommandError(f"--image {slug}=...: no such profile (profiles: {', '.join(sorted(slugs))})")
+        images.set(slug, reference)
+    try:
+        export = exporter.export(catalog.profiles, images)
+    except ExportError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    for note in export.notes:
+        print(f"note: {note}", file=sys.stderr)
+    text = export.to_yaml(source=catalog.profiles_dir)
+    if args.output and args.output != "-":
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}: {len(export.profile_list)} profile(s) for singleuser.profileList",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
@@ -435,6 +546,24 @@ def build_parser() -> argparse.ArgumentParser:
                 rattler_async=True)
     build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")
     build.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
+    build.add_argument("--push", action="store_true",
+                       help="push every profile's image to c.ImageBuilder.registry and record the references, "
+                            "pinned by digest, in the images file (for `export kubespawner`)")
+    build.add_argument("--images", metavar="FILE",
+                       help="images file --push updates (default: c.KubernetesExport.images_file)")
+    export = add("export", cmd_export, "write the profiles as KubeSpawner's singleuser.profileList "
+                 "(a Zero to JupyterHub values file) with their pushed images")
+    export.add_argument("target", choices=["kubespawner"], help="what to export for")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output)")
+    export.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
+    export.add_argument("--images", metavar="FILE",
+                        help="pinned images per profile, as `build --push` writes (default: "
+                             "c.KubernetesExport.images_file)")
+    export.add_argument("--image", metavar="SLUG=REF", type=_image_argument, action="append", default=[],
+                        help="a profile's image given by hand, pinned by digest (repeatable)")
+    export.add_argument("--gpu-product", dest="gpu_products", metavar="VALUE", action="append", default=[],
+                        help="a nvidia.com/gpu.product value your nodes carry, for gpu_model globs (repeatable; "
+                             "default: c.KubernetesExport.gpu_products)")
     ls = add("ls", cmd_ls, "list environment images: key, image, size, created, last used, profiles")
     gc = add("gc", cmd_gc, "remove least-recently-used environment images over the budget (never one in use)")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")

@@ -51,6 +51,17 @@ def test_profiles_loads_no_docker_and_no_hub_server():
     assert modules & PRODUCT_HEAVY_MODULES == set()
 
 
+def test_export_loads_neither_docker_nor_kubespawner_nor_the_builder(tmp_path):
+    pinned = "registry.example.edu/envs:1@sha256:" + "0" * 64
+    images = [f"--image={slug}={pinned}" for slug in ("datascience-cpu", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu")]
+    args = ["export", "kubespawner", "--profiles", str(REPO / "profiles"), "--gpu-product", "NVIDIA-A100-SXM4-80GB",
+            "-o", str(tmp_path / "values.yaml"), *images]
+    _, modules = modules_after(f"from jupyterhub_condaspawner import cli\nassert cli.main({args!r}) == 0")
+    assert (tmp_path / "values.yaml").exists()
+    assert top_level(modules) & (HUB_AND_DOCKER - {"jupyterhub"} | {"kubespawner", "kubernetes_asyncio"}) == set()
+    assert modules & PRODUCT_HEAVY_MODULES == set()
+
+
 def test_importing_the_package_does_not_import_the_spawner():
     _, modules = modules_after("import jupyterhub_condaspawner")
     assert top_level(modules) & HUB_AND_DOCKER == set()
@@ -73,9 +84,10 @@ def test_only_commands_that_await_py_rattler_wait_for_its_threads_at_exit():
     parser = build_parser()
     waits = {command: parser.parse_args([command, *args]).rattler_async for command, args in {
         "validate": ["x"], "profiles": [], "gpus": [], "base": [], "ls": [], "resolve": ["x"], "build": [],
+        "export": ["kubespawner"],
     }.items()}
     assert waits == {"validate": False, "profiles": False, "gpus": False, "base": False, "ls": False,
-                     "resolve": True, "build": True}
+                     "resolve": True, "build": True, "export": False}
 
 
 def imported_modules(path: Path) -> set[str]:
