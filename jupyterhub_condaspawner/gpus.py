@@ -582,6 +582,17 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    queue_timeout = Float(
+        600.0,
+        min=0.0,
+        help="""Seconds a spawn waits in the GPU queue when every fitting GPU is held, before it
+        is refused with "No GPU is free". Spawns wait first-come first-served per GPU
+        requirement (count, model, CUDA). 0 refuses at once.
+
+            c.GpuAllocator.queue_timeout = 1800
+        """,
+    ).tag(config=True)
+
     rescan_interval = Float(
         10.0,
         min=0.0,
@@ -605,6 +616,7 @@ class GpuAllocator(LoggingConfigurable):
         self._scanned_at = 0.0
         self._last_pick: dict[str, int] = {}
         self._picks = 0
+        self._release_listeners: list[Callable[[], None]] = []
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -649,7 +661,15 @@ class GpuAllocator(LoggingConfigurable):
     def release(self, user: str, server_name: str) -> Allocation | None:
         """Free the server's GPUs; the allocation it held, or None if it held none."""
         with self._lock:
-            return self._table.remove((user, server_name))
+            released = self._table.remove((user, server_name))
+        if released is not None and released.uuids:
+            for listener in list(self._release_listeners):
+                listener()
+        return released
+
+    def on_release(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (from any thread) whenever a server's GPUs are freed."""
+        self._release_listeners.append(listener)
 
     def allocation(self, user: str, server_name: str) -> Allocation | None:
         """What (user, server_name) holds now, if anything."""
@@ -855,7 +875,9 @@ def unavailable_error(scan: GpuScan, request: GpuRequest, load: Mapping[str, int
     busy = sum(1 for gpu in matching if load.get(gpu.uuid, 0) >= max_servers)
     facts = [f"{len(matching)} of the {_plural(len(scan.gpus), 'GPU')} on this host match, {busy} busy"]
     facts += [f"{count} {reason}" for reason, count in counts.items() if count]
-    possible = len(matching) >= request.count
+    # Busy GPUs free up, and so does memory other processes use: only what never fits is final.
+    possible = sum(1 for gpu in usable if driver_supports(gpu, request.cuda) and _memory_could_fit(gpu, request)) \
+        >= request.count
     advice = "try again when a server stops" if possible else "no request this big can fit"
     user_message = _user_refusal(scan, request, free=len(matching) - busy, possible=possible)
     error_class = GpuUnavailable if possible else GpuInfeasible

@@ -31,8 +31,10 @@ from .builder import (
     request_for_profile,
 )
 from .failures import StartFailure, explain, log_failure
+from .gpuqueue import GpuQueue
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
 from .isolation import IsolationMixin
+from .notices import Notices
 from .profiles import Profile, ProfileCatalog, ProfileError
 from .resolve import NO_DEFAULTS
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
@@ -40,6 +42,7 @@ from .spec import EnvironmentSpec, SpecError, SpecPolicy
 TEMPLATES = Path(__file__).parent / "templates"
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
+_QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 _IMAGE_SHARE = 83
 
 
@@ -51,6 +54,8 @@ class HubServices:
     policy: SpecPolicy
     builder: ImageBuilder
     allocator: GpuAllocator
+    queue: GpuQueue
+    notices: Notices
 
 
 _services: dict[int, HubServices] = {}
@@ -65,8 +70,10 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
         services = HubServices(
             catalog=ProfileCatalog(config=config),
             policy=SpecPolicy(config=config),
-            builder=ImageBuilder(config=config, log=spawner.log),
+            builder=(builder := ImageBuilder(config=config, log=spawner.log)),
             allocator=allocator,
+            queue=GpuQueue(allocator),
+            notices=Notices(Path(builder.cache_dir) / "notices"),
         )
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
@@ -131,6 +138,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
+        self._queue_notice = False  # this process posted "the hub restarted while you waited"
         # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
         self._configured_limits: tuple[float | None, int | None] = (self.cpu_limit, self.mem_limit)
 
@@ -261,6 +269,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         estimate = builder.build_estimate()
         cards = [await self._card(profile, selected, gpu_count, estimate) for profile in visible]
         return _jinja.get_template("options_form.html").render(
+            notice=services.notices.take(self.user.name, self.name),
             cards=cards,
             custom_text=last.get("environment", ""),
             allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
@@ -347,13 +356,36 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
             return None
+        services = self.services
         await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
-        allocation = await asyncio.to_thread(
-            self.services.allocator.allocate, self.user.name, self.name, profile.gpus, profile.gpu_model,
-            cuda=profile.cuda, profile=profile.slug,
-        )
+
+        async def waiting(ahead: int, waited: float) -> None:
+            # Taken back when the spawn leaves the queue; only a hub that stops under a
+            # waiting spawn leaves it for the next spawn page.
+            services.notices.post(self.user.name, self.name, _QUEUE_INTERRUPTED.format(profile.display_name))
+            self._queue_notice = True
+            who = "you are next" if not ahead else f"{ahead} ahead of you"
+            await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
+
+        try:
+            allocation = await services.queue.allocate(
+                self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
+                profile=profile.slug, waiting=waiting)
+        except asyncio.CancelledError:
+            # The hub shutting down, or the user stopping the pending server: both cancel the
+            # task. Only the second calls clear_state(), which takes the notice back.
+            raise
+        except Exception:
+            self._take_back_queue_notice()
+            raise
+        self._take_back_queue_notice()
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
+
+    def _take_back_queue_notice(self) -> None:
+        if self._queue_notice:
+            self.services.notices.discard(self.user.name, self.name)
+            self._queue_notice = False
 
     def _release_gpus(self) -> None:
         hub_services(self).allocator.release(self.user.name, self.name)  # a no-op when it holds none
@@ -431,6 +463,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         return status
 
     async def stop(self, now: bool = False) -> None:
+        hub_services(self).queue.cancel(self.user.name, self.name)  # a start still waiting for a GPU
         try:
             await super().stop(now=now)
         finally:
@@ -465,6 +498,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     def clear_state(self) -> None:
         super().clear_state()
+        self._take_back_queue_notice()  # the user stopped a spawn that waited for a GPU
         self._image_info = None
 
 

@@ -242,7 +242,10 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
     try:
         yield hub
     finally:
-        _stop_all_servers(hub)
+        try:
+            _stop_all_servers(hub)
+        except OSError:  # a test left the hub down: its containers still go below
+            pass
         hub.stop()
         _remove_containers(docker_daemon.client(), hub)
 

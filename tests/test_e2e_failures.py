@@ -7,10 +7,13 @@ host) and the pip sections of builds pointed at a package index on loopback (pip
 
 from __future__ import annotations
 
+import html
+import http.cookiejar
 import json
 import os
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -25,7 +28,8 @@ import os
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
 c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
                              "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
-c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 10}  # the hub's default: quick failures answer the POST
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 3}  # quick failures answer the POST itself
+c.GpuAllocator.queue_timeout = 20  # spawns wait this long for a busy GPU, then hear "No GPU is free"
 """
 GATED = "gated-package"
 NO_SUCH = "definitely-not-a-real-pkg-xyz"
@@ -86,6 +90,18 @@ class Spawn:
     @property
     def messages(self) -> list[str]:
         return [event["message"] for event in self.events]
+
+
+def spawn_page_as(hub, user: str) -> str:
+    """The spawn form as ``user`` sees it in a browser (the dummy login takes any name)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(f"{hub.url}/hub/login", timeout=30).read()
+    xsrf = next(cookie.value for cookie in jar if cookie.name == "_xsrf")
+    form = urllib.parse.urlencode({"username": user, "password": "", "_xsrf": xsrf}).encode()
+    with opener.open(f"{hub.url}/hub/login?next=%2Fhub%2Fspawn", data=form, timeout=60) as page:  # redirected
+        assert page.url.endswith("/hub/spawn"), page.url
+        return html.unescape(page.read().decode())
 
 
 def failure_message(hub, spawn: Spawn) -> str:
@@ -162,7 +178,7 @@ def gpus_held(hub, user: str) -> list[str]:
     return (model.get("state") or {}).get("condaspawner", {}).get("gpus", [])
 
 
-def test_no_gpu_is_held_while_an_image_builds(hub, pip_index):
+def test_no_gpu_is_held_while_an_image_builds_and_busy_gpus_are_queued_for(hub, pip_index):
     # The GPU profile's own image, built once so that later spawns of it are cache hits.
     first = Spawn(hub, "gpu-b", {"profile": "gpu-demo"})
     assert first.wait().get("ready"), first.messages
@@ -174,15 +190,25 @@ def test_no_gpu_is_held_while_an_image_builds(hub, pip_index):
                                         "environment": custom_env("cs-cuda-kernels", [GATED])})
         building.wait_for("Installing 1 pip package")  # gpu-a's build now waits on the index
 
-        # Meanwhile the only GPU goes to somebody else, and back.
+        # Meanwhile the only GPU goes to somebody else; two more wait in line for it.
         other = Spawn(hub, "gpu-b", {"profile": "gpu-demo"})
         assert other.wait().get("ready"), other.messages
         assert gpus_held(hub, "gpu-b") == [FAKE_GPU]
-        refused = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
-        assert refused.status == 503, refused.body
-        message = failure_message(hub, refused)
+        queued = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
+        assert queued.status == 202, queued.body  # waiting, not refused
+        queued.wait_for("Waiting for a GPU: you are next")
+        behind = Spawn(hub, "gpu-d", {"profile": "gpu-demo"})
+        behind.wait_for("Waiting for a GPU: 1 ahead of you")
+        last = Spawn(hub, "gpu-e", {"profile": "gpu-demo"})
+        last.wait_for("Waiting for a GPU: 2 ahead of you")
+        hub.stop_server("gpu-d")  # cancelling leaves the queue: the one behind moves up
+        last.wait_for("Waiting for a GPU: 1 ahead of you", timeout=10)
+        assert hub.server_model("gpu-d") is None and not gpus_held(hub, "gpu-d")
+        hub.stop_server("gpu-e")
+        # Nobody stops gpu-b: after GpuAllocator.queue_timeout gpu-c hears why, in one line.
+        message = failure_message(hub, queued)
         assert message.startswith("No GPU is free on this hub: 0 of 1 ('gpu-demo' needs 1 GPU"), message
-        assert "try again when a server stops" in message and "NVML" not in message
+        assert "after waiting 20 s in the queue" in message and "NVML" not in message
         hub.stop_server("gpu-b")
         assert not any(m.startswith("GPUs: ") for m in building.messages), building.messages
     finally:
@@ -198,29 +224,41 @@ def test_no_gpu_is_held_while_an_image_builds(hub, pip_index):
 async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
     spawn = Spawn(hub, "gpu-r", {"profile": "gpu-demo"})
     assert spawn.wait().get("ready"), spawn.messages
+    queued = Spawn(hub, "gpu-q", {"profile": "gpu-demo"})
+    queued.wait_for("Waiting for a GPU: you are next")
 
     hub.stop()  # SIGTERM, as systemd, docker stop or Ctrl-C would
+    left = [path.read_text() for path in (hub.state / "builder" / "notices").glob("*.json")]
+    assert len(left) == 1 and '"gpu-q"' in left[0], left
     hub.start()
 
     model = hub.server_model("gpu-r")
     assert model is not None and model["ready"], model
     output = await hub.execute("gpu-r", "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
     assert output.strip() == FAKE_GPU
-    refused = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})  # the GPU is still gpu-r's
-    assert refused.status == 503 and refused.body["message"].startswith("No GPU is free on this hub: 0 of 1")
+    # The queued spawn did not survive the restart, and its owner is told so on the spawn page.
+    assert not (hub.server_model("gpu-q") or {}).get("ready")
+    page = spawn_page_as(hub, "gpu-q")
+    assert "Your last start of Fake A100 (CUDA 12.4) was waiting for a GPU when the hub restarted" in page
+    assert "was waiting for a GPU" not in spawn_page_as(hub, "gpu-q")  # told once
+
+    # The GPU is still gpu-r's: the next one waits, and gets it when gpu-r stops.
+    waiting = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
+    waiting.wait_for("Waiting for a GPU: you are next")
+    hub.stop_server("gpu-r")
+    assert waiting.wait().get("ready"), waiting.messages
+    assert gpus_held(hub, "gpu-c") == [FAKE_GPU]
+    hub.stop_server("gpu-c")
     after = Spawn(hub, "cpu-after-restart", {"profile": "python39"})
     assert after.wait().get("ready"), after.messages
     hub.stop_server("cpu-after-restart")
-    hub.stop_server("gpu-r")
-    again = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
-    assert again.wait().get("ready"), again.messages
-    assert gpus_held(hub, "gpu-c") == [FAKE_GPU]
-    hub.stop_server("gpu-c")
 
 
 def test_a_leftover_running_container_is_replaced_not_reused(hub, docker_daemon, base_image):
     # A container the hub no longer knows about (a lost database, a killed test run) still runs.
     client = docker_daemon.client()
+    for old in client.containers.list(all=True, filters={"name": "^/jupyter-leftover$"}):
+        old.remove(force=True)  # from an interrupted earlier run
     leftover = client.containers.run(base_image, ["sleep", "600"], name="jupyter-leftover", detach=True,
                                      network_mode="host", labels={"io.condaspawner.user": "leftover"})
     try:

@@ -1,0 +1,193 @@
+"""A fair queue for GPUs: a spawn that finds every fitting GPU held waits its turn.
+
+Spawns asking for the same thing (GPU count, model, CUDA, free memory) wait first come,
+first served; a newcomer never overtakes an earlier spawn of its own kind. Whenever GPUs
+are freed (and at least once a second while anyone waits, for memory freed outside the
+hub), the head of each kind tries again, oldest kind first. A spawn leaves the queue when
+it gets its GPUs, when it is cancelled (the user stops the pending server), or after
+``GpuAllocator.queue_timeout`` with the usual one-line refusal. Requests this host can
+never meet, and quota refusals, never queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
+
+# The longest a waiting spawn goes without retrying (memory freed outside the hub, rescans).
+RETRY_INTERVAL_S = 1.0
+
+Kind = tuple[int, str, str, int]  # count, model glob, cuda, min free memory
+
+
+@dataclass
+class _Waiter:
+    user: str
+    server_name: str
+    count: int
+    model_glob: str | None
+    cuda: str | None
+    profile: str | None
+    min_free_memory: int | None
+    ticket: int
+    granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    moved: asyncio.Event = field(default_factory=asyncio.Event)  # someone ahead left the queue
+
+    @property
+    def kind(self) -> Kind:
+        return (self.count, self.model_glob or "", self.cuda or "", self.min_free_memory or 0)
+
+
+class QueueCancelled(GpuUnavailable):
+    """The spawn was stopped while it waited for a GPU."""
+
+
+class GpuQueue:
+    """Waiting spawns of one hub, in front of its :class:`GpuAllocator`."""
+
+    def __init__(self, allocator: GpuAllocator, clock: Callable[[], float] = time.monotonic):
+        self.allocator = allocator
+        self._clock = clock
+        self._waiting: dict[Kind, list[_Waiter]] = {}
+        self._tickets = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        allocator.on_release(self._released)
+
+    async def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None, *,
+                       cuda: str | None = None, profile: str | None = None,
+                       min_free_memory: int | None = None,
+                       waiting: Callable[[int, float], Awaitable[None]] | None = None) -> Allocation:
+        """The server's GPUs, now or after waiting its turn; GpuUnavailable when refused.
+
+        ``waiting(ahead, waited_seconds)`` is awaited whenever the number of spawns ahead of
+        this one changes (and first with the position it joins at).
+        """
+        self._loop = asyncio.get_running_loop()
+        waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
+        if not self._waiting.get(waiter.kind):  # nobody of this kind waits: no one to overtake
+            try:
+                return self._try(waiter)
+            except (GpuInfeasible, GpuQuotaExceeded):
+                raise
+            except GpuUnavailable:
+                if not self.allocator.queue_timeout:
+                    raise
+        self._waiting.setdefault(waiter.kind, []).append(waiter)
+        self._dispatch()  # GPUs may be free already: the kind's head goes first
+        try:
+            return await self._wait(waiter, waiting)
+        except asyncio.CancelledError:
+            self._give_back(waiter)
+            raise
+        finally:
+            self._leave(waiter)
+
+    def ahead_of(self, user: str, server_name: str) -> int | None:
+        """How many spawns wait ahead of this server's, or None if it is not waiting."""
+        for waiters in self._waiting.values():
+            for position, waiter in enumerate(waiters):
+                if (waiter.user, waiter.server_name) == (user, server_name):
+                    return position
+        return None
+
+    def cancel(self, user: str, server_name: str) -> bool:
+        """Take the server's spawn out of the queue (its start then fails as cancelled)."""
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                if (waiter.user, waiter.server_name) == (user, server_name) and not waiter.granted.done():
+                    message = "The start was cancelled while it waited for a GPU"
+                    waiter.granted.set_exception(QueueCancelled(message, message))
+                    return True
+        return False
+
+    @property
+    def length(self) -> int:
+        return sum(len(waiters) for waiters in self._waiting.values())
+
+    # -- inside --------------------------------------------------------------------------
+
+    async def _wait(self, waiter: _Waiter, waiting: Callable[[int, float], Awaitable[None]] | None) -> Allocation:
+        started = self._clock()
+        deadline = started + self.allocator.queue_timeout
+        reported = None
+        while True:
+            ahead = self._position(waiter)
+            if waiting is not None and ahead != reported:
+                reported = ahead
+                await waiting(ahead, self._clock() - started)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                self._leave(waiter)
+                return self._last_try(waiter, self._clock() - started)
+            waiter.moved.clear()
+            moved = asyncio.ensure_future(waiter.moved.wait())
+            try:
+                await asyncio.wait({waiter.granted, moved}, timeout=min(RETRY_INTERVAL_S, remaining),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                moved.cancel()
+            if waiter.granted.done():
+                return waiter.granted.result()
+            if not waiter.moved.is_set():
+                self._dispatch()
+
+    def _last_try(self, waiter: _Waiter, waited: float) -> Allocation:
+        try:
+            return self._try(waiter)
+        except GpuUnavailable as refusal:  # how busy the GPUs are, and how long this spawn waited
+            after = f" after waiting {_duration(waited)} in the queue (GpuAllocator.queue_timeout)"
+            raise GpuUnavailable(refusal.detail + after, refusal.user_message + after) from None
+
+    def _try(self, waiter: _Waiter) -> Allocation:
+        return self.allocator.allocate(waiter.user, waiter.server_name, waiter.count, waiter.model_glob,
+                                       waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile)
+
+    def _position(self, waiter: _Waiter) -> int:
+        waiters = self._waiting.get(waiter.kind, [])
+        return waiters.index(waiter) if waiter in waiters else 0
+
+    def _released(self) -> None:
+        """GPUs were freed (maybe on another thread): let the heads of the queue try now."""
+        if self._loop is not None and not self._loop.is_closed() and self.length:
+            self._loop.call_soon_threadsafe(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Give freed GPUs to the oldest waiting spawn of each kind that fits, oldest kind first."""
+        for waiters in sorted(self._waiting.values(), key=lambda group: group[0].ticket if group else 0):
+            while waiters:
+                head = waiters[0]
+                if head.granted.done():  # cancelled, or granted and not yet gone
+                    waiters.pop(0)
+                    continue
+                try:
+                    head.granted.set_result(self._try(head))
+                except (GpuInfeasible, GpuQuotaExceeded) as refusal:
+                    head.granted.set_exception(refusal)
+                except GpuUnavailable:
+                    break
+                waiters.pop(0)
+                for behind in waiters:
+                    behind.moved.set()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        waiters = self._waiting.get(waiter.kind)
+        if waiters and waiter in waiters:
+            waiters.remove(waiter)
+            for behind in waiters:
+                behind.moved.set()
+        if waiters == []:
+            del self._waiting[waiter.kind]
+
+    def _give_back(self, waiter: _Waiter) -> None:
+        """A cancelled spawn that was granted GPUs in the same instant frees them again."""
+        if waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None:
+            self.allocator.release(waiter.user, waiter.server_name)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

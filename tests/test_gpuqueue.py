@@ -1,0 +1,154 @@
+"""The GPU queue on a fake NVML host: order, hand-over, cancellation, timeout, quotas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from fake_nvml import FakeGpu, FakeNvml, fake_uuid
+
+from jupyterhub_condaspawner.gpuqueue import GpuQueue, QueueCancelled
+from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInfeasible, GpuInventory, GpuQuotaExceeded, GpuUnavailable
+from jupyterhub_condaspawner.notices import Notices
+
+GIB = 2**30
+
+
+def queue_for(gpus: int, **traits) -> GpuQueue:
+    fake = FakeNvml.with_gpus(gpus)
+    return GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=fake), **traits))
+
+
+class Positions:
+    """Records what a waiting spawn is told: (ahead, seconds waited)."""
+
+    def __init__(self) -> None:
+        self.told: list[int] = []
+
+    async def __call__(self, ahead: int, waited: float) -> None:
+        self.told.append(ahead)
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_waiting_spawns_get_freed_gpus_first_come_first_served():
+    queue = queue_for(1)
+    await queue.allocate("holder", "", 1)
+    told = {name: Positions() for name in ("first", "second", "third")}
+    tasks = {}
+    for name in ("first", "second", "third"):
+        tasks[name] = asyncio.ensure_future(queue.allocate(name, "", 1, waiting=told[name]))
+        await until(lambda: queue.ahead_of(name, "") is not None)
+    assert [queue.ahead_of(name, "") for name in told] == [0, 1, 2]
+
+    started = time.monotonic()
+    queue.allocator.release("holder", "")
+    first = await asyncio.wait_for(tasks["first"], 5)
+    assert time.monotonic() - started < 1.0  # a freed GPU goes to the head at once
+    assert first.uuids == (fake_uuid(0),)
+    await until(lambda: told["second"].told[-1] == 0)
+    assert told["second"].told == [1, 0] and told["third"].told[:2] == [2, 1]
+    assert not tasks["second"].done()
+
+    queue.allocator.release("first", "")
+    assert (await asyncio.wait_for(tasks["second"], 5)).user == "second"
+    queue.allocator.release("second", "")
+    assert (await asyncio.wait_for(tasks["third"], 5)).user == "third"
+    assert queue.length == 0
+
+
+async def test_a_newcomer_of_the_same_kind_never_overtakes_a_waiting_spawn():
+    queue = queue_for(1)
+    await queue.allocate("holder", "", 1)
+    waiting = asyncio.ensure_future(queue.allocate("early", "", 1))
+    await until(lambda: queue.length == 1)
+    queue.allocator.release("holder", "")
+    late = asyncio.ensure_future(queue.allocate("late", "", 1))
+    assert (await asyncio.wait_for(waiting, 5)).user == "early"
+    await until(lambda: queue.ahead_of("late", "") == 0)
+    assert not late.done()
+    late.cancel()
+
+
+async def test_a_cancelled_spawn_leaves_the_queue_and_the_next_one_moves_up():
+    queue = queue_for(1)
+    await queue.allocate("holder", "", 1)
+    first = asyncio.ensure_future(queue.allocate("first", "", 1))
+    await until(lambda: queue.length == 1)
+    second = asyncio.ensure_future(queue.allocate("second", "", 1))
+    await until(lambda: queue.length == 2)
+
+    assert queue.cancel("first", "")  # the user stopped the pending server
+    with pytest.raises(QueueCancelled, match="cancelled while it waited for a GPU"):
+        await first
+    assert queue.ahead_of("second", "") == 0
+    second.cancel()  # the hub cancelled the spawn task itself
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert queue.length == 0
+    queue.allocator.release("holder", "")
+    assert queue.allocator.allocations() == []  # nobody got a GPU after leaving
+
+
+async def test_waiting_ends_after_queue_timeout_with_the_usual_refusal():
+    queue = queue_for(1, queue_timeout=0.3)
+    await queue.allocate("holder", "", 1, profile="gpu")
+    told = Positions()
+    started = time.monotonic()
+    with pytest.raises(GpuUnavailable) as refusal:
+        await queue.allocate("late", "", 1, profile="gpu", waiting=told)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert refusal.value.user_message.startswith("No GPU is free on this hub: 0 of 1 ('gpu' needs 1 GPU; ")
+    assert refusal.value.user_message.endswith("after waiting 0 s in the queue (GpuAllocator.queue_timeout)")
+    assert told.told == [0] and queue.length == 0
+
+
+async def test_queue_timeout_zero_refuses_at_once():
+    queue = queue_for(1, queue_timeout=0)
+    await queue.allocate("holder", "", 1)
+    with pytest.raises(GpuUnavailable, match="try again when a server stops"):
+        await asyncio.wait_for(queue.allocate("late", "", 1), 0.5)
+
+
+async def test_what_can_never_fit_and_quota_refusals_do_not_queue():
+    queue = queue_for(2, per_user_gpu_quota=1)
+    await queue.allocate("alice", "one", 1)
+    with pytest.raises(GpuQuotaExceeded):
+        await asyncio.wait_for(queue.allocate("alice", "two", 1), 0.5)
+    with pytest.raises(GpuInfeasible):
+        await asyncio.wait_for(queue.allocate("bob", "", 1, model_glob="*H100*"), 0.5)
+    assert queue.length == 0
+
+
+async def test_kinds_wait_separately_and_memory_freed_outside_the_hub_is_noticed():
+    fake = FakeNvml([FakeGpu(fake_uuid(0), "NVIDIA A100-SXM4-80GB", 80 * GIB),
+                     FakeGpu(fake_uuid(1), "Tesla T4", 16 * GIB, memory_used=15 * GIB)])
+    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=fake), rescan_interval=0))
+    await queue.allocate("holder", "", 1, model_glob="*A100*")
+    a100 = asyncio.ensure_future(queue.allocate("a", "", 1, model_glob="*A100*"))
+    t4 = asyncio.ensure_future(queue.allocate("t", "", 1, model_glob="*T4*", min_free_memory=8 * GIB))
+    await until(lambda: queue.length == 2)
+    assert queue.ahead_of("a", "") == 0 and queue.ahead_of("t", "") == 0  # one line per kind
+
+    fake.gpus[1].memory_used = 0  # another process on the host let go of the T4's memory
+    assert (await asyncio.wait_for(t4, 3)).uuids == (fake_uuid(1),)  # noticed by the periodic retry
+    assert not a100.done()
+    a100.cancel()
+
+
+def test_notices_are_read_once_and_named_without_user_text(tmp_path):
+    notices = Notices(tmp_path)
+    notices.post("../../etc/passwd", "x/y", "hello")
+    assert [path.parent for path in tmp_path.iterdir()] == [tmp_path]
+    assert notices.take("../../etc/passwd", "y") is None
+    assert notices.take("../../etc/passwd", "x/y") == "hello"
+    assert notices.take("../../etc/passwd", "x/y") is None
+    notices.post("a", "", "bye")
+    notices.discard("a", "")
+    assert notices.take("a", "") is None
