@@ -30,14 +30,19 @@ does not forward: all traffic stays between the host and these namespaces.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
 import io
 import json
+import re
 import shutil
+import struct
 import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,7 @@ REGISTRY_PORT = 5000
 SWARM_PORT = 2377
 HEARTBEAT_S = 1
 TINY_IMAGE = "csw-busybox:1"
+PT_INTERP = 3
 BUSYBOX_APPLETS = ("sh", "env", "sleep", "cat", "echo", "hostname", "httpd", "ls", "mkdir", "true", "wget")
 DAEMON_START_TIMEOUT_S = 60.0
 NODE_STATE_TIMEOUT_S = 30.0
@@ -242,25 +248,22 @@ class SwarmBench:
         self.timings["total"] = time.monotonic() - started
         self.say("swarm bench up: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.timings.items()))
 
-    class _Timer:
-        def __init__(self, bench: SwarmBench, name: str) -> None:
-            self.bench, self.name = bench, name
-
-        def __enter__(self) -> None:
-            self.started = time.monotonic()
-
-        def __exit__(self, *exc_info: object) -> None:
-            self.bench.timings[self.name] = time.monotonic() - self.started
-
-    def _phase(self, name: str) -> SwarmBench._Timer:
-        return SwarmBench._Timer(self, name)
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.monotonic() - started
 
     def _mount_data_tmpfs(self) -> None:
         nodes_dir = self.state_dir / "nodes"
         nodes_dir.mkdir(parents=True, exist_ok=True)
         if self.data_tmpfs_size:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.data_tmpfs_size},mode=0711",
-                            "csw-nodes", str(nodes_dir)], check=True, capture_output=True)
+            mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.data_tmpfs_size},mode=0711",
+                                    "csw-nodes", str(nodes_dir)], capture_output=True, text=True)
+            if mount.returncode != 0:
+                raise SwarmBenchError(f"cannot mount a tmpfs on {nodes_dir}: {mount.stderr.strip()}")
 
     def _create_network(self) -> None:
         self.network = PrivateNetwork.create(self.state_dir / "ns", self.tag)
@@ -281,9 +284,9 @@ class SwarmBench:
             "data-root": str(node.data_dir / "data"),
             "exec-root": str(node.runtime_dir / "x"),
             "pidfile": str(node.runtime_dir / "dockerd.pid"),
-            # Its own engine key, else every node has /etc/docker/key.json's engine ID.
-            "deprecated-key-path": str(node.data_dir / "key.json"),
             "cgroup-parent": node.cgroup_parent,
+            # Explicit: on cgroup v2 hosts dockerd may default to systemd, which wants a slice.
+            "exec-opts": ["native.cgroupdriver=cgroupfs"],
             "storage-driver": "overlay2",
             # Tasks use host networking: no bridge, no NAT (iptables rules would only
             # touch the node's own namespace anyway, but they cost start time).
@@ -294,6 +297,7 @@ class SwarmBench:
             "insecure-registries": [self.registry_address],
             "node-generic-resources": [f"{GPU_RESOURCE}={gpu}" for gpu in node.gpus],
             "labels": [f"{key}={value}" for key, value in node.spec.node_labels().items()],
+            **_engine_key_option(node.data_dir / "key.json"),
         }
 
     def _start_daemon(self, node: SwarmNode) -> None:
@@ -610,6 +614,20 @@ class SwarmBench:
 # --- helpers ------------------------------------------------------------------------------
 
 
+def _engine_key_option(key_path: Path) -> dict[str, str]:
+    """Before Docker 23 the engine ID comes from /etc/docker/key.json, shared by every daemon
+    of a machine, unless each has its own key path; later ones keep it in the data-root and
+    refuse the option."""
+    return {"deprecated-key-path": str(key_path)} if dockerd_major_version() < 23 else {}
+
+
+@functools.cache
+def dockerd_major_version() -> int:
+    output = subprocess.run(["dockerd", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"version (\d+)\.", output)
+    return int(match.group(1)) if match else 0
+
+
 def _declared_gpus(node_attrs: Mapping[str, Any]) -> list[str]:
     """The GPU ids a Swarm node declares (``Description.Resources.GenericResources``).
 
@@ -636,8 +654,8 @@ def _push(client: docker.DockerClient, repository: str, tag: str) -> None:
 def busybox_rootfs_tar() -> bytes:
     """A root filesystem of the host's static busybox and a few applet links."""
     busybox = shutil.which("busybox")
-    if busybox is None:
-        raise SwarmBenchError("busybox is missing (apt-get install busybox-static)")
+    if busybox is None or not _is_static_elf(Path(busybox)):
+        raise SwarmBenchError(f"the bench needs a static busybox, found {busybox} (apt-get install busybox-static)")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for directory in ("bin", "tmp", "etc"):
@@ -650,6 +668,19 @@ def busybox_rootfs_tar() -> bytes:
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
     return buffer.getvalue()
+
+
+def _is_static_elf(path: Path) -> bool:
+    """Whether an ELF executable has no program interpreter (PT_INTERP): it runs in an empty image."""
+    with open(path, "rb") as executable:
+        header = executable.read(65536)  # the ELF and program headers come first
+    if header[:4] != b"\x7fELF" or header[4] != 2:  # 64-bit only, like the machines we run on
+        return False
+    order = "<" if header[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(order + "Q", header, 0x20)
+    phentsize, phnum = struct.unpack_from(order + "HH", header, 0x36)
+    types = (struct.unpack_from(order + "I", header, phoff + index * phentsize)[0] for index in range(phnum))
+    return PT_INTERP not in types
 
 
 def cgroup_dirs(cgroup_parent: str) -> list[Path]:
@@ -687,3 +718,30 @@ def _rmdir(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+# --- by hand ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m condaspawner_bench.swarm [STATE_DIR]``: bring a swarm up, print how to use it,
+    hold it until Ctrl-C, then tear it down."""
+    parser = argparse.ArgumentParser(prog="python -m condaspawner_bench.swarm", description=main.__doc__)
+    parser.add_argument("state_dir", nargs="?", default=".swarm-bench", type=Path)
+    args = parser.parse_args(argv)
+    with SwarmBench.start(args.state_dir) as bench:
+        for node in bench.nodes.values():
+            gpus = f" GPUs {', '.join(node.gpus)}" if node.gpus else ""
+            print(f"{node.name:10} {node.address:15} DOCKER_HOST={node.docker_host}{gpus}")
+            print(f"{'':10} shell: {' '.join(bench.nsenter(node.name, 'bash'))}")
+        print(f"registry   {bench.registry_url}   tiny image {bench.tiny_image}")
+        print(f"host       {bench.host_address} (the hub listens here)   Ctrl-C stops it all")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
