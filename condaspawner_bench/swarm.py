@@ -538,11 +538,20 @@ class SwarmBench:
             time.sleep(0.1)
         return time.monotonic() - started
 
-    def kill_node(self, name: str) -> None:
+    def kill_node(self, name: str, *, dockerd_only: bool = False) -> None:
         """The machine dies: SIGKILL its dockerd, containerd, shims and containers (and the
-        registry, on the manager). Its namespace stays: ``restart_node`` brings it back."""
+        registry, on the manager). Its namespace stays: ``restart_node`` brings it back.
+
+        ``dockerd_only``: only the daemon crashes (its containerd goes with it); the
+        containers keep running, as they would on a real host, until dockerd restarts.
+        """
         node = self.nodes[name]
         assert self.network is not None
+        if dockerd_only:
+            if node.process is not None:
+                kill_pids([node.process.pid])
+                node.process.wait()
+            return
         kill_pids(set(pids_in_namespace(self.network.path(name))) | set(_cgroup_pids(node.cgroup_parent)))
         if node.process is not None:
             node.process.wait()

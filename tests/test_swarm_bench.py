@@ -8,7 +8,9 @@ bench creates: every address is on its private subnet.
 
 from __future__ import annotations
 
+import http.server
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -63,8 +65,8 @@ def create_service(bench: SwarmBench, gpus: int = 0, command: list[str] | None =
 
 
 def current_task(service: docker.models.services.Service) -> dict[str, Any] | None:
-    """The task the service wants running (its latest), or None before the scheduler made one."""
-    tasks = [task for task in service.tasks() if task["DesiredState"] == "running"]
+    """The service's latest task (a replacement is newer than the task it replaces), or None yet."""
+    tasks = service.tasks()
     return max(tasks, key=lambda task: task["CreatedAt"]) if tasks else None
 
 
@@ -205,6 +207,38 @@ def test_host_networking_tasks_answer_at_their_nodes_address(swarm_bench, servic
     assert answer() == node.name  # host networking: the node's own hostname and address
 
 
+def test_tasks_reach_the_host_at_host_address(swarm_bench, services):
+    """What a server on a node needs to call the hub's API (hub_connect_ip = host_address)."""
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.client_address[0], self.path))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hub")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer((swarm_bench.host_address, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://{swarm_bench.host_address}:{server.server_port}/hub/api"
+        service = create_service(swarm_bench, command=["wget", "-q", "-O", "-", url], networks=["host"],
+                                 constraints=["node.hostname==worker2"],
+                                 restart_policy=docker.types.RestartPolicy(condition="none"))
+        services.append(service)
+        wait_for(lambda: task_state(service) in {"complete", "failed"}, 30, "the task to call the host")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert task_state(service) == "complete"
+    assert seen == [(swarm_bench.nodes["worker2"].address, "/hub/api")]
+
+
 def test_a_worker_pulls_an_image_from_the_registry(swarm_bench):
     worker = swarm_bench.nodes["worker2"].client()
     for image in worker.images.list(name=swarm_bench.tiny_image.rsplit(":", 1)[0]):
@@ -237,24 +271,29 @@ def test_an_image_of_the_single_host_bench_is_seeded_into_the_registry(swarm_ben
     assert not any(name in tag for image in source.images.list() for tag in image.tags if "127.0.0.1" in tag)
 
 
-def test_a_killed_worker_is_down_within_seconds_and_its_task_moves(swarm_bench, services):
-    service = create_service(swarm_bench, gpus=1)
+@pytest.mark.parametrize("dockerd_only", [False, True], ids=["machine", "dockerd"])
+def test_a_killed_worker_is_down_within_seconds_and_its_task_moves(swarm_bench, services, dockerd_only):
+    # Swarm restarts a task 5 s after it ends unless told otherwise: here at once
+    # (docker-py's RestartPolicy defaults to condition="none": say "any").
+    restart_at_once = docker.types.RestartPolicy(condition="any", delay=0)
+    service = create_service(swarm_bench, gpus=1, restart_policy=restart_at_once)
     services.append(service)
     wait_for(lambda: task_state(service) == "running", 30, "the GPU task to run")
     victim, _ = task_gpu(swarm_bench, service)
     survivor = next(node.name for node in swarm_bench.workers if node.name != victim)
 
-    swarm_bench.kill_node(victim)
+    swarm_bench.kill_node(victim, dockerd_only=dockerd_only)
     down = swarm_bench.wait_for_node_state(victim, "down", timeout=20)
     moved = wait_for(lambda: task_state(service) == "running"
                      and swarm_bench.node_for_id(current_task(service)["NodeID"]).name == survivor,
                      30, f"the task to be rescheduled on {survivor}")
 
-    print(f"{victim} was Down {down:.1f} s after its dockerd was killed; the task ran on "
-          f"{survivor} {moved:.1f} s later")
+    what = "its dockerd" if dockerd_only else "the node"
+    print(f"{victim} was Down {down:.1f} s after {what} was killed; the task ran on {survivor} {moved:.1f} s later")
     assert down < 10
     assert task_gpu(swarm_bench, service)[1] in swarm_bench.nodes[survivor].gpus
-    assert not pids_in_namespace(swarm_bench.network.path(victim))
+    if not dockerd_only:
+        assert not pids_in_namespace(swarm_bench.network.path(victim))
 
     swarm_bench.restart_node(victim)
     back = swarm_bench.wait_for_node_state(victim, "ready", timeout=30)
