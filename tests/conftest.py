@@ -2,7 +2,7 @@
 
 import time
 
-pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub"]
+pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub", "fixtures_swarm"]
 
 
 def pytest_unconfigure(config):
