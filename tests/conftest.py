@@ -2,7 +2,7 @@
 
 import time
 
-pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub"]
+pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub", "fixtures_registry"]
 
 
 def pytest_unconfigure(config):
