@@ -645,7 +645,7 @@ class ImageBuilder(LoggingConfigurable):
         with self._daemon("reading the image's layers"):
             diff_ids = list(self.client.api.inspect_image(info.image_id)["RootFS"]["Layers"])
         tally = PushTally(diff_ids)
-        await build.publish("push", 96, f"Pushing the image to the registry {host} (only layers it lacks)")
+        await build.publish("push", 98, f"Pushing the image to the registry {host} (only layers it lacks)")
         with _registry_call(f"reading the credentials for {host}"):
             auth = _daemon_auth(docker_credentials(host))
         throttle = Throttle(2.0)
@@ -654,7 +654,7 @@ class ImageBuilder(LoggingConfigurable):
             if "daemon_error" in event:
                 raise self._daemon_gone(event["daemon_error"], "pushing the image", info.key)
             if tally.feed(event) and throttle():
-                await build.publish("push", 97, f"Pushing to {host}: {tally.done} of {tally.layers} layers done, "
+                await build.publish("push", 98, f"Pushing to {host}: {tally.done} of {tally.layers} layers done, "
                                                 f"{tally.uploaded} uploaded")
         if tally.error or not tally.digest:
             cause = tally.error or "the daemon reported no digest"
@@ -717,7 +717,8 @@ class ImageBuilder(LoggingConfigurable):
         tally = PullTally(remote.layers)
         throttle = Throttle(1.0)
         say = publish or _no_progress
-        await say("pull", 0, f"Pulling the image from {host} ({_megabytes(remote.size)})")
+        await say("pull", 0, f"Pulling the image from {host} ({_megabytes(remote.size)} compressed; "
+                            "layers this host has are skipped)")
         async for event in _thread_stream(lambda: api.pull(registry.repository.name, tag=digest, stream=True,
                                                            decode=True, auth_config=auth)):
             if "daemon_error" in event:
