@@ -308,3 +308,8 @@ def test_a_registry_with_nothing_listening_is_unreachable():
         RegistryClient(Repository.parse(f"127.0.0.1:{port}/envs"), insecure=True, timeout=5).image("t")
     assert down.value.unreachable
     assert str(down.value) == f"the registry 127.0.0.1:{port} cannot be reached (connection refused)"
+
+
+def test_every_builder_setting_shows_a_config_example():
+    for name, trait in ImageBuilder.class_traits(config=True).items():
+        assert f"c.ImageBuilder.{name} = " in trait.help, name

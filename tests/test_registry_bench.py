@@ -139,6 +139,7 @@ def test_a_second_env_sharing_the_conda_layer_pushes_only_its_new_layers(builder
     assert two.pushed_bytes < one.pushed_bytes
     assert two.pushed_bytes < conda_layer.size  # the conda layer was not uploaded again
     summary = [event["message"] for event in events if event["phase"] == "push"][-1]
+    print(summary)
     new, total, there = map(int, re.search(r"(\d+) of (\d+) layers new, (\d+) already there", summary).groups())
     assert there >= base_layers + 2 and new + there == total
 
