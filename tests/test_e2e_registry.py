@@ -28,28 +28,36 @@ def registry(registry_server, docker_daemon):
     os.environ["CONDASPAWNER_TEST_REGISTRY"] = repository
     yield registry_server, repository
     os.environ.pop("CONDASPAWNER_TEST_REGISTRY", None)
-    client = docker_daemon.client()
+    remove_repo_images(docker_daemon.client(), repository)
+
+
+def remove_kept_containers(client, repository: str) -> None:
+    """The hub keeps stopped containers (remove = False); fixtures_hub removes only those of its
+    image_repo, and their home volumes: these run registry images."""
     for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}):
         if str(container.attrs["Config"]["Image"]).startswith(repository):
             container.remove(force=True)
-    remove_repo_images(client, repository)
 
 
-def test_a_spawn_builds_pushes_and_runs_the_pinned_image(hub, registry):
+def test_a_spawn_builds_pushes_and_runs_the_pinned_image(hub, registry, docker_daemon):
     _, repository = registry
     spawn = Spawn(hub, "reggie", {"profile": "python39", "environment": custom_env("cs-beta")})
-    final = spawn.wait()
+    try:
+        final = spawn.wait()
+        model = hub.server_model("reggie") or {}
+    finally:
+        hub.stop_server("reggie")
+        remove_kept_containers(docker_daemon.client(), repository)
 
     assert final.get("ready"), spawn.messages
+    print("\n" + "\n".join(spawn.messages))
     host = repository.split("/")[0]
     assert f"Pushing the image to the registry {host} (only layers it lacks)" in spawn.messages
     pushed = [message for message in spawn.messages if message.startswith("Pushed ")]
     assert pushed and re.match(rf"Pushed \d+ (MB|kB) to {re.escape(host)} in [0-9.]+ s: \d+ of \d+ layers new",
                                pushed[0]), spawn.messages
-    print("\n" + "\n".join(spawn.messages))
-    state = hub.server_model("reggie")["state"]["condaspawner"]
+    state = model["state"]["condaspawner"]
     assert re.fullmatch(rf"{re.escape(repository)}:{state['key'][:16]}@sha256:[0-9a-f]{{64}}", state["reference"])
-    hub.stop_server("reggie")
 
 
 def test_a_registry_that_is_down_fails_the_spawn_in_one_line(hub, registry):
