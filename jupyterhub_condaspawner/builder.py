@@ -643,25 +643,27 @@ class ImageBuilder(LoggingConfigurable):
         host, tag = registry.repository.host, info.key[:16]
         started = time.monotonic()
         with self._daemon("reading the image's layers"):
-            diff_ids = list(self.client.api.inspect_image(info.image_id)["RootFS"]["Layers"])
-        tally = PushTally(diff_ids)
+            attrs = await asyncio.to_thread(self.client.api.inspect_image, info.image_id)
+        tally = PushTally(list(attrs["RootFS"]["Layers"]))
         await build.publish("push", 98, f"Pushing the image to the registry {host} (only layers it lacks)")
         with _registry_call(f"reading the credentials for {host}"):
-            auth = _daemon_auth(docker_credentials(host))
+            auth = _daemon_auth(await asyncio.to_thread(docker_credentials, host))
         throttle = Throttle(2.0)
-        async for event in _thread_stream(lambda: self.client.api.push(
-                registry.repository.name, tag, stream=True, decode=True, auth_config=auth)):
-            if "daemon_error" in event:
-                raise self._daemon_gone(event["daemon_error"], "pushing the image", info.key)
-            if tally.feed(event) and throttle():
-                await build.publish("push", 98, f"Pushing to {host}: {tally.done} of {tally.layers} layers done, "
-                                                f"{tally.uploaded} uploaded")
+        push = _thread_stream(lambda: self.client.api.push(registry.repository.name, tag, stream=True, decode=True,
+                                                           auth_config=auth))
+        async with contextlib.aclosing(push) as events:
+            async for event in events:
+                if "daemon_error" in event:
+                    raise self._daemon_gone(event["daemon_error"], "pushing the image", info.key)
+                if tally.feed(event) and throttle():
+                    await build.publish("push", 98, f"Pushing to {host}: {tally.done} of {tally.layers} layers "
+                                                    f"done, {tally.uploaded} uploaded")
         if tally.error or not tally.digest:
             cause = tally.error or "the daemon reported no digest"
             self._write_log(info.key, f"push to {registry.repository} failed: {cause}\n")
             raise _transfer_failure(f"pushing the image to {host}", host, cause, info.key)
         with _registry_call(f"reading back {registry.repository}:{tag}"):
-            remote = registry.image(tally.digest)
+            remote = await asyncio.to_thread(registry.image, tally.digest)
         if remote is None:
             raise BuildError(f"the registry {host} does not have the image just pushed ({tally.digest})",
                              phase="registry", key=info.key, cause=f"{host} lost the image just pushed")
@@ -707,10 +709,10 @@ class ImageBuilder(LoggingConfigurable):
         registry = self.registry_client
         assert registry is not None
         host = registry.repository.host
-        name, _, digest = info.reference.partition("@")
+        digest = info.reference.partition("@")[2]
         with _registry_call(f"reading {info.reference}"):
-            remote = registry.image(digest)
-            auth = _daemon_auth(docker_credentials(host))
+            remote = await asyncio.to_thread(registry.image, digest)
+            auth = _daemon_auth(await asyncio.to_thread(docker_credentials, host))
         if remote is None:
             raise BuildError(f"the registry {host} no longer has {info.reference}", phase="registry", key=info.key,
                              cause=f"{host} no longer has the image {info.reference}")
@@ -719,16 +721,18 @@ class ImageBuilder(LoggingConfigurable):
         say = publish or _no_progress
         await say("pull", 0, f"Pulling the image from {host} ({_megabytes(remote.size)} compressed; "
                             "layers this host has are skipped)")
-        async for event in _thread_stream(lambda: api.pull(registry.repository.name, tag=digest, stream=True,
-                                                           decode=True, auth_config=auth)):
-            if "daemon_error" in event:
-                raise self._daemon_gone(event["daemon_error"], "pulling the image", info.key)
-            tally.feed(event)
-            if event.get("status") == "Downloading" and throttle():
-                done = tally.done
-                await say("pull", 100 * done // max(tally.total, 1),
-                          f"Pulling the image from {host}: {_megabytes(done)} of {_megabytes(tally.total)}"
-                          + (f" ({tally.already} layers already here)" if tally.already else ""))
+        pull = _thread_stream(lambda: api.pull(registry.repository.name, tag=digest, stream=True, decode=True,
+                                               auth_config=auth))
+        async with contextlib.aclosing(pull) as events:
+            async for event in events:
+                if "daemon_error" in event:
+                    raise self._daemon_gone(event["daemon_error"], "pulling the image", info.key)
+                tally.feed(event)
+                if event.get("status") == "Downloading" and throttle():
+                    done = tally.done
+                    await say("pull", 100 * done // max(tally.total, 1),
+                              f"Pulling the image from {host}: {_megabytes(done)} of {_megabytes(tally.total)}"
+                              + (f" ({tally.already} layers already here)" if tally.already else ""))
         if tally.error:
             raise _transfer_failure(f"pulling {info.reference}", host, tally.error, info.key)
         with self._daemon("tagging the pulled image"):
