@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -52,6 +53,7 @@ class RegistryServer:
     port: int
     users: dict[str, str] = field(default_factory=dict)
     storage_dir: Path | None = None  # another registry's storage, to serve the same blobs
+    tls: tuple[Path, Path] | None = None  # (certificate, key) in PEM: HTTPS instead of HTTP
     process: subprocess.Popen | None = None
 
     @property
@@ -60,7 +62,7 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def config_path(self) -> Path:
@@ -108,8 +110,9 @@ class RegistryServer:
 
     def answers(self) -> bool:
         """Whether ``/v2/`` answers (200, or 401 when it asks for credentials)."""
+        context = ssl._create_unverified_context() if self.tls else None  # only "is it up?"
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context):
                 return True
         except urllib.error.HTTPError as error:
             return error.code == 401
@@ -151,6 +154,8 @@ class RegistryServer:
             "http:",
             f"  addr: 127.0.0.1:{self.port}",
         ]
+        if self.tls:
+            lines += ["  tls:", f"    certificate: {json.dumps(str(self.tls[0]))}", f"    key: {json.dumps(str(self.tls[1]))}"]
         if self.users:
             htpasswd = self.directory / "htpasswd"
             write_htpasswd(htpasswd, self.users)
@@ -183,10 +188,11 @@ def _registry_command() -> str:
 
 
 def start_registry(directory: Path, *, users: dict[str, str] | None = None, port: int | None = None,
-                   storage: Path | None = None) -> RegistryServer:
+                   storage: Path | None = None, tls: tuple[Path, Path] | None = None) -> RegistryServer:
     """Install (if missing) and start a registry on 127.0.0.1, storing under ``directory``.
 
     ``users``: {name: password} for htpasswd basic auth; ``storage``: serve another registry's
-    storage folder (its blobs and repositories) instead of a new one.
+    storage folder (its blobs and repositories) instead of a new one; ``tls``: (certificate,
+    key) PEM files to serve HTTPS.
     """
-    return RegistryServer(Path(directory), port or free_port(), dict(users or {}), storage).start()
+    return RegistryServer(Path(directory), port or free_port(), dict(users or {}), storage, tls).start()

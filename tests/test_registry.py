@@ -1,9 +1,10 @@
 """Images through a registry: the distribution-API client, push/pull accounting, failures.
 
 These tests need no Docker daemon: the registry client runs against a stand-in registry
-served on 127.0.0.1 (token auth, OCI manifests and indexes), and the push/pull tallies
-read event streams recorded from the bench daemon. The real registry (Debian's
-docker-registry) is exercised end to end in test_registry_bench.py.
+served on 127.0.0.1 (token auth, OCI manifests and indexes) and against the bench's
+docker-registry serving HTTPS (TLS verification), and the push/pull tallies read event
+streams recorded from the bench daemon. Pushes and pulls through a real registry are in
+test_registry_bench.py.
 """
 
 from __future__ import annotations
@@ -313,3 +314,64 @@ def test_a_registry_with_nothing_listening_is_unreachable():
 def test_every_builder_setting_shows_a_config_example():
     for name, trait in ImageBuilder.class_traits(config=True).items():
         assert f"c.ImageBuilder.{name} = " in trait.help, name
+
+
+# -- TLS against a real registry (Debian's docker-registry serving HTTPS) -------------------------
+
+
+def self_signed(directory) -> tuple:
+    """A certificate for 127.0.0.1 (and its key), as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "condaspawner bench registry")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "registry.crt", directory / "registry.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_registry(tmp_path):
+    from fixtures_docker import bench_unavailable
+
+    from condaspawner_bench.registry import BenchRegistryError, start_registry
+
+    cert, key = self_signed(tmp_path)
+    try:
+        server = start_registry(tmp_path / "tls-registry", tls=(cert, key))
+    except BenchRegistryError as error:
+        bench_unavailable(f"no registry for the bench: {error}")
+    yield server, cert
+    server.stop()
+
+
+def test_tls_is_verified_unless_the_registry_is_listed_as_insecure(tls_registry, monkeypatch):
+    import certifi
+
+    server, cert = tls_registry
+    repository = Repository.parse(server.repository("envs"))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())  # public CAs only: not this certificate
+    with pytest.raises(RegistryError, match=r"TLS failed .*list it in c.ImageBuilder.insecure_registries") as bad:
+        RegistryClient(repository).image("t")
+    assert not bad.value.unreachable
+    assert RegistryClient(repository, insecure=True).image("t") is None  # listed: HTTPS, not verified
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # the hub trusts its CA: verified HTTPS
+    client = RegistryClient(repository)
+    assert client.image("t") is None and client._base_url == f"https://{server.host}"
