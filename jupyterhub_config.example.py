@@ -39,6 +39,11 @@ c.ImageBuilder.build_memory_limit = "8G"
 c.ImageBuilder.max_images = 200  # `condaspawner gc` (run it from cron) keeps at most this many
 c.ImageBuilder.disk_budget = "500G"
 # c.ImageBuilder.pip_config = {"index-url": "https://pypi-mirror.example.edu/simple"}
+# Several hosts: a registry is the image cache every hub and build host shares; servers run
+# images pinned by digest. Credentials: `docker login` as the hub's user (or DOCKER_CONFIG).
+# c.ImageBuilder.registry = "registry.example.edu:5000/condaspawner-env"
+# c.ImageBuilder.insecure_registries = []  # only registries without a trusted certificate
+# c.ImageBuilder.docker_host = "tcp://build.example.edu:2376"  # a build host (needs the registry)
 
 # -- GPUs ---------------------------------------------------------------------------------
 c.GpuAllocator.policy = "pack"  # or "spread"

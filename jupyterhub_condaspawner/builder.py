@@ -2,10 +2,15 @@
 
 A build request is keyed by everything that changes the image (normalised spec, base
 image id, platform, CUDA override, env name, kernel name, recipe version). The image
-is tagged ``<image_repo>:<key[:16]>`` and labelled with the full key, so a cache hit
+is tagged ``<repository>:<key[:16]>`` and labelled with the full key, so a cache hit
 is one lookup on the daemon. Concurrent requests for one key share one build (in
 this process through a shared task, across processes through a file lock), and
 every phase is published as progress events.
+
+With a registry (``registry``) the registry is the cache: a lookup asks it for the
+key's manifest (the key checked against the image config's label), a build is pushed
+there, and :class:`ImageInfo` carries the reference pinned by digest that servers run;
+:meth:`ImageBuilder.ensure_present` pulls it onto a daemon that lacks it (registry.py).
 """
 
 from __future__ import annotations
@@ -25,21 +30,36 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import docker
+import docker.tls
+import docker.utils
 import requests.exceptions
 from jupyterhub.traitlets import ByteSpecification
 from packaging.requirements import Requirement
 from rattler import MatchSpec
-from traitlets import Dict, Float, Instance, Integer, Unicode, default
+from traitlets import Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .profiles import Profile
+from .registry import (
+    ARCHITECTURES,
+    PullTally,
+    PushTally,
+    RegistryClient,
+    RegistryError,
+    RemoteImage,
+    Repository,
+    Throttle,
+    connection_problem,
+    docker_credentials,
+    failure_is_unreachable,
+)
 from .resolve import Lock, ResolveError, Resolver
 from .spec import EnvironmentSpec
 
@@ -79,7 +99,8 @@ _MESSAGE_CHARS = 300
 class BuildError(Exception):
     """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
 
-    ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout);
+    ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout,
+    registry: the registry could not be reached or refused us; config: inconsistent settings);
     ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
     ``unreachable``: a channel or index could not be reached (worth a retry).
     """
@@ -119,6 +140,19 @@ class BuildRequest:
         return f"{ENVS_ROOT}/{self.env_name}"
 
 
+def daemon_settings(tls_config: dict[str, Any] | None = None, client_kwargs: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """DockerClient arguments for a daemon, made exactly as DockerSpawner makes its client's:
+    version "auto", ``tls_config`` (docker.tls.TLSConfig's arguments), then DOCKER_HOST,
+    DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, then ``client_kwargs`` over all of them."""
+    settings: dict[str, Any] = {"version": "auto"}
+    if tls_config:
+        settings["tls"] = docker.tls.TLSConfig(**tls_config)
+    settings.update(docker.utils.kwargs_from_env())
+    settings.update(client_kwargs or {})
+    return settings
+
+
 def request_for_profile(profile: Profile, custom_spec: EnvironmentSpec | None = None) -> BuildRequest:
     """The build of a profile's environment, or of a user's own spec on the profile's hardware."""
     if custom_spec is not None:
@@ -132,7 +166,13 @@ def request_for_profile(profile: Profile, custom_spec: EnvironmentSpec | None = 
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """A ready image."""
+    """A ready image.
+
+    ``reference``: with a registry, the image there pinned by digest
+    (``<registry>:<tag>@sha256:...``), what servers run; "" without one.
+    ``pushed_bytes``: compressed bytes this build uploaded to the registry (None: no push).
+    ``size``: bytes on the daemon, or (found in the registry) its compressed layers.
+    """
 
     key: str
     tag: str
@@ -141,6 +181,13 @@ class ImageInfo:
     cached: bool
     seconds: float = 0.0
     size: int = 0
+    reference: str = ""
+    pushed_bytes: int | None = None
+
+    @property
+    def image(self) -> str:
+        """What a container runs: the pinned registry reference, else the local tag."""
+        return self.reference or self.tag
 
 
 @dataclass
@@ -195,11 +242,64 @@ class ImageBuilder(LoggingConfigurable):
     image_repo = Unicode(
         "condaspawner-env",
         config=True,
-        help="""Repository of environment images: each is tagged <image_repo>:<key[:16]>.
+        help="""Repository of environment images on the Docker daemon: each is tagged
+        <image_repo>:<key[:16]>. With a `registry`, images are named after the registry instead.
 
-        c.ImageBuilder.image_repo = "registry.example.edu/jupyter/envs"
+        c.ImageBuilder.image_repo = "condaspawner-env"
         """,
     )
+    registry = Unicode(
+        "",
+        config=True,
+        help="""A registry repository that every hub process and build host shares as the one image
+        cache ("" = none: images stay on the one Docker daemon). An image is looked up there by key
+        (<registry>:<key[:16]>, checked against the image's io.condaspawner.key label), pushed there after
+        its build (only the layers the registry lacks), and servers run it pinned by digest
+        (<registry>:<tag>@sha256:...), pulled by a daemon that lacks it. Credentials: Docker's config of
+        the hub's user (`docker login`, ~/.docker/config.json, or DOCKER_CONFIG).
+
+        c.ImageBuilder.registry = "registry.example.edu:5000/condaspawner-env"
+        """,
+    )
+    insecure_registries = List(
+        Unicode(),
+        config=True,
+        help="""Registries (host:port, as in `registry`) whose API the builder may reach without verified
+        TLS (HTTPS without checking the certificate, else plain HTTP). Any other registry must have a
+        certificate the hub trusts. The Docker daemons need the same in their own daemon.json
+        `insecure-registries` (the admin's setting, not ours).
+
+        c.ImageBuilder.insecure_registries = ["registry.lab.internal:5000"]
+        """,
+    )
+    registry_timeout = Float(
+        30,
+        config=True,
+        help="""Seconds the builder waits for one registry API request (manifest, config, token).
+
+        c.ImageBuilder.registry_timeout = 10
+        """,
+    )
+    docker_host = Unicode(
+        "",
+        config=True,
+        help="""A dedicated build host: the Docker daemon images are built and pushed on ("" = the daemon
+        DockerSpawner runs the servers on, with its client_kwargs and tls_config). Needs `registry`: the
+        servers' daemon pulls the images from there.
+
+        c.ImageBuilder.docker_host = "tcp://build.example.edu:2376"
+        """,
+    )
+    docker_tls_config = Dict(
+        config=True,
+        help="""TLS for `docker_host`: docker.tls.TLSConfig's arguments, as in DockerSpawner.tls_config.
+
+        c.ImageBuilder.docker_tls_config = {"client_cert": ("/etc/jupyterhub/build-cert.pem",
+            "/etc/jupyterhub/build-key.pem"), "ca_cert": "/etc/jupyterhub/build-ca.pem", "verify": True}
+        """,
+    )
+    # The servers' daemon as DockerSpawner connects to it (set by the spawner), used unless docker_host.
+    daemon_settings = Dict()
     base_image = Unicode(
         "condaspawner-base:py39",
         config=True,
@@ -293,6 +393,16 @@ class ImageBuilder(LoggingConfigurable):
     def _default_resolver(self) -> Resolver:
         return Resolver(parent=self)
 
+    @validate("registry")
+    def _valid_registry(self, proposal: Any) -> str:
+        value = proposal["value"].strip().rstrip("/")
+        if value:
+            try:
+                Repository.parse(value)
+            except ValueError as error:
+                raise TraitError(f"ImageBuilder.registry: {error}") from None
+        return value
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._builds: dict[str, Build] = {}
@@ -301,13 +411,51 @@ class ImageBuilder(LoggingConfigurable):
         self.builds_started = 0
         self.build_seconds: list[float] = []
         self._base_id: tuple[str, float] = ("", 0.0)
+        self._registry_client: RegistryClient | None = None
 
     @property
     def client(self) -> docker.DockerClient:
+        """The daemon images are built on: docker_host, else the servers' daemon (daemon_settings)."""
         if self.docker_client is None:
-            with _daemon_call("connecting"):
-                self.docker_client = docker.from_env()
+            with self._daemon("connecting"):
+                self.docker_client = docker.DockerClient(**self.client_settings())
         return self.docker_client
+
+    def client_settings(self) -> dict[str, Any]:
+        """DockerClient arguments of the build daemon (what docker.from_env() would use, without settings)."""
+        if self.docker_host:
+            settings: dict[str, Any] = {"base_url": self.docker_host, "version": "auto"}
+            if self.docker_tls_config:
+                settings["tls"] = docker.tls.TLSConfig(**self.docker_tls_config)
+            return settings
+        return dict(self.daemon_settings) if self.daemon_settings else daemon_settings()
+
+    @property
+    def daemon_url(self) -> str:
+        """Where the build daemon is, for messages."""
+        base_url = self.client_settings().get("base_url")
+        return str(base_url or os.environ.get("DOCKER_HOST") or "the default socket")
+
+    def _daemon(self, what: str) -> contextlib.AbstractContextManager:
+        return _daemon_call(what, self.daemon_url)
+
+    @property
+    def repository(self) -> str:
+        """The repository images are tagged in: the registry's when there is one, else image_repo."""
+        return self.registry or self.image_repo
+
+    @property
+    def registry_client(self) -> RegistryClient | None:
+        """The registry's API client, or None without a registry."""
+        if not self.registry:
+            return None
+        repository = Repository.parse(self.registry)
+        client = self._registry_client
+        if client is None or client.repository != repository:
+            client = self._registry_client = RegistryClient(
+                repository, insecure=repository.host in self.insecure_registries, timeout=self.registry_timeout,
+                architecture=ARCHITECTURES.get(self.resolver.platform, "amd64"))
+        return client
 
     # -- keys and lookup ---------------------------------------------------------------
 
@@ -317,7 +465,7 @@ class ImageBuilder(LoggingConfigurable):
         if cached_id and time.monotonic() - fetched_at < BASE_ID_TTL_S:
             return cached_id
         try:
-            with _daemon_call("looking up the base image"):
+            with self._daemon("looking up the base image"):
                 base_id = self.client.images.get(self.base_image).id
         except docker.errors.ImageNotFound:
             raise BuildError(f"base image {self.base_image} not found: build it with `condaspawner base`",
@@ -340,16 +488,45 @@ class ImageBuilder(LoggingConfigurable):
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def tag_for(self, key: str) -> str:
-        return f"{self.image_repo}:{key[:16]}"
+        return f"{self.repository}:{key[:16]}"
 
     def find_image(self, key: str) -> docker.models.images.Image | None:
         """The cached image for ``key``, if the daemon has it (checked by its full-key label)."""
         try:
-            with _daemon_call("looking up the image"):
+            with self._daemon("looking up the image"):
                 image = self.client.images.get(self.tag_for(key))
         except docker.errors.ImageNotFound:
             return None
         return image if image.labels.get(LABEL_KEY) == key else None
+
+    def find_pushed(self, key: str) -> RemoteImage | None:
+        """The key's image in the registry (checked by its config's full-key label), or None.
+
+        Raises BuildError (phase "registry") when the registry cannot be reached or refuses us.
+        """
+        registry = self.registry_client
+        if registry is None:
+            return None
+        tag = key[:16]
+        with _registry_call(f"looking up {registry.repository}:{tag}"):
+            remote = registry.image(tag)
+        if remote is None:
+            return None
+        if remote.labels.get(LABEL_KEY) != key:
+            self.log.warning("Registry image %s:%s has key %s, not %s: not a cache hit (it will be replaced)",
+                             registry.repository, tag, remote.labels.get(LABEL_KEY, "(none)"), key)
+            return None
+        return remote
+
+    def pushed_reference(self, request: BuildRequest) -> str | None:
+        """The registry reference pinned by digest of ``request``'s image, or None.
+
+        None without a registry, or when the image is not (yet) in it; BuildError (phase
+        "registry") when the registry cannot be asked. For exports (KubeSpawner profiles):
+        ``condaspawner build --push`` first, then this gives each profile's image.
+        """
+        remote = self.find_pushed(self.build_key(request))
+        return remote.reference if remote else None
 
     def key_dir(self, key: str) -> Path:
         return Path(self.cache_dir) / "builds" / key
@@ -369,11 +546,16 @@ class ImageBuilder(LoggingConfigurable):
     # -- the public entry point ----------------------------------------------------------
 
     def is_cached(self, request: BuildRequest) -> bool:
-        """Whether the image exists, without counting as a use (for the form's badges)."""
-        return self.find_image(self.build_key(request)) is not None
+        """Whether the image exists (in the registry, if any), without counting as a use (the form's badges)."""
+        key = self.build_key(request)
+        return (self.find_pushed(key) if self.registry else self.find_image(key)) is not None
 
     def lookup(self, request: BuildRequest) -> ImageInfo | None:
-        """The cached image for ``request`` or None: the fast path of every spawn."""
+        """The cached image for ``request`` or None: the fast path of every spawn.
+
+        With a registry the hit is the registry's image (``reference``): the daemon that runs
+        the server may still have to pull it (:meth:`ensure_present`).
+        """
         return self._cached_info(self.build_key(request), request, time.monotonic())
 
     def ensure(self, request: BuildRequest) -> Build:
@@ -413,26 +595,151 @@ class ImageBuilder(LoggingConfigurable):
 
     async def _build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
         key = build.key
-        cached = self._cached_info(key, request, started)
+        cached = await asyncio.to_thread(self._cached_info, key, request, started)
         if cached:
             return cached
         async with self._slot(build):
             async with _file_lock(self.key_dir(key) / "build.lock"):
                 # Another hub process may have built it while we waited for the lock.
-                cached = self._cached_info(key, request, started)
+                cached = await asyncio.to_thread(self._cached_info, key, request, started)
                 if cached:
                     return cached
-                self.builds_started += 1
-                self.log.info("Building image %s (%s) for %s", self.tag_for(key), key, request.display_name)
-                return await self._build(build, request, started)
+                # With a registry: built here before, but never pushed (a failed push, a new registry).
+                local = self.find_image(key) if self.registry else None
+                if local is not None:
+                    self.log.info("Image %s is on the build daemon but not in the registry: pushing it",
+                                  self.tag_for(key))
+                    info = ImageInfo(key, self.tag_for(key), local.id, request.env_name, True,
+                                     time.monotonic() - started, local.attrs.get("Size", 0))
+                else:
+                    self.builds_started += 1
+                    self.log.info("Building image %s (%s) for %s", self.tag_for(key), key, request.display_name)
+                    info = await self._build(build, request, started)
+                if self.registry:
+                    info = await self._push(build, info)
+                return info
 
     def _cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:
+        if self.registry:
+            remote = self.find_pushed(key)
+            if remote is None:
+                return None
+            self.mark_used(key)
+            return ImageInfo(key, self.tag_for(key), remote.config_digest, request.env_name, True,
+                             time.monotonic() - started, remote.size, reference=remote.reference)
         image = self.find_image(key)
         if image is None:
             return None
         self.mark_used(key)
         return ImageInfo(key, self.tag_for(key), image.id, request.env_name, True,
                          time.monotonic() - started, image.attrs.get("Size", 0))
+
+    # -- the registry: push and pull ---------------------------------------------------------
+
+    async def _push(self, build: Build, info: ImageInfo) -> ImageInfo:
+        """Push the built image to the registry (only the layers it lacks); the pinned reference."""
+        registry = self.registry_client
+        assert registry is not None
+        host, tag = registry.repository.host, info.key[:16]
+        started = time.monotonic()
+        with self._daemon("reading the image's layers"):
+            attrs = await asyncio.to_thread(self.client.api.inspect_image, info.image_id)
+        tally = PushTally(list(attrs["RootFS"]["Layers"]))
+        await build.publish("push", 98, f"Pushing the image to the registry {host} (only layers it lacks)")
+        with _registry_call(f"reading the credentials for {host}"):
+            auth = _daemon_auth(await asyncio.to_thread(docker_credentials, host))
+        throttle = Throttle(2.0)
+        push = _thread_stream(lambda: self.client.api.push(registry.repository.name, tag, stream=True, decode=True,
+                                                           auth_config=auth))
+        async with contextlib.aclosing(push) as events:
+            async for event in events:
+                if "daemon_error" in event:
+                    raise self._daemon_gone(event["daemon_error"], "pushing the image", info.key)
+                if tally.feed(event) and throttle():
+                    await build.publish("push", 98, f"Pushing to {host}: {tally.done} of {tally.layers} layers "
+                                                    f"done, {tally.uploaded} uploaded")
+        if tally.error or not tally.digest:
+            cause = tally.error or "the daemon reported no digest"
+            self._write_log(info.key, f"push to {registry.repository} failed: {cause}\n")
+            raise _transfer_failure(f"pushing the image to {host}", host, cause, info.key)
+        with _registry_call(f"reading back {registry.repository}:{tag}"):
+            remote = await asyncio.to_thread(registry.image, tally.digest)
+        if remote is None:
+            raise BuildError(f"the registry {host} does not have the image just pushed ({tally.digest})",
+                             phase="registry", key=info.key, cause=f"{host} lost the image just pushed")
+        remote = dataclasses.replace(remote, tag=tag)
+        pushed = tally.bytes_pushed(remote)
+        seconds = time.monotonic() - started
+        summary = (f"Pushed {_megabytes(pushed)} to {host} in {seconds:.1f} s: {tally.uploaded} of {tally.layers} "
+                   f"layers new, {tally.layers - tally.uploaded} already there")
+        self._write_log(info.key, f"push: {remote.reference}: {pushed} bytes, {tally.uploaded} of {tally.layers} "
+                                  f"layers uploaded, {seconds:.1f} s\n")
+        self.log.info("%s (%s)", summary, remote.reference)
+        await build.publish("push", 99, summary)
+        return dataclasses.replace(info, image_id=remote.config_digest, reference=remote.reference,
+                                   pushed_bytes=pushed)
+
+    def _daemon_gone(self, error: str, what: str, key: str) -> BuildError:
+        return BuildError(f"the Docker daemon at {self.daemon_url} went away while {what}: {error}", phase="daemon",
+                          key=key, cause=f"the Docker daemon at {self.daemon_url} cannot be reached ({error})")
+
+    def _write_log(self, key: str, text: str) -> None:
+        with contextlib.suppress(OSError):
+            self.key_dir(key).mkdir(parents=True, exist_ok=True)
+            with (self.key_dir(key) / "build.log").open("a") as build_log:
+                build_log.write(text)
+
+    async def ensure_present(self, info: ImageInfo, api: docker.APIClient | None = None,
+                             publish: Callable[[str, int, str], Awaitable[None]] | None = None) -> bool:
+        """Pull ``info``'s registry image onto a daemon that lacks it; True if it pulled.
+
+        ``api``: the daemon that runs the server (default: the build daemon); ``publish(phase,
+        progress 0-100, message)`` gets progress in bytes. The image is also tagged
+        ``<registry>:<key[:16]>`` there, so ``condaspawner ls`` and ``gc`` see it.
+        """
+        if not info.reference:
+            return False
+        api = api or self.client.api
+        with self._daemon("looking up the image"):
+            try:
+                await asyncio.to_thread(api.inspect_image, info.reference)
+                return False
+            except docker.errors.ImageNotFound:
+                pass
+        registry = self.registry_client
+        assert registry is not None
+        host = registry.repository.host
+        digest = info.reference.partition("@")[2]
+        with _registry_call(f"reading {info.reference}"):
+            remote = await asyncio.to_thread(registry.image, digest)
+            auth = _daemon_auth(await asyncio.to_thread(docker_credentials, host))
+        if remote is None:
+            raise BuildError(f"the registry {host} no longer has {info.reference}", phase="registry", key=info.key,
+                             cause=f"{host} no longer has the image {info.reference}")
+        tally = PullTally(remote.layers)
+        throttle = Throttle(1.0)
+        say = publish or _no_progress
+        await say("pull", 0, f"Pulling the image from {host} ({_megabytes(remote.size)} compressed; "
+                            "layers this host has are skipped)")
+        pull = _thread_stream(lambda: api.pull(registry.repository.name, tag=digest, stream=True, decode=True,
+                                               auth_config=auth))
+        async with contextlib.aclosing(pull) as events:
+            async for event in events:
+                if "daemon_error" in event:
+                    raise self._daemon_gone(event["daemon_error"], "pulling the image", info.key)
+                tally.feed(event)
+                if event.get("status") == "Downloading" and throttle():
+                    done = tally.done
+                    await say("pull", 100 * done // max(tally.total, 1),
+                              f"Pulling the image from {host}: {_megabytes(done)} of {_megabytes(tally.total)}"
+                              + (f" ({tally.already} layers already here)" if tally.already else ""))
+        if tally.error:
+            raise _transfer_failure(f"pulling {info.reference}", host, tally.error, info.key)
+        with self._daemon("tagging the pulled image"):
+            await asyncio.to_thread(api.tag, info.reference, registry.repository.name, info.key[:16])
+        await say("pull", 100, f"Pulled {_megabytes(tally.total)} from {host}"
+                  + (f" ({tally.already} layers were already here)" if tally.already else ""))
+        return True
 
     @contextlib.asynccontextmanager
     async def _slot(self, build: Build):
@@ -612,9 +919,9 @@ class ImageBuilder(LoggingConfigurable):
     # -- cache management ------------------------------------------------------------------
 
     def images(self) -> list[docker.models.images.Image]:
-        """This builder's environment images: in ``image_repo`` and labelled with a key."""
+        """This builder's environment images on its daemon: in ``repository``, labelled with a key."""
         return [
-            image for image in self.client.images.list(name=self.image_repo, filters={"label": LABEL_KEY})
+            image for image in self.client.images.list(name=self.repository, filters={"label": LABEL_KEY})
             if self.tag_for(image.labels[LABEL_KEY]) in image.tags
         ]
 
@@ -789,13 +1096,76 @@ def _megabytes(size: int) -> str:
 
 
 @contextlib.contextmanager
-def _daemon_call(what: str):
+def _registry_call(what: str):
+    """Registry API calls: a RegistryError becomes the one-line BuildError of phase "registry"."""
+    try:
+        yield
+    except RegistryError as error:
+        raise BuildError(f"{what}: {error}", phase="registry", cause=str(error),
+                         unreachable=error.unreachable) from None
+
+
+def _transfer_failure(what: str, host: str, error: str, key: str) -> BuildError:
+    """A push or pull the daemon reported failed: unreachable (worth a retry) or refused."""
+    if failure_is_unreachable(error):
+        cause = f"the registry {host} cannot be reached ({connection_problem(error)})"
+        return BuildError(f"{what} failed: {error}", phase="registry", key=key, cause=cause, unreachable=True)
+    return BuildError(f"{what} failed: {error}", phase="registry", key=key, cause=f"{what} failed ({error})")
+
+
+def _daemon_auth(credentials: dict[str, str] | None) -> dict[str, str] | None:
+    """Docker's credentials for a registry as docker-py's auth_config (the X-Registry-Auth header)."""
+    if not credentials:
+        return None
+    if "identitytoken" in credentials:
+        return {"identitytoken": credentials["identitytoken"]}
+    return {"username": credentials["username"], "password": credentials.get("password", "")}
+
+
+async def _no_progress(phase: str, progress: int, message: str) -> None:
+    return None
+
+
+async def _thread_stream(make: Callable[[], Iterable[dict[str, Any]]]) -> AsyncGenerator[dict[str, Any], None]:
+    """A docker-py event stream (synchronous) read in a thread, as an async iterator.
+
+    The daemon's refusals become ``{"error": ...}`` events, like errors inside the stream;
+    a daemon that cannot be reached becomes ``{"daemon_error": ...}``. Abandoning the
+    iterator (a timeout) stops reading at the next event.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in make():
+                if abandoned.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except docker.errors.APIError as error:
+            loop.call_soon_threadsafe(queue.put_nowait, {"error": _one_line(error.explanation or error)})
+        except Exception as error:  # the daemon went away or cannot be reached
+            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": _one_line(error)})
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    reader = loop.run_in_executor(None, pump)
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        abandoned.set()
+    await reader
+
+
+@contextlib.contextmanager
+def _daemon_call(what: str, where: str = ""):
     """Docker calls whose failure to connect is "the daemon cannot be reached", not a bug."""
     try:
         yield
     except docker.errors.NotFound:
         raise
     except (docker.errors.DockerException, requests.exceptions.ConnectionError) as error:
-        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        where = where or os.environ.get("DOCKER_HOST") or "the default socket"
         raise BuildError(f"cannot reach the Docker daemon at {where} ({what}): {_one_line(error)}", phase="daemon",
                          cause=f"the Docker daemon at {where} cannot be reached ({_one_line(error)})") from None

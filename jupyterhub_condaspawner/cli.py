@@ -174,16 +174,29 @@ def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def docker_client() -> docker.DockerClient:
-    """A client of the daemon ``DOCKER_HOST`` names (or the default socket) that answers."""
+def docker_client(settings: dict[str, Any] | None = None) -> docker.DockerClient:
+    """A client that answers, of the daemon ``settings`` (DockerClient's arguments) name, else of
+    the one ``DOCKER_HOST`` names (or the default socket)."""
     import docker
 
     try:
-        client = docker.from_env()
+        client = docker.DockerClient(**settings) if settings else docker.from_env()
         client.ping()
     except docker.errors.DockerException as error:
-        raise CommandError(f"cannot reach the Docker daemon (set DOCKER_HOST): {error}")
+        where = (settings or {}).get("base_url") or "set DOCKER_HOST"
+        raise CommandError(f"cannot reach the Docker daemon ({where}): {error}")
     return client
+
+
+def servers_daemon_settings(config: Config) -> dict[str, Any]:
+    """The daemon the hub runs servers on, from the config's DockerSpawner settings (as the hub connects)."""
+    from .builder import daemon_settings
+
+    settings: dict[str, Any] = {}
+    for section in ("DockerSpawner", "CondaSpawner"):  # the subclass's section wins, as in traitlets
+        settings.update({name: config[section][name] for name in ("tls_config", "client_kwargs")
+                         if section in config and name in config[section]})
+    return daemon_settings(settings.get("tls_config"), settings.get("client_kwargs"))
 
 
 def cmd_base(args: argparse.Namespace, config: Config) -> int:
@@ -210,7 +223,8 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
     from .gpus import GpuAllocator, format_status, status_report
 
     try:
-        report = status_report(GpuAllocator(config=config))
+        report = status_report(GpuAllocator(config=config),
+                               connect=lambda: docker_client(servers_daemon_settings(config)))
     except TraitError as error:
         raise CommandError(f"bad GPU configuration: {error}")
     print(json.dumps(report, indent=2) if args.json else format_status(report))
@@ -223,7 +237,8 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
 def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
     from .builder import ImageBuilder
 
-    builder = ImageBuilder(config=config, docker_client=docker_client())
+    builder = ImageBuilder(config=config, daemon_settings=servers_daemon_settings(config))
+    builder.docker_client = docker_client(builder.client_settings())  # docker_host, else the servers' daemon
     if args.channel_alias:
         builder.resolver.channel_alias = args.channel_alias
     return builder
@@ -294,6 +309,9 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
 
     images = _images_to_push(args, config) if args.push else None
     builder = _builder(args, config)
+    if args.push and not builder.registry:
+        raise CommandError("--push needs a registry: set c.ImageBuilder.registry in the config "
+                           "(e.g. \"registry.example.edu:5000/condaspawner-env\")")
     requests = _build_requests(args, config)
     if not requests:
         raise CommandError("nothing to build: no FILE given and no profile has an environment")
@@ -302,17 +320,22 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     except BuildError as error:
         raise CommandError(str(error))
     results = asyncio.run(_build_with_bars(builder, requests))
+    pushing = bool(builder.registry)
     pushed: dict[str, str] = {}
     if images is not None:
         results, pushed = asyncio.run(_push(builder, results))
-    rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT")]
+    rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT", *(("PUSHED",) if pushing else ()))]
     for label, info, failure in results:
         if info is None:
-            rows.append((label, "", "", "", "", f"FAILED: {failure}"))
-        else:
-            rows.append((label, info.key[:16], pushed.get(label, info.tag), _size(info.size), f"{info.seconds:.1f}",
-                         ("cached" if info.cached else "built") + (", pushed" if label in pushed else "")))
+            rows.append((label, "", "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
+            continue
+        bytes_pushed = (_size(info.pushed_bytes or 0),) if pushing else ()
+        rows.append((label, info.key[:16], info.image, _size(info.size), f"{info.seconds:.1f}",
+                     "cached" if info.cached else "built", *bytes_pushed))
     print(_table(rows))
+    if pushing:
+        total = sum(info.pushed_bytes or 0 for _, info, _ in results if info is not None)
+        print(f"pushed {_size(total)} to {builder.registry} (layers it already had are not uploaded again)")
     if images is not None and pushed:
         for profile, _ in _profile_builds(config, args.profiles):
             if profile.slug in pushed:
@@ -547,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")
     build.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
     build.add_argument("--push", action="store_true",
-                       help="push every profile's image to c.ImageBuilder.registry and record the references, "
-                            "pinned by digest, in the images file (for `export kubespawner`)")
+                       help="make sure every profile's image is in the registry (c.ImageBuilder.registry): push "
+                            "what is missing, print the bytes pushed, and record the references pinned by digest "
+                            "in the images file (for `export kubespawner`)")
     build.add_argument("--images", metavar="FILE",
                        help="images file --push updates (default: c.KubernetesExport.images_file)")
     export = add("export", cmd_export, "write the profiles as KubeSpawner's singleuser.profileList "

@@ -93,6 +93,16 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
                             status_code=500)
     if phase == "daemon":
         return _docker_failure(error)
+    if phase == "registry" and error.unreachable:
+        return StartFailure(f"The image registry is unavailable: {cause}; try again in a minute, or tell the hub "
+                            "admin if it keeps failing", reason="registry", status_code=503,
+                            log_message=f"{error}{key}")
+    if phase == "registry":
+        return StartFailure(f"The image registry refused the hub: {cause}; tell the hub admin{key}",
+                            reason="registry-refused", status_code=500, log_message=str(error))
+    if phase == "config":
+        return StartFailure(f"The hub's image settings do not fit together: {cause}; tell the hub admin",
+                            reason="config", status_code=500)
     return StartFailure(f"Writing the image failed: {cause}; tell the hub admin{key}", reason="build",
                         status_code=500)
 

@@ -24,10 +24,12 @@ from traitlets import Bool, default
 
 from .builder import (
     LABEL_KEY,
+    BuildError,
     BuildRequest,
     EventStream,
     ImageBuilder,
     ImageInfo,
+    daemon_settings,
     request_for_profile,
 )
 from .failures import StartFailure, explain, log_failure
@@ -62,15 +64,24 @@ _services: dict[int, HubServices] = {}
 
 
 def hub_services(spawner: "CondaSpawner") -> HubServices:
-    """The hub's shared services, created on first use from the spawner's config."""
+    """The hub's shared services, created on first use from the spawner's config.
+
+    The builder talks to the daemon the servers run on, with DockerSpawner's own settings
+    (client_kwargs, tls_config, DOCKER_HOST), unless ImageBuilder.docker_host names a build host.
+    """
     key = id(spawner.config)
     if key not in _services:
         config = spawner.config
         allocator = GpuAllocator(config=config, log=spawner.log)
+        builder = ImageBuilder(config=config, log=spawner.log,
+                               daemon_settings=daemon_settings(spawner.tls_config, spawner.client_kwargs))
+        if builder.docker_host and not builder.registry:
+            spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
+                              "images built on another daemon", builder.docker_host)
         services = HubServices(
             catalog=ProfileCatalog(config=config),
             policy=SpecPolicy(config=config),
-            builder=(builder := ImageBuilder(config=config, log=spawner.log)),
+            builder=builder,
             allocator=allocator,
             queue=GpuQueue(allocator),
             notices=Notices(Path(builder.cache_dir) / "notices"),
@@ -78,7 +89,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
         with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
-            for problem in allocator.rebuild_from_containers(services.builder.client):
+            for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
                 spawner.log.warning("GPU allocations after restart: %s", problem)
         _services[key] = services
     return _services[key]
@@ -328,7 +339,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self.check_gpus_feasible(profile)
         info = await self._ensure_image(request)
         self._image_info = info
-        self.image = info.tag
+        self.image = info.image  # with a registry: the reference pinned by digest
         self._allocation = await self._allocate_gpus(profile)
         self._prepare_container(info, self._allocation)
         await self._replace_if_changed(info)
@@ -339,9 +350,14 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     async def _ensure_image(self, request: BuildRequest) -> ImageInfo:
         builder = self.services.builder
+        if builder.docker_host and not builder.registry:
+            raise BuildError("ImageBuilder.docker_host without ImageBuilder.registry", phase="config",
+                             cause=f"images built on {builder.docker_host} (ImageBuilder.docker_host) can reach "
+                                   "the servers only through a registry (ImageBuilder.registry)")
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
         cached = await asyncio.to_thread(builder.lookup, request)
         if cached is not None:
+            await self._pull_if_missing(cached, 2, 84)
             await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
             return cached
         await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
@@ -351,7 +367,27 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
                 continue  # the failure itself reaches the user once, from start()
             progress = 2 + event["progress"] * _IMAGE_SHARE // 100
             await self._feed.publish(event["phase"], progress, event["message"])
-        return await build.result()
+        info = await build.result()
+        await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
+        return info
+
+    async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
+        """Pull a registry image onto the servers' daemon if it lacks it, with progress in [low, high]."""
+        if not info.reference:
+            return
+
+        async def publish(phase: str, progress: int, message: str) -> None:
+            await self._feed.publish(phase, low + (high - low) * progress // 100, message)
+
+        api = await asyncio.to_thread(lambda: self.client)
+        await self.services.builder.ensure_present(info, api, publish)
+
+    async def pull_image(self, image: str) -> None:
+        # A reference pinned by digest was pulled by _ensure_image, with progress; DockerSpawner's
+        # own pull splits "name:tag@sha256:..." at the last colon and would ask for a wrong tag.
+        if "@" in image:
+            return
+        await super().pull_image(image)
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
@@ -477,6 +513,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             state["condaspawner"] = {
                 "key": self._image_info.key,
                 "image": self._image_info.tag,
+                "reference": self._image_info.reference,
                 "image_id": self._image_info.image_id,
                 "env_name": self._image_info.env_name,
                 "gpus": list(self._allocation.uuids) if self._allocation else [],
@@ -489,8 +526,9 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         saved = state.get("condaspawner")
         if not saved:
             return
-        self._image_info = ImageInfo(saved["key"], saved["image"], saved["image_id"], saved["env_name"], cached=True)
-        self.image = saved["image"]
+        self._image_info = ImageInfo(saved["key"], saved["image"], saved["image_id"], saved["env_name"], cached=True,
+                                     reference=saved.get("reference", ""))
+        self.image = self._image_info.image
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.

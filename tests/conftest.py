@@ -2,7 +2,7 @@
 
 import time
 
-pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub", "fixtures_swarm"]
+pytest_plugins = ["fixtures_docker", "fixtures_channel", "fixtures_hub", "fixtures_swarm", "fixtures_registry"]
 
 
 def pytest_unconfigure(config):
