@@ -39,6 +39,7 @@ from rattler import MatchSpec
 from traitlets import Dict, Float, Instance, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from . import metrics
 from .profiles import Profile
 from .resolve import Lock, ResolveError, Resolver
 from .spec import EnvironmentSpec
@@ -374,7 +375,9 @@ class ImageBuilder(LoggingConfigurable):
 
     def lookup(self, request: BuildRequest) -> ImageInfo | None:
         """The cached image for ``request`` or None: the fast path of every spawn."""
-        return self._cached_info(self.build_key(request), request, time.monotonic())
+        info = self._cached_info(self.build_key(request), request, time.monotonic())
+        metrics.record_cache_lookup(info is not None)
+        return info
 
     def ensure(self, request: BuildRequest) -> Build:
         """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``."""
@@ -384,6 +387,7 @@ class ImageBuilder(LoggingConfigurable):
             return build
         build = Build(key=key)
         build.task = asyncio.ensure_future(self._run(build, request))
+        build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self._builds[key] = build
         return build
 
