@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from types import SimpleNamespace
 
 import pytest
 from fake_nvml import FakeGpu, FakeNvml, fake_uuid
@@ -19,6 +20,7 @@ from jupyterhub_condaspawner import metrics
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder, ImageInfo
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
+from jupyterhub_condaspawner.spawner import _start_gpu_sampler
 from jupyterhub_condaspawner.spec import parse_environment
 
 T0 = 1_717_236_000.0
@@ -200,3 +202,25 @@ def test_recording_never_raises():
     metrics.track_queue(object())  # type: ignore[arg-type]  # cannot be tracked: ignored
     metrics.build_done(0.0, time.monotonic)(None)  # type: ignore[arg-type]
     assert value("condaspawner_gpu_queue_length") >= 0
+
+
+async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
+    fake = FakeNvml.with_gpus(1)
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0.05)
+    services = SimpleNamespace(allocator=allocator, sampler=None)
+    _start_gpu_sampler(services, None)  # type: ignore[arg-type]
+    sampler = services.sampler
+    assert sampler is not None
+    _start_gpu_sampler(services, None)  # type: ignore[arg-type]
+    assert services.sampler is sampler  # one sampler per hub
+    try:
+        deadline = time.monotonic() + 5
+        while fake.calls["nvmlDeviceGetUtilizationRates"] < 3:
+            assert time.monotonic() < deadline, "the GPUs were not sampled"
+            await asyncio.sleep(0.02)
+    finally:
+        sampler.cancel()
+    off = SimpleNamespace(allocator=GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0),
+                          sampler=None)
+    _start_gpu_sampler(off, None)  # type: ignore[arg-type]
+    assert off.sampler is None
