@@ -46,6 +46,7 @@ from rattler import MatchSpec
 from traitlets import Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
+from . import metrics
 from .profiles import Profile
 from .registry import (
     ARCHITECTURES,
@@ -556,7 +557,9 @@ class ImageBuilder(LoggingConfigurable):
         With a registry the hit is the registry's image (``reference``): the daemon that runs
         the server may still have to pull it (:meth:`ensure_present`).
         """
-        return self._cached_info(self.build_key(request), request, time.monotonic())
+        info = self._cached_info(self.build_key(request), request, time.monotonic())
+        metrics.record_cache_lookup(info is not None)
+        return info
 
     def ensure(self, request: BuildRequest) -> Build:
         """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``."""
@@ -566,6 +569,7 @@ class ImageBuilder(LoggingConfigurable):
             return build
         build = Build(key=key)
         build.task = asyncio.ensure_future(self._run(build, request))
+        build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self._builds[key] = build
         return build
 

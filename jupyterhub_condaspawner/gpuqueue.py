@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from . import metrics
 from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
 
 # The longest a waiting spawn goes without retrying (memory freed outside the hub, rescans).
@@ -57,6 +58,7 @@ class GpuQueue:
         self._tickets = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         allocator.on_release(self._released)
+        metrics.track_queue(self)
 
     async def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None, *,
                        cuda: str | None = None, profile: str | None = None,
@@ -78,14 +80,22 @@ class GpuQueue:
                 if not self.allocator.queue_timeout:
                     raise
         self._waiting.setdefault(waiter.kind, []).append(waiter)
+        joined, outcome = self._clock(), "error"
         self._dispatch()  # GPUs may be free already: the kind's head goes first
         try:
-            return await self._wait(waiter, waiting)
+            allocation = await self._wait(waiter, waiting)
+            outcome = "granted"
+            return allocation
         except asyncio.CancelledError:
+            outcome = "cancelled"
             self._give_back(waiter)
+            raise
+        except GpuUnavailable as refusal:
+            outcome = _outcome(refusal)
             raise
         finally:
             self._leave(waiter)
+            metrics.record_queue_wait(outcome, self._clock() - joined)
 
     def ahead_of(self, user: str, server_name: str) -> int | None:
         """How many spawns wait ahead of this server's, or None if it is not waiting."""
@@ -187,6 +197,15 @@ class GpuQueue:
         """A cancelled spawn that was granted GPUs in the same instant frees them again."""
         if waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None:
             self.allocator.release(waiter.user, waiter.server_name)
+
+
+def _outcome(refusal: GpuUnavailable) -> str:
+    """How a refused spawn left the queue, for the wait-time metric."""
+    if isinstance(refusal, QueueCancelled):
+        return "cancelled"
+    if isinstance(refusal, (GpuInfeasible, GpuQuotaExceeded)):
+        return "refused"
+    return "timeout"
 
 
 def _duration(seconds: float) -> str:

@@ -38,6 +38,8 @@ from packaging.version import InvalidVersion, Version
 from traitlets import CaselessStrEnum, Dict, Float, Integer, List, TraitError, validate
 from traitlets.config import LoggingConfigurable
 
+from . import metrics
+
 LABEL_USER = "io.condaspawner.user"
 LABEL_SERVER = "io.condaspawner.server"
 LABEL_GPUS = "io.condaspawner.gpus"  # comma-separated GPU UUIDs
@@ -603,6 +605,29 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    idle_utilization = Float(
+        5.0,
+        min=0.0,
+        max=100.0,
+        help="""A held GPU whose utilization (percent, as NVML last read it) is at or below this
+        is idle: the condaspawner_gpus{state="held_idle"} metric and the GPU-seconds held
+        idle count it. GPUs without a utilization reading (static GPUs) are never idle.
+
+            c.GpuAllocator.idle_utilization = 10
+        """,
+    ).tag(config=True)
+
+    gpu_sample_interval = Float(
+        30.0,
+        min=0.0,
+        help="""Seconds between the hub's samples of its GPUs (an NVML scan: utilization and
+        memory in use), which advance condaspawner_gpu_idle_seconds_total and refresh the
+        GPU metrics. 0 turns sampling off.
+
+            c.GpuAllocator.gpu_sample_interval = 10
+        """,
+    ).tag(config=True)
+
     def __init__(self, inventory: GpuInventory | None = None, clock: Callable[[], float] = time.time,
                  **kwargs: Any):
         """``inventory``: where GPUs come from (default: a :class:`GpuInventory` sharing this config);
@@ -617,6 +642,7 @@ class GpuAllocator(LoggingConfigurable):
         self._last_pick: dict[str, int] = {}
         self._picks = 0
         self._release_listeners: list[Callable[[], None]] = []
+        self._sampled_at: float | None = None  # self._clock() of the last sample()
 
     # -- inventory ----------------------------------------------------------------------
 
@@ -625,6 +651,7 @@ class GpuAllocator(LoggingConfigurable):
         with self._lock:
             self._scan = self.inventory.scan()
             self._scanned_at = time.monotonic()
+            self._record_states()
             return self._scan
 
     def latest_scan(self) -> GpuScan:
@@ -653,15 +680,19 @@ class GpuAllocator(LoggingConfigurable):
                              min_free_memory if min_free_memory is not None else self.min_free_memory,
                              cuda, profile)
         with self._lock:
-            if count == 0:
-                self._table.remove((user, server_name))
-                return Allocation(user, server_name, (), self._clock())
-            return self._allocate(user, server_name, request)
+            try:
+                if count == 0:
+                    self._table.remove((user, server_name))
+                    return Allocation(user, server_name, (), self._clock())
+                return self._allocate(user, server_name, request)
+            finally:
+                self._record_states()
 
     def release(self, user: str, server_name: str) -> Allocation | None:
         """Free the server's GPUs; the allocation it held, or None if it held none."""
         with self._lock:
             released = self._table.remove((user, server_name))
+            self._record_states()
         if released is not None and released.uuids:
             for listener in list(self._release_listeners):
                 listener()
@@ -687,6 +718,57 @@ class GpuAllocator(LoggingConfigurable):
             for uuid in allocation.uuids:
                 holders.setdefault(uuid, []).append(allocation)
         return holders
+
+    # -- states and samples (metrics; the idle culler's input) --------------------------
+
+    def gpu_states(self, scan: GpuScan | None = None) -> dict[str, str]:
+        """GPU UUID (or "#index" when NVML could not read it) -> "free", "held_busy",
+        "held_idle" or "unusable", from the table and ``scan`` (default: the latest scan,
+        not refreshed). Held means by a running server; idle means a utilization reading at
+        or below ``idle_utilization``."""
+        with self._lock:
+            scan = scan if scan is not None else self._scan
+            if scan is None:
+                return {}
+            states = {}
+            for gpu in scan.gpus:
+                if not gpu.usable:
+                    state = "unusable"
+                elif not self._table.load.get(gpu.uuid):
+                    state = "free"
+                elif gpu.utilization is not None and gpu.utilization <= self.idle_utilization:
+                    state = "held_idle"
+                else:
+                    state = "held_busy"
+                states[gpu.uuid or f"#{gpu.index}"] = state
+            return states
+
+    def sample(self) -> GpuScan:
+        """Scan the GPUs now (NVML: utilization, memory in use) and count the GPU-seconds held
+        idle since the last sample: each GPU held idle now counts the time since the previous
+        sample, or since its allocation if later. The hub calls this every
+        ``gpu_sample_interval`` seconds; it blocks on NVML, so call it off the event loop."""
+        with self._lock:
+            scan = self.refresh()
+            now = self._clock()
+            previous, self._sampled_at = self._sampled_at, now
+            if previous is None:
+                return scan
+            idle_seconds = 0.0
+            for uuid, state in self.gpu_states(scan).items():
+                if state == "held_idle":
+                    since = min((a.since for a in self._table.allocations.values() if a.active and uuid in a.uuids),
+                                default=previous)
+                    idle_seconds += max(0.0, now - max(previous, since))
+        metrics.record_gpu_idle(idle_seconds)
+        return scan
+
+    def _record_states(self) -> None:
+        try:
+            if self._scan is not None:
+                metrics.record_gpu_states(self.gpu_states(self._scan).values())
+        except Exception:  # a metric never breaks an allocation
+            pass
 
     def check_feasible(self, user: str, server_name: str, count: int, model_glob: str | None = None,
                        min_free_memory: int | None = None, *, cuda: str | None = None,
@@ -791,6 +873,7 @@ class GpuAllocator(LoggingConfigurable):
             scan = self.latest_scan()
             self._table = _Table()
             problems = [problem for record in records for problem in self._restore(record, scan)]
+            self._record_states()
         for problem in problems:
             self.log.warning("GPU table rebuild: %s", problem)
         return problems

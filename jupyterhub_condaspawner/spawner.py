@@ -58,6 +58,7 @@ class HubServices:
     allocator: GpuAllocator
     queue: GpuQueue
     notices: Notices
+    sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
 
 
 _services: dict[int, HubServices] = {}
@@ -92,7 +93,29 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
                 spawner.log.warning("GPU allocations after restart: %s", problem)
         _services[key] = services
+    _start_gpu_sampler(_services[key], spawner.log)
     return _services[key]
+
+
+def _start_gpu_sampler(services: HubServices, log: Any) -> None:
+    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle), once per hub,
+    from the first call made on the hub's event loop."""
+    if services.sampler is not None or not services.allocator.gpu_sample_interval:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not on the hub's loop (config checks, tests): the next call starts it
+        return
+    services.sampler = loop.create_task(_sample_gpus(services.allocator, log))
+
+
+async def _sample_gpus(allocator: GpuAllocator, log: Any) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
+        except Exception as error:
+            log.warning("GPU sample failed: %s", error)
+        await asyncio.sleep(allocator.gpu_sample_interval)
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:

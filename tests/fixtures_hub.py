@@ -34,7 +34,8 @@ c = get_config()
 c.JupyterHub.services = [{{"name": "e2e", "api_token": {TOKEN!r}}}]
 c.JupyterHub.load_roles = [{{
     "name": "e2e",
-    "scopes": ["admin:users", "admin:servers", "access:servers", "admin:groups", "read:users", "tokens"],
+    "scopes": ["admin:users", "admin:servers", "access:servers", "admin:groups", "read:users", "tokens",
+               "read:metrics"],
     "services": ["e2e"],
 }}]
 c.DockerSpawner.remove = False            # kept containers: inspected by the GPU test, replaced on respawn

@@ -1,0 +1,226 @@
+"""The Prometheus metrics, read back from the default registry (the one /hub/metrics serves).
+
+GPUs and the queue run on the fake NVML; builds on an ImageBuilder whose daemon calls are
+stood in for (the real builds are counted in test_e2e_metrics.py). The registry is global,
+so every test reads differences, never absolute values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from types import SimpleNamespace
+
+import pytest
+from fake_nvml import FakeGpu, FakeNvml, fake_uuid
+from prometheus_client import REGISTRY, generate_latest
+
+from jupyterhub_condaspawner import metrics
+from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder, ImageInfo
+from jupyterhub_condaspawner.gpuqueue import GpuQueue
+from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
+from jupyterhub_condaspawner.spawner import _start_gpu_sampler
+from jupyterhub_condaspawner.spec import parse_environment
+
+T0 = 1_717_236_000.0
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def gpu_states() -> dict[str, float]:
+    return {state: value("condaspawner_gpus", state=state) for state in metrics.GPU_STATES}
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_metric_is_on_the_default_registry_with_help_and_prefix():
+    text = generate_latest(REGISTRY).decode()
+    names = ("condaspawner_gpus", "condaspawner_gpu_idle_seconds_total", "condaspawner_gpu_queue_length",
+             "condaspawner_gpu_queue_wait_seconds", "condaspawner_builds_total",
+             "condaspawner_build_duration_seconds", "condaspawner_image_cache_lookups_total",
+             "condaspawner_culls_total")
+    for name in names:
+        family = name.removesuffix("_total")
+        assert f"# HELP {family} " in text or f"# HELP {name} " in text, name
+    assert 'condaspawner_image_cache_lookups_total{result="miss"}' in text  # shown at 0 from the start
+
+
+def test_gpu_states_and_gpu_seconds_held_idle_from_samples():
+    fake = FakeNvml([FakeGpu(fake_uuid(i), utilization_gpu=0) for i in range(3)] + [FakeGpu(fake_uuid(3))])
+    clock = Clock()
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), clock=clock, idle_utilization=5)
+    idle_before = value("condaspawner_gpu_idle_seconds_total")
+    allocator.sample()  # the first sample only sets the starting point
+    assert gpu_states() == {"free": 4, "held_busy": 0, "held_idle": 0, "unusable": 0}
+
+    allocator.allocate("busy", "", 1)  # GPU 0
+    allocator.allocate("idle", "", 1)  # GPU 1
+    fake.gpus[0].utilization_gpu = 90
+    fake.gpus[1].utilization_gpu = 5  # at the threshold: idle
+    fake.lose(3)
+    clock.now += 30
+    allocator.sample()
+    assert gpu_states() == {"free": 1, "held_busy": 1, "held_idle": 1, "unusable": 1}
+    # Both were allocated at T0 (the previous sample): GPU 1 was idle for those 30 s.
+    assert value("condaspawner_gpu_idle_seconds_total") - idle_before == pytest.approx(30)
+
+    clock.now += 10
+    allocator.allocate("late", "", 1)  # GPU 2, utilization 0: idle only since it was handed out
+    clock.now += 20
+    allocator.sample()
+    assert gpu_states()["held_idle"] == 2
+    assert value("condaspawner_gpu_idle_seconds_total") - idle_before == pytest.approx(30 + 30 + 20)
+
+    allocator.release("idle", "")  # released: free at once, without waiting for a sample
+    assert gpu_states() == {"free": 1, "held_busy": 1, "held_idle": 1, "unusable": 1}
+    assert allocator.gpu_states()[fake_uuid(1)] == "free"
+
+
+def test_a_gpu_without_a_utilization_reading_is_never_idle():
+    fake = FakeNvml([FakeGpu(fake_uuid(0))])
+    fake.gpus[0].failures["nvmlDeviceGetUtilizationRates"] = 3  # NOT_SUPPORTED on this board
+    clock = Clock()
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), clock=clock)
+    allocator.sample()
+    allocator.allocate("a", "", 1)
+    before = value("condaspawner_gpu_idle_seconds_total")
+    clock.now += 60
+    allocator.sample()
+    assert allocator.gpu_states() == {fake_uuid(0): "held_busy"}
+    assert value("condaspawner_gpu_idle_seconds_total") == before
+
+
+async def test_queue_length_and_wait_time_by_outcome():
+    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(1)), queue_timeout=0.3))
+    before = {outcome: value("condaspawner_gpu_queue_wait_seconds_count", outcome=outcome)
+              for outcome in metrics.QUEUE_OUTCOMES}
+    granted_sum = value("condaspawner_gpu_queue_wait_seconds_sum", outcome="granted")
+    await queue.allocate("holder", "", 1)  # got it at once: never queued, not observed
+    waiting = asyncio.ensure_future(queue.allocate("first", "", 1))
+    cancelled = asyncio.ensure_future(queue.allocate("second", "", 1))
+    deadline = time.monotonic() + 5
+    while queue.length < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert value("condaspawner_gpu_queue_length") >= 2  # every live queue of this process counts
+    queue.cancel("second", "")
+    with pytest.raises(GpuUnavailable):
+        await cancelled
+    await asyncio.sleep(0.1)
+    queue.allocator.release("holder", "")
+    await asyncio.wait_for(waiting, 5)
+    with pytest.raises(GpuUnavailable):  # "first" holds it now: this one times out
+        await queue.allocate("third", "", 1)
+    assert queue.length == 0
+
+    after = {outcome: value("condaspawner_gpu_queue_wait_seconds_count", outcome=outcome)
+             for outcome in metrics.QUEUE_OUTCOMES}
+    assert {outcome: after[outcome] - before[outcome] for outcome in after} == {
+        "granted": 1, "timeout": 1, "cancelled": 1, "refused": 0, "error": 0}
+    assert value("condaspawner_gpu_queue_wait_seconds_sum", outcome="granted") - granted_sum >= 0.1
+
+
+def builder_without_daemon(monkeypatch, outcome) -> ImageBuilder:
+    """An ImageBuilder whose key and build steps are stand-ins: ``outcome`` is what a build gives."""
+    builder = ImageBuilder()
+    monkeypatch.setattr(builder, "build_key", lambda request: "k" * 64)
+    monkeypatch.setattr(builder, "_cached_info", lambda key, request, started: None)
+
+    async def build_once(build, request, started):
+        await asyncio.sleep(0.01)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(builder, "_build_once", build_once)
+    return builder
+
+
+REQUEST = BuildRequest(parse_environment("dependencies: [python=3.9]\n"), env_name="python39")
+
+
+@pytest.mark.parametrize("outcome, labels", [
+    (ImageInfo("k" * 64, "repo:k", "sha256:1", "python39", False, 42.0, 1), ("success", "ready")),
+    (BuildError("solve: nothing provides numpy", phase="solve"), ("failure", "solve")),
+    (RuntimeError("a bug"), ("failure", "internal")),
+])
+async def test_builds_by_result_phase_and_duration(monkeypatch, outcome, labels):
+    builder = builder_without_daemon(monkeypatch, outcome)
+    result, phase = labels
+    count = value("condaspawner_builds_total", result=result, phase=phase)
+    observed = value("condaspawner_build_duration_seconds_count", result=result)
+    seconds = value("condaspawner_build_duration_seconds_sum", result=result)
+    build = builder.ensure(REQUEST)
+    with pytest.raises(Exception) if isinstance(outcome, Exception) else contextlib.nullcontext():
+        await build.result()
+    await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
+    assert value("condaspawner_builds_total", result=result, phase=phase) == count + 1
+    assert value("condaspawner_build_duration_seconds_count", result=result) == observed + 1
+    if result == "success":  # the build's own duration
+        assert value("condaspawner_build_duration_seconds_sum", result=result) - seconds == pytest.approx(42.0)
+
+
+async def test_an_image_found_built_meanwhile_is_no_build(monkeypatch):
+    builder = builder_without_daemon(monkeypatch, ImageInfo("k" * 64, "repo:k", "sha256:1", "python39", True))
+    before = value("condaspawner_builds_total", result="success", phase="ready")
+    await builder.ensure(REQUEST).result()
+    await asyncio.sleep(0)
+    assert value("condaspawner_builds_total", result="success", phase="ready") == before
+
+
+def test_cache_lookups_count_hits_and_misses(monkeypatch):
+    builder = ImageBuilder()
+    monkeypatch.setattr(builder, "build_key", lambda request: "k" * 64)
+    hit = ImageInfo("k" * 64, "repo:k", "sha256:1", "python39", True)
+    found: list[ImageInfo | None] = [None, hit, hit]
+    monkeypatch.setattr(builder, "_cached_info", lambda key, request, started: found.pop(0))
+    hits, misses = value("condaspawner_image_cache_lookups_total", result="hit"), \
+        value("condaspawner_image_cache_lookups_total", result="miss")
+    assert [builder.lookup(REQUEST) is not None for _ in range(3)] == [False, True, True]
+    assert value("condaspawner_image_cache_lookups_total", result="hit") == hits + 2
+    assert value("condaspawner_image_cache_lookups_total", result="miss") == misses + 1
+
+
+def test_culls_are_counted_by_reason():
+    before = value("condaspawner_culls_total", reason="gpu_idle")
+    metrics.record_cull("gpu_idle")
+    assert value("condaspawner_culls_total", reason="gpu_idle") == before + 1
+
+
+def test_recording_never_raises():
+    metrics.record_queue_wait("granted", "soon")  # type: ignore[arg-type]
+    metrics.record_gpu_idle("long")  # type: ignore[arg-type]
+    metrics.track_queue(object())  # type: ignore[arg-type]  # cannot be tracked: ignored
+    metrics.build_done(0.0, time.monotonic)(None)  # type: ignore[arg-type]
+    assert value("condaspawner_gpu_queue_length") >= 0
+
+
+async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
+    fake = FakeNvml.with_gpus(1)
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0.05)
+    services = SimpleNamespace(allocator=allocator, sampler=None)
+    _start_gpu_sampler(services, None)  # type: ignore[arg-type]
+    sampler = services.sampler
+    assert sampler is not None
+    _start_gpu_sampler(services, None)  # type: ignore[arg-type]
+    assert services.sampler is sampler  # one sampler per hub
+    try:
+        deadline = time.monotonic() + 5
+        while fake.calls["nvmlDeviceGetUtilizationRates"] < 3:
+            assert time.monotonic() < deadline, "the GPUs were not sampled"
+            await asyncio.sleep(0.02)
+    finally:
+        sampler.cancel()
+    off = SimpleNamespace(allocator=GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0),
+                          sampler=None)
+    _start_gpu_sampler(off, None)  # type: ignore[arg-type]
+    assert off.sampler is None
