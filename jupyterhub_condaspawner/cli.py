@@ -218,13 +218,16 @@ def one_line(error: Exception) -> str:
 
 
 def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
+    import docker
     from traitlets import TraitError
 
     from .gpus import GpuAllocator, format_status, status_report
 
     try:
+        settings = servers_daemon_settings(config)
+        # A daemon that does not answer still lists the GPUs (holders unknown, and why).
         report = status_report(GpuAllocator(config=config),
-                               connect=lambda: docker_client(servers_daemon_settings(config)))
+                               connect=lambda: docker.DockerClient(**settings) if settings else None)
     except TraitError as error:
         raise CommandError(f"bad GPU configuration: {error}")
     print(json.dumps(report, indent=2) if args.json else format_status(report))

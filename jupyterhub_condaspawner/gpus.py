@@ -1024,12 +1024,12 @@ def _status_row(gpu: Gpu, holders: list[Allocation]) -> dict[str, Any]:
 def status_report(allocator: GpuAllocator, connect: Callable[[], Any] | None = None) -> dict[str, Any]:
     """GPUs, their holders (from the Docker daemon's container labels) and notes, JSON-ready.
 
-    ``connect`` returns a DockerClient (default: ``docker.from_env``); if the daemon cannot
+    ``connect`` returns a DockerClient (None, or no ``connect``: ``docker.from_env``); if the daemon cannot
     be reached, the GPUs are still listed, with ``holders_known`` False and a note why.
     """
     notes = list(allocator.latest_scan().notes)
     try:
-        client = (connect or (lambda: docker.from_env(timeout=10)))()
+        client = (connect and connect()) or docker.from_env(timeout=10)
         client.ping()
         notes += allocator.rebuild_from_containers(client)
         holders_known = True

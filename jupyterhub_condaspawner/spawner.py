@@ -61,7 +61,8 @@ class HubServices:
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
 
 
-_services: dict[int, HubServices] = {}
+# Keyed by the config's id; the config itself is kept too, so that id is never reused.
+_services: dict[int, tuple[Any, HubServices]] = {}
 
 
 def hub_services(spawner: "CondaSpawner") -> HubServices:
@@ -92,9 +93,10 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
         with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
             for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
                 spawner.log.warning("GPU allocations after restart: %s", problem)
-        _services[key] = services
-    _start_gpu_sampler(_services[key], spawner.log)
-    return _services[key]
+        _services[key] = (config, services)
+    services = _services[key][1]
+    _start_gpu_sampler(services, spawner.log)
+    return services
 
 
 def _start_gpu_sampler(services: HubServices, log: Any) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.wheel
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "corpus"
 NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", ".bench", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+    ".git", ".venv", ".bench", ".swarm-bench", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
     ".hypothesis", ".mypy_cache", ".ruff_cache", "test-artifacts", "node_modules",
 )
 PRODUCTION_RECIPE = (
