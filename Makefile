@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m condaspawner_bench demo $(DEMO_ARGS)
