@@ -9,22 +9,40 @@ the admin's Docker, conda-forge and the production base image take its place.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
+
+import docker
 
 from jupyterhub_condaspawner.baseimage import BASE_TAG
 from jupyterhub_condaspawner.resolve import Resolver
 
 from .devchannel import ChannelInfo, build_dev_channel, read_channel_info
-from .dockerd import DaemonHandle, ensure_daemon
-from .offlinebase import build_offline_base
+from .dockerd import (
+    DEBOOTSTRAP_PACKAGES,
+    DOCKERD_PACKAGES,
+    DaemonHandle,
+    daemon_answers,
+    ensure_daemon,
+    ensure_debian_packages,
+)
+from .offlinebase import build_offline_base, build_rootfs_image, rootfs_tree_is_current
+from .phases import Phase, PhaseLog
 
+T = TypeVar("T")
 PROXY_PACKAGE = "configurable-http-proxy@5.3.0"
+PROXY_BIN = Path("proxy/node_modules/.bin/configurable-http-proxy")  # under the bench folder
 BENCH_DIR_ENV = "CONDASPAWNER_BENCH_DIR"
+# The screenshot test drives Debian's chromium; the set-up installs it alongside the rest.
+BROWSER_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
 class BenchError(RuntimeError):
@@ -56,7 +74,7 @@ def ensure_proxy(bench_dir: Path) -> list[str]:
     if found:
         return [found]
     prefix = bench_dir / "proxy"
-    command = prefix / "node_modules" / ".bin" / "configurable-http-proxy"
+    command = bench_dir / PROXY_BIN
     if not command.exists():
         if shutil.which("npm") is None:
             raise BenchError("configurable-http-proxy needs Node.js and npm (apt-get install nodejs npm)")
@@ -69,22 +87,194 @@ def ensure_proxy(bench_dir: Path) -> list[str]:
     return [str(command)]
 
 
+@dataclass(frozen=True)
+class BenchParts:
+    """Which parts of the bench to set up: the tests ask only for what they use."""
+
+    daemon: bool = True
+    rootfs: bool = True  # the debootstrapped Debian image (needs the daemon)
+    channel: bool = True
+    base: bool = True  # the offline base image (needs the rootfs and the channel)
+    proxy: bool = True
+    browser: bool = False  # Debian's chromium + chromedriver, for the screenshot test
+
+    NAMES = ("daemon", "rootfs", "channel", "base", "proxy", "browser")
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> BenchParts:
+        names = set(names)
+        unknown = names.difference(cls.NAMES)
+        if unknown:
+            raise ValueError(f"unknown bench parts: {', '.join(sorted(unknown))}")
+        base = "base" in names
+        rootfs = base or "rootfs" in names
+        return cls(daemon=rootfs or "daemon" in names, rootfs=rootfs, channel=base or "channel" in names,
+                   base=base, proxy="proxy" in names, browser="browser" in names)
+
+    def names(self) -> list[str]:
+        return [name for name in self.NAMES if getattr(self, name)]
+
+
+@dataclass
+class BenchSetup:
+    """What :func:`set_up_bench` got: each part, or its error in ``errors``."""
+
+    directory: Path
+    phases: PhaseLog
+    daemon: DaemonHandle | None = None
+    channel: ChannelInfo | None = None
+    base_image_id: str | None = None
+    proxy_command: list[str] | None = None
+    errors: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def step(self, phase_name: str, function: Callable[[Phase], T]) -> T | None:
+        """``function(phase)`` timed as ``phase_name``; on failure None, the error recorded.
+
+        A set-up never stops at one part: the tests that need a failed part say why
+        (or fail, under CI) when their fixtures try again.
+        """
+        try:
+            with self.phases(phase_name) as phase:
+                return function(phase)
+        except Exception as error:  # apt, debootstrap, network, docker: each says what failed
+            with self._lock:
+                self.errors.append(f"{phase_name}: {' '.join(str(error).split()) or type(error).__name__}")
+            return None
+
+    def report(self) -> dict[str, Any]:
+        """JSON for whoever started the set-up in another process (the test session)."""
+        daemon = None
+        if self.daemon is not None:
+            daemon = {"docker_host": self.daemon.docker_host, "started": self.daemon.owned}
+        return {**self.phases.to_json(), "errors": self.errors, "daemon": daemon}
+
+
+def set_up_bench(
+    bench_dir: Path | None = None,
+    parts: BenchParts = BenchParts(),
+    say: Callable[[str], None] | None = None,
+) -> BenchSetup:
+    """Set up (or find cached) the bench's ``parts``, overlapping the independent ones.
+
+    The Docker chain (apt-get, dockerd, debootstrap, import, base image) runs here;
+    the conda channel, the proxy's npm install and the browser's apt-get install
+    run meanwhile in threads (the base image waits for the channel). Every phase is
+    timed in ``.phases``. A part that fails is recorded in ``.errors``, not raised.
+    """
+    directory = Path(bench_dir or default_bench_dir()).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    setup = BenchSetup(directory, PhaseLog(say))
+    apt_done = threading.Event()  # the Docker chain's apt-get goes first: it is on the critical path
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="bench-setup") as pool:
+        channel = pool.submit(setup.step, "conda channel", lambda phase: _set_up_channel(directory, setup.phases, phase)) \
+            if parts.channel else None
+        if parts.proxy:
+            pool.submit(setup.step, "configurable-http-proxy", lambda phase: _set_up_proxy(setup, phase))
+        if parts.browser:
+            pool.submit(_set_up_browser, setup, apt_done)
+        try:
+            _set_up_docker_chain(setup, parts, channel, apt_done)
+        finally:
+            apt_done.set()
+        if channel is not None:
+            setup.channel = channel.result()
+    setup.phases.finish()
+    return setup
+
+
+def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future | None,
+                         apt_done: threading.Event) -> None:
+    directory = setup.directory
+    if not parts.daemon:
+        return
+    packages = _missing_debian_packages(directory, parts)
+    if packages:
+        setup.step(f"apt-get install {' '.join(sorted(set(packages.values())))}",
+                   lambda phase: ensure_debian_packages(packages))
+    apt_done.set()
+    setup.daemon = setup.step("dockerd", lambda phase: _set_up_daemon(directory, phase))
+    if setup.daemon is None or not parts.rootfs:
+        return
+    client = setup.daemon.client()
+    # Its phases (debootstrap, import) are timed inside; a cached image takes no time.
+    if setup.step("rootfs image", lambda phase: build_rootfs_image(client, directory, phases=setup.phases)) is None:
+        return
+    if not parts.base:
+        return
+    info = channel.result() if channel is not None else None
+    if info is None:
+        setup.errors.append("base image: not built, the conda channel failed")
+        return
+    setup.base_image_id = setup.step("base image", lambda phase: _set_up_base(client, directory, info, setup, phase))
+
+
+def _missing_debian_packages(directory: Path, parts: BenchParts) -> dict[str, str]:
+    """The Debian packages the Docker chain will need and lacks: installed up front, in one go."""
+    wanted = {}
+    if parts.daemon and not daemon_answers(directory):
+        wanted.update(DOCKERD_PACKAGES)
+    if parts.rootfs and not rootfs_tree_is_current(directory):
+        wanted.update(DEBOOTSTRAP_PACKAGES)
+    return {command: package for command, package in wanted.items() if shutil.which(command) is None}
+
+
+def _set_up_daemon(directory: Path, phase: Phase) -> DaemonHandle:
+    daemon = ensure_daemon(directory)
+    phase.note = f"{'started' if daemon.owned else 'found'} at {daemon.docker_host}"
+    return daemon
+
+
+def _set_up_channel(directory: Path, phases: PhaseLog, phase: Phase) -> ChannelInfo:
+    before = read_channel_info(directory / "channel")
+    build_dev_channel(directory / "channel", phases=phases)
+    info = read_channel_info(directory / "channel")
+    phase.note = "cached" if before is not None and before == info else "built"
+    if info is None or not info.python_available:
+        reason = info.python_skip_reason if info else "not built"
+        raise BenchError(f"the local conda channel has no python 3.9: {reason}")
+    return info
+
+
+def _set_up_base(client: docker.DockerClient, directory: Path, channel: ChannelInfo, setup: BenchSetup,
+                 phase: Phase) -> str:
+    resolver = Resolver(channel_urls={"conda-forge": channel.url}, package_cache_dir=str(directory / "pkgs"))
+    before = _image_id(client, BASE_TAG)
+    image_id = asyncio.run(build_offline_base(client, directory, resolver, phases=setup.phases))
+    phase.note = "cached" if image_id == before else "built"
+    return image_id
+
+
+def _set_up_proxy(setup: BenchSetup, phase: Phase) -> list[str]:
+    cached = shutil.which("configurable-http-proxy") or (setup.directory / PROXY_BIN).exists()
+    setup.proxy_command = ensure_proxy(setup.directory)
+    phase.note = "cached" if cached else f"npm install {PROXY_PACKAGE}"
+    return setup.proxy_command
+
+
+def _set_up_browser(setup: BenchSetup, apt_done: threading.Event) -> None:
+    apt_done.wait()
+    missing = sorted({package for command, package in BROWSER_PACKAGES.items() if shutil.which(command) is None})
+    if missing:
+        setup.step(f"apt-get install {' '.join(missing)}", lambda phase: ensure_debian_packages(BROWSER_PACKAGES))
+
+
+def _image_id(client: docker.DockerClient, tag: str) -> str | None:
+    try:
+        return client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def ensure_bench(bench_dir: Path | None = None, say: Callable[[str], None] = print) -> Bench:
     """Bring up (or reuse) the daemon, channel, base image and proxy; export DOCKER_HOST."""
-    directory = Path(bench_dir or default_bench_dir())
-    say(f"bench: {directory}")
-    daemon = ensure_daemon(directory)
-    os.environ["DOCKER_HOST"] = daemon.docker_host
-    say(f"bench: Docker daemon at {daemon.docker_host}")
-    build_dev_channel(directory / "channel", progress=say)
-    channel = read_channel_info(directory / "channel")
-    if channel is None or not channel.python_available:
-        reason = channel.python_skip_reason if channel else "not built"
-        raise BenchError(f"the local conda channel has no python 3.9: {reason}")
-    say(f"bench: conda channel {channel.url}")
-    bench = Bench(directory, daemon, channel, BASE_TAG, [])
-    say("bench: base image (the first time: debootstrap and pip, a few minutes)")
-    asyncio.run(build_offline_base(daemon.client(), directory, bench.resolver()))
-    bench.proxy_command = ensure_proxy(directory)
-    say(f"bench: proxy {bench.proxy_command[0]}")
-    return bench
+    directory = Path(bench_dir or default_bench_dir()).resolve()
+    say(f"bench: {directory} (the first time: debootstrap, wheels and pip, a few minutes)")
+    setup = set_up_bench(directory, BenchParts(), say=lambda line: say(f"bench: {line}"))
+    if setup.errors:
+        raise BenchError("; ".join(setup.errors))
+    assert setup.daemon and setup.channel and setup.proxy_command
+    os.environ["DOCKER_HOST"] = setup.daemon.docker_host
+    say(f"bench: ready in {setup.phases.wall:.0f} s; Docker at {setup.daemon.docker_host}, "
+        f"channel {setup.channel.url}, proxy {setup.proxy_command[0]}")
+    return Bench(directory, setup.daemon, setup.channel, BASE_TAG, setup.proxy_command)

@@ -1,4 +1,4 @@
-"""The test bench's commands: demo, dev-channel, base (python -m condaspawner_bench).
+"""The test bench's commands: demo, setup, dev-channel, base (python -m condaspawner_bench).
 
 They share the product CLI's conventions (``--config``, one ``error:`` line,
 ``--debug``) by reusing its runner; the product CLI knows nothing of them.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
-from .bench import BenchError, ensure_bench
+from .bench import BenchError, BenchParts, ensure_bench, set_up_bench
 from .devchannel import build_dev_channel
 from .dockerd import BenchDaemonError
 from .offlinebase import build_offline_base
@@ -49,6 +50,23 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
 
 
+def cmd_setup(args: argparse.Namespace, config: Config) -> int:
+    try:
+        parts = BenchParts.of(args.parts.split(","))
+    except ValueError as error:
+        raise cli.CommandError(str(error))
+    bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else None
+    setup = set_up_bench(bench_dir, parts, say=_say)
+    if args.report:
+        Path(args.report).write_text(json.dumps(setup.report(), indent=2) + "\n")
+    _say(f"bench set-up of {setup.directory} ({', '.join(parts.names())}):")
+    for line in setup.phases.summary():
+        _say("  " + line)
+    for error in setup.errors:
+        _say(f"error: {error}")
+    return 1 if setup.errors else 0
+
+
 def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
     print(build_dev_channel(Path(args.directory), progress=_say))
     return 0
@@ -76,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
     demo.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
                       help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")
+    setup = add("setup", cmd_setup, "set up the bench's parts (independent ones at once) and print how long each "
+                "phase took", rattler_async=True)
+    setup.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
+    setup.add_argument("--parts", default="daemon,rootfs,channel,base,proxy", metavar="LIST",
+                       help=f"comma-separated, of {', '.join(BenchParts.NAMES)} (default: all but browser)")
+    setup.add_argument("--report", metavar="FILE", help="also write the phases, errors and daemon as JSON")
     dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL",
                       rattler_async=True)
     dev_channel.add_argument("directory", metavar="DIR")

@@ -40,6 +40,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
+from .phases import PhaseLog
+
 # Bump whenever the way packages are written changes: it invalidates built channels.
 RECIPE_VERSION = 1
 
@@ -191,13 +193,16 @@ def build_dev_channel(
     include_wheels: bool = True,
     progress: Callable[[str], None] | None = None,
     download_dir: Path | None = None,
+    phases: PhaseLog | None = None,
 ) -> str:
     """Build (or reuse) the dev channel in ``directory``; return its file:// URL.
 
     Rebuilds only when the recipe changed. Wheels are cached in
     ``download_dir`` (default ``directory/.downloads``) across rebuilds.
+    ``phases`` records how long the wheel downloads took.
     """
     say = progress or (lambda message: None)
+    phases = phases or PhaseLog()
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     python = _find_python_or_reason() if include_python else "python not requested"
@@ -210,7 +215,7 @@ def build_dev_channel(
             return directory.as_uri()
         started = time.monotonic()
         packages = _build_packages(
-            python, include_wheels, download_dir or directory / ".downloads", say
+            python, include_wheels, download_dir or directory / ".downloads", say, phases
         )
         _write_channel(directory, packages, say)
         _write_info(directory, recipe, python, packages)
@@ -300,6 +305,7 @@ def _build_packages(
     include_wheels: bool,
     download_dir: Path,
     say: Callable[[str], None],
+    phases: PhaseLog,
 ) -> list[CondaPackage]:
     packages = [_synthetic_package(spec) for spec in SYNTHETIC_PACKAGES]
     if isinstance(python, PythonSource):
@@ -308,7 +314,7 @@ def _build_packages(
     else:
         say(f"dev channel: skipping the python package: {python}")
     if include_wheels:
-        wheels = _download_wheels(download_dir, say)
+        wheels = _download_wheels(download_dir, say, phases)
         say(f"dev channel: converting {len(wheels)} wheels")
         full_version = python.version if isinstance(python, PythonSource) else f"{TARGET_PYTHON}.0"
         packages += [wheel_to_conda_package(wheel, full_version) for wheel in wheels]
@@ -613,13 +619,15 @@ def _file_offset(segments: list[tuple], address: int) -> int:
 # ---------------------------------------------------------------- wheels
 
 
-def _download_wheels(download_dir: Path, say: Callable[[str], None]) -> list[Path]:
+def _download_wheels(download_dir: Path, say: Callable[[str], None], phases: PhaseLog) -> list[Path]:
     """One wheel per pin, from the cache or downloaded for Python 3.9 linux x86_64."""
     download_dir.mkdir(parents=True, exist_ok=True)
     missing = [pin for pin in WHEEL_PINS if _cached_wheel(download_dir, pin) is None]
     if missing:
         say(f"dev channel: downloading {len(missing)} wheels")
-        _pip_download(missing, download_dir)
+        with phases("conda channel: pip download") as phase:
+            phase.note = f"{len(missing)} wheels from PyPI"
+            _pip_download(missing, download_dir)
     wheels = [_cached_wheel(download_dir, pin) for pin in WHEEL_PINS]
     absent = [pin for pin, wheel in zip(WHEEL_PINS, wheels, strict=True) if wheel is None]
     if absent:

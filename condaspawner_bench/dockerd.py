@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,11 @@ def ensure_daemon(bench_dir: Path, *, use_external: bool = True) -> DaemonHandle
         log.info("reusing the bench dockerd at %s", paths.docker_host)
         return DaemonHandle(paths.docker_host, paths=paths)
     return _start_private_daemon(paths)
+
+
+def daemon_answers(bench_dir: Path) -> bool:
+    """Would :func:`ensure_daemon` find a running daemon (so that none has to be installed)?"""
+    return _answers(_external_docker_host()) or _answers(BenchPaths.for_bench_dir(bench_dir).docker_host)
 
 
 def _external_docker_host() -> str:
@@ -360,20 +366,29 @@ def _unescape_mount_field(field_text: str) -> str:
 # --- host packages ------------------------------------------------------------
 
 
+# The bench's set-up runs independent parts in threads; apt-get takes one at a time.
+_APT_LOCK = threading.Lock()
+_apt_lists_updated = False
+
+
 def ensure_debian_packages(packages_by_command: dict[str, str]) -> None:
     """Install, with apt-get, the Debian packages whose commands are missing (root only)."""
-    missing = sorted({pkg for cmd, pkg in packages_by_command.items() if not shutil.which(cmd)})
-    if not missing:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchDaemonError(
-            f"The bench needs {', '.join(missing)}; install them (apt-get install "
-            f"{' '.join(missing)}) or run as root on Debian/Ubuntu so they are installed for you."
-        )
-    log.info("installing %s with apt-get", " ".join(missing))
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run_apt(["apt-get", "update"], env)
-    _run_apt(["apt-get", "install", "-y", "--no-install-recommends", *missing], env)
+    global _apt_lists_updated
+    with _APT_LOCK:
+        missing = sorted({pkg for cmd, pkg in packages_by_command.items() if not shutil.which(cmd)})
+        if not missing:
+            return
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise BenchDaemonError(
+                f"The bench needs {', '.join(missing)}; install them (apt-get install "
+                f"{' '.join(missing)}) or run as root on Debian/Ubuntu so they are installed for you."
+            )
+        log.info("installing %s with apt-get", " ".join(missing))
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if not _apt_lists_updated:  # once per process is enough
+            _run_apt(["apt-get", "update"], env)
+            _apt_lists_updated = True
+        _run_apt(["apt-get", "install", "-y", "--no-install-recommends", *missing], env)
 
 
 def _run_apt(command: list[str], env: dict[str, str]) -> None:
