@@ -29,9 +29,14 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Two processes (pytest-xdist): while one waits on a docker build, a server's boot or the
+# hub, the other uses the second core. Each test module (and every test of a hub) stays in
+# one process; PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 # --durations=20: the slowest tests; the bench's set-up phases are summed up at the end too.
 test: lint
-	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+		--durations=20 $(PYTEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m condaspawner_bench demo $(DEMO_ARGS)

@@ -154,6 +154,7 @@ def set_up_bench(
     bench_dir: Path | None = None,
     parts: BenchParts = BenchParts(),
     say: Callable[[str], None] | None = None,
+    ready: Callable[[str, BenchSetup], None] | None = None,
 ) -> BenchSetup:
     """Set up (or find cached) the bench's ``parts``, overlapping the independent ones.
 
@@ -161,22 +162,39 @@ def set_up_bench(
     the conda channel, the proxy's npm install and the browser's apt-get install
     run meanwhile in threads (the base image waits for the channel). Every phase is
     timed in ``.phases``. A part that fails is recorded in ``.errors``, not raised.
+    ``ready(part, setup)`` hears of each part (a ``BenchParts`` name) as soon as it is
+    done (or failed), so that whoever needs only that part can go on.
     """
     directory = Path(bench_dir or default_bench_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     setup = BenchSetup(directory, PhaseLog(say))
+    def announce(part: str) -> None:
+        if ready is not None:
+            ready(part, setup)
+
     apt_done = threading.Event()  # the Docker chain's apt-get goes first: it is on the critical path
+
+    def then_announce(part: str, function: Callable[[], T]) -> T:
+        try:
+            return function()
+        finally:
+            announce(part)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="bench-setup") as pool:
-        channel = pool.submit(setup.step, "conda channel", lambda phase: _set_up_channel(directory, setup.phases, phase)) \
+        channel = pool.submit(then_announce, "channel", lambda: setup.step(
+            "conda channel", lambda phase: _set_up_channel(directory, setup.phases, phase))) \
             if parts.channel else None
         if parts.proxy:
-            pool.submit(setup.step, "configurable-http-proxy", lambda phase: _set_up_proxy(setup, phase))
+            pool.submit(then_announce, "proxy", lambda: setup.step(
+                "configurable-http-proxy", lambda phase: _set_up_proxy(setup, phase)))
         if parts.browser:
-            pool.submit(_set_up_browser, setup, apt_done)
+            pool.submit(then_announce, "browser", lambda: _set_up_browser(setup, apt_done))
         try:
-            _set_up_docker_chain(setup, parts, channel, apt_done)
+            _set_up_docker_chain(setup, parts, channel, apt_done, announce)
         finally:
             apt_done.set()
+            for part in ("daemon", "rootfs", "base"):  # done, or never to be (a step before failed)
+                announce(part)
         if channel is not None:
             setup.channel = channel.result()
     setup.phases.finish()
@@ -184,7 +202,7 @@ def set_up_bench(
 
 
 def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future | None,
-                         apt_done: threading.Event) -> None:
+                         apt_done: threading.Event, announce: Callable[[str], None]) -> None:
     directory = setup.directory
     if not parts.daemon:
         return
@@ -194,11 +212,14 @@ def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future |
                    lambda phase: ensure_debian_packages(packages))
     apt_done.set()
     setup.daemon = setup.step("dockerd", lambda phase: _set_up_daemon(directory, phase))
+    announce("daemon")
     if setup.daemon is None or not parts.rootfs:
         return
     client = setup.daemon.client()
     # Its phases (debootstrap, import) are timed inside; a cached image takes no time.
-    if setup.step("rootfs image", lambda phase: build_rootfs_image(client, directory, phases=setup.phases)) is None:
+    rootfs = setup.step("rootfs image", lambda phase: build_rootfs_image(client, directory, phases=setup.phases))
+    announce("rootfs")
+    if rootfs is None:
         return
     if not parts.base:
         return

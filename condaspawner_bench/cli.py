@@ -20,7 +20,7 @@ from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
-from .bench import BenchError, BenchParts, ensure_bench, set_up_bench
+from .bench import BenchError, BenchParts, BenchSetup, ensure_bench, set_up_bench
 from .devchannel import build_dev_channel
 from .dockerd import BenchDaemonError
 from .offlinebase import build_offline_base
@@ -56,9 +56,20 @@ def cmd_setup(args: argparse.Namespace, config: Config) -> int:
     except ValueError as error:
         raise cli.CommandError(str(error))
     bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else None
-    setup = set_up_bench(bench_dir, parts, say=_say)
-    if args.report:
-        Path(args.report).write_text(json.dumps(setup.report(), indent=2) + "\n")
+    ready_dir = Path(args.ready_dir) if args.ready_dir else None
+
+    def ready(part: str, setup: BenchSetup) -> None:  # DIR/PART appears whole: the daemon's holds its JSON
+        if ready_dir is not None:
+            ready_dir.mkdir(parents=True, exist_ok=True)
+            partial = ready_dir / f".{part}.partial"
+            partial.write_text(json.dumps(setup.report()["daemon"]) if part == "daemon" else "")
+            partial.replace(ready_dir / part)
+
+    setup = set_up_bench(bench_dir, parts, say=_say, ready=ready)
+    if args.report:  # whole or not at all: someone may be waiting for it to appear
+        partial = Path(args.report).with_name(Path(args.report).name + ".partial")
+        partial.write_text(json.dumps(setup.report(), indent=2) + "\n")
+        partial.replace(args.report)
     _say(f"bench set-up of {setup.directory} ({', '.join(parts.names())}):")
     for line in setup.phases.summary():
         _say("  " + line)
@@ -100,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--parts", default="daemon,rootfs,channel,base,proxy", metavar="LIST",
                        help=f"comma-separated, of {', '.join(BenchParts.NAMES)} (default: all but browser)")
     setup.add_argument("--report", metavar="FILE", help="also write the phases, errors and daemon as JSON")
+    setup.add_argument("--ready-dir", metavar="DIR", help="write DIR/PART as soon as each part is done "
+                       "(DIR/daemon: its DOCKER_HOST and whether this set-up started it, as JSON)")
     dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL",
                       rattler_async=True)
     dev_channel.add_argument("directory", metavar="DIR")
