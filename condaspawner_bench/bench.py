@@ -36,6 +36,8 @@ from .dockerd import (
 )
 from .offlinebase import build_offline_base, build_rootfs_image, rootfs_tree_is_current
 from .phases import Phase, PhaseLog
+from .registry import HTPASSWD_PACKAGES, REGISTRY_PACKAGES
+from .swarm import SWARM_PACKAGES
 
 T = TypeVar("T")
 PROXY_PACKAGE = "configurable-http-proxy@5.3.0"
@@ -43,6 +45,13 @@ PROXY_BIN = Path("proxy/node_modules/.bin/configurable-http-proxy")  # under the
 BENCH_DIR_ENV = "CONDASPAWNER_BENCH_DIR"
 # The screenshot test drives Debian's chromium; the set-up installs it alongside the rest.
 BROWSER_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}
+# Parts that are only Debian packages, for fixtures that start their own processes (the
+# registry, the swarm): installed while the Docker chain runs, in one apt-get call.
+PACKAGE_PARTS = {
+    "browser": BROWSER_PACKAGES,
+    "registry": {**REGISTRY_PACKAGES, **HTPASSWD_PACKAGES},
+    "swarm": SWARM_PACKAGES,
+}
 
 
 class BenchError(RuntimeError):
@@ -97,8 +106,10 @@ class BenchParts:
     base: bool = True  # the offline base image (needs the rootfs and the channel)
     proxy: bool = True
     browser: bool = False  # Debian's chromium + chromedriver, for the screenshot test
+    registry: bool = False  # Debian's docker-registry (and htpasswd), for the registry fixtures
+    swarm: bool = False  # what the multi-node bench needs from Debian
 
-    NAMES = ("daemon", "rootfs", "channel", "base", "proxy", "browser")
+    NAMES = ("daemon", "rootfs", "channel", "base", "proxy", "browser", "registry", "swarm")
 
     @classmethod
     def of(cls, names: Iterable[str]) -> BenchParts:
@@ -109,7 +120,8 @@ class BenchParts:
         base = "base" in names
         rootfs = base or "rootfs" in names
         return cls(daemon=rootfs or "daemon" in names, rootfs=rootfs, channel=base or "channel" in names,
-                   base=base, proxy="proxy" in names, browser="browser" in names)
+                   base=base, proxy="proxy" in names, browser="browser" in names,
+                   registry="registry" in names, swarm="swarm" in names)
 
     def names(self) -> list[str]:
         return [name for name in self.NAMES if getattr(self, name)]
@@ -159,8 +171,8 @@ def set_up_bench(
     """Set up (or find cached) the bench's ``parts``, overlapping the independent ones.
 
     The Docker chain (apt-get, dockerd, debootstrap, import, base image) runs here;
-    the conda channel, the proxy's npm install and the browser's apt-get install
-    run meanwhile in threads (the base image waits for the channel). Every phase is
+    the conda channel, the proxy's npm install and the apt-get install of the
+    package-only parts (browser, registry, swarm) run meanwhile in threads (the base image waits for the channel). Every phase is
     timed in ``.phases``. A part that fails is recorded in ``.errors``, not raised.
     ``ready(part, setup)`` hears of each part (a ``BenchParts`` name) as soon as it is
     done (or failed), so that whoever needs only that part can go on.
@@ -187,8 +199,9 @@ def set_up_bench(
         if parts.proxy:
             pool.submit(then_announce, "proxy", lambda: setup.step(
                 "configurable-http-proxy", lambda phase: _set_up_proxy(setup, phase)))
-        if parts.browser:
-            pool.submit(then_announce, "browser", lambda: _set_up_browser(setup, apt_done))
+        package_parts = [part for part in PACKAGE_PARTS if getattr(parts, part)]
+        if package_parts:
+            pool.submit(_set_up_packages, setup, package_parts, apt_done, announce)
         try:
             _set_up_docker_chain(setup, parts, channel, apt_done, announce)
         finally:
@@ -273,11 +286,18 @@ def _set_up_proxy(setup: BenchSetup, phase: Phase) -> list[str]:
     return setup.proxy_command
 
 
-def _set_up_browser(setup: BenchSetup, apt_done: threading.Event) -> None:
+def _set_up_packages(setup: BenchSetup, parts: list[str], apt_done: threading.Event,
+                     announce: Callable[[str], None]) -> None:
+    """One apt-get for every package-only part, once the Docker chain's own is done."""
     apt_done.wait()
-    missing = sorted({package for command, package in BROWSER_PACKAGES.items() if shutil.which(command) is None})
-    if missing:
-        setup.step(f"apt-get install {' '.join(missing)}", lambda phase: ensure_debian_packages(BROWSER_PACKAGES))
+    wanted = {command: package for part in parts for command, package in PACKAGE_PARTS[part].items()}
+    missing = sorted({package for command, package in wanted.items() if shutil.which(command) is None})
+    try:
+        if missing:
+            setup.step(f"apt-get install {' '.join(missing)}", lambda phase: ensure_debian_packages(wanted))
+    finally:
+        for part in parts:
+            announce(part)
 
 
 def _image_id(client: docker.DockerClient, tag: str) -> str | None:

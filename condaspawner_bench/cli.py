@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "phase took", rattler_async=True)
     setup.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
     setup.add_argument("--parts", default="daemon,rootfs,channel,base,proxy", metavar="LIST",
-                       help=f"comma-separated, of {', '.join(BenchParts.NAMES)} (default: all but browser)")
+                       help=f"comma-separated, of {', '.join(BenchParts.NAMES)} (default: what the demo uses)")
     setup.add_argument("--report", metavar="FILE", help="also write the phases, errors and daemon as JSON")
     setup.add_argument("--ready-dir", metavar="DIR", help="write DIR/PART as soon as each part is done "
                        "(DIR/daemon: its DOCKER_HOST and whether this set-up started it, as JSON)")

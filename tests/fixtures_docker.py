@@ -29,6 +29,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from condaspawner_bench.bench import BenchParts
 from condaspawner_bench.dockerd import (
     BenchDaemonError,
     BenchPaths,
@@ -54,6 +55,9 @@ BENCH_FIXTURES = {
     "dev_python_channel": ("channel",),
     "hub": ("base", "channel", "proxy"),
     "chromium": ("browser",),
+    "registry_server": ("registry",),  # the fixture starts it; the set-up installs its packages
+    "auth_registry_server": ("registry",),
+    "swarm_bench": ("swarm",),  # likewise
 }
 
 
@@ -109,7 +113,7 @@ class BenchSetup:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.started_path.exists():
                 return
-            names = [name for name in ("daemon", "rootfs", "channel", "base", "proxy", "browser") if name in parts]
+            names = [name for name in BenchParts.NAMES if name in parts]
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "condaspawner_bench", "setup", "--bench-dir", str(bench_dir()),
@@ -214,7 +218,7 @@ def _parts_needed(parts: set[str]) -> set[str]:
 
 
 # When the set-up has each part ready (the Docker chain is the long one).
-_STAGE = {"channel": 1, "daemon": 1, "proxy": 1, "rootfs": 2, "browser": 2, "base": 3}
+_STAGE = {"channel": 1, "daemon": 1, "proxy": 1, "rootfs": 2, "browser": 2, "registry": 2, "swarm": 2, "base": 3}
 
 
 def _run_order(items: list[pytest.Item]) -> dict[str, int]:
