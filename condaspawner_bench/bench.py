@@ -27,8 +27,8 @@ from jupyterhub_condaspawner.resolve import Resolver
 
 from .devchannel import ChannelInfo, build_dev_channel, read_channel_info
 from .dockerd import (
-    DEBOOTSTRAP_PACKAGES,
     DOCKERD_PACKAGES,
+    ROOTFS_TOOL_PACKAGES,
     DaemonHandle,
     daemon_answers,
     ensure_daemon,
@@ -101,7 +101,7 @@ class BenchParts:
     """Which parts of the bench to set up: the tests ask only for what they use."""
 
     daemon: bool = True
-    rootfs: bool = True  # the debootstrapped Debian image (needs the daemon)
+    rootfs: bool = True  # the bootstrapped Debian image (needs the daemon)
     channel: bool = True
     base: bool = True  # the offline base image (needs the rootfs and the channel)
     proxy: bool = True
@@ -149,7 +149,7 @@ class BenchSetup:
         try:
             with self.phases(phase_name) as phase:
                 return function(phase)
-        except Exception as error:  # apt, debootstrap, network, docker: each says what failed
+        except Exception as error:  # apt, mmdebstrap, network, docker: each says what failed
             with self._lock:
                 self.errors.append(f"{phase_name}: {' '.join(str(error).split()) or type(error).__name__}")
             return None
@@ -170,7 +170,7 @@ def set_up_bench(
 ) -> BenchSetup:
     """Set up (or find cached) the bench's ``parts``, overlapping the independent ones.
 
-    The Docker chain (apt-get, dockerd, debootstrap, import, base image) runs here;
+    The Docker chain (apt-get, dockerd, mmdebstrap, import, base image) runs here;
     the conda channel, the proxy's npm install and the apt-get install of the
     package-only parts (browser, registry, swarm) run meanwhile in threads (the base image waits for the channel). Every phase is
     timed in ``.phases``. A part that fails is recorded in ``.errors``, not raised.
@@ -229,7 +229,7 @@ def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future |
     if setup.daemon is None or not parts.rootfs:
         return
     client = setup.daemon.client()
-    # Its phases (debootstrap, import) are timed inside; a cached image takes no time.
+    # Its phases (mmdebstrap, import) are timed inside; a cached image takes no time.
     rootfs = setup.step("rootfs image", lambda phase: build_rootfs_image(client, directory, phases=setup.phases))
     announce("rootfs")
     if rootfs is None:
@@ -249,7 +249,7 @@ def _missing_debian_packages(directory: Path, parts: BenchParts) -> dict[str, st
     if parts.daemon and not daemon_answers(directory):
         wanted.update(DOCKERD_PACKAGES)
     if parts.rootfs and not rootfs_tree_is_current(directory):
-        wanted.update(DEBOOTSTRAP_PACKAGES)
+        wanted.update(ROOTFS_TOOL_PACKAGES)
     return {command: package for command, package in wanted.items() if shutil.which(command) is None}
 
 
@@ -310,7 +310,7 @@ def _image_id(client: docker.DockerClient, tag: str) -> str | None:
 def ensure_bench(bench_dir: Path | None = None, say: Callable[[str], None] = print) -> Bench:
     """Bring up (or reuse) the daemon, channel, base image and proxy; export DOCKER_HOST."""
     directory = Path(bench_dir or default_bench_dir()).resolve()
-    say(f"bench: {directory} (the first time: debootstrap, wheels and pip, a few minutes)")
+    say(f"bench: {directory} (the first time: mmdebstrap, wheels and pip, about 2 minutes)")
     setup = set_up_bench(directory, BenchParts(), say=lambda line: say(f"bench: {line}"))
     if setup.errors:
         raise BenchError("; ".join(setup.errors))

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL",
                       rattler_async=True)
     dev_channel.add_argument("directory", metavar="DIR")
-    base = add("base", cmd_base, "build the offline base image: debootstrap Debian, Python from the configured "
+    base = add("base", cmd_base, "build the offline base image: mmdebstrap Debian, Python from the configured "
                "conda channel, the single-user server from PyPI; print its id", rattler_async=True)
     base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder (default .bench)")
     base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")

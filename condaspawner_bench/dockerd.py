@@ -43,8 +43,8 @@ LOG_TAIL_LINES = 30
 
 # Debian package that provides each command the bench needs.
 DOCKERD_PACKAGES = {"dockerd": "docker.io"}
-DEBOOTSTRAP_PACKAGES = {"debootstrap": "debootstrap"}
-BENCH_PACKAGES = {**DOCKERD_PACKAGES, **DEBOOTSTRAP_PACKAGES}
+ROOTFS_TOOL_PACKAGES = {"mmdebstrap": "mmdebstrap"}  # makes the rootfs (offlinebase.py)
+BENCH_PACKAGES = {**DOCKERD_PACKAGES, **ROOTFS_TOOL_PACKAGES}
 
 
 class BenchDaemonError(RuntimeError):

@@ -1,7 +1,7 @@
 """Timings of the bench's set-up phases, so that a slow run says where its time went.
 
     phases = PhaseLog()
-    with phases("debootstrap bookworm") as phase:
+    with phases("rootfs image: mmdebstrap bookworm") as phase:
         ...
         phase.note = "cached"          # optional: shown next to the time
     print("\\n".join(phases.summary()))

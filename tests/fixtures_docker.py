@@ -132,7 +132,7 @@ class BenchSetup:
 
     def wait_for(self, parts: set[str]) -> None:
         """Until ``parts`` are done (or the whole set-up is): a test needing only the daemon or
-        the channel runs while debootstrap and the base image are still under way."""
+        the channel runs while mmdebstrap and the base image are still under way."""
         if self._report is not None or not parts:
             return
         started = time.monotonic()
@@ -360,7 +360,7 @@ def rootfs_image(docker_daemon: DaemonHandle) -> str:
     """The tag of the Debian bookworm rootfs image (built once, then cached)."""
     try:
         build_rootfs_image(docker_daemon.client(), bench_dir(), tag=ROOTFS_TAG)
-    except (ImageBuildError, BenchDaemonError) as error:  # debootstrap missing, non-root
+    except (ImageBuildError, BenchDaemonError) as error:  # mmdebstrap missing, non-root
         bench_unavailable(f"cannot build the rootfs image: {error}")
     return ROOTFS_TAG
 
