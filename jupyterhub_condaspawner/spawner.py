@@ -20,8 +20,9 @@ from typing import Any, AsyncIterator
 import jinja2
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
-from traitlets import Bool, default
+from traitlets import Bool, Float, default
 
+from . import metrics
 from .builder import (
     LABEL_KEY,
     BuildError,
@@ -32,6 +33,7 @@ from .builder import (
     daemon_settings,
     request_for_profile,
 )
+from .culler import REASON_GPU_IDLE, Cull, GpuIdleCuller
 from .failures import StartFailure, explain, log_failure
 from .gpuqueue import GpuQueue
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
@@ -58,6 +60,7 @@ class HubServices:
     allocator: GpuAllocator
     queue: GpuQueue
     notices: Notices
+    culler: GpuIdleCuller
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
 
 
@@ -87,6 +90,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             allocator=allocator,
             queue=GpuQueue(allocator),
             notices=Notices(Path(builder.cache_dir) / "notices"),
+            culler=GpuIdleCuller(allocator),
         )
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
@@ -100,24 +104,37 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
 
 
 def _start_gpu_sampler(services: HubServices, log: Any) -> None:
-    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle), once per hub,
-    from the first call made on the hub's event loop."""
+    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle; idle culling),
+    once per hub, from the first call made on the hub's event loop."""
     if services.sampler is not None or not services.allocator.gpu_sample_interval:
         return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not on the hub's loop (config checks, tests): the next call starts it
         return
-    services.sampler = loop.create_task(_sample_gpus(services.allocator, log))
+    services.sampler = loop.create_task(_sample_gpus(services, log))
 
 
-async def _sample_gpus(allocator: GpuAllocator, log: Any) -> None:
+async def _sample_gpus(services: HubServices, log: Any) -> None:
+    allocator = services.allocator
     while True:
         try:
-            await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
+            scan = await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
+            for cull, stop in services.culler.observe(allocator.gpu_states(scan)):
+                asyncio.ensure_future(_cull(services.culler, cull, stop, log))
         except Exception as error:
             log.warning("GPU sample failed: %s", error)
         await asyncio.sleep(allocator.gpu_sample_interval)
+
+
+async def _cull(culler: GpuIdleCuller, cull: Cull, stop: Any, log: Any) -> None:
+    log.info("Stopping %s/%s: its GPUs were idle for %.0f s (gpu_idle_timeout %.0f s)",
+             cull.user, cull.server_name or "(default)", cull.idle_seconds, cull.timeout_seconds)
+    try:
+        await stop(cull)
+    except Exception as error:
+        log.error("Could not stop idle server %s/%s, will try again: %s", cull.user, cull.server_name, error)
+        culler.rearm(cull.user, cull.server_name)
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -135,6 +152,20 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         user's choice, instead of restarting the stale one (DockerSpawner keeps it).
 
         c.CondaSpawner.replace_changed_containers = True
+        """,
+    )
+
+    gpu_idle_timeout = Float(
+        0.0,
+        min=0.0,
+        config=True,
+        help="""Minutes a GPU server may keep its GPUs without using them (every GPU at or
+        below GpuAllocator.idle_utilization percent, as sampled every
+        GpuAllocator.gpu_sample_interval seconds) before the hub stops it and frees them.
+        Browser activity does not count. A profile's own gpu_idle_timeout wins; 0 turns
+        culling off. The user's next spawn page says why their server stopped.
+
+        c.CondaSpawner.gpu_idle_timeout = 30
         """,
     )
 
@@ -366,6 +397,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._image_info = info
         self.image = info.image  # with a registry: the reference pinned by digest
         self._allocation = await self._allocate_gpus(profile)
+        self._watch_gpu_idleness(profile)
         self._prepare_container(info, self._allocation)
         await self._replace_if_changed(info)
         await self._feed.publish("start", 90, f"Starting your server ({profile.display_name})")
@@ -449,8 +481,47 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             self._queue_notice = False
 
     def _release_gpus(self) -> None:
-        hub_services(self).allocator.release(self.user.name, self.name)  # a no-op when it holds none
+        services = hub_services(self)
+        services.culler.forget(self.user.name, self.name)
+        services.allocator.release(self.user.name, self.name)  # a no-op when it holds none
         self._allocation = None
+
+    # -- GPU-aware idle culling ----------------------------------------------------------------
+
+    def _watch_gpu_idleness(self, profile: Profile | None) -> None:
+        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
+        if self._allocation is None or not self._allocation.uuids:
+            return
+        timeout = self.gpu_idle_timeout
+        if profile is not None and profile.gpu_idle_timeout is not None:
+            timeout = profile.gpu_idle_timeout
+        name = profile.display_name if profile is not None else (self.user_options or {}).get("profile", "a GPU profile")
+        hub_services(self).culler.watch(self.user.name, self.name, timeout_minutes=timeout, profile=name,
+                                        stop=self._stop_idle_server)
+
+    async def _stop_idle_server(self, cull: Cull) -> None:
+        """Stop this server the way the hub stops one (route, server, database), then say why."""
+        if not self.ready:
+            return  # a stop or a start is under way already
+        hub = _running_hub()
+        if hub is None:
+            raise RuntimeError("no running JupyterHub to stop the server through")
+        # Set before anything async, as the hub's own stop does, so that no start slips in.
+        self._stop_pending = True
+        try:
+            await hub.proxy.delete_user(self.user, self.name)
+        finally:
+            await self.user.stop(self.name)
+        self.services.notices.post(self.user.name, self.name, cull.notice)
+        metrics.record_cull(REASON_GPU_IDLE)
+
+    def _profile_of_saved_options(self) -> Profile | None:
+        """The profile a restored server was started with, if the catalog still has it."""
+        slug = (self.user_options or {}).get("profile")
+        try:
+            return self.services.catalog.get(slug) if isinstance(slug, str) else None
+        except (KeyError, StartFailure):
+            return None
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
@@ -558,6 +629,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
             self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
+            self._watch_gpu_idleness(self._profile_of_saved_options())
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -582,6 +654,13 @@ def _merged(base: dict | None, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _running_hub() -> Any:
+    """The JupyterHub application of this process, or None outside a hub."""
+    from jupyterhub.app import JupyterHub
+
+    return JupyterHub.instance() if JupyterHub.initialized() else None
 
 
 def _refused(status: int, message: str) -> StartFailure:

@@ -6,6 +6,8 @@ extra settings for the tests: an API token, fake static GPUs, kept containers.
 
 from __future__ import annotations
 
+import html
+import http.cookiejar
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import pytest
 from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_images
+from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -60,6 +64,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def metric(samples: dict, name: str, **labels: str) -> float | None:
+    """One sample of :meth:`Hub.metrics`, by name and labels."""
+    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 class Hub:
@@ -146,6 +155,25 @@ class Hub:
                     if events[-1].get("ready") or events[-1].get("failed"):
                         break
         return events
+
+    def spawn_page(self, user: str) -> str:
+        """The spawn form as ``user`` sees it in a browser (the dummy login takes any name)."""
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        opener.open(f"{self.url}/hub/login", timeout=30).read()
+        xsrf = next(cookie.value for cookie in jar if cookie.name == "_xsrf")
+        form = urllib.parse.urlencode({"username": user, "password": "", "_xsrf": xsrf}).encode()
+        with opener.open(f"{self.url}/hub/login?next=%2Fhub%2Fspawn", data=form, timeout=60) as page:  # redirected
+            assert page.url.endswith("/hub/spawn"), page.url
+            return html.unescape(page.read().decode())
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every condaspawner_ sample on /hub/metrics: (name, sorted labels) -> value."""
+        status, text = self.request("GET", "/hub/metrics")
+        assert status == 200, text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name.startswith("condaspawner_")}
 
     def server_model(self, user: str, server: str = "") -> dict | None:
         status, model = self.api("GET", f"/users/{user}")
