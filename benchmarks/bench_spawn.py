@@ -302,6 +302,12 @@ def proxied_request_seconds(hub: BenchHub, user: str) -> tuple[int, float]:
     return status, time.monotonic() - started
 
 
+def container_cpu_seconds(bench: Bench, name: str) -> float:
+    """CPU time a container has used so far (all its processes), from docker's stats."""
+    stats = bench.daemon.client().containers.get(name).stats(stream=False)
+    return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+
+
 def stop(hub: BenchHub, user: str) -> float:
     started = time.monotonic()
     hub.stop_server(user)
@@ -343,6 +349,7 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
         runs: dict[str, list[Spawn]] = {"conda": [], "docker": []}
         proxied: dict[str, list[float]] = {"conda": [], "docker": []}
         stops: dict[str, list[float]] = {"conda": [], "docker": []}
+        boot_cpu: list[float] = []  # CPU-seconds each CondaSpawner server had used once ready
         failures: list[str] = []
         sides = {"conda": (hub, conda_user, {"profile": PROFILE}), "docker": (baseline, docker_user, {})}
         load_before = os.getloadavg()[0]
@@ -355,6 +362,8 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
                     starts.annotate(result)
                     one_hub.mark_server_up(result)
                     runs[side].append(result)
+                    if side == "conda":
+                        boot_cpu.append(container_cpu_seconds(bench, f"jupyter-{user}"))
                     status, seconds = proxied_request_seconds(one_hub, user)
                     if status == 200:
                         proxied[side].append(seconds)
@@ -396,6 +405,11 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
         times = part(since, until)
         print(f"    {label:56} {seconds_range(times['conda'])} vs {seconds_range(times['docker'])}: "
               f"{median_difference(times['conda'], times['docker'])}")
+    boot = part("container", "up")["conda"]
+    print(f"server boot, median (s): {statistics.median(boot):.2f}" if boot else "server boot, median (s): none")
+    print(f"  server CPU-seconds until ready, median: {statistics.median(boot_cpu):.2f} "
+          f"(runs {min(boot_cpu):.2f}-{max(boot_cpu):.2f}; the container's cgroup, from docker stats)"
+          if boot_cpu else "  server CPU-seconds until ready: none")
     up = part(None, "up")
     if up["conda"] and up["docker"]:
         print(f"  POST -> server up, without the hub's polling: ratio of medians "

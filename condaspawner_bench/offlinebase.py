@@ -29,6 +29,7 @@ from docker.utils import parse_repository_tag
 from jupyterhub_condaspawner.baseimage import (
     BASE_CONDA_PREFIX,
     BASE_TAG,
+    SINGLEUSER_INSTALL,
     SINGLEUSER_REQUIREMENTS,
     ImageBuildError,
     stream_build,
@@ -399,6 +400,7 @@ def build_base_image(
         raise ImageBuildError(f"No {context_dir}/conda/bin/python: stage the conda prefix first.")
     shutil.copyfile(OFFLINE_DOCKERFILE, context_dir / "Dockerfile")
     shutil.copyfile(SINGLEUSER_REQUIREMENTS, context_dir / SINGLEUSER_REQUIREMENTS.name)
+    shutil.copyfile(SINGLEUSER_INSTALL, context_dir / SINGLEUSER_INSTALL.name)
     make_world_readable(context_dir / "conda")
     return stream_build(
         client,
@@ -428,7 +430,8 @@ async def build_offline_base(
     phases = phases or PhaseLog()
     rootfs_id = build_rootfs_image(client, bench_dir, phases=phases)
     lock = await resolver.solve(EnvironmentSpec(conda=(f"python {python_version}.*", "pip")))
-    recipe = _digest(rootfs_id, lock.digest(), _file_digest(OFFLINE_DOCKERFILE), _file_digest(SINGLEUSER_REQUIREMENTS))
+    recipe = _digest(rootfs_id, lock.digest(), _file_digest(OFFLINE_DOCKERFILE), _file_digest(SINGLEUSER_REQUIREMENTS),
+                     _file_digest(SINGLEUSER_INSTALL))
     cached = _image_with_label(client, tag, BASE_RECIPE_LABEL, recipe)
     if cached:
         log.info("base image %s is up to date (%s)", tag, cached)
