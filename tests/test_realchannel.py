@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,17 @@ async def test_torch_cuda_env_needs_cuda_solves_installs_and_imports(full_channe
             "print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), "
             "int(torch.ones(3).sum()), torch.from_numpy(numpy.arange(3)).sum().item())")
     assert run_python(prefix, tmp_path / "home", code).split() == ["2.4.1+cu121", "12.1", "False", "3", "3"]
+
+
+def test_bench_command_builds_a_real_channel_on_request(datascience_channel):
+    def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "condaspawner_bench", *args], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, **env}, timeout=120)
+
+    chosen = bench("dev-channel", str(datascience_channel.path), "--real-set", "datascience")
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == datascience_channel.url  # built: cached, not rebuilt
+    from_env = bench("dev-channel", str(datascience_channel.path), CONDASPAWNER_BENCH_REAL_SET="datascience")
+    assert from_env.stdout.strip() == datascience_channel.url
+    refused = bench("dev-channel", str(datascience_channel.path), CONDASPAWNER_BENCH_REAL_SET="everything")
+    assert refused.returncode == 1 and "unknown real package set 'everything'" in refused.stderr
