@@ -37,6 +37,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from . import devchannel
 from .devchannel import ChannelInfo, PythonSource, read_channel_info
+from .dockerd import BenchDaemonError, ensure_debian_packages
 from .phases import PhaseLog
 
 # Bump whenever the way real packages are chosen or written changes.
@@ -99,6 +100,7 @@ REAL_SET_TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "datascience": ("numpy", "pandas", "matplotlib"),
     "full": ("numpy", "pandas", "matplotlib", "scipy", "scikit-learn", "pillow", "torch"),
 }
+ZSTD_PACKAGES = {"zstd": "zstd"}  # command -> Debian package, installed when missing (root)
 _CUDA_LIBRARY = re.compile(r"nvidia-.+-cu(\d+)")
 
 
@@ -194,6 +196,10 @@ def _build(
 ) -> None:
     if not isinstance(python, PythonSource):
         raise RuntimeError(f"a real channel needs the python package: {python}")
+    try:  # .conda packages are compressed by the zstd command
+        ensure_debian_packages(ZSTD_PACKAGES)
+    except BenchDaemonError as error:
+        raise RuntimeError(str(error)) from None
     (directory / devchannel.INFO_FILE).unlink(missing_ok=True)
     for subdir in ("noarch", "linux-64"):
         shutil.rmtree(directory / subdir, ignore_errors=True)
