@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def test_cuda_libraries_need_a_driver_of_their_major_version():
     assert extra_depends("nvidia-cublas-cu12") == ["__cuda >=12"]
     assert extra_depends("nvidia_cudnn_cu11") == ["__cuda >=11"]
     assert extra_depends("numpy") == [] and extra_depends("torch") == []
+
+
+def test_a_wheel_tagged_for_a_platform_is_linux_64_even_if_it_says_purelib(tmp_path):
+    path = tmp_path / "nvidia_fake_cu12-1.0-py3-none-manylinux1_x86_64.whl"  # as NVIDIA's are
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("nvidia/fake/lib/libfake.so.12", "ELF")
+        wheel.writestr("nvidia_fake_cu12-1.0.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: nvidia-fake-cu12\nVersion: 1.0\n")
+        wheel.writestr("nvidia_fake_cu12-1.0.dist-info/WHEEL", "Root-Is-Purelib: true\nTag: py3-none-manylinux1_x86_64\n")
+        wheel.writestr("nvidia_fake_cu12-1.0.dist-info/RECORD", "")
+    package = devchannel.wheel_to_conda_package(path, "3.9.18", extra_depends=extra_depends("nvidia-fake-cu12"),
+                                                archive="conda")
+    assert (package.subdir, package.noarch) == ("linux-64", None)
+    assert package.filename == "nvidia-fake-cu12-1.0-py39h_cs_0.conda"
+    assert package.depends == ["__cuda >=12", "python >=3.9,<3.10.0a0", "python_abi 3.9.* *_cp39"]
+    assert "lib/python3.9/site-packages/nvidia/fake/lib/libfake.so.12" in {file.path for file in package.files}
 
 
 def test_sets_are_pinned_and_the_full_set_extends_the_small_one():
