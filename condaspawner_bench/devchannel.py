@@ -5,7 +5,8 @@ No conda channel is reachable here, so this module writes one: synthetic
 machine's pyenv CPython (built with ``--enable-shared``), and ``pip``,
 ``setuptools``, ``wheel`` and ``ipykernel``'s closure converted from PyPI wheels.
 The channel is indexed with py-rattler and is usable by ``rattler.solve`` and
-``rattler.install`` like any other channel.
+``rattler.install`` like any other channel. realchannel.py reuses the wheel conversion
+and the writer (its large packages as ``.conda``) for opt-in channels of real packages.
 """
 
 from __future__ import annotations
