@@ -36,6 +36,7 @@ from .dockerd import (
 )
 from .offlinebase import build_offline_base, build_rootfs_image, rootfs_tree_is_current
 from .phases import Phase, PhaseLog
+from .realchannel import build_real_channel, real_channel_dir
 from .registry import HTPASSWD_PACKAGES, REGISTRY_PACKAGES
 from .swarm import SWARM_PACKAGES
 
@@ -65,6 +66,7 @@ class Bench:
     channel: ChannelInfo
     base_image: str
     proxy_command: list[str]
+    real_channel: ChannelInfo | None = None  # the dev channel plus real packages (the demo's)
 
     def resolver(self) -> Resolver:
         """A resolver whose `conda-forge` is the local channel, with the bench's package cache."""
@@ -135,6 +137,7 @@ class BenchSetup:
     phases: PhaseLog
     daemon: DaemonHandle | None = None
     channel: ChannelInfo | None = None
+    real_channel: ChannelInfo | None = None  # the dev channel plus a set of real packages, if asked for
     base_image_id: str | None = None
     proxy_command: list[str] | None = None
     errors: list[str] = field(default_factory=list)
@@ -167,6 +170,7 @@ def set_up_bench(
     parts: BenchParts = BenchParts(),
     say: Callable[[str], None] | None = None,
     ready: Callable[[str, BenchSetup], None] | None = None,
+    real_set: str | None = None,
 ) -> BenchSetup:
     """Set up (or find cached) the bench's ``parts``, overlapping the independent ones.
 
@@ -175,7 +179,9 @@ def set_up_bench(
     package-only parts (browser, registry, swarm) run meanwhile in threads (the base image waits for the channel). Every phase is
     timed in ``.phases``. A part that fails is recorded in ``.errors``, not raised.
     ``ready(part, setup)`` hears of each part (a ``BenchParts`` name) as soon as it is
-    done (or failed), so that whoever needs only that part can go on.
+    done (or failed), so that whoever needs only that part can go on. ``real_set``
+    (``datascience`` or ``full``, see realchannel.py) also builds that real channel,
+    beside the rest, into ``.real_channel``.
     """
     directory = Path(bench_dir or default_bench_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,9 @@ def set_up_bench(
         finally:
             announce(part)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="bench-setup") as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-setup") as pool:
+        real_channel = pool.submit(setup.step, f"real channel ({real_set})", lambda phase: _set_up_real_channel(
+            directory, real_set, setup.phases, phase)) if real_set else None
         channel = pool.submit(then_announce, "channel", lambda: setup.step(
             "conda channel", lambda phase: _set_up_channel(directory, setup.phases, phase))) \
             if parts.channel else None
@@ -210,6 +218,8 @@ def set_up_bench(
                 announce(part)
         if channel is not None:
             setup.channel = channel.result()
+        if real_channel is not None:
+            setup.real_channel = real_channel.result()
     setup.phases.finish()
     return setup
 
@@ -270,6 +280,14 @@ def _set_up_channel(directory: Path, phases: PhaseLog, phase: Phase) -> ChannelI
     return info
 
 
+def _set_up_real_channel(directory: Path, real_set: str, phases: PhaseLog, phase: Phase) -> ChannelInfo:
+    channel_dir = real_channel_dir(directory, real_set)
+    before = read_channel_info(channel_dir)
+    info = build_real_channel(channel_dir, real_set, phases=phases)
+    phase.note = "cached" if before is not None and before == info else "built"
+    return info
+
+
 def _set_up_base(client: docker.DockerClient, directory: Path, channel: ChannelInfo, setup: BenchSetup,
                  phase: Phase) -> str:
     resolver = Resolver(channel_urls={"conda-forge": channel.url}, package_cache_dir=str(directory / "pkgs"))
@@ -307,15 +325,20 @@ def _image_id(client: docker.DockerClient, tag: str) -> str | None:
         return None
 
 
-def ensure_bench(bench_dir: Path | None = None, say: Callable[[str], None] = print) -> Bench:
-    """Bring up (or reuse) the daemon, channel, base image and proxy; export DOCKER_HOST."""
+def ensure_bench(bench_dir: Path | None = None, say: Callable[[str], None] = print,
+                 real_set: str | None = None) -> Bench:
+    """Bring up (or reuse) the daemon, channel, base image and proxy; export DOCKER_HOST.
+
+    ``real_set`` also builds that real channel (see realchannel.py) into ``.real_channel``.
+    """
     directory = Path(bench_dir or default_bench_dir()).resolve()
     say(f"bench: {directory} (the first time: mmdebstrap, wheels and pip, about 2 minutes)")
-    setup = set_up_bench(directory, BenchParts(), say=lambda line: say(f"bench: {line}"))
+    setup = set_up_bench(directory, BenchParts(), say=lambda line: say(f"bench: {line}"), real_set=real_set)
     if setup.errors:
         raise BenchError("; ".join(setup.errors))
     assert setup.daemon and setup.channel and setup.proxy_command
     os.environ["DOCKER_HOST"] = setup.daemon.docker_host
+    channel = setup.real_channel or setup.channel
     say(f"bench: ready in {setup.phases.wall:.0f} s; Docker at {setup.daemon.docker_host}, "
-        f"channel {setup.channel.url}, proxy {setup.proxy_command[0]}")
-    return Bench(directory, setup.daemon, setup.channel, BASE_TAG, setup.proxy_command)
+        f"channel {channel.url}, proxy {setup.proxy_command[0]}")
+    return Bench(directory, setup.daemon, setup.channel, BASE_TAG, setup.proxy_command, setup.real_channel)

@@ -237,7 +237,14 @@ async def _run_code(connection, code: str, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory):
-    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last."""
+    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last.
+
+    Its channel is the small dev channel, unless the module sets ``HUB_REAL_SET``
+    ("datascience"): then it is that real channel, as in ``make demo``, and the demo's
+    data-science profile is offered too.
+    """
+    real_set = getattr(request.module, "HUB_REAL_SET", None)
+    real_channel = request.getfixturevalue(f"{real_set}_channel") if real_set else None
     try:
         proxy_command = ensure_proxy(bench_dir())
     except BenchError as error:
@@ -245,8 +252,9 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
     state = tmp_path_factory.mktemp("hub")
     profiles = state / "profiles"
     (profiles / "envs").mkdir(parents=True)
+    # Not the GPU profile (this machine has none), nor the data-science one on the dev channel.
     for source in (REPO / "demo" / "profiles").rglob("*"):
-        if source.is_file() and "pytorch" not in source.name:
+        if source.is_file() and "pytorch" not in source.name and (real_set or "datascience" not in source.name):
             target = profiles / source.relative_to(REPO / "demo" / "profiles")
             target.write_text(source.read_text())
     (profiles / "40-gpu-demo.yaml").write_text(GPU_PROFILE)
@@ -266,6 +274,9 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
         "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
         "CONDASPAWNER_DEMO_VOLUME_PREFIX": VOLUME_PREFIX,  # the demo's own home template, test-named
     }
+    env.pop("CONDASPAWNER_DEMO_CHANNEL", None)
+    if real_channel is not None:
+        env["CONDASPAWNER_DEMO_CHANNEL"] = real_channel.url
     hub = Hub(state, env)
     hub.start()
     try:
