@@ -62,7 +62,7 @@ from .registry import (
     failure_is_unreachable,
 )
 from .resolve import Lock, ResolveError, Resolver
-from .spec import EnvironmentSpec
+from .spec import EnvironmentSpec, pip_requirement_text
 
 log = logging.getLogger(__name__)
 
@@ -960,7 +960,7 @@ class ImageBuilder(LoggingConfigurable):
 def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
     """The spec plus ipykernel when neither section has it: every env must run a kernel."""
     names = {MatchSpec(text).name.normalized for text in spec.conda}
-    names |= {Requirement(text).name for text in spec.pip}  # already canonical
+    names |= {Requirement(pip_requirement_text(text)).name for text in spec.pip}  # already canonical
     if "ipykernel" in names:
         return spec
     return dataclasses.replace(spec, conda=tuple(sorted((*spec.conda, "ipykernel"))))

@@ -71,15 +71,20 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     for name in args.files:
         try:
             spec = policy.parse(_read_input(name))
-            results.append({"file": name, "ok": True, "key": spec.key(), "spec": spec.normalized()})
+            results.append({"file": name, "ok": True, "key": spec.key(), "spec": spec.normalized(),
+                            "notes": list(spec.notes)})
         except SpecError as error:
-            results.append({"file": name, "ok": False, "error": error.detail})
+            results.append({"file": name, "ok": False, "error": error.detail, "errors": error.details})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            status = f"ok {result['key']}" if result["ok"] else f"error: {result['error']}"
-            print(f"{result['file']}: {status}")
+            if result["ok"]:
+                notes = f" ({'; '.join(result['notes'])})" if result["notes"] else ""
+                print(f"{result['file']}: ok {result['key']}{notes}")
+            else:
+                for problem in result["errors"]:  # one line per problem, capped by SpecPolicy.max_problems
+                    print(f"{result['file']}: error: {problem}")
     return 0 if all(result["ok"] for result in results) else 1
 
 
@@ -548,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser, add = command_parser("condaspawner", __doc__.splitlines()[0])
 
-    validate = add("validate", cmd_validate, "check environment.yml files: 'FILE: ok KEY' or 'FILE: error: REASON'")
+    validate = add("validate", cmd_validate, "check environment.yml files: 'FILE: ok KEY' or one "
+                   "'FILE: error: REASON' line per problem")
     validate.add_argument("files", nargs="+", metavar="FILE", help="environment files ('-' reads stdin)")
     validate.add_argument("--json", action="store_true", help="print the normalised spec and key per file")
 
