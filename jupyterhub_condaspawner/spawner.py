@@ -46,6 +46,8 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescap
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
 _QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 _IMAGE_SHARE = 83
+# A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
+_SPEC_MESSAGE_CHARS = 8000
 
 
 @dataclass
@@ -228,7 +230,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         try:
             return self.services.policy.parse(text, source="environment.yml")
         except SpecError as error:
-            raise _refused(400, str(error)) from None
+            raise _spec_refused(error) from None
 
     def apply_choice(self, user_options: dict | None) -> None:
         """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
@@ -259,10 +261,12 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         data: str | bytes = upload.get("body") or text
         if data:
             try:
-                spec = self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
+                self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
             except SpecError as error:
-                raise ValueError(str(error))
-            options["environment"] = spec.to_yaml()
+                raise FormRefusal(error) from None
+            # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
+            # keeps its notes (ignored keys) for the progress page.
+            options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
@@ -357,6 +361,8 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
+        for note in custom.notes if custom is not None else ():
+            await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
         configured_cpu, configured_mem = self._configured_limits
         self.cpu_limit = profile.cpu_limit or configured_cpu
         self.mem_limit = profile.mem_limit or configured_mem
@@ -582,6 +588,26 @@ def _merged(base: dict | None, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+class FormRefusal(ValueError):
+    """A spec refused on the form: one problem as one line; several as a list, one per line.
+
+    JupyterHub shows ``jupyterhub_message`` above the form it renders again, or, when that
+    is None, ``jupyterhub_html_message`` (every problem is the user's text, escaped).
+    """
+
+    def __init__(self, error: SpecError):
+        super().__init__(str(error))
+        self.problems = error.details
+        self.jupyterhub_message: str | None = str(error) if error.count == 1 else None
+        self.jupyterhub_html_message = _jinja.get_template("spec_problems.html").render(
+            source=error.source, count=error.count, problems=error.details)
+
+
+def _spec_refused(error: SpecError) -> StartFailure:
+    """A refused environment file (REST): every problem, on one line, ``; `` between them."""
+    return StartFailure(str(error), reason="options", status_code=400, max_chars=_SPEC_MESSAGE_CHARS)
 
 
 def _refused(status: int, message: str) -> StartFailure:

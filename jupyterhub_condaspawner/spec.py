@@ -110,8 +110,14 @@ class SpecError(ValueError):
         """Every problem on one line (``; `` between them), without the file name."""
         return "; ".join(self.details)
 
+    @property
+    def count(self) -> int:
+        """How many problems the file has (reported and omitted)."""
+        return len(self.problems) + self.omitted
+
     def __str__(self) -> str:
-        return f"{self.source}: {self.detail}" if self.source else self.detail
+        detail = f"{self.count} problems: {self.detail}" if self.count > 1 else self.detail
+        return f"{self.source}: {detail}" if self.source else detail
 
 
 def show(value: object, limit: int = _SHOWN_CHARS) -> str:

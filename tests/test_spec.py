@@ -325,7 +325,7 @@ def test_every_problem_of_a_file_is_reported_at_once():
     assert fields == ["channels[0] (line 3)", "channels[1] (line 4)", "channels[2] (line 5)",
                       "dependencies[1].pip[0] (line 9)"]
     assert len(info.value.details) == 4 and info.value.omitted == 0
-    assert str(info.value) == "f.yml: " + "; ".join(info.value.details)
+    assert str(info.value) == "f.yml: 4 problems: " + "; ".join(info.value.details)
 
 
 def test_problems_across_sections_and_entries_are_all_collected():
