@@ -462,7 +462,8 @@ class SpecPolicy(Configurable):
             return True
         return channel in _DEFAULTS_MEMBERS and "defaults" in self.allowed_channels
 
-    def _dependencies(self, node: yaml.Node | None, problems: list[SpecError]) -> tuple[list[tuple[str, MatchSpec]], list[str]]:
+    def _dependencies(self, node: yaml.Node | None,
+                      problems: list[SpecError]) -> tuple[list[tuple[str, MatchSpec]], list[str]]:
         conda: list[tuple[str, MatchSpec]] = []
         pip: list[str] | None = None
         no_pip: list[str] = []

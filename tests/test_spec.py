@@ -52,7 +52,8 @@ HOSTILE = {
     "pip-direct-reference.yml": "pip[0] (line 4): 'mypkg @ https://example.com/mypkg-1.0.tar.gz': URLs",
     "pip-hash-malformed.yml": "dependencies[1].pip[0] (line 5): 'requests==2.31.0 --hash=md5:0123': --hash must be",
     "pip-hash-partial.yml": "dependencies[1].pip[1] (line 6): has no --hash while pip[0] has one",
-    "pip-hash-unpinned.yml": "dependencies[1].pip[0] (line 5): 'requests>=2': a requirement with --hash needs an exact pin",
+    "pip-hash-unpinned.yml": "dependencies[1].pip[0] (line 5): 'requests>=2': a requirement with --hash needs "
+                             "an exact pin",
     "pip-pytorch-extra-index.yml": "pip[0] (line 5): '--extra-index-url https://download.pytorch.org/whl/cu121': "
                                    "PyTorch's own index cannot be used here; install PyTorch with conda instead: "
                                    "channels pytorch and nvidia, dependencies pytorch, pytorch-cuda=12.1",
@@ -425,10 +426,19 @@ def test_real_build_strings_are_accepted(spec):
 @pytest.mark.parametrize("text, expected", [
     ("name: x\nchannels:\n  - conda-forge\ndependencies\n  - numpy\n",
      "invalid YAML at line 4, column 1: 'dependencies' needs a ':' after it"),
-    ("dependencies:\n  - numpy\n  - 'scipy\n", "invalid YAML at line 3, column 5: the quote opened here is never closed"),
+    ("dependencies:\n  - numpy\n  - 'scipy\n",
+     "invalid YAML at line 3, column 5: the quote opened here is never closed"),
     ("dependencies: {a: 1\n", "invalid YAML at line 1, column 15: the '{' opened here is never closed"),
     ("dependencies:\n  - numpy\n  pip:\n    - x\n", "invalid YAML at line 3, column 3: this line's indentation"),
     ("name: a: b\ndependencies: [numpy]\n", "invalid YAML at line 1, column 8: unexpected ':'"),
 ])
 def test_yaml_errors_point_at_the_place_to_fix(text, expected):
     assert refusal(text).startswith(f"env.yml: {expected}")
+
+
+def test_a_hash_after_an_environment_marker_is_kept_apart_from_it():
+    digest = "ab" * 32
+    line = f"Rich[Jupyter]==13.7.0; python_version >= '3.9' --hash=sha256:{digest}"
+    spec = parse(f'dependencies:\n - pip:\n   - "{line}"\n')
+    assert spec.pip == (f'rich[jupyter]==13.7.0; python_version >= "3.9" --hash=sha256:{digest}',)
+    assert parse(spec.to_yaml()) == spec
