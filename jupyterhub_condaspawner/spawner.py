@@ -38,7 +38,7 @@ from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavail
 from .isolation import IsolationMixin
 from .notices import Notices
 from .profiles import Profile, ProfileCatalog, ProfileError
-from .resolve import NO_DEFAULTS
+from .resolve import NO_DEFAULTS, ResolveError
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -290,9 +290,40 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             return await super()._run_apply_user_options(user_options)
         try:
             _apply_user_options(self, user_options)
+            await self.precheck_solve()
         except StartFailure as refusal:
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise
+
+    async def precheck_solve(self) -> None:
+        """Will the user's own environment solve? Asked before the spawn is accepted (form and REST).
+
+        Solved as its build will solve it (the profile's CUDA, ipykernel added); the build
+        then reuses the lock. Unsolvable: a 400 with the solver's reason. Skipped for an
+        image already built; past SpecPolicy.precheck_timeout, or with a channel that does
+        not answer, the spawn goes on and the build reports.
+        """
+        profile, custom = self._choice or (None, None)
+        timeout = self.services.policy.precheck_timeout
+        if profile is None or custom is None or timeout <= 0:
+            return
+        builder = self.services.builder
+        request = request_for_profile(profile, custom)
+
+        async def unless_cached() -> None:
+            with contextlib.suppress(Exception):  # no daemon or base image: the start will say so
+                if await asyncio.to_thread(builder.is_cached, request):
+                    return
+            await builder.presolve(request)
+
+        try:
+            await asyncio.wait_for(unless_cached(), timeout)
+        except asyncio.TimeoutError:
+            self.log.info("Pre-check of %s's environment took over %g s: the build solves it", self._log_name, timeout)
+        except ResolveError as error:
+            if not error.unreachable:
+                raise explain(BuildError(f"solve: {error}", phase="solve",
+                                         cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
 
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""

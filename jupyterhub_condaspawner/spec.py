@@ -23,7 +23,7 @@ import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from rattler import Channel, MatchSpec
-from traitlets import Integer, List, Unicode
+from traitlets import Float, Integer, List, Unicode
 from traitlets.config import Configurable
 
 DEFAULT_CHANNELS = ["conda-forge", "pytorch", "nvidia", "bioconda", "defaults", "nodefaults"]
@@ -285,6 +285,17 @@ class SpecPolicy(Configurable):
         help="""Most problems one refused file reports (the rest are counted).
 
         c.SpecPolicy.max_problems = 50
+        """,
+    )
+    precheck_timeout = Float(
+        20,
+        config=True,
+        help="""Seconds the spawner may spend solving a user's own environment before it accepts
+        the spawn (and `condaspawner validate --solve` per file). One that cannot be solved is
+        refused at once, with the solver's reason; past this time the spawn goes on and the
+        build reports. 0 turns the pre-check off.
+
+        c.SpecPolicy.precheck_timeout = 30
         """,
     )
     allowed_channels = List(
