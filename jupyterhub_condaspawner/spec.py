@@ -50,8 +50,8 @@ _CHANNEL_TYPO_CUTOFF = 0.8
 _BUILD_STRING = re.compile(r"[A-Za-z0-9_.+*]*[A-Za-z0-9_*][A-Za-z0-9_.+*]*\Z")
 # Plain YAML scalars that are not text: `- 3.10` is the float 3.1, `- 42` an int.
 _NON_TEXT_TAGS = {
-    "tag:yaml.org,2002:int": "a number",
-    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:int": "the number",
+    "tag:yaml.org,2002:float": "the number",
     "tag:yaml.org,2002:bool": "true/false",
 }
 # Packages that exist only for Windows: their presence marks a Windows `conda env export`.
@@ -668,7 +668,9 @@ class SpecPolicy(Configurable):
         text = self._scalar_text(node, where)
         kind = _NON_TEXT_TAGS.get(node.tag) if node.style is None else None
         if kind is not None:
-            raise SpecError(f"{show(text)} is read by YAML as {kind}, not text: quote it (\"{_printable(text)}\") "
+            value = yaml.safe_load(text)  # a plain number or boolean: what YAML made of it
+            read = f"{kind} {value!r}" if kind == "the number" else kind
+            raise SpecError(f"{show(text)} is read by YAML as {read}, not text: quote it (\"{_printable(text)}\") "
                             "or write the package it means", field=_at(where, node))
         return text
 

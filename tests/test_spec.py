@@ -38,7 +38,7 @@ HOSTILE = {
     "duplicate-key.yml": "duplicate key 'dependencies'",
     "empty-entry.yml": "dependencies[0] (line 3): expected text, found an empty entry",
     "empty.yml": "file is empty",
-    "int-entry.yml": "dependencies[0] (line 3): '42' is read by YAML as a number, not text: quote it",
+    "int-entry.yml": "dependencies[0] (line 3): '42' is read by YAML as the number 42, not text: quote it",
     "invalid-yaml.yml": "invalid YAML at line 1, column 9",
     "latin1.yml": "file is not UTF-8",
     "long-package-name.yml": "is 150 characters, longer than 100",
@@ -47,7 +47,7 @@ HOSTILE = {
     "multiple-documents.yml": "invalid YAML at line 2",
     "nested-dependency.yml": "expected text, found a nested list or mapping",
     "newline-injection.yml": "control or invisible character (U+000A)",
-    "number-entry.yml": "dependencies[1] (line 4): '3.10' is read by YAML as a number, not text: quote it",
+    "number-entry.yml": "dependencies[1] (line 4): '3.10' is read by YAML as the number 3.1, not text: quote it",
     "nul-byte.yml": "NUL bytes",
     "pip-direct-reference.yml": "pip[0] (line 4): 'mypkg @ https://example.com/mypkg-1.0.tar.gz': URLs",
     "pip-hash-malformed.yml": "dependencies[1].pip[0] (line 5): 'requests==2.31.0 --hash=md5:0123': --hash must be",
@@ -399,8 +399,8 @@ def test_a_linux_export_with_builds_is_not_taken_for_windows():
 
 
 @pytest.mark.parametrize("entry, refused", [
-    ("3.10", "'3.10' is read by YAML as a number"), ("42", "'42' is read by YAML as a number"),
-    ("yes", "'yes' is read by YAML as true/false"), ("1.0", "'1.0' is read by YAML as a number"),
+    ("3.10", "'3.10' is read by YAML as the number 3.1,"), ("42", "'42' is read by YAML as the number 42,"),
+    ("yes", "'yes' is read by YAML as true/false"), ("1.0", "'1.0' is read by YAML as the number 1.0,"),
     ("'3.10'", None), ('"42"', None), ("python=3.10", None),
 ])
 def test_entries_yaml_reads_as_numbers_must_be_quoted(entry, refused):
