@@ -66,6 +66,9 @@ from .spec import EnvironmentSpec, pip_requirement_text
 
 log = logging.getLogger(__name__)
 
+# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
+PRESOLVED_SECONDS = 600
+
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
 RECIPE_VERSION = "3"
 ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
@@ -74,8 +77,6 @@ LABEL_PREFIX = "io.condaspawner."
 LABEL_KEY = LABEL_PREFIX + "key"
 LABEL_SPEC = LABEL_PREFIX + "spec"
 LABEL_LOCK_DIGEST = LABEL_PREFIX + "lock-digest"
-# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
-PRESOLVED_SECONDS = 600
 LABEL_BASE_IMAGE = LABEL_PREFIX + "base-image"
 LABEL_BUILDER_VERSION = LABEL_PREFIX + "builder-version"
 LABEL_CREATED = LABEL_PREFIX + "created"

@@ -297,7 +297,8 @@ class Resolver(Configurable):
             if name is None or name.normalized in known or name.normalized.startswith("__"):
                 continue
             near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF)
-            hints.append(f"nothing provides {name.normalized}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            hints.append(f"nothing provides {name.normalized}{hint}")
         return f" ({'; '.join(hints)})" if hints else ""
 
     # -- installing ----------------------------------------------------------------

@@ -319,7 +319,8 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         try:
             await asyncio.wait_for(unless_cached(), timeout)
         except asyncio.TimeoutError:
-            self.log.info("Pre-check of %s's environment took over %g s: the build solves it", self._log_name, timeout)
+            self.log.info("Pre-check of %s's environment took over %g s: the build solves it",
+                          self._log_name, timeout)
         except ResolveError as error:
             if not error.unreachable:
                 raise explain(BuildError(f"solve: {error}", phase="solve",
