@@ -62,9 +62,12 @@ from .registry import (
     failure_is_unreachable,
 )
 from .resolve import Lock, ResolveError, Resolver
-from .spec import EnvironmentSpec
+from .spec import EnvironmentSpec, pip_requirement_text
 
 log = logging.getLogger(__name__)
+
+# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
+PRESOLVED_SECONDS = 600
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
 RECIPE_VERSION = "3"
@@ -407,6 +410,7 @@ class ImageBuilder(LoggingConfigurable):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._builds: dict[str, Build] = {}
+        self._presolved: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock): see presolve()
         self._slots = asyncio.Semaphore(self.max_concurrent_builds)
         self._waiting = 0
         self.builds_started = 0
@@ -795,7 +799,36 @@ class ImageBuilder(LoggingConfigurable):
             return default
         return statistics.median(self.build_seconds[-20:])
 
+    # -- the pre-check's solve, reused by the build ----------------------------------------------
+
+    def _solve_key(self, request: BuildRequest) -> str:
+        """What a solve depends on: the spec the build solves, the CUDA version, the platform, the channels."""
+        spec = _with_kernel_package(request.spec)
+        parts = {"spec": spec.normalized(), "cuda": request.cuda, "platform": self.resolver.platform,
+                 "channels": self.resolver.channel_urls_for(spec)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    async def presolve(self, request: BuildRequest) -> Lock:
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved).
+
+        The lock is kept for PRESOLVED_SECONDS: the build of the same request takes it
+        instead of solving again.
+        """
+        lock = await self.resolver.solve(_with_kernel_package(request.spec), cuda=request.cuda)
+        now = time.monotonic()
+        self._presolved = {key: kept for key, kept in self._presolved.items() if now - kept[0] < PRESOLVED_SECONDS}
+        self._presolved[self._solve_key(request)] = (now, lock)
+        return lock
+
+    def _take_presolved(self, request: BuildRequest) -> Lock | None:
+        kept = self._presolved.pop(self._solve_key(request), None)
+        return kept[1] if kept is not None and time.monotonic() - kept[0] < PRESOLVED_SECONDS else None
+
     async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
+        presolved = self._take_presolved(request)
+        if presolved is not None:
+            build_log.write("solve: the lock of the pre-check before the spawn\n")
+            return await self._keep_lock(build, presolved, build_log, " (solved before the start)")
         await build.publish("solve", 5, f"Solving {_plural(len(request.spec.conda), 'conda dependency')}")
         spec = _with_kernel_package(request.spec)
         try:
@@ -804,10 +837,13 @@ class ImageBuilder(LoggingConfigurable):
             build_log.write(f"solve failed: {error}\n")
             raise BuildError(f"solve: {error}", phase="solve", cause=str(error).removeprefix("cannot solve: "),
                              unreachable=error.unreachable) from None
+        return await self._keep_lock(build, lock, build_log)
+
+    async def _keep_lock(self, build: Build, lock: Lock, build_log: io.TextIOBase, note: str = "") -> Lock:
         lock.write(self.key_dir(build.key) / "environment.lock")
         (self.key_dir(build.key) / "lock.json").write_text(lock.to_json())
         build_log.write(f"solved: {len(lock.records)} packages, lock digest {lock.digest()}\n")
-        await build.publish("solve", 15, f"Solved: {_plural(len(lock.records), 'package')}")
+        await build.publish("solve", 15, f"Solved: {_plural(len(lock.records), 'package')}{note}")
         return lock
 
     async def _install(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
@@ -960,7 +996,7 @@ class ImageBuilder(LoggingConfigurable):
 def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
     """The spec plus ipykernel when neither section has it: every env must run a kernel."""
     names = {MatchSpec(text).name.normalized for text in spec.conda}
-    names |= {Requirement(text).name for text in spec.pip}  # already canonical
+    names |= {Requirement(pip_requirement_text(text)).name for text in spec.pip}  # already canonical
     if "ipykernel" in names:
         return spec
     return dataclasses.replace(spec, conda=tuple(sorted((*spec.conda, "ipykernel"))))

@@ -40,7 +40,7 @@ from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavail
 from .isolation import IsolationMixin
 from .notices import Notices
 from .profiles import Profile, ProfileCatalog, ProfileError
-from .resolve import NO_DEFAULTS
+from .resolve import NO_DEFAULTS, ResolveError
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -48,6 +48,8 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescap
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
 _QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 _IMAGE_SHARE = 83
+# A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
+_SPEC_MESSAGE_CHARS = 8000
 
 
 @dataclass
@@ -259,7 +261,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         try:
             return self.services.policy.parse(text, source="environment.yml")
         except SpecError as error:
-            raise _refused(400, str(error)) from None
+            raise _spec_refused(error) from None
 
     def apply_choice(self, user_options: dict | None) -> None:
         """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
@@ -290,10 +292,12 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         data: str | bytes = upload.get("body") or text
         if data:
             try:
-                spec = self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
+                self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
             except SpecError as error:
-                raise ValueError(str(error))
-            options["environment"] = spec.to_yaml()
+                raise FormRefusal(error) from None
+            # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
+            # keeps its notes (ignored keys) for the progress page.
+            options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
@@ -317,9 +321,41 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             return await super()._run_apply_user_options(user_options)
         try:
             _apply_user_options(self, user_options)
+            await self.precheck_solve()
         except StartFailure as refusal:
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise
+
+    async def precheck_solve(self) -> None:
+        """Will the user's own environment solve? Asked before the spawn is accepted (form and REST).
+
+        Solved as its build will solve it (the profile's CUDA, ipykernel added); the build
+        then reuses the lock. Unsolvable: a 400 with the solver's reason. Skipped for an
+        image already built; past SpecPolicy.precheck_timeout, or with a channel that does
+        not answer, the spawn goes on and the build reports.
+        """
+        profile, custom = self._choice or (None, None)
+        timeout = self.services.policy.precheck_timeout
+        if profile is None or custom is None or timeout <= 0:
+            return
+        builder = self.services.builder
+        request = request_for_profile(profile, custom)
+
+        async def unless_cached() -> None:
+            with contextlib.suppress(Exception):  # no daemon or base image: the start will say so
+                if await asyncio.to_thread(builder.is_cached, request):
+                    return
+            await builder.presolve(request)
+
+        try:
+            await asyncio.wait_for(unless_cached(), timeout)
+        except asyncio.TimeoutError:
+            self.log.info("Pre-check of %s's environment took over %g s: the build solves it",
+                          self._log_name, timeout)
+        except ResolveError as error:
+            if not error.unreachable:
+                raise explain(BuildError(f"solve: {error}", phase="solve",
+                                         cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
 
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""
@@ -388,6 +424,8 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
+        for note in custom.notes if custom is not None else ():
+            await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
         configured_cpu, configured_mem = self._configured_limits
         self.cpu_limit = profile.cpu_limit or configured_cpu
         self.mem_limit = profile.mem_limit or configured_mem
@@ -661,6 +699,26 @@ def _running_hub() -> Any:
     from jupyterhub.app import JupyterHub
 
     return JupyterHub.instance() if JupyterHub.initialized() else None
+
+
+class FormRefusal(ValueError):
+    """A spec refused on the form: one problem as one line; several as a list, one per line.
+
+    JupyterHub shows ``jupyterhub_message`` above the form it renders again, or, when that
+    is None, ``jupyterhub_html_message`` (every problem is the user's text, escaped).
+    """
+
+    def __init__(self, error: SpecError):
+        super().__init__(str(error))
+        self.problems = error.details
+        self.jupyterhub_message: str | None = str(error) if error.count == 1 else None
+        self.jupyterhub_html_message = _jinja.get_template("spec_problems.html").render(
+            source=error.source, count=error.count, problems=error.details)
+
+
+def _spec_refused(error: SpecError) -> StartFailure:
+    """A refused environment file (REST): every problem, on one line, ``; `` between them."""
+    return StartFailure(str(error), reason="options", status_code=400, max_chars=_SPEC_MESSAGE_CHARS)
 
 
 def _refused(status: int, message: str) -> StartFailure:
