@@ -85,7 +85,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
                     if _exists(staging / path)} - claimed)
     claimed.update(small)
     layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", staging / path) for path in small)))
-    rest = sorted(path for path in _tree(staging) if path not in claimed)
+    rest = sorted(path for path in tree_paths(staging) if path not in claimed)
     top = [Entry(f"{prefix}/{path}", staging / path) for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer("environment", tuple(top)))
@@ -150,7 +150,7 @@ def archive_chunks(config: dict[str, Any], layers: list[LayerFile], known_chains
             yield from _archive_member(path, b"")
             continue
         yield _header(path, layer.size)
-        yield from _stream_tar(layer)
+        yield from stream_tar(layer)
         yield b"\0" * (-layer.size % tarfile.BLOCKSIZE)
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
@@ -178,7 +178,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _tree(root: Path) -> Iterator[str]:
+def tree_paths(root: Path) -> Iterator[str]:
     """Every file and symlink under ``root``, relative, as POSIX paths."""
     for directory, dirnames, filenames in os.walk(root):
         for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(directory, d)))]:
@@ -230,7 +230,7 @@ class _DigestSink:
 
 
 class _QueueSink:
-    """A file-like whose writes come out of :func:`_stream_tar` as chunks (bounded: the
+    """A file-like whose writes come out of :func:`stream_tar` as chunks (bounded: the
     tar writer waits while Docker reads; it stops when the reader is gone)."""
 
     def __init__(self, chunks: queue.Queue, abandoned: threading.Event):
@@ -252,7 +252,7 @@ class _QueueSink:
             self.buffer = io.BytesIO()
 
 
-def _stream_tar(layer: LayerFile) -> Iterator[bytes]:
+def stream_tar(layer: LayerFile) -> Iterator[bytes]:
     chunks: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
     abandoned = threading.Event()
