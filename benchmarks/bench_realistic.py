@@ -182,8 +182,7 @@ def clean_up(bench: Bench, scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-async def run(arguments: argparse.Namespace) -> None:
-    bench = ensure_bench(real_set=arguments.set, say=say)
+async def run(bench: Bench, arguments: argparse.Namespace) -> None:
     channel = bench.real_channel
     if channel is None:
         raise SystemExit(f"the bench built no real channel for --set {arguments.set}")
@@ -213,7 +212,9 @@ def main() -> None:
                         help="the real package set (full: PyTorch and CUDA libraries, ~3 GB once)")
     parser.add_argument("--shared", type=int, default=5, help="environments in the shared-layers part (0: skip)")
     parser.add_argument("--routes", default="layered,dockerfile", help="build routes for the cold builds")
-    asyncio.run(run(parser.parse_args()))
+    arguments = parser.parse_args()
+    bench = ensure_bench(real_set=arguments.set, say=say)  # it runs its own event loop
+    asyncio.run(run(bench, arguments))
     sys.stdout.flush()
 
 
