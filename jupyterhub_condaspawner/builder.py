@@ -907,24 +907,22 @@ class ImageBuilder(LoggingConfigurable):
         plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                   max_layers=MAX_PACKAGE_LAYERS)
         await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
-        written = [await asyncio.to_thread(layers.measure, layer) for layer in plan]
+        memo = layers.LayerMemo(Path(self.cache_dir) / "layers")
         base_id = self.base_image_id()
         with self._daemon("loading the environment's layers"):
             known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
             try:
-                image_id = await asyncio.to_thread(layers.load_image, self.client.api, base_id, written, {}, known)
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo)
             except OSError as error:  # a layer counted on was removed meanwhile: send every layer
                 build_log.write(f"layered load failed ({error}); sending every layer\n")
-                image_id = await asyncio.to_thread(layers.load_image, self.client.api, base_id, written, {}, set())
-        chains = layers.chain_ids([*self.client.api.inspect_image(base_id)["RootFS"]["Layers"],
-                                   *(layer.diff_id for layer in written)])[-len(written):]
-        for layer, chain in zip(written, chains):
-            state = "already stored" if chain in known else "written"
-            build_log.write(f"layer {layer.name}: {layer.size} bytes, {layer.diff_id}, {state}\n")
-        sent = sum(layer.size for layer, chain in zip(written, chains) if chain not in known)
-        await build.publish("build", 44, f"Wrote {_megabytes(sent)} in {_plural(len(written), 'layer')} "
-                                         f"({len(written) - sum(1 for c in chains if c not in known)} already stored)")
-        return image_id
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, set(),
+                                                 layers.LayerMemo(None))
+        for name, diff_id, size, sent in result.layers:
+            build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
+        written = [size for _, _, size, sent in result.layers if sent]
+        await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
+                                         f"({len(result.layers) - len(written)} already stored)")
+        return result.image_id
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")

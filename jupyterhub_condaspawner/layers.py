@@ -29,12 +29,13 @@ import stat
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
+LAYER_RECIPE = "1"  # bump when the way a layer's tar is written changes
 CHUNK = 1 << 20
 
 
@@ -52,16 +53,47 @@ class Entry:
 class Layer:
     name: str  # what it holds, for logs: "pytorch-2.3.1-py39_0", "small packages", ...
     entries: tuple[Entry, ...]
+    identity: str = ""  # a package layer: the package's sha256 (the same package, the same layer)
 
 
-@dataclass(frozen=True)
-class LayerFile:
-    """A layer as written: its uncompressed digest (Docker's diff id) and size."""
+@dataclass
+class LoadResult:
+    """What loading an image did: its id, and each layer's diff id, size and whether it was sent."""
 
-    name: str
-    diff_id: str
-    size: int
-    entries: tuple[Entry, ...]
+    image_id: str = ""
+    layers: list[tuple[str, str, int, bool]] = field(default_factory=list)  # name, diff id, size, sent
+
+
+class LayerMemo:
+    """The diff id and size of each package layer written once, by package identity, so that
+    a layer Docker already holds is recognised without reading its files again."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+
+    def get(self, layer: Layer) -> tuple[str, int] | None:
+        path = self._path(layer)
+        try:
+            entry = json.loads(path.read_text()) if path is not None else None
+            return (str(entry["diff_id"]), int(entry["size"])) if entry else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, layer: Layer, diff_id: str, size: int) -> None:
+        path = self._path(layer)
+        if path is None:
+            return
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(json.dumps({"diff_id": diff_id, "size": size, "layer": layer.name}))
+            os.replace(partial, path)
+
+    def _path(self, layer: Layer) -> Path | None:
+        if self.directory is None or not layer.identity:
+            return None
+        key = hashlib.sha256(f"{LAYER_RECIPE}\0{SHARED_PREFIX}\0{layer.identity}".encode()).hexdigest()
+        return self.directory / f"{key}.json"
 
 
 def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int) -> list[Layer]:
@@ -71,7 +103,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     more), ordered by name, version and build; then the other packages' files; then
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
-    records = _package_records(staging)
+    records, identities = _package_records(staging)
     sizes = {key: sum(_size(staging / path) for path in files) for key, files in records.items()}
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
@@ -80,7 +112,8 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     for key in sorted(large):
         files = sorted(path for path in records[key] if _exists(staging / path))
         claimed.update(files)
-        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", staging / path) for path in files)))
+        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", staging / path) for path in files),
+                            identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(staging / path)} - claimed)
     claimed.update(small)
@@ -92,21 +125,25 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     return layers
 
 
-def measure(layer: Layer) -> LayerFile:
-    """Write the layer's tar to nowhere: its digest and size."""
-    sink = _DigestSink()
-    write_tar(layer.entries, sink)
-    return LayerFile(layer.name, "sha256:" + sink.sha256.hexdigest(), sink.size, layer.entries)
+def tar_size(entries: Iterable[Entry]) -> int:
+    """The size of :func:`write_tar`'s output, from the files' metadata alone."""
+    size = 0
+    for member, _ in _members(entries):
+        size += len(member.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        if member.isreg():
+            size += member.size + (-member.size % tarfile.BLOCKSIZE)
+    size += 2 * tarfile.BLOCKSIZE
+    return size + (-size % tarfile.RECORDSIZE)
 
 
 def write_tar(entries: Iterable[Entry], out: Any) -> None:
     """A deterministic tar of ``entries`` (and their parent directories) to ``out``."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for member, content in _members(entries):
-            if content is None:
+        for member, source in _members(entries):
+            if source is None:
                 tar.addfile(member)
             else:
-                with content:
+                with open(source, "rb") as content:
                     tar.addfile(member, content)
 
 
@@ -119,52 +156,77 @@ def chain_ids(diff_ids: Iterable[str]) -> list[str]:
     return chains
 
 
-def image_config(base: dict[str, Any], layers: list[LayerFile], labels: dict[str, str]) -> dict[str, Any]:
-    """The image config: the base image's (``docker inspect`` of it), plus the layers and labels."""
+def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, str]) -> dict[str, Any]:
+    """The image config: the base image's (``docker inspect`` of it), with these layers and labels."""
     config = dict(base.get("Config") or {})
     config["Labels"] = {**(config.get("Labels") or {}), **labels}
     return {
         "architecture": base.get("Architecture", "amd64"),
         "os": base.get("Os", "linux"),
         "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [*base["RootFS"]["Layers"], *(layer.diff_id for layer in layers)]},
+        "rootfs": {"type": "layers", "diff_ids": [*base["RootFS"]["Layers"], *diff_ids]},
     }
 
 
-def archive_chunks(config: dict[str, Any], layers: list[LayerFile], known_chains: set[str]) -> Iterator[bytes]:
-    """A ``docker load`` archive of the image, as a stream of chunks.
+def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[str], memo: LayerMemo,
+                   labels: dict[str, str], result: LoadResult) -> Iterator[bytes]:
+    """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
+    stream of chunks; ``result`` is filled in as it goes.
 
-    Layers whose chain is in ``known_chains`` (Docker has them) are sent as empty files.
+    Each layer's files are read once: hashed as they are sent, the config and manifest
+    come last (Docker reads the whole archive before them). A layer the memo knows, whose
+    chain Docker holds (``known_chains``, the base's included), is sent as an empty file.
     """
-    diff_ids = config["rootfs"]["diff_ids"]
-    chains = chain_ids(diff_ids)
-    own = {layer.diff_id: layer for layer in layers}
-    config_bytes = json.dumps(config, sort_keys=True).encode()
-    paths = [f"{index}/layer.tar" for index in range(len(diff_ids))]
-    manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
-    yield from _archive_member("config.json", config_bytes)
-    yield from _archive_member("manifest.json", manifest)
-    for path, diff_id, chain in zip(paths, diff_ids, chains):
-        layer = own.get(diff_id)
-        if layer is None or chain in known_chains:
+    chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
+    paths = [f"{index}/layer.tar" for index in range(len(base["RootFS"]["Layers"]) + len(layers))]
+    for path in paths[:len(base["RootFS"]["Layers"])]:
+        yield from _archive_member(path, b"")  # the base is there: Docker does not read these
+    diff_ids = []
+    for path, layer in zip(paths[len(base["RootFS"]["Layers"]):], layers):
+        remembered = memo.get(layer)
+        if remembered is not None and _next_chain(chain, remembered[0]) in known_chains:
+            diff_id, size, sent = remembered[0], remembered[1], False
             yield from _archive_member(path, b"")
-            continue
-        yield _header(path, layer.size)
-        yield from stream_tar(layer)
-        yield b"\0" * (-layer.size % tarfile.BLOCKSIZE)
+        else:
+            size = remembered[1] if remembered is not None else tar_size(layer.entries)
+            digest = hashlib.sha256()
+            yield _header(path, size)
+            for chunk in stream_tar(layer, size):
+                digest.update(chunk)
+                yield chunk
+            yield b"\0" * (-size % tarfile.BLOCKSIZE)
+            diff_id, sent = "sha256:" + digest.hexdigest(), True
+            if remembered is not None and remembered[0] != diff_id:
+                raise OSError(f"layer {layer.name} is not what it was when first written")
+            if remembered is None:
+                memo.put(layer, diff_id, size)
+        chain = _next_chain(chain, diff_id)
+        diff_ids.append(diff_id)
+        result.layers.append((layer.name, diff_id, size, sent))
+    config = json.dumps(image_config(base, diff_ids, labels), sort_keys=True).encode()
+    result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+    yield from _archive_member("config.json", config)
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
+    yield from _archive_member("manifest.json", manifest)
     yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _next_chain(chain: str, diff_id: str) -> str:
+    return "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest() if chain else diff_id
 
 
 # -- inside ------------------------------------------------------------------------------
 
 
-def _package_records(staging: Path) -> dict[tuple[str, str, str], list[str]]:
-    records = {}
+def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:
+    """(name, version, build) -> the package's files, and -> its sha256 (or "")."""
+    records, identities = {}, {}
     for path in sorted((staging / "conda-meta").glob("*.json")):
         record = json.loads(path.read_text())
         key = (str(record["name"]), str(record["version"]), str(record["build"]))
         records[key] = [str(file) for file in record.get("files", [])]
-    return records
+        identities[key] = str(record.get("sha256") or "")
+    return records, identities
 
 
 def _exists(path: Path) -> bool:
@@ -185,7 +247,7 @@ def tree_paths(root: Path) -> Iterator[str]:
             yield Path(os.path.relpath(os.path.join(directory, name), root)).as_posix()
 
 
-def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
+def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Path | None]]:
     seen_dirs: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.path):
         parents = Path(entry.path).parents
@@ -207,7 +269,7 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Binary
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
         info.size = os.stat(entry.source).st_size
-        yield info, open(entry.source, "rb")  # noqa: SIM115  (closed by write_tar)
+        yield info, entry.source
 
 
 def _info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
@@ -216,17 +278,6 @@ def _info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-class _DigestSink:
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return len(data)
 
 
 class _QueueSink:
@@ -252,7 +303,8 @@ class _QueueSink:
             self.buffer = io.BytesIO()
 
 
-def stream_tar(layer: LayerFile) -> Iterator[bytes]:
+def stream_tar(layer: Layer, size: int) -> Iterator[bytes]:
+    """``write_tar`` of the layer as chunks; OSError if it is not ``size`` bytes."""
     chunks: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
     abandoned = threading.Event()
@@ -281,8 +333,8 @@ def stream_tar(layer: LayerFile) -> Iterator[bytes]:
     writer.join()
     if failure:
         raise failure[0]
-    if written != layer.size:  # a staged file changed between measuring and sending
-        raise OSError(f"layer {layer.name} changed while it was written ({written} != {layer.size} bytes)")
+    if written != size:  # a staged file changed while it was written
+        raise OSError(f"layer {layer.name} changed while it was written ({written} != {size} bytes)")
 
 
 def _header(path: str, size: int) -> bytes:
@@ -320,16 +372,16 @@ def known_chains(api: Any, images: Iterable[str]) -> set[str]:
     return chains
 
 
-def load_image(api: Any, base: str, layers: list[LayerFile], labels: dict[str, str], known: set[str]) -> str:
-    """Load an image made of ``base`` plus ``layers``; its id. ``known``: chain ids the
-    daemon has (their layers are not sent)."""
+def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
+               memo: LayerMemo) -> LoadResult:
+    """Load an image made of ``base`` plus ``layers`` into Docker. ``known``: chain ids the
+    daemon holds (layers the memo recognises there are not sent)."""
     base_attrs = api.inspect_image(base)
-    config = image_config(base_attrs, layers, labels)
-    have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))  # the base is there: never sent
-    answer = api.load_image(archive_chunks(config, layers, have))
-    expected = "sha256:" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    result = LoadResult()
+    have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
+    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result))
     for message in answer or []:
         if "error" in message:
             raise OSError(str(message["error"]).strip())
-    api.inspect_image(expected)  # raises if Docker did not load it
-    return expected
+    api.inspect_image(result.image_id)  # raises if Docker did not load it
+    return result
