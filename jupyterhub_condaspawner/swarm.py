@@ -305,12 +305,15 @@ def check_feasible(state: SwarmState, request: ServiceRequest) -> None:
     raise SwarmInfeasible(detail, user)
 
 
-def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int) -> None:
+def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int,
+                profile: str | None = None) -> None:
     """Raise :class:`GpuQuotaExceeded` if the user's other live servers plus this one exceed ``quota``
     (:class:`GpuInfeasible` if this one alone does: no waiting or stopping helps)."""
     if not quota or not count:
         return
-    need = f"{user}'s server {server_name!r} needs {count} GPU" + ("s" if count != 1 else "")
+    server = f"{user}'s server" + (f" {server_name!r}" if server_name else "")
+    server += f" (profile {profile!r})" if profile else ""
+    need = f"{server} needs {count} GPU" + ("s" if count != 1 else "")
     if count > quota:
         raise GpuInfeasible(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
     held = state.user_gpus(user, except_server=server_name)

@@ -136,7 +136,8 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         request = self.service_request(profile)
         quota = self.services.allocator.per_user_gpu_quota
         try:
-            swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota)  # alone
+            swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota,  # alone
+                              request.profile)
             state = self.read_swarm()
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
@@ -192,13 +193,25 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     # -- the service ------------------------------------------------------------------------
 
+    @property
+    def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
+        """``volumes`` as service mounts: a named volume (on the node, or through ``volume_driver``)
+        or, for an absolute path, a bind mount of the node's folder. (SwarmSpawner binds both.)"""
+        mounts = []
+        for source, volume in self.volume_binds.items():
+            is_path = source.startswith("/")
+            mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
+                                             type="bind" if is_path else "volume",
+                                             driver_config=None if is_path else self.mount_driver_config))
+        return mounts
+
     async def create_object(self) -> dict[str, Any]:
         """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
         lock = _user_locks.setdefault(self.user.name, asyncio.Lock())
         async with lock:
             state = await self._read_swarm()
             quota = self.services.allocator.per_user_gpu_quota
-            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota)
+            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
             swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
             self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label)
             self.port = _free_port(state.ports)
@@ -319,7 +332,12 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return node.address, self.port
 
     async def poll(self) -> int | str | None:
-        """None while the task is on its way or running on a node that is up; else why it is not."""
+        """None while the task is on its way or running on a node that is up; else why it is not.
+
+        A server found dead has its service removed here, as a container with auto_remove goes
+        by itself: the hub calls stop() only for servers poll says are running, and a service
+        left behind would restart its container (and take a GPU) if a dead node came back.
+        """
         service = await self.get_object()
         if not service:
             return 0
@@ -328,12 +346,16 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         if task is None:
             return None  # just created: no task yet
         node = state.node(task.node_id)
+        where = f" on node {node.hostname}" if node else ""
         if task.state == "running" and node is not None and not node.ready:
-            return f"node {node.hostname} is {node.state}"
-        if not task.live:
-            where = f" on node {node.hostname}" if node else ""
-            return f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
-        return None
+            status = f"node {node.hostname} is {node.state}"
+        elif not task.live:
+            status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
+        else:
+            return None
+        self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
+        await self._remove_quietly()
+        return status
 
     # -- state ------------------------------------------------------------------------------
 

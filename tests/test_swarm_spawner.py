@@ -46,14 +46,6 @@ ENVIRONMENT = "channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha]\n"
 
 
 @pytest.fixture(scope="module")
-def swarm_base(swarm_bench: SwarmBench, docker_daemon, base_image: str) -> str:
-    """The bench's base image, in the swarm's registry and on the manager (which builds)."""
-    reference = swarm_bench.seed_image(docker_daemon.client(), base_image)
-    swarm_bench.pull(reference, ["manager"])
-    return reference
-
-
-@pytest.fixture(scope="module")
 def swarm_config(swarm_bench: SwarmBench, swarm_base: str, dev_python_channel, tmp_path_factory) -> Config:
     """One hub's config: every spawner made from it shares one builder (a build runs once)."""
     directory = tmp_path_factory.mktemp("swarm-hub")
@@ -72,6 +64,7 @@ def swarm_config(swarm_bench: SwarmBench, swarm_base: str, dev_python_channel, t
     config.ImageBuilder.insecure_registries = [swarm_bench.registry_address]
     config.DockerSpawner.client_kwargs = {"base_url": swarm_bench.manager.docker_host}
     config.Spawner.cmd = STAND_IN
+    config.DockerSpawner.volumes = {"csw-test-home-{username}": "/home/jovyan"}
     config.GpuAllocator.gpu_sample_interval = 0
     return config
 
@@ -135,11 +128,11 @@ def exported_gpus(bench: SwarmBench, spawner: CondaSwarmSpawner) -> str:
     node = bench.node_for_id(task["NodeID"])
     container = node.client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
 
-    def read() -> str | None:
+    def read() -> tuple[str] | None:  # a tuple: an empty CONDASPAWNER_GPUS is an answer too
         result = container.exec_run(["cat", GPUS_FILE])
-        return result.output.decode().strip() if result.exit_code == 0 else None
+        return (result.output.decode().strip(),) if result.exit_code == 0 else None
 
-    return wait_until(read, "the stand-in server to write its GPUs")
+    return wait_until(read, "the stand-in server to write its GPUs")[0]
 
 
 def assigned(bench: SwarmBench, spawner: CondaSwarmSpawner) -> tuple[str, str]:
@@ -174,6 +167,8 @@ async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, se
         assert spec["ContainerSpec"]["Image"].startswith(f"{swarm_bench.registry_url}/condaspawner-swarmtest:")
         assert "@sha256:" in spec["ContainerSpec"]["Image"]  # pinned: every node runs the same image
         assert spec["ContainerSpec"]["CapabilityDrop"] == ["ALL"]
+        assert spec["ContainerSpec"]["Mounts"] == [  # a named volume on the node, not a bind of a relative path
+            {"Type": "volume", "Source": f"csw-test-home-{spawner.user.name}", "Target": "/home/jovyan"}]
         assert spec["RestartPolicy"]["Condition"] == "none"  # an ended server stays ended: the hub notices
         assert spec["Resources"]["Reservations"]["GenericResources"] == [
             {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
@@ -287,8 +282,8 @@ async def test_the_per_user_quota_counts_the_users_servers_in_swarms_tasks(swarm
         servers.make("quota-user", server="big", config=again).apply_choice({"profile": "three"})
 
     assert (refusal.value.status_code, refusal.value.reason) == (429, "quota")
-    assert refusal.value.message == ("quota-user's server 'second' needs 1 GPU, but quota-user already holds 1 of "
-                                     "their quota of 1: stop another server first")
+    assert refusal.value.message == ("quota-user's server 'second' (profile 'gpu') needs 1 GPU, but quota-user "
+                                     "already holds 1 of their quota of 1: stop another server first")
     assert too_big.value.status_code == 400 and "more than the per-user quota of 1" in too_big.value.message
     assert id(again) in _services and id(config) in _services
     other = servers.make("someone-else", config=again)
@@ -315,7 +310,10 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
         status = await stopped()
         print("poll:", status)
         assert isinstance(status, str) and status
-        await spawner.stop()  # what the hub does when poll says so
+        # Gone with it: the hub calls stop() only for servers poll says are running.
+        assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+        assert await spawner.poll() == 0
+        spawner.clear_state()  # what the hub does then
 
         ip, _ = await servers.start(spawner)
         assert assigned(swarm_bench, spawner)[0] == other
@@ -346,3 +344,52 @@ async def test_a_swarm_spawner_without_a_registry_says_so(swarm_config, servers)
     assert failure.value.message == (
         "The hub's image settings do not fit together: servers run on several nodes, which pull their images "
         "from a registry (set ImageBuilder.registry); tell the hub admin")
+
+
+async def test_a_restarted_hub_finds_its_server_through_the_saved_state(swarm_bench, servers, swarm_config):
+    before = servers.make("restarts")
+    await servers.start(before)
+    saved = before.get_state()
+    node, gpu = assigned(swarm_bench, before)
+
+    # Another hub process: new shared services, a new spawner given only the database's state.
+    after = servers.make("restarts", config=copy.deepcopy(swarm_config))
+    after.load_state(saved)
+
+    assert saved["condaspawner"]["gpus"] == [gpu] and saved["condaspawner"]["node"] == node
+    assert await after.poll() is None
+    assert await after.get_ip_and_port() == (swarm_bench.nodes[node].address, before.port)
+    await after.stop()
+    assert await after.poll() == 0
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_registry_that_cannot_be_reached_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config):
+    config = copy.deepcopy(swarm_config)
+    nowhere = f"{swarm_bench.manager.address}:5999"  # nothing listens there
+    config.ImageBuilder.registry = f"{nowhere}/condaspawner-swarmtest"
+    config.ImageBuilder.insecure_registries = [nowhere]
+    spawner = servers.make("noregistry", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner)
+
+    assert (failure.value.status_code, failure.value.reason) == (503, "registry")
+    assert failure.value.message == (f"The image registry is unavailable: the registry {nowhere} cannot be reached "
+                                     "(connection refused); try again in a minute, or tell the hub admin if it keeps "
+                                     "failing")
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_cpu_server_runs_on_any_node_without_gpus(swarm_bench, servers):
+    spawner = servers.make("cpu-only")
+
+    ip, _ = await servers.start(spawner, profile="cpu")
+
+    task = task_of(swarm_bench, spawner)
+    assert ip == swarm_bench.node_for_id(task["NodeID"]).address
+    assert not task.get("GenericResources")
+    assert exported_gpus(swarm_bench, spawner) == ""  # CONDASPAWNER_GPUS is there, and empty
+    spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    assert "GenericResources" not in spec["Resources"]["Reservations"]
+    assert not spec.get("Placement", {}).get("Constraints")
