@@ -123,3 +123,22 @@ async def test_the_hub_notices_a_dead_worker_and_the_respawn_lands_on_the_other(
 
     assert state["node"] == other and state["gpus"][0] in swarm_bench.nodes[other].gpus
     assert output.strip() == other
+
+
+async def test_the_hub_restarts_without_losing_its_swarm_servers(hub, swarm_bench):
+    user = "swarm-rita"
+    spawn = Spawn(hub, user, {"profile": "gpu-demo"})
+    assert spawn.wait().get("ready"), spawn.messages
+    before = hub.server_model(user)["state"]["condaspawner"]
+    try:
+        hub.stop()  # cleanup_servers = False: the services stay
+        assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 1
+        hub.start()
+        model = hub.server_model(user)
+        output = await hub.execute(user, "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
+    finally:
+        hub.stop_server(user)
+
+    assert model is not None and model["ready"], model
+    assert model["state"]["condaspawner"] == before
+    assert output.strip() == before["gpus"][0]

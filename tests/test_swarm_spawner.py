@@ -38,6 +38,7 @@ PROFILES = {
     "10-cpu.yaml": "display_name: CPU\nslug: cpu\nenvironment: envs/py.yml\ncpu_limit: 0.1\nmem_limit: 256M\n",
     "20-gpu.yaml": ('display_name: One GPU\nslug: gpu\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*A100*"\n'
                     'cuda: "12.4"\ncpu_limit: 0.1\nmem_limit: 256M\n'),
+    "25-two.yaml": "display_name: Two GPUs\nslug: two\nenvironment: envs/py.yml\ngpus: 2\ncpu_limit: 0.1\n",
     "30-three.yaml": "display_name: Three GPUs\nslug: three\nenvironment: envs/py.yml\ngpus: 3\n",
     "40-h100.yaml": 'display_name: H100\nslug: h100\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*H100*"\n',
     "50-huge.yaml": "display_name: Huge\nslug: huge\nenvironment: envs/py.yml\ncpu_limit: 64\n",
@@ -393,3 +394,16 @@ async def test_a_cpu_server_runs_on_any_node_without_gpus(swarm_bench, servers):
     spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
     assert "GenericResources" not in spec["Resources"]["Reservations"]
     assert not spec.get("Placement", {}).get("Constraints")
+
+
+async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(swarm_bench, servers):
+    spawner = servers.make("pair")
+
+    await servers.start(spawner, profile="two")
+
+    task = task_of(swarm_bench, spawner)
+    gpus = [item["NamedResourceSpec"]["Value"] for item in task["GenericResources"]]
+    node = swarm_bench.node_for_id(task["NodeID"])
+    assert len(gpus) == 2 and set(gpus) == set(node.gpus)
+    assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
+    assert sorted(spawner.get_state()["condaspawner"]["gpus"]) == sorted(gpus)
