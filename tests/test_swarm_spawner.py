@@ -407,3 +407,18 @@ async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(sw
     assert len(gpus) == 2 and set(gpus) == set(node.gpus)
     assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
     assert sorted(spawner.get_state()["condaspawner"]["gpus"]) == sorted(gpus)
+
+
+async def test_a_build_host_that_is_down_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config, tmp_path):
+    config = copy.deepcopy(swarm_config)
+    config.ImageBuilder.docker_host = f"unix://{tmp_path}/build-host-is-down.sock"
+    spawner = servers.make("nobuild", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner)
+
+    print(failure.value.message, "|", failure.value.log_message)
+    assert (failure.value.status_code, failure.value.reason) == (503, "docker-unreachable")
+    assert failure.value.message == "The Docker daemon cannot be reached: try again in a minute, or tell the hub admin"
+    assert "build-host-is-down.sock" in failure.value.log_message  # the admin learns which daemon
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
