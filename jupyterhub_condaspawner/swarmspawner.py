@@ -27,6 +27,7 @@ from traitlets import Float, Unicode, default
 from . import swarm
 from .builder import LABEL_KEY, BuildError, ImageInfo
 from .failures import StartFailure, explain
+from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .profiles import Profile
 from .spawner import CondaSpawner, _evaluated
@@ -254,10 +255,17 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     async def start_object(self) -> None:
         """Wait until the task runs, saying where it stands; fail in one line if it cannot."""
-        said = ""
+        said, service_id = "", self.object_id
         while True:
-            state = await self._read_swarm(self.object_id)
-            task = state.task_for(self.object_id)
+            try:
+                state = await self._read_swarm(service_id)
+            except docker.errors.NotFound:
+                if self.object_id:
+                    raise
+            if not self.object_id:  # stop() removed the service: the user gave up waiting
+                message = "The start was cancelled while it waited for a GPU or a node"
+                raise QueueCancelled(message, message)
+            task = state.task_for(service_id)
             if task is not None and task.state == "running":
                 node = state.node(task.node_id)
                 self._assigned, self._node = task.gpus, node.hostname if node else task.node_id

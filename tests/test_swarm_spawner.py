@@ -422,3 +422,23 @@ async def test_a_build_host_that_is_down_fails_the_spawn_in_one_line(swarm_bench
     assert failure.value.message == "The Docker daemon cannot be reached: try again in a minute, or tell the hub admin"
     assert "build-host-is-down.sock" in failure.value.log_message  # the admin learns which daemon
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench, servers):
+    holders = [servers.make(f"busy{number}") for number in range(4)]
+    await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+    waiting = servers.make("impatient")
+    start = asyncio.ensure_future(servers.start(waiting))
+
+    async def until_waiting() -> None:
+        async for event in waiting.progress():
+            if event["message"].startswith("Waiting for a GPU on any node"):
+                return
+
+    await asyncio.wait_for(until_waiting(), 120)
+    await waiting.stop()  # the user stops the pending server
+    with pytest.raises(StartFailure) as failure:
+        await asyncio.wait_for(start, 60)
+
+    assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
