@@ -94,6 +94,8 @@ class TaskInfo:
     gpus_requested: int
     gpus: tuple[str, ...]  # assigned by Swarm; empty while pending
     created: str
+    nano_cpus: int = 0  # reserved
+    memory: int = 0  # reserved, bytes
 
     @property
     def live(self) -> bool:
@@ -131,6 +133,26 @@ class SwarmState:
         """GPUs the user's live servers reserve (pending ones included: they get them when placed)."""
         return sum(task.gpus_requested for task in self.tasks
                    if task.live and task.user == user and task.server_name != except_server)
+
+    def free_on(self, node: NodeInfo) -> tuple[int, int, int]:
+        """(GPUs, nano-CPUs, memory bytes) of ``node`` that no live conda-swarm task reserves.
+
+        Other services' reservations are not counted: only Swarm knows the whole picture.
+        """
+        placed = [task for task in self.tasks if task.live and task.node_id == node.id]
+        held = {gpu for task in placed for gpu in task.gpus}
+        return (len([gpu for gpu in node.gpus if gpu not in held]),
+                node.nano_cpus - sum(task.nano_cpus for task in placed),
+                node.memory - sum(task.memory for task in placed))
+
+    def waiting_for(self, request: ServiceRequest) -> str:
+        """What a pending request lacks: "a GPU" when no up node has enough free GPUs of its kind,
+        else "CPU or memory" (a node has the GPUs, but not the CPU or memory reserved beside them)."""
+        if not request.gpus:
+            return "CPU or memory"
+        with_gpus = [node for node in self.nodes if node.schedulable and request.model_matches(node)
+                     and self.free_on(node)[0] >= request.gpus]
+        return "CPU or memory" if with_gpus else "a GPU"
 
     def task_for(self, service_id: str) -> TaskInfo | None:
         """The newest task of a service, or None."""
@@ -206,6 +228,8 @@ def task_info(task: Mapping[str, Any], resource: str = GPU_RESOURCE) -> TaskInfo
         gpus_requested=requested_count(reservations.get("GenericResources"), resource),
         gpus=tuple(named_resources(task.get("GenericResources"), resource)),
         created=str(task.get("CreatedAt", "")),
+        nano_cpus=int(reservations.get("NanoCPUs") or 0),
+        memory=int(reservations.get("MemoryBytes") or 0),
     )
 
 

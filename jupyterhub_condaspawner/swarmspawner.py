@@ -117,16 +117,20 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
 
     def service_request(self, profile: Profile) -> ServiceRequest:
-        """The profile's GPUs, model and limits; reservations are the admin's guarantees, else the limits."""
-        cpu = profile.cpu_limit or self._configured_limits[0]
-        mem = profile.mem_limit or self._configured_limits[1]
+        """The profile's GPUs, model, limits and reservations.
+
+        Limits: the profile's, else the admin's defaults (cpu_limit, mem_limit). Reservations:
+        the admin's guarantees (cpu_guarantee, mem_guarantee), else what the profile itself
+        limits: a profile that says 8 CPUs gets 8 CPUs; the admin's default limits stay caps.
+        """
+        configured_cpu, configured_mem = self._configured_limits
         return ServiceRequest(
             gpus=profile.gpus,
             gpu_model=profile.gpu_model if profile.gpus else None,
-            cpu_limit=cpu,
-            mem_limit=mem,
-            cpu_reservation=self.cpu_guarantee or cpu,
-            mem_reservation=self.mem_guarantee or mem,
+            cpu_limit=profile.cpu_limit or configured_cpu,
+            mem_limit=profile.mem_limit or configured_mem,
+            cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
+            mem_reservation=self.mem_guarantee or profile.mem_limit,
             profile=profile.slug,
         )
 
@@ -290,10 +294,13 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
         if task is None or task.state in ("new", "allocated", "pending"):
-            reason = task.reason if task else ""
-            if self._request.gpus and ("insufficient resources" in reason or not reason):
+            reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
+            if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
                 return (f"Waiting for a GPU on any node: {state.held_gpus()} of {state.total_gpus} GPUs are held; "
                         "your server starts when one is free")
+            if "insufficient resources" in reason:
+                return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
+                        "node has less free; your server starts when a server there stops")
             return f"Waiting for a node that fits: {reason}" if reason else "Waiting for Docker Swarm to place it"
         node = state.node(task.node_id)
         where = node.hostname if node else task.node_id
@@ -304,11 +311,12 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     def _timed_out(self, state: SwarmState, task: swarm.TaskInfo | None) -> GpuUnavailable:
         waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
         reason = task.reason if task else "no task"
-        if self._request.gpus:
+        if self._request.gpus and state.waiting_for(self._request) == "a GPU":
             user = (f"No GPU is free on this hub: {state.total_gpus - state.held_gpus()} of {state.total_gpus} "
                     f"({self._request.describe(True)}; no node had one free within {waited}: try again later)")
         else:
-            user = f"No node could take your server within {waited}: try again later"
+            user = (f"No node had the CPU or memory free for your server within {waited} "
+                    f"({self._request.describe()}): try again later")
         return GpuUnavailable(f"{self._request.describe()}: not placed within start_timeout ({reason})", user)
 
     async def _remove_quietly(self) -> None:

@@ -51,31 +51,42 @@ def swarm_hub_settings(swarm_bench: SwarmBench, swarm_base: str):
         service.remove()
 
 
-async def test_gpu_servers_on_two_workers_run_kernels_through_the_proxy(hub, swarm_bench):
-    users = ["swarm-ada", "swarm-bob"]
+async def test_four_gpu_servers_run_kernels_through_the_proxy_and_a_fifth_waits_its_turn(hub, swarm_bench):
+    users = [f"swarm-{name}" for name in ("ada", "bob", "cy", "dee")]
     spawns = [Spawn(hub, user, {"profile": "gpu-demo"}) for user in users]
+    fifth = None
     try:
-        finals = [spawn.wait() for spawn in spawns]
-        for spawn, final in zip(spawns, finals):
-            assert final.get("ready"), spawn.messages
+        for spawn in spawns:
+            assert spawn.wait().get("ready"), spawn.messages
         print("\n".join(spawns[0].messages))
         states = [hub.server_model(user)["state"]["condaspawner"] for user in users]
-        outputs = [await hub.execute(user, "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'], "
-                                                       "os.uname().nodename, os.environ['CONDASPAWNER_ENV'])")
-                   for user in users]
+        code = "import os; print(os.environ['CONDASPAWNER_GPUS'], os.uname().nodename, os.environ['CONDASPAWNER_ENV'])"
+        outputs = [await hub.execute(user, "gpu-demo", code) for user in users]
+
+        fifth = Spawn(hub, "swarm-eve", {"profile": "gpu-demo"})
+        fifth.wait_for("Waiting for a GPU on any node")
+        assert hub.server_model("swarm-eve")["pending"] == "spawn"
+        hub.stop_server(users[0])
+        assert fifth.wait().get("ready"), fifth.messages
+        fifth_state = hub.server_model("swarm-eve")["state"]["condaspawner"]
+        fifth_output = await hub.execute("swarm-eve", "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
     finally:
-        for user in users:
+        for user in [*users, "swarm-eve"]:
             hub.stop_server(user)
 
     print(outputs)
-    gpus = [state["gpus"] for state in states]
-    assert all(len(held) == 1 for held in gpus) and gpus[0] != gpus[1], gpus
+    gpus = [state["gpus"][0] for state in states]
+    assert len(set(gpus)) == 4 and all(len(state["gpus"]) == 1 for state in states), states
+    assert sorted(state["node"] for state in states) == ["worker1", "worker1", "worker2", "worker2"]
     for state, output, spawn in zip(states, outputs, spawns):
         node = state["node"]
-        assert node in {"worker1", "worker2"} and state["gpus"][0] in swarm_bench.nodes[node].gpus
+        assert state["gpus"][0] in swarm_bench.nodes[node].gpus
         # The kernel runs on that node, in the profile's environment, and sees its GPU.
         assert output.split() == [state["gpus"][0], node, "/opt/conda/envs/gpu-demo"]
         assert f"Running on node {node} with GPU {state['gpus'][0]}" in spawn.messages
+    # The fifth got the GPU the first gave back.
+    assert (fifth_state["node"], fifth_state["gpus"]) == (states[0]["node"], states[0]["gpus"])
+    assert fifth_output.strip() == states[0]["gpus"][0]
     assert not swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
 
 

@@ -180,3 +180,13 @@ def test_the_conda_swarm_entry_point_is_installed():
 
     assert names["conda-swarm"] == "jupyterhub_condaspawner.swarmspawner:CondaSwarmSpawner"
     assert names["conda"] == "jupyterhub_condaspawner.spawner:CondaSpawner"
+
+
+def test_a_pending_request_knows_whether_it_lacks_a_gpu_or_the_cpu_beside_one():
+    state = cluster()
+    a100 = ServiceRequest(gpus=1, gpu_model="*A100*")
+
+    assert state.waiting_for(a100) == "CPU or memory"  # a1 has GPU-a1-1 free (bob's task was rejected)
+    assert state.free_on(state.nodes[1])[0] == 1
+    assert state.waiting_for(ServiceRequest(gpus=2, gpu_model="*A100*")) == "a GPU"
+    assert state.waiting_for(ServiceRequest(gpus=4, gpu_model="*H100*")) == "a GPU"  # h1 is down

@@ -39,6 +39,8 @@ PROFILES = {
     "20-gpu.yaml": ('display_name: One GPU\nslug: gpu\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*A100*"\n'
                     'cuda: "12.4"\ncpu_limit: 0.1\nmem_limit: 256M\n'),
     "25-two.yaml": "display_name: Two GPUs\nslug: two\nenvironment: envs/py.yml\ngpus: 2\ncpu_limit: 0.1\n",
+    "26-heavy.yaml": ("display_name: Heavy\nslug: heavy\nenvironment: envs/py.yml\ngpus: 1\ncpu_limit: 1.5\n"
+                      "mem_limit: 256M\n"),
     "30-three.yaml": "display_name: Three GPUs\nslug: three\nenvironment: envs/py.yml\ngpus: 3\n",
     "40-h100.yaml": 'display_name: H100\nslug: h100\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*H100*"\n',
     "50-huge.yaml": "display_name: Huge\nslug: huge\nenvironment: envs/py.yml\ncpu_limit: 64\n",
@@ -442,3 +444,39 @@ async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench
 
     assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
     assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
+
+
+async def test_a_request_that_lacks_cpu_beside_a_free_gpu_says_so_while_it_waits(swarm_bench, servers):
+    # 'heavy' reserves 1.5 of a worker's 2 CPUs: one per worker, though each has two GPUs.
+    first, second = servers.make("heavy1"), servers.make("heavy2")
+    await asyncio.gather(servers.start(first, "heavy"), servers.start(second, "heavy"))
+    assert {assigned(swarm_bench, spawner)[0] for spawner in (first, second)} == {"worker1", "worker2"}
+    third = servers.make("heavy3")
+    start = asyncio.ensure_future(servers.start(third, "heavy"))
+
+    async def until_waiting() -> str:
+        async for event in third.progress():
+            if event["message"].startswith("Waiting for CPU"):
+                return event["message"]
+        return ""
+
+    message = await asyncio.wait_for(until_waiting(), 120)
+    assert message == ("Waiting for CPU or memory on a node that fits: 'heavy' needs 1 GPU, 1.5 CPUs, 0.25 GiB of "
+                       "memory, and every such node has less free; your server starts when a server there stops")
+    freed_node = assigned(swarm_bench, first)[0]
+    await first.stop()
+    await asyncio.wait_for(start, 120)
+    assert assigned(swarm_bench, third)[0] == freed_node
+
+
+def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(swarm_config, servers):
+    config = copy.deepcopy(swarm_config)
+    config.DockerSpawner.cpu_limit = 2
+    config.DockerSpawner.mem_limit = "4G"
+    spawner = servers.make("limits", config=config)
+    catalog = spawner.services.catalog
+
+    three, two = spawner.service_request(catalog.get("three")), spawner.service_request(catalog.get("two"))
+
+    assert (three.cpu_limit, three.mem_limit, three.cpu_reservation, three.mem_reservation) == (2, 4 * 2**30, None, None)
+    assert (two.cpu_limit, two.mem_limit, two.cpu_reservation, two.mem_reservation) == (0.1, 4 * 2**30, 0.1, None)
