@@ -82,9 +82,15 @@ c.CondaSpawner.pids_limit = 4096
 c.CondaSpawner.allow_swap = False
 
 # -- Idle servers give their GPUs back -------------------------------------------------------
+# GPU servers: stopped after 30 minutes with every GPU at or below 5 % utilization, however
+# active the browser is (built in; a profile's gpu_idle_timeout wins, 0 = never).
+c.CondaSpawner.gpu_idle_timeout = 30
+c.GpuAllocator.idle_utilization = 5
+c.GpuAllocator.gpu_sample_interval = 30
+# Every server (CPU ones too) after 8 hours without browser activity: the generic culler.
 # pip install jupyterhub-idle-culler
 c.JupyterHub.services = [
-    {"name": "idle-culler", "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=3600"]},
+    {"name": "idle-culler", "command": [sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=28800"]},
 ]
 c.JupyterHub.load_roles = [
     {

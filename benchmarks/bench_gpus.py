@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark the GPU allocator: operations per second, and GPU-hours held idle over a day.
+"""Benchmark the GPUs: allocator operations per second, and GPU-hours held idle over a day.
 
-Prints figures next to the goals from issue 5; it asserts nothing. Run it with
+Prints figures next to the goals from issues 5 and 11; it asserts nothing. Run it with
 
     .venv/bin/python benchmarks/bench_gpus.py [--quick] [--seed N]
 
@@ -10,15 +10,25 @@ Prints figures next to the goals from issue 5; it asserts nothing. Run it with
    number of busy GPUs and the refusals (which count as operations) are printed too.
    Goal: >= 10,000 operations per second.
 2. A simulated day (a seeded trace of arrivals, work and compute bursts, breaks and
-   meetings, forgotten servers, overnight jobs), replayed through GpuAllocator with
-   release on stop and an idle culler. GPU-hours held idle (held minus computing) are
-   compared with static per-user assignment (each user owns their GPUs all day).
-   Goal: allocator / static <= 0.7.
+   meetings, forgotten servers and tabs left open, overnight jobs, first builds),
+   replayed on a simulated clock through the product's own GpuAllocator, GpuQueue and
+   GpuIdleCuller, with the fake NVML reporting each held GPU busy exactly while its
+   user computes. Idle GPU-hours (held minus computing) of GPU-aware culling are
+   compared with (a) activity-only culling, the generic jupyterhub-idle-culler's
+   semantics (1 h without browser activity; an open tab counts as activity) and (b)
+   static per-user assignment during office hours (08:00-18:00). The lines below are
+   printed exactly so, for scripts:
+
+       idle GPU-hours ratio gpu-aware/activity-only: X.XX      (goal <= 0.40)
+       idle GPU-hours ratio gpu-aware/static office hours: X.XX
+       GPU-seconds held during builds: N                        (goal 0)
+       queue wait p50/p95 (s): X / Y    (a host with half the GPUs the users ask for)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import heapq
 import itertools
 import random
@@ -31,10 +41,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_nvml import FakeNvml  # the fake lives with the tests
 
+from jupyterhub_condaspawner.culler import Cull, GpuIdleCuller
+from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
 
 OPS_GOAL = 10_000
-IDLE_RATIO_GOAL = 0.7
+IDLE_RATIO_GOAL = 0.40  # gpu-aware / activity-only
 HOUR = 3600.0
 DAY = 24 * HOUR
 MINUTE = 60.0
@@ -98,6 +110,13 @@ def report_throughput(quick: bool, seed: int) -> None:
 
 # -- 2. a simulated day --------------------------------------------------------------------------
 
+GPU_IDLE_TIMEOUT_MIN = 30.0  # the example config's c.CondaSpawner.gpu_idle_timeout
+ACTIVITY_TIMEOUT = HOUR  # jupyterhub-idle-culler --timeout=3600
+ACTIVITY_CULL_EVERY = ACTIVITY_TIMEOUT / 2  # its default --cull-every
+SAMPLE_INTERVAL = 30.0  # GpuAllocator.gpu_sample_interval's default
+QUEUE_TIMEOUT = 600.0  # GpuAllocator.queue_timeout's default
+OFFICE_HOURS = (8 * HOUR, 18 * HOUR)
+
 
 @dataclass
 class UserDay:
@@ -109,6 +128,25 @@ class UserDay:
     compute: list[tuple[float, float]] = field(default_factory=list)
     stops_at_breaks: set[int] = field(default_factory=set)  # indexes of present blocks followed by a stop
     stops_at_end: bool = False
+    tab_left_open: bool = False  # leaves without stopping, the notebook tab open on a desktop
+    build_seconds: float = 0.0  # their own environment's first build, at the day's first spawn
+
+    def computing(self, now: float) -> bool:
+        return any(start <= now < end for start, end in self.compute)
+
+    def browser_activity(self) -> list[tuple[float, float]]:
+        """When the generic culler sees activity: at the keyboard, the tab open through the
+        working day's breaks (unless the server was stopped), kernels computing, and an open
+        tab after leaving until the day ends."""
+        if not self.present:
+            return []
+        spans = list(self.present) + list(self.compute)
+        for index, ((_, end), (next_start, _)) in enumerate(itertools.pairwise(self.present)):
+            if index not in self.stops_at_breaks:
+                spans.append((end, next_start))
+        if self.tab_left_open:
+            spans.append((self.present[-1][1], DAY))
+        return merged(spans)
 
 
 def lognormal_minutes(rng: random.Random, median: float, sigma: float) -> float:
@@ -139,6 +177,9 @@ def generate_day(rng: random.Random, user: str) -> UserDay:
         start = day.present[-1][1]
         day.compute.append((start, min(DAY, start + rng.uniform(3, 10) * HOUR)))
     day.stops_at_end = rng.random() < 0.45
+    day.tab_left_open = not day.stops_at_end and rng.random() < 0.5
+    if rng.random() < 0.15:  # a new environment of their own: the first start builds it
+        day.build_seconds = lognormal_minutes(rng, 4, 0.5)
     return day
 
 
@@ -151,7 +192,7 @@ def compute_bursts(rng: random.Random, start: float, end: float) -> list[tuple[f
             burst_end = end
         bursts.append((now, min(DAY, burst_end)))
         now = burst_end + rng.expovariate(1 / (10 * MINUTE))
-    return bursts
+    return merged(bursts)
 
 
 def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -164,22 +205,8 @@ def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def server_intervals(day: UserDay, cull_after: float) -> list[tuple[float, float]]:
-    """When the user's server runs: from first activity, stopped by the user at some long
-    breaks and (if they do) at the end, otherwise culled ``cull_after`` seconds after the
-    last activity; a user back after a stop or a cull spawns again."""
-    activity = merged(day.present + day.compute)
-    if not activity:
-        return []
-    stops = {day.present[i][1] for i in day.stops_at_breaks}
-    servers, start = [], activity[0][0]
-    for (_, end), (next_start, _) in itertools.pairwise(activity):
-        if end in stops or next_start - end >= cull_after:
-            servers.append((start, end if end in stops else end + cull_after))
-            start = next_start
-    last_end = activity[-1][1]
-    servers.append((start, min(DAY, last_end if day.stops_at_end else last_end + cull_after)))
-    return servers
+def intersection(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(max(a, c), min(b, d)) for a, b in first for c, d in second if max(a, c) < min(b, d)]
 
 
 def overlap(intervals: list[tuple[float, float]], start: float, end: float) -> float:
@@ -187,95 +214,271 @@ def overlap(intervals: list[tuple[float, float]], start: float, end: float) -> f
 
 
 @dataclass
-class Replay:
-    held_gpu_hours: float
-    refused: int
-    peak: int
+class Outcome:
+    """What one replay measured."""
+
+    held: float = 0.0  # GPU-seconds held
+    computing: float = 0.0  # GPU-seconds held while the user computed
+    idle_present: float = 0.0  # GPU-seconds held idle while the user was at the keyboard
+    held_during_builds: float = 0.0  # GPU-seconds a server held while its image built
+    waits: list[float] = field(default_factory=list)  # seconds each queued spawn waited for its GPUs
+    spawns: int = 0
+    gave_up: int = 0  # spawns that waited QUEUE_TIMEOUT and were refused
+    culls: int = 0
+
+    @property
+    def idle_hours(self) -> float:
+        return (self.held - self.computing) / HOUR
 
 
-def replay(days: list[UserDay], host_gpus: int, cull_after: float) -> Replay:
-    """Spawn and stop every server through a real GpuAllocator in time order."""
-    clock = [0.0]
-    allocator = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(host_gpus)), clock=lambda: clock[0],
-                             rescan_interval=DAY)
-    events: list[tuple[float, int, int, str, UserDay]] = []
-    for number, day in enumerate(days):
-        for start, end in server_intervals(day, cull_after):
-            events += [(start, 1, number, "spawn", day), (end, 0, number, "stop", day)]  # stops first at ties
-    heapq.heapify(events)
-    held, refused, peak, busy, since = 0.0, 0, 0, 0, {}
-    while events:
-        clock[0], _, _, kind, day = heapq.heappop(events)
-        if kind == "spawn":
-            try:
-                allocator.allocate(day.user, "", day.gpus)
-            except GpuUnavailable:
-                refused += 1
+@dataclass
+class _Server:
+    state: str = "stopped"  # stopped, building, queued, running
+    held: tuple[str, ...] = ()
+    held_since: float = 0.0
+    build: tuple[float, float] | None = None
+    task: asyncio.Task | None = None
+    built: bool = False
+
+
+class DayReplay:
+    """One day on one host, through the product's allocator, queue and (GPU-aware) culler.
+
+    The clock is simulated: events (arrivals, compute bursts, stops, builds finishing,
+    the hub's GPU samples, the generic culler's rounds) run in time order, and after
+    each one the event loop runs until the queue has handed out what was freed.
+    """
+
+    def __init__(self, days: list[UserDay], host_gpus: int, policy: str, gpu_idle_minutes: float = GPU_IDLE_TIMEOUT_MIN):
+        self.days = {day.user: day for day in days}
+        self.policy = policy  # "gpu-aware" or "activity-only"
+        self.gpu_idle_minutes = gpu_idle_minutes
+        self.now = 0.0
+        self.nvml = FakeNvml.with_gpus(host_gpus)
+        self.gpus = {gpu.uuid: gpu for gpu in self.nvml.gpus}
+        clock = lambda: self.now  # noqa: E731
+        self.allocator = GpuAllocator(inventory=GpuInventory(nvml=self.nvml), clock=clock, rescan_interval=DAY,
+                                      queue_timeout=10 * DAY, gpu_sample_interval=SAMPLE_INTERVAL)
+        self.queue = GpuQueue(self.allocator, clock=clock)
+        self.culler = GpuIdleCuller(self.allocator, clock=clock)
+        self.servers = {user: _Server() for user in self.days}
+        self.events: list[tuple[float, int, str, str]] = []
+        self.sequence = itertools.count()
+        self.outcome = Outcome()
+
+    def at(self, when: float, kind: str, user: str = "") -> None:
+        if when <= DAY:
+            heapq.heappush(self.events, (when, next(self.sequence), kind, user))
+
+    async def run(self) -> Outcome:
+        for day in self.days.values():
+            for number, (start, end) in enumerate(day.present):
+                self.at(start, "arrive", day.user)
+                if number in day.stops_at_breaks or (number == len(day.present) - 1 and day.stops_at_end):
+                    self.at(end, "user-stop", day.user)
+            for start, _ in day.compute:
+                self.at(start, "compute", day.user)
+        if self.policy == "gpu-aware":
+            for step in range(1, int(DAY / SAMPLE_INTERVAL) + 1):
+                self.at(step * SAMPLE_INTERVAL, "sample")
+        else:
+            for step in range(1, int(DAY / ACTIVITY_CULL_EVERY) + 1):
+                self.at(step * ACTIVITY_CULL_EVERY, "activity-cull")
+        while self.events:
+            self.now, _, kind, user = heapq.heappop(self.events)
+            await getattr(self, "_" + kind.replace("-", "_"))(user)
+            await self._settle()
+        self.now = DAY
+        for user in self.servers:
+            self._released(user)
+        return self.outcome
+
+    # -- the users -------------------------------------------------------------------------
+
+    async def _arrive(self, user: str) -> None:
+        self._spawn(user)
+
+    async def _compute(self, user: str) -> None:
+        self._spawn(user)  # running a cell on a stopped server: they start it again
+
+    async def _user_stop(self, user: str) -> None:
+        await self._stop(user)
+
+    def _spawn(self, user: str) -> None:
+        server = self.servers[user]
+        if server.state != "stopped":
+            return
+        day = self.days[user]
+        self.outcome.spawns += 1
+        self.allocator.check_feasible(user, "", day.gpus)  # the spawner's check at submit: holds nothing
+        if day.build_seconds and not server.built:
+            server.state, server.build = "building", (self.now, self.now + day.build_seconds)
+            self.at(self.now + day.build_seconds, "built", user)
+        else:
+            self._join_queue(user)
+
+    async def _built(self, user: str) -> None:
+        server = self.servers[user]
+        server.built = True
+        if server.state == "building":
+            self._join_queue(user)
+
+    def _join_queue(self, user: str) -> None:
+        server = self.servers[user]
+        server.state = "queued"
+        joined = self.now
+        server.task = asyncio.ensure_future(self.queue.allocate(user, "", self.days[user].gpus))
+        server.task.add_done_callback(lambda task: self._granted(user, task, joined))
+        self.at(self.now + QUEUE_TIMEOUT, "queue-deadline", user)
+
+    def _granted(self, user: str, task: asyncio.Task, joined: float) -> None:
+        server = self.servers[user]
+        if task.cancelled() or task.exception() is not None or server.state != "queued":
+            return
+        allocation = task.result()
+        server.state, server.held, server.held_since = "running", allocation.uuids, self.now
+        self.outcome.waits.append(self.now - joined)
+        if server.build:
+            self.outcome.held_during_builds += len(allocation.uuids) * overlap(
+                [server.build], allocation.since, DAY)
+        if self.policy == "gpu-aware":
+            self.culler.watch(user, "", timeout_minutes=self.gpu_idle_minutes, profile="GPU", stop=self._culled)
+
+    async def _queue_deadline(self, user: str) -> None:
+        server = self.servers[user]
+        if server.state == "queued" and server.task is not None and not server.task.done():
+            server.task.cancel()  # GpuAllocator.queue_timeout: "No GPU is free"; they try again later
+            server.state = "stopped"
+            self.outcome.gave_up += 1
+
+    async def _stop(self, user: str) -> None:
+        server = self.servers[user]
+        if server.state == "queued" and server.task is not None:
+            server.task.cancel()
+        self._released(user)
+        server.state = "stopped"
+
+    def _released(self, user: str) -> None:
+        server = self.servers[user]
+        if server.state == "running":
+            held_for = self.now - server.held_since
+            day = self.days[user]
+            computing = overlap(day.compute, server.held_since, self.now)
+            self.outcome.held += len(server.held) * held_for
+            self.outcome.computing += len(server.held) * computing
+            present = overlap(day.present, server.held_since, self.now)
+            computing_present = overlap(intersection(day.compute, day.present), server.held_since, self.now)
+            self.outcome.idle_present += len(server.held) * (present - computing_present)
+        self.culler.forget(user, "")
+        self.allocator.release(user, "")
+        server.held = ()
+
+    # -- the hub ---------------------------------------------------------------------------
+
+    async def _sample(self, _: str) -> None:
+        holders = {uuid: user for user, server in self.servers.items() for uuid in server.held}
+        for uuid, gpu in self.gpus.items():
+            user = holders.get(uuid)
+            gpu.utilization_gpu = 95 if user and self.days[user].computing(self.now) else 0
+        scan = self.allocator.sample()
+        for cull, stop in self.culler.observe(self.allocator.gpu_states(scan)):
+            await stop(cull)
+
+    async def _culled(self, cull: Cull) -> None:
+        self.outcome.culls += 1
+        await self._stop(cull.user)
+
+    async def _activity_cull(self, _: str) -> None:
+        """jupyterhub-idle-culler: stop servers with no browser activity for ACTIVITY_TIMEOUT."""
+        for user, server in self.servers.items():
+            if server.state != "running":
                 continue
-            since[day.user] = clock[0]
-            busy += day.gpus
-            peak = max(peak, busy)
-        elif allocator.release(day.user, "") is not None:
-            held += day.gpus * (clock[0] - since.pop(day.user)) / HOUR
-            busy -= day.gpus
-    return Replay(held, refused, peak)
+            seen = [end for start, end in self.days[user].browser_activity() if start <= self.now]
+            last_activity = max([server.held_since, *(min(end, self.now) for end in seen)])
+            if self.now - last_activity >= ACTIVITY_TIMEOUT:
+                self.outcome.culls += 1
+                await self._stop(user)
+
+    async def _settle(self) -> None:
+        for _ in range(4):  # a release's dispatch, the grant, the waiter's return, its callback
+            await asyncio.sleep(0)
 
 
-def simulate_day(seed: int, users: int, cull_after: float) -> dict[str, float]:
+def static_office_hours(days: list[UserDay]) -> Outcome:
+    """Every user owns their GPUs 08:00-18:00, whether they compute or not."""
+    start, end = OFFICE_HOURS
+    held = sum(day.gpus * (end - start) for day in days)
+    computing = sum(day.gpus * overlap(day.compute, start, end) for day in days)
+    idle_present = sum(day.gpus * (overlap(day.present, start, end)
+                                   - overlap(intersection(day.compute, day.present), start, end)) for day in days)
+    return Outcome(held=held, computing=computing, idle_present=idle_present)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def seeded_days(seed: int, users: int) -> list[UserDay]:
     rng = random.Random(seed)
-    days = [generate_day(rng, f"user{i}") for i in range(users)]
-    static_gpus = sum(day.gpus for day in days)
-    computing = sum(day.gpus * overlap(merged(day.compute), 0, DAY) for day in days) / HOUR
-    computing_in_office_hours = sum(day.gpus * overlap(merged(day.compute), 8 * HOUR, 18 * HOUR)
-                                    for day in days) / HOUR
-    static_held = static_gpus * DAY / HOUR
-    alloc = replay(days, static_gpus, cull_after)
-    small_host = replay(days, static_gpus // 2, cull_after)
+    return [generate_day(rng, f"user{i}") for i in range(users)]
+
+
+def simulate_day(seed: int, users: int) -> dict[str, Outcome | int]:
+    days = seeded_days(seed, users)
+    asked = sum(day.gpus for day in days)
     return {
-        "static_gpus": static_gpus, "computing": computing, "static_idle": static_held - computing,
-        "office_hours_idle": static_gpus * 10 - computing_in_office_hours,
-        "alloc_held": alloc.held_gpu_hours, "alloc_idle": alloc.held_gpu_hours - computing,
-        "alloc_refused": alloc.refused, "peak": alloc.peak, "small_refused": small_host.refused,
-        "spawns": sum(len(server_intervals(day, cull_after)) for day in days),
+        "asked": asked,
+        "gpu-aware": asyncio.run(DayReplay(days, asked, "gpu-aware").run()),
+        "activity-only": asyncio.run(DayReplay(days, asked, "activity-only").run()),
+        "static": static_office_hours(days),
+        "half-host": asyncio.run(DayReplay(days, asked // 2, "gpu-aware").run()),
     }
 
 
-def idle_ratio(day: dict[str, float]) -> float:
-    return day["alloc_idle"] / day["static_idle"]
-
-
-def report_day(quick: bool, seed: int, users: int, cull_after: float) -> None:
-    print(f"\nSimulated day: {users} users, idle culler after {cull_after / MINUTE:.0f} min, seed {seed}")
-    first = simulate_day(seed, users, cull_after)
-    ratio = idle_ratio(first)
-    print(f"  static per-user assignment: {first['static_gpus']} GPUs held 24 h = "
-          f"{first['static_gpus'] * 24:,.0f} GPU-h, of which idle {first['static_idle']:,.1f} GPU-h")
-    print(f"  allocator (release on stop, culling): held {first['alloc_held']:,.1f} GPU-h, idle "
-          f"{first['alloc_idle']:,.1f} GPU-h; {first['spawns']} spawns, {first['alloc_refused']} refused, "
-          f"peak {first['peak']} GPUs at once")
-    print(f"  GPUs computing: {first['computing']:,.1f} GPU-h (the same in both)")
-    print(f"  the same day on a host with half the GPUs ({first['static_gpus'] // 2}): "
-          f"{first['small_refused']} of {first['spawns']} spawns refused")
-    verdict = "meets" if ratio <= IDLE_RATIO_GOAL else "MISSES"
-    print(f"  GPU-hours held idle, allocator / static: {ratio:.3f}  goal <= {IDLE_RATIO_GOAL}: {verdict}")
-    seeds = range(seed + 1, seed + (4 if quick else 10))
-    ratios = [idle_ratio(simulate_day(other, users, cull_after)) for other in seeds]
-    print(f"  other seeds ({len(ratios)}): ratio median {statistics.median(ratios):.3f}, "
-          f"range {min(ratios):.3f}-{max(ratios):.3f}")
-    office = first["office_hours_idle"]
-    print(f"  for scale, a static assignment held only 08:00-18:00 would idle {office:,.1f} GPU-h "
-          f"(ratio {first['alloc_idle'] / office:.3f}; it would also cut off early, late and overnight work)")
+def report_day(quick: bool, seed: int, users: int) -> None:
+    print(f"\nSimulated day: {users} users, seed {seed}; GPU-aware culling after {GPU_IDLE_TIMEOUT_MIN:.0f} min "
+          f"idle GPU, activity-only after {ACTIVITY_TIMEOUT / MINUTE:.0f} min without browser activity")
+    runs = [simulate_day(seed + number, users) for number in range(1 if quick else 5)]
+    first = runs[0]
+    aware, activity, static, half = (first[k] for k in ("gpu-aware", "activity-only", "static", "half-host"))
+    assert isinstance(aware, Outcome) and isinstance(activity, Outcome)
+    assert isinstance(static, Outcome) and isinstance(half, Outcome)
+    for name, outcome in (("gpu-aware", aware), ("activity-only", activity), ("static office hours", static)):
+        print(f"  {name:20}: held {outcome.held / HOUR:7.1f} GPU-h, computing {outcome.computing / HOUR:6.1f}, "
+              f"idle {outcome.idle_hours:7.1f} GPU-h (at the keyboard {outcome.idle_present / HOUR:5.1f}); "
+              f"{outcome.spawns} spawns, {outcome.culls} culled")
+    print(f"  host with half the GPUs asked for ({first['asked']} asked, {int(first['asked']) // 2} on the host): "
+          f"{len(half.waits)} grants, {half.gave_up} spawns gave up after {QUEUE_TIMEOUT:.0f} s in the queue")
+    print(f"idle GPU-hours ratio gpu-aware/activity-only: {aware.idle_hours / activity.idle_hours:.2f}")
+    print(f"idle GPU-hours ratio gpu-aware/static office hours: {aware.idle_hours / static.idle_hours:.2f}")
+    print(f"GPU-seconds held during builds: {sum(run['gpu-aware'].held_during_builds for run in runs):.0f}")
+    print(f"queue wait p50/p95 (s): {percentile(half.waits, 0.5):.0f} / {percentile(half.waits, 0.95):.0f}")
+    if quick:
+        return
+    days = seeded_days(seed, users)
+    asked = sum(day.gpus for day in days)
+    sweep = []
+    for minutes in (10, 15, 60):
+        other = asyncio.run(DayReplay(days, asked, "gpu-aware", gpu_idle_minutes=minutes).run())
+        sweep.append(f"{minutes:.0f} min {other.idle_hours / activity.idle_hours:.2f} ({other.culls} culled)")
+    print("  for scale, other gpu_idle_timeout values, idle ratio to activity-only: " + ", ".join(sweep))
+    if len(runs) > 1:
+        ratios = [run["gpu-aware"].idle_hours / run["activity-only"].idle_hours for run in runs]
+        print(f"  over {len(runs)} seeds: gpu-aware/activity-only median {statistics.median(ratios):.2f}, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f} (goal <= {IDLE_RATIO_GOAL:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer operations and seeds (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer operations and one seed (under 40 s)")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--users", type=int, default=40)
-    parser.add_argument("--cull-minutes", type=float, default=60, help="idle culler timeout (default 60)")
     arguments = parser.parse_args()
     report_throughput(arguments.quick, arguments.seed)
-    report_day(arguments.quick, arguments.seed, arguments.users, arguments.cull_minutes * MINUTE)
+    report_day(arguments.quick, arguments.seed, arguments.users)
 
 
 if __name__ == "__main__":

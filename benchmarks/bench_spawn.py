@@ -3,7 +3,7 @@
 
 Prints figures next to the goals from the issue; it asserts nothing. Run it with
 
-    .venv/bin/python benchmarks/bench_spawn.py [--spawns N] [--users N] [--envs N] [--keep-logs DIR]
+    .venv/bin/python benchmarks/bench_spawn.py [--spawns N] [--users N] [--envs N] [--pollers N] [--keep-logs DIR]
 
 It sets the bench up with ``condaspawner_bench.bench.ensure_bench()`` (Docker
 daemon, local conda channel, offline base image, configurable-http-proxy; all cached)
@@ -19,10 +19,12 @@ and runs real JupyterHub processes from ``demo/jupyterhub_config.py`` through th
    "start" event), the server booting (-> its first activity report in the hub
    log) and the hub noticing it (JupyterHub's randomised polling -> ready).
 2. P7, a storm: ``--users`` users spawn at once, spread over ``--envs`` new custom
-   environments (profile ``python39`` plus an environment.yml made unique by a
-   variable): how many get ready, how many builds run (from the hub log), the wall
-   time, and the hub API's latency seen by a poller during the storm against the
-   same poller on the idle hub just before. ``--users 0`` skips it.
+   environments (profile ``python39`` plus an environment.yml with different packages
+   of the dev channel, and a variable making each key new): how many get ready, how
+   many builds run (from the hub log) and how many reused layers Docker already had
+   (from the build logs), the wall time, and the hub API's latency seen by
+   ``--pollers`` concurrent pollers during the storm against the same pollers on the
+   idle hub just before. ``--users 0`` skips it.
 
 At the end every server is stopped, the hubs are stopped, and this run's containers,
 home volumes, images and state are removed; the daemon, channel, base image and
@@ -136,9 +138,14 @@ def ms_figures(seconds: list[float]) -> str:
     return f"p50 {percentile(ms, 50):.1f} ms, p95 {percentile(ms, 95):.1f} ms, max {max(ms):.1f} ms"
 
 
-def env_text(label: str) -> str:
+# The storm's environments differ in their packages (the dev channel's), not only in a variable.
+STORM_PACKAGES = ((), ("cs-alpha=1.0",), ("cs-beta",), ("cs-gamma",), ("cs-alpha=2.0",), ("cs-alpha=1.1", "pip"))
+
+
+def env_text(label: str, packages: tuple[str, ...] = ()) -> str:
     """A custom environment.yml as a user posts it, a new key thanks to its variable."""
-    return (f"name: {label}\nchannels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\n"
+    dependencies = ", ".join(("python=3.9", "ipykernel", *packages))
+    return (f"name: {label}\nchannels: [conda-forge]\ndependencies: [{dependencies}]\n"
             f"variables: {{BENCH_ID: {label}-{uuid.uuid4().hex}}}\n")
 
 
@@ -302,6 +309,12 @@ def proxied_request_seconds(hub: BenchHub, user: str) -> tuple[int, float]:
     return status, time.monotonic() - started
 
 
+def container_cpu_seconds(bench: Bench, name: str) -> float:
+    """CPU time a container has used so far (all its processes), from docker's stats."""
+    stats = bench.daemon.client().containers.get(name).stats(stream=False)
+    return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+
+
 def stop(hub: BenchHub, user: str) -> float:
     started = time.monotonic()
     hub.stop_server(user)
@@ -343,6 +356,7 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
         runs: dict[str, list[Spawn]] = {"conda": [], "docker": []}
         proxied: dict[str, list[float]] = {"conda": [], "docker": []}
         stops: dict[str, list[float]] = {"conda": [], "docker": []}
+        boot_cpu: list[float] = []  # CPU-seconds each CondaSpawner server had used once ready
         failures: list[str] = []
         sides = {"conda": (hub, conda_user, {"profile": PROFILE}), "docker": (baseline, docker_user, {})}
         load_before = os.getloadavg()[0]
@@ -355,6 +369,8 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
                     starts.annotate(result)
                     one_hub.mark_server_up(result)
                     runs[side].append(result)
+                    if side == "conda":
+                        boot_cpu.append(container_cpu_seconds(bench, f"jupyter-{user}"))
                     status, seconds = proxied_request_seconds(one_hub, user)
                     if status == 200:
                         proxied[side].append(seconds)
@@ -396,6 +412,11 @@ def bench_p1(bench: Bench, root: Path, spawns: int, starts: ContainerStarts) -> 
         times = part(since, until)
         print(f"    {label:56} {seconds_range(times['conda'])} vs {seconds_range(times['docker'])}: "
               f"{median_difference(times['conda'], times['docker'])}")
+    boot = part("container", "up")["conda"]
+    print(f"server boot, median (s): {statistics.median(boot):.2f}" if boot else "server boot, median (s): none")
+    print(f"  server CPU-seconds until ready, median: {statistics.median(boot_cpu):.2f} "
+          f"(runs {min(boot_cpu):.2f}-{max(boot_cpu):.2f}; the container's cgroup, from docker stats)"
+          if boot_cpu else "  server CPU-seconds until ready: none")
     up = part(None, "up")
     if up["conda"] and up["docker"]:
         print(f"  POST -> server up, without the hub's polling: ratio of medians "
@@ -452,19 +473,57 @@ class Poller:
         self._thread.join(120)
 
 
-def bench_p7(hub: BenchHub, count: int, env_count: int, timeout: float, starts: ContainerStarts) -> None:
+class Pollers:
+    """Several :class:`Poller` at once, as several browsers' spawn pages poll the hub."""
+
+    def __init__(self, hub: BenchHub, count: int):
+        self.pollers = [Poller(hub) for _ in range(max(1, count))]
+
+    def start(self) -> Pollers:
+        for poller in self.pollers:
+            poller.start()
+        return self
+
+    def stop(self) -> None:
+        for poller in self.pollers:
+            poller.stop()
+
+    @property
+    def latencies(self) -> list[float]:
+        return [latency for poller in self.pollers for latency in poller.latencies]
+
+    @property
+    def errors(self) -> list[str]:
+        return [error for poller in self.pollers for error in poller.errors]
+
+
+def builds_reusing_layers(builds_dir: Path, builds_after: float) -> dict[str, int]:
+    """Build key -> how many layers it found already stored (the layered route's log lines),
+    or steps docker took from its build cache (the Dockerfile route), for builds since then."""
+    reused = {}
+    for log in builds_dir.glob("*/build.log"):
+        if log.stat().st_mtime < builds_after:
+            continue
+        text = log.read_text(errors="replace")
+        reused[log.parent.name] = text.count(", already stored") + text.count("Using cache")
+    return reused
+
+
+def bench_p7(hub: BenchHub, count: int, env_count: int, timeout: float, starts: ContainerStarts,
+             pollers: int = 4) -> None:
     names = [f"u{RUN_ID}x{index:02d}" for index in range(count)]  # [a-z0-9]: no escaping in docker names
     USERS.extend(names)
     hub.create_users(names)
-    envs = [env_text(f"storm{index}") for index in range(env_count)]
+    envs = [env_text(f"storm{index}", STORM_PACKAGES[index % len(STORM_PACKAGES)]) for index in range(env_count)]
     env_of = {name: index % env_count for index, name in enumerate(names)}
 
     say("P7: the API poller on the idle hub for 5 s (baseline)")
-    idle = Poller(hub).start()
+    idle = Pollers(hub, pollers).start()
     time.sleep(5)
     idle.stop()
 
     log_offset = len(hub.log())
+    started_wall = time.time()
     cpu_before = hub.cpu_seconds()
     load_before = os.getloadavg()[0]
     memory_before = memory_available_gib()
@@ -479,7 +538,7 @@ def bench_p7(hub: BenchHub, count: int, env_count: int, timeout: float, starts: 
     for thread in threads:
         thread.start()
     say(f"P7: {count} users x {env_count} new environments spawn at once (timeout {timeout:.0f} s)")
-    poller = Poller(hub).start()
+    poller = Pollers(hub, pollers).start()
     barrier.wait()
     started = time.monotonic()
     deadline = started + timeout + 30
@@ -509,9 +568,13 @@ def bench_p7(hub: BenchHub, count: int, env_count: int, timeout: float, starts: 
     print(f"P7 storm: {count} users x {env_count} new environments at once, {os.cpu_count()} cores: "
           f"{len(ready)}/{count} ready (goal all), {len(builds)} builds in the hub log "
           f"(must be {env_count}), wall {last_ready - started:.1f} s (first POST -> last ready)")
-    print(f"  hub API GET /hub/api/users during the storm: {ms_figures(poller.latencies)} over "
-          f"{len(poller.latencies)} polls, {len(poller.errors)} errors; idle hub just before: "
-          f"{ms_figures(idle.latencies)} over {len(idle.latencies)} polls")
+    print(f"  hub API GET /hub/api/users, {pollers} concurrent pollers, during the storm: "
+          f"{ms_figures(poller.latencies)} over {len(poller.latencies)} polls, {len(poller.errors)} errors; "
+          f"idle hub just before: {ms_figures(idle.latencies)} over {len(idle.latencies)} polls")
+    reused = builds_reusing_layers(hub.state / "builder" / "builds", builds_after=started_wall)
+    print(f"  builds that reused layers: {sum(1 for count in reused.values() if count)} of {len(reused)} "
+          f"({', '.join(f'{key[:12]}: {count}' for key, count in sorted(reused.items())) or 'none'}; "
+          f"layers Docker already had, from each build's log)")
     print(f"  hub process CPU during the storm: {cpu_storm:.1f} s over {finished - started:.1f} s wall; load average "
           f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} at the end; host memory available "
           f"{memory_before:.1f} GiB before, {memory_after:.1f} GiB with the servers up")
@@ -612,6 +675,7 @@ def main() -> None:
     parser.add_argument("--spawns", type=int, default=10, help="timed P1 spawns per spawner")
     parser.add_argument("--users", type=int, default=20, help="P7: users spawning at once (0: no storm)")
     parser.add_argument("--envs", type=int, default=4, help="P7: distinct new environments among them")
+    parser.add_argument("--pollers", type=int, default=4, help="P7: concurrent hub API pollers")
     parser.add_argument("--storm-timeout", type=float, default=420, help="P7: seconds each spawn may take")
     parser.add_argument("--skip-p1", action="store_true", help="only the storm")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the hub logs here before clean-up")
@@ -628,7 +692,7 @@ def main() -> None:
         else:
             hub, _ = bench_p1(bench, root, arguments.spawns, starts)
         if arguments.users > 0:
-            bench_p7(hub, arguments.users, arguments.envs, arguments.storm_timeout, starts)
+            bench_p7(hub, arguments.users, arguments.envs, arguments.storm_timeout, starts, arguments.pollers)
     finally:
         starts.close()
         clean_up(bench, HUBS, USERS, root, arguments.keep_logs)

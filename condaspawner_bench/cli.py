@@ -1,4 +1,4 @@
-"""The test bench's commands: demo, dev-channel, base (python -m condaspawner_bench).
+"""The test bench's commands: demo, setup, dev-channel, base (python -m condaspawner_bench).
 
 They share the product CLI's conventions (``--config``, one ``error:`` line,
 ``--debug``) by reusing its runner; the product CLI knows nothing of them.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,10 +20,11 @@ from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
-from .bench import BenchError, ensure_bench
+from .bench import BenchError, BenchParts, BenchSetup, ensure_bench, set_up_bench
 from .devchannel import build_dev_channel
 from .dockerd import BenchDaemonError
 from .offlinebase import build_offline_base
+from .realchannel import NO_REAL_SET, REAL_SETS, REAL_SETS_ENV, build_real_channel, real_set_from_env
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "jupyterhub_config.py"
 
@@ -31,9 +33,20 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+def _real_set(args: argparse.Namespace, default: str | None) -> str | None:
+    """``--real-set``, else ``$CONDASPAWNER_BENCH_REAL_SET``, else ``default``; ``none``: no real set."""
+    if args.real_set is not None:  # one of argparse's choices
+        return None if args.real_set == NO_REAL_SET else args.real_set
     try:
-        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None, say=_say)
+        return real_set_from_env(default)
+    except ValueError as error:
+        raise cli.CommandError(f"${REAL_SETS_ENV}: {error}")
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    real_set = _real_set(args, "datascience")
+    try:
+        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None, say=_say, real_set=real_set)
     except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
         raise cli.CommandError(f"cannot set up the demo bench: {error}")
     demo_config = Path(args.hub_config).resolve()
@@ -43,14 +56,48 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         "CONDASPAWNER_BENCH_DIR": str(bench.directory),
         "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
         "CONDASPAWNER_DEMO_PORT": str(args.port),
+        # users' environments come from the dev channel plus the real packages
+        "CONDASPAWNER_DEMO_CHANNEL": (bench.real_channel or bench.channel).url,
     })
     _say(f"demo hub: http://127.0.0.1:{args.port}/ (any user name, no password; "
          "'student' sees the course profile)")
     os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
 
 
+def cmd_setup(args: argparse.Namespace, config: Config) -> int:
+    try:
+        parts = BenchParts.of(args.parts.split(","))
+    except ValueError as error:
+        raise cli.CommandError(str(error))
+    bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else None
+    ready_dir = Path(args.ready_dir) if args.ready_dir else None
+
+    def ready(part: str, setup: BenchSetup) -> None:  # DIR/PART appears whole: the daemon's holds its JSON
+        if ready_dir is not None:
+            ready_dir.mkdir(parents=True, exist_ok=True)
+            partial = ready_dir / f".{part}.partial"
+            partial.write_text(json.dumps(setup.report()["daemon"]) if part == "daemon" else "")
+            partial.replace(ready_dir / part)
+
+    setup = set_up_bench(bench_dir, parts, say=_say, ready=ready, real_set=_real_set(args, None))
+    if args.report:  # whole or not at all: someone may be waiting for it to appear
+        partial = Path(args.report).with_name(Path(args.report).name + ".partial")
+        partial.write_text(json.dumps(setup.report(), indent=2) + "\n")
+        partial.replace(args.report)
+    _say(f"bench set-up of {setup.directory} ({', '.join(parts.names())}):")
+    for line in setup.phases.summary():
+        _say("  " + line)
+    for error in setup.errors:
+        _say(f"error: {error}")
+    return 1 if setup.errors else 0
+
+
 def cmd_dev_channel(args: argparse.Namespace, config: Config) -> int:
-    print(build_dev_channel(Path(args.directory), progress=_say))
+    real_set = _real_set(args, None)
+    if real_set is None:
+        print(build_dev_channel(Path(args.directory), progress=_say))
+    else:
+        print(build_real_channel(Path(args.directory), real_set, progress=_say).url)
     return 0
 
 
@@ -68,6 +115,13 @@ def cmd_base(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _add_real_set(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--real-set", choices=[*REAL_SETS, NO_REAL_SET], default=None,
+                        help="also build the dev channel plus real PyPI packages as conda packages: datascience "
+                        "(numpy, pandas, matplotlib; ~60 MB), full (adds scipy, scikit-learn, torch with its CUDA "
+                        f"libraries; ~2.8 GB) (default: ${REAL_SETS_ENV}, else {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, add = cli.command_parser("python -m condaspawner_bench", __doc__.splitlines()[0])
     demo = add("demo", cmd_demo, "set up the bench (daemon, channel, base image, proxy) and run the demo hub",
@@ -76,10 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
     demo.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
                       help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")
+    _add_real_set(demo, "datascience")
+    setup = add("setup", cmd_setup, "set up the bench's parts (independent ones at once) and print how long each "
+                "phase took", rattler_async=True)
+    setup.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
+    setup.add_argument("--parts", default="daemon,rootfs,channel,base,proxy", metavar="LIST",
+                       help=f"comma-separated, of {', '.join(BenchParts.NAMES)} (default: what the demo uses)")
+    setup.add_argument("--report", metavar="FILE", help="also write the phases, errors and daemon as JSON")
+    setup.add_argument("--ready-dir", metavar="DIR", help="write DIR/PART as soon as each part is done "
+                       "(DIR/daemon: its DOCKER_HOST and whether this set-up started it, as JSON)")
+    _add_real_set(setup, NO_REAL_SET)
     dev_channel = add("dev-channel", cmd_dev_channel, "build or refresh the local offline conda channel; print its URL",
                       rattler_async=True)
     dev_channel.add_argument("directory", metavar="DIR")
-    base = add("base", cmd_base, "build the offline base image: debootstrap Debian, Python from the configured "
+    _add_real_set(dev_channel, NO_REAL_SET)
+    base = add("base", cmd_base, "build the offline base image: mmdebstrap Debian, Python from the configured "
                "conda channel, the single-user server from PyPI; print its id", rattler_async=True)
     base.add_argument("--bench-dir", default=".bench", metavar="DIR", help="work and cache folder (default .bench)")
     base.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")

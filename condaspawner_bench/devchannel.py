@@ -5,7 +5,8 @@ No conda channel is reachable here, so this module writes one: synthetic
 machine's pyenv CPython (built with ``--enable-shared``), and ``pip``,
 ``setuptools``, ``wheel`` and ``ipykernel``'s closure converted from PyPI wheels.
 The channel is indexed with py-rattler and is usable by ``rattler.solve`` and
-``rattler.install`` like any other channel.
+``rattler.install`` like any other channel. realchannel.py reuses the wheel conversion
+and the writer (its large packages as ``.conda``) for opt-in channels of real packages.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from email.parser import HeaderParser
 from pathlib import Path
+from typing import IO
 
 import rattler.index
 from packaging.markers import default_environment
@@ -39,6 +42,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
+
+from .phases import PhaseLog
 
 # Bump whenever the way packages are written changes: it invalidates built channels.
 RECIPE_VERSION = 1
@@ -175,10 +180,13 @@ class CondaPackage:
     noarch: str | None = None
     entry_points: list[str] = field(default_factory=list)
     files: list[PackageFile] = field(default_factory=list)
+    # "tar.bz2" (small packages), or "conda" (zstd: for packages of hundreds of MB, where
+    # bz2 takes minutes to write and to extract)
+    archive: str = "tar.bz2"
 
     @property
     def filename(self) -> str:
-        return f"{self.name}-{self.version}-{self.build}.tar.bz2"
+        return f"{self.name}-{self.version}-{self.build}.{self.archive}"
 
 
 # ---------------------------------------------------------------- public API
@@ -191,29 +199,32 @@ def build_dev_channel(
     include_wheels: bool = True,
     progress: Callable[[str], None] | None = None,
     download_dir: Path | None = None,
+    phases: PhaseLog | None = None,
 ) -> str:
     """Build (or reuse) the dev channel in ``directory``; return its file:// URL.
 
     Rebuilds only when the recipe changed. Wheels are cached in
     ``download_dir`` (default ``directory/.downloads``) across rebuilds.
+    ``phases`` records how long the wheel downloads took.
     """
     say = progress or (lambda message: None)
+    phases = phases or PhaseLog()
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    python = _find_python_or_reason() if include_python else "python not requested"
+    python = find_python_or_reason() if include_python else "python not requested"
     recipe = _recipe_hash(python, include_python=include_python, include_wheels=include_wheels)
 
-    if _is_built(directory, recipe):
+    if is_built(directory, recipe):
         return directory.as_uri()
-    with _exclusive_lock(directory / ".lock"):
-        if _is_built(directory, recipe):
+    with exclusive_lock(directory / ".lock"):
+        if is_built(directory, recipe):
             return directory.as_uri()
         started = time.monotonic()
-        packages = _build_packages(
-            python, include_wheels, download_dir or directory / ".downloads", say
+        packages = dev_packages(
+            python, include_wheels, download_dir or directory / ".downloads", say, phases
         )
         _write_channel(directory, packages, say)
-        _write_info(directory, recipe, python, packages)
+        write_channel_info(directory, recipe, python, [package_path(package) for package in packages])
         say(f"dev channel: built {len(packages)} packages in {time.monotonic() - started:.1f} s")
     return directory.as_uri()
 
@@ -261,7 +272,8 @@ def find_shared_python(minor: str = TARGET_PYTHON) -> PythonSource:
 # ---------------------------------------------------------------- orchestration
 
 
-def _find_python_or_reason() -> PythonSource | str:
+def find_python_or_reason() -> PythonSource | str:
+    """The pyenv CPython the ``python`` package is made from, or why there is none."""
     try:
         return find_shared_python()
     except PythonUnavailable as unavailable:
@@ -279,14 +291,15 @@ def _recipe_hash(python: PythonSource | str, *, include_python: bool, include_wh
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _is_built(directory: Path, recipe: str) -> bool:
+def is_built(directory: Path, recipe: str) -> bool:
+    """Whether ``directory`` holds an indexed channel built from ``recipe``."""
     info = read_channel_info(directory)
     indexed = (directory / "noarch" / "repodata.json").exists()
     return indexed and info is not None and info.recipe == recipe
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
@@ -295,12 +308,14 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _build_packages(
+def dev_packages(
     python: PythonSource | str,
     include_wheels: bool,
     download_dir: Path,
     say: Callable[[str], None],
+    phases: PhaseLog,
 ) -> list[CondaPackage]:
+    """The dev channel's packages: synthetic ones, python (if found), ipykernel's closure."""
     packages = [_synthetic_package(spec) for spec in SYNTHETIC_PACKAGES]
     if isinstance(python, PythonSource):
         say(f"dev channel: packaging python {python.version} from {python.prefix}")
@@ -308,11 +323,21 @@ def _build_packages(
     else:
         say(f"dev channel: skipping the python package: {python}")
     if include_wheels:
-        wheels = _download_wheels(download_dir, say)
+        wheels = download_wheels(WHEEL_PINS, download_dir, say, phases)
         say(f"dev channel: converting {len(wheels)} wheels")
-        full_version = python.version if isinstance(python, PythonSource) else f"{TARGET_PYTHON}.0"
+        full_version = target_python_version(python)
         packages += [wheel_to_conda_package(wheel, full_version) for wheel in wheels]
     return packages
+
+
+def target_python_version(python: PythonSource | str) -> str:
+    """The full Python version wheels are converted for (markers evaluated against)."""
+    return python.version if isinstance(python, PythonSource) else f"{TARGET_PYTHON}.0"
+
+
+def package_path(package: CondaPackage) -> str:
+    """``<subdir>/<filename>``: where ``package`` lies in its channel."""
+    return f"{package.subdir}/{package.filename}"
 
 
 def _write_channel(
@@ -327,17 +352,18 @@ def _write_channel(
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(lambda package: write_conda_package(package, directory), packages))
     say("dev channel: indexing")
-    _run_blocking(index_channel(directory))
+    run_blocking(index_channel(directory))
 
 
-def _write_info(
-    directory: Path, recipe: str, python: PythonSource | str, packages: list[CondaPackage]
+def write_channel_info(
+    directory: Path, recipe: str, python: PythonSource | str, package_paths: list[str]
 ) -> None:
+    """Record what the channel in ``directory`` holds (read back by :func:`read_channel_info`)."""
     info = {
         "recipe": recipe,
         "python_version": python.version if isinstance(python, PythonSource) else None,
         "python_skip_reason": None if isinstance(python, PythonSource) else python,
-        "packages": sorted(f"{package.subdir}/{package.filename}" for package in packages),
+        "packages": sorted(package_paths),
     }
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -349,7 +375,7 @@ async def index_channel(directory: Path) -> None:
         (directory / ".tmp").rmdir()  # the indexer's staging folder, left empty
 
 
-def _run_blocking(coroutine) -> None:
+def run_blocking(coroutine) -> None:
     """Run ``coroutine`` to completion, even when called from inside an event loop."""
     try:
         asyncio.get_running_loop()
@@ -364,13 +390,62 @@ def _run_blocking(coroutine) -> None:
 
 
 def write_conda_package(package: CondaPackage, channel_dir: Path) -> Path:
-    """Write ``package`` as a ``.tar.bz2`` into ``channel_dir/<subdir>/``."""
+    """Write ``package`` into ``channel_dir/<subdir>/`` as its ``archive`` says.
+
+    ``.tar.bz2``: one bz2 tar. ``.conda``: a stored zip of ``metadata.json`` and two
+    zstd tars (``pkg-*``, then ``info-*``), compressed by the ``zstd`` command (no zstd
+    module is installed). Both are deterministic: fixed mtimes, owners and order.
+    """
     target = Path(channel_dir) / package.subdir / package.filename
     info_files = _info_files(package)
-    with tarfile.open(target, "w:bz2") as archive:
-        for member in info_files + sorted(package.files, key=lambda f: f.path):
-            archive.addfile(*_tar_entry(member))
+    payload = sorted(package.files, key=lambda f: f.path)
+    if package.archive == "tar.bz2":
+        with tarfile.open(target, "w:bz2") as archive:
+            for member in info_files + payload:
+                archive.addfile(*_tar_entry(member))
+        return target
+    if package.archive != "conda":
+        raise ValueError(f"unknown conda package archive format: {package.archive}")
+    stem = package.filename.removesuffix(".conda")
+    partial = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+        metadata = json.dumps({"conda_pkg_format_version": 2}).encode()
+        archive.writestr(_zip_entry("metadata.json", len(metadata)), metadata)
+        for kind, members in (("pkg", payload), ("info", info_files)):
+            with tempfile.TemporaryFile(dir=target.parent) as compressed:
+                _write_zstd_tar(members, compressed)
+                size = compressed.seek(0, os.SEEK_END)
+                compressed.seek(0)
+                with archive.open(_zip_entry(f"{kind}-{stem}.tar.zst", size), "w") as entry:
+                    shutil.copyfileobj(compressed, entry, 1 << 20)
+    partial.replace(target)
     return target
+
+
+# zstd's level 3 (its default) writes ~100+ MB/s on one slow core; one thread each, so the
+# bytes are the same on every machine with this zstd (its multi-threaded frames differ).
+ZSTD_COMMAND = ("zstd", "-3", "-T1", "-q", "-c")
+
+
+def _write_zstd_tar(members: list[PackageFile], output: IO[bytes]) -> None:
+    if shutil.which(ZSTD_COMMAND[0]) is None:
+        raise RuntimeError("writing .conda packages needs the zstd command (apt-get install zstd)")
+    with subprocess.Popen(ZSTD_COMMAND, stdin=subprocess.PIPE, stdout=output) as zstd:
+        assert zstd.stdin is not None
+        with tarfile.open(fileobj=zstd.stdin, mode="w|") as archive:
+            for member in members:
+                archive.addfile(*_tar_entry(member))
+        zstd.stdin.close()
+    if zstd.returncode != 0:
+        raise RuntimeError(f"zstd failed with exit status {zstd.returncode}")
+
+
+def _zip_entry(name: str, size: int) -> zipfile.ZipInfo:
+    entry = zipfile.ZipInfo(name, date_time=time.gmtime(PACKAGE_TIMESTAMP)[:6])
+    entry.compress_type = zipfile.ZIP_STORED
+    entry.external_attr = 0o644 << 16
+    entry.file_size = size
+    return entry
 
 
 def _info_files(package: CondaPackage) -> list[PackageFile]:
@@ -613,18 +688,28 @@ def _file_offset(segments: list[tuple], address: int) -> int:
 # ---------------------------------------------------------------- wheels
 
 
-def _download_wheels(download_dir: Path, say: Callable[[str], None]) -> list[Path]:
-    """One wheel per pin, from the cache or downloaded for Python 3.9 linux x86_64."""
+def download_wheels(
+    pins: Sequence[str],
+    download_dir: Path,
+    say: Callable[[str], None],
+    phases: PhaseLog,
+    phase_name: str = "conda channel: pip download",
+) -> list[Path]:
+    """One wheel per pin (``name==version``), from the cache or downloaded for Python 3.9
+    linux x86_64. Processes that share ``download_dir`` take turns (a file lock)."""
     download_dir.mkdir(parents=True, exist_ok=True)
-    missing = [pin for pin in WHEEL_PINS if _cached_wheel(download_dir, pin) is None]
-    if missing:
-        say(f"dev channel: downloading {len(missing)} wheels")
-        _pip_download(missing, download_dir)
-    wheels = [_cached_wheel(download_dir, pin) for pin in WHEEL_PINS]
-    absent = [pin for pin, wheel in zip(WHEEL_PINS, wheels, strict=True) if wheel is None]
+    with exclusive_lock(download_dir / ".lock"):
+        missing = [pin for pin in pins if _cached_wheel(download_dir, pin) is None]
+        if missing:
+            say(f"downloading {len(missing)} wheels into {download_dir}")
+            with phases(phase_name) as phase:
+                phase.note = f"{len(missing)} wheels from PyPI"
+                _pip_download(missing, download_dir)
+    found = [_cached_wheel(download_dir, pin) for pin in pins]
+    absent = [pin for pin, wheel in zip(pins, found, strict=True) if wheel is None]
     if absent:
         raise RuntimeError(f"pip did not download: {', '.join(absent)}")
-    return wheels
+    return [wheel for wheel in found if wheel is not None]
 
 
 def _cached_wheel(download_dir: Path, pin: str) -> Path | None:
@@ -637,7 +722,7 @@ def _cached_wheel(download_dir: Path, pin: str) -> Path | None:
     return None
 
 
-def _pip_download(pins: list[str], download_dir: Path) -> None:
+def _pip_download(pins: Sequence[str], download_dir: Path) -> None:
     platform_args = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
     python_tag = TARGET_PYTHON.replace(".", "")
     command = [
@@ -746,12 +831,21 @@ def _conda_spec(name: str, specifier: SpecifierSet) -> str:
     return f"{name} {','.join(sorted(clauses))}" if clauses else name
 
 
-def wheel_to_conda_package(path: Path, python_full_version: str) -> CondaPackage:
-    """A conda package from a wheel: ``noarch: python`` if pure, else linux-64 for that Python."""
+def wheel_to_conda_package(
+    path: Path, python_full_version: str, *, extra_depends: Sequence[str] = (), archive: str = "tar.bz2"
+) -> CondaPackage:
+    """A conda package from a wheel: ``noarch: python`` if pure, else linux-64 for that Python.
+
+    A wheel tagged for a platform is not pure even when it says ``Root-Is-Purelib``
+    (NVIDIA's CUDA library wheels do: ``py3-none-manylinux...``, full of ``.so`` files).
+    ``extra_depends`` are added to the wheel's own requirements (``__cuda >=12``, say).
+    """
     wheel = _read_wheel(path)
     environment = target_marker_environment(python_full_version)
     depends = [spec for spec in (conda_dependency(r, environment) for r in wheel.requires) if spec]
-    if wheel.purelib:
+    depends += extra_depends
+    _name, _version, _build, tags = parse_wheel_filename(path.name)
+    if wheel.purelib and all(tag.platform == "any" for tag in tags):
         python_spec = SpecifierSet(wheel.requires_python or "")
         return CondaPackage(
             name=wheel.name,
@@ -762,6 +856,7 @@ def wheel_to_conda_package(path: Path, python_full_version: str) -> CondaPackage
             depends=sorted(set(depends + [_conda_spec("python", python_spec)])),
             entry_points=[f"{name} = {target}" for name, target in sorted(wheel.scripts.items())],
             files=_wheel_files(wheel, "site-packages", "python-scripts"),
+            archive=archive,
         )
     minor = ".".join(python_full_version.split(".")[:2])
     next_minor = f"{minor.split('.')[0]}.{int(minor.split('.')[1]) + 1}"
@@ -776,6 +871,7 @@ def wheel_to_conda_package(path: Path, python_full_version: str) -> CondaPackage
         ),
         files=_wheel_files(wheel, f"lib/python{minor}/site-packages", "bin")
         + [_entry_point_script(name, target, minor) for name, target in wheel.scripts.items()],
+        archive=archive,
     )
 
 

@@ -15,11 +15,14 @@ builds use host networking), so it touches nothing else on the machine.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +43,8 @@ LOG_TAIL_LINES = 30
 
 # Debian package that provides each command the bench needs.
 DOCKERD_PACKAGES = {"dockerd": "docker.io"}
-DEBOOTSTRAP_PACKAGES = {"debootstrap": "debootstrap"}
-BENCH_PACKAGES = {**DOCKERD_PACKAGES, **DEBOOTSTRAP_PACKAGES}
+ROOTFS_TOOL_PACKAGES = {"mmdebstrap": "mmdebstrap"}  # makes the rootfs (offlinebase.py)
+BENCH_PACKAGES = {**DOCKERD_PACKAGES, **ROOTFS_TOOL_PACKAGES}
 
 
 class BenchDaemonError(RuntimeError):
@@ -150,6 +153,11 @@ def ensure_daemon(bench_dir: Path, *, use_external: bool = True) -> DaemonHandle
         log.info("reusing the bench dockerd at %s", paths.docker_host)
         return DaemonHandle(paths.docker_host, paths=paths)
     return _start_private_daemon(paths)
+
+
+def daemon_answers(bench_dir: Path) -> bool:
+    """Would :func:`ensure_daemon` find a running daemon (so that none has to be installed)?"""
+    return _answers(_external_docker_host()) or _answers(BenchPaths.for_bench_dir(bench_dir).docker_host)
 
 
 def _external_docker_host() -> str:
@@ -360,20 +368,57 @@ def _unescape_mount_field(field_text: str) -> str:
 # --- host packages ------------------------------------------------------------
 
 
+# apt-get takes one caller at a time: the set-up's threads, and the processes of a test run
+# (pytest-xdist's workers, the set-up's own process) through a lock file.
+_APT_LOCK = threading.Lock()
+_APT_LOCK_FILE = Path(tempfile.gettempdir()) / "condaspawner-bench-apt.lock"
+_APT_UPDATED_STAMP = Path(tempfile.gettempdir()) / "condaspawner-bench-apt.updated"
+APT_LISTS_FRESH_S = 3600  # package lists this recent are used as they are (a failed install updates them)
+
+
 def ensure_debian_packages(packages_by_command: dict[str, str]) -> None:
     """Install, with apt-get, the Debian packages whose commands are missing (root only)."""
-    missing = sorted({pkg for cmd, pkg in packages_by_command.items() if not shutil.which(cmd)})
-    if not missing:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchDaemonError(
-            f"The bench needs {', '.join(missing)}; install them (apt-get install "
-            f"{' '.join(missing)}) or run as root on Debian/Ubuntu so they are installed for you."
-        )
-    log.info("installing %s with apt-get", " ".join(missing))
+    with _APT_LOCK:
+        missing = sorted({pkg for cmd, pkg in packages_by_command.items() if not shutil.which(cmd)})
+        if not missing:
+            return
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise BenchDaemonError(
+                f"The bench needs {', '.join(missing)}; install them (apt-get install "
+                f"{' '.join(missing)}) or run as root on Debian/Ubuntu so they are installed for you."
+            )
+        with open(_APT_LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            missing = sorted({pkg for cmd, pkg in packages_by_command.items() if not shutil.which(cmd)})
+            if missing:
+                _apt_install(missing)
+
+
+def _apt_install(packages: list[str]) -> None:
+    log.info("installing %s with apt-get", " ".join(packages))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *packages]
+    if not _apt_lists_are_fresh():
+        _apt_update(env)
+        _run_apt(install, env)
+        return
+    try:
+        _run_apt(install, env)
+    except BenchDaemonError:  # lists another caller updated a while ago: update once, retry
+        _apt_update(env)
+        _run_apt(install, env)
+
+
+def _apt_lists_are_fresh() -> bool:
+    try:
+        return time.time() - _APT_UPDATED_STAMP.stat().st_mtime < APT_LISTS_FRESH_S
+    except OSError:
+        return False
+
+
+def _apt_update(env: dict[str, str]) -> None:
     _run_apt(["apt-get", "update"], env)
-    _run_apt(["apt-get", "install", "-y", "--no-install-recommends", *missing], env)
+    _APT_UPDATED_STAMP.touch()
 
 
 def _run_apt(command: list[str], env: dict[str, str]) -> None:

@@ -4,6 +4,7 @@
 # Build context (staged by build_base_image):
 #   conda/                        a conda prefix (Python + pip) installed for /opt/conda
 #   singleuser-requirements.txt   the pins both base images install
+#   install-singleuser.sh         how both base images install them
 #   Dockerfile                    this file
 ARG ROOTFS_IMAGE=condaspawner-rootfs:bookworm
 FROM ${ROOTFS_IMAGE}
@@ -11,7 +12,7 @@ FROM ${ROOTFS_IMAGE}
 ARG PYTHON_VERSION=3.9
 
 COPY conda /opt/conda
-COPY singleuser-requirements.txt /tmp/singleuser-requirements.txt
+COPY singleuser-requirements.txt install-singleuser.sh /tmp/
 
 # The find only touches files that need it (build_base_image already fixed the modes),
 # so the conda layer is not copied a second time. pip needs the internet: build with
@@ -20,9 +21,8 @@ RUN find /opt/conda ! -type l \( ! -perm -a+r -o -type d ! -perm -a+x \) -exec c
  && mkdir -p /opt/conda/envs \
  && /opt/conda/bin/python -c 'import os, sys; v = "%d.%d" % sys.version_info[:2]; \
 v == os.environ["PYTHON_VERSION"] or sys.exit("conda/ holds Python " + v)' \
- && /opt/conda/bin/python -m pip install --no-cache-dir --disable-pip-version-check \
-        -r /tmp/singleuser-requirements.txt \
- && rm /tmp/singleuser-requirements.txt
+ && sh /tmp/install-singleuser.sh /tmp/singleuser-requirements.txt \
+ && rm /tmp/singleuser-requirements.txt /tmp/install-singleuser.sh
 
 ENV PATH=/opt/conda/bin:$PATH
 USER jovyan

@@ -3,7 +3,7 @@
 The same layout as the product's production base (jupyterhub_condaspawner/baseimage.py),
 built locally in two steps:
 
-1. ``build_rootfs_image``: debootstrap a minimal Debian bookworm, add the host's
+1. ``build_rootfs_image``: mmdebstrap a minimal Debian bookworm, add the host's
    CA bundle and the ``jovyan`` user, and ``docker import`` it;
 2. ``build_base_image``: ``offline.Dockerfile`` on top of it, copying in a staged
    conda prefix (``conda/`` in the build context) and pip-installing the
@@ -29,6 +29,7 @@ from docker.utils import parse_repository_tag
 from jupyterhub_condaspawner.baseimage import (
     BASE_CONDA_PREFIX,
     BASE_TAG,
+    SINGLEUSER_INSTALL,
     SINGLEUSER_REQUIREMENTS,
     ImageBuildError,
     stream_build,
@@ -37,11 +38,12 @@ from jupyterhub_condaspawner.resolve import Resolver, make_world_readable
 from jupyterhub_condaspawner.spec import EnvironmentSpec
 
 from .dockerd import (
-    DEBOOTSTRAP_PACKAGES,
+    ROOTFS_TOOL_PACKAGES,
     ensure_debian_packages,
     log_tail,
     unmount_under,
 )
+from .phases import PhaseLog
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ ROOTFS_PACKAGES = (
     "tini",
 )
 # Bump when the rootfs recipe changes in a way the inputs below don't show.
-ROOTFS_RECIPE_VERSION = 1
+ROOTFS_RECIPE_VERSION = 1  # not bumped for mmdebstrap: it makes the same packages as debootstrap did
+MERGED_USR_HOOK = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 RECIPE_LABEL = "io.condaspawner.rootfs.recipe"
 BASE_PYTHON_LABEL = "io.condaspawner.base.python"
 
@@ -85,18 +88,26 @@ def build_rootfs_image(
     *,
     tag: str = ROOTFS_TAG,
     mirror: str | None = None,
+    phases: PhaseLog | None = None,
 ) -> str:
     """Build (or find in the cache) the Debian rootfs image; return its id.
 
-    ``mirror`` defaults to the Debian mirror the host's apt uses.
+    ``mirror`` defaults to the Debian mirror the host's apt uses. ``phases`` records
+    how long mmdebstrap and the import took.
     """
+    phases = phases or PhaseLog()
     recipe = rootfs_recipe()
     cached = _image_with_label(client, tag, RECIPE_LABEL, recipe)
     if cached:
         log.info("rootfs image %s is up to date (%s)", tag, cached)
         return cached
-    rootfs = ensure_rootfs(Path(bench_dir) / "rootfs" / ROOTFS_SUITE, recipe, mirror=mirror)
-    return import_rootfs(client, rootfs, tag=tag, changes=_rootfs_image_changes(recipe))
+    with phases(f"rootfs image: mmdebstrap {ROOTFS_SUITE}") as phase:
+        rootfs = Path(bench_dir) / "rootfs" / ROOTFS_SUITE
+        if _rootfs_is_current(rootfs, recipe):
+            phase.note = "the tree of an earlier run"
+        ensure_rootfs(rootfs, recipe, mirror=mirror)
+    with phases("rootfs image: docker import"):
+        return import_rootfs(client, rootfs, tag=tag, changes=_rootfs_image_changes(recipe))
 
 
 def rootfs_recipe() -> str:
@@ -113,12 +124,12 @@ def rootfs_recipe() -> str:
 
 def ensure_rootfs(rootfs: Path, recipe: str, *, mirror: str | None = None) -> Path:
     """A trimmed bookworm tree at ``rootfs``, reused when its stamp says ``recipe``."""
-    stamp = rootfs.with_name(rootfs.name + ".recipe")
-    if rootfs.is_dir() and _read_text(stamp) == recipe:
+    if _rootfs_is_current(rootfs, recipe):
         return rootfs
+    stamp = _rootfs_stamp(rootfs)
     remove_rootfs(rootfs)
     stamp.unlink(missing_ok=True)
-    debootstrap(rootfs, mirror=mirror or debian_mirror())
+    bootstrap(rootfs, mirror=mirror or debian_mirror())
     install_host_ca_bundle(rootfs)
     add_notebook_user(rootfs)
     trim_rootfs(rootfs)
@@ -126,35 +137,56 @@ def ensure_rootfs(rootfs: Path, recipe: str, *, mirror: str | None = None) -> Pa
     return rootfs
 
 
+def rootfs_tree_is_current(bench_dir: Path) -> bool:
+    """Is the bootstrapped tree of an earlier run there and of today's recipe?"""
+    return _rootfs_is_current(Path(bench_dir) / "rootfs" / ROOTFS_SUITE, rootfs_recipe())
+
+
+def _rootfs_stamp(rootfs: Path) -> Path:
+    return rootfs.with_name(rootfs.name + ".recipe")
+
+
+def _rootfs_is_current(rootfs: Path, recipe: str) -> bool:
+    return rootfs.is_dir() and _read_text(_rootfs_stamp(rootfs)) == recipe
+
+
 def remove_rootfs(rootfs: Path) -> None:
-    # An interrupted debootstrap leaves proc/sys mounted inside the tree.
+    # An interrupted bootstrap leaves proc/sys mounted inside the tree.
     if rootfs.exists():
         unmount_under(rootfs)
         shutil.rmtree(rootfs)
 
 
-def debootstrap(rootfs: Path, *, mirror: str) -> None:
-    ensure_debian_packages(DEBOOTSTRAP_PACKAGES)
+def bootstrap(rootfs: Path, *, mirror: str) -> None:
+    """A minimal Debian tree with mmdebstrap: the same packages as ``debootstrap --variant=minbase``
+    (merged /usr, as bookworm's debootstrap makes it), in about half the time: apt fetches the
+    packages in parallel and installs them in one dpkg run."""
+    ensure_debian_packages(ROOTFS_TOOL_PACKAGES)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        "debootstrap",
+        "mmdebstrap",
+        "--mode=root",
         "--variant=minbase",
         f"--include={','.join(ROOTFS_PACKAGES)}",
         ROOTFS_SUITE,
         str(rootfs),
         mirror,
     ]
-    log_file = rootfs.with_name(rootfs.name + ".debootstrap.log")
+    if MERGED_USR_HOOK.is_dir():  # else mmdebstrap installs usrmerge, which pulls in perl
+        command.insert(3, f"--hook-dir={MERGED_USR_HOOK}")
+    log_file = rootfs.with_name(rootfs.name + ".bootstrap.log")
     started = time.monotonic()
+    # No fsync per file in the throwaway tree (a crash leaves no stamp, so the next run starts over).
+    env = {**os.environ, "DPKG_FORCE": "unsafe-io"}
     with open(log_file, "wb") as output:
-        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     unmount_under(rootfs)
     if result.returncode != 0:
         raise ImageBuildError(
-            f"debootstrap {ROOTFS_SUITE} from {mirror} failed (status {result.returncode}).\n"
+            f"mmdebstrap {ROOTFS_SUITE} from {mirror} failed (status {result.returncode}).\n"
             + log_tail(log_file)
         )
-    log.info("debootstrap %s took %.0f s", ROOTFS_SUITE, time.monotonic() - started)
+    log.info("mmdebstrap %s took %.0f s", ROOTFS_SUITE, time.monotonic() - started)
 
 
 def debian_mirror() -> str:
@@ -368,6 +400,7 @@ def build_base_image(
         raise ImageBuildError(f"No {context_dir}/conda/bin/python: stage the conda prefix first.")
     shutil.copyfile(OFFLINE_DOCKERFILE, context_dir / "Dockerfile")
     shutil.copyfile(SINGLEUSER_REQUIREMENTS, context_dir / SINGLEUSER_REQUIREMENTS.name)
+    shutil.copyfile(SINGLEUSER_INSTALL, context_dir / SINGLEUSER_INSTALL.name)
     make_world_readable(context_dir / "conda")
     return stream_build(
         client,
@@ -385,16 +418,20 @@ async def build_offline_base(
     *,
     tag: str = BASE_TAG,
     python_version: str = "3.9",
+    phases: PhaseLog | None = None,
 ) -> str:
     """Build (or find cached) the offline base image; return its id.
 
     The rootfs image, then Python + pip solved and installed by ``resolver`` for
     /opt/conda on the host, then ``offline.Dockerfile``. The image is reused
-    while the rootfs, the lock and the recipe files are unchanged.
+    while the rootfs, the lock and the recipe files are unchanged. ``phases``
+    records how long each step took.
     """
-    rootfs_id = build_rootfs_image(client, bench_dir)
+    phases = phases or PhaseLog()
+    rootfs_id = build_rootfs_image(client, bench_dir, phases=phases)
     lock = await resolver.solve(EnvironmentSpec(conda=(f"python {python_version}.*", "pip")))
-    recipe = _digest(rootfs_id, lock.digest(), _file_digest(OFFLINE_DOCKERFILE), _file_digest(SINGLEUSER_REQUIREMENTS))
+    recipe = _digest(rootfs_id, lock.digest(), _file_digest(OFFLINE_DOCKERFILE), _file_digest(SINGLEUSER_REQUIREMENTS),
+                     _file_digest(SINGLEUSER_INSTALL))
     cached = _image_with_label(client, tag, BASE_RECIPE_LABEL, recipe)
     if cached:
         log.info("base image %s is up to date (%s)", tag, cached)
@@ -403,10 +440,12 @@ async def build_offline_base(
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
     try:
-        await resolver.install(lock, context / "conda", BASE_CONDA_PREFIX)
-        return build_base_image(
-            client, context, tag=tag, python_version=python_version, labels={BASE_RECIPE_LABEL: recipe}
-        )
+        with phases("base image: /opt/conda from the channel"):
+            await resolver.install(lock, context / "conda", BASE_CONDA_PREFIX)
+        with phases("base image: docker build (pip installs the single-user server)"):
+            return build_base_image(
+                client, context, tag=tag, python_version=python_version, labels={BASE_RECIPE_LABEL: recipe}
+            )
     finally:
         shutil.rmtree(context, ignore_errors=True)
 

@@ -32,7 +32,9 @@ c.JupyterHub.load_groups = {"dl-course": {"users": ["student"]}, "vision-lab": {
 
 # The bench instead of conda-forge, the registry and a GPU host.
 c.ProfileCatalog.profiles_dir = os.environ.get("CONDASPAWNER_DEMO_PROFILES") or str(here / "profiles")
-c.Resolver.channel_urls = {"conda-forge": (bench / "channel").as_uri()}
+# Users' environments: the dev channel plus real packages (numpy, pandas, matplotlib) that
+# `make demo` builds and names in CONDASPAWNER_DEMO_CHANNEL; else the dev channel alone.
+c.Resolver.channel_urls = {"conda-forge": os.environ.get("CONDASPAWNER_DEMO_CHANNEL") or (bench / "channel").as_uri()}
 c.Resolver.package_cache_dir = str(bench / "pkgs")
 c.ImageBuilder.cache_dir = str(state / "builder")
 c.ImageBuilder.image_repo = os.environ.get("CONDASPAWNER_DEMO_IMAGE_REPO", "condaspawner-demo")

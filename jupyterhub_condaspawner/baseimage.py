@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 SINGLEUSER_REQUIREMENTS = IMAGES_DIR / "singleuser-requirements.txt"
+SINGLEUSER_INSTALL = IMAGES_DIR / "install-singleuser.sh"  # how both base images install those pins
 PRODUCTION_DOCKERFILE = "miniconda-py39/Dockerfile"  # relative to IMAGES_DIR, the build context
 
 BASE_TAG = "condaspawner-base:py39"

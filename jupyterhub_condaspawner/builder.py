@@ -43,10 +43,10 @@ import requests.exceptions
 from jupyterhub.traitlets import ByteSpecification
 from packaging.requirements import Requirement
 from rattler import MatchSpec
-from traitlets import Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from . import metrics
+from . import layers, metrics
 from .profiles import Profile
 from .registry import (
     ARCHITECTURES,
@@ -62,9 +62,12 @@ from .registry import (
     failure_is_unreachable,
 )
 from .resolve import Lock, ResolveError, Resolver
-from .spec import EnvironmentSpec
+from .spec import EnvironmentSpec, pip_requirement_text
 
 log = logging.getLogger(__name__)
+
+# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
+PRESOLVED_SECONDS = 600
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
 RECIPE_VERSION = "3"
@@ -82,6 +85,7 @@ ENV_NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 CUSTOM_ENV_NAME = "custom"
 # A rebuilt base is noticed within this many seconds; lookups skip a daemon round trip.
 BASE_ID_TTL_S = 10.0
+MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 # Which of env.Dockerfile's steps does what, found by what the instruction runs.
 _STEP_PHASES = (
@@ -383,6 +387,26 @@ class ImageBuilder(LoggingConfigurable):
         c.ImageBuilder.build_timeout = 7200
         """,
     )
+    layered_images = Bool(
+        False,
+        config=True,
+        help="""Write each environment's packages as image layers directly (no build context,
+        no COPY), a layer per large package, so that images share their large packages on
+        disk and in a registry. Needs Docker's graph-driver image store (overlay2); with
+        the containerd image store builds fall back to the Dockerfile route.
+
+        c.ImageBuilder.layered_images = True
+        """,
+    )
+    shared_layer_min_size = ByteSpecification(
+        32 * 1024**2,
+        config=True,
+        help="""With layered_images: packages at least this large (installed) get an image
+        layer of their own, shared by every image that has them; smaller ones share one layer.
+
+        c.ImageBuilder.shared_layer_min_size = "64M"
+        """,
+    )
     resolver = Instance(Resolver)
     docker_client = Instance(docker.DockerClient, allow_none=True)
 
@@ -407,6 +431,7 @@ class ImageBuilder(LoggingConfigurable):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._builds: dict[str, Build] = {}
+        self._presolved: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock): see presolve()
         self._slots = asyncio.Semaphore(self.max_concurrent_builds)
         self._waiting = 0
         self.builds_started = 0
@@ -485,6 +510,7 @@ class ImageBuilder(LoggingConfigurable):
             "env_name": request.env_name,
             "kernel": request.display_name,
             "recipe": RECIPE_VERSION,
+            "layered": self.layered_images,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -773,9 +799,16 @@ class ImageBuilder(LoggingConfigurable):
         with log_path.open("w") as build_log:
             try:
                 lock = await self._resolve(build, request, build_log)
-                env_size = await self._install(build, request, lock, context, build_log)
+                layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
+                prefix = layers.SHARED_PREFIX if layered else request.prefix
+                env_size = await self._install(build, request, lock, context, build_log, prefix)
+                from_image = None
+                if layered:
+                    from_image = await self._load_layers(build, request, context / "env", build_log)
+                    await asyncio.to_thread(shutil.rmtree, context / "env")
+                    (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
                 self._write_context(context, request, lock)
-                image_id = await self._docker_build(build, request, lock, context, build_log, env_size)
+                image_id = await self._docker_build(build, request, lock, context, build_log, env_size, from_image)
             finally:
                 await asyncio.to_thread(shutil.rmtree, context, True)
         self.mark_used(key)
@@ -795,7 +828,36 @@ class ImageBuilder(LoggingConfigurable):
             return default
         return statistics.median(self.build_seconds[-20:])
 
+    # -- the pre-check's solve, reused by the build ----------------------------------------------
+
+    def _solve_key(self, request: BuildRequest) -> str:
+        """What a solve depends on: the spec the build solves, the CUDA version, the platform, the channels."""
+        spec = _with_kernel_package(request.spec)
+        parts = {"spec": spec.normalized(), "cuda": request.cuda, "platform": self.resolver.platform,
+                 "channels": self.resolver.channel_urls_for(spec)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    async def presolve(self, request: BuildRequest) -> Lock:
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved).
+
+        The lock is kept for PRESOLVED_SECONDS: the build of the same request takes it
+        instead of solving again.
+        """
+        lock = await self.resolver.solve(_with_kernel_package(request.spec), cuda=request.cuda)
+        now = time.monotonic()
+        self._presolved = {key: kept for key, kept in self._presolved.items() if now - kept[0] < PRESOLVED_SECONDS}
+        self._presolved[self._solve_key(request)] = (now, lock)
+        return lock
+
+    def _take_presolved(self, request: BuildRequest) -> Lock | None:
+        kept = self._presolved.pop(self._solve_key(request), None)
+        return kept[1] if kept is not None and time.monotonic() - kept[0] < PRESOLVED_SECONDS else None
+
     async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
+        presolved = self._take_presolved(request)
+        if presolved is not None:
+            build_log.write("solve: the lock of the pre-check before the spawn\n")
+            return await self._keep_lock(build, presolved, build_log, " (solved before the start)")
         await build.publish("solve", 5, f"Solving {_plural(len(request.spec.conda), 'conda dependency')}")
         spec = _with_kernel_package(request.spec)
         try:
@@ -804,21 +866,24 @@ class ImageBuilder(LoggingConfigurable):
             build_log.write(f"solve failed: {error}\n")
             raise BuildError(f"solve: {error}", phase="solve", cause=str(error).removeprefix("cannot solve: "),
                              unreachable=error.unreachable) from None
+        return await self._keep_lock(build, lock, build_log)
+
+    async def _keep_lock(self, build: Build, lock: Lock, build_log: io.TextIOBase, note: str = "") -> Lock:
         lock.write(self.key_dir(build.key) / "environment.lock")
         (self.key_dir(build.key) / "lock.json").write_text(lock.to_json())
         build_log.write(f"solved: {len(lock.records)} packages, lock digest {lock.digest()}\n")
-        await build.publish("solve", 15, f"Solved: {_plural(len(lock.records), 'package')}")
+        await build.publish("solve", 15, f"Solved: {_plural(len(lock.records), 'package')}{note}")
         return lock
 
     async def _install(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                       build_log: io.TextIOBase) -> int:
+                       build_log: io.TextIOBase, prefix: str) -> int:
         missing = self.resolver.not_in_cache(lock)
         download = sum(record.size or 0 for record in missing)
         await build.publish("install", 20, (f"Downloading {_plural(len(missing), 'package')} ({_megabytes(download)})"
                                             f" and installing {len(lock.records)}") if missing
                             else f"Installing {_plural(len(lock.records), 'package')} from the package cache")
         try:
-            await self.resolver.install(lock, context / "env", request.prefix)
+            await self.resolver.install(lock, context / "env", prefix)
         except ResolveError as error:
             build_log.write(f"install failed: {error}\n")
             raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
@@ -827,6 +892,39 @@ class ImageBuilder(LoggingConfigurable):
         build_log.write(f"installed into the staging prefix: {size} bytes\n")
         await build.publish("install", 40, f"Installed the conda environment ({_megabytes(size)})")
         return size
+
+    def _daemon_can_load_layers(self) -> bool:
+        with self._daemon("reading the daemon's image store"):
+            able = layers.supports_layered_images(self.client.api)
+        if not able:
+            self.log.warning("ImageBuilder.layered_images: the Docker daemon uses the containerd image store; "
+                             "building with the Dockerfile route")
+        return able
+
+    async def _load_layers(self, build: Build, request: BuildRequest, staging: Path,
+                           build_log: io.TextIOBase) -> str:
+        """Load the staged environment into Docker as layers on the base image; the image's id."""
+        plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
+                                  max_layers=MAX_PACKAGE_LAYERS)
+        await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
+        written = [await asyncio.to_thread(layers.measure, layer) for layer in plan]
+        base_id = self.base_image_id()
+        with self._daemon("loading the environment's layers"):
+            known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
+            try:
+                image_id = await asyncio.to_thread(layers.load_image, self.client.api, base_id, written, {}, known)
+            except OSError as error:  # a layer counted on was removed meanwhile: send every layer
+                build_log.write(f"layered load failed ({error}); sending every layer\n")
+                image_id = await asyncio.to_thread(layers.load_image, self.client.api, base_id, written, {}, set())
+        chains = layers.chain_ids([*self.client.api.inspect_image(base_id)["RootFS"]["Layers"],
+                                   *(layer.diff_id for layer in written)])[-len(written):]
+        for layer, chain in zip(written, chains):
+            state = "already stored" if chain in known else "written"
+            build_log.write(f"layer {layer.name}: {layer.size} bytes, {layer.diff_id}, {state}\n")
+        sent = sum(layer.size for layer, chain in zip(written, chains) if chain not in known)
+        await build.publish("build", 44, f"Wrote {_megabytes(sent)} in {_plural(len(written), 'layer')} "
+                                         f"({len(written) - sum(1 for c in chains if c not in known)} already stored)")
+        return image_id
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
@@ -848,7 +946,8 @@ class ImageBuilder(LoggingConfigurable):
         }, indent=2))
 
     async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                            build_log: io.TextIOBase, env_size: int) -> str:
+                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None) -> str:
+        """``from_image``: the image to build on (the environment's layers), else the base."""
         await build.publish("build", 45, "Writing the image")
         base_id = self.base_image_id()
         labels = {
@@ -863,7 +962,7 @@ class ImageBuilder(LoggingConfigurable):
         kwargs = dict(
             path=str(context), tag=self.tag_for(build.key), labels=labels, rm=True, forcerm=True,
             network_mode=self.build_network_mode, decode=True,
-            buildargs={"BASE_IMAGE": base_id, "ENV_NAME": request.env_name},
+            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name},
             container_limits=self._container_limits(),
         )
         loop = asyncio.get_running_loop()
@@ -960,7 +1059,7 @@ class ImageBuilder(LoggingConfigurable):
 def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
     """The spec plus ipykernel when neither section has it: every env must run a kernel."""
     names = {MatchSpec(text).name.normalized for text in spec.conda}
-    names |= {Requirement(text).name for text in spec.pip}  # already canonical
+    names |= {Requirement(pip_requirement_text(text)).name for text in spec.pip}  # already canonical
     if "ipykernel" in names:
         return spec
     return dataclasses.replace(spec, conda=tuple(sorted((*spec.conda, "ipykernel"))))

@@ -67,20 +67,55 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     from .spec import SpecError, SpecPolicy
 
     policy = SpecPolicy(config=config)
-    results = []
-    for name in args.files:
+    results: list[dict[str, Any]] = []
+    specs = {}
+    for index, name in enumerate(args.files):
         try:
             spec = policy.parse(_read_input(name))
-            results.append({"file": name, "ok": True, "key": spec.key(), "spec": spec.normalized()})
+            specs[index] = spec
+            results.append({"file": name, "ok": True, "key": spec.key(), "spec": spec.normalized(),
+                            "notes": list(spec.notes)})
         except SpecError as error:
-            results.append({"file": name, "ok": False, "error": error.detail})
+            results.append({"file": name, "ok": False, "error": error.detail, "errors": error.details})
+    if args.solve and specs:
+        import asyncio
+
+        args.rattler_async = True  # see run()
+        asyncio.run(_solve_all(args, config, policy.precheck_timeout, specs, results))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            status = f"ok {result['key']}" if result["ok"] else f"error: {result['error']}"
-            print(f"{result['file']}: {status}")
+            if result["ok"]:
+                notes = f" ({'; '.join(result['notes'])})" if result["notes"] else ""
+                print(f"{result['file']}: ok {result['key']}{notes}")
+            else:
+                for problem in result["errors"]:  # one line per problem, capped by SpecPolicy.max_problems
+                    print(f"{result['file']}: error: {problem}")
     return 0 if all(result["ok"] for result in results) else 1
+
+
+async def _solve_all(args: argparse.Namespace, config: Config, timeout: float, specs: dict[int, Any],
+                     results: list[dict[str, Any]]) -> None:
+    """The spawner's pre-check for each valid file: solved as its build would (ipykernel added)."""
+    import asyncio
+
+    from .builder import BuildRequest, ImageBuilder
+    from .resolve import ResolveError
+
+    builder = ImageBuilder(config=config)
+    if args.channel_alias:
+        builder.resolver.channel_alias = args.channel_alias
+    for index, spec in specs.items():
+        result = results[index]
+        try:
+            lock = await asyncio.wait_for(builder.presolve(BuildRequest(spec, cuda=args.cuda)), timeout or None)
+            result["notes"].append(f"solved: {len(lock.records)} packages")
+            result["packages"] = len(lock.records)
+        except asyncio.TimeoutError:
+            result["notes"].append(f"not solved within {timeout:g} s (SpecPolicy.precheck_timeout); the build will")
+        except ResolveError as error:
+            result.update(ok=False, error=str(error), errors=[str(error)])
 
 
 # -- profiles -----------------------------------------------------------------------
@@ -582,9 +617,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser, add = command_parser("condaspawner", __doc__.splitlines()[0])
 
-    validate = add("validate", cmd_validate, "check environment.yml files: 'FILE: ok KEY' or 'FILE: error: REASON'")
+    validate = add("validate", cmd_validate, "check environment.yml files: 'FILE: ok KEY' or one "
+                   "'FILE: error: REASON' line per problem")
     validate.add_argument("files", nargs="+", metavar="FILE", help="environment files ('-' reads stdin)")
     validate.add_argument("--json", action="store_true", help="print the normalised spec and key per file")
+    validate.add_argument("--solve", action="store_true",
+                          help="also solve each valid file as the spawner's pre-check does (within "
+                               "c.SpecPolicy.precheck_timeout): 'cannot solve: ...' is an error")
+    validate.add_argument("--cuda", metavar="VERSION", help="with --solve: solve for this __cuda, as a GPU profile")
+    validate.add_argument("--channel-alias", metavar="URL", help="with --solve: where channel names resolve "
+                          "(default: from config)")
 
     profiles = add("profiles", cmd_profiles, "list the admin profiles, or every problem in them")
     profiles.add_argument("directory", nargs="?", metavar="DIR", help="profiles directory (default: from config)")

@@ -26,8 +26,9 @@ _MESSAGE_CHARS = 400
 class StartFailure(SpawnException):
     """A failed start: ``message`` is one line for the user, ``log_message`` may say more."""
 
-    def __init__(self, message: str, *, reason: str, status_code: int, log_message: str = ""):
-        message = _one_line(message)
+    def __init__(self, message: str, *, reason: str, status_code: int, log_message: str = "",
+                 max_chars: int = _MESSAGE_CHARS):
+        message = _one_line(message, max_chars)
         super().__init__(message, reason=reason, status_code=status_code, log_message=log_message or message)
         # JupyterHub shows this on the progress page instead of the exception's repr.
         self.jupyterhub_message = message
@@ -130,6 +131,6 @@ def log_failure(log: logging.Logger | logging.LoggerAdapter, who: str, failure: 
         log.warning("Start of %s refused (%s): %s", who, failure.status_code, failure.log_message)
 
 
-def _one_line(value: object) -> str:
+def _one_line(value: object, max_chars: int = _MESSAGE_CHARS) -> str:
     text = " ".join(str(value).split())
-    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

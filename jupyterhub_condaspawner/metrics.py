@@ -17,8 +17,8 @@ Recording never raises: a metric must never break a spawn.
   ``cancelled``.
 - ``condaspawner_build_duration_seconds{result}``: how long those builds took.
 - ``condaspawner_image_cache_lookups_total{result}``: a spawn's image lookup, ``hit`` or ``miss``.
-- ``condaspawner_culls_total{reason}``: servers stopped by the spawner's own culling;
-  :func:`record_cull` is what the (future) GPU-aware culler calls.
+- ``condaspawner_culls_total{reason}``: servers stopped by the spawner's own culling
+  (``gpu_idle``: GPU-aware idle culling, culler.py).
 """
 
 from __future__ import annotations
@@ -170,9 +170,5 @@ def build_done(started: float, clock: Callable[[], float]) -> Callable[[asyncio.
 
 @_quietly
 def record_cull(reason: str) -> None:
-    """A server was stopped by the spawner's culler; ``reason`` e.g. "gpu_idle".
-
-    Nothing calls this yet: GPU-aware idle culling (issue 11, part 2) will, once per
-    server it stops.
-    """
+    """A server was stopped by the spawner's culler; ``reason`` e.g. "gpu_idle"."""
     CULLS.labels(reason).inc()

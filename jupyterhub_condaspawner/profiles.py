@@ -43,6 +43,7 @@ class Profile:
     cpu_limit: float | None = None
     mem_limit: int | None = None
     cuda: str | None = None
+    gpu_idle_timeout: float | None = None  # minutes; None: CondaSpawner.gpu_idle_timeout
     allowed_groups: tuple[str, ...] = ()
     allowed_users: tuple[str, ...] = ()
     allow_custom_environment: bool = False
@@ -131,6 +132,12 @@ def _cuda(value: Any) -> str:
     return value.strip()
 
 
+def _minutes(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise _FieldError(f"must be a number of minutes (0 turns culling off), not {show(value)}")
+    return float(value)
+
+
 def _names(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -150,6 +157,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "cpu_limit": _cpu_limit,
     "mem_limit": _mem_limit,
     "cuda": _cuda,
+    "gpu_idle_timeout": _minutes,
     "allowed_groups": _names,
     "allowed_users": _names,
     "allow_custom_environment": _flag,
@@ -165,7 +173,7 @@ class ProfileCatalog(Configurable):
         help="""Directory holding one YAML file per profile (relative to the hub's working directory).
 
         Each file follows KubeSpawner's profile_list entries, plus `environment`, `gpus`,
-        `gpu_model`, `cuda`, `allowed_groups`, `allowed_users` and `allow_custom_environment`.
+        `gpu_model`, `cuda`, `gpu_idle_timeout` (minutes), `allowed_groups`, `allowed_users` and `allow_custom_environment`.
 
         c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"
         """,
@@ -257,6 +265,8 @@ class ProfileCatalog(Configurable):
             problems.append(f"{path}: display_name: required")
         if values.get("gpu_model") and not values.get("gpus"):
             problems.append(f"{path}: gpu_model: set gpus to 1 or more to choose a GPU model")
+        if values.get("gpu_idle_timeout") and not values.get("gpus"):
+            problems.append(f"{path}: gpu_idle_timeout: only GPU profiles are culled for idle GPUs (set gpus)")
         if len(problems) > found_before:
             return None
         values.setdefault("slug", slugify(values["display_name"]) or slugify(path.stem))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import difflib
 import hashlib
 import json
 import os
@@ -41,6 +42,10 @@ LOCK_ENVIRONMENT = "default"
 # `nodefaults` only removes `defaults` from the channel list; it is not a channel.
 NO_DEFAULTS = "nodefaults"
 _MESSAGE_CHARS = 400
+# What py-rattler's solver says when a spec matches nothing; and how near a channel's
+# package name must be to a missing one to be offered (difflib's ratio).
+_NO_CANDIDATES = "No candidates were found for"
+_NEAR_NAME_CUTOFF = 0.75
 # Anaconda's `defaults` does not live under conda.anaconda.org.
 ANACONDA_DEFAULTS = {
     "defaults": "https://repo.anaconda.com/pkgs/main",
@@ -255,8 +260,11 @@ class Resolver(Configurable):
         except asyncio.TimeoutError:
             raise ResolveError(f"solve took longer than {self.solve_timeout:g} s (Resolver.solve_timeout)")
         except Exception as error:  # rattler raises SolverError, FetchRepoDataError, ...
-            raise ResolveError(self._explain(error, cuda),
-                               unreachable=error.__class__.__name__ == "GatewayError") from None
+            unreachable = error.__class__.__name__ == "GatewayError"
+            message = self._explain(error, cuda)
+            if not unreachable and _NO_CANDIDATES in message:
+                message += await self._missing_names(channels, spec)
+            raise ResolveError(message, unreachable=unreachable) from None
         return Lock(
             records=records,
             platform=self.platform,
@@ -274,6 +282,24 @@ class Resolver(Configurable):
                 'set the profile\'s cuda version (e.g. cuda: "12.4")'
             )
         return f"cannot solve: {message}"
+
+    async def _missing_names(self, channels: list[str], spec: EnvironmentSpec) -> str:
+        """`` (nothing provides cs-gamaa; did you mean cs-gamma?)`` for the spec's names no channel has."""
+        try:
+            available = sorted(name.normalized for name in await rattler.Gateway().names(
+                channels, [Subdir(self.platform), Subdir("noarch")]))
+        except Exception:  # the solve's own reason stands alone
+            return ""
+        known = set(available)
+        hints = []
+        for text in spec.conda:
+            name = MatchSpec(text).name
+            if name is None or name.normalized in known or name.normalized.startswith("__"):
+                continue
+            near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            hints.append(f"nothing provides {name.normalized}{hint}")
+        return f" ({'; '.join(hints)})" if hints else ""
 
     # -- installing ----------------------------------------------------------------
 

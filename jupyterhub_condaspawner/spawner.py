@@ -20,8 +20,9 @@ from typing import Any, AsyncIterator
 import jinja2
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
-from traitlets import Bool, default
+from traitlets import Bool, Float, default
 
+from . import metrics
 from .builder import (
     LABEL_KEY,
     BuildError,
@@ -32,13 +33,14 @@ from .builder import (
     daemon_settings,
     request_for_profile,
 )
+from .culler import REASON_GPU_IDLE, Cull, GpuIdleCuller
 from .failures import StartFailure, explain, log_failure
 from .gpuqueue import GpuQueue
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
 from .isolation import IsolationMixin
 from .notices import Notices
 from .profiles import Profile, ProfileCatalog, ProfileError
-from .resolve import NO_DEFAULTS
+from .resolve import NO_DEFAULTS, ResolveError
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -46,6 +48,8 @@ _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescap
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
 _QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 _IMAGE_SHARE = 83
+# A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
+_SPEC_MESSAGE_CHARS = 8000
 
 
 @dataclass
@@ -58,6 +62,7 @@ class HubServices:
     allocator: GpuAllocator
     queue: GpuQueue
     notices: Notices
+    culler: GpuIdleCuller
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
 
 
@@ -87,6 +92,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             allocator=allocator,
             queue=GpuQueue(allocator),
             notices=Notices(Path(builder.cache_dir) / "notices"),
+            culler=GpuIdleCuller(allocator),
         )
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
@@ -100,24 +106,37 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
 
 
 def _start_gpu_sampler(services: HubServices, log: Any) -> None:
-    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle), once per hub,
-    from the first call made on the hub's event loop."""
+    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle; idle culling),
+    once per hub, from the first call made on the hub's event loop."""
     if services.sampler is not None or not services.allocator.gpu_sample_interval:
         return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not on the hub's loop (config checks, tests): the next call starts it
         return
-    services.sampler = loop.create_task(_sample_gpus(services.allocator, log))
+    services.sampler = loop.create_task(_sample_gpus(services, log))
 
 
-async def _sample_gpus(allocator: GpuAllocator, log: Any) -> None:
+async def _sample_gpus(services: HubServices, log: Any) -> None:
+    allocator = services.allocator
     while True:
         try:
-            await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
+            scan = await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
+            for cull, stop in services.culler.observe(allocator.gpu_states(scan)):
+                asyncio.ensure_future(_cull(services.culler, cull, stop, log))
         except Exception as error:
             log.warning("GPU sample failed: %s", error)
         await asyncio.sleep(allocator.gpu_sample_interval)
+
+
+async def _cull(culler: GpuIdleCuller, cull: Cull, stop: Any, log: Any) -> None:
+    log.info("Stopping %s/%s: its GPUs were idle for %.0f s (gpu_idle_timeout %.0f s)",
+             cull.user, cull.server_name or "(default)", cull.idle_seconds, cull.timeout_seconds)
+    try:
+        await stop(cull)
+    except Exception as error:
+        log.error("Could not stop idle server %s/%s, will try again: %s", cull.user, cull.server_name, error)
+        culler.rearm(cull.user, cull.server_name)
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -135,6 +154,20 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         user's choice, instead of restarting the stale one (DockerSpawner keeps it).
 
         c.CondaSpawner.replace_changed_containers = True
+        """,
+    )
+
+    gpu_idle_timeout = Float(
+        0.0,
+        min=0.0,
+        config=True,
+        help="""Minutes a GPU server may keep its GPUs without using them (every GPU at or
+        below GpuAllocator.idle_utilization percent, as sampled every
+        GpuAllocator.gpu_sample_interval seconds) before the hub stops it and frees them.
+        Browser activity does not count. A profile's own gpu_idle_timeout wins; 0 turns
+        culling off. The user's next spawn page says why their server stopped.
+
+        c.CondaSpawner.gpu_idle_timeout = 30
         """,
     )
 
@@ -228,7 +261,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         try:
             return self.services.policy.parse(text, source="environment.yml")
         except SpecError as error:
-            raise _refused(400, str(error)) from None
+            raise _spec_refused(error) from None
 
     def apply_choice(self, user_options: dict | None) -> None:
         """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
@@ -259,10 +292,12 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         data: str | bytes = upload.get("body") or text
         if data:
             try:
-                spec = self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
+                self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
             except SpecError as error:
-                raise ValueError(str(error))
-            options["environment"] = spec.to_yaml()
+                raise FormRefusal(error) from None
+            # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
+            # keeps its notes (ignored keys) for the progress page.
+            options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
@@ -286,9 +321,41 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             return await super()._run_apply_user_options(user_options)
         try:
             _apply_user_options(self, user_options)
+            await self.precheck_solve()
         except StartFailure as refusal:
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise
+
+    async def precheck_solve(self) -> None:
+        """Will the user's own environment solve? Asked before the spawn is accepted (form and REST).
+
+        Solved as its build will solve it (the profile's CUDA, ipykernel added); the build
+        then reuses the lock. Unsolvable: a 400 with the solver's reason. Skipped for an
+        image already built; past SpecPolicy.precheck_timeout, or with a channel that does
+        not answer, the spawn goes on and the build reports.
+        """
+        profile, custom = self._choice or (None, None)
+        timeout = self.services.policy.precheck_timeout
+        if profile is None or custom is None or timeout <= 0:
+            return
+        builder = self.services.builder
+        request = request_for_profile(profile, custom)
+
+        async def unless_cached() -> None:
+            with contextlib.suppress(Exception):  # no daemon or base image: the start will say so
+                if await asyncio.to_thread(builder.is_cached, request):
+                    return
+            await builder.presolve(request)
+
+        try:
+            await asyncio.wait_for(unless_cached(), timeout)
+        except asyncio.TimeoutError:
+            self.log.info("Pre-check of %s's environment took over %g s: the build solves it",
+                          self._log_name, timeout)
+        except ResolveError as error:
+            if not error.unreachable:
+                raise explain(BuildError(f"solve: {error}", phase="solve",
+                                         cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
 
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""
@@ -364,6 +431,8 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
+        for note in custom.notes if custom is not None else ():
+            await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
         configured_cpu, configured_mem = self._configured_limits
         self.cpu_limit = profile.cpu_limit or configured_cpu
         self.mem_limit = profile.mem_limit or configured_mem
@@ -373,6 +442,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._image_info = info
         self.image = info.image  # with a registry: the reference pinned by digest
         self._allocation = await self._allocate_gpus(profile)
+        self._watch_gpu_idleness(profile)
         self._prepare_container(info, self._allocation)
         await self._replace_if_changed(info)
         await self._feed.publish("start", 90, f"Starting your server ({profile.display_name})")
@@ -456,8 +526,47 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             self._queue_notice = False
 
     def _release_gpus(self) -> None:
-        hub_services(self).allocator.release(self.user.name, self.name)  # a no-op when it holds none
+        services = hub_services(self)
+        services.culler.forget(self.user.name, self.name)
+        services.allocator.release(self.user.name, self.name)  # a no-op when it holds none
         self._allocation = None
+
+    # -- GPU-aware idle culling ----------------------------------------------------------------
+
+    def _watch_gpu_idleness(self, profile: Profile | None) -> None:
+        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
+        if self._allocation is None or not self._allocation.uuids:
+            return
+        timeout = self.gpu_idle_timeout
+        if profile is not None and profile.gpu_idle_timeout is not None:
+            timeout = profile.gpu_idle_timeout
+        name = profile.display_name if profile is not None else (self.user_options or {}).get("profile", "a GPU profile")
+        hub_services(self).culler.watch(self.user.name, self.name, timeout_minutes=timeout, profile=name,
+                                        stop=self._stop_idle_server)
+
+    async def _stop_idle_server(self, cull: Cull) -> None:
+        """Stop this server the way the hub stops one (route, server, database), then say why."""
+        if not self.ready:
+            return  # a stop or a start is under way already
+        hub = _running_hub()
+        if hub is None:
+            raise RuntimeError("no running JupyterHub to stop the server through")
+        # Set before anything async, as the hub's own stop does, so that no start slips in.
+        self._stop_pending = True
+        try:
+            await hub.proxy.delete_user(self.user, self.name)
+        finally:
+            await self.user.stop(self.name)
+        self.services.notices.post(self.user.name, self.name, cull.notice)
+        metrics.record_cull(REASON_GPU_IDLE)
+
+    def _profile_of_saved_options(self) -> Profile | None:
+        """The profile a restored server was started with, if the catalog still has it."""
+        slug = (self.user_options or {}).get("profile")
+        try:
+            return self.services.catalog.get(slug) if isinstance(slug, str) else None
+        except (KeyError, StartFailure):
+            return None
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
@@ -565,6 +674,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
             self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
+            self._watch_gpu_idleness(self._profile_of_saved_options())
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -589,6 +699,33 @@ def _merged(base: dict | None, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def _running_hub() -> Any:
+    """The JupyterHub application of this process, or None outside a hub."""
+    from jupyterhub.app import JupyterHub
+
+    return JupyterHub.instance() if JupyterHub.initialized() else None
+
+
+class FormRefusal(ValueError):
+    """A spec refused on the form: one problem as one line; several as a list, one per line.
+
+    JupyterHub shows ``jupyterhub_message`` above the form it renders again, or, when that
+    is None, ``jupyterhub_html_message`` (every problem is the user's text, escaped).
+    """
+
+    def __init__(self, error: SpecError):
+        super().__init__(str(error))
+        self.problems = error.details
+        self.jupyterhub_message: str | None = str(error) if error.count == 1 else None
+        self.jupyterhub_html_message = _jinja.get_template("spec_problems.html").render(
+            source=error.source, count=error.count, problems=error.details)
+
+
+def _spec_refused(error: SpecError) -> StartFailure:
+    """A refused environment file (REST): every problem, on one line, ``; `` between them."""
+    return StartFailure(str(error), reason="options", status_code=400, max_chars=_SPEC_MESSAGE_CHARS)
 
 
 def _refused(status: int, message: str) -> StartFailure:

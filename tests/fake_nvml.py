@@ -19,6 +19,8 @@ one device, or ``fake.lose(index)`` for a GPU that fell off the bus.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import warnings
@@ -180,3 +182,32 @@ class FakeNvml:
         code = gpu.failures.get(function, SUCCESS)
         if code != SUCCESS:
             raise NVMLError(code)
+
+
+class FileDrivenNvml(FakeNvml):
+    """A :class:`FakeNvml` whose utilization readings another process plays: each reading
+    takes the GPU's percent from ``levels_file`` (JSON ``{uuid: percent}``) when it lists
+    the GPU. A test replays a utilization trace into a real hub by rewriting the file."""
+
+    def __init__(self, gpus: list[FakeGpu] | tuple[FakeGpu, ...], levels_file: str, **kwargs):
+        super().__init__(gpus, **kwargs)
+        self.levels_file = levels_file
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        try:
+            with open(self.levels_file) as levels:
+                percent = json.load(levels)
+        except (OSError, ValueError):
+            percent = {}
+        if isinstance(handle, FakeHandle) and 0 <= handle.index < len(self.gpus):
+            gpu = self.gpus[handle.index]
+            gpu.utilization_gpu = int(percent.get(gpu.uuid, gpu.utilization_gpu))
+        return super().nvmlDeviceGetUtilizationRates(handle)
+
+
+def write_levels(levels_file, percent: dict[str, int]) -> None:
+    """Set what :class:`FileDrivenNvml` reads next, atomically."""
+    partial = f"{levels_file}.tmp"
+    with open(partial, "w") as out:
+        json.dump(percent, out)
+    os.replace(partial, levels_file)

@@ -6,6 +6,8 @@ extra settings for the tests: an API token, fake static GPUs, kept containers.
 
 from __future__ import annotations
 
+import html
+import http.cookiejar
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 import pytest
 from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_images
+from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
@@ -60,6 +64,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def metric(samples: dict, name: str, **labels: str) -> float | None:
+    """One sample of :meth:`Hub.metrics`, by name and labels."""
+    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 class Hub:
@@ -147,6 +156,25 @@ class Hub:
                         break
         return events
 
+    def spawn_page(self, user: str) -> str:
+        """The spawn form as ``user`` sees it in a browser (the dummy login takes any name)."""
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        opener.open(f"{self.url}/hub/login", timeout=30).read()
+        xsrf = next(cookie.value for cookie in jar if cookie.name == "_xsrf")
+        form = urllib.parse.urlencode({"username": user, "password": "", "_xsrf": xsrf}).encode()
+        with opener.open(f"{self.url}/hub/login?next=%2Fhub%2Fspawn", data=form, timeout=60) as page:  # redirected
+            assert page.url.endswith("/hub/spawn"), page.url
+            return html.unescape(page.read().decode())
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every condaspawner_ sample on /hub/metrics: (name, sorted labels) -> value."""
+        status, text = self.request("GET", "/hub/metrics")
+        assert status == 200, text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name.startswith("condaspawner_")}
+
     def server_model(self, user: str, server: str = "") -> dict | None:
         status, model = self.api("GET", f"/users/{user}")
         assert status == 200, model
@@ -209,7 +237,14 @@ async def _run_code(connection, code: str, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory):
-    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last."""
+    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last.
+
+    Its channel is the small dev channel, unless the module sets ``HUB_REAL_SET``
+    ("datascience"): then it is that real channel, as in ``make demo``, and the demo's
+    data-science profile is offered too.
+    """
+    real_set = getattr(request.module, "HUB_REAL_SET", None)
+    real_channel = request.getfixturevalue(f"{real_set}_channel") if real_set else None
     try:
         proxy_command = ensure_proxy(bench_dir())
     except BenchError as error:
@@ -217,8 +252,9 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
     state = tmp_path_factory.mktemp("hub")
     profiles = state / "profiles"
     (profiles / "envs").mkdir(parents=True)
+    # Not the GPU profile (this machine has none), nor the data-science one on the dev channel.
     for source in (REPO / "demo" / "profiles").rglob("*"):
-        if source.is_file() and "pytorch" not in source.name:
+        if source.is_file() and "pytorch" not in source.name and (real_set or "datascience" not in source.name):
             target = profiles / source.relative_to(REPO / "demo" / "profiles")
             target.write_text(source.read_text())
     (profiles / "40-gpu-demo.yaml").write_text(GPU_PROFILE)
@@ -238,6 +274,9 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
         "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
         "CONDASPAWNER_DEMO_VOLUME_PREFIX": VOLUME_PREFIX,  # the demo's own home template, test-named
     }
+    env.pop("CONDASPAWNER_DEMO_CHANNEL", None)
+    if real_channel is not None:
+        env["CONDASPAWNER_DEMO_CHANNEL"] = real_channel.url
     hub = Hub(state, env)
     hub.start()
     try:

@@ -60,3 +60,20 @@ def test_offline_base_is_cached(docker_daemon, base_image, dev_python_channel):
     image_id = asyncio.run(build_offline_base(docker_daemon.client(), bench_dir(), resolver))
     assert image_id == docker_daemon.client().images.get(base_image).id
     print(f"cached offline base lookup: {time.monotonic() - started:.2f} s")
+
+
+def test_the_server_imports_without_compiling_or_building_grammars(docker_daemon, base_image):
+    # Servers run as jovyan, who cannot write __pycache__: a module without its .pyc is
+    # compiled on every start. rfc3987-syntax (an optional jsonschema format checker)
+    # compiled ~40 grammars at import, most of a server's boot.
+    script = (
+        "import importlib.util, os, sys\n"
+        "import jupyterhub.singleuser, jupyter_server.serverapp, jupyterlab.labapp\n"
+        "files = [getattr(m, '__file__', None) or '' for m in list(sys.modules.values())]\n"
+        "missing = [f for f in files if f.endswith('.py') and not os.path.exists(importlib.util.cache_from_source(f))]\n"
+        "print(len(files), len(missing), 'rfc3987_syntax' in sys.modules, *missing[:5])\n"
+    )
+    loaded, missing, grammars, *examples = run_in(docker_daemon.client(), base_image,
+                                                   ["python", "-B", "-c", script]).split()
+    assert int(loaded) > 500  # the server's real import graph was loaded
+    assert (missing, grammars) == ("0", "False"), examples

@@ -27,20 +27,54 @@ def test_validate_prints_ok_and_key_per_file():
     lines = result.stdout.decode().splitlines()
     assert len(lines) == len(files)
     for name, line in zip(files, lines):
+        line, _, note = line.partition(" (ignored: ")  # unknown top-level keys
         prefix, key = line.rsplit(" ", 1)
         assert prefix == f"{name}: ok" and len(key) == 64 and int(key, 16) >= 0
+        assert not note or name.endswith(("-keys.yml", "-ignored.yml"))
 
 
-def test_every_hostile_file_gets_one_error_line_and_no_traceback():
+def test_every_hostile_file_gets_error_lines_and_no_traceback():
     files = sorted(str(p) for p in (CORPUS / "hostile").iterdir())
     result = condaspawner("validate", *files)
     assert result.returncode == 1
     assert result.stderr == b""
     lines = result.stdout.decode().splitlines()
-    assert len(lines) == len(files)
-    for name, line in zip(files, lines):
-        assert line.startswith(f"{name}: error: ")
-        assert HOSTILE[Path(name).name] in line
+    by_file: dict[str, list[str]] = {}
+    for line in lines:
+        name, _, rest = line.partition(": error: ")
+        by_file.setdefault(name, []).append(rest)
+    assert list(by_file) == files  # in order, each file at least one line
+    for name, problems in by_file.items():
+        assert HOSTILE[Path(name).name] in problems[0]
+        assert "Traceback" not in "".join(problems)
+
+
+def test_validate_prints_one_error_line_per_problem():
+    hostile = str(CORPUS / "hostile" / "many-problems.yml")
+    lines = condaspawner("validate", hostile).stdout.decode().splitlines()
+    assert [line.split(": ", 2)[1] for line in lines] == ["error"] * 4
+    assert [line.split(": error: ")[1].split(":")[0] for line in lines] == [
+        "channels[0] (line 3)", "channels[1] (line 4)", "channels[2] (line 5)", "dependencies[1].pip[0] (line 9)"]
+
+
+def test_validate_caps_the_problems_it_prints(tmp_path):
+    env = tmp_path / "env.yml"
+    env.write_text("dependencies:\n" + "".join(f"  - bad{i}>>=1\n" for i in range(30)))
+    config = tmp_path / "c.py"
+    config.write_text("c = get_config()\nc.SpecPolicy.max_problems = 3\n")
+    lines = condaspawner("validate", "--config", str(config), str(env)).stdout.decode().splitlines()
+    assert len(lines) == 4 and lines[-1] == f"{env}: error: ... and 27 more problems"
+
+
+def test_validate_names_the_ignored_keys():
+    good = str(CORPUS / "good" / "conda-lock-keys.yml")
+    result = condaspawner("validate", good)
+    assert result.returncode == 0
+    ok, key, note = result.stdout.decode().strip().removeprefix(f"{good}: ").split(" ", 2)
+    assert ok == "ok" and len(key) == 64
+    assert note == "(ignored: platforms, category, extras)"
+    (entry,) = json.loads(condaspawner("validate", "--json", good).stdout)
+    assert entry["notes"] == ["ignored: platforms, category, extras"]
 
 
 def test_one_bad_file_makes_the_exit_status_nonzero():
@@ -64,7 +98,7 @@ def test_validate_json_has_normalised_spec_and_key():
     assert ok["ok"] and ok["spec"]["pip"] == ["requests>=2.0"] and ok["spec"]["channels"] == ["conda-forge"]
     plain = condaspawner("validate", good).stdout.decode()
     assert plain.strip().endswith(ok["key"])
-    assert not bad["ok"] and "pip options" in bad["error"]
+    assert not bad["ok"] and "pip options" in bad["error"] and bad["errors"] == [bad["error"]]
 
 
 def test_validate_reads_limits_from_a_traitlets_config(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from fixtures_docker import remove_repo_images
+from fixtures_docker import bench_dir, remove_repo_images
 from test_cli import condaspawner
 
 pytestmark = pytest.mark.docker
@@ -19,7 +19,7 @@ def config(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
     path.write_text(
         "c = get_config()\n"
         f"c.Resolver.channel_urls = {{'conda-forge': {dev_python_channel.url!r}}}\n"
-        f"c.Resolver.package_cache_dir = {str(directory / 'pkgs')!r}\n"
+        f"c.Resolver.package_cache_dir = {str(bench_dir() / 'pkgs')!r}\n"  # the bench's shared cache
         f"c.ImageBuilder.cache_dir = {str(directory / 'cache')!r}\n"
         f"c.ImageBuilder.base_image = {base_image!r}\n"
         f"c.ImageBuilder.image_repo = {repo!r}\n"

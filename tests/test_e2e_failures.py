@@ -7,8 +7,6 @@ host) and the pip sections of builds pointed at a package index on loopback (pip
 
 from __future__ import annotations
 
-import html
-import http.cookiejar
 import json
 import os
 import threading
@@ -90,18 +88,6 @@ class Spawn:
     @property
     def messages(self) -> list[str]:
         return [event["message"] for event in self.events]
-
-
-def spawn_page_as(hub, user: str) -> str:
-    """The spawn form as ``user`` sees it in a browser (the dummy login takes any name)."""
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    opener.open(f"{hub.url}/hub/login", timeout=30).read()
-    xsrf = next(cookie.value for cookie in jar if cookie.name == "_xsrf")
-    form = urllib.parse.urlencode({"username": user, "password": "", "_xsrf": xsrf}).encode()
-    with opener.open(f"{hub.url}/hub/login?next=%2Fhub%2Fspawn", data=form, timeout=60) as page:  # redirected
-        assert page.url.endswith("/hub/spawn"), page.url
-        return html.unescape(page.read().decode())
 
 
 def failure_message(hub, spawn: Spawn) -> str:
@@ -238,9 +224,9 @@ async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
     assert output.strip() == FAKE_GPU
     # The queued spawn did not survive the restart, and its owner is told so on the spawn page.
     assert not (hub.server_model("gpu-q") or {}).get("ready")
-    page = spawn_page_as(hub, "gpu-q")
+    page = hub.spawn_page("gpu-q")
     assert "Your last start of Fake A100 (CUDA 12.4) was waiting for a GPU when the hub restarted" in page
-    assert "was waiting for a GPU" not in spawn_page_as(hub, "gpu-q")  # told once
+    assert "was waiting for a GPU" not in hub.spawn_page("gpu-q")  # told once
 
     # The GPU is still gpu-r's: the next one waits, and gets it when gpu-r stops.
     waiting = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})

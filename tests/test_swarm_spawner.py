@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 from fixtures_docker import bench_dir
 from jupyterhub.objects import Hub
-from test_spawner_failures import StandInUser
+from stand_in_user import StandInUser
 from traitlets.config import Config
 
 from condaspawner_bench.swarm import SwarmBench

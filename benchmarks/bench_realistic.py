@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Real-size environments: cold builds against the floor, and layers shared between images.
+
+Prints figures next to the goals of issue 12 (parts 2 and 3); it asserts nothing. Run it with
+
+    .venv/bin/python benchmarks/bench_realistic.py [--set datascience|full] [--shared N] [--routes R,...]
+
+It sets the bench up with a real package set (``condaspawner_bench.realchannel``: PyPI's
+wheels as conda packages, ``full`` adds PyTorch and NVIDIA's CUDA libraries, ~3 GB,
+downloaded once into the bench) and fills the package cache first, so that downloads
+are not part of any figure. Then:
+
+1. **Cold builds** of the ``datascience`` environment (numpy, pandas, matplotlib) and,
+   with ``--set full``, the ``torch-cuda`` one, by each route (``layered``: the builder
+   writes the layers itself; ``dockerfile``: build context and ``COPY``), each a new key.
+   The floor, measured in the same run: the same installed environment's bytes streamed
+   once into a new image layer (``docker import`` of a tar of the staged prefix). Printed
+   for scripts: ``cold build / floor, NAME: X.XX`` (the layered route; goal <= 1.5), the
+   Dockerfile route beside it, the phase breakdown and the image sizes.
+2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
+   that differ in a few small packages, built by the layered route and pushed to a new
+   registry on loopback: ``disk for 5 envs / disk for 1: X.XX`` (the daemon's layer
+   store, goal <= 1.5) and ``registry bytes for envs 2-5 / env 1: X.XX`` (bytes pushed,
+   goal <= 0.10).
+
+Images, registry and scratch folders of the run are removed at the end; the daemon,
+channels, base image and package cache stay. Progress goes to stderr, figures to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
+from condaspawner_bench.registry import start_registry  # noqa: E402
+from jupyterhub_condaspawner import layers  # noqa: E402
+from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder, ImageInfo  # noqa: E402
+from jupyterhub_condaspawner.resolve import Resolver  # noqa: E402
+from jupyterhub_condaspawner.spec import SpecPolicy  # noqa: E402
+
+RUN_ID = uuid.uuid4().hex[:8]
+CUDA = "12.4"  # the torch environment's CUDA libraries need a driver: solved as a GPU profile's
+ENVIRONMENTS = {
+    "datascience": ("numpy", "pandas", "matplotlib"),
+    "torch-cuda": ("torch", "numpy"),
+}
+# What the shared-layer environments add to the stack: a few small packages each.
+VARIANTS = ((), ("cs-alpha=1.0",), ("cs-beta",), ("cs-gamma",), ("cs-alpha=2.0",), ("cs-alpha=1.1", "pip"))
+FLOOR_GOAL, DISK_GOAL, REGISTRY_GOAL = 1.5, 1.5, 0.10
+
+
+def say(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def request(name: str, packages: tuple[str, ...], label: str) -> BuildRequest:
+    dependencies = ", ".join(("python=3.9", "ipykernel", *packages))
+    text = f"channels: [conda-forge]\ndependencies: [{dependencies}]\nvariables: {{BENCH_RUN: {RUN_ID}-{label}}}\n"
+    cuda = CUDA if "torch" in packages else None
+    return BuildRequest(SpecPolicy().parse(text), cuda=cuda, env_name=name)
+
+
+@dataclass
+class Timed:
+    info: ImageInfo
+    seconds: float
+    phases: list[tuple[float, str, str]] = field(default_factory=list)  # seconds since start, phase, message
+
+    def breakdown(self) -> str:
+        marks = self.phases + [(self.seconds, "end", "")]
+        spans: dict[str, float] = {}
+        for (at, phase, _), (after, _, _) in zip(marks, marks[1:]):
+            spans[phase] = spans.get(phase, 0.0) + after - at
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in spans.items() if seconds >= 0.05)
+
+
+async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Timed:
+    started = time.perf_counter()
+    build = builder.ensure(build_request)
+    phases = []
+    async for event in build.follow():
+        if not phases or phases[-1][1] != event["phase"]:
+            phases.append((time.perf_counter() - started, event["phase"], event["message"]))
+    info = await build.result()
+    return Timed(info, time.perf_counter() - started, phases)
+
+
+async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path) -> float:
+    """Stream the installed environment's bytes once into a new image layer (docker import)."""
+    lock = await resolver.solve(build_request.spec, cuda=build_request.cuda)  # it lists ipykernel
+    staging = scratch / "floor-env"
+    shutil.rmtree(staging, ignore_errors=True)
+    await resolver.install(lock, staging, layers.SHARED_PREFIX)
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    whole = layers.Layer("floor", tuple(layers.Entry(f"{prefix}/{path}", staging / path)
+                                        for path in sorted(layers.tree_paths(staging))))
+    measured = layers.measure(whole)
+    api = bench.daemon.client(timeout=3600).api
+    tag = f"condaspawner-floor-{RUN_ID}"
+    started = time.perf_counter()
+    api.import_image_from_data(layers.stream_tar(measured), repository=tag, tag="x")
+    seconds = time.perf_counter() - started
+    with contextlib.suppress(Exception):
+        api.remove_image(f"{tag}:x")
+    shutil.rmtree(staging, ignore_errors=True)
+    return seconds
+
+
+def layers_bytes(bench: Bench) -> int:
+    return int(bench.daemon.client(timeout=600).api.df().get("LayersSize") or 0)
+
+
+def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, **settings) -> ImageBuilder:
+    return ImageBuilder(
+        resolver=resolver, docker_client=bench.daemon.client(timeout=3600), base_image=bench.base_image,
+        cache_dir=str(scratch / f"cache-{route}"), image_repo=f"condaspawner-realistic-{RUN_ID}-{route}",
+        layered_images=route == "layered", build_timeout=7200, **settings)
+
+
+async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: list[str], routes: list[str]) -> None:
+    print(f"\nCold builds on {os.cpu_count()} cores (package cache warm; each build a new key)")
+    for name in names:
+        packages = ENVIRONMENTS[name]
+        floor = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch)
+        results = {}
+        for route in routes:
+            say(f"{name}: cold build by the {route} route")
+            results[route] = await timed_build(make_builder(bench, resolver, scratch, route),
+                                               request(name, packages, f"cold-{route}"))
+        size = next(iter(results.values())).info.size
+        print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor:.1f} s; "
+              f"image {size / 1e9:.2f} GB")
+        for route, result in results.items():
+            print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown()}")
+        main_route = "layered" if "layered" in results else routes[0]
+        print(f"cold build / floor, {name}: {results[main_route].seconds / floor:.2f}")
+
+
+async def shared_layers(bench: Bench, resolver: Resolver, scratch: Path, name: str, count: int) -> None:
+    registry = start_registry(scratch / "registry")
+    try:
+        repository = registry.repository(f"condaspawner-realistic-{RUN_ID}")
+        builder = make_builder(bench, resolver, scratch, "shared", registry=repository,
+                               insecure_registries=[registry.host])
+        before = layers_bytes(bench)
+        disk, pushed = [], []
+        for index in range(count):
+            variant = VARIANTS[index % len(VARIANTS)]
+            say(f"shared layers: environment {index + 1} of {count} ({name} + {', '.join(variant) or 'nothing'})")
+            result = await timed_build(builder, request(name, ENVIRONMENTS[name] + variant, f"shared{index}"))
+            disk.append(layers_bytes(bench) - before)
+            pushed.append(result.info.pushed_bytes or 0)
+            say(f"  {result.seconds:.1f} s; layer store +{disk[-1] / 1e9:.2f} GB; pushed {pushed[-1] / 1e6:.1f} MB")
+        print(f"\nLayers shared: {count} environments of the {name} stack differing in small packages "
+              f"(this channel has one python release: the patch-release variant is not measured)")
+        print(f"  layer store: {disk[0] / 1e9:.2f} GB for the first, {disk[-1] / 1e9:.2f} GB for all {count}; "
+              f"pushed {pushed[0] / 1e6:.1f} MB first, then {', '.join(f'{p / 1e6:.1f}' for p in pushed[1:])} MB")
+        print(f"disk for {count} envs / disk for 1: {disk[-1] / max(disk[0], 1):.2f}")
+        print(f"registry bytes for envs 2-{count} / env 1: {sum(pushed[1:]) / max(pushed[0], 1):.2f}")
+    finally:
+        registry.stop()
+
+
+def clean_up(bench: Bench, scratch: Path) -> None:
+    client = bench.daemon.client(timeout=600)
+    for image in client.images.list():
+        if any(RUN_ID in tag for tag in image.tags):  # this run's repositories, local and pushed
+            with contextlib.suppress(Exception):
+                client.images.remove(image.id, force=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def run(bench: Bench, arguments: argparse.Namespace) -> None:
+    channel = bench.real_channel
+    if channel is None:
+        raise SystemExit(f"the bench built no real channel for --set {arguments.set}")
+    resolver = Resolver(channel_urls={"conda-forge": channel.url}, package_cache_dir=str(bench.directory / "pkgs"))
+    names = ["datascience"] + (["torch-cuda"] if arguments.set == "full" else [])
+    scratch = bench.directory / "bench-realistic" / RUN_ID
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        say("filling the package cache (downloads are not part of any figure)")
+        started = time.perf_counter()
+        for name in names:
+            floor_request = request(name, ENVIRONMENTS[name] + ("cs-alpha", "cs-beta", "cs-gamma"), "warm")
+            await resolver.install(await resolver.solve(floor_request.spec, cuda=floor_request.cuda),
+                                   scratch / "warm", layers.SHARED_PREFIX)
+            shutil.rmtree(scratch / "warm", ignore_errors=True)
+        say(f"package cache ready in {time.perf_counter() - started:.1f} s")
+        await cold_builds(bench, resolver, scratch, names, arguments.routes.split(","))
+        if arguments.shared:
+            await shared_layers(bench, resolver, scratch, names[-1], arguments.shared)
+    finally:
+        clean_up(bench, scratch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=("datascience", "full"), default="full",
+                        help="the real package set (full: PyTorch and CUDA libraries, ~3 GB once)")
+    parser.add_argument("--shared", type=int, default=5, help="environments in the shared-layers part (0: skip)")
+    parser.add_argument("--routes", default="layered,dockerfile", help="build routes for the cold builds")
+    arguments = parser.parse_args()
+    bench = ensure_bench(real_set=arguments.set, say=say)  # it runs its own event loop
+    asyncio.run(run(bench, arguments))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

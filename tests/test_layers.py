@@ -1,0 +1,133 @@
+"""Layered environment images: deterministic layers, and two images storing a shared package once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+from fixtures_docker import bench_dir, remove_repo_images
+from kernel_script import kernel_round_trip
+
+from jupyterhub_condaspawner import layers
+from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.resolve import Resolver
+from jupyterhub_condaspawner.spec import SpecPolicy
+
+SESSION = uuid.uuid4().hex[:8]
+MB = 1024 * 1024
+
+
+def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None = None) -> Path:
+    """A staged prefix as rattler leaves it: each package's files plus conda-meta/<pkg>.json."""
+    (root / "conda-meta").mkdir(parents=True)
+    for name, files in packages.items():
+        for path, data in files.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            if mtime is not None:
+                os.utime(target, (mtime, mtime))
+        record = {"name": name, "version": "1.0", "build": "0", "files": sorted(files),
+                  "requested_spec": f"{name} {uuid.uuid4().hex}"}  # differs per environment, as in life
+        (root / "conda-meta" / f"{name}-1.0-0.json").write_text(json.dumps(record))
+    return root
+
+
+BIG = {"lib/libbig.so": b"\x7fELF" + b"x" * (2 * MB), "lib/big/__init__.py": b"VALUE = 1\n"}
+
+
+def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_top(tmp_path):
+    staged = stage(tmp_path / "env", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"},
+                                      "tiny": {"bin/tool": b"#!/bin/sh\n"}})
+    (staged / "bin" / "tool").chmod(0o755)
+    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    assert [layer.name for layer in plan] == ["big-1.0-0", "small packages", "environment"]
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    assert {e.path for e in plan[0].entries} == {f"{prefix}/lib/libbig.so", f"{prefix}/lib/big/__init__.py"}
+    assert {e.path for e in plan[1].entries} == {f"{prefix}/lib/small.py", f"{prefix}/bin/tool"}
+    top = {e.path: e.link for e in plan[2].entries}
+    assert top["opt/conda/envs/demo"] == "_shared"
+    assert all(path.startswith(f"{prefix}/conda-meta/") for path in top if path != "opt/conda/envs/demo")
+
+    tar = io.BytesIO()
+    layers.write_tar(plan[1].entries, tar)
+    tar.seek(0)
+    with tarfile.open(fileobj=tar) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+    assert members[f"{prefix}/bin/tool"].mode == 0o755 and members[f"{prefix}/lib/small.py"].mode == 0o644
+    assert {(m.uid, m.gid, m.mtime) for m in members.values()} == {(0, 0, layers.LAYER_MTIME)}
+    assert members[f"{prefix}/lib"].isdir()
+
+
+def test_the_same_package_staged_twice_gives_the_same_layer(tmp_path):
+    # Another environment, staged elsewhere at another time, with other packages beside it.
+    first = stage(tmp_path / "one", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}}, mtime=1_000)
+    second = stage(tmp_path / "two", {"big": BIG, "other": {"lib/other.py": b"y = 2\n"}}, mtime=2_000_000)
+    one, two = (layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+                for staged, name in ((first, "course"), (second, "lab")))
+    assert layers.measure(one[0]).diff_id == layers.measure(two[0]).diff_id
+    assert layers.measure(one[1]).diff_id != layers.measure(two[1]).diff_id
+
+
+def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
+    packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(5)}
+    plan = layers.plan_layers(stage(tmp_path / "env", packages), "demo", min_bytes=MB, max_layers=2)
+    assert [layer.name for layer in plan] == ["p3-1.0-0", "p4-1.0-0", "small packages", "environment"]
+
+
+def test_chain_ids_follow_dockers_definition():
+    first, second = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert layers.chain_ids([first, second]) == [
+        first, "sha256:" + hashlib.sha256(f"{first} {second}".encode()).hexdigest()]
+
+
+# -- on the real daemon ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layered_builder(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
+    yield ImageBuilder(
+        resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+        cache_dir=str(tmp_path_factory.mktemp("layered-cache")), image_repo=f"condaspawner-layers-{SESSION}",
+        layered_images=True, shared_layer_min_size=8 * MB,  # python's package gets a layer of its own
+    )
+    remove_repo_images(docker_daemon.client(), f"condaspawner-layers-{SESSION}")
+
+
+def env_request(extra: str, name: str) -> BuildRequest:
+    text = f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, {extra}]\n"
+    return BuildRequest(SpecPolicy().parse(textwrap.dedent(text)), env_name=name)
+
+
+@pytest.mark.docker
+async def test_two_environments_store_their_shared_packages_once(layered_builder, docker_daemon):
+    first = await layered_builder.get_image(env_request("cs-alpha", "course"))
+    second = await layered_builder.get_image(env_request("cs-beta", "lab"))
+    api = docker_daemon.client().api
+    one, two = (api.inspect_image(info.image_id)["RootFS"]["Layers"] for info in (first, second))
+    shared = 0
+    for chain_one, chain_two in zip(layers.chain_ids(one), layers.chain_ids(two)):
+        if chain_one != chain_two:
+            break
+        shared += 1
+    base_layers = len(api.inspect_image(layered_builder.base_image_id())["RootFS"]["Layers"])
+    assert shared > base_layers  # at least python's layer sits, identical, on the same layers
+    # Docker keeps one copy per chain: the shared layers exist once in its layer store.
+    layerdb = bench_dir() / "docker" / "image" / "overlay2" / "layerdb" / "sha256"
+    for chain in layers.chain_ids(one)[base_layers:shared]:
+        assert (layerdb / chain.removeprefix("sha256:")).is_dir()
+    log = (Path(layered_builder.key_dir(second.key)) / "build.log").read_text()
+    assert "already stored" in log and "python-3.9" in log
+
+    client = docker_daemon.client()
+    script = kernel_round_trip("import sys, os; (sys.prefix, os.path.realpath(sys.prefix), sys.version_info[:2])", "lab")
+    output = client.containers.run(second.tag, ["python", "-c", script], network_mode="host", remove=True)
+    assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/lab', '/opt/conda/envs/_shared', (3, 9))"

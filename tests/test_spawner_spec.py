@@ -1,0 +1,84 @@
+"""A refused or noted environment.yml on the form and REST: every problem, and the notes.
+
+A CondaSpawner in-process with a stand-in user (as in test_spawner_failures.py); nothing
+here needs Docker: a refused spec never reaches the builder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jupyterhub.utils import format_exception
+from test_spawner_failures import spawner_for
+
+from jupyterhub_condaspawner.failures import StartFailure
+
+CORPUS = Path(__file__).parent / "corpus"
+MANY = (CORPUS / "hostile" / "many-problems.yml").read_text()
+FIELDS = ("channels[0] (line 3)", "channels[1] (line 4)", "channels[2] (line 5)", "dependencies[1].pip[0] (line 9)")
+
+
+def test_rest_refuses_a_spec_with_every_problem_in_one_line(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "py", "environment": MANY})
+    message = refusal.value.message
+    assert refusal.value.status_code == 400 and "\n" not in message
+    assert message.startswith("environment.yml: 4 problems: channels[0] (line 3): 'my-own-channel' is not")
+    assert all(field in message for field in FIELDS)
+    assert message.endswith("URLs and version-control references are not allowed; name a package from the index")
+
+
+def test_a_single_problem_keeps_its_one_line_form(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "py", "environment": "dependencies:\n - pip:\n   - -e .\n"})
+    assert refusal.value.message.startswith("environment.yml: dependencies[0].pip[0] (line 3): '-e .': pip options")
+
+
+def test_the_form_lists_every_problem_escaped(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    text = MANY.replace("anaconda-fake", "<b>bold</b>")
+    with pytest.raises(ValueError) as refusal:
+        spawner.options_from_form_data({"profile": ["py"], "environment_text": [text]})
+    message, html = format_exception(refusal.value)  # what JupyterHub's spawn page shows
+    assert message is None
+    assert html.startswith("<span data-testid=\"condaspawner-spec-problems\">Error: pasted environment.yml: "
+                           "4 problems:</span>")
+    items = html.split('data-testid="condaspawner-spec-problem">')[1:]
+    assert len(items) == 4
+    assert all(field in item for field, item in zip(FIELDS, items))
+    assert "<b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert str(refusal.value).startswith("pasted environment.yml: 4 problems: channels[0] (line 3): ")
+
+
+def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(ValueError) as refusal:
+        spawner.options_from_form_data({"profile": ["py"], "environment_text": ["channels: [default]\n"
+                                                                                "dependencies: [numpy]\n"]})
+    message, _ = format_exception(refusal.value)
+    assert message == str(refusal.value)
+    assert message.startswith("pasted environment.yml: channels[0] (line 1): 'default' is not an allowed channel "
+                              "(did you mean 'defaults'?)")
+
+
+def test_an_upload_with_ignored_keys_is_accepted_and_noted_on_the_progress_page(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    upload = (CORPUS / "good" / "conda-lock-keys.yml").read_bytes()
+    options = spawner.options_from_form_data(
+        {"profile": ["py"], "environment_file_file": [{"body": upload, "filename": "env.yml"}]})
+    spawner.apply_choice(options)
+    _, custom = spawner._choice
+    assert custom is not None and custom.notes == ("ignored: platforms, category, extras",)
+    assert "platforms" not in spawner.user_options["environment"]  # stored normalised
+
+
+async def test_the_notes_are_the_first_progress_events(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent", ImageBuilder__docker_host="tcp://127.0.0.1:9")
+    spawner.apply_choice({"profile": "py", "environment": (CORPUS / "good" / "conda-lock-keys.yml").read_text()})
+    with pytest.raises(StartFailure):  # no daemon and no registry: refused before anything is built
+        await spawner.start()
+    messages = [event["message"] async for event in spawner.progress()]
+    assert messages[0] == "Note: your environment.yml: ignored: platforms, category, extras"
