@@ -44,6 +44,12 @@ c.ImageBuilder.disk_budget = "500G"
 # c.ImageBuilder.registry = "registry.example.edu:5000/condaspawner-env"
 # c.ImageBuilder.insecure_registries = []  # only registries without a trusted certificate
 # c.ImageBuilder.docker_host = "tcp://build.example.edu:2376"  # a build host (needs the registry)
+# Several GPU hosts in a Docker Swarm (README, "Docker Swarm"): each server is a service that
+# Swarm places on a node with free GPUs (generic resources "NVIDIA-GPU"); needs the registry.
+# c.JupyterHub.spawner_class = "conda-swarm"
+# c.DockerSpawner.client_kwargs = {"base_url": "tcp://swarm-manager.example.edu:2376"}
+# c.DockerSpawner.network_name = "host"  # servers listen on their node's address
+# c.JupyterHub.hub_connect_ip = "hub.example.edu"  # an address every node can reach
 
 # -- GPUs ---------------------------------------------------------------------------------
 c.GpuAllocator.policy = "pack"  # or "spread"

@@ -419,7 +419,9 @@ class SwarmBench:
         deadline = time.monotonic() + NODE_STATE_TIMEOUT_S
         client = self.manager.client()
         while True:
-            by_hostname = {node.attrs["Description"]["Hostname"]: node for node in client.nodes.list()}
+            # A node that has just joined may not report its description yet: not ready then.
+            by_hostname = {node.attrs["Description"]["Hostname"]: node for node in client.nodes.list()
+                           if node.attrs.get("Description", {}).get("Hostname")}
             ready = [name for name, node in by_hostname.items()
                      if node.attrs["Status"]["State"] == "ready"
                      and len(_declared_gpus(node.attrs)) == len(self.nodes[name].gpus)]

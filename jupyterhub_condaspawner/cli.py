@@ -228,7 +228,7 @@ def servers_daemon_settings(config: Config) -> dict[str, Any]:
     from .builder import daemon_settings
 
     settings: dict[str, Any] = {}
-    for section in ("DockerSpawner", "CondaSpawner"):  # the subclass's section wins, as in traitlets
+    for section in ("DockerSpawner", "SwarmSpawner", "CondaSpawner", "CondaSwarmSpawner"):  # subclasses win
         settings.update({name: config[section][name] for name in ("tls_config", "client_kwargs")
                          if section in config and name in config[section]})
     return daemon_settings(settings.get("tls_config"), settings.get("client_kwargs"))
@@ -258,6 +258,8 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
 
     from .gpus import GpuAllocator, format_status, status_report
 
+    if args.swarm or uses_swarm(config):
+        return _swarm_gpus(args, config)
     try:
         settings = servers_daemon_settings(config)
         # A daemon that does not answer still lists the GPUs (holders unknown, and why).
@@ -266,6 +268,38 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
     except TraitError as error:
         raise CommandError(f"bad GPU configuration: {error}")
     print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+SWARM_SPAWNER_NAMES = ("conda-swarm", "jupyterhub_condaspawner.swarmspawner.CondaSwarmSpawner")
+
+
+def uses_swarm(config: Config) -> bool:
+    """Whether the config's hub runs the conda-swarm spawner."""
+    spawner_class = config["JupyterHub"]["spawner_class"] if "spawner_class" in config.get("JupyterHub", {}) else ""
+    name = spawner_class if isinstance(spawner_class, str) else getattr(spawner_class, "__name__", "")
+    return name in SWARM_SPAWNER_NAMES or name == "CondaSwarmSpawner"
+
+
+def _swarm_gpus(args: argparse.Namespace, config: Config) -> int:
+    """The swarm's GPUs per node and their holders, from the manager's task state."""
+    import docker
+    import requests
+
+    from . import swarm
+
+    settings = servers_daemon_settings(config)
+    section = config["CondaSwarmSpawner"] if "CondaSwarmSpawner" in config else {}
+    resource = section.get("gpu_resource", swarm.GPU_RESOURCE)
+    label = section.get("gpu_model_label", swarm.GPU_MODEL_LABEL)
+    try:
+        client = docker.DockerClient(**settings) if settings else docker.from_env(timeout=10)
+        state = swarm.read_swarm(client, resource, label)
+    except (docker.errors.DockerException, requests.RequestException) as error:
+        where = settings.get("base_url") or "DOCKER_HOST"
+        raise CommandError(f"cannot read the swarm from its manager ({where}): {error}")
+    report = swarm.status_report(state)
+    print(json.dumps(report, indent=2) if args.json else swarm.format_status(report))
     return 0
 
 
@@ -610,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--tag", default=BASE_TAG, help=f"image tag (default {BASE_TAG})")
     gpus = add("gpus", cmd_gpus, "list GPUs: memory, utilization, which server holds each and since when")
     gpus.add_argument("--json", action="store_true", help="print GPUs, holders and notes as JSON")
+    gpus.add_argument("--swarm", action="store_true",
+                      help="the Docker Swarm view: GPUs per node and the servers Swarm assigned them to (the "
+                           "default when the config's spawner_class is conda-swarm)")
     build = add("build", cmd_build, "prebuild the images of every profile, or of the given environment files",
                 rattler_async=True)
     build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")

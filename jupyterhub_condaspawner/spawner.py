@@ -368,7 +368,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         default = services.catalog.default_for(self.user.name, self._group_names)
         selected = last.get("profile") if any(p.slug == last.get("profile") for p in visible) else (
             default.slug if default else None)
-        gpu_count = await asyncio.to_thread(lambda: len(services.allocator.latest_scan().usable))
+        gpu_count = await self.form_gpu_count()
         estimate = builder.build_estimate()
         cards = [await self._card(profile, selected, gpu_count, estimate) for profile in visible]
         return _jinja.get_template("options_form.html").render(
@@ -378,6 +378,16 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
         )
 
+    async def form_gpu_count(self) -> int:
+        """The most GPUs one server could get here (the form notes profiles that want more)."""
+        return await asyncio.to_thread(lambda: len(self.services.allocator.latest_scan().usable))
+
+    def form_gpu_note(self, profile: Profile, gpu_count: int) -> str:
+        """The card's note when ``profile`` wants more GPUs than :meth:`form_gpu_count`, else ""."""
+        if profile.gpus <= gpu_count:
+            return ""
+        return "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
+
     async def _card(self, profile: Profile, selected: str | None, gpu_count: int, estimate: str) -> dict:
         ready = False
         if profile.environment is not None:
@@ -386,9 +396,6 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         gpus = "CPU only" if not profile.gpus else f"{profile.gpus} GPU" + ("s" if profile.gpus > 1 else "")
         if profile.gpus and profile.gpu_model:
             gpus += f" ({profile.gpu_model.strip('*')})"
-        note = ""
-        if profile.gpus > gpu_count:
-            note = "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
         return {
             "slug": profile.slug,
             "display_name": profile.display_name,
@@ -399,7 +406,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             "ready": ready,
             "build_estimate": estimate,
             "gpus": gpus,
-            "gpu_note": note,
+            "gpu_note": self.form_gpu_note(profile, gpu_count),
             "cpu": f"{profile.cpu_limit:g} CPU" if profile.cpu_limit else "",
             "memory": f"{profile.mem_limit / 2**30:g} GiB" if profile.mem_limit else "",
         }

@@ -243,8 +243,11 @@ def _run_order(items: list[pytest.Item]) -> dict[str, int]:
 def _xdist_group(item: pytest.Item) -> str:
     """Under xdist, a group runs in one worker: a module (its module fixtures are set up
     once), or every test of a hub (hubs on one daemon see each other's containers and
-    their GPU labels, and a hub's teardown removes the fake GPU's containers)."""
-    return "hub" if "hub" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+    their GPU labels, and a hub's teardown removes the fake GPU's containers). Tests on the
+    multi-node bench join them: each worker would start its own swarm bench in the one state
+    folder (.swarm-bench), and a bench starting there kills what an earlier one left."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    return "hub" if fixtures & {"hub", "swarm_bench"} else item.nodeid.split("::")[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -49,3 +49,12 @@ def swarm_bench() -> Iterator[SwarmBench]:
         yield bench
     finally:
         bench.stop()
+
+
+@pytest.fixture(scope="session")
+def swarm_base(swarm_bench: SwarmBench, docker_daemon, base_image: str) -> str:
+    """The single-host bench's base image, seeded into the swarm's registry and pulled onto the
+    manager (whose daemon builds the environment images of the conda-swarm tests)."""
+    reference = swarm_bench.seed_image(docker_daemon.client(), base_image)
+    swarm_bench.pull(reference, ["manager"])
+    return reference

@@ -1,0 +1,397 @@
+"""CondaSwarmSpawner (``spawner_class = "conda-swarm"``): each server is a Docker Swarm service.
+
+Glue over CondaSpawner (profiles, spec, builder, failures, progress) and DockerSpawner's
+SwarmSpawner (services on the manager); the Swarm concepts are in swarm.py. A spawn:
+the choice is validated and checked against the swarm's nodes (a request no node could
+ever meet is refused at once) -> the image is looked up in the registry or built and
+pushed there (every node pulls it from there) -> a service is created with the GPUs as a
+generic-resource reservation, the model as a placement constraint, CPU and memory
+limits and reservations, host networking and a port of its own -> Swarm places it and
+assigns GPU ids (a request that must wait says "Waiting for a GPU on any node" until
+``start_timeout``) -> the hub reaches the server at its node's address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import docker.errors
+import docker.types
+import requests
+from dockerspawner import SwarmSpawner
+from jupyterhub.utils import random_port
+from traitlets import Float, Unicode, default
+
+from . import swarm
+from .builder import LABEL_KEY, BuildError, ImageInfo
+from .failures import StartFailure, explain
+from .gpuqueue import QueueCancelled
+from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .profiles import Profile
+from .spawner import CondaSpawner, _evaluated
+from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
+
+# How often a starting server's task is read (the progress page follows it).
+TASK_POLL_S = 1.0
+# Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
+STOP_GRACE_NS = 10_000_000_000
+_user_locks: dict[str, asyncio.Lock] = {}
+
+
+class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
+    """Spawn JupyterLab as a Docker Swarm service; Swarm places it and assigns its GPUs."""
+
+    gpu_resource = Unicode(
+        swarm.GPU_RESOURCE,
+        config=True,
+        help="""The Swarm generic resource that GPU nodes declare in their daemon.json
+        ("node-generic-resources": ["NVIDIA-GPU=GPU-5d6f...", ...]); a profile's gpus: N
+        reserves N of it.
+
+        c.CondaSwarmSpawner.gpu_resource = "NVIDIA-GPU"
+        """,
+    )
+
+    gpu_model_label = Unicode(
+        swarm.GPU_MODEL_LABEL,
+        config=True,
+        help="""The node label holding a GPU node's model (`docker node update --label-add
+        nvidia.gpu.product="NVIDIA A100-SXM4-80GB" NODE`); a profile's gpu_model glob becomes a
+        placement constraint on it. Swarm refuses '/' in constraint keys, hence not Kubernetes'
+        nvidia.com/gpu.product.
+
+        c.CondaSwarmSpawner.gpu_model_label = "nvidia.gpu.product"
+        """,
+    )
+
+    launcher_python = Unicode(
+        "python3",
+        config=True,
+        help="""The image's Python, which starts the server after copying Swarm's GPU ids
+        (DOCKER_RESOURCE_<gpu_resource>) into CONDASPAWNER_GPUS. Found on the image's PATH
+        unless it is a path.
+
+        c.CondaSwarmSpawner.launcher_python = "/opt/conda/bin/python3"
+        """,
+    )
+
+    start_margin = Float(
+        10.0,
+        min=0.0,
+        config=True,
+        help="""Seconds before start_timeout at which a server still waiting for a GPU (or a
+        node) gives up with one line and its service is removed, before the hub's own timeout
+        cuts the start short.
+
+        c.CondaSwarmSpawner.start_margin = 10
+        """,
+    )
+
+    @default("network_name")
+    def _default_swarm_network_name(self) -> str:
+        # Swarm's virtual IPs and routing mesh need IPVS; host networking needs neither.
+        return "host"
+
+    @default("cmd")
+    def _default_swarm_cmd(self) -> list[str]:
+        # The base recipe's CMD (the manager may not have the image to read it from).
+        return ["jupyterhub-singleuser"]
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._deadline = 0.0
+        self._request = ServiceRequest()
+        self._constraints: list[str] = []
+        self._assigned: tuple[str, ...] = ()
+        self._node = ""
+
+    # -- the swarm, as the manager reports it ---------------------------------------------
+
+    def read_swarm(self, service_id: str | None = None) -> SwarmState:
+        """Nodes and conda-swarm tasks now (blocking: a few manager API calls)."""
+        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id)
+
+    async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
+        return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
+
+    def service_request(self, profile: Profile) -> ServiceRequest:
+        """The profile's GPUs, model, limits and reservations.
+
+        Limits: the profile's, else the admin's defaults (cpu_limit, mem_limit). Reservations:
+        the admin's guarantees (cpu_guarantee, mem_guarantee), else what the profile itself
+        limits: a profile that says 8 CPUs gets 8 CPUs; the admin's default limits stay caps.
+        """
+        configured_cpu, configured_mem = self._configured_limits
+        return ServiceRequest(
+            gpus=profile.gpus,
+            gpu_model=profile.gpu_model if profile.gpus else None,
+            cpu_limit=profile.cpu_limit or configured_cpu,
+            mem_limit=profile.mem_limit or configured_mem,
+            cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
+            mem_reservation=self.mem_guarantee or profile.mem_limit,
+            profile=profile.slug,
+        )
+
+    # -- CondaSpawner's hooks ---------------------------------------------------------------
+
+    def check_gpus_feasible(self, profile: Profile) -> None:
+        """Refuse at once what no node could ever run, or more GPUs than the per-user quota."""
+        request = self.service_request(profile)
+        quota = self.services.allocator.per_user_gpu_quota
+        try:
+            swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota,  # alone
+                              request.profile)
+            state = self.read_swarm()
+        except GpuUnavailable as error:
+            raise explain(error, custom_spec=False) from None
+        except (docker.errors.DockerException, requests.RequestException) as error:
+            # The start itself says so in one line (503); a form is not refused for it.
+            self.log.warning("Cannot read the swarm to check %s: %s", profile.slug, error)
+            return
+        try:
+            swarm.check_feasible(state, request)
+        except GpuUnavailable as error:
+            raise explain(error, custom_spec=False) from None
+
+    async def form_gpu_count(self) -> int:
+        try:
+            state = await self._read_swarm()
+        except (docker.errors.DockerException, requests.RequestException):
+            return 0
+        return max((len(node.gpus) for node in state.nodes), default=0)
+
+    def form_gpu_note(self, profile: Profile, gpu_count: int) -> str:
+        if profile.gpus <= gpu_count:
+            return ""
+        return "no node has a GPU" if gpu_count == 0 else f"no node has more than {gpu_count} GPU(s)"
+
+    async def start(self) -> tuple[str, int]:
+        self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)
+        self._assigned, self._node = (), ""
+        return await super().start()
+
+    async def _ensure_image(self, request: Any) -> ImageInfo:
+        if not self.services.builder.registry:
+            raise BuildError("the conda-swarm spawner needs ImageBuilder.registry", phase="config",
+                             cause="servers run on several nodes, which pull their images from a registry "
+                                   "(set ImageBuilder.registry)")
+        return await super()._ensure_image(request)
+
+    async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
+        """Nothing to pull here: the node Swarm picks pulls the pinned reference itself."""
+
+    async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
+        """Nothing to allocate: Swarm's scheduler assigns GPUs (the quota is checked at create_object)."""
+        self._request = self.service_request(profile)
+        return None
+
+    def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
+        self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
+                              LABEL_GPU_REQUEST: str(self._request.gpus)}
+        self._extra_env, self._device_requests = {}, []
+        self.ip = "0.0.0.0"  # the node's every address; the hub connects to the one Swarm reports
+
+    async def _replace_if_changed(self, info: ImageInfo) -> None:
+        """A leftover service is removed by DockerSpawner.start (services are never kept)."""
+
+    # -- the service ------------------------------------------------------------------------
+
+    @property
+    def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
+        """``volumes`` as service mounts: a named volume (on the node, or through ``volume_driver``)
+        or, for an absolute path, a bind mount of the node's folder. (SwarmSpawner binds both.)"""
+        mounts = []
+        for source, volume in self.volume_binds.items():
+            is_path = source.startswith("/")
+            mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
+                                             type="bind" if is_path else "volume",
+                                             driver_config=None if is_path else self.mount_driver_config))
+        return mounts
+
+    async def create_object(self) -> dict[str, Any]:
+        """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
+        lock = _user_locks.setdefault(self.user.name, asyncio.Lock())
+        async with lock:
+            state = await self._read_swarm()
+            quota = self.services.allocator.per_user_gpu_quota
+            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
+            swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
+            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label)
+            self.port = _free_port(state.ports)
+            labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
+            return await self.docker("create_service", **(await self._service_kwargs(labels)))
+
+    async def _service_kwargs(self, labels: dict[str, str]) -> dict[str, Any]:
+        container = dict(
+            image=self.image,
+            args=swarm.launcher_args(await self.get_command(), self.gpu_resource, self.launcher_python),
+            env=self.get_env(),
+            labels=labels,
+            mounts=self.mounts,
+            cap_drop=list(self.cap_drop) or None,
+            stop_grace_period=STOP_GRACE_NS,
+        )
+        container.update(self.extra_container_spec)
+        placement = dict(constraints=self._constraints or None)
+        placement.update(self.extra_placement_spec)
+        task = dict(
+            container_spec=docker.types.ContainerSpec(**container),
+            resources=swarm.resources(self._request, self.gpu_resource),
+            # A server that ends stays ended: the hub notices (poll) and the user starts it again.
+            # Restarted elsewhere, it would listen at an address the hub does not know.
+            restart_policy=docker.types.RestartPolicy(condition="none"),
+            placement=docker.types.Placement(**placement),
+            networks=[self.network_name] if self.network_name else [],
+        )
+        task.update(self.extra_task_spec)
+        endpoint: dict[str, Any] = {} if self.network_name == "host" else {"mode": "dnsrr"}
+        endpoint.update(self.extra_endpoint_spec)
+        kwargs: dict[str, Any] = dict(
+            task_template=docker.types.TaskTemplate(**task),
+            endpoint_spec=docker.types.EndpointSpec(**endpoint),
+            name=self.service_name,
+            labels=labels,
+        )
+        kwargs.update(await _evaluated(self, self.extra_create_kwargs) or {})
+        return kwargs
+
+    async def start_object(self) -> None:
+        """Wait until the task runs, saying where it stands; fail in one line if it cannot."""
+        said, service_id = "", self.object_id
+        while True:
+            try:
+                state = await self._read_swarm(service_id)
+            except docker.errors.NotFound:
+                if self.object_id:
+                    raise
+            if not self.object_id:  # stop() removed the service: the user gave up waiting
+                message = "The start was cancelled while it waited for a GPU or a node"
+                raise QueueCancelled(message, message)
+            task = state.task_for(service_id)
+            if task is not None and task.state == "running":
+                node = state.node(task.node_id)
+                self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
+                gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
+                await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
+                return
+            if task is not None and (task.state in swarm.ENDED_STATES or not task.live):
+                await self._remove_quietly()
+                node = state.node(task.node_id)
+                where = f" on node {node.hostname}" if node else ""
+                raise StartFailure(f"Docker Swarm could not start your server{where}: {task.reason or task.state}; "
+                                   "try again, or tell the hub admin if it keeps failing", reason="swarm",
+                                   status_code=500)
+            message = self._waiting_message(state, task)
+            if message != said:
+                said = message
+                await self._feed.publish("start", 91, message)
+            if time.monotonic() >= self._deadline:
+                await self._remove_quietly()
+                raise self._timed_out(state, task)
+            await asyncio.sleep(TASK_POLL_S)
+
+    def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
+        if task is None or task.state in ("new", "allocated", "pending"):
+            reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
+            if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
+                return (f"Waiting for a GPU on any node: {state.held_gpus()} of {state.total_gpus} GPUs are held; "
+                        "your server starts when one is free")
+            if "insufficient resources" in reason:
+                return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
+                        "node has less free; your server starts when a server there stops")
+            return f"Waiting for a node that fits: {reason}" if reason else "Waiting for Docker Swarm to place it"
+        node = state.node(task.node_id)
+        where = node.hostname if node else task.node_id
+        if task.state in ("assigned", "accepted", "preparing"):
+            return f"Starting on node {where} (it pulls the image if it lacks it)"
+        return f"Starting on node {where}"
+
+    def _timed_out(self, state: SwarmState, task: swarm.TaskInfo | None) -> GpuUnavailable:
+        waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
+        reason = task.reason if task else "no task"
+        if self._request.gpus and state.waiting_for(self._request) == "a GPU":
+            user = (f"No GPU is free on this hub: {state.total_gpus - state.held_gpus()} of {state.total_gpus} "
+                    f"({self._request.describe(True)}; no node had one free within {waited}: try again later)")
+        else:
+            user = (f"No node had the CPU or memory free for your server within {waited} "
+                    f"({self._request.describe()}): try again later")
+        return GpuUnavailable(f"{self._request.describe()}: not placed within start_timeout ({reason})", user)
+
+    async def _remove_quietly(self) -> None:
+        try:
+            await self.remove_object()
+        except docker.errors.DockerException as error:
+            self.log.warning("Could not remove service %s: %s", self.service_name, error)
+        self.object_id = ""
+
+    async def remove_object(self) -> None:
+        if not self.object_id:
+            return
+        self.log.info("Removing service %s (%s)", self.service_name, self.object_id[:7])
+        try:
+            await self.docker("remove_service", self.object_id)
+        except docker.errors.NotFound:
+            pass
+
+    async def get_ip_and_port(self) -> tuple[str, int]:
+        """Host networking: the address of the node the task runs on; otherwise the service's name (dnsrr)."""
+        if self.network_name != "host":
+            return self.service_name, self.port
+        state = await self._read_swarm(self.object_id)
+        task = state.task_for(self.object_id)
+        node = state.node(task.node_id) if task else None
+        if node is None or not node.address:
+            raise StartFailure("Docker Swarm did not say which node runs your server; tell the hub admin",
+                               reason="swarm", status_code=500)
+        return node.address, self.port
+
+    async def poll(self) -> int | str | None:
+        """None while the task is on its way or running on a node that is up; else why it is not.
+
+        A server found dead has its service removed here, as a container with auto_remove goes
+        by itself: the hub calls stop() only for servers poll says are running, and a service
+        left behind would restart its container (and take a GPU) if a dead node came back.
+        """
+        service = await self.get_object()
+        if not service:
+            return 0
+        state = await self._read_swarm(self.object_id)
+        task = state.task_for(self.object_id)
+        if task is None:
+            return None  # just created: no task yet
+        node = state.node(task.node_id)
+        where = f" on node {node.hostname}" if node else ""
+        if task.state == "running" and node is not None and not node.ready:
+            status = f"node {node.hostname} is {node.state}"
+        elif not task.live:
+            status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
+        else:
+            return None
+        self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
+        await self._remove_quietly()
+        return status
+
+    # -- state ------------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if "condaspawner" in state:
+            state["condaspawner"]["gpus"] = list(self._assigned)
+            state["condaspawner"]["node"] = self._node
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        saved = state.get("condaspawner") or {}
+        self._assigned, self._node = tuple(saved.get("gpus") or ()), saved.get("node", "")
+        self._allocation = None  # Swarm holds the GPUs, not the hub's allocator
+
+
+def _free_port(taken: frozenset[int] | set[int]) -> int:
+    """A port for a server on its node, not used by any other conda-swarm server of the swarm."""
+    while True:
+        port = random_port()
+        if port not in taken:
+            return port

@@ -1,0 +1,192 @@
+"""swarm.py without a swarm: node and task records as the manager's API gives them, feasibility,
+placement constraints, the GPU launcher, the `condaspawner gpus` table, the entry point.
+
+The same functions run against a real swarm in test_swarm_spawner.py; here the inputs are
+the shapes the manager returned there (docker 20.10, API 1.41), including the odd ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from jupyterhub_condaspawner import swarm
+from jupyterhub_condaspawner.gpus import GpuInfeasible, GpuQuotaExceeded
+from jupyterhub_condaspawner.swarm import ServiceRequest, SwarmInfeasible, SwarmState
+
+
+def node_attrs(name: str, address: str = "10.0.0.2", gpus: tuple[str, ...] = (), model: str | None = None,
+               state: str = "ready", cpus: int = 8, memory: int = 64 * 2**30, **extra) -> dict:
+    labels = {swarm.GPU_MODEL_LABEL: model} if model else {}
+    return {
+        "ID": f"id-{name}",
+        "Spec": {"Labels": labels, "Role": "worker", "Availability": "active"},
+        "Description": {"Hostname": name, "Resources": {
+            "NanoCPUs": cpus * 10**9, "MemoryBytes": memory,
+            "GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": gpu}} for gpu in gpus]}},
+        "Status": {"State": state, "Addr": address},
+        **extra,
+    }
+
+
+def task(service: str, user: str, node: str = "", gpus: tuple[str, ...] = (), requested: int = 0,
+         state: str = "running", desired: str = "running", server: str = "", port: int = 0, err: str = "") -> dict:
+    labels = {"io.condaspawner.user": user, "io.condaspawner.server": server}
+    if port:
+        labels[swarm.LABEL_PORT] = str(port)
+    reservations = {"GenericResources": [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": requested}}]} \
+        if requested else {}
+    return {
+        "ID": f"task-{service}", "ServiceID": service, "NodeID": f"id-{node}" if node else "",
+        "CreatedAt": "2026-11-30T15:00:02.489672914Z", "DesiredState": desired,
+        "Spec": {"ContainerSpec": {"Labels": labels}, "Resources": {"Reservations": reservations}},
+        "Status": {"State": state, "Message": state, "Err": err},
+        "GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": gpu}} for gpu in gpus],
+    }
+
+
+class FakeApi:
+    """The two manager API calls read_swarm makes."""
+
+    def __init__(self, nodes: list[dict], tasks: list[dict]):
+        self._nodes, self._tasks = nodes, tasks
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+    def tasks(self, filters: dict) -> list[dict]:
+        if "service" in filters:
+            return [t for t in self._tasks if t["ServiceID"] == filters["service"]]
+        return [t for t in self._tasks if t["DesiredState"] == filters["desired-state"]]
+
+
+A100, H100, L4 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA L4"
+
+
+def cluster() -> SwarmState:
+    nodes = [node_attrs("manager", "0.0.0.0", ManagerStatus={"Addr": "10.0.0.1:2377"}),
+             node_attrs("a1", "10.0.0.2", ("GPU-a1-0", "GPU-a1-1"), A100),
+             node_attrs("h1", "10.0.0.3", ("GPU-h1-0", "GPU-h1-1", "GPU-h1-2", "GPU-h1-3"), H100, state="down"),
+             node_attrs("l1", "10.0.0.4", ("GPU-l1-0",), L4),
+             node_attrs("bare", "10.0.0.5", ("GPU-bare-0",))]  # GPUs, but no model label
+    tasks = [task("s1", "ada", "a1", ("GPU-a1-0",), 1, port=40001),
+             task("s2", "ada", "", (), 2, state="pending", server="big", port=40002,
+                  err="no suitable node (insufficient resources on 5 nodes)"),
+             task("s3", "bob", "a1", ("GPU-a1-1",), 1, state="rejected", desired="shutdown"),
+             task("s4", "cy", "l1", (), 0, port=40003)]
+    tasks.append({**task("other", "x"), "Spec": {"ContainerSpec": {"Labels": {}}}})  # not ours
+    return swarm.read_swarm(FakeApi(nodes, tasks))
+
+
+def test_nodes_and_holders_come_from_the_managers_records():
+    state = cluster()
+
+    assert [node.address for node in state.nodes] == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+    assert state.total_gpus == 8
+    assert state.holders().keys() == {"GPU-a1-0"}  # a rejected task holds nothing
+    assert sorted(t.service_id for t in state.tasks) == ["s1", "s2", "s4"]  # conda-swarm tasks Swarm wants running
+    assert state.user_gpus("ada") == 3 and state.user_gpus("ada", except_server="big") == 1  # pending counts
+    assert state.user_gpus("bob") == 0
+    assert state.ports == {40001, 40002, 40003}
+
+
+@pytest.mark.parametrize(("request_", "user_message"), [
+    (ServiceRequest(gpus=5, profile="five"),
+     "No GPU is free on this hub: 0 of 8 ('five' needs 5 GPUs; no node of this hub has that many: "
+     "pick another profile or ask the hub admin)"),
+    (ServiceRequest(gpus=3, gpu_model="*A100*", profile="a3"),
+     "No GPU is free on this hub: 0 of 8 ('a3' needs 3 GPUs matching '*A100*'; no node of this hub has that many "
+     "of that model: pick another profile or ask the hub admin)"),
+    (ServiceRequest(gpus=1, gpu_model="*V100*", profile="v"),
+     "No GPU is free on this hub: 0 of 8 ('v' needs 1 GPU matching '*V100*'; no node of this hub has that many "
+     "of that model: pick another profile or ask the hub admin)"),
+    (ServiceRequest(cpu_reservation=9, profile="cpu9"),
+     "No node of this hub can run this server ('cpu9' needs 9 CPUs; the largest node has 8 CPUs and 64 GiB): "
+     "pick another profile or ask the hub admin"),
+    (ServiceRequest(gpus=1, mem_reservation=65 * 2**30, profile="mem"),
+     "No node of this hub can run this server ('mem' needs 1 GPU, 65 GiB of memory; the largest node has 8 CPUs "
+     "and 64 GiB): pick another profile or ask the hub admin"),
+])
+def test_what_no_node_could_ever_run_is_refused_in_one_line(request_, user_message):
+    with pytest.raises(SwarmInfeasible) as refusal:
+        swarm.check_feasible(cluster(), request_)
+
+    assert refusal.value.user_message == user_message
+    assert isinstance(refusal.value, GpuInfeasible)  # a 400, as on one host
+
+
+def test_a_node_that_is_down_still_counts_it_may_come_back():
+    swarm.check_feasible(cluster(), ServiceRequest(gpus=4, gpu_model="*H100*"))  # only h1 (down) has 4
+
+
+def test_model_globs_become_constraints_swarm_understands():
+    state = cluster()
+
+    def constraints(glob: str) -> list[str]:
+        return swarm.placement_constraints(state, ServiceRequest(gpus=1, gpu_model=glob))
+
+    assert constraints("*A100*") == [f"node.labels.nvidia.gpu.product=={A100}"]
+    # Swarm has no "or": two matching models become "not" every other model.
+    assert constraints("NVIDIA [AH]100*") == [f"node.labels.nvidia.gpu.product!={L4}"]
+    assert constraints("*") == []
+    assert swarm.placement_constraints(state, ServiceRequest(gpus=0, gpu_model="*A100*")) == []
+
+
+def test_the_quota_counts_live_tasks_and_a_request_over_it_alone_is_infeasible():
+    state = cluster()
+
+    swarm.check_quota(state, "ada", "", 1, quota=3, profile="gpu")  # 2 (big) + 1: the restarted '' not twice
+    with pytest.raises(GpuQuotaExceeded, match="ada's server 'second' .* already holds 3 of their quota of 3"):
+        swarm.check_quota(state, "ada", "second", 1, quota=3)
+    with pytest.raises(GpuInfeasible, match="more than the per-user quota of 2: pick a smaller profile"):
+        swarm.check_quota(state, "bob", "", 3, quota=2)
+    swarm.check_quota(state, "bob", "", 2, quota=2)
+    swarm.check_quota(state, "ada", "x", 9, quota=0)  # no quota
+
+
+def test_the_launcher_exports_swarms_gpu_ids_without_a_shell():
+    args = swarm.launcher_args([sys.executable, "-c", "import os; print(repr(os.environ['CONDASPAWNER_GPUS']))"],
+                               python=sys.executable)
+    env = {"PATH": os.environ["PATH"], "DOCKER_RESOURCE_NVIDIA-GPU": "GPU-a,GPU-b"}
+
+    with_gpus = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    without = subprocess.run(args, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60)
+
+    assert with_gpus.stdout.strip() == "'GPU-a,GPU-b'", with_gpus.stderr
+    assert without.stdout.strip() == "''", without.stderr
+    assert args[:2] == [sys.executable, "-c"] and "GPU-a" not in " ".join(args)
+
+
+def test_the_gpus_table_shows_each_node_its_gpus_and_who_waits():
+    report = swarm.status_report(cluster())
+    table = swarm.format_status(report)
+    print(table)
+
+    lines = table.splitlines()
+    assert lines[0].split() == ["NODE", "ADDRESS", "STATE", "GPU", "MODEL", "HOLDER", "SINCE"]
+    assert any(line.split()[:4] == ["a1", "10.0.0.2", "ready", "GPU-a1-0"] and "ada" in line for line in lines)
+    assert any(line.startswith("a1") and "GPU-a1-1" in line and "free" in line for line in lines)
+    assert any(line.startswith("h1") and " down " in line for line in lines)
+    assert "5 nodes, 8 GPUs, 1 held" in lines
+    assert lines[-1] == "waiting: ada/big for 2 GPU(s): no suitable node (insufficient resources on 5 nodes)"
+
+
+def test_the_conda_swarm_entry_point_is_installed():
+    names = {ep.name: ep.value for ep in entry_points(group="jupyterhub.spawners")}
+
+    assert names["conda-swarm"] == "jupyterhub_condaspawner.swarmspawner:CondaSwarmSpawner"
+    assert names["conda"] == "jupyterhub_condaspawner.spawner:CondaSpawner"
+
+
+def test_a_pending_request_knows_whether_it_lacks_a_gpu_or_the_cpu_beside_one():
+    state = cluster()
+    a100 = ServiceRequest(gpus=1, gpu_model="*A100*")
+
+    assert state.waiting_for(a100) == "CPU or memory"  # a1 has GPU-a1-1 free (bob's task was rejected)
+    assert state.free_on(state.nodes[1])[0] == 1
+    assert state.waiting_for(ServiceRequest(gpus=2, gpu_model="*A100*")) == "a GPU"
+    assert state.waiting_for(ServiceRequest(gpus=4, gpu_model="*H100*")) == "a GPU"  # h1 is down

@@ -1,0 +1,482 @@
+"""The conda-swarm spawner on a real multi-node Docker Swarm (tests/fixtures_swarm.py).
+
+CondaSwarmSpawners run in-process with stand-in users (as in test_spawner_failures.py)
+and talk to the swarm's manager: the builder builds on the manager from the bench's
+base image (seeded into the swarm's registry) and pushes there, the workers pull from
+there, Swarm places each server and assigns its fake GPUs. The servers run a stand-in
+command (the hub they would call is not running): it records CONDASPAWNER_GPUS and sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+from fixtures_docker import bench_dir
+from jupyterhub.objects import Hub
+from stand_in_user import StandInUser
+from traitlets.config import Config
+
+from condaspawner_bench.swarm import SwarmBench
+from jupyterhub_condaspawner import cli
+from jupyterhub_condaspawner.failures import StartFailure
+from jupyterhub_condaspawner.gpus import LABEL_USER
+from jupyterhub_condaspawner.spawner import _services
+from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
+
+pytestmark = [pytest.mark.swarm, pytest.mark.docker]
+
+GPUS_FILE = "/tmp/condaspawner-gpus"
+# Stands in for jupyterhub-singleuser: what the launcher exported, then nothing but waiting.
+STAND_IN = ["sh", "-c", f'echo "$CONDASPAWNER_GPUS" > {GPUS_FILE}; exec sleep 3600', "stand-in"]
+PROFILES = {
+    "10-cpu.yaml": "display_name: CPU\nslug: cpu\nenvironment: envs/py.yml\ncpu_limit: 0.1\nmem_limit: 256M\n",
+    "20-gpu.yaml": ('display_name: One GPU\nslug: gpu\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*A100*"\n'
+                    'cuda: "12.4"\ncpu_limit: 0.1\nmem_limit: 256M\n'),
+    "25-two.yaml": "display_name: Two GPUs\nslug: two\nenvironment: envs/py.yml\ngpus: 2\ncpu_limit: 0.1\n",
+    "26-heavy.yaml": ("display_name: Heavy\nslug: heavy\nenvironment: envs/py.yml\ngpus: 1\ncpu_limit: 1.5\n"
+                      "mem_limit: 256M\n"),
+    "30-three.yaml": "display_name: Three GPUs\nslug: three\nenvironment: envs/py.yml\ngpus: 3\n",
+    "40-h100.yaml": 'display_name: H100\nslug: h100\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*H100*"\n',
+    "50-huge.yaml": "display_name: Huge\nslug: huge\nenvironment: envs/py.yml\ncpu_limit: 64\n",
+}
+ENVIRONMENT = "channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha]\n"
+
+
+@pytest.fixture(scope="module")
+def swarm_config(swarm_bench: SwarmBench, swarm_base: str, dev_python_channel, tmp_path_factory) -> Config:
+    """One hub's config: every spawner made from it shares one builder (a build runs once)."""
+    directory = tmp_path_factory.mktemp("swarm-hub")
+    profiles = directory / "profiles"
+    (profiles / "envs").mkdir(parents=True)
+    for name, text in PROFILES.items():
+        (profiles / name).write_text(text)
+    (profiles / "envs" / "py.yml").write_text(ENVIRONMENT)
+    config = Config()
+    config.ProfileCatalog.profiles_dir = str(profiles)
+    config.Resolver.channel_urls = {"conda-forge": dev_python_channel.url}
+    config.Resolver.package_cache_dir = str(bench_dir() / "pkgs")
+    config.ImageBuilder.cache_dir = str(directory / "builder")
+    config.ImageBuilder.base_image = swarm_base
+    config.ImageBuilder.registry = f"{swarm_bench.registry_url}/condaspawner-swarmtest"
+    config.ImageBuilder.insecure_registries = [swarm_bench.registry_address]
+    config.DockerSpawner.client_kwargs = {"base_url": swarm_bench.manager.docker_host}
+    config.Spawner.cmd = STAND_IN
+    config.DockerSpawner.volumes = {"csw-test-home-{username}": "/home/jovyan"}
+    config.GpuAllocator.gpu_sample_interval = 0
+    return config
+
+
+@pytest.fixture(autouse=True)
+def fresh_client(monkeypatch):
+    # DockerSpawner caches one API client per class: each test starts without one.
+    monkeypatch.setattr(CondaSwarmSpawner, "_client", None)
+
+
+class Servers:
+    """The spawners a test makes; their services are removed after it, whatever happened."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.spawners: list[CondaSwarmSpawner] = []
+
+    def make(self, user: str = "", server: str = "", config: Config | None = None, **traits) -> CondaSwarmSpawner:
+        if server:  # a named server's name comes from its database row
+            traits["orm_spawner"] = SimpleNamespace(name=server, server=None, user_options=None)
+        spawner = CondaSwarmSpawner(user=StandInUser(user or f"u{uuid.uuid4().hex[:6]}"), hub=Hub(),
+                                    config=config or self.config, **traits)
+        self.spawners.append(spawner)
+        return spawner
+
+    async def start(self, spawner: CondaSwarmSpawner, profile: str = "gpu") -> tuple[str, int]:
+        spawner.apply_choice({"profile": profile})
+        return await spawner.start()
+
+
+@pytest.fixture
+def servers(swarm_config: Config, swarm_bench: SwarmBench) -> Iterator[Servers]:
+    made = Servers(swarm_config)
+    yield made
+    client = swarm_bench.manager_client()
+    for service in client.services.list(filters={"label": LABEL_USER}):
+        service.remove()
+    for node in swarm_bench.nodes.values():
+        if node.answers():
+            wait_until(lambda node=node: not node.client().containers.list(), f"{node.name}'s servers to stop")
+
+
+def wait_until(predicate, what: str, attempts: int = 300, interval: float = 0.1):
+    """Poll ``predicate`` (a bounded number of times: no assertion on how long it takes)."""
+    for _ in range(attempts):
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"{what}: not after {attempts} tries")
+
+
+def task_of(bench: SwarmBench, spawner: CondaSwarmSpawner) -> dict:
+    tasks = bench.manager_client().api.tasks(filters={"service": spawner.object_id})
+    return max(tasks, key=lambda task: task["CreatedAt"])
+
+
+def exported_gpus(bench: SwarmBench, spawner: CondaSwarmSpawner) -> str:
+    """What CONDASPAWNER_GPUS said inside the server's container, on its node."""
+    task = task_of(bench, spawner)
+    node = bench.node_for_id(task["NodeID"])
+    container = node.client().containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
+
+    def read() -> tuple[str] | None:  # a tuple: an empty CONDASPAWNER_GPUS is an answer too
+        result = container.exec_run(["cat", GPUS_FILE])
+        return (result.output.decode().strip(),) if result.exit_code == 0 else None
+
+    return wait_until(read, "the stand-in server to write its GPUs")[0]
+
+
+def assigned(bench: SwarmBench, spawner: CondaSwarmSpawner) -> tuple[str, str]:
+    """(node name, GPU id) Swarm assigned to the server's task."""
+    task = task_of(bench, spawner)
+    gpus = [item["NamedResourceSpec"]["Value"] for item in task.get("GenericResources") or []]
+    assert len(gpus) == 1, task
+    return bench.node_for_id(task["NodeID"]).name, gpus[0]
+
+
+async def progress_messages(spawner: CondaSwarmSpawner) -> list[str]:
+    return [event["message"] async for event in spawner.progress()]
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, servers):
+    alice, bob = servers.make("alice"), servers.make("bob")
+
+    (alice_ip, alice_port), (bob_ip, bob_port) = await asyncio.gather(servers.start(alice), servers.start(bob))
+
+    placed = [assigned(swarm_bench, alice), assigned(swarm_bench, bob)]
+    print("placed:", placed, (alice_ip, alice_port), (bob_ip, bob_port))
+    assert placed[0][1] != placed[1][1], "two servers must never share a GPU"
+    for spawner, ip, (node, gpu) in ((alice, alice_ip, placed[0]), (bob, bob_ip, placed[1])):
+        assert node in {"worker1", "worker2"} and gpu in swarm_bench.nodes[node].gpus
+        assert ip == swarm_bench.nodes[node].address  # the hub reaches the server at its node's address
+        assert exported_gpus(swarm_bench, spawner) == gpu  # CONDASPAWNER_GPUS in the container
+        service = swarm_bench.manager_client().api.inspect_service(spawner.object_id)
+        spec = service["Spec"]["TaskTemplate"]
+        assert spec["ContainerSpec"]["Image"].startswith(f"{swarm_bench.registry_url}/condaspawner-swarmtest:")
+        assert "@sha256:" in spec["ContainerSpec"]["Image"]  # pinned: every node runs the same image
+        assert spec["ContainerSpec"]["CapabilityDrop"] == ["ALL"]
+        assert spec["ContainerSpec"]["Mounts"] == [  # a named volume on the node, not a bind of a relative path
+            {"Type": "volume", "Source": f"csw-test-home-{spawner.user.name}", "Target": "/home/jovyan"}]
+        assert spec["RestartPolicy"]["Condition"] == "none"  # an ended server stays ended: the hub notices
+        assert spec["Resources"]["Reservations"]["GenericResources"] == [
+            {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
+        assert spec["Resources"]["Limits"]["NanoCPUs"] == spec["Resources"]["Reservations"]["NanoCPUs"] == 10**8
+        assert spec["Resources"]["Limits"]["MemoryBytes"] == 256 * 2**20
+        assert spec["Placement"]["Constraints"] == ["node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB"]
+        assert spec["ContainerSpec"]["Labels"][LABEL_USER] == spawner.user.name
+        assert await spawner.poll() is None
+    assert alice_port != bob_port
+    messages = await progress_messages(alice)
+    assert any(message.startswith("Running on node worker") for message in messages), messages
+
+    await alice.stop()
+    assert await alice.poll() == 0
+    assert not swarm_bench.manager_client().api.services(filters={"name": alice.object_name})
+
+
+def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench, servers):
+    spawner = servers.make("greedy")
+
+    refusals = {}
+    for profile in ("three", "h100", "huge"):
+        with pytest.raises(StartFailure) as refusal:
+            spawner.apply_choice({"profile": profile})
+        refusals[profile] = refusal.value
+    with pytest.raises(ValueError) as form:  # the form says the same, in one line
+        spawner.options_from_form_data({"profile": ["three"]})
+
+    print("\n".join(failure.message for failure in refusals.values()))
+    assert all(failure.status_code == 400 and "\n" not in failure.message for failure in refusals.values())
+    assert refusals["three"].message == (
+        "No GPU is free on this hub: 0 of 4 ('three' needs 3 GPUs; no node of this hub has that many: "
+        "pick another profile or ask the hub admin)")
+    assert refusals["h100"].message.startswith("No GPU is free on this hub: 0 of 4 ('h100' needs 1 GPU matching "
+                                               "'*H100*'; no node of this hub has that many of that model")
+    assert "models: NVIDIA A100-SXM4-80GB" in refusals["h100"].log_message  # the admin learns which models exist
+    assert refusals["huge"].message.startswith("No node of this hub can run this server ('huge' needs 64 CPUs")
+    assert str(form.value) == refusals["three"].message
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})  # nothing created
+
+
+async def test_a_fifth_request_waits_for_a_gpu_on_any_node_and_starts_when_one_stops(swarm_bench, servers, tmp_path,
+                                                                                    capsys):
+    holders = [servers.make(f"holder{number}") for number in range(4)]
+    await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+    placed = [assigned(swarm_bench, spawner) for spawner in holders]
+    assert len({gpu for _, gpu in placed}) == 4, placed
+    assert sorted(node for node, _ in placed) == ["worker1", "worker1", "worker2", "worker2"]
+
+    fifth = servers.make("fifth")
+    start = asyncio.ensure_future(servers.start(fifth))
+    seen: list[str] = []
+
+    async def until_waiting() -> None:
+        async for event in fifth.progress():
+            seen.append(event["message"])
+            if event["message"].startswith("Waiting for a GPU on any node"):
+                return
+
+    await asyncio.wait_for(until_waiting(), 120)
+    assert seen[-1] == "Waiting for a GPU on any node: 4 of 4 GPUs are held; your server starts when one is free"
+    assert not start.done() and await fifth.poll() is None  # pending is not stopped
+    assert task_of(swarm_bench, fifth)["Status"]["State"] == "pending"
+    # `condaspawner gpus` with the hub's config: the swarm's view, per node, from the manager.
+    config_file = tmp_path / "jupyterhub_config.py"
+    config_file.write_text(f'c.JupyterHub.spawner_class = "conda-swarm"\n'
+                           f'c.DockerSpawner.client_kwargs = {{"base_url": {swarm_bench.manager.docker_host!r}}}\n')
+    capsys.readouterr()
+    assert cli.main(["gpus", "--config", str(config_file)]) == 0
+    table = capsys.readouterr().out
+    print(table)
+    for (node, gpu), spawner in zip(placed, holders):
+        row = next(line for line in table.splitlines() if gpu in line)
+        assert row.split()[:2] == [node, swarm_bench.nodes[node].address] and spawner.user.name in row.split()
+    assert "3 nodes, 4 GPUs, 4 held" in table
+    assert "waiting: fifth for 1 GPU(s): no suitable node (insufficient resources on 3 nodes)" in table
+
+    await holders[0].stop()
+    await asyncio.wait_for(start, 120)
+
+    assert assigned(swarm_bench, fifth) == placed[0]  # the GPU that was freed
+    assert exported_gpus(swarm_bench, fifth) == placed[0][1]
+
+
+async def test_waiting_ends_at_start_timeout_with_one_line_and_no_service(swarm_bench, servers):
+    holders = [servers.make(f"full{number}") for number in range(4)]
+    await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+    late = servers.make("late", start_timeout=12, start_margin=10)  # gives up after 2 s of waiting
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(late)
+
+    assert failure.value.status_code == 503
+    assert failure.value.message == ("No GPU is free on this hub: 0 of 4 ('gpu' needs 1 GPU matching '*A100*'; "
+                                     "no node had one free within 12 s: try again later)")
+    assert not swarm_bench.manager_client().api.services(filters={"name": late.object_name})
+
+
+async def test_the_per_user_quota_counts_the_users_servers_in_swarms_tasks(swarm_bench, servers, swarm_config):
+    config = copy.deepcopy(swarm_config)
+    config.GpuAllocator.per_user_gpu_quota = 1
+    first = servers.make("quota-user", config=config)
+    await servers.start(first)
+
+    # A new hub process (new services, nothing in memory) knows from Swarm's tasks what the user holds.
+    again = copy.deepcopy(config)
+    second = servers.make("quota-user", server="second", config=again)
+    with pytest.raises(StartFailure) as refusal:
+        await servers.start(second)
+    with pytest.raises(StartFailure) as too_big:
+        servers.make("quota-user", server="big", config=again).apply_choice({"profile": "three"})
+
+    assert (refusal.value.status_code, refusal.value.reason) == (429, "quota")
+    assert refusal.value.message == ("quota-user's server 'second' (profile 'gpu') needs 1 GPU, but quota-user "
+                                     "already holds 1 of their quota of 1: stop another server first")
+    assert too_big.value.status_code == 400 and "more than the per-user quota of 1" in too_big.value.message
+    assert id(again) in _services and id(config) in _services
+    other = servers.make("someone-else", config=again)
+    await servers.start(other)  # the quota is per user
+
+
+async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_other(swarm_bench, servers):
+    spawner = servers.make("survivor")
+    await servers.start(spawner)
+    victim, _ = assigned(swarm_bench, spawner)
+    other = next(node.name for node in swarm_bench.workers if node.name != victim)
+    try:
+        swarm_bench.kill_node(victim)
+        swarm_bench.wait_for_node_state(victim, "down")
+
+        async def stopped():
+            for _ in range(300):
+                status = await spawner.poll()
+                if status is not None:
+                    return status
+                await asyncio.sleep(0.1)
+            pytest.fail("poll never reported the server stopped")
+
+        status = await stopped()
+        print("poll:", status)
+        assert isinstance(status, str) and status
+        # Gone with it: the hub calls stop() only for servers poll says are running.
+        assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+        assert await spawner.poll() == 0
+        spawner.clear_state()  # what the hub does then
+
+        ip, _ = await servers.start(spawner)
+        assert assigned(swarm_bench, spawner)[0] == other
+        assert ip == swarm_bench.nodes[other].address
+    finally:
+        swarm_bench.restart_node(victim)
+        swarm_bench.wait_for_node_state(victim, "ready")
+
+
+async def test_the_form_notes_profiles_no_node_could_serve(servers):
+    spawner = servers.make("form")
+
+    html = await spawner.render_options_form()
+
+    assert "no node has more than 2 GPU(s)" in html  # 'three' (3 GPUs); nodes have 2 each
+    assert html.count("no node has more than") == 1
+
+
+async def test_a_swarm_spawner_without_a_registry_says_so(swarm_config, servers):
+    config = copy.deepcopy(swarm_config)
+    config.ImageBuilder.registry = ""
+    spawner = servers.make("noreg", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner, profile="cpu")
+
+    assert failure.value.status_code == 500
+    assert failure.value.message == (
+        "The hub's image settings do not fit together: servers run on several nodes, which pull their images "
+        "from a registry (set ImageBuilder.registry); tell the hub admin")
+
+
+async def test_a_restarted_hub_finds_its_server_through_the_saved_state(swarm_bench, servers, swarm_config):
+    before = servers.make("restarts")
+    await servers.start(before)
+    saved = before.get_state()
+    node, gpu = assigned(swarm_bench, before)
+
+    # Another hub process: new shared services, a new spawner given only the database's state.
+    after = servers.make("restarts", config=copy.deepcopy(swarm_config))
+    after.load_state(saved)
+
+    assert saved["condaspawner"]["gpus"] == [gpu] and saved["condaspawner"]["node"] == node
+    assert await after.poll() is None
+    assert await after.get_ip_and_port() == (swarm_bench.nodes[node].address, before.port)
+    await after.stop()
+    assert await after.poll() == 0
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_registry_that_cannot_be_reached_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config):
+    config = copy.deepcopy(swarm_config)
+    nowhere = f"{swarm_bench.manager.address}:5999"  # nothing listens there
+    config.ImageBuilder.registry = f"{nowhere}/condaspawner-swarmtest"
+    config.ImageBuilder.insecure_registries = [nowhere]
+    spawner = servers.make("noregistry", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner)
+
+    assert (failure.value.status_code, failure.value.reason) == (503, "registry")
+    assert failure.value.message == (f"The image registry is unavailable: the registry {nowhere} cannot be reached "
+                                     "(connection refused); try again in a minute, or tell the hub admin if it keeps "
+                                     "failing")
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_cpu_server_runs_on_any_node_without_gpus(swarm_bench, servers):
+    spawner = servers.make("cpu-only")
+
+    ip, _ = await servers.start(spawner, profile="cpu")
+
+    task = task_of(swarm_bench, spawner)
+    assert ip == swarm_bench.node_for_id(task["NodeID"]).address
+    assert not task.get("GenericResources")
+    assert exported_gpus(swarm_bench, spawner) == ""  # CONDASPAWNER_GPUS is there, and empty
+    spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    assert "GenericResources" not in spec["Resources"]["Reservations"]
+    assert not spec.get("Placement", {}).get("Constraints")
+
+
+async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(swarm_bench, servers):
+    spawner = servers.make("pair")
+
+    await servers.start(spawner, profile="two")
+
+    task = task_of(swarm_bench, spawner)
+    gpus = [item["NamedResourceSpec"]["Value"] for item in task["GenericResources"]]
+    node = swarm_bench.node_for_id(task["NodeID"])
+    assert len(gpus) == 2 and set(gpus) == set(node.gpus)
+    assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
+    assert sorted(spawner.get_state()["condaspawner"]["gpus"]) == sorted(gpus)
+
+
+async def test_a_build_host_that_is_down_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config, tmp_path):
+    config = copy.deepcopy(swarm_config)
+    config.ImageBuilder.docker_host = f"unix://{tmp_path}/build-host-is-down.sock"
+    spawner = servers.make("nobuild", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner)
+
+    print(failure.value.message, "|", failure.value.log_message)
+    assert (failure.value.status_code, failure.value.reason) == (503, "docker-unreachable")
+    assert failure.value.message == "The Docker daemon cannot be reached: try again in a minute, or tell the hub admin"
+    assert "build-host-is-down.sock" in failure.value.log_message  # the admin learns which daemon
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench, servers):
+    holders = [servers.make(f"busy{number}") for number in range(4)]
+    await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+    waiting = servers.make("impatient")
+    start = asyncio.ensure_future(servers.start(waiting))
+
+    async def until_waiting() -> None:
+        async for event in waiting.progress():
+            if event["message"].startswith("Waiting for a GPU on any node"):
+                return
+
+    await asyncio.wait_for(until_waiting(), 120)
+    await waiting.stop()  # the user stops the pending server
+    with pytest.raises(StartFailure) as failure:
+        await asyncio.wait_for(start, 60)
+
+    assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
+
+
+async def test_a_request_that_lacks_cpu_beside_a_free_gpu_says_so_while_it_waits(swarm_bench, servers):
+    # 'heavy' reserves 1.5 of a worker's 2 CPUs: one per worker, though each has two GPUs.
+    first, second = servers.make("heavy1"), servers.make("heavy2")
+    await asyncio.gather(servers.start(first, "heavy"), servers.start(second, "heavy"))
+    assert {assigned(swarm_bench, spawner)[0] for spawner in (first, second)} == {"worker1", "worker2"}
+    third = servers.make("heavy3")
+    start = asyncio.ensure_future(servers.start(third, "heavy"))
+
+    async def until_waiting() -> str:
+        async for event in third.progress():
+            if event["message"].startswith("Waiting for CPU"):
+                return event["message"]
+        return ""
+
+    message = await asyncio.wait_for(until_waiting(), 120)
+    assert message == ("Waiting for CPU or memory on a node that fits: 'heavy' needs 1 GPU, 1.5 CPUs, 0.25 GiB of "
+                       "memory, and every such node has less free; your server starts when a server there stops")
+    freed_node = assigned(swarm_bench, first)[0]
+    await first.stop()
+    await asyncio.wait_for(start, 120)
+    assert assigned(swarm_bench, third)[0] == freed_node
+
+
+def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(swarm_config, servers):
+    config = copy.deepcopy(swarm_config)
+    config.DockerSpawner.cpu_limit = 2
+    config.DockerSpawner.mem_limit = "4G"
+    spawner = servers.make("limits", config=config)
+    catalog = spawner.services.catalog
+
+    three, two = spawner.service_request(catalog.get("three")), spawner.service_request(catalog.get("two"))
+
+    assert (three.cpu_limit, three.mem_limit, three.cpu_reservation, three.mem_reservation) == (2, 4 * 2**30, None, None)
+    assert (two.cpu_limit, two.mem_limit, two.cpu_reservation, two.mem_reservation) == (0.1, 4 * 2**30, 0.1, None)
