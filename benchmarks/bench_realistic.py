@@ -118,6 +118,19 @@ async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRe
     return seconds
 
 
+def check_imports(bench: Bench, info: ImageInfo, packages: tuple[str, ...]) -> str:
+    """Import the environment's main packages in its image (no GPU here: torch runs on the CPU)."""
+    code = ("import importlib, sys; mods = [importlib.import_module(n) for n in sys.argv[1:]]; "
+            "print(', '.join(f'{m.__name__} {m.__version__}' for m in mods)); "
+            "import torch; print('torch CUDA', torch.version.cuda, 'available:', torch.cuda.is_available(), "
+            "'CPU tensor sum', int(torch.ones(3).sum()))" if "torch" in packages else
+            "import importlib, sys; print(', '.join(f'{n} {importlib.import_module(n).__version__}' for n in sys.argv[1:]))")
+    client = bench.daemon.client(timeout=600)
+    output = client.containers.run(info.tag, [f"/opt/conda/envs/{info.env_name}/bin/python", "-c", code, *packages],
+                                   network_mode="none", remove=True)
+    return " / ".join(output.decode().split("\n")).strip(" /")
+
+
 def layers_bytes(bench: Bench) -> int:
     return int(bench.daemon.client(timeout=600).api.df().get("LayersSize") or 0)
 
@@ -146,6 +159,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
             print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown()}")
         main_route = "layered" if "layered" in results else routes[0]
         print(f"cold build / floor, {name}: {results[main_route].seconds / floor:.2f}")
+        print(f"  {name} runs: {check_imports(bench, results[main_route].info, packages)}")
 
 
 async def shared_layers(bench: Bench, resolver: Resolver, scratch: Path, name: str, count: int) -> None:

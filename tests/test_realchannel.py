@@ -12,9 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fixtures_channel import real_channel
-from rattler import BuildString, GenericVirtualPackage, PackageName, Version, install, solve
-from rattler.exceptions import SolverError
+from rattler import install, solve
 
 from condaspawner_bench import devchannel, realchannel
 from condaspawner_bench.realchannel import REAL_SETS, extra_depends, real_set_from_env
@@ -23,8 +21,6 @@ from jupyterhub_condaspawner.resolve import Resolver
 
 REPO = Path(__file__).resolve().parents[1]
 PLATFORMS = ["linux-64", "noarch"]
-CUDA_12 = GenericVirtualPackage(PackageName("__cuda"), Version("12.4"), BuildString("0"))
-FULL_ENV = "CONDASPAWNER_TEST_REAL_FULL"  # =1: also the ~2.8 GB torch + CUDA set
 
 
 def run_python(prefix: Path, home: Path, code: str, timeout: float = 300) -> str:
@@ -147,31 +143,6 @@ async def test_demo_datascience_profile_loads_and_solves(datascience_channel, tm
     versions = {package["name"]: package["version"] for package in lock.packages()}
     assert {"python", "ipykernel", "numpy", "pandas", "matplotlib", "pip"} <= set(versions)
     assert versions["numpy"] == "2.0.2" and versions["python"].startswith("3.9.")
-
-
-# ---------------------------------------------------------------- the full set (opt-in)
-
-
-@pytest.fixture(scope="module")
-def full_channel():
-    if os.environ.get(FULL_ENV) != "1":
-        pytest.skip(f"the torch + CUDA set downloads 2.8 GB of wheels, writes a 2.3 GB channel and installs a 5.5 GB env: set {FULL_ENV}=1")
-    return real_channel("full")
-
-
-async def test_torch_cuda_env_needs_cuda_solves_installs_and_imports(full_channel, tmp_path):
-    specs = ["python=3.9", "ipykernel", "numpy", "pandas", "scipy", "scikit-learn", "matplotlib", "torch"]
-    with pytest.raises(SolverError, match="__cuda"):
-        await solve([full_channel.url], specs, platforms=PLATFORMS, virtual_packages=[])
-    prefix = tmp_path / "env"
-    versions = await solve_and_install(full_channel.url, specs, prefix, tmp_path / "pkgs", [CUDA_12])
-    assert versions["torch"] == "2.4.1" and versions["nvidia-cudnn-cu12"] == "9.1.0.70"
-    assert {"nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12", "nvidia-nccl-cu12", "triton"} <= set(versions)
-    # No GPU here: CUDA's libraries load, the tensors run on the CPU.
-    code = ("import torch, numpy, scipy, sklearn; "
-            "print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), "
-            "int(torch.ones(3).sum()), torch.from_numpy(numpy.arange(3)).sum().item())")
-    assert run_python(prefix, tmp_path / "home", code).split() == ["2.4.1+cu121", "12.1", "False", "3", "3"]
 
 
 def test_bench_command_builds_a_real_channel_on_request(datascience_channel):
