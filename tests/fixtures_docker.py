@@ -241,16 +241,13 @@ def _run_order(items: list[pytest.Item]) -> dict[str, int]:
 
 
 def _xdist_group(item: pytest.Item) -> str:
-    """Under xdist, a group runs in one worker: a module (its module fixtures are set up
-    once), or every test of a hub (hubs on one daemon see each other's containers and
-    their GPU labels, and a hub's teardown removes the fake GPU's containers), or every
-    test on the multi-node bench (each worker would start its own swarm bench in the one
-    state folder, .swarm-bench, and a bench starting there kills what an earlier one
-    left). The swarm's servers run on its own daemons, so its group runs beside the hubs'."""
+    """Under xdist, a group runs in one worker: a module (its module fixtures, a hub among
+    them, are set up once), or every test on the multi-node bench (each worker would start
+    its own swarm bench in the one state folder, .swarm-bench, and a bench starting there
+    kills what an earlier one left). Hubs of two workers may run at once on one daemon:
+    each process has its own fake GPU and home volume prefix (fixtures_hub)."""
     fixtures = set(getattr(item, "fixturenames", ()))
-    if "swarm_bench" in fixtures:
-        return "swarm"
-    return "hub" if "hub" in fixtures else item.nodeid.split("::")[0]
+    return "swarm" if "swarm_bench" in fixtures else item.nodeid.split("::")[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

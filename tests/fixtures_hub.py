@@ -32,7 +32,9 @@ from condaspawner_bench.bench import BenchError, ensure_proxy
 
 TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
 VOLUME_PREFIX = f"condaspawner-e2e-{uuid.uuid4().hex[:8]}-"
-FAKE_GPU = "GPU-00000000-fake-0000-0000-000000000000"
+# One per test process: hubs of another process (xdist) on the same daemon never take this
+# process's GPU containers for their own, nor remove them.
+FAKE_GPU = f"GPU-{uuid.uuid4()}"
 EXTRA_CONFIG = f"""
 c = get_config()
 c.JupyterHub.services = [{{"name": "e2e", "api_token": {TOKEN!r}}}]
