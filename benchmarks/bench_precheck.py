@@ -3,7 +3,7 @@
 
 Prints figures; it asserts nothing. Run it with
 
-    .venv/bin/python benchmarks/bench_precheck.py [--quick] [--runs N]
+    .venv/bin/python benchmarks/bench_precheck.py [--quick] [--runs N] [--real-channel DIR]
 
 On bench_resolve.py's synthetic channel (2,000 names x 5 versions, built once and cached
 in ``<bench>/bench-channel/``), with bench_resolve's 20-spec request:
@@ -14,6 +14,12 @@ in ``<bench>/bench-channel/``), with bench_resolve's 20-spec request:
    near-name hint (all package names of the channel, difflib), and the message;
 3. the build's solve step afterwards (``ImageBuilder._resolve``): it takes the pre-check's
    lock instead of solving again, so the spawn pays the solve once.
+
+4. with ``--real-channel DIR`` (the bench's real channel, e.g. ``.bench/channel-full``
+   after ``python -m condaspawner_bench setup --real-set full``): the same accepted and
+   refused pre-checks of real environments, data science (numpy, pandas, matplotlib) and
+   PyTorch with NVIDIA's CUDA libraries (solved for CUDA 12.4), ipykernel added as the
+   builder adds it.
 
 The synthetic channel has no ipykernel, which the builder adds to every environment: the
 request lists ``ipykernel`` under ``pip:`` (so the builder adds nothing) and the figures
@@ -103,12 +109,53 @@ async def run(quick: bool, runs: int) -> None:
           f"(instead of a {warm_median:.3f} s solve)")
 
 
+REAL_ENVIRONMENTS = {
+    "data science": (("python=3.9", "numpy", "pandas", "matplotlib"), None, "pandas"),
+    "torch-cuda": (("python=3.9", "torch", "numpy"), "12.4", "torch"),
+}
+
+
+async def run_real(channel_dir: Path, runs: int) -> None:
+    url = channel_dir.resolve().as_uri()
+    timeout = SpecPolicy().precheck_timeout
+    print(f"\nreal channel {channel_dir}:")
+    with tempfile.TemporaryDirectory(prefix="bench-precheck-") as cache:
+        builder = ImageBuilder(cache_dir=cache)
+        builder.resolver.channel_urls = {"conda-forge": url}
+        for label, (specs, cuda, name) in REAL_ENVIRONMENTS.items():
+            request = BuildRequest(EnvironmentSpec(channels=("conda-forge",), conda=specs), cuda=cuda)
+            started = time.perf_counter()
+            lock = await builder.presolve(request)
+            first = time.perf_counter() - started
+            warm = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                await builder.presolve(request)
+                warm.append(time.perf_counter() - started)
+            typo = name[0] + name[2] + name[1] + name[3:]
+            wrong = BuildRequest(EnvironmentSpec(channels=("conda-forge",),
+                                                 conda=tuple(s.replace(name, typo) for s in specs)), cuda=cuda)
+            started = time.perf_counter()
+            message = ""
+            try:
+                await builder.presolve(wrong)
+            except ResolveError as error:
+                message = str(error)
+            refused = time.perf_counter() - started
+            print(f"  {label}: {len(lock.records)} packages; pre-check first {first:.3f} s, warm median "
+                  f"{statistics.median(warm):.3f} s = {statistics.median(warm) / timeout:.3f} of precheck_timeout; "
+                  f"{typo!r} refused in {refused:.3f} s: {message}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 2,000-package channel (a smoke run)")
     parser.add_argument("--runs", type=int, default=5, help="warm pre-checks of each kind (default 5)")
+    parser.add_argument("--real-channel", type=Path, help="also pre-check real environments on this channel folder")
     arguments = parser.parse_args()
     asyncio.run(run(arguments.quick, arguments.runs))
+    if arguments.real_channel:
+        asyncio.run(run_real(arguments.real_channel, arguments.runs))
     sys.stdout.flush()
     time.sleep(0.3)  # py-rattler 0.28 may abort at interpreter exit right after an awaited call
 
