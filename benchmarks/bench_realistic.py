@@ -131,14 +131,21 @@ def check_imports(bench: Bench, info: ImageInfo, packages: tuple[str, ...]) -> s
     return " / ".join(output.decode().split("\n")).strip(" /")
 
 
-def layers_bytes(bench: Bench) -> int:
-    return int(bench.daemon.client(timeout=600).api.df().get("LayersSize") or 0)
+def stored_bytes(bench: Bench, images: list[str], base: str) -> int:
+    """Bytes Docker stores for these images' layers above the base, each layer once (its
+    chain), from the sizes in its layer database."""
+    api = bench.daemon.client(timeout=600).api
+    layerdb = bench.directory / "docker" / "image" / "overlay2" / "layerdb" / "sha256"
+    below = len(api.inspect_image(base)["RootFS"]["Layers"])
+    chains = {chain for image in images for chain in layers.chain_ids(api.inspect_image(image)["RootFS"]["Layers"])[below:]}
+    return sum(int((layerdb / chain.removeprefix("sha256:") / "size").read_text()) for chain in chains)
 
 
 def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, **settings) -> ImageBuilder:
     return ImageBuilder(
         resolver=resolver, docker_client=bench.daemon.client(timeout=3600), base_image=bench.base_image,
-        cache_dir=str(scratch / f"cache-{route}"), image_repo=f"condaspawner-realistic-{RUN_ID}-{route}",
+        cache_dir=str(scratch / f"cache-{route}-{len(settings)}"),
+        image_repo=f"condaspawner-realistic-{RUN_ID}-{route}-{len(settings)}",
         layered_images=route == "layered", build_timeout=7200, **settings)
 
 
@@ -166,20 +173,21 @@ async def shared_layers(bench: Bench, resolver: Resolver, scratch: Path, name: s
     registry = start_registry(scratch / "registry")
     try:
         repository = registry.repository(f"condaspawner-realistic-{RUN_ID}")
-        builder = make_builder(bench, resolver, scratch, "shared", registry=repository,
+        builder = make_builder(bench, resolver, scratch, "layered", registry=repository,
                                insecure_registries=[registry.host])
-        before = layers_bytes(bench)
-        disk, pushed = [], []
+        disk, pushed, images = [], [], []
         for index in range(count):
             variant = VARIANTS[index % len(VARIANTS)]
             say(f"shared layers: environment {index + 1} of {count} ({name} + {', '.join(variant) or 'nothing'})")
             result = await timed_build(builder, request(name, ENVIRONMENTS[name] + variant, f"shared{index}"))
-            disk.append(layers_bytes(bench) - before)
+            images.append(result.info.tag)
+            disk.append(stored_bytes(bench, images, bench.base_image))
             pushed.append(result.info.pushed_bytes or 0)
-            say(f"  {result.seconds:.1f} s; layer store +{disk[-1] / 1e9:.2f} GB; pushed {pushed[-1] / 1e6:.1f} MB")
+            say(f"  {result.seconds:.1f} s; stored for the {index + 1} so far {disk[-1] / 1e9:.2f} GB; "
+                f"pushed {pushed[-1] / 1e6:.1f} MB")
         print(f"\nLayers shared: {count} environments of the {name} stack differing in small packages "
               f"(this channel has one python release: the patch-release variant is not measured)")
-        print(f"  layer store: {disk[0] / 1e9:.2f} GB for the first, {disk[-1] / 1e9:.2f} GB for all {count}; "
+        print(f"  stored above the base: {disk[0] / 1e9:.2f} GB for the first, {disk[-1] / 1e9:.2f} GB for all {count}; "
               f"pushed {pushed[0] / 1e6:.1f} MB first, then {', '.join(f'{p / 1e6:.1f}' for p in pushed[1:])} MB")
         print(f"disk for {count} envs / disk for 1: {disk[-1] / max(disk[0], 1):.2f}")
         print(f"registry bytes for envs 2-{count} / env 1: {sum(pushed[1:]) / max(pushed[0], 1):.2f}")
@@ -213,7 +221,8 @@ async def run(bench: Bench, arguments: argparse.Namespace) -> None:
                                    scratch / "warm", layers.SHARED_PREFIX)
             shutil.rmtree(scratch / "warm", ignore_errors=True)
         say(f"package cache ready in {time.perf_counter() - started:.1f} s")
-        await cold_builds(bench, resolver, scratch, names, arguments.routes.split(","))
+        if arguments.routes:
+            await cold_builds(bench, resolver, scratch, names, arguments.routes.split(","))
         if arguments.shared:
             await shared_layers(bench, resolver, scratch, names[-1], arguments.shared)
     finally:
@@ -225,7 +234,7 @@ def main() -> None:
     parser.add_argument("--set", choices=("datascience", "full"), default="full",
                         help="the real package set (full: PyTorch and CUDA libraries, ~3 GB once)")
     parser.add_argument("--shared", type=int, default=5, help="environments in the shared-layers part (0: skip)")
-    parser.add_argument("--routes", default="layered,dockerfile", help="build routes for the cold builds")
+    parser.add_argument("--routes", default="layered,dockerfile", help="build routes for the cold builds ('': none)")
     arguments = parser.parse_args()
     bench = ensure_bench(real_set=arguments.set, say=say)  # it runs its own event loop
     asyncio.run(run(bench, arguments))
