@@ -95,6 +95,7 @@ _DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
 _UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Could not fetch URL",
                         "Temporary failure in name resolution", "Connection refused")
 _MESSAGE_CHARS = 300
+BUILD_STATUS = "status.json"  # in a key's cache folder: the last build's status (BuildRecord)
 
 
 class BuildError(Exception):
@@ -191,6 +192,24 @@ class ImageInfo:
         return self.reference or self.tag
 
 
+@dataclass(frozen=True)
+class BuildRecord:
+    """A build as its cache folder records it (``status.json``): read without a daemon.
+
+    ``status``: building, built, failed, or interrupted (recorded as building, but no
+    process holds its lock any more: the builder was killed). ``phase`` and ``cause``
+    as in :class:`BuildError`; times in UTC, ISO 8601.
+    """
+
+    key: str
+    status: str
+    name: str = ""
+    phase: str = ""
+    cause: str = ""
+    started: str = ""
+    finished: str = ""
+
+
 @dataclass
 class EventStream:
     """Progress events ``{"phase", "progress", "message"}`` that any number of readers follow."""
@@ -231,6 +250,7 @@ class Build(EventStream):
 
     key: str = ""
     task: asyncio.Task | None = None
+    started_here: bool = False  # this process ran the build (its status is this process's to record)
 
     async def result(self) -> ImageInfo:
         assert self.task is not None
@@ -544,6 +564,46 @@ class ImageBuilder(LoggingConfigurable):
                 return (self.key_dir(key) / name).stat().st_mtime
         return 0.0
 
+    def build_record(self, key: str) -> BuildRecord | None:
+        """The key's recorded build (from its cache folder), or None if it was never built here."""
+        try:
+            data = json.loads((self.key_dir(key) / BUILD_STATUS).read_text())
+        except (OSError, ValueError):
+            return None
+        fields = {name: str(data.get(name, "")) for name in ("name", "phase", "cause", "started", "finished")}
+        status = str(data.get("status", ""))
+        if status == "building" and not _lock_held(self.key_dir(key) / "build.lock"):
+            status = "interrupted"
+            fields["cause"] = fields["cause"] or "the build process stopped before the build ended (killed?)"
+        return BuildRecord(key=key, status=status, **fields)
+
+    def builds(self) -> list[BuildRecord]:
+        """Every build recorded in the cache folder, the latest first (no daemon needed)."""
+        records = [self.build_record(path.parent.name)
+                   for path in (Path(self.cache_dir) / "builds").glob(f"*/{BUILD_STATUS}")]
+        return sorted((r for r in records if r is not None), key=lambda r: r.finished or r.started, reverse=True)
+
+    def failed_builds(self) -> list[BuildRecord]:
+        """Builds whose last attempt failed or was interrupted, the latest first."""
+        return [record for record in self.builds() if record.status in ("failed", "interrupted")]
+
+    def _record(self, key: str, **fields: str) -> None:
+        """Update the key's status.json (written whole, then renamed: readers never see half of it)."""
+        path = self.key_dir(key) / BUILD_STATUS
+        with contextlib.suppress(OSError):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data.update(fields, key=key)
+            temporary = path.with_name(f".{BUILD_STATUS}.{os.getpid()}")
+            temporary.write_text(json.dumps(data, indent=2) + "\n")
+            temporary.replace(path)
+
+    def _record_failure(self, key: str, error: BuildError) -> None:
+        self._write_log(key, f"build failed ({error.phase}): {error}\n")
+        self._record(key, status="failed", phase=error.phase, cause=error.cause, finished=_now())
+
     # -- the public entry point ----------------------------------------------------------
 
     def is_cached(self, request: BuildRequest) -> bool:
@@ -588,9 +648,14 @@ class ImageBuilder(LoggingConfigurable):
         except asyncio.TimeoutError:
             message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
             await build.publish("error", 100, message)
-            raise BuildError(message, phase="timeout", key=build.key) from None
+            timeout = BuildError(message, phase="timeout", key=build.key)
+            if build.started_here:
+                self._record_failure(build.key, timeout)
+            raise timeout from None
         except BuildError as error:
             error.key = error.key or build.key
+            if build.started_here:
+                self._record_failure(build.key, error)
             await build.publish("error", 100, str(error))
             raise
         finally:
@@ -768,9 +833,15 @@ class ImageBuilder(LoggingConfigurable):
         key_dir.mkdir(parents=True, exist_ok=True)
         log_path = key_dir / "build.log"
         context = Path(self.cache_dir) / "staging" / key
+        build.started_here = True
+        self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
+                     finished="")
         # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
         await asyncio.to_thread(shutil.rmtree, context, True)
-        with log_path.open("w") as build_log:
+        # Line-buffered: a build process killed mid-build still leaves every line it had written.
+        with log_path.open("w", buffering=1) as build_log:
+            build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {_now()} "
+                            f"(pid {os.getpid()})\n")
             try:
                 lock = await self._resolve(build, request, build_log)
                 env_size = await self._install(build, request, lock, context, build_log)
@@ -779,6 +850,7 @@ class ImageBuilder(LoggingConfigurable):
             finally:
                 await asyncio.to_thread(shutil.rmtree, context, True)
         self.mark_used(key)
+        self._record(key, status="built", finished=_now())
         image = self.client.images.get(image_id)
         seconds = time.monotonic() - started
         self.build_seconds.append(seconds)
@@ -1065,6 +1137,25 @@ async def _file_lock(path: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether some process (this one included) holds ``path``'s build lock now."""
+    try:
+        handle = path.open("a")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def tree_size(root: Path) -> int:

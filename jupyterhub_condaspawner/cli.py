@@ -238,11 +238,17 @@ def cmd_gpus(args: argparse.Namespace, config: Config) -> int:
 
 
 def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
+    builder = _cache_builder(args, config)
+    builder.docker_client = docker_client(builder.client_settings())  # docker_host, else the servers' daemon
+    return builder
+
+
+def _cache_builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
+    """The builder for what its cache folder records (logs, locks, build status): no daemon needed."""
     from .builder import ImageBuilder
 
     builder = ImageBuilder(config=config, daemon_settings=servers_daemon_settings(config))
-    builder.docker_client = docker_client(builder.client_settings())  # docker_host, else the servers' daemon
-    if args.channel_alias:
+    if getattr(args, "channel_alias", None):
         builder.resolver.channel_alias = args.channel_alias
     return builder
 
@@ -300,7 +306,7 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
         try:
             return (label, await build.result(), None)
         except BuildError as error:
-            return (label, None, str(error))
+            return (label, None, error)
 
     return await asyncio.gather(*(one(i, label, request) for i, (label, request) in enumerate(requests)))
 
@@ -328,9 +334,12 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     if images is not None:
         results, pushed = asyncio.run(_push(builder, results))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT", *(("PUSHED",) if pushing else ()))]
+    failed_keys = []
     for label, info, failure in results:
         if info is None:
-            rows.append((label, "", "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
+            key = getattr(failure, "key", "")[:16]
+            failed_keys += [key] if key else []
+            rows.append((label, key, "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
             continue
         bytes_pushed = (_size(info.pushed_bytes or 0),) if pushing else ()
         rows.append((label, info.key[:16], info.image, _size(info.size), f"{info.seconds:.1f}",
@@ -345,6 +354,8 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
                 images.record(profile, pushed[profile.slug])
         images.write(images.source)
         print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
+    for key in failed_keys:
+        print(f"build {key} failed: `condaspawner log {key}` shows its log", file=sys.stderr)
     return 1 if any(info is None for _, info, _ in results) else 0
 
 
@@ -375,7 +386,8 @@ async def _push(builder: ImageBuilder, results: list[tuple]) -> tuple[list[tuple
             try:
                 pushed[label] = await pushed_reference(builder, info)
             except (PushUnavailable, BuildError) as error:
-                info, failure = None, f"push: {one_line(error)}"
+                failure = BuildError(f"push: {one_line(error)}", phase="registry", key=info.key)
+                info = None
         rows.append((label, info, failure))
     return rows, pushed
 
@@ -444,6 +456,8 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     from .builder import LABEL_CREATED, LABEL_KEY, BuildError, request_for_profile
 
+    if args.failed:
+        return _ls_failed(_cache_builder(args, config))
     builder = _builder(args, config)
     profiles_by_key: dict[str, list[str]] = {}
     with contextlib.suppress(CommandError, BuildError):
@@ -459,6 +473,16 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
         rows.append((key[:16], builder.tag_for(key), _size(image.attrs.get("Size", 0)),
                      image.labels.get(LABEL_CREATED, "?"), _when(used) if used else "never",
                      ", ".join(profiles_by_key.get(key, [])) or "-"))
+    print(_table(rows))
+    return 0
+
+
+def _ls_failed(builder: ImageBuilder) -> int:
+    """Builds whose last attempt failed or was interrupted, from the cache folder alone."""
+    rows = [("KEY", "STATUS", "PHASE", "WHEN", "NAME", "CAUSE")]
+    for record in builder.failed_builds():
+        rows.append((record.key[:16], record.status, record.phase or "-", record.finished or record.started or "?",
+                     record.name or "-", record.cause or "-"))
     print(_table(rows))
     return 0
 
@@ -486,7 +510,7 @@ def _key_dir(builder: ImageBuilder, key: str) -> Path:
 
 
 def cmd_lock(args: argparse.Namespace, config: Config) -> int:
-    path = _key_dir(_builder(args, config), args.key) / "lock.json"
+    path = _key_dir(_cache_builder(args, config), args.key) / "lock.json"
     if not path.exists():
         raise CommandError(f"build {args.key} has no lock (its solve failed; see `condaspawner log`)")
     lock = json.loads(path.read_text())
@@ -499,7 +523,7 @@ def cmd_lock(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_log(args: argparse.Namespace, config: Config) -> int:
-    path = _key_dir(_builder(args, config), args.key) / "build.log"
+    path = _key_dir(_cache_builder(args, config), args.key) / "build.log"
     if not path.exists():
         raise CommandError(f"build {args.key} has no log")
     sys.stdout.write(path.read_text())
@@ -592,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a nvidia.com/gpu.product value your nodes carry, for gpu_model globs (repeatable; "
                              "default: c.KubernetesExport.gpu_products)")
     ls = add("ls", cmd_ls, "list environment images: key, image, size, created, last used, profiles")
+    ls.add_argument("--failed", action="store_true",
+                    help="list the builds that failed or were interrupted instead (key, phase, cause), from the "
+                         "cache folder: no Docker daemon needed")
     gc = add("gc", cmd_gc, "remove least-recently-used environment images over the budget (never one in use)")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     lock = add("lock", cmd_lock, "print the lock (exact packages) of a build")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
-from test_cli import condaspawner
+from test_cli import REPO, condaspawner
 
 pytestmark = pytest.mark.docker
 
@@ -47,6 +54,9 @@ def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):
     lock = condaspawner("lock", "--config", str(config), key).stdout.decode().splitlines()
     assert {line.split()[0] for line in lock} >= {"python", "cs-gamma", "cs-alpha", "ipykernel"}
     assert "Step 5/" in condaspawner("log", "--config", str(config), key).stdout.decode()
+    # lock and log read the cache folder: no daemon needed
+    assert without_daemon("lock", "--config", str(config), key).stdout.decode().splitlines() == lock
+    assert "Step 5/" in without_daemon("log", "--config", str(config), key).stdout.decode()
     missing = condaspawner("log", "--config", str(config), "ffffffffffff")
     assert missing.returncode == 1 and b"no single build matches" in missing.stderr
 
@@ -73,3 +83,83 @@ def test_build_refuses_a_bad_file_before_building(config, tmp_path):
     result = condaspawner("build", "--config", str(config), str(env))
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.decode().startswith(f"error: {env}: dependencies[0].pip[0]")
+
+
+NO_DAEMON = "unix:///nonexistent/docker.sock"
+
+
+def without_daemon(*args: str) -> subprocess.CompletedProcess:
+    """``condaspawner ARGS`` with DOCKER_HOST pointing nowhere."""
+    return subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", *args], capture_output=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "DOCKER_HOST": NO_DAEMON})
+
+
+def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
+    env = tmp_path / "conflict.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-conflict]\n"
+                   f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    result = condaspawner("build", "--config", str(config), str(env))
+    assert result.returncode == 1
+    name, key, rest = result.stdout.decode().splitlines()[1].split(maxsplit=2)
+    assert name == str(env) and len(key) == 16 and rest.startswith("FAILED: solve: cannot solve:")
+    assert result.stderr.decode().splitlines()[-1] == f"build {key} failed: `condaspawner log {key}` shows its log"
+
+    listing = without_daemon("ls", "--config", str(config), "--failed")
+    assert listing.returncode == 0, listing.stderr
+    header, *rows = listing.stdout.decode().splitlines()
+    assert header.split() == ["KEY", "STATUS", "PHASE", "WHEN", "NAME", "CAUSE"]
+    row = next(row for row in rows if row.startswith(key))
+    assert row.split()[1:3] == ["failed", "solve"] and "cs-conflict" in row
+
+    log = without_daemon("log", "--config", str(config), key)
+    assert log.returncode == 0 and "solve failed: cannot solve" in log.stdout.decode()
+    assert log.stdout.decode().splitlines()[0].startswith("build ")
+    lock = without_daemon("lock", "--config", str(config), key)
+    assert lock.returncode == 1 and lock.stderr.decode() == (
+        f"error: build {key} has no lock (its solve failed; see `condaspawner log`)\n")
+
+    images = without_daemon("ls", "--config", str(config))  # the images need the daemon: one line, no traceback
+    assert images.returncode == 1 and images.stderr.decode().startswith("error: cannot reach the Docker daemon")
+
+
+def test_a_killed_build_is_listed_as_interrupted_with_its_log(config, tmp_path):
+    env = tmp_path / "killed.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-gamma]\n"
+                   f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    builds = Path(config.read_text().split("c.ImageBuilder.cache_dir = ")[1].splitlines()[0].strip("'\"")) / "builds"
+    before = set(builds.glob("*")) if builds.exists() else set()
+    process = subprocess.Popen([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config",
+                                str(config), str(env)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the solve is done and the install (or the docker build) runs
+            new = [path for path in builds.glob("*") if path not in before] if builds.exists() else []
+            if new and "solved:" in _read(new[0] / "build.log"):
+                break
+            assert process.poll() is None and time.monotonic() < deadline, "the build never got past the solve"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    key = new[0].name
+    status = json.loads((new[0] / "status.json").read_text())
+    assert status["status"] == "building"  # as the killed process left it; nobody holds its lock now
+    log = without_daemon("log", "--config", str(config), key[:16]).stdout.decode()
+    assert log.startswith(f"build {key} ") and "solved:" in log
+    rows = without_daemon("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
+    row = next(row for row in rows if row.startswith(key[:16]))
+    assert row.split()[1] == "interrupted" and "killed" in row
+
+    retry = condaspawner("build", "--config", str(config), str(env))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert retry.stdout.decode().splitlines()[1].split()[-1] == "built"
+    rows = without_daemon("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
+    assert not any(row.startswith(key[:16]) for row in rows)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
