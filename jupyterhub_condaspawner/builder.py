@@ -390,7 +390,8 @@ class ImageBuilder(LoggingConfigurable):
     disk_budget = ByteSpecification(
         "100G",
         config=True,
-        help="""`gc` removes least-recently-used environment images until they fit in this size.
+        help="""`gc` removes least-recently-used environment images until they fit in this size: the
+        bytes they add to the base image, each layer counted once (layers images share, once; the base, never).
 
         c.ImageBuilder.disk_budget = "500G"
         """,
@@ -1001,13 +1002,51 @@ class ImageBuilder(LoggingConfigurable):
             if self.tag_for(image.labels[LABEL_KEY]) in image.tags
         ]
 
-    def gc_plan(self) -> list[docker.models.images.Image]:
-        """Images `gc` would remove: least recently used first, never one a container uses."""
+    def layer_sizes(self, image: docker.models.images.Image) -> dict[str, int]:
+        """The image's layers that hold bytes, as {layer key: bytes}.
+
+        A layer's key is a digest of the image's history up to that layer (docker's history
+        entries, oldest first): images built on one base, or reusing one cached step, share
+        those entries and so the keys of the layers they share.
+        """
+        with self._daemon("reading an image's layers"):
+            history = self.client.api.history(image.id)  # newest first
+        chain = hashlib.sha256()
+        sizes: dict[str, int] = {}
+        for entry in reversed(history):
+            chain.update(json.dumps([entry.get("Created"), entry.get("CreatedBy"), entry.get("Size")]).encode())
+            if entry.get("Size"):
+                sizes[chain.hexdigest()] = int(entry["Size"])
+        return sizes
+
+    def _own_layers(self, images: list[docker.models.images.Image]) -> dict[str, dict[str, int]]:
+        """Each image's layers (by id) less the base image's: the bytes an environment image adds."""
+        try:
+            with self._daemon("looking up the base image"):
+                base = set(self.layer_sizes(self.client.images.get(self.base_image)))
+        except docker.errors.ImageNotFound:
+            base = set()
+        return {image.id: {key: size for key, size in self.layer_sizes(image).items() if key not in base}
+                for image in images}
+
+    def gc_plan(self) -> GcResult:
+        """What `gc` would remove: least recently used first, never one a container uses, never one with
+        another tag (a note says which), until the images fit ``max_images`` and ``disk_budget``.
+
+        Sizes count each layer once and never the base: an image's ``freed`` bytes are the layers
+        no image that stays holds, ``total`` the bytes all environment images add to the base.
+        """
         in_use = {container.attrs.get("Image") for container in self.client.containers.list(all=True)}
         candidates = sorted(self.images(), key=lambda image: self.last_used(image.labels[LABEL_KEY]))
-        total = sum(image.attrs.get("Size", 0) for image in candidates)
-        count = len(candidates)
-        doomed = []
+        layers = self._own_layers(candidates)
+        holders: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for image_layers in layers.values():
+            for key, size in image_layers.items():
+                holders[key] = holders.get(key, 0) + 1
+                sizes[key] = size
+        result = GcResult(total=sum(sizes.values()))
+        total, count = result.total, len(candidates)
         for image in candidates:
             over_count = self.max_images and count > self.max_images
             over_budget = total > int(self.disk_budget)
@@ -1015,18 +1054,58 @@ class ImageBuilder(LoggingConfigurable):
                 break
             if image.id in in_use:
                 continue
-            doomed.append(image)
+            tag = self.tag_for(image.labels[LABEL_KEY])
+            others = [other for other in image.tags if other != tag]
+            if others:
+                result.notes.append(f"kept {tag}: it is also tagged {', '.join(others)} (`docker rmi {others[0]}` "
+                                    "lets gc remove it)")
+                continue
+            freed = 0
+            for key in layers[image.id]:
+                holders[key] -= 1
+                freed += sizes[key] if holders[key] == 0 else 0
+            result.removed.append(image)
+            result.freed[image.id] = freed
             count -= 1
-            total -= image.attrs.get("Size", 0)
-        return doomed
+            total -= freed
+        return result
 
-    def gc(self, dry_run: bool = False) -> list[docker.models.images.Image]:
-        """Remove the images of :meth:`gc_plan` (unless ``dry_run``); return them."""
-        doomed = self.gc_plan()
-        if not dry_run:
-            for image in doomed:
-                self.client.images.remove(image.id, noprune=False)
-        return doomed
+    def gc(self, dry_run: bool = False) -> GcResult:
+        """Remove the images of :meth:`gc_plan` (unless ``dry_run``); what was removed, and notes.
+
+        An image docker refuses to remove (tagged or used since the plan) is kept with a note;
+        gc goes on with the others.
+        """
+        result = self.gc_plan()
+        if dry_run:
+            return result
+        for image in list(result.removed):
+            try:
+                with self._daemon("removing an image"):
+                    self.client.images.remove(image.id, noprune=False)
+            except docker.errors.APIError as error:
+                result.removed.remove(image)
+                result.freed.pop(image.id, None)
+                result.notes.append(f"kept {self.tag_for(image.labels[LABEL_KEY])}: docker refused to remove it "
+                                    f"({_one_line(error.explanation or error)})")
+        return result
+
+
+@dataclass
+class GcResult:
+    """What ``gc`` removed (or would): ``removed`` least recently used first; ``freed``: bytes
+    each removal frees (layers no kept image or the base holds), by image id; ``total``: bytes
+    the environment images held beyond the base before; ``notes``: one line per image kept
+    that the budget would have removed."""
+
+    removed: list[docker.models.images.Image] = field(default_factory=list)
+    freed: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def freed_total(self) -> int:
+        return sum(self.freed.values())
 
 
 def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:

@@ -491,12 +491,14 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     from .builder import LABEL_KEY
 
     builder = _builder(args, config)
-    removed = builder.gc(dry_run=args.dry_run)
+    result = builder.gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    for image in removed:
-        print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(image.attrs.get('Size', 0))})")
-    freed = sum(image.attrs.get("Size", 0) for image in removed)
-    print(f"{verb} {len(removed)} image(s), {_size(freed)}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for image in result.removed:
+        print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(result.freed.get(image.id, 0))})")
+    print(f"{verb} {len(result.removed)} image(s), {_size(result.freed_total)} (the environment images held "
+          f"{_size(result.total)} beyond the base image)")
     return 0
 
 

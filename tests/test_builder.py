@@ -221,10 +221,10 @@ async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder,
     keep = builder.max_images
     try:
         builder.max_images = len(ages) - 1
-        assert [image.id for image in builder.gc_plan()] == [old.image_id]
-        assert [image.id for image in builder.gc(dry_run=True)] == [old.image_id]
+        assert [image.id for image in builder.gc_plan().removed] == [old.image_id]
+        assert [image.id for image in builder.gc(dry_run=True).removed] == [old.image_id]
         assert builder.find_image(old.key) is not None
-        assert [image.id for image in builder.gc()] == [old.image_id]
+        assert [image.id for image in builder.gc().removed] == [old.image_id]
         assert builder.find_image(old.key) is None and builder.find_image(used.key) is not None
         assert client.images.get(builder.base_image)  # never the base
     finally:

@@ -163,3 +163,48 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def test_gc_keeps_an_image_tagged_twice_with_a_note_and_counts_no_base_bytes(config, tmp_path, docker_daemon):
+    client = docker_daemon.client()
+    text = config.read_text()
+    repo, cache = (text.split(f"c.ImageBuilder.{name} = ")[1].splitlines()[0].strip("'\"")
+                   for name in ("image_repo", "cache_dir"))
+    envs = [tmp_path / "twice.yml", tmp_path / "once.yml"]
+    for env, package in zip(envs, ("cs-gamma", "cs-beta")):
+        env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, {package}]\n"
+                       f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    assert condaspawner("build", "--config", str(config), *map(str, envs)).returncode == 0
+    images = client.images.list(name=repo)
+    assert len(images) >= 2  # these, and this module's other builds
+    twice, *others = images
+    key = twice.labels["io.condaspawner.key"]
+    for age, image in enumerate(images):  # the image tagged twice is the least recently used
+        stamp = time.time() - 1000 + age
+        os.utime(Path(cache) / "builds" / image.labels["io.condaspawner.key"] / "last-used", (stamp, stamp))
+    extra = f"{repo}-extra:keep"
+    twice.tag(extra)
+    base = client.images.get(text.split("c.ImageBuilder.base_image = ")[1].splitlines()[0].strip("'\""))
+    strict = tmp_path / "strict_config.py"
+    strict.write_text(text + "c.ImageBuilder.max_images = 1\n")
+    try:
+        result = condaspawner("gc", "--config", str(strict))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.decode() == (f"note: kept {repo}:{key[:16]}: it is also tagged {extra} "
+                                          f"(`docker rmi {extra}` lets gc remove it)\n")
+        *removed, summary = result.stdout.decode().splitlines()
+        assert len(removed) == len(others) and summary.startswith(f"removed {len(others)} image(s), ")
+        sizes = {image.tags[0]: image.attrs["Size"] for image in others}
+        for line in removed:  # "removed TAG (SIZE)": only the bytes it alone held, never the base's
+            _, tag, size = line.split(" ", 2)
+            assert parse_size(size.strip("()")) <= sizes[tag] - base.attrs["Size"] + 1e5
+        assert parse_size(summary.split(", ")[1].split(" (")[0]) < base.attrs["Size"]
+        assert client.images.get(twice.id).tags  # kept, both tags
+        assert not [image for image in client.images.list(name=repo) if image.id != twice.id]
+    finally:
+        client.images.remove(extra)
+
+
+def parse_size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
