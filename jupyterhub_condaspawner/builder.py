@@ -61,7 +61,7 @@ from .registry import (
     docker_credentials,
     failure_is_unreachable,
 )
-from .resolve import Lock, ResolveError, Resolver
+from .resolve import Lock, ResolveError, Resolver, is_no_space
 from .spec import EnvironmentSpec
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class BuildError(Exception):
     """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
 
     ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout,
-    registry: the registry could not be reached or refused us; config: inconsistent settings);
+    registry: the registry could not be reached or refused us; config: inconsistent settings;
+    disk: a disk filled up: "no space left in FOLDER (needs about N MB)");
     ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
     ``unreachable``: a channel or index could not be reached (worth a retry).
     """
@@ -598,8 +599,11 @@ class ImageBuilder(LoggingConfigurable):
                 data = {}
             data.update(fields, key=key)
             temporary = path.with_name(f".{BUILD_STATUS}.{os.getpid()}")
-            temporary.write_text(json.dumps(data, indent=2) + "\n")
-            temporary.replace(path)
+            try:
+                temporary.write_text(json.dumps(data, indent=2) + "\n")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)  # a full disk: no half-written file stays
 
     def _record_failure(self, key: str, error: BuildError) -> None:
         self._write_log(key, f"build failed ({error.phase}): {error}\n")
@@ -669,6 +673,13 @@ class ImageBuilder(LoggingConfigurable):
         if cached:
             return cached
         async with self._slot(build):
+            try:
+                self.key_dir(key).mkdir(parents=True, exist_ok=True)
+                (self.key_dir(key) / "build.lock").touch()
+            except OSError as error:
+                if not is_no_space(error):
+                    raise
+                raise await self._no_space_error(request, None, error) from None
             async with _file_lock(self.key_dir(key) / "build.lock"):
                 # Another hub process may have built it while we waited for the lock.
                 cached = await asyncio.to_thread(self._cached_info, key, request, started)
@@ -831,31 +842,87 @@ class ImageBuilder(LoggingConfigurable):
     async def _build(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
         key = build.key
         key_dir = self.key_dir(key)
-        key_dir.mkdir(parents=True, exist_ok=True)
         log_path = key_dir / "build.log"
         context = Path(self.cache_dir) / "staging" / key
         build.started_here = True
-        self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
-                     finished="")
-        # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
-        await asyncio.to_thread(shutil.rmtree, context, True)
-        # Line-buffered: a build process killed mid-build still leaves every line it had written.
-        with log_path.open("w", buffering=1) as build_log:
-            build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {_now()} "
-                            f"(pid {os.getpid()})\n")
-            try:
-                lock = await self._resolve(build, request, build_log)
-                env_size = await self._install(build, request, lock, context, build_log)
-                self._write_context(context, request, lock)
-                image_id = await self._docker_build(build, request, lock, context, build_log, env_size)
-            finally:
-                await asyncio.to_thread(shutil.rmtree, context, True)
+        lock: Lock | None = None
+        try:
+            key_dir.mkdir(parents=True, exist_ok=True)
+            self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
+                         finished="")
+            # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
+            await asyncio.to_thread(shutil.rmtree, context, True)
+            # Line-buffered: a build process killed mid-build still leaves every line it had written.
+            with log_path.open("w", buffering=1) as build_log:
+                failed = True
+                try:
+                    build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {_now()} "
+                                    f"(pid {os.getpid()})\n")
+                    lock = await self._resolve(build, request, build_log)
+                    env_size = await self._install(build, request, lock, context, build_log)
+                    self._write_context(context, request, lock)
+                    image_id = await self._docker_build(build, request, lock, context, build_log, env_size)
+                    failed = False
+                finally:
+                    await self._remove_staging(context, settle=failed)
+        except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
+            if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
+                raise
+            raise await self._no_space_error(request, lock, error) from None
         self.mark_used(key)
         self._record(key, status="built", finished=_now())
         image = self.client.images.get(image_id)
         seconds = time.monotonic() - started
         self.build_seconds.append(seconds)
         return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
+
+    async def _remove_staging(self, context: Path, settle: bool) -> None:
+        """Remove the staging folder. After a failure (``settle``) the installer may still be finishing
+        files it had started: remove, then watch until nothing reappears for a second (at most a minute)."""
+        deadline = time.monotonic() + 60
+        while True:
+            await asyncio.to_thread(shutil.rmtree, context, True)
+            if not settle:
+                return
+            await asyncio.sleep(1.0)
+            if not context.exists():
+                return
+            if time.monotonic() > deadline:
+                self.log.warning("Staging folder %s keeps being written to: left behind", context)
+                return
+
+    async def _no_space_error(self, request: BuildRequest, lock: Lock | None, error: BaseException) -> BuildError:
+        """A full disk as the one-line BuildError "no space left in FOLDER (needs about N MB)"."""
+        folders = [Path(self.cache_dir), Path(self.resolver.package_cache_dir)]
+        folder = min(folders, key=_free_bytes)  # the fuller of the two (the one that filled up)
+        if lock is None:  # full before the solve wrote the lock: solve again for the estimate
+            with contextlib.suppress(Exception):
+                lock = await self.resolver.solve(_with_kernel_package(request.spec), cuda=request.cuda)
+        needed = await asyncio.to_thread(self._space_needed, lock, folder) if lock is not None else 0
+        cause = f"no space left in {folder}" + (f" (needs about {_megabytes(needed)})" if needed else "")
+        self.log.warning("Build of %s: %s: %s", request.display_name, cause, _one_line(error))
+        return BuildError(cause, phase="disk", cause=cause)
+
+    def _space_needed(self, lock: Lock, folder: Path) -> int:
+        """About how many bytes an install of ``lock`` writes on ``folder``'s filesystem: downloads and
+        unpacked packages in the package cache, and the staged environment (hard links on one filesystem)."""
+        cache = Path(self.resolver.package_cache_dir)
+        missing = {id(record) for record in self.resolver.not_in_cache(lock)}
+        downloads = unpacked_missing = unpacked = 0
+        for record in lock.records:
+            if id(record) in missing:
+                downloads += record.size or 0
+                unpacked_missing += 3 * (record.size or 0)  # typical unpacked / compressed
+                unpacked += 3 * (record.size or 0)
+            else:
+                unpacked += tree_size(cache / f"{record.name.normalized}-{record.version}-{record.build}")
+        device = _device(folder)
+        needed = 0
+        if device == _device(cache):
+            needed += downloads + unpacked_missing
+        if device == _device(Path(self.cache_dir)) and _device(Path(self.cache_dir)) != _device(cache):
+            needed += unpacked  # staging on another filesystem than the package cache: copies, not links
+        return max(needed, 1_000_000)
 
     def build_estimate(self) -> str:
         """"about N min" (or "under a minute") from this process's builds, for the user."""
@@ -894,6 +961,8 @@ class ImageBuilder(LoggingConfigurable):
             await self.resolver.install(lock, context / "env", request.prefix)
         except ResolveError as error:
             build_log.write(f"install failed: {error}\n")
+            if error.no_space:
+                raise  # _build says which folder is full
             raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
                              unreachable=error.unreachable) from None
         size = await asyncio.to_thread(tree_size, context / "env")
@@ -977,6 +1046,8 @@ class ImageBuilder(LoggingConfigurable):
             abandoned.set()
             raise
         await reader
+        if "no space left on device" in "\n".join([daemon_failure, failure, *steps.output]).lower():
+            raise self._daemon_disk_full(env_size)
         if daemon_failure:
             raise BuildError(f"the Docker daemon went away while writing the image: {daemon_failure}",
                              phase="daemon", cause=f"the Docker daemon went away ({daemon_failure})")
@@ -984,6 +1055,15 @@ class ImageBuilder(LoggingConfigurable):
             raise steps.failure(failure or "docker gave no image")
         await build.publish("tag", 98, f"Tagged {self.tag_for(build.key)}")
         return image_id
+
+    def _daemon_disk_full(self, env_size: int) -> BuildError:
+        """The build daemon's disk filled up while writing the image (its data root, on its host)."""
+        root = "its data root"
+        with contextlib.suppress(Exception):
+            root = str(self.client.info().get("DockerRootDir") or root)
+        # the context sent, the COPY layer and the compiled files: about twice the environment
+        cause = f"no space left in {root} on the Docker host {self.daemon_url} (needs about {_megabytes(2 * env_size)})"
+        return BuildError(cause, phase="disk", cause=cause)
 
     def _container_limits(self) -> dict[str, Any]:
         limits: dict[str, Any] = {}
@@ -1231,6 +1311,21 @@ def _lock_held(path: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on ``folder``'s filesystem (of its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _device(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return candidate.stat().st_dev
+    return -1
 
 
 def _now() -> str:

@@ -88,6 +88,9 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
     if phase == "timeout":
         return StartFailure(f"Building this environment took too long: {cause}; ask the hub admin to prebuild it "
                             "(`condaspawner build`)", reason="timeout", status_code=503)
+    if phase == "disk":
+        return StartFailure(f"The hub ran out of disk space building this environment: {cause}; try again later, "
+                            f"or tell the hub admin{key}", reason="disk", status_code=503, log_message=f"{error}{key}")
     if phase == "base-image":
         return StartFailure(f"The hub's base image is missing: {cause}; tell the hub admin", reason="base-image",
                             status_code=500)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fixtures_docker import bench_dir, remove_repo_images
+from fixtures_docker import bench_dir, bench_unavailable, remove_repo_images
 from test_cli import REPO, condaspawner
+
+from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.failures import explain
+from jupyterhub_condaspawner.spec import SpecPolicy
 
 pytestmark = pytest.mark.docker
 
@@ -208,3 +214,78 @@ def test_gc_keeps_an_image_tagged_twice_with_a_note_and_counts_no_base_bytes(con
 def parse_size(text: str) -> float:
     number, unit = text.split()
     return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """An 8 MB tmpfs: a cache folder that fills up (mounting needs root, as CI and the bench have)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        bench_unavailable(f"cannot mount an 8 MB tmpfs as a cache folder that fills up (needs root): "
+                          f"{mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the folder's filesystem is full."""
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"x" * 65536)
+                out.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_cache_folder_is_a_build_error_that_leaves_nothing_behind(config, tmp_path, small_folder):
+    small_config = tmp_path / "small_config.py"
+    small_config.write_text(re.sub(r"c\.ImageBuilder\.cache_dir = .*", f"c.ImageBuilder.cache_dir = {str(small_folder)!r}",
+                                   config.read_text()))
+    env = tmp_path / "big.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-gamma]\nvariables: {{ID: {uuid.uuid4().hex}}}\n")
+    message = re.compile(rf"FAILED: no space left in {re.escape(str(small_folder))} \(needs about (\d+) MB\)$")
+    for attempt in range(3):  # filling up during the install, three times: the staging folder never stays
+        result = condaspawner("build", "--config", str(small_config), str(env))
+        assert result.returncode == 1, result.stdout + result.stderr
+        row = result.stdout.decode().splitlines()[1]
+        match = message.search(row)
+        assert match, row
+        assert int(match.group(1)) > 8  # the environment, copied (staging is not on the package cache's disk)
+        assert "internal error" not in result.stderr.decode() and "Traceback" not in result.stderr.decode()
+        assert not list((small_folder / "staging").glob("*"))
+        key = row.split()[1]
+        failed = without_daemon("ls", "--config", str(small_config), "--failed").stdout.decode().splitlines()
+        assert next(line for line in failed if line.startswith(key)).split()[1:3] == ["failed", "disk"]
+
+    filler = fill(small_folder)  # full before the build starts
+    result = condaspawner("build", "--config", str(small_config), str(env))
+    assert result.returncode == 1 and message.search(result.stdout.decode().splitlines()[1]), result.stdout
+    assert "internal error" not in result.stderr.decode()
+    assert not list((small_folder / "staging").glob("*"))
+    filler.unlink()
+
+    subprocess.run(["umount", "-l", str(small_folder)], check=True)  # room again: the retry builds it
+    retry = condaspawner("build", "--config", str(small_config), str(env))
+    assert retry.returncode == 0 and retry.stdout.decode().splitlines()[1].split()[-1] == "built", retry.stdout
+
+
+async def test_the_spawners_handler_shows_a_full_disk(config, small_folder, docker_daemon, dev_python_channel,
+                                                     base_image):
+    builder = ImageBuilder(docker_client=docker_daemon.client(), base_image=base_image, cache_dir=str(small_folder),
+                           image_repo=f"condaspawner-cli-disk-{uuid.uuid4().hex[:8]}")
+    builder.resolver.channel_urls = {"conda-forge": dev_python_channel.url}
+    builder.resolver.package_cache_dir = str(bench_dir() / "pkgs")
+    fill(small_folder)
+    spec = SpecPolicy().parse(f"dependencies: [python=3.9]\nvariables: {{ID: {uuid.uuid4().hex}}}\n".encode())
+    with pytest.raises(BuildError) as info:
+        await builder.get_image(BuildRequest(spec))
+    assert info.value.phase == "disk" and str(info.value).startswith(f"no space left in {small_folder} (needs about ")
+    failure = explain(info.value, custom_spec=True)
+    assert (failure.status_code, failure.reason) == (503, "disk")
+    assert failure.message.startswith(f"The hub ran out of disk space building this environment: no space left in "
+                                      f"{small_folder} (needs about ")
