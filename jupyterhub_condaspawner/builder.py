@@ -116,6 +116,26 @@ class BuildError(Exception):
         self.key = key
         self.unreachable = unreachable
 
+    def summary(self) -> str:
+        """One line for logs and the command line: the build's key, the phase in words, the cause."""
+        who = f"build {self.key[:16]}" if self.key else "the build"
+        return _one_line(f"{who} failed {PHASE_WORDS.get(self.phase, 'writing the image')}: {self.cause}")
+
+
+# BuildError.phase in words, after "build KEY failed ...".
+PHASE_WORDS = {
+    "base-image": "looking up the base image",
+    "daemon": "talking to the Docker daemon",
+    "solve": "solving the environment",
+    "install": "downloading or installing the conda packages",
+    "build": "writing the image",
+    "pip": "installing the pip: section",
+    "timeout": "to finish in time",
+    "registry": "at the registry",
+    "config": "before it started (the settings do not fit together)",
+    "disk": "for want of disk space",
+}
+
 
 @dataclass(frozen=True)
 class BuildRequest:
@@ -654,11 +674,13 @@ class ImageBuilder(LoggingConfigurable):
             message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
             await build.publish("error", 100, message)
             timeout = BuildError(message, phase="timeout", key=build.key)
+            self.log.warning("%s", timeout.summary())
             if build.started_here:
                 self._record_failure(build.key, timeout)
             raise timeout from None
         except BuildError as error:
             error.key = error.key or build.key
+            self.log.warning("%s", error.summary())
             if build.started_here:
                 self._record_failure(build.key, error)
             await build.publish("error", 100, str(error))
@@ -1150,13 +1172,23 @@ class ImageBuilder(LoggingConfigurable):
             total -= freed
         return result
 
+    def leftover_staging(self) -> list[Path]:
+        """Staging folders no build is using (nobody holds their key's lock): left by killed builds."""
+        return sorted(path for path in (Path(self.cache_dir) / "staging").glob("*")
+                      if not _lock_held(self.key_dir(path.name) / "build.lock"))
+
     def gc(self, dry_run: bool = False) -> GcResult:
-        """Remove the images of :meth:`gc_plan` (unless ``dry_run``); what was removed, and notes.
+        """Remove the images of :meth:`gc_plan` and the staging folders killed builds left (unless
+        ``dry_run``); what was removed, and notes.
 
         An image docker refuses to remove (tagged or used since the plan) is kept with a note;
         gc goes on with the others.
         """
         result = self.gc_plan()
+        for folder in self.leftover_staging():
+            result.staging[str(folder)] = tree_size(folder)
+            if not dry_run:
+                shutil.rmtree(folder, ignore_errors=True)
         if dry_run:
             return result
         for image in list(result.removed):
@@ -1176,12 +1208,13 @@ class GcResult:
     """What ``gc`` removed (or would): ``removed`` least recently used first; ``freed``: bytes
     each removal frees (layers no kept image or the base holds), by image id; ``total``: bytes
     the environment images held beyond the base before; ``notes``: one line per image kept
-    that the budget would have removed."""
+    that the budget would have removed; ``staging``: staging folders killed builds left."""
 
     removed: list[docker.models.images.Image] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)
     total: int = 0
     notes: list[str] = field(default_factory=list)
+    staging: dict[str, int] = field(default_factory=dict)  # leftover staging folder -> its bytes
 
     @property
     def freed_total(self) -> int:

@@ -334,11 +334,11 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     if images is not None:
         results, pushed = asyncio.run(_push(builder, results))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT", *(("PUSHED",) if pushing else ()))]
-    failed_keys = []
+    failed = []
     for label, info, failure in results:
         if info is None:
             key = getattr(failure, "key", "")[:16]
-            failed_keys += [key] if key else []
+            failed += [failure] if key else []
             rows.append((label, key, "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
             continue
         bytes_pushed = (_size(info.pushed_bytes or 0),) if pushing else ()
@@ -354,8 +354,8 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
                 images.record(profile, pushed[profile.slug])
         images.write(images.source)
         print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
-    for key in failed_keys:
-        print(f"build {key} failed: `condaspawner log {key}` shows its log", file=sys.stderr)
+    for failed_build in failed:  # one line each: the key, the phase in words, the cause, where the log is
+        print(f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)", file=sys.stderr)
     return 1 if any(info is None for _, info, _ in results) else 0
 
 
@@ -495,6 +495,8 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    for folder, size in result.staging.items():
+        print(f"{verb} {folder} ({_size(size)}), the staging folder of an interrupted build")
     for image in result.removed:
         print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(result.freed.get(image.id, 0))})")
     print(f"{verb} {len(result.removed)} image(s), {_size(result.freed_total)} (the environment images held "

@@ -52,7 +52,9 @@ def explain(error: BaseException, *, custom_spec: bool) -> StartFailure:
     if isinstance(error, GpuUnavailable):
         return StartFailure(error.user_message, reason="capacity", status_code=503, log_message=error.detail)
     if isinstance(error, BuildError):
-        return _build_failure(error, custom_spec)
+        failure = _build_failure(error, custom_spec)
+        failure.log_message = error.summary()  # the hub's log: the key, the phase in words, the cause
+        return failure
     if isinstance(error, web.HTTPError):
         return StartFailure(error.log_message or HTTPStatus(error.status_code).phrase,
                             reason="refused", status_code=error.status_code)

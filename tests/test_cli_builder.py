@@ -108,7 +108,9 @@ def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
     assert result.returncode == 1
     name, key, rest = result.stdout.decode().splitlines()[1].split(maxsplit=2)
     assert name == str(env) and len(key) == 16 and rest.startswith("FAILED: solve: cannot solve:")
-    assert result.stderr.decode().splitlines()[-1] == f"build {key} failed: `condaspawner log {key}` shows its log"
+    line = result.stderr.decode().splitlines()[-1]
+    assert line.startswith(f"build {key} failed solving the environment: ") and "cs-conflict" in line
+    assert line.endswith(f" (`condaspawner log {key}` shows its log)")
 
     listing = without_daemon("ls", "--config", str(config), "--failed")
     assert listing.returncode == 0, listing.stderr
@@ -134,13 +136,14 @@ def test_a_killed_build_is_listed_as_interrupted_with_its_log(config, tmp_path):
                    f"variables: {{ID: {uuid.uuid4().hex}}}\n")
     builds = Path(config.read_text().split("c.ImageBuilder.cache_dir = ")[1].splitlines()[0].strip("'\"")) / "builds"
     before = set(builds.glob("*")) if builds.exists() else set()
+    staging = builds.parent / "staging"
     process = subprocess.Popen([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config",
                                 str(config), str(env)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while True:  # until the solve is done and the install (or the docker build) runs
             new = [path for path in builds.glob("*") if path not in before] if builds.exists() else []
-            if new and "solved:" in _read(new[0] / "build.log"):
+            if new and "solved:" in _read(new[0] / "build.log") and (staging / new[0].name).exists():
                 break
             assert process.poll() is None and time.monotonic() < deadline, "the build never got past the solve"
             time.sleep(0.05)
@@ -156,6 +159,13 @@ def test_a_killed_build_is_listed_as_interrupted_with_its_log(config, tmp_path):
     rows = without_daemon("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
     row = next(row for row in rows if row.startswith(key[:16]))
     assert row.split()[1] == "interrupted" and "killed" in row
+
+    assert (staging / key).exists()  # what the killed build left: the next gc removes it
+    swept = condaspawner("gc", "--config", str(config), "--dry-run")
+    assert f"would remove {staging / key} (" in swept.stdout.decode() and (staging / key).exists()
+    swept = condaspawner("gc", "--config", str(config))
+    assert swept.returncode == 0 and f"removed {staging / key} (" in swept.stdout.decode(), swept.stdout + swept.stderr
+    assert not (staging / key).exists()
 
     retry = condaspawner("build", "--config", str(config), str(env))
     assert retry.returncode == 0, retry.stdout + retry.stderr
