@@ -1071,8 +1071,9 @@ class ImageBuilder(LoggingConfigurable):
         if "no space left on device" in "\n".join([daemon_failure, failure, *steps.output]).lower():
             raise self._daemon_disk_full(env_size)
         if daemon_failure:
-            raise BuildError(f"the Docker daemon went away while writing the image: {daemon_failure}",
-                             phase="daemon", cause=f"the Docker daemon went away ({daemon_failure})")
+            # docker-py's words ("Connection broken: IncompleteRead(0 bytes read)") stay in the build log
+            cause = f"the Docker daemon at {self.daemon_url} went away while writing the image"
+            raise BuildError(cause, phase="daemon", cause=cause)
         if failure or image_id is None:
             raise steps.failure(failure or "docker gave no image")
         await build.publish("tag", 98, f"Tagged {self.tag_for(build.key)}")
