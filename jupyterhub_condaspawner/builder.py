@@ -886,7 +886,7 @@ class ImageBuilder(LoggingConfigurable):
                     image_id = await self._docker_build(build, request, lock, context, build_log, env_size)
                     failed = False
                 finally:
-                    await self._remove_staging(context, settle=failed)
+                    await self._remove_staging(context, settle=failed and context.exists())
         except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
             if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
                 raise
