@@ -1173,6 +1173,31 @@ class ImageBuilder(LoggingConfigurable):
             total -= freed
         return result
 
+    def leftover_images(self) -> list[docker.models.images.Image]:
+        """Untagged images failed builds left: the steps env.Dockerfile finished (the environment's
+        COPY above all) on this builder's base, older than ``build_timeout`` (no build still uses them)."""
+        try:
+            with self._daemon("looking up the base image"):
+                base = self.client.images.get(self.base_image)
+        except docker.errors.ImageNotFound:
+            return []
+        base_top = self.client.api.history(base.id)[0]
+        cutoff = time.time() - self.build_timeout
+        leftovers = []
+        with self._daemon("listing untagged images"):
+            dangling = self.client.images.list(filters={"dangling": True})
+        for image in dangling:
+            created = _timestamp(image.attrs.get("Created", ""))
+            if created is None or created > cutoff or image.id == base.id:
+                continue
+            history = self.client.api.history(image.id)
+            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", "")) for entry in history)
+            on_base = any(entry.get("Created") == base_top.get("Created")
+                          and entry.get("CreatedBy") == base_top.get("CreatedBy") for entry in history)
+            if ours and on_base:
+                leftovers.append(image)
+        return leftovers
+
     def leftover_staging(self) -> list[Path]:
         """Staging folders no build is using (nobody holds their key's lock): left by killed builds."""
         return sorted(path for path in (Path(self.cache_dir) / "staging").glob("*")
@@ -1190,6 +1215,15 @@ class ImageBuilder(LoggingConfigurable):
             result.staging[str(folder)] = tree_size(folder)
             if not dry_run:
                 shutil.rmtree(folder, ignore_errors=True)
+        for image in self.leftover_images():
+            try:
+                if not dry_run:
+                    with self._daemon("removing an untagged image"):
+                        self.client.images.remove(image.id, noprune=False)
+                result.leftovers.append(image)
+            except docker.errors.APIError as error:  # a container still uses it
+                result.notes.append(f"kept the untagged image {image.short_id} a failed build left: "
+                                    f"{_one_line(error.explanation or error)}")
         if dry_run:
             return result
         for image in list(result.removed):
@@ -1209,13 +1243,15 @@ class GcResult:
     """What ``gc`` removed (or would): ``removed`` least recently used first; ``freed``: bytes
     each removal frees (layers no kept image or the base holds), by image id; ``total``: bytes
     the environment images held beyond the base before; ``notes``: one line per image kept
-    that the budget would have removed; ``staging``: staging folders killed builds left."""
+    that the budget would have removed; ``staging``: staging folders killed builds left;
+    ``leftovers``: untagged images failed builds left."""
 
     removed: list[docker.models.images.Image] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)
     total: int = 0
     notes: list[str] = field(default_factory=list)
     staging: dict[str, int] = field(default_factory=dict)  # leftover staging folder -> its bytes
+    leftovers: list[docker.models.images.Image] = field(default_factory=list)  # untagged images of failed builds
 
     @property
     def freed_total(self) -> int:
@@ -1345,6 +1381,16 @@ def _lock_held(path: Path) -> bool:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+def _timestamp(text: str) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, "Z") as a Unix time, or None."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", text or "")
+    if not match:
+        return None
+    zone = match.group(3) or "Z"
+    parsed = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
+    return parsed.timestamp()
 
 
 def _free_bytes(folder: Path) -> int:

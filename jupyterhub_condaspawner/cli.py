@@ -497,6 +497,8 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
         print(f"note: {note}", file=sys.stderr)
     for folder, size in result.staging.items():
         print(f"{verb} {folder} ({_size(size)}), the staging folder of an interrupted build")
+    for image in result.leftovers:
+        print(f"{verb} the untagged image {image.short_id}, left by a failed build")
     for image in result.removed:
         print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(result.freed.get(image.id, 0))})")
     print(f"{verb} {len(result.removed)} image(s), {_size(result.freed_total)} (the environment images held "

@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
@@ -291,3 +292,27 @@ async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder
     assert builder.find_image(key) is None
     assert not (Path(builder.cache_dir) / "staging" / key).exists()
     assert not (await builder.get_image(req)).cached  # a later request builds it
+
+
+async def test_gc_removes_the_untagged_images_a_failed_build_left(builder, docker_daemon):
+    req = unique_env(pip=[f"cs-missing-{uuid.uuid4().hex[:6]}==1.0"])
+    with pytest.raises(BuildError):
+        await builder.get_image(req)
+    log = (builder.key_dir(builder.build_key(req)) / "build.log").read_text()
+    # the last step docker finished before the pip step failed: an untagged image nobody needs
+    left = [line.split()[-1] for line in log.splitlines() if line.startswith(" ---> ") and "Running in" not in line][-1]
+    client = docker_daemon.client()
+    image_id = client.images.get(left).id
+    keep = builder.build_timeout
+    try:
+        builder.build_timeout = 1  # older than any build could still be running: no build still uses it
+        time.sleep(1.5)
+        assert image_id in {image.id for image in builder.gc(dry_run=True).leftovers}
+        assert client.images.get(image_id)  # a dry run removes nothing
+        result = builder.gc()
+        assert image_id in {image.id for image in result.leftovers}
+    finally:
+        builder.build_timeout = keep
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(image_id)
+    assert client.images.get(builder.base_image)
