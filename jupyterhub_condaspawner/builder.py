@@ -61,7 +61,7 @@ from .registry import (
     docker_credentials,
     failure_is_unreachable,
 )
-from .resolve import Lock, ResolveError, Resolver
+from .resolve import Lock, ResolveError, Resolver, is_no_space
 from .spec import EnvironmentSpec, pip_requirement_text
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,15 @@ _DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
 _UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Could not fetch URL",
                         "Temporary failure in name resolution", "Connection refused")
 _MESSAGE_CHARS = 300
+BUILD_STATUS = "status.json"  # in a key's cache folder: the last build's status (BuildRecord)
 
 
 class BuildError(Exception):
     """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
 
     ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout,
-    registry: the registry could not be reached or refused us; config: inconsistent settings);
+    registry: the registry could not be reached or refused us; config: inconsistent settings;
+    disk: a disk filled up: "no space left in FOLDER (needs about N MB)");
     ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
     ``unreachable``: a channel or index could not be reached (worth a retry).
     """
@@ -117,6 +119,26 @@ class BuildError(Exception):
         self.cause = cause or message
         self.key = key
         self.unreachable = unreachable
+
+    def summary(self) -> str:
+        """One line for logs and the command line: the build's key, the phase in words, the cause."""
+        who = f"build {self.key[:16]}" if self.key else "the build"
+        return _one_line(f"{who} failed {PHASE_WORDS.get(self.phase, 'writing the image')}: {self.cause}")
+
+
+# BuildError.phase in words, after "build KEY failed ...".
+PHASE_WORDS = {
+    "base-image": "looking up the base image",
+    "daemon": "talking to the Docker daemon",
+    "solve": "solving the environment",
+    "install": "downloading or installing the conda packages",
+    "build": "writing the image",
+    "pip": "installing the pip: section",
+    "timeout": "to finish in time",
+    "registry": "at the registry",
+    "config": "before it started (the settings do not fit together)",
+    "disk": "for want of disk space",
+}
 
 
 @dataclass(frozen=True)
@@ -195,6 +217,24 @@ class ImageInfo:
         return self.reference or self.tag
 
 
+@dataclass(frozen=True)
+class BuildRecord:
+    """A build as its cache folder records it (``status.json``): read without a daemon.
+
+    ``status``: building, built, failed, or interrupted (recorded as building, but no
+    process holds its lock any more: the builder was killed). ``phase`` and ``cause``
+    as in :class:`BuildError`; times in UTC, ISO 8601.
+    """
+
+    key: str
+    status: str
+    name: str = ""
+    phase: str = ""
+    cause: str = ""
+    started: str = ""
+    finished: str = ""
+
+
 @dataclass
 class EventStream:
     """Progress events ``{"phase", "progress", "message"}`` that any number of readers follow."""
@@ -235,6 +275,7 @@ class Build(EventStream):
 
     key: str = ""
     task: asyncio.Task | None = None
+    started_here: bool = False  # this process ran the build (its status is this process's to record)
 
     async def result(self) -> ImageInfo:
         assert self.task is not None
@@ -374,7 +415,8 @@ class ImageBuilder(LoggingConfigurable):
     disk_budget = ByteSpecification(
         "100G",
         config=True,
-        help="""`gc` removes least-recently-used environment images until they fit in this size.
+        help="""`gc` removes least-recently-used environment images until they fit in this size: the
+        bytes they add to the base image, each layer counted once (layers images share, once; the base, never).
 
         c.ImageBuilder.disk_budget = "500G"
         """,
@@ -570,6 +612,49 @@ class ImageBuilder(LoggingConfigurable):
                 return (self.key_dir(key) / name).stat().st_mtime
         return 0.0
 
+    def build_record(self, key: str) -> BuildRecord | None:
+        """The key's recorded build (from its cache folder), or None if it was never built here."""
+        try:
+            data = json.loads((self.key_dir(key) / BUILD_STATUS).read_text())
+        except (OSError, ValueError):
+            return None
+        fields = {name: str(data.get(name, "")) for name in ("name", "phase", "cause", "started", "finished")}
+        status = str(data.get("status", ""))
+        if status == "building" and not _lock_held(self.key_dir(key) / "build.lock"):
+            status = "interrupted"
+            fields["cause"] = fields["cause"] or "the build process stopped before the build ended (killed?)"
+        return BuildRecord(key=key, status=status, **fields)
+
+    def builds(self) -> list[BuildRecord]:
+        """Every build recorded in the cache folder, the latest first (no daemon needed)."""
+        records = [self.build_record(path.parent.name)
+                   for path in (Path(self.cache_dir) / "builds").glob(f"*/{BUILD_STATUS}")]
+        return sorted((r for r in records if r is not None), key=lambda r: r.finished or r.started, reverse=True)
+
+    def failed_builds(self) -> list[BuildRecord]:
+        """Builds whose last attempt failed or was interrupted, the latest first."""
+        return [record for record in self.builds() if record.status in ("failed", "interrupted")]
+
+    def _record(self, key: str, **fields: str) -> None:
+        """Update the key's status.json (written whole, then renamed: readers never see half of it)."""
+        path = self.key_dir(key) / BUILD_STATUS
+        with contextlib.suppress(OSError):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data.update(fields, key=key)
+            temporary = path.with_name(f".{BUILD_STATUS}.{os.getpid()}")
+            try:
+                temporary.write_text(json.dumps(data, indent=2) + "\n")
+                temporary.replace(path)
+            finally:
+                temporary.unlink(missing_ok=True)  # a full disk: no half-written file stays
+
+    def _record_failure(self, key: str, error: BuildError) -> None:
+        self._write_log(key, f"build failed ({error.phase}): {error}\n")
+        self._record(key, status="failed", phase=error.phase, cause=error.cause, finished=_now())
+
     # -- the public entry point ----------------------------------------------------------
 
     def is_cached(self, request: BuildRequest) -> bool:
@@ -614,9 +699,16 @@ class ImageBuilder(LoggingConfigurable):
         except asyncio.TimeoutError:
             message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
             await build.publish("error", 100, message)
-            raise BuildError(message, phase="timeout", key=build.key) from None
+            timeout = BuildError(message, phase="timeout", key=build.key)
+            self.log.warning("%s", timeout.summary())
+            if build.started_here:
+                self._record_failure(build.key, timeout)
+            raise timeout from None
         except BuildError as error:
             error.key = error.key or build.key
+            self.log.warning("%s", error.summary())
+            if build.started_here:
+                self._record_failure(build.key, error)
             await build.publish("error", 100, str(error))
             raise
         finally:
@@ -629,6 +721,13 @@ class ImageBuilder(LoggingConfigurable):
         if cached:
             return cached
         async with self._slot(build):
+            try:
+                self.key_dir(key).mkdir(parents=True, exist_ok=True)
+                (self.key_dir(key) / "build.lock").touch()
+            except OSError as error:
+                if not is_no_space(error):
+                    raise
+                raise await self._no_space_error(request, None, error) from None
             async with _file_lock(self.key_dir(key) / "build.lock"):
                 # Another hub process may have built it while we waited for the lock.
                 cached = await asyncio.to_thread(self._cached_info, key, request, started)
@@ -791,31 +890,95 @@ class ImageBuilder(LoggingConfigurable):
     async def _build(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
         key = build.key
         key_dir = self.key_dir(key)
-        key_dir.mkdir(parents=True, exist_ok=True)
         log_path = key_dir / "build.log"
         context = Path(self.cache_dir) / "staging" / key
-        # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
-        await asyncio.to_thread(shutil.rmtree, context, True)
-        with log_path.open("w") as build_log:
-            try:
-                lock = await self._resolve(build, request, build_log)
-                layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
-                prefix = layers.SHARED_PREFIX if layered else request.prefix
-                env_size = await self._install(build, request, lock, context, build_log, prefix)
-                from_image = None
-                if layered:
-                    from_image = await self._load_layers(build, request, context / "env", build_log)
-                    await asyncio.to_thread(shutil.rmtree, context / "env")
-                    (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
-                self._write_context(context, request, lock)
-                image_id = await self._docker_build(build, request, lock, context, build_log, env_size, from_image)
-            finally:
-                await asyncio.to_thread(shutil.rmtree, context, True)
+        build.started_here = True
+        lock: Lock | None = None
+        try:
+            key_dir.mkdir(parents=True, exist_ok=True)
+            self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
+                         finished="")
+            # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
+            await asyncio.to_thread(shutil.rmtree, context, True)
+            # Line-buffered: a build process killed mid-build still leaves every line it had written.
+            with log_path.open("w", buffering=1) as build_log:
+                failed = True
+                try:
+                    build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {_now()} "
+                                    f"(pid {os.getpid()})\n")
+                    lock = await self._resolve(build, request, build_log)
+                    layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
+                    prefix = layers.SHARED_PREFIX if layered else request.prefix
+                    env_size = await self._install(build, request, lock, context, build_log, prefix)
+                    from_image = None
+                    if layered:
+                        from_image = await self._load_layers(build, request, context / "env", build_log)
+                        await asyncio.to_thread(shutil.rmtree, context / "env")
+                        (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
+                    self._write_context(context, request, lock)
+                    image_id = await self._docker_build(build, request, lock, context, build_log, env_size,
+                                                        from_image)
+                    failed = False
+                finally:
+                    await self._remove_staging(context, settle=failed and context.exists())
+        except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
+            if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
+                raise
+            raise await self._no_space_error(request, lock, error) from None
         self.mark_used(key)
+        self._record(key, status="built", finished=_now())
         image = self.client.images.get(image_id)
         seconds = time.monotonic() - started
         self.build_seconds.append(seconds)
         return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
+
+    async def _remove_staging(self, context: Path, settle: bool) -> None:
+        """Remove the staging folder. After a failure (``settle``) the installer may still be finishing
+        files it had started: remove, then watch until nothing reappears for a second (at most a minute)."""
+        deadline = time.monotonic() + 60
+        while True:
+            await asyncio.to_thread(shutil.rmtree, context, True)
+            if not settle:
+                return
+            await asyncio.sleep(1.0)
+            if not context.exists():
+                return
+            if time.monotonic() > deadline:
+                self.log.warning("Staging folder %s keeps being written to: left behind", context)
+                return
+
+    async def _no_space_error(self, request: BuildRequest, lock: Lock | None, error: BaseException) -> BuildError:
+        """A full disk as the one-line BuildError "no space left in FOLDER (needs about N MB)"."""
+        folders = [Path(self.cache_dir), Path(self.resolver.package_cache_dir)]
+        folder = min(folders, key=_free_bytes)  # the fuller of the two (the one that filled up)
+        if lock is None:  # full before the solve wrote the lock: solve again for the estimate
+            with contextlib.suppress(Exception):
+                lock = await self.resolver.solve(_with_kernel_package(request.spec), cuda=request.cuda)
+        needed = await asyncio.to_thread(self._space_needed, lock, folder) if lock is not None else 0
+        cause = f"no space left in {folder}" + (f" (needs about {_megabytes(needed)})" if needed else "")
+        self.log.warning("Build of %s: %s: %s", request.display_name, cause, _one_line(error))
+        return BuildError(cause, phase="disk", cause=cause)
+
+    def _space_needed(self, lock: Lock, folder: Path) -> int:
+        """About how many bytes an install of ``lock`` writes on ``folder``'s filesystem: downloads and
+        unpacked packages in the package cache, and the staged environment (hard links on one filesystem)."""
+        cache = Path(self.resolver.package_cache_dir)
+        missing = {id(record) for record in self.resolver.not_in_cache(lock)}
+        downloads = unpacked_missing = unpacked = 0
+        for record in lock.records:
+            if id(record) in missing:
+                downloads += record.size or 0
+                unpacked_missing += 3 * (record.size or 0)  # typical unpacked / compressed
+                unpacked += 3 * (record.size or 0)
+            else:
+                unpacked += tree_size(cache / f"{record.name.normalized}-{record.version}-{record.build}")
+        device = _device(folder)
+        needed = 0
+        if device == _device(cache):
+            needed += downloads + unpacked_missing
+        if device == _device(Path(self.cache_dir)) and _device(Path(self.cache_dir)) != _device(cache):
+            needed += unpacked  # staging on another filesystem than the package cache: copies, not links
+        return max(needed, 1_000_000)
 
     def build_estimate(self) -> str:
         """"about N min" (or "under a minute") from this process's builds, for the user."""
@@ -886,6 +1049,8 @@ class ImageBuilder(LoggingConfigurable):
             await self.resolver.install(lock, context / "env", prefix)
         except ResolveError as error:
             build_log.write(f"install failed: {error}\n")
+            if error.no_space:
+                raise  # _build says which folder is full
             raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
                              unreachable=error.unreachable) from None
         size = await asyncio.to_thread(tree_size, context / "env")
@@ -1001,13 +1166,25 @@ class ImageBuilder(LoggingConfigurable):
             abandoned.set()
             raise
         await reader
+        if "no space left on device" in "\n".join([daemon_failure, failure, *steps.output]).lower():
+            raise self._daemon_disk_full(env_size)
         if daemon_failure:
-            raise BuildError(f"the Docker daemon went away while writing the image: {daemon_failure}",
-                             phase="daemon", cause=f"the Docker daemon went away ({daemon_failure})")
+            # docker-py's words ("Connection broken: IncompleteRead(0 bytes read)") stay in the build log
+            cause = f"the Docker daemon at {self.daemon_url} went away while writing the image"
+            raise BuildError(cause, phase="daemon", cause=cause)
         if failure or image_id is None:
             raise steps.failure(failure or "docker gave no image")
         await build.publish("tag", 98, f"Tagged {self.tag_for(build.key)}")
         return image_id
+
+    def _daemon_disk_full(self, env_size: int) -> BuildError:
+        """The build daemon's disk filled up while writing the image (its data root, on its host)."""
+        root = "its data root"
+        with contextlib.suppress(Exception):
+            root = str(self.client.info().get("DockerRootDir") or root)
+        # the context sent, the COPY layer and the compiled files: about twice the environment
+        cause = f"no space left in {root} on the Docker host {self.daemon_url} (needs about {_megabytes(2 * env_size)})"
+        return BuildError(cause, phase="disk", cause=cause)
 
     def _container_limits(self) -> dict[str, Any]:
         limits: dict[str, Any] = {}
@@ -1026,13 +1203,51 @@ class ImageBuilder(LoggingConfigurable):
             if self.tag_for(image.labels[LABEL_KEY]) in image.tags
         ]
 
-    def gc_plan(self) -> list[docker.models.images.Image]:
-        """Images `gc` would remove: least recently used first, never one a container uses."""
+    def layer_sizes(self, image: docker.models.images.Image) -> dict[str, int]:
+        """The image's layers that hold bytes, as {layer key: bytes}.
+
+        A layer's key is a digest of the image's history up to that layer (docker's history
+        entries, oldest first): images built on one base, or reusing one cached step, share
+        those entries and so the keys of the layers they share.
+        """
+        with self._daemon("reading an image's layers"):
+            history = self.client.api.history(image.id)  # newest first
+        chain = hashlib.sha256()
+        sizes: dict[str, int] = {}
+        for entry in reversed(history):
+            chain.update(json.dumps([entry.get("Created"), entry.get("CreatedBy"), entry.get("Size")]).encode())
+            if entry.get("Size"):
+                sizes[chain.hexdigest()] = int(entry["Size"])
+        return sizes
+
+    def _own_layers(self, images: list[docker.models.images.Image]) -> dict[str, dict[str, int]]:
+        """Each image's layers (by id) less the base image's: the bytes an environment image adds."""
+        try:
+            with self._daemon("looking up the base image"):
+                base = set(self.layer_sizes(self.client.images.get(self.base_image)))
+        except docker.errors.ImageNotFound:
+            base = set()
+        return {image.id: {key: size for key, size in self.layer_sizes(image).items() if key not in base}
+                for image in images}
+
+    def gc_plan(self) -> GcResult:
+        """What `gc` would remove: least recently used first, never one a container uses, never one with
+        another tag (a note says which), until the images fit ``max_images`` and ``disk_budget``.
+
+        Sizes count each layer once and never the base: an image's ``freed`` bytes are the layers
+        no image that stays holds, ``total`` the bytes all environment images add to the base.
+        """
         in_use = {container.attrs.get("Image") for container in self.client.containers.list(all=True)}
         candidates = sorted(self.images(), key=lambda image: self.last_used(image.labels[LABEL_KEY]))
-        total = sum(image.attrs.get("Size", 0) for image in candidates)
-        count = len(candidates)
-        doomed = []
+        layers = self._own_layers(candidates)
+        holders: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for image_layers in layers.values():
+            for key, size in image_layers.items():
+                holders[key] = holders.get(key, 0) + 1
+                sizes[key] = size
+        result = GcResult(total=sum(sizes.values()))
+        total, count = result.total, len(candidates)
         for image in candidates:
             over_count = self.max_images and count > self.max_images
             over_budget = total > int(self.disk_budget)
@@ -1040,18 +1255,105 @@ class ImageBuilder(LoggingConfigurable):
                 break
             if image.id in in_use:
                 continue
-            doomed.append(image)
+            tag = self.tag_for(image.labels[LABEL_KEY])
+            others = [other for other in image.tags if other != tag]
+            if others:
+                result.notes.append(f"kept {tag}: it is also tagged {', '.join(others)} (`docker rmi {others[0]}` "
+                                    "lets gc remove it)")
+                continue
+            freed = 0
+            for key in layers[image.id]:
+                holders[key] -= 1
+                freed += sizes[key] if holders[key] == 0 else 0
+            result.removed.append(image)
+            result.freed[image.id] = freed
             count -= 1
-            total -= image.attrs.get("Size", 0)
-        return doomed
+            total -= freed
+        return result
 
-    def gc(self, dry_run: bool = False) -> list[docker.models.images.Image]:
-        """Remove the images of :meth:`gc_plan` (unless ``dry_run``); return them."""
-        doomed = self.gc_plan()
-        if not dry_run:
-            for image in doomed:
-                self.client.images.remove(image.id, noprune=False)
-        return doomed
+    def leftover_images(self) -> list[docker.models.images.Image]:
+        """Untagged images failed builds left: the steps env.Dockerfile finished (the environment's
+        COPY above all) on this builder's base, older than ``build_timeout`` (no build still uses them)."""
+        try:
+            with self._daemon("looking up the base image"):
+                base = self.client.images.get(self.base_image)
+        except docker.errors.ImageNotFound:
+            return []
+        base_top = self.client.api.history(base.id)[0]
+        cutoff = time.time() - self.build_timeout
+        leftovers = []
+        with self._daemon("listing untagged images"):
+            dangling = self.client.images.list(filters={"dangling": True})
+        for image in dangling:
+            created = _timestamp(image.attrs.get("Created", ""))
+            if created is None or created > cutoff or image.id == base.id:
+                continue
+            history = self.client.api.history(image.id)
+            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", "")) for entry in history)
+            on_base = any(entry.get("Created") == base_top.get("Created")
+                          and entry.get("CreatedBy") == base_top.get("CreatedBy") for entry in history)
+            if ours and on_base:
+                leftovers.append(image)
+        return leftovers
+
+    def leftover_staging(self) -> list[Path]:
+        """Staging folders no build is using (nobody holds their key's lock): left by killed builds."""
+        return sorted(path for path in (Path(self.cache_dir) / "staging").glob("*")
+                      if not _lock_held(self.key_dir(path.name) / "build.lock"))
+
+    def gc(self, dry_run: bool = False) -> GcResult:
+        """Remove the images of :meth:`gc_plan` and the staging folders killed builds left (unless
+        ``dry_run``); what was removed, and notes.
+
+        An image docker refuses to remove (tagged or used since the plan) is kept with a note;
+        gc goes on with the others.
+        """
+        result = self.gc_plan()
+        for folder in self.leftover_staging():
+            result.staging[str(folder)] = tree_size(folder)
+            if not dry_run:
+                shutil.rmtree(folder, ignore_errors=True)
+        for image in self.leftover_images():
+            try:
+                if not dry_run:
+                    with self._daemon("removing an untagged image"):
+                        self.client.images.remove(image.id, noprune=False)
+                result.leftovers.append(image)
+            except docker.errors.APIError as error:  # a container still uses it
+                result.notes.append(f"kept the untagged image {image.short_id} a failed build left: "
+                                    f"{_one_line(error.explanation or error)}")
+        if dry_run:
+            return result
+        for image in list(result.removed):
+            try:
+                with self._daemon("removing an image"):
+                    self.client.images.remove(image.id, noprune=False)
+            except docker.errors.APIError as error:
+                result.removed.remove(image)
+                result.freed.pop(image.id, None)
+                result.notes.append(f"kept {self.tag_for(image.labels[LABEL_KEY])}: docker refused to remove it "
+                                    f"({_one_line(error.explanation or error)})")
+        return result
+
+
+@dataclass
+class GcResult:
+    """What ``gc`` removed (or would): ``removed`` least recently used first; ``freed``: bytes
+    each removal frees (layers no kept image or the base holds), by image id; ``total``: bytes
+    the environment images held beyond the base before; ``notes``: one line per image kept
+    that the budget would have removed; ``staging``: staging folders killed builds left;
+    ``leftovers``: untagged images failed builds left."""
+
+    removed: list[docker.models.images.Image] = field(default_factory=list)
+    freed: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    notes: list[str] = field(default_factory=list)
+    staging: dict[str, int] = field(default_factory=dict)  # leftover staging folder -> its bytes
+    leftovers: list[docker.models.images.Image] = field(default_factory=list)  # untagged images of failed builds
+
+    @property
+    def freed_total(self) -> int:
+        return sum(self.freed.values())
 
 
 def _with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
@@ -1162,6 +1464,50 @@ async def _file_lock(path: Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether some process (this one included) holds ``path``'s build lock now."""
+    try:
+        handle = path.open("a")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def _timestamp(text: str) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, "Z") as a Unix time, or None."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", text or "")
+    if not match:
+        return None
+    zone = match.group(3) or "Z"
+    parsed = datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone))
+    return parsed.timestamp()
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on ``folder``'s filesystem (of its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _device(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return candidate.stat().st_dev
+    return -1
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def tree_size(root: Path) -> int:

@@ -307,11 +307,17 @@ def _swarm_gpus(args: argparse.Namespace, config: Config) -> int:
 
 
 def _builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
+    builder = _cache_builder(args, config)
+    builder.docker_client = docker_client(builder.client_settings())  # docker_host, else the servers' daemon
+    return builder
+
+
+def _cache_builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
+    """The builder for what its cache folder records (logs, locks, build status): no daemon needed."""
     from .builder import ImageBuilder
 
     builder = ImageBuilder(config=config, daemon_settings=servers_daemon_settings(config))
-    builder.docker_client = docker_client(builder.client_settings())  # docker_host, else the servers' daemon
-    if args.channel_alias:
+    if getattr(args, "channel_alias", None):
         builder.resolver.channel_alias = args.channel_alias
     return builder
 
@@ -369,7 +375,7 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
         try:
             return (label, await build.result(), None)
         except BuildError as error:
-            return (label, None, str(error))
+            return (label, None, error)
 
     return await asyncio.gather(*(one(i, label, request) for i, (label, request) in enumerate(requests)))
 
@@ -397,9 +403,12 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     if images is not None:
         results, pushed = asyncio.run(_push(builder, results))
     rows = [("NAME", "KEY", "IMAGE", "SIZE", "SECONDS", "RESULT", *(("PUSHED",) if pushing else ()))]
+    failed = []
     for label, info, failure in results:
         if info is None:
-            rows.append((label, "", "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
+            key = getattr(failure, "key", "")[:16]
+            failed += [failure] if key else []
+            rows.append((label, key, "", "", "", f"FAILED: {failure}", *(("",) if pushing else ())))
             continue
         bytes_pushed = (_size(info.pushed_bytes or 0),) if pushing else ()
         rows.append((label, info.key[:16], info.image, _size(info.size), f"{info.seconds:.1f}",
@@ -414,6 +423,8 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
                 images.record(profile, pushed[profile.slug])
         images.write(images.source)
         print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
+    for failed_build in failed:  # one line each: the key, the phase in words, the cause, where the log is
+        print(f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)", file=sys.stderr)
     return 1 if any(info is None for _, info, _ in results) else 0
 
 
@@ -444,7 +455,8 @@ async def _push(builder: ImageBuilder, results: list[tuple]) -> tuple[list[tuple
             try:
                 pushed[label] = await pushed_reference(builder, info)
             except (PushUnavailable, BuildError) as error:
-                info, failure = None, f"push: {one_line(error)}"
+                failure = BuildError(f"push: {one_line(error)}", phase="registry", key=info.key)
+                info = None
         rows.append((label, info, failure))
     return rows, pushed
 
@@ -513,6 +525,8 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     from .builder import LABEL_CREATED, LABEL_KEY, BuildError, request_for_profile
 
+    if args.failed:
+        return _ls_failed(_cache_builder(args, config))
     builder = _builder(args, config)
     profiles_by_key: dict[str, list[str]] = {}
     with contextlib.suppress(CommandError, BuildError):
@@ -532,16 +546,32 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _ls_failed(builder: ImageBuilder) -> int:
+    """Builds whose last attempt failed or was interrupted, from the cache folder alone."""
+    rows = [("KEY", "STATUS", "PHASE", "WHEN", "NAME", "CAUSE")]
+    for record in builder.failed_builds():
+        rows.append((record.key[:16], record.status, record.phase or "-", record.finished or record.started or "?",
+                     record.name or "-", record.cause or "-"))
+    print(_table(rows))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     from .builder import LABEL_KEY
 
     builder = _builder(args, config)
-    removed = builder.gc(dry_run=args.dry_run)
+    result = builder.gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    for image in removed:
-        print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(image.attrs.get('Size', 0))})")
-    freed = sum(image.attrs.get("Size", 0) for image in removed)
-    print(f"{verb} {len(removed)} image(s), {_size(freed)}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for folder, size in result.staging.items():
+        print(f"{verb} {folder} ({_size(size)}), the staging folder of an interrupted build")
+    for image in result.leftovers:
+        print(f"{verb} the untagged image {image.short_id}, left by a failed build")
+    for image in result.removed:
+        print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(result.freed.get(image.id, 0))})")
+    print(f"{verb} {len(result.removed)} image(s), {_size(result.freed_total)} (the environment images held "
+          f"{_size(result.total)} beyond the base image)")
     return 0
 
 
@@ -555,7 +585,7 @@ def _key_dir(builder: ImageBuilder, key: str) -> Path:
 
 
 def cmd_lock(args: argparse.Namespace, config: Config) -> int:
-    path = _key_dir(_builder(args, config), args.key) / "lock.json"
+    path = _key_dir(_cache_builder(args, config), args.key) / "lock.json"
     if not path.exists():
         raise CommandError(f"build {args.key} has no lock (its solve failed; see `condaspawner log`)")
     lock = json.loads(path.read_text())
@@ -568,7 +598,7 @@ def cmd_lock(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_log(args: argparse.Namespace, config: Config) -> int:
-    path = _key_dir(_builder(args, config), args.key) / "build.log"
+    path = _key_dir(_cache_builder(args, config), args.key) / "build.log"
     if not path.exists():
         raise CommandError(f"build {args.key} has no log")
     sys.stdout.write(path.read_text())
@@ -671,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a nvidia.com/gpu.product value your nodes carry, for gpu_model globs (repeatable; "
                              "default: c.KubernetesExport.gpu_products)")
     ls = add("ls", cmd_ls, "list environment images: key, image, size, created, last used, profiles")
+    ls.add_argument("--failed", action="store_true",
+                    help="list the builds that failed or were interrupted instead (key, phase, cause), from the "
+                         "cache folder: no Docker daemon needed")
     gc = add("gc", cmd_gc, "remove least-recently-used environment images over the budget (never one in use)")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     lock = add("lock", cmd_lock, "print the lock (exact packages) of a build")

@@ -53,7 +53,9 @@ def explain(error: BaseException, *, custom_spec: bool) -> StartFailure:
     if isinstance(error, GpuUnavailable):
         return StartFailure(error.user_message, reason="capacity", status_code=503, log_message=error.detail)
     if isinstance(error, BuildError):
-        return _build_failure(error, custom_spec)
+        failure = _build_failure(error, custom_spec)
+        failure.log_message = error.summary()  # the hub's log: the key, the phase in words, the cause
+        return failure
     if isinstance(error, web.HTTPError):
         return StartFailure(error.log_message or HTTPStatus(error.status_code).phrase,
                             reason="refused", status_code=error.status_code)
@@ -89,6 +91,9 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
     if phase == "timeout":
         return StartFailure(f"Building this environment took too long: {cause}; ask the hub admin to prebuild it "
                             "(`condaspawner build`)", reason="timeout", status_code=503)
+    if phase == "disk":
+        return StartFailure(f"The hub ran out of disk space building this environment: {cause}; try again later, "
+                            f"or tell the hub admin{key}", reason="disk", status_code=503, log_message=f"{error}{key}")
     if phase == "base-image":
         return StartFailure(f"The hub's base image is missing: {cause}; tell the hub admin", reason="base-image",
                             status_code=500)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import difflib
+import errno
 import hashlib
 import json
 import os
@@ -58,11 +59,13 @@ class ResolveError(Exception):
     """A spec that cannot be resolved or installed: ``str(error)`` is one line for the user.
 
     ``unreachable``: a channel could not be reached, so a retry may succeed.
+    ``no_space``: a disk filled up (the message may have lost the cause in its cut).
     """
 
-    def __init__(self, message: str, *, unreachable: bool = False):
+    def __init__(self, message: str, *, unreachable: bool = False, no_space: bool = False):
         super().__init__(message)
         self.unreachable = unreachable
+        self.no_space = no_space
 
 
 @dataclass
@@ -325,8 +328,16 @@ class Resolver(Configurable):
                 show_progress=False,
             )
         except Exception as error:  # download, checksum or link failures
-            raise ResolveError(f"install failed: {_one_line(error)}")
+            raise ResolveError(f"install failed: {_one_line(error)}", no_space=is_no_space(error))
         await asyncio.to_thread(make_world_readable, staging_prefix)
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether ``error`` (an OSError, or rattler's text of one) is a full disk (ENOSPC)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def make_world_readable(root: Path) -> None:

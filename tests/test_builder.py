@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
@@ -221,10 +222,10 @@ async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder,
     keep = builder.max_images
     try:
         builder.max_images = len(ages) - 1
-        assert [image.id for image in builder.gc_plan()] == [old.image_id]
-        assert [image.id for image in builder.gc(dry_run=True)] == [old.image_id]
+        assert [image.id for image in builder.gc_plan().removed] == [old.image_id]
+        assert [image.id for image in builder.gc(dry_run=True).removed] == [old.image_id]
         assert builder.find_image(old.key) is not None
-        assert [image.id for image in builder.gc()] == [old.image_id]
+        assert [image.id for image in builder.gc().removed] == [old.image_id]
         assert builder.find_image(old.key) is None and builder.find_image(used.key) is not None
         assert client.images.get(builder.base_image)  # never the base
     finally:
@@ -271,10 +272,11 @@ async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
         max_concurrent_builds=1,
     )
     first, second = one_at_a_time.ensure(unique_env()), one_at_a_time.ensure(unique_env())
-    events, _ = await asyncio.gather(collect(second), asyncio.gather(first.result(), second.result()))
-    queued = [event for event in events if event["phase"] == "queued"]
-    assert queued and queued[0]["message"] == "waiting for 1 running builds to finish (1 in the queue)"
-    assert events[-1]["phase"] == "ready" and one_at_a_time.builds_started == 2
+    # Either may take the slot first: each looks up the cache in a thread before it queues.
+    *streams, _ = await asyncio.gather(collect(first), collect(second), asyncio.gather(first.result(), second.result()))
+    queued = [event for events in streams for event in events if event["phase"] == "queued"]
+    assert len(queued) == 1 and queued[0]["message"] == "waiting for 1 running builds to finish (1 in the queue)"
+    assert [events[-1]["phase"] for events in streams] == ["ready", "ready"] and one_at_a_time.builds_started == 2
 
 
 async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder):
@@ -290,3 +292,27 @@ async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder
     assert builder.find_image(key) is None
     assert not (Path(builder.cache_dir) / "staging" / key).exists()
     assert not (await builder.get_image(req)).cached  # a later request builds it
+
+
+async def test_gc_removes_the_untagged_images_a_failed_build_left(builder, docker_daemon):
+    req = unique_env(pip=[f"cs-missing-{uuid.uuid4().hex[:6]}==1.0"])
+    with pytest.raises(BuildError):
+        await builder.get_image(req)
+    log = (builder.key_dir(builder.build_key(req)) / "build.log").read_text()
+    # the last step docker finished before the pip step failed: an untagged image nobody needs
+    left = [line.split()[-1] for line in log.splitlines() if line.startswith(" ---> ") and "Running in" not in line][-1]
+    client = docker_daemon.client()
+    image_id = client.images.get(left).id
+    keep = builder.build_timeout
+    try:
+        builder.build_timeout = 1  # older than any build could still be running: no build still uses it
+        time.sleep(1.5)
+        assert image_id in {image.id for image in builder.gc(dry_run=True).leftovers}
+        assert client.images.get(image_id)  # a dry run removes nothing
+        result = builder.gc()
+        assert image_id in {image.id for image in result.leftovers}
+    finally:
+        builder.build_timeout = keep
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(image_id)
+    assert client.images.get(builder.base_image)

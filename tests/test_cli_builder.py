@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
-from fixtures_docker import bench_dir, remove_repo_images
-from test_cli import condaspawner
+from fixtures_docker import bench_dir, bench_unavailable, remove_repo_images
+from test_cli import REPO, condaspawner
+
+from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.failures import explain
+from jupyterhub_condaspawner.spec import SpecPolicy
 
 pytestmark = pytest.mark.docker
 
@@ -47,6 +60,9 @@ def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):
     lock = condaspawner("lock", "--config", str(config), key).stdout.decode().splitlines()
     assert {line.split()[0] for line in lock} >= {"python", "cs-gamma", "cs-alpha", "ipykernel"}
     assert "Step 5/" in condaspawner("log", "--config", str(config), key).stdout.decode()
+    # lock and log read the cache folder: no daemon needed
+    assert without_daemon("lock", "--config", str(config), key).stdout.decode().splitlines() == lock
+    assert "Step 5/" in without_daemon("log", "--config", str(config), key).stdout.decode()
     missing = condaspawner("log", "--config", str(config), "ffffffffffff")
     assert missing.returncode == 1 and b"no single build matches" in missing.stderr
 
@@ -73,3 +89,214 @@ def test_build_refuses_a_bad_file_before_building(config, tmp_path):
     result = condaspawner("build", "--config", str(config), str(env))
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.decode().startswith(f"error: {env}: dependencies[0].pip[0]")
+
+
+NO_DAEMON = "unix:///nonexistent/docker.sock"
+
+
+def without_daemon(*args: str) -> subprocess.CompletedProcess:
+    """``condaspawner ARGS`` with DOCKER_HOST pointing nowhere."""
+    return subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", *args], capture_output=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "DOCKER_HOST": NO_DAEMON})
+
+
+def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
+    env = tmp_path / "conflict.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-conflict]\n"
+                   f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    result = condaspawner("build", "--config", str(config), str(env))
+    assert result.returncode == 1
+    name, key, rest = result.stdout.decode().splitlines()[1].split(maxsplit=2)
+    assert name == str(env) and len(key) == 16 and rest.startswith("FAILED: solve: cannot solve:")
+    line = result.stderr.decode().splitlines()[-1]
+    assert line.startswith(f"build {key} failed solving the environment: ") and "cs-conflict" in line
+    assert line.endswith(f" (`condaspawner log {key}` shows its log)")
+
+    listing = without_daemon("ls", "--config", str(config), "--failed")
+    assert listing.returncode == 0, listing.stderr
+    header, *rows = listing.stdout.decode().splitlines()
+    assert header.split() == ["KEY", "STATUS", "PHASE", "WHEN", "NAME", "CAUSE"]
+    row = next(row for row in rows if row.startswith(key))
+    assert row.split()[1:3] == ["failed", "solve"] and "cs-conflict" in row
+
+    log = without_daemon("log", "--config", str(config), key)
+    assert log.returncode == 0 and "solve failed: cannot solve" in log.stdout.decode()
+    assert log.stdout.decode().splitlines()[0].startswith("build ")
+    lock = without_daemon("lock", "--config", str(config), key)
+    assert lock.returncode == 1 and lock.stderr.decode() == (
+        f"error: build {key} has no lock (its solve failed; see `condaspawner log`)\n")
+
+    images = without_daemon("ls", "--config", str(config))  # the images need the daemon: one line, no traceback
+    assert images.returncode == 1 and images.stderr.decode().startswith("error: cannot reach the Docker daemon")
+
+
+def test_a_killed_build_is_listed_as_interrupted_with_its_log(config, tmp_path):
+    env = tmp_path / "killed.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-gamma]\n"
+                   f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    builds = Path(config.read_text().split("c.ImageBuilder.cache_dir = ")[1].splitlines()[0].strip("'\"")) / "builds"
+    before = set(builds.glob("*")) if builds.exists() else set()
+    staging = builds.parent / "staging"
+    process = subprocess.Popen([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config",
+                                str(config), str(env)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the solve is done and the install (or the docker build) runs
+            new = [path for path in builds.glob("*") if path not in before] if builds.exists() else []
+            if new and "solved:" in _read(new[0] / "build.log") and (staging / new[0].name).exists():
+                break
+            assert process.poll() is None and time.monotonic() < deadline, "the build never got past the solve"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    key = new[0].name
+    status = json.loads((new[0] / "status.json").read_text())
+    assert status["status"] == "building"  # as the killed process left it; nobody holds its lock now
+    log = without_daemon("log", "--config", str(config), key[:16]).stdout.decode()
+    assert log.startswith(f"build {key} ") and "solved:" in log
+    rows = without_daemon("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
+    row = next(row for row in rows if row.startswith(key[:16]))
+    assert row.split()[1] == "interrupted" and "killed" in row
+
+    assert (staging / key).exists()  # what the killed build left: the next gc removes it
+    swept = condaspawner("gc", "--config", str(config), "--dry-run")
+    assert f"would remove {staging / key} (" in swept.stdout.decode() and (staging / key).exists()
+    swept = condaspawner("gc", "--config", str(config))
+    assert swept.returncode == 0 and f"removed {staging / key} (" in swept.stdout.decode(), swept.stdout + swept.stderr
+    assert not (staging / key).exists()
+
+    retry = condaspawner("build", "--config", str(config), str(env))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert retry.stdout.decode().splitlines()[1].split()[-1] == "built"
+    rows = without_daemon("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
+    assert not any(row.startswith(key[:16]) for row in rows)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_gc_keeps_an_image_tagged_twice_with_a_note_and_counts_no_base_bytes(config, tmp_path, docker_daemon):
+    client = docker_daemon.client()
+    text = config.read_text()
+    repo, cache = (text.split(f"c.ImageBuilder.{name} = ")[1].splitlines()[0].strip("'\"")
+                   for name in ("image_repo", "cache_dir"))
+    envs = [tmp_path / "twice.yml", tmp_path / "once.yml"]
+    for env, package in zip(envs, ("cs-gamma", "cs-beta")):
+        env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, {package}]\n"
+                       f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    assert condaspawner("build", "--config", str(config), *map(str, envs)).returncode == 0
+    images = client.images.list(name=repo)
+    assert len(images) >= 2  # these, and this module's other builds
+    twice, *others = images
+    key = twice.labels["io.condaspawner.key"]
+    for age, image in enumerate(images):  # the image tagged twice is the least recently used
+        stamp = time.time() - 1000 + age
+        os.utime(Path(cache) / "builds" / image.labels["io.condaspawner.key"] / "last-used", (stamp, stamp))
+    extra = f"{repo}-extra:keep"
+    twice.tag(extra)
+    base = client.images.get(text.split("c.ImageBuilder.base_image = ")[1].splitlines()[0].strip("'\""))
+    strict = tmp_path / "strict_config.py"
+    strict.write_text(text + "c.ImageBuilder.max_images = 1\n")
+    try:
+        result = condaspawner("gc", "--config", str(strict))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.decode() == (f"note: kept {repo}:{key[:16]}: it is also tagged {extra} "
+                                          f"(`docker rmi {extra}` lets gc remove it)\n")
+        *lines, summary = result.stdout.decode().splitlines()
+        removed = [line for line in lines if line.startswith(f"removed {repo}:")]  # not the leftovers of failed builds
+        assert len(removed) == len(others) and summary.startswith(f"removed {len(others)} image(s), ")
+        sizes = {image.tags[0]: image.attrs["Size"] for image in others}
+        for line in removed:  # "removed TAG (SIZE)": only the bytes it alone held, never the base's
+            _, tag, size = line.split(" ", 2)
+            assert parse_size(size.strip("()")) <= sizes[tag] - base.attrs["Size"] + 1e5
+        assert parse_size(summary.split(", ")[1].split(" (")[0]) < base.attrs["Size"]
+        assert client.images.get(twice.id).tags  # kept, both tags
+        assert not [image for image in client.images.list(name=repo) if image.id != twice.id]
+    finally:
+        client.images.remove(extra)
+
+
+def parse_size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """An 8 MB tmpfs: a cache folder that fills up (mounting needs root, as CI and the bench have)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        bench_unavailable(f"cannot mount an 8 MB tmpfs as a cache folder that fills up (needs root): "
+                          f"{mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the folder's filesystem is full."""
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"x" * 65536)
+                out.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_cache_folder_is_a_build_error_that_leaves_nothing_behind(config, tmp_path, small_folder):
+    small_config = tmp_path / "small_config.py"
+    small_config.write_text(re.sub(r"c\.ImageBuilder\.cache_dir = .*", f"c.ImageBuilder.cache_dir = {str(small_folder)!r}",
+                                   config.read_text()))
+    env = tmp_path / "big.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-gamma]\nvariables: {{ID: {uuid.uuid4().hex}}}\n")
+    message = re.compile(rf"FAILED: no space left in {re.escape(str(small_folder))} \(needs about (\d+) MB\)$")
+    for attempt in range(3):  # filling up during the install, three times: the staging folder never stays
+        result = condaspawner("build", "--config", str(small_config), str(env))
+        assert result.returncode == 1, result.stdout + result.stderr
+        row = result.stdout.decode().splitlines()[1]
+        match = message.search(row)
+        assert match, row
+        assert int(match.group(1)) > 8  # the environment, copied (staging is not on the package cache's disk)
+        assert "internal error" not in result.stderr.decode() and "Traceback" not in result.stderr.decode()
+        assert not list((small_folder / "staging").glob("*"))
+        key = row.split()[1]
+        failed = without_daemon("ls", "--config", str(small_config), "--failed").stdout.decode().splitlines()
+        assert next(line for line in failed if line.startswith(key)).split()[1:3] == ["failed", "disk"]
+
+    filler = fill(small_folder)  # full before the build starts
+    result = condaspawner("build", "--config", str(small_config), str(env))
+    assert result.returncode == 1 and message.search(result.stdout.decode().splitlines()[1]), result.stdout
+    assert "internal error" not in result.stderr.decode()
+    assert not list((small_folder / "staging").glob("*"))
+    filler.unlink()
+
+    subprocess.run(["umount", "-l", str(small_folder)], check=True)  # room again: the retry builds it
+    retry = condaspawner("build", "--config", str(small_config), str(env))
+    assert retry.returncode == 0 and retry.stdout.decode().splitlines()[1].split()[-1] == "built", retry.stdout
+
+
+async def test_the_spawners_handler_shows_a_full_disk(config, small_folder, docker_daemon, dev_python_channel,
+                                                     base_image):
+    builder = ImageBuilder(docker_client=docker_daemon.client(), base_image=base_image, cache_dir=str(small_folder),
+                           image_repo=f"condaspawner-cli-disk-{uuid.uuid4().hex[:8]}")
+    builder.resolver.channel_urls = {"conda-forge": dev_python_channel.url}
+    builder.resolver.package_cache_dir = str(bench_dir() / "pkgs")
+    fill(small_folder)
+    spec = SpecPolicy().parse(f"dependencies: [python=3.9]\nvariables: {{ID: {uuid.uuid4().hex}}}\n".encode())
+    with pytest.raises(BuildError) as info:
+        await builder.get_image(BuildRequest(spec))
+    assert info.value.phase == "disk" and str(info.value).startswith(f"no space left in {small_folder} (needs about ")
+    failure = explain(info.value, custom_spec=True)
+    assert (failure.status_code, failure.reason) == (503, "disk")
+    assert failure.message.startswith(f"The hub ran out of disk space building this environment: no space left in "
+                                      f"{small_folder} (needs about ")

@@ -185,6 +185,10 @@ def test_a_pip_failure_is_pips_error_line_without_docker_noise():
     assert failure.status_code == 400
     assert failure.message == ("pip could not install the pip: section: No matching distribution found for "
                                "definitely-not-a-real-pkg-xyz==1.0; check the pip: packages of your environment.yml")
+    error.key = "0123456789abcdef" * 4
+    assert explain(error, custom_spec=True).log_message == (  # the hub's log: key, phase in words, cause
+        "build 0123456789abcdef failed installing the pip: section: No matching distribution found for "
+        "definitely-not-a-real-pkg-xyz==1.0")
 
 
 def test_an_unreachable_index_is_not_reported_as_a_missing_package():
