@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from jupyterhub.objects import Hub
+from pip_index import PipIndex
 from stand_in_user import StandInUser
 from traitlets.config import Config
 
@@ -88,12 +89,18 @@ async def test_an_unreachable_daemon_is_a_503_worth_retrying(tmp_path, monkeypat
 
 @pytest.mark.docker
 async def test_a_build_past_build_timeout_says_so(tmp_path, docker_daemon, base_image, dev_python_channel):
-    spawner = spawner_for(tmp_path, dev_python_channel.url, ImageBuilder__build_timeout=0.01)
-
-    failure, messages = await failed_start(spawner, {"profile": "py", "environment": unique_env()})
+    with PipIndex() as index:
+        gate = index.add("cs-slow", gated=True)  # pip waits on it: the build cannot end in time
+        spawner = spawner_for(tmp_path, dev_python_channel.url, ImageBuilder__build_timeout=2,
+                              ImageBuilder__pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"})
+        environment = unique_env().replace("cs-beta]", "cs-beta, pip, {pip: [cs-slow==1.0]}]")
+        try:
+            failure, messages = await failed_start(spawner, {"profile": "py", "environment": environment})
+        finally:
+            gate.set()
 
     assert failure.status_code == 503
-    assert failure.message.startswith("Building this environment took too long: build took longer than 0.01 s "
+    assert failure.message.startswith("Building this environment took too long: build took longer than 2 s "
                                       "(ImageBuilder.build_timeout); ask the hub admin to prebuild it")
     assert messages[0].startswith("Looking up the image")
 
