@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_resolve import CHANNEL_NAME, ChannelRecipe, ensure_channel, say, solve_packages, solve_request
 
 from jupyterhub_condaspawner.builder import Build, BuildRequest, ImageBuilder
-from jupyterhub_condaspawner.resolve import ResolveError
+from jupyterhub_condaspawner.resolve import Lock, ResolveError
 from jupyterhub_condaspawner.spec import EnvironmentSpec, SpecPolicy
 
 
@@ -57,6 +57,19 @@ def misspelt(specs: list[str]) -> tuple[list[str], str]:
     return [specs[0].replace(name, typo, 1), *specs[1:]], typo
 
 
+async def timed_presolves(builder: ImageBuilder, request: BuildRequest, runs: int) -> tuple[Lock, float, list[float]]:
+    """The lock, the first pre-check's seconds (repodata read), and ``runs`` warm ones."""
+    started = time.perf_counter()
+    lock = await builder.presolve(request)
+    first = time.perf_counter() - started
+    warm = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        lock = await builder.presolve(request)
+        warm.append(time.perf_counter() - started)
+    return lock, first, warm
+
+
 async def run(quick: bool, runs: int) -> None:
     recipe = ChannelRecipe("solve", names=400 if quick else 2000, versions=5, payload_bytes=0)
     url = await ensure_channel(recipe, solve_packages)
@@ -69,14 +82,7 @@ async def run(quick: bool, runs: int) -> None:
         request = request_for(specs)
 
         say(f"pre-checking {len(specs)} specs on the {recipe.packages:,}-package channel, 1 + {runs} times")
-        started = time.perf_counter()
-        lock = await builder.presolve(request)
-        first = time.perf_counter() - started
-        warm = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            lock = await builder.presolve(request)
-            warm.append(time.perf_counter() - started)
+        lock, first, warm = await timed_presolves(builder, request, runs)
 
         say("the build's solve step after the pre-check")
         build = Build(key="0" * 64)
@@ -124,14 +130,7 @@ async def run_real(channel_dir: Path, runs: int) -> None:
         builder.resolver.channel_urls = {"conda-forge": url}
         for label, (specs, cuda, name) in REAL_ENVIRONMENTS.items():
             request = BuildRequest(EnvironmentSpec(channels=("conda-forge",), conda=specs), cuda=cuda)
-            started = time.perf_counter()
-            lock = await builder.presolve(request)
-            first = time.perf_counter() - started
-            warm = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                await builder.presolve(request)
-                warm.append(time.perf_counter() - started)
+            lock, first, warm = await timed_presolves(builder, request, runs)
             typo = name[0] + name[2] + name[1] + name[3:]
             wrong = BuildRequest(EnvironmentSpec(channels=("conda-forge",),
                                                  conda=tuple(s.replace(name, typo) for s in specs)), cuda=cuda)

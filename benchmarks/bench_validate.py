@@ -18,26 +18,21 @@ so load from other jobs hits both alike.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli import condaspawner_command, load_line, median_ms, timed  # noqa: E402  (the CLI benchmarks' helpers)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = REPO_ROOT / "tests" / "corpus"
 SMALL_FILE = CORPUS / "good" / "variables.yml"
 GOAL_S = 1.0
 FILES = 50
-
-
-def condaspawner_command() -> list[str]:
-    """The console script users run, next to this interpreter (else ``python -m``)."""
-    script = Path(sys.executable).with_name("condaspawner")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "jupyterhub_condaspawner.cli"]
 
 
 def export_file(rng: random.Random, index: int) -> str:
@@ -82,12 +77,6 @@ def write_files(folder: Path) -> list[str]:
     return [str(name) for name in names]
 
 
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, stdout=subprocess.DEVNULL, cwd="/")  # exits 1: some files are refused
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9, help="runs of each command (default 9)")
@@ -99,11 +88,11 @@ def main() -> None:
         one = [*condaspawner_command(), "validate", str(SMALL_FILE)]
         lines = subprocess.run(many, capture_output=True, text=True, cwd="/").stdout.splitlines()
         for command in (many, one):  # warm the OS page cache
-            timed(command)
+            timed(command, check=False)
         many_s, one_s = [], []
         for _ in range(args.runs):
-            many_s.append(timed(many))
-            one_s.append(timed(one))
+            many_s.append(timed(many, check=False))
+            one_s.append(timed(one, check=False))
         total_bytes = sum(Path(name).stat().st_size for name in files)
         entries = sum(Path(name).read_text(errors="replace").count("\n  - ") for name in files)
 
@@ -112,15 +101,12 @@ def main() -> None:
     print(f"files: {len(files)} ({total_bytes / 1000:.0f} KB, about {entries} conda entries); "
           f"output: {sum(': ok ' in line for line in lines)} ok, {sum(': error: ' in line for line in lines)} "
           "error lines")
-    print(f"validate {len(files)} files: median {many_median * 1000:.0f} ms "
-          f"(range {min(many_s) * 1000:.0f}-{max(many_s) * 1000:.0f})")
-    print(f"validate 1 small file (start-up): median {one_median * 1000:.0f} ms "
-          f"(range {min(one_s) * 1000:.0f}-{max(one_s) * 1000:.0f})")
+    print(f"validate {len(files)} files: {median_ms(many_s)}")  # some files are refused: exit 1
+    print(f"validate 1 small file (start-up): {median_ms(one_s)}")
     print(f"{len(files)} files beyond start-up: {(many_median - one_median) * 1000:.0f} ms "
           f"= {(many_median - one_median) / GOAL_S:.2f} of the goal ({GOAL_S:.0f} s); "
           f"per-pair {min(beyond) * 1000:.0f}-{max(beyond) * 1000:.0f} ms")
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
-    print(f"load average: {' '.join(load)} on {os.cpu_count()} cores")
+    print(load_line())
 
 
 if __name__ == "__main__":
