@@ -38,7 +38,6 @@ from typing import Any
 
 import docker
 import docker.tls
-import docker.utils
 import requests.exceptions
 from jupyterhub.traitlets import ByteSpecification
 from packaging.requirements import Requirement
@@ -47,6 +46,7 @@ from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Un
 from traitlets.config import LoggingConfigurable
 
 from . import layers, metrics
+from .dockerclient import daemon_settings
 from .profiles import Profile
 from .registry import (
     ARCHITECTURES,
@@ -165,19 +165,6 @@ class BuildRequest:
     @property
     def prefix(self) -> str:
         return f"{ENVS_ROOT}/{self.env_name}"
-
-
-def daemon_settings(tls_config: dict[str, Any] | None = None, client_kwargs: dict[str, Any] | None = None
-                    ) -> dict[str, Any]:
-    """DockerClient arguments for a daemon, made exactly as DockerSpawner makes its client's:
-    version "auto", ``tls_config`` (docker.tls.TLSConfig's arguments), then DOCKER_HOST,
-    DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, then ``client_kwargs`` over all of them."""
-    settings: dict[str, Any] = {"version": "auto"}
-    if tls_config:
-        settings["tls"] = docker.tls.TLSConfig(**tls_config)
-    settings.update(docker.utils.kwargs_from_env())
-    settings.update(client_kwargs or {})
-    return settings
 
 
 def request_for_profile(profile: Profile, custom_spec: EnvironmentSpec | None = None) -> BuildRequest:

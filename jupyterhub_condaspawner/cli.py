@@ -225,7 +225,7 @@ def docker_client(settings: dict[str, Any] | None = None) -> docker.DockerClient
 
 def servers_daemon_settings(config: Config) -> dict[str, Any]:
     """The daemon the hub runs servers on, from the config's DockerSpawner settings (as the hub connects)."""
-    from .builder import daemon_settings
+    from .dockerclient import daemon_settings
 
     settings: dict[str, Any] = {}
     for section in ("DockerSpawner", "SwarmSpawner", "CondaSpawner", "CondaSwarmSpawner"):  # subclasses win

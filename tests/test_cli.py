@@ -149,3 +149,16 @@ def test_profiles_reports_all_problems(tmp_path):
     assert all(line.startswith("error: ") for line in lines) and len(lines) == 5
     assert any("a.yaml: gpus:" in line for line in lines)
     assert any("b.yaml: unknown field 'displayname' (did you mean 'display_name'?)" in line for line in lines)
+
+
+def test_the_gpus_command_runs_without_loading_the_solver(tmp_path):
+    # A GPU node's admin runs `condaspawner gpus` to see its GPUs; the conda solver
+    # (py-rattler, a native extension) has nothing to do with that and is not loaded.
+    script = ("import sys; sys.modules['rattler'] = None\n"
+              "from jupyterhub_condaspawner import cli\n"
+              "sys.exit(cli.main(['gpus', '--json']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=REPO, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["holders_known"] is False and isinstance(report["gpus"], list)

@@ -838,24 +838,3 @@ def test_gpus_command_shows_holders_from_container_labels(monkeypatch, capsys, t
     assert row["holders"] == [{"user": "alice", "server": "gpu2", "since": "2024-06-01T10:00:00Z", "running": True}]
     assert cli.main(["gpus", "--config", config]) == 0
     assert "alice/gpu2" in capsys.readouterr().out
-
-
-# --- real GPUs -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-def test_real_nvml_inventory_and_allocation():
-    inventory = GpuInventory()
-    scan = inventory.scan()
-    if not scan.usable:
-        pytest.skip(f"NVML finds no usable GPU here ({scan.summary()})")
-    try:
-        gpu = scan.usable[0]
-        assert gpu.uuid.startswith(("GPU-", "MIG-")) and gpu.memory_total > 0
-        assert gpu.driver_version and gpu.cuda_version and "." in gpu.cuda_version
-        allocator = GpuAllocator(inventory=inventory)
-        held = allocator.allocate("alice", "", 1)
-        assert held.uuids[0] in scan.by_uuid
-        assert allocator.container_options(held).host_config()["device_requests"][0]["DeviceIDs"] == list(held.uuids)
-    finally:
-        inventory.close()
