@@ -73,6 +73,32 @@ def metric(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+class BrowserSession:
+    """What a browser keeps between pages: cookies, and the hub's XSRF token for forms."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        """(status, final URL after redirects, the page's text with HTML entities decoded)."""
+        return self._open(urllib.request.Request(self.url + path))
+
+    def post(self, path: str, fields: dict[str, str]) -> tuple[int, str, str]:
+        """Submit a form as the browser does, with the XSRF token the hub asks for."""
+        xsrf = next(cookie.value for cookie in self.jar if cookie.name == "_xsrf")
+        data = urllib.parse.urlencode({**fields, "_xsrf": xsrf}).encode()
+        return self._open(urllib.request.Request(self.url + path, data=data))
+
+    def _open(self, request: urllib.request.Request) -> tuple[int, str, str]:
+        try:
+            with self.opener.open(request, timeout=120) as page:
+                return page.status, page.url, html.unescape(page.read().decode())
+        except urllib.error.HTTPError as error:
+            return error.code, error.url, html.unescape(error.read().decode(errors="replace"))
+
+
 class Hub:
     """One hub process plus helpers for its REST API, the proxy and a kernel's websocket."""
 
@@ -158,16 +184,18 @@ class Hub:
                         break
         return events
 
+    def login(self, user: str) -> tuple[BrowserSession, str]:
+        """A browser's cookie session for ``user`` (the dummy login takes any name), and the
+        page the login lands on: the spawn form, shown once as a person sees it."""
+        session = BrowserSession(self.url)
+        session.get("/hub/login")
+        status, url, page = session.post("/hub/login?next=%2Fhub%2Fspawn", {"username": user, "password": ""})
+        assert status == 200 and url.endswith("/hub/spawn"), (status, url)
+        return session, page
+
     def spawn_page(self, user: str) -> str:
-        """The spawn form as ``user`` sees it in a browser (the dummy login takes any name)."""
-        jar = http.cookiejar.CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        opener.open(f"{self.url}/hub/login", timeout=30).read()
-        xsrf = next(cookie.value for cookie in jar if cookie.name == "_xsrf")
-        form = urllib.parse.urlencode({"username": user, "password": "", "_xsrf": xsrf}).encode()
-        with opener.open(f"{self.url}/hub/login?next=%2Fhub%2Fspawn", data=form, timeout=60) as page:  # redirected
-            assert page.url.endswith("/hub/spawn"), page.url
-            return html.unescape(page.read().decode())
+        """The spawn form as ``user`` sees it in a browser."""
+        return self.login(user)[1]
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every condaspawner_ sample on /hub/metrics: (name, sorted labels) -> value."""

@@ -11,7 +11,14 @@ import uuid
 
 import pytest
 from pip_index import PipIndex
-from test_e2e_failures import Spawn, assert_one_clean_line, failure_message
+from test_e2e_failures import (
+    Spawn,
+    assert_one_clean_line,
+    assert_page_says,
+    assert_progress_page_says,
+    failure_message,
+    form_failure_page,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -33,15 +40,25 @@ def slow_index():
     os.environ.pop("CONDASPAWNER_TEST_SLOW_PIP_INDEX", None)
 
 
+def slow_environment() -> str:
+    return ("channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, pip, {pip: [cs-slow==1.0]}]\n"
+            f"variables: {{RUN: {uuid.uuid4().hex}}}\n")  # a new key: the spawn must build
+
+
 def test_a_build_past_its_timeout_is_a_503_in_one_line(hub):
-    environment = ("channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, pip, {pip: [cs-slow==1.0]}]\n"
-                   f"variables: {{RUN: {uuid.uuid4().hex}}}\n")  # a new key: the spawn must build
-    spawn = Spawn(hub, "tim", {"profile": "python39", "environment": environment})
+    spawn = Spawn(hub, "tim", {"profile": "python39", "environment": slow_environment()})
 
     message = failure_message(hub, spawn)
     assert spawn.status in (503, 202), spawn.body  # 503 on the POST when the failure came within 10 s
     assert message.startswith("Building this environment took too long: build took longer than 3 s "
                               "(ImageBuilder.build_timeout); ask the hub admin to prebuild it"), message
     assert_one_clean_line(message)
-    events = hub.progress("tim")
-    assert events[-1]["failed"] and events[-1]["message"] == f"Spawn failed: {message}"
+    assert_progress_page_says(hub, "tim", message)
+
+
+def test_the_spawn_form_shows_the_same_line(hub):
+    page = form_failure_page(hub, "tim-form", {"profile": "python39", "environment_text": slow_environment()})
+    line = next(line for line in page.splitlines() if "Building this environment took too long" in line)
+    message = line[line.index("Building this"):].split("<", 1)[0].strip()
+    assert message.endswith("ask the hub admin to prebuild it (`condaspawner build`)"), message
+    assert_page_says(page, message)

@@ -105,6 +105,30 @@ def assert_one_clean_line(message: str) -> None:
         assert noise not in message, message
 
 
+def assert_progress_page_says(hub, user: str, message: str) -> None:
+    """The progress page (what the browser shows after the form) ends with the same line."""
+    events = hub.progress(user)
+    assert events[-1]["failed"] and events[-1]["message"] == f"Spawn failed: {message}", events[-1]
+
+
+def form_failure_page(hub, user: str, fields: dict[str, str]) -> str:
+    """Submit the spawn form as a person does; the page they end on once the start failed:
+    the form again (the hub waits a second for a quick failure) or the spawn-pending page."""
+    session, _ = hub.login(user)
+    _, url, page = session.post(f"/hub/spawn/{user}", fields)
+    if "/spawn-pending/" in url:
+        assert hub.progress(user)[-1]["failed"]
+        _, url, page = session.get(f"/hub/spawn-pending/{user}")
+    return page
+
+
+def assert_page_says(page: str, message: str) -> None:
+    """The page shows the one line, once, and none of the hub's generic error text."""
+    assert page.count(message) == 1, page[-3000:]
+    for noise in ("Traceback", "Internal Server Error", "Unhandled error"):
+        assert noise not in page, page[-3000:]
+
+
 def test_a_spec_that_validates_but_cannot_solve_is_a_400_with_the_reason(hub):
     log_start = len(hub.log())
     spawn = Spawn(hub, "frank", {"profile": "python39", "environment": custom_env("cs-gamaa")})
@@ -115,9 +139,7 @@ def test_a_spec_that_validates_but_cannot_solve_is_a_400_with_the_reason(hub):
     assert message.endswith("check your environment.yml")
     assert_one_clean_line(message)
     assert hub.server_model("frank") is None
-    # The progress page (what the browser shows after the form) says the same.
-    events = hub.progress("frank")
-    assert events[-1]["failed"] and events[-1]["message"] == f"Spawn failed: {message}"
+    assert_progress_page_says(hub, "frank", message)
     assert "Traceback" not in hub.log()[log_start:]
 
 
