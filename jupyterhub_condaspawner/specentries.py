@@ -1,0 +1,179 @@
+"""Checking one entry of an environment file: a conda spec, a pip line, a channel.
+
+py-rattler's ``MatchSpec`` parses conda specs and ``packaging`` pip requirements; this
+adds what they do not check (control and shell characters, lengths, build strings, the
+channel and pip policy) and returns each entry in canonical form, or raises SpecError
+naming the entry's field and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from rattler import Channel, MatchSpec
+
+from .specmodel import SpecError, SpecLimits, show
+from .specpip import (
+    EMPTY_OPERATOR,
+    PYTORCH_CHANNELS_HINT,
+    policy_refusal,
+    pytorch_cuda,
+    pytorch_local_label,
+    split_hashes,
+)
+from .specyaml import at
+
+# MatchSpec's default channel alias: a spec's channel that lives elsewhere was given as
+# a URL or a path, not as a name.
+_ANACONDA_ALIAS = "https://conda.anaconda.org/"
+# Characters that mean nothing in either grammar but a lot to a shell. The parsers
+# catch most of them already; this check makes the message say why.
+_SHELL_CHARS_CONDA = set("`$&;\\")
+_SHELL_CHARS_PIP = set("`$&\\")
+_LABEL = re.compile(r"[A-Za-z0-9_.-]+\Z")
+# What `defaults` stands for: allowing `defaults` allows naming its members directly.
+_DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
+# How close an unknown channel must be to an allowed one to be a typo (difflib's ratio).
+_CHANNEL_TYPO_CUTOFF = 0.8
+# What conda accepts as a build string (with `*` globs); MatchSpec takes anything.
+_BUILD_STRING = re.compile(r"[A-Za-z0-9_.+*]*[A-Za-z0-9_*][A-Za-z0-9_.+*]*\Z")
+
+
+class EntryChecker:
+    """The checks of single entries, under one parse's limits; each raises SpecError."""
+
+    def __init__(self, limits: SpecLimits):
+        self._limits = limits
+
+    def conda_spec(self, text: str, where: str, node: yaml.Node) -> tuple[str, MatchSpec]:
+        """A conda dependency in canonical form, and its MatchSpec."""
+        self._check_entry_text(text, where, node, _SHELL_CHARS_CONDA)
+        try:
+            match_spec = MatchSpec(text)
+        except Exception as error:  # py-rattler raises its own exception types
+            raise SpecError(
+                f"{show(text)} is not a valid conda spec (MatchSpec: {_first_line(error)})",
+                field=at(where, node),
+            )
+        if match_spec.name is None:
+            raise SpecError(f"{show(text)} names no package", field=at(where, node))
+        self.check_length(match_spec.name.normalized, self._limits.max_name_length, where, node)
+        build = match_spec.build
+        if build is not None and not _BUILD_STRING.match(build):
+            # MatchSpec reads whatever follows the version as a build string; conda refuses it.
+            if build.strip(".") == "":
+                reason = "the version ends with '.': write 'numpy=1.26' or 'numpy=1.26.*'"
+            else:
+                reason = (f"{show(build)} is not a build string (letters, digits, '_', '.', '+', '*'); "
+                          "start a comment with '#'")
+            raise SpecError(f"{show(text)}: {reason}", field=at(where, node))
+        if match_spec.channel is not None:
+            self._check_spec_channel(match_spec.channel, text, where, node)
+        return str(match_spec), match_spec
+
+    def _check_spec_channel(self, channel: Channel, text: str, where: str, node: yaml.Node) -> None:
+        if channel.name is None or channel.base_url != f"{_ANACONDA_ALIAS}{channel.name}/":
+            raise SpecError(
+                f"{show(text)} names its channel by URL or path; use a channel name "
+                f"({', '.join(self._limits.allowed_channels)})",
+                field=at(where, node),
+            )
+        self.allowed_channel(channel.name, where, node)
+
+    def allowed_channel(self, channel: str, where: str, node: yaml.Node | None) -> str:
+        """``channel`` if the policy allows it; otherwise SpecError, with the allowed ones."""
+        if self._is_allowed_channel(channel):
+            return channel
+        if "://" in channel or channel.startswith(("/", ".", "~", "file:")) or "\\" in channel:
+            kind = "a URL or a path"
+            hint = ""
+        else:
+            kind = "not an allowed channel"
+            near = difflib.get_close_matches(channel, self._limits.allowed_channels, n=1, cutoff=_CHANNEL_TYPO_CUTOFF)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SpecError(
+            f"{show(channel)} is {kind}{hint}; allowed channels: {', '.join(self._limits.allowed_channels)} "
+            "(the hub admin sets them: c.SpecPolicy.allowed_channels)",
+            field=at(where, node),
+        )
+
+    def _is_allowed_channel(self, channel: str) -> bool:
+        """An allowed name, a label of one (`conda-forge/label/dev`), or a member of `defaults`."""
+        owner, is_label, label = channel.partition("/label/")
+        if is_label:
+            return owner in self._limits.allowed_channels and bool(_LABEL.match(label))
+        if channel in self._limits.allowed_channels:
+            return True
+        return channel in _DEFAULTS_MEMBERS and "defaults" in self._limits.allowed_channels
+
+    def pip_requirement(self, text: str, where: str, node: yaml.Node) -> str:
+        """A pip requirement in canonical form (its ``--hash`` options after it)."""
+        self._check_entry_text(text, where, node, _SHELL_CHARS_PIP)
+        text, hashes = split_hashes(text)
+        refusal = policy_refusal(text)
+        if refusal:
+            raise SpecError(f"{show(text)}: {refusal}", field=at(where, node))
+        if EMPTY_OPERATOR.search(text.split(";", 1)[0]):
+            raise SpecError(f"{show(text)} has an operator with no version", field=at(where, node))
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement as error:
+            hint = " (pip pins with '==', not '=')" if re.search(r"[^=<>!~]=[^=]", text) else ""
+            raise SpecError(
+                f"{show(text)} is not a valid pip requirement (packaging: {_first_line(error)}){hint}",
+                field=at(where, node),
+            )
+        if requirement.url:
+            raise SpecError(f"{show(text)}: direct URL references are not allowed", field=at(where, node))
+        if any(not spec.version for spec in requirement.specifier):
+            raise SpecError(f"{show(text)} has an operator with no version", field=at(where, node))
+        wheel_label = pytorch_local_label(requirement)
+        if wheel_label:
+            raise SpecError(
+                f"{show(text)}: versions with '+{wheel_label}' exist only on PyTorch's own index, which pip may "
+                f"not use here; {PYTORCH_CHANNELS_HINT.format(cuda=pytorch_cuda(wheel_label))}",
+                field=at(where, node),
+            )
+        if hashes and not (len(requirement.specifier) == 1
+                           and next(iter(requirement.specifier)).operator in ("==", "===")
+                           and "*" not in str(requirement.specifier)):
+            raise SpecError(f"{show(text)}: a requirement with --hash needs an exact pin (==)",
+                            field=at(where, node))
+        self.check_length(requirement.name, self._limits.max_name_length, where, node)
+        requirement.name = canonicalize_name(requirement.name)
+        requirement.extras = {canonicalize_name(extra) for extra in requirement.extras}
+        return " ".join([str(requirement), *(f"--hash={value}" for value in hashes)])
+
+    def _check_entry_text(self, text: str, where: str, node: yaml.Node, shell_chars: set[str]) -> None:
+        check_printable(text, where, node)
+        shell = next((char for char in text if char in shell_chars), None)
+        if shell is not None:
+            raise SpecError(f"{show(text)} contains the shell character {shell!r}", field=at(where, node))
+        self.check_length(text, self._limits.max_spec_length, where, node)
+        if not text.strip():
+            raise SpecError("empty entry", field=at(where, node))
+
+    def check_length(self, text: str, limit: int, where: str, node: yaml.Node | None) -> None:
+        """Refuse ``text`` longer than ``limit`` characters."""
+        if len(text) > limit:
+            raise SpecError(f"{show(text)} is {len(text)} characters, longer than {limit}", field=at(where, node))
+
+
+def check_printable(text: str, where: str, node: yaml.Node) -> None:
+    """Refuse control and invisible characters (bidi overrides, zero-width spaces)."""
+    control = next((char for char in text if unicodedata.category(char)[0] == "C"), None)
+    if control is not None:
+        raise SpecError(
+            f"{show(text)} contains a control or invisible character (U+{ord(control):04X})",
+            field=at(where, node),
+        )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else error.__class__.__name__

@@ -1,0 +1,218 @@
+"""Reading one environment file's YAML node tree into an EnvironmentSpec.
+
+A :class:`SpecReader` is made per parse: it holds the limits, the file's problems and
+its notes, reads the top-level keys, the channels, the dependencies (conda entries and
+the pip section) and the variables, and raises one SpecError naming every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable, TypeVar
+
+import yaml
+from rattler import MatchSpec
+
+from .specentries import EntryChecker, check_printable
+from .specmodel import EnvironmentSpec, SpecError, SpecLimits, printable, show
+from .specyaml import at, entry_text, is_null, line, scalar_text, sequence
+
+TOP_LEVEL_KEYS = ("name", "channels", "dependencies", "variables", "prefix")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# How close an unknown top-level key must be to a known one to be a typo (difflib's
+# ratio: `dependancies` 0.92, `channel` 0.93; `platforms`, `category`, `extras` < 0.4).
+_KEY_TYPO_CUTOFF = 0.8
+# Packages that exist only for Windows: their presence marks a Windows `conda env export`.
+_WINDOWS_ONLY = frozenset({"vc", "vc14_runtime", "vs2015_runtime", "ucrt", "pywin32", "pywinpty", "winpty",
+                           "wincertstore", "win_inet_pton", "menuinst-win"})
+_WINDOWS_ONLY_PREFIXES = ("vs20", "m2w64-", "m2-")
+
+_T = TypeVar("_T")
+
+
+class SpecReader:
+    """One parse of one file: every problem it finds is kept, so one refusal names them all."""
+
+    def __init__(self, limits: SpecLimits):
+        self._limits = limits
+        self._entries = EntryChecker(limits)
+        self.problems: list[SpecError] = []
+        self.notes: list[str] = []
+
+    def read(self, document: yaml.MappingNode) -> EnvironmentSpec:
+        """The environment the file's top-level mapping describes; SpecError with every problem."""
+        sections = self._top_level_sections(document)
+        no_channels: list[str] = []
+        no_dependencies: tuple[list[tuple[str, MatchSpec]], list[str]] = ([], [])
+        no_variables: dict[str, str] = {}
+        channels = self._collect(lambda: self._channels(sections.get("channels")), no_channels)
+        conda, pip = self._collect(lambda: self._dependencies(sections.get("dependencies")), no_dependencies)
+        variables = self._collect(lambda: self._variables(sections.get("variables")), no_variables)
+        name = self._collect(lambda: self._name(sections.get("name")), None)
+        if len(conda) + len(pip) > self._limits.max_dependencies:
+            self.problems.append(SpecError(
+                f"{len(conda) + len(pip)} entries, more than the limit of {self._limits.max_dependencies}",
+                field="dependencies",
+            ))
+        if self.problems:
+            raise SpecError.combine(self.problems, self._limits.max_problems)
+        return EnvironmentSpec(
+            channels=tuple(dict.fromkeys(channels)),
+            conda=tuple(sorted(set(text for text, _ in conda))),
+            pip=tuple(sorted(set(pip))),
+            variables=tuple(sorted(variables.items())),
+            name=name,
+            notes=tuple(self.notes),
+        )
+
+    def _top_level_sections(self, document: yaml.MappingNode) -> dict[str, yaml.Node]:
+        """The known sections. A likely typo of a known key is a problem; any other
+        unknown key is ignored, as conda does, and named in a note."""
+        sections = {}
+        ignored = []
+        for key_node, value_node in document.value:
+            if not isinstance(key_node, yaml.ScalarNode) or is_null(key_node):
+                self.problems.append(SpecError(f"line {line(key_node)}: a top-level key must be a plain name; "
+                                               f"known keys: {', '.join(TOP_LEVEL_KEYS)}"))
+                continue
+            key = key_node.value
+            if key in TOP_LEVEL_KEYS:
+                sections[key] = value_node
+                continue
+            hint = difflib.get_close_matches(key.lower(), TOP_LEVEL_KEYS, n=1, cutoff=_KEY_TYPO_CUTOFF)
+            if hint:
+                self.problems.append(SpecError(f"line {line(key_node)}: unknown key {show(key)} "
+                                               f"(did you mean {hint[0]!r}?); known keys: {', '.join(TOP_LEVEL_KEYS)}"))
+            else:
+                ignored.append(key)
+        if ignored:
+            self.notes.append("ignored: " + ", ".join(printable(key) for key in ignored))
+        return sections
+
+    def _name(self, node: yaml.Node | None) -> str | None:
+        if node is None or is_null(node):
+            return None
+        text = scalar_text(node, "name")
+        self._entries.check_length(text, self._limits.max_name_length, "name", node)
+        return text
+
+    def _channels(self, node: yaml.Node | None) -> list[str]:
+        channels = []
+        for index, item in sequence(node, "channels"):
+            where = f"channels[{index}]"
+
+            def one(item: yaml.Node = item, where: str = where) -> str:
+                channel = entry_text(item, where)
+                self._entries.check_length(channel, self._limits.max_name_length, where, item)
+                return self._entries.allowed_channel(channel, where, item)
+
+            channel = self._collect(one, None)
+            if channel is not None:
+                channels.append(channel)
+        return channels
+
+    def _dependencies(self, node: yaml.Node | None) -> tuple[list[tuple[str, MatchSpec]], list[str]]:
+        conda: list[tuple[str, MatchSpec]] = []
+        pip: list[str] | None = None
+        no_pip: list[str] = []
+        conda_nodes: list[yaml.Node] = []
+        items = list(sequence(node, "dependencies"))
+        if not items:
+            if node is None:
+                raise SpecError("no dependencies: add a 'dependencies:' list of packages")
+            raise SpecError("no dependencies: list the packages under it ('- python=3.11')",
+                            field=at("dependencies", node))
+        for index, item in items:
+            where = f"dependencies[{index}]"
+            if isinstance(item, yaml.MappingNode):
+                if pip is not None:
+                    self.problems.append(SpecError("a second 'pip:' section; merge them into one",
+                                                   field=at(where, item)))
+                    continue
+                pip = self._collect(lambda: self._pip_section(item, where), no_pip)
+                continue
+            parsed = self._collect(lambda: self._entries.conda_spec(entry_text(item, where), where, item), None)
+            if parsed is not None:
+                conda.append(parsed)
+                conda_nodes.append(item)
+        windows = self._windows_export(conda, conda_nodes)
+        if windows is not None:
+            self.problems.append(windows)
+        return conda, pip or []
+
+    def _windows_export(self, conda: list[tuple[str, MatchSpec]], nodes: list[yaml.Node]) -> SpecError | None:
+        """A `conda env export` made on Windows: its Windows-only packages never solve on Linux."""
+        found = [(spec.name.normalized, node) for (_, spec), node in zip(conda, nodes)
+                 if spec.name is not None and _is_windows_only(spec.name.normalized)]
+        if not found:
+            return None
+        names = ", ".join(dict.fromkeys(name for name, _ in found))
+        return SpecError(
+            f"a Windows export ({names} exist only for Windows): export the environment with "
+            "`conda env export --from-history` (or `--no-builds`, without those packages), or on Linux",
+            field=at("dependencies", found[0][1]),
+        )
+
+    def _pip_section(self, node: yaml.MappingNode, where: str) -> list[str]:
+        if len(node.value) != 1 or getattr(node.value[0][0], "value", None) != "pip":
+            keys = ", ".join(show(getattr(k, "value", "?")) for k, _ in node.value)
+            raise SpecError(f"only a 'pip:' list may appear here, found {keys}", field=at(where, node))
+        requirements: list[str] = []
+        hashed: list[tuple[str, yaml.Node]] = []
+        unhashed: list[tuple[str, yaml.Node]] = []
+        for index, item in sequence(node.value[0][1], f"{where}.pip"):
+            item_where = f"{where}.pip[{index}]"
+
+            def one(item: yaml.Node = item, item_where: str = item_where) -> str:
+                return self._entries.pip_requirement(entry_text(item, item_where), item_where, item)
+
+            requirement = self._collect(one, None)
+            if requirement is not None:
+                requirements.append(requirement)
+                (hashed if " --hash=" in requirement else unhashed).append((item_where, item))
+        if hashed and unhashed:
+            item_where, item = unhashed[0]
+            first = hashed[0][0].rsplit(".", 1)[-1]
+            self.problems.append(SpecError(
+                f"has no --hash while {first} has one: pip then checks hashes for every package, so give "
+                "each pip requirement an exact pin (==) and its --hash, or none of them",
+                field=at(item_where, item),
+            ))
+        return requirements
+
+    def _variables(self, node: yaml.Node | None) -> dict[str, str]:
+        if node is None or is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise SpecError("must be a mapping of NAME: value", field=at("variables", node))
+        variables = {}
+        for key_node, value_node in node.value:
+
+            def one(key_node: yaml.Node = key_node, value_node: yaml.Node = value_node) -> tuple[str, str]:
+                name = scalar_text(key_node, "variables")
+                where = f"variables.{name}"
+                if not _VARIABLE_NAME.match(name) or len(name) > self._limits.max_name_length:
+                    raise SpecError(f"{show(name)} is not a valid environment variable name",
+                                    field=at("variables", key_node))
+                value = "" if is_null(value_node) else scalar_text(value_node, where)
+                check_printable(value, where, value_node)
+                self._entries.check_length(value, self._limits.max_spec_length, where, value_node)
+                return name, value
+
+            variable = self._collect(one, None)
+            if variable is not None:
+                variables[variable[0]] = variable[1]
+        return variables
+
+    def _collect(self, check: Callable[[], _T], fallback: _T) -> _T:
+        """``check()``, or ``fallback`` with its SpecError added to the file's problems."""
+        try:
+            return check()
+        except SpecError as error:
+            self.problems.extend(error.problems)
+            return fallback
+
+
+def _is_windows_only(name: str) -> bool:
+    return name in _WINDOWS_ONLY or name.startswith(_WINDOWS_ONLY_PREFIXES)

@@ -1,0 +1,199 @@
+"""Reading an environment file's bytes into a YAML node tree, strictly.
+
+:func:`decode` checks the bytes (size, BOMs, NUL, UTF-8); :func:`load_yaml` reads the
+text with a loader that refuses anchors, aliases, tags, duplicate keys and deep nesting,
+and describes a syntax error at the place a person fixes it. The node helpers
+(:func:`sequence`, :func:`scalar_text`, :func:`entry_text`, :func:`at`) read the tree and
+name a node's field and line in a refusal.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import yaml
+
+from .specmodel import SpecError, printable, show
+
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+# Plain YAML scalars that are not text: `- 3.10` is the float 3.1, `- 42` an int.
+_NON_TEXT_TAGS = {
+    "tag:yaml.org,2002:int": "the number",
+    "tag:yaml.org,2002:float": "the number",
+    "tag:yaml.org,2002:bool": "true/false",
+}
+
+
+class _Refused(Exception):
+    """Raised inside the YAML loader; carries the mark of the offending node."""
+
+    def __init__(self, reason: str, mark: yaml.Mark | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.mark = mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors, aliases, explicit tags, duplicate keys and deep nesting.
+
+    Refusing aliases outright defeats "billion laughs" before any expansion happens.
+    """
+
+    def __init__(self, stream: str, max_depth: int):
+        super().__init__(stream)
+        self._depth = 0
+        self._max_depth = max_depth
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused("YAML anchors and aliases (&name, *name) are not allowed", event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise _Refused(f"YAML tags are not allowed ({show(event.tag)})", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > self._max_depth:
+                raise _Refused(f"YAML nesting deeper than {self._max_depth} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise _Refused(f"duplicate key {show(key_node.value)}", key_node.start_mark)
+                seen.add(key_node.value)
+        return node
+
+
+def decode(data: str | bytes, max_bytes: int) -> str:
+    """The file's text: refused when too large, not UTF-8 or not text (BOMs, NUL, surrogates)."""
+    if isinstance(data, str):
+        size = len(data.encode("utf-8", "surrogatepass"))
+    else:
+        size = len(data)
+    if size > max_bytes:
+        raise SpecError(f"file is {size} bytes, larger than the limit of {max_bytes}")
+    if isinstance(data, bytes):
+        if data.startswith(_UTF16_32_BOMS):
+            raise SpecError("file is UTF-16 or UTF-32; save it as UTF-8")
+        if b"\x00" in data:
+            raise SpecError("file contains NUL bytes: not a text file")
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise SpecError(f"file is not UTF-8 (invalid byte at offset {error.start})")
+    if "\x00" in data:
+        raise SpecError("file contains NUL characters: not a text file")
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in data):
+        raise SpecError("file contains unpaired surrogates: not valid UTF-8")
+    return data.lstrip("\ufeff")
+
+
+def load_yaml(text: str, max_depth: int) -> yaml.MappingNode:
+    """The file's top-level mapping node, read by the strict loader; SpecError otherwise."""
+    loader = _StrictLoader(text, max_depth)
+    try:
+        node = loader.get_single_node()
+    except _Refused as refused:
+        where = f"line {refused.mark.line + 1}: " if refused.mark else ""
+        raise SpecError(where + refused.reason)
+    except yaml.MarkedYAMLError as error:
+        raise SpecError(_describe_yaml_error(error))
+    except yaml.YAMLError as error:
+        raise SpecError("invalid YAML: " + str(error).splitlines()[0])
+    finally:
+        loader.dispose()
+    if node is None:
+        raise SpecError("file is empty")
+    if not isinstance(node, yaml.MappingNode):
+        raise SpecError(f"line {line(node)}: the top level must be a mapping (name:, channels:, dependencies:)")
+    return node
+
+
+def sequence(node: yaml.Node | None, where: str) -> Iterator[tuple[int, yaml.Node]]:
+    """A list's (index, item) pairs; nothing for a missing or empty one."""
+    if node is None or is_null(node):
+        return iter(())
+    if not isinstance(node, yaml.SequenceNode):
+        raise SpecError("must be a list (one '- item' per line)", field=at(where, node))
+    return enumerate(node.value)
+
+
+def scalar_text(node: yaml.Node, where: str) -> str:
+    """A scalar's text, stripped; a nested list or mapping or an empty entry is refused."""
+    if not isinstance(node, yaml.ScalarNode) or is_null(node):
+        kind = "an empty entry" if is_null(node) else "a nested list or mapping"
+        raise SpecError(f"expected text, found {kind}", field=at(where, node))
+    return node.value.strip()
+
+
+def entry_text(node: yaml.Node, where: str) -> str:
+    """A list entry's text; YAML numbers and booleans (`- 3.10` is the number 3.1) are refused."""
+    text = scalar_text(node, where)
+    kind = _NON_TEXT_TAGS.get(node.tag) if node.style is None else None
+    if kind is not None:
+        value = yaml.safe_load(text)  # a plain number or boolean: what YAML made of it
+        read = f"{kind} {value!r}" if kind == "the number" else kind
+        raise SpecError(f"{show(text)} is read by YAML as {read}, not text: quote it (\"{printable(text)}\") "
+                        "or write the package it means", field=at(where, node))
+    return text
+
+
+def line(node: yaml.Node) -> int:
+    """The 1-based line a node starts on."""
+    return node.start_mark.line + 1
+
+
+def is_null(node: yaml.Node) -> bool:
+    """An empty value (`key:` or `- `)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def at(where: str, node: yaml.Node | None) -> str:
+    """A refusal's field: ``where`` and the node's line."""
+    return f"{where} (line {line(node)})" if node is not None else where
+
+
+def _describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
+    """The parser's error at the place a person would fix, with what was expected there.
+
+    PyYAML reports a missing ':' where it gave up (often lines later) and the line that
+    lacks it as the context mark; an unclosed bracket or quote, where it was opened.
+    """
+    context, problem = error.context or "", error.problem or error.context or "syntax error"
+    mark = error.problem_mark or error.context_mark
+    if "simple key" in context and "':'" in problem and error.context_mark is not None:
+        mark = error.context_mark
+        word = _line_text(mark).split("#", 1)[0].strip()
+        problem = f"{show(word)} needs a ':' after it (expected 'key: value', or '- item' under a key)"
+    elif context.startswith(("while parsing a flow", "while scanning a quoted")) and error.context_mark:
+        opened = {"flow sequence": "the '[' opened here", "flow mapping": "the '{' opened here"}.get(
+            context.removeprefix("while parsing a "), "the quote opened here")
+        mark = error.context_mark
+        problem = f"{opened} is never closed ({problem} at line {_mark_line(error)})"
+    elif "'\\t'" in problem or "'\t'" in problem:
+        problem = "a tab character: indent with spaces"
+    elif problem.startswith("expected <block end>") and error.context_mark is not None:
+        problem = (f"this line's indentation does not fit the block started at line {error.context_mark.line + 1} "
+                   "(items of one list or mapping line up; a list item starts with '- ')")
+    elif problem == "sequence entries are not allowed here":
+        problem = "a '- item' cannot follow a key on its line: put the list on the lines below the key"
+    elif problem == "mapping values are not allowed here":
+        problem = "unexpected ':' (quote a value that contains ': ', or start a nested block on a new line)"
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"invalid YAML{where}: {problem}"
+
+
+def _mark_line(error: yaml.MarkedYAMLError) -> str:
+    return str(error.problem_mark.line + 1) if error.problem_mark else "?"
+
+
+def _line_text(mark: yaml.Mark) -> str:
+    """The source line a mark points into, from its column on (PyYAML keeps the whole text)."""
+    buffer = mark.buffer or ""
+    end = buffer.find("\n", mark.pointer)
+    return buffer[mark.pointer:end if end >= 0 else len(buffer)].rstrip("\r\x00")
