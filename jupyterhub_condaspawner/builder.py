@@ -1224,7 +1224,10 @@ class ImageBuilder(LoggingConfigurable):
         Sizes count each layer once and never the base: an image's ``freed`` bytes are the layers
         no image that stays holds, ``total`` the bytes all environment images add to the base.
         """
-        in_use = {container.attrs.get("Image") for container in self.client.containers.list(all=True)}
+        # ignore_removed: on a shared daemon another hub may remove a container between the
+        # listing and its inspection.
+        in_use = {container.attrs.get("Image")
+                  for container in self.client.containers.list(all=True, ignore_removed=True)}
         candidates = sorted(self.images(), key=lambda image: self.last_used(image.labels[LABEL_KEY]))
         layers = self._own_layers(candidates)
         holders: dict[str, int] = {}
