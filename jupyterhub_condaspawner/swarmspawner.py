@@ -22,9 +22,9 @@ import docker.types
 import requests
 from dockerspawner import SwarmSpawner
 from jupyterhub.utils import random_port
-from traitlets import Float, Unicode, default
+from traitlets import Dict, Float, Unicode, default
 
-from . import swarm
+from . import homes, swarm
 from .builder import LABEL_KEY, BuildError, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
@@ -66,6 +66,18 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         """,
     )
 
+    cuda_label = Unicode(
+        swarm.CUDA_LABEL,
+        config=True,
+        help="""The node label holding the newest CUDA version a GPU node's driver supports
+        ("CUDA Version" in nvidia-smi: `docker node update --label-add nvidia.cuda.version=12.4
+        NODE`). A profile's cuda keeps its servers off nodes labelled older, and is refused at
+        once when every node with fitting GPUs is older. Nodes without it are not checked.
+
+        c.CondaSwarmSpawner.cuda_label = "nvidia.cuda.version"
+        """,
+    )
+
     launcher_python = Unicode(
         "python3",
         config=True,
@@ -86,6 +98,30 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         cuts the start short.
 
         c.CondaSwarmSpawner.start_margin = 10
+        """,
+    )
+
+    volume_driver = Unicode(
+        "",
+        config=True,
+        help="""The volume driver of the servers' named volumes (homes), for the node that runs the
+        server to create them with: "local" with NFS options (volume_driver_options) or a
+        multi-host volume plugin, so that a server finds its home on any node. "" (the default):
+        Docker's local volumes, a separate home on each node.
+
+        c.CondaSwarmSpawner.volume_driver = "local"
+        """,
+    )
+
+    volume_driver_options = Dict(
+        value_trait=Unicode(),
+        config=True,
+        help="""Options of volume_driver (docker volume create --opt). Values are templates with
+        {username} and {servername}, the escaped names ([a-z0-9-], one per user), as in volume
+        names; raw user text ({raw_username}) is refused. NFS through the local driver:
+
+        c.CondaSwarmSpawner.volume_driver_options = {"type": "nfs",
+            "o": "addr=nfs.example.edu,rw,nfsvers=4", "device": ":/export/home/{username}"}
         """,
     )
 
@@ -111,7 +147,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     def read_swarm(self, service_id: str | None = None) -> SwarmState:
         """Nodes and conda-swarm tasks now (blocking: a few manager API calls)."""
-        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id)
+        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
 
     async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
         return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
@@ -132,6 +168,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
             mem_reservation=self.mem_guarantee or profile.mem_limit,
             profile=profile.slug,
+            cuda=profile.cuda if profile.gpus else None,
         )
 
     # -- CondaSpawner's hooks ---------------------------------------------------------------
@@ -173,6 +210,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return await super().start()
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
+        self._check_home_settings()  # the admin's settings, before anything is built
         if not self.services.builder.registry:
             raise BuildError("the conda-swarm spawner needs ImageBuilder.registry", phase="config",
                              cause="servers run on several nodes, which pull their images from a registry "
@@ -199,16 +237,37 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     # -- the service ------------------------------------------------------------------------
 
     @property
+    def mount_driver_config(self) -> docker.types.DriverConfig | None:
+        """volume_driver with its options rendered for this server (escaped names only)."""
+        if not self.volume_driver:
+            return None
+        names = self.template_namespace()
+        options = homes.render_driver_options(self.volume_driver_options, names["username"], names["servername"])
+        return docker.types.DriverConfig(self.volume_driver, options or None)
+
+    @property
     def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
-        """``volumes`` as service mounts: a named volume (on the node, or through ``volume_driver``)
-        or, for an absolute path, a bind mount of the node's folder. (SwarmSpawner binds both.)"""
+        """``volumes`` as service mounts: a named volume (created by the node, through ``volume_driver``
+        when set, labelled with its owner) or, for an absolute path, a bind mount of the node's folder.
+        (SwarmSpawner binds both.)"""
         mounts = []
+        driver = self.mount_driver_config
         for source, volume in self.volume_binds.items():
             is_path = source.startswith("/")
             mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
                                              type="bind" if is_path else "volume",
-                                             driver_config=None if is_path else self.mount_driver_config))
+                                             driver_config=None if is_path else driver,
+                                             labels=None if is_path else {LABEL_USER: self.user.name}))
         return mounts
+
+    def _check_home_settings(self) -> None:
+        """Volume names and driver options name escaped names only: refused in one line otherwise."""
+        try:
+            homes.check_volume_names([*self.volumes, *self.read_only_volumes])
+            homes.check_driver_options(self.volume_driver_options)
+        except homes.HomeSettingsError as error:
+            raise StartFailure(f"The hub's home volume settings are refused ({error}); tell the hub admin",
+                               reason="config", status_code=500) from None
 
     async def create_object(self) -> dict[str, Any]:
         """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
@@ -218,7 +277,8 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             quota = self.services.allocator.per_user_gpu_quota
             swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
             swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
-            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label)
+            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
+                                                            self.cuda_label)
             self.port = _free_port(state.ports)
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
             return await self.docker("create_service", **(await self._service_kwargs(labels)))
