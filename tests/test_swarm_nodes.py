@@ -7,6 +7,9 @@ Spawners run in-process against the manager, as in test_swarm_spawner.py (its fi
 from __future__ import annotations
 
 import copy
+import io
+import random
+import tarfile
 
 import pytest
 import test_swarm_spawner
@@ -179,3 +182,75 @@ def test_a_profile_whose_cuda_no_nodes_driver_supports_is_refused_at_once(swarm_
 
 def bench_node(bench: SwarmBench, spawner) -> str:
     return bench.node_for_id(task_of(bench, spawner)["NodeID"]).name
+
+
+# -- a node pulls only the layers it lacks -----------------------------------------------------
+
+
+def build_on_manager(bench: SwarmBench, base: str, files: dict[str, bytes], tag: str) -> str:
+    """An image of ``base`` plus one layer holding ``files``, built on the manager and pushed; its reference."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        dockerfile = f"FROM {base}\nCOPY {' '.join(files)} /data/\n".encode()
+        for name, data in {"Dockerfile": dockerfile, **files}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    repository = bench.image("csw-layers")
+    client = bench.manager_client()
+    client.images.build(fileobj=context, custom_context=True, tag=f"{repository}:{tag}", network_mode="host", rm=True)
+    for line in client.api.push(repository, tag=tag, stream=True, decode=True):
+        assert "error" not in line, line
+    return f"{repository}:{tag}"
+
+
+def pull_report(client, reference: str) -> tuple[dict[str, str], int]:
+    """Pull on a node: (short layer id -> its last status, bytes of the layers it downloaded), from the
+    daemon's stream."""
+    repository, tag = reference.rsplit(":", 1)
+    statuses: dict[str, str] = {}
+    downloaded: dict[str, int] = {}
+    for line in client.api.pull(repository, tag=tag, stream=True, decode=True):
+        assert "error" not in line, line
+        layer = line.get("id")
+        if not layer or layer == tag:
+            continue
+        statuses[layer] = line.get("status", "")
+        if line.get("status") == "Downloading":
+            downloaded[layer] = int(line.get("progressDetail", {}).get("total", 0))  # the compressed layer
+    return statuses, sum(downloaded.values())
+
+
+def layer_ids(bench: SwarmBench, reference: str) -> list[str]:
+    """The short ids (what a pull prints) of the layers the registry's manifest lists, base first."""
+    repository, tag = reference.rsplit(":", 1)
+    assert bench.registry is not None
+    manifest = bench.registry.manifest(repository.split("/", 1)[1], tag)
+    assert manifest is not None, reference
+    return [layer["digest"].split(":")[1][:12] for layer in manifest["layers"]]
+
+
+def test_a_node_pulls_only_the_layers_it_lacks(swarm_bench):
+    data = random.Random(10)  # the same layers every run: the registry (kept between runs) stores them once
+    first = build_on_manager(swarm_bench, swarm_bench.tiny_image, {"first.bin": data.randbytes(2 << 20)}, "first")
+    second = build_on_manager(swarm_bench, first, {"second.bin": data.randbytes(1 << 20)}, "second")
+    first_layers, second_layers = layer_ids(swarm_bench, first), layer_ids(swarm_bench, second)
+    assert second_layers[:-1] == first_layers and len(second_layers) == len(first_layers) + 1  # shared below
+    worker = swarm_bench.nodes["worker1"].client()
+    for repository in (swarm_bench.tiny_image.rsplit(":", 1)[0], swarm_bench.image("csw-layers")):
+        for image in worker.images.list(name=repository):
+            worker.images.remove(image.id, force=True)  # the base layer too: the first pull fetches every layer
+
+    first_pull, first_bytes = pull_report(worker, first)
+    second_pull, second_bytes = pull_report(worker, second)
+
+    print("first pull:", first_pull, first_bytes, "bytes; second pull:", second_pull, second_bytes, "bytes")
+    assert all(first_pull[layer] == "Pull complete" for layer in first_layers), first_pull
+    assert {layer: second_pull[layer] for layer in first_layers} == dict.fromkeys(first_layers, "Already exists")
+    assert second_pull[second_layers[-1]] == "Pull complete"
+    # The bytes fetched are the new layer's (its 1 MiB of random data), not the 2 MiB below it.
+    assert swarm_bench.registry is not None
+    sizes = [layer["size"] for layer in swarm_bench.registry.manifest("csw-layers", "second")["layers"]]
+    assert second_bytes == sizes[-1] and 1 << 20 < second_bytes < 2 << 20
+    assert first_bytes == sum(sizes[:-1]) > 2 << 20
