@@ -116,6 +116,7 @@ class TaskInfo:
     created: str
     nano_cpus: int = 0  # reserved
     memory: int = 0  # reserved, bytes
+    updated: str = ""  # when its state last changed (RFC 3339)
 
     @property
     def live(self) -> bool:
@@ -252,6 +253,7 @@ def task_info(task: Mapping[str, Any], resource: str = GPU_RESOURCE) -> TaskInfo
         created=str(task.get("CreatedAt", "")),
         nano_cpus=int(reservations.get("NanoCPUs") or 0),
         memory=int(reservations.get("MemoryBytes") or 0),
+        updated=str(status.get("Timestamp") or ""),
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import docker.errors
@@ -24,13 +25,13 @@ from dockerspawner import SwarmSpawner
 from jupyterhub.utils import random_port
 from traitlets import Dict, Float, Unicode, default
 
-from . import homes, swarm
+from . import homes, swarm, swarmgpus
 from .builder import LABEL_KEY, BuildError, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .profiles import Profile
-from .spawner import CondaSpawner, _evaluated
+from .spawner import CondaSpawner, GpuSample, HubServices, _evaluated
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).
@@ -75,6 +76,18 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         once when every node with fitting GPUs is older. Nodes without it are not checked.
 
         c.CondaSwarmSpawner.cuda_label = "nvidia.cuda.version"
+        """,
+    )
+
+    gpu_metrics_url = Unicode(
+        swarmgpus.DEFAULT_URL,
+        config=True,
+        help="""Where the hub reads each GPU node's GPU utilization (for the GPU metrics and
+        GPU-aware idle culling): NVIDIA's dcgm-exporter, run on every GPU node (e.g. as a
+        global Swarm service with host networking). {address} is the node's swarm address,
+        {hostname} its name. "" turns reading off: held GPUs then count as busy, never idle.
+
+        c.CondaSwarmSpawner.gpu_metrics_url = "http://{address}:9400/metrics"
         """,
     )
 
@@ -172,6 +185,17 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         )
 
     # -- CondaSpawner's hooks ---------------------------------------------------------------
+
+    def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
+        """Swarm's task state for the holders, the nodes' dcgm-exporters for the utilization."""
+        source: swarmgpus.UtilizationSource = (
+            swarmgpus.DcgmExporterSource(self.gpu_metrics_url, log=self.log) if self.gpu_metrics_url
+            else _NoReadings())
+        sampler = swarmgpus.SwarmGpuSampler(self.read_swarm, source, services.allocator.idle_utilization)
+        return sampler.sample
+
+    def _holds_gpus(self) -> bool:
+        return bool(self._request.gpus or self._assigned)
 
     def check_gpus_feasible(self, profile: Profile) -> None:
         """Refuse at once what no node could ever run, or more GPUs than the per-user quota."""
@@ -447,6 +471,15 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         saved = state.get("condaspawner") or {}
         self._assigned, self._node = tuple(saved.get("gpus") or ()), saved.get("node", "")
         self._allocation = None  # Swarm holds the GPUs, not the hub's allocator
+        if self._assigned:
+            self._watch_gpu_idleness(self._profile_of_saved_options())
+
+
+class _NoReadings:
+    """gpu_metrics_url is "": no GPU is ever read as idle."""
+
+    def read(self, nodes: Sequence[swarm.NodeInfo]) -> dict[str, swarmgpus.GpuReading]:
+        return {}
 
 
 def _free_port(taken: frozenset[int] | set[int]) -> int:
