@@ -24,6 +24,8 @@ from jupyterhub_condaspawner.gpus import LABEL_USER
 pytestmark = [pytest.mark.swarm, pytest.mark.docker]
 
 EXPORTER_PORT = 9400
+EXPORTER = "csw-fake-dcgm"
+EXPORTER_FILTER = {"label": f"com.docker.swarm.service.name={EXPORTER}"}
 IDLE_TIMEOUT_S = 6
 HUB_EXTRA_CONFIG = f"""
 import os
@@ -80,18 +82,19 @@ def exporters(swarm_bench: SwarmBench, tmp_path_factory) -> FakeExporters:
     fake.set({})
     client = swarm_bench.manager_client()
     service = client.services.create(
-        swarm_bench.tiny_image, ["httpd", "-f", "-p", str(EXPORTER_PORT), "-h", "/www"], name="csw-fake-dcgm",
+        swarm_bench.tiny_image, ["httpd", "-f", "-p", str(EXPORTER_PORT), "-h", "/www"], name=EXPORTER,
         mode=docker.types.ServiceMode("global"), networks=["host"],
         mounts=[docker.types.Mount("/www", f"{folder}/{{{{.Node.Hostname}}}}", type="bind", read_only=True)],
         constraints=["node.role==worker"])
     try:
         for node in swarm_bench.workers:
-            wait_until(lambda node=node: node.client().containers.list(), f"the fake exporter on {node.name}")
+            wait_until(lambda node=node: node.client().containers.list(filters=EXPORTER_FILTER),
+                       f"the fake exporter on {node.name}")
         yield fake
     finally:
         service.remove()
         for node in swarm_bench.workers:
-            wait_until(lambda node=node: not node.client().containers.list(all=True),
+            wait_until(lambda node=node: not node.client().containers.list(all=True, filters=EXPORTER_FILTER),
                        f"the fake exporter on {node.name} to go")
 
 
