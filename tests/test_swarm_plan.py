@@ -241,3 +241,12 @@ def test_a_profile_whose_cuda_no_driver_supports_is_refused_at_once_in_one_line(
     with pytest.raises(SwarmInfeasible) as too_many:
         swarm.check_feasible(state, ServiceRequest(gpus=3, cuda="12.4", profile="torch"))
     assert not isinstance(too_many.value, CudaIncompatible)
+
+
+def test_every_setting_of_the_swarm_spawner_says_what_it_does_with_a_config_example():
+    from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
+
+    own = CondaSwarmSpawner.class_own_traits(config=True)
+    assert {"volume_driver", "volume_driver_options", "cuda_label", "gpu_metrics_url"} <= set(own)
+    for name, trait in own.items():
+        assert f"c.CondaSwarmSpawner.{name} = " in (trait.help or ""), name
