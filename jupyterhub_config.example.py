@@ -50,6 +50,15 @@ c.ImageBuilder.disk_budget = "500G"
 # c.DockerSpawner.client_kwargs = {"base_url": "tcp://swarm-manager.example.edu:2376"}
 # c.DockerSpawner.network_name = "host"  # servers listen on their node's address
 # c.JupyterHub.hub_connect_ip = "hub.example.edu"  # an address every node can reach
+# Homes that follow a server to any node: NFS through Docker's local driver ({username} is the
+# escaped name; the export's folder must exist and be writable by jovyan).
+# c.CondaSwarmSpawner.volumes = {"home-{username}": "/home/jovyan"}
+# c.CondaSwarmSpawner.volume_driver = "local"
+# c.CondaSwarmSpawner.volume_driver_options = {"type": "nfs", "o": "addr=nfs.example.edu,rw,nfsvers=4",
+#                                              "device": ":/export/home/{username}"}
+# Node labels the admin sets per GPU node: nvidia.gpu.product (model), nvidia.cuda.version (driver).
+# GPU utilization for metrics and idle culling: dcgm-exporter on every GPU node.
+# c.CondaSwarmSpawner.gpu_metrics_url = "http://{address}:9400/metrics"
 
 # -- GPUs ---------------------------------------------------------------------------------
 c.GpuAllocator.policy = "pack"  # or "spread"

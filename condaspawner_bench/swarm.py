@@ -80,6 +80,9 @@ GPU_RESOURCE = "NVIDIA-GPU"
 # the slash, which Swarm refuses in a constraint key ("key ... is invalid").
 GPU_MODEL_LABEL = "nvidia.gpu.product"
 FAKE_GPU_MODEL = "NVIDIA A100-SXM4-80GB"
+# The node label with the newest CUDA a node's driver supports ("CUDA Version" of nvidia-smi).
+CUDA_LABEL = "nvidia.cuda.version"
+FAKE_CUDA_VERSION = "12.4"
 REGISTRY_PORT = 5000
 SWARM_PORT = 2377
 HEARTBEAT_S = 1
@@ -100,30 +103,34 @@ class SwarmBenchError(BenchDaemonError):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node to bring up: its name (= hostname), role, fake GPU ids and GPU model."""
+    """One node to bring up: its name (= hostname), role, fake GPU ids, GPU model and the CUDA
+    version its (fake) driver supports."""
 
     name: str
     role: str = "worker"
     gpus: tuple[str, ...] = ()
     gpu_model: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    cuda_version: str | None = None
 
     def node_labels(self) -> dict[str, str]:
-        """Swarm node labels: ``labels`` plus the GPU model label when it has GPUs."""
+        """Swarm node labels: ``labels`` plus the GPU model and CUDA labels when it has GPUs."""
         labels = dict(self.labels)
         if self.gpus and self.gpu_model:
             labels[GPU_MODEL_LABEL] = self.gpu_model
+        if self.gpus and self.cuda_version:
+            labels[CUDA_LABEL] = self.cuda_version
         return labels
 
 
-def default_nodes(workers: int = 2, gpus_per_worker: int = 2,
-                  gpu_model: str = FAKE_GPU_MODEL) -> list[NodeSpec]:
+def default_nodes(workers: int = 2, gpus_per_worker: int = 2, gpu_model: str = FAKE_GPU_MODEL,
+                  cuda_version: str = FAKE_CUDA_VERSION) -> list[NodeSpec]:
     """A manager without GPUs and ``workers`` workers with ``gpus_per_worker`` fake GPUs each."""
     nodes = [NodeSpec("manager", role="manager")]
     for number in range(1, workers + 1):
         name = f"worker{number}"
         gpus = tuple(f"GPU-fake-{name}-{index}" for index in range(gpus_per_worker))
-        nodes.append(NodeSpec(name, gpus=gpus, gpu_model=gpu_model))
+        nodes.append(NodeSpec(name, gpus=gpus, gpu_model=gpu_model, cuda_version=cuda_version))
     return nodes
 
 

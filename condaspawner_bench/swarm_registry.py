@@ -103,18 +103,21 @@ class RegistryProcess:
         except (urllib.error.URLError, OSError):
             return False
 
-    def manifest_config_digest(self, repository: str, tag: str) -> str | None:
-        """The config digest (= the image ID Docker shows) that ``repository:tag`` names, or None."""
+    def manifest(self, repository: str, tag: str) -> dict | None:
+        """The image manifest ``repository:tag`` names (config and layer digests, sizes), or None."""
         request = urllib.request.Request(f"{self.url}/v2/{repository}/manifests/{tag}",
                                          headers={"Accept": MANIFEST_TYPES})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                manifest = json.load(response)
+                return dict(json.load(response))
         except urllib.error.HTTPError as error:
             if error.code == 404:
                 return None
             raise
-        config = manifest.get("config") or {}
+
+    def manifest_config_digest(self, repository: str, tag: str) -> str | None:
+        """The config digest (= the image ID Docker shows) that ``repository:tag`` names, or None."""
+        config = (self.manifest(repository, tag) or {}).get("config") or {}
         return config.get("digest")
 
     def stop(self) -> None:

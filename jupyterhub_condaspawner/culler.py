@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from .gpus import GpuAllocator
+from .gpus import Allocation, GpuAllocator
 
 Key = tuple[str, str]  # user, server name
 REASON_GPU_IDLE = "gpu_idle"
@@ -94,15 +94,17 @@ class GpuIdleCuller:
                 return None
             return self._observed_at - watch.idle_since
 
-    def observe(self, states: Mapping[str, str]) -> list[tuple[Cull, Callable[[Cull], Awaitable[None]]]]:
+    def observe(self, states: Mapping[str, str], holdings: Mapping[Key, Allocation] | None = None,
+                ) -> list[tuple[Cull, Callable[[Cull], Awaitable[None]]]]:
         """Take one sample's GPU states (``GpuAllocator.gpu_states``); the servers to stop now,
-        each with its stop callback. A server is returned once."""
+        each with its stop callback. A server is returned once. ``holdings``: what each server
+        holds, where not the allocator's table (on a swarm: Swarm's tasks, swarmgpus.py)."""
         now = self._clock()
         with self._lock:
             previous, self._observed_at = self._observed_at, now
             due = []
             for key, watch in self._watched.items():
-                allocation = self.allocator.allocation(*key)
+                allocation = self.allocator.allocation(*key) if holdings is None else holdings.get(key)
                 if allocation is None or not allocation.active or not allocation.uuids:
                     watch.idle_since = None
                     continue

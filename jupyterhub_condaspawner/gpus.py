@@ -364,10 +364,16 @@ def _major_minor(version: str) -> tuple[int, int]:
 
 def driver_supports(gpu: Gpu, cuda: str | None) -> bool:
     """Whether ``gpu``'s driver runs code built for CUDA ``cuda``; unknown drivers pass."""
-    if not cuda or not gpu.cuda_version:
+    return cuda_supported(cuda, gpu.cuda_version)
+
+
+def cuda_supported(cuda: str | None, driver_cuda: str | None) -> bool:
+    """Whether a driver supporting CUDA up to ``driver_cuda`` runs code built for CUDA ``cuda``;
+    an unknown driver (None) passes."""
+    if not cuda or not driver_cuda:
         return True
     # Drivers report major.minor; a 12.4.1 runtime needs what 12.4 needs.
-    return _major_minor(cuda) <= _major_minor(gpu.cuda_version)
+    return _major_minor(cuda) <= _major_minor(driver_cuda)
 
 
 def check_cuda(cuda: str | None, gpus: Iterable[Gpu], what: str = "this server") -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 import jinja2
 from dockerspawner import DockerSpawner
@@ -52,6 +53,10 @@ _IMAGE_SHARE = 83
 _SPEC_MESSAGE_CHARS = 8000
 
 
+# One GPU sample: GPU states and, where not the allocator's table, what each server holds.
+GpuSample = tuple[Mapping[str, str], Optional[Mapping[tuple[str, str], Allocation]]]
+
+
 @dataclass
 class HubServices:
     """What all spawners of one hub share: one catalog, one builder, one GPU allocator."""
@@ -64,6 +69,7 @@ class HubServices:
     notices: Notices
     culler: GpuIdleCuller
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
+    sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
 
 
 # Keyed by the config's id; the config itself is kept too, so that id is never reused.
@@ -94,6 +100,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             notices=Notices(Path(builder.cache_dir) / "notices"),
             culler=GpuIdleCuller(allocator),
         )
+        services.sample_gpus = spawner.gpu_sampler(services)
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
         with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
@@ -119,14 +126,20 @@ def _start_gpu_sampler(services: HubServices, log: Any) -> None:
 
 async def _sample_gpus(services: HubServices, log: Any) -> None:
     allocator = services.allocator
+    sample = services.sample_gpus or host_gpu_sampler(allocator)
     while True:
         try:
-            scan = await asyncio.to_thread(allocator.sample)  # NVML blocks: off the event loop
-            for cull, stop in services.culler.observe(allocator.gpu_states(scan)):
+            states, holdings = await asyncio.to_thread(sample)  # NVML blocks: off the event loop
+            for cull, stop in services.culler.observe(states, holdings):
                 asyncio.ensure_future(_cull(services.culler, cull, stop, log))
         except Exception as error:
             log.warning("GPU sample failed: %s", error)
         await asyncio.sleep(allocator.gpu_sample_interval)
+
+
+def host_gpu_sampler(allocator: GpuAllocator) -> Callable[[], GpuSample]:
+    """One sample of this host's GPUs (NVML): their states; the allocator's table says who holds them."""
+    return lambda: (allocator.gpu_states(allocator.sample()), None)
 
 
 async def _cull(culler: GpuIdleCuller, cull: Cull, stop: Any, log: Any) -> None:
@@ -533,9 +546,16 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     # -- GPU-aware idle culling ----------------------------------------------------------------
 
+    def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
+        """What the hub's GPU sampler calls: this host's NVML, through the allocator."""
+        return host_gpu_sampler(services.allocator)
+
+    def _holds_gpus(self) -> bool:
+        return self._allocation is not None and bool(self._allocation.uuids)
+
     def _watch_gpu_idleness(self, profile: Profile | None) -> None:
         """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
-        if self._allocation is None or not self._allocation.uuids:
+        if not self._holds_gpus():
             return
         timeout = self.gpu_idle_timeout
         if profile is not None and profile.gpu_idle_timeout is not None:

@@ -12,9 +12,15 @@ Swarm does the placing and the GPU book-keeping; this module only reads and tran
   environment, which :func:`launcher_args` copies into ``CONDASPAWNER_GPUS``).
 - **Who holds which GPU** is read from the manager's task state (:func:`read_swarm`):
   restart-safe, and no second book-keeping that could disagree with Swarm's.
+- **CUDA against the drivers**: a GPU node carries the newest CUDA its driver supports as
+  a node label (``nvidia.cuda.version``, "CUDA Version" of ``nvidia-smi``), as it carries its
+  model. A profile's ``cuda`` keeps its servers off nodes whose label is older (a ``!=``
+  constraint per such version: Swarm compares labels only for equality); nodes without the
+  label are not checked, like a host whose driver NVML cannot read.
 - **Feasibility** (:func:`check_feasible`): a request no node of the swarm could ever meet
-  (too many GPUs, a model no node has, more CPU or memory than any node) is refused at
-  once; one that only has to wait for a GPU is created and stays pending until one frees.
+  (too many GPUs, a model no node has, drivers too old for its CUDA, more CPU or memory
+  than any node) is refused at once; one that only has to wait for a GPU is created and
+  stays pending until one frees.
 
 Nothing here holds state between calls: every answer comes from the manager's API.
 """
@@ -29,10 +35,19 @@ from typing import Any
 
 import docker.types
 
-from .gpus import ENV_GPUS, LABEL_SERVER, LABEL_USER, GpuInfeasible, GpuQuotaExceeded
+from .gpus import (
+    ENV_GPUS,
+    LABEL_SERVER,
+    LABEL_USER,
+    CudaIncompatible,
+    GpuInfeasible,
+    GpuQuotaExceeded,
+    cuda_supported,
+)
 
 GPU_RESOURCE = "NVIDIA-GPU"
 GPU_MODEL_LABEL = "nvidia.gpu.product"
+CUDA_LABEL = "nvidia.cuda.version"  # the newest CUDA the node's driver supports, "12.4"
 LABEL_PORT = "io.condaspawner.port"  # the server's port on its node (host networking)
 LABEL_GPU_REQUEST = "io.condaspawner.gpus.requested"  # how many GPUs the service reserves
 
@@ -54,6 +69,10 @@ class SwarmInfeasible(GpuInfeasible):
     """No node of the swarm could ever run this request (GPUs, model, CPU or memory)."""
 
 
+class SwarmCudaIncompatible(SwarmInfeasible, CudaIncompatible):
+    """Every node with the GPUs a request needs has a driver too old for its CUDA."""
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """One swarm node as the manager reports it."""
@@ -68,6 +87,7 @@ class NodeInfo:
     gpu_model: str | None
     nano_cpus: int
     memory: int
+    cuda_version: str | None = None  # the CUDA label: the newest CUDA its driver supports
 
     @property
     def ready(self) -> bool:
@@ -96,6 +116,7 @@ class TaskInfo:
     created: str
     nano_cpus: int = 0  # reserved
     memory: int = 0  # reserved, bytes
+    updated: str = ""  # when its state last changed (RFC 3339)
 
     @property
     def live(self) -> bool:
@@ -151,7 +172,7 @@ class SwarmState:
         if not request.gpus:
             return "CPU or memory"
         with_gpus = [node for node in self.nodes if node.schedulable and request.model_matches(node)
-                     and self.free_on(node)[0] >= request.gpus]
+                     and request.cuda_matches(node) and self.free_on(node)[0] >= request.gpus]
         return "CPU or memory" if with_gpus else "a GPU"
 
     def task_for(self, service_id: str) -> TaskInfo | None:
@@ -176,7 +197,8 @@ def node_address(attrs: Mapping[str, Any]) -> str:
     return address
 
 
-def node_info(attrs: Mapping[str, Any], resource: str = GPU_RESOURCE, model_label: str = GPU_MODEL_LABEL) -> NodeInfo:
+def node_info(attrs: Mapping[str, Any], resource: str = GPU_RESOURCE, model_label: str = GPU_MODEL_LABEL,
+              cuda_label: str = CUDA_LABEL) -> NodeInfo:
     description = attrs.get("Description") or {}
     resources = description.get("Resources") or {}
     spec = attrs.get("Spec") or {}
@@ -192,6 +214,7 @@ def node_info(attrs: Mapping[str, Any], resource: str = GPU_RESOURCE, model_labe
         gpu_model=labels.get(model_label) or None,
         nano_cpus=int(resources.get("NanoCPUs") or 0),
         memory=int(resources.get("MemoryBytes") or 0),
+        cuda_version=labels.get(cuda_label) or None,
     )
 
 
@@ -230,18 +253,19 @@ def task_info(task: Mapping[str, Any], resource: str = GPU_RESOURCE) -> TaskInfo
         created=str(task.get("CreatedAt", "")),
         nano_cpus=int(reservations.get("NanoCPUs") or 0),
         memory=int(reservations.get("MemoryBytes") or 0),
+        updated=str(status.get("Timestamp") or ""),
     )
 
 
 def read_swarm(api: Any, resource: str = GPU_RESOURCE, model_label: str = GPU_MODEL_LABEL,
-               service_id: str | None = None) -> SwarmState:
+               service_id: str | None = None, cuda_label: str = CUDA_LABEL) -> SwarmState:
     """Nodes and conda-swarm tasks from the manager (a docker ``APIClient``, or a ``DockerClient``).
 
     Every live task is read (their GPUs and ports are what others cannot have); with
     ``service_id``, that service's ended tasks too (what became of a server).
     """
     api = getattr(api, "api", api)
-    nodes = tuple(node_info(attrs, resource, model_label) for attrs in api.nodes())
+    nodes = tuple(node_info(attrs, resource, model_label, cuda_label) for attrs in api.nodes())
     raw = list(api.tasks(filters={"desired-state": "running"}))
     if service_id:
         seen = {task["ID"] for task in raw}
@@ -270,10 +294,11 @@ class ServiceRequest:
     cpu_reservation: float | None = None
     mem_reservation: int | None = None
     profile: str | None = None  # for messages
+    cuda: str | None = None  # the CUDA the environment was solved for (GPU requests only)
 
     def fits(self, node: NodeInfo) -> bool:
         """Whether the node could ever run it (nothing held by anyone)."""
-        if self.gpus and (len(node.gpus) < self.gpus or not self.model_matches(node)):
+        if self.gpus and (len(node.gpus) < self.gpus or not self.model_matches(node) or not self.cuda_matches(node)):
             return False
         if self.cpu_reservation and node.nano_cpus and self.cpu_reservation * 1e9 > node.nano_cpus:
             return False
@@ -283,6 +308,10 @@ class ServiceRequest:
         if not self.gpu_model:
             return True
         return node.gpu_model is not None and fnmatch.fnmatchcase(node.gpu_model.lower(), self.gpu_model.lower())
+
+    def cuda_matches(self, node: NodeInfo) -> bool:
+        """Whether the node's driver runs this CUDA (a node without the CUDA label passes)."""
+        return not self.gpus or cuda_supported(self.cuda, node.cuda_version)
 
     def describe(self, gpus_only: bool = False) -> str:
         """"'pytorch-gpu' needs 2 GPUs matching '*A100*', 8 CPUs, 32 GiB of memory" (``gpus_only``: no CPUs
@@ -307,6 +336,7 @@ def check_feasible(state: SwarmState, request: ServiceRequest) -> None:
     """
     if any(request.fits(node) for node in state.nodes):
         return
+    _check_cuda(state, request)
     gpu_nodes = [node for node in state.nodes if node.gpus]
     most = max((len(node.gpus) for node in gpu_nodes if request.model_matches(node)), default=0)
     models = sorted({node.gpu_model for node in gpu_nodes if node.gpu_model})
@@ -329,6 +359,28 @@ def check_feasible(state: SwarmState, request: ServiceRequest) -> None:
     raise SwarmInfeasible(detail, user)
 
 
+def _check_cuda(state: SwarmState, request: ServiceRequest) -> None:
+    """Raise :class:`SwarmCudaIncompatible` when nodes would have the GPUs but every such driver is too old."""
+    if not request.gpus or not request.cuda:
+        return
+    probe = ServiceRequest(gpus=request.gpus, gpu_model=request.gpu_model, cpu_reservation=request.cpu_reservation,
+                           mem_reservation=request.mem_reservation)
+    able = [node for node in state.nodes if probe.fits(node)]
+    if not able or any(request.cuda_matches(node) for node in able):
+        return
+    newest = max((node.cuda_version for node in able if node.cuda_version), key=_version_key)
+    who = f"{request.profile!r}" if request.profile else "this server"
+    message = (f"{who} was built for CUDA {request.cuda}, but the NVIDIA driver of every node with a fitting GPU "
+               f"supports CUDA up to {newest} at most: pick a profile built for CUDA {newest} or older, or ask an "
+               "admin to update the drivers")
+    versions = ", ".join(f"{node.hostname} {node.cuda_version}" for node in sorted(able, key=lambda n: n.hostname))
+    raise SwarmCudaIncompatible(f"{message} (nodes' {CUDA_LABEL}: {versions})", message)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
 def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int,
                 profile: str | None = None) -> None:
     """Raise :class:`GpuQuotaExceeded` if the user's other live servers plus this one exceed ``quota``
@@ -346,13 +398,18 @@ def check_quota(state: SwarmState, user: str, server_name: str, count: int, quot
                                "stop another server first")
 
 
-def placement_constraints(state: SwarmState, request: ServiceRequest,
-                          model_label: str = GPU_MODEL_LABEL) -> list[str]:
-    """Swarm constraints for the request's GPU model glob, from the models the nodes carry now.
+def placement_constraints(state: SwarmState, request: ServiceRequest, model_label: str = GPU_MODEL_LABEL,
+                          cuda_label: str = CUDA_LABEL) -> list[str]:
+    """Swarm constraints for the request's GPU model glob and CUDA, from the labels the nodes carry now.
 
     Swarm compares labels with ``==``/``!=`` only and ANDs constraints: one matching model
-    becomes ``==`` it; several become ``!=`` each model that does not match.
+    becomes ``==`` it; several become ``!=`` each model that does not match. A CUDA version
+    becomes ``!=`` each CUDA label too old for it.
     """
+    return _model_constraints(state, request, model_label) + _cuda_constraints(state, request, cuda_label)
+
+
+def _model_constraints(state: SwarmState, request: ServiceRequest, model_label: str) -> list[str]:
     if not request.gpus or not request.gpu_model:
         return []
     models = sorted({node.gpu_model for node in state.nodes if node.gpu_model})
@@ -360,6 +417,15 @@ def placement_constraints(state: SwarmState, request: ServiceRequest,
     if len(matching) == 1:
         return [f"node.labels.{model_label}=={matching[0]}"]
     return [f"node.labels.{model_label}!={model}" for model in models if model not in matching]
+
+
+def _cuda_constraints(state: SwarmState, request: ServiceRequest, cuda_label: str) -> list[str]:
+    """``!=`` every CUDA label value, among the nodes now, too old for the request's CUDA."""
+    if not request.gpus or not request.cuda:
+        return []
+    versions = sorted({node.cuda_version for node in state.nodes if node.cuda_version}, key=_version_key)
+    return [f"node.labels.{cuda_label}!={version}" for version in versions
+            if not cuda_supported(request.cuda, version)]
 
 
 def resources(request: ServiceRequest, resource: str = GPU_RESOURCE) -> docker.types.Resources:

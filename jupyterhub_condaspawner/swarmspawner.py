@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import docker.errors
@@ -22,15 +23,15 @@ import docker.types
 import requests
 from dockerspawner import SwarmSpawner
 from jupyterhub.utils import random_port
-from traitlets import Float, Unicode, default
+from traitlets import Dict, Float, Unicode, default
 
-from . import swarm
+from . import homes, swarm, swarmgpus
 from .builder import LABEL_KEY, BuildError, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .profiles import Profile
-from .spawner import CondaSpawner, _evaluated
+from .spawner import CondaSpawner, GpuSample, HubServices, _evaluated
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).
@@ -66,6 +67,30 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         """,
     )
 
+    cuda_label = Unicode(
+        swarm.CUDA_LABEL,
+        config=True,
+        help="""The node label holding the newest CUDA version a GPU node's driver supports
+        ("CUDA Version" in nvidia-smi: `docker node update --label-add nvidia.cuda.version=12.4
+        NODE`). A profile's cuda keeps its servers off nodes labelled older, and is refused at
+        once when every node with fitting GPUs is older. Nodes without it are not checked.
+
+        c.CondaSwarmSpawner.cuda_label = "nvidia.cuda.version"
+        """,
+    )
+
+    gpu_metrics_url = Unicode(
+        swarmgpus.DEFAULT_URL,
+        config=True,
+        help="""Where the hub reads each GPU node's GPU utilization (for the GPU metrics and
+        GPU-aware idle culling): NVIDIA's dcgm-exporter, run on every GPU node (e.g. as a
+        global Swarm service with host networking). {address} is the node's swarm address,
+        {hostname} its name. "" turns reading off: held GPUs then count as busy, never idle.
+
+        c.CondaSwarmSpawner.gpu_metrics_url = "http://{address}:9400/metrics"
+        """,
+    )
+
     launcher_python = Unicode(
         "python3",
         config=True,
@@ -86,6 +111,30 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         cuts the start short.
 
         c.CondaSwarmSpawner.start_margin = 10
+        """,
+    )
+
+    volume_driver = Unicode(
+        "",
+        config=True,
+        help="""The volume driver of the servers' named volumes (homes), for the node that runs the
+        server to create them with: "local" with NFS options (volume_driver_options) or a
+        multi-host volume plugin, so that a server finds its home on any node. "" (the default):
+        Docker's local volumes, a separate home on each node.
+
+        c.CondaSwarmSpawner.volume_driver = "local"
+        """,
+    )
+
+    volume_driver_options = Dict(
+        value_trait=Unicode(),
+        config=True,
+        help="""Options of volume_driver (docker volume create --opt). Values are templates with
+        {username} and {servername}, the escaped names ([a-z0-9-], one per user), as in volume
+        names; raw user text ({raw_username}) is refused. NFS through the local driver:
+
+        c.CondaSwarmSpawner.volume_driver_options = {"type": "nfs",
+            "o": "addr=nfs.example.edu,rw,nfsvers=4", "device": ":/export/home/{username}"}
         """,
     )
 
@@ -111,7 +160,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     def read_swarm(self, service_id: str | None = None) -> SwarmState:
         """Nodes and conda-swarm tasks now (blocking: a few manager API calls)."""
-        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id)
+        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
 
     async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
         return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
@@ -132,9 +181,21 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
             mem_reservation=self.mem_guarantee or profile.mem_limit,
             profile=profile.slug,
+            cuda=profile.cuda if profile.gpus else None,
         )
 
     # -- CondaSpawner's hooks ---------------------------------------------------------------
+
+    def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
+        """Swarm's task state for the holders, the nodes' dcgm-exporters for the utilization."""
+        source: swarmgpus.UtilizationSource = (
+            swarmgpus.DcgmExporterSource(self.gpu_metrics_url, log=self.log) if self.gpu_metrics_url
+            else _NoReadings())
+        sampler = swarmgpus.SwarmGpuSampler(self.read_swarm, source, services.allocator.idle_utilization)
+        return sampler.sample
+
+    def _holds_gpus(self) -> bool:
+        return bool(self._request.gpus or self._assigned)
 
     def check_gpus_feasible(self, profile: Profile) -> None:
         """Refuse at once what no node could ever run, or more GPUs than the per-user quota."""
@@ -173,6 +234,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return await super().start()
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
+        self._check_home_settings()  # the admin's settings, before anything is built
         if not self.services.builder.registry:
             raise BuildError("the conda-swarm spawner needs ImageBuilder.registry", phase="config",
                              cause="servers run on several nodes, which pull their images from a registry "
@@ -199,16 +261,37 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     # -- the service ------------------------------------------------------------------------
 
     @property
+    def mount_driver_config(self) -> docker.types.DriverConfig | None:
+        """volume_driver with its options rendered for this server (escaped names only)."""
+        if not self.volume_driver:
+            return None
+        names = self.template_namespace()
+        options = homes.render_driver_options(self.volume_driver_options, names["username"], names["servername"])
+        return docker.types.DriverConfig(self.volume_driver, options or None)
+
+    @property
     def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
-        """``volumes`` as service mounts: a named volume (on the node, or through ``volume_driver``)
-        or, for an absolute path, a bind mount of the node's folder. (SwarmSpawner binds both.)"""
+        """``volumes`` as service mounts: a named volume (created by the node, through ``volume_driver``
+        when set, labelled with its owner) or, for an absolute path, a bind mount of the node's folder.
+        (SwarmSpawner binds both.)"""
         mounts = []
+        driver = self.mount_driver_config
         for source, volume in self.volume_binds.items():
             is_path = source.startswith("/")
             mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
                                              type="bind" if is_path else "volume",
-                                             driver_config=None if is_path else self.mount_driver_config))
+                                             driver_config=None if is_path else driver,
+                                             labels=None if is_path else {LABEL_USER: self.user.name}))
         return mounts
+
+    def _check_home_settings(self) -> None:
+        """Volume names and driver options name escaped names only: refused in one line otherwise."""
+        try:
+            homes.check_volume_names([*self.volumes, *self.read_only_volumes])
+            homes.check_driver_options(self.volume_driver_options)
+        except homes.HomeSettingsError as error:
+            raise StartFailure(f"The hub's home volume settings are refused ({error}); tell the hub admin",
+                               reason="config", status_code=500) from None
 
     async def create_object(self) -> dict[str, Any]:
         """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
@@ -218,7 +301,8 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             quota = self.services.allocator.per_user_gpu_quota
             swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
             swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
-            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label)
+            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
+                                                            self.cuda_label)
             self.port = _free_port(state.ports)
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
             return await self.docker("create_service", **(await self._service_kwargs(labels)))
@@ -387,6 +471,15 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         saved = state.get("condaspawner") or {}
         self._assigned, self._node = tuple(saved.get("gpus") or ()), saved.get("node", "")
         self._allocation = None  # Swarm holds the GPUs, not the hub's allocator
+        if self._assigned:
+            self._watch_gpu_idleness(self._profile_of_saved_options())
+
+
+class _NoReadings:
+    """gpu_metrics_url is "": no GPU is ever read as idle."""
+
+    def read(self, nodes: Sequence[swarm.NodeInfo]) -> dict[str, swarmgpus.GpuReading]:
+        return {}
 
 
 def _free_port(taken: frozenset[int] | set[int]) -> int:

@@ -208,7 +208,8 @@ def test_recording_never_raises():
 async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
     fake = FakeNvml.with_gpus(1)
     allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0.05)
-    services = SimpleNamespace(allocator=allocator, culler=GpuIdleCuller(allocator), sampler=None)
+    services = SimpleNamespace(allocator=allocator, culler=GpuIdleCuller(allocator), sampler=None,
+                               sample_gpus=None)
     _start_gpu_sampler(services, None)  # type: ignore[arg-type]
     sampler = services.sampler
     assert sampler is not None
@@ -222,6 +223,6 @@ async def test_the_hub_samples_its_gpus_every_gpu_sample_interval():
     finally:
         sampler.cancel()
     idle = GpuAllocator(inventory=GpuInventory(nvml=fake), gpu_sample_interval=0)
-    off = SimpleNamespace(allocator=idle, culler=GpuIdleCuller(idle), sampler=None)
+    off = SimpleNamespace(allocator=idle, culler=GpuIdleCuller(idle), sampler=None, sample_gpus=None)
     _start_gpu_sampler(off, None)  # type: ignore[arg-type]
     assert off.sampler is None

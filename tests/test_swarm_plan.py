@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from jupyterhub_condaspawner import swarm
-from jupyterhub_condaspawner.gpus import GpuInfeasible, GpuQuotaExceeded
+from jupyterhub_condaspawner.gpus import CudaIncompatible, GpuInfeasible, GpuQuotaExceeded
 from jupyterhub_condaspawner.swarm import ServiceRequest, SwarmInfeasible, SwarmState
 
 
@@ -190,3 +190,63 @@ def test_a_pending_request_knows_whether_it_lacks_a_gpu_or_the_cpu_beside_one():
     assert state.free_on(state.nodes[1])[0] == 1
     assert state.waiting_for(ServiceRequest(gpus=2, gpu_model="*A100*")) == "a GPU"
     assert state.waiting_for(ServiceRequest(gpus=4, gpu_model="*H100*")) == "a GPU"  # h1 is down
+
+
+def cuda_cluster(versions: dict[str, str | None]) -> SwarmState:
+    """Three A100 nodes whose CUDA labels are ``versions`` (None: no label)."""
+    nodes = []
+    for number, (name, version) in enumerate(versions.items()):
+        attrs = node_attrs(name, f"10.0.1.{number + 2}", (f"GPU-{name}-0", f"GPU-{name}-1"), A100)
+        if version:
+            attrs["Spec"]["Labels"][swarm.CUDA_LABEL] = version
+        nodes.append(attrs)
+    return swarm.read_swarm(FakeApi(nodes, []))
+
+
+def test_a_profiles_cuda_keeps_its_servers_off_nodes_whose_driver_is_older():
+    state = cuda_cluster({"old": "11.8", "mid": "12.2", "new": "12.4"})
+    request = ServiceRequest(gpus=1, gpu_model="*A100*", cuda="12.4", profile="torch")
+
+    swarm.check_feasible(state, request)
+    assert swarm.placement_constraints(state, request) == [
+        f"node.labels.nvidia.gpu.product=={A100}",
+        "node.labels.nvidia.cuda.version!=11.8", "node.labels.nvidia.cuda.version!=12.2"]
+    assert swarm.placement_constraints(state, ServiceRequest(gpus=1, cuda="12.2")) == [
+        "node.labels.nvidia.cuda.version!=11.8"]
+    assert swarm.placement_constraints(state, ServiceRequest(gpus=1, cuda="11.8")) == []
+    assert swarm.placement_constraints(state, ServiceRequest(gpus=0, cuda="13.0")) == []  # CPU servers: no driver
+    assert swarm.placement_constraints(state, ServiceRequest(gpus=1, cuda="12.4.1")) == [  # 12.4.1 needs 12.4
+        "node.labels.nvidia.cuda.version!=11.8", "node.labels.nvidia.cuda.version!=12.2"]
+    # Only one node is new enough: a pending server there waits for a GPU, not for "CPU or memory".
+    busy = SwarmState(state.nodes, tuple(swarm.task_info(t) for t in [
+        task("s1", "ada", "new", ("GPU-new-0",), 1), task("s2", "bob", "new", ("GPU-new-1",), 1)]))
+    assert busy.waiting_for(request) == "a GPU"
+
+
+def test_a_profile_whose_cuda_no_driver_supports_is_refused_at_once_in_one_line():
+    state = cuda_cluster({"old": "11.8", "mid": "12.2", "h100": None})
+    state = SwarmState(tuple(node for node in state.nodes if node.hostname != "h100"), ())
+
+    with pytest.raises(SwarmInfeasible) as refusal:
+        swarm.check_feasible(state, ServiceRequest(gpus=1, cuda="12.4", profile="torch"))
+
+    assert isinstance(refusal.value, CudaIncompatible)  # a 400, as on one host
+    assert refusal.value.user_message == (
+        "'torch' was built for CUDA 12.4, but the NVIDIA driver of every node with a fitting GPU supports CUDA up "
+        "to 12.2 at most: pick a profile built for CUDA 12.2 or older, or ask an admin to update the drivers")
+    assert refusal.value.detail.endswith("(nodes' nvidia.cuda.version: mid 12.2, old 11.8)")
+    # A node without the label is not checked (as a host whose driver NVML cannot read).
+    swarm.check_feasible(cuda_cluster({"old": "11.8", "unlabelled": None}), ServiceRequest(gpus=1, cuda="12.4"))
+    # Too few GPUs anywhere is said as such, whatever the drivers.
+    with pytest.raises(SwarmInfeasible) as too_many:
+        swarm.check_feasible(state, ServiceRequest(gpus=3, cuda="12.4", profile="torch"))
+    assert not isinstance(too_many.value, CudaIncompatible)
+
+
+def test_every_setting_of_the_swarm_spawner_says_what_it_does_with_a_config_example():
+    from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
+
+    own = CondaSwarmSpawner.class_own_traits(config=True)
+    assert {"volume_driver", "volume_driver_options", "cuda_label", "gpu_metrics_url"} <= set(own)
+    for name, trait in own.items():
+        assert f"c.CondaSwarmSpawner.{name} = " in (trait.help or ""), name

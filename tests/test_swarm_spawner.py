@@ -171,7 +171,8 @@ async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, se
         assert "@sha256:" in spec["ContainerSpec"]["Image"]  # pinned: every node runs the same image
         assert spec["ContainerSpec"]["CapabilityDrop"] == ["ALL"]
         assert spec["ContainerSpec"]["Mounts"] == [  # a named volume on the node, not a bind of a relative path
-            {"Type": "volume", "Source": f"csw-test-home-{spawner.user.name}", "Target": "/home/jovyan"}]
+            {"Type": "volume", "Source": f"csw-test-home-{spawner.user.name}", "Target": "/home/jovyan",
+             "VolumeOptions": {"Labels": {LABEL_USER: spawner.user.name}}}]
         assert spec["RestartPolicy"]["Condition"] == "none"  # an ended server stays ended: the hub notices
         assert spec["Resources"]["Reservations"]["GenericResources"] == [
             {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]

@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Benchmark the conda-swarm spawner on the multi-node bench: the pull a node must do, and the hub under a storm.
+
+Prints figures (and ratios); asserts nothing. Run it as root (network namespaces) with
+
+    .venv/bin/python benchmarks/bench_swarm.py [--runs N] [--users N] [--pollers N] [--keep-logs DIR]
+
+It sets up the single-host bench (``ensure_bench``: daemon, channel, offline base, proxy) and a
+multi-node bench of its own (``condaspawner_bench/swarm.py``: a manager and two workers with two
+fake GPUs each, a registry on the manager; state under ``.swarm-bench-benchmark/``), seeds the base
+image into that registry, and runs a real hub with the ``conda-swarm`` spawner (the demo config,
+as ``tests/test_e2e_swarm.py`` runs it; the hub in the host's namespace, the servers on the nodes,
+profile ``python39``, real single-user servers). Then:
+
+1. **Spawn-to-ready on a node that has the image vs one that must pull it**: a user pinned to
+   worker1 (a ``pre_spawn_hook`` sets the placement constraint) spawns ``--runs`` times with the
+   image already on worker1 and ``--runs`` times after it was removed there (every layer is then
+   pulled from the registry), interleaved. POST -> ready, and Swarm's part (the progress page's
+   "Starting your server" -> "Running on node": placing, pull, create, start); medians, ratios.
+2. **Hub API p95 during concurrent spawns across nodes**: ``--users`` users spawn at once
+   (placed by Swarm on the three nodes; worker2 pulls the image for the first of them), while
+   ``--pollers`` threads poll ``GET /hub/api/users``; latency p50/p95 during the storm against
+   the same pollers on the idle hub just before, as a ratio; how many got ready, the wall time,
+   and the spread over the nodes. Each server reserves 0.01 CPU and 64 MiB
+   (``cpu_guarantee``/``mem_guarantee``) so that Swarm places them all at once: the point is the
+   hub, not Swarm's CPU book-keeping.
+
+On this 2-core machine 20 real single-user servers booting at once (about 7 CPU-seconds each)
+take minutes and dominate the load: ``--users`` may be lowered, and the figure says how many ran.
+At the end the servers and the hub are stopped, and the multi-node bench is torn down (its
+registry storage, in ``.swarm-bench-benchmark/cache``, is kept for the next run). Progress goes to
+stderr, figures to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]  # the bench package and the tests' harness
+
+from bench_spawn import (  # noqa: E402  (the single-host spawn benchmark's hub harness)
+    COMMON_CONFIG,
+    BenchHub,
+    Pollers,
+    Spawn,
+    ms_figures,
+    percentile,
+    say,
+    seconds_range,
+    spawn,
+)
+from fixtures_hub import free_port  # noqa: E402
+
+from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
+from condaspawner_bench.swarm import SwarmBench  # noqa: E402
+from jupyterhub_condaspawner.gpus import LABEL_USER  # noqa: E402
+
+RUN_ID = uuid.uuid4().hex[:8]
+REPOSITORY = "condaspawner-bench-swarm"
+PROFILE = "python39"
+PINNED = f"pin{RUN_ID}"
+SPAWN_TIMEOUT_S = 900
+# The benchmark's own multi-node bench (the tests' lives in .swarm-bench): both may run at once.
+SWARM_DIR = REPO_ROOT / ".swarm-bench-benchmark"
+
+SWARM_CONFIG = """
+import os
+c.JupyterHub.spawner_class = "conda-swarm"
+c.DockerSpawner.client_kwargs = {{"base_url": {manager!r}}}
+c.ImageBuilder.registry = {registry!r} + "/{repository}"
+c.ImageBuilder.insecure_registries = [{registry!r}]
+c.ImageBuilder.base_image = {base!r}
+c.JupyterHub.hub_ip = {host!r}
+c.JupyterHub.hub_connect_ip = {host!r}
+c.Spawner.cpu_guarantee = 0.01
+c.Spawner.mem_guarantee = "64M"
+c.Spawner.start_timeout = {timeout}
+c.JupyterHub.concurrent_spawn_limit = 0
+
+
+def _pin(spawner):
+    # Part 1: this user's servers run on worker1 only.
+    if spawner.user.name.startswith({pinned!r}):
+        spawner.extra_placement_spec = {{"constraints": ["node.hostname==worker1"]}}
+
+
+c.Spawner.pre_spawn_hook = _pin
+"""
+
+
+def make_swarm_hub(bench: Bench, swarm: SwarmBench, base: str, root: Path) -> BenchHub:
+    state = root / "hub"
+    state.mkdir(parents=True)
+    extra = state / "extra_config.py"
+    extra.write_text(COMMON_CONFIG + SWARM_CONFIG.format(
+        manager=swarm.manager.docker_host, registry=swarm.registry_address, repository=REPOSITORY, base=base,
+        host=swarm.host_address, pinned=PINNED, timeout=SPAWN_TIMEOUT_S))
+    env = {
+        **os.environ,
+        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
+        "CONDASPAWNER_DEMO_STATE": str(state),
+        "CONDASPAWNER_DEMO_PORT": str(free_port()),
+        "CONDASPAWNER_DEMO_HUB_PORT": str(free_port()),
+        "CONDASPAWNER_DEMO_PROXY_PORT": str(free_port()),
+        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
+        "CONDASPAWNER_DEMO_PROFILES": str(REPO_ROOT / "demo" / "profiles"),
+        "CONDASPAWNER_DEMO_IMAGE_REPO": REPOSITORY,
+        "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
+    }
+    return BenchHub(state, env)
+
+
+def remove_env_images(swarm: SwarmBench, node: str) -> int:
+    """Remove this benchmark's environment images from ``node`` (their layers with them); bytes freed."""
+    client = swarm.nodes[node].client()
+    deadline = time.monotonic() + 120
+    while client.containers.list(all=True, filters={"label": LABEL_USER}):  # the stopped server's, going
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the last server's container on {node} did not go")
+        time.sleep(0.2)
+    freed = 0
+    for image in client.images.list():
+        names = image.attrs.get("RepoDigests", []) + image.tags
+        if any(f"/{REPOSITORY}" in name for name in names):
+            freed += int(image.attrs.get("Size", 0))
+            client.images.remove(image.id, force=True)
+    return freed
+
+
+def node_part(result: Spawn) -> float | None:
+    """Seconds from the service's creation to its task running (placing, pull, create, start)."""
+    start, running = result.at("Starting your server"), result.at("Running on node")
+    return running - start if start is not None and running is not None else None
+
+
+def timed_spawn(hub: BenchHub, user: str) -> Spawn:
+    result = spawn(hub, user, {"profile": PROFILE}, SPAWN_TIMEOUT_S)
+    if not result.ready:
+        raise RuntimeError(f"{user}'s spawn failed: {result.failure}")
+    return result
+
+
+def part1(hub: BenchHub, swarm: SwarmBench, runs: int) -> None:
+    say("part 1: warm-up spawn (builds and pushes the image on the first run)")
+    hub.create_users([PINNED])
+    warm = timed_spawn(hub, PINNED)
+    say(f"warm-up ready in {warm.seconds:.1f} s")
+    hub.stop_server(PINNED)
+    cached: list[Spawn] = []
+    pulled: list[Spawn] = []
+    image_bytes = 0
+    for run in range(runs):
+        say(f"part 1, run {run + 1}/{runs}: worker1 has the image")
+        cached.append(timed_spawn(hub, PINNED))
+        hub.stop_server(PINNED)
+        image_bytes = remove_env_images(swarm, "worker1") or image_bytes
+        say(f"part 1, run {run + 1}/{runs}: worker1 must pull it ({image_bytes / 2**20:.0f} MiB unpacked)")
+        pulled.append(timed_spawn(hub, PINNED))
+        hub.stop_server(PINNED)
+    ready_cached, ready_pulled = [s.seconds for s in cached], [s.seconds for s in pulled]
+    node_cached = [v for v in map(node_part, cached) if v is not None]
+    node_pulled = [v for v in map(node_part, pulled) if v is not None]
+    print(f"spawn-to-ready, node has the image: {seconds_range(ready_cached)}")
+    print(f"spawn-to-ready, node must pull it ({image_bytes / 2**20:.0f} MiB unpacked): {seconds_range(ready_pulled)}")
+    print(f"spawn-to-ready ratio must-pull/has-image: "
+          f"{statistics.median(ready_pulled) / statistics.median(ready_cached):.2f}")
+    if node_cached and node_pulled:
+        ratio = statistics.median(node_pulled) / statistics.median(node_cached)
+        print(f"service created -> task running, has the image: {seconds_range(node_cached)}; "
+              f"must pull: {seconds_range(node_pulled)}; ratio {ratio:.2f}")
+
+
+def part2(hub: BenchHub, users: int, pollers_count: int) -> None:
+    names = [f"storm{RUN_ID}{index:02d}" for index in range(users)]
+    hub.create_users(names)
+    say(f"part 2: idle hub, {pollers_count} pollers for 5 s")
+    idle = Pollers(hub, pollers_count).start()
+    time.sleep(5)
+    idle.stop()
+    say(f"part 2: {users} spawns at once")
+    results: dict[str, Spawn] = {}
+    during = Pollers(hub, pollers_count).start()
+    started = time.monotonic()
+    threads = [threading.Thread(target=lambda name=name: results.__setitem__(
+        name, spawn(hub, name, {"profile": PROFILE}, SPAWN_TIMEOUT_S))) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - started
+    during.stop()
+    ready = [result for result in results.values() if result.ready]
+    nodes: dict[str, int] = {}
+    for name in names:
+        model = hub.server_model(name)
+        node = ((model or {}).get("state") or {}).get("condaspawner", {}).get("node") if model else None
+        nodes[node or "none"] = nodes.get(node or "none", 0) + 1
+    idle_p95, storm_p95 = percentile(idle.latencies, 95), percentile(during.latencies, 95)
+    print(f"concurrent spawns across nodes: {len(ready)} of {users} ready in {wall:.1f} s wall; "
+          f"spawn-to-ready {seconds_range([r.seconds for r in ready])}; "
+          f"servers per node: {', '.join(f'{k} {v}' for k, v in sorted(nodes.items()))}")
+    for result in results.values():
+        if not result.ready:
+            print(f"  {result.user}: {result.failure[:200]}")
+    print(f"hub API (GET /hub/api/users, {pollers_count} pollers), idle: {ms_figures(idle.latencies)}")
+    print(f"hub API during {users} concurrent spawns: {ms_figures(during.latencies)}; "
+          f"{len(during.errors)} errors")
+    print(f"hub API p95 ratio storm/idle: {storm_p95 / idle_p95:.2f}")
+    for name in names:
+        hub.api("DELETE", f"/users/{name}/servers/")
+    for name in names:
+        hub.stop_server(name, timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="part 1: spawns per case (default 3)")
+    parser.add_argument("--users", type=int, default=20, help="part 2: spawns at once (default 20; 0: skip)")
+    parser.add_argument("--pollers", type=int, default=4, help="part 2: concurrent hub API pollers (default 4)")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the hub log here before clean-up")
+    arguments = parser.parse_args()
+
+    bench = ensure_bench(say=say)
+    root = SWARM_DIR / "runs" / RUN_ID
+    started = time.monotonic()
+    swarm = SwarmBench.start(SWARM_DIR, cache_dir=SWARM_DIR / "cache", say=say)
+    hub: BenchHub | None = None
+    try:
+        base = swarm.seed_image(bench.daemon.client(), bench.base_image)
+        swarm.pull(base, ["manager"])  # the manager builds the environment images
+        hub = make_swarm_hub(bench, swarm, base, root)
+        hub.start()
+        if arguments.runs > 0:
+            part1(hub, swarm, arguments.runs)
+        if arguments.users > 0:
+            part2(hub, arguments.users, arguments.pollers)
+        print(f"machine: {os.cpu_count()} cores; swarm: "
+              + ", ".join(f"{node.name} ({len(node.gpus)} fake GPUs)" for node in swarm.nodes.values()))
+    finally:
+        if hub is not None:
+            if arguments.keep_logs is not None and hub.log_path.exists():
+                arguments.keep_logs.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(hub.log_path, arguments.keep_logs / f"bench-swarm-{RUN_ID}.log")
+            for service in swarm.manager_client().services.list(filters={"label": LABEL_USER}):
+                service.remove()
+            hub.stop()
+        swarm.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    say(f"done in {time.monotonic() - started:.1f} s")
+    sys.stdout.flush()
+    time.sleep(0.3)  # py-rattler 0.28 may abort at interpreter exit right after an awaited call
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""End to end on the multi-node bench: the GPU metrics and GPU-aware idle culling of a conda-swarm hub.
+
+Each node runs a stand-in for NVIDIA's dcgm-exporter: a global Swarm service (busybox httpd, host
+networking, port 9400 on every node) serving, from a host folder per node, the Prometheus text the
+test writes: each fake GPU's utilization. The hub (as in test_e2e_swarm.py, with GPU sampling every
+second and a 6-second gpu_idle_timeout) scrapes it as it would scrape dcgm-exporter, reads the
+holders from Swarm's tasks, serves the states on /hub/metrics, and stops the server whose GPU idles.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import docker.types
+import pytest
+from fixtures_hub import metric
+from test_e2e_failures import Spawn
+from test_swarm_spawner import wait_until
+
+from condaspawner_bench.swarm import SwarmBench
+from jupyterhub_condaspawner.gpus import LABEL_USER
+
+pytestmark = [pytest.mark.swarm, pytest.mark.docker]
+
+EXPORTER_PORT = 9400
+EXPORTER = "csw-fake-dcgm"
+EXPORTER_FILTER = {"label": f"com.docker.swarm.service.name={EXPORTER}"}
+IDLE_TIMEOUT_S = 6
+HUB_EXTRA_CONFIG = f"""
+import os
+c.JupyterHub.spawner_class = "conda-swarm"
+c.DockerSpawner.client_kwargs = {{"base_url": os.environ["CONDASPAWNER_TEST_SWARM_MANAGER"]}}
+c.ImageBuilder.registry = os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"] + "/condaspawner-e2e-swarm"
+c.ImageBuilder.insecure_registries = [os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"]]
+c.ImageBuilder.base_image = os.environ["CONDASPAWNER_TEST_SWARM_BASE"]
+c.JupyterHub.hub_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
+c.JupyterHub.hub_connect_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
+c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
+c.GpuAllocator.gpu_sample_interval = 1
+c.CondaSwarmSpawner.gpu_metrics_url = "http://{{address}}:{EXPORTER_PORT}/metrics"
+c.CondaSpawner.gpu_idle_timeout = {IDLE_TIMEOUT_S / 60!r}
+"""
+ENV_NAMES = ("MANAGER", "REGISTRY", "BASE", "HOST")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def swarm_hub_settings(swarm_bench: SwarmBench, swarm_base: str):
+    """What HUB_EXTRA_CONFIG reads (set before the module's hub starts); services removed after it."""
+    values = (swarm_bench.manager.docker_host, swarm_bench.registry_address, swarm_base, swarm_bench.host_address)
+    for name, value in zip(ENV_NAMES, values):
+        os.environ[f"CONDASPAWNER_TEST_SWARM_{name}"] = value
+    yield
+    for name in ENV_NAMES:
+        os.environ.pop(f"CONDASPAWNER_TEST_SWARM_{name}", None)
+    for service in swarm_bench.manager_client().services.list(filters={"label": LABEL_USER}):
+        service.remove()
+
+
+class FakeExporters:
+    """dcgm-exporter stand-ins on every node; ``set`` writes what a node's GPUs report."""
+
+    def __init__(self, bench: SwarmBench, folder: Path):
+        self.bench, self.folder = bench, folder
+
+    def set(self, utilization: dict[str, int]) -> None:
+        for node in self.bench.workers:
+            lines = ["# TYPE DCGM_FI_DEV_GPU_UTIL gauge"]
+            lines += [f'DCGM_FI_DEV_GPU_UTIL{{gpu="{index}",UUID="{gpu}",Hostname="{node.name}"}} '
+                      f"{utilization.get(gpu, 90)}" for index, gpu in enumerate(node.gpus)]
+            page = self.folder / node.name / "metrics"
+            page.with_suffix(".new").write_text("\n".join(lines) + "\n")
+            page.with_suffix(".new").replace(page)
+
+
+@pytest.fixture(scope="module")
+def exporters(swarm_bench: SwarmBench, tmp_path_factory) -> FakeExporters:
+    folder = tmp_path_factory.mktemp("dcgm")
+    for node in swarm_bench.workers:
+        (folder / node.name).mkdir()
+    fake = FakeExporters(swarm_bench, folder)
+    fake.set({})
+    client = swarm_bench.manager_client()
+    service = client.services.create(
+        swarm_bench.tiny_image, ["httpd", "-f", "-p", str(EXPORTER_PORT), "-h", "/www"], name=EXPORTER,
+        mode=docker.types.ServiceMode("global"), networks=["host"],
+        mounts=[docker.types.Mount("/www", f"{folder}/{{{{.Node.Hostname}}}}", type="bind", read_only=True)],
+        constraints=["node.role==worker"])
+    try:
+        for node in swarm_bench.workers:
+            wait_until(lambda node=node: node.client().containers.list(filters=EXPORTER_FILTER),
+                       f"the fake exporter on {node.name}")
+        yield fake
+    finally:
+        service.remove()
+        for node in swarm_bench.workers:
+            wait_until(lambda node=node: not node.client().containers.list(all=True, filters=EXPORTER_FILTER),
+                       f"the fake exporter on {node.name} to go")
+
+
+async def test_a_swarm_servers_idle_gpu_shows_on_metrics_and_the_server_is_stopped(hub, swarm_bench, exporters):
+    user = "swarm-idler"
+    spawn = Spawn(hub, user, {"profile": "gpu-demo"})
+    assert spawn.wait().get("ready"), spawn.messages
+    state = hub.server_model(user)["state"]["condaspawner"]
+    gpu = state["gpus"][0]
+
+    def gpus(**expected: float) -> bool:
+        samples = hub.metrics()
+        return all(metric(samples, "condaspawner_gpus", state=key) == value for key, value in expected.items())
+
+    # Busy (90% on every GPU): held and busy, several timeouts long, and not stopped.
+    wait_until(lambda: gpus(held_busy=1, free=3, held_idle=0), "the held GPU to show busy", interval=0.5)
+    idle_before = metric(hub.metrics(), "condaspawner_gpu_idle_seconds_total") or 0
+    assert hub.server_model(user) is not None
+
+    # Its node's exporter reports the server's GPU at 0%.
+    exporters.set({gpu: 0})
+    wait_until(lambda: gpus(held_idle=1, free=3) or hub.server_model(user) is None, "the GPU to show idle",
+               interval=0.5)
+    wait_until(lambda: hub.server_model(user) is None, "the hub to stop the idle server", interval=0.5)
+
+    samples = hub.metrics()
+    assert metric(samples, "condaspawner_culls_total", reason="gpu_idle") == 1
+    assert (metric(samples, "condaspawner_gpu_idle_seconds_total") or 0) > idle_before
+    wait_until(lambda: gpus(free=4, held_idle=0, held_busy=0), "the freed GPU to show free", interval=0.5)
+    assert not swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
+    assert f"Stopping {user}/(default): its GPUs were idle" in hub.log()
+    page = hub.spawn_page(user)
+    assert "Your server on Fake A100 (CUDA 12.4) was stopped after " in page and "with its GPU idle" in page
+    exporters.set({})
