@@ -430,14 +430,15 @@ class ImageBuilder(LoggingConfigurable):
         """,
     )
     layered_images = Bool(
-        False,
+        True,
         config=True,
         help="""Write each environment's packages as image layers directly (no build context,
-        no COPY), a layer per large package, so that images share their large packages on
-        disk and in a registry. Needs Docker's graph-driver image store (overlay2); with
-        the containerd image store builds fall back to the Dockerfile route.
+        no COPY), a layer per large package with its byte-compiled files, so that images
+        share their large packages on disk and in a registry. Needs Docker's graph-driver
+        image store (overlay2); with the containerd image store builds fall back to the
+        Dockerfile route (False: always that route).
 
-        c.ImageBuilder.layered_images = True
+        c.ImageBuilder.layered_images = False
         """,
     )
     shared_layer_min_size = ByteSpecification(
@@ -910,14 +911,15 @@ class ImageBuilder(LoggingConfigurable):
                     layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
                     prefix = layers.SHARED_PREFIX if layered else request.prefix
                     env_size = await self._install(build, request, lock, context, build_log, prefix)
-                    from_image = None
+                    from_image, compiled = None, False
                     if layered:
+                        compiled = await self._compile_staged(build, context / "env", build_log)
                         from_image = await self._load_layers(build, request, context / "env", build_log)
                         await asyncio.to_thread(shutil.rmtree, context / "env")
                         (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
                     self._write_context(context, request, lock)
                     image_id = await self._docker_build(build, request, lock, context, build_log, env_size,
-                                                        from_image)
+                                                        from_image, compiled)
                     failed = False
                 finally:
                     await self._remove_staging(context, settle=failed and context.exists())
@@ -1066,6 +1068,47 @@ class ImageBuilder(LoggingConfigurable):
                              "building with the Dockerfile route")
         return able
 
+    def _daemon_is_local(self) -> bool:
+        """Whether the build daemon is on this host's socket, so that it can mount a staged folder."""
+        return str(self.client.api.base_url) == "http+docker://localhost"
+
+    async def _compile_staged(self, build: Build, staging: Path, build_log: io.TextIOBase) -> bool:
+        """Byte-compile the staged environment with its own Python, in a container of the base
+        image with the staging folder mounted at the shared prefix (nothing runs on the host), so
+        that each package's .pyc travel in its layer. False when it could not (a remote daemon, a
+        failure): the Dockerfile compiles then."""
+        if not self._daemon_is_local():
+            build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
+            return False
+        await build.publish("compile", 41, "Byte-compiling the environment")
+        limits: dict[str, Any] = {"mem_limit": int(self.build_memory_limit)} if self.build_memory_limit else {}
+        if self.build_cpuset_cpus:
+            limits["cpuset_cpus"] = self.build_cpuset_cpus
+        command = [f"{layers.SHARED_PREFIX}/bin/python", *layers.COMPILE_ARGS, f"{layers.SHARED_PREFIX}/lib"]
+        container = None
+        try:
+            with self._daemon("byte-compiling the environment"):
+                container = await asyncio.to_thread(
+                    self.client.containers.run, self.base_image_id(), command, detach=True, network_mode="none",
+                    user=f"{os.getuid()}:{os.getgid()}", entrypoint=[], working_dir="/",
+                    volumes={str(staging.resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"}}, **limits)
+                status = await asyncio.to_thread(container.wait)
+                output = (await asyncio.to_thread(container.logs)).decode(errors="replace")
+        except (BuildError, docker.errors.DockerException) as error:
+            build_log.write(f"compile: {_one_line(error)}; compiling in the Dockerfile\n")
+            return False
+        finally:
+            if container is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(container.remove, force=True)
+        build_log.write(output)
+        # compileall says 1 when some file does not compile (a package's Python 2 test data): those stay source
+        if status.get("StatusCode") not in (0, 1):
+            build_log.write(f"compile: exit status {status.get('StatusCode')}; compiling in the Dockerfile\n")
+            return False
+        build_log.write("compile: byte-compiled the environment into its package layers\n")
+        return True
+
     async def _load_layers(self, build: Build, request: BuildRequest, staging: Path,
                            build_log: io.TextIOBase) -> str:
         """Load the staged environment into Docker as layers on the base image; the image's id."""
@@ -1075,13 +1118,15 @@ class ImageBuilder(LoggingConfigurable):
         memo = layers.LayerMemo(Path(self.cache_dir) / "layers")
         base_id = self.base_image_id()
         with self._daemon("loading the environment's layers"):
+            history = await asyncio.to_thread(layers.base_history, self.client.api, base_id, memo.directory)
             known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
             try:
-                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo)
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo,
+                                                 history)
             except OSError as error:  # a layer counted on was removed meanwhile: send every layer
                 build_log.write(f"layered load failed ({error}); sending every layer\n")
                 result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, set(),
-                                                 layers.LayerMemo(None))
+                                                 layers.LayerMemo(None), history)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
         written = [size for _, _, size, sent in result.layers if sent]
@@ -1109,8 +1154,10 @@ class ImageBuilder(LoggingConfigurable):
         }, indent=2))
 
     async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None) -> str:
-        """``from_image``: the image to build on (the environment's layers), else the base."""
+                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None,
+                            compiled: bool = False) -> str:
+        """``from_image``: the image to build on (the environment's layers), else the base;
+        ``compiled``: its layers hold the byte-compiled files already."""
         await build.publish("build", 45, "Writing the image")
         base_id = self.base_image_id()
         labels = {
@@ -1125,7 +1172,8 @@ class ImageBuilder(LoggingConfigurable):
         kwargs = dict(
             path=str(context), tag=self.tag_for(build.key), labels=labels, rm=True, forcerm=True,
             network_mode=self.build_network_mode, decode=True,
-            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name},
+            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name,
+                       "COMPILE": "0" if compiled else "1"},
             container_limits=self._container_limits(),
         )
         loop = asyncio.get_running_loop()
