@@ -913,8 +913,7 @@ class ImageBuilder(LoggingConfigurable):
                     env_size = await self._install(build, request, lock, context, build_log, prefix)
                     from_image, compiled = None, False
                     if layered:
-                        compiled = await self._compile_staged(build, context / "env", build_log)
-                        from_image = await self._load_layers(build, request, context / "env", build_log)
+                        from_image, compiled = await self._load_layers(build, request, context, build_log)
                         await asyncio.to_thread(shutil.rmtree, context / "env")
                         (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
                     self._write_context(context, request, lock)
@@ -1072,26 +1071,32 @@ class ImageBuilder(LoggingConfigurable):
         """Whether the build daemon is on this host's socket, so that it can mount a staged folder."""
         return str(self.client.api.base_url) == "http+docker://localhost"
 
-    async def _compile_staged(self, build: Build, staging: Path, build_log: io.TextIOBase) -> bool:
-        """Byte-compile the staged environment with its own Python, in a container of the base
-        image with the staging folder mounted at the shared prefix (nothing runs on the host), so
-        that each package's .pyc travel in its layer. False when it could not (a remote daemon, a
-        failure): the Dockerfile compiles then."""
+    async def _compile_staged(self, build: Build, context: Path, batches: list[list[str]],
+                              build_log: io.TextIOBase) -> bool:
+        """Byte-compile ``batches`` of the staged environment with its own Python, in a container
+        of the base image with the staging folder mounted at the shared prefix (nothing runs on
+        the host), so that each package's .pyc travel in its layer. False when it could not (a
+        remote daemon, a failure): the Dockerfile compiles then."""
         if not self._daemon_is_local():
             build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
             return False
-        await build.publish("compile", 41, "Byte-compiling the environment")
+        await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(map(len, batches))})")
+        (context / "compile").mkdir()
+        (context / "compile" / "batches.json").write_text(json.dumps(batches))
         limits: dict[str, Any] = {"mem_limit": int(self.build_memory_limit)} if self.build_memory_limit else {}
         if self.build_cpuset_cpus:
             limits["cpuset_cpus"] = self.build_cpuset_cpus
-        command = [f"{layers.SHARED_PREFIX}/bin/python", *layers.COMPILE_ARGS, f"{layers.SHARED_PREFIX}/lib"]
+        command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json"]
         container = None
         try:
             with self._daemon("byte-compiling the environment"):
                 container = await asyncio.to_thread(
                     self.client.containers.run, self.base_image_id(), command, detach=True, network_mode="none",
                     user=f"{os.getuid()}:{os.getgid()}", entrypoint=[], working_dir="/",
-                    volumes={str(staging.resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"}}, **limits)
+                    environment={"PYTHONHASHSEED": "0"},
+                    volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
+                             str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
+                    **limits)
                 status = await asyncio.to_thread(container.wait)
                 output = (await asyncio.to_thread(container.logs)).decode(errors="replace")
         except (BuildError, docker.errors.DockerException) as error:
@@ -1101,25 +1106,34 @@ class ImageBuilder(LoggingConfigurable):
             if container is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(container.remove, force=True)
+            shutil.rmtree(context / "compile", ignore_errors=True)  # not for the build context
         build_log.write(output)
-        # compileall says 1 when some file does not compile (a package's Python 2 test data): those stay source
-        if status.get("StatusCode") not in (0, 1):
+        if status.get("StatusCode") != 0:
             build_log.write(f"compile: exit status {status.get('StatusCode')}; compiling in the Dockerfile\n")
             return False
-        build_log.write("compile: byte-compiled the environment into its package layers\n")
         return True
 
-    async def _load_layers(self, build: Build, request: BuildRequest, staging: Path,
-                           build_log: io.TextIOBase) -> str:
-        """Load the staged environment into Docker as layers on the base image; the image's id."""
+    async def _load_layers(self, build: Build, request: BuildRequest, context: Path,
+                           build_log: io.TextIOBase) -> tuple[str, bool]:
+        """Compile the staged environment (``context``/env) and load it into Docker as layers on
+        the base image: the image's id, and whether its layers hold the compiled files."""
+        staging = context / "env"
         plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                   max_layers=MAX_PACKAGE_LAYERS)
-        await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
         memo = layers.LayerMemo(Path(self.cache_dir) / "layers")
         base_id = self.base_image_id()
         with self._daemon("loading the environment's layers"):
             history = await asyncio.to_thread(layers.base_history, self.client.api, base_id, memo.directory)
             known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
+            base_attrs = await asyncio.to_thread(self.client.api.inspect_image, base_id)
+        # Layers Docker holds with their byte code already are neither compiled nor sent again.
+        stored = layers.stored_layers(base_attrs, plan, known, memo)
+        compiled = await self._compile_staged(build, context, layers.compile_batches(plan, stored), build_log)
+        if compiled:
+            plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
+                                      max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
+        await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
+        with self._daemon("loading the environment's layers"):
             try:
                 result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo,
                                                  history)
@@ -1132,7 +1146,7 @@ class ImageBuilder(LoggingConfigurable):
         written = [size for _, _, size, sent in result.layers if sent]
         await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
                                          f"({len(result.layers) - len(written)} already stored)")
-        return result.image_id
+        return result.image_id, compiled
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
@@ -1191,7 +1205,7 @@ class ImageBuilder(LoggingConfigurable):
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         reader = loop.run_in_executor(None, stream)
-        steps = _StepTracker(request, env_size)
+        steps = _StepTracker(request, env_size, layered=from_image is not None)
         image_id, failure, daemon_failure = None, "", ""
         try:
             while (chunk := await queue.get()) is not None:
@@ -1320,8 +1334,9 @@ class ImageBuilder(LoggingConfigurable):
         return result
 
     def leftover_images(self) -> list[docker.models.images.Image]:
-        """Untagged images failed builds left: the steps env.Dockerfile finished (the environment's
-        COPY above all) on this builder's base, older than ``build_timeout`` (no build still uses them)."""
+        """Untagged images failed builds left: the environment's loaded layers and the steps
+        env.Dockerfile finished on this builder's base, older than ``build_timeout`` (no build
+        still uses them)."""
         try:
             with self._daemon("looking up the base image"):
                 base = self.client.images.get(self.base_image)
@@ -1337,7 +1352,8 @@ class ImageBuilder(LoggingConfigurable):
             if created is None or created > cutoff or image.id == base.id:
                 continue
             history = self.client.api.history(image.id)
-            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", "")) for entry in history)
+            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", ""))
+                       or str(entry.get("CreatedBy", "")).startswith(layers.HISTORY_PREFIX) for entry in history)
             on_base = any(entry.get("Created") == base_top.get("Created")
                           and entry.get("CreatedBy") == base_top.get("CreatedBy") for entry in history)
             if ours and on_base:
@@ -1444,9 +1460,11 @@ class _StepTracker:
     Raw steps go to the build log only; the progress page says what a step is for.
     """
 
-    def __init__(self, request: BuildRequest, env_size: int):
+    def __init__(self, request: BuildRequest, env_size: int, layered: bool = False):
         self.request = request
         self.env_size = env_size
+        # on layers the builder wrote (and compiled), the COPY and compile steps do nothing
+        self.quiet = {"image", "compile"} if layered else set()
         self.step, self.steps = 0, 1
         self.instruction = ""
         self.phase = "build"
@@ -1463,6 +1481,8 @@ class _StepTracker:
         self.output = []
         for pattern, phase in _STEP_PHASES:
             if pattern.search(self.instruction):
+                if phase in self.quiet:
+                    return None
                 self.phase = phase
                 return self._message(phase)
         return None

@@ -39,9 +39,9 @@ SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
 LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: with the package's .pyc)
 CHUNK = 1 << 20
+HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 # A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
 _PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$")
-COMPILE_ARGS = ("-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash")
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,14 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
     records, identities = _package_records(staging)
-    compiled = _compiled_files(staging, records)
-    python = next((identities[key] for key in identities if key[0] == "python"), "")
-    for key, files in compiled.items():
-        records[key] = [*records[key], *files]
-        if identities[key]:  # its .pyc are the compiling python's: the same package, another python, another layer
-            identities[key] = f"{identities[key]}+{python}"
+    # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(staging / path) for path in files) for key, files in records.items()}
+    python = next((identities[key] for key in identities if key[0] == "python"), "")
+    for key, files in records.items():
+        if identities[key] and any(path.endswith(".py") for path in files):
+            identities[key] += f"+{python}"  # its .pyc are the compiling python's: another python, another layer
+    for key, files in _compiled_files(staging, records).items():
+        records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
     layers = []
@@ -134,6 +135,57 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer("environment", tuple(top)))
     return layers
+
+
+# Run by the environment's own Python in a container: compile each batch of files in a new
+# process, so that a file's byte code does not depend on what one process compiled before
+# (marshal's output does), with PYTHONHASHSEED fixed by the caller.
+COMPILE_SCRIPT = """
+import json, multiprocessing, py_compile, sys
+def batch(paths):
+    failed = 0
+    for path in paths:
+        try:
+            py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        except Exception as error:
+            failed += 1
+    return failed
+batches = json.load(open(sys.argv[1]))
+with multiprocessing.Pool(maxtasksperchild=1) as pool:
+    failed = sum(pool.map(batch, batches, chunksize=1))
+print(f"compiled {sum(map(len, batches)) - failed} files ({failed} did not compile)")
+"""
+COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
+
+
+def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str], memo: LayerMemo) -> set[str]:
+    """The names of the layers :func:`archive_chunks` will not send: the memo knows them and
+    Docker holds them on the same layers below."""
+    chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
+    have = known_chains | set(chain_ids(base["RootFS"]["Layers"]))
+    stored = set()
+    for layer in plan:
+        remembered = memo.get(layer)
+        if remembered is None or _next_chain(chain, remembered[0]) not in have:
+            break  # the layers above sit on a new chain
+        stored.add(layer.name)
+        chain = _next_chain(chain, remembered[0])
+    return stored
+
+
+def compile_batches(plan: list[Layer], skip: set[str]) -> list[list[str]]:
+    """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches:
+    every layer's but those named in ``skip`` (stored already, with their byte code)."""
+    lib = f"{SHARED_PREFIX.lstrip('/')}/lib/"
+    batches = []
+    for layer in plan:
+        if layer.name in skip:
+            continue
+        files = sorted(f"/{entry.path}" for entry in layer.entries
+                       if entry.source is not None and entry.path.startswith(lib) and entry.path.endswith(".py")
+                       and not entry.source.is_symlink())
+        batches += [files[start:start + COMPILE_BATCH] for start in range(0, len(files), COMPILE_BATCH)]
+    return batches
 
 
 def tar_size(entries: Iterable[Entry]) -> int:
@@ -187,7 +239,7 @@ def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, st
     }
     if base_history is not None:
         image["created"] = created
-        image["history"] = [*base_history, *({"created": created, "created_by": f"condaspawner layer: {name} {diff_id}"}
+        image["history"] = [*base_history, *({"created": created, "created_by": f"{HISTORY_PREFIX}{name} {diff_id}"}
                                              for name, diff_id in zip(names, diff_ids))]
     return image
 

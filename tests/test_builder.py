@@ -106,7 +106,7 @@ async def test_build_then_cache_hit(builder):
     assert not info.cached and builder.builds_started == before + 1
     phases = [event["phase"] for event in events]
     assert phases[0] == "solve" and phases[-1] == "ready"
-    order = ["solve", "install", "build", "image", "compile", "pip", "kernel", "tag", "ready"]
+    order = ["solve", "install", "compile", "build", "pip", "kernel", "tag", "ready"]  # the layered route
     assert [p for p in dict.fromkeys(phases)] == order
     progress = [event["progress"] for event in events]
     assert progress == sorted(progress) and progress[-1] == 100
@@ -144,7 +144,7 @@ async def test_pip_only_change_reuses_the_conda_layer(builder):
     assert first.key != second.key
     layers = [builder.client.images.get(i.image_id).attrs["RootFS"]["Layers"] for i in (first, second)]
     base_layers = len(builder.client.images.get(builder.base_image).attrs["RootFS"]["Layers"])
-    # base, then COPY env, then compileall: all shared; only the pip layers differ.
+    # base, then the environment's layers (packages, compiled; then conda-meta): all shared; only the pip layers differ.
     assert layers[0][: base_layers + 2] == layers[1][: base_layers + 2]
     assert layers[0][base_layers + 2:] != layers[1][base_layers + 2:]
 
