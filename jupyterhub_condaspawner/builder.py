@@ -1087,25 +1087,30 @@ class ImageBuilder(LoggingConfigurable):
         if self.build_cpuset_cpus:
             limits["cpuset_cpus"] = self.build_cpuset_cpus
         command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json"]
-        container = None
+        image = self.base_image_id()
+
+        def run() -> tuple[dict[str, Any], str]:
+            # One thread owns the container from start to removal: a build that times out meanwhile
+            # stops waiting for it, and the container is removed all the same.
+            container = self.client.containers.run(
+                image, command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+                entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
+                volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
+                         str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
+                **limits)
+            try:
+                return container.wait(), container.logs().decode(errors="replace")
+            finally:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+
         try:
             with self._daemon("byte-compiling the environment"):
-                container = await asyncio.to_thread(
-                    self.client.containers.run, self.base_image_id(), command, detach=True, network_mode="none",
-                    user=f"{os.getuid()}:{os.getgid()}", entrypoint=[], working_dir="/",
-                    environment={"PYTHONHASHSEED": "0"},
-                    volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
-                             str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
-                    **limits)
-                status = await asyncio.to_thread(container.wait)
-                output = (await asyncio.to_thread(container.logs)).decode(errors="replace")
+                status, output = await asyncio.to_thread(run)
         except (BuildError, docker.errors.DockerException) as error:
             build_log.write(f"compile: {_one_line(error)}; compiling in the Dockerfile\n")
             return False
         finally:
-            if container is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(container.remove, force=True)
             shutil.rmtree(context / "compile", ignore_errors=True)  # not for the build context
         build_log.write(output)
         if status.get("StatusCode") != 0:
