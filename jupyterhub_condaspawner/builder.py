@@ -417,14 +417,15 @@ class ImageBuilder(LoggingConfigurable):
         """,
     )
     layered_images = Bool(
-        False,
+        True,
         config=True,
         help="""Write each environment's packages as image layers directly (no build context,
-        no COPY), a layer per large package, so that images share their large packages on
-        disk and in a registry. Needs Docker's graph-driver image store (overlay2); with
-        the containerd image store builds fall back to the Dockerfile route.
+        no COPY), a layer per large package with its byte-compiled files, so that images
+        share their large packages on disk and in a registry. Needs Docker's graph-driver
+        image store (overlay2); with the containerd image store builds fall back to the
+        Dockerfile route (False: always that route).
 
-        c.ImageBuilder.layered_images = True
+        c.ImageBuilder.layered_images = False
         """,
     )
     shared_layer_min_size = ByteSpecification(
@@ -897,14 +898,14 @@ class ImageBuilder(LoggingConfigurable):
                     layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
                     prefix = layers.SHARED_PREFIX if layered else request.prefix
                     env_size = await self._install(build, request, lock, context, build_log, prefix)
-                    from_image = None
+                    from_image, compiled = None, False
                     if layered:
-                        from_image = await self._load_layers(build, request, context / "env", build_log)
+                        from_image, compiled = await self._load_layers(build, request, context, build_log)
                         await asyncio.to_thread(shutil.rmtree, context / "env")
                         (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
                     self._write_context(context, request, lock)
                     image_id = await self._docker_build(build, request, lock, context, build_log, env_size,
-                                                        from_image)
+                                                        from_image, compiled)
                     failed = False
                 finally:
                     await self._remove_staging(context, settle=failed and context.exists())
@@ -1053,28 +1054,91 @@ class ImageBuilder(LoggingConfigurable):
                              "building with the Dockerfile route")
         return able
 
-    async def _load_layers(self, build: Build, request: BuildRequest, staging: Path,
-                           build_log: io.TextIOBase) -> str:
-        """Load the staged environment into Docker as layers on the base image; the image's id."""
+    def _daemon_is_local(self) -> bool:
+        """Whether the build daemon is on this host's socket, so that it can mount a staged folder."""
+        return str(self.client.api.base_url) == "http+docker://localhost"
+
+    async def _compile_staged(self, build: Build, context: Path, batches: list[list[str]],
+                              build_log: io.TextIOBase) -> bool:
+        """Byte-compile ``batches`` of the staged environment with its own Python, in a container
+        of the base image with the staging folder mounted at the shared prefix (nothing runs on
+        the host), so that each package's .pyc travel in its layer. False when it could not (a
+        remote daemon, a failure): the Dockerfile compiles then."""
+        if not self._daemon_is_local():
+            build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
+            return False
+        await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(map(len, batches))})")
+        (context / "compile").mkdir()
+        (context / "compile" / "batches.json").write_text(json.dumps(batches))
+        limits: dict[str, Any] = {"mem_limit": int(self.build_memory_limit)} if self.build_memory_limit else {}
+        if self.build_cpuset_cpus:
+            limits["cpuset_cpus"] = self.build_cpuset_cpus
+        command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json"]
+        image = self.base_image_id()
+
+        def run() -> tuple[dict[str, Any], str]:
+            # One thread owns the container from start to removal: a build that times out meanwhile
+            # stops waiting for it, and the container is removed all the same.
+            container = self.client.containers.run(
+                image, command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+                entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
+                volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
+                         str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
+                **limits)
+            try:
+                return container.wait(), container.logs().decode(errors="replace")
+            finally:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+
+        try:
+            with self._daemon("byte-compiling the environment"):
+                status, output = await asyncio.to_thread(run)
+        except (BuildError, docker.errors.DockerException) as error:
+            build_log.write(f"compile: {_one_line(error)}; compiling in the Dockerfile\n")
+            return False
+        finally:
+            shutil.rmtree(context / "compile", ignore_errors=True)  # not for the build context
+        build_log.write(output)
+        if status.get("StatusCode") != 0:
+            build_log.write(f"compile: exit status {status.get('StatusCode')}; compiling in the Dockerfile\n")
+            return False
+        return True
+
+    async def _load_layers(self, build: Build, request: BuildRequest, context: Path,
+                           build_log: io.TextIOBase) -> tuple[str, bool]:
+        """Compile the staged environment (``context``/env) and load it into Docker as layers on
+        the base image: the image's id, and whether its layers hold the compiled files."""
+        staging = context / "env"
         plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                   max_layers=MAX_PACKAGE_LAYERS)
-        await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
         memo = layers.LayerMemo(Path(self.cache_dir) / "layers")
         base_id = self.base_image_id()
         with self._daemon("loading the environment's layers"):
+            history = await asyncio.to_thread(layers.base_history, self.client.api, base_id, memo.directory)
             known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
+            base_attrs = await asyncio.to_thread(self.client.api.inspect_image, base_id)
+        # Layers Docker holds with their byte code already are neither compiled nor sent again.
+        stored = layers.stored_layers(base_attrs, plan, known, memo)
+        compiled = await self._compile_staged(build, context, layers.compile_batches(plan, stored), build_log)
+        if compiled:
+            plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
+                                      max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
+        await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
+        with self._daemon("loading the environment's layers"):
             try:
-                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo)
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo,
+                                                 history)
             except OSError as error:  # a layer counted on was removed meanwhile: send every layer
                 build_log.write(f"layered load failed ({error}); sending every layer\n")
                 result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, set(),
-                                                 layers.LayerMemo(None))
+                                                 layers.LayerMemo(None), history)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
         written = [size for _, _, size, sent in result.layers if sent]
         await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
                                          f"({len(result.layers) - len(written)} already stored)")
-        return result.image_id
+        return result.image_id, compiled
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
@@ -1096,8 +1160,10 @@ class ImageBuilder(LoggingConfigurable):
         }, indent=2))
 
     async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None) -> str:
-        """``from_image``: the image to build on (the environment's layers), else the base."""
+                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None,
+                            compiled: bool = False) -> str:
+        """``from_image``: the image to build on (the environment's layers), else the base;
+        ``compiled``: its layers hold the byte-compiled files already."""
         await build.publish("build", 45, "Writing the image")
         base_id = self.base_image_id()
         labels = {
@@ -1112,7 +1178,8 @@ class ImageBuilder(LoggingConfigurable):
         kwargs = dict(
             path=str(context), tag=self.tag_for(build.key), labels=labels, rm=True, forcerm=True,
             network_mode=self.build_network_mode, decode=True,
-            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name},
+            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name,
+                       "COMPILE": "0" if compiled else "1"},
             container_limits=self._container_limits(),
         )
         loop = asyncio.get_running_loop()
@@ -1130,7 +1197,7 @@ class ImageBuilder(LoggingConfigurable):
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         reader = loop.run_in_executor(None, stream)
-        steps = _StepTracker(request, env_size)
+        steps = _StepTracker(request, env_size, layered=from_image is not None)
         image_id, failure, daemon_failure = None, "", ""
         try:
             while (chunk := await queue.get()) is not None:
@@ -1262,8 +1329,9 @@ class ImageBuilder(LoggingConfigurable):
         return result
 
     def leftover_images(self) -> list[docker.models.images.Image]:
-        """Untagged images failed builds left: the steps env.Dockerfile finished (the environment's
-        COPY above all) on this builder's base, older than ``build_timeout`` (no build still uses them)."""
+        """Untagged images failed builds left: the environment's loaded layers and the steps
+        env.Dockerfile finished on this builder's base, older than ``build_timeout`` (no build
+        still uses them)."""
         try:
             with self._daemon("looking up the base image"):
                 base = self.client.images.get(self.base_image)
@@ -1279,7 +1347,8 @@ class ImageBuilder(LoggingConfigurable):
             if created is None or created > cutoff or image.id == base.id:
                 continue
             history = self.client.api.history(image.id)
-            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", "")) for entry in history)
+            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", ""))
+                       or str(entry.get("CreatedBy", "")).startswith(layers.HISTORY_PREFIX) for entry in history)
             on_base = any(entry.get("Created") == base_top.get("Created")
                           and entry.get("CreatedBy") == base_top.get("CreatedBy") for entry in history)
             if ours and on_base:
@@ -1386,9 +1455,11 @@ class _StepTracker:
     Raw steps go to the build log only; the progress page says what a step is for.
     """
 
-    def __init__(self, request: BuildRequest, env_size: int):
+    def __init__(self, request: BuildRequest, env_size: int, layered: bool = False):
         self.request = request
         self.env_size = env_size
+        # on layers the builder wrote (and compiled), the COPY and compile steps do nothing
+        self.quiet = {"image", "compile"} if layered else set()
         self.step, self.steps = 0, 1
         self.instruction = ""
         self.phase = "build"
@@ -1405,6 +1476,8 @@ class _StepTracker:
         self.output = []
         for pattern, phase in _STEP_PHASES:
             if pattern.search(self.instruction):
+                if phase in self.quiet:
+                    return None
                 self.phase = phase
                 return self._message(phase)
         return None

@@ -25,18 +25,23 @@ import io
 import json
 import os
 import queue
+import re
 import stat
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
-LAYER_RECIPE = "1"  # bump when the way a layer's tar is written changes
+LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: with the package's .pyc)
 CHUNK = 1 << 20
+HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
+# A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
+_PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$")
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,14 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
     records, identities = _package_records(staging)
+    # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(staging / path) for path in files) for key, files in records.items()}
+    python = next((identities[key] for key in identities if key[0] == "python"), "")
+    for key, files in records.items():
+        if identities[key] and any(path.endswith(".py") for path in files):
+            identities[key] += f"+{python}"  # its .pyc are the compiling python's: another python, another layer
+    for key, files in _compiled_files(staging, records).items():
+        records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
     layers = []
@@ -123,6 +135,57 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer("environment", tuple(top)))
     return layers
+
+
+# Run by the environment's own Python in a container: compile each batch of files in a new
+# process, so that a file's byte code does not depend on what one process compiled before
+# (marshal's output does), with PYTHONHASHSEED fixed by the caller.
+COMPILE_SCRIPT = """
+import json, multiprocessing, py_compile, sys
+def batch(paths):
+    failed = 0
+    for path in paths:
+        try:
+            py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        except Exception as error:
+            failed += 1
+    return failed
+batches = json.load(open(sys.argv[1]))
+with multiprocessing.Pool(maxtasksperchild=1) as pool:
+    failed = sum(pool.map(batch, batches, chunksize=1))
+print(f"compiled {sum(map(len, batches)) - failed} files ({failed} did not compile)")
+"""
+COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
+
+
+def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str], memo: LayerMemo) -> set[str]:
+    """The names of the layers :func:`archive_chunks` will not send: the memo knows them and
+    Docker holds them on the same layers below."""
+    chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
+    have = known_chains | set(chain_ids(base["RootFS"]["Layers"]))
+    stored = set()
+    for layer in plan:
+        remembered = memo.get(layer)
+        if remembered is None or _next_chain(chain, remembered[0]) not in have:
+            break  # the layers above sit on a new chain
+        stored.add(layer.name)
+        chain = _next_chain(chain, remembered[0])
+    return stored
+
+
+def compile_batches(plan: list[Layer], skip: set[str]) -> list[list[str]]:
+    """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches:
+    every layer's but those named in ``skip`` (stored already, with their byte code)."""
+    lib = f"{SHARED_PREFIX.lstrip('/')}/lib/"
+    batches = []
+    for layer in plan:
+        if layer.name in skip:
+            continue
+        files = sorted(f"/{entry.path}" for entry in layer.entries
+                       if entry.source is not None and entry.path.startswith(lib) and entry.path.endswith(".py")
+                       and not entry.source.is_symlink())
+        batches += [files[start:start + COMPILE_BATCH] for start in range(0, len(files), COMPILE_BATCH)]
+    return batches
 
 
 def tar_size(entries: Iterable[Entry]) -> int:
@@ -156,20 +219,34 @@ def chain_ids(diff_ids: Iterable[str]) -> list[str]:
     return chains
 
 
-def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, str]) -> dict[str, Any]:
-    """The image config: the base image's (``docker inspect`` of it), with these layers and labels."""
+def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, str], names: list[str] | None = None,
+                 base_history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The image config: the base image's (``docker inspect`` of it), with these layers and labels.
+
+    Its history is the base's (``base_history``, from the base's own config) and one entry per
+    layer naming it and its diff id: Docker's per-layer sizes (``docker history``) come from
+    the history, and two images' entries are the same exactly when their layers are.
+    """
     config = dict(base.get("Config") or {})
     config["Labels"] = {**(config.get("Labels") or {}), **labels}
-    return {
+    created = datetime.fromtimestamp(LAYER_MTIME, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    names = names or ["layer"] * len(diff_ids)
+    image = {
         "architecture": base.get("Architecture", "amd64"),
         "os": base.get("Os", "linux"),
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": [*base["RootFS"]["Layers"], *diff_ids]},
     }
+    if base_history is not None:
+        image["created"] = created
+        image["history"] = [*base_history, *({"created": created, "created_by": f"{HISTORY_PREFIX}{name} {diff_id}"}
+                                             for name, diff_id in zip(names, diff_ids))]
+    return image
 
 
 def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[str], memo: LayerMemo,
-                   labels: dict[str, str], result: LoadResult) -> Iterator[bytes]:
+                   labels: dict[str, str], result: LoadResult,
+                   base_history: list[dict[str, Any]] | None = None) -> Iterator[bytes]:
     """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
     stream of chunks; ``result`` is filled in as it goes.
 
@@ -203,7 +280,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
         chain = _next_chain(chain, diff_id)
         diff_ids.append(diff_id)
         result.layers.append((layer.name, diff_id, size, sent))
-    config = json.dumps(image_config(base, diff_ids, labels), sort_keys=True).encode()
+    config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history),
+                        sort_keys=True).encode()
     result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
     yield from _archive_member("config.json", config)
     manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
@@ -227,6 +305,23 @@ def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str
         records[key] = [str(file) for file in record.get("files", [])]
         identities[key] = str(record.get("sha256") or "")
     return records, identities
+
+
+def _compiled_files(staging: Path, records: dict[tuple[str, str, str], list[str]]
+                    ) -> dict[tuple[str, str, str], list[str]]:
+    """The compiled files no package lists, by the package whose source they were compiled from."""
+    owners = {path: key for key, files in records.items() for path in files if path.endswith(".py")}
+    listed = {path for files in records.values() for path in files}
+    compiled: dict[tuple[str, str, str], list[str]] = {}
+    for path in tree_paths(staging):
+        match = _PYC.match(path)
+        if match is None or path in listed:
+            continue
+        directory, stem = match.groups()
+        owner = owners.get(f"{directory}/{stem}.py" if directory else f"{stem}.py")
+        if owner is not None:
+            compiled.setdefault(owner, []).append(path)
+    return compiled
 
 
 def _exists(path: Path) -> bool:
@@ -372,14 +467,74 @@ def known_chains(api: Any, images: Iterable[str]) -> set[str]:
     return chains
 
 
+def base_history(api: Any, base_id: str, cache: Path | None) -> list[dict[str, Any]]:
+    """The history in the config of image ``base_id``: read from ``docker save`` once, then
+    kept in ``cache`` (by image id: an image's config never changes)."""
+    kept = cache / f"base-{base_id.removeprefix('sha256:')}.json" if cache is not None else None
+    with contextlib.suppress(OSError, ValueError):
+        if kept is not None:
+            return list(json.loads(kept.read_text()))
+    config = _saved_config(api, base_id)
+    history = list(config.get("history") or [])
+    if kept is not None:
+        with contextlib.suppress(OSError):
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.with_suffix(".tmp").write_text(json.dumps(history))
+            os.replace(kept.with_suffix(".tmp"), kept)
+    return history
+
+
+def _saved_config(api: Any, image_id: str) -> dict[str, Any]:
+    """The config blob of ``image_id`` from ``docker save``, read until it comes by."""
+    hexdigest = image_id.removeprefix("sha256:")
+    names = {f"blobs/sha256/{hexdigest}", f"{hexdigest}.json"}
+    stream = api.get_image(image_id, chunk_size=CHUNK)
+    try:
+        with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as archive:
+            for member in archive:
+                if member.isreg() and member.name in names:
+                    content = archive.extractfile(member)
+                    assert content is not None
+                    data = content.read()
+                    if hashlib.sha256(data).hexdigest() == hexdigest:
+                        return dict(json.loads(data))
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+    raise OSError(f"docker save of {image_id} holds no config")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = chunks
+        self.rest = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.rest:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.rest = memoryview(chunk)
+        size = min(len(buffer), len(self.rest))
+        buffer[:size] = self.rest[:size]
+        self.rest = self.rest[size:]
+        return size
+
+
 def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
-               memo: LayerMemo) -> LoadResult:
+               memo: LayerMemo, history: list[dict[str, Any]] | None = None) -> LoadResult:
     """Load an image made of ``base`` plus ``layers`` into Docker. ``known``: chain ids the
-    daemon holds (layers the memo recognises there are not sent)."""
+    daemon holds (layers the memo recognises there are not sent); ``history``: the base's
+    (:func:`base_history`), so that the image's history names every layer."""
     base_attrs = api.inspect_image(base)
     result = LoadResult()
     have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
-    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result))
+    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history))
     for message in answer or []:
         if "error" in message:
             raise OSError(str(message["error"]).strip())

@@ -393,9 +393,9 @@ def remove_repo_images(client, repo: str) -> None:
     """Delete a test module's environment images at the end of the session, so repeated runs
     don't fill the bench's disk.
 
-    Not at once: while they exist, their layers are docker's build cache, so a later
+    Not at once: while they exist, their layers stay in Docker's store, so a later
     module that builds the same conda environment (each hub builds python39, say)
-    reuses its COPY and compileall layers instead of redoing them.
+    stores none of its package layers again.
     """
     if repo not in _DEFERRED_REPOS:
         _DEFERRED_REPOS.append(repo)

@@ -19,7 +19,7 @@ import docker
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
-from pip_index import tiny_wheel
+from pip_index import PipIndex, tiny_wheel
 
 from jupyterhub_condaspawner.builder import (
     LABEL_ENV_NAME,
@@ -106,7 +106,7 @@ async def test_build_then_cache_hit(builder):
     assert not info.cached and builder.builds_started == before + 1
     phases = [event["phase"] for event in events]
     assert phases[0] == "solve" and phases[-1] == "ready"
-    order = ["solve", "install", "build", "image", "compile", "pip", "kernel", "tag", "ready"]
+    order = ["solve", "install", "compile", "build", "pip", "kernel", "tag", "ready"]  # the layered route
     assert [p for p in dict.fromkeys(phases)] == order
     progress = [event["progress"] for event in events]
     assert progress == sorted(progress) and progress[-1] == 100
@@ -144,7 +144,7 @@ async def test_pip_only_change_reuses_the_conda_layer(builder):
     assert first.key != second.key
     layers = [builder.client.images.get(i.image_id).attrs["RootFS"]["Layers"] for i in (first, second)]
     base_layers = len(builder.client.images.get(builder.base_image).attrs["RootFS"]["Layers"])
-    # base, then COPY env, then compileall: all shared; only the pip layers differ.
+    # base, then the environment's layers (packages, compiled; then conda-meta): all shared; only the pip layers differ.
     assert layers[0][: base_layers + 2] == layers[1][: base_layers + 2]
     assert layers[0][base_layers + 2:] != layers[1][base_layers + 2:]
 
@@ -280,18 +280,23 @@ async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
 
 
 async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder):
-    impatient = ImageBuilder(
-        resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-        cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
-        build_timeout=3,
-    )
-    req = unique_env(pip=["cs-hello==1.0"])
-    with pytest.raises(BuildError, match=r"^build took longer than 3 s \(ImageBuilder.build_timeout\)$"):
-        await impatient.get_image(req)
-    key = builder.build_key(req)
-    assert builder.find_image(key) is None
-    assert not (Path(builder.cache_dir) / "staging" / key).exists()
-    assert not (await builder.get_image(req)).cached  # a later request builds it
+    # pip asks a loopback index whose page for cs-slow only comes once the build has timed out
+    with PipIndex() as index:
+        gate = index.add("cs-slow", gated=True)
+        impatient = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_timeout=3,
+        )
+        req = unique_env(pip=["cs-slow==1.0"])
+        with pytest.raises(BuildError, match=r"^build took longer than 3 s \(ImageBuilder.build_timeout\)$"):
+            await impatient.get_image(req)
+        key = builder.build_key(req)
+        assert builder.find_image(key) is None
+        assert not (Path(builder.cache_dir) / "staging" / key).exists()
+        gate.set()
+        impatient.build_timeout = 600
+        assert not (await impatient.get_image(req)).cached  # a later request builds it
 
 
 async def test_gc_removes_the_untagged_images_a_failed_build_left(builder, docker_daemon):

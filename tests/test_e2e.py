@@ -35,7 +35,7 @@ async def test_first_spawn_builds_and_the_kernel_runs_in_the_env(hub):
     text = messages(events)
     phases = ("Looking up the image", "First build of this environment", "Solving ",
               "Solved: ", ("Downloading ", "Installing "), "Installed the conda environment (",
-              "Writing the environment into the image (", "Compiling the environment's Python files",
+              "Compiling the environment's Python files", "Writing the environment as ",  # the layered route
               "Registering the kernel", "Tagged ", "Starting your server", "Server ready")
     order = [next((i for i, m in enumerate(text) if m.startswith(prefix)), None) for prefix in phases]
     assert None not in order and order == sorted(order), text

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import textwrap
 import uuid
@@ -64,6 +65,41 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
     assert members[f"{prefix}/bin/tool"].mode == 0o755 and members[f"{prefix}/lib/small.py"].mode == 0o644
     assert {(m.uid, m.gid, m.mtime) for m in members.values()} == {(0, 0, layers.LAYER_MTIME)}
     assert members[f"{prefix}/lib"].isdir()
+
+
+def test_compiled_files_travel_with_the_package_of_their_source(tmp_path):
+    staged = stage(tmp_path / "env", {"big": BIG, "python": {"lib/python3.9/os.py": b"sep = '/'\n",
+                                                             "bin/python3.9": b"\x7fELF"},
+                                      "small": {"lib/small.py": b"x = 1\n"}})
+    pycs = ["lib/big/__pycache__/__init__.cpython-39.pyc", "lib/python3.9/__pycache__/os.cpython-39.opt-1.pyc",
+            "lib/__pycache__/small.cpython-39.pyc", "lib/__pycache__/orphan.cpython-39.pyc"]
+    for path in pycs:
+        (staged / path).parent.mkdir(parents=True, exist_ok=True)
+        (staged / path).write_bytes(b"compiled")
+    plan = {layer.name: {entry.path.removeprefix(layers.SHARED_PREFIX[1:] + "/") for entry in layer.entries}
+            for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)}
+    assert pycs[0] in plan["big-1.0-0"]
+    assert {pycs[1], pycs[2]} <= plan["small packages"]
+    assert pycs[3] in plan["environment"]  # a file no package's source explains stays with the environment
+
+
+def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_path):
+    staged = stage(tmp_path / "env", {"big": BIG, "python": {"lib/python3.9/os.py": b"sep = '/'\n"},
+                                      "small": {"lib/small.py": b"x = 1\n"}})
+    for name, sha in (("big", "ab" * 32), ("python", "cd" * 32)):
+        record = staged / "conda-meta" / f"{name}-1.0-0.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": sha}))
+    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    base = {"RootFS": {"Layers": ["sha256:" + "b" * 64]}}
+    memo = layers.LayerMemo(tmp_path / "memo")
+    assert plan[0].identity == "ab" * 32 + "+" + "cd" * 32  # its byte code is python's: python is in its identity
+    memo.put(plan[0], "sha256:" + "c" * 64, 10)
+    chains = layers.chain_ids([*base["RootFS"]["Layers"], "sha256:" + "c" * 64])
+    assert layers.stored_layers(base, plan, set(chains), memo) == {"big-1.0-0"}
+    assert layers.stored_layers(base, plan, set(), memo) == set()  # remembered, but not on this base
+    prefix = layers.SHARED_PREFIX
+    assert layers.compile_batches(plan, {"big-1.0-0"}) == [[f"{prefix}/lib/python3.9/os.py", f"{prefix}/lib/small.py"]]
+    assert [f"{prefix}/lib/big/__init__.py"] in layers.compile_batches(plan, set())
 
 
 def digest(layer: layers.Layer) -> str:
@@ -161,3 +197,38 @@ async def test_two_environments_store_their_shared_packages_once(layered_builder
     script = kernel_round_trip("import sys, os; (sys.prefix, os.path.realpath(sys.prefix), sys.version_info[:2])", "lab")
     output = client.containers.run(second.tag, ["python", "-c", script], network_mode="host", remove=True)
     assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/lab', '/opt/conda/envs/_shared', (3, 9))"
+
+
+@pytest.mark.docker
+async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(layered_builder, docker_daemon):
+    await layered_builder.get_image(env_request("cs-alpha", "course"))
+    second = await layered_builder.get_image(env_request("cs-beta", "lab"))
+    log = (Path(layered_builder.key_dir(second.key)) / "build.log").read_text()
+    assert re.search(r"^compiled \d+ files", log, re.M)
+    python_layer = next(line for line in log.splitlines() if line.startswith("layer python-3.9"))
+    assert python_layer.endswith("already stored")  # compiled files included: the same bytes in both images
+    client = docker_daemon.client()
+    # As root, so that Python could write any .pyc it found missing or stale: it finds none to write.
+    script = ("touch /tmp/before && sleep 1 && python -c 'import ipykernel.kernelapp, jupyter_client' && "
+              "find /opt/conda/envs/_shared -newer /tmp/before -name '*.pyc' | head -5 && "
+              "ls /opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc")
+    output = client.containers.run(second.tag, ["sh", "-c", script], user="root", network_mode="none", remove=True)
+    assert output.decode().strip().splitlines() == ["/opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc"]
+
+
+@pytest.mark.docker
+async def test_gc_counts_a_layered_images_own_bytes_and_shared_layers_once(layered_builder, docker_daemon):
+    first = await layered_builder.get_image(env_request("cs-alpha", "course"))
+    second = await layered_builder.get_image(env_request("cs-beta", "lab"))
+    client = docker_daemon.client()
+    base = client.images.get(layered_builder.base_image_id())
+    own = layered_builder._own_layers([client.images.get(first.image_id), client.images.get(second.image_id)])
+    for info in (first, second):
+        # every layer above the base is counted: its bytes are what the image adds to the base
+        assert sum(own[info.image_id].values()) == client.images.get(info.image_id).attrs["Size"] - base.attrs["Size"]
+    shared = set(own[first.image_id]) & set(own[second.image_id])
+    assert sum(own[first.image_id][key] for key in shared) > 8 * MB  # python's layer, at least
+    everything = layered_builder._own_layers(layered_builder.images())
+    once = {key: size for sizes in everything.values() for key, size in sizes.items()}
+    assert layered_builder.gc_plan().total == sum(once.values())
+    assert sum(once.values()) < sum(sum(sizes.values()) for sizes in everything.values())

@@ -129,7 +129,7 @@ def test_a_second_env_sharing_the_conda_layer_pushes_only_its_new_layers(builder
     client = builder.client
     base_layers = len(client.images.get(builder.base_image).attrs["RootFS"]["Layers"])
     layers = [client.images.get(info.image_id).attrs["RootFS"]["Layers"] for info in (one, two)]
-    assert layers[0][: base_layers + 2] == layers[1][: base_layers + 2]  # base, conda env, compileall
+    assert layers[0][: base_layers + 2] == layers[1][: base_layers + 2]  # base, packages, conda-meta
     registry = builder.registry_client
     conda_layer = registry.image(one.reference.split("@")[1]).layers[base_layers]
     one_push, two_push = push_seconds(builder, one.key), push_seconds(builder, two.key)

@@ -10,13 +10,17 @@
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 ARG ENV_NAME
+# 0: the environment's layers were byte-compiled already (layered images)
+ARG COMPILE=1
 USER root
 
 # The conda layer: unchanged when only the pip section changes, so docker reuses it.
 COPY env /opt/conda/envs/${ENV_NAME}
 # Packages converted from wheels carry no .pyc and jovyan cannot write __pycache__.
-RUN /opt/conda/envs/${ENV_NAME}/bin/python -m compileall -q -j 0 /opt/conda/envs/${ENV_NAME}/lib > /dev/null \
-    || true
+RUN if [ "$COMPILE" = 1 ]; then \
+        /opt/conda/envs/${ENV_NAME}/bin/python -m compileall -q -j 0 /opt/conda/envs/${ENV_NAME}/lib > /dev/null \
+        || true; \
+    fi
 
 # pip runs here, in the container, with the env's own pip: never on the hub host.
 COPY meta /opt/condaspawner
