@@ -54,8 +54,8 @@ async def test_first_spawn_builds_and_the_kernel_runs_in_the_env(hub):
     assert events[-1].get("ready")
     assert any(m.endswith("(cached)") for m in messages(events))
     assert not any(m.startswith(("Writing ", "Solving")) for m in messages(events))
+    # Timings are printed, not asserted (benchmarks/bench_spawn.py measures them).
     print(f"\nfirst spawn (build) {first_seconds:.1f} s; second spawn (cache hit) {second_seconds:.1f} s")
-    assert second_seconds < first_seconds
     hub.stop_server("ada")
 
 
