@@ -62,7 +62,7 @@ class _Environments:
             raise PageFailure(403, f"this needs the {ADMIN_SCOPE} scope (hub admins have it)")
 
     @property
-    def services(self) -> HubServices:
+    def condaspawner(self) -> HubServices:  # not `services`: BaseHandler has that name
         spawner = self.current_user.spawner
         if not isinstance(spawner, CondaSpawner):
             raise PageFailure(500, "the environments page needs CondaSpawner (or a subclass) as "
@@ -71,7 +71,7 @@ class _Environments:
 
     def use_of(self, key: str) -> Use:
         """The current user's use of ``key``; for admins anyone's, or the build's own record."""
-        services = self.services
+        services = self.condaspawner
         for use in services.usage.uses(self.user_name):
             if use.key == key:
                 return use
@@ -96,19 +96,19 @@ class _Environments:
         return running
 
     async def user_view(self) -> dict[str, Any]:
-        services, user = self.services, self.user_name
+        services, user = self.condaspawner, self.user_name
         uses = services.usage.uses(user)
         rows = await asyncio.to_thread(lambda: [environments.environment_summary(services.builder, use)
                                                 for use in uses])
         return {"user": user, "admin": self.is_admin, "environments": rows}
 
     async def detail_view(self, key: str) -> dict[str, Any]:
-        use, services = self.use_of(key), self.services
+        use, services = self.use_of(key), self.condaspawner
         return await asyncio.to_thread(environments.environment_detail, services.builder, services.usage, use)
 
     async def admin_view(self, part: str) -> dict[str, Any]:
         self.require_admin()
-        services = self.services
+        services = self.condaspawner
         if part == "images":
             running = self.running_servers()
             try:
@@ -138,7 +138,7 @@ class _Environments:
 
     async def admin_action(self, action: str, argument: str, dry_run: bool = True) -> dict[str, Any]:
         self.require_admin()
-        services = self.services
+        services = self.condaspawner
         builder = services.builder
         if action == "prebuild":
             try:
@@ -164,7 +164,7 @@ class _Environments:
 
     async def _ensure(self, request: BuildRequest) -> Build:
         """Start (or join) a build in the background: its failure shows in the builds view and log."""
-        builder = self.services.builder
+        builder = self.condaspawner.builder
         try:
             await asyncio.to_thread(builder.base_image_id)  # the key needs it: a missing base is one line now
             build = builder.ensure(request)
@@ -175,7 +175,7 @@ class _Environments:
         return build
 
     async def _delete(self, key: str) -> dict[str, Any]:
-        builder = self.services.builder
+        builder = self.condaspawner.builder
         if not environments.is_key(key):
             raise PageFailure(400, "key: must be an image's full key (64 hex digits)")
         if self.running_servers().get(key):
@@ -194,7 +194,7 @@ class _Environments:
     async def _rebuild(self, key: str) -> dict[str, Any]:
         """Build the key's environment again from its spec (a fresh solve: newer packages)."""
         use = self.use_of(key)
-        services = self.services
+        services = self.condaspawner
         try:
             profile = services.catalog.get(use.profile)
             custom = services.policy.parse(use.spec, source="environment.yml") if use.own and use.spec else None
@@ -259,7 +259,7 @@ class EnvironmentAPI(_API):
 
 class DownloadAPI(_API):
     async def get(self, key: str, what: str) -> None:
-        use, builder = self.use_of(key), self.services.builder
+        use, builder = self.use_of(key), self.condaspawner.builder
         lock = environments.read_lock(builder, key)
         if what == "log":
             text = environments.read_log(builder, key)
@@ -287,7 +287,7 @@ class LogStreamAPI(_API):
 
     async def get(self, key: str) -> None:
         self.use_of(key)
-        builder = self.services.builder
+        builder = self.condaspawner.builder
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         path = builder.key_dir(key) / "build.log"
@@ -401,7 +401,7 @@ class AdminPage(_Page):
                 parts[part] = await self.admin_view(part)
             except PageFailure as failure:
                 parts[part], failures = {}, failures + [failure.message]
-        profiles = [profile for profile in self.services.catalog.profiles if profile.environment is not None]
+        profiles = [profile for profile in self.condaspawner.catalog.profiles if profile.environment is not None]
         self.finish(await self.render_template("environments_admin.html", parts=parts, failures=failures,
                                                profiles=profiles, notice=self.notice()))
 

@@ -87,10 +87,16 @@ def test_a_users_page_with_a_diff_and_the_admin_page_with_gpus_and_a_live_build(
         assert one(driver, link).is_displayed()
     assert page_errors(driver) == []
     full_page_screenshot(driver, artifacts / "environments-user.png")
+    # Dark mode (the hub's theme toggle sets Bootstrap's data-bs-theme): the page follows it.
+    driver.execute_script("document.documentElement.setAttribute('data-bs-theme', 'dark')")
+    background = driver.execute_script("return getComputedStyle(document.querySelector('#detail')).backgroundColor")
+    assert background not in ("rgb(255, 255, 255)", "rgba(0, 0, 0, 0)"), background
+    full_page_screenshot(driver, artifacts / "environments-user-dark.png")
 
     # Not for her: the admin page answers with one line.
     driver.get(f"{hub.url}/hub/environments/admin")
     assert one(driver, "#failure").text == "this needs the custom:condaspawner:admin scope (hub admins have it)"
+    assert [error for error in page_errors(driver) if "403" not in error] == []  # the refusal's own status
 
     # The admin prebuilds a profile whose pip step waits on the index: the build runs while we look.
     profiles = hub.state / "profiles"
