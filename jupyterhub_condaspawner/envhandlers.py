@@ -184,7 +184,7 @@ class _Environments:
             image = await asyncio.to_thread(builder.find_image, key)
             if image is None:
                 raise PageFailure(404, "no image with this key on the Docker host")
-            await asyncio.to_thread(builder.client.images.remove, image.id, noprune=False)
+            await asyncio.to_thread(_remove_image, builder, key, image.id)
         except PageFailure:
             raise
         except Exception as error:  # docker refused (a stopped container still uses it) or is gone
@@ -205,6 +205,17 @@ class _Environments:
             await self._delete(key)
         build = await self._ensure(request)
         return {"key": build.key, "message": f"rebuilding {request.display_name} ({build.key[:16]})"}
+
+
+def _remove_image(builder: ImageBuilder, key: str, image_id: str) -> None:
+    """Remove the key's image and the stopped containers of servers that ran it (a stopped
+    server's next start replaces its container anyway: its image changed)."""
+    client = builder.client
+    for container in client.containers.list(all=True, filters={"label": f"{LABEL_KEY}={key}"}):
+        if container.status == "running":
+            raise PageFailure(409, f"a server uses this image: stop it first ({container.name} runs it)")
+        container.remove()
+    client.images.remove(image_id, noprune=False)
 
 
 def _quiet(task: asyncio.Future) -> None:

@@ -275,6 +275,17 @@ def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     assert story["first_profile_key"] not in keys and story["profile_key"] in keys
 
 
+def test_an_admin_rebuilds_an_unused_image(story):
+    envadmin, key = story["envadmin"], story["bob_key"]
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": key})
+    assert status == 200 and body["key"] == key and body["message"].startswith("rebuilding My environment"), body
+    wait_for_builds(envadmin)
+    assert key in {image["key"] for image in envadmin.get("/admin/images")["images"]}
+    assert story["bob"].get(f"/{key}")["status"] == "built"
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": "f" * 64})
+    assert status == 404, body
+
+
 def test_start_a_server_with_an_environment(story, hub):
     alice = story["alice"]
     status, body, _ = alice.call("POST", f"/{story['own_a']}/start")
