@@ -18,6 +18,15 @@ c.JupyterHub.cleanup_servers = False
 # start_timeout to 1800 s. Raise it for very large environments.
 c.Spawner.start_timeout = 1800
 
+# -- The environments page (/hub/environments, linked in the hub's navigation bar) -----------
+# Users see the environments they started (packages, downloads, what changed); hub admins also
+# see every image, the builds and the GPUs. configure(c, admin_groups=["gpu-admins"]) lets a
+# group's members see the admin view too (the custom:condaspawner:admin scope): it adds a role
+# to load_roles, so call it after load_roles is set.
+from jupyterhub_condaspawner.envpage import configure as add_environments_page  # noqa: E402
+
+add_environments_page(c)
+
 # -- Profiles: one YAML file per profile (see profiles/ in the project) ---------------------
 c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"
 

@@ -220,6 +220,7 @@ class BuildRecord:
     cause: str = ""
     started: str = ""
     finished: str = ""
+    env_name: str = ""  # a profile's slug, or "custom" (empty in records older than it)
 
 
 @dataclass
@@ -262,6 +263,9 @@ class Build(EventStream):
 
     key: str = ""
     task: asyncio.Task | None = None
+    name: str = ""  # the request's display name
+    env_name: str = ""
+    since: float = field(default_factory=time.time)  # epoch seconds: when it was asked for
     started_here: bool = False  # this process ran the build (its status is this process's to record)
 
     async def result(self) -> ImageInfo:
@@ -606,7 +610,8 @@ class ImageBuilder(LoggingConfigurable):
             data = json.loads((self.key_dir(key) / BUILD_STATUS).read_text())
         except (OSError, ValueError):
             return None
-        fields = {name: str(data.get(name, "")) for name in ("name", "phase", "cause", "started", "finished")}
+        fields = {name: str(data.get(name, "")) for name in ("name", "phase", "cause", "started", "finished",
+                                                              "env_name")}
         status = str(data.get("status", ""))
         if status == "building" and not _lock_held(self.key_dir(key) / "build.lock"):
             status = "interrupted"
@@ -618,6 +623,10 @@ class ImageBuilder(LoggingConfigurable):
         records = [self.build_record(path.parent.name)
                    for path in (Path(self.cache_dir) / "builds").glob(f"*/{BUILD_STATUS}")]
         return sorted((r for r in records if r is not None), key=lambda r: r.finished or r.started, reverse=True)
+
+    def in_progress(self) -> list[Build]:
+        """The builds this process is running or waiting to run (a slot), oldest first."""
+        return list(self._builds.values())
 
     def failed_builds(self) -> list[BuildRecord]:
         """Builds whose last attempt failed or was interrupted, the latest first."""
@@ -666,7 +675,7 @@ class ImageBuilder(LoggingConfigurable):
         build = self._builds.get(key)
         if build is not None:
             return build
-        build = Build(key=key)
+        build = Build(key=key, name=request.display_name, env_name=request.env_name)
         build.task = asyncio.ensure_future(self._run(build, request))
         build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self._builds[key] = build
@@ -885,7 +894,7 @@ class ImageBuilder(LoggingConfigurable):
         try:
             key_dir.mkdir(parents=True, exist_ok=True)
             self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
-                         finished="")
+                         finished="", env_name=request.env_name)
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
             await asyncio.to_thread(shutil.rmtree, context, True)
             # Line-buffered: a build process killed mid-build still leaves every line it had written.

@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics
 from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
@@ -38,6 +39,7 @@ class _Waiter:
     ticket: int
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     moved: asyncio.Event = field(default_factory=asyncio.Event)  # someone ahead left the queue
+    joined: float = 0.0  # the queue's clock when it came
 
     @property
     def kind(self) -> Kind:
@@ -71,6 +73,7 @@ class GpuQueue:
         """
         self._loop = asyncio.get_running_loop()
         waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
+        waiter.joined = self._clock()
         if not self._waiting.get(waiter.kind):  # nobody of this kind waits: no one to overtake
             try:
                 return self._try(waiter)
@@ -114,6 +117,16 @@ class GpuQueue:
                     waiter.granted.set_exception(QueueCancelled(message, message))
                     return True
         return False
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """The spawns waiting now, JSON-ready, in the order they came: user, server, GPUs asked for,
+        model, profile, position among spawns of the same kind, seconds waited."""
+        now = self._clock()
+        placed = sorted(((waiter, position) for waiters in self._waiting.values()
+                         for position, waiter in enumerate(waiters)), key=lambda pair: pair[0].ticket)
+        return [{"user": waiter.user, "server": waiter.server_name, "gpus": waiter.count,
+                 "model": waiter.model_glob or "", "profile": waiter.profile or "", "position": position,
+                 "waited_seconds": round(now - waiter.joined)} for waiter, position in placed]
 
     @property
     def length(self) -> int:

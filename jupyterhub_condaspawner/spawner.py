@@ -23,8 +23,9 @@ from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 from traitlets import Bool, Float, default
 
-from . import metrics
+from . import environments, metrics
 from .builder import (
+    CUSTOM_ENV_NAME,
     LABEL_KEY,
     BuildError,
     BuildRequest,
@@ -43,6 +44,7 @@ from .notices import Notices
 from .profiles import Profile, ProfileCatalog, ProfileError
 from .resolve import NO_DEFAULTS, ResolveError
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
+from .usage import UsageLog
 
 TEMPLATES = Path(__file__).parent / "templates"
 _jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
@@ -68,6 +70,7 @@ class HubServices:
     queue: GpuQueue
     notices: Notices
     culler: GpuIdleCuller
+    usage: UsageLog  # who started which environment (the environments page)
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
     sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
 
@@ -99,6 +102,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             queue=GpuQueue(allocator),
             notices=Notices(Path(builder.cache_dir) / "notices"),
             culler=GpuIdleCuller(allocator),
+            usage=UsageLog(Path(builder.cache_dir) / "usage"),
         )
         services.sample_gpus = spawner.gpu_sampler(services)
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
@@ -213,6 +217,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._choice: tuple[Profile, EnvironmentSpec | None] | None = None
+        self._profile_slug = ""  # the profile of the start in progress (the usage record)
         self._last_form: dict[str, Any] | None = None
         self._feed = EventStream()
         self._allocation: Allocation | None = None
@@ -444,6 +449,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
+        self._profile_slug = profile.slug
         for note in custom.notes if custom is not None else ():
             await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
         configured_cpu, configured_mem = self._configured_limits
@@ -470,6 +476,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
                              cause=f"images built on {builder.docker_host} (ImageBuilder.docker_host) can reach "
                                    "the servers only through a registry (ImageBuilder.registry)")
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
+        key = await asyncio.to_thread(self._record_use, request)
         cached = await asyncio.to_thread(builder.lookup, request)
         if cached is not None:
             await self._pull_if_missing(cached, 2, 84)
@@ -477,14 +484,42 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             return cached
         await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
         build = builder.ensure(request)
+        told_changes = False
         async for event in build.follow():
             if event["phase"] == "error":
                 continue  # the failure itself reaches the user once, from start()
             progress = 2 + event["progress"] * _IMAGE_SHARE // 100
             await self._feed.publish(event["phase"], progress, event["message"])
+            if event["phase"] == "solve" and event["progress"] >= 15 and not told_changes:  # the lock is written
+                told_changes = True
+                changes = await asyncio.to_thread(self._changes_line, key, request)
+                if changes:
+                    await self._feed.publish("solve", progress, changes)
         info = await build.result()
         await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
         return info
+
+    def _record_use(self, request: BuildRequest) -> str:
+        """Record that this user started ``request``'s environment (the environments page); its key."""
+        key = self.services.builder.build_key(request)
+        try:
+            self.services.usage.record(self.user.name, key, profile=self._profile_slug,
+                                       own=request.env_name == CUSTOM_ENV_NAME, name=request.display_name,
+                                       spec=request.spec.to_yaml())
+        except OSError as error:  # the page misses one entry; the spawn goes on
+            self.log.warning("Could not record the environment %s of %s: %s", key, self.user.name, error)
+        return key
+
+    def _changes_line(self, key: str, request: BuildRequest) -> str:
+        """The progress line saying what a rebuild changed against the previous build, or ""."""
+        services = self.services
+        previous = environments.previous_key(services.builder, services.usage, self.user.name, key,
+                                             request.env_name)
+        diff = environments.change(services.builder, previous, key)
+        if diff is None:
+            return ""
+        against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
+        return f"What changed since {against}: {diff.summary()}"
 
     async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
         """Pull a registry image onto the servers' daemon if it lacks it, with progress in [low, high]."""

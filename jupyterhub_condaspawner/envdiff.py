@@ -1,0 +1,94 @@
+"""What an environment's lock says: exact environment.yml, and what changed between two locks.
+
+Inputs are the ``packages`` of a lock (``lock.json`` in the builder's key folder: name,
+version, build, url, sha256). Versions compare as conda compares them (py-rattler's Version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from rattler import Version
+
+
+@dataclass
+class Diff:
+    """Packages added, removed, upgraded and downgraded (``rebuilt``: same version, other build)."""
+
+    added: list[dict[str, str]] = field(default_factory=list)
+    removed: list[dict[str, str]] = field(default_factory=list)
+    upgraded: list[dict[str, str]] = field(default_factory=list)
+    downgraded: list[dict[str, str]] = field(default_factory=list)
+    rebuilt: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.upgraded or self.downgraded or self.rebuilt)
+
+    def as_dict(self) -> dict[str, list[dict[str, str]]]:
+        return {"added": self.added, "removed": self.removed, "upgraded": self.upgraded,
+                "downgraded": self.downgraded, "rebuilt": self.rebuilt}
+
+    def summary(self, limit: int = 4) -> str:
+        """One line: "2 upgraded (numpy 1.26.4 -> 2.0.0, ...), 1 added (rich 13.7)"."""
+        parts = []
+        for kind, changes in self.as_dict().items():
+            if not changes:
+                continue
+            shown = [_change_text(change) for change in changes[:limit]]
+            more = f", {len(changes) - limit} more" if len(changes) > limit else ""
+            parts.append(f"{len(changes)} {kind} ({', '.join(shown)}{more})")
+        return "; ".join(parts) or "no package changed"
+
+
+def diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> Diff:
+    """What changed from the ``old`` lock's packages to the ``new`` one's."""
+    before = {package["name"]: package for package in old}
+    after = {package["name"]: package for package in new}
+    result = Diff()
+    for name in sorted(set(before) | set(after)):
+        if name not in before:
+            result.added.append({"name": name, "version": after[name]["version"]})
+        elif name not in after:
+            result.removed.append({"name": name, "version": before[name]["version"]})
+        else:
+            was, now = before[name], after[name]
+            change = {"name": name, "from": was["version"], "to": now["version"]}
+            if Version(now["version"]) > Version(was["version"]):
+                result.upgraded.append(change)
+            elif Version(now["version"]) < Version(was["version"]):
+                result.downgraded.append(change)
+            elif now.get("build") != was.get("build"):
+                result.rebuilt.append({**change, "from": f"{was['version']} {was.get('build', '')}",
+                                       "to": f"{now['version']} {now.get('build', '')}"})
+    return result
+
+
+def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str = "") -> str:
+    """An environment.yml pinning every conda package of ``lock`` to its version and build.
+
+    Channels are the spec's (names conda knows elsewhere) when given, else the lock's URLs;
+    a ``pip:`` section is kept as the spec wrote it (pip packages are not in the conda lock).
+    """
+    spec = yaml.safe_load(spec_text) if spec_text else {}
+    spec = spec if isinstance(spec, dict) else {}
+    channels = spec.get("channels") or list(lock.get("channels", []))
+    dependencies: list[Any] = [f"{package['name']}={package['version']}={package['build']}"
+                               for package in lock.get("packages", [])]
+    pip = [entry["pip"] for entry in spec.get("dependencies") or [] if isinstance(entry, dict) and "pip" in entry]
+    if pip and pip[0]:
+        dependencies.append({"pip": list(pip[0])})
+    document: dict[str, Any] = {}
+    if name or spec.get("name"):
+        document["name"] = name or spec["name"]
+    document["channels"] = channels
+    document["dependencies"] = dependencies
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _change_text(change: dict[str, str]) -> str:
+    if "from" in change:
+        return f"{change['name']} {change['from']} -> {change['to']}"
+    return f"{change['name']} {change['version']}"

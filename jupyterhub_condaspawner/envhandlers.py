@@ -1,0 +1,443 @@
+"""The environments page's handlers (HTML pages and JSON API): see envpage.py for what and why."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from jupyterhub.apihandlers.base import APIHandler
+from jupyterhub.handlers.base import BaseHandler
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from . import environments
+from .builder import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildError, BuildRequest, ImageBuilder, request_for_profile
+from .envpage import ADMIN_SCOPE
+from .profiles import ProfileError
+from .spawner import CondaSpawner, HubServices
+from .spec import SpecError
+from .usage import Use
+
+LOG_POLL_S = 0.5  # how often a live log looks for new lines
+
+
+class PageFailure(web.HTTPError):
+    """A refused request or a failed action: ``status`` and one line for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message.replace("%", "%%"))
+        self.status = status
+        self.message = message
+
+
+# -- what every handler shares ----------------------------------------------------------------
+
+
+class _Environments:
+    """Mixed into the hub's handlers: the services, the permission checks, the views' data."""
+
+    current_user: Any
+    expanded_scopes: set[str]
+    users: Any
+    log: Any
+
+    @property
+    def user_name(self) -> str:
+        user = self.current_user
+        if user is None or getattr(user, "kind", "user") != "user":
+            raise PageFailure(403, "the environments page is for users: log in, or use a user's API token")
+        return str(user.name)
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_SCOPE in self.expanded_scopes or "admin-ui" in self.expanded_scopes
+
+    def require_admin(self) -> None:
+        self.user_name  # noqa: B018 (a user, first)
+        if not self.is_admin:
+            raise PageFailure(403, f"this needs the {ADMIN_SCOPE} scope (hub admins have it)")
+
+    @property
+    def condaspawner(self) -> HubServices:  # not `services`: BaseHandler has that name
+        spawner = self.current_user.spawner
+        if not isinstance(spawner, CondaSpawner):
+            raise PageFailure(500, "the environments page needs CondaSpawner (or a subclass) as "
+                                   "JupyterHub.spawner_class")
+        return spawner.services
+
+    def use_of(self, key: str) -> Use:
+        """The current user's use of ``key``; for admins anyone's, or the build's own record."""
+        services = self.condaspawner
+        for use in services.usage.uses(self.user_name):
+            if use.key == key:
+                return use
+        if self.is_admin:
+            for use in services.usage.all_uses():
+                if use.key == key:
+                    return use
+            record = services.builder.build_record(key)
+            if record is not None:
+                own = record.env_name == CUSTOM_ENV_NAME
+                return Use("", key, "" if own else record.env_name, own, record.name, "", 0.0, 0.0)
+        raise PageFailure(404, "no such environment of yours")
+
+    def running_servers(self) -> dict[str, list[str]]:
+        """Key -> the servers running it now ("user" or "user/server")."""
+        running: dict[str, list[str]] = {}
+        for user in self.users.values():
+            for name, spawner in user.spawners.items():
+                info = getattr(spawner, "_image_info", None)
+                if info is not None and (spawner.active or spawner.ready):
+                    running.setdefault(info.key, []).append(f"{user.name}/{name}" if name else user.name)
+        return running
+
+    async def user_view(self) -> dict[str, Any]:
+        services, user = self.condaspawner, self.user_name
+        uses = services.usage.uses(user)
+        rows = await asyncio.to_thread(lambda: [environments.environment_summary(services.builder, use)
+                                                for use in uses])
+        return {"user": user, "admin": self.is_admin, "environments": rows}
+
+    async def detail_view(self, key: str) -> dict[str, Any]:
+        use, services = self.use_of(key), self.condaspawner
+        return await asyncio.to_thread(environments.environment_detail, services.builder, services.usage, use)
+
+    async def admin_view(self, part: str) -> dict[str, Any]:
+        self.require_admin()
+        services = self.condaspawner
+        if part == "images":
+            running = self.running_servers()
+            try:
+                images = await asyncio.to_thread(environments.admin_images, services.builder, services.usage, running)
+            except Exception as error:  # the daemon: one line, the rest of the page still shows
+                raise PageFailure(503, f"cannot list images: {_daemon_line(services.builder, error)}") from None
+            return {"images": images}
+        if part == "builds":
+            return environments.admin_builds(services.builder)
+        return environments.gpu_map(services.allocator, services.queue, services.culler)
+
+    async def start(self, key: str) -> str:
+        """Start the user's default server with ``key``'s environment; the spawn-pending URL."""
+        use = self.use_of(key)
+        if not use.profile:
+            raise PageFailure(404, "no such environment of yours")
+        user = self.current_user
+        spawner = user.spawner
+        if spawner.active:
+            raise PageFailure(409, "your server is already running or starting: stop it on the Home page first")
+        options = {"profile": use.profile, **({"environment": use.spec} if use.own else {})}
+        try:
+            await self.spawn_single_user(user, "", options=options)  # type: ignore[attr-defined]
+        except web.HTTPError as error:
+            raise PageFailure(error.status_code, f"cannot start: {error.log_message or error.reason}") from None
+        return f"{self.hub.base_url}spawn-pending/{quote(user.escaped_name)}"  # type: ignore[attr-defined]
+
+    async def admin_action(self, action: str, argument: str, dry_run: bool = True) -> dict[str, Any]:
+        self.require_admin()
+        services = self.condaspawner
+        builder = services.builder
+        if action == "prebuild":
+            try:
+                profile = services.catalog.get(argument)
+                request = request_for_profile(profile)
+            except (KeyError, ValueError, ProfileError, SpecError):
+                raise PageFailure(400, f"profile: no profile {argument[:64]!r} with an environment of its own") from None
+            build = await self._ensure(request)
+            return {"key": build.key, "message": f"building {request.display_name} ({build.key[:16]})"}
+        if action == "rebuild":
+            return await self._rebuild(argument)
+        if action == "delete":
+            return await self._delete(argument)
+        try:
+            result = await asyncio.to_thread(builder.gc, dry_run)
+        except Exception as error:
+            raise PageFailure(503, f"gc failed: {_daemon_line(builder, error)}") from None
+        removed = [builder.tag_for(image.labels[LABEL_KEY]) for image in result.removed]
+        verb = "would remove" if dry_run else "removed"
+        return {"dry_run": dry_run, "removed": removed, "freed": result.freed_total, "total": result.total,
+                "notes": result.notes, "message": f"gc {verb} {len(removed)} image(s), "
+                                                  f"{result.freed_total / 1e6:.0f} MB"}
+
+    async def _ensure(self, request: BuildRequest) -> Build:
+        """Start (or join) a build in the background: its failure shows in the builds view and log."""
+        builder = self.condaspawner.builder
+        try:
+            await asyncio.to_thread(builder.base_image_id)  # the key needs it: a missing base is one line now
+            build = builder.ensure(request)
+        except BuildError as error:
+            raise PageFailure(503, f"cannot build: {error}") from None
+        assert build.task is not None
+        build.task.add_done_callback(_quiet)  # a failed build is recorded; nobody here awaits it
+        return build
+
+    async def _delete(self, key: str) -> dict[str, Any]:
+        builder = self.condaspawner.builder
+        if not environments.is_key(key):
+            raise PageFailure(400, "key: must be an image's full key (64 hex digits)")
+        if self.running_servers().get(key):
+            raise PageFailure(409, "a server uses this image: stop it first")
+        try:
+            image = await asyncio.to_thread(builder.find_image, key)
+            if image is None:
+                raise PageFailure(404, "no image with this key on the Docker host")
+            await asyncio.to_thread(_remove_image, builder, key, image.id)
+        except PageFailure:
+            raise
+        except Exception as error:  # docker refused (a stopped container still uses it) or is gone
+            raise PageFailure(409, f"cannot delete {builder.tag_for(key)}: {_daemon_line(builder, error)}") from None
+        return {"key": key, "message": f"deleted {builder.tag_for(key)}"}
+
+    async def _rebuild(self, key: str) -> dict[str, Any]:
+        """Build the key's environment again from its spec (a fresh solve: newer packages)."""
+        use = self.use_of(key)
+        services = self.condaspawner
+        try:
+            profile = services.catalog.get(use.profile)
+            custom = services.policy.parse(use.spec, source="environment.yml") if use.own and use.spec else None
+            request = request_for_profile(profile, custom)
+        except (KeyError, ValueError, ProfileError, SpecError) as error:
+            raise PageFailure(400, f"cannot rebuild: {str(error).splitlines()[0] if str(error) else 'no spec'}") from None
+        if await asyncio.to_thread(services.builder.find_image, key) is not None:
+            await self._delete(key)
+        build = await self._ensure(request)
+        return {"key": build.key, "message": f"rebuilding {request.display_name} ({build.key[:16]})"}
+
+
+def _remove_image(builder: ImageBuilder, key: str, image_id: str) -> None:
+    """Remove the key's image and the stopped containers of servers that ran it (a stopped
+    server's next start replaces its container anyway: its image changed)."""
+    client = builder.client
+    for container in client.containers.list(all=True, filters={"label": f"{LABEL_KEY}={key}"}):
+        if container.status == "running":
+            raise PageFailure(409, f"a server uses this image: stop it first ({container.name} runs it)")
+        container.remove()
+    client.images.remove(image_id, noprune=False)
+
+
+def _quiet(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
+def _daemon_line(builder: ImageBuilder, error: BaseException) -> str:
+    if isinstance(error, BuildError):
+        return str(error)
+    text = getattr(error, "explanation", None) or str(error) or type(error).__name__
+    return f"{str(text).splitlines()[0][:300]} (Docker at {builder.daemon_url})"
+
+
+# -- JSON API -------------------------------------------------------------------------------
+
+
+class _API(_Environments, APIHandler):
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.current_user is None:
+            raise web.HTTPError(403, "log in, or send a user's API token")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, PageFailure):
+            self.set_status(error.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"status": error.status, "message": error.message}))
+            return
+        super().write_error(status_code, **kwargs)
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise PageFailure(400, "the request body must be JSON") from None
+        if not isinstance(data, dict):
+            raise PageFailure(400, "the request body must be a JSON object")
+        return data
+
+
+class EnvironmentsAPI(_API):
+    async def get(self) -> None:
+        self.write(await self.user_view())
+
+
+class EnvironmentAPI(_API):
+    async def get(self, key: str) -> None:
+        self.write(await self.detail_view(key))
+
+
+class DownloadAPI(_API):
+    async def get(self, key: str, what: str) -> None:
+        use, builder = self.use_of(key), self.condaspawner.builder
+        lock = environments.read_lock(builder, key)
+        if what == "log":
+            text = environments.read_log(builder, key)
+            if text is None:
+                raise PageFailure(404, "this environment has no build log here (built on another hub?)")
+            self._download(text, f"build-{key[:16]}.log", "text/plain")
+        elif lock is None:
+            raise PageFailure(404, "this environment has no lock yet (its build has not solved)")
+        elif what == "lock":
+            self._download(json.dumps(lock, indent=2) + "\n", f"lock-{key[:16]}.json", "application/json")
+        else:
+            name = use.profile if not use.own else "my-environment"
+            text = environments.envdiff.exact_environment_yml(lock, use.spec, name=name)
+            self._download(text, "environment.yml", "application/x-yaml")
+
+    def _download(self, text: str, filename: str, kind: str) -> None:
+        self.set_header("Content-Type", f"{kind}; charset=utf-8")
+        self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
+        self.finish(text)
+
+
+class LogStreamAPI(_API):
+    """The build log as server-sent events: the lines so far, then each new one while the build
+    runs; ``event: done`` when it ends (with the build's status)."""
+
+    async def get(self, key: str) -> None:
+        self.use_of(key)
+        builder = self.condaspawner.builder
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        path = builder.key_dir(key) / "build.log"
+        offset, pending = 0, ""
+        deadline = time.monotonic() + builder.build_timeout + 60
+        try:
+            while True:
+                building = any(build.key == key for build in builder.in_progress())
+                chunk, offset = _read_from(path, offset)
+                lines = (pending + chunk).split("\n")
+                pending = lines.pop()
+                for line in lines:
+                    self.write(f"data: {json.dumps(line)}\n\n")
+                await self.flush()
+                if not building and not chunk:
+                    if pending:
+                        self.write(f"data: {json.dumps(pending)}\n\n")
+                    record = builder.build_record(key)
+                    self.write(f"event: done\ndata: {json.dumps(record.status if record else 'unknown')}\n\n")
+                    break
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(LOG_POLL_S)
+        except StreamClosedError:
+            return
+        self.finish()
+
+
+def _read_from(path: Path, offset: int) -> tuple[str, int]:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            data = log.read()
+    except OSError:
+        return "", offset
+    return data.decode(errors="replace"), offset + len(data)
+
+
+class StartAPI(_API):
+    async def post(self, key: str) -> None:
+        url = await self.start(key)
+        self.set_status(202)
+        self.write({"message": "starting", "progress_url": url})
+
+
+class AdminViewAPI(_API):
+    async def get(self, part: str) -> None:
+        self.write(await self.admin_view(part))
+
+
+class AdminImageAPI(_API):
+    async def delete(self, key: str) -> None:
+        self.write(await self.admin_action("delete", key))
+
+
+class AdminActionAPI(_API):
+    async def post(self, action: str) -> None:
+        body = self.body()
+        argument = body.get("profile" if action == "prebuild" else "key", "")
+        if action != "gc" and not isinstance(argument, str):
+            raise PageFailure(400, f"{'profile' if action == 'prebuild' else 'key'}: must be a string")
+        dry_run = body.get("dry_run", True)
+        if not isinstance(dry_run, bool):
+            raise PageFailure(400, "dry_run: must be true or false")
+        self.write(await self.admin_action(action, str(argument), dry_run))
+
+
+# -- HTML pages ------------------------------------------------------------------------------
+
+
+class _Page(_Environments, BaseHandler):
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, PageFailure):
+            self.set_status(error.status)
+            self.finish(self.render_template("environments_error.html", sync=True, message=error.message,
+                                             status=error.status))
+            return
+        super().write_error(status_code, **kwargs)
+
+    def notice(self) -> dict[str, str]:
+        return {"text": self.get_argument("message", ""), "kind": self.get_argument("kind", "info")}
+
+    def back(self, path: str, message: str, kind: str = "info") -> None:
+        self.redirect(f"{self.hub.base_url}{path}?{urlencode({'message': message, 'kind': kind})}")
+
+
+class UserPage(_Page):
+    @web.authenticated
+    async def get(self) -> None:
+        view = await self.user_view()
+        selected = self.get_argument("key", "") or (view["environments"][0]["key"] if view["environments"] else "")
+        detail = None
+        if selected:
+            try:
+                detail = await self.detail_view(selected)
+            except PageFailure as failure:
+                view["failure"] = failure.message
+        self.finish(await self.render_template("environments.html", view=view, detail=detail,
+                                               notice=self.notice()))
+
+
+class AdminPage(_Page):
+    @web.authenticated
+    async def get(self) -> None:
+        self.require_admin()
+        parts: dict[str, Any] = {}
+        failures: list[str] = []
+        for part in ("images", "builds", "gpus"):
+            try:
+                parts[part] = await self.admin_view(part)
+            except PageFailure as failure:
+                parts[part], failures = {}, failures + [failure.message]
+        profiles = [profile for profile in self.condaspawner.catalog.profiles if profile.environment is not None]
+        self.finish(await self.render_template("environments_admin.html", parts=parts, failures=failures,
+                                               profiles=profiles, notice=self.notice()))
+
+
+class StartForm(_Page):
+    @web.authenticated
+    async def post(self, key: str) -> None:
+        try:
+            url = await self.start(key)
+        except PageFailure as failure:
+            return self.back("environments", failure.message, "danger")
+        self.redirect(url)
+
+
+class AdminForm(_Page):
+    @web.authenticated
+    async def post(self) -> None:
+        action = self.get_body_argument("action", "")
+        argument = self.get_body_argument("argument", "")
+        if action not in ("prebuild", "rebuild", "delete", "gc"):
+            return self.back("environments/admin", "action: unknown action", "danger")
+        try:
+            result = await self.admin_action(action, argument, dry_run=self.get_body_argument("dry_run", "") == "1")
+        except PageFailure as failure:
+            if failure.status == 403:
+                raise
+            return self.back("environments/admin", failure.message, "danger")
+        self.back("environments/admin", result["message"], "success")

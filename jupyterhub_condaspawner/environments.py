@@ -1,0 +1,198 @@
+"""The environments page's data: JSON-ready views over the builder's cache, the usage log,
+the images and the GPUs. Reads only; the page's handlers (envpage.py) do the HTTP.
+
+Where things come from: a key's build status, lock (``lock.json``) and build log live in
+the builder's cache folder (``builds/<key>/``); who started which key is the usage log
+(usage.py); sizes and creation times are the images' on the daemon; GPU holders are the
+allocator's table, the GPU queue the hub's own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import envdiff
+from .builder import CUSTOM_ENV_NAME, LABEL_CREATED, LABEL_KEY, ImageBuilder
+from .usage import UsageLog, Use
+
+if TYPE_CHECKING:
+    from .culler import GpuIdleCuller
+    from .gpuqueue import GpuQueue
+    from .gpus import GpuAllocator
+
+KEY_CHARS = frozenset("0123456789abcdef")
+
+
+def is_key(text: str) -> bool:
+    """A full build key (64 hex digits): the only key text that ever reaches a path."""
+    return len(text) == 64 and set(text) <= KEY_CHARS
+
+
+def read_lock(builder: ImageBuilder, key: str) -> dict[str, Any] | None:
+    """The key's lock (platform, channels, packages with URLs and sha256), or None."""
+    try:
+        lock = json.loads((builder.key_dir(key) / "lock.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return lock if isinstance(lock, dict) else None
+
+
+def read_log(builder: ImageBuilder, key: str) -> str | None:
+    try:
+        return (builder.key_dir(key) / "build.log").read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def previous_profile_key(builder: ImageBuilder, env_name: str, key: str) -> str | None:
+    """The latest successful build of the same profile (env_name) other than ``key``."""
+    if env_name in ("", CUSTOM_ENV_NAME):
+        return None
+    current = builder.build_record(key)
+    before = current.started if current and current.started else "9999"
+    earlier = [record for record in builder.builds() if record.env_name == env_name and record.key != key
+               and record.status == "built" and record.started < before]
+    return max(earlier, key=lambda record: record.started).key if earlier else None
+
+
+def previous_key(builder: ImageBuilder, usage: UsageLog, user: str, key: str, env_name: str) -> str | None:
+    """What ``key`` is compared with: the profile's previous build, or the user's previous own environment."""
+    if env_name != CUSTOM_ENV_NAME:
+        return previous_profile_key(builder, env_name, key)
+    previous = usage.previous_own(user, key)
+    return previous.key if previous else None
+
+
+def change(builder: ImageBuilder, old_key: str | None, new_key: str) -> envdiff.Diff | None:
+    """What changed from ``old_key``'s lock to ``new_key``'s; None when either lock is missing."""
+    if old_key is None:
+        return None
+    old, new = read_lock(builder, old_key), read_lock(builder, new_key)
+    if old is None or new is None:
+        return None
+    return envdiff.diff(old.get("packages", []), new.get("packages", []))
+
+
+def image_facts(builder: ImageBuilder, key: str) -> dict[str, Any]:
+    """Size and creation time of the key's image on the daemon (None when it is not there)."""
+    try:
+        image = builder.find_image(key)
+    except Exception:  # no daemon: the page still shows what the cache folder knows
+        return {"present": None, "size": None, "created": None}
+    if image is None:
+        return {"present": False, "size": None, "created": None}
+    return {"present": True, "size": image.attrs.get("Size"), "created": image.labels.get(LABEL_CREATED)}
+
+
+def environment_summary(builder: ImageBuilder, use: Use) -> dict[str, Any]:
+    """One environment of a user, as the list shows it."""
+    record = builder.build_record(use.key)
+    lock = read_lock(builder, use.key)
+    in_progress = any(build.key == use.key for build in builder.in_progress())
+    return {
+        "key": use.key,
+        "name": use.name,
+        "profile": use.profile,
+        "own": use.own,
+        "status": "building" if in_progress else (record.status if record else "unknown"),
+        "phase": record.phase if record else "",
+        "cause": record.cause if record else "",
+        "built": record.finished if record and record.status == "built" else "",
+        "first_used": _iso(use.first_used),
+        "last_used": _iso(use.last_used),
+        "packages": len(lock["packages"]) if lock else None,
+        **image_facts(builder, use.key),
+    }
+
+
+def environment_detail(builder: ImageBuilder, usage: UsageLog, use: Use) -> dict[str, Any]:
+    """One environment with its packages and what changed against the one before it."""
+    summary = environment_summary(builder, use)
+    lock = read_lock(builder, use.key)
+    env_name = CUSTOM_ENV_NAME if use.own else use.profile
+    previous = previous_key(builder, usage, use.user, use.key, env_name)
+    diff = change(builder, previous, use.key)
+    return {
+        **summary,
+        "spec": use.spec,
+        "packages": lock["packages"] if lock else [],
+        "platform": lock.get("platform", "") if lock else "",
+        "previous": previous,
+        "diff": diff.as_dict() if diff else None,
+        "diff_summary": diff.summary() if diff else "",
+        "start": {"profile": use.profile, **({"environment": use.spec} if use.own else {})},
+    }
+
+
+def admin_images(builder: ImageBuilder, usage: UsageLog, running: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Every environment image on the daemon: key, profiles and users using it, size, created,
+    last used, running servers (``running``: key -> "user" or "user/server")."""
+    users: dict[str, set[str]] = {}
+    profiles: dict[str, set[str]] = {}
+    for use in usage.all_uses():
+        users.setdefault(use.key, set()).add(use.user)
+        profiles.setdefault(use.key, set()).add(use.profile)
+    rows = []
+    for image in builder.images():
+        key = image.labels[LABEL_KEY]
+        record = builder.build_record(key)
+        if record and record.env_name and record.env_name != CUSTOM_ENV_NAME:
+            profiles.setdefault(key, set()).add(record.env_name)
+        last_used = builder.last_used(key)
+        rows.append({
+            "key": key,
+            "tag": builder.tag_for(key),
+            "name": record.name if record else "",
+            "profiles": sorted(profiles.get(key, ())),
+            "users": sorted(users.get(key, ())),
+            "size": image.attrs.get("Size"),
+            "created": image.labels.get(LABEL_CREATED),
+            "last_used": _iso(last_used) if last_used else "",
+            "running": sorted(running.get(key, ())),
+        })
+    return sorted(rows, key=lambda row: row["last_used"], reverse=True)
+
+
+def admin_builds(builder: ImageBuilder) -> dict[str, Any]:
+    """Builds in progress (with their last event), the build queue, and the recent failures."""
+    running: list[dict[str, Any]] = []
+    queued: list[dict[str, Any]] = []
+    for build in builder.in_progress():
+        last = build.events[-1] if build.events else {"phase": "queued", "progress": 0, "message": "starting"}
+        row = {"key": build.key, "name": build.name, "profile": build.env_name, "since": _iso(build.since),
+               "phase": last["phase"], "progress": last["progress"], "message": last["message"]}
+        (queued if last["phase"] == "queued" else running).append(row)
+    failed = [{"key": record.key, "name": record.name, "phase": record.phase, "cause": record.cause,
+               "finished": record.finished} for record in builder.failed_builds()[:20]]
+    return {"running": running, "queued": queued, "failed": failed,
+            "max_concurrent_builds": builder.max_concurrent_builds}
+
+
+def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> dict[str, Any]:
+    """Every GPU (host, index, model, memory, utilization, state, holders with held since and
+    idle for) and the spawns waiting in the GPU queue."""
+    states = allocator.gpu_states()
+    rows = []
+    for row in allocator.status():
+        uuid = row["uuid"]
+        holders = [{**holder, "idle_seconds": _rounded(culler.idle_for(holder["user"], holder["server"]))}
+                   for holder in row["holders"]]
+        rows.append({
+            "host": socket.gethostname(), "index": row["index"], "uuid": uuid, "model": row["name"],
+            "memory_used": row["memory_used"], "memory_total": row["memory_total"],
+            "utilization": row["utilization"], "state": states.get(uuid or f"#{row['index']}", row["state"]),
+            "holders": holders,
+        })
+    return {"gpus": rows, "queue": queue.waiting()}
+
+
+def _rounded(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds)
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+

@@ -1,0 +1,84 @@
+"""Which environments each user started: the record behind the environments page.
+
+The builder knows keys and builds, not people. At every start the spawner records here
+``user X used key K`` with the profile, whether the environment was the user's own file,
+and the spec's text (what "start again" and the exact environment.yml need). One small
+JSON file per user, named by a hash of the name (never user text in a path), written whole
+and renamed: a reader never sees half of it. It survives hub restarts with the build cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Use:
+    """One environment a user started: ``own`` is True for their own environment.yml."""
+
+    user: str
+    key: str
+    profile: str
+    own: bool
+    name: str
+    spec: str  # the normalised environment.yml text
+    first_used: float
+    last_used: float
+
+
+class UsageLog:
+    """Per-user records of the environment keys each user started, under ``directory``."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def record(self, user: str, key: str, *, profile: str, own: bool, name: str, spec: str) -> None:
+        """Record that ``user`` started the environment ``key`` now (an earlier use keeps its first time)."""
+        now = time.time()
+        uses = {use.key: use for use in self.uses(user)}
+        first = uses[key].first_used if key in uses else now
+        uses[key] = Use(user, key, profile, own, name, spec, first, now)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(user)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            partial.write_text(json.dumps([asdict(use) for use in uses.values()], indent=1))
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def uses(self, user: str) -> list[Use]:
+        """The user's environments, the most recently started first."""
+        return self._read(self._path(user), user)
+
+    def all_uses(self) -> list[Use]:
+        """Every user's environments, the most recently started first."""
+        uses = [use for path in self.directory.glob("*.json") for use in self._read(path, None)]
+        return sorted(uses, key=lambda use: use.last_used, reverse=True)
+
+    def previous_own(self, user: str, key: str) -> Use | None:
+        """The user's own environment started before ``key`` was first started, or None."""
+        uses = {use.key: use for use in self.uses(user)}
+        current = uses.get(key)
+        if current is None or not current.own:
+            return None
+        earlier = [use for use in uses.values() if use.own and use.key != key
+                   and use.first_used <= current.first_used]
+        return max(earlier, key=lambda use: use.first_used, default=None)
+
+    def _read(self, path: Path, user: str | None) -> list[Use]:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            uses = [Use(**entry) for entry in json.loads(path.read_text())]
+            # The name is checked too: a file is found by a hash of it.
+            return sorted((use for use in uses if user is None or use.user == user),
+                          key=lambda use: use.last_used, reverse=True)
+        return []
+
+    def _path(self, user: str) -> Path:
+        return self.directory / f"{hashlib.sha256(user.encode()).hexdigest()}.json"

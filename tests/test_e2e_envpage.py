@@ -1,0 +1,300 @@
+"""End to end, the environments page's JSON API and its permissions, on a real hub.
+
+alice starts two environments of her own (the second upgrades cs-alpha and drops cs-beta
+and cs-gamma) and a profile whose file an admin changed after prebuilding it (cs-alpha 1.0 ->
+1.1); bob starts one of his own. Then every view is asked for as alice, bob, a user given the
+custom:condaspawner:admin scope, the hub admin, and nobody: a user sees only their own
+environments (others' keys are 404), non-admins get 403 on admin views and actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+from fixtures_hub import FAKE_GPU
+
+from jupyterhub_condaspawner.resolve import Resolver
+from jupyterhub_condaspawner.spec import SpecPolicy
+
+pytestmark = pytest.mark.docker
+
+HUB_EXTRA_CONFIG = """
+c.JupyterHub.load_roles = c.JupyterHub.load_roles + [
+    {"name": "condaspawner-admins", "scopes": ["custom:condaspawner:admin"], "users": ["envadmin"]},
+]
+"""
+RUN = uuid.uuid4().hex  # new keys on every run: the daemon is shared
+PROFILE = """
+display_name: "Env page test"
+slug: envtest
+environment: envs/envtest.yml
+allow_custom_environment: true
+"""
+
+
+def own_env(*packages: str) -> str:
+    lines = "".join(f"  - {package}\n" for package in ("python=3.9", "ipykernel", *packages))
+    return f"channels: [conda-forge]\ndependencies:\n{lines}variables: {{RUN: {RUN}}}\n"
+
+
+def profile_env(alpha: str) -> str:
+    return f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, cs-alpha={alpha}]\nvariables: {{RUN: {RUN}}}\n"
+
+
+class Client:
+    """One user's API token on the hub."""
+
+    def __init__(self, hub, user: str):
+        self.hub, self.user = hub, user
+        hub.ensure_user(user)
+        status, token = hub.api("POST", f"/users/{user}/tokens", {"note": "envpage test"})
+        assert status == 201, token
+        self.token = token["token"]
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any, str]:
+        """(status, JSON or text, content type) of /hub/api/environments<path>."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.hub.url}/hub/api/environments{path}", data=data, method=method,
+                                         headers={"Authorization": f"token {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload, status, kind = response.read(), response.status, response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as error:
+            payload, status, kind = error.read(), error.code, error.headers.get("Content-Type", "")
+        text = payload.decode(errors="replace")
+        if "json" in kind:
+            return status, json.loads(text), kind
+        return status, text, kind
+
+    def get(self, path: str) -> Any:
+        status, body, _ = self.call("GET", path)
+        assert status == 200, (path, status, body)
+        return body
+
+
+def spawn_and_wait(hub, user: str, options: dict) -> list[dict]:
+    status, body = hub.spawn(user, options)
+    assert status in (201, 202), body
+    events = hub.progress(user, timeout=900)
+    assert events[-1].get("ready"), events
+    return events
+
+
+def wait_for_builds(client: Client, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        builds = client.get("/admin/builds")
+        if not builds["running"] and not builds["queued"]:
+            return
+        assert time.monotonic() < deadline, builds
+        time.sleep(1)
+
+
+def key_of(client: Client, predicate) -> str:
+    matches = [env["key"] for env in client.get("")["environments"] if predicate(env)]
+    assert len(matches) == 1, client.get("")
+    return matches[0]
+
+
+@pytest.fixture(scope="module")
+def story(hub) -> dict[str, Any]:
+    """The builds and starts every test here reads (see the module docstring)."""
+    profiles = __import__("pathlib").Path(hub.env["CONDASPAWNER_DEMO_PROFILES"])
+    (profiles / "envs" / "envtest.yml").write_text(profile_env("1.0"))
+    (profiles / "50-envtest.yaml").write_text(PROFILE)
+    alice, bob = Client(hub, "alice"), Client(hub, "bob")
+    envadmin, admin = Client(hub, "envadmin"), Client(hub, "admin")
+
+    status, body, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "envtest"})
+    assert status == 200, body
+    first_profile_key = body["key"]
+    wait_for_builds(envadmin)
+    (profiles / "envs" / "envtest.yml").write_text(profile_env("1.1"))
+
+    spawn_and_wait(hub, "alice", {"profile": "python39", "environment": own_env("cs-alpha=1.1", "cs-gamma")})
+    hub.stop_server("alice")
+    spawn_and_wait(hub, "alice", {"profile": "python39", "environment": own_env("cs-alpha=2.0")})
+    hub.stop_server("alice")
+    profile_events = spawn_and_wait(hub, "alice", {"profile": "envtest"})
+    spawn_and_wait(hub, "bob", {"profile": "python39", "environment": own_env("cs-beta")})
+    hub.stop_server("bob")
+    return {
+        "alice": alice, "bob": bob, "envadmin": envadmin, "admin": admin,
+        "first_profile_key": first_profile_key, "profile_events": profile_events,
+        "own_a": key_of(alice, lambda env: env["own"] and env["first_used"] == min(
+            e["first_used"] for e in alice.get("")["environments"] if e["own"])),
+        "own_b": key_of(alice, lambda env: env["own"] and env["first_used"] == max(
+            e["first_used"] for e in alice.get("")["environments"] if e["own"])),
+        "profile_key": key_of(alice, lambda env: env["profile"] == "envtest"),
+        "bob_key": key_of(bob, lambda env: env["own"]),
+    }
+
+
+def test_a_user_lists_the_environments_they_started(story):
+    listing = story["alice"].get("")
+    assert listing["user"] == "alice" and listing["admin"] is False
+    rows = {env["key"]: env for env in listing["environments"]}
+    assert set(rows) == {story["own_a"], story["own_b"], story["profile_key"]}
+    for env in rows.values():
+        assert env["status"] == "built" and env["built"] and env["present"] is True
+        assert env["size"] > 0 and env["packages"] > 5
+    assert rows[story["profile_key"]]["profile"] == "envtest" and not rows[story["profile_key"]]["own"]
+    assert [env["key"] for env in story["bob"].get("")["environments"]] == [story["bob_key"]]
+
+
+def test_the_detail_lists_the_locked_packages(story):
+    detail = story["alice"].get(f"/{story['own_b']}")
+    versions = {package["name"]: package["version"] for package in detail["packages"]}
+    assert versions["cs-alpha"] == "2.0" and "cs-beta" not in versions and "cs-gamma" not in versions
+    assert all(package["url"] and len(package["sha256"]) == 64 for package in detail["packages"])
+    assert detail["start"]["profile"] == "python39" and "cs-alpha 2.0" in detail["start"]["environment"]
+
+
+def test_what_changed_against_my_previous_own_environment(story):
+    detail = story["alice"].get(f"/{story['own_b']}")
+    assert detail["previous"] == story["own_a"]
+    diff = detail["diff"]
+    assert diff["upgraded"] == [{"name": "cs-alpha", "from": "1.1", "to": "2.0"}]
+    assert diff["removed"] == [{"name": "cs-beta", "version": "1.0"}, {"name": "cs-gamma", "version": "0.5"}]
+    assert diff["added"] == diff["downgraded"] == diff["rebuilt"] == []
+    assert story["alice"].get(f"/{story['own_a']}")["diff"] is None  # her first: nothing to compare
+
+
+def test_a_profile_rebuild_shows_what_changed_in_the_api_and_on_the_progress_page(story):
+    detail = story["alice"].get(f"/{story['profile_key']}")
+    assert detail["previous"] == story["first_profile_key"]
+    assert detail["diff"]["upgraded"] == [{"name": "cs-alpha", "from": "1.0", "to": "1.1"}]
+    messages = [event["message"] for event in story["profile_events"]]
+    assert "What changed since the previous build: 1 upgraded (cs-alpha 1.0 -> 1.1)" in messages, messages
+
+
+def test_downloads_an_exact_environment_yml_that_solves_to_the_same_lock(story, dev_python_channel):
+    alice, key = story["alice"], story["own_b"]
+    status, text, kind = alice.call("GET", f"/{key}/environment.yml")
+    assert status == 200 and "yaml" in kind, text
+    status, lock, kind = alice.call("GET", f"/{key}/lock")
+    assert status == 200 and "json" in kind
+    exact = yaml.safe_load(text)
+    assert exact["channels"] == ["conda-forge"]
+    pinned = {f"{p['name']}={p['version']}={p['build']}" for p in lock["packages"]}
+    assert set(exact["dependencies"]) == pinned
+    # conda elsewhere re-creates it: the same packages, solved again from the file alone.
+    spec = SpecPolicy().parse(text, source="environment.yml")
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url})
+    again = asyncio.run(resolver.solve(spec))
+    assert {(p["name"], p["version"], p["build"]) for p in again.packages()} == \
+        {(p["name"], p["version"], p["build"]) for p in lock["packages"]}
+    status, log, kind = alice.call("GET", f"/{key}/log")
+    assert status == 200 and "text/plain" in kind and "solved:" in log
+
+
+def test_the_build_log_streams_as_server_sent_events(story):
+    status, text, kind = story["alice"].call("GET", f"/{story['own_a']}/log/stream")
+    assert status == 200 and "text/event-stream" in kind
+    assert "data: " in text and 'event: done\ndata: "built"' in text
+
+
+def test_a_user_never_sees_another_users_environment(story):
+    bob, alice_key = story["bob"], story["own_b"]
+    for path in ("", "/environment.yml", "/lock", "/log", "/log/stream"):
+        status, body, _ = bob.call("GET", f"/{alice_key}{path}")
+        assert status == 404, (path, body)
+        assert "cs-alpha" not in json.dumps(body)
+    status, body, _ = bob.call("POST", f"/{alice_key}/start")
+    assert status == 404, body
+    status, body, _ = bob.call("GET", f"/{'0' * 64}")
+    assert status == 404 and body["message"] == "no such environment of yours"
+
+
+def test_without_a_login_nothing_answers(hub, story):
+    request = urllib.request.Request(f"{hub.url}/hub/api/environments/{story['own_a']}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+
+
+ADMIN_CALLS = [
+    ("GET", "/admin/images", None), ("GET", "/admin/builds", None), ("GET", "/admin/gpus", None),
+    ("POST", "/admin/prebuild", {"profile": "python39"}), ("POST", "/admin/gc", {"dry_run": True}),
+    ("POST", "/admin/rebuild", {"key": "0" * 64}), ("DELETE", f"/admin/images/{'0' * 64}", None),
+]
+
+
+@pytest.mark.parametrize("method,path,body", ADMIN_CALLS)
+def test_non_admins_get_403_on_admin_views_and_actions(story, method, path, body):
+    status, answer, _ = story["alice"].call(method, path, body)
+    assert status == 403, answer
+    assert answer["message"] == "this needs the custom:condaspawner:admin scope (hub admins have it)"
+
+
+@pytest.mark.parametrize("who", ["envadmin", "admin"])
+def test_the_custom_scope_and_hub_admins_see_every_image(story, who):
+    images = {image["key"]: image for image in story[who].get("/admin/images")["images"]}
+    assert {story["own_a"], story["own_b"], story["profile_key"], story["bob_key"],
+            story["first_profile_key"]} <= set(images)
+    assert images[story["bob_key"]]["users"] == ["bob"] and images[story["bob_key"]]["running"] == []
+    assert images[story["profile_key"]]["profiles"] == ["envtest"]
+    assert images[story["profile_key"]]["running"] == ["alice"]  # her envtest server still runs
+    assert images[story["first_profile_key"]]["users"] == []  # prebuilt, never started
+    assert all(image["size"] > 0 and image["created"] and image["last_used"] for image in images.values())
+
+
+def test_the_admin_sees_the_gpu_map_and_the_builds(story):
+    gpus = story["envadmin"].get("/admin/gpus")
+    row = next(gpu for gpu in gpus["gpus"] if gpu["uuid"] == FAKE_GPU)
+    assert row["model"] == "NVIDIA A100-SXM4-80GB" and row["memory_total"] == 80 * 1024 ** 3
+    assert row["state"] == "free" and row["holders"] == [] and row["host"]
+    assert gpus["queue"] == []
+    builds = story["envadmin"].get("/admin/builds")
+    assert builds["running"] == [] and builds["queued"] == [] and builds["max_concurrent_builds"] >= 1
+
+
+def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
+    envadmin = story["envadmin"]
+    status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": True})
+    assert status == 200 and body["dry_run"] is True and body["message"].startswith("gc would remove"), body
+    # Alice's envtest server runs on its image: it stays.
+    status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['profile_key']}")
+    assert status == 409 and body["message"] == "a server uses this image: stop it first"
+    status, body, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "no-such-profile"})
+    assert status == 400 and body["message"].startswith("profile: ")
+    status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": "yes"})
+    assert status == 400 and body["message"] == "dry_run: must be true or false"
+    # The first envtest build: unused, so it goes.
+    status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['first_profile_key']}")
+    assert status == 200, body
+    keys = {image["key"] for image in envadmin.get("/admin/images")["images"]}
+    assert story["first_profile_key"] not in keys and story["profile_key"] in keys
+
+
+def test_an_admin_rebuilds_an_unused_image(story):
+    envadmin, key = story["envadmin"], story["bob_key"]
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": key})
+    assert status == 200 and body["key"] == key and body["message"].startswith("rebuilding My environment"), body
+    wait_for_builds(envadmin)
+    assert key in {image["key"] for image in envadmin.get("/admin/images")["images"]}
+    assert story["bob"].get(f"/{key}")["status"] == "built"
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": "f" * 64})
+    assert status == 404, body
+
+
+def test_start_a_server_with_an_environment(story, hub):
+    alice = story["alice"]
+    status, body, _ = alice.call("POST", f"/{story['own_a']}/start")
+    assert status == 409 and body["message"].startswith("your server is already running")  # envtest runs
+    hub.stop_server("alice")
+    status, body, _ = alice.call("POST", f"/{story['own_a']}/start")
+    assert status == 202, body
+    events = hub.progress("alice", timeout=600)
+    assert events[-1].get("ready"), events
+    running = {image["key"]: image["running"] for image in story["envadmin"].get("/admin/images")["images"]}
+    assert running[story["own_a"]] == ["alice"]
+    hub.stop_server("alice")

@@ -1,0 +1,65 @@
+"""What changed between two locks, the exact environment.yml, and the usage log (no bench needed)."""
+
+from __future__ import annotations
+
+import yaml
+
+from jupyterhub_condaspawner.envdiff import diff, exact_environment_yml
+from jupyterhub_condaspawner.usage import UsageLog
+
+
+def package(name: str, version: str, build: str = "h_0") -> dict[str, str]:
+    return {"name": name, "version": version, "build": build, "url": f"file:///c/noarch/{name}-{version}-{build}.conda",
+            "sha256": "0" * 64}
+
+
+def test_added_removed_upgraded_downgraded_and_rebuilt_in_conda_version_order():
+    old = [package("numpy", "1.9"), package("scipy", "1.10.1"), package("six", "1.16"), package("zlib", "1.2", "h_0")]
+    new = [package("numpy", "1.10"), package("scipy", "1.9.3"), package("rich", "13.7"), package("zlib", "1.2", "h_1")]
+
+    changes = diff(old, new)
+
+    assert changes.upgraded == [{"name": "numpy", "from": "1.9", "to": "1.10"}]  # not string order
+    assert changes.downgraded == [{"name": "scipy", "from": "1.10.1", "to": "1.9.3"}]
+    assert changes.added == [{"name": "rich", "version": "13.7"}]
+    assert changes.removed == [{"name": "six", "version": "1.16"}]
+    assert changes.rebuilt == [{"name": "zlib", "from": "1.2 h_0", "to": "1.2 h_1"}]
+    assert changes.summary() == ("1 added (rich 13.7); 1 removed (six 1.16); 1 upgraded (numpy 1.9 -> 1.10); "
+                                 "1 downgraded (scipy 1.10.1 -> 1.9.3); 1 rebuilt (zlib 1.2 h_0 -> 1.2 h_1)")
+
+
+def test_the_same_lock_changes_nothing_and_long_lists_are_cut():
+    same = [package("numpy", "1.26")]
+    assert diff(same, same).empty and diff(same, same).summary() == "no package changed"
+    many = diff([], [package(f"p{i}", "1") for i in range(6)])
+    assert many.summary(limit=2) == "6 added (p0 1, p1 1, 4 more)"
+
+
+def test_the_exact_environment_yml_pins_every_package_and_keeps_the_pip_section():
+    lock = {"channels": ["file:///c"], "packages": [package("python", "3.9.18", "h_cs_0"), package("numpy", "1.26.4")]}
+    spec = "name: x\nchannels: [conda-forge]\ndependencies:\n  - python=3.9\n  - numpy\n  - pip:\n    - rich==13.7\n"
+
+    exact = yaml.safe_load(exact_environment_yml(lock, spec, name="my-env"))
+
+    assert exact == {"name": "my-env", "channels": ["conda-forge"],
+                     "dependencies": ["python=3.9.18=h_cs_0", "numpy=1.26.4=h_0", {"pip": ["rich==13.7"]}]}
+    assert yaml.safe_load(exact_environment_yml(lock))["channels"] == ["file:///c"]  # no spec: the lock's URLs
+
+
+def test_the_usage_log_keeps_each_users_environments_apart(tmp_path):
+    log = UsageLog(tmp_path)
+    log.record("alice", "a" * 64, profile="python39", own=True, name="Mine", spec="dependencies: [x]\n")
+    log.record("alice", "b" * 64, profile="python39", own=True, name="Mine 2", spec="dependencies: [y]\n")
+    log.record("alice", "c" * 64, profile="course", own=False, name="Course", spec="dependencies: [z]\n")
+    log.record("../bob", "d" * 64, profile="python39", own=True, name="Bob's", spec="dependencies: [w]\n")
+    first = log.uses("alice")[-1].first_used
+    log.record("alice", "a" * 64, profile="python39", own=True, name="Mine", spec="dependencies: [x]\n")
+
+    assert [use.key[0] for use in log.uses("alice")] == ["a", "c", "b"]  # the latest start first
+    assert next(use for use in log.uses("alice") if use.key[0] == "a").first_used == first  # kept
+    assert [use.key[0] for use in log.uses("../bob")] == ["d"]
+    assert sorted(path.parent for path in tmp_path.rglob("*.json")) == [tmp_path] * 2  # names are hashes
+    assert log.previous_own("alice", "b" * 64).key == "a" * 64
+    assert log.previous_own("alice", "a" * 64) is None  # her first own environment
+    assert log.previous_own("alice", "c" * 64) is None  # a profile's: compared with the profile's builds
+    assert {use.user for use in log.all_uses()} == {"alice", "../bob"}
