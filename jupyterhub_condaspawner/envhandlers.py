@@ -344,6 +344,36 @@ class StartAPI(_API):
         self.write({"message": "starting", "progress_url": url})
 
 
+class CheckAPI(_API):
+    """The spawn form's "Check" button: will this environment.yml be accepted on this profile,
+    and will it solve? Every problem at once, the notes (ignored keys), nothing started."""
+
+    async def post(self) -> None:
+        body = self.body()
+        text, slug = body.get("environment"), body.get("profile")
+        if not isinstance(text, str) or not text.strip():
+            raise PageFailure(400, "environment: paste or upload an environment.yml first")
+        if slug is not None and not isinstance(slug, str):
+            raise PageFailure(400, "profile: must be a profile's slug")
+        spawner = self.current_user.spawner
+        self.condaspawner  # noqa: B018 (a CondaSpawner, first)
+        try:
+            spec = spawner.services.policy.parse(text, source="environment.yml")
+        except SpecError as error:
+            self.write({"ok": False, "problems": error.details, "count": error.count})
+            return
+        result: dict[str, Any] = {"ok": True, "key": spec.key(), "notes": list(spec.notes), "solves": None}
+        try:
+            profile, custom = spawner.resolve_choice({"profile": slug or None, "environment": text})
+            if custom is not None:
+                result["solves"] = await spawner.presolve(profile, custom)
+        except web.HTTPError as refusal:
+            message = getattr(refusal, "jupyterhub_message", None) or refusal.log_message or str(refusal)
+            self.write({"ok": False, "problems": [message], "count": 1})
+            return
+        self.write(result)
+
+
 class AdminViewAPI(_API):
     async def get(self, part: str) -> None:
         self.write(await self.admin_view(part))

@@ -67,6 +67,7 @@ def handlers() -> list[tuple[str, str]]:
         (rf"/environments/{KEY}/start", _HANDLERS + "StartForm"),
         (r"/environments/admin/action", _HANDLERS + "AdminForm"),
         (r"/api/environments/?", _HANDLERS + "EnvironmentsAPI"),
+        (r"/api/environments/check", _HANDLERS + "CheckAPI"),
         (rf"/api/environments/{KEY}", _HANDLERS + "EnvironmentAPI"),
         (rf"/api/environments/{KEY}/(environment\.yml|lock|log)", _HANDLERS + "DownloadAPI"),
         (rf"/api/environments/{KEY}/log/stream", _HANDLERS + "LogStreamAPI"),

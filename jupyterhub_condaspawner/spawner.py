@@ -353,9 +353,16 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         not answer, the spawn goes on and the build reports.
         """
         profile, custom = self._choice or (None, None)
+        if profile is not None and custom is not None:
+            await self.presolve(profile, custom)
+
+    async def presolve(self, profile: Profile, custom: EnvironmentSpec) -> bool | None:
+        """Solve ``custom`` on ``profile``'s hardware as its build will: True when it solves
+        (or its image exists), None when the solver could not answer within
+        SpecPolicy.precheck_timeout; StartFailure (400) with the solver's reason when it cannot."""
         timeout = self.services.policy.precheck_timeout
-        if profile is None or custom is None or timeout <= 0:
-            return
+        if timeout <= 0:
+            return None
         builder = self.services.builder
         request = request_for_profile(profile, custom)
 
@@ -367,6 +374,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
 
         try:
             await asyncio.wait_for(unless_cached(), timeout)
+            return True
         except asyncio.TimeoutError:
             self.log.info("Pre-check of %s's environment took over %g s: the build solves it",
                           self._log_name, timeout)
@@ -374,6 +382,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             if not error.unreachable:
                 raise explain(BuildError(f"solve: {error}", phase="solve",
                                          cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
+        return None
 
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""
@@ -394,7 +403,14 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             cards=cards,
             custom_text=last.get("environment", ""),
             allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
+            can_check=self._hub_serves_the_check(),
         )
+
+    def _hub_serves_the_check(self) -> bool:
+        """Whether the hub has the environments page's handlers (envpage.configure), whose
+        check API the form's "Check" button asks."""
+        handlers = self.config.JupyterHub.get("extra_handlers", []) if "JupyterHub" in self.config else []
+        return any(str(target).endswith(".CheckAPI") for _, target, *_ in handlers)
 
     async def form_gpu_count(self) -> int:
         """The most GPUs one server could get here (the form notes profiles that want more)."""

@@ -298,3 +298,46 @@ def test_start_a_server_with_an_environment(story, hub):
     running = {image["key"]: image["running"] for image in story["envadmin"].get("/admin/images")["images"]}
     assert running[story["own_a"]] == ["alice"]
     hub.stop_server("alice")
+
+
+# -- the spawn form's "Check" button: its API, and the button on the form ------------------------
+
+
+def test_check_accepts_a_file_says_which_keys_it_ignores_and_that_it_solves(hub):
+    carol = Client(hub, "checker")
+    text = own_env("cs-beta") + "platforms: [linux-64]\ncategory: main\n"
+    status, answer, _ = carol.call("POST", "/check", {"profile": "python39", "environment": text})
+
+    assert status == 200, answer
+    assert answer["ok"] is True and answer["solves"] is True and len(answer["key"]) == 64
+    assert answer["notes"] == ["ignored: platforms, category"]
+    assert hub.server_model("checker") is None  # a check starts nothing
+
+
+def test_check_lists_every_problem_at_once(hub):
+    text = ("channels: [conda-forge, https://evil.example/chan, my-own-channel]\n"
+            "dependencies: [python=3.9, {pip: [https://evil.example/x.whl]}]\n")
+    status, answer, _ = Client(hub, "checker2").call("POST", "/check", {"profile": "python39", "environment": text})
+
+    assert status == 200 and answer["ok"] is False, answer
+    assert answer["count"] == len(answer["problems"]) == 3, answer
+    assert [problem.split(":")[0] for problem in answer["problems"]] == [
+        "channels[1] (line 1)", "channels[2] (line 1)", "dependencies[1].pip[0] (line 2)"]
+
+
+def test_check_says_when_a_valid_file_cannot_solve_and_on_which_profile(hub):
+    client = Client(hub, "checker3")
+    status, answer, _ = client.call("POST", "/check", {"profile": "python39", "environment": own_env("cs-gamaa")})
+
+    assert status == 200 and answer["ok"] is False, answer
+    [problem] = answer["problems"]
+    assert problem.startswith("Your environment cannot be solved: ") and "cs-gamaa" in problem, problem
+    status, answer, _ = client.call("POST", "/check", {"profile": "no-such-profile", "environment": own_env()})
+    assert answer == {"ok": False, "problems": ["profile: unknown profile 'no-such-profile'"], "count": 1}
+    status, answer, _ = client.call("POST", "/check", {"profile": "python39", "environment": ""})
+    assert status == 400 and answer["message"] == "environment: paste or upload an environment.yml first"
+
+
+def test_the_spawn_form_has_the_check_button(hub):
+    page = hub.spawn_page("checker4")
+    assert 'id="condaspawner-check"' in page and 'data-testid="condaspawner-check-result"' in page

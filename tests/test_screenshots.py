@@ -42,6 +42,7 @@ HOSTILE_ENV = (
     "    - requests\n"
 )
 UNSOLVABLE_ENV = "channels: [conda-forge]\ndependencies:\n  - python=3.9\n  - cs-gamaa\n"
+IGNORED_KEYS_ENV = "channels: [conda-forge]\ndependencies:\n  - python=3.9\n  - cs-beta\nplatforms: [linux-64]\n"
 SPAWN_TIMEOUT = 900  # a first spawn builds the python39 image on the bench
 
 
@@ -267,6 +268,22 @@ def test_spawn_form_error_progress_and_lab_as_a_person_sees_them(chromium, hub, 
         assert (set(builds.iterdir()) if builds.exists() else set()) == builds_before
         assert page_errors(driver) == []
         shots["spawn-form-error.png"] = full_page_screenshot(driver, artifacts / "spawn-form-error.png")
+
+        # "Check" asks the hub and starts nothing: the same problem, listed under the box; then a
+        # file with a key conda ignores: accepted, solved on this profile, and the key named.
+        def check_answer() -> str:
+            press(driver, one(driver, "#condaspawner-check"))
+            return wait_for(lambda: [alert.text for alert in by_css(driver, "[data-testid=condaspawner-check-result] .alert")
+                                     if not alert.text.startswith("Checking")], 120, "the check's answer")[0]
+
+        answer = check_answer()
+        assert answer.startswith("Refused:") and "pip options (-e, -r, --index-url" in answer, answer
+        one(driver, "#environment_text").clear()
+        one(driver, "#environment_text").send_keys(IGNORED_KEYS_ENV)
+        answer = check_answer()
+        assert answer.startswith("OK: it solves on this profile") and "ignored: platforms" in answer, answer
+        assert hub.server_model(user) is None and page_errors(driver) == []
+        shots["spawn-form-check.png"] = full_page_screenshot(driver, artifacts / "spawn-form-check.png")
 
         # A file that validates but cannot solve: the user reads why, in one line, and nothing starts.
         one(driver, "#environment_text").clear()
