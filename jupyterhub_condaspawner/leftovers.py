@@ -107,6 +107,10 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     with contextlib.suppress(docker.errors.DockerException):
         base_id = client.images.get(builder.base_image).id
     cutoff = time.time() - builder.build_timeout
+    # a step image something is built on, or a container runs, is no leftover (yet): removing the
+    # step above it prunes it
+    parents = {image.get("ParentId") for image in client.api.images(all=True)}
+    used = {container.get("ImageID") for container in client.api.containers(all=True)}
     local = str(builder.daemon_url).startswith(("unix://", "the default socket"))
     for key in _unused_keys(builder, own_key):
         found.keys.append(key)
@@ -130,7 +134,9 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
                 attrs = client.api.inspect_image(short)
             except docker.errors.NotFound:
                 continue
-            if not attrs.get("RepoTags") and attrs.get("Id") != base_id:
+            if attrs.get("RepoTags") or attrs.get("Id") in (parents | {base_id}):
+                continue
+            if attrs.get("Id") not in used or any(attrs.get("Id") == _image_of(client, c) for c in found.containers):
                 found.images.append(short)
     for key in _unused_keys_with_staging(builder, own_key):
         folder = Path(builder.cache_dir) / "staging" / key
@@ -229,6 +235,13 @@ def orphan_processes(container: str) -> list[int]:
             if any(value.startswith(container) for value in ids):
                 pids.append(int(entry.parent.name))
     return pids
+
+
+def _image_of(client: docker.DockerClient, container: str) -> str:
+    try:
+        return str(client.api.inspect_container(container).get("Image", ""))
+    except docker.errors.DockerException:
+        return ""
 
 
 def _children(pid: int) -> list[int]:

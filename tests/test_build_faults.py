@@ -125,6 +125,14 @@ def present(client: docker.DockerClient, containers: list[str], images: list[str
     return still
 
 
+def _in(client: docker.DockerClient, short: str, ids: set[str]) -> bool:
+    """Whether the image is one of ``ids`` (gone images are not)."""
+    try:
+        return client.api.inspect_image(short)["Id"] in ids
+    except docker.errors.NotFound:
+        return False
+
+
 # -- another installation on the same daemon ---------------------------------------------------------
 
 
@@ -148,6 +156,10 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
     our_containers, our_images = failures[ours][1]
     assert our_images and their_images  # docker made step images for each (COPY meta at least)
     assert present(client, [], our_images) == our_images
+    # steps their build reused from ours ("Using cache") are part of their images now: those stay
+    their_chain = {entry["Id"] for short in their_images for entry in client.api.history(short)}
+    our_own = [short for short in our_images if client.api.inspect_image(short)["Id"] not in their_chain]
+    assert our_own  # at least the environment's own steps
 
     # a package cache temporary an interrupted install left, and one an install is writing now
     cache = bench_dir() / "pkgs"
@@ -161,8 +173,7 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         swept = run_cli("gc", "--config", str(configs[0]))
         assert swept.returncode == 0, swept.stderr
         out = swept.stdout.decode()
-        for image in our_images:
-            assert present(client, [], [image]) == [] and f"removed the untagged image {image}" in out
+        assert present(client, [], our_own) == [] and "left by a failed build" in out
         assert f"removed {old} (" in out and not old.exists()
         assert fresh.exists()  # an install may still be writing it
         # the other installation's step images survive our gc, and its own gc removes them
@@ -175,7 +186,10 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
     # their next build (another failure) removes what their first one left, before it starts
     status, row, _ = result_row(start_build(configs[1], env_file(theirs, pip="cs-missing-again==1.0")))
     assert status == 1
-    assert present(client, their_containers, their_images) == []
+    (second,) = [path for path in (theirs / "cache" / "builds").glob("*") if path != failures[theirs][0]]
+    reused = {entry["Id"] for short in traces_of(second)[1] for entry in client.api.history(short)}
+    gone = [short for short in their_images if not _in(client, short, reused)]
+    assert gone and present(client, their_containers, gone) == []
     remove_repo_images(client, repo)
 
 
@@ -335,3 +349,16 @@ def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(doc
     finally:
         server.stop()
         remove_repo_images(client, repository)
+
+
+def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
+    log = "\n".join([
+        "Step 1/19 : ARG BASE_IMAGE", "Step 2/19 : FROM ${BASE_IMAGE}", " ---> d718c856d59a",
+        "Step 3/19 : ARG ENV_NAME", " ---> Using cache", " ---> 2049aa956df9",
+        "Step 5/19 : COPY env /opt/conda/envs/${ENV_NAME}", " ---> 59efc613b6db",
+        "Step 6/19 : RUN python -m compileall", " ---> Running in 0c64e7038447",
+        "Removing intermediate container 0c64e7038447", " ---> cee5acf61946",
+        "Step 8/19 : RUN pip install", " ---> Running in 48f1c4933099", "ERROR: No matching distribution",
+    ])
+    # not the base (FROM) nor a cached step's image: those are not this build's to remove
+    assert leftovers.traces(log) == (["0c64e7038447", "48f1c4933099"], ["59efc613b6db", "cee5acf61946"])
