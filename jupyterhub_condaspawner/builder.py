@@ -45,8 +45,9 @@ from rattler import MatchSpec
 from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from . import layers, metrics
+from . import layers, leftovers, metrics
 from .dockerclient import daemon_settings
+from .leftovers import Leftovers
 from .profiles import Profile
 from .registry import (
     ARCHITECTURES,
@@ -893,6 +894,7 @@ class ImageBuilder(LoggingConfigurable):
         lock: Lock | None = None
         try:
             key_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(leftovers.sweep, self, key)  # before this key's old log is overwritten
             self._record(key, status="building", name=request.display_name, phase="", cause="", started=_now(),
                          finished="", env_name=request.env_name)
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
@@ -1144,6 +1146,7 @@ class ImageBuilder(LoggingConfigurable):
                                                  layers.LayerMemo(None), history)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
+        build_log.write(f"{leftovers.LOADED_IMAGE}{result.image_id}\n")  # found by gc if the build fails later
         written = [size for _, _, size, sent in result.layers if sent]
         await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
                                          f"({len(result.layers) - len(written)} already stored)")
@@ -1283,7 +1286,7 @@ class ImageBuilder(LoggingConfigurable):
                 sizes[chain.hexdigest()] = int(entry["Size"])
         return sizes
 
-    def _own_layers(self, images: list[docker.models.images.Image]) -> dict[str, dict[str, int]]:
+    def own_layers(self, images: list[docker.models.images.Image]) -> dict[str, dict[str, int]]:
         """Each image's layers (by id) less the base image's: the bytes an environment image adds."""
         try:
             with self._daemon("looking up the base image"):
@@ -1305,7 +1308,7 @@ class ImageBuilder(LoggingConfigurable):
         in_use = {container.attrs.get("Image")
                   for container in self.client.containers.list(all=True, ignore_removed=True)}
         candidates = sorted(self.images(), key=lambda image: self.last_used(image.labels[LABEL_KEY]))
-        layers = self._own_layers(candidates)
+        layers = self.own_layers(candidates)
         holders: dict[str, int] = {}
         sizes: dict[str, int] = {}
         for image_layers in layers.values():
@@ -1337,59 +1340,18 @@ class ImageBuilder(LoggingConfigurable):
             total -= freed
         return result
 
-    def leftover_images(self) -> list[docker.models.images.Image]:
-        """Untagged images failed builds left: the environment's loaded layers and the steps
-        env.Dockerfile finished on this builder's base, older than ``build_timeout`` (no build
-        still uses them)."""
-        try:
-            with self._daemon("looking up the base image"):
-                base = self.client.images.get(self.base_image)
-        except docker.errors.ImageNotFound:
-            return []
-        base_top = self.client.api.history(base.id)[0]
-        cutoff = time.time() - self.build_timeout
-        leftovers = []
-        with self._daemon("listing untagged images"):
-            dangling = self.client.images.list(filters={"dangling": True})
-        for image in dangling:
-            created = _timestamp(image.attrs.get("Created", ""))
-            if created is None or created > cutoff or image.id == base.id:
-                continue
-            history = self.client.api.history(image.id)
-            ours = any(f" in {ENVS_ROOT}/" in str(entry.get("CreatedBy", ""))
-                       or str(entry.get("CreatedBy", "")).startswith(layers.HISTORY_PREFIX) for entry in history)
-            on_base = any(entry.get("Created") == base_top.get("Created")
-                          and entry.get("CreatedBy") == base_top.get("CreatedBy") for entry in history)
-            if ours and on_base:
-                leftovers.append(image)
-        return leftovers
-
-    def leftover_staging(self) -> list[Path]:
-        """Staging folders no build is using (nobody holds their key's lock): left by killed builds."""
-        return sorted(path for path in (Path(self.cache_dir) / "staging").glob("*")
-                      if not _lock_held(self.key_dir(path.name) / "build.lock"))
-
     def gc(self, dry_run: bool = False) -> GcResult:
-        """Remove the images of :meth:`gc_plan` and the staging folders killed builds left (unless
-        ``dry_run``); what was removed, and notes.
+        """Remove the images of :meth:`gc_plan` and what failed or killed builds of this installation
+        left (leftovers.py), unless ``dry_run``; what was removed, and notes.
 
         An image docker refuses to remove (tagged or used since the plan) is kept with a note;
         gc goes on with the others.
         """
         result = self.gc_plan()
-        for folder in self.leftover_staging():
-            result.staging[str(folder)] = tree_size(folder)
-            if not dry_run:
-                shutil.rmtree(folder, ignore_errors=True)
-        for image in self.leftover_images():
-            try:
-                if not dry_run:
-                    with self._daemon("removing an untagged image"):
-                        self.client.images.remove(image.id, noprune=False)
-                result.leftovers.append(image)
-            except docker.errors.APIError as error:  # a container still uses it
-                result.notes.append(f"kept the untagged image {image.short_id} a failed build left: "
-                                    f"{_one_line(error.explanation or error)}")
+        found = leftovers.find(self)
+        result.leftovers = found if dry_run else leftovers.remove(self, found)
+        result.notes.extend(result.leftovers.notes)
+        result.staging = {str(folder): size for folder, size in result.leftovers.staging.items()}
         if dry_run:
             return result
         for image in list(result.removed):
@@ -1410,14 +1372,14 @@ class GcResult:
     each removal frees (layers no kept image or the base holds), by image id; ``total``: bytes
     the environment images held beyond the base before; ``notes``: one line per image kept
     that the budget would have removed; ``staging``: staging folders killed builds left;
-    ``leftovers``: untagged images failed builds left."""
+    ``leftovers``: everything failed or killed builds of this installation left (leftovers.py)."""
 
     removed: list[docker.models.images.Image] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)
     total: int = 0
     notes: list[str] = field(default_factory=list)
     staging: dict[str, int] = field(default_factory=dict)  # leftover staging folder -> its bytes
-    leftovers: list[docker.models.images.Image] = field(default_factory=list)  # untagged images of failed builds
+    leftovers: Leftovers = field(default_factory=Leftovers)
 
     @property
     def freed_total(self) -> int:

@@ -536,13 +536,17 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
                 profiles_by_key.setdefault(key, []).append(profile.slug)
     rows = [("KEY", "IMAGE", "SIZE", "CREATED", "LAST USED", "PROFILES")]
     images = sorted(builder.images(), key=lambda image: -builder.last_used(image.labels[LABEL_KEY]))
+    own = builder.own_layers(images)  # SIZE: what each image adds to the base image, which they all share
     for image in images:
         key = image.labels[LABEL_KEY]
         used = builder.last_used(key)
-        rows.append((key[:16], builder.tag_for(key), _size(image.attrs.get("Size", 0)),
+        rows.append((key[:16], builder.tag_for(key), _size(sum(own[image.id].values())),
                      image.labels.get(LABEL_CREATED, "?"), _when(used) if used else "never",
                      ", ".join(profiles_by_key.get(key, [])) or "-"))
     print(_table(rows))
+    held = {layer: size for layers in own.values() for layer, size in layers.items()}
+    print(f"{len(images)} image(s), {_size(sum(held.values()))} beyond the base image {builder.base_image} "
+          "(layers they share counted once)")
     return 0
 
 
@@ -564,10 +568,17 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    left = result.leftovers
     for folder, size in result.staging.items():
         print(f"{verb} {folder} ({_size(size)}), the staging folder of an interrupted build")
-    for image in result.leftovers:
-        print(f"{verb} the untagged image {image.short_id}, left by a failed build")
+    for temporary, size in left.temporaries.items():
+        print(f"{verb} {temporary} ({_size(size)}), a package cache temporary an interrupted install left")
+    for container in left.containers:
+        print(f"{verb} the build container {container}, left by a failed build")
+    for image in left.images:
+        print(f"{verb} the untagged image {image}, left by a failed build")
+    for pid, container in left.processes.items():
+        print(f"{verb} process {pid}, the step of build container {container} still running after its daemon died")
     for image in result.removed:
         print(f"{verb} {builder.tag_for(image.labels[LABEL_KEY])} ({_size(result.freed.get(image.id, 0))})")
     print(f"{verb} {len(result.removed)} image(s), {_size(result.freed_total)} (the environment images held "

@@ -56,6 +56,15 @@ def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):
 
     listing = condaspawner("ls", "--config", str(config)).stdout.decode()
     assert key in listing and image in listing
+    # SIZE is what the image adds to the base, which every image shares: not the base's bytes again
+    client = docker_daemon.client()
+    base_image = config.read_text().split("c.ImageBuilder.base_image = ")[1].splitlines()[0].strip("'\"")
+    base_size = client.images.get(base_image).attrs["Size"]
+    built = client.images.get(image)
+    listed = next(line for line in listing.splitlines() if line.startswith(key))
+    size = parse_size(" ".join(listed.split()[2:4]))
+    assert abs(size - (built.attrs["Size"] - base_size)) <= max(0.001 * size, 1e5) + 0.05e6, (listed, built.attrs["Size"])
+    assert listing.splitlines()[-1].endswith(f"beyond the base image {base_image} (layers they share counted once)")
 
     lock = condaspawner("lock", "--config", str(config), key).stdout.decode().splitlines()
     assert {line.split()[0] for line in lock} >= {"python", "cs-gamma", "cs-alpha", "ipykernel"}

@@ -222,13 +222,13 @@ async def test_gc_counts_a_layered_images_own_bytes_and_shared_layers_once(layer
     second = await layered_builder.get_image(env_request("cs-beta", "lab"))
     client = docker_daemon.client()
     base = client.images.get(layered_builder.base_image_id())
-    own = layered_builder._own_layers([client.images.get(first.image_id), client.images.get(second.image_id)])
+    own = layered_builder.own_layers([client.images.get(first.image_id), client.images.get(second.image_id)])
     for info in (first, second):
         # every layer above the base is counted: its bytes are what the image adds to the base
         assert sum(own[info.image_id].values()) == client.images.get(info.image_id).attrs["Size"] - base.attrs["Size"]
     shared = set(own[first.image_id]) & set(own[second.image_id])
     assert sum(own[first.image_id][key] for key in shared) > 8 * MB  # python's layer, at least
-    everything = layered_builder._own_layers(layered_builder.images())
+    everything = layered_builder.own_layers(layered_builder.images())
     once = {key: size for sizes in everything.values() for key, size in sizes.items()}
     assert layered_builder.gc_plan().total == sum(once.values())
     assert sum(once.values()) < sum(sum(sizes.values()) for sizes in everything.values())

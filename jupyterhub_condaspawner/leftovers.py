@@ -1,0 +1,274 @@
+"""What failed or killed builds of THIS installation left behind, found and removed.
+
+A build that fails or is killed (its process, or the Docker daemon under it) can leave
+stopped build-step containers, untagged step images, its staging folder, ``.pkg-*``
+temporaries in the package cache, and (a daemon killed mid-step) a step's process still
+running under an orphaned containerd shim. The daemon and the package cache may be shared
+with other hubs and test runs, so nothing is chosen by its look alone:
+
+- containers and images: only those this cache folder's build logs say docker made for a
+  build (``---> Running in ID``, a step's `` ---> ID`` that was not ``Using cache``, and the
+  image the layered route loaded, ``loaded image ID``),
+  of keys whose build no process runs now (nobody holds the key's lock);
+- staging folders: this cache folder's, of keys nobody holds the lock of;
+- ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
+- processes: a shim whose container id one of our logs names, once its container is gone.
+
+:func:`sweep` runs when a build starts (it never fails the build); ``ImageBuilder.gc`` uses
+:func:`find` and :func:`remove` and reports what went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import docker.errors
+
+if TYPE_CHECKING:
+    from .builder import ImageBuilder
+
+log = logging.getLogger(__name__)
+
+SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime: when)
+_CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
+_IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
+_STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
+LOADED_IMAGE = "loaded image "  # the build log's line for the layered route's image, before its steps
+_LOADED = re.compile(rf"^{LOADED_IMAGE}(?:sha256:)?([0-9a-f]{{64}})\s*$")
+PACKAGE_TEMPORARY = ".pkg-*"
+
+
+@dataclass
+class Leftovers:
+    """What :func:`find` found: ``containers`` and ``images`` by id (short ids, as logs name them),
+    ``staging`` and ``temporaries`` with their bytes, ``processes`` (pid -> container id)."""
+
+    containers: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    staging: dict[Path, int] = field(default_factory=dict)
+    temporaries: dict[Path, int] = field(default_factory=dict)
+    processes: dict[int, str] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # whose logs were read (marked swept once all went)
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.containers or self.images or self.staging or self.temporaries or self.processes)
+
+
+def traces(log_text: str) -> tuple[list[str], list[str]]:
+    """The containers and images docker made for a build, as its log names them: step containers
+    (``Running in``) and step images, but not the base (a FROM step's) nor a cached step's image."""
+    containers: list[str] = []
+    images: list[str] = []
+    skip_next = False
+    for line in log_text.splitlines():
+        step = _STEP.match(line)
+        if step:
+            skip_next = step.group(1).upper() == "FROM"
+        elif line.strip() == "---> Using cache":
+            skip_next = True
+        elif match := _LOADED.match(line):
+            images.append(match.group(1))
+        elif match := _CONTAINER.match(line):
+            containers.append(match.group(1))
+        elif match := _IMAGE.match(line):
+            if not skip_next:
+                images.append(match.group(1))
+            skip_next = False
+    return containers, images
+
+
+def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:
+    """Keys with a build log not yet swept, whose build no process runs now (``own_key``: ours)."""
+    from .builder import _lock_held
+
+    keys = []
+    for path in sorted((Path(builder.cache_dir) / "builds").glob("*/build.log")):
+        key_dir = path.parent
+        with contextlib.suppress(OSError):
+            swept = key_dir / SWEPT
+            if swept.exists() and swept.stat().st_mtime >= path.stat().st_mtime:
+                continue
+            if key_dir.name == own_key or not _lock_held(key_dir / "build.lock"):
+                keys.append(key_dir.name)
+    return keys
+
+
+def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
+    """What earlier builds of this installation left (see the module docstring); ``own_key``: a key
+    whose lock this process holds, about to be built again."""
+    found = Leftovers()
+    client = builder.client
+    base_id = ""
+    with contextlib.suppress(docker.errors.DockerException):
+        base_id = client.images.get(builder.base_image).id
+    cutoff = time.time() - builder.build_timeout
+    # a step image something is built on, or a container runs, is no leftover (yet): removing the
+    # step above it prunes it
+    parents = {image.get("ParentId") for image in client.api.images(all=True)}
+    used = {container.get("ImageID") for container in client.api.containers(all=True)}
+    local = str(builder.daemon_url).startswith(("unix://", "the default socket"))
+    for key in _unused_keys(builder, own_key):
+        found.keys.append(key)
+        try:
+            text = (builder.key_dir(key) / "build.log").read_text(errors="replace")
+        except OSError:
+            continue
+        containers, images = traces(text)
+        for short in containers:
+            try:
+                attrs = client.api.inspect_container(short)
+            except docker.errors.NotFound:
+                if local:  # only a daemon on this host has its shims in our /proc
+                    found.processes.update({pid: short for pid in orphan_processes(short)})
+                continue
+            running = attrs.get("State", {}).get("Running")
+            if not running or (_created(attrs) or 0) < cutoff:
+                found.containers.append(short)
+        for short in images:
+            try:
+                attrs = client.api.inspect_image(short)
+            except docker.errors.NotFound:
+                continue
+            if attrs.get("RepoTags") or attrs.get("Id") in (parents | {base_id}):
+                continue
+            if attrs.get("Id") not in used or any(attrs.get("Id") == _image_of(client, c) for c in found.containers):
+                found.images.append(short)
+    for key in _unused_keys_with_staging(builder, own_key):
+        folder = Path(builder.cache_dir) / "staging" / key
+        found.staging[folder] = _tree_size(folder)
+    cache = Path(builder.resolver.package_cache_dir)
+    for temporary in cache.glob(PACKAGE_TEMPORARY):
+        with contextlib.suppress(OSError):
+            if temporary.lstat().st_mtime < cutoff:
+                found.temporaries[temporary] = _tree_size(temporary)
+    return found
+
+
+def _unused_keys_with_staging(builder: ImageBuilder, own_key: str) -> list[str]:
+    from .builder import _lock_held
+
+    return sorted(path.name for path in (Path(builder.cache_dir) / "staging").glob("*")
+                  if path.name == own_key or not _lock_held(builder.key_dir(path.name) / "build.lock"))
+
+
+def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
+    """Remove what :func:`find` found; what went (notes say what stayed and why)."""
+    gone = Leftovers(keys=found.keys)
+    client = builder.client
+    for short in found.containers:
+        try:
+            client.api.remove_container(short, force=True)
+            gone.containers.append(short)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as error:
+            gone.notes.append(f"kept the build container {short}: {_explain(error)}")
+    for short in found.images:
+        try:
+            client.images.remove(short, noprune=False)
+            gone.images.append(short)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError:
+            pass  # a later step (or another image) is built on it: removing that prunes this one
+    for pid, container in found.processes.items():
+        # the step's process first (pid 1 of its namespace: the namespace goes with it), then its shim
+        for process in [*_children(pid), pid]:
+            with contextlib.suppress(OSError):
+                os.kill(process, signal.SIGKILL)
+        gone.processes[pid] = container
+    for folder, size in found.staging.items():
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            gone.staging[folder] = size
+    for temporary, size in found.temporaries.items():
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        if not temporary.exists():
+            gone.temporaries[temporary] = size
+    if not gone.notes:
+        for key in found.keys:
+            with contextlib.suppress(OSError):
+                (builder.key_dir(key) / SWEPT).touch()
+    return gone
+
+
+def sweep(builder: ImageBuilder, own_key: str = "") -> Leftovers:
+    """Find and remove the leftovers of earlier builds; never raises (a build must not fail for it)."""
+    try:
+        gone = remove(builder, find(builder, own_key))
+    except Exception as error:  # the daemon is unreachable: the build says so itself
+        log.warning("Could not remove what earlier builds left: %s", error)
+        return Leftovers()
+    if gone:
+        log.info("Removed what earlier builds left: %s", describe(gone))
+    return gone
+
+
+def describe(gone: Leftovers) -> str:
+    """One line: how many of each kind."""
+    parts = [f"{len(items)} {noun}" for items, noun in (
+        (gone.containers, "build container(s)"), (gone.images, "untagged step image(s)"),
+        (gone.staging, "staging folder(s)"), (gone.temporaries, "package cache temporaries"),
+        (gone.processes, "orphaned step process(es)")) if items]
+    return ", ".join(parts) or "nothing"
+
+
+def orphan_processes(container: str) -> list[int]:
+    """Shims on this host of a container the daemon no longer knows (it was killed mid-step): their
+    pids. A shim names the full container id in its command line (``-id ID``), a log the first 12
+    characters."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            words = entry.read_bytes().split(b"\0")
+            if not words or b"containerd-shim" not in words[0]:
+                continue
+            ids = [words[i + 1].decode() for i, word in enumerate(words[:-1]) if word == b"-id"]
+            if any(value.startswith(container) for value in ids):
+                pids.append(int(entry.parent.name))
+    return pids
+
+
+def _image_of(client: docker.DockerClient, container: str) -> str:
+    try:
+        return str(client.api.inspect_container(container).get("Image", ""))
+    except docker.errors.DockerException:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(entry.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.parent.name))
+    return children
+
+
+def _created(attrs: dict) -> float | None:
+    from .builder import _timestamp
+
+    return _timestamp(str(attrs.get("Created", "")))
+
+
+def _explain(error: docker.errors.APIError) -> str:
+    return " ".join(str(error.explanation or error).split())
+
+
+def _tree_size(root: Path) -> int:
+    from .builder import tree_size
+
+    return tree_size(root) if root.is_dir() else (root.lstat().st_size if root.exists() else 0)

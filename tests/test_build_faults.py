@@ -1,0 +1,367 @@
+"""The fault matrix of issue 15: faults injected into real builds on the bench, each checked for its
+one-line message, its exit status, what it leaves behind (nothing, once the next build or gc ran) and
+that the retry builds a correct image.
+
+Covered elsewhere, not repeated here:
+- a build process killed after its solve (install or docker build): test_cli_builder.py::
+  test_a_killed_build_is_listed_as_interrupted_with_its_log (interrupted, its log, gc, the retry);
+- a full cache folder, before and during the install: test_cli_builder.py::
+  test_a_full_cache_folder_is_a_build_error_that_leaves_nothing_behind, and the spawner's message:
+  test_the_spawners_handler_shows_a_full_disk;
+- a build over build_timeout: test_builder.py::test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing;
+- an unsatisfiable pip section and an unreachable index: test_e2e_failures.py, test_builder.py;
+- two hub users on one new environment (one build, in one process): test_e2e.py::
+  test_two_users_same_new_environment_one_build;
+- a registry that is down before a spawn: test_e2e_registry.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import docker
+import pytest
+from fixtures_docker import bench_dir, bench_unavailable, remove_repo_images
+from test_cli import REPO
+
+from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandle, ensure_daemon
+from condaspawner_bench.registry import BenchRegistryError, start_registry
+from jupyterhub_condaspawner import leftovers
+
+pytestmark = pytest.mark.docker
+
+WAIT_S = 180  # how long a step of a build may take on the slow bench before a test gives up
+
+
+def write_config(directory: Path, channel_url: str, base_image: str, repo: str, extra: str = "") -> Path:
+    path = directory / "jupyterhub_config.py"
+    path.write_text(
+        "c = get_config()\n"
+        f"c.Resolver.channel_urls = {{'conda-forge': {channel_url!r}}}\n"
+        f"c.Resolver.package_cache_dir = {str(bench_dir() / 'pkgs')!r}\n"
+        f"c.ImageBuilder.cache_dir = {str(directory / 'cache')!r}\n"
+        f"c.ImageBuilder.base_image = {base_image!r}\n"
+        f"c.ImageBuilder.image_repo = {repo!r}\n"
+        "c.ImageBuilder.pip_config = {'no-index': 'true'}\n" + extra
+    )
+    return path
+
+
+def env_file(directory: Path, pip: str = "") -> Path:
+    path = directory / f"env-{uuid.uuid4().hex[:8]}.yml"
+    pip_section = f"  - pip: [{pip}]\n" if pip else ""
+    path.write_text("channels: [conda-forge]\ndependencies:\n  - python=3.9\n  - cs-gamma\n" + pip_section
+                    + f"variables: {{ID: {uuid.uuid4().hex}}}\n")
+    return path
+
+
+def start_build(config: Path, env: Path, docker_host: str = "") -> subprocess.Popen:
+    environment = {**os.environ, **({"DOCKER_HOST": docker_host} if docker_host else {})}
+    return subprocess.Popen([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config", str(config),
+                             str(env)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+
+
+def run_cli(*args: str, docker_host: str = "") -> subprocess.CompletedProcess:
+    environment = {**os.environ, **({"DOCKER_HOST": docker_host} if docker_host else {})}
+    return subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", *args], capture_output=True,
+                          cwd=REPO, timeout=600, env=environment)
+
+
+def wait_for_log(cache: Path, process: subprocess.Popen, pattern: str) -> tuple[Path, str]:
+    """The build's key folder once its log matches ``pattern`` (the build still running)."""
+    deadline = time.monotonic() + WAIT_S
+    found = re.compile(pattern, re.MULTILINE)
+    while True:
+        for log in (cache / "builds").glob("*/build.log"):
+            text = log.read_text(errors="replace")
+            if found.search(text):
+                return log.parent, text
+        assert process.poll() is None, f"the build ended before its log showed {pattern!r}: {process.communicate()}"
+        assert time.monotonic() < deadline, f"the build's log never showed {pattern!r}"
+        time.sleep(0.05)
+
+
+def result_row(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=600)
+    lines = out.decode().splitlines()
+    return process.returncode, (lines[1] if len(lines) > 1 else ""), err.decode()
+
+
+def assert_correct_image(client: docker.DockerClient, image: str, key_prefix: str) -> None:
+    """The retried image is whole: its label names the key, and the environment's Python imports its packages."""
+    assert client.images.get(image).labels["io.condaspawner.key"].startswith(key_prefix)
+    output = client.containers.run(image, ["/opt/conda/envs/custom/bin/python", "-c",
+                                           "import ipykernel, sys; print(sys.prefix)"],
+                                   network_mode="host", remove=True)
+    assert output.decode().strip() == "/opt/conda/envs/custom"
+
+
+def traces_of(key_dir: Path) -> tuple[list[str], list[str]]:
+    return leftovers.traces((key_dir / "build.log").read_text())
+
+
+def present(client: docker.DockerClient, containers: list[str], images: list[str]) -> list[str]:
+    """Which of these containers and images the daemon still has."""
+    still = []
+    for short in containers:
+        try:
+            client.api.inspect_container(short)
+            still.append(short)
+        except docker.errors.NotFound:
+            pass
+    for short in images:
+        try:
+            client.api.inspect_image(short)
+            still.append(short)
+        except docker.errors.NotFound:
+            pass
+    return still
+
+
+def _in(client: docker.DockerClient, short: str, ids: set[str]) -> bool:
+    """Whether the image is one of ``ids`` (gone images are not)."""
+    try:
+        return client.api.inspect_image(short)["Id"] in ids
+    except docker.errors.NotFound:
+        return False
+
+
+# -- another installation on the same daemon ---------------------------------------------------------
+
+
+def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_daemon, base_image,
+                                                                         dev_python_channel, tmp_path):
+    client = docker_daemon.client()
+    repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
+    ours, theirs = (tmp_path / "ours", tmp_path / "theirs")
+    configs = []
+    for directory in (ours, theirs):
+        directory.mkdir()
+        configs.append(write_config(directory, dev_python_channel.url, base_image, repo))
+    failures = {}
+    for directory, config in zip((ours, theirs), configs):
+        process = start_build(config, env_file(directory, pip=f"cs-missing-{uuid.uuid4().hex[:6]}==1.0"))
+        status, row, err = result_row(process)
+        assert status == 1 and "FAILED: pip: No matching distribution found for cs-missing-" in row, (row, err)
+        key_dir = next((directory / "cache" / "builds").glob("*"))
+        failures[directory] = (key_dir, traces_of(key_dir))
+    their_containers, their_images = failures[theirs][1]
+    our_containers, our_images = failures[ours][1]
+    assert our_images and their_images  # docker made step images for each (COPY meta at least)
+    assert present(client, [], our_images) == our_images
+    # steps their build reused from ours ("Using cache") are part of their images now: those stay
+    their_chain = {entry["Id"] for short in their_images for entry in client.api.history(short)}
+    our_own = [short for short in our_images if client.api.inspect_image(short)["Id"] not in their_chain]
+    assert our_own  # at least the environment's own steps
+
+    # a package cache temporary an interrupted install left, and one an install is writing now
+    cache = bench_dir() / "pkgs"
+    old, fresh = cache / f".pkg-{uuid.uuid4().hex[:8]}", cache / f".pkg-{uuid.uuid4().hex[:8]}"
+    for temporary in (old, fresh):
+        temporary.mkdir()
+        (temporary / "file").write_bytes(b"x" * 1000)
+    stamp = time.time() - 2 * 3600 - 60  # older than build_timeout (1 h by default)
+    os.utime(old, (stamp, stamp))
+    try:
+        swept = run_cli("gc", "--config", str(configs[0]))
+        assert swept.returncode == 0, swept.stderr
+        out = swept.stdout.decode()
+        assert present(client, [], our_own) == [] and "left by a failed build" in out
+        assert f"removed {old} (" in out and not old.exists()
+        assert fresh.exists()  # an install may still be writing it
+        # the other installation's step images survive our gc, and its own gc removes them
+        assert present(client, their_containers, their_images) == their_images
+        assert not run_cli("gc", "--config", str(configs[0]), "--dry-run").stdout.decode().startswith("would remove the")
+    finally:
+        for temporary in (old, fresh):
+            subprocess.run(["rm", "-rf", str(temporary)], check=False)
+
+    # their next build (another failure) removes what their first one left, before it starts
+    status, row, _ = result_row(start_build(configs[1], env_file(theirs, pip="cs-missing-again==1.0")))
+    assert status == 1
+    (second,) = [path for path in (theirs / "cache" / "builds").glob("*") if path != failures[theirs][0]]
+    reused = {entry["Id"] for short in traces_of(second)[1] for entry in client.api.history(short)}
+    gone = [short for short in their_images if not _in(client, short, reused)]
+    assert gone and present(client, their_containers, gone) == []
+    remove_repo_images(client, repo)
+
+
+# -- a daemon killed mid-build ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_daemon(docker_daemon, base_image, tmp_path):
+    """A dockerd of this test's own (this test kills it), holding a copy of the base image."""
+    if os.geteuid() != 0:
+        bench_unavailable("a private dockerd (this test kills one) needs root")
+    try:
+        handle = ensure_daemon(tmp_path / "bench", use_external=False)
+    except BenchDaemonError as error:
+        bench_unavailable(f"cannot start a private dockerd: {error}")
+    try:
+        handle.client(timeout=600).images.load(docker_daemon.client(timeout=600).api.get_image(base_image))
+        yield handle
+    finally:
+        paths = BenchPaths.for_bench_dir(tmp_path / "bench")
+        DaemonHandle(paths.docker_host, paths=paths).stop()
+
+
+def test_a_daemon_killed_mid_build_is_one_line_and_leaves_nothing_after_the_next_build(
+        private_daemon, base_image, dev_python_channel, tmp_path):
+    repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, dev_python_channel.url, base_image, repo)
+    env = env_file(tmp_path)
+    host = private_daemon.docker_host
+    process = start_build(config, env, docker_host=host)
+    key_dir, _ = wait_for_log(tmp_path / "cache", process, r"-m compileall .*\n ---> Running in [0-9a-f]+$")
+    os.kill(private_daemon.pid, signal.SIGKILL)
+    status, row, err = result_row(process)
+    assert status == 1, (row, err)
+    assert row.endswith(f"FAILED: the Docker daemon at {host} went away while writing the image"), row
+    assert err.splitlines()[-1] == (f"build {key_dir.name[:16]} failed talking to the Docker daemon: the Docker "
+                                    f"daemon at {host} went away while writing the image (`condaspawner log "
+                                    f"{key_dir.name[:16]}` shows its log)"), err
+    containers, images = traces_of(key_dir)
+    assert containers  # the compileall step's container (the last), which the daemon could not remove
+    assert not (tmp_path / "cache" / "staging" / key_dir.name).exists()
+
+    daemon = ensure_daemon(tmp_path / "bench", use_external=False)  # back up, same data root
+    client = daemon.client()
+    left = present(client, containers, [])
+    orphans = {pid for short in containers for pid in leftovers.orphan_processes(short)}
+    # the running step's container, stopped when the daemon came back (its shim, if any, in orphans)
+    assert left == containers[-1:]
+
+    retry = run_cli("build", "--config", str(config), str(env), docker_host=host)
+    assert retry.returncode == 0 and retry.stdout.decode().splitlines()[1].split()[-1] == "built", retry.stdout
+    assert present(client, containers, []) == []  # the retry removed the killed step's container first
+    assert all(not Path(f"/proc/{pid}").exists() for pid in orphans)
+    assert not list((tmp_path / "cache" / "staging").glob("*"))
+    assert_correct_image(client, f"{repo}:{key_dir.name[:16]}", key_dir.name[:16])
+
+
+# -- a build process killed while docker builds -----------------------------------------------------
+
+
+def test_a_build_process_killed_mid_docker_build_leaves_nothing_after_gc(docker_daemon, base_image,
+                                                                         dev_python_channel, tmp_path):
+    client = docker_daemon.client()
+    repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, dev_python_channel.url, base_image, repo)
+    env = env_file(tmp_path, pip="cs-missing-never-reached==1.0")
+    process = start_build(config, env)
+    key_dir, _ = wait_for_log(tmp_path / "cache", process, r"^Step \d+/\d+ : COPY meta ")
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    rows = run_cli("ls", "--config", str(config), "--failed").stdout.decode().splitlines()
+    assert next(row for row in rows if row.startswith(key_dir.name[:16])).split()[1] == "interrupted"
+    log = (key_dir / "build.log").read_text()
+    assert "Step " in log  # a killed build's log is not empty
+
+    swept = run_cli("gc", "--config", str(config))
+    assert swept.returncode == 0, swept.stderr
+    containers, images = traces_of(key_dir)
+    deadline = time.monotonic() + WAIT_S  # the daemon cancels the abandoned build on its own time
+    while present(client, containers, images) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run_cli("gc", "--config", str(config))
+    assert present(client, containers, images) == []
+    assert not (tmp_path / "cache" / "staging" / key_dir.name).exists()
+
+    env.write_text(env.read_text().replace("  - pip: [cs-missing-never-reached==1.0]\n", ""))
+    retry = run_cli("build", "--config", str(config), str(env))
+    assert retry.returncode == 0 and retry.stdout.decode().splitlines()[1].split()[-1] == "built", retry.stdout
+    key = retry.stdout.decode().splitlines()[1].split()[1]
+    assert_correct_image(client, f"{repo}:{key}", key)
+    remove_repo_images(client, repo)
+
+
+# -- two builders on one key -------------------------------------------------------------------------
+
+
+def test_two_build_processes_on_one_key_build_once_and_both_get_the_image(docker_daemon, base_image,
+                                                                         dev_python_channel, tmp_path):
+    client = docker_daemon.client()
+    repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path, dev_python_channel.url, base_image, repo)
+    env = env_file(tmp_path)
+    first, second = start_build(config, env), start_build(config, env)
+    results = [result_row(first), result_row(second)]
+    assert [status for status, _, _ in results] == [0, 0], results
+    outcomes = sorted(row.split()[-1] for _, row, _ in results)
+    assert outcomes == ["built", "cached"], results  # one built it, the other waited for its lock
+    images = {row.split()[2] for _, row, _ in results}
+    assert len(images) == 1 and len(client.images.list(name=repo)) == 1
+    (key_dir,) = (tmp_path / "cache" / "builds").glob("*")
+    assert (key_dir / "build.log").read_text().count("Step 1/") == 1
+    assert_correct_image(client, images.pop(), key_dir.name[:16])
+    remove_repo_images(client, repo)
+
+
+# -- a registry that goes away mid-push ----------------------------------------------------------------
+
+
+def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(docker_daemon, base_image,
+                                                                            dev_python_channel, tmp_path):
+    try:
+        server = start_registry(tmp_path / "registry")  # this test's own: it stops it mid-push
+    except BenchRegistryError as error:
+        bench_unavailable(f"no registry for the bench: {error}")
+    client = docker_daemon.client()
+    repository = server.repository(f"condaspawner-faults-{uuid.uuid4().hex[:8]}")
+    config = write_config(tmp_path, dev_python_channel.url, base_image, "unused",
+                          extra=f"c.ImageBuilder.registry = {repository!r}\n"
+                                f"c.ImageBuilder.insecure_registries = [{server.host!r}]\n")
+    env = env_file(tmp_path)
+    try:
+        process = start_build(config, env)
+        uploads = server.storage
+        deadline = time.monotonic() + WAIT_S
+        while not any("_uploads" in str(path) for path in uploads.rglob("*")):  # a layer is being uploaded
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the push never started"
+            time.sleep(0.02)
+        server.stop()
+        status, row, err = result_row(process)
+        assert status == 1, (row, err)
+        key = row.split()[1]
+        host = re.escape(server.host)
+        assert re.search(rf"FAILED: pushing the image to {host} failed: .*connection refused$", row), row
+        assert re.fullmatch(rf"build {key} failed at the registry: the registry {host} cannot be reached "
+                            rf"\(.*\) \(`condaspawner log {key}` shows its log\)", err.splitlines()[-1]), err
+        assert not list((tmp_path / "cache" / "staging").glob("*"))
+
+        server.start()  # same port and storage
+        retry = run_cli("build", "--config", str(config), str(env))
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        header, row = retry.stdout.decode().splitlines()[:2]
+        assert row.split()[2].startswith(f"{repository}:{key}@sha256:")
+        client.images.remove(row.split()[2].split("@")[0])
+        pulled = client.images.pull(row.split()[2])
+        assert_correct_image(client, pulled.id, key)
+    finally:
+        server.stop()
+        remove_repo_images(client, repository)
+
+
+def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
+    loaded = "ab" * 32  # the layered route's image, which the Dockerfile's FROM then names
+    log = "\n".join([
+        f"loaded image sha256:{loaded}",
+        "Step 1/19 : ARG BASE_IMAGE", "Step 2/19 : FROM ${BASE_IMAGE}", " ---> d718c856d59a",
+        "Step 3/19 : ARG ENV_NAME", " ---> Using cache", " ---> 2049aa956df9",
+        "Step 5/19 : COPY env /opt/conda/envs/${ENV_NAME}", " ---> 59efc613b6db",
+        "Step 6/19 : RUN python -m compileall", " ---> Running in 0c64e7038447",
+        "Removing intermediate container 0c64e7038447", " ---> cee5acf61946",
+        "Step 8/19 : RUN pip install", " ---> Running in 48f1c4933099", "ERROR: No matching distribution",
+    ])
+    # not the base (FROM) nor a cached step's image: those are not this build's to remove
+    assert leftovers.traces(log) == (["0c64e7038447", "48f1c4933099"], [loaded, "59efc613b6db", "cee5acf61946"])
