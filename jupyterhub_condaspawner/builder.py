@@ -1646,6 +1646,10 @@ def _daemon_call(what: str, where: str = ""):
         yield
     except docker.errors.NotFound:
         raise
+    except docker.errors.APIError as error:  # the daemon answered: it is reachable, and said no
+        where = where or os.environ.get("DOCKER_HOST") or "the default socket"
+        raise BuildError(f"the Docker daemon at {where} refused {what}: {_one_line(error)}", phase="daemon",
+                         cause=f"the Docker daemon at {where} refused {what} ({_one_line(error)})") from None
     except (docker.errors.DockerException, requests.exceptions.ConnectionError) as error:
         where = where or os.environ.get("DOCKER_HOST") or "the default socket"
         raise BuildError(f"cannot reach the Docker daemon at {where} ({what}): {_one_line(error)}", phase="daemon",
