@@ -29,10 +29,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Two processes (pytest-xdist): while one waits on a docker build, a server's boot or the
-# hub, the other uses the second core. Each test module (and every test of a hub) stays in
-# one process; PYTEST_WORKERS=0 runs the suite in one process.
-PYTEST_WORKERS ?= 2
+# Three processes (pytest-xdist) on two cores: most tests wait on a docker build, a server's
+# boot or the hub, so a third process keeps both cores busy. Each test module (and every
+# test of a hub) stays in one process; PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 3
 # --durations=20: the slowest tests; the bench's set-up phases are summed up at the end too.
 test: lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
