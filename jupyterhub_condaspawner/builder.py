@@ -1146,7 +1146,6 @@ class ImageBuilder(LoggingConfigurable):
                                                  layers.LayerMemo(None), history)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
-        build_log.write(f"{leftovers.LOADED_IMAGE}{result.image_id}\n")  # found by gc if the build fails later
         written = [size for _, _, size, sent in result.layers if sent]
         await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
                                          f"({len(result.layers) - len(written)} already stored)")

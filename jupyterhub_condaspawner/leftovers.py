@@ -7,8 +7,7 @@ running under an orphaned containerd shim. The daemon and the package cache may 
 with other hubs and test runs, so nothing is chosen by its look alone:
 
 - containers and images: only those this cache folder's build logs say docker made for a
-  build (``---> Running in ID``, a step's `` ---> ID`` that was not ``Using cache``, and the
-  image the layered route loaded, ``loaded image ID``),
+  build (``---> Running in ID``, and a step's `` ---> ID`` that was not ``Using cache``),
   of keys whose build no process runs now (nobody holds the key's lock);
 - staging folders: this cache folder's, of keys nobody holds the lock of;
 - ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
@@ -42,8 +41,6 @@ SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime:
 _CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
-LOADED_IMAGE = "loaded image "  # the build log's line for the layered route's image, before its steps
-_LOADED = re.compile(rf"^{LOADED_IMAGE}(?:sha256:)?([0-9a-f]{{64}})\s*$")
 PACKAGE_TEMPORARY = ".pkg-*"
 
 
@@ -76,8 +73,6 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             skip_next = step.group(1).upper() == "FROM"
         elif line.strip() == "---> Using cache":
             skip_next = True
-        elif match := _LOADED.match(line):
-            images.append(match.group(1))
         elif match := _CONTAINER.match(line):
             containers.append(match.group(1))
         elif match := _IMAGE.match(line):
