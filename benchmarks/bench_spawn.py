@@ -194,7 +194,9 @@ HUBS: list[BenchHub] = []    # every hub this run made, for the clean-up
 USERS: list[str] = []        # every user this run made: containers jupyter-<user>, volumes
 
 
-def make_hub(bench: Bench, root: Path, name: str, extra_config: str) -> BenchHub:
+def make_hub(bench: Bench, root: Path, name: str, extra_config: str, image_repo: str = IMAGE_REPO) -> BenchHub:
+    """A hub (not started) with the demo config, COMMON_CONFIG and ``extra_config``, its state
+    under ``root``/``name``, and images in ``image_repo``."""
     state = root / name
     state.mkdir(parents=True)
     extra = state / "extra_config.py"
@@ -208,7 +210,7 @@ def make_hub(bench: Bench, root: Path, name: str, extra_config: str) -> BenchHub
         "CONDASPAWNER_DEMO_PROXY_PORT": str(free_port()),
         "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
         "CONDASPAWNER_DEMO_PROFILES": str(REPO_ROOT / "demo" / "profiles"),
-        "CONDASPAWNER_DEMO_IMAGE_REPO": IMAGE_REPO,
+        "CONDASPAWNER_DEMO_IMAGE_REPO": image_repo,
         "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
     }
     hub = BenchHub(state, env)

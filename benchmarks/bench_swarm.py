@@ -48,17 +48,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]  # the bench package and the tests' harness
 
 from bench_spawn import (  # noqa: E402  (the single-host spawn benchmark's hub harness)
-    COMMON_CONFIG,
     BenchHub,
     Pollers,
     Spawn,
+    make_hub,
     ms_figures,
     percentile,
     say,
     seconds_range,
     spawn,
 )
-from fixtures_hub import free_port  # noqa: E402
 
 from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
 from condaspawner_bench.swarm import SwarmBench  # noqa: E402
@@ -98,25 +97,9 @@ c.Spawner.pre_spawn_hook = _pin
 
 
 def make_swarm_hub(bench: Bench, swarm: SwarmBench, base: str, root: Path) -> BenchHub:
-    state = root / "hub"
-    state.mkdir(parents=True)
-    extra = state / "extra_config.py"
-    extra.write_text(COMMON_CONFIG + SWARM_CONFIG.format(
+    return make_hub(bench, root, "hub", SWARM_CONFIG.format(
         manager=swarm.manager.docker_host, registry=swarm.registry_address, repository=REPOSITORY, base=base,
-        host=swarm.host_address, pinned=PINNED, timeout=SPAWN_TIMEOUT_S))
-    env = {
-        **os.environ,
-        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
-        "CONDASPAWNER_DEMO_STATE": str(state),
-        "CONDASPAWNER_DEMO_PORT": str(free_port()),
-        "CONDASPAWNER_DEMO_HUB_PORT": str(free_port()),
-        "CONDASPAWNER_DEMO_PROXY_PORT": str(free_port()),
-        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
-        "CONDASPAWNER_DEMO_PROFILES": str(REPO_ROOT / "demo" / "profiles"),
-        "CONDASPAWNER_DEMO_IMAGE_REPO": REPOSITORY,
-        "CONDASPAWNER_DEMO_EXTRA_CONFIG": str(extra),
-    }
-    return BenchHub(state, env)
+        host=swarm.host_address, pinned=PINNED, timeout=SPAWN_TIMEOUT_S), image_repo=REPOSITORY)
 
 
 def remove_env_images(swarm: SwarmBench, node: str) -> int:
