@@ -20,8 +20,23 @@ from fixtures_docker import REPO, bench_unavailable
 
 from condaspawner_bench.dockerd import BenchDaemonError, ensure_debian_packages
 from condaspawner_bench.swarm import SWARM_PACKAGES, SwarmBench
+from jupyterhub_condaspawner.gpus import LABEL_USER
 
 SWARM_DIR_ENV = "CONDASPAWNER_SWARM_DIR"
+# A test module's real hub (fixtures_hub) with the conda-swarm spawner: its HUB_EXTRA_CONFIG
+# begins with this, and the module uses the swarm_hub_settings fixture, which sets what it reads.
+SWARM_HUB_CONFIG = """
+import os
+c.JupyterHub.spawner_class = "conda-swarm"
+c.DockerSpawner.client_kwargs = {"base_url": os.environ["CONDASPAWNER_TEST_SWARM_MANAGER"]}
+c.ImageBuilder.registry = os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"] + "/condaspawner-e2e-swarm"
+c.ImageBuilder.insecure_registries = [os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"]]
+c.ImageBuilder.base_image = os.environ["CONDASPAWNER_TEST_SWARM_BASE"]
+c.JupyterHub.hub_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
+c.JupyterHub.hub_connect_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+"""
+_SWARM_HUB_ENV = ("MANAGER", "REGISTRY", "BASE", "HOST")
 
 
 def swarm_dir() -> Path:
@@ -58,3 +73,16 @@ def swarm_base(swarm_bench: SwarmBench, docker_daemon, base_image: str) -> str:
     reference = swarm_bench.seed_image(docker_daemon.client(), base_image)
     swarm_bench.pull(reference, ["manager"])
     return reference
+
+
+@pytest.fixture(scope="module")
+def swarm_hub_settings(swarm_bench: SwarmBench, swarm_base: str) -> Iterator[None]:
+    """What SWARM_HUB_CONFIG reads (set before the module's hub starts); services removed after it."""
+    values = (swarm_bench.manager.docker_host, swarm_bench.registry_address, swarm_base, swarm_bench.host_address)
+    for name, value in zip(_SWARM_HUB_ENV, values):
+        os.environ[f"CONDASPAWNER_TEST_SWARM_{name}"] = value
+    yield
+    for name in _SWARM_HUB_ENV:
+        os.environ.pop(f"CONDASPAWNER_TEST_SWARM_{name}", None)
+    for service in swarm_bench.manager_client().services.list(filters={"label": LABEL_USER}):
+        service.remove()

@@ -8,47 +8,22 @@ the server at that worker's address. A kernel then runs on each server through t
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from fixtures_swarm import SWARM_HUB_CONFIG
 from test_e2e_failures import Spawn, assert_one_clean_line, failure_message
 from test_swarm_spawner import wait_until
 
-from condaspawner_bench.swarm import SwarmBench
 from jupyterhub_condaspawner.gpus import LABEL_USER
 
-pytestmark = [pytest.mark.swarm, pytest.mark.docker]
+pytestmark = [pytest.mark.swarm, pytest.mark.docker, pytest.mark.usefixtures("swarm_hub_settings")]
 
-HUB_EXTRA_CONFIG = """
-import os
-c.JupyterHub.spawner_class = "conda-swarm"
-c.DockerSpawner.client_kwargs = {"base_url": os.environ["CONDASPAWNER_TEST_SWARM_MANAGER"]}
-c.ImageBuilder.registry = os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"] + "/condaspawner-e2e-swarm"
-c.ImageBuilder.insecure_registries = [os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"]]
-c.ImageBuilder.base_image = os.environ["CONDASPAWNER_TEST_SWARM_BASE"]
-c.JupyterHub.hub_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
-c.JupyterHub.hub_connect_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
-c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+HUB_EXTRA_CONFIG = SWARM_HUB_CONFIG + """
 c.Spawner.poll_interval = 2  # the hub notices a dead node's servers within seconds
 """
 EXTRA_PROFILES = {
     "60-three.yaml": "display_name: Three GPUs\nslug: three\nenvironment: envs/gpu.yml\ngpus: 3\n",
     "61-h100.yaml": 'display_name: H100\nslug: h100\nenvironment: envs/gpu.yml\ngpus: 1\ngpu_model: "*H100*"\n',
 }
-ENV_NAMES = ("MANAGER", "REGISTRY", "BASE", "HOST")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def swarm_hub_settings(swarm_bench: SwarmBench, swarm_base: str):
-    """What HUB_EXTRA_CONFIG reads (set before the module's hub starts); services removed after it."""
-    values = (swarm_bench.manager.docker_host, swarm_bench.registry_address, swarm_base, swarm_bench.host_address)
-    for name, value in zip(ENV_NAMES, values):
-        os.environ[f"CONDASPAWNER_TEST_SWARM_{name}"] = value
-    yield
-    for name in ENV_NAMES:
-        os.environ.pop(f"CONDASPAWNER_TEST_SWARM_{name}", None)
-    for service in swarm_bench.manager_client().services.list(filters={"label": LABEL_USER}):
-        service.remove()
 
 
 async def test_four_gpu_servers_run_kernels_through_the_proxy_and_a_fifth_waits_its_turn(hub, swarm_bench):

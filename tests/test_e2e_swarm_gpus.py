@@ -9,52 +9,28 @@ holders from Swarm's tasks, serves the states on /hub/metrics, and stops the ser
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import docker.types
 import pytest
 from fixtures_hub import metric
+from fixtures_swarm import SWARM_HUB_CONFIG
 from test_e2e_failures import Spawn
 from test_swarm_spawner import wait_until
 
 from condaspawner_bench.swarm import SwarmBench
 from jupyterhub_condaspawner.gpus import LABEL_USER
 
-pytestmark = [pytest.mark.swarm, pytest.mark.docker]
+pytestmark = [pytest.mark.swarm, pytest.mark.docker, pytest.mark.usefixtures("swarm_hub_settings")]
 
 EXPORTER_PORT = 9400
 EXPORTER = "csw-fake-dcgm"
 EXPORTER_FILTER = {"label": f"com.docker.swarm.service.name={EXPORTER}"}
 IDLE_TIMEOUT_S = 6
-HUB_EXTRA_CONFIG = f"""
-import os
-c.JupyterHub.spawner_class = "conda-swarm"
-c.DockerSpawner.client_kwargs = {{"base_url": os.environ["CONDASPAWNER_TEST_SWARM_MANAGER"]}}
-c.ImageBuilder.registry = os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"] + "/condaspawner-e2e-swarm"
-c.ImageBuilder.insecure_registries = [os.environ["CONDASPAWNER_TEST_SWARM_REGISTRY"]]
-c.ImageBuilder.base_image = os.environ["CONDASPAWNER_TEST_SWARM_BASE"]
-c.JupyterHub.hub_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
-c.JupyterHub.hub_connect_ip = os.environ["CONDASPAWNER_TEST_SWARM_HOST"]
-c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-c.GpuAllocator.gpu_sample_interval = 1
+HUB_EXTRA_CONFIG = SWARM_HUB_CONFIG + f"""c.GpuAllocator.gpu_sample_interval = 1
 c.CondaSwarmSpawner.gpu_metrics_url = "http://{{address}}:{EXPORTER_PORT}/metrics"
 c.CondaSpawner.gpu_idle_timeout = {IDLE_TIMEOUT_S / 60!r}
 """
-ENV_NAMES = ("MANAGER", "REGISTRY", "BASE", "HOST")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def swarm_hub_settings(swarm_bench: SwarmBench, swarm_base: str):
-    """What HUB_EXTRA_CONFIG reads (set before the module's hub starts); services removed after it."""
-    values = (swarm_bench.manager.docker_host, swarm_bench.registry_address, swarm_base, swarm_bench.host_address)
-    for name, value in zip(ENV_NAMES, values):
-        os.environ[f"CONDASPAWNER_TEST_SWARM_{name}"] = value
-    yield
-    for name in ENV_NAMES:
-        os.environ.pop(f"CONDASPAWNER_TEST_SWARM_{name}", None)
-    for service in swarm_bench.manager_client().services.list(filters={"label": LABEL_USER}):
-        service.remove()
 
 
 class FakeExporters:
