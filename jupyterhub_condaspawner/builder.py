@@ -71,8 +71,10 @@ log = logging.getLogger(__name__)
 PRESOLVED_SECONDS = 600
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
+# The loaded-layers route's only Dockerfile: pip sections, and compiling where the builder could not.
+LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
 ENVS_ROOT = "/opt/conda/envs"
 LABEL_PREFIX = "io.condaspawner."
 LABEL_KEY = LABEL_PREFIX + "key"
@@ -426,7 +428,8 @@ class ImageBuilder(LoggingConfigurable):
         config=True,
         help="""Write each environment's packages as image layers directly (no build context,
         no COPY), a layer per large package with its byte-compiled files, so that images
-        share their large packages on disk and in a registry. Needs Docker's graph-driver
+        share their large packages on disk and in a registry; the kernel spec and settings
+        go in a small top layer, and only a pip section runs a docker build. Needs Docker's graph-driver
         image store (overlay2); with the containerd image store builds fall back to the
         Dockerfile route (False: always that route).
 
@@ -909,14 +912,13 @@ class ImageBuilder(LoggingConfigurable):
                     layered = self.layered_images and await asyncio.to_thread(self._daemon_can_load_layers)
                     prefix = layers.SHARED_PREFIX if layered else request.prefix
                     env_size = await self._install(build, request, lock, context, build_log, prefix)
-                    from_image, compiled = None, False
-                    if layered:
-                        from_image, compiled = await self._load_layers(build, request, context, build_log)
-                        await asyncio.to_thread(shutil.rmtree, context / "env")
-                        (context / "env").mkdir()  # the Dockerfile's COPY env now copies nothing
                     self._write_context(context, request, lock)
-                    image_id = await self._docker_build(build, request, lock, context, build_log, env_size,
-                                                        from_image, compiled)
+                    labels = self._labels(build.key, request, lock)
+                    if layered:
+                        image_id = await self._build_layered(build, request, context, build_log, labels)
+                    else:
+                        await build.publish("build", 45, "Writing the image")
+                        image_id = await self._docker_build(build, request, context, build_log, env_size, labels)
                     failed = False
                 finally:
                     await self._remove_staging(context, settle=failed and context.exists())
@@ -1116,10 +1118,32 @@ class ImageBuilder(LoggingConfigurable):
             return False
         return True
 
+    async def _build_layered(self, build: Build, request: BuildRequest, context: Path, build_log: io.TextIOBase,
+                             labels: dict[str, str]) -> str:
+        """The layered route: load the environment as layers with the kernel spec and settings on
+        top; a docker build on that image only for a pip section, or to compile where the builder
+        could not. The tagged image's id."""
+        image_id, compiled = await self._load_layers(build, request, context, build_log, labels)
+        build_log.write(f"loaded image {image_id}\n")  # for leftovers, should the build stop before the tag
+        await build.publish("kernel", 45, "Registering the kernel")  # its layer is in the loaded image
+        await asyncio.to_thread(shutil.rmtree, context / "env")
+        if request.spec.pip or not compiled:
+            docker_context = context / "docker"
+            docker_context.mkdir()
+            shutil.copyfile(LAYERED_DOCKERFILE, docker_context / "Dockerfile")
+            return await self._docker_build(build, request, docker_context, build_log, 0, labels,
+                                            from_image=image_id, compile_step=not compiled)
+        repository, tag = self.tag_for(build.key).rsplit(":", 1)
+        with self._daemon("tagging the image"):
+            await asyncio.to_thread(self.client.api.tag, image_id, repository, tag)
+        await build.publish("tag", 98, f"Tagged {self.tag_for(build.key)}")
+        return image_id
+
     async def _load_layers(self, build: Build, request: BuildRequest, context: Path,
-                           build_log: io.TextIOBase) -> tuple[str, bool]:
+                           build_log: io.TextIOBase, labels: dict[str, str]) -> tuple[str, bool]:
         """Compile the staged environment (``context``/env) and load it into Docker as layers on
-        the base image: the image's id, and whether its layers hold the compiled files."""
+        the base image, with the kernel spec and settings (``_write_context``'s files) as its top
+        layer: the image's id, and whether its layers hold the compiled files."""
         staging = context / "env"
         plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                   max_layers=MAX_PACKAGE_LAYERS)
@@ -1135,21 +1159,42 @@ class ImageBuilder(LoggingConfigurable):
         if compiled:
             plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                       max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
+        plan.append(layers.files_layer("kernel and settings", self._settings_files(context, request)))
+        env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
         await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
         with self._daemon("loading the environment's layers"):
             try:
-                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, known, memo,
-                                                 history)
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, labels, known,
+                                                 memo, history, env)
             except OSError as error:  # a layer counted on was removed meanwhile: send every layer
                 build_log.write(f"layered load failed ({error}); sending every layer\n")
-                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, {}, set(),
-                                                 layers.LayerMemo(None), history)
+                result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, labels, set(),
+                                                 layers.LayerMemo(None), history, env)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
         written = [size for _, _, size, sent in result.layers if sent]
         await build.publish("build", 44, f"Wrote {_megabytes(sum(written))} in {_plural(len(written), 'layer')} "
                                          f"({len(result.layers) - len(written)} already stored)")
         return result.image_id, compiled
+
+    @staticmethod
+    def _settings_files(context: Path, request: BuildRequest) -> dict[str, Path]:
+        """Where env.Dockerfile's COPY steps put ``_write_context``'s files: path in the image -> file."""
+        files = {f"/opt/condaspawner/{path.name}": path for path in (context / "meta").iterdir()}
+        files[f"/opt/conda/share/jupyter/kernels/{request.env_name}/kernel.json"] = context / "kernel" / "kernel.json"
+        files["/opt/conda/etc/jupyter/jupyter_server_config.json"] = context / "jupyter" / "jupyter_server_config.json"
+        return files
+
+    def _labels(self, key: str, request: BuildRequest, lock: Lock) -> dict[str, str]:
+        return {
+            LABEL_KEY: key,
+            LABEL_SPEC: request.spec.normalized_json(),
+            LABEL_LOCK_DIGEST: lock.digest(),
+            LABEL_BASE_IMAGE: self.base_image_id(),
+            LABEL_BUILDER_VERSION: RECIPE_VERSION,
+            LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            LABEL_ENV_NAME: request.env_name,
+        }
 
     def _write_context(self, context: Path, request: BuildRequest, lock: Lock) -> None:
         shutil.copyfile(ENV_DOCKERFILE, context / "Dockerfile")
@@ -1170,27 +1215,16 @@ class ImageBuilder(LoggingConfigurable):
             "KernelSpecManager": {"ensure_native_kernel": False, "allowed_kernelspecs": [request.env_name]},
         }, indent=2))
 
-    async def _docker_build(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
-                            build_log: io.TextIOBase, env_size: int, from_image: str | None = None,
-                            compiled: bool = False) -> str:
-        """``from_image``: the image to build on (the environment's layers), else the base;
-        ``compiled``: its layers hold the byte-compiled files already."""
-        await build.publish("build", 45, "Writing the image")
-        base_id = self.base_image_id()
-        labels = {
-            LABEL_KEY: build.key,
-            LABEL_SPEC: request.spec.normalized_json(),
-            LABEL_LOCK_DIGEST: lock.digest(),
-            LABEL_BASE_IMAGE: base_id,
-            LABEL_BUILDER_VERSION: RECIPE_VERSION,
-            LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            LABEL_ENV_NAME: request.env_name,
-        }
+    async def _docker_build(self, build: Build, request: BuildRequest, context: Path, build_log: io.TextIOBase,
+                            env_size: int, labels: dict[str, str], from_image: str | None = None,
+                            compile_step: bool = True) -> str:
+        """A docker build of ``context`` (its Dockerfile) on ``from_image`` (the loaded layers of
+        the layered route), else on the base image; ``compile_step``: whether it byte-compiles."""
         kwargs = dict(
             path=str(context), tag=self.tag_for(build.key), labels=labels, rm=True, forcerm=True,
             network_mode=self.build_network_mode, decode=True,
-            buildargs={"BASE_IMAGE": from_image or base_id, "ENV_NAME": request.env_name,
-                       "COMPILE": "0" if compiled else "1"},
+            buildargs={"BASE_IMAGE": from_image or self.base_image_id(), "ENV_NAME": request.env_name,
+                       **({"COMPILE": "1" if compile_step else "0"} if from_image else {})},
             container_limits=self._container_limits(),
         )
         loop = asyncio.get_running_loop()
@@ -1208,7 +1242,7 @@ class ImageBuilder(LoggingConfigurable):
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         reader = loop.run_in_executor(None, stream)
-        steps = _StepTracker(request, env_size, layered=from_image is not None)
+        steps = _StepTracker(request, env_size, compiling=compile_step)
         image_id, failure, daemon_failure = None, "", ""
         try:
             while (chunk := await queue.get()) is not None:
@@ -1425,11 +1459,11 @@ class _StepTracker:
     Raw steps go to the build log only; the progress page says what a step is for.
     """
 
-    def __init__(self, request: BuildRequest, env_size: int, layered: bool = False):
+    def __init__(self, request: BuildRequest, env_size: int, compiling: bool = True):
         self.request = request
         self.env_size = env_size
-        # on layers the builder wrote (and compiled), the COPY and compile steps do nothing
-        self.quiet = {"image", "compile"} if layered else set()
+        # on layers the builder compiled, layered.Dockerfile's compile step does nothing
+        self.quiet = set() if compiling else {"compile"}
         self.step, self.steps = 0, 1
         self.instruction = ""
         self.phase = "build"

@@ -41,6 +41,10 @@ LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: wit
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 # A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
+# Dockerfile instructions that never add a layer, as a history entry's created_by names them
+# (the classic builder's "/bin/sh -c #(nop)  ENV ...", BuildKit's "ENV ...").
+_METADATA_ONLY = re.compile(r"^(?:/bin/sh -c #\(nop\)\s+)?(?:ARG|ENV|LABEL|USER|WORKDIR|CMD|ENTRYPOINT|EXPOSE|"
+                            r"VOLUME|STOPSIGNAL|HEALTHCHECK|SHELL|ONBUILD|MAINTAINER)\b")
 _PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$")
 
 
@@ -219,9 +223,16 @@ def chain_ids(diff_ids: Iterable[str]) -> list[str]:
     return chains
 
 
+def files_layer(name: str, files: dict[str, Path]) -> Layer:
+    """A layer of ``files`` (path in the image -> host file), owned by root like a Dockerfile's COPY."""
+    return Layer(name, tuple(Entry(path.lstrip("/"), source) for path, source in sorted(files.items())))
+
+
 def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, str], names: list[str] | None = None,
-                 base_history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The image config: the base image's (``docker inspect`` of it), with these layers and labels.
+                 base_history: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """The image config: the base image's (``docker inspect`` of it), with these layers, labels and
+    environment variables (``env``, set as a Dockerfile's ENV would).
 
     Its history is the base's (``base_history``, from the base's own config) and one entry per
     layer naming it and its diff id: Docker's per-layer sizes (``docker history``) come from
@@ -229,6 +240,9 @@ def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, st
     """
     config = dict(base.get("Config") or {})
     config["Labels"] = {**(config.get("Labels") or {}), **labels}
+    if env:
+        kept = [line for line in config.get("Env") or [] if line.split("=", 1)[0] not in env]
+        config["Env"] = [*kept, *(f"{name}={value}" for name, value in env.items())]
     created = datetime.fromtimestamp(LAYER_MTIME, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     names = names or ["layer"] * len(diff_ids)
     image = {
@@ -246,7 +260,8 @@ def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, st
 
 def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[str], memo: LayerMemo,
                    labels: dict[str, str], result: LoadResult,
-                   base_history: list[dict[str, Any]] | None = None) -> Iterator[bytes]:
+                   base_history: list[dict[str, Any]] | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[bytes]:
     """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
     stream of chunks; ``result`` is filled in as it goes.
 
@@ -280,7 +295,7 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
         chain = _next_chain(chain, diff_id)
         diff_ids.append(diff_id)
         result.layers.append((layer.name, diff_id, size, sent))
-    config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history),
+    config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history, env),
                         sort_keys=True).encode()
     result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
     yield from _archive_member("config.json", config)
@@ -468,20 +483,43 @@ def known_chains(api: Any, images: Iterable[str]) -> set[str]:
 
 
 def base_history(api: Any, base_id: str, cache: Path | None) -> list[dict[str, Any]]:
-    """The history in the config of image ``base_id``: read from ``docker save`` once, then
-    kept in ``cache`` (by image id: an image's config never changes)."""
+    """The history in the config of image ``base_id``, kept in ``cache`` (by image id: an image's
+    config never changes): rebuilt from Docker's history API when its entries match the image's
+    layers one to one, else read from ``docker save`` (which exports every layer first: seconds)."""
     kept = cache / f"base-{base_id.removeprefix('sha256:')}.json" if cache is not None else None
     with contextlib.suppress(OSError, ValueError):
         if kept is not None:
             return list(json.loads(kept.read_text()))
-    config = _saved_config(api, base_id)
-    history = list(config.get("history") or [])
+    history = history_from_api(api, base_id)
+    if history is None:
+        history = list(_saved_config(api, base_id).get("history") or [])
     if kept is not None:
         with contextlib.suppress(OSError):
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.with_suffix(".tmp").write_text(json.dumps(history))
             os.replace(kept.with_suffix(".tmp"), kept)
     return history
+
+
+def history_from_api(api: Any, image_id: str) -> list[dict[str, Any]] | None:
+    """The config history of ``image_id`` as Docker's history API shows it (times to the second),
+    or None when which entries hold a layer is unclear: an entry holds one if it has bytes or is
+    no metadata-only instruction, and that must give as many entries as the image has layers.
+    Docker's history of an image built on it then shows the same entries, sizes included."""
+    layer_count = len(api.inspect_image(image_id)["RootFS"]["Layers"])
+    history = []
+    for item in reversed(api.history(image_id)):  # the API lists the newest first
+        created_by = str(item.get("CreatedBy") or "")
+        entry: dict[str, Any] = {"created": datetime.fromtimestamp(int(item["Created"]), timezone.utc)
+                                 .strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if created_by:
+            entry["created_by"] = created_by
+        if item.get("Comment"):
+            entry["comment"] = str(item["Comment"])
+        if not item.get("Size") and _METADATA_ONLY.search(created_by):
+            entry["empty_layer"] = True
+        history.append(entry)
+    return history if sum(not entry.get("empty_layer") for entry in history) == layer_count else None
 
 
 def _saved_config(api: Any, image_id: str) -> dict[str, Any]:
@@ -527,14 +565,16 @@ class _ChunkReader(io.RawIOBase):
 
 
 def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
-               memo: LayerMemo, history: list[dict[str, Any]] | None = None) -> LoadResult:
-    """Load an image made of ``base`` plus ``layers`` into Docker. ``known``: chain ids the
-    daemon holds (layers the memo recognises there are not sent); ``history``: the base's
+               memo: LayerMemo, history: list[dict[str, Any]] | None = None,
+               env: dict[str, str] | None = None) -> LoadResult:
+    """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
+    (environment variables) added to the base's config. ``known``: chain ids the daemon holds
+    (layers the memo recognises there are not sent); ``history``: the base's
     (:func:`base_history`), so that the image's history names every layer."""
     base_attrs = api.inspect_image(base)
     result = LoadResult()
     have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
-    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history))
+    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env))
     for message in answer or []:
         if "error" in message:
             raise OSError(str(message["error"]).strip())

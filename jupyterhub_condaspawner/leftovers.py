@@ -1,9 +1,10 @@
 """What failed or killed builds of THIS installation left behind, found and removed.
 
 A build that fails or is killed (its process, or the Docker daemon under it) can leave
-stopped build-step containers, untagged step images, its staging folder, ``.pkg-*``
-temporaries in the package cache, and (a daemon killed mid-step) a step's process still
-running under an orphaned containerd shim. The daemon and the package cache may be shared
+stopped build-step containers, untagged step images (or the image the layered route
+loaded, before its tag), its staging folder, ``.pkg-*`` temporaries in the package
+cache, and (a daemon killed mid-step) a step's process still running under an orphaned
+containerd shim. The daemon and the package cache may be shared
 with other hubs and test runs, so nothing is chosen by its look alone:
 
 - containers and images: only those this cache folder's build logs say docker made for a
@@ -41,6 +42,7 @@ SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime:
 _CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
+_LOADED = re.compile(r"^loaded image (?:sha256:)?([0-9a-f]{64})\s*$")  # the layered route's, before its tag
 PACKAGE_TEMPORARY = ".pkg-*"
 
 
@@ -63,7 +65,8 @@ class Leftovers:
 
 def traces(log_text: str) -> tuple[list[str], list[str]]:
     """The containers and images docker made for a build, as its log names them: step containers
-    (``Running in``) and step images, but not the base (a FROM step's) nor a cached step's image."""
+    (``Running in``), step images and the layered route's loaded image, but not the base (a FROM
+    step's) nor a cached step's image."""
     containers: list[str] = []
     images: list[str] = []
     skip_next = False
@@ -73,6 +76,8 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             skip_next = step.group(1).upper() == "FROM"
         elif line.strip() == "---> Using cache":
             skip_next = True
+        elif match := _LOADED.match(line):
+            images.append(match.group(1))
         elif match := _CONTAINER.match(line):
             containers.append(match.group(1))
         elif match := _IMAGE.match(line):

@@ -154,7 +154,7 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         failures[directory] = (key_dir, traces_of(key_dir))
     their_containers, their_images = failures[theirs][1]
     our_containers, our_images = failures[ours][1]
-    assert our_images and their_images  # docker made step images for each (COPY meta at least)
+    assert our_images and their_images  # the loaded layers and docker's step images before the pip step
     assert present(client, [], our_images) == our_images
     # steps their build reused from ours ("Using cache") are part of their images now: those stay
     their_chain = {entry["Id"] for short in their_images for entry in client.api.history(short)}
@@ -220,7 +220,9 @@ def private_daemon(docker_daemon, base_image, tmp_path):
 def test_a_daemon_killed_mid_build_is_one_line_and_leaves_nothing_after_the_next_build(
         private_daemon, base_image, dev_python_channel, tmp_path):
     repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path, dev_python_channel.url, base_image, repo)
+    # the Dockerfile route: its compileall step is a container that runs long enough to be killed under
+    config = write_config(tmp_path, dev_python_channel.url, base_image, repo,
+                          extra="c.ImageBuilder.layered_images = False\n")
     env = env_file(tmp_path)
     host = private_daemon.docker_host
     process = start_build(config, env, docker_host=host)
@@ -261,7 +263,7 @@ def test_a_build_process_killed_mid_docker_build_leaves_nothing_after_gc(docker_
     config = write_config(tmp_path, dev_python_channel.url, base_image, repo)
     env = env_file(tmp_path, pip="cs-missing-never-reached==1.0")
     process = start_build(config, env)
-    key_dir, _ = wait_for_log(tmp_path / "cache", process, r"^Step \d+/\d+ : COPY meta ")
+    key_dir, _ = wait_for_log(tmp_path / "cache", process, r"^Step \d+/\d+ : RUN ")
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
@@ -305,7 +307,7 @@ def test_two_build_processes_on_one_key_build_once_and_both_get_the_image(docker
     images = {row.split()[2] for _, row, _ in results}
     assert len(images) == 1 and len(client.images.list(name=repo)) == 1
     (key_dir,) = (tmp_path / "cache" / "builds").glob("*")
-    assert (key_dir / "build.log").read_text().count("Step 1/") == 1
+    assert (key_dir / "build.log").read_text().count("loaded image ") == 1
     assert_correct_image(client, images.pop(), key_dir.name[:16])
     remove_repo_images(client, repo)
 
@@ -367,3 +369,6 @@ def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
     ])
     # not the base (FROM) nor a cached step's image: those are not this build's to remove
     assert leftovers.traces(log) == (["0c64e7038447", "48f1c4933099"], ["59efc613b6db", "cee5acf61946"])
+    # the layered route's image, loaded before its tag or its pip step
+    loaded = "sha256:" + "ab" * 32
+    assert leftovers.traces(f"layer environment: 1 bytes\nloaded image {loaded}\n") == ([], ["ab" * 32])

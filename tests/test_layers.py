@@ -232,3 +232,35 @@ async def test_gc_counts_a_layered_images_own_bytes_and_shared_layers_once(layer
     once = {key: size for sizes in everything.values() for key, size in sizes.items()}
     assert layered_builder.gc_plan().total == sum(once.values())
     assert sum(once.values()) < sum(sum(sizes.values()) for sizes in everything.values())
+
+
+@pytest.mark.docker
+async def test_an_environment_without_pip_is_loaded_whole_with_no_docker_build(layered_builder, docker_daemon):
+    info = await layered_builder.get_image(env_request("cs-alpha", "course"))
+    log = (Path(layered_builder.key_dir(info.key)) / "build.log").read_text()
+    assert "Step " not in log and f"loaded image {info.image_id}" in log
+    attrs = docker_daemon.client().api.inspect_image(info.tag)
+    config = attrs["Config"]
+    assert "CONDASPAWNER_ENV=/opt/conda/envs/course" in config["Env"] and config["User"] == "jovyan"
+    assert config["Labels"]["io.condaspawner.key"] == info.key
+    history = docker_daemon.client().api.history(info.tag)  # newest first: this image's layers, then the base's
+    assert history[0]["CreatedBy"].startswith(layers.HISTORY_PREFIX + "kernel and settings ")
+    # what env.Dockerfile's COPY steps wrote: root's files, readable by the server's user
+    script = ("stat -c '%U %a %n' /opt/condaspawner/environment.yml /opt/conda/share/jupyter/kernels/course/kernel.json"
+              " /opt/conda/etc/jupyter/jupyter_server_config.json && id -un")
+    output = docker_daemon.client().containers.run(info.tag, ["sh", "-c", script], network_mode="none", remove=True)
+    assert output.decode().split("\n")[:4] == [
+        "root 644 /opt/condaspawner/environment.yml", "root 644 /opt/conda/share/jupyter/kernels/course/kernel.json",
+        "root 644 /opt/conda/etc/jupyter/jupyter_server_config.json", "jovyan"]
+
+
+@pytest.mark.docker
+def test_the_base_history_from_dockers_api_is_its_config_history_to_the_second(docker_daemon, base_image):
+    api = docker_daemon.client().api
+    saved = layers._saved_config(api, api.inspect_image(base_image)["Id"])["history"]
+    rebuilt = layers.history_from_api(api, base_image)
+    assert rebuilt is not None and len(rebuilt) == len(saved)
+    for ours, theirs in zip(rebuilt, saved):
+        assert theirs["created"].startswith(ours["created"].removesuffix("Z"))
+        assert {key: value for key, value in ours.items() if key != "created"} == {
+            key: value for key, value in theirs.items() if key != "created"}
