@@ -145,6 +145,8 @@ def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, **
     return ImageBuilder(
         resolver=resolver, docker_client=bench.daemon.client(timeout=3600), base_image=bench.base_image,
         cache_dir=str(scratch / f"cache-{route}-{len(settings)}"),
+        # a cold build compiles every package: no byte code kept by earlier runs on this bench
+        bytecode_cache_dir=str(scratch / f"bytecode-{route}-{len(settings)}"),
         image_repo=f"condaspawner-realistic-{RUN_ID}-{route}-{len(settings)}",
         layered_images=route == "layered", build_timeout=7200, **settings)
 

@@ -46,6 +46,7 @@ from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Un
 from traitlets.config import LoggingConfigurable
 
 from . import layers, leftovers, metrics
+from .bytecode import BytecodeCache
 from .dockerclient import daemon_settings
 from .leftovers import Leftovers
 from .profiles import Profile
@@ -443,6 +444,17 @@ class ImageBuilder(LoggingConfigurable):
         layer of their own, shared by every image that has them; smaller ones share one layer.
 
         c.ImageBuilder.shared_layer_min_size = "64M"
+        """,
+    )
+    bytecode_cache_dir = Unicode(
+        "",
+        config=True,
+        help="""With layered_images: where each package's byte code is kept once compiled, so that
+        later environments with the package compile only what is new (empty: a folder
+        ``condaspawner-bytecode`` in the package cache, Resolver.package_cache_dir). It grows
+        with the packages built, like the package cache; deleting it is safe.
+
+        c.ImageBuilder.bytecode_cache_dir = "/srv/condaspawner/bytecode"
         """,
     )
     resolver = Instance(Resolver)
@@ -1080,6 +1092,8 @@ class ImageBuilder(LoggingConfigurable):
         if not self._daemon_is_local():
             build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
             return False
+        if not batches:
+            return True
         await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(map(len, batches))})")
         (context / "compile").mkdir()
         (context / "compile" / "batches.json").write_text(json.dumps(batches))
@@ -1153,10 +1167,17 @@ class ImageBuilder(LoggingConfigurable):
             history = await asyncio.to_thread(layers.base_history, self.client.api, base_id, memo.directory)
             known = await asyncio.to_thread(layers.known_chains, self.client.api, [i.id for i in self.images()])
             base_attrs = await asyncio.to_thread(self.client.api.inspect_image, base_id)
-        # Layers Docker holds with their byte code already are neither compiled nor sent again.
+        # Layers Docker holds with their byte code already are neither compiled nor sent again,
+        # and packages compiled for an earlier build are not compiled again.
         stored = layers.stored_layers(base_attrs, plan, known, memo)
-        compiled = await self._compile_staged(build, context, layers.compile_batches(plan, stored), build_log)
+        bytecode = BytecodeCache(Path(self.bytecode_cache_dir or Path(self.resolver.package_cache_dir)
+                                      / "condaspawner-bytecode"))
+        done = await asyncio.to_thread(bytecode.restore, staging)
+        batches = layers.compile_batches(staging, plan, stored, done)
+        compiled = await self._compile_staged(build, context, batches, build_log)
+        build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(map(len, batches))} compiled\n")
         if compiled:
+            await asyncio.to_thread(bytecode.keep, staging)
             plan = layers.plan_layers(staging, request.env_name, min_bytes=self.shared_layer_min_size,
                                       max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
         plan.append(layers.files_layer("kernel and settings", self._settings_files(context, request)))

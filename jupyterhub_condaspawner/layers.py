@@ -29,7 +29,7 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,13 +112,9 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     more), ordered by name, version and build; then the other packages' files; then
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
-    records, identities = _package_records(staging)
+    records, identities = package_identities(staging)
     # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(staging / path) for path in files) for key, files in records.items()}
-    python = next((identities[key] for key in identities if key[0] == "python"), "")
-    for key, files in records.items():
-        if identities[key] and any(path.endswith(".py") for path in files):
-            identities[key] += f"+{python}"  # its .pyc are the compiling python's: another python, another layer
     for key, files in _compiled_files(staging, records).items():
         records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
@@ -177,19 +173,23 @@ def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str
     return stored
 
 
-def compile_batches(plan: list[Layer], skip: set[str]) -> list[list[str]]:
-    """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches:
-    every layer's but those named in ``skip`` (stored already, with their byte code)."""
-    lib = f"{SHARED_PREFIX.lstrip('/')}/lib/"
-    batches = []
-    for layer in plan:
-        if layer.name in skip:
-            continue
-        files = sorted(f"/{entry.path}" for entry in layer.entries
-                       if entry.source is not None and entry.path.startswith(lib) and entry.path.endswith(".py")
-                       and not entry.source.is_symlink())
-        batches += [files[start:start + COMPILE_BATCH] for start in range(0, len(files), COMPILE_BATCH)]
-    return batches
+def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
+                    ) -> list[list[str]]:
+    """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches of one
+    package's files each (so that a package's byte code does not depend on which packages share
+    its layer): every layer's but those named in ``skip`` (stored already, with their byte code),
+    less the staged paths in ``done`` (byte code from the cache, bytecode.py)."""
+    prefix = SHARED_PREFIX.lstrip("/")
+    records, _ = _package_records(staging)
+    owner = {path: "-".join(key) for key, files in records.items() for path in files}
+    wanted = {entry.path.removeprefix(prefix + "/") for layer in plan if layer.name not in skip
+              for entry in layer.entries if entry.source is not None and not entry.source.is_symlink()}
+    by_package: dict[str, list[str]] = {}
+    for path in sorted(wanted - set(done)):
+        if path.startswith("lib/") and path.endswith(".py"):
+            by_package.setdefault(owner.get(path, ""), []).append(f"/{prefix}/{path}")
+    return [files[start:start + COMPILE_BATCH] for _, files in sorted(by_package.items())
+            for start in range(0, len(files), COMPILE_BATCH)]
 
 
 def tar_size(entries: Iterable[Entry]) -> int:
@@ -309,6 +309,22 @@ def _next_chain(chain: str, diff_id: str) -> str:
 
 
 # -- inside ------------------------------------------------------------------------------
+
+
+def package_identities(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:
+    """(name, version, build) -> the package's files, and -> its identity: its sha256, with the
+    python's for a package of Python files (their .pyc are that python's), or "" (unknown)."""
+    records, identities = _package_records(staging)
+    python = next((identities[key] for key in identities if key[0] == "python"), "")
+    for key, files in records.items():
+        if identities[key] and any(path.endswith(".py") for path in files):
+            identities[key] += f"+{python}"
+    return records, identities
+
+
+def compiled_files(staging: Path) -> dict[tuple[str, str, str], list[str]]:
+    """The byte code compiled in ``staging`` that no package lists, by the package of its source."""
+    return _compiled_files(staging, _package_records(staging)[0])
 
 
 def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:

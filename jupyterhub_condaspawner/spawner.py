@@ -226,6 +226,10 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
         self._queue_notice = False  # this process posted "the hub restarted while you waited"
+        # A start that has not (yet) created its container: nothing to poll or stop.
+        self._before_container = False
+        # A start that failed before its container: JupyterHub's clean-up of it is under way.
+        self._failing = False
         # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
         self._configured_limits: tuple[float | None, int | None] = (self.cpu_limit, self.mem_limit)
 
@@ -335,12 +339,14 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
     async def _run_apply_user_options(self, user_options: dict) -> None:
         # JupyterHub logs any exception here with a traceback at ERROR; a refused input is
         # the user's mistake, not the hub's: one line at INFO, and the one-line reason.
+        self._before_container = True  # JupyterHub's start of a server begins here
         if self.apply_user_options is not _apply_user_options:
             return await super()._run_apply_user_options(user_options)
         try:
             _apply_user_options(self, user_options)
             await self.precheck_solve()
         except StartFailure as refusal:
+            self._failing = True
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise
 
@@ -448,6 +454,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
     # -- start / stop / poll -------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
+        self._before_container = True
         if self._feed.done:
             self._feed = EventStream()
         custom = None
@@ -457,6 +464,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             return await self._start(profile, custom)
         except Exception as error:
             self._release_gpus()
+            self._failing = self._before_container
             failure = explain(error, custom_spec=custom is not None)
             log_failure(self.log, self._log_name, failure, error)
             raise failure from None  # JupyterHub's progress stream ends with "Spawn failed: <message>"
@@ -481,6 +489,7 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         self._prepare_container(info, self._allocation)
         await self._replace_if_changed(info)
         await self._feed.publish("start", 90, f"Starting your server ({profile.display_name})")
+        self._before_container = False
         ip_port = await super().start()
         await self._feed.publish("start", 95, "Container started; waiting for JupyterLab to answer")
         return ip_port
@@ -705,10 +714,22 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
             yield {"progress": event["progress"], "message": event["message"]}
 
     async def poll(self) -> int | str | None:
+        if self._before_container:
+            self._keep_failure_visible()
+            return 0
         status = await super().poll()
         if status is not None:
             self._release_gpus()
         return status
+
+    def _keep_failure_visible(self) -> None:
+        """JupyterHub stops a start that failed (polling first) before it settles the start: in
+        between, its progress API answers a page that asks "not starting" (HTTP 400), and the
+        page never learns why (jupyterhub#4244). So the start stays pending until JupyterHub
+        settles it (its own callback then clears the flag), and the page gets the failure."""
+        if self._failing:
+            self._failing = False
+            self._spawn_pending = True
 
     async def stop(self, now: bool = False) -> None:
         hub_services(self).queue.cancel(self.user.name, self.name)  # a start still waiting for a GPU

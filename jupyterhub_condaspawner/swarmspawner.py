@@ -438,6 +438,9 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         by itself: the hub calls stop() only for servers poll says are running, and a service
         left behind would restart its container (and take a GPU) if a dead node came back.
         """
+        if self._before_container:  # a start that failed before its service was created
+            self._keep_failure_visible()
+            return 0
         service = await self.get_object()
         if not service:
             return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
 import uuid
 
 import pytest
@@ -85,6 +86,31 @@ def test_hostile_environment_is_refused_with_400_and_nothing_built(hub):
     assert status == 400 and "unknown profile" in body["message"]
     assert hub.server_model("mallory") is None
     assert (set(builds.iterdir()) if builds.exists() else set()) == before
+
+
+def test_a_start_that_fails_at_once_tells_the_progress_page_why_at_every_moment(hub):
+    """JupyterHub answers the progress stream with 400 while it stops a start that failed: a
+    progress page asking then never learns why. The spawner's part of that stop is instant."""
+    def ask(answers: list) -> None:
+        try:
+            events = hub.progress("quinn", timeout=60)
+            answers.append(events[-1].get("message", "") if events[-1].get("failed") else f"no failure: {events}")
+        except urllib.error.HTTPError as error:  # what a page's EventSource gives up on
+            answers.append(f"HTTP {error.code}: {error.read().decode(errors='replace')}")
+
+    for _ in range(3):
+        unsolvable = f"channels: [conda-forge]\ndependencies: [python=3.9, cs-gamaa]\nvariables: {{R: {uuid.uuid4().hex}}}\n"
+        status, body = hub.spawn("quinn", {"profile": "python39", "environment": unsolvable})
+        assert status in (201, 202), body
+        # pages that load before, during and after the failure and its clean-up (~0.1 s after the POST)
+        answers: list[str] = []
+        askers = [threading.Timer(0.005 * index, ask, (answers,)) for index in range(80)]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join()
+        assert len(answers) == 80 and all("cs-gamaa" in answer for answer in answers), sorted(set(answers))
+    assert hub.server_model("quinn") is None
 
 
 def test_outsider_gets_403_for_the_course_profile(hub):

@@ -1,0 +1,84 @@
+"""Each package's byte code, compiled once per host and reused by every later build.
+
+An environment image carries ``.pyc`` files (its server's user cannot write
+``__pycache__``), compiled by the environment's own Python at the shared in-image prefix
+(layers.py). A package's byte code depends only on the package, the compiling Python and
+that prefix, and each package is compiled in batches of its own files: so it is the same in
+every environment that installs the package. This cache keeps it by the package's identity
+(``layers.package_identities``), beside the package cache, and links it into the next
+staged environment that installs the package, which then compiles only what is new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from . import layers
+
+COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole
+
+
+class BytecodeCache:
+    """Compiled files by package identity under ``directory`` (None: no cache)."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+
+    def restore(self, staging: Path) -> set[str]:
+        """Link the cached byte code of the packages staged in ``staging`` into it: the staged
+        paths of the Python files whose byte code is now there (not to compile again)."""
+        done: set[str] = set()
+        records, identities = layers.package_identities(staging)
+        for key, files in records.items():
+            entry = self._entry(identities[key])
+            if entry is None or not (entry / COMPLETE).exists():
+                continue
+            try:
+                for cached in _files(entry):
+                    _link(entry / cached, staging / cached)
+            except OSError:
+                continue  # a partial restore is compiled over
+            done.update(path for path in files if path.endswith(".py"))
+        return done
+
+    def keep(self, staging: Path) -> None:
+        """Keep the byte code compiled in ``staging`` of each package the cache lacks."""
+        _, identities = layers.package_identities(staging)
+        for key, compiled in layers.compiled_files(staging).items():
+            entry = self._entry(identities.get(key, ""))
+            if entry is None or entry.exists():
+                continue
+            partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
+            try:
+                for path in compiled:
+                    _link(staging / path, partial / path)
+                (partial / COMPLETE).touch()
+                os.rename(partial, entry)  # another build may have kept it first: then ours goes
+            except OSError:
+                pass
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def _entry(self, identity: str) -> Path | None:
+        if self.directory is None or not identity:
+            return None
+        key = hashlib.sha256(f"{layers.LAYER_RECIPE}\0{layers.SHARED_PREFIX}\0{identity}".encode()).hexdigest()
+        return self.directory / key
+
+
+def _files(entry: Path) -> list[str]:
+    return [path for path in layers.tree_paths(entry) if path != COMPLETE]
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem
+        shutil.copyfile(source, target)
