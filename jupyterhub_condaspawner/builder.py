@@ -271,6 +271,7 @@ class Build(EventStream):
     env_name: str = ""
     since: float = field(default_factory=time.time)  # epoch seconds: when it was asked for
     started_here: bool = False  # this process ran the build (its status is this process's to record)
+    rebuild: bool = False  # build again though the key's image exists (a fresh solve)
 
     async def result(self) -> ImageInfo:
         assert self.task is not None
@@ -685,13 +686,17 @@ class ImageBuilder(LoggingConfigurable):
         metrics.record_cache_lookup(info is not None)
         return info
 
-    def ensure(self, request: BuildRequest) -> Build:
-        """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``."""
+    def ensure(self, request: BuildRequest, rebuild: bool = False) -> Build:
+        """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``.
+
+        ``rebuild``: build it again (a fresh solve: newer packages) though its image exists. The
+        old image serves new servers until the new one is tagged, and stays if the build fails.
+        """
         key = self.build_key(request)
         build = self._builds.get(key)
         if build is not None:
             return build
-        build = Build(key=key, name=request.display_name, env_name=request.env_name)
+        build = Build(key=key, name=request.display_name, env_name=request.env_name, rebuild=rebuild)
         build.task = asyncio.ensure_future(self._run(build, request))
         build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self._builds[key] = build
@@ -730,7 +735,7 @@ class ImageBuilder(LoggingConfigurable):
 
     async def _build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
         key = build.key
-        cached = await asyncio.to_thread(self._cached_info, key, request, started)
+        cached = None if build.rebuild else await asyncio.to_thread(self._cached_info, key, request, started)
         if cached:
             return cached
         async with self._slot(build):
@@ -743,11 +748,12 @@ class ImageBuilder(LoggingConfigurable):
                 raise await self._no_space_error(request, None, error) from None
             async with _file_lock(self.key_dir(key) / "build.lock"):
                 # Another hub process may have built it while we waited for the lock.
-                cached = await asyncio.to_thread(self._cached_info, key, request, started)
+                cached = None if build.rebuild else await asyncio.to_thread(self._cached_info, key, request, started)
                 if cached:
                     return cached
                 # With a registry: built here before, but never pushed (a failed push, a new registry).
-                local = self.find_image(key) if self.registry else None
+                local = self.find_image(key) if self.registry and not build.rebuild else None
+                replaced = self.find_image(key) if build.rebuild else None
                 if local is not None:
                     self.log.info("Image %s is on the build daemon but not in the registry: pushing it",
                                   self.tag_for(key))
@@ -757,9 +763,21 @@ class ImageBuilder(LoggingConfigurable):
                     self.builds_started += 1
                     self.log.info("Building image %s (%s) for %s", self.tag_for(key), key, request.display_name)
                     info = await self._build(build, request, started)
+                    if replaced is not None and replaced.id != info.image_id:
+                        await asyncio.to_thread(self._remove_replaced, key, replaced.id)
                 if self.registry:
                     info = await self._push(build, info)
                 return info
+
+    def _remove_replaced(self, key: str, image_id: str) -> None:
+        """Remove the image a rebuild replaced (its tag moved to the new one), unless a server runs it."""
+        try:
+            with self._daemon("removing the replaced image"):
+                self.client.images.remove(image_id, noprune=False)
+            self._write_log(key, f"removed the replaced image {image_id}\n")
+        except (BuildError, docker.errors.APIError) as error:  # a server still runs it: it stays, untagged
+            self.log.info("Rebuild of %s kept the replaced image %s: %s", key[:16], image_id, _one_line(error))
+            self._write_log(key, f"kept the replaced image {image_id}: {_one_line(error)}\n")
 
     def _cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:
         if self.registry:

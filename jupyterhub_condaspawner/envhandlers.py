@@ -162,12 +162,12 @@ class _Environments:
                 "notes": result.notes, "message": f"gc {verb} {len(removed)} image(s), "
                                                   f"{result.freed_total / 1e6:.0f} MB"}
 
-    async def _ensure(self, request: BuildRequest) -> Build:
+    async def _ensure(self, request: BuildRequest, rebuild: bool = False) -> Build:
         """Start (or join) a build in the background: its failure shows in the builds view and log."""
         builder = self.condaspawner.builder
         try:
             await asyncio.to_thread(builder.base_image_id)  # the key needs it: a missing base is one line now
-            build = builder.ensure(request)
+            build = builder.ensure(request, rebuild=rebuild)
         except BuildError as error:
             raise PageFailure(503, f"cannot build: {error}") from None
         assert build.task is not None
@@ -201,9 +201,8 @@ class _Environments:
             request = request_for_profile(profile, custom)
         except (KeyError, ValueError, ProfileError, SpecError) as error:
             raise PageFailure(400, f"cannot rebuild: {str(error).splitlines()[0] if str(error) else 'no spec'}") from None
-        if await asyncio.to_thread(services.builder.find_image, key) is not None:
-            await self._delete(key)
-        build = await self._ensure(request)
+        # The old image serves new servers until the new one is tagged, and stays if this fails.
+        build = await self._ensure(request, rebuild=True)
         return {"key": build.key, "message": f"rebuilding {request.display_name} ({build.key[:16]})"}
 
 

@@ -31,7 +31,7 @@ from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .profiles import Profile
-from .spawner import CondaSpawner, GpuSample, HubServices, _evaluated
+from .spawner import CondaSpawner, GpuSample, HubServices, _evaluated, hub_services
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).
@@ -443,6 +443,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             return 0
         service = await self.get_object()
         if not service:
+            hub_services(self).culler.forget(self.user.name, self.name)
             return 0
         state = await self._read_swarm(self.object_id)
         task = state.task_for(self.object_id)
@@ -458,6 +459,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             return None
         self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
         await self._remove_quietly()
+        hub_services(self).culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
         return status
 
     # -- state ------------------------------------------------------------------------------

@@ -333,9 +333,9 @@ def _remove_containers(client, hub: Hub) -> None:
     for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}):
         if container.image.tags and container.image.tags[0].startswith(hub.env["CONDASPAWNER_DEMO_IMAGE_REPO"]):
             container.remove(force=True)
-    # GPU containers whose image was replaced (leftovers): only this process's, by their home
-    # volume, since another test process's hubs may be running theirs on the same daemon.
-    for container in client.containers.list(all=True, filters={"label": f"io.condaspawner.gpus={FAKE_GPU}"}):
+    # Containers whose image was replaced (a rebuild moved its tag, or leftovers): only this
+    # process's, by their home volume, since another test process's hubs may run theirs here.
+    for container in client.containers.list(all=True):
         if any(str(mount.get("Name", "")).startswith(VOLUME_PREFIX) for mount in container.attrs.get("Mounts", [])):
             container.remove(force=True)
     for volume in client.volumes.list():

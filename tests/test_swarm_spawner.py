@@ -26,14 +26,16 @@ from condaspawner_bench.swarm import SwarmBench
 from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_USER
-from jupyterhub_condaspawner.spawner import _services
+from jupyterhub_condaspawner.spawner import _services, hub_services
 from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
 
 pytestmark = [pytest.mark.swarm, pytest.mark.docker]
 
 GPUS_FILE = "/tmp/condaspawner-gpus"
 # Stands in for jupyterhub-singleuser: what the launcher exported, then nothing but waiting.
-STAND_IN = ["sh", "-c", f'echo "$CONDASPAWNER_GPUS" > {GPUS_FILE}; exec sleep 3600', "stand-in"]
+# written aside and renamed: a reader must never see the file created but not yet written
+STAND_IN = ["sh", "-c", f'echo "$CONDASPAWNER_GPUS" > {GPUS_FILE}.new && mv {GPUS_FILE}.new {GPUS_FILE}; '
+            "exec sleep 3600", "stand-in"]
 PROFILES = {
     "10-cpu.yaml": "display_name: CPU\nslug: cpu\nenvironment: envs/py.yml\ncpu_limit: 0.1\nmem_limit: 256M\n",
     "20-gpu.yaml": ('display_name: One GPU\nslug: gpu\nenvironment: envs/py.yml\ngpus: 1\ngpu_model: "*A100*"\n'
@@ -295,8 +297,10 @@ async def test_the_per_user_quota_counts_the_users_servers_in_swarms_tasks(swarm
 
 
 async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_other(swarm_bench, servers):
-    spawner = servers.make("survivor")
+    spawner = servers.make("survivor", gpu_idle_timeout=30)
     await servers.start(spawner)
+    culler = hub_services(spawner).culler
+    assert ("survivor", "") in culler.watched()  # its GPU is watched for idleness
     victim, _ = assigned(swarm_bench, spawner)
     other = next(node.name for node in swarm_bench.workers if node.name != victim)
     try:
@@ -316,6 +320,7 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
         assert isinstance(status, str) and status
         # Gone with it: the hub calls stop() only for servers poll says are running.
         assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+        assert ("survivor", "") not in culler.watched()  # nothing left to cull
         assert await spawner.poll() == 0
         spawner.clear_state()  # what the hub does then
 
