@@ -9,7 +9,9 @@ with other hubs and test runs, so nothing is chosen by its look alone:
 
 - containers and images: only those this cache folder's build logs say docker made for a
   build (``---> Running in ID``, and a step's `` ---> ID`` that was not ``Using cache``),
-  of keys whose build no process runs now (nobody holds the key's lock);
+  of keys whose build no process runs now (nobody holds the key's lock); also the old image
+  a rebuild replaced while a server ran it (``kept the replaced image ID``), once no
+  container uses it (a key's log is read again until then);
 - staging folders: this cache folder's, of keys nobody holds the lock of;
 - ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
 - processes: a shim whose container id one of our logs names, once its container is gone.
@@ -43,6 +45,8 @@ _CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
 _LOADED = re.compile(r"^loaded image (?:sha256:)?([0-9a-f]{64})\s*$")  # the layered route's, before its tag
+# a rebuild's old image that a server still ran: untagged, it goes once no container uses it
+_REPLACED = re.compile(r"^kept the replaced image (?:sha256:)?([0-9a-f]{64}):")
 PACKAGE_TEMPORARY = ".pkg-*"
 
 
@@ -57,6 +61,7 @@ class Leftovers:
     temporaries: dict[Path, int] = field(default_factory=dict)
     processes: dict[int, str] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)  # whose logs were read (marked swept once all went)
+    busy_keys: set[str] = field(default_factory=set)  # a container still uses one of their images: read again
     notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -65,7 +70,8 @@ class Leftovers:
 
 def traces(log_text: str) -> tuple[list[str], list[str]]:
     """The containers and images docker made for a build, as its log names them: step containers
-    (``Running in``), step images and the layered route's loaded image, but not the base (a FROM
+    (``Running in``), step images, the layered route's loaded image and a replaced image a server still ran (a
+    rebuild's), but not the base (a FROM
     step's) nor a cached step's image."""
     containers: list[str] = []
     images: list[str] = []
@@ -76,7 +82,7 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             skip_next = step.group(1).upper() == "FROM"
         elif line.strip() == "---> Using cache":
             skip_next = True
-        elif match := _LOADED.match(line):
+        elif match := _LOADED.match(line) or _REPLACED.match(line):
             images.append(match.group(1))
         elif match := _CONTAINER.match(line):
             containers.append(match.group(1))
@@ -143,6 +149,8 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
                 continue
             if attrs.get("Id") not in used or any(attrs.get("Id") == _image_of(client, c) for c in found.containers):
                 found.images.append(short)
+            else:
+                found.busy_keys.add(key)
     for key in _unused_keys_with_staging(builder, own_key):
         folder = Path(builder.cache_dir) / "staging" / key
         found.staging[folder] = _tree_size(folder)
@@ -163,7 +171,7 @@ def _unused_keys_with_staging(builder: ImageBuilder, own_key: str) -> list[str]:
 
 def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
     """Remove what :func:`find` found; what went (notes say what stayed and why)."""
-    gone = Leftovers(keys=found.keys)
+    gone = Leftovers(keys=found.keys, busy_keys=found.busy_keys)
     client = builder.client
     for short in found.containers:
         try:
@@ -199,7 +207,7 @@ def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
         if not temporary.exists():
             gone.temporaries[temporary] = size
     if not gone.notes:
-        for key in found.keys:
+        for key in set(found.keys) - found.busy_keys:
             with contextlib.suppress(OSError):
                 (builder.key_dir(key) / SWEPT).touch()
     return gone

@@ -340,3 +340,24 @@ async def test_a_rebuild_replaces_the_image_only_once_the_new_one_is_built(build
     with pytest.raises(docker.errors.ImageNotFound):  # nothing runs it: removed, not left dangling
         docker_daemon.client().images.get(first.image_id)
     assert f"removed the replaced image {first.image_id}" in (builder.key_dir(first.key) / "build.log").read_text()
+
+
+async def test_an_image_a_rebuild_replaced_under_a_running_server_goes_once_the_server_is_gone(builder, docker_daemon):
+    client = docker_daemon.client()
+    req = unique_env()
+    first = await builder.get_image(req)
+    server = client.containers.run(first.image_id, ["sleep", "600"], detach=True, network_mode="none")
+    try:
+        again = await builder.ensure(req, rebuild=True).result()
+        assert builder.find_image(first.key).id == again.image_id
+        log = (builder.key_dir(first.key) / "build.log").read_text()
+        assert f"kept the replaced image {first.image_id}: " in log
+        assert client.images.get(first.image_id).tags == []  # untagged, still there: the server runs it
+        assert first.image_id.removeprefix("sha256:")[:12] not in "".join(builder.gc(dry_run=True).leftovers.images)
+    finally:
+        server.remove(force=True)
+    removed = builder.gc().leftovers.images
+    assert any(first.image_id.removeprefix("sha256:").startswith(short) for short in removed), removed
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(first.image_id)
+    assert client.images.get(again.image_id).tags  # the new one stays
