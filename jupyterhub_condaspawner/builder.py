@@ -1201,14 +1201,18 @@ class ImageBuilder(LoggingConfigurable):
         plan.append(layers.files_layer("kernel and settings", self._settings_files(context, request)))
         env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
         await build.publish("build", 42, f"Writing the environment as {_plural(len(plan), 'layer')}")
+        def loading(image_id: str) -> None:  # for leftovers, should the build be killed mid-load
+            build_log.write(f"loading image {image_id}\n")
+            build_log.flush()
+
         with self._daemon("loading the environment's layers"):
             try:
                 result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, labels, known,
-                                                 memo, history, env)
+                                                 memo, history, env, loading)
             except OSError as error:  # a layer counted on was removed meanwhile: send every layer
                 build_log.write(f"layered load failed ({error}); sending every layer\n")
                 result = await asyncio.to_thread(layers.load_image, self.client.api, base_id, plan, labels, set(),
-                                                 layers.LayerMemo(None), history, env)
+                                                 layers.LayerMemo(None), history, env, loading)
         for name, diff_id, size, sent in result.layers:
             build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
         written = [size for _, _, size, sent in result.layers if sent]

@@ -29,7 +29,7 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,6 +71,7 @@ class LoadResult:
 
     image_id: str = ""
     layers: list[tuple[str, str, int, bool]] = field(default_factory=list)  # name, diff id, size, sent
+    on_image_id: Callable[[str], None] | None = None  # told the id before the config is sent
 
 
 class LayerMemo:
@@ -298,6 +299,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
     config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history, env),
                         sort_keys=True).encode()
     result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+    if result.on_image_id is not None:
+        result.on_image_id(result.image_id)
     yield from _archive_member("config.json", config)
     manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
     yield from _archive_member("manifest.json", manifest)
@@ -582,13 +585,16 @@ class _ChunkReader(io.RawIOBase):
 
 def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
                memo: LayerMemo, history: list[dict[str, Any]] | None = None,
-               env: dict[str, str] | None = None) -> LoadResult:
+               env: dict[str, str] | None = None,
+               on_image_id: Callable[[str], None] | None = None) -> LoadResult:
     """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
     (environment variables) added to the base's config. ``known``: chain ids the daemon holds
     (layers the memo recognises there are not sent); ``history``: the base's
-    (:func:`base_history`), so that the image's history names every layer."""
+    (:func:`base_history`), so that the image's history names every layer; ``on_image_id``:
+    told the image's id before Docker gets the end of the archive (a build killed from then
+    on leaves an image Docker may still finish loading: its log can name it)."""
     base_attrs = api.inspect_image(base)
-    result = LoadResult()
+    result = LoadResult(on_image_id=on_image_id)
     have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
     answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env))
     for message in answer or []:

@@ -44,7 +44,8 @@ SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime:
 _CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
-_LOADED = re.compile(r"^loaded image (?:sha256:)?([0-9a-f]{64})\s*$")  # the layered route's, before its tag
+# the layered route's, before its tag ("loading": its id is known before Docker has all of it)
+_LOADED = re.compile(r"^load(?:ed|ing) image (?:sha256:)?([0-9a-f]{64})\s*$")
 # a rebuild's old image that a server still ran: untagged, it goes once no container uses it
 _REPLACED = re.compile(r"^kept the replaced image (?:sha256:)?([0-9a-f]{64}):")
 PACKAGE_TEMPORARY = ".pkg-*"
@@ -90,7 +91,7 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             if not skip_next:
                 images.append(match.group(1))
             skip_next = False
-    return containers, images
+    return containers, list(dict.fromkeys(images))
 
 
 def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:

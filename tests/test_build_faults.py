@@ -372,3 +372,6 @@ def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
     # the layered route's image, loaded before its tag or its pip step
     loaded = "sha256:" + "ab" * 32
     assert leftovers.traces(f"layer environment: 1 bytes\nloaded image {loaded}\n") == ([], ["ab" * 32])
+    # named before Docker has all of it (a build killed mid-load), then once loaded: one image
+    assert leftovers.traces(f"loading image {loaded}\nlayer environment: 1 bytes\nloaded image {loaded}\n") == (
+        [], ["ab" * 32])

@@ -12,6 +12,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import docker.errors
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
@@ -299,3 +300,28 @@ def test_the_base_history_from_dockers_api_is_its_config_history_to_the_second(d
         assert theirs["created"].startswith(ours["created"].removesuffix("Z"))
         assert {key: value for key, value in ours.items() if key != "created"} == {
             key: value for key, value in theirs.items() if key != "created"}
+
+
+@pytest.mark.docker
+async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_removes(layered_builder, docker_daemon):
+    # the builder logs the image's id before Docker has the end of the archive
+    info = await layered_builder.get_image(env_request("cs-alpha", "course"))
+    log = (Path(layered_builder.key_dir(info.key)) / "build.log").read_text()
+    assert log.index(f"loading image {info.image_id}") < log.index(f"loaded image {info.image_id}")
+
+    # What a build killed once its archive was sent leaves: Docker finished the load, nothing
+    # tagged the image, and the log stops at "loading".
+    api = docker_daemon.client().api
+    key = uuid.uuid4().hex * 2
+    told: list[str] = []
+    loaded = layers.load_image(api, layered_builder.base_image_id(), [layers.Layer("leftover", ())],
+                               {"io.condaspawner.key": key}, set(), layers.LayerMemo(None), on_image_id=told.append)
+    assert told == [loaded.image_id] and api.inspect_image(loaded.image_id)["RepoTags"] == []
+    key_dir = Path(layered_builder.key_dir(key))
+    key_dir.mkdir(parents=True, exist_ok=True)
+    (key_dir / "build.log").write_text(f"build {key} started\nloading image {loaded.image_id}\n")
+
+    assert loaded.image_id.removeprefix("sha256:") in layered_builder.gc().leftovers.images
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_daemon.client().images.get(loaded.image_id)
+    assert docker_daemon.client().images.get(info.image_id).tags  # the built one stays
