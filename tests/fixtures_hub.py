@@ -6,6 +6,7 @@ extra settings for the tests: an API token, fake static GPUs, kept containers.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import http.cookiejar
 import json
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 from fixtures_docker import REPO, bench_dir, bench_unavailable, remove_repo_images
 from prometheus_client.parser import text_string_to_metric_families
@@ -330,14 +332,17 @@ def _stop_all_servers(hub: Hub) -> None:
 
 
 def _remove_containers(client, hub: Hub) -> None:
-    for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}):
-        if container.image.tags and container.image.tags[0].startswith(hub.env["CONDASPAWNER_DEMO_IMAGE_REPO"]):
-            container.remove(force=True)
+    # other tests remove their containers meanwhile: one gone between the listing and here is fine
+    for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}, ignore_removed=True):
+        with contextlib.suppress(docker.errors.NotFound):
+            if container.image.tags and container.image.tags[0].startswith(hub.env["CONDASPAWNER_DEMO_IMAGE_REPO"]):
+                container.remove(force=True)
     # Containers whose image was replaced (a rebuild moved its tag, or leftovers): only this
     # process's, by their home volume, since another test process's hubs may run theirs here.
-    for container in client.containers.list(all=True):
+    for container in client.containers.list(all=True, ignore_removed=True):
         if any(str(mount.get("Name", "")).startswith(VOLUME_PREFIX) for mount in container.attrs.get("Mounts", [])):
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
     for volume in client.volumes.list():
         if volume.name.startswith(VOLUME_PREFIX):
             volume.remove(force=True)
