@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import docker.errors
+import psutil
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -192,9 +191,11 @@ def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
             pass  # a later step (or another image) is built on it: removing that prunes this one
     for pid, container in found.processes.items():
         # the step's process first (pid 1 of its namespace: the namespace goes with it), then its shim
-        for process in [*_children(pid), pid]:
-            with contextlib.suppress(OSError):
-                os.kill(process, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            shim = psutil.Process(pid)
+            for process in [*shim.children(), shim]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
         gone.processes[pid] = container
     for folder, size in found.staging.items():
         shutil.rmtree(folder, ignore_errors=True)
@@ -240,14 +241,13 @@ def orphan_processes(container: str) -> list[int]:
     pids. A shim names the full container id in its command line (``-id ID``), a log the first 12
     characters."""
     pids = []
-    for entry in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError, ValueError):
-            words = entry.read_bytes().split(b"\0")
-            if not words or b"containerd-shim" not in words[0]:
-                continue
-            ids = [words[i + 1].decode() for i, word in enumerate(words[:-1]) if word == b"-id"]
-            if any(value.startswith(container) for value in ids):
-                pids.append(int(entry.parent.name))
+    for process in psutil.process_iter(["cmdline"]):
+        words = process.info["cmdline"] or []
+        if not words or "containerd-shim" not in words[0]:
+            continue
+        ids = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-id"]
+        if any(value.startswith(container) for value in ids):
+            pids.append(process.pid)
     return pids
 
 
@@ -256,15 +256,6 @@ def _image_of(client: docker.DockerClient, container: str) -> str:
         return str(client.api.inspect_container(container).get("Image", ""))
     except docker.errors.DockerException:
         return ""
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(entry.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.parent.name))
-    return children
 
 
 def _created(attrs: dict) -> float | None:
