@@ -20,6 +20,7 @@ from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .profiles import ProfileError
 from .spawner import CondaSpawner, HubServices
 from .spec import SpecError
+from .swarmspawner import CondaSwarmSpawner
 from .usage import Use
 
 LOG_POLL_S = 0.5  # how often a live log (or the builds table) looks for news
@@ -123,7 +124,19 @@ class _Environments:
                 raise PageFailure(503, f"cannot list images: {_daemon_line(services.builder, error)}") from None
         if part == "builds":
             return environments.admin_builds(services.builder)
+        spawner = self.current_user.spawner
+        if isinstance(spawner, CondaSwarmSpawner):
+            return await self._swarm_gpus(spawner, services)
         return environments.gpu_map(services.allocator, services.queue, services.culler)
+
+    async def _swarm_gpus(self, spawner: CondaSwarmSpawner, services: HubServices) -> dict[str, Any]:
+        try:
+            state = await asyncio.to_thread(spawner.read_swarm)
+        except Exception as error:  # the manager: one line
+            raise PageFailure(503, f"cannot read the swarm's GPUs from its manager: {_one_line(error)}") from None
+        nodes = [node for node in state.nodes if node.gpus and node.ready]
+        readings = await asyncio.to_thread(spawner.utilization_source().read, nodes)  # a node that fails: no reading
+        return environments.swarm_gpu_map(state, readings, services.allocator.idle_utilization, services.culler)
 
     async def start(self, key: str, server_name: str = "") -> str:
         """Start the user's server ``server_name`` ("" the default one) with ``key``'s environment;

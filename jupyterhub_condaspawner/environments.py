@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from . import envdiff
+from . import envdiff, swarmgpus
 from .builder import (
     CUSTOM_ENV_NAME,
     LABEL_CREATED,
@@ -25,6 +26,8 @@ from .builder import (
     BuildError,
     ImageBuilder,
 )
+from .swarm import SwarmState, since_text
+from .swarmgpus import GpuReading
 from .usage import UsageLog, Use
 
 if TYPE_CHECKING:
@@ -233,6 +236,37 @@ def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> 
             "holders": holders,
         })
     return {"gpus": rows, "queue": queue.waiting()}
+
+
+def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_utilization: float,
+                  culler: GpuIdleCuller, now: float | None = None) -> dict[str, Any]:
+    """The GPU map of a swarm: every node's GPUs (the node, index, model, utilization and memory
+    from its dcgm-exporter, state, holder from Swarm's tasks) and the servers waiting for GPUs
+    (Swarm's pending tasks, oldest first), in the rows :func:`gpu_map` gives on one host."""
+    holders = state.holders()
+    states = swarmgpus.gpu_states(state, readings, idle_utilization)
+    rows = []
+    for node in sorted(state.nodes, key=lambda node: node.hostname):
+        for index, uuid in enumerate(node.gpus):
+            task, reading = holders.get(uuid), readings.get(uuid)
+            rows.append({
+                "host": node.hostname, "node_state": node.state, "index": index, "uuid": uuid,
+                "model": node.gpu_model or "", "memory_used": reading.memory_used if reading else None,
+                "memory_total": None, "utilization": reading.utilization if reading else None,
+                "state": states.get(uuid, "free"),
+                "holders": [] if task is None else [{
+                    "user": task.user, "server": task.server_name, "since": since_text(task.created),
+                    "running": task.state == "running",
+                    "idle_seconds": _rounded(culler.idle_for(task.user, task.server_name))}],
+            })
+    now = time.time() if now is None else now
+    waiting = sorted((task for task in state.tasks if task.live and task.gpus_requested and not task.gpus),
+                     key=lambda task: task.created)
+    queue = [{"user": task.user, "server": task.server_name, "gpus": task.gpus_requested, "model": "",
+              "profile": "", "position": position, "reason": task.reason,
+              "waited_seconds": max(0, round(now - _epoch(since_text(task.created))))}
+             for position, task in enumerate(waiting)]
+    return {"gpus": rows, "queue": queue}
 
 
 def _rounded(seconds: float | None) -> int | None:
