@@ -199,7 +199,7 @@ def _spec_name(labels: dict[str, str]) -> str:
 def _epoch(iso: str) -> float:
     """Seconds since the epoch of an ISO 8601 time (0 when it is missing or not one)."""
     try:
-        moment = datetime.fromisoformat(iso)
+        moment = datetime.fromisoformat(iso[:-1] + "+00:00" if iso.endswith("Z") else iso)  # "Z": 3.11+ only
     except ValueError:
         return 0.0
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
