@@ -19,13 +19,14 @@ c.JupyterHub.cleanup_servers = False
 c.Spawner.start_timeout = 1800
 
 # -- The environments page (/hub/environments, linked in the hub's navigation bar) -----------
-# Users see the environments they started (packages, downloads, what changed); hub admins also
-# see every image, the builds and the GPUs. configure(c, admin_groups=["gpu-admins"]) lets a
-# group's members see the admin view too (the custom:condaspawner:admin scope): it adds a role
-# to load_roles, so call it after load_roles is set.
+# Users see the environments they started (packages, downloads, what changed); hub admins (and
+# holders of the custom:condaspawner:admin scope) also see every image, the builds and the GPUs.
 from jupyterhub_condaspawner.envpage import configure as add_environments_page  # noqa: E402
 
 add_environments_page(c)
+# So do these users and the members of these groups:
+# c.EnvironmentsPage.admin_users = {"alice"}
+# c.EnvironmentsPage.admin_groups = {"gpu-admins"}
 
 # -- Profiles: one YAML file per profile (see profiles/ in the project) ---------------------
 c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"

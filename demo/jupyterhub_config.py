@@ -28,7 +28,10 @@ c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
 c.Authenticator.admin_users = {"admin"}
-c.JupyterHub.load_groups = {"dl-course": {"users": ["student"]}, "vision-lab": {"users": ["pi-smith"]}}
+c.JupyterHub.load_groups = {"dl-course": {"users": ["student"]}, "vision-lab": {"users": ["pi-smith"]},
+                           "gpu-admins": {"users": ["ops"]}}
+# `ops` sees the environments page's admin view (images, builds, GPUs) without being a hub admin.
+c.EnvironmentsPage.admin_groups = {"gpu-admins"}
 
 # The bench instead of conda-forge, the registry and a GPU host.
 c.ProfileCatalog.profiles_dir = os.environ.get("CONDASPAWNER_DEMO_PROFILES") or str(here / "profiles")

@@ -16,13 +16,16 @@ from tornado.iostream import StreamClosedError
 
 from . import environments
 from .builder import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildError, BuildRequest, ImageBuilder, request_for_profile
-from .envpage import ADMIN_SCOPE
+from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .profiles import ProfileError
 from .spawner import CondaSpawner, HubServices
 from .spec import SpecError
+from .swarmspawner import CondaSwarmSpawner
 from .usage import Use
 
-LOG_POLL_S = 0.5  # how often a live log looks for new lines
+LOG_POLL_S = 0.5  # how often a live log (or the builds table) looks for news
+STREAM_S = 3600.0  # a live table's stream ends after this; the browser's EventSource reconnects
+HEARTBEAT_S = 15.0  # a comment line this often: a closed connection shows on the next write
 
 
 class PageFailure(web.HTTPError):
@@ -54,7 +57,11 @@ class _Environments:
 
     @property
     def is_admin(self) -> bool:
-        return ADMIN_SCOPE in self.expanded_scopes or "admin-ui" in self.expanded_scopes
+        if ADMIN_SCOPE in self.expanded_scopes or "admin-ui" in self.expanded_scopes:
+            return True
+        page = EnvironmentsPage(config=self.settings.get("config"))  # type: ignore[attr-defined]
+        user = self.current_user
+        return page.names_admin(str(user.name), [group.name for group in user.groups])
 
     def require_admin(self) -> None:
         self.user_name  # noqa: B018 (a user, first)
@@ -112,29 +119,58 @@ class _Environments:
         if part == "images":
             running = self.running_servers()
             try:
-                images = await asyncio.to_thread(environments.admin_images, services.builder, services.usage, running)
+                return await asyncio.to_thread(environments.admin_images, services.builder, services.usage, running)
             except Exception as error:  # the daemon: one line, the rest of the page still shows
                 raise PageFailure(503, f"cannot list images: {_daemon_line(services.builder, error)}") from None
-            return {"images": images}
         if part == "builds":
             return environments.admin_builds(services.builder)
+        spawner = self.current_user.spawner
+        if isinstance(spawner, CondaSwarmSpawner):
+            return await self._swarm_gpus(spawner, services)
         return environments.gpu_map(services.allocator, services.queue, services.culler)
 
-    async def start(self, key: str) -> str:
-        """Start the user's default server with ``key``'s environment; the spawn-pending URL."""
+    async def _swarm_gpus(self, spawner: CondaSwarmSpawner, services: HubServices) -> dict[str, Any]:
+        try:
+            state = await asyncio.to_thread(spawner.read_swarm)
+        except Exception as error:  # the manager: one line
+            raise PageFailure(503, f"cannot read the swarm's GPUs from its manager: {_one_line(error)}") from None
+        nodes = [node for node in state.nodes if node.gpus and node.ready]
+        readings = await asyncio.to_thread(spawner.utilization_source().read, nodes)  # a node that fails: no reading
+        return environments.swarm_gpu_map(state, readings, services.allocator.idle_utilization, services.culler)
+
+    async def start(self, key: str, server_name: str = "") -> str:
+        """Start the user's server ``server_name`` ("" the default one) with ``key``'s environment;
+        the spawn-pending URL. A new named server's name is checked as the hub checks it."""
         use = self.use_of(key)
         if not use.profile:
             raise PageFailure(404, "no such environment of yours")
         user = self.current_user
-        spawner = user.spawner
+        if server_name:
+            await self._check_server_name(user, server_name)
+        spawner = user.get_or_create_spawner(server_name, server_name)
         if spawner.active:
-            raise PageFailure(409, "your server is already running or starting: stop it on the Home page first")
+            which = f"your server {server_name!r}" if server_name else "your server"
+            raise PageFailure(409, f"{which} is already running or starting: stop it on the Home page first")
         options = {"profile": use.profile, **({"environment": use.spec} if use.own else {})}
         try:
-            await self.spawn_single_user(user, "", options=options)  # type: ignore[attr-defined]
+            await self.spawn_single_user(user, server_name, options=options)  # type: ignore[attr-defined]
         except web.HTTPError as error:
             raise PageFailure(error.status_code, f"cannot start: {error.log_message or error.reason}") from None
-        return f"{self.hub.base_url}spawn-pending/{quote(user.escaped_name)}"  # type: ignore[attr-defined]
+        pending = f"{self.hub.base_url}spawn-pending/{quote(user.escaped_name)}"  # type: ignore[attr-defined]
+        return pending + (f"/{quote(server_name)}" if server_name else "")
+
+    async def _check_server_name(self, user: Any, server_name: str) -> None:
+        if not self.settings.get("allow_named_servers"):  # type: ignore[attr-defined]
+            raise PageFailure(400, "server: this hub has no named servers (JupyterHub.allow_named_servers): "
+                                   "leave the name empty")
+        try:  # the hub's own check: the name's form, and the named_server_limit_per_user
+            await self._check_named_server_request(user, server_name, server_name)  # type: ignore[attr-defined]
+        except web.HTTPError as error:
+            reason = " ".join(str(error.log_message or error.reason).split())
+            if reason.startswith("Invalid server_name"):
+                reason = (f"{server_name[:40]!r} is not a name the hub accepts: lowercase letters, digits and "
+                          "single hyphens, starting with a letter, at most 30 characters")
+            raise PageFailure(400, f"server: {reason}") from None
 
     async def admin_action(self, action: str, argument: str, dry_run: bool = True) -> dict[str, Any]:
         self.require_admin()
@@ -222,11 +258,15 @@ def _quiet(task: asyncio.Future) -> None:
         task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
+def _one_line(error: BaseException) -> str:
+    text = getattr(error, "explanation", None) or str(error) or type(error).__name__
+    return str(text).splitlines()[0][:300]
+
+
 def _daemon_line(builder: ImageBuilder, error: BaseException) -> str:
     if isinstance(error, BuildError):
         return str(error)
-    text = getattr(error, "explanation", None) or str(error) or type(error).__name__
-    return f"{str(text).splitlines()[0][:300]} (Docker at {builder.daemon_url})"
+    return f"{_one_line(error)} (Docker at {builder.daemon_url})"
 
 
 # -- JSON API -------------------------------------------------------------------------------
@@ -336,9 +376,60 @@ def _read_from(path: Path, offset: int) -> tuple[str, int]:
     return data.decode(errors="replace"), offset + len(data)
 
 
+class BuildsStreamAPI(_API):
+    """The admin's builds view as server-sent events: the table now, then again whenever a build
+    is asked for, moves on a step, or ends (each ``data:`` is what ``GET .../admin/builds`` says)."""
+
+    closed = False
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+
+    async def get(self) -> None:
+        self.require_admin()
+        builder = self.condaspawner.builder
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        sent, wrote = "", time.monotonic()
+        end = wrote + STREAM_S
+        try:
+            while not self.closed and time.monotonic() < end:
+                view = json.dumps(environments.admin_builds(builder))
+                if view != sent:
+                    self.write(f"data: {view}\n\n")
+                    sent, wrote = view, time.monotonic()
+                elif time.monotonic() - wrote > HEARTBEAT_S:
+                    self.write(": still here\n\n")
+                    wrote = time.monotonic()
+                await self.flush()
+                await _next_event(builder.in_progress(), LOG_POLL_S)
+        except StreamClosedError:
+            return
+        self.finish()
+
+
+async def _next_event(builds: list[Build], timeout: float) -> None:
+    """Until one of ``builds`` publishes its next event (or ends), or ``timeout`` (new builds)."""
+    async def next_of(build: Build) -> None:
+        seen = len(build.events)
+        async with build.changed:
+            await build.changed.wait_for(lambda: len(build.events) > seen or build.done)
+
+    waits = [asyncio.ensure_future(next_of(build)) for build in builds]
+    if not waits:
+        await asyncio.sleep(timeout)
+        return
+    _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for wait in pending:
+        wait.cancel()
+
+
 class StartAPI(_API):
     async def post(self, key: str) -> None:
-        url = await self.start(key)
+        server = self.body().get("server", "") if self.request.body else ""
+        if not isinstance(server, str):
+            raise PageFailure(400, "server: must be a server's name (a string; \"\" for the default server)")
+        url = await self.start(key, server)
         self.set_status(202)
         self.write({"message": "starting", "progress_url": url})
 
@@ -427,7 +518,7 @@ class UserPage(_Page):
             except PageFailure as failure:
                 view["failure"] = failure.message
         self.finish(await self.render_template("environments.html", view=view, detail=detail,
-                                               notice=self.notice()))
+                                               notice=self.notice(), named_servers=self.allow_named_servers))
 
 
 class AdminPage(_Page):
@@ -450,7 +541,7 @@ class StartForm(_Page):
     @web.authenticated
     async def post(self, key: str) -> None:
         try:
-            url = await self.start(key)
+            url = await self.start(key, self.get_body_argument("server", "").strip())
         except PageFailure as failure:
             return self.back("environments", failure.message, "danger")
         self.redirect(url)

@@ -12,10 +12,22 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from . import envdiff
-from .builder import CUSTOM_ENV_NAME, LABEL_CREATED, LABEL_KEY, ImageBuilder
+from . import envdiff, swarmgpus
+from .builder import (
+    CUSTOM_ENV_NAME,
+    LABEL_CREATED,
+    LABEL_ENV_NAME,
+    LABEL_KEY,
+    LABEL_SPEC,
+    BuildError,
+    ImageBuilder,
+)
+from .swarm import SwarmState, since_text
+from .swarmgpus import GpuReading
 from .usage import UsageLog, Use
 
 if TYPE_CHECKING:
@@ -127,33 +139,70 @@ def environment_detail(builder: ImageBuilder, usage: UsageLog, use: Use) -> dict
     }
 
 
-def admin_images(builder: ImageBuilder, usage: UsageLog, running: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """Every environment image on the daemon: key, profiles and users using it, size, created,
-    last used, running servers (``running``: key -> "user" or "user/server")."""
+def admin_images(builder: ImageBuilder, usage: UsageLog, running: dict[str, list[str]]) -> dict[str, Any]:
+    """Every environment image of this installation: key, profiles and users using it, size,
+    created, last used, running servers (``running``: key -> "user" or "user/server"), and
+    where it is (``location``: "daemon", or "registry" for a built key only the registry has).
+
+    Images without a usage record are listed too (built by ``condaspawner build``, or before the
+    usage log began). ``users_known`` is False for an image made before the usage log began: who
+    started it then is not known (the page says "unknown"), only who started it since.
+    ``notes``: one line when the registry could not be asked (the daemon's images still show).
+    """
     users: dict[str, set[str]] = {}
     profiles: dict[str, set[str]] = {}
     for use in usage.all_uses():
         users.setdefault(use.key, set()).add(use.user)
         profiles.setdefault(use.key, set()).add(use.profile)
-    rows = []
-    for image in builder.images():
-        key = image.labels[LABEL_KEY]
+    since = usage.since()
+
+    def row(key: str, labels: dict[str, str], size: int | None, location: str) -> dict[str, Any]:
         record = builder.build_record(key)
-        if record and record.env_name and record.env_name != CUSTOM_ENV_NAME:
-            profiles.setdefault(key, set()).add(record.env_name)
+        env_name = (record.env_name if record else "") or labels.get(LABEL_ENV_NAME, "")
+        named = profiles.get(key, set()) | ({env_name} if env_name and env_name != CUSTOM_ENV_NAME else set())
+        created = labels.get(LABEL_CREATED) or ""
         last_used = builder.last_used(key)
-        rows.append({
-            "key": key,
-            "tag": builder.tag_for(key),
-            "name": record.name if record else "",
-            "profiles": sorted(profiles.get(key, ())),
-            "users": sorted(users.get(key, ())),
-            "size": image.attrs.get("Size"),
-            "created": image.labels.get(LABEL_CREATED),
-            "last_used": _iso(last_used) if last_used else "",
+        return {
+            "key": key, "tag": builder.tag_for(key), "location": location,
+            "name": (record.name if record else "") or _spec_name(labels) or env_name,
+            "profiles": sorted(named), "users": sorted(users.get(key, ())),
+            "users_known": since is not None and _epoch(created) >= int(since),  # labels keep whole seconds
+            "size": size, "created": created, "last_used": _iso(last_used) if last_used else "",
             "running": sorted(running.get(key, ())),
-        })
-    return sorted(rows, key=lambda row: row["last_used"], reverse=True)
+        }
+
+    rows = [row(image.labels[LABEL_KEY], image.labels, image.attrs.get("Size"), "daemon")
+            for image in builder.images()]
+    notes: list[str] = []
+    if builder.registry:  # built here, pushed, and no longer (or never) on this daemon
+        listed = {entry["key"] for entry in rows}
+        try:
+            for record in builder.builds():
+                remote = None if record.status != "built" or record.key in listed else builder.find_pushed(record.key)
+                if remote is not None:
+                    rows.append(row(record.key, remote.labels, remote.size, "registry"))
+        except BuildError as error:
+            notes.append(f"images only in the registry are not listed: {error}")
+    return {"images": sorted(rows, key=lambda entry: entry["last_used"], reverse=True), "notes": notes}
+
+
+def _spec_name(labels: dict[str, str]) -> str:
+    """The ``name:`` of the spec an image's label carries ("" if none)."""
+    try:
+        spec = json.loads(labels.get(LABEL_SPEC) or "{}")
+    except ValueError:
+        return ""
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def _epoch(iso: str) -> float:
+    """Seconds since the epoch of an ISO 8601 time (0 when it is missing or not one)."""
+    try:
+        moment = datetime.fromisoformat(iso[:-1] + "+00:00" if iso.endswith("Z") else iso)  # "Z": 3.11+ only
+    except ValueError:
+        return 0.0
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def admin_builds(builder: ImageBuilder) -> dict[str, Any]:
@@ -187,6 +236,37 @@ def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> 
             "holders": holders,
         })
     return {"gpus": rows, "queue": queue.waiting()}
+
+
+def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_utilization: float,
+                  culler: GpuIdleCuller, now: float | None = None) -> dict[str, Any]:
+    """The GPU map of a swarm: every node's GPUs (the node, index, model, utilization and memory
+    from its dcgm-exporter, state, holder from Swarm's tasks) and the servers waiting for GPUs
+    (Swarm's pending tasks, oldest first), in the rows :func:`gpu_map` gives on one host."""
+    holders = state.holders()
+    states = swarmgpus.gpu_states(state, readings, idle_utilization)
+    rows = []
+    for node in sorted(state.nodes, key=lambda node: node.hostname):
+        for index, uuid in enumerate(node.gpus):
+            task, reading = holders.get(uuid), readings.get(uuid)
+            rows.append({
+                "host": node.hostname, "node_state": node.state, "index": index, "uuid": uuid,
+                "model": node.gpu_model or "", "memory_used": reading.memory_used if reading else None,
+                "memory_total": None, "utilization": reading.utilization if reading else None,
+                "state": states.get(uuid, "free"),
+                "holders": [] if task is None else [{
+                    "user": task.user, "server": task.server_name, "since": since_text(task.created),
+                    "running": task.state == "running",
+                    "idle_seconds": _rounded(culler.idle_for(task.user, task.server_name))}],
+            })
+    now = time.time() if now is None else now
+    waiting = sorted((task for task in state.tasks if task.live and task.gpus_requested and not task.gpus),
+                     key=lambda task: task.created)
+    queue = [{"user": task.user, "server": task.server_name, "gpus": task.gpus_requested, "model": "",
+              "profile": "", "position": position, "reason": task.reason,
+              "waited_seconds": max(0, round(now - _epoch(since_text(task.created))))}
+             for position, task in enumerate(waiting)]
+    return {"gpus": rows, "queue": queue}
 
 
 def _rounded(seconds: float | None) -> int | None:

@@ -188,11 +188,15 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
 
     def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
         """Swarm's task state for the holders, the nodes' dcgm-exporters for the utilization."""
-        source: swarmgpus.UtilizationSource = (
-            swarmgpus.DcgmExporterSource(self.gpu_metrics_url, log=self.log) if self.gpu_metrics_url
-            else _NoReadings())
-        sampler = swarmgpus.SwarmGpuSampler(self.read_swarm, source, services.allocator.idle_utilization)
+        sampler = swarmgpus.SwarmGpuSampler(self.read_swarm, self.utilization_source(),
+                                            services.allocator.idle_utilization)
         return sampler.sample
+
+    def utilization_source(self) -> swarmgpus.UtilizationSource:
+        """Where the nodes' GPU readings come from (the environments page's GPU map reads it too)."""
+        if self.gpu_metrics_url:
+            return swarmgpus.DcgmExporterSource(self.gpu_metrics_url, log=self.log)
+        return _NoReadings()
 
     def _holds_gpus(self) -> bool:
         return bool(self._request.gpus or self._assigned)

@@ -5,6 +5,8 @@ The builder knows keys and builds, not people. At every start the spawner record
 and the spec's text (what "start again" and the exact environment.yml need). One small
 JSON file per user, named by a hash of the name (never user text in a path), written whole
 and renamed: a reader never sees half of it. It survives hub restarts with the build cache.
+A marker file (``.since``) says when the record began: who started an image made before then
+is not known.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+SINCE = ".since"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,17 @@ class UsageLog:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        with contextlib.suppress(OSError):  # a read-only cache: since() says None
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not (self.directory / SINCE).exists():  # once: a hub restart keeps the first time
+                (self.directory / SINCE).touch()
+
+    def since(self) -> float | None:
+        """When this record began (epoch seconds), or None if it cannot tell."""
+        try:
+            return (self.directory / SINCE).stat().st_mtime
+        except OSError:
+            return None
 
     def record(self, user: str, key: str, *, profile: str, own: bool, name: str, spec: str) -> None:
         """Record that ``user`` started the environment ``key`` now (an earlier use keeps its first time)."""

@@ -269,7 +269,8 @@ async def _run_code(connection, code: str, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory):
-    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last.
+    """The demo hub; a test module's ``HUB_EXTRA_CONFIG`` (config file text) is added last, and
+    its ``hub_before_start(hub)``, if any, runs just before the hub first starts.
 
     Its channel is the small dev channel, unless the module sets ``HUB_REAL_SET``
     ("datascience"): then it is that real channel, as in ``make demo``, and the demo's
@@ -310,6 +311,9 @@ def hub(request, docker_daemon, base_image, dev_python_channel, tmp_path_factory
     if real_channel is not None:
         env["CONDASPAWNER_DEMO_CHANNEL"] = real_channel.url
     hub = Hub(state, env)
+    before_start = getattr(request.module, "hub_before_start", None)
+    if before_start is not None:  # e.g. images made before the hub ever ran (its state is ready)
+        before_start(hub)
     hub.start()
     try:
         yield hub

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from fixtures_docker import REPO
 from fixtures_hub import FAKE_GPU
+from pip_index import PipIndex
 
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -27,10 +33,21 @@ from jupyterhub_condaspawner.spec import SpecPolicy
 pytestmark = pytest.mark.docker
 
 HUB_EXTRA_CONFIG = """
+import os
 c.JupyterHub.load_roles = c.JupyterHub.load_roles + [
     {"name": "condaspawner-admins", "scopes": ["custom:condaspawner:admin"], "users": ["envadmin"]},
 ]
+c.EnvironmentsPage.admin_users = {"listedadmin"}
+c.EnvironmentsPage.admin_groups = {"envpage-admins"}
+c.JupyterHub.load_groups.update({"envpage-admins": {"users": ["groupadmin"]}})
+c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
+c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
+                             "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
+c.ImageBuilder.max_concurrent_builds = 1  # a second build waits in the build queue (the live table)
+c.ImageBuilder.max_images = 1  # the GC run (the last test) removes every image no container uses
 """
+GATED = "gated-envpage-builds"
+EARLY_NAME = "built-before-the-hub"
 RUN = uuid.uuid4().hex  # new keys on every run: the daemon is shared
 PROFILE = """
 display_name: "Env page test"
@@ -38,6 +55,25 @@ slug: envtest
 environment: envs/envtest.yml
 allow_custom_environment: true
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pip_index():
+    with PipIndex() as index:
+        os.environ["CONDASPAWNER_TEST_PIP_INDEX"] = index.url
+        yield index
+    os.environ.pop("CONDASPAWNER_TEST_PIP_INDEX", None)
+
+
+def hub_before_start(hub) -> None:
+    """An image of this installation built before the hub first ran (`condaspawner build`): no
+    usage record will ever say who started it then."""
+    path = hub.state / "early.yml"
+    path.write_text(f"name: {EARLY_NAME}\n" + own_env("cs-beta"))
+    built = subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config",
+                            str(REPO / "demo" / "jupyterhub_config.py"), str(path)],
+                           env=hub.env, cwd=hub.state, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
 
 
 def own_env(*packages: str) -> str:
@@ -112,6 +148,7 @@ def story(hub) -> dict[str, Any]:
     (profiles / "50-envtest.yaml").write_text(PROFILE)
     alice, bob = Client(hub, "alice"), Client(hub, "bob")
     envadmin, admin = Client(hub, "envadmin"), Client(hub, "admin")
+    listedadmin, groupadmin = Client(hub, "listedadmin"), Client(hub, "groupadmin")
 
     status, body, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "envtest"})
     assert status == 200, body
@@ -128,6 +165,7 @@ def story(hub) -> dict[str, Any]:
     hub.stop_server("bob")
     return {
         "alice": alice, "bob": bob, "envadmin": envadmin, "admin": admin,
+        "listedadmin": listedadmin, "groupadmin": groupadmin,
         "first_profile_key": first_profile_key, "profile_events": profile_events,
         "own_a": key_of(alice, lambda env: env["own"] and env["first_used"] == min(
             e["first_used"] for e in alice.get("")["environments"] if e["own"])),
@@ -225,6 +263,7 @@ ADMIN_CALLS = [
     ("GET", "/admin/images", None), ("GET", "/admin/builds", None), ("GET", "/admin/gpus", None),
     ("POST", "/admin/prebuild", {"profile": "python39"}), ("POST", "/admin/gc", {"dry_run": True}),
     ("POST", "/admin/rebuild", {"key": "0" * 64}), ("DELETE", f"/admin/images/{'0' * 64}", None),
+    ("GET", "/admin/builds/stream", None), ("POST", "/admin/gc", {"dry_run": False}),
 ]
 
 
@@ -235,8 +274,8 @@ def test_non_admins_get_403_on_admin_views_and_actions(story, method, path, body
     assert answer["message"] == "this needs the custom:condaspawner:admin scope (hub admins have it)"
 
 
-@pytest.mark.parametrize("who", ["envadmin", "admin"])
-def test_the_custom_scope_and_hub_admins_see_every_image(story, who):
+@pytest.mark.parametrize("who", ["envadmin", "admin", "listedadmin", "groupadmin"])
+def test_the_custom_scope_hub_admins_and_the_page_settings_see_every_image(story, who):
     images = {image["key"]: image for image in story[who].get("/admin/images")["images"]}
     assert {story["own_a"], story["own_b"], story["profile_key"], story["bob_key"],
             story["first_profile_key"]} <= set(images)
@@ -244,6 +283,7 @@ def test_the_custom_scope_and_hub_admins_see_every_image(story, who):
     assert images[story["profile_key"]]["profiles"] == ["envtest"]
     assert images[story["profile_key"]]["running"] == ["alice"]  # her envtest server still runs
     assert images[story["first_profile_key"]]["users"] == []  # prebuilt, never started
+    assert images[story["first_profile_key"]]["users_known"] is True  # the usage log ran since
     assert all(image["size"] > 0 and image["created"] and image["last_used"] for image in images.values())
 
 
@@ -341,3 +381,159 @@ def test_check_says_when_a_valid_file_cannot_solve_and_on_which_profile(hub):
 def test_the_spawn_form_has_the_check_button(hub):
     page = hub.spawn_page("checker4")
     assert 'id="condaspawner-check"' in page and 'data-testid="condaspawner-check-result"' in page
+
+
+# -- the builds table, live; images nobody's usage record names; named servers; GPU queue; GC --
+
+
+def stream_snapshots(client: Client, path: str):
+    """The ``data:`` objects of a server-sent event stream, as they come (comments skipped)."""
+    request = urllib.request.Request(f"{client.hub.url}/hub/api/environments{path}",
+                                     headers={"Authorization": f"token {client.token}"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        assert "text/event-stream" in response.headers.get("Content-Type", "")
+        for line in response:
+            if line.startswith(b"data:"):
+                yield json.loads(line[5:])
+
+
+def test_the_builds_table_and_queue_update_live(story, hub, pip_index):
+    profiles = Path(hub.env["CONDASPAWNER_DEMO_PROFILES"])
+    (profiles / "envs" / "gated.yml").write_text(own_env() .replace(
+        "variables:", f"  - pip:\n    - {GATED}\nvariables:"))
+    (profiles / "61-gated.yaml").write_text('display_name: "Gated build"\nslug: gated\nenvironment: envs/gated.yml\n')
+    (profiles / "envs" / "after.yml").write_text(own_env("cs-gamma"))
+    (profiles / "62-after.yaml").write_text('display_name: "Built after"\nslug: after\nenvironment: envs/after.yml\n')
+    gate = pip_index.add(GATED, gated=True)
+    envadmin = story["envadmin"]
+    seen: list[dict] = []
+    after: dict = {}
+    held = False  # the gated build was seen running at its pip step while the other one queued
+    try:
+        snapshots = stream_snapshots(envadmin, "/admin/builds/stream")
+        first = next(snapshots)
+        assert first["running"] == first["queued"] == [] and first["max_concurrent_builds"] == 1, first
+        status, gated, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "gated"})
+        assert status == 200, gated
+        for snapshot in snapshots:
+            seen.append(snapshot)
+            running = {row["key"]: row for row in snapshot["running"]}
+            queued = {row["key"] for row in snapshot["queued"]}
+            if not after and gated["key"] in running:  # it holds the only build slot: the next one queues
+                status, after, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "after"})
+                assert status == 200, after
+            elif after and not held and after["key"] in queued and \
+                    running.get(gated["key"], {}).get("message", "").startswith("Installing 1 pip package"):
+                held = True
+                gate.set()  # the gated build waits on the index: let it go
+            elif held and not running and not queued:
+                break  # both left the table
+    finally:
+        gate.set()
+    assert held, seen[-3:]
+
+    def states(key: str) -> list[tuple[str, str, int]]:
+        found = []
+        for snapshot in seen:
+            for where in ("running", "queued"):
+                found += [(where, row["phase"], row["progress"]) for row in snapshot[where] if row["key"] == key]
+        return found
+
+    # The queued build waits while the gated one runs, then runs its own steps, in order.
+    after_states = states(after["key"])
+    assert after_states[0][:2] == ("queued", "queued"), after_states
+    running = [(phase, progress) for where, phase, progress in after_states if where == "running"]
+    assert len({phase for phase, _ in running}) >= 2, after_states
+    assert [progress for _, progress in running] == sorted(progress for _, progress in running), after_states
+    assert {where for where, _, _ in after_states[after_states.index(("running", *running[0])):]} == {"running"}
+    assert {record["key"] for record in seen[-1]["failed"]}.isdisjoint({gated["key"], after["key"]})
+    keys = {image["key"] for image in envadmin.get("/admin/images")["images"]}
+    assert {gated["key"], after["key"]} <= keys
+
+
+def test_an_image_built_before_the_hub_started_is_listed_with_users_unknown(story):
+    images = [image for image in story["envadmin"].get("/admin/images")["images"] if image["name"] == EARLY_NAME]
+    assert len(images) == 1, images
+    [early] = images
+    assert early["users"] == [] and early["users_known"] is False and early["running"] == []
+    assert early["size"] > 0 and early["created"] and early["profiles"] == []
+    for user in ("alice", "bob"):  # nobody's own: a user sees only what they started
+        assert early["key"] not in {env["key"] for env in story[user].get("")["environments"]}
+        status, _, _ = story[user].call("GET", f"/{early['key']}")
+        assert status == 404
+
+
+def test_start_a_named_server_with_an_environment(story, hub):
+    alice, key = story["alice"], story["own_b"]
+    for server, message in [
+        ("Not A Name", "server: 'Not A Name' is not a name the hub accepts: lowercase letters, digits and single "
+                       "hyphens, starting with a letter, at most 30 characters"),
+        (7, 'server: must be a server\'s name (a string; "" for the default server)'),
+    ]:
+        status, body, _ = alice.call("POST", f"/{key}/start", {"server": server})
+        assert (status, body["message"]) == (400, message), body
+    assert hub.server_model("alice", "not-a-name") is None
+    status, body, _ = alice.call("POST", f"/{key}/start", {"server": "second"})
+    assert status == 202 and body["progress_url"].endswith("/hub/spawn-pending/alice/second"), body
+    events = hub.progress("alice", "second", timeout=600)
+    assert events[-1].get("ready"), events
+    model = hub.server_model("alice", "second")
+    assert model["user_options"]["profile"] == "python39" and "cs-alpha 2.0" in model["user_options"]["environment"]
+    running = {image["key"]: image["running"] for image in story["envadmin"].get("/admin/images")["images"]}
+    assert running[key] == ["alice/second"]
+    status, body, _ = alice.call("POST", f"/{key}/start", {"server": "second"})
+    assert status == 409 and body["message"].startswith("your server 'second' is already running"), body
+    # Left running: the GC test below must spare its image.
+
+
+def wait_for_queue(client: Client, predicate, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        gpus = client.get("/admin/gpus")
+        if predicate(gpus["queue"]):
+            return gpus
+        assert time.monotonic() < deadline, gpus
+        time.sleep(0.5)
+
+
+def test_the_gpu_queue_shows_waiting_spawns_until_they_get_a_gpu_or_are_cancelled(story, hub):
+    envadmin = story["envadmin"]
+    spawn_and_wait(hub, "gpu-holder", {"profile": "gpu-demo"})
+    for count, user in enumerate(("gpu-next", "gpu-last"), 1):  # one after the other: a known order
+        status, body = hub.spawn(user, {"profile": "gpu-demo"})
+        assert status == 202, body
+        gpus = wait_for_queue(envadmin, lambda queue, count=count: len(queue) == count)
+    assert [(w["user"], w["server"], w["position"], w["profile"], w["gpus"]) for w in gpus["queue"]] == [
+        ("gpu-next", "", 0, "gpu-demo", 1), ("gpu-last", "", 1, "gpu-demo", 1)]
+    [gpu] = [row for row in gpus["gpus"] if row["uuid"] == FAKE_GPU]
+    assert [holder["user"] for holder in gpu["holders"]] == ["gpu-holder"]
+
+    hub.stop_server("gpu-last")  # cancelled: it leaves the queue
+    wait_for_queue(envadmin, lambda queue: [w["user"] for w in queue] == ["gpu-next"])
+    hub.stop_server("gpu-holder")  # the GPU frees: gpu-next gets it and leaves the queue
+    events = hub.progress("gpu-next", timeout=300)
+    assert events[-1].get("ready"), events
+    gpus = wait_for_queue(envadmin, lambda queue: queue == [])
+    [gpu] = [row for row in gpus["gpus"] if row["uuid"] == FAKE_GPU]
+    assert [holder["user"] for holder in gpu["holders"]] == ["gpu-next"]
+    hub.stop_server("gpu-next")
+
+
+def test_gc_removes_unused_images_and_spares_a_running_servers_and_the_base(story, hub, docker_daemon, base_image):
+    envadmin, alice = story["envadmin"], story["alice"]
+    status, body, _ = alice.call("POST", "/admin/gc", {"dry_run": False})
+    assert status == 403, body
+    before = {image["key"]: image for image in envadmin.get("/admin/images")["images"]}
+    assert before[story["own_b"]]["running"] == ["alice/second"]
+    unused = before[story["profile_key"]]  # its server moved on to another environment: no container uses it
+    assert unused["running"] == []
+
+    status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": False})
+    assert status == 200 and body["dry_run"] is False, body
+    assert unused["tag"] in body["removed"] and before[story["own_b"]]["tag"] not in body["removed"], body
+    assert body["message"] == f"gc removed {len(body['removed'])} image(s), {body['freed'] / 1e6:.0f} MB"
+    after = {image["key"] for image in envadmin.get("/admin/images")["images"]}
+    assert story["profile_key"] not in after and story["own_b"] in after
+    assert docker_daemon.client().images.get(base_image).id  # the base image stays
+    assert hub.server_model("alice", "second")["ready"]  # and the server runs on
+    hub.stop_server("alice", "second")

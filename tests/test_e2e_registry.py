@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from fixtures_docker import remove_repo_images
+from test_e2e_envpage import Client
 from test_e2e_failures import Spawn, assert_one_clean_line, custom_env, failure_message
 
 pytestmark = pytest.mark.docker
@@ -58,6 +59,19 @@ def test_a_spawn_builds_pushes_and_runs_the_pinned_image(hub, registry, docker_d
                                pushed[0]), spawn.messages
     state = model["state"]["condaspawner"]
     assert re.fullmatch(rf"{re.escape(repository)}:{state['key'][:16]}@sha256:[0-9a-f]{{64}}", state["reference"])
+
+
+def test_the_environments_page_lists_an_image_only_the_registry_has(hub, registry, docker_daemon):
+    _, repository = registry
+    admin = Client(hub, "admin")
+    [image] = [image for image in admin.get("/admin/images")["images"] if image["users"] == ["reggie"]]
+    assert image["location"] == "daemon" and image["tag"] == f"{repository}:{image['key'][:16]}", image
+    docker_daemon.client().images.remove(image["tag"])  # the digest reference servers ran stays, untagged
+
+    listing = admin.get("/admin/images")
+    [again] = [entry for entry in listing["images"] if entry["key"] == image["key"]]
+    assert again["location"] == "registry" and again["users"] == ["reggie"] and listing["notes"] == []
+    assert again["size"] > 0 and again["created"] == image["created"] and again["name"] == image["name"]
 
 
 def test_a_registry_that_is_down_fails_the_spawn_in_one_line(hub, registry):

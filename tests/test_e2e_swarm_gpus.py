@@ -15,6 +15,7 @@ import docker.types
 import pytest
 from fixtures_hub import metric
 from fixtures_swarm import SWARM_HUB_CONFIG
+from test_e2e_envpage import Client
 from test_e2e_failures import Spawn
 from test_swarm_spawner import wait_until
 
@@ -105,3 +106,31 @@ async def test_a_swarm_servers_idle_gpu_shows_on_metrics_and_the_server_is_stopp
     page = hub.spawn_page(user)
     assert "Your server on Fake A100 (CUDA 12.4) was stopped after " in page and "with its GPU idle" in page
     exporters.set({})
+
+
+def test_the_environments_pages_gpu_map_lists_every_nodes_gpus_and_their_holders(hub, swarm_bench, exporters):
+    user = "swarm-mapped"
+    spawn = Spawn(hub, user, {"profile": "gpu-demo"})
+    assert spawn.wait().get("ready"), spawn.messages
+    held = hub.server_model(user)["state"]["condaspawner"]["gpus"][0]
+    admin = Client(hub, "admin")
+    try:
+        def held_row() -> dict | None:
+            rows = {row["uuid"]: row for row in admin.get("/admin/gpus")["gpus"]}
+            return rows[held] if rows[held]["holders"] and rows[held]["utilization"] is not None else None
+
+        wait_until(held_row, "the held GPU with its holder and reading on the page", interval=0.5)
+        view = admin.get("/admin/gpus")
+        rows = {row["uuid"]: row for row in view["gpus"]}
+        assert set(rows) == {gpu for node in swarm_bench.workers for gpu in node.gpus}
+        assert len({row["host"] for row in rows.values()}) == len(swarm_bench.workers)
+        row = rows[held]
+        assert row["model"] and row["utilization"] == 90 and row["state"] == "held_busy", row
+        [holder] = row["holders"]
+        assert holder["user"] == user and holder["server"] == "" and holder["running"] and holder["since"]
+        assert all(not other["holders"] and other["state"] == "free" for uuid, other in rows.items() if uuid != held)
+        assert view["queue"] == []
+        status, body, _ = Client(hub, "swarm-nobody").call("GET", "/admin/gpus")
+        assert status == 403, body
+    finally:
+        hub.stop_server(user)

@@ -2,8 +2,9 @@
 
 A user opens the page from the hub's navigation bar and reads what changed between their two
 environments; the hub admin prebuilds a profile from the admin page and watches its build log
-arrive live (server-sent events) while a GPU server holds the hub's fake A100. Screenshots go
-to ``test-artifacts/screenshots/environments-*.png`` (or ``$CONDASPAWNER_ARTIFACTS``).
+arrive live (server-sent events: the builds table and the log, no reload) while a GPU server
+holds the hub's fake A100. Screenshots go to ``test-artifacts/screenshots/environments-*.png``
+(or ``$CONDASPAWNER_ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -113,11 +114,10 @@ def test_a_users_page_with_a_diff_and_the_admin_page_with_gpus_and_a_live_build(
     press(driver, one(driver, "#prebuild-form button"))
     wait_for(lambda: by_css(driver, "#notice"), 30, "the prebuild's notice")
     assert one(driver, "#notice").text.startswith("building Gated build (live log)")
-    # The notice's page was drawn right after the build began: reload until it shows the build.
-    wait_for(lambda: by_css(driver, "#build-log") or driver.refresh(), 120, "the running build on the page",
-             interval=2)
+    # The page was drawn right after the build began: the builds table and the log follow it live.
     wait_for(lambda: "solved:" in one(driver, "#build-log").text, 300, "the live log's first lines")
     assert "Gated build (live log)" in one(driver, "#builds").text
+    assert one(driver, "#builds-state").text == "live"
     gpus = one(driver, "#gpus").text
     assert "NVIDIA A100-SXM4-80GB" in gpus and "dave" in gpus and "held_" in gpus
     assert FAKE_GPU[:12] in gpus
@@ -127,5 +127,7 @@ def test_a_users_page_with_a_diff_and_the_admin_page_with_gpus_and_a_live_build(
     # Let the build finish: the same stream says so.
     gate.set()
     wait_for(lambda: "The build ended: built." in one(driver, "#build-log-state").text, 600, "the build's end")
+    wait_for(lambda: one(driver, "#no-builds").is_displayed(), 60, "the builds table to empty, without a reload")
+    assert not one(driver, "#builds-table").is_displayed()
     assert page_errors(driver) == []
     hub.stop_server("dave")

@@ -1,0 +1,71 @@
+"""The environments page without a hub: configure(c), the EnvironmentsPage settings, a swarm's GPU map."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from traitlets.config import Config
+
+from jupyterhub_condaspawner.culler import GpuIdleCuller
+from jupyterhub_condaspawner.environments import swarm_gpu_map
+from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
+from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory
+from jupyterhub_condaspawner.swarm import NodeInfo, SwarmState, TaskInfo
+from jupyterhub_condaspawner.swarmgpus import GpuReading
+
+
+def test_configure_adds_the_handlers_templates_and_scope_and_keeps_what_was_there():
+    c = Config()
+    c.JupyterHub.extra_handlers = [("/mine", "my.Handler")]
+    c.JupyterHub.custom_scopes = {"custom:mine": {"description": "mine"}}
+    configure(c)
+    assert c.JupyterHub.extra_handlers == [("/mine", "my.Handler"), *handlers()]
+    assert set(c.JupyterHub.custom_scopes) == {"custom:mine", ADMIN_SCOPE}
+    assert c.JupyterHub.template_paths[0].endswith("templates/hub")
+    assert "load_roles" not in c.JupyterHub  # the settings are read by the handlers, not a role
+    assert EnvironmentsPage(config=c).admin_users == set()
+
+
+def test_admins_named_in_settings_set_before_or_after_configure():
+    c = Config()
+    c.EnvironmentsPage.admin_users = {"carol"}
+    configure(c, admin_users=["alice"], admin_groups=["gpu-admins"])
+    c.EnvironmentsPage.admin_groups = c.EnvironmentsPage.admin_groups | {"late-group"}  # a later line of the file
+    page = EnvironmentsPage(config=c)
+    assert page.admin_users == {"alice", "carol"} and page.admin_groups == {"gpu-admins", "late-group"}
+    assert page.names_admin("carol", []) and page.names_admin("dave", ["late-group", "x"])
+    assert not page.names_admin("dave", ["x"])
+
+
+def test_every_setting_has_help_with_a_config_example():
+    for name, trait in EnvironmentsPage.class_traits(config=True).items():
+        assert f"c.EnvironmentsPage.{name} = " in trait.help, name
+
+
+def test_the_swarm_gpu_map_lists_each_nodes_gpus_holders_readings_and_the_pending_servers():
+    node = dict(address="10.0.0.2", state="ready", availability="active", role="worker", gpu_model="NVIDIA A100",
+                nano_cpus=0, memory=0)
+    nodes = (NodeInfo("n2", "worker2", gpus=("GPU-c",), **node), NodeInfo("n1", "worker1", gpus=("GPU-a", "GPU-b"), **node))
+    task = dict(service_id="s", node_id="n1", desired_state="running", message="", error="", server_name="")
+    tasks = (
+        TaskInfo("t1", state="running", user="alice", gpus_requested=1, gpus=("GPU-b",), created="2026-12-01T01:00:00Z",
+                 **task),
+        TaskInfo("t3", state="pending", user="carol", gpus_requested=2, gpus=(), created="2026-12-01T01:00:30Z",
+                 **{**task, "message": "insufficient resources on 2 nodes"}),
+        TaskInfo("t2", state="pending", user="bob", gpus_requested=2, gpus=(), created="2026-12-01T01:00:10Z", **task),
+    )
+    culler = GpuIdleCuller(GpuAllocator(inventory=GpuInventory(static_gpus=[])))
+    readings = {"GPU-b": GpuReading(97.0, 2 ** 30), "GPU-a": GpuReading(0.0, 0)}
+    now = datetime(2026, 12, 1, 1, 1, 0, tzinfo=timezone.utc).timestamp()
+
+    view = swarm_gpu_map(SwarmState(nodes, tasks), readings, 10.0, culler, now=now)
+
+    assert [(row["host"], row["index"], row["uuid"], row["state"]) for row in view["gpus"]] == [
+        ("worker1", 0, "GPU-a", "free"), ("worker1", 1, "GPU-b", "held_busy"), ("worker2", 0, "GPU-c", "free")]
+    held = view["gpus"][1]
+    assert held["utilization"] == 97.0 and held["memory_used"] == 2 ** 30 and held["model"] == "NVIDIA A100"
+    assert held["holders"] == [{"user": "alice", "server": "", "since": "2026-12-01T01:00:00Z", "running": True,
+                                "idle_seconds": None}]
+    assert view["gpus"][2]["utilization"] is None  # worker2 gave no reading
+    assert [(w["user"], w["position"], w["gpus"], w["waited_seconds"], w["reason"]) for w in view["queue"]] == [
+        ("bob", 0, 2, 50, ""), ("carol", 1, 2, 30, "insufficient resources on 2 nodes")]
