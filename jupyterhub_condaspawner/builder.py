@@ -815,6 +815,8 @@ class ImageBuilder(LoggingConfigurable):
             async for event in events:
                 if "daemon_error" in event:
                     raise self._daemon_gone(event["daemon_error"], "pushing the image", info.key)
+                if str(event.get("status", "")).startswith("Retrying in"):
+                    await self._fail_if_registry_gone(registry, info.key)
                 if tally.feed(event) and throttle():
                     await build.publish("push", 98, f"Pushing to {host}: {tally.done} of {tally.layers} layers "
                                                     f"done, {tally.uploaded} uploaded")
@@ -838,6 +840,18 @@ class ImageBuilder(LoggingConfigurable):
         await build.publish("push", 99, summary)
         return dataclasses.replace(info, image_id=remote.config_digest, reference=remote.reference,
                                    pushed_bytes=pushed)
+
+    async def _fail_if_registry_gone(self, registry: RegistryClient, key: str) -> None:
+        """Docker retries a layer's upload five times, about 50 s in all, whatever failed: a
+        registry that no longer answers at all fails the push now instead."""
+        try:
+            await asyncio.to_thread(registry.check)
+        except RegistryError as error:
+            if error.unreachable:
+                host = registry.repository.host
+                self._write_log(key, f"push to {registry.repository} failed: {error}\n")
+                raise BuildError(f"pushing the image to {host} failed: it stopped answering mid-push: {error.problem}",
+                                 phase="registry", key=key, cause=str(error), unreachable=True) from None
 
     def _daemon_gone(self, error: str, what: str, key: str) -> BuildError:
         return BuildError(f"the Docker daemon at {self.daemon_url} went away while {what}: {error}", phase="daemon",

@@ -58,9 +58,10 @@ ARCHITECTURES = {"linux-64": "amd64", "linux-aarch64": "arm64", "linux-ppc64le":
 class RegistryError(Exception):
     """A registry that cannot be reached (``unreachable``: worth a retry) or that refused us."""
 
-    def __init__(self, message: str, *, unreachable: bool = False):
+    def __init__(self, message: str, *, unreachable: bool = False, problem: str = ""):
         super().__init__(message)
         self.unreachable = unreachable
+        self.problem = problem  # why it cannot be reached, in a few words ("connection refused")
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,8 @@ class RegistryClient:
         except requests.exceptions.SSLError:
             return f"http://{self.repository.host}"
         except requests.exceptions.RequestException as error:
-            raise RegistryError(f"{self._where()} cannot be reached ({connection_problem(error)})", unreachable=True)
+            problem = connection_problem(error)
+            raise RegistryError(f"{self._where()} cannot be reached ({problem})", unreachable=True, problem=problem)
 
     def _request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
                  allow_missing: bool = False) -> requests.Response | None:
@@ -292,7 +294,8 @@ class RegistryClient:
             raise RegistryError(f"{self._where()}: TLS failed ({_one_line(error)}); if it has no trusted "
                                 "certificate, list it in c.ImageBuilder.insecure_registries")
         except requests.exceptions.RequestException as error:
-            raise RegistryError(f"{self._where()} cannot be reached ({connection_problem(error)})", unreachable=True)
+            problem = connection_problem(error)
+            raise RegistryError(f"{self._where()} cannot be reached ({problem})", unreachable=True, problem=problem)
 
     def _authorization(self, challenge: requests.Response, scope: str) -> str:
         """The Authorization header that answers a 401: Basic with Docker's credentials, or a Bearer token."""

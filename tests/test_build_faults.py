@@ -202,8 +202,10 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
 
 
 @pytest.fixture
-def private_daemon(docker_daemon, base_image, tmp_path):
-    """A dockerd of this test's own (this test kills it), holding a copy of the base image."""
+def private_daemon(docker_daemon, rootfs_image, tmp_path):
+    """A dockerd of this test's own (this test kills it), holding a copy of the Debian rootfs as
+    the builds' base: what a base holds beyond a shell and libc does not matter to a killed
+    daemon, and copying the whole server base (about 0.4 GB) would be most of the test."""
     if os.geteuid() != 0:
         bench_unavailable("a private dockerd (this test kills one) needs root")
     try:
@@ -211,7 +213,7 @@ def private_daemon(docker_daemon, base_image, tmp_path):
     except BenchDaemonError as error:
         bench_unavailable(f"cannot start a private dockerd: {error}")
     try:
-        handle.client(timeout=600).images.load(docker_daemon.client(timeout=600).api.get_image(base_image))
+        handle.client(timeout=600).images.load(docker_daemon.client(timeout=600).api.get_image(rootfs_image))
         yield handle
     finally:
         paths = BenchPaths.for_bench_dir(tmp_path / "bench")
@@ -219,10 +221,10 @@ def private_daemon(docker_daemon, base_image, tmp_path):
 
 
 def test_a_daemon_killed_mid_build_is_one_line_and_leaves_nothing_after_the_next_build(
-        private_daemon, base_image, dev_python_channel, tmp_path):
+        private_daemon, rootfs_image, dev_python_channel, tmp_path):
     repo = f"condaspawner-faults-{uuid.uuid4().hex[:8]}"
     # the Dockerfile route: its compileall step is a container that runs long enough to be killed under
-    config = write_config(tmp_path, dev_python_channel.url, base_image, repo,
+    config = write_config(tmp_path, dev_python_channel.url, rootfs_image, repo,
                           extra="c.ImageBuilder.layered_images = False\n")
     env = env_file(tmp_path)
     host = private_daemon.docker_host
@@ -316,7 +318,7 @@ def test_two_build_processes_on_one_key_build_once_and_both_get_the_image(docker
 # -- a registry that goes away mid-push ----------------------------------------------------------------
 
 
-def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(docker_daemon, base_image,
+def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(docker_daemon, rootfs_image,
                                                                             dev_python_channel, tmp_path):
     try:
         server = start_registry(tmp_path / "registry")  # this test's own: it stops it mid-push
@@ -324,7 +326,8 @@ def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(doc
         bench_unavailable(f"no registry for the bench: {error}")
     client = docker_daemon.client()
     repository = server.repository(f"condaspawner-faults-{uuid.uuid4().hex[:8]}")
-    config = write_config(tmp_path, dev_python_channel.url, base_image, "unused",
+    # the Debian rootfs as the base: the push of the server base's 0.4 GB (twice) would be most of the test
+    config = write_config(tmp_path, dev_python_channel.url, rootfs_image, "unused",
                           extra=f"c.ImageBuilder.registry = {repository!r}\n"
                                 f"c.ImageBuilder.insecure_registries = [{server.host!r}]\n")
     env = env_file(tmp_path)
