@@ -237,6 +237,10 @@ def _run_order(items: list[pytest.Item]) -> dict[str, int]:
             rank = 4
         group = _xdist_group(item)
         ranks[group] = max(ranks.get(group, 0), rank)
+    if ranks.get("swarm", 0) > 3:
+        # the multi-node group is the longest (about 200 s of one process): it starts with the
+        # hub's tests, not after them, or it runs on alone at the end
+        ranks["swarm"] = 3
     return ranks
 
 
@@ -254,7 +258,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ranks = _run_order(items)
     # stable: a group stays in pytest's order. Among the groups of its rank the multi-node
     # group goes first: it is the longest (about a quarter of the suite's bench time), and
-    # started last it ran on alone while the other processes had finished.
+    # started last it ran on alone while the other processes had finished (see _run_order).
     items.sort(key=lambda item: (ranks[_xdist_group(item)], _xdist_group(item) != "swarm"))
     if _is_xdist_worker() and _SETUP is not None:  # for the controller's scheduler
         groups = {item.nodeid: _xdist_group(item) for item in items}
