@@ -252,7 +252,7 @@ def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_ut
             rows.append({
                 "host": node.hostname, "node_state": node.state, "index": index, "uuid": uuid,
                 "model": node.gpu_model or "", "memory_used": reading.memory_used if reading else None,
-                "memory_total": None, "utilization": reading.utilization if reading else None,
+                "memory_total": reading.memory_total if reading else None, "utilization": reading.utilization if reading else None,
                 "state": states.get(uuid, "free"),
                 "holders": [] if task is None else [{
                     "user": task.user, "server": task.server_name, "since": since_text(task.created),

@@ -8,7 +8,8 @@ Chosen over a service of our own that would read NVML on each node: nothing of o
 run on the nodes, and sites that monitor GPUs run it already. Each sample the hub reads, from
 every ready node with GPUs, ``GET http://<node address>:9400/metrics``
 (``CondaSwarmSpawner.gpu_metrics_url``) and takes, per GPU UUID, ``DCGM_FI_DEV_GPU_UTIL``
-(percent) and ``DCGM_FI_DEV_FB_USED`` (MiB in use). Swarm's GPU ids are the UUIDs the nodes
+(percent), ``DCGM_FI_DEV_FB_USED`` and ``DCGM_FI_DEV_FB_FREE`` (MiB in use, and free: their sum
+is the GPU's memory; both are among the exporter's default counters). Swarm's GPU ids are the UUIDs the nodes
 declare (``NVIDIA-GPU=GPU-5d6f...``), so readings and holders meet on the UUID.
 
 Who holds which GPU comes from Swarm's task state (swarm.py), as everywhere on a swarm. A
@@ -40,6 +41,7 @@ from .swarm import NodeInfo, SwarmState, TaskInfo
 DEFAULT_URL = "http://{address}:9400/metrics"  # dcgm-exporter's default port and path
 UTILIZATION = "DCGM_FI_DEV_GPU_UTIL"  # percent
 MEMORY_USED = "DCGM_FI_DEV_FB_USED"  # MiB
+MEMORY_FREE = "DCGM_FI_DEV_FB_FREE"  # MiB
 SCRAPE_TIMEOUT_S = 3.0
 Key = tuple[str, str]  # user, server name
 
@@ -50,6 +52,7 @@ class GpuReading:
 
     utilization: float | None  # percent
     memory_used: int | None = None  # bytes
+    memory_total: int | None = None  # bytes (used + free)
 
 
 class UtilizationSource(Protocol):
@@ -64,6 +67,7 @@ def parse_dcgm(text: str) -> dict[str, GpuReading]:
     """dcgm-exporter's Prometheus text -> GPU UUID -> reading (GPUs without a utilization sample are left out)."""
     utilization: dict[str, float] = {}
     memory: dict[str, int] = {}
+    free: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             uuid = sample.labels.get("UUID")
@@ -73,7 +77,11 @@ def parse_dcgm(text: str) -> dict[str, GpuReading]:
                 utilization[uuid] = float(sample.value)
             elif sample.name == MEMORY_USED:
                 memory[uuid] = int(sample.value * 2**20)
-    return {uuid: GpuReading(value, memory.get(uuid)) for uuid, value in utilization.items()}
+            elif sample.name == MEMORY_FREE:
+                free[uuid] = int(sample.value * 2**20)
+    return {uuid: GpuReading(value, memory.get(uuid),
+                             memory[uuid] + free[uuid] if uuid in memory and uuid in free else None)
+            for uuid, value in utilization.items()}
 
 
 class DcgmExporterSource:

@@ -45,6 +45,10 @@ class FakeExporters:
             lines = ["# TYPE DCGM_FI_DEV_GPU_UTIL gauge"]
             lines += [f'DCGM_FI_DEV_GPU_UTIL{{gpu="{index}",UUID="{gpu}",Hostname="{node.name}"}} '
                       f"{utilization.get(gpu, 90)}" for index, gpu in enumerate(node.gpus)]
+            for name, mib in (("DCGM_FI_DEV_FB_USED", 1024), ("DCGM_FI_DEV_FB_FREE", 80896)):  # an 80 GB card
+                lines += [f"# TYPE {name} gauge"]
+                lines += [f'{name}{{gpu="{index}",UUID="{gpu}",Hostname="{node.name}"}} {mib}'
+                          for index, gpu in enumerate(node.gpus)]
             page = self.folder / node.name / "metrics"
             page.with_suffix(".new").write_text("\n".join(lines) + "\n")
             page.with_suffix(".new").replace(page)
@@ -126,6 +130,7 @@ def test_the_environments_pages_gpu_map_lists_every_nodes_gpus_and_their_holders
         assert len({row["host"] for row in rows.values()}) == len(swarm_bench.workers)
         row = rows[held]
         assert row["model"] and row["utilization"] == 90 and row["state"] == "held_busy", row
+        assert (row["memory_used"], row["memory_total"]) == (1024 * 2**20, 80 * 2**30)
         [holder] = row["holders"]
         assert holder["user"] == user and holder["server"] == "" and holder["running"] and holder["since"]
         assert all(not other["holders"] and other["state"] == "free" for uuid, other in rows.items() if uuid != held)

@@ -35,6 +35,10 @@ DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-w1-1",pci_bus_id="00000000:0F:00.0",devic
 # TYPE DCGM_FI_DEV_FB_USED gauge
 DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-w1-0",pci_bus_id="00000000:07:00.0",device="nvidia0",modelName="NVIDIA A100-SXM4-80GB",Hostname="w1",DCGM_FI_DRIVER_VERSION="550.54.15"} 1024
 DCGM_FI_DEV_FB_USED{gpu="1",UUID="GPU-w1-1",pci_bus_id="00000000:0F:00.0",device="nvidia1",modelName="NVIDIA A100-SXM4-80GB",Hostname="w1",DCGM_FI_DRIVER_VERSION="550.54.15"} 40960
+# HELP DCGM_FI_DEV_FB_FREE Framebuffer memory free (in MiB).
+# TYPE DCGM_FI_DEV_FB_FREE gauge
+DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-w1-0",pci_bus_id="00000000:07:00.0",device="nvidia0",modelName="NVIDIA A100-SXM4-80GB",Hostname="w1",DCGM_FI_DRIVER_VERSION="550.54.15"} 80896
+DCGM_FI_DEV_FB_FREE{gpu="1",UUID="GPU-w1-1",pci_bus_id="00000000:0F:00.0",device="nvidia1",modelName="NVIDIA A100-SXM4-80GB",Hostname="w1",DCGM_FI_DRIVER_VERSION="550.54.15"} 40960
 # HELP DCGM_FI_DEV_SM_CLOCK SM clock frequency (in MHz).
 # TYPE DCGM_FI_DEV_SM_CLOCK gauge
 DCGM_FI_DEV_SM_CLOCK{gpu="0",UUID="GPU-w1-0",Hostname="w1"} 1410
@@ -90,7 +94,9 @@ def metric(name: str, **labels: str) -> float:
 def test_dcgm_exporters_text_gives_utilization_and_memory_per_gpu_uuid():
     readings = swarmgpus.parse_dcgm(DCGM_TEXT)
 
-    assert readings == {"GPU-w1-0": GpuReading(0.0, 1024 * 2**20), "GPU-w1-1": GpuReading(87.0, 40960 * 2**20)}
+    # memory: in use, and in all (used + free: 81920 MiB, an 80 GB A100)
+    assert readings == {"GPU-w1-0": GpuReading(0.0, 1024 * 2**20, 81920 * 2**20),
+                        "GPU-w1-1": GpuReading(87.0, 40960 * 2**20, 81920 * 2**20)}
     assert swarmgpus.parse_dcgm("") == {}
 
 
