@@ -221,27 +221,32 @@ def _parts_needed(parts: set[str]) -> set[str]:
 _STAGE = {"channel": 1, "daemon": 1, "proxy": 1, "rootfs": 2, "browser": 2, "registry": 2, "swarm": 2, "base": 3}
 
 
-def _run_order(items: list[pytest.Item]) -> dict[str, int]:
+# Seconds each long group took in one process (--durations=0 summed per group, warm bench,
+# 2026-12-01). Only an order: the groups that use the base image start longest first, so
+# that under xdist the last to start is a short one. A stale figure costs balance, never
+# a result; a group not named here counts as short.
+_GROUP_SECONDS = {
+    "swarm": 258, "tests/test_builder.py": 150, "tests/test_build_faults.py": 130,
+    "tests/test_e2e_failures.py": 110, "tests/test_e2e_envpage.py": 84, "tests/test_e2e.py": 74,
+    "tests/test_cli_builder.py": 69, "tests/test_e2e_culling.py": 50, "tests/test_envpage_screenshots.py": 50,
+    "tests/test_e2e_isolation.py": 49,
+}
+
+
+def _run_order(items: list[pytest.Item]) -> dict[str, tuple[int, int]]:
     """A rank for each group of tests (see _xdist_group), in the order they should start.
 
     Groups that need no bench first: they run while it is set up. Then those that need
     only parts that are ready early (the daemon, the channel), then the rootfs. Then the
-    hub's tests before the other users of the base image: the longest group first, so
-    that under xdist the last group to start is a short one.
+    users of the base image (the hub's tests among them), the longest first.
     """
-    ranks: dict[str, int] = {}
+    stages: dict[str, int] = {}
     for item in items:
-        parts = bench_parts(item)
-        rank = max((_STAGE[part] for part in parts), default=0)
-        if rank == 3 and "hub" not in getattr(item, "fixturenames", ()):
-            rank = 4
+        stage = max((_STAGE[part] for part in bench_parts(item)), default=0)
         group = _xdist_group(item)
-        ranks[group] = max(ranks.get(group, 0), rank)
-    if ranks.get("swarm", 0) > 3:
-        # the multi-node group is the longest (about 200 s of one process): it starts with the
-        # hub's tests, not after them, or it runs on alone at the end
-        ranks["swarm"] = 3
-    return ranks
+        stages[group] = max(stages.get(group, 0), stage)
+    return {group: (stage, -_GROUP_SECONDS.get(group, 0) if stage >= _STAGE["base"] else 0)
+            for group, stage in stages.items()}
 
 
 def _xdist_group(item: pytest.Item) -> str:
@@ -256,10 +261,7 @@ def _xdist_group(item: pytest.Item) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     ranks = _run_order(items)
-    # stable: a group stays in pytest's order. Among the groups of its rank the multi-node
-    # group goes first: it is the longest (about a quarter of the suite's bench time), and
-    # started last it ran on alone while the other processes had finished (see _run_order).
-    items.sort(key=lambda item: (ranks[_xdist_group(item)], _xdist_group(item) != "swarm"))
+    items.sort(key=lambda item: ranks[_xdist_group(item)])  # stable: a group keeps pytest's order
     if _is_xdist_worker() and _SETUP is not None:  # for the controller's scheduler
         groups = {item.nodeid: _xdist_group(item) for item in items}
         partial = _SETUP.folder / f"groups.{os.environ['PYTEST_XDIST_WORKER']}.json"
