@@ -38,7 +38,7 @@ def daemon_can_load_layers(builder: ImageBuilder) -> bool:
         able = layers.supports_layered_images(builder.client.api)
     if not able:
         builder.log.warning("ImageBuilder.layered_images: the Docker daemon uses the containerd image store; "
-                         "building with the Dockerfile route")
+                            "building with the Dockerfile route")
     return able
 
 
@@ -112,7 +112,7 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
         docker_context.mkdir()
         shutil.copyfile(LAYERED_DOCKERFILE, docker_context / "Dockerfile")
         return await docker_build(builder, build, request, docker_context, build_log, 0, labels,
-                                from_image=image_id, compile_step=not compiled)
+                                  from_image=image_id, compile_step=not compiled)
     repository, tag = builder.tag_for(build.key).rsplit(":", 1)
     with builder.daemon_call("tagging the image"):
         await asyncio.to_thread(builder.client.api.tag, image_id, repository, tag)
