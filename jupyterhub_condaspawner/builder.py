@@ -674,7 +674,15 @@ class ImageBuilder(LoggingConfigurable):
         """
         if not info.reference:
             return False
-        return await self._transfers().pull(api or self.client.api, info, publish)
+        api = api or self.client.api
+        with self.daemon_call("looking up the image"):
+            try:
+                await asyncio.to_thread(api.inspect_image, info.reference)
+                return False
+            except docker.errors.ImageNotFound:
+                pass
+        await self._transfers().pull(api, info, publish)
+        return True
 
     # -- cache management (imagegc.py) ---------------------------------------------------------
 

@@ -108,15 +108,9 @@ class RegistryTransfer:
                           key=key, cause=f"the Docker daemon at {self.daemon_url} cannot be reached ({error})")
 
     async def pull(self, api: docker.APIClient, info: ImageInfo,
-                   publish: Callable[[str, int, str], Awaitable[None]] | None = None) -> bool:
-        """Pull ``info``'s registry image (``info.reference``) onto ``api``'s daemon unless it has it;
-        True if it pulled. See ImageBuilder.ensure_present."""
-        with self._daemon("looking up the image"):
-            try:
-                await asyncio.to_thread(api.inspect_image, info.reference)
-                return False
-            except docker.errors.ImageNotFound:
-                pass
+                   publish: Callable[[str, int, str], Awaitable[None]] | None = None) -> None:
+        """Pull ``info``'s registry image (``info.reference``) onto ``api``'s daemon and tag it
+        ``<registry>:<key[:16]>`` there; ``publish`` as in ImageBuilder.ensure_present."""
         registry = self.registry
         host = registry.repository.host
         digest = info.reference.partition("@")[2]
@@ -149,7 +143,6 @@ class RegistryTransfer:
             await asyncio.to_thread(api.tag, info.reference, registry.repository.name, info.key[:16])
         await say("pull", 100, f"Pulled {megabytes(tally.total)} from {host}"
                   + (f" ({tally.already} layers were already here)" if tally.already else ""))
-        return True
 
 
 def transfer_failure(what: str, host: str, error: str, key: str) -> BuildError:
