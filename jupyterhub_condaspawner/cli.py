@@ -26,7 +26,8 @@ from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 if TYPE_CHECKING:
     import docker
 
-    from .builder import BuildRequest, ImageBuilder
+    from .builder import ImageBuilder
+    from .buildmodel import BuildRequest
     from .kubernetes import PushedImages
     from .profiles import Profile, ProfileCatalog
     from .resolve import Resolver
@@ -100,7 +101,8 @@ async def _solve_all(args: argparse.Namespace, config: Config, timeout: float, s
     """The spawner's pre-check for each valid file: solved as its build would (ipykernel added)."""
     import asyncio
 
-    from .builder import BuildRequest, ImageBuilder
+    from .builder import ImageBuilder
+    from .buildmodel import BuildRequest
     from .resolve import ResolveError
 
     builder = ImageBuilder(config=config)
@@ -324,7 +326,7 @@ def _cache_builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
 
 def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str, BuildRequest]]:
     """(label, request) for each FILE, or for every profile with an environment."""
-    from .builder import BuildRequest
+    from .buildmodel import BuildRequest
     from .spec import SpecError, SpecPolicy
 
     if args.files:
@@ -338,7 +340,7 @@ def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str,
 
 def _profile_builds(config: Config, directory: str | None) -> list[tuple[Profile, BuildRequest]]:
     """Every profile with an environment of its own, and its build."""
-    from .builder import request_for_profile
+    from .buildmodel import request_for_profile
 
     catalog = _load_catalog(config, directory)
     return [(p, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
@@ -362,7 +364,7 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
 
     from tqdm import tqdm
 
-    from .builder import BuildError
+    from .builderrors import BuildError
 
     async def one(position: int, label: str, request: BuildRequest) -> tuple:
         bar = tqdm(total=100, desc=label[:24].ljust(24), position=position, leave=True, file=sys.stderr,
@@ -383,7 +385,7 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
 def cmd_build(args: argparse.Namespace, config: Config) -> int:
     import asyncio
 
-    from .builder import BuildError
+    from .builderrors import BuildError
 
     images = _images_to_push(args, config) if args.push else None
     builder = _builder(args, config)
@@ -446,7 +448,7 @@ def _images_to_push(args: argparse.Namespace, config: Config) -> PushedImages:
 
 async def _push(builder: ImageBuilder, results: list[tuple]) -> tuple[list[tuple], dict[str, str]]:
     """Push every built image; a failed push fails its row. Returns the rows and the references."""
-    from .builder import BuildError
+    from .builderrors import BuildError
     from .kubernetes import PushUnavailable, pushed_reference
 
     rows, pushed = [], {}
@@ -523,7 +525,8 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:
-    from .builder import LABEL_CREATED, LABEL_KEY, BuildError, request_for_profile
+    from .builderrors import BuildError
+    from .buildmodel import LABEL_CREATED, LABEL_KEY, request_for_profile
 
     if args.failed:
         return _ls_failed(_cache_builder(args, config))
@@ -561,7 +564,7 @@ def _ls_failed(builder: ImageBuilder) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, config: Config) -> int:
-    from .builder import LABEL_KEY
+    from .buildmodel import LABEL_KEY
 
     builder = _builder(args, config)
     result = builder.gc(dry_run=args.dry_run)

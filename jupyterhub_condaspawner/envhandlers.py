@@ -15,7 +15,9 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from . import environments
-from .builder import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildError, BuildRequest, ImageBuilder, request_for_profile
+from .builder import ImageBuilder
+from .builderrors import BuildError
+from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .profiles import ProfileError
 from .spawner import CondaSpawner, HubServices

@@ -17,15 +17,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from . import envdiff, swarmgpus
-from .builder import (
-    CUSTOM_ENV_NAME,
-    LABEL_CREATED,
-    LABEL_ENV_NAME,
-    LABEL_KEY,
-    LABEL_SPEC,
-    BuildError,
-    ImageBuilder,
-)
+from .builder import ImageBuilder
+from .builderrors import BuildError
+from .buildmodel import CUSTOM_ENV_NAME, LABEL_CREATED, LABEL_ENV_NAME, LABEL_KEY, LABEL_SPEC
 from .swarm import SwarmState, since_text
 from .swarmgpus import GpuReading
 from .usage import UsageLog, Use

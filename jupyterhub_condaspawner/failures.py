@@ -17,7 +17,7 @@ import requests.exceptions
 from jupyterhub.spawner import SpawnException
 from tornado import web
 
-from .builder import BuildError
+from .builderrors import BuildError
 from .gpus import GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
 
 _MESSAGE_CHARS = 400

@@ -36,7 +36,7 @@ from traitlets.config import Configurable
 from .profiles import Profile
 
 if TYPE_CHECKING:
-    from .builder import ImageInfo
+    from .buildmodel import ImageInfo
 
 # <registry>/<repository>[:tag]@sha256:<digest>: what a pod may run. A tag alone is
 # mutable: the same profile could start another environment tomorrow.

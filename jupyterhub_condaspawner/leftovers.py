@@ -28,11 +28,15 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import docker.errors
 import psutil
+
+from .buildrecords import lock_held
+from .staging import tree_size
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -95,8 +99,6 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
 
 def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:
     """Keys with a build log not yet swept, whose build no process runs now (``own_key``: ours)."""
-    from .builder import _lock_held
-
     keys = []
     for path in sorted((Path(builder.cache_dir) / "builds").glob("*/build.log")):
         key_dir = path.parent
@@ -104,7 +106,7 @@ def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:
             swept = key_dir / SWEPT
             if swept.exists() and swept.stat().st_mtime >= path.stat().st_mtime:
                 continue
-            if key_dir.name == own_key or not _lock_held(key_dir / "build.lock"):
+            if key_dir.name == own_key or not lock_held(key_dir / "build.lock"):
                 keys.append(key_dir.name)
     return keys
 
@@ -163,10 +165,8 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
 
 
 def _unused_keys_with_staging(builder: ImageBuilder, own_key: str) -> list[str]:
-    from .builder import _lock_held
-
     return sorted(path.name for path in (Path(builder.cache_dir) / "staging").glob("*")
-                  if path.name == own_key or not _lock_held(builder.key_dir(path.name) / "build.lock"))
+                  if path.name == own_key or not lock_held(builder.key_dir(path.name) / "build.lock"))
 
 
 def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
@@ -259,9 +259,12 @@ def _image_of(client: docker.DockerClient, container: str) -> str:
 
 
 def _created(attrs: dict) -> float | None:
-    from .builder import _timestamp
-
-    return _timestamp(str(attrs.get("Created", "")))
+    """When Docker says it created the object (RFC 3339, nanoseconds, "Z"), as a Unix time, or None."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?", str(attrs.get("Created", "")))
+    if not match:
+        return None
+    zone = match.group(3) or "Z"
+    return datetime.fromisoformat(match.group(1) + ("+00:00" if zone == "Z" else zone)).timestamp()
 
 
 def _explain(error: docker.errors.APIError) -> str:
@@ -269,6 +272,4 @@ def _explain(error: docker.errors.APIError) -> str:
 
 
 def _tree_size(root: Path) -> int:
-    from .builder import tree_size
-
     return tree_size(root) if root.is_dir() else (root.lstat().st_size if root.exists() else 0)

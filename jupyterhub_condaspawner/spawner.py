@@ -24,18 +24,11 @@ from jupyterhub.utils import random_port
 from traitlets import Bool, Float, default
 
 from . import environments, metrics
-from .builder import (
-    CUSTOM_ENV_NAME,
-    LABEL_KEY,
-    BuildError,
-    BuildRequest,
-    EventStream,
-    ImageBuilder,
-    ImageInfo,
-    daemon_settings,
-    request_for_profile,
-)
+from .builder import ImageBuilder
+from .builderrors import BuildError
+from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, BuildRequest, EventStream, ImageInfo, request_for_profile
 from .culler import REASON_GPU_IDLE, Cull, GpuIdleCuller
+from .dockerclient import daemon_settings
 from .failures import StartFailure, explain, log_failure
 from .gpuqueue import GpuQueue
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable

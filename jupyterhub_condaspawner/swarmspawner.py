@@ -26,7 +26,8 @@ from jupyterhub.utils import random_port
 from traitlets import Dict, Float, Unicode, default
 
 from . import homes, swarm, swarmgpus
-from .builder import LABEL_KEY, BuildError, ImageInfo
+from .builderrors import BuildError
+from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable

@@ -25,15 +25,8 @@ from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
 from pip_index import PipIndex, tiny_wheel
 
-from jupyterhub_condaspawner.builder import (
-    LABEL_ENV_NAME,
-    LABEL_KEY,
-    LABEL_LOCK_DIGEST,
-    LABEL_SPEC,
-    BuildError,
-    BuildRequest,
-    ImageBuilder,
-)
+from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 

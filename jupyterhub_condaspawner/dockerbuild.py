@@ -1,0 +1,188 @@
+"""The Dockerfile route: a docker build of a context, its "Step N/M" lines turned into
+the phases a user understands, and a failed step into one line.
+
+It writes whole images (env.Dockerfile), and, on the layered route, the pip section and
+any compiling the builder could not do (layered.Dockerfile on the loaded layers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .builderrors import BuildError, megabytes, one_line, plural
+from .buildmodel import Build, BuildRequest
+
+if TYPE_CHECKING:
+    from .builder import ImageBuilder
+
+_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+# Which of env.Dockerfile's steps does what, found by what the instruction runs.
+_STEP_PHASES = (
+    (re.compile(r"^COPY env "), "image"),
+    (re.compile(r"-m compileall "), "compile"),
+    (re.compile(r"-m pip install "), "pip"),
+    (re.compile(r"^COPY kernel "), "kernel"),
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
+_UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Could not fetch URL",
+                        "Temporary failure in name resolution", "Connection refused")
+
+
+async def docker_build(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
+                       build_log: io.TextIOBase, env_size: int, labels: dict[str, str],
+                       from_image: str | None = None, compile_step: bool = True) -> str:
+    """A docker build of ``context`` (its Dockerfile) on ``from_image`` (the loaded layers of
+    the layered route), else on the base image; ``compile_step``: whether it byte-compiles."""
+    kwargs = dict(
+        path=str(context), tag=builder.tag_for(build.key), labels=labels, rm=True, forcerm=True,
+        network_mode=builder.build_network_mode, decode=True,
+        buildargs={"BASE_IMAGE": from_image or builder.base_image_id(), "ENV_NAME": request.env_name,
+                   **({"COMPILE": "1" if compile_step else "0"} if from_image else {})},
+        container_limits=container_limits(builder),
+    )
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def stream() -> None:  # docker-py streams synchronously: read it in a thread
+        try:
+            for chunk in builder.client.api.build(**kwargs):
+                if abandoned.is_set():
+                    break  # closing the stream makes the daemon cancel the build
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except Exception as error:  # the daemon went away, context too large, ...
+            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": one_line(error)})
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    reader = loop.run_in_executor(None, stream)
+    steps = StepTracker(request, env_size, compiling=compile_step)
+    image_id, failure, daemon_failure = None, "", ""
+    try:
+        while (chunk := await queue.get()) is not None:
+            if "daemon_error" in chunk:
+                daemon_failure = chunk["daemon_error"]
+                build_log.write(f"docker: {daemon_failure}\n")
+                continue
+            if "error" in chunk:
+                failure = strip_ansi(chunk["error"]).strip()
+                build_log.write(failure + "\n")
+                continue
+            image_id = chunk.get("aux", {}).get("ID", image_id)
+            for line in strip_ansi(chunk.get("stream", "")).splitlines():
+                if line.strip():
+                    build_log.write(line + "\n")
+                    message = steps.feed(line)
+                    if message:
+                        await build.publish(steps.phase, steps.progress(), message)
+    except asyncio.CancelledError:  # build_timeout: stop reading at the next line docker sends
+        abandoned.set()
+        raise
+    await reader
+    if "no space left on device" in "\n".join([daemon_failure, failure, *steps.output]).lower():
+        raise daemon_disk_full(builder, env_size)
+    if daemon_failure:
+        # docker-py's words ("Connection broken: IncompleteRead(0 bytes read)") stay in the build log
+        cause = f"the Docker daemon at {builder.daemon_url} went away while writing the image"
+        raise BuildError(cause, phase="daemon", cause=cause)
+    if failure or image_id is None:
+        raise steps.failure(failure or "docker gave no image")
+    await build.publish("tag", 98, f"Tagged {builder.tag_for(build.key)}")
+    return image_id
+
+
+def daemon_disk_full(builder: ImageBuilder, env_size: int) -> BuildError:
+    """The build daemon's disk filled up while writing the image (its data root, on its host)."""
+    root = "its data root"
+    with contextlib.suppress(Exception):
+        root = str(builder.client.info().get("DockerRootDir") or root)
+    # the context sent, the COPY layer and the compiled files: about twice the environment
+    cause = f"no space left in {root} on the Docker host {builder.daemon_url} (needs about {megabytes(2 * env_size)})"
+    return BuildError(cause, phase="disk", cause=cause)
+
+
+def container_limits(builder: ImageBuilder) -> dict[str, Any]:
+    """Each build step's limits (build_memory_limit, build_cpuset_cpus), as docker build takes them."""
+    limits: dict[str, Any] = {}
+    if builder.build_memory_limit:
+        limits["memory"] = int(builder.build_memory_limit)
+    if builder.build_cpuset_cpus:
+        limits["cpusetcpus"] = builder.build_cpuset_cpus
+    return limits
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+class StepTracker:
+    """Docker's "Step N/M : INSTRUCTION" lines -> the phases a user understands, and failures.
+
+    Raw steps go to the build log only; the progress page says what a step is for.
+    """
+
+    def __init__(self, request: BuildRequest, env_size: int, compiling: bool = True):
+        self.request = request
+        self.env_size = env_size
+        # on layers the builder compiled, layered.Dockerfile's compile step does nothing
+        self.quiet = set() if compiling else {"compile"}
+        self.step, self.steps = 0, 1
+        self.instruction = ""
+        self.phase = "build"
+        self.output: list[str] = []  # the current step's output
+
+    def feed(self, line: str) -> str | None:
+        """Take one line of docker's output; return a progress message when a phase starts."""
+        match = _STEP.match(line)
+        if not match:
+            self.output.append(line)
+            return None
+        self.step, self.steps = int(match.group(1)), int(match.group(2))
+        self.instruction = line[match.end():].strip()
+        self.output = []
+        for pattern, phase in _STEP_PHASES:
+            if pattern.search(self.instruction):
+                if phase in self.quiet:
+                    return None
+                self.phase = phase
+                return self._message(phase)
+        return None
+
+    def progress(self) -> int:
+        return 45 + int(50 * self.step / max(self.steps, 1))
+
+    def _message(self, phase: str) -> str | None:
+        if phase == "image":
+            return f"Writing the environment into the image ({megabytes(self.env_size)})"
+        if phase == "compile":
+            return "Compiling the environment's Python files"
+        if phase == "pip":
+            pip = self.request.spec.pip
+            return f"Installing {plural(len(pip), 'pip package')} in a container" if pip else None
+        return "Registering the kernel"
+
+    def failure(self, error: str) -> BuildError:
+        """The failed step as one line: what it was for, and the cause without docker's noise."""
+        if _STEP_PHASES[2][0].search(self.instruction):  # the pip step
+            return self._pip_failure()
+        what = {"image": "writing the environment into the image", "compile": "compiling Python files",
+                "kernel": "registering the kernel"}.get(self.phase, "writing the image")
+        detail = next((line.strip() for line in reversed(self.output) if line.strip()
+                       and not line.startswith(_DOCKER_NOISE)), "")
+        cause = one_line(f"{what}: {detail or error}")
+        return BuildError(f"writing the image failed at {what}: {detail or error}", phase="build", cause=cause)
+
+    def _pip_failure(self) -> BuildError:
+        text = "\n".join(self.output)
+        if any(marker in text for marker in _UNREACHABLE_MARKERS):
+            cause = "the package index could not be reached"
+            return BuildError(f"pip: {cause}", phase="pip", cause=cause, unreachable=True)
+        errors = [line.strip().removeprefix("ERROR: ") for line in self.output if line.strip().startswith("ERROR:")]
+        cause = one_line(errors[-1] if errors else "pip exited with an error (see the build log)")
+        return BuildError(f"pip: {cause}", phase="pip", cause=cause)

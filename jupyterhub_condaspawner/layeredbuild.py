@@ -1,0 +1,170 @@
+"""The layered route: the staged environment written as image layers and loaded into
+Docker directly (layers.py), byte-compiled first in a container of the base image, with
+the kernel spec and settings on top; a docker build follows only for a pip section, or
+to compile where the builder could not (a remote daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker
+
+from . import layers
+from .buildcontext import settings_files
+from .builderrors import BuildError, megabytes, one_line, plural
+from .buildmodel import ENVS_ROOT, Build, BuildRequest
+from .bytecode import BytecodeCache
+from .dockerbuild import docker_build
+
+if TYPE_CHECKING:
+    from .builder import ImageBuilder
+
+# The loaded-layers route's only Dockerfile: pip sections, and compiling where the builder could not.
+LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
+MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
+
+
+def daemon_can_load_layers(builder: ImageBuilder) -> bool:
+    """Whether the build daemon's image store takes loaded layers (else: the Dockerfile route)."""
+    with builder.daemon_call("reading the daemon's image store"):
+        able = layers.supports_layered_images(builder.client.api)
+    if not able:
+        builder.log.warning("ImageBuilder.layered_images: the Docker daemon uses the containerd image store; "
+                            "building with the Dockerfile route")
+    return able
+
+
+def _daemon_is_local(builder: ImageBuilder) -> bool:
+    """Whether the build daemon is on this host's socket, so that it can mount a staged folder."""
+    return str(builder.client.api.base_url) == "http+docker://localhost"
+
+
+async def _compile_staged(builder: ImageBuilder, build: Build, context: Path, batches: list[list[str]],
+                          build_log: io.TextIOBase) -> bool:
+    """Byte-compile ``batches`` of the staged environment with its own Python, in a container
+    of the base image with the staging folder mounted at the shared prefix (nothing runs on
+    the host), so that each package's .pyc travel in its layer. False when it could not (a
+    remote daemon, a failure): the Dockerfile compiles then."""
+    if not _daemon_is_local(builder):
+        build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
+        return False
+    if not batches:  # said all the same: the phase a user follows does not vanish on a warm cache
+        await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
+        return True
+    await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(map(len, batches))})")
+    (context / "compile").mkdir()
+    (context / "compile" / "batches.json").write_text(json.dumps(batches))
+    limits: dict[str, Any] = {"mem_limit": int(builder.build_memory_limit)} if builder.build_memory_limit else {}
+    if builder.build_cpuset_cpus:
+        limits["cpuset_cpus"] = builder.build_cpuset_cpus
+    command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json"]
+    image = builder.base_image_id()
+
+    def run() -> tuple[dict[str, Any], str]:
+        # One thread owns the container from start to removal: a build that times out meanwhile
+        # stops waiting for it, and the container is removed all the same.
+        container = builder.client.containers.run(
+            image, command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+            entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
+            volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
+                     str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
+            **limits)
+        try:
+            return container.wait(), container.logs().decode(errors="replace")
+        finally:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+
+    try:
+        with builder.daemon_call("byte-compiling the environment"):
+            status, output = await asyncio.to_thread(run)
+    except (BuildError, docker.errors.DockerException) as error:
+        build_log.write(f"compile: {one_line(error)}; compiling in the Dockerfile\n")
+        return False
+    finally:
+        shutil.rmtree(context / "compile", ignore_errors=True)  # not for the build context
+    build_log.write(output)
+    if status.get("StatusCode") != 0:
+        build_log.write(f"compile: exit status {status.get('StatusCode')}; compiling in the Dockerfile\n")
+        return False
+    return True
+
+
+async def build_layered(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
+                        build_log: io.TextIOBase, labels: dict[str, str]) -> str:
+    """The layered route: load the environment as layers with the kernel spec and settings on
+    top; a docker build on that image only for a pip section, or to compile where the builder
+    could not. The tagged image's id."""
+    image_id, compiled = await _load_layers(builder, build, request, context, build_log, labels)
+    build_log.write(f"loaded image {image_id}\n")  # for leftovers, should the build stop before the tag
+    await build.publish("kernel", 45, "Registering the kernel")  # its layer is in the loaded image
+    await asyncio.to_thread(shutil.rmtree, context / "env")
+    if request.spec.pip or not compiled:
+        docker_context = context / "docker"
+        docker_context.mkdir()
+        shutil.copyfile(LAYERED_DOCKERFILE, docker_context / "Dockerfile")
+        return await docker_build(builder, build, request, docker_context, build_log, 0, labels,
+                                  from_image=image_id, compile_step=not compiled)
+    repository, tag = builder.tag_for(build.key).rsplit(":", 1)
+    with builder.daemon_call("tagging the image"):
+        await asyncio.to_thread(builder.client.api.tag, image_id, repository, tag)
+    await build.publish("tag", 98, f"Tagged {builder.tag_for(build.key)}")
+    return image_id
+
+
+async def _load_layers(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
+                       build_log: io.TextIOBase, labels: dict[str, str]) -> tuple[str, bool]:
+    """Compile the staged environment (``context``/env) and load it into Docker as layers on
+    the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
+    layer: the image's id, and whether its layers hold the compiled files."""
+    staging = context / "env"
+    plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+                              max_layers=MAX_PACKAGE_LAYERS)
+    memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
+    base_id = builder.base_image_id()
+    with builder.daemon_call("loading the environment's layers"):
+        history = await asyncio.to_thread(layers.base_history, builder.client.api, base_id, memo.directory)
+        known = await asyncio.to_thread(layers.known_chains, builder.client.api, [i.id for i in builder.images()])
+        base_attrs = await asyncio.to_thread(builder.client.api.inspect_image, base_id)
+    # Layers Docker holds with their byte code already are neither compiled nor sent again,
+    # and packages compiled for an earlier build are not compiled again.
+    stored = layers.stored_layers(base_attrs, plan, known, memo)
+    bytecode = BytecodeCache(Path(builder.bytecode_cache_dir or Path(builder.resolver.package_cache_dir)
+                                  / "condaspawner-bytecode"))
+    done = await asyncio.to_thread(bytecode.restore, staging)
+    batches = layers.compile_batches(staging, plan, stored, done)
+    compiled = await _compile_staged(builder, build, context, batches, build_log)
+    build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(map(len, batches))} compiled\n")
+    if compiled:
+        await asyncio.to_thread(bytecode.keep, staging)
+        plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+                                  max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
+    plan.append(layers.files_layer("kernel and settings", settings_files(context, request)))
+    env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
+    await build.publish("build", 42, f"Writing the environment as {plural(len(plan), 'layer')}")
+    def loading(image_id: str) -> None:  # for leftovers, should the build be killed mid-load
+        build_log.write(f"loading image {image_id}\n")
+        build_log.flush()
+
+    with builder.daemon_call("loading the environment's layers"):
+        try:
+            result = await asyncio.to_thread(layers.load_image, builder.client.api, base_id, plan, labels, known,
+                                             memo, history, env, loading)
+        except OSError as error:  # a layer counted on was removed meanwhile: send every layer
+            build_log.write(f"layered load failed ({error}); sending every layer\n")
+            result = await asyncio.to_thread(layers.load_image, builder.client.api, base_id, plan, labels, set(),
+                                             layers.LayerMemo(None), history, env, loading)
+    for name, diff_id, size, sent in result.layers:
+        build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
+    written = [size for _, _, size, sent in result.layers if sent]
+    await build.publish("build", 44, f"Wrote {megabytes(sum(written))} in {plural(len(written), 'layer')} "
+                                     f"({len(result.layers) - len(written)} already stored)")
+    return result.image_id, compiled

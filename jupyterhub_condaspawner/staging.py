@@ -1,0 +1,160 @@
+"""A build's staging folder: the environment solved (py-rattler), installed into
+``<cache_dir>/staging/<key>/env`` for the image, removed after; and, when a disk fills
+up, which folder and about how much the install needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from rattler import MatchSpec
+
+from .builderrors import BuildError, megabytes, one_line, plural
+from .buildmodel import Build, BuildRequest
+from .resolve import Lock, ResolveError, Resolver
+from .spec import EnvironmentSpec, pip_requirement_text
+
+
+async def solve(resolver: Resolver, build: Build, request: BuildRequest, build_log: io.TextIOBase, key_dir: Path,
+                presolved: Lock | None = None) -> Lock:
+    """Solve ``request`` (unless the spawn's pre-check did: ``presolved``) and keep its lock in ``key_dir``."""
+    if presolved is not None:
+        build_log.write("solve: the lock of the pre-check before the spawn\n")
+        return await _keep_lock(build, presolved, build_log, key_dir, " (solved before the start)")
+    await build.publish("solve", 5, f"Solving {plural(len(request.spec.conda), 'conda dependency')}")
+    spec = with_kernel_package(request.spec)
+    try:
+        lock = await resolver.solve(spec, cuda=request.cuda)
+    except ResolveError as error:
+        build_log.write(f"solve failed: {error}\n")
+        raise BuildError(f"solve: {error}", phase="solve", cause=str(error).removeprefix("cannot solve: "),
+                         unreachable=error.unreachable) from None
+    return await _keep_lock(build, lock, build_log, key_dir)
+
+
+async def _keep_lock(build: Build, lock: Lock, build_log: io.TextIOBase, key_dir: Path, note: str = "") -> Lock:
+    lock.write(key_dir / "environment.lock")
+    (key_dir / "lock.json").write_text(lock.to_json())
+    build_log.write(f"solved: {len(lock.records)} packages, lock digest {lock.digest()}\n")
+    await build.publish("solve", 15, f"Solved: {plural(len(lock.records), 'package')}{note}")
+    return lock
+
+
+async def install(resolver: Resolver, build: Build, lock: Lock, context: Path, build_log: io.TextIOBase,
+                  prefix: str) -> int:
+    """Install ``lock`` into ``context``/env for ``prefix`` in the image; the bytes it holds."""
+    missing = resolver.not_in_cache(lock)
+    download = sum(record.size or 0 for record in missing)
+    await build.publish("install", 20, (f"Downloading {plural(len(missing), 'package')} ({megabytes(download)})"
+                                        f" and installing {len(lock.records)}") if missing
+                        else f"Installing {plural(len(lock.records), 'package')} from the package cache")
+    try:
+        await resolver.install(lock, context / "env", prefix)
+    except ResolveError as error:
+        build_log.write(f"install failed: {error}\n")
+        if error.no_space:
+            raise  # the builder says which folder is full (no_space_error)
+        raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
+                         unreachable=error.unreachable) from None
+    size = await asyncio.to_thread(tree_size, context / "env")
+    build_log.write(f"installed into the staging prefix: {size} bytes\n")
+    await build.publish("install", 40, f"Installed the conda environment ({megabytes(size)})")
+    return size
+
+
+async def remove_staging(context: Path, settle: bool, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """Remove the staging folder. After a failure (``settle``) the installer may still be finishing
+    files it had started: remove, then watch until nothing reappears for a second (at most a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        await asyncio.to_thread(shutil.rmtree, context, True)
+        if not settle:
+            return
+        await asyncio.sleep(1.0)
+        if not context.exists():
+            return
+        if time.monotonic() > deadline:
+            log.warning("Staging folder %s keeps being written to: left behind", context)
+            return
+
+
+async def no_space_error(resolver: Resolver, cache_dir: Path, request: BuildRequest, lock: Lock | None,
+                         error: BaseException, log: logging.Logger | logging.LoggerAdapter) -> BuildError:
+    """A full disk as the one-line BuildError "no space left in FOLDER (needs about N MB)"."""
+    folders = [cache_dir, Path(resolver.package_cache_dir)]
+    folder = min(folders, key=free_bytes)  # the fuller of the two (the one that filled up)
+    if lock is None:  # full before the solve wrote the lock: solve again for the estimate
+        with contextlib.suppress(Exception):
+            lock = await resolver.solve(with_kernel_package(request.spec), cuda=request.cuda)
+    needed = await asyncio.to_thread(space_needed, resolver, lock, folder, cache_dir) if lock is not None else 0
+    cause = f"no space left in {folder}" + (f" (needs about {megabytes(needed)})" if needed else "")
+    log.warning("Build of %s: %s: %s", request.display_name, cause, one_line(error))
+    return BuildError(cause, phase="disk", cause=cause)
+
+
+def space_needed(resolver: Resolver, lock: Lock, folder: Path, cache_dir: Path) -> int:
+    """About how many bytes an install of ``lock`` writes on ``folder``'s filesystem: downloads and
+    unpacked packages in the package cache, and the staged environment (hard links on one filesystem)."""
+    cache = Path(resolver.package_cache_dir)
+    missing = {id(record) for record in resolver.not_in_cache(lock)}
+    downloads = unpacked_missing = unpacked = 0
+    for record in lock.records:
+        if id(record) in missing:
+            downloads += record.size or 0
+            unpacked_missing += 3 * (record.size or 0)  # typical unpacked / compressed
+            unpacked += 3 * (record.size or 0)
+        else:
+            unpacked += tree_size(cache / f"{record.name.normalized}-{record.version}-{record.build}")
+    folder_device = device(folder)
+    needed = 0
+    if folder_device == device(cache):
+        needed += downloads + unpacked_missing
+    if folder_device == device(cache_dir) and device(cache_dir) != device(cache):
+        needed += unpacked  # staging on another filesystem than the package cache: copies, not links
+    return max(needed, 1_000_000)
+
+
+def with_kernel_package(spec: EnvironmentSpec) -> EnvironmentSpec:
+    """The spec plus ipykernel when neither section has it: every env must run a kernel."""
+    names = {MatchSpec(text).name.normalized for text in spec.conda}
+    names |= {Requirement(pip_requirement_text(text)).name for text in spec.pip}  # already canonical
+    if "ipykernel" in names:
+        return spec
+    return dataclasses.replace(spec, conda=tuple(sorted((*spec.conda, "ipykernel"))))
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on ``folder``'s filesystem (of its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def device(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return candidate.stat().st_dev
+    return -1
+
+
+def tree_size(root: Path) -> int:
+    """Bytes under ``root``, each hard-linked file counted once (staged envs link into the cache)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            info = os.lstat(os.path.join(directory, name))
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
+    return total
