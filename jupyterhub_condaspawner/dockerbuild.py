@@ -7,16 +7,15 @@ any compiling the builder could not do (layered.Dockerfile on the loaded layers)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import re
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import Build, BuildRequest
+from .dockerclient import thread_stream
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -47,30 +46,16 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
                    **({"COMPILE": "1" if compile_step else "0"} if from_image else {})},
         container_limits=container_limits(builder),
     )
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def stream() -> None:  # docker-py streams synchronously: read it in a thread
-        try:
-            for chunk in builder.client.api.build(**kwargs):
-                if abandoned.is_set():
-                    break  # closing the stream makes the daemon cancel the build
-                loop.call_soon_threadsafe(queue.put_nowait, chunk)
-        except Exception as error:  # the daemon went away, context too large, ...
-            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": one_line(error)})
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    reader = loop.run_in_executor(None, stream)
     steps = StepTracker(request, env_size, compiling=compile_step)
     image_id, failure, daemon_failure = None, "", ""
-    try:
-        while (chunk := await queue.get()) is not None:
-            if "daemon_error" in chunk:
+    # a timeout (cancelled) stops reading at the next line: closing the stream makes the daemon cancel the build
+    async with contextlib.aclosing(thread_stream(lambda: builder.client.api.build(**kwargs))) as chunks:
+        async for chunk in chunks:
+            if "daemon_error" in chunk:  # the daemon went away
                 daemon_failure = chunk["daemon_error"]
                 build_log.write(f"docker: {daemon_failure}\n")
                 continue
-            if "error" in chunk:
+            if "error" in chunk:  # inside the stream, or the daemon refused the build
                 failure = strip_ansi(chunk["error"]).strip()
                 build_log.write(failure + "\n")
                 continue
@@ -81,10 +66,6 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
                     message = steps.feed(line)
                     if message:
                         await build.publish(steps.phase, steps.progress(), message)
-    except asyncio.CancelledError:  # build_timeout: stop reading at the next line docker sends
-        abandoned.set()
-        raise
-    await reader
     if "no space left on device" in "\n".join([daemon_failure, failure, *steps.output]).lower():
         raise daemon_disk_full(builder, env_size)
     if daemon_failure:

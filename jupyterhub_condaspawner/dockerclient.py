@@ -6,11 +6,17 @@ do not import the builder and, with it, the solver.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 import docker
+import docker.errors
 import docker.tls
 import docker.utils
+
+from .builderrors import one_line
 
 
 def daemon_settings(tls_config: dict[str, Any] | None = None, client_kwargs: dict[str, Any] | None = None
@@ -24,3 +30,35 @@ def daemon_settings(tls_config: dict[str, Any] | None = None, client_kwargs: dic
     settings.update(docker.utils.kwargs_from_env())
     settings.update(client_kwargs or {})
     return settings
+
+
+async def thread_stream(make: Callable[[], Iterable[dict[str, Any]]]) -> AsyncGenerator[dict[str, Any], None]:
+    """A docker-py event stream (synchronous) read in a thread, as an async iterator.
+
+    The daemon's refusals become ``{"error": ...}`` events, like errors inside the stream;
+    a daemon that cannot be reached becomes ``{"daemon_error": ...}``. Abandoning the
+    iterator (a timeout) stops reading at the next event.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in make():
+                if abandoned.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except docker.errors.APIError as error:
+            loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(error.explanation or error)})
+        except Exception as error:  # the daemon went away or cannot be reached
+            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": one_line(error)})
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    reader = loop.run_in_executor(None, pump)
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        abandoned.set()
+    await reader

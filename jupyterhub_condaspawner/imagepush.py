@@ -1,7 +1,7 @@
 """Pushing a built image to the registry and pulling it onto a daemon that lacks it,
 through the Docker daemon, with progress in layers and bytes.
 
-Docker's event streams are read in a thread (:func:`thread_stream`); what the daemon
+Docker's event streams are read in a thread (:func:`dockerclient.thread_stream`); what the daemon
 reports is tallied by registry.py's PushTally and PullTally.
 """
 
@@ -11,16 +11,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import docker
 
-from .builderrors import BuildError, daemon_call, megabytes, one_line, registry_call
+from .builderrors import BuildError, daemon_call, megabytes, registry_call
 from .buildmodel import Build, ImageInfo
 from .buildrecords import BuildRecords
+from .dockerclient import thread_stream
 from .registry import (
     PullTally,
     PushTally,
@@ -166,34 +165,4 @@ async def no_progress(phase: str, progress: int, message: str) -> None:
     return None
 
 
-async def thread_stream(make: Callable[[], Iterable[dict[str, Any]]]) -> AsyncGenerator[dict[str, Any], None]:
-    """A docker-py event stream (synchronous) read in a thread, as an async iterator.
-
-    The daemon's refusals become ``{"error": ...}`` events, like errors inside the stream;
-    a daemon that cannot be reached becomes ``{"daemon_error": ...}``. Abandoning the
-    iterator (a timeout) stops reading at the next event.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def pump() -> None:
-        try:
-            for item in make():
-                if abandoned.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except docker.errors.APIError as error:
-            loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(error.explanation or error)})
-        except Exception as error:  # the daemon went away or cannot be reached
-            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": one_line(error)})
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    reader = loop.run_in_executor(None, pump)
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-    finally:
-        abandoned.set()
-    await reader
 
