@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -52,8 +51,6 @@ from .imagepush import RegistryTransfer
 from .imagepush import transfer_failure as _transfer_failure  # noqa: F401  (tests import it from here)
 from .registry import ARCHITECTURES, RegistryClient, RemoteImage, Repository
 from .resolve import Lock, Resolver, is_no_space
-
-log = logging.getLogger(__name__)
 
 # How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
 PRESOLVED_SECONDS = 600
