@@ -8,11 +8,23 @@ until the test opens a gate, which makes "a build is running right now" determin
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
+import os
 import threading
 import zipfile
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# A hub a test starts finds the module's index here (see served_to_hubs).
+HUB_ENV = "CONDASPAWNER_TEST_PIP_INDEX"
+# A hub's config lines for it (HUB_EXTRA_CONFIG): pip sections build against that index only.
+HUB_PIP_CONFIG = (
+    "import os\n"
+    f'c.ImageBuilder.pip_config = {{"index-url": os.environ["{HUB_ENV}"], '
+    '"trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}\n'
+)
 
 
 def tiny_wheel(name: str, version: str) -> tuple[str, bytes]:
@@ -93,3 +105,14 @@ class PipIndex:
             gate.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def served_to_hubs() -> Iterator[PipIndex]:
+    """A PipIndex whose URL the hubs started meanwhile read from HUB_ENV (HUB_PIP_CONFIG)."""
+    with PipIndex() as index:
+        os.environ[HUB_ENV] = index.url
+        try:
+            yield index
+        finally:
+            os.environ.pop(HUB_ENV, None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -25,15 +24,14 @@ import pytest
 import yaml
 from fixtures_docker import REPO
 from fixtures_hub import FAKE_GPU
-from pip_index import PipIndex
+from pip_index import HUB_PIP_CONFIG, served_to_hubs
 
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
 pytestmark = pytest.mark.docker
 
-HUB_EXTRA_CONFIG = """
-import os
+HUB_EXTRA_CONFIG = HUB_PIP_CONFIG + """
 c.JupyterHub.load_roles = c.JupyterHub.load_roles + [
     {"name": "condaspawner-admins", "scopes": ["custom:condaspawner:admin"], "users": ["envadmin"]},
 ]
@@ -41,8 +39,6 @@ c.EnvironmentsPage.admin_users = {"listedadmin"}
 c.EnvironmentsPage.admin_groups = {"envpage-admins"}
 c.JupyterHub.load_groups.update({"envpage-admins": {"users": ["groupadmin"]}})
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
-c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
-                             "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
 c.ImageBuilder.max_concurrent_builds = 1  # a second build waits in the build queue (the live table)
 c.ImageBuilder.max_images = 1  # the GC run (the last test) removes every image no container uses
 """
@@ -59,10 +55,8 @@ allow_custom_environment: true
 
 @pytest.fixture(scope="module", autouse=True)
 def pip_index():
-    with PipIndex() as index:
-        os.environ["CONDASPAWNER_TEST_PIP_INDEX"] = index.url
+    with served_to_hubs() as index:
         yield index
-    os.environ.pop("CONDASPAWNER_TEST_PIP_INDEX", None)
 
 
 def hub_before_start(hub) -> None:

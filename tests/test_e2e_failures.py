@@ -8,7 +8,6 @@ host) and the pip sections of builds pointed at a package index on loopback (pip
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.parse
@@ -17,15 +16,12 @@ import uuid
 
 import pytest
 from fixtures_hub import FAKE_GPU
-from pip_index import PipIndex
+from pip_index import HUB_PIP_CONFIG, served_to_hubs
 
 pytestmark = pytest.mark.docker
 
-HUB_EXTRA_CONFIG = """
-import os
+HUB_EXTRA_CONFIG = HUB_PIP_CONFIG + """
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
-c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
-                             "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 3}  # quick failures answer the POST itself
 c.GpuAllocator.queue_timeout = 20  # spawns wait this long for a busy GPU, then hear "No GPU is free"
 """
@@ -35,10 +31,8 @@ NO_SUCH = "definitely-not-a-real-pkg-xyz"
 
 @pytest.fixture(scope="module", autouse=True)
 def pip_index():
-    with PipIndex() as index:
-        os.environ["CONDASPAWNER_TEST_PIP_INDEX"] = index.url
+    with served_to_hubs() as index:
         yield index
-    os.environ.pop("CONDASPAWNER_TEST_PIP_INDEX", None)
 
 
 def custom_env(conda: str = "cs-alpha", pip: list[str] | None = None) -> str:

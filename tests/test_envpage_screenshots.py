@@ -9,12 +9,11 @@ holds the hub's fake A100. Screenshots go to ``test-artifacts/screenshots/enviro
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 from fixtures_hub import FAKE_GPU
-from pip_index import PipIndex
+from pip_index import HUB_PIP_CONFIG, served_to_hubs
 from test_e2e_envpage import own_env, spawn_and_wait
 from test_screenshots import (  # noqa: F401 (chromium, browser, artifacts: fixtures)
     artifacts,
@@ -30,11 +29,8 @@ from test_screenshots import (  # noqa: F401 (chromium, browser, artifacts: fixt
 
 pytestmark = pytest.mark.docker
 
-HUB_EXTRA_CONFIG = """
-import os
+HUB_EXTRA_CONFIG = HUB_PIP_CONFIG + """
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
-c.ImageBuilder.pip_config = {"index-url": os.environ["CONDASPAWNER_TEST_PIP_INDEX"],
-                             "trusted-host": "127.0.0.1", "timeout": "600", "retries": "0"}
 """
 GATED = "gated-envpage"
 RUN = uuid.uuid4().hex
@@ -47,10 +43,8 @@ environment: envs/gated.yml
 
 @pytest.fixture(scope="module", autouse=True)
 def pip_index():
-    with PipIndex() as index:
-        os.environ["CONDASPAWNER_TEST_PIP_INDEX"] = index.url
+    with served_to_hubs() as index:
         yield index
-    os.environ.pop("CONDASPAWNER_TEST_PIP_INDEX", None)
 
 
 def log_in(driver, hub, user: str) -> None:
