@@ -71,7 +71,6 @@ class LoadResult:
 
     image_id: str = ""
     layers: list[tuple[str, str, int, bool]] = field(default_factory=list)  # name, diff id, size, sent
-    on_image_id: Callable[[str], None] | None = None  # told the id before the config is sent
 
 
 class LayerMemo:
@@ -262,9 +261,11 @@ def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, st
 def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[str], memo: LayerMemo,
                    labels: dict[str, str], result: LoadResult,
                    base_history: list[dict[str, Any]] | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[bytes]:
+                   env: dict[str, str] | None = None,
+                   on_image_id: Callable[[str], None] | None = None) -> Iterator[bytes]:
     """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
-    stream of chunks; ``result`` is filled in as it goes.
+    stream of chunks; ``result`` is filled in as it goes, ``on_image_id`` told the image's id
+    before the config is sent.
 
     Each layer's files are read once: hashed as they are sent, the config and manifest
     come last (Docker reads the whole archive before them). A layer the memo knows, whose
@@ -299,8 +300,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
     config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history, env),
                         sort_keys=True).encode()
     result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
-    if result.on_image_id is not None:
-        result.on_image_id(result.image_id)
+    if on_image_id is not None:
+        on_image_id(result.image_id)
     yield from _archive_member("config.json", config)
     manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
     yield from _archive_member("manifest.json", manifest)
@@ -594,9 +595,10 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
     told the image's id before Docker gets the end of the archive (a build killed from then
     on leaves an image Docker may still finish loading: its log can name it)."""
     base_attrs = api.inspect_image(base)
-    result = LoadResult(on_image_id=on_image_id)
+    result = LoadResult()
     have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
-    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env))
+    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env,
+                                            on_image_id))
     for message in answer or []:
         if "error" in message:
             raise OSError(str(message["error"]).strip())
