@@ -248,7 +248,7 @@ def _remove_image(builder: ImageBuilder, key: str, image_id: str) -> None:
     """Remove the key's image and the stopped containers of servers that ran it (a stopped
     server's next start replaces its container anyway: its image changed)."""
     client = builder.client
-    for container in client.containers.list(all=True, filters={"label": f"{LABEL_KEY}={key}"}):
+    for container in client.containers.list(ignore_removed=True, all=True, filters={"label": f"{LABEL_KEY}={key}"}):
         if container.status == "running":
             raise PageFailure(409, f"a server uses this image: stop it first ({container.name} runs it)")
         container.remove()

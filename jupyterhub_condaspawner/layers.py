@@ -113,8 +113,9 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
     records, identities = package_identities(staging)
+    root = os.fspath(staging)
     # before the compiled files join them: the plan is the same before and after compiling
-    sizes = {key: sum(_size(staging / path) for path in files) for key, files in records.items()}
+    sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
     for key, files in _compiled_files(staging, records).items():
         records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
@@ -122,12 +123,12 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     layers = []
     claimed: set[str] = set()
     for key in sorted(large):
-        files = sorted(path for path in records[key] if _exists(staging / path))
+        files = sorted(path for path in records[key] if _exists(f"{root}/{path}"))
         claimed.update(files)
         layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", staging / path) for path in files),
                             identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
-                    if _exists(staging / path)} - claimed)
+                    if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
     layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", staging / path) for path in small)))
     rest = sorted(path for path in tree_paths(staging) if path not in claimed)
@@ -192,26 +193,65 @@ def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Coll
             for start in range(0, len(files), COMPILE_BATCH)]
 
 
-def tar_size(entries: Iterable[Entry]) -> int:
-    """The size of :func:`write_tar`'s output, from the files' metadata alone."""
-    size = 0
-    for member, _ in _members(entries):
-        size += len(member.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"))
-        if member.isreg():
-            size += member.size + (-member.size % tarfile.BLOCKSIZE)
+@dataclass(frozen=True)
+class TarMember:
+    """One member of a layer's tar: its header (as tarfile writes it), and the host file
+    whose first ``size`` bytes follow it (None: a directory or a symlink)."""
+
+    header: bytes
+    source: Path | None = None
+    size: int = 0
+
+
+def tar_members(entries: Iterable[Entry]) -> list[TarMember]:
+    """The members of :func:`write_tar`'s output, read from the files' metadata once: the tar's
+    size and its bytes both come from them."""
+    members = []
+    for info, source in _members(entries):
+        header = info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+        members.append(TarMember(header, source, info.size if source is not None else 0))
+    return members
+
+
+def members_size(members: Iterable[TarMember]) -> int:
+    """The size of the tar of ``members`` (tarfile's layout: blocks, then two empty ones, padded to a record)."""
+    size = sum(len(member.header) + member.size + (-member.size % tarfile.BLOCKSIZE) for member in members)
     size += 2 * tarfile.BLOCKSIZE
     return size + (-size % tarfile.RECORDSIZE)
 
 
+def tar_size(entries: Iterable[Entry]) -> int:
+    """The size of :func:`write_tar`'s output, from the files' metadata alone."""
+    return members_size(tar_members(entries))
+
+
 def write_tar(entries: Iterable[Entry], out: Any) -> None:
     """A deterministic tar of ``entries`` (and their parent directories) to ``out``."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for member, source in _members(entries):
-            if source is None:
-                tar.addfile(member)
-            else:
-                with open(source, "rb") as content:
-                    tar.addfile(member, content)
+    write_members(tar_members(entries), out)
+
+
+def write_members(members: Iterable[TarMember], out: Any) -> None:
+    """The tar of ``members`` to ``out``, byte for byte what tarfile writes for them; OSError
+    if a file is shorter than its header says (it changed since)."""
+    written = 0
+    for member in members:
+        out.write(member.header)
+        written += len(member.header)
+        if member.source is None:
+            continue
+        with open(member.source, "rb") as content:
+            left = member.size
+            while left:
+                data = content.read(min(left, CHUNK))
+                if not data:
+                    raise OSError(f"{member.source} is shorter than when its layer was planned")
+                out.write(data)
+                left -= len(data)
+        padding = -member.size % tarfile.BLOCKSIZE
+        out.write(b"\0" * padding)
+        written += member.size + padding
+    end = written + 2 * tarfile.BLOCKSIZE
+    out.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
 
 
 def chain_ids(diff_ids: Iterable[str]) -> list[str]:
@@ -282,10 +322,11 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
             diff_id, size, sent = remembered[0], remembered[1], False
             yield from _archive_member(path, b"")
         else:
-            size = remembered[1] if remembered is not None else tar_size(layer.entries)
+            members = tar_members(layer.entries)
+            size = remembered[1] if remembered is not None else members_size(members)
             digest = hashlib.sha256()
             yield _header(path, size)
-            for chunk in stream_tar(layer, size):
+            for chunk in stream_tar(layer, size, members):
                 digest.update(chunk)
                 yield chunk
             yield b"\0" * (-size % tarfile.BLOCKSIZE)
@@ -359,11 +400,16 @@ def _compiled_files(staging: Path, records: dict[tuple[str, str, str], list[str]
     return compiled
 
 
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path) and not path.is_dir() or path.is_symlink()
+def _exists(path: str) -> bool:
+    """Whether ``path`` is a file or a symlink (to anything), not a directory nor missing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISLNK(mode) or not stat.S_ISDIR(mode)
 
 
-def _size(path: Path) -> int:
+def _size(path: str) -> int:
     try:
         return os.lstat(path).st_size
     except OSError:
@@ -372,16 +418,19 @@ def _size(path: Path) -> int:
 
 def tree_paths(root: Path) -> Iterator[str]:
     """Every file and symlink under ``root``, relative, as POSIX paths."""
-    for directory, dirnames, filenames in os.walk(root):
+    top = os.fspath(root)
+    for directory, dirnames, filenames in os.walk(top):
+        relative = directory[len(top) + 1:] if directory != top else ""
         for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(directory, d)))]:
-            yield Path(os.path.relpath(os.path.join(directory, name), root)).as_posix()
+            yield f"{relative}/{name}" if relative else name
 
 
 def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Path | None]]:
     seen_dirs: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.path):
-        parents = Path(entry.path).parents
-        for parent in reversed([p.as_posix() for p in parents if p.as_posix() != "."]):
+        parts = entry.path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
             if parent not in seen_dirs:
                 seen_dirs.add(parent)
                 yield _info(parent, tarfile.DIRTYPE, 0o755), None
@@ -398,7 +447,7 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Path |
             yield info, None
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
-        info.size = os.stat(entry.source).st_size
+        info.size = os.lstat(entry.source).st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
         yield info, entry.source
 
 
@@ -422,6 +471,9 @@ class _QueueSink:
     def write(self, data: bytes) -> int:
         if self.abandoned.is_set():
             raise OSError("the reader of the layer went away")
+        if len(data) >= CHUNK and not self.buffer.tell():
+            self.chunks.put(bytes(data))  # a large file's block: no copy through the buffer
+            return len(data)
         self.buffer.write(data)
         if self.buffer.tell() >= CHUNK:
             self.flush()
@@ -433,8 +485,9 @@ class _QueueSink:
             self.buffer = io.BytesIO()
 
 
-def stream_tar(layer: Layer, size: int) -> Iterator[bytes]:
-    """``write_tar`` of the layer as chunks; OSError if it is not ``size`` bytes."""
+def stream_tar(layer: Layer, size: int, members: list[TarMember] | None = None) -> Iterator[bytes]:
+    """``write_tar`` of the layer (of its ``members``, when known) as chunks; OSError if it is not
+    ``size`` bytes."""
     chunks: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
     abandoned = threading.Event()
@@ -442,7 +495,7 @@ def stream_tar(layer: Layer, size: int) -> Iterator[bytes]:
     def produce() -> None:
         sink = _QueueSink(chunks, abandoned)
         try:
-            write_tar(layer.entries, sink)
+            write_members(members if members is not None else tar_members(layer.entries), sink)
             sink.flush()
         except BaseException as error:  # reported to the reader below
             failure.append(error)

@@ -35,7 +35,7 @@ def registry(registry_server, docker_daemon):
 def remove_kept_containers(client, repository: str) -> None:
     """The hub keeps stopped containers (remove = False); fixtures_hub removes only those of its
     image_repo, and their home volumes: these run registry images."""
-    for container in client.containers.list(all=True, filters={"label": "io.condaspawner.key"}):
+    for container in client.containers.list(ignore_removed=True, all=True, filters={"label": "io.condaspawner.key"}):
         if str(container.attrs["Config"]["Image"]).startswith(repository):
             container.remove(force=True)
 

@@ -69,13 +69,13 @@ def exporters(swarm_bench: SwarmBench, tmp_path_factory) -> FakeExporters:
         constraints=["node.role==worker"])
     try:
         for node in swarm_bench.workers:
-            wait_until(lambda node=node: node.client().containers.list(filters=EXPORTER_FILTER),
+            wait_until(lambda node=node: node.client().containers.list(ignore_removed=True, filters=EXPORTER_FILTER),
                        f"the fake exporter on {node.name}")
         yield fake
     finally:
         service.remove()
         for node in swarm_bench.workers:
-            wait_until(lambda node=node: not node.client().containers.list(all=True, filters=EXPORTER_FILTER),
+            wait_until(lambda node=node: not node.client().containers.list(ignore_removed=True, all=True, filters=EXPORTER_FILTER),
                        f"the fake exporter on {node.name} to go")
 
 

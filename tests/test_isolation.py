@@ -169,7 +169,7 @@ def docker_config(docker_daemon, base_image) -> tuple[Config, str]:
     config.DockerSpawner.volumes = {prefix + "-home-{username}": "/home/jovyan"}
     yield config, prefix
     client = docker_daemon.client()
-    for container in client.containers.list(all=True, filters={"name": prefix}):
+    for container in client.containers.list(ignore_removed=True, all=True, filters={"name": prefix}):
         container.remove(force=True)
     for volume in client.volumes.list(filters={"name": prefix}):
         volume.remove(force=True)

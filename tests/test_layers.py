@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -153,6 +154,31 @@ def test_the_tar_size_is_known_from_metadata_alone(tmp_path):
         layers.write_tar(layer.entries, out)
         assert layers.tar_size(layer.entries) == len(out.getvalue()), layer.name
         assert b"".join(layers.stream_tar(layer, len(out.getvalue()))) == out.getvalue()
+
+
+def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_path):
+    """The writer skips tarfile's per-file machinery, not its format: the bytes are tarfile's own
+    for the same members, so layers written before and after are the same layers."""
+    deep = "lib/" + "/".join(["a-rather-long-directory-name"] * 5) + "/module_with_a_long_name.py"
+    staged = stage(tmp_path / "env", {"big": BIG, "deep": {deep: b"x = 1\n" * 100, "bin/tool": b"#!/bin/sh\n"}})
+    (staged / "bin" / "link").symlink_to("tool")
+    (staged / "bin" / "tool").chmod(0o755)
+    for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10):
+        reference = io.BytesIO()
+        with tarfile.open(fileobj=reference, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            for member, source in layers._members(layer.entries):
+                with open(source, "rb") if source else contextlib.nullcontext() as content:
+                    tar.addfile(member, content)
+        out = io.BytesIO()
+        layers.write_tar(layer.entries, out)
+        assert out.getvalue() == reference.getvalue(), layer.name
+    big = next(layer for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+               if layer.name.startswith("big"))
+    members = layers.tar_members(big.entries)
+    victim = next(member.source for member in members if member.source is not None and member.size)
+    victim.write_bytes(b"shorter")
+    with pytest.raises(OSError, match="shorter than when its layer was planned"):
+        layers.write_members(members, io.BytesIO())
 
 
 def test_the_memo_remembers_package_layers_only(tmp_path):

@@ -97,7 +97,7 @@ def services(swarm_bench: SwarmBench) -> Iterator[list[docker.models.services.Se
     yield created
     for service in created:
         service.remove()
-    wait_for(lambda: not any(node.client().containers.list() for node in swarm_bench.nodes.values()
+    wait_for(lambda: not any(node.client().containers.list(ignore_removed=True) for node in swarm_bench.nodes.values()
                              if node.answers()),
              30, "the removed services' containers to stop")
 

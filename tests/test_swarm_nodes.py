@@ -95,7 +95,7 @@ async def test_a_home_outside_the_node_follows_the_server_to_another_node(swarm_
             service.remove()
         for name in ("worker1", "worker2"):
             client = swarm_bench.nodes[name].client()
-            wait_until(lambda client=client: not client.containers.list(all=True, filters={"volume": volume}),
+            wait_until(lambda client=client: not client.containers.list(ignore_removed=True, all=True, filters={"volume": volume}),
                        f"{name}'s servers with the home to go")
             for leftover in client.volumes.list(filters={"name": volume}):
                 leftover.remove()

@@ -109,7 +109,7 @@ def servers(swarm_config: Config, swarm_bench: SwarmBench) -> Iterator[Servers]:
         service.remove()
     for node in swarm_bench.nodes.values():
         if node.answers():
-            wait_until(lambda node=node: not node.client().containers.list(), f"{node.name}'s servers to stop")
+            wait_until(lambda node=node: not node.client().containers.list(ignore_removed=True), f"{node.name}'s servers to stop")
 
 
 def wait_until(predicate, what: str, attempts: int = 300, interval: float = 0.1):
