@@ -38,8 +38,9 @@ class BytecodeCache:
             if entry is None or not (entry / COMPLETE).exists():
                 continue
             try:
+                made: set[str] = set()
                 for cached in _files(entry):
-                    _link(entry / cached, staging / cached)
+                    _link(f"{entry}/{cached}", f"{staging}/{cached}", made)
             except OSError:
                 continue  # a partial restore is compiled over
             done.update(path for path in files if path.endswith(".py"))
@@ -54,8 +55,9 @@ class BytecodeCache:
                 continue
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
             try:
+                made: set[str] = set()
                 for path in compiled:
-                    _link(staging / path, partial / path)
+                    _link(f"{staging}/{path}", f"{partial}/{path}", made)
                 (partial / COMPLETE).touch()
                 os.rename(partial, entry)  # another build may have kept it first: then ours goes
             except OSError:
@@ -74,10 +76,14 @@ def _files(entry: Path) -> list[str]:
     return [path for path in layers.tree_paths(entry) if path != COMPLETE]
 
 
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _link(source: str, target: str, made: set[str]) -> None:
+    """Hard-link ``source`` at ``target`` (replacing it); ``made``: folders known to exist."""
+    folder = os.path.dirname(target)
+    if folder not in made:
+        os.makedirs(folder, exist_ok=True)
+        made.add(folder)
     with contextlib.suppress(FileNotFoundError):
-        target.unlink()
+        os.unlink(target)
     try:
         os.link(source, target)
     except OSError:  # another filesystem

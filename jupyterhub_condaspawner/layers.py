@@ -54,7 +54,7 @@ class Entry:
     copy or a symlink to create."""
 
     path: str
-    source: Path | None = None
+    source: str | Path | None = None
     link: str | None = None
 
 
@@ -125,14 +125,14 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     for key in sorted(large):
         files = sorted(path for path in records[key] if _exists(f"{root}/{path}"))
         claimed.update(files)
-        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", staging / path) for path in files),
+        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in files),
                             identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
-    layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", staging / path) for path in small)))
+    layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small)))
     rest = sorted(path for path in tree_paths(staging) if path not in claimed)
-    top = [Entry(f"{prefix}/{path}", staging / path) for path in rest]
+    top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer("environment", tuple(top)))
     return layers
@@ -184,7 +184,7 @@ def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Coll
     records, _ = _package_records(staging)
     owner = {path: "-".join(key) for key, files in records.items() for path in files}
     wanted = {entry.path.removeprefix(prefix + "/") for layer in plan if layer.name not in skip
-              for entry in layer.entries if entry.source is not None and not entry.source.is_symlink()}
+              for entry in layer.entries if entry.source is not None and not os.path.islink(entry.source)}
     by_package: dict[str, list[str]] = {}
     for path in sorted(wanted - set(done)):
         if path.startswith("lib/") and path.endswith(".py"):
@@ -199,7 +199,7 @@ class TarMember:
     whose first ``size`` bytes follow it (None: a directory or a symlink)."""
 
     header: bytes
-    source: Path | None = None
+    source: str | Path | None = None
     size: int = 0
 
 
@@ -425,7 +425,7 @@ def tree_paths(root: Path) -> Iterator[str]:
             yield f"{relative}/{name}" if relative else name
 
 
-def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Path | None]]:
+def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | Path | None]]:
     seen_dirs: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.path):
         parts = entry.path.split("/")
