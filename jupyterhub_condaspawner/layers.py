@@ -62,7 +62,7 @@ class Entry:
 class Layer:
     name: str  # what it holds, for logs: "pytorch-2.3.1-py39_0", "small packages", ...
     entries: tuple[Entry, ...]
-    identity: str = ""  # a package layer: the package's sha256 (the same package, the same layer)
+    identity: str = ""  # the same identity, the same bytes: a package's sha256, or the small packages' together
 
 
 @dataclass
@@ -74,7 +74,7 @@ class LoadResult:
 
 
 class LayerMemo:
-    """The diff id and size of each package layer written once, by package identity, so that
+    """The diff id and size of each package layer (and small-packages layer) written once, by identity, so that
     a layer Docker already holds is recognised without reading its files again."""
 
     def __init__(self, directory: Path | None):
@@ -130,12 +130,24 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
-    layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small)))
+    layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small),
+                        _small_packages_identity(identities, set(large))))
     rest = sorted(path for path in tree_paths(staging) if path not in claimed)
     top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer("environment", tuple(top)))
     return layers
+
+
+def _small_packages_identity(identities: dict[tuple[str, str, str], str], large: set[tuple[str, str, str]]) -> str:
+    """What the small packages' shared layer holds, as one identity: the small packages', and the
+    large ones' (which files they claim; the layer sits on theirs anyway), or "" when a package's
+    is unknown. The same packages give the same bytes, so the layer is written once, not per build."""
+    if not all(identities.values()):
+        return ""
+    small = sorted(identities[key] for key in identities if key not in large)
+    below = sorted(identities[key] for key in large)
+    return "small packages:" + hashlib.sha256("\n".join([*small, "|", *below]).encode()).hexdigest()
 
 
 # Run by the environment's own Python in a container: compile each batch of files in a new

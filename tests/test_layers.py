@@ -181,7 +181,32 @@ def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_p
         layers.write_members(members, io.BytesIO())
 
 
-def test_the_memo_remembers_package_layers_only(tmp_path):
+def test_the_small_packages_layer_is_known_by_its_packages_so_it_is_written_once(tmp_path):
+    def small_layer(name: str, packages: dict[str, dict[str, bytes]], known: bool = True) -> layers.Layer:
+        staged = stage(tmp_path / name, packages)
+        for record in (staged / "conda-meta").glob("*.json"):  # rattler records each package's sha256
+            data = json.loads(record.read_text())
+            content = repr(sorted(packages[data["name"]].items())).encode()
+            data["sha256"] = hashlib.sha256(content).hexdigest() if known or data["name"] != "small" else ""
+            record.write_text(json.dumps(data))
+        plan = layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+        return next(layer for layer in plan if layer.name == "small packages")
+
+    first = small_layer("first", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}})
+    again = small_layer("again", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}})
+    assert first.identity and first.identity == again.identity  # another environment, the same packages
+    assert digest(first) == digest(again)  # and so the same bytes, which the memo may stand for
+    other_small = small_layer("other-small", {"big": BIG, "small": {"lib/small.py": b"x = 2\n"}})
+    other_below = small_layer("other-below", {"big": {**BIG, "lib/libbig.so": b"y" * 2 * MB},
+                                              "small": {"lib/small.py": b"x = 1\n"}})
+    all_small = small_layer("all-small", {"big": {"lib/big/__init__.py": b"VALUE = 1\n"},
+                                          "small": {"lib/small.py": b"x = 1\n"}})
+    identities = {first.identity, other_small.identity, other_below.identity, all_small.identity}
+    assert len(identities) == 4  # a package changed, or which packages have layers of their own
+    assert small_layer("unknown", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}}, known=False).identity == ""
+
+
+def test_the_memo_remembers_only_layers_with_an_identity(tmp_path):
     memo = layers.LayerMemo(tmp_path / "memo")
     package = layers.Layer("big-1.0-0", (), identity="ab" * 32)
     per_environment = layers.Layer("small packages", ())
@@ -257,6 +282,20 @@ async def test_two_environments_store_their_shared_packages_once(layered_builder
     script = kernel_round_trip("import sys, os; (sys.prefix, os.path.realpath(sys.prefix), sys.version_info[:2])", "lab")
     output = client.containers.run(second.tag, ["python", "-c", script], network_mode="host", remove=True)
     assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/lab', '/opt/conda/envs/_shared', (3, 9))"
+
+
+@pytest.mark.docker
+async def test_another_environment_of_the_same_packages_writes_only_its_own_top_layers(layered_builder):
+    """A renamed profile, or one that differs in its variables only: every package layer, the
+    small packages' one included, is already stored; nothing is compiled or sent again."""
+    await layered_builder.get_image(env_request("cs-gamma", "before"))
+    renamed = await layered_builder.get_image(env_request("cs-gamma", "after"))
+    log = (Path(layered_builder.key_dir(renamed.key)) / "build.log").read_text()
+    written = [line.split(":")[0].removeprefix("layer ") for line in log.splitlines()
+               if line.startswith("layer ") and line.endswith(", written")]
+    assert written == ["environment", "kernel and settings"], log
+    assert re.search(r"^layer small packages: .* already stored$", log, re.M)
+    assert re.search(r"^byte code of \d+ Python files from the cache, 0 compiled$", log, re.M), log
 
 
 @pytest.mark.docker
