@@ -25,6 +25,7 @@ import docker
 from jupyterhub_condaspawner.baseimage import BASE_TAG
 from jupyterhub_condaspawner.resolve import Resolver
 
+from .basewheels import download_singleuser_wheels
 from .devchannel import ChannelInfo, build_dev_channel, read_channel_info
 from .dockerd import (
     DOCKERD_PACKAGES,
@@ -198,7 +199,7 @@ def set_up_bench(
         finally:
             announce(part)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="bench-setup") as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5, thread_name_prefix="bench-setup") as pool:
         real_channel = pool.submit(setup.step, f"real channel ({real_set})", lambda phase: _set_up_real_channel(
             directory, real_set, setup.phases, phase)) if real_set else None
         channel = pool.submit(then_announce, "channel", lambda: setup.step(
@@ -207,11 +208,12 @@ def set_up_bench(
         if parts.proxy:
             pool.submit(then_announce, "proxy", lambda: setup.step(
                 "configurable-http-proxy", lambda phase: _set_up_proxy(setup, phase)))
+        wheels = pool.submit(_fetch_base_wheels, directory, setup.phases) if parts.base else None
         package_parts = [part for part in PACKAGE_PARTS if getattr(parts, part)]
         if package_parts:
             pool.submit(_set_up_packages, setup, package_parts, apt_done, announce)
         try:
-            _set_up_docker_chain(setup, parts, channel, apt_done, announce)
+            _set_up_docker_chain(setup, parts, channel, wheels, apt_done, announce)
         finally:
             apt_done.set()
             for part in ("daemon", "rootfs", "base"):  # done, or never to be (a step before failed)
@@ -224,7 +226,7 @@ def set_up_bench(
     return setup
 
 
-def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future | None,
+def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future | None, wheels: Future | None,
                          apt_done: threading.Event, announce: Callable[[str], None]) -> None:
     directory = setup.directory
     if not parts.daemon:
@@ -250,7 +252,9 @@ def _set_up_docker_chain(setup: BenchSetup, parts: BenchParts, channel: Future |
     if info is None:
         setup.errors.append("base image: not built, the conda channel failed")
         return
-    setup.base_image_id = setup.step("base image", lambda phase: _set_up_base(client, directory, info, setup, phase))
+    folder = wheels.result() if wheels is not None else None
+    setup.base_image_id = setup.step("base image", lambda phase: _set_up_base(client, directory, info, folder, setup,
+                                                                               phase))
 
 
 def _missing_debian_packages(directory: Path, parts: BenchParts) -> dict[str, str]:
@@ -288,11 +292,24 @@ def _set_up_real_channel(directory: Path, real_set: str, phases: PhaseLog, phase
     return info
 
 
-def _set_up_base(client: docker.DockerClient, directory: Path, channel: ChannelInfo, setup: BenchSetup,
-                 phase: Phase) -> str:
+def _fetch_base_wheels(directory: Path, phases: PhaseLog) -> Path | None:
+    """The single-user server's wheels, fetched while mmdebstrap runs (basewheels.py); None when
+    that failed: the base image's build fetches them itself then, as it did before."""
+    with phases("base image: single-user wheels (pip download)") as phase:
+        try:
+            folder, cached = download_singleuser_wheels(directory)
+        except Exception as error:  # no pyenv CPython 3.9, PyPI unreachable: the build's pip tries
+            phase.note = f"failed, the build fetches them: {' '.join(str(error).split())[:200]}"
+            return None
+        phase.note = "cached" if cached else f"{len(list(folder.glob('*.whl')))} wheels from PyPI"
+        return folder
+
+
+def _set_up_base(client: docker.DockerClient, directory: Path, channel: ChannelInfo, wheels: Path | None,
+                 setup: BenchSetup, phase: Phase) -> str:
     resolver = Resolver(channel_urls={"conda-forge": channel.url}, package_cache_dir=str(directory / "pkgs"))
     before = _image_id(client, BASE_TAG)
-    image_id = asyncio.run(build_offline_base(client, directory, resolver, phases=setup.phases))
+    image_id = asyncio.run(build_offline_base(client, directory, resolver, phases=setup.phases, wheels=wheels))
     phase.note = "cached" if image_id == before else "built"
     return image_id
 

@@ -17,7 +17,10 @@ COPY singleuser-requirements.txt install-singleuser.sh /tmp/
 # The find only touches files that need it (build_base_image already fixed the modes),
 # so the conda layer is not copied a second time. pip needs the internet: build with
 # host networking; the rootfs image sets PIP_CERT etc. for the intercepting proxy.
-RUN find /opt/conda ! -type l \( ! -perm -a+r -o -type d ! -perm -a+x \) -exec chmod a+rX {} + \
+# PIP_WHEELS_URL: the wheels the bench fetched beforehand, served on loopback (basewheels.py).
+ARG PIP_WHEELS_URL=
+RUN if [ -n "$PIP_WHEELS_URL" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PIP_WHEELS_URL"; fi \
+ && find /opt/conda ! -type l \( ! -perm -a+r -o -type d ! -perm -a+x \) -exec chmod a+rX {} + \
  && mkdir -p /opt/conda/envs \
  && /opt/conda/bin/python -c 'import os, sys; v = "%d.%d" % sys.version_info[:2]; \
 v == os.environ["PYTHON_VERSION"] or sys.exit("conda/ holds Python " + v)' \

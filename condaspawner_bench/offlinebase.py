@@ -12,6 +12,7 @@ built locally in two steps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from jupyterhub_condaspawner.baseimage import (
 from jupyterhub_condaspawner.resolve import Resolver, make_world_readable
 from jupyterhub_condaspawner.spec import EnvironmentSpec
 
+from .basewheels import served
 from .dockerd import (
     ROOTFS_TOOL_PACKAGES,
     ensure_debian_packages,
@@ -389,11 +391,13 @@ def build_base_image(
     python_version: str = "3.9",
     rootfs_image: str = ROOTFS_TAG,
     labels: dict[str, str] | None = None,
+    wheels_url: str = "",
 ) -> str:
     """Build ``offline.Dockerfile`` over a context holding a staged ``conda/`` prefix.
 
     The Dockerfile and the shared pins are copied into ``context_dir``; pip runs
-    in the build with host networking. Returns the image id.
+    in the build with host networking, from ``wheels_url`` alone when given (a
+    folder of wheels served on loopback, basewheels.py). Returns the image id.
     """
     context_dir = Path(context_dir)
     if not (context_dir / "conda" / "bin" / "python").exists():
@@ -406,7 +410,7 @@ def build_base_image(
         client,
         path=str(context_dir),
         tag=tag,
-        buildargs={"ROOTFS_IMAGE": rootfs_image, "PYTHON_VERSION": python_version},
+        buildargs={"ROOTFS_IMAGE": rootfs_image, "PYTHON_VERSION": python_version, "PIP_WHEELS_URL": wheels_url},
         labels=labels or {},
     )
 
@@ -419,13 +423,15 @@ async def build_offline_base(
     tag: str = BASE_TAG,
     python_version: str = "3.9",
     phases: PhaseLog | None = None,
+    wheels: Path | None = None,
 ) -> str:
     """Build (or find cached) the offline base image; return its id.
 
     The rootfs image, then Python + pip solved and installed by ``resolver`` for
     /opt/conda on the host, then ``offline.Dockerfile``. The image is reused
     while the rootfs, the lock and the recipe files are unchanged. ``phases``
-    records how long each step took.
+    records how long each step took; ``wheels``: a folder holding the single-user
+    server's wheels (basewheels.py), else pip fetches them from PyPI in the build.
     """
     phases = phases or PhaseLog()
     rootfs_id = build_rootfs_image(client, bench_dir, phases=phases)
@@ -442,10 +448,11 @@ async def build_offline_base(
     try:
         with phases("base image: /opt/conda from the channel"):
             await resolver.install(lock, context / "conda", BASE_CONDA_PREFIX)
-        with phases("base image: docker build (pip installs the single-user server)"):
-            return build_base_image(
-                client, context, tag=tag, python_version=python_version, labels={BASE_RECIPE_LABEL: recipe}
-            )
+        source = "from the wheels fetched beforehand" if wheels is not None else "from PyPI"
+        with phases(f"base image: docker build (pip installs the single-user server {source})"), \
+                served(wheels) if wheels is not None else contextlib.nullcontext("") as wheels_url:
+            return build_base_image(client, context, tag=tag, python_version=python_version,
+                                    labels={BASE_RECIPE_LABEL: recipe}, wheels_url=wheels_url)
     finally:
         shutil.rmtree(context, ignore_errors=True)
 
