@@ -7,11 +7,11 @@ to compile where the builder could not (a remote daemon).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
+from .compilerun import CompileRun, layer_preparer
 from .dockerbuild import docker_build
 
 if TYPE_CHECKING:
@@ -47,55 +48,52 @@ def _daemon_is_local(builder: ImageBuilder) -> bool:
     return str(builder.client.api.base_url) == "http+docker://localhost"
 
 
-async def _compile_staged(builder: ImageBuilder, build: Build, context: Path, batches: list[list[str]],
-                          build_log: io.TextIOBase) -> bool:
-    """Byte-compile ``batches`` of the staged environment with its own Python, in a container
-    of the base image with the staging folder mounted at the shared prefix (nothing runs on
-    the host), so that each package's .pyc travel in its layer. False when it could not (a
-    remote daemon, a failure): the Dockerfile compiles then."""
+async def _start_compile(builder: ImageBuilder, build: Build, context: Path, jobs: list[tuple[str, list[str]]],
+                         build_log: io.TextIOBase) -> CompileRun | None:
+    """Start byte-compiling ``jobs`` (layers.compile_plan) of the staged environment with its own
+    Python, in a container of the base image with the staging folder mounted at the shared
+    prefix (nothing runs on the host), so that each package's .pyc travel in its layer. None
+    when it could not start (a remote daemon, a failure): the Dockerfile compiles then."""
     if not _daemon_is_local(builder):
         build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
-        return False
-    if not batches:  # said all the same: the phase a user follows does not vanish on a warm cache
-        await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
-        return True
-    await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(map(len, batches))})")
-    (context / "compile").mkdir()
-    (context / "compile" / "batches.json").write_text(json.dumps(batches))
+        return None
+    await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(len(p) for _, p in jobs)}) "
+                                       "while its layers are written")
+    (context / "compile" / "done").mkdir(parents=True)
+    (context / "compile" / "batches.json").write_text(json.dumps([paths for _, paths in jobs]))
     limits: dict[str, Any] = {"mem_limit": int(builder.build_memory_limit)} if builder.build_memory_limit else {}
     if builder.build_cpuset_cpus:
         limits["cpuset_cpus"] = builder.build_cpuset_cpus
-    command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json"]
-    image = builder.base_image_id()
+    command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json",
+               "/condaspawner-compile/done"]
 
-    def run() -> tuple[dict[str, Any], str]:
-        # One thread owns the container from start to removal: a build that times out meanwhile
-        # stops waiting for it, and the container is removed all the same.
+    def start() -> CompileRun:
         container = builder.client.containers.run(
-            image, command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+            builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
             entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
             volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
-                     str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "ro"}},
+                     str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
             **limits)
-        try:
-            return container.wait(), container.logs().decode(errors="replace")
-        finally:
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
+        return CompileRun(container, context / "compile" / "done", jobs)
 
     try:
         with builder.daemon_call("byte-compiling the environment"):
-            status, output = await asyncio.to_thread(run)
+            return await asyncio.to_thread(start)
     except (BuildError, docker.errors.DockerException) as error:
         build_log.write(f"compile: {one_line(error)}; compiling in the Dockerfile\n")
-        return False
+        return None
+
+
+async def _finish_compile(run: CompileRun, context: Path, build_log: io.TextIOBase) -> None:
+    """Wait for the compile container's end (every layer waited for its batches: it is done or
+    about to be), log its output and remove it."""
+    try:
+        status, output = await asyncio.to_thread(run.finish)
     finally:
         shutil.rmtree(context / "compile", ignore_errors=True)  # not for the build context
     build_log.write(output)
     if status.get("StatusCode") != 0:
-        build_log.write(f"compile: exit status {status.get('StatusCode')}; compiling in the Dockerfile\n")
-        return False
-    return True
+        build_log.write(f"compile: exit status {status.get('StatusCode')} after its last batch\n")
 
 
 async def build_layered(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
@@ -140,28 +138,53 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     bytecode = BytecodeCache(Path(builder.bytecode_cache_dir or Path(builder.resolver.package_cache_dir)
                                   / "condaspawner-bytecode"))
     done = await asyncio.to_thread(bytecode.restore, staging)
-    batches = layers.compile_batches(staging, plan, stored, done)
-    compiled = await _compile_staged(builder, build, context, batches, build_log)
-    build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(map(len, batches))} compiled\n")
-    if compiled:
-        await asyncio.to_thread(bytecode.keep, staging)
-        plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
-                                  max_layers=MAX_PACKAGE_LAYERS)  # the same layers, with their .pyc
+    jobs = layers.compile_plan(staging, plan, stored, done)
+    build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
+    if not jobs:  # said all the same: the phase a user follows does not vanish on a warm cache
+        await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
+    run = await _start_compile(builder, build, context, jobs, build_log) if jobs else None
+    compiled = not jobs or run is not None
+
+    def replan() -> list[layers.Layer]:
+        return layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+                                  max_layers=MAX_PACKAGE_LAYERS)
+
+    prepare = layer_preparer(run, staging, plan, replan) if run is not None else None
+    if compiled and run is None:
+        plan = replan()  # byte code from the cache only: in place already
     plan.append(layers.files_layer("kernel and settings", settings_files(context, request)))
     env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
     await build.publish("build", 42, f"Writing the environment as {plural(len(plan), 'layer')}")
+
     def loading(image_id: str) -> None:  # for leftovers, should the build be killed mid-load
         build_log.write(f"loading image {image_id}\n")
         build_log.flush()
 
-    with builder.daemon_call("loading the environment's layers"):
-        try:
-            result = await asyncio.to_thread(layers.load_image, builder.client.api, base_id, plan, labels, known,
-                                             memo, history, env, loading)
-        except OSError as error:  # a layer counted on was removed meanwhile: send every layer
-            build_log.write(f"layered load failed ({error}); sending every layer\n")
-            result = await asyncio.to_thread(layers.load_image, builder.client.api, base_id, plan, labels, set(),
-                                             layers.LayerMemo(None), history, env, loading)
+    def load(layer_plan: list[layers.Layer], have: set[str], layer_memo: layers.LayerMemo,
+             prepare_layer: Callable[[layers.Layer], layers.Layer] | None) -> layers.LoadResult:
+        return layers.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
+                                 loading, prepare_layer)
+
+    try:
+        with builder.daemon_call("loading the environment's layers"):
+            try:
+                result = await asyncio.to_thread(load, plan, known, memo, prepare)
+            except OSError as error:  # requests passes the compile's failure on as a connection error
+                if run is not None and run.failed is not None:  # the layers go without byte code
+                    build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
+                    compiled, prepare = False, None
+                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), None)
+                else:  # a layer counted on was removed meanwhile: send every layer
+                    build_log.write(f"layered load failed ({error}); sending every layer\n")
+                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+    except BaseException:
+        if run is not None:
+            run.abandon()  # a failed or timed-out build does not wait for its compile container
+        raise
+    if run is not None:
+        await _finish_compile(run, context, build_log)
+    if compiled:
+        await asyncio.to_thread(bytecode.keep, staging)
     for name, diff_id, size, sent in result.layers:
         build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
     written = [size for _, _, size, sent in result.layers if sent]

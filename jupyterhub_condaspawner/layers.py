@@ -39,7 +39,8 @@ SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
 LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: with the package's .pyc)
 CHUNK = 1 << 20
-HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
+HISTORY_PREFIX = "condaspawner layer: "
+SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'   # how a loaded layer's history entry begins
 # A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
 # Dockerfile instructions that never add a layer, as a history entry's created_by names them
 # (the classic builder's "/bin/sh -c #(nop)  ENV ...", BuildKit's "ENV ...").
@@ -130,12 +131,12 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
-    layers.append(Layer("small packages", tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small),
+    layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small),
                         _small_packages_identity(identities, set(large))))
     rest = sorted(path for path in tree_paths(staging) if path not in claimed)
     top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
-    layers.append(Layer("environment", tuple(top)))
+    layers.append(Layer(ENVIRONMENT, tuple(top)))
     return layers
 
 
@@ -154,18 +155,20 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # process, so that a file's byte code does not depend on what one process compiled before
 # (marshal's output does), with PYTHONHASHSEED fixed by the caller.
 COMPILE_SCRIPT = """
-import json, multiprocessing, py_compile, sys
-def batch(paths):
+import json, multiprocessing, os, py_compile, sys
+def batch(job):
+    index, paths = job
     failed = 0
     for path in paths:
         try:
             py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
         except Exception as error:
             failed += 1
+    open(os.path.join(sys.argv[2], str(index)), "w").close()  # the loader waits for this batch's files
     return failed
 batches = json.load(open(sys.argv[1]))
 with multiprocessing.Pool(maxtasksperchild=1) as pool:
-    failed = sum(pool.map(batch, batches, chunksize=1))
+    failed = sum(pool.map(batch, list(enumerate(batches)), chunksize=1))
 print(f"compiled {sum(map(len, batches)) - failed} files ({failed} did not compile)")
 """
 COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
@@ -186,23 +189,72 @@ def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str
     return stored
 
 
-def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
-                    ) -> list[list[str]]:
+def compile_plan(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
+                 ) -> list[tuple[str, list[str]]]:
     """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches of one
     package's files each (so that a package's byte code does not depend on which packages share
-    its layer): every layer's but those named in ``skip`` (stored already, with their byte code),
-    less the staged paths in ``done`` (byte code from the cache, bytecode.py)."""
+    its layer), each with the name of the layer that holds them, in the order of the layers:
+    every layer's but those named in ``skip`` (stored already, with their byte code), less the
+    staged paths in ``done`` (byte code from the cache, bytecode.py)."""
     prefix = SHARED_PREFIX.lstrip("/")
     records, _ = _package_records(staging)
     owner = {path: "-".join(key) for key, files in records.items() for path in files}
-    wanted = {entry.path.removeprefix(prefix + "/") for layer in plan if layer.name not in skip
-              for entry in layer.entries if entry.source is not None and not os.path.islink(entry.source)}
-    by_package: dict[str, list[str]] = {}
-    for path in sorted(wanted - set(done)):
-        if path.startswith("lib/") and path.endswith(".py"):
-            by_package.setdefault(owner.get(path, ""), []).append(f"/{prefix}/{path}")
-    return [files[start:start + COMPILE_BATCH] for _, files in sorted(by_package.items())
-            for start in range(0, len(files), COMPILE_BATCH)]
+    skipped = set(done)
+    jobs: list[tuple[str, list[str]]] = []
+    for layer in plan:
+        if layer.name in skip:
+            continue
+        by_package: dict[str, set[str]] = {}
+        for entry in layer.entries:
+            path = entry.path.removeprefix(prefix + "/")
+            if (entry.source is None or path in skipped or not path.startswith("lib/") or not path.endswith(".py")
+                    or os.path.islink(entry.source)):
+                continue
+            by_package.setdefault(owner.get(path, ""), set()).add(f"/{prefix}/{path}")
+        for _, paths in sorted(by_package.items()):
+            files = sorted(paths)
+            jobs.extend((layer.name, files[start:start + COMPILE_BATCH]) for start in range(0, len(files), COMPILE_BATCH))
+    return jobs
+
+
+def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
+                    ) -> list[list[str]]:
+    """:func:`compile_plan`'s batches alone."""
+    return [paths for _, paths in compile_plan(staging, plan, skip, done)]
+
+
+class ByteCodePlacer:
+    """Adds to a package's layer the byte code compiled for its Python files since the layer was
+    planned, where :func:`plan_layers` would put it once everything is compiled: so that a
+    layer can be written as soon as its own package is compiled."""
+
+    def __init__(self, staging: Path):
+        self.root = os.fspath(staging)
+        records, _ = _package_records(staging)
+        self.listed = {path for files in records.values() for path in files}
+
+    def layer_with_byte_code(self, layer: Layer) -> Layer:
+        prefix = SHARED_PREFIX.lstrip("/") + "/"
+        have = {entry.path for entry in layer.entries}
+        sources = {path.removeprefix(prefix) for path in have if path.endswith(".py")}
+        added = []
+        for directory in sorted({os.path.dirname(path) for path in sources}):
+            cache = f"{directory}/__pycache__" if directory else "__pycache__"
+            try:
+                names = os.listdir(f"{self.root}/{cache}")
+            except OSError:
+                continue
+            for name in names:
+                path = f"{cache}/{name}"
+                match = _PYC.match(path)
+                if match is None or path in self.listed or prefix + path in have:
+                    continue
+                folder, stem = match.groups()
+                if (f"{folder}/{stem}.py" if folder else f"{stem}.py") in sources:
+                    added.append(Entry(prefix + path, f"{self.root}/{path}"))
+        if not added:
+            return layer
+        return Layer(layer.name, tuple(sorted([*layer.entries, *added], key=lambda entry: entry.path)), layer.identity)
 
 
 @dataclass(frozen=True)
@@ -314,7 +366,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
                    labels: dict[str, str], result: LoadResult,
                    base_history: list[dict[str, Any]] | None = None,
                    env: dict[str, str] | None = None,
-                   on_image_id: Callable[[str], None] | None = None) -> Iterator[bytes]:
+                   on_image_id: Callable[[str], None] | None = None,
+                   prepare: Callable[[Layer], Layer] | None = None) -> Iterator[bytes]:
     """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
     stream of chunks; ``result`` is filled in as it goes, ``on_image_id`` told the image's id
     before the config is sent.
@@ -322,6 +375,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
     Each layer's files are read once: hashed as they are sent, the config and manifest
     come last (Docker reads the whole archive before them). A layer the memo knows, whose
     chain Docker holds (``known_chains``, the base's included), is sent as an empty file.
+    ``prepare`` gives each layer to be sent as it is to be written, when it is its turn (it may
+    wait for its files: byte code being compiled meanwhile).
     """
     chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
     paths = [f"{index}/layer.tar" for index in range(len(base["RootFS"]["Layers"]) + len(layers))]
@@ -334,6 +389,8 @@ def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[
             diff_id, size, sent = remembered[0], remembered[1], False
             yield from _archive_member(path, b"")
         else:
+            if prepare is not None:
+                layer = prepare(layer)
             members = tar_members(layer.entries)
             size = remembered[1] if remembered is not None else members_size(members)
             digest = hashlib.sha256()
@@ -652,18 +709,20 @@ class _ChunkReader(io.RawIOBase):
 def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
                memo: LayerMemo, history: list[dict[str, Any]] | None = None,
                env: dict[str, str] | None = None,
-               on_image_id: Callable[[str], None] | None = None) -> LoadResult:
+               on_image_id: Callable[[str], None] | None = None,
+               prepare: Callable[[Layer], Layer] | None = None) -> LoadResult:
     """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
     (environment variables) added to the base's config. ``known``: chain ids the daemon holds
     (layers the memo recognises there are not sent); ``history``: the base's
     (:func:`base_history`), so that the image's history names every layer; ``on_image_id``:
     told the image's id before Docker gets the end of the archive (a build killed from then
-    on leaves an image Docker may still finish loading: its log can name it)."""
+    on leaves an image Docker may still finish loading: its log can name it); ``prepare``: see
+    :func:`archive_chunks`."""
     base_attrs = api.inspect_image(base)
     result = LoadResult()
     have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
     answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env,
-                                            on_image_id))
+                                            on_image_id, prepare))
     for message in answer or []:
         if "error" in message:
             raise OSError(str(message["error"]).strip())

@@ -299,6 +299,34 @@ async def test_another_environment_of_the_same_packages_writes_only_its_own_top_
 
 
 @pytest.mark.docker
+async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_dockerfile(
+        docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
+    """Layers are written while the compile container works; if it ends before a batch a layer
+    waits for, the image is loaded again without byte code and compiled by a Dockerfile step."""
+    script = layers.COMPILE_SCRIPT.replace("batches = json.load(open(sys.argv[1]))",
+                                           "batches = json.load(open(sys.argv[1]))[:1]")  # then it exits
+    monkeypatch.setattr(layers, "COMPILE_SCRIPT", script)
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
+    repo = f"condaspawner-compile-dies-{SESSION}"
+    builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                           cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                           image_repo=repo, layered_images=True, shared_layer_min_size=8 * MB)
+    try:
+        info = await builder.get_image(env_request("cs-alpha", "dies"))
+        log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
+        assert re.search(r"^compile: the compile container ended \(status 0\) before batch \d+ of \d+; "
+                         r"compiling in the Dockerfile$", log, re.M), log
+        client = docker_daemon.client()
+        script = ("python -c 'import ipykernel.kernelapp' && "
+                  "ls /opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc")
+        output = client.containers.run(info.tag, ["sh", "-c", script], network_mode="none", remove=True)
+        assert output.decode().strip().endswith("os.cpython-39.pyc")  # compiled by the Dockerfile's step
+        assert not list((tmp_path / "bytecode").glob("*"))  # nothing half-compiled kept for later builds
+    finally:
+        remove_repo_images(docker_daemon.client(), repo)
+
+
+@pytest.mark.docker
 async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(layered_builder, docker_daemon):
     await layered_builder.get_image(env_request("cs-alpha", "course"))
     second = await layered_builder.get_image(env_request("cs-beta", "lab"))

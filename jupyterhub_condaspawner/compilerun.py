@@ -1,0 +1,102 @@
+"""Byte-compiling a staged environment in a container while its layers load.
+
+The container (the base image, the staging folder mounted at the shared prefix, no network)
+compiles batch after batch in the order of the layers and leaves a marker file for each one
+done. The loader writes a package's layer as soon as that package's batches are done, so
+compiling the next packages overlaps with Docker writing this one: compiling is CPU work,
+writing a layer is mostly the disk's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from . import layers
+
+POLL_S = 0.02
+
+
+class CompileFailed(OSError):
+    """The compile container ended before compiling a batch a layer waits for."""
+
+
+class CompileRun:
+    """A started compile container and its batches: ``jobs`` is :func:`layers.compile_plan`'s list,
+    its markers appear in ``done_dir`` (one per batch, named by its index)."""
+
+    def __init__(self, container: Any, done_dir: Path, jobs: list[tuple[str, list[str]]]):
+        self.container = container
+        self.done_dir = done_dir
+        self.count = len(jobs)
+        self.batches_of: dict[str, list[int]] = {}
+        for index, (layer_name, _) in enumerate(jobs):
+            self.batches_of.setdefault(layer_name, []).append(index)
+        self.status: dict[str, Any] = {}
+        self.failed: CompileFailed | None = None  # why a layer could not wait for its batches
+        self.exited = threading.Event()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            self.status = dict(self.container.wait())
+        except Exception as error:  # the daemon went away: the loader stops waiting
+            self.status = {"StatusCode": -1, "Error": str(error)}
+        self.exited.set()
+
+    def wait_for(self, indices: Iterable[int]) -> None:
+        for index in indices:
+            marker = self.done_dir / str(index)
+            while not marker.exists():
+                if self.exited.is_set() and not marker.exists():
+                    self.failed = CompileFailed(f"the compile container ended (status {self.status.get('StatusCode')}) "
+                                                f"before batch {index} of {self.count}")
+                    raise self.failed
+                time.sleep(POLL_S)
+
+    def abandon(self) -> None:
+        """Stop and remove the container in the background: the build that started it has ended."""
+        def remove() -> None:
+            try:
+                self.container.remove(force=True)
+            except Exception:  # gone already, or with its daemon
+                pass
+        threading.Thread(target=remove, daemon=True).start()
+
+    def finish(self) -> tuple[dict[str, Any], str]:
+        """Its exit status and output, once it ended; the container is removed."""
+        try:
+            self.exited.wait()
+            return self.status, self.container.logs().decode(errors="replace")
+        finally:
+            try:
+                self.container.remove(force=True)
+            except Exception:  # gone with its daemon: nothing left to remove
+                pass
+
+
+def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer], replan: Callable[[], list[layers.Layer]]
+                   ) -> Callable[[layers.Layer], layers.Layer]:
+    """What :func:`layers.load_image` calls before writing each layer of ``plan`` (planned before
+    compiling): a package's layer waits for its own batches and gets their byte code (and what
+    the byte code cache restored); the layers above the packages (which take what no package
+    claims) wait for every batch and are planned again (``replan``), as after a whole compile."""
+    placer = layers.ByteCodePlacer(staging)
+    packages = {layer.name for layer in plan} - {layers.SMALL_PACKAGES, layers.ENVIRONMENT}
+    planned: dict[str, layers.Layer] = {}
+
+    def prepare(layer: layers.Layer) -> layers.Layer:
+        if layer.name in (layers.SMALL_PACKAGES, layers.ENVIRONMENT):
+            run.wait_for(range(run.count))
+            if not planned:
+                planned.update((again.name, again) for again in replan())
+            return planned.get(layer.name, layer)
+        if layer.name not in packages:
+            return layer  # the kernel's files
+        run.wait_for(run.batches_of.get(layer.name, ()))
+        return placer.layer_with_byte_code(layer)
+
+    return prepare
