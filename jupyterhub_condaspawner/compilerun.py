@@ -59,12 +59,7 @@ class CompileRun:
 
     def abandon(self) -> None:
         """Stop and remove the container in the background: the build that started it has ended."""
-        def remove() -> None:
-            try:
-                self.container.remove(force=True)
-            except Exception:  # gone already, or with its daemon
-                pass
-        threading.Thread(target=remove, daemon=True).start()
+        threading.Thread(target=self._remove, daemon=True).start()
 
     def finish(self) -> tuple[dict[str, Any], str]:
         """Its exit status and output, once it ended; the container is removed."""
@@ -72,10 +67,13 @@ class CompileRun:
             self.exited.wait()
             return self.status, self.container.logs().decode(errors="replace")
         finally:
-            try:
-                self.container.remove(force=True)
-            except Exception:  # gone with its daemon: nothing left to remove
-                pass
+            self._remove()
+
+    def _remove(self) -> None:
+        try:
+            self.container.remove(force=True)
+        except Exception:  # gone already, or with its daemon: nothing left to remove
+            pass
 
 
 def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer], replan: Callable[[], list[layers.Layer]]

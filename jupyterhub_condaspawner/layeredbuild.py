@@ -1,6 +1,6 @@
 """The layered route: the staged environment written as image layers and loaded into
-Docker directly (layers.py), byte-compiled first in a container of the base image, with
-the kernel spec and settings on top; a docker build follows only for a pip section, or
+Docker directly (layers.py), byte-compiled meanwhile in a container of the base image
+(compilerun.py), with the kernel spec and settings on top; a docker build follows only for a pip section, or
 to compile where the builder could not (a remote daemon).
 """
 
@@ -124,8 +124,12 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
     layer: the image's id, and whether its layers hold the compiled files."""
     staging = context / "env"
-    plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
-                              max_layers=MAX_PACKAGE_LAYERS)
+
+    def replan() -> list[layers.Layer]:
+        return layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+                                  max_layers=MAX_PACKAGE_LAYERS)
+
+    plan = replan()
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
     base_id = builder.base_image_id()
     with builder.daemon_call("loading the environment's layers"):
@@ -144,11 +148,6 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
     run = await _start_compile(builder, build, context, jobs, build_log) if jobs else None
     compiled = not jobs or run is not None
-
-    def replan() -> list[layers.Layer]:
-        return layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
-                                  max_layers=MAX_PACKAGE_LAYERS)
-
     prepare = layer_preparer(run, staging, plan, replan) if run is not None else None
     if compiled and run is None:
         plan = replan()  # byte code from the cache only: in place already

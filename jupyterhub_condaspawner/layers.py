@@ -39,8 +39,8 @@ SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
 LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: with the package's .pyc)
 CHUNK = 1 << 20
-HISTORY_PREFIX = "condaspawner layer: "
-SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'   # how a loaded layer's history entry begins
+HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
+SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'
 # A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
 # Dockerfile instructions that never add a layer, as a history entry's created_by names them
 # (the classic builder's "/bin/sh -c #(nop)  ENV ...", BuildKit's "ENV ...").
@@ -217,12 +217,6 @@ def compile_plan(staging: Path, plan: list[Layer], skip: set[str], done: Collect
     return jobs
 
 
-def compile_batches(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
-                    ) -> list[list[str]]:
-    """:func:`compile_plan`'s batches alone."""
-    return [paths for _, paths in compile_plan(staging, plan, skip, done)]
-
-
 class ByteCodePlacer:
     """Adds to a package's layer the byte code compiled for its Python files since the layer was
     planned, where :func:`plan_layers` would put it once everything is compiled: so that a
@@ -246,11 +240,7 @@ class ByteCodePlacer:
                 continue
             for name in names:
                 path = f"{cache}/{name}"
-                match = _PYC.match(path)
-                if match is None or path in self.listed or prefix + path in have:
-                    continue
-                folder, stem = match.groups()
-                if (f"{folder}/{stem}.py" if folder else f"{stem}.py") in sources:
+                if path not in self.listed and prefix + path not in have and _source_of(path) in sources:
                     added.append(Entry(prefix + path, f"{self.root}/{path}"))
         if not added:
             return layer
@@ -459,14 +449,21 @@ def _compiled_files(staging: Path, records: dict[tuple[str, str, str], list[str]
     listed = {path for files in records.values() for path in files}
     compiled: dict[tuple[str, str, str], list[str]] = {}
     for path in tree_paths(staging):
-        match = _PYC.match(path)
-        if match is None or path in listed:
-            continue
-        directory, stem = match.groups()
-        owner = owners.get(f"{directory}/{stem}.py" if directory else f"{stem}.py")
+        source = _source_of(path) if path not in listed else None
+        owner = owners.get(source) if source is not None else None
         if owner is not None:
             compiled.setdefault(owner, []).append(path)
     return compiled
+
+
+def _source_of(path: str) -> str | None:
+    """The source a compiled file was compiled from (``dir/__pycache__/m.cpython-39.pyc`` ->
+    ``dir/m.py``), or None for any other file."""
+    match = _PYC.match(path)
+    if match is None:
+        return None
+    directory, stem = match.groups()
+    return f"{directory}/{stem}.py" if directory else f"{stem}.py"
 
 
 def _exists(path: str) -> bool:
@@ -509,14 +506,15 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | 
             yield info, None
             continue
         assert entry.source is not None
-        mode = os.lstat(entry.source).st_mode
+        status = os.lstat(entry.source)
+        mode = status.st_mode
         if stat.S_ISLNK(mode):
             info = _info(entry.path, tarfile.SYMTYPE, 0o777)
             info.linkname = os.readlink(entry.source)
             yield info, None
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
-        info.size = os.lstat(entry.source).st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
+        info.size = status.st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
         yield info, entry.source
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import textwrap
-import threading
 import time
 import urllib.request
 import uuid
@@ -25,6 +22,7 @@ from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
 from pip_index import PipIndex, tiny_wheel
 
+from condaspawner_bench.basewheels import served
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC
 from jupyterhub_condaspawner.resolve import Resolver
@@ -48,11 +46,8 @@ def wheel_index(tmp_path_factory):
     directory = tmp_path_factory.mktemp("wheels")
     for version in ("1.0", "1.1"):
         write_wheel(directory, "cs-hello", version)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield directory, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
+    with served(directory) as url:
+        yield directory, url
 
 
 @pytest.fixture(scope="module")

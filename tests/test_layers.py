@@ -44,6 +44,11 @@ def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None
     return root
 
 
+def compile_batches(staging: Path, plan: list[layers.Layer], skip: set[str], done=()) -> list[list[str]]:
+    """layers.compile_plan's batches, without the layer each belongs to."""
+    return [paths for _, paths in layers.compile_plan(staging, plan, skip, done)]
+
+
 BIG = {"lib/libbig.so": b"\x7fELF" + b"x" * (2 * MB), "lib/big/__init__.py": b"VALUE = 1\n"}
 
 
@@ -102,10 +107,10 @@ def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_pat
     assert layers.stored_layers(base, plan, set(), memo) == set()  # remembered, but not on this base
     prefix = layers.SHARED_PREFIX
     # a batch per package: its byte code does not depend on which packages share its layer
-    assert layers.compile_batches(staged, plan, {"big-1.0-0"}) == [[f"{prefix}/lib/python3.9/os.py"],
+    assert compile_batches(staged, plan, {"big-1.0-0"}) == [[f"{prefix}/lib/python3.9/os.py"],
                                                                    [f"{prefix}/lib/small.py"]]
-    assert [f"{prefix}/lib/big/__init__.py"] in layers.compile_batches(staged, plan, set())
-    assert layers.compile_batches(staged, plan, set(), done={"lib/small.py", "lib/big/__init__.py"}) == [
+    assert [f"{prefix}/lib/big/__init__.py"] in compile_batches(staged, plan, set())
+    assert compile_batches(staged, plan, set(), done={"lib/small.py", "lib/big/__init__.py"}) == [
         [f"{prefix}/lib/python3.9/os.py"]]
 
 
@@ -129,7 +134,7 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     second = staged_env("two", {"python": python, "small": {"lib/small.py": b"x = 1\n"}, "other": {"lib/o.py": b""}})
     assert cache.restore(second) == {"lib/small.py"} and (second / pyc).read_bytes() == b"byte code"
     plan = layers.plan_layers(second, "demo", min_bytes=MB, max_layers=10)
-    assert [f"{layers.SHARED_PREFIX}/lib/small.py"] not in layers.compile_batches(second, plan, set(), {"lib/small.py"})
+    assert [f"{layers.SHARED_PREFIX}/lib/small.py"] not in compile_batches(second, plan, set(), {"lib/small.py"})
     # another python, another identity: nothing restored
     third = staged_env("three", {"python": {"lib/python3.9/os.py": b"sep = '\\\\'\n"}, "small": {"lib/small.py": b"x = 1\n"}})
     record = third / "conda-meta" / "python-1.0-0.json"
