@@ -46,7 +46,7 @@ from packaging.version import Version
 from .phases import PhaseLog
 
 # Bump whenever the way packages are written changes: it invalidates built channels.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: linux-64 packages (python too) ship their byte code
 
 PREFIX_PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
 TARGET_PYTHON = "3.9"
@@ -326,8 +326,14 @@ def dev_packages(
         wheels = download_wheels(WHEEL_PINS, download_dir, say, phases)
         say(f"dev channel: converting {len(wheels)} wheels")
         full_version = target_python_version(python)
-        packages += [wheel_to_conda_package(wheel, full_version) for wheel in wheels]
+        compiler = python_interpreter(python) if isinstance(python, PythonSource) else None
+        packages += [wheel_to_conda_package(wheel, full_version, compile_with=compiler) for wheel in wheels]
     return packages
+
+
+def python_interpreter(python: PythonSource) -> Path:
+    """The interpreter of a pyenv CPython."""
+    return python.prefix / "bin" / f"python{TARGET_PYTHON}"
 
 
 def target_python_version(python: PythonSource | str) -> str:
@@ -578,12 +584,13 @@ def _python_package(python: PythonSource) -> CondaPackage:
     ]
     files = [_relocatable_file(python.prefix, path, old_prefix) for path in sources]
     files.append(PackageFile(f"lib/python{minor}/site-packages/README.txt", b"site-packages\n"))
+    present = [f for f in files if f is not None]
     return CondaPackage(
         name="python",
         version=python.version,
         build=PYTHON_BUILD,
         subdir="linux-64",
-        files=[f for f in files if f is not None],
+        files=present + shipped_byte_code(present, python_interpreter(python)),  # conda-forge's ships the stdlib's
     )
 
 
@@ -832,13 +839,16 @@ def _conda_spec(name: str, specifier: SpecifierSet) -> str:
 
 
 def wheel_to_conda_package(
-    path: Path, python_full_version: str, *, extra_depends: Sequence[str] = (), archive: str = "tar.bz2"
+    path: Path, python_full_version: str, *, extra_depends: Sequence[str] = (), archive: str = "tar.bz2",
+    compile_with: Path | None = None,
 ) -> CondaPackage:
     """A conda package from a wheel: ``noarch: python`` if pure, else linux-64 for that Python.
 
     A wheel tagged for a platform is not pure even when it says ``Root-Is-Purelib``
     (NVIDIA's CUDA library wheels do: ``py3-none-manylinux...``, full of ``.so`` files).
     ``extra_depends`` are added to the wheel's own requirements (``__cuda >=12``, say).
+    ``compile_with``: that Python's interpreter, to ship a linux-64 package's byte code as
+    conda-build does (:func:`shipped_byte_code`); None ships none.
     """
     wheel = _read_wheel(path)
     environment = target_marker_environment(python_full_version)
@@ -861,6 +871,9 @@ def wheel_to_conda_package(
     minor = ".".join(python_full_version.split(".")[:2])
     next_minor = f"{minor.split('.')[0]}.{int(minor.split('.')[1]) + 1}"
     abi = f"cp{minor.replace('.', '')}"
+    files = _wheel_files(wheel, f"lib/python{minor}/site-packages", "bin")
+    if compile_with is not None:
+        files += shipped_byte_code(files, compile_with)
     return CondaPackage(
         name=wheel.name,
         version=wheel.version,
@@ -869,10 +882,56 @@ def wheel_to_conda_package(
         depends=sorted(
             set(depends + [f"python >={minor},<{next_minor}.0a0", f"python_abi {minor}.* *_{abi}"])
         ),
-        files=_wheel_files(wheel, f"lib/python{minor}/site-packages", "bin")
-        + [_entry_point_script(name, target, minor) for name, target in wheel.scripts.items()],
+        files=files + [_entry_point_script(name, target, minor) for name, target in wheel.scripts.items()],
         archive=archive,
     )
+
+
+# Run by the target CPython: compile the relative paths on stdin under argv[1], as conda-build
+# does (`python -m py_compile` from the prefix: timestamp-checked, named by the relative path).
+_SHIP_BYTE_CODE = """
+import os, py_compile, sys
+for path in sys.stdin.read().splitlines():
+    try:
+        py_compile.compile(os.path.join(sys.argv[1], path), dfile=path, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    except py_compile.PyCompileError:
+        pass  # conda-build ships no byte code for a file that does not compile either
+"""
+
+
+def shipped_byte_code(files: Sequence[PackageFile], python: Path) -> list[PackageFile]:
+    """The byte code conda-build puts in a package that is not noarch: each ``.py`` outside
+    ``bin/`` whose byte code is missing, compiled by the package's Python, checked against the source's mtime (the
+    package's fixed one, which conda gives the installed file) and size. Deterministic:
+    one process, a fixed hash seed."""
+    have = {file.path for file in files}
+    sources = [file for file in files if file.path.endswith(".py") and not file.path.startswith("bin/")
+               and file.link_target is None and _cached_path(file.path) not in have]  # numpy's wheel has one
+    if not sources:
+        return []
+    with tempfile.TemporaryDirectory(prefix="cs-byte-code-") as root:
+        for file in sources:
+            target = Path(root, file.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.data)
+            os.utime(target, (PACKAGE_TIMESTAMP, PACKAGE_TIMESTAMP))
+        subprocess.run([str(python), "-s", "-c", _SHIP_BYTE_CODE, root], input="\n".join(f.path for f in sources),
+                       text=True, check=True, env={"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "")})
+        return [PackageFile(path, Path(root, path).read_bytes())
+                for path in sorted(_relative_files(Path(root))) if path.endswith(".pyc")]
+
+
+def _cached_path(source: str) -> str:
+    """Where CPython (the target version) keeps the byte code of ``source``."""
+    folder, name = posixpath.split(source)
+    return posixpath.join(folder, "__pycache__", f"{name[:-3]}.cpython-{TARGET_PYTHON.replace('.', '')}.pyc")
+
+
+def _relative_files(root: Path) -> Iterator[str]:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            yield os.path.relpath(os.path.join(folder, name), root)
 
 
 def _wheel_files(wheel: _Wheel, site_packages: str, scripts_dir: str) -> list[PackageFile]:

@@ -41,7 +41,7 @@ from .dockerd import BenchDaemonError, ensure_debian_packages
 from .phases import PhaseLog
 
 # Bump whenever the way real packages are chosen or written changes.
-REAL_RECIPE_VERSION = 1
+REAL_RECIPE_VERSION = 2  # 2: linux-64 packages ship their byte code
 REAL_SETS_ENV = "CONDASPAWNER_BENCH_REAL_SET"  # "datascience", "full" or "none"
 NO_REAL_SET = "none"
 
@@ -207,7 +207,7 @@ def _build(
     dev = devchannel.dev_packages(python, True, download_dir, say, phases)
     wheels = devchannel.download_wheels(pins, download_dir, say, phases, "real channel: pip download")
     with phases("real channel: write packages") as phase:
-        paths = _write_packages(directory, dev, wheels, devchannel.target_python_version(python), converted_dir)
+        paths = _write_packages(directory, dev, wheels, python, converted_dir)
         phase.note = f"{len(dev)} dev packages, {len(wheels)} converted wheels"
     with phases("real channel: index"):
         devchannel.run_blocking(devchannel.index_channel(directory))
@@ -218,7 +218,7 @@ def _write_packages(
     directory: Path,
     dev: list[devchannel.CondaPackage],
     wheels: list[Path],
-    python_version: str,
+    python: PythonSource,
     converted_dir: Path,
 ) -> list[str]:
     """Write the dev packages and the converted wheels (largest first, from the
@@ -229,7 +229,7 @@ def _write_packages(
         return devchannel.package_path(package)
 
     def convert(wheel: Path) -> str:
-        return _converted_package(wheel, python_version, converted_dir, directory)
+        return _converted_package(wheel, python, converted_dir, directory)
 
     # One package per core: a big wheel's files are held in memory while it is written.
     by_size = sorted(wheels, key=lambda wheel: wheel.stat().st_size, reverse=True)
@@ -239,18 +239,20 @@ def _write_packages(
     return written + converted
 
 
-def _converted_package(wheel: Path, python_version: str, converted_dir: Path, channel: Path) -> str:
+def _converted_package(wheel: Path, python: PythonSource, converted_dir: Path, channel: Path) -> str:
     """Link the conda package made from ``wheel`` into ``channel``, converting it first
     unless the cache has it; its path in the channel."""
     name, _version, _build, _tags = parse_wheel_filename(wheel.name)
     depends = extra_depends(name)
+    python_version = devchannel.target_python_version(python)
     key = hashlib.sha256(json.dumps({
         "wheel": wheel.name, "size": wheel.stat().st_size, "python": python_version,
         "dev": devchannel.RECIPE_VERSION, "real": REAL_RECIPE_VERSION, "depends": depends,
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache = converted_dir / key  # holds <subdir>/<file>, complete or not at all
     if not cache.is_dir():
-        package = devchannel.wheel_to_conda_package(wheel, python_version, extra_depends=depends, archive="conda")
+        package = devchannel.wheel_to_conda_package(wheel, python_version, extra_depends=depends, archive="conda",
+                                                    compile_with=devchannel.python_interpreter(python))
         # Another process may convert the same wheel meanwhile (two channels being built).
         partial = converted_dir / f".{key}.{os.getpid()}.{threading.get_ident()}.partial"
         (partial / package.subdir).mkdir(parents=True)

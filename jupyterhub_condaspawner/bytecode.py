@@ -43,7 +43,9 @@ class BytecodeCache:
                     _link(f"{entry}/{cached}", f"{staging}/{cached}", made)
             except OSError:
                 continue  # a partial restore is compiled over
-            done.update(path for path in files if path.endswith(".py"))
+            # The byte code a package ships is not cached: the compile container adopts it.
+            shipped = {layers.source_of(path) for path in files}
+            done.update(path for path in files if path.endswith(".py") and path not in shipped)
         return done
 
     def keep(self, staging: Path) -> None:

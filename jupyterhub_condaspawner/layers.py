@@ -37,7 +37,7 @@ from typing import Any
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
-LAYER_RECIPE = "2"  # bump when the way a layer's tar is written changes (2: with the package's .pyc)
+LAYER_RECIPE = "3"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted)
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'
@@ -153,23 +153,54 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 
 # Run by the environment's own Python in a container: compile each batch of files in a new
 # process, so that a file's byte code does not depend on what one process compiled before
-# (marshal's output does), with PYTHONHASHSEED fixed by the caller.
+# (marshal's output does), with PYTHONHASHSEED fixed by the caller. Byte code a package ships
+# (conda-build compiles every package that is not noarch) is adopted, not compiled again: it is
+# checked by the source's mtime, which every layer fixes, so it is rewritten as unchecked-hash
+# byte code of the same code object, as the files compiled here are.
 COMPILE_SCRIPT = """
-import json, multiprocessing, os, py_compile, sys
+import importlib.util, json, multiprocessing, os, py_compile, sys
+UNCHECKED_HASH = (1).to_bytes(4, "little")
+def adopt(path):
+    cached = importlib.util.cache_from_source(path)
+    try:
+        with open(cached, "rb") as file:
+            shipped = file.read()
+        with open(path, "rb") as file:
+            source = file.read()
+    except OSError:
+        return False
+    flags = int.from_bytes(shipped[4:8], "little")
+    if len(shipped) < 16 or shipped[:4] != importlib.util.MAGIC_NUMBER or flags not in (0, 1, 3):
+        return False
+    digest = importlib.util.source_hash(source)
+    if (flags == 0 and int.from_bytes(shipped[12:16], "little") != len(source) & 0xFFFFFFFF
+            or flags != 0 and shipped[8:16] != digest):
+        return False
+    if flags != 1:
+        partial = f"{cached}.{os.getpid()}.adopting"
+        with open(partial, "wb") as file:  # a new file: the shipped one is linked from the package cache
+            file.write(shipped[:4] + UNCHECKED_HASH + digest + shipped[16:])
+        os.replace(partial, cached)
+    return True
 def batch(job):
     index, paths = job
-    failed = 0
+    adopted = failed = 0
     for path in paths:
+        if adopt(path):
+            adopted += 1
+            continue
         try:
             py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
         except Exception as error:
             failed += 1
     open(os.path.join(sys.argv[2], str(index)), "w").close()  # the loader waits for this batch's files
-    return failed
+    return adopted, failed
 batches = json.load(open(sys.argv[1]))
 with multiprocessing.Pool(maxtasksperchild=1) as pool:
-    failed = sum(pool.map(batch, list(enumerate(batches)), chunksize=1))
-print(f"compiled {sum(map(len, batches)) - failed} files ({failed} did not compile)")
+    counts = pool.map(batch, list(enumerate(batches)), chunksize=1)
+adopted, failed = sum(count[0] for count in counts), sum(count[1] for count in counts)
+print(f"compiled {sum(map(len, batches)) - adopted - failed} files, adopted the byte code of {adopted} "
+      f"from their packages ({failed} did not compile)")
 """
 COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
 
@@ -240,7 +271,7 @@ class ByteCodePlacer:
                 continue
             for name in names:
                 path = f"{cache}/{name}"
-                if path not in self.listed and prefix + path not in have and _source_of(path) in sources:
+                if path not in self.listed and prefix + path not in have and source_of(path) in sources:
                     added.append(Entry(prefix + path, f"{self.root}/{path}"))
         if not added:
             return layer
@@ -449,14 +480,14 @@ def _compiled_files(staging: Path, records: dict[tuple[str, str, str], list[str]
     listed = {path for files in records.values() for path in files}
     compiled: dict[tuple[str, str, str], list[str]] = {}
     for path in tree_paths(staging):
-        source = _source_of(path) if path not in listed else None
+        source = source_of(path) if path not in listed else None
         owner = owners.get(source) if source is not None else None
         if owner is not None:
             compiled.setdefault(owner, []).append(path)
     return compiled
 
 
-def _source_of(path: str) -> str | None:
+def source_of(path: str) -> str | None:
     """The source a compiled file was compiled from (``dir/__pycache__/m.cpython-39.pyc`` ->
     ``dir/m.py``), or None for any other file."""
     match = _PYC.match(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import time
 import zipfile
@@ -224,6 +225,28 @@ def test_binary_wheel_becomes_linux_64_for_python_39(tmp_path):
     script = paths["bin/fast"]
     assert script.data.startswith(f"#!{PREFIX_PLACEHOLDER}/bin/python3.9\n".encode())
     assert b"from fastthing import main" in script.data
+
+
+def test_a_binary_wheel_ships_byte_code_as_conda_build_makes_it(tmp_path, dev_python_channel):
+    """Like conda-forge's packages that are not noarch: a timestamp-checked .pyc for each
+    source outside bin/ (none for one that does not compile), the same bytes every time."""
+    files = {"fastthing/__init__.py": "VALUE = {'a', 'b'}\n", "fastthing/broken.py": "def (:\n",
+             "fastthing/_speed.cpython-39-x86_64-linux-gnu.so": "ELF",
+             "fastthing/shipped.py": "", "fastthing/__pycache__/shipped.cpython-39.pyc": "the wheel's own"}
+    wheel = make_wheel(tmp_path, "fastthing", purelib=False, files=files)
+    python = devchannel.python_interpreter(devchannel.find_shared_python())
+    package = wheel_to_conda_package(wheel, "3.9.18", compile_with=python)
+    site = "lib/python3.9/site-packages/fastthing"
+    byte_code = {file.path: file.data for file in package.files if file.path.endswith(".pyc")}
+    assert byte_code.keys() == {f"{site}/__pycache__/__init__.cpython-39.pyc", f"{site}/__pycache__/shipped.cpython-39.pyc"}
+    assert byte_code[f"{site}/__pycache__/shipped.cpython-39.pyc"] == b"the wheel's own"  # not compiled again
+    pyc = byte_code[f"{site}/__pycache__/__init__.cpython-39.pyc"]
+    flags, mtime, size = struct.unpack("<III", pyc[4:16])
+    assert (flags, mtime, size) == (0, devchannel.PACKAGE_TIMESTAMP, len(files["fastthing/__init__.py"]))
+    again = wheel_to_conda_package(wheel, "3.9.18", compile_with=python)
+    assert [(f.path, f.data) for f in again.files] == [(f.path, f.data) for f in package.files]
+    pure = make_wheel(tmp_path, "purething", purelib=True, files={"purething/__init__.py": ""})
+    assert not [f for f in wheel_to_conda_package(pure, "3.9.18", compile_with=python).files if ".pyc" in f.path]
 
 
 # ---------------------------------------------------------------- python from pyenv

@@ -332,11 +332,59 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
 
 
 @pytest.mark.docker
+def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles_the_rest(
+        docker_daemon, base_image, tmp_path):
+    """conda-build ships byte code checked by the source's mtime, which every layer fixes: it is
+    rewritten as unchecked-hash byte code of the same code, not compiled again. Byte code that
+    belongs to another source is compiled over; the package cache's copy is left as it was."""
+    work = tmp_path / "work"
+    (work / "lib").mkdir(parents=True)
+    sources = {"shipped": "A = 1\n", "stale": "B = 2\n", "bare": "C = 3\n", "broken": "def (:\n"}
+    for name, text in {**sources, "stale": "B = 22222\n"}.items():  # stale's byte code: another source
+        (work / "lib" / f"{name}.py").write_text(text)
+    client = docker_daemon.client()
+    volumes = {str(work): {"bind": "/work", "mode": "rw"}}
+    ship = ("import py_compile\nfor name in ('shipped', 'stale'):\n"
+            "    py_compile.compile(f'/work/lib/{name}.py', dfile=f'lib/{name}.py', "
+            "invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)\n")
+    user = f"{os.getuid()}:{os.getgid()}"
+    client.containers.run(base_image, ["/opt/conda/bin/python", "-c", ship], volumes=volumes, user=user,
+                          network_mode="none", remove=True)
+    (work / "lib" / "stale.py").write_text(sources["stale"])
+    pycache = work / "lib" / "__pycache__"
+    os.link(pycache / "shipped.cpython-39.pyc", work / "package-cache-copy.pyc")
+    (work / "done").mkdir()
+    (work / "batches.json").write_text(json.dumps([[f"/work/lib/{name}.py" for name in sources]]))
+    output = client.containers.run(
+        base_image, ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done"],
+        volumes=volumes, user=user, network_mode="none", environment={"PYTHONHASHSEED": "0"}, remove=True)
+    assert output.decode().strip() == "compiled 2 files, adopted the byte code of 1 from their packages (1 did not compile)"
+    assert (work / "done" / "0").exists()
+
+    def header(name: str) -> tuple[int, bytes]:
+        data = (pycache / f"{name}.cpython-39.pyc").read_bytes()
+        return int.from_bytes(data[4:8], "little"), data
+    flags, adopted = header("shipped")
+    assert flags == 1 and b"lib/shipped.py" in adopted and b"/work/lib/shipped.py" not in adopted  # the shipped code
+    assert (work / "package-cache-copy.pyc").read_bytes()[4:8] == bytes(4)  # still timestamp-checked
+    for name in ("stale", "bare"):
+        flags, compiled = header(name)
+        assert flags == 1 and f"/work/lib/{name}.py".encode() in compiled
+    assert not (pycache / "broken.cpython-39.pyc").exists()
+    # Python 3.9 runs the adopted byte code without looking at the source (its mtime is the layer's).
+    (work / "lib" / "shipped.py").write_text("A = 7\n")
+    os.utime(work / "lib" / "shipped.py", (1, 1))
+    check = "import sys; sys.path.insert(0, '/work/lib'); sys.dont_write_bytecode = True; import shipped; print(shipped.A)"
+    output = client.containers.run(base_image, ["/opt/conda/bin/python", "-c", check], volumes=volumes, user=user,
+                                   network_mode="none", remove=True)
+    assert output.decode().strip() == "1"
+
+
+@pytest.mark.docker
 async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(layered_builder, docker_daemon):
     await layered_builder.get_image(env_request("cs-alpha", "course"))
     second = await layered_builder.get_image(env_request("cs-beta", "lab"))
     log = (Path(layered_builder.key_dir(second.key)) / "build.log").read_text()
-    assert re.search(r"^compiled \d+ files", log, re.M) or "0 compiled" in log
     # the small packages' layer differs (cs-beta), but ipykernel's byte code was kept by package
     assert int(re.search(r"^byte code of (\d+) Python files from the cache", log, re.M).group(1)) > 0
     python_layer = next(line for line in log.splitlines() if line.startswith("layer python-3.9"))
@@ -348,6 +396,13 @@ async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(l
               "ls /opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc")
     output = client.containers.run(second.tag, ["sh", "-c", script], user="root", network_mode="none", remove=True)
     assert output.decode().strip().splitlines() == ["/opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc"]
+    # tornado (linux-64) ships its byte code, as conda-build makes it: adopted, not compiled again
+    pyc = "/opt/conda/envs/_shared/lib/python3.9/site-packages/tornado/__pycache__/web.cpython-39.pyc"
+    data = client.containers.run(second.tag, ["cat", pyc], network_mode="none", remove=True)
+    assert data[4:8] == (1).to_bytes(4, "little")  # unchecked-hash
+    assert b"lib/python3.9/site-packages/tornado/web.py" in data and b"/opt/conda/envs/" not in data
+    assert re.search(r"^compiled \d+ files, adopted the byte code of [1-9]\d* from their packages", log, re.M) or (
+        "0 compiled" in log)
 
 
 @pytest.mark.docker

@@ -103,8 +103,9 @@ def test_datascience_channel_holds_the_set_as_conda_packages(datascience_channel
 def test_conversion_is_deterministic(datascience_channel, tmp_path):
     (wheel,) = (datascience_channel.path.parent / "wheels").glob("kiwisolver-1.4.7-*.whl")
     digests = set()
-    for attempt in ("a", "b"):
-        package = devchannel.wheel_to_conda_package(wheel, "3.9.18", archive="conda")
+    python = devchannel.python_interpreter(devchannel.find_shared_python())
+    for attempt in ("a", "b"):  # its byte code included
+        package = devchannel.wheel_to_conda_package(wheel, "3.9.18", archive="conda", compile_with=python)
         (tmp_path / attempt / package.subdir).mkdir(parents=True)
         written = devchannel.write_conda_package(package, tmp_path / attempt)
         digests.add(hashlib.sha256(written.read_bytes()).hexdigest())
