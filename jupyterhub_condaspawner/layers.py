@@ -124,7 +124,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     layers = []
     claimed: set[str] = set()
     for key in sorted(large):
-        files = sorted(path for path in records[key] if _exists(f"{root}/{path}"))
+        files = sorted({path for path in records[key] if _exists(f"{root}/{path}")})  # Docker refuses a path twice
         claimed.update(files)
         layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in files),
                             identities[key]))

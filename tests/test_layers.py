@@ -75,6 +75,20 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
     assert members[f"{prefix}/lib"].isdir()
 
 
+def test_a_file_a_package_lists_twice_is_written_once(tmp_path):
+    staged = stage(tmp_path / "env", {"big": BIG})
+    record = staged / "conda-meta" / "big-1.0-0.json"
+    listed = json.loads(record.read_text())
+    record.write_text(json.dumps({**listed, "files": [*listed["files"], "lib/big/__init__.py"]}))
+    (big,) = [layer for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10) if layer.name == "big-1.0-0"]
+    tar = io.BytesIO()
+    layers.write_tar(big.entries, tar)
+    tar.seek(0)
+    with tarfile.open(fileobj=tar) as archive:
+        names = archive.getnames()
+    assert names.count(f"{layers.SHARED_PREFIX.lstrip('/')}/lib/big/__init__.py") == 1
+
+
 def test_compiled_files_travel_with_the_package_of_their_source(tmp_path):
     staged = stage(tmp_path / "env", {"big": BIG, "python": {"lib/python3.9/os.py": b"sep = '/'\n",
                                                              "bin/python3.9": b"\x7fELF"},
