@@ -16,7 +16,10 @@ are not part of any figure. Then:
    The floor, measured in the same run: the same installed environment's bytes streamed
    once into a new image layer (``docker import`` of a tar of the staged prefix). Printed
    for scripts: ``cold build / floor, NAME: X.XX`` (the layered route; goal <= 1.5), the
-   Dockerfile route beside it, the phase breakdown and the image sizes.
+   Dockerfile route beside it, the phase breakdown and the image sizes. Then the same
+   environment on a hub that built another one first (python's layer is stored and the
+   byte-code cache holds ipykernel's closure, which every environment installs):
+   ``cold build / floor, NAME, after another environment: X.XX``.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
    that differ in a few small packages, built by the layered route and pushed to a new
    registry on loopback: ``disk for 5 envs / disk for 1: X.XX`` (the daemon's layer
@@ -143,13 +146,15 @@ def stored_bytes(bench: Bench, images: list[str], base: str) -> int:
     return sum(int((layerdb / chain.removeprefix("sha256:") / "size").read_text()) for chain in chains)
 
 
-def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, **settings) -> ImageBuilder:
+def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, label: str = "", **settings
+                 ) -> ImageBuilder:
+    suffix = f"{route}-{len(settings)}{label}"
     return ImageBuilder(
         resolver=resolver, docker_client=bench.daemon.client(timeout=3600), base_image=bench.base_image,
-        cache_dir=str(scratch / f"cache-{route}-{len(settings)}"),
+        cache_dir=str(scratch / f"cache-{suffix}"),
         # a cold build compiles every package: no byte code kept by earlier runs on this bench
-        bytecode_cache_dir=str(scratch / f"bytecode-{route}-{len(settings)}"),
-        image_repo=f"condaspawner-realistic-{RUN_ID}-{route}-{len(settings)}",
+        bytecode_cache_dir=str(scratch / f"bytecode-{suffix}"),
+        image_repo=f"condaspawner-realistic-{RUN_ID}-{suffix}",
         layered_images=route == "layered", build_timeout=7200, **settings)
 
 
@@ -171,6 +176,24 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
         main_route = "layered" if "layered" in results else routes[0]
         print(f"cold build / floor, {name}: {results[main_route].seconds / floor:.2f}")
         print(f"  {name} runs: {check_imports(bench, results[main_route].info, packages)}")
+        if "layered" in results:
+            for result in results.values():  # Docker skips layers it holds: none of this environment's
+                bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
+            after = await build_after_another(bench, resolver, scratch, name, packages)
+            print(f"    layered, on a hub that built another environment before (python's layer stored, "
+                  f"ipykernel's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
+            print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
+
+
+async def build_after_another(bench: Bench, resolver: Resolver, scratch: Path, name: str, packages: tuple[str, ...]
+                              ) -> Timed:
+    """A new environment on a hub that has built before: every environment holds python and
+    ipykernel; the first build stored python's layer and kept ipykernel's closure's byte code
+    (bytecode.py), so only the new packages are compiled and sent. The first build is not timed."""
+    builder = make_builder(bench, resolver, scratch, "layered", label=f"-after-{name}")
+    say(f"{name}: a first environment (python, ipykernel), then {name} on the same builder")
+    await timed_build(builder, request("first", (), f"first-{name}"))
+    return await timed_build(builder, request(name, packages, "after-another"))
 
 
 async def shared_layers(bench: Bench, resolver: Resolver, scratch: Path, name: str, count: int) -> None:
