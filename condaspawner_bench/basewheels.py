@@ -31,6 +31,7 @@ from .devchannel import (
     download_wheels,
     exclusive_lock,
     find_shared_python,
+    python_interpreter,
 )
 from .phases import PhaseLog
 
@@ -51,7 +52,7 @@ def download_singleuser_wheels(bench_dir: Path) -> tuple[Path, bool]:
             return folder, True
         for wheel in folder.glob("*.whl"):
             wheel.unlink()
-        python = find_shared_python().prefix / "bin" / f"python{TARGET_PYTHON}"
+        python = python_interpreter(find_shared_python())
         pip_pin = next(pin for pin in WHEEL_PINS if pin.startswith("pip=="))
         (pip_wheel,) = download_wheels([pip_pin], folder / ".pip", lambda message: None, PhaseLog())
         platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
