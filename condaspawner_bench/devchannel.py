@@ -902,8 +902,8 @@ for path in sys.stdin.read().splitlines():
 
 def shipped_byte_code(files: Sequence[PackageFile], python: Path) -> list[PackageFile]:
     """The byte code conda-build puts in a package that is not noarch: each ``.py`` outside
-    ``bin/`` whose byte code is missing, compiled by the package's Python, checked against the source's mtime (the
-    package's fixed one, which conda gives the installed file) and size. Deterministic:
+    ``bin/`` whose byte code is missing, compiled by the package's Python, checked against
+    the source's mtime (the package's fixed one, which conda gives the installed file) and size. Deterministic:
     one process, a fixed hash seed."""
     have = {file.path for file in files}
     sources = [file for file in files if file.path.endswith(".py") and not file.path.startswith("bin/")
@@ -918,20 +918,14 @@ def shipped_byte_code(files: Sequence[PackageFile], python: Path) -> list[Packag
             os.utime(target, (PACKAGE_TIMESTAMP, PACKAGE_TIMESTAMP))
         subprocess.run([str(python), "-s", "-c", _SHIP_BYTE_CODE, root], input="\n".join(f.path for f in sources),
                        text=True, check=True, env={"PYTHONHASHSEED": "0", "PATH": os.environ.get("PATH", "")})
-        return [PackageFile(path, Path(root, path).read_bytes())
-                for path in sorted(_relative_files(Path(root))) if path.endswith(".pyc")]
+        compiled = sorted(_cached_path(file.path) for file in sources)
+        return [PackageFile(path, Path(root, path).read_bytes()) for path in compiled if Path(root, path).exists()]
 
 
 def _cached_path(source: str) -> str:
     """Where CPython (the target version) keeps the byte code of ``source``."""
     folder, name = posixpath.split(source)
     return posixpath.join(folder, "__pycache__", f"{name[:-3]}.cpython-{TARGET_PYTHON.replace('.', '')}.pyc")
-
-
-def _relative_files(root: Path) -> Iterator[str]:
-    for folder, _, names in os.walk(root):
-        for name in names:
-            yield os.path.relpath(os.path.join(folder, name), root)
 
 
 def _wheel_files(wheel: _Wheel, site_packages: str, scripts_dir: str) -> list[PackageFile]:
