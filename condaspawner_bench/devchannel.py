@@ -46,15 +46,17 @@ from packaging.version import Version
 from .phases import PhaseLog
 
 # Bump whenever the way packages are written changes: it invalidates built channels.
-RECIPE_VERSION = 2  # 2: linux-64 packages (python too) ship their byte code
+RECIPE_VERSION = 3  # 2: linux-64 packages (python too) ship their byte code; 3: dated apart from the layers' mtime
 
 PREFIX_PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
 TARGET_PYTHON = "3.9"
 PYTHON_BUILD = "h_cs_0"
 PYTHON_ABI_BUILD = "0_cp39"
 INFO_FILE = "channel-info.json"
-# Fixed so that the same recipe writes byte-identical packages (stable sha256).
-PACKAGE_TIMESTAMP = 1_700_000_000
+# Fixed so that the same recipe writes byte-identical packages (stable sha256); not the
+# product's fixed layer mtime (layers.LAYER_MTIME): a package's files keep their own in an
+# image, and the tests would not see it if the two were the same, as real packages' are not.
+PACKAGE_TIMESTAMP = 1_650_000_000
 
 
 @dataclass(frozen=True)

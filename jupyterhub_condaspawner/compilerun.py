@@ -76,25 +76,21 @@ class CompileRun:
             pass
 
 
-def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer], replan: Callable[[], list[layers.Layer]]
-                   ) -> Callable[[layers.Layer], layers.Layer]:
-    """What :func:`layers.load_image` calls before writing each layer of ``plan`` (planned before
-    compiling): a package's layer waits for its own batches and gets their byte code (and what
-    the byte code cache restored); the layers above the packages (which take what no package
-    claims) wait for every batch and are planned again (``replan``), as after a whole compile."""
+def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer]) -> Callable[[layers.Layer], layers.Layer]:
+    """What :func:`layers.load_image` calls before writing each layer (planned before compiling):
+    a package's layer waits for its own batches, the layers above the packages (the small
+    packages', and the environment's, which holds what no package claims) for every batch;
+    each then gets the byte code compiled (or restored from the cache) for its own sources."""
     placer = layers.ByteCodePlacer(staging)
-    packages = {layer.name for layer in plan} - {layers.SMALL_PACKAGES, layers.ENVIRONMENT}
-    planned: dict[str, layers.Layer] = {}
+    planned = {layer.name for layer in plan}
 
     def prepare(layer: layers.Layer) -> layers.Layer:
+        if layer.name not in planned:
+            return layer  # the kernel's files
         if layer.name in (layers.SMALL_PACKAGES, layers.ENVIRONMENT):
             run.wait_for(range(run.count))
-            if not planned:
-                planned.update((again.name, again) for again in replan())
-            return planned.get(layer.name, layer)
-        if layer.name not in packages:
-            return layer  # the kernel's files
-        run.wait_for(run.batches_of.get(layer.name, ()))
+        elif layer.name in run.batches_of:
+            run.wait_for(run.batches_of[layer.name])
         return placer.layer_with_byte_code(layer)
 
     return prepare

@@ -24,6 +24,7 @@ from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
 from .compilerun import CompileRun, layer_preparer
 from .dockerbuild import docker_build
+from .staging import settle_mtimes
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -124,12 +125,11 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
     layer: the image's id, and whether its layers hold the compiled files."""
     staging = context / "env"
-
-    def replan() -> list[layers.Layer]:
-        return layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
-                                  max_layers=MAX_PACKAGE_LAYERS)
-
-    plan = replan()
+    settled = await asyncio.to_thread(settle_mtimes, staging, layers.LAYER_MTIME)
+    if settled:
+        build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
+    plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+                              max_layers=MAX_PACKAGE_LAYERS)
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
     base_id = builder.base_image_id()
     with builder.daemon_call("loading the environment's layers"):
@@ -148,9 +148,10 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
     run = await _start_compile(builder, build, context, jobs, build_log) if jobs else None
     compiled = not jobs or run is not None
-    prepare = layer_preparer(run, staging, plan, replan) if run is not None else None
-    if compiled and run is None:
-        plan = replan()  # byte code from the cache only: in place already
+    prepare = layer_preparer(run, staging, plan) if run is not None else None
+    if compiled and run is None:  # byte code from the cache only: in place already
+        placer = layers.ByteCodePlacer(staging)
+        plan = [placer.layer_with_byte_code(layer) for layer in plan]
     plan.append(layers.files_layer("kernel and settings", settings_files(context, request)))
     env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
     await build.publish("build", 42, f"Writing the environment as {plural(len(plan), 'layer')}")

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
-LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar
-LAYER_RECIPE = "3"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted)
+LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar (a package's own files keep their package's)
+LAYER_RECIPE = "4"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted;
+# 4: a package's files keep their mtimes)
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'
@@ -52,11 +53,14 @@ _PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$"
 @dataclass(frozen=True)
 class Entry:
     """One file of a layer: its path in the image (no leading slash), and a host file to
-    copy or a symlink to create."""
+    copy or a symlink to create. ``package_file``: a file a package lists, which keeps its
+    mtime (its package's: staging.settle_mtimes), so that the byte code the package ships,
+    checked by its source's mtime, stays valid; every other file gets LAYER_MTIME."""
 
     path: str
     source: str | Path | None = None
     link: str | None = None
+    package_file: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
     records, identities = package_identities(staging)
+    listed = {path for files in records.values() for path in files}
     root = os.fspath(staging)
     # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
@@ -126,12 +131,14 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     for key in sorted(large):
         files = sorted({path for path in records[key] if _exists(f"{root}/{path}")})  # Docker refuses a path twice
         claimed.update(files)
-        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in files),
+        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", package_file=path in listed)
+                                                 for path in files),
                             identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
-    layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}") for path in small),
+    layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", package_file=path in listed)
+                                              for path in small),
                         _small_packages_identity(identities, set(large))))
     rest = sorted(path for path in tree_paths(staging) if path not in claimed)
     top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
@@ -154,9 +161,11 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # Run by the environment's own Python in a container: compile each batch of files in a new
 # process, so that a file's byte code does not depend on what one process compiled before
 # (marshal's output does), with PYTHONHASHSEED fixed by the caller. Byte code a package ships
-# (conda-build compiles every package that is not noarch) is adopted, not compiled again: it is
-# checked by the source's mtime, which every layer fixes, so it is rewritten as unchecked-hash
-# byte code of the same code object, as the files compiled here are.
+# (conda-build compiles every package that is not noarch) is adopted, not compiled again:
+# checked by its source's mtime and size, it stays valid as shipped (a package's files keep
+# their mtimes in the layers); checked by its source's hash, it is rewritten as unchecked-hash
+# byte code of the same code object (Python would hash the source at every import). Byte code
+# that does not match its source is compiled over.
 COMPILE_SCRIPT = """
 import importlib.util, json, multiprocessing, os, py_compile, sys
 UNCHECKED_HASH = (1).to_bytes(4, "little")
@@ -165,21 +174,23 @@ def adopt(path):
     try:
         with open(cached, "rb") as file:
             shipped = file.read()
-        with open(path, "rb") as file:
-            source = file.read()
+        status = os.stat(path)
     except OSError:
         return False
     flags = int.from_bytes(shipped[4:8], "little")
     if len(shipped) < 16 or shipped[:4] != importlib.util.MAGIC_NUMBER or flags not in (0, 1, 3):
         return False
-    digest = importlib.util.source_hash(source)
-    if (flags == 0 and int.from_bytes(shipped[12:16], "little") != len(source) & 0xFFFFFFFF
-            or flags != 0 and shipped[8:16] != digest):
+    if flags == 0:
+        return (int.from_bytes(shipped[8:12], "little") == int(status.st_mtime) & 0xFFFFFFFF
+                and int.from_bytes(shipped[12:16], "little") == status.st_size & 0xFFFFFFFF)
+    with open(path, "rb") as file:
+        digest = importlib.util.source_hash(file.read())
+    if shipped[8:16] != digest:
         return False
-    if flags != 1:
+    if flags == 3:
         partial = f"{cached}.{os.getpid()}.adopting"
         with open(partial, "wb") as file:  # a new file: the shipped one is linked from the package cache
-            file.write(shipped[:4] + UNCHECKED_HASH + digest + shipped[16:])
+            file.write(shipped[:4] + UNCHECKED_HASH + shipped[8:])
         os.replace(partial, cached)
     return True
 def batch(job):
@@ -546,6 +557,8 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | 
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
         info.size = status.st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
+        if entry.package_file and stat.S_ISREG(mode) and source_of(entry.path) is None:
+            info.mtime = int(status.st_mtime)  # byte code's own mtime is never checked: it may be compiled here
         yield info, entry.source
 
 

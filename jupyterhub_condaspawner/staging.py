@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -69,6 +71,33 @@ async def install(resolver: Resolver, build: Build, lock: Lock, context: Path, b
     build_log.write(f"installed into the staging prefix: {size} bytes\n")
     await build.publish("install", 40, f"Installed the conda environment ({megabytes(size)})")
     return size
+
+
+def settle_mtimes(prefix: Path, fallback: int) -> int:
+    """Give each installed file of a package its mtime in the package cache (the package's own,
+    as extracted), where the installer copied or rewrote it: so that the byte code a package
+    ships, checked by its source's mtime, stays valid, and a package's files are the same bytes
+    in a layer whether they were linked or copied. ``fallback`` where the cache's copy is gone.
+    How many files it changed."""
+    changed = 0
+    for record_path in sorted((prefix / "conda-meta").glob("*.json")):
+        record = json.loads(record_path.read_text())
+        extracted = str(record.get("extracted_package_dir") or "")
+        for path in record.get("files", []):
+            try:
+                status = os.lstat(prefix / path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+                continue  # a hard link shares the cache's mtime
+            try:
+                mtime = int(os.lstat(f"{extracted}/{path}").st_mtime) if extracted else fallback
+            except OSError:
+                mtime = fallback
+            if int(status.st_mtime) != mtime:
+                os.utime(prefix / path, (mtime, mtime), follow_symlinks=False)
+                changed += 1
+    return changed
 
 
 async def remove_staging(context: Path, settle: bool, log: logging.Logger | logging.LoggerAdapter) -> None:

@@ -18,7 +18,7 @@ import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
 
-from jupyterhub_condaspawner import layers
+from jupyterhub_condaspawner import layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.bytecode import BytecodeCache
 from jupyterhub_condaspawner.resolve import Resolver
@@ -54,7 +54,7 @@ BIG = {"lib/libbig.so": b"\x7fELF" + b"x" * (2 * MB), "lib/big/__init__.py": b"V
 
 def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_top(tmp_path):
     staged = stage(tmp_path / "env", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"},
-                                      "tiny": {"bin/tool": b"#!/bin/sh\n"}})
+                                      "tiny": {"bin/tool": b"#!/bin/sh\n"}}, mtime=1_234_567_890)
     (staged / "bin" / "tool").chmod(0o755)
     plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
     assert [layer.name for layer in plan] == ["big-1.0-0", "small packages", "environment"]
@@ -71,8 +71,16 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
     with tarfile.open(fileobj=tar) as archive:
         members = {m.name: m for m in archive.getmembers()}
     assert members[f"{prefix}/bin/tool"].mode == 0o755 and members[f"{prefix}/lib/small.py"].mode == 0o644
-    assert {(m.uid, m.gid, m.mtime) for m in members.values()} == {(0, 0, layers.LAYER_MTIME)}
-    assert members[f"{prefix}/lib"].isdir()
+    assert {(m.uid, m.gid) for m in members.values()} == {(0, 0)}
+    # a package's files keep its mtimes (the byte code it ships is checked by them), folders get the fixed one
+    assert {m.name: m.mtime for m in members.values() if m.isfile()} == {
+        f"{prefix}/bin/tool": 1_234_567_890, f"{prefix}/lib/small.py": 1_234_567_890}
+    assert members[f"{prefix}/lib"].isdir() and members[f"{prefix}/lib"].mtime == layers.LAYER_MTIME
+    tar = io.BytesIO()
+    layers.write_tar(plan[2].entries, tar)  # conda-meta, written at install: the fixed mtime
+    tar.seek(0)
+    with tarfile.open(fileobj=tar) as archive:
+        assert {m.mtime for m in archive.getmembers()} == {layers.LAYER_MTIME}
 
 
 def test_a_file_a_package_lists_twice_is_written_once(tmp_path):
@@ -237,13 +245,35 @@ def test_the_memo_remembers_only_layers_with_an_identity(tmp_path):
 
 
 def test_the_same_package_staged_twice_gives_the_same_layer(tmp_path):
-    # Another environment, staged elsewhere at another time, with other packages beside it.
-    first = stage(tmp_path / "one", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}}, mtime=1_000)
-    second = stage(tmp_path / "two", {"big": BIG, "other": {"lib/other.py": b"y = 2\n"}}, mtime=2_000_000)
+    """Another environment, staged elsewhere at another time, with other packages beside it: its
+    package's files linked from the package cache, or copied (new mtimes) and given the cache's
+    mtimes back, make the same layer. Byte code the package lists gets the fixed mtime: it may
+    have been compiled over in one environment and not the other."""
+    pyc = "lib/big/__pycache__/__init__.cpython-39.pyc"
+    package = {**BIG, pyc: b"shipped byte code"}
+    extracted = stage(tmp_path / "pkgs" / "big-1.0-0", {"big": package}, mtime=1_500_000_000)
+    first = stage(tmp_path / "one", {"big": package, "small": {"lib/small.py": b"x = 1\n"}}, mtime=1_000)
+    second = stage(tmp_path / "two", {"big": package, "other": {"lib/other.py": b"y = 2\n"}}, mtime=2_000_000)
+    for path in package:  # the first environment's are hard links to the cache's files
+        (first / path).unlink()
+        os.link(extracted / path, first / path)
+    for staged in (first, second):
+        record = staged / "conda-meta" / "big-1.0-0.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "extracted_package_dir": str(extracted)}))
+    assert staging.settle_mtimes(first, layers.LAYER_MTIME) == 1  # small's file (no cache recorded): the fixed mtime
+    assert staging.settle_mtimes(second, layers.LAYER_MTIME) == len(package) + 1
+    assert (second / "lib" / "libbig.so").stat().st_mtime == 1_500_000_000
+    os.utime(second / pyc, (3_000_000, 3_000_000))  # compiled over here
     one, two = (layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
                 for staged, name in ((first, "course"), (second, "lab")))
     assert digest(one[0]) == digest(two[0])
     assert digest(one[1]) != digest(two[1])
+    (second / "conda-meta" / "other-1.0-0.json").unlink()
+    record = second / "conda-meta" / "big-1.0-0.json"  # the package cache's copy is gone: the fixed mtime
+    record.write_text(json.dumps({**json.loads(record.read_text()), "extracted_package_dir": str(tmp_path / "gone")}))
+    assert staging.settle_mtimes(second, layers.LAYER_MTIME) == len(package)
+    assert (second / "lib" / "libbig.so").stat().st_mtime == layers.LAYER_MTIME
+    assert (extracted / "lib" / "libbig.so").stat().st_mtime == 1_500_000_000
 
 
 def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
@@ -348,46 +378,52 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
 @pytest.mark.docker
 def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles_the_rest(
         docker_daemon, base_image, tmp_path):
-    """conda-build ships byte code checked by the source's mtime, which every layer fixes: it is
-    rewritten as unchecked-hash byte code of the same code, not compiled again. Byte code that
-    belongs to another source is compiled over; the package cache's copy is left as it was."""
+    """conda-build ships byte code checked by the source's mtime, which the layers keep: it is
+    used as shipped, not compiled nor written again. Byte code checked by the source's hash is
+    rewritten as unchecked-hash (Python would hash the source at each import); byte code that
+    belongs to another source is compiled over; the package cache's copies are left as they were."""
     work = tmp_path / "work"
     (work / "lib").mkdir(parents=True)
-    sources = {"shipped": "A = 1\n", "stale": "B = 2\n", "bare": "C = 3\n", "broken": "def (:\n"}
+    sources = {"shipped": "A = 1\n", "hashed": "H = 1\n", "stale": "B = 2\n", "bare": "C = 3\n", "broken": "def (:\n"}
     for name, text in {**sources, "stale": "B = 22222\n"}.items():  # stale's byte code: another source
         (work / "lib" / f"{name}.py").write_text(text)
+        os.utime(work / "lib" / f"{name}.py", (1_234_567_890, 1_234_567_890))  # the package's mtime, not the layers'
     client = docker_daemon.client()
     volumes = {str(work): {"bind": "/work", "mode": "rw"}}
-    ship = ("import py_compile\nfor name in ('shipped', 'stale'):\n"
-            "    py_compile.compile(f'/work/lib/{name}.py', dfile=f'lib/{name}.py', "
-            "invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)\n")
+    ship = ("import py_compile\nfrom py_compile import PycInvalidationMode as Mode\n"
+            "for name, mode in (('shipped', Mode.TIMESTAMP), ('stale', Mode.TIMESTAMP), ('hashed', Mode.CHECKED_HASH)):\n"
+            "    py_compile.compile(f'/work/lib/{name}.py', dfile=f'lib/{name}.py', invalidation_mode=mode)\n")
     user = f"{os.getuid()}:{os.getgid()}"
     client.containers.run(base_image, ["/opt/conda/bin/python", "-c", ship], volumes=volumes, user=user,
                           network_mode="none", remove=True)
     (work / "lib" / "stale.py").write_text(sources["stale"])
     pycache = work / "lib" / "__pycache__"
-    os.link(pycache / "shipped.cpython-39.pyc", work / "package-cache-copy.pyc")
+    shipped_bytes = (pycache / "shipped.cpython-39.pyc").read_bytes()
+    for name in ("shipped", "hashed"):
+        os.link(pycache / f"{name}.cpython-39.pyc", work / f"package-cache-copy-{name}.pyc")
     (work / "done").mkdir()
     (work / "batches.json").write_text(json.dumps([[f"/work/lib/{name}.py" for name in sources]]))
     output = client.containers.run(
         base_image, ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done"],
         volumes=volumes, user=user, network_mode="none", environment={"PYTHONHASHSEED": "0"}, remove=True)
-    assert output.decode().strip() == "compiled 2 files, adopted the byte code of 1 from their packages (1 did not compile)"
+    assert output.decode().strip() == "compiled 2 files, adopted the byte code of 2 from their packages (1 did not compile)"
     assert (work / "done" / "0").exists()
 
     def header(name: str) -> tuple[int, bytes]:
         data = (pycache / f"{name}.cpython-39.pyc").read_bytes()
         return int.from_bytes(data[4:8], "little"), data
-    flags, adopted = header("shipped")
-    assert flags == 1 and b"lib/shipped.py" in adopted and b"/work/lib/shipped.py" not in adopted  # the shipped code
-    assert (work / "package-cache-copy.pyc").read_bytes()[4:8] == bytes(4)  # still timestamp-checked
+    assert header("shipped") == (0, shipped_bytes)  # as shipped: still the package cache's file
+    assert (pycache / "shipped.cpython-39.pyc").stat().st_ino == (work / "package-cache-copy-shipped.pyc").stat().st_ino
+    flags, adopted = header("hashed")
+    assert flags == 1 and b"lib/hashed.py" in adopted and b"/work/lib/hashed.py" not in adopted  # the shipped code
+    assert (work / "package-cache-copy-hashed.pyc").read_bytes()[4:8] == (3).to_bytes(4, "little")  # still checked
     for name in ("stale", "bare"):
         flags, compiled = header(name)
         assert flags == 1 and f"/work/lib/{name}.py".encode() in compiled
     assert not (pycache / "broken.cpython-39.pyc").exists()
-    # Python 3.9 runs the adopted byte code without looking at the source (its mtime is the layer's).
+    # Python 3.9 runs the shipped byte code: the source's mtime and size are what it was compiled from.
     (work / "lib" / "shipped.py").write_text("A = 7\n")
-    os.utime(work / "lib" / "shipped.py", (1, 1))
+    os.utime(work / "lib" / "shipped.py", (1_234_567_890, 1_234_567_890))
     check = "import sys; sys.path.insert(0, '/work/lib'); sys.dont_write_bytecode = True; import shipped; print(shipped.A)"
     output = client.containers.run(base_image, ["/opt/conda/bin/python", "-c", check], volumes=volumes, user=user,
                                    network_mode="none", remove=True)
@@ -410,10 +446,15 @@ async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(l
               "ls /opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc")
     output = client.containers.run(second.tag, ["sh", "-c", script], user="root", network_mode="none", remove=True)
     assert output.decode().strip().splitlines() == ["/opt/conda/envs/_shared/lib/python3.9/__pycache__/os.cpython-39.pyc"]
-    # tornado (linux-64) ships its byte code, as conda-build makes it: adopted, not compiled again
+    # tornado (linux-64) ships its byte code, as conda-build makes it: used as shipped, its source
+    # keeping the mtime it was compiled against (Python wrote none above)
     pyc = "/opt/conda/envs/_shared/lib/python3.9/site-packages/tornado/__pycache__/web.cpython-39.pyc"
+    source = pyc.replace("__pycache__/", "").replace(".cpython-39.pyc", ".py")
     data = client.containers.run(second.tag, ["cat", pyc], network_mode="none", remove=True)
-    assert data[4:8] == (1).to_bytes(4, "little")  # unchecked-hash
+    # (the log stream is text: the header's numbers come through od)
+    fields = client.containers.run(second.tag, ["sh", "-c", f"od -An -tu4 -j4 -N8 {pyc}; stat -c %Y {source}"],
+                                   network_mode="none", remove=True).decode().split()
+    assert fields[0] == "0" and fields[1] == fields[2], fields  # timestamp-checked, by the source's mtime
     assert b"lib/python3.9/site-packages/tornado/web.py" in data and b"/opt/conda/envs/" not in data
     assert re.search(r"^compiled \d+ files, adopted the byte code of [1-9]\d* from their packages", log, re.M) or (
         "0 compiled" in log)
