@@ -113,6 +113,25 @@ def test_compiled_files_travel_with_the_package_of_their_source(tmp_path):
     assert pycs[3] in plan["environment"]  # a file no package's source explains stays with the environment
 
 
+def test_byte_code_compiled_after_planning_joins_the_layers_as_planning_afterwards_would(tmp_path):
+    """Layers are planned before compiling and each gets its byte code when its turn comes
+    (compilerun.layer_preparer): the same layers as planning the compiled tree."""
+    staged = stage(tmp_path / "env", {"big": BIG, "python": {"lib/python3.9/os.py": b"sep = '/'\n",
+                                                             "lib/python3.9/__pycache__/os.cpython-39.pyc": b"shipped"},
+                                      "small": {"lib/small.py": b"x = 1\n", "lib/pkg/mod.py": b"y = 2\n"}})
+    (staged / "lib" / "loose.py").write_bytes(b"z = 3\n")  # no package's: the environment's layer
+    before = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    for path in ("lib/big/__pycache__/__init__.cpython-39.pyc", "lib/__pycache__/small.cpython-39.pyc",
+                 "lib/pkg/__pycache__/mod.cpython-39.pyc", "lib/__pycache__/loose.cpython-39.pyc"):
+        (staged / path).parent.mkdir(parents=True, exist_ok=True)
+        (staged / path).write_bytes(b"compiled")
+    placer = layers.ByteCodePlacer(staged)
+    after = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    assert [placer.layer_with_byte_code(layer) for layer in before] == after
+    prefix = layers.SHARED_PREFIX.lstrip("/") + "/"
+    assert prefix + "lib/__pycache__/loose.cpython-39.pyc" in {entry.path for entry in after[-1].entries}
+
+
 def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_path):
     staged = stage(tmp_path / "env", {"big": BIG, "python": {"lib/python3.9/os.py": b"sep = '/'\n"},
                                       "small": {"lib/small.py": b"x = 1\n"}})
