@@ -122,7 +122,8 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     root = os.fspath(staging)
     # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
-    for key, files in _compiled_files(staging, records).items():
+    paths = list(tree_paths(staging))  # walked once: thousands of folders
+    for key, files in _compiled_files(paths, records).items():
         records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
@@ -140,7 +141,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", package_file=path in listed)
                                               for path in small),
                         _small_packages_identity(identities, set(large))))
-    rest = sorted(path for path in tree_paths(staging) if path not in claimed)
+    rest = sorted(path for path in paths if path not in claimed)
     top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer(ENVIRONMENT, tuple(top)))
@@ -470,7 +471,7 @@ def package_identities(staging: Path) -> tuple[dict[tuple[str, str, str], list[s
 
 def compiled_files(staging: Path) -> dict[tuple[str, str, str], list[str]]:
     """The byte code compiled in ``staging`` that no package lists, by the package of its source."""
-    return _compiled_files(staging, _package_records(staging)[0])
+    return _compiled_files(tree_paths(staging), _package_records(staging)[0])
 
 
 def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:
@@ -484,13 +485,14 @@ def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str
     return records, identities
 
 
-def _compiled_files(staging: Path, records: dict[tuple[str, str, str], list[str]]
+def _compiled_files(paths: Iterable[str], records: dict[tuple[str, str, str], list[str]]
                     ) -> dict[tuple[str, str, str], list[str]]:
-    """The compiled files no package lists, by the package whose source they were compiled from."""
+    """The compiled files among ``paths`` (a staged tree's) that no package lists, by the package
+    whose source they were compiled from."""
     owners = {path: key for key, files in records.items() for path in files if path.endswith(".py")}
     listed = {path for files in records.values() for path in files}
     compiled: dict[tuple[str, str, str], list[str]] = {}
-    for path in tree_paths(staging):
+    for path in paths:
         source = source_of(path) if path not in listed else None
         owner = owners.get(source) if source is not None else None
         if owner is not None:
