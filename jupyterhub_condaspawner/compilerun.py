@@ -37,6 +37,7 @@ class CompileRun:
             self.batches_of.setdefault(layer_name, []).append(index)
         self.status: dict[str, Any] = {}
         self.failed: CompileFailed | None = None  # why a layer could not wait for its batches
+        self.complete = False  # it exited with every batch done
         self.exited = threading.Event()
         threading.Thread(target=self._wait, daemon=True).start()
 
@@ -45,6 +46,8 @@ class CompileRun:
             self.status = dict(self.container.wait())
         except Exception as error:  # the daemon went away: the loader stops waiting
             self.status = {"StatusCode": -1, "Error": str(error)}
+        self.complete = self.status.get("StatusCode") == 0 and all(
+            (self.done_dir / str(index)).exists() for index in range(self.count))
         self.exited.set()
 
     def wait_for(self, indices: Iterable[int]) -> None:

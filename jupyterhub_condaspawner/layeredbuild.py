@@ -85,6 +85,14 @@ async def _start_compile(builder: ImageBuilder, build: Build, context: Path, job
         return None
 
 
+async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staging: Path) -> None:
+    """Keep the staged byte code (bytecode.py) once the compile container has done every
+    batch; nothing if it ended before (a package's byte code is kept whole or not at all)."""
+    await asyncio.to_thread(run.exited.wait)
+    if run.complete:
+        await asyncio.to_thread(bytecode.keep, staging)
+
+
 async def _finish_compile(run: CompileRun, context: Path, build_log: io.TextIOBase) -> None:
     """Wait for the compile container's end (every layer waited for its batches: it is done or
     about to be), log its output and remove it."""
@@ -165,6 +173,8 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         return layers.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
                                  loading, prepare_layer)
 
+    # The byte code is kept as soon as it is all compiled, while Docker still registers the layers.
+    keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staging)) if run is not None else None
     try:
         with builder.daemon_call("loading the environment's layers"):
             try:
@@ -180,10 +190,14 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     except BaseException:
         if run is not None:
             run.abandon()  # a failed or timed-out build does not wait for its compile container
+        if keeping is not None:
+            keeping.cancel()
         raise
     if run is not None:
         await _finish_compile(run, context, build_log)
-    if compiled:
+    if keeping is not None:
+        await keeping
+    elif compiled:
         await asyncio.to_thread(bytecode.keep, staging)
     for name, diff_id, size, sent in result.layers:
         build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
