@@ -101,15 +101,20 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
     return Timed(info, time.perf_counter() - started, phases)
 
 
+def whole_layer(name: str, staged: Path) -> layers.Layer:
+    """Every file of an environment staged for the shared prefix, as one layer."""
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    return layers.Layer(name, tuple(layers.Entry(f"{prefix}/{path}", staged / path)
+                                    for path in sorted(layers.tree_paths(staged))))
+
+
 async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path) -> float:
     """Stream the installed environment's bytes once into a new image layer (docker import)."""
     lock = await resolver.solve(build_request.spec, cuda=build_request.cuda)  # it lists ipykernel
     staging = scratch / "floor-env"
     shutil.rmtree(staging, ignore_errors=True)
     await resolver.install(lock, staging, layers.SHARED_PREFIX)
-    prefix = layers.SHARED_PREFIX.lstrip("/")
-    whole = layers.Layer("floor", tuple(layers.Entry(f"{prefix}/{path}", staging / path)
-                                        for path in sorted(layers.tree_paths(staging))))
+    whole = whole_layer("floor", staging)
     size = layers.tar_size(whole.entries)
     api = bench.daemon.client(timeout=3600).api
     tag = f"condaspawner-floor-{RUN_ID}-{build_request.env_name}"
@@ -237,9 +242,7 @@ def settle_daemon(bench: Bench, staged: Path) -> None:
     even a minute later; a large load pays that in full. So no figure pays for earlier runs,
     and each floor's image stays until the clean-up, so that no build pays for a floor."""
     say("settling the daemon (a throwaway load, not timed)")
-    prefix = layers.SHARED_PREFIX.lstrip("/")
-    entries = tuple(layers.Entry(f"{prefix}/{path}", staged / path) for path in sorted(layers.tree_paths(staged)))
-    result = layers.load_image(bench.daemon.client(timeout=3600).api, bench.base_image, [layers.Layer("settle", entries)],
+    result = layers.load_image(bench.daemon.client(timeout=3600).api, bench.base_image, [whole_layer("settle", staged)],
                                {}, set(), layers.LayerMemo(None))
     bench.daemon.client(timeout=600).api.tag(result.image_id, f"condaspawner-settle-{RUN_ID}", "x")
 

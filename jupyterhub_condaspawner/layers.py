@@ -53,14 +53,15 @@ _PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$"
 @dataclass(frozen=True)
 class Entry:
     """One file of a layer: its path in the image (no leading slash), and a host file to
-    copy or a symlink to create. ``package_file``: a file a package lists, which keeps its
-    mtime (its package's: staging.settle_mtimes), so that the byte code the package ships,
-    checked by its source's mtime, stays valid; every other file gets LAYER_MTIME."""
+    copy or a symlink to create. ``keep_mtime``: a file a package lists, not byte code, which
+    keeps its mtime (its package's: staging.settle_mtimes), so that the byte code the package
+    ships, checked by its source's mtime, stays valid; every other file gets LAYER_MTIME (byte
+    code's own mtime is never checked, and it may have been compiled here)."""
 
     path: str
     source: str | Path | None = None
     link: str | None = None
-    package_file: bool = False
+    keep_mtime: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
     records, identities = package_identities(staging)
-    listed = {path for files in records.values() for path in files}
+    keep_mtime = {path for files in records.values() for path in files if source_of(path) is None}
     root = os.fspath(staging)
     # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
@@ -132,13 +133,13 @@ def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int
     for key in sorted(large):
         files = sorted({path for path in records[key] if _exists(f"{root}/{path}")})  # Docker refuses a path twice
         claimed.update(files)
-        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", package_file=path in listed)
+        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
                                                  for path in files),
                             identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if _exists(f"{root}/{path}")} - claimed)
     claimed.update(small)
-    layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", package_file=path in listed)
+    layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
                                               for path in small),
                         _small_packages_identity(identities, set(large))))
     rest = sorted(path for path in paths if path not in claimed)
@@ -559,8 +560,8 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | 
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
         info.size = status.st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
-        if entry.package_file and stat.S_ISREG(mode) and source_of(entry.path) is None:
-            info.mtime = int(status.st_mtime)  # byte code's own mtime is never checked: it may be compiled here
+        if entry.keep_mtime and stat.S_ISREG(mode):
+            info.mtime = int(status.st_mtime)
         yield info, entry.source
 
 
