@@ -204,6 +204,7 @@ async def timed_build(builder: ImageBuilder, request: BuildRequest) -> BuildTimi
     info = await build.result()
     wall = time.perf_counter() - started
     await lag.stop()
+    await builder.finish_removals()  # the staging folder goes after the image is ready: not in the next run
     timing = BuildTiming(info, wall)
     # Phase durations: from a phase's first event to the next phase's first event.
     firsts: list[tuple[str, float]] = []

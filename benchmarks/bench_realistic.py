@@ -98,7 +98,9 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
         if not phases or phases[-1][1] != event["phase"]:
             phases.append((time.perf_counter() - started, event["phase"], event["message"]))
     info = await build.result()
-    return Timed(info, time.perf_counter() - started, phases)
+    seconds = time.perf_counter() - started
+    await builder.finish_removals()  # the staging folder goes after the image is ready: not timed, not in the next run
+    return Timed(info, seconds, phases)
 
 
 def whole_layer(name: str, staged: Path) -> layers.Layer:

@@ -269,6 +269,7 @@ class ImageBuilder(LoggingConfigurable):
         self.build_seconds: list[float] = []
         self._base_id: tuple[str, float] = ("", 0.0)
         self._registry_client: RegistryClient | None = None
+        self._removals: set[asyncio.Future] = set()  # staging folders of built images, being removed
 
     @property
     def client(self) -> docker.DockerClient:
@@ -639,7 +640,10 @@ class ImageBuilder(LoggingConfigurable):
                         image_id = await docker_build(self, build, request, context, build_log, env_size, labels)
                     failed = False
                 finally:
-                    await staging.remove_staging(context, failed and context.exists(), self.log)
+                    if failed:
+                        await staging.remove_staging(context, context.exists(), self.log)
+                    else:  # the image is ready: its spawns need not wait for the unlinks
+                        self._remove_later(staging.set_aside(context))
         except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
             if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
                 raise
@@ -650,6 +654,16 @@ class ImageBuilder(LoggingConfigurable):
         seconds = time.monotonic() - started
         self.build_seconds.append(seconds)
         return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
+
+    def _remove_later(self, folder: Path) -> None:
+        removal = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, folder, True))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+
+    async def finish_removals(self) -> None:
+        """Wait until the staging folders of finished builds are gone (a command, before it exits)."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _no_space_error(self, request: BuildRequest, lock: Lock | None, error: BaseException) -> BuildError:
         return await staging.no_space_error(self.resolver, Path(self.cache_dir), request, lock, error, self.log)

@@ -379,7 +379,9 @@ async def _build_with_bars(builder: ImageBuilder, requests: list[tuple[str, Buil
         except BuildError as error:
             return (label, None, error)
 
-    return await asyncio.gather(*(one(i, label, request) for i, (label, request) in enumerate(requests)))
+    results = await asyncio.gather(*(one(i, label, request) for i, (label, request) in enumerate(requests)))
+    await builder.finish_removals()
+    return results
 
 
 def cmd_build(args: argparse.Namespace, config: Config) -> int:

@@ -113,7 +113,6 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
     image_id, compiled = await _load_layers(builder, build, request, context, build_log, labels)
     build_log.write(f"loaded image {image_id}\n")  # for leftovers, should the build stop before the tag
     await build.publish("kernel", 45, "Registering the kernel")  # its layer is in the loaded image
-    await asyncio.to_thread(shutil.rmtree, context / "env")
     if request.spec.pip or not compiled:
         docker_context = context / "docker"
         docker_context.mkdir()

@@ -12,7 +12,8 @@ with other hubs and test runs, so nothing is chosen by its look alone:
   of keys whose build no process runs now (nobody holds the key's lock); also the old image
   a rebuild replaced while a server ran it (``kept the replaced image ID``), once no
   container uses it (a key's log is read again until then);
-- staging folders: this cache folder's, of keys nobody holds the lock of;
+- staging folders: this cache folder's, of keys nobody holds the lock of, and those a
+  finished build set aside for removal in a process that has gone since;
 - ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
 - processes: a shim whose container id one of our logs names, once its container is gone.
 
@@ -36,7 +37,7 @@ import docker.errors
 import psutil
 
 from .buildrecords import lock_held
-from .staging import tree_size
+from .staging import set_aside_by, tree_size
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -153,8 +154,7 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
                 found.images.append(short)
             else:
                 found.busy_keys.add(key)
-    for key in _unused_keys_with_staging(builder, own_key):
-        folder = Path(builder.cache_dir) / "staging" / key
+    for folder in _unused_staging(builder, own_key):
         found.staging[folder] = _tree_size(folder)
     cache = Path(builder.resolver.package_cache_dir)
     for temporary in cache.glob(PACKAGE_TEMPORARY):
@@ -164,9 +164,18 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     return found
 
 
-def _unused_keys_with_staging(builder: ImageBuilder, own_key: str) -> list[str]:
-    return sorted(path.name for path in (Path(builder.cache_dir) / "staging").glob("*")
-                  if path.name == own_key or not lock_held(builder.key_dir(path.name) / "build.lock"))
+def _unused_staging(builder: ImageBuilder, own_key: str) -> list[Path]:
+    """Staging folders of keys nobody builds now, and those a finished build set aside for a
+    process that is gone (it stopped before it had removed them)."""
+    unused = []
+    for path in sorted((Path(builder.cache_dir) / "staging").glob("*")):
+        setter = set_aside_by(path)
+        if setter is not None:
+            if not setter or not psutil.pid_exists(setter):  # 0: a name that holds no process id
+                unused.append(path)
+        elif path.name == own_key or not lock_held(builder.key_dir(path.name) / "build.lock"):
+            unused.append(path)
+    return unused
 
 
 def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:

@@ -100,6 +100,30 @@ def settle_mtimes(prefix: Path, fallback: int) -> int:
     return changed
 
 
+SET_ASIDE = ".removing-"  # a built key's staging folder, renamed away while it is removed
+
+
+def set_aside(context: Path) -> Path:
+    """Rename a finished build's staging folder out of its key's way, for removal off the build's
+    critical path (thousands of unlinks: about half a second for a data-science environment).
+    The new name holds this process's id: a folder whose process is gone is a leftover
+    (leftovers.py). ``context`` itself when it could not be renamed."""
+    aside = context.with_name(f"{SET_ASIDE}{os.getpid()}-{time.monotonic_ns()}-{context.name}")
+    try:
+        context.rename(aside)
+    except OSError:
+        return context
+    return aside
+
+
+def set_aside_by(folder: Path) -> int | None:
+    """The process id in a set-aside staging folder's name; None for a key's own folder."""
+    if not folder.name.startswith(SET_ASIDE):
+        return None
+    pid = folder.name.removeprefix(SET_ASIDE).split("-", 1)[0]
+    return int(pid) if pid.isdigit() else 0
+
+
 async def remove_staging(context: Path, settle: bool, log: logging.Logger | logging.LoggerAdapter) -> None:
     """Remove the staging folder. After a failure (``settle``) the installer may still be finishing
     files it had started: remove, then watch until nothing reappears for a second (at most a minute)."""

@@ -34,7 +34,7 @@ from test_cli import REPO
 
 from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandle, ensure_daemon
 from condaspawner_bench.registry import BenchRegistryError, start_registry
-from jupyterhub_condaspawner import leftovers
+from jupyterhub_condaspawner import leftovers, staging
 
 pytestmark = pytest.mark.docker
 
@@ -174,6 +174,13 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         (temporary / "file").write_bytes(b"x" * 1000)
     stamp = time.time() - 2 * 3600 - 60  # older than build_timeout (1 h by default)
     os.utime(old, (stamp, stamp))
+    # staging folders finished builds set aside for removal: one whose process is gone, one whose is not
+    gone_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
+    abandoned = ours / "cache" / "staging" / f"{staging.SET_ASIDE}{gone_pid}-1-{'ab' * 32}"
+    removing = ours / "cache" / "staging" / f"{staging.SET_ASIDE}{os.getpid()}-2-{'cd' * 32}"
+    for folder in (abandoned, removing):
+        (folder / "env").mkdir(parents=True)
+        (folder / "env" / "file").write_bytes(b"x" * 1000)
     try:
         swept = run_cli("gc", "--config", str(configs[0]))
         assert swept.returncode == 0, swept.stderr
@@ -181,11 +188,13 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         assert present(client, [], our_own) == [] and "left by a failed build" in out
         assert f"removed {old} (" in out and not old.exists()
         assert fresh.exists()  # an install may still be writing it
+        assert f"removed {abandoned} (" in out and not abandoned.exists()
+        assert removing.exists()  # its process is still removing it
         # the other installation's step images survive our gc, and its own gc removes them
         assert present(client, their_containers, their_images) == their_images
         assert not run_cli("gc", "--config", str(configs[0]), "--dry-run").stdout.decode().startswith("would remove the")
     finally:
-        for temporary in (old, fresh):
+        for temporary in (old, fresh, abandoned, removing):
             subprocess.run(["rm", "-rf", str(temporary)], check=False)
 
     # their next build (another failure) removes what their first one left, before it starts

@@ -113,6 +113,11 @@ async def test_build_then_cache_hit(builder):
     assert image.labels[LABEL_ENV_NAME] == "demo" and len(image.labels[LABEL_LOCK_DIGEST]) == 64
     assert (builder.key_dir(info.key) / "build.log").read_text().count("Step ") >= 5
     assert json.loads((builder.key_dir(info.key) / "lock.json").read_text())["packages"]
+    # the staging folder is out of the key's way once the image is ready, and gone soon after
+    staged = Path(builder.cache_dir) / "staging"
+    assert not (staged / info.key).exists()
+    await builder.finish_removals()
+    assert not list(staged.glob(f"*{info.key}"))
 
     started = time.perf_counter()
     again = await builder.get_image(req)
