@@ -73,10 +73,15 @@ class CompileRun:
             self._remove()
 
     def _remove(self) -> None:
-        try:
-            self.container.remove(force=True)
-        except Exception:  # gone already, or with its daemon: nothing left to remove
-            pass
+        remove_container(self.container)
+
+
+def remove_container(container: Any) -> None:
+    """Remove a compile container, running or not; nothing if it is gone already (or its daemon)."""
+    try:
+        container.remove(force=True)
+    except Exception:  # gone already, or with its daemon: nothing left to remove
+        pass
 
 
 def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer]) -> Callable[[layers.Layer], layers.Layer]:

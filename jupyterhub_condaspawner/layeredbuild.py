@@ -11,7 +11,9 @@ import io
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
-from .compilerun import CompileRun, layer_preparer
+from .compilerun import CompileRun, layer_preparer, remove_container
 from .dockerbuild import docker_build
 from .staging import settle_mtimes
 
@@ -49,40 +51,63 @@ def _daemon_is_local(builder: ImageBuilder) -> bool:
     return str(builder.client.api.base_url) == "http+docker://localhost"
 
 
-async def _start_compile(builder: ImageBuilder, build: Build, context: Path, jobs: list[tuple[str, list[str]]],
-                         build_log: io.TextIOBase) -> CompileRun | None:
-    """Start byte-compiling ``jobs`` (layers.compile_plan) of the staged environment with its own
-    Python, in a container of the base image with the staging folder mounted at the shared
-    prefix (nothing runs on the host), so that each package's .pyc travel in its layer. None
-    when it could not start (a remote daemon, a failure): the Dockerfile compiles then."""
+def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBase) -> asyncio.Future | None:
+    """Start the compile container while the build plans its layers (the start takes about half a
+    second of the daemon's): it byte-compiles the staged environment with its own Python, in a
+    container of the base image with the staging folder mounted at the shared prefix (nothing
+    runs on the host), so that each package's .pyc travel in its layer; it waits for its batches
+    (:func:`_hand_over`). None on a remote daemon (it cannot mount the folder): the Dockerfile
+    compiles then."""
     if not _daemon_is_local(builder):
         build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
         return None
-    await build.publish("compile", 41, f"Compiling the environment's Python files ({sum(len(p) for _, p in jobs)}) "
-                                       "while its layers are written")
     (context / "compile" / "done").mkdir(parents=True)
-    (context / "compile" / "batches.json").write_text(json.dumps([paths for _, paths in jobs]))
     limits: dict[str, Any] = {"mem_limit": int(builder.build_memory_limit)} if builder.build_memory_limit else {}
     if builder.build_cpuset_cpus:
         limits["cpuset_cpus"] = builder.build_cpuset_cpus
     command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json",
-               "/condaspawner-compile/done"]
+               "/condaspawner-compile/done", str(layers.COMPILE_WAIT_S)]
 
-    def start() -> CompileRun:
-        container = builder.client.containers.run(
-            builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-            entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
-            volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
-                     str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
-            **limits)
-        return CompileRun(container, context / "compile" / "done", jobs)
-
-    try:
+    def start() -> Any:
         with builder.daemon_call("byte-compiling the environment"):
-            return await asyncio.to_thread(start)
+            container = builder.client.containers.run(
+                builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+                entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
+                volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
+                         str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
+                **limits)
+        build_log.write(f"compile container {container.id}\n")  # for leftovers, should the build be killed
+        return container
+
+    return asyncio.ensure_future(asyncio.to_thread(start))
+
+
+async def _hand_over(launched: asyncio.Future, build: Build, context: Path, jobs: list[tuple[str, list[str]]],
+                     build_log: io.TextIOBase) -> CompileRun | None:
+    """Give the launched compile container its batches (``jobs``: layers.compile_plan's; none
+    lets it exit at once). None when it could not start: the Dockerfile compiles then."""
+    try:
+        container = await asyncio.shield(launched)  # a cancelled build still learns which container to remove
     except (BuildError, docker.errors.DockerException) as error:
         build_log.write(f"compile: {one_line(error)}; compiling in the Dockerfile\n")
         return None
+    if jobs:
+        await build.publish("compile", 41, f"Compiling the environment's Python files "
+                                           f"({sum(len(p) for _, p in jobs)}) while its layers are written")
+    partial = context / "compile" / "batches.json.partial"
+    partial.write_text(json.dumps([paths for _, paths in jobs]))
+    partial.replace(context / "compile" / "batches.json")  # whole when the container sees it
+    return CompileRun(container, context / "compile" / "done", jobs)
+
+
+def _abandon_launched(launched: asyncio.Future) -> None:
+    """Remove a launched compile container, once started, that the build never handed its
+    batches (it failed or was cancelled first)."""
+    def remove(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            threading.Thread(target=remove_container, args=(future.result(),), daemon=True).start()
+
+    launched.add_done_callback(remove)
 
 
 async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staging: Path) -> None:
@@ -126,12 +151,20 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
     return image_id
 
 
-async def _load_layers(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
-                       build_log: io.TextIOBase, labels: dict[str, str]) -> tuple[str, bool]:
-    """Compile the staged environment (``context``/env) and load it into Docker as layers on
-    the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
-    layer: the image's id, and whether its layers hold the compiled files."""
-    staging = context / "env"
+@dataclass
+class _Planned:
+    """A staged environment's layers, planned: what Docker and the byte-code cache hold already,
+    and the batches left to compile (layers.compile_plan's)."""
+    plan: list[layers.Layer]
+    known: set[str]
+    memo: layers.LayerMemo
+    base_id: str
+    history: list[dict[str, Any]]
+    bytecode: BytecodeCache
+    jobs: list[tuple[str, list[str]]]
+
+
+async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, build_log: io.TextIOBase) -> _Planned:
     settled = await asyncio.to_thread(settle_mtimes, staging, layers.LAYER_MTIME)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
@@ -151,9 +184,27 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     done = await asyncio.to_thread(bytecode.restore, staging)
     jobs = layers.compile_plan(staging, plan, stored, done)
     build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
+    return _Planned(plan, known, memo, base_id, history, bytecode, jobs)
+
+
+async def _load_layers(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
+                       build_log: io.TextIOBase, labels: dict[str, str]) -> tuple[str, bool]:
+    """Compile the staged environment (``context``/env) and load it into Docker as layers on
+    the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
+    layer: the image's id, and whether its layers hold the compiled files."""
+    staging = context / "env"
+    launched = _launch_compile(builder, context, build_log)
+    try:
+        planned = await _plan(builder, request, staging, build_log)
+        run = await _hand_over(launched, build, context, planned.jobs, build_log) if launched is not None else None
+    except BaseException:
+        if launched is not None:
+            _abandon_launched(launched)
+        raise
+    plan, known, memo, bytecode, jobs = planned.plan, planned.known, planned.memo, planned.bytecode, planned.jobs
+    base_id, history = planned.base_id, planned.history
     if not jobs:  # said all the same: the phase a user follows does not vanish on a warm cache
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
-    run = await _start_compile(builder, build, context, jobs, build_log) if jobs else None
     compiled = not jobs or run is not None
     prepare = layer_preparer(run, staging, plan) if run is not None else None
     if compiled and run is None:  # byte code from the cache only: in place already

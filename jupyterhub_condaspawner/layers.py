@@ -169,8 +169,13 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # byte code of the same code object (Python would hash the source at every import). Byte code
 # that does not match its source is compiled over.
 COMPILE_SCRIPT = """
-import importlib.util, json, multiprocessing, os, py_compile, sys
+import importlib.util, json, multiprocessing, os, py_compile, sys, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
+give_up = time.monotonic() + float(sys.argv[3])  # started while the build plans: the batches come after
+while not os.path.exists(sys.argv[1]):
+    if time.monotonic() > give_up:
+        sys.exit("no batches came: the build that started this container has ended")
+    time.sleep(0.01)
 def adopt(path):
     cached = importlib.util.cache_from_source(path)
     try:
@@ -216,6 +221,7 @@ print(f"compiled {sum(map(len, batches)) - adopted - failed} files, adopted the 
       f"from their packages ({failed} did not compile)")
 """
 COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
+COMPILE_WAIT_S = 600  # how long a compile container waits for its batches before it gives up
 
 
 def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str], memo: LayerMemo) -> set[str]:

@@ -8,7 +8,8 @@ containerd shim. The daemon and the package cache may be shared
 with other hubs and test runs, so nothing is chosen by its look alone:
 
 - containers and images: only those this cache folder's build logs say docker made for a
-  build (``---> Running in ID``, and a step's `` ---> ID`` that was not ``Using cache``),
+  build (``---> Running in ID``, ``compile container ID``, and a step's `` ---> ID`` that was
+  not ``Using cache``),
   of keys whose build no process runs now (nobody holds the key's lock); also the old image
   a rebuild replaced while a server ran it (``kept the replaced image ID``), once no
   container uses it (a key's log is read again until then);
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime: when)
 _CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
+_COMPILE_CONTAINER = re.compile(r"^compile container ([0-9a-f]{64})\s*$")  # the layered route's
 _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
 # the layered route's, before its tag ("loading": its id is known before Docker has all of it)
@@ -75,7 +77,7 @@ class Leftovers:
 
 def traces(log_text: str) -> tuple[list[str], list[str]]:
     """The containers and images docker made for a build, as its log names them: step containers
-    (``Running in``), step images, the layered route's loaded image and a replaced image a server still ran (a
+    (``Running in``), the layered route's compile container, step images, the layered route's loaded image and a replaced image a server still ran (a
     rebuild's), but not the base (a FROM
     step's) nor a cached step's image."""
     containers: list[str] = []
@@ -89,7 +91,7 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             skip_next = True
         elif match := _LOADED.match(line) or _REPLACED.match(line):
             images.append(match.group(1))
-        elif match := _CONTAINER.match(line):
+        elif match := _CONTAINER.match(line) or _COMPILE_CONTAINER.match(line):
             containers.append(match.group(1))
         elif match := _IMAGE.match(line):
             if not skip_next:

@@ -382,6 +382,8 @@ def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
     ])
     # not the base (FROM) nor a cached step's image: those are not this build's to remove
     assert leftovers.traces(log) == (["0c64e7038447", "48f1c4933099"], ["59efc613b6db", "cee5acf61946"])
+    # the layered route's compile container, started while the build plans
+    assert leftovers.traces(f"compile container {'cd' * 32}\n") == (["cd" * 32], [])
     # the layered route's image, loaded before its tag or its pip step
     loaded = "sha256:" + "ab" * 32
     assert leftovers.traces(f"layer environment: 1 bytes\nloaded image {loaded}\n") == ([], ["ab" * 32])

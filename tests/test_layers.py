@@ -10,6 +10,7 @@ import os
 import re
 import tarfile
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from kernel_script import kernel_round_trip
 
 from jupyterhub_condaspawner import layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -395,6 +397,70 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
 
 
 @pytest.mark.docker
+async def test_a_build_that_fails_while_planning_removes_the_compile_container_it_started(
+        docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
+    """The compile container starts before the build has planned its layers: a build that fails
+    in between (here: the daemon refusing the base's history) does not leave it waiting."""
+    def refused(*args, **kwargs):
+        raise docker.errors.APIError("the daemon refused (injected)")
+
+    monkeypatch.setattr(layers, "base_history", refused)
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
+    builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                           cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                           image_repo=f"condaspawner-plan-fails-{SESSION}", layered_images=True)
+    request = env_request("cs-alpha", "planfails")
+    with pytest.raises(BuildError, match=r" refused loading the environment's layers: the daemon refused \(injected\)$"):
+        await builder.get_image(request)
+    log = (Path(builder.key_dir(builder.build_key(request))) / "build.log").read_text()
+    (container,) = re.findall(r"^compile container ([0-9a-f]{64})$", log, re.M)
+    client = docker_daemon.client()
+    deadline = time.monotonic() + 60
+    while True:  # removed by a thread of its own: the failure does not wait for it
+        try:
+            client.api.inspect_container(container)
+        except docker.errors.NotFound:
+            break
+        assert time.monotonic() < deadline, "the compile container stayed"
+        time.sleep(0.2)
+    assert not list((tmp_path / "cache" / "staging").glob("*"))
+
+
+@pytest.mark.docker
+def test_the_compile_container_waits_for_its_batches_and_gives_up_when_none_come(docker_daemon, base_image, tmp_path):
+    """It starts while the build plans: it compiles the batches written after its start, and a
+    container whose build ended before writing them exits on its own, saying why."""
+    work = tmp_path / "work"
+    (work / "lib").mkdir(parents=True)
+    (work / "done").mkdir()
+    (work / "lib" / "late.py").write_text("L = 1\n")
+    client = docker_daemon.client()
+    user = f"{os.getuid()}:{os.getgid()}"
+    command = ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done"]
+    volumes = {str(work): {"bind": "/work", "mode": "rw"}}
+    waiting = client.containers.run(base_image, [*command, "60"], volumes=volumes, user=user, network_mode="none",
+                                    detach=True)
+    try:
+        time.sleep(1.0)
+        waiting.reload()
+        assert waiting.status == "running" and not (work / "done" / "0").exists()
+        (work / "batches.json").write_text(json.dumps([["/work/lib/late.py"]]))
+        assert waiting.wait(timeout=60)["StatusCode"] == 0
+        assert (work / "done" / "0").exists() and (work / "lib" / "__pycache__" / "late.cpython-39.pyc").exists()
+    finally:
+        waiting.remove(force=True)
+
+    (work / "batches.json").unlink()
+    abandoned = client.containers.run(base_image, [*command, "1"], volumes=volumes, user=user, network_mode="none",
+                                      detach=True)
+    try:
+        assert abandoned.wait(timeout=60)["StatusCode"] == 1
+        assert abandoned.logs().decode().strip() == "no batches came: the build that started this container has ended"
+    finally:
+        abandoned.remove(force=True)
+
+
+@pytest.mark.docker
 def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles_the_rest(
         docker_daemon, base_image, tmp_path):
     """conda-build ships byte code checked by the source's mtime, which the layers keep: it is
@@ -423,7 +489,7 @@ def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles
     (work / "done").mkdir()
     (work / "batches.json").write_text(json.dumps([[f"/work/lib/{name}.py" for name in sources]]))
     output = client.containers.run(
-        base_image, ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done"],
+        base_image, ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done", "5"],
         volumes=volumes, user=user, network_mode="none", environment={"PYTHONHASHSEED": "0"}, remove=True)
     assert output.decode().strip() == "compiled 2 files, adopted the byte code of 2 from their packages (1 did not compile)"
     assert (work / "done" / "0").exists()
