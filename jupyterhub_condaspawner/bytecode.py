@@ -5,7 +5,7 @@ An environment image carries ``.pyc`` files (its server's user cannot write
 (layers.py). A package's byte code depends only on the package, the compiling Python and
 that prefix, and each package is compiled in batches of its own files: so it is the same in
 every environment that installs the package. This cache keeps it by the package's identity
-(``layers.package_identities``), beside the package cache, and links it into the next
+(``StagedEnvironment.identities``), beside the package cache, and links it into the next
 staged environment that installs the package, which then compiles only what is new.
 """
 
@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from . import layers
+from .stagedenv import StagedEnvironment
 
 COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole
 
@@ -28,13 +29,13 @@ class BytecodeCache:
     def __init__(self, directory: Path | None):
         self.directory = directory
 
-    def restore(self, staging: Path) -> set[str]:
-        """Link the cached byte code of the packages staged in ``staging`` into it: the staged
+    def restore(self, staged: StagedEnvironment) -> set[str]:
+        """Link the cached byte code of the packages ``staged`` into its folder: the staged
         paths of the Python files whose byte code is now there (not to compile again)."""
         done: set[str] = set()
-        records, identities = layers.package_identities(staging)
-        for key, files in records.items():
-            entry = self._entry(identities[key])
+        staging = staged.root
+        for key, files in staged.files.items():
+            entry = self._entry(staged.identities[key])
             if entry is None or not (entry / COMPLETE).exists():
                 continue
             try:
@@ -48,11 +49,11 @@ class BytecodeCache:
             done.update(path for path in files if path.endswith(".py") and path not in shipped)
         return done
 
-    def keep(self, staging: Path) -> None:
-        """Keep the byte code compiled in ``staging`` of each package the cache lacks."""
-        _, identities = layers.package_identities(staging)
-        for key, compiled in layers.compiled_files(staging).items():
-            entry = self._entry(identities.get(key, ""))
+    def keep(self, staged: StagedEnvironment) -> None:
+        """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks."""
+        staging = staged.root
+        for key, compiled in layers.compiled_files(staged).items():
+            entry = self._entry(staged.identities.get(key, ""))
             if entry is None or entry.exists():
                 continue
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")

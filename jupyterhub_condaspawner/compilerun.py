@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layers
+from .stagedenv import StagedEnvironment
 
 POLL_S = 0.02
 
@@ -84,12 +85,13 @@ def remove_container(container: Any) -> None:
         pass
 
 
-def layer_preparer(run: CompileRun, staging: Path, plan: list[layers.Layer]) -> Callable[[layers.Layer], layers.Layer]:
+def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer]
+                   ) -> Callable[[layers.Layer], layers.Layer]:
     """What :func:`layers.load_image` calls before writing each layer (planned before compiling):
     a package's layer waits for its own batches, the layers above the packages (the small
     packages', and the environment's, which holds what no package claims) for every batch;
     each then gets the byte code compiled (or restored from the cache) for its own sources."""
-    placer = layers.ByteCodePlacer(staging)
+    placer = layers.ByteCodePlacer(staged)
     planned = {layer.name for layer in plan}
 
     def prepare(layer: layers.Layer) -> layers.Layer:

@@ -26,6 +26,7 @@ from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
 from .compilerun import CompileRun, layer_preparer, remove_container
 from .dockerbuild import docker_build
+from .stagedenv import StagedEnvironment
 from .staging import settle_mtimes
 
 if TYPE_CHECKING:
@@ -110,12 +111,12 @@ def _abandon_launched(launched: asyncio.Future) -> None:
     launched.add_done_callback(remove)
 
 
-async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staging: Path) -> None:
+async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staged: StagedEnvironment) -> None:
     """Keep the staged byte code (bytecode.py) once the compile container has done every
     batch; nothing if it ended before (a package's byte code is kept whole or not at all)."""
     await asyncio.to_thread(run.exited.wait)
     if run.complete:
-        await asyncio.to_thread(bytecode.keep, staging)
+        await asyncio.to_thread(bytecode.keep, staged)
 
 
 async def _finish_compile(run: CompileRun, context: Path, build_log: io.TextIOBase) -> None:
@@ -155,6 +156,7 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
 class _Planned:
     """A staged environment's layers, planned: what Docker and the byte-code cache hold already,
     and the batches left to compile (layers.compile_plan's)."""
+    staged: StagedEnvironment
     plan: list[layers.Layer]
     known: set[str]
     memo: layers.LayerMemo
@@ -165,10 +167,11 @@ class _Planned:
 
 
 async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, build_log: io.TextIOBase) -> _Planned:
-    settled = await asyncio.to_thread(settle_mtimes, staging, layers.LAYER_MTIME)
+    staged = await asyncio.to_thread(StagedEnvironment.read, staging)
+    settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
-    plan = layers.plan_layers(staging, request.env_name, min_bytes=builder.shared_layer_min_size,
+    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size,
                               max_layers=MAX_PACKAGE_LAYERS)
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
     base_id = builder.base_image_id()
@@ -181,10 +184,10 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     stored = layers.stored_layers(base_attrs, plan, known, memo)
     bytecode = BytecodeCache(Path(builder.bytecode_cache_dir or Path(builder.resolver.package_cache_dir)
                                   / "condaspawner-bytecode"))
-    done = await asyncio.to_thread(bytecode.restore, staging)
-    jobs = layers.compile_plan(staging, plan, stored, done)
+    done = await asyncio.to_thread(bytecode.restore, staged)
+    jobs = layers.compile_plan(staged, plan, stored, done)
     build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
-    return _Planned(plan, known, memo, base_id, history, bytecode, jobs)
+    return _Planned(staged, plan, known, memo, base_id, history, bytecode, jobs)
 
 
 async def _load_layers(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,
@@ -201,14 +204,14 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         if launched is not None:
             _abandon_launched(launched)
         raise
-    plan, known, memo, bytecode, jobs = planned.plan, planned.known, planned.memo, planned.bytecode, planned.jobs
-    base_id, history = planned.base_id, planned.history
+    staged, plan, known, memo, jobs = planned.staged, planned.plan, planned.known, planned.memo, planned.jobs
+    bytecode, base_id, history = planned.bytecode, planned.base_id, planned.history
     if not jobs:  # said all the same: the phase a user follows does not vanish on a warm cache
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
     compiled = not jobs or run is not None
-    prepare = layer_preparer(run, staging, plan) if run is not None else None
+    prepare = layer_preparer(run, staged, plan) if run is not None else None
     if compiled and run is None:  # byte code from the cache only: in place already
-        placer = layers.ByteCodePlacer(staging)
+        placer = layers.ByteCodePlacer(staged)
         plan = [placer.layer_with_byte_code(layer) for layer in plan]
     plan.append(layers.files_layer("kernel and settings", settings_files(context, request)))
     env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
@@ -224,7 +227,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
                                  loading, prepare_layer)
 
     # The byte code is kept as soon as it is all compiled, while Docker still registers the layers.
-    keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staging)) if run is not None else None
+    keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staged)) if run is not None else None
     try:
         with builder.daemon_call("loading the environment's layers"):
             try:
@@ -248,7 +251,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     if keeping is not None:
         await keeping
     elif compiled:
-        await asyncio.to_thread(bytecode.keep, staging)
+        await asyncio.to_thread(bytecode.keep, staged)
     for name, diff_id, size, sent in result.layers:
         build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
     written = [size for _, _, size, sent in result.layers if sent]

@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .stagedenv import PackageKey, StagedEnvironment
+
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar (a package's own files keep their package's)
 LAYER_RECIPE = "4"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted;
@@ -111,20 +113,20 @@ class LayerMemo:
         return self.directory / f"{key}.json"
 
 
-def plan_layers(staging: Path, env_name: str, *, min_bytes: int, max_layers: int) -> list[Layer]:
-    """The layers of an environment installed in ``staging`` for :data:`SHARED_PREFIX`.
+def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max_layers: int) -> list[Layer]:
+    """The layers of an environment ``staged`` for :data:`SHARED_PREFIX`.
 
     Packages of at least ``min_bytes`` get a layer each (the ``max_layers`` largest, if
     more), ordered by name, version and build; then the other packages' files; then
     ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
     """
-    records, identities = package_identities(staging)
-    keep_mtime = {path for files in records.values() for path in files if source_of(path) is None}
-    root = os.fspath(staging)
+    records, identities = dict(staged.files), staged.identities
+    keep_mtime = {path for path in staged.listed if source_of(path) is None}
+    root = os.fspath(staged.root)
     # before the compiled files join them: the plan is the same before and after compiling
     sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
-    paths = list(tree_paths(staging))  # walked once: thousands of folders
-    for key, files in _compiled_files(paths, records).items():
+    paths = list(tree_paths(staged.root))  # walked once: thousands of folders
+    for key, files in _compiled_files(paths, staged).items():
         records[key] = [*records[key], *files]
     large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
@@ -239,7 +241,7 @@ def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str
     return stored
 
 
-def compile_plan(staging: Path, plan: list[Layer], skip: set[str], done: Collection[str] = ()
+def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], done: Collection[str] = ()
                  ) -> list[tuple[str, list[str]]]:
     """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches of one
     package's files each (so that a package's byte code does not depend on which packages share
@@ -247,8 +249,7 @@ def compile_plan(staging: Path, plan: list[Layer], skip: set[str], done: Collect
     every layer's but those named in ``skip`` (stored already, with their byte code), less the
     staged paths in ``done`` (byte code from the cache, bytecode.py)."""
     prefix = SHARED_PREFIX.lstrip("/")
-    records, _ = _package_records(staging)
-    owner = {path: "-".join(key) for key, files in records.items() for path in files}
+    owner = {path: "-".join(key) for key, files in staged.files.items() for path in files}
     skipped = set(done)
     jobs: list[tuple[str, list[str]]] = []
     for layer in plan:
@@ -272,10 +273,9 @@ class ByteCodePlacer:
     planned, where :func:`plan_layers` would put it once everything is compiled: so that a
     layer can be written as soon as its own package is compiled."""
 
-    def __init__(self, staging: Path):
-        self.root = os.fspath(staging)
-        records, _ = _package_records(staging)
-        self.listed = {path for files in records.values() for path in files}
+    def __init__(self, staged: StagedEnvironment):
+        self.root = os.fspath(staged.root)
+        self.listed = staged.listed
 
     def layer_with_byte_code(self, layer: Layer) -> Layer:
         prefix = SHARED_PREFIX.lstrip("/") + "/"
@@ -465,42 +465,18 @@ def _next_chain(chain: str, diff_id: str) -> str:
 # -- inside ------------------------------------------------------------------------------
 
 
-def package_identities(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:
-    """(name, version, build) -> the package's files, and -> its identity: its sha256, with the
-    python's for a package of Python files (their .pyc are that python's), or "" (unknown)."""
-    records, identities = _package_records(staging)
-    python = next((identities[key] for key in identities if key[0] == "python"), "")
-    for key, files in records.items():
-        if identities[key] and any(path.endswith(".py") for path in files):
-            identities[key] += f"+{python}"
-    return records, identities
+def compiled_files(staged: StagedEnvironment) -> dict[PackageKey, list[str]]:
+    """The byte code compiled in ``staged`` that no package lists, by the package of its source."""
+    return _compiled_files(tree_paths(staged.root), staged)
 
 
-def compiled_files(staging: Path) -> dict[tuple[str, str, str], list[str]]:
-    """The byte code compiled in ``staging`` that no package lists, by the package of its source."""
-    return _compiled_files(tree_paths(staging), _package_records(staging)[0])
-
-
-def _package_records(staging: Path) -> tuple[dict[tuple[str, str, str], list[str]], dict[tuple[str, str, str], str]]:
-    """(name, version, build) -> the package's files, and -> its sha256 (or "")."""
-    records, identities = {}, {}
-    for path in sorted((staging / "conda-meta").glob("*.json")):
-        record = json.loads(path.read_text())
-        key = (str(record["name"]), str(record["version"]), str(record["build"]))
-        records[key] = [str(file) for file in record.get("files", [])]
-        identities[key] = str(record.get("sha256") or "")
-    return records, identities
-
-
-def _compiled_files(paths: Iterable[str], records: dict[tuple[str, str, str], list[str]]
-                    ) -> dict[tuple[str, str, str], list[str]]:
+def _compiled_files(paths: Iterable[str], staged: StagedEnvironment) -> dict[PackageKey, list[str]]:
     """The compiled files among ``paths`` (a staged tree's) that no package lists, by the package
     whose source they were compiled from."""
-    owners = {path: key for key, files in records.items() for path in files if path.endswith(".py")}
-    listed = {path for files in records.values() for path in files}
-    compiled: dict[tuple[str, str, str], list[str]] = {}
+    owners = {path: key for key, files in staged.files.items() for path in files if path.endswith(".py")}
+    compiled: dict[PackageKey, list[str]] = {}
     for path in paths:
-        source = source_of(path) if path not in listed else None
+        source = source_of(path) if path not in staged.listed else None
         owner = owners.get(source) if source is not None else None
         if owner is not None:
             compiled.setdefault(owner, []).append(path)

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import Build, BuildRequest
 from .resolve import Lock, ResolveError, Resolver
 from .spec import EnvironmentSpec, pip_requirement_text
+from .stagedenv import StagedEnvironment
 
 
 async def solve(resolver: Resolver, build: Build, request: BuildRequest, build_log: io.TextIOBase, key_dir: Path,
@@ -73,29 +73,27 @@ async def install(resolver: Resolver, build: Build, lock: Lock, context: Path, b
     return size
 
 
-def settle_mtimes(prefix: Path, fallback: int) -> int:
+def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
     """Give each installed file of a package its mtime in the package cache (the package's own,
     as extracted), where the installer copied or rewrote it: so that the byte code a package
     ships, checked by its source's mtime, stays valid, and a package's files are the same bytes
     in a layer whether they were linked or copied. ``fallback`` where the cache's copy is gone.
     How many files it changed."""
     changed = 0
-    for record_path in sorted((prefix / "conda-meta").glob("*.json")):
-        record = json.loads(record_path.read_text())
-        extracted = str(record.get("extracted_package_dir") or "")
-        for path in record.get("files", []):
+    for package in staged.packages.values():
+        for path in package.files:
             try:
-                status = os.lstat(prefix / path)
+                status = os.lstat(staged.root / path)
             except OSError:
                 continue
             if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
                 continue  # a hard link shares the cache's mtime
             try:
-                mtime = int(os.lstat(f"{extracted}/{path}").st_mtime) if extracted else fallback
+                mtime = int(os.lstat(f"{package.extracted}/{path}").st_mtime) if package.extracted else fallback
             except OSError:
                 mtime = fallback
             if int(status.st_mtime) != mtime:
-                os.utime(prefix / path, (mtime, mtime), follow_symlinks=False)
+                os.utime(staged.root / path, (mtime, mtime), follow_symlinks=False)
                 changed += 1
     return changed
 

@@ -25,6 +25,7 @@ from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
+from jupyterhub_condaspawner.stagedenv import StagedEnvironment
 
 SESSION = uuid.uuid4().hex[:8]
 MB = 1024 * 1024
@@ -46,9 +47,14 @@ def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None
     return root
 
 
+def read(staged: Path) -> StagedEnvironment:
+    """The staged environment as the layered route reads it, once its install is done."""
+    return StagedEnvironment.read(staged)
+
+
 def compile_batches(staging: Path, plan: list[layers.Layer], skip: set[str], done=()) -> list[list[str]]:
     """layers.compile_plan's batches, without the layer each belongs to."""
-    return [paths for _, paths in layers.compile_plan(staging, plan, skip, done)]
+    return [paths for _, paths in layers.compile_plan(read(staging), plan, skip, done)]
 
 
 BIG = {"lib/libbig.so": b"\x7fELF" + b"x" * (2 * MB), "lib/big/__init__.py": b"VALUE = 1\n"}
@@ -58,7 +64,7 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
     staged = stage(tmp_path / "env", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"},
                                       "tiny": {"bin/tool": b"#!/bin/sh\n"}}, mtime=1_234_567_890)
     (staged / "bin" / "tool").chmod(0o755)
-    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     assert [layer.name for layer in plan] == ["big-1.0-0", "small packages", "environment"]
     prefix = layers.SHARED_PREFIX.lstrip("/")
     assert {e.path for e in plan[0].entries} == {f"{prefix}/lib/libbig.so", f"{prefix}/lib/big/__init__.py"}
@@ -90,7 +96,7 @@ def test_a_file_a_package_lists_twice_is_written_once(tmp_path):
     record = staged / "conda-meta" / "big-1.0-0.json"
     listed = json.loads(record.read_text())
     record.write_text(json.dumps({**listed, "files": [*listed["files"], "lib/big/__init__.py"]}))
-    (big,) = [layer for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10) if layer.name == "big-1.0-0"]
+    (big,) = [layer for layer in layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10) if layer.name == "big-1.0-0"]
     tar = io.BytesIO()
     layers.write_tar(big.entries, tar)
     tar.seek(0)
@@ -109,7 +115,7 @@ def test_compiled_files_travel_with_the_package_of_their_source(tmp_path):
         (staged / path).parent.mkdir(parents=True, exist_ok=True)
         (staged / path).write_bytes(b"compiled")
     plan = {layer.name: {entry.path.removeprefix(layers.SHARED_PREFIX[1:] + "/") for entry in layer.entries}
-            for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)}
+            for layer in layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)}
     assert pycs[0] in plan["big-1.0-0"]
     assert {pycs[1], pycs[2]} <= plan["small packages"]
     assert pycs[3] in plan["environment"]  # a file no package's source explains stays with the environment
@@ -122,13 +128,13 @@ def test_byte_code_compiled_after_planning_joins_the_layers_as_planning_afterwar
                                                              "lib/python3.9/__pycache__/os.cpython-39.pyc": b"shipped"},
                                       "small": {"lib/small.py": b"x = 1\n", "lib/pkg/mod.py": b"y = 2\n"}})
     (staged / "lib" / "loose.py").write_bytes(b"z = 3\n")  # no package's: the environment's layer
-    before = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    before = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     for path in ("lib/big/__pycache__/__init__.cpython-39.pyc", "lib/__pycache__/small.cpython-39.pyc",
                  "lib/pkg/__pycache__/mod.cpython-39.pyc", "lib/__pycache__/loose.cpython-39.pyc"):
         (staged / path).parent.mkdir(parents=True, exist_ok=True)
         (staged / path).write_bytes(b"compiled")
-    placer = layers.ByteCodePlacer(staged)
-    after = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    placer = layers.ByteCodePlacer(read(staged))
+    after = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     assert [placer.layer_with_byte_code(layer) for layer in before] == after
     prefix = layers.SHARED_PREFIX.lstrip("/") + "/"
     assert prefix + "lib/__pycache__/loose.cpython-39.pyc" in {entry.path for entry in after[-1].entries}
@@ -140,7 +146,7 @@ def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_pat
     for name, sha in (("big", "ab" * 32), ("python", "cd" * 32)):
         record = staged / "conda-meta" / f"{name}-1.0-0.json"
         record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": sha}))
-    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     base = {"RootFS": {"Layers": ["sha256:" + "b" * 64]}}
     memo = layers.LayerMemo(tmp_path / "memo")
     assert plan[0].identity == "ab" * 32 + "+" + "cd" * 32  # its byte code is python's: python is in its identity
@@ -171,18 +177,18 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     (first / pyc).parent.mkdir(parents=True)
     (first / pyc).write_bytes(b"byte code")
     cache = BytecodeCache(tmp_path / "bytecode")
-    cache.keep(first)
-    assert cache.restore(first) == {"lib/small.py"}  # python's os.py was not compiled: nothing kept for it
+    cache.keep(read(first))
+    assert cache.restore(read(first)) == {"lib/small.py"}  # python's os.py was not compiled: nothing kept for it
 
     second = staged_env("two", {"python": python, "small": {"lib/small.py": b"x = 1\n"}, "other": {"lib/o.py": b""}})
-    assert cache.restore(second) == {"lib/small.py"} and (second / pyc).read_bytes() == b"byte code"
-    plan = layers.plan_layers(second, "demo", min_bytes=MB, max_layers=10)
+    assert cache.restore(read(second)) == {"lib/small.py"} and (second / pyc).read_bytes() == b"byte code"
+    plan = layers.plan_layers(read(second), "demo", min_bytes=MB, max_layers=10)
     assert [f"{layers.SHARED_PREFIX}/lib/small.py"] not in compile_batches(second, plan, set(), {"lib/small.py"})
     # another python, another identity: nothing restored
     third = staged_env("three", {"python": {"lib/python3.9/os.py": b"sep = '\\\\'\n"}, "small": {"lib/small.py": b"x = 1\n"}})
     record = third / "conda-meta" / "python-1.0-0.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "f" * 64}))
-    assert cache.restore(third) == set()
+    assert cache.restore(read(third)) == set()
 
 
 def digest(layer: layers.Layer) -> str:
@@ -196,7 +202,7 @@ def test_the_tar_size_is_known_from_metadata_alone(tmp_path):
     staged = stage(tmp_path / "env", {"big": BIG, "deep": {deep: b"x = 1\n" * 100, "share/empty": b""}})
     (staged / "bin").mkdir()
     (staged / "bin" / "link").symlink_to("../" + deep)
-    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     for layer in plan:
         out = io.BytesIO()
         layers.write_tar(layer.entries, out)
@@ -211,7 +217,7 @@ def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_p
     staged = stage(tmp_path / "env", {"big": BIG, "deep": {deep: b"x = 1\n" * 100, "bin/tool": b"#!/bin/sh\n"}})
     (staged / "bin" / "link").symlink_to("tool")
     (staged / "bin" / "tool").chmod(0o755)
-    for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10):
+    for layer in layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10):
         reference = io.BytesIO()
         with tarfile.open(fileobj=reference, mode="w|", format=tarfile.GNU_FORMAT) as tar:
             for member, source in layers._members(layer.entries):
@@ -220,7 +226,7 @@ def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_p
         out = io.BytesIO()
         layers.write_tar(layer.entries, out)
         assert out.getvalue() == reference.getvalue(), layer.name
-    big = next(layer for layer in layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    big = next(layer for layer in layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
                if layer.name.startswith("big"))
     members = layers.tar_members(big.entries)
     victim = next(member.source for member in members if member.source is not None and member.size)
@@ -237,7 +243,7 @@ def test_the_small_packages_layer_is_known_by_its_packages_so_it_is_written_once
             content = repr(sorted(packages[data["name"]].items())).encode()
             data["sha256"] = hashlib.sha256(content).hexdigest() if known or data["name"] != "small" else ""
             record.write_text(json.dumps(data))
-        plan = layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+        plan = layers.plan_layers(read(staged), name, min_bytes=MB, max_layers=10)
         return next(layer for layer in plan if layer.name == "small packages")
 
     first = small_layer("first", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}})
@@ -281,25 +287,25 @@ def test_the_same_package_staged_twice_gives_the_same_layer(tmp_path):
     for staged in (first, second):
         record = staged / "conda-meta" / "big-1.0-0.json"
         record.write_text(json.dumps({**json.loads(record.read_text()), "extracted_package_dir": str(extracted)}))
-    assert staging.settle_mtimes(first, layers.LAYER_MTIME) == 1  # small's file (no cache recorded): the fixed mtime
-    assert staging.settle_mtimes(second, layers.LAYER_MTIME) == len(package) + 1
+    assert staging.settle_mtimes(read(first), layers.LAYER_MTIME) == 1  # small's file (no cache recorded): the fixed mtime
+    assert staging.settle_mtimes(read(second), layers.LAYER_MTIME) == len(package) + 1
     assert (second / "lib" / "libbig.so").stat().st_mtime == 1_500_000_000
     os.utime(second / pyc, (3_000_000, 3_000_000))  # compiled over here
-    one, two = (layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+    one, two = (layers.plan_layers(read(staged), name, min_bytes=MB, max_layers=10)
                 for staged, name in ((first, "course"), (second, "lab")))
     assert digest(one[0]) == digest(two[0])
     assert digest(one[1]) != digest(two[1])
     (second / "conda-meta" / "other-1.0-0.json").unlink()
     record = second / "conda-meta" / "big-1.0-0.json"  # the package cache's copy is gone: the fixed mtime
     record.write_text(json.dumps({**json.loads(record.read_text()), "extracted_package_dir": str(tmp_path / "gone")}))
-    assert staging.settle_mtimes(second, layers.LAYER_MTIME) == len(package)
+    assert staging.settle_mtimes(read(second), layers.LAYER_MTIME) == len(package)
     assert (second / "lib" / "libbig.so").stat().st_mtime == layers.LAYER_MTIME
     assert (extracted / "lib" / "libbig.so").stat().st_mtime == 1_500_000_000
 
 
 def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
     packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(5)}
-    plan = layers.plan_layers(stage(tmp_path / "env", packages), "demo", min_bytes=MB, max_layers=2)
+    plan = layers.plan_layers(read(stage(tmp_path / "env", packages)), "demo", min_bytes=MB, max_layers=2)
     assert [layer.name for layer in plan] == ["p3-1.0-0", "p4-1.0-0", "small packages", "environment"]
 
 
