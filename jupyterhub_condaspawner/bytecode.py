@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from . import layers
-from .stagedenv import StagedEnvironment
+from .stagedenv import StagedEnvironment, source_of
 
 COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole
 
@@ -45,7 +45,7 @@ class BytecodeCache:
             except OSError:
                 continue  # a partial restore is compiled over
             # The byte code a package ships is not cached: the compile container adopts it.
-            shipped = {layers.source_of(path) for path in files}
+            shipped = {source_of(path) for path in files}
             done.update(path for path in files if path.endswith(".py") and path not in shipped)
         return done
 

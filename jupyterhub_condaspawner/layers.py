@@ -35,21 +35,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .stagedenv import PackageKey, StagedEnvironment
+from .stagedenv import PackageKey, StagedEnvironment, source_of
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar (a package's own files keep their package's)
-LAYER_RECIPE = "4"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted;
-# 4: a package's files keep their mtimes)
+LAYER_RECIPE = "5"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted;
+# 4: a package's files keep their mtimes; 5: python's layer above the large packages it compiles nothing of)
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'
-# A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
 # Dockerfile instructions that never add a layer, as a history entry's created_by names them
 # (the classic builder's "/bin/sh -c #(nop)  ENV ...", BuildKit's "ENV ...").
 _METADATA_ONLY = re.compile(r"^(?:/bin/sh -c #\(nop\)\s+)?(?:ARG|ENV|LABEL|USER|WORKDIR|CMD|ENTRYPOINT|EXPOSE|"
                             r"VOLUME|STOPSIGNAL|HEALTHCHECK|SHELL|ONBUILD|MAINTAINER)\b")
-_PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$")
 
 
 @dataclass(frozen=True)
@@ -117,8 +115,10 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     """The layers of an environment ``staged`` for :data:`SHARED_PREFIX`.
 
     Packages of at least ``min_bytes`` get a layer each (the ``max_layers`` largest, if
-    more), ordered by name, version and build; then the other packages' files; then
-    ``conda-meta``, anything no package claims, and the ``env_name`` symlink.
+    more), ordered by name, version and build, those whose byte code python compiles here
+    above python's and the rest below it (:func:`large_package_order`); then the other
+    packages' files; then ``conda-meta``, anything no package claims, and the ``env_name``
+    symlink.
     """
     records, identities = dict(staged.files), staged.identities
     keep_mtime = {path for path in staged.listed if source_of(path) is None}
@@ -132,7 +132,7 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     prefix = SHARED_PREFIX.lstrip("/")
     layers = []
     claimed: set[str] = set()
-    for key in sorted(large):
+    for key in sorted(large, key=lambda key: large_package_order(staged, key)):
         files = sorted({path for path in records[key] if _exists(f"{root}/{path}")})  # Docker refuses a path twice
         claimed.update(files)
         layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
@@ -149,6 +149,16 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer(ENVIRONMENT, tuple(top)))
     return layers
+
+
+def large_package_order(staged: StagedEnvironment, key: PackageKey) -> tuple[int, PackageKey]:
+    """Where a large package's layer goes: Docker shares a layer only on the same layers below,
+    so python's sits above the packages whose bytes do not depend on it (those that ship
+    their byte code, or have no Python files): a new python patch release then stores those
+    again only from python's layer up. The packages compiled here, whose byte code is that
+    python's, sit above it."""
+    rank = 1 if key[0] == "python" else 2 if key in staged.compiled_here else 0
+    return rank, key
 
 
 def _small_packages_identity(identities: dict[tuple[str, str, str], str], large: set[tuple[str, str, str]]) -> str:
@@ -481,16 +491,6 @@ def _compiled_files(paths: Iterable[str], staged: StagedEnvironment) -> dict[Pac
         if owner is not None:
             compiled.setdefault(owner, []).append(path)
     return compiled
-
-
-def source_of(path: str) -> str | None:
-    """The source a compiled file was compiled from (``dir/__pycache__/m.cpython-39.pyc`` ->
-    ``dir/m.py``), or None for any other file."""
-    match = _PYC.match(path)
-    if match is None:
-        return None
-    directory, stem = match.groups()
-    return f"{directory}/{stem}.py" if directory else f"{stem}.py"
 
 
 def _exists(path: str) -> bool:

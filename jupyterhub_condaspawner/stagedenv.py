@@ -9,11 +9,24 @@ not change after the install: compiling adds ``.pyc`` files, never a package rec
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 PackageKey = tuple[str, str, str]  # (name, version, build)
+# A compiled file and the source it belongs to: dir/__pycache__/name.cpython-39[.opt-1].pyc -> dir/name.py
+_PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$")
+
+
+def source_of(path: str) -> str | None:
+    """The source a compiled file was compiled from (``dir/__pycache__/m.cpython-39.pyc`` ->
+    ``dir/m.py``), or None for any other file."""
+    match = _PYC.match(path)
+    if match is None:
+        return None
+    directory, stem = match.groups()
+    return f"{directory}/{stem}.py" if directory else f"{stem}.py"
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,20 @@ class StagedEnvironment:
         return frozenset(path for package in self.packages.values() for path in package.files)
 
     @cached_property
+    def compiled_here(self) -> frozenset[PackageKey]:
+        """The packages with Python files under ``lib/`` whose byte code they do not ship (conda
+        ships none for ``noarch`` packages): the environment's python compiles it, so their
+        layers' bytes are that python's. A package that ships its byte code is the same bytes
+        whichever python release it is installed beside."""
+        shipped = {source_of(path) for path in self.listed}
+        return frozenset(key for key, package in self.packages.items()
+                         if any(path.startswith("lib/") and path.endswith(".py") and path not in shipped
+                                for path in package.files))
+
+    @cached_property
     def identities(self) -> dict[PackageKey, str]:
-        """Each package's identity: its sha256, with the python's for a package of Python files
-        (their .pyc are that python's), or "" (unknown)."""
+        """Each package's identity: its sha256, with the python's for a package compiled here
+        (its .pyc are that python's), or "" (unknown)."""
         python = next((package.sha256 for key, package in self.packages.items() if key[0] == "python"), "")
-        return {key: (f"{package.sha256}+{python}" if package.sha256 and any(path.endswith(".py") for path in package.files)
-                      else package.sha256)
+        return {key: (f"{package.sha256}+{python}" if package.sha256 and key in self.compiled_here else package.sha256)
                 for key, package in self.packages.items()}

@@ -31,8 +31,10 @@ SESSION = uuid.uuid4().hex[:8]
 MB = 1024 * 1024
 
 
-def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None = None) -> Path:
-    """A staged prefix as rattler leaves it: each package's files plus conda-meta/<pkg>.json."""
+def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None = None,
+          records: dict[str, dict] | None = None) -> Path:
+    """A staged prefix as rattler leaves it: each package's files plus conda-meta/<pkg>.json
+    (with the fields ``records`` gives a package: its version, sha256, ...)."""
     (root / "conda-meta").mkdir(parents=True)
     for name, files in packages.items():
         for path, data in files.items():
@@ -42,7 +44,8 @@ def stage(root: Path, packages: dict[str, dict[str, bytes]], mtime: float | None
             if mtime is not None:
                 os.utime(target, (mtime, mtime))
         record = {"name": name, "version": "1.0", "build": "0", "files": sorted(files),
-                  "requested_spec": f"{name} {uuid.uuid4().hex}"}  # differs per environment, as in life
+                  "requested_spec": f"{name} {uuid.uuid4().hex}",  # differs per environment, as in life
+                  **(records or {}).get(name, {})}
         (root / "conda-meta" / f"{name}-1.0-0.json").write_text(json.dumps(record))
     return root
 
@@ -89,6 +92,45 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
     tar.seek(0)
     with tarfile.open(fileobj=tar) as archive:
         assert {m.mtime for m in archive.getmembers()} == {layers.LAYER_MTIME}
+
+
+def test_python_sits_above_the_large_packages_it_compiles_nothing_of_so_a_patch_release_shares_them(tmp_path):
+    """Docker shares a layer only on the same layers below it. A package that ships its byte code
+    (or has no Python files) is the same bytes beside any python release: its layer goes below
+    python's, so that an environment on another python patch release shares it. A package
+    whose byte code the environment's python compiles goes above, its identity with python's."""
+    big = b"\x7fELF" + b"x" * (2 * MB)
+    packages = {
+        "aaa-noarch": {"lib/python3.9/site-packages/aaa/__init__.py": b"A = 1\n", "share/aaa.dat": big},
+        "python": {"bin/python3.9": big, "lib/python3.9/os.py": b"import sys\n",
+                   "lib/python3.9/__pycache__/os.cpython-39.pyc": b"shipped"},
+        "torch": {"lib/python3.9/site-packages/torch/__init__.py": b"T = 1\n",
+                  "lib/python3.9/site-packages/torch/__pycache__/__init__.cpython-39.pyc": b"shipped",
+                  "lib/python3.9/site-packages/torch/lib/libtorch.so": big},
+        "cudnn": {"lib/libcudnn.so": big},
+    }
+    plans = []
+    for python in ("3.9.18", "3.9.2"):
+        release = {**packages, "python": {**packages["python"], "bin/python3.9": big + python.encode()}}
+        records = {name: {"sha256": hashlib.sha256(f"{name}-{python if name == 'python' else ''}".encode()).hexdigest()}
+                   for name in packages}
+        records["python"]["version"] = python
+        staged = read(stage(tmp_path / python, release, mtime=1_234_567_890, records=records))
+        assert staged.compiled_here == {("aaa-noarch", "1.0", "0")}
+        plans.append(layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10))
+    new, old = plans
+    assert [layer.name for layer in new] == ["cudnn-1.0-0", "torch-1.0-0", "python-3.9.18-0", "aaa-noarch-1.0-0",
+                                             "small packages", "environment"]
+    assert [layer.name for layer in old][:4] == ["cudnn-1.0-0", "torch-1.0-0", "python-3.9.2-0", "aaa-noarch-1.0-0"]
+    for below in range(2):  # the same files and identities: the same layers, stored and pushed once
+        assert [e.path for e in new[below].entries] == [e.path for e in old[below].entries]
+        assert new[below].identity == old[below].identity and "+" not in new[below].identity
+        tars = [io.BytesIO(), io.BytesIO()]
+        for plan, tar in zip(plans, tars):
+            layers.write_tar(plan[below].entries, tar)
+        assert tars[0].getvalue() == tars[1].getvalue()
+    assert new[3].identity != old[3].identity  # compiled by another python
+    assert new[3].identity.startswith(hashlib.sha256(b"aaa-noarch-").hexdigest() + "+")
 
 
 def test_a_file_a_package_lists_twice_is_written_once(tmp_path):
