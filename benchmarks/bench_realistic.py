@@ -21,7 +21,8 @@ are not part of any figure. Then:
    byte-code cache holds ipykernel's closure, which every environment installs):
    ``cold build / floor, NAME, after another environment: X.XX``.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
-   that differ in a few small packages, built by the layered route and pushed to a new
+   that differ in a few small packages, the fifth in python's patch release alone (the
+   ``full`` channel's second python, ``condaspawner_bench.cpython``), built by the layered route and pushed to a new
    registry on loopback: ``disk for 5 envs / disk for 1: X.XX`` (the daemon's layer
    store, goal <= 1.5) and ``registry bytes for envs 2-5 / env 1: X.XX`` (bytes pushed,
    goal <= 0.10).
@@ -46,6 +47,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from condaspawner_bench import cpython  # noqa: E402
 from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
 from condaspawner_bench.registry import start_registry  # noqa: E402
 from jupyterhub_condaspawner import layers  # noqa: E402
@@ -60,7 +62,9 @@ ENVIRONMENTS = {
     "torch-cuda": ("torch", "numpy"),
 }
 # What the shared-layer environments add to the stack: a few small packages each.
-VARIANTS = ((), ("cs-alpha=1.0",), ("cs-beta",), ("cs-gamma",), ("cs-alpha=2.0",), ("cs-alpha=1.1", "pip"))
+# The fifth differs in python's patch release alone (the full channel's second python, cpython.py).
+VARIANTS = ((), ("cs-alpha=1.0",), ("cs-beta",), ("cs-gamma",), (f"python={cpython.VERSION}",),
+            ("cs-alpha=2.0",), ("cs-alpha=1.1", "pip"))
 FLOOR_GOAL, DISK_GOAL, REGISTRY_GOAL = 1.5, 1.5, 0.10
 
 
@@ -69,7 +73,9 @@ def say(message: str) -> None:
 
 
 def request(name: str, packages: tuple[str, ...], label: str) -> BuildRequest:
-    dependencies = ", ".join(("python=3.9", "ipykernel", *packages))
+    """``packages`` may pin python's release (``python=3.9.2``); python 3.9 otherwise."""
+    python = next((package for package in packages if package.startswith("python=")), "python=3.9")
+    dependencies = ", ".join((python, "ipykernel", *(package for package in packages if package != python)))
     text = f"channels: [conda-forge]\ndependencies: [{dependencies}]\nvariables: {{BENCH_RUN: {RUN_ID}-{label}}}\n"
     cuda = CUDA if "torch" in packages else None
     return BuildRequest(SpecPolicy().parse(text), cuda=cuda, env_name=name)
@@ -218,8 +224,10 @@ async def shared_layers(bench: Bench, resolver: Resolver, scratch: Path, name: s
             pushed.append(result.info.pushed_bytes or 0)
             say(f"  {result.seconds:.1f} s; stored for the {index + 1} so far {disk[-1] / 1e9:.2f} GB; "
                 f"pushed {pushed[-1] / 1e6:.1f} MB")
+        differ = "; ".join(f"{index + 1}: {', '.join(VARIANTS[index % len(VARIANTS)]) or 'nothing more'}"
+                           for index in range(count))
         print(f"\nLayers shared: {count} environments of the {name} stack differing in small packages "
-              f"(this channel has one python release: the patch-release variant is not measured)")
+              f"or python's patch release ({differ})")
         print(f"  stored above the base: {disk[0] / 1e9:.2f} GB for the first, {disk[-1] / 1e9:.2f} GB for all {count}; "
               f"pushed {pushed[0] / 1e6:.1f} MB first, then {', '.join(f'{p / 1e6:.1f}' for p in pushed[1:])} MB")
         print(f"disk for {count} envs / disk for 1: {disk[-1] / max(disk[0], 1):.2f}")

@@ -321,7 +321,7 @@ def dev_packages(
     packages = [_synthetic_package(spec) for spec in SYNTHETIC_PACKAGES]
     if isinstance(python, PythonSource):
         say(f"dev channel: packaging python {python.version} from {python.prefix}")
-        packages += [_python_package(python), _python_abi_package()]
+        packages += [python_package(python), _python_abi_package()]
     else:
         say(f"dev channel: skipping the python package: {python}")
     if include_wheels:
@@ -570,7 +570,8 @@ def _list_dir(directory: Path) -> list[str]:
         return []
 
 
-def _python_package(python: PythonSource) -> CondaPackage:
+def python_package(python: PythonSource) -> CondaPackage:
+    """The ``python`` package of a shared-library CPython build (relocated: runpaths, prefixes)."""
     minor = ".".join(python.version.split(".")[:2])
     old_prefix = str(python.prefix)
     sources = [

@@ -15,6 +15,9 @@ packages are written as ``.conda`` (zstd), as conda-forge serves them: bz2 would
 minutes to write and again to extract the CUDA libraries. Conversion is deterministic
 (fixed timestamps, owners, order), so every package's sha256 is stable.
 
+The ``full`` channel also holds a second python patch release (cpython.py), for the
+benchmark of layers shared across environments on two python releases.
+
 The ``nvidia-*-cuXX`` packages depend on ``__cuda >=XX``, as conda-forge's CUDA packages
 need a driver: a torch environment then solves only for a profile that says its
 ``cuda`` version (or on a GPU host), like a real one.
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from . import devchannel
+from . import cpython, devchannel
 from .devchannel import ChannelInfo, PythonSource, read_channel_info
 from .dockerd import BenchDaemonError, ensure_debian_packages
 from .phases import PhaseLog
@@ -100,6 +103,7 @@ REAL_SET_TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "datascience": ("numpy", "pandas", "matplotlib"),
     "full": ("numpy", "pandas", "matplotlib", "scipy", "scikit-learn", "pillow", "torch"),
 }
+SECOND_PYTHON_SETS = {"full"}  # sets whose channel also has cpython.VERSION
 ZSTD_PACKAGES = {"zstd": "zstd"}  # command -> Debian package, installed when missing (root)
 _CUDA_LIBRARY = re.compile(r"nvidia-.+-cu(\d+)")
 
@@ -149,14 +153,19 @@ def build_real_channel(
     converted_dir = Path(converted_dir or directory.parent / "converted")
     directory.mkdir(parents=True, exist_ok=True)
     python = devchannel.find_python_or_reason()
-    recipe = _recipe_hash(python, pins)
+    # the full set's PyTorch environments share layers across a python patch release too
+    second = None
+    if real_set in SECOND_PYTHON_SETS:
+        with phases(f"real channel: CPython {cpython.VERSION}"):
+            second = cpython.second_python(directory.parent, say)
+    recipe = _recipe_hash(python, pins, second)
     info = read_channel_info(directory)
     if devchannel.is_built(directory, recipe) and info is not None:
         return info
     with devchannel.exclusive_lock(directory / ".lock"):
         if not devchannel.is_built(directory, recipe):
             started = time.monotonic()
-            _build(directory, recipe, python, pins, download_dir, converted_dir, say, phases)
+            _build(directory, recipe, python, pins, download_dir, converted_dir, say, phases, second)
             say(f"{real_set} channel: built in {time.monotonic() - started:.1f} s")
     info = read_channel_info(directory)
     assert info is not None
@@ -172,7 +181,7 @@ def _check_set(real_set: str) -> str:
     return real_set
 
 
-def _recipe_hash(python: PythonSource | str, pins: Sequence[str]) -> str:
+def _recipe_hash(python: PythonSource | str, pins: Sequence[str], second: PythonSource | None = None) -> str:
     recipe = {
         "dev": devchannel.RECIPE_VERSION,
         "real": REAL_RECIPE_VERSION,
@@ -180,6 +189,7 @@ def _recipe_hash(python: PythonSource | str, pins: Sequence[str]) -> str:
         "synthetic": [repr(package) for package in devchannel.SYNTHETIC_PACKAGES],
         "pins": list(pins),
         "python": repr(python),
+        **({"second_python": repr(second)} if second is not None else {}),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -193,6 +203,7 @@ def _build(
     converted_dir: Path,
     say: Callable[[str], None],
     phases: PhaseLog,
+    second: PythonSource | None = None,
 ) -> None:
     if not isinstance(python, PythonSource):
         raise RuntimeError(f"a real channel needs the python package: {python}")
@@ -205,6 +216,8 @@ def _build(
         shutil.rmtree(directory / subdir, ignore_errors=True)
         (directory / subdir).mkdir()
     dev = devchannel.dev_packages(python, True, download_dir, say, phases)
+    if second is not None:
+        dev.append(devchannel.python_package(second))
     wheels = devchannel.download_wheels(pins, download_dir, say, phases, "real channel: pip download")
     with phases("real channel: write packages") as phase:
         paths = _write_packages(directory, dev, wheels, python, converted_dir)
