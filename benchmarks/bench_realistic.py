@@ -13,9 +13,11 @@ are not part of any figure. Then:
 1. **Cold builds** of the ``datascience`` environment (numpy, pandas, matplotlib) and,
    with ``--set full``, the ``torch-cuda`` one, by each route (``layered``: the builder
    writes the layers itself; ``dockerfile``: build context and ``COPY``), each a new key.
-   The floor, measured in the same run: the same installed environment's bytes streamed
-   once into a new image layer (``docker import`` of a tar of the staged prefix). Printed
-   for scripts: ``cold build / floor, NAME: X.XX`` (the layered route; goal <= 1.5), the
+   The floor, measured in the same run just before and just after the builds (their mean:
+   the machine's speed drifts): the same installed environment's bytes streamed once into
+   a new image layer (``docker import`` of a tar of the staged prefix). ``--rounds N``
+   repeats that N times. Printed for scripts: ``cold build / floor, NAME: X.XX`` (the
+   layered route, the median over the rounds; goal <= 1.5), the
    Dockerfile route beside it, the phase breakdown and the image sizes. Then the same
    environment on a hub that built another one first (python's layer is stored and the
    byte-code cache holds ipykernel's closure, which every environment installs):
@@ -38,6 +40,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import statistics
 import sys
 import time
 import uuid
@@ -109,6 +112,12 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
     return Timed(info, seconds, phases)
 
 
+def mark(staged: Path, label: str) -> None:
+    """Make a staged environment's whole layer one Docker has not seen in this run: the same
+    bytes again would be written, found a duplicate, and deleted (slow on this bench's disk)."""
+    (staged / ".condaspawner-bench").write_text(f"{RUN_ID} {label}\n")
+
+
 def whole_layer(name: str, staged: Path) -> layers.Layer:
     """Every file of an environment staged for the shared prefix, as one layer."""
     prefix = layers.SHARED_PREFIX.lstrip("/")
@@ -116,19 +125,21 @@ def whole_layer(name: str, staged: Path) -> layers.Layer:
                                     for path in sorted(layers.tree_paths(staged))))
 
 
-async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path) -> float:
+async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path,
+                        label: str = "x") -> float:
     """Stream the installed environment's bytes once into a new image layer (docker import)."""
     lock = await resolver.solve(build_request.spec, cuda=build_request.cuda)  # it lists ipykernel
     staging = scratch / "floor-env"
     shutil.rmtree(staging, ignore_errors=True)
     await resolver.install(lock, staging, layers.SHARED_PREFIX)
+    mark(staging, f"floor {label}")
     whole = whole_layer("floor", staging)
     size = layers.tar_size(whole.entries)
     api = bench.daemon.client(timeout=3600).api
     tag = f"condaspawner-floor-{RUN_ID}-{build_request.env_name}"
     os.sync()  # each figure starts with nothing left to write back (the staging, an earlier build)
     started = time.perf_counter()
-    api.import_image_from_data(layers.stream_tar(whole, size), repository=tag, tag="x")
+    api.import_image_from_data(layers.stream_tar(whole, size), repository=tag, tag=label)
     seconds = time.perf_counter() - started
     # The image stays until the run's clean-up: see settle_daemon.
     shutil.rmtree(staging, ignore_errors=True)
@@ -170,23 +181,26 @@ def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, la
         layered_images=route == "layered", build_timeout=7200, **settings)
 
 
-async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: list[str], routes: list[str]) -> None:
-    print(f"\nCold builds on {os.cpu_count()} cores (package cache warm; each build a new key)")
+async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: list[str], routes: list[str],
+                      rounds: int = 1) -> None:
+    print(f"\nCold builds on {os.cpu_count()} cores (package cache warm; each build a new key; the floor "
+          f"measured just before and just after the builds, their mean the ratios' floor)")
     for name in names:
         packages = ENVIRONMENTS[name]
-        floor = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch)
-        results = {}
-        for route in routes:
-            say(f"{name}: cold build by the {route} route")
-            results[route] = await timed_build(make_builder(bench, resolver, scratch, route),
-                                               request(name, packages, f"cold-{route}"))
-        size = next(iter(results.values())).info.size
-        print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor:.1f} s; "
-              f"image {size / 1e9:.2f} GB")
-        for route, result in results.items():
-            print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown()}")
-        main_route = "layered" if "layered" in results else routes[0]
-        print(f"cold build / floor, {name}: {results[main_route].seconds / floor:.2f}")
+        ratios: list[float] = []
+        results: dict[str, Timed] = {}
+        for round_ in range(rounds):
+            if round_:  # a cold build again: Docker would skip the layers the last round's images hold
+                for result in results.values():
+                    bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
+                await settle_again(bench, resolver, scratch, name, f"round {round_}")
+            floor, results = await cold_round(bench, resolver, scratch, name, routes, round_)
+            main_route = "layered" if "layered" in results else routes[0]
+            ratios.append(results[main_route].seconds / floor)
+        if rounds > 1:
+            print(f"  {name}: over {rounds} rounds, {main_route} cold build / floor median {statistics.median(ratios):.2f} "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"cold build / floor, {name}: {statistics.median(ratios):.2f}")
         print(f"  {name} runs: {check_imports(bench, results[main_route].info, packages)}")
         if "layered" in results:
             for result in results.values():  # Docker skips layers it holds: none of this environment's
@@ -195,6 +209,37 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
             print(f"    layered, on a hub that built another environment before (python's layer stored, "
                   f"ipykernel's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
             print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
+
+
+async def settle_again(bench: Bench, resolver: Resolver, scratch: Path, name: str, label: str) -> None:
+    """settle_daemon after removing images mid-run, on the environment installed anew (not timed)."""
+    settle_request = request(name, ENVIRONMENTS[name], "settle")
+    staging = scratch / "settle-env"
+    shutil.rmtree(staging, ignore_errors=True)
+    await resolver.install(await resolver.solve(settle_request.spec, cuda=settle_request.cuda), staging,
+                           layers.SHARED_PREFIX)
+    settle_daemon(bench, staging, label.replace(" ", "-"))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str, routes: list[str], round_: int
+                     ) -> tuple[float, dict[str, Timed]]:
+    """One floor before and one after a cold build by each route: the floors' mean, and the builds."""
+    packages = ENVIRONMENTS[name]
+    before = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch, f"r{round_}-before")
+    results = {}
+    for route in routes:
+        say(f"{name}: cold build by the {route} route")
+        results[route] = await timed_build(make_builder(bench, resolver, scratch, route, label=f"-r{round_}"),
+                                           request(name, packages, f"cold-{route}-{round_}"))
+    after = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch, f"r{round_}-after")
+    floor = (before + after) / 2
+    size = next(iter(results.values())).info.size
+    print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor:.1f} s "
+          f"({before:.1f} s before, {after:.1f} s after); image {size / 1e9:.2f} GB")
+    for route, result in results.items():
+        print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown()}")
+    return floor, results
 
 
 async def build_after_another(bench: Bench, resolver: Resolver, scratch: Path, name: str, packages: tuple[str, ...]
@@ -245,16 +290,17 @@ def clean_up(bench: Bench, scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def settle_daemon(bench: Bench, staged: Path) -> None:
+def settle_daemon(bench: Bench, staged: Path, label: str = "x") -> None:
     """Load ``staged`` as a throwaway image (not timed, removed with the run's images). On this
     bench (Docker 20.10, ext4 with online discard), removing an imported image, as the clean-up
     of an earlier run does with its floors', made the next large load or import 1.5-2x slower,
     even a minute later; a large load pays that in full. So no figure pays for earlier runs,
     and each floor's image stays until the clean-up, so that no build pays for a floor."""
     say("settling the daemon (a throwaway load, not timed)")
+    mark(staged, f"settle {label}")
     result = layers.load_image(bench.daemon.client(timeout=3600).api, bench.base_image, [whole_layer("settle", staged)],
                                {}, set(), layers.LayerMemo(None))
-    bench.daemon.client(timeout=600).api.tag(result.image_id, f"condaspawner-settle-{RUN_ID}", "x")
+    bench.daemon.client(timeout=600).api.tag(result.image_id, f"condaspawner-settle-{RUN_ID}", label)
 
 
 async def run(bench: Bench, arguments: argparse.Namespace) -> None:
@@ -277,7 +323,7 @@ async def run(bench: Bench, arguments: argparse.Namespace) -> None:
             shutil.rmtree(scratch / "warm", ignore_errors=True)
         say(f"package cache ready in {time.perf_counter() - started:.1f} s")
         if arguments.routes:
-            await cold_builds(bench, resolver, scratch, names, arguments.routes.split(","))
+            await cold_builds(bench, resolver, scratch, names, arguments.routes.split(","), arguments.rounds)
         if arguments.shared:
             await shared_layers(bench, resolver, scratch, names[-1], arguments.shared)
     finally:
@@ -290,6 +336,8 @@ def main() -> None:
                         help="the real package set (full: PyTorch and CUDA libraries, ~3 GB once)")
     parser.add_argument("--shared", type=int, default=5, help="environments in the shared-layers part (0: skip)")
     parser.add_argument("--routes", default="layered,dockerfile", help="build routes for the cold builds ('': none)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="cold builds of each environment, each between two floors (the printed ratio: the median)")
     arguments = parser.parse_args()
     bench = ensure_bench(real_set=arguments.set, say=say)  # it runs its own event loop
     asyncio.run(run(bench, arguments))
