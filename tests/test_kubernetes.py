@@ -540,6 +540,9 @@ class FakeBuilder:
         return FakeBuild(ImageInfo(key=key, tag=f"condaspawner-env:{key[:16]}", image_id="sha256:" + key,
                                    env_name=request.env_name, cached=True, reference=reference, pushed_bytes=0))
 
+    async def finish_removals(self) -> None:
+        """Nothing was staged here: no staging folder to wait for."""
+
 
 @pytest.fixture
 def fake_builder(monkeypatch: pytest.MonkeyPatch) -> FakeBuilder:
