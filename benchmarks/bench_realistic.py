@@ -19,8 +19,9 @@ are not part of any figure. Then:
    repeats that N times. Printed for scripts: ``cold build / floor, NAME: X.XX`` (the
    layered route, the median over the rounds; goal <= 1.5), the
    Dockerfile route beside it, the phase breakdown and the image sizes. Then the same
-   environment on a hub that built another one first (python's layer is stored and the
-   byte-code cache holds ipykernel's closure, which every environment installs):
+   environment on a hub that built another one first (the byte-code cache holds
+   ipykernel's closure, which every environment installs; python's layer is sent again,
+   as it sits above numpy's and pandas' here):
    ``cold build / floor, NAME, after another environment: X.XX``.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
    that differ in a few small packages, the fifth in python's patch release alone (the
@@ -206,8 +207,8 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
             for result in results.values():  # Docker skips layers it holds: none of this environment's
                 bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
             after = await build_after_another(bench, resolver, scratch, name, packages)
-            print(f"    layered, on a hub that built another environment before (python's layer stored, "
-                  f"ipykernel's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
+            print(f"    layered, on a hub that built another environment before "
+                  f"(ipykernel's closure's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
             print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
 
 
@@ -245,8 +246,9 @@ async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str,
 async def build_after_another(bench: Bench, resolver: Resolver, scratch: Path, name: str, packages: tuple[str, ...]
                               ) -> Timed:
     """A new environment on a hub that has built before: every environment holds python and
-    ipykernel; the first build stored python's layer and kept ipykernel's closure's byte code
-    (bytecode.py), so only the new packages are compiled and sent. The first build is not timed."""
+    ipykernel; the first build kept ipykernel's closure's byte code (bytecode.py), so only the
+    new packages are compiled. Its layers are all sent: python's sits on the base there, and
+    above the large packages that do not depend on it here. The first build is not timed."""
     builder = make_builder(bench, resolver, scratch, "layered", label=f"-after-{name}")
     say(f"{name}: a first environment (python, ipykernel), then {name} on the same builder")
     await timed_build(builder, request("first", (), f"first-{name}"))
