@@ -63,7 +63,7 @@ class CompileRun:
 
     def abandon(self) -> None:
         """Stop and remove the container in the background: the build that started it has ended."""
-        threading.Thread(target=self._remove, daemon=True).start()
+        remove_in_background(self.container)
 
     def finish(self) -> tuple[dict[str, Any], str]:
         """Its exit status and output, once it ended; the container is removed."""
@@ -83,6 +83,11 @@ def remove_container(container: Any) -> None:
         container.remove(force=True)
     except Exception:  # gone already, or with its daemon: nothing left to remove
         pass
+
+
+def remove_in_background(container: Any) -> None:
+    """:func:`remove_container` in a thread of its own: a failed build does not wait for it."""
+    threading.Thread(target=remove_container, args=(container,), daemon=True).start()
 
 
 def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer]

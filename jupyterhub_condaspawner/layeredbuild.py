@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
-from .compilerun import CompileRun, layer_preparer, remove_container
+from .compilerun import CompileRun, layer_preparer, remove_in_background
 from .dockerbuild import docker_build
 from .stagedenv import StagedEnvironment
 from .staging import settle_mtimes
@@ -106,7 +105,7 @@ def _abandon_launched(launched: asyncio.Future) -> None:
     batches (it failed or was cancelled first)."""
     def remove(future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            threading.Thread(target=remove_container, args=(future.result(),), daemon=True).start()
+            remove_in_background(future.result())
 
     launched.add_done_callback(remove)
 

@@ -4,8 +4,10 @@ Docker stores a layer once per *chain* (the layers below it plus its own content
 layer is the same only if its tar is byte-identical. So every environment is installed
 at one in-image prefix (:data:`SHARED_PREFIX`; ``/opt/conda/envs/<name>`` is a symlink to
 it), each large package's files become a deterministic tar of their own (sorted paths,
-fixed owners, normalised modes, the package's own mtimes and a fixed one for the rest), and those layers are stacked on the base
-image in a fixed order, by package name. Above them: one layer with the small packages,
+fixed owners, normalised modes, the package's own mtimes and a fixed one for the rest),
+and those layers are stacked on the base image in a fixed order, by package name, with
+python's above the packages whose bytes do not depend on its release
+(:func:`large_package_order`). Above them: one layer with the small packages,
 then a small one with what is particular to this environment (``conda-meta``, the
 name's symlink). Two environments that share PyTorch and CUDA's libraries then share
 those layers on disk and in a registry; renaming a profile re-stores none of them.

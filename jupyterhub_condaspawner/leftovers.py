@@ -77,9 +77,9 @@ class Leftovers:
 
 def traces(log_text: str) -> tuple[list[str], list[str]]:
     """The containers and images docker made for a build, as its log names them: step containers
-    (``Running in``), the layered route's compile container, step images, the layered route's loaded image and a replaced image a server still ran (a
-    rebuild's), but not the base (a FROM
-    step's) nor a cached step's image."""
+    (``Running in``), the layered route's compile container, step images, the layered route's
+    loaded image and a replaced image a server still ran (a rebuild's), but not the base (a
+    FROM step's) nor a cached step's image."""
     containers: list[str] = []
     images: list[str] = []
     skip_next = False
