@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,19 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
     return Timed(info, seconds, phases)
 
 
+async def install_anew(resolver: Resolver, build_request: BuildRequest, folder: Path) -> Path:
+    """``build_request``'s environment installed into an empty ``folder`` for the shared prefix."""
+    lock = await resolver.solve(build_request.spec, cuda=build_request.cuda)
+    shutil.rmtree(folder, ignore_errors=True)
+    await resolver.install(lock, folder, layers.SHARED_PREFIX)
+    return folder
+
+
+def remove_images(bench: Bench, results: Iterable[Timed]) -> None:
+    for result in results:
+        bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
+
+
 def mark(staged: Path, label: str) -> None:
     """Make a staged environment's whole layer one Docker has not seen in this run: the same
     bytes again would be written, found a duplicate, and deleted (slow on this bench's disk)."""
@@ -129,10 +143,7 @@ def whole_layer(name: str, staged: Path) -> layers.Layer:
 async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path,
                         label: str = "x") -> float:
     """Stream the installed environment's bytes once into a new image layer (docker import)."""
-    lock = await resolver.solve(build_request.spec, cuda=build_request.cuda)  # it lists ipykernel
-    staging = scratch / "floor-env"
-    shutil.rmtree(staging, ignore_errors=True)
-    await resolver.install(lock, staging, layers.SHARED_PREFIX)
+    staging = await install_anew(resolver, build_request, scratch / "floor-env")  # the solve lists ipykernel
     mark(staging, f"floor {label}")
     whole = whole_layer("floor", staging)
     size = layers.tar_size(whole.entries)
@@ -192,8 +203,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
         results: dict[str, Timed] = {}
         for round_ in range(rounds):
             if round_:  # a cold build again: Docker would skip the layers the last round's images hold
-                for result in results.values():
-                    bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
+                remove_images(bench, results.values())
                 await settle_again(bench, resolver, scratch, name, f"round {round_}")
             floor, results = await cold_round(bench, resolver, scratch, name, routes, round_)
             main_route = "layered" if "layered" in results else routes[0]
@@ -204,8 +214,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
         print(f"cold build / floor, {name}: {statistics.median(ratios):.2f}")
         print(f"  {name} runs: {check_imports(bench, results[main_route].info, packages)}")
         if "layered" in results:
-            for result in results.values():  # Docker skips layers it holds: none of this environment's
-                bench.daemon.client(timeout=600).images.remove(result.info.image_id, force=True)
+            remove_images(bench, results.values())  # Docker skips layers it holds: none of this environment's
             after = await build_after_another(bench, resolver, scratch, name, packages)
             print(f"    layered, on a hub that built another environment before "
                   f"(ipykernel's closure's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
@@ -214,11 +223,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
 
 async def settle_again(bench: Bench, resolver: Resolver, scratch: Path, name: str, label: str) -> None:
     """settle_daemon after removing images mid-run, on the environment installed anew (not timed)."""
-    settle_request = request(name, ENVIRONMENTS[name], "settle")
-    staging = scratch / "settle-env"
-    shutil.rmtree(staging, ignore_errors=True)
-    await resolver.install(await resolver.solve(settle_request.spec, cuda=settle_request.cuda), staging,
-                           layers.SHARED_PREFIX)
+    staging = await install_anew(resolver, request(name, ENVIRONMENTS[name], "settle"), scratch / "settle-env")
     settle_daemon(bench, staging, label.replace(" ", "-"))
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -317,9 +322,8 @@ async def run(bench: Bench, arguments: argparse.Namespace) -> None:
         say("filling the package cache (downloads are not part of any figure)")
         started = time.perf_counter()
         for name in names:
-            floor_request = request(name, ENVIRONMENTS[name] + ("cs-alpha", "cs-beta", "cs-gamma"), "warm")
-            await resolver.install(await resolver.solve(floor_request.spec, cuda=floor_request.cuda),
-                                   scratch / "warm", layers.SHARED_PREFIX)
+            warm = request(name, ENVIRONMENTS[name] + ("cs-alpha", "cs-beta", "cs-gamma"), "warm")
+            await install_anew(resolver, warm, scratch / "warm")
             if name == names[0]:
                 settle_daemon(bench, scratch / "warm")
             shutil.rmtree(scratch / "warm", ignore_errors=True)
