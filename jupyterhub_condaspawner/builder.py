@@ -12,7 +12,8 @@ key's manifest (the key checked against the image config's label), a build is pu
 there, and :class:`ImageInfo` carries the reference pinned by digest that servers run;
 :meth:`ImageBuilder.ensure_present` pulls it onto a daemon that lacks it (imagepush.py).
 
-The builder is the orchestrator and holds every admin setting; the work is done by
+The builder holds every admin setting, the daemon, keys and lookups; buildrun.py runs
+the builds (one per key, a few at a time, each under a file lock); the work is done by
 staging.py (solve, install), buildcontext.py (the image's files and labels),
 layeredbuild.py and dockerbuild.py (the two routes), imagepush.py (registry push and
 pull), buildrecords.py (each key's status, log, lock, last use) and imagegc.py (gc).
@@ -23,11 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import os
-import shutil
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,21 +37,19 @@ from jupyterhub.traitlets import ByteSpecification
 from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from . import buildcontext, imagegc, layeredbuild, layers, leftovers, metrics, staging
-from .builderrors import BuildError, daemon_call, one_line, registry_call
+from . import imagegc, metrics, staging
+from .builderrors import BuildError, daemon_call, registry_call
 from .buildmodel import LABEL_KEY, RECIPE_VERSION, Build, BuildRequest, ImageInfo
-from .buildrecords import BuildRecord, BuildRecords, file_lock, now
+from .buildrecords import BuildRecord, BuildRecords
+from .buildrun import BuildRuns
 from .dockerbuild import StepTracker as _StepTracker  # noqa: F401  (tests import it from here)
-from .dockerbuild import docker_build
 from .dockerclient import daemon_settings
 from .imagegc import GcResult
 from .imagepush import RegistryTransfer
 from .imagepush import transfer_failure as _transfer_failure  # noqa: F401  (tests import it from here)
 from .registry import ARCHITECTURES, RegistryClient, RemoteImage, Repository
-from .resolve import Lock, Resolver, is_no_space
+from .resolve import Lock, Resolver
 
-# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
-PRESOLVED_SECONDS = 600
 # A rebuilt base is noticed within this many seconds; lookups skip a daemon round trip.
 BASE_ID_TTL_S = 10.0
 
@@ -261,15 +257,9 @@ class ImageBuilder(LoggingConfigurable):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._builds: dict[str, Build] = {}
-        self._presolved: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock): see presolve()
-        self._slots = asyncio.Semaphore(self.max_concurrent_builds)
-        self._waiting = 0
-        self.builds_started = 0
-        self.build_seconds: list[float] = []
         self._base_id: tuple[str, float] = ("", 0.0)
         self._registry_client: RegistryClient | None = None
-        self._removals: set[asyncio.Future] = set()  # staging folders of built images, being removed
+        self.runs = BuildRuns(self)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -413,10 +403,6 @@ class ImageBuilder(LoggingConfigurable):
         """Every build recorded in the cache folder, the latest first (no daemon needed)."""
         return self.records.builds()
 
-    def in_progress(self) -> list[Build]:
-        """The builds this process is running or waiting to run (a slot), oldest first."""
-        return list(self._builds.values())
-
     def failed_builds(self) -> list[BuildRecord]:
         """Builds whose last attempt failed or was interrupted, the latest first."""
         return self.records.failed_builds()
@@ -434,104 +420,12 @@ class ImageBuilder(LoggingConfigurable):
         With a registry the hit is the registry's image (``reference``): the daemon that runs
         the server may still have to pull it (:meth:`ensure_present`).
         """
-        info = self._cached_info(self.build_key(request), request, time.monotonic())
+        info = self.cached_info(self.build_key(request), request, time.monotonic())
         metrics.record_cache_lookup(info is not None)
         return info
 
-    def ensure(self, request: BuildRequest, rebuild: bool = False) -> Build:
-        """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``.
-
-        ``rebuild``: build it again (a fresh solve: newer packages) though its image exists. The
-        old image serves new servers until the new one is tagged, and stays if the build fails.
-        """
-        key = self.build_key(request)
-        build = self._builds.get(key)
-        if build is not None:
-            return build
-        build = Build(key=key, name=request.display_name, env_name=request.env_name, rebuild=rebuild)
-        build.task = asyncio.ensure_future(self._run(build, request))
-        build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
-        self._builds[key] = build
-        return build
-
-    async def get_image(self, request: BuildRequest) -> ImageInfo:
-        """Build or reuse the image; raise BuildError on failure."""
-        return await self.ensure(request).result()
-
-    # -- one build ----------------------------------------------------------------------
-
-    async def _run(self, build: Build, request: BuildRequest) -> ImageInfo:
-        started = time.monotonic()
-        try:
-            info = await asyncio.wait_for(self._build_once(build, request, started), self.build_timeout)
-            await build.publish("ready", 100, f"image {info.tag} ready" + (" (cached)" if info.cached else ""))
-            return info
-        except asyncio.TimeoutError:
-            message = f"build took longer than {self.build_timeout:g} s (ImageBuilder.build_timeout)"
-            await build.publish("error", 100, message)
-            timeout = BuildError(message, phase="timeout", key=build.key)
-            self.log.warning("%s", timeout.summary())
-            if build.started_here:
-                self.records.record_failure(build.key, timeout)
-            raise timeout from None
-        except BuildError as error:
-            error.key = error.key or build.key
-            self.log.warning("%s", error.summary())
-            if build.started_here:
-                self.records.record_failure(build.key, error)
-            await build.publish("error", 100, str(error))
-            raise
-        finally:
-            self._builds.pop(build.key, None)
-            await build.finish()
-
-    async def _build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
-        key = build.key
-        cached = None if build.rebuild else await asyncio.to_thread(self._cached_info, key, request, started)
-        if cached:
-            return cached
-        async with self._slot(build):
-            try:
-                self.key_dir(key).mkdir(parents=True, exist_ok=True)
-                (self.key_dir(key) / "build.lock").touch()
-            except OSError as error:
-                if not is_no_space(error):
-                    raise
-                raise await self._no_space_error(request, None, error) from None
-            async with file_lock(self.key_dir(key) / "build.lock"):
-                # Another hub process may have built it while we waited for the lock.
-                cached = None if build.rebuild else await asyncio.to_thread(self._cached_info, key, request, started)
-                if cached:
-                    return cached
-                # With a registry: built here before, but never pushed (a failed push, a new registry).
-                local = self.find_image(key) if self.registry and not build.rebuild else None
-                replaced = self.find_image(key) if build.rebuild else None
-                if local is not None:
-                    self.log.info("Image %s is on the build daemon but not in the registry: pushing it",
-                                  self.tag_for(key))
-                    info = ImageInfo(key, self.tag_for(key), local.id, request.env_name, True,
-                                     time.monotonic() - started, local.attrs.get("Size", 0))
-                else:
-                    self.builds_started += 1
-                    self.log.info("Building image %s (%s) for %s", self.tag_for(key), key, request.display_name)
-                    info = await self._build(build, request, started)
-                    if replaced is not None and replaced.id != info.image_id:
-                        await asyncio.to_thread(self._remove_replaced, key, replaced.id)
-                if self.registry:
-                    info = await self._transfers().push(self.client.api, build, info)
-                return info
-
-    def _remove_replaced(self, key: str, image_id: str) -> None:
-        """Remove the image a rebuild replaced (its tag moved to the new one), unless a server runs it."""
-        try:
-            with self.daemon_call("removing the replaced image"):
-                self.client.images.remove(image_id, noprune=False)
-            self.records.write_log(key, f"removed the replaced image {image_id}\n")
-        except (BuildError, docker.errors.APIError) as error:  # a server still runs it: it stays, untagged
-            self.log.info("Rebuild of %s kept the replaced image %s: %s", key[:16], image_id, one_line(error))
-            self.records.write_log(key, f"kept the replaced image {image_id}: {one_line(error)}\n")
-
-    def _cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:
+    def cached_info(self, key: str, request: BuildRequest, started: float) -> ImageInfo | None:
+        """The key's image (the registry's, with a registry), marked used; None if there is none."""
         if self.registry:
             remote = self.find_pushed(key)
             if remote is None:
@@ -546,131 +440,49 @@ class ImageBuilder(LoggingConfigurable):
         return ImageInfo(key, self.tag_for(key), image.id, request.env_name, True,
                          time.monotonic() - started, image.attrs.get("Size", 0))
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, build: Build):
-        if self._slots.locked():
-            self._waiting += 1
-            await build.publish("queued", 1, f"waiting for {self.max_concurrent_builds} running builds to finish"
-                                             f" ({self._waiting} in the queue)")
-            try:
-                await self._slots.acquire()
-            finally:
-                self._waiting -= 1
-        else:
-            await self._slots.acquire()
-        try:
-            yield
-        finally:
-            self._slots.release()
+    def ensure(self, request: BuildRequest, rebuild: bool = False) -> Build:
+        """Start (or join) the build of ``request``'s image; await ``.result()``, follow ``.follow()``.
+
+        ``rebuild``: build it again (a fresh solve: newer packages) though its image exists. The
+        old image serves new servers until the new one is tagged, and stays if the build fails.
+        """
+        return self.runs.ensure(request, self.build_key(request), rebuild)
+
+    async def get_image(self, request: BuildRequest) -> ImageInfo:
+        """Build or reuse the image; raise BuildError on failure."""
+        return await self.ensure(request).result()
+
+    async def presolve(self, request: BuildRequest) -> Lock:
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved); the build
+        of the same request within buildrun.PRESOLVED_SECONDS takes this lock instead of solving."""
+        return await self.runs.presolved.solve(self.resolver, request)
+
+    def in_progress(self) -> list[Build]:
+        """The builds this process is running or waiting to run (a slot), oldest first."""
+        return list(self.runs.running.values())
+
+    @property
+    def builds_started(self) -> int:
+        """How many builds this process ran (not cache hits, not joined builds)."""
+        return self.runs.started
 
     def build_estimate(self) -> str:
         """"about N min" (or "under a minute") from this process's builds, for the user."""
-        seconds = self.typical_build_seconds()
+        seconds = self.runs.typical_seconds()
         return "under a minute" if seconds < 60 else f"about {round(seconds / 60)} min"
-
-    def typical_build_seconds(self, default: float = 120.0) -> float:
-        """The median duration of this process's builds, for "about N min" notices."""
-        if not self.build_seconds:
-            return default
-        return statistics.median(self.build_seconds[-20:])
-
-    # -- the pre-check's solve, reused by the build ----------------------------------------------
-
-    def _solve_key(self, request: BuildRequest) -> str:
-        """What a solve depends on: the spec the build solves, the CUDA version, the platform, the channels."""
-        spec = staging.with_kernel_package(request.spec)
-        parts = {"spec": spec.normalized(), "cuda": request.cuda, "platform": self.resolver.platform,
-                 "channels": self.resolver.channel_urls_for(spec)}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    async def presolve(self, request: BuildRequest) -> Lock:
-        """Solve ``request`` as its build will (ResolveError if it cannot be solved).
-
-        The lock is kept for PRESOLVED_SECONDS: the build of the same request takes it
-        instead of solving again.
-        """
-        lock = await self.resolver.solve(staging.with_kernel_package(request.spec), cuda=request.cuda)
-        solved_at = time.monotonic()
-        self._presolved = {key: kept for key, kept in self._presolved.items()
-                           if solved_at - kept[0] < PRESOLVED_SECONDS}
-        self._presolved[self._solve_key(request)] = (solved_at, lock)
-        return lock
-
-    def _take_presolved(self, request: BuildRequest) -> Lock | None:
-        kept = self._presolved.pop(self._solve_key(request), None)
-        return kept[1] if kept is not None and time.monotonic() - kept[0] < PRESOLVED_SECONDS else None
-
-    async def _resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
-        return await staging.solve(self.resolver, build, request, build_log, self.key_dir(build.key),
-                                   presolved=self._take_presolved(request))
-
-    # -- one build's work ---------------------------------------------------------------
-
-    async def _build(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
-        key = build.key
-        key_dir = self.key_dir(key)
-        log_path = key_dir / "build.log"
-        context = Path(self.cache_dir) / "staging" / key
-        build.started_here = True
-        lock: Lock | None = None
-        try:
-            key_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(leftovers.sweep, self, key)  # before this key's old log is overwritten
-            self.records.record(key, status="building", name=request.display_name, phase="", cause="",
-                                started=now(), finished="", env_name=request.env_name)
-            # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
-            await asyncio.to_thread(shutil.rmtree, context, True)
-            # Line-buffered: a build process killed mid-build still leaves every line it had written.
-            with log_path.open("w", buffering=1) as build_log:
-                failed = True
-                try:
-                    build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {now()} "
-                                    f"(pid {os.getpid()})\n")
-                    lock = await self._resolve(build, request, build_log)
-                    layered = self.layered_images and await asyncio.to_thread(layeredbuild.daemon_can_load_layers,
-                                                                              self)
-                    prefix = layers.SHARED_PREFIX if layered else request.prefix
-                    env_size = await staging.install(self.resolver, build, lock, context, build_log, prefix)
-                    buildcontext.write_context(context, request, lock, self.pip_config)
-                    labels = buildcontext.image_labels(build.key, request, lock, self.base_image_id())
-                    if layered:
-                        image_id = await layeredbuild.build_layered(self, build, request, context, build_log, labels)
-                    else:
-                        await build.publish("build", 45, "Writing the image")
-                        image_id = await docker_build(self, build, request, context, build_log, env_size, labels)
-                    failed = False
-                finally:
-                    if failed:
-                        await staging.remove_staging(context, context.exists(), self.log)
-                    else:  # the image is ready: its spawns need not wait for the unlinks
-                        self._remove_later(staging.set_aside(context))
-        except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
-            if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
-                raise
-            raise await self._no_space_error(request, lock, error) from None
-        self.mark_used(key)
-        self.records.record(key, status="built", finished=now())
-        image = self.client.images.get(image_id)
-        seconds = time.monotonic() - started
-        self.build_seconds.append(seconds)
-        return ImageInfo(key, self.tag_for(key), image_id, request.env_name, False, seconds, image.attrs.get("Size", 0))
-
-    def _remove_later(self, folder: Path) -> None:
-        removal = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, folder, True))
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
 
     async def finish_removals(self) -> None:
         """Wait until the staging folders of finished builds are gone (a command, before it exits)."""
-        while self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        await self.runs.finish_removals()
 
-    async def _no_space_error(self, request: BuildRequest, lock: Lock | None, error: BaseException) -> BuildError:
+    async def no_space_error(self, request: BuildRequest, lock: Lock | None, error: BaseException) -> BuildError:
+        """The one-line error of a build that ran out of disk space (what to remove, how much it needs)."""
         return await staging.no_space_error(self.resolver, Path(self.cache_dir), request, lock, error, self.log)
 
     # -- the registry: push and pull (imagepush.py) ------------------------------------------
 
-    def _transfers(self) -> RegistryTransfer:
+    def transfers(self) -> RegistryTransfer:
+        """Push and pull between the build daemon and the registry."""
         registry = self.registry_client
         assert registry is not None
         return RegistryTransfer(registry, self.daemon_url, self.records, self.log)
@@ -692,7 +504,7 @@ class ImageBuilder(LoggingConfigurable):
                 return False
             except docker.errors.ImageNotFound:
                 pass
-        await self._transfers().pull(api, info, publish)
+        await self.transfers().pull(api, info, publish)
         return True
 
     # -- cache management (imagegc.py) ---------------------------------------------------------

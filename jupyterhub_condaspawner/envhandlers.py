@@ -19,8 +19,9 @@ from .builder import ImageBuilder
 from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
+from .hubservices import HubServices
 from .profiles import ProfileError
-from .spawner import CondaSpawner, HubServices
+from .spawner import CondaSpawner
 from .spec import SpecError
 from .swarmspawner import CondaSwarmSpawner
 from .usage import Use

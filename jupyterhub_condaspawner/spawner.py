@@ -1,5 +1,8 @@
 """CondaSpawner: DockerSpawner glue over profiles, spec, builder and gpus.
 
+The spawn form is spawnform.py's, a server's GPUs spawngpus.py's, what all spawners of a
+hub share hubservices.py's, names and hardening isolation.py's.
+
 A spawn: the user's choice (a profile, maybe with their own environment.yml) is
 validated, and a GPU profile checked against the GPUs this host could ever give it
 (nothing held) -> the builder returns the cached image or builds it -> only then the
@@ -13,140 +16,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator
 
-import jinja2
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 from traitlets import Bool, Float, default
 
-from . import environments, metrics
-from .builder import ImageBuilder
+from . import environments
 from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, BuildRequest, EventStream, ImageInfo, request_for_profile
-from .culler import REASON_GPU_IDLE, Cull, GpuIdleCuller
-from .dockerclient import daemon_settings
 from .failures import StartFailure, explain, log_failure
-from .gpuqueue import GpuQueue
-from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator, GpuUnavailable
+from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .hubservices import HubServices, hub_services
 from .isolation import IsolationMixin
-from .notices import Notices
-from .profiles import Profile, ProfileCatalog, ProfileError
-from .resolve import NO_DEFAULTS, ResolveError
-from .spec import EnvironmentSpec, SpecError, SpecPolicy
-from .usage import UsageLog
+from .profiles import Profile, ProfileError
+from .resolve import ResolveError
+from .spawnform import SpawnFormMixin, jinja
+from .spawngpus import GpuBindingMixin
+from .spec import EnvironmentSpec, SpecError
 
-TEMPLATES = Path(__file__).parent / "templates"
-_jinja = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
-_QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 _IMAGE_SHARE = 83
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
-
-
-# One GPU sample: GPU states and, where not the allocator's table, what each server holds.
-GpuSample = tuple[Mapping[str, str], Optional[Mapping[tuple[str, str], Allocation]]]
-
-
-@dataclass
-class HubServices:
-    """What all spawners of one hub share: one catalog, one builder, one GPU allocator."""
-
-    catalog: ProfileCatalog
-    policy: SpecPolicy
-    builder: ImageBuilder
-    allocator: GpuAllocator
-    queue: GpuQueue
-    notices: Notices
-    culler: GpuIdleCuller
-    usage: UsageLog  # who started which environment (the environments page)
-    sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
-    sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
-
-
-# Keyed by the config's id; the config itself is kept too, so that id is never reused.
-_services: dict[int, tuple[Any, HubServices]] = {}
-
-
-def hub_services(spawner: "CondaSpawner") -> HubServices:
-    """The hub's shared services, created on first use from the spawner's config.
-
-    The builder talks to the daemon the servers run on, with DockerSpawner's own settings
-    (client_kwargs, tls_config, DOCKER_HOST), unless ImageBuilder.docker_host names a build host.
-    """
-    key = id(spawner.config)
-    if key not in _services:
-        config = spawner.config
-        allocator = GpuAllocator(config=config, log=spawner.log)
-        builder = ImageBuilder(config=config, log=spawner.log,
-                               daemon_settings=daemon_settings(spawner.tls_config, spawner.client_kwargs))
-        if builder.docker_host and not builder.registry:
-            spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
-                              "images built on another daemon", builder.docker_host)
-        services = HubServices(
-            catalog=ProfileCatalog(config=config),
-            policy=SpecPolicy(config=config),
-            builder=builder,
-            allocator=allocator,
-            queue=GpuQueue(allocator),
-            notices=Notices(Path(builder.cache_dir) / "notices"),
-            culler=GpuIdleCuller(allocator),
-            usage=UsageLog(Path(builder.cache_dir) / "usage"),
-        )
-        services.sample_gpus = spawner.gpu_sampler(services)
-        # The catalog loads on first use (CondaSpawner.services), so broken profiles never
-        # stop the hub from starting and restoring its servers.
-        with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
-            for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
-                spawner.log.warning("GPU allocations after restart: %s", problem)
-        _services[key] = (config, services)
-    services = _services[key][1]
-    _start_gpu_sampler(services, spawner.log)
-    return services
-
-
-def _start_gpu_sampler(services: HubServices, log: Any) -> None:
-    """Sample the GPUs periodically (metrics: GPU states, GPU-seconds held idle; idle culling),
-    once per hub, from the first call made on the hub's event loop."""
-    if services.sampler is not None or not services.allocator.gpu_sample_interval:
-        return
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # not on the hub's loop (config checks, tests): the next call starts it
-        return
-    services.sampler = loop.create_task(_sample_gpus(services, log))
-
-
-async def _sample_gpus(services: HubServices, log: Any) -> None:
-    allocator = services.allocator
-    sample = services.sample_gpus or host_gpu_sampler(allocator)
-    while True:
-        try:
-            states, holdings = await asyncio.to_thread(sample)  # NVML blocks: off the event loop
-            for cull, stop in services.culler.observe(states, holdings):
-                asyncio.ensure_future(_cull(services.culler, cull, stop, log))
-        except Exception as error:
-            log.warning("GPU sample failed: %s", error)
-        await asyncio.sleep(allocator.gpu_sample_interval)
-
-
-def host_gpu_sampler(allocator: GpuAllocator) -> Callable[[], GpuSample]:
-    """One sample of this host's GPUs (NVML): their states; the allocator's table says who holds them."""
-    return lambda: (allocator.gpu_states(allocator.sample()), None)
-
-
-async def _cull(culler: GpuIdleCuller, cull: Cull, stop: Any, log: Any) -> None:
-    log.info("Stopping %s/%s: its GPUs were idle for %.0f s (gpu_idle_timeout %.0f s)",
-             cull.user, cull.server_name or "(default)", cull.idle_seconds, cull.timeout_seconds)
-    try:
-        await stop(cull)
-    except Exception as error:
-        log.error("Could not stop idle server %s/%s, will try again: %s", cull.user, cull.server_name, error)
-        culler.rearm(cull.user, cull.server_name)
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -154,7 +46,7 @@ def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
     spawner.apply_choice(user_options)
 
 
-class CondaSpawner(IsolationMixin, DockerSpawner):
+class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawner):
     """Spawn JupyterLab in a cached image built from a profile or a user's environment.yml."""
 
     replace_changed_containers = Bool(
@@ -383,67 +275,6 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
                                          cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
         return None
 
-    async def render_options_form(self) -> str:
-        """The spawn form: one card per profile this user may use."""
-        services = self.services
-        builder = services.builder
-        # A submission the hub sent back with an error, else the last accepted choice.
-        last = self._last_form or (self.orm_spawner.user_options if self.orm_spawner else None) or {}
-        self._last_form = None
-        visible = services.catalog.visible_to(self.user.name, self._group_names)
-        default = services.catalog.default_for(self.user.name, self._group_names)
-        selected = last.get("profile") if any(p.slug == last.get("profile") for p in visible) else (
-            default.slug if default else None)
-        gpu_count = await self.form_gpu_count()
-        estimate = builder.build_estimate()
-        cards = [await self._card(profile, selected, gpu_count, estimate) for profile in visible]
-        return _jinja.get_template("options_form.html").render(
-            notice=services.notices.take(self.user.name, self.name),
-            cards=cards,
-            custom_text=last.get("environment", ""),
-            allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
-            can_check=self._hub_serves_the_check(),
-        )
-
-    def _hub_serves_the_check(self) -> bool:
-        """Whether the hub has the environments page's handlers (envpage.configure), whose
-        check API the form's "Check" button asks."""
-        handlers = self.config.JupyterHub.get("extra_handlers", []) if "JupyterHub" in self.config else []
-        return any(str(target).endswith(".CheckAPI") for _, target, *_ in handlers)
-
-    async def form_gpu_count(self) -> int:
-        """The most GPUs one server could get here (the form notes profiles that want more)."""
-        return await asyncio.to_thread(lambda: len(self.services.allocator.latest_scan().usable))
-
-    def form_gpu_note(self, profile: Profile, gpu_count: int) -> str:
-        """The card's note when ``profile`` wants more GPUs than :meth:`form_gpu_count`, else ""."""
-        if profile.gpus <= gpu_count:
-            return ""
-        return "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
-
-    async def _card(self, profile: Profile, selected: str | None, gpu_count: int, estimate: str) -> dict:
-        ready = False
-        if profile.environment is not None:
-            with contextlib.suppress(Exception):  # no daemon or base image: show "will build"
-                ready = await asyncio.to_thread(self.services.builder.is_cached, request_for_profile(profile))
-        gpus = "CPU only" if not profile.gpus else f"{profile.gpus} GPU" + ("s" if profile.gpus > 1 else "")
-        if profile.gpus and profile.gpu_model:
-            gpus += f" ({profile.gpu_model.strip('*')})"
-        return {
-            "slug": profile.slug,
-            "display_name": profile.display_name,
-            "description": profile.description,
-            "selected": profile.slug == selected,
-            "allow_custom": profile.allow_custom_environment,
-            "has_environment": profile.environment is not None,
-            "ready": ready,
-            "build_estimate": estimate,
-            "gpus": gpus,
-            "gpu_note": self.form_gpu_note(profile, gpu_count),
-            "cpu": f"{profile.cpu_limit:g} CPU" if profile.cpu_limit else "",
-            "memory": f"{profile.mem_limit / 2**30:g} GiB" if profile.mem_limit else "",
-        }
-
     # -- start / stop / poll -------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
@@ -556,90 +387,6 @@ class CondaSpawner(IsolationMixin, DockerSpawner):
         if "@" in image:
             return
         await super().pull_image(image)
-
-    async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
-        if not profile.gpus:
-            return None
-        services = self.services
-        await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
-
-        async def waiting(ahead: int, waited: float) -> None:
-            # Taken back when the spawn leaves the queue; only a hub that stops under a
-            # waiting spawn leaves it for the next spawn page.
-            services.notices.post(self.user.name, self.name, _QUEUE_INTERRUPTED.format(profile.display_name))
-            self._queue_notice = True
-            who = "you are next" if not ahead else f"{ahead} ahead of you"
-            await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
-
-        try:
-            allocation = await services.queue.allocate(
-                self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
-                profile=profile.slug, waiting=waiting)
-        except asyncio.CancelledError:
-            # The hub shutting down, or the user stopping the pending server: both cancel the
-            # task. Only the second calls clear_state(), which takes the notice back.
-            raise
-        except Exception:
-            self._take_back_queue_notice()
-            raise
-        self._take_back_queue_notice()
-        await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
-        return allocation
-
-    def _take_back_queue_notice(self) -> None:
-        if self._queue_notice:
-            self.services.notices.discard(self.user.name, self.name)
-            self._queue_notice = False
-
-    def _release_gpus(self) -> None:
-        services = hub_services(self)
-        services.culler.forget(self.user.name, self.name)
-        services.allocator.release(self.user.name, self.name)  # a no-op when it holds none
-        self._allocation = None
-
-    # -- GPU-aware idle culling ----------------------------------------------------------------
-
-    def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
-        """What the hub's GPU sampler calls: this host's NVML, through the allocator."""
-        return host_gpu_sampler(services.allocator)
-
-    def _holds_gpus(self) -> bool:
-        return self._allocation is not None and bool(self._allocation.uuids)
-
-    def _watch_gpu_idleness(self, profile: Profile | None) -> None:
-        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
-        if not self._holds_gpus():
-            return
-        timeout = self.gpu_idle_timeout
-        if profile is not None and profile.gpu_idle_timeout is not None:
-            timeout = profile.gpu_idle_timeout
-        name = profile.display_name if profile is not None else (self.user_options or {}).get("profile", "a GPU profile")
-        hub_services(self).culler.watch(self.user.name, self.name, timeout_minutes=timeout, profile=name,
-                                        stop=self._stop_idle_server)
-
-    async def _stop_idle_server(self, cull: Cull) -> None:
-        """Stop this server the way the hub stops one (route, server, database), then say why."""
-        if not self.ready:
-            return  # a stop or a start is under way already
-        hub = _running_hub()
-        if hub is None:
-            raise RuntimeError("no running JupyterHub to stop the server through")
-        # Set before anything async, as the hub's own stop does, so that no start slips in.
-        self._stop_pending = True
-        try:
-            await hub.proxy.delete_user(self.user, self.name)
-        finally:
-            await self.user.stop(self.name)
-        self.services.notices.post(self.user.name, self.name, cull.notice)
-        metrics.record_cull(REASON_GPU_IDLE)
-
-    def _profile_of_saved_options(self) -> Profile | None:
-        """The profile a restored server was started with, if the catalog still has it."""
-        slug = (self.user_options or {}).get("profile")
-        try:
-            return self.services.catalog.get(slug) if isinstance(slug, str) else None
-        except (KeyError, StartFailure):
-            return None
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
@@ -786,13 +533,6 @@ def _merged(base: dict | None, extra: dict) -> dict:
     return merged
 
 
-def _running_hub() -> Any:
-    """The JupyterHub application of this process, or None outside a hub."""
-    from jupyterhub.app import JupyterHub
-
-    return JupyterHub.instance() if JupyterHub.initialized() else None
-
-
 class FormRefusal(ValueError):
     """A spec refused on the form: one problem as one line; several as a list, one per line.
 
@@ -804,7 +544,7 @@ class FormRefusal(ValueError):
         super().__init__(str(error))
         self.problems = error.details
         self.jupyterhub_message: str | None = str(error) if error.count == 1 else None
-        self.jupyterhub_html_message = _jinja.get_template("spec_problems.html").render(
+        self.jupyterhub_html_message = jinja.get_template("spec_problems.html").render(
             source=error.source, count=error.count, problems=error.details)
 
 

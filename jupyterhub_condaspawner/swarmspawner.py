@@ -31,8 +31,9 @@ from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .hubservices import GpuSample, HubServices, hub_services
 from .profiles import Profile
-from .spawner import CondaSpawner, GpuSample, HubServices, _evaluated, hub_services
+from .spawner import CondaSpawner, _evaluated
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).

@@ -21,7 +21,7 @@ from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuild
 from jupyterhub_condaspawner.culler import GpuIdleCuller
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
-from jupyterhub_condaspawner.spawner import _start_gpu_sampler
+from jupyterhub_condaspawner.hubservices import _start_gpu_sampler
 from jupyterhub_condaspawner.spec import parse_environment
 
 T0 = 1_717_236_000.0
@@ -134,7 +134,7 @@ def builder_without_daemon(monkeypatch, outcome) -> ImageBuilder:
     """An ImageBuilder whose key and build steps are stand-ins: ``outcome`` is what a build gives."""
     builder = ImageBuilder()
     monkeypatch.setattr(builder, "build_key", lambda request: "k" * 64)
-    monkeypatch.setattr(builder, "_cached_info", lambda key, request, started: None)
+    monkeypatch.setattr(builder, "cached_info", lambda key, request, started: None)
 
     async def build_once(build, request, started):
         await asyncio.sleep(0.01)
@@ -142,7 +142,7 @@ def builder_without_daemon(monkeypatch, outcome) -> ImageBuilder:
             raise outcome
         return outcome
 
-    monkeypatch.setattr(builder, "_build_once", build_once)
+    monkeypatch.setattr(builder.runs, "build_once", build_once)
     return builder
 
 
@@ -183,7 +183,7 @@ def test_cache_lookups_count_hits_and_misses(monkeypatch):
     monkeypatch.setattr(builder, "build_key", lambda request: "k" * 64)
     hit = ImageInfo("k" * 64, "repo:k", "sha256:1", "python39", True)
     found: list[ImageInfo | None] = [None, hit, hit]
-    monkeypatch.setattr(builder, "_cached_info", lambda key, request, started: found.pop(0))
+    monkeypatch.setattr(builder, "cached_info", lambda key, request, started: found.pop(0))
     hits, misses = value("condaspawner_image_cache_lookups_total", result="hit"), \
         value("condaspawner_image_cache_lookups_total", result="miss")
     assert [builder.lookup(REQUEST) is not None for _ in range(3)] == [False, True, True]

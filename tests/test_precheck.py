@@ -63,13 +63,13 @@ async def test_the_build_reuses_the_lock_of_the_pre_check(tmp_path, dev_python_c
     build = Build(key="0" * 64)
     for key in ("0" * 64, "1" * 64):
         builder.key_dir(key).mkdir(parents=True)  # what the build made before its solve step
-    lock = await builder._resolve(build, request, io.StringIO())
+    lock = await builder.runs.resolve(build, request, io.StringIO())
     assert {p["name"] for p in lock.packages()} >= {"cs-gamma", "cs-alpha", "python", "ipykernel"}
     (event,) = build.events  # no "Solving ..."
     assert event["message"].startswith("Solved: ") and event["message"].endswith(" (solved before the start)")
     assert (builder.key_dir(build.key) / "lock.json").exists()
     with pytest.raises(BuildError, match="a channel cannot be reached"):  # taken once: the next build solves
-        await builder._resolve(Build(key="1" * 64), request, io.StringIO())
+        await builder.runs.resolve(Build(key="1" * 64), request, io.StringIO())
 
 
 async def test_a_pre_check_past_its_timeout_lets_the_spawn_go_on(tmp_path, dev_python_channel):

@@ -16,7 +16,8 @@ from test_spawner_failures import StandInUser, failed_start, spawner_for
 from traitlets.config import Config
 
 from jupyterhub_condaspawner.gpus import LABEL_USER
-from jupyterhub_condaspawner.spawner import CondaSpawner, hub_services
+from jupyterhub_condaspawner.hubservices import hub_services
+from jupyterhub_condaspawner.spawner import CondaSpawner
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from condaspawner_bench.swarm import SwarmBench
 from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_USER
-from jupyterhub_condaspawner.spawner import _services, hub_services
+from jupyterhub_condaspawner.hubservices import _services, hub_services
 from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
 
 pytestmark = [pytest.mark.swarm, pytest.mark.docker]

@@ -1,0 +1,260 @@
+"""The builds one hub process runs: each key built once, at most ``max_concurrent_builds`` at
+a time, each under its key's file lock (several hub processes on one daemon), within
+``build_timeout``, its outcome recorded and published as progress events.
+
+:class:`BuildRuns` is what :meth:`ImageBuilder.ensure` starts builds with; the builder
+keeps the settings, the daemon, keys and lookups. A build's steps are staging.py (solve,
+install), buildcontext.py (files, labels), then layeredbuild.py or dockerbuild.py.
+:class:`PresolvedLocks` keeps the lock of a spawn's pre-check for its build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import statistics
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import docker
+
+from . import buildcontext, layeredbuild, layers, leftovers, metrics, staging
+from .builderrors import BuildError, one_line
+from .buildmodel import Build, BuildRequest, ImageInfo
+from .buildrecords import file_lock, now
+from .dockerbuild import docker_build
+from .resolve import Lock, Resolver, is_no_space
+
+if TYPE_CHECKING:
+    from .builder import ImageBuilder
+
+# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
+PRESOLVED_SECONDS = 600
+
+
+class PresolvedLocks:
+    """Locks solved by spawns' pre-checks, each taken (once) by the build of the same request
+    within PRESOLVED_SECONDS, so that a spawn does not solve twice."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock)
+
+    @staticmethod
+    def _solve_key(resolver: Resolver, request: BuildRequest) -> str:
+        """What a solve depends on: the spec the build solves, the CUDA version, the platform, the channels."""
+        spec = staging.with_kernel_package(request.spec)
+        parts = {"spec": spec.normalized(), "cuda": request.cuda, "platform": resolver.platform,
+                 "channels": resolver.channel_urls_for(spec)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    async def solve(self, resolver: Resolver, request: BuildRequest) -> Lock:
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved), and keep the lock."""
+        lock = await resolver.solve(staging.with_kernel_package(request.spec), cuda=request.cuda)
+        solved_at = time.monotonic()
+        self._locks = {key: kept for key, kept in self._locks.items() if solved_at - kept[0] < PRESOLVED_SECONDS}
+        self._locks[self._solve_key(resolver, request)] = (solved_at, lock)
+        return lock
+
+    def take(self, resolver: Resolver, request: BuildRequest) -> Lock | None:
+        """The kept lock of ``request``, if still good (it is then forgotten), else None."""
+        kept = self._locks.pop(self._solve_key(resolver, request), None)
+        return kept[1] if kept is not None and time.monotonic() - kept[0] < PRESOLVED_SECONDS else None
+
+
+class BuildRuns:
+    """The builds this process runs or waits to run, and what they took."""
+
+    def __init__(self, builder: ImageBuilder):
+        self.builder = builder
+        self.presolved = PresolvedLocks()
+        self.running: dict[str, Build] = {}
+        self.started = 0  # builds that did build (not cache hits, not joins)
+        self.seconds: list[float] = []  # how long each took
+        self._slots = asyncio.Semaphore(builder.max_concurrent_builds)
+        self._waiting = 0
+        self._removals: set[asyncio.Future] = set()  # staging folders of built images, being removed
+
+    def ensure(self, request: BuildRequest, key: str, rebuild: bool = False) -> Build:
+        """Start (or join) the build of ``request``, whose key is ``key``."""
+        build = self.running.get(key)
+        if build is not None:
+            return build
+        build = Build(key=key, name=request.display_name, env_name=request.env_name, rebuild=rebuild)
+        build.task = asyncio.ensure_future(self._run(build, request))
+        build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
+        self.running[key] = build
+        return build
+
+    def typical_seconds(self, default: float = 120.0) -> float:
+        """The median duration of this process's builds, for "about N min" notices."""
+        if not self.seconds:
+            return default
+        return statistics.median(self.seconds[-20:])
+
+    async def finish_removals(self) -> None:
+        """Wait until the staging folders of finished builds are gone (a command, before it exits)."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    async def _run(self, build: Build, request: BuildRequest) -> ImageInfo:
+        started = time.monotonic()
+        builder = self.builder
+        try:
+            info = await asyncio.wait_for(self.build_once(build, request, started), builder.build_timeout)
+            await build.publish("ready", 100, f"image {info.tag} ready" + (" (cached)" if info.cached else ""))
+            return info
+        except asyncio.TimeoutError:
+            message = f"build took longer than {builder.build_timeout:g} s (ImageBuilder.build_timeout)"
+            await build.publish("error", 100, message)
+            timeout = BuildError(message, phase="timeout", key=build.key)
+            builder.log.warning("%s", timeout.summary())
+            if build.started_here:
+                builder.records.record_failure(build.key, timeout)
+            raise timeout from None
+        except BuildError as error:
+            error.key = error.key or build.key
+            builder.log.warning("%s", error.summary())
+            if build.started_here:
+                builder.records.record_failure(build.key, error)
+            await build.publish("error", 100, str(error))
+            raise
+        finally:
+            self.running.pop(build.key, None)
+            await build.finish()
+
+    async def build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
+        """The image of ``build``: found (here, in the registry, or built meanwhile by another
+        process) or built, then pushed when there is a registry."""
+        key, builder = build.key, self.builder
+        cached = None if build.rebuild else await asyncio.to_thread(builder.cached_info, key, request, started)
+        if cached:
+            return cached
+        async with self._slot(build):
+            try:
+                builder.key_dir(key).mkdir(parents=True, exist_ok=True)
+                (builder.key_dir(key) / "build.lock").touch()
+            except OSError as error:
+                if not is_no_space(error):
+                    raise
+                raise await builder.no_space_error(request, None, error) from None
+            async with file_lock(builder.key_dir(key) / "build.lock"):
+                # Another hub process may have built it while we waited for the lock.
+                cached = None if build.rebuild else await asyncio.to_thread(builder.cached_info, key, request, started)
+                if cached:
+                    return cached
+                # With a registry: built here before, but never pushed (a failed push, a new registry).
+                local = builder.find_image(key) if builder.registry and not build.rebuild else None
+                replaced = builder.find_image(key) if build.rebuild else None
+                if local is not None:
+                    builder.log.info("Image %s is on the build daemon but not in the registry: pushing it",
+                                     builder.tag_for(key))
+                    info = ImageInfo(key, builder.tag_for(key), local.id, request.env_name, True,
+                                     time.monotonic() - started, local.attrs.get("Size", 0))
+                else:
+                    self.started += 1
+                    builder.log.info("Building image %s (%s) for %s", builder.tag_for(key), key, request.display_name)
+                    info = await self._build(build, request, started)
+                    if replaced is not None and replaced.id != info.image_id:
+                        await asyncio.to_thread(self._remove_replaced, key, replaced.id)
+                if builder.registry:
+                    info = await builder.transfers().push(builder.client.api, build, info)
+                return info
+
+    def _remove_replaced(self, key: str, image_id: str) -> None:
+        """Remove the image a rebuild replaced (its tag moved to the new one), unless a server runs it."""
+        builder = self.builder
+        try:
+            with builder.daemon_call("removing the replaced image"):
+                builder.client.images.remove(image_id, noprune=False)
+            builder.records.write_log(key, f"removed the replaced image {image_id}\n")
+        except (BuildError, docker.errors.APIError) as error:  # a server still runs it: it stays, untagged
+            builder.log.info("Rebuild of %s kept the replaced image %s: %s", key[:16], image_id, one_line(error))
+            builder.records.write_log(key, f"kept the replaced image {image_id}: {one_line(error)}\n")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, build: Build) -> AsyncIterator[None]:
+        if self._slots.locked():
+            self._waiting += 1
+            await build.publish("queued", 1, f"waiting for {self.builder.max_concurrent_builds} running builds "
+                                             f"to finish ({self._waiting} in the queue)")
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def resolve(self, build: Build, request: BuildRequest, build_log: io.TextIOBase) -> Lock:
+        """The build's solve: the pre-check's lock when there is one, else a solve now."""
+        return await staging.solve(self.builder.resolver, build, request, build_log, self.builder.key_dir(build.key),
+                                   presolved=self.presolved.take(self.builder.resolver, request))
+
+    async def _build(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
+        key, builder = build.key, self.builder
+        key_dir = builder.key_dir(key)
+        context = Path(builder.cache_dir) / "staging" / key
+        build.started_here = True
+        lock: Lock | None = None
+        try:
+            key_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(leftovers.sweep, builder, key)  # before this key's old log is overwritten
+            builder.records.record(key, status="building", name=request.display_name, phase="", cause="",
+                                   started=now(), finished="", env_name=request.env_name)
+            # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
+            await asyncio.to_thread(shutil.rmtree, context, True)
+            # Line-buffered: a build process killed mid-build still leaves every line it had written.
+            with (key_dir / "build.log").open("w", buffering=1) as build_log:
+                failed = True
+                try:
+                    build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {now()} "
+                                    f"(pid {os.getpid()})\n")
+                    lock = await self.resolve(build, request, build_log)
+                    image_id = await self._write_image(build, request, lock, context, build_log)
+                    failed = False
+                finally:
+                    if failed:
+                        await staging.remove_staging(context, context.exists(), builder.log)
+                    else:  # the image is ready: its spawns need not wait for the unlinks
+                        self._remove_later(staging.set_aside(context))
+        except Exception as error:  # a full disk: an OSError, rattler's IoError, or an install's ResolveError
+            if isinstance(error, BuildError) or not (is_no_space(error) or getattr(error, "no_space", False)):
+                raise
+            raise await builder.no_space_error(request, lock, error) from None
+        builder.mark_used(key)
+        builder.records.record(key, status="built", finished=now())
+        image = builder.client.images.get(image_id)
+        seconds = time.monotonic() - started
+        self.seconds.append(seconds)
+        return ImageInfo(key, builder.tag_for(key), image_id, request.env_name, False, seconds,
+                         image.attrs.get("Size", 0))
+
+    async def _write_image(self, build: Build, request: BuildRequest, lock: Lock, context: Path,
+                           build_log: io.TextIOBase) -> str:
+        """Install ``lock`` into ``context`` and write the image by the layered route or the
+        Dockerfile route; the image's id."""
+        builder = self.builder
+        layered = builder.layered_images and await asyncio.to_thread(layeredbuild.daemon_can_load_layers, builder)
+        prefix = layers.SHARED_PREFIX if layered else request.prefix
+        env_size = await staging.install(builder.resolver, build, lock, context, build_log, prefix)
+        buildcontext.write_context(context, request, lock, builder.pip_config)
+        labels = buildcontext.image_labels(build.key, request, lock, builder.base_image_id())
+        if layered:
+            return await layeredbuild.build_layered(builder, build, request, context, build_log, labels)
+        await build.publish("build", 45, "Writing the image")
+        return await docker_build(builder, build, request, context, build_log, env_size, labels)
+
+    def _remove_later(self, folder: Path) -> None:
+        removal = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, folder, True))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)

@@ -1,0 +1,133 @@
+"""A server's GPUs: allocated last (after the image), through the fair queue, with the
+queue's place on the progress page; released when the server stops; watched by the hub's
+GPU-aware culler, which stops a server whose GPUs idle past its timeout. Mixed into
+CondaSpawner by :class:`GpuBindingMixin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from . import metrics
+from .buildmodel import EventStream
+from .culler import REASON_GPU_IDLE, Cull
+from .failures import StartFailure
+from .gpus import Allocation
+from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
+from .profiles import Profile
+
+if TYPE_CHECKING:
+    from .spawner import CondaSpawner
+
+_QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
+
+
+class GpuBindingMixin:
+    """Allocation, release and idle culling of a server's GPUs; the host class is a CondaSpawner."""
+
+    if TYPE_CHECKING:  # provided by CondaSpawner, the class this is mixed into
+        user: Any
+        name: str
+        ready: bool
+        user_options: dict[str, Any]
+        gpu_idle_timeout: float
+        _feed: EventStream
+        _allocation: Allocation | None
+        _queue_notice: bool
+        _stop_pending: bool
+
+        @property
+        def services(self) -> HubServices: ...
+
+    async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
+        if not profile.gpus:
+            return None
+        services = self.services
+        await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
+
+        async def waiting(ahead: int, waited: float) -> None:
+            # Taken back when the spawn leaves the queue; only a hub that stops under a
+            # waiting spawn leaves it for the next spawn page.
+            services.notices.post(self.user.name, self.name, _QUEUE_INTERRUPTED.format(profile.display_name))
+            self._queue_notice = True
+            who = "you are next" if not ahead else f"{ahead} ahead of you"
+            await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
+
+        try:
+            allocation = await services.queue.allocate(
+                self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
+                profile=profile.slug, waiting=waiting)
+        except asyncio.CancelledError:
+            # The hub shutting down, or the user stopping the pending server: both cancel the
+            # task. Only the second calls clear_state(), which takes the notice back.
+            raise
+        except Exception:
+            self._take_back_queue_notice()
+            raise
+        self._take_back_queue_notice()
+        await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
+        return allocation
+
+    def _take_back_queue_notice(self) -> None:
+        if self._queue_notice:
+            self.services.notices.discard(self.user.name, self.name)
+            self._queue_notice = False
+
+    def _release_gpus(self) -> None:
+        services = hub_services(cast("CondaSpawner", self))
+        services.culler.forget(self.user.name, self.name)
+        services.allocator.release(self.user.name, self.name)  # a no-op when it holds none
+        self._allocation = None
+
+    # -- GPU-aware idle culling ----------------------------------------------------------------
+
+    def gpu_sampler(self, services: HubServices) -> Callable[[], GpuSample]:
+        """What the hub's GPU sampler calls: this host's NVML, through the allocator."""
+        return host_gpu_sampler(services.allocator)
+
+    def _holds_gpus(self) -> bool:
+        return self._allocation is not None and bool(self._allocation.uuids)
+
+    def _watch_gpu_idleness(self, profile: Profile | None) -> None:
+        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
+        if not self._holds_gpus():
+            return
+        timeout = self.gpu_idle_timeout
+        if profile is not None and profile.gpu_idle_timeout is not None:
+            timeout = profile.gpu_idle_timeout
+        name = profile.display_name if profile is not None else (self.user_options or {}).get("profile", "a GPU profile")
+        hub_services(cast("CondaSpawner", self)).culler.watch(self.user.name, self.name, timeout_minutes=timeout, profile=name,
+                                        stop=self._stop_idle_server)
+
+    async def _stop_idle_server(self, cull: Cull) -> None:
+        """Stop this server the way the hub stops one (route, server, database), then say why."""
+        if not self.ready:
+            return  # a stop or a start is under way already
+        hub = _running_hub()
+        if hub is None:
+            raise RuntimeError("no running JupyterHub to stop the server through")
+        # Set before anything async, as the hub's own stop does, so that no start slips in.
+        self._stop_pending = True
+        try:
+            await hub.proxy.delete_user(self.user, self.name)
+        finally:
+            await self.user.stop(self.name)
+        self.services.notices.post(self.user.name, self.name, cull.notice)
+        metrics.record_cull(REASON_GPU_IDLE)
+
+    def _profile_of_saved_options(self) -> Profile | None:
+        """The profile a restored server was started with, if the catalog still has it."""
+        slug = (self.user_options or {}).get("profile")
+        try:
+            return self.services.catalog.get(slug) if isinstance(slug, str) else None
+        except (KeyError, StartFailure):
+            return None
+
+
+def _running_hub() -> Any:
+    """The JupyterHub application of this process, or None outside a hub."""
+    from jupyterhub.app import JupyterHub
+
+    return JupyterHub.instance() if JupyterHub.initialized() else None
