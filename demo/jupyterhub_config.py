@@ -42,6 +42,9 @@ c.Resolver.package_cache_dir = str(bench / "pkgs")
 c.ImageBuilder.cache_dir = str(state / "builder")
 c.ImageBuilder.image_repo = os.environ.get("CONDASPAWNER_DEMO_IMAGE_REPO", "condaspawner-demo")
 c.ImageBuilder.build_memory_limit = None
+# The bench daemon has no bridge: pip sections reach their index (PyPI, or a test's on
+# loopback) through the host's network. Production keeps Docker's default (see the README).
+c.ImageBuilder.build_network_mode = "host"
 c.DockerSpawner.network_name = "host"  # all traffic stays on loopback
 # One home per user, shared by all of their servers. {username} is DockerSpawner's escaped
 # name (injective), so no two users get one name. The tests set their own prefix (cleanup).

@@ -136,9 +136,13 @@ class ImageBuilder(LoggingConfigurable):
         """,
     )
     build_network_mode = Unicode(
-        "host",
+        "default",
         config=True,
-        help="""Docker network mode of build steps (the pip section needs the package index).
+        help="""Docker network mode of build steps: only a pip section uses it, to reach the
+        package index (pip_config). "default" is Docker's own for builds (its bridge). "host"
+        lets the build code of a user's pip packages connect to everything listening on the
+        hub host, loopback included; use it only where the index is on loopback and the
+        daemon has no bridge (the test bench). pip runs without capabilities either way.
 
         c.ImageBuilder.build_network_mode = "default"
         """,

@@ -1,6 +1,6 @@
 """A PEP 503 package index on loopback for the pip sections of test builds.
 
-It serves one tiny pure-Python wheel per project the test adds, answers 404 for every
+It serves one tiny pure-Python wheel (or a given sdist) per project the test adds, answers 404 for every
 other project (pip: "No matching distribution found"), and can hold a project's page
 until the test opens a gate, which makes "a build is running right now" deterministic.
 """
@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import os
+import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -47,6 +48,20 @@ def tiny_wheel(name: str, version: str) -> tuple[str, bytes]:
         for path, text in files.items():
             archive.writestr(path, text)
     return f"{module}-{version}-py3-none-any.whl", buffer.getvalue()
+
+
+def sdist(name: str, version: str, files: dict[str, str]) -> tuple[str, bytes]:
+    """A source distribution of ``name`` holding ``files`` (pyproject.toml, an in-tree build
+    backend, ...) under its top folder: (file name, bytes). pip runs its backend to build it."""
+    top = f"{name.replace('-', '_')}-{version}"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path, text in {"PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", **files}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{path}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return f"{top}.tar.gz", buffer.getvalue()
 
 
 class PipIndex:
@@ -95,6 +110,10 @@ class PipIndex:
             self.gates[name] = threading.Event()
             return self.gates[name]
         return None
+
+    def add_file(self, name: str, distribution: tuple[str, bytes]) -> None:
+        """Serve ``distribution`` (file name, bytes: a wheel or an sdist) as ``name``'s only one."""
+        self.wheels[name] = distribution
 
     def __enter__(self) -> "PipIndex":
         self._thread.start()

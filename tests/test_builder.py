@@ -20,7 +20,7 @@ import psutil
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
-from pip_index import PipIndex, tiny_wheel
+from pip_index import PipIndex, sdist, tiny_wheel
 
 from condaspawner_bench.basewheels import served
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
@@ -62,6 +62,7 @@ def builder(docker_daemon, base_image, dev_python_channel, wheel_index, tmp_path
         cache_dir=str(cache),
         image_repo=f"condaspawner-test-{SESSION}",
         pip_config={"no-index": "true", "find-links": wheel_index[1]},
+        build_network_mode="host",  # the wheels are served on loopback; the bench daemon has no bridge
     )
     remove_repo_images(docker_daemon.client(), f"condaspawner-test-{SESSION}")
 
@@ -255,6 +256,7 @@ async def test_two_hub_processes_sharing_a_cache_build_a_key_once(builder):
     other = ImageBuilder(
         resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
         cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
+        build_network_mode=builder.build_network_mode,
     )
     req = unique_env()
     mine, theirs = await asyncio.gather(builder.get_image(req), other.get_image(req))
@@ -267,7 +269,7 @@ async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
     one_at_a_time = ImageBuilder(
         resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
         cache_dir=builder.cache_dir, image_repo=builder.image_repo, pip_config=builder.pip_config,
-        max_concurrent_builds=1,
+        build_network_mode=builder.build_network_mode, max_concurrent_builds=1,
     )
     first, second = one_at_a_time.ensure(unique_env()), one_at_a_time.ensure(unique_env())
     # Either may take the slot first: each looks up the cache in a thread before it queues.
@@ -285,6 +287,7 @@ async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder
             resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
             cache_dir=builder.cache_dir, image_repo=builder.image_repo,
             pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_timeout=3,
+            build_network_mode="host",
         )
         req = unique_env(pip=["cs-slow==1.0"])
         with pytest.raises(BuildError, match=r"^build took longer than 3 s \(ImageBuilder.build_timeout\)$"):
@@ -322,7 +325,7 @@ async def test_a_rebuild_replaces_the_image_only_once_the_new_one_is_built(build
         resolver=Resolver(channel_urls={"conda-forge": "file:///nonexistent-channel"},
                           package_cache_dir=builder.resolver.package_cache_dir),
         docker_client=builder.client, base_image=builder.base_image, cache_dir=builder.cache_dir,
-        image_repo=builder.image_repo, pip_config=builder.pip_config)
+        image_repo=builder.image_repo, pip_config=builder.pip_config, build_network_mode=builder.build_network_mode)
     assert broken.build_key(req) == first.key
     with pytest.raises(BuildError):
         await broken.ensure(req, rebuild=True).result()
@@ -390,3 +393,43 @@ def _wait_for_child(pid: int) -> psutil.Process:
         assert time.monotonic() < deadline, f"process {pid} started no child"
         time.sleep(0.05)
     return children[0]
+
+
+# The build code of a pip package the user names (a PEP 517 backend in its sdist) reports
+# what it could do, then fails the build: the build log carries the report.
+PROBE_FILES = {
+    "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "probe"\nbackend-path = ["."]\n',
+    "probe.py": textwrap.dedent("""\
+        import os, socket
+
+        def get_requires_for_build_wheel(config_settings=None):
+            capabilities = [line.split()[1] for line in open("/proc/self/status") if line.startswith("CapEff:")]
+            try:
+                socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)).close()
+                packets = "opened"
+            except OSError as error:
+                packets = f"refused (errno {error.errno})"
+            raise SystemExit(f"PROBE uid={os.getuid()} CapEff={capabilities[0]} packet-socket={packets}")
+        """),
+}
+
+
+@pytest.mark.parametrize("layered", [True, False], ids=["layered", "dockerfile"])
+async def test_a_users_pip_package_builds_without_capabilities(builder, layered):
+    # Its build code runs as root in the env, but could not capture the build network's traffic.
+    with PipIndex() as index:
+        index.add_file("cs-probe", sdist("cs-probe", "1.0", PROBE_FILES))
+        hardened = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo, layered_images=layered,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        req = unique_env(pip=["cs-probe==1.0"])
+        with pytest.raises(BuildError):
+            await hardened.get_image(req)
+    log = (builder.key_dir(hardened.build_key(req)) / "build.log").read_text()
+    assert "PROBE uid=0 CapEff=0000000000000000 packet-socket=refused (errno 1)" in log
+
+
+def test_builds_use_dockers_own_network_unless_told():
+    assert ImageBuilder().build_network_mode == "default"

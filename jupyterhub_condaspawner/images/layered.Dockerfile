@@ -15,10 +15,17 @@ RUN if [ "$COMPILE" = 1 ]; then \
         || true; \
     fi
 
-# pip runs here, in the container, with the env's own pip: never on the hub host.
+# pip runs here, in the container, with the env's own pip: never on the hub host. It runs
+# the build code of any sdist the user names, so without a single capability (setpriv,
+# util-linux): no raw sockets (capturing traffic on the build's network), no ignoring file
+# modes; root still owns the env, so pip can write it.
 RUN set -e; \
     if [ -s /opt/condaspawner/requirements.txt ]; then \
-        PIP_CONFIG_FILE=/opt/condaspawner/pip.conf /opt/conda/envs/${ENV_NAME}/bin/python -m pip install \
+        command -v setpriv > /dev/null \
+            || { echo "the base image has no setpriv (util-linux): pip sections need it" >&2; exit 1; }; \
+        PIP_CONFIG_FILE=/opt/condaspawner/pip.conf \
+        setpriv --bounding-set=-all --inh-caps=-all --no-new-privs \
+            /opt/conda/envs/${ENV_NAME}/bin/python -m pip install \
             --no-cache-dir --disable-pip-version-check --no-warn-script-location \
             -r /opt/condaspawner/requirements.txt; \
     fi; \
