@@ -201,6 +201,9 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
             try:
                 self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
             except SpecError as error:
+                if error.count > 1:
+                    self._last_form["problems"] = {"source": error.source, "count": error.count,
+                                                   "details": list(error.details)}
                 raise FormRefusal(error) from None
             # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
             # keeps its notes (ignored keys) for the progress page.
@@ -534,18 +537,19 @@ def _merged(base: dict | None, extra: dict) -> dict:
 
 
 class FormRefusal(ValueError):
-    """A spec refused on the form: one problem as one line; several as a list, one per line.
+    """A spec refused on the form: one problem as one line; several summed up in one line,
+    and listed under the environment.yml box of the form rendered again (render_options_form).
 
-    JupyterHub shows ``jupyterhub_message`` above the form it renders again, or, when that
-    is None, ``jupyterhub_html_message`` (every problem is the user's text, escaped).
+    JupyterHub shows ``jupyterhub_message`` above the form it renders again. Its
+    ``jupyterhub_html_message`` never shows there (JupyterHub passes it to spawn.html as
+    ``html_error_message``, which reads ``error_html_message``), so the list is the form's own.
     """
 
     def __init__(self, error: SpecError):
         super().__init__(str(error))
         self.problems = error.details
-        self.jupyterhub_message: str | None = str(error) if error.count == 1 else None
-        self.jupyterhub_html_message = jinja.get_template("spec_problems.html").render(
-            source=error.source, count=error.count, problems=error.details)
+        self.jupyterhub_message = str(error) if error.count == 1 else (
+            f"{error.source}: {error.count} problems, listed under your environment.yml below")
 
 
 def _spec_refused(error: SpecError) -> StartFailure:

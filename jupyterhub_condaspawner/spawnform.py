@@ -57,6 +57,7 @@ class SpawnFormMixin:
             notice=services.notices.take(self.user.name, self.name),
             cards=cards,
             custom_text=last.get("environment", ""),
+            problems=last.get("problems"),  # of the file just refused (FormRefusal)
             allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),
             can_check=self._hub_serves_the_check(),
         )

@@ -13,6 +13,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from fixtures_hub import FAKE_GPU
@@ -135,6 +136,17 @@ def test_a_spec_that_validates_but_cannot_solve_is_a_400_with_the_reason(hub):
     assert hub.server_model("frank") is None
     assert_progress_page_says(hub, "frank", message)
     assert "Traceback" not in hub.log()[log_start:]
+
+
+def test_a_form_file_with_several_problems_comes_back_with_every_problem(hub):
+    many = (Path(__file__).parent / "corpus" / "hostile" / "many-problems.yml").read_text()
+    page = form_failure_page(hub, "paula", {"profile": "python39", "environment_text": many})
+
+    assert_page_says(page, "pasted environment.yml: 4 problems, listed under your environment.yml below")
+    listed = page.split('data-testid="condaspawner-form-problems">')[1].split("</div>")[0]
+    assert listed.count('data-testid="condaspawner-spec-problem"') == 4, listed
+    assert "channels[0] (line 3): " in listed and "my-own-channel" in listed, listed
+    assert hub.server_model("paula") is None
 
 
 def test_refused_input_is_one_log_line_without_a_traceback(hub):

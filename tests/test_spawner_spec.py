@@ -37,20 +37,34 @@ def test_a_single_problem_keeps_its_one_line_form(tmp_path):
     assert refusal.value.message.startswith("environment.yml: dependencies[0].pip[0] (line 3): '-e .': pip options")
 
 
-def test_the_form_lists_every_problem_escaped(tmp_path):
+async def test_the_form_lists_every_problem_escaped(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     text = MANY.replace("anaconda-fake", "<b>bold</b>")
     with pytest.raises(ValueError) as refusal:
         spawner.options_from_form_data({"profile": ["py"], "environment_text": [text]})
-    message, html = format_exception(refusal.value)  # what JupyterHub's spawn page shows
-    assert message is None
-    assert html.startswith("<span data-testid=\"condaspawner-spec-problems\">Error: pasted environment.yml: "
-                           "4 problems:</span>")
-    items = html.split('data-testid="condaspawner-spec-problem">')[1:]
+    message, _ = format_exception(refusal.value)  # what JupyterHub's spawn page shows above the form
+    assert message == "pasted environment.yml: 4 problems, listed under your environment.yml below"
+    assert str(refusal.value).startswith("pasted environment.yml: 4 problems: channels[0] (line 3): ")
+    form = await spawner.render_options_form()  # the form JupyterHub renders again
+    box = form.split('data-testid="condaspawner-form-problems">')[1].split("</div>")[0]
+    assert box.lstrip().startswith('<span data-testid="condaspawner-spec-problems">pasted environment.yml: '
+                                   "4 problems:</span>")
+    items = box.split('data-testid="condaspawner-spec-problem">')[1:]
     assert len(items) == 4
     assert all(field in item for field, item in zip(FIELDS, items))
-    assert "<b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
-    assert str(refusal.value).startswith("pasted environment.yml: 4 problems: channels[0] (line 3): ")
+    assert "<b>" not in form and "&lt;b&gt;bold&lt;/b&gt;" in box
+    assert 'id="condaspawner-custom" open' in form  # the box is open, the pasted text in it
+    assert "condaspawner-form-problems" not in await spawner.render_options_form()  # shown once
+
+
+async def test_an_upload_with_problems_opens_the_box_with_its_list(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(ValueError):
+        spawner.options_from_form_data(
+            {"profile": ["py"], "environment_file_file": [{"body": MANY.encode(), "filename": "mine.yml"}]})
+    form = await spawner.render_options_form()
+    assert 'id="condaspawner-custom" open' in form
+    assert "mine.yml: 4 problems:" in form.split('data-testid="condaspawner-form-problems">')[1]
 
 
 def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
