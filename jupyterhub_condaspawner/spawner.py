@@ -31,7 +31,7 @@ from .hubservices import HubServices, hub_services
 from .isolation import IsolationMixin
 from .profiles import Profile, ProfileError
 from .resolve import ResolveError
-from .spawnform import SpawnFormMixin, jinja
+from .spawnform import SpawnFormMixin
 from .spawngpus import GpuBindingMixin
 from .spec import EnvironmentSpec, SpecError
 

@@ -106,7 +106,9 @@ class SpecPolicy(Configurable):
     def parse(self, data: str | bytes, source: str | None = None) -> EnvironmentSpec:
         """Validate and normalise an environment file; raise SpecError on any problem."""
         try:
-            document = load_yaml(decode(data, self.max_file_bytes), self.max_yaml_depth)
+            document = load_yaml(decode(data, self.max_file_bytes), self.max_yaml_depth, self.max_yaml_values,
+                                 f"an environment lists at most {self.max_dependencies} dependencies "
+                                 "(the hub admin sets c.SpecPolicy.max_dependencies)")
             return SpecReader(self._limits()).read(document)
         except SpecError as error:
             error.source = source
@@ -119,6 +121,12 @@ class SpecPolicy(Configurable):
         except yaml.YAMLError as error:
             raise SpecError(f"not a plain YAML mapping ({error.__class__.__name__})", source=source)
         return self.parse(text, source)
+
+    @property
+    def max_yaml_values(self) -> int:
+        """Most YAML values (scalars, lists, mappings) a file may hold: room for
+        max_dependencies entries and as many variables, names and keys besides."""
+        return 4 * self.max_dependencies + 100
 
     def _limits(self) -> SpecLimits:
         return SpecLimits(

@@ -39,10 +39,13 @@ class _StrictLoader(yaml.SafeLoader):
     Refusing aliases outright defeats "billion laughs" before any expansion happens.
     """
 
-    def __init__(self, stream: str, max_depth: int):
+    def __init__(self, stream: str, max_depth: int, max_nodes: int, why_nodes: str):
         super().__init__(stream)
         self._depth = 0
         self._max_depth = max_depth
+        self._nodes = 0
+        self._max_nodes = max_nodes
+        self._why_nodes = why_nodes
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -50,6 +53,11 @@ class _StrictLoader(yaml.SafeLoader):
             raise _Refused("YAML anchors and aliases (&name, *name) are not allowed", event.start_mark)
         if getattr(event, "tag", None) is not None:
             raise _Refused(f"YAML tags are not allowed ({show(event.tag)})", event.start_mark)
+        # Composing is pure Python (~70 us a value): a file under the size limit but with
+        # 100,000 values would hold the hub's event loop for seconds. Stop at the limit.
+        self._nodes += 1
+        if self._nodes > self._max_nodes:
+            raise _Refused(f"more than {self._max_nodes} YAML values in the file: {self._why_nodes}", event.start_mark)
         self._depth += 1
         try:
             if self._depth > self._max_depth:
@@ -93,9 +101,10 @@ def decode(data: str | bytes, max_bytes: int) -> str:
     return data.lstrip("\ufeff")
 
 
-def load_yaml(text: str, max_depth: int) -> yaml.MappingNode:
-    """The file's top-level mapping node, read by the strict loader; SpecError otherwise."""
-    loader = _StrictLoader(text, max_depth)
+def load_yaml(text: str, max_depth: int, max_nodes: int = 10_000, why_nodes: str = "too many") -> yaml.MappingNode:
+    """The file's top-level mapping node, read by the strict loader; SpecError otherwise
+    (``why_nodes`` says why past ``max_nodes`` values)."""
+    loader = _StrictLoader(text, max_depth, max_nodes, why_nodes)
     try:
         node = loader.get_single_node()
     except _Refused as refused:

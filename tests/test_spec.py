@@ -214,6 +214,22 @@ def test_dependency_count_limit():
     assert len(parse(text, max_dependencies=12).conda) == 11
 
 
+def test_a_small_file_of_countless_values_stops_being_read_at_the_value_limit():
+    # 131,000 one-letter entries fit in the size limit; reading them all held the hub's event
+    # loop for about 9 s. Reading stops at 4 values a dependency (plus 100).
+    flood = "dependencies: [" + ",".join(["a"] * 131_000) + "]"
+    assert len(flood) < SpecPolicy().max_file_bytes
+    assert refusal(flood) == ("env.yml: line 1: more than 4100 YAML values in the file: an environment lists at "
+                              "most 1000 dependencies (the hub admin sets c.SpecPolicy.max_dependencies)")
+    assert "more than 140 YAML values" in refusal("dependencies: [" + ",".join(["a"] * 200) + "]",
+                                                  max_dependencies=10)
+    # The largest file the limits allow still reads: 1,000 dependencies and 1,000 variables.
+    largest = ("dependencies:\n" + "".join(f"  - pkg{i}\n" for i in range(1000))
+               + "variables:\n" + "".join(f"  VAR{i}: x\n" for i in range(1000)))
+    spec = parse(largest)
+    assert len(spec.conda) == 1000 and len(spec.variables) == 1000
+
+
 def test_spec_length_and_name_limits_are_configurable():
     assert "longer than 20" in refusal("dependencies:\n  - numpy >=1.0,<2.0,!=1.5\n", max_spec_length=20)
     assert "longer than 5" in refusal("dependencies: [abcdef]", max_name_length=5)
