@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import docker
 import requests.exceptions
 
+from . import oneline
 from .registry import RegistryError
 
 MESSAGE_CHARS = 300
@@ -59,8 +60,7 @@ PHASE_WORDS = {
 
 
 def one_line(value: object) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+    return oneline.one_line(value, MESSAGE_CHARS)
 
 
 def plural(count: int, noun: str) -> str:

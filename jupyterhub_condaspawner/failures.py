@@ -19,8 +19,11 @@ from tornado import web
 
 from .builderrors import BuildError
 from .gpus import GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
+from .oneline import one_line
 
 _MESSAGE_CHARS = 400
+# The solver's explanation (resolve.py keeps up to 1,500 characters of it) and the advice.
+_SOLVE_MESSAGE_CHARS = 1700
 
 
 class StartFailure(SpawnException):
@@ -77,7 +80,7 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
     if phase == "solve":
         return StartFailure(f"Your environment cannot be solved: {cause}; {owner}" if custom_spec
                             else f"This profile's environment cannot be solved: {cause}; {owner}",
-                            reason="solve", status_code=400 if custom_spec else 500)
+                            reason="solve", status_code=400 if custom_spec else 500, max_chars=_SOLVE_MESSAGE_CHARS)
     if phase == "install":
         return StartFailure(f"Downloading or installing the packages failed: {cause}; try again later, "
                             f"or tell the hub admin if it keeps failing{key}", reason="install", status_code=503)
@@ -137,5 +140,4 @@ def log_failure(log: logging.Logger | logging.LoggerAdapter, who: str, failure: 
 
 
 def _one_line(value: object, max_chars: int = _MESSAGE_CHARS) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+    return one_line(value, max_chars)

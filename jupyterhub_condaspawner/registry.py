@@ -35,6 +35,8 @@ import requests
 import requests.exceptions
 import urllib3.exceptions
 
+from .oneline import one_line
+
 # What a manifest GET accepts: single-platform manifests first, then indexes.
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -502,5 +504,4 @@ class Throttle:
 
 
 def _one_line(value: object) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+    return one_line(value, _MESSAGE_CHARS)

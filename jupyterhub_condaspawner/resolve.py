@@ -37,12 +37,14 @@ from rattler import (
 from traitlets import Dict, Float, List, Unicode, default
 from traitlets.config import Configurable
 
+from .oneline import one_line
 from .spec import EnvironmentSpec
 
 LOCK_ENVIRONMENT = "default"
 # `nodefaults` only removes `defaults` from the channel list; it is not a channel.
 NO_DEFAULTS = "nodefaults"
-_MESSAGE_CHARS = 400
+# A solver explains a conflict as a tree that ends with its cause: room for most of them.
+_MESSAGE_CHARS = 1500
 # What py-rattler's solver says when a spec matches nothing; and how near a channel's
 # package name must be to a missing one to be offered (difflib's ratio).
 _NO_CANDIDATES = "No candidates were found for"
@@ -281,8 +283,8 @@ class Resolver(Configurable):
             return f"a channel cannot be reached: {_first_and_root_cause(error)}"
         if "__cuda" in message and not cuda:
             return (
-                f"cannot solve: {message} - this environment needs a CUDA GPU: "
-                'set the profile\'s cuda version (e.g. cuda: "12.4")'
+                f"cannot solve: {message} - this environment needs a CUDA GPU: pick a GPU profile "
+                '(the hub admin gives a profile its cuda version, e.g. cuda: "12.4")'
             )
         return f"cannot solve: {message}"
 
@@ -368,8 +370,7 @@ def _first_and_root_cause(error: Exception) -> str:
 
 
 def _one_line(error: Any) -> str:
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+    return one_line(error, _MESSAGE_CHARS)
 
 
 def _channel_name(text: str) -> str:

@@ -50,6 +50,7 @@ def write_config(directory: Path, channel_url: str, base_image: str, repo: str, 
         f"c.ImageBuilder.cache_dir = {str(directory / 'cache')!r}\n"
         f"c.ImageBuilder.base_image = {base_image!r}\n"
         f"c.ImageBuilder.image_repo = {repo!r}\n"
+        "c.ImageBuilder.build_network_mode = 'host'\n"  # the bench daemon has no bridge
         "c.ImageBuilder.pip_config = {'no-index': 'true'}\n" + extra
     )
     return path

@@ -36,6 +36,7 @@ def config(docker_daemon, base_image, dev_python_channel, tmp_path_factory):
         f"c.ImageBuilder.cache_dir = {str(directory / 'cache')!r}\n"
         f"c.ImageBuilder.base_image = {base_image!r}\n"
         f"c.ImageBuilder.image_repo = {repo!r}\n"
+        "c.ImageBuilder.build_network_mode = 'host'\n"  # the bench daemon has no bridge
     )
     yield path
     remove_repo_images(docker_daemon.client(), repo)

@@ -48,6 +48,9 @@ async def test_a_conflict_is_refused_with_the_solvers_reason_in_one_line(tmp_pat
     message = refusal.value.message
     assert message.startswith("Your environment cannot be solved: ") and "cs-conflict" in message
     assert "\n" not in message and "nothing provides" not in message  # every name exists
+    # The cause (the solver's tree ends with it) and the advice are not cut off.
+    assert "which conflicts with the versions reported above" in message, message
+    assert message.endswith("; check your environment.yml"), message
 
 
 async def test_the_build_reuses_the_lock_of_the_pre_check(tmp_path, dev_python_channel):

@@ -283,6 +283,7 @@ def test_condaspawner_build_push_prints_the_pinned_references(builder, first, re
         f"c.Resolver.package_cache_dir = {str(tmp_path / 'pkgs')!r}\n"
         f"c.ImageBuilder.cache_dir = {str(tmp_path / 'cache')!r}\n"
         f"c.ImageBuilder.base_image = {base_image!r}\n"
+        "c.ImageBuilder.build_network_mode = 'host'\n"  # the bench daemon has no bridge
         f"c.ImageBuilder.registry = {repository!r}\n"
         f"c.ImageBuilder.insecure_registries = [{repository.split('/')[0]!r}]\n")
     profiles = spawner_config(tmp_path, dev_python_channel.url, base_image, repository).ProfileCatalog.profiles_dir

@@ -74,7 +74,7 @@ async def test_cuda_package_needs_the_override(resolver):
     environment = spec("channels: [conda-forge]\ndependencies: [cs-cuda-kernels]")
     with pytest.raises(ResolveError) as info:
         await resolver.solve(environment)
-    assert "__cuda" in str(info.value) and "set the profile's cuda version" in str(info.value)
+    assert "__cuda" in str(info.value) and "pick a GPU profile" in str(info.value)
     with pytest.raises(ResolveError):
         await resolver.solve(environment, cuda="11.8")  # the package needs __cuda >=12
     lock = await resolver.solve(environment, cuda="12.4")
@@ -155,6 +155,6 @@ def test_cli_resolve_prints_the_lock_and_one_line_errors(dev_channel, tmp_path):
     refused = condaspawner("resolve", "--config", str(config), str(env))
     assert refused.returncode == 1 and refused.stdout == b""
     (line,) = refused.stderr.decode().splitlines()
-    assert line.startswith("error: cannot solve:") and "set the profile's cuda version" in line
+    assert line.startswith("error: cannot solve:") and "pick a GPU profile" in line
     solved = condaspawner("resolve", "--config", str(config), str(env), "--cuda", "12.4", "--json")
     assert json.loads(solved.stdout)["packages"][0]["name"] == "cs-cuda-kernels"
