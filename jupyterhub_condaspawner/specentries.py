@@ -38,6 +38,8 @@ _SHELL_CHARS_PIP = set("`$&\\")
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+\Z")
 # What `defaults` stands for: allowing `defaults` allows naming its members directly.
 _DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
+# What `conda env export` writes for Anaconda's channels, and its usual typo.
+_ANACONDA_DEFAULTS = ("defaults", "default", "anaconda", *_DEFAULTS_MEMBERS)
 # How close an unknown channel must be to an allowed one to be a typo (difflib's ratio).
 _CHANNEL_TYPO_CUTOFF = 0.8
 # What conda accepts as a build string (with `*` globs); MatchSpec takes anything.
@@ -92,9 +94,14 @@ class EntryChecker:
         if "://" in channel or channel.startswith(("/", ".", "~", "file:")) or "\\" in channel:
             kind = "a URL or a path"
             hint = ""
+        elif channel in _ANACONDA_DEFAULTS and "defaults" not in self._limits.allowed_channels:
+            kind = "not an allowed channel"
+            hint = " (this hub does not use Anaconda's defaults channels: remove it)"
         else:
             kind = "not an allowed channel"
-            near = difflib.get_close_matches(channel, self._limits.allowed_channels, n=1, cutoff=_CHANNEL_TYPO_CUTOFF)
+            # `nodefaults` means "not defaults": offered only for a typo of itself.
+            names = [name for name in self._limits.allowed_channels if name != "nodefaults" or channel.startswith("no")]
+            near = difflib.get_close_matches(channel, names, n=1, cutoff=_CHANNEL_TYPO_CUTOFF)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SpecError(
             f"{show(channel)} is {kind}{hint}; allowed channels: {', '.join(self._limits.allowed_channels)} "

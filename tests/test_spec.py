@@ -397,6 +397,18 @@ def test_channel_hints_name_the_near_channel_and_the_admin_setting():
     assert "did you mean" not in refusal("channels: [fastai]\ndependencies: [numpy]")
 
 
+def test_anaconda_defaults_on_a_hub_without_them_is_never_offered_nodefaults():
+    # `conda env export` lists `defaults`; `nodefaults` means the opposite.
+    without = ["conda-forge", "nodefaults"]
+    for channel in ("defaults", "default", "pkgs/main"):
+        message = refusal(f"channels: [conda-forge, {channel}]\ndependencies: [numpy]", allowed_channels=without)
+        assert f"channels[1] (line 1): {channel!r} is not an allowed channel (this hub does not use Anaconda's " \
+               "defaults channels: remove it); allowed channels: conda-forge, nodefaults" in message, message
+    assert "(did you mean 'nodefaults'?)" in refusal("channels: [nodefault]\ndependencies: [numpy]",
+                                                     allowed_channels=without)
+    assert "did you mean" not in refusal("channels: [defautls]\ndependencies: [numpy]", allowed_channels=without)
+
+
 @pytest.mark.parametrize("line, conda", [
     ("torch==2.1.0+cu121", "pytorch-cuda=12.1"),
     ("torchvision==0.15.2+cpu", "cpuonly"),
