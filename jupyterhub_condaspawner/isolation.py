@@ -33,6 +33,8 @@ from .gpus import LABEL_USER
 
 # Template fields that make a volume name per-user (DockerSpawner 14's namespace).
 USER_FIELDS = frozenset({"username", "safe_username", "raw_username"})
+# Docker's local volume driver makes a folder of the name: one file name, at most 255 bytes.
+MAX_VOLUME_NAME = 255
 # What may stay as it is in a name: DNS-label characters without the escape character.
 NAME_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -146,6 +148,8 @@ class IsolationMixin(LoggingConfigurable):
     async def claim_user_volumes(self) -> None:
         """Create this user's volumes with an owner label; refuse any that another user owns."""
         for name in self.user_volume_names():
+            if len(name.encode()) > MAX_VOLUME_NAME:
+                raise web.HTTPError(500, volume_too_long(name))
             # create_volume returns the existing volume (labels unchanged) if the name is taken,
             # so two users racing for one name cannot both win.
             volume = await self.docker("create_volume", name=name, labels={LABEL_USER: self.user.name})
@@ -153,6 +157,14 @@ class IsolationMixin(LoggingConfigurable):
             if owner != self.user.name:
                 self.log.warning("Refusing volume %s for %s: owner label %r", name, self.user.name, owner)
                 raise web.HTTPError(500, volume_refusal(name, owner))
+
+
+def volume_too_long(name: str) -> str:
+    """One line for a home volume whose name is longer than a volume name may be (a long user
+    name, escaped): names are never cut short, which could make two users' names one."""
+    return (f"the name of your home volume ({name[:40]}..., {len(name.encode())} characters from your user "
+            f"name) is longer than the {MAX_VOLUME_NAME} a volume name may have: tell the hub admin (a "
+            "shorter user name, or a shorter volume name template in c.DockerSpawner.volumes)")
 
 
 def volume_refusal(name: str, owner: str | None) -> str:

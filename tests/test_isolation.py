@@ -216,6 +216,24 @@ async def test_a_home_volume_another_user_owns_is_refused_and_nothing_is_created
 
 
 @pytest.mark.docker
+async def test_a_user_name_too_long_for_a_volume_name_is_one_line_and_nothing_is_created(db, docker_daemon,
+                                                                                         docker_config):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    for user in ("x" * 300, "\u00e9" * 50):  # an escaped "é" is 6 characters: "-c3-a9"
+        spawner = make_spawner(db, config, user)
+        with pytest.raises(web.HTTPError) as refused:
+            await spawner.create_object()
+        message = refused.value.log_message
+        assert refused.value.status_code == 500 and "\n" not in message
+        assert message.startswith(f"the name of your home volume ({prefix}-home-")
+        assert "is longer than the 255 a volume name may have: tell the hub admin" in message
+        assert str(docker_daemon.client().info()["DockerRootDir"]) not in message
+    assert not client.volumes.list(filters={"name": f"{prefix}-home-"})
+    assert not client.containers.list(all=True, filters={"name": prefix})
+
+
+@pytest.mark.docker
 async def test_two_users_racing_for_one_volume_name_cannot_both_win(db, docker_daemon, docker_config):
     config, prefix = docker_config
     config.DockerSpawner.volumes = {prefix + "-shared-{username}{servername}": "/home/jovyan"}  # the bad template
