@@ -66,15 +66,18 @@ def diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> Diff:
     return result
 
 
-def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str = "") -> str:
+def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str = "",
+                          default_channels: list[str] | None = None) -> str:
     """An environment.yml pinning every conda package of ``lock`` to its version and build.
 
-    Channels are the spec's (names conda knows elsewhere) when given, else the lock's URLs;
-    a ``pip:`` section is kept as the spec wrote it (pip packages are not in the conda lock).
+    Channels are names conda knows elsewhere: the spec's, else ``default_channels`` (the
+    hub's, which solved a spec that lists none); the lock's URLs only when neither is known
+    (they can be the hub's own mirror or local folders). A ``pip:`` section is kept as the
+    spec wrote it (pip packages are not in the conda lock).
     """
     spec = yaml.safe_load(spec_text) if spec_text else {}
     spec = spec if isinstance(spec, dict) else {}
-    channels = spec.get("channels") or list(lock.get("channels", []))
+    channels = spec.get("channels") or list(default_channels or []) or list(lock.get("channels", []))
     dependencies: list[Any] = [f"{package['name']}={package['version']}={package['build']}"
                                for package in lock.get("packages", [])]
     pip = [entry["pip"] for entry in spec.get("dependencies") or [] if isinstance(entry, dict) and "pip" in entry]

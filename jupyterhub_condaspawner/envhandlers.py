@@ -325,7 +325,8 @@ class DownloadAPI(_API):
             self._download(json.dumps(lock, indent=2) + "\n", f"lock-{key[:16]}.json", "application/json")
         else:
             name = use.profile if not use.own else "my-environment"
-            text = environments.envdiff.exact_environment_yml(lock, use.spec, name=name)
+            text = environments.envdiff.exact_environment_yml(lock, use.spec, name=name,
+                                                              default_channels=builder.resolver.default_channels)
             self._download(text, "environment.yml", "application/x-yaml")
 
     def _download(self, text: str, filename: str, kind: str) -> None:

@@ -43,7 +43,12 @@ def test_the_exact_environment_yml_pins_every_package_and_keeps_the_pip_section(
 
     assert exact == {"name": "my-env", "channels": ["conda-forge"],
                      "dependencies": ["python=3.9.18=h_cs_0", "numpy=1.26.4=h_0", {"pip": ["rich==13.7"]}]}
-    assert yaml.safe_load(exact_environment_yml(lock))["channels"] == ["file:///c"]  # no spec: the lock's URLs
+    # A spec without channels was solved on the hub's default channels: their names, never the
+    # hub's own URLs (a mirror, a local folder, a token in a URL).
+    bare = "dependencies: [python=3.9]\n"
+    assert yaml.safe_load(exact_environment_yml(lock, bare, default_channels=["conda-forge"]))["channels"] == [
+        "conda-forge"]
+    assert yaml.safe_load(exact_environment_yml(lock))["channels"] == ["file:///c"]  # nothing else known
 
 
 def test_the_usage_log_keeps_each_users_environments_apart(tmp_path):
