@@ -36,7 +36,8 @@ def policy_refusal(text: str) -> str | None:
         return "PyTorch's own index cannot be used here; " + PYTORCH_CHANNELS_HINT.format(cuda=cuda)
     if re.search(r"\s--hash\b", requirement_part):
         return "--hash must be sha256:, sha384: or sha512: and the full hex digest, after the requirement"
-    if re.search(r"(^|\s)-", requirement_part):
+    # pip's requirements file splits a line at its first " -", even inside a marker's quotes.
+    if re.search(r"(^|\s)-", text):
         return "pip options (-e, -r, --index-url, --extra-index-url, --find-links, ...) are not allowed"
     if "://" in requirement_part or requirement_part.startswith(_VCS_PREFIXES):
         return "URLs and version-control references are not allowed; name a package from the index"

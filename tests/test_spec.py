@@ -383,6 +383,8 @@ def test_pip_hashes_are_allowed_and_normalised():
     "requests==2.31.0 --hash=md5:" + "0" * 32,
     "requests==2.31.0 --hash=sha256:" + "0" * 64 + " --no-deps",
     "requests==2.31.0 --no-deps --hash=sha256:" + "0" * 64,
+    # pip splits at " --" inside a marker's quotes too: an index URL would reach pip
+    'cs-x; python_version == "x --index-url http://127.0.0.1:9/simple y"',
 ])
 def test_only_well_formed_hashes_pass_and_other_options_stay_refused(line):
     message = refusal(f"dependencies:\n - pip:\n   - {line}\n")
