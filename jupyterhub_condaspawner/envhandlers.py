@@ -93,6 +93,7 @@ class _Environments:
             if record is not None:
                 own = record.env_name == CUSTOM_ENV_NAME
                 return Use("", key, "" if own else record.env_name, own, record.name, "", 0.0, 0.0)
+            raise PageFailure(404, "no environment with this key on this hub")
         raise PageFailure(404, "no such environment of yours")
 
     def running_servers(self) -> dict[str, list[str]]:
@@ -445,6 +446,8 @@ class CheckAPI(_API):
     async def post(self) -> None:
         body = self.body()
         text, slug = body.get("environment"), body.get("profile")
+        if text is not None and not isinstance(text, str):
+            raise PageFailure(400, "environment: must be the text of an environment.yml")
         if not isinstance(text, str) or not text.strip():
             raise PageFailure(400, "environment: paste or upload an environment.yml first")
         if slug is not None and not isinstance(slug, str):

@@ -302,6 +302,8 @@ def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     assert status == 400 and body["message"].startswith("profile: ")
     status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": "yes"})
     assert status == 400 and body["message"] == "dry_run: must be true or false"
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": "0" * 64})
+    assert status == 404 and body["message"] == "no environment with this key on this hub"
     # The first envtest build: unused, so it goes.
     status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['first_profile_key']}")
     assert status == 200, body
@@ -370,6 +372,8 @@ def test_check_says_when_a_valid_file_cannot_solve_and_on_which_profile(hub):
     assert answer == {"ok": False, "problems": ["profile: unknown profile 'no-such-profile'"], "count": 1}
     status, answer, _ = client.call("POST", "/check", {"profile": "python39", "environment": ""})
     assert status == 400 and answer["message"] == "environment: paste or upload an environment.yml first"
+    status, answer, _ = client.call("POST", "/check", {"profile": "python39", "environment": 5})
+    assert status == 400 and answer["message"] == "environment: must be the text of an environment.yml"
 
 
 def test_the_spawn_form_has_the_check_button(hub):
