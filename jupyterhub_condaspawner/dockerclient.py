@@ -7,6 +7,7 @@ do not import the builder and, with it, the solver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
@@ -38,27 +39,34 @@ async def thread_stream(make: Callable[[], Iterable[dict[str, Any]]]) -> AsyncGe
     The daemon's refusals become ``{"error": ...}`` events, like errors inside the stream;
     a daemon that cannot be reached becomes ``{"daemon_error": ...}``. Abandoning the
     iterator (a timeout) stops reading at the next event.
+
+    The reading thread is a daemon thread, not the event loop's executor: a build step can
+    print nothing for minutes (a slow pip index), and a hub told to stop (SIGTERM) would
+    otherwise wait for its next line before it could exit, the proxy already gone.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     abandoned = threading.Event()
+
+    def put(item: dict[str, Any] | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the hub's loop has closed: nobody is reading
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def pump() -> None:
         try:
             for item in make():
                 if abandoned.is_set():
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                put(item)
         except docker.errors.APIError as error:
-            loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(error.explanation or error)})
+            put({"error": one_line(error.explanation or error)})
         except Exception as error:  # the daemon went away or cannot be reached
-            loop.call_soon_threadsafe(queue.put_nowait, {"daemon_error": one_line(error)})
-        loop.call_soon_threadsafe(queue.put_nowait, None)
+            put({"daemon_error": one_line(error)})
+        put(None)
 
-    reader = loop.run_in_executor(None, pump)
+    threading.Thread(target=pump, name="docker-stream", daemon=True).start()
     try:
         while (item := await queue.get()) is not None:
             yield item
     finally:
         abandoned.set()
-    await reader

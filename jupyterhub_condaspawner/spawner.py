@@ -24,7 +24,7 @@ from traitlets import Bool, Float, default
 
 from . import environments
 from .builderrors import BuildError
-from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, BuildRequest, EventStream, ImageInfo, request_for_profile
+from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, EventStream, ImageInfo, request_for_profile
 from .failures import StartFailure, explain, log_failure
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .hubservices import HubServices, hub_services
@@ -36,6 +36,8 @@ from .spawngpus import GpuBindingMixin
 from .spec import EnvironmentSpec, SpecError
 
 # progress() ranges: image 1-85, GPUs 86-89, container 90-100.
+_BUILD_INTERRUPTED = ("Your last start of {} was building its environment when the hub restarted, and did not go "
+                      "on: start it again (the build starts over)")
 _IMAGE_SHARE = 83
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
@@ -110,7 +112,7 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
-        self._queue_notice = False  # this process posted "the hub restarted while you waited"
+        self._restart_notice = False  # this process posted "the hub restarted while you ..."
         # A start that has not (yet) created its container: nothing to poll or stop.
         self._before_container = False
         # A start that failed before its container: JupyterHub's clean-up of it is under way.
@@ -336,6 +338,22 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
             return cached
         await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
         build = builder.ensure(request)
+        # Taken back once the build ends; left, the next spawn page tells why this start vanished.
+        self._post_restart_notice(_BUILD_INTERRUPTED.format(request.display_name))
+        try:
+            info = await self._follow_build(build, key, request)
+        except asyncio.CancelledError:  # the hub stopping, or the user (clear_state takes it back)
+            raise
+        except Exception:
+            self._take_back_restart_notice()
+            raise
+        self._take_back_restart_notice()
+        await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
+        return info
+
+    async def _follow_build(self, build: Build, key: str, request: BuildRequest) -> ImageInfo:
+        """The build's phases on this spawn's progress page (and what changed since the last
+        build, once solved); its image."""
         told_changes = False
         async for event in build.follow():
             if event["phase"] == "error":
@@ -347,9 +365,17 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
                 changes = await asyncio.to_thread(self._changes_line, key, request)
                 if changes:
                     await self._feed.publish("solve", progress, changes)
-        info = await build.result()
-        await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
-        return info
+        return await build.result()
+
+    def _post_restart_notice(self, text: str) -> None:
+        """Leave ``text`` for this server's next spawn page, should the hub stop under this start."""
+        self.services.notices.post(self.user.name, self.name, text)
+        self._restart_notice = True
+
+    def _take_back_restart_notice(self) -> None:
+        if self._restart_notice:
+            self.services.notices.discard(self.user.name, self.name)
+            self._restart_notice = False
 
     def _record_use(self, request: BuildRequest) -> str:
         """Record that this user started ``request``'s environment (the environments page); its key."""
@@ -513,7 +539,7 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
 
     def clear_state(self) -> None:
         super().clear_state()
-        self._take_back_queue_notice()  # the user stopped a spawn that waited for a GPU
+        self._take_back_restart_notice()  # the user stopped a spawn that waited for a GPU or a build
         self._image_info = None
 
 

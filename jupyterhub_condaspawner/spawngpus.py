@@ -35,11 +35,14 @@ class GpuBindingMixin:
         gpu_idle_timeout: float
         _feed: EventStream
         _allocation: Allocation | None
-        _queue_notice: bool
         _stop_pending: bool
 
         @property
         def services(self) -> HubServices: ...
+
+        def _post_restart_notice(self, text: str) -> None: ...
+
+        def _take_back_restart_notice(self) -> None: ...
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
@@ -50,8 +53,7 @@ class GpuBindingMixin:
         async def waiting(ahead: int, waited: float) -> None:
             # Taken back when the spawn leaves the queue; only a hub that stops under a
             # waiting spawn leaves it for the next spawn page.
-            services.notices.post(self.user.name, self.name, _QUEUE_INTERRUPTED.format(profile.display_name))
-            self._queue_notice = True
+            self._post_restart_notice(_QUEUE_INTERRUPTED.format(profile.display_name))
             who = "you are next" if not ahead else f"{ahead} ahead of you"
             await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
 
@@ -64,16 +66,11 @@ class GpuBindingMixin:
             # task. Only the second calls clear_state(), which takes the notice back.
             raise
         except Exception:
-            self._take_back_queue_notice()
+            self._take_back_restart_notice()
             raise
-        self._take_back_queue_notice()
+        self._take_back_restart_notice()
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
-
-    def _take_back_queue_notice(self) -> None:
-        if self._queue_notice:
-            self.services.notices.discard(self.user.name, self.name)
-            self._queue_notice = False
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

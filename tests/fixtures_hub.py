@@ -132,7 +132,8 @@ class Hub:
             time.sleep(0.2)
         raise RuntimeError(f"hub did not answer in {timeout} s:\n{self.log()[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM, as systemd or docker stop; False if the hub had to be killed after 30 s."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -140,6 +141,8 @@ class Hub:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                return False
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

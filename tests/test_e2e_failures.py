@@ -268,6 +268,30 @@ async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
     hub.stop_server("cpu-after-restart")
 
 
+def test_a_hub_stopped_mid_build_exits_and_tells_the_user_on_the_next_spawn_page(hub, pip_index):
+    # The pip step waits on the index's page: the build prints nothing while the hub is told to stop.
+    held = f"cs-held-{uuid.uuid4().hex[:6]}"
+    gate = pip_index.add(held, gated=True)
+    environment = custom_env(pip=[f"{held}==1.0"])
+    try:
+        spawn = Spawn(hub, "held", {"profile": "python39", "environment": environment})
+        deadline = time.monotonic() + 300
+        while not any(held in path for path in pip_index.requested):
+            assert time.monotonic() < deadline, spawn.messages
+            time.sleep(0.2)
+        assert hub.stop(), "SIGTERM: the hub waited for the silent build step and was killed"
+    finally:
+        gate.set()
+    hub.start()
+
+    page = hub.spawn_page("held")
+    assert "was building its environment when the hub restarted, and did not go on: start it again" in page
+    assert "was building its environment" not in hub.spawn_page("held")  # told once
+    again = Spawn(hub, "held", {"profile": "python39", "environment": environment})
+    assert again.wait().get("ready"), again.messages
+    hub.stop_server("held")
+
+
 def test_a_leftover_running_container_is_replaced_not_reused(hub, docker_daemon, base_image):
     # A container the hub no longer knows about (a lost database, a killed test run) still runs.
     client = docker_daemon.client()
