@@ -10,10 +10,10 @@ _CUT = " [...] "
 
 
 def one_line(value: object, max_chars: int) -> str:
-    """``value``'s text on one line, at most ``max_chars`` long: its first third and its end."""
+    """``value``'s text on one line, at most ``max_chars`` long: its first half and its end."""
     text = " ".join(str(value).split())
     if len(text) <= max_chars:
         return text
-    head = (max_chars - len(_CUT)) // 3
+    head = (max_chars - len(_CUT)) // 2
     tail = max_chars - len(_CUT) - head
     return text[:head] + _CUT + text[-tail:]

@@ -20,6 +20,7 @@ from traitlets import TraitError, Unicode
 from traitlets.config import Configurable
 
 from .spec import EnvironmentSpec, SpecError, SpecPolicy, show
+from .specyaml import describe_yaml_error
 
 PROFILE_SUFFIXES = (".yaml", ".yml")
 MAX_GPUS = 64
@@ -56,11 +57,13 @@ class Profile:
 
 
 class ProfileError(ValueError):
-    """Every problem found while loading profiles, one line each."""
+    """Every problem found while loading profiles, one line each; ``usable``: the profiles of
+    the files without problems, when they do not conflict (duplicate slugs, two defaults)."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], usable: list[Profile] | None = None):
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.usable = usable or []
 
 
 class _FieldError(Exception):
@@ -193,8 +196,9 @@ class ProfileCatalog(Configurable):
         return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
 
     def reload_if_changed(self) -> list[str]:
-        """Load the first time, then reload when the files changed; on problems keep the
-        previous profiles (or raise ProfileError if there are none). Returns the problems."""
+        """Load the first time, then reload when the files changed. On problems keep the
+        previous profiles; with none yet (a hub started on a broken file), serve the files
+        that load, unless they conflict (then ProfileError). Returns the problems."""
         signature = self.files_signature()
         if signature == self._loaded_signature:
             return []
@@ -202,7 +206,9 @@ class ProfileCatalog(Configurable):
             self.load()
         except ProfileError as error:
             if not self.profiles:
-                raise
+                if not error.usable:
+                    raise
+                self.profiles = error.usable
             self._loaded_signature = signature  # report a broken edit once, not on every spawn
             return error.problems
         return []
@@ -219,11 +225,12 @@ class ProfileCatalog(Configurable):
             profile = self._load_file(path, problems)
             if profile is not None:
                 profiles.append(profile)
-        problems += _catalog_problems(profiles)
+        conflicts = _catalog_problems(profiles)
+        problems += conflicts
         if not profiles and not problems:
             problems.append(f"{directory}: no profile files (*.yaml, *.yml)")
         if problems:
-            raise ProfileError(problems)
+            raise ProfileError(problems, usable=[] if conflicts else profiles)
         self.profiles = profiles
         self._loaded_signature = self.files_signature()
         return profiles
@@ -249,6 +256,9 @@ class ProfileCatalog(Configurable):
     def _load_file(self, path: Path, problems: list[str]) -> Profile | None:
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as error:  # where, and what was expected there
+            problems.append(f"{path}: {describe_yaml_error(error)}")
+            return None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             problems.append(f"{path}: cannot read: {str(error).splitlines()[0]}")
             return None

@@ -126,11 +126,13 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         try:
             services = hub_services(self)
             for problem in services.catalog.reload_if_changed():
-                self.log.error("Profiles not reloaded, keeping the previous ones: %s", problem)
+                self.log.error("Profile problem (the hub serves the profiles that load; "
+                               "`condaspawner profiles` lists them all): %s", problem)
             return services
         except ProfileError as error:
-            raise StartFailure("the admin's profiles have problems: " + "; ".join(error.problems),
-                               reason="profiles", status_code=500) from None
+            raise StartFailure("This hub's profiles cannot be read: tell the hub admin (the hub's log names the "
+                               "problems)", reason="profiles", status_code=500,
+                               log_message="the admin's profiles have problems: " + "; ".join(error.problems)) from None
 
     @property
     def _group_names(self) -> list[str]:

@@ -111,7 +111,7 @@ def load_yaml(text: str, max_depth: int, max_nodes: int = 10_000, why_nodes: str
         where = f"line {refused.mark.line + 1}: " if refused.mark else ""
         raise SpecError(where + refused.reason)
     except yaml.MarkedYAMLError as error:
-        raise SpecError(_describe_yaml_error(error))
+        raise SpecError(describe_yaml_error(error))
     except yaml.YAMLError as error:
         raise SpecError("invalid YAML: " + str(error).splitlines()[0])
     finally:
@@ -167,7 +167,7 @@ def at(where: str, node: yaml.Node | None) -> str:
     return f"{where} (line {line(node)})" if node is not None else where
 
 
-def _describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
+def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
     """The parser's error at the place a person would fix, with what was expected there.
 
     PyYAML reports a missing ':' where it gave up (often lines later) and the line that

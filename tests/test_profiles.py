@@ -202,6 +202,29 @@ def test_reload_if_changed_picks_up_edits_and_keeps_the_old_profiles_on_errors(t
     assert catalog.reload_if_changed() == []  # reported once
 
 
+def test_a_hub_started_on_a_broken_file_serves_the_others_and_says_where_the_yaml_breaks(tmp_path):
+    write(tmp_path, {"a.yaml": "display_name: A\nenvironment: envs/e.yml\n", "envs/e.yml": ENV,
+                     "b.yaml": 'display_name: "B\nenvironment: envs/e.yml\n',  # a quote never closed
+                     "c.yaml": "display_name: C\nenvironment envs/e.yml\n"})  # a ':' missing
+    catalog = ProfileCatalog(profiles_dir=str(tmp_path))
+    problems = catalog.reload_if_changed()
+    assert [p.slug for p in catalog.profiles] == ["a"]
+    assert problems == [
+        f"{tmp_path / 'b.yaml'}: invalid YAML at line 1, column 15: the quote opened here is never closed "
+        "(found unexpected end of stream at line 3)",
+        f"{tmp_path / 'c.yaml'}: invalid YAML at line 2, column 1: 'environment envs/e.yml' needs a ':' after it "
+        "(expected 'key: value', or '- item' under a key)",
+    ]
+    assert catalog.reload_if_changed() == []  # reported once
+
+
+def test_a_hub_started_on_conflicting_files_serves_none_of_them(tmp_path):
+    write(tmp_path, {"a.yaml": "display_name: A\nslug: same\nenvironment: envs/e.yml\n", "envs/e.yml": ENV,
+                     "b.yaml": "display_name: B\nslug: same\nenvironment: envs/e.yml\n"})
+    with pytest.raises(ProfileError, match="slug: 'same' is also used by"):
+        ProfileCatalog(profiles_dir=str(tmp_path)).reload_if_changed()
+
+
 def test_reload_if_changed_loads_the_first_time_and_reports_a_missing_folder(tmp_path):
     catalog = ProfileCatalog(profiles_dir=str(tmp_path / "nope"))
     with pytest.raises(ProfileError, match="profiles directory not found"):

@@ -208,3 +208,16 @@ def test_an_unreachable_index_is_not_reported_as_a_missing_package():
     assert error.unreachable and error.cause == "the package index could not be reached"
     failure = explain(error, custom_spec=True)
     assert failure.status_code == 503 and "try again later" in failure.message
+
+
+def test_profiles_that_cannot_load_are_the_admins_and_their_paths_stay_in_the_log(tmp_path):
+    directory = profiles_dir(tmp_path)
+    for profile in directory.glob("*.yaml"):
+        profile.write_text('display_name: "never closed\n')
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(StartFailure) as failure:
+        spawner.apply_choice({"profile": "py"})
+    assert failure.value.status_code == 500
+    assert failure.value.message == "This hub's profiles cannot be read: tell the hub admin (the hub's log names " \
+                                    "the problems)"
+    assert str(directory) in failure.value.log_message and "never closed" in failure.value.log_message
