@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from traitlets import TraitError
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
@@ -739,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command: expected failures are one ``error:`` line."""
     args = parser.parse_args(argv)
+    _show_setting_warnings()
     try:
         return _run(args)
     finally:
@@ -748,11 +752,26 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
             time.sleep(0.1)
 
 
+def _show_setting_warnings() -> None:
+    """A misspelled setting (``c.ImageBuilder.max_concurent_builds``) is unknown to its
+    class, which says so, with the name it meant, through traitlets' logger (silent outside
+    an application) or a Python warning: both reach the admin as ``warning:`` lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("traitlets").addHandler(handler)
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    warnings.simplefilter("always", UserWarning)  # the default filter lost some (validate's)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args, load_config(args.config))
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except TraitError as error:  # a setting of the wrong type or value, found when first used
+        print(f"error: a setting in the config: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -62,12 +62,14 @@ class ResolveError(Exception):
 
     ``unreachable``: a channel could not be reached, so a retry may succeed.
     ``no_space``: a disk filled up (the message may have lost the cause in its cut).
+    ``details``: the solver's own text, lines and all (a conflict's tree), for the build log.
     """
 
-    def __init__(self, message: str, *, unreachable: bool = False, no_space: bool = False):
+    def __init__(self, message: str, *, unreachable: bool = False, no_space: bool = False, details: str = ""):
         super().__init__(message)
         self.unreachable = unreachable
         self.no_space = no_space
+        self.details = details
 
 
 @dataclass
@@ -269,7 +271,7 @@ class Resolver(Configurable):
             message = self._explain(error, cuda)
             if not unreachable and _NO_CANDIDATES in message:
                 message += await self._missing_names(channels, spec)
-            raise ResolveError(message, unreachable=unreachable) from None
+            raise ResolveError(message, unreachable=unreachable, details=str(error)) from None
         return Lock(
             records=records,
             platform=self.platform,

@@ -38,6 +38,8 @@ async def solve(resolver: Resolver, build: Build, request: BuildRequest, build_l
         lock = await resolver.solve(spec, cuda=request.cuda)
     except ResolveError as error:
         build_log.write(f"solve failed: {error}\n")
+        if error.details:  # the solver's explanation as it wrote it: a conflict is a tree
+            build_log.write(error.details.rstrip() + "\n")
         raise BuildError(f"solve: {error}", phase="solve", cause=str(error).removeprefix("cannot solve: "),
                          unreachable=error.unreachable) from None
     return await _keep_lock(build, lock, build_log, key_dir)

@@ -121,6 +121,22 @@ def test_bad_config_is_one_error_line(tmp_path):
     assert missing.stderr.decode().strip() == f"error: config file not found: {tmp_path / 'none.py'}"
 
 
+def test_a_misspelled_setting_is_a_warning_and_a_wrong_type_one_error_line(tmp_path):
+    env = str(CORPUS / "good" / "variables.yml")
+    typo = tmp_path / "typo.py"
+    typo.write_text("c = get_config()\nc.SpecPolicy.max_dependencie = 5\n")
+    result = condaspawner("validate", "--config", str(typo), env)
+    warning = result.stderr.decode()
+    assert result.returncode == 0 and warning.startswith("warning: ") and warning.count("\n") == 1, warning
+    assert "max_dependencie`" in warning and "max_dependencies" in warning  # the name, and the one it meant
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("c = get_config()\nc.SpecPolicy.max_dependencies = 'many'\n")
+    result = condaspawner("validate", "--config", str(wrong), env)
+    error = result.stderr.decode()
+    assert result.returncode == 1 and error.startswith("error: a setting in the config: ") and "max_dependencies" in error
+    assert error.count("\n") == 1 and "internal error" not in error and "Traceback" not in error
+
+
 def test_profiles_lists_the_shipped_examples():
     result = condaspawner("profiles")
     assert result.returncode == 0, result.stdout

@@ -131,6 +131,9 @@ def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
 
     log = without_daemon("log", "--config", str(config), key)
     assert log.returncode == 0 and "solve failed: cannot solve" in log.stdout.decode()
+    # ... and below it, the solver's explanation as it wrote it: a tree, one branch a line
+    tree = [line for line in log.stdout.decode().splitlines() if "\u2500 " in line]
+    assert len(tree) > 3 and any("cs-conflict" in line for line in tree), log.stdout.decode()
     assert log.stdout.decode().splitlines()[0].startswith("build ")
     lock = without_daemon("lock", "--config", str(config), key)
     assert lock.returncode == 1 and lock.stderr.decode() == (
