@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from jupyterhub import scopes
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.handlers.base import BaseHandler
 from tornado import web
@@ -53,9 +54,16 @@ class _Environments:
 
     @property
     def user_name(self) -> str:
+        """The user the request acts for, if its token may: read their servers to look, start
+        them to act (POST, DELETE). A token made for less (a server's, a narrow one) may not."""
         user = self.current_user
         if user is None or getattr(user, "kind", "user") != "user":
             raise PageFailure(403, "the environments page is for users: log in, or use a user's API token")
+        acting = self.request.method not in ("GET", "HEAD")  # type: ignore[attr-defined]
+        needed = f"{'servers' if acting else 'read:servers'}!user={user.name}"
+        if not self.has_scope(needed):  # type: ignore[attr-defined]
+            raise PageFailure(403, f"this token cannot {'start or change' if acting else 'see'} your environments: "
+                                   f"it needs the {needed.split('!')[0]} scope")
         return str(user.name)
 
     @property
@@ -64,7 +72,10 @@ class _Environments:
             return True
         page = EnvironmentsPage(config=self.settings.get("config"))  # type: ignore[attr-defined]
         user = self.current_user
-        return page.names_admin(str(user.name), [group.name for group in user.groups])
+        # EnvironmentsPage names people, not tokens: only with all of the user's own authority
+        # (their login, or a token that inherits it), never a token made for less.
+        return page.names_admin(str(user.name), [group.name for group in user.groups]) and \
+            scopes.get_scopes_for(user) <= self.expanded_scopes
 
     def require_admin(self) -> None:
         self.user_name  # noqa: B018 (a user, first)
@@ -452,6 +463,7 @@ class CheckAPI(_API):
             raise PageFailure(400, "environment: paste or upload an environment.yml first")
         if slug is not None and not isinstance(slug, str):
             raise PageFailure(400, "profile: must be a profile's slug")
+        self.user_name  # noqa: B018 (a user whose token may start servers: the check solves on the hub)
         spawner = self.current_user.spawner
         self.condaspawner  # noqa: B018 (a CondaSpawner, first)
         try:

@@ -82,10 +82,11 @@ def profile_env(alpha: str) -> str:
 class Client:
     """One user's API token on the hub."""
 
-    def __init__(self, hub, user: str):
+    def __init__(self, hub, user: str, scopes: list[str] | None = None):
         self.hub, self.user = hub, user
         hub.ensure_user(user)
-        status, token = hub.api("POST", f"/users/{user}/tokens", {"note": "envpage test"})
+        request = {"note": "envpage test", **({"scopes": scopes} if scopes is not None else {})}
+        status, token = hub.api("POST", f"/users/{user}/tokens", request)
         assert status == 201, token
         self.token = token["token"]
 
@@ -266,6 +267,27 @@ def test_non_admins_get_403_on_admin_views_and_actions(story, method, path, body
     status, answer, _ = story["alice"].call(method, path, body)
     assert status == 403, answer
     assert answer["message"] == "this needs the custom:condaspawner:admin scope (hub admins have it)"
+
+
+def test_a_token_made_for_less_than_its_user_cannot_look_act_or_administer(story):
+    # A server's token for a visitor, or a narrow one: it may not read or start the user's
+    # environments, and a page admin's (named in EnvironmentsPage) is no admin token.
+    alice_key = story["own_b"]
+    narrow = Client(story["alice"].hub, "alice", scopes=["read:users:name!user=alice"])
+    status, answer, _ = narrow.call("GET", "")
+    assert status == 403 and answer["message"] == "this token cannot see your environments: it needs the " \
+                                                  "read:servers scope", answer
+    assert narrow.call("GET", f"/{alice_key}/lock")[0] == 403
+    looking = Client(story["alice"].hub, "alice", scopes=["read:servers!user=alice"])
+    assert looking.call("GET", f"/{alice_key}/lock")[0] == 200
+    status, answer, _ = looking.call("POST", f"/{alice_key}/start", {})
+    assert status == 403 and answer["message"] == "this token cannot start or change your environments: it " \
+                                                  "needs the servers scope", answer
+    listed = Client(story["alice"].hub, "listedadmin", scopes=["servers!user=listedadmin",
+                                                               "read:servers!user=listedadmin"])
+    for method, path, body in (("GET", "/admin/images", None), ("POST", "/admin/gc", {"dry_run": True})):
+        status, answer, _ = listed.call(method, path, body)
+        assert status == 403 and "custom:condaspawner:admin" in answer["message"], (path, answer)
 
 
 @pytest.mark.parametrize("who", ["envadmin", "admin", "listedadmin", "groupadmin"])
