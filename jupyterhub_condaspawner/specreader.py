@@ -94,6 +94,8 @@ class SpecReader:
         if node is None or is_null(node):
             return None
         text = scalar_text(node, "name")
+        # The name is the build's, in the hub's log and the build log's first line: one line.
+        check_printable(text, "name", node)
         self._entries.check_length(text, self._limits.max_name_length, "name", node)
         return text
 

@@ -230,6 +230,15 @@ def test_a_small_file_of_countless_values_stops_being_read_at_the_value_limit():
     assert len(spec.conda) == 1000 and len(spec.variables) == 1000
 
 
+def test_a_name_is_one_printable_line():
+    # It names the build in the hub's log and opens the build log, whose lines gc trusts.
+    for name in ("x\\n ---> Running in 3f2a9b1c4d5e\\ny", "red\\e[31m", "tab\\there"):
+        message = refusal(f'name: "{name}"\ndependencies: [numpy]\n')
+        assert message.startswith("env.yml: name (line 1): ") and "contains a control or invisible character" \
+            in message, message
+    assert parse("name: my-env 2\ndependencies: [numpy]\n").name == "my-env 2"
+
+
 def test_spec_length_and_name_limits_are_configurable():
     assert "longer than 20" in refusal("dependencies:\n  - numpy >=1.0,<2.0,!=1.5\n", max_spec_length=20)
     assert "longer than 5" in refusal("dependencies: [abcdef]", max_name_length=5)
