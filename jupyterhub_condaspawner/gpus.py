@@ -648,6 +648,9 @@ class GpuAllocator(LoggingConfigurable):
         self._last_pick: dict[str, int] = {}
         self._picks = 0
         self._release_listeners: list[Callable[[], None]] = []
+        # Whether the table was rebuilt from the servers' containers since this process began
+        # (rebuild_from_containers): until then, running servers may hold GPUs it calls free.
+        self.restored = False
         self._sampled_at: float | None = None  # self._clock() of the last sample()
 
     # -- inventory ----------------------------------------------------------------------
@@ -886,8 +889,11 @@ class GpuAllocator(LoggingConfigurable):
 
     def rebuild_from_containers(self, docker_client: Any, label_filters: Iterable[str] = ()) -> list[str]:
         """:meth:`rebuild` from every container with GPU labels on this Docker daemon
-        (running or not). ``label_filters`` ("key=value") narrows the containers considered."""
-        return self.rebuild(container_records(docker_client, label_filters))
+        (running or not). ``label_filters`` ("key=value") narrows the containers considered.
+        Sets :attr:`restored`; a daemon that does not answer raises, and leaves it unset."""
+        problems = self.rebuild(container_records(docker_client, label_filters))
+        self.restored = True
+        return problems
 
     def _restore(self, record: ContainerRecord, scan: GpuScan) -> list[str]:
         labels = record.labels

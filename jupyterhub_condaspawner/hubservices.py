@@ -7,13 +7,13 @@ hub's GPU sampler, which feeds the metrics and the culler.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .builder import ImageBuilder
+from .builderrors import one_line
 from .culler import Cull, GpuIdleCuller
 from .dockerclient import daemon_settings
 from .gpuqueue import GpuQueue
@@ -78,9 +78,12 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
         services.sample_gpus = spawner.gpu_sampler(services)
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
-        with contextlib.suppress(Exception):  # no daemon yet: the first spawn will say so
+        try:
             for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
                 spawner.log.warning("GPU allocations after restart: %s", problem)
+        except Exception as error:  # no daemon yet: the first GPU start tries again (spawngpus)
+            spawner.log.warning("GPU allocations not restored from the servers' containers (%s): GPU starts "
+                                "restore them first", one_line(error))
         _services[key] = (config, services)
     services = _services[key][1]
     _start_gpu_sampler(services, spawner.log)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from . import metrics
+from .builderrors import one_line
 from .buildmodel import EventStream
 from .culler import REASON_GPU_IDLE, Cull
 from .failures import StartFailure
@@ -36,6 +37,8 @@ class GpuBindingMixin:
         _feed: EventStream
         _allocation: Allocation | None
         _stop_pending: bool
+        client: Any
+        log: Any
 
         @property
         def services(self) -> HubServices: ...
@@ -49,6 +52,8 @@ class GpuBindingMixin:
             return None
         services = self.services
         await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
+        if not services.allocator.restored:  # the daemon did not answer when the hub started
+            await self._restore_gpu_table(services)
 
         async def waiting(ahead: int, waited: float) -> None:
             # Taken back when the spawn leaves the queue; only a hub that stops under a
@@ -71,6 +76,18 @@ class GpuBindingMixin:
         self._take_back_restart_notice()
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
+
+    async def _restore_gpu_table(self, services: HubServices) -> None:
+        """Rebuild the GPU table from the servers' containers before the first GPU is handed
+        out: a running server's GPUs must never look free."""
+        try:
+            problems = await asyncio.to_thread(lambda: services.allocator.rebuild_from_containers(self.client))
+        except Exception as error:
+            raise StartFailure(f"The hub cannot tell yet which GPUs its servers hold (Docker: {one_line(error)}): "
+                               "try again in a minute, or tell the hub admin", reason="gpu-table",
+                               status_code=503) from None
+        for problem in problems:
+            self.log.warning("GPU allocations after restart: %s", problem)
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

@@ -21,6 +21,7 @@ from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.failures import StartFailure, explain
+from jupyterhub_condaspawner.gpus import GpuUnavailable
 from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.spec import parse_environment
 
@@ -152,6 +153,46 @@ def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_path):
     assert "NVML" not in refusal.value.message and "NVML" in refusal.value.log_message
     with pytest.raises(ValueError, match="^No GPU is free on this hub: 0 of 0"):  # the form says the same
         spawner.options_from_form_data({"profile": ["gpu"]})
+
+
+@pytest.mark.docker
+async def test_no_gpu_is_handed_out_before_the_table_knows_what_running_servers_hold(tmp_path, docker_daemon,
+                                                                                    rootfs_image):
+    # DockerSpawner keeps one client per class: each spawner class here gets its own daemon.
+    class DaemonDown(CondaSpawner):
+        _client = None
+
+    class DaemonUp(CondaSpawner):
+        _client = None
+
+    gpu = f"GPU-table-{uuid.uuid4().hex[:8]}"
+    config = spawner_for(tmp_path, "file:///nonexistent").config
+    config.GpuInventory.static_gpus = [{"uuid": gpu}]
+    config.GpuAllocator.queue_timeout = 0
+    config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/no-daemon.sock"}
+    down = DaemonDown(user=StandInUser("bob"), hub=Hub(), config=config)
+    profile = down.services.catalog.get("gpu")
+    assert not down.services.allocator.restored  # the hub started while its daemon did not answer
+    with pytest.raises(StartFailure) as refusal:
+        await down._allocate_gpus(profile)
+    assert refusal.value.status_code == 503 and "\n" not in refusal.value.message
+    assert refusal.value.message.startswith("The hub cannot tell yet which GPUs its servers hold (Docker: ")
+    assert refusal.value.message.endswith("try again in a minute, or tell the hub admin")
+
+    # The daemon answers again; a server started before the restart still runs on the GPU.
+    holder = f"gpu-table-{uuid.uuid4().hex[:8]}"
+    running = docker_daemon.client().containers.run(
+        rootfs_image, ["sleep", "120"], detach=True, network_mode="host", name=holder,
+        labels={"io.condaspawner.user": holder, "io.condaspawner.server": "", "io.condaspawner.gpus": gpu})
+    try:
+        config.DockerSpawner.client_kwargs = {"base_url": docker_daemon.docker_host}
+        up = DaemonUp(user=StandInUser("bob"), hub=Hub(), config=config)
+        with pytest.raises(GpuUnavailable, match="1 of the 1 GPU on this host match, 1 busy"):
+            await up._allocate_gpus(profile)
+        assert up.services.allocator.restored
+        assert up.services.allocator.allocation(holder, "").uuids == (gpu,)
+    finally:
+        running.remove(force=True)
 
 
 # -- docker's build output, as the build sees it ----------------------------------------------
