@@ -74,12 +74,15 @@ class GpuIdleCuller:
         with self._lock:
             self._watched.pop((user, server_name), None)
 
-    def rearm(self, user: str, server_name: str) -> None:
-        """A stop that failed: cull the server again at a later sample if it stays idle."""
+    def rearm(self, user: str, server_name: str, *, from_now: bool = False) -> None:
+        """A stop that failed: cull the server again at a later sample if it stays idle;
+        ``from_now``: after a whole timeout from the next sample (a server not ready yet)."""
         with self._lock:
             watch = self._watched.get((user, server_name))
             if watch is not None:
                 watch.culled = False
+                if from_now:
+                    watch.idle_since = None
 
     def watched(self) -> dict[Key, float]:
         """(user, server) -> its timeout in seconds."""

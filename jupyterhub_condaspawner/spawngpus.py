@@ -117,8 +117,9 @@ class GpuBindingMixin:
 
     async def _stop_idle_server(self, cull: Cull) -> None:
         """Stop this server the way the hub stops one (route, server, database), then say why."""
-        if not self.ready:
-            return  # a stop or a start is under way already
+        if not self.ready:  # a start still booting (a stop under way forgets the watch)
+            self.services.culler.rearm(self.user.name, self.name, from_now=True)
+            return
         hub = _running_hub()
         if hub is None:
             raise RuntimeError("no running JupyterHub to stop the server through")

@@ -191,6 +191,27 @@ def test_a_failed_stop_is_tried_again_at_a_later_sample():
     assert bench.allocator.allocation("alice", "") is None
 
 
+def test_a_server_not_ready_when_its_cull_falls_due_gets_a_whole_timeout_once_ready():
+    # The GPUs are allocated before the server boots; a slow boot outlasts a short timeout.
+    bench = Bench(gpus=1)
+    booting = []
+
+    async def stop_unless_booting(cull: Cull) -> None:
+        if not booting:
+            booting.append(cull)  # what the spawner does while its server is not ready
+            bench.culler.rearm(cull.user, cull.server_name, from_now=True)
+            return
+        await bench.stop(cull)
+
+    bench.allocator.allocate("alice", "", 1)
+    bench.culler.watch("alice", "", timeout_minutes=1, profile="PyTorch GPU", stop=stop_unless_booting)
+    assert bench.replay(fake_uuid(0), [(1.5, 0)]) and len(booting) == 1  # due mid-boot: skipped
+    assert bench.allocator.allocation("alice", "") is not None
+    assert not bench.replay(fake_uuid(0), [(0.5, 0)])  # the next sample: its idle time starts again
+    assert bench.replay(fake_uuid(0), [(0.5, 0)])  # a whole timeout after the skipped cull: culled
+    assert bench.allocator.allocation("alice", "") is None
+
+
 @pytest.mark.parametrize(("seconds", "shown"), [(30 * MINUTE + 12, "30 min"), (45, "45 s"), (3 * 3600, "180 min")])
 def test_the_notice_names_the_profile_and_the_idle_time(seconds, shown):
     cull = Cull("alice", "", "PyTorch GPU (1x A100)", seconds, 1800)
