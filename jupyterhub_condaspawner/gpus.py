@@ -19,6 +19,7 @@ The spawner calls :meth:`~GpuAllocator.allocate` in ``start()``, merges
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import threading
 import time
@@ -906,7 +907,14 @@ class GpuAllocator(LoggingConfigurable):
         key = (user, server_name)
         if key in self._table.allocations:
             duplicate = f"container {record.name}: {user}/{server_name!r} already holds GPUs from another container"
-            return [f"{duplicate}; ignored"]
+            if not record.running:
+                return [f"{duplicate}; ignored"]
+            # Running (two hubs on one daemon, a renamed leftover): its GPUs are in use, so
+            # they stay held, with the server's, until that server stops.
+            held = self._table.remove(key)
+            assert held is not None
+            self._table.add(dataclasses.replace(held, uuids=tuple(dict.fromkeys(held.uuids + uuids)), active=True))
+            return [f"{duplicate}; its GPUs stay held until that server stops"]
         if not record.running and any(uuid in self._table.load for uuid in uuids):
             return []  # its GPUs went to a running server after it stopped (running ones are restored first)
         since = parse_since(labels.get(LABEL_GPUS_SINCE)) or record.created

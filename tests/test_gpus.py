@@ -622,6 +622,22 @@ def test_rebuild_reports_unlabelled_users_duplicate_servers_and_overcommitted_gp
     assert {a.user for a in allocator.allocations()} == {"alice", "bob"}
 
 
+def test_a_second_running_container_of_one_server_keeps_its_gpus_held():
+    # Two hubs (or container prefixes) on one daemon, or a renamed leftover: both run on GPUs.
+    allocator = allocator_for(FakeNvml.with_gpus(3))
+    records = [
+        ContainerRecord("jupyter-alice", Allocation("alice", "", (fake_uuid(0),), T0).labels(), running=True),
+        ContainerRecord("staging-alice", Allocation("alice", "", (fake_uuid(1),), T0).labels(), running=True),
+    ]
+
+    problems = allocator.rebuild(records)
+
+    assert problems == ["container staging-alice: alice/'' already holds GPUs from another container; its GPUs "
+                        "stay held until that server stops"]
+    assert allocator.allocation("alice", "").uuids == (fake_uuid(0), fake_uuid(1))
+    assert allocator.allocate("bob", "", 1).uuids == (fake_uuid(2),)
+
+
 def test_a_stopped_containers_gpus_return_to_its_server_or_go_to_whoever_needs_them():
     allocator = allocator_for(FakeNvml.with_gpus(2))
     stopped = Allocation("alice", "", (fake_uuid(0),), T0)
