@@ -23,6 +23,7 @@ Nothing here imports docker, the hub or kubespawner: the export runs anywhere.
 from __future__ import annotations
 
 import fnmatch
+import html
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -312,9 +313,11 @@ class KubernetesExport(Configurable):
 
     def profile_entry(self, profile: Profile, image: str) -> dict[str, Any]:
         """One ``profile_list`` entry: KubeSpawner's keys, plus the access lists the snippet reads."""
-        entry: dict[str, Any] = {"display_name": profile.display_name, "slug": profile.slug}
+        # KubeSpawner's form renders these as HTML; a profile's are text (CondaSpawner's form
+        # escapes them), so "CUDA <12" reads the same on both.
+        entry: dict[str, Any] = {"display_name": html.escape(profile.display_name), "slug": profile.slug}
         if profile.description:
-            entry["description"] = profile.description
+            entry["description"] = html.escape(profile.description)
         if profile.default:
             entry["default"] = True
         if profile.allowed_groups:

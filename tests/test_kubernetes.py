@@ -248,6 +248,20 @@ def test_a_user_outside_the_group_neither_sees_nor_starts_the_profile():
     asyncio.run(check())
 
 
+def test_a_profiles_text_reads_as_text_on_kubespawners_form(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text('display_name: "CUDA <12 & friends"\n'
+                                     'description: "PyTorch <img src=x onerror=alert(1)>"\n'
+                                     "environment: {dependencies: [python=3.11]}\n")
+    config = hub_config(export_values(load(tmp_path)))
+
+    async def check() -> None:
+        form = await spawner(config, user("alice")).get_options_form()
+        assert "<img" not in form and "PyTorch &lt;img src=x onerror=alert(1)&gt;" in form
+        assert "CUDA &lt;12 &amp; friends" in form
+
+    asyncio.run(check())
+
+
 def test_allowed_users_admit_a_user_without_the_group():
     config = hub_config(export_values(load()))
 
