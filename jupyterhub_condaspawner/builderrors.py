@@ -18,6 +18,9 @@ from . import oneline
 from .registry import RegistryError
 
 MESSAGE_CHARS = 300
+# A build's summary is the admin's (the hub's log, the CLI): room for a daemon's long socket
+# path and its error, or a solver's explanation, which the middle cut would lose.
+SUMMARY_CHARS = 1000
 
 
 class BuildError(Exception):
@@ -41,7 +44,8 @@ class BuildError(Exception):
     def summary(self) -> str:
         """One line for logs and the command line: the build's key, the phase in words, the cause."""
         who = f"build {self.key[:16]}" if self.key else "the build"
-        return one_line(f"{who} failed {PHASE_WORDS.get(self.phase, 'writing the image')}: {self.cause}")
+        return oneline.one_line(f"{who} failed {PHASE_WORDS.get(self.phase, 'writing the image')}: {self.cause}",
+                                SUMMARY_CHARS)
 
 
 # BuildError.phase in words, after "build KEY failed ...".
