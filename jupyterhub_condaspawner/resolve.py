@@ -157,6 +157,9 @@ class Resolver(Configurable):
         help="""Channel names that do not live under channel_alias, mapped to their URLs.
 
         `defaults`, `pkgs/main` and `pkgs/r` map to repo.anaconda.com unless set here.
+        Users can read these URLs (every image's lock, the lock download): keep credentials
+        out of them; py-rattler reads a private channel's from the hub's RATTLER_AUTH_FILE
+        (JSON by host name) or ~/.netrc.
 
         c.Resolver.channel_urls = {"defaults": "https://mirror.example.edu/pkgs/main",
                                    "my-lab": "file:///srv/conda/my-lab"}
