@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any, AsyncIterator
 
 from dockerspawner import DockerSpawner
@@ -340,16 +341,9 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
             return cached
         await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
         build = builder.ensure(request)
-        # Taken back once the build ends; left, the next spawn page tells why this start vanished.
-        self._post_restart_notice(_BUILD_INTERRUPTED.format(request.display_name))
-        try:
+        with self._restart_notice_kept_if_cancelled():
+            self._post_restart_notice(_BUILD_INTERRUPTED.format(request.display_name))
             info = await self._follow_build(build, key, request)
-        except asyncio.CancelledError:  # the hub stopping, or the user (clear_state takes it back)
-            raise
-        except Exception:
-            self._take_back_restart_notice()
-            raise
-        self._take_back_restart_notice()
         await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
         return info
 
@@ -378,6 +372,21 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         if self._restart_notice:
             self.services.notices.discard(self.user.name, self.name)
             self._restart_notice = False
+
+    @contextlib.contextmanager
+    def _restart_notice_kept_if_cancelled(self) -> Iterator[None]:
+        """A restart notice posted in this block is taken back when it ends, unless it was
+        cancelled: the hub stopping leaves it for the next spawn page, and a user's stop takes
+        it back in clear_state()."""
+        cancelled = False
+        try:
+            yield
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            if not cancelled:
+                self._take_back_restart_notice()
 
     def _record_use(self, request: BuildRequest) -> str:
         """Record that this user started ``request``'s environment (the environments page); its key."""
@@ -575,7 +584,6 @@ class FormRefusal(ValueError):
 
     def __init__(self, error: SpecError):
         super().__init__(str(error))
-        self.problems = error.details
         self.jupyterhub_message = str(error) if error.count == 1 else (
             f"{error.source}: {error.count} problems, listed under your environment.yml below")
 

@@ -7,6 +7,7 @@ CondaSpawner by :class:`GpuBindingMixin`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,6 +48,8 @@ class GpuBindingMixin:
 
         def _take_back_restart_notice(self) -> None: ...
 
+        def _restart_notice_kept_if_cancelled(self) -> contextlib.AbstractContextManager[None]: ...
+
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
             return None
@@ -62,18 +65,10 @@ class GpuBindingMixin:
             who = "you are next" if not ahead else f"{ahead} ahead of you"
             await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
 
-        try:
+        with self._restart_notice_kept_if_cancelled():
             allocation = await services.queue.allocate(
                 self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
                 profile=profile.slug, waiting=waiting)
-        except asyncio.CancelledError:
-            # The hub shutting down, or the user stopping the pending server: both cancel the
-            # task. Only the second calls clear_state(), which takes the notice back.
-            raise
-        except Exception:
-            self._take_back_restart_notice()
-            raise
-        self._take_back_restart_notice()
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
 
