@@ -752,14 +752,21 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
             time.sleep(0.1)
 
 
+class _WarningLines(logging.Handler):
+    """Warnings as ``warning:`` lines on whatever sys.stderr is when they come."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
 def _show_setting_warnings() -> None:
     """A misspelled setting (``c.ImageBuilder.max_concurent_builds``) is unknown to its
     class, which says so, with the name it meant, through traitlets' logger (silent outside
-    an application) or a Python warning: both reach the admin as ``warning:`` lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    handler.setLevel(logging.WARNING)
-    logging.getLogger("traitlets").addHandler(handler)
+    an application) or a Python warning: both reach the admin as ``warning:`` lines. Once
+    per process, however many commands run in it."""
+    logger = logging.getLogger("traitlets")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     warnings.simplefilter("always", UserWarning)  # the default filter lost some (validate's)
 
