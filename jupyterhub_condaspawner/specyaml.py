@@ -101,7 +101,7 @@ def decode(data: str | bytes, max_bytes: int) -> str:
     return data.lstrip("\ufeff")
 
 
-def load_yaml(text: str, max_depth: int, max_nodes: int = 10_000, why_nodes: str = "too many") -> yaml.MappingNode:
+def load_yaml(text: str, max_depth: int, max_nodes: int, why_nodes: str) -> yaml.MappingNode:
     """The file's top-level mapping node, read by the strict loader; SpecError otherwise
     (``why_nodes`` says why past ``max_nodes`` values)."""
     loader = _StrictLoader(text, max_depth, max_nodes, why_nodes)
