@@ -1,7 +1,8 @@
 """CondaSpawner: DockerSpawner glue over profiles, spec, builder and gpus.
 
-The spawn form is spawnform.py's, a server's GPUs spawngpus.py's, what all spawners of a
-hub share hubservices.py's, names and hardening isolation.py's.
+The spawn form is spawnform.py's, a server's image spawnimage.py's, its GPUs
+spawngpus.py's, its container spawncontainer.py's, what all spawners of a hub share
+hubservices.py's, names and hardening isolation.py's.
 
 A spawn: the user's choice (a profile, maybe with their own environment.yml) is
 validated, and a GPU profile checked against the GPUs this host could ever give it
@@ -15,31 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import Iterator
 from typing import Any, AsyncIterator
 
 from dockerspawner import DockerSpawner
-from jupyterhub.utils import random_port
 from traitlets import Bool, Float, default
 
-from . import environments
 from .builderrors import BuildError
-from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, EventStream, ImageInfo, request_for_profile
+from .buildmodel import EventStream, ImageInfo, request_for_profile
 from .failures import StartFailure, explain, log_failure
-from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .gpus import Allocation, GpuUnavailable
 from .hubservices import HubServices, hub_services
 from .isolation import IsolationMixin
 from .profiles import Profile, ProfileError
 from .resolve import ResolveError
+from .spawncontainer import SpawnContainerMixin
 from .spawnform import SpawnFormMixin
 from .spawngpus import GpuBindingMixin
+from .spawnimage import SpawnImageMixin
 from .spec import EnvironmentSpec, SpecError
 
-# progress() ranges: image 1-85, GPUs 86-89, container 90-100.
-_BUILD_INTERRUPTED = ("Your last start of {} was building its environment when the hub restarted, and did not go "
-                      "on: start it again (the build starts over)")
-_IMAGE_SHARE = 83
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
 
@@ -49,7 +45,8 @@ def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
     spawner.apply_choice(user_options)
 
 
-class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawner):
+class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContainerMixin, IsolationMixin,
+                   DockerSpawner):
     """Spawn JupyterLab in a cached image built from a profile or a user's environment.yml."""
 
     replace_changed_containers = Bool(
@@ -326,43 +323,6 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         await self._feed.publish("start", 95, "Container started; waiting for JupyterLab to answer")
         return ip_port
 
-    async def _ensure_image(self, request: BuildRequest) -> ImageInfo:
-        builder = self.services.builder
-        if builder.docker_host and not builder.registry:
-            raise BuildError("ImageBuilder.docker_host without ImageBuilder.registry", phase="config",
-                             cause=f"images built on {builder.docker_host} (ImageBuilder.docker_host) can reach "
-                                   "the servers only through a registry (ImageBuilder.registry)")
-        await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
-        key = await asyncio.to_thread(self._record_use, request)
-        cached = await asyncio.to_thread(builder.lookup, request)
-        if cached is not None:
-            await self._pull_if_missing(cached, 2, 84)
-            await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
-            return cached
-        await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
-        build = builder.ensure(request)
-        with self._restart_notice_kept_if_cancelled():
-            self._post_restart_notice(_BUILD_INTERRUPTED.format(request.display_name))
-            info = await self._follow_build(build, key, request)
-        await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
-        return info
-
-    async def _follow_build(self, build: Build, key: str, request: BuildRequest) -> ImageInfo:
-        """The build's phases on this spawn's progress page (and what changed since the last
-        build, once solved); its image."""
-        told_changes = False
-        async for event in build.follow():
-            if event["phase"] == "error":
-                continue  # the failure itself reaches the user once, from start()
-            progress = 2 + event["progress"] * _IMAGE_SHARE // 100
-            await self._feed.publish(event["phase"], progress, event["message"])
-            if event["phase"] == "solve" and event["progress"] >= 15 and not told_changes:  # the lock is written
-                told_changes = True
-                changes = await asyncio.to_thread(self._changes_line, key, request)
-                if changes:
-                    await self._feed.publish("solve", progress, changes)
-        return await build.result()
-
     def _post_restart_notice(self, text: str) -> None:
         """Leave ``text`` for this server's next spawn page, should the hub stop under this start."""
         self.services.notices.post(self.user.name, self.name, text)
@@ -387,107 +347,6 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         finally:
             if not cancelled:
                 self._take_back_restart_notice()
-
-    def _record_use(self, request: BuildRequest) -> str:
-        """Record that this user started ``request``'s environment (the environments page); its key."""
-        key = self.services.builder.build_key(request)
-        try:
-            self.services.usage.record(self.user.name, key, profile=self._profile_slug,
-                                       own=request.env_name == CUSTOM_ENV_NAME, name=request.display_name,
-                                       spec=request.spec.to_yaml())
-        except OSError as error:  # the page misses one entry; the spawn goes on
-            self.log.warning("Could not record the environment %s of %s: %s", key, self.user.name, error)
-        return key
-
-    def _changes_line(self, key: str, request: BuildRequest) -> str:
-        """The progress line saying what a rebuild changed against the previous build, or ""."""
-        services = self.services
-        previous = environments.previous_key(services.builder, services.usage, self.user.name, key,
-                                             request.env_name)
-        diff = environments.change(services.builder, previous, key)
-        if diff is None:
-            return ""
-        against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
-        return f"What changed since {against}: {diff.summary()}"
-
-    async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
-        """Pull a registry image onto the servers' daemon if it lacks it, with progress in [low, high]."""
-        if not info.reference:
-            return
-
-        async def publish(phase: str, progress: int, message: str) -> None:
-            await self._feed.publish(phase, low + (high - low) * progress // 100, message)
-
-        api = await asyncio.to_thread(lambda: self.client)
-        await self.services.builder.ensure_present(info, api, publish)
-
-    async def pull_image(self, image: str) -> None:
-        # A reference pinned by digest was pulled by _ensure_image, with progress; DockerSpawner's
-        # own pull splits "name:tag@sha256:..." at the last colon and would ask for a wrong tag.
-        if "@" in image:
-            return
-        await super().pull_image(image)
-
-    def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
-        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
-        self._extra_env, self._device_requests = {}, []
-        if allocation is not None:
-            options = self.services.allocator.container_options(allocation)
-            labels.update(options.labels)
-            self._extra_env = dict(options.environment)
-            self._device_requests = list(options.device_requests)
-        self._extra_labels = labels
-        if self.network_name == "host":
-            # Host networking: every server needs its own port on loopback.
-            self.port = random_port()
-            self.ip = "127.0.0.1"
-
-    async def _replace_if_changed(self, info: ImageInfo) -> None:
-        """Never restart a kept container whose image or GPUs differ from this start's.
-
-        A container still running here is a leftover (the hub starts only servers it thinks
-        stopped): it is stopped first, since Docker refuses to remove a running container
-        and DockerSpawner would then quietly restart the stale one.
-        """
-        container = await self.get_object()
-        if container is None:
-            return
-        labels = container["Config"].get("Labels") or {}
-        stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
-        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
-        if not (self.remove or (self.replace_changed_containers and changed)):
-            return
-        self.log.info("Replacing container %s: %s", self.object_name,
-                      "a leftover" if self.remove else "image or GPUs changed")
-        if container["State"].get("Running"):
-            await self.stop_object()
-        await self.remove_object()
-        self.object_id = ""
-
-    def get_env(self) -> dict[str, str]:
-        env = super().get_env()
-        env.update(self._extra_env)
-        if self._image_info is not None:
-            env["CONDASPAWNER_ENV"] = f"/opt/conda/envs/{self._image_info.env_name}"
-        return env
-
-    async def create_object(self):
-        await self.claim_user_volumes()  # before docker creates them unlabelled for the binds
-        admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
-        host = await _evaluated(self, admin_host)
-        self.extra_create_kwargs = _merged(await _evaluated(self, admin_kwargs), {"labels": self._extra_labels})
-        # Hardening defaults first: the admin's own extra_host_config wins, or adds to lists.
-        self.extra_host_config = _merged(_merged(self.hardening_host_config(host), host),
-                                         {"device_requests": self._device_requests} if self._device_requests else {})
-        try:
-            return await super().create_object()
-        finally:
-            self.extra_create_kwargs, self.extra_host_config = admin_kwargs, admin_host
-
-    async def get_ip_and_port(self) -> tuple[str, int]:
-        if self.network_name == "host":
-            return "127.0.0.1", self.port
-        return await super().get_ip_and_port()
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         async for event in self._feed.follow():
@@ -552,25 +411,6 @@ class CondaSpawner(SpawnFormMixin, GpuBindingMixin, IsolationMixin, DockerSpawne
         super().clear_state()
         self._take_back_restart_notice()  # the user stopped a spawn that waited for a GPU or a build
         self._image_info = None
-
-
-async def _evaluated(spawner: DockerSpawner, value: Any) -> Any:
-    """An admin's extra_* setting: a dict, or what its (maybe async) callable returns."""
-    value = spawner._eval_if_callable(value)
-    return await value if inspect.isawaitable(value) else value
-
-
-def _merged(base: dict | None, extra: dict) -> dict:
-    """``base`` with ``extra`` merged in, one level deep for dict values (labels, env)."""
-    merged = dict(base or {})
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        elif isinstance(value, list) and isinstance(merged.get(key), list):
-            merged[key] = merged[key] + value
-        else:
-            merged[key] = value
-    return merged
 
 
 class FormRefusal(ValueError):

@@ -33,7 +33,8 @@ from .gpuqueue import QueueCancelled
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
 from .hubservices import GpuSample, HubServices, hub_services
 from .profiles import Profile
-from .spawner import CondaSpawner, _evaluated
+from .spawncontainer import evaluated_setting
+from .spawner import CondaSpawner
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).
@@ -344,7 +345,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             name=self.service_name,
             labels=labels,
         )
-        kwargs.update(await _evaluated(self, self.extra_create_kwargs) or {})
+        kwargs.update(await evaluated_setting(self, self.extra_create_kwargs) or {})
         return kwargs
 
     async def start_object(self) -> None:

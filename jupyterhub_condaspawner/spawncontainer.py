@@ -1,0 +1,134 @@
+"""A server's container: its labels, environment and GPU devices, a kept container
+replaced when it no longer matches the start, and the admin's extra_* settings merged
+over the hardening defaults. Mixed into CondaSpawner by :class:`SpawnContainerMixin`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from dockerspawner import DockerSpawner
+from jupyterhub.utils import random_port
+
+from .buildmodel import LABEL_KEY, ImageInfo
+from .gpus import LABEL_SERVER, LABEL_USER, Allocation
+from .hubservices import HubServices
+
+
+class SpawnContainerMixin:
+    """The container of a start; the host class is a CondaSpawner."""
+
+    if TYPE_CHECKING:  # provided by CondaSpawner, the class this is mixed into
+        user: Any
+        name: str
+        log: Any
+        port: int
+        ip: str
+        remove: bool
+        network_name: str
+        object_name: str
+        object_id: str
+        extra_create_kwargs: Any
+        extra_host_config: Any
+        replace_changed_containers: bool
+        _image_info: ImageInfo | None
+        _extra_labels: dict[str, str]
+        _extra_env: dict[str, str]
+        _device_requests: list
+
+        @property
+        def services(self) -> HubServices: ...
+
+        async def get_object(self) -> Any: ...
+
+        async def stop_object(self) -> Any: ...
+
+        async def remove_object(self) -> Any: ...
+
+        async def claim_user_volumes(self) -> None: ...
+
+        def hardening_host_config(self, admin: dict[str, Any] | None = None) -> dict[str, Any]: ...
+
+    def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
+        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
+        self._extra_env, self._device_requests = {}, []
+        if allocation is not None:
+            options = self.services.allocator.container_options(allocation)
+            labels.update(options.labels)
+            self._extra_env = dict(options.environment)
+            self._device_requests = list(options.device_requests)
+        self._extra_labels = labels
+        if self.network_name == "host":
+            # Host networking: every server needs its own port on loopback.
+            self.port = random_port()
+            self.ip = "127.0.0.1"
+
+    async def _replace_if_changed(self, info: ImageInfo) -> None:
+        """Never restart a kept container whose image or GPUs differ from this start's.
+
+        A container still running here is a leftover (the hub starts only servers it thinks
+        stopped): it is stopped first, since Docker refuses to remove a running container
+        and DockerSpawner would then quietly restart the stale one.
+        """
+        container = await self.get_object()
+        if container is None:
+            return
+        labels = container["Config"].get("Labels") or {}
+        stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
+        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
+        if not (self.remove or (self.replace_changed_containers and changed)):
+            return
+        self.log.info("Replacing container %s: %s", self.object_name,
+                      "a leftover" if self.remove else "image or GPUs changed")
+        if container["State"].get("Running"):
+            await self.stop_object()
+        await self.remove_object()
+        self.object_id = ""
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()  # type: ignore[misc]  # DockerSpawner's, after this mixin
+        env.update(self._extra_env)
+        if self._image_info is not None:
+            env["CONDASPAWNER_ENV"] = f"/opt/conda/envs/{self._image_info.env_name}"
+        return env
+
+    async def create_object(self) -> Any:
+        await self.claim_user_volumes()  # before docker creates them unlabelled for the binds
+        admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
+        host = await evaluated_setting(self, admin_host)
+        self.extra_create_kwargs = merged_setting(await evaluated_setting(self, admin_kwargs),
+                                                  {"labels": self._extra_labels})
+        # Hardening defaults first: the admin's own extra_host_config wins, or adds to lists.
+        devices = {"device_requests": self._device_requests} if self._device_requests else {}
+        self.extra_host_config = merged_setting(merged_setting(self.hardening_host_config(host), host), devices)
+        try:
+            return await super().create_object()  # type: ignore[misc]  # DockerSpawner's
+        finally:
+            self.extra_create_kwargs, self.extra_host_config = admin_kwargs, admin_host
+
+    async def get_ip_and_port(self) -> tuple[str, int]:
+        if self.network_name == "host":
+            return "127.0.0.1", self.port
+        return await super().get_ip_and_port()  # type: ignore[misc]  # DockerSpawner's
+
+
+async def evaluated_setting(spawner: DockerSpawner, value: Any) -> Any:
+    """An admin's extra_* setting: a dict, or what its (maybe async) callable returns."""
+    value = spawner._eval_if_callable(value)
+    return await value if inspect.isawaitable(value) else value
+
+
+def merged_setting(base: dict | None, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, one level deep for dict values (labels, env)."""
+    merged = dict(base or {})
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+

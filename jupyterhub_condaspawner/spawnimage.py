@@ -1,0 +1,116 @@
+"""A server's image: looked up in the cache, or built with the build's phases on the
+spawn's progress page (and what changed since the last build), pulled onto the servers'
+daemon when it was built elsewhere. Mixed into CondaSpawner by :class:`SpawnImageMixin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from . import environments
+from .builderrors import BuildError
+from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, EventStream, ImageInfo
+from .hubservices import HubServices
+
+_BUILD_INTERRUPTED = ("Your last start of {} was building its environment when the hub restarted, and did not go "
+                      "on: start it again (the build starts over)")
+# progress() ranges: image 1-85, GPUs 86-89, container 90-100.
+_IMAGE_SHARE = 83
+
+
+class SpawnImageMixin:
+    """The image of a start; the host class is a CondaSpawner."""
+
+    if TYPE_CHECKING:  # provided by CondaSpawner, the class this is mixed into
+        user: Any
+        log: Any
+        client: Any
+        _feed: EventStream
+        _profile_slug: str
+
+        @property
+        def services(self) -> HubServices: ...
+
+        def _post_restart_notice(self, text: str) -> None: ...
+
+        def _restart_notice_kept_if_cancelled(self) -> contextlib.AbstractContextManager[None]: ...
+
+    async def _ensure_image(self, request: BuildRequest) -> ImageInfo:
+        builder = self.services.builder
+        if builder.docker_host and not builder.registry:
+            raise BuildError("ImageBuilder.docker_host without ImageBuilder.registry", phase="config",
+                             cause=f"images built on {builder.docker_host} (ImageBuilder.docker_host) can reach "
+                                   "the servers only through a registry (ImageBuilder.registry)")
+        await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
+        key = await asyncio.to_thread(self._record_use, request)
+        cached = await asyncio.to_thread(builder.lookup, request)
+        if cached is not None:
+            await self._pull_if_missing(cached, 2, 84)
+            await self._feed.publish("image", 85, f"Image ready: {cached.tag} (cached)")
+            return cached
+        await self._feed.publish("image", 2, f"First build of this environment, {builder.build_estimate()}")
+        build = builder.ensure(request)
+        with self._restart_notice_kept_if_cancelled():
+            self._post_restart_notice(_BUILD_INTERRUPTED.format(request.display_name))
+            info = await self._follow_build(build, key, request)
+        await self._pull_if_missing(info, 85, 85)  # built on a build host: this daemon pulls it
+        return info
+
+    async def _follow_build(self, build: Build, key: str, request: BuildRequest) -> ImageInfo:
+        """The build's phases on this spawn's progress page (and what changed since the last
+        build, once solved); its image."""
+        told_changes = False
+        async for event in build.follow():
+            if event["phase"] == "error":
+                continue  # the failure itself reaches the user once, from start()
+            progress = 2 + event["progress"] * _IMAGE_SHARE // 100
+            await self._feed.publish(event["phase"], progress, event["message"])
+            if event["phase"] == "solve" and event["progress"] >= 15 and not told_changes:  # the lock is written
+                told_changes = True
+                changes = await asyncio.to_thread(self._changes_line, key, request)
+                if changes:
+                    await self._feed.publish("solve", progress, changes)
+        return await build.result()
+
+    def _record_use(self, request: BuildRequest) -> str:
+        """Record that this user started ``request``'s environment (the environments page); its key."""
+        key = self.services.builder.build_key(request)
+        try:
+            self.services.usage.record(self.user.name, key, profile=self._profile_slug,
+                                       own=request.env_name == CUSTOM_ENV_NAME, name=request.display_name,
+                                       spec=request.spec.to_yaml())
+        except OSError as error:  # the page misses one entry; the spawn goes on
+            self.log.warning("Could not record the environment %s of %s: %s", key, self.user.name, error)
+        return key
+
+    def _changes_line(self, key: str, request: BuildRequest) -> str:
+        """The progress line saying what a rebuild changed against the previous build, or ""."""
+        services = self.services
+        previous = environments.previous_key(services.builder, services.usage, self.user.name, key,
+                                             request.env_name)
+        diff = environments.change(services.builder, previous, key)
+        if diff is None:
+            return ""
+        against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
+        return f"What changed since {against}: {diff.summary()}"
+
+    async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
+        """Pull a registry image onto the servers' daemon if it lacks it, with progress in [low, high]."""
+        if not info.reference:
+            return
+
+        async def publish(phase: str, progress: int, message: str) -> None:
+            await self._feed.publish(phase, low + (high - low) * progress // 100, message)
+
+        api = await asyncio.to_thread(lambda: self.client)
+        await self.services.builder.ensure_present(info, api, publish)
+
+    async def pull_image(self, image: str) -> None:
+        # A reference pinned by digest was pulled by _ensure_image, with progress; DockerSpawner's
+        # own pull splits "name:tag@sha256:..." at the last colon and would ask for a wrong tag.
+        if "@" in image:
+            return
+        await super().pull_image(image)  # type: ignore[misc]  # DockerSpawner's, after this mixin
+
