@@ -192,7 +192,8 @@ class ImageBuilder(LoggingConfigurable):
         "100G",
         config=True,
         help="""`gc` removes least-recently-used environment images until they fit in this size: the
-        bytes they add to the base image, each layer counted once (layers images share, once; the base, never).
+        bytes they add to the base image, each layer counted once (layers images share, once; the base, never);
+        0 = no size limit.
 
         c.ImageBuilder.disk_budget = "500G"
         """,

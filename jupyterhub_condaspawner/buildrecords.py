@@ -2,7 +2,9 @@
 
 Each key has a folder ``<cache_dir>/builds/<key>/``: its last build's status
 (``status.json``, a :class:`BuildRecord`), its build log, its lock (held while a process
-builds it, across hub processes) and its last use (a file's mtime: it survives restarts).
+builds it, across hub processes), its last use (a file's mtime: it survives restarts) and
+its pin (held, shared, by every start between looking its image up and running its
+container: gc removes an image only under the pin's exclusive lock).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
 from .builderrors import BuildError
 
 BUILD_STATUS = "status.json"  # in a key's cache folder: the last build's status (BuildRecord)
+_PIN = "in-use.lock"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,39 @@ class BuildRecords:
             with contextlib.suppress(OSError):
                 return (self.key_dir(key) / name).stat().st_mtime
         return 0.0
+
+    def pin(self, key: str) -> IO[str]:
+        """Hold the key's image for a start until the returned file is closed: gc keeps it.
+
+        Blocks only while gc removes that image (a lookup after that finds it gone and builds).
+        A shared flock: starts of one image never wait for each other, in any hub process.
+        """
+        path = self.key_dir(key) / _PIN
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    @contextlib.contextmanager
+    def unpinned(self, key: str) -> Iterator[bool]:
+        """True when no start holds the key's image; then none can pin it until the block ends."""
+        path = self.key_dir(key) / _PIN
+        try:
+            handle = path.open("a")
+        except OSError:  # no key folder (the image was built by another installation): no start of ours
+            yield True
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
 
     def build_record(self, key: str) -> BuildRecord | None:
         """The key's recorded build (from its cache folder), or None if it was never built here."""

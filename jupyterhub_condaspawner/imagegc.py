@@ -101,12 +101,16 @@ def gc_plan(builder: ImageBuilder) -> GcResult:
     total, count = result.total, len(candidates)
     for image in candidates:
         over_count = builder.max_images and count > builder.max_images
-        over_budget = total > int(builder.disk_budget)
+        over_budget = builder.disk_budget and total > int(builder.disk_budget)
         if not (over_count or over_budget):
             break
         if image.id in in_use:
             continue
         tag = builder.tag_for(image.labels[LABEL_KEY])
+        with builder.records.unpinned(image.labels[LABEL_KEY]) as free:
+            if not free:
+                result.notes.append(f"kept {tag}: a server is starting with it")
+                continue
         others = [other for other in image.tags if other != tag]
         if others:
             result.notes.append(f"kept {tag}: it is also tagged {', '.join(others)} (`docker rmi {others[0]}` "
@@ -138,12 +142,21 @@ def gc(builder: ImageBuilder, dry_run: bool = False) -> GcResult:
     if dry_run:
         return result
     for image in list(result.removed):
-        try:
-            with builder.daemon_call("removing an image"):
-                builder.client.images.remove(image.id, noprune=False)
-        except docker.errors.APIError as error:
-            result.removed.remove(image)
-            result.freed.pop(image.id, None)
-            result.notes.append(f"kept {builder.tag_for(image.labels[LABEL_KEY])}: docker refused to remove it "
-                                f"({one_line(error.explanation or error)})")
+        tag = builder.tag_for(image.labels[LABEL_KEY])
+        # Held while docker removes it: a start looking the image up meanwhile waits, then builds it.
+        with builder.records.unpinned(image.labels[LABEL_KEY]) as free:
+            if not free:
+                _keep(result, image, f"kept {tag}: a server is starting with it")
+                continue
+            try:
+                with builder.daemon_call("removing an image"):
+                    builder.client.images.remove(image.id, noprune=False)
+            except docker.errors.APIError as error:
+                _keep(result, image, f"kept {tag}: docker refused to remove it ({one_line(error.explanation or error)})")
     return result
+
+
+def _keep(result: GcResult, image: docker.models.images.Image, note: str) -> None:
+    result.removed.remove(image)
+    result.freed.pop(image.id, None)
+    result.notes.append(note)

@@ -111,6 +111,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
         self._restart_notice = False  # this process posted "the hub restarted while you ..."
+        self._image_pins = contextlib.ExitStack()  # the image this start uses, kept from gc until it ends
         # A start that has not (yet) created its container: nothing to poll or stop.
         self._before_container = False
         # A start that failed before its container: JupyterHub's clean-up of it is under way.
@@ -298,6 +299,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             log_failure(self.log, self._log_name, failure, error)
             raise failure from None  # JupyterHub's progress stream ends with "Spawn failed: <message>"
         finally:
+            self._image_pins.close()
             await self._feed.finish()
 
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:

@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+import docker.errors
+
 from . import environments
 from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, EventStream, ImageInfo
+from .failures import StartFailure
 from .hubservices import HubServices
 
 _BUILD_INTERRUPTED = ("Your last start of {} was building its environment when the hub restarted, and did not go "
@@ -29,6 +32,10 @@ class SpawnImageMixin:
         client: Any
         _feed: EventStream
         _profile_slug: str
+        _image_pins: contextlib.ExitStack
+        _image_info: ImageInfo | None
+
+        async def docker(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
         @property
         def services(self) -> HubServices: ...
@@ -45,6 +52,8 @@ class SpawnImageMixin:
                                    "the servers only through a registry (ImageBuilder.registry)")
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
         key = await asyncio.to_thread(self._record_use, request)
+        # gc keeps the image until this start ends (its container runs, or the start failed).
+        self._image_pins.enter_context(await asyncio.to_thread(builder.records.pin, key))
         cached = await asyncio.to_thread(builder.lookup, request)
         if cached is not None:
             await self._pull_if_missing(cached, 2, 84)
@@ -111,6 +120,15 @@ class SpawnImageMixin:
         # A reference pinned by digest was pulled by _ensure_image, with progress; DockerSpawner's
         # own pull splits "name:tag@sha256:..." at the last colon and would ask for a wrong tag.
         if "@" in image:
+            return
+        if self._image_info is not None and image == self._image_info.tag and not self.services.builder.registry:
+            # This daemon's own build, nowhere else: never asked of Docker Hub.
+            try:
+                await self.docker("inspect_image", image)
+            except docker.errors.NotFound:
+                raise StartFailure(f"The image of your environment ({image}) was removed from the Docker host while "
+                                   "your server started: start it again (it is built again)", reason="image-removed",
+                                   status_code=503) from None
             return
         await super().pull_image(image)  # type: ignore[misc]  # DockerSpawner's, after this mixin
 

@@ -232,6 +232,18 @@ async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder,
         container.remove(force=True)
 
 
+async def test_gc_reads_0_as_no_limit_for_both_max_images_and_disk_budget(builder):
+    await builder.get_image(unique_env())
+    keep = builder.max_images, builder.disk_budget
+    try:
+        builder.max_images, builder.disk_budget = 0, 0
+        assert builder.gc_plan().removed == []
+        builder.disk_budget = 1  # one byte: every image no container uses goes
+        assert len(builder.gc_plan().removed) == len(builder.images())
+    finally:
+        builder.max_images, builder.disk_budget = keep
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

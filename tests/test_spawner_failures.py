@@ -8,6 +8,7 @@ base image, the daemon, the channel's files, the build's time. The end-to-end te
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import uuid
@@ -20,6 +21,7 @@ from stand_in_user import StandInUser
 from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
+from jupyterhub_condaspawner.buildmodel import request_for_profile
 from jupyterhub_condaspawner.failures import StartFailure, explain
 from jupyterhub_condaspawner.gpus import GpuUnavailable
 from jupyterhub_condaspawner.spawner import CondaSpawner
@@ -262,3 +264,38 @@ def test_profiles_that_cannot_load_are_the_admins_and_their_paths_stay_in_the_lo
     assert failure.value.message == "This hub's profiles cannot be read: tell the hub admin (the hub's log names " \
                                     "the problems)"
     assert str(directory) in failure.value.log_message and "never closed" in failure.value.log_message
+
+
+@pytest.mark.docker
+async def test_gc_keeps_the_image_of_a_start_waiting_for_a_gpu_and_one_removed_anyway_is_one_line(
+        tmp_path, docker_daemon, base_image, dev_python_channel):
+    gpu = f"GPU-pin-{uuid.uuid4().hex[:8]}"
+    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
+                          GpuAllocator__queue_timeout=600.0, ImageBuilder__disk_budget=1)
+    allocator, builder = spawner.services.allocator, spawner.services.builder
+    allocator.allocate("holder", "", 1)
+    spawner.apply_choice({"profile": "gpu"})
+    start = asyncio.ensure_future(spawner.start())
+    async for event in spawner.progress():
+        if event["message"].startswith("Waiting for a GPU"):
+            break
+    tag = spawner._image_info.tag
+
+    # A budget no image fits in: gc would remove every image no container uses.
+    result = await asyncio.to_thread(builder.gc)
+    assert result.removed == [] and f"kept {tag}: a server is starting with it" in result.notes
+    assert builder.find_image(spawner._image_info.key) is not None
+
+    # An admin's `docker rmi -f` is not gc's to stop: the start says so instead of asking Docker Hub.
+    docker_daemon.client().images.remove(tag, force=True)
+    allocator.release("holder", "")
+    with pytest.raises(StartFailure) as failure:
+        await start
+    assert (failure.value.status_code, failure.value.reason) == (503, "image-removed")
+    assert failure.value.message == (f"The image of your environment ({tag}) was removed from the Docker host while "
+                                     "your server started: start it again (it is built again)")
+    assert allocator.allocation("alice", "") is None  # its GPU went back
+
+    # The start ended: its image is gc's again.
+    image = await spawner.services.builder.get_image(request_for_profile(spawner.services.catalog.get("gpu")))
+    assert [removed.id for removed in (await asyncio.to_thread(builder.gc)).removed] == [image.image_id]
