@@ -292,6 +292,12 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             profile, custom = self._choice or self.resolve_choice(self.user_options)
             self._choice = None
             return await self._start(profile, custom)
+        except asyncio.CancelledError:
+            # A user's stop of a start with no container yet: the hub's poll() says "not
+            # running" (0), so no stop() comes to free what the start was granted.
+            if self._before_container:
+                self._release_gpus()
+            raise
         except Exception as error:
             self._release_gpus()
             self._failing = self._before_container

@@ -299,3 +299,27 @@ async def test_gc_keeps_the_image_of_a_start_waiting_for_a_gpu_and_one_removed_a
     # The start ended: its image is gc's again.
     image = await spawner.services.builder.get_image(request_for_profile(spawner.services.catalog.get("gpu")))
     assert [removed.id for removed in (await asyncio.to_thread(builder.gc)).removed] == [image.image_id]
+
+
+@pytest.mark.docker
+async def test_a_start_cancelled_after_its_gpu_was_granted_gives_it_back(tmp_path, docker_daemon, base_image,
+                                                                       dev_python_channel):
+    gpu = f"GPU-cancel-{uuid.uuid4().hex[:8]}"
+    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
+                          GpuAllocator__queue_timeout=600.0)
+    allocator = spawner.services.allocator
+    allocator.allocate("holder", "", 1)
+    spawner.apply_choice({"profile": "gpu"})
+    start = asyncio.ensure_future(spawner.start())
+    async for event in spawner.progress():
+        if event["message"].startswith("Waiting for a GPU"):
+            allocator.release("holder", "")
+        if event["message"].startswith("GPUs:"):
+            assert allocator.allocation("alice", "").uuids == (gpu,)
+            start.cancel()  # the user's stop, as JupyterHub cancels a pending spawn
+            break
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    assert await spawner.get_object() is None  # no container was created
+    assert allocator.allocation("alice", "") is None
+    assert allocator.allocate("next", "", 1).uuids == (gpu,)
