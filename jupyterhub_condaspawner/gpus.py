@@ -130,7 +130,8 @@ def _load_pynvml() -> Any:
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU as last seen. ``state`` is "ok", "lost" (off the bus) or "failed"."""
+    """One GPU as last seen. ``state`` is "ok", "lost" (off the bus), "failed", or
+    "unreadable" (NVML answered nothing for the whole host: the GPU as an earlier scan saw it)."""
 
     index: int
     uuid: str  # "" when NVML could not read it (a lost GPU)
@@ -161,6 +162,7 @@ class GpuScan:
 
     gpus: tuple[Gpu, ...]
     notes: tuple[str, ...] = ()
+    unreadable: str = ""  # NVML's host-level error when it answered nothing (its driver reloading, say)
 
     @cached_property
     def by_uuid(self) -> dict[str, Gpu]:
@@ -169,6 +171,18 @@ class GpuScan:
     @cached_property
     def usable(self) -> tuple[Gpu, ...]:
         return tuple(gpu for gpu in self.gpus if gpu.usable)
+
+    @cached_property
+    def countable(self) -> tuple[Gpu, ...]:
+        """The GPUs the host has when NVML answers: the usable ones and the unreadable ones."""
+        return tuple(gpu for gpu in self.gpus if gpu.usable or gpu.state == UNREADABLE)
+
+    def keeping_unreadable(self, previous: GpuScan) -> GpuScan:
+        """This scan (NVML answered nothing) with the NVML GPUs ``previous`` saw, as unreadable: a
+        driver reloading for a moment is not a host without GPUs, and what servers hold stays known."""
+        kept = tuple(dataclasses.replace(gpu, state=UNREADABLE, reason=self.unreadable, utilization=None, memory_used=None)
+                     for gpu in previous.gpus if gpu.source == "nvml" and gpu.uuid and gpu.uuid not in self.by_uuid)
+        return GpuScan(self.gpus + kept, self.notes, self.unreadable)
 
     def summary(self) -> str:
         """"no GPUs: <why>" or "3 GPUs (1 lost)"."""
@@ -179,6 +193,7 @@ class GpuScan:
         return text + (f" ({unusable} unusable)" if unusable else "")
 
 
+UNREADABLE = "unreadable"  # a Gpu's state while NVML answers nothing for its host
 _STATIC_GPU_KEYS = ("uuid", "name", "index", "memory", "driver_version", "cuda_version")
 
 
@@ -267,10 +282,10 @@ class GpuInventory(LoggingConfigurable):
     def scan(self) -> GpuScan:
         """Read every GPU now. Never raises for NVML problems: they become notes and states."""
         with self._lock:
-            gpus, notes = self._scan_nvml()
+            gpus, notes, unreadable = self._scan_nvml()
         seen = {gpu.uuid for gpu in gpus}
         gpus += [gpu for gpu in self._static() if gpu.uuid not in seen]
-        return GpuScan(tuple(gpus), tuple(notes))
+        return GpuScan(tuple(gpus), tuple(notes), unreadable)
 
     def close(self) -> None:
         """Shut NVML down if this inventory initialised it."""
@@ -280,12 +295,13 @@ class GpuInventory(LoggingConfigurable):
     def _static(self) -> list[Gpu]:
         return [static_gpu(position, entry) for position, entry in enumerate(self.static_gpus)]
 
-    def _scan_nvml(self) -> tuple[list[Gpu], list[str]]:
+    def _scan_nvml(self) -> tuple[list[Gpu], list[str], str]:
+        """The GPUs, host-level notes, and NVML's error if it answered nothing (else "")."""
         if self._nvml is None:
             try:
                 self._nvml = _load_pynvml()
             except ImportError as error:
-                return [], [f"NVML unavailable: the pynvml package cannot be imported ({error})"]
+                return [], [f"NVML unavailable: the pynvml package cannot be imported ({error})"], ""
         nvml = self._nvml
         try:
             if not self._nvml_initialized:
@@ -295,12 +311,12 @@ class GpuInventory(LoggingConfigurable):
         except nvml.NVMLError as error:
             # The driver may come back (loaded, or reinstalled and rebooted): init again next time.
             self._forget_nvml_session()
-            return [], [describe_nvml_error(error)]
+            return [], [describe_nvml_error(error)], describe_nvml_error(error)
         notes: list[str] = []
         driver = _system_reading(nvml, nvml.nvmlSystemGetDriverVersion, "driver version", notes)
         cuda_code = _system_reading(nvml, nvml.nvmlSystemGetCudaDriverVersion, "CUDA version", notes)
         cuda = cuda_version_text(cuda_code) if cuda_code else None
-        return [_read_device(nvml, index, driver, cuda) for index in range(count)], notes
+        return [_read_device(nvml, index, driver, cuda) for index in range(count)], notes, ""
 
     def _forget_nvml_session(self) -> None:
         if self._nvml_initialized and self._nvml is not None:
@@ -409,6 +425,10 @@ class GpuUnavailable(Exception):
 
 class GpuInfeasible(GpuUnavailable):
     """This request can never be met on this host, whoever holds what (count, model, driver)."""
+
+
+class GpuUnreadable(GpuUnavailable):
+    """NVML answers nothing for this host now (a driver reloading, say): worth waiting for."""
 
 
 class GpuQuotaExceeded(GpuUnavailable):
@@ -659,7 +679,10 @@ class GpuAllocator(LoggingConfigurable):
     def refresh(self) -> GpuScan:
         """Scan the inventory now."""
         with self._lock:
-            self._scan = self.inventory.scan()
+            scan = self.inventory.scan()
+            if scan.unreadable and self._scan is not None:
+                scan = scan.keeping_unreadable(self._scan)
+            self._scan = scan
             self._scanned_at = time.monotonic()
             self._record_states()
             return self._scan
@@ -798,7 +821,7 @@ class GpuAllocator(LoggingConfigurable):
                        f"{self.per_user_gpu_quota}: pick a smaller profile")
             raise GpuInfeasible(message)
         scan = self.latest_scan()
-        models = [gpu for gpu in scan.usable if request.model_matches(gpu)]
+        models = [gpu for gpu in scan.countable if request.model_matches(gpu)]
         if models and not any(driver_supports(gpu, cuda) for gpu in models):
             raise CudaIncompatible(_cuda_refusal(what, cuda, models[0]))
         able = [gpu for gpu in models if driver_supports(gpu, cuda) and _memory_could_fit(gpu, request)]
@@ -960,6 +983,10 @@ def unavailable_error(scan: GpuScan, request: GpuRequest, load: Mapping[str, int
                       what: str = "this server") -> GpuUnavailable:
     """The one-line refusal for ``request``: how many GPUs exist, match, are busy, and why not the rest."""
     need = f"{what} needs {_plural(request.count, 'GPU')}{_qualifiers(request)}"
+    if any(gpu.state == UNREADABLE for gpu in scan.gpus):
+        return GpuUnreadable(f"{need}, but NVML cannot read this host's GPUs now ({scan.unreadable})",
+                             "The hub cannot read its GPUs now (try again in a few minutes, or tell the hub "
+                             "admin if it lasts)")
     if not scan.gpus:
         return GpuInfeasible(f"{need}, but this host has {scan.summary()}",
                              _user_refusal(scan, request, free=0, possible=False))

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from fake_nvml import FakeGpu, FakeNvml, fake_uuid
+from fake_nvml import DRIVER_NOT_LOADED, FakeGpu, FakeNvml, fake_uuid
 
 from jupyterhub_condaspawner.gpuqueue import GpuQueue, QueueCancelled
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInfeasible, GpuInventory, GpuQuotaExceeded, GpuUnavailable
@@ -140,6 +140,20 @@ async def test_kinds_wait_separately_and_memory_freed_outside_the_hub_is_noticed
     assert (await asyncio.wait_for(t4, 3)).uuids == (fake_uuid(1),)  # noticed by the periodic retry
     assert not a100.done()
     a100.cancel()
+
+
+async def test_waiting_spawns_stay_queued_while_the_driver_does_not_answer():
+    fake = FakeNvml.with_gpus(1)
+    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=fake), rescan_interval=0, queue_timeout=30))
+    await queue.allocate("alice", "", 1)
+    waiting = asyncio.ensure_future(queue.allocate("bob", "", 1))
+    await until(lambda: queue.length == 1)
+    fake.failures["nvmlDeviceGetCount"] = DRIVER_NOT_LOADED
+    queue.allocator.release("alice", "")  # freed while NVML reads nothing: the head tries, and waits
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and queue.length == 1
+    fake.failures.clear()
+    assert (await asyncio.wait_for(waiting, 5)).uuids == (fake_uuid(0),)
 
 
 def test_notices_are_read_once_and_named_without_user_text(tmp_path):

@@ -158,6 +158,38 @@ def test_driver_not_loaded_is_a_reason_and_a_later_scan_recovers():
     assert len(inventory.scan().usable) == 2
 
 
+def test_a_driver_that_stops_answering_for_a_moment_keeps_the_gpus_known_and_refusals_retryable():
+    fake = FakeNvml.with_gpus(2)
+    allocator = allocator_for(fake, rescan_interval=0)
+    allocator.allocate("alice", "", 1)
+    fake.failures["nvmlDeviceGetCount"] = DRIVER_NOT_LOADED  # a driver reload
+
+    scan = allocator.refresh()
+    assert [gpu.state for gpu in scan.gpus] == ["unreadable", "unreadable"]
+    assert scan.gpus[0].uuid == fake_uuid(0) and "the NVIDIA kernel driver is not loaded" in scan.gpus[0].reason
+    # What servers hold stays visible: unusable, not gone.
+    assert sorted(allocator.gpu_states().values()) == ["unusable", "unusable"]
+    # A submit is judged on the GPUs the host has: 2 fit, 3 never do.
+    allocator.check_feasible("bob", "", 2)
+    with pytest.raises(gpus.GpuInfeasible):
+        allocator.check_feasible("bob", "", 3)
+    with pytest.raises(gpus.GpuUnreadable) as refusal:
+        allocator.allocate("bob", "", 1)
+    assert refusal.value.user_message == ("The hub cannot read its GPUs now (try again in a few minutes, or tell "
+                                          "the hub admin if it lasts)")
+    allocator.refresh()  # failing again: still the same two GPUs
+    assert [gpu.uuid for gpu in allocator.latest_scan().gpus] == [fake_uuid(0), fake_uuid(1)]
+
+    fake.failures.clear()
+    assert allocator.allocate("bob", "", 1).uuids == (fake_uuid(1),)
+
+
+def test_a_host_whose_nvml_never_answered_has_no_gpus_to_wait_for():
+    allocator = allocator_for(FakeNvml.with_gpus(2, failures={"nvmlInit": DRIVER_NOT_LOADED}))
+    with pytest.raises(gpus.GpuInfeasible):
+        allocator.check_feasible("bob", "", 1)
+
+
 def test_the_real_pynvml_never_raises_from_a_scan():
     scan = GpuInventory().scan()  # this machine: no NVML; a GPU machine: its GPUs
     assert scan.gpus or scan.summary().startswith("no GPUs: ")
