@@ -5,7 +5,8 @@ first served; a newcomer never overtakes an earlier spawn of its own kind. Whene
 are freed (and at least once a second while anyone waits, for memory freed outside the
 hub), the head of each kind tries again, oldest kind first. A spawn leaves the queue when
 it gets its GPUs, when it is cancelled (the user stops the pending server), or after
-``GpuAllocator.queue_timeout`` with the usual one-line refusal. Requests this host can
+``GpuAllocator.queue_timeout`` (or less, when the spawn's own time runs out first) with
+the usual one-line refusal. Requests this host can
 never meet, and quota refusals, never queue.
 """
 
@@ -65,11 +66,14 @@ class GpuQueue:
     async def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None, *,
                        cuda: str | None = None, profile: str | None = None,
                        min_free_memory: int | None = None,
-                       waiting: Callable[[int, float], Awaitable[None]] | None = None) -> Allocation:
+                       waiting: Callable[[int, float], Awaitable[None]] | None = None,
+                       time_left: tuple[float, str] | None = None) -> Allocation:
         """The server's GPUs, now or after waiting its turn; GpuUnavailable when refused.
 
         ``waiting(ahead, waited_seconds)`` is awaited whenever the number of spawns ahead of
-        this one changes (and first with the position it joins at).
+        this one changes (and first with the position it joins at). ``time_left``: the
+        seconds the spawn itself has left and the setting that limits them
+        (``(120.0, "Spawner.start_timeout")``): it waits no longer, even within queue_timeout.
         """
         self._loop = asyncio.get_running_loop()
         waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
@@ -86,7 +90,7 @@ class GpuQueue:
         joined, outcome = self._clock(), "error"
         self._dispatch()  # GPUs may be free already: the kind's head goes first
         try:
-            allocation = await self._wait(waiter, waiting)
+            allocation = await self._wait(waiter, waiting, time_left)
             outcome = "granted"
             return allocation
         except asyncio.CancelledError:
@@ -134,9 +138,13 @@ class GpuQueue:
 
     # -- inside --------------------------------------------------------------------------
 
-    async def _wait(self, waiter: _Waiter, waiting: Callable[[int, float], Awaitable[None]] | None) -> Allocation:
+    async def _wait(self, waiter: _Waiter, waiting: Callable[[int, float], Awaitable[None]] | None,
+                    time_left: tuple[float, str] | None) -> Allocation:
         started = self._clock()
-        deadline = started + self.allocator.queue_timeout
+        limit, setting = self.allocator.queue_timeout, "GpuAllocator.queue_timeout"
+        if time_left is not None and time_left[0] < limit:
+            limit, setting = max(time_left[0], 0.0), time_left[1]
+        deadline = started + limit
         reported = None
         while True:
             ahead = self._position(waiter)
@@ -146,7 +154,7 @@ class GpuQueue:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 self._leave(waiter)
-                return self._last_try(waiter, self._clock() - started)
+                return self._last_try(waiter, self._clock() - started, setting)
             waiter.moved.clear()
             moved = asyncio.ensure_future(waiter.moved.wait())
             try:
@@ -159,11 +167,11 @@ class GpuQueue:
             if not waiter.moved.is_set():
                 self._dispatch()
 
-    def _last_try(self, waiter: _Waiter, waited: float) -> Allocation:
+    def _last_try(self, waiter: _Waiter, waited: float, setting: str) -> Allocation:
         try:
             return self._try(waiter)
         except GpuUnavailable as refusal:  # how busy the GPUs are, and how long this spawn waited
-            after = f" after waiting {_duration(waited)} in the queue (GpuAllocator.queue_timeout)"
+            after = f" after waiting {_duration(waited)} in the queue ({setting})"
             raise GpuUnavailable(refusal.detail + after, refusal.user_message + after) from None
 
     def _try(self, waiter: _Waiter) -> Allocation:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any, AsyncIterator
 
@@ -114,6 +115,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._image_pins = contextlib.ExitStack()  # the image this start uses, kept from gc until it ends
         # A start that has not (yet) created its container: nothing to poll or stop.
         self._before_container = False
+        self._start_began = 0.0  # time.monotonic() when start() began: JupyterHub's start_timeout counts from then
         # A start that failed before its container: JupyterHub's clean-up of it is under way.
         self._failing = False
         # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
@@ -284,6 +286,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     # -- start / stop / poll -------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
+        self._start_began = time.monotonic()
         self._before_container = True
         if self._feed.done:
             self._feed = EventStream()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,6 +24,8 @@ from .profiles import Profile
 if TYPE_CHECKING:
     from .spawner import CondaSpawner
 
+# What a start keeps of its start_timeout for creating and starting its container after its GPUs.
+_CONTAINER_START_S = 30.0
 _QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 
 
@@ -35,6 +38,8 @@ class GpuBindingMixin:
         ready: bool
         user_options: dict[str, Any]
         gpu_idle_timeout: float
+        start_timeout: int
+        _start_began: float
         _feed: EventStream
         _allocation: Allocation | None
         _stop_pending: bool
@@ -66,9 +71,11 @@ class GpuBindingMixin:
             await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
 
         with self._restart_notice_kept_if_cancelled():
+            # JupyterHub ends a start past start_timeout with no word: the queue ends it first, in one line.
+            time_left = self.start_timeout - (time.monotonic() - self._start_began) - _CONTAINER_START_S
             allocation = await services.queue.allocate(
                 self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
-                profile=profile.slug, waiting=waiting)
+                profile=profile.slug, waiting=waiting, time_left=(time_left, "Spawner.start_timeout"))
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
 

@@ -109,6 +109,19 @@ async def test_waiting_ends_after_queue_timeout_with_the_usual_refusal():
     assert told.told == [0] and queue.length == 0
 
 
+async def test_a_spawn_whose_own_time_runs_out_first_leaves_the_queue_naming_that_limit():
+    queue = queue_for(1, queue_timeout=600)
+    await queue.allocate("holder", "", 1, profile="gpu")
+    with pytest.raises(GpuUnavailable) as refusal:
+        await asyncio.wait_for(queue.allocate("late", "", 1, profile="gpu",
+                                              time_left=(0.2, "Spawner.start_timeout")), 5)
+    assert refusal.value.user_message.startswith("No GPU is free on this hub: 0 of 1 ('gpu' needs 1 GPU; ")
+    assert refusal.value.user_message.endswith("in the queue (Spawner.start_timeout)")
+    assert queue.length == 0
+    queue.allocator.release("holder", "")
+    assert (await queue.allocate("late", "", 1, time_left=(-5.0, "Spawner.start_timeout"))).uuids  # free: no wait
+
+
 async def test_queue_timeout_zero_refuses_at_once():
     queue = queue_for(1, queue_timeout=0)
     await queue.allocate("holder", "", 1)

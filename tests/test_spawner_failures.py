@@ -323,3 +323,19 @@ async def test_a_start_cancelled_after_its_gpu_was_granted_gives_it_back(tmp_pat
     assert await spawner.get_object() is None  # no container was created
     assert allocator.allocation("alice", "") is None
     assert allocator.allocate("next", "", 1).uuids == (gpu,)
+
+
+@pytest.mark.docker
+async def test_a_start_out_of_its_own_time_leaves_the_gpu_queue_in_one_line(tmp_path, docker_daemon, base_image,
+                                                                           dev_python_channel):
+    # JupyterHub would end it at start_timeout with an empty "Spawn failed: "; the queue ends it first.
+    gpu = f"GPU-late-{uuid.uuid4().hex[:8]}"
+    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
+                          GpuAllocator__queue_timeout=600.0, Spawner__start_timeout=1)
+    spawner.services.allocator.allocate("holder", "", 1)
+
+    failure, _ = await failed_start(spawner, {"profile": "gpu"})
+
+    assert (failure.status_code, failure.reason) == (503, "capacity")
+    assert failure.message == ("No GPU is free on this hub: 0 of 1 ('gpu' needs 1 GPU for CUDA 12.4; try again when a "
+                               "server stops) after waiting 0 s in the queue (Spawner.start_timeout)")
