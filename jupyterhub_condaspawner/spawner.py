@@ -112,6 +112,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
         self._restart_notice = False  # this process posted "the hub restarted while you ..."
+        self._idle_watch: dict[str, Any] = {}  # the culler's timeout and profile name for this server
         self._image_pins = contextlib.ExitStack()  # the image this start uses, kept from gc until it ends
         # A start that has not (yet) created its container: nothing to poll or stop.
         self._before_container = False
@@ -401,6 +402,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                 "env_name": self._image_info.env_name,
                 "gpus": list(self._allocation.uuids) if self._allocation else [],
                 "port": self.port,
+                **self._idle_watch,  # for a server whose profile is renamed or removed while it runs
             }
         return state
 
@@ -416,7 +418,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
             self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
-            self._watch_gpu_idleness(self._profile_of_saved_options())
+            self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
 
     def clear_state(self) -> None:
         super().clear_state()

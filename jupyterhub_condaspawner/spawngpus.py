@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from . import metrics
@@ -42,6 +42,7 @@ class GpuBindingMixin:
         _start_began: float
         _feed: EventStream
         _allocation: Allocation | None
+        _idle_watch: dict[str, Any]
         _stop_pending: bool
         client: Any
         log: Any
@@ -106,16 +107,24 @@ class GpuBindingMixin:
     def _holds_gpus(self) -> bool:
         return self._allocation is not None and bool(self._allocation.uuids)
 
-    def _watch_gpu_idleness(self, profile: Profile | None) -> None:
-        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout."""
+    def _watch_gpu_idleness(self, profile: Profile | None, saved: Mapping[str, Any] | None = None) -> None:
+        """Have the hub's culler stop this server once its GPUs idle for the profile's timeout.
+
+        ``profile``: the server's profile, None when the catalog lost it (renamed or removed
+        since the server started: ``saved`` then holds the timeout and name it started with).
+        """
         if not self._holds_gpus():
             return
-        timeout = self.gpu_idle_timeout
-        if profile is not None and profile.gpu_idle_timeout is not None:
-            timeout = profile.gpu_idle_timeout
-        name = profile.display_name if profile is not None else (self.user_options or {}).get("profile", "a GPU profile")
-        hub_services(cast("CondaSpawner", self)).culler.watch(self.user.name, self.name, timeout_minutes=timeout, profile=name,
-                                        stop=self._stop_idle_server)
+        timeout, name = self.gpu_idle_timeout, (self.user_options or {}).get("profile", "a GPU profile")
+        if profile is not None:
+            name = profile.display_name
+            if profile.gpu_idle_timeout is not None:
+                timeout = profile.gpu_idle_timeout
+        elif saved and saved.get("gpu_idle_timeout") is not None:
+            timeout, name = float(saved["gpu_idle_timeout"]), str(saved.get("profile_name") or name)
+        self._idle_watch = {"gpu_idle_timeout": timeout, "profile_name": name}
+        hub_services(cast("CondaSpawner", self)).culler.watch(self.user.name, self.name, timeout_minutes=timeout,
+                                                              profile=name, stop=self._stop_idle_server)
 
     async def _stop_idle_server(self, cull: Cull) -> None:
         """Stop this server the way the hub stops one (route, server, database), then say why."""

@@ -484,7 +484,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         self._assigned, self._node = tuple(saved.get("gpus") or ()), saved.get("node", "")
         self._allocation = None  # Swarm holds the GPUs, not the hub's allocator
         if self._assigned:
-            self._watch_gpu_idleness(self._profile_of_saved_options())
+            self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
 
 
 class _NoReadings:

@@ -12,6 +12,7 @@ import pytest
 from fake_nvml import FakeGpu, FakeNvml, fake_uuid
 from stand_in_user import StandInUser
 
+from jupyterhub_condaspawner.buildmodel import ImageInfo
 from jupyterhub_condaspawner.culler import Cull, GpuIdleCuller
 from jupyterhub_condaspawner.gpus import ContainerRecord, GpuAllocator, GpuInventory, static_gpu
 
@@ -271,3 +272,23 @@ def test_a_server_found_again_after_a_hub_restart_is_watched_with_its_profiles_t
     cpu.load_state({"condaspawner": {"key": "k", "image": "img:k", "image_id": "sha256:0", "env_name": "e",
                                      "gpus": [], "port": 8889}})
     assert ("carol", "") not in services.culler.watched()
+
+
+def test_a_server_whose_profile_was_renamed_keeps_the_timeout_and_name_it_started_with(tmp_path):
+    make = gpu_spawner(tmp_path, default_minutes=30, user="dora")
+    before = make()
+    services = before.services
+    before._allocation = services.allocator.allocate("dora", "", 1)
+    before.user_options = {"profile": "never"}
+    before._watch_gpu_idleness(services.catalog.get("never"))  # started on "Never": never culled
+    before._image_info = ImageInfo("k", "img:k", "sha256:0", "e", cached=True)
+    before.object_id = "c0ffee"
+    saved = before.get_state()
+    assert saved["condaspawner"]["gpu_idle_timeout"] == 0 and saved["condaspawner"]["profile_name"] == "Never"
+
+    # The admin renames the profile's slug; the hub restarts: the saved slug finds nothing.
+    after = make()
+    after.user_options = {"profile": "never-old-slug"}
+    after.load_state(saved)
+    assert services.culler.watched() == {}  # still never culled, not the hub's 30 min
+    assert after._idle_watch == {"gpu_idle_timeout": 0.0, "profile_name": "Never"}
