@@ -75,6 +75,10 @@ c.GpuAllocator.policy = "pack"  # or "spread"
 c.GpuAllocator.max_servers_per_gpu = 1  # exclusive GPUs
 c.GpuAllocator.per_user_gpu_quota = 2
 c.GpuAllocator.device_mode = "device-request"  # or "nvidia-runtime"
+# A spawn that finds every fitting GPU held waits its turn (up to 10 min); a smaller request
+# may overtake a bigger, older one for 2 min, then the GPUs the older one could use are its.
+c.GpuAllocator.queue_timeout = 600
+c.GpuAllocator.queue_hold_after = 120
 # Where NVML is not visible to the hub process, declare the GPUs:
 # c.GpuInventory.static_gpus = [{"uuid": "GPU-...", "name": "NVIDIA A100-SXM4-80GB", "cuda_version": "12.4"}]
 

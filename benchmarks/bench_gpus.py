@@ -222,6 +222,8 @@ class Outcome:
     idle_present: float = 0.0  # GPU-seconds held idle while the user was at the keyboard
     held_during_builds: float = 0.0  # GPU-seconds a server held while its image built
     waits: list[float] = field(default_factory=list)  # seconds each queued spawn waited for its GPUs
+    waits_by_count: dict[int, list[float]] = field(default_factory=dict)  # the same, by GPUs asked for
+    gave_up_by_count: dict[int, int] = field(default_factory=dict)
     spawns: int = 0
     gave_up: int = 0  # spawns that waited QUEUE_TIMEOUT and were refused
     culls: int = 0
@@ -249,7 +251,8 @@ class DayReplay:
     each one the event loop runs until the queue has handed out what was freed.
     """
 
-    def __init__(self, days: list[UserDay], host_gpus: int, policy: str, gpu_idle_minutes: float = GPU_IDLE_TIMEOUT_MIN):
+    def __init__(self, days: list[UserDay], host_gpus: int, policy: str, gpu_idle_minutes: float = GPU_IDLE_TIMEOUT_MIN,
+                 queue_hold_after: float | None = None):
         self.days = {day.user: day for day in days}
         self.policy = policy  # "gpu-aware" or "activity-only"
         self.gpu_idle_minutes = gpu_idle_minutes
@@ -257,8 +260,9 @@ class DayReplay:
         self.nvml = FakeNvml.with_gpus(host_gpus)
         self.gpus = {gpu.uuid: gpu for gpu in self.nvml.gpus}
         clock = lambda: self.now  # noqa: E731
+        hold = {} if queue_hold_after is None else {"queue_hold_after": queue_hold_after}
         self.allocator = GpuAllocator(inventory=GpuInventory(nvml=self.nvml), clock=clock, rescan_interval=DAY,
-                                      queue_timeout=10 * DAY, gpu_sample_interval=SAMPLE_INTERVAL)
+                                      queue_timeout=10 * DAY, gpu_sample_interval=SAMPLE_INTERVAL, **hold)
         self.queue = GpuQueue(self.allocator, clock=clock)
         self.culler = GpuIdleCuller(self.allocator, clock=clock)
         self.servers = {user: _Server() for user in self.days}
@@ -338,6 +342,7 @@ class DayReplay:
         allocation = task.result()
         server.state, server.held, server.held_since = "running", allocation.uuids, self.now
         self.outcome.waits.append(self.now - joined)
+        self.outcome.waits_by_count.setdefault(len(allocation.uuids), []).append(self.now - joined)
         if server.build:
             self.outcome.held_during_builds += len(allocation.uuids) * overlap(
                 [server.build], allocation.since, DAY)
@@ -350,6 +355,8 @@ class DayReplay:
             server.task.cancel()  # GpuAllocator.queue_timeout: "No GPU is free"; they try again later
             server.state = "stopped"
             self.outcome.gave_up += 1
+            count = self.days[user].gpus
+            self.outcome.gave_up_by_count[count] = self.outcome.gave_up_by_count.get(count, 0) + 1
 
     async def _stop(self, user: str) -> None:
         server = self.servers[user]
@@ -435,7 +442,19 @@ def simulate_day(seed: int, users: int) -> dict[str, Outcome | int]:
         "activity-only": asyncio.run(DayReplay(days, asked, "activity-only").run()),
         "static": static_office_hours(days),
         "half-host": asyncio.run(DayReplay(days, asked // 2, "gpu-aware").run()),
+        # For scale: the queue without its hold for older, bigger requests (they may starve).
+        "half-host-no-hold": asyncio.run(DayReplay(days, asked // 2, "gpu-aware", queue_hold_after=10 * DAY).run()),
     }
+
+
+def by_count(outcome: Outcome) -> str:
+    """Grants, queue wait p50/p95 and spawns that gave up, per number of GPUs asked for."""
+    parts = []
+    for count in sorted(set(outcome.waits_by_count) | set(outcome.gave_up_by_count)):
+        waits = outcome.waits_by_count.get(count, [])
+        wait = f"wait p50/p95 {percentile(waits, 0.5):.0f} / {percentile(waits, 0.95):.0f} s" if waits else "no grant"
+        parts.append(f"{count} GPU(s): {len(waits)} grants, {wait}, {outcome.gave_up_by_count.get(count, 0)} gave up")
+    return "; ".join(parts)
 
 
 def report_day(quick: bool, seed: int, users: int) -> None:
@@ -456,6 +475,10 @@ def report_day(quick: bool, seed: int, users: int) -> None:
     print(f"idle GPU-hours ratio gpu-aware/static office hours: {aware.idle_hours / static.idle_hours:.2f}")
     print(f"GPU-seconds held during builds: {sum(run['gpu-aware'].held_during_builds for run in runs):.0f}")
     print(f"queue wait p50/p95 (s): {percentile(half.waits, 0.5):.0f} / {percentile(half.waits, 0.95):.0f}")
+    no_hold = first["half-host-no-hold"]
+    assert isinstance(no_hold, Outcome)
+    print(f"  by GPUs asked for: {by_count(half)}")
+    print(f"  for scale, without queue_hold_after (an older 2-GPU start overtaken for ever): {by_count(no_hold)}")
     if quick:
         return
     days = seeded_days(seed, users)

@@ -3,7 +3,10 @@
 Spawns asking for the same thing (GPU count, model, CUDA, free memory) wait first come,
 first served; a newcomer never overtakes an earlier spawn of its own kind. Whenever GPUs
 are freed (and at least once a second while anyone waits, for memory freed outside the
-hub), the head of each kind tries again, oldest kind first. A spawn leaves the queue when
+hub), the head of each kind tries again, oldest kind first. A smaller request of another
+kind may take GPUs an older, bigger one waits for, but only for
+``GpuAllocator.queue_hold_after`` seconds: then the GPUs the older one could use are held
+for it (younger spawns that could take them wait), so no request starves. A spawn leaves the queue when
 it gets its GPUs, when it is cancelled (the user stops the pending server), or after
 ``GpuAllocator.queue_timeout`` (or less, when the spawn's own time runs out first) with
 the usual one-line refusal. Requests this host can
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuUnavailable
+from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuRequest, GpuUnavailable
 
 # The longest a waiting spawn goes without retrying (memory freed outside the hub, rescans).
 RETRY_INTERVAL_S = 1.0
@@ -45,6 +48,10 @@ class _Waiter:
     @property
     def kind(self) -> Kind:
         return (self.count, self.model_glob or "", self.cuda or "", self.min_free_memory or 0)
+
+    @property
+    def request(self) -> GpuRequest:
+        return GpuRequest(self.count, self.model_glob, self.min_free_memory, self.cuda, self.profile)
 
 
 class QueueCancelled(GpuUnavailable):
@@ -78,7 +85,8 @@ class GpuQueue:
         self._loop = asyncio.get_running_loop()
         waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
         waiter.joined = self._clock()
-        if not self._waiting.get(waiter.kind):  # nobody of this kind waits: no one to overtake
+        # Nobody of this kind waits, and no older spawn has GPUs held for it: no one to overtake.
+        if not self._waiting.get(waiter.kind) and not self._held_back(waiter, self._holder()):
             try:
                 return self._try(waiter)
             except (GpuInfeasible, GpuQuotaExceeded):
@@ -107,9 +115,9 @@ class GpuQueue:
     def ahead_of(self, user: str, server_name: str) -> int | None:
         """How many spawns wait ahead of this server's, or None if it is not waiting."""
         for waiters in self._waiting.values():
-            for position, waiter in enumerate(waiters):
+            for waiter in waiters:
                 if (waiter.user, waiter.server_name) == (user, server_name):
-                    return position
+                    return self._position(waiter)
         return None
 
     def cancel(self, user: str, server_name: str) -> bool:
@@ -179,8 +187,10 @@ class GpuQueue:
                                        waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile)
 
     def _position(self, waiter: _Waiter) -> int:
+        """Spawns ahead of this one: of its kind, and an older one GPUs are held for."""
         waiters = self._waiting.get(waiter.kind, [])
-        return waiters.index(waiter) if waiter in waiters else 0
+        ahead = waiters.index(waiter) if waiter in waiters else 0
+        return ahead + (1 if self._held_back(waiter, self._holder()) else 0)
 
     def _released(self) -> None:
         """GPUs were freed (maybe on another thread): let the heads of the queue try now."""
@@ -188,22 +198,46 @@ class GpuQueue:
             self._loop.call_soon_threadsafe(self._dispatch)
 
     def _dispatch(self) -> None:
-        """Give freed GPUs to the oldest waiting spawn of each kind that fits, oldest kind first."""
-        for waiters in sorted(self._waiting.values(), key=lambda group: group[0].ticket if group else 0):
+        """Give freed GPUs to the oldest waiting spawn of each kind that fits, oldest first;
+        none to a younger spawn that would take GPUs held for an older one (``_holder``)."""
+        holder = None
+        for first in sorted(self._heads(), key=lambda waiter: waiter.ticket):
+            waiters = self._waiting[first.kind]
             while waiters:
                 head = waiters[0]
                 if head.granted.done():  # cancelled, or granted and not yet gone
                     waiters.pop(0)
                     continue
+                if self._held_back(head, holder):
+                    break
                 try:
                     head.granted.set_result(self._try(head))
                 except (GpuInfeasible, GpuQuotaExceeded) as refusal:
                     head.granted.set_exception(refusal)
                 except GpuUnavailable:
+                    if holder is None and self._clock() - head.joined >= self.allocator.queue_hold_after:
+                        holder = head
                     break
                 waiters.pop(0)
                 for behind in waiters:
                     behind.moved.set()
+
+    def _heads(self) -> list[_Waiter]:
+        return [waiters[0] for waiters in self._waiting.values() if waiters]
+
+    def _holder(self) -> _Waiter | None:
+        """The oldest spawn that has waited past queue_hold_after: freed GPUs it could use are its."""
+        overdue = [waiter for waiter in self._heads() if not waiter.granted.done()
+                   and self._clock() - waiter.joined >= self.allocator.queue_hold_after]
+        return min(overdue, key=lambda waiter: waiter.ticket, default=None)
+
+    def _held_back(self, waiter: _Waiter, holder: _Waiter | None) -> bool:
+        """Whether ``waiter`` must wait behind ``holder``: younger, and after a GPU it could use."""
+        if holder is None or holder is waiter or waiter.ticket < holder.ticket:
+            return False
+        scan = self.allocator.latest_scan()
+        wanted, asking = holder.request, waiter.request
+        return any(wanted.model_matches(gpu) and asking.model_matches(gpu) for gpu in scan.countable)
 
     def _leave(self, waiter: _Waiter) -> None:
         waiters = self._waiting.get(waiter.kind)

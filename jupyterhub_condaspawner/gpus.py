@@ -622,6 +622,19 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
+    queue_hold_after = Float(
+        120.0,
+        min=0.0,
+        help="""Seconds a waiting spawn may be overtaken by smaller requests of other kinds (a
+        1-GPU start taking a GPU that an older 2-GPU start needs one more of). After that,
+        freed GPUs it could use are held for it: younger spawns that would take them wait
+        behind it, so a big request never starves. 0: never overtaken; a day (86400): hardly
+        ever held, so waits are shorter for small requests and big ones may time out.
+
+            c.GpuAllocator.queue_hold_after = 300
+        """,
+    ).tag(config=True)
+
     rescan_interval = Float(
         10.0,
         min=0.0,

@@ -76,6 +76,36 @@ async def test_a_newcomer_of_the_same_kind_never_overtakes_a_waiting_spawn():
     late.cancel()
 
 
+async def test_a_bigger_older_request_is_overtaken_only_until_queue_hold_after():
+    now = [0.0]
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(2)), queue_hold_after=120)
+    queue = GpuQueue(allocator, clock=lambda: now[0])
+    for holder in ("h1", "h2"):
+        await queue.allocate(holder, "", 1)
+    big = asyncio.ensure_future(queue.allocate("big", "", 2))
+    await until(lambda: queue.length == 1)
+    small = asyncio.ensure_future(queue.allocate("small", "", 1))
+    await until(lambda: queue.length == 2)
+
+    allocator.release("h1", "")  # one GPU: not enough for big, so small (younger) may take it
+    assert (await asyncio.wait_for(small, 5)).user == "small"
+
+    now[0] = 121.0  # big has waited past queue_hold_after: GPUs it could use are held for it
+    told = Positions()
+    late = asyncio.ensure_future(queue.allocate("late", "", 1, waiting=told))
+    await until(lambda: queue.length == 2)
+    assert told.told == [1]  # behind big, though first of its own kind
+    allocator.release("h2", "")  # free, and held for big: late waits
+    await asyncio.sleep(1.5)  # a retry of the queue's (every second) comes and goes
+    assert not late.done() and not big.done()
+    assert [gpu for gpu, state in allocator.gpu_states().items() if state == "free"] == [fake_uuid(1)]
+
+    allocator.release("small", "")
+    assert sorted((await asyncio.wait_for(big, 5)).uuids) == [fake_uuid(0), fake_uuid(1)]
+    allocator.release("big", "")
+    assert (await asyncio.wait_for(late, 5)).user == "late"
+
+
 async def test_a_cancelled_spawn_leaves_the_queue_and_the_next_one_moves_up():
     queue = queue_for(1)
     await queue.allocate("holder", "", 1)
