@@ -6,7 +6,12 @@ multi-host volume plugin) every node mounts the same export, so a server that la
 another node finds its files. The options are templates, like the volume names:
 ``{username}`` and ``{servername}`` only, both the *escaped* names (``[a-z0-9-]``, one
 name per user: isolation.escape_name). Raw user text (``{raw_username}``) is refused in
-volume names and driver options alike: it would reach a path on the file server.
+volume names and driver options alike: it would reach a path on the file server. So is a
+template in which two fields meet without ``--`` (or a character outside ``[a-z0-9-]``,
+such as ``/``) between them: the nodes create volumes themselves, so no owner check can
+catch ``home-{username}{servername}`` giving erin's server "o" and erino's default server
+one home; an escaped name never holds ``--`` or such a character, so
+``{username}--{servername}`` or ``{username}/{servername}`` names every server once.
 
     c.CondaSwarmSpawner.volumes = {"home-{username}": "/home/jovyan"}
     c.CondaSwarmSpawner.volume_driver = "local"
@@ -20,10 +25,11 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable, Mapping
 
-from .isolation import template_fields
+from .isolation import NAME_SAFE, template_fields
 
 # What a home template may name: the escaped names DockerSpawner renders volume names with.
 ALLOWED_FIELDS = frozenset({"username", "servername"})
+_ESCAPED_NAME_CHARS = frozenset(NAME_SAFE | {"-"})
 
 
 class HomeSettingsError(ValueError):
@@ -40,6 +46,25 @@ def check_template(template: str, what: str) -> None:
     if unknown:
         raise HomeSettingsError(f"{what}: {template!r} uses {', '.join('{' + f + '}' for f in unknown)}; "
                                 "only {username} and {servername} (escaped names) may name a home")
+    _check_fields_apart(template, what)
+
+
+def _check_fields_apart(template: str, what: str) -> None:
+    """Two different fields must have "--" (or a character no escaped name has) between them,
+    or two servers' names may be one."""
+    previous = None
+    between = ""
+    for literal, field, _, _ in string.Formatter().parse(template):
+        between += literal
+        if field is None:
+            continue
+        apart = "--" in between or any(char not in _ESCAPED_NAME_CHARS for char in between)
+        if previous is not None and field != previous and not apart:
+            raise HomeSettingsError(
+                f"{what}: {template!r} lets two servers share a name ({{{previous}}} and {{{field}}} meet: "
+                f"erin's server 'o' and erino's default server would be one); put '--' between them, "
+                f"as in '{{{previous}}}--{{{field}}}'")
+        previous, between = field, ""
 
 
 def check_driver_options(options: Mapping[str, str]) -> None:
