@@ -89,6 +89,12 @@ def registry_call(what: str) -> Iterator[None]:
 
 
 
+def unanswered(error: BaseException) -> bool:
+    """Whether ``error`` says the daemon did not answer (down, hung, unreachable), not that it said no."""
+    return (isinstance(error, requests.exceptions.RequestException)
+            or (isinstance(error, docker.errors.DockerException) and not isinstance(error, docker.errors.APIError)))
+
+
 @contextlib.contextmanager
 def daemon_call(what: str, where: str = "") -> Iterator[None]:
     """Docker calls whose failure to connect is "the daemon cannot be reached", not a bug."""

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 from dockerspawner import DockerSpawner
 from traitlets import Bool, Float, default
 
-from .builderrors import BuildError
+from .builderrors import BuildError, one_line, unanswered
 from .buildmodel import EventStream, ImageInfo, request_for_profile
 from .failures import StartFailure, explain, log_failure
 from .gpus import Allocation, GpuUnavailable
@@ -368,10 +368,24 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if self._before_container:
             self._keep_failure_visible()
             return 0
-        status = await super().poll()
+        try:
+            status = await super().poll()
+        except Exception as error:
+            self._unknown_while_unanswered(error)
+            return None
         if status is not None:
             self._release_gpus()
         return status
+
+    def _unknown_while_unanswered(self, error: Exception) -> None:
+        """A poll the daemon did not answer: the server is taken as running (the caller returns
+        None; JupyterHub then asks the server itself). Raised on, the hub would forget it (and,
+        after a restart, clear its state) while its container runs on and holds its GPUs;
+        any other error is raised again."""
+        if not unanswered(error):
+            raise error
+        self.log.warning("Cannot poll %s (Docker does not answer: %s): taken as still running", self._log_name,
+                         one_line(error))
 
     def _keep_failure_visible(self) -> None:
         """JupyterHub stops a start that failed (polling first) before it settles the start: in

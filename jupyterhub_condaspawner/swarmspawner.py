@@ -448,17 +448,22 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         if self._before_container:  # a start that failed before its service was created
             self._keep_failure_visible()
             return 0
-        service = await self.get_object()
-        if not service:
-            hub_services(self).culler.forget(self.user.name, self.name)
-            return 0
-        state = await self._read_swarm(self.object_id)
+        try:
+            service = await self.get_object()
+            if not service:
+                hub_services(self).culler.forget(self.user.name, self.name)
+                return 0
+            state = await self._read_swarm(self.object_id)
+        except Exception as error:  # the manager does not answer: not a reason to forget the server
+            self._unknown_while_unanswered(error)
+            return None
         task = state.task_for(self.object_id)
         if task is None:
             return None  # just created: no task yet
         node = state.node(task.node_id)
         where = f" on node {node.hostname}" if node else ""
-        if task.state == "running" and node is not None and not node.ready:
+        # "unknown": what Swarm says of every node for a moment after a leader change.
+        if task.state == "running" and node is not None and node.state in ("down", "disconnected"):
             status = f"node {node.hostname} is {node.state}"
         elif not task.live:
             status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"

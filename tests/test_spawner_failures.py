@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from jupyterhub_condaspawner.failures import StartFailure, explain
 from jupyterhub_condaspawner.gpus import GpuUnavailable
 from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.spec import parse_environment
+from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
 
 
 def profiles_dir(tmp_path: Path) -> Path:
@@ -339,3 +341,24 @@ async def test_a_start_out_of_its_own_time_leaves_the_gpu_queue_in_one_line(tmp_
     assert (failure.status_code, failure.reason) == (503, "capacity")
     assert failure.message == ("No GPU is free on this hub: 0 of 1 ('gpu' needs 1 GPU for CUDA 12.4; try again when a "
                                "server stops) after waiting 0 s in the queue (Spawner.start_timeout)")
+
+
+@pytest.mark.parametrize("spawner_class", [CondaSpawner, CondaSwarmSpawner])
+async def test_a_poll_docker_does_not_answer_keeps_the_server(tmp_path, spawner_class, caplog):
+    # Raised on, JupyterHub would take the server as stopped and (after a restart) clear its
+    # state, while its container or service runs on and holds its GPUs.
+    class Unanswered(spawner_class):
+        _client = None
+
+    config = spawner_for(tmp_path, "file:///nonexistent").config
+    config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/hung.sock", "timeout": 2}
+    spawner = Unanswered(user=StandInUser("alice"), hub=Hub(), config=config)
+    spawner.object_id = "c0ffee"  # a server the hub started earlier
+
+    assert await spawner.poll() is None  # no daemon at all
+    with socket.socket(socket.AF_UNIX) as hung:  # a daemon that takes the connection and never answers
+        hung.bind(str(tmp_path / "hung.sock"))
+        hung.listen(16)
+        assert await spawner.poll() is None
+    assert caplog.text.count("Cannot poll alice (Docker does not answer: ") == 2
+    assert "taken as still running" in caplog.text and spawner.object_id == "c0ffee"
