@@ -142,7 +142,8 @@ class _Environments:
         spawner = self.current_user.spawner
         if isinstance(spawner, CondaSwarmSpawner):
             return await self._swarm_gpus(spawner, services)
-        return environments.gpu_map(services.allocator, services.queue, services.culler)
+        # NVML may rescan (and be slow): off the event loop.
+        return await asyncio.to_thread(environments.gpu_map, services.allocator, services.queue, services.culler)
 
     async def _swarm_gpus(self, spawner: CondaSwarmSpawner, services: HubServices) -> dict[str, Any]:
         try:

@@ -83,6 +83,7 @@ class GpuQueue:
         (``(120.0, "Spawner.start_timeout")``): it waits no longer, even within queue_timeout.
         """
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.allocator.latest_scan)  # NVML, when the scan is stale: off the loop
         waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
         waiter.joined = self._clock()
         # Nobody of this kind waits, and no older spawn has GPUs held for it: no one to overtake.
@@ -173,6 +174,7 @@ class GpuQueue:
             if waiter.granted.done():
                 return waiter.granted.result()
             if not waiter.moved.is_set():
+                await asyncio.to_thread(self.allocator.latest_scan)  # NVML, when the scan is stale
                 self._dispatch()
 
     def _last_try(self, waiter: _Waiter, waited: float, setting: str) -> Allocation:
@@ -183,8 +185,10 @@ class GpuQueue:
             raise GpuUnavailable(refusal.detail + after, refusal.user_message + after) from None
 
     def _try(self, waiter: _Waiter) -> Allocation:
+        # On the event loop: by the last scan; _wait refreshes it in a thread.
         return self.allocator.allocate(waiter.user, waiter.server_name, waiter.count, waiter.model_glob,
-                                       waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile)
+                                       waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile,
+                                       rescan=False)
 
     def _position(self, waiter: _Waiter) -> int:
         """Spawns ahead of this one: of its kind, and an older one GPUs are held for."""
@@ -235,7 +239,7 @@ class GpuQueue:
         """Whether ``waiter`` must wait behind ``holder``: younger, and after a GPU it could use."""
         if holder is None or holder is waiter or waiter.ticket < holder.ticket:
             return False
-        scan = self.allocator.latest_scan()
+        scan = self.allocator.known_scan()
         wanted, asking = holder.request, waiter.request
         return any(wanted.model_matches(gpu) and asking.model_matches(gpu) for gpu in scan.countable)
 

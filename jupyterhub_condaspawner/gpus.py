@@ -690,9 +690,10 @@ class GpuAllocator(LoggingConfigurable):
     # -- inventory ----------------------------------------------------------------------
 
     def refresh(self) -> GpuScan:
-        """Scan the inventory now."""
+        """Scan the inventory now. NVML is read without the allocator's lock: a slow driver
+        never holds up allocations (on the hub's event loop) that use the last scan."""
+        scan = self.inventory.scan()
         with self._lock:
-            scan = self.inventory.scan()
             if scan.unreadable and self._scan is not None:
                 scan = scan.keeping_unreadable(self._scan)
             self._scan = scan
@@ -701,17 +702,26 @@ class GpuAllocator(LoggingConfigurable):
             return self._scan
 
     def latest_scan(self) -> GpuScan:
-        """The latest scan, refreshed when older than ``rescan_interval``."""
+        """The latest scan, refreshed when older than ``rescan_interval`` (blocks on NVML then:
+        off the event loop, see :meth:`known_scan`)."""
         with self._lock:
-            if self._scan is None or time.monotonic() - self._scanned_at >= self.rescan_interval:
-                return self.refresh()
-            return self._scan
+            scan, stale = self._scan, time.monotonic() - self._scanned_at >= self.rescan_interval
+        if scan is None or stale:
+            return self.refresh()
+        return scan
+
+    def known_scan(self) -> GpuScan:
+        """The latest scan however old (the first one is made now): what the event loop uses,
+        with :meth:`latest_scan` called in a thread before it where freshness matters."""
+        with self._lock:
+            scan = self._scan
+        return scan if scan is not None else self.refresh()
 
     # -- allocate / release -------------------------------------------------------------
 
     def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None,
                  min_free_memory: int | None = None, *, cuda: str | None = None,
-                 profile: str | None = None) -> Allocation:
+                 profile: str | None = None, rescan: bool = True) -> Allocation:
         """Give (user, server_name) ``count`` GPUs, or raise :class:`GpuUnavailable`.
 
         ``model_glob`` matches GPU names ("*A100*"); ``min_free_memory`` (bytes) overrides
@@ -719,6 +729,7 @@ class GpuAllocator(LoggingConfigurable):
         supporting less is refused with :class:`CudaIncompatible`); ``profile`` only names
         the request in messages. The same server asking again gets its GPUs back if they
         still fit. ``count`` 0 releases what the server held and returns an empty allocation.
+        ``rescan`` False: judge by :meth:`known_scan`, never NVML (the event loop's calls).
         """
         if count < 0:
             raise ValueError(f"cannot allocate {count} GPUs")
@@ -730,7 +741,7 @@ class GpuAllocator(LoggingConfigurable):
                 if count == 0:
                     self._table.remove((user, server_name))
                     return Allocation(user, server_name, (), self._clock())
-                return self._allocate(user, server_name, request)
+                return self._allocate(user, server_name, request, rescan)
             finally:
                 self._record_states()
 
@@ -794,8 +805,8 @@ class GpuAllocator(LoggingConfigurable):
         idle since the last sample: each GPU held idle now counts the time since the previous
         sample, or since its allocation if later. The hub calls this every
         ``gpu_sample_interval`` seconds; it blocks on NVML, so call it off the event loop."""
+        scan = self.refresh()
         with self._lock:
-            scan = self.refresh()
             now = self._clock()
             previous, self._sampled_at = self._sampled_at, now
             if previous is None:
@@ -833,7 +844,7 @@ class GpuAllocator(LoggingConfigurable):
             message = (f"{what} needs {_plural(count, 'GPU')}, more than the per-user quota of "
                        f"{self.per_user_gpu_quota}: pick a smaller profile")
             raise GpuInfeasible(message)
-        scan = self.latest_scan()
+        scan = self.known_scan()  # the hub's event loop: the form, the REST options
         models = [gpu for gpu in scan.countable if request.model_matches(gpu)]
         if models and not any(driver_supports(gpu, cuda) for gpu in models):
             raise CudaIncompatible(_cuda_refusal(what, cuda, models[0]))
@@ -842,8 +853,8 @@ class GpuAllocator(LoggingConfigurable):
             detail = unavailable_error(scan, request, {}, self.max_servers_per_gpu, what).detail
             raise GpuInfeasible(detail, _user_refusal(scan, request, free=0, possible=False))
 
-    def _allocate(self, user: str, server_name: str, request: GpuRequest) -> Allocation:
-        scan = self.latest_scan()
+    def _allocate(self, user: str, server_name: str, request: GpuRequest, rescan: bool = True) -> Allocation:
+        scan = self.latest_scan() if rescan else self.known_scan()
         # The server's own GPUs count as free for its new request (a restart gets them back).
         previous = self._table.remove((user, server_name))
         try:

@@ -79,8 +79,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.
         try:
-            for problem in allocator.rebuild_from_containers(spawner.client):  # the servers' daemon
-                spawner.log.warning("GPU allocations after restart: %s", problem)
+            spawner.restore_gpu_table(allocator)
         except Exception as error:  # no daemon yet: the first GPU start tries again (spawngpus)
             spawner.log.warning("GPU allocations not restored from the servers' containers (%s): GPU starts "
                                 "restore them first", one_line(error))

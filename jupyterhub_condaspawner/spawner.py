@@ -230,6 +230,12 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
 
+    async def check_gpus_feasible_now(self, profile: Profile) -> None:
+        """The start's feasibility check, on a fresh scan, off the event loop (NVML may be slow)."""
+        if profile.gpus:
+            await asyncio.to_thread(self.services.allocator.latest_scan)
+        self.check_gpus_feasible(profile)
+
     async def _run_apply_user_options(self, user_options: dict) -> None:
         # JupyterHub logs any exception here with a traceback at ERROR; a refused input is
         # the user's mistake, not the hub's: one line at INFO, and the one-line reason.
@@ -321,7 +327,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self.cpu_limit = profile.cpu_limit or configured_cpu
         self.mem_limit = profile.mem_limit or configured_mem
         # Never hold a GPU while an image builds: check now (nothing held), allocate last.
-        self.check_gpus_feasible(profile)
+        await self.check_gpus_feasible_now(profile)
         info = await self._ensure_image(request)
         self._image_info = info
         self.image = info.image  # with a registry: the reference pinned by digest

@@ -12,18 +12,23 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+import docker
+
 from . import metrics
 from .builderrors import one_line
 from .buildmodel import EventStream
 from .culler import REASON_GPU_IDLE, Cull
+from .dockerclient import daemon_settings
 from .failures import StartFailure
-from .gpus import Allocation
+from .gpus import Allocation, GpuAllocator
 from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
 from .profiles import Profile
 
 if TYPE_CHECKING:
     from .spawner import CondaSpawner
 
+# Seconds the GPU table's restore waits for the daemon when the hub starts.
+RESTORE_TIMEOUT_S = 10.0
 # What a start keeps of its start_timeout for creating and starting its container after its GPUs.
 _CONTAINER_START_S = 30.0
 _QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
@@ -42,6 +47,8 @@ class GpuBindingMixin:
         _start_began: float
         _feed: EventStream
         _allocation: Allocation | None
+        tls_config: dict[str, Any]
+        client_kwargs: dict[str, Any]
         _idle_watch: dict[str, Any]
         _stop_pending: bool
         client: Any
@@ -91,6 +98,21 @@ class GpuBindingMixin:
                                status_code=503) from None
         for problem in problems:
             self.log.warning("GPU allocations after restart: %s", problem)
+
+    def restore_gpu_table(self, allocator: GpuAllocator) -> None:
+        """Rebuild the GPU table from the servers' containers, as the hub (re)starts.
+
+        On the event loop, before the hub's servers are loaded: a daemon that hangs is given
+        RESTORE_TIMEOUT_S, not docker-py's 60 s, then the first GPU start restores it instead.
+        """
+        settings = daemon_settings(self.tls_config, self.client_kwargs)
+        settings["timeout"] = min(float(settings.get("timeout") or RESTORE_TIMEOUT_S), RESTORE_TIMEOUT_S)
+        client = docker.DockerClient(**settings)
+        try:
+            for problem in allocator.rebuild_from_containers(client):
+                self.log.warning("GPU allocations after restart: %s", problem)
+        finally:
+            client.close()
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

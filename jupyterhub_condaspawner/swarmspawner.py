@@ -42,6 +42,9 @@ TASK_POLL_S = 1.0
 # Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
 STOP_GRACE_NS = 10_000_000_000
 _user_locks: dict[str, asyncio.Lock] = {}
+# How old a read of the swarm the checks on the event loop (form, options) may judge by.
+SWARM_STATE_FRESH_S = 60.0
+_last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
 
 
 class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
@@ -166,7 +169,9 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
 
     async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
-        return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
+        state = await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
+        _last_read[id(self.config)] = (time.monotonic(), state)
+        return state
 
     def service_request(self, profile: Profile) -> ServiceRequest:
         """The profile's GPUs, model, limits and reservations.
@@ -205,23 +210,31 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return bool(self._request.gpus or self._assigned)
 
     def check_gpus_feasible(self, profile: Profile) -> None:
-        """Refuse at once what no node could ever run, or more GPUs than the per-user quota."""
+        """Refuse at once what no node could ever run, or more GPUs than the per-user quota.
+
+        Called on the hub's event loop (the form, the REST options): it reads no manager, which
+        may hang, but judges by the swarm as last read (at most SWARM_STATE_FRESH_S ago; not
+        at all before a first read). The start checks again, on a fresh read.
+        """
         request = self.service_request(profile)
         quota = self.services.allocator.per_user_gpu_quota
         try:
             swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota,  # alone
                               request.profile)
-            state = self.read_swarm()
+            read_at, state = _last_read.get(id(self.config), (0.0, None))
+            if state is not None and time.monotonic() - read_at <= SWARM_STATE_FRESH_S:
+                swarm.check_feasible(state, request)
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
-        except (docker.errors.DockerException, requests.RequestException) as error:
-            # The start itself says so in one line (503); a form is not refused for it.
-            self.log.warning("Cannot read the swarm to check %s: %s", profile.slug, error)
-            return
-        try:
-            swarm.check_feasible(state, request)
-        except GpuUnavailable as error:
-            raise explain(error, custom_spec=False) from None
+
+    async def check_gpus_feasible_now(self, profile: Profile) -> None:
+        """The start's check, on the swarm as the manager reports it now (off the event loop)."""
+        if self.service_request(profile).gpus:
+            await self._read_swarm()
+        self.check_gpus_feasible(profile)
+
+    def restore_gpu_table(self, allocator: Any) -> None:
+        """Nothing to restore: Swarm's task state says who holds which GPU, not the hub's table."""
 
     async def form_gpu_count(self) -> int:
         try:

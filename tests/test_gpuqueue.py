@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -192,6 +193,7 @@ async def test_waiting_spawns_stay_queued_while_the_driver_does_not_answer():
     waiting = asyncio.ensure_future(queue.allocate("bob", "", 1))
     await until(lambda: queue.length == 1)
     fake.failures["nvmlDeviceGetCount"] = DRIVER_NOT_LOADED
+    await asyncio.to_thread(queue.allocator.refresh)  # the queue's retry (or the sampler) reads nothing
     queue.allocator.release("alice", "")  # freed while NVML reads nothing: the head tries, and waits
     await asyncio.sleep(0.2)
     assert not waiting.done() and queue.length == 1
@@ -209,3 +211,44 @@ def test_notices_are_read_once_and_named_without_user_text(tmp_path):
     notices.post("a", "", "bye")
     notices.discard("a", "")
     assert notices.take("a", "") is None
+
+
+class WatchedNvml(FakeNvml):
+    """Records NVML calls made on one thread (the hub's event loop); a gate can hold scans."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop_thread: int | None = None
+        self.on_loop: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.stuck = threading.Event()
+
+    def nvmlDeviceGetCount(self):
+        if threading.get_ident() == self.loop_thread:
+            self.on_loop.append("nvmlDeviceGetCount")
+        if not self.gate.is_set():
+            self.stuck.set()
+            self.gate.wait(30)
+        return super().nvmlDeviceGetCount()
+
+
+async def test_nvml_is_never_read_on_the_event_loop_and_a_stuck_read_holds_nothing_up():
+    nvml = WatchedNvml([FakeGpu(fake_uuid(0), "NVIDIA A100-SXM4-80GB", 80 * GIB)])
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=nvml), rescan_interval=0, queue_timeout=30)
+    queue = GpuQueue(allocator)
+    allocator.refresh()  # the hub's first scan, before it serves
+    nvml.loop_thread = threading.get_ident()
+    await queue.allocate("alice", "", 1)
+    waiting = asyncio.ensure_future(queue.allocate("bob", "", 1))
+    await until(lambda: queue.length == 1)
+
+    nvml.gate.clear()  # the driver hangs: the sampler's scan (a thread) gets stuck in it
+    sampling = asyncio.ensure_future(asyncio.to_thread(allocator.sample))
+    await until(nvml.stuck.is_set)
+    allocator.check_feasible("carol", "", 1)  # the form's check: by the last scan, not waiting for the lock
+    allocator.release("alice", "")  # the head of the queue is handed the GPU meanwhile
+    assert (await asyncio.wait_for(waiting, 5)).user == "bob"
+    nvml.gate.set()
+    await sampling
+    assert nvml.on_loop == []

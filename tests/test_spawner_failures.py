@@ -9,12 +9,15 @@ base image, the daemon, the channel's files, the build's time. The end-to-end te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import socket
+import threading
 import uuid
 from pathlib import Path
 
+import docker.errors
 import pytest
 from jupyterhub.objects import Hub
 from pip_index import PipIndex
@@ -362,3 +365,45 @@ async def test_a_poll_docker_does_not_answer_keeps_the_server(tmp_path, spawner_
         assert await spawner.poll() is None
     assert caplog.text.count("Cannot poll alice (Docker does not answer: ") == 2
     assert "taken as still running" in caplog.text and spawner.object_id == "c0ffee"
+
+
+class HungDaemon:
+    """A unix socket that takes connections and never answers, counting them."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for connection in self.held:
+            connection.close()
+        self.sock.close()
+
+
+async def test_a_hung_swarm_manager_is_never_asked_on_the_hubs_event_loop(tmp_path):
+    class HungManager(CondaSwarmSpawner):
+        _client = None
+
+    hung = HungDaemon(tmp_path / "manager.sock")
+    try:
+        config = spawner_for(tmp_path, "file:///nonexistent").config
+        config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/manager.sock", "timeout": 2}
+        spawner = HungManager(user=StandInUser("ivan"), hub=Hub(), config=config)
+        spawner.services  # the hub's services, on first use: no GPU table to restore from a swarm
+        spawner.apply_choice({"profile": "gpu"})  # the REST options and the form: judged without the manager
+        spawner.options_from_form_data({"profile": ["gpu"]})
+        assert hung.held == []
+
+        with pytest.raises(docker.errors.DockerException, match="Read timed out"):  # the start asks it, off the loop
+            await spawner.check_gpus_feasible_now(spawner.services.catalog.get("gpu"))
+        assert hung.held  # asked from a thread (the GPU sampler asks it from one too)
+    finally:
+        hung.close()
