@@ -83,7 +83,7 @@ def kernel_spec(request: BuildRequest) -> dict[str, Any]:
     }
     return {
         "argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": request.display_name,
+        "display_name": request.kernel_name,
         "language": "python",
         "env": env,
         "metadata": {"debugger": True, "condaspawner": {"env_name": request.env_name}},

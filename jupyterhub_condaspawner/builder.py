@@ -336,7 +336,7 @@ class ImageBuilder(LoggingConfigurable):
             "platform": self.resolver.platform,
             "cuda": request.cuda,
             "env_name": request.env_name,
-            "kernel": request.display_name,
+            "kernel": request.kernel_name,
             "recipe": RECIPE_VERSION,
             "layered": self.layered_images,
         }

@@ -26,6 +26,7 @@ LABEL_CREATED = LABEL_PREFIX + "created"
 LABEL_ENV_NAME = LABEL_PREFIX + "env-name"
 ENV_NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 CUSTOM_ENV_NAME = "custom"
+CUSTOM_KERNEL_NAME = "My environment"  # the kernel of every user's own file (not its name:, user text)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class BuildRequest:
     """What to build: the environment and how it is presented in JupyterLab.
 
     ``env_name`` names the folder under /opt/conda/envs and the kernel: a profile's
-    slug, or ``custom`` for a user's own file (never user text).
+    slug, or ``custom`` for a user's own file (never user text). ``kernel_display_name``
+    is the kernel's name in JupyterLab, part of the image (and its key): a profile's
+    display name, or "My environment" for every user's own file, so that files differing
+    only in their ``name:`` share one image.
     """
 
     spec: EnvironmentSpec
@@ -47,7 +51,15 @@ class BuildRequest:
 
     @property
     def display_name(self) -> str:
+        """How progress lines, logs and the environments page name it: a user's own file by its
+        ``name:``, a profile's environment by the profile's display name."""
+        if self.env_name == CUSTOM_ENV_NAME and self.spec.name:
+            return self.spec.name
         return self.kernel_display_name or self.spec.name or self.env_name
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel_display_name or self.display_name
 
     @property
     def prefix(self) -> str:
@@ -58,7 +70,7 @@ def request_for_profile(profile: Profile, custom_spec: EnvironmentSpec | None = 
     """The build of a profile's environment, or of a user's own spec on the profile's hardware."""
     if custom_spec is not None:
         return BuildRequest(custom_spec, cuda=profile.cuda, env_name=CUSTOM_ENV_NAME,
-                            kernel_display_name=custom_spec.name or "My environment")
+                            kernel_display_name=CUSTOM_KERNEL_NAME)
     if profile.environment is None:
         raise ValueError(f"profile {profile.slug} has no environment of its own")
     return BuildRequest(profile.environment, cuda=profile.cuda, env_name=profile.slug,

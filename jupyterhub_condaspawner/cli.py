@@ -597,9 +597,15 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
 def _key_dir(builder: ImageBuilder, key: str) -> Path:
     """The cache folder of a key given in full or as a prefix of at least 8 characters."""
     builds = Path(builder.cache_dir) / "builds"
-    matches = sorted(builds.glob(f"{key}*")) if len(key) >= 8 and key.isalnum() else []
-    if len(matches) != 1:
-        raise CommandError(f"no single build matches key {key!r} (give 8 or more hex digits)")
+    if len(key) < 8 or not key.isalnum():
+        raise CommandError(f"{key!r} is not a build key: give 8 or more of its hex digits (`condaspawner ls` "
+                           "and `ls --failed` list them)")
+    matches = sorted(builds.glob(f"{key.lower()}*"))
+    if not matches:
+        raise CommandError(f"no build has key {key!r}: `condaspawner ls` and `ls --failed` list the build keys "
+                           "(the key `validate` prints is the spec's, not a build's)")
+    if len(matches) > 1:
+        raise CommandError(f"{len(matches)} builds have keys starting {key!r}: give more of its digits")
     return matches[0]
 
 

@@ -24,7 +24,8 @@ from pip_index import PipIndex, sdist, tiny_wheel
 
 from condaspawner_bench.basewheels import served
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
-from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC
+from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC, request_for_profile
+from jupyterhub_condaspawner.profiles import Profile
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -230,6 +231,23 @@ async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder,
     finally:
         builder.max_images = keep
         container.remove(force=True)
+
+
+async def test_students_files_that_differ_only_in_their_name_share_one_build(builder):
+    profile = Profile(slug="course", display_name="Course", source="test", allow_custom_environment=True)
+    run = uuid.uuid4().hex
+    texts = [f"name: {name}\nchannels: [conda-forge]\ndependencies: [{deps}]\nvariables: {{RUN: {run}}}\n"
+             for name, deps in (("hw", "python=3.9, ipykernel"), ("other-name", "ipykernel, python 3.9.*"))]
+    texts.append(f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\nvariables: {{RUN: {run}}}\n")
+    requests = [request_for_profile(profile, SpecPolicy().parse(text)) for text in texts]
+    assert len({builder.build_key(req) for req in requests}) == 1
+    assert [req.display_name for req in requests] == ["hw", "other-name", "My environment"]  # how pages name them
+
+    first = await builder.get_image(requests[0])
+    assert [(await builder.get_image(req)).cached for req in requests[1:]] == [True, True]
+    kernel = builder.client.containers.run(first.tag, ["cat", "/opt/conda/share/jupyter/kernels/custom/kernel.json"],
+                                           remove=True, network_mode="host")
+    assert json.loads(kernel)["display_name"] == "My environment"  # not one student's name: the image is shared
 
 
 async def test_gc_reads_0_as_no_limit_for_both_max_images_and_disk_budget(builder):

@@ -74,7 +74,10 @@ def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):
     assert without_daemon("lock", "--config", str(config), key).stdout.decode().splitlines() == lock
     assert "layer kernel and settings: " in without_daemon("log", "--config", str(config), key).stdout.decode()
     missing = condaspawner("log", "--config", str(config), "ffffffffffff")
-    assert missing.returncode == 1 and b"no single build matches" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.decode().startswith(
+        "error: no build has key 'ffffffffffff': `condaspawner ls` and `ls --failed` list the build keys")
+    short = condaspawner("log", "--config", str(config), key[:6])
+    assert short.returncode == 1 and "give 8 or more of its hex digits" in short.stderr.decode()
 
     dry = condaspawner("gc", "--config", str(config), "--dry-run")
     assert dry.returncode == 0 and dry.stdout.decode().splitlines()[-1].startswith("would remove 0 image(s)")
