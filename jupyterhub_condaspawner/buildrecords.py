@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,12 +132,14 @@ class BuildRecords:
             except (OSError, ValueError):
                 data = {}
             data.update(fields, key=key)
-            temporary = path.with_name(f".{BUILD_STATUS}.{os.getpid()}")
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{BUILD_STATUS}.")  # one per writer
             try:
-                temporary.write_text(json.dumps(data, indent=2) + "\n")
-                temporary.replace(path)
+                with os.fdopen(handle, "w") as out:
+                    os.fchmod(out.fileno(), 0o644)  # as written directly: the admin's CLI reads it too
+                    out.write(json.dumps(data, indent=2) + "\n")
+                os.replace(temporary, path)
             finally:
-                temporary.unlink(missing_ok=True)  # a full disk: no half-written file stays
+                Path(temporary).unlink(missing_ok=True)  # a full disk: no half-written file stays
 
     def record_failure(self, key: str, error: BuildError) -> None:
         self.write_log(key, f"build failed ({error.phase}): {error}\n")

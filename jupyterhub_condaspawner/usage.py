@@ -4,7 +4,8 @@ The builder knows keys and builds, not people. At every start the spawner record
 ``user X used key K`` with the profile, whether the environment was the user's own file,
 and the spec's text (what "start again" and the exact environment.yml need). One small
 JSON file per user, named by a hash of the name (never user text in a path), written whole
-and renamed: a reader never sees half of it. It survives hub restarts with the build cache.
+and renamed: a reader never sees half of it; writers (a user's servers starting at once,
+in any hub process) take turns on a lock file beside it, so none loses another's entry. It survives hub restarts with the build cache.
 A marker file (``.since``) says when the record began: who started an image made before then
 is not known.
 """
@@ -12,9 +13,11 @@ is not known.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,18 +58,22 @@ class UsageLog:
 
     def record(self, user: str, key: str, *, profile: str, own: bool, name: str, spec: str) -> None:
         """Record that ``user`` started the environment ``key`` now (an earlier use keeps its first time)."""
-        now = time.time()
-        uses = {use.key: use for use in self.uses(user)}
-        first = uses[key].first_used if key in uses else now
-        uses[key] = Use(user, key, profile, own, name, spec, first, now)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(user)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            partial.write_text(json.dumps([asdict(use) for use in uses.values()], indent=1))
-            partial.replace(path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with path.with_name(f".{path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+            now = time.time()
+            uses = {use.key: use for use in self.uses(user)}
+            first = uses[key].first_used if key in uses else now
+            uses[key] = Use(user, key, profile, own, name, spec, first, now)
+            handle, partial = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(handle, "w") as out:
+                    os.fchmod(out.fileno(), 0o644)  # as written directly: the admin's CLI reads it too
+                    out.write(json.dumps([asdict(use) for use in uses.values()], indent=1))
+                os.replace(partial, path)
+            finally:
+                Path(partial).unlink(missing_ok=True)
 
     def uses(self, user: str) -> list[Use]:
         """The user's environments, the most recently started first."""

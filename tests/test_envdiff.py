@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
 import yaml
 
 from jupyterhub_condaspawner.envdiff import diff, exact_environment_yml
@@ -68,3 +72,22 @@ def test_the_usage_log_keeps_each_users_environments_apart(tmp_path):
     assert log.previous_own("alice", "a" * 64) is None  # her first own environment
     assert log.previous_own("alice", "c" * 64) is None  # a profile's: compared with the profile's builds
     assert {use.user for use in log.all_uses()} == {"alice", "../bob"}
+
+
+def test_a_users_servers_starting_at_once_lose_no_entry_of_the_usage_log(tmp_path):
+    # One user's named servers start together: the hub records each from its own thread, and
+    # a second hub process on the same cache folder records too.
+    log = UsageLog(tmp_path)
+    script = ("import sys; from jupyterhub_condaspawner.usage import UsageLog; log = UsageLog(sys.argv[1])\n"
+              "for n in range(20): log.record('ann', f'proc{n}', profile='p', own=False, name='n', spec='')")
+    other = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+
+    def record(thread: int) -> None:
+        for n in range(20):
+            log.record("ann", f"thread{thread}-{n}", profile="p", own=False, name="n", spec="")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(record, range(8)))
+    assert other.wait(60) == 0
+    assert len(log.uses("ann")) == 8 * 20 + 20
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith((".json", ".lock"))) == [".since"]
