@@ -48,6 +48,8 @@ _MESSAGE_CHARS = 1500
 # What py-rattler's solver says when a spec matches nothing; and how near a channel's
 # package name must be to a missing one to be offered (difflib's ratio).
 _NO_CANDIDATES = "No candidates were found for"
+# rattler, when a channel answers that it has no such subdir (an HTTP 404, a missing folder).
+_NO_SUBDIR = "could not find subdir 'noarch' in channel"
 _NEAR_NAME_CUTOFF = 0.75
 # Anaconda's `defaults` does not live under conda.anaconda.org.
 ANACONDA_DEFAULTS = {
@@ -216,6 +218,9 @@ class Resolver(Configurable):
         """The URL a channel name stands for."""
         if name in self.channel_urls:
             return self.channel_urls[name].rstrip("/")
+        owner, is_label, label = name.partition("/label/")
+        if is_label and owner in self.channel_urls:  # a label of a mirrored channel: on that mirror
+            return f"{self.channel_urls[owner].rstrip('/')}/label/{label}"
         if name in ANACONDA_DEFAULTS:
             return ANACONDA_DEFAULTS[name]
         return f"{self.channel_alias.rstrip('/')}/{name}"
@@ -271,6 +276,10 @@ class Resolver(Configurable):
             raise ResolveError(f"solve took longer than {self.solve_timeout:g} s (Resolver.solve_timeout)")
         except Exception as error:  # rattler raises SolverError, FetchRepoDataError, ...
             unreachable = error.__class__.__name__ == "GatewayError"
+            missing = self._missing_channel(error, spec) if unreachable else None
+            if missing is not None:  # answered, with "no such channel": a retry never helps
+                raise ResolveError(f"cannot solve: the channel {missing!r} does not exist on this hub (it has no "
+                                   "noarch packages): remove it from channels", details=str(error)) from None
             message = self._explain(error, cuda)
             if not unreachable and _NO_CANDIDATES in message:
                 message += await self._missing_names(channels, spec)
@@ -281,6 +290,21 @@ class Resolver(Configurable):
             channels=channels,
             virtual_packages=[f"{p.name.normalized}={p.version}={p.build_string}" for p in virtual],
         )
+
+    def _missing_channel(self, error: Exception, spec: EnvironmentSpec) -> str | None:
+        """The spec's channel the channel server (or folder) says does not exist, or None.
+
+        Only a channel the user's file makes up (a label, or a name under the channel alias):
+        one the admin configured (channel_urls, default_channels) is the admin's to fix.
+        """
+        text = str(error)
+        if _NO_SUBDIR not in text:
+            return None
+        names = [name for name in spec.channels if name not in (NO_DEFAULTS, *self.default_channels)]
+        names += [_channel_name(entry) for entry in spec.conda if "::" in entry]
+        names = [name for name in names if name not in self.channel_urls]
+        found = [name for name in names if f"'{self.channel_url(name)}/'" in text or f"'{self.channel_url(name)}'" in text]
+        return found[0] if found else None
 
     def _explain(self, error: Exception, cuda: str | None) -> str:
         message = _one_line(error).removeprefix("Cannot solve the request because of: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -158,3 +159,25 @@ def test_cli_resolve_prints_the_lock_and_one_line_errors(dev_channel, tmp_path):
     assert line.startswith("error: cannot solve:") and "pick a GPU profile" in line
     solved = condaspawner("resolve", "--config", str(config), str(env), "--cuda", "12.4", "--json")
     assert json.loads(solved.stdout)["packages"][0]["name"] == "cs-cuda-kernels"
+
+
+async def test_a_label_of_a_mirrored_channel_is_looked_up_on_the_mirror(resolver, dev_channel, tmp_path):
+    # conda-forge is mirrored here: its labels must be too, never fetched from anaconda.org.
+    assert resolver.channel_url("conda-forge/label/dev") == f"{dev_channel.url.rstrip('/')}/label/dev"
+    assert resolver.channel_url("bioconda/label/x") == "https://conda.anaconda.org/bioconda/label/x"  # not mirrored
+
+    # The mirror has no such label: the user's to fix (400), not "try again later".
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("channels: [conda-forge/label/dev]\ndependencies: [cs-alpha]"))
+    assert not info.value.unreachable
+    assert str(info.value) == ("cannot solve: the channel 'conda-forge/label/dev' does not exist on this hub (it has "
+                               "no noarch packages): remove it from channels")
+    assert dev_channel.url not in str(info.value)
+
+    # A mirror that has the label: used.
+    mirror = tmp_path / "mirror"
+    shutil.copytree(dev_channel.url.removeprefix("file://"), mirror)
+    shutil.copytree(mirror, mirror / "label" / "dev", ignore=shutil.ignore_patterns("label"))
+    resolver.channel_urls = {"conda-forge": mirror.as_uri()}
+    lock = await resolver.solve(spec("channels: [conda-forge/label/dev]\ndependencies: [cs-alpha]"))
+    assert [package["url"].startswith(f"{mirror.as_uri()}/label/dev/") for package in lock.packages()] == [True]
