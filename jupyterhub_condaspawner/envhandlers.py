@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from jupyterhub import scopes
 from jupyterhub.apihandlers.base import APIHandler
@@ -26,6 +27,11 @@ from .spawner import CondaSpawner
 from .spec import SpecError
 from .swarmspawner import CondaSwarmSpawner
 from .usage import Use
+
+# The page's result of an action, for its next view: a signed cookie read once.
+_NOTICE_COOKIE = "condaspawner-notice"
+_NOTICE_MAX_AGE_DAYS = 1 / 24
+_NOTICE_CHARS = 1000
 
 LOG_POLL_S = 0.5  # how often a live log (or the builds table) looks for news
 STREAM_S = 3600.0  # a live table's stream ends after this; the browser's EventSource reconnects
@@ -520,10 +526,21 @@ class _Page(_Environments, BaseHandler):
         super().write_error(status_code, **kwargs)
 
     def notice(self) -> dict[str, str]:
-        return {"text": self.get_argument("message", ""), "kind": self.get_argument("kind", "info")}
+        """The result of this user's last action on the page, shown once (a signed cookie: a link
+        from elsewhere cannot put its own text in the hub's alert)."""
+        raw = self.get_secure_cookie(_NOTICE_COOKIE, max_age_days=_NOTICE_MAX_AGE_DAYS)
+        if not raw:
+            return {"text": "", "kind": "info"}
+        self.clear_cookie(_NOTICE_COOKIE, path=self.hub.base_url)
+        with contextlib.suppress(ValueError, TypeError):
+            data = json.loads(raw)
+            return {"text": str(data["text"]), "kind": str(data["kind"])}
+        return {"text": "", "kind": "info"}
 
     def back(self, path: str, message: str, kind: str = "info") -> None:
-        self.redirect(f"{self.hub.base_url}{path}?{urlencode({'message': message, 'kind': kind})}")
+        notice = json.dumps({"text": message[:_NOTICE_CHARS], "kind": kind})
+        self.set_secure_cookie(_NOTICE_COOKIE, notice, expires_days=None, path=self.hub.base_url, httponly=True)
+        self.redirect(f"{self.hub.base_url}{path}")
 
 
 class UserPage(_Page):

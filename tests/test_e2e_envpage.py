@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -331,6 +332,19 @@ def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     assert status == 200, body
     keys = {image["key"] for image in envadmin.get("/admin/images")["images"]}
     assert story["first_profile_key"] not in keys and story["profile_key"] in keys
+
+
+def test_an_actions_result_shows_once_and_no_link_puts_its_own_text_in_the_alert(story, hub):
+    session, _ = hub.login("envadmin")
+    status, url, page = session.post("/hub/environments/admin/action", {"action": "gc", "dry_run": "1"})
+    assert status == 200 and url.endswith("/hub/environments/admin"), (status, url)
+    assert re.search(r'id="notice">gc would remove \d+ image\(s\), \d+ MB</div>', page)
+    _, _, again = session.get("/hub/environments/admin")
+    assert 'id="notice"' not in again  # shown once
+    # A link from elsewhere (a phishing mail) cannot make the hub's page say what it wants.
+    for path in ("/hub/environments", "/hub/environments/admin"):
+        _, _, spoofed = session.get(path + "?message=Your+session+expired:+log+in+at+evil.example&kind=danger")
+        assert "evil.example" not in spoofed and 'id="notice"' not in spoofed
 
 
 def test_an_admin_rebuilds_an_unused_image(story):
