@@ -27,7 +27,8 @@ class BuildError(Exception):
     """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
 
     ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout,
-    registry: the registry could not be reached or refused us; config: inconsistent settings;
+    registry: the registry could not be reached or refused us; registry-failed: it answered
+    with a server error (HTTP 500, 507: its storage full, say); config: inconsistent settings;
     disk: a disk filled up: "no space left in FOLDER (needs about N MB)");
     ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
     ``unreachable``: a channel or index could not be reached (worth a retry).
@@ -58,6 +59,7 @@ PHASE_WORDS = {
     "pip": "installing the pip: section",
     "timeout": "to finish in time",
     "registry": "at the registry",
+    "registry-failed": "at the registry (a server error there)",
     "config": "before it started (the settings do not fit together)",
     "disk": "for want of disk space",
 }

@@ -106,6 +106,9 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
         return StartFailure(f"The image registry is unavailable: {cause}; try again in a minute, or tell the hub "
                             "admin if it keeps failing", reason="registry", status_code=503,
                             log_message=f"{error}{key}")
+    if phase == "registry-failed":
+        return StartFailure(f"The image registry failed: {cause}; tell the hub admin{key}", reason="registry-failed",
+                            status_code=503, log_message=str(error))
     if phase == "registry":
         return StartFailure(f"The image registry refused the hub: {cause}; tell the hub admin{key}",
                             reason="registry-refused", status_code=500, log_message=str(error))

@@ -28,6 +28,7 @@ from .registry import (
     Throttle,
     connection_problem,
     docker_credentials,
+    failure_is_server_error,
     failure_is_unreachable,
 )
 
@@ -149,6 +150,9 @@ def transfer_failure(what: str, host: str, error: str, key: str) -> BuildError:
     if failure_is_unreachable(error):
         cause = f"the registry {host} cannot be reached ({connection_problem(error)})"
         return BuildError(f"{what} failed: {error}", phase="registry", key=key, cause=cause, unreachable=True)
+    if failure_is_server_error(error):
+        cause = f"the registry {host} failed {what} ({error}): its storage may be full; its log says why"
+        return BuildError(f"{what} failed: {error}", phase="registry-failed", key=key, cause=cause)
     return BuildError(f"{what} failed: {error}", phase="registry", key=key, cause=f"{what} failed ({error})")
 
 

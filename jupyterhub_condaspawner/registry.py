@@ -51,6 +51,8 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 # Words in a push/pull error that mean the registry could not be reached (worth a retry).
 _UNREACHABLE = re.compile(r"connection refused|no such host|timeout|timed out|dial tcp|connection reset|\bEOF\b"
                           r"|\b50[234]\b|service unavailable|bad gateway|no route to host", re.IGNORECASE)
+# ... that mean it answered, with a server error of its own (a full disk, a broken storage driver).
+_SERVER_FAILED = re.compile(r"\b50[07]\b|internal server error|insufficient storage|no space left", re.IGNORECASE)
 _REFUSED = re.compile(r"unauthorized|authentication required|denied|forbidden|no basic auth credentials",
                       re.IGNORECASE)
 _MESSAGE_CHARS = 300
@@ -481,6 +483,11 @@ class PullTally:
     @property
     def already(self) -> int:
         return len(self.present)
+
+
+def failure_is_server_error(text: str) -> bool:
+    """Whether a push/pull error from the daemon is the registry's own failure (HTTP 500, 507)."""
+    return not _REFUSED.search(text) and bool(_SERVER_FAILED.search(text))
 
 
 def failure_is_unreachable(text: str) -> bool:

@@ -14,6 +14,7 @@ assigns GPU ids (a request that must wait says "Waiting for a GPU on any node" u
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,11 @@ TASK_POLL_S = 1.0
 # Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
 STOP_GRACE_NS = 10_000_000_000
 _user_locks: dict[str, asyncio.Lock] = {}
+# Swarm's reason when it ends a task whose node was updated (relabelled, drained and made active,
+# a manager restart): with GPUs as named generic resources, every GPU task on that node.
+_NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
+# Swarm's limit on a service's name (a DNS label: servers are reached by it with dnsrr).
+MAX_SERVICE_NAME = 63
 # How old a read of the swarm the checks on the event loop (form, options) may judge by.
 SWARM_STATE_FRESH_S = 60.0
 _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
@@ -148,6 +154,16 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     def _default_swarm_network_name(self) -> str:
         # Swarm's virtual IPs and routing mesh need IPVS; host networking needs neither.
         return "host"
+
+    @default("object_name")
+    def _object_name_default(self) -> str:
+        """name_template's service name, or, past Swarm's 63 characters (an e-mail address as the
+        user name), its start and a digest of the user's and server's names: one per server."""
+        name = super()._object_name_default()
+        if len(name) <= MAX_SERVICE_NAME:
+            return name
+        digest = hashlib.sha256(f"{self.user.name}\0{self.name}".encode()).hexdigest()[:16]
+        return f"{name[:MAX_SERVICE_NAME - len(digest) - 1].rstrip('-')}-{digest}"
 
     @default("cmd")
     def _default_swarm_cmd(self) -> list[str]:
@@ -484,8 +500,19 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             return None
         self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
         await self._remove_quietly()
-        hub_services(self).culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
+        services = hub_services(self)
+        services.culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
+        services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
         return status
+
+    def _ended_notice(self, status: str, task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
+        """What the user's next spawn page says of a server Swarm ended (the hub did not stop it)."""
+        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your profile"
+        where = f"node {node.hostname}" if node is not None else "its node"
+        if _NODE_UPDATE_REJECTION in (task.reason or "") and task.gpus:
+            return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
+                    "servers on any update of their node): start it again")
+        return f"Your server on {what} stopped on {where} ({status}): start it again"
 
     # -- state ------------------------------------------------------------------------------
 

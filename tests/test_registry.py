@@ -103,6 +103,22 @@ def test_a_push_error_in_the_stream_is_kept_and_classified():
     assert error.cause == "the registry 127.0.0.1:35505 cannot be reached (connection refused)"
 
 
+def test_a_registry_that_fails_with_a_server_error_is_named_for_it_not_a_refusal():
+    # What docker reports after its retries when the registry's disk is full (HTTP 500).
+    full = "received unexpected HTTP status: 500 Internal Server Error"
+    assert not failure_is_unreachable(full)
+    error = _transfer_failure("pushing the image to 10.0.0.5:5000", "10.0.0.5:5000", full, "k" * 64)
+    assert error.phase == "registry-failed" and not error.unreachable
+    failure = explain(error, custom_spec=False)
+    assert (failure.status_code, failure.reason) == (503, "registry-failed")
+    assert failure.message == (
+        "The image registry failed: the registry 10.0.0.5:5000 failed pushing the image to 10.0.0.5:5000 "
+        "(received unexpected HTTP status: 500 Internal Server Error): its storage may be full; its log says why; "
+        f"tell the hub admin (build {'k' * 16}: `condaspawner log {'k' * 16}`)")
+    refused = _transfer_failure("pushing", "10.0.0.5:5000", "unauthorized: authentication required", "k" * 64)
+    assert refused.phase == "registry"
+
+
 def test_pull_progress_counts_the_bytes_this_node_lacks():
     tally = PullTally(PUSHED_IMAGE.layers)
     for event in [

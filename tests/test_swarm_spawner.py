@@ -321,6 +321,8 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
         # Gone with it: the hub calls stop() only for servers poll says are running.
         assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
         assert ("survivor", "") not in culler.watched()  # nothing left to cull
+        notice = hub_services(spawner).notices.take("survivor", "")  # the user's next spawn page
+        assert notice.startswith(f"Your server on One GPU stopped on node {victim} (") and notice.endswith("start it again")
         assert await spawner.poll() == 0
         spawner.clear_state()  # what the hub does then
 
@@ -330,6 +332,46 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
     finally:
         swarm_bench.restart_node(victim)
         swarm_bench.wait_for_node_state(victim, "ready")
+
+
+async def test_a_gpu_servers_node_updated_by_the_admin_ends_it_and_its_user_is_told(swarm_bench, servers):
+    # Docker Swarm (20.10 here) ends every task holding a named generic resource (our GPUs) when
+    # its node is updated, even by a label: the hub cannot stop that, but the user learns why.
+    spawner = servers.make("relabelled")
+    await servers.start(spawner)
+    node_name, _ = assigned(swarm_bench, spawner)
+    client = swarm_bench.manager_client()
+    node = client.nodes.get(swarm_bench.nodes[node_name].node_id)
+    spec = node.attrs["Spec"]
+    node.update({**spec, "Labels": {**spec.get("Labels", {}), "io.condaspawner.test": "relabel"}})
+    try:
+        for _ in range(300):
+            status = await spawner.poll()
+            if status is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert status is not None and "assigned node no longer meets constraints" in status
+        assert hub_services(spawner).notices.take("relabelled", "") == (
+            f"Your server on One GPU was stopped by Docker Swarm when node {node_name} was updated (Swarm ends GPU "
+            "servers on any update of their node): start it again")
+    finally:
+        node.reload()
+        spec = node.attrs["Spec"]
+        spec["Labels"].pop("io.condaspawner.test", None)
+        node.update(spec)
+
+
+async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(swarm_bench, servers):
+    # Escaped, these e-mail addresses make 71-character service names; Swarm takes 63.
+    names = ["maria.gonzalez-fernandez@physics.example-university.edu",
+             "maria.gonzalez-fernandez@physics.example-university.ed"]
+    spawners = [servers.make(name) for name in names]
+    assert [len(spawner.service_name) for spawner in spawners] == [63, 63]
+    assert len({spawner.service_name for spawner in spawners}) == 2
+    for spawner in spawners:
+        await servers.start(spawner, profile="cpu")
+    running = swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
+    assert sorted(service.name for service in running) == sorted(spawner.service_name for spawner in spawners)
 
 
 async def test_the_form_notes_profiles_no_node_could_serve(servers):
