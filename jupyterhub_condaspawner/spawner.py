@@ -230,6 +230,10 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
 
+    async def refresh_gpu_view(self) -> None:
+        """Read what the GPU checks on the event loop judge by (a stale NVML scan), in a thread."""
+        await asyncio.to_thread(self.services.allocator.latest_scan)
+
     async def check_gpus_feasible_now(self, profile: Profile) -> None:
         """The start's feasibility check, on a fresh scan, off the event loop (NVML may be slow)."""
         if profile.gpus:
@@ -243,6 +247,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if self.apply_user_options is not _apply_user_options:
             return await super()._run_apply_user_options(user_options)
         try:
+            await self.refresh_gpu_view()  # off the event loop: the check below judges by it
             _apply_user_options(self, user_options)
             await self.precheck_solve()
         except StartFailure as refusal:

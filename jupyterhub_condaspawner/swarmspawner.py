@@ -27,7 +27,7 @@ from jupyterhub.utils import random_port
 from traitlets import Dict, Float, Unicode, default
 
 from . import homes, swarm, swarmgpus
-from .builderrors import BuildError
+from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import StartFailure, explain
 from .gpuqueue import QueueCancelled
@@ -50,6 +50,7 @@ _NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
 MAX_SERVICE_NAME = 63
 # How old a read of the swarm the checks on the event loop (form, options) may judge by.
 SWARM_STATE_FRESH_S = 60.0
+SWARM_CHECK_READ_S = 10.0  # how long the options' check waits for the manager
 _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
 
 
@@ -242,6 +243,14 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
                 swarm.check_feasible(state, request)
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
+
+    async def refresh_gpu_view(self) -> None:
+        """Read the swarm for the options' check (off the loop; a manager that does not answer
+        within SWARM_CHECK_READ_S leaves the check to the start)."""
+        try:
+            await asyncio.wait_for(self._read_swarm(), SWARM_CHECK_READ_S)
+        except (asyncio.TimeoutError, docker.errors.DockerException, requests.RequestException) as error:
+            self.log.warning("Cannot read the swarm to check %s's options: %s", self._log_name, one_line(error))
 
     async def check_gpus_feasible_now(self, profile: Profile) -> None:
         """The start's check, on the swarm as the manager reports it now (off the event loop)."""
@@ -509,6 +518,8 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         """What the user's next spawn page says of a server Swarm ended (the hub did not stop it)."""
         what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your profile"
         where = f"node {node.hostname}" if node is not None else "its node"
+        if node is not None and node.state in ("down", "disconnected"):  # Swarm says "rejected" then too
+            return f"Your server on {what} stopped: {where} is {node.state} (start it again: Swarm picks a node that is up)"
         if _NODE_UPDATE_REJECTION in (task.reason or "") and task.gpus:
             return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
                     "servers on any update of their node): start it again")

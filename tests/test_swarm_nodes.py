@@ -162,12 +162,13 @@ async def test_a_profiles_cuda_lands_only_on_nodes_whose_driver_supports_it(swar
     assert failure.value.status_code == 503 and failure.value.message.startswith("No GPU is free on this hub")
 
 
-def test_a_profile_whose_cuda_no_nodes_driver_supports_is_refused_at_once(swarm_bench, servers, cuda_labels):
+async def test_a_profile_whose_cuda_no_nodes_driver_supports_is_refused_at_once(swarm_bench, servers, cuda_labels):
     cuda_labels(worker1="11.8", worker2="12.2")
     spawner = servers.make("oldcuda")
 
-    with pytest.raises(StartFailure) as refusal:
-        spawner.apply_choice({"profile": "gpu"})
+    with pytest.raises(StartFailure) as refusal:  # REST: JupyterHub applies the options first
+        await spawner._run_apply_user_options({"profile": "gpu"})
+    await spawner.render_options_form()  # the form, as the user sees it before submitting
     with pytest.raises(ValueError) as form:
         spawner.options_from_form_data({"profile": ["gpu"]})
 

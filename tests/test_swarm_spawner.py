@@ -322,7 +322,7 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
         assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
         assert ("survivor", "") not in culler.watched()  # nothing left to cull
         notice = hub_services(spawner).notices.take("survivor", "")  # the user's next spawn page
-        assert notice.startswith(f"Your server on One GPU stopped on node {victim} (") and notice.endswith("start it again")
+        assert notice == f"Your server on One GPU stopped: node {victim} is down (start it again: Swarm picks a node that is up)"
         assert await spawner.poll() == 0
         spawner.clear_state()  # what the hub does then
 
