@@ -350,7 +350,14 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
                                                             self.cuda_label)
             self.port = _free_port(state.ports)
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
+            await self.reload_registry_credentials()
             return await self.docker("create_service", **(await self._service_kwargs(labels)))
+
+    async def reload_registry_credentials(self) -> None:
+        """Read Docker's config again for the service's X-Registry-Auth: DockerSpawner's client read
+        it once, and after a `docker login` rotates a password or token the nodes could not pull."""
+        client = await asyncio.to_thread(lambda: self.client)
+        await asyncio.to_thread(client.reload_config)
 
     async def _service_kwargs(self, labels: dict[str, str]) -> dict[str, Any]:
         container = dict(

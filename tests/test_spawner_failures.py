@@ -9,14 +9,17 @@ base image, the daemon, the channel's files, the build's time. The end-to-end te
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import json
 import shutil
 import socket
 import threading
 import uuid
 from pathlib import Path
 
+import docker.auth
 import docker.errors
 import pytest
 from jupyterhub.objects import Hub
@@ -407,3 +410,28 @@ async def test_a_hung_swarm_manager_is_never_asked_on_the_hubs_event_loop(tmp_pa
         assert hung.held  # asked from a thread (the GPU sampler asks it from one too)
     finally:
         hung.close()
+
+
+async def test_a_swarm_service_carries_the_registry_credentials_docker_login_wrote_last(tmp_path, monkeypatch,
+                                                                                        docker_daemon):
+    class Rotating(CondaSwarmSpawner):
+        _client = None
+
+    def login(password: str) -> None:  # what `docker login` writes without a credential helper
+        token = base64.b64encode(f"hub:{password}".encode()).decode()
+        (tmp_path / "config.json").write_text(json.dumps({"auths": {"registry.example.edu:5000": {"auth": token}}}))
+
+    def sent_password(spawner: CondaSwarmSpawner) -> str:  # the X-Registry-Auth docker-py would send
+        header = docker.auth.get_config_header(spawner.client, "registry.example.edu:5000")
+        return json.loads(base64.urlsafe_b64decode(header))["password"]
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    login("first")
+    config = spawner_for(tmp_path, "file:///nonexistent").config
+    config.DockerSpawner.client_kwargs = {"base_url": docker_daemon.docker_host}
+    spawner = Rotating(user=StandInUser("alice"), hub=Hub(), config=config)
+    assert sent_password(spawner) == "first"
+    login("rotated")  # a cron job renews a short-lived token
+
+    await spawner.reload_registry_credentials()  # what each service's creation does first
+    assert sent_password(spawner) == "rotated"
