@@ -74,6 +74,7 @@ SWARM_PACKAGES = {
     "busybox": "busybox-static",
     "ip": "iproute2",
     "nsenter": "util-linux",
+    "iptables": "iptables",  # a test cuts a node off the registry
 }
 GPU_RESOURCE = "NVIDIA-GPU"
 # The node label a GPU model constraint uses: Kubernetes' `nvidia.com/gpu.product` without

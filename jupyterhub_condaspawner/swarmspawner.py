@@ -178,6 +178,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         self._constraints: list[str] = []
         self._assigned: tuple[str, ...] = ()
         self._node = ""
+        self._failed_nodes: dict[str, str] = {}  # node ID -> why this start's task ended there
 
     # -- the swarm, as the manager reports it ---------------------------------------------
 
@@ -276,6 +277,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     async def start(self) -> tuple[str, int]:
         self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)
         self._assigned, self._node = (), ""
+        self._failed_nodes = {}
         return await super().start()
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
@@ -348,6 +350,7 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
             self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
                                                             self.cuda_label)
+            self._constraints += [f"node.id!={node_id}" for node_id in self._failed_nodes]
             self.port = _free_port(state.ports)
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
             await self.reload_registry_credentials()
@@ -413,12 +416,9 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
                 await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
                 return
             if task is not None and (task.state in swarm.ENDED_STATES or not task.live):
-                await self._remove_quietly()
-                node = state.node(task.node_id)
-                where = f" on node {node.hostname}" if node else ""
-                raise StartFailure(f"Docker Swarm could not start your server{where}: {task.reason or task.state}; "
-                                   "try again, or tell the hub admin if it keeps failing", reason="swarm",
-                                   status_code=500)
+                service_id = await self._try_another_node(state, task)
+                said = ""
+                continue
             message = self._waiting_message(state, task)
             if message != said:
                 said = message
@@ -427,6 +427,26 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
                 await self._remove_quietly()
                 raise self._timed_out(state, task)
             await asyncio.sleep(TASK_POLL_S)
+
+    async def _try_another_node(self, state: SwarmState, task: swarm.TaskInfo) -> str:
+        """The task ended before it ran (a node that cannot pull, or went down): a new service
+        kept off that node, and its ID; StartFailure when no other node could run it."""
+        await self._remove_quietly()
+        node = state.node(task.node_id)
+        name = node.hostname if node else task.node_id
+        cause = _why_task_ended(task, node)
+        self._failed_nodes[task.node_id] = f"node {name}: {cause}"
+        self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
+                         "see that node's Docker log")
+        others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
+        if not others:
+            raise StartFailure(f"Docker Swarm could not start your server: {'; '.join(self._failed_nodes.values())}; "
+                               "try again later, or tell the hub admin (those nodes' Docker logs say why)",
+                               reason="swarm", status_code=503)
+        await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
+        created = await self.create_object()
+        self.object_id = created["ID"]
+        return self.object_id
 
     def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
         if task is None or task.state in ("new", "allocated", "pending"):
@@ -548,6 +568,15 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         self._allocation = None  # Swarm holds the GPUs, not the hub's allocator
         if self._assigned:
             self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
+
+
+def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
+    """A task's end before it ran, in a few words: the node's state, or what its daemon said."""
+    if node is not None and node.state in ("down", "disconnected"):
+        return f"the node is {node.state}"
+    if "No such image" in task.reason or "pull" in task.reason.lower():
+        return "it could not pull the image from the registry"
+    return task.reason or task.state
 
 
 class _NoReadings:

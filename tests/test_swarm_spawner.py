@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -372,6 +373,26 @@ async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(
         await servers.start(spawner, profile="cpu")
     running = swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
     assert sorted(service.name for service in running) == sorted(spawner.service_name for spawner in spawners)
+
+
+async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on(swarm_bench, servers):
+    first = servers.make("puller1")
+    await servers.start(first)
+    reaches, _ = assigned(swarm_bench, first)
+    blocked = next(node.name for node in swarm_bench.workers if node.name != reaches)
+    host, port = swarm_bench.registry_address.rsplit(":", 1)
+    rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
+    subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-A", *rule), check=True)  # its registry is gone
+    try:
+        second = servers.make("puller2")  # Swarm spreads: it goes to the emptier node, which cannot pull
+        await servers.start(second)
+        messages = await progress_messages(second)
+    finally:
+        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
+    assert f"Node {blocked} could not start your server (it could not pull the image from the registry): trying " \
+           "another node" in messages
+    assert assigned(swarm_bench, second)[0] == reaches
+    assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 2  # no service left over
 
 
 async def test_the_form_notes_profiles_no_node_could_serve(servers):
