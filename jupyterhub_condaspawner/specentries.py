@@ -103,6 +103,8 @@ class EntryChecker:
             names = [name for name in self._limits.allowed_channels if name != "nodefaults" or channel.startswith("no")]
             near = difflib.get_close_matches(channel, names, n=1, cutoff=_CHANNEL_TYPO_CUTOFF)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
+            if not near and channel in _ANACONDA_DEFAULTS:
+                hint = " (it is one of Anaconda's defaults channels: write 'defaults')"
         raise SpecError(
             f"{show(channel)} is {kind}{hint}; allowed channels: {', '.join(self._limits.allowed_channels)} "
             "(the hub admin sets them: c.SpecPolicy.allowed_channels)",

@@ -37,7 +37,11 @@ def policy_refusal(text: str) -> str | None:
     if re.search(r"\s--hash\b", requirement_part):
         return "--hash must be sha256:, sha384: or sha512: and the full hex digest, after the requirement"
     # pip's requirements file splits a line at its first " -", even inside a marker's quotes.
-    if re.search(r"(^|\s)-", text):
+    option = re.search(r"(^|\s)(-\S*)", text)
+    if option:
+        before = text[:option.start(2)].strip()
+        if before and not re.search(r"[;\s]", before):  # `dipy --only-binary dipy`: the package is right there
+            return f"pip options ({option.group(2)}) are not allowed: list {before!r} alone"
         return "pip options (-e, -r, --index-url, --extra-index-url, --find-links, ...) are not allowed"
     if "://" in requirement_part or requirement_part.startswith(_VCS_PREFIXES):
         return "URLs and version-control references are not allowed; name a package from the index"

@@ -189,8 +189,10 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
     elif problem.startswith("expected <block end>") and error.context_mark is not None:
         problem = (f"this line's indentation does not fit the block started at line {error.context_mark.line + 1} "
                    "(items of one list or mapping line up; a list item starts with '- ')")
-    elif problem == "sequence entries are not allowed here":
-        problem = "a '- item' cannot follow a key on its line: put the list on the lines below the key"
+    elif problem == "sequence entries are not allowed here" and mark is not None:
+        key = _whole_line(mark).split(":", 1)[0].strip()
+        problem = (f"a '- item' cannot follow the key {show(key)} on its line: put a list on the lines below "
+                   f"'{key}:', or write a single value (a name) there without '- '")
     elif problem == "mapping values are not allowed here":
         problem = "unexpected ':' (quote a value that contains ': ', or start a nested block on a new line)"
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -199,6 +201,14 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
 
 def _mark_line(error: yaml.MarkedYAMLError) -> str:
     return str(error.problem_mark.line + 1) if error.problem_mark else "?"
+
+
+def _whole_line(mark: yaml.Mark) -> str:
+    """The whole source line a mark points into."""
+    buffer = mark.buffer or ""
+    start = buffer.rfind("\n", 0, mark.pointer) + 1
+    end = buffer.find("\n", mark.pointer)
+    return buffer[start:end if end >= 0 else len(buffer)].rstrip("\r\x00")
 
 
 def _line_text(mark: yaml.Mark) -> str:

@@ -86,7 +86,9 @@ HOSTILE = {
     "variable-bad-name.yml": "'BAD NAME' is not a valid environment variable name",
     "windows-export.yml": "dependencies (line 7): a Windows export (pywin32, vc, vs2015_runtime exist only for "
                           "Windows): export the environment with `conda env export --from-history`",
-    "yaml-list-after-key.yml": "invalid YAML at line 1, column 7: a '- item' cannot follow a key on its line",
+    "yaml-list-after-key.yml": "invalid YAML at line 1, column 7: a '- item' cannot follow the key 'name' on its "
+                               "line: put a list on the lines below 'name:', or write a single value (a name) there "
+                               "without '- '",
     "yaml-missing-colon.yml": "invalid YAML at line 4, column 1: 'dependencies' needs a ':' after it",
     "yaml-tab-indent.yml": "invalid YAML at line 3, column 1: a tab character: indent with spaces",
     "yaml-unclosed-bracket.yml": "invalid YAML at line 2, column 15: the '[' opened here is never closed",
@@ -481,3 +483,12 @@ def test_a_hash_after_an_environment_marker_is_kept_apart_from_it():
     spec = parse(f'dependencies:\n - pip:\n   - "{line}"\n')
     assert spec.pip == (f'rich[jupyter]==13.7.0; python_version >= "3.9" --hash=sha256:{digest}',)
     assert parse(spec.to_yaml()) == spec
+
+
+def test_an_option_after_a_package_says_to_list_the_package_alone_and_anaconda_is_named_as_defaults():
+    assert refusal("dependencies:\n  - pip:\n    - dipy --only-binary dipy\n").endswith(
+        "'dipy --only-binary dipy': pip options (--only-binary) are not allowed: list 'dipy' alone")
+    assert "'anaconda' is not an allowed channel (it is one of Anaconda's defaults channels: write 'defaults')" in \
+        refusal("channels: [anaconda]\ndependencies: [numpy]\n")
+    assert "'default' is not an allowed channel (did you mean 'defaults'?)" in \
+        refusal("channels: [default]\ndependencies: [numpy]\n")
