@@ -329,6 +329,16 @@ class EnvironmentAPI(_API):
         self.write(await self.detail_view(key))
 
 
+class UnknownAPI(_API):
+    """Any other path under the API: one line saying what the paths are, not a bare 404."""
+
+    def _unknown(self, path: str) -> None:
+        raise PageFailure(404, "no such environments API path: a key is the image's 64 lowercase hex digits "
+                               "(GET /hub/api/environments lists yours)")
+
+    get = post = delete = _unknown
+
+
 class DownloadAPI(_API):
     async def get(self, key: str, what: str) -> None:
         use, builder = self.use_of(key), self.condaspawner.builder

@@ -105,4 +105,5 @@ def handlers() -> list[tuple[str, str]]:
         (r"/api/environments/admin/builds/stream", _HANDLERS + "BuildsStreamAPI"),
         (rf"/api/environments/admin/images/{KEY}", _HANDLERS + "AdminImageAPI"),
         (r"/api/environments/admin/(prebuild|rebuild|gc)", _HANDLERS + "AdminActionAPI"),
+        (r"/api/environments/(.+)", _HANDLERS + "UnknownAPI"),  # last: what no route above matched
     ]

@@ -248,6 +248,15 @@ def test_a_user_never_sees_another_users_environment(story):
     assert status == 404 and body["message"] == "no such environment of yours"
 
 
+def test_a_key_in_a_wrong_form_gets_one_line_saying_what_a_key_is(story):
+    alice = story["alice"]
+    for path in (f"/{story['own_a'].upper()}", f"/{story['own_a'][:16]}/lock", "/admin/nothing"):
+        status, body, _ = alice.call("GET", path)
+        assert status == 404 and body["message"] == (
+            "no such environments API path: a key is the image's 64 lowercase hex digits (GET /hub/api/environments "
+            "lists yours)"), (path, body)
+
+
 def test_without_a_login_nothing_answers(hub, story):
     request = urllib.request.Request(f"{hub.url}/hub/api/environments/{story['own_a']}")
     with pytest.raises(urllib.error.HTTPError) as refused:
