@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 RESTORE_TIMEOUT_S = 10.0
 # What a start keeps of its start_timeout for creating and starting its container after its GPUs.
 _CONTAINER_START_S = 30.0
-_QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
+QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 
 
 class GpuBindingMixin:
@@ -74,7 +74,7 @@ class GpuBindingMixin:
         async def waiting(ahead: int, waited: float) -> None:
             # Taken back when the spawn leaves the queue; only a hub that stops under a
             # waiting spawn leaves it for the next spawn page.
-            self._post_restart_notice(_QUEUE_INTERRUPTED.format(profile.display_name))
+            self._post_restart_notice(QUEUE_INTERRUPTED.format(profile.display_name))
             who = "you are next" if not ahead else f"{ahead} ahead of you"
             await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
 

@@ -36,6 +36,7 @@ from .hubservices import GpuSample, HubServices, hub_services
 from .profiles import Profile
 from .spawncontainer import evaluated_setting
 from .spawner import CondaSpawner
+from .spawngpus import QUEUE_INTERRUPTED
 from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
 
 # How often a starting server's task is read (the progress page follows it).
@@ -43,6 +44,8 @@ TASK_POLL_S = 1.0
 # Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
 STOP_GRACE_NS = 10_000_000_000
 _user_locks: dict[str, asyncio.Lock] = {}
+_NODE_WAIT_INTERRUPTED = ("Your last start of {} was waiting for Docker Swarm to place it when the hub restarted, "
+                          "and did not go on: start it again")
 # Swarm's reason when it ends a task whose node was updated (relabelled, drained and made active,
 # a manager restart): with GPUs as named generic resources, every GPU task on that node.
 _NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
@@ -397,7 +400,17 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
         return kwargs
 
     async def start_object(self) -> None:
-        """Wait until the task runs, saying where it stands; fail in one line if it cannot."""
+        """Wait until the task runs, saying where it stands; fail in one line if it cannot.
+
+        While it waits, a hub that stops leaves the user a notice for the next spawn page
+        (taken back when the wait ends otherwise), as the single-host GPU queue does.
+        """
+        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your server"
+        self._post_restart_notice((QUEUE_INTERRUPTED if self._request.gpus else _NODE_WAIT_INTERRUPTED).format(what))
+        with self._restart_notice_kept_if_cancelled():
+            await self._wait_for_task()
+
+    async def _wait_for_task(self) -> None:
         said, service_id = "", self.object_id
         while True:
             try:

@@ -515,6 +515,13 @@ async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench
     assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
 
 
+async def until_waiting_for(spawner: CondaSwarmSpawner, prefix: str) -> str:
+    async for event in spawner.progress():
+        if event["message"].startswith(prefix):
+            return event["message"]
+    return ""
+
+
 async def test_a_request_that_lacks_cpu_beside_a_free_gpu_says_so_while_it_waits(swarm_bench, servers):
     # 'heavy' reserves 1.5 of a worker's 2 CPUs: one per worker, though each has two GPUs.
     first, second = servers.make("heavy1"), servers.make("heavy2")
@@ -536,6 +543,17 @@ async def test_a_request_that_lacks_cpu_beside_a_free_gpu_says_so_while_it_waits
     await first.stop()
     await asyncio.wait_for(start, 120)
     assert assigned(swarm_bench, third)[0] == freed_node
+    notices = hub_services(third).notices
+    assert notices.take("heavy3", "") is None  # its wait ended: the restart notice was taken back
+
+    fourth = servers.make("heavy4")  # waits as the third did; then the hub stops under it
+    waiting = asyncio.ensure_future(servers.start(fourth, "heavy"))
+    await asyncio.wait_for(until_waiting_for(fourth, "Waiting for CPU"), 120)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert notices.take("heavy4", "") == ("Your last start of Heavy was waiting for a GPU when the hub restarted, "
+                                          "and did not go on: start it again")
 
 
 def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(swarm_config, servers):
