@@ -8,7 +8,8 @@ pushed there (every node pulls it from there) -> a service is created with the G
 generic-resource reservation, the model as a placement constraint, CPU and memory
 limits and reservations, host networking and a port of its own -> Swarm places it and
 assigns GPU ids (a request that must wait says "Waiting for a GPU on any node" until
-``start_timeout``) -> the hub reaches the server at its node's address.
+``start_timeout``) -> the hub reaches the server at its node's address. The service is
+swarmservice.py's, its task swarmtask.py's.
 """
 
 from __future__ import annotations
@@ -23,32 +24,20 @@ import docker.errors
 import docker.types
 import requests
 from dockerspawner import SwarmSpawner
-from jupyterhub.utils import random_port
 from traitlets import Dict, Float, Unicode, default
 
-from . import homes, swarm, swarmgpus
+from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
-from .failures import StartFailure, explain
-from .gpuqueue import QueueCancelled
+from .failures import explain
 from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
-from .hubservices import GpuSample, HubServices, hub_services
+from .hubservices import GpuSample, HubServices
 from .profiles import Profile
-from .spawncontainer import evaluated_setting
 from .spawner import CondaSpawner
-from .spawngpus import QUEUE_INTERRUPTED
-from .swarm import LABEL_GPU_REQUEST, LABEL_PORT, ServiceRequest, SwarmState
+from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
+from .swarmservice import SwarmServiceMixin
+from .swarmtask import SwarmTaskMixin
 
-# How often a starting server's task is read (the progress page follows it).
-TASK_POLL_S = 1.0
-# Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
-STOP_GRACE_NS = 10_000_000_000
-_user_locks: dict[str, asyncio.Lock] = {}
-_NODE_WAIT_INTERRUPTED = ("Your last start of {} was waiting for Docker Swarm to place it when the hub restarted, "
-                          "and did not go on: start it again")
-# Swarm's reason when it ends a task whose node was updated (relabelled, drained and made active,
-# a manager restart): with GPUs as named generic resources, every GPU task on that node.
-_NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
 # Swarm's limit on a service's name (a DNS label: servers are reached by it with dnsrr).
 MAX_SERVICE_NAME = 63
 # How old a read of the swarm the checks on the event loop (form, options) may judge by.
@@ -57,7 +46,7 @@ SWARM_CHECK_READ_S = 10.0  # how long the options' check waits for the manager
 _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
 
 
-class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
+class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSpawner):
     """Spawn JupyterLab as a Docker Swarm service; Swarm places it and assigns its GPUs."""
 
     gpu_resource = Unicode(
@@ -308,263 +297,6 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
     async def _replace_if_changed(self, info: ImageInfo) -> None:
         """A leftover service is removed by DockerSpawner.start (services are never kept)."""
 
-    # -- the service ------------------------------------------------------------------------
-
-    @property
-    def mount_driver_config(self) -> docker.types.DriverConfig | None:
-        """volume_driver with its options rendered for this server (escaped names only)."""
-        if not self.volume_driver:
-            return None
-        names = self.template_namespace()
-        options = homes.render_driver_options(self.volume_driver_options, names["username"], names["servername"])
-        return docker.types.DriverConfig(self.volume_driver, options or None)
-
-    @property
-    def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
-        """``volumes`` as service mounts: a named volume (created by the node, through ``volume_driver``
-        when set, labelled with its owner) or, for an absolute path, a bind mount of the node's folder.
-        (SwarmSpawner binds both.)"""
-        mounts = []
-        driver = self.mount_driver_config
-        for source, volume in self.volume_binds.items():
-            is_path = source.startswith("/")
-            mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
-                                             type="bind" if is_path else "volume",
-                                             driver_config=None if is_path else driver,
-                                             labels=None if is_path else {LABEL_USER: self.user.name}))
-        return mounts
-
-    def _check_home_settings(self) -> None:
-        """Volume names and driver options name escaped names only: refused in one line otherwise."""
-        try:
-            homes.check_volume_names([*self.volumes, *self.read_only_volumes])
-            homes.check_driver_options(self.volume_driver_options)
-        except homes.HomeSettingsError as error:
-            raise StartFailure(f"The hub's home volume settings are refused ({error}); tell the hub admin",
-                               reason="config", status_code=500) from None
-
-    async def create_object(self) -> dict[str, Any]:
-        """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
-        lock = _user_locks.setdefault(self.user.name, asyncio.Lock())
-        async with lock:
-            state = await self._read_swarm()
-            quota = self.services.allocator.per_user_gpu_quota
-            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
-            swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
-            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
-                                                            self.cuda_label)
-            self._constraints += [f"node.id!={node_id}" for node_id in self._failed_nodes]
-            self.port = _free_port(state.ports)
-            labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
-            await self.reload_registry_credentials()
-            return await self.docker("create_service", **(await self._service_kwargs(labels)))
-
-    async def reload_registry_credentials(self) -> None:
-        """Read Docker's config again for the service's X-Registry-Auth: DockerSpawner's client read
-        it once, and after a `docker login` rotates a password or token the nodes could not pull."""
-        client = await asyncio.to_thread(lambda: self.client)
-        await asyncio.to_thread(client.reload_config)
-
-    async def _service_kwargs(self, labels: dict[str, str]) -> dict[str, Any]:
-        container = dict(
-            image=self.image,
-            args=swarm.launcher_args(await self.get_command(), self.gpu_resource, self.launcher_python),
-            env=self.get_env(),
-            labels=labels,
-            mounts=self.mounts,
-            cap_drop=list(self.cap_drop) or None,
-            stop_grace_period=STOP_GRACE_NS,
-        )
-        container.update(self.extra_container_spec)
-        placement = dict(constraints=self._constraints or None)
-        placement.update(self.extra_placement_spec)
-        task = dict(
-            container_spec=docker.types.ContainerSpec(**container),
-            resources=swarm.resources(self._request, self.gpu_resource),
-            # A server that ends stays ended: the hub notices (poll) and the user starts it again.
-            # Restarted elsewhere, it would listen at an address the hub does not know.
-            restart_policy=docker.types.RestartPolicy(condition="none"),
-            placement=docker.types.Placement(**placement),
-            networks=[self.network_name] if self.network_name else [],
-        )
-        task.update(self.extra_task_spec)
-        endpoint: dict[str, Any] = {} if self.network_name == "host" else {"mode": "dnsrr"}
-        endpoint.update(self.extra_endpoint_spec)
-        kwargs: dict[str, Any] = dict(
-            task_template=docker.types.TaskTemplate(**task),
-            endpoint_spec=docker.types.EndpointSpec(**endpoint),
-            name=self.service_name,
-            labels=labels,
-        )
-        kwargs.update(await evaluated_setting(self, self.extra_create_kwargs) or {})
-        return kwargs
-
-    async def start_object(self) -> None:
-        """Wait until the task runs, saying where it stands; fail in one line if it cannot.
-
-        While it waits, a hub that stops leaves the user a notice for the next spawn page
-        (taken back when the wait ends otherwise), as the single-host GPU queue does.
-        """
-        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your server"
-        self._post_restart_notice((QUEUE_INTERRUPTED if self._request.gpus else _NODE_WAIT_INTERRUPTED).format(what))
-        with self._restart_notice_kept_if_cancelled():
-            await self._wait_for_task()
-
-    async def _wait_for_task(self) -> None:
-        said, service_id = "", self.object_id
-        while True:
-            try:
-                state = await self._read_swarm(service_id)
-            except docker.errors.NotFound:
-                if self.object_id:
-                    raise
-            if not self.object_id:  # stop() removed the service: the user gave up waiting
-                message = "The start was cancelled while it waited for a GPU or a node"
-                raise QueueCancelled(message, message)
-            task = state.task_for(service_id)
-            if task is not None and task.state == "running":
-                node = state.node(task.node_id)
-                self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
-                gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
-                await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
-                return
-            if task is not None and (task.state in swarm.ENDED_STATES or not task.live):
-                service_id = await self._try_another_node(state, task)
-                said = ""
-                continue
-            message = self._waiting_message(state, task)
-            if message != said:
-                said = message
-                await self._feed.publish("start", 91, message)
-            if time.monotonic() >= self._deadline:
-                await self._remove_quietly()
-                raise self._timed_out(state, task)
-            await asyncio.sleep(TASK_POLL_S)
-
-    async def _try_another_node(self, state: SwarmState, task: swarm.TaskInfo) -> str:
-        """The task ended before it ran (a node that cannot pull, or went down): a new service
-        kept off that node, and its ID; StartFailure when no other node could run it."""
-        await self._remove_quietly()
-        node = state.node(task.node_id)
-        name = node.hostname if node else task.node_id
-        cause = _why_task_ended(task, node)
-        self._failed_nodes[task.node_id] = f"node {name}: {cause}"
-        self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
-                         "see that node's Docker log")
-        others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
-        if not others:
-            raise StartFailure(f"Docker Swarm could not start your server: {'; '.join(self._failed_nodes.values())}; "
-                               "try again later, or tell the hub admin (those nodes' Docker logs say why)",
-                               reason="swarm", status_code=503)
-        await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
-        created = await self.create_object()
-        self.object_id = created["ID"]
-        return self.object_id
-
-    def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
-        if task is None or task.state in ("new", "allocated", "pending"):
-            reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
-            if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
-                return (f"Waiting for a GPU on any node: {state.held_gpus()} of {state.total_gpus} GPUs are held; "
-                        "your server starts when one is free")
-            if "insufficient resources" in reason:
-                return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
-                        "node has less free; your server starts when a server there stops")
-            return f"Waiting for a node that fits: {reason}" if reason else "Waiting for Docker Swarm to place it"
-        node = state.node(task.node_id)
-        where = node.hostname if node else task.node_id
-        if task.state in ("assigned", "accepted", "preparing"):
-            return f"Starting on node {where} (it pulls the image if it lacks it)"
-        return f"Starting on node {where}"
-
-    def _timed_out(self, state: SwarmState, task: swarm.TaskInfo | None) -> GpuUnavailable:
-        waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
-        reason = task.reason if task else "no task"
-        if self._request.gpus and state.waiting_for(self._request) == "a GPU":
-            user = (f"No GPU is free on this hub: {state.total_gpus - state.held_gpus()} of {state.total_gpus} "
-                    f"({self._request.describe(True)}; no node had one free within {waited}: try again later)")
-        else:
-            user = (f"No node had the CPU or memory free for your server within {waited} "
-                    f"({self._request.describe()}): try again later")
-        return GpuUnavailable(f"{self._request.describe()}: not placed within start_timeout ({reason})", user)
-
-    async def _remove_quietly(self) -> None:
-        try:
-            await self.remove_object()
-        except docker.errors.DockerException as error:
-            self.log.warning("Could not remove service %s: %s", self.service_name, error)
-        self.object_id = ""
-
-    async def remove_object(self) -> None:
-        if not self.object_id:
-            return
-        self.log.info("Removing service %s (%s)", self.service_name, self.object_id[:7])
-        try:
-            await self.docker("remove_service", self.object_id)
-        except docker.errors.NotFound:
-            pass
-
-    async def get_ip_and_port(self) -> tuple[str, int]:
-        """Host networking: the address of the node the task runs on; otherwise the service's name (dnsrr)."""
-        if self.network_name != "host":
-            return self.service_name, self.port
-        state = await self._read_swarm(self.object_id)
-        task = state.task_for(self.object_id)
-        node = state.node(task.node_id) if task else None
-        if node is None or not node.address:
-            raise StartFailure("Docker Swarm did not say which node runs your server; tell the hub admin",
-                               reason="swarm", status_code=500)
-        return node.address, self.port
-
-    async def poll(self) -> int | str | None:
-        """None while the task is on its way or running on a node that is up; else why it is not.
-
-        A server found dead has its service removed here, as a container with auto_remove goes
-        by itself: the hub calls stop() only for servers poll says are running, and a service
-        left behind would restart its container (and take a GPU) if a dead node came back.
-        """
-        if self._before_container:  # a start that failed before its service was created
-            self._keep_failure_visible()
-            return 0
-        try:
-            service = await self.get_object()
-            if not service:
-                hub_services(self).culler.forget(self.user.name, self.name)
-                return 0
-            state = await self._read_swarm(self.object_id)
-        except Exception as error:  # the manager does not answer: not a reason to forget the server
-            self._unknown_while_unanswered(error)
-            return None
-        task = state.task_for(self.object_id)
-        if task is None:
-            return None  # just created: no task yet
-        node = state.node(task.node_id)
-        where = f" on node {node.hostname}" if node else ""
-        # "unknown": what Swarm says of every node for a moment after a leader change.
-        if task.state == "running" and node is not None and node.state in ("down", "disconnected"):
-            status = f"node {node.hostname} is {node.state}"
-        elif not task.live:
-            status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
-        else:
-            return None
-        self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
-        await self._remove_quietly()
-        services = hub_services(self)
-        services.culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
-        services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
-        return status
-
-    def _ended_notice(self, status: str, task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
-        """What the user's next spawn page says of a server Swarm ended (the hub did not stop it)."""
-        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your profile"
-        where = f"node {node.hostname}" if node is not None else "its node"
-        if node is not None and node.state in ("down", "disconnected"):  # Swarm says "rejected" then too
-            return f"Your server on {what} stopped: {where} is {node.state} (start it again: Swarm picks a node that is up)"
-        if _NODE_UPDATE_REJECTION in (task.reason or "") and task.gpus:
-            return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
-                    "servers on any update of their node): start it again")
-        return f"Your server on {what} stopped on {where} ({status}): start it again"
-
     # -- state ------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
@@ -583,25 +315,8 @@ class CondaSwarmSpawner(CondaSpawner, SwarmSpawner):
             self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
 
 
-def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
-    """A task's end before it ran, in a few words: the node's state, or what its daemon said."""
-    if node is not None and node.state in ("down", "disconnected"):
-        return f"the node is {node.state}"
-    if "No such image" in task.reason or "pull" in task.reason.lower():
-        return "it could not pull the image from the registry"
-    return task.reason or task.state
-
-
 class _NoReadings:
     """gpu_metrics_url is "": no GPU is ever read as idle."""
 
     def read(self, nodes: Sequence[swarm.NodeInfo]) -> dict[str, swarmgpus.GpuReading]:
         return {}
-
-
-def _free_port(taken: frozenset[int] | set[int]) -> int:
-    """A port for a server on its node, not used by any other conda-swarm server of the swarm."""
-    while True:
-        port = random_port()
-        if port not in taken:
-            return port

@@ -376,23 +376,33 @@ async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(
 
 
 async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on(swarm_bench, servers):
-    first = servers.make("puller1")
-    await servers.start(first)
-    reaches, _ = assigned(swarm_bench, first)
-    blocked = next(node.name for node in swarm_bench.workers if node.name != reaches)
+    blocked, other = (node.name for node in swarm_bench.workers)
+    blocked_client = swarm_bench.nodes[blocked].client()
+    for image in blocked_client.images.list():  # what earlier tests pulled there: this start must pull
+        if any("condaspawner-swarmtest" in name for name in image.attrs.get("RepoDigests") or []):
+            blocked_client.images.remove(image.id, force=True)
     host, port = swarm_bench.registry_address.rsplit(":", 1)
     rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
     subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-A", *rule), check=True)  # its registry is gone
+    set_availability(swarm_bench, other, "pause")  # Swarm's only choice at first: the node that cannot pull
     try:
-        second = servers.make("puller2")  # Swarm spreads: it goes to the emptier node, which cannot pull
-        await servers.start(second)
-        messages = await progress_messages(second)
+        spawner = servers.make("puller")
+        start = asyncio.ensure_future(servers.start(spawner))
+        told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
+        set_availability(swarm_bench, other, "active")
+        await asyncio.wait_for(start, 300)
     finally:
+        set_availability(swarm_bench, other, "active")
         subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
-    assert f"Node {blocked} could not start your server (it could not pull the image from the registry): trying " \
-           "another node" in messages
-    assert assigned(swarm_bench, second)[0] == reaches
-    assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 2  # no service left over
+    assert told == f"Node {blocked} could not start your server (it could not pull the image from the registry): " \
+                   "trying another node"
+    assert assigned(swarm_bench, spawner)[0] == other
+    assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 1  # none left over
+
+
+def set_availability(bench: SwarmBench, name: str, availability: str) -> None:
+    node = bench.manager_client().nodes.get(bench.nodes[name].node_id)
+    node.update({**node.attrs["Spec"], "Availability": availability})
 
 
 async def test_the_form_notes_profiles_no_node_could_serve(servers):

@@ -1,0 +1,170 @@
+"""A conda-swarm server's service: its spec (image pinned by digest, launcher, GPUs as a
+generic-resource reservation, placement, limits, mounts, host networking and a port of its
+own), created under the user's quota, removed, and the address the hub reaches it at.
+Mixed into CondaSwarmSpawner by :class:`SwarmServiceMixin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import docker.errors
+import docker.types
+from jupyterhub.utils import random_port
+
+from . import homes, swarm
+from .failures import StartFailure
+from .gpus import LABEL_USER
+from .spawncontainer import evaluated_setting
+from .swarm import LABEL_PORT, ServiceRequest, SwarmState
+
+# Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
+STOP_GRACE_NS = 10_000_000_000
+_user_locks: dict[str, asyncio.Lock] = {}
+
+
+if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
+    from .spawner import CondaSpawner as _SpawnerBase
+else:
+    _SpawnerBase = object
+
+
+class SwarmServiceMixin(_SpawnerBase):
+    """The service of a server; the host class is a CondaSwarmSpawner."""
+
+    if TYPE_CHECKING:  # CondaSwarmSpawner's own, and SwarmSpawner's
+        service_name: str
+        volume_driver: str
+        volume_driver_options: dict[str, str]
+        extra_container_spec: dict[str, Any]
+        extra_placement_spec: dict[str, Any]
+        extra_task_spec: dict[str, Any]
+        extra_endpoint_spec: dict[str, Any]
+        gpu_resource: str
+        gpu_model_label: str
+        cuda_label: str
+        launcher_python: str
+        _request: ServiceRequest
+        _constraints: list[str]
+        _failed_nodes: dict[str, str]
+
+        async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
+
+    @property
+    def mount_driver_config(self) -> docker.types.DriverConfig | None:
+        """volume_driver with its options rendered for this server (escaped names only)."""
+        if not self.volume_driver:
+            return None
+        names = self.template_namespace()
+        options = homes.render_driver_options(self.volume_driver_options, names["username"], names["servername"])
+        return docker.types.DriverConfig(self.volume_driver, options or None)
+
+    @property
+    def mounts(self) -> list[docker.types.Mount]:  # type: ignore[override]
+        """``volumes`` as service mounts: a named volume (created by the node, through ``volume_driver``
+        when set, labelled with its owner) or, for an absolute path, a bind mount of the node's folder.
+        (SwarmSpawner binds both.)"""
+        mounts = []
+        driver = self.mount_driver_config
+        for source, volume in self.volume_binds.items():
+            is_path = source.startswith("/")
+            mounts.append(docker.types.Mount(target=volume["bind"], source=source, read_only=volume["mode"] == "ro",
+                                             type="bind" if is_path else "volume",
+                                             driver_config=None if is_path else driver,
+                                             labels=None if is_path else {LABEL_USER: self.user.name}))
+        return mounts
+
+    def _check_home_settings(self) -> None:
+        """Volume names and driver options name escaped names only: refused in one line otherwise."""
+        try:
+            homes.check_volume_names([*self.volumes, *self.read_only_volumes])
+            homes.check_driver_options(self.volume_driver_options)
+        except homes.HomeSettingsError as error:
+            raise StartFailure(f"The hub's home volume settings are refused ({error}); tell the hub admin",
+                               reason="config", status_code=500) from None
+
+    async def create_object(self) -> dict[str, Any]:
+        """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
+        lock = _user_locks.setdefault(self.user.name, asyncio.Lock())
+        async with lock:
+            state = await self._read_swarm()
+            quota = self.services.allocator.per_user_gpu_quota
+            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
+            swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
+            self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
+                                                            self.cuda_label)
+            self._constraints += [f"node.id!={node_id}" for node_id in self._failed_nodes]
+            self.port = _free_port(state.ports)
+            labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
+            await self.reload_registry_credentials()
+            return await self.docker("create_service", **(await self._service_kwargs(labels)))
+
+    async def reload_registry_credentials(self) -> None:
+        """Read Docker's config again for the service's X-Registry-Auth: DockerSpawner's client read
+        it once, and after a `docker login` rotates a password or token the nodes could not pull."""
+        client = await asyncio.to_thread(lambda: self.client)
+        await asyncio.to_thread(client.reload_config)
+
+    async def _service_kwargs(self, labels: dict[str, str]) -> dict[str, Any]:
+        container = dict(
+            image=self.image,
+            args=swarm.launcher_args(await self.get_command(), self.gpu_resource, self.launcher_python),
+            env=self.get_env(),
+            labels=labels,
+            mounts=self.mounts,
+            cap_drop=list(self.cap_drop) or None,
+            stop_grace_period=STOP_GRACE_NS,
+        )
+        container.update(self.extra_container_spec)
+        placement = dict(constraints=self._constraints or None)
+        placement.update(self.extra_placement_spec)
+        task = dict(
+            container_spec=docker.types.ContainerSpec(**container),
+            resources=swarm.resources(self._request, self.gpu_resource),
+            # A server that ends stays ended: the hub notices (poll) and the user starts it again.
+            # Restarted elsewhere, it would listen at an address the hub does not know.
+            restart_policy=docker.types.RestartPolicy(condition="none"),
+            placement=docker.types.Placement(**placement),
+            networks=[self.network_name] if self.network_name else [],
+        )
+        task.update(self.extra_task_spec)
+        endpoint: dict[str, Any] = {} if self.network_name == "host" else {"mode": "dnsrr"}
+        endpoint.update(self.extra_endpoint_spec)
+        kwargs: dict[str, Any] = dict(
+            task_template=docker.types.TaskTemplate(**task),
+            endpoint_spec=docker.types.EndpointSpec(**endpoint),
+            name=self.service_name,
+            labels=labels,
+        )
+        kwargs.update(await evaluated_setting(self, self.extra_create_kwargs) or {})
+        return kwargs
+
+    async def remove_object(self) -> None:
+        if not self.object_id:
+            return
+        self.log.info("Removing service %s (%s)", self.service_name, self.object_id[:7])
+        try:
+            await self.docker("remove_service", self.object_id)
+        except docker.errors.NotFound:
+            pass
+
+    async def get_ip_and_port(self) -> tuple[str, int]:
+        """Host networking: the address of the node the task runs on; otherwise the service's name (dnsrr)."""
+        if self.network_name != "host":
+            return self.service_name, self.port
+        state = await self._read_swarm(self.object_id)
+        task = state.task_for(self.object_id)
+        node = state.node(task.node_id) if task else None
+        if node is None or not node.address:
+            raise StartFailure("Docker Swarm did not say which node runs your server; tell the hub admin",
+                               reason="swarm", status_code=500)
+        return node.address, self.port
+
+
+def _free_port(taken: frozenset[int] | set[int]) -> int:
+    """A port for a server on its node, not used by any other conda-swarm server of the swarm."""
+    while True:
+        port = random_port()
+        if port not in taken:
+            return port

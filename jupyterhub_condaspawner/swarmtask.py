@@ -1,0 +1,203 @@
+"""A conda-swarm server's task: waiting for Swarm to place and run it (saying where it
+stands), another node when one cannot start it, and what ended it (poll, and the notice the
+user reads). Mixed into CondaSwarmSpawner by :class:`SwarmTaskMixin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import docker.errors
+
+from . import swarm
+from .failures import StartFailure
+from .gpuqueue import QueueCancelled
+from .gpus import GpuUnavailable
+from .spawngpus import QUEUE_INTERRUPTED
+from .swarm import ServiceRequest, SwarmState
+
+# How often a starting server's task is read (the progress page follows it).
+TASK_POLL_S = 1.0
+_NODE_WAIT_INTERRUPTED = ("Your last start of {} was waiting for Docker Swarm to place it when the hub restarted, "
+                          "and did not go on: start it again")
+# Swarm's reason when it ends a task whose node was updated (relabelled, drained and made active,
+# a manager restart): with GPUs as named generic resources, every GPU task on that node.
+_NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
+
+
+if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
+    from .spawner import CondaSpawner as _SpawnerBase
+else:
+    _SpawnerBase = object
+
+
+class SwarmTaskMixin(_SpawnerBase):
+    """The task of a server's service; the host class is a CondaSwarmSpawner."""
+
+    if TYPE_CHECKING:  # CondaSwarmSpawner's own
+        service_name: str
+        _request: ServiceRequest
+        _deadline: float
+        _assigned: tuple[str, ...]
+        _node: str
+        _failed_nodes: dict[str, str]
+
+        async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
+
+        async def remove_object(self) -> None: ...
+
+    async def start_object(self) -> None:
+        """Wait until the task runs, saying where it stands; fail in one line if it cannot.
+
+        While it waits, a hub that stops leaves the user a notice for the next spawn page
+        (taken back when the wait ends otherwise), as the single-host GPU queue does.
+        """
+        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your server"
+        self._post_restart_notice((QUEUE_INTERRUPTED if self._request.gpus else _NODE_WAIT_INTERRUPTED).format(what))
+        with self._restart_notice_kept_if_cancelled():
+            await self._wait_for_task()
+
+    async def _wait_for_task(self) -> None:
+        said, service_id = "", self.object_id
+        while True:
+            try:
+                state = await self._read_swarm(service_id)
+            except docker.errors.NotFound:
+                if self.object_id:
+                    raise
+            if not self.object_id:  # stop() removed the service: the user gave up waiting
+                message = "The start was cancelled while it waited for a GPU or a node"
+                raise QueueCancelled(message, message)
+            task = state.task_for(service_id)
+            if task is not None and task.state == "running":
+                node = state.node(task.node_id)
+                self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
+                gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
+                await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
+                return
+            if task is not None and (task.state in swarm.ENDED_STATES or not task.live):
+                service_id = await self._try_another_node(state, task)
+                said = ""
+                continue
+            message = self._waiting_message(state, task)
+            if message != said:
+                said = message
+                await self._feed.publish("start", 91, message)
+            if time.monotonic() >= self._deadline:
+                await self._remove_quietly()
+                raise self._timed_out(state, task)
+            await asyncio.sleep(TASK_POLL_S)
+
+    async def _try_another_node(self, state: SwarmState, task: swarm.TaskInfo) -> str:
+        """The task ended before it ran (a node that cannot pull, or went down): a new service
+        kept off that node, and its ID; StartFailure when no other node could run it."""
+        await self._remove_quietly()
+        node = state.node(task.node_id)
+        name = node.hostname if node else task.node_id
+        cause = _why_task_ended(task, node)
+        self._failed_nodes[task.node_id] = f"node {name}: {cause}"
+        self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
+                         "see that node's Docker log")
+        others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
+        if not others:
+            raise StartFailure(f"Docker Swarm could not start your server: {'; '.join(self._failed_nodes.values())}; "
+                               "try again later, or tell the hub admin (those nodes' Docker logs say why)",
+                               reason="swarm", status_code=503)
+        await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
+        created = await self.create_object()
+        self.object_id = created["ID"]
+        return self.object_id
+
+    def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
+        if task is None or task.state in ("new", "allocated", "pending"):
+            reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
+            if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
+                return (f"Waiting for a GPU on any node: {state.held_gpus()} of {state.total_gpus} GPUs are held; "
+                        "your server starts when one is free")
+            if "insufficient resources" in reason:
+                return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
+                        "node has less free; your server starts when a server there stops")
+            return f"Waiting for a node that fits: {reason}" if reason else "Waiting for Docker Swarm to place it"
+        node = state.node(task.node_id)
+        where = node.hostname if node else task.node_id
+        if task.state in ("assigned", "accepted", "preparing"):
+            return f"Starting on node {where} (it pulls the image if it lacks it)"
+        return f"Starting on node {where}"
+
+    def _timed_out(self, state: SwarmState, task: swarm.TaskInfo | None) -> GpuUnavailable:
+        waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
+        reason = task.reason if task else "no task"
+        if self._request.gpus and state.waiting_for(self._request) == "a GPU":
+            user = (f"No GPU is free on this hub: {state.total_gpus - state.held_gpus()} of {state.total_gpus} "
+                    f"({self._request.describe(True)}; no node had one free within {waited}: try again later)")
+        else:
+            user = (f"No node had the CPU or memory free for your server within {waited} "
+                    f"({self._request.describe()}): try again later")
+        return GpuUnavailable(f"{self._request.describe()}: not placed within start_timeout ({reason})", user)
+
+    async def _remove_quietly(self) -> None:
+        try:
+            await self.remove_object()
+        except docker.errors.DockerException as error:
+            self.log.warning("Could not remove service %s: %s", self.service_name, error)
+        self.object_id = ""
+
+    async def poll(self) -> int | str | None:
+        """None while the task is on its way or running on a node that is up; else why it is not.
+
+        A server found dead has its service removed here, as a container with auto_remove goes
+        by itself: the hub calls stop() only for servers poll says are running, and a service
+        left behind would restart its container (and take a GPU) if a dead node came back.
+        """
+        if self._before_container:  # a start that failed before its service was created
+            self._keep_failure_visible()
+            return 0
+        try:
+            service = await self.get_object()
+            if not service:
+                self.services.culler.forget(self.user.name, self.name)
+                return 0
+            state = await self._read_swarm(self.object_id)
+        except Exception as error:  # the manager does not answer: not a reason to forget the server
+            self._unknown_while_unanswered(error)
+            return None
+        task = state.task_for(self.object_id)
+        if task is None:
+            return None  # just created: no task yet
+        node = state.node(task.node_id)
+        where = f" on node {node.hostname}" if node else ""
+        # "unknown": what Swarm says of every node for a moment after a leader change.
+        if task.state == "running" and node is not None and node.state in ("down", "disconnected"):
+            status = f"node {node.hostname} is {node.state}"
+        elif not task.live:
+            status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
+        else:
+            return None
+        self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
+        await self._remove_quietly()
+        services = self.services
+        services.culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
+        services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
+        return status
+
+    def _ended_notice(self, status: str, task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
+        """What the user's next spawn page says of a server Swarm ended (the hub did not stop it)."""
+        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your profile"
+        where = f"node {node.hostname}" if node is not None else "its node"
+        if node is not None and node.state in ("down", "disconnected"):  # Swarm says "rejected" then too
+            return f"Your server on {what} stopped: {where} is {node.state} (start it again: Swarm picks a node that is up)"
+        if _NODE_UPDATE_REJECTION in (task.reason or "") and task.gpus:
+            return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
+                    "servers on any update of their node): start it again")
+        return f"Your server on {what} stopped on {where} ({status}): start it again"
+
+
+def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
+    """A task's end before it ran, in a few words: the node's state, or what its daemon said."""
+    if node is not None and node.state in ("down", "disconnected"):
+        return f"the node is {node.state}"
+    if "No such image" in task.reason or "pull" in task.reason.lower():
+        return "it could not pull the image from the registry"
+    return task.reason or task.state
