@@ -247,8 +247,13 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if self.apply_user_options is not _apply_user_options:
             return await super()._run_apply_user_options(user_options)
         try:
-            await self.refresh_gpu_view()  # off the event loop: the check below judges by it
+            # At once (JupyterHub answers the POST when the first await comes, with
+            # slow_spawn_timeout 0), the GPU check by the last scan or read of the swarm ...
             _apply_user_options(self, user_options)
+            # ... then again on a fresh one, read off the event loop.
+            await self.refresh_gpu_view()
+            if self._choice is not None:
+                self.check_gpus_feasible(self._choice[0])
             await self.precheck_solve()
         except StartFailure as refusal:
             self._failing = True

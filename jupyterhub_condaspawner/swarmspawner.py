@@ -175,13 +175,14 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     # -- the swarm, as the manager reports it ---------------------------------------------
 
     def read_swarm(self, service_id: str | None = None) -> SwarmState:
-        """Nodes and conda-swarm tasks now (blocking: a few manager API calls)."""
-        return swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
-
-    async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
-        state = await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
+        """Nodes and conda-swarm tasks now (blocking: a few manager API calls; the hub's GPU
+        sampler makes one every gpu_sample_interval, which keeps the checks' view fresh)."""
+        state = swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
         _last_read[id(self.config)] = (time.monotonic(), state)
         return state
+
+    async def _read_swarm(self, service_id: str | None = None) -> SwarmState:
+        return await asyncio.wrap_future(self.executor.submit(self.read_swarm, service_id))
 
     def service_request(self, profile: Profile) -> ServiceRequest:
         """The profile's GPUs, model, limits and reservations.
