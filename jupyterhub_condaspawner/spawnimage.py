@@ -51,7 +51,8 @@ class SpawnImageMixin:
                              cause=f"images built on {builder.docker_host} (ImageBuilder.docker_host) can reach "
                                    "the servers only through a registry (ImageBuilder.registry)")
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
-        key = await asyncio.to_thread(self._record_use, request)
+        # Threads get plain values: the hub's User reads its database row, from the loop only.
+        key = await asyncio.to_thread(_record_use, self.services, self.user.name, self._profile_slug, request, self.log)
         # gc keeps the image until this start ends (its container runs, or the start failed).
         self._image_pins.enter_context(await asyncio.to_thread(builder.records.pin, key))
         cached = await asyncio.to_thread(builder.lookup, request)
@@ -78,32 +79,10 @@ class SpawnImageMixin:
             await self._feed.publish(event["phase"], progress, event["message"])
             if event["phase"] == "solve" and event["progress"] >= 15 and not told_changes:  # the lock is written
                 told_changes = True
-                changes = await asyncio.to_thread(self._changes_line, key, request)
+                changes = await asyncio.to_thread(_changes_line, self.services, self.user.name, key, request)
                 if changes:
                     await self._feed.publish("solve", progress, changes)
         return await build.result()
-
-    def _record_use(self, request: BuildRequest) -> str:
-        """Record that this user started ``request``'s environment (the environments page); its key."""
-        key = self.services.builder.build_key(request)
-        try:
-            self.services.usage.record(self.user.name, key, profile=self._profile_slug,
-                                       own=request.env_name == CUSTOM_ENV_NAME, name=request.display_name,
-                                       spec=request.spec.to_yaml())
-        except OSError as error:  # the page misses one entry; the spawn goes on
-            self.log.warning("Could not record the environment %s of %s: %s", key, self.user.name, error)
-        return key
-
-    def _changes_line(self, key: str, request: BuildRequest) -> str:
-        """The progress line saying what a rebuild changed against the previous build, or ""."""
-        services = self.services
-        previous = environments.previous_key(services.builder, services.usage, self.user.name, key,
-                                             request.env_name)
-        diff = environments.change(services.builder, previous, key)
-        if diff is None:
-            return ""
-        against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
-        return f"What changed since {against}: {diff.summary()}"
 
     async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
         """Pull a registry image onto the servers' daemon if it lacks it, with progress in [low, high]."""
@@ -132,3 +111,23 @@ class SpawnImageMixin:
             return
         await super().pull_image(image)  # type: ignore[misc]  # DockerSpawner's, after this mixin
 
+
+def _record_use(services: HubServices, user: str, profile: str, request: BuildRequest, log: Any) -> str:
+    """Record that ``user`` started ``request``'s environment (the environments page); its key."""
+    key = services.builder.build_key(request)
+    try:
+        services.usage.record(user, key, profile=profile, own=request.env_name == CUSTOM_ENV_NAME,
+                              name=request.display_name, spec=request.spec.to_yaml())
+    except OSError as error:  # the page misses one entry; the spawn goes on
+        log.warning("Could not record the environment %s of %s: %s", key, user, error)
+    return key
+
+
+def _changes_line(services: HubServices, user: str, key: str, request: BuildRequest) -> str:
+    """The progress line saying what a rebuild changed against the previous build, or ""."""
+    previous = environments.previous_key(services.builder, services.usage, user, key, request.env_name)
+    diff = environments.change(services.builder, previous, key)
+    if diff is None:
+        return ""
+    against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
+    return f"What changed since {against}: {diff.summary()}"
