@@ -193,14 +193,15 @@ async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, se
     assert not swarm_bench.manager_client().api.services(filters={"name": alice.object_name})
 
 
-def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench, servers):
+async def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench, servers):
     spawner = servers.make("greedy")
 
     refusals = {}
     for profile in ("three", "h100", "huge"):
-        with pytest.raises(StartFailure) as refusal:
-            spawner.apply_choice({"profile": profile})
+        with pytest.raises(StartFailure) as refusal:  # REST: JupyterHub applies the options first
+            await spawner._run_apply_user_options({"profile": profile})
         refusals[profile] = refusal.value
+    await spawner.render_options_form()  # the form, as the user sees it before submitting
     with pytest.raises(ValueError) as form:  # the form says the same, in one line
         spawner.options_from_form_data({"profile": ["three"]})
 
