@@ -6,11 +6,11 @@ are freed (and at least once a second while anyone waits, for memory freed outsi
 hub), the head of each kind tries again, oldest kind first. A smaller request of another
 kind may take GPUs an older, bigger one waits for, but only for
 ``GpuAllocator.queue_hold_after`` seconds: then the GPUs the older one could use are held
-for it (younger spawns that could take them wait), so no request starves. A spawn leaves the queue when
-it gets its GPUs, when it is cancelled (the user stops the pending server), or after
-``GpuAllocator.queue_timeout`` (or less, when the spawn's own time runs out first) with
-the usual one-line refusal. Requests this host can
-never meet, and quota refusals, never queue.
+for it (younger spawns that could take them wait), so no request starves. A spawn leaves
+the queue when it gets its GPUs, when it is cancelled (the user stops the pending server),
+or after ``GpuAllocator.queue_timeout`` (or less, when the spawn's own time runs out first)
+with the usual one-line refusal. Requests this host can never meet, and quota refusals,
+never queue.
 """
 
 from __future__ import annotations

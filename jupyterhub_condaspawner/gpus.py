@@ -311,7 +311,8 @@ class GpuInventory(LoggingConfigurable):
         except nvml.NVMLError as error:
             # The driver may come back (loaded, or reinstalled and rebooted): init again next time.
             self._forget_nvml_session()
-            return [], [describe_nvml_error(error)], describe_nvml_error(error)
+            reason = describe_nvml_error(error)
+            return [], [reason], reason
         notes: list[str] = []
         driver = _system_reading(nvml, nvml.nvmlSystemGetDriverVersion, "driver version", notes)
         cuda_code = _system_reading(nvml, nvml.nvmlSystemGetCudaDriverVersion, "CUDA version", notes)

@@ -227,9 +227,13 @@ class Resolver(Configurable):
 
     def channel_urls_for(self, spec: EnvironmentSpec) -> list[str]:
         """The spec's channels as URLs, in order, plus those named by `channel::package` specs."""
+        return list(dict.fromkeys(self.channel_url(name) for name in self._channel_names(spec)))
+
+    def _channel_names(self, spec: EnvironmentSpec) -> list[str]:
+        """The spec's channel names (the default channels when it names none), then those of its
+        `channel::package` specs."""
         names = [name for name in spec.channels if name != NO_DEFAULTS] or list(self.default_channels)
-        names += [_channel_name(text) for text in spec.conda if "::" in text]
-        return list(dict.fromkeys(self.channel_url(name) for name in names))
+        return names + [_channel_name(text) for text in spec.conda if "::" in text]
 
     def _solver_spec(self, text: str) -> str:
         """Rewrite `channel[/subdir]::pkg` so the channel is our URL, not anaconda.org's."""
@@ -300,9 +304,8 @@ class Resolver(Configurable):
         text = str(error)
         if _NO_SUBDIR not in text:
             return None
-        names = [name for name in spec.channels if name not in (NO_DEFAULTS, *self.default_channels)]
-        names += [_channel_name(entry) for entry in spec.conda if "::" in entry]
-        names = [name for name in names if name not in self.channel_urls]
+        names = [name for name in self._channel_names(spec)
+                 if name not in self.default_channels and name not in self.channel_urls]
         found = [name for name in names if f"'{self.channel_url(name)}/'" in text or f"'{self.channel_url(name)}'" in text]
         return found[0] if found else None
 

@@ -237,7 +237,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     async def check_gpus_feasible_now(self, profile: Profile) -> None:
         """The start's feasibility check, on a fresh scan, off the event loop (NVML may be slow)."""
         if profile.gpus:
-            await asyncio.to_thread(self.services.allocator.latest_scan)
+            await self.refresh_gpu_view()
         self.check_gpus_feasible(profile)
 
     async def _run_apply_user_options(self, user_options: dict) -> None:

@@ -54,7 +54,7 @@ class SwarmTaskMixin(_SpawnerBase):
         While it waits, a hub that stops leaves the user a notice for the next spawn page
         (taken back when the wait ends otherwise), as the single-host GPU queue does.
         """
-        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your server"
+        what = self._profile_name("your server")
         self._post_restart_notice((QUEUE_INTERRUPTED if self._request.gpus else _NODE_WAIT_INTERRUPTED).format(what))
         with self._restart_notice_kept_if_cancelled():
             await self._wait_for_task()
@@ -182,9 +182,13 @@ class SwarmTaskMixin(_SpawnerBase):
         services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
         return status
 
+    def _profile_name(self, fallback: str) -> str:
+        """The server's profile in the user's words: its display name (kept for GPU servers), else its slug."""
+        return self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or fallback
+
     def _ended_notice(self, status: str, task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
         """What the user's next spawn page says of a server Swarm ended (the hub did not stop it)."""
-        what = self._idle_watch.get("profile_name") or (self.user_options or {}).get("profile") or "your profile"
+        what = self._profile_name("your profile")
         where = f"node {node.hostname}" if node is not None else "its node"
         if node is not None and node.state in ("down", "disconnected"):  # Swarm says "rejected" then too
             return f"Your server on {what} stopped: {where} is {node.state} (start it again: Swarm picks a node that is up)"
