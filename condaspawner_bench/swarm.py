@@ -35,6 +35,7 @@ import contextlib
 import functools
 import io
 import json
+import os
 import re
 import shutil
 import struct
@@ -91,6 +92,8 @@ TINY_IMAGE = "csw-busybox:1"
 PT_INTERP = 3
 BUSYBOX_APPLETS = ("sh", "env", "sleep", "cat", "echo", "hostname", "httpd", "ls", "mkdir", "true", "wget")
 DAEMON_START_TIMEOUT_S = 60.0
+DAEMON_START_ATTEMPTS = 3
+KILL_PASSES = 5
 NODE_STATE_TIMEOUT_S = 30.0
 PING_TIMEOUT_S = 2
 RUNTIME_ROOT = Path("/tmp")
@@ -100,6 +103,11 @@ DATA_TMPFS_SIZE = "8g"
 
 class SwarmBenchError(BenchDaemonError):
     """The multi-node bench could not be set up."""
+
+
+class DaemonExited(SwarmBenchError):
+    """A node's dockerd exited before it answered (on a loaded machine: its containerd did not
+    start within dockerd's own timeout)."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +256,7 @@ class SwarmBench:
                 self._start_daemon(node)
             self._start_registry()
             for node in self.nodes.values():
-                self._wait_for_daemon(node)
+                self._wait_for_daemon(node, attempts=DAEMON_START_ATTEMPTS)
         with self._phase("swarm"):
             self._form_swarm()
         with self._phase("tiny image"):
@@ -333,13 +341,30 @@ class SwarmBench:
             node.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_for_daemon(self, node: SwarmNode) -> None:
+    def _wait_for_daemon(self, node: SwarmNode, attempts: int = 1) -> None:
+        """Wait until the node's dockerd answers; start it again (``attempts`` in all) when it
+        exits first, after killing the containerd it may leave behind."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._wait_for_answer(node)
+                return
+            except DaemonExited:
+                if attempt == attempts:
+                    raise
+            kill_pids(pid for pid in pids_in_namespace(self._network_path(node)) if _command(pid) == "containerd")
+            self._start_daemon(node)
+
+    def _network_path(self, node: SwarmNode) -> Path:
+        assert self.network is not None
+        return self.network.path(node.name)
+
+    def _wait_for_answer(self, node: SwarmNode) -> None:
         assert node.process is not None
         deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
         while not node.answers():
             if node.process.poll() is not None:
-                raise SwarmBenchError(f"dockerd of {node.name} exited with status "
-                                      f"{node.process.returncode}.\n" + log_tail(node.log_file))
+                raise DaemonExited(f"dockerd of {node.name} exited with status "
+                                   f"{node.process.returncode}.\n" + log_tail(node.log_file))
             if time.monotonic() > deadline:
                 raise SwarmBenchError(f"dockerd of {node.name} did not answer within "
                                       f"{DAEMON_START_TIMEOUT_S:.0f} s.\n" + log_tail(node.log_file))
@@ -562,18 +587,29 @@ class SwarmBench:
                 kill_pids([node.process.pid])
                 node.process.wait()
             return
-        kill_pids(set(pids_in_namespace(self.network.path(name))) | set(_cgroup_pids(node.cgroup_parent)))
+        self._kill_everything(node)
         if node.process is not None:
             node.process.wait()
         if node.role == "manager" and self.registry is not None:
             self.registry.stop()  # killed with its namespace; reap it
         _remove_cgroups(node.cgroup_parent)
 
+    def _kill_everything(self, node: SwarmNode) -> None:
+        """SIGKILL every process of the node, pass after pass until a pass finds none: a shim
+        killed in one pass may just have forked (``runc delete``), and that child would live on."""
+        for _ in range(KILL_PASSES):
+            found = set(pids_in_namespace(self._network_path(node))) | set(_cgroup_pids(node.cgroup_parent))
+            alive = [pid for pid in found if is_running(pid)]
+            if not alive:
+                return
+            kill_pids(alive)
+        raise SwarmBenchError(f"processes of {node.name} kept appearing after {KILL_PASSES} passes of SIGKILL")
+
     def restart_node(self, name: str) -> None:
         """Start a killed node's dockerd again; it rejoins the swarm from its own state."""
         node = self.nodes[name]
         self._start_daemon(node)
-        self._wait_for_daemon(node)
+        self._wait_for_daemon(node, attempts=DAEMON_START_ATTEMPTS)
         if node.role == "manager":
             self._start_registry()
 
@@ -724,12 +760,20 @@ def _cgroup_pids(cgroup_parent: str) -> list[int]:
 
 
 def _remove_cgroups(cgroup_parent: str) -> None:
-    """rmdir a node's (now empty) cgroup folders, deepest first."""
+    """rmdir a node's (now empty) cgroup folders, deepest first. A folder may vanish while we
+    walk (its container's ``runc delete`` removes it): os.walk skips what it cannot list."""
     for directory in cgroup_dirs(cgroup_parent):
-        for child in sorted((path for path in directory.rglob("*") if path.is_dir()),
-                            key=lambda path: len(path.parts), reverse=True):
-            _rmdir(child)
+        for parent, children, _files in os.walk(directory, topdown=False):
+            for child in children:
+                _rmdir(Path(parent) / child)
         _rmdir(directory)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _rmdir(path: Path) -> None:
