@@ -227,6 +227,7 @@ class Outcome:
     spawns: int = 0
     gave_up: int = 0  # spawns that waited QUEUE_TIMEOUT and were refused
     culls: int = 0
+    culls_present: int = 0  # of those, culls while the user was at the keyboard (their kernels' state lost)
 
     @property
     def idle_hours(self) -> float:
@@ -393,6 +394,8 @@ class DayReplay:
 
     async def _culled(self, cull: Cull) -> None:
         self.outcome.culls += 1
+        if any(start <= self.now < end for start, end in self.days[cull.user].present):
+            self.outcome.culls_present += 1
         await self._stop(cull.user)
 
     async def _activity_cull(self, _: str) -> None:
@@ -468,7 +471,7 @@ def report_day(quick: bool, seed: int, users: int) -> None:
     for name, outcome in (("gpu-aware", aware), ("activity-only", activity), ("static office hours", static)):
         print(f"  {name:20}: held {outcome.held / HOUR:7.1f} GPU-h, computing {outcome.computing / HOUR:6.1f}, "
               f"idle {outcome.idle_hours:7.1f} GPU-h (at the keyboard {outcome.idle_present / HOUR:5.1f}); "
-              f"{outcome.spawns} spawns, {outcome.culls} culled")
+              f"{outcome.spawns} spawns, {outcome.culls} culled ({outcome.culls_present} at the keyboard)")
     print(f"  host with half the GPUs asked for ({first['asked']} asked, {int(first['asked']) // 2} on the host): "
           f"{len(half.waits)} grants, {half.gave_up} spawns gave up after {QUEUE_TIMEOUT:.0f} s in the queue")
     print(f"idle GPU-hours ratio gpu-aware/activity-only: {aware.idle_hours / activity.idle_hours:.2f}")
@@ -486,7 +489,8 @@ def report_day(quick: bool, seed: int, users: int) -> None:
     sweep = []
     for minutes in (10, 15, 60):
         other = asyncio.run(DayReplay(days, asked, "gpu-aware", gpu_idle_minutes=minutes).run())
-        sweep.append(f"{minutes:.0f} min {other.idle_hours / activity.idle_hours:.2f} ({other.culls} culled)")
+        sweep.append(f"{minutes:.0f} min {other.idle_hours / activity.idle_hours:.2f} "
+                     f"({other.culls} culled, {other.culls_present} at the keyboard)")
     print("  for scale, other gpu_idle_timeout values, idle ratio to activity-only: " + ", ".join(sweep))
     if len(runs) > 1:
         ratios = [run["gpu-aware"].idle_hours / run["activity-only"].idle_hours for run in runs]
