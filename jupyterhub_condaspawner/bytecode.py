@@ -39,9 +39,9 @@ class BytecodeCache:
             if entry is None or not (entry / COMPLETE).exists():
                 continue
             try:
-                made: set[str] = set()
                 for cached in _files(entry):
-                    _link(f"{entry}/{cached}", f"{staging}/{cached}", made)
+                    staged.folders.make(os.path.dirname(cached))  # never through a package's symlink
+                    _replace_with_link(f"{entry}/{cached}", f"{staging}/{cached}")
             except OSError:
                 continue  # a partial restore is compiled over
             # The byte code a package ships is not cached: the compile container adopts it.
@@ -85,6 +85,11 @@ def _link(source: str, target: str, made: set[str]) -> None:
     if folder not in made:
         os.makedirs(folder, exist_ok=True)
         made.add(folder)
+    _replace_with_link(source, target)
+
+
+def _replace_with_link(source: str, target: str) -> None:
+    """Hard-link ``source`` at ``target``, replacing what is there (a symlink itself, not where it points)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(target)
     try:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 # The loaded-layers route's only Dockerfile: pip sections, and compiling where the builder could not.
 LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
+# The compiler: the base image's own Python, which no package of the environment can replace.
+BASE_PYTHON = "/opt/conda/bin/python"
 MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
 
 
@@ -53,9 +55,10 @@ def _daemon_is_local(builder: ImageBuilder) -> bool:
 
 def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBase) -> asyncio.Future | None:
     """Start the compile container while the build plans its layers (the start takes about half a
-    second of the daemon's): it byte-compiles the staged environment with its own Python, in a
-    container of the base image with the staging folder mounted at the shared prefix (nothing
-    runs on the host), so that each package's .pyc travel in its layer; it waits for its batches
+    second of the daemon's): it byte-compiles the staged environment with the base image's Python
+    (no package's code runs: layers.COMPILE_SCRIPT), in a container of the base image with the
+    staging folder mounted at the shared prefix, no network and no capabilities (nothing runs on
+    the host), so that each package's .pyc travel in its layer; it waits for its batches
     (:func:`_hand_over`). None on a remote daemon (it cannot mount the folder): the Dockerfile
     compiles then."""
     if not _daemon_is_local(builder):
@@ -65,13 +68,14 @@ def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBa
     limits: dict[str, Any] = {"mem_limit": int(builder.build_memory_limit)} if builder.build_memory_limit else {}
     if builder.build_cpuset_cpus:
         limits["cpuset_cpus"] = builder.build_cpuset_cpus
-    command = [f"{layers.SHARED_PREFIX}/bin/python", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json",
+    command = [BASE_PYTHON, "-s", "-S", "-c", layers.COMPILE_SCRIPT, "/condaspawner-compile/batches.json",
                "/condaspawner-compile/done", str(layers.COMPILE_WAIT_S)]
 
     def start() -> Any:
         with builder.daemon_call("byte-compiling the environment"):
             container = builder.client.containers.run(
                 builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+                cap_drop=["ALL"], security_opt=["no-new-privileges"],
                 entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
                 volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
                          str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
@@ -82,8 +86,8 @@ def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBa
     return asyncio.ensure_future(asyncio.to_thread(start))
 
 
-async def _hand_over(launched: asyncio.Future, build: Build, context: Path, jobs: list[tuple[str, list[str]]],
-                     build_log: io.TextIOBase) -> CompileRun | None:
+async def _hand_over(launched: asyncio.Future, build: Build, context: Path, staged: StagedEnvironment,
+                     jobs: list[tuple[str, list[str]]], build_log: io.TextIOBase) -> CompileRun | None:
     """Give the launched compile container its batches (``jobs``: layers.compile_plan's; none
     lets it exit at once). None when it could not start: the Dockerfile compiles then."""
     try:
@@ -95,7 +99,7 @@ async def _hand_over(launched: asyncio.Future, build: Build, context: Path, jobs
         await build.publish("compile", 41, f"Compiling the environment's Python files "
                                            f"({sum(len(p) for _, p in jobs)}) while its layers are written")
     partial = context / "compile" / "batches.json.partial"
-    partial.write_text(json.dumps([paths for _, paths in jobs]))
+    partial.write_text(json.dumps({"python": staged.python_release, "batches": [paths for _, paths in jobs]}))
     partial.replace(context / "compile" / "batches.json")  # whole when the container sees it
     return CompileRun(container, context / "compile" / "done", jobs)
 
@@ -198,7 +202,8 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     launched = _launch_compile(builder, context, build_log)
     try:
         planned = await _plan(builder, request, staging, build_log)
-        run = await _hand_over(launched, build, context, planned.jobs, build_log) if launched is not None else None
+        run = (await _hand_over(launched, build, context, planned.staged, planned.jobs, build_log)
+               if launched is not None else None)
     except BaseException:
         if launched is not None:
             _abandon_launched(launched)

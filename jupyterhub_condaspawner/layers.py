@@ -134,14 +134,17 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     prefix = SHARED_PREFIX.lstrip("/")
     layers = []
     claimed: set[str] = set()
+    def present(path: str) -> bool:
+        return _exists(f"{root}/{path}") and staged.folders.holds_parent_of(path)
+
     for key in sorted(large, key=lambda key: large_package_order(staged, key)):
-        files = sorted({path for path in records[key] if _exists(f"{root}/{path}")})  # Docker refuses a path twice
+        files = sorted({path for path in records[key] if present(path)})  # Docker refuses a path twice
         claimed.update(files)
         layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
                                                  for path in files),
                             identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
-                    if _exists(f"{root}/{path}")} - claimed)
+                    if present(path)} - claimed)
     claimed.update(small)
     layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
                                               for path in small),
@@ -174,7 +177,11 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
     return "small packages:" + hashlib.sha256("\n".join([*small, "|", *below]).encode()).hexdigest()
 
 
-# Run by the environment's own Python in a container: compile each batch of files in a new
+# Run by the base image's Python (never the environment's: a package could replace a module
+# of its standard library, and code it ran could write the staged files, which are hard links
+# into the shared package cache), with -s -S (no site-packages, no .pth), in a container
+# (compilerun.py). It refuses an environment whose Python is another minor release (the
+# Dockerfile compiles then). It compiles each batch of files in a new
 # process, so that a file's byte code does not depend on what one process compiled before
 # (marshal's output does), with PYTHONHASHSEED fixed by the caller. Byte code a package ships
 # (conda-build compiles every package that is not noarch) is adopted, not compiled again:
@@ -190,6 +197,11 @@ while not os.path.exists(sys.argv[1]):
     if time.monotonic() > give_up:
         sys.exit("no batches came: the build that started this container has ended")
     time.sleep(0.01)
+plan = json.load(open(sys.argv[1]))
+batches, wanted = (plan["batches"], plan.get("python")) if isinstance(plan, dict) else (plan, None)
+mine = "%d.%d" % sys.version_info[:2]
+if wanted and wanted != mine:
+    sys.exit(f"the base image's Python {mine} does not compile for the environment's Python {wanted}")
 def adopt(path):
     cached = importlib.util.cache_from_source(path)
     try:
@@ -227,7 +239,6 @@ def batch(job):
             failed += 1
     open(os.path.join(sys.argv[2], str(index)), "w").close()  # the loader waits for this batch's files
     return adopted, failed
-batches = json.load(open(sys.argv[1]))
 with multiprocessing.Pool(maxtasksperchild=1) as pool:
     counts = pool.map(batch, list(enumerate(batches)), chunksize=1)
 adopted, failed = sum(count[0] for count in counts), sum(count[1] for count in counts)
@@ -288,6 +299,7 @@ class ByteCodePlacer:
     def __init__(self, staged: StagedEnvironment):
         self.root = os.fspath(staged.root)
         self.listed = staged.listed
+        self.folders = staged.folders
 
     def layer_with_byte_code(self, layer: Layer) -> Layer:
         prefix = SHARED_PREFIX.lstrip("/") + "/"
@@ -296,13 +308,16 @@ class ByteCodePlacer:
         added = []
         for directory in sorted({os.path.dirname(path) for path in sources}):
             cache = f"{directory}/__pycache__" if directory else "__pycache__"
+            if not self.folders.holds(cache):  # none yet, or a package's symlink to who knows where
+                continue
             try:
                 names = os.listdir(f"{self.root}/{cache}")
             except OSError:
                 continue
             for name in names:
                 path = f"{cache}/{name}"
-                if path not in self.listed and prefix + path not in have and source_of(path) in sources:
+                if (path not in self.listed and prefix + path not in have and source_of(path) in sources
+                        and _is_file(f"{self.root}/{path}")):
                     added.append(Entry(prefix + path, f"{self.root}/{path}"))
         if not added:
             return layer
@@ -355,7 +370,8 @@ def write_members(members: Iterable[TarMember], out: Any) -> None:
         written += len(member.header)
         if member.source is None:
             continue
-        with open(member.source, "rb") as content:
+        # O_NOFOLLOW: a file planned as a file is never read through a symlink put in its place
+        with os.fdopen(os.open(member.source, os.O_RDONLY | os.O_NOFOLLOW), "rb") as content:
             left = member.size
             while left:
                 data = content.read(min(left, CHUNK))
@@ -502,6 +518,13 @@ def _exists(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISLNK(mode) or not stat.S_ISDIR(mode)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _size(path: str) -> int:

@@ -9,7 +9,9 @@ not change after the install: compiling adds ``.pyc`` files, never a package rec
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -77,9 +79,61 @@ class StagedEnvironment:
                                 for path in package.files))
 
     @cached_property
+    def python_release(self) -> str:
+        """The environment's Python as major.minor ("3.9"), or "" without one."""
+        version = next((key[1] for key in self.packages if key[0] == "python"), "")
+        return ".".join(version.split(".")[:2])
+
+    @cached_property
+    def folders(self) -> RealFolders:
+        """The real folders of its tree (a package's symlinks are never gone through)."""
+        return RealFolders(self.root)
+
+    @cached_property
     def identities(self) -> dict[PackageKey, str]:
         """Each package's identity: its sha256, with the python's for a package compiled here
         (its .pyc are that python's), or "" (unknown)."""
         python = next((package.sha256 for key, package in self.packages.items() if key[0] == "python"), "")
         return {key: (f"{package.sha256}+{python}" if package.sha256 and key in self.compiled_here else package.sha256)
                 for key, package in self.packages.items()}
+
+
+class RealFolders:
+    """Which folders below a staged environment's root are real folders all the way down.
+
+    A package may install a symlink to anywhere (``site-packages/x/__pycache__ -> /etc``); the
+    hub reads and writes the staged tree on its own host, so it never goes through one: a path
+    is used only if every folder above it, below the root, is a real folder. Only what stays
+    true is remembered (a real folder, a symlink); a missing folder may appear later.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = os.fspath(root)
+        self.known: dict[str, bool] = {"": True}
+
+    def holds(self, folder: str) -> bool:
+        """Whether ``folder`` (relative, "" for the root) is a real folder chain below the root."""
+        known = self.known.get(folder)
+        if known is not None:
+            return known
+        if not self.holds(os.path.dirname(folder)):
+            return False
+        try:
+            real = stat.S_ISDIR(os.lstat(f"{self.root}/{folder}").st_mode)
+        except FileNotFoundError:
+            return False
+        self.known[folder] = real
+        return real
+
+    def holds_parent_of(self, path: str) -> bool:
+        """Whether every folder above ``path`` (relative) is real."""
+        return self.holds(os.path.dirname(path))
+
+    def make(self, folder: str) -> None:
+        """Create ``folder`` and the folders above it as real folders; OSError if one of them is
+        a symlink or a file."""
+        if self.holds(folder):
+            return
+        self.make(os.path.dirname(folder))
+        os.mkdir(f"{self.root}/{folder}")  # FileExistsError: a symlink or a file is in the way
+        self.known[folder] = True

@@ -84,6 +84,8 @@ def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
     changed = 0
     for package in staged.packages.values():
         for path in package.files:
+            if not staged.folders.holds_parent_of(path):
+                continue  # never through a package's symlink: the layers leave such a path out too
             try:
                 status = os.lstat(staged.root / path)
             except OSError:

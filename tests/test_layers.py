@@ -421,8 +421,8 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
         docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
     """Layers are written while the compile container works; if it ends before a batch a layer
     waits for, the image is loaded again without byte code and compiled by a Dockerfile step."""
-    script = layers.COMPILE_SCRIPT.replace("batches = json.load(open(sys.argv[1]))",
-                                           "batches = json.load(open(sys.argv[1]))[:1]")  # then it exits
+    script = layers.COMPILE_SCRIPT.replace("with multiprocessing.Pool",
+                                           "batches = batches[:1]\nwith multiprocessing.Pool")  # then it exits
     monkeypatch.setattr(layers, "COMPILE_SCRIPT", script)
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
     repo = f"condaspawner-compile-dies-{SESSION}"

@@ -1,0 +1,155 @@
+"""A package from an allowed channel is third-party content: building an environment with it
+runs none of its code on the hub host or in a container that can touch what other builds use,
+and the hub never reads or writes through a symlink a package installs.
+
+The packages here are written by the test into a channel of its own, beside the dev channel.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_docker import remove_repo_images
+
+from condaspawner_bench import devchannel
+from condaspawner_bench.devchannel import CondaPackage, PackageFile
+from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.resolve import Resolver
+from jupyterhub_condaspawner.spec import SpecPolicy
+from jupyterhub_condaspawner.stagedenv import RealFolders
+
+SESSION = uuid.uuid4().hex[:8]
+SITE = "lib/python3.9/site-packages"
+SECRET = b"HOST SECRET of the hub machine"
+MARKER = "package-code-ran"
+
+
+def package(name: str, files: list[PackageFile], depends: tuple[str, ...] = ("python 3.9.*",)) -> CondaPackage:
+    return CondaPackage(name=name, version="1.0", build="0", subdir="linux-64", depends=list(depends), files=files)
+
+
+def hostile_packages(host_folder: Path) -> list[CondaPackage]:
+    marker = f"/opt/conda/envs/_shared/{MARKER}"
+    victim = f"/opt/conda/envs/_shared/{SITE}/cs_victim.py"  # a hard link into the shared package cache
+    run_code = f"open({marker!r}, 'w').close(); open({victim!r}, 'a').write('POISONED = True')\n"
+    return [
+        # Code Python would run at start-up (a .pth) and a module of the standard library replaced
+        # (the compiler imports py_compile): neither may run while the environment is compiled.
+        package("cs-startup-code", [
+            PackageFile(f"{SITE}/cs_startup.pth", f"import os; {run_code}".encode()),
+            PackageFile(f"{SITE}/cs_startup/__init__.py", b"VALUE = 1\n"),
+            PackageFile("lib/python3.9/py_compile.py", run_code.encode()),
+        ], depends=("python 3.9.*", "cs-shared-victim")),
+        package("cs-shared-victim", [PackageFile(f"{SITE}/cs_victim.py", b"SAFE = True\n")]),
+        # __pycache__ as a symlink to a folder of the hub host.
+        package("cs-pycache-out", [
+            PackageFile(f"{SITE}/cs_out/__init__.py", b"OUT = 1\n"),
+            PackageFile(f"{SITE}/cs_out/__pycache__", link_target=str(host_folder)),
+        ]),
+        # Another package's __pycache__ redirected to the host: the byte-code cache must not
+        # write its byte code there.
+        package("cs-benign", [PackageFile(f"{SITE}/cs_benign/__init__.py", b"BENIGN = 1\n"),
+                              PackageFile(f"{SITE}/cs_benign/zzmod.py", b"Z = 1\n")]),
+        package("cs-redirect", [PackageFile(f"{SITE}/cs_benign/__pycache__", link_target=str(host_folder))],
+                depends=("python 3.9.*", "cs-benign")),
+    ]
+
+
+@pytest.fixture
+def hostile_channel(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    host_folder = tmp_path / "hub-host-folder"
+    host_folder.mkdir()
+    (host_folder / "__init__.cpython-39.pyc").write_bytes(SECRET)
+    (host_folder / "zzmod.cpython-39.pyc").write_bytes(SECRET)
+    channel = tmp_path / "lab-channel"
+    for subdir in ("linux-64", "noarch"):
+        (channel / subdir).mkdir(parents=True)
+    for hostile in hostile_packages(host_folder):
+        devchannel.write_conda_package(hostile, channel)
+    devchannel.run_blocking(devchannel.index_channel(channel))
+    yield channel.as_uri(), host_folder
+
+
+def request(packages: str, name: str) -> BuildRequest:
+    text = f"channels: [conda-forge, lab]\ndependencies: [python=3.9, ipykernel, {packages}]\n"
+    policy = SpecPolicy(allowed_channels=["conda-forge", "lab"])
+    return BuildRequest(policy.parse(textwrap.dedent(text)), env_name=name)
+
+
+def env_files(api, image: str) -> dict[str, bytes]:
+    """The environment's regular files in each of the image's layers (Docker's overlay2 folders
+    on this host), by path in the image; a path in several layers: the highest's."""
+    driver = api.inspect_image(image)["GraphDriver"]["Data"]
+    folders = [driver["UpperDir"], *reversed((driver.get("LowerDir") or "").split(":"))]
+    files: dict[str, bytes] = {}
+    for folder in reversed(folders):  # the lowest first: a higher layer's file replaces it
+        top = Path(folder) / "opt/conda/envs/_shared"
+        for directory, _, names in os.walk(top):
+            for name in names:
+                path = Path(directory) / name
+                if path.is_file() and not path.is_symlink():
+                    files[str(path.relative_to(folder))] = path.read_bytes()
+    return files
+
+
+@pytest.fixture
+def builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path) -> Iterator[ImageBuilder]:
+    url, _ = hostile_channel
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "lab": url},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    repo = f"condaspawner-hostile-{SESSION}"
+    yield ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                       cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                       image_repo=repo, layered_images=True)
+    remove_repo_images(docker_daemon.client(), repo)
+
+
+@pytest.mark.docker
+async def test_no_code_of_a_package_runs_while_its_environment_is_compiled(builder, docker_daemon, tmp_path):
+    info = await builder.get_image(request("cs-startup-code", "startup"))
+    log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
+    assert "compiling in the Dockerfile" not in log, log  # compiled by the compile container
+    files = env_files(docker_daemon.client().api, info.tag)
+    prefix = f"opt/conda/envs/_shared/{SITE}"
+    assert f"{prefix}/cs_startup/__pycache__/__init__.cpython-39.pyc" in files  # it did compile
+    assert f"{prefix}/__pycache__/cs_victim.cpython-39.pyc" in files
+    assert f"opt/conda/envs/_shared/{MARKER}" not in files
+    assert files[f"{prefix}/cs_victim.py"] == b"SAFE = True\n"
+    (victim,) = (tmp_path / "pkgs").glob(f"cs-shared-victim-*/{SITE}/cs_victim.py")
+    assert victim.read_bytes() == b"SAFE = True\n"  # the package cache every later build links from
+
+
+@pytest.mark.docker
+async def test_a_pycache_symlink_to_the_hub_host_is_never_read_nor_written(builder, docker_daemon, hostile_channel):
+    _, host_folder = hostile_channel
+    before = {path.name: path.read_bytes() for path in host_folder.iterdir()}
+    api = docker_daemon.client().api
+    first = await builder.get_image(request("cs-pycache-out, cs-benign", "out"))  # cs-benign's byte code kept
+    second = await builder.get_image(request("cs-redirect", "redirect"))  # its byte code would land on the host
+    for info in (first, second):
+        assert not [path for path, data in env_files(api, info.tag).items() if SECRET in data]
+    assert {path.name: path.read_bytes() for path in host_folder.iterdir()} == before
+
+
+def test_real_folders_never_go_through_a_symlink(tmp_path):
+    root = tmp_path / "env"
+    (root / "lib" / "pkg").mkdir(parents=True)
+    (root / "lib" / "out").symlink_to(tmp_path)
+    (root / "lib" / "file").write_text("x")
+    folders = RealFolders(root)
+    assert folders.holds("") and folders.holds("lib/pkg") and folders.holds_parent_of("lib/pkg/m.py")
+    assert not folders.holds("lib/out") and not folders.holds_parent_of("lib/out/anything")
+    assert not folders.holds("lib/missing")
+    (root / "lib" / "missing").mkdir()  # a folder made later (the compiler's __pycache__) counts then
+    assert folders.holds("lib/missing")
+    folders.make("lib/pkg/__pycache__")
+    assert (root / "lib" / "pkg" / "__pycache__").is_dir()
+    for blocked in ("lib/out/__pycache__", "lib/file/__pycache__"):
+        with pytest.raises(OSError):
+            folders.make(blocked)
+    assert not (tmp_path / "__pycache__").exists()
