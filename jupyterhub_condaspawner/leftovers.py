@@ -135,6 +135,9 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
         except OSError:
             continue
         containers, images = traces(text)
+        # A compile container is of use only to its build, which no process runs now: it goes
+        # even while it runs (waiting up to COMPILE_WAIT_S for batches that never come).
+        compilers = {match.group(1) for line in text.splitlines() if (match := _COMPILE_CONTAINER.match(line))}
         for short in containers:
             try:
                 attrs = client.api.inspect_container(short)
@@ -143,7 +146,7 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
                     found.processes.update({pid: short for pid in orphan_processes(short)})
                 continue
             running = attrs.get("State", {}).get("Running")
-            if not running or (_created(attrs) or 0) < cutoff:
+            if not running or short in compilers or (_created(attrs) or 0) < cutoff:
                 found.containers.append(short)
         for short in images:
             try:

@@ -35,6 +35,8 @@ from test_cli import REPO
 from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandle, ensure_daemon
 from condaspawner_bench.registry import BenchRegistryError, start_registry
 from jupyterhub_condaspawner import leftovers, staging
+from jupyterhub_condaspawner.builder import ImageBuilder
+from jupyterhub_condaspawner.resolve import Resolver
 
 pytestmark = pytest.mark.docker
 
@@ -370,6 +372,22 @@ def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(doc
     finally:
         server.stop()
         remove_repo_images(client, repository)
+
+
+def test_a_killed_builds_running_compile_container_is_a_leftover(docker_daemon, base_image, tmp_path):
+    """A hub killed mid-build leaves its compile container waiting for batches that never come;
+    the next sweep removes it though it runs (no process holds its build's lock)."""
+    client = docker_daemon.client()
+    waiting = client.containers.run(base_image, ["sleep", "300"], detach=True, network_mode="none")
+    try:
+        builder = ImageBuilder(resolver=Resolver(channel_urls={"conda-forge": "file:///nonexistent-channel"}),
+                               docker_client=client, base_image=base_image, cache_dir=str(tmp_path / "cache"))
+        key_dir = builder.key_dir("f" * 16)
+        key_dir.mkdir(parents=True)
+        (key_dir / "build.log").write_text(f"compile container {waiting.id}\n")
+        assert waiting.id in leftovers.find(builder).containers
+    finally:
+        waiting.remove(force=True)
 
 
 def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
