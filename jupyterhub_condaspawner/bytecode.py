@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 from . import layers
 from .stagedenv import StagedEnvironment, source_of
 
-COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole
+COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole; its files' sha256
+ENTRY_FORMAT = "2"  # 2: ``complete`` holds each file's sha256, checked before the entry is linked
 
 
 class BytecodeCache:
@@ -36,10 +38,13 @@ class BytecodeCache:
         staging = staged.root
         for key, files in staged.files.items():
             entry = self._entry(staged.identities[key])
-            if entry is None or not (entry / COMPLETE).exists():
+            if entry is None:
+                continue
+            digests = _intact(entry)
+            if digests is None:
                 continue
             try:
-                for cached in _files(entry):
+                for cached in digests:
                     staged.folders.make(os.path.dirname(cached))  # never through a package's symlink
                     _replace_with_link(f"{entry}/{cached}", f"{staging}/{cached}")
             except OSError:
@@ -61,7 +66,8 @@ class BytecodeCache:
                 made: set[str] = set()
                 for path in compiled:
                     _link(f"{staging}/{path}", f"{partial}/{path}", made)
-                (partial / COMPLETE).touch()
+                digests = {path: _digest(partial / path) for path in compiled}
+                (partial / COMPLETE).write_text(json.dumps(digests, sort_keys=True))
                 os.rename(partial, entry)  # another build may have kept it first: then ours goes
             except OSError:
                 pass
@@ -71,8 +77,33 @@ class BytecodeCache:
     def _entry(self, identity: str) -> Path | None:
         if self.directory is None or not identity:
             return None
-        key = hashlib.sha256(f"{layers.LAYER_RECIPE}\0{layers.SHARED_PREFIX}\0{identity}".encode()).hexdigest()
+        key = hashlib.sha256(f"{layers.LAYER_RECIPE}\0{ENTRY_FORMAT}\0{layers.SHARED_PREFIX}\0{identity}".encode()
+                             ).hexdigest()
         return self.directory / key
+
+
+def _intact(entry: Path) -> dict[str, str] | None:
+    """An entry's files and their sha256, if it is whole and every file still has its digest;
+    None otherwise. A damaged entry (a disk error, a bad copy of the folder) is removed, so
+    that the next build compiles the package and keeps it again: never linked into an image."""
+    try:
+        digests = json.loads((entry / COMPLETE).read_text())
+    except FileNotFoundError:
+        return None  # not kept yet, or being kept
+    except (OSError, ValueError):
+        digests = None
+    if (isinstance(digests, dict) and set(digests) == set(_files(entry))
+            and all(_digest(entry / path) == digest for path, digest in digests.items())):
+        return digests
+    shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def _digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()  # byte code: kilobytes a file
+    except OSError:
+        return ""
 
 
 def _files(entry: Path) -> list[str]:

@@ -233,6 +233,26 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     assert cache.restore(read(third)) == set()
 
 
+def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
+    """A cached .pyc cut short (a disk error, a bad copy of the folder) would break every later
+    image with its package: each file's digest is checked first, and the entry removed."""
+    staged = stage(tmp_path / "one", {"small": {"lib/small.py": b"x = 1\n"}})
+    record = staged / "conda-meta" / "small-1.0-0.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
+    pyc = "lib/__pycache__/small.cpython-39.pyc"
+    (staged / pyc).parent.mkdir(parents=True)
+    (staged / pyc).write_bytes(b"byte code, whole")
+    cache = BytecodeCache(tmp_path / "bytecode")
+    cache.keep(read(staged))
+    (entry,) = (tmp_path / "bytecode").iterdir()
+    (staged / pyc).unlink()
+    (entry / pyc).write_bytes(b"byte")  # truncated in the cache
+    again = stage(tmp_path / "two", {"small": {"lib/small.py": b"x = 1\n"}})
+    (again / "conda-meta" / "small-1.0-0.json").write_text(record.read_text())
+    assert cache.restore(read(again)) == set()  # compiled again
+    assert not (again / pyc).exists() and not entry.exists()
+
+
 def digest(layer: layers.Layer) -> str:
     out = io.BytesIO()
     layers.write_tar(layer.entries, out)
