@@ -7,10 +7,12 @@ to compile where the builder could not (a remote daemon).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,12 @@ async def _hand_over(launched: asyncio.Future, build: Build, context: Path, stag
     except (BuildError, docker.errors.DockerException) as error:
         build_log.write(f"compile: {one_line(error)}; compiling in the Dockerfile\n")
         return None
+    compiler = await asyncio.to_thread(_compiler_release, context / "compile" / "python")
+    if jobs and staged.python_release and compiler not in ("", staged.python_release):
+        build_log.write(f"compile: the base image's Python {compiler} does not compile for the environment's "
+                        f"Python {staged.python_release}; compiling in the Dockerfile\n")
+        remove_in_background(container)
+        return None
     if jobs:
         await build.publish("compile", 41, f"Compiling the environment's Python files "
                                            f"({sum(len(p) for _, p in jobs)}) while its layers are written")
@@ -102,6 +110,17 @@ async def _hand_over(launched: asyncio.Future, build: Build, context: Path, stag
     partial.write_text(json.dumps({"python": staged.python_release, "batches": [paths for _, paths in jobs]}))
     partial.replace(context / "compile" / "batches.json")  # whole when the container sees it
     return CompileRun(container, context / "compile" / "done", jobs)
+
+
+def _compiler_release(path: Path, wait_s: float = 10.0) -> str:
+    """The Python release the compile container runs (it writes it first thing), or "" if it
+    says nothing within ``wait_s`` (it then refuses a batch it cannot compile itself)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            return path.read_text().strip()
+        time.sleep(0.02)
+    return ""
 
 
 def _abandon_launched(launched: asyncio.Future) -> None:

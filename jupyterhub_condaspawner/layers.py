@@ -192,6 +192,10 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 COMPILE_SCRIPT = """
 import importlib.util, json, multiprocessing, os, py_compile, sys, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
+mine = "%d.%d" % sys.version_info[:2]
+with open(os.path.join(os.path.dirname(sys.argv[1]), "python.partial"), "w") as file:  # for the build to check
+    file.write(mine)
+os.replace(os.path.join(os.path.dirname(sys.argv[1]), "python.partial"), os.path.join(os.path.dirname(sys.argv[1]), "python"))
 give_up = time.monotonic() + float(sys.argv[3])  # started while the build plans: the batches come after
 while not os.path.exists(sys.argv[1]):
     if time.monotonic() > give_up:
@@ -199,7 +203,6 @@ while not os.path.exists(sys.argv[1]):
     time.sleep(0.01)
 plan = json.load(open(sys.argv[1]))
 batches, wanted = (plan["batches"], plan.get("python")) if isinstance(plan, dict) else (plan, None)
-mine = "%d.%d" % sys.version_info[:2]
 if wanted and wanted != mine:
     sys.exit(f"the base image's Python {mine} does not compile for the environment's Python {wanted}")
 def adopt(path):

@@ -57,6 +57,14 @@ def hostile_packages(host_folder: Path) -> list[CondaPackage]:
                               PackageFile(f"{SITE}/cs_benign/zzmod.py", b"Z = 1\n")]),
         package("cs-redirect", [PackageFile(f"{SITE}/cs_benign/__pycache__", link_target=str(host_folder))],
                 depends=("python 3.9.*", "cs-benign")),
+        # Another Python release than the base image's (its interpreter borrowed from the base).
+        CondaPackage(name="python", version="3.10.0", build="0", subdir="linux-64", files=[
+            PackageFile("bin/python", link_target="/opt/conda/bin/python"),
+            PackageFile("lib/python3.10/site-packages/cs_other/__init__.py", b"OTHER = 1\n")]),
+        CondaPackage(name="pip", version="99.0", build="0", subdir="linux-64",
+                     files=[PackageFile("lib/python3.10/site-packages/pip/__init__.py", b"FAKE = 1\n")]),
+        CondaPackage(name="ipykernel", version="99.0", build="0", subdir="linux-64", depends=["python 3.10.*"],
+                     files=[PackageFile("lib/python3.10/site-packages/ipykernel/__init__.py", b"FAKE = 1\n")]),
     ]
 
 
@@ -134,6 +142,19 @@ async def test_a_pycache_symlink_to_the_hub_host_is_never_read_nor_written(build
     for info in (first, second):
         assert not [path for path, data in env_files(api, info.tag).items() if SECRET in data]
     assert {path.name: path.read_bytes() for path in host_folder.iterdir()} == before
+
+
+@pytest.mark.docker
+async def test_an_environment_of_another_python_release_is_compiled_in_its_own_image(builder):
+    """The compiler is the base image's Python: for another release it hands the batches to no
+    one, and the Dockerfile compiles in the environment's own image (no layer sent twice)."""
+    text = "channels: [lab]\ndependencies: [python=3.10]\n"
+    policy = SpecPolicy(allowed_channels=["conda-forge", "lab"])
+    info = await builder.get_image(BuildRequest(policy.parse(text), env_name="other"))
+    log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
+    assert ("compile: the base image's Python 3.9 does not compile for the environment's Python 3.10; "
+            "compiling in the Dockerfile") in log
+    assert "layered load failed" not in log and "compile container ended" not in log
 
 
 def test_real_folders_never_go_through_a_symlink(tmp_path):
