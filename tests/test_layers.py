@@ -18,7 +18,9 @@ import docker.errors
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
+from throwaway_channel import write_channel
 
+from condaspawner_bench.devchannel import CondaPackage, PackageFile
 from jupyterhub_condaspawner import layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
@@ -191,7 +193,8 @@ def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_pat
     plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     base = {"RootFS": {"Layers": ["sha256:" + "b" * 64]}}
     memo = layers.LayerMemo(tmp_path / "memo")
-    assert plan[0].identity == "ab" * 32 + "+" + "cd" * 32  # its byte code is python's: python is in its identity
+    # its byte code is python's: python is in its identity; and so are the files it holds here
+    assert plan[0].identity.startswith("ab" * 32 + "+" + "cd" * 32 + ":")
     memo.put(plan[0], "sha256:" + "c" * 64, 10)
     chains = layers.chain_ids([*base["RootFS"]["Layers"], "sha256:" + "c" * 64])
     assert layers.stored_layers(base, plan, set(chains), memo) == {"big-1.0-0"}
@@ -300,6 +303,39 @@ def test_the_small_packages_layer_is_known_by_its_packages_so_it_is_written_once
     identities = {first.identity, other_small.identity, other_below.identity, all_small.identity}
     assert len(identities) == 4  # a package changed, or which packages have layers of their own
     assert small_layer("unknown", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}}, known=False).identity == ""
+
+
+async def test_a_package_whose_files_another_package_clobbers_is_another_layer(tmp_path):
+    """cs-clobbered and cs-clobberer both ship share/conflict.txt: installed together, the installer
+    moves cs-clobbered's copy under __clobbers__. Its layer then holds other files than when it is
+    installed alone, so it may not stand for that one in the memo (the image would lack a file)."""
+    conflict = PackageFile("share/conflict.txt", b"mine\n")
+    url = write_channel(tmp_path / "chan", [
+        CondaPackage("cs-clobbered", "1.0", "0", "noarch", files=[conflict, PackageFile("lib/big.bin", b"b" * 2 * MB)]),
+        CondaPackage("cs-clobberer", "1.0", "0", "noarch", depends=["cs-clobbered"],
+                     files=[PackageFile("share/conflict.txt", b"theirs\n")])])
+    resolver = Resolver(channel_urls={"conda-forge": url}, package_cache_dir=str(tmp_path / "pkgs"))
+
+    async def clobbered_layers(name: str, dependency: str) -> list[layers.Layer]:
+        lock = await resolver.solve(SpecPolicy().parse(f"dependencies: [{dependency}]"))
+        await resolver.install(lock, tmp_path / name, "/opt/conda/envs/_shared")
+        staged = read(tmp_path / name)
+        staging.settle_mtimes(staged, layers.LAYER_MTIME)
+        return layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+
+    together = await clobbered_layers("together", "cs-clobberer")
+    alone = await clobbered_layers("alone", "cs-clobbered")
+    assert [layer.name for layer in alone] == ["cs-clobbered-1.0-0", "small packages", "environment"]
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    assert f"{prefix}/share/conflict.txt" in {entry.path for entry in alone[0].entries}
+    assert f"{prefix}/share/conflict.txt" not in {entry.path for entry in together[0].entries}
+    assert together[0].identity and alone[0].identity and together[0].identity != alone[0].identity
+    memo = layers.LayerMemo(tmp_path / "memo")
+    memo.put(together[0], "sha256:" + "c" * 64, 1234)
+    assert memo.get(alone[0]) is None
+    again = await clobbered_layers("again", "cs-clobbered")  # the same files: the same layer, remembered
+    assert again[0].identity == alone[0].identity and digest(again[0]) == digest(alone[0])
+    assert again[1].identity == alone[1].identity
 
 
 def test_the_memo_remembers_only_layers_with_an_identity(tmp_path):

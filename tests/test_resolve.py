@@ -11,7 +11,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from throwaway_channel import write_channel
 
+from condaspawner_bench.devchannel import CondaPackage, PackageFile
 from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -186,20 +188,8 @@ async def test_a_label_of_a_mirrored_channel_is_looked_up_on_the_mirror(resolver
 
 def hostile_channel(directory: Path, path: str) -> str:
     """A throwaway channel with ``cs-hostile``, whose one file (in its tar and info/paths.json) is ``path``."""
-    from condaspawner_bench.devchannel import (
-        CondaPackage,
-        PackageFile,
-        index_channel,
-        run_blocking,
-        write_conda_package,
-    )
-
-    for subdir in ("noarch", "linux-64"):
-        (directory / subdir).mkdir(parents=True, exist_ok=True)
-    package = CondaPackage("cs-hostile", "1.0", "0", "noarch", files=[PackageFile(path, b"outside\n")])
-    write_conda_package(package, directory)
-    run_blocking(index_channel(directory))
-    return directory.as_uri()
+    return write_channel(directory, [CondaPackage("cs-hostile", "1.0", "0", "noarch",
+                                                  files=[PackageFile(path, b"outside\n")])])
 
 
 @pytest.mark.parametrize("path", ["/tmp/cs-hostile-outside/abs.txt", "share/../../cs-hostile-outside.txt"])
