@@ -24,7 +24,7 @@ from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
 from .compilerun import CompileRun, layer_preparer, remove_in_background
-from .dockerbuild import docker_build
+from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment
 from .staging import settle_mtimes
 
@@ -231,14 +231,19 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         with builder.daemon_call("loading the environment's layers"):
             try:
                 result = await asyncio.to_thread(load, plan, known, memo, prepare)
+            except layers.LoadRefused as refused:
+                if not refused.missing_layer:
+                    raise load_failure(builder, refused, build_log) from None
+                build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
+                result = await _load_every_layer(builder, load, plan, prepare, build_log)
             except OSError as error:  # requests passes the compile's failure on as a connection error
                 if run is not None and run.failed is not None:  # the layers go without byte code
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
-                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), None)
-                else:  # a layer counted on was removed meanwhile: send every layer
+                    result = await _load_every_layer(builder, load, plan, None, build_log)
+                else:  # a layer changed since it was remembered: send every layer
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
-                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+                    result = await _load_every_layer(builder, load, plan, prepare, build_log)
     except BaseException:
         if run is not None:
             run.abandon()  # a failed or timed-out build does not wait for its compile container
@@ -257,3 +262,23 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     await build.publish("build", 44, f"Wrote {megabytes(sum(written))} in {plural(len(written), 'layer')} "
                                      f"({len(result.layers) - len(written)} already stored)")
     return result.image_id, compiled
+
+
+async def _load_every_layer(builder: ImageBuilder, load: Callable[..., layers.LoadResult], plan: list[layers.Layer],
+                            prepare: Callable[[layers.Layer], layers.Layer] | None,
+                            build_log: io.TextIOBase) -> layers.LoadResult:
+    """The load again, every layer sent whole (none counted on Docker holding it)."""
+    try:
+        return await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+    except layers.LoadRefused as refused:
+        raise load_failure(builder, refused, build_log) from None
+
+
+def load_failure(builder: ImageBuilder, refused: layers.LoadRefused, build_log: io.TextIOBase) -> BuildError:
+    """The one-line BuildError of a load Docker refused: its disk full (phase disk, naming the Docker
+    host's data root), or its reason (phase load)."""
+    build_log.write(f"docker load failed: {refused}\n")
+    if refused.no_space:
+        return daemon_disk_full(builder, None)
+    cause = f"the Docker daemon at {builder.daemon_url} refused the image's layers: {one_line(refused)}"
+    return BuildError(cause, phase="load", cause=cause)

@@ -743,6 +743,24 @@ def _saved_config(api: Any, image_id: str) -> dict[str, Any]:
     raise OSError(f"docker save of {image_id} holds no config")
 
 
+# Docker's answers to a load whose empty placeholder stood for a layer it no longer holds (removed
+# since the build looked): the archive sent again with every layer loads.
+_MISSING_LAYER = re.compile(r"invalid diffid|layer does not exist|unexpected eof|layer not known", re.IGNORECASE)
+
+
+class LoadRefused(Exception):
+    """Docker's error answer to a ``docker load`` of the archive: ``str(error)`` is its message."""
+
+    @property
+    def missing_layer(self) -> bool:
+        """Whether Docker lacked a layer the archive counted on it holding (worth sending every layer)."""
+        return _MISSING_LAYER.search(str(self)) is not None
+
+    @property
+    def no_space(self) -> bool:
+        return "no space left on device" in str(self).lower()
+
+
 class _ChunkReader(io.RawIOBase):
     """A readable file over an iterator of byte chunks."""
 
@@ -784,6 +802,6 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
                                             on_image_id, prepare))
     for message in answer or []:
         if "error" in message:
-            raise OSError(str(message["error"]).strip())
+            raise LoadRefused(" ".join(str(message["error"]).split()))
     api.inspect_image(result.image_id)  # raises if Docker did not load it
     return result

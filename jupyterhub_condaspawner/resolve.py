@@ -383,8 +383,8 @@ def is_no_space(error: BaseException) -> bool:
     """Whether ``error`` (an OSError, or rattler's text of one) is a full disk (ENOSPC)."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    text = str(error)
-    return "No space left on device" in text or "os error 28" in text
+    text = str(error).lower()  # Go's (Docker's) text is lower-case, Rust's and Python's capitalised
+    return "no space left on device" in text or "os error 28" in text
 
 
 def make_world_readable(root: Path) -> None:

@@ -21,7 +21,7 @@ from kernel_script import kernel_round_trip
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
-from jupyterhub_condaspawner import layers, staging
+from jupyterhub_condaspawner import layeredbuild, layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
@@ -702,3 +702,50 @@ async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_remo
     with pytest.raises(docker.errors.ImageNotFound):
         docker_daemon.client().images.get(loaded.image_id)
     assert docker_daemon.client().images.get(info.image_id).tags  # the built one stays
+
+
+@pytest.mark.docker
+def test_a_load_docker_refuses_is_its_answer_and_only_a_missing_layer_is_worth_sending_every_layer(
+        docker_daemon, base_image, tmp_path):
+    api = docker_daemon.client().api
+    (tmp_path / "file").write_text("one\n")
+    layer = layers.Layer("cs-gone-1.0-0", (layers.Entry("opt/one.txt", tmp_path / "file"),), identity="cs-gone")
+    memo = layers.LayerMemo(tmp_path / "memo")  # remembered, and its chain said to be held: sent as a placeholder
+    memo.put(layer, "sha256:" + "e" * 64, 2048)
+    chain = layers.chain_ids([*api.inspect_image(base_image)["RootFS"]["Layers"], "sha256:" + "e" * 64])[-1]
+    with pytest.raises(layers.LoadRefused) as missing:
+        layers.load_image(api, base_image, [layer], {}, {chain}, memo)
+    assert missing.value.missing_layer and not missing.value.no_space, str(missing.value)
+    result = layers.load_image(api, base_image, [layer], {}, set(), layers.LayerMemo(None))  # every layer sent
+    assert result.layers[0][3] and api.inspect_image(result.image_id)
+    api.remove_image(result.image_id)
+    twice = layers.Layer("twice", (layers.Entry("opt/one.txt", tmp_path / "file"),) * 2)  # Docker refuses a path twice
+    with pytest.raises(layers.LoadRefused) as refused:
+        layers.load_image(api, base_image, [twice], {}, set(), layers.LayerMemo(None))
+    assert not refused.value.missing_layer and "\n" not in str(refused.value), str(refused.value)
+
+
+@pytest.mark.docker
+def test_a_refused_load_is_a_one_line_build_error_and_a_full_docker_disk_names_the_docker_host(layered_builder):
+    log = io.StringIO()
+    refused = layeredbuild.load_failure(layered_builder, layers.LoadRefused("max depth exceeded"), log)
+    assert refused.phase == "load" and str(refused).endswith("refused the image's layers: max depth exceeded")
+    full = layers.LoadRefused("write /var/lib/docker/tmp/docker-import-1/3/layer.tar: no space left on device")
+    disk = layeredbuild.load_failure(layered_builder, full, log)
+    assert disk.phase == "disk" and f"on the Docker host {layered_builder.daemon_url}: free space there" in str(disk)
+    assert "max depth exceeded" in log.getvalue() and "no space left on device" in log.getvalue()
+
+
+@pytest.mark.docker
+async def test_any_failure_of_a_build_is_recorded_and_told_as_one_line(layered_builder, monkeypatch):
+    def a_defect(*args, **kwargs):
+        raise RuntimeError("a defect\nwith a second line")
+
+    monkeypatch.setattr(layeredbuild, "build_layered", a_defect)  # after the real solve and install
+    build = layered_builder.ensure(env_request("cs-alpha", "defect"))
+    with pytest.raises(BuildError) as info:
+        await build.result()
+    assert str(info.value) == "unexpected RuntimeError: a defect with a second line"
+    assert build.events[-1] == {"phase": "error", "progress": 100, "message": str(info.value)}
+    record = layered_builder.records.build_record(build.key)
+    assert record is not None and record.status == "failed" and record.cause == str(info.value)

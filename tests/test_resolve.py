@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
-from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver
+from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver, is_no_space
 from jupyterhub_condaspawner.spec import SpecPolicy
 
 TARGET = "/opt/conda/envs/demo"
@@ -209,3 +210,10 @@ async def test_a_package_with_a_path_outside_its_prefix_is_refused_before_linkin
         with tarfile.open(tmp_path / "chan" / "noarch" / "cs-hostile-1.0-0.tar.bz2") as archive:  # as cached
             info = [member for member in archive.getmembers() if member.name.startswith("info/")]
             archive.extractall(tmp_path / "pkgs" / "cs-hostile-1.0-0", members=info, filter="data")
+
+
+def test_a_full_disk_is_recognised_in_go_rust_and_python_words():
+    assert is_no_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_no_space(Exception("write /var/lib/docker/tmp/layer.tar: no space left on device"))  # Docker's (Go)
+    assert is_no_space(Exception("failed to write: No space left on device (os error 28)"))
+    assert not is_no_space(Exception("max depth exceeded"))
