@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 # The loaded-layers route's only Dockerfile: pip sections, and compiling where the builder could not.
 LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
 MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
+DOCKER_LAYER_LIMIT = 125  # Docker's most layers in an image (127 on overlay2, less on some drivers)
+LAYERS_ABOVE_PACKAGES = 3  # the small packages', the environment's, the kernel and settings'
+DOCKERFILE_STEPS = 2  # layered.Dockerfile's RUN steps (compile, pip), when it runs
 
 
 def daemon_can_load_layers(builder: ImageBuilder) -> bool:
@@ -151,6 +154,14 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
     return image_id
 
 
+def package_layer_cap(base_layers: int) -> int:
+    """How many packages may have a layer of their own on a base of ``base_layers`` layers: at most
+    MAX_PACKAGE_LAYERS, and so many that the image stays within Docker's layer limit with the
+    layers above them and the Dockerfile's steps (0: every package in the small packages' layer)."""
+    room = DOCKER_LAYER_LIMIT - base_layers - LAYERS_ABOVE_PACKAGES - DOCKERFILE_STEPS
+    return max(0, min(MAX_PACKAGE_LAYERS, room))
+
+
 @dataclass
 class _Planned:
     """A staged environment's layers, planned: what Docker and the byte-code cache hold already,
@@ -170,14 +181,20 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
-    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size,
-                              max_layers=MAX_PACKAGE_LAYERS)
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
     base_id = builder.base_image_id()
     with builder.daemon_call("loading the environment's layers"):
         history = await asyncio.to_thread(layers.base_history, builder.client.api, base_id, memo.directory)
         known = await asyncio.to_thread(layers.known_chains, builder.client.api, [i.id for i in builder.images()])
         base_attrs = await asyncio.to_thread(builder.client.api.inspect_image, base_id)
+    cap = package_layer_cap(len(base_attrs["RootFS"]["Layers"]))
+    if cap < MAX_PACKAGE_LAYERS:
+        note = (f"at most {plural(cap, 'package layer')}: the base image has "
+                f"{plural(len(base_attrs['RootFS']['Layers']), 'layer')} (Docker's limit is {DOCKER_LAYER_LIMIT}); "
+                "the other packages share a layer")
+        build_log.write(note + "\n")
+        builder.log.info("Build %s: %s", request.env_name, note)
+    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size, max_layers=cap)
     # Layers Docker holds with their byte code already are neither compiled nor sent again,
     # and packages compiled for an earlier build are not compiled again.
     stored = layers.stored_layers(base_attrs, plan, known, memo)

@@ -387,6 +387,18 @@ def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
     assert [layer.name for layer in plan] == ["p3-1.0-0", "p4-1.0-0", "small packages", "environment"]
 
 
+def test_the_package_layers_fit_dockers_layer_limit_on_a_deep_base(tmp_path):
+    assert layeredbuild.package_layer_cap(10) == layeredbuild.MAX_PACKAGE_LAYERS
+    cap = layeredbuild.package_layer_cap(45)  # docker-stacks' images have about that many
+    assert cap == 125 - 45 - 3 - 2
+    assert 45 + cap + layeredbuild.LAYERS_ABOVE_PACKAGES + layeredbuild.DOCKERFILE_STEPS <= 125
+    assert layeredbuild.package_layer_cap(124) == 0
+    packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(3)}
+    plan = layers.plan_layers(read(stage(tmp_path / "env", packages)), "demo", min_bytes=MB, max_layers=0)
+    assert [layer.name for layer in plan] == ["small packages", "environment"]
+    assert len(plan[0].entries) == 3
+
+
 def test_chain_ids_follow_dockers_definition():
     first, second = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     assert layers.chain_ids([first, second]) == [
