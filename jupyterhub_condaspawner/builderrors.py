@@ -26,7 +26,8 @@ SUMMARY_CHARS = 1000
 class BuildError(Exception):
     """A failed build: ``str(error)`` is a short reason for the user; the full log is kept.
 
-    ``phase``: where it failed (base-image, daemon, solve, install, build, pip, timeout,
+    ``phase``: where it failed (base-image, daemon, solve, install, build, load (Docker refused
+    the layers), pip, timeout,
     registry: the registry could not be reached or refused us; registry-failed: it answered
     with a server error (HTTP 500, 507: its storage full, say); config: inconsistent settings;
     disk: a disk filled up: "no space left in FOLDER (needs about N MB)");
@@ -56,6 +57,7 @@ PHASE_WORDS = {
     "solve": "solving the environment",
     "install": "downloading or installing the conda packages",
     "build": "writing the image",
+    "load": "loading its layers into Docker",
     "pip": "installing the pip: section",
     "timeout": "to finish in time",
     "registry": "at the registry",

@@ -119,15 +119,24 @@ class BuildRuns:
                 builder.records.record_failure(build.key, timeout)
             raise timeout from None
         except BuildError as error:
-            error.key = error.key or build.key
-            builder.log.warning("%s", error.summary())
-            if build.started_here:
-                builder.records.record_failure(build.key, error)
-            await build.publish("error", 100, str(error))
+            await self._fail(build, error)
             raise
+        except Exception as error:  # a defect, or a failure nobody foresaw: a failed build all the same
+            builder.log.error("Build %s failed unexpectedly", build.key, exc_info=True)
+            failure = BuildError(f"unexpected {type(error).__name__}: {one_line(error)}", phase="build")
+            await self._fail(build, failure)
+            raise failure from error
         finally:
             self.running.pop(build.key, None)
             await build.finish()
+
+    async def _fail(self, build: Build, error: BuildError) -> None:
+        """Record ``error`` as the build's failure (when this process built it) and tell its followers."""
+        error.key = error.key or build.key
+        self.builder.log.warning("%s", error.summary())
+        if build.started_here:
+            self.builder.records.record_failure(build.key, error)
+        await build.publish("error", 100, str(error))
 
     async def build_once(self, build: Build, request: BuildRequest, started: float) -> ImageInfo:
         """The image of ``build``: found (here, in the registry, or built meanwhile by another

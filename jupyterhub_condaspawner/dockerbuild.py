@@ -78,13 +78,16 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
     return image_id
 
 
-def daemon_disk_full(builder: ImageBuilder, env_size: int) -> BuildError:
-    """The build daemon's disk filled up while writing the image (its data root, on its host)."""
+def daemon_disk_full(builder: ImageBuilder, env_size: int | None) -> BuildError:
+    """The build daemon's disk filled up while writing the image (its data root, on its host);
+    ``env_size``: the environment's bytes, when known."""
     root = "its data root"
     with contextlib.suppress(Exception):
         root = str(builder.client.info().get("DockerRootDir") or root)
     # the context sent, the COPY layer and the compiled files: about twice the environment
-    cause = f"no space left in {root} on the Docker host {builder.daemon_url} (needs about {megabytes(2 * env_size)})"
+    needs = f" (needs about {megabytes(2 * env_size)})" if env_size is not None else ""
+    cause = (f"no space left in {root} on the Docker host {builder.daemon_url}{needs}: free space there "
+             "(docker system prune, condaspawner gc) and build again")
     return BuildError(cause, phase="disk", cause=cause)
 
 

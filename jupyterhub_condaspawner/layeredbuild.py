@@ -26,7 +26,7 @@ from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache
 from .compilerun import CompileRun, layer_preparer, remove_in_background
-from .dockerbuild import docker_build
+from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment
 from .staging import settle_mtimes
 
@@ -38,6 +38,9 @@ LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
 # The compiler: the base image's own Python, which no package of the environment can replace.
 BASE_PYTHON = "/opt/conda/bin/python"
 MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
+DOCKER_LAYER_LIMIT = 125  # Docker's most layers in an image (127 on overlay2, less on some drivers)
+LAYERS_ABOVE_PACKAGES = 3  # the small packages', the environment's, the kernel and settings'
+DOCKERFILE_STEPS = 2  # layered.Dockerfile's RUN steps (compile, pip), when it runs
 
 
 def daemon_can_load_layers(builder: ImageBuilder) -> bool:
@@ -174,6 +177,14 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
     return image_id
 
 
+def package_layer_cap(base_layers: int) -> int:
+    """How many packages may have a layer of their own on a base of ``base_layers`` layers: at most
+    MAX_PACKAGE_LAYERS, and so many that the image stays within Docker's layer limit with the
+    layers above them and the Dockerfile's steps (0: every package in the small packages' layer)."""
+    room = DOCKER_LAYER_LIMIT - base_layers - LAYERS_ABOVE_PACKAGES - DOCKERFILE_STEPS
+    return max(0, min(MAX_PACKAGE_LAYERS, room))
+
+
 @dataclass
 class _Planned:
     """A staged environment's layers, planned: what Docker and the byte-code cache hold already,
@@ -193,14 +204,20 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
-    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size,
-                              max_layers=MAX_PACKAGE_LAYERS)
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
     base_id = builder.base_image_id()
     with builder.daemon_call("loading the environment's layers"):
         history = await asyncio.to_thread(layers.base_history, builder.client.api, base_id, memo.directory)
         known = await asyncio.to_thread(layers.known_chains, builder.client.api, [i.id for i in builder.images()])
         base_attrs = await asyncio.to_thread(builder.client.api.inspect_image, base_id)
+    cap = package_layer_cap(len(base_attrs["RootFS"]["Layers"]))
+    if cap < MAX_PACKAGE_LAYERS:
+        note = (f"at most {plural(cap, 'package layer')}: the base image has "
+                f"{plural(len(base_attrs['RootFS']['Layers']), 'layer')} (Docker's limit is {DOCKER_LAYER_LIMIT}); "
+                "the other packages share a layer")
+        build_log.write(note + "\n")
+        builder.log.info("Build %s: %s", request.env_name, note)
+    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size, max_layers=cap)
     # Layers Docker holds with their byte code already are neither compiled nor sent again,
     # and packages compiled for an earlier build are not compiled again.
     stored = layers.stored_layers(base_attrs, plan, known, memo)
@@ -255,14 +272,19 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         with builder.daemon_call("loading the environment's layers"):
             try:
                 result = await asyncio.to_thread(load, plan, known, memo, prepare)
+            except layers.LoadRefused as refused:
+                if not refused.missing_layer:
+                    raise load_failure(builder, refused, build_log) from None
+                build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
+                result = await _load_every_layer(builder, load, plan, prepare, build_log)
             except OSError as error:  # requests passes the compile's failure on as a connection error
                 if run is not None and run.failed is not None:  # the layers go without byte code
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
-                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), None)
-                else:  # a layer counted on was removed meanwhile: send every layer
+                    result = await _load_every_layer(builder, load, plan, None, build_log)
+                else:  # a layer changed since it was remembered: send every layer
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
-                    result = await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+                    result = await _load_every_layer(builder, load, plan, prepare, build_log)
     except BaseException:
         if run is not None:
             run.abandon()  # a failed or timed-out build does not wait for its compile container
@@ -281,3 +303,23 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     await build.publish("build", 44, f"Wrote {megabytes(sum(written))} in {plural(len(written), 'layer')} "
                                      f"({len(result.layers) - len(written)} already stored)")
     return result.image_id, compiled
+
+
+async def _load_every_layer(builder: ImageBuilder, load: Callable[..., layers.LoadResult], plan: list[layers.Layer],
+                            prepare: Callable[[layers.Layer], layers.Layer] | None,
+                            build_log: io.TextIOBase) -> layers.LoadResult:
+    """The load again, every layer sent whole (none counted on Docker holding it)."""
+    try:
+        return await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+    except layers.LoadRefused as refused:
+        raise load_failure(builder, refused, build_log) from None
+
+
+def load_failure(builder: ImageBuilder, refused: layers.LoadRefused, build_log: io.TextIOBase) -> BuildError:
+    """The one-line BuildError of a load Docker refused: its disk full (phase disk, naming the Docker
+    host's data root), or its reason (phase load)."""
+    build_log.write(f"docker load failed: {refused}\n")
+    if refused.no_space:
+        return daemon_disk_full(builder, None)
+    cause = f"the Docker daemon at {builder.daemon_url} refused the image's layers: {one_line(refused)}"
+    return BuildError(cause, phase="load", cause=cause)

@@ -70,7 +70,8 @@ class Entry:
 class Layer:
     name: str  # what it holds, for logs: "pytorch-2.3.1-py39_0", "small packages", ...
     entries: tuple[Entry, ...]
-    identity: str = ""  # the same identity, the same bytes: a package's sha256, or the small packages' together
+    # the same identity, the same bytes: a package's (content_identities), or the small packages' together
+    identity: str = ""
 
 
 @dataclass
@@ -122,7 +123,7 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     packages' files; then ``conda-meta``, anything no package claims, and the ``env_name``
     symlink.
     """
-    records, identities = dict(staged.files), staged.identities
+    records, identities = dict(staged.files), content_identities(staged)
     keep_mtime = {path for path in staged.listed if source_of(path) is None}
     root = os.fspath(staged.root)
     # before the compiled files join them: the plan is the same before and after compiling
@@ -154,6 +155,35 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer(ENVIRONMENT, tuple(top)))
     return layers
+
+
+def content_identities(staged: StagedEnvironment) -> dict[PackageKey, str]:
+    """Each package's identity (``staged.identities``) with a digest of the files it holds here, or ""
+    (unknown). A package's files depend on the environment: where two packages ship one path, the
+    installer moves one's copy under ``__clobbers__`` and rewrites its file list; a layer known by the
+    package's sha256 alone would stand for another environment's files."""
+    root = os.fspath(staged.root)
+    return {key: f"{identity}:{_listing_digest(root, staged.files[key])}" if identity else ""
+            for key, identity in staged.identities.items()}
+
+
+def _listing_digest(root: str, files: Iterable[str]) -> str:
+    """sha256 of each file's path, type, mode, size, mtime and link target (lstat only: no file is read)."""
+    digest = hashlib.sha256()
+    for path in sorted(set(files)):
+        digest.update(_listing_line(root, path).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _listing_line(root: str, path: str) -> str:
+    if source_of(path) is not None:  # byte code follows its source; compiling may rewrite it, with the fixed mtime
+        return f"{path}\0byte code\n"
+    try:
+        status = os.lstat(f"{root}/{path}")
+        link = os.readlink(f"{root}/{path}") if stat.S_ISLNK(status.st_mode) else ""
+    except OSError:
+        return f"{path}\0absent\n"
+    return f"{path}\0{status.st_mode:o}\0{status.st_size}\0{int(status.st_mtime)}\0{link}\n"
 
 
 def large_package_order(staged: StagedEnvironment, key: PackageKey) -> tuple[int, PackageKey]:
@@ -739,6 +769,24 @@ def _saved_config(api: Any, image_id: str) -> dict[str, Any]:
     raise OSError(f"docker save of {image_id} holds no config")
 
 
+# Docker's answers to a load whose empty placeholder stood for a layer it no longer holds (removed
+# since the build looked): the archive sent again with every layer loads.
+_MISSING_LAYER = re.compile(r"invalid diffid|layer does not exist|unexpected eof|layer not known", re.IGNORECASE)
+
+
+class LoadRefused(Exception):
+    """Docker's error answer to a ``docker load`` of the archive: ``str(error)`` is its message."""
+
+    @property
+    def missing_layer(self) -> bool:
+        """Whether Docker lacked a layer the archive counted on it holding (worth sending every layer)."""
+        return _MISSING_LAYER.search(str(self)) is not None
+
+    @property
+    def no_space(self) -> bool:
+        return "no space left on device" in str(self).lower()
+
+
 class _ChunkReader(io.RawIOBase):
     """A readable file over an iterator of byte chunks."""
 
@@ -780,6 +828,6 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
                                             on_image_id, prepare))
     for message in answer or []:
         if "error" in message:
-            raise OSError(str(message["error"]).strip())
+            raise LoadRefused(" ".join(str(message["error"]).split()))
     api.inspect_image(result.image_id)  # raises if Docker did not load it
     return result

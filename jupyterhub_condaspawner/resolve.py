@@ -38,6 +38,7 @@ from traitlets import Dict, Float, List, Unicode, default
 from traitlets.config import Configurable
 
 from .oneline import one_line
+from .packagepaths import UnreadablePackageError, UnsafePackageError, check_records
 from .spec import EnvironmentSpec
 
 LOCK_ENVIRONMENT = "default"
@@ -352,6 +353,7 @@ class Resolver(Configurable):
         Link scripts never run: user packages never execute code on the hub host.
         """
         Path(self.package_cache_dir).mkdir(parents=True, exist_ok=True)
+        await self._check_paths(lock)
         try:
             await rattler.install(
                 lock.records,
@@ -365,13 +367,24 @@ class Resolver(Configurable):
             raise ResolveError(f"install failed: {_one_line(error)}", no_space=is_no_space(error))
         await asyncio.to_thread(make_world_readable, staging_prefix)
 
+    async def _check_paths(self, lock: Lock) -> None:
+        """Refuse a package that lists a path outside its prefix: rattler's installer would abort the
+        whole hub process on it (packagepaths)."""
+        try:
+            await check_records(lock.records, Path(self.package_cache_dir))
+        except UnsafePackageError as error:
+            raise ResolveError(f"install failed: {_one_line(error)}") from None
+        except UnreadablePackageError as error:
+            raise ResolveError(f"install failed: {_one_line(error)}", unreachable=True,
+                               no_space=is_no_space(error)) from None
+
 
 def is_no_space(error: BaseException) -> bool:
     """Whether ``error`` (an OSError, or rattler's text of one) is a full disk (ENOSPC)."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    text = str(error)
-    return "No space left on device" in text or "os error 28" in text
+    text = str(error).lower()  # Go's (Docker's) text is lower-case, Rust's and Python's capitalised
+    return "no space left on device" in text or "os error 28" in text
 
 
 def make_world_readable(root: Path) -> None:

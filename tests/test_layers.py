@@ -18,8 +18,10 @@ import docker.errors
 import pytest
 from fixtures_docker import bench_dir, remove_repo_images
 from kernel_script import kernel_round_trip
+from throwaway_channel import write_channel
 
-from jupyterhub_condaspawner import layers, staging
+from condaspawner_bench.devchannel import CondaPackage, PackageFile
+from jupyterhub_condaspawner import layeredbuild, layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
@@ -191,7 +193,8 @@ def test_layers_docker_holds_with_their_byte_code_are_not_compiled_again(tmp_pat
     plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
     base = {"RootFS": {"Layers": ["sha256:" + "b" * 64]}}
     memo = layers.LayerMemo(tmp_path / "memo")
-    assert plan[0].identity == "ab" * 32 + "+" + "cd" * 32  # its byte code is python's: python is in its identity
+    # its byte code is python's: python is in its identity; and so are the files it holds here
+    assert plan[0].identity.startswith("ab" * 32 + "+" + "cd" * 32 + ":")
     memo.put(plan[0], "sha256:" + "c" * 64, 10)
     chains = layers.chain_ids([*base["RootFS"]["Layers"], "sha256:" + "c" * 64])
     assert layers.stored_layers(base, plan, set(chains), memo) == {"big-1.0-0"}
@@ -322,6 +325,39 @@ def test_the_small_packages_layer_is_known_by_its_packages_so_it_is_written_once
     assert small_layer("unknown", {"big": BIG, "small": {"lib/small.py": b"x = 1\n"}}, known=False).identity == ""
 
 
+async def test_a_package_whose_files_another_package_clobbers_is_another_layer(tmp_path):
+    """cs-clobbered and cs-clobberer both ship share/conflict.txt: installed together, the installer
+    moves cs-clobbered's copy under __clobbers__. Its layer then holds other files than when it is
+    installed alone, so it may not stand for that one in the memo (the image would lack a file)."""
+    conflict = PackageFile("share/conflict.txt", b"mine\n")
+    url = write_channel(tmp_path / "chan", [
+        CondaPackage("cs-clobbered", "1.0", "0", "noarch", files=[conflict, PackageFile("lib/big.bin", b"b" * 2 * MB)]),
+        CondaPackage("cs-clobberer", "1.0", "0", "noarch", depends=["cs-clobbered"],
+                     files=[PackageFile("share/conflict.txt", b"theirs\n")])])
+    resolver = Resolver(channel_urls={"conda-forge": url}, package_cache_dir=str(tmp_path / "pkgs"))
+
+    async def clobbered_layers(name: str, dependency: str) -> list[layers.Layer]:
+        lock = await resolver.solve(SpecPolicy().parse(f"dependencies: [{dependency}]"))
+        await resolver.install(lock, tmp_path / name, "/opt/conda/envs/_shared")
+        staged = read(tmp_path / name)
+        staging.settle_mtimes(staged, layers.LAYER_MTIME)
+        return layers.plan_layers(staged, name, min_bytes=MB, max_layers=10)
+
+    together = await clobbered_layers("together", "cs-clobberer")
+    alone = await clobbered_layers("alone", "cs-clobbered")
+    assert [layer.name for layer in alone] == ["cs-clobbered-1.0-0", "small packages", "environment"]
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    assert f"{prefix}/share/conflict.txt" in {entry.path for entry in alone[0].entries}
+    assert f"{prefix}/share/conflict.txt" not in {entry.path for entry in together[0].entries}
+    assert together[0].identity and alone[0].identity and together[0].identity != alone[0].identity
+    memo = layers.LayerMemo(tmp_path / "memo")
+    memo.put(together[0], "sha256:" + "c" * 64, 1234)
+    assert memo.get(alone[0]) is None
+    again = await clobbered_layers("again", "cs-clobbered")  # the same files: the same layer, remembered
+    assert again[0].identity == alone[0].identity and digest(again[0]) == digest(alone[0])
+    assert again[1].identity == alone[1].identity
+
+
 def test_the_memo_remembers_only_layers_with_an_identity(tmp_path):
     memo = layers.LayerMemo(tmp_path / "memo")
     package = layers.Layer("big-1.0-0", (), identity="ab" * 32)
@@ -369,6 +405,18 @@ def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
     packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(5)}
     plan = layers.plan_layers(read(stage(tmp_path / "env", packages)), "demo", min_bytes=MB, max_layers=2)
     assert [layer.name for layer in plan] == ["p3-1.0-0", "p4-1.0-0", "small packages", "environment"]
+
+
+def test_the_package_layers_fit_dockers_layer_limit_on_a_deep_base(tmp_path):
+    assert layeredbuild.package_layer_cap(10) == layeredbuild.MAX_PACKAGE_LAYERS
+    cap = layeredbuild.package_layer_cap(45)  # docker-stacks' images have about that many
+    assert cap == 125 - 45 - 3 - 2
+    assert 45 + cap + layeredbuild.LAYERS_ABOVE_PACKAGES + layeredbuild.DOCKERFILE_STEPS <= 125
+    assert layeredbuild.package_layer_cap(124) == 0
+    packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(3)}
+    plan = layers.plan_layers(read(stage(tmp_path / "env", packages)), "demo", min_bytes=MB, max_layers=0)
+    assert [layer.name for layer in plan] == ["small packages", "environment"]
+    assert len(plan[0].entries) == 3
 
 
 def test_chain_ids_follow_dockers_definition():
@@ -686,3 +734,50 @@ async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_remo
     with pytest.raises(docker.errors.ImageNotFound):
         docker_daemon.client().images.get(loaded.image_id)
     assert docker_daemon.client().images.get(info.image_id).tags  # the built one stays
+
+
+@pytest.mark.docker
+def test_a_load_docker_refuses_is_its_answer_and_only_a_missing_layer_is_worth_sending_every_layer(
+        docker_daemon, base_image, tmp_path):
+    api = docker_daemon.client().api
+    (tmp_path / "file").write_text("one\n")
+    layer = layers.Layer("cs-gone-1.0-0", (layers.Entry("opt/one.txt", tmp_path / "file"),), identity="cs-gone")
+    memo = layers.LayerMemo(tmp_path / "memo")  # remembered, and its chain said to be held: sent as a placeholder
+    memo.put(layer, "sha256:" + "e" * 64, 2048)
+    chain = layers.chain_ids([*api.inspect_image(base_image)["RootFS"]["Layers"], "sha256:" + "e" * 64])[-1]
+    with pytest.raises(layers.LoadRefused) as missing:
+        layers.load_image(api, base_image, [layer], {}, {chain}, memo)
+    assert missing.value.missing_layer and not missing.value.no_space, str(missing.value)
+    result = layers.load_image(api, base_image, [layer], {}, set(), layers.LayerMemo(None))  # every layer sent
+    assert result.layers[0][3] and api.inspect_image(result.image_id)
+    api.remove_image(result.image_id)
+    twice = layers.Layer("twice", (layers.Entry("opt/one.txt", tmp_path / "file"),) * 2)  # Docker refuses a path twice
+    with pytest.raises(layers.LoadRefused) as refused:
+        layers.load_image(api, base_image, [twice], {}, set(), layers.LayerMemo(None))
+    assert not refused.value.missing_layer and "\n" not in str(refused.value), str(refused.value)
+
+
+@pytest.mark.docker
+def test_a_refused_load_is_a_one_line_build_error_and_a_full_docker_disk_names_the_docker_host(layered_builder):
+    log = io.StringIO()
+    refused = layeredbuild.load_failure(layered_builder, layers.LoadRefused("max depth exceeded"), log)
+    assert refused.phase == "load" and str(refused).endswith("refused the image's layers: max depth exceeded")
+    full = layers.LoadRefused("write /var/lib/docker/tmp/docker-import-1/3/layer.tar: no space left on device")
+    disk = layeredbuild.load_failure(layered_builder, full, log)
+    assert disk.phase == "disk" and f"on the Docker host {layered_builder.daemon_url}: free space there" in str(disk)
+    assert "max depth exceeded" in log.getvalue() and "no space left on device" in log.getvalue()
+
+
+@pytest.mark.docker
+async def test_any_failure_of_a_build_is_recorded_and_told_as_one_line(layered_builder, monkeypatch):
+    def a_defect(*args, **kwargs):
+        raise RuntimeError("a defect\nwith a second line")
+
+    monkeypatch.setattr(layeredbuild, "build_layered", a_defect)  # after the real solve and install
+    build = layered_builder.ensure(env_request("cs-alpha", "defect"))
+    with pytest.raises(BuildError) as info:
+        await build.result()
+    assert str(info.value) == "unexpected RuntimeError: a defect with a second line"
+    assert build.events[-1] == {"phase": "error", "progress": 100, "message": str(info.value)}
+    record = layered_builder.records.build_record(build.key)
+    assert record is not None and record.status == "failed" and record.cause == str(info.value)

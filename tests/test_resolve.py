@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
+from throwaway_channel import write_channel
 
-from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver
+from condaspawner_bench.devchannel import CondaPackage, PackageFile
+from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver, is_no_space
 from jupyterhub_condaspawner.spec import SpecPolicy
 
 TARGET = "/opt/conda/envs/demo"
@@ -181,3 +185,35 @@ async def test_a_label_of_a_mirrored_channel_is_looked_up_on_the_mirror(resolver
     resolver.channel_urls = {"conda-forge": mirror.as_uri()}
     lock = await resolver.solve(spec("channels: [conda-forge/label/dev]\ndependencies: [cs-alpha]"))
     assert [package["url"].startswith(f"{mirror.as_uri()}/label/dev/") for package in lock.packages()] == [True]
+
+
+def hostile_channel(directory: Path, path: str) -> str:
+    """A throwaway channel with ``cs-hostile``, whose one file (in its tar and info/paths.json) is ``path``."""
+    return write_channel(directory, [CondaPackage("cs-hostile", "1.0", "0", "noarch",
+                                                  files=[PackageFile(path, b"outside\n")])])
+
+
+@pytest.mark.parametrize("path", ["/tmp/cs-hostile-outside/abs.txt", "share/../../cs-hostile-outside.txt"])
+async def test_a_package_with_a_path_outside_its_prefix_is_refused_before_linking(tmp_path, path):
+    # Without the check, py-rattler's installer panics on the absolute path and aborts this process.
+    resolver = Resolver(channel_urls={"conda-forge": hostile_channel(tmp_path / "chan", path)},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    lock = await resolver.solve(spec("dependencies: [cs-hostile]"))
+    for attempt in ("from the channel", "from the package cache"):
+        with pytest.raises(ResolveError) as info:
+            await resolver.install(lock, tmp_path / "env", TARGET)
+        message = str(info.value)
+        assert message.startswith("install failed: package cs-hostile-1.0-0 lists "), (attempt, message)
+        assert repr(path) in message and "remove it from the environment file" in message and "\n" not in message
+        assert not (tmp_path / "env" / "conda-meta").exists()
+        assert not Path("/tmp/cs-hostile-outside").exists() and not (tmp_path / "cs-hostile-outside.txt").exists()
+        with tarfile.open(tmp_path / "chan" / "noarch" / "cs-hostile-1.0-0.tar.bz2") as archive:  # as cached
+            info = [member for member in archive.getmembers() if member.name.startswith("info/")]
+            archive.extractall(tmp_path / "pkgs" / "cs-hostile-1.0-0", members=info, filter="data")
+
+
+def test_a_full_disk_is_recognised_in_go_rust_and_python_words():
+    assert is_no_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_no_space(Exception("write /var/lib/docker/tmp/layer.tar: no space left on device"))  # Docker's (Go)
+    assert is_no_space(Exception("failed to write: No space left on device (os error 28)"))
+    assert not is_no_space(Exception("max depth exceeded"))
