@@ -39,6 +39,8 @@ from .spec import EnvironmentSpec, SpecError
 
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
+# What a /hub/spawn link's query may carry: a profile, nothing else (see options_from_query).
+_QUERY_FIELDS = frozenset({"profile"})
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -218,6 +220,22 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
             raise ValueError(refusal.message) from None
+        return options
+
+    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
+        """A /hub/spawn link's query: JupyterHub starts the server at once on such a GET, so a
+        link in a chat or on any site would start it. It may choose a profile (``?profile=slug``)
+        and nothing else: an environment.yml (code: its ``variables`` reach the kernel) or any
+        other field comes only with the form's POST or the REST API. Refused: a 400 on the form."""
+        fields = sorted(set(query_data) - _QUERY_FIELDS)
+        if fields:
+            raise _refused(400, f"A link may choose only a profile, not {fields[0][:40]!r}: "
+                                "choose your options on this form and start from it")
+        values = query_data.get("profile") or [""]
+        if len(values) > 1:
+            raise _refused(400, "profile: a link names one profile")
+        options = {"profile": values[0]} if values[0] else {}
+        self.check_gpus_feasible(self.resolve_choice(options)[0])
         return options
 
     def check_gpus_feasible(self, profile: Profile) -> None:
