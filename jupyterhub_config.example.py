@@ -95,7 +95,7 @@ c.JupyterHub.hub_connect_ip = "jupyterhub"  # the hub container's name on that n
 # each per-user volume with its owner and refuses to mount one that another user owns.
 c.DockerSpawner.volumes = {"jupyterhub-home-{username}": "/home/jovyan"}
 c.DockerSpawner.remove = True  # containers are disposable; the volume holds the work
-c.DockerSpawner.cpu_limit = 2  # defaults; a profile's cpu_limit / mem_limit win
+c.DockerSpawner.cpu_limit = 2  # defaults (a pre_spawn_hook may change them); a profile's cpu_limit / mem_limit win
 c.DockerSpawner.mem_limit = "4G"
 # Hardening (these are the defaults): no capabilities, no privilege gain, at most 4096
 # processes and threads, no swap beyond mem_limit. extra_host_config adds to or overrides them.

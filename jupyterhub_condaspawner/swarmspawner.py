@@ -187,16 +187,17 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def service_request(self, profile: Profile) -> ServiceRequest:
         """The profile's GPUs, model, limits and reservations.
 
-        Limits: the profile's, else the admin's defaults (cpu_limit, mem_limit). Reservations:
+        Limits: the profile's, else the spawner's (the admin's cpu_limit and mem_limit, or what a
+        pre_spawn_hook set). Reservations:
         the admin's guarantees (cpu_guarantee, mem_guarantee), else what the profile itself
         limits: a profile that says 8 CPUs gets 8 CPUs; the admin's default limits stay caps.
         """
-        configured_cpu, configured_mem = self._configured_limits
+        cpu_limit, mem_limit = self.limits_for(profile)
         return ServiceRequest(
             gpus=profile.gpus,
             gpu_model=profile.gpu_model if profile.gpus else None,
-            cpu_limit=profile.cpu_limit or configured_cpu,
-            mem_limit=profile.mem_limit or configured_mem,
+            cpu_limit=cpu_limit,
+            mem_limit=mem_limit,
             cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
             mem_reservation=self.mem_guarantee or profile.mem_limit,
             profile=profile.slug,

@@ -2,6 +2,7 @@
 
 - A link (GET /hub/spawn/<user>/<server>?...) starts a server at once: it may choose a
   profile, never carry an environment.yml (its ``variables`` would reach the victim's kernel).
+- Limits a pre_spawn_hook sets are kept where the profile sets none; a profile's own win.
 """
 
 from __future__ import annotations
@@ -9,13 +10,51 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.docker
 
+HUB_EXTRA_CONFIG = """
+def _hooked_limits(spawner):
+    if spawner.user.name.startswith("hooked"):  # the usual per-group limits, by name here
+        spawner.cpu_limit = 0.5
+        spawner.mem_limit = "1G"
+
+
+c.Spawner.pre_spawn_hook = _hooked_limits
+"""
+NO_LIMITS_PROFILE = """
+display_name: "Python 3.9, no limits of its own"
+slug: nolimits
+environment: envs/python39.yml
+"""
 LINKED_ENV = ("channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\n"
               "variables:\n  PYTHONWARNINGS: 'ignore::antigravity.x::0'\n  BROWSER: 'sh -c \"touch /tmp/pwned\" %s'\n")
+
+
+def hub_before_start(hub) -> None:
+    (hub.state / "profiles" / "12-nolimits.yaml").write_text(NO_LIMITS_PROFILE)
+
+
+def container_of(docker_daemon, user: str, server: str = "") -> Any:
+    client = docker_daemon.client()
+    (container,) = client.containers.list(filters={"label": [f"io.condaspawner.user={user}",
+                                                            f"io.condaspawner.server={server}"]})
+    return container
+
+
+def start_and_wait(hub, user: str, options: dict, server: str = "") -> None:
+    status, body = hub.spawn(user, options, server)
+    assert status in (201, 202), body
+    events = hub.progress(user, server, timeout=900)
+    assert events[-1].get("ready"), events
+
+
+def limits(container: Any) -> tuple[int, int]:
+    host = container.attrs["HostConfig"]
+    return host["CpuQuota"], host["Memory"]
 
 
 # -- a link may choose a profile, never carry an environment.yml ---------------------------------------
@@ -52,3 +91,15 @@ def test_a_link_with_an_unknown_profile_is_refused_on_the_form(hub):
     status, _, page = session.get("/hub/spawn/linked/other?profile=no-such-profile")
     assert status == 400 and "profile: unknown profile 'no-such-profile'" in page
     assert hub.server_model("linked", "other") is None
+
+
+# -- limits: the profile's, else what the pre_spawn_hook set, else the config's -------------------------
+
+
+def test_a_pre_spawn_hooks_limits_are_kept_where_the_profile_sets_none(hub, docker_daemon):
+    start_and_wait(hub, "hooked1", {"profile": "python39"})
+    assert limits(container_of(docker_daemon, "hooked1")) == (100_000, 2 * 2**30)  # the profile's 1 CPU, 2G
+    hub.stop_server("hooked1")
+    start_and_wait(hub, "hooked1", {"profile": "nolimits"})  # the last start's profile limits do not stick
+    assert limits(container_of(docker_daemon, "hooked1")) == (50_000, 2**30)  # the hook's 0.5 CPU, 1G
+    hub.stop_server("hooked1")

@@ -578,3 +578,17 @@ def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(sw
 
     assert (three.cpu_limit, three.mem_limit, three.cpu_reservation, three.mem_reservation) == (2, 4 * 2**30, None, None)
     assert (two.cpu_limit, two.mem_limit, two.cpu_reservation, two.mem_reservation) == (0.1, 4 * 2**30, 0.1, None)
+
+
+def test_limits_a_pre_spawn_hook_sets_are_kept_where_the_profile_sets_none(swarm_config, servers):
+    config = copy.deepcopy(swarm_config)
+    config.DockerSpawner.cpu_limit = 2
+    config.DockerSpawner.mem_limit = "4G"
+    spawner = servers.make("hooked", config=config)
+    catalog = spawner.services.catalog
+    spawner.apply_choice({"profile": "two"})
+    spawner.cpu_limit, spawner.mem_limit = 0.5, "1G"  # as the admin's pre_spawn_hook, after the options
+
+    two = spawner.service_request(catalog.get("two"))
+
+    assert (two.cpu_limit, two.mem_limit) == (0.1, 2**30)  # the profile's CPU, the hook's memory
