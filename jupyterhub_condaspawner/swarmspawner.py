@@ -30,7 +30,7 @@ from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import explain
-from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .gpus import ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation, GpuUnavailable
 from .hubservices import GpuSample, HubServices
 from .profiles import Profile
 from .spawner import CondaSpawner
@@ -293,7 +293,10 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
                               LABEL_GPU_REQUEST: str(self._request.gpus)}
-        self._extra_env, self._device_requests = {}, []
+        # A GPU task's GPUs come from Swarm's DOCKER_RESOURCE_* (the runtime's swarm-resource);
+        # without one the runtime reads NVIDIA_VISIBLE_DEVICES: "void" over an admin's or an image's "all".
+        self._extra_env = {} if self._request.gpus else {ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}
+        self._device_requests = []
         self.ip = "0.0.0.0"  # the node's every address; the hub connects to the one Swarm reports
 
     async def _replace_if_changed(self, info: ImageInfo) -> None:

@@ -3,6 +3,7 @@
 - A link (GET /hub/spawn/<user>/<server>?...) starts a server at once: it may choose a
   profile, never carry an environment.yml (its ``variables`` would reach the victim's kernel).
 - Limits a pre_spawn_hook sets are kept where the profile sets none; a profile's own win.
+- A server without GPUs gets NVIDIA_VISIBLE_DEVICES=void over the admin's "all".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _hooked_limits(spawner):
 
 
 c.Spawner.pre_spawn_hook = _hooked_limits
+c.Spawner.environment = {"NVIDIA_VISIBLE_DEVICES": "all"}  # as an admin's, or a CUDA image's ENV
 """
 NO_LIMITS_PROFILE = """
 display_name: "Python 3.9, no limits of its own"
@@ -103,3 +105,13 @@ def test_a_pre_spawn_hooks_limits_are_kept_where_the_profile_sets_none(hub, dock
     start_and_wait(hub, "hooked1", {"profile": "nolimits"})  # the last start's profile limits do not stick
     assert limits(container_of(docker_daemon, "hooked1")) == (50_000, 2**30)  # the hook's 0.5 CPU, 1G
     hub.stop_server("hooked1")
+
+
+def test_without_hook_or_profile_limits_the_configs_apply_and_no_gpu_is_visible(hub, docker_daemon):
+    start_and_wait(hub, "plain", {"profile": "nolimits"})
+    container = container_of(docker_daemon, "plain")
+    assert limits(container) == (200_000, 4 * 2**30)  # the demo config's 2 CPU, 4G
+    env = container.attrs["Config"]["Env"]
+    assert "NVIDIA_VISIBLE_DEVICES=void" in env and "NVIDIA_VISIBLE_DEVICES=all" not in env
+    assert "CONDASPAWNER_GPUS=" in env
+    hub.stop_server("plain")

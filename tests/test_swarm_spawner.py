@@ -476,6 +476,8 @@ async def test_a_cpu_server_runs_on_any_node_without_gpus(swarm_bench, servers):
     spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
     assert "GenericResources" not in spec["Resources"]["Reservations"]
     assert not spec.get("Placement", {}).get("Constraints")
+    # No GPU task: the NVIDIA runtime reads NVIDIA_VISIBLE_DEVICES, "void" over an image's "all".
+    assert "NVIDIA_VISIBLE_DEVICES=void" in spec["ContainerSpec"]["Env"]
 
 
 async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(swarm_bench, servers):
@@ -489,6 +491,8 @@ async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(sw
     assert len(gpus) == 2 and set(gpus) == set(node.gpus)
     assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
     assert sorted(spawner.get_state()["condaspawner"]["gpus"]) == sorted(gpus)
+    spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    assert not any(env.startswith("NVIDIA_VISIBLE_DEVICES=") for env in spec["ContainerSpec"]["Env"])  # Swarm's ids
 
 
 async def test_a_build_host_that_is_down_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config, tmp_path):
