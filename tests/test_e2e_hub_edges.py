@@ -4,10 +4,12 @@
   profile, never carry an environment.yml (its ``variables`` would reach the victim's kernel).
 - Limits a pre_spawn_hook sets are kept where the profile sets none; a profile's own win.
 - A server without GPUs gets NVIDIA_VISIBLE_DEVICES=void over the admin's "all".
+- The environments page's Start, with no server named, starts the hub's default server.
 """
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +28,7 @@ def _hooked_limits(spawner):
 
 c.Spawner.pre_spawn_hook = _hooked_limits
 c.Spawner.environment = {"NVIDIA_VISIBLE_DEVICES": "all"}  # as an admin's, or a CUDA image's ENV
+c.JupyterHub.default_server_name = "main"
 """
 NO_LIMITS_PROFILE = """
 display_name: "Python 3.9, no limits of its own"
@@ -115,3 +118,34 @@ def test_without_hook_or_profile_limits_the_configs_apply_and_no_gpu_is_visible(
     assert "NVIDIA_VISIBLE_DEVICES=void" in env and "NVIDIA_VISIBLE_DEVICES=all" not in env
     assert "CONDASPAWNER_GPUS=" in env
     hub.stop_server("plain")
+
+
+# -- the environments page's Start: the hub's default server ---------------------------------------------
+
+
+def call_as(hub, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    request = urllib.request.Request(f"{hub.url}/hub/api/environments{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"token {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_start_with_no_server_named_starts_the_hubs_default_server(hub):
+    hub.ensure_user("defaulter")
+    status, token = hub.api("POST", "/users/defaulter/tokens", {"note": "default server test"})
+    assert status == 201, token
+    start_and_wait(hub, "defaulter", {"profile": "python39"}, server="main")
+    hub.stop_server("defaulter", "main")
+    status, listing = call_as(hub, token["token"], "GET", "")
+    (key,) = [env["key"] for env in listing["environments"] if env["profile"] == "python39"]
+    status, body = call_as(hub, token["token"], "POST", f"/{key}/start", {})
+    assert status == 202, body
+    assert body["progress_url"].endswith("/hub/spawn-pending/defaulter/main"), body
+    events = hub.progress("defaulter", "main", timeout=600)
+    assert events[-1].get("ready"), events
+    assert hub.server_model("defaulter", "") is None
+    hub.stop_server("defaulter", "main")
