@@ -17,6 +17,12 @@ c.JupyterHub.cleanup_servers = False
 # The first start of a new environment builds its image; CondaSpawner already defaults
 # start_timeout to 1800 s. Raise it for very large environments.
 c.Spawner.start_timeout = 1800
+# Every pending spawn counts against this (default 100), and a spawn waiting in the GPU
+# queue (up to GpuAllocator.queue_timeout) or for its image build is pending: with 100 users
+# waiting for a few GPUs, every other start, CPU profiles too, would get "429 Too many users
+# trying to log in". The GPU queue and ImageBuilder.max_concurrent_builds bound the work;
+# 0 is no limit (or set it well above the longest GPU queue you expect).
+c.JupyterHub.concurrent_spawn_limit = 0
 
 # -- The environments page (/hub/environments, linked in the hub's navigation bar) -----------
 # Users see the environments they started (packages, downloads, what changed); hub admins (and
