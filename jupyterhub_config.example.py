@@ -17,6 +17,12 @@ c.JupyterHub.cleanup_servers = False
 # The first start of a new environment builds its image; CondaSpawner already defaults
 # start_timeout to 1800 s. Raise it for very large environments.
 c.Spawner.start_timeout = 1800
+# Every pending spawn counts against this (default 100), and a spawn waiting in the GPU
+# queue (up to GpuAllocator.queue_timeout) or for its image build is pending: with 100 users
+# waiting for a few GPUs, every other start, CPU profiles too, would get "429 Too many users
+# trying to log in". The GPU queue and ImageBuilder.max_concurrent_builds bound the work;
+# 0 is no limit (or set it well above the longest GPU queue you expect).
+c.JupyterHub.concurrent_spawn_limit = 0
 
 # -- The environments page (/hub/environments, linked in the hub's navigation bar) -----------
 # Users see the environments they started (packages, downloads, what changed); hub admins (and
@@ -95,7 +101,7 @@ c.JupyterHub.hub_connect_ip = "jupyterhub"  # the hub container's name on that n
 # each per-user volume with its owner and refuses to mount one that another user owns.
 c.DockerSpawner.volumes = {"jupyterhub-home-{username}": "/home/jovyan"}
 c.DockerSpawner.remove = True  # containers are disposable; the volume holds the work
-c.DockerSpawner.cpu_limit = 2  # defaults; a profile's cpu_limit / mem_limit win
+c.DockerSpawner.cpu_limit = 2  # defaults (a pre_spawn_hook may change them); a profile's cpu_limit / mem_limit win
 c.DockerSpawner.mem_limit = "4G"
 # Hardening (these are the defaults): no capabilities, no privilege gain, at most 4096
 # processes and threads, no swap beyond mem_limit. extra_host_config adds to or overrides them.

@@ -161,12 +161,14 @@ class _Environments:
         return environments.swarm_gpu_map(state, readings, services.allocator.idle_utilization, services.culler)
 
     async def start(self, key: str, server_name: str = "") -> str:
-        """Start the user's server ``server_name`` ("" the default one) with ``key``'s environment;
+        """Start the user's server ``server_name`` ("": their default one) with ``key``'s environment;
         the spawn-pending URL. A new named server's name is checked as the hub checks it."""
         use = self.use_of(key)
         if not use.profile:
             raise PageFailure(404, "no such environment of yours")
         user = self.current_user
+        # No name: the user's default server, JupyterHub.default_server_name when the hub has one.
+        server_name = server_name or self.settings.get("default_server_name") or ""  # type: ignore[attr-defined]
         if server_name:
             await self._check_server_name(user, server_name)
         spawner = user.get_or_create_spawner(server_name, server_name)

@@ -12,7 +12,7 @@ from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 
 from .buildmodel import LABEL_KEY, ImageInfo
-from .gpus import LABEL_SERVER, LABEL_USER, Allocation
+from .gpus import ENV_GPUS, ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation
 from .hubservices import HubServices
 
 
@@ -52,7 +52,9 @@ class SpawnContainerMixin:
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
-        self._extra_env, self._device_requests = {}, []
+        # No GPUs: "void" hides every GPU under the NVIDIA runtime, over an admin's or a CUDA
+        # image's NVIDIA_VISIBLE_DEVICES=all (get_env puts this after the admin's environment).
+        self._extra_env, self._device_requests = {ENV_GPUS: "", ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}, []
         if allocation is not None:
             options = self.services.allocator.container_options(allocation)
             labels.update(options.labels)

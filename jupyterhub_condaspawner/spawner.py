@@ -39,6 +39,10 @@ from .spec import EnvironmentSpec, SpecError
 
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
+# The spawner's limits a profile may override for one start.
+_LIMITS = ("cpu_limit", "mem_limit")
+# What a /hub/spawn link's query may carry: a profile, nothing else (see options_from_query).
+_QUERY_FIELDS = frozenset({"profile"})
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -119,8 +123,8 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._start_began = 0.0  # time.monotonic() when start() began: JupyterHub's start_timeout counts from then
         # A start that failed before its container: JupyterHub's clean-up of it is under way.
         self._failing = False
-        # The admin's limits, which a profile's cpu_limit / mem_limit override for one start.
-        self._configured_limits: tuple[float | None, int | None] = (self.cpu_limit, self.mem_limit)
+        # trait -> (its value before this spawner's last profile override, the profile's value)
+        self._profile_limits: dict[str, tuple[Any, Any]] = {}
 
     @property
     def services(self) -> HubServices:
@@ -185,6 +189,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             normalised["environment"] = custom.to_yaml()
             normalised["environment_key"] = custom.key()
         self._choice = (profile, custom)
+        self._undo_profile_limits()
         self._feed = EventStream()  # progress() of this spawn may be asked for before start() runs
         self.user_options = normalised
         if self.orm_spawner is not None:
@@ -218,6 +223,22 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
             raise ValueError(refusal.message) from None
+        return options
+
+    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
+        """A /hub/spawn link's query: JupyterHub starts the server at once on such a GET, so a
+        link in a chat or on any site would start it. It may choose a profile (``?profile=slug``)
+        and nothing else: an environment.yml (code: its ``variables`` reach the kernel) or any
+        other field comes only with the form's POST or the REST API. Refused: a 400 on the form."""
+        fields = sorted(set(query_data) - _QUERY_FIELDS)
+        if fields:
+            raise _refused(400, f"A link may choose only a profile, not {fields[0][:40]!r}: "
+                                "choose your options on this form and start from it")
+        values = query_data.get("profile") or [""]
+        if len(values) > 1:
+            raise _refused(400, "profile: a link names one profile")
+        options = {"profile": values[0]} if values[0] else {}
+        self.check_gpus_feasible(self.resolve_choice(options)[0])
         return options
 
     def check_gpus_feasible(self, profile: Profile) -> None:
@@ -333,9 +354,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._profile_slug = profile.slug
         for note in custom.notes if custom is not None else ():
             await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
-        configured_cpu, configured_mem = self._configured_limits
-        self.cpu_limit = profile.cpu_limit or configured_cpu
-        self.mem_limit = profile.mem_limit or configured_mem
+        self._apply_profile_limits(profile)
         # Never hold a GPU while an image builds: check now (nothing held), allocate last.
         await self.check_gpus_feasible_now(profile)
         info = await self._ensure_image(request)
@@ -350,6 +369,36 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         ip_port = await super().start()
         await self._feed.publish("start", 95, "Container started; waiting for JupyterLab to answer")
         return ip_port
+
+    def limits_for(self, profile: Profile) -> tuple[float | None, int | None]:
+        """The CPU and memory limits a start of ``profile`` gets: the profile's own, else the
+        spawner's (the config's, or what an auth_state_hook or pre_spawn_hook set)."""
+        return (profile.cpu_limit or self._limit_without_profile("cpu_limit"),
+                profile.mem_limit or self._limit_without_profile("mem_limit"))
+
+    def _limit_without_profile(self, trait: str) -> Any:
+        """``trait`` as the admin left it: a previous start's profile override, if nothing
+        changed it since, undone."""
+        current = getattr(self, trait)
+        before, ours = self._profile_limits.get(trait, (current, None))
+        return before if ours is not None and current == ours else current
+
+    def _undo_profile_limits(self) -> None:
+        """Back to the limits without the last start's profile (before JupyterHub runs the
+        pre_spawn_hook, so that the hook sees, and may change, the admin's limits)."""
+        for trait in _LIMITS:
+            setattr(self, trait, self._limit_without_profile(trait))
+        self._profile_limits = {}
+
+    def _apply_profile_limits(self, profile: Profile) -> None:
+        """A profile's cpu_limit / mem_limit win for this start; a limit it does not set stays
+        as the config, an auth_state_hook or the pre_spawn_hook left it."""
+        self._undo_profile_limits()
+        for trait in _LIMITS:
+            value = getattr(profile, trait)
+            if value:
+                self._profile_limits[trait] = (getattr(self, trait), value)
+                setattr(self, trait, value)
 
     def _post_restart_notice(self, text: str) -> None:
         """Leave ``text`` for this server's next spawn page, should the hub stop under this start."""

@@ -30,7 +30,7 @@ from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import explain
-from .gpus import LABEL_SERVER, LABEL_USER, Allocation, GpuUnavailable
+from .gpus import ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation, GpuUnavailable
 from .hubservices import GpuSample, HubServices
 from .profiles import Profile
 from .spawner import CondaSpawner
@@ -187,16 +187,17 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def service_request(self, profile: Profile) -> ServiceRequest:
         """The profile's GPUs, model, limits and reservations.
 
-        Limits: the profile's, else the admin's defaults (cpu_limit, mem_limit). Reservations:
+        Limits: the profile's, else the spawner's (the admin's cpu_limit and mem_limit, or what a
+        pre_spawn_hook set). Reservations:
         the admin's guarantees (cpu_guarantee, mem_guarantee), else what the profile itself
         limits: a profile that says 8 CPUs gets 8 CPUs; the admin's default limits stay caps.
         """
-        configured_cpu, configured_mem = self._configured_limits
+        cpu_limit, mem_limit = self.limits_for(profile)
         return ServiceRequest(
             gpus=profile.gpus,
             gpu_model=profile.gpu_model if profile.gpus else None,
-            cpu_limit=profile.cpu_limit or configured_cpu,
-            mem_limit=profile.mem_limit or configured_mem,
+            cpu_limit=cpu_limit,
+            mem_limit=mem_limit,
             cpu_reservation=self.cpu_guarantee or profile.cpu_limit,
             mem_reservation=self.mem_guarantee or profile.mem_limit,
             profile=profile.slug,
@@ -292,7 +293,10 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
                               LABEL_GPU_REQUEST: str(self._request.gpus)}
-        self._extra_env, self._device_requests = {}, []
+        # A GPU task's GPUs come from Swarm's DOCKER_RESOURCE_* (the runtime's swarm-resource);
+        # without one the runtime reads NVIDIA_VISIBLE_DEVICES: "void" over an admin's or an image's "all".
+        self._extra_env = {} if self._request.gpus else {ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}
+        self._device_requests = []
         self.ip = "0.0.0.0"  # the node's every address; the hub connects to the one Swarm reports
 
     async def _replace_if_changed(self, info: ImageInfo) -> None:

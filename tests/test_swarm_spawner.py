@@ -476,6 +476,8 @@ async def test_a_cpu_server_runs_on_any_node_without_gpus(swarm_bench, servers):
     spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
     assert "GenericResources" not in spec["Resources"]["Reservations"]
     assert not spec.get("Placement", {}).get("Constraints")
+    # No GPU task: the NVIDIA runtime reads NVIDIA_VISIBLE_DEVICES, "void" over an image's "all".
+    assert "NVIDIA_VISIBLE_DEVICES=void" in spec["ContainerSpec"]["Env"]
 
 
 async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(swarm_bench, servers):
@@ -489,6 +491,8 @@ async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(sw
     assert len(gpus) == 2 and set(gpus) == set(node.gpus)
     assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
     assert sorted(spawner.get_state()["condaspawner"]["gpus"]) == sorted(gpus)
+    spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    assert not any(env.startswith("NVIDIA_VISIBLE_DEVICES=") for env in spec["ContainerSpec"]["Env"])  # Swarm's ids
 
 
 async def test_a_build_host_that_is_down_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config, tmp_path):
@@ -578,3 +582,17 @@ def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(sw
 
     assert (three.cpu_limit, three.mem_limit, three.cpu_reservation, three.mem_reservation) == (2, 4 * 2**30, None, None)
     assert (two.cpu_limit, two.mem_limit, two.cpu_reservation, two.mem_reservation) == (0.1, 4 * 2**30, 0.1, None)
+
+
+def test_limits_a_pre_spawn_hook_sets_are_kept_where_the_profile_sets_none(swarm_config, servers):
+    config = copy.deepcopy(swarm_config)
+    config.DockerSpawner.cpu_limit = 2
+    config.DockerSpawner.mem_limit = "4G"
+    spawner = servers.make("hooked", config=config)
+    catalog = spawner.services.catalog
+    spawner.apply_choice({"profile": "two"})
+    spawner.cpu_limit, spawner.mem_limit = 0.5, "1G"  # as the admin's pre_spawn_hook, after the options
+
+    two = spawner.service_request(catalog.get("two"))
+
+    assert (two.cpu_limit, two.mem_limit) == (0.1, 2**30)  # the profile's CPU, the hook's memory
