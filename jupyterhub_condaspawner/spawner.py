@@ -419,6 +419,18 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         finally:
             self._release_gpus()
 
+    async def delete_forever(self) -> None:
+        """The hub deletes this server, or (the default server) the user: what belonged to the
+        name is not handed to the next user who gets it. A deleted user's home volumes are
+        kept but recorded as orphaned; their environments record and notices are removed."""
+        services = hub_services(self)
+        services.notices.discard(self.user.name, self.name)
+        if self.name:  # a named server: the user, their home and their record stay
+            return
+        await self.orphan_user_volumes()
+        services.usage.forget(self.user.name)
+        services.notices.discard_all(self.user.name, self.user.orm_user.orm_spawners.keys())
+
     # -- state across hub restarts ----------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import pytest
 from fixtures_hub import VOLUME_PREFIX
 
 from jupyterhub_condaspawner.gpus import LABEL_SERVER, LABEL_USER
+from jupyterhub_condaspawner.owners import LABEL_IDENTITY
 
 pytestmark = pytest.mark.docker
 
@@ -68,8 +69,9 @@ async def test_users_whose_names_run_together_get_separate_homes(hub, docker_dae
     hub.stop_server("erin", "one")
 
     assert homes == {VOLUME_PREFIX + "home-" + name for name in ("erin", "erino", "erinone")}
-    for user in ("erin", "erino", "erinone"):  # each home is labelled with its one owner
-        assert client.volumes.get(VOLUME_PREFIX + "home-" + user).attrs["Labels"] == {LABEL_USER: user}
+    for user in ("erin", "erino", "erinone"):  # each home is labelled with its one owner: name and identity
+        labels = client.volumes.get(VOLUME_PREFIX + "home-" + user).attrs["Labels"]
+        assert labels[LABEL_USER] == user and "@" in labels[LABEL_IDENTITY]
     assert erinos != erins
 
 
