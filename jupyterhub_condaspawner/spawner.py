@@ -107,6 +107,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._last_form: dict[str, Any] | None = None
         self._feed = EventStream()
         self._allocation: Allocation | None = None
+        self._gpu_key: tuple[str, str] | None = None  # (user name, server) at allocation (spawngpus.gpu_key)
         self._image_info: ImageInfo | None = None
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
@@ -413,7 +414,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self._spawn_pending = True
 
     async def stop(self, now: bool = False) -> None:
-        hub_services(self).queue.cancel(self.user.name, self.name)  # a start still waiting for a GPU
+        hub_services(self).queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
         try:
             await super().stop(now=now)
         finally:
@@ -443,6 +444,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                 "image_id": self._image_info.image_id,
                 "env_name": self._image_info.env_name,
                 "gpus": list(self._allocation.uuids) if self._allocation else [],
+                "gpu_user": self.gpu_key[0],
                 "port": self.port,
                 **self._idle_watch,  # for a server whose profile is renamed or removed while it runs
             }
@@ -459,7 +461,8 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
-            self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
+            self._gpu_key = (str(saved.get("gpu_user") or self.user.name), self.name)
+            self._allocation = hub_services(self).allocator.allocation(*self._gpu_key)
             self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
 
     def clear_state(self) -> None:
