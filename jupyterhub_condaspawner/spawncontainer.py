@@ -81,10 +81,13 @@ class SpawnContainerMixin:
         self._refuse_if_another_users(container, labels)
         stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
         changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
-        if not (self.remove or (self.replace_changed_containers and changed)):
+        identity = user_identity(self.user)
+        foreign = labels.get(LABEL_IDENTITY, identity) != identity  # a stopped one: never restarted for this user
+        if not (self.remove or foreign or (self.replace_changed_containers and changed)):
+            await self.claim_user_volumes()  # a kept container is restarted as it is: its homes must be this user's
             return
-        self.log.info("Replacing container %s: %s", self.object_name,
-                      "a leftover" if self.remove else "image or GPUs changed")
+        self.log.info("Replacing container %s: %s", self.object_name, "an earlier user's of this name" if foreign
+                      else "a leftover" if self.remove else "image or GPUs changed")
         if container["State"].get("Running"):
             await self.stop_object()
         await self.remove_object()
