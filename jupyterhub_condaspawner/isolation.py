@@ -17,7 +17,10 @@ Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
   is created by the spawner with an owner label, and a container is only created
   when every such volume it mounts belongs to this user. A template whose names
   collide (``{username}{servername}``: erin's ``one`` and erino's ``ne``) then fails
-  closed, with one line naming the volume, instead of sharing a home.
+  closed, with one line naming the volume, instead of sharing a home. The owner is
+  the user's name *and* identity (owners.py: id and creation time), so a deleted or
+  renamed user's home is never handed to the next user of the name; volumes of an older
+  hub (name label only) are adopted through the hub's ledger (owners.VolumeLedger).
 """
 
 from __future__ import annotations
