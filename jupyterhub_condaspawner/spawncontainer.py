@@ -93,6 +93,14 @@ class SpawnContainerMixin:
         await self.remove_object()
         self.object_id = ""
 
+    async def _refuse_if_another_user_runs_here(self) -> None:
+        """Before GPUs are allocated: a running container of this name that is another user's
+        (renamed while it ran) holds GPUs under this name, which the allocator would hand back
+        to this start."""
+        container = await self.get_object()
+        if container is not None:
+            self._refuse_if_another_users(container, container["Config"].get("Labels") or {})
+
     def _refuse_if_another_users(self, container: dict[str, Any], labels: dict[str, str]) -> None:
         """Never stop a running container of another user (one renamed while it ran, whose old
         name this user now has) as a leftover: one line instead."""

@@ -342,6 +342,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         info = await self._ensure_image(request)
         self._image_info = info
         self.image = info.image  # with a registry: the reference pinned by digest
+        await self._refuse_if_another_user_runs_here()
         self._allocation = await self._allocate_gpus(profile)
         self._watch_gpu_idleness(profile)
         self._prepare_container(info, self._allocation)

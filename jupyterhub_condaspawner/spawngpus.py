@@ -118,10 +118,11 @@ class GpuBindingMixin:
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))
-        user, server = self.gpu_key
-        services.culler.forget(user, server)
-        services.allocator.release(user, server)  # a no-op when it holds none
+        held = self._gpu_key or (self._allocation and (self._allocation.user, self._allocation.server_name))
         self._allocation, self._gpu_key = None, None
+        if held:  # only what this server holds: never GPUs held under its name by another (a renamed user's)
+            services.culler.forget(*held)
+            services.allocator.release(*held)
 
     @property
     def gpu_key(self) -> tuple[str, str]:
