@@ -23,6 +23,7 @@ from jupyterhub.user import User
 from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
+from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_USER
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
 from jupyterhub_condaspawner.owners import LABEL_IDENTITY, user_identity
@@ -308,3 +309,20 @@ async def test_a_home_of_an_older_hub_is_adopted_by_its_user_and_no_later_one(db
     await make_spawner(db, config, "mia").delete_forever()
     recreate_user(db, "mia")
     assert "belongs to an earlier user of your name" in await refusal_of(make_spawner(db, config, "mia"))
+
+
+@pytest.mark.docker
+async def test_a_running_container_of_an_earlier_user_of_the_name_is_refused_not_stopped(db, docker_daemon,
+                                                                                        docker_config, base_image):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    spawner = make_spawner(db, config, "ren")  # a new "ren"; the old one was renamed while its server ran
+    running = client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-ren", detach=True,
+                                    labels={LABEL_USER: "ren", LABEL_IDENTITY: "7@2020-01-01T00:00:00"})
+    with pytest.raises(StartFailure) as refused:
+        await spawner._refuse_if_another_user_runs_here()
+    message = refused.value.message
+    assert message.startswith(f"container {prefix}-ren still runs another user's server") and "\n" not in message
+    assert "7@" not in message
+    running.reload()
+    assert running.status == "running"
