@@ -22,6 +22,7 @@ from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .hubservices import HubServices
+from .owners import user_identity
 from .profiles import ProfileError
 from .spawner import CondaSpawner
 from .spec import SpecError
@@ -99,7 +100,7 @@ class _Environments:
     def use_of(self, key: str) -> Use:
         """The current user's use of ``key``; for admins anyone's, or the build's own record."""
         services = self.condaspawner
-        for use in services.usage.uses(self.user_name):
+        for use in services.usage.uses(self.user_name, user_identity(self.current_user)):
             if use.key == key:
                 return use
         if self.is_admin:
@@ -125,7 +126,7 @@ class _Environments:
 
     async def user_view(self) -> dict[str, Any]:
         services, user = self.condaspawner, self.user_name
-        uses = services.usage.uses(user)
+        uses = services.usage.uses(user, user_identity(self.current_user))
         rows = await asyncio.to_thread(lambda: [environments.environment_summary(services.builder, use)
                                                 for use in uses])
         return {"user": user, "admin": self.is_admin, "environments": rows}

@@ -64,11 +64,12 @@ def previous_profile_key(builder: ImageBuilder, env_name: str, key: str) -> str 
     return max(earlier, key=lambda record: record.started).key if earlier else None
 
 
-def previous_key(builder: ImageBuilder, usage: UsageLog, user: str, key: str, env_name: str) -> str | None:
+def previous_key(builder: ImageBuilder, usage: UsageLog, user: str, key: str, env_name: str,
+                 identity: str | None = None) -> str | None:
     """What ``key`` is compared with: the profile's previous build, or the user's previous own environment."""
     if env_name != CUSTOM_ENV_NAME:
         return previous_profile_key(builder, env_name, key)
-    previous = usage.previous_own(user, key)
+    previous = usage.previous_own(user, key, identity)
     return previous.key if previous else None
 
 
@@ -119,7 +120,7 @@ def environment_detail(builder: ImageBuilder, usage: UsageLog, use: Use) -> dict
     summary = environment_summary(builder, use)
     lock = read_lock(builder, use.key)
     env_name = CUSTOM_ENV_NAME if use.own else use.profile
-    previous = previous_key(builder, usage, use.user, use.key, env_name)
+    previous = previous_key(builder, usage, use.user, use.key, env_name, use.identity or None)
     diff = change(builder, previous, use.key)
     return {
         **summary,

@@ -19,6 +19,7 @@ from .dockerclient import daemon_settings
 from .gpuqueue import GpuQueue
 from .gpus import Allocation, GpuAllocator
 from .notices import Notices
+from .owners import VolumeLedger
 from .profiles import ProfileCatalog
 from .spec import SpecPolicy
 from .usage import UsageLog
@@ -42,6 +43,7 @@ class HubServices:
     notices: Notices
     culler: GpuIdleCuller
     usage: UsageLog  # who started which environment (the environments page)
+    owners: VolumeLedger  # home volumes adopted from an older hub, or orphaned by a deleted user
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
     sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
 
@@ -74,6 +76,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             notices=Notices(Path(builder.cache_dir) / "notices"),
             culler=GpuIdleCuller(allocator),
             usage=UsageLog(Path(builder.cache_dir) / "usage"),
+            owners=VolumeLedger(Path(builder.cache_dir) / "volumes"),
         )
         services.sample_gpus = spawner.gpu_sampler(services)
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never

@@ -17,19 +17,28 @@ Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
   is created by the spawner with an owner label, and a container is only created
   when every such volume it mounts belongs to this user. A template whose names
   collide (``{username}{servername}``: erin's ``one`` and erino's ``ne``) then fails
-  closed, with one line naming the volume, instead of sharing a home.
+  closed, with one line naming the volume, instead of sharing a home. The owner is
+  the user's name *and* identity (owners.py: id and creation time), so a deleted or
+  renamed user's home is never handed to the next user of the name; volumes of an older
+  hub (name label only) are adopted through the hub's ledger (owners.VolumeLedger).
 """
 
 from __future__ import annotations
 
 import string
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
+import docker
 from tornado import web
 from traitlets import Bool, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .gpus import LABEL_USER
+from .hubservices import hub_services
+from .owners import ADOPTED, LABEL_IDENTITY, ORPHANED, user_identity
+
+if TYPE_CHECKING:
+    from .spawner import CondaSpawner
 
 # Template fields that make a volume name per-user (DockerSpawner 14's namespace).
 USER_FIELDS = frozenset({"username", "safe_username", "raw_username"})
@@ -146,17 +155,55 @@ class IsolationMixin(LoggingConfigurable):
         return sorted({name for name in names if "/" not in name})
 
     async def claim_user_volumes(self) -> None:
-        """Create this user's volumes with an owner label; refuse any that another user owns."""
+        """Create this user's volumes with owner labels; refuse any that another user owns."""
+        identity = user_identity(self.user)
         for name in self.user_volume_names():
             if len(name.encode()) > MAX_VOLUME_NAME:
                 raise web.HTTPError(500, volume_too_long(name))
             # create_volume returns the existing volume (labels unchanged) if the name is taken,
             # so two users racing for one name cannot both win.
-            volume = await self.docker("create_volume", name=name, labels={LABEL_USER: self.user.name})
-            owner = (volume.get("Labels") or {}).get(LABEL_USER)
-            if owner != self.user.name:
-                self.log.warning("Refusing volume %s for %s: owner label %r", name, self.user.name, owner)
-                raise web.HTTPError(500, volume_refusal(name, owner))
+            labels = {LABEL_USER: self.user.name, LABEL_IDENTITY: identity}
+            volume = await self.docker("create_volume", name=name, labels=labels)
+            refusal = self._ownership_refusal(name, volume.get("Labels") or {}, identity)
+            if refusal:
+                self.log.warning("Refusing volume %s for %s (%s): labels %r", name, self.user.name, identity,
+                                 volume.get("Labels"))
+                raise web.HTTPError(500, refusal)
+
+    def _ownership_refusal(self, name: str, labels: dict[str, str], identity: str) -> str | None:
+        """Why this user may not mount the volume ``name`` (one line), or None if it is theirs."""
+        owner = labels.get(LABEL_USER)
+        if owner != self.user.name:
+            return volume_refusal(name, owner)
+        if LABEL_IDENTITY in labels:
+            return None if labels[LABEL_IDENTITY] == identity else volume_of_earlier_user(name)
+        return self._legacy_refusal(name, identity)
+
+    def _legacy_refusal(self, name: str, identity: str) -> str | None:
+        """A volume of an older hub (name label only) is adopted by the first user of its name
+        who starts now, and refused to any other identity after that, or once orphaned."""
+        ledger = hub_services(cast("CondaSpawner", self)).owners
+        entry = ledger.entry(name)
+        if entry is None:
+            ledger.record(name, ADOPTED, self.user.name, identity)
+            self.log.info("Volume %s of an older hub adopted by %s (%s)", name, self.user.name, identity)
+            return None
+        if entry.get("state") == ADOPTED and entry.get("identity") == identity:
+            return None
+        return volume_of_earlier_user(name)
+
+    async def orphan_user_volumes(self) -> None:
+        """Record this (deleted) user's volumes as orphaned: their data stays, no one gets them."""
+        identity, ledger = user_identity(self.user), hub_services(cast("CondaSpawner", self)).owners
+        for name in self.user_volume_names():
+            try:
+                volume = await self.docker("inspect_volume", name)
+            except docker.errors.NotFound:
+                continue
+            if self._ownership_refusal(name, volume.get("Labels") or {}, identity) is None:
+                ledger.record(name, ORPHANED, self.user.name, identity)
+                self.log.info("Volume %s of deleted user %s (%s) orphaned: kept, handed to no one", name,
+                              self.user.name, identity)
 
 
 def volume_too_long(name: str) -> str:
@@ -165,6 +212,12 @@ def volume_too_long(name: str) -> str:
     return (f"the name of your home volume ({name[:40]}..., {len(name.encode())} characters from your user "
             f"name) is longer than the {MAX_VOLUME_NAME} a volume name may have: tell the hub admin (a "
             "shorter user name, or a shorter volume name template in c.DockerSpawner.volumes)")
+
+
+def volume_of_earlier_user(name: str) -> str:
+    """One line for a volume of an earlier user of this name (deleted, or renamed since)."""
+    return (f"volume {name} belongs to an earlier user of your name (deleted or renamed): an admin must "
+            f"check whose it is and hand it over or remove it as the README's Isolation section says")
 
 
 def volume_refusal(name: str, owner: str | None) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
 
 class Notices:
@@ -43,6 +44,11 @@ class Notices:
 
     def discard(self, user: str, server_name: str) -> None:
         self._path(user, server_name).unlink(missing_ok=True)
+
+    def discard_all(self, user: str, server_names: Iterable[str]) -> None:
+        """Remove the notices of the user's servers (a deleted user: not for the next of the name)."""
+        for server_name in {"", *server_names}:
+            self.discard(user, server_name)
 
     def _path(self, user: str, server_name: str) -> Path:
         digest = hashlib.sha256(f"{user}\0{server_name}".encode()).hexdigest()

@@ -12,8 +12,10 @@ from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 
 from .buildmodel import LABEL_KEY, ImageInfo
+from .failures import StartFailure
 from .gpus import ENV_GPUS, ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation
 from .hubservices import HubServices
+from .owners import LABEL_IDENTITY, user_identity
 
 
 class SpawnContainerMixin:
@@ -51,7 +53,8 @@ class SpawnContainerMixin:
         def hardening_host_config(self, admin: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
-        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key}
+        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
+                  LABEL_IDENTITY: user_identity(self.user)}
         # No GPUs: "void" hides every GPU under the NVIDIA runtime, over an admin's or a CUDA
         # image's NVIDIA_VISIBLE_DEVICES=all (get_env puts this after the admin's environment).
         self._extra_env, self._device_requests = {ENV_GPUS: "", ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}, []
@@ -77,16 +80,37 @@ class SpawnContainerMixin:
         if container is None:
             return
         labels = container["Config"].get("Labels") or {}
+        self._refuse_if_another_users(container, labels)
         stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
         changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
-        if not (self.remove or (self.replace_changed_containers and changed)):
+        identity = user_identity(self.user)
+        foreign = labels.get(LABEL_IDENTITY, identity) != identity  # a stopped one: never restarted for this user
+        if not (self.remove or foreign or (self.replace_changed_containers and changed)):
+            await self.claim_user_volumes()  # a kept container is restarted as it is: its homes must be this user's
             return
-        self.log.info("Replacing container %s: %s", self.object_name,
-                      "a leftover" if self.remove else "image or GPUs changed")
+        self.log.info("Replacing container %s: %s", self.object_name, "an earlier user's of this name" if foreign
+                      else "a leftover" if self.remove else "image or GPUs changed")
         if container["State"].get("Running"):
             await self.stop_object()
         await self.remove_object()
         self.object_id = ""
+
+    async def _refuse_if_another_user_runs_here(self) -> None:
+        """Before GPUs are allocated: a running container of this name that is another user's
+        (renamed while it ran) holds GPUs under this name, which the allocator would hand back
+        to this start."""
+        container = await self.get_object()
+        if container is not None:
+            self._refuse_if_another_users(container, container["Config"].get("Labels") or {})
+
+    def _refuse_if_another_users(self, container: dict[str, Any], labels: dict[str, str]) -> None:
+        """Never stop a running container of another user (one renamed while it ran, whose old
+        name this user now has) as a leftover: one line instead."""
+        identity = user_identity(self.user)
+        if container["State"].get("Running") and labels.get(LABEL_IDENTITY, identity) != identity:
+            raise StartFailure(f"container {self.object_name} still runs another user's server (renamed "
+                               "while it ran): the hub admin must stop it first (see the README's Isolation "
+                               "section)", reason="container-in-use", status_code=409)
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()  # type: ignore[misc]  # DockerSpawner's, after this mixin

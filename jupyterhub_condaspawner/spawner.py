@@ -111,6 +111,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._last_form: dict[str, Any] | None = None
         self._feed = EventStream()
         self._allocation: Allocation | None = None
+        self._gpu_key: tuple[str, str] | None = None  # (user name, server) at allocation (spawngpus.gpu_key)
         self._image_info: ImageInfo | None = None
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
@@ -360,6 +361,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         info = await self._ensure_image(request)
         self._image_info = info
         self.image = info.image  # with a registry: the reference pinned by digest
+        await self._refuse_if_another_user_runs_here()
         self._allocation = await self._allocate_gpus(profile)
         self._watch_gpu_idleness(profile)
         self._prepare_container(info, self._allocation)
@@ -462,11 +464,23 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self._spawn_pending = True
 
     async def stop(self, now: bool = False) -> None:
-        hub_services(self).queue.cancel(self.user.name, self.name)  # a start still waiting for a GPU
+        hub_services(self).queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
         try:
             await super().stop(now=now)
         finally:
             self._release_gpus()
+
+    async def delete_forever(self) -> None:
+        """The hub deletes this server, or (the default server) the user: what belonged to the
+        name is not handed to the next user who gets it. A deleted user's home volumes are
+        kept but recorded as orphaned; their environments record and notices are removed."""
+        services = hub_services(self)
+        services.notices.discard(self.user.name, self.name)
+        if self.name:  # a named server: the user, their home and their record stay
+            return
+        await self.orphan_user_volumes()
+        services.usage.forget(self.user.name)
+        services.notices.discard_all(self.user.name, self.user.orm_user.orm_spawners.keys())
 
     # -- state across hub restarts ----------------------------------------------------------
 
@@ -480,6 +494,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                 "image_id": self._image_info.image_id,
                 "env_name": self._image_info.env_name,
                 "gpus": list(self._allocation.uuids) if self._allocation else [],
+                "gpu_user": self.gpu_key[0],
                 "port": self.port,
                 **self._idle_watch,  # for a server whose profile is renamed or removed while it runs
             }
@@ -496,7 +511,8 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
             # rebuild_from_containers restored the table from container labels; reuse its entry.
-            self._allocation = hub_services(self).allocator.allocation(self.user.name, self.name)
+            self._gpu_key = (str(saved.get("gpu_user") or self.user.name), self.name)
+            self._allocation = hub_services(self).allocator.allocation(*self._gpu_key)
             self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
 
     def clear_state(self) -> None:

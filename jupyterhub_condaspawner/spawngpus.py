@@ -47,6 +47,7 @@ class GpuBindingMixin:
         _start_began: float
         _feed: EventStream
         _allocation: Allocation | None
+        _gpu_key: tuple[str, str] | None
         tls_config: dict[str, Any]
         client_kwargs: dict[str, Any]
         _idle_watch: dict[str, Any]
@@ -81,8 +82,9 @@ class GpuBindingMixin:
         with self._restart_notice_kept_if_cancelled():
             # JupyterHub ends a start past start_timeout with no word: the queue ends it first, in one line.
             time_left = self.start_timeout - (time.monotonic() - self._start_began) - _CONTAINER_START_S
+            self._gpu_key = (self.user.name, self.name)  # a rename must not change the key before release
             allocation = await services.queue.allocate(
-                self.user.name, self.name, profile.gpus, profile.gpu_model, cuda=profile.cuda,
+                *self._gpu_key, profile.gpus, profile.gpu_model, cuda=profile.cuda,
                 profile=profile.slug, waiting=waiting, time_left=(time_left, "Spawner.start_timeout"))
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
@@ -116,9 +118,17 @@ class GpuBindingMixin:
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))
-        services.culler.forget(self.user.name, self.name)
-        services.allocator.release(self.user.name, self.name)  # a no-op when it holds none
-        self._allocation = None
+        held = self._gpu_key or (self._allocation and (self._allocation.user, self._allocation.server_name))
+        self._allocation, self._gpu_key = None, None
+        if held:  # only what this server holds: never GPUs held under its name by another (a renamed user's)
+            services.culler.forget(*held)
+            services.allocator.release(*held)
+
+    @property
+    def gpu_key(self) -> tuple[str, str]:
+        """The (user name, server) this server's GPUs are held under: the name it had when they
+        were allocated, so that a user renamed while the server runs still releases them."""
+        return self._gpu_key or (self.user.name, self.name)
 
     # -- GPU-aware idle culling ----------------------------------------------------------------
 
@@ -145,13 +155,13 @@ class GpuBindingMixin:
         elif saved and saved.get("gpu_idle_timeout") is not None:
             timeout, name = float(saved["gpu_idle_timeout"]), str(saved.get("profile_name") or name)
         self._idle_watch = {"gpu_idle_timeout": timeout, "profile_name": name}
-        hub_services(cast("CondaSpawner", self)).culler.watch(self.user.name, self.name, timeout_minutes=timeout,
+        hub_services(cast("CondaSpawner", self)).culler.watch(*self.gpu_key, timeout_minutes=timeout,
                                                               profile=name, stop=self._stop_idle_server)
 
     async def _stop_idle_server(self, cull: Cull) -> None:
         """Stop this server the way the hub stops one (route, server, database), then say why."""
         if not self.ready:  # a start still booting (a stop under way forgets the watch)
-            self.services.culler.rearm(self.user.name, self.name, from_now=True)
+            self.services.culler.rearm(*self.gpu_key, from_now=True)
             return
         hub = _running_hub()
         if hub is None:

@@ -16,6 +16,7 @@ from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, EventStream, ImageInfo
 from .failures import StartFailure
 from .hubservices import HubServices
+from .owners import user_identity
 
 _BUILD_INTERRUPTED = ("Your last start of {} was building its environment when the hub restarted, and did not go "
                       "on: start it again (the build starts over)")
@@ -52,7 +53,8 @@ class SpawnImageMixin:
                                    "the servers only through a registry (ImageBuilder.registry)")
         await self._feed.publish("image", 1, f"Looking up the image of {request.display_name}")
         # Threads get plain values: the hub's User reads its database row, from the loop only.
-        key = await asyncio.to_thread(_record_use, self.services, self.user.name, self._profile_slug, request, self.log)
+        who = (self.user.name, user_identity(self.user))
+        key = await asyncio.to_thread(_record_use, self.services, who, self._profile_slug, request, self.log)
         # gc keeps the image until this start ends (its container runs, or the start failed).
         self._image_pins.enter_context(await asyncio.to_thread(builder.records.pin, key))
         cached = await asyncio.to_thread(builder.lookup, request)
@@ -71,7 +73,7 @@ class SpawnImageMixin:
     async def _follow_build(self, build: Build, key: str, request: BuildRequest) -> ImageInfo:
         """The build's phases on this spawn's progress page (and what changed since the last
         build, once solved); its image."""
-        told_changes = False
+        told_changes, who = False, (self.user.name, user_identity(self.user))
         async for event in build.follow():
             if event["phase"] == "error":
                 continue  # the failure itself reaches the user once, from start()
@@ -79,7 +81,7 @@ class SpawnImageMixin:
             await self._feed.publish(event["phase"], progress, event["message"])
             if event["phase"] == "solve" and event["progress"] >= 15 and not told_changes:  # the lock is written
                 told_changes = True
-                changes = await asyncio.to_thread(_changes_line, self.services, self.user.name, key, request)
+                changes = await asyncio.to_thread(_changes_line, self.services, who, key, request)
                 if changes:
                     await self._feed.publish("solve", progress, changes)
         return await build.result()
@@ -112,20 +114,20 @@ class SpawnImageMixin:
         await super().pull_image(image)  # type: ignore[misc]  # DockerSpawner's, after this mixin
 
 
-def _record_use(services: HubServices, user: str, profile: str, request: BuildRequest, log: Any) -> str:
-    """Record that ``user`` started ``request``'s environment (the environments page); its key."""
-    key = services.builder.build_key(request)
+def _record_use(services: HubServices, who: tuple[str, str], profile: str, request: BuildRequest, log: Any) -> str:
+    """Record that ``who`` (name, identity) started ``request``'s environment (the environments page); its key."""
+    key, (user, identity) = services.builder.build_key(request), who
     try:
         services.usage.record(user, key, profile=profile, own=request.env_name == CUSTOM_ENV_NAME,
-                              name=request.display_name, spec=request.spec.to_yaml())
+                              name=request.display_name, spec=request.spec.to_yaml(), identity=identity)
     except OSError as error:  # the page misses one entry; the spawn goes on
         log.warning("Could not record the environment %s of %s: %s", key, user, error)
     return key
 
 
-def _changes_line(services: HubServices, user: str, key: str, request: BuildRequest) -> str:
+def _changes_line(services: HubServices, who: tuple[str, str], key: str, request: BuildRequest) -> str:
     """The progress line saying what a rebuild changed against the previous build, or ""."""
-    previous = environments.previous_key(services.builder, services.usage, user, key, request.env_name)
+    previous = environments.previous_key(services.builder, services.usage, *who, key, request.env_name)
     diff = environments.change(services.builder, previous, key)
     if diff is None:
         return ""

@@ -302,6 +302,9 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     async def _replace_if_changed(self, info: ImageInfo) -> None:
         """A leftover service is removed by DockerSpawner.start (services are never kept)."""
 
+    async def _refuse_if_another_user_runs_here(self) -> None:
+        """Swarm holds the GPUs (no allocation by name to hand back): nothing to check here."""
+
     # -- state ------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:

@@ -292,3 +292,29 @@ def test_a_server_whose_profile_was_renamed_keeps_the_timeout_and_name_it_starte
     after.load_state(saved)
     assert services.culler.watched() == {}  # still never culled, not the hub's 30 min
     assert after._idle_watch == {"gpu_idle_timeout": 0.0, "profile_name": "Never"}
+
+
+def test_a_server_whose_user_is_renamed_while_it_runs_still_frees_its_gpu(tmp_path):
+    import time
+
+    make = gpu_spawner(tmp_path, default_minutes=30, user="gus")
+    spawner = make()
+    services, profile = spawner.services, spawner.services.catalog.get("default")
+    services.allocator.restored = True  # no daemon here: nothing to restore
+    spawner._start_began = time.monotonic()
+    spawner._allocation = asyncio.run(spawner._allocate_gpus(profile))
+    spawner._watch_gpu_idleness(profile)
+    spawner._image_info = ImageInfo("k", "img:k", "sha256:0", "e", cached=True)
+    spawner.object_id = "c0ffee"
+    saved = spawner.get_state()
+    spawner.user.name = "gustav"  # an admin renames the user (PATCH /hub/api/users/gus)
+    spawner._release_gpus()  # the server stops
+    assert services.allocator.allocation("gus", "") is None and services.culler.watched() == {}
+    # The same after a hub restart: the saved state says whose name the GPUs are held under.
+    held = services.allocator.allocate("gus", "", 1)
+    restored = make("gustav")
+    restored.user_options = {"profile": "default"}
+    restored.load_state(saved)
+    assert restored._allocation == held and services.culler.watched() == {("gus", ""): 30 * 60.0}
+    restored._release_gpus()
+    assert services.allocator.allocation("gus", "") is None

@@ -14,6 +14,7 @@ import pytest
 from fixtures_hub import VOLUME_PREFIX
 
 from jupyterhub_condaspawner.gpus import LABEL_SERVER, LABEL_USER
+from jupyterhub_condaspawner.owners import LABEL_IDENTITY
 
 pytestmark = pytest.mark.docker
 
@@ -68,8 +69,9 @@ async def test_users_whose_names_run_together_get_separate_homes(hub, docker_dae
     hub.stop_server("erin", "one")
 
     assert homes == {VOLUME_PREFIX + "home-" + name for name in ("erin", "erino", "erinone")}
-    for user in ("erin", "erino", "erinone"):  # each home is labelled with its one owner
-        assert client.volumes.get(VOLUME_PREFIX + "home-" + user).attrs["Labels"] == {LABEL_USER: user}
+    for user in ("erin", "erino", "erinone"):  # each home is labelled with its one owner: name and identity
+        labels = client.volumes.get(VOLUME_PREFIX + "home-" + user).attrs["Labels"]
+        assert labels[LABEL_USER] == user and "@" in labels[LABEL_IDENTITY]
     assert erinos != erins
 
 
@@ -133,3 +135,30 @@ def test_a_home_volume_another_user_owns_is_refused_with_one_line(hub, docker_da
     assert not client.containers.list(all=True, filters={"label": f"{LABEL_USER}=mallet"})
     model = hub.server_model("mallet")
     assert model is None or not model["ready"]
+
+
+def spawn_failure(hub, user: str) -> str:
+    """The one-line message of a start that must fail."""
+    status, body = hub.spawn(user, PROFILE)
+    assert status in (201, 202, 500), body
+    events = hub.progress(user) if status != 500 else [{"failed": True, "message": body["message"]}]
+    assert events[-1].get("failed"), events[-1]
+    return events[-1]["message"]
+
+
+async def test_a_user_deleted_and_created_again_does_not_get_the_old_home(hub, docker_daemon):
+    client = docker_daemon.client()
+    spawn_ready(hub, "delia")
+    await write_secret(hub, "delia")
+    hub.stop_server("delia")
+    assert hub.api("DELETE", "/users/delia")[0] == 204  # the hub calls delete_forever
+    hub.ensure_user("delia")  # a new user of the same name
+    message = spawn_failure(hub, "delia")
+    assert f"volume {VOLUME_PREFIX}home-delia belongs to an earlier user of your name" in message
+    assert "\n" not in message
+    assert not client.containers.list(filters={"label": f"{LABEL_USER}=delia"})
+    # The admin backs the old home up and removes it (README): the new delia gets an empty home.
+    client.volumes.get(VOLUME_PREFIX + "home-delia").remove()
+    spawn_ready(hub, "delia")
+    assert await secrets_seen(hub, "delia") == []
+    hub.stop_server("delia")

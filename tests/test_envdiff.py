@@ -91,3 +91,14 @@ def test_a_users_servers_starting_at_once_lose_no_entry_of_the_usage_log(tmp_pat
     assert other.wait(60) == 0
     assert len(log.uses("ann")) == 8 * 20 + 20
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith((".json", ".lock"))) == [".since"]
+
+
+def test_a_new_user_of_an_old_name_sees_none_of_the_old_users_environments(tmp_path):
+    log = UsageLog(tmp_path)
+    log.record("ann", "a" * 64, profile="p", own=True, name="Old", spec="x\n", identity="1@2020")
+    log.record("ann", "b" * 64, profile="p", own=True, name="New", spec="y\n", identity="1@2024")  # id reused
+    assert [use.key[0] for use in log.uses("ann", "1@2024")] == ["b"]
+    assert [use.key[0] for use in log.uses("ann", "1@2020")] == ["a"]  # kept, only for its own user
+    assert log.previous_own("ann", "b" * 64, "1@2024") is None
+    log.forget("ann")  # the hub deleted the user
+    assert log.uses("ann") == [] and not list(tmp_path.glob("*.json"))

@@ -23,8 +23,10 @@ from jupyterhub.user import User
 from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
+from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_USER
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
+from jupyterhub_condaspawner.owners import LABEL_IDENTITY, user_identity
 from jupyterhub_condaspawner.spawner import CondaSpawner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,10 +161,11 @@ def test_every_isolation_setting_has_help_with_a_config_example():
 
 
 @pytest.fixture
-def docker_config(docker_daemon, base_image) -> tuple[Config, str]:
+def docker_config(docker_daemon, base_image, tmp_path) -> tuple[Config, str]:
     """A config whose homes and containers carry a unique test prefix; removed afterwards."""
     prefix = f"cs-iso-{uuid.uuid4().hex[:8]}"
     config = Config()
+    config.ImageBuilder.cache_dir = str(tmp_path / "cache")  # the hub's ledger of volume owners
     config.DockerSpawner.prefix = prefix
     config.DockerSpawner.image = base_image
     config.DockerSpawner.network_name = "host"
@@ -211,7 +214,9 @@ async def test_a_home_volume_another_user_owns_is_refused_and_nothing_is_created
     # The volume's owner is let in, and a first start labels a new home for its user.
     host = await created_host_config(make_spawner(db, config, "kai"))
     assert host["Binds"] == [f"{prefix}-home-kai:/home/jovyan:rw"]
-    assert client.volumes.get(f"{prefix}-home-kai").attrs["Labels"] == {LABEL_USER: "kai"}
+    kai = orm.User.find(db, "kai")
+    assert client.volumes.get(f"{prefix}-home-kai").attrs["Labels"] == {LABEL_USER: "kai",
+                                                                       LABEL_IDENTITY: user_identity(kai)}
     await created_host_config(make_spawner(db, config, "kai", "second"))  # kai's other server: same home
 
 
@@ -241,3 +246,83 @@ async def test_two_users_racing_for_one_volume_name_cannot_both_win(db, docker_d
     results = await asyncio.gather(*(spawner.create_object() for spawner in spawners), return_exceptions=True)
     refused = [r for r in results if isinstance(r, web.HTTPError)]
     assert len(refused) == 1 and "belongs to another user" in refused[0].log_message, results
+
+
+def recreate_user(db, name: str) -> None:
+    """Delete the hub user ``name`` and create one of that name again (a new identity)."""
+    db.delete(orm.User.find(db, name))
+    db.commit()
+    db.add(orm.User(name=name))
+    db.commit()
+
+
+async def refusal_of(spawner: CondaSpawner) -> str:
+    with pytest.raises(web.HTTPError) as refused:
+        await spawner.create_object()
+    message = refused.value.log_message
+    assert refused.value.status_code == 500 and "\n" not in message
+    return message
+
+
+@pytest.mark.docker
+async def test_a_home_volume_labelled_for_another_user_id_is_refused_with_one_line(db, docker_daemon, docker_config):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    owner = make_spawner(db, config, "olga")
+    identity = user_identity(owner.user)
+    client.volumes.create(f"{prefix}-home-olga", labels={LABEL_USER: "olga", LABEL_IDENTITY: "999@2001-01-01T00:00:00"})
+    message = await refusal_of(owner)
+    assert message == (f"volume {prefix}-home-olga belongs to an earlier user of your name (deleted or renamed): an "
+                       "admin must check whose it is and hand it over or remove it as the README's Isolation section says")
+    assert "999" not in message and identity not in message
+    assert not client.containers.list(all=True, filters={"name": f"{prefix}-olga"})
+
+
+@pytest.mark.docker
+async def test_a_user_deleted_and_created_again_does_not_get_the_old_home(db, docker_daemon, docker_config):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    old = make_spawner(db, config, "dora")
+    await old.create_object()
+    old.services.usage.record("dora", "k1", profile="p", own=True, name="secret", spec="x",
+                              identity=user_identity(old.user))
+    old.services.notices.post("dora", "", "for the old dora")
+    await old.delete_forever()  # as the hub deletes a user
+    assert client.volumes.get(f"{prefix}-home-dora").name  # the data is kept
+    recreate_user(db, "dora")
+    new = make_spawner(db, config, "dora")
+    assert "belongs to an earlier user of your name" in await refusal_of(new)
+    assert new.services.usage.uses("dora") == [] and new.services.notices.take("dora", "") is None
+
+
+@pytest.mark.docker
+async def test_a_home_of_an_older_hub_is_adopted_by_its_user_and_no_later_one(db, docker_daemon, docker_config):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    client.volumes.create(f"{prefix}-home-lena", labels={LABEL_USER: "lena"})  # an older hub's: name only
+    await make_spawner(db, config, "lena").create_object()  # lena's own home: adopted
+    await make_spawner(db, config, "lena", "two").create_object()  # and still hers
+    recreate_user(db, "lena")  # renamed or deleted without the hub hearing of it, and the name reused
+    assert "belongs to an earlier user of your name" in await refusal_of(make_spawner(db, config, "lena"))
+    # Deleted before ever starting again after the upgrade: orphaned, not adopted by the next one.
+    client.volumes.create(f"{prefix}-home-mia", labels={LABEL_USER: "mia"})
+    await make_spawner(db, config, "mia").delete_forever()
+    recreate_user(db, "mia")
+    assert "belongs to an earlier user of your name" in await refusal_of(make_spawner(db, config, "mia"))
+
+
+@pytest.mark.docker
+async def test_a_running_container_of_an_earlier_user_of_the_name_is_refused_not_stopped(db, docker_daemon,
+                                                                                        docker_config, base_image):
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    spawner = make_spawner(db, config, "ren")  # a new "ren"; the old one was renamed while its server ran
+    running = client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-ren", detach=True,
+                                    labels={LABEL_USER: "ren", LABEL_IDENTITY: "7@2020-01-01T00:00:00"})
+    with pytest.raises(StartFailure) as refused:
+        await spawner._refuse_if_another_user_runs_here()
+    message = refused.value.message
+    assert message.startswith(f"container {prefix}-ren still runs another user's server") and "\n" not in message
+    assert "7@" not in message
+    running.reload()
+    assert running.status == "running"
