@@ -117,6 +117,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._extra_env: dict[str, str] = {}
         self._device_requests: list = []
         self._restart_notice = False  # this process posted "the hub restarted while you ..."
+        self._hub_stops_under_start = False  # stop() came from the hub shutting down, not from the user
         self._idle_watch: dict[str, Any] = {}  # the culler's timeout and profile name for this server
         self._image_pins = contextlib.ExitStack()  # the image this start uses, kept from gc until it ends
         # A start that has not (yet) created its container: nothing to poll or stop.
@@ -327,6 +328,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     async def start(self) -> tuple[str, int]:
         self._start_began = time.monotonic()
         self._before_container = True
+        self._hub_stops_under_start = False
         if self._feed.done:
             self._feed = EventStream()
         custom = None
@@ -424,7 +426,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             cancelled = True
             raise
         finally:
-            if not cancelled:
+            if not cancelled and not self._hub_stops_under_start:
                 self._take_back_restart_notice()
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
@@ -464,11 +466,23 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self._spawn_pending = True
 
     async def stop(self, now: bool = False) -> None:
+        self._hub_stops_under_start = self._stopped_by_the_hub()
         hub_services(self).queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
         try:
             await super().stop(now=now)
         finally:
             self._release_gpus()
+
+    def _stopped_by_the_hub(self) -> bool:
+        """Whether this stop (or clear_state) ends a start that nobody cancelled: JupyterHub's
+        shutdown with ``cleanup_servers = True`` stops pending starts as they are, while a
+        user's stop (or an admin's) cancels the start first. The restart notice then stays
+        for the next spawn page."""
+        future = self._spawn_future  # User.stop has cleared the pending flags by now: the start's future tells
+        if future is None or future.done():
+            return False
+        cancelling = getattr(future, "cancelling", None)  # Python 3.11: a cancel asked, not yet done
+        return not (callable(cancelling) and cancelling())
 
     async def delete_forever(self) -> None:
         """The hub deletes this server, or (the default server) the user: what belonged to the
@@ -517,7 +531,10 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
 
     def clear_state(self) -> None:
         super().clear_state()
-        self._take_back_restart_notice()  # the user stopped a spawn that waited for a GPU or a build
+        # JupyterHub's shutdown clears a start that has no container yet without stop() (its
+        # poll says "not running"): the notice stays then. A user's stop cancelled the start.
+        if not (self._hub_stops_under_start or self._stopped_by_the_hub()):
+            self._take_back_restart_notice()  # the user stopped a spawn that waited for a GPU or a build
         self._image_info = None
 
 

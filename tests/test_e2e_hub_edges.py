@@ -5,6 +5,8 @@
 - Limits a pre_spawn_hook sets are kept where the profile sets none; a profile's own win.
 - A server without GPUs gets NVIDIA_VISIBLE_DEVICES=void over the admin's "all".
 - The environments page's Start, with no server named, starts the hub's default server.
+- A hub that stops its servers on exit (JupyterHub's default) still tells a waiting start's
+  owner why it ended.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from test_e2e_failures import Spawn
 
 pytestmark = pytest.mark.docker
 
@@ -29,6 +32,8 @@ def _hooked_limits(spawner):
 c.Spawner.pre_spawn_hook = _hooked_limits
 c.Spawner.environment = {"NVIDIA_VISIBLE_DEVICES": "all"}  # as an admin's, or a CUDA image's ENV
 c.JupyterHub.default_server_name = "main"
+c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
+c.JupyterHub.cleanup_servers = True  # JupyterHub's default: its shutdown stops every server, pending ones too
 """
 NO_LIMITS_PROFILE = """
 display_name: "Python 3.9, no limits of its own"
@@ -149,3 +154,20 @@ def test_start_with_no_server_named_starts_the_hubs_default_server(hub):
     assert events[-1].get("ready"), events
     assert hub.server_model("defaulter", "") is None
     hub.stop_server("defaulter", "main")
+
+
+# -- cleanup_servers = True: a start waiting for a GPU ends with the hub, and its owner is told --------
+
+
+def test_a_hub_that_stops_its_servers_on_exit_tells_a_waiting_start_why_it_ended(hub):
+    start_and_wait(hub, "holder", {"profile": "gpu-demo"}, "main")
+    waiting = Spawn(hub, "waiter", {"profile": "gpu-demo"}, "main")
+    waiting.wait_for("Waiting for a GPU: you are next")
+    hub.stop()  # SIGTERM: JupyterHub stops every server, the waiting start included, as it exits
+    left = [path.read_text() for path in (hub.state / "builder" / "notices").glob("*.json")]
+    assert len(left) == 1 and '"waiter"' in left[0], left
+    hub.start()
+    session, _ = hub.login("waiter")
+    _, _, page = session.get("/hub/spawn/waiter/main")
+    assert "was waiting for a GPU when the hub restarted" in page
+    assert hub.server_model("holder", "main") is None  # stopped with the hub, as cleanup_servers says
