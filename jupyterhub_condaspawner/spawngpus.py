@@ -64,6 +64,9 @@ class GpuBindingMixin:
 
         def _restart_notice_kept_if_cancelled(self) -> contextlib.AbstractContextManager[None]: ...
 
+        @property
+        def _group_names(self) -> list[str]: ...
+
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
             return None
@@ -86,8 +89,21 @@ class GpuBindingMixin:
             allocation = await services.queue.allocate(
                 *self._gpu_key, profile.gpus, profile.gpu_model, cuda=profile.cuda,
                 profile=profile.slug, waiting=waiting, time_left=(time_left, "Spawner.start_timeout"))
+        self._refuse_if_access_withdrawn(profile)  # the GPUs are released with the failed start
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
+
+    def _refuse_if_access_withdrawn(self, profile: Profile) -> None:
+        """A start may wait for a GPU for minutes; meanwhile an admin may take the profile away
+        (its file removed) or the user out of its groups (a course ends): checked again when
+        the GPUs come, as when the start was asked for."""
+        try:
+            allowed = self.services.catalog.get(profile.slug).allows(self.user.name, self._group_names)
+        except KeyError:
+            allowed = False
+        if not allowed:
+            raise StartFailure(f"Your access to {profile.display_name} was withdrawn while you waited for a GPU: "
+                               "choose another profile, or ask the hub admin", reason="access", status_code=403)
 
     async def _restore_gpu_table(self, services: HubServices) -> None:
         """Rebuild the GPU table from the servers' containers before the first GPU is handed

@@ -334,6 +334,32 @@ async def test_a_start_cancelled_after_its_gpu_was_granted_gives_it_back(tmp_pat
 
 
 @pytest.mark.docker
+async def test_a_profile_withdrawn_while_its_start_waits_for_a_gpu_gets_no_gpu(tmp_path, docker_daemon, base_image,
+                                                                               dev_python_channel):
+    """An admin removes the profile (a course ended) while a start waits in the GPU queue: when
+    the GPU frees, the start is refused in one line and the GPU goes to the next one."""
+    gpu = f"GPU-withdrawn-{uuid.uuid4().hex[:8]}"
+    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
+                          GpuAllocator__queue_timeout=600.0)
+    allocator = spawner.services.allocator
+    allocator.allocate("holder", "", 1)
+    spawner.apply_choice({"profile": "gpu"})
+    start = asyncio.ensure_future(spawner.start())
+    async for event in spawner.progress():
+        if event["message"].startswith("Waiting for a GPU"):
+            (profiles_dir(tmp_path) / "20-gpu.yaml").unlink()
+            allocator.release("holder", "")
+            break
+    with pytest.raises(StartFailure) as failure:
+        await start
+    assert (failure.value.status_code, failure.value.reason) == (403, "access")
+    assert failure.value.message == ("Your access to GPU was withdrawn while you waited for a GPU: choose another "
+                                     "profile, or ask the hub admin")
+    assert allocator.allocation("alice", "") is None
+    assert allocator.allocate("next", "", 1).uuids == (gpu,)
+
+
+@pytest.mark.docker
 async def test_a_start_out_of_its_own_time_leaves_the_gpu_queue_in_one_line(tmp_path, docker_daemon, base_image,
                                                                            dev_python_channel):
     # JupyterHub would end it at start_timeout with an empty "Spawn failed: "; the queue ends it first.
