@@ -64,6 +64,7 @@ PHASE_WORDS = {
     "registry-failed": "at the registry (a server error there)",
     "config": "before it started (the settings do not fit together)",
     "disk": "for want of disk space",
+    "internal": "with an error nobody foresaw (a defect: the hub's log has its traceback)",
 }
 
 

@@ -123,7 +123,7 @@ class BuildRuns:
             raise
         except Exception as error:  # a defect, or a failure nobody foresaw: a failed build all the same
             builder.log.error("Build %s failed unexpectedly", build.key, exc_info=True)
-            failure = BuildError(f"unexpected {type(error).__name__}: {one_line(error)}", phase="build")
+            failure = BuildError(f"unexpected {type(error).__name__}: {one_line(error)}", phase="internal")
             await self._fail(build, failure)
             raise failure from error
         finally:

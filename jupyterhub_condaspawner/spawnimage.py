@@ -127,7 +127,8 @@ def _record_use(services: HubServices, who: tuple[str, str], profile: str, reque
 
 def _changes_line(services: HubServices, who: tuple[str, str], key: str, request: BuildRequest) -> str:
     """The progress line saying what a rebuild changed against the previous build, or ""."""
-    previous = environments.previous_key(services.builder, services.usage, *who, key, request.env_name)
+    user, identity = who
+    previous = environments.previous_key(services.builder, services.usage, user, key, request.env_name, identity)
     diff = environments.change(services.builder, previous, key)
     if diff is None:
         return ""
