@@ -28,7 +28,7 @@ from .bytecode import BytecodeCache
 from .compilerun import CompileRun, layer_preparer, remove_in_background
 from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment
-from .staging import settle_mtimes
+from .staging import drop_host_paths, settle_mtimes
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -202,6 +202,7 @@ class _Planned:
 async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, build_log: io.TextIOBase) -> _Planned:
     staged = await asyncio.to_thread(StagedEnvironment.read, staging)
     settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
+    await asyncio.to_thread(drop_host_paths, staged)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")

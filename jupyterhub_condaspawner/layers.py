@@ -45,6 +45,9 @@ LAYER_RECIPE = "5"  # bump when the way a layer's tar is written changes (2: wit
 # 4: a package's files keep their mtimes; 5: python's layer above the large packages it compiles nothing of)
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
+# What the installer leaves at the prefix's top that no image should carry: rattler's cache tag
+# (backup tools that honour it would skip the whole environment).
+NOT_IN_IMAGES = frozenset({"CACHEDIR.TAG"})
 SMALL_PACKAGES, ENVIRONMENT = "small packages", "environment"  # the layers above the large packages'
 # Dockerfile instructions that never add a layer, as a history entry's created_by names them
 # (the classic builder's "/bin/sh -c #(nop)  ENV ...", BuildKit's "ENV ...").
@@ -150,7 +153,7 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     layers.append(Layer(SMALL_PACKAGES, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
                                               for path in small),
                         _small_packages_identity(identities, set(large))))
-    rest = sorted(path for path in paths if path not in claimed)
+    rest = sorted(path for path in paths if path not in claimed and path not in NOT_IN_IMAGES)
     top = [Entry(f"{prefix}/{path}", f"{root}/{path}") for path in rest]
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer(ENVIRONMENT, tuple(top)))

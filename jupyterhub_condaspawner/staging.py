@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,31 @@ def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
             if int(status.st_mtime) != mtime:
                 os.utime(staged.root / path, (mtime, mtime), follow_symlinks=False)
                 changed += 1
+    return changed
+
+
+# What an installed package's conda-meta record says of the hub's own disk: the package-cache
+# folder it was linked from. No image needs it, and it would show users the hub's layout and make
+# two hubs with different cache folders write different environment layers.
+HOST_PATH_FIELDS = ("extracted_package_dir", "package_tarball_full_path", "link")
+
+
+def drop_host_paths(staged: StagedEnvironment) -> int:
+    """Remove :data:`HOST_PATH_FIELDS` from each conda-meta record of ``staged`` (once its
+    package-cache folders are no longer needed: after :func:`settle_mtimes`). How many changed."""
+    changed = 0
+    if not staged.folders.holds("conda-meta"):
+        return 0
+    for path in sorted((staged.root / "conda-meta").glob("*.json")):
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            continue
+        record = json.loads(path.read_text())
+        kept = {field: value for field, value in record.items() if field not in HOST_PATH_FIELDS}
+        if kept != record:
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(json.dumps(kept, indent=2))
+            os.replace(partial, path)  # replaces a symlink itself, never where it points
+            changed += 1
     return changed
 
 

@@ -7,6 +7,7 @@ The packages here are written by the test into a channel of its own, beside the 
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import uuid
@@ -155,6 +156,21 @@ async def test_an_environment_of_another_python_release_is_compiled_in_its_own_i
     assert ("compile: the base image's Python 3.9 does not compile for the environment's Python 3.10; "
             "compiling in the Dockerfile") in log
     assert "layered load failed" not in log and "compile container ended" not in log
+
+
+@pytest.mark.docker
+async def test_an_image_names_no_folder_of_the_hub_host(builder, docker_daemon, tmp_path):
+    """conda-meta records name the package-cache folder each package was linked from: they are
+    left out of the image (users would see the hub's layout; two hubs would write two layers)."""
+    info = await builder.get_image(request("cs-shared-victim", "meta"))
+    files = env_files(docker_daemon.client().api, info.tag)
+    records = {path: data for path, data in files.items() if "/conda-meta/" in path and path.endswith(".json")}
+    assert any("/conda-meta/cs-shared-victim-" in path for path in records)
+    for path, data in records.items():
+        record = json.loads(data)
+        assert not {"extracted_package_dir", "link", "package_tarball_full_path"} & set(record), path
+        assert str(tmp_path / "pkgs").encode() not in data, path  # the package cache (its channel URL stays)
+    assert "opt/conda/envs/_shared/CACHEDIR.TAG" not in files
 
 
 def test_real_folders_never_go_through_a_symlink(tmp_path):
