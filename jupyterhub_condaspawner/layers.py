@@ -226,9 +226,10 @@ COMPILE_SCRIPT = """
 import importlib.util, json, multiprocessing, os, py_compile, sys, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
 mine = "%d.%d" % sys.version_info[:2]
-with open(os.path.join(os.path.dirname(sys.argv[1]), "python.partial"), "w") as file:  # for the build to check
+said = os.path.join(os.path.dirname(sys.argv[1]), "python")  # for the build to check, whole when it appears
+with open(said + ".partial", "w") as file:
     file.write(mine)
-os.replace(os.path.join(os.path.dirname(sys.argv[1]), "python.partial"), os.path.join(os.path.dirname(sys.argv[1]), "python"))
+os.replace(said + ".partial", said)
 give_up = time.monotonic() + float(sys.argv[3])  # started while the build plans: the batches come after
 while not os.path.exists(sys.argv[1]):
     if time.monotonic() > give_up:

@@ -160,13 +160,19 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         else:
             if not isinstance(slug, str):
                 raise _refused(400, "profile: must be a profile's slug")
-            try:
-                profile = catalog.get(slug)
-            except KeyError:
-                raise _refused(400, f"profile: unknown profile {slug[:64]!r}") from None
-            if not profile.allows(self.user.name, self._group_names):
-                raise _refused(403, f"profile: {profile.slug!r} is not available to you")
+            profile = self.allowed_profile(slug)
         return profile, self._custom_spec(profile, options.get("environment"))
+
+    def allowed_profile(self, slug: str) -> Profile:
+        """The profile ``slug`` as the profiles are now, if this user may use it; HTTPError
+        400 (no such profile) or 403 (not theirs) otherwise."""
+        try:
+            profile = self.services.catalog.get(slug)
+        except KeyError:
+            raise _refused(400, f"profile: unknown profile {slug[:64]!r}") from None
+        if not profile.allows(self.user.name, self._group_names):
+            raise _refused(403, f"profile: {profile.slug!r} is not available to you")
+        return profile
 
     def _custom_spec(self, profile: Profile, text: Any) -> EnvironmentSpec | None:
         if text in (None, ""):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import docker
+from tornado import web
 
 from . import metrics
 from .builderrors import one_line
@@ -64,8 +65,7 @@ class GpuBindingMixin:
 
         def _restart_notice_kept_if_cancelled(self) -> contextlib.AbstractContextManager[None]: ...
 
-        @property
-        def _group_names(self) -> list[str]: ...
+        def allowed_profile(self, slug: str) -> Profile: ...
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
@@ -98,12 +98,10 @@ class GpuBindingMixin:
         (its file removed) or the user out of its groups (a course ends): checked again when
         the GPUs come, as when the start was asked for."""
         try:
-            allowed = self.services.catalog.get(profile.slug).allows(self.user.name, self._group_names)
-        except KeyError:
-            allowed = False
-        if not allowed:
+            self.allowed_profile(profile.slug)
+        except web.HTTPError:
             raise StartFailure(f"Your access to {profile.display_name} was withdrawn while you waited for a GPU: "
-                               "choose another profile, or ask the hub admin", reason="access", status_code=403)
+                               "choose another profile, or ask the hub admin", reason="access", status_code=403) from None
 
     async def _restore_gpu_table(self, services: HubServices) -> None:
         """Rebuild the GPU table from the servers' containers before the first GPU is handed

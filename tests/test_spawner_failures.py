@@ -66,6 +66,18 @@ def unique_env() -> str:
     return f"channels: [conda-forge]\ndependencies: [python=3.9, cs-beta]\nvariables: {{RUN: {uuid.uuid4().hex}}}\n"
 
 
+def start_behind_a_held_gpu(tmp_path: Path, channel_url: str, name: str, **settings
+                            ) -> tuple[CondaSpawner, str, asyncio.Future]:
+    """alice's start of the "gpu" profile on a host of one GPU, which "holder" holds: it builds,
+    then waits in the queue. The spawner, the GPU and the start."""
+    gpu = f"GPU-{name}-{uuid.uuid4().hex[:8]}"
+    spawner = spawner_for(tmp_path, channel_url, GpuInventory__static_gpus=[{"uuid": gpu}],
+                          GpuAllocator__queue_timeout=600.0, **settings)
+    spawner.services.allocator.allocate("holder", "", 1)
+    spawner.apply_choice({"profile": "gpu"})
+    return spawner, gpu, asyncio.ensure_future(spawner.start())
+
+
 async def failed_start(spawner: CondaSpawner, options: dict) -> tuple[StartFailure, list[str]]:
     spawner.apply_choice(options)
     with pytest.raises(StartFailure) as failure:
@@ -277,13 +289,8 @@ def test_profiles_that_cannot_load_are_the_admins_and_their_paths_stay_in_the_lo
 @pytest.mark.docker
 async def test_gc_keeps_the_image_of_a_start_waiting_for_a_gpu_and_one_removed_anyway_is_one_line(
         tmp_path, docker_daemon, base_image, dev_python_channel):
-    gpu = f"GPU-pin-{uuid.uuid4().hex[:8]}"
-    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
-                          GpuAllocator__queue_timeout=600.0, ImageBuilder__disk_budget=1)
+    spawner, _, start = start_behind_a_held_gpu(tmp_path, dev_python_channel.url, "pin", ImageBuilder__disk_budget=1)
     allocator, builder = spawner.services.allocator, spawner.services.builder
-    allocator.allocate("holder", "", 1)
-    spawner.apply_choice({"profile": "gpu"})
-    start = asyncio.ensure_future(spawner.start())
     async for event in spawner.progress():
         if event["message"].startswith("Waiting for a GPU"):
             break
@@ -312,13 +319,8 @@ async def test_gc_keeps_the_image_of_a_start_waiting_for_a_gpu_and_one_removed_a
 @pytest.mark.docker
 async def test_a_start_cancelled_after_its_gpu_was_granted_gives_it_back(tmp_path, docker_daemon, base_image,
                                                                        dev_python_channel):
-    gpu = f"GPU-cancel-{uuid.uuid4().hex[:8]}"
-    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
-                          GpuAllocator__queue_timeout=600.0)
+    spawner, gpu, start = start_behind_a_held_gpu(tmp_path, dev_python_channel.url, "cancel")
     allocator = spawner.services.allocator
-    allocator.allocate("holder", "", 1)
-    spawner.apply_choice({"profile": "gpu"})
-    start = asyncio.ensure_future(spawner.start())
     async for event in spawner.progress():
         if event["message"].startswith("Waiting for a GPU"):
             allocator.release("holder", "")
@@ -338,13 +340,8 @@ async def test_a_profile_withdrawn_while_its_start_waits_for_a_gpu_gets_no_gpu(t
                                                                                dev_python_channel):
     """An admin removes the profile (a course ended) while a start waits in the GPU queue: when
     the GPU frees, the start is refused in one line and the GPU goes to the next one."""
-    gpu = f"GPU-withdrawn-{uuid.uuid4().hex[:8]}"
-    spawner = spawner_for(tmp_path, dev_python_channel.url, GpuInventory__static_gpus=[{"uuid": gpu}],
-                          GpuAllocator__queue_timeout=600.0)
+    spawner, gpu, start = start_behind_a_held_gpu(tmp_path, dev_python_channel.url, "withdrawn")
     allocator = spawner.services.allocator
-    allocator.allocate("holder", "", 1)
-    spawner.apply_choice({"profile": "gpu"})
-    start = asyncio.ensure_future(spawner.start())
     async for event in spawner.progress():
         if event["message"].startswith("Waiting for a GPU"):
             (profiles_dir(tmp_path) / "20-gpu.yaml").unlink()

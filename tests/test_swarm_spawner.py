@@ -571,11 +571,16 @@ async def test_a_request_that_lacks_cpu_beside_a_free_gpu_says_so_while_it_waits
                                           "and did not go on: start it again")
 
 
-def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(swarm_config, servers):
+def with_default_limits(swarm_config):
+    """The swarm config with the admin's default limits: 2 CPUs, 4 GiB."""
     config = copy.deepcopy(swarm_config)
     config.DockerSpawner.cpu_limit = 2
     config.DockerSpawner.mem_limit = "4G"
-    spawner = servers.make("limits", config=config)
+    return config
+
+
+def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(swarm_config, servers):
+    spawner = servers.make("limits", config=with_default_limits(swarm_config))
     catalog = spawner.services.catalog
 
     three, two = spawner.service_request(catalog.get("three")), spawner.service_request(catalog.get("two"))
@@ -585,10 +590,7 @@ def test_the_admins_default_limits_cap_and_a_profiles_own_limits_are_reserved(sw
 
 
 def test_limits_a_pre_spawn_hook_sets_are_kept_where_the_profile_sets_none(swarm_config, servers):
-    config = copy.deepcopy(swarm_config)
-    config.DockerSpawner.cpu_limit = 2
-    config.DockerSpawner.mem_limit = "4G"
-    spawner = servers.make("hooked", config=config)
+    spawner = servers.make("hooked", config=with_default_limits(swarm_config))
     catalog = spawner.services.catalog
     spawner.apply_choice({"profile": "two"})
     spawner.cpu_limit, spawner.mem_limit = 0.5, "1G"  # as the admin's pre_spawn_hook, after the options
