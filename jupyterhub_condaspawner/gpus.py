@@ -789,12 +789,13 @@ class GpuAllocator(LoggingConfigurable):
             if scan is None:
                 return {}
             states = {}
+            load, idle_utilization = self._table.load, self.idle_utilization  # a trait read per GPU costs
             for gpu in scan.gpus:
                 if not gpu.usable:
                     state = "unusable"
-                elif not self._table.load.get(gpu.uuid):
+                elif not load.get(gpu.uuid):
                     state = "free"
-                elif gpu.utilization is not None and gpu.utilization <= self.idle_utilization:
+                elif gpu.utilization is not None and gpu.utilization <= idle_utilization:
                     state = "held_idle"
                 else:
                     state = "held_busy"
@@ -822,11 +823,10 @@ class GpuAllocator(LoggingConfigurable):
         return scan
 
     def _record_states(self) -> None:
-        try:
-            if self._scan is not None:
-                metrics.record_gpu_states(self.gpu_states(self._scan).values())
-        except Exception:  # a metric never breaks an allocation
-            pass
+        metrics.show_gpu_states(self._shown_states)  # the allocator last used is the one scraped
+
+    def _shown_states(self) -> Iterable[str]:
+        return self.gpu_states().values()
 
     def check_feasible(self, user: str, server_name: str, count: int, model_glob: str | None = None,
                        min_free_memory: int | None = None, *, cuda: str | None = None,
@@ -885,8 +885,8 @@ class GpuAllocator(LoggingConfigurable):
 
     def _choose(self, scan: GpuScan, request: GpuRequest, previous: Allocation | None,
                 what: str) -> tuple[str, ...]:
-        candidates = [gpu for gpu in scan.usable
-                      if request.matches(gpu) and self._table.load.get(gpu.uuid, 0) < self.max_servers_per_gpu]
+        load, limit = self._table.load, self.max_servers_per_gpu  # a trait read per GPU costs
+        candidates = [gpu for gpu in scan.usable if load.get(gpu.uuid, 0) < limit and request.matches(gpu)]
         if previous is not None and len(previous.uuids) == request.count:
             mine = {gpu.uuid for gpu in candidates}
             if mine.issuperset(previous.uuids):

@@ -29,14 +29,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "condaspawner_"
 GPU_STATES = ("free", "held_busy", "held_idle", "unusable")
 QUEUE_OUTCOMES = ("granted", "timeout", "cancelled", "refused", "error")
 
-GPUS = Gauge(
-    PREFIX + "gpus", "GPUs on this host by state: free, held_busy, held_idle (held, utilization at or below "
-    "GpuAllocator.idle_utilization), unusable (lost or failing)", ["state"], registry=REGISTRY)
 GPU_IDLE_SECONDS = Counter(
     PREFIX + "gpu_idle_seconds", "GPU-seconds that servers held GPUs whose utilization was at or below "
     "GpuAllocator.idle_utilization (counted at each GPU sample)", registry=REGISTRY)
@@ -77,14 +76,52 @@ def _quietly(record: Callable[..., None]) -> Callable[..., None]:
 # -- GPUs -----------------------------------------------------------------------------
 
 
+class _GpuStates(Collector):
+    """``condaspawner_gpus{state}``, counted when /hub/metrics is scraped from the source last
+    shown (:func:`show_gpu_states`): an allocation pays nothing for it."""
+
+    help = ("GPUs on this host by state: free, held_busy, held_idle (held, utilization at or below "
+            "GpuAllocator.idle_utilization), unusable (lost or failing)")
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Callable[[], Iterable[str]] | None] = lambda: None
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(PREFIX + "gpus", self.help, labels=["state"])]
+
+    def collect(self) -> Iterable[Metric]:
+        counts = dict.fromkeys(GPU_STATES, 0)
+        try:
+            states = self.source()
+            for state in states() if states is not None else ():
+                counts[state] = counts.get(state, 0) + 1
+        except Exception:  # a scrape must not fail either
+            pass
+        family = GaugeMetricFamily(PREFIX + "gpus", self.help, labels=["state"])
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        return [family]
+
+
+_GPU_STATES = _GpuStates()
+REGISTRY.register(_GPU_STATES)
+
+
+@_quietly
+def show_gpu_states(states: Callable[[], Iterable[str]]) -> None:
+    """Count ``states()`` (one state string per GPU on the host) in ``condaspawner_gpus`` at each
+    scrape. A bound method is held weakly: an allocator that is gone shows no GPUs."""
+    if getattr(states, "__self__", None) is not None:
+        _GPU_STATES.source = weakref.WeakMethod(states)  # type: ignore[arg-type]
+    else:
+        _GPU_STATES.source = lambda: states
+
+
 @_quietly
 def record_gpu_states(states: Iterable[str]) -> None:
-    """Set ``condaspawner_gpus`` from the state of every GPU on the host (one string per GPU)."""
-    counts = dict.fromkeys(GPU_STATES, 0)
-    for state in states:
-        counts[state] = counts.get(state, 0) + 1
-    for state, count in counts.items():
-        GPUS.labels(state).set(count)
+    """Show this snapshot of every GPU's state in ``condaspawner_gpus`` (one string per GPU)."""
+    snapshot = tuple(states)
+    show_gpu_states(lambda: snapshot)
 
 
 @_quietly

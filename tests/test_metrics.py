@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from types import SimpleNamespace
 
@@ -98,6 +99,20 @@ def test_a_gpu_without_a_utilization_reading_is_never_idle():
     allocator.sample()
     assert allocator.gpu_states() == {fake_uuid(0): "held_busy"}
     assert value("condaspawner_gpu_idle_seconds_total") == before
+
+
+def test_gpu_states_are_counted_at_the_scrape_from_the_allocator_last_used():
+    first = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(2)))
+    first.allocate("ann", "", 1)
+    assert gpu_states() == {"free": 1, "held_busy": 0, "held_idle": 1, "unusable": 0}  # the fake reads 0 %
+    second = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(3)))
+    second.refresh()
+    assert gpu_states() == {"free": 3, "held_busy": 0, "held_idle": 0, "unusable": 0}
+    second.allocate("bob", "", 2)  # nothing recorded by hand: the scrape asks the allocator
+    assert gpu_states() == {"free": 1, "held_busy": 0, "held_idle": 2, "unusable": 0}
+    del second
+    gc.collect()
+    assert gpu_states() == {"free": 0, "held_busy": 0, "held_idle": 0, "unusable": 0}  # gone: no GPUs shown
 
 
 async def test_queue_length_and_wait_time_by_outcome():
