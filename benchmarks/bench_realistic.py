@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from condaspawner_bench import cpython  # noqa: E402
 from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
 from condaspawner_bench.registry import start_registry  # noqa: E402
-from jupyterhub_condaspawner import layers  # noqa: E402
+from jupyterhub_condaspawner import imageload, layers  # noqa: E402
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder, ImageInfo  # noqa: E402
 from jupyterhub_condaspawner.resolve import Resolver  # noqa: E402
 from jupyterhub_condaspawner.spec import SpecPolicy  # noqa: E402
@@ -305,7 +305,7 @@ def settle_daemon(bench: Bench, staged: Path, label: str = "x") -> None:
     and each floor's image stays until the clean-up, so that no build pays for a floor."""
     say("settling the daemon (a throwaway load, not timed)")
     mark(staged, f"settle {label}")
-    result = layers.load_image(bench.daemon.client(timeout=3600).api, bench.base_image, [whole_layer("settle", staged)],
+    result = imageload.load_image(bench.daemon.client(timeout=3600).api, bench.base_image, [whole_layer("settle", staged)],
                                {}, set(), layers.LayerMemo(None))
     bench.daemon.client(timeout=600).api.tag(result.image_id, f"condaspawner-settle-{RUN_ID}", label)
 

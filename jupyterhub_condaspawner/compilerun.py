@@ -92,7 +92,7 @@ def remove_in_background(container: Any) -> None:
 
 def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer]
                    ) -> Callable[[layers.Layer], layers.Layer]:
-    """What :func:`layers.load_image` calls before writing each layer (planned before compiling):
+    """What :func:`imageload.load_image` calls before writing each layer (planned before compiling):
     a package's layer waits for its own batches, the layers above the packages (the small
     packages', and the environment's, which holds what no package claims) for every batch;
     each then gets the byte code compiled (or restored from the cache) for its own sources."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import docker
 
-from . import layers
+from . import imageload, layers
 from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
@@ -263,8 +263,8 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         build_log.flush()
 
     def load(layer_plan: list[layers.Layer], have: set[str], layer_memo: layers.LayerMemo,
-             prepare_layer: Callable[[layers.Layer], layers.Layer] | None) -> layers.LoadResult:
-        return layers.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
+             prepare_layer: Callable[[layers.Layer], layers.Layer] | None) -> imageload.LoadResult:
+        return imageload.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
                                  loading, prepare_layer)
 
     # The byte code is kept as soon as it is all compiled, while Docker still registers the layers.
@@ -273,7 +273,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         with builder.daemon_call("loading the environment's layers"):
             try:
                 result = await asyncio.to_thread(load, plan, known, memo, prepare)
-            except layers.LoadRefused as refused:
+            except imageload.LoadRefused as refused:
                 if not refused.missing_layer:
                     raise load_failure(builder, refused, build_log) from None
                 build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
@@ -298,6 +298,8 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await keeping
     elif compiled:
         await asyncio.to_thread(bytecode.keep, staged)
+    for image in result.removed:  # for leftovers: these are gone
+        build_log.write(f"removed the stage image {image}\n")
     for name, diff_id, size, sent in result.layers:
         build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
     written = [size for _, _, size, sent in result.layers if sent]
@@ -306,17 +308,17 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     return result.image_id, compiled
 
 
-async def _load_every_layer(builder: ImageBuilder, load: Callable[..., layers.LoadResult], plan: list[layers.Layer],
+async def _load_every_layer(builder: ImageBuilder, load: Callable[..., imageload.LoadResult], plan: list[layers.Layer],
                             prepare: Callable[[layers.Layer], layers.Layer] | None,
-                            build_log: io.TextIOBase) -> layers.LoadResult:
+                            build_log: io.TextIOBase) -> imageload.LoadResult:
     """The load again, every layer sent whole (none counted on Docker holding it)."""
     try:
         return await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
-    except layers.LoadRefused as refused:
+    except imageload.LoadRefused as refused:
         raise load_failure(builder, refused, build_log) from None
 
 
-def load_failure(builder: ImageBuilder, refused: layers.LoadRefused, build_log: io.TextIOBase) -> BuildError:
+def load_failure(builder: ImageBuilder, refused: imageload.LoadRefused, build_log: io.TextIOBase) -> BuildError:
     """The one-line BuildError of a load Docker refused: its disk full (phase disk, naming the Docker
     host's data root), or its reason (phase load)."""
     build_log.write(f"docker load failed: {refused}\n")

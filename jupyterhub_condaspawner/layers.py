@@ -31,8 +31,8 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -75,14 +75,6 @@ class Layer:
     entries: tuple[Entry, ...]
     # the same identity, the same bytes: a package's (content_identities), or the small packages' together
     identity: str = ""
-
-
-@dataclass
-class LoadResult:
-    """What loading an image did: its id, and each layer's diff id, size and whether it was sent."""
-
-    image_id: str = ""
-    layers: list[tuple[str, str, int, bool]] = field(default_factory=list)  # name, diff id, size, sent
 
 
 class LayerMemo:
@@ -287,17 +279,17 @@ COMPILE_WAIT_S = 600  # how long a compile container waits for its batches befor
 
 
 def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str], memo: LayerMemo) -> set[str]:
-    """The names of the layers :func:`archive_chunks` will not send: the memo knows them and
+    """The names of the layers :func:`imageload.load_image` will not send: the memo knows them and
     Docker holds them on the same layers below."""
     chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
     have = known_chains | set(chain_ids(base["RootFS"]["Layers"]))
     stored = set()
     for layer in plan:
         remembered = memo.get(layer)
-        if remembered is None or _next_chain(chain, remembered[0]) not in have:
+        if remembered is None or next_chain(chain, remembered[0]) not in have:
             break  # the layers above sit on a new chain
         stored.add(layer.name)
-        chain = _next_chain(chain, remembered[0])
+        chain = next_chain(chain, remembered[0])
     return stored
 
 
@@ -467,63 +459,8 @@ def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, st
     return image
 
 
-def archive_chunks(base: dict[str, Any], layers: list[Layer], known_chains: set[str], memo: LayerMemo,
-                   labels: dict[str, str], result: LoadResult,
-                   base_history: list[dict[str, Any]] | None = None,
-                   env: dict[str, str] | None = None,
-                   on_image_id: Callable[[str], None] | None = None,
-                   prepare: Callable[[Layer], Layer] | None = None) -> Iterator[bytes]:
-    """A ``docker load`` archive of ``base`` (``docker inspect`` of it) plus ``layers``, as a
-    stream of chunks; ``result`` is filled in as it goes, ``on_image_id`` told the image's id
-    before the config is sent.
-
-    Each layer's files are read once: hashed as they are sent, the config and manifest
-    come last (Docker reads the whole archive before them). A layer the memo knows, whose
-    chain Docker holds (``known_chains``, the base's included), is sent as an empty file.
-    ``prepare`` gives each layer to be sent as it is to be written, when it is its turn (it may
-    wait for its files: byte code being compiled meanwhile).
-    """
-    chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
-    paths = [f"{index}/layer.tar" for index in range(len(base["RootFS"]["Layers"]) + len(layers))]
-    for path in paths[:len(base["RootFS"]["Layers"])]:
-        yield from _archive_member(path, b"")  # the base is there: Docker does not read these
-    diff_ids = []
-    for path, layer in zip(paths[len(base["RootFS"]["Layers"]):], layers):
-        remembered = memo.get(layer)
-        if remembered is not None and _next_chain(chain, remembered[0]) in known_chains:
-            diff_id, size, sent = remembered[0], remembered[1], False
-            yield from _archive_member(path, b"")
-        else:
-            if prepare is not None:
-                layer = prepare(layer)
-            members = tar_members(layer.entries)
-            size = remembered[1] if remembered is not None else members_size(members)
-            digest = hashlib.sha256()
-            yield _header(path, size)
-            for chunk in stream_tar(layer, size, members):
-                digest.update(chunk)
-                yield chunk
-            yield b"\0" * (-size % tarfile.BLOCKSIZE)
-            diff_id, sent = "sha256:" + digest.hexdigest(), True
-            if remembered is not None and remembered[0] != diff_id:
-                raise OSError(f"layer {layer.name} is not what it was when first written")
-            if remembered is None:
-                memo.put(layer, diff_id, size)
-        chain = _next_chain(chain, diff_id)
-        diff_ids.append(diff_id)
-        result.layers.append((layer.name, diff_id, size, sent))
-    config = json.dumps(image_config(base, diff_ids, labels, [layer.name for layer in layers], base_history, env),
-                        sort_keys=True).encode()
-    result.image_id = "sha256:" + hashlib.sha256(config).hexdigest()
-    if on_image_id is not None:
-        on_image_id(result.image_id)
-    yield from _archive_member("config.json", config)
-    manifest = json.dumps([{"Config": "config.json", "RepoTags": None, "Layers": paths}]).encode()
-    yield from _archive_member("manifest.json", manifest)
-    yield b"\0" * (2 * tarfile.BLOCKSIZE)
-
-
-def _next_chain(chain: str, diff_id: str) -> str:
+def next_chain(chain: str, diff_id: str) -> str:
+    """The chain id of a layer ``diff_id`` on the chain ``chain`` ("": on nothing)."""
     return "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest() if chain else diff_id
 
 
@@ -678,18 +615,6 @@ def stream_tar(layer: Layer, size: int, members: list[TarMember] | None = None) 
         raise OSError(f"layer {layer.name} changed while it was written ({written} != {size} bytes)")
 
 
-def _header(path: str, size: int) -> bytes:
-    info = tarfile.TarInfo(path)
-    info.size, info.mtime, info.mode = size, LAYER_MTIME, 0o644
-    return info.tobuf(format=tarfile.GNU_FORMAT)
-
-
-def _archive_member(path: str, data: bytes) -> Iterator[bytes]:
-    yield _header(path, len(data))
-    if data:
-        yield data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
-
-
 # -- Docker ------------------------------------------------------------------------------
 
 
@@ -773,24 +698,6 @@ def _saved_config(api: Any, image_id: str) -> dict[str, Any]:
     raise OSError(f"docker save of {image_id} holds no config")
 
 
-# Docker's answers to a load whose empty placeholder stood for a layer it no longer holds (removed
-# since the build looked): the archive sent again with every layer loads.
-_MISSING_LAYER = re.compile(r"invalid diffid|layer does not exist|unexpected eof|layer not known", re.IGNORECASE)
-
-
-class LoadRefused(Exception):
-    """Docker's error answer to a ``docker load`` of the archive: ``str(error)`` is its message."""
-
-    @property
-    def missing_layer(self) -> bool:
-        """Whether Docker lacked a layer the archive counted on it holding (worth sending every layer)."""
-        return _MISSING_LAYER.search(str(self)) is not None
-
-    @property
-    def no_space(self) -> bool:
-        return "no space left on device" in str(self).lower()
-
-
 class _ChunkReader(io.RawIOBase):
     """A readable file over an iterator of byte chunks."""
 
@@ -811,27 +718,3 @@ class _ChunkReader(io.RawIOBase):
         buffer[:size] = self.rest[:size]
         self.rest = self.rest[size:]
         return size
-
-
-def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str], known: set[str],
-               memo: LayerMemo, history: list[dict[str, Any]] | None = None,
-               env: dict[str, str] | None = None,
-               on_image_id: Callable[[str], None] | None = None,
-               prepare: Callable[[Layer], Layer] | None = None) -> LoadResult:
-    """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
-    (environment variables) added to the base's config. ``known``: chain ids the daemon holds
-    (layers the memo recognises there are not sent); ``history``: the base's
-    (:func:`base_history`), so that the image's history names every layer; ``on_image_id``:
-    told the image's id before Docker gets the end of the archive (a build killed from then
-    on leaves an image Docker may still finish loading: its log can name it); ``prepare``: see
-    :func:`archive_chunks`."""
-    base_attrs = api.inspect_image(base)
-    result = LoadResult()
-    have = known | set(chain_ids(base_attrs["RootFS"]["Layers"]))
-    answer = api.load_image(archive_chunks(base_attrs, layers, have, memo, labels, result, history, env,
-                                            on_image_id, prepare))
-    for message in answer or []:
-        if "error" in message:
-            raise LoadRefused(" ".join(str(message["error"]).split()))
-    api.inspect_image(result.image_id)  # raises if Docker did not load it
-    return result

@@ -52,6 +52,8 @@ _IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
 _STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
 # the layered route's, before its tag ("loading": its id is known before Docker has all of it)
 _LOADED = re.compile(r"^load(?:ed|ing) image (?:sha256:)?([0-9a-f]{64})\s*$")
+# a stage's image the layered load made and removed itself once the image was whole (imageload.py)
+_STAGE_REMOVED = re.compile(r"^removed the stage image (?:sha256:)?([0-9a-f]{64})\s*$")
 # a rebuild's old image that a server still ran: untagged, it goes once no container uses it
 _REPLACED = re.compile(r"^kept the replaced image (?:sha256:)?([0-9a-f]{64}):")
 PACKAGE_TEMPORARY = ".pkg-*"
@@ -78,14 +80,17 @@ class Leftovers:
 def traces(log_text: str) -> tuple[list[str], list[str]]:
     """The containers and images docker made for a build, as its log names them: step containers
     (``Running in``), the layered route's compile container, step images, the layered route's
-    loaded image and a replaced image a server still ran (a rebuild's), but not the base (a
-    FROM step's) nor a cached step's image."""
+    loaded image (and its stages' images, unless the log says they went) and a replaced image a
+    server still ran (a rebuild's), but not the base (a FROM step's) nor a cached step's image."""
     containers: list[str] = []
     images: list[str] = []
+    removed: set[str] = set()
     skip_next = False
     for line in log_text.splitlines():
         step = _STEP.match(line)
-        if step:
+        if match := _STAGE_REMOVED.match(line):
+            removed.add(match.group(1))
+        elif step:
             skip_next = step.group(1).upper() == "FROM"
         elif line.strip() == "---> Using cache":
             skip_next = True
@@ -97,7 +102,7 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
             if not skip_next:
                 images.append(match.group(1))
             skip_next = False
-    return containers, list(dict.fromkeys(images))
+    return containers, [image for image in dict.fromkeys(images) if image not in removed]
 
 
 def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:

@@ -409,3 +409,9 @@ def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
     # named before Docker has all of it (a build killed mid-load), then once loaded: one image
     assert leftovers.traces(f"loading image {loaded}\nlayer environment: 1 bytes\nloaded image {loaded}\n") == (
         [], ["ab" * 32])
+    # a stage's image (imageload.py) is a leftover until the log says the load removed it
+    stage, other = "sha256:" + "cd" * 32, "sha256:" + "ef" * 32
+    staged = f"loading image {stage}\nloading image {other}\nloading image {loaded}\n"
+    assert leftovers.traces(staged) == ([], ["cd" * 32, "ef" * 32, "ab" * 32])  # killed mid-load
+    assert leftovers.traces(staged + f"removed the stage image {stage}\nloaded image {loaded}\n") == (
+        [], ["ef" * 32, "ab" * 32])

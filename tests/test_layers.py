@@ -21,7 +21,7 @@ from kernel_script import kernel_round_trip
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
-from jupyterhub_condaspawner import layeredbuild, layers, staging
+from jupyterhub_condaspawner import imageload, layeredbuild, layers, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
@@ -723,7 +723,7 @@ async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_remo
     api = docker_daemon.client().api
     key = uuid.uuid4().hex * 2
     told: list[str] = []
-    loaded = layers.load_image(api, layered_builder.base_image_id(), [layers.Layer("leftover", ())],
+    loaded = imageload.load_image(api, layered_builder.base_image_id(), [layers.Layer("leftover", ())],
                                {"io.condaspawner.key": key}, set(), layers.LayerMemo(None), on_image_id=told.append)
     assert told == [loaded.image_id] and api.inspect_image(loaded.image_id)["RepoTags"] == []
     key_dir = Path(layered_builder.key_dir(key))
@@ -745,24 +745,24 @@ def test_a_load_docker_refuses_is_its_answer_and_only_a_missing_layer_is_worth_s
     memo = layers.LayerMemo(tmp_path / "memo")  # remembered, and its chain said to be held: sent as a placeholder
     memo.put(layer, "sha256:" + "e" * 64, 2048)
     chain = layers.chain_ids([*api.inspect_image(base_image)["RootFS"]["Layers"], "sha256:" + "e" * 64])[-1]
-    with pytest.raises(layers.LoadRefused) as missing:
-        layers.load_image(api, base_image, [layer], {}, {chain}, memo)
+    with pytest.raises(imageload.LoadRefused) as missing:
+        imageload.load_image(api, base_image, [layer], {}, {chain}, memo)
     assert missing.value.missing_layer and not missing.value.no_space, str(missing.value)
-    result = layers.load_image(api, base_image, [layer], {}, set(), layers.LayerMemo(None))  # every layer sent
+    result = imageload.load_image(api, base_image, [layer], {}, set(), layers.LayerMemo(None))  # every layer sent
     assert result.layers[0][3] and api.inspect_image(result.image_id)
     api.remove_image(result.image_id)
     twice = layers.Layer("twice", (layers.Entry("opt/one.txt", tmp_path / "file"),) * 2)  # Docker refuses a path twice
-    with pytest.raises(layers.LoadRefused) as refused:
-        layers.load_image(api, base_image, [twice], {}, set(), layers.LayerMemo(None))
+    with pytest.raises(imageload.LoadRefused) as refused:
+        imageload.load_image(api, base_image, [twice], {}, set(), layers.LayerMemo(None))
     assert not refused.value.missing_layer and "\n" not in str(refused.value), str(refused.value)
 
 
 @pytest.mark.docker
 def test_a_refused_load_is_a_one_line_build_error_and_a_full_docker_disk_names_the_docker_host(layered_builder):
     log = io.StringIO()
-    refused = layeredbuild.load_failure(layered_builder, layers.LoadRefused("max depth exceeded"), log)
+    refused = layeredbuild.load_failure(layered_builder, imageload.LoadRefused("max depth exceeded"), log)
     assert refused.phase == "load" and str(refused).endswith("refused the image's layers: max depth exceeded")
-    full = layers.LoadRefused("write /var/lib/docker/tmp/docker-import-1/3/layer.tar: no space left on device")
+    full = imageload.LoadRefused("write /var/lib/docker/tmp/docker-import-1/3/layer.tar: no space left on device")
     disk = layeredbuild.load_failure(layered_builder, full, log)
     assert disk.phase == "disk" and f"on the Docker host {layered_builder.daemon_url}: free space there" in str(disk)
     assert "max depth exceeded" in log.getvalue() and "no space left on device" in log.getvalue()

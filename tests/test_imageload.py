@@ -1,0 +1,90 @@
+"""Loading layers into a real Docker daemon in stages: each stage's archive ends only once the
+stage before it has loaded, the stages' own images go once the image is there, and a stage
+that fails fails the load without leaving them behind."""
+
+from __future__ import annotations
+
+import docker
+import pytest
+
+from jupyterhub_condaspawner import imageload, layers
+
+
+def file_layers(folder, count: int, size: int) -> list[layers.Layer]:
+    folder.mkdir(exist_ok=True)
+    made = []
+    for index in range(count):
+        source = folder / f"file{index}"
+        source.write_bytes(bytes([65 + index]) * size)
+        made.append(layers.Layer(f"layer{index}", (layers.Entry(f"opt/staged/{index}.txt", source),)))
+    return made
+
+
+def partial_images(api) -> list[str]:
+    return [image["Id"] for image in api.images(all=True, filters={"label": imageload.PARTIAL_LABEL})]
+
+
+@pytest.mark.docker
+def test_layers_go_in_stages_and_only_the_image_is_left(docker_daemon, base_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(imageload, "STAGE_MIN_BYTES", 4096)  # every layer of 8 KiB ends a stage
+    api = docker_daemon.client().api
+    plan = file_layers(tmp_path, 5, 8192)
+    told: list[str] = []
+    result = imageload.load_image(api, base_image, plan, {"io.condaspawner.test": "staged"}, set(),
+                                  layers.LayerMemo(None), env={"CONDASPAWNER_ENV": "/opt/staged"},
+                                  on_image_id=told.append)
+    try:
+        assert len(told) == 5 and told[-1] == result.image_id  # a stage per layer, the last one the image
+        assert result.partial_images == told[:-1] and sorted(result.removed) == sorted(told[:-1])
+        for partial in result.partial_images:
+            with pytest.raises(docker.errors.ImageNotFound):
+                api.inspect_image(partial)
+        assert partial_images(api) == []
+        attrs = api.inspect_image(result.image_id)
+        assert attrs["RootFS"]["Layers"][-5:] == [diff_id for _, diff_id, _, _ in result.layers]
+        assert attrs["Config"]["Labels"]["io.condaspawner.test"] == "staged"
+        assert imageload.PARTIAL_LABEL not in attrs["Config"]["Labels"]
+        assert "CONDASPAWNER_ENV=/opt/staged" in attrs["Config"]["Env"]
+        output = docker_daemon.client().containers.run(
+            result.image_id, ["sh", "-c", "cat /opt/staged/*.txt | wc -c; head -c 1 /opt/staged/4.txt; echo"],
+            network_mode="none", remove=True)
+        assert output.decode().split() == ["40960", "E"]
+    finally:
+        api.remove_image(result.image_id)
+
+
+@pytest.mark.docker
+def test_a_stage_docker_refuses_fails_the_load_and_leaves_no_stage_image(docker_daemon, base_image, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(imageload, "STAGE_MIN_BYTES", 4096)
+    api = docker_daemon.client().api
+    plan = file_layers(tmp_path, 2, 8192)
+    twice = layers.Layer("twice", (layers.Entry("opt/x.txt", tmp_path / "file0"),) * 2)  # Docker refuses a path twice
+    told: list[str] = []
+    with pytest.raises(imageload.LoadRefused) as refused:
+        imageload.load_image(api, base_image, [*plan, twice, *file_layers(tmp_path / "above", 1, 8192)], {}, set(),
+                             layers.LayerMemo(None), on_image_id=told.append)
+    assert "\n" not in str(refused.value) and not refused.value.missing_layer
+    assert len(told) >= 2  # the first two stages' images were made, then removed
+    assert partial_images(api) == []
+
+
+@pytest.mark.docker
+def test_a_layer_that_cannot_be_written_fails_the_load_and_leaves_no_stage_image(docker_daemon, base_image, tmp_path,
+                                                                                 monkeypatch):
+    """As when the compile container dies before a layer's byte code is there: ``prepare`` raises."""
+    monkeypatch.setattr(imageload, "STAGE_MIN_BYTES", 4096)
+    api = docker_daemon.client().api
+    plan = file_layers(tmp_path, 4, 8192)
+
+    def prepare(layer: layers.Layer) -> layers.Layer:
+        if layer.name == "layer2":
+            raise OSError("the compile container ended before batch 3 of 4")
+        return layer
+
+    told: list[str] = []
+    with pytest.raises(Exception) as failed:
+        imageload.load_image(api, base_image, plan, {}, set(), layers.LayerMemo(None), on_image_id=told.append,
+                             prepare=prepare)
+    assert "batch 3 of 4" in str(failed.value)
+    assert len(told) == 2 and partial_images(api) == []  # layer0's and layer1's stages loaded, and went
