@@ -102,25 +102,37 @@ class _StagedLoad:
         self.diff_ids: list[str] = []  # of the layers written into an archive so far
         self.chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
         self.partial = uuid.uuid4().hex
+        self.failed = threading.Event()  # a stage failed: the others send nothing more
 
     def run(self, labels: dict[str, str], history: list[dict[str, Any]] | None,
             env: dict[str, str] | None) -> LoadResult:
+        stages: list[Future] = []
         with ThreadPoolExecutor(max_workers=len(self.layers) + 1, thread_name_prefix="docker-load") as pool:
-            previous: Future | None = None
             while True:
                 sent_all = threading.Event()
-                stage = pool.submit(self._load, self._stage(previous, sent_all, labels, history, env))
+                stage = pool.submit(self._load, self._stage(stages[-1] if stages else None, sent_all,
+                                                            labels, history, env))
+                stage.add_done_callback(self._on_stage_done)
+                stages.append(stage)
                 while not sent_all.wait(0.2):
-                    if stage.done():
-                        stage.result()  # raises what went wrong
-                        raise LoadRefused("the load ended before its layers were sent")
+                    if self.failed.is_set() or stage.done():
+                        break
+                if self.failed.is_set() or not sent_all.is_set():
+                    break
                 if len(self.diff_ids) == len(self.layers):
-                    stage.result()
-                    return self.result
-                previous = stage
+                    break
+        for stage in stages:  # all done: the first failure is the one that counts (the others follow from it)
+            stage.result()
+        if self.result.image_id == "":
+            raise LoadRefused("the load ended before its layers were sent")
+        return self.result
+
+    def _on_stage_done(self, stage: Future) -> None:
+        if stage.exception() is not None:
+            self.failed.set()  # the stages after it stop sending
 
     def _stage(self, previous: Future | None, sent_all: threading.Event, labels: dict[str, str],
-               history: list[dict[str, Any]] | None, env: dict[str, str] | None) -> Iterator[bytes]:
+               history: list[dict[str, Any]] | None, env: dict[str, str] | None) -> Generator[bytes, None, None]:
         """One stage's archive: the layers up to the next big one sent, placeholders below; its end
         only once the previous stage has loaded."""
         bases = len(self.base["RootFS"]["Layers"])
@@ -166,6 +178,8 @@ class _StagedLoad:
             digest = hashlib.sha256()
             yield _header(path, size)
             for chunk in stream_tar(layer, size, members):
+                if self.failed.is_set():
+                    raise OSError("an earlier stage of the load failed")
                 digest.update(chunk)
                 yield chunk
             yield b"\0" * (-size % tarfile.BLOCKSIZE)
@@ -180,11 +194,14 @@ class _StagedLoad:
         self.result.layers.append((layer.name, diff_id, size, sent))
         return size if sent else 0
 
-    def _load(self, chunks: Iterator[bytes]) -> None:
-        answer = self.api.load_image(chunks)
-        for message in answer or []:
-            if "error" in message:
-                raise LoadRefused(" ".join(str(message["error"]).split()))
+    def _load(self, chunks: Generator[bytes, None, None]) -> None:
+        try:
+            answer = self.api.load_image(chunks)
+            for message in answer or []:
+                if "error" in message:
+                    raise LoadRefused(" ".join(str(message["error"]).split()))
+        finally:
+            chunks.close()  # a stage that ended early: its layer's writer thread and file go now
 
 
 def _header(path: str, size: int) -> bytes:
