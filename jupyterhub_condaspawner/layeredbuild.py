@@ -283,7 +283,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
                     result = await _load_every_layer(builder, load, plan, None, build_log)
-                else:  # a layer changed since it was remembered: send every layer
+                else:  # a staged file changed while it was written, or the connection broke: every layer again
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
                     result = await _load_every_layer(builder, load, plan, prepare, build_log)
     except BaseException:

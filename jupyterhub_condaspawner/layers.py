@@ -21,7 +21,6 @@ route needs the graph-driver store (:func:`supports_layered_images`).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import io
@@ -44,9 +43,6 @@ SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar (a package's own files keep their package's)
 LAYER_RECIPE = "5"  # bump when the way a layer's tar is written changes (2: with the package's .pyc; 3: adopted;
 # 4: a package's files keep their mtimes; 5: python's layer above the large packages it compiles nothing of)
-# A package's layer larger than this goes in parts of about this size: Docker registers a layer only once all
-# of it has arrived (imageload.py), and registers one part while the next arrives.
-PART_BYTES = 512 * 1024 * 1024
 CHUNK = 1 << 20
 HISTORY_PREFIX = "condaspawner layer: "  # how a loaded layer's history entry begins
 # What the installer leaves at the prefix's top that no image should carry: rattler's cache tag
@@ -79,7 +75,6 @@ class Layer:
     entries: tuple[Entry, ...]
     # the same identity, the same bytes: a package's (content_identities), or the small packages' together
     identity: str = ""
-    package: str = ""  # the package's name-version-build when the layer is one of its parts
 
 
 class LayerMemo:
@@ -131,7 +126,7 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     paths = list(tree_paths(staged.root))  # walked once: thousands of folders
     for key, files in _compiled_files(paths, staged).items():
         records[key] = [*records[key], *files]
-    large, parts = _large_packages({key: size for key, size in sizes.items() if size >= min_bytes}, max_layers)
+    large = sorted((key for key in records if sizes[key] >= min_bytes), key=lambda key: -sizes[key])[:max_layers]
     prefix = SHARED_PREFIX.lstrip("/")
     layers = []
     claimed: set[str] = set()
@@ -141,13 +136,9 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     for key in sorted(large, key=lambda key: large_package_order(staged, key)):
         files = sorted({path for path in records[key] if present(path)})  # Docker refuses a path twice
         claimed.update(files)
-        for part, part_files in _split(root, staged.files[key], files, parts[key]):
-            name, identity, package = "-".join(key), identities[key], ""
-            if parts[key] > 1:
-                name, identity, package = (f"{name} (part {part} of {parts[key]})",
-                                           identity and f"{identity}:part {part} of {parts[key]}", name)
-            layers.append(Layer(name, tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
-                                            for path in part_files), identity, package))
+        layers.append(Layer("-".join(key), tuple(Entry(f"{prefix}/{path}", f"{root}/{path}", keep_mtime=path in keep_mtime)
+                                                 for path in files),
+                            identities[key]))
     small = sorted({path for key, files in records.items() if key not in large for path in files
                     if present(path)} - claimed)
     claimed.update(small)
@@ -159,47 +150,6 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     top.append(Entry(f"{Path(SHARED_PREFIX).parent.as_posix().lstrip('/')}/{env_name}", link=Path(SHARED_PREFIX).name))
     layers.append(Layer(ENVIRONMENT, tuple(top)))
     return layers
-
-
-def _large_packages(sizes: dict[PackageKey, int], max_layers: int) -> tuple[list[PackageKey], dict[PackageKey, int]]:
-    """The packages that get layers of their own, the largest first while their layers fit in
-    ``max_layers``, and how many parts each goes in: one per :data:`PART_BYTES`, a number that
-    depends on the package alone, so that its parts are the same layers in every environment."""
-    large, parts, used = [], {}, 0
-    for key in sorted(sizes, key=lambda key: (-sizes[key], key)):
-        count = max(1, -(-sizes[key] // PART_BYTES))
-        if used + count > max_layers:
-            continue  # a smaller package may still fit
-        large.append(key)
-        parts[key] = count
-        used += count
-    return large, parts
-
-
-def _split(root: str, listed: Iterable[str], files: list[str], parts: int) -> Iterator[tuple[int, list[str]]]:
-    """``files`` (a package's, sorted) in ``parts`` groups of about equal size by its ``listed``
-    files (the package's own: the same in every environment), each with its number (from 1; an
-    empty group is left out, the others keep their numbers). A compiled file goes with its source,
-    whether the package shipped it or it was compiled here, so that a part holds the same files
-    however its byte code came."""
-    if parts <= 1:
-        yield 1, files
-        return
-    weights: dict[str, int] = {}
-    for path in listed:
-        owner = source_of(path) or path
-        weights[owner] = weights.get(owner, 0) + _size(f"{root}/{path}")
-    total, done, bounds = sum(weights.values()), 0, list[str]()
-    for owner in sorted(weights):
-        if len(bounds) < parts - 1 and done >= total * (len(bounds) + 1) / parts:
-            bounds.append(owner)
-        done += weights[owner]
-    groups: list[list[str]] = [[] for _ in range(len(bounds) + 1)]
-    for path in files:
-        groups[bisect.bisect_right(bounds, source_of(path) or path)].append(path)
-    for number, group in enumerate(groups, 1):
-        if group:
-            yield number, group
 
 
 def content_identities(staged: StagedEnvironment) -> dict[PackageKey, str]:
@@ -340,9 +290,7 @@ def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str
             break  # the layers above sit on a new chain
         stored.add(layer.name)
         chain = next_chain(chain, remembered[0])
-    # A package's parts are compiled (and their byte code kept) together: all of them, or none stored.
-    partly = {layer.package for layer in plan if layer.package and layer.name not in stored}
-    return {layer.name for layer in plan if layer.name in stored and layer.package not in partly}
+    return stored
 
 
 def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], done: Collection[str] = ()

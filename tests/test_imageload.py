@@ -88,3 +88,22 @@ def test_a_layer_that_cannot_be_written_fails_the_load_and_leaves_no_stage_image
                              prepare=prepare)
     assert "batch 3 of 4" in str(failed.value)
     assert len(told) == 2 and partial_images(api) == []  # layer0's and layer1's stages loaded, and went
+
+
+@pytest.mark.docker
+def test_a_layer_sent_with_other_bytes_than_its_memo_says_loads_and_corrects_the_memo(docker_daemon, base_image,
+                                                                                      tmp_path):
+    """What Docker got counts: a stale memo entry (written by an older release, or bytes that changed
+    for one identity) costs no failed load, and is right for the next build."""
+    api = docker_daemon.client().api
+    (layer,) = file_layers(tmp_path, 1, 8192)
+    layer = layers.Layer(layer.name, layer.entries, identity="cs-stale")
+    memo = layers.LayerMemo(tmp_path / "memo")
+    memo.put(layer, "sha256:" + "e" * 64, 123)  # its chain is not held: the layer is sent, and differs
+    result = imageload.load_image(api, base_image, [layer], {}, set(), memo)
+    try:
+        (_, diff_id, size, sent) = result.layers[0]
+        assert sent and memo.get(layer) == (diff_id, size) and diff_id == api.inspect_image(result.image_id)[
+            "RootFS"]["Layers"][-1]
+    finally:
+        api.remove_image(result.image_id)

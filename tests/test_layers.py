@@ -96,53 +96,6 @@ def test_a_large_package_gets_its_own_layer_the_rest_share_and_conda_meta_is_on_
         assert {m.mtime for m in archive.getmembers()} == {layers.LAYER_MTIME}
 
 
-def test_a_package_larger_than_a_part_goes_in_parts_each_with_its_sources_byte_code(tmp_path, monkeypatch):
-    """Docker registers a layer only once all of it has arrived: a very large package's layer goes
-    in parts, so that one registers while the next arrives. A part holds the same files in every
-    environment, however its byte code came (shipped, compiled here, or from the cache)."""
-    monkeypatch.setattr(layers, "PART_BYTES", 3 * MB)
-    site = "lib/python3.9/site-packages/torch"
-    torch = {f"{site}/lib/libtorch_{n}.so": b"\x7fELF" + bytes([n]) * (2 * MB) for n in range(4)}
-    torch.update({f"{site}/{m}.py": b"X = 1\n" for m in ("a", "m", "z")})
-    torch[f"{site}/__pycache__/a.cpython-39.pyc"] = b"shipped"
-    records = {"torch": {"sha256": "ab" * 32}}
-    plans = []
-    for name, compiled_here in (("first", False), ("second", True)):
-        staged = stage(tmp_path / name, {"torch": torch, "small": {"lib/small.py": b"x = 1\n"}}, records=records)
-        if compiled_here:  # the byte code the compile container writes (or the cache restores) before planning
-            (staged / site / "__pycache__" / "z.cpython-39.pyc").write_bytes(b"compiled")
-        plans.append(layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10))
-    first, second = plans
-    parts = [layer for layer in first if layer.name.startswith("torch-1.0-0")]
-    assert [layer.name for layer in parts] == [f"torch-1.0-0 (part {n} of 3)" for n in (1, 2, 3)]  # 8 MB in 3 MB parts
-    assert len({layer.identity for layer in parts}) == 3 and all(layer.identity for layer in parts)
-    prefix = layers.SHARED_PREFIX.lstrip("/")
-    holder = {entry.path.removeprefix(prefix + "/"): layer.name for layer in parts for entry in layer.entries}
-    assert holder[f"{site}/__pycache__/a.cpython-39.pyc"] == holder[f"{site}/a.py"]  # with its source
-    assert sum(path.endswith(".so") for path in holder) == 4 and len(holder) == len(torch)
-    # the same package elsewhere, with a file compiled here: the same parts, its byte code with its source
-    again = {layer.name: layer for layer in second if layer.name.startswith("torch-1.0-0")}
-    assert [layer.identity for layer in again.values()] == [layer.identity for layer in parts]
-    compiled = f"{prefix}/{site}/__pycache__/z.cpython-39.pyc"
-    (with_it,) = [name for name, layer in again.items() if compiled in {entry.path for entry in layer.entries}]
-    assert with_it == holder[f"{site}/z.py"]
-    # The parts are the package's own: a cap too small for them leaves it with the small packages,
-    # never in fewer parts (which would be other layers than another environment's)
-    capped = layers.plan_layers(read(tmp_path / "first"), "demo", min_bytes=MB, max_layers=2)
-    assert [layer.name for layer in capped] == ["small packages", "environment"]
-    assert f"{prefix}/{site}/lib/libtorch_0.so" in {entry.path for entry in capped[0].entries}
-    # Docker holding the first part only (a build that failed midway): the package is compiled whole
-    memo = layers.LayerMemo(tmp_path / "memo")
-    memo.put(parts[0], "sha256:" + "1" * 64, 1)
-    base = {"RootFS": {"Layers": ["sha256:" + "0" * 64]}}
-    held = set(layers.chain_ids([*base["RootFS"]["Layers"], "sha256:" + "1" * 64]))
-    assert layers.stored_layers(base, first, held, memo) == set()
-    memo.put(parts[1], "sha256:" + "2" * 64, 1)
-    memo.put(parts[2], "sha256:" + "3" * 64, 1)
-    held = set(layers.chain_ids([*base["RootFS"]["Layers"], *("sha256:" + d * 64 for d in "123")]))
-    assert layers.stored_layers(base, first, held, memo) == {layer.name for layer in parts}
-
-
 def test_python_sits_above_the_large_packages_it_compiles_nothing_of_so_a_patch_release_shares_them(tmp_path):
     """Docker shares a layer only on the same layers below it. A package that ships its byte code
     (or has no Python files) is the same bytes beside any python release: its layer goes below
