@@ -114,13 +114,10 @@ class _StagedLoad:
                                                             labels, history, env))
                 stage.add_done_callback(self._on_stage_done)
                 stages.append(stage)
-                while not sent_all.wait(0.2):
-                    if self.failed.is_set() or stage.done():
-                        break
-                if self.failed.is_set() or not sent_all.is_set():
-                    break
-                if len(self.diff_ids) == len(self.layers):
-                    break
+                while not sent_all.wait(0.2) and not (self.failed.is_set() or stage.done()):
+                    pass
+                if self.failed.is_set() or not sent_all.is_set() or len(self.diff_ids) == len(self.layers):
+                    break  # a stage failed, or every layer is on its way
         for stage in stages:  # all done: the first failure is the one that counts (the others follow from it)
             stage.result()
         if self.result.image_id == "":
