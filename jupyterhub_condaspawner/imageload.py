@@ -43,6 +43,10 @@ class LoadResult:
     removed: list[str] = field(default_factory=list)  # those of them removed
 
 
+class LoadStopped(OSError):
+    """The load was told to stop (its build ended) before its image was whole."""
+
+
 class LoadRefused(Exception):
     """Docker's error answer to a ``docker load`` of the archive: ``str(error)`` is its message."""
 
@@ -60,7 +64,8 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
                memo: LayerMemo, history: list[dict[str, Any]] | None = None,
                env: dict[str, str] | None = None,
                on_image_id: Callable[[str], None] | None = None,
-               prepare: Callable[[Layer], Layer] | None = None) -> LoadResult:
+               prepare: Callable[[Layer], Layer] | None = None,
+               stop: threading.Event | None = None) -> LoadResult:
     """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
     (environment variables) added to the base's config. ``known``: chain ids the daemon holds
     (layers the memo recognises there are not sent); ``history``: the base's
@@ -68,11 +73,12 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
     told each stage's image id before Docker gets the end of its archive (a build killed from
     then on leaves an image Docker may still finish loading: its log can name it); ``prepare``
     gives each layer to be sent as it is to be written, when it is its turn (it may wait for
-    its files: byte code being compiled meanwhile). Raises :class:`LoadRefused` with Docker's
-    answer."""
+    its files: byte code being compiled meanwhile); ``stop``: once set (the build was cancelled or
+    timed out), no more bytes are sent and the load raises :class:`LoadStopped`. Raises
+    :class:`LoadRefused` with Docker's answer."""
     base_attrs = api.inspect_image(base)
     loading = _StagedLoad(api, base_attrs, layers, memo, known | set(chain_ids(base_attrs["RootFS"]["Layers"])),
-                          prepare, on_image_id)
+                          prepare, on_image_id, stop or threading.Event())
     try:
         return loading.run(labels, history, env)
     finally:
@@ -95,9 +101,10 @@ class _StagedLoad:
     """One image's layers, loaded stage by stage (see the module's docstring)."""
 
     def __init__(self, api: Any, base: dict[str, Any], layers: list[Layer], memo: LayerMemo, have: set[str],
-                 prepare: Callable[[Layer], Layer] | None, on_image_id: Callable[[str], None] | None):
+                 prepare: Callable[[Layer], Layer] | None, on_image_id: Callable[[str], None] | None,
+                 stop: threading.Event):
         self.api, self.base, self.layers, self.memo, self.have = api, base, layers, memo, have
-        self.prepare, self.on_image_id = prepare, on_image_id
+        self.prepare, self.on_image_id, self.stop = prepare, on_image_id, stop
         self.result = LoadResult()
         self.diff_ids: list[str] = []  # of the layers written into an archive so far
         self.chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
@@ -114,15 +121,20 @@ class _StagedLoad:
                                                             labels, history, env))
                 stage.add_done_callback(self._on_stage_done)
                 stages.append(stage)
-                while not sent_all.wait(0.2) and not (self.failed.is_set() or stage.done()):
+                while not sent_all.wait(0.2) and not (self._ending() or stage.done()):
                     pass
-                if self.failed.is_set() or not sent_all.is_set() or len(self.diff_ids) == len(self.layers):
-                    break  # a stage failed, or every layer is on its way
+                if self._ending() or not sent_all.is_set() or len(self.diff_ids) == len(self.layers):
+                    break  # a stage failed, the load was stopped, or every layer is on its way
+        if self.stop.is_set() and any(stage.exception() is not None for stage in stages):
+            raise LoadStopped("the build that loaded these layers has ended")  # not Docker's doing
         for stage in stages:  # all done: the first failure is the one that counts (the others follow from it)
             stage.result()
         if self.result.image_id == "":
             raise LoadRefused("the load ended before its layers were sent")
         return self.result
+
+    def _ending(self) -> bool:
+        return self.failed.is_set() or self.stop.is_set()
 
     def _on_stage_done(self, stage: Future) -> None:
         if stage.exception() is not None:
@@ -137,6 +149,7 @@ class _StagedLoad:
         for path in paths[:bases + len(self.diff_ids)]:
             yield from _archive_member(path, b"")  # Docker holds these (or will: the previous stage)
         for layer, path in zip(self.layers[len(self.diff_ids):], paths[bases + len(self.diff_ids):]):
+            self._check_going_on()
             size = yield from self._layer(layer, path)
             if size >= STAGE_MIN_BYTES and len(self.diff_ids) < len(self.layers):
                 break
@@ -175,8 +188,7 @@ class _StagedLoad:
             digest = hashlib.sha256()
             yield _header(path, size)
             for chunk in stream_tar(layer, size, members):
-                if self.failed.is_set():
-                    raise OSError("an earlier stage of the load failed")
+                self._check_going_on()
                 digest.update(chunk)
                 yield chunk
             yield b"\0" * (-size % tarfile.BLOCKSIZE)
@@ -188,6 +200,12 @@ class _StagedLoad:
         self.diff_ids.append(diff_id)
         self.result.layers.append((layer.name, diff_id, size, sent))
         return size if sent else 0
+
+    def _check_going_on(self) -> None:
+        if self.stop.is_set():
+            raise LoadStopped("the build that loaded these layers has ended")
+        if self.failed.is_set():
+            raise OSError("an earlier stage of the load failed")
 
     def _load(self, chunks: Generator[bytes, None, None]) -> None:
         try:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -262,10 +263,12 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         build_log.write(f"loading image {image_id}\n")
         build_log.flush()
 
+    stop = threading.Event()  # set when the build ends first (a timeout, a cancel): the load sends no more
+
     def load(layer_plan: list[layers.Layer], have: set[str], layer_memo: layers.LayerMemo,
              prepare_layer: Callable[[layers.Layer], layers.Layer] | None) -> imageload.LoadResult:
         return imageload.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
-                                 loading, prepare_layer)
+                                    loading, prepare_layer, stop)
 
     # The byte code is kept as soon as it is all compiled, while Docker still registers the layers.
     keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staged)) if run is not None else None
@@ -277,16 +280,17 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
                 if not refused.missing_layer:
                     raise load_failure(builder, refused, build_log) from None
                 build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
-                result = await _load_every_layer(builder, load, plan, prepare, build_log)
+                result = await _load_every_layer(builder, load, plan, prepare, memo, build_log)
             except OSError as error:  # requests passes the compile's failure on as a connection error
                 if run is not None and run.failed is not None:  # the layers go without byte code
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
-                    result = await _load_every_layer(builder, load, plan, None, build_log)
+                    result = await _load_every_layer(builder, load, plan, None, memo, build_log)
                 else:  # a staged file changed while it was written, or the connection broke: every layer again
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
-                    result = await _load_every_layer(builder, load, plan, prepare, build_log)
+                    result = await _load_every_layer(builder, load, plan, prepare, memo, build_log)
     except BaseException:
+        stop.set()
         if run is not None:
             run.abandon()  # a failed or timed-out build does not wait for its compile container
         if keeping is not None:
@@ -309,11 +313,12 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
 
 
 async def _load_every_layer(builder: ImageBuilder, load: Callable[..., imageload.LoadResult], plan: list[layers.Layer],
-                            prepare: Callable[[layers.Layer], layers.Layer] | None,
+                            prepare: Callable[[layers.Layer], layers.Layer] | None, memo: layers.LayerMemo,
                             build_log: io.TextIOBase) -> imageload.LoadResult:
-    """The load again, every layer sent whole (none counted on Docker holding it)."""
+    """The load again, every layer sent whole: none counted on Docker holding it (no chain is known,
+    so the memo trusts no entry), and the memo corrected from what Docker got."""
     try:
-        return await asyncio.to_thread(load, plan, set(), layers.LayerMemo(None), prepare)
+        return await asyncio.to_thread(load, plan, set(), memo, prepare)
     except imageload.LoadRefused as refused:
         raise load_failure(builder, refused, build_log) from None
 

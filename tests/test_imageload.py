@@ -4,6 +4,8 @@ that fails fails the load without leaving them behind."""
 
 from __future__ import annotations
 
+import threading
+
 import docker
 import pytest
 
@@ -92,6 +94,32 @@ def test_a_layer_that_cannot_be_written_fails_the_load_and_leaves_no_stage_image
                              prepare=prepare)
     assert "batch 3 of 4" in str(failed.value)
     assert len(told) == 2 and still_there(api, told) == []  # layer0's and layer1's stages loaded, and went
+
+
+@pytest.mark.docker
+def test_a_load_told_to_stop_mid_layer_sends_nothing_more_and_leaves_no_image(docker_daemon, base_image, tmp_path,
+                                                                             monkeypatch):
+    """As when its build times out or is cancelled: the load's threads do not go on sending."""
+    monkeypatch.setattr(imageload, "STAGE_MIN_BYTES", 4096)
+    api = docker_daemon.client().api
+    plan = [*file_layers(tmp_path, 2, 8192), *file_layers(tmp_path / "big", 1, 8 * layers.CHUNK)]
+    plan[2] = layers.Layer("big", plan[2].entries)
+    plan.append(file_layers(tmp_path / "above", 1, 8192)[0])
+    stop = threading.Event()
+    read: list[str] = []
+
+    def prepare(layer: layers.Layer) -> layers.Layer:
+        read.append(layer.name)
+        if layer.name == "big":
+            stop.set()  # the build ends while this layer's bytes go
+        return layer
+
+    told: list[str] = []
+    with pytest.raises(imageload.LoadStopped):
+        imageload.load_image(api, base_image, plan, {}, set(), layers.LayerMemo(None), on_image_id=told.append,
+                             prepare=prepare, stop=stop)
+    assert read == ["layer0", "layer1", "big"]  # nothing prepared after the stop
+    assert len(told) == 2 and still_there(api, told) == []  # the stages before it loaded, and went
 
 
 @pytest.mark.docker

@@ -781,3 +781,56 @@ async def test_any_failure_of_a_build_is_recorded_and_told_as_one_line(layered_b
     assert build.events[-1] == {"phase": "error", "progress": 100, "message": str(info.value)}
     record = layered_builder.records.build_record(build.key)
     assert record is not None and record.status == "failed" and record.cause == str(info.value)
+
+
+@pytest.mark.docker
+async def test_a_layer_the_memo_wrongly_says_docker_holds_is_sent_again_and_the_memo_corrected(
+        docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
+    """The memo and Docker disagree (an image removed between the plan and the load, or an entry of
+    an older release): Docker refuses the placeholder, every layer is sent again, and the memo is
+    corrected from what Docker got, so that the next build counts on the layer rightly."""
+    unique = f"cs-unique-{SESSION}"
+    url = write_channel(tmp_path / "chan", [CondaPackage(unique, "1.0", "0", "noarch", files=[
+        PackageFile(f"share/{unique}.bin", SESSION.encode() * (MB // 4))])])  # 2 MB: a layer of its own
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "bioconda": url},
+                        package_cache_dir=str(bench_dir() / "pkgs"))
+    repo = f"condaspawner-memo-wrong-{SESSION}"
+    builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                           cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                           image_repo=repo, layered_images=True, shared_layer_min_size=MB)
+
+    def request(extra: str, name: str) -> BuildRequest:
+        text = f"channels: [conda-forge, bioconda]\ndependencies: [python=3.9, ipykernel, {unique}, {extra}]\n"
+        return BuildRequest(SpecPolicy().parse(text), env_name=name)
+
+    def written(info) -> dict[str, tuple[str, str]]:
+        log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
+        found = re.findall(r"^layer (\S+): \d+ bytes, (sha256:\w+), (written|already stored)$", log, re.M)
+        return {name: (diff_id, how) for name, diff_id, how in found}
+
+    api = docker_daemon.client().api
+    try:
+        first = await builder.get_image(request("cs-alpha", "first"))
+        name = f"{unique}-1.0-0"
+        real = written(first)[name][0]
+        layers_of_first = api.inspect_image(first.image_id)["RootFS"]["Layers"]
+        below = layers.chain_ids(layers_of_first)[layers_of_first.index(real) - 1]
+        (entry,) = [path for path in (tmp_path / "cache" / "layers").glob("*.json") if not path.name.startswith("base-")
+                    if json.loads(path.read_text())["layer"] == name]
+        bogus = "sha256:" + "e" * 64
+        entry.write_text(json.dumps({**json.loads(entry.read_text()), "diff_id": bogus}))
+        known_chains = layers.known_chains  # Docker said, when the build looked, that it holds the bogus layer
+        monkeypatch.setattr(layers, "known_chains",
+                            lambda *args: known_chains(*args) | {layers.next_chain(below, bogus)})
+
+        second = await builder.get_image(request("cs-beta", "second"))
+        log = (Path(builder.key_dir(second.key)) / "build.log").read_text()
+        assert "; sending every layer" in log
+        assert written(second)[name] == (real, "written")
+        assert json.loads(entry.read_text())["diff_id"] == real  # corrected
+        monkeypatch.undo()
+        third = await builder.get_image(request("cs-gamma", "third"))
+        assert written(third)[name] == (real, "already stored")
+        assert real in api.inspect_image(third.image_id)["RootFS"]["Layers"]
+    finally:
+        remove_repo_images(docker_daemon.client(), repo)
