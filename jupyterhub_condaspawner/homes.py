@@ -82,6 +82,22 @@ def check_volume_names(templates: Iterable[str]) -> None:
             check_template(template, f"volumes[{template!r}]")
 
 
+def check_options_fit_volumes(options: Mapping[str, str], templates: Iterable[str]) -> None:
+    """Every named volume is created with the driver options: one whose name lacks a field the
+    options use (a shared ``datasets``, with options naming ``{username}``) would be created on
+    each node with the first server's options and mounted by every later server there, another
+    user's home behind a shared name."""
+    used = {field for value in options.values() if isinstance(value, str) for field in template_fields(value)}
+    for template in templates:
+        missing = sorted(used - set(template_fields(template)))
+        if not template.startswith("/") and missing:
+            fields = " and ".join("{" + field + "}" for field in missing)
+            raise HomeSettingsError(
+                f"volumes[{template!r}]: volume_driver_options name {fields} but this volume's name does not, "
+                f"so each node would give every server the first one's; name it with {fields} too, or mount "
+                "shared data from a path on the nodes")
+
+
 def render_driver_options(options: Mapping[str, str], username: str, servername: str) -> dict[str, str]:
     """The driver options for one server, ``{username}``/``{servername}`` replaced by the escaped names."""
     check_driver_options(options)

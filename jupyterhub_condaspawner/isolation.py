@@ -35,7 +35,7 @@ from traitlets.config import LoggingConfigurable
 
 from .gpus import LABEL_USER
 from .hubservices import hub_services
-from .owners import ADOPTED, LABEL_IDENTITY, ORPHANED, user_identity
+from .owners import ADOPTED, CLAIMED, LABEL_IDENTITY, ORPHANED, user_identity
 
 if TYPE_CHECKING:
     from .spawner import CondaSpawner
@@ -148,11 +148,14 @@ class IsolationMixin(LoggingConfigurable):
 
     def user_volume_names(self) -> list[str]:
         """The rendered names of the Docker volumes whose templates name the user."""
-        templates: list[str] = [*self.volumes, *self.read_only_volumes]
-        templates += [mount["source"] for mount in self.mounts if mount.get("type", "volume") == "volume"]
+        templates: list[str] = [*self.volumes, *self.read_only_volumes, *self.mount_templates()]
         names = [self.format_volume_name(t, self) for t in templates if is_user_template(t)]
         # A source with a slash is a host path (bind mount), not a named volume: no labels there.
         return sorted({name for name in names if "/" not in name})
+
+    def mount_templates(self) -> list[str]:
+        """The name templates of the named volumes in DockerSpawner's ``mounts``."""
+        return [mount["source"] for mount in self.mounts if mount.get("type", "volume") == "volume"]
 
     async def claim_user_volumes(self) -> None:
         """Create this user's volumes with owner labels; refuse any that another user owns."""
@@ -191,6 +194,33 @@ class IsolationMixin(LoggingConfigurable):
         if entry.get("state") == ADOPTED and entry.get("identity") == identity:
             return None
         return volume_of_earlier_user(name)
+
+    def claim_user_volumes_in_ledger(self) -> None:
+        """Where the nodes create the volumes (a swarm) and the hub cannot read their labels: the
+        hub's ledger holds, for each home volume name, the first user identity that started with
+        it; any other identity (a deleted user's name given again) is refused in one line."""
+        identity, ledger = user_identity(self.user), hub_services(cast("CondaSpawner", self)).owners
+        for name in self.user_volume_names():
+            if len(name.encode()) > MAX_VOLUME_NAME:
+                raise web.HTTPError(500, volume_too_long(name))
+            entry = ledger.entry(name)
+            if entry is None:
+                ledger.record(name, CLAIMED, self.user.name, identity)
+            elif entry.get("state") == ORPHANED or entry.get("identity") != identity:
+                self.log.warning("Refusing volume %s for %s (%s): the ledger has %r", name, self.user.name,
+                                 identity, entry)
+                raise web.HTTPError(500, volume_of_earlier_user(name))
+
+    def orphan_user_volumes_in_ledger(self) -> None:
+        """A deleted user's home volume names, recorded as orphaned in the ledger (a swarm's nodes
+        keep the data; no later user of the name is handed it)."""
+        identity, ledger = user_identity(self.user), hub_services(cast("CondaSpawner", self)).owners
+        for name in self.user_volume_names():
+            entry = ledger.entry(name)
+            if entry is None or (entry.get("identity") == identity and entry.get("state") != ORPHANED):
+                ledger.record(name, ORPHANED, self.user.name, identity)
+                self.log.info("Home volume %s of deleted user %s (%s) orphaned on the nodes: kept, handed to "
+                              "no one", name, self.user.name, identity)
 
     async def orphan_user_volumes(self) -> None:
         """Record this (deleted) user's volumes as orphaned: their data stays, no one gets them."""

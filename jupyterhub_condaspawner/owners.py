@@ -13,7 +13,10 @@ a small ledger beside the build cache (one JSON file per volume, named by a hash
   name who starts after the upgrade: the ledger records their identity, and any later user
   of that name with another identity is refused;
 - a deleted user's volumes are recorded as *orphaned* (``delete_forever``): their data stays,
-  but no one is handed them until an admin decides (README, "Owned volumes").
+  but no one is handed them until an admin decides (README, "Owned volumes");
+- on a swarm, where the nodes create the volumes and the hub cannot read their labels, each
+  home volume name is *claimed* by the first user identity that starts with it, and refused to
+  any other.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 LABEL_IDENTITY = "io.condaspawner.user-identity"
 ADOPTED = "adopted"
 ORPHANED = "orphaned"
+CLAIMED = "claimed"  # on a swarm: the identity whose servers the nodes made this volume for
 
 
 def user_identity(user: Any) -> str:
@@ -53,7 +57,7 @@ class VolumeLedger:
         return None
 
     def record(self, volume: str, state: str, user: str, identity: str) -> None:
-        """Record ``volume`` as ``state`` (ADOPTED or ORPHANED) for the user ``identity``."""
+        """Record ``volume`` as ``state`` (ADOPTED, ORPHANED or CLAIMED) for the user ``identity``."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(volume)
         partial = path.with_suffix(".tmp")

@@ -80,6 +80,8 @@ class SwarmServiceMixin(_SpawnerBase):
         try:
             homes.check_volume_names([*self.volumes, *self.read_only_volumes])
             homes.check_driver_options(self.volume_driver_options)
+            if self.volume_driver:
+                homes.check_options_fit_volumes(self.volume_driver_options, [*self.volumes, *self.read_only_volumes])
         except homes.HomeSettingsError as error:
             raise StartFailure(f"The hub's home volume settings are refused ({error}); tell the hub admin",
                                reason="config", status_code=500) from None

@@ -276,11 +276,20 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
         self._check_home_settings()  # the admin's settings, before anything is built
+        self.claim_user_volumes_in_ledger()  # no one gets an earlier user's home on a node
         if not self.services.builder.registry:
             raise BuildError("the conda-swarm spawner needs ImageBuilder.registry", phase="config",
                              cause="servers run on several nodes, which pull their images from a registry "
                                    "(set ImageBuilder.registry)")
         return await super()._ensure_image(request)
+
+    def mount_templates(self) -> list[str]:
+        """None: a service's mounts are made from ``volumes`` alone (swarmservice.py)."""
+        return []
+
+    async def orphan_user_volumes(self) -> None:
+        """The nodes hold the volumes, out of the hub's sight: the ledger records them orphaned."""
+        self.orphan_user_volumes_in_ledger()
 
     async def _pull_if_missing(self, info: ImageInfo, low: int, high: int) -> None:
         """Nothing to pull here: the node Swarm picks pulls the pinned reference itself."""

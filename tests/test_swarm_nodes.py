@@ -10,6 +10,7 @@ import copy
 import io
 import random
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import test_swarm_spawner
@@ -121,6 +122,53 @@ async def test_home_settings_that_would_put_raw_user_text_in_a_path_are_refused(
     assert failure.value.message.startswith("The hub's home volume settings are refused (")
     assert "only {username} and {servername} (escaped names) may name a home" in failure.value.message
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_volume_named_without_the_fields_its_driver_options_use_is_refused(swarm_bench, servers, swarm_config):
+    """Every named volume gets the driver's options: a shared one would be created on a node with the
+    first user's home path and mounted by every later server there."""
+    config = copy.deepcopy(swarm_config)
+    config.CondaSwarmSpawner.volumes = {HOME_VOLUME: "/home/jovyan"}
+    config.CondaSwarmSpawner.read_only_volumes = {"csw-datasets": "/data"}
+    config.CondaSwarmSpawner.volume_driver = "local"
+    config.CondaSwarmSpawner.volume_driver_options = {"type": "nfs", "device": ":/export/home/{username}"}
+    spawner = servers.make("shared", config=config)
+
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner, profile="cpu")
+
+    assert (failure.value.status_code, failure.value.reason) == (500, "config")
+    assert failure.value.message == (
+        "The hub's home volume settings are refused (volumes['csw-datasets']: volume_driver_options name {username} "
+        "but this volume's name does not, so each node would give every server the first one's; name it with "
+        "{username} too, or mount shared data from a path on the nodes); tell the hub admin")
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+async def test_a_deleted_users_name_given_again_is_refused_the_home_the_nodes_keep(swarm_bench, servers):
+    """The nodes create the home volumes, out of the hub's sight: the hub's ledger remembers which
+    user identity each home's name served."""
+    first = servers.make("rita")
+    await servers.start(first, profile="cpu")
+    await first.stop()
+    again = servers.make("rita")  # the same user, another day
+    again.user.orm_user = SimpleNamespace(orm_spawners={})
+    await servers.start(again, profile="cpu")
+    await again.stop()
+    await again.delete_forever()  # as the hub deletes the user: the nodes keep the home's data
+
+    recycled = servers.make("rita")
+    recycled.user.id = 2  # a new user under the old name
+    with pytest.raises(StartFailure) as refusal:
+        await servers.start(recycled, profile="cpu")
+
+    assert (refusal.value.status_code, refusal.value.reason) == (500, "refused")
+    assert refusal.value.message == (
+        "volume csw-test-home-rita belongs to an earlier user of your name (deleted or renamed): an admin must "
+        "check whose it is and hand it over or remove it as the README's Isolation section says")
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+    other = servers.make("rita2")  # a name of its own: its own home
+    await servers.start(other, profile="cpu")
 
 
 # -- CUDA against the nodes' drivers -----------------------------------------------------------
