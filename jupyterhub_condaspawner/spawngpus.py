@@ -93,15 +93,16 @@ class GpuBindingMixin:
         await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
 
-    def _refuse_if_access_withdrawn(self, profile: Profile) -> None:
-        """A start may wait for a GPU for minutes; meanwhile an admin may take the profile away
-        (its file removed) or the user out of its groups (a course ends): checked again when
-        the GPUs come, as when the start was asked for."""
+    def _refuse_if_access_withdrawn(self, profile: Profile, waited_for: str = "a GPU") -> None:
+        """A start may wait for a GPU (or, on a swarm, a node) for minutes; meanwhile an admin may
+        take the profile away (its file removed) or the user out of its groups (a course ends):
+        checked again when the GPUs come, as when the start was asked for."""
         try:
             self.allowed_profile(profile.slug)
         except web.HTTPError:
-            raise StartFailure(f"Your access to {profile.display_name} was withdrawn while you waited for a GPU: "
-                               "choose another profile, or ask the hub admin", reason="access", status_code=403) from None
+            raise StartFailure(f"Your access to {profile.display_name} was withdrawn while you waited for "
+                               f"{waited_for}: choose another profile, or ask the hub admin", reason="access",
+                               status_code=403) from None
 
     async def _restore_gpu_table(self, services: HubServices) -> None:
         """Rebuild the GPU table from the servers' containers before the first GPU is handed

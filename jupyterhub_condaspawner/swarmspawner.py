@@ -297,6 +297,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         """Nothing to allocate: Swarm's scheduler assigns GPUs (the quota is checked at create_object)."""
         self._request = self.service_request(profile)
+        self._profile = profile  # access is checked again if the task waits for a node
         return None
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:

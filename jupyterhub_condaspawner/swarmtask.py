@@ -28,6 +28,7 @@ _NODE_UPDATE_REJECTION = "assigned node no longer meets constraints"
 
 
 if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
+    from .profiles import Profile
     from .spawner import CondaSpawner as _SpawnerBase
 else:
     _SpawnerBase = object
@@ -43,6 +44,7 @@ class SwarmTaskMixin(_SpawnerBase):
         _assigned: tuple[str, ...]
         _node: str
         _failed_nodes: dict[str, str]
+        _profile: Profile
 
         async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
 
@@ -72,6 +74,8 @@ class SwarmTaskMixin(_SpawnerBase):
                 raise QueueCancelled(message, message)
             task = state.task_for(service_id)
             if task is not None and task.state == "running":
+                if said:  # it waited: the profile may have been taken away meanwhile
+                    await self._refuse_if_access_withdrawn_on_swarm()
                 node = state.node(task.node_id)
                 self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
                 gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
@@ -89,6 +93,14 @@ class SwarmTaskMixin(_SpawnerBase):
                 await self._remove_quietly()
                 raise self._timed_out(state, task)
             await asyncio.sleep(TASK_POLL_S)
+
+    async def _refuse_if_access_withdrawn_on_swarm(self) -> None:
+        """The server, placed after a wait, is removed again if its profile is no longer the user's."""
+        try:
+            self._refuse_if_access_withdrawn(self._profile, "a GPU" if self._request.gpus else "a node")
+        except StartFailure:
+            await self._remove_quietly()
+            raise
 
     async def _try_another_node(self, state: SwarmState, task: swarm.TaskInfo) -> str:
         """The task ended before it ran (a node that cannot pull, or went down): a new service

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import shutil
 import subprocess
 import time
 import uuid
@@ -527,6 +528,31 @@ async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench
         await asyncio.wait_for(start, 60)
 
     assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
+
+
+async def test_a_profile_withdrawn_while_its_server_waits_for_a_gpu_is_refused_when_placed(
+        swarm_bench, servers, swarm_config, tmp_path):
+    """An admin removes the profile (a course ended) while its server waits for a node: when Swarm
+    places it, it is removed again and the start refused in one line, as on one host."""
+    config = copy.deepcopy(swarm_config)
+    profiles = tmp_path / "profiles"
+    shutil.copytree(swarm_config.ProfileCatalog.profiles_dir, profiles)
+    config.ProfileCatalog.profiles_dir = str(profiles)
+    holders = [servers.make(f"taken{number}") for number in range(4)]
+    await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+    waiting = servers.make("coursework", config=config)
+    start = asyncio.ensure_future(servers.start(waiting))
+
+    await asyncio.wait_for(until_waiting_for(waiting, "Waiting for a GPU on any node"), 120)
+    (profiles / "20-gpu.yaml").unlink()
+    await holders[0].stop()
+    with pytest.raises(StartFailure) as failure:
+        await asyncio.wait_for(start, 120)
+
+    assert (failure.value.status_code, failure.value.reason) == (403, "access")
+    assert failure.value.message == ("Your access to One GPU was withdrawn while you waited for a GPU: choose "
+                                     "another profile, or ask the hub admin")
     assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
 
 
