@@ -9,6 +9,7 @@ channel on the test bench): only the URL differs, never the code path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import difflib
 import errno
@@ -17,6 +18,7 @@ import json
 import os
 import platform as host_platform
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from rattler import (
 from traitlets import Dict, Float, List, Unicode, default
 from traitlets.config import Configurable
 
+from .installer import InstallerCrashed, InstallJob, shared_installers
 from .oneline import one_line
 from .packagepaths import UnreadablePackageError, UnsafePackageError, check_records
 from .spec import EnvironmentSpec
@@ -348,24 +351,26 @@ class Resolver(Configurable):
                 if not (cache / f"{record.name.normalized}-{record.version}-{record.build}").is_dir()]
 
     async def install(self, lock: Lock, staging_prefix: Path, target_prefix: str) -> None:
-        """Link the locked packages into ``staging_prefix`` as if it lived at ``target_prefix``.
+        """Link the locked packages into ``staging_prefix`` as if it lived at ``target_prefix``,
+        in a child process (installer.py): a crash of the installer fails this install only.
 
         Link scripts never run: user packages never execute code on the hub host.
         """
         Path(self.package_cache_dir).mkdir(parents=True, exist_ok=True)
         await self._check_paths(lock)
+        handle, lock_path = tempfile.mkstemp(prefix="condaspawner-install-", suffix=".lock")
+        os.close(handle)
         try:
-            await rattler.install(
-                lock.records,
-                target_prefix=staging_prefix,
-                cache_dir=Path(self.package_cache_dir),
-                alternative_target_prefix=target_prefix,
-                execute_link_scripts=False,
-                show_progress=False,
-            )
-        except Exception as error:  # download, checksum or link failures
-            raise ResolveError(f"install failed: {_one_line(error)}", no_space=is_no_space(error))
-        await asyncio.to_thread(make_world_readable, staging_prefix)
+            await asyncio.to_thread(lock.write, Path(lock_path))
+            outcome = await shared_installers().run(
+                InstallJob(lock_path, str(staging_prefix), str(self.package_cache_dir), target_prefix))
+        except InstallerCrashed as error:
+            raise ResolveError(f"install failed: {error}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+        if outcome.error:
+            raise ResolveError(outcome.error, no_space=outcome.no_space)
 
     async def _check_paths(self, lock: Lock) -> None:
         """Refuse a package that lists a path outside its prefix: rattler's installer would abort the
@@ -377,6 +382,11 @@ class Resolver(Configurable):
         except UnreadablePackageError as error:
             raise ResolveError(f"install failed: {_one_line(error)}", unreachable=True,
                                no_space=is_no_space(error)) from None
+
+
+def install_error(error: BaseException) -> tuple[str, bool]:
+    """The one line of a failed install, and whether a disk was full."""
+    return f"install failed: {_one_line(error)}", is_no_space(error)
 
 
 def is_no_space(error: BaseException) -> bool:

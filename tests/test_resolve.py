@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
+import multiprocessing
 import os
 import shutil
 import stat
@@ -15,6 +17,7 @@ import pytest
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
+from jupyterhub_condaspawner import installer, resolve
 from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver, is_no_space
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -210,6 +213,49 @@ async def test_a_package_with_a_path_outside_its_prefix_is_refused_before_linkin
         with tarfile.open(tmp_path / "chan" / "noarch" / "cs-hostile-1.0-0.tar.bz2") as archive:  # as cached
             info = [member for member in archive.getmembers() if member.name.startswith("info/")]
             archive.extractall(tmp_path / "pkgs" / "cs-hostile-1.0-0", members=info, filter="data")
+
+
+async def test_an_installer_that_crashes_fails_its_install_in_one_line_and_the_hub_process_goes_on(
+        tmp_path, monkeypatch, resolver):
+    """The install runs in a child process: the crash the path check prevents (py-rattler's
+    installer aborts on an absolute path), let through here, ends only that child."""
+    async def unchecked(records, cache):
+        return None
+
+    monkeypatch.setattr(resolve, "check_records", unchecked)
+    hostile = Resolver(channel_urls={"conda-forge": hostile_channel(tmp_path / "chan", "/tmp/cs-crash-outside/abs.txt")},
+                       package_cache_dir=str(tmp_path / "pkgs"))
+    lock = await hostile.solve(spec("dependencies: [cs-hostile]"))
+    with pytest.raises(ResolveError) as crashed:
+        await hostile.install(lock, tmp_path / "env", TARGET)
+    message = str(crashed.value)
+    assert message.startswith("install failed: the installer process ended unexpectedly (exit code ") and "\n" not in message
+    shutil.rmtree("/tmp/cs-crash-outside", ignore_errors=True)
+
+    fine = await resolver.solve(spec("dependencies: [cs-alpha]"))
+    await resolver.install(fine, tmp_path / "after", TARGET)  # a new child installs the next one
+    assert list((tmp_path / "after" / "conda-meta").glob("cs-alpha-*.json"))
+
+
+async def test_an_install_whose_build_ends_stops_its_installer(tmp_path):
+    """A build that times out or is cancelled mid-install kills the child installing for it."""
+    installers = installer.Installers(keep_idle=1)
+    job = installer.InstallJob("/nonexistent.lock", str(tmp_path / "env"), str(tmp_path / "pkgs"), TARGET)
+
+    def installing() -> set:
+        return {child for child in multiprocessing.active_children() if child.name == "condaspawner-install"}
+
+    before = installing()
+    run = asyncio.ensure_future(installers.run(job))
+    await asyncio.sleep(0)  # it takes a new child and sends the job
+    (child,) = installing() - before
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert not child.is_alive()
+    outcome = await installers.run(job)  # another child, which answers
+    assert outcome.error.startswith("install failed: ") and "nonexistent.lock" in outcome.error
+    installers.close()
 
 
 def test_a_full_disk_is_recognised_in_go_rust_and_python_words():
