@@ -49,7 +49,9 @@ PINNED_REFERENCE = re.compile(
 # A Kubernetes label value: at most 63 characters, alphanumerics at both ends.
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?\Z")
 GLOB_CHARACTERS = frozenset("*?[")
-ACCESS_CONFIG_KEY = "condaspawner-profile-access"
+# Z2JH runs hub.extraConfig entries in sorted key order: last, so that the hooks and profile
+# lists an admin sets in other entries are set by then, and wrapped.
+ACCESS_CONFIG_KEY = "zz-condaspawner-profile-access"
 IMAGES_FILE_VERSION = 1
 
 # What a profile's image comes from: given a profile, its pinned image reference.
@@ -280,6 +282,9 @@ class KubernetesExport(Configurable):
             if not LABEL_VALUE.match(pattern):
                 raise ValueError(f"gpu_model {profile.gpu_model!r} is not a possible value of {label}")
             known = [p for p in self.gpu_products if p.lower() == pattern.lower()]
+            if self.gpu_products and not known:  # the nodes' values are known: one no node has would leave pods Pending
+                raise ValueError(f"gpu_model {profile.gpu_model!r} matches none of the GPU products given "
+                                 f"({', '.join(self.gpu_products)})")
             return {"node_selector": {label: known[0] if known else pattern}}
         if not self.gpu_products:
             raise ValueError(
@@ -416,7 +421,7 @@ def _condaspawner_access():
 
     configured = c.KubeSpawner.profile_list if "profile_list" in c.KubeSpawner else None
     if not (isinstance(configured, list) or callable(configured)):
-        raise ValueError("condaspawner-profile-access: singleuser.profileList is not set; "
+        raise ValueError("zz-condaspawner-profile-access: singleuser.profileList is not set; "
                          "use the whole file `condaspawner export kubespawner` wrote")
 
     def allows(profile, user):
@@ -428,6 +433,11 @@ def _condaspawner_access():
         return user.name in users or not groups.isdisjoint(member_of)
 
     async def profile_list(spawner):
+        if spawner.pre_spawn_hook is not refuse_own_environment:
+            # A later config entry replaced the hook: the environment.yml refusal and the admin's
+            # own hook would not run. Loudly, rather than silently.
+            raise web.HTTPError(500, "hub.extraConfig: an entry after zz-condaspawner-profile-access sets "
+                                     "pre_spawn_hook; set it in an entry that sorts before: tell the hub admin")
         profiles = configured
         if callable(profiles):
             profiles = await maybe_future(profiles(spawner))
@@ -436,7 +446,7 @@ def _condaspawner_access():
             raise web.HTTPError(403, f"No profile on this hub is open to {spawner.user.name}: ask the hub admin")
         return visible
 
-    # A pre_spawn_hook set before this one (on KubeSpawner or Spawner) still runs, after it.
+    # A pre_spawn_hook set before this one (on KubeSpawner or Spawner: every other entry) still runs, after it.
     earlier_hook = next((section.pre_spawn_hook for section in (c.KubeSpawner, c.Spawner)
                          if "pre_spawn_hook" in section), None)
 

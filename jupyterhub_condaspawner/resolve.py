@@ -239,15 +239,17 @@ class Resolver(Configurable):
         names = [name for name in spec.channels if name != NO_DEFAULTS] or list(self.default_channels)
         return names + [_channel_name(text) for text in spec.conda if "::" in text]
 
-    def _solver_spec(self, text: str) -> str:
-        """Rewrite `channel[/subdir]::pkg` so the channel is our URL, not anaconda.org's."""
+    def _solver_spec(self, text: str) -> MatchSpec:
+        """The spec for the solver: `channel[/subdir]::pkg` rewritten so the channel is our URL, not
+        anaconda.org's; parsed as the spec check parsed it (leniently: a PyTorch build string such
+        as ``py3.10_cuda11.8_cudnn8.7.0_0`` has dots, which a spec string given to the solver may not)."""
         if "::" not in text:
-            return text
+            return MatchSpec(text)
         prefix, rest = text.split("::", 1)
         match_spec = MatchSpec(text)
         url = self.channel_url(_channel_name(text))
         subdir = f"/{match_spec.subdir}" if match_spec.subdir else ""
-        return f"{url}{subdir}::{rest}"
+        return MatchSpec(f"{url}{subdir}::{rest}")
 
     # -- solving -------------------------------------------------------------------
 

@@ -210,7 +210,9 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             options["profile"] = formdata["profile"][0]
         upload = (formdata.get("environment_file_file") or [{}])[0]
         raw_text = (formdata.get("environment_text") or [""])[0]
-        text = raw_text.strip()
+        # Parsed as pasted, as Check and the REST API do: stripping would take away only the first
+        # line's indentation of a uniformly indented paste, and break it.
+        text = raw_text if raw_text.strip() else ""
         # Shown again, as typed, if the hub sends the form back with an error.
         self._last_form = {"profile": options.get("profile"), "environment": raw_text}
         if upload.get("body") and text:

@@ -64,7 +64,12 @@ class EntryChecker:
             )
         if match_spec.name is None:
             raise SpecError(f"{show(text)} names no package", field=at(where, node))
+        if "[url=" in str(match_spec) or ("::" not in text and ("://" in text or text.lower().startswith("file:"))):
+            # A direct URL has no channel to check: the solve would fetch it from wherever it points.
+            raise SpecError(f"{show(text)} is a package URL or file; name the package (such as 'numpy=1.26') from "
+                            f"an allowed channel ({', '.join(self._limits.allowed_channels)})", field=at(where, node))
         self.check_length(match_spec.name.normalized, self._limits.max_name_length, where, node)
+        self._check_version_is_one(match_spec, text, where, node)
         build = match_spec.build
         if build is not None and not _BUILD_STRING.match(build):
             # MatchSpec reads whatever follows the version as a build string; conda refuses it.
@@ -77,6 +82,18 @@ class EntryChecker:
         if match_spec.channel is not None:
             self._check_spec_channel(match_spec.channel, text, where, node)
         return str(match_spec), match_spec
+
+    def _check_version_is_one(self, match_spec: MatchSpec, text: str, where: str, node: yaml.Node) -> None:
+        """A version without a digit is a second package name: ``numpy pandas`` (two on one line,
+        or a next line whose ``- `` went missing, which YAML folds into this one)."""
+        version = str(match_spec.version or "")
+        if not version or any(char.isdigit() for char in version) or version.strip("=<>!~ ") in ("*", ""):
+            return
+        folded = node.end_mark.line > node.start_mark.line
+        hint = (f"it goes on to line {node.end_mark.line + 1}: is a '- ' missing there?" if folded
+                else "put each package on a '- ' line of its own")
+        raise SpecError(f"{show(text)} reads as {match_spec.name.normalized} version "
+                        f"{version.lstrip('=')!r}: {hint}", field=at(where, node))
 
     def _check_spec_channel(self, channel: Channel, text: str, where: str, node: yaml.Node) -> None:
         if channel.name is None or channel.base_url != f"{_ANACONDA_ALIAS}{channel.name}/":
@@ -155,7 +172,9 @@ class EntryChecker:
                             field=at(where, node))
         self.check_length(requirement.name, self._limits.max_name_length, where, node)
         requirement.name = canonicalize_name(requirement.name)
-        requirement.extras = {canonicalize_name(extra) for extra in requirement.extras}
+        # Extras only lower-cased: pip before 23.3 looks `save_movie` up as written (PySurfer[save_movie]),
+        # so '_' -> '-' (PEP 685) would lose the extra's dependencies there.
+        requirement.extras = {extra.lower() for extra in requirement.extras}
         return " ".join([str(requirement), *(f"--hash={value}" for value in hashes)])
 
     def _check_entry_text(self, text: str, where: str, node: yaml.Node, shell_chars: set[str]) -> None:

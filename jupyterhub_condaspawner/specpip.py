@@ -24,6 +24,8 @@ PYTORCH_CHANNELS_HINT = ("install PyTorch with conda instead: channels pytorch a
 
 # A version operator with no version after it. Whether packaging accepts `requests===`
 # (arbitrary equality with an empty string) depends on its release: refuse it here.
+# A distribution's file name: pip installs such a requirement line from the local file.
+_ARCHIVE_NAME = re.compile(r"\.(whl|zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz)(\s|\[|$)", re.IGNORECASE)
 EMPTY_OPERATOR = re.compile(r"(===|==|!=|~=|<=|>=|<|>)\s*(?=,|\)|$)")
 
 
@@ -47,6 +49,8 @@ def policy_refusal(text: str) -> str | None:
         return "URLs and version-control references are not allowed; name a package from the index"
     if requirement_part.startswith((".", "/", "~")) or "/" in requirement_part or "\\" in requirement_part:
         return "local paths are not allowed; name a package from the index"
+    if _ARCHIVE_NAME.search(requirement_part.strip()):  # pip reads `foo-1.0-py3-none-any.whl` as a file here
+        return "local files are not allowed; name the package from the index (such as 'numpy==1.26.4')"
     return None
 
 

@@ -146,7 +146,7 @@ class SpecReader:
     def _windows_export(self, conda: list[tuple[str, MatchSpec]], nodes: list[yaml.Node]) -> SpecError | None:
         """A `conda env export` made on Windows: its Windows-only packages never solve on Linux."""
         found = [(spec.name.normalized, node) for (_, spec), node in zip(conda, nodes)
-                 if spec.name is not None and _is_windows_only(spec.name.normalized)]
+                 if spec.name is not None and is_windows_only(spec.name.normalized)]
         if not found:
             return None
         names = ", ".join(dict.fromkeys(name for name, _ in found))
@@ -216,5 +216,6 @@ class SpecReader:
             return fallback
 
 
-def _is_windows_only(name: str) -> bool:
+def is_windows_only(name: str) -> bool:
+    """Whether conda has the package only for Windows (a sign of a Windows `conda env export`)."""
     return name in _WINDOWS_ONLY or name.startswith(_WINDOWS_ONLY_PREFIXES)

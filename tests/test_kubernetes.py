@@ -322,6 +322,38 @@ def test_a_users_own_environment_is_refused_in_one_line_and_earlier_hooks_still_
     asyncio.run(check())
 
 
+def test_hooks_an_admin_sets_in_other_extra_config_entries_still_run_after_the_refusal():
+    """Z2JH runs hub.extraConfig in sorted key order; the snippet's key sorts last, so an admin's
+    `hooks` entry is set by then, and chained."""
+    values = export_values(load())
+    assert ACCESS_CONFIG_KEY == max([ACCESS_CONFIG_KEY, "hooks", "config", "spawner", "myConfig", "z-extra"])
+    ran: list[str] = []
+    values["hub"]["extraConfig"]["hooks"] = "c.Spawner.pre_spawn_hook = lambda spawner: ran.append(spawner.user.name)"
+    c = Config()
+    c.KubeSpawner.profile_list = values["singleuser"]["profileList"]
+    for _, snippet in sorted(values["hub"]["extraConfig"].items()):
+        exec(snippet, {"c": c, "ran": ran})
+
+    async def check() -> None:
+        own = spawner(c, user("alice"), {"profile": "datascience-cpu", "environment": "dependencies: [numpy]"})
+        with pytest.raises(web.HTTPError):
+            await own.run_pre_spawn_hook()
+        await spawner(c, user("bob"), {"profile": "datascience-cpu"}).run_pre_spawn_hook()
+        assert ran == ["bob"]
+
+    asyncio.run(check())
+
+
+def test_an_entry_after_the_snippet_that_replaces_its_hook_fails_every_start_in_one_line():
+    values = export_values(load())
+    values["hub"]["extraConfig"]["zzz-late"] = "c.KubeSpawner.pre_spawn_hook = lambda spawner: None"
+    with pytest.raises(web.HTTPError) as refused:
+        asyncio.run(pod_for(hub_config(values), user("alice"), {"profile": "datascience-cpu"}))
+    assert refused.value.status_code == 500
+    assert refused.value.log_message.startswith("hub.extraConfig: an entry after zz-condaspawner-profile-access sets "
+                                                "pre_spawn_hook")
+
+
 def test_profiles_that_only_take_the_users_own_file_are_left_out_with_a_note(tmp_path: Path):
     (tmp_path / "a.yaml").write_text("display_name: Bring your own\nallow_custom_environment: true\ngpus: 1\n")
     (tmp_path / "b.yaml").write_text("display_name: Base\nenvironment: {dependencies: [python=3.11]}\n"
@@ -363,6 +395,8 @@ def test_gpu_model_to_node_placement(model: str | None, products: list[str], exp
 @pytest.mark.parametrize(("model", "products", "message"), [
     ("*A100*", [], "is a glob and node selectors need exact values: list the nvidia.com/gpu.product values"),
     ("*H100*", NODE_PRODUCTS, "matches none of the GPU products given"),
+    ("NVIDIA H100 80GB HBM3", NODE_PRODUCTS, "matches none of the GPU products given"),
+    ("NVIDIA A100-SXM4-40GB", ["NVIDIA-A100-SXM4-40GB-SHARED"], "matches none of the GPU products given"),
     ("A100 (80 GB)", [], "is not a possible value of nvidia.com/gpu.product"),
 ])
 def test_a_gpu_model_that_cannot_be_placed_is_refused_in_one_line(model: str, products: list[str], message: str):

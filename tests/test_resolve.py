@@ -258,6 +258,15 @@ async def test_an_install_whose_build_ends_stops_its_installer(tmp_path):
     installers.close()
 
 
+async def test_a_build_string_with_dots_as_pytorchs_channel_writes_them_solves(tmp_path):
+    """`pytorch=2.0.1=py3.10_cuda11.8_cudnn8.7.0_0`: the spec check takes it, and so must the solver
+    (a spec string given to it may not hold a dot in its build string)."""
+    url = write_channel(tmp_path / "chan", [CondaPackage("cs-dotted", "2.0.1", "py3.9_cuda11.8_0", "noarch")])
+    resolver = Resolver(channel_urls={"conda-forge": url}, package_cache_dir=str(tmp_path / "pkgs"))
+    lock = await resolver.solve(spec("dependencies: ['cs-dotted=2.0.1=py3.9_cuda11.8_0']"))
+    assert [(package["name"], package["build"]) for package in lock.packages()] == [("cs-dotted", "py3.9_cuda11.8_0")]
+
+
 def test_a_full_disk_is_recognised_in_go_rust_and_python_words():
     assert is_no_space(OSError(errno.ENOSPC, "No space left on device"))
     assert is_no_space(Exception("write /var/lib/docker/tmp/layer.tar: no space left on device"))  # Docker's (Go)

@@ -96,3 +96,17 @@ async def test_the_notes_are_the_first_progress_events(tmp_path):
         await spawner.start()
     messages = [event["message"] async for event in spawner.progress()]
     assert messages[0] == "Note: your environment.yml: ignored: platforms, category, extras"
+
+
+def test_an_indented_paste_gets_the_same_verdict_from_the_form_as_from_check_and_rest(tmp_path):
+    """A file copied from an indented code block: every line indented alike is valid YAML, and the
+    form parses it as pasted, as Check and the REST API do (stripping only its first line broke it)."""
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    pasted = "    channels: [conda-forge]\n    dependencies:\n      - python=3.9\n"
+    assert spawner.services.policy.parse(pasted).conda == ("python 3.9.*",)  # what Check and REST parse
+    options = spawner.options_from_form_data({"profile": ["py"], "environment_text": [pasted]})
+    spawner.apply_choice(options)
+    _, custom = spawner._choice
+    assert custom is not None and custom.conda == ("python 3.9.*",)
+    blank = spawner.options_from_form_data({"profile": ["py"], "environment_text": ["   \n"]})
+    assert "environment" not in blank  # a box of spaces is an empty box: the profile's own environment

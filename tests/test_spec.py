@@ -153,6 +153,51 @@ def test_pip_requirements_canonical_and_sorted():
     assert spec.pip == ("foo-bar[a,b]<2,>=1.0", 'requests>=2; python_version < "3.8"', "types-pyyaml")
 
 
+def test_pip_extras_keep_their_written_separators():
+    """pip before 23.3 looks an extra up by its written name: `save_movie` must not become `save-movie`."""
+    spec = parse("dependencies:\n - pip:\n   - PySurfer[Save_Movie]\n")
+    assert spec.pip == ("pysurfer[save_movie]",)
+
+
+@pytest.mark.parametrize("entry", ["https://files.example/x/cs-gamma-0.5-0.conda", "file:///srv/cs-gamma-0.5-0.tar.bz2",
+                                   "'cs-gamma[url=http://127.0.0.1:8000/cs-gamma-0.5-0.conda]'",
+                                   "/tmp/cs-gamma-0.5-0.tar.bz2"])
+def test_a_conda_package_given_by_url_or_file_is_refused(entry):
+    """A direct URL names no channel: the solve would fetch it from wherever it points."""
+    with pytest.raises(SpecError) as refused:
+        parse(f"dependencies:\n  - {entry}\n")
+    assert str(refused.value).startswith("dependencies[0] (line 2): ")
+    assert "is a package URL or file; name the package (such as 'numpy=1.26') from an allowed channel (" in str(
+        refused.value)
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("dependencies:\n  - numpy pandas\n", "'numpy pandas' reads as numpy version 'pandas': put each package on "
+                                           "a '- ' line of its own"),
+    ("dependencies:\n  - numpy\n    pandas\n", "'numpy pandas' reads as numpy version 'pandas': it goes on to "
+                                               "line 3: is a '- ' missing there?"),
+])
+def test_two_package_names_read_as_one_spec_are_refused_not_merged(text, hint):
+    with pytest.raises(SpecError) as refused:
+        parse(text)
+    assert str(refused.value) == f"dependencies[0] (line 2): {hint}"
+
+
+def test_versions_builds_and_globs_are_not_taken_for_package_names():
+    spec = parse("dependencies: ['numpy 1.*', 'r-base *', 'pytorch=2.0.1=py3.10_cuda11.8_cudnn8.7.0_0', 'scipy>=1.2']")
+    assert spec.conda == ("numpy 1.*", "pytorch ==2.0.1 py3.10_cuda11.8_cudnn8.7.0_0", "r-base *", "scipy >=1.2")
+
+
+@pytest.mark.parametrize("name", ["foo-1.0-py3-none-any.whl", "numpy-1.26.4-cp39-cp39-manylinux2014_x86_64.whl",
+                                  "evil.tar.gz", "pkg.zip"])
+def test_a_pip_line_that_names_a_file_is_refused(name):
+    """pip installs `foo-1.0-py3-none-any.whl` on a requirements line from the local file."""
+    with pytest.raises(SpecError) as refused:
+        parse(f"dependencies:\n - pip:\n   - {name}\n")
+    assert str(refused.value) == (f"dependencies[0].pip[0] (line 3): {name!r}: local files are not allowed; name the "
+                                  "package from the index (such as 'numpy==1.26.4')")
+
+
 @pytest.mark.parametrize(
     "requirement",
     ["requests===", "requests>=", "requests >= ", "requests>=1.0,<", "requests[socks]~=",
