@@ -55,6 +55,8 @@ _NO_CANDIDATES = "No candidates were found for"
 # rattler, when a channel answers that it has no such subdir (an HTTP 404, a missing folder).
 _NO_SUBDIR = "could not find subdir 'noarch' in channel"
 _NEAR_NAME_CUTOFF = 0.75
+_MOST_HINTS = 8  # names hinted at after a failed solve, then "and N more"
+_MOST_VERSIONS = 6  # the newest versions shown of a package the spec asks for in another one
 # Anaconda's `defaults` does not live under conda.anaconda.org.
 ANACONDA_DEFAULTS = {
     "defaults": "https://repo.anaconda.com/pkgs/main",
@@ -267,6 +269,7 @@ class Resolver(Configurable):
 
     async def solve(self, spec: EnvironmentSpec, cuda: str | None = None) -> Lock:
         """Solve the spec's conda dependencies; ResolveError with a one-line reason on failure."""
+        self._check_subdirs(spec)
         channels = self.channel_urls_for(spec)
         virtual = self.virtual_packages(cuda)
         try:
@@ -292,7 +295,7 @@ class Resolver(Configurable):
                                    "noarch packages): remove it from channels", details=str(error)) from None
             message = self._explain(error, cuda)
             if not unreachable and _NO_CANDIDATES in message:
-                message += await self._missing_names(channels, spec)
+                message = _one_line(message + await self._missing_names(channels, spec, message))
             raise ResolveError(message, unreachable=unreachable, details=str(error)) from None
         return Lock(
             records=records,
@@ -300,6 +303,15 @@ class Resolver(Configurable):
             channels=channels,
             virtual_packages=[f"{p.name.normalized}={p.version}={p.build_string}" for p in virtual],
         )
+
+    def _check_subdirs(self, spec: EnvironmentSpec) -> None:
+        """A spec for another platform (`conda-forge/win-64::numpy`, `numpy[subdir=osx-arm64]`) would
+        be solved for this one without a word: refused instead."""
+        for text in spec.conda:
+            subdir = MatchSpec(text).subdir
+            if subdir and subdir not in (self.platform, "noarch"):
+                raise ResolveError(f"cannot solve: {text!r} asks for {subdir} packages, and this hub builds "
+                                   f"for {self.platform}: remove {subdir!r} from it")
 
     def _missing_channel(self, error: Exception, spec: EnvironmentSpec) -> str | None:
         """The spec's channel the channel server (or folder) says does not exist, or None.
@@ -326,23 +338,45 @@ class Resolver(Configurable):
             )
         return f"cannot solve: {message}"
 
-    async def _missing_names(self, channels: list[str], spec: EnvironmentSpec) -> str:
-        """`` (nothing provides cs-gamaa; did you mean cs-gamma?)`` for the spec's names no channel has."""
+    async def _missing_names(self, channels: list[str], spec: EnvironmentSpec, message: str) -> str:
+        """`` (nothing provides cs-gamaa; did you mean cs-gamma?)`` for the spec's names no channel has,
+        and ``python: the channels have 3.9.2, 3.9.18`` for a name they have in no version the spec
+        allows (the solver's ``message`` names it); at most :data:`_MOST_HINTS` of them."""
+        platforms = [Subdir(self.platform), Subdir("noarch")]
         try:
-            available = sorted(name.normalized for name in await rattler.Gateway().names(
-                channels, [Subdir(self.platform), Subdir("noarch")]))
+            available = sorted(name.normalized for name in await rattler.Gateway().names(channels, platforms))
         except Exception:  # the solve's own reason stands alone
             return ""
         known = set(available)
         hints = []
         for text in spec.conda:
             name = MatchSpec(text).name
-            if name is None or name.normalized in known or name.normalized.startswith("__"):
+            if name is None or name.normalized.startswith("__"):
+                continue
+            if name.normalized in known:
+                if f"{_NO_CANDIDATES} {name.normalized} " in message:
+                    hints.append(await self._versions_hint(channels, platforms, name.normalized, text))
                 continue
             near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF)
             hint = f"; did you mean {' or '.join(near)}?" if near else ""
             hints.append(f"nothing provides {name.normalized}{hint}")
+        hints = [hint for hint in hints if hint]
+        if len(hints) > _MOST_HINTS:
+            hints = [*hints[:_MOST_HINTS], f"and {len(hints) - _MOST_HINTS} more"]
         return f" ({'; '.join(hints)})" if hints else ""
+
+    async def _versions_hint(self, channels: list[str], platforms: list[Subdir], name: str, text: str) -> str:
+        """``numpy: the channels have 1.26.4, 2.0.2 (not 'numpy 9.9.*')``: the newest versions there."""
+        try:
+            found = await rattler.Gateway().query(channels, platforms, [MatchSpec(name)], recursive=False)
+        except Exception:
+            return ""
+        versions = sorted({record.version for records in found for record in records})
+        if not versions:
+            return ""
+        shown = ", ".join(str(version) for version in versions[-_MOST_VERSIONS:])
+        more = f" and {len(versions) - _MOST_VERSIONS} older" if len(versions) > _MOST_VERSIONS else ""
+        return f"{name}: the channels have {shown}{more}, none matching {text!r}"
 
     # -- installing ----------------------------------------------------------------
 

@@ -96,6 +96,9 @@ class EntryChecker:
                         f"{version.lstrip('=')!r}: {hint}", field=at(where, node))
 
     def _check_spec_channel(self, channel: Channel, text: str, where: str, node: yaml.Node) -> None:
+        if channel.name == "nodefaults":
+            raise SpecError(f"{show(text)}: nodefaults is not a channel to take a package from; write "
+                            f"{show(text.split('::', 1)[-1])}", field=at(where, node))
         if channel.name is None or channel.base_url != f"{_ANACONDA_ALIAS}{channel.name}/":
             raise SpecError(
                 f"{show(text)} names its channel by URL or path; use a channel name "

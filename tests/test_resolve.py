@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -226,15 +227,30 @@ async def test_an_installer_that_crashes_fails_its_install_in_one_line_and_the_h
     hostile = Resolver(channel_urls={"conda-forge": hostile_channel(tmp_path / "chan", "/tmp/cs-crash-outside/abs.txt")},
                        package_cache_dir=str(tmp_path / "pkgs"))
     lock = await hostile.solve(spec("dependencies: [cs-hostile]"))
-    with pytest.raises(ResolveError) as crashed:
+    with pytest.raises(ResolveError) as crashed:  # rattler's panic aborts its process, or ends its install
         await hostile.install(lock, tmp_path / "env", TARGET)
     message = str(crashed.value)
-    assert message.startswith("install failed: the installer process ended unexpectedly (exit code ") and "\n" not in message
+    assert message.startswith("install failed: ") and "\n" not in message
     shutil.rmtree("/tmp/cs-crash-outside", ignore_errors=True)
 
     fine = await resolver.solve(spec("dependencies: [cs-alpha]"))
     await resolver.install(fine, tmp_path / "after", TARGET)  # a new child installs the next one
     assert list((tmp_path / "after" / "conda-meta").glob("cs-alpha-*.json"))
+
+
+async def test_an_installer_process_that_dies_fails_its_install_in_one_line(tmp_path):
+    installers = installer.Installers(keep_idle=1)
+    job = installer.InstallJob("/nonexistent.lock", str(tmp_path / "env"), str(tmp_path / "pkgs"), TARGET)
+    before = {child for child in multiprocessing.active_children() if child.name == "condaspawner-install"}
+    run = asyncio.ensure_future(installers.run(job))
+    await asyncio.sleep(0)  # a new child has the job; it is still starting (Python, py-rattler)
+    (child,) = {child for child in multiprocessing.active_children() if child.name == "condaspawner-install"} - before
+    os.kill(child.pid, signal.SIGKILL)  # as a crash ends it
+    with pytest.raises(installer.InstallerCrashed) as crashed:
+        await run
+    assert str(crashed.value) == ("the installer process ended unexpectedly (exit code -9): the hub's log may say why")
+    assert (await installers.run(job)).error.startswith("install failed: ")  # the next job: a new child
+    installers.close()
 
 
 async def test_an_install_whose_build_ends_stops_its_installer(tmp_path):
@@ -265,6 +281,31 @@ async def test_a_build_string_with_dots_as_pytorchs_channel_writes_them_solves(t
     resolver = Resolver(channel_urls={"conda-forge": url}, package_cache_dir=str(tmp_path / "pkgs"))
     lock = await resolver.solve(spec("dependencies: ['cs-dotted=2.0.1=py3.9_cuda11.8_0']"))
     assert [(package["name"], package["build"]) for package in lock.packages()] == [("cs-dotted", "py3.9_cuda11.8_0")]
+
+
+async def test_a_version_the_channels_lack_is_told_with_the_versions_they_have(resolver):
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec("dependencies: [python=3.10]"))
+    message = str(refused.value)
+    assert message.startswith("cannot solve: No candidates were found for python 3.10.*. (python: the channels have ")
+    assert message.endswith(", none matching 'python 3.10.*')") and "3.9." in message and "\n" not in message
+
+
+async def test_many_missing_names_are_hinted_at_up_to_a_few(resolver):
+    names = [f"cs-nosuch{index}" for index in range(12)]
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec(f"dependencies: [{', '.join(names)}]"))
+    message = str(refused.value)
+    assert message.count("nothing provides cs-nosuch") <= 8 and message.endswith("and 4 more)"), message
+
+
+@pytest.mark.parametrize("entry, subdir", [("conda-forge/win-64::cs-alpha", "win-64"),
+                                           ("'cs-alpha[subdir=osx-arm64]'", "osx-arm64")])
+async def test_a_spec_for_another_platform_is_refused_not_solved_for_this_one(resolver, entry, subdir):
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec(f"dependencies: [{entry}]"))
+    assert str(refused.value).endswith(f"asks for {subdir} packages, and this hub builds for linux-64: "
+                                       f"remove {subdir!r} from it")
 
 
 def test_a_full_disk_is_recognised_in_go_rust_and_python_words():

@@ -183,6 +183,13 @@ def test_two_package_names_read_as_one_spec_are_refused_not_merged(text, hint):
     assert str(refused.value) == f"dependencies[0] (line 2): {hint}"
 
 
+def test_nodefaults_is_no_channel_to_take_a_package_from():
+    with pytest.raises(SpecError) as refused:
+        parse("dependencies: [nodefaults::numpy]")
+    assert str(refused.value) == ("dependencies[0] (line 1): 'nodefaults::numpy': nodefaults is not a channel to take "
+                                  "a package from; write 'numpy'")
+
+
 def test_versions_builds_and_globs_are_not_taken_for_package_names():
     spec = parse("dependencies: ['numpy 1.*', 'r-base *', 'pytorch=2.0.1=py3.10_cuda11.8_cudnn8.7.0_0', 'scipy>=1.2']")
     assert spec.conda == ("numpy 1.*", "pytorch ==2.0.1 py3.10_cuda11.8_cudnn8.7.0_0", "r-base *", "scipy >=1.2")
