@@ -521,7 +521,10 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         print(f"note: {note}", file=sys.stderr)
     text = export.to_yaml(source=catalog.profiles_dir)
     if args.output and args.output != "-":
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise CommandError(f"cannot write {args.output}: {error.strerror or error}") from None
         print(f"wrote {args.output}: {len(export.profile_list)} profile(s) for singleuser.profileList",
               file=sys.stderr)
     else:

@@ -398,8 +398,13 @@ class _BlockDumper(yaml.SafeDumper):
     """Multi-line strings (the hub snippet) as YAML block literals, readable in the file."""
 
 
+# Plain scalars Helm's Go YAML reads as numbers, booleans or null where PyYAML reads text
+# (`1e3`, `19e0042`, `n`, `y`, `0o17`): a slug or user name like that would stop matching.
+_GO_YAML_NOT_TEXT = re.compile(r"[-+.]?[0-9]|(y|n|yes|no|on|off|true|false|null|~)\Z", re.IGNORECASE)
+
+
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.nodes.ScalarNode:
-    style = "|" if "\n" in value else None
+    style = "|" if "\n" in value else "'" if not value or _GO_YAML_NOT_TEXT.match(value) else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
@@ -451,6 +456,16 @@ def _condaspawner_access():
                          if "pre_spawn_hook" in section), None)
 
     async def refuse_own_environment(spawner):
+        slug = (spawner.user_options or {}).get("profile")
+        if slug:  # KubeSpawner's own "No such profile" is a ValueError: a 500 with a traceback
+            profiles = configured
+            if callable(profiles):
+                profiles = await maybe_future(profiles(spawner))
+            chosen = [profile for profile in profiles if profile.get("slug") == slug]
+            if not chosen:
+                raise web.HTTPError(400, f"profile: no profile {slug!r} on this hub")
+            if not allows(chosen[0], spawner.user):
+                raise web.HTTPError(403, f"profile: {slug!r} is not available to you")
         if (spawner.user_options or {}).get("environment"):
             raise web.HTTPError(400, "This hub cannot build your own environment.yml (Kubernetes has no "
                                      "condaspawner builder here): start one of the profiles instead")

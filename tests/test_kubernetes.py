@@ -248,6 +248,34 @@ def test_a_user_outside_the_group_neither_sees_nor_starts_the_profile():
     asyncio.run(check())
 
 
+def test_a_start_of_a_profile_not_open_to_the_user_is_a_one_line_403_before_kubespawner_starts():
+    """KubeSpawner's own refusal is a ValueError from start(): a 500 and a traceback for the hub."""
+    config = hub_config(export_values(load()))
+
+    async def check() -> None:
+        with pytest.raises(web.HTTPError) as refused:
+            await spawner(config, user("alice", "physics"), {"profile": "dl-course-hw3"}).run_pre_spawn_hook()
+        assert (refused.value.status_code, refused.value.log_message) == (
+            403, "profile: 'dl-course-hw3' is not available to you")
+        with pytest.raises(web.HTTPError) as unknown:
+            await spawner(config, user("alice"), {"profile": "no-such"}).run_pre_spawn_hook()
+        assert (unknown.value.status_code, unknown.value.log_message) == (400, "profile: no profile 'no-such' on this hub")
+        await spawner(config, user("student", "dl-course"), {"profile": "dl-course-hw3"}).run_pre_spawn_hook()
+
+    asyncio.run(check())
+
+
+def test_names_go_yaml_would_read_as_numbers_or_booleans_are_quoted(tmp_path: Path):
+    """Helm reads the values with Go YAML: plain `1e3` is 1000 there, `n` is false."""
+    (tmp_path / "p.yaml").write_text("display_name: Course\nslug: 1e3\nenvironment: {dependencies: [python=3.11]}\n"
+                                     "allowed_users: ['19e0042', 'n', 'y', '0o17', alice]\n")
+    profiles = load(tmp_path)
+    text = KubernetesExport().export(profiles, pushed(profiles)).to_yaml(source=tmp_path)
+    for value in ("1e3", "19e0042", "n", "y", "0o17"):
+        assert f"'{value}'" in text, value
+    assert "- alice" in text  # plain where it is text to every reader
+
+
 def test_a_profiles_text_reads_as_text_on_kubespawners_form(tmp_path: Path):
     (tmp_path / "p.yaml").write_text('display_name: "CUDA <12 & friends"\n'
                                      'description: "PyTorch <img src=x onerror=alert(1)>"\n'
@@ -616,6 +644,17 @@ def test_build_push_records_pinned_images_that_export_then_uses(fake_builder: Fa
     recorded = yaml.safe_load(images.read_text())["images"]
     assert [entry["kubespawner_override"]["image"] for entry in profile_list] == [
         recorded[slug]["image"] for slug in ("datascience-cpu", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu")]
+
+
+def test_export_into_a_folder_that_is_not_there_is_one_error_line(fake_builder: FakeBuilder, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]):
+    images = tmp_path / "images.yaml"
+    assert cli.main(["build", "--push", "--profiles", str(SHIPPED), "--images", str(images)]) == 0
+    capsys.readouterr()
+    target = tmp_path / "missing" / "values.yaml"
+    assert cli.main(["export", "kubespawner", "--profiles", str(SHIPPED), "--images", str(images),
+                     "--gpu-product", "NVIDIA-A100-SXM4-80GB", "-o", str(target)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {target}: No such file or directory"
 
 
 def test_a_failed_push_fails_its_row_and_keeps_the_earlier_image(fake_builder: FakeBuilder, tmp_path: Path,
