@@ -327,8 +327,9 @@ def _cache_builder(args: argparse.Namespace, config: Config) -> ImageBuilder:
     return builder
 
 
-def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str, BuildRequest]]:
-    """(label, request) for each FILE, or for every profile with an environment."""
+def _build_requests(args: argparse.Namespace, config: Config,
+                    profile_builds: list[tuple[Profile, BuildRequest]]) -> list[tuple[str, BuildRequest]]:
+    """(label, request) for each FILE, or for every profile with an environment (``profile_builds``)."""
     from .buildmodel import BuildRequest
     from .spec import SpecError, SpecPolicy
 
@@ -338,7 +339,7 @@ def _build_requests(args: argparse.Namespace, config: Config) -> list[tuple[str,
             return [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
         except SpecError as error:
             raise CommandError(str(error))
-    return [(profile.slug, request) for profile, request in _profile_builds(config, args.profiles)]
+    return [(profile.slug, request) for profile, request in profile_builds]
 
 
 def _profile_builds(config: Config, directory: str | None) -> list[tuple[Profile, BuildRequest]]:
@@ -397,7 +398,10 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
     if args.push and not builder.registry:
         raise CommandError("--push needs a registry: set c.ImageBuilder.registry in the config "
                            "(e.g. \"registry.example.edu:5000/condaspawner-env\")")
-    requests = _build_requests(args, config)
+    # The profiles are read once: what the images file records is what was built, whatever
+    # an admin edits meanwhile.
+    profile_builds = [] if args.files else _profile_builds(config, args.profiles)
+    requests = _build_requests(args, config, profile_builds)
     if not requests:
         raise CommandError("nothing to build: no FILE given and no profile has an environment")
     try:
@@ -425,7 +429,7 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         total = sum(info.pushed_bytes or 0 for _, info, _ in results if info is not None)
         print(f"pushed {_size(total)} to {builder.registry} (layers it already had are not uploaded again)")
     if images is not None and pushed:
-        for profile, _ in _profile_builds(config, args.profiles):
+        for profile, _ in profile_builds:
             if profile.slug in pushed:
                 images.record(profile, pushed[profile.slug])
         images.write(images.source)

@@ -151,6 +151,7 @@ class PushedImages:
             "image": reference,
             "spec": profile.environment.key() if profile.environment is not None else None,
             "cuda": profile.cuda,
+            "kernel": profile.display_name,  # the image's kernel name
         }
 
     def set(self, slug: str, reference: str) -> None:
@@ -176,6 +177,9 @@ class PushedImages:
         if "spec" in entry and (entry.get("spec"), entry.get("cuda")) != (spec, profile.cuda):
             raise MissingImage(f"the profile's environment changed since {reference} was pushed: "
                                "run `condaspawner build --push` again")
+        if "kernel" in entry and entry["kernel"] != profile.display_name:
+            raise MissingImage(f"the profile's display_name (its kernel's name in the image) changed since "
+                               f"{reference} was pushed: run `condaspawner build --push` again")
         return reference
 
 

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -574,7 +575,8 @@ def test_the_images_file_round_trips_as_yaml(tmp_path: Path):
     document = yaml.safe_load((tmp_path / "images.yaml").read_text())
     assert document["version"] == 1
     assert document["images"]["dl-course-hw3"] == {
-        "image": pinned(profiles[2]), "spec": profiles[2].environment.key(), "cuda": "11.8"}
+        "image": pinned(profiles[2]), "spec": profiles[2].environment.key(), "cuda": "11.8",
+        "kernel": "Deep Learning course - Homework 3"}
     assert json.dumps(document)  # plain data only
 
 
@@ -655,6 +657,31 @@ def test_export_into_a_folder_that_is_not_there_is_one_error_line(fake_builder: 
     assert cli.main(["export", "kubespawner", "--profiles", str(SHIPPED), "--images", str(images),
                      "--gpu-product", "NVIDIA-A100-SXM4-80GB", "-o", str(target)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {target}: No such file or directory"
+
+
+def test_a_profile_edited_while_build_push_runs_is_recorded_as_built_and_then_found_stale(
+        fake_builder: FakeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """The images file pairs each image with the profile it was built from, not with a later read
+    of the folder: an edit meanwhile (a new display_name, the kernel's name in the image) is caught."""
+    profiles = tmp_path / "profiles"
+    shutil.copytree(SHIPPED, profiles)
+    edited = profiles / "10-datascience-cpu.yaml"
+    ensure = fake_builder.ensure
+
+    def ensure_then_edit(request: Any) -> FakeBuild:
+        if request.env_name == "datascience-cpu":  # an admin renames it while the builds run
+            edited.write_text(edited.read_text().replace("display_name:", "display_name: Renamed", 1))
+        return ensure(request)
+
+    fake_builder.ensure = ensure_then_edit  # type: ignore[method-assign]
+    images = tmp_path / "images.yaml"
+    assert cli.main(["build", "--push", "--profiles", str(profiles), "--images", str(images)]) == 0
+    recorded = yaml.safe_load(images.read_text())["images"]
+    assert not recorded["datascience-cpu"]["kernel"].startswith("Renamed")  # what was built
+    capsys.readouterr()
+    assert cli.main(["export", "kubespawner", "--profiles", str(profiles), "--images", str(images),
+                     "--gpu-product", "NVIDIA-A100-SXM4-80GB", "-o", str(tmp_path / "values.yaml")]) == 1
+    assert "the profile's display_name (its kernel's name in the image) changed since" in capsys.readouterr().err
 
 
 def test_a_failed_push_fails_its_row_and_keeps_the_earlier_image(fake_builder: FakeBuilder, tmp_path: Path,
