@@ -302,7 +302,8 @@ def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_p
 
 def test_the_small_packages_layer_is_known_by_its_packages_so_it_is_written_once(tmp_path):
     def small_layer(name: str, packages: dict[str, dict[str, bytes]], known: bool = True) -> layers.Layer:
-        staged = stage(tmp_path / name, packages)
+        # the packages' files as extracted, with their archive's mtimes: the same in every environment
+        staged = stage(tmp_path / name, packages, mtime=1_600_000_000)
         for record in (staged / "conda-meta").glob("*.json"):  # rattler records each package's sha256
             data = json.loads(record.read_text())
             content = repr(sorted(packages[data["name"]].items())).encode()
