@@ -42,6 +42,8 @@ _DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
 _ANACONDA_DEFAULTS = ("defaults", "default", "anaconda", *_DEFAULTS_MEMBERS)
 # How close an unknown channel must be to an allowed one to be a typo (difflib's ratio).
 _CHANNEL_TYPO_CUTOFF = 0.8
+# A conda-build selector (`numpy [linux]`), which a recipe has and an environment.yml cannot.
+_SELECTOR = re.compile(r"\[\s*(not\s+)?(linux|win|osx|unix|linux64|win64|osx64|x86_64|aarch64|arm64|py\d*)\b[^\]]*\]")
 # What conda accepts as a build string (with `*` globs); MatchSpec takes anything.
 _BUILD_STRING = re.compile(r"[A-Za-z0-9_.+*]*[A-Za-z0-9_*][A-Za-z0-9_.+*]*\Z")
 
@@ -58,8 +60,11 @@ class EntryChecker:
         try:
             match_spec = MatchSpec(text)
         except Exception as error:  # py-rattler raises its own exception types
+            selector = _SELECTOR.search(text)
+            hint = (f"; {selector.group(0)!r} is a conda-build selector, not part of a spec: remove it" if selector
+                    else "")
             raise SpecError(
-                f"{show(text)} is not a valid conda spec (MatchSpec: {_first_line(error)})",
+                f"{show(text)} is not a valid conda spec (MatchSpec: {_first_line(error)}){hint}",
                 field=at(where, node),
             )
         if match_spec.name is None:

@@ -149,7 +149,14 @@ class SpecReader:
                  if spec.name is not None and is_windows_only(spec.name.normalized)]
         if not found:
             return None
-        names = ", ".join(dict.fromkeys(name for name, _ in found))
+        unique = list(dict.fromkeys(name for name, _ in found))
+        names = ", ".join(unique)
+        exported = len(unique) >= 3 or any(spec.build is not None for _, spec in conda)
+        if not exported:  # written by hand: a package left from a selector (`pywin32  # [win]`)
+            verb = "exists" if len(unique) == 1 else "exist"
+            return SpecError(f"{names} {verb} only for Windows: remove {'it' if len(unique) == 1 else 'them'} "
+                             "(selectors such as `# [win]` are comments in an environment.yml)",
+                             field=at("dependencies", found[0][1]))
         return SpecError(
             f"a Windows export ({names} exist only for Windows): export the environment with "
             "`conda env export --from-history` (or `--no-builds`, without those packages), or on Linux",

@@ -52,7 +52,8 @@ class _StrictLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise _Refused("YAML anchors and aliases (&name, *name) are not allowed", event.start_mark)
         if getattr(event, "tag", None) is not None:
-            raise _Refused(f"YAML tags are not allowed ({show(event.tag)})", event.start_mark)
+            quote = " (quote the value instead: '3.10')" if event.tag in ("!!str", "tag:yaml.org,2002:str") else ""
+            raise _Refused(f"YAML tags are not allowed ({show(event.tag)}){quote}", event.start_mark)
         # Composing is pure Python (~70 us a value): a file under the size limit but with
         # 100,000 values would hold the hub's event loop for seconds. Stop at the limit.
         self._nodes += 1

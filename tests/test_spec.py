@@ -190,6 +190,22 @@ def test_nodefaults_is_no_channel_to_take_a_package_from():
                                   "a package from; write 'numpy'")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("dependencies:\n  - numpy\n  - pywin32  # [win]\n",
+     "dependencies (line 3): pywin32 exists only for Windows: remove it (selectors such as `# [win]` are comments "
+     "in an environment.yml)"),
+    ("dependencies: ['numpy [linux]']",
+     "dependencies[0] (line 1): 'numpy [linux]' is not a valid conda spec (MatchSpec: invalid bracket); '[linux]' is "
+     "a conda-build selector, not part of a spec: remove it"),
+    ("dependencies:\n  - !!str 3.10\n", "line 2: YAML tags are not allowed ('tag:yaml.org,2002:str') (quote the "
+                                          "value instead: '3.10')"),
+])
+def test_what_a_recipe_writer_would_type_gets_a_hint_of_what_to_do(text, message):
+    with pytest.raises(SpecError) as refused:
+        parse(text)
+    assert str(refused.value) == message
+
+
 def test_versions_builds_and_globs_are_not_taken_for_package_names():
     spec = parse("dependencies: ['numpy 1.*', 'r-base *', 'pytorch=2.0.1=py3.10_cuda11.8_cudnn8.7.0_0', 'scipy>=1.2']")
     assert spec.conda == ("numpy 1.*", "pytorch ==2.0.1 py3.10_cuda11.8_cudnn8.7.0_0", "r-base *", "scipy >=1.2")
