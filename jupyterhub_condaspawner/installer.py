@@ -6,7 +6,8 @@ hub itself, and every spawn with it. Here a crash ends only the child: the build
 installing fails in one line, and the next install gets a new child.
 
 A child is started with the ``spawn`` method (never a fork of the hub's threads and event
-loop), installs one lock at a time, and is kept for the next install (its start, Python and
+loop; as with any ``spawn``, a program started from a script of its own must guard its start
+with ``if __name__ == "__main__":``, as the ``jupyterhub`` command does), installs one lock at a time, and is kept for the next install (its start, Python and
 py-rattler imported, takes about a second on a slow machine). A build that ends while its
 install runs (a timeout, a cancel) kills its child, so nothing writes into a staging folder
 the build is removing.
