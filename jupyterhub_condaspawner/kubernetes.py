@@ -441,16 +441,16 @@ def _condaspawner_access():
         member_of = {getattr(group, "name", group) for group in user.groups}
         return user.name in users or not groups.isdisjoint(member_of)
 
+    async def configured_profiles(spawner):
+        return await maybe_future(configured(spawner)) if callable(configured) else configured
+
     async def profile_list(spawner):
         if spawner.pre_spawn_hook is not refuse_own_environment:
             # A later config entry replaced the hook: the environment.yml refusal and the admin's
             # own hook would not run. Loudly, rather than silently.
             raise web.HTTPError(500, "hub.extraConfig: an entry after zz-condaspawner-profile-access sets "
                                      "pre_spawn_hook; set it in an entry that sorts before: tell the hub admin")
-        profiles = configured
-        if callable(profiles):
-            profiles = await maybe_future(profiles(spawner))
-        visible = [profile for profile in profiles if allows(profile, spawner.user)]
+        visible = [profile for profile in await configured_profiles(spawner) if allows(profile, spawner.user)]
         if not visible:
             raise web.HTTPError(403, f"No profile on this hub is open to {spawner.user.name}: ask the hub admin")
         return visible
@@ -462,10 +462,7 @@ def _condaspawner_access():
     async def refuse_own_environment(spawner):
         slug = (spawner.user_options or {}).get("profile")
         if slug:  # KubeSpawner's own "No such profile" is a ValueError: a 500 with a traceback
-            profiles = configured
-            if callable(profiles):
-                profiles = await maybe_future(profiles(spawner))
-            chosen = [profile for profile in profiles if profile.get("slug") == slug]
+            chosen = [profile for profile in await configured_profiles(spawner) if profile.get("slug") == slug]
             if not chosen:
                 raise web.HTTPError(400, f"profile: no profile {slug!r} on this hub")
             if not allows(chosen[0], spawner.user):

@@ -245,10 +245,10 @@ class Resolver(Configurable):
         """The spec for the solver: `channel[/subdir]::pkg` rewritten so the channel is our URL, not
         anaconda.org's; parsed as the spec check parsed it (leniently: a PyTorch build string such
         as ``py3.10_cuda11.8_cudnn8.7.0_0`` has dots, which a spec string given to the solver may not)."""
-        if "::" not in text:
-            return MatchSpec(text)
-        prefix, rest = text.split("::", 1)
         match_spec = MatchSpec(text)
+        if "::" not in text:
+            return match_spec
+        rest = text.split("::", 1)[1]
         url = self.channel_url(_channel_name(text))
         subdir = f"/{match_spec.subdir}" if match_spec.subdir else ""
         return MatchSpec(f"{url}{subdir}::{rest}")

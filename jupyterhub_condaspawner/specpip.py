@@ -22,10 +22,10 @@ _PYTORCH_LABEL = re.compile(r"cu\d{3,}|cpu|rocm[\d.]+\Z")
 PYTORCH_CHANNELS_HINT = ("install PyTorch with conda instead: channels pytorch and nvidia, "
                          "dependencies pytorch{cuda}")
 
-# A version operator with no version after it. Whether packaging accepts `requests===`
-# (arbitrary equality with an empty string) depends on its release: refuse it here.
 # A distribution's file name: pip installs such a requirement line from the local file.
 _ARCHIVE_NAME = re.compile(r"\.(whl|zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz)(\s|\[|$)", re.IGNORECASE)
+# A version operator with no version after it. Whether packaging accepts `requests===`
+# (arbitrary equality with an empty string) depends on its release: refuse it here.
 EMPTY_OPERATOR = re.compile(r"(===|==|!=|~=|<=|>=|<|>)\s*(?=,|\)|$)")
 
 
