@@ -7,8 +7,10 @@ installing fails in one line, and the next install gets a new child.
 
 A child is started with the ``spawn`` method (never a fork of the hub's threads and event
 loop; as with any ``spawn``, a program started from a script of its own must guard its start
-with ``if __name__ == "__main__":``, as the ``jupyterhub`` command does), installs one lock at a time, and is kept for the next install (its start, Python and
-py-rattler imported, takes about a second on a slow machine). A build that ends while its
+with ``if __name__ == "__main__":``, as the ``jupyterhub`` command does), installs one lock
+at a time, and after an install that succeeded is kept for the next one (its start, Python
+and py-rattler imported, takes about a second on a slow machine); after one that failed it
+is stopped, since a panic may be answered as an error while the child is aborting. A build that ends while its
 install runs (a timeout, a cancel) kills its child, so nothing writes into a staging folder
 the build is removing.
 """
@@ -65,7 +67,12 @@ class Installers:
         except BaseException:
             child.kill()  # crashed, or the build ended: never handed another job
             raise
-        self._give_back(child)
+        if outcome.error:
+            # A failed install may leave its child dying: py-rattler's panic in one thread is
+            # answered as an error while another thread of its pool aborts the process.
+            child.kill()
+        else:
+            self._give_back(child)
         return outcome
 
     def close(self) -> None:

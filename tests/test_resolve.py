@@ -253,6 +253,21 @@ async def test_an_installer_process_that_dies_fails_its_install_in_one_line(tmp_
     installers.close()
 
 
+async def test_a_child_whose_install_failed_is_never_given_another(tmp_path):
+    """py-rattler may answer a panic as an error while another of its threads aborts the child:
+    the next install must not be sent to it."""
+    installers = installer.Installers(keep_idle=1)
+    job = installer.InstallJob("/nonexistent.lock", str(tmp_path / "env"), str(tmp_path / "pkgs"), TARGET)
+
+    def installing() -> set:
+        return {child.pid for child in multiprocessing.active_children() if child.name == "condaspawner-install"}
+
+    before = installing()
+    assert (await installers.run(job)).error.startswith("install failed: ")
+    assert installing() == before  # its child is gone, not kept idle
+    installers.close()
+
+
 async def test_an_install_whose_build_ends_stops_its_installer(tmp_path):
     """A build that times out or is cancelled mid-install kills the child installing for it."""
     installers = installer.Installers(keep_idle=1)
