@@ -487,8 +487,7 @@ class CheckAPI(_API):
         spawner = self.current_user.spawner
         self.condaspawner  # noqa: B018 (a CondaSpawner, first)
         try:
-            # Off the hub's event loop: a file at max_file_bytes takes up to a second to read here.
-            spec = await asyncio.to_thread(spawner.services.policy.parse, text, source="environment.yml")
+            spec = await spawner.parse_custom_off_loop(text)
         except SpecError as error:
             self.write({"ok": False, "problems": error.details, "count": error.count})
             return

@@ -35,7 +35,7 @@ from .spawncontainer import SpawnContainerMixin
 from .spawnform import SpawnFormMixin
 from .spawngpus import GpuBindingMixin
 from .spawnimage import SpawnImageMixin
-from .spec import EnvironmentSpec, SpecError
+from .spec import EnvironmentSpec, SpecError, SpecPolicy
 
 # A refused environment file lists every problem (SpecPolicy.max_problems of them at most).
 _SPEC_MESSAGE_CHARS = 8000
@@ -46,7 +46,9 @@ _QUERY_FIELDS = frozenset({"profile"})
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
-    """JupyterHub's apply_user_options hook (form and REST alike): validate, then normalise."""
+    """JupyterHub's apply_user_options hook (form and REST alike): validate, then normalise.
+    Before any await, so that a refusal is the answer to the request (the form's file was read
+    off the event loop, and is not read again)."""
     spawner.apply_choice(user_options)
 
 
@@ -109,6 +111,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._choice: tuple[Profile, EnvironmentSpec | None] | None = None
         self._profile_slug = ""  # the profile of the start in progress (the usage record)
         self._last_form: dict[str, Any] | None = None
+        self._parsed: tuple[str, EnvironmentSpec | SpecError] | None = None  # the last user file's parse
         self._feed = EventStream()
         self._allocation: Allocation | None = None
         self._gpu_key: tuple[str, str] | None = None  # (user name, server) at allocation (spawngpus.gpu_key)
@@ -184,9 +187,28 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if not profile.allow_custom_environment:
             raise _refused(400, f"environment: profile {profile.slug!r} does not allow your own environment")
         try:
-            return self.services.policy.parse(text, source="environment.yml")
+            return self._parse_custom(text, self.services.policy)
         except SpecError as error:
             raise _spec_refused(error) from None
+
+    def _parse_custom(self, text: str, policy: SpecPolicy) -> EnvironmentSpec:
+        """``text`` parsed, once per text: the form and Check read a file off the event loop (one
+        at the size limit takes up to a second to read), then the options are applied."""
+        remembered = self._parsed
+        if remembered is None or remembered[0] != text:
+            try:
+                remembered = (text, policy.parse(text, source="environment.yml"))
+            except SpecError as error:
+                remembered = (text, error)
+            self._parsed = remembered
+        if isinstance(remembered[1], SpecError):
+            raise remembered[1]
+        return remembered[1]
+
+    async def parse_custom_off_loop(self, text: str) -> EnvironmentSpec:
+        """Parse a user's environment.yml in a thread, off the hub's event loop; SpecError if
+        refused. resolve_choice then takes the remembered result."""
+        return await asyncio.to_thread(self._parse_custom, text, self.services.policy)
 
     def apply_choice(self, user_options: dict | None) -> None:
         """Validate ``user_options`` and store them normalised (JSON: profile, spec text, key)."""
@@ -203,7 +225,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if self.orm_spawner is not None:
             self.orm_spawner.user_options = normalised
 
-    def options_from_form_data(self, formdata: dict[str, list]) -> dict[str, Any]:
+    async def options_from_form_data(self, formdata: dict[str, list]) -> dict[str, Any]:
         """Form fields -> user_options. Errors are ValueError: the form shows them as one line."""
         options: dict[str, Any] = {}
         if formdata.get("profile"):
@@ -219,8 +241,10 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             raise ValueError("environment: upload a file or paste text, not both")
         data: str | bytes = upload.get("body") or text
         if data:
+            policy = self.services.policy
             try:
-                self.services.policy.parse(data, source=upload.get("filename") or "pasted environment.yml")
+                spec = await asyncio.to_thread(policy.parse, data,
+                                               source=upload.get("filename") or "pasted environment.yml")
             except SpecError as error:
                 if error.count > 1:
                     self._last_form["problems"] = {"source": error.source, "count": error.count,
@@ -229,6 +253,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
             # keeps its notes (ignored keys) for the progress page.
             options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+            self._parsed = (options["environment"], spec)
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:

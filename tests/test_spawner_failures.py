@@ -164,7 +164,7 @@ async def test_a_spec_that_cannot_solve_is_the_users_to_fix_and_a_profiles_the_a
     assert failure.message.endswith("tell the hub admin")
 
 
-def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_path):
+async def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
 
     with pytest.raises(StartFailure) as refusal:
@@ -174,7 +174,7 @@ def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_path):
     assert refusal.value.message.startswith("No GPU is free on this hub: 0 of 0 ('gpu' needs 1 GPU for CUDA 12.4; ")
     assert "NVML" not in refusal.value.message and "NVML" in refusal.value.log_message
     with pytest.raises(ValueError, match="^No GPU is free on this hub: 0 of 0"):  # the form says the same
-        spawner.options_from_form_data({"profile": ["gpu"]})
+        await spawner.options_from_form_data({"profile": ["gpu"]})
 
 
 @pytest.mark.docker
@@ -425,7 +425,7 @@ async def test_a_hung_swarm_manager_is_never_asked_on_the_hubs_event_loop(tmp_pa
         spawner = HungManager(user=StandInUser("ivan"), hub=Hub(), config=config)
         spawner.services  # the hub's services, on first use: no GPU table to restore from a swarm
         spawner.apply_choice({"profile": "gpu"})  # the REST options and the form: judged without the manager
-        spawner.options_from_form_data({"profile": ["gpu"]})
+        await spawner.options_from_form_data({"profile": ["gpu"]})
         assert hung.held == []
 
         with pytest.raises(docker.errors.DockerException, match="Read timed out"):  # the start asks it, off the loop

@@ -6,6 +6,7 @@ here needs Docker: a refused spec never reaches the builder.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ async def test_the_form_lists_every_problem_escaped(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     text = MANY.replace("anaconda-fake", "<b>bold</b>")
     with pytest.raises(ValueError) as refusal:
-        spawner.options_from_form_data({"profile": ["py"], "environment_text": [text]})
+        await spawner.options_from_form_data({"profile": ["py"], "environment_text": [text]})
     message, _ = format_exception(refusal.value)  # what JupyterHub's spawn page shows above the form
     assert message == "pasted environment.yml: 4 problems, listed under your environment.yml below"
     assert str(refusal.value).startswith("pasted environment.yml: 4 problems: channels[0] (line 3): ")
@@ -60,17 +61,17 @@ async def test_the_form_lists_every_problem_escaped(tmp_path):
 async def test_an_upload_with_problems_opens_the_box_with_its_list(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     with pytest.raises(ValueError):
-        spawner.options_from_form_data(
+        await spawner.options_from_form_data(
             {"profile": ["py"], "environment_file_file": [{"body": MANY.encode(), "filename": "mine.yml"}]})
     form = await spawner.render_options_form()
     assert 'id="condaspawner-custom" open' in form
     assert "mine.yml: 4 problems:" in form.split('data-testid="condaspawner-form-problems">')[1]
 
 
-def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
+async def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     with pytest.raises(ValueError) as refusal:
-        spawner.options_from_form_data({"profile": ["py"], "environment_text": ["channels: [default]\n"
+        await spawner.options_from_form_data({"profile": ["py"], "environment_text": ["channels: [default]\n"
                                                                                 "dependencies: [numpy]\n"]})
     message, _ = format_exception(refusal.value)
     assert message == str(refusal.value)
@@ -78,10 +79,10 @@ def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
                               "(did you mean 'defaults'?)")
 
 
-def test_an_upload_with_ignored_keys_is_accepted_and_noted_on_the_progress_page(tmp_path):
+async def test_an_upload_with_ignored_keys_is_accepted_and_noted_on_the_progress_page(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     upload = (CORPUS / "good" / "conda-lock-keys.yml").read_bytes()
-    options = spawner.options_from_form_data(
+    options = await spawner.options_from_form_data(
         {"profile": ["py"], "environment_file_file": [{"body": upload, "filename": "env.yml"}]})
     spawner.apply_choice(options)
     _, custom = spawner._choice
@@ -98,15 +99,38 @@ async def test_the_notes_are_the_first_progress_events(tmp_path):
     assert messages[0] == "Note: your environment.yml: ignored: platforms, category, extras"
 
 
-def test_an_indented_paste_gets_the_same_verdict_from_the_form_as_from_check_and_rest(tmp_path):
+async def test_an_indented_paste_gets_the_same_verdict_from_the_form_as_from_check_and_rest(tmp_path):
     """A file copied from an indented code block: every line indented alike is valid YAML, and the
     form parses it as pasted, as Check and the REST API do (stripping only its first line broke it)."""
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     pasted = "    channels: [conda-forge]\n    dependencies:\n      - python=3.9\n"
     assert spawner.services.policy.parse(pasted).conda == ("python 3.9.*",)  # what Check and REST parse
-    options = spawner.options_from_form_data({"profile": ["py"], "environment_text": [pasted]})
+    options = await spawner.options_from_form_data({"profile": ["py"], "environment_text": [pasted]})
     spawner.apply_choice(options)
     _, custom = spawner._choice
     assert custom is not None and custom.conda == ("python 3.9.*",)
-    blank = spawner.options_from_form_data({"profile": ["py"], "environment_text": ["   \n"]})
+    blank = await spawner.options_from_form_data({"profile": ["py"], "environment_text": ["   \n"]})
     assert "environment" not in blank  # a box of spaces is an empty box: the profile's own environment
+
+
+async def test_a_pasted_file_is_read_once_and_off_the_hubs_event_loop(tmp_path):
+    """The form reads the paste, then JupyterHub applies the options: one parse, in a thread
+    (a file at the size limit takes up to a second to read, and the hub serves everyone meanwhile).
+    REST options are read when applied, before any await, so that a refusal answers the request."""
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    policy = spawner.services.policy
+    reads: list[bool] = []
+    real_parse = type(policy).parse
+
+    def recording_parse(self, data, source=None):
+        reads.append(threading.current_thread() is threading.main_thread())
+        return real_parse(self, data, source)
+
+    pasted = "channels: [conda-forge]\ndependencies:\n  - python=3.9\n"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(policy), "parse", recording_parse)
+        options = await spawner.options_from_form_data({"profile": ["py"], "environment_text": [pasted]})
+        await spawner._run_apply_user_options(options)
+        assert reads == [False]
+    _, custom = spawner._choice
+    assert custom is not None and custom.conda == ("python 3.9.*",)

@@ -218,7 +218,7 @@ async def test_a_profile_whose_cuda_no_nodes_driver_supports_is_refused_at_once(
         await spawner._run_apply_user_options({"profile": "gpu"})
     await spawner.render_options_form()  # the form, as the user sees it before submitting
     with pytest.raises(ValueError) as form:
-        spawner.options_from_form_data({"profile": ["gpu"]})
+        await spawner.options_from_form_data({"profile": ["gpu"]})
 
     assert (refusal.value.status_code, refusal.value.reason) == (400, "gpu-infeasible")
     assert refusal.value.message == (

@@ -204,7 +204,7 @@ async def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench,
         refusals[profile] = refusal.value
     await spawner.render_options_form()  # the form, as the user sees it before submitting
     with pytest.raises(ValueError) as form:  # the form says the same, in one line
-        spawner.options_from_form_data({"profile": ["three"]})
+        await spawner.options_from_form_data({"profile": ["three"]})
 
     print("\n".join(failure.message for failure in refusals.values()))
     assert all(failure.status_code == 400 and "\n" not in failure.message for failure in refusals.values())
