@@ -46,6 +46,9 @@ class BuildRecord:
     env_name: str = ""  # a profile's slug, or "custom" (empty in records older than it)
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 class BuildRecords:
     """The per-key folders under ``<cache_dir>/builds``."""
 
@@ -53,6 +56,10 @@ class BuildRecords:
         self.root = Path(cache_dir) / "builds"
 
     def key_dir(self, key: str) -> Path:
+        """The key's folder; ValueError for text that is not a key (hex digits), which never
+        becomes a path."""
+        if not key or not set(key) <= _HEX_DIGITS:
+            raise ValueError(f"not a build key: {key[:80]!r}")
         return self.root / key
 
     def mark_used(self, key: str) -> None:

@@ -27,7 +27,7 @@ import docker
 
 from . import buildcontext, layeredbuild, layers, leftovers, metrics, staging
 from .builderrors import BuildError, one_line
-from .buildmodel import Build, BuildRequest, ImageInfo
+from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, ImageInfo
 from .buildrecords import file_lock, now
 from .dockerbuild import docker_build
 from .resolve import Lock, Resolver, is_no_space
@@ -226,8 +226,7 @@ class BuildRuns:
             with (key_dir / "build.log").open("w", buffering=1) as build_log:
                 failed = True
                 try:
-                    build_log.write(f"build {key} of {request.display_name} ({request.env_name}) started {now()} "
-                                    f"(pid {os.getpid()})\n")
+                    build_log.write(f"build {key} of {_logged_name(request)} started {now()} (pid {os.getpid()})\n")
                     lock = await self.resolve(build, request, build_log)
                     image_id = await self._write_image(build, request, lock, context, build_log)
                     failed = False
@@ -267,3 +266,11 @@ class BuildRuns:
         removal = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, folder, True))
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
+
+
+def _logged_name(request: BuildRequest) -> str:
+    """The build's name in its log, which every user of the same spec may read: a user's own
+    environment's ``name:`` is free text of the first user's, and stays out of it."""
+    if request.env_name == CUSTOM_ENV_NAME:
+        return "a user's own environment (custom)"
+    return f"{request.display_name} ({request.env_name})"

@@ -99,6 +99,8 @@ class _Environments:
 
     def use_of(self, key: str) -> Use:
         """The current user's use of ``key``; for admins anyone's, or the build's own record."""
+        if not environments.is_key(key):  # an admin's ?key= or rebuild argument reaches a path
+            raise PageFailure(404, "key: must be an image's full key (64 hex digits)")
         services = self.condaspawner
         for use in services.usage.uses(self.user_name, user_identity(self.current_user)):
             if use.key == key:
@@ -270,6 +272,14 @@ class _Environments:
 def _remove_image(builder: ImageBuilder, key: str, image_id: str) -> None:
     """Remove the key's image and the stopped containers of servers that ran it (a stopped
     server's next start replaces its container anyway: its image changed)."""
+    with builder.records.unpinned(key) as free:  # as gc: a start that found this image keeps it
+        if not free:
+            raise PageFailure(409, "a server is starting on this image: try again when it has started, "
+                                   "and stop it first")
+        _remove_unpinned_image(builder, key, image_id)
+
+
+def _remove_unpinned_image(builder: ImageBuilder, key: str, image_id: str) -> None:
     client = builder.client
     for container in client.containers.list(ignore_removed=True, all=True, filters={"label": f"{LABEL_KEY}={key}"}):
         if container.status == "running":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any, AsyncIterator
@@ -226,7 +227,16 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self.orm_spawner.user_options = normalised
 
     async def options_from_form_data(self, formdata: dict[str, list]) -> dict[str, Any]:
-        """Form fields -> user_options. Errors are ValueError: the form shows them as one line."""
+        """Form fields -> user_options. Errors are FormRefusal (a ValueError): the form shows
+        them as one line, and the hub logs them as one line."""
+        _quiet_form_refusals(self.log)  # JupyterHub's handler logs the refusal on this logger
+        try:
+            return await self._options_from_form(formdata)
+        except FormRefusal as refusal:
+            refusal.server = self._log_name
+            raise
+
+    async def _options_from_form(self, formdata: dict[str, list]) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if formdata.get("profile"):
             options["profile"] = formdata["profile"][0]
@@ -235,10 +245,12 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         # Parsed as pasted, as Check and the REST API do: stripping would take away only the first
         # line's indentation of a uniformly indented paste, and break it.
         text = raw_text if raw_text.strip() else ""
-        # Shown again, as typed, if the hub sends the form back with an error.
-        self._last_form = {"profile": options.get("profile"), "environment": raw_text}
+        # Shown again, as typed, if the hub sends the form back with an error; a paste over the
+        # size limit is not kept (the hub's body limit is 100 MB, rendered back into HTML).
+        kept = raw_text if len(raw_text) <= self.services.policy.max_file_bytes else ""
+        self._last_form = {"profile": options.get("profile"), "environment": kept}
         if upload.get("body") and text:
-            raise ValueError("environment: upload a file or paste text, not both")
+            raise FormRefusal("environment: upload a file or paste text, not both")
         data: str | bytes = upload.get("body") or text
         if data:
             policy = self.services.policy
@@ -249,7 +261,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                 if error.count > 1:
                     self._last_form["problems"] = {"source": error.source, "count": error.count,
                                                    "details": list(error.details)}
-                raise FormRefusal(error) from None
+                raise FormRefusal.of_spec(error) from None
             # The file as written (it parsed, so it is UTF-8): apply_choice normalises it and
             # keeps its notes (ignored keys) for the progress page.
             options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
@@ -257,7 +269,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
-            raise ValueError(refusal.message) from None
+            raise FormRefusal(refusal.message) from None
         return options
 
     def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
@@ -572,18 +584,42 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
 
 
 class FormRefusal(ValueError):
-    """A spec refused on the form: one problem as one line; several summed up in one line,
-    and listed under the environment.yml box of the form rendered again (render_options_form).
+    """A choice refused on the form, as one line. A spec with several problems is summed up in
+    one line and listed under the environment.yml box of the form rendered again.
 
     JupyterHub shows ``jupyterhub_message`` above the form it renders again. Its
     ``jupyterhub_html_message`` never shows there (JupyterHub passes it to spawn.html as
     ``html_error_message``, which reads ``error_html_message``), so the list is the form's own.
     """
 
-    def __init__(self, error: SpecError):
-        super().__init__(str(error))
-        self.jupyterhub_message = str(error) if error.count == 1 else (
-            f"{error.source}: {error.count} problems, listed under your environment.yml below")
+    def __init__(self, message: str, shown: str | None = None):
+        super().__init__(message)
+        self.jupyterhub_message = shown or message
+        self.server = ""  # whose form, for the hub's log
+
+    @classmethod
+    def of_spec(cls, error: SpecError) -> FormRefusal:
+        return cls(str(error), str(error) if error.count == 1 else (
+            f"{error.source}: {error.count} problems, listed under your environment.yml below"))
+
+
+class _QuietFormRefusals(logging.Filter):
+    """JupyterHub logs a refused spawn form at ERROR with its traceback; a refused input is
+    the user's mistake, not the hub's: one line at INFO, as for refused REST options."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        refusal = record.exc_info[1] if record.exc_info else None
+        if isinstance(refusal, FormRefusal):
+            record.msg, record.args = "Refused spawn form for %s: %s", (refusal.server, one_line(refusal))
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _quiet_form_refusals(log: logging.Logger | logging.LoggerAdapter) -> None:
+    logger = log.logger if isinstance(log, logging.LoggerAdapter) else log
+    if not any(isinstance(existing, _QuietFormRefusals) for existing in logger.filters):
+        logger.addFilter(_QuietFormRefusals())
 
 
 def _spec_refused(error: SpecError) -> StartFailure:

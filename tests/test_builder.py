@@ -250,6 +250,8 @@ async def test_students_files_that_differ_only_in_their_name_share_one_build(bui
                                                        "/opt/conda/share/jupyter/kernels/custom/kernel.json"],
                                            remove=True, network_mode="host")
     assert json.loads(kernel)["display_name"] == "My environment"  # not one student's name: the image is shared
+    first_line = (builder.key_dir(first.key) / "build.log").read_text().splitlines()[0]
+    assert "hw" not in first_line.split() and "(custom)" in first_line  # the shared log names no one's file
 
 
 async def test_gc_reads_0_as_no_limit_for_both_max_images_and_disk_budget(builder):

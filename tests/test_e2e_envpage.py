@@ -27,6 +27,7 @@ from fixtures_docker import REPO
 from fixtures_hub import FAKE_GPU
 from pip_index import HUB_PIP_CONFIG, served_to_hubs
 
+from jupyterhub_condaspawner.buildrecords import BuildRecords
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
@@ -336,7 +337,17 @@ def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     assert status == 400 and body["message"] == "dry_run: must be true or false"
     status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": "0" * 64})
     assert status == 404 and body["message"] == "no environment with this key on this hub"
-    # The first envtest build: unused, so it goes.
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": "../../" + "0" * 58})  # never a path
+    assert status == 404 and body["message"] == "key: must be an image's full key (64 hex digits)"
+    # The first envtest build: unused, so it goes, once no start holds it (as gc: a start that
+    # found the image pins it until its container runs).
+    start_pin = BuildRecords(hub.state / "builder").pin(story["first_profile_key"])
+    try:
+        status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['first_profile_key']}")
+        assert status == 409 and body["message"] == ("a server is starting on this image: try again when it has "
+                                                     "started, and stop it first"), body
+    finally:
+        start_pin.close()
     status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['first_profile_key']}")
     assert status == 200, body
     keys = {image["key"] for image in envadmin.get("/admin/images")["images"]}

@@ -158,6 +158,13 @@ def test_refused_input_is_one_log_line_without_a_traceback(hub):
     assert "Traceback" not in log
     assert [line for line in log.splitlines() if "Refused options" in line and "mallory2" in line]
 
+    log_start = len(hub.log())  # the same input on the spawn form
+    form_failure_page(hub, "mallory3", {"profile": "python39", "environment_text": "dependencies: [numpy; rm -rf /]"})
+    log = hub.log()[log_start:]
+    assert "Traceback" not in log and "Failed to spawn single-user server with form" not in log, log
+    refused = [line for line in log.splitlines() if "Refused spawn form for mallory3" in line]
+    assert len(refused) == 1 and "environment.yml: dependencies[0]" in refused[0], log
+
 
 def test_an_unsatisfiable_pip_section_names_the_requirement(hub, pip_index):
     spawn = Spawn(hub, "pipper", {"profile": "python39", "environment": custom_env(pip=[f"{NO_SUCH}==1.0"])})

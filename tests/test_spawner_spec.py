@@ -134,3 +134,16 @@ async def test_a_pasted_file_is_read_once_and_off_the_hubs_event_loop(tmp_path):
         assert reads == [False]
     _, custom = spawner._choice
     assert custom is not None and custom.conda == ("python 3.9.*",)
+
+
+async def test_a_paste_over_the_size_limit_is_refused_and_not_sent_back_in_the_form(tmp_path):
+    """The hub takes a 100 MB body: kept and rendered back into the form, it would cost
+    seconds of the hub's event loop and a gigabyte of memory per submit."""
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    limit = spawner.services.policy.max_file_bytes
+    pasted = "dependencies: [python]\n" + "#" * limit
+    with pytest.raises(ValueError) as refusal:
+        await spawner.options_from_form_data({"profile": ["py"], "environment_text": [pasted]})
+    assert str(refusal.value) == f"pasted environment.yml: file is {len(pasted)} bytes, larger than the limit of {limit}"
+    form = await spawner.render_options_form()
+    assert "#" * 100 not in form and len(form) < limit
