@@ -41,8 +41,11 @@ if TYPE_CHECKING:
 
 # <registry>/<repository>[:tag]@sha256:<digest>: what a pod may run. A tag alone is
 # mutable: the same profile could start another environment tomorrow.
+# The registry host may hold capitals and be an IPv6 address ([fd00::1]:5000), as Docker's
+# reference grammar allows; the repository path is lower case.
 PINNED_REFERENCE = re.compile(
-    r"(?P<name>[a-z0-9][a-z0-9._-]*(?::[0-9]+)?(?:/[a-z0-9][a-z0-9._-]*)*)"
+    r"(?P<name>(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::[0-9]+)?/)?"
+    r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*)"
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
     r"@sha256:(?P<digest>[0-9a-f]{64})\Z"
 )

@@ -706,3 +706,14 @@ def test_build_push_says_why_it_cannot_push_before_building(monkeypatch: pytest.
     assert cli.main(["build", "--push", "--profiles", str(SHIPPED)]) == 1
     assert capsys.readouterr().err == 'error: cannot push: no registry to push to: set c.ImageBuilder.registry = ' \
                                       '"registry.example.edu/condaspawner-env"\n'
+
+
+@pytest.mark.parametrize("registry", ["registry.example:5000", "Registry.Example.ORG", "[fd00::1]:5000",
+                                      "10.0.0.2:5000/lab"])
+def test_a_pinned_reference_may_name_any_registry_host_docker_accepts(registry):
+    """Docker's reference grammar lets the host hold capitals and be an IPv6 address; the
+    repository path stays lower case, and a digest is always needed."""
+    digest = "@sha256:" + "a" * 64
+    assert PINNED_REFERENCE.match(f"{registry}/envs:key{digest}")
+    assert not PINNED_REFERENCE.match(f"{registry}/Envs:key{digest}")
+    assert not PINNED_REFERENCE.match(f"{registry}/envs:key")
