@@ -172,6 +172,19 @@ class ImageBuilder(LoggingConfigurable):
         c.ImageBuilder.max_concurrent_builds = 4
         """,
     )
+    max_concurrent_presolves = Integer(
+        2,
+        min=1,
+        config=True,
+        help="""Solves of users' own environments run at once in this hub, before a spawn (the
+        pre-check) and for the spawn form's Check button; further ones wait for a slot, within
+        SpecPolicy.precheck_timeout (past it the spawn goes on and its build solves). A solve of a
+        large environment takes a CPU and hundreds of MB. A Check of a file checked in the last
+        10 minutes (same solve) answers from its kept lock without solving.
+
+        c.ImageBuilder.max_concurrent_presolves = 4
+        """,
+    )
     pip_config = Dict(
         config=True,
         help="""pip settings for the pip section of every build, written as the [global]
@@ -458,8 +471,10 @@ class ImageBuilder(LoggingConfigurable):
         return await self.ensure(request).result()
 
     async def presolve(self, request: BuildRequest) -> Lock:
-        """Solve ``request`` as its build will (ResolveError if it cannot be solved); the build
-        of the same request within buildrun.PRESOLVED_SECONDS takes this lock instead of solving."""
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved), at most
+        ``max_concurrent_presolves`` at a time; the build of the same request within
+        buildrun.PRESOLVED_SECONDS takes this lock instead of solving (and a pre-solve of the same
+        solve within that time answers with it)."""
         return await self.runs.presolved.solve(self.resolver, request)
 
     def in_progress(self) -> list[Build]:

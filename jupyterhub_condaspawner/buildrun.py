@@ -5,7 +5,7 @@ a time, each under its key's file lock (several hub processes on one daemon), wi
 :class:`BuildRuns` is what :meth:`ImageBuilder.ensure` starts builds with; the builder
 keeps the settings, the daemon, keys and lookups. A build's steps are staging.py (solve,
 install), buildcontext.py (files, labels), then layeredbuild.py or dockerbuild.py.
-:class:`PresolvedLocks` keeps the lock of a spawn's pre-check for its build.
+:class:`PresolvedLocks` runs the pre-checks' solves (a few at a time) and keeps their locks for the builds.
 """
 
 from __future__ import annotations
@@ -37,14 +37,21 @@ if TYPE_CHECKING:
 
 # How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
 PRESOLVED_SECONDS = 600
+# The most locks kept at once (the oldest go first): each Check of a new file keeps one.
+PRESOLVED_KEPT = 64
 
 
 class PresolvedLocks:
-    """Locks solved by spawns' pre-checks, each taken (once) by the build of the same request
-    within PRESOLVED_SECONDS, so that a spawn does not solve twice."""
+    """Locks solved by spawns' pre-checks and the form's Check, at most ``slots`` solves at a
+    time; each lock is reused by a pre-check of the same solve and taken (once) by the build
+    of the same request within PRESOLVED_SECONDS, so that a spawn does not solve twice."""
 
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock)
+    def __init__(self, slots: int, kept: int = PRESOLVED_KEPT) -> None:
+        self._locks: dict[str, tuple[float, Lock]] = {}  # solve key -> (when, lock), oldest first
+        self._slots = asyncio.Semaphore(slots)
+        self.kept = kept
+        self.solving = 0  # solves running now
+        self.waiting = 0  # pre-solves waiting for a slot
 
     @staticmethod
     def _solve_key(resolver: Resolver, request: BuildRequest) -> str:
@@ -55,17 +62,56 @@ class PresolvedLocks:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     async def solve(self, resolver: Resolver, request: BuildRequest) -> Lock:
-        """Solve ``request`` as its build will (ResolveError if it cannot be solved), and keep the lock."""
-        lock = await resolver.solve(staging.with_kernel_package(request.spec), cuda=request.cuda)
-        solved_at = time.monotonic()
-        self._locks = {key: kept for key, kept in self._locks.items() if solved_at - kept[0] < PRESOLVED_SECONDS}
-        self._locks[self._solve_key(resolver, request)] = (solved_at, lock)
+        """Solve ``request`` as its build will (ResolveError if it cannot be solved), and keep the
+        lock; a lock kept for the same solve is the answer without solving again."""
+        key = self._solve_key(resolver, request)
+        lock = self._recent(key)
+        if lock is not None:
+            return lock
+        async with self._slot():
+            lock = self._recent(key)  # solved by another pre-solve while this one waited
+            if lock is None:
+                lock = await resolver.solve(staging.with_kernel_package(request.spec), cuda=request.cuda)
+                self._keep(key, lock)
         return lock
 
     def take(self, resolver: Resolver, request: BuildRequest) -> Lock | None:
         """The kept lock of ``request``, if still good (it is then forgotten), else None."""
-        kept = self._locks.pop(self._solve_key(resolver, request), None)
+        key = self._solve_key(resolver, request)
+        lock = self._recent(key)
+        self._locks.pop(key, None)
+        return lock
+
+    @property
+    def count(self) -> int:
+        """How many locks are kept now."""
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.solving += 1
+        try:
+            yield
+        finally:
+            self.solving -= 1
+            self._slots.release()
+
+    def _recent(self, key: str) -> Lock | None:
+        kept = self._locks.get(key)
         return kept[1] if kept is not None and time.monotonic() - kept[0] < PRESOLVED_SECONDS else None
+
+    def _keep(self, key: str, lock: Lock) -> None:
+        solved_at = time.monotonic()
+        self._locks = {other: kept for other, kept in self._locks.items()
+                       if other != key and solved_at - kept[0] < PRESOLVED_SECONDS}
+        self._locks[key] = (solved_at, lock)
+        while len(self._locks) > self.kept:
+            del self._locks[next(iter(self._locks))]
 
 
 class BuildRuns:
@@ -73,7 +119,7 @@ class BuildRuns:
 
     def __init__(self, builder: ImageBuilder):
         self.builder = builder
-        self.presolved = PresolvedLocks()
+        self.presolved = PresolvedLocks(builder.max_concurrent_presolves)
         self.running: dict[str, Build] = {}
         self.started = 0  # builds that did build (not cache hits, not joins)
         self.seconds: list[float] = []  # how long each took

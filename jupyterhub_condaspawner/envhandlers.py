@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -37,6 +38,9 @@ _NOTICE_CHARS = 1000
 LOG_POLL_S = 0.5  # how often a live log (or the builds table) looks for news
 STREAM_S = 3600.0  # a live table's stream ends after this; the browser's EventSource reconnects
 HEARTBEAT_S = 15.0  # a comment line this often: a closed connection shows on the next write
+# A request body is read (json.loads) only up to this many times SpecPolicy.max_file_bytes:
+# an environment.yml in JSON, with room for its escapes.
+BODY_FILE_FACTOR = 4
 
 
 class PageFailure(web.HTTPError):
@@ -323,6 +327,7 @@ class _API(_Environments, APIHandler):
         super().write_error(status_code, **kwargs)
 
     def body(self) -> dict[str, Any]:
+        self._refuse_large_body()
         try:
             data = json.loads(self.request.body or b"{}")
         except ValueError:
@@ -330,6 +335,14 @@ class _API(_Environments, APIHandler):
         if not isinstance(data, dict):
             raise PageFailure(400, "the request body must be a JSON object")
         return data
+
+    def _refuse_large_body(self) -> None:
+        self.user_name  # noqa: B018 (a user: their spawner has the policy)
+        size, most = len(self.request.body or b""), self.condaspawner.policy.max_file_bytes
+        if size > BODY_FILE_FACTOR * most:
+            raise PageFailure(413, f"the request body is {size} bytes, more than this API reads "
+                                   f"({BODY_FILE_FACTOR} x SpecPolicy.max_file_bytes): send an environment.yml "
+                                   f"of at most {most} bytes")
 
 
 class EnvironmentsAPI(_API):
@@ -493,14 +506,16 @@ class CheckAPI(_API):
             raise PageFailure(400, "environment: paste or upload an environment.yml first")
         if slug is not None and not isinstance(slug, str):
             raise PageFailure(400, "profile: must be a profile's slug")
-        self.user_name  # noqa: B018 (a user whose token may start servers: the check solves on the hub)
+        user = self.user_name  # a user whose token may start servers: the check solves on the hub
         spawner = self.current_user.spawner
-        self.condaspawner  # noqa: B018 (a CondaSpawner, first)
+        with one_check_at_a_time(self.condaspawner.checking, user):
+            self.write(await self._answer(spawner, text, slug))
+
+    async def _answer(self, spawner: CondaSpawner, text: str, slug: str | None) -> dict[str, Any]:
         try:
             spec = await spawner.parse_custom_off_loop(text)
         except SpecError as error:
-            self.write({"ok": False, "problems": error.details, "count": error.count})
-            return
+            return {"ok": False, "problems": error.details, "count": error.count}
         result: dict[str, Any] = {"ok": True, "key": spec.key(), "notes": list(spec.notes), "solves": None}
         try:
             profile, custom = spawner.resolve_choice({"profile": slug or None, "environment": text})
@@ -508,9 +523,20 @@ class CheckAPI(_API):
                 result["solves"] = await spawner.presolve(profile, custom)
         except web.HTTPError as refusal:
             message = getattr(refusal, "jupyterhub_message", None) or refusal.log_message or str(refusal)
-            self.write({"ok": False, "problems": [message], "count": 1})
-            return
-        self.write(result)
+            return {"ok": False, "problems": [message], "count": 1}
+        return result
+
+
+@contextlib.contextmanager
+def one_check_at_a_time(checking: set[str], user: str) -> Iterator[None]:
+    """At most one Check of ``user``'s runs (each may solve): 429 for another meanwhile."""
+    if user in checking:
+        raise PageFailure(429, "your previous check is still running: wait for its answer, then check again")
+    checking.add(user)
+    try:
+        yield
+    finally:
+        checking.discard(user)
 
 
 class AdminViewAPI(_API):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -46,6 +46,7 @@ class HubServices:
     owners: VolumeLedger  # home volumes adopted from an older hub, or orphaned by a deleted user
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
     sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
+    checking: set[str] = field(default_factory=set)  # users whose Check (the form's button) runs now
 
 
 # Keyed by the config's id; the config itself is kept too, so that id is never reused.

@@ -10,6 +10,7 @@ environments (others' keys are 404), non-admins get 403 on admin views and actio
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -21,12 +22,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import gated_channel
 import pytest
 import yaml
 from fixtures_docker import REPO
 from fixtures_hub import FAKE_GPU
 from pip_index import HUB_PIP_CONFIG, served_to_hubs
+from throwaway_channel import write_channel
 
+from condaspawner_bench.devchannel import CondaPackage
 from jupyterhub_condaspawner.buildrecords import BuildRecords
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -43,7 +47,11 @@ c.JupyterHub.load_groups.update({"envpage-admins": {"users": ["groupadmin"]}})
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
 c.ImageBuilder.max_concurrent_builds = 1  # a second build waits in the build queue (the live table)
 c.ImageBuilder.max_images = 1  # the GC run (the last test) removes every image no container uses
-"""
+# A channel whose answers wait for the test (a Check that is solving), held longer than a slow run takes.
+c.Resolver.channel_urls.update({"gated-checks": os.environ["%s"]})
+c.SpecPolicy.allowed_channels.append("gated-checks")
+c.SpecPolicy.precheck_timeout = 300
+""" % gated_channel.HUB_ENV
 GATED = "gated-envpage-builds"
 EARLY_NAME = "built-before-the-hub"
 RUN = uuid.uuid4().hex  # new keys on every run: the daemon is shared
@@ -59,6 +67,14 @@ allow_custom_environment: true
 def pip_index():
     with served_to_hubs() as index:
         yield index
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gated_checks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gated-checks")
+    write_channel(directory, [CondaPackage("cs-gated", "1.0", "0", "noarch")])
+    with gated_channel.served_to_hubs(directory) as channel:
+        yield channel
 
 
 def hub_before_start(hub) -> None:
@@ -430,6 +446,40 @@ def test_check_says_when_a_valid_file_cannot_solve_and_on_which_profile(hub):
     assert status == 400 and answer["message"] == "environment: paste or upload an environment.yml first"
     status, answer, _ = client.call("POST", "/check", {"profile": "python39", "environment": 5})
     assert status == 400 and answer["message"] == "environment: must be the text of an environment.yml"
+
+
+def test_a_second_check_of_a_user_while_their_first_solves_is_a_429_and_a_later_one_reuses_its_lock(
+        hub, gated_checks: gated_channel.GatedChannel):
+    dana, erin = Client(hub, "checker5"), Client(hub, "checker6")
+    gated = {"profile": "python39",
+             "environment": "channels: [conda-forge, gated-checks]\ndependencies: [python=3.9, ipykernel, cs-gated]\n"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(dana.call, "POST", "/check", gated)
+        assert gated_checks.asked.wait(300), first.result()  # dana's check is solving: it waits on the channel
+
+        status, answer, _ = dana.call("POST", "/check", gated)
+        assert status == 429 and answer["message"] == (
+            "your previous check is still running: wait for its answer, then check again"), answer
+        status, answer, _ = erin.call("POST", "/check", {"profile": "python39", "environment": own_env("cs-beta")})
+        assert status == 200 and answer["solves"] is True, answer  # another user's check goes on
+        gated_checks.gate.set()
+        status, answer, _ = first.result()
+    assert status == 200 and answer["solves"] is True, answer
+
+    gated_checks.gate.clear()  # a solve now would wait (past the pre-check's timeout: "solves": null)
+    status, answer, _ = dana.call("POST", "/check", gated)
+    gated_checks.gate.set()
+    assert status == 200 and answer["solves"] is True, answer  # the kept lock answered
+
+
+def test_a_request_body_larger_than_the_api_reads_is_a_413_in_one_line(hub):
+    most = SpecPolicy().max_file_bytes
+    body = {"profile": "python39", "environment": "#" * (4 * most)}
+    status, answer, _ = Client(hub, "checker7").call("POST", "/check", body)
+
+    assert status == 413 and answer["message"] == (
+        f"the request body is {len(json.dumps(body).encode())} bytes, more than this API reads "
+        f"(4 x SpecPolicy.max_file_bytes): send an environment.yml of at most {most} bytes"), answer
 
 
 def test_the_spawn_form_has_the_check_button(hub):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pytest
 from traitlets.config import Config
 
 from jupyterhub_condaspawner.culler import GpuIdleCuller
+from jupyterhub_condaspawner.envhandlers import PageFailure, one_check_at_a_time
 from jupyterhub_condaspawner.environments import swarm_gpu_map
 from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory
@@ -69,3 +71,17 @@ def test_the_swarm_gpu_map_lists_each_nodes_gpus_holders_readings_and_the_pendin
     assert view["gpus"][2]["utilization"] is None  # worker2 gave no reading
     assert [(w["user"], w["position"], w["gpus"], w["waited_seconds"], w["reason"]) for w in view["queue"]] == [
         ("bob", 0, 2, 50, ""), ("carol", 1, 2, 30, "insufficient resources on 2 nodes")]
+
+
+def test_a_users_second_check_while_the_first_runs_is_a_429_in_one_line():
+    checking: set[str] = set()
+    with one_check_at_a_time(checking, "alice"):
+        with pytest.raises(PageFailure) as refused, one_check_at_a_time(checking, "alice"):
+            pass
+        with one_check_at_a_time(checking, "bob"):  # another user's check runs
+            assert checking == {"alice", "bob"}
+    assert (refused.value.status, refused.value.message) == (
+        429, "your previous check is still running: wait for its answer, then check again")
+    with pytest.raises(ValueError), one_check_at_a_time(checking, "alice"):  # a check that fails ends too
+        raise ValueError
+    assert checking == set()

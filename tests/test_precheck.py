@@ -6,17 +6,22 @@ form and REST alike), the builder's reuse of its lock, and `condaspawner validat
 
 from __future__ import annotations
 
+import asyncio
 import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from gated_channel import GatedChannel
 from test_spawner_failures import spawner_for
+from throwaway_channel import write_channel
 
+from condaspawner_bench.devchannel import CondaPackage
 from jupyterhub_condaspawner.builder import Build, BuildError, BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.buildrun import PresolvedLocks
 from jupyterhub_condaspawner.failures import StartFailure
-from jupyterhub_condaspawner.resolve import ResolveError
+from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +105,65 @@ async def test_the_pre_check_solves_for_the_profiles_cuda(tmp_path, dev_python_c
     assert "cs-cuda-kernels" in {p["name"] for p in lock.packages()}
     with pytest.raises(ResolveError, match="needs a CUDA GPU"):
         await builder.presolve(BuildRequest(spec))
+
+
+# -- how many pre-solves run at once, and which locks are kept (a channel of a few packages) ------------
+
+
+def small_channel(directory: Path) -> Path:
+    """ipykernel (every solve adds it) and cs-one ... cs-four, noarch and without dependencies."""
+    names = ("ipykernel", "cs-one", "cs-two", "cs-three", "cs-four")
+    write_channel(directory, [CondaPackage(name, "1.0", "0", "noarch") for name in names])
+    return directory
+
+
+def request_of(package: str) -> BuildRequest:
+    return BuildRequest(SpecPolicy().parse(f"channels: [conda-forge]\ndependencies: [{package}]\n"))
+
+
+def names(lock) -> set[str]:
+    return {package["name"] for package in lock.packages()}
+
+
+async def test_pre_solves_beyond_max_concurrent_presolves_wait_for_a_slot(tmp_path):
+    with GatedChannel(small_channel(tmp_path / "channel")) as channel:
+        builder = ImageBuilder(cache_dir=str(tmp_path / "builder"), max_concurrent_presolves=1)
+        builder.resolver.channel_urls = {"conda-forge": channel.url}
+        presolved = builder.runs.presolved
+        first = asyncio.ensure_future(builder.presolve(request_of("cs-one")))
+        second = asyncio.ensure_future(builder.presolve(request_of("cs-two")))
+        await asyncio.to_thread(channel.asked.wait)  # the first solve waits on the channel
+
+        assert (presolved.solving, presolved.waiting) == (1, 1)
+        channel.gate.set()
+        one, two = await asyncio.gather(first, second)
+    assert names(one) == {"cs-one", "ipykernel"} and names(two) == {"cs-two", "ipykernel"}
+    assert (presolved.solving, presolved.waiting, presolved.count) == (0, 0, 2)
+
+
+async def test_a_pre_solve_of_a_solve_kept_answers_with_its_lock_without_solving(tmp_path):
+    channel = tmp_path / "channel"
+    channel.symlink_to(small_channel(tmp_path / "packages"))
+    builder = builder_for(tmp_path, channel.as_uri())
+    lock = await builder.presolve(request_of("cs-one"))
+    channel.unlink()  # a solve now fails: only the kept lock can answer
+
+    assert await builder.presolve(request_of("cs-one")) is lock
+    assert builder.runs.presolved.take(builder.resolver, request_of("cs-one")) is lock  # the build's, once
+    with pytest.raises(ResolveError):
+        await builder.presolve(request_of("cs-one"))
+
+
+async def test_kept_locks_are_capped_by_count_the_oldest_going_first(tmp_path):
+    resolver = Resolver(channel_urls={"conda-forge": small_channel(tmp_path / "channel").as_uri()},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    presolved = PresolvedLocks(slots=1, kept=2)
+    for package in ("cs-one", "cs-two", "cs-three"):
+        await presolved.solve(resolver, request_of(package))
+
+    assert presolved.count == 2
+    assert presolved.take(resolver, request_of("cs-one")) is None
+    assert names(presolved.take(resolver, request_of("cs-three"))) == {"cs-three", "ipykernel"}
 
 
 def validate(*args: str) -> subprocess.CompletedProcess:
