@@ -27,6 +27,7 @@ import docker
 
 from . import buildcontext, layeredbuild, layers, leftovers, metrics, staging
 from .builderrors import BuildError, one_line
+from .buildlog import CappedLog
 from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, ImageInfo
 from .buildrecords import file_lock, now
 from .dockerbuild import docker_build
@@ -268,8 +269,10 @@ class BuildRuns:
                                    started=now(), finished="", env_name=request.env_name)
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
             await asyncio.to_thread(shutil.rmtree, context, True)
-            # Line-buffered: a build process killed mid-build still leaves every line it had written.
-            with (key_dir / "build.log").open("w", buffering=1) as build_log:
+            # Line-buffered: a build process killed mid-build still leaves every line it had written
+            # (up to the cap, and every line leftovers.py reads).
+            with (key_dir / "build.log").open("w", buffering=1) as raw_log, \
+                    CappedLog(raw_log, keep=leftovers.is_trace) as build_log:
                 failed = True
                 try:
                     build_log.write(f"build {key} of {_logged_name(request)} started {now()} (pid {os.getpid()})\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,10 @@ _STEP_PHASES = (
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
+# A step's output kept for its failure's one line: its last lines (pip prints a build's whole
+# output when it fails), each cut to a length; the build log has the rest.
+OUTPUT_LINES = 200
+OUTPUT_LINE_CHARS = 2000
 _UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connection", "Could not fetch URL",
                         "Temporary failure in name resolution", "Connection refused")
 
@@ -119,17 +124,17 @@ class StepTracker:
         self.step, self.steps = 0, 1
         self.instruction = ""
         self.phase = "build"
-        self.output: list[str] = []  # the current step's output
+        self.output: deque[str] = deque(maxlen=OUTPUT_LINES)  # the current step's last lines
 
     def feed(self, line: str) -> str | None:
         """Take one line of docker's output; return a progress message when a phase starts."""
         match = _STEP.match(line)
         if not match:
-            self.output.append(line)
+            self.output.append(line[:OUTPUT_LINE_CHARS])
             return None
         self.step, self.steps = int(match.group(1)), int(match.group(2))
         self.instruction = line[match.end():].strip()
-        self.output = []
+        self.output.clear()
         for pattern, phase in _STEP_PHASES:
             if pattern.search(self.instruction):
                 if phase in self.quiet:

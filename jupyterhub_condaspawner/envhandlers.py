@@ -20,6 +20,7 @@ from tornado.iostream import StreamClosedError
 from . import environments
 from .builder import ImageBuilder
 from .builderrors import BuildError
+from .buildlog import CHUNK_BYTES, LogLines, read_chunk
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .hubservices import HubServices
@@ -368,13 +369,10 @@ class UnknownAPI(_API):
 class DownloadAPI(_API):
     async def get(self, key: str, what: str) -> None:
         use, builder = self.use_of(key), self.condaspawner.builder
-        lock = environments.read_lock(builder, key)
         if what == "log":
-            text = environments.read_log(builder, key)
-            if text is None:
-                raise PageFailure(404, "this environment has no build log here (built on another hub?)")
-            self._download(text, f"build-{key[:16]}.log", "text/plain")
-        elif lock is None:
+            return await self._download_log(builder.key_dir(key) / "build.log", f"build-{key[:16]}.log")
+        lock = environments.read_lock(builder, key)
+        if lock is None:
             raise PageFailure(404, "this environment has no lock yet (its build has not solved)")
         elif what == "lock":
             self._download(json.dumps(lock, indent=2) + "\n", f"lock-{key[:16]}.json", "application/json")
@@ -385,9 +383,29 @@ class DownloadAPI(_API):
             self._download(text, "environment.yml", "application/x-yaml")
 
     def _download(self, text: str, filename: str, kind: str) -> None:
+        self._download_headers(filename, kind)
+        self.finish(text)
+
+    def _download_headers(self, filename: str, kind: str) -> None:
         self.set_header("Content-Type", f"{kind}; charset=utf-8")
         self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
-        self.finish(text)
+
+    async def _download_log(self, path: Path, filename: str) -> None:
+        """The log a chunk at a time, each read in a thread and sent before the next is read."""
+        chunk = await asyncio.to_thread(read_chunk, path, 0)
+        if chunk is None:
+            raise PageFailure(404, "this environment has no build log here (built on another hub?)")
+        self._download_headers(filename, "text/plain")
+        offset = 0
+        try:
+            while chunk:
+                self.write(chunk)
+                await self.flush()
+                offset += len(chunk)
+                chunk = await asyncio.to_thread(read_chunk, path, offset)
+        except StreamClosedError:
+            return
+        self.finish()
 
 
 class LogStreamAPI(_API):
@@ -400,39 +418,29 @@ class LogStreamAPI(_API):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         path = builder.key_dir(key) / "build.log"
-        offset, pending = 0, ""
+        lines = LogLines()
         deadline = time.monotonic() + builder.build_timeout + 60
         try:
             while True:
                 building = any(build.key == key for build in builder.in_progress())
-                chunk, offset = _read_from(path, offset)
-                lines = (pending + chunk).split("\n")
-                pending = lines.pop()
-                for line in lines:
+                # At most a chunk per round, read in a thread: a log of any size costs the loop little.
+                chunk = await asyncio.to_thread(read_chunk, path, lines.offset) or b""
+                for line in lines.feed(chunk):
                     self.write(f"data: {json.dumps(line)}\n\n")
                 await self.flush()
                 if not building and not chunk:
-                    if pending:
-                        self.write(f"data: {json.dumps(pending)}\n\n")
+                    for line in lines.rest():
+                        self.write(f"data: {json.dumps(line)}\n\n")
                     record = builder.build_record(key)
                     self.write(f"event: done\ndata: {json.dumps(record.status if record else 'unknown')}\n\n")
                     break
                 if time.monotonic() > deadline:
                     break
-                await asyncio.sleep(LOG_POLL_S)
+                if len(chunk) < CHUNK_BYTES:  # caught up: wait for the build to write more
+                    await asyncio.sleep(LOG_POLL_S)
         except StreamClosedError:
             return
         self.finish()
-
-
-def _read_from(path: Path, offset: int) -> tuple[str, int]:
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            data = log.read()
-    except OSError:
-        return "", offset
-    return data.decode(errors="replace"), offset + len(data)
 
 
 class BuildsStreamAPI(_API):

@@ -46,13 +46,6 @@ def read_lock(builder: ImageBuilder, key: str) -> dict[str, Any] | None:
     return lock if isinstance(lock, dict) else None
 
 
-def read_log(builder: ImageBuilder, key: str) -> str | None:
-    try:
-        return (builder.key_dir(key) / "build.log").read_text(errors="replace")
-    except OSError:
-        return None
-
-
 def previous_profile_key(builder: ImageBuilder, env_name: str, key: str) -> str | None:
     """The latest successful build of the same profile (env_name) other than ``key``."""
     if env_name in ("", CUSTOM_ENV_NAME):

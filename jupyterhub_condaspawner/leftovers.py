@@ -57,6 +57,7 @@ _STAGE_REMOVED = re.compile(r"^removed the stage image (?:sha256:)?([0-9a-f]{64}
 # a rebuild's old image that a server still ran: untagged, it goes once no container uses it
 _REPLACED = re.compile(r"^kept the replaced image (?:sha256:)?([0-9a-f]{64}):")
 PACKAGE_TEMPORARY = ".pkg-*"
+_TRACES = (_CONTAINER, _COMPILE_CONTAINER, _IMAGE, _STEP, _LOADED, _STAGE_REMOVED, _REPLACED)
 
 
 @dataclass
@@ -103,6 +104,12 @@ def traces(log_text: str) -> tuple[list[str], list[str]]:
                 images.append(match.group(1))
             skip_next = False
     return containers, [image for image in dict.fromkeys(images) if image not in removed]
+
+
+def is_trace(line: str) -> bool:
+    """Whether :func:`traces` reads ``line``: a capped build log (buildlog.py) keeps every such line."""
+    line = line.rstrip("\n")
+    return line.strip() == "---> Using cache" or any(pattern.match(line) for pattern in _TRACES)
 
 
 def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:

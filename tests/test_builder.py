@@ -24,6 +24,7 @@ from pip_index import PipIndex, sdist, tiny_wheel
 
 from condaspawner_bench.basewheels import served
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
+from jupyterhub_condaspawner.buildlog import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC, request_for_profile
 from jupyterhub_condaspawner.profiles import Profile
 from jupyterhub_condaspawner.resolve import Resolver
@@ -467,3 +468,36 @@ async def test_a_users_pip_package_builds_without_capabilities(builder, layered)
 
 def test_builds_use_dockers_own_network_unless_told():
     assert ImageBuilder().build_network_mode == "default"
+
+
+# A pip package's build code that prints 6 MiB, then fails: pip prints all of it, and the
+# build log keeps its first MiB, docker's ids and its last 4 MiB.
+NOISY_FILES = {
+    "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "noisy"\nbackend-path = ["."]\n',
+    "noisy.py": textwrap.dedent("""\
+        def get_requires_for_build_wheel(config_settings=None):
+            for number in range(100_000):
+                print(f"noisy build backend: line {number:06d} " + "." * 30)
+            raise SystemExit("NOISY: the end")
+        """),
+}
+
+
+async def test_a_build_whose_pip_step_prints_without_end_keeps_a_capped_log_with_its_end(builder):
+    with PipIndex() as index:
+        index.add_file("cs-noisy", sdist("cs-noisy", "1.0", NOISY_FILES))
+        noisy = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        req = unique_env(pip=["cs-noisy==1.0"])
+        with pytest.raises(BuildError) as failed:
+            await noisy.get_image(req)
+    assert failed.value.phase == "pip" and "\n" not in str(failed.value)
+    log = (builder.key_dir(noisy.build_key(req)) / "build.log").read_text()
+    assert len(log.encode()) < LOG_HEAD_BYTES + LOG_TAIL_BYTES + 256 * 1024
+    head, tail = log.split(" its last lines ---\n")
+    assert " lines) left out, then" in head and "line 000000 " not in tail
+    assert "line 099999 " in tail and "NOISY: the end" in tail
+    assert tail.endswith(f"build failed (pip): {failed.value}\n")

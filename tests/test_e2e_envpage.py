@@ -253,6 +253,21 @@ def test_the_build_log_streams_as_server_sent_events(story):
     assert "data: " in text and 'event: done\ndata: "built"' in text
 
 
+def test_a_long_build_log_downloads_and_streams_whole_a_chunk_at_a_time(story, hub):
+    key, alice = story["own_b"], story["alice"]
+    path = hub.state / "builder" / "builds" / key / "build.log"
+    with path.open("a", encoding="utf-8") as log:  # several chunks (64 KiB) more, characters of 2 bytes among them
+        log.writelines(f"appended line {number:05d}: é ü {'.' * 60}\n" for number in range(4000))
+    whole = path.read_text(encoding="utf-8")
+
+    status, text, kind = alice.call("GET", f"/{key}/log")
+    assert status == 200 and "text/plain" in kind and text == whole
+    status, stream, _ = alice.call("GET", f"/{key}/log/stream")
+    events = stream.split("\n\n")
+    assert events[-2:] == ['event: done\ndata: "built"', ""]
+    assert [json.loads(event.removeprefix("data: ")) for event in events[:-2]] == whole.split("\n")[:-1]
+
+
 def test_a_user_never_sees_another_users_environment(story):
     bob, alice_key = story["bob"], story["own_b"]
     for path in ("", "/environment.yml", "/lock", "/log", "/log/stream"):

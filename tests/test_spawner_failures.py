@@ -29,6 +29,7 @@ from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.buildmodel import request_for_profile
+from jupyterhub_condaspawner.dockerbuild import OUTPUT_LINE_CHARS, OUTPUT_LINES
 from jupyterhub_condaspawner.failures import StartFailure, explain
 from jupyterhub_condaspawner.gpus import GpuUnavailable
 from jupyterhub_condaspawner.spawner import CondaSpawner
@@ -259,6 +260,20 @@ def test_a_pip_failure_is_pips_error_line_without_docker_noise():
     assert explain(error, custom_spec=True).log_message == (  # the hub's log: key, phase in words, cause
         "build 0123456789abcdef failed installing the pip: section: No matching distribution found for "
         "definitely-not-a-real-pkg-xyz==1.0")
+
+
+def test_a_steps_output_is_kept_to_its_last_lines_and_its_failure_is_still_pips_error_line():
+    steps = tracker(pip=("cs-noisy==1.0",))
+    steps.feed(PIP_STEP)
+    for number in range(100_000):  # a failing build backend's output, which pip prints whole
+        steps.feed(f"      noisy build backend: line {number}")
+    steps.feed("x" * 1_000_000)
+    steps.feed("ERROR: Failed to build installable wheels for some pyproject.toml based projects (cs-noisy)")
+
+    assert len(steps.output) == OUTPUT_LINES and max(map(len, steps.output)) == OUTPUT_LINE_CHARS
+    error = steps.failure("The command '/bin/sh -c set -e; ...' returned a non-zero code: 1")
+    assert (error.phase, error.cause) == (
+        "pip", "Failed to build installable wheels for some pyproject.toml based projects (cs-noisy)")
 
 
 def test_an_unreachable_index_is_not_reported_as_a_missing_package():
