@@ -127,6 +127,8 @@ class BuildRuns:
         self._slots = asyncio.Semaphore(builder.max_concurrent_builds)
         self._waiting = 0
         self._removals: set[asyncio.Future] = set()  # staging folders of built images, being removed
+        self.changes = 0  # builds started or ended so far
+        self._watchers: set[asyncio.Future] = set()  # next_change's
 
     def ensure(self, request: BuildRequest, key: str, rebuild: bool = False) -> Build:
         """Start (or join) the build of ``request``, whose key is ``key``."""
@@ -137,7 +139,21 @@ class BuildRuns:
         build.task = asyncio.ensure_future(self._run(build, request))
         build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self.running[key] = build
+        self._changed()
         return build
+
+    def next_change(self) -> asyncio.Future:
+        """Done when the next build starts or ends (the admin's live builds table waits on it)."""
+        watcher = asyncio.get_running_loop().create_future()
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return watcher
+
+    def _changed(self) -> None:
+        self.changes += 1
+        for watcher in list(self._watchers):
+            if not watcher.done():
+                watcher.set_result(None)
 
     def typical_seconds(self, default: float = 120.0) -> float:
         """The median duration of this process's builds, for "about N min" notices."""
@@ -175,6 +191,7 @@ class BuildRuns:
             raise failure from error
         finally:
             self.running.pop(build.key, None)
+            self._changed()
             await build.finish()
 
     async def _fail(self, build: Build, error: BuildError) -> None:

@@ -36,7 +36,10 @@ _NOTICE_COOKIE = "condaspawner-notice"
 _NOTICE_MAX_AGE_DAYS = 1 / 24
 _NOTICE_CHARS = 1000
 
-LOG_POLL_S = 0.5  # how often a live log (or the builds table) looks for news
+LOG_POLL_S = 0.5  # how often a live log looks for news
+# The live builds table is sent again at each build's event, start and end, and read again at
+# least this often (other hub processes' builds, a killed build become interrupted).
+BUILDS_REREAD_S = 5.0
 STREAM_S = 3600.0  # a live table's stream ends after this; the browser's EventSource reconnects
 HEARTBEAT_S = 15.0  # a comment line this often: a closed connection shows on the next write
 # A request body is read (json.loads) only up to this many times SpecPolicy.max_file_bytes:
@@ -152,7 +155,8 @@ class _Environments:
             except Exception as error:  # the daemon: one line, the rest of the page still shows
                 raise PageFailure(503, f"cannot list images: {_daemon_line(services.builder, error)}") from None
         if part == "builds":
-            return environments.admin_builds(services.builder)
+            failed = await asyncio.to_thread(environments.recent_failures, services.builder)
+            return environments.admin_builds(services.builder, failed)
         spawner = self.current_user.spawner
         if isinstance(spawner, CondaSwarmSpawner):
             return await self._swarm_gpus(spawner, services)
@@ -459,9 +463,10 @@ class BuildsStreamAPI(_API):
         self.set_header("Cache-Control", "no-cache")
         sent, wrote = "", time.monotonic()
         end = wrote + STREAM_S
+        failures = _Failures(builder)
         try:
             while not self.closed and time.monotonic() < end:
-                view = json.dumps(environments.admin_builds(builder))
+                view = json.dumps(environments.admin_builds(builder, await failures.now()))
                 if view != sent:
                     self.write(f"data: {view}\n\n")
                     sent, wrote = view, time.monotonic()
@@ -469,23 +474,39 @@ class BuildsStreamAPI(_API):
                     self.write(": still here\n\n")
                     wrote = time.monotonic()
                 await self.flush()
-                await _next_event(builder.in_progress(), LOG_POLL_S)
+                await _next_event(builder, BUILDS_REREAD_S)
         except StreamClosedError:
             return
         self.finish()
 
 
-async def _next_event(builds: list[Build], timeout: float) -> None:
-    """Until one of ``builds`` publishes its next event (or ends), or ``timeout`` (new builds)."""
+class _Failures:
+    """The recent failures for a live builds table: read again (in a thread) only once a build
+    started or ended since, or BUILDS_REREAD_S after the last read."""
+
+    def __init__(self, builder: ImageBuilder) -> None:
+        self.builder = builder
+        self.failed: list[dict[str, Any]] = []
+        self.read_at = float("-inf")
+        self.changes = -1
+
+    async def now(self) -> list[dict[str, Any]]:
+        changes = self.builder.runs.changes
+        if changes != self.changes or time.monotonic() - self.read_at >= BUILDS_REREAD_S:
+            self.changes, self.read_at = changes, time.monotonic()
+            self.failed = await asyncio.to_thread(environments.recent_failures, self.builder)
+        return self.failed
+
+
+async def _next_event(builder: ImageBuilder, timeout: float) -> None:
+    """Until a build in progress publishes its next event, a build starts or ends, or ``timeout``."""
     async def next_of(build: Build) -> None:
         seen = len(build.events)
         async with build.changed:
             await build.changed.wait_for(lambda: len(build.events) > seen or build.done)
 
-    waits = [asyncio.ensure_future(next_of(build)) for build in builds]
-    if not waits:
-        await asyncio.sleep(timeout)
-        return
+    waits: list[asyncio.Future] = [asyncio.ensure_future(next_of(build)) for build in builder.in_progress()]
+    waits.append(builder.runs.next_change())
     _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     for wait in pending:
         wait.cancel()

@@ -193,8 +193,9 @@ def _epoch(iso: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def admin_builds(builder: ImageBuilder) -> dict[str, Any]:
-    """Builds in progress (with their last event), the build queue, and the recent failures."""
+def admin_builds(builder: ImageBuilder, failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Builds in progress (with their last event), the build queue, and the recent failures
+    (``failed``: :func:`recent_failures`, which reads every key's status: in a thread)."""
     running: list[dict[str, Any]] = []
     queued: list[dict[str, Any]] = []
     for build in builder.in_progress():
@@ -202,10 +203,14 @@ def admin_builds(builder: ImageBuilder) -> dict[str, Any]:
         row = {"key": build.key, "name": build.name, "profile": build.env_name, "since": _iso(build.since),
                "phase": last["phase"], "progress": last["progress"], "message": last["message"]}
         (queued if last["phase"] == "queued" else running).append(row)
-    failed = [{"key": record.key, "name": record.name, "phase": record.phase, "cause": record.cause,
-               "finished": record.finished} for record in builder.failed_builds()[:20]]
     return {"running": running, "queued": queued, "failed": failed,
             "max_concurrent_builds": builder.max_concurrent_builds}
+
+
+def recent_failures(builder: ImageBuilder) -> list[dict[str, Any]]:
+    """The 20 latest failed or interrupted builds (every key's status.json is read)."""
+    return [{"key": record.key, "name": record.name, "phase": record.phase, "cause": record.cause,
+             "finished": record.finished} for record in builder.failed_builds()[:20]]
 
 
 def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> dict[str, Any]:

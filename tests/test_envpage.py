@@ -7,11 +7,13 @@ from datetime import datetime, timezone
 import pytest
 from traitlets.config import Config
 
+from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.culler import GpuIdleCuller
 from jupyterhub_condaspawner.envhandlers import PageFailure, one_check_at_a_time
-from jupyterhub_condaspawner.environments import swarm_gpu_map
+from jupyterhub_condaspawner.environments import admin_builds, recent_failures, swarm_gpu_map
 from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory
+from jupyterhub_condaspawner.spec import SpecPolicy
 from jupyterhub_condaspawner.swarm import NodeInfo, SwarmState, TaskInfo
 from jupyterhub_condaspawner.swarmgpus import GpuReading
 
@@ -85,3 +87,31 @@ def test_a_users_second_check_while_the_first_runs_is_a_429_in_one_line():
     with pytest.raises(ValueError), one_check_at_a_time(checking, "alice"):  # a check that fails ends too
         raise ValueError
     assert checking == set()
+
+
+async def test_the_live_builds_table_hears_of_a_build_starting_and_ending(tmp_path):
+    # A daemon that is not there: the build starts, fails at its first look-up, and ends.
+    builder = ImageBuilder(cache_dir=str(tmp_path), docker_host="unix:///nonexistent/docker.sock")
+    request = BuildRequest(SpecPolicy().parse("dependencies: [python=3.9]\n"))
+    started, before = builder.runs.next_change(), builder.runs.changes
+    build = builder.runs.ensure(request, "0" * 64)
+    assert started.done() and builder.in_progress() == [build]
+
+    ended = builder.runs.next_change()
+    with pytest.raises(BuildError, match="nonexistent"):
+        await build.result()
+    assert ended.done() and builder.runs.changes == before + 2 and builder.in_progress() == []
+
+
+def test_the_builds_view_lists_recent_failures_read_from_the_cache_folder(tmp_path):
+    builder = ImageBuilder(cache_dir=str(tmp_path))
+    for key, status in (("a" * 64, "failed"), ("b" * 64, "built")):
+        builder.key_dir(key).mkdir(parents=True)
+        builder.records.record(key, status=status, name=f"env {status}", phase="pip" if status == "failed" else "",
+                               cause="no cs-x", started="2026-12-01T01:00:00+00:00",
+                               finished="2026-12-01T01:01:00+00:00")
+    failed = recent_failures(builder)
+
+    assert failed == [{"key": "a" * 64, "name": "env failed", "phase": "pip", "cause": "no cs-x",
+                       "finished": "2026-12-01T01:01:00+00:00"}]
+    assert admin_builds(builder, failed) == {"running": [], "queued": [], "failed": failed, "max_concurrent_builds": 2}
