@@ -241,15 +241,25 @@ class BuildRuns:
                 return info
 
     def _remove_replaced(self, key: str, image_id: str) -> None:
-        """Remove the image a rebuild replaced (its tag moved to the new one), unless a server runs it."""
+        """Remove the image a rebuild replaced (its tag moved to the new one), unless a server runs
+        it or is starting with it (its pin, as gc and delete honour: with a registry, a start
+        waiting for a GPU runs the very image it looked up, by digest)."""
         builder = self.builder
-        try:
-            with builder.daemon_call("removing the replaced image"):
-                builder.client.images.remove(image_id, noprune=False)
-            builder.records.write_log(key, f"removed the replaced image {image_id}\n")
-        except (BuildError, docker.errors.APIError) as error:  # a server still runs it: it stays, untagged
-            builder.log.info("Rebuild of %s kept the replaced image %s: %s", key[:16], image_id, one_line(error))
-            builder.records.write_log(key, f"kept the replaced image {image_id}: {one_line(error)}\n")
+        with builder.records.unpinned(key) as free:
+            if not free:
+                self._keep_replaced(key, image_id, "a server is starting with it")
+                return
+            try:
+                with builder.daemon_call("removing the replaced image"):
+                    builder.client.images.remove(image_id, noprune=False)
+                builder.records.write_log(key, f"removed the replaced image {image_id}\n")
+            except (BuildError, docker.errors.APIError) as error:  # a server still runs it: it stays, untagged
+                self._keep_replaced(key, image_id, one_line(error))
+
+    def _keep_replaced(self, key: str, image_id: str, why: str) -> None:
+        """The replaced image stays, untagged: leftovers.py removes it once nothing uses it."""
+        self.builder.log.info("Rebuild of %s kept the replaced image %s: %s", key[:16], image_id, why)
+        self.builder.records.write_log(key, f"kept the replaced image {image_id}: {why}\n")
 
     @contextlib.asynccontextmanager
     async def _slot(self, build: Build) -> AsyncIterator[None]:

@@ -395,6 +395,25 @@ async def test_an_image_a_rebuild_replaced_under_a_running_server_goes_once_the_
     assert client.images.get(again.image_id).tags  # the new one stays
 
 
+async def test_a_rebuild_keeps_the_replaced_image_a_start_has_pinned_until_the_start_lets_go(builder, docker_daemon):
+    """A start pins the image it looked up (with a registry it runs it by digest, maybe after
+    waiting for a GPU): a rebuild meanwhile leaves it for leftovers to remove afterwards."""
+    client = docker_daemon.client()
+    req = unique_env()
+    first = await builder.get_image(req)
+    start_pin = builder.records.pin(first.key)
+    try:
+        again = await builder.ensure(req, rebuild=True).result()
+        assert builder.find_image(first.key).id == again.image_id
+        log = (builder.key_dir(first.key) / "build.log").read_text()
+        assert f"kept the replaced image {first.image_id}: a server is starting with it" in log
+        assert client.images.get(first.image_id).tags == []
+    finally:
+        start_pin.close()
+    removed = builder.gc().leftovers.images
+    assert any(first.image_id.removeprefix("sha256:").startswith(short) for short in removed), removed
+
+
 def test_gc_kills_the_step_process_a_killed_daemon_left_under_an_orphaned_shim(builder):
     """A daemon killed mid-step can leave the step's process running under containerd's shim,
     with no container the daemon knows. gc finds the shim by the container id our log names."""
