@@ -523,8 +523,10 @@ class _Table:
     load: dict[str, int] = field(default_factory=dict)  # active servers per GPU
     soft: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # stopped holders per GPU
     user_gpus: dict[str, int] = field(default_factory=dict)  # active GPUs per user
+    touched: set[tuple[str, str]] = field(default_factory=set)  # servers added or removed since _ChangeLog.note
 
     def add(self, allocation: Allocation) -> None:
+        self.touched.add(allocation.key)
         self.allocations[allocation.key] = allocation
         for uuid in allocation.uuids:
             if allocation.active:
@@ -535,6 +537,7 @@ class _Table:
             self.user_gpus[allocation.user] = self.user_gpus.get(allocation.user, 0) + len(allocation.uuids)
 
     def remove(self, key: tuple[str, str]) -> Allocation | None:
+        self.touched.add(key)  # even if it held nothing here: a listing may show it holding
         allocation = self.allocations.pop(key, None)
         if allocation is None:
             return None
@@ -552,6 +555,56 @@ class _Table:
             if not self.user_gpus[allocation.user]:
                 del self.user_gpus[allocation.user]
         return allocation
+
+    def apply(self, changes: Mapping[tuple[str, str], Allocation | None]) -> None:
+        """Set these servers' allocations (None: nothing held); a stopped server's hold on a GPU
+        a running one now has goes, as when that GPU was handed out."""
+        for key, allocation in changes.items():
+            self.remove(key)
+            if allocation is not None:
+                self.add(allocation)
+        for allocation in changes.values():
+            for uuid in allocation.uuids if allocation is not None and allocation.active else ():
+                for key in list(self.soft.get(uuid, ())):
+                    self.remove(key)
+
+
+class _ChangeLog:
+    """The allocations granted and released while container listings are under way.
+
+    A listing may be older than a grant made while it ran, or show running a server that
+    has released its GPUs since: a rebuild from it applies what changed after it began.
+    Kept only while a listing is open; used under the allocator's lock.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0  # changes so far
+        self._open: list[int] = []  # the count when each open listing began
+        self._latest: dict[tuple[str, str], tuple[int, Allocation | None]] = {}
+
+    def begin(self) -> int:
+        """A listing begins: the mark to ask :meth:`since` with."""
+        self._open.append(self._count)
+        return self._count
+
+    def end(self, mark: int) -> None:
+        self._open.remove(mark)
+        if not self._open:
+            self._latest.clear()
+
+    def note(self, table: _Table) -> None:
+        """Record what the servers ``table`` touched hold now."""
+        if not table.touched:
+            return
+        self._count += 1
+        if self._open:
+            for key in table.touched:
+                self._latest[key] = (self._count, table.allocations.get(key))
+        table.touched.clear()
+
+    def since(self, mark: int) -> dict[tuple[str, str], Allocation | None]:
+        """Each server changed after ``mark``, and what it holds now."""
+        return {key: allocation for key, (count, allocation) in self._latest.items() if count > mark}
 
 
 class GpuAllocator(LoggingConfigurable):
@@ -678,6 +731,7 @@ class GpuAllocator(LoggingConfigurable):
         self._clock = clock
         self._lock = threading.RLock()
         self._table = _Table()
+        self._changes = _ChangeLog()
         self._scan: GpuScan | None = None
         self._scanned_at = 0.0
         self._last_pick: dict[str, int] = {}
@@ -744,12 +798,14 @@ class GpuAllocator(LoggingConfigurable):
                     return Allocation(user, server_name, (), self._clock())
                 return self._allocate(user, server_name, request, rescan)
             finally:
+                self._changes.note(self._table)
                 self._record_states()
 
     def release(self, user: str, server_name: str) -> Allocation | None:
         """Free the server's GPUs; the allocation it held, or None if it held none."""
         with self._lock:
             released = self._table.remove((user, server_name))
+            self._changes.note(self._table)
             self._record_states()
         if released is not None and released.uuids:
             for listener in list(self._release_listeners):
@@ -917,20 +973,25 @@ class GpuAllocator(LoggingConfigurable):
 
     # -- restart --------------------------------------------------------------------------
 
-    def rebuild(self, records: Iterable[ContainerRecord]) -> list[str]:
+    def rebuild(self, records: Iterable[ContainerRecord], listed_after: int | None = None) -> list[str]:
         """Replace the table with the allocations recorded on these containers.
 
         Running containers hold their GPUs; stopped-but-kept ones hold them softly (the
         server gets them back on restart unless someone needed them meanwhile). Returns
         the problems found (also logged): unlabelled users, a server in two containers,
         GPUs this host no longer has (kept: if one comes back it is still taken), more
-        running servers on a GPU than ``max_servers_per_gpu`` allows.
+        running servers on a GPU than ``max_servers_per_gpu`` allows. ``listed_after``: the
+        mark of :meth:`rebuild_from_containers`'s listing; what was allocated and released
+        since it began is kept.
         """
         records = sorted(records, key=lambda record: (not record.running, record.created, record.name))
         with self._lock:
             scan = self.latest_scan()
             self._table = _Table()
             problems = [problem for record in records for problem in self._restore(record, scan)]
+            if listed_after is not None:
+                self._table.apply(self._changes.since(listed_after))
+            self._table.touched.clear()
             self._record_states()
         for problem in problems:
             self.log.warning("GPU table rebuild: %s", problem)
@@ -940,7 +1001,13 @@ class GpuAllocator(LoggingConfigurable):
         """:meth:`rebuild` from every container with GPU labels on this Docker daemon
         (running or not). ``label_filters`` ("key=value") narrows the containers considered.
         Sets :attr:`restored`; a daemon that does not answer raises, and leaves it unset."""
-        problems = self.rebuild(container_records(docker_client, label_filters))
+        with self._lock:
+            mark = self._changes.begin()
+        try:
+            problems = self.rebuild(container_records(docker_client, label_filters), listed_after=mark)
+        finally:
+            with self._lock:
+                self._changes.end(mark)
         self.restored = True
         return problems
 

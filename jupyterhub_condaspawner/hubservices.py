@@ -47,6 +47,9 @@ class HubServices:
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
     sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
     checking: set[str] = field(default_factory=set)  # users whose Check (the form's button) runs now
+    # One restore of the GPU table at a time: a second would replace the table with a listing
+    # older than what the first let starts allocate meanwhile.
+    restoring: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 # Keyed by the config's id; the config itself is kept too, so that id is never reused.

@@ -106,7 +106,13 @@ class GpuBindingMixin:
 
     async def _restore_gpu_table(self, services: HubServices) -> None:
         """Rebuild the GPU table from the servers' containers before the first GPU is handed
-        out: a running server's GPUs must never look free."""
+        out: a running server's GPUs must never look free. Starts that come meanwhile wait for
+        this one's restore, and make none of their own if it succeeded."""
+        async with services.restoring:
+            if not services.allocator.restored:
+                await self._restore_gpu_table_now(services)
+
+    async def _restore_gpu_table_now(self, services: HubServices) -> None:
         try:
             problems = await asyncio.to_thread(lambda: services.allocator.rebuild_from_containers(self.client))
         except Exception as error:

@@ -29,6 +29,8 @@ from fake_nvml import (
     FakeNvml,
     fake_uuid,
 )
+from stand_in_daemon import API_VERSION as STAND_IN_API
+from stand_in_daemon import StandInDaemon
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -697,6 +699,28 @@ def test_a_stopped_containers_hold_yields_when_nothing_else_is_free():
 
     assert allocator.allocate("alice", "other", 1).uuids == (fake_uuid(0),)  # stopped holds use no quota
     assert allocator.allocation("alice", "") is None
+
+
+def test_a_rebuild_keeps_what_was_allocated_and_released_while_its_listing_ran(tmp_path):
+    daemon = StandInDaemon(tmp_path / "docker.sock")
+    try:
+        daemon.add_container("jupyter-alice", Allocation("alice", "", (fake_uuid(0),), T0).labels())
+        daemon.add_container("jupyter-dave", Allocation("dave", "", (fake_uuid(1),), T0).labels(), running=False)
+        allocator = allocator_for(FakeNvml.with_gpus(2))
+        client = docker.APIClient(base_url=daemon.url, version=STAND_IN_API)
+        with ThreadPoolExecutor(1) as pool:
+            rebuild = pool.submit(allocator.rebuild_from_containers, client)
+            daemon.wait_for_listing()  # listed: alice runs on GPU 0, dave's stopped container had GPU 1
+            allocator.release("alice", "")  # then alice's server stops
+            bob, carol = allocator.allocate("bob", "", 1), allocator.allocate("carol", "", 1)
+            daemon.answer(0)
+            assert rebuild.result() == []
+    finally:
+        daemon.close()
+
+    assert allocator.restored
+    assert {a.key: a.uuids for a in allocator.allocations()} == {("bob", ""): bob.uuids, ("carol", ""): carol.uuids}
+    assert sorted(bob.uuids + carol.uuids) == [fake_uuid(0), fake_uuid(1)]
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import docker.errors
 import pytest
 from jupyterhub.objects import Hub
 from pip_index import PipIndex
+from stand_in_daemon import API_VERSION as STAND_IN_API
+from stand_in_daemon import StandInDaemon
 from stand_in_user import StandInUser
 from traitlets.config import Config
 
@@ -216,6 +219,33 @@ async def test_no_gpu_is_handed_out_before_the_table_knows_what_running_servers_
         assert up.services.allocator.allocation(holder, "").uuids == (gpu,)
     finally:
         running.remove(force=True)
+
+
+async def test_gpu_starts_before_the_table_is_restored_restore_it_once_and_never_share_a_gpu(tmp_path):
+    class SlowDaemon(CondaSpawner):
+        _client = None
+
+    config = spawner_for(tmp_path, "file:///nonexistent").config
+    config.GpuInventory.static_gpus = [{"uuid": "GPU-only-one"}]
+    config.GpuAllocator.queue_timeout = 0
+    config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/docker.sock", "version": STAND_IN_API}
+    alice, bob = (SlowDaemon(user=StandInUser(name), hub=Hub(), config=config) for name in ("alice", "bob"))
+    profile = alice.services.catalog.get("gpu")
+    assert not alice.services.allocator.restored  # the hub started while its daemon did not answer
+    daemon = StandInDaemon(tmp_path / "docker.sock")  # it answers now, slowly
+    try:
+        for spawner in (alice, bob):
+            spawner._start_began = time.monotonic()
+        starts = [asyncio.ensure_future(spawner._allocate_gpus(profile)) for spawner in (alice, bob)]
+        await asyncio.to_thread(daemon.wait_for_listing)
+        daemon.answer_all()
+        granted, refused = await asyncio.gather(*starts, return_exceptions=True)
+    finally:
+        daemon.close()
+
+    assert len(daemon.listings) == 1  # bob's start waited for alice's restore instead of making its own
+    assert granted.uuids == ("GPU-only-one",)
+    assert isinstance(refused, GpuUnavailable) and "1 of the 1 GPU on this host match, 1 busy" in str(refused)
 
 
 # -- docker's build output, as the build sees it ----------------------------------------------
