@@ -13,7 +13,16 @@ from jupyterhub.utils import random_port
 
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import StartFailure
-from .gpus import ENV_GPUS, ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation
+from .gpus import (
+    ENV_GPUS,
+    ENV_NVIDIA_VISIBLE_DEVICES,
+    LABEL_GPUS,
+    LABEL_SERVER,
+    LABEL_USER,
+    NO_GPUS,
+    Allocation,
+    parse_uuids,
+)
 from .hubservices import HubServices
 from .owners import LABEL_IDENTITY, user_identity
 
@@ -81,19 +90,33 @@ class SpawnContainerMixin:
             return
         labels = container["Config"].get("Labels") or {}
         self._refuse_if_another_users(container, labels)
-        stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
-        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
-        identity = user_identity(self.user)
-        foreign = labels.get(LABEL_IDENTITY, identity) != identity  # a stopped one: never restarted for this user
-        if not (self.remove or foreign or (self.replace_changed_containers and changed)):
+        reason = self._replacement_reason(container, labels, info)
+        if reason is None:
             await self.claim_user_volumes()  # a kept container is restarted as it is: its homes must be this user's
             return
-        self.log.info("Replacing container %s: %s", self.object_name, "an earlier user's of this name" if foreign
-                      else "a leftover" if self.remove else "image or GPUs changed")
+        self.log.info("Replacing container %s: %s", self.object_name, reason)
         if container["State"].get("Running"):
             await self.stop_object()
         await self.remove_object()
         self.object_id = ""
+
+    def _replacement_reason(self, container: dict[str, Any], labels: dict[str, str], info: ImageInfo) -> str | None:
+        """Why the kept ``container`` must go before this start, or None to restart it as it is.
+
+        Other GPUs than this start's always replace it, whatever replace_changed_containers
+        says: its devices cannot be changed in place, and the allocator may have handed its
+        GPUs to another server since it stopped.
+        """
+        identity = user_identity(self.user)
+        if labels.get(LABEL_IDENTITY, identity) != identity:  # a stopped one: never restarted for this user
+            return "an earlier user's of this name"
+        if self.remove:
+            return "a leftover"
+        if set(parse_uuids(labels.get(LABEL_GPUS, ""))) != set(parse_uuids(self._extra_labels.get(LABEL_GPUS, ""))):
+            return "its GPUs are not this start's"
+        stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
+        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
+        return "image or labels changed" if self.replace_changed_containers and changed else None
 
     async def _refuse_if_another_user_runs_here(self) -> None:
         """Before GPUs are allocated: a running container of this name that is another user's

@@ -60,10 +60,13 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     replace_changed_containers = Bool(
         True,
         config=True,
-        help="""Remove a kept (stopped) container when its image or GPUs no longer match the
-        user's choice, instead of restarting the stale one (DockerSpawner keeps it).
+        help="""Remove a kept (stopped) container when its image (or its labels: profile
+        key, host networking) no longer matches the user's choice, instead of restarting
+        the stale one (DockerSpawner keeps it). A kept container whose GPUs differ from
+        the start's is always replaced, whatever this says: its devices cannot change in
+        place, and its old GPUs may be another server's now.
 
-        c.CondaSpawner.replace_changed_containers = True
+        c.CondaSpawner.replace_changed_containers = False
         """,
     )
 

@@ -23,8 +23,9 @@ from jupyterhub.user import User
 from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
+from jupyterhub_condaspawner.buildmodel import ImageInfo
 from jupyterhub_condaspawner.failures import StartFailure
-from jupyterhub_condaspawner.gpus import LABEL_USER
+from jupyterhub_condaspawner.gpus import LABEL_USER, Allocation
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
 from jupyterhub_condaspawner.owners import LABEL_IDENTITY, user_identity
 from jupyterhub_condaspawner.spawner import CondaSpawner
@@ -326,3 +327,36 @@ async def test_a_running_container_of_an_earlier_user_of_the_name_is_refused_not
     assert "7@" not in message
     running.reload()
     assert running.status == "running"
+
+
+# -- a kept container is restarted only with the GPUs it was made with ------------------------------
+
+
+@pytest.mark.docker
+async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replace_changed_containers_says(
+        db, docker_daemon, docker_config, base_image):
+    config, prefix = docker_config
+    gpus = [f"GPU-kept-{uuid.uuid4().hex[:8]}-{index}" for index in range(2)]
+    config.GpuInventory.static_gpus = [{"uuid": gpu} for gpu in gpus]
+    config.CondaSpawner.replace_changed_containers = False  # image changes only: GPUs are never kept
+    client = docker_daemon.client()
+    info = ImageInfo("k" * 64, base_image, client.images.get(base_image).id, "custom", cached=True)
+    spawner = make_spawner(db, config, "pia")
+    spawner.image = base_image
+    allocator = spawner.services.allocator
+
+    async def start_until_docker_start(allocation: Allocation | None) -> bool:
+        """pia's start up to DockerSpawner's: whether the kept container is still there for it."""
+        spawner._prepare_container(info, allocation)
+        await spawner._replace_if_changed(info)
+        return bool(client.containers.list(all=True, filters={"name": f"{prefix}-pia"}))
+
+    spawner._prepare_container(info, allocator.allocate("pia", "", 1))
+    await spawner.create_object()  # pia's GPU server, made with GPU 0 ...
+    allocator.release("pia", "")  # ... stopped and kept: GPU 0 is free
+    assert allocator.allocate("quinn", "", 1).uuids == (gpus[0],)  # and quinn's now
+
+    assert not await start_until_docker_start(None)  # a start without GPUs, same image: not restarted on GPU 0
+    await spawner.create_object()  # that start's container, kept when it stops
+    assert await start_until_docker_start(None)  # the same (no) GPUs and image: restarted as it is
+    assert not await start_until_docker_start(allocator.allocate("pia", "", 1))  # GPU 1: replaced
