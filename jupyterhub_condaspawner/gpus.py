@@ -985,8 +985,8 @@ class GpuAllocator(LoggingConfigurable):
         since it began is kept.
         """
         records = sorted(records, key=lambda record: (not record.running, record.created, record.name))
+        scan = self.latest_scan()  # NVML, before the lock: a slow driver holds up no allocation meanwhile
         with self._lock:
-            scan = self.latest_scan()
             self._table = _Table()
             problems = [problem for record in records for problem in self._restore(record, scan)]
             if listed_after is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -125,17 +126,32 @@ class GpuBindingMixin:
     def restore_gpu_table(self, allocator: GpuAllocator) -> None:
         """Rebuild the GPU table from the servers' containers, as the hub (re)starts.
 
-        On the event loop, before the hub's servers are loaded: a daemon that hangs is given
-        RESTORE_TIMEOUT_S, not docker-py's 60 s, then the first GPU start restores it instead.
+        Before the hub's servers are loaded, in a thread (the daemon and NVML may hang), waited
+        for RESTORE_TIMEOUT_S at most: past that the hub goes on, the restore finishes when it
+        can, and meanwhile the first GPU start restores the table itself.
         """
         settings = daemon_settings(self.tls_config, self.client_kwargs)
         settings["timeout"] = min(float(settings.get("timeout") or RESTORE_TIMEOUT_S), RESTORE_TIMEOUT_S)
-        client = docker.DockerClient(**settings)
+        failures: list[Exception] = []
+        restore = threading.Thread(target=self._restore_in_thread, args=(allocator, settings, failures),
+                                   name="gpu-table-restore", daemon=True)
+        restore.start()
+        restore.join(RESTORE_TIMEOUT_S)
+        if restore.is_alive():
+            raise TimeoutError(f"the daemon or NVML did not answer within {RESTORE_TIMEOUT_S:g} s")
+        if failures:
+            raise failures[0]
+
+    def _restore_in_thread(self, allocator: GpuAllocator, settings: dict[str, Any], failures: list[Exception]) -> None:
         try:
-            for problem in allocator.rebuild_from_containers(client):
-                self.log.warning("GPU allocations after restart: %s", problem)
-        finally:
-            client.close()
+            client = docker.DockerClient(**settings)
+            try:
+                for problem in allocator.rebuild_from_containers(client):
+                    self.log.warning("GPU allocations after restart: %s", problem)
+            finally:
+                client.close()
+        except Exception as error:
+            failures.append(error)
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

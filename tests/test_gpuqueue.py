@@ -252,3 +252,21 @@ async def test_nvml_is_never_read_on_the_event_loop_and_a_stuck_read_holds_nothi
     nvml.gate.set()
     await sampling
     assert nvml.on_loop == []
+
+
+async def test_a_rebuild_reads_nvml_before_the_allocators_lock_so_a_stuck_driver_holds_no_allocation_up():
+    nvml = WatchedNvml(FakeNvml.with_gpus(2).gpus)
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=nvml), rescan_interval=0)
+    allocator.refresh()
+    nvml.gate.clear()  # the driver hangs while a late restore (a thread) rescans
+    rebuilding = asyncio.ensure_future(asyncio.to_thread(allocator.rebuild, []))
+    try:
+        await until(nvml.stuck.is_set)
+        # The queue's allocation and a stop's release, by the last scan: 5 s bound only so that a
+        # lock held through the stuck read fails the test instead of hanging it.
+        granted = await asyncio.wait_for(asyncio.to_thread(allocator.allocate, "alice", "", 1, rescan=False), 5)
+        assert granted.uuids == (fake_uuid(0),)
+        assert await asyncio.wait_for(asyncio.to_thread(allocator.release, "alice", ""), 5) == granted
+    finally:
+        nvml.gate.set()
+    await rebuilding

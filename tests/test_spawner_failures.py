@@ -23,13 +23,16 @@ from pathlib import Path
 import docker.auth
 import docker.errors
 import pytest
+from fake_nvml import FakeNvml
 from jupyterhub.objects import Hub
 from pip_index import PipIndex
 from stand_in_daemon import API_VERSION as STAND_IN_API
 from stand_in_daemon import StandInDaemon
 from stand_in_user import StandInUser
+from test_gpuqueue import WatchedNvml, until
 from traitlets.config import Config
 
+from jupyterhub_condaspawner import gpus, spawngpus
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.buildmodel import request_for_profile
 from jupyterhub_condaspawner.dockerbuild import OUTPUT_LINE_CHARS, OUTPUT_LINES
@@ -246,6 +249,36 @@ async def test_gpu_starts_before_the_table_is_restored_restore_it_once_and_never
     assert len(daemon.listings) == 1  # bob's start waited for alice's restore instead of making its own
     assert granted.uuids == ("GPU-only-one",)
     assert isinstance(refused, GpuUnavailable) and "1 of the 1 GPU on this host match, 1 busy" in str(refused)
+
+
+async def test_the_hubs_start_restores_the_gpu_table_in_a_thread_and_a_hung_driver_holds_it_up_only_so_long(
+        tmp_path, monkeypatch, caplog):
+    nvml = WatchedNvml(FakeNvml.with_gpus(1).gpus)
+    nvml.loop_thread = threading.get_ident()
+    monkeypatch.setattr(gpus, "_load_pynvml", lambda: nvml)
+    daemon = StandInDaemon(tmp_path / "docker.sock")
+    daemon.answer_all()
+    try:
+        def hub_starts() -> CondaSpawner:
+            config = spawner_for(tmp_path, "file:///nonexistent").config
+            config.DockerSpawner.client_kwargs = {"base_url": daemon.url, "version": STAND_IN_API}
+            spawner = CondaSpawner(user=StandInUser("alice"), hub=Hub(), config=config)
+            spawner.services  # the hub's services, on first use: the GPU table is restored
+            return spawner
+
+        assert hub_starts().services.allocator.restored
+        assert daemon.listings and nvml.on_loop == []  # the daemon and NVML were read in a thread
+
+        monkeypatch.setattr(spawngpus, "RESTORE_TIMEOUT_S", 1.0)
+        nvml.gate.clear()  # the driver hangs: the hub goes on without its table after RESTORE_TIMEOUT_S
+        allocator = hub_starts().services.allocator
+        assert not allocator.restored
+        assert "GPU allocations not restored from the servers' containers (the daemon or NVML did not answer " \
+               "within 1 s): GPU starts restore them first" in caplog.text
+    finally:
+        nvml.gate.set()
+        daemon.close()
+    await until(lambda: allocator.restored)  # the driver answers again: the restore ends by itself
 
 
 # -- docker's build output, as the build sees it ----------------------------------------------
