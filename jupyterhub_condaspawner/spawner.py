@@ -486,6 +486,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self._keep_failure_visible()
             return 0
         try:
+            await self._adopt_gpus_of_unsaved_start()
             status = await super().poll()
         except Exception as error:
             self._unknown_while_unanswered(error)

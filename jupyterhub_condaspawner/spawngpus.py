@@ -22,8 +22,9 @@ from .buildmodel import EventStream
 from .culler import REASON_GPU_IDLE, Cull
 from .dockerclient import daemon_settings
 from .failures import StartFailure
-from .gpus import Allocation, GpuAllocator
+from .gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator
 from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
+from .owners import LABEL_IDENTITY, user_identity
 from .profiles import Profile
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class GpuBindingMixin:
         _stop_pending: bool
         client: Any
         log: Any
+        _log_name: str
 
         @property
         def services(self) -> HubServices: ...
@@ -67,6 +69,8 @@ class GpuBindingMixin:
         def _restart_notice_kept_if_cancelled(self) -> contextlib.AbstractContextManager[None]: ...
 
         def allowed_profile(self, slug: str) -> Profile: ...
+
+        async def get_object(self) -> Any: ...
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         if not profile.gpus:
@@ -152,6 +156,28 @@ class GpuBindingMixin:
                 client.close()
         except Exception as error:
             failures.append(error)
+
+    async def _adopt_gpus_of_unsaved_start(self) -> None:
+        """A start the hub was stopped under after its container started but before JupyterHub
+        saved its state: the table (rebuilt from the container's labels) holds GPUs under this
+        server's name, and nothing here says so. Adopted when that container is this user's
+        (never a renamed user's of this name), so that stopping it releases them and the
+        culler watches it."""
+        key = (self.user.name, self.name)
+        held = hub_services(cast("CondaSpawner", self)).allocator.allocation(*key)
+        if self._gpu_key is not None or held is None or not held.active:
+            return
+        container = await self.get_object()
+        if container is None or not container["State"].get("Running"):
+            return
+        labels = container["Config"].get("Labels") or {}
+        if (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != key or not labels.get(LABEL_GPUS) \
+                or labels.get(LABEL_IDENTITY) != user_identity(self.user):
+            return
+        self.log.info("Adopting the GPUs of %s, whose start the hub did not record: %s", self._log_name,
+                      ",".join(held.uuids))
+        self._gpu_key, self._allocation = key, held
+        self._watch_gpu_idleness(self._profile_of_saved_options())
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

@@ -25,7 +25,7 @@ from traitlets.config import Config, PyFileConfigLoader
 
 from jupyterhub_condaspawner.buildmodel import ImageInfo
 from jupyterhub_condaspawner.failures import StartFailure
-from jupyterhub_condaspawner.gpus import LABEL_USER, Allocation
+from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
 from jupyterhub_condaspawner.owners import LABEL_IDENTITY, user_identity
 from jupyterhub_condaspawner.spawner import CondaSpawner
@@ -360,3 +360,34 @@ async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replac
     await spawner.create_object()  # that start's container, kept when it stops
     assert await start_until_docker_start(None)  # the same (no) GPUs and image: restarted as it is
     assert not await start_until_docker_start(allocator.allocate("pia", "", 1))  # GPU 1: replaced
+
+
+# -- a start the hub was stopped under before JupyterHub saved its state ----------------------------
+
+
+@pytest.mark.docker
+async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a_renamed_users_are_not(
+        db, docker_daemon, docker_config, base_image):
+    config, prefix = docker_config
+    gpus = [f"GPU-unsaved-{uuid.uuid4().hex[:8]}-{index}" for index in range(2)]
+    config.GpuInventory.static_gpus = [{"uuid": gpu} for gpu in gpus]
+    config.CondaSpawner.gpu_idle_timeout = 30
+    client = docker_daemon.client()
+    rosa, tess = make_spawner(db, config, "rosa"), make_spawner(db, config, "tess")
+    # SIGTERM after docker start, before JupyterHub's commit: rosa's container runs, her state is empty.
+    # tess's name was an earlier user's, renamed while that server ran on the other GPU.
+    for spawner, gpu, identity in ((rosa, gpus[0], user_identity(rosa.user)), (tess, gpus[1], "7@2020-01-01T00:00:00")):
+        client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-{spawner.user.name}", detach=True,
+                              stop_signal="SIGKILL", labels={LABEL_USER: spawner.user.name, LABEL_SERVER: "",
+                                                             LABEL_GPUS: gpu, LABEL_IDENTITY: identity})
+    services = rosa.services  # the restarted hub's: the GPU table is rebuilt from the labels
+    assert services.allocator.allocation("rosa", "").uuids == (gpus[0],)
+
+    for spawner in (rosa, tess):
+        spawner.load_state({})  # nothing saved
+        assert await spawner.poll() is None  # JupyterHub checks the servers it has a record of
+    assert services.culler.watched() == {("rosa", ""): 30 * 60.0}  # tess's GPU is not hers: not watched
+    await rosa.stop()  # JupyterHub's stop of the start it never saw end (or rosa's)
+    assert services.allocator.allocation("rosa", "") is None
+    tess._release_gpus()  # what tess's stop releases: nothing of the other server's
+    assert services.allocator.allocation("tess", "").uuids == (gpus[1],)
