@@ -573,10 +573,19 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self.image = self._image_info.image
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
-            # rebuild_from_containers restored the table from container labels; reuse its entry.
             self._gpu_key = (str(saved.get("gpu_user") or self.user.name), self.name)
-            self._allocation = hub_services(self).allocator.allocation(*self._gpu_key)
+            self._allocation = self._saved_allocation(tuple(saved["gpus"]))
             self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
+
+    def _saved_allocation(self, uuids: tuple[str, ...]) -> Allocation | None:
+        """The table's entry (restored from container labels) for this server; while the table is
+        not restored yet (the daemon slow when the hub started), the GPUs its state saved, so that
+        the culler watches it from now on: it reads who holds what from the table once restored."""
+        allocator = hub_services(self).allocator
+        held = allocator.allocation(*self.gpu_key)
+        if held is None and not allocator.restored:
+            return Allocation(*self.gpu_key, uuids)
+        return held
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -14,7 +14,7 @@ from stand_in_user import StandInUser
 
 from jupyterhub_condaspawner.buildmodel import ImageInfo
 from jupyterhub_condaspawner.culler import Cull, GpuIdleCuller
-from jupyterhub_condaspawner.gpus import ContainerRecord, GpuAllocator, GpuInventory, static_gpu
+from jupyterhub_condaspawner.gpus import Allocation, ContainerRecord, GpuAllocator, GpuInventory, static_gpu
 
 MINUTE = 60.0
 SAMPLE = 30.0  # seconds between samples, GpuAllocator.gpu_sample_interval's default
@@ -272,6 +272,24 @@ def test_a_server_found_again_after_a_hub_restart_is_watched_with_its_profiles_t
     cpu.load_state({"condaspawner": {"key": "k", "image": "img:k", "image_id": "sha256:0", "env_name": "e",
                                      "gpus": [], "port": 8889}})
     assert ("carol", "") not in services.culler.watched()
+
+
+def test_a_server_restored_before_the_gpu_table_is_watched_and_counted_idle_once_the_table_is_rebuilt(tmp_path):
+    spawner = gpu_spawner(tmp_path, default_minutes=30, user="bob")()
+    services = spawner.services
+    assert not services.allocator.restored  # the daemon did not answer when the hub started
+    spawner.user_options = {"profile": "own"}
+    spawner.load_state({"condaspawner": {"key": "k", "image": "img:k", "image_id": "sha256:0", "env_name": "e",
+                                         "gpus": [fake_uuid(0)], "gpu_user": "bob", "port": 8888}})
+    assert services.culler.watched() == {("bob", ""): 45 * 60.0}
+
+    # The first GPU start rebuilds the table late, from bob's container; the culler reads it from then on.
+    labels = Allocation("bob", "", (fake_uuid(0),), 1_000_000.0).labels()
+    services.allocator.rebuild([ContainerRecord("jupyter-bob", labels, running=True)])
+    services.culler.observe({fake_uuid(0): "held_idle"})
+    assert services.culler.idle_for("bob", "") == 0.0  # its idle time counts from this sample
+    spawner._release_gpus()
+    assert services.allocator.allocation("bob", "") is None and services.culler.watched() == {}
 
 
 def test_a_server_whose_profile_was_renamed_keeps_the_timeout_and_name_it_started_with(tmp_path):
