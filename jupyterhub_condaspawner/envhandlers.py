@@ -160,8 +160,9 @@ class _Environments:
         spawner = self.current_user.spawner
         if isinstance(spawner, CondaSwarmSpawner):
             return await self._swarm_gpus(spawner, services)
-        # NVML may rescan (and be slow): off the event loop.
-        return await asyncio.to_thread(environments.gpu_map, services.allocator, services.queue, services.culler)
+        # NVML may rescan (and be slow): off the event loop; the queue, which the loop changes, read on it.
+        waiting = services.queue.waiting()
+        return await asyncio.to_thread(environments.gpu_map, services.allocator, waiting, services.culler)
 
     async def _swarm_gpus(self, spawner: CondaSwarmSpawner, services: HubServices) -> dict[str, Any]:
         try:

@@ -26,7 +26,6 @@ from .usage import UsageLog, Use
 
 if TYPE_CHECKING:
     from .culler import GpuIdleCuller
-    from .gpuqueue import GpuQueue
     from .gpus import GpuAllocator
 
 KEY_CHARS = frozenset("0123456789abcdef")
@@ -213,9 +212,10 @@ def recent_failures(builder: ImageBuilder) -> list[dict[str, Any]]:
              "finished": record.finished} for record in builder.failed_builds()[:20]]
 
 
-def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> dict[str, Any]:
+def gpu_map(allocator: GpuAllocator, waiting: list[dict[str, Any]], culler: GpuIdleCuller) -> dict[str, Any]:
     """Every GPU (host, index, model, memory, utilization, state, holders with held since and
-    idle for) and the spawns waiting in the GPU queue."""
+    idle for) and ``waiting``, the spawns in the GPU queue (:meth:`GpuQueue.waiting`, read on
+    the event loop, which changes the queue: this runs in a thread, NVML may rescan)."""
     states = allocator.gpu_states()
     rows = []
     for row in allocator.status():
@@ -228,7 +228,7 @@ def gpu_map(allocator: GpuAllocator, queue: GpuQueue, culler: GpuIdleCuller) -> 
             "utilization": row["utilization"], "state": states.get(uuid or f"#{row['index']}", row["state"]),
             "holders": holders,
         })
-    return {"gpus": rows, "queue": queue.waiting()}
+    return {"gpus": rows, "queue": waiting}
 
 
 def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_utilization: float,

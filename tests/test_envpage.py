@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 
 import pytest
+from fake_nvml import FakeNvml
+from test_gpuqueue import until
 from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.culler import GpuIdleCuller
 from jupyterhub_condaspawner.envhandlers import PageFailure, one_check_at_a_time
-from jupyterhub_condaspawner.environments import admin_builds, recent_failures, swarm_gpu_map
+from jupyterhub_condaspawner.environments import admin_builds, gpu_map, recent_failures, swarm_gpu_map
 from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
+from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory
 from jupyterhub_condaspawner.spec import SpecPolicy
 from jupyterhub_condaspawner.swarm import NodeInfo, SwarmState, TaskInfo
@@ -115,3 +119,17 @@ def test_the_builds_view_lists_recent_failures_read_from_the_cache_folder(tmp_pa
     assert failed == [{"key": "a" * 64, "name": "env failed", "phase": "pip", "cause": "no cs-x",
                        "finished": "2026-12-01T01:01:00+00:00"}]
     assert admin_builds(builder, failed) == {"running": [], "queued": [], "failed": failed, "max_concurrent_builds": 2}
+async def test_the_gpu_map_lists_the_queue_as_the_event_loop_read_it():
+    # The queue changes on the event loop: the page reads it there, and maps the GPUs (NVML) in a thread.
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(1)), queue_timeout=30)
+    queue = GpuQueue(allocator)
+    await queue.allocate("alice", "", 1)
+    waiting = asyncio.ensure_future(queue.allocate("bob", "", 1, profile="gpu"))
+    await until(lambda: queue.length == 1)
+
+    page = await asyncio.to_thread(gpu_map, allocator, queue.waiting(), GpuIdleCuller(allocator))
+
+    assert [(row["user"], row["profile"], row["position"]) for row in page["queue"]] == [("bob", "gpu", 0)]
+    assert [holder["user"] for holder in page["gpus"][0]["holders"]] == ["alice"]
+    queue.cancel("bob", "")
+    await asyncio.gather(waiting, return_exceptions=True)
