@@ -5,9 +5,11 @@ reads. After each of the hub's GPU samples (``GpuAllocator.gpu_sample_interval``
 culler looks at every watched server: when each GPU it holds read at or below
 ``GpuAllocator.idle_utilization`` percent, it has been idle since the sample before (or
 since it got its GPUs, if later); one busy reading, or a GPU without a reading, ends the
-idle stretch. A server idle for its timeout is handed to its ``stop`` callback once. The
-spawner watches a server when it gets GPUs (or is found again after a hub restart) with
-its profile's ``gpu_idle_timeout`` and stops it through the hub.
+idle stretch. A GPU that failed (unusable, or gone from the host) computes nothing and is
+left out, as long as the server has another to judge it by. A server idle for its timeout
+is handed to its ``stop`` callback once. The spawner watches a server when it gets GPUs
+(or is found again after a hub restart) with its profile's ``gpu_idle_timeout`` and stops
+it through the hub.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class GpuIdleCuller:
                 if allocation is None or not allocation.active or not allocation.uuids:
                     watch.idle_since = None
                     continue
-                if not all(states.get(uuid) == "held_idle" for uuid in allocation.uuids):
+                if not _all_idle(allocation.uuids, states):
                     watch.idle_since = None
                     continue
                 if watch.idle_since is None:
@@ -121,6 +123,13 @@ class GpuIdleCuller:
                     watch.culled = True
                     due.append((Cull(key[0], key[1], watch.profile, idle, watch.timeout_seconds), watch.stop))
             return due
+
+
+def _all_idle(uuids: tuple[str, ...], states: Mapping[str, str]) -> bool:
+    """Whether every GPU the server can still use read idle. One that failed (off the bus) must
+    not keep its healthy ones held for ever; with none left that works, nothing is judged."""
+    working = [states.get(uuid) for uuid in uuids if states.get(uuid) not in (None, "unusable")]
+    return bool(working) and all(state == "held_idle" for state in working)
 
 
 def _minutes(seconds: float) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fake_nvml import FakeGpu, FakeNvml, fake_uuid
+from fake_nvml import GPU_IS_LOST, FakeGpu, FakeNvml, fake_uuid
 from stand_in_user import StandInUser
 
 from jupyterhub_condaspawner.buildmodel import ImageInfo
@@ -101,6 +101,35 @@ def test_a_multi_gpu_server_is_idle_only_when_every_gpu_is():
     culls = bench.replay(first, [(16, 0)])
     assert [c.user for c in culls] == ["bob"]
     assert set(bench.allocator.gpu_states().values()) == {"free"}
+
+
+@pytest.mark.parametrize("fails", ["off the bus", "lost after its handle was found"])
+def test_a_gpu_that_failed_does_not_keep_the_servers_healthy_idle_gpu_held(fails):
+    bench = Bench()
+    first, second = bench.start("bob", gpus=2, timeout_minutes=15)
+    broken = next(gpu for gpu in bench.nvml.gpus if gpu.uuid == second)
+    if fails == "off the bus":  # its UUID cannot be read either
+        bench.nvml.lose(bench.nvml.gpus.index(broken))
+    else:
+        broken.failures["nvmlDeviceGetName"] = GPU_IS_LOST
+    culls = bench.replay(first, [(16, 0)])
+    assert [c.user for c in culls] == ["bob"]
+
+
+def test_a_server_whose_only_gpu_failed_is_not_judged():
+    bench = Bench(gpus=1)
+    (uuid,) = bench.start("alice", timeout_minutes=15)
+    bench.nvml.lose(0)
+    assert bench.replay(uuid, [(120, 0)]) == []
+
+
+def test_an_idle_server_time_sharing_a_busy_gpu_is_not_culled():
+    # A known limit (README): utilization is per GPU, so a busy neighbour keeps an idle server.
+    bench = Bench(gpus=1)
+    bench.allocator.max_servers_per_gpu = 2
+    (shared,) = bench.start("busy", timeout_minutes=15)
+    bench.start("idle", timeout_minutes=15)
+    assert bench.replay(shared, [(120, 90)]) == []
 
 
 def test_each_server_has_its_own_timeout_and_others_keep_their_gpus():
