@@ -381,10 +381,26 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
 
 
+def requested_gpus(services: Iterable[Mapping[str, Any]], user: str, except_server: str) -> int:
+    """GPUs the user's other conda-swarm services (the manager's ``services()``) ask for.
+
+    Services, not tasks: Swarm makes a service's task after create_service returns, so a second
+    server created just after the first would not see the first's task yet.
+    """
+    total = 0
+    for service in services:
+        labels = (service.get("Spec") or {}).get("Labels") or {}
+        requested = str(labels.get(LABEL_GPU_REQUEST, ""))
+        if labels.get(LABEL_USER) == user and labels.get(LABEL_SERVER, "") != except_server and requested.isdigit():
+            total += int(requested)
+    return total
+
+
 def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int,
-                profile: str | None = None) -> None:
+                profile: str | None = None, held: int | None = None) -> None:
     """Raise :class:`GpuQuotaExceeded` if the user's other live servers plus this one exceed ``quota``
-    (:class:`GpuInfeasible` if this one alone does: no waiting or stopping helps)."""
+    (:class:`GpuInfeasible` if this one alone does: no waiting or stopping helps). ``held``: what the
+    other servers ask for (:func:`requested_gpus`), else what their live tasks in ``state`` do."""
     if not quota or not count:
         return
     server = f"{user}'s server" + (f" {server_name!r}" if server_name else "")
@@ -392,7 +408,8 @@ def check_quota(state: SwarmState, user: str, server_name: str, count: int, quot
     need = f"{server} needs {count} GPU" + ("s" if count != 1 else "")
     if count > quota:
         raise GpuInfeasible(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
-    held = state.user_gpus(user, except_server=server_name)
+    if held is None:
+        held = state.user_gpus(user, except_server=server_name)
     if held + count > quota:
         raise GpuQuotaExceeded(f"{need}, but {user} already holds {held} of their quota of {quota}: "
                                "stop another server first")

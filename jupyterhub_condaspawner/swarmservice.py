@@ -87,12 +87,17 @@ class SwarmServiceMixin(_SpawnerBase):
                                reason="config", status_code=500) from None
 
     async def create_object(self) -> dict[str, Any]:
-        """Create the service: the quota is checked against Swarm's tasks under a per-user lock."""
+        """Create the service: the quota is checked against the user's services under a per-user lock."""
         lock = _user_locks.setdefault(self.user.name, asyncio.Lock())
         async with lock:
             state = await self._read_swarm()
             quota = self.services.allocator.per_user_gpu_quota
-            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile)
+            held = None
+            if quota and self._request.gpus:
+                services = await self.docker("services", filters={"label": [swarm.LABEL_GPU_REQUEST]})
+                held = swarm.requested_gpus(services, self.user.name, except_server=self.name)
+            swarm.check_quota(state, self.user.name, self.name, self._request.gpus, quota, self._request.profile,
+                              held=held)
             swarm.check_feasible(state, self._request)  # the nodes may have changed since the form
             self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
                                                             self.cuda_label)

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from jupyterhub_condaspawner import swarm
-from jupyterhub_condaspawner.gpus import CudaIncompatible, GpuInfeasible, GpuQuotaExceeded
+from jupyterhub_condaspawner.gpus import LABEL_SERVER, LABEL_USER, CudaIncompatible, GpuInfeasible, GpuQuotaExceeded
 from jupyterhub_condaspawner.swarm import ServiceRequest, SwarmInfeasible, SwarmState
 
 
@@ -134,6 +134,22 @@ def test_model_globs_become_constraints_swarm_understands():
     assert constraints("NVIDIA [AH]100*") == [f"node.labels.nvidia.gpu.product!={L4}"]
     assert constraints("*") == []
     assert swarm.placement_constraints(state, ServiceRequest(gpus=0, gpu_model="*A100*")) == []
+
+
+def test_the_quota_counts_services_whose_task_swarm_has_not_made_yet():
+    def service(user: str, server: str, gpus: str) -> dict:
+        return {"ID": f"{user}-{server}", "Spec": {"Labels": {LABEL_USER: user, LABEL_SERVER: server,
+                                                             swarm.LABEL_GPU_REQUEST: gpus}}}
+
+    services = [service("ada", "a", "1"), service("ada", "b", "2"), service("bob", "", "1"), service("ada", "c", "x"),
+                {"ID": "not-ours", "Spec": {"Labels": {}}}]
+    assert swarm.requested_gpus(services, "ada", except_server="") == 3
+    assert swarm.requested_gpus(services, "ada", except_server="b") == 1  # its own, restarted, not twice
+    # ada's server "a" was just created: no task yet, so Swarm's tasks say she holds nothing.
+    state = SwarmState((), ())
+    swarm.check_quota(state, "ada", "d", 1, quota=1)
+    with pytest.raises(GpuQuotaExceeded, match="ada's server 'd' needs 1 GPU, but ada already holds 1 of their quota"):
+        swarm.check_quota(state, "ada", "d", 1, quota=1, held=swarm.requested_gpus(services[:1], "ada", "d"))
 
 
 def test_the_quota_counts_live_tasks_and_a_request_over_it_alone_is_infeasible():

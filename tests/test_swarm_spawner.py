@@ -299,6 +299,18 @@ async def test_the_per_user_quota_counts_the_users_servers_in_swarms_tasks(swarm
     await servers.start(other)  # the quota is per user
 
 
+async def test_two_servers_of_one_user_started_at_once_share_a_quota_of_one(servers, swarm_config):
+    # The second service is checked just after the first is created, before Swarm has made its task.
+    config = copy.deepcopy(swarm_config)
+    config.GpuAllocator.per_user_gpu_quota = 1
+    starts = [servers.start(servers.make("race-user", server=name, config=config)) for name in ("one", "two")]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+
+    refused = [result for result in results if isinstance(result, StartFailure)]
+    assert len(refused) == 1 and refused[0].reason == "quota", results
+    assert "already holds 1 of their quota of 1: stop another server first" in refused[0].message
+
+
 async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_other(swarm_bench, servers):
     spawner = servers.make("survivor", gpu_idle_timeout=30)
     await servers.start(spawner)
