@@ -29,8 +29,7 @@ from fake_nvml import (
     FakeNvml,
     fake_uuid,
 )
-from stand_in_daemon import API_VERSION as STAND_IN_API
-from stand_in_daemon import StandInDaemon
+from gated_daemon import GatedDaemon
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -701,28 +700,6 @@ def test_a_stopped_containers_hold_yields_when_nothing_else_is_free():
     assert allocator.allocation("alice", "") is None
 
 
-def test_a_rebuild_keeps_what_was_allocated_and_released_while_its_listing_ran(tmp_path):
-    daemon = StandInDaemon(tmp_path / "docker.sock")
-    try:
-        daemon.add_container("jupyter-alice", Allocation("alice", "", (fake_uuid(0),), T0).labels())
-        daemon.add_container("jupyter-dave", Allocation("dave", "", (fake_uuid(1),), T0).labels(), running=False)
-        allocator = allocator_for(FakeNvml.with_gpus(2))
-        client = docker.APIClient(base_url=daemon.url, version=STAND_IN_API)
-        with ThreadPoolExecutor(1) as pool:
-            rebuild = pool.submit(allocator.rebuild_from_containers, client)
-            daemon.wait_for_listing()  # listed: alice runs on GPU 0, dave's stopped container had GPU 1
-            allocator.release("alice", "")  # then alice's server stops
-            bob, carol = allocator.allocate("bob", "", 1), allocator.allocate("carol", "", 1)
-            daemon.answer(0)
-            assert rebuild.result() == []
-    finally:
-        daemon.close()
-
-    assert allocator.restored
-    assert {a.key: a.uuids for a in allocator.allocations()} == {("bob", ""): bob.uuids, ("carol", ""): carol.uuids}
-    assert sorted(bob.uuids + carol.uuids) == [fake_uuid(0), fake_uuid(1)]
-
-
 # --- configuration ---------------------------------------------------------------------------------
 
 
@@ -843,6 +820,29 @@ def test_rebuild_from_the_daemon_reports_gpus_this_host_lacks(labelled):
     problems = allocator.rebuild_from_containers(labelled.client, label_filters=[labelled.run_label])
 
     assert len(problems) == 1 and "holds GPU-gone, which this host does not have now" in problems[0]
+
+
+@pytest.mark.docker
+def test_a_rebuild_keeps_what_was_allocated_and_released_while_its_listing_ran(tmp_path, docker_daemon, labelled):
+    def labels_only(allocation: Allocation) -> gpus.GpuContainerOptions:
+        return gpus.GpuContainerOptions((), {}, allocation.labels())
+
+    labelled(labels_only(Allocation("alice", "", (fake_uuid(0),), T0)), start=True)
+    labelled(labels_only(Allocation("dave", "", (fake_uuid(1),), T0)))  # created, never started
+    allocator = allocator_for(FakeNvml.with_gpus(2))
+    with ThreadPoolExecutor(1) as pool, GatedDaemon(tmp_path / "docker.sock", docker_daemon.docker_host) as daemon:
+        client = docker.APIClient(base_url=daemon.url)
+        # Only this test's containers: other tests' on the shared daemon may hold the same fake GPUs.
+        rebuild = pool.submit(allocator.rebuild_from_containers, client, label_filters=[labelled.run_label])
+        daemon.wait_for_listing()  # listed: alice runs on GPU 0, dave's stopped container had GPU 1
+        allocator.release("alice", "")  # then alice's server stops
+        bob, carol = allocator.allocate("bob", "", 1), allocator.allocate("carol", "", 1)
+        daemon.answer(0)
+        assert rebuild.result() == []
+
+    assert allocator.restored
+    assert {a.key: a.uuids for a in allocator.allocations()} == {("bob", ""): bob.uuids, ("carol", ""): carol.uuids}
+    assert sorted(bob.uuids + carol.uuids) == [fake_uuid(0), fake_uuid(1)]
 
 
 # --- the `condaspawner gpus` command ---------------------------------------------------------------

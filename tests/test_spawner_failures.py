@@ -24,10 +24,9 @@ import docker.auth
 import docker.errors
 import pytest
 from fake_nvml import FakeNvml
+from gated_daemon import GatedDaemon
 from jupyterhub.objects import Hub
 from pip_index import PipIndex
-from stand_in_daemon import API_VERSION as STAND_IN_API
-from stand_in_daemon import StandInDaemon
 from stand_in_user import StandInUser
 from test_gpuqueue import WatchedNvml, until
 from traitlets.config import Config
@@ -224,61 +223,62 @@ async def test_no_gpu_is_handed_out_before_the_table_knows_what_running_servers_
         running.remove(force=True)
 
 
-async def test_gpu_starts_before_the_table_is_restored_restore_it_once_and_never_share_a_gpu(tmp_path):
+@pytest.mark.docker
+async def test_gpu_starts_before_the_table_is_restored_restore_it_once_and_never_share_a_gpu(tmp_path, docker_daemon):
     class SlowDaemon(CondaSpawner):
         _client = None
 
+    # The shared daemon lists other tests' GPU containers too: this GPU and these users are no one else's.
+    gpu, run = f"GPU-only-one-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
     config = spawner_for(tmp_path, "file:///nonexistent").config
-    config.GpuInventory.static_gpus = [{"uuid": "GPU-only-one"}]
+    config.GpuInventory.static_gpus = [{"uuid": gpu}]
     config.GpuAllocator.queue_timeout = 0
-    config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/docker.sock", "version": STAND_IN_API}
-    alice, bob = (SlowDaemon(user=StandInUser(name), hub=Hub(), config=config) for name in ("alice", "bob"))
+    config.DockerSpawner.client_kwargs = {"base_url": f"unix://{tmp_path}/docker.sock"}
+    alice, bob = (SlowDaemon(user=StandInUser(f"{name}-{run}"), hub=Hub(), config=config) for name in ("alice", "bob"))
     profile = alice.services.catalog.get("gpu")
     assert not alice.services.allocator.restored  # the hub started while its daemon did not answer
-    daemon = StandInDaemon(tmp_path / "docker.sock")  # it answers now, slowly
-    try:
+    with GatedDaemon(tmp_path / "docker.sock", docker_daemon.docker_host) as daemon:  # it answers now, slowly
         for spawner in (alice, bob):
             spawner._start_began = time.monotonic()
         starts = [asyncio.ensure_future(spawner._allocate_gpus(profile)) for spawner in (alice, bob)]
         await asyncio.to_thread(daemon.wait_for_listing)
         daemon.answer_all()
         granted, refused = await asyncio.gather(*starts, return_exceptions=True)
-    finally:
-        daemon.close()
 
     assert len(daemon.listings) == 1  # bob's start waited for alice's restore instead of making its own
-    assert granted.uuids == ("GPU-only-one",)
+    assert granted.uuids == (gpu,)
     assert isinstance(refused, GpuUnavailable) and "1 of the 1 GPU on this host match, 1 busy" in str(refused)
 
 
+@pytest.mark.docker
 async def test_the_hubs_start_restores_the_gpu_table_in_a_thread_and_a_hung_driver_holds_it_up_only_so_long(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, monkeypatch, caplog, docker_daemon):
     nvml = WatchedNvml(FakeNvml.with_gpus(1).gpus)
     nvml.loop_thread = threading.get_ident()
     monkeypatch.setattr(gpus, "_load_pynvml", lambda: nvml)
-    daemon = StandInDaemon(tmp_path / "docker.sock")
-    daemon.answer_all()
-    try:
+    with GatedDaemon(tmp_path / "docker.sock", docker_daemon.docker_host) as daemon:
+        daemon.answer_all()
+
         def hub_starts() -> CondaSpawner:
             config = spawner_for(tmp_path, "file:///nonexistent").config
-            config.DockerSpawner.client_kwargs = {"base_url": daemon.url, "version": STAND_IN_API}
+            config.DockerSpawner.client_kwargs = {"base_url": daemon.url}
             spawner = CondaSpawner(user=StandInUser("alice"), hub=Hub(), config=config)
             spawner.services  # the hub's services, on first use: the GPU table is restored
             return spawner
 
-        assert hub_starts().services.allocator.restored
-        assert daemon.listings and nvml.on_loop == []  # the daemon and NVML were read in a thread
+        try:
+            assert hub_starts().services.allocator.restored
+            assert daemon.listings and nvml.on_loop == []  # the daemon and NVML were read in a thread
 
-        monkeypatch.setattr(spawngpus, "RESTORE_TIMEOUT_S", 1.0)
-        nvml.gate.clear()  # the driver hangs: the hub goes on without its table after RESTORE_TIMEOUT_S
-        allocator = hub_starts().services.allocator
-        assert not allocator.restored
-        assert "GPU allocations not restored from the servers' containers (the daemon or NVML did not answer " \
-               "within 1 s): GPU starts restore them first" in caplog.text
-    finally:
-        nvml.gate.set()
-        daemon.close()
-    await until(lambda: allocator.restored)  # the driver answers again: the restore ends by itself
+            monkeypatch.setattr(spawngpus, "RESTORE_TIMEOUT_S", 1.0)
+            nvml.gate.clear()  # the driver hangs: the hub goes on without its table after RESTORE_TIMEOUT_S
+            allocator = hub_starts().services.allocator
+            assert not allocator.restored
+            assert "GPU allocations not restored from the servers' containers (the daemon or NVML did not answer " \
+                   "within 1 s): GPU starts restore them first" in caplog.text
+        finally:
+            nvml.gate.set()
+        await until(lambda: allocator.restored)  # the driver answers again: the restore ends by itself
 
 
 # -- docker's build output, as the build sees it ----------------------------------------------
