@@ -270,7 +270,8 @@ def gpu_spawner(tmp_path, default_minutes: float, user: str = "alice"):
     config.ImageBuilder.cache_dir = str(tmp_path / "builder")
     config.GpuInventory.static_gpus = [{"uuid": fake_uuid(i)} for i in range(3)]
     config.CondaSpawner.gpu_idle_timeout = default_minutes
-    config.DockerSpawner.host = "unix:///nonexistent/docker.sock"  # no daemon needed here
+    # No daemon answers (whatever DOCKER_HOST the bench set in this process): none is needed here.
+    config.DockerSpawner.client_kwargs = {"base_url": "unix:///nonexistent/docker.sock"}
     return lambda name=user: CondaSpawner(user=StandInUser(name), hub=Hub(), config=config)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import shutil
 import socket
@@ -62,6 +63,8 @@ def spawner_for(tmp_path: Path, channel_url: str, **settings) -> CondaSpawner:
     config.Resolver.package_cache_dir = str(tmp_path / "pkgs")
     config.ImageBuilder.cache_dir = str(tmp_path / "builder")
     config.ImageBuilder.image_repo = f"condaspawner-failtest-{uuid.uuid4().hex[:8]}"
+    # Container names of this test's own (the daemon is shared: a hub test's alice runs jupyter-alice).
+    config.DockerSpawner.prefix = "failtest-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]
     for dotted, value in settings.items():
         section, name = dotted.split("__")
         setattr(config[section], name, value)
