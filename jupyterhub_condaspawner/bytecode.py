@@ -7,6 +7,10 @@ that prefix, and each package is compiled in batches of its own files: so it is 
 every environment that installs the package. This cache keeps it by the package's identity
 (``StagedEnvironment.identities``), beside the package cache, and links it into the next
 staged environment that installs the package, which then compiles only what is new.
+
+Only byte code compiled from the source it is filed under is kept, and linked back only beside
+that same source: a package can install a symlinked ``__pycache__`` that points into another
+package's folder, and unchecked-hash byte code is never checked against its source by Python.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import layers
 from .stagedenv import StagedEnvironment, source_of
 
 COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole; its files' sha256
-ENTRY_FORMAT = "2"  # 2: ``complete`` holds each file's sha256, checked before the entry is linked
+# 2: ``complete`` holds each file's sha256, checked before the entry is linked; 3: and its source's sha256,
+# the source the byte code's header says it was compiled from (entries of 2 could hold another source's)
+ENTRY_FORMAT = "3"
 
 
 class BytecodeCache:
@@ -41,8 +49,9 @@ class BytecodeCache:
             if entry is None:
                 continue
             digests = _intact(entry)
-            if digests is None:
-                continue
+            if digests is None or not all(_source_digest(staged, path) == record["source"]
+                                          for path, record in digests.items()):
+                continue  # the sources here are not those it was compiled from (another package clobbered one)
             try:
                 for cached in digests:
                     staged.folders.make(os.path.dirname(cached))  # never through a package's symlink
@@ -54,8 +63,11 @@ class BytecodeCache:
             done.update(path for path in files if path.endswith(".py") and path not in shipped)
         return done
 
-    def keep(self, staged: StagedEnvironment) -> None:
-        """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks."""
+    def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes]) -> None:
+        """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks, if each
+        of its files' headers has the hash of the source it is filed under: ``source_hashes``, each
+        compiled source's (staged path), as the compiling Python hashed it (importlib.util.source_hash,
+        which depends on that Python's release: the compile container reports them)."""
         staging = staged.root
         for key, compiled in layers.compiled_files(staged).items():
             entry = self._entry(staged.identities.get(key, ""))
@@ -64,9 +76,10 @@ class BytecodeCache:
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
             try:
                 made: set[str] = set()
+                digests = {}
                 for path in compiled:
                     _link(f"{staging}/{path}", f"{partial}/{path}", made)
-                digests = {path: _digest(partial / path) for path in compiled}
+                    digests[path] = _checked_record(staged, path, _read(partial / path), source_hashes)
                 (partial / COMPLETE).write_text(json.dumps(digests, sort_keys=True))
                 os.rename(partial, entry)  # another build may have kept it first: then ours goes
             except OSError:
@@ -82,10 +95,54 @@ class BytecodeCache:
         return self.directory / key
 
 
-def _intact(entry: Path) -> dict[str, str] | None:
-    """An entry's files and their sha256, if it is whole and every file still has its digest;
-    None otherwise. A damaged entry (a disk error, a bad copy of the folder) is removed, so
-    that the next build compiles the package and keeps it again: never linked into an image."""
+class _NotItsByteCode(OSError):
+    """A compiled file's header names another source than the one it is filed under."""
+
+
+def _checked_record(staged: StagedEnvironment, path: str, pyc: bytes, source_hashes: Mapping[str, bytes]
+                    ) -> dict[str, str]:
+    """What an entry records of the compiled file ``path`` (staged) whose bytes are ``pyc``: its sha256
+    and its source's; _NotItsByteCode if ``pyc`` was not compiled from that source."""
+    digest = source_hashes.get(source_of(path) or "")
+    source = _read_source(staged, path)
+    if digest is None or source is None or not hashed_from(pyc, digest):
+        raise _NotItsByteCode(f"{path} was not compiled from its source")
+    return {"sha256": hashlib.sha256(pyc).hexdigest(), "source": hashlib.sha256(source).hexdigest()}
+
+
+def hashed_from(pyc: bytes, digest: bytes) -> bool:
+    """Whether ``pyc`` is hash-based byte code of a source whose hash is ``digest``: its 16-byte header
+    is the magic number, the flags (1: unchecked-hash, what the compile container writes; 3: checked)
+    and that hash."""
+    return len(pyc) >= 16 and int.from_bytes(pyc[4:8], "little") in (1, 3) and pyc[8:16] == digest
+
+
+def _read_source(staged: StagedEnvironment, compiled: str) -> bytes | None:
+    """The staged source of the compiled file ``compiled``, or None (none, or not a file in real folders)."""
+    source = source_of(compiled)
+    if source is None or not staged.folders.holds_parent_of(source):
+        return None
+    try:
+        return _read(staged.root / source)
+    except OSError:
+        return None
+
+
+def _source_digest(staged: StagedEnvironment, compiled: str) -> str:
+    source = _read_source(staged, compiled)
+    return hashlib.sha256(source).hexdigest() if source is not None else ""
+
+
+def _read(path: Path) -> bytes:
+    """The file at ``path``, never through a symlink."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as file:
+        return file.read()
+
+
+def _intact(entry: Path) -> dict[str, dict[str, str]] | None:
+    """An entry's files and their records (their sha256 and their sources'), if it is whole and every
+    file still has its digest; None otherwise. A damaged entry (a disk error, a bad copy of the folder)
+    is removed, so that the next build compiles the package and keeps it again: never linked into an image."""
     try:
         digests = json.loads((entry / COMPLETE).read_text())
     except FileNotFoundError:
@@ -93,15 +150,20 @@ def _intact(entry: Path) -> dict[str, str] | None:
     except (OSError, ValueError):
         digests = None
     if (isinstance(digests, dict) and set(digests) == set(_files(entry))
-            and all(_digest(entry / path) == digest for path, digest in digests.items())):
+            and all(_well_formed(record) and _digest(entry / path) == record["sha256"]
+                    for path, record in digests.items())):
         return digests
     shutil.rmtree(entry, ignore_errors=True)
     return None
 
 
+def _well_formed(record: Any) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("source"), str)
+
+
 def _digest(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()  # byte code: kilobytes a file
+        return hashlib.sha256(_read(path)).hexdigest()  # byte code: kilobytes a file
     except OSError:
         return ""
 

@@ -9,6 +9,7 @@ writing a layer is mostly the disk's.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -60,6 +61,20 @@ class CompileRun:
                                                 f"before batch {index} of {self.count}")
                     raise self.failed
                 time.sleep(POLL_S)
+
+    def source_hashes(self) -> dict[str, bytes]:
+        """The hash of each source compiled (as its Python hashed it, by staged path: below the shared
+        prefix), from the batches' markers; those of a marker that cannot be read are left out."""
+        hashes: dict[str, bytes] = {}
+        prefix = layers.SHARED_PREFIX + "/"
+        for index in range(self.count):
+            try:
+                reported = json.loads((self.done_dir / str(index)).read_text())
+                hashes.update({path.removeprefix(prefix): bytes.fromhex(digest) for path, digest in reported.items()
+                               if path.startswith(prefix)})
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+        return hashes
 
     def abandon(self) -> None:
         """Stop and remove the container in the background: the build that started it has ended."""

@@ -111,7 +111,8 @@ async def _hand_over(launched: asyncio.Future, build: Build, context: Path, stag
         await build.publish("compile", 41, f"Compiling the environment's Python files "
                                            f"({sum(len(p) for _, p in jobs)}) while its layers are written")
     partial = context / "compile" / "batches.json.partial"
-    partial.write_text(json.dumps({"python": staged.python_release, "batches": [paths for _, paths in jobs]}))
+    partial.write_text(json.dumps({"python": staged.python_release, "root": layers.SHARED_PREFIX,
+                                   "batches": [paths for _, paths in jobs]}))
     partial.replace(context / "compile" / "batches.json")  # whole when the container sees it
     return CompileRun(container, context / "compile" / "done", jobs)
 
@@ -142,7 +143,7 @@ async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staged: 
     batch; nothing if it ended before (a package's byte code is kept whole or not at all)."""
     await asyncio.to_thread(run.exited.wait)
     if run.complete:
-        await asyncio.to_thread(bytecode.keep, staged)
+        await asyncio.to_thread(lambda: bytecode.keep(staged, run.source_hashes()))
 
 
 async def _finish_compile(run: CompileRun, context: Path, build_log: io.TextIOBase) -> None:
@@ -300,8 +301,6 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await _finish_compile(run, context, build_log)
     if keeping is not None:
         await keeping
-    elif compiled:
-        await asyncio.to_thread(bytecode.keep, staged)
     for image in result.removed:  # for leftovers: these are gone
         build_log.write(f"removed the stage image {image}\n")
     for name, diff_id, size, sent in result.layers:

@@ -213,7 +213,11 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # checked by its source's mtime and size, it stays valid as shipped (a package's files keep
 # their mtimes in the layers); checked by its source's hash, it is rewritten as unchecked-hash
 # byte code of the same code object (Python would hash the source at every import). Byte code
-# that does not match its source is compiled over.
+# that does not match its source is compiled over. A file whose ``__pycache__`` is not where it
+# seems (a symlink in it or above it, below the plan's "root") is neither read nor written: a
+# package's symlinked ``__pycache__`` would have its byte code written into another package's folder.
+# Each batch's marker holds the hash of each source it compiled (importlib.util.source_hash, which
+# depends on the Python release: the hub's may differ), by which bytecode.py checks what it keeps.
 COMPILE_SCRIPT = """
 import importlib.util, json, multiprocessing, os, py_compile, sys, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
@@ -231,6 +235,14 @@ plan = json.load(open(sys.argv[1]))
 batches, wanted = (plan["batches"], plan.get("python")) if isinstance(plan, dict) else (plan, None)
 if wanted and wanted != mine:
     sys.exit(f"the base image's Python {mine} does not compile for the environment's Python {wanted}")
+root = plan.get("root", "/") if isinstance(plan, dict) else "/"
+real_root = os.path.realpath(root)
+checked = {}  # each batch runs in a process of its own: its folders only
+def beside(path):
+    folder = os.path.dirname(importlib.util.cache_from_source(path))
+    if folder not in checked:
+        checked[folder] = os.path.realpath(folder) == os.path.join(real_root, os.path.relpath(folder, root))
+    return checked[folder]
 def adopt(path):
     cached = importlib.util.cache_from_source(path)
     try:
@@ -258,15 +270,24 @@ def adopt(path):
 def batch(job):
     index, paths = job
     adopted = failed = 0
+    hashes = {}
     for path in paths:
+        if not beside(path):
+            failed += 1
+            continue
         if adopt(path):
             adopted += 1
             continue
         try:
             py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            with open(path, "rb") as file:
+                hashes[path] = importlib.util.source_hash(file.read()).hex()
         except Exception as error:
             failed += 1
-    open(os.path.join(sys.argv[2], str(index)), "w").close()  # the loader waits for this batch's files
+    marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
+    with open(marker + ".partial", "w") as file:
+        json.dump(hashes, file)
+    os.replace(marker + ".partial", marker)
     return adopted, failed
 with multiprocessing.Pool(maxtasksperchild=1) as pool:
     counts = pool.map(batch, list(enumerate(batches)), chunksize=1)
@@ -299,7 +320,9 @@ def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], d
     package's files each (so that a package's byte code does not depend on which packages share
     its layer), each with the name of the layer that holds them, in the order of the layers:
     every layer's but those named in ``skip`` (stored already, with their byte code), less the
-    staged paths in ``done`` (byte code from the cache, bytecode.py)."""
+    staged paths in ``done`` (byte code from the cache, bytecode.py), and less the sources whose
+    ``__pycache__`` is no real folder of theirs: a package's symlinked ``__pycache__`` (or a folder
+    above it) could point into another package's folder, whose byte code would then be this one's."""
     prefix = SHARED_PREFIX.lstrip("/")
     owner = {path: "-".join(key) for key, files in staged.files.items() for path in files}
     skipped = set(done)
@@ -311,7 +334,8 @@ def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], d
         for entry in layer.entries:
             path = entry.path.removeprefix(prefix + "/")
             if (entry.source is None or path in skipped or not path.startswith("lib/") or not path.endswith(".py")
-                    or os.path.islink(entry.source)):
+                    or os.path.islink(entry.source)
+                    or not staged.folders.can_hold(os.path.join(os.path.dirname(path), "__pycache__"))):
                 continue
             by_package.setdefault(owner.get(path, ""), set()).add(f"/{prefix}/{path}")
         for _, paths in sorted(by_package.items()):

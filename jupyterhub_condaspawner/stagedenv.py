@@ -129,6 +129,13 @@ class RealFolders:
         """Whether every folder above ``path`` (relative) is real."""
         return self.holds(os.path.dirname(path))
 
+    def can_hold(self, folder: str) -> bool:
+        """Whether ``folder`` (relative) is a real folder chain below the root, or is missing below
+        one (a folder made there is real); not if it, or a folder above it, is a symlink or a file."""
+        if self.holds(folder):
+            return True
+        return self.holds_parent_of(folder) and not os.path.lexists(f"{self.root}/{folder}")
+
     def make(self, folder: str) -> None:
         """Create ``folder`` and the folders above it as real folders; OSError if one of them is
         a symlink or a file."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ SESSION = uuid.uuid4().hex[:8]
 SITE = "lib/python3.9/site-packages"
 SECRET = b"HOST SECRET of the hub machine"
 MARKER = "package-code-ran"
+EVIL = b"EVIL: cs-zzevil's code"
 
 
 def package(name: str, files: list[PackageFile], depends: tuple[str, ...] = ("python 3.9.*",)) -> CondaPackage:
@@ -58,6 +60,12 @@ def hostile_packages(host_folder: Path) -> list[CondaPackage]:
                               PackageFile(f"{SITE}/cs_benign/zzmod.py", b"Z = 1\n")]),
         package("cs-redirect", [PackageFile(f"{SITE}/cs_benign/__pycache__", link_target=str(host_folder))],
                 depends=("python 3.9.*", "cs-benign")),
+        # cs-zzevil's __pycache__ points into cs-target's: its byte code would be cs-target's.
+        package("cs-target", [PackageFile(f"{SITE}/cs_target/__init__.py", b""),
+                              PackageFile(f"{SITE}/cs_target/m.py", b"WHO = 'target'\n")]),
+        package("cs-zzevil", [PackageFile(f"{SITE}/cs_zzevil/__init__.py", b""),
+                              PackageFile(f"{SITE}/cs_zzevil/m.py", f"WHO = {EVIL.decode()!r}\n".encode()),
+                              PackageFile(f"{SITE}/cs_zzevil/__pycache__", link_target="../cs_target/__pycache__")]),
         # Another Python release than the base image's (its interpreter borrowed from the base).
         CondaPackage(name="python", version="3.10.0", build="0", subdir="linux-64", files=[
             PackageFile("bin/python", link_target="/opt/conda/bin/python"),
@@ -146,6 +154,29 @@ async def test_a_pycache_symlink_to_the_hub_host_is_never_read_nor_written(build
 
 
 @pytest.mark.docker
+async def test_a_pycache_symlink_into_another_package_poisons_neither_its_byte_code_nor_the_cache(
+        builder, docker_daemon, tmp_path):
+    """Unchecked-hash byte code is never checked against its source: cs-zzevil's written as cs-target's
+    would run at every import of cs_target.m, and the byte-code cache would link it into every later
+    environment with cs-target."""
+    client = docker_daemon.client()
+    both = await builder.get_image(request("cs-target, cs-zzevil", "zzevil"))
+    alone = await builder.get_image(request("cs-target", "target"))  # cs-target's byte code from the cache
+    log = (Path(builder.key_dir(alone.key)) / "build.log").read_text()
+    assert re.search(r"^byte code of [1-9]\d* Python files from the cache", log, re.M), log
+    pyc = f"opt/conda/envs/_shared/{SITE}/cs_target/__pycache__/m.cpython-39.pyc"
+    for info, name in ((both, "zzevil"), (alone, "target")):
+        files = env_files(client.api, info.tag)
+        assert pyc in files and EVIL not in files[pyc]
+        output = client.containers.run(info.tag, [f"/opt/conda/envs/{name}/bin/python", "-c",
+                                                  "import cs_target.m; print(cs_target.m.WHO)"],
+                                       network_mode="none", remove=True)
+        assert output.decode().strip() == "target"
+    cached = [path for path in (tmp_path / "bytecode").rglob("*") if path.is_file() and EVIL in path.read_bytes()]
+    assert not cached
+
+
+@pytest.mark.docker
 async def test_an_environment_of_another_python_release_is_compiled_in_its_own_image(builder):
     """The compiler is the base image's Python: for another release it hands the batches to no
     one, and the Dockerfile compiles in the environment's own image (no layer sent twice)."""
@@ -182,6 +213,10 @@ def test_real_folders_never_go_through_a_symlink(tmp_path):
     assert folders.holds("") and folders.holds("lib/pkg") and folders.holds_parent_of("lib/pkg/m.py")
     assert not folders.holds("lib/out") and not folders.holds_parent_of("lib/out/anything")
     assert not folders.holds("lib/missing")
+    # where the compiler may make a __pycache__: a real one, or none yet below real folders
+    assert folders.can_hold("lib/pkg") and folders.can_hold("lib/missing")
+    assert not folders.can_hold("lib/out") and not folders.can_hold("lib/out/__pycache__")
+    assert not folders.can_hold("lib/file") and not folders.can_hold("lib/file/__pycache__")
     (root / "lib" / "missing").mkdir()  # a folder made later (the compiler's __pycache__) counts then
     assert folders.holds("lib/missing")
     folders.make("lib/pkg/__pycache__")

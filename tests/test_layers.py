@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import textwrap
 import time
@@ -60,6 +63,17 @@ def read(staged: Path) -> StagedEnvironment:
 def compile_batches(staging: Path, plan: list[layers.Layer], skip: set[str], done=()) -> list[list[str]]:
     """layers.compile_plan's batches, without the layer each belongs to."""
     return [paths for _, paths in layers.compile_plan(read(staging), plan, skip, done)]
+
+
+def compiled(source: bytes, code: bytes = b"code") -> bytes:
+    """Unchecked-hash byte code of ``source`` as the compile container writes it: its header (magic
+    number, flags, the source's hash), then the code (any bytes: nothing here runs it)."""
+    return importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little") + importlib.util.source_hash(source) + code
+
+
+def source_hashes(staged: Path, *sources: str) -> dict[str, bytes]:
+    """The hashes the compile container reports for the staged ``sources`` it compiled."""
+    return {source: importlib.util.source_hash((staged / source).read_bytes()) for source in sources}
 
 
 BIG = {"lib/libbig.so": b"\x7fELF" + b"x" * (2 * MB), "lib/big/__init__.py": b"VALUE = 1\n"}
@@ -220,13 +234,13 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     first = staged_env("one", {"python": python, "small": {"lib/small.py": b"x = 1\n"}})
     pyc = "lib/__pycache__/small.cpython-39.pyc"
     (first / pyc).parent.mkdir(parents=True)
-    (first / pyc).write_bytes(b"byte code")
+    (first / pyc).write_bytes(compiled(b"x = 1\n"))
     cache = BytecodeCache(tmp_path / "bytecode")
-    cache.keep(read(first))
+    cache.keep(read(first), source_hashes(first, "lib/small.py"))
     assert cache.restore(read(first)) == {"lib/small.py"}  # python's os.py was not compiled: nothing kept for it
 
     second = staged_env("two", {"python": python, "small": {"lib/small.py": b"x = 1\n"}, "other": {"lib/o.py": b""}})
-    assert cache.restore(read(second)) == {"lib/small.py"} and (second / pyc).read_bytes() == b"byte code"
+    assert cache.restore(read(second)) == {"lib/small.py"} and (second / pyc).read_bytes() == compiled(b"x = 1\n")
     plan = layers.plan_layers(read(second), "demo", min_bytes=MB, max_layers=10)
     assert [f"{layers.SHARED_PREFIX}/lib/small.py"] not in compile_batches(second, plan, set(), {"lib/small.py"})
     # another python, another identity: nothing restored
@@ -244,9 +258,9 @@ def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
     record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "a" * 64}))
     pyc = "lib/__pycache__/small.cpython-39.pyc"
     (staged / pyc).parent.mkdir(parents=True)
-    (staged / pyc).write_bytes(b"byte code, whole")
+    (staged / pyc).write_bytes(compiled(b"x = 1\n", b"byte code, whole"))
     cache = BytecodeCache(tmp_path / "bytecode")
-    cache.keep(read(staged))
+    cache.keep(read(staged), source_hashes(staged, "lib/small.py"))
     (entry,) = (tmp_path / "bytecode").iterdir()
     (staged / pyc).unlink()
     (entry / pyc).write_bytes(b"byte")  # truncated in the cache
@@ -254,6 +268,80 @@ def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
     (again / "conda-meta" / "small-1.0-0.json").write_text(record.read_text())
     assert cache.restore(read(again)) == set()  # compiled again
     assert not (again / pyc).exists() and not entry.exists()
+
+
+def zzevil_environment(root: Path) -> Path:
+    """The shape of a hostile package: cs-zzevil's ``__pycache__`` is a symlink into cs-target's, so
+    the byte code of its m.py, compiled there, would be cs-target's m.py's."""
+    site = "lib/python3.9/site-packages"
+    staged = stage(root, {"cs-target": {f"{site}/cs_target/__init__.py": b"", f"{site}/cs_target/m.py": b"WHO = 'target'\n"},
+                          "cs-zzevil": {f"{site}/cs_zzevil/__init__.py": b"", f"{site}/cs_zzevil/m.py": b"WHO = 'EVIL'\n"}},
+                   records={"cs-target": {"sha256": "a" * 64}, "cs-zzevil": {"sha256": "b" * 64}})
+    (staged / site / "cs_zzevil" / "__pycache__").symlink_to("../cs_target/__pycache__")
+    record = staged / "conda-meta" / "cs-zzevil-1.0-0.json"
+    listed = json.loads(record.read_text())
+    record.write_text(json.dumps({**listed, "files": [*listed["files"], f"{site}/cs_zzevil/__pycache__"]}))
+    (staged / site / "cs_target" / "__pycache__").mkdir()
+    return staged
+
+
+TARGET, EVIL = "lib/python3.9/site-packages/cs_target/m.py", "lib/python3.9/site-packages/cs_zzevil/m.py"
+TARGET_PYC = "lib/python3.9/site-packages/cs_target/__pycache__/m.cpython-39.pyc"
+
+
+def test_a_source_whose_pycache_is_a_symlink_is_not_compiled(tmp_path):
+    staged = zzevil_environment(tmp_path / "env")
+    plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
+    prefix = layers.SHARED_PREFIX
+    assert compile_batches(staged, plan, set()) == [[f"{prefix}/lib/python3.9/site-packages/cs_target/__init__.py",
+                                                     f"{prefix}/{TARGET}"]]
+
+
+def test_the_compile_script_writes_no_byte_code_through_a_symlinked_pycache(tmp_path):
+    """Should such a source be in a batch all the same, the compiler neither reads nor writes its byte code,
+    and reports the hash of each source it compiled. (Run here by this Python: in a build, the base image's.)"""
+    staged = zzevil_environment(tmp_path / "env")
+    site = staged / "lib/python3.9/site-packages"
+    work = tmp_path / "compile"
+    (work / "done").mkdir(parents=True)
+    batches = [[str(site / "cs_target/__init__.py"), str(site / "cs_target/m.py")],
+               [str(site / "cs_zzevil/__init__.py"), str(site / "cs_zzevil/m.py")]]  # after cs-target's: it would win
+    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(staged), "batches": batches}))
+    output = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                             str(work / "done"), "5"], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "compiled 2 files, adopted the byte code of 0 from their packages (2 did not compile)"
+    pyc = importlib.util.cache_from_source(str(site / "cs_target/m.py"))
+    assert Path(pyc).read_bytes()[8:16] == importlib.util.source_hash(b"WHO = 'target'\n")
+    reported = [json.loads((work / "done" / str(index)).read_text()) for index in range(2)]
+    assert reported == [{path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in batches[0]}, {}]
+
+
+def test_byte_code_not_compiled_from_the_source_it_is_filed_under_is_neither_kept_nor_restored(tmp_path):
+    """cs-zzevil's byte code written as cs-target's (through its symlinked __pycache__) would be kept by
+    cs-target's identity and linked into every later environment with cs-target, never checked by Python."""
+    staged = zzevil_environment(tmp_path / "env")
+    (staged / TARGET_PYC).write_bytes(compiled(b"WHO = 'EVIL'\n"))
+    reported = source_hashes(staged, TARGET, EVIL)  # what the compiler hashed: each source's own
+    cache = BytecodeCache(tmp_path / "bytecode")
+    cache.keep(read(staged), reported)
+    assert not list((tmp_path / "bytecode").iterdir())  # not even a partial entry
+
+    (staged / TARGET_PYC).write_bytes(compiled(b"WHO = 'target'\n"))
+    cache.keep(read(staged), {})  # no hash reported: not compiled here
+    assert not list((tmp_path / "bytecode").iterdir())
+    cache.keep(read(staged), reported)
+    assert len(list((tmp_path / "bytecode").iterdir())) == 1
+
+    clean = stage(tmp_path / "clean", {"cs-target": {"lib/python3.9/site-packages/cs_target/__init__.py": b"",
+                                                     TARGET: b"WHO = 'target'\n"}},
+                  records={"cs-target": {"sha256": "a" * 64}})
+    assert cache.restore(read(clean)) == {TARGET, "lib/python3.9/site-packages/cs_target/__init__.py"}
+    assert (clean / TARGET_PYC).read_bytes() == compiled(b"WHO = 'target'\n")
+    # the same package, its m.py another's here (clobbered): its byte code is not this source's
+    other = stage(tmp_path / "other", {"cs-target": {"lib/python3.9/site-packages/cs_target/__init__.py": b"",
+                                                     TARGET: b"WHO = 'clobbered'\n"}},
+                  records={"cs-target": {"sha256": "a" * 64}})
+    assert cache.restore(read(other)) == set() and not (other / TARGET_PYC).exists()
 
 
 def digest(layer: layers.Layer) -> str:
@@ -622,6 +710,9 @@ def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles
     for name in ("stale", "bare"):
         flags, compiled = header(name)
         assert flags == 1 and f"/work/lib/{name}.py".encode() in compiled
+    # it reports the hash of each source it compiled, as its Python hashes it (the byte-code cache checks by them)
+    assert json.loads((work / "done" / "0").read_text()) == {
+        f"/work/lib/{name}.py": header(name)[1][8:16].hex() for name in ("stale", "bare")}
     assert not (pycache / "broken.cpython-39.pyc").exists()
     # Python 3.9 runs the shipped byte code: the source's mtime and size are what it was compiled from.
     (work / "lib" / "shipped.py").write_text("A = 7\n")
