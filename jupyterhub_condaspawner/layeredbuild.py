@@ -252,6 +252,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     if not jobs:  # said all the same: the phase a user follows does not vanish on a warm cache
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
     compiled = not jobs or run is not None
+    load_memo = memo if compiled else memo.without_byte_code()
     prepare = layer_preparer(run, staged, plan) if run is not None else None
     if compiled and run is None:  # byte code from the cache only: in place already
         placer = layers.ByteCodePlacer(staged)
@@ -276,20 +277,20 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     try:
         with builder.daemon_call("loading the environment's layers"):
             try:
-                result = await asyncio.to_thread(load, plan, known, memo, prepare)
+                result = await asyncio.to_thread(load, plan, known, load_memo, prepare)
             except imageload.LoadRefused as refused:
                 if not refused.missing_layer:
                     raise load_failure(builder, refused, build_log) from None
                 build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
-                result = await _load_every_layer(builder, load, plan, prepare, memo, build_log)
+                result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log)
             except OSError as error:  # requests passes the compile's failure on as a connection error
                 if run is not None and run.failed is not None:  # the layers go without byte code
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
-                    result = await _load_every_layer(builder, load, plan, None, memo, build_log)
+                    result = await _load_every_layer(builder, load, plan, None, memo.without_byte_code(), build_log)
                 else:  # a staged file changed while it was written, or the connection broke: every layer again
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
-                    result = await _load_every_layer(builder, load, plan, prepare, memo, build_log)
+                    result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log)
     except BaseException:
         stop.set()
         if run is not None:

@@ -79,10 +79,19 @@ class Layer:
 
 class LayerMemo:
     """The diff id and size of each package layer (and small-packages layer) written once, by identity, so that
-    a layer Docker already holds is recognised without reading its files again."""
+    a layer Docker already holds is recognised without reading its files again.
 
-    def __init__(self, directory: Path | None):
+    A layer's identity leaves its byte code out (it follows the sources), so the layers sent
+    without it (a Dockerfile step compiles then) are remembered apart: a build that counted on one
+    of them for its byte code would compile none and send an image without it."""
+
+    def __init__(self, directory: Path | None, *, byte_code: bool = True):
         self.directory = directory
+        self.byte_code = byte_code
+
+    def without_byte_code(self) -> LayerMemo:
+        """The memo of the layers sent without the byte code compiled here."""
+        return LayerMemo(self.directory, byte_code=False)
 
     def get(self, layer: Layer) -> tuple[str, int] | None:
         path = self._path(layer)
@@ -105,7 +114,8 @@ class LayerMemo:
     def _path(self, layer: Layer) -> Path | None:
         if self.directory is None or not layer.identity:
             return None
-        key = hashlib.sha256(f"{LAYER_RECIPE}\0{SHARED_PREFIX}\0{layer.identity}".encode()).hexdigest()
+        kind = "with byte code" if self.byte_code else "without byte code"  # entries without it were either
+        key = hashlib.sha256(f"{LAYER_RECIPE}\0{SHARED_PREFIX}\0{kind}\0{layer.identity}".encode()).hexdigest()
         return self.directory / f"{key}.json"
 
 

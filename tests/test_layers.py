@@ -458,6 +458,22 @@ def test_the_memo_remembers_only_layers_with_an_identity(tmp_path):
     assert layers.LayerMemo(None).get(package) is None
 
 
+def test_a_layer_sent_without_its_byte_code_is_never_counted_on_for_it(tmp_path):
+    """When the compile container ends early, or cannot compile, the layers go without their byte code
+    and a Dockerfile step compiles: a later build that took such a layer as stored would compile
+    nothing of its package, and its image would have no byte code for it."""
+    staged = stage(tmp_path / "env", {"big": BIG}, records={"big": {"sha256": "ab" * 32}})
+    plan = layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)
+    base = {"RootFS": {"Layers": ["sha256:" + "b" * 64]}}
+    without = "sha256:" + "c" * 64
+    chains = set(layers.chain_ids([*base["RootFS"]["Layers"], without]))
+    memo = layers.LayerMemo(tmp_path / "memo")
+    memo.without_byte_code().put(plan[0], without, 10)
+    assert memo.get(plan[0]) is None and memo.without_byte_code().get(plan[0]) == (without, 10)
+    assert layers.stored_layers(base, plan, chains, memo) == set()
+    assert [f"{layers.SHARED_PREFIX}/lib/big/__init__.py"] in compile_batches(staged, plan, set())
+
+
 def test_the_same_package_staged_twice_gives_the_same_layer(tmp_path):
     """Another environment, staged elsewhere at another time, with other packages beside it: its
     package's files linked from the package cache, or copied (new mtimes) and given the cache's
@@ -577,7 +593,8 @@ async def test_another_environment_of_the_same_packages_writes_only_its_own_top_
 async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_dockerfile(
         docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
     """Layers are written while the compile container works; if it ends before a batch a layer
-    waits for, the image is loaded again without byte code and compiled by a Dockerfile step."""
+    waits for, the image is loaded again without byte code and compiled by a Dockerfile step; no
+    later build counts on those layers for their byte code."""
     script = layers.COMPILE_SCRIPT.replace("with multiprocessing.Pool",
                                            "batches = batches[:1]\nwith multiprocessing.Pool")  # then it exits
     monkeypatch.setattr(layers, "COMPILE_SCRIPT", script)
@@ -597,6 +614,15 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
         output = client.containers.run(info.tag, ["sh", "-c", script], network_mode="none", remove=True)
         assert output.decode().strip().endswith("os.cpython-39.pyc")  # compiled by the Dockerfile's step
         assert not list((tmp_path / "bytecode").glob("*"))  # nothing half-compiled kept for later builds
+        # The next build of these packages counts on no layer sent without its byte code: it compiles
+        # them, and its layers hold their byte code (there is no Dockerfile step to compile it).
+        monkeypatch.undo()
+        again = await builder.get_image(env_request("cs-alpha", "diesagain"))
+        log = (Path(builder.key_dir(again.key)) / "build.log").read_text()
+        assert "compiling in the Dockerfile" not in log and not re.search(r"^byte code .*, 0 compiled$", log, re.M), log
+        site = "/opt/conda/envs/_shared/lib/python3.9"
+        listing = f"ls {site}/__pycache__/os.cpython-39.pyc {site}/site-packages/ipykernel/__pycache__/kernelapp.cpython-39.pyc"
+        client.containers.run(again.tag, ["sh", "-c", listing], network_mode="none", remove=True)  # ls fails otherwise
     finally:
         remove_repo_images(docker_daemon.client(), repo)
 
