@@ -172,6 +172,28 @@ async def file_lock(path: Path) -> AsyncIterator[None]:
         handle.close()
 
 
+@contextlib.contextmanager
+def lock_if_free(path: Path) -> Iterator[bool]:
+    """Hold ``path``'s build lock for the block if no process holds it now (True), without
+    waiting: False if a build holds it, or it cannot be opened (then nobody can tell)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def lock_held(path: Path) -> bool:
     """Whether some process (this one included) holds ``path``'s build lock now."""
     try:

@@ -203,6 +203,7 @@ class _Planned:
 
 async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, build_log: io.TextIOBase) -> _Planned:
     staged = await asyncio.to_thread(StagedEnvironment.read, staging)
+    check_installed(staged, staging.parent / "meta" / "condaspawner-lock.json")
     settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
     await asyncio.to_thread(drop_host_paths, staged)
     if settled:
@@ -230,6 +231,23 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     jobs = layers.compile_plan(staged, plan, stored, done)
     build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
     return _Planned(staged, plan, known, memo, base_id, history, bytecode, jobs)
+
+
+def check_installed(staged: StagedEnvironment, lock_file: Path) -> None:
+    """A one-line BuildError when ``staged`` holds fewer packages than the lock (``lock_file``,
+    buildcontext's copy) lists: its staging folder was changed under the build, and its image
+    would lack them."""
+    try:
+        listed = len(json.loads(lock_file.read_text())["packages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _staging_changed(staged, "its copy of the lock is gone") from None
+    if len(staged.packages) < listed:
+        raise _staging_changed(staged, f"it holds {len(staged.packages)} of the {listed} packages installed into it")
+
+
+def _staging_changed(staged: StagedEnvironment, what: str) -> BuildError:
+    cause = f"the staging folder {staged.root.parent} changed during the build: {what}"
+    return BuildError(cause, phase="install", cause=cause)
 
 
 async def _load_layers(builder: ImageBuilder, build: Build, request: BuildRequest, context: Path,

@@ -18,6 +18,10 @@ with other hubs and test runs, so nothing is chosen by its look alone:
 - ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
 - processes: a shim whose container id one of our logs names, once its container is gone.
 
+A key's containers, images, processes and staging folder go only while :func:`remove` holds
+the key's build lock (never waiting for it): a build of the key that started after
+:func:`find` looked keeps them.
+
 :func:`sweep` runs when a build starts (it never fails the build); ``ImageBuilder.gc`` uses
 :func:`find` and :func:`remove` and reports what went.
 """
@@ -29,6 +33,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING
 import docker.errors
 import psutil
 
-from .buildrecords import lock_held
+from .buildrecords import lock_held, lock_if_free
 from .staging import set_aside_by, tree_size
 
 if TYPE_CHECKING:
@@ -73,6 +78,8 @@ class Leftovers:
     keys: list[str] = field(default_factory=list)  # whose logs were read (marked swept once all went)
     busy_keys: set[str] = field(default_factory=set)  # a container still uses one of their images: read again
     notes: list[str] = field(default_factory=list)
+    owners: dict[str, str] = field(default_factory=dict)  # container or image id -> the key whose build made it
+    own_key: str = ""  # find's: a key whose lock the caller holds
 
     def __bool__(self) -> bool:
         return bool(self.containers or self.images or self.staging or self.temporaries or self.processes)
@@ -129,24 +136,39 @@ def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:
 def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     """What earlier builds of this installation left (see the module docstring); ``own_key``: a key
     whose lock this process holds, about to be built again."""
-    found = Leftovers()
+    found = Leftovers(own_key=own_key)
+    cutoff = time.time() - builder.build_timeout
+    logs = {}
+    for key in _unused_keys(builder, own_key):
+        found.keys.append(key)
+        with contextlib.suppress(OSError):
+            logs[key] = (builder.key_dir(key) / "build.log").read_text(errors="replace")
+    if any(containers or images for containers, images in map(traces, logs.values())):
+        _find_on_daemon(builder, logs, cutoff, found)  # the daemon is asked only when a log names something
+    for folder in _unused_staging(builder, own_key):
+        found.staging[folder] = _tree_size(folder)
+    cache = Path(builder.resolver.package_cache_dir)
+    for temporary in cache.glob(PACKAGE_TEMPORARY):
+        with contextlib.suppress(OSError):
+            if temporary.lstat().st_mtime < cutoff:
+                found.temporaries[temporary] = _tree_size(temporary)
+    return found
+
+
+def _find_on_daemon(builder: ImageBuilder, logs: dict[str, str], cutoff: float, found: Leftovers) -> None:
+    """The containers, images and orphaned step processes the keys' ``logs`` name that are leftovers."""
     client = builder.client
     base_id = ""
     with contextlib.suppress(docker.errors.DockerException):
         base_id = client.images.get(builder.base_image).id
-    cutoff = time.time() - builder.build_timeout
     # a step image something is built on, or a container runs, is no leftover (yet): removing the
     # step above it prunes it
     parents = {image.get("ParentId") for image in client.api.images(all=True)}
     used = {container.get("ImageID") for container in client.api.containers(all=True)}
     local = str(builder.daemon_url).startswith(("unix://", "the default socket"))
-    for key in _unused_keys(builder, own_key):
-        found.keys.append(key)
-        try:
-            text = (builder.key_dir(key) / "build.log").read_text(errors="replace")
-        except OSError:
-            continue
+    for key, text in logs.items():
         containers, images = traces(text)
+        found.owners.update({short: key for short in [*containers, *images]})
         # A compile container is of use only to its build, which no process runs now: it goes
         # even while it runs (waiting up to COMPILE_WAIT_S for batches that never come).
         compilers = {match.group(1) for line in text.splitlines() if (match := _COMPILE_CONTAINER.match(line))}
@@ -171,14 +193,6 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
                 found.images.append(short)
             else:
                 found.busy_keys.add(key)
-    for folder in _unused_staging(builder, own_key):
-        found.staging[folder] = _tree_size(folder)
-    cache = Path(builder.resolver.package_cache_dir)
-    for temporary in cache.glob(PACKAGE_TEMPORARY):
-        with contextlib.suppress(OSError):
-            if temporary.lstat().st_mtime < cutoff:
-                found.temporaries[temporary] = _tree_size(temporary)
-    return found
 
 
 def _unused_staging(builder: ImageBuilder, own_key: str) -> list[Path]:
@@ -190,43 +204,27 @@ def _unused_staging(builder: ImageBuilder, own_key: str) -> list[Path]:
         if setter is not None:
             if not setter or not psutil.pid_exists(setter):  # 0: a name that holds no process id
                 unused.append(path)
+        elif not _is_key(path.name):
+            continue  # not a build's: not ours to remove
         elif path.name == own_key or not lock_held(builder.key_dir(path.name) / "build.lock"):
             unused.append(path)
     return unused
 
 
 def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
-    """Remove what :func:`find` found; what went (notes say what stayed and why)."""
-    gone = Leftovers(keys=found.keys, busy_keys=found.busy_keys)
-    client = builder.client
-    for short in found.containers:
-        try:
-            client.api.remove_container(short, force=True)
-            gone.containers.append(short)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as error:
-            gone.notes.append(f"kept the build container {short}: {_explain(error)}")
-    for short in found.images:
-        try:
-            client.images.remove(short, noprune=False)
-            gone.images.append(short)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError:
-            pass  # a later step (or another image) is built on it: removing that prunes this one
-    for pid, container in found.processes.items():
-        # the step's process first (pid 1 of its namespace: the namespace goes with it), then its shim
-        with contextlib.suppress(psutil.Error):
-            shim = psutil.Process(pid)
-            for process in [*shim.children(), shim]:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
-        gone.processes[pid] = container
+    """Remove what :func:`find` found; what went (notes say what stayed and why). A key's
+    containers, images and staging folder go under its build lock, or stay if a build holds it."""
+    gone = Leftovers(keys=found.keys, busy_keys=found.busy_keys, owners=found.owners, own_key=found.own_key)
+    building = set()
+    for key in _keys_of(found):
+        with _build_lock(builder, key, found.own_key) as free:
+            if not free:  # a build of the key started since find looked: all of it is that build's
+                building.add(key)
+                continue
+            _remove_of_key(builder, found, key, gone)
     for folder, size in found.staging.items():
-        shutil.rmtree(folder, ignore_errors=True)
-        if not folder.exists():
-            gone.staging[folder] = size
+        if _key_of_folder(folder) is None:  # set aside by a finished build (no key's: nobody builds in it)
+            _remove_folder(folder, size, gone)
     for temporary, size in found.temporaries.items():
         if temporary.is_dir() and not temporary.is_symlink():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -235,10 +233,86 @@ def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
         if not temporary.exists():
             gone.temporaries[temporary] = size
     if not gone.notes:
-        for key in set(found.keys) - found.busy_keys:
+        for key in set(found.keys) - found.busy_keys - building:
             with contextlib.suppress(OSError):
                 (builder.key_dir(key) / SWEPT).touch()
     return gone
+
+
+def _keys_of(found: Leftovers) -> list[str]:
+    """The keys whose builds made something :func:`find` found (staging folders included)."""
+    keys = dict.fromkeys(found.owners[item] for item in [*found.containers, *found.images] if item in found.owners)
+    keys.update(dict.fromkeys(found.owners[c] for c in found.processes.values() if c in found.owners))
+    keys.update(dict.fromkeys(key for folder in found.staging if (key := _key_of_folder(folder)) is not None))
+    return list(keys)
+
+
+@contextlib.contextmanager
+def _build_lock(builder: ImageBuilder, key: str, own_key: str) -> Iterator[bool]:
+    """The key's build lock held for the block if free (True); ``own_key``'s is the caller's already."""
+    if key == own_key:
+        yield True
+        return
+    with lock_if_free(builder.key_dir(key) / "build.lock") as free:
+        yield free
+
+
+def _remove_of_key(builder: ImageBuilder, found: Leftovers, key: str, gone: Leftovers) -> None:
+    """Remove what ``key``'s builds left (its build lock held): containers, then images, processes, staging."""
+    containers = [short for short in found.containers if found.owners.get(short) == key]
+    images = [short for short in found.images if found.owners.get(short) == key]
+    if containers or images:
+        _remove_on_daemon(builder.client, containers, images, gone)
+    for pid, container in found.processes.items():
+        if found.owners.get(container) == key:
+            _kill_step(pid)
+            gone.processes[pid] = container
+    for folder, size in found.staging.items():
+        if _key_of_folder(folder) == key:
+            _remove_folder(folder, size, gone)
+
+
+def _remove_on_daemon(client: docker.DockerClient, containers: list[str], images: list[str], gone: Leftovers) -> None:
+    for short in containers:
+        try:
+            client.api.remove_container(short, force=True)
+            gone.containers.append(short)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as error:
+            gone.notes.append(f"kept the build container {short}: {_explain(error)}")
+    for short in images:
+        try:
+            client.images.remove(short, noprune=False)
+            gone.images.append(short)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError:
+            pass  # a later step (or another image) is built on it: removing that prunes this one
+
+
+def _kill_step(pid: int) -> None:
+    """The step's process first (pid 1 of its namespace: the namespace goes with it), then its shim."""
+    with contextlib.suppress(psutil.Error):
+        shim = psutil.Process(pid)
+        for process in [*shim.children(), shim]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def _remove_folder(folder: Path, size: int, gone: Leftovers) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if not folder.exists():
+        gone.staging[folder] = size
+
+
+def _key_of_folder(folder: Path) -> str | None:
+    """The key a staging folder belongs to; None for one a finished build set aside."""
+    return folder.name if set_aside_by(folder) is None and _is_key(folder.name) else None
+
+
+def _is_key(name: str) -> bool:
+    return bool(name) and all(char in "0123456789abcdef" for char in name)
 
 
 def sweep(builder: ImageBuilder, own_key: str = "") -> Leftovers:

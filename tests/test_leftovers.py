@@ -1,0 +1,92 @@
+"""The leftovers sweep's decisions that need no daemon: staging folders and the build locks.
+
+What it finds and removes on the daemon is tested on the bench (test_build_faults.py, test_builder.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jupyterhub_condaspawner import leftovers
+from jupyterhub_condaspawner.builder import ImageBuilder
+from jupyterhub_condaspawner.builderrors import BuildError
+from jupyterhub_condaspawner.buildrecords import file_lock, lock_held
+from jupyterhub_condaspawner.layeredbuild import check_installed
+from jupyterhub_condaspawner.resolve import Resolver
+from jupyterhub_condaspawner.stagedenv import StagedEnvironment
+
+KEY, OTHER = "ab" * 32, "cd" * 32
+
+
+@pytest.fixture
+def builder(tmp_path):
+    """A builder of a cache folder of its own; no daemon (none of these sweeps asks one)."""
+    return ImageBuilder(resolver=Resolver(package_cache_dir=str(tmp_path / "pkgs")), cache_dir=str(tmp_path / "cache"))
+
+
+def killed_build(builder: ImageBuilder, key: str) -> Path:
+    """The staging folder and lock file a build of ``key`` killed mid-install left."""
+    context = Path(builder.cache_dir) / "staging" / key
+    (context / "env" / "half-installed").mkdir(parents=True)
+    builder.key_dir(key).mkdir(parents=True)
+    (builder.key_dir(key) / "build.lock").touch()
+    return context
+
+
+async def test_a_sweep_leaves_the_staging_folder_of_a_build_that_started_after_it_looked(builder):
+    context = killed_build(builder, KEY)
+    found = leftovers.find(builder, own_key=OTHER)  # another key's build starts: its sweep looks ...
+    assert list(found.staging) == [context]
+    async with file_lock(builder.key_dir(KEY) / "build.lock"):  # ... meanwhile KEY's build starts and installs
+        shutil.rmtree(context)
+        (context / "env" / "conda-meta").mkdir(parents=True)
+        (context / "env" / "conda-meta" / "numpy-1.0-0.json").write_text("{}")
+        assert lock_held(builder.key_dir(KEY) / "build.lock")
+        gone = leftovers.remove(builder, found)  # ... then the sweep removes what it found
+        assert (context / "env" / "conda-meta" / "numpy-1.0-0.json").exists()
+        assert not gone.staging and not (builder.key_dir(KEY) / leftovers.SWEPT).exists()
+    # once that build has ended (killed, say), the next sweep removes the folder
+    assert list(leftovers.remove(builder, leftovers.find(builder)).staging) == [context]
+    assert not context.exists()
+
+
+async def test_a_builds_own_sweep_removes_its_keys_old_staging_folder_under_the_lock_it_holds(builder):
+    context = killed_build(builder, KEY)
+    async with file_lock(builder.key_dir(KEY) / "build.lock"):
+        assert list(leftovers.sweep(builder, own_key=KEY).staging) == [context]
+        assert not context.exists()
+
+
+def test_a_sweep_leaves_folders_in_staging_that_no_build_made(builder):
+    stranger = Path(builder.cache_dir) / "staging" / "not-a-key"
+    stranger.mkdir(parents=True)
+    assert not leftovers.sweep(builder).staging and stranger.exists()
+
+
+def staged_environment(root: Path, packages: list[str], locked: list[str]) -> StagedEnvironment:
+    """A staging folder with conda-meta records of ``packages``, and buildcontext's copy of a lock of ``locked``."""
+    (root / "env" / "conda-meta").mkdir(parents=True)
+    for name in packages:
+        record = {"name": name, "version": "1.0", "build": "0", "files": []}
+        (root / "env" / "conda-meta" / f"{name}-1.0-0.json").write_text(json.dumps(record))
+    (root / "meta").mkdir()
+    lock = {"packages": [{"name": name, "version": "1.0", "build": "0"} for name in locked]}
+    (root / "meta" / "condaspawner-lock.json").write_text(json.dumps(lock))
+    return StagedEnvironment.read(root / "env")
+
+
+def test_the_layered_route_refuses_a_staged_environment_that_lacks_packages_of_its_lock(tmp_path):
+    whole = staged_environment(tmp_path / "whole", ["numpy", "python"], ["numpy", "python"])
+    check_installed(whole, tmp_path / "whole" / "meta" / "condaspawner-lock.json")
+    emptied = staged_environment(tmp_path / "emptied", [], ["numpy", "python"])
+    with pytest.raises(BuildError) as refused:
+        check_installed(emptied, tmp_path / "emptied" / "meta" / "condaspawner-lock.json")
+    assert refused.value.phase == "install"
+    assert str(refused.value) == (f"the staging folder {tmp_path / 'emptied'} changed during the build: it holds 0 "
+                                  "of the 2 packages installed into it")
+    with pytest.raises(BuildError, match="its copy of the lock is gone$"):
+        check_installed(whole, tmp_path / "missing.json")
