@@ -3,9 +3,9 @@
 A pip section may run a package's build code, whose output pip prints whole when it fails:
 hundreds of MB. The builder writes the first LOG_HEAD_BYTES as they come, then keeps only
 the last LOG_TAIL_BYTES of the rest, in memory, and writes them when the build ends (the
-error is at the end). Lines other code reads back (``keep``: the containers and images
-docker made, for leftovers.py) are written at once wherever they come. Readers take
-the file a chunk at a time (read_chunk; LogLines makes lines of the chunks), in a thread.
+error is at the end). No code reads ids back from it (what docker made is in made.json,
+madeids.py): it is for people. Readers take the file a chunk at a time (read_chunk;
+LogLines makes lines of the chunks), in a thread.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import codecs
 import io
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -24,13 +23,12 @@ CHUNK_BYTES = 64 * 1024  # what a reader takes at once
 
 
 class CappedLog(io.TextIOBase):
-    """``raw`` (a text file open for writing), capped: the first ``head`` bytes, the lines
-    ``keep`` says, and, written when closed, the last ``tail`` bytes of the rest."""
+    """``raw`` (a text file open for writing), capped: the first ``head`` bytes and, written
+    when closed, the last ``tail`` bytes of the rest."""
 
-    def __init__(self, raw: TextIO, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYTES,
-                 keep: Callable[[str], bool] = lambda line: False) -> None:
+    def __init__(self, raw: TextIO, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYTES) -> None:
         super().__init__()
-        self.raw, self.head_left, self.tail, self.keep = raw, head, tail, keep
+        self.raw, self.head_left, self.tail = raw, head, tail
         self.head = head
         self.capping = False
         self.line_open = False  # the head's last write did not end its line
@@ -81,9 +79,6 @@ class CappedLog(io.TextIOBase):
                        f"{_amount(self.tail)} are written when the build ends ---\n")
 
     def _past_head(self, line: str) -> None:
-        if self.keep(line):
-            self.raw.write(line)
-            return
         size = _size(line)
         self.kept.append((line, size))
         self.kept_bytes += size

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import docker
 
-from . import buildcontext, layeredbuild, layers, leftovers, metrics, staging
+from . import buildcontext, layeredbuild, layers, leftovers, madeids, metrics, staging
 from .builderrors import BuildError, one_line
 from .buildlog import CappedLog
 from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, ImageInfo
@@ -245,6 +245,8 @@ class BuildRuns:
         it or is starting with it (its pin, as gc and delete honour: with a registry, a start
         waiting for a GPU runs the very image it looked up, by digest)."""
         builder = self.builder
+        with contextlib.suppress(OSError):  # leftovers.py removes it should it stay
+            madeids.add(builder.key_dir(key), replaced=[image_id])
         with builder.records.unpinned(key) as free:
             if not free:
                 self._keep_replaced(key, image_id, "a server is starting with it")
@@ -291,15 +293,15 @@ class BuildRuns:
         lock: Lock | None = None
         try:
             key_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(leftovers.sweep, builder, key)  # before this key's old log is overwritten
+            await asyncio.to_thread(leftovers.sweep, builder, key)  # before this key's made.json starts over
+            madeids.start(key_dir)
             builder.records.record(key, status="building", name=request.display_name, phase="", cause="",
                                    started=now(), finished="", env_name=request.env_name)
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
             await asyncio.to_thread(shutil.rmtree, context, True)
             # Line-buffered: a build process killed mid-build still leaves every line it had written
-            # (up to the cap, and every line leftovers.py reads).
-            with (key_dir / "build.log").open("w", buffering=1) as raw_log, \
-                    CappedLog(raw_log, keep=leftovers.is_trace) as build_log:
+            # (up to the cap).
+            with (key_dir / "build.log").open("w", buffering=1) as raw_log, CappedLog(raw_log) as build_log:
                 failed = True
                 try:
                     build_log.write(f"build {key} of {_logged_name(request)} started {now()} (pid {os.getpid()})\n")

@@ -7,6 +7,7 @@ any compiling the builder could not do (layered.Dockerfile on the loaded layers)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -14,6 +15,10 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import docker
+import requests
+
+from . import madeids
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import Build, BuildRequest
 from .dockerclient import thread_stream
@@ -30,6 +35,10 @@ _STEP_PHASES = (
     (re.compile(r"^COPY kernel "), "kernel"),
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Docker's lines on a step (the classic builder's): the container it runs in, the image it made.
+_RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
+_STEP_IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
+_USING_CACHE = "---> Using cache"
 _DOCKER_NOISE = (" ---> ", "Removing intermediate container", "Successfully ")
 # A step's output kept for its failure's one line: its last lines (pip prints a build's whole
 # output when it fails), each cut to a length; the build log has the rest.
@@ -44,14 +53,16 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
                        from_image: str | None = None, compile_step: bool = True) -> str:
     """A docker build of ``context`` (its Dockerfile) on ``from_image`` (the loaded layers of
     the layered route), else on the base image; ``compile_step``: whether it byte-compiles."""
+    start = from_image or builder.base_image_id()
     kwargs = dict(
         path=str(context), tag=builder.tag_for(build.key), labels=labels, rm=True, forcerm=True,
         network_mode=builder.build_network_mode, decode=True,
-        buildargs={"BASE_IMAGE": from_image or builder.base_image_id(), "ENV_NAME": request.env_name,
+        buildargs={"BASE_IMAGE": start, "ENV_NAME": request.env_name,
                    **({"COMPILE": "1" if compile_step else "0"} if from_image else {})},
         container_limits=container_limits(builder),
     )
     steps = StepTracker(request, env_size, compiling=compile_step)
+    made = StepIds(builder.client.api, builder.key_dir(build.key), start, start_is_ours=from_image is not None)
     image_id, failure, daemon_failure = None, "", ""
     # a timeout (cancelled) stops reading at the next line: closing the stream makes the daemon cancel the build
     async with contextlib.aclosing(thread_stream(lambda: builder.client.api.build(**kwargs))) as chunks:
@@ -64,9 +75,13 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
                 failure = strip_ansi(chunk["error"]).strip()
                 build_log.write(failure + "\n")
                 continue
-            image_id = chunk.get("aux", {}).get("ID", image_id)
+            if chunk.get("aux", {}).get("ID"):  # Docker's own field: no step's output is in it
+                image_id = chunk["aux"]["ID"]
+                madeids.add(builder.key_dir(build.key), images=[image_id])
             for line in strip_ansi(chunk.get("stream", "")).splitlines():
                 if line.strip():
+                    if StepIds.names_an_id(line):  # kept before it is logged: a build killed then leaves it
+                        await asyncio.to_thread(made.feed, line)
                     build_log.write(line + "\n")
                     message = steps.feed(line)
                     if message:
@@ -108,6 +123,51 @@ def container_limits(builder: ImageBuilder) -> dict[str, Any]:
 
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+class StepIds:
+    """The step containers and images a docker build makes, kept in made.json (madeids.py).
+
+    The stream names them in lines that a step's output can forge (the pip step's is a
+    package's build code), so an id is kept only once the daemon confirms it is this build's:
+    a step image whose parent is the image of the step before (at first ``start``, the one it
+    builds on), a step container made from that image when the build made it (``start`` too
+    when ``start_is_ours``: the layered route's loaded image). A cached step's image is the
+    next step's start, but not the build's to remove (another build made it)."""
+
+    def __init__(self, api: Any, key_dir: Path, start: str, start_is_ours: bool):
+        self.api, self.key_dir = api, key_dir
+        self.head, self.head_is_ours = madeids.bare(start), start_is_ours  # the image the next step runs on
+        self.cached = False  # the next step image is a cached one
+
+    @staticmethod
+    def names_an_id(line: str) -> bool:
+        return line.strip() == _USING_CACHE or bool(_RUNNING_IN.match(line) or _STEP_IMAGE.match(line))
+
+    def feed(self, line: str) -> None:
+        """Check the id ``line`` names with the daemon and keep it if it is this build's (blocking)."""
+        if line.strip() == _USING_CACHE:
+            self.cached = True
+        elif match := _RUNNING_IN.match(line):
+            attrs = self._inspect(self.api.inspect_container, match.group(1))
+            if self.head_is_ours and madeids.bare(str(attrs.get("Image", ""))) == self.head:
+                madeids.add(self.key_dir, containers=[attrs["Id"]])
+        elif match := _STEP_IMAGE.match(line):
+            cached, self.cached = self.cached, False
+            attrs = self._inspect(self.api.inspect_image, match.group(1))
+            if self.head and madeids.bare(str(attrs.get("Parent", ""))) == self.head:
+                self.head, self.head_is_ours = madeids.bare(attrs["Id"]), not cached
+                if not cached:
+                    madeids.add(self.key_dir, images=[attrs["Id"]])
+
+    @staticmethod
+    def _inspect(inspect: Any, short: str) -> dict[str, Any]:
+        """What the daemon says of ``short``; nothing if it is gone (a short step's container) or
+        the daemon is (the build's stream says so)."""
+        try:
+            return dict(inspect(short))
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return {}
 
 
 class StepTracker:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import docker
 
-from . import imageload, layers
+from . import imageload, layers, madeids
 from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
@@ -59,14 +59,15 @@ def _daemon_is_local(builder: ImageBuilder) -> bool:
     return str(builder.client.api.base_url) == "http+docker://localhost"
 
 
-def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBase) -> asyncio.Future | None:
+def _launch_compile(builder: ImageBuilder, key: str, context: Path, build_log: io.TextIOBase) -> asyncio.Future | None:
     """Start the compile container while the build plans its layers (the start takes about half a
     second of the daemon's): it byte-compiles the staged environment with the base image's Python
     (no package's code runs: layers.COMPILE_SCRIPT), in a container of the base image with the
     staging folder mounted at the shared prefix, no network and no capabilities (nothing runs on
     the host), so that each package's .pyc travel in its layer; it waits for its batches
     (:func:`_hand_over`). None on a remote daemon (it cannot mount the folder): the Dockerfile
-    compiles then."""
+    compiles then. Labelled with ``key`` and kept in made.json: leftovers.py removes it, running
+    or not, should the build be killed."""
     if not _daemon_is_local(builder):
         build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
         return None
@@ -81,12 +82,13 @@ def _launch_compile(builder: ImageBuilder, context: Path, build_log: io.TextIOBa
         with builder.daemon_call("byte-compiling the environment"):
             container = builder.client.containers.run(
                 builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-                cap_drop=["ALL"], security_opt=["no-new-privileges"],
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], labels={madeids.COMPILE_LABEL: key},
                 entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
                 volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
                          str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
                 **limits)
-        build_log.write(f"compile container {container.id}\n")  # for leftovers, should the build be killed
+        madeids.add(builder.key_dir(key), compilers=[container.id])
+        build_log.write(f"compile container {container.id}\n")
         return container
 
     return asyncio.ensure_future(asyncio.to_thread(start))
@@ -164,7 +166,7 @@ async def build_layered(builder: ImageBuilder, build: Build, request: BuildReque
     top; a docker build on that image only for a pip section, or to compile where the builder
     could not. The tagged image's id."""
     image_id, compiled = await _load_layers(builder, build, request, context, build_log, labels)
-    build_log.write(f"loaded image {image_id}\n")  # for leftovers, should the build stop before the tag
+    build_log.write(f"loaded image {image_id}\n")
     await build.publish("kernel", 45, "Registering the kernel")  # its layer is in the loaded image
     if request.spec.pip or not compiled:
         docker_context = context / "docker"
@@ -256,7 +258,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
     layer: the image's id, and whether its layers hold the compiled files."""
     staging = context / "env"
-    launched = _launch_compile(builder, context, build_log)
+    launched = _launch_compile(builder, build.key, context, build_log)
     try:
         planned = await _plan(builder, request, staging, build_log)
         run = (await _hand_over(launched, build, context, planned.staged, planned.jobs, build_log)
@@ -279,9 +281,9 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
     await build.publish("build", 42, f"Writing the environment as {plural(len(plan), 'layer')}")
 
-    def loading(image_id: str) -> None:  # for leftovers, should the build be killed mid-load
+    def loading(image_id: str) -> None:  # for leftovers.py, should the build be killed mid-load
+        madeids.add(builder.key_dir(build.key), images=[image_id])
         build_log.write(f"loading image {image_id}\n")
-        build_log.flush()
 
     stop = threading.Event()  # set when the build ends first (a timeout, a cancel): the load sends no more
 
@@ -320,7 +322,8 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await _finish_compile(run, context, build_log)
     if keeping is not None:
         await keeping
-    for image in result.removed:  # for leftovers: these are gone
+    madeids.add(builder.key_dir(build.key), removed=result.removed)  # leftovers.py need not look for them
+    for image in result.removed:
         build_log.write(f"removed the stage image {image}\n")
     for name, diff_id, size, sent in result.layers:
         build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")

@@ -7,16 +7,17 @@ cache, and (a daemon killed mid-step) a step's process still running under an or
 containerd shim. The daemon and the package cache may be shared
 with other hubs and test runs, so nothing is chosen by its look alone:
 
-- containers and images: only those this cache folder's build logs say docker made for a
-  build (``---> Running in ID``, ``compile container ID``, and a step's `` ---> ID`` that was
-  not ``Using cache``),
-  of keys whose build no process runs now (nobody holds the key's lock); also the old image
-  a rebuild replaced while a server ran it (``kept the replaced image ID``), once no
-  container uses it (a key's log is read again until then);
+- containers and images: only those the builder kept in this cache folder's made.json files
+  (madeids.py: what it learnt from Docker, never from a build log, which a package's build
+  code writes into) of keys whose build no process runs now (nobody holds the key's lock): a
+  step container once it stopped or is older than ``build_timeout``, a compile container
+  once it stopped, or running if it carries the key's label; images untagged and unused, and
+  the old image a rebuild replaced while a server ran it once no container uses it (a key's
+  made.json is read again until then);
 - staging folders: this cache folder's, of keys nobody holds the lock of, and those a
   finished build set aside for removal in a process that has gone since;
 - ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
-- processes: a shim whose container id one of our logs names, once its container is gone.
+- processes: a shim whose container id a made.json names, once its container is gone.
 
 A key's containers, images, processes and staging folder go only while :func:`remove` holds
 the key's build lock (never waiting for it): a build of the key that started after
@@ -37,11 +38,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import docker.errors
 import psutil
 
+from . import madeids
 from .buildrecords import lock_held, lock_if_free
 from .staging import set_aside_by, tree_size
 
@@ -50,32 +52,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SWEPT = "swept"  # in a key's cache folder: its log's leftovers are gone (mtime: when)
-_CONTAINER = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
-_COMPILE_CONTAINER = re.compile(r"^compile container ([0-9a-f]{64})\s*$")  # the layered route's
-_IMAGE = re.compile(r"^ ---> (?:sha256:)?([0-9a-f]{12,64})\s*$")
-_STEP = re.compile(r"^Step \d+/\d+ : (\S+)")
-# the layered route's, before its tag ("loading": its id is known before Docker has all of it)
-_LOADED = re.compile(r"^load(?:ed|ing) image (?:sha256:)?([0-9a-f]{64})\s*$")
-# a stage's image the layered load made and removed itself once the image was whole (imageload.py)
-_STAGE_REMOVED = re.compile(r"^removed the stage image (?:sha256:)?([0-9a-f]{64})\s*$")
-# a rebuild's old image that a server still ran: untagged, it goes once no container uses it
-_REPLACED = re.compile(r"^kept the replaced image (?:sha256:)?([0-9a-f]{64}):")
+SWEPT = "swept"  # in a key's cache folder: what its made.json names is gone (mtime: when)
 PACKAGE_TEMPORARY = ".pkg-*"
-_TRACES = (_CONTAINER, _COMPILE_CONTAINER, _IMAGE, _STEP, _LOADED, _STAGE_REMOVED, _REPLACED)
 
 
 @dataclass
 class Leftovers:
-    """What :func:`find` found: ``containers`` and ``images`` by id (short ids, as logs name them),
-    ``staging`` and ``temporaries`` with their bytes, ``processes`` (pid -> container id)."""
+    """What :func:`find` found: ``containers`` and ``images`` by id (full ids, images without
+    ``sha256:``), ``staging`` and ``temporaries`` with their bytes, ``processes`` (pid -> container id)."""
 
     containers: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     staging: dict[Path, int] = field(default_factory=dict)
     temporaries: dict[Path, int] = field(default_factory=dict)
     processes: dict[int, str] = field(default_factory=dict)
-    keys: list[str] = field(default_factory=list)  # whose logs were read (marked swept once all went)
+    keys: list[str] = field(default_factory=list)  # whose made.json was read (marked swept once all went)
     busy_keys: set[str] = field(default_factory=set)  # a container still uses one of their images: read again
     notes: list[str] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # container or image id -> the key whose build made it
@@ -85,44 +76,10 @@ class Leftovers:
         return bool(self.containers or self.images or self.staging or self.temporaries or self.processes)
 
 
-def traces(log_text: str) -> tuple[list[str], list[str]]:
-    """The containers and images docker made for a build, as its log names them: step containers
-    (``Running in``), the layered route's compile container, step images, the layered route's
-    loaded image (and its stages' images, unless the log says they went) and a replaced image a
-    server still ran (a rebuild's), but not the base (a FROM step's) nor a cached step's image."""
-    containers: list[str] = []
-    images: list[str] = []
-    removed: set[str] = set()
-    skip_next = False
-    for line in log_text.splitlines():
-        step = _STEP.match(line)
-        if match := _STAGE_REMOVED.match(line):
-            removed.add(match.group(1))
-        elif step:
-            skip_next = step.group(1).upper() == "FROM"
-        elif line.strip() == "---> Using cache":
-            skip_next = True
-        elif match := _LOADED.match(line) or _REPLACED.match(line):
-            images.append(match.group(1))
-        elif match := _CONTAINER.match(line) or _COMPILE_CONTAINER.match(line):
-            containers.append(match.group(1))
-        elif match := _IMAGE.match(line):
-            if not skip_next:
-                images.append(match.group(1))
-            skip_next = False
-    return containers, [image for image in dict.fromkeys(images) if image not in removed]
-
-
-def is_trace(line: str) -> bool:
-    """Whether :func:`traces` reads ``line``: a capped build log (buildlog.py) keeps every such line."""
-    line = line.rstrip("\n")
-    return line.strip() == "---> Using cache" or any(pattern.match(line) for pattern in _TRACES)
-
-
 def _unused_keys(builder: ImageBuilder, own_key: str) -> list[str]:
-    """Keys with a build log not yet swept, whose build no process runs now (``own_key``: ours)."""
+    """Keys with a made.json not yet swept, whose build no process runs now (``own_key``: ours)."""
     keys = []
-    for path in sorted((Path(builder.cache_dir) / "builds").glob("*/build.log")):
+    for path in sorted((Path(builder.cache_dir) / "builds").glob(f"*/{madeids.MADE}")):
         key_dir = path.parent
         with contextlib.suppress(OSError):
             swept = key_dir / SWEPT
@@ -138,13 +95,12 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     whose lock this process holds, about to be built again."""
     found = Leftovers(own_key=own_key)
     cutoff = time.time() - builder.build_timeout
-    logs = {}
+    made = {}
     for key in _unused_keys(builder, own_key):
         found.keys.append(key)
-        with contextlib.suppress(OSError):
-            logs[key] = (builder.key_dir(key) / "build.log").read_text(errors="replace")
-    if any(containers or images for containers, images in map(traces, logs.values())):
-        _find_on_daemon(builder, logs, cutoff, found)  # the daemon is asked only when a log names something
+        made[key] = madeids.read(builder.key_dir(key))
+    if any(made.values()):
+        _find_on_daemon(builder, made, cutoff, found)  # the daemon is asked only when a made.json names something
     for folder in _unused_staging(builder, own_key):
         found.staging[folder] = _tree_size(folder)
     cache = Path(builder.resolver.package_cache_dir)
@@ -155,8 +111,8 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     return found
 
 
-def _find_on_daemon(builder: ImageBuilder, logs: dict[str, str], cutoff: float, found: Leftovers) -> None:
-    """The containers, images and orphaned step processes the keys' ``logs`` name that are leftovers."""
+def _find_on_daemon(builder: ImageBuilder, made: dict[str, madeids.Made], cutoff: float, found: Leftovers) -> None:
+    """The containers, images and orphaned step processes of the keys' ``made`` that are leftovers."""
     client = builder.client
     base_id = ""
     with contextlib.suppress(docker.errors.DockerException):
@@ -166,33 +122,41 @@ def _find_on_daemon(builder: ImageBuilder, logs: dict[str, str], cutoff: float, 
     parents = {image.get("ParentId") for image in client.api.images(all=True)}
     used = {container.get("ImageID") for container in client.api.containers(all=True)}
     local = str(builder.daemon_url).startswith(("unix://", "the default socket"))
-    for key, text in logs.items():
-        containers, images = traces(text)
-        found.owners.update({short: key for short in [*containers, *images]})
-        # A compile container is of use only to its build, which no process runs now: it goes
-        # even while it runs (waiting up to COMPILE_WAIT_S for batches that never come).
-        compilers = {match.group(1) for line in text.splitlines() if (match := _COMPILE_CONTAINER.match(line))}
-        for short in containers:
+    for key, ids in made.items():
+        found.owners.update({item: key for item in [*ids.containers, *ids.compilers, *ids.images, *ids.replaced]})
+        for container in [*ids.containers, *ids.compilers]:
             try:
-                attrs = client.api.inspect_container(short)
+                attrs = client.api.inspect_container(container)
             except docker.errors.NotFound:
                 if local:  # only a daemon on this host has its shims in our /proc
-                    found.processes.update({pid: short for pid in orphan_processes(short)})
+                    found.processes.update({pid: container for pid in orphan_processes(container)})
                 continue
-            running = attrs.get("State", {}).get("Running")
-            if not running or short in compilers or (_created(attrs) or 0) < cutoff:
-                found.containers.append(short)
-        for short in images:
+            if _left_running(attrs, key, container in ids.compilers, cutoff):
+                found.containers.append(container)
+        for image in dict.fromkeys([*ids.images, *ids.replaced]):
+            if image in ids.removed:
+                continue
             try:
-                attrs = client.api.inspect_image(short)
+                attrs = client.api.inspect_image(image)
             except docker.errors.NotFound:
                 continue
             if attrs.get("RepoTags") or attrs.get("Id") in (parents | {base_id}):
                 continue
             if attrs.get("Id") not in used or any(attrs.get("Id") == _image_of(client, c) for c in found.containers):
-                found.images.append(short)
+                found.images.append(image)
             else:
                 found.busy_keys.add(key)
+
+
+def _left_running(attrs: dict[str, Any], key: str, compiler: bool, cutoff: float) -> bool:
+    """Whether a container of ``key``'s builds is a leftover: stopped; or a compile container that
+    carries the key's label (of use only to its build, which no process runs now: it waits up to
+    COMPILE_WAIT_S for batches that never come); or a step container older than ``build_timeout``."""
+    if not attrs.get("State", {}).get("Running"):
+        return True
+    if compiler:
+        return (attrs.get("Config", {}).get("Labels") or {}).get(madeids.COMPILE_LABEL) == key
+    return (_created(attrs) or time.time()) < cutoff
 
 
 def _unused_staging(builder: ImageBuilder, own_key: str) -> list[Path]:
@@ -259,8 +223,8 @@ def _build_lock(builder: ImageBuilder, key: str, own_key: str) -> Iterator[bool]
 
 def _remove_of_key(builder: ImageBuilder, found: Leftovers, key: str, gone: Leftovers) -> None:
     """Remove what ``key``'s builds left (its build lock held): containers, then images, processes, staging."""
-    containers = [short for short in found.containers if found.owners.get(short) == key]
-    images = [short for short in found.images if found.owners.get(short) == key]
+    containers = [container for container in found.containers if found.owners.get(container) == key]
+    images = [image for image in found.images if found.owners.get(image) == key]
     if containers or images:
         _remove_on_daemon(builder.client, containers, images, gone)
     for pid, container in found.processes.items():
@@ -273,18 +237,20 @@ def _remove_of_key(builder: ImageBuilder, found: Leftovers, key: str, gone: Left
 
 
 def _remove_on_daemon(client: docker.DockerClient, containers: list[str], images: list[str], gone: Leftovers) -> None:
-    for short in containers:
+    for container in containers:
         try:
-            client.api.remove_container(short, force=True)
-            gone.containers.append(short)
+            client.api.remove_container(container, force=True)
+            gone.containers.append(container)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as error:
-            gone.notes.append(f"kept the build container {short}: {_explain(error)}")
-    for short in images:
+            gone.notes.append(f"kept the build container {container}: {_explain(error)}")
+    for image in images:
         try:
-            client.images.remove(short, noprune=False)
-            gone.images.append(short)
+            if client.api.inspect_image(image).get("RepoTags"):
+                continue  # tagged since find looked: a build of the key made the same image (a layered load)
+            client.images.remove(image, noprune=False)
+            gone.images.append(image)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError:

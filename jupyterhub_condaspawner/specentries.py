@@ -201,8 +201,10 @@ class EntryChecker:
 
 
 def check_printable(text: str, where: str, node: yaml.Node) -> None:
-    """Refuse control and invisible characters (bidi overrides, zero-width spaces)."""
-    control = next((char for char in text if unicodedata.category(char)[0] == "C"), None)
+    """Refuse control and invisible characters (bidi overrides, zero-width spaces) and line and
+    paragraph separators (U+2028, U+2029: ``splitlines`` ends a line at them)."""
+    control = next((char for char in text if unicodedata.category(char) in ("Zl", "Zp")
+                    or unicodedata.category(char)[0] == "C"), None)
     if control is not None:
         raise SpecError(
             f"{show(text)} contains a control or invisible character (U+{ord(control):04X})",

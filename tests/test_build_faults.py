@@ -34,7 +34,7 @@ from test_cli import REPO
 
 from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandle, ensure_daemon
 from condaspawner_bench.registry import BenchRegistryError, start_registry
-from jupyterhub_condaspawner import leftovers, staging
+from jupyterhub_condaspawner import leftovers, madeids, staging
 from jupyterhub_condaspawner.builder import ImageBuilder
 from jupyterhub_condaspawner.resolve import Resolver
 
@@ -108,7 +108,9 @@ def assert_correct_image(client: docker.DockerClient, image: str, key_prefix: st
 
 
 def traces_of(key_dir: Path) -> tuple[list[str], list[str]]:
-    return leftovers.traces((key_dir / "build.log").read_text())
+    """The containers and images the key's builds made, as the builder kept them (made.json)."""
+    made = madeids.read(key_dir)
+    return [*made.containers, *made.compilers], [i for i in [*made.images, *made.replaced] if i not in made.removed]
 
 
 def present(client: docker.DockerClient, containers: list[str], images: list[str]) -> list[str]:
@@ -374,44 +376,25 @@ def test_a_registry_that_goes_away_mid_push_is_one_line_and_the_retry_pushes(doc
         remove_repo_images(client, repository)
 
 
-def test_a_killed_builds_running_compile_container_is_a_leftover(docker_daemon, base_image, tmp_path):
+def test_a_killed_builds_running_compile_container_is_a_leftover_if_it_carries_the_keys_label(
+        docker_daemon, base_image, tmp_path):
     """A hub killed mid-build leaves its compile container waiting for batches that never come;
-    the next sweep removes it though it runs (no process holds its build's lock)."""
+    the next sweep removes it though it runs (no process holds its build's lock), but only if the
+    container carries the compile label with the build's key: no other running container."""
     client = docker_daemon.client()
-    waiting = client.containers.run(base_image, ["sleep", "300"], detach=True, network_mode="none")
+    builder = ImageBuilder(resolver=Resolver(channel_urls={"conda-forge": "file:///nonexistent-channel"}),
+                           docker_client=client, base_image=base_image, cache_dir=str(tmp_path / "cache"))
+    key = "f" * 16
+    waiting = client.containers.run(base_image, ["sleep", "300"], detach=True, network_mode="none",
+                                    labels={madeids.COMPILE_LABEL: key})
+    unlabelled = client.containers.run(base_image, ["sleep", "300"], detach=True, network_mode="none")
+    other_key = client.containers.run(base_image, ["sleep", "300"], detach=True, network_mode="none",
+                                      labels={madeids.COMPILE_LABEL: "e" * 16})
     try:
-        builder = ImageBuilder(resolver=Resolver(channel_urls={"conda-forge": "file:///nonexistent-channel"}),
-                               docker_client=client, base_image=base_image, cache_dir=str(tmp_path / "cache"))
-        key_dir = builder.key_dir("f" * 16)
+        key_dir = builder.key_dir(key)
         key_dir.mkdir(parents=True)
-        (key_dir / "build.log").write_text(f"compile container {waiting.id}\n")
-        assert waiting.id in leftovers.find(builder).containers
+        madeids.add(key_dir, compilers=[waiting.id, unlabelled.id, other_key.id])
+        assert leftovers.find(builder).containers == [waiting.id]
     finally:
-        waiting.remove(force=True)
-
-
-def test_a_build_log_names_the_containers_and_images_docker_made_for_it():
-    log = "\n".join([
-        "Step 1/19 : ARG BASE_IMAGE", "Step 2/19 : FROM ${BASE_IMAGE}", " ---> d718c856d59a",
-        "Step 3/19 : ARG ENV_NAME", " ---> Using cache", " ---> 2049aa956df9",
-        "Step 5/19 : COPY env /opt/conda/envs/${ENV_NAME}", " ---> 59efc613b6db",
-        "Step 6/19 : RUN python -m compileall", " ---> Running in 0c64e7038447",
-        "Removing intermediate container 0c64e7038447", " ---> cee5acf61946",
-        "Step 8/19 : RUN pip install", " ---> Running in 48f1c4933099", "ERROR: No matching distribution",
-    ])
-    # not the base (FROM) nor a cached step's image: those are not this build's to remove
-    assert leftovers.traces(log) == (["0c64e7038447", "48f1c4933099"], ["59efc613b6db", "cee5acf61946"])
-    # the layered route's compile container, started while the build plans
-    assert leftovers.traces(f"compile container {'cd' * 32}\n") == (["cd" * 32], [])
-    # the layered route's image, loaded before its tag or its pip step
-    loaded = "sha256:" + "ab" * 32
-    assert leftovers.traces(f"layer environment: 1 bytes\nloaded image {loaded}\n") == ([], ["ab" * 32])
-    # named before Docker has all of it (a build killed mid-load), then once loaded: one image
-    assert leftovers.traces(f"loading image {loaded}\nlayer environment: 1 bytes\nloaded image {loaded}\n") == (
-        [], ["ab" * 32])
-    # a stage's image (imageload.py) is a leftover until the log says the load removed it
-    stage, other = "sha256:" + "cd" * 32, "sha256:" + "ef" * 32
-    staged = f"loading image {stage}\nloading image {other}\nloading image {loaded}\n"
-    assert leftovers.traces(staged) == ([], ["cd" * 32, "ef" * 32, "ab" * 32])  # killed mid-load
-    assert leftovers.traces(staged + f"removed the stage image {stage}\nloaded image {loaded}\n") == (
-        [], ["ef" * 32, "ab" * 32])
+        for container in (waiting, unlabelled, other_key):
+            container.remove(force=True)

@@ -23,6 +23,7 @@ from kernel_script import kernel_round_trip
 from pip_index import PipIndex, sdist, tiny_wheel
 
 from condaspawner_bench.basewheels import served
+from jupyterhub_condaspawner import madeids
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.buildlog import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC, request_for_profile
@@ -344,9 +345,10 @@ async def test_gc_removes_the_untagged_images_a_failed_build_left(builder, docke
     left = [line.split()[-1] for line in log.splitlines() if line.startswith(" ---> ") and "Running in" not in line][-1]
     client = docker_daemon.client()
     image_id = client.images.get(left).id
-    assert left in builder.gc(dry_run=True).leftovers.images
+    assert madeids.bare(image_id) in madeids.read(builder.key_dir(builder.build_key(req))).images
+    assert madeids.bare(image_id) in builder.gc(dry_run=True).leftovers.images
     assert client.images.get(image_id)  # a dry run removes nothing
-    assert left in builder.gc().leftovers.images
+    assert madeids.bare(image_id) in builder.gc().leftovers.images
     with pytest.raises(docker.errors.ImageNotFound):
         client.images.get(image_id)
     assert client.images.get(builder.base_image)
@@ -416,11 +418,11 @@ async def test_a_rebuild_keeps_the_replaced_image_a_start_has_pinned_until_the_s
 
 def test_gc_kills_the_step_process_a_killed_daemon_left_under_an_orphaned_shim(builder):
     """A daemon killed mid-step can leave the step's process running under containerd's shim,
-    with no container the daemon knows. gc finds the shim by the container id our log names."""
+    with no container the daemon knows. gc finds the shim by the container id its made.json names."""
     container_id = uuid.uuid4().hex + uuid.uuid4().hex
     key_dir = builder.key_dir(uuid.uuid4().hex * 2)
     key_dir.mkdir(parents=True)
-    (key_dir / "build.log").write_text(f"Step 6/9 : RUN python -m compileall\n ---> Running in {container_id[:12]}\n")
+    madeids.add(key_dir, containers=[container_id])
     # A stand-in shim: its command line names the container as containerd's does, and the step's
     # process (a sleep) runs under it. The real one is made by killing dockerd mid-step, which
     # stops the step itself when it comes back (test_build_faults): this path needs it gone for good.
@@ -430,7 +432,7 @@ def test_gc_kills_the_step_process_a_killed_daemon_left_under_an_orphaned_shim(b
     try:
         step = _wait_for_child(shim.pid)
         result = builder.gc()
-        assert result.leftovers.processes == {shim.pid: container_id[:12]}
+        assert result.leftovers.processes == {shim.pid: container_id}
         assert not psutil.wait_procs([step], timeout=30)[1]  # the step's process went first
         shim.wait(timeout=30)  # then the shim (or it ended by itself, as a real one does, once its step is gone)
         assert (key_dir / "swept").exists()  # read once: the next gc does not look again
@@ -485,12 +487,66 @@ async def test_a_users_pip_package_builds_without_capabilities(builder, layered)
     assert "PROBE uid=0 CapEff=0000000000000000 packet-socket=refused (errno 1)" in log
 
 
+def forging_files(lines: str) -> dict[str, str]:
+    """A pip package whose build code writes ``lines`` to pip's own output, unindented (as docker's
+    lines are: pip indents what its build code prints), then fails the build."""
+    return {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "forger"\nbackend-path = ["."]\n',
+        "forger.py": textwrap.dedent(f"""\
+            import os
+
+            def get_requires_for_build_wheel(config_settings=None):
+                for path in (f"/proc/{{os.getppid()}}/fd/1", "/proc/1/fd/1"):
+                    try:
+                        with open(path, "w") as out:
+                            out.write({lines!r})
+                    except OSError:
+                        pass
+                raise SystemExit("FORGED")
+            """),
+    }
+
+
+@pytest.mark.parametrize("layered", [True, False], ids=["layered", "dockerfile"])
+async def test_what_a_pip_packages_build_output_names_is_nothing_gc_removes(builder, layered):
+    client = builder.client
+    stopped = client.containers.create(builder.base_image, ["true"], network_mode="none")
+    running = client.containers.run(builder.base_image, ["sleep", "600"], detach=True, network_mode="none")
+    untagged = stopped.commit()  # unused, its parent the base: as a step image of a build looks
+    lines = (f"\n ---> Running in {stopped.id}\ncompile container {running.id}\n ---> {untagged.id[7:19]}\n"
+             f"loaded image {untagged.id}\nkept the replaced image {untagged.id}: a server runs it\n")
+    try:
+        with PipIndex() as index:
+            index.add_file("cs-forger", sdist("cs-forger", "1.0", forging_files(lines)))
+            forged = ImageBuilder(
+                resolver=builder.resolver, docker_client=client, base_image=builder.base_image,
+                cache_dir=builder.cache_dir, image_repo=builder.image_repo, layered_images=layered,
+                pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+            )
+            req = unique_env(pip=["cs-forger==1.0"])
+            with pytest.raises(BuildError):
+                await forged.get_image(req)
+        key_dir = builder.key_dir(forged.build_key(req))
+        # the forged lines reached the log as docker's own would (else this test proves nothing)
+        assert f"\n ---> Running in {stopped.id}\ncompile container {running.id}\n" in (key_dir / "build.log").read_text()
+        made = madeids.read(key_dir)
+        assert not {stopped.id, running.id, madeids.bare(untagged.id)} & {
+            *made.containers, *made.compilers, *made.images, *made.replaced}, made
+        builder.gc()
+        assert client.containers.get(running.id).status == "running"
+        assert client.containers.get(stopped.id) and client.images.get(untagged.id)
+    finally:
+        for container in (stopped, running):
+            container.remove(force=True)
+        client.images.remove(untagged.id)
+
+
 def test_builds_use_dockers_own_network_unless_told():
     assert ImageBuilder().build_network_mode == "default"
 
 
 # A pip package's build code that prints 6 MiB, then fails: pip prints all of it, and the
-# build log keeps its first MiB, docker's ids and its last 4 MiB.
+# build log keeps its first MiB and its last 4 MiB.
 NOISY_FILES = {
     "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "noisy"\nbackend-path = ["."]\n',
     "noisy.py": textwrap.dedent("""\

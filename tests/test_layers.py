@@ -24,7 +24,7 @@ from kernel_script import kernel_round_trip
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
-from jupyterhub_condaspawner import imageload, layeredbuild, layers, staging
+from jupyterhub_condaspawner import imageload, layeredbuild, layers, madeids, staging
 from jupyterhub_condaspawner.builder import BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.bytecode import BytecodeCache
@@ -830,14 +830,16 @@ def test_the_base_history_from_dockers_api_is_its_config_history_to_the_second(d
 
 
 @pytest.mark.docker
-async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_removes(layered_builder, docker_daemon):
-    # the builder logs the image's id before Docker has the end of the archive
+async def test_a_build_killed_mid_load_leaves_an_image_its_made_json_names_and_gc_removes(layered_builder,
+                                                                                          docker_daemon):
+    # the builder keeps the image's id (made.json) before Docker has the end of the archive
     info = await layered_builder.get_image(env_request("cs-alpha", "course"))
     log = (Path(layered_builder.key_dir(info.key)) / "build.log").read_text()
     assert log.index(f"loading image {info.image_id}") < log.index(f"loaded image {info.image_id}")
+    assert madeids.bare(info.image_id) in madeids.read(Path(layered_builder.key_dir(info.key))).images
 
     # What a build killed once its archive was sent leaves: Docker finished the load, nothing
-    # tagged the image, and the log stops at "loading".
+    # tagged the image, and made.json names it.
     api = docker_daemon.client().api
     key = uuid.uuid4().hex * 2
     told: list[str] = []
@@ -846,7 +848,7 @@ async def test_a_build_killed_mid_load_leaves_an_image_its_log_names_and_gc_remo
     assert told == [loaded.image_id] and api.inspect_image(loaded.image_id)["RepoTags"] == []
     key_dir = Path(layered_builder.key_dir(key))
     key_dir.mkdir(parents=True, exist_ok=True)
-    (key_dir / "build.log").write_text(f"build {key} started\nloading image {loaded.image_id}\n")
+    madeids.add(key_dir, images=[loaded.image_id])
 
     assert loaded.image_id.removeprefix("sha256:") in layered_builder.gc().leftovers.images
     with pytest.raises(docker.errors.ImageNotFound):

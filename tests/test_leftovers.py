@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyterhub_condaspawner import leftovers
+from jupyterhub_condaspawner import leftovers, madeids
 from jupyterhub_condaspawner.builder import ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.buildrecords import file_lock, lock_held
@@ -65,6 +65,36 @@ def test_a_sweep_leaves_folders_in_staging_that_no_build_made(builder):
     stranger = Path(builder.cache_dir) / "staging" / "not-a-key"
     stranger.mkdir(parents=True)
     assert not leftovers.sweep(builder).staging and stranger.exists()
+
+
+def test_what_a_build_log_names_is_nothing_the_sweep_removes(builder):
+    # a pip step's output is the package's build code's: it could write any of these lines
+    container, image = "0123456789ab" * 5 + "0123", "ab" * 32
+    key_dir = builder.key_dir(KEY)
+    key_dir.mkdir(parents=True)
+    (key_dir / "build.log").write_text(
+        f"Step 9/19 : RUN pip install\n ---> Running in {container[:12]}\ncompile container {container}\n"
+        f" ---> {image[:12]}\nloaded image sha256:{image}\nkept the replaced image sha256:{image}: in use\n")
+    found = leftovers.find(builder)  # no made.json: the daemon is not even asked
+    assert not found.containers and not found.images and not found.processes and found.keys == []
+
+
+def test_made_json_keeps_full_ids_as_the_builder_adds_them(tmp_path):
+    assert not madeids.read(tmp_path)  # none yet
+    madeids.add(tmp_path, images=["sha256:" + "ab" * 32], compilers=["cd" * 32])
+    madeids.add(tmp_path, images=["ab" * 32, "ef" * 32], replaced=["sha256:" + "12" * 32])
+    made = madeids.read(tmp_path)
+    assert made.images == ("ab" * 32, "ef" * 32) and made.compilers == ("cd" * 32,)
+    assert oct((tmp_path / madeids.MADE).stat().st_mode & 0o777) == "0o644"  # the admin's gc reads it
+    assert [path.name for path in tmp_path.iterdir()] == [madeids.MADE]  # no temporary file stays
+    madeids.start(tmp_path)  # the key's next build: only a replaced image a server may still run is kept
+    assert madeids.read(tmp_path) == madeids.Made(replaced=("12" * 32,))
+    with pytest.raises(ValueError):
+        madeids.add(tmp_path, volumes=["x"])
+    (tmp_path / madeids.MADE).write_text('{"images": "abc", "containers": [1, "ok"]}')
+    assert madeids.read(tmp_path) == madeids.Made(containers=("ok",))
+    (tmp_path / madeids.MADE).write_text("not json")
+    assert not madeids.read(tmp_path)
 
 
 def staged_environment(root: Path, packages: list[str], locked: list[str]) -> StagedEnvironment:

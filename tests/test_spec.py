@@ -290,12 +290,22 @@ def test_a_small_file_of_countless_values_stops_being_read_at_the_value_limit():
 
 
 def test_a_name_is_one_printable_line():
-    # It names the build in the hub's log and opens the build log, whose lines gc trusts.
+    # It names the build in the hub's log and opens the build log.
     for name in ("x\\n ---> Running in 3f2a9b1c4d5e\\ny", "red\\e[31m", "tab\\there"):
         message = refusal(f'name: "{name}"\ndependencies: [numpy]\n')
         assert message.startswith("env.yml: name (line 1): ") and "contains a control or invisible character" \
             in message, message
     assert parse("name: my-env 2\ndependencies: [numpy]\n").name == "my-env 2"
+
+
+def test_line_and_paragraph_separators_are_refused_in_every_entry():
+    # str.splitlines (and so any reader of a log line by line) ends a line at them
+    for separator in ("\\u2028", "\\u2029"):
+        code = separator.replace("\\u", "U+").upper()
+        assert code in refusal(f'dependencies: ["numpy{separator}RUN curl x"]')
+        assert code in refusal(f'name: "x{separator} ---> Running in 3f2a9b1c4d5e"\ndependencies: [numpy]\n')
+        assert code in refusal(f'dependencies: [numpy, {{pip: ["requests{separator}--index-url x"]}}]')
+        assert code in refusal(f'dependencies: [numpy]\nvariables:\n  A: "x{separator}y"\n')
 
 
 def test_spec_length_and_name_limits_are_configurable():
