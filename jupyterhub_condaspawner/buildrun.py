@@ -341,7 +341,7 @@ class BuildRuns:
         return await docker_build(builder, build, request, context, build_log, env_size, labels)
 
     def _remove_later(self, folder: Path) -> None:
-        removal = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, folder, True))
+        removal = asyncio.ensure_future(asyncio.to_thread(staging.remove_set_aside, folder))
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
 

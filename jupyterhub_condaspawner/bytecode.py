@@ -31,6 +31,13 @@ COMPLETE = "complete"  # in an entry: written last, so that an entry with it is 
 # 2: ``complete`` holds each file's sha256, checked before the entry is linked; 3: and its source's sha256,
 # the source the byte code's header says it was compiled from (entries of 2 could hold another source's)
 ENTRY_FORMAT = "3"
+PARTIAL = ".tmp-*"  # an entry keep() is writing: a killed build leaves it (leftovers.py removes old ones)
+
+
+def cache_directory(bytecode_cache_dir: str, package_cache_dir: str) -> Path:
+    """The cache's folder: ``ImageBuilder.bytecode_cache_dir``, else ``condaspawner-bytecode`` in the
+    package cache."""
+    return Path(bytecode_cache_dir or Path(package_cache_dir) / "condaspawner-bytecode")
 
 
 class BytecodeCache:

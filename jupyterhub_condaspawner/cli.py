@@ -587,7 +587,7 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     for folder, size in result.staging.items():
         print(f"{verb} {folder} ({_size(size)}), the staging folder of an interrupted build")
     for temporary, size in left.temporaries.items():
-        print(f"{verb} {temporary} ({_size(size)}), a package cache temporary an interrupted install left")
+        print(f"{verb} {temporary} ({_size(size)}), a cache temporary an interrupted build left")
     for container in left.containers:
         print(f"{verb} the build container {container}, left by a failed build")
     for image in left.images:

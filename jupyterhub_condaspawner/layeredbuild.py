@@ -25,7 +25,7 @@ from . import imageload, layers, madeids
 from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
-from .bytecode import BytecodeCache
+from .bytecode import BytecodeCache, cache_directory
 from .compilerun import CompileRun, layer_preparer, remove_in_background
 from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment
@@ -227,8 +227,7 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     # Layers Docker holds with their byte code already are neither compiled nor sent again,
     # and packages compiled for an earlier build are not compiled again.
     stored = layers.stored_layers(base_attrs, plan, known, memo)
-    bytecode = BytecodeCache(Path(builder.bytecode_cache_dir or Path(builder.resolver.package_cache_dir)
-                                  / "condaspawner-bytecode"))
+    bytecode = BytecodeCache(cache_directory(builder.bytecode_cache_dir, builder.resolver.package_cache_dir))
     done = await asyncio.to_thread(bytecode.restore, staged)
     jobs = layers.compile_plan(staged, plan, stored, done)
     build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")

@@ -15,8 +15,9 @@ with other hubs and test runs, so nothing is chosen by its look alone:
   the old image a rebuild replaced while a server ran it once no container uses it (a key's
   made.json is read again until then);
 - staging folders: this cache folder's, of keys nobody holds the lock of, and those a
-  finished build set aside for removal in a process that has gone since;
-- ``.pkg-*`` temporaries: older than ``build_timeout`` (no install still writes them);
+  finished build set aside for removal that no process is removing (holds the flock of);
+- ``.pkg-*`` temporaries in the package cache and ``.tmp-*`` entries in the byte-code cache:
+  older than ``build_timeout`` (no install or build still writes them);
 - processes: a shim whose container id a made.json names, once its container is gone.
 
 A key's containers, images, processes and staging folder go only while :func:`remove` holds
@@ -43,9 +44,8 @@ from typing import TYPE_CHECKING, Any
 import docker.errors
 import psutil
 
-from . import madeids
+from . import bytecode, madeids, staging
 from .buildrecords import lock_held, lock_if_free
-from .staging import set_aside_by, tree_size
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -103,8 +103,9 @@ def find(builder: ImageBuilder, own_key: str = "") -> Leftovers:
         _find_on_daemon(builder, made, cutoff, found)  # the daemon is asked only when a made.json names something
     for folder in _unused_staging(builder, own_key):
         found.staging[folder] = _tree_size(folder)
-    cache = Path(builder.resolver.package_cache_dir)
-    for temporary in cache.glob(PACKAGE_TEMPORARY):
+    package_cache = Path(builder.resolver.package_cache_dir)
+    bytecode_cache = bytecode.cache_directory(builder.bytecode_cache_dir, builder.resolver.package_cache_dir)
+    for temporary in [*package_cache.glob(PACKAGE_TEMPORARY), *bytecode_cache.glob(bytecode.PARTIAL)]:
         with contextlib.suppress(OSError):
             if temporary.lstat().st_mtime < cutoff:
                 found.temporaries[temporary] = _tree_size(temporary)
@@ -160,13 +161,12 @@ def _left_running(attrs: dict[str, Any], key: str, compiler: bool, cutoff: float
 
 
 def _unused_staging(builder: ImageBuilder, own_key: str) -> list[Path]:
-    """Staging folders of keys nobody builds now, and those a finished build set aside for a
-    process that is gone (it stopped before it had removed them)."""
+    """Staging folders of keys nobody builds now, and those a finished build set aside that no
+    process is removing (it stopped before it had removed them)."""
     unused = []
     for path in sorted((Path(builder.cache_dir) / "staging").glob("*")):
-        setter = set_aside_by(path)
-        if setter is not None:
-            if not setter or not psutil.pid_exists(setter):  # 0: a name that holds no process id
+        if staging.is_set_aside(path):
+            if not staging.being_removed(path):
                 unused.append(path)
         elif not _is_key(path.name):
             continue  # not a build's: not ours to remove
@@ -187,8 +187,8 @@ def remove(builder: ImageBuilder, found: Leftovers) -> Leftovers:
                 continue
             _remove_of_key(builder, found, key, gone)
     for folder, size in found.staging.items():
-        if _key_of_folder(folder) is None:  # set aside by a finished build (no key's: nobody builds in it)
-            _remove_folder(folder, size, gone)
+        if staging.is_set_aside(folder) and staging.remove_set_aside(folder):  # no key's: nobody builds in it
+            gone.staging[folder] = size
     for temporary, size in found.temporaries.items():
         if temporary.is_dir() and not temporary.is_symlink():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -274,7 +274,7 @@ def _remove_folder(folder: Path, size: int, gone: Leftovers) -> None:
 
 def _key_of_folder(folder: Path) -> str | None:
     """The key a staging folder belongs to; None for one a finished build set aside."""
-    return folder.name if set_aside_by(folder) is None and _is_key(folder.name) else None
+    return None if staging.is_set_aside(folder) else folder.name
 
 
 def _is_key(name: str) -> bool:
@@ -297,7 +297,7 @@ def describe(gone: Leftovers) -> str:
     """One line: how many of each kind."""
     parts = [f"{len(items)} {noun}" for items, noun in (
         (gone.containers, "build container(s)"), (gone.images, "untagged step image(s)"),
-        (gone.staging, "staging folder(s)"), (gone.temporaries, "package cache temporaries"),
+        (gone.staging, "staging folder(s)"), (gone.temporaries, "cache temporaries"),
         (gone.processes, "orphaned step process(es)")) if items]
     return ", ".join(parts) or "nothing"
 
@@ -338,4 +338,4 @@ def _explain(error: docker.errors.APIError) -> str:
 
 
 def _tree_size(root: Path) -> int:
-    return tree_size(root) if root.is_dir() else (root.lstat().st_size if root.exists() else 0)
+    return staging.tree_size(root) if root.is_dir() else (root.lstat().st_size if root.exists() else 0)

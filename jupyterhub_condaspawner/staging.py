@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import logging
@@ -129,14 +130,16 @@ def drop_host_paths(staged: StagedEnvironment) -> int:
 
 
 SET_ASIDE = ".removing-"  # a built key's staging folder, renamed away while it is removed
+# In a set-aside folder: flocked by the process removing it. Not a process id in the name: a hub
+# restarted in a container has the same one, and would keep a killed removal's folder forever.
+SET_ASIDE_LOCK = ".removing.lock"
 
 
 def set_aside(context: Path) -> Path:
     """Rename a finished build's staging folder out of its key's way, for removal off the build's
-    critical path (thousands of unlinks: about half a second for a data-science environment).
-    The new name holds this process's id: a folder whose process is gone is a leftover
-    (leftovers.py). ``context`` itself when it could not be renamed."""
-    aside = context.with_name(f"{SET_ASIDE}{os.getpid()}-{time.monotonic_ns()}-{context.name}")
+    critical path (thousands of unlinks: about half a second for a data-science environment) by
+    :func:`remove_set_aside`. ``context`` itself when it could not be renamed."""
+    aside = context.with_name(f"{SET_ASIDE}{os.getpid()}-{time.monotonic_ns()}-{context.name}")  # unique
     try:
         context.rename(aside)
     except OSError:
@@ -144,12 +147,54 @@ def set_aside(context: Path) -> Path:
     return aside
 
 
-def set_aside_by(folder: Path) -> int | None:
-    """The process id in a set-aside staging folder's name; None for a key's own folder."""
-    if not folder.name.startswith(SET_ASIDE):
-        return None
-    pid = folder.name.removeprefix(SET_ASIDE).split("-", 1)[0]
-    return int(pid) if pid.isdigit() else 0
+def is_set_aside(folder: Path) -> bool:
+    return folder.name.startswith(SET_ASIDE)
+
+
+def remove_set_aside(folder: Path) -> bool:
+    """Remove a folder :func:`set_aside` renamed, holding its lock file's flock meanwhile (so that
+    leftovers.py leaves it to us), the lock file last; False, and nothing removed, when another
+    process holds it (it is removing the folder). Whether the folder is gone."""
+    lock = folder / SET_ASIDE_LOCK
+    try:
+        handle = lock.open("a")
+    except FileNotFoundError:
+        return not folder.exists()
+    except OSError:  # not a folder, or not ours to write
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        for entry in os.scandir(folder):
+            if entry.name == SET_ASIDE_LOCK:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: a sweep took a new lock file since (it removes it)
+            folder.rmdir()
+    return not folder.exists()
+
+
+def being_removed(folder: Path) -> bool:
+    """Whether a process holds a set-aside folder's lock now (it is removing the folder)."""
+    try:  # opened for writing (an exclusive flock over NFS needs it), never created
+        descriptor = os.open(folder / SET_ASIDE_LOCK, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 async def remove_staging(context: Path, settle: bool, log: logging.Logger | logging.LoggerAdapter) -> None:

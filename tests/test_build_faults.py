@@ -17,6 +17,7 @@ Covered elsewhere, not repeated here:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -179,13 +180,15 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         (temporary / "file").write_bytes(b"x" * 1000)
     stamp = time.time() - 2 * 3600 - 60  # older than build_timeout (1 h by default)
     os.utime(old, (stamp, stamp))
-    # staging folders finished builds set aside for removal: one whose process is gone, one whose is not
-    gone_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
-    abandoned = ours / "cache" / "staging" / f"{staging.SET_ASIDE}{gone_pid}-1-{'ab' * 32}"
+    # staging folders finished builds set aside for removal: one whose removal was killed (by a hub
+    # that came back with the same process id: ours), one a process is removing now (holding its lock)
+    abandoned = ours / "cache" / "staging" / f"{staging.SET_ASIDE}{os.getpid()}-1-{'ab' * 32}"
     removing = ours / "cache" / "staging" / f"{staging.SET_ASIDE}{os.getpid()}-2-{'cd' * 32}"
     for folder in (abandoned, removing):
         (folder / "env").mkdir(parents=True)
         (folder / "env" / "file").write_bytes(b"x" * 1000)
+    remover = (removing / staging.SET_ASIDE_LOCK).open("a")
+    fcntl.flock(remover, fcntl.LOCK_EX)
     try:
         swept = run_cli("gc", "--config", str(configs[0]))
         assert swept.returncode == 0, swept.stderr
@@ -194,11 +197,12 @@ def test_gc_and_the_next_build_remove_only_what_this_installation_left(docker_da
         assert f"removed {old} (" in out and not old.exists()
         assert fresh.exists()  # an install may still be writing it
         assert f"removed {abandoned} (" in out and not abandoned.exists()
-        assert removing.exists()  # its process is still removing it
+        assert removing.exists()  # a process is still removing it
         # the other installation's step images survive our gc, and its own gc removes them
         assert present(client, their_containers, their_images) == their_images
         assert not run_cli("gc", "--config", str(configs[0]), "--dry-run").stdout.decode().startswith("would remove the")
     finally:
+        remover.close()
         for temporary in (old, fresh, abandoned, removing):
             subprocess.run(["rm", "-rf", str(temporary)], check=False)
 

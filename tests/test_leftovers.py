@@ -5,13 +5,16 @@ What it finds and removes on the daemon is tested on the bench (test_build_fault
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from jupyterhub_condaspawner import leftovers, madeids
+from jupyterhub_condaspawner import bytecode, leftovers, madeids, staging
 from jupyterhub_condaspawner.builder import ImageBuilder
 from jupyterhub_condaspawner.builderrors import BuildError
 from jupyterhub_condaspawner.buildrecords import file_lock, lock_held
@@ -25,7 +28,8 @@ KEY, OTHER = "ab" * 32, "cd" * 32
 @pytest.fixture
 def builder(tmp_path):
     """A builder of a cache folder of its own; no daemon (none of these sweeps asks one)."""
-    return ImageBuilder(resolver=Resolver(package_cache_dir=str(tmp_path / "pkgs")), cache_dir=str(tmp_path / "cache"))
+    return ImageBuilder(resolver=Resolver(package_cache_dir=str(tmp_path / "pkgs")), cache_dir=str(tmp_path / "cache"),
+                        bytecode_cache_dir=str(tmp_path / "bytecode"))
 
 
 def killed_build(builder: ImageBuilder, key: str) -> Path:
@@ -65,6 +69,51 @@ def test_a_sweep_leaves_folders_in_staging_that_no_build_made(builder):
     stranger = Path(builder.cache_dir) / "staging" / "not-a-key"
     stranger.mkdir(parents=True)
     assert not leftovers.sweep(builder).staging and stranger.exists()
+
+
+def set_aside_folder(builder: ImageBuilder, key: str) -> Path:
+    """A finished build's staging folder, set aside for removal (by this process: its id in the name)."""
+    context = Path(builder.cache_dir) / "staging" / key
+    (context / "env" / "lib").mkdir(parents=True)
+    (context / "env" / "lib" / "file").write_bytes(b"x" * 1000)
+    return staging.set_aside(context)
+
+
+def test_a_set_aside_folder_is_a_leftover_once_no_process_holds_its_lock(builder):
+    # A hub killed mid-removal, restarted with the same process id (as in a container): its
+    # folder, named with that id, is a leftover all the same.
+    aside = set_aside_folder(builder, KEY)
+    assert str(os.getpid()) in aside.name and list(leftovers.find(builder).staging) == [aside]
+    with (aside / staging.SET_ASIDE_LOCK).open("a") as remover:  # a process removing it now
+        fcntl.flock(remover, fcntl.LOCK_EX)
+        assert not leftovers.find(builder).staging
+        assert not staging.remove_set_aside(aside) and (aside / "env" / "lib" / "file").exists()
+        found = leftovers.Leftovers(staging={aside: 1000})  # found before that process took its lock
+        assert not leftovers.remove(builder, found).staging and aside.exists()
+    assert list(leftovers.remove(builder, leftovers.find(builder)).staging) == [aside]
+    assert not aside.exists()
+
+
+def test_a_finished_builds_staging_folder_is_removed_lock_file_last(builder):
+    aside = set_aside_folder(builder, KEY)
+    assert aside.parent == Path(builder.cache_dir) / "staging" and aside.name.startswith(staging.SET_ASIDE)
+    assert staging.remove_set_aside(aside) and not aside.exists()
+    assert staging.remove_set_aside(aside)  # gone already: nothing to do
+
+
+def test_the_byte_code_caches_temporaries_older_than_the_build_timeout_are_swept(builder):
+    cache = bytecode.cache_directory(builder.bytecode_cache_dir, builder.resolver.package_cache_dir)
+    old, fresh, entry = cache / ".tmp-0123-4567", cache / ".tmp-89ab-4567", cache / ("ab" * 32)
+    for folder in (old, fresh, entry):
+        (folder / "lib").mkdir(parents=True)
+    stamp = time.time() - builder.build_timeout - 60
+    for folder in (old, entry):
+        os.utime(folder, (stamp, stamp))
+    found = leftovers.find(builder)
+    assert list(found.temporaries) == [old]
+    assert list(leftovers.remove(builder, found).temporaries) == [old]
+    assert not old.exists() and fresh.exists() and entry.exists()  # a keep() may still write the fresh one
+    assert bytecode.cache_directory("", "/pkgs") == Path("/pkgs/condaspawner-bytecode")
 
 
 def test_what_a_build_log_names_is_nothing_the_sweep_removes(builder):
