@@ -134,6 +134,10 @@ def _find_on_daemon(builder: ImageBuilder, made: dict[str, madeids.Made], cutoff
                 continue
             if _left_running(attrs, key, container in ids.compilers, cutoff):
                 found.containers.append(container)
+                if local and not attrs.get("State", {}).get("Running"):
+                    # A daemon killed mid-step comes back with the step "exited" and its shim still
+                    # running it: removing the container leaves that process behind.
+                    found.processes.update({pid: container for pid in orphan_processes(container)})
         for image in dict.fromkeys([*ids.images, *ids.replaced]):
             if image in ids.removed:
                 continue
