@@ -341,6 +341,10 @@ class ImageBuilder(LoggingConfigurable):
         self._base_id = (base_id, time.monotonic())
         return base_id
 
+    def base_of(self, build: Build) -> str:
+        """The base image's id ``build`` builds on: the one its key was made with."""
+        return build.base_id or self.base_image_id()
+
     def build_key(self, request: BuildRequest, base_image_id: str | None = None) -> str:
         """sha256 over everything that changes the image."""
         parts = {
@@ -464,7 +468,8 @@ class ImageBuilder(LoggingConfigurable):
         ``rebuild``: build it again (a fresh solve: newer packages) though its image exists. The
         old image serves new servers until the new one is tagged, and stays if the build fails.
         """
-        return self.runs.ensure(request, self.build_key(request), rebuild)
+        base_id = self.base_image_id()  # read once: the key, FROM and the labels agree if the tag moves
+        return self.runs.ensure(request, self.build_key(request, base_id), rebuild, base_id)
 
     async def get_image(self, request: BuildRequest) -> ImageInfo:
         """Build or reuse the image; raise BuildError on failure."""

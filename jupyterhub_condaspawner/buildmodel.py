@@ -149,6 +149,7 @@ class Build(EventStream):
     since: float = field(default_factory=time.time)  # epoch seconds: when it was asked for
     started_here: bool = False  # this process ran the build (its status is this process's to record)
     rebuild: bool = False  # build again though the key's image exists (a fresh solve)
+    base_id: str = ""  # the base image's id the key was made with: every step of the build uses it
 
     async def result(self) -> ImageInfo:
         assert self.task is not None

@@ -130,12 +130,13 @@ class BuildRuns:
         self.changes = 0  # builds started or ended so far
         self._watchers: set[asyncio.Future] = set()  # next_change's
 
-    def ensure(self, request: BuildRequest, key: str, rebuild: bool = False) -> Build:
-        """Start (or join) the build of ``request``, whose key is ``key``."""
+    def ensure(self, request: BuildRequest, key: str, rebuild: bool = False, base_id: str = "") -> Build:
+        """Start (or join) the build of ``request``, whose key is ``key`` (made with the base ``base_id``)."""
         build = self.running.get(key)
         if build is not None:
             return build
-        build = Build(key=key, name=request.display_name, env_name=request.env_name, rebuild=rebuild)
+        build = Build(key=key, name=request.display_name, env_name=request.env_name, rebuild=rebuild,
+                      base_id=base_id)
         build.task = asyncio.ensure_future(self._run(build, request))
         build.task.add_done_callback(metrics.build_done(time.monotonic(), time.monotonic))
         self.running[key] = build
@@ -334,7 +335,7 @@ class BuildRuns:
         prefix = layers.SHARED_PREFIX if layered else request.prefix
         env_size = await staging.install(builder.resolver, build, lock, context, build_log, prefix)
         buildcontext.write_context(context, request, lock, builder.pip_config)
-        labels = buildcontext.image_labels(build.key, request, lock, builder.base_image_id())
+        labels = buildcontext.image_labels(build.key, request, lock, builder.base_of(build))
         if layered:
             return await layeredbuild.build_layered(builder, build, request, context, build_log, labels)
         await build.publish("build", 45, "Writing the image")

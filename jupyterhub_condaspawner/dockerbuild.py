@@ -53,7 +53,7 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
                        from_image: str | None = None, compile_step: bool = True) -> str:
     """A docker build of ``context`` (its Dockerfile) on ``from_image`` (the loaded layers of
     the layered route), else on the base image; ``compile_step``: whether it byte-compiles."""
-    start = from_image or builder.base_image_id()
+    start = from_image or builder.base_of(build)
     kwargs = dict(
         path=str(context), tag=builder.tag_for(build.key), labels=labels, rm=True, forcerm=True,
         network_mode=builder.build_network_mode, decode=True,

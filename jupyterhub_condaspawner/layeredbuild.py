@@ -59,14 +59,15 @@ def _daemon_is_local(builder: ImageBuilder) -> bool:
     return str(builder.client.api.base_url) == "http+docker://localhost"
 
 
-def _launch_compile(builder: ImageBuilder, key: str, context: Path, build_log: io.TextIOBase) -> asyncio.Future | None:
+def _launch_compile(builder: ImageBuilder, build: Build, context: Path, build_log: io.TextIOBase
+                    ) -> asyncio.Future | None:
     """Start the compile container while the build plans its layers (the start takes about half a
     second of the daemon's): it byte-compiles the staged environment with the base image's Python
     (no package's code runs: layers.COMPILE_SCRIPT), in a container of the base image with the
     staging folder mounted at the shared prefix, no network and no capabilities (nothing runs on
     the host), so that each package's .pyc travel in its layer; it waits for its batches
     (:func:`_hand_over`). None on a remote daemon (it cannot mount the folder): the Dockerfile
-    compiles then. Labelled with ``key`` and kept in made.json: leftovers.py removes it, running
+    compiles then. Labelled with the build's key and kept in made.json: leftovers.py removes it, running
     or not, should the build be killed."""
     if not _daemon_is_local(builder):
         build_log.write("compile: the Docker daemon is not on this host: compiling in the Dockerfile\n")
@@ -81,13 +82,13 @@ def _launch_compile(builder: ImageBuilder, key: str, context: Path, build_log: i
     def start() -> Any:
         with builder.daemon_call("byte-compiling the environment"):
             container = builder.client.containers.run(
-                builder.base_image_id(), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
-                cap_drop=["ALL"], security_opt=["no-new-privileges"], labels={madeids.COMPILE_LABEL: key},
+                builder.base_of(build), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], labels={madeids.COMPILE_LABEL: build.key},
                 entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
                 volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
                          str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
                 **limits)
-        madeids.add(builder.key_dir(key), compilers=[container.id])
+        madeids.add(builder.key_dir(build.key), compilers=[container.id])
         build_log.write(f"compile container {container.id}\n")
         return container
 
@@ -203,7 +204,8 @@ class _Planned:
     jobs: list[tuple[str, list[str]]]
 
 
-async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, build_log: io.TextIOBase) -> _Planned:
+async def _plan(builder: ImageBuilder, build: Build, request: BuildRequest, staging: Path,
+                build_log: io.TextIOBase) -> _Planned:
     staged = await asyncio.to_thread(StagedEnvironment.read, staging)
     check_installed(staged, staging.parent / "meta" / "condaspawner-lock.json")
     settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
@@ -211,7 +213,7 @@ async def _plan(builder: ImageBuilder, request: BuildRequest, staging: Path, bui
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
     memo = layers.LayerMemo(Path(builder.cache_dir) / "layers")
-    base_id = builder.base_image_id()
+    base_id = builder.base_of(build)
     with builder.daemon_call("loading the environment's layers"):
         history = await asyncio.to_thread(layers.base_history, builder.client.api, base_id, memo.directory)
         known = await asyncio.to_thread(layers.known_chains, builder.client.api, [i.id for i in builder.images()])
@@ -257,9 +259,9 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     the base image, with the kernel spec and settings (buildcontext.write_context's files) as its top
     layer: the image's id, and whether its layers hold the compiled files."""
     staging = context / "env"
-    launched = _launch_compile(builder, build.key, context, build_log)
+    launched = _launch_compile(builder, build, context, build_log)
     try:
-        planned = await _plan(builder, request, staging, build_log)
+        planned = await _plan(builder, build, request, staging, build_log)
         run = (await _hand_over(launched, build, context, planned.staged, planned.jobs, build_log)
                if launched is not None else None)
     except BaseException:

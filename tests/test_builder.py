@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,13 @@ from condaspawner_bench.basewheels import served
 from jupyterhub_condaspawner import madeids
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.buildlog import LOG_HEAD_BYTES, LOG_TAIL_BYTES
-from jupyterhub_condaspawner.buildmodel import LABEL_ENV_NAME, LABEL_LOCK_DIGEST, LABEL_SPEC, request_for_profile
+from jupyterhub_condaspawner.buildmodel import (
+    LABEL_BASE_IMAGE,
+    LABEL_ENV_NAME,
+    LABEL_LOCK_DIGEST,
+    LABEL_SPEC,
+    request_for_profile,
+)
 from jupyterhub_condaspawner.profiles import Profile
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -315,6 +322,48 @@ async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
     assert [events[-1]["phase"] for events in streams] == ["ready", "ready"] and one_at_a_time.builds_started == 2
 
 
+async def test_a_build_stays_on_the_base_its_key_was_made_with_when_the_base_tag_moves(builder, docker_daemon):
+    """`condaspawner base` may move the base tag while a build waits or runs: the key, FROM, the
+    compile and the labels all use the base the key was made with."""
+    client = docker_daemon.client()
+    first_base = client.images.get(builder.base_image).id
+    private = f"condaspawner-test-base-{uuid.uuid4().hex[:8]}"
+    client.images.get(first_base).tag(private, "1")
+    holder = client.containers.run(first_base, ["touch", "/tmp/next-base"], detach=True, network_mode="none")
+    try:
+        holder.wait()
+        next_base = holder.commit(private, "next").id  # one layer more than the first base
+        moving = ImageBuilder(resolver=builder.resolver, docker_client=builder.client, base_image=f"{private}:1",
+                              cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+                              pip_config=builder.pip_config, build_network_mode=builder.build_network_mode)
+        req = unique_env()
+        build = moving.ensure(req)  # its key: on the first base; the build has not begun
+        client.images.get(next_base).tag(private, "1")  # the admin builds a new base
+        moving._base_id = ("", 0.0)  # past the base id's few seconds of caching
+        assert moving.base_image_id() == next_base and build.base_id == first_base
+        info = await build.result()
+        assert info.key == moving.build_key(req, first_base)
+        image = client.images.get(info.image_id)
+        assert image.labels[LABEL_BASE_IMAGE] == first_base
+        layers = image.attrs["RootFS"]["Layers"]
+        first_layers = client.images.get(first_base).attrs["RootFS"]["Layers"]
+        next_layers = client.images.get(next_base).attrs["RootFS"]["Layers"]
+        assert layers[:len(first_layers)] == first_layers
+        assert len(next_layers) > len(first_layers) and layers[:len(next_layers)] != next_layers  # not on the new base
+    finally:
+        holder.remove(force=True)
+        for tag in (f"{private}:1", f"{private}:next"):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(tag)
+
+
+def running(client: docker.DockerClient, container: str) -> bool:
+    try:
+        return bool(client.api.inspect_container(container)["State"]["Running"])
+    except docker.errors.NotFound:
+        return False
+
+
 async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder):
     # pip asks a loopback index whose page for cs-slow only comes once the build has timed out
     with PipIndex() as index:
@@ -334,6 +383,36 @@ async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder
         gate.set()
         impatient.build_timeout = 600
         assert not (await impatient.get_image(req)).cached  # a later request builds it
+
+
+async def test_a_build_cancelled_in_its_pip_step_stops_that_step(builder):
+    """A timeout or a cancel ends the build: the step it was running (a pip that waits on its
+    index: for ever, left alone) is gone with it, not left running on the daemon."""
+    with PipIndex() as index:
+        gate = index.add("cs-hang", gated=True)
+        patient = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        req = unique_env(pip=["cs-hang==1.0"])
+        build = patient.ensure(req)
+        log = patient.key_dir(build.key) / "build.log"
+        pip_step = ""
+        async for event in build.follow():
+            if event["phase"] == "pip":
+                break
+        while not pip_step and not build.task.done():  # pip asks the gated index: its step's container runs
+            step = log.read_text().rsplit("Step ", 1)[-1]
+            found = re.search(r"^ ---> Running in ([0-9a-f]+)$", step, re.MULTILINE)
+            pip_step = found.group(1) if found and "pip install" in step else ""
+            await asyncio.sleep(0.2)
+        assert running(builder.client, pip_step)
+        build.task.cancel()
+        with pytest.raises((asyncio.CancelledError, BuildError)):
+            await build.result()
+        assert not running(builder.client, pip_step)
+        gate.set()
 
 
 async def test_gc_removes_the_untagged_images_a_failed_build_left(builder, docker_daemon):
