@@ -568,6 +568,44 @@ class _Table:
                 for key in list(self.soft.get(uuid, ())):
                     self.remove(key)
 
+    def restore(self, record: ContainerRecord, scan: GpuScan, max_servers_per_gpu: int) -> list[str]:
+        """Add the allocation ``record``'s labels show (a GPU table rebuild); the problems found."""
+        labels = record.labels
+        user, server_name = labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")
+        uuids = parse_uuids(labels.get(LABEL_GPUS, ""))
+        if not uuids:
+            return []
+        if not user:
+            return [f"container {record.name} has {LABEL_GPUS} but no {LABEL_USER} label; ignored"]
+        key = (user, server_name)
+        if key in self.allocations:
+            duplicate = f"container {record.name}: {user}/{server_name!r} already holds GPUs from another container"
+            if not record.running:
+                return [f"{duplicate}; ignored"]
+            # Running (two hubs on one daemon, a renamed leftover): its GPUs are in use, so
+            # they stay held, with the server's, until that server stops.
+            held = self.remove(key)
+            assert held is not None
+            self.add(dataclasses.replace(held, uuids=tuple(dict.fromkeys(held.uuids + uuids)), active=True))
+            return [f"{duplicate}; its GPUs stay held until that server stops"]
+        if not record.running and any(uuid in self.load for uuid in uuids):
+            return []  # its GPUs went to a running server after it stopped (running ones are restored first)
+        since = parse_since(labels.get(LABEL_GPUS_SINCE)) or record.created
+        allocation = Allocation(user, server_name, uuids, since, active=record.running)
+        self.add(allocation)
+        return self._restore_problems(record, allocation, scan, max_servers_per_gpu)
+
+    def _restore_problems(self, record: ContainerRecord, allocation: Allocation, scan: GpuScan,
+                          max_servers_per_gpu: int) -> list[str]:
+        problems = [f"container {record.name} ({allocation.user}/{allocation.server_name!r}) holds {uuid}, "
+                    f"which this host does not have now ({scan.summary()})"
+                    for uuid in allocation.uuids if uuid not in scan.by_uuid]
+        if allocation.active:
+            problems += [f"{uuid} is used by {self.load[uuid]} running servers (max_servers_per_gpu="
+                         f"{max_servers_per_gpu}); container {record.name} is one of them"
+                         for uuid in allocation.uuids if self.load[uuid] > max_servers_per_gpu]
+        return problems
+
 
 class _ChangeLog:
     """The allocations granted and released while container listings are under way.
@@ -988,7 +1026,8 @@ class GpuAllocator(LoggingConfigurable):
         scan = self.latest_scan()  # NVML, before the lock: a slow driver holds up no allocation meanwhile
         with self._lock:
             self._table = _Table()
-            problems = [problem for record in records for problem in self._restore(record, scan)]
+            limit = self.max_servers_per_gpu
+            problems = [problem for record in records for problem in self._table.restore(record, scan, limit)]
             if listed_after is not None:
                 self._table.apply(self._changes.since(listed_after))
             self._table.touched.clear()
@@ -1009,42 +1048,6 @@ class GpuAllocator(LoggingConfigurable):
             with self._lock:
                 self._changes.end(mark)
         self.restored = True
-        return problems
-
-    def _restore(self, record: ContainerRecord, scan: GpuScan) -> list[str]:
-        labels = record.labels
-        user, server_name = labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")
-        uuids = parse_uuids(labels.get(LABEL_GPUS, ""))
-        if not uuids:
-            return []
-        if not user:
-            return [f"container {record.name} has {LABEL_GPUS} but no {LABEL_USER} label; ignored"]
-        key = (user, server_name)
-        if key in self._table.allocations:
-            duplicate = f"container {record.name}: {user}/{server_name!r} already holds GPUs from another container"
-            if not record.running:
-                return [f"{duplicate}; ignored"]
-            # Running (two hubs on one daemon, a renamed leftover): its GPUs are in use, so
-            # they stay held, with the server's, until that server stops.
-            held = self._table.remove(key)
-            assert held is not None
-            self._table.add(dataclasses.replace(held, uuids=tuple(dict.fromkeys(held.uuids + uuids)), active=True))
-            return [f"{duplicate}; its GPUs stay held until that server stops"]
-        if not record.running and any(uuid in self._table.load for uuid in uuids):
-            return []  # its GPUs went to a running server after it stopped (running ones are restored first)
-        since = parse_since(labels.get(LABEL_GPUS_SINCE)) or record.created
-        allocation = Allocation(user, server_name, uuids, since, active=record.running)
-        self._table.add(allocation)
-        return self._restore_problems(record, allocation, scan)
-
-    def _restore_problems(self, record: ContainerRecord, allocation: Allocation, scan: GpuScan) -> list[str]:
-        problems = [f"container {record.name} ({allocation.user}/{allocation.server_name!r}) holds {uuid}, "
-                    f"which this host does not have now ({scan.summary()})"
-                    for uuid in allocation.uuids if uuid not in scan.by_uuid]
-        if allocation.active:
-            problems += [f"{uuid} is used by {self._table.load[uuid]} running servers (max_servers_per_gpu="
-                         f"{self.max_servers_per_gpu}); container {record.name} is one of them"
-                         for uuid in allocation.uuids if self._table.load[uuid] > self.max_servers_per_gpu]
         return problems
 
     # -- containers -----------------------------------------------------------------------
