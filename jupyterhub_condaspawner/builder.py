@@ -468,8 +468,10 @@ class ImageBuilder(LoggingConfigurable):
         ``rebuild``: build it again (a fresh solve: newer packages) though its image exists. The
         old image serves new servers until the new one is tagged, and stays if the build fails.
         """
-        base_id = self.base_image_id()  # read once: the key, FROM and the labels agree if the tag moves
-        return self.runs.ensure(request, self.build_key(request, base_id), rebuild, base_id)
+        key = self.build_key(request)
+        # The base id build_key just read (cached): the build uses it for FROM and its labels too,
+        # so that they agree with the key though the base tag moves meanwhile.
+        return self.runs.ensure(request, key, rebuild, self._base_id[0])
 
     async def get_image(self, request: BuildRequest) -> ImageInfo:
         """Build or reuse the image; raise BuildError on failure."""
