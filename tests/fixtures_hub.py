@@ -101,6 +101,10 @@ class BrowserSession:
             return error.code, error.url, html.unescape(error.read().decode(errors="replace"))
 
 
+class _PortTaken(RuntimeError):
+    """The hub or its proxy could not listen on a port it was given."""
+
+
 class Hub:
     """One hub process plus helpers for its REST API, the proxy and a kernel's websocket."""
 
@@ -115,6 +119,23 @@ class Hub:
     # -- process -----------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> None:
+        """Start the hub. A port free_port() chose may be taken meanwhile (a client's outgoing
+        connection gets one from the same range): a first start then tries other ports."""
+        first = self.process is None
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if not first or attempt == 2:
+                    raise
+                self.stop()
+                for name in ("CONDASPAWNER_DEMO_PORT", "CONDASPAWNER_DEMO_HUB_PORT", "CONDASPAWNER_DEMO_PROXY_PORT"):
+                    self.env[name] = str(free_port())
+                self.port = int(self.env["CONDASPAWNER_DEMO_PORT"])
+                self.url = f"http://127.0.0.1:{self.port}"
+
+    def _start_once(self, timeout: float) -> None:
+        log_start = len(self.log()) if self.log_path.exists() else 0
         log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "demo" / "jupyterhub_config.py")],
@@ -122,10 +143,12 @@ class Hub:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if "EADDRINUSE" in self.log()[log_start:]:
+                raise _PortTaken(f"a port of the hub was taken:\n{self.log()[-3000:]}")
             if self.process.poll() is not None:
                 raise RuntimeError(f"hub exited ({self.process.returncode}):\n{self.log()[-3000:]}")
             try:
-                if self.api("GET", "/")[0] == 200:
+                if self.api("GET", "/")[0] == 200 and "EADDRINUSE" not in self.log()[log_start:]:
                     return
             except OSError:
                 pass
