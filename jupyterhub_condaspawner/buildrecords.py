@@ -99,13 +99,8 @@ class BuildRecords:
         except OSError:  # no key folder (the image was built by another installation): no start of ours
             yield True
             return
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+        with _exclusive_if_free(handle) as free:
+            yield free
 
     def build_record(self, key: str) -> BuildRecord | None:
         """The key's recorded build (from its cache folder), or None if it was never built here."""
@@ -182,6 +177,14 @@ def lock_if_free(path: Path) -> Iterator[bool]:
     except OSError:
         yield False
         return
+    with _exclusive_if_free(handle) as free:
+        yield free
+
+
+@contextlib.contextmanager
+def _exclusive_if_free(handle: IO[str]) -> Iterator[bool]:
+    """``handle``'s exclusive flock for the block if no process holds one now (True), without
+    waiting; the handle is closed after the block."""
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
