@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dockerd import BenchDaemonError, ensure_debian_packages, log_tail
+from .ports import free_port
 
 REGISTRY_PACKAGES = {"docker-registry": "docker-registry"}
 HTPASSWD_PACKAGES = {"htpasswd": "apache2-utils"}
@@ -36,13 +36,6 @@ START_TIMEOUT_S = 30.0
 
 class BenchRegistryError(BenchDaemonError):
     """The registry could not be installed or started."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

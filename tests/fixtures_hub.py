@@ -12,7 +12,6 @@ import http.cookiejar
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from condaspawner_bench.bench import BenchError, ensure_proxy
+from condaspawner_bench.ports import free_port
 
 TOKEN = "condaspawner-e2e-" + uuid.uuid4().hex
 VOLUME_PREFIX = f"condaspawner-e2e-{uuid.uuid4().hex[:8]}-"
@@ -62,12 +62,6 @@ cuda: "12.4"
 allow_custom_environment: true
 """
 GPU_ENV = "channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, cs-cuda-kernels]\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metric(samples: dict, name: str, **labels: str) -> float | None:
@@ -105,6 +99,11 @@ class _PortTaken(RuntimeError):
     """The hub or its proxy could not listen on a port it was given."""
 
 
+def _port_taken(log: str) -> bool:
+    """Whether the proxy (node's EADDRINUSE) or the hub (Python's errno 98) could not listen."""
+    return "EADDRINUSE" in log or "[Errno 98]" in log
+
+
 class Hub:
     """One hub process plus helpers for its REST API, the proxy and a kernel's websocket."""
 
@@ -119,8 +118,9 @@ class Hub:
     # -- process -----------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> None:
-        """Start the hub. A port free_port() chose may be taken meanwhile (a client's outgoing
-        connection gets one from the same range): a first start then tries other ports."""
+        """Start the hub. A port free_port() chose may still be taken meanwhile (by another
+        test's explicit bind): a first start then tries other ports; a restart keeps its
+        ports, which servers started before it were given."""
         first = self.process is None
         for attempt in range(3):
             try:
@@ -143,12 +143,12 @@ class Hub:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "EADDRINUSE" in self.log()[log_start:]:
+            if _port_taken(self.log()[log_start:]):
                 raise _PortTaken(f"a port of the hub was taken:\n{self.log()[-3000:]}")
             if self.process.poll() is not None:
                 raise RuntimeError(f"hub exited ({self.process.returncode}):\n{self.log()[-3000:]}")
             try:
-                if self.api("GET", "/")[0] == 200 and "EADDRINUSE" not in self.log()[log_start:]:
+                if self.api("GET", "/")[0] == 200 and not _port_taken(self.log()[log_start:]):
                     return
             except OSError:
                 pass

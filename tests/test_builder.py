@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -24,6 +23,7 @@ from kernel_script import kernel_round_trip
 from pip_index import PipIndex, sdist, tiny_wheel
 
 from condaspawner_bench.basewheels import served
+from condaspawner_bench.ports import free_port
 from jupyterhub_condaspawner import madeids
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.buildlog import LOG_HEAD_BYTES, LOG_TAIL_BYTES
@@ -273,12 +273,6 @@ async def test_gc_reads_0_as_no_limit_for_both_max_images_and_disk_budget(builde
         assert len(builder.gc_plan().removed) == len(builder.images())
     finally:
         builder.max_images, builder.disk_budget = keep
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_json(url: str, timeout: float = 60) -> dict:

@@ -216,7 +216,7 @@ async def test_a_node_without_the_image_pulls_it_with_progress(builder, first, r
 
 async def test_a_registry_that_is_down_fails_the_spawn_in_one_line(registry_server, dev_python_channel, base_image,
                                                                    tmp_path, docker_daemon):
-    from condaspawner_bench.registry import free_port
+    from condaspawner_bench.ports import free_port
 
     down = f"127.0.0.1:{free_port()}/{REPO_PATH}"
     spawner = CondaSpawner(user=StandInUser(f"down-{SESSION}"), hub=_hub(),
