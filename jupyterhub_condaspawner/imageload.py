@@ -65,7 +65,8 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
                env: dict[str, str] | None = None,
                on_image_id: Callable[[str], None] | None = None,
                prepare: Callable[[Layer], Layer] | None = None,
-               stop: threading.Event | None = None) -> LoadResult:
+               stop: threading.Event | None = None,
+               sent: threading.Event | None = None) -> LoadResult:
     """Load an image made of ``base`` plus ``layers`` into Docker, with ``labels`` and ``env``
     (environment variables) added to the base's config. ``known``: chain ids the daemon holds
     (layers the memo recognises there are not sent); ``history``: the base's
@@ -74,11 +75,12 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
     then on leaves an image Docker may still finish loading: its log can name it); ``prepare``
     gives each layer to be sent as it is to be written, when it is its turn (it may wait for
     its files: byte code being compiled meanwhile); ``stop``: once set (the build was cancelled or
-    timed out), no more bytes are sent and the load raises :class:`LoadStopped`. Raises
+    timed out), no more bytes are sent and the load raises :class:`LoadStopped`; ``sent``: set
+    once every layer's bytes are on their way (Docker registers the last ones then). Raises
     :class:`LoadRefused` with Docker's answer."""
     base_attrs = api.inspect_image(base)
     loading = _StagedLoad(api, base_attrs, layers, memo, known | set(chain_ids(base_attrs["RootFS"]["Layers"])),
-                          prepare, on_image_id, stop or threading.Event())
+                          prepare, on_image_id, stop or threading.Event(), sent or threading.Event())
     try:
         return loading.run(labels, history, env)
     finally:
@@ -102,9 +104,9 @@ class _StagedLoad:
 
     def __init__(self, api: Any, base: dict[str, Any], layers: list[Layer], memo: LayerMemo, have: set[str],
                  prepare: Callable[[Layer], Layer] | None, on_image_id: Callable[[str], None] | None,
-                 stop: threading.Event):
+                 stop: threading.Event, sent: threading.Event):
         self.api, self.base, self.layers, self.memo, self.have = api, base, layers, memo, have
-        self.prepare, self.on_image_id, self.stop = prepare, on_image_id, stop
+        self.prepare, self.on_image_id, self.stop, self.sent = prepare, on_image_id, stop, sent
         self.result = LoadResult()
         self.diff_ids: list[str] = []  # of the layers written into an archive so far
         self.chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
@@ -155,6 +157,8 @@ class _StagedLoad:
                 break
         diff_ids = list(self.diff_ids)  # this stage's image: later stages add to self.diff_ids meanwhile
         sent_all.set()  # the next stage's layers may go now (a failure ends this stage's load instead)
+        if len(diff_ids) == len(self.layers):
+            self.sent.set()
         if previous is not None:
             previous.result()  # raises if it failed: this archive then ends unfinished
         final = len(diff_ids) == len(self.layers)

@@ -141,12 +141,21 @@ def _abandon_launched(launched: asyncio.Future) -> None:
     launched.add_done_callback(remove)
 
 
-async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staged: StagedEnvironment) -> None:
+async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staged: StagedEnvironment,
+                              sent: threading.Event, stop: threading.Event) -> None:
     """Keep the staged byte code (bytecode.py) once the compile container has done every
-    batch; nothing if it ended before (a package's byte code is kept whole or not at all)."""
+    batch and every layer's bytes are sent (before, it would take the CPU and the hub's GIL
+    from writing the layers); nothing if it ended before (a package's byte code is kept whole
+    or not at all)."""
     await asyncio.to_thread(run.exited.wait)
-    if run.complete:
+    await asyncio.to_thread(_wait_for_either, sent, stop)
+    if run.complete and sent.is_set():
         await asyncio.to_thread(lambda: bytecode.keep(staged, run.source_hashes()))
+
+
+def _wait_for_either(event: threading.Event, other: threading.Event) -> None:
+    while not (event.wait(0.1) or other.is_set()):
+        pass
 
 
 async def _finish_compile(run: CompileRun, context: Path, build_log: io.TextIOBase) -> None:
@@ -287,14 +296,15 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         build_log.write(f"loading image {image_id}\n")
 
     stop = threading.Event()  # set when the build ends first (a timeout, a cancel): the load sends no more
+    sent = threading.Event()  # set once every layer's bytes are on their way
 
     def load(layer_plan: list[layers.Layer], have: set[str], layer_memo: layers.LayerMemo,
              prepare_layer: Callable[[layers.Layer], layers.Layer] | None) -> imageload.LoadResult:
         return imageload.load_image(builder.client.api, base_id, layer_plan, labels, have, layer_memo, history, env,
-                                    loading, prepare_layer, stop)
+                                    loading, prepare_layer, stop, sent)
 
-    # The byte code is kept as soon as it is all compiled, while Docker still registers the layers.
-    keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staged)) if run is not None else None
+    # The byte code is kept while Docker registers the last layers.
+    keeping = asyncio.ensure_future(_keep_once_compiled(run, bytecode, staged, sent, stop)) if run is not None else None
     try:
         with builder.daemon_call("loading the environment's layers"):
             try:
@@ -326,9 +336,9 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     madeids.add(builder.key_dir(build.key), removed=result.removed)  # leftovers.py need not look for them
     for image in result.removed:
         build_log.write(f"removed the stage image {image}\n")
-    for name, diff_id, size, sent in result.layers:
-        build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if sent else 'already stored'}\n")
-    written = [size for _, _, size, sent in result.layers if sent]
+    for name, diff_id, size, was_sent in result.layers:
+        build_log.write(f"layer {name}: {size} bytes, {diff_id}, {'written' if was_sent else 'already stored'}\n")
+    written = [size for _, _, size, was_sent in result.layers if was_sent]
     await build.publish("build", 44, f"Wrote {megabytes(sum(written))} in {plural(len(written), 'layer')} "
                                      f"({len(result.layers) - len(written)} already stored)")
     return result.image_id, compiled

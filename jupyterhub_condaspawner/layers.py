@@ -257,11 +257,13 @@ def adopt(path):
     cached = importlib.util.cache_from_source(path)
     try:
         with open(cached, "rb") as file:
-            shipped = file.read()
+            shipped = file.read(16)  # the header: the rest is read only to rewrite it
+            flags = int.from_bytes(shipped[4:8], "little")
+            if flags == 3:
+                shipped += file.read()
         status = os.stat(path)
     except OSError:
         return False
-    flags = int.from_bytes(shipped[4:8], "little")
     if len(shipped) < 16 or shipped[:4] != importlib.util.MAGIC_NUMBER or flags not in (0, 1, 3):
         return False
     if flags == 0:

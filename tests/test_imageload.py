@@ -40,11 +40,19 @@ def test_layers_go_in_stages_and_only_the_image_is_left(docker_daemon, base_imag
     api = docker_daemon.client().api
     plan = file_layers(tmp_path, 5, 8192)
     told: list[str] = []
+    sent = threading.Event()  # the build keeps its byte code once it is set: not while layers are written
+    sent_when_prepared: list[bool] = []
+
+    def prepare(layer: layers.Layer) -> layers.Layer:
+        sent_when_prepared.append(sent.is_set())
+        return layer
+
     result = imageload.load_image(api, base_image, plan, {"io.condaspawner.test": "staged"}, set(),
                                   layers.LayerMemo(None), env={"CONDASPAWNER_ENV": "/opt/staged"},
-                                  on_image_id=told.append)
+                                  on_image_id=told.append, prepare=prepare, sent=sent)
     try:
         assert len(told) == 5 and told[-1] == result.image_id  # a stage per layer, the last one the image
+        assert sent_when_prepared == [False] * 5 and sent.is_set()  # set once every layer's bytes went
         assert result.partial_images == told[:-1] and sorted(result.removed) == sorted(told[:-1])
         assert still_there(api, told) == [result.image_id]  # the stages' images went
         attrs = api.inspect_image(result.image_id)
@@ -115,10 +123,11 @@ def test_a_load_told_to_stop_mid_layer_sends_nothing_more_and_leaves_no_image(do
         return layer
 
     told: list[str] = []
+    sent = threading.Event()
     with pytest.raises(imageload.LoadStopped):
         imageload.load_image(api, base_image, plan, {}, set(), layers.LayerMemo(None), on_image_id=told.append,
-                             prepare=prepare, stop=stop)
-    assert read == ["layer0", "layer1", "big"]  # nothing prepared after the stop
+                             prepare=prepare, stop=stop, sent=sent)
+    assert read == ["layer0", "layer1", "big"] and not sent.is_set()  # nothing prepared after the stop
     assert len(told) == 2 and still_there(api, told) == []  # the stages before it loaded, and went
 
 
