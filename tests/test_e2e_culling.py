@@ -23,10 +23,10 @@ HUB_EXTRA_CONFIG = f"""
 import os, sys
 sys.path.insert(0, {str(TESTS)!r})
 from fake_nvml import FakeGpu, FileDrivenNvml
-import jupyterhub_condaspawner.gpus as _gpus
+import jupyterhub_condaspawner.gpuinventory as _gpuinventory
 # The hub's NVML: one fake A100 whose utilization the test plays through this file.
 _nvml = FileDrivenNvml([FakeGpu({FAKE_GPU!r})], os.path.join(os.environ["CONDASPAWNER_DEMO_STATE"], "gpu-levels.json"))
-_gpus._load_pynvml = lambda: _nvml
+_gpuinventory._load_pynvml = lambda: _nvml
 c.GpuInventory.static_gpus = []
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the GPU travels as an env var
 c.GpuAllocator.gpu_sample_interval = 0.5

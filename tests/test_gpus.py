@@ -33,7 +33,7 @@ from gated_daemon import GatedDaemon
 from traitlets import TraitError
 from traitlets.config import Config
 
-from jupyterhub_condaspawner import cli, gpus
+from jupyterhub_condaspawner import cli, gpuinventory, gpus
 from jupyterhub_condaspawner.gpus import (
     LABEL_GPUS,
     LABEL_GPUS_SINCE,
@@ -855,7 +855,7 @@ def write_config(tmp_path, static: list[dict]) -> str:
 
 
 def without_nvml(monkeypatch):
-    monkeypatch.setattr(gpus, "_load_pynvml", lambda: FakeNvml(failures={"nvmlInit": LIBRARY_NOT_FOUND}))
+    monkeypatch.setattr(gpuinventory, "_load_pynvml", lambda: FakeNvml(failures={"nvmlInit": LIBRARY_NOT_FOUND}))
 
 
 def test_gpus_command_without_nvml_says_no_gpus_and_why(monkeypatch, capsys):

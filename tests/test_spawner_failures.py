@@ -32,7 +32,7 @@ from stand_in_user import StandInUser
 from test_gpuqueue import WatchedNvml, until
 from traitlets.config import Config
 
-from jupyterhub_condaspawner import gpus, spawngpus
+from jupyterhub_condaspawner import gpuinventory, spawngpus
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.buildmodel import request_for_profile
 from jupyterhub_condaspawner.dockerbuild import OUTPUT_LINE_CHARS, OUTPUT_LINES
@@ -258,7 +258,7 @@ async def test_the_hubs_start_restores_the_gpu_table_in_a_thread_and_a_hung_driv
         tmp_path, monkeypatch, caplog, docker_daemon):
     nvml = WatchedNvml(FakeNvml.with_gpus(1).gpus)
     nvml.loop_thread = threading.get_ident()
-    monkeypatch.setattr(gpus, "_load_pynvml", lambda: nvml)
+    monkeypatch.setattr(gpuinventory, "_load_pynvml", lambda: nvml)
     with GatedDaemon(tmp_path / "docker.sock", docker_daemon.docker_host) as daemon:
         daemon.answer_all()
 
