@@ -22,6 +22,7 @@ The names of those modules that other code uses are importable from here too.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -286,10 +287,17 @@ class GpuAllocator(LoggingConfigurable):
 
     def known_scan(self) -> GpuScan:
         """The latest scan however old (the first one is made now): what the event loop uses,
-        with :meth:`latest_scan` called in a thread before it where freshness matters."""
+        after :meth:`ensure_scanned` (or :meth:`latest_scan` in a thread, where freshness matters)."""
         with self._lock:
             scan = self._scan
         return scan if scan is not None else self.refresh()
+
+    async def ensure_scanned(self) -> GpuScan:
+        """:meth:`known_scan` for the event loop: the first scan, when none exists yet, is read in
+        a thread, as NVML may block. Returns without suspending once a scan exists."""
+        with self._lock:
+            scan = self._scan
+        return scan if scan is not None else await asyncio.to_thread(self.refresh)
 
     # -- allocate / release -------------------------------------------------------------
 
@@ -405,7 +413,8 @@ class GpuAllocator(LoggingConfigurable):
             message = (f"{what} needs {plural(count, 'GPU')}, more than the per-user quota of "
                        f"{self.per_user_gpu_quota}: pick a smaller profile")
             raise GpuInfeasible(message)
-        check_feasible(self.known_scan(), request, what, self.max_servers_per_gpu)  # the event loop: the form, REST
+        # The event loop (the form, the REST options): the spawner awaited ensure_scanned() first.
+        check_feasible(self.known_scan(), request, what, self.max_servers_per_gpu)
 
     def _request(self, count: int, model_glob: str | None, min_free_memory: int | None, cuda: str | None,
                  profile: str | None) -> GpuRequest:

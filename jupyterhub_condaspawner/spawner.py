@@ -269,13 +269,14 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             # keeps its notes (ignored keys) for the progress page.
             options["environment"] = data.decode("utf-8-sig") if isinstance(data, bytes) else data
             self._parsed = (options["environment"], spec)
+        await self.ready_gpu_view()
         try:
             self.check_gpus_feasible(self.resolve_choice(options)[0])
         except StartFailure as refusal:
             raise FormRefusal(refusal.message) from None
         return options
 
-    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
+    async def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
         """A /hub/spawn link's query: JupyterHub starts the server at once on such a GET, so a
         link in a chat or on any site would start it. It may choose a profile (``?profile=slug``)
         and nothing else: an environment.yml (code: its ``variables`` reach the kernel) or any
@@ -288,6 +289,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if len(values) > 1:
             raise _refused(400, "profile: a link names one profile")
         options = {"profile": values[0]} if values[0] else {}
+        await self.ready_gpu_view()
         self.check_gpus_feasible(self.resolve_choice(options)[0])
         return options
 
@@ -300,6 +302,11 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                                                    cuda=profile.cuda, profile=profile.slug)
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
+
+    async def ready_gpu_view(self) -> None:
+        """Have something for the GPU checks on the event loop to judge by: the hub's first NVML
+        scan, read in a thread. Returns without suspending once there is one."""
+        await self.services.allocator.ensure_scanned()
 
     async def refresh_gpu_view(self) -> None:
         """Read what the GPU checks on the event loop judge by (a stale NVML scan), in a thread."""
@@ -319,7 +326,9 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             return await super()._run_apply_user_options(user_options)
         try:
             # At once (JupyterHub answers the POST when the first await comes, with
-            # slow_spawn_timeout 0), the GPU check by the last scan or read of the swarm ...
+            # slow_spawn_timeout 0), the GPU check by the last scan or read of the swarm (only a
+            # hub's very first scan is awaited, read in a thread) ...
+            await self.ready_gpu_view()
             _apply_user_options(self, user_options)
             # ... then again on a fresh one, read off the event loop.
             await self.refresh_gpu_view()

@@ -239,6 +239,9 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
 
+    async def ready_gpu_view(self) -> None:
+        """Nothing to read first: the checks on the event loop judge by the swarm's last read, if any."""
+
     async def refresh_gpu_view(self) -> None:
         """Read the swarm for the options' check (off the loop; a manager that does not answer
         within SWARM_CHECK_READ_S leaves the check to the start)."""

@@ -186,6 +186,31 @@ async def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_pat
         await spawner.options_from_form_data({"profile": ["gpu"]})
 
 
+FIRST_GPU_CHECKS = {
+    "form": lambda spawner: spawner.options_from_form_data({"profile": ["gpu"]}),
+    "link": lambda spawner: spawner.options_from_query({"profile": ["gpu"]}),
+    "rest": lambda spawner: spawner._run_apply_user_options({"profile": "gpu"}),
+}
+
+
+@pytest.mark.parametrize("check", FIRST_GPU_CHECKS.values(), ids=list(FIRST_GPU_CHECKS))
+async def test_the_hubs_first_nvml_scan_is_read_off_the_event_loop(tmp_path, monkeypatch, check):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")  # no table restore: no scan yet
+    nvml = WatchedNvml(FakeNvml.with_gpus(1).gpus)
+    nvml.loop_thread = threading.get_ident()
+    nvml.gate.clear()  # the driver's first answer waits until this test, on the event loop, lets it go
+    monkeypatch.setattr(gpuinventory, "_load_pynvml", lambda: nvml)
+    spawner = spawner_for(tmp_path, "file:///nonexistent", GpuAllocator__gpu_sample_interval=0.0)
+
+    checking = asyncio.ensure_future(check(spawner))
+    await until(nvml.stuck.is_set)
+    nvml.gate.set()  # the loop ran on while the first scan waited
+    await checking
+
+    assert nvml.on_loop == []
+    assert spawner.services.allocator.known_scan().usable  # the check judged by the scan read in a thread
+
+
 @pytest.mark.docker
 async def test_no_gpu_is_handed_out_before_the_table_knows_what_running_servers_hold(tmp_path, docker_daemon,
                                                                                     rootfs_image):
