@@ -119,6 +119,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._feed = EventStream()
         self._allocation: Allocation | None = None
         self._gpu_key: tuple[str, str] | None = None  # (user name, server) at allocation (spawngpus.gpu_key)
+        self._not_adoptable: tuple[str, tuple[str, str]] | None = None  # (container id, key): spawngpus
         self._image_info: ImageInfo | None = None
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}

@@ -51,6 +51,8 @@ class GpuBindingMixin:
         _feed: EventStream
         _allocation: Allocation | None
         _gpu_key: tuple[str, str] | None
+        _not_adoptable: tuple[str, tuple[str, str]] | None
+        object_id: str
         tls_config: dict[str, Any]
         client_kwargs: dict[str, Any]
         _idle_watch: dict[str, Any]
@@ -167,17 +169,26 @@ class GpuBindingMixin:
         held = hub_services(cast("CondaSpawner", self)).allocator.allocation(*key)
         if self._gpu_key is not None or held is None or not held.active:
             return
+        # Polled every few seconds while a renamed user's server holds GPUs under this name: a
+        # container's labels never change, so the daemon is asked about each container once.
+        if self.object_id and self._not_adoptable == (self.object_id, key):
+            return
         container = await self.get_object()
         if container is None or not container["State"].get("Running"):
             return
-        labels = container["Config"].get("Labels") or {}
-        if (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != key or not labels.get(LABEL_GPUS) \
-                or labels.get(LABEL_IDENTITY) != user_identity(self.user):
+        if not self._labelled_as(container, key):
+            self._not_adoptable = (container["Id"], key)
             return
         self.log.info("Adopting the GPUs of %s, whose start the hub did not record: %s", self._log_name,
                       ",".join(held.uuids))
         self._gpu_key, self._allocation = key, held
         self._watch_gpu_idleness(self._profile_of_saved_options())
+
+    def _labelled_as(self, container: Mapping[str, Any], key: tuple[str, str]) -> bool:
+        """Whether ``container``'s labels say it is this user's server ``key`` with GPUs."""
+        labels = container["Config"].get("Labels") or {}
+        return (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) == key and bool(labels.get(LABEL_GPUS)) \
+            and labels.get(LABEL_IDENTITY) == user_identity(self.user)
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

@@ -365,6 +365,19 @@ async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replac
 # -- a start the hub was stopped under before JupyterHub saved its state ----------------------------
 
 
+def counted_inspections(spawner: CondaSpawner) -> list[str]:
+    """The names of the containers ``spawner`` asks the daemon about from now on (the real asks)."""
+    asked: list[str] = []
+    inspect = spawner.get_object
+
+    async def get_object():
+        asked.append(spawner.object_name)
+        return await inspect()
+
+    spawner.get_object = get_object
+    return asked
+
+
 @pytest.mark.docker
 async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a_renamed_users_are_not(
         db, docker_daemon, docker_config, base_image):
@@ -383,10 +396,15 @@ async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a
     services = rosa.services  # the restarted hub's: the GPU table is rebuilt from the labels
     assert services.allocator.allocation("rosa", "").uuids == (gpus[0],)
 
+    inspections = counted_inspections(tess)
     for spawner in (rosa, tess):
         spawner.load_state({})  # nothing saved
         assert await spawner.poll() is None  # JupyterHub checks the servers it has a record of
     assert services.culler.watched() == {("rosa", ""): 30 * 60.0}  # tess's GPU is not hers: not watched
+    assert len(inspections) == 2  # for the adoption, then for DockerSpawner's poll
+    for _ in range(3):
+        assert await tess.poll() is None  # JupyterHub polls its servers every few seconds
+    assert len(inspections) == 2 + 3  # DockerSpawner's poll only: that container's labels were read once
     await rosa.stop()  # JupyterHub's stop of the start it never saw end (or rosa's)
     assert services.allocator.allocation("rosa", "") is None
     tess._release_gpus()  # what tess's stop releases: nothing of the other server's
