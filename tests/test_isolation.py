@@ -74,6 +74,13 @@ def shipped_config(request, tmp_path_factory) -> Config:
     return load_config(REPO / request.param, tmp_path_factory.mktemp("config"))
 
 
+def static_gpus(config: Config, tag: str, count: int = 2) -> list[str]:
+    """Give the hub of ``config`` ``count`` GPUs (static: no NVML on the bench) of UUIDs no other test uses."""
+    gpus = [f"GPU-{tag}-{uuid.uuid4().hex[:8]}-{index}" for index in range(count)]
+    config.GpuInventory.static_gpus = [{"uuid": gpu} for gpu in gpus]
+    return gpus
+
+
 def home_volume(spawner: CondaSpawner) -> str:
     (name,) = spawner.user_volume_names()
     return name
@@ -336,8 +343,7 @@ async def test_a_running_container_of_an_earlier_user_of_the_name_is_refused_not
 async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replace_changed_containers_says(
         db, docker_daemon, docker_config, base_image):
     config, prefix = docker_config
-    gpus = [f"GPU-kept-{uuid.uuid4().hex[:8]}-{index}" for index in range(2)]
-    config.GpuInventory.static_gpus = [{"uuid": gpu} for gpu in gpus]
+    gpus = static_gpus(config, "kept")
     config.CondaSpawner.replace_changed_containers = False  # image changes only: GPUs are never kept
     client = docker_daemon.client()
     info = ImageInfo("k" * 64, base_image, client.images.get(base_image).id, "custom", cached=True)
@@ -382,8 +388,7 @@ def counted_inspections(spawner: CondaSpawner) -> list[str]:
 async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a_renamed_users_are_not(
         db, docker_daemon, docker_config, base_image):
     config, prefix = docker_config
-    gpus = [f"GPU-unsaved-{uuid.uuid4().hex[:8]}-{index}" for index in range(2)]
-    config.GpuInventory.static_gpus = [{"uuid": gpu} for gpu in gpus]
+    gpus = static_gpus(config, "unsaved")
     config.CondaSpawner.gpu_idle_timeout = 30
     client = docker_daemon.client()
     rosa, tess = make_spawner(db, config, "rosa"), make_spawner(db, config, "tess")
