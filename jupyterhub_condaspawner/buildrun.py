@@ -300,9 +300,9 @@ class BuildRuns:
                                    started=now(), finished="", env_name=request.env_name)
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
             await asyncio.to_thread(shutil.rmtree, context, True)
-            # Line-buffered: a build process killed mid-build still leaves every line it had written
-            # (up to the cap).
-            with (key_dir / "build.log").open("w", buffering=1) as raw_log, CappedLog(raw_log) as build_log:
+            # Each line reaches the file as it is written: a build process killed mid-build leaves
+            # the log's head and its recent lines (buildlog.py).
+            with CappedLog(key_dir / "build.log") as build_log:
                 failed = True
                 try:
                     build_log.write(f"build {key} of {_logged_name(request)} started {now()} (pid {os.getpid()})\n")

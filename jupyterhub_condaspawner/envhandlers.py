@@ -20,7 +20,7 @@ from tornado.iostream import StreamClosedError
 from . import environments
 from .builder import ImageBuilder
 from .builderrors import BuildError
-from .buildlog import CHUNK_BYTES, LogLines, read_chunk
+from .buildlog import CHUNK_BYTES, LogLines, LogReader
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .hubservices import HubServices
@@ -397,19 +397,18 @@ class DownloadAPI(_API):
 
     async def _download_log(self, path: Path, filename: str) -> None:
         """The log a chunk at a time, each read in a thread and sent before the next is read."""
-        chunk = await asyncio.to_thread(read_chunk, path, 0)
-        if chunk is None:
-            raise PageFailure(404, "this environment has no build log here (built on another hub?)")
-        self._download_headers(filename, "text/plain")
-        offset = 0
-        try:
-            while chunk:
-                self.write(chunk)
-                await self.flush()
-                offset += len(chunk)
-                chunk = await asyncio.to_thread(read_chunk, path, offset)
-        except StreamClosedError:
-            return
+        with LogReader(path) as log:
+            chunk = await asyncio.to_thread(log.read)
+            if chunk is None:
+                raise PageFailure(404, "this environment has no build log here (built on another hub?)")
+            self._download_headers(filename, "text/plain")
+            try:
+                while chunk:
+                    self.write(chunk)
+                    await self.flush()
+                    chunk = await asyncio.to_thread(log.read)
+            except StreamClosedError:
+                return
         self.finish()
 
 
@@ -422,30 +421,34 @@ class LogStreamAPI(_API):
         builder = self.condaspawner.builder
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
-        path = builder.key_dir(key) / "build.log"
-        lines = LogLines()
-        deadline = time.monotonic() + builder.build_timeout + 60
         try:
-            while True:
-                building = any(build.key == key for build in builder.in_progress())
-                # At most a chunk per round, read in a thread: a log of any size costs the loop little.
-                chunk = await asyncio.to_thread(read_chunk, path, lines.offset) or b""
-                for line in lines.feed(chunk):
-                    self.write(f"data: {json.dumps(line)}\n\n")
-                await self.flush()
-                if not building and not chunk:
-                    for line in lines.rest():
-                        self.write(f"data: {json.dumps(line)}\n\n")
-                    record = builder.build_record(key)
-                    self.write(f"event: done\ndata: {json.dumps(record.status if record else 'unknown')}\n\n")
-                    break
-                if time.monotonic() > deadline:
-                    break
-                if len(chunk) < CHUNK_BYTES:  # caught up: wait for the build to write more
-                    await asyncio.sleep(LOG_POLL_S)
+            with LogReader(builder.key_dir(key) / "build.log") as log:
+                await self._stream(key, log)
         except StreamClosedError:
             return
         self.finish()
+
+    async def _stream(self, key: str, log: LogReader) -> None:
+        builder = self.condaspawner.builder
+        lines = LogLines()
+        deadline = time.monotonic() + builder.build_timeout + 60
+        while True:
+            building = any(build.key == key for build in builder.in_progress())
+            # At most a chunk per round, read in a thread: a log of any size costs the loop little.
+            chunk = await asyncio.to_thread(log.follow)
+            for line in lines.feed(chunk):
+                self.write(f"data: {json.dumps(line)}\n\n")
+            await self.flush()
+            if not building and not chunk:
+                for line in lines.rest():
+                    self.write(f"data: {json.dumps(line)}\n\n")
+                record = builder.build_record(key)
+                self.write(f"event: done\ndata: {json.dumps(record.status if record else 'unknown')}\n\n")
+                return
+            if time.monotonic() > deadline:
+                return
+            if len(chunk) < CHUNK_BYTES:  # caught up: wait for the build to write more
+                await asyncio.sleep(LOG_POLL_S)
 
 
 class BuildsStreamAPI(_API):
