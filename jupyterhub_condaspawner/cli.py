@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import sys
 import time
 import traceback
@@ -633,7 +634,9 @@ def cmd_log(args: argparse.Namespace, config: Config) -> int:
     path = _key_dir(_cache_builder(args, config), args.key) / "build.log"
     if not path.exists():
         raise CommandError(f"build {args.key} has no log")
-    sys.stdout.write(path.read_text())
+    sys.stdout.flush()
+    with path.open("rb") as log:  # its UTF-8 bytes as they are, whatever the terminal's locale
+        shutil.copyfileobj(log, sys.stdout.buffer)
     return 0
 
 

@@ -138,6 +138,11 @@ def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
     tree = [line for line in log.stdout.decode().splitlines() if "\u2500 " in line]
     assert len(tree) > 3 and any("cs-conflict" in line for line in tree), log.stdout.decode()
     assert log.stdout.decode().splitlines()[0].startswith("build ")
+    # On a terminal that cannot show the tree's characters, the log still comes out whole, as written.
+    ascii_terminal = subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", "log", "--config",
+                                     str(config), key], capture_output=True, cwd=REPO, timeout=120,
+                                    env={**os.environ, "DOCKER_HOST": NO_DAEMON, "PYTHONIOENCODING": "ascii"})
+    assert ascii_terminal.returncode == 0 and ascii_terminal.stdout == log.stdout, ascii_terminal.stderr
     lock = without_daemon("lock", "--config", str(config), key)
     assert lock.returncode == 1 and lock.stderr.decode() == (
         f"error: build {key} has no lock (its solve failed; see `condaspawner log`)\n")
