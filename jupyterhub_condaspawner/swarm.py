@@ -396,6 +396,16 @@ def requested_gpus(services: Iterable[Mapping[str, Any]], user: str, except_serv
     return total
 
 
+def service_ports(services: Iterable[Mapping[str, Any]]) -> frozenset[int]:
+    """The node ports conda-swarm services (the manager's ``services()``) were given.
+
+    Services, not tasks, for the same reason as :func:`requested_gpus`: a server created a moment
+    ago has no task yet, and another server placed on its node must not take its port.
+    """
+    ports = (str(((service.get("Spec") or {}).get("Labels") or {}).get(LABEL_PORT, "")) for service in services)
+    return frozenset(int(port) for port in ports if port.isdigit())
+
+
 def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int,
                 profile: str | None = None, held: int | None = None) -> None:
     """Raise :class:`GpuQuotaExceeded` if the user's other live servers plus this one exceed ``quota``

@@ -22,6 +22,9 @@ from .swarm import LABEL_PORT, ServiceRequest, SwarmState
 # Swarm's default: a removed task gets SIGTERM, then SIGKILL this much later.
 STOP_GRACE_NS = 10_000_000_000
 _user_locks: dict[str, asyncio.Lock] = {}
+# Ports this hub gave its servers, until their service is removed: two users' starts read the
+# swarm at the same moment, and neither sees the other's service yet.
+_claimed_ports: set[int] = set()
 
 
 if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
@@ -102,10 +105,15 @@ class SwarmServiceMixin(_SpawnerBase):
             self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
                                                             self.cuda_label)
             self._constraints += [f"node.id!={node_id}" for node_id in self._failed_nodes]
-            self.port = _free_port(state.ports)
+            services = await self.docker("services", filters={"label": [LABEL_PORT]})
+            self.port = _claim_port(state.ports | swarm.service_ports(services))
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
-            await self.reload_registry_credentials()
-            return await self.docker("create_service", **(await self._service_kwargs(labels)))
+            try:
+                await self.reload_registry_credentials()
+                return await self.docker("create_service", **(await self._service_kwargs(labels)))
+            except BaseException:
+                _claimed_ports.discard(self.port)
+                raise
 
     async def reload_registry_credentials(self) -> None:
         """Read Docker's config again for the service's X-Registry-Auth: DockerSpawner's client read
@@ -155,6 +163,7 @@ class SwarmServiceMixin(_SpawnerBase):
             await self.docker("remove_service", self.object_id)
         except docker.errors.NotFound:
             pass
+        _claimed_ports.discard(self.port)
 
     async def get_ip_and_port(self) -> tuple[str, int]:
         """Host networking: the address of the node the task runs on; otherwise the service's name (dnsrr)."""
@@ -169,9 +178,11 @@ class SwarmServiceMixin(_SpawnerBase):
         return node.address, self.port
 
 
-def _free_port(taken: frozenset[int] | set[int]) -> int:
-    """A port for a server on its node, not used by any other conda-swarm server of the swarm."""
+def _claim_port(taken: frozenset[int]) -> int:
+    """A port for a server on its node, used by no other conda-swarm server of the swarm
+    (``taken``) and given by this hub to no other server still starting, now claimed."""
     while True:
         port = random_port()
-        if port not in taken:
+        if port not in taken and port not in _claimed_ports:
+            _claimed_ports.add(port)
             return port

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from jupyterhub_condaspawner import swarm
+from jupyterhub_condaspawner import swarm, swarmservice
 from jupyterhub_condaspawner.gpus import LABEL_SERVER, LABEL_USER, CudaIncompatible, GpuInfeasible, GpuQuotaExceeded
 from jupyterhub_condaspawner.swarm import ServiceRequest, SwarmInfeasible, SwarmState
 
@@ -150,6 +150,25 @@ def test_the_quota_counts_services_whose_task_swarm_has_not_made_yet():
     swarm.check_quota(state, "ada", "d", 1, quota=1)
     with pytest.raises(GpuQuotaExceeded, match="ada's server 'd' needs 1 GPU, but ada already holds 1 of their quota"):
         swarm.check_quota(state, "ada", "d", 1, quota=1, held=swarm.requested_gpus(services[:1], "ada", "d"))
+
+
+def test_a_port_is_never_given_twice_while_a_server_starts_or_runs(monkeypatch):
+    """Two users' starts read the swarm at the same moment: neither's service is listed yet, so
+    the hub remembers the ports it gave until their service is removed."""
+    services = [{"ID": "s1", "Spec": {"Labels": {swarm.LABEL_PORT: "40001"}}},  # no task yet
+                {"ID": "s2", "Spec": {"Labels": {swarm.LABEL_PORT: "x"}}}, {"ID": "not-ours", "Spec": {}}]
+    assert swarm.service_ports(services) == {40001}
+
+    draws = iter([40001, 40001, 40002, 40002, 40001, 40003])
+    monkeypatch.setattr(swarmservice, "random_port", lambda: next(draws))
+    monkeypatch.setattr(swarmservice, "_claimed_ports", set())
+    taken = cluster().ports | swarm.service_ports(services)  # 40001-40003, from tasks and services
+    first = swarmservice._claim_port(frozenset())
+    assert first == 40001
+    assert swarmservice._claim_port(frozenset()) == 40002  # 40001 is the first start's
+    swarmservice._claimed_ports.discard(first)  # its service removed
+    assert swarmservice._claim_port(taken - {40003}) == 40003  # 40001 still runs, as the swarm says
+    assert swarmservice._claimed_ports == {40002, 40003}
 
 
 def test_the_quota_counts_live_tasks_and_a_request_over_it_alone_is_infeasible():
