@@ -20,6 +20,7 @@ import io
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,7 +43,7 @@ class CappedLog(io.TextIOBase):
         self.path, self.head, self.tail = path, head, tail
         for stale in path.parent.glob(f".{path.name}.*"):  # a cut a killed process left half-written
             stale.unlink(missing_ok=True)
-        self.file: BinaryIO = path.open("w+b")
+        self.file: BinaryIO = _new_file_over(path)
         self.head_left = head
         self.line_open = False  # the head's last write did not end its line
         self.cut_at = -1  # past the head: where the line saying what was left out starts
@@ -191,6 +192,20 @@ class LogLines:
         """The last line, if the log does not end with one."""
         rest, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
         return [rest] if rest else []
+
+
+def _new_file_over(path: Path) -> BinaryIO:
+    """A new, empty file renamed over ``path`` (a rebuild's log): whoever still reads the last
+    build's log (a download) reads it whole, not a file emptied under them."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    file = os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), "w+b")  # the umask's mode
+    try:
+        os.replace(partial, path)
+    except BaseException:
+        file.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return file
 
 
 def _marker(head: int, left_out_bytes: int, left_out_lines: int) -> bytes:

@@ -3,6 +3,7 @@ comes), read in chunks, followed across the writer's cuts."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -162,6 +163,29 @@ def test_a_download_reads_the_file_it_opened_whole_whatever_cut_comes_after(tmp_
     assert left_out_bytes == 0 and text.endswith("\n")
     assert [*head.splitlines(), *kept.splitlines()] == lines[:len(head.splitlines()) + len(kept.splitlines())]
     assert len(kept.encode()) > 2 * TAIL  # the file as it was until the first cut replaced it
+
+
+def test_a_rebuild_starts_a_new_log_and_a_download_of_the_last_one_reads_it_whole(tmp_path):
+    path = tmp_path / "build.log"
+    path.parent.chmod(0o755)
+    with CappedLog(path, head=HEAD, tail=TAIL) as log:
+        log.write("the first build failed\n")
+    with LogReader(path) as reader:
+        first = reader.read(10) or b""
+        with CappedLog(path, head=HEAD, tail=TAIL) as rebuild:
+            rebuild.write("the rebuild\n")
+            while chunk := reader.read():
+                first += chunk
+    assert first == b"the first build failed\n"
+    assert path.read_text() == "the rebuild\n"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # the admin's CLI reads it as before
+    assert [p.name for p in tmp_path.iterdir()] == ["build.log"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_a_line_without_end_is_cut_at_a_character_to_the_tails_size(tmp_path):
