@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,13 +21,16 @@ from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
-from .bench import BenchError, BenchParts, BenchSetup, ensure_bench, set_up_bench
+from .bench import BenchError, BenchParts, BenchSetup, default_bench_dir, ensure_bench, set_up_bench
 from .devchannel import build_dev_channel
 from .dockerd import BenchDaemonError
 from .offlinebase import build_offline_base
 from .realchannel import NO_REAL_SET, REAL_SETS, REAL_SETS_ENV, build_real_channel, real_set_from_env
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "jupyterhub_config.py"
+# demo/jupyterhub_config.py reads these (its defaults: 8081, 8001); the demo command sets them.
+HUB_PORT_ENV = "CONDASPAWNER_DEMO_HUB_PORT"
+PROXY_PORT_ENV = "CONDASPAWNER_DEMO_PROXY_PORT"
 
 
 def _say(line: str) -> None:
@@ -43,10 +47,51 @@ def _real_set(args: argparse.Namespace, default: str | None) -> str | None:
         raise cli.CommandError(f"${REAL_SETS_ENV}: {error}")
 
 
+def _in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hub and the proxy bind
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def _left_proxy_runs(state: Path) -> bool:
+    """Whether the proxy a previous demo hub of ``state`` left is running: the hub stops it
+    (its pid file) before it starts its own, so the public and API ports it holds are free then."""
+    try:
+        os.kill(int((state / "proxy.pid").read_text().strip()), 0)
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_demo_ports(args: argparse.Namespace, bench_dir: Path) -> None:
+    """CommandError naming a port of the demo that something already listens on. Without it,
+    JupyterHub reports a taken hub port with a traceback and leaves its proxy running, and a
+    taken public port only in the proxy's log, while the hub says it runs there."""
+    state = Path(os.environ.get("CONDASPAWNER_DEMO_STATE") or bench_dir / "demo-hub")
+    ports = [(args.hub_port, "the hub's own port", "--hub-port")]
+    if not _left_proxy_runs(state):
+        ports = [(args.port, "the demo's address", "--port"),
+                 (args.proxy_api_port, "the proxy's API port", "--proxy-api-port"), *ports]
+    taken = [(port, what, option) for port, what, option in ports if _in_use(port)]
+    if taken:
+        listed = "; ".join(f"127.0.0.1:{port} ({what}, {option})" for port, what, option in taken)
+        raise cli.CommandError(f"cannot start the demo hub: already in use: {listed}; another JupyterHub (a "
+                               "demo?) may be running: stop it, or choose free ports with "
+                               + ", ".join(option for _, _, option in taken))
+
+
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     real_set = _real_set(args, "datascience")
+    bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else default_bench_dir()
+    check_demo_ports(args, bench_dir)
     try:
-        bench = ensure_bench(Path(args.bench_dir).resolve() if args.bench_dir else None, say=_say, real_set=real_set)
+        bench = ensure_bench(bench_dir, say=_say, real_set=real_set)
     except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
         raise cli.CommandError(f"cannot set up the demo bench: {error}")
     demo_config = Path(args.hub_config).resolve()
@@ -56,6 +101,8 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         "CONDASPAWNER_BENCH_DIR": str(bench.directory),
         "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
         "CONDASPAWNER_DEMO_PORT": str(args.port),
+        HUB_PORT_ENV: str(args.hub_port),
+        PROXY_PORT_ENV: str(args.proxy_api_port),
         # users' environments come from the dev channel plus the real packages
         "CONDASPAWNER_DEMO_CHANNEL": (bench.real_channel or bench.channel).url,
     })
@@ -126,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser, add = cli.command_parser("python -m condaspawner_bench", __doc__.splitlines()[0])
     demo = add("demo", cmd_demo, "set up the bench (daemon, channel, base image, proxy) and run the demo hub",
                rattler_async=True)
-    demo.add_argument("--port", type=int, default=8000, help="the hub's port on 127.0.0.1 (default 8000)")
+    demo.add_argument("--port", type=int, default=8000, help="the demo's port on 127.0.0.1, where users log in (default 8000)")
+    demo.add_argument("--hub-port", type=int, default=os.environ.get(HUB_PORT_ENV) or "8081", metavar="PORT",
+                      help=f"the hub's own port on 127.0.0.1, behind the proxy (default: ${HUB_PORT_ENV}, else 8081)")
+    demo.add_argument("--proxy-api-port", type=int, default=os.environ.get(PROXY_PORT_ENV) or "8001",
+                      metavar="PORT", help=f"the proxy's API port on 127.0.0.1 (default: ${PROXY_PORT_ENV}, else 8001)")
     demo.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
     demo.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
                       help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")

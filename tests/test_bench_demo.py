@@ -1,0 +1,60 @@
+"""`python -m condaspawner_bench demo` refuses, in one line and before it sets up the bench, to
+start on a port something already listens on (another demo hub, say)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from condaspawner_bench.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def listening(port: int) -> Iterator[None]:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        yield
+
+
+def demo(tmp_path: Path, *ports: int) -> subprocess.CompletedProcess:
+    public, hub, api = ports
+    bench = tmp_path / "bench"
+    env = {**os.environ, "CONDASPAWNER_DEMO_STATE": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, "-m", "condaspawner_bench", "demo", "--bench-dir", str(bench),
+                             "--port", str(public), "--hub-port", str(hub), "--proxy-api-port", str(api)],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert not bench.exists()  # refused before the bench's set-up
+    return result
+
+
+def test_a_taken_port_is_named_in_one_line_with_the_option_that_moves_it(tmp_path):
+    public, hub, api = free_port(), free_port(), free_port()
+    with listening(hub):
+        refused = demo(tmp_path, public, hub, api)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"error: cannot start the demo hub: already in use: 127.0.0.1:{hub} (the hub's own port, --hub-port); "
+        "another JupyterHub (a demo?) may be running: stop it, or choose free ports with --hub-port"]
+    with listening(public), listening(api):
+        refused = demo(tmp_path, public, hub, api)
+    assert refused.returncode == 1
+    assert f"127.0.0.1:{public} (the demo's address, --port); 127.0.0.1:{api} (the proxy's API port" in refused.stderr
+
+
+def test_the_ports_of_the_proxy_a_previous_demo_left_are_not_refused(tmp_path):
+    # The hub stops the proxy its pid file names before starting its own: those ports free up.
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "proxy.pid").write_text(str(os.getpid()))
+    public, hub, api = free_port(), free_port(), free_port()
+    with listening(public), listening(api), listening(hub):
+        refused = demo(tmp_path, public, hub, api)
+    assert refused.returncode == 1 and f"127.0.0.1:{hub} (the hub's own port" in refused.stderr
+    assert f":{public} " not in refused.stderr and f":{api} " not in refused.stderr
