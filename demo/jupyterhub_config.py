@@ -38,6 +38,12 @@ c.ProfileCatalog.profiles_dir = os.environ.get("CONDASPAWNER_DEMO_PROFILES") or 
 # Users' environments: the dev channel plus real packages (numpy, pandas, matplotlib) that
 # `make demo` builds and names in CONDASPAWNER_DEMO_CHANNEL; else the dev channel alone.
 c.Resolver.channel_urls = {"conda-forge": os.environ.get("CONDASPAWNER_DEMO_CHANNEL") or (bench / "channel").as_uri()}
+# conda-forge is the only channel the demo serves (the machine may be offline): a user's file
+# naming another is refused as not allowed here, rather than failing at the start with "cannot
+# be reached: try again later". The admin's profiles keep the example's list (PyTorch's names
+# pytorch and nvidia: on this GPU-less machine it is refused before any solve).
+c.ProfileCatalog.SpecPolicy.allowed_channels = list(c.SpecPolicy.allowed_channels)
+c.SpecPolicy.allowed_channels = ["conda-forge", "nodefaults"]
 c.Resolver.package_cache_dir = str(bench / "pkgs")
 c.ImageBuilder.cache_dir = str(state / "builder")
 c.ImageBuilder.image_repo = os.environ.get("CONDASPAWNER_DEMO_IMAGE_REPO", "condaspawner-demo")

@@ -1,5 +1,6 @@
-"""`python -m condaspawner_bench demo` refuses, in one line and before it sets up the bench, to
-start on a port something already listens on (another demo hub, say)."""
+"""The demo: `python -m condaspawner_bench demo` refuses, in one line and before it sets up the
+bench, to start on a port something already listens on (another demo hub, say); and its config
+lets users ask only for the channel it serves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+from traitlets.config import PyFileConfigLoader
+
 from condaspawner_bench.ports import free_port
+from jupyterhub_condaspawner.profiles import ProfileCatalog
+from jupyterhub_condaspawner.spec import SpecError, SpecPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +64,21 @@ def test_the_ports_of_the_proxy_a_previous_demo_left_are_not_refused(tmp_path):
         refused = demo(tmp_path, public, hub, api)
     assert refused.returncode == 1 and f"127.0.0.1:{hub} (the hub's own port" in refused.stderr
     assert f":{public} " not in refused.stderr and f":{api} " not in refused.stderr
+
+
+def test_the_demo_offers_users_only_the_channel_it_serves_and_keeps_its_pytorch_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDASPAWNER_BENCH_DIR", str(tmp_path / "bench"))
+    monkeypatch.setenv("CONDASPAWNER_PROXY_COMMAND", "configurable-http-proxy")
+    monkeypatch.setenv("CONDASPAWNER_DEMO_STATE", str(tmp_path / "state"))
+    for name in ("CONDASPAWNER_DEMO_PROFILES", "CONDASPAWNER_DEMO_EXTRA_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    config = PyFileConfigLoader("jupyterhub_config.py", str(REPO / "demo")).load_config()
+
+    with pytest.raises(SpecError) as refused:
+        SpecPolicy(config=config).parse("channels: [pytorch]\ndependencies: [python=3.9]\n")
+    assert "'pytorch' is not an allowed channel; allowed channels: conda-forge, nodefaults" in str(refused.value)
+    SpecPolicy(config=config).parse("channels: [conda-forge]\ndependencies: [python=3.9]\n")
+    profiles = {profile.slug: profile for profile in ProfileCatalog(config=config).load()}
+    assert profiles.keys() == {"python39", "datascience", "course-hw1", "pytorch-gpu"}
+    assert profiles["pytorch-gpu"].environment is not None
+    assert profiles["pytorch-gpu"].environment.channels[:2] == ("pytorch", "nvidia")
