@@ -35,6 +35,7 @@ class StartFailure(SpawnException):
         super().__init__(message, reason=reason, status_code=status_code, log_message=log_message or message)
         # JupyterHub shows this on the progress page instead of the exception's repr.
         self.jupyterhub_message = message
+        self.server = ""  # whose start, for the hub's log (the spawner sets it)
 
     @property
     def unexpected(self) -> bool:

@@ -282,6 +282,14 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         link in a chat or on any site would start it. It may choose a profile (``?profile=slug``)
         and nothing else: an environment.yml (code: its ``variables`` reach the kernel) or any
         other field comes only with the form's POST or the REST API. Refused: a 400 on the form."""
+        _quiet_form_refusals(self.log)  # JupyterHub's handler logs the refusal on this logger
+        try:
+            return await self._options_from_query(query_data)
+        except StartFailure as refusal:
+            refusal.server = self._log_name
+            raise
+
+    async def _options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
         fields = sorted(set(query_data) - _QUERY_FIELDS)
         if fields:
             raise _refused(400, f"A link may choose only a profile, not {fields[0][:40]!r}: "
@@ -338,6 +346,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             await self.precheck_solve()
         except StartFailure as refusal:
             self._failing = True
+            refusal.server = self._log_name
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise
 
@@ -404,6 +413,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             self._release_gpus()
             self._failing = self._before_container
             failure = explain(error, custom_spec=custom is not None)
+            failure.server = self._log_name
             log_failure(self.log, self._log_name, failure, error)
             raise failure from None  # JupyterHub's progress stream ends with "Spawn failed: <message>"
         finally:
@@ -626,9 +636,16 @@ class FormRefusal(ValueError):
             f"{error.source}: {error.count} problems, listed under your environment.yml below"))
 
 
+# What JupyterHub logs, with the traceback, when a start from the form or a /hub/spawn link fails.
+_JUPYTERHUB_SPAWN_FAILED = {"Failed to spawn single-user server with form": "form",
+                            "Failed to spawn single-user server with query arguments": "link"}
+
+
 class _QuietFormRefusals(logging.Filter):
-    """JupyterHub logs a refused spawn form at ERROR with its traceback; a refused input is
-    the user's mistake, not the hub's: one line at INFO, as for refused REST options."""
+    """JupyterHub logs a refused spawn form or link at ERROR with its traceback; a refused input
+    is the user's mistake, not the hub's: one line at INFO, as for refused REST options. A start
+    from the form that failed otherwise within JupyterHub's first second is logged once already
+    (log_failure: a traceback only for the unexpected), so JupyterHub's line loses its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         refusal = record.exc_info[1] if record.exc_info else None
@@ -636,6 +653,15 @@ class _QuietFormRefusals(logging.Filter):
             record.msg, record.args = "Refused spawn form for %s: %s", (refusal.server, one_line(refusal))
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
+        elif (isinstance(refusal, StartFailure) and not refusal.unexpected and isinstance(record.msg, str)
+              and record.msg in _JUPYTERHUB_SPAWN_FAILED):
+            what = _JUPYTERHUB_SPAWN_FAILED[record.msg]
+            refused = refusal.status_code < 500
+            record.msg = f"Refused spawn {what} for %s (%s): %s" if refused else f"Spawn {what} of %s failed (%s): %s"
+            record.args = (refusal.server, refusal.status_code, refusal.message)
+            record.exc_info, record.exc_text = None, None
+            if refused:
+                record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
 

@@ -166,6 +166,22 @@ def test_refused_input_is_one_log_line_without_a_traceback(hub):
     assert len(refused) == 1 and "environment.yml: dependencies[0]" in refused[0], log
 
 
+def test_a_refused_form_or_link_is_one_log_line_without_a_traceback(hub):
+    log_start = len(hub.log())
+    page = form_failure_page(hub, "linda", {"profile": "python39", "environment_text": custom_env("cs-gamaa")})
+    assert "Your environment cannot be solved: " in page and "cs-gamaa" in page
+    session, _ = hub.login("linda")
+    status, _, page = session.get("/hub/spawn/linda?profile=no-such-profile")
+    assert status == 400 and "profile: unknown profile 'no-such-profile'" in page
+
+    log = hub.log()[log_start:]
+    assert "Traceback" not in log and "Failed to spawn single-user server" not in log
+    refused = [line for line in log.splitlines() if "Refused spawn link for linda (400)" in line]
+    assert len(refused) == 1 and refused[0].startswith("[I "), refused
+    assert refused[0].endswith("profile: unknown profile 'no-such-profile'")
+    assert hub.server_model("linda") is None
+
+
 def test_an_unsatisfiable_pip_section_names_the_requirement(hub, pip_index):
     spawn = Spawn(hub, "pipper", {"profile": "python39", "environment": custom_env(pip=[f"{NO_SUCH}==1.0"])})
 
