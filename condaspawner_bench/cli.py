@@ -73,6 +73,10 @@ def check_demo_ports(args: argparse.Namespace, bench_dir: Path) -> None:
     """CommandError naming a port of the demo that something already listens on. Without it,
     JupyterHub reports a taken hub port with a traceback and leaves its proxy running, and a
     taken public port only in the proxy's log, while the hub says it runs there."""
+    chosen = {"--port": args.port, "--hub-port": args.hub_port, "--proxy-api-port": args.proxy_api_port}
+    if len(set(chosen.values())) < len(chosen):
+        raise cli.CommandError("cannot start the demo hub: its three ports must differ: "
+                               + ", ".join(f"{option} {port}" for option, port in chosen.items()))
     state = Path(os.environ.get("CONDASPAWNER_DEMO_STATE") or bench_dir / "demo-hub")
     ports = [(args.hub_port, "the hub's own port", "--hub-port")]
     if not _left_proxy_runs(state):

@@ -55,6 +55,14 @@ def test_a_taken_port_is_named_in_one_line_with_the_option_that_moves_it(tmp_pat
     assert f"127.0.0.1:{public} (the demo's address, --port); 127.0.0.1:{api} (the proxy's API port" in refused.stderr
 
 
+def test_one_port_given_for_two_of_the_demos_servers_is_refused(tmp_path):
+    port = free_port()
+    refused = demo(tmp_path, port, port, free_port())
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: cannot start the demo hub: its three ports must differ: "
+                                     f"--port {port}, --hub-port {port}, --proxy-api-port ")
+
+
 def test_the_ports_of_the_proxy_a_previous_demo_left_are_not_refused(tmp_path):
     # The hub stops the proxy its pid file names before starting its own: those ports free up.
     (tmp_path / "state").mkdir()
