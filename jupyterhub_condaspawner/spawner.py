@@ -255,6 +255,11 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._last_form = {"profile": options.get("profile"), "environment": kept}
         if upload.get("body") and text:
             raise FormRefusal("environment: upload a file or paste text, not both")
+        # No file chosen sends a part with no name; a named part with nothing in it is a file the
+        # user chose, and meant: not a reason to start the profile's own environment instead.
+        if upload.get("filename") and not upload.get("body") and not text:
+            raise FormRefusal(f"{str(upload['filename'])[:100]}: the uploaded file is empty: "
+                              "choose it again, or paste its text")
         data: str | bytes = upload.get("body") or text
         if data:
             policy = self.services.policy

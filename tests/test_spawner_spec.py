@@ -68,6 +68,18 @@ async def test_an_upload_with_problems_opens_the_box_with_its_list(tmp_path):
     assert "mine.yml: 4 problems:" in form.split('data-testid="condaspawner-form-problems">')[1]
 
 
+async def test_an_empty_uploaded_file_is_refused_not_taken_for_no_file(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(ValueError) as refusal:
+        await spawner.options_from_form_data(
+            {"profile": ["py"], "environment_file_file": [{"body": b"", "filename": "environment.yml"}]})
+    assert str(refusal.value) == "environment.yml: the uploaded file is empty: choose it again, or paste its text"
+    # No file chosen: the browser sends an empty part with no name; the profile's own environment.
+    options = await spawner.options_from_form_data(
+        {"profile": ["py"], "environment_file_file": [{"body": b"", "filename": ""}]})
+    assert options == {"profile": "py"}
+
+
 async def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     with pytest.raises(ValueError) as refusal:
