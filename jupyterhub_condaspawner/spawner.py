@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import time
 from collections.abc import Iterator
@@ -44,6 +45,10 @@ _SPEC_MESSAGE_CHARS = 8000
 _LIMITS = ("cpu_limit", "mem_limit")
 # What a /hub/spawn link's query may carry: a profile, nothing else (see options_from_query).
 _QUERY_FIELDS = frozenset({"profile"})
+# What a start's options may carry (the REST API's body; the form's fields become these), and what
+# apply_choice adds to the options it saves (JupyterHub starts with them again when a body is empty).
+_OPTION_FIELDS = ("profile", "environment")
+_SAVED_FIELDS = frozenset({*_OPTION_FIELDS, "environment_key"})
 
 
 def _apply_user_options(spawner: "CondaSpawner", user_options: dict) -> None:
@@ -159,6 +164,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     def resolve_choice(self, user_options: dict | None) -> tuple[Profile, EnvironmentSpec | None]:
         """The profile and custom spec in ``user_options``; HTTPError 400/403 when refused."""
         options = user_options or {}
+        _refuse_unknown_fields(options)
         catalog = self.services.catalog
         slug = options.get("profile")
         if slug is None:
@@ -679,6 +685,17 @@ def _quiet_form_refusals(log: logging.Logger | logging.LoggerAdapter) -> None:
 def _spec_refused(error: SpecError) -> StartFailure:
     """A refused environment file (REST): every problem, on one line, ``; `` between them."""
     return StartFailure(str(error), reason="options", status_code=400, max_chars=_SPEC_MESSAGE_CHARS)
+
+
+def _refuse_unknown_fields(options: dict) -> None:
+    """A start's option the hub does not know (a misspelt ``environemnt`` in a REST body) is refused,
+    never ignored: ignored, the start would run the profile's own environment instead."""
+    unknown = sorted(str(field) for field in set(options) - _SAVED_FIELDS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], _OPTION_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _refused(400, f"{unknown[0][:40]!r} is not an option of a start{hint}: a start takes only "
+                            f"{' and '.join(map(repr, _OPTION_FIELDS))}")
 
 
 def _refused(status: int, message: str) -> StartFailure:

@@ -86,6 +86,11 @@ def test_hostile_environment_is_refused_with_400_and_nothing_built(hub):
     assert status in (400, 403)
     status, body = hub.spawn("mallory", {"profile": "no-such-profile"})
     assert status == 400 and "unknown profile" in body["message"]
+    # misspelt, a REST body's environment would be ignored: the profile's own would start instead
+    status, body = hub.spawn("mallory", {"profile": "python39", "environemnt": unique_env()})
+    assert status == 400
+    assert body["message"] == ("'environemnt' is not an option of a start (did you mean 'environment'?): "
+                               "a start takes only 'profile' and 'environment'")
     assert hub.server_model("mallory") is None
     assert (set(builds.iterdir()) if builds.exists() else set()) == before
 
