@@ -26,6 +26,7 @@ PROFILE_SUFFIXES = (".yaml", ".yml")
 MAX_GPUS = 64
 _SLUG = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _CUDA_VERSION = re.compile(r"\d+(\.\d+){0,2}\Z")
+DOCKER_MIN_MEMORY = 6 * 1024**2  # the Docker daemon refuses a smaller container memory limit
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,33 @@ def slugify(text: str) -> str:
 # -- field readers: each takes the raw YAML value and returns the typed one ------------
 
 
+def _as_written(value: Any) -> str:
+    """A YAML value as the admin wrote it: text quoted, a boolean or number bare, so that
+    `default: "true"` reads as text and `cpu_limit: yes` as the boolean YAML made of it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if value is None:
+        return "an empty value"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return show(value)
+
+
+def _not(value: Any) -> str:
+    if not isinstance(value, str):
+        return f"not {_as_written(value)}"
+    try:
+        bare = yaml.safe_load(value)
+    except yaml.YAMLError:
+        bare = value
+    unquote = " (write it without quotes)" if isinstance(bare, (bool, int, float)) else ""
+    return f"not the text {show(value)}{unquote}"
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _FieldError("must be non-empty text")
@@ -95,35 +123,40 @@ def _optional_text(value: Any) -> str:
 
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _FieldError(f"must be true or false, not {show(value)}")
+        raise _FieldError(f"must be true or false, {_not(value)}")
     return value
 
 
 def _slug(value: Any) -> str:
     if not isinstance(value, str) or not _SLUG.match(value):
-        raise _FieldError(f"{show(value)} must be 1-63 lowercase letters, digits or dashes")
+        raise _FieldError(f"{_as_written(value)} must be 1-63 lowercase letters, digits or dashes")
     return value
 
 
 def _gpu_count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS:
-        raise _FieldError(f"must be a whole number from 0 to {MAX_GPUS}, not {show(value)}")
+        raise _FieldError(f"must be a whole number from 0 to {MAX_GPUS}, {_not(value)}")
     return value
 
 
 def _cpu_limit(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise _FieldError(f"must be a positive number of CPUs, not {show(value)}")
+        raise _FieldError(f"must be a positive number of CPUs, {_not(value)}")
     return float(value)
 
 
 def _mem_limit(value: Any) -> int:
+    # ByteSpecification takes True as 1 byte and 1.5 as 1: neither is what the admin meant.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise _FieldError(f"{_as_written(value)} is not a size such as 8G, 512M or a number of bytes")
     try:
         limit = ByteSpecification().validate(None, value)
     except TraitError:
-        raise _FieldError(f"{show(value)} is not a size such as 8G, 512M or a number of bytes")
+        raise _FieldError(f"{_as_written(value)} is not a size such as 8G, 512M or a number of bytes")
     if not isinstance(limit, int) or limit <= 0:
-        raise _FieldError(f"{show(value)} must be a positive size such as 8G")
+        raise _FieldError(f"{_as_written(value)} must be a positive size such as 8G")
+    if limit < DOCKER_MIN_MEMORY:
+        raise _FieldError(f"{_as_written(value)} is under Docker's minimum of 6M (a bare number is bytes: write 2G, 512M)")
     return limit
 
 
@@ -131,13 +164,13 @@ def _cuda(value: Any) -> str:
     if isinstance(value, float):
         raise _FieldError(f'write the version as quoted text (cuda: "{value}"): YAML reads 12.10 as 12.1')
     if not isinstance(value, str) or not _CUDA_VERSION.match(value.strip()):
-        raise _FieldError(f'{show(value)} must be a CUDA version such as "11.8" or "12.4"')
+        raise _FieldError(f'{_as_written(value)} must be a CUDA version such as "11.8" or "12.4"')
     return value.strip()
 
 
 def _minutes(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise _FieldError(f"must be a number of minutes (0 turns culling off), not {show(value)}")
+        raise _FieldError(f"must be a number of minutes (0 turns culling off), {_not(value)}")
     return float(value)
 
 

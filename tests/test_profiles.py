@@ -89,7 +89,7 @@ def test_every_problem_of_every_file_is_reported_at_once(tmp_path):
     })
     found = problems(tmp_path)
     expected = [
-        "bad1.yaml: gpus: must be a whole number from 0 to 64, not '-1'",
+        "bad1.yaml: gpus: must be a whole number from 0 to 64, not -1",
         "bad1.yaml: mem_limit: 'lots' is not a size",
         "bad1.yaml: environment: missing.yml: cannot read (No such file or directory)",
         "bad2.yaml: unknown field 'environmnet' (did you mean 'environment'?)",
@@ -104,6 +104,35 @@ def test_every_problem_of_every_file_is_reported_at_once(tmp_path):
         assert any(fragment in problem for problem in found), (fragment, found)
     assert not any("good.yaml" in problem for problem in found)
     assert len(found) == len(expected)
+
+
+def test_problems_show_values_as_yaml_read_them(tmp_path):
+    # 'not True' / "not 'true'" for either of `default: yes` and `default: "true"` told the admin nothing.
+    write(tmp_path, {
+        "a.yaml": 'display_name: A\nenvironment: envs/env.yml\ndefault: "true"\ngpus: "1"\ncpu_limit: yes\n',
+        "b.yaml": "display_name: B\nenvironment: envs/env.yml\ngpus: 1.5\nallow_custom_environment: no way\n",
+        "envs/env.yml": ENV,
+    })
+    found = {problem.removeprefix(f"{tmp_path}/") for problem in problems(tmp_path)}
+    assert found == {
+        "a.yaml: default: must be true or false, not the text 'true' (write it without quotes)",
+        "a.yaml: gpus: must be a whole number from 0 to 64, not the text '1' (write it without quotes)",
+        "a.yaml: cpu_limit: must be a positive number of CPUs, not true",
+        "b.yaml: gpus: must be a whole number from 0 to 64, not 1.5",
+        "b.yaml: allow_custom_environment: must be true or false, not the text 'no way'",
+    }
+
+
+@pytest.mark.parametrize("written, reason", [
+    ("yes", "true is not a size such as 8G, 512M or a number of bytes"),  # ByteSpecification: 1 byte
+    ("1.5", "1.5 is not a size such as 8G, 512M or a number of bytes"),  # ... and 1 byte
+    ("2048", "2048 is under Docker's minimum of 6M (a bare number is bytes: write 2G, 512M)"),
+])
+def test_mem_limit_docker_could_never_apply_is_refused(tmp_path, written, reason):
+    write(tmp_path, {"p.yaml": f"display_name: P\nenvironment: envs/env.yml\nmem_limit: {written}\n", "envs/env.yml": ENV})
+    assert problems(tmp_path) == [f"{tmp_path}/p.yaml: mem_limit: {reason}"]
+    write(tmp_path, {"p.yaml": "display_name: P\nenvironment: envs/env.yml\nmem_limit: 6M\n"})
+    assert load(tmp_path).get("p").mem_limit == 6 * 1024**2
 
 
 def test_environment_errors_name_file_field_and_line(tmp_path):
