@@ -13,8 +13,8 @@ Recording never raises: a metric must never break a spawn.
 - ``condaspawner_gpu_queue_wait_seconds{outcome}``: how long spawns that queued waited,
   observed when they leave: ``granted``, ``timeout``, ``cancelled``, ``refused``, ``error``.
 - ``condaspawner_builds_total{result,phase}``: finished image builds: ``success`` (phase
-  ``ready``), ``failure`` with the failing phase (solve, install, build, pip, timeout, ...),
-  ``cancelled``.
+  ``ready``), ``failure`` with the failing phase (``BuildError.phase``: solve, install, build,
+  load, pip, timeout, ...), ``cancelled`` (phase ``cancelled``).
 - ``condaspawner_build_duration_seconds{result}``: how long those builds took.
 - ``condaspawner_image_cache_lookups_total{result}``: a spawn's image lookup, ``hit`` or ``miss``.
 - ``condaspawner_culls_total{reason}``: servers stopped by the spawner's own culling
@@ -45,8 +45,9 @@ QUEUE_WAIT = Histogram(
     "by outcome (granted, timeout, cancelled, refused, error)", ["outcome"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600), registry=REGISTRY)
 BUILDS = Counter(
-    PREFIX + "builds", "Finished image builds by result (success, failure, cancelled) and phase (ready, or "
-    "where it failed: base-image, daemon, solve, install, build, pip, timeout, internal)",
+    PREFIX + "builds", "Finished image builds by result (success, failure, cancelled) and phase (ready, "
+    "cancelled, or where it failed: base-image, daemon, solve, install, build, load, pip, timeout, registry, "
+    "registry-failed, disk, config, internal)",
     ["result", "phase"], registry=REGISTRY)
 BUILD_DURATION = Histogram(
     PREFIX + "build_duration_seconds", "Seconds image builds took (queue for a build slot included), by result",

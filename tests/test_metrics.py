@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -54,6 +55,20 @@ def test_every_metric_is_on_the_default_registry_with_help_and_prefix():
         family = name.removesuffix("_total")
         assert f"# HELP {family} " in text or f"# HELP {name} " in text, name
     assert 'condaspawner_image_cache_lookups_total{result="miss"}' in text  # shown at 0 from the start
+
+
+def test_help_and_readme_name_every_build_phase_and_queue_outcome():
+    # Admins write alerts from these lists: a label value missing there is one nobody watches.
+    from jupyterhub_condaspawner.builderrors import PHASE_WORDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    builds_row = next(line for line in readme.splitlines() if line.startswith("| `condaspawner_builds_total"))
+    queue_row = next(line for line in readme.splitlines() if line.startswith("| `condaspawner_gpu_queue_wait_seconds"))
+    helps = {family.name: family.documentation for family in REGISTRY.collect()}
+    for phase in PHASE_WORDS:
+        assert f"`{phase}`" in builds_row and phase in helps["condaspawner_builds"], phase
+    for outcome in metrics.QUEUE_OUTCOMES:
+        assert f"`{outcome}`" in queue_row and outcome in helps["condaspawner_gpu_queue_wait_seconds"], outcome
 
 
 def test_gpu_states_and_gpu_seconds_held_idle_from_samples():
