@@ -31,7 +31,6 @@ the key's build lock (never waiting for it): a build of the key that started aft
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import shutil
 import time
@@ -50,7 +49,6 @@ from .buildrecords import lock_held, lock_if_free
 if TYPE_CHECKING:
     from .builder import ImageBuilder
 
-log = logging.getLogger(__name__)
 
 SWEPT = "swept"  # in a key's cache folder: what its made.json names is gone (mtime: when)
 PACKAGE_TEMPORARY = ".pkg-*"
@@ -287,13 +285,14 @@ def _is_key(name: str) -> bool:
 
 def sweep(builder: ImageBuilder, own_key: str = "") -> Leftovers:
     """Find and remove the leftovers of earlier builds; never raises (a build must not fail for it)."""
+    # The builder's log is the hub's: a logger of this module reaches no handler of JupyterHub's.
     try:
         gone = remove(builder, find(builder, own_key))
     except Exception as error:  # the daemon is unreachable: the build says so itself
-        log.warning("Could not remove what earlier builds left: %s", error)
+        builder.log.warning("Could not remove what earlier builds left: %s", error)
         return Leftovers()
     if gone:
-        log.info("Removed what earlier builds left: %s", describe(gone))
+        builder.log.info("Removed what earlier builds left: %s", describe(gone))
     return gone
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -63,6 +64,19 @@ async def test_a_builds_own_sweep_removes_its_keys_old_staging_folder_under_the_
     async with file_lock(builder.key_dir(KEY) / "build.lock"):
         assert list(leftovers.sweep(builder, own_key=KEY).staging) == [context]
         assert not context.exists()
+
+
+def test_what_a_sweep_removed_is_logged_where_the_hub_logs(tmp_path):
+    hub_log = logging.Logger("JupyterHub")  # no parent: only its own handler sees a record
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    hub_log.addHandler(handler)
+    builder = ImageBuilder(resolver=Resolver(package_cache_dir=str(tmp_path / "pkgs")), cache_dir=str(tmp_path / "cache"),
+                           bytecode_cache_dir=str(tmp_path / "bytecode"), log=hub_log)
+    killed_build(builder, KEY)
+    assert leftovers.sweep(builder).staging
+    assert lines == ["Removed what earlier builds left: 1 staging folder(s)"]
 
 
 def test_a_sweep_leaves_folders_in_staging_that_no_build_made(builder):
