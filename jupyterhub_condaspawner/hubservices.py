@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from traitlets import TraitError
+
 from .builder import ImageBuilder
 from .builderrors import one_line
 from .culler import Cull, GpuIdleCuller
@@ -52,6 +54,11 @@ class HubServices:
     restoring: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class HubConfigError(ValueError):
+    """A setting in the hub's config that the shared services refuse (``static_gpus`` without a
+    ``uuid``, a ``policy`` that does not exist, ...): the admin's to fix, never a stopped server."""
+
+
 # Keyed by the config's id; the config itself is kept too, so that id is never reused.
 _services: dict[int, tuple[Any, HubServices]] = {}
 
@@ -65,23 +72,26 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
     key = id(spawner.config)
     if key not in _services:
         config = spawner.config
-        allocator = GpuAllocator(config=config, log=spawner.log)
-        builder = ImageBuilder(config=config, log=spawner.log,
-                               daemon_settings=daemon_settings(spawner.tls_config, spawner.client_kwargs))
+        try:
+            allocator = GpuAllocator(config=config, log=spawner.log)
+            builder = ImageBuilder(config=config, log=spawner.log,
+                                   daemon_settings=daemon_settings(spawner.tls_config, spawner.client_kwargs))
+            services = HubServices(
+                catalog=ProfileCatalog(config=config),
+                policy=SpecPolicy(config=config),
+                builder=builder,
+                allocator=allocator,
+                queue=GpuQueue(allocator),
+                notices=Notices(Path(builder.cache_dir) / "notices"),
+                culler=GpuIdleCuller(allocator),
+                usage=UsageLog(Path(builder.cache_dir) / "usage"),
+                owners=VolumeLedger(Path(builder.cache_dir) / "volumes"),
+            )
+        except TraitError as error:
+            raise HubConfigError(f"a setting in the hub's config: {one_line(error)}") from None
         if builder.docker_host and not builder.registry:
             spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
                               "images built on another daemon", builder.docker_host)
-        services = HubServices(
-            catalog=ProfileCatalog(config=config),
-            policy=SpecPolicy(config=config),
-            builder=builder,
-            allocator=allocator,
-            queue=GpuQueue(allocator),
-            notices=Notices(Path(builder.cache_dir) / "notices"),
-            culler=GpuIdleCuller(allocator),
-            usage=UsageLog(Path(builder.cache_dir) / "usage"),
-            owners=VolumeLedger(Path(builder.cache_dir) / "volumes"),
-        )
         services.sample_gpus = spawner.gpu_sampler(services)
         # The catalog loads on first use (CondaSpawner.services), so broken profiles never
         # stop the hub from starting and restoring its servers.

@@ -29,7 +29,7 @@ from .builderrors import BuildError, one_line, unanswered
 from .buildmodel import EventStream, ImageInfo, request_for_profile
 from .failures import StartFailure, explain, log_failure
 from .gpus import Allocation, GpuUnavailable
-from .hubservices import HubServices, hub_services
+from .hubservices import HubConfigError, HubServices, hub_services
 from .isolation import IsolationMixin
 from .profiles import Profile, ProfileError
 from .resolve import ResolveError
@@ -154,6 +154,9 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             raise StartFailure("This hub's profiles cannot be read: tell the hub admin (the hub's log names the "
                                "problems)", reason="profiles", status_code=500,
                                log_message="the admin's profiles have problems: " + "; ".join(error.problems)) from None
+        except HubConfigError as error:
+            raise StartFailure("This hub's configuration has an error: tell the hub admin (the hub's log names the "
+                               "setting)", reason="config", status_code=500, log_message=str(error)) from None
 
     @property
     def _group_names(self) -> list[str]:
@@ -530,7 +533,11 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         """A poll the daemon did not answer: the server is taken as running (the caller returns
         None; JupyterHub then asks the server itself). Raised on, the hub would forget it (and,
         after a restart, clear its state) while its container runs on and holds its GPUs;
-        any other error is raised again."""
+        any other error is raised again. A setting the hub's services refuse (a typo in the
+        config the hub restarted with) is taken as running too: the servers wait for the fix."""
+        if isinstance(error, HubConfigError):
+            self.log.error("Cannot poll %s (%s): taken as still running", self._log_name, error)
+            return
         if not unanswered(error):
             raise error
         self.log.warning("Cannot poll %s (Docker does not answer: %s): taken as still running", self._log_name,

@@ -15,6 +15,7 @@ from jupyterhub.objects import Hub
 from test_spawner_failures import StandInUser, failed_start, spawner_for
 from traitlets.config import Config
 
+from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_USER
 from jupyterhub_condaspawner.hubservices import hub_services
 from jupyterhub_condaspawner.spawner import CondaSpawner
@@ -104,3 +105,19 @@ async def test_coroutine_extra_create_kwargs_and_extra_host_config(docker_daemon
     assert "no-new-privileges" in host["SecurityOpt"]
     # The admin's callables are left as they were for the next start.
     assert spawner.extra_create_kwargs is create_kwargs and spawner.extra_host_config is host_config
+
+
+async def test_a_bad_setting_keeps_running_servers_and_refuses_starts_in_one_line(tmp_path):
+    # A hub restarted with a typo in static_gpus: poll raised the TraitError, JupyterHub took
+    # every server for stopped and forgot it while its container ran on.
+    spawner = spawner_for(tmp_path, (tmp_path / "channel").as_uri(), GpuInventory__static_gpus=[{"name": "A100"}])
+
+    assert await spawner.poll() is None
+
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "py"})
+    assert (refusal.value.status_code, refusal.value.reason) == (500, "config")
+    assert refusal.value.message == ("This hub's configuration has an error: tell the hub admin (the hub's log names "
+                                     "the setting)")
+    assert refusal.value.log_message == ("a setting in the hub's config: static_gpus[0]: 'uuid' must be the GPU's "
+                                         "UUID, e.g. 'GPU-5d6f...' (nvidia-smi -L)")
