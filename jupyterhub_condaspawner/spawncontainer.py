@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
+import docker.errors
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 
@@ -25,6 +26,8 @@ from .gpus import (
 )
 from .hubservices import HubServices
 from .owners import LABEL_IDENTITY, user_identity
+
+REMOVAL_TIMEOUT = 60  # seconds Docker may take to remove a stopped container (its layer and anonymous volumes)
 
 
 class SpawnContainerMixin:
@@ -56,6 +59,8 @@ class SpawnContainerMixin:
         async def stop_object(self) -> Any: ...
 
         async def remove_object(self) -> Any: ...
+
+        async def docker(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
         async def claim_user_volumes(self) -> None: ...
 
@@ -98,7 +103,18 @@ class SpawnContainerMixin:
         if container["State"].get("Running"):
             await self.stop_object()
         await self.remove_object()
+        await self._until_removed(container["Id"])
         self.object_id = ""
+
+    async def _until_removed(self, container_id: str) -> None:
+        """Wait for Docker to finish removing the container: with DockerSpawner.remove it runs with
+        auto_remove, so stopping it starts the daemon's own removal, remove_object() returns on
+        Docker's 409 for it while the name is still taken, and the create that follows fails on
+        "The container name ... is already in use"."""
+        try:
+            await self.docker("wait", container_id, condition="removed", timeout=REMOVAL_TIMEOUT)
+        except docker.errors.NotFound:  # gone already
+            pass
 
     def _replacement_reason(self, container: dict[str, Any], labels: dict[str, str], info: ImageInfo) -> str | None:
         """Why the kept ``container`` must go before this start, or None to restart it as it is.

@@ -368,6 +368,28 @@ async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replac
     assert not await start_until_docker_start(allocator.allocate("pia", "", 1))  # GPU 1: replaced
 
 
+@pytest.mark.docker
+async def test_a_running_leftover_is_gone_before_the_start_creates_its_container(
+        db, docker_daemon, docker_config, base_image):
+    # With DockerSpawner.remove, containers run with auto_remove: stopping the leftover started
+    # the daemon's own removal, remove_object() returned on its 409, and the start's create
+    # failed on "The container name ... is already in use" (a server the hub had forgotten).
+    config, prefix = docker_config
+    config.DockerSpawner.remove = True
+    client = docker_daemon.client()
+    client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-lefty", detach=True, auto_remove=True,
+                          init=True)
+    info = ImageInfo("l" * 64, base_image, client.images.get(base_image).id, "custom", cached=True)
+    spawner = make_spawner(db, config, "lefty")
+    spawner.image = base_image
+    spawner._prepare_container(info, None)
+
+    await spawner._replace_if_changed(info)
+
+    assert not client.containers.list(all=True, filters={"name": f"{prefix}-lefty"})
+    assert (await spawner.create_object())["Id"]
+
+
 # -- a start the hub was stopped under before JupyterHub saved its state ----------------------------
 
 
