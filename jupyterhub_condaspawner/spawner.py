@@ -554,7 +554,15 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
 
     async def stop(self, now: bool = False) -> None:
         self._hub_stops_under_start = self._stopped_by_the_hub()
-        hub_services(self).queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
+        try:
+            services = hub_services(self)
+        except HubConfigError as error:
+            # JupyterHub forgets the server whatever stop() raises: its container must stop all
+            # the same. There is no GPU table to release from; the next hub rebuilds it from labels.
+            self.log.error("Stopping %s without the hub's services (%s)", self._log_name, error)
+            await super().stop(now=now)
+            return
+        services.queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
         try:
             await super().stop(now=now)
         finally:

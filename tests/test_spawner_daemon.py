@@ -121,3 +121,21 @@ async def test_a_bad_setting_keeps_running_servers_and_refuses_starts_in_one_lin
                                      "the setting)")
     assert refusal.value.log_message == ("a setting in the hub's config: static_gpus[0]: 'uuid' must be the GPU's "
                                          "UUID, e.g. 'GPU-5d6f...' (nvidia-smi -L)")
+
+
+@pytest.mark.docker
+async def test_a_stop_under_a_bad_setting_still_stops_the_container(tmp_path, docker_daemon, base_image):
+    # JupyterHub forgets a server whatever its stop raises: a stop that raised the bad setting
+    # left the container running, out of the hub's sight.
+    spawner = spawner_for(tmp_path, (tmp_path / "channel").as_uri(), GpuInventory__static_gpus=[{"name": "A100"}])
+    container = docker_daemon.client().containers.run(base_image, ["sleep", "600"], name=spawner.object_name,
+                                                      detach=True, init=True)
+    try:
+        await spawner.get_object()  # the container id, as a restored server's state gives it
+
+        await spawner.stop()
+
+        container.reload()
+        assert container.status == "exited"
+    finally:
+        container.remove(force=True)
