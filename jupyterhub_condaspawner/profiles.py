@@ -163,6 +163,8 @@ def _mem_limit(value: Any) -> int:
 def _cuda(value: Any) -> str:
     if isinstance(value, float):
         raise _FieldError(f'write the version as quoted text (cuda: "{value}"): YAML reads 12.10 as 12.1')
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise _FieldError(f'write the version as quoted text (cuda: "{value}")')
     if not isinstance(value, str) or not _CUDA_VERSION.match(value.strip()):
         raise _FieldError(f'{_as_written(value)} must be a CUDA version such as "11.8" or "12.4"')
     return value.strip()

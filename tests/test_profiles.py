@@ -111,6 +111,7 @@ def test_problems_show_values_as_yaml_read_them(tmp_path):
     write(tmp_path, {
         "a.yaml": 'display_name: A\nenvironment: envs/env.yml\ndefault: "true"\ngpus: "1"\ncpu_limit: yes\n',
         "b.yaml": "display_name: B\nenvironment: envs/env.yml\ngpus: 1.5\nallow_custom_environment: no way\n",
+        "c.yaml": "display_name: C\nenvironment: envs/env.yml\ngpus: 1\ncuda: 12\n",
         "envs/env.yml": ENV,
     })
     found = {problem.removeprefix(f"{tmp_path}/") for problem in problems(tmp_path)}
@@ -120,6 +121,7 @@ def test_problems_show_values_as_yaml_read_them(tmp_path):
         "a.yaml: cpu_limit: must be a positive number of CPUs, not true",
         "b.yaml: gpus: must be a whole number from 0 to 64, not 1.5",
         "b.yaml: allow_custom_environment: must be true or false, not the text 'no way'",
+        'c.yaml: cuda: write the version as quoted text (cuda: "12")',
     }
 
 
