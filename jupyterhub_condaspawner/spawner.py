@@ -242,10 +242,17 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
     async def options_from_form_data(self, formdata: dict[str, list]) -> dict[str, Any]:
         """Form fields -> user_options. Errors are FormRefusal (a ValueError): the form shows
         them as one line, and the hub logs them as one line."""
+        with self._refusals_named(FormRefusal):
+            return await self._options_from_form(formdata)
+
+    @contextlib.contextmanager
+    def _refusals_named(self, kind: type[FormRefusal] | type[StartFailure]) -> Iterator[None]:
+        """A refusal of ``kind`` raised inside names this server, for JupyterHub's one log line
+        about it (_QuietFormRefusals)."""
         _quiet_form_refusals(self.log)  # JupyterHub's handler logs the refusal on this logger
         try:
-            return await self._options_from_form(formdata)
-        except FormRefusal as refusal:
+            yield
+        except kind as refusal:
             refusal.server = self._log_name
             raise
 
@@ -296,12 +303,8 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         link in a chat or on any site would start it. It may choose a profile (``?profile=slug``)
         and nothing else: an environment.yml (code: its ``variables`` reach the kernel) or any
         other field comes only with the form's POST or the REST API. Refused: a 400 on the form."""
-        _quiet_form_refusals(self.log)  # JupyterHub's handler logs the refusal on this logger
-        try:
+        with self._refusals_named(StartFailure):
             return await self._options_from_query(query_data)
-        except StartFailure as refusal:
-            refusal.server = self._log_name
-            raise
 
     async def _options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
         fields = sorted(set(query_data) - _QUERY_FIELDS)
