@@ -21,7 +21,7 @@ from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.baseimage import BASE_TAG, ImageBuildError
 from jupyterhub_condaspawner.resolve import ResolveError, Resolver
 
-from .bench import BenchError, BenchParts, BenchSetup, default_bench_dir, ensure_bench, set_up_bench
+from .bench import Bench, BenchError, BenchParts, BenchSetup, default_bench_dir, ensure_bench, set_up_bench
 from .devchannel import build_dev_channel
 from .dockerd import BenchDaemonError
 from .offlinebase import build_offline_base
@@ -98,21 +98,50 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
         bench = ensure_bench(bench_dir, say=_say, real_set=real_set)
     except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
         raise cli.CommandError(f"cannot set up the demo bench: {error}")
-    demo_config = Path(args.hub_config).resolve()
-    if not demo_config.is_file():
-        raise cli.CommandError(f"demo config not found: {demo_config}")
+    demo_config = _demo_config(args)
     os.environ.update({
-        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
-        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
+        **_demo_environment(bench),
         "CONDASPAWNER_DEMO_PORT": str(args.port),
         HUB_PORT_ENV: str(args.hub_port),
         PROXY_PORT_ENV: str(args.proxy_api_port),
-        # users' environments come from the dev channel plus the real packages
-        "CONDASPAWNER_DEMO_CHANNEL": (bench.real_channel or bench.channel).url,
     })
     _say(f"demo hub: http://127.0.0.1:{args.port}/ (any user name, no password; "
          "'student' sees the course profile)")
     os.execv(sys.executable, [sys.executable, "-m", "jupyterhub", "-f", str(demo_config)])
+
+
+def cmd_demo_admin(args: argparse.Namespace, config: Config) -> int:
+    """``condaspawner COMMAND`` with the demo hub's config, on its bench: its Docker daemon,
+    channel and state folder (so ``build`` prebuilds the images the demo hub starts)."""
+    if not args.command:
+        raise cli.CommandError("name a condaspawner command, e.g. build, ls or profiles (condaspawner --help)")
+    demo_config = _demo_config(args)
+    bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else default_bench_dir()
+    try:
+        bench = ensure_bench(bench_dir, say=_say, real_set=_real_set(args, "datascience"))
+    except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
+        raise cli.CommandError(f"cannot set up the demo bench: {error}")
+    os.environ.update(_demo_environment(bench))
+    command, *rest = args.command
+    os.execv(sys.executable, [sys.executable, "-m", "jupyterhub_condaspawner.cli", command,
+                              "--config", str(demo_config), *rest])
+
+
+def _demo_config(args: argparse.Namespace) -> Path:
+    demo_config = Path(args.hub_config).resolve()
+    if not demo_config.is_file():
+        raise cli.CommandError(f"demo config not found: {demo_config}")
+    return demo_config
+
+
+def _demo_environment(bench: Bench) -> dict[str, str]:
+    """What the demo's config reads from the environment (ensure_bench exports DOCKER_HOST)."""
+    return {
+        "CONDASPAWNER_BENCH_DIR": str(bench.directory),
+        "CONDASPAWNER_PROXY_COMMAND": "\n".join(bench.proxy_command),
+        # users' environments come from the dev channel plus the real packages
+        "CONDASPAWNER_DEMO_CHANNEL": (bench.real_channel or bench.channel).url,
+    }
 
 
 def cmd_setup(args: argparse.Namespace, config: Config) -> int:
@@ -186,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
                       help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")
     _add_real_set(demo, "datascience")
+    admin = add("demo-admin", cmd_demo_admin, "run a condaspawner command (build, ls, profiles, gpus, log, ...) "
+                "with the demo hub's config, on its bench: e.g. `demo-admin build` prebuilds its profiles' images",
+                rattler_async=True)
+    admin.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")
+    admin.add_argument("--hub-config", default=str(DEMO_CONFIG), metavar="FILE",
+                       help="the hub's config (default: the checkout's demo/jupyterhub_config.py)")
+    _add_real_set(admin, "datascience")
+    admin.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                       help="the condaspawner command and its arguments")
     setup = add("setup", cmd_setup, "set up the bench's parts (independent ones at once) and print how long each "
                 "phase took", rattler_async=True)
     setup.add_argument("--bench-dir", metavar="DIR", help="bench folder (default: $CONDASPAWNER_BENCH_DIR or .bench)")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from fixtures_docker import bench_dir
 from traitlets.config import PyFileConfigLoader
 
 from condaspawner_bench.ports import free_port
@@ -90,3 +91,27 @@ def test_the_demo_offers_users_only_the_channel_it_serves_and_keeps_its_pytorch_
     assert profiles.keys() == {"python39", "datascience", "course-hw1", "pytorch-gpu"}
     assert profiles["pytorch-gpu"].environment is not None
     assert profiles["pytorch-gpu"].environment.channels[:2] == ("pytorch", "nvidia")
+
+
+def test_demo_admin_runs_condaspawner_with_the_demo_hubs_config_on_its_bench(docker_daemon, tmp_path):
+    """Without it, `condaspawner build --config demo/jupyterhub_config.py` (what the course
+    profile's description suggests) stops at the environment variables `make demo` sets."""
+    env = {**os.environ, "CONDASPAWNER_DEMO_STATE": str(tmp_path / "state"),
+           "CONDASPAWNER_DEMO_IMAGE_REPO": f"cs-demo-admin-{tmp_path.name.lower()}"}
+
+    def demo_admin(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "condaspawner_bench", "demo-admin", "--bench-dir", str(bench_dir()),
+                               "--real-set", "none", *arguments], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=300)
+
+    profiles = demo_admin("profiles")
+    assert profiles.returncode == 0, profiles.stderr
+    assert [line.split()[0] for line in profiles.stdout.splitlines()[1:]] == [
+        "python39", "datascience", "course-hw1", "pytorch-gpu"]
+    images = demo_admin("ls")
+    assert images.returncode == 0, images.stderr
+    assert images.stdout.splitlines()[-1].startswith("0 image(s)")  # the demo's repository: none built in it yet
+    refused = demo_admin()
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == ("error: name a condaspawner command, e.g. build, ls or profiles "
+                                               "(condaspawner --help)")
