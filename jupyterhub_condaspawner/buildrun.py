@@ -20,6 +20,7 @@ import shutil
 import statistics
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from . import buildcontext, layeredbuild, layers, leftovers, madeids, metrics, s
 from .builderrors import BuildError, one_line
 from .buildlog import CappedLog
 from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, ImageInfo
-from .buildrecords import file_lock, now
+from .buildrecords import BuildRecord, file_lock, now
 from .dockerbuild import docker_build
 from .resolve import Lock, Resolver, is_no_space
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .builder import ImageBuilder
 
 # How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
+TYPICAL_OF = 20  # the latest builds whose median duration the "about N min" notices give
 PRESOLVED_SECONDS = 600
 # The most locks kept at once (the oldest go first): each Check of a new file keeps one.
 PRESOLVED_KEPT = 64
@@ -115,6 +117,18 @@ class PresolvedLocks:
             del self._locks[next(iter(self._locks))]
 
 
+def recorded_seconds(records: list[BuildRecord]) -> list[float]:
+    """How long each of the ``records`` that built took (from their times), oldest first."""
+    seconds = []
+    for record in reversed(records):
+        with contextlib.suppress(ValueError):
+            if record.status == "built" and record.started and record.finished:
+                took = (datetime.fromisoformat(record.finished) - datetime.fromisoformat(record.started)).total_seconds()
+                if took >= 0:
+                    seconds.append(took)
+    return seconds
+
+
 class BuildRuns:
     """The builds this process runs or waits to run, and what they took."""
 
@@ -124,6 +138,7 @@ class BuildRuns:
         self.running: dict[str, Build] = {}
         self.started = 0  # builds that did build (not cache hits, not joins)
         self.seconds: list[float] = []  # how long each took
+        self._seeded = False  # with the durations the cache folder recorded (typical_seconds)
         self._slots = asyncio.Semaphore(builder.max_concurrent_builds)
         self._waiting = 0
         self._removals: set[asyncio.Future] = set()  # staging folders of built images, being removed
@@ -157,10 +172,15 @@ class BuildRuns:
                 watcher.set_result(None)
 
     def typical_seconds(self, default: float = 120.0) -> float:
-        """The median duration of this process's builds, for "about N min" notices."""
+        """The median duration of the latest builds, for "about N min" notices: this process's,
+        after those the cache folder recorded before it started (a restarted hub's first
+        estimate is not a guess)."""
+        if not self._seeded:
+            self._seeded = True
+            self.seconds[:0] = recorded_seconds(self.builder.records.builds()[:TYPICAL_OF])
         if not self.seconds:
             return default
-        return statistics.median(self.seconds[-20:])
+        return statistics.median(self.seconds[-TYPICAL_OF:])
 
     async def finish_removals(self) -> None:
         """Wait until the staging folders of finished builds are gone (a command, before it exits)."""

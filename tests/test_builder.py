@@ -302,6 +302,23 @@ async def test_two_hub_processes_sharing_a_cache_build_a_key_once(builder):
     assert other.builds_started == (0 if theirs.cached else 1)
 
 
+def test_a_restarted_hubs_build_estimate_comes_from_the_builds_its_cache_folder_recorded(builder, tmp_path):
+    """The "about N min" of the form and the progress page, before this process built anything."""
+    def restarted() -> ImageBuilder:
+        return ImageBuilder(resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+                            cache_dir=str(tmp_path), image_repo=builder.image_repo)
+
+    assert restarted().build_estimate() == "about 2 min"  # nothing recorded: the default
+    records = restarted().records
+    for number, (minutes, status) in enumerate([(4, "built"), (5, "built"), (6, "built"), (30, "failed")]):
+        records.key_dir(f"{number:064x}").mkdir(parents=True)
+        records.record(f"{number:064x}", status=status, started="2026-12-02T10:00:00+00:00",
+                       finished=f"2026-12-02T10:{minutes:02d}:00+00:00")
+    records.key_dir(f"{9:064x}").mkdir(parents=True)
+    records.record(f"{9:064x}", status="building", started="2026-12-02T11:00:00+00:00", finished="")
+    assert restarted().build_estimate() == "about 5 min"  # the median of the builds that built
+
+
 async def test_builds_beyond_the_limit_wait_in_a_visible_queue(builder):
     one_at_a_time = ImageBuilder(
         resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
