@@ -54,6 +54,7 @@ BENCH_FIXTURES = {
     "dev_channel": ("channel",),
     "dev_python_channel": ("channel",),
     "hub": ("base", "channel", "proxy"),
+    "demo_bench": ("base", "channel", "proxy"),
     "chromium": ("browser",),
     "registry_server": ("registry",),  # the fixture starts it; the set-up installs its packages
     "auth_registry_server": ("registry",),
@@ -398,6 +399,14 @@ def base_image(docker_daemon: DaemonHandle, rootfs_image: str, dev_python_channe
     )
     asyncio.run(build_offline_base(docker_daemon.client(), bench_dir(), resolver))
     return BASE_TAG
+
+
+@pytest.fixture(scope="session")
+def demo_bench(base_image: str) -> Path:
+    """The bench folder once every part the demo sets up is ready (its proxy too): a command that
+    sets the demo's bench up itself then finds each part built, and never builds one beside the
+    run's own set-up."""
+    return bench_dir()
 
 
 _DEFERRED_REPOS: list[str] = []

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from fixtures_docker import bench_dir
 from traitlets.config import PyFileConfigLoader
 
 from condaspawner_bench.ports import free_port
@@ -93,14 +92,14 @@ def test_the_demo_offers_users_only_the_channel_it_serves_and_keeps_its_pytorch_
     assert profiles["pytorch-gpu"].environment.channels[:2] == ("pytorch", "nvidia")
 
 
-def test_demo_admin_runs_condaspawner_with_the_demo_hubs_config_on_its_bench(docker_daemon, tmp_path):
+def test_demo_admin_runs_condaspawner_with_the_demo_hubs_config_on_its_bench(demo_bench, tmp_path):
     """Without it, `condaspawner build --config demo/jupyterhub_config.py` (what the course
     profile's description suggests) stops at the environment variables `make demo` sets."""
     env = {**os.environ, "CONDASPAWNER_DEMO_STATE": str(tmp_path / "state"),
            "CONDASPAWNER_DEMO_IMAGE_REPO": f"cs-demo-admin-{tmp_path.name.lower()}"}
 
     def demo_admin(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "condaspawner_bench", "demo-admin", "--bench-dir", str(bench_dir()),
+        return subprocess.run([sys.executable, "-m", "condaspawner_bench", "demo-admin", "--bench-dir", str(demo_bench),
                                "--real-set", "none", *arguments], capture_output=True, text=True, cwd=REPO, env=env,
                               timeout=300)
 
