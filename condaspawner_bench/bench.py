@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ from .swarm import SWARM_PACKAGES
 T = TypeVar("T")
 PROXY_PACKAGE = "configurable-http-proxy@5.3.0"
 PROXY_BIN = Path("proxy/node_modules/.bin/configurable-http-proxy")  # under the bench folder
+SETUP_LOCK = ".setup.lock"  # under the bench folder: one set-up of it at a time
 BENCH_DIR_ENV = "CONDASPAWNER_BENCH_DIR"
 # The screenshot test drives Debian's chromium; the set-up installs it alongside the rest.
 BROWSER_PACKAGES = {"chromium": "chromium", "chromedriver": "chromium-driver"}
@@ -186,7 +189,29 @@ def set_up_bench(
     """
     directory = Path(bench_dir or default_bench_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    with one_setup_at_a_time(directory, say):
+        return _set_up(directory, parts, say, ready, real_set)
+
+
+@contextlib.contextmanager
+def one_setup_at_a_time(directory: Path, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the bench folder's set-up lock for the block, waiting (and saying so) while another
+    process sets the same folder up: two would run mmdebstrap into one rootfs folder (a second
+    `make demo` started during the first's set-up, or a command beside a test run's own)."""
+    with (directory / SETUP_LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say is not None:
+                say(f"another process is setting up {directory}: waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # released as the file closes
+
+
+def _set_up(directory: Path, parts: BenchParts, say: Callable[[str], None] | None,
+            ready: Callable[[str, BenchSetup], None] | None, real_set: str | None) -> BenchSetup:
     setup = BenchSetup(directory, PhaseLog(say))
+
     def announce(part: str) -> None:
         if ready is not None:
             ready(part, setup)

@@ -1,0 +1,34 @@
+"""One set-up of a bench folder at a time: a second (a second `make demo` during the first's
+set-up, `demo-admin` beside a test run's own) waits, and says so, instead of running mmdebstrap
+into the same rootfs folder."""
+
+from __future__ import annotations
+
+import threading
+
+from condaspawner_bench.bench import one_setup_at_a_time
+
+
+def test_a_second_set_up_of_a_bench_folder_waits_for_the_first_and_says_so(tmp_path):
+    said: list[str] = []
+    waiting, second_ran = threading.Event(), threading.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        waiting.set()
+
+    def second() -> None:
+        with one_setup_at_a_time(tmp_path, say):
+            second_ran.set()
+
+    with one_setup_at_a_time(tmp_path, say):
+        other = threading.Thread(target=second)
+        other.start()
+        assert waiting.wait(60)  # a safety net only: it says so before it blocks
+        assert not second_ran.is_set()
+    other.join(60)
+    assert second_ran.is_set()
+    assert said == [f"another process is setting up {tmp_path}: waiting for it to finish"]
+    with one_setup_at_a_time(tmp_path, say):  # free again: no wait, nothing said
+        pass
+    assert len(said) == 1
