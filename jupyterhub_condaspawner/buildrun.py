@@ -37,8 +37,8 @@ from .resolve import Lock, Resolver, is_no_space
 if TYPE_CHECKING:
     from .builder import ImageBuilder
 
-# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
 TYPICAL_OF = 20  # the latest builds whose median duration the "about N min" notices give
+# How long the lock of a spawn's pre-check (ImageBuilder.presolve) stays good for its build.
 PRESOLVED_SECONDS = 600
 # The most locks kept at once (the oldest go first): each Check of a new file keeps one.
 PRESOLVED_KEPT = 64
