@@ -35,8 +35,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_nvml import FakeNvml  # the fake lives with the tests
@@ -50,6 +52,9 @@ IDLE_RATIO_GOAL = 0.40  # gpu-aware / activity-only
 HOUR = 3600.0
 DAY = 24 * HOUR
 MINUTE = 60.0
+# Loop turns after each event: a release's dispatch, the grant, the waiter's inline NVML scan and
+# return, its callback; retry timers that came due and their own scans and grants.
+SETTLE_STEPS = 16
 
 
 # -- 1. throughput ----------------------------------------------------------------------------
@@ -410,8 +415,38 @@ class DayReplay:
                 await self._stop(user)
 
     async def _settle(self) -> None:
-        for _ in range(4):  # a release's dispatch, the grant, the waiter's return, its callback
+        for _ in range(SETTLE_STEPS):
             await asyncio.sleep(0)
+
+
+class SimulatedLoop(asyncio.SelectorEventLoop):
+    """An event loop on the replay's clock, so that a replay gives the same figures every run.
+
+    The queue's retry timers (``asyncio.wait`` with a timeout) then fire in simulated time, at the
+    first event after they are due, not after real seconds of the replay; and its NVML scans
+    (``asyncio.to_thread``, the fake NVML in memory) run inline, not on a thread that finishes
+    whenever the machine lets it.
+    """
+
+    def __init__(self, clock: Callable[[], float]):
+        super().__init__()
+        self._simulated = clock
+
+    def time(self) -> float:
+        return self._simulated()
+
+    def run_in_executor(self, executor: Any, func: Callable[..., Any], *args: Any) -> asyncio.Future:
+        future = self.create_future()
+        try:
+            future.set_result(func(*args))
+        except Exception as error:  # noqa: BLE001 -- handed to the awaiting code, as a thread's would be
+            future.set_exception(error)
+        return future
+
+
+def replay(day: DayReplay) -> Outcome:
+    with asyncio.Runner(loop_factory=lambda: SimulatedLoop(lambda: day.now)) as runner:
+        return runner.run(day.run())
 
 
 def static_office_hours(days: list[UserDay]) -> Outcome:
@@ -441,12 +476,12 @@ def simulate_day(seed: int, users: int) -> dict[str, Outcome | int]:
     asked = sum(day.gpus for day in days)
     return {
         "asked": asked,
-        "gpu-aware": asyncio.run(DayReplay(days, asked, "gpu-aware").run()),
-        "activity-only": asyncio.run(DayReplay(days, asked, "activity-only").run()),
+        "gpu-aware": replay(DayReplay(days, asked, "gpu-aware")),
+        "activity-only": replay(DayReplay(days, asked, "activity-only")),
         "static": static_office_hours(days),
-        "half-host": asyncio.run(DayReplay(days, asked // 2, "gpu-aware").run()),
+        "half-host": replay(DayReplay(days, asked // 2, "gpu-aware")),
         # For scale: the queue without its hold for older, bigger requests (they may starve).
-        "half-host-no-hold": asyncio.run(DayReplay(days, asked // 2, "gpu-aware", queue_hold_after=10 * DAY).run()),
+        "half-host-no-hold": replay(DayReplay(days, asked // 2, "gpu-aware", queue_hold_after=10 * DAY)),
     }
 
 
@@ -488,7 +523,7 @@ def report_day(quick: bool, seed: int, users: int) -> None:
     asked = sum(day.gpus for day in days)
     sweep = []
     for minutes in (10, 15, 60):
-        other = asyncio.run(DayReplay(days, asked, "gpu-aware", gpu_idle_minutes=minutes).run())
+        other = replay(DayReplay(days, asked, "gpu-aware", gpu_idle_minutes=minutes))
         sweep.append(f"{minutes:.0f} min {other.idle_hours / activity.idle_hours:.2f} "
                      f"({other.culls} culled, {other.culls_present} at the keyboard)")
     print("  for scale, other gpu_idle_timeout values, idle ratio to activity-only: " + ", ".join(sweep))
