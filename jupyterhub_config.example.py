@@ -60,21 +60,6 @@ c.ImageBuilder.disk_budget = "500G"
 # c.ImageBuilder.registry = "registry.example.edu:5000/condaspawner-env"
 # c.ImageBuilder.insecure_registries = []  # only registries without a trusted certificate
 # c.ImageBuilder.docker_host = "tcp://build.example.edu:2376"  # a build host (needs the registry)
-# Several GPU hosts in a Docker Swarm (README, "Docker Swarm"): each server is a service that
-# Swarm places on a node with free GPUs (generic resources "NVIDIA-GPU"); needs the registry.
-# c.JupyterHub.spawner_class = "conda-swarm"
-# c.DockerSpawner.client_kwargs = {"base_url": "tcp://swarm-manager.example.edu:2376"}
-# c.DockerSpawner.network_name = "host"  # servers listen on their node's address
-# c.JupyterHub.hub_connect_ip = "hub.example.edu"  # an address every node can reach
-# Homes that follow a server to any node: NFS through Docker's local driver ({username} is the
-# escaped name; the export's folder must exist and be writable by jovyan).
-# c.CondaSwarmSpawner.volumes = {"home-{username}": "/home/jovyan"}
-# c.CondaSwarmSpawner.volume_driver = "local"
-# c.CondaSwarmSpawner.volume_driver_options = {"type": "nfs", "o": "addr=nfs.example.edu,rw,nfsvers=4",
-#                                              "device": ":/export/home/{username}"}
-# Node labels the admin sets per GPU node: nvidia.gpu.product (model), nvidia.cuda.version (driver).
-# GPU utilization for metrics and idle culling: dcgm-exporter on every GPU node.
-# c.CondaSwarmSpawner.gpu_metrics_url = "http://{address}:9400/metrics"
 
 # -- GPUs ---------------------------------------------------------------------------------
 c.GpuAllocator.policy = "pack"  # or "spread"
@@ -128,3 +113,21 @@ c.JupyterHub.load_roles = [
         "services": ["idle-culler"],
     },
 ]
+
+# -- Several GPU hosts in a Docker Swarm (README, "Docker Swarm") ----------------------------
+# Each server is a service that Swarm places on a node with free GPUs (generic resources
+# "NVIDIA-GPU"); needs the registry above. Last in this file on purpose: these settings replace
+# the one-host network and hub address of "Containers" above.
+# c.JupyterHub.spawner_class = "conda-swarm"
+# c.DockerSpawner.client_kwargs = {"base_url": "tcp://swarm-manager.example.edu:2376"}
+# c.CondaSwarmSpawner.network_name = "host"  # servers listen on their node's address
+# c.JupyterHub.hub_connect_ip = "hub.example.edu"  # an address every node can reach
+# Homes that follow a server to any node: NFS through Docker's local driver ({username} is the
+# escaped name; the export's folder must exist and be writable by jovyan).
+# c.CondaSwarmSpawner.volumes = {"home-{username}": "/home/jovyan"}
+# c.CondaSwarmSpawner.volume_driver = "local"
+# c.CondaSwarmSpawner.volume_driver_options = {"type": "nfs", "o": "addr=nfs.example.edu,rw,nfsvers=4",
+#                                              "device": ":/export/home/{username}"}
+# Node labels the admin sets per GPU node: nvidia.gpu.product (model), nvidia.cuda.version (driver).
+# GPU utilization for metrics and idle culling: dcgm-exporter on every GPU node.
+# c.CondaSwarmSpawner.gpu_metrics_url = "http://{address}:9400/metrics"

@@ -8,9 +8,11 @@ the shapes the manager returned there (docker 20.10, API 1.41), including the od
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +66,8 @@ class FakeApi:
         return [t for t in self._tasks if t["DesiredState"] == filters["desired-state"]]
 
 
+REPO = Path(__file__).resolve().parents[1]
+SWARM_SECTION = "# -- Several GPU hosts in a Docker Swarm"
 A100, H100, L4 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA L4"
 
 
@@ -285,3 +289,30 @@ def test_every_setting_of_the_swarm_spawner_says_what_it_does_with_a_config_exam
     assert {"volume_driver", "volume_driver_options", "cuda_label", "gpu_metrics_url"} <= set(own)
     for name, trait in own.items():
         assert f"c.CondaSwarmSpawner.{name} = " in (trait.help or ""), name
+
+
+def test_the_example_configs_swarm_section_uncommented_wins_over_its_one_host_network(tmp_path):
+    """An admin uncomments the example's Swarm section: servers get host networking and the hub's
+    address every node reaches, not the one-host "jupyterhub" network set further up the file."""
+    from jupyterhub.objects import Hub
+    from stand_in_user import StandInUser
+    from traitlets.config import PyFileConfigLoader
+
+    from jupyterhub_condaspawner.cli import uses_swarm
+    from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
+
+    example = (REPO / "jupyterhub_config.example.py").read_text()
+    one_host, swarm_section = example.split(SWARM_SECTION)
+    # "# c.X.y = ..." and the continuation lines of a setting, whose "#" is followed by indentation
+    uncommented = re.sub(r"^# (?=c\.|\s{3,})", "", swarm_section, flags=re.MULTILINE)
+    (tmp_path / "jupyterhub_config.py").write_text(one_host + SWARM_SECTION + uncommented)
+
+    config = PyFileConfigLoader("jupyterhub_config.py", str(tmp_path)).load_config()
+    spawner = CondaSwarmSpawner(user=StandInUser("erin"), hub=Hub(), config=config)
+
+    assert uses_swarm(config)
+    assert config.JupyterHub.hub_connect_ip == "hub.example.edu"
+    assert spawner.network_name == "host"
+    assert spawner.volume_driver == "local"
+    assert spawner.volumes == {"home-{username}": "/home/jovyan"}
+
