@@ -281,10 +281,12 @@ SWARM_SPAWNER_NAMES = ("conda-swarm", "jupyterhub_condaspawner.swarmspawner.Cond
 
 
 def uses_swarm(config: Config) -> bool:
-    """Whether the config's hub runs the conda-swarm spawner."""
+    """Whether the config's hub runs the conda-swarm spawner, or a subclass of it the config defines."""
     spawner_class = config["JupyterHub"]["spawner_class"] if "spawner_class" in config.get("JupyterHub", {}) else ""
-    name = spawner_class if isinstance(spawner_class, str) else getattr(spawner_class, "__name__", "")
-    return name in SWARM_SPAWNER_NAMES or name == "CondaSwarmSpawner"
+    if isinstance(spawner_class, str):
+        return spawner_class in SWARM_SPAWNER_NAMES
+    # By name: importing the spawner would slow every command down.
+    return any(klass.__name__ == "CondaSwarmSpawner" for klass in getattr(spawner_class, "__mro__", ()))
 
 
 def _swarm_gpus(args: argparse.Namespace, config: Config) -> int:

@@ -316,3 +316,23 @@ def test_the_example_configs_swarm_section_uncommented_wins_over_its_one_host_ne
     assert spawner.volume_driver == "local"
     assert spawner.volumes == {"home-{username}": "/home/jovyan"}
 
+
+def test_condaspawner_gpus_reads_the_swarm_for_a_subclass_of_the_swarm_spawner_the_config_defines(tmp_path):
+    from traitlets.config import PyFileConfigLoader
+
+    from jupyterhub_condaspawner.cli import uses_swarm
+    from jupyterhub_condaspawner.spawner import CondaSpawner
+
+    (tmp_path / "jupyterhub_config.py").write_text(
+        "from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner\n\n"
+        "class LabSpawner(CondaSwarmSpawner):\n"
+        "    pass\n\n"
+        "c.JupyterHub.spawner_class = LabSpawner\n")
+
+    config = PyFileConfigLoader("jupyterhub_config.py", str(tmp_path)).load_config()
+    one_host = PyFileConfigLoader("jupyterhub_config.py", str(tmp_path)).load_config()
+    one_host.JupyterHub.spawner_class = CondaSpawner
+
+    assert uses_swarm(config)
+    assert not uses_swarm(one_host)
+
