@@ -150,6 +150,13 @@ class SwarmState:
     def held_gpus(self) -> int:
         return len(self.holders())
 
+    def open_gpus(self) -> tuple[int, int]:
+        """(held, all) GPUs of the nodes that take new servers now (ready and active): a start that
+        waits can get only these, not those of nodes that are down, drained or paused."""
+        holders = self.holders()
+        gpus = [gpu for node in self.nodes if node.schedulable for gpu in node.gpus]
+        return sum(1 for gpu in gpus if gpu in holders), len(gpus)
+
     def user_gpus(self, user: str, except_server: str | None = None) -> int:
         """GPUs the user's live servers reserve (pending ones included: they get them when placed)."""
         return sum(task.gpus_requested for task in self.tasks

@@ -171,8 +171,9 @@ class SwarmGpuSampler:
 
 
 def gpu_states(state: SwarmState, readings: Mapping[str, GpuReading], idle_utilization: float) -> dict[str, str]:
-    """Every GPU of the swarm's nodes: unusable (its node is not ready), free, held_idle (a reading at
-    or below ``idle_utilization``) or held_busy (above it, or no reading)."""
+    """Every GPU of the swarm's nodes: unusable (its node is not ready, or, not held, on a node that takes
+    no new servers: drained or paused), free, held_idle (a reading at or below ``idle_utilization``) or
+    held_busy (above it, or no reading)."""
     holders = state.holders()
     states = {}
     for node in state.nodes:
@@ -181,7 +182,7 @@ def gpu_states(state: SwarmState, readings: Mapping[str, GpuReading], idle_utili
             if not node.ready:
                 states[gpu] = "unusable"
             elif gpu not in holders:
-                states[gpu] = "free"
+                states[gpu] = "free" if node.schedulable else "unusable"
             elif reading is not None and reading.utilization is not None \
                     and reading.utilization <= idle_utilization:
                 states[gpu] = "held_idle"

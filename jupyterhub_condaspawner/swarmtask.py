@@ -126,7 +126,8 @@ class SwarmTaskMixin(_SpawnerBase):
         if task is None or task.state in ("new", "allocated", "pending"):
             reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
             if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
-                return (f"Waiting for a GPU on any node: {state.held_gpus()} of {state.total_gpus} GPUs are held; "
+                held, open_gpus = state.open_gpus()
+                return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{_closed_gpus(state)}; "
                         "your server starts when one is free")
             if "insufficient resources" in reason:
                 return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
@@ -142,8 +143,9 @@ class SwarmTaskMixin(_SpawnerBase):
         waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
         reason = task.reason if task else "no task"
         if self._request.gpus and state.waiting_for(self._request) == "a GPU":
-            user = (f"No GPU is free on this hub: {state.total_gpus - state.held_gpus()} of {state.total_gpus} "
-                    f"({self._request.describe(True)}; no node had one free within {waited}: try again later)")
+            held, open_gpus = state.open_gpus()
+            user = (f"No GPU is free on this hub: {open_gpus - held} of {open_gpus} ({self._request.describe(True)}; "
+                    f"no node had one free within {waited}{_closed_gpus(state)}: try again later)")
         else:
             user = (f"No node had the CPU or memory free for your server within {waited} "
                     f"({self._request.describe()}): try again later")
@@ -204,16 +206,27 @@ class SwarmTaskMixin(_SpawnerBase):
         where = f"node {node.hostname}" if node is not None else "its node"
         if node is not None and node.state in ("down", "disconnected"):  # Swarm says "rejected" then too
             return f"Your server on {what} stopped: {where} is {node.state} (start it again: Swarm picks a node that is up)"
+        if node is not None and node.availability == "drain":  # Swarm shuts its tasks down
+            return (f"Your server on {what} stopped: an admin drained {where} (start it again: Swarm picks a node "
+                    "that takes servers)")
         if _NODE_UPDATE_REJECTION in (task.reason or "") and task.gpus:
             return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
                     "servers on any update of their node): start it again")
         return f"Your server on {what} stopped on {where} ({status}): start it again"
 
 
+def _closed_gpus(state: SwarmState) -> str:
+    """", and 2 more are on nodes that take no new servers now (...)", or "" when every GPU node takes them."""
+    closed = state.total_gpus - state.open_gpus()[1]
+    return f", and {closed} more are on nodes that take no new servers now (down, drained or paused)" if closed else ""
+
+
 def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
     """A task's end before it ran, in a few words: the node's state, or what its daemon said."""
     if node is not None and node.state in ("down", "disconnected"):
         return f"the node is {node.state}"
+    if node is not None and node.availability == "drain":
+        return "an admin drained it"
     if "No such image" in task.reason or "pull" in task.reason.lower():
         return "it could not pull the image from the registry"
     return task.reason or task.state

@@ -202,3 +202,17 @@ def test_the_exporters_are_scraped_per_node_and_a_silent_node_is_logged_once(exp
     assert len(warnings) == 1 and warnings[0].startswith(
         f"No GPU utilization from node w2 (http://127.0.0.1:{port}/w2/metrics): 404 Client Error")
     assert any(record.getMessage().startswith("GPU utilization from node w2") for record in caplog.records)
+
+
+def test_free_gpus_of_a_drained_or_paused_node_are_unusable_and_held_ones_stay_held():
+    # No new server can get them (an admin drained the node for maintenance): never counted as free.
+    drained = node_attrs("w2", "10.0.0.3", ("GPU-w2-0", "GPU-w2-1"), A100)
+    paused = node_attrs("w3", "10.0.0.4", ("GPU-w3-0", "GPU-w3-1"), A100)
+    drained["Spec"]["Availability"], paused["Spec"]["Availability"] = "drain", "pause"
+    nodes = [node_attrs("w1", "10.0.0.2", ("GPU-w1-0",), A100), drained, paused]
+    state = swarm.read_swarm(FakeApi(nodes, [task("s1", "ada", "w3", ("GPU-w3-0",), 1)]))
+
+    states = swarmgpus.gpu_states(state, {}, idle_utilization=5.0)
+
+    assert states == {"GPU-w1-0": "free", "GPU-w2-0": "unusable", "GPU-w2-1": "unusable",
+                      "GPU-w3-0": "held_busy", "GPU-w3-1": "unusable"}

@@ -336,3 +336,9 @@ def test_condaspawner_gpus_reads_the_swarm_for_a_subclass_of_the_swarm_spawner_t
     assert uses_swarm(config)
     assert not uses_swarm(one_host)
 
+
+def test_gpus_a_waiting_start_could_get_leave_out_nodes_that_take_no_new_servers():
+    state = cluster()  # h1's 4 GPUs are on a node that is down
+
+    assert state.open_gpus() == (1, 4)  # a1's 2 (one held), l1's and bare's
+    assert (state.held_gpus(), state.total_gpus) == (1, 8)

@@ -636,3 +636,55 @@ def test_limits_a_pre_spawn_hook_sets_are_kept_where_the_profile_sets_none(swarm
     two = spawner.service_request(catalog.get("two"))
 
     assert (two.cpu_limit, two.mem_limit) == (0.1, 2**30)  # the profile's CPU, the hook's memory
+
+
+async def test_a_start_waiting_while_a_gpu_node_is_drained_counts_only_gpus_it_could_get(swarm_bench, servers):
+    # An admin drains a GPU node for maintenance (as the README tells before a node update); the
+    # other node's GPUs are all held. The drained node's GPUs are neither held nor free for this start.
+    drained, open_node = (node.name for node in swarm_bench.workers)
+    set_availability(swarm_bench, drained, "drain")
+    try:
+        holders = [servers.make(f"open{number}") for number in range(2)]
+        await asyncio.gather(*(servers.start(spawner) for spawner in holders))
+        assert {assigned(swarm_bench, spawner)[0] for spawner in holders} == {open_node}
+        late = servers.make("maintenance", start_timeout=30, start_margin=10)  # gives up after 20 s
+        start = asyncio.ensure_future(servers.start(late))
+        waiting = await asyncio.wait_for(until_waiting_for(late, "Waiting for a GPU"), 120)
+        with pytest.raises(StartFailure) as failure:
+            await start
+    finally:
+        set_availability(swarm_bench, drained, "active")
+
+    print(waiting, "|", failure.value.message)
+    assert waiting == ("Waiting for a GPU on any node: 2 of 2 GPUs are held, and 2 more are on nodes that take no "
+                       "new servers now (down, drained or paused); your server starts when one is free")
+    assert failure.value.message == ("No GPU is free on this hub: 0 of 2 ('gpu' needs 1 GPU matching '*A100*'; no "
+                                     "node had one free within 30 s, and 2 more are on nodes that take no new "
+                                     "servers now (down, drained or paused): try again later)")
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+async def test_a_server_whose_node_is_drained_is_reported_stopped_and_its_user_told_why(swarm_bench, servers,
+                                                                                      profile):
+    node_name = swarm_bench.workers[0].name
+    spawner = servers.make(f"drained-{profile}", extra_placement_spec={"constraints": [f"node.hostname=={node_name}"]})
+    await servers.start(spawner, profile=profile)
+    set_availability(swarm_bench, node_name, "drain")
+    try:
+        status = None
+        for _ in range(300):
+            status = await spawner.poll()
+            if status is not None:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        set_availability(swarm_bench, node_name, "active")
+
+    notice = hub_services(spawner).notices.take(spawner.user.name, "")
+    print("poll:", status, "| notice:", notice)
+    assert isinstance(status, str) and status
+    assert not swarm_bench.manager_client().api.services(filters={"name": spawner.object_name})
+    what = "cpu" if profile == "cpu" else "One GPU"  # GPU servers keep their profile's display name
+    assert notice == (f"Your server on {what} stopped: an admin drained node {node_name} (start it again: Swarm "
+                      "picks a node that takes servers)")
+
