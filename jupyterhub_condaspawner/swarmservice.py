@@ -132,8 +132,12 @@ class SwarmServiceMixin(_SpawnerBase):
             stop_grace_period=STOP_GRACE_NS,
         )
         container.update(self.extra_container_spec)
-        placement = dict(constraints=self._constraints or None)
-        placement.update(self.extra_placement_spec)
+        # The admin's labels add to ours: without the user's, Swarm's tasks name no GPU holder.
+        container["labels"] = {**(self.extra_container_spec.get("labels") or {}), **labels}
+        # The admin's constraints (a node pool) add to the profile's GPU model and CUDA and to the
+        # nodes this start left: replacing them would put a GPU profile on any node.
+        placement = {**self.extra_placement_spec,
+                     "constraints": [*self._constraints, *(self.extra_placement_spec.get("constraints") or [])] or None}
         task = dict(
             container_spec=docker.types.ContainerSpec(**container),
             resources=swarm.resources(self._request, self.gpu_resource),

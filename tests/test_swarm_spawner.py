@@ -688,3 +688,23 @@ async def test_a_server_whose_node_is_drained_is_reported_stopped_and_its_user_t
     assert notice == (f"Your server on {what} stopped: an admin drained node {node_name} (start it again: Swarm "
                       "picks a node that takes servers)")
 
+
+async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swarm_bench, servers):
+    # A site keeps servers on its worker pool with SwarmSpawner's extra_placement_spec; the profile's
+    # GPU model (and CUDA) constraints must stay, or a "*A100*" server could land on any GPU node.
+    # Its labels likewise: without the user's label, Swarm's tasks would name no holder for the GPU.
+    spawner = servers.make("pooled", extra_placement_spec={"constraints": ["node.role==worker"],
+                                                           "preferences": [("spread", "node.id")]},
+                           extra_container_spec={"labels": {"edu.example.cost-centre": "physics"}})
+
+    await servers.start(spawner)
+
+    spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    assert spec["Placement"]["Constraints"] == ["node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB",
+                                                "node.role==worker"]
+    assert spec["Placement"]["Preferences"] == [{"Spread": {"SpreadDescriptor": "node.id"}}]  # the rest as given
+    labels = spec["ContainerSpec"]["Labels"]
+    assert labels["edu.example.cost-centre"] == "physics" and labels[LABEL_USER] == "pooled"
+    _, gpu = assigned(swarm_bench, spawner)
+    holders = spawner.read_swarm().holders()
+    assert holders[gpu].user == "pooled"
