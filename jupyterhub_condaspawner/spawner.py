@@ -140,6 +140,9 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         self._failing = False
         # trait -> (its value before this spawner's last profile override, the profile's value)
         self._profile_limits: dict[str, tuple[Any, Any]] = {}
+        # The options of the last start this spawner accepted: JupyterHub saves a REST body's options
+        # before they are checked, and a start without a body (the admin panel's) reuses the saved ones.
+        self._accepted_options = dict(self.orm_spawner.user_options or {}) if self.orm_spawner is not None else {}
 
     @property
     def services(self) -> HubServices:
@@ -361,8 +364,11 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
             if self._choice is not None:
                 self.check_gpus_feasible(self._choice[0])
             await self.precheck_solve()
+            self._accepted_options = dict(self.user_options)
         except StartFailure as refusal:
             self._failing = True
+            if self.orm_spawner is not None:  # a start without a body gets the last accepted options, not these
+                self.orm_spawner.user_options = dict(self._accepted_options)
             refusal.server = self._log_name
             self.log.info("Refused options for %s (%s): %s", self._log_name, refusal.status_code, refusal.message)
             raise

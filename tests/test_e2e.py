@@ -95,6 +95,20 @@ def test_hostile_environment_is_refused_with_400_and_nothing_built(hub):
     assert (set(builds.iterdir()) if builds.exists() else set()) == before
 
 
+def test_a_start_without_options_after_a_refused_one_gets_the_last_accepted_options(hub):
+    """JupyterHub saves a REST body's options before the spawner refuses them; a start without a
+    body (the admin panel's Start) must not repeat the refused ones."""
+    events, _ = spawn_and_wait(hub, "rita", {"profile": "python39"})
+    assert events[-1].get("ready"), events[-1]
+    hub.stop_server("rita")
+    status, body = hub.spawn("rita", {"profile": "no-such-profile"})
+    assert status == 400 and "unknown profile" in body["message"], body
+    events, _ = spawn_and_wait(hub, "rita", None)
+    assert events[-1].get("ready"), events[-1]
+    assert hub.server_model("rita")["user_options"] == {"profile": "python39"}
+    hub.stop_server("rita")
+
+
 def test_a_start_that_fails_at_once_tells_the_progress_page_why_at_every_moment(hub):
     """JupyterHub answers the progress stream with 400 while it stops a start that failed: a
     progress page asking then never learns why. The spawner's part of that stop is instant."""
