@@ -42,6 +42,13 @@ class StartFailure(SpawnException):
         return self.status_code >= 500 and self.reason == "unexpected"
 
 
+def config_failure(log_message: str) -> StartFailure:
+    """A start that a setting in the hub's config stops: the user learns it is the admin's to fix;
+    the hub's log names the setting."""
+    return StartFailure("This hub's configuration has an error: tell the hub admin (the hub's log names the setting)",
+                        reason="config", status_code=500, log_message=log_message)
+
+
 def explain(error: BaseException, *, custom_spec: bool) -> StartFailure:
     """``error`` (from any phase of a start) as a :class:`StartFailure`.
 

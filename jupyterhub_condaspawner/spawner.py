@@ -27,7 +27,7 @@ from traitlets import Bool, Float, default
 
 from .builderrors import BuildError, one_line, unanswered
 from .buildmodel import EventStream, ImageInfo, request_for_profile
-from .failures import StartFailure, explain, log_failure
+from .failures import StartFailure, config_failure, explain, log_failure
 from .gpus import Allocation, GpuUnavailable
 from .hubservices import HubConfigError, HubServices, hub_services
 from .isolation import IsolationMixin
@@ -158,8 +158,7 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
                                "problems)", reason="profiles", status_code=500,
                                log_message="the admin's profiles have problems: " + "; ".join(error.problems)) from None
         except HubConfigError as error:
-            raise StartFailure("This hub's configuration has an error: tell the hub admin (the hub's log names the "
-                               "setting)", reason="config", status_code=500, log_message=str(error)) from None
+            raise config_failure(str(error)) from None
 
     @property
     def _group_names(self) -> list[str]:

@@ -462,15 +462,23 @@ def _cuda_constraints(state: SwarmState, request: ServiceRequest, cuda_label: st
             if not cuda_supported(request.cuda, version)]
 
 
-def resources(request: ServiceRequest, resource: str = GPU_RESOURCE) -> docker.types.Resources:
-    """Limits and reservations of the task, the GPUs as a generic-resource reservation."""
-    return docker.types.Resources(
+def resources(request: ServiceRequest, resource: str = GPU_RESOURCE,
+              extra: Mapping[str, Any] | None = None) -> docker.types.Resources:
+    """Limits and reservations of the task, the GPUs as a generic-resource reservation.
+
+    ``extra`` (SwarmSpawner.extra_resources_spec): the admin's limits and reservations, where the
+    profile sets none; its generic resources (a mapping) add to the GPUs.
+    """
+    ours = dict(
         cpu_limit=int(request.cpu_limit * 1e9) if request.cpu_limit else None,
         mem_limit=request.mem_limit or None,
         cpu_reservation=int(request.cpu_reservation * 1e9) if request.cpu_reservation else None,
         mem_reservation=request.mem_reservation or None,
-        generic_resources={resource: request.gpus} if request.gpus else None,
     )
+    kwargs = {**(extra or {}), **{key: value for key, value in ours.items() if value is not None}}
+    generic = {**((extra or {}).get("generic_resources") or {}), **({resource: request.gpus} if request.gpus else {})}
+    kwargs["generic_resources"] = generic or None
+    return docker.types.Resources(**kwargs)
 
 
 def launcher_args(command: Sequence[str], resource: str = GPU_RESOURCE, python: str = "python3") -> list[str]:

@@ -7,6 +7,7 @@ Mixed into CondaSwarmSpawner by :class:`SwarmServiceMixin`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import docker.errors
@@ -14,7 +15,7 @@ import docker.types
 from jupyterhub.utils import random_port
 
 from . import homes, swarm
-from .failures import StartFailure
+from .failures import StartFailure, config_failure
 from .gpus import LABEL_USER
 from .spawncontainer import evaluated_setting
 from .swarm import LABEL_PORT, ServiceRequest, SwarmState
@@ -25,6 +26,9 @@ _user_locks: dict[str, asyncio.Lock] = {}
 # Ports this hub gave its servers, until their service is removed: two users' starts read the
 # swarm at the same moment, and neither sees the other's service yet.
 _claimed_ports: set[int] = set()
+# Parts of a service's task the hub fills, and the setting through which an admin adds to each.
+_TASK_KEYS_WITH_SETTINGS = {"container_spec": "extra_container_spec", "resources": "extra_resources_spec",
+                            "placement": "extra_placement_spec"}
 
 
 if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
@@ -41,6 +45,7 @@ class SwarmServiceMixin(_SpawnerBase):
         volume_driver: str
         volume_driver_options: dict[str, str]
         extra_container_spec: dict[str, Any]
+        extra_resources_spec: dict[str, Any]
         extra_placement_spec: dict[str, Any]
         extra_task_spec: dict[str, Any]
         extra_endpoint_spec: dict[str, Any]
@@ -122,6 +127,7 @@ class SwarmServiceMixin(_SpawnerBase):
         await asyncio.to_thread(client.reload_config)
 
     async def _service_kwargs(self, labels: dict[str, str]) -> dict[str, Any]:
+        self._check_extra_task_spec()
         container = dict(
             image=self.image,
             args=swarm.launcher_args(await self.get_command(), self.gpu_resource, self.launcher_python),
@@ -131,16 +137,21 @@ class SwarmServiceMixin(_SpawnerBase):
             cap_drop=list(self.cap_drop) or None,
             stop_grace_period=STOP_GRACE_NS,
         )
-        container.update(self.extra_container_spec)
-        # The admin's labels add to ours: without the user's, Swarm's tasks name no GPU holder.
-        container["labels"] = {**(self.extra_container_spec.get("labels") or {}), **labels}
+        extra = self.extra_container_spec
+        container.update(extra)
+        # The admin's labels, environment and mounts add to ours: without the user's label Swarm's
+        # tasks name no GPU holder; without the hub's environment the server cannot reach the hub;
+        # without the hub's mounts the user has no home.
+        container["labels"] = {**(extra.get("labels") or {}), **labels}
+        container["env"] = {**_env_dict(extra.get("env")), **self.get_env()}
+        container["mounts"] = [*self.mounts, *(extra.get("mounts") or [])]
         # The admin's constraints (a node pool) add to the profile's GPU model and CUDA and to the
         # nodes this start left: replacing them would put a GPU profile on any node.
         placement = {**self.extra_placement_spec,
                      "constraints": [*self._constraints, *(self.extra_placement_spec.get("constraints") or [])] or None}
         task = dict(
             container_spec=docker.types.ContainerSpec(**container),
-            resources=swarm.resources(self._request, self.gpu_resource),
+            resources=swarm.resources(self._request, self.gpu_resource, self.extra_resources_spec),
             # A server that ends stays ended: the hub notices (poll) and the user starts it again.
             # Restarted elsewhere, it would listen at an address the hub does not know.
             restart_policy=docker.types.RestartPolicy(condition="none"),
@@ -158,6 +169,14 @@ class SwarmServiceMixin(_SpawnerBase):
         )
         kwargs.update(await evaluated_setting(self, self.extra_create_kwargs) or {})
         return kwargs
+
+    def _check_extra_task_spec(self) -> None:
+        """extra_task_spec may not carry what the hub builds from its own settings and the profile:
+        replacing the resources would drop the GPU reservation (Swarm would hand the GPU out twice)."""
+        for key, setting in _TASK_KEYS_WITH_SETTINGS.items():
+            if key in self.extra_task_spec:
+                raise config_failure(f"c.{type(self).__name__}.extra_task_spec['{key}'] would replace the hub's "
+                                     f"own: set c.{type(self).__name__}.{setting}, which adds to it")
 
     async def remove_object(self) -> None:
         if not self.object_id:
@@ -190,3 +209,12 @@ def _claim_port(taken: frozenset[int]) -> int:
         if port not in taken and port not in _claimed_ports:
             _claimed_ports.add(port)
             return port
+
+
+def _env_dict(env: Mapping[str, Any] | Sequence[str] | None) -> dict[str, str]:
+    """ContainerSpec's ``env``, given as a mapping or as ``NAME=value`` strings, as a mapping."""
+    if not env:
+        return {}
+    if isinstance(env, Mapping):
+        return {str(name): str(value) for name, value in env.items()}
+    return dict(entry.partition("=")[::2] for entry in env)

@@ -342,3 +342,17 @@ def test_gpus_a_waiting_start_could_get_leave_out_nodes_that_take_no_new_servers
 
     assert state.open_gpus() == (1, 4)  # a1's 2 (one held), l1's and bare's
     assert (state.held_gpus(), state.total_gpus) == (1, 8)
+
+
+def test_an_admins_extra_resources_fill_what_the_profile_leaves_and_add_to_the_gpus():
+    request = ServiceRequest(gpus=2, mem_limit=2**30, mem_reservation=2**30)
+    extra = {"mem_limit": 2**20, "cpu_reservation": 250_000_000, "generic_resources": {"FPGA": 1}}
+
+    resources = swarm.resources(request, "NVIDIA-GPU", extra)
+
+    assert resources["Limits"] == {"MemoryBytes": 2**30}  # the profile's wins
+    assert resources["Reservations"] == {
+        "MemoryBytes": 2**30, "NanoCPUs": 250_000_000,  # the admin's, where the profile sets none
+        "GenericResources": [{"DiscreteResourceSpec": {"Kind": "FPGA", "Value": 1}},
+                             {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}],
+    }

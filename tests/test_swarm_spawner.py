@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+import docker.types
 import pytest
 from fixtures_docker import bench_dir
 from jupyterhub.objects import Hub
@@ -693,9 +694,14 @@ async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swa
     # A site keeps servers on its worker pool with SwarmSpawner's extra_placement_spec; the profile's
     # GPU model (and CUDA) constraints must stay, or a "*A100*" server could land on any GPU node.
     # Its labels likewise: without the user's label, Swarm's tasks would name no holder for the GPU.
+    # Its environment and mounts too: without the hub's, the server cannot reach the hub or has no home;
+    # and its resources: without the GPU reservation, Swarm would hand the GPU to two servers.
+    scratch = docker.types.Mount(target="/scratch", source="/tmp", type="bind", read_only=True)
     spawner = servers.make("pooled", extra_placement_spec={"constraints": ["node.role==worker"],
                                                            "preferences": [("spread", "node.id")]},
-                           extra_container_spec={"labels": {"edu.example.cost-centre": "physics"}})
+                           extra_container_spec={"labels": {"edu.example.cost-centre": "physics"},
+                                                 "env": ["EDU_SITE=physics"], "mounts": [scratch]},
+                           extra_resources_spec={"mem_reservation": 64 * 2**20})
 
     await servers.start(spawner)
 
@@ -705,6 +711,24 @@ async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swa
     assert spec["Placement"]["Preferences"] == [{"Spread": {"SpreadDescriptor": "node.id"}}]  # the rest as given
     labels = spec["ContainerSpec"]["Labels"]
     assert labels["edu.example.cost-centre"] == "physics" and labels[LABEL_USER] == "pooled"
+    env = spec["ContainerSpec"]["Env"]
+    assert "EDU_SITE=physics" in env and any(entry.startswith("JUPYTERHUB_API_TOKEN=") for entry in env)
+    assert {mount["Target"] for mount in spec["ContainerSpec"]["Mounts"]} == {"/home/jovyan", "/scratch"}
+    reservations = spec["Resources"]["Reservations"]
+    assert reservations["MemoryBytes"] == 256 * 2**20  # the profile's (its mem_limit) wins over the admin's
+    assert reservations["GenericResources"] == [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
     _, gpu = assigned(swarm_bench, spawner)
     holders = spawner.read_swarm().holders()
     assert holders[gpu].user == "pooled"
+
+
+async def test_an_admins_extra_task_spec_that_would_replace_the_gpu_reservation_is_refused(swarm_bench, servers):
+    spawner = servers.make("replacing", extra_task_spec={"resources": {"Limits": {"MemoryBytes": 2**30}}})
+
+    with pytest.raises(StartFailure) as refusal:
+        await servers.start(spawner)
+
+    assert refusal.value.status_code == 500 and refusal.value.reason == "config"
+    assert refusal.value.log_message == ("c.CondaSwarmSpawner.extra_task_spec['resources'] would replace the hub's "
+                                         "own: set c.CondaSwarmSpawner.extra_resources_spec, which adds to it")
+    assert not swarm_bench.manager_client().api.services(filters={"label": f"{LABEL_USER}=replacing"})
