@@ -159,3 +159,13 @@ async def test_a_paste_over_the_size_limit_is_refused_and_not_sent_back_in_the_f
     assert str(refusal.value) == f"pasted environment.yml: file is {len(pasted)} bytes, larger than the limit of {limit}"
     form = await spawner.render_options_form()
     assert "#" * 100 not in form and len(form) < limit
+
+
+async def test_a_gpu_card_on_a_machine_without_gpus_says_it_cannot_start_here(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent", GpuInventory__static_gpus=[])
+    form = await spawner.render_options_form()
+    cards = {card.split('"', 1)[0]: card for card in form.split('for="profile-')[1:]}
+    assert cards["gpu"].count('class="badge') == 1  # not "will build" beside the note
+    assert '<span class="badge bg-secondary" title="this machine has no GPU">cannot start here</span>' in cards["gpu"]
+    assert '<span class="text-danger">this machine has no GPU</span>' in cards["gpu"]
+    assert "cannot start here" not in cards["py"] and "will build" in cards["py"]
