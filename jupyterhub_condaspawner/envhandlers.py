@@ -188,6 +188,8 @@ class _Environments:
         if spawner.active:
             which = f"your server {server_name!r}" if server_name else "your server"
             raise PageFailure(409, f"{which} is already running or starting: stop it on the Home page first")
+        if not use.own:
+            await self._refuse_a_changed_profile(use)
         options = {"profile": use.profile, **({"environment": use.spec} if use.own else {})}
         try:
             await self.spawn_single_user(user, server_name, options=options)  # type: ignore[attr-defined]
@@ -195,6 +197,25 @@ class _Environments:
             raise PageFailure(error.status_code, f"cannot start: {error.log_message or error.reason}") from None
         pending = f"{self.hub.base_url}spawn-pending/{quote(user.escaped_name)}"  # type: ignore[attr-defined]
         return pending + (f"/{quote(server_name)}" if server_name else "")
+
+    async def _refuse_a_changed_profile(self, use: Use) -> None:
+        """PageFailure 409 when ``use``'s profile now builds another image (its environment.yml
+        edited, say): a start takes the profile's current environment, not the one the user chose
+        on this page. A profile the hub no longer has is left to the start's own refusal, and a
+        daemon that does not answer (the base image's id) to the start."""
+        services = self.condaspawner
+        try:
+            profile = services.catalog.get(use.profile)
+            current = await asyncio.to_thread(services.builder.build_key, request_for_profile(profile))
+        except (KeyError, ValueError, ProfileError):
+            return
+        except Exception as error:  # the daemon: the start itself then says what failed
+            self.log.warning("Cannot tell the current image of profile %r: %s", use.profile, _one_line(error))
+            return
+        if current != use.key:
+            raise PageFailure(409, f"{profile.display_name} has changed since this environment was built (its "
+                                   "environment.yml or the hub's base image): a start now gets its current "
+                                   "environment, not this one; start it from the Home page")
 
     async def _check_server_name(self, user: Any, server_name: str) -> None:
         if not self.settings.get("allow_named_servers"):  # type: ignore[attr-defined]

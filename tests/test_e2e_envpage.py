@@ -355,6 +355,16 @@ def test_the_admin_sees_the_gpu_map_and_the_builds(story):
     assert builds["running"] == [] and builds["queued"] == [] and builds["max_concurrent_builds"] >= 1
 
 
+def test_start_with_an_environment_its_profile_no_longer_builds_is_refused_in_one_line(story, hub):
+    # The prebuilt envtest image (cs-alpha 1.0): the profile's file changed since (1.1), so a start
+    # of the profile would get 1.1, not the environment the button names.
+    status, body, _ = story["envadmin"].call("POST", f"/{story['first_profile_key']}/start")
+    assert status == 409 and body["message"] == (
+        "Env page test has changed since this environment was built (its environment.yml or the hub's base "
+        "image): a start now gets its current environment, not this one; start it from the Home page"), body
+    assert hub.server_model("envadmin") is None
+
+
 def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     envadmin = story["envadmin"]
     status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": True})
