@@ -188,10 +188,18 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         try:
             profile = self.services.catalog.get(slug)
         except KeyError:
-            raise _refused(400, f"profile: unknown profile {slug[:64]!r}") from None
+            raise _refused(400, f"profile: unknown profile {slug[:64]!r}{self._nearest_profile(slug)}") from None
         if not profile.allows(self.user.name, self._group_names):
             raise _refused(403, f"profile: {profile.slug!r} is not available to you")
         return profile
+
+    def _nearest_profile(self, slug: str) -> str:
+        """`` (did you mean 'cs101-hw2'?)`` for a misspelt or miscased slug (a link in a syllabus),
+        among the profiles this user may use; "" when none is close."""
+        mine = {profile.slug.lower(): profile.slug for profile in self.services.catalog.profiles
+                if profile.allows(self.user.name, self._group_names)}
+        close = difflib.get_close_matches(str(slug).lower()[:64], list(mine), n=1)
+        return f" (did you mean {mine[close[0]]!r}?)" if close else ""
 
     def _custom_spec(self, profile: Profile, text: Any) -> EnvironmentSpec | None:
         if text in (None, ""):

@@ -169,3 +169,17 @@ async def test_a_gpu_card_on_a_machine_without_gpus_says_it_cannot_start_here(tm
     assert '<span class="badge bg-secondary" title="this machine has no GPU">cannot start here</span>' in cards["gpu"]
     assert '<span class="text-danger">this machine has no GPU</span>' in cards["gpu"]
     assert "cannot start here" not in cards["py"] and "will build" in cards["py"]
+
+
+def test_a_miscased_or_misspelt_profile_link_names_the_users_nearest_profile(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    (tmp_path / "profiles" / "30-course.yaml").write_text(
+        "display_name: Course\nslug: cs101-hw2\nenvironment: envs/py.yml\n")
+    (tmp_path / "profiles" / "40-staff.yaml").write_text(
+        "display_name: Staff\nslug: cs101-hw3\nenvironment: envs/py.yml\nallowed_users: [teacher]\n")
+    for asked, hint in (("CS101-HW2", " (did you mean 'cs101-hw2'?)"), ("CS101-HW3", " (did you mean 'cs101-hw2'?)"),
+                        ("astronomy", "")):  # staff's own profile is never named to a student
+        with pytest.raises(StartFailure) as refusal:
+            spawner.apply_choice({"profile": asked})
+        assert refusal.value.status_code == 400
+        assert refusal.value.message == f"profile: unknown profile {asked!r}{hint}"
