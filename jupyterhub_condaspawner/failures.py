@@ -79,8 +79,9 @@ def explain(error: BaseException, *, custom_spec: bool) -> StartFailure:
 def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
     cause = error.cause or str(error)
     key = f" (build {error.key[:16]}: `condaspawner log {error.key[:16]}`)" if error.key else ""
+    # The profile's environment is the admin's to fix: the user passes the build's key on.
     owner = ("check your environment.yml" if custom_spec
-             else "the profile's environment needs fixing: tell the hub admin")
+             else f"the profile's environment needs fixing: tell the hub admin{key}")
     phase = error.phase
     if phase == "solve" and error.unreachable:
         return StartFailure(f"The package channel cannot be reached ({cause}): try again later", reason="channel",
