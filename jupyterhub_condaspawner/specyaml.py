@@ -9,6 +9,7 @@ name a node's field and line in a refusal.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Iterator
 
 import yaml
@@ -105,7 +106,12 @@ def decode(data: str | bytes, max_bytes: int) -> str:
 def load_yaml(text: str, max_depth: int, max_nodes: int, why_nodes: str) -> yaml.MappingNode:
     """The file's top-level mapping node, read by the strict loader; SpecError otherwise
     (``why_nodes`` says why past ``max_nodes`` values)."""
-    loader = _StrictLoader(text, max_depth, max_nodes, why_nodes)
+    try:
+        # The reader checks the whole text as the loader is made: a control character such as
+        # ESC or BEL (YAML allows none but tab, newline and CR) is refused there.
+        loader = _StrictLoader(text, max_depth, max_nodes, why_nodes)
+    except yaml.reader.ReaderError as error:
+        raise SpecError(describe_reader_error(text, error)) from None
     try:
         node = loader.get_single_node()
     except _Refused as refused:
@@ -166,6 +172,16 @@ def is_null(node: yaml.Node) -> bool:
 def at(where: str, node: yaml.Node | None) -> str:
     """A refusal's field: ``where`` and the node's line."""
     return f"{where} (line {line(node)})" if node is not None else where
+
+
+def describe_reader_error(text: str, error: yaml.reader.ReaderError) -> str:
+    """A character YAML does not allow in a file (a control character), at its line and column."""
+    before = text[:error.position]
+    line_number, column = before.count("\n") + 1, error.position - (before.rfind("\n") + 1) + 1
+    character = error.character if isinstance(error.character, int) else ord(str(error.character)[:1] or "?")
+    kind = "a control character" if unicodedata.category(chr(character)) == "Cc" else "not a text character"
+    return (f"line {line_number}, column {column}: the file contains the character U+{character:04X} ({kind}), "
+            "which YAML does not allow: remove it")
 
 
 def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:

@@ -79,6 +79,8 @@ HOSTILE = {
     "spec-trailing-dot.yml": "dependencies[0] (line 3): 'numpy=1.26.': the version ends with '.'",
     "spec-channel-not-allowed.yml": "'evil-channel' is not an allowed channel",
     "spec-channel-url.yml": "names its channel by URL or path",
+    "terminal-colours.yml": "line 5, column 5: the file contains the character U+001B (a control character), "
+                            "which YAML does not allow: remove it",
     "top-level-list.yml": "the top level must be a mapping",
     "two-pip-sections.yml": "a second 'pip:' section",
     "typo-dependancies.yml": "unknown key 'dependancies' (did you mean 'dependencies'?)",
