@@ -35,7 +35,7 @@ _ANACONDA_ALIAS = "https://conda.anaconda.org/"
 # catch most of them already; this check makes the message say why.
 _SHELL_CHARS_CONDA = set("`$&;\\")
 _SHELL_CHARS_PIP = set("`$&\\")
-_LABEL = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_LABEL = re.compile(r"(?!\.+\Z)[A-Za-z0-9_.-]+\Z")  # a name, never "." or ".." (a path step)
 # What `defaults` stands for: allowing `defaults` allows naming its members directly.
 _DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
 # What `conda env export` writes for Anaconda's channels, and its usual typo.

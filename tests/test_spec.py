@@ -257,6 +257,15 @@ def test_labels_and_defaults_members_follow_the_allowlist():
     assert "not an allowed channel" in refusal("channels: [evil/label/dev]")
 
 
+@pytest.mark.parametrize("label", ["..", "."])
+def test_a_label_is_a_name_not_a_path_step(label):
+    # The label goes into the channel's URL (MIRROR/label/LABEL): user text there is a name, never a path step.
+    assert f"'conda-forge/label/{label}' is not an allowed channel" in refusal(
+        f"channels: [conda-forge/label/{label}]\ndependencies: [numpy]")
+    assert "names its channel by URL or path" in refusal(f"dependencies: ['conda-forge/label/{label}::numpy']")
+    assert parse("channels: [conda-forge/label/rc..1]\ndependencies: [numpy]").channels == ("conda-forge/label/rc..1",)
+
+
 def test_allowlist_is_configurable():
     spec = parse("channels: [my-lab]\ndependencies: [my-lab::tool]", allowed_channels=["my-lab"])
     assert spec.conda == ("my-lab::tool",)
