@@ -722,6 +722,12 @@ def _refuse_unknown_fields(options: dict) -> None:
     """A start's option the hub does not know (a misspelt ``environemnt`` in a REST body) is refused,
     never ignored: ignored, the start would run the profile's own environment instead."""
     unknown = sorted(str(field) for field in set(options) - _SAVED_FIELDS)
+    if "environment_key" in options and options.get("environment") in (None, ""):
+        # The key the hub saves next to an environment's text; alone, it would be ignored and
+        # the profile's own environment would start instead of the one the key names.
+        raise _refused(400, "'environment_key' is what the hub saves with an environment, not a choice: send the "
+                            "environment.yml's text as 'environment' (or start one of your environments by its key: "
+                            "POST /hub/api/environments/KEY/start)")
     if unknown:
         close = difflib.get_close_matches(unknown[0], _OPTION_FIELDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

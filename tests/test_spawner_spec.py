@@ -31,6 +31,16 @@ def test_rest_refuses_a_spec_with_every_problem_in_one_line(tmp_path):
     assert message.endswith("URLs and version-control references are not allowed; name a package from the index")
 
 
+def test_an_environment_key_without_its_environment_is_refused_not_ignored(tmp_path):
+    # Shown in user_options: sent alone, the profile's own environment would start instead.
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "py", "environment_key": "0" * 64})
+    assert refusal.value.status_code == 400
+    assert refusal.value.message.startswith("'environment_key' is what the hub saves with an environment, not a choice")
+    assert spawner.user_options == {}
+
+
 def test_a_single_problem_keeps_its_one_line_form(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     with pytest.raises(StartFailure) as refusal:
