@@ -539,7 +539,12 @@ async def _next_event(builder: ImageBuilder, timeout: float) -> None:
 
 class StartAPI(_API):
     async def post(self, key: str) -> None:
-        server = self.body().get("server", "") if self.request.body else ""
+        body = self.body() if self.request.body else {}
+        unknown = sorted(str(field) for field in body if field != "server")
+        if unknown:  # a misspelt "sever" would start the default server instead of the named one
+            raise PageFailure(400, f"{unknown[0][:40]!r} is not an option of this start: it takes only 'server' "
+                                   "(the server's name; none or \"\" for the default server)")
+        server = body.get("server", "")
         if not isinstance(server, str):
             raise PageFailure(400, "server: must be a server's name (a string; \"\" for the default server)")
         url = await self.start(key, server)

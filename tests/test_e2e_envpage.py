@@ -601,6 +601,10 @@ def test_start_a_named_server_with_an_environment(story, hub):
     ]:
         status, body, _ = alice.call("POST", f"/{key}/start", {"server": server})
         assert (status, body["message"]) == (400, message), body
+    # misspelt, the name would be ignored: the default server would start instead of this one
+    status, body, _ = alice.call("POST", f"/{key}/start", {"sever": "second"})
+    assert (status, body["message"]) == (400, "'sever' is not an option of this start: it takes only 'server' (the "
+                                               "server's name; none or \"\" for the default server)"), body
     assert hub.server_model("alice", "not-a-name") is None
     status, body, _ = alice.call("POST", f"/{key}/start", {"server": "second"})
     assert status == 202 and body["progress_url"].endswith("/hub/spawn-pending/alice/second"), body
