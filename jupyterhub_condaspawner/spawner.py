@@ -271,6 +271,8 @@ class CondaSpawner(SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContai
         if formdata.get("profile"):
             options["profile"] = formdata["profile"][0]
         upload = (formdata.get("environment_file_file") or [{}])[0]
+        if not isinstance(upload, dict):  # JupyterHub's name for an uploaded file, sent as a text field
+            raise FormRefusal("environment_file: must be a file chosen with the form's upload field")
         raw_text = (formdata.get("environment_text") or [""])[0]
         # Parsed as pasted, as Check and the REST API do: stripping would take away only the first
         # line's indentation of a uniformly indented paste, and break it.

@@ -90,6 +90,14 @@ async def test_an_empty_uploaded_file_is_refused_not_taken_for_no_file(tmp_path)
     assert options == {"profile": "py"}
 
 
+async def test_a_text_field_named_as_the_upload_is_refused_in_one_line(tmp_path):
+    # JupyterHub passes a file part as "<name>_file": HTTPFile dicts; a text field of that name is a str.
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    with pytest.raises(ValueError) as refusal:
+        await spawner.options_from_form_data({"profile": ["py"], "environment_file_file": ["dependencies: [numpy]"]})
+    assert str(refusal.value) == "environment_file: must be a file chosen with the form's upload field"
+
+
 async def test_the_form_shows_a_single_problem_as_its_one_line(tmp_path):
     spawner = spawner_for(tmp_path, "file:///nonexistent")
     with pytest.raises(ValueError) as refusal:
