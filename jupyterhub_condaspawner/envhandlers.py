@@ -558,6 +558,10 @@ class CheckAPI(_API):
 
     async def post(self) -> None:
         body = self.body()
+        unknown = sorted(str(field) for field in body if field not in ("profile", "environment"))
+        if unknown:  # a misspelt "profil" would check on the default profile and answer for it
+            raise PageFailure(400, f"{unknown[0][:40]!r} is not an option of a check: it takes only 'profile' "
+                                   "and 'environment'")
         text, slug = body.get("environment"), body.get("profile")
         if text is not None and not isinstance(text, str):
             raise PageFailure(400, "environment: must be the text of an environment.yml")

@@ -445,6 +445,10 @@ def test_check_accepts_a_file_says_which_keys_it_ignores_and_that_it_solves(hub)
     assert answer["ok"] is True and answer["solves"] is True and len(answer["key"]) == 64
     assert answer["notes"] == ["ignored: platforms, category"]
     assert hub.server_model("checker") is None  # a check starts nothing
+    # misspelt, the profile would be ignored: the answer would be the default profile's
+    status, answer, _ = carol.call("POST", "/check", {"profil": "python39", "environment": text})
+    assert (status, answer["message"]) == (400, "'profil' is not an option of a check: it takes only 'profile' and "
+                                                "'environment'"), answer
 
 
 def test_check_lists_every_problem_at_once(hub):
