@@ -272,8 +272,10 @@ class _Environments:
         builder = self.condaspawner.builder
         if not environments.is_key(key):
             raise PageFailure(400, "key: must be an image's full key (64 hex digits)")
-        if self.running_servers().get(key):
-            raise PageFailure(409, "a server uses this image: stop it first")
+        servers = self.running_servers().get(key)
+        if servers:  # the admin's page: whose, so that they know which to stop
+            raise PageFailure(409, f"a server uses this image ({', '.join(sorted(servers)[:5])}"
+                                   f"{', ...' if len(servers) > 5 else ''}): stop it first")
         try:
             image = await asyncio.to_thread(builder.find_image, key)
             if image is None:

@@ -371,7 +371,7 @@ def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
     assert status == 200 and body["dry_run"] is True and body["message"].startswith("gc would remove"), body
     # Alice's envtest server runs on its image: it stays.
     status, body, _ = envadmin.call("DELETE", f"/admin/images/{story['profile_key']}")
-    assert status == 409 and body["message"] == "a server uses this image: stop it first"
+    assert status == 409 and body["message"] == "a server uses this image (alice): stop it first"
     status, body, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "no-such-profile"})
     assert status == 400 and body["message"].startswith("profile: ")
     status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": "yes"})
