@@ -23,6 +23,8 @@ _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # How close an unknown top-level key must be to a known one to be a typo (difflib's
 # ratio: `dependancies` 0.92, `channel` 0.93; `platforms`, `category`, `extras` < 0.4).
 _KEY_TYPO_CUTOFF = 0.8
+# Unknown top-level keys a note names (the rest are counted).
+_IGNORED_NAMED = 10
 # Packages that exist only for Windows: their presence marks a Windows `conda env export`.
 _WINDOWS_ONLY = frozenset({"vc", "vc14_runtime", "vs2015_runtime", "ucrt", "pywin32", "pywinpty", "winpty",
                            "wincertstore", "win_inet_pton", "menuinst-win"})
@@ -86,8 +88,9 @@ class SpecReader:
                                                f"(did you mean {hint[0]!r}?); known keys: {', '.join(TOP_LEVEL_KEYS)}"))
             else:
                 ignored.append(key)
-        if ignored:
-            self.notes.append("ignored: " + ", ".join(printable(key) for key in ignored))
+        if ignored:  # the first few: the note is the first line of the progress page
+            more = f" and {len(ignored) - _IGNORED_NAMED} more" if len(ignored) > _IGNORED_NAMED else ""
+            self.notes.append("ignored: " + ", ".join(printable(key) for key in ignored[:_IGNORED_NAMED]) + more)
         return sections
 
     def _name(self, node: yaml.Node | None) -> str | None:

@@ -424,6 +424,12 @@ def test_an_ignored_key_is_never_used_and_its_note_is_printable():
     assert "post_install" not in spec.to_yaml() and "curl" not in spec.normalized_json()
 
 
+def test_a_file_of_many_unknown_keys_gets_a_short_note():
+    keys = "".join(f"zz{number:03d}: 1\n" for number in range(500))
+    spec = parse(f"dependencies: [numpy]\n{keys}")
+    assert spec.notes == ("ignored: " + ", ".join(f"zz{number:03d}" for number in range(10)) + " and 490 more",)
+
+
 def test_every_problem_of_a_file_is_reported_at_once():
     with pytest.raises(SpecError) as info:
         SpecPolicy().parse((CORPUS / "hostile" / "many-problems.yml").read_bytes(), source="f.yml")
