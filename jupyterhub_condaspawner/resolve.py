@@ -366,13 +366,16 @@ class Resolver(Configurable):
         return f" ({'; '.join(hints)})" if hints else ""
 
     async def _versions_hint(self, channels: list[str], platforms: list[Subdir], name: str, text: str) -> str:
-        """``numpy: the channels have 1.26.4, 2.0.2 (not 'numpy 9.9.*')``: the newest versions there."""
+        """``numpy: the channels have 1.26.4, 2.0.2, none matching 'numpy 9.9.*'``: the newest versions
+        there, for a spec that none of them matches; nothing for one that some of them match (listed
+        beside another spec of its name, ``numpy=2.0`` and ``numpy=1.26``: the other is the one)."""
         try:
             found = await rattler.Gateway().query(channels, platforms, [MatchSpec(name)], recursive=False)
         except Exception:
             return ""
-        versions = sorted({record.version for records in found for record in records})
-        if not versions:
+        records = [record for records in found for record in records]
+        versions = sorted({record.version for record in records})
+        if not versions or any(MatchSpec(text).matches(record) for record in records):
             return ""
         shown = ", ".join(str(version) for version in versions[-_MOST_VERSIONS:])
         more = f" and {len(versions) - _MOST_VERSIONS} older" if len(versions) > _MOST_VERSIONS else ""

@@ -307,6 +307,15 @@ async def test_a_version_the_channels_lack_is_told_with_the_versions_they_have(r
     assert message.endswith(", none matching 'python 3.10.*')") and "3.9." in message and "\n" not in message
 
 
+async def test_a_package_listed_twice_is_told_only_for_the_pin_no_version_matches(resolver):
+    # cs-alpha=2.0 matches the channel's 2.0; cs-alpha=9 matches nothing: only that one is "none matching".
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec("dependencies: [cs-alpha=2.0, cs-alpha=9]"))
+    message = str(refused.value)
+    assert "none matching 'cs-alpha 9.*'" in message, message
+    assert "'cs-alpha 2.0.*'" not in message, message
+
+
 async def test_many_missing_names_are_hinted_at_up_to_a_few(resolver):
     names = [f"cs-nosuch{index}" for index in range(12)]
     with pytest.raises(ResolveError) as refused:
