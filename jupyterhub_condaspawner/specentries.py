@@ -35,6 +35,9 @@ _ANACONDA_ALIAS = "https://conda.anaconda.org/"
 # catch most of them already; this check makes the message say why.
 _SHELL_CHARS_CONDA = set("`$&;\\")
 _SHELL_CHARS_PIP = set("`$&\\")
+# A requirements file's line continuation (`requests==2.31.0 \` then `--hash=...`, as pip-compile
+# writes them), which YAML folds into one entry with the backslash in it.
+_CONTINUATION = re.compile(r"\\(\s|\Z)")
 _LABEL = re.compile(r"(?!\.+\Z)[A-Za-z0-9_.-]+\Z")  # a name, never "." or ".." (a path step)
 # What `defaults` stands for: allowing `defaults` allows naming its members directly.
 _DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
@@ -147,6 +150,11 @@ class EntryChecker:
 
     def pip_requirement(self, text: str, where: str, node: yaml.Node) -> str:
         """A pip requirement in canonical form (its ``--hash`` options after it)."""
+        check_printable(text, where, node)
+        if _CONTINUATION.search(text):
+            raise SpecError(f"{show(text)}: '\\' continues a line in a requirements file, not in an environment.yml: "
+                            "write the requirement and its --hash options on one line, without '\\'",
+                            field=at(where, node))
         self._check_entry_text(text, where, node, _SHELL_CHARS_PIP)
         text, hashes = split_hashes(text)
         refusal = policy_refusal(text)

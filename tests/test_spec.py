@@ -473,6 +473,17 @@ def test_pip_hashes_are_allowed_and_normalised():
     assert upper.pip == (requests,)
 
 
+def test_a_pasted_pip_compile_continuation_is_told_to_go_on_one_line():
+    # pip-compile --generate-hashes writes `requests==2.31.0 \` and the hashes on the next lines;
+    # YAML folds them into one entry with the backslash in it, which pip cannot read.
+    digest = "58cd2187c01e70e6e26505bca751777aa9f2ee0b7f4300988b709f44e013003f"
+    message = refusal(f"dependencies:\n - pip:\n   - requests==2.31.0 \\\n     --hash=sha256:{digest}\n")
+    assert message.startswith("env.yml: dependencies[0].pip[0] (line 3): 'requests==2.31.0 \\\\ --hash"), message
+    assert message.endswith("'\\' continues a line in a requirements file, not in an environment.yml: write the "
+                            "requirement and its --hash options on one line, without '\\'"), message
+    assert parse(f"dependencies:\n - pip:\n   - requests==2.31.0 --hash=sha256:{digest}\n").pip
+
+
 @pytest.mark.parametrize("line", [
     "requests==2.31.0 --hash=sha256:abc",  # too short for sha256
     "requests==2.31.0 --hash=md5:" + "0" * 32,
