@@ -91,6 +91,9 @@ class SpecReader:
         if ignored:  # the first few: the note is the first line of the progress page
             more = f" and {len(ignored) - _IGNORED_NAMED} more" if len(ignored) > _IGNORED_NAMED else ""
             self.notes.append("ignored: " + ", ".join(printable(key) for key in ignored[:_IGNORED_NAMED]) + more)
+        if "pip" in ignored:  # conda ignores it too: the pip packages would be missing without a word
+            self.notes.append("a top-level 'pip:' installs nothing: put it under dependencies, as '- pip:' "
+                              "followed by its list")
         return sections
 
     def _name(self, node: yaml.Node | None) -> str | None:

@@ -473,6 +473,13 @@ def test_pip_hashes_are_allowed_and_normalised():
     assert upper.pip == (requests,)
 
 
+def test_a_top_level_pip_list_is_noted_as_installing_nothing_with_where_it_goes():
+    spec = parse("channels: [conda-forge]\ndependencies: [numpy]\npip:\n  - requests\n")
+    assert spec.pip == ()  # as conda: a top-level key it does not know is ignored
+    assert spec.notes == ("ignored: pip", "a top-level 'pip:' installs nothing: put it under dependencies, "
+                                          "as '- pip:' followed by its list")
+
+
 def test_a_pasted_pip_compile_continuation_is_told_to_go_on_one_line():
     # pip-compile --generate-hashes writes `requests==2.31.0 \` and the hashes on the next lines;
     # YAML folds them into one entry with the backslash in it, which pip cannot read.
