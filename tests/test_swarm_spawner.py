@@ -425,8 +425,9 @@ async def test_the_form_notes_profiles_no_node_could_serve(servers):
 
     html = await spawner.render_options_form()
 
-    assert "no node has more than 2 GPU(s)" in html  # 'three' (3 GPUs); nodes have 2 each
-    assert html.count("no node has more than") == 1
+    note = '<span class="text-danger">no node has more than 2 GPU(s)</span>'  # 'three' (3 GPUs); nodes have 2 each
+    assert html.count(note) == 1 and html.count('text-danger">no node has more than') == 1
+    assert html.count("cannot start here</span>") == 1  # its badge, not "will build"
 
 
 async def test_a_swarm_spawner_without_a_registry_says_so(swarm_config, servers):
