@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ _NOTICE_MAX_AGE_DAYS = 1 / 24
 _NOTICE_CHARS = 1000
 
 LOG_POLL_S = 0.5  # how often a live log looks for news
+# A user's live logs at once: each reads the log in a thread (the hub's small pool) every
+# LOG_POLL_S while its build runs, so hundreds of open tabs would slow every user's hub.
+MAX_LOG_STREAMS_PER_USER = 8
 # The live builds table is sent again at each build's event, start and end, and read again at
 # least this often (other hub processes' builds, a killed build become interrupted).
 BUILDS_REREAD_S = 5.0
@@ -439,16 +443,25 @@ class LogStreamAPI(_API):
     """The build log as server-sent events: the lines so far, then each new one while the build
     runs; ``event: done`` when it ends (with the build's status)."""
 
+    open_streams: Counter[str] = Counter()  # user -> live logs streaming to them now, in this hub
+
     async def get(self, key: str) -> None:
         self.use_of(key)
+        user = self.user_name
+        if self.open_streams[user] >= MAX_LOG_STREAMS_PER_USER:
+            raise PageFailure(429, f"you have {MAX_LOG_STREAMS_PER_USER} build logs streaming already: close one "
+                                   "(a tab or window showing a log) and try again")
         builder = self.condaspawner.builder
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
+        self.open_streams[user] += 1
         try:
             with LogReader(builder.key_dir(key) / "build.log") as log:
                 await self._stream(key, log)
         except StreamClosedError:
             return
+        finally:
+            self.open_streams[user] -= 1
         self.finish()
 
     async def _stream(self, key: str, log: LogReader) -> None:

@@ -584,6 +584,49 @@ def test_the_builds_table_and_queue_update_live(story, hub, pip_index):
     assert {gated["key"], after["key"]} <= keys
 
 
+def test_a_user_streams_a_few_live_logs_at_once_not_hundreds(story, hub, pip_index):
+    # Each live log reads in a thread twice a second while its build runs: one user's many tabs
+    # must not slow everyone's hub. The log of a build held at its pip step stays live.
+    name = f"{GATED}-streams"
+    profiles = Path(hub.env["CONDASPAWNER_DEMO_PROFILES"])
+    (profiles / "envs" / "streams.yml").write_text(own_env().replace("variables:", f"  - pip:\n    - {name}\nvariables:"))
+    (profiles / "63-streams.yaml").write_text('display_name: "Streamed"\nslug: streams\nenvironment: envs/streams.yml\n')
+    gate = pip_index.add(name, gated=True)
+    envadmin = story["envadmin"]
+    opened = []
+    try:
+        status, build, _ = envadmin.call("POST", "/admin/prebuild", {"profile": "streams"})
+        assert status == 200, build
+        deadline = time.monotonic() + 600
+        while not any(row["key"] == build["key"] and row["message"].startswith("Installing 1 pip package")
+                      for row in envadmin.get("/admin/builds")["running"]):  # held at its pip step
+            assert time.monotonic() < deadline, envadmin.get("/admin/builds")
+            time.sleep(0.5)
+        path = f"{hub.url}/hub/api/environments/{build['key']}/log/stream"
+        for _ in range(8):  # open once the server sent the log so far: each is counted by then
+            request = urllib.request.Request(path, headers={"Authorization": f"token {envadmin.token}"})
+            opened.append(urllib.request.urlopen(request, timeout=300))
+        status, body, _ = envadmin.call("GET", f"/{build['key']}/log/stream")
+        assert status == 429 and body["message"] == ("you have 8 build logs streaming already: close one (a tab or "
+                                                     "window showing a log) and try again"), body
+        opened.pop().close()  # a closed tab frees its place (noticed within a poll)
+        deadline = time.monotonic() + 60
+        while len(opened) < 8 and time.monotonic() < deadline:
+            request = urllib.request.Request(path, headers={"Authorization": f"token {envadmin.token}"})
+            try:
+                opened.append(urllib.request.urlopen(request, timeout=300))
+            except urllib.error.HTTPError as refused:
+                assert refused.code == 429
+                time.sleep(0.5)
+        assert len(opened) == 8
+    finally:
+        gate.set()
+        for response in opened:
+            response.read()  # to the build's end
+            response.close()
+    wait_for_builds(envadmin)
+
+
 def test_an_image_built_before_the_hub_started_is_listed_with_users_unknown(story):
     images = [image for image in story["envadmin"].get("/admin/images")["images"] if image["name"] == EARLY_NAME]
     assert len(images) == 1, images
