@@ -357,7 +357,8 @@ class Resolver(Configurable):
                 if f"{_NO_CANDIDATES} {name.normalized} " in message:
                     hints.append(await self._versions_hint(channels, platforms, name.normalized, text))
                 continue
-            near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF)
+            near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF) \
+                or _affixed(name.normalized, available)
             hint = f"; did you mean {' or '.join(near)}?" if near else ""
             hints.append(f"nothing provides {name.normalized}{hint}")
         hints = [hint for hint in hints if hint]
@@ -473,3 +474,9 @@ def _channel_name(text: str) -> str:
     if channel is None or channel.name is None:
         raise ResolveError(f"{text!r} names no channel")
     return channel.name
+
+
+def _affixed(name: str, available: list[str]) -> list[str]:
+    """Up to two names that are ``name`` with a dash-joined part before or after it: conda's
+    ``python-dateutil`` for ``dateutil``, ``opencv-python`` for ``opencv`` (too short for difflib)."""
+    return [other for other in available if other.endswith(f"-{name}") or other.startswith(f"{name}-")][:2]

@@ -316,6 +316,13 @@ async def test_a_package_listed_twice_is_told_only_for_the_pin_no_version_matche
     assert "'cs-alpha 2.0.*'" not in message, message
 
 
+async def test_a_name_without_its_prefix_is_told_the_prefixed_one(resolver):
+    # as 'dateutil' for conda's 'python-dateutil': too unlike by letters for the usual near match
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec("dependencies: [beta]"))
+    assert "(nothing provides beta; did you mean cs-beta?)" in str(refused.value), refused.value
+
+
 async def test_many_missing_names_are_hinted_at_up_to_a_few(resolver):
     names = [f"cs-nosuch{index}" for index in range(12)]
     with pytest.raises(ResolveError) as refused:
