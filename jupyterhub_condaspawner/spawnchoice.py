@@ -322,8 +322,10 @@ class SpawnChoiceMixin:
                           self._log_name, timeout)
         except ResolveError as error:
             if not error.unreachable:
-                raise explain(BuildError(f"solve: {error}", phase="solve",
-                                         cause=str(error).removeprefix("cannot solve: ")), custom_spec=True) from None
+                cause = str(error).removeprefix("cannot solve: ")
+                refusal = explain(BuildError(f"solve: {error}", phase="solve", cause=cause), custom_spec=True)
+                refusal.log_message = f"the solve pre-check refused the environment (nothing built): {cause}"
+                raise refusal from None
         return None
 
 

@@ -43,6 +43,9 @@ async def test_an_unsolvable_spec_is_refused_before_the_spawn_with_a_near_name(t
     assert refusal.value.message == (
         "Your environment cannot be solved: No candidates were found for cs-gamaa *. "
         "(nothing provides cs-gamaa; did you mean cs-gamma?); check your environment.yml")
+    # the hub's log (and JupyterHub's "Not starting ..." line) says that nothing was built
+    assert refusal.value.log_message.startswith("the solve pre-check refused the environment (nothing built): "
+                                                "No candidates were found for cs-gamaa *."), refusal.value.log_message
 
 
 async def test_a_conflict_is_refused_with_the_solvers_reason_in_one_line(tmp_path, dev_python_channel):
