@@ -22,6 +22,7 @@ from .gpus import GpuUnavailable
 from .profiles import Profile
 from .resolve import ResolveError
 from .spec import EnvironmentSpec, SpecError, SpecPolicy
+from .specmodel import printable
 
 if TYPE_CHECKING:
     from .hubservices import HubServices
@@ -189,15 +190,18 @@ class SpawnChoiceMixin:
             raise FormRefusal("environment: upload a file or paste text, not both")
         # No file chosen sends a part with no name; a named part with nothing in it is a file the
         # user chose, and meant: not a reason to start the profile's own environment instead.
-        if upload.get("filename") and not upload.get("body") and not text:
-            raise FormRefusal(f"{str(upload['filename'])[:100]}: the uploaded file is empty: "
+        # The file's name as the browser sent it, shown in refusals: printable characters only (no
+        # bidi override turning the line around, no control characters in the hub's log).
+        filename = printable(str(upload.get("filename") or ""))
+        if filename and not upload.get("body") and not text:
+            raise FormRefusal(f"{filename}: the uploaded file is empty: "
                               "choose it again, or paste its text")
         data: str | bytes = upload.get("body") or text
         if data:
             policy = self.services.policy
             try:
                 spec = await asyncio.to_thread(policy.parse, data,
-                                               source=upload.get("filename") or "pasted environment.yml")
+                                               source=filename or "pasted environment.yml")
             except SpecError as error:
                 if error.count > 1:
                     self._last_form["problems"] = {"source": error.source, "count": error.count,

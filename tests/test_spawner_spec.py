@@ -201,3 +201,16 @@ def test_a_miscased_or_misspelt_profile_link_names_the_users_nearest_profile(tmp
             spawner.apply_choice({"profile": asked})
         assert refusal.value.status_code == 400
         assert refusal.value.message == f"profile: unknown profile {asked!r}{hint}"
+
+
+async def test_an_uploaded_files_name_is_shown_in_printable_characters_only(tmp_path):
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    name = "\u202elmy.evil\x1b[31m.yml"  # a right-to-left override and a terminal colour
+    for body, ends in ((b"", ": the uploaded file is empty: choose it again, or paste its text"),
+                       (b"channels: [my-own-channel]\ndependencies: [numpy]\n", None)):
+        with pytest.raises(ValueError) as refusal:
+            await spawner.options_from_form_data({"profile": ["py"],
+                                                  "environment_file_file": [{"body": body, "filename": name}]})
+        message = str(refusal.value)
+        assert message.startswith("?lmy.evil?[31m.yml"), message
+        assert ends is None or message.endswith(ends), message
