@@ -101,8 +101,8 @@ class SpawnChoiceMixin:
     def _nearest_profile(self, slug: str) -> str:
         """`` (did you mean 'cs101-hw2'?)`` for a misspelt or miscased slug (a link in a syllabus),
         among the profiles this user may use; "" when none is close."""
-        mine = {profile.slug.lower(): profile.slug for profile in self.services.catalog.profiles
-                if profile.allows(self.user.name, self._group_names)}
+        mine = {profile.slug.lower(): profile.slug
+                for profile in self.services.catalog.visible_to(self.user.name, self._group_names)}
         close = difflib.get_close_matches(str(slug).lower()[:64], list(mine), n=1)
         return f" (did you mean {mine[close[0]]!r}?)" if close else ""
 
@@ -188,11 +188,11 @@ class SpawnChoiceMixin:
         self._last_form = {"profile": options.get("profile"), "environment": kept}
         if upload.get("body") and text:
             raise FormRefusal("environment: upload a file or paste text, not both")
-        # No file chosen sends a part with no name; a named part with nothing in it is a file the
-        # user chose, and meant: not a reason to start the profile's own environment instead.
         # The file's name as the browser sent it, shown in refusals: printable characters only (no
         # bidi override turning the line around, no control characters in the hub's log).
         filename = printable(str(upload.get("filename") or ""))
+        # No file chosen sends a part with no name; a named part with nothing in it is a file the
+        # user chose, and meant: not a reason to start the profile's own environment instead.
         if filename and not upload.get("body") and not text:
             raise FormRefusal(f"{filename}: the uploaded file is empty: "
                               "choose it again, or paste its text")

@@ -127,7 +127,7 @@ class SwarmTaskMixin(_SpawnerBase):
             reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
             if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
                 held, open_gpus = state.open_gpus()
-                return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{_closed_gpus(state)}; "
+                return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{_closed_gpus(state, open_gpus)}; "
                         "your server starts when one is free")
             if "insufficient resources" in reason:
                 return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
@@ -145,7 +145,7 @@ class SwarmTaskMixin(_SpawnerBase):
         if self._request.gpus and state.waiting_for(self._request) == "a GPU":
             held, open_gpus = state.open_gpus()
             user = (f"No GPU is free on this hub: {open_gpus - held} of {open_gpus} ({self._request.describe(True)}; "
-                    f"no node had one free within {waited}{_closed_gpus(state)}: try again later)")
+                    f"no node had one free within {waited}{_closed_gpus(state, open_gpus)}: try again later)")
         else:
             user = (f"No node had the CPU or memory free for your server within {waited} "
                     f"({self._request.describe()}): try again later")
@@ -215,9 +215,10 @@ class SwarmTaskMixin(_SpawnerBase):
         return f"Your server on {what} stopped on {where} ({status}): start it again"
 
 
-def _closed_gpus(state: SwarmState) -> str:
-    """", and 2 more are on nodes that take no new servers now (...)", or "" when every GPU node takes them."""
-    closed = state.total_gpus - state.open_gpus()[1]
+def _closed_gpus(state: SwarmState, open_gpus: int) -> str:
+    """", and 2 more are on nodes that take no new servers now (...)", or "" when every GPU node takes them
+    (``open_gpus``: the GPUs of the nodes that do, from SwarmState.open_gpus)."""
+    closed = state.total_gpus - open_gpus
     return f", and {closed} more are on nodes that take no new servers now (down, drained or paused)" if closed else ""
 
 
