@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # The loaded-layers route's only Dockerfile: pip sections, and compiling where the builder could not.
 LAYERED_DOCKERFILE = Path(__file__).parent / "images" / "layered.Dockerfile"
 # The compiler: the base image's own Python, which no package of the environment can replace.
-BASE_PYTHON = "/opt/conda/bin/python"
+BASE_PREFIX = "/opt/conda"
+BASE_PYTHON = f"{BASE_PREFIX}/bin/python"
 MAX_PACKAGE_LAYERS = 80  # Docker refuses ~127 layers: the base's and the Dockerfile's count too
 DOCKER_LAYER_LIMIT = 125  # Docker's most layers in an image (127 on overlay2, less on some drivers)
 LAYERS_ABOVE_PACKAGES = 3  # the small packages', the environment's, the kernel and settings'
@@ -115,7 +116,7 @@ async def _hand_over(launched: asyncio.Future, build: Build, context: Path, stag
                                            f"({sum(len(p) for _, p in jobs)}) while its layers are written")
     partial = context / "compile" / "batches.json.partial"
     partial.write_text(json.dumps({"python": staged.python_release, "root": layers.SHARED_PREFIX,
-                                   "batches": [paths for _, paths in jobs]}))
+                                   "borrow_from": BASE_PREFIX, "batches": [paths for _, paths in jobs]}))
     partial.replace(context / "compile" / "batches.json")  # whole when the container sees it
     return CompileRun(container, context / "compile" / "done", jobs)
 

@@ -226,10 +226,16 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # that does not match its source is compiled over. A file whose ``__pycache__`` is not where it
 # seems (a symlink in it or above it, below the plan's "root") is neither read nor written: a
 # package's symlinked ``__pycache__`` would have its byte code written into another package's folder.
+# A source byte-identical to one at the same place below the plan's "borrow_from" (the base
+# image's own environment, whose packages pip compiled when the image was built: the server's
+# stack, which every environment's ipykernel shares much of) takes that file's byte code when
+# it is valid for it (by its mtime and size, or its hash), with the code's file name set to
+# the staged path: unmarshalling and marshalling again cost a fraction of compiling. The base
+# image's files are trusted; one that resolves into the staged folder is not used.
 # Each batch's marker holds the hash of each source it compiled (importlib.util.source_hash, which
 # depends on the Python release: the hub's may differ), by which bytecode.py checks what it keeps.
 COMPILE_SCRIPT = """
-import importlib.util, json, multiprocessing, os, py_compile, sys, time
+import importlib.util, json, marshal, multiprocessing, os, py_compile, sys, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
 mine = "%d.%d" % sys.version_info[:2]
 said = os.path.join(os.path.dirname(sys.argv[1]), "python")  # for the build to check, whole when it appears
@@ -247,12 +253,16 @@ if wanted and wanted != mine:
     sys.exit(f"the base image's Python {mine} does not compile for the environment's Python {wanted}")
 root = plan.get("root", "/") if isinstance(plan, dict) else "/"
 real_root = os.path.realpath(root)
+borrow_from = plan.get("borrow_from") if isinstance(plan, dict) else None
 checked = {}  # each batch runs in a process of its own: its folders only
 def beside(path):
     folder = os.path.dirname(importlib.util.cache_from_source(path))
     if folder not in checked:
         checked[folder] = os.path.realpath(folder) == os.path.join(real_root, os.path.relpath(folder, root))
     return checked[folder]
+def source_hash_of(path):
+    with open(path, "rb") as file:
+        return importlib.util.source_hash(file.read())
 def adopt(path):
     cached = importlib.util.cache_from_source(path)
     try:
@@ -262,16 +272,9 @@ def adopt(path):
             if flags == 3:
                 shipped += file.read()
         status = os.stat(path)
+        if not valid_for(shipped, status, lambda: source_hash_of(path)):
+            return False
     except OSError:
-        return False
-    if len(shipped) < 16 or shipped[:4] != importlib.util.MAGIC_NUMBER or flags not in (0, 1, 3):
-        return False
-    if flags == 0:
-        return (int.from_bytes(shipped[8:12], "little") == int(status.st_mtime) & 0xFFFFFFFF
-                and int.from_bytes(shipped[12:16], "little") == status.st_size & 0xFFFFFFFF)
-    with open(path, "rb") as file:
-        digest = importlib.util.source_hash(file.read())
-    if shipped[8:16] != digest:
         return False
     if flags == 3:
         partial = f"{cached}.{os.getpid()}.adopting"
@@ -279,9 +282,48 @@ def adopt(path):
             file.write(shipped[:4] + UNCHECKED_HASH + shipped[8:])
         os.replace(partial, cached)
     return True
+def valid_for(pyc, status, digest):
+    # whether byte code (its header at least) is its source's: by its mtime and size, or by its
+    # hash (``digest()``, computed only then)
+    flags = int.from_bytes(pyc[4:8], "little")
+    if len(pyc) < 16 or pyc[:4] != importlib.util.MAGIC_NUMBER or flags not in (0, 1, 3):
+        return False
+    if flags == 0:
+        return (int.from_bytes(pyc[8:12], "little") == int(status.st_mtime) & 0xFFFFFFFF
+                and int.from_bytes(pyc[12:16], "little") == status.st_size & 0xFFFFFFFF)
+    return pyc[8:16] == digest()
+def refiled(code, filename):
+    constants = tuple(refiled(c, filename) if isinstance(c, type(code)) else c for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=constants)
+def borrow(path, source, digest):
+    if not borrow_from:
+        return False
+    twin = os.path.join(borrow_from, os.path.relpath(path, root))
+    try:
+        status = os.stat(twin)
+        if status.st_size != len(source) or os.path.realpath(twin).startswith(real_root + os.sep):
+            return False
+        with open(twin, "rb") as file:
+            if file.read() != source:
+                return False
+        with open(importlib.util.cache_from_source(twin), "rb") as file:
+            pyc = file.read()
+        if not valid_for(pyc, status, lambda: digest):
+            return False
+        code = refiled(marshal.loads(pyc[16:]), path)
+    except (OSError, ValueError, EOFError, TypeError):
+        return False
+    cached = importlib.util.cache_from_source(path)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    partial = f"{cached}.{os.getpid()}.borrowing"
+    mode = (os.stat(path).st_mode | 0o200) & 0o666  # as py_compile sets it
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as file:
+        file.write(importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + marshal.dumps(code))
+    os.replace(partial, cached)
+    return True
 def batch(job):
     index, paths = job
-    adopted = failed = 0
+    adopted = failed = borrowed = 0
     hashes = {}
     for path in paths:
         if not beside(path):
@@ -291,21 +333,26 @@ def batch(job):
             adopted += 1
             continue
         try:
-            py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
             with open(path, "rb") as file:
-                hashes[path] = importlib.util.source_hash(file.read()).hex()
+                source = file.read()
+            digest = importlib.util.source_hash(source)
+            if borrow(path, source, digest):
+                borrowed += 1
+            else:
+                py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            hashes[path] = digest.hex()
         except Exception as error:
             failed += 1
     marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
     with open(marker + ".partial", "w") as file:
         json.dump(hashes, file)
     os.replace(marker + ".partial", marker)
-    return adopted, failed
+    return adopted, failed, borrowed
 with multiprocessing.Pool(maxtasksperchild=1) as pool:
     counts = pool.map(batch, list(enumerate(batches)), chunksize=1)
-adopted, failed = sum(count[0] for count in counts), sum(count[1] for count in counts)
-print(f"compiled {sum(map(len, batches)) - adopted - failed} files, adopted the byte code of {adopted} "
-      f"from their packages ({failed} did not compile)")
+adopted, failed, borrowed = (sum(count[n] for count in counts) for n in range(3))
+print(f"compiled {sum(map(len, batches)) - adopted - failed - borrowed} files, took the base image's byte code of "
+      f"{borrowed} identical ones, adopted the byte code of {adopted} from their packages ({failed} did not compile)")
 """
 COMPILE_BATCH = 400  # files: a large package compiles on every core, in batches fixed by its files
 COMPILE_WAIT_S = 600  # how long a compile container waits for its batches before it gives up

@@ -7,7 +7,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import marshal
 import os
+import py_compile
 import re
 import subprocess
 import sys
@@ -309,11 +311,79 @@ def test_the_compile_script_writes_no_byte_code_through_a_symlinked_pycache(tmp_
     (work / "batches.json").write_text(json.dumps({"python": None, "root": str(staged), "batches": batches}))
     output = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
                              str(work / "done"), "5"], capture_output=True, text=True, check=True).stdout
-    assert output.strip() == "compiled 2 files, adopted the byte code of 0 from their packages (2 did not compile)"
+    assert output.strip() == ("compiled 2 files, took the base image's byte code of 0 identical ones, "
+                              "adopted the byte code of 0 from their packages (2 did not compile)")
     pyc = importlib.util.cache_from_source(str(site / "cs_target/m.py"))
     assert Path(pyc).read_bytes()[8:16] == importlib.util.source_hash(b"WHO = 'target'\n")
     reported = [json.loads((work / "done" / str(index)).read_text()) for index in range(2)]
     assert reported == [{path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in batches[0]}, {}]
+
+
+def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path) -> str:
+    (work / "done").mkdir(parents=True)
+    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(root), "borrow_from": str(borrow_from),
+                                                   "batches": batches}))
+    return subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                           str(work / "done"), "5"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def base_twin(base: Path, relative: str, source: bytes) -> Path:
+    """A file of the "base image" at ``relative``, with the byte code pip leaves (checked by mtime and size)."""
+    twin = base / relative
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    twin.write_bytes(source)
+    py_compile.compile(str(twin), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    return twin
+
+
+def test_a_source_identical_to_the_base_images_takes_its_byte_code_named_for_its_own_path(tmp_path):
+    """The base image's environment holds the server's stack, compiled when the image was built: a
+    staged source byte-identical to one at the same place there is not compiled again. Its byte code
+    is unchecked-hash byte code of its own source, its code objects name the staged file, and it runs;
+    a source that differs by a byte, or whose twin's byte code is stale, is compiled."""
+    env, base = tmp_path / "env", tmp_path / "base"
+    site = "lib/python3.9/site-packages/cs_shared"
+    same = b"def where():\n    return lambda: 'shared'\n"
+    for relative, source in [(f"{site}/same.py", same), (f"{site}/other.py", b"X = 1\n"),
+                             (f"{site}/stale.py", b"Y = 2\n")]:
+        (env / relative).parent.mkdir(parents=True, exist_ok=True)
+        (env / relative).write_bytes(source)
+    base_twin(base, f"{site}/same.py", same)
+    base_twin(base, f"{site}/other.py", b"X = 2\n")
+    stale = base_twin(base, f"{site}/stale.py", b"Y = 2\n")
+    os.utime(stale, (1, 1))  # its byte code was compiled from another version of it
+    paths = [str(env / site / name) for name in ("same.py", "other.py", "stale.py")]
+    output = run_compile_script(tmp_path / "compile", env, [paths], base)
+    assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
+                      "adopted the byte code of 0 from their packages (0 did not compile)")
+    pyc = Path(importlib.util.cache_from_source(paths[0])).read_bytes()
+    assert pyc[:16] == compiled(same, b"")
+    code = marshal.loads(pyc[16:])
+    namespace: dict = {}
+    exec(code, namespace)
+    inner = namespace["where"]()
+    assert (code.co_filename, inner.__code__.co_filename, inner()) == (paths[0], paths[0], "shared")
+    for path, source in zip(paths[1:], (b"X = 1\n", b"Y = 2\n")):
+        assert marshal.loads(Path(importlib.util.cache_from_source(path)).read_bytes()[16:]).co_filename == path
+        assert Path(importlib.util.cache_from_source(path)).read_bytes()[:16] == compiled(source, b"")
+    reported = json.loads((tmp_path / "compile" / "done" / "0").read_text())
+    assert reported == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
+
+
+def test_the_base_images_byte_code_is_not_taken_from_within_the_staged_environment(tmp_path):
+    """In the container the staged environment is mounted inside the base image's prefix: a package's
+    file at envs/_shared/... below the environment has its twin in the environment itself, a
+    package's file, not the base image's. Its source is compiled, whatever byte code lies there."""
+    base = tmp_path / "base"
+    root = base / "envs" / "_shared"
+    source = b"WHO = 'mine'\n"
+    inner = "lib/python3.9/site-packages/cs_pkg/m.py"
+    base_twin(root, inner, source)  # a package's source, and byte code it shipped
+    nested = root / "envs" / "_shared" / inner
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(source)
+    output = run_compile_script(tmp_path / "compile", root, [[str(nested)]], base)
+    assert output.startswith("compiled 1 files, took the base image's byte code of 0 identical ones")
 
 
 def test_byte_code_not_compiled_from_the_source_it_is_filed_under_is_neither_kept_nor_restored(tmp_path):
@@ -722,7 +792,8 @@ def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles
     output = client.containers.run(
         base_image, ["/opt/conda/bin/python", "-c", layers.COMPILE_SCRIPT, "/work/batches.json", "/work/done", "5"],
         volumes=volumes, user=user, network_mode="none", environment={"PYTHONHASHSEED": "0"}, remove=True)
-    assert output.decode().strip() == "compiled 2 files, adopted the byte code of 2 from their packages (1 did not compile)"
+    assert output.decode().strip() == ("compiled 2 files, took the base image's byte code of 0 identical ones, "
+                                       "adopted the byte code of 2 from their packages (1 did not compile)")
     assert (work / "done" / "0").exists()
 
     def header(name: str) -> tuple[int, bytes]:
@@ -775,8 +846,39 @@ async def test_the_shared_layers_hold_the_byte_code_and_the_kernel_writes_none(l
                                    network_mode="none", remove=True).decode().split()
     assert fields[0] == "0" and fields[1] == fields[2], fields  # timestamp-checked, by the source's mtime
     assert b"lib/python3.9/site-packages/tornado/web.py" in data and b"/opt/conda/envs/" not in data
-    assert re.search(r"^compiled \d+ files, adopted the byte code of [1-9]\d* from their packages", log, re.M) or (
+    assert re.search(r"^compiled \d+ files, took the base image's byte code of \d+ identical ones, adopted the byte code "
+                     r"of [1-9]\d* from their packages", log, re.M) or (
         "0 compiled" in log)
+
+
+@pytest.mark.docker
+async def test_a_first_build_takes_the_base_images_byte_code_of_the_servers_stack(docker_daemon, base_image,
+                                                                                 dev_python_channel, tmp_path):
+    """A hub's first build (no byte code kept yet) compiles little of ipykernel's stack: the base image
+    holds the single-user server, compiled when it was built, and the environment's identical sources
+    take its byte code. In the image every such file's code names the environment's own file, never the
+    base image's."""
+    repository = f"condaspawner-layers-{SESSION}-first"
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
+    builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                           cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                           image_repo=repository, layered_images=True)
+    try:
+        info = await builder.get_image(env_request("cs-gamma", "first"))
+        log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
+        assert re.search(r"^byte code of 0 Python files from the cache", log, re.M)
+        assert int(re.search(r"took the base image's byte code of (\d+) identical ones", log).group(1)) > 100
+        script = ("import glob, marshal\n"
+                  "names = [marshal.loads(open(p, 'rb').read()[16:]).co_filename\n"
+                  "         for p in glob.glob('/opt/conda/envs/_shared/lib/python3.9/site-packages/**/*.pyc', recursive=True)]\n"
+                  "print(len(names), sum(n.startswith('/opt/conda/envs/_shared/') for n in names),\n"
+                  "      sum(n.startswith('/opt/conda/lib/') for n in names))\n")
+        output = docker_daemon.client().containers.run(info.tag, ["/opt/conda/bin/python", "-c", script],
+                                                       network_mode="none", remove=True)
+        files, own, base = map(int, output.decode().split())
+        assert files > 100 and own > 100 and base == 0, (files, own, base)
+    finally:
+        remove_repo_images(docker_daemon.client(), repository)
 
 
 @pytest.mark.docker
