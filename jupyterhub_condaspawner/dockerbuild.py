@@ -12,6 +12,7 @@ import contextlib
 import io
 import re
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,10 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
     steps = StepTracker(request, env_size, compiling=compile_step)
     made = StepIds(builder.client.api, builder.key_dir(build.key), start, start_is_ours=from_image is not None)
     image_id, failure, daemon_failure = None, "", ""
-    # a timeout (cancelled) stops reading at the next line: closing the stream makes the daemon cancel the build
-    async with contextlib.aclosing(thread_stream(lambda: builder.client.api.build(**kwargs))) as chunks:
+    # A timeout or a cancel stops reading at the next line, and closing the stream makes the daemon
+    # cancel the build; a step that prints nothing (pip waiting on its index) is stopped at once.
+    async with contextlib.aclosing(thread_stream(lambda: builder.client.api.build(**kwargs))) as chunks, \
+            _stopping_steps(made):
         async for chunk in chunks:
             if "daemon_error" in chunk:  # the daemon went away
                 daemon_failure = chunk["daemon_error"]
@@ -96,6 +99,16 @@ async def docker_build(builder: ImageBuilder, build: Build, request: BuildReques
         raise steps.failure(failure or "docker gave no image")
     await build.publish("tag", 98, f"Tagged {builder.tag_for(build.key)}")
     return image_id
+
+
+@contextlib.asynccontextmanager
+async def _stopping_steps(made: StepIds) -> AsyncIterator[None]:
+    """Remove the build's step containers when the block ends by an exception (a timeout, a cancel)."""
+    try:
+        yield
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(made.remove_containers))
+        raise
 
 
 def daemon_disk_full(builder: ImageBuilder, env_size: int | None) -> BuildError:
@@ -139,6 +152,7 @@ class StepIds:
         self.api, self.key_dir = api, key_dir
         self.head, self.head_is_ours = madeids.bare(start), start_is_ours  # the image the next step runs on
         self.cached = False  # the next step image is a cached one
+        self.containers: list[str] = []  # the step containers kept
 
     @staticmethod
     def names_an_id(line: str) -> bool:
@@ -152,6 +166,7 @@ class StepIds:
             attrs = self._inspect(self.api.inspect_container, match.group(1))
             if self.head_is_ours and madeids.bare(str(attrs.get("Image", ""))) == self.head:
                 madeids.add(self.key_dir, containers=[attrs["Id"]])
+                self.containers.append(attrs["Id"])
         elif match := _STEP_IMAGE.match(line):
             cached, self.cached = self.cached, False
             attrs = self._inspect(self.api.inspect_image, match.group(1))
@@ -159,6 +174,12 @@ class StepIds:
                 self.head, self.head_is_ours = madeids.bare(attrs["Id"]), not cached
                 if not cached:
                     madeids.add(self.key_dir, images=[attrs["Id"]])
+
+    def remove_containers(self) -> None:
+        """Remove the step containers kept, running or not (blocking); the daemon's build then ends."""
+        for container in self.containers:
+            with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+                self.api.remove_container(container, force=True)
 
     @staticmethod
     def _inspect(inspect: Any, short: str) -> dict[str, Any]:
