@@ -84,12 +84,13 @@ def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
     in a layer whether they were linked or copied. ``fallback`` where the cache's copy is gone.
     How many files it changed."""
     changed = 0
+    root = os.fspath(staged.root)  # str paths: thousands of files, pathlib's joins cost more than the lstat
     for package in staged.packages.values():
         for path in package.files:
             if not staged.folders.holds_parent_of(path):
                 continue  # never through a package's symlink: the layers leave such a path out too
             try:
-                status = os.lstat(staged.root / path)
+                status = os.lstat(f"{root}/{path}")
             except OSError:
                 continue
             if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
@@ -99,7 +100,7 @@ def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
             except OSError:
                 mtime = fallback
             if int(status.st_mtime) != mtime:
-                os.utime(staged.root / path, (mtime, mtime), follow_symlinks=False)
+                os.utime(f"{root}/{path}", (mtime, mtime), follow_symlinks=False)
                 changed += 1
     return changed
 
