@@ -18,7 +18,10 @@ are not part of any figure. Then:
    a new image layer (``docker import`` of a tar of the staged prefix). ``--rounds N``
    repeats that N times. Printed for scripts: ``cold build / floor, NAME: X.XX`` (the
    layered route, the median over the rounds; goal <= 1.5), the
-   Dockerfile route beside it, the phase breakdown and the image sizes. Then the same
+   Dockerfile route beside it, the phase breakdown with the compile container's summary
+   (files compiled, files that took the base image's byte code, shipped byte code adopted:
+   the second depends on how much of the environment the base image holds too) and the
+   image sizes. Then the same
    environment on a hub that built another one first (the byte-code cache holds
    ipykernel's closure, which every environment installs; python's layer is sent again,
    as it sits above numpy's and pandas' here):
@@ -91,6 +94,10 @@ class Timed:
     info: ImageInfo
     seconds: float
     phases: list[tuple[float, str, str]] = field(default_factory=list)  # seconds since start, phase, message
+    compiled: str = ""  # the compile container's summary line, from the build log
+
+    def breakdown_and_compile(self) -> str:
+        return self.breakdown() + (f" ({self.compiled})" if self.compiled else "")
 
     def breakdown(self) -> str:
         marks = self.phases + [(self.seconds, "end", "")]
@@ -111,7 +118,9 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
     info = await build.result()
     seconds = time.perf_counter() - started
     await builder.finish_removals()  # the staging folder goes after the image is ready: not timed, not in the next run
-    return Timed(info, seconds, phases)
+    log = (Path(builder.key_dir(info.key)) / "build.log").read_text(errors="replace")
+    compiled = next((line for line in log.splitlines() if line.startswith("compiled ")), "")
+    return Timed(info, seconds, phases, compiled)
 
 
 async def install_anew(resolver: Resolver, build_request: BuildRequest, folder: Path) -> Path:
@@ -217,7 +226,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
             remove_images(bench, results.values())  # Docker skips layers it holds: none of this environment's
             after = await build_after_another(bench, resolver, scratch, name, packages)
             print(f"    layered, on a hub that built another environment before "
-                  f"(ipykernel's closure's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown()}")
+                  f"(ipykernel's closure's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown_and_compile()}")
             print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
 
 
@@ -244,7 +253,7 @@ async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str,
     print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor:.1f} s "
           f"({before:.1f} s before, {after:.1f} s after); image {size / 1e9:.2f} GB")
     for route, result in results.items():
-        print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown()}")
+        print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown_and_compile()}")
     return floor, results
 
 
