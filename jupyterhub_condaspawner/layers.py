@@ -310,8 +310,11 @@ def borrow(path, source, digest):
             pyc = file.read()
         if not valid_for(pyc, status, lambda: digest):
             return False
-        code = refiled(marshal.loads(pyc[16:]), path)
-    except (OSError, ValueError, EOFError, TypeError):
+        code = marshal.loads(pyc[16:])
+        if type(code) is not type(refiled.__code__):  # a header fit for it, and no code object behind it
+            return False
+        code = refiled(code, path)
+    except Exception:  # byte code that is not what its header says: compiled instead
         return False
     cached = importlib.util.cache_from_source(path)
     os.makedirs(os.path.dirname(cached), exist_ok=True)

@@ -370,6 +370,30 @@ def test_a_source_identical_to_the_base_images_takes_its_byte_code_named_for_its
     assert reported == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
 
 
+def test_a_source_whose_twins_byte_code_holds_no_code_object_is_compiled(tmp_path):
+    """Byte code of the base image's with a header fit for its source and no code object behind it (a
+    damaged file, a tool's leftover) is not the staged source's: that source is compiled, not left
+    without byte code as one that "did not compile"."""
+    env, base = tmp_path / "env", tmp_path / "base"
+    site = "lib/python3.9/site-packages/cs_shared"
+    paths = []
+    for name, behind in [("none.py", marshal.dumps(None)), ("pair.py", marshal.dumps((1, 2)))]:
+        source = f"WHO = {name!r}\n".encode()
+        (env / site).mkdir(parents=True, exist_ok=True)
+        (env / site / name).write_bytes(source)
+        twin = base_twin(base, f"{site}/{name}", source)
+        pyc = Path(importlib.util.cache_from_source(str(twin)))
+        pyc.write_bytes(pyc.read_bytes()[:16] + behind)
+        paths.append(str(env / site / name))
+    output = run_compile_script(tmp_path / "compile", env, [paths], base)
+    assert output == ("compiled 2 files, took the base image's byte code of 0 identical ones, "
+                      "adopted the byte code of 0 from their packages (0 did not compile)")
+    for path in paths:
+        namespace: dict = {}
+        exec(marshal.loads(Path(importlib.util.cache_from_source(path)).read_bytes()[16:]), namespace)
+        assert namespace["WHO"] == os.path.basename(path)
+
+
 def test_the_base_images_byte_code_is_not_taken_from_within_the_staged_environment(tmp_path):
     """In the container the staged environment is mounted inside the base image's prefix: a package's
     file at envs/_shared/... below the environment has its twin in the environment itself, a
