@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import re
+import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -153,6 +154,10 @@ class StepIds:
         self.head, self.head_is_ours = madeids.bare(start), start_is_ours  # the image the next step runs on
         self.cached = False  # the next step image is a cached one
         self.containers: list[str] = []  # the step containers kept
+        # Set by remove_containers: a feed still checking a container when the build was cancelled
+        # (its thread outlives the cancel) removes that container itself, else its step ran on.
+        self.stopped = False
+        self._lock = threading.Lock()
 
     @staticmethod
     def names_an_id(line: str) -> bool:
@@ -166,7 +171,11 @@ class StepIds:
             attrs = self._inspect(self.api.inspect_container, match.group(1))
             if self.head_is_ours and madeids.bare(str(attrs.get("Image", ""))) == self.head:
                 madeids.add(self.key_dir, containers=[attrs["Id"]])
-                self.containers.append(attrs["Id"])
+                with self._lock:
+                    self.containers.append(attrs["Id"])
+                    late = self.stopped
+                if late:
+                    self._remove(attrs["Id"])
         elif match := _STEP_IMAGE.match(line):
             cached, self.cached = self.cached, False
             attrs = self._inspect(self.api.inspect_image, match.group(1))
@@ -176,10 +185,17 @@ class StepIds:
                     madeids.add(self.key_dir, images=[attrs["Id"]])
 
     def remove_containers(self) -> None:
-        """Remove the step containers kept, running or not (blocking); the daemon's build then ends."""
-        for container in self.containers:
-            with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
-                self.api.remove_container(container, force=True)
+        """Remove the step containers kept, running or not (blocking), and any a feed still under
+        way keeps from now on; the daemon's build then ends."""
+        with self._lock:
+            self.stopped = True
+            containers = list(self.containers)
+        for container in containers:
+            self._remove(container)
+
+    def _remove(self, container: str) -> None:
+        with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+            self.api.remove_container(container, force=True)
 
     @staticmethod
     def _inspect(inspect: Any, short: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ Covered elsewhere, not repeated here:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -37,6 +38,7 @@ from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandl
 from condaspawner_bench.registry import BenchRegistryError, start_registry
 from jupyterhub_condaspawner import leftovers, madeids, staging
 from jupyterhub_condaspawner.builder import ImageBuilder
+from jupyterhub_condaspawner.dockerbuild import StepIds
 from jupyterhub_condaspawner.resolve import Resolver
 
 pytestmark = pytest.mark.docker
@@ -402,3 +404,21 @@ def test_a_killed_builds_running_compile_container_is_a_leftover_if_it_carries_t
     finally:
         for container in (waiting, unlabelled, other_key):
             container.remove(force=True)
+
+
+def test_a_step_container_confirmed_after_the_build_was_cancelled_is_removed_too(docker_daemon, base_image, tmp_path):
+    """A cancel (or a timeout) ends the build while a thread still asks the daemon about the "Running
+    in" line of the step that just started: that thread outlives the cancel, and the container it
+    keeps after remove_containers ran must go as well, or that step (a pip waiting on its index) runs on."""
+    client = docker_daemon.client()
+    step = client.containers.run(base_image, ["sleep", "600"], detach=True, network_mode="none")
+    try:
+        made = StepIds(client.api, tmp_path, client.images.get(base_image).id, start_is_ours=True)  # a step on its start
+        made.remove_containers()  # the cancel: nothing kept yet
+        made.feed(f" ---> Running in {step.id[:12]}")  # the thread that was checking the step's line
+        assert made.containers == [step.id]
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(step.id)
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            step.remove(force=True)
