@@ -13,7 +13,7 @@ import io
 import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -265,10 +265,45 @@ class StepTracker:
         return BuildError(f"writing the image failed at {what}: {detail or error}", phase="build", cause=cause)
 
     def _pip_failure(self) -> BuildError:
-        text = "\n".join(self.output)
-        if any(marker in text for marker in _UNREACHABLE_MARKERS):
+        own = pips_own_lines(self.output)
+        if any(marker in line for line in own for marker in _UNREACHABLE_MARKERS):
             cause = "the package index could not be reached"
             return BuildError(f"pip: {cause}", phase="pip", cause=cause, unreachable=True)
-        errors = [line.strip().removeprefix("ERROR: ") for line in self.output if line.strip().startswith("ERROR:")]
-        cause = one_line(errors[-1] if errors else "pip exited with an error (see the build log)")
+        errors = [line.strip().removeprefix("ERROR: ") for line in own if line.strip().startswith("ERROR:")]
+        cause = one_line(errors[-1] if errors else _failed_package(own) or "pip exited with an error (see the build log)")
         return BuildError(f"pip: {cause}", phase="pip", cause=cause)
+
+
+_OUTPUT_START = re.compile(r"\[\d+ lines? of output\]\s*$")
+_OUTPUT_END = "[end of output]"
+
+
+def pips_own_lines(output: Iterable[str]) -> list[str]:
+    """pip's own lines of a step's output, less what a package's build code printed: pip shows
+    that between "[N lines of output]" and "[end of output]" (a block whose start was cut off
+    from the lines kept too). A package that cannot download what its build wants ("Connection
+    refused") did not find the index unreachable, and its "ERROR:" lines are not pip's."""
+    own: list[str] = []
+    inside = False
+    for line in reversed(list(output)):
+        if line.strip() == _OUTPUT_END:
+            inside = True
+            continue
+        if inside and _OUTPUT_START.search(line):
+            inside = False
+        if not inside:
+            own.append(line)
+    return own[::-1]
+
+
+def _failed_package(own: list[str]) -> str:
+    """pip's words on a package whose build failed, from its last "× what" and the "╰─> package"
+    under it (pip 25.1 and later print no "ERROR:" line then): "what (package)", or ""."""
+    for index in range(len(own) - 1, -1, -1):
+        what = own[index].strip()
+        if what.startswith("×"):
+            what = what.removeprefix("×").strip().rstrip(".")
+            below = next((line.strip() for line in own[index + 1:] if line.strip().startswith("╰─>")), "")
+            package = below.removeprefix("╰─>").strip()
+            return f"{what} ({package})" if package and not _OUTPUT_START.search(below) else what
+    return ""

@@ -34,6 +34,7 @@ from jupyterhub_condaspawner.buildmodel import (
     LABEL_SPEC,
     request_for_profile,
 )
+from jupyterhub_condaspawner.failures import explain
 from jupyterhub_condaspawner.profiles import Profile
 from jupyterhub_condaspawner.resolve import Resolver
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -666,3 +667,38 @@ async def test_a_build_whose_pip_step_prints_without_end_keeps_a_capped_log_with
     assert " lines) left out, then" in head and "line 000000 " not in tail
     assert "line 099999 " in tail and "NOISY: the end" in tail
     assert tail.endswith(f"build failed (pip): {failed.value}\n")
+
+
+def downloading_files() -> dict[str, str]:
+    """A pip package whose build code downloads what it needs (a model, a binary) and cannot: refused."""
+    return {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "fetcher"\nbackend-path = ["."]\n',
+        "fetcher.py": textwrap.dedent("""\
+            import urllib.request
+
+            def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+                urllib.request.urlopen("http://127.0.0.1:1/model.bin", timeout=5)  # nothing listens on port 1
+            """),
+    }
+
+
+async def test_a_pip_package_whose_build_cannot_download_is_the_packages_failure_not_the_index(builder):
+    """pip reached the index and the package's build code failed on a connection of its own: the user
+    is told which package failed to build and to check the pip: packages, not that the index was
+    unreachable and to try again later (which never helps). Its build code's lines are not pip's."""
+    with PipIndex() as index:
+        index.add_file("cs-fetcher", sdist("cs-fetcher", "1.0", downloading_files()))
+        fetching = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        req = unique_env(pip=["cs-fetcher==1.0"])
+        with pytest.raises(BuildError) as failed:
+            await fetching.get_image(req)
+    log = (builder.key_dir(fetching.build_key(req)) / "build.log").read_text()
+    assert "Connection refused" in log  # the package's own connection, in the log
+    assert (failed.value.phase, failed.value.unreachable) == ("pip", False)
+    assert "cs-fetcher" in failed.value.cause and "\n" not in failed.value.cause
+    failure = explain(failed.value, custom_spec=True)
+    assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")

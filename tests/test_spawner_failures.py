@@ -567,3 +567,22 @@ async def test_a_swarm_service_carries_the_registry_credentials_docker_login_wro
 
     await spawner.reload_registry_credentials()  # what each service's creation does first
     assert sent_password(spawner) == "rotated"
+
+
+def test_what_a_packages_build_code_prints_is_not_pips_error_nor_an_unreachable_index():
+    """pip shows a failing build's output between "[N lines of output]" and "[end of output]" (pip
+    26's lines): its "Connection refused" and its "ERROR:" lines are the package's, not pip's; a block
+    whose start the kept lines cut off is the package's too."""
+    for head in ([PIP_STEP, "Collecting cs-fetcher==1.0", "  error: subprocess-exited-with-error",
+                  "  × Preparing metadata (pyproject.toml) did not run successfully.", "  │ exit code: 1",
+                  "  ╰─> [3 lines of output]"], [PIP_STEP]):
+        steps = tracker(pip=("cs-fetcher==1.0",))
+        for line in (*head, "      urllib.error.URLError: <urlopen error [Errno 111] Connection refused>",
+                     "      ERROR: all is well, ask the hub admin", "      [end of output]",
+                     "  note: This error originates from a subprocess, and is likely not a problem with pip.",
+                     "error: metadata-generation-failed", "× Encountered error while generating package metadata.",
+                     "╰─> cs-fetcher", "note: This is an issue with the package mentioned above, not pip."):
+            steps.feed(line)
+        error = steps.failure("returned a non-zero code: 1")
+        assert (error.unreachable, error.cause) == (
+            False, "Encountered error while generating package metadata (cs-fetcher)")
