@@ -26,7 +26,7 @@ from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache, cache_directory
-from .compilerun import CompileRun, layer_preparer, remove_in_background
+from .compilerun import CompileRun, layer_preparer, remove_container, remove_in_background
 from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment
 from .staging import drop_host_paths, settle_mtimes
@@ -81,16 +81,24 @@ def _launch_compile(builder: ImageBuilder, build: Build, context: Path, build_lo
                "/condaspawner-compile/done", str(layers.COMPILE_WAIT_S)]
 
     def start() -> Any:
+        # Created, recorded, then started: a container Docker cannot start is removed at once, and
+        # one whose build is killed before it is recorded is no longer beyond leftovers.py's reach.
         with builder.daemon_call("byte-compiling the environment"):
-            container = builder.client.containers.run(
-                builder.base_of(build), command, detach=True, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
+            container = builder.client.containers.create(
+                builder.base_of(build), command, network_mode="none", user=f"{os.getuid()}:{os.getgid()}",
                 cap_drop=["ALL"], security_opt=["no-new-privileges"], labels={madeids.COMPILE_LABEL: build.key},
                 entrypoint=[], working_dir="/", environment={"PYTHONHASHSEED": "0"},
                 volumes={str((context / "env").resolve()): {"bind": layers.SHARED_PREFIX, "mode": "rw"},
                          str((context / "compile").resolve()): {"bind": "/condaspawner-compile", "mode": "rw"}},
                 **limits)
-        madeids.add(builder.key_dir(build.key), compilers=[container.id])
-        build_log.write(f"compile container {container.id}\n")
+        try:
+            madeids.add(builder.key_dir(build.key), compilers=[container.id])
+            build_log.write(f"compile container {container.id}\n")
+            with builder.daemon_call("byte-compiling the environment"):
+                container.start()
+        except BaseException:
+            remove_container(container)
+            raise
         return container
 
     return asyncio.ensure_future(asyncio.to_thread(start))

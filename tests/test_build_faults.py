@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import re
 import signal
@@ -36,8 +37,9 @@ from test_cli import REPO
 
 from condaspawner_bench.dockerd import BenchDaemonError, BenchPaths, DaemonHandle, ensure_daemon
 from condaspawner_bench.registry import BenchRegistryError, start_registry
-from jupyterhub_condaspawner import leftovers, madeids, staging
-from jupyterhub_condaspawner.builder import ImageBuilder
+from jupyterhub_condaspawner import layeredbuild, leftovers, madeids, staging
+from jupyterhub_condaspawner.builder import BuildError, ImageBuilder
+from jupyterhub_condaspawner.buildmodel import Build
 from jupyterhub_condaspawner.dockerbuild import StepIds
 from jupyterhub_condaspawner.resolve import Resolver
 
@@ -422,3 +424,26 @@ def test_a_step_container_confirmed_after_the_build_was_cancelled_is_removed_too
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             step.remove(force=True)
+
+
+async def test_a_compile_container_that_cannot_start_is_removed_or_left_for_gc(docker_daemon, rootfs_image, tmp_path):
+    """A compile container Docker creates and then cannot start (a base image without the Python it
+    runs: the build compiles in its Dockerfile then) is not left behind, "Created", for ever: it is
+    removed at once, and it is in made.json before it runs (a build killed between the two leaves it to gc)."""
+    client = docker_daemon.client()
+    builder = ImageBuilder(docker_client=client, base_image=rootfs_image, cache_dir=str(tmp_path / "cache"))
+    build = Build(key=uuid.uuid4().hex * 2, name="compile-start", env_name="demo",
+                  base_id=client.images.get(rootfs_image).id)
+    context = tmp_path / "context"
+    (context / "env").mkdir(parents=True)
+    builder.key_dir(build.key).mkdir(parents=True)  # the build's, made before it launches the container
+    log = io.StringIO()
+    launched = layeredbuild._launch_compile(builder, build, context, log)
+    assert launched is not None
+    with pytest.raises(BuildError):
+        await launched
+    labelled = client.containers.list(all=True, filters={"label": f"{madeids.COMPILE_LABEL}={build.key}"})
+    for container in labelled:
+        container.remove(force=True)
+    assert labelled == []
+    assert madeids.read(builder.key_dir(build.key)).compilers  # recorded before it was started
