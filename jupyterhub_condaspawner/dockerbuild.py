@@ -254,8 +254,10 @@ class StepTracker:
         return "Registering the kernel"
 
     def failure(self, error: str) -> BuildError:
-        """The failed step as one line: what it was for, and the cause without docker's noise."""
-        if _STEP_PHASES[2][0].search(self.instruction):  # the pip step
+        """The failed step as one line: what it was for, and the cause without docker's noise.
+        ``error`` is the daemon's (it names the command that failed): the pip step's output can
+        forge a "Step N/M : COPY kernel ..." line, which would blame the image, not the pip: section."""
+        if _STEP_PHASES[2][0].search(self.instruction) or _STEP_PHASES[2][0].search(error):  # the pip step
             return self._pip_failure()
         what = {"image": "writing the environment into the image", "compile": "compiling Python files",
                 "kernel": "registering the kernel"}.get(self.phase, "writing the image")

@@ -702,3 +702,24 @@ async def test_a_pip_package_whose_build_cannot_download_is_the_packages_failure
     assert "cs-fetcher" in failed.value.cause and "\n" not in failed.value.cause
     failure = explain(failed.value, custom_spec=True)
     assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")
+
+
+async def test_a_pip_package_that_prints_a_later_step_is_still_a_pip_failure(builder):
+    """A package's build code writes Docker's "Step N/M : COPY kernel ..." line to pip's output and
+    fails: the daemon's error names the pip command, so the user is told to check the pip: packages
+    (400), not that writing the image failed and to tell the hub admin (500)."""
+    lines = "\nStep 12/15 : COPY kernel /opt/conda/share/jupyter/kernels/${ENV_NAME}\n"
+    with PipIndex() as index:
+        index.add_file("cs-stepper", sdist("cs-stepper", "1.0", forging_files(lines)))
+        forged = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        req = unique_env(pip=["cs-stepper==1.0"])
+        with pytest.raises(BuildError) as failed:
+            await forged.get_image(req)
+    assert "\nStep 12/15 : COPY kernel" in (builder.key_dir(forged.build_key(req)) / "build.log").read_text()
+    assert failed.value.phase == "pip"
+    failure = explain(failed.value, custom_spec=True)
+    assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")
