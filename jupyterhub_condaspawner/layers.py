@@ -226,6 +226,9 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # that does not match its source is compiled over. A file whose ``__pycache__`` is not where it
 # seems (a symlink in it or above it, below the plan's "root") is neither read nor written: a
 # package's symlinked ``__pycache__`` would have its byte code written into another package's folder.
+# Byte code it writes goes to a new file of a random name (O_EXCL) first: a package's symlink at a
+# name it would pick ("m.cpython-39.pyc.7.borrowing") would have it written into another package's
+# file, a hard link into the shared package cache, that every later environment links.
 # A source byte-identical to one at the same place below the plan's "borrow_from" (the base
 # image's own environment, whose packages pip compiled when the image was built: the server's
 # stack, which every environment's ipykernel shares much of) takes that file's byte code when
@@ -235,8 +238,10 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # Each batch's marker holds the hash of each source it compiled (importlib.util.source_hash, which
 # depends on the Python release: the hub's may differ), by which bytecode.py checks what it keeps.
 COMPILE_SCRIPT = """
-import importlib.util, json, marshal, multiprocessing, os, py_compile, sys, time
+import importlib.util, json, marshal, multiprocessing, os, py_compile, sys, tempfile, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 mine = "%d.%d" % sys.version_info[:2]
 said = os.path.join(os.path.dirname(sys.argv[1]), "python")  # for the build to check, whole when it appears
 with open(said + ".partial", "w") as file:
@@ -277,11 +282,28 @@ def adopt(path):
     except OSError:
         return False
     if flags == 3:
-        partial = f"{cached}.{os.getpid()}.adopting"
-        with open(partial, "wb") as file:  # a new file: the shipped one is linked from the package cache
-            file.write(shipped[:4] + UNCHECKED_HASH + shipped[8:])
-        os.replace(partial, cached)
+        try:  # a new file: the shipped one is linked from the package cache
+            write_new(cached, shipped[:4] + UNCHECKED_HASH + shipped[8:], 0o666 & ~UMASK)
+        except OSError:
+            return False
     return True
+def write_new(cached, data, mode):
+    # ``data`` as a new file at ``cached``, written under a name no file of a package has (O_EXCL):
+    # a package's symlink at a name this script would choose (into another package's file, a hard
+    # link into the shared package cache) is never written through
+    folder, name = os.path.split(cached)
+    handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    try:
+        os.fchmod(handle, mode)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(partial, cached)
+    except BaseException:
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+        raise
 def valid_for(pyc, status, digest):
     # whether byte code (its header at least) is its source's: by its mtime and size, or by its
     # hash (``digest()``, computed only then)
@@ -317,12 +339,12 @@ def borrow(path, source, digest):
     except Exception:  # byte code that is not what its header says: compiled instead
         return False
     cached = importlib.util.cache_from_source(path)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    partial = f"{cached}.{os.getpid()}.borrowing"
-    mode = (os.stat(path).st_mode | 0o200) & 0o666  # as py_compile sets it
-    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as file:
-        file.write(importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + marshal.dumps(code))
-    os.replace(partial, cached)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        mode = (os.stat(path).st_mode | 0o200) & 0o666  # as py_compile sets it
+        write_new(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + marshal.dumps(code), mode)
+    except OSError:
+        return False
     return True
 def batch(job):
     index, paths = job

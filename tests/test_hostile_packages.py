@@ -225,3 +225,37 @@ def test_real_folders_never_go_through_a_symlink(tmp_path):
         with pytest.raises(OSError):
             folders.make(blocked)
     assert not (tmp_path / "__pycache__").exists()
+
+
+async def test_a_symlink_where_the_compiler_writes_its_partial_byte_code_is_never_written_through(
+        docker_daemon, base_image, dev_python_channel, tmp_path):
+    """The compile container wrote the byte code it took from the base image (or rewrote a package's)
+    to "<pyc>.<pid>.borrowing" ("...adopting"), opened without O_EXCL: a package that ships symlinks
+    by those names (pids are small in a container) had it written into the symlink's target, another
+    package's file, a hard link into the shared package cache: every later environment with that
+    package, any user's, got the bytes. The package cache keeps its bytes, and the build succeeds."""
+    client = docker_daemon.client()
+    twin_path = f"{SITE}/jupyter_server/_version.py"  # the base image's (the server's stack), not the environment's
+    twin = client.containers.run(base_image, ["cat", f"/opt/conda/{twin_path}"], entrypoint=[], network_mode="none",
+                                 remove=True)
+    traps = [PackageFile(f"{SITE}/jupyter_server/__pycache__/_version.cpython-39.pyc.{pid}.borrowing",
+                         link_target="../../cs_cached/data.txt") for pid in range(1, 200)]
+    channel = tmp_path / "lab-channel"
+    for subdir in ("linux-64", "noarch"):
+        (channel / subdir).mkdir(parents=True)
+    for hostile in (package("cs-cached", [PackageFile(f"{SITE}/cs_cached/data.txt", b"CACHED DATA\n")]),
+                    package("cs-twin", [PackageFile(twin_path, twin), *traps], depends=("python 3.9.*", "cs-cached"))):
+        devchannel.write_conda_package(hostile, channel)
+    devchannel.run_blocking(devchannel.index_channel(channel))
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "lab": channel.as_uri()},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    repo = f"condaspawner-hostile-{SESSION}"
+    trapped = ImageBuilder(resolver=resolver, docker_client=client, base_image=base_image,
+                           cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
+                           image_repo=repo, layered_images=True)
+    try:
+        await trapped.get_image(request("cs-twin", "twin"))
+    finally:
+        remove_repo_images(client, repo)
+    cached = list((tmp_path / "pkgs").glob(f"cs-cached-1.0-0/{SITE}/cs_cached/data.txt"))
+    assert [path.read_bytes() for path in cached] == [b"CACHED DATA\n"]
