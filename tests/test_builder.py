@@ -723,3 +723,42 @@ async def test_a_pip_package_that_prints_a_later_step_is_still_a_pip_failure(bui
     assert failed.value.phase == "pip"
     failure = explain(failed.value, custom_spec=True)
     assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")
+
+
+async def pip_step_container(builder: ImageBuilder, build) -> str:
+    """The container of ``build``'s pip step, once it runs (its pip waits on a gated index)."""
+    log = builder.key_dir(build.key) / "build.log"
+    async for event in build.follow():
+        if event["phase"] == "pip":
+            break
+    while not build.task.done():
+        step = log.read_text().rsplit("Step ", 1)[-1]
+        found = re.search(r"^ ---> Running in ([0-9a-f]+)$", step, re.MULTILINE)
+        if found and "pip install" in step:
+            return found.group(1)
+        await asyncio.sleep(0.2)
+    return ""
+
+
+async def test_a_cancelled_build_stops_its_own_pip_step_and_leaves_another_builds_running(builder):
+    """Two builds in their pip steps at once: cancelling one removes its step container only; the
+    other's runs on and its build ends with its image."""
+    with PipIndex() as index:
+        gates = [index.add(f"cs-hang-{which}", gated=True) for which in ("a", "b")]
+        patient = ImageBuilder(
+            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
+            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
+            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
+        )
+        cancelled, other = (patient.ensure(unique_env(pip=[f"cs-hang-{which}==1.0"])) for which in ("a", "b"))
+        steps = [await pip_step_container(patient, build) for build in (cancelled, other)]
+        assert all(running(builder.client, step) for step in steps)
+        cancelled.task.cancel()
+        cancelled.task.cancel()  # twice: a timeout and the hub's stop, say
+        with pytest.raises((asyncio.CancelledError, BuildError)):
+            await cancelled.result()
+        assert not running(builder.client, steps[0])
+        assert running(builder.client, steps[1])
+        for gate in gates:
+            gate.set()
+        assert not (await other.result()).cached
