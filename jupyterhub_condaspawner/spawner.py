@@ -40,6 +40,17 @@ from .spec import EnvironmentSpec, SpecError
 
 # The spawner's limits a profile may override for one start.
 _LIMITS = ("cpu_limit", "mem_limit")
+CANCELLED_START = "Spawn cancelled: the server was stopped before it was ready"
+
+
+def cancelled_start_is_not_ready(spawner: Any, ready_event: dict[str, Any]) -> dict[str, Any]:
+    """CondaSpawner's default ``progress_ready_hook``. JupyterHub's stop of a pending start cancels it,
+    then waits a second before stopping: a progress stream that ends in that second finds the
+    server "ready" (its record is still there, nothing pending) and says "Server ready at ...",
+    sending the page to a server that never started. A cancelled start says so instead."""
+    if getattr(spawner, "_start_cancelled", False):
+        return {"progress": 100, "failed": True, "message": CANCELLED_START}
+    return ready_event
 
 
 class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBindingMixin, SpawnContainerMixin, IsolationMixin,
@@ -95,6 +106,10 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     def _default_options_from_form(self):
         return self.options_from_form_data
 
+    @default("progress_ready_hook")
+    def _default_progress_ready_hook(self):
+        return cancelled_start_is_not_ready
+
     @default("apply_user_options")
     def _default_apply_user_options(self):
         return apply_user_options_hook
@@ -115,6 +130,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         self._device_requests: list = []
         self._restart_notice = False  # this process posted "the hub restarted while you ..."
         self._hub_stops_under_start = False  # stop() came from the hub shutting down, not from the user
+        self._start_cancelled = False  # the last start was cancelled (a user's or an admin's stop)
         self._idle_watch: dict[str, Any] = {}  # the culler's timeout and profile name for this server
         self._image_pins = contextlib.ExitStack()  # the image this start uses, kept from gc until it ends
         # A start that has not (yet) created its container: nothing to poll or stop.
@@ -154,6 +170,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         self._start_began = time.monotonic()
         self._before_container = True
         self._hub_stops_under_start = False
+        self._start_cancelled = False
         if self._feed.done:
             self._feed = EventStream()
         custom = None
@@ -162,6 +179,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
             self._choice = None
             return await self._start(profile, custom)
         except asyncio.CancelledError:
+            self._start_cancelled = True
             # A user's stop of a start with no container yet: the hub's poll() says "not
             # running" (0), so no stop() comes to free what the start was granted.
             if self._before_container:

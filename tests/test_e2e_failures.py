@@ -330,3 +330,28 @@ def test_a_leftover_running_container_is_replaced_not_reused(hub, docker_daemon,
         assert current.labels.get("io.condaspawner.key")
     finally:
         hub.stop_server("leftover")
+
+
+
+def test_a_user_who_stops_a_start_mid_pip_is_told_it_was_cancelled_not_that_it_is_ready(hub, pip_index):
+    # The pip step waits on the index's page when the user stops the start (DELETE, as "Stop My Server").
+    held = f"cs-held-{uuid.uuid4().hex[:6]}"
+    gate = pip_index.add(held, gated=True)
+    environment = custom_env(pip=[f"{held}==1.0"])
+    try:
+        spawn = Spawn(hub, "held-stop", {"profile": "python39", "environment": environment})
+        deadline = time.monotonic() + 300
+        while not any(held in path for path in pip_index.requested):
+            assert time.monotonic() < deadline, spawn.messages
+            time.sleep(0.2)
+        hub.stop_server("held-stop")
+        final = spawn.wait()
+        # JupyterHub's stream, ending in the second its stop waits after the cancel, said "Server ready"
+        assert not final.get("ready") and final.get("failed"), spawn.messages
+        assert final["message"].startswith("Spawn cancelled"), final
+        assert_one_clean_line(final["message"])
+    finally:
+        gate.set()
+    again = Spawn(hub, "held-stop", {"profile": "python39", "environment": environment})
+    assert again.wait().get("ready"), again.messages
+    hub.stop_server("held-stop")
