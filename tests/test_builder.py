@@ -369,6 +369,14 @@ async def test_a_build_stays_on_the_base_its_key_was_made_with_when_the_base_tag
                 client.images.remove(tag)
 
 
+def pip_builder(builder: ImageBuilder, index: PipIndex, **settings) -> ImageBuilder:
+    """``builder``'s settings with pip asking the loopback ``index`` (host network: it listens on 127.0.0.1)."""
+    settings.setdefault("docker_client", builder.client)
+    return ImageBuilder(resolver=builder.resolver, base_image=builder.base_image, cache_dir=builder.cache_dir,
+                        image_repo=builder.image_repo, build_network_mode="host",
+                        pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, **settings)
+
+
 def running(client: docker.DockerClient, container: str) -> bool:
     try:
         return bool(client.api.inspect_container(container)["State"]["Running"])
@@ -380,12 +388,7 @@ async def test_a_build_over_its_timeout_fails_clearly_and_leaves_nothing(builder
     # pip asks a loopback index whose page for cs-slow only comes once the build has timed out
     with PipIndex() as index:
         gate = index.add("cs-slow", gated=True)
-        impatient = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_timeout=3,
-            build_network_mode="host",
-        )
+        impatient = pip_builder(builder, index, build_timeout=3)
         req = unique_env(pip=["cs-slow==1.0"])
         with pytest.raises(BuildError, match=r"^build took longer than 3 s \(ImageBuilder.build_timeout\)$"):
             await impatient.get_image(req)
@@ -402,11 +405,7 @@ async def test_a_build_cancelled_in_its_pip_step_stops_that_step(builder):
     index: for ever, left alone) is gone with it, not left running on the daemon."""
     with PipIndex() as index:
         gate = index.add("cs-hang", gated=True)
-        patient = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        patient = pip_builder(builder, index)
         req = unique_env(pip=["cs-hang==1.0"])
         build = patient.ensure(req)
         log = patient.key_dir(build.key) / "build.log"
@@ -566,11 +565,7 @@ async def test_a_users_pip_package_builds_without_capabilities(builder, layered)
     # Its build code runs as root in the env, but could not capture the build network's traffic.
     with PipIndex() as index:
         index.add_file("cs-probe", sdist("cs-probe", "1.0", PROBE_FILES))
-        hardened = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo, layered_images=layered,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        hardened = pip_builder(builder, index, layered_images=layered)
         req = unique_env(pip=["cs-probe==1.0"])
         with pytest.raises(BuildError):
             await hardened.get_image(req)
@@ -609,11 +604,7 @@ async def test_what_a_pip_packages_build_output_names_is_nothing_gc_removes(buil
     try:
         with PipIndex() as index:
             index.add_file("cs-forger", sdist("cs-forger", "1.0", forging_files(lines)))
-            forged = ImageBuilder(
-                resolver=builder.resolver, docker_client=client, base_image=builder.base_image,
-                cache_dir=builder.cache_dir, image_repo=builder.image_repo, layered_images=layered,
-                pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-            )
+            forged = pip_builder(builder, index, docker_client=client, layered_images=layered)
             req = unique_env(pip=["cs-forger==1.0"])
             with pytest.raises(BuildError):
                 await forged.get_image(req)
@@ -652,11 +643,7 @@ NOISY_FILES = {
 async def test_a_build_whose_pip_step_prints_without_end_keeps_a_capped_log_with_its_end(builder):
     with PipIndex() as index:
         index.add_file("cs-noisy", sdist("cs-noisy", "1.0", NOISY_FILES))
-        noisy = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        noisy = pip_builder(builder, index)
         req = unique_env(pip=["cs-noisy==1.0"])
         with pytest.raises(BuildError) as failed:
             await noisy.get_image(req)
@@ -688,11 +675,7 @@ async def test_a_pip_package_whose_build_cannot_download_is_the_packages_failure
     unreachable and to try again later (which never helps). Its build code's lines are not pip's."""
     with PipIndex() as index:
         index.add_file("cs-fetcher", sdist("cs-fetcher", "1.0", downloading_files()))
-        fetching = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        fetching = pip_builder(builder, index)
         req = unique_env(pip=["cs-fetcher==1.0"])
         with pytest.raises(BuildError) as failed:
             await fetching.get_image(req)
@@ -711,11 +694,7 @@ async def test_a_pip_package_that_prints_a_later_step_is_still_a_pip_failure(bui
     lines = "\nStep 12/15 : COPY kernel /opt/conda/share/jupyter/kernels/${ENV_NAME}\n"
     with PipIndex() as index:
         index.add_file("cs-stepper", sdist("cs-stepper", "1.0", forging_files(lines)))
-        forged = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        forged = pip_builder(builder, index)
         req = unique_env(pip=["cs-stepper==1.0"])
         with pytest.raises(BuildError) as failed:
             await forged.get_image(req)
@@ -745,11 +724,7 @@ async def test_a_cancelled_build_stops_its_own_pip_step_and_leaves_another_build
     other's runs on and its build ends with its image."""
     with PipIndex() as index:
         gates = [index.add(f"cs-hang-{which}", gated=True) for which in ("a", "b")]
-        patient = ImageBuilder(
-            resolver=builder.resolver, docker_client=builder.client, base_image=builder.base_image,
-            cache_dir=builder.cache_dir, image_repo=builder.image_repo,
-            pip_config={"index-url": index.url, "trusted-host": "127.0.0.1"}, build_network_mode="host",
-        )
+        patient = pip_builder(builder, index)
         cancelled, other = (patient.ensure(unique_env(pip=[f"cs-hang-{which}==1.0"])) for which in ("a", "b"))
         steps = [await pip_step_container(patient, build) for build in (cancelled, other)]
         assert all(running(builder.client, step) for step in steps)

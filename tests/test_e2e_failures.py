@@ -291,17 +291,26 @@ async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
     hub.stop_server("cpu-after-restart")
 
 
-def test_a_hub_stopped_mid_build_exits_and_tells_the_user_on_the_next_spawn_page(hub, pip_index):
-    # The pip step waits on the index's page: the build prints nothing while the hub is told to stop.
+def spawn_held_in_pip(hub, pip_index, user: str):
+    """``user`` spawns an environment whose pip step waits on the index's gated page: the gate, the
+    environment and the spawn, once pip has asked for the page (the build prints nothing meanwhile)."""
     held = f"cs-held-{uuid.uuid4().hex[:6]}"
     gate = pip_index.add(held, gated=True)
     environment = custom_env(pip=[f"{held}==1.0"])
+    spawn = Spawn(hub, user, {"profile": "python39", "environment": environment})
+    deadline = time.monotonic() + 300
+    while not any(held in path for path in pip_index.requested):
+        if time.monotonic() > deadline:
+            gate.set()
+            raise AssertionError(spawn.messages)
+        time.sleep(0.2)
+    return gate, environment, spawn
+
+
+def test_a_hub_stopped_mid_build_exits_and_tells_the_user_on_the_next_spawn_page(hub, pip_index):
+    # The pip step waits on the index's page: the build prints nothing while the hub is told to stop.
+    gate, environment, spawn = spawn_held_in_pip(hub, pip_index, "held")
     try:
-        spawn = Spawn(hub, "held", {"profile": "python39", "environment": environment})
-        deadline = time.monotonic() + 300
-        while not any(held in path for path in pip_index.requested):
-            assert time.monotonic() < deadline, spawn.messages
-            time.sleep(0.2)
         assert hub.stop(), "SIGTERM: the hub waited for the silent build step and was killed"
     finally:
         gate.set()
@@ -335,15 +344,8 @@ def test_a_leftover_running_container_is_replaced_not_reused(hub, docker_daemon,
 
 def test_a_user_who_stops_a_start_mid_pip_is_told_it_was_cancelled_not_that_it_is_ready(hub, pip_index):
     # The pip step waits on the index's page when the user stops the start (DELETE, as "Stop My Server").
-    held = f"cs-held-{uuid.uuid4().hex[:6]}"
-    gate = pip_index.add(held, gated=True)
-    environment = custom_env(pip=[f"{held}==1.0"])
+    gate, environment, spawn = spawn_held_in_pip(hub, pip_index, "held-stop")
     try:
-        spawn = Spawn(hub, "held-stop", {"profile": "python39", "environment": environment})
-        deadline = time.monotonic() + 300
-        while not any(held in path for path in pip_index.requested):
-            assert time.monotonic() < deadline, spawn.messages
-            time.sleep(0.2)
         hub.stop_server("held-stop")
         final = spawn.wait()
         # JupyterHub's stream, ending in the second its stop waits after the cancel, said "Server ready"
