@@ -150,7 +150,9 @@ def cmd_profiles(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([_profile_json(p) for p in profiles], indent=2))
         return 0
-    rows = [("SLUG", "NAME", "GPUS", "ACCESS", "KEY")]
+    # The spec's key (no daemon needed): not the build key `ls`, `log` and `lock` use, which adds
+    # the base image, the CUDA version and the display name (two profiles can share a spec key).
+    rows = [("SLUG", "NAME", "GPUS", "ACCESS", "SPEC KEY")]
     for p in profiles:
         access = ", ".join([*(f"@{g}" for g in p.allowed_groups), *p.allowed_users]) or "everyone"
         key = p.environment.key()[:16] if p.environment else "(user's own)"
@@ -613,7 +615,7 @@ def _key_dir(builder: ImageBuilder, key: str) -> Path:
     matches = sorted(builds.glob(f"{key.lower()}*"))
     if not matches:
         raise CommandError(f"no build has key {key!r}: `condaspawner ls` and `ls --failed` list the build keys "
-                           "(the key `validate` prints is the spec's, not a build's)")
+                           "(the key `validate` and `profiles` print is the spec's, not a build's)")
     if len(matches) > 1:
         raise CommandError(f"{len(matches)} builds have keys starting {key!r}: give more of its digits")
     return matches[0]

@@ -141,7 +141,7 @@ def test_profiles_lists_the_shipped_examples():
     result = condaspawner("profiles")
     assert result.returncode == 0, result.stdout
     out = result.stdout.decode()
-    assert out.splitlines()[0].split() == ["SLUG", "NAME", "GPUS", "ACCESS", "KEY"]
+    assert out.splitlines()[0].split() == ["SLUG", "NAME", "GPUS", "ACCESS", "SPEC", "KEY"]
     for slug in ("datascience-cpu *", "pytorch-gpu", "dl-course-hw3", "vision-lab-2gpu"):
         assert slug in out
     assert "@dl-course" in out and "2 *A100* cuda 12.1" in out

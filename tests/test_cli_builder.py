@@ -96,6 +96,28 @@ def test_build_profiles_reports_failures(config, tmp_path):
     assert "FAILED: solve: cannot solve:" in rows["breaks"]
 
 
+def test_profiles_key_column_is_the_spec_key_not_a_build_key(config, tmp_path):
+    """Two profiles sharing one file show one SPEC KEY in `profiles` but build two images:
+    the column says which key it is, and `log` with it says where build keys are listed."""
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "ok.yml").write_text("channels: [conda-forge]\ndependencies: [python=3.9, cs-beta]\n")
+    (tmp_path / "a.yaml").write_text("display_name: On CPU\nslug: on-cpu\nenvironment: envs/ok.yml\n")
+    (tmp_path / "b.yaml").write_text("display_name: On GPU\nslug: on-gpu\nenvironment: envs/ok.yml\n"
+                                     "gpus: 1\ncuda: '12.1'\n")
+    listed = condaspawner("profiles", "--config", str(config), str(tmp_path))
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    header, *rows = listed.stdout.decode().splitlines()
+    assert header.rstrip().endswith("SPEC KEY")
+    spec_keys = {row.split()[0]: row.split()[-1] for row in rows}
+    assert spec_keys["on-cpu"] == spec_keys["on-gpu"]
+    built = condaspawner("build", "--config", str(config), "--profiles", str(tmp_path))
+    assert built.returncode == 0, built.stdout + built.stderr
+    build_keys = {row.split()[0]: row.split()[1] for row in built.stdout.decode().splitlines()[1:]}
+    assert build_keys["on-cpu"] != build_keys["on-gpu"] and spec_keys["on-cpu"] not in build_keys.values()
+    log = condaspawner("log", "--config", str(config), spec_keys["on-cpu"])
+    assert log.returncode == 1 and "the key `validate` and `profiles` print is the spec's" in log.stderr.decode()
+
+
 def test_build_refuses_a_bad_file_before_building(config, tmp_path):
     env = tmp_path / "evil.yml"
     env.write_text("dependencies:\n  - pip:\n    - --index-url http://evil\n")
