@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from typing import Any, AsyncIterator
 
 from dockerspawner import DockerSpawner
-from traitlets import Bool, Float, default
+from traitlets import Bool, Float, TraitError, default
+from traitlets.config import Config
 
 from .builderrors import one_line, unanswered
 from .buildmodel import EventStream, ImageInfo, request_for_profile
@@ -114,6 +115,32 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     def _default_apply_user_options(self):
         return apply_user_options_hook
 
+    _config_errors: tuple[str, ...] = ()  # this spawner's own settings that did not load (_load_config)
+
+    def _load_config(self, cfg: Config, section_names: list[str] | None = None,
+                     traits: dict[str, Any] | None = None) -> None:
+        """A setting of this spawner's own with a wrong type (``gpu_idle_timeout = "30 minutes"``)
+        would raise from JupyterHub's construction of every spawner: a bare 500 and a traceback
+        on every page that touches one. Load the others one by one instead (a running server's
+        name, network and volumes must stay right for poll and stop) and refuse starts with the
+        hub's config error (:attr:`services`), the bad settings named in its log."""
+        try:
+            super()._load_config(cfg, section_names=section_names, traits=traits)
+            return
+        except TraitError:
+            pass
+        errors: list[str] = []
+        sections = section_names if section_names is not None else self.section_names()
+        for name, trait in (traits if traits is not None else self.traits(config=True)).items():
+            # Only this setting (the others would be warned about as unknown here)
+            one = Config({section: {name: cfg[section][name]} for section in sections
+                          if section in cfg and name in cfg[section]})
+            try:
+                super()._load_config(one, section_names=section_names, traits={name: trait})
+            except TraitError as error:
+                errors.append(f"a setting in the hub's config: {one_line(error)}")
+        self._config_errors = tuple(errors)
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._choice: tuple[Profile, EnvironmentSpec | None] | None = None
@@ -147,6 +174,8 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     @property
     def services(self) -> HubServices:
         """The shared services, with the profiles reloaded if an admin edited them."""
+        if self._config_errors:
+            raise config_failure("; ".join(self._config_errors))
         try:
             services = hub_services(self)
             for problem in services.catalog.reload_if_changed():
