@@ -202,6 +202,10 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# profile_list fields of KubeSpawner that CondaSpawner does not read (README, Profiles)
+_KUBESPAWNER_ONLY = frozenset({"kubespawner_override", "profile_options"})
+
+
 class ProfileCatalog(Configurable):
     """The admin's profiles, loaded from ``profiles_dir``, and who may use which."""
 
@@ -324,6 +328,9 @@ class ProfileCatalog(Configurable):
             if reader is None:
                 hint = difflib.get_close_matches(str(key), _FIELDS, n=1)
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                if key in _KUBESPAWNER_ONLY:  # a profile_list entry copied from a KubeSpawner hub
+                    suggestion = (" (KubeSpawner's, not read here: write its cpu_limit, mem_limit, gpus ... "
+                                  "at the profile's top level)")
                 problems.append(f"{path}: unknown field {show(key)}{suggestion}")
                 continue
             try:

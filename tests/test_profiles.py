@@ -106,6 +106,16 @@ def test_every_problem_of_every_file_is_reported_at_once(tmp_path):
     assert len(found) == len(expected)
 
 
+def test_a_kubespawner_profile_list_entry_says_where_its_limits_go(tmp_path):
+    write(tmp_path, {
+        "k.yaml": "display_name: K\nenvironment: envs/env.yml\nkubespawner_override: {cpu_limit: 2}\n",
+        "envs/env.yml": ENV,
+    })
+    (found,) = problems(tmp_path)
+    assert found.endswith("k.yaml: unknown field 'kubespawner_override' (KubeSpawner's, not read here: write its "
+                          "cpu_limit, mem_limit, gpus ... at the profile's top level)"), found
+
+
 def test_problems_show_values_as_yaml_read_them(tmp_path):
     # 'not True' / "not 'true'" for either of `default: yes` and `default: "true"` told the admin nothing.
     write(tmp_path, {
