@@ -10,7 +10,6 @@ builder or the hub (jupyterhub, sqlalchemy, tornado) on every call.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
@@ -549,11 +548,16 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
         return _ls_failed(_cache_builder(args, config))
     builder = _builder(args, config)
     profiles_by_key: dict[str, list[str]] = {}
-    with contextlib.suppress(CommandError, BuildError):
+    unmatched = ""  # why no image could be matched to the profiles
+    try:
         for profile in _load_catalog(config, None).profiles:
             if profile.environment is not None:
                 key = builder.build_key(request_for_profile(profile))
                 profiles_by_key.setdefault(key, []).append(profile.slug)
+    except CommandError:
+        pass  # profiles with problems: `condaspawner profiles` lists them
+    except BuildError as error:  # e.g. the configured base image is missing: every build key needs it
+        unmatched = one_line(error)
     rows = [("KEY", "IMAGE", "SIZE", "CREATED", "LAST USED", "PROFILES")]
     images = sorted(builder.images(), key=lambda image: -builder.last_used(image.labels[LABEL_KEY]))
     own = builder.own_layers(images)  # SIZE: what each image adds to the base image, which they all share
@@ -567,6 +571,8 @@ def cmd_ls(args: argparse.Namespace, config: Config) -> int:
     held = {layer: size for layers in own.values() for layer, size in layers.items()}
     print(f"{len(images)} image(s), {_size(sum(held.values()))} beyond the base image {builder.base_image} "
           "(layers they share counted once)")
+    if unmatched:
+        print(f"note: PROFILES cannot be matched: {unmatched}", file=sys.stderr)
     return 0
 
 

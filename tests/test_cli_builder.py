@@ -118,6 +118,22 @@ def test_profiles_key_column_is_the_spec_key_not_a_build_key(config, tmp_path):
     assert log.returncode == 1 and "the key `validate` and `profiles` print is the spec's" in log.stderr.decode()
 
 
+def test_ls_says_why_no_profile_matches_when_the_base_image_is_missing(config, tmp_path):
+    """An admin who sets a base_image that is not there: ls still lists the images, and says
+    why its PROFILES column is empty instead of leaving every row '-' unexplained."""
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "ok.yml").write_text("channels: [conda-forge]\ndependencies: [python=3.9, cs-beta]\n")
+    (tmp_path / "a.yaml").write_text("display_name: Works\nenvironment: envs/ok.yml\n")
+    missing = tmp_path / "missing_base.py"
+    missing.write_text(config.read_text() + f"c.ProfileCatalog.profiles_dir = {str(tmp_path)!r}\n"
+                       "c.ImageBuilder.base_image = 'condaspawner-base:no-such-tag'\n")
+    result = condaspawner("ls", "--config", str(missing))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "note: PROFILES cannot be matched: base image condaspawner-base:no-such-tag not found: "
+        "build it with `condaspawner base`"]
+
+
 def test_build_refuses_a_bad_file_before_building(config, tmp_path):
     env = tmp_path / "evil.yml"
     env.write_text("dependencies:\n  - pip:\n    - --index-url http://evil\n")
