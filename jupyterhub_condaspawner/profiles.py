@@ -256,7 +256,9 @@ class ProfileCatalog(Configurable):
         """(Re)load every profile file; raise ProfileError listing every problem found."""
         directory = Path(self.profiles_dir)
         if not directory.is_dir():
-            raise ProfileError([f"{directory}: profiles directory not found"])
+            where = "" if directory.is_absolute() else f" (relative to the current folder: {directory.absolute()})"
+            raise ProfileError([f"{directory}: profiles directory not found{where}: set "
+                                "c.ProfileCatalog.profiles_dir to the folder of the profile files"])
         files = sorted(p for p in directory.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
         problems: list[str] = []
         profiles = []

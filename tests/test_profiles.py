@@ -116,6 +116,13 @@ def test_a_kubespawner_profile_list_entry_says_where_its_limits_go(tmp_path):
                           "cpu_limit, mem_limit, gpus ... at the profile's top level)"), found
 
 
+def test_a_missing_relative_profiles_dir_names_the_folder_it_looked_in_and_the_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (found,) = problems(Path("profiles"))
+    assert found == (f"profiles: profiles directory not found (relative to the current folder: {tmp_path / 'profiles'}): "
+                     "set c.ProfileCatalog.profiles_dir to the folder of the profile files")
+
+
 def test_problems_show_values_as_yaml_read_them(tmp_path):
     # 'not True' / "not 'true'" for either of `default: yes` and `default: "true"` told the admin nothing.
     write(tmp_path, {
