@@ -26,6 +26,8 @@ from traitlets import TraitError
 from traitlets.config import Config
 from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
 
+from .configcheck import misspelled_sections
+
 if TYPE_CHECKING:
     import docker
 
@@ -799,7 +801,10 @@ def _show_setting_warnings() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        return args.handler(args, load_config(args.config))
+        config = load_config(args.config)
+        for line in misspelled_sections(config):
+            print(f"warning: {line}", file=sys.stderr)
+        return args.handler(args, config)
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from traitlets import TraitError
 
 from .builder import ImageBuilder
 from .builderrors import one_line
+from .configcheck import misspelled_sections
 from .culler import Cull, GpuIdleCuller
 from .dockerclient import daemon_settings
 from .gpuqueue import GpuQueue
@@ -89,6 +90,8 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             )
         except TraitError as error:
             raise HubConfigError(f"a setting in the hub's config: {one_line(error)}") from None
+        for line in misspelled_sections(config):
+            spawner.log.warning("%s", line)
         if builder.docker_host and not builder.registry:
             spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
                               "images built on another daemon", builder.docker_host)
