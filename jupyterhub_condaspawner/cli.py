@@ -365,7 +365,8 @@ def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
     try:
         catalog.load()
     except ProfileError as error:
-        raise CommandError("; ".join(error.problems))
+        # One `error:` line per problem, as `condaspawner profiles` prints them
+        raise CommandError("\nerror: ".join(error.problems))
     return catalog
 
 

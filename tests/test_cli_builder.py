@@ -134,6 +134,17 @@ def test_ls_says_why_no_profile_matches_when_the_base_image_is_missing(config, t
         "build it with `condaspawner base`"]
 
 
+def test_build_lists_each_profile_problem_on_its_own_line_as_profiles_does(config, tmp_path):
+    (tmp_path / "a.yaml").write_text("display_name: A\ngpus: many\n")
+    (tmp_path / "b.yaml").write_text("displayname: B\nallow_custom_environment: true\n")
+    built = condaspawner("build", "--config", str(config), "--profiles", str(tmp_path))
+    listed = condaspawner("profiles", "--config", str(config), str(tmp_path))
+    assert built.returncode == listed.returncode == 1 and built.stdout == b""
+    lines = built.stderr.decode().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines), lines
+    assert lines == listed.stdout.decode().splitlines()
+
+
 def test_build_refuses_a_bad_file_before_building(config, tmp_path):
     env = tmp_path / "evil.yml"
     env.write_text("dependencies:\n  - pip:\n    - --index-url http://evil\n")
