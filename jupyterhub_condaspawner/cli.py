@@ -159,7 +159,22 @@ def cmd_profiles(args: argparse.Namespace, config: Config) -> int:
         key = p.environment.key()[:16] if p.environment else "(user's own)"
         rows.append((p.slug + (" *" if p.default else ""), p.display_name, _describe_gpus(p), access, key))
     print(_table(rows))
+    for note in _unstartable_notes(profiles, config):
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _unstartable_notes(profiles: Sequence[Profile], config: Config) -> list[str]:
+    """Profiles no user could ever start under the config's per-user GPU quota (every start
+    would be refused with "more than the per-user quota"). A bad GPU setting: `gpus` names it."""
+    from .gpus import GpuAllocator
+
+    try:
+        quota = GpuAllocator(config=config).per_user_gpu_quota
+    except TraitError:
+        return []
+    return [f"profile {p.slug!r} needs {p.gpus} GPUs, more than c.GpuAllocator.per_user_gpu_quota = {quota}: "
+            "no one can start it (lower its gpus or raise the quota)" for p in profiles if quota and p.gpus > quota]
 
 
 def _profile_json(profile: Profile) -> dict[str, Any]:

@@ -147,6 +147,19 @@ def test_profiles_lists_the_shipped_examples():
     assert "@dl-course" in out and "2 *A100* cuda 12.1" in out
 
 
+def test_profiles_notes_a_profile_over_the_per_user_gpu_quota(tmp_path):
+    (tmp_path / "big.yaml").write_text('display_name: Big\nallow_custom_environment: true\ngpus: 4\ncuda: "12.1"\n')
+    (tmp_path / "small.yaml").write_text('display_name: Small\nallow_custom_environment: true\ngpus: 2\ncuda: "12.1"\n')
+    config = tmp_path / "c.py"
+    config.write_text(f"c = get_config()\nc.ProfileCatalog.profiles_dir = {str(tmp_path)!r}\n"
+                      "c.GpuAllocator.per_user_gpu_quota = 2\n")
+    result = condaspawner("profiles", "--config", str(config))
+    assert result.returncode == 0 and "big" in result.stdout.decode()
+    assert result.stderr.decode().splitlines() == [
+        "note: profile 'big' needs 4 GPUs, more than c.GpuAllocator.per_user_gpu_quota = 2: no one can start it "
+        "(lower its gpus or raise the quota)"]
+
+
 def test_profiles_json_and_config_dir(tmp_path):
     (tmp_path / "p.yaml").write_text("display_name: Mine\nallow_custom_environment: true\n")
     config = tmp_path / "c.py"
