@@ -167,12 +167,10 @@ def cmd_profiles(args: argparse.Namespace, config: Config) -> int:
 def _unstartable_notes(profiles: Sequence[Profile], config: Config) -> list[str]:
     """Profiles no user could ever start under the config's per-user GPU quota (every start
     would be refused with "more than the per-user quota"). A bad GPU setting: `gpus` names it."""
-    from .gpus import GpuAllocator
-
-    try:
-        quota = GpuAllocator(config=config).per_user_gpu_quota
-    except TraitError:
-        return []
+    # Read from the config, not through GpuAllocator: gpus.py loads docker, which profiles never needs.
+    quota = config.GpuAllocator.get("per_user_gpu_quota", 0) if "GpuAllocator" in config else 0
+    if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
+        return []  # a bad setting: `condaspawner gpus` names it
     return [f"profile {p.slug!r} needs {p.gpus} GPUs, more than c.GpuAllocator.per_user_gpu_quota = {quota}: "
             "no one can start it (lower its gpus or raise the quota)" for p in profiles if quota and p.gpus > quota]
 

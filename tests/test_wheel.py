@@ -135,7 +135,7 @@ def test_validate_a_good_and_a_bad_file(installed):
 def test_profiles_of_a_directory(installed):
     result = installed.condaspawner("profiles", str(REPO / "profiles"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines()[0].split() == ["SLUG", "NAME", "GPUS", "ACCESS", "KEY"]
+    assert result.stdout.splitlines()[0].split() == ["SLUG", "NAME", "GPUS", "ACCESS", "SPEC", "KEY"]
     assert "datascience-cpu *" in result.stdout
 
 
