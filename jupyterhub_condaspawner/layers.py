@@ -341,7 +341,7 @@ def borrow(path, source, digest):
     cached = importlib.util.cache_from_source(path)
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        mode = (os.stat(path).st_mode | 0o200) & 0o666  # as py_compile sets it
+        mode = (os.stat(path).st_mode | 0o200) & 0o666 & ~UMASK  # as py_compile's file gets it (os.open, umask)
         write_new(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + marshal.dumps(code), mode)
     except OSError:
         return False
