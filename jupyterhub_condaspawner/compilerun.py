@@ -108,16 +108,16 @@ def remove_in_background(container: Any) -> None:
 def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer]
                    ) -> Callable[[layers.Layer], layers.Layer]:
     """What :func:`imageload.load_image` calls before writing each layer (planned before compiling):
-    a package's layer waits for its own batches, the layers above the packages (the small
-    packages', and the environment's, which holds what no package claims) for every batch;
-    each then gets the byte code compiled (or restored from the cache) for its own sources."""
+    a package's layer, or a small packages' one, waits for its own batches, the environment's
+    (which holds what no package claims) for every batch; each then gets the byte code
+    compiled (or restored from the cache) for its own sources."""
     placer = layers.ByteCodePlacer(staged)
     planned = {layer.name for layer in plan}
 
     def prepare(layer: layers.Layer) -> layers.Layer:
         if layer.name not in planned:
             return layer  # the kernel's files
-        if layer.name in (layers.SMALL_PACKAGES, layers.ENVIRONMENT):
+        if layer.name == layers.ENVIRONMENT:
             run.wait_for(range(run.count))
         elif layer.name in run.batches_of:
             run.wait_for(run.batches_of[layer.name])

@@ -606,10 +606,62 @@ def test_only_the_largest_packages_get_layers_when_there_are_too_many(tmp_path):
     assert [layer.name for layer in plan] == ["p3-1.0-0", "p4-1.0-0", "small packages", "environment"]
 
 
+def small_layers(plan: list[layers.Layer]) -> list[layers.Layer]:
+    return [layer for layer in plan if layer.name.startswith(layers.SMALL_PACKAGES)]
+
+
+def test_the_small_packages_are_cut_into_layers_that_docker_registers_one_after_another(tmp_path, monkeypatch):
+    """Docker registers a layer only once all its bytes are in: one layer of every small package
+    kept the load going long after its last byte. They go in layers of about SMALL_LAYER_BYTES,
+    each package whole, in the packages' order; every file in exactly one of them."""
+    monkeypatch.setattr(layers, "SMALL_LAYER_BYTES", 3 * 100_000)
+    packages = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, f"lib/s{i}/__init__.py": b"X = 1\n"} for i in range(7)}
+    packages["big"] = BIG
+    staged = read(stage(tmp_path / "env", packages,
+                        records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in packages}))
+    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    assert [layer.name for layer in plan] == ["big-1.0-0", "small packages 1 of 3", "small packages 2 of 3",
+                                              "small packages 3 of 3", "environment"]
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    held = [{entry.path.removeprefix(f"{prefix}/lib/").split("/")[0].removesuffix(".bin")
+             for entry in layer.entries} for layer in small_layers(plan)]
+    assert held == [{"s0", "s1", "s2"}, {"s3", "s4", "s5"}, {"s6"}]
+    assert len({layer.identity for layer in plan[1:4]}) == 3 and all(layer.identity for layer in plan[1:4])
+    # each package's byte code is compiled in a batch named after the layer its sources are in
+    batches = layers.compile_plan(staged, plan, set())
+    assert {name for name, _ in batches} == {"big-1.0-0", *(layer.name for layer in small_layers(plan))}
+
+    monkeypatch.setattr(layers, "SMALL_LAYERS_MAX", 2)  # the layers grow rather than outnumber the limit
+    plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
+    assert [layer.name for layer in small_layers(plan)] == ["small packages 1 of 2", "small packages 2 of 2"]
+
+
+def test_environments_that_differ_in_a_late_small_package_share_the_small_layers_before_it(tmp_path, monkeypatch):
+    """A small layer's packages and files depend only on the packages before it: the same
+    bytes and identity in both environments, so Docker and a registry store it once."""
+    monkeypatch.setattr(layers, "SMALL_LAYER_BYTES", 2 * 100_000)
+    common = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, "share/both.txt": b"shared path\n"} for i in range(4)}
+    plans = []
+    for last in (b"one", b"two"):
+        packages = {**common, "zz-late": {"lib/late.bin": last * 1000}}
+        staged = stage(tmp_path / last.decode(), packages, mtime=1_234_567_890,
+                       records={name: {"sha256": hashlib.sha256(name.encode() + (last if name == "zz-late" else b"")
+                                                                ).hexdigest()} for name in packages})
+        plans.append(small_layers(layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10)))
+    one, two = plans
+    assert [layer.name for layer in one] == ["small packages 1 of 3", "small packages 2 of 3", "small packages 3 of 3"]
+    for same_one, same_two in zip(one[:2], two[:2]):
+        assert same_one.identity == same_two.identity and digest(same_one) == digest(same_two)
+    assert one[2].identity != two[2].identity and digest(one[2]) != digest(two[2])
+    # a path two packages list goes in the first layer that holds one of them
+    both = [layer.name for layer in one for entry in layer.entries if entry.path.endswith("share/both.txt")]
+    assert both == ["small packages 1 of 3"]
+
+
 def test_the_package_layers_fit_dockers_layer_limit_on_a_deep_base(tmp_path):
     assert layeredbuild.package_layer_cap(10) == layeredbuild.MAX_PACKAGE_LAYERS
     cap = layeredbuild.package_layer_cap(45)  # docker-stacks' images have about that many
-    assert cap == 125 - 45 - 3 - 2
+    assert cap == 125 - 45 - layeredbuild.LAYERS_ABOVE_PACKAGES - 2
     assert 45 + cap + layeredbuild.LAYERS_ABOVE_PACKAGES + layeredbuild.DOCKERFILE_STEPS <= 125
     assert layeredbuild.package_layer_cap(124) == 0
     packages = {f"p{i}": {f"lib/p{i}.bin": b"z" * (MB + i * 1000)} for i in range(3)}
@@ -681,6 +733,30 @@ async def test_another_environment_of_the_same_packages_writes_only_its_own_top_
     assert written == ["environment", "kernel and settings"], log
     assert re.search(r"^layer small packages: .* already stored$", log, re.M)
     assert re.search(r"^byte code of \d+ Python files from the cache, 0 compiled$", log, re.M), log
+
+
+@pytest.mark.docker
+async def test_small_packages_in_several_layers_load_run_and_are_stored_once(layered_builder, docker_daemon, monkeypatch):
+    """The small packages cut into several layers (each waiting for its own packages' byte code):
+    the image runs its kernel with every package's byte code in place, and a renamed profile
+    stores none of those layers again."""
+    monkeypatch.setattr(layers, "SMALL_LAYER_BYTES", 2 * MB)
+    first = await layered_builder.get_image(env_request("cs-beta", "several"))
+    renamed = await layered_builder.get_image(env_request("cs-beta", "several-renamed"))
+    logs = [(Path(layered_builder.key_dir(info.key)) / "build.log").read_text() for info in (first, renamed)]
+    small = re.findall(r"^layer (small packages \d+ of \d+): .*, (written|already stored)$", logs[0], re.M)
+    assert len(small) >= 3 and {how for _, how in small} == {"written"}, logs[0]
+    assert re.findall(r"^layer (small packages \d+ of \d+): .*, already stored$", logs[1], re.M) == [
+        name for name, _ in small], logs[1]
+    script = kernel_round_trip("import traitlets, jedi, sys, os; (sys.prefix, os.path.exists(traitlets.__cached__))",
+                               "several")
+    output = docker_daemon.client().containers.run(first.tag, ["python", "-c", script], network_mode="host",
+                                                   remove=True)
+    assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/several', True)"
+    listing = docker_daemon.client().containers.run(
+        first.tag, ["sh", "-c", f"find {layers.SHARED_PREFIX}/lib/python3.9/site-packages/traitlets "
+                                "-name '*.pyc' | wc -l"], remove=True)
+    assert int(listing.decode()) > 10  # compiled here, in the layer of its own package
 
 
 @pytest.mark.docker
