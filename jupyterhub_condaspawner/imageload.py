@@ -47,6 +47,11 @@ class LoadStopped(OSError):
     """The load was told to stop (its build ended) before its image was whole."""
 
 
+class SourceUnreadable(OSError):
+    """A staged file a layer holds could not be read whole (gone, or changed while it was written):
+    the hub's side of the load failed, not Docker."""
+
+
 class LoadRefused(Exception):
     """Docker's error answer to a ``docker load`` of the archive: ``str(error)`` is its message."""
 
@@ -83,6 +88,11 @@ def load_image(api: Any, base: str, layers: list[Layer], labels: dict[str, str],
                           prepare, on_image_id, stop or threading.Event(), sent or threading.Event())
     try:
         return loading.run(labels, history, env)
+    except Exception as error:
+        # the body's failure reaches requests, which says the connection broke: name the file instead
+        if loading.unreadable is not None and not isinstance(error, (LoadRefused, LoadStopped)):
+            raise SourceUnreadable(str(loading.unreadable)) from None
+        raise
     finally:
         for image_id in loading.result.partial_images:
             try:
@@ -112,6 +122,7 @@ class _StagedLoad:
         self.chain = chain_ids(base["RootFS"]["Layers"])[-1] if base["RootFS"]["Layers"] else ""
         self.partial = uuid.uuid4().hex
         self.failed = threading.Event()  # a stage failed: the others send nothing more
+        self.unreadable: OSError | None = None  # a staged file that could not be read whole
 
     def run(self, labels: dict[str, str], history: list[dict[str, Any]] | None,
             env: dict[str, str] | None) -> LoadResult:
@@ -187,11 +198,12 @@ class _StagedLoad:
         else:
             if self.prepare is not None:
                 layer = self.prepare(layer)
-            members = tar_members(layer.entries)
+            members = self._reading(lambda: tar_members(layer.entries))
             size = members_size(members)
             digest = hashlib.sha256()
             yield _header(path, size)
-            for chunk in stream_tar(layer, size, members):
+            chunks = stream_tar(layer, size, members)
+            while (chunk := self._reading(lambda: next(chunks, None))) is not None:
                 self._check_going_on()
                 digest.update(chunk)
                 yield chunk
@@ -204,6 +216,14 @@ class _StagedLoad:
         self.diff_ids.append(diff_id)
         self.result.layers.append((layer.name, diff_id, size, sent))
         return size if sent else 0
+
+    def _reading(self, read: Callable[[], Any]) -> Any:
+        """``read()``, a read of the staged files; its OSError is kept as the load's cause."""
+        try:
+            return read()
+        except OSError as error:
+            self.unreadable = self.unreadable or error
+            raise
 
     def _check_going_on(self) -> None:
         if self.stop.is_set():

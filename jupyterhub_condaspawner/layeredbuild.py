@@ -322,15 +322,16 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
                 if not refused.missing_layer:
                     raise load_failure(builder, refused, build_log) from None
                 build_log.write(f"docker load: {refused}; sending every layer\n")  # removed meanwhile
-                result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log)
+                result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log, staged)
             except OSError as error:  # requests passes the compile's failure on as a connection error
                 if run is not None and run.failed is not None:  # the layers go without byte code
                     build_log.write(f"compile: {run.failed}; compiling in the Dockerfile\n")
                     compiled, prepare = False, None
-                    result = await _load_every_layer(builder, load, plan, None, memo.without_byte_code(), build_log)
+                    result = await _load_every_layer(builder, load, plan, None, memo.without_byte_code(), build_log,
+                                                    staged)
                 else:  # a staged file changed while it was written, or the connection broke: every layer again
                     build_log.write(f"layered load failed ({error}); sending every layer\n")
-                    result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log)
+                    result = await _load_every_layer(builder, load, plan, prepare, load_memo, build_log, staged)
     except BaseException:
         stop.set()
         if run is not None:
@@ -355,13 +356,16 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
 
 async def _load_every_layer(builder: ImageBuilder, load: Callable[..., imageload.LoadResult], plan: list[layers.Layer],
                             prepare: Callable[[layers.Layer], layers.Layer] | None, memo: layers.LayerMemo,
-                            build_log: io.TextIOBase) -> imageload.LoadResult:
+                            build_log: io.TextIOBase, staged: StagedEnvironment) -> imageload.LoadResult:
     """The load again, every layer sent whole: none counted on Docker holding it (no chain is known,
     so the memo trusts no entry), and the memo corrected from what Docker got."""
     try:
         return await asyncio.to_thread(load, plan, set(), memo, prepare)
     except imageload.LoadRefused as refused:
         raise load_failure(builder, refused, build_log) from None
+    except imageload.SourceUnreadable as unreadable:  # again: something else changes the staged files
+        build_log.write(f"layered load failed again: {unreadable}\n")
+        raise _staging_changed(staged, one_line(unreadable)) from None
 
 
 def load_failure(builder: ImageBuilder, refused: imageload.LoadRefused, build_log: io.TextIOBase) -> BuildError:

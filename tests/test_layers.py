@@ -760,6 +760,33 @@ async def test_small_packages_in_several_layers_load_run_and_are_stored_once(lay
 
 
 @pytest.mark.docker
+async def test_a_staged_file_gone_during_the_load_is_the_staging_folders_fault_not_dockers(
+        layered_builder, docker_daemon, monkeypatch):
+    """Something outside the build deletes a staged file while its layer is written (the load
+    tries every layer again, and it is still gone): one line naming the staging folder and the
+    file, not "cannot reach the Docker daemon"; no image is tagged."""
+    streamed = imageload.stream_tar
+    removed: list[str] = []
+
+    def stream_without_a_file(layer, size, members=None):
+        if layer.name != "kernel and settings" and not removed:  # the first layer sent (others may be stored)
+            source = next(str(entry.source) for entry in layer.entries
+                          if entry.source is not None and os.path.isfile(entry.source))
+            os.unlink(source)
+            removed.append(source)
+        return streamed(layer, size, members)
+
+    monkeypatch.setattr(imageload, "stream_tar", stream_without_a_file)
+    request = env_request("cs-gamma", "vanishing")
+    with pytest.raises(BuildError) as failed:
+        await layered_builder.get_image(request)
+    message = str(failed.value)
+    assert "changed during the build" in message and removed[0] in message and "\n" not in message
+    assert "Docker daemon" not in message and failed.value.phase == "install"
+    assert layered_builder.find_image(layered_builder.build_key(request)) is None
+
+
+@pytest.mark.docker
 async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_dockerfile(
         docker_daemon, base_image, dev_python_channel, tmp_path, monkeypatch):
     """Layers are written while the compile container works; if it ends before a batch a layer
