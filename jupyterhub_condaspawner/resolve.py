@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform as host_platform
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ _MESSAGE_CHARS = 1500
 # What py-rattler's solver says when a spec matches nothing; and how near a channel's
 # package name must be to a missing one to be offered (difflib's ratio).
 _NO_CANDIDATES = "No candidates were found for"
+# ...and when a package's requirement matches nothing the rest of the request allows: it says so of
+# the requirement even where the channels have versions that match it, which another spec excludes.
+_REQUIRES_NOTHING = re.compile(r"└─ (?P<who>\S+ \S+) would require └─ (?P<name>[^\s,]+) (?P<range>.+?), "
+                               r"for which no candidates were found")
 # rattler, when a channel answers that it has no such subdir (an HTTP 404, a missing folder).
 _NO_SUBDIR = "could not find subdir 'noarch' in channel"
 _NEAR_NAME_CUTOFF = 0.75
@@ -296,6 +301,8 @@ class Resolver(Configurable):
             message = self._explain(error, cuda)
             if not unreachable and _NO_CANDIDATES in message:
                 message = _one_line(message + await self._missing_names(channels, spec, message))
+            elif not unreachable and _REQUIRES_NOTHING.search(message):
+                message = _one_line(message + await self._excluded_requirements(channels, spec, message))
             raise ResolveError(message, unreachable=unreachable, details=str(error)) from None
         return Lock(
             records=records,
@@ -364,6 +371,31 @@ class Resolver(Configurable):
         hints = [hint for hint in hints if hint]
         if len(hints) > _MOST_HINTS:
             hints = [*hints[:_MOST_HINTS], f"and {len(hints) - _MOST_HINTS} more"]
+        return f" ({'; '.join(hints)})" if hints else ""
+
+    async def _excluded_requirements(self, channels: list[str], spec: EnvironmentSpec, message: str) -> str:
+        """`` (cs-alpha >=1.1,<2, which cs-beta 1.0 requires: the channels have 1.1, which 'cs-alpha>=2'
+        excludes)`` for each requirement the solver says has "no candidates" where the channels do
+        have versions that match it: the spec's own entries for that name rule them out (or, with no
+        entry of its name, another requirement does). At most :data:`_MOST_HINTS` of them."""
+        platforms = [Subdir(self.platform), Subdir("noarch")]
+        hints = []
+        for found in list(_REQUIRES_NOTHING.finditer(message))[:_MOST_HINTS]:
+            name, needed, who = found["name"], found["range"], found["who"]
+            try:
+                records = [record for records in await rattler.Gateway().query(
+                    channels, platforms, [MatchSpec(f"{name} {needed}")], recursive=False) for record in records]
+            except Exception:  # the solver's own words stand alone
+                continue
+            versions = sorted({record.version for record in records})
+            if not versions:
+                continue  # the channels have none indeed
+            shown = ", ".join(str(version) for version in versions[-_MOST_VERSIONS:])
+            own = [text for text in spec.conda
+                   if (spec_name := MatchSpec(text).name) is not None and spec_name.normalized == name]
+            excluded = (f"which {' and '.join(repr(text) for text in own)} exclude{'s' if len(own) == 1 else ''}"
+                        if own else "which another requirement excludes")
+            hints.append(f"{name} {needed}, which {who} requires: the channels have {shown}, {excluded}")
         return f" ({'; '.join(hints)})" if hints else ""
 
     async def _versions_hint(self, channels: list[str], platforms: list[Subdir], name: str, text: str) -> str:

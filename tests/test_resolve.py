@@ -316,6 +316,18 @@ async def test_a_package_listed_twice_is_told_only_for_the_pin_no_version_matche
     assert "'cs-alpha 2.0.*'" not in message, message
 
 
+async def test_a_requirement_the_channels_can_meet_but_the_file_excludes_is_told_so(resolver):
+    """The solver says a dependency's requirement has "no candidates" when the file's own pin rules
+    them out: a researcher would look for a missing package. The message says which versions the
+    channels have for it and which entry of the file excludes them."""
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec("dependencies: ['cs-alpha>=2', cs-beta]"))
+    message = str(refused.value)
+    assert message.endswith("(cs-alpha >=1.1,<2, which cs-beta 1.0 requires: the channels have 1.1, "
+                            "which 'cs-alpha >=2' excludes)"), message
+    assert "\n" not in message
+
+
 async def test_a_name_without_its_prefix_is_told_the_prefixed_one(resolver):
     # as 'dateutil' for conda's 'python-dateutil': too unlike by letters for the usual near match
     with pytest.raises(ResolveError) as refused:
