@@ -130,11 +130,13 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     packages' files, in a few layers (:func:`small_package_chunks`); then ``conda-meta``, anything no package claims, and the ``env_name``
     symlink.
     """
-    records, identities = dict(staged.files), content_identities(staged)
-    keep_mtime = {path for path in staged.listed if source_of(path) is None}
     root = os.fspath(staged.root)
+    lstat = _Lstat(root)  # each of thousands of files asked of the disk once: sizes, presence, identities
+    records, identities = dict(staged.files), content_identities(staged, lstat)
+    keep_mtime = {path for path in staged.listed if source_of(path) is None}
     # before the compiled files join them: the plan is the same before and after compiling
-    sizes = {key: sum(_size(f"{root}/{path}") for path in files) for key, files in records.items()}
+    sizes = {key: sum(status.st_size for path in files if (status := lstat(path)) is not None)
+             for key, files in records.items()}
     paths = list(tree_paths(staged.root))  # walked once: thousands of folders
     for key, files in _compiled_files(paths, staged).items():
         records[key] = [*records[key], *files]
@@ -143,7 +145,9 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     layers = []
     claimed: set[str] = set()
     def present(path: str) -> bool:
-        return _exists(f"{root}/{path}") and staged.folders.holds_parent_of(path)
+        status = lstat(path)
+        return (status is not None and (stat.S_ISLNK(status.st_mode) or not stat.S_ISDIR(status.st_mode))
+                and staged.folders.holds_parent_of(path))
 
     for key in sorted(large, key=lambda key: large_package_order(staged, key)):
         files = sorted({path for path in records[key] if present(path)})  # Docker refuses a path twice
@@ -167,31 +171,51 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     return layers
 
 
-def content_identities(staged: StagedEnvironment) -> dict[PackageKey, str]:
+class _Lstat:
+    """``os.lstat`` of a staged tree's paths (relative), each asked of the disk once; None: absent."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.known: dict[str, os.stat_result | None] = {}
+
+    def __call__(self, path: str) -> os.stat_result | None:
+        if path in self.known:
+            return self.known[path]
+        try:
+            status: os.stat_result | None = os.lstat(f"{self.root}/{path}")
+        except OSError:
+            status = None
+        self.known[path] = status
+        return status
+
+
+def content_identities(staged: StagedEnvironment, lstat: _Lstat | None = None) -> dict[PackageKey, str]:
     """Each package's identity (``staged.identities``) with a digest of the files it holds here, or ""
     (unknown). A package's files depend on the environment: where two packages ship one path, the
     installer moves one's copy under ``__clobbers__`` and rewrites its file list; a layer known by the
     package's sha256 alone would stand for another environment's files."""
-    root = os.fspath(staged.root)
-    return {key: f"{identity}:{_listing_digest(root, staged.files[key])}" if identity else ""
+    lstat = lstat or _Lstat(os.fspath(staged.root))
+    return {key: f"{identity}:{_listing_digest(lstat, staged.files[key])}" if identity else ""
             for key, identity in staged.identities.items()}
 
 
-def _listing_digest(root: str, files: Iterable[str]) -> str:
+def _listing_digest(lstat: _Lstat, files: Iterable[str]) -> str:
     """sha256 of each file's path, type, mode, size, mtime and link target (lstat only: no file is read)."""
     digest = hashlib.sha256()
     for path in sorted(set(files)):
-        digest.update(_listing_line(root, path).encode("utf-8", "surrogateescape"))
+        digest.update(_listing_line(lstat, path).encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
-def _listing_line(root: str, path: str) -> str:
+def _listing_line(lstat: _Lstat, path: str) -> str:
     if source_of(path) is not None:  # byte code follows its source; compiling may rewrite it, with the fixed mtime
         return f"{path}\0byte code\n"
+    status = lstat(path)
     try:
-        status = os.lstat(f"{root}/{path}")
-        link = os.readlink(f"{root}/{path}") if stat.S_ISLNK(status.st_mode) else ""
+        link = os.readlink(f"{lstat.root}/{path}") if status is not None and stat.S_ISLNK(status.st_mode) else ""
     except OSError:
+        status = None
+    if status is None:
         return f"{path}\0absent\n"
     return f"{path}\0{status.st_mode:o}\0{status.st_size}\0{int(status.st_mtime)}\0{link}\n"
 
@@ -620,27 +644,11 @@ def _compiled_files(paths: Iterable[str], staged: StagedEnvironment) -> dict[Pac
     return compiled
 
 
-def _exists(path: str) -> bool:
-    """Whether ``path`` is a file or a symlink (to anything), not a directory nor missing."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return False
-    return stat.S_ISLNK(mode) or not stat.S_ISDIR(mode)
-
-
 def _is_file(path: str) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _size(path: str) -> int:
-    try:
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
 
 
 def tree_paths(root: Path) -> Iterator[str]:

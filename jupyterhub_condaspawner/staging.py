@@ -124,7 +124,7 @@ def drop_host_paths(staged: StagedEnvironment) -> int:
         kept = {field: value for field, value in record.items() if field not in HOST_PATH_FIELDS}
         if kept != record:
             partial = path.with_name(f".{path.name}.partial")
-            partial.write_text(json.dumps(kept, indent=2))
+            partial.write_text(json.dumps(kept))  # compact: indented, json encodes in Python (3x slower)
             os.replace(partial, path)  # replaces a symlink itself, never where it points
             changed += 1
     return changed
