@@ -30,10 +30,11 @@ if TYPE_CHECKING:
 
 _STEP = re.compile(r"^Step (\d+)/(\d+) :")
 # Which of env.Dockerfile's steps does what, found by what the instruction runs.
+_PIP_STEP = re.compile(r"-m pip install ")
 _STEP_PHASES = (
     (re.compile(r"^COPY env "), "image"),
     (re.compile(r"-m compileall "), "compile"),
-    (re.compile(r"-m pip install "), "pip"),
+    (_PIP_STEP, "pip"),
     (re.compile(r"^COPY kernel "), "kernel"),
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -257,7 +258,7 @@ class StepTracker:
         """The failed step as one line: what it was for, and the cause without docker's noise.
         ``error`` is the daemon's (it names the command that failed): the pip step's output can
         forge a "Step N/M : COPY kernel ..." line, which would blame the image, not the pip: section."""
-        if _STEP_PHASES[2][0].search(self.instruction) or _STEP_PHASES[2][0].search(error):  # the pip step
+        if _PIP_STEP.search(self.instruction) or _PIP_STEP.search(error):
             return self._pip_failure()
         what = {"image": "writing the environment into the image", "compile": "compiling Python files",
                 "kernel": "registering the kernel"}.get(self.phase, "writing the image")
