@@ -436,13 +436,18 @@ def _condaspawner_access():
         raise ValueError("zz-condaspawner-profile-access: singleuser.profileList is not set; "
                          "use the whole file `condaspawner export kubespawner` wrote")
 
-    def allows(profile, user):
+    def allows(profile, spawner):
+        user = spawner.user
         groups = set(profile.get("allowed_groups") or ())
         users = set(profile.get("allowed_users") or ())
         if not groups and not users:
             return True
+        # allowed_users read as JupyterHub reads its own: through the authenticator's
+        # normalize_username (it lower-cases), so "Alice" admits the hub user "alice"
+        normalize = getattr(spawner.authenticator, "normalize_username", None) or (lambda name: name)
         member_of = {getattr(group, "name", group) for group in user.groups}
-        return user.name in users or not groups.isdisjoint(member_of)
+        return (user.name in users or user.name in {normalize(name) for name in users}
+                or not groups.isdisjoint(member_of))
 
     async def configured_profiles(spawner):
         return await maybe_future(configured(spawner)) if callable(configured) else configured
@@ -453,7 +458,7 @@ def _condaspawner_access():
             # own hook would not run. Loudly, rather than silently.
             raise web.HTTPError(500, "hub.extraConfig: an entry after zz-condaspawner-profile-access sets "
                                      "pre_spawn_hook; set it in an entry that sorts before: tell the hub admin")
-        visible = [profile for profile in await configured_profiles(spawner) if allows(profile, spawner.user)]
+        visible = [profile for profile in await configured_profiles(spawner) if allows(profile, spawner)]
         if not visible:
             raise web.HTTPError(403, f"No profile on this hub is open to {spawner.user.name}: ask the hub admin")
         return visible
@@ -468,7 +473,7 @@ def _condaspawner_access():
             chosen = [profile for profile in await configured_profiles(spawner) if profile.get("slug") == slug]
             if not chosen:
                 raise web.HTTPError(400, f"profile: no profile {slug!r} on this hub")
-            if not allows(chosen[0], spawner.user):
+            if not allows(chosen[0], spawner):
                 raise web.HTTPError(403, f"profile: {slug!r} is not available to you")
         if (spawner.user_options or {}).get("environment"):
             raise web.HTTPError(400, "This hub cannot build your own environment.yml (Kubernetes has no "

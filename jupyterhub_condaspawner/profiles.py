@@ -50,11 +50,17 @@ class Profile:
     allowed_users: tuple[str, ...] = ()
     allow_custom_environment: bool = False
 
-    def allows(self, user: str, groups: Iterable[str] = ()) -> bool:
-        """Whether ``user`` (member of ``groups``) may use this profile; empty lists mean everyone."""
+    def allows(self, user: str, groups: Iterable[str] = (), normalize: Callable[[str], str] | None = None) -> bool:
+        """Whether ``user`` (member of ``groups``) may use this profile; empty lists mean everyone.
+
+        ``normalize`` is the hub's ``Authenticator.normalize_username``: ``allowed_users`` is read
+        through it, as JupyterHub reads its own ``allowed_users`` and ``admin_users``, so that
+        ``[Alice]`` (a class roster's spelling) admits the user JupyterHub calls ``alice``."""
         if not self.allowed_users and not self.allowed_groups:
             return True
-        return user in self.allowed_users or not set(groups).isdisjoint(self.allowed_groups)
+        if user in self.allowed_users or not set(groups).isdisjoint(self.allowed_groups):
+            return True
+        return normalize is not None and any(normalize(name) == user for name in self.allowed_users)
 
 
 class ProfileError(ValueError):
@@ -276,13 +282,15 @@ class ProfileCatalog(Configurable):
         self._loaded_signature = self.files_signature()
         return profiles
 
-    def visible_to(self, user: str, groups: Iterable[str] = ()) -> list[Profile]:
+    def visible_to(self, user: str, groups: Iterable[str] = (),
+                   normalize: Callable[[str], str] | None = None) -> list[Profile]:
         groups = list(groups)
-        return [profile for profile in self.profiles if profile.allows(user, groups)]
+        return [profile for profile in self.profiles if profile.allows(user, groups, normalize)]
 
-    def default_for(self, user: str, groups: Iterable[str] = ()) -> Profile | None:
+    def default_for(self, user: str, groups: Iterable[str] = (),
+                    normalize: Callable[[str], str] | None = None) -> Profile | None:
         """The user's default: the visible profile marked ``default``, else the first visible."""
-        visible = self.visible_to(user, groups)
+        visible = self.visible_to(user, groups, normalize)
         return next((p for p in visible if p.default), visible[0] if visible else None)
 
     def get(self, slug: str) -> Profile:

@@ -13,7 +13,7 @@ import contextlib
 import difflib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .builderrors import BuildError, one_line
 from .buildmodel import EventStream, request_for_profile
@@ -69,6 +69,9 @@ class SpawnChoiceMixin:
         @property
         def _group_names(self) -> list[str]: ...
 
+        @property
+        def _normalize_username(self) -> Callable[[str], str] | None: ...
+
         def _undo_profile_limits(self) -> None: ...
 
     def resolve_choice(self, user_options: dict | None) -> tuple[Profile, EnvironmentSpec | None]:
@@ -78,7 +81,7 @@ class SpawnChoiceMixin:
         catalog = self.services.catalog
         slug = options.get("profile")
         if slug is None:
-            profile = catalog.default_for(self.user.name, self._group_names)
+            profile = catalog.default_for(self.user.name, self._group_names, self._normalize_username)
             if profile is None:
                 raise _refused(403, "no profile is available to you")
         else:
@@ -94,15 +97,15 @@ class SpawnChoiceMixin:
             profile = self.services.catalog.get(slug)
         except KeyError:
             raise _refused(400, f"profile: unknown profile {slug[:64]!r}{self._nearest_profile(slug)}") from None
-        if not profile.allows(self.user.name, self._group_names):
+        if not profile.allows(self.user.name, self._group_names, self._normalize_username):
             raise _refused(403, f"profile: {profile.slug!r} is not available to you")
         return profile
 
     def _nearest_profile(self, slug: str) -> str:
         """`` (did you mean 'cs101-hw2'?)`` for a misspelt or miscased slug (a link in a syllabus),
         among the profiles this user may use; "" when none is close."""
-        mine = {profile.slug.lower(): profile.slug
-                for profile in self.services.catalog.visible_to(self.user.name, self._group_names)}
+        visible = self.services.catalog.visible_to(self.user.name, self._group_names, self._normalize_username)
+        mine = {profile.slug.lower(): profile.slug for profile in visible}
         close = difflib.get_close_matches(str(slug).lower()[:64], list(mine), n=1)
         return f" (did you mean {mine[close[0]]!r}?)" if close else ""
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from dockerspawner import DockerSpawner
 from traitlets import Bool, Float, TraitError, default
@@ -192,6 +192,12 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     @property
     def _group_names(self) -> list[str]:
         return [group.name for group in getattr(self.user, "groups", [])]
+
+    @property
+    def _normalize_username(self) -> Callable[[str], str] | None:
+        """The hub's ``Authenticator.normalize_username`` (None without one): the names in a
+        profile's ``allowed_users`` are read through it, as JupyterHub reads its own lists."""
+        return getattr(self.authenticator, "normalize_username", None)
 
     # -- start / stop / poll -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import jinja2
 
@@ -39,6 +39,9 @@ class SpawnFormMixin:
         @property
         def _group_names(self) -> list[str]: ...
 
+        @property
+        def _normalize_username(self) -> Callable[[str], str] | None: ...
+
     async def render_options_form(self) -> str:
         """The spawn form: one card per profile this user may use."""
         services = self.services
@@ -46,8 +49,8 @@ class SpawnFormMixin:
         # A submission the hub sent back with an error, else the last accepted choice.
         last = self._last_form or (self.orm_spawner.user_options if self.orm_spawner else None) or {}
         self._last_form = None
-        visible = services.catalog.visible_to(self.user.name, self._group_names)
-        default = services.catalog.default_for(self.user.name, self._group_names)
+        visible = services.catalog.visible_to(self.user.name, self._group_names, self._normalize_username)
+        default = services.catalog.default_for(self.user.name, self._group_names, self._normalize_username)
         selected = last.get("profile") if any(p.slug == last.get("profile") for p in visible) else (
             default.slug if default else None)
         gpu_count = await self.form_gpu_count()

@@ -22,6 +22,7 @@ from typing import Any
 import kubernetes_asyncio.config.kube_config
 import pytest
 import yaml
+from jupyterhub.auth import Authenticator
 from jupyterhub.objects import Hub, Server
 from kubernetes_asyncio.client import ApiClient
 from kubespawner import KubeSpawner
@@ -300,6 +301,27 @@ def test_allowed_users_admit_a_user_without_the_group():
         assert placement(pod)[1] == [{"key": "nvidia.com/gpu.product", "operator": "In", "values": A100S}]
         with pytest.raises(ValueError, match="No such profile"):
             await pod_for(config, user("pi-smithers"), {"profile": "vision-lab-2gpu"})
+
+    asyncio.run(check())
+
+
+def test_allowed_users_are_read_through_the_hubs_name_normalisation(tmp_path: Path):
+    # A roster's "TA-Jones" is the hub user "ta-jones": JupyterHub's authenticator lower-cases names.
+    (tmp_path / "ta.yaml").write_text(
+        "display_name: TA tools\nslug: cs101-ta\nenvironment: {dependencies: [python=3.11]}\n"
+        "allowed_users: [TA-Jones]\n")
+    config = hub_config(export_values(load(tmp_path)))
+
+    async def check() -> None:
+        kube = spawner(config, user("ta-jones"), {"profile": "cs101-ta"})
+        kube.authenticator = Authenticator()
+        assert [profile["slug"] for profile in await kube.profile_list(kube)] == ["cs101-ta"]
+        await kube.pre_spawn_hook(kube)  # the start is let through
+        other = spawner(config, user("student"), {"profile": "cs101-ta"})
+        other.authenticator = Authenticator()
+        with pytest.raises(web.HTTPError) as refused:
+            await other.pre_spawn_hook(other)
+        assert refused.value.status_code == 403
 
     asyncio.run(check())
 

@@ -226,6 +226,20 @@ def test_access_rules_visibility_and_default(tmp_path):
         catalog.get("missing")
 
 
+def test_allowed_users_are_read_through_the_hubs_name_normalisation(tmp_path):
+    # JupyterHub lower-cases user names (Authenticator.normalize_username) and reads its own
+    # allowed_users through it: a course roster's "TA-Jones" is the hub user "ta-jones".
+    write(tmp_path, {
+        "1-ta.yaml": "display_name: TA\nenvironment: envs/e.yml\nallowed_users: [TA-Jones]\n",
+        "envs/e.yml": ENV,
+    })
+    catalog = load(tmp_path)
+    assert [p.slug for p in catalog.visible_to("ta-jones", [], str.lower)] == ["ta"]
+    assert catalog.default_for("ta-jones", [], str.lower).slug == "ta"
+    assert not catalog.get("ta").allows("ta-jones")  # without the hub's normalisation: exact names
+    assert not catalog.get("ta").allows("student", [], str.lower)
+
+
 def test_profiles_are_ordered_by_file_name(tmp_path):
     write(tmp_path, {"b.yaml": "display_name: B\nenvironment: envs/e.yml\n", "a.yml": "display_name: A\nenvironment: envs/e.yml\n", "envs/e.yml": ENV})
     assert [p.slug for p in load(tmp_path).profiles] == ["a", "b"]

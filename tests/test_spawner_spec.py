@@ -10,7 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from jupyterhub.auth import Authenticator
 from jupyterhub.utils import format_exception
+from stand_in_user import StandInUser
 from test_spawner_failures import spawner_for
 
 from jupyterhub_condaspawner.failures import StartFailure
@@ -201,6 +203,23 @@ def test_a_miscased_or_misspelt_profile_link_names_the_users_nearest_profile(tmp
             spawner.apply_choice({"profile": asked})
         assert refusal.value.status_code == 400
         assert refusal.value.message == f"profile: unknown profile {asked!r}{hint}"
+
+
+async def test_a_profile_for_a_capitalised_roster_name_is_offered_to_that_user(tmp_path):
+    # The instructor copies "TA-Jones" from the class roster; JupyterHub's authenticator logs
+    # the TA in as "ta-jones" (it lower-cases names, and reads its own allowed_users so).
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    (tmp_path / "profiles" / "30-ta.yaml").write_text(
+        "display_name: TA tools\nslug: cs101-ta\nenvironment: envs/py.yml\nallowed_users: [TA-Jones]\n")
+    spawner.user = StandInUser(Authenticator().normalize_username("TA-Jones"))
+    spawner.authenticator = Authenticator()
+    assert 'id="profile-cs101-ta"' in await spawner.render_options_form()
+    spawner.apply_choice({"profile": "cs101-ta"})
+    assert spawner.user_options["profile"] == "cs101-ta"
+    spawner.user = StandInUser("student")
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({"profile": "cs101-ta"})
+    assert refusal.value.status_code == 403
 
 
 async def test_an_uploaded_files_name_is_shown_in_printable_characters_only(tmp_path):
