@@ -44,6 +44,11 @@ def apply_user_options_hook(spawner: SpawnChoiceMixin, user_options: dict) -> No
     spawner.apply_choice(user_options)
 
 
+# A user no profile admits (not yet in the course's group): the form says it, and a start gets it.
+NO_PROFILE = ("no profile on this hub is open to you (yet): ask the hub admin, or your instructor, to give you "
+              "access (a course's profile is open to its group)")
+
+
 class SpawnChoiceMixin:
     """Validating and normalising a start's options; the host class is a CondaSpawner."""
 
@@ -83,7 +88,7 @@ class SpawnChoiceMixin:
         if slug is None:
             profile = catalog.default_for(self.user.name, self._group_names, self._normalize_username)
             if profile is None:
-                raise _refused(403, "no profile is available to you")
+                raise _refused(403, NO_PROFILE)
         else:
             if not isinstance(slug, str):
                 raise _refused(400, "profile: must be a profile's slug")

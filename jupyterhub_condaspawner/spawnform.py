@@ -15,6 +15,7 @@ import jinja2
 from .buildmodel import request_for_profile
 from .profiles import Profile
 from .resolve import NO_DEFAULTS
+from .spawnchoice import NO_PROFILE
 
 if TYPE_CHECKING:
     from .hubservices import HubServices
@@ -59,6 +60,7 @@ class SpawnFormMixin:
         return jinja.get_template("options_form.html").render(
             notice=services.notices.take(self.user.name, self.name),
             cards=cards,
+            no_profile=NO_PROFILE[0].upper() + NO_PROFILE[1:],
             custom_text=last.get("environment", ""),
             problems=last.get("problems"),  # of the file just refused (FormRefusal)
             allowed_channels=", ".join(c for c in services.policy.allowed_channels if c != NO_DEFAULTS),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from jupyterhub.auth import Authenticator
@@ -220,6 +221,26 @@ async def test_a_profile_for_a_capitalised_roster_name_is_offered_to_that_user(t
     with pytest.raises(StartFailure) as refusal:
         spawner.apply_choice({"profile": "cs101-ta"})
     assert refusal.value.status_code == 403
+
+
+async def test_a_user_no_profile_admits_is_told_so_on_the_form_and_at_the_start(tmp_path):
+    # A student not yet in the course's group: not an empty form with a Start button that fails.
+    spawner = spawner_for(tmp_path, "file:///nonexistent")
+    for name in ("10-py.yaml", "20-gpu.yaml"):
+        path = tmp_path / "profiles" / name
+        path.write_text(path.read_text() + "allowed_groups: [cs101]\n")
+    spawner.user = StandInUser("late-student")
+    form = await spawner.render_options_form()
+    assert 'for="profile-' not in form
+    alert = form.split('data-testid="condaspawner-no-profile">')[1].split("</div>")[0]
+    assert alert.startswith("No profile on this hub is open to you (yet): ask the hub admin, or your instructor")
+    with pytest.raises(StartFailure) as refusal:
+        spawner.apply_choice({})
+    assert refusal.value.status_code == 403
+    assert refusal.value.message.startswith("no profile on this hub is open to you (yet): ask the hub admin")
+    spawner.user = StandInUser("alice")
+    spawner.user.groups = [SimpleNamespace(name="cs101")]
+    assert 'data-testid="condaspawner-no-profile"' not in await spawner.render_options_form()
 
 
 async def test_an_uploaded_files_name_is_shown_in_printable_characters_only(tmp_path):
