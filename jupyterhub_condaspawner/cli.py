@@ -10,6 +10,7 @@ builder or the hub (jupyterhub, sqlalchemy, tornado) on every call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -354,19 +355,75 @@ def _build_requests(args: argparse.Namespace, config: Config,
 
     if args.files:
         policy = SpecPolicy(config=config)
+        profiles = _profiles_if_any(config, args.profiles)
+        for name in args.files:
+            _refuse_a_slug_for_a_file(name, profiles)
         try:
-            return [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
+            requests = [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
         except SpecError as error:
             raise CommandError(str(error))
+        for name in args.files:
+            _note_a_profiles_file(name, profiles)
+        return requests
     return [(profile.slug, request) for profile, request in profile_builds]
 
 
-def _profile_builds(config: Config, directory: str | None) -> list[tuple[Profile, BuildRequest]]:
-    """Every profile with an environment of its own, and its build."""
+def _profiles_if_any(config: Config, directory: str | None) -> list[Profile]:
+    """The profiles that load (for hints about FILE arguments); none when they cannot be read."""
+    from .profiles import ProfileCatalog, ProfileError
+
+    catalog = ProfileCatalog(config=config)
+    if directory:
+        catalog.profiles_dir = directory
+    try:
+        return catalog.load()
+    except ProfileError as error:
+        return error.usable
+
+
+def _refuse_a_slug_for_a_file(name: str, profiles: list[Profile]) -> None:
+    """``build SLUG``: an instructor naming the profile to prebuild, not a file."""
+    if name != "-" and not Path(name).exists() and any(profile.slug == name for profile in profiles):
+        raise CommandError(f"{name}: no such file; it is a profile's slug: `condaspawner build --profile {name}` "
+                           "prebuilds that profile's image")
+
+
+def _note_a_profiles_file(name: str, profiles: list[Profile]) -> None:
+    """A FILE that is a profile's environment file is built as a user's own environment.yml
+    (the kernel "My environment"): another key than the profile's image, which stays unbuilt."""
+    with contextlib.suppress(OSError):
+        path = Path(name).resolve()
+        slugs = [profile.slug for profile in profiles if profile.environment_source not in (None, "inline")
+                 and Path(str(profile.environment_source)).resolve() == path]
+        if slugs:
+            print(f"note: {name} is the environment of profile {', '.join(slugs)}: built here as a user's own "
+                  "environment.yml, which is another image than the profile's; `condaspawner build --profile "
+                  f"{slugs[0]}` prebuilds the profile's", file=sys.stderr)
+
+
+def _profile_builds(config: Config, directory: str | None,
+                    slugs: Sequence[str] = ()) -> list[tuple[Profile, BuildRequest]]:
+    """Every profile with an environment of its own (or those of ``slugs``), and its build."""
+    import difflib
+
     from .buildmodel import request_for_profile
 
     catalog = _load_catalog(config, directory)
-    return [(p, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
+    if not slugs:
+        return [(p, request_for_profile(p)) for p in catalog.profiles if p.environment is not None]
+    builds = []
+    for slug in dict.fromkeys(slugs):
+        try:
+            profile = catalog.get(slug)
+        except KeyError:
+            close = difflib.get_close_matches(slug.lower(), [p.slug for p in catalog.profiles], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CommandError(f"--profile: no profile {slug!r}{hint}; `condaspawner profiles` lists them") from None
+        if profile.environment is None:
+            raise CommandError(f"--profile: profile {slug!r} has no environment of its own (users bring theirs): "
+                               "nothing to prebuild")
+        builds.append((profile, request_for_profile(profile)))
+    return builds
 
 
 def _load_catalog(config: Config, directory: str | None) -> ProfileCatalog:
@@ -420,7 +477,9 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
                            "(e.g. \"registry.example.edu:5000/condaspawner-env\")")
     # The profiles are read once: what the images file records is what was built, whatever
     # an admin edits meanwhile.
-    profile_builds = [] if args.files else _profile_builds(config, args.profiles)
+    if args.files and args.profile:
+        raise CommandError("give FILEs or --profile, not both")
+    profile_builds = [] if args.files else _profile_builds(config, args.profiles, args.profile)
     requests = _build_requests(args, config, profile_builds)
     if not requests:
         raise CommandError("nothing to build: no FILE given and no profile has an environment")
@@ -740,7 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "default when the config's spawner_class is conda-swarm)")
     build = add("build", cmd_build, "prebuild the images of every profile, or of the given environment files",
                 rattler_async=True)
-    build.add_argument("files", nargs="*", metavar="FILE", help="environment files (default: every profile)")
+    build.add_argument("files", nargs="*", metavar="FILE",
+                       help="environment files, built as users' own environment.yml (default: every profile)")
+    build.add_argument("--profile", metavar="SLUG", action="append", default=[],
+                       help="prebuild only this profile's image (repeatable)")
     build.add_argument("--profiles", metavar="DIR", help="profiles directory (default: from config)")
     build.add_argument("--push", action="store_true",
                        help="make sure every profile's image is in the registry (c.ImageBuilder.registry): push "

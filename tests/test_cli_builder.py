@@ -96,6 +96,43 @@ def test_build_profiles_reports_failures(config, tmp_path):
     assert "FAILED: solve: cannot solve:" in rows["breaks"]
 
 
+def test_an_instructor_prebuilds_one_profile_by_its_slug(config, tmp_path):
+    """`build --profile SLUG` builds that profile's image alone; `build SLUG` and `build` of the
+    profile's own environment file (which builds a user's-own-file image, not the profile's) say so."""
+    (tmp_path / "envs").mkdir()
+    hw = tmp_path / "envs" / "hw.yml"
+    hw.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9, cs-beta]\nvariables: {{ID: {uuid.uuid4().hex}}}\n")
+    (tmp_path / "envs" / "bad.yml").write_text("channels: [conda-forge]\ndependencies: [python=3.9, cs-conflict]\n")
+    (tmp_path / "a.yaml").write_text("display_name: CS101 HW 2\nslug: cs101-hw2\nenvironment: envs/hw.yml\n")
+    (tmp_path / "b.yaml").write_text("display_name: Other course\nslug: other\nenvironment: envs/bad.yml\n")
+    (tmp_path / "c.yaml").write_text("display_name: Sandbox\nslug: sandbox\nallow_custom_environment: true\n")
+    profiles = ("--config", str(config), "--profiles", str(tmp_path))
+
+    by_slug = condaspawner("build", *profiles, "cs101-hw2")
+    assert by_slug.returncode == 1 and by_slug.stdout == b""
+    assert by_slug.stderr.decode() == ("error: cs101-hw2: no such file; it is a profile's slug: `condaspawner build "
+                                       "--profile cs101-hw2` prebuilds that profile's image\n")
+    for slug, expected in (("CS101-HW2", "error: --profile: no profile 'CS101-HW2' (did you mean 'cs101-hw2'?); "),
+                           ("sandbox", "error: --profile: profile 'sandbox' has no environment of its own")):
+        refused = condaspawner("build", *profiles, "--profile", slug)
+        assert refused.returncode == 1 and refused.stderr.decode().startswith(expected), refused.stderr
+
+    built = condaspawner("build", *profiles, "--profile", "cs101-hw2")
+    assert built.returncode == 0, built.stdout + built.stderr
+    rows = built.stdout.decode().strip().splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["cs101-hw2"]  # not the other course's (it fails to solve)
+    everything = condaspawner("build", *profiles)
+    assert everything.returncode == 1  # the other course's profile does not solve
+    assert {row.split()[0]: row.split()[-1] for row in everything.stdout.decode().strip().splitlines()[1:]
+            if row.startswith("cs101-hw2")} == {"cs101-hw2": "cached"}
+
+    as_file = condaspawner("build", *profiles, str(hw))
+    assert as_file.returncode == 0, as_file.stdout + as_file.stderr
+    assert (f"note: {hw} is the environment of profile cs101-hw2: built here as a user's own environment.yml, "
+            "which is another image than the profile's; `condaspawner build --profile cs101-hw2` prebuilds the "
+            "profile's") in as_file.stderr.decode()
+
+
 def test_profiles_key_column_is_the_spec_key_not_a_build_key(config, tmp_path):
     """Two profiles sharing one file show one SPEC KEY in `profiles` but build two images:
     the column says which key it is, and `log` with it says where build keys are listed."""
