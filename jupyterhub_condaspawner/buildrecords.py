@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,12 +155,18 @@ class BuildRecords:
 
 
 @contextlib.asynccontextmanager
-async def file_lock(path: Path) -> AsyncIterator[None]:
-    """An exclusive lock across hub processes sharing the cache folder."""
+async def file_lock(path: Path, on_wait: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[None]:
+    """An exclusive lock across hub processes sharing the cache folder; ``on_wait`` is awaited
+    first when another process holds it (so that a spawn can say what it waits for)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = path.open("a")
     try:
-        await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                await on_wait()
+            await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)

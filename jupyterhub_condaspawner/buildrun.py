@@ -238,7 +238,11 @@ class BuildRuns:
                 if not is_no_space(error):
                     raise
                 raise await builder.no_space_error(request, None, error) from None
-            async with file_lock(builder.key_dir(key) / "build.lock"):
+            async def waiting() -> None:
+                await build.publish("queued", 1, "waiting for the build of this environment already under way "
+                                                 "elsewhere (an admin's prebuild, or another hub process)")
+
+            async with file_lock(builder.key_dir(key) / "build.lock", on_wait=waiting):
                 # Another hub process may have built it while we waited for the lock.
                 cached = None if build.rebuild else await asyncio.to_thread(builder.cached_info, key, request, started)
                 if cached:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -301,6 +302,26 @@ async def test_two_hub_processes_sharing_a_cache_build_a_key_once(builder):
     assert mine.image_id == theirs.image_id
     assert sorted([mine.cached, theirs.cached]) == [False, True]
     assert other.builds_started == (0 if theirs.cached else 1)
+
+
+async def test_a_build_waiting_for_another_processes_build_of_its_key_says_so(builder):
+    # An instructor's `condaspawner build` (another process) holds the key's build lock: the
+    # students' spawns of that environment wait for it, and their progress pages say why.
+    req = unique_env()
+    lock_path = builder.key_dir(builder.build_key(req)) / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as other_process:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        build = builder.ensure(req)
+        events = []
+        async for event in build.follow():
+            events.append(event)
+            if event["phase"] == "queued":
+                break
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+    assert events[-1]["message"] == ("waiting for the build of this environment already under way elsewhere "
+                                     "(an admin's prebuild, or another hub process)")
+    assert not (await build.result()).cached  # the other process built nothing: this one builds it
 
 
 def test_a_restarted_hubs_build_estimate_comes_from_the_builds_its_cache_folder_recorded(builder, tmp_path):
