@@ -410,6 +410,16 @@ class Resolver(Configurable):
         versions = sorted({record.version for record in records})
         if not versions or any(MatchSpec(text).matches(record) for record in records):
             return ""
+        wanted = MatchSpec(text)
+        if wanted.build and wanted.version:  # the version is there, in other builds: a build string exported elsewhere
+            version_only = MatchSpec(f"{name} {wanted.version}")
+            builds = sorted({str(record.build) for record in records if version_only.matches(record)})
+            if builds:
+                more = f" and {len(builds) - _MOST_VERSIONS} more" if len(builds) > _MOST_VERSIONS else ""
+                exported = "" if "*" in str(wanted.build) else (
+                    ": a build string from another platform's export? `conda env export --no-builds` leaves them out")
+                return (f"{name}: the channels have {wanted.version.lstrip('=')} only as build "
+                        f"{', '.join(builds[:_MOST_VERSIONS])}{more}, none matching build {wanted.build!r}{exported}")
         shown = ", ".join(str(version) for version in versions[-_MOST_VERSIONS:])
         more = f" and {len(versions) - _MOST_VERSIONS} older" if len(versions) > _MOST_VERSIONS else ""
         return f"{name}: the channels have {shown}{more}, none matching {text!r}"

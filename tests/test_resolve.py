@@ -307,6 +307,23 @@ async def test_a_version_the_channels_lack_is_told_with_the_versions_they_have(r
     assert message.endswith(", none matching 'python 3.10.*')") and "3.9." in message and "\n" not in message
 
 
+async def test_a_build_string_from_another_platforms_export_is_told_as_such(resolver):
+    # `conda env export` on a Mac pins macOS build strings: the version is there, the build is not.
+    with pytest.raises(ResolveError) as refused:
+        await resolver.solve(spec("dependencies: [python=3.9, cs-beta=1.0=h8ab2e1a_0]"))
+    message = str(refused.value)
+    assert ("(cs-beta: the channels have 1.0 only as build h_cs_0, none matching build 'h8ab2e1a_0': a build "
+            "string from another platform's export? `conda env export --no-builds` leaves them out)") in message, message
+    assert "\n" not in message
+    with pytest.raises(ResolveError) as refused:  # a build glob is no export: no export hint
+        await resolver.solve(spec("dependencies: [python=3.9, cs-beta=1.0=*special]"))
+    assert "(cs-beta: the channels have 1.0 only as build h_cs_0, none matching build '*special')" in str(
+        refused.value), refused.value
+    with pytest.raises(ResolveError) as refused:  # a version that is not there at all: the versions it has
+        await resolver.solve(spec("dependencies: [python=3.9, cs-beta=9.0=h_cs_0]"))
+    assert "(cs-beta: the channels have 1.0, none matching 'cs-beta ==9.0 h_cs_0')" in str(refused.value), refused.value
+
+
 async def test_a_package_listed_twice_is_told_only_for_the_pin_no_version_matches(resolver):
     # cs-alpha=2.0 matches the channel's 2.0; cs-alpha=9 matches nothing: only that one is "none matching".
     with pytest.raises(ResolveError) as refused:
