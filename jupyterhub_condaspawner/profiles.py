@@ -311,6 +311,11 @@ class ProfileCatalog(Configurable):
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             problems.append(f"{path}: cannot read: {str(error).splitlines()[0]}")
             return None
+        if isinstance(document, list) and document and all(isinstance(entry, dict) for entry in document):
+            # KubeSpawner's whole profile_list (Z2JH's singleuser.profileList), pasted into one file
+            problems.append(f"{path}: a list of {len(document)} profiles (KubeSpawner's profile_list): write one "
+                            "profile per file, each a mapping of its fields")
+            return None
         if not isinstance(document, dict):
             problems.append(f"{path}: must be a mapping of profile fields")
             return None

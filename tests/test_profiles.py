@@ -123,6 +123,14 @@ def test_a_missing_relative_profiles_dir_names_the_folder_it_looked_in_and_the_s
                      "set c.ProfileCatalog.profiles_dir to the folder of the profile files")
 
 
+def test_a_pasted_kubespawner_profile_list_is_told_to_be_split_into_files(tmp_path):
+    # An instructor coming from Zero to JupyterHub pastes singleuser.profileList into one file.
+    write(tmp_path, {"course.yaml": "- display_name: CS101 HW1\n  environment: envs/e.yml\n"
+                                    "- display_name: CS101 HW2\n  environment: envs/e.yml\n", "envs/e.yml": ENV})
+    assert problems(tmp_path) == [f"{tmp_path / 'course.yaml'}: a list of 2 profiles (KubeSpawner's profile_list): "
+                                  "write one profile per file, each a mapping of its fields"]
+
+
 def test_problems_show_values_as_yaml_read_them(tmp_path):
     # 'not True' / "not 'true'" for either of `default: yes` and `default: "true"` told the admin nothing.
     write(tmp_path, {
