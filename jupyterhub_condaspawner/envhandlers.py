@@ -24,6 +24,7 @@ from .builderrors import BuildError
 from .buildlog import CHUNK_BYTES, LogLines, LogReader
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
+from .failures import StartFailure
 from .hubservices import HubServices
 from .owners import user_identity
 from .profiles import ProfileError
@@ -49,6 +50,17 @@ HEARTBEAT_S = 15.0  # a comment line this often: a closed connection shows on th
 # A request body is read (json.loads) only up to this many times SpecPolicy.max_file_bytes:
 # an environment.yml in JSON, with room for its escapes.
 BODY_FILE_FACTOR = 4
+
+
+def _refuse_unless_allowed(spawner: Any, slug: str) -> None:
+    """PageFailure 403 when the user may no longer use profile ``slug`` (taken out of the course's
+    group): told so first, not that the profile changed (which would also show them its new name).
+    A profile the hub no longer has is left to the start's own refusal."""
+    try:
+        spawner.allowed_profile(slug)
+    except StartFailure as refusal:
+        if refusal.status_code == 403:
+            raise PageFailure(403, f"cannot start: {refusal.message}") from None
 
 
 class PageFailure(web.HTTPError):
@@ -193,6 +205,7 @@ class _Environments:
             which = f"your server {server_name!r}" if server_name else "your server"
             raise PageFailure(409, f"{which} is already running or starting: stop it on the Home page first")
         if not use.own:
+            _refuse_unless_allowed(spawner, use.profile)
             await self._refuse_a_changed_profile(use)
         options = {"profile": use.profile, **({"environment": use.spec} if use.own else {})}
         try:
@@ -218,8 +231,8 @@ class _Environments:
             return
         if current != use.key:
             raise PageFailure(409, f"{profile.display_name} has changed since this environment was built (its "
-                                   "environment.yml or the hub's base image): a start now gets its current "
-                                   "environment, not this one; start it from the Home page")
+                                   "environment.yml or display name, or the hub's base image): a start now gets its "
+                                   "current environment, not this one; start it from the Home page")
 
     async def _check_server_name(self, user: Any, server_name: str) -> None:
         if not self.settings.get("allow_named_servers"):  # type: ignore[attr-defined]

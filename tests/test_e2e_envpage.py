@@ -360,8 +360,8 @@ def test_start_with_an_environment_its_profile_no_longer_builds_is_refused_in_on
     # of the profile would get 1.1, not the environment the button names.
     status, body, _ = story["envadmin"].call("POST", f"/{story['first_profile_key']}/start")
     assert status == 409 and body["message"] == (
-        "Env page test has changed since this environment was built (its environment.yml or the hub's base "
-        "image): a start now gets its current environment, not this one; start it from the Home page"), body
+        "Env page test has changed since this environment was built (its environment.yml or display name, or the "
+        "hub's base image): a start now gets its current environment, not this one; start it from the Home page"), body
     assert hub.server_model("envadmin") is None
 
 
@@ -717,3 +717,22 @@ def test_gc_removes_unused_images_and_spares_a_running_servers_and_the_base(stor
     assert docker_daemon.client().images.get(base_image).id  # the base image stays
     assert hub.server_model("alice", "second")["ready"]  # and the server runs on
     hub.stop_server("alice", "second")
+
+
+def test_a_user_taken_out_of_a_changed_profile_is_told_that_not_how_it_changed(story, hub):
+    # The course's profile moved on (its file edited) and alice left the course: her page's start
+    # of its old environment is refused for her access (403), not for the change (409, which
+    # would name the profile as it is now and send her to the Home page, where it is refused).
+    profiles = Path(hub.env["CONDASPAWNER_DEMO_PROFILES"])
+    profile, environment = profiles / "50-envtest.yaml", profiles / "envs" / "envtest.yml"
+    saved = profile.read_text(), environment.read_text()
+    hub.stop_server("alice")  # her default server is the one the page starts
+    try:
+        profile.write_text(PROFILE + "allowed_users: [bob]\n")
+        environment.write_text(profile_env("2.0"))
+        status, body, _ = story["alice"].call("POST", f"/{story['profile_key']}/start")
+        assert status == 403 and body["message"] == "cannot start: profile: 'envtest' is not available to you", body
+        assert hub.server_model("alice") is None
+    finally:
+        profile.write_text(saved[0])
+        environment.write_text(saved[1])
