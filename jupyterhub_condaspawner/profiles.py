@@ -232,13 +232,18 @@ class ProfileCatalog(Configurable):
         self.profiles: list[Profile] = []
         self.spec_policy = SpecPolicy(parent=self)
         self._loaded_signature: tuple | None = None  # None: never loaded
+        # The environment files the profile files named at the last load: one outside the folder
+        # (environment: ../course-repo/environment.yml) is watched too.
+        self._environment_files: set[Path] = set()
 
     def files_signature(self) -> tuple:
-        """Names, sizes and mtimes of every file under the profiles folder: changes when an admin edits."""
+        """Names, sizes and mtimes of every file under the profiles folder, and of the environment
+        files the profiles name elsewhere: changes when an admin edits."""
         directory = Path(self.profiles_dir)
         if not directory.is_dir():
             return ()
-        return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()))
+        inside = [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in directory.rglob("*") if p.is_file()]
+        return tuple(sorted(inside)) + tuple(sorted(_stat(path) for path in self._environment_files))
 
     def reload_if_changed(self) -> list[str]:
         """Load the first time, then reload when the files changed. On problems keep the
@@ -254,7 +259,7 @@ class ProfileCatalog(Configurable):
                 if not error.usable:
                     raise
                 self.profiles = error.usable
-            self._loaded_signature = signature  # report a broken edit once, not on every spawn
+            self._loaded_signature = self.files_signature()  # report a broken edit once, not on every spawn
             return error.problems
         return []
 
@@ -266,6 +271,7 @@ class ProfileCatalog(Configurable):
             raise ProfileError([f"{directory}: profiles directory not found{where}: set "
                                 "c.ProfileCatalog.profiles_dir to the folder of the profile files"])
         files = sorted(p for p in directory.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+        self._environment_files = set()
         problems: list[str] = []
         profiles = []
         for path in files:
@@ -374,10 +380,20 @@ class ProfileCatalog(Configurable):
                 return self.spec_policy.parse_mapping(value), "inline"
             if isinstance(value, str) and value.strip():
                 env_path = path.parent / value.strip()
+                self._environment_files.add(env_path)
                 return self.spec_policy.parse(_read_bytes(env_path)), str(env_path)
         except SpecError as error:
             raise _FieldError(f"{value if isinstance(value, str) else 'inline'}: {error.detail}")
         raise _FieldError("must be a path to an environment.yml (relative to this file) or a mapping")
+
+
+def _stat(path: Path) -> tuple[str, int, int]:
+    """A file's name, mtime and size for the signature; a missing one is (name, -1, -1)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path), -1, -1
+    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -272,6 +272,28 @@ def test_reload_if_changed_picks_up_edits_and_keeps_the_old_profiles_on_errors(t
     assert catalog.reload_if_changed() == []  # reported once
 
 
+def test_an_environment_file_outside_the_profiles_folder_is_watched_too(tmp_path):
+    # environment: ../course-repo/environment.yml (the course's own repository): an instructor's
+    # edit there must reach the hub's next start, as `condaspawner build` reads it.
+    profiles, repo = tmp_path / "profiles", tmp_path / "course-repo"
+    write(repo, {"environment.yml": "channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha=1.0]\n"})
+    write(profiles, {"hw.yaml": "display_name: HW\nenvironment: ../course-repo/environment.yml\n"})
+    catalog = ProfileCatalog(profiles_dir=str(profiles))
+    assert catalog.reload_if_changed() == []
+    assert "cs-alpha 1.0.*" in catalog.get("hw").environment.conda
+    write(repo, {"environment.yml": "channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha=2.0]  # week 5\n"})
+    assert catalog.reload_if_changed() == []
+    assert "cs-alpha 2.0.*" in catalog.get("hw").environment.conda
+    write(repo, {"environment.yml": "channels: [conda-forge]\ndependancies: [python=3.9]\n"})
+    problems = catalog.reload_if_changed()
+    assert any("hw.yaml: environment: ../course-repo/environment.yml: " in problem for problem in problems), problems
+    assert "cs-alpha 2.0.*" in catalog.get("hw").environment.conda  # the last good one stays
+    assert catalog.reload_if_changed() == []  # reported once
+    write(repo, {"environment.yml": "channels: [conda-forge]\ndependencies: [python=3.9, cs-alpha=1.1]\n"})
+    assert catalog.reload_if_changed() == []
+    assert "cs-alpha 1.1.*" in catalog.get("hw").environment.conda
+
+
 def test_a_hub_started_on_a_broken_file_serves_the_others_and_says_where_the_yaml_breaks(tmp_path):
     write(tmp_path, {"a.yaml": "display_name: A\nenvironment: envs/e.yml\n", "envs/e.yml": ENV,
                      "b.yaml": 'display_name: "B\nenvironment: envs/e.yml\n',  # a quote never closed
