@@ -39,7 +39,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import imagegc, metrics, staging
 from .builderrors import BuildError, daemon_call, registry_call
-from .buildmodel import LABEL_KEY, RECIPE_VERSION, Build, BuildRequest, ImageInfo
+from .buildmodel import LABEL_KEY, RECIPE_VERSION, Build, BuildRequest, ImageInfo, request_for_profile
 from .buildrecords import BuildRecord, BuildRecords
 from .buildrun import BuildRuns
 from .dockerbuild import StepTracker as _StepTracker  # noqa: F401  (tests import it from here)
@@ -47,6 +47,7 @@ from .dockerclient import daemon_settings
 from .imagegc import GcResult
 from .imagepush import RegistryTransfer
 from .imagepush import transfer_failure as _transfer_failure  # noqa: F401  (tests import it from here)
+from .profiles import Profile
 from .registry import ARCHITECTURES, RegistryClient, RemoteImage, Repository
 from .resolve import Lock, Resolver
 
@@ -548,11 +549,21 @@ class ImageBuilder(LoggingConfigurable):
         """Each image's layers (by id) less the base image's: the bytes an environment image adds."""
         return imagegc.own_layers(self, images)
 
-    def gc_plan(self) -> GcResult:
-        """What `gc` would remove, and why some are kept (see imagegc.gc_plan)."""
-        return imagegc.gc_plan(self)
+    def gc_plan(self, keep: dict[str, str] | None = None) -> GcResult:
+        """What `gc` would remove, and why some are kept (see imagegc.gc_plan); ``keep``: build key ->
+        whose current image it is (a profile's), never removed."""
+        return imagegc.gc_plan(self, keep)
 
-    def gc(self, dry_run: bool = False) -> GcResult:
+    def gc(self, dry_run: bool = False, keep: dict[str, str] | None = None) -> GcResult:
         """Remove the images of :meth:`gc_plan` and what failed or killed builds left, unless
         ``dry_run`` (see imagegc.gc); what was removed, and notes."""
-        return imagegc.gc(self, dry_run)
+        return imagegc.gc(self, dry_run, keep)
+
+    def profile_images(self, profiles: list[Profile]) -> dict[str, str]:
+        """Build key -> "profile SLUG" (or "profiles A, B") for the current image of each profile
+        with an environment of its own: what gc keeps, however long ago a class started it."""
+        slugs: dict[str, list[str]] = {}
+        for profile in profiles:
+            if profile.environment is not None:
+                slugs.setdefault(self.build_key(request_for_profile(profile)), []).append(profile.slug)
+        return {key: ("profile " if len(names) == 1 else "profiles ") + ", ".join(names) for key, names in slugs.items()}

@@ -662,10 +662,20 @@ def _ls_failed(builder: ImageBuilder) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, config: Config) -> int:
+    from .builderrors import BuildError
     from .buildmodel import LABEL_KEY
 
     builder = _builder(args, config)
-    result = builder.gc(dry_run=args.dry_run)
+    try:
+        keep = builder.profile_images(_load_catalog(config, None).profiles)
+    except CommandError:  # profiles with problems (`condaspawner profiles` lists them)
+        keep = {}
+        print("note: the profiles cannot be read: their current images are not kept as such "
+              "(`condaspawner profiles` lists the problems)", file=sys.stderr)
+    except BuildError as error:  # no base image: no image is a profile's current one
+        keep = {}
+        print(f"note: the profiles' current images cannot be told: {one_line(error)}", file=sys.stderr)
+    result = builder.gc(dry_run=args.dry_run, keep=keep)
     verb = "would remove" if args.dry_run else "removed"
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

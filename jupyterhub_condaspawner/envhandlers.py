@@ -263,8 +263,17 @@ class _Environments:
             return await self._rebuild(argument)
         if action == "delete":
             return await self._delete(argument)
+        profiles = list(services.catalog.profiles)
+
+        def gc() -> Any:
+            try:
+                keep = builder.profile_images(profiles)
+            except BuildError:  # no base image: no image is a profile's current one
+                keep = {}
+            return builder.gc(dry_run, keep=keep)
+
         try:
-            result = await asyncio.to_thread(builder.gc, dry_run)
+            result = await asyncio.to_thread(gc)
         except Exception as error:
             raise PageFailure(503, f"gc failed: {_daemon_line(builder, error)}") from None
         removed = [builder.tag_for(image.labels[LABEL_KEY]) for image in result.removed]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,9 +79,11 @@ def own_layers(builder: ImageBuilder, images: list[docker.models.images.Image]) 
             for image in images}
 
 
-def gc_plan(builder: ImageBuilder) -> GcResult:
+def gc_plan(builder: ImageBuilder, keep: Mapping[str, str] | None = None) -> GcResult:
     """What `gc` would remove: least recently used first, never one a container uses, never one with
-    another tag (a note says which), until the images fit ``max_images`` and ``disk_budget``.
+    another tag or one of ``keep`` (build key -> whose: the profiles' current images, prebuilt for a
+    class that has not started them lately; a note says which), until the images fit ``max_images``
+    and ``disk_budget``.
 
     Sizes count each layer once and never the base: an image's ``freed`` bytes are the layers
     no image that stays holds, ``total`` the bytes all environment images add to the base.
@@ -107,6 +110,9 @@ def gc_plan(builder: ImageBuilder) -> GcResult:
         if image.id in in_use:
             continue
         tag = builder.tag_for(image.labels[LABEL_KEY])
+        if keep and image.labels[LABEL_KEY] in keep:
+            result.notes.append(f"kept {tag}: the current image of {keep[image.labels[LABEL_KEY]]}")
+            continue
         with builder.records.unpinned(image.labels[LABEL_KEY]) as free:
             if not free:
                 result.notes.append(f"kept {tag}: a server is starting with it")
@@ -127,14 +133,14 @@ def gc_plan(builder: ImageBuilder) -> GcResult:
     return result
 
 
-def gc(builder: ImageBuilder, dry_run: bool = False) -> GcResult:
+def gc(builder: ImageBuilder, dry_run: bool = False, keep: Mapping[str, str] | None = None) -> GcResult:
     """Remove the images of :func:`gc_plan` and what failed or killed builds of this installation
     left (leftovers.py), unless ``dry_run``; what was removed, and notes.
 
     An image docker refuses to remove (tagged or used since the plan) is kept with a note;
     gc goes on with the others.
     """
-    result = gc_plan(builder)
+    result = gc_plan(builder, keep)
     found = leftovers.find(builder)
     result.leftovers = found if dry_run else leftovers.remove(builder, found)
     result.notes.extend(result.leftovers.notes)

@@ -244,6 +244,33 @@ async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder,
         container.remove(force=True)
 
 
+async def test_gc_keeps_a_profiles_prebuilt_image_however_long_ago_it_was_used(builder):
+    # The instructor prebuilt the homework last week; students' own environments came since.
+    # gc (a nightly cron job) must not undo the prebuild: the class would wait for a build again.
+    run = uuid.uuid4().hex
+    course = Profile(slug="cs101-hw2", display_name="CS101 HW 2", source="test", environment=SpecPolicy().parse(
+        f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\nvariables: {{RUN: {run}}}\n"))
+    prebuilt = await builder.get_image(request_for_profile(course))
+    students = await builder.get_image(unique_env())
+    ages = {image.labels[LABEL_KEY]: 0 for image in builder.images()}
+    ages.update({prebuilt.key: 900, students.key: 300})  # the prebuilt image is the least recently used
+    for key, age in ages.items():
+        stamp = time.time() - age
+        os.utime(builder.key_dir(key) / "last-used", (stamp, stamp))
+    keep = builder.profile_images([course])
+    assert keep == {prebuilt.key: "profile cs101-hw2"}
+    limit = builder.max_images
+    try:
+        builder.max_images = len(ages) - 1
+        plan = builder.gc_plan(keep)
+        assert [image.id for image in plan.removed] == [students.image_id]
+        assert f"kept {prebuilt.tag}: the current image of profile cs101-hw2" in plan.notes
+        assert [image.id for image in builder.gc(keep=keep).removed] == [students.image_id]
+        assert builder.find_image(prebuilt.key) is not None
+    finally:
+        builder.max_images = limit
+
+
 async def test_students_files_that_differ_only_in_their_name_share_one_build(builder):
     profile = Profile(slug="course", display_name="Course", source="test", allow_custom_environment=True)
     run = uuid.uuid4().hex

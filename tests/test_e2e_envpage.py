@@ -705,15 +705,19 @@ def test_gc_removes_unused_images_and_spares_a_running_servers_and_the_base(stor
     assert status == 403, body
     before = {image["key"]: image for image in envadmin.get("/admin/images")["images"]}
     assert before[story["own_b"]]["running"] == ["alice/second"]
-    unused = before[story["profile_key"]]  # its server moved on to another environment: no container uses it
+    [unused] = [image for image in before.values() if image["name"] == EARLY_NAME]  # `condaspawner build`'s: nobody's
     assert unused["running"] == []
+    current = before[story["profile_key"]]  # its server moved on to another environment: no container uses it,
+    assert current["running"] == []         # but it is the profile's current image
 
     status, body, _ = envadmin.call("POST", "/admin/gc", {"dry_run": False})
     assert status == 200 and body["dry_run"] is False, body
     assert unused["tag"] in body["removed"] and before[story["own_b"]]["tag"] not in body["removed"], body
+    assert current["tag"] not in body["removed"], body
+    assert f"kept {current['tag']}: the current image of profile envtest" in body["notes"], body
     assert body["message"] == f"gc removed {len(body['removed'])} image(s), {body['freed'] / 1e6:.0f} MB"
     after = {image["key"] for image in envadmin.get("/admin/images")["images"]}
-    assert story["profile_key"] not in after and story["own_b"] in after
+    assert unused["key"] not in after and story["profile_key"] in after and story["own_b"] in after
     assert docker_daemon.client().images.get(base_image).id  # the base image stays
     assert hub.server_model("alice", "second")["ready"]  # and the server runs on
     hub.stop_server("alice", "second")
