@@ -8,8 +8,10 @@ problem of every file at once.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -65,7 +67,8 @@ class Profile:
 
 class ProfileError(ValueError):
     """Every problem found while loading profiles, one line each; ``usable``: the profiles of
-    the files without problems, when they do not conflict (duplicate slugs, two defaults)."""
+    the files without problems, less those whose slug another file also uses (and, with
+    several defaults, none of them the default)."""
 
     def __init__(self, problems: list[str], usable: list[Profile] | None = None):
         super().__init__("\n".join(problems))
@@ -248,7 +251,8 @@ class ProfileCatalog(Configurable):
     def reload_if_changed(self) -> list[str]:
         """Load the first time, then reload when the files changed. On problems keep the
         previous profiles; with none yet (a hub started on a broken file), serve the files
-        that load, unless they conflict (then ProfileError). Returns the problems."""
+        that load, less those whose slug another file also uses (ProfileError when none is
+        left). Returns the problems."""
         signature = self.files_signature()
         if signature == self._loaded_signature:
             return []
@@ -283,7 +287,7 @@ class ProfileCatalog(Configurable):
         if not profiles and not problems:
             problems.append(f"{directory}: no profile files (*.yaml, *.yml)")
         if problems:
-            raise ProfileError(problems, usable=[] if conflicts else profiles)
+            raise ProfileError(problems, usable=_without_conflicts(profiles))
         self.profiles = profiles
         self._loaded_signature = self.files_signature()
         return profiles
@@ -401,6 +405,17 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as error:
         raise SpecError(f"cannot read ({error.strerror})")
+
+
+def _without_conflicts(profiles: list[Profile]) -> list[Profile]:
+    """What a hub with no profiles loaded yet serves despite conflicts: one course's copied file
+    (its slug left unchanged) does not take every other course down. The files that share a
+    slug are all left out (which one is meant?); with several defaults, none is the default."""
+    slugs = Counter(profile.slug for profile in profiles)
+    kept = [profile for profile in profiles if slugs[profile.slug] == 1]
+    if sum(profile.default for profile in kept) > 1:
+        kept = [dataclasses.replace(profile, default=False) for profile in kept]
+    return kept
 
 
 def _catalog_problems(profiles: list[Profile]) -> list[str]:

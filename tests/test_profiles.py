@@ -317,6 +317,28 @@ def test_a_hub_started_on_conflicting_files_serves_none_of_them(tmp_path):
         ProfileCatalog(profiles_dir=str(tmp_path)).reload_if_changed()
 
 
+def test_a_hub_started_with_one_courses_copied_file_serves_every_other_course(tmp_path):
+    # The instructor copied hw2's file for hw3 and left its slug: after a restart, hw2 and hw3 are
+    # ambiguous (both left out), but the other courses' profiles are served.
+    write(tmp_path, {"hw2.yaml": "display_name: HW2\nslug: cs101-hw\nenvironment: envs/e.yml\n", "envs/e.yml": ENV,
+                     "hw3.yaml": "display_name: HW3\nslug: cs101-hw\nenvironment: envs/e.yml\n",
+                     "other.yaml": "display_name: Stats\nslug: stats200\nenvironment: envs/e.yml\n"})
+    catalog = ProfileCatalog(profiles_dir=str(tmp_path))
+    problems = catalog.reload_if_changed()
+    assert any("slug: 'cs101-hw' is also used by" in problem for problem in problems), problems
+    assert [profile.slug for profile in catalog.profiles] == ["stats200"]
+    assert catalog.reload_if_changed() == []  # reported once
+
+
+def test_a_hub_started_with_two_defaults_serves_them_with_neither_the_default(tmp_path):
+    write(tmp_path, {"a.yaml": "display_name: A\nenvironment: envs/e.yml\ndefault: true\n", "envs/e.yml": ENV,
+                     "b.yaml": "display_name: B\nenvironment: envs/e.yml\ndefault: true\n"})
+    catalog = ProfileCatalog(profiles_dir=str(tmp_path))
+    assert any(problem.startswith("default: more than one profile is the default") for problem in catalog.reload_if_changed())
+    assert [(profile.slug, profile.default) for profile in catalog.profiles] == [("a", False), ("b", False)]
+    assert catalog.default_for("anyone").slug == "a"  # the first visible, as with no default
+
+
 def test_reload_if_changed_loads_the_first_time_and_reports_a_missing_folder(tmp_path):
     catalog = ProfileCatalog(profiles_dir=str(tmp_path / "nope"))
     with pytest.raises(ProfileError, match="profiles directory not found"):
