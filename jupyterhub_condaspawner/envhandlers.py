@@ -54,13 +54,16 @@ BODY_FILE_FACTOR = 4
 
 def _refuse_unless_allowed(spawner: Any, slug: str) -> None:
     """PageFailure 403 when the user may no longer use profile ``slug`` (taken out of the course's
-    group): told so first, not that the profile changed (which would also show them its new name).
-    A profile the hub no longer has is left to the start's own refusal."""
+    group): told so first, not that the profile changed (which would also show them its new name);
+    409 when the hub no longer has the profile (a start would name another as "did you mean")."""
     try:
         spawner.allowed_profile(slug)
     except StartFailure as refusal:
         if refusal.status_code == 403:
             raise PageFailure(403, f"cannot start: {refusal.message}") from None
+        if refusal.reason == "options":  # an unknown profile: removed since
+            raise PageFailure(409, f"cannot start: profile {slug!r}, which built this environment, is no longer on "
+                                   "this hub: choose a profile on the Home page") from None
 
 
 class PageFailure(web.HTTPError):

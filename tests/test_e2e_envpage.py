@@ -737,6 +737,12 @@ def test_a_user_taken_out_of_a_changed_profile_is_told_that_not_how_it_changed(s
         status, body, _ = story["alice"].call("POST", f"/{story['profile_key']}/start")
         assert status == 403 and body["message"] == "cannot start: profile: 'envtest' is not available to you", body
         assert hub.server_model("alice") is None
+        profile.unlink()  # the course is over: its profile removed, not another profile "meant"
+        status, body, _ = story["alice"].call("POST", f"/{story['profile_key']}/start")
+        assert status == 409 and body["message"] == (
+            "cannot start: profile 'envtest', which built this environment, is no longer on this hub: choose a "
+            "profile on the Home page"), body
+        assert hub.server_model("alice") is None
     finally:
         profile.write_text(saved[0])
         environment.write_text(saved[1])
