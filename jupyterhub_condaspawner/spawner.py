@@ -417,8 +417,17 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         self.port = saved.get("port") or self.port
         if saved.get("gpus"):
             self._gpu_key = (str(saved.get("gpu_user") or self.user.name), self.name)
-            self._allocation = self._saved_allocation(tuple(saved["gpus"]))
-            self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
+            try:
+                self._allocation = self._saved_allocation(tuple(saved["gpus"]))
+                self._watch_gpu_idleness(self._profile_of_saved_options(), saved)
+            except HubConfigError as error:
+                # Raised here, JupyterHub would not start at all (its loading of every server ends
+                # in a traceback). The server keeps its GPUs in its state, and poll() takes it as
+                # running, until the admin fixes the setting and restarts the hub.
+                self.log.error("Loading %s without the hub's services (%s): its GPUs stay recorded, and "
+                               "are watched once the setting is fixed", self._log_name, error)
+                self._allocation = Allocation(*self._gpu_key, tuple(saved["gpus"]))
+                self._idle_watch = {key: saved[key] for key in ("gpu_idle_timeout", "profile_name") if key in saved}
 
     def _saved_allocation(self, uuids: tuple[str, ...]) -> Allocation | None:
         """The table's entry (restored from container labels) for this server; while the table is

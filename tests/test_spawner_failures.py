@@ -502,6 +502,26 @@ async def test_a_poll_docker_does_not_answer_keeps_the_server(tmp_path, spawner_
     assert "taken as still running" in caplog.text and spawner.object_id == "c0ffee"
 
 
+def test_a_hub_restarted_with_a_bad_gpu_setting_still_loads_its_gpu_servers(tmp_path, caplog):
+    # JupyterHub loads every server's state as it starts: raised there, the hub would not start
+    # at all (a traceback), where a bad setting is meant to keep the servers until it is fixed.
+    spawner = spawner_for(tmp_path, "file:///nonexistent", GpuAllocator__queue_timeout="10 min")
+    saved = {"object_id": "c0ffee", "object_name": "jupyter-alice",
+             "condaspawner": {"key": "k", "image": "img:k", "image_id": "sha256:0", "env_name": "e",
+                              "reference": "", "gpus": ["GPU-held"], "gpu_user": "alice", "port": 8888,
+                              "gpu_idle_timeout": 30.0, "profile_name": "GPU"}}
+
+    spawner.load_state(saved)
+
+    assert "Loading alice without the hub's services (a setting in the hub's config: " in caplog.text
+    assert "'queue_timeout' trait" in caplog.text
+    # Saved again as it was: the hub restarted with the fix still knows the server's GPUs.
+    assert spawner.get_state()["condaspawner"] == saved["condaspawner"]
+    with pytest.raises(StartFailure) as refused:  # and a start is refused in one line
+        spawner.services
+    assert refused.value.message == "This hub's configuration has an error: tell the hub admin (the hub's log names the setting)"
+
+
 class HungDaemon:
     """A unix socket that takes connections and never answers, counting them."""
 
