@@ -236,8 +236,9 @@ class GpuAllocator(LoggingConfigurable):
         30.0,
         min=0.0,
         help="""Seconds between the hub's samples of its GPUs (an NVML scan: utilization and
-        memory in use), which advance condaspawner_gpu_idle_seconds_total and refresh the
-        GPU metrics. 0 turns sampling off.
+        memory in use), which advance condaspawner_gpu_idle_seconds_total, refresh the
+        GPU metrics and drive GPU-aware idle culling. 0 turns sampling off, and with it
+        the culling of idle GPU servers (gpu_idle_timeout).
 
             c.GpuAllocator.gpu_sample_interval = 10
         """,

@@ -49,6 +49,7 @@ class HubServices:
     owners: VolumeLedger  # home volumes adopted from an older hub, or orphaned by a deleted user
     sampler: asyncio.Task | None = None  # samples the GPUs every GpuAllocator.gpu_sample_interval
     sample_gpus: Callable[[], GpuSample] | None = None  # one sample (CondaSpawner.gpu_sampler)
+    warned_unsampled: bool = False  # the log said once that gpu_sample_interval = 0 turns GPU idle culling off
     checking: set[str] = field(default_factory=set)  # users whose Check (the form's button) runs now
     # One restore of the GPU table at a time: a second would replace the table with a listing
     # older than what the first let starts allocate meanwhile.

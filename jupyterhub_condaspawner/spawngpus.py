@@ -229,8 +229,14 @@ class GpuBindingMixin:
         elif saved and saved.get("gpu_idle_timeout") is not None:
             timeout, name = float(saved["gpu_idle_timeout"]), str(saved.get("profile_name") or name)
         self._idle_watch = {"gpu_idle_timeout": timeout, "profile_name": name}
-        hub_services(cast("CondaSpawner", self)).culler.watch(*self.gpu_key, timeout_minutes=timeout,
-                                                              profile=name, stop=self._stop_idle_server)
+        services = hub_services(cast("CondaSpawner", self))
+        if timeout > 0 and not services.allocator.gpu_sample_interval and not services.warned_unsampled:
+            # The culler judges servers at the GPU samples only: without them it never stops one.
+            services.warned_unsampled = True
+            self.log.warning("GPU idle culling is off: c.GpuAllocator.gpu_sample_interval = 0 turns the hub's GPU "
+                             "samples off, so %s (gpu_idle_timeout %g min) and every other GPU server are never "
+                             "stopped for idle GPUs (set gpu_sample_interval, e.g. to 30)", self._log_name, timeout)
+        services.culler.watch(*self.gpu_key, timeout_minutes=timeout, profile=name, stop=self._stop_idle_server)
 
     async def _stop_idle_server(self, cull: Cull) -> None:
         """Stop this server the way the hub stops one (route, server, database), then say why."""

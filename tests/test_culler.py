@@ -287,6 +287,32 @@ def test_a_profiles_timeout_wins_over_the_hubs_default(tmp_path, slug, minutes):
     assert spawner.services.culler.watched() == {}
 
 
+def test_gpu_sampling_turned_off_says_once_that_idle_gpu_servers_are_never_stopped(tmp_path, caplog):
+    # The culler judges servers at the hub's GPU samples: with none, a gpu_idle_timeout does nothing.
+    make = gpu_spawner(tmp_path, default_minutes=30)
+    first = make()
+    first.config.GpuAllocator.gpu_sample_interval = 0.0
+    for name in ("alice", "bob"):
+        spawner = first if name == "alice" else make(name)
+        spawner._allocation = spawner.services.allocator.allocate(name, "", 1)
+        spawner._watch_gpu_idleness(spawner.services.catalog.get("own"))
+    warnings = [record.getMessage() for record in caplog.records if "GPU idle culling is off" in record.getMessage()]
+    assert warnings == ["GPU idle culling is off: c.GpuAllocator.gpu_sample_interval = 0 turns the hub's GPU samples "
+                        "off, so alice (gpu_idle_timeout 45 min) and every other GPU server are never stopped for idle "
+                        "GPUs (set gpu_sample_interval, e.g. to 30)"]
+
+
+def test_gpu_sampling_on_or_culling_off_says_nothing_of_it(tmp_path, caplog):
+    sampled = gpu_spawner(tmp_path, default_minutes=30)()
+    sampled._allocation = sampled.services.allocator.allocate("alice", "", 1)
+    sampled._watch_gpu_idleness(sampled.services.catalog.get("own"))
+    unsampled = gpu_spawner(tmp_path / "off", default_minutes=0)()
+    unsampled.config.GpuAllocator.gpu_sample_interval = 0.0
+    unsampled._allocation = unsampled.services.allocator.allocate("alice", "", 1)
+    unsampled._watch_gpu_idleness(unsampled.services.catalog.get("never"))
+    assert "GPU idle culling is off" not in caplog.text
+
+
 def test_a_server_found_again_after_a_hub_restart_is_watched_with_its_profiles_timeout(tmp_path):
     make = gpu_spawner(tmp_path, default_minutes=30, user="bob")
     spawner = make()
