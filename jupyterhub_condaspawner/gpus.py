@@ -397,7 +397,17 @@ class GpuAllocator(LoggingConfigurable):
         metrics.show_gpu_states(self._shown_states)  # the allocator last used is the one scraped
 
     def _shown_states(self) -> Iterable[str]:
-        return self.gpu_states().values()
+        with self._lock:
+            scan = self._scan
+            if scan is None:
+                return []
+            states = list(self.gpu_states(scan).values())
+            # A GPU a running server holds and NVML no longer lists (off the bus, a driver
+            # reloaded without it) is lost, not gone from the count. One NVML still lists without
+            # a UUID (lost) may be it: counted once.
+            missing = sum(1 for uuid, servers in self._table.load.items() if servers and uuid not in scan.by_uuid)
+            nameless = sum(1 for gpu in scan.gpus if not gpu.uuid)
+        return states + ["unusable"] * max(0, missing - nameless)
 
     def check_feasible(self, user: str, server_name: str, count: int, model_glob: str | None = None,
                        min_free_memory: int | None = None, *, cuda: str | None = None,

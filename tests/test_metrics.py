@@ -102,6 +102,26 @@ def test_gpu_states_and_gpu_seconds_held_idle_from_samples():
     assert allocator.gpu_states()[fake_uuid(1)] == "free"
 
 
+def test_a_held_gpu_that_nvml_no_longer_lists_counts_as_unusable():
+    fake = FakeNvml.with_gpus(3)
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), rescan_interval=0)
+    allocator.allocate("alice", "", 1)  # GPU 0
+    allocator.allocate("bob", "", 1)  # GPU 1
+    del fake.gpus[0]  # alice's GPU fell off the bus: NVML lists two GPUs now
+    allocator.refresh()
+    assert gpu_states() == {"free": 1, "held_busy": 0, "held_idle": 1, "unusable": 1}
+    allocator.release("alice", "")  # held by nobody now: no longer this host's
+    assert gpu_states() == {"free": 1, "held_busy": 0, "held_idle": 1, "unusable": 0}
+
+    # Listed still, without its UUID (lost): counted once, not twice.
+    lost = FakeNvml.with_gpus(2)
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=lost), rescan_interval=0)
+    allocator.allocate("alice", "", 1)
+    lost.lose(0)
+    allocator.refresh()
+    assert gpu_states() == {"free": 1, "held_busy": 0, "held_idle": 0, "unusable": 1}
+
+
 def test_a_gpu_without_a_utilization_reading_is_never_idle():
     fake = FakeNvml([FakeGpu(fake_uuid(0))])
     fake.gpus[0].failures["nvmlDeviceGetUtilizationRates"] = 3  # NOT_SUPPORTED on this board
