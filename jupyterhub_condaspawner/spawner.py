@@ -360,10 +360,21 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
             await super().stop(now=now)
             return
         services.queue.cancel(*self.gpu_key)  # a start still waiting for a GPU
+        container = self.object_id
         try:
             await super().stop(now=now)
-        finally:
+        except Exception as error:
+            # JupyterHub forgets the server all the same (and says nothing), while its container
+            # may run on with its GPUs: they must not go to the next in line meanwhile.
+            if self._holds_gpus() and container:
+                self._keep_gpus_of_failed_stop(container, error)
+            else:
+                self._release_gpus()
+            raise
+        except BaseException:
             self._release_gpus()
+            raise
+        self._release_gpus()
 
     def _stopped_by_the_hub(self) -> bool:
         """Whether this stop (or clear_state) ends a start that nobody cancelled: JupyterHub's

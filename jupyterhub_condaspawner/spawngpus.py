@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 # Seconds the GPU table's restore waits for the daemon when the hub starts.
 RESTORE_TIMEOUT_S = 10.0
+# Seconds between looks at the container of a server whose stop failed: its GPUs are freed once it is seen stopped.
+FAILED_STOP_RECHECK_S = 15.0
 # What a start keeps of its start_timeout for creating and starting its container after its GPUs.
 _CONTAINER_START_S = 30.0
 QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
@@ -65,6 +67,8 @@ class GpuBindingMixin:
         def services(self) -> HubServices: ...
 
         def _post_restart_notice(self, text: str) -> None: ...
+
+        def docker(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
         def _take_back_restart_notice(self) -> None: ...
 
@@ -197,6 +201,40 @@ class GpuBindingMixin:
         if held:  # only what this server holds: never GPUs held under its name by another (a renamed user's)
             services.culler.forget(*held)
             services.allocator.release(*held)
+
+    def _keep_gpus_of_failed_stop(self, container_id: str, error: BaseException) -> None:
+        """A stop that failed (Docker did not answer, or refused): JupyterHub forgets the server
+        anyway, but its container may run on with its GPUs. They stay held, never handed to
+        another server, until the container is seen stopped or gone (or the same server starts
+        again and gets them back)."""
+        held, key = self._allocation, self.gpu_key
+        self._allocation, self._gpu_key = None, None
+        if held is None:
+            return
+        self.log.error("Stopping %s failed (%s): its container %s may still run, so its GPUs (%s) stay held until "
+                       "it is seen stopped", self._log_name, one_line(error), container_id[:12], ",".join(held.uuids))
+        services = hub_services(cast("CondaSpawner", self))
+        services.culler.forget(*key)  # JupyterHub has no server left to stop
+        asyncio.ensure_future(self._release_once_stopped(services, key, held, container_id))
+
+    async def _release_once_stopped(self, services: HubServices, key: tuple[str, str], held: Allocation,
+                                    container_id: str) -> None:
+        allocator = services.allocator
+        while allocator.allocation(*key) is held:  # not taken back by a new start of the server meanwhile
+            await asyncio.sleep(FAILED_STOP_RECHECK_S)
+            try:
+                container = await self.docker("inspect_container", container_id)
+            except docker.errors.NotFound:
+                container = None
+            except Exception:  # Docker still does not answer: look again later
+                continue
+            if container is not None and container["State"].get("Running"):
+                continue
+            if allocator.allocation(*key) is held:
+                self.log.info("The container of %s has stopped: its GPUs (%s) are free", self._log_name,
+                              ",".join(held.uuids))
+                allocator.release(*key)
+            return
 
     @property
     def gpu_key(self) -> tuple[str, str]:

@@ -7,6 +7,9 @@ once, and the daemon's answer is read, so the listing is taken when the request 
 answer is held until the test lets it go. A race between a slow listing and the hub's
 allocations then plays out step by step, with no sleeps, against real containers.
 
+A container stop can be dropped too (``stops_to_drop``): the daemon never hears of it, and
+the client's connection ends unanswered, as when a daemon fails under a stop.
+
 Not relayed: connections a request upgrades (attach, exec start); no test here needs one.
 """
 
@@ -35,6 +38,7 @@ class GatedDaemon(socketserver.ThreadingUnixStreamServer):
         if self.upstream.scheme not in ("unix", "tcp", "http"):
             raise ValueError(f"the gate relays to unix:// or plain tcp:// daemons, not {upstream}")
         self.listings: list[threading.Event] = []
+        self.stops_to_drop = 0  # container stops to end unanswered, never relayed
         self._asked = threading.Condition()
         self._holding = True
         self._sockets: set[socket.socket] = set()
@@ -84,6 +88,13 @@ class GatedDaemon(socketserver.ThreadingUnixStreamServer):
             self._asked.notify_all()
         release.wait(HOLD_S)
 
+    def take_stop_to_drop(self) -> bool:
+        with self._asked:
+            if self.stops_to_drop <= 0:
+                return False
+            self.stops_to_drop -= 1
+            return True
+
     def close(self) -> None:
         """Let every listing go, stop serving and close every connection, both sides."""
         self.answer_all()
@@ -122,9 +133,12 @@ class _Connection(socketserver.StreamRequestHandler):
             head.append(line)
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-        upstream.sendall(b"".join(head) + b"\r\n" + self._body(headers))
-
+        body = self._body(headers)
         method, target = request_line.decode("latin-1").split()[:2]
+        if method == "POST" and urlsplit(target).path.endswith("/stop") and self.server.take_stop_to_drop():
+            return False
+        upstream.sendall(b"".join(head) + b"\r\n" + body)
+
         response = http.client.HTTPResponse(upstream, method=method)
         response.begin()  # the daemon has answered: a listing is taken
         if method == "GET" and urlsplit(target).path.endswith("/containers/json"):
