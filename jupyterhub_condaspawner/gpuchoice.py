@@ -88,11 +88,14 @@ class GpuChooser:
         self._picks = 0
 
     def choose(self, scan: GpuScan, request: GpuRequest, table: AllocationTable, previous: Allocation | None,
-               what: str, *, policy: str, max_servers: int) -> tuple[str, ...]:
+               what: str, *, policy: str, max_servers: int,
+               avoid: Callable[[Gpu], bool] | None = None) -> tuple[str, ...]:
         """The UUIDs ``request`` gets: ``previous``'s again if they all still fit, else the first
-        fitting ones in ``policy``'s order. Raises :class:`GpuUnavailable` when too few fit."""
+        fitting ones in ``policy``'s order, never one ``avoid`` names (GPUs held for an older
+        request). Raises :class:`GpuUnavailable` when too few fit."""
         load = table.load
-        candidates = [gpu for gpu in scan.usable if load.get(gpu.uuid, 0) < max_servers and request.matches(gpu)]
+        candidates = [gpu for gpu in scan.usable if load.get(gpu.uuid, 0) < max_servers and request.matches(gpu)
+                      and not (avoid is not None and avoid(gpu))]
         if previous is not None and len(previous.uuids) == request.count:
             mine = {gpu.uuid for gpu in candidates}
             if mine.issuperset(previous.uuids):

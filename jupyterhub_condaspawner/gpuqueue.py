@@ -86,10 +86,10 @@ class GpuQueue:
         await asyncio.to_thread(self.allocator.latest_scan)  # NVML, when the scan is stale: off the loop
         waiter = _Waiter(user, server_name, count, model_glob, cuda, profile, min_free_memory, next(self._tickets))
         waiter.joined = self._clock()
-        # Nobody of this kind waits, and no older spawn has GPUs held for it: no one to overtake.
-        if not self._waiting.get(waiter.kind) and not self._held_back(waiter, self._holder()):
+        # Nobody of this kind waits: no one to overtake, but GPUs held for an older spawn are not its.
+        if not self._waiting.get(waiter.kind):
             try:
-                return self._try(waiter)
+                return self._try(waiter, self._holder())
             except (GpuInfeasible, GpuQuotaExceeded):
                 raise
             except GpuUnavailable:
@@ -179,16 +179,21 @@ class GpuQueue:
 
     def _last_try(self, waiter: _Waiter, waited: float, setting: str) -> Allocation:
         try:
-            return self._try(waiter)
+            return self._try(waiter, self._holder())
         except GpuUnavailable as refusal:  # how busy the GPUs are, and how long this spawn waited
             after = f" after waiting {_duration(waited)} in the queue ({setting})"
             raise GpuUnavailable(refusal.detail + after, refusal.user_message + after) from None
 
-    def _try(self, waiter: _Waiter) -> Allocation:
+    def _try(self, waiter: _Waiter, holder: _Waiter | None = None) -> Allocation:
+        """Allocate ``waiter``'s GPUs, none that ``holder`` (an older spawn past queue_hold_after)
+        could use: a younger spawn may still take a GPU the holder never would (another model)."""
+        avoid = None
+        if holder is not None and holder is not waiter and waiter.ticket > holder.ticket:
+            avoid = holder.request.model_matches
         # On the event loop: by the last scan; _wait refreshes it in a thread.
         return self.allocator.allocate(waiter.user, waiter.server_name, waiter.count, waiter.model_glob,
                                        waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile,
-                                       rescan=False)
+                                       rescan=False, avoid=avoid)
 
     def _position(self, waiter: _Waiter) -> int:
         """Spawns ahead of this one: of its kind, and an older one GPUs are held for."""
@@ -212,10 +217,8 @@ class GpuQueue:
                 if head.granted.done():  # cancelled, or granted and not yet gone
                     waiters.pop(0)
                     continue
-                if self._held_back(head, holder):
-                    break
                 try:
-                    head.granted.set_result(self._try(head))
+                    head.granted.set_result(self._try(head, holder))
                 except (GpuInfeasible, GpuQuotaExceeded) as refusal:
                     head.granted.set_exception(refusal)
                 except GpuUnavailable:

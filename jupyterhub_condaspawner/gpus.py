@@ -304,7 +304,8 @@ class GpuAllocator(LoggingConfigurable):
 
     def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None,
                  min_free_memory: int | None = None, *, cuda: str | None = None,
-                 profile: str | None = None, rescan: bool = True) -> Allocation:
+                 profile: str | None = None, rescan: bool = True,
+                 avoid: Callable[[Gpu], bool] | None = None) -> Allocation:
         """Give (user, server_name) ``count`` GPUs, or raise :class:`GpuUnavailable`.
 
         ``model_glob`` matches GPU names ("*A100*"); ``min_free_memory`` (bytes) overrides
@@ -313,6 +314,7 @@ class GpuAllocator(LoggingConfigurable):
         the request in messages. The same server asking again gets its GPUs back if they
         still fit. ``count`` 0 releases what the server held and returns an empty allocation.
         ``rescan`` False: judge by :meth:`known_scan`, never NVML (the event loop's calls).
+        ``avoid``: GPUs not to hand out (those the queue holds for an older request).
         """
         if count < 0:
             raise ValueError(f"cannot allocate {count} GPUs")
@@ -322,7 +324,7 @@ class GpuAllocator(LoggingConfigurable):
                 if count == 0:
                     self._table.remove((user, server_name))
                     return Allocation(user, server_name, (), self._clock())
-                return self._allocate(user, server_name, request, rescan)
+                return self._allocate(user, server_name, request, rescan, avoid)
             finally:
                 self._changes.note(self._table)
                 self._record_states()
@@ -432,7 +434,8 @@ class GpuAllocator(LoggingConfigurable):
         return GpuRequest(count, model_glob or None,
                           min_free_memory if min_free_memory is not None else self.min_free_memory, cuda, profile)
 
-    def _allocate(self, user: str, server_name: str, request: GpuRequest, rescan: bool = True) -> Allocation:
+    def _allocate(self, user: str, server_name: str, request: GpuRequest, rescan: bool = True,
+                  avoid: Callable[[Gpu], bool] | None = None) -> Allocation:
         scan = self.latest_scan() if rescan else self.known_scan()
         # The server's own GPUs count as free for its new request (a restart gets them back).
         previous = self._table.remove((user, server_name))
@@ -440,7 +443,7 @@ class GpuAllocator(LoggingConfigurable):
             self._check_quota(user, server_name, request)
             chosen = self._chooser.choose(scan, request, self._table, previous,
                                           describe_server(user, server_name, request), policy=self.policy,
-                                          max_servers=self.max_servers_per_gpu)
+                                          max_servers=self.max_servers_per_gpu, avoid=avoid)
         except GpuUnavailable:
             if previous is not None:
                 self._table.add(previous)

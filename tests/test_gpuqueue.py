@@ -107,6 +107,33 @@ async def test_a_bigger_older_request_is_overtaken_only_until_queue_hold_after()
     assert (await asyncio.wait_for(late, 5)).user == "late"
 
 
+async def test_gpus_held_for_an_older_request_are_only_those_it_could_use():
+    # Two A100s, busy; a T4, free. An older 2-A100 start past queue_hold_after has the A100s held
+    # for it: a younger start of any model still gets the T4, which the older one never would.
+    now = [0.0]
+    fake = FakeNvml([FakeGpu(fake_uuid(0), "NVIDIA A100"), FakeGpu(fake_uuid(1), "NVIDIA A100"),
+                     FakeGpu(fake_uuid(2), "Tesla T4")])
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), queue_hold_after=120, queue_timeout=600)
+    queue = GpuQueue(allocator, clock=lambda: now[0])
+    for holder in ("h1", "h2"):
+        await queue.allocate(holder, "", 1, "*A100*")
+    big = asyncio.ensure_future(queue.allocate("big", "", 2, "*A100*"))
+    await until(lambda: queue.length == 1)
+    now[0] = 121.0
+
+    assert (await asyncio.wait_for(queue.allocate("any", "", 1), 5)).uuids == (fake_uuid(2),)
+
+    late = asyncio.ensure_future(queue.allocate("late", "", 1))  # only A100s left: held for big
+    await until(lambda: queue.length == 2)
+    allocator.release("h1", "")
+    await asyncio.sleep(1.5)  # a retry of the queue's (every second) comes and goes
+    assert not late.done() and not big.done()
+    allocator.release("h2", "")
+    assert sorted((await asyncio.wait_for(big, 5)).uuids) == [fake_uuid(0), fake_uuid(1)]
+    allocator.release("any", "")
+    assert (await asyncio.wait_for(late, 5)).uuids == (fake_uuid(2),)
+
+
 async def test_a_cancelled_spawn_leaves_the_queue_and_the_next_one_moves_up():
     queue = queue_for(1)
     await queue.allocate("holder", "", 1)
