@@ -146,6 +146,19 @@ class GpuScan:
                      for gpu in previous.gpus if gpu.source == "nvml" and gpu.uuid and gpu.uuid not in self.by_uuid)
         return GpuScan(self.gpus + kept, self.notes, self.unreadable)
 
+    def naming_lost(self, previous: GpuScan) -> GpuScan:
+        """This scan with each GPU NVML could not name (lost or failing: no UUID) named as
+        ``previous`` saw the GPU at its index, if that UUID is listed nowhere now: the lost GPU a
+        server holds shows as that GPU, with its holder, not as an unknown GPU beside a missing one."""
+        earlier = {gpu.index: gpu for gpu in previous.gpus if gpu.source == "nvml" and gpu.uuid}
+        gpus = []
+        for gpu in self.gpus:
+            seen = earlier.get(gpu.index)
+            if gpu.source == "nvml" and not gpu.uuid and seen is not None and seen.uuid not in self.by_uuid:
+                gpu = dataclasses.replace(gpu, uuid=seen.uuid, name=seen.name, memory_total=seen.memory_total)
+            gpus.append(gpu)
+        return GpuScan(tuple(gpus), self.notes, self.unreadable)
+
     def summary(self) -> str:
         """"no GPUs: <why>" or "3 GPUs (1 lost)"."""
         if not self.gpus:

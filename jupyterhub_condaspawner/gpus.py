@@ -272,6 +272,8 @@ class GpuAllocator(LoggingConfigurable):
         with self._lock:
             if scan.unreadable and self._scan is not None:
                 scan = scan.keeping_unreadable(self._scan)
+            elif self._scan is not None:
+                scan = scan.naming_lost(self._scan)
             self._scan = scan
             self._scanned_at = time.monotonic()
             self._record_states()

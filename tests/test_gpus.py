@@ -231,6 +231,23 @@ def test_a_gpu_lost_after_its_handle_was_found_is_lost_too():
     assert scan.gpus[1].state == "lost" and not scan.gpus[1].usable
 
 
+def test_a_held_gpu_that_falls_off_the_bus_keeps_its_name_and_holder():
+    # NVML cannot read a lost GPU's UUID: the hub names it as it last saw the GPU at that index,
+    # so the status (environments page) shows it lost, with its holder, not "unknown" and "missing".
+    fake = FakeNvml.with_gpus(2)
+    allocator = allocator_for(fake, rescan_interval=0)
+    allocator.allocate("alice", "", 1)  # GPU 0
+    fake.lose(0)
+
+    rows = allocator.status()
+
+    assert [(row["index"], row["uuid"], row["state"]) for row in rows] == [
+        (0, fake_uuid(0), "lost"), (1, fake_uuid(1), "ok")]
+    assert [holder["user"] for holder in rows[0]["holders"]] == ["alice"]
+    assert allocator.gpu_states() == {fake_uuid(0): "unusable", fake_uuid(1): "free"}
+    assert indexes(allocator.allocate("bob", "", 1)) == [1]  # never the lost one
+
+
 def test_unsupported_readings_leave_the_gpu_usable():
     fake = FakeNvml.with_gpus(1)
     fake.gpus[0].failures["nvmlDeviceGetUtilizationRates"] = NOT_SUPPORTED
