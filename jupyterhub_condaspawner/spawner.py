@@ -221,7 +221,10 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
                 self._release_gpus()
             raise
         except Exception as error:
-            self._release_gpus()
+            # A container that exists (started, maybe: Docker's answer lost) may hold its GPUs:
+            # JupyterHub stops a failed start, and that stop (or its poll) releases them.
+            if self._before_container or not self.object_id:
+                self._release_gpus()
             self._failing = self._before_container
             failure = explain(error, custom_spec=custom is not None)
             failure.server = self._log_name

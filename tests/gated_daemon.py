@@ -8,7 +8,9 @@ answer is held until the test lets it go. A race between a slow listing and the 
 allocations then plays out step by step, with no sleeps, against real containers.
 
 A container stop can be dropped too (``stops_to_drop``): the daemon never hears of it, and
-the client's connection ends unanswered, as when a daemon fails under a stop.
+the client's connection ends unanswered, as when a daemon fails under a stop. A container
+start's answer can be dropped (``start_answers_to_drop``): the daemon starts the container,
+and the client hears nothing.
 
 Not relayed: connections a request upgrades (attach, exec start); no test here needs one.
 """
@@ -39,6 +41,7 @@ class GatedDaemon(socketserver.ThreadingUnixStreamServer):
             raise ValueError(f"the gate relays to unix:// or plain tcp:// daemons, not {upstream}")
         self.listings: list[threading.Event] = []
         self.stops_to_drop = 0  # container stops to end unanswered, never relayed
+        self.start_answers_to_drop = 0  # container starts relayed, their answers never
         self._asked = threading.Condition()
         self._holding = True
         self._sockets: set[socket.socket] = set()
@@ -88,11 +91,12 @@ class GatedDaemon(socketserver.ThreadingUnixStreamServer):
             self._asked.notify_all()
         release.wait(HOLD_S)
 
-    def take_stop_to_drop(self) -> bool:
+    def take(self, counter: str) -> bool:
+        """Whether to drop this one (``counter``: "stops_to_drop", "start_answers_to_drop")."""
         with self._asked:
-            if self.stops_to_drop <= 0:
+            if getattr(self, counter) <= 0:
                 return False
-            self.stops_to_drop -= 1
+            setattr(self, counter, getattr(self, counter) - 1)
             return True
 
     def close(self) -> None:
@@ -135,12 +139,15 @@ class _Connection(socketserver.StreamRequestHandler):
             headers[name.strip().lower()] = value.strip()
         body = self._body(headers)
         method, target = request_line.decode("latin-1").split()[:2]
-        if method == "POST" and urlsplit(target).path.endswith("/stop") and self.server.take_stop_to_drop():
+        path = urlsplit(target).path
+        if method == "POST" and path.endswith("/stop") and self.server.take("stops_to_drop"):
             return False
         upstream.sendall(b"".join(head) + b"\r\n" + body)
 
         response = http.client.HTTPResponse(upstream, method=method)
         response.begin()  # the daemon has answered: a listing is taken
+        if method == "POST" and path.endswith("/start") and self.server.take("start_answers_to_drop"):
+            return False
         if method == "GET" and urlsplit(target).path.endswith("/containers/json"):
             self.server.hold_listing()
         status = f"HTTP/1.1 {response.status} {response.reason}\r\n"

@@ -63,3 +63,28 @@ def test_a_gpu_server_whose_stop_failed_keeps_its_gpu_until_its_container_stops(
     assert start_gpu_server(hub, "nextinline")[-1].get("ready")
     assert hub.server_model("nextinline")["state"]["condaspawner"]["gpus"] == [FAKE_GPU]
     hub.stop_server("nextinline")
+
+
+def test_a_start_that_fails_after_its_container_started_keeps_the_gpu_while_that_container_runs(hub, docker_daemon):
+    # Docker started the container but its answer was lost: the start fails, and JupyterHub stops
+    # the server; that stop fails too. The container runs on with the GPU: nobody else gets it.
+    assert start_gpu_server(hub, "warmup")[-1].get("ready")  # the image is built: the next start is the server's
+    hub.stop_server("warmup")
+    gate = GATES[0]
+    gate.start_answers_to_drop, gate.stops_to_drop = 1, 1
+    failed = start_gpu_server(hub, "lostanswer")[-1]
+    assert failed.get("failed"), failed
+    assert hub.server_model("lostanswer") is None
+    client = docker_daemon.client()
+    [container] = client.containers.list(filters={"label": "io.condaspawner.user=lostanswer"})
+    assert container.status == "running"
+
+    refused = start_gpu_server(hub, "nextinline")[-1]
+    assert refused.get("failed") and "No GPU is free on this hub: 0 of 1" in refused["message"], refused
+
+    container.stop()
+    deadline = time.monotonic() + 60
+    while metric(hub.metrics(), "condaspawner_gpus", state="free") != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert start_gpu_server(hub, "nextinline")[-1].get("ready")
+    hub.stop_server("nextinline")
