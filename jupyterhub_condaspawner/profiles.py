@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ def _gpu_count(value: Any) -> int:
 
 
 def _cpu_limit(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:  # .nan too
         raise _FieldError(f"must be a positive number of CPUs, {_not(value)}")
     return float(value)
 
@@ -180,7 +181,8 @@ def _cuda(value: Any) -> str:
 
 
 def _minutes(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    # .nan would compare as never idle long enough (culling off without a word); .inf is 0's "off" in disguise
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise _FieldError(f"must be a number of minutes (0 turns culling off), {_not(value)}")
     return float(value)
 

@@ -150,6 +150,17 @@ def test_problems_show_values_as_yaml_read_them(tmp_path):
     }
 
 
+@pytest.mark.parametrize("field, written", [("cpu_limit", ".nan"), ("cpu_limit", ".inf"),
+                                            ("gpu_idle_timeout", ".nan"), ("gpu_idle_timeout", ".inf")])
+def test_yaml_not_a_numbers_are_refused_not_taken_as_no_limit(tmp_path, field, written):
+    """YAML's .nan compares false with everything: a culler never found the GPU idle long enough, and a
+    CPU limit passed every check; .inf is no limit in disguise. Each is one line naming the field."""
+    write(tmp_path, {"p.yaml": f"display_name: P\nenvironment: envs/env.yml\ngpus: 1\n{field}: {written}\n",
+                     "envs/env.yml": ENV})
+    (problem,) = problems(tmp_path)
+    assert problem.startswith(f"{tmp_path}/p.yaml: {field}: must be a ") and "\n" not in problem, problem
+
+
 @pytest.mark.parametrize("written, reason", [
     ("yes", "true is not a size such as 8G, 512M or a number of bytes"),  # ByteSpecification: 1 byte
     ("1.5", "1.5 is not a size such as 8G, 512M or a number of bytes"),  # ... and 1 byte
