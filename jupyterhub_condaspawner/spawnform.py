@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jinja2
 
 from .buildmodel import request_for_profile
+from .gpuchoice import CudaIncompatible, GpuUnavailable
 from .profiles import Profile
 from .resolve import NO_DEFAULTS
 from .spawnchoice import NO_PROFILE
@@ -78,10 +79,25 @@ class SpawnFormMixin:
         return await asyncio.to_thread(lambda: len(self.services.allocator.latest_scan().usable))
 
     def form_gpu_note(self, profile: Profile, gpu_count: int) -> str:
-        """The card's note when ``profile`` wants more GPUs than :meth:`form_gpu_count`, else ""."""
-        if profile.gpus <= gpu_count:
+        """The card's note when ``profile`` could never start here, else "": more GPUs than
+        :meth:`form_gpu_count`, more than the per-user quota, none of its model, or a driver too
+        old for its CUDA (the start would be refused in one line: the card says so first)."""
+        if not profile.gpus:
             return ""
-        return "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
+        if profile.gpus > gpu_count:
+            return "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
+        allocator = self.services.allocator
+        if allocator.per_user_gpu_quota and profile.gpus > allocator.per_user_gpu_quota:
+            return f"more than the {allocator.per_user_gpu_quota}-GPU quota per user"
+        try:  # judged by the scan form_gpu_count just read
+            allocator.check_feasible(self.user.name, self.name, profile.gpus, profile.gpu_model,
+                                     cuda=profile.cuda, profile=profile.slug)
+        except CudaIncompatible:
+            return f"the GPU driver here is too old for CUDA {profile.cuda}"
+        except GpuUnavailable:
+            return (f"no GPU here is a {profile.gpu_model.strip('*')}" if profile.gpu_model
+                    else f"this machine cannot give {profile.gpus} GPU(s)")
+        return ""
 
     async def _card(self, profile: Profile, selected: str | None, gpu_count: int, estimate: str) -> dict:
         ready = False

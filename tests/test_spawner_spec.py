@@ -6,7 +6,9 @@ here needs Docker: a refused spec never reaches the builder.
 
 from __future__ import annotations
 
+import re
 import threading
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,6 +192,25 @@ async def test_a_gpu_card_on_a_machine_without_gpus_says_it_cannot_start_here(tm
     assert '<span class="badge bg-secondary" title="this machine has no GPU">cannot start here</span>' in cards["gpu"]
     assert '<span class="text-danger">this machine has no GPU</span>' in cards["gpu"]
     assert "cannot start here" not in cards["py"] and "will build" in cards["py"]
+
+
+async def test_a_gpu_card_this_host_could_never_serve_says_why_before_the_start(tmp_path):
+    """A profile whose GPU model no GPU here is, whose CUDA the driver is too old for, or that wants
+    more than the per-user quota: its start would be refused in one line; the card says so first."""
+    spawner = spawner_for(tmp_path, "file:///nonexistent", GpuAllocator__per_user_gpu_quota=1,
+                          GpuInventory__static_gpus=[{"uuid": f"GPU-{n}-{uuid.uuid4().hex[:8]}", "name": "NVIDIA A100",
+                                                      "cuda_version": "12.4"} for n in range(2)])
+    for slug, fields in {"h100": "gpus: 1\ngpu_model: '*H100*'", "cuda13": "gpus: 1\ncuda: '13.0'",
+                         "pair": "gpus: 2", "a100": "gpus: 1\ngpu_model: '*A100*'\ncuda: '12.1'"}.items():
+        (tmp_path / "profiles" / f"50-{slug}.yaml").write_text(
+            f"display_name: {slug}\nslug: {slug}\nenvironment: envs/py.yml\n{fields}\n")
+    form = await spawner.render_options_form()
+    cards = {card.split('"', 1)[0]: card for card in form.split('for="profile-')[1:]}
+    notes = {slug: re.search(r'<span class="text-danger">([^<]*)</span>', cards[slug]) for slug in cards}
+    assert {slug: note.group(1) for slug, note in notes.items() if note} == {
+        "h100": "no GPU here is a H100", "cuda13": "the GPU driver here is too old for CUDA 13.0",
+        "pair": "more than the 1-GPU quota per user"}
+    assert "cannot start here" not in cards["a100"] and "cannot start here" in cards["h100"]
 
 
 def test_a_miscased_or_misspelt_profile_link_names_the_users_nearest_profile(tmp_path):
