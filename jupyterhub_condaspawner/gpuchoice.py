@@ -164,12 +164,14 @@ def unavailable_error(scan: GpuScan, request: GpuRequest, load: Mapping[str, int
 
 
 def _user_refusal(scan: GpuScan, request: GpuRequest, *, free: int, possible: bool) -> str:
-    """"No GPU is free on this hub: F of T (...)", in the user's terms, no driver details."""
+    """"No GPU is free on this hub: F of T (...)", in the user's terms, no driver details; "No GPU
+    on this hub fits: ..." when none ever could (waiting would not help: "free" would mislead)."""
     need = f"{request.profile!r} needs " if request.profile else "this server needs "
     need += plural(request.count, "GPU") + _qualifiers(request)
-    advice = ("try again when a server stops" if possible
-              else "this hub never has that many: pick another profile or ask the hub admin")
-    return f"No GPU is free on this hub: {free} of {len(scan.gpus)} ({need}; {advice})"
+    if not possible:
+        return (f"No GPU on this hub fits: {free} of {len(scan.gpus)} ({need}; this hub never has that many: "
+                "pick another profile or ask the hub admin)")
+    return f"No GPU is free on this hub: {free} of {len(scan.gpus)} ({need}; try again when a server stops)"
 
 
 def _memory_could_fit(gpu: Gpu, request: GpuRequest) -> bool:

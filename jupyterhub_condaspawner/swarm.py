@@ -358,7 +358,7 @@ def check_feasible(state: SwarmState, request: ServiceRequest) -> None:
     detail = f"{request.describe()}, but no node of the swarm can ever run it ({'; '.join(facts)})"
     if request.gpus and most < request.gpus:
         many = "that many of that model" if request.gpu_model else "that many"
-        user = (f"No GPU is free on this hub: 0 of {state.total_gpus} ({request.describe(True)}; no node of this hub "
+        user = (f"No GPU on this hub fits: 0 of {state.total_gpus} ({request.describe(True)}; no node of this hub "
                 f"has {many}: pick another profile or ask the hub admin)")
     else:
         user = (f"No node of this hub can run this server ({request.describe()}; the largest node has "

@@ -205,7 +205,7 @@ def test_a_gpu_request_this_hub_can_never_meet_is_refused_at_once(hub):
         (profiles / "45-two-gpus.yaml").unlink()
 
     assert status == 400, body
-    assert body["message"].startswith("No GPU is free on this hub: 0 of 1 ('two-gpus' needs 2 GPUs"), body
+    assert body["message"].startswith("No GPU on this hub fits: 0 of 1 ('two-gpus' needs 2 GPUs"), body
     assert "pick another profile" in body["message"]
     assert hub.server_model("greedy") is None
 

@@ -74,7 +74,7 @@ def test_requests_no_node_can_meet_are_refused_at_once_through_rest(hub, swarm_b
 
     assert (model.status, too_many.status) == (400, 400), (model.body, too_many.body)
     assert failure_message(hub, model) == (
-        "No GPU is free on this hub: 0 of 4 ('h100' needs 1 GPU matching '*H100*'; no node of this hub has that "
+        "No GPU on this hub fits: 0 of 4 ('h100' needs 1 GPU matching '*H100*'; no node of this hub has that "
         "many of that model: pick another profile or ask the hub admin)")
     assert failure_message(hub, too_many) == (
         "swarm-greedy's server (profile 'three') needs 3 GPUs, more than the per-user quota of 2: "

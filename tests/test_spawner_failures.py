@@ -183,9 +183,9 @@ async def test_a_gpu_profile_on_a_host_without_gpus_is_refused_at_submit(tmp_pat
         spawner.apply_choice({"profile": "gpu"})
 
     assert refusal.value.status_code == 400
-    assert refusal.value.message.startswith("No GPU is free on this hub: 0 of 0 ('gpu' needs 1 GPU for CUDA 12.4; ")
+    assert refusal.value.message.startswith("No GPU on this hub fits: 0 of 0 ('gpu' needs 1 GPU for CUDA 12.4; ")
     assert "NVML" not in refusal.value.message and "NVML" in refusal.value.log_message
-    with pytest.raises(ValueError, match="^No GPU is free on this hub: 0 of 0"):  # the form says the same
+    with pytest.raises(ValueError, match="^No GPU on this hub fits: 0 of 0"):  # the form says the same
         await spawner.options_from_form_data({"profile": ["gpu"]})
 
 

@@ -100,13 +100,13 @@ def test_nodes_and_holders_come_from_the_managers_records():
 
 @pytest.mark.parametrize(("request_", "user_message"), [
     (ServiceRequest(gpus=5, profile="five"),
-     "No GPU is free on this hub: 0 of 8 ('five' needs 5 GPUs; no node of this hub has that many: "
+     "No GPU on this hub fits: 0 of 8 ('five' needs 5 GPUs; no node of this hub has that many: "
      "pick another profile or ask the hub admin)"),
     (ServiceRequest(gpus=3, gpu_model="*A100*", profile="a3"),
-     "No GPU is free on this hub: 0 of 8 ('a3' needs 3 GPUs matching '*A100*'; no node of this hub has that many "
+     "No GPU on this hub fits: 0 of 8 ('a3' needs 3 GPUs matching '*A100*'; no node of this hub has that many "
      "of that model: pick another profile or ask the hub admin)"),
     (ServiceRequest(gpus=1, gpu_model="*V100*", profile="v"),
-     "No GPU is free on this hub: 0 of 8 ('v' needs 1 GPU matching '*V100*'; no node of this hub has that many "
+     "No GPU on this hub fits: 0 of 8 ('v' needs 1 GPU matching '*V100*'; no node of this hub has that many "
      "of that model: pick another profile or ask the hub admin)"),
     (ServiceRequest(cpu_reservation=9, profile="cpu9"),
      "No node of this hub can run this server ('cpu9' needs 9 CPUs; the largest node has 8 CPUs and 64 GiB): "

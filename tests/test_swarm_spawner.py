@@ -210,9 +210,9 @@ async def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench,
     print("\n".join(failure.message for failure in refusals.values()))
     assert all(failure.status_code == 400 and "\n" not in failure.message for failure in refusals.values())
     assert refusals["three"].message == (
-        "No GPU is free on this hub: 0 of 4 ('three' needs 3 GPUs; no node of this hub has that many: "
+        "No GPU on this hub fits: 0 of 4 ('three' needs 3 GPUs; no node of this hub has that many: "
         "pick another profile or ask the hub admin)")
-    assert refusals["h100"].message.startswith("No GPU is free on this hub: 0 of 4 ('h100' needs 1 GPU matching "
+    assert refusals["h100"].message.startswith("No GPU on this hub fits: 0 of 4 ('h100' needs 1 GPU matching "
                                                "'*H100*'; no node of this hub has that many of that model")
     assert "models: NVIDIA A100-SXM4-80GB" in refusals["h100"].log_message  # the admin learns which models exist
     assert refusals["huge"].message.startswith("No node of this hub can run this server ('huge' needs 64 CPUs")
