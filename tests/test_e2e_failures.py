@@ -7,6 +7,7 @@ host) and the pip sections of builds pointed at a package index on loopback (pip
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -50,6 +51,7 @@ class Spawn:
     def __init__(self, hub, user: str, options: dict, server: str = ""):
         self.hub, self.user, self.server = hub, user, server
         self.events: list[dict] = []
+        self.cut: BaseException | None = None  # the stream's end when the hub went away
         self.status, self.body = hub.spawn(user, options, server)
         self._thread = threading.Thread(target=self._follow, daemon=True)
         if self.status == 202:  # still starting: the rest comes as progress events
@@ -59,12 +61,15 @@ class Spawn:
 
     def _follow(self) -> None:
         request = self.hub.progress_request(self.user, self.server)
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if line.startswith(b"data:"):
-                    self.events.append(json.loads(line[5:]))
-                    if self.events[-1].get("ready") or self.events[-1].get("failed"):
-                        return
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                for line in response:
+                    if line.startswith(b"data:"):
+                        self.events.append(json.loads(line[5:]))
+                        if self.events[-1].get("ready") or self.events[-1].get("failed"):
+                            return
+        except (http.client.HTTPException, OSError) as error:  # a test that stops the hub ends the stream
+            self.cut = error
 
     def wait(self, timeout: float = 600) -> dict:
         if self._thread.is_alive():
