@@ -38,6 +38,10 @@ class GpuQuotaExceeded(GpuUnavailable):
     """The user already holds their quota of GPUs."""
 
 
+class GpuOverQuota(GpuInfeasible):
+    """The request alone wants more GPUs than one user may hold (a profile no one can start)."""
+
+
 class CudaIncompatible(GpuInfeasible):
     """The GPUs' driver is older than the CUDA the environment was built for."""
 

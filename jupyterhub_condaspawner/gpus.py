@@ -40,6 +40,7 @@ from .gpuchoice import (
     CudaIncompatible,
     GpuChooser,
     GpuInfeasible,
+    GpuOverQuota,
     GpuQuotaExceeded,
     GpuRequest,
     GpuUnavailable,
@@ -89,7 +90,7 @@ from .gputable import (
 
 # What other modules have always imported from here; each lives in the module its concept has.
 __all__ = [
-    "CudaIncompatible", "GpuInfeasible", "GpuQuotaExceeded", "GpuRequest", "GpuUnavailable", "GpuUnreadable",
+    "CudaIncompatible", "GpuInfeasible", "GpuOverQuota", "GpuQuotaExceeded", "GpuRequest", "GpuUnavailable", "GpuUnreadable",
     "POLICIES", "check_cuda", "unavailable_error",
     "NVML_ERROR_DRIVER_NOT_LOADED", "NVML_ERROR_GPU_IS_LOST", "NVML_ERROR_LIB_RM_VERSION_MISMATCH",
     "NVML_ERROR_LIBRARY_NOT_FOUND", "NVML_ERROR_NO_PERMISSION", "NVML_ERROR_NOT_SUPPORTED",
@@ -427,7 +428,7 @@ class GpuAllocator(LoggingConfigurable):
         if self.per_user_gpu_quota and count > self.per_user_gpu_quota:
             message = (f"{what} needs {plural(count, 'GPU')}, more than the per-user quota of "
                        f"{self.per_user_gpu_quota}: pick a smaller profile")
-            raise GpuInfeasible(message)
+            raise GpuOverQuota(message)
         # The event loop (the form, the REST options): the spawner awaited ensure_scanned() first.
         check_feasible(self.known_scan(), request, what, self.max_servers_per_gpu)
 

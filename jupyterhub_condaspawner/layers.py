@@ -189,12 +189,11 @@ class _Lstat:
         return status
 
 
-def content_identities(staged: StagedEnvironment, lstat: _Lstat | None = None) -> dict[PackageKey, str]:
+def content_identities(staged: StagedEnvironment, lstat: _Lstat) -> dict[PackageKey, str]:
     """Each package's identity (``staged.identities``) with a digest of the files it holds here, or ""
     (unknown). A package's files depend on the environment: where two packages ship one path, the
     installer moves one's copy under ``__clobbers__`` and rewrites its file list; a layer known by the
     package's sha256 alone would stand for another environment's files."""
-    lstat = lstat or _Lstat(os.fspath(staged.root))
     return {key: f"{identity}:{_listing_digest(lstat, staged.files[key])}" if identity else ""
             for key, identity in staged.identities.items()}
 

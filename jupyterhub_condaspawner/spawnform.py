@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jinja2
 
 from .buildmodel import request_for_profile
-from .gpuchoice import CudaIncompatible, GpuUnavailable
+from .gpuchoice import CudaIncompatible, GpuOverQuota, GpuUnavailable
 from .profiles import Profile
 from .resolve import NO_DEFAULTS
 from .spawnchoice import NO_PROFILE
@@ -87,11 +87,11 @@ class SpawnFormMixin:
         if profile.gpus > gpu_count:
             return "this machine has no GPU" if gpu_count == 0 else f"this machine has {gpu_count} GPU(s)"
         allocator = self.services.allocator
-        if allocator.per_user_gpu_quota and profile.gpus > allocator.per_user_gpu_quota:
-            return f"more than the {allocator.per_user_gpu_quota}-GPU quota per user"
-        try:  # judged by the scan form_gpu_count just read
+        try:  # the start's own check, judged by the scan form_gpu_count just read
             allocator.check_feasible(self.user.name, self.name, profile.gpus, profile.gpu_model,
                                      cuda=profile.cuda, profile=profile.slug)
+        except GpuOverQuota:
+            return f"more than the {allocator.per_user_gpu_quota}-GPU quota per user"
         except CudaIncompatible:
             return f"the GPU driver here is too old for CUDA {profile.cuda}"
         except GpuUnavailable:
