@@ -256,6 +256,7 @@ class GpuAllocator(LoggingConfigurable):
         self._table = AllocationTable()
         self._changes = ChangeLog()
         self._scan: GpuScan | None = None
+        self._ever_listed: set[str] = set()  # UUIDs a scan of this process listed: this host's GPUs
         self._scanned_at = 0.0
         self._chooser = GpuChooser()
         self._release_listeners: list[Callable[[], None]] = []
@@ -276,6 +277,7 @@ class GpuAllocator(LoggingConfigurable):
             elif self._scan is not None:
                 scan = scan.naming_lost(self._scan)
             self._scan = scan
+            self._ever_listed.update(scan.by_uuid)
             self._scanned_at = time.monotonic()
             self._record_states()
             return self._scan
@@ -409,8 +411,10 @@ class GpuAllocator(LoggingConfigurable):
             states = list(self.gpu_states(scan).values())
             # A GPU a running server holds and NVML no longer lists (off the bus, a driver
             # reloaded without it) is lost, not gone from the count. One NVML still lists without
-            # a UUID (lost) may be it: counted once.
-            missing = sum(1 for uuid, servers in self._table.load.items() if servers and uuid not in scan.by_uuid)
+            # a UUID (lost) may be it: counted once. Only GPUs this host listed once: a container
+            # of another hub on the same daemon (another host's GPU, a test's) is not one of ours.
+            missing = sum(1 for uuid, servers in self._table.load.items()
+                          if servers and uuid not in scan.by_uuid and uuid in self._ever_listed)
             nameless = sum(1 for gpu in scan.gpus if not gpu.uuid)
         return states + ["unusable"] * max(0, missing - nameless)
 
