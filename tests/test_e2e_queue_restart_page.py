@@ -18,18 +18,18 @@ c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fak
 
 
 def test_a_progress_page_waiting_for_a_gpu_tells_the_user_when_the_hub_restarted(chromium, hub, browser):  # noqa: F811
-    status, body = hub.spawn("gpu-holder", {"profile": "gpu-demo"})  # the only GPU
+    status, body = hub.spawn("restart-holder", {"profile": "gpu-demo"})  # the only GPU
     assert status in (201, 202), body
-    assert hub.progress("gpu-holder")[-1].get("ready")
+    assert hub.progress("restart-holder")[-1].get("ready")
 
     driver = browser
     driver.get(f"{hub.url}/hub/login")
-    one(driver, "#username_input").send_keys("gpu-waiter")
+    one(driver, "#username_input").send_keys("restart-waiter")
     press(driver, one(driver, "#login_submit"))
     wait_for(lambda: "/hub/login" not in driver.current_url, 30, "the login to go through")
-    status, body = hub.spawn("gpu-waiter", {"profile": "gpu-demo"})
+    status, body = hub.spawn("restart-waiter", {"profile": "gpu-demo"})
     assert status in (201, 202), body
-    driver.get(f"{hub.url}/hub/spawn-pending/gpu-waiter")
+    driver.get(f"{hub.url}/hub/spawn-pending/restart-waiter")
     wait_for(lambda: "Waiting for a GPU" in one(driver, "#progress-message").text, 120, "the wait for a GPU")
 
     hub.stop()
@@ -39,4 +39,4 @@ def test_a_progress_page_waiting_for_a_gpu_tells_the_user_when_the_hub_restarted
               "go on: start it again")
     wait_for(lambda: notice in one(driver, "body").text, 30, "the notice on the spawn form")
     assert by_css(driver, "[data-testid=condaspawner-form]")
-    hub.stop_server("gpu-holder")
+    hub.stop_server("restart-holder")
