@@ -29,6 +29,9 @@ from .buildmodel import (
 from .resolve import Lock
 
 ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
+# Names the environment's kernel from CONDASPAWNER_KERNEL_DISPLAY_NAME, which the spawner sets
+SERVER_CONFIG = Path(__file__).parent / "images" / "jupyter_server_config.py"
+KERNEL_DISPLAY_NAME_VARIABLE = "CONDASPAWNER_KERNEL_DISPLAY_NAME"
 
 
 def write_context(context: Path, request: BuildRequest, lock: Lock, pip_config: dict[str, Any]) -> None:
@@ -50,13 +53,15 @@ def write_context(context: Path, request: BuildRequest, lock: Lock, pip_config: 
         "MultiKernelManager": {"default_kernel_name": request.env_name},
         "KernelSpecManager": {"ensure_native_kernel": False, "allowed_kernelspecs": [request.env_name]},
     }, indent=2))
+    shutil.copyfile(SERVER_CONFIG, context / "jupyter" / SERVER_CONFIG.name)
 
 
 def settings_files(context: Path, request: BuildRequest) -> dict[str, Path]:
     """Where env.Dockerfile's COPY steps put ``write_context``'s files: path in the image -> file."""
     files = {f"/opt/condaspawner/{path.name}": path for path in (context / "meta").iterdir()}
     files[f"/opt/conda/share/jupyter/kernels/{request.env_name}/kernel.json"] = context / "kernel" / "kernel.json"
-    files["/opt/conda/etc/jupyter/jupyter_server_config.json"] = context / "jupyter" / "jupyter_server_config.json"
+    for name in ("jupyter_server_config.json", SERVER_CONFIG.name):
+        files[f"/opt/conda/etc/jupyter/{name}"] = context / "jupyter" / name
     return files
 
 
@@ -83,7 +88,9 @@ def kernel_spec(request: BuildRequest) -> dict[str, Any]:
     }
     return {
         "argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": request.kernel_name,
+        # Not the profile's display name: the server names the kernel from the variable
+        # KERNEL_DISPLAY_NAME_VARIABLE (SERVER_CONFIG), so that a renamed profile keeps its image.
+        "display_name": request.env_name,
         "language": "python",
         "env": env,
         "metadata": {"debugger": True, "condaspawner": {"env_name": request.env_name}},

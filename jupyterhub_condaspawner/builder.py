@@ -353,8 +353,7 @@ class ImageBuilder(LoggingConfigurable):
             "base": base_image_id or self.base_image_id(),
             "platform": self.resolver.platform,
             "cuda": request.cuda,
-            "env_name": request.env_name,
-            "kernel": request.kernel_name,
+            "env_name": request.env_name,  # not the display name: the server gets it at start
             "recipe": RECIPE_VERSION,
             "layered": self.layered_images,
         }

@@ -14,7 +14,7 @@ from .profiles import Profile
 from .spec import EnvironmentSpec
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"  # 5: the kernel named at start (jupyter_server_config.py), not in the image
 ENVS_ROOT = "/opt/conda/envs"
 LABEL_PREFIX = "io.condaspawner."
 LABEL_KEY = LABEL_PREFIX + "key"
@@ -35,9 +35,10 @@ class BuildRequest:
 
     ``env_name`` names the folder under /opt/conda/envs and the kernel: a profile's
     slug, or ``custom`` for a user's own file (never user text). ``kernel_display_name``
-    is the kernel's name in JupyterLab, part of the image (and its key): a profile's
-    display name, or "My environment" for every user's own file, so that files differing
-    only in their ``name:`` share one image.
+    is the kernel's name in JupyterLab: a profile's display name, or "My environment" for
+    every user's own file. It is not in the image (nor its key): the spawner hands it to the
+    server at start (buildcontext.KERNEL_DISPLAY_NAME_VARIABLE), so a renamed profile
+    keeps its image.
     """
 
     spec: EnvironmentSpec

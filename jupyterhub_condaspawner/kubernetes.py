@@ -34,6 +34,7 @@ import yaml
 from traitlets import Float, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
+from .buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from .profiles import Profile
 
 if TYPE_CHECKING:
@@ -154,7 +155,6 @@ class PushedImages:
             "image": reference,
             "spec": profile.environment.key() if profile.environment is not None else None,
             "cuda": profile.cuda,
-            "kernel": profile.display_name,  # the image's kernel name
         }
 
     def set(self, slug: str, reference: str) -> None:
@@ -180,8 +180,9 @@ class PushedImages:
         if "spec" in entry and (entry.get("spec"), entry.get("cuda")) != (spec, profile.cuda):
             raise MissingImage(f"the profile's environment changed since {reference} was pushed: "
                                "run `condaspawner build --push` again")
+        # Written by releases whose images held the kernel's name (the pod's environment names it now)
         if "kernel" in entry and entry["kernel"] != profile.display_name:
-            raise MissingImage(f"the profile's display_name (its kernel's name in the image) changed since "
+            raise MissingImage(f"the profile's display_name (its kernel's name in that image) changed since "
                                f"{reference} was pushed: run `condaspawner build --push` again")
         return reference
 
@@ -336,7 +337,8 @@ class KubernetesExport(Configurable):
             entry["allowed_groups"] = list(profile.allowed_groups)
         if profile.allowed_users:
             entry["allowed_users"] = list(profile.allowed_users)
-        entry["kubespawner_override"] = {"image": image, **self.resources(profile), **self.gpu_placement(profile)}
+        entry["kubespawner_override"] = {"image": image, **self.resources(profile), **self.gpu_placement(profile),
+                                         "environment": {KERNEL_DISPLAY_NAME_VARIABLE: profile.display_name}}
         return entry
 
     # -- the whole catalog ------------------------------------------------------------------

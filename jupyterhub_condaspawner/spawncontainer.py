@@ -12,6 +12,7 @@ import docker.errors
 from dockerspawner import DockerSpawner
 from jupyterhub.utils import random_port
 
+from .buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import StartFailure
 from .gpus import (
@@ -49,6 +50,7 @@ class SpawnContainerMixin:
         _image_info: ImageInfo | None
         _extra_labels: dict[str, str]
         _extra_env: dict[str, str]
+        _kernel_display_name: str
         _device_requests: list
 
         @property
@@ -131,7 +133,9 @@ class SpawnContainerMixin:
         if set(parse_uuids(labels.get(LABEL_GPUS, ""))) != set(parse_uuids(self._extra_labels.get(LABEL_GPUS, ""))):
             return "its GPUs are not this start's"
         stale_labels = {k: v for k, v in self._extra_labels.items() if labels.get(k) != v}
-        changed = container["Image"] != info.image_id or stale_labels or self.network_name == "host"
+        renamed = (self._kernel_display_name and f"{KERNEL_DISPLAY_NAME_VARIABLE}={self._kernel_display_name}"
+                   not in (container["Config"].get("Env") or []))  # the profile's display name changed
+        changed = container["Image"] != info.image_id or stale_labels or renamed or self.network_name == "host"
         return "image or labels changed" if self.replace_changed_containers and changed else None
 
     async def _refuse_if_another_user_runs_here(self) -> None:
@@ -156,6 +160,8 @@ class SpawnContainerMixin:
         env.update(self._extra_env)
         if self._image_info is not None:
             env["CONDASPAWNER_ENV"] = f"/opt/conda/envs/{self._image_info.env_name}"
+        if self._kernel_display_name:
+            env[KERNEL_DISPLAY_NAME_VARIABLE] = self._kernel_display_name
         return env
 
     async def create_object(self) -> Any:

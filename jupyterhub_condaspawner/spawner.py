@@ -154,6 +154,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         self._image_info: ImageInfo | None = None
         self._extra_labels: dict[str, str] = {}
         self._extra_env: dict[str, str] = {}
+        self._kernel_display_name = ""  # the kernel's name in JupyterLab, not in the image (buildcontext.py)
         self._device_requests: list = []
         self._restart_notice = False  # this process posted "the hub restarted while you ..."
         self._hub_stops_under_start = False  # stop() came from the hub shutting down, not from the user
@@ -237,6 +238,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     async def _start(self, profile: Profile, custom: EnvironmentSpec | None) -> tuple[str, int]:
         request = request_for_profile(profile, custom)
         self._profile_slug = profile.slug
+        self._kernel_display_name = request.kernel_name
         for note in custom.notes if custom is not None else ():
             await self._feed.publish("image", 0, f"Note: your environment.yml: {note}")
         self._apply_profile_limits(profile)

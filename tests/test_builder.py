@@ -26,6 +26,7 @@ from pip_index import PipIndex, sdist, tiny_wheel
 from condaspawner_bench.basewheels import served
 from condaspawner_bench.ports import free_port
 from jupyterhub_condaspawner import madeids
+from jupyterhub_condaspawner.buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from jupyterhub_condaspawner.builder import LABEL_KEY, BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.buildlog import LOG_HEAD_BYTES, LOG_TAIL_BYTES
 from jupyterhub_condaspawner.buildmodel import (
@@ -208,15 +209,35 @@ async def test_built_image_serves_the_env_kernel(builder, docker_daemon):
     server = client.containers.run(
         info.tag,
         ["jupyter", "server", f"--port={port}", "--ip=127.0.0.1", "--IdentityProvider.token=t0ken"],
-        network_mode="host", detach=True,
+        network_mode="host", detach=True, environment={KERNEL_DISPLAY_NAME_VARIABLE: 'Demo "quoted" env'},
     )
     try:
         specs = wait_for_json(f"http://127.0.0.1:{port}/api/kernelspecs?token=t0ken")
         assert specs["default"] == "demo"
-        assert specs["kernelspecs"]["demo"]["spec"]["display_name"] == 'Demo "quoted" env'
+        assert specs["kernelspecs"]["demo"]["spec"]["display_name"] == 'Demo "quoted" env'  # as the spawner says
         script = kernel_round_trip("import sys, cs_hello; (sys.prefix, sys.version_info[:2], cs_hello.VERSION)", "demo")
         output = client.containers.run(info.tag, ["python", "-c", script], network_mode="host", remove=True)
         assert output.decode().strip().splitlines()[-1] == "ok ('/opt/conda/envs/demo', (3, 9), '1.0')"
+    finally:
+        server.remove(force=True)
+
+
+async def test_a_renamed_profile_keeps_its_image_and_its_server_shows_the_new_name(builder, docker_daemon):
+    text = f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\nvariables: {{RUN: {uuid.uuid4().hex}}}\n"
+    spec = SpecPolicy().parse(text)
+    before, after = (request_for_profile(Profile(slug="course", display_name=name, source="test", environment=spec))
+                     for name in ("Course 2025", "Course 2026"))
+    assert builder.build_key(before) == builder.build_key(after)
+    first = await builder.get_image(before)
+    again = await builder.get_image(after)
+    assert again.cached and again.image_id == first.image_id  # nothing solved, installed or stored again
+    port = free_port()
+    server = docker_daemon.client().containers.run(
+        again.tag, ["jupyter", "server", f"--port={port}", "--ip=127.0.0.1", "--IdentityProvider.token=t0ken"],
+        network_mode="host", detach=True, environment={KERNEL_DISPLAY_NAME_VARIABLE: after.kernel_name})
+    try:
+        specs = wait_for_json(f"http://127.0.0.1:{port}/api/kernelspecs?token=t0ken")
+        assert specs["kernelspecs"]["course"]["spec"]["display_name"] == "Course 2026"
     finally:
         server.remove(force=True)
 
@@ -287,7 +308,7 @@ async def test_students_files_that_differ_only_in_their_name_share_one_build(bui
     kernel = builder.client.containers.run(first.tag, ["sh", "-c", 'cat "$0"; echo',
                                                        "/opt/conda/share/jupyter/kernels/custom/kernel.json"],
                                            remove=True, network_mode="host")
-    assert json.loads(kernel)["display_name"] == "My environment"  # not one student's name: the image is shared
+    assert json.loads(kernel)["display_name"] == "custom"  # no one's name: the server is told "My environment"
     first_line = (builder.key_dir(first.key) / "build.log").read_text().splitlines()[0]
     assert "hw" not in first_line.split() and "(custom)" in first_line  # the shared log names no one's file
 

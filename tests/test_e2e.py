@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.error
 import uuid
+from pathlib import Path
 
 import pytest
 from fixtures_hub import FAKE_GPU
@@ -49,6 +50,7 @@ async def test_first_spawn_builds_and_the_kernel_runs_in_the_env(hub):
     status, specs = hub.user_api("ada", "/kernelspecs")
     assert status == 200 and specs["default"] == "python39"
     assert list(specs["kernelspecs"]) == ["python39"]  # the base image's own kernel is hidden
+    assert specs["kernelspecs"]["python39"]["spec"]["display_name"] == "Python 3.9 (demo channel)"  # the profile's
     output = await hub.execute("ada", "python39", "import sys, os; print(sys.prefix, sys.version_info[:2], os.getuid())")
     assert output.split() == ["/opt/conda/envs/python39", "(3,", "9)", "1000"], output
 
@@ -72,6 +74,24 @@ async def test_custom_environment_via_rest_is_built_and_served(hub):
     output = await hub.execute("grace", "custom", "import sys, os; print(sys.prefix, os.path.isdir(sys.prefix + '/share/cs-beta'))")
     assert output.split() == ["/opt/conda/envs/custom", "True"]
     hub.stop_server("grace")
+
+
+async def test_a_renamed_profile_starts_its_image_at_once_under_the_new_name(hub):
+    profiles = Path(hub.env["CONDASPAWNER_DEMO_PROFILES"])
+    (profiles / "envs" / "renamed.yml").write_text(unique_env("cs-gamma").replace("name: mine\n", ""))
+    profile = profiles / "55-renamed.yaml"
+    profile.write_text('display_name: "Homework 1"\nslug: renamed\nenvironment: envs/renamed.yml\n')
+    events, _ = spawn_and_wait(hub, "rena", {"profile": "renamed"})
+    assert events[-1].get("ready") and any(m.startswith("First build") for m in messages(events)), messages(events)
+    hub.stop_server("rena")
+    profile.write_text('display_name: "Homework 1 (2026)"\nslug: renamed\nenvironment: envs/renamed.yml\n')
+    events, _ = spawn_and_wait(hub, "rena", {"profile": "renamed"})
+    assert events[-1].get("ready") and any(m.endswith("(cached)") for m in messages(events)), messages(events)
+    assert not any(m.startswith(("First build", "Solving", "Writing ")) for m in messages(events)), messages(events)
+    status, specs = hub.user_api("rena", "/kernelspecs")
+    assert status == 200 and specs["kernelspecs"]["renamed"]["spec"]["display_name"] == "Homework 1 (2026)"
+    hub.stop_server("rena")
+    profile.unlink()
 
 
 def test_hostile_environment_is_refused_with_400_and_nothing_built(hub):

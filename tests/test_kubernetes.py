@@ -31,6 +31,7 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from jupyterhub_condaspawner import cli
+from jupyterhub_condaspawner.buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from jupyterhub_condaspawner.builder import BuildError, ImageBuilder, ImageInfo
 from jupyterhub_condaspawner.kubernetes import (
     ACCESS_CONFIG_KEY,
@@ -478,6 +479,9 @@ def test_settings_change_the_label_resource_and_guarantees():
     resources = container(pod)["resources"]
     assert (float(resources["requests"]["cpu"]), int(resources["requests"]["memory"])) == (4.0, 64 * 2**30)
     assert (resources["limits"]["gpu.example.com/a100"], placement(pod)[0]) == ("2", {"example.com/gpu": "A100-80"})
+    # the kernel's name in JupyterLab is not in the image: the pod's environment carries it
+    env = {variable["name"]: variable.get("value") for variable in container(pod)["env"]}
+    assert env[KERNEL_DISPLAY_NAME_VARIABLE] == profiles[0].display_name
 
     none = KubernetesExport(cpu_guarantee_fraction=0, mem_guarantee_fraction=0).resources(profiles[0])
     assert "cpu_guarantee" not in none and "mem_guarantee" not in none
@@ -597,8 +601,7 @@ def test_the_images_file_round_trips_as_yaml(tmp_path: Path):
     document = yaml.safe_load((tmp_path / "images.yaml").read_text())
     assert document["version"] == 1
     assert document["images"]["dl-course-hw3"] == {
-        "image": pinned(profiles[2]), "spec": profiles[2].environment.key(), "cuda": "11.8",
-        "kernel": "Deep Learning course - Homework 3"}
+        "image": pinned(profiles[2]), "spec": profiles[2].environment.key(), "cuda": "11.8"}
     assert json.dumps(document)  # plain data only
 
 
@@ -684,26 +687,45 @@ def test_export_into_a_folder_that_is_not_there_is_one_error_line(fake_builder: 
 def test_a_profile_edited_while_build_push_runs_is_recorded_as_built_and_then_found_stale(
         fake_builder: FakeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The images file pairs each image with the profile it was built from, not with a later read
-    of the folder: an edit meanwhile (a new display_name, the kernel's name in the image) is caught."""
+    of the folder: an edit meanwhile (a package added to its environment) is caught."""
     profiles = tmp_path / "profiles"
     shutil.copytree(SHIPPED, profiles)
-    edited = profiles / "10-datascience-cpu.yaml"
+    edited = profiles / "envs" / "datascience-py39.yml"
+    built_key = ""
     ensure = fake_builder.ensure
 
     def ensure_then_edit(request: Any) -> FakeBuild:
-        if request.env_name == "datascience-cpu":  # an admin renames it while the builds run
-            edited.write_text(edited.read_text().replace("display_name:", "display_name: Renamed", 1))
+        nonlocal built_key
+        if request.env_name == "datascience-cpu":  # an admin edits it while the builds run
+            built_key = request.spec.key()
+            edited.write_text(edited.read_text().replace("  - pip\n", "  - pip\n  - scipy\n", 1))
         return ensure(request)
 
     fake_builder.ensure = ensure_then_edit  # type: ignore[method-assign]
     images = tmp_path / "images.yaml"
     assert cli.main(["build", "--push", "--profiles", str(profiles), "--images", str(images)]) == 0
     recorded = yaml.safe_load(images.read_text())["images"]
-    assert not recorded["datascience-cpu"]["kernel"].startswith("Renamed")  # what was built
+    assert recorded["datascience-cpu"]["spec"] == built_key  # what was built, not the file read after
     capsys.readouterr()
     assert cli.main(["export", "kubespawner", "--profiles", str(profiles), "--images", str(images),
                      "--gpu-product", "NVIDIA-A100-SXM4-80GB", "-o", str(tmp_path / "values.yaml")]) == 1
-    assert "the profile's display_name (its kernel's name in the image) changed since" in capsys.readouterr().err
+    assert "datascience-cpu: the profile's environment changed since" in capsys.readouterr().err
+
+
+def test_a_renamed_profile_exports_its_pushed_image_under_the_new_name(tmp_path: Path):
+    """The kernel's name is not in the image: a new display_name needs no new push (the pod's
+    environment carries it), but an entry of an older release, whose image held it, does."""
+    profiles = load()
+    images = pushed(profiles)
+    renamed = [dataclasses.replace(p, display_name=p.display_name + " (2026)") for p in profiles]
+    exported = KubernetesExport(gpu_products=["NVIDIA-A100-SXM4-80GB"]).export(renamed, images).profile_list
+    for entry, profile in zip(exported, renamed):
+        override = entry["kubespawner_override"]
+        assert override["image"] == pinned(profile)
+        assert override["environment"] == {KERNEL_DISPLAY_NAME_VARIABLE: profile.display_name}
+    images.entries[profiles[0].slug]["kernel"] = profiles[0].display_name  # as an older release wrote it
+    with pytest.raises(ExportError, match=r"display_name \(its kernel's name in that image\) changed since"):
+        KubernetesExport(gpu_products=["NVIDIA-A100-SXM4-80GB"]).export(renamed, images)
 
 
 def test_a_failed_push_fails_its_row_and_keeps_the_earlier_image(fake_builder: FakeBuilder, tmp_path: Path,
