@@ -266,9 +266,12 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # of its standard library, and code it ran could write the staged files, which are hard links
 # into the shared package cache), with -s -S (no site-packages, no .pth), in a container
 # (compilerun.py). It refuses an environment whose Python is another minor release (the
-# Dockerfile compiles then). It compiles each batch of files in a new
-# process, so that a file's byte code does not depend on what one process compiled before
-# (marshal's output does), with PYTHONHASHSEED fixed by the caller. Byte code a package ships
+# Dockerfile compiles then). Workers that live for the whole run adopt and borrow byte code
+# (below: they make none, so nothing depends on what a process did before); what is left of a
+# batch is compiled in a new process of its own, so that a file's byte code does not depend on
+# what one process compiled before (marshal's output does), with PYTHONHASHSEED fixed by the
+# caller. (A new process per batch for everything cost ~7 ms of CPU per batch, fork and exit:
+# a data-science environment has ~60 batches, nearly all adopted or borrowed.) Byte code a package ships
 # (conda-build compiles every package that is not noarch) is adopted, not compiled again:
 # checked by its source's mtime and size, it stays valid as shipped (a package's files keep
 # their mtimes in the layers); checked by its source's hash, it is rewritten as unchecked-hash
@@ -282,13 +285,17 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # A source byte-identical to one at the same place below the plan's "borrow_from" (the base
 # image's own environment, whose packages pip compiled when the image was built: the server's
 # stack, which every environment's ipykernel shares much of) takes that file's byte code when
-# it is valid for it (by its mtime and size, or its hash), with the code's file name set to
-# the staged path: unmarshalling and marshalling again cost a fraction of compiling. The base
-# image's files are trusted; one that resolves into the staged folder is not used.
+# it is valid for it (by its mtime and size, or its hash), as it is under a new header
+# (unchecked-hash, the staged source's hash): its code objects keep the base image's file name,
+# which importlib replaces with the file it imports from (``_fix_co_filename``, as for every
+# environment imported through its /opt/conda/envs/<env> symlink), so tracebacks and debuggers
+# name the environment's file. (Renaming them here, unmarshal and marshal, cost ~0.15 ms a file.)
+# The base image's files are trusted; one that resolves into the staged folder is not used, and
+# byte code whose body is no code object (a damaged file) is compiled over.
 # Each batch's marker holds the hash of each source it compiled (importlib.util.source_hash, which
 # depends on the Python release: the hub's may differ), by which bytecode.py checks what it keeps.
 COMPILE_SCRIPT = """
-import importlib.util, json, marshal, multiprocessing, os, py_compile, sys, tempfile, time
+import importlib.util, json, multiprocessing, os, py_compile, sys, tempfile, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -364,9 +371,7 @@ def valid_for(pyc, status, digest):
         return (int.from_bytes(pyc[8:12], "little") == int(status.st_mtime) & 0xFFFFFFFF
                 and int.from_bytes(pyc[12:16], "little") == status.st_size & 0xFFFFFFFF)
     return pyc[8:16] == digest()
-def refiled(code, filename):
-    constants = tuple(refiled(c, filename) if isinstance(c, type(code)) else c for c in code.co_consts)
-    return code.replace(co_filename=filename, co_consts=constants)
+CODE = ord("c")  # marshal's type of a code object (its top bit: FLAG_REF)
 def borrow(path, source, digest):
     if not borrow_from:
         return False
@@ -380,26 +385,28 @@ def borrow(path, source, digest):
                 return False
         with open(importlib.util.cache_from_source(twin), "rb") as file:
             pyc = file.read()
-        if not valid_for(pyc, status, lambda: digest):
-            return False
-        code = marshal.loads(pyc[16:])
-        if type(code) is not type(refiled.__code__):  # a header fit for it, and no code object behind it
-            return False
-        code = refiled(code, path)
-    except Exception:  # byte code that is not what its header says: compiled instead
+        if not valid_for(pyc, status, lambda: digest) or len(pyc) < 17 or pyc[16] & 0x7F != CODE:
+            return False  # not its byte code, or a header fit for it and no code object behind it
+    except OSError:
         return False
     cached = importlib.util.cache_from_source(path)
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         mode = (os.stat(path).st_mode | 0o200) & 0o666 & ~UMASK  # as py_compile's file gets it (os.open, umask)
-        write_new(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + marshal.dumps(code), mode)
+        write_new(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + pyc[16:], mode)
     except OSError:
         return False
     return True
-def batch(job):
+def finished(index, hashes):
+    marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
+    with open(marker + ".partial", "w") as file:
+        json.dump(hashes, file)
+    os.replace(marker + ".partial", marker)
+def scan(job):
+    # in a long-lived worker: what needs no compiler; the batch is finished here if nothing is left
     index, paths = job
     adopted = failed = borrowed = 0
-    hashes = {}
+    hashes, left = {}, []
     for path in paths:
         if not beside(path):
             failed += 1
@@ -410,22 +417,38 @@ def batch(job):
         try:
             with open(path, "rb") as file:
                 source = file.read()
-            digest = importlib.util.source_hash(source)
-            if borrow(path, source, digest):
-                borrowed += 1
-            else:
-                py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-            hashes[path] = digest.hex()
-        except Exception as error:
+        except OSError:
             failed += 1
-    marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
-    with open(marker + ".partial", "w") as file:
-        json.dump(hashes, file)
-    os.replace(marker + ".partial", marker)
-    return adopted, failed, borrowed
-with multiprocessing.Pool(maxtasksperchild=1) as pool:
-    counts = pool.map(batch, list(enumerate(batches)), chunksize=1)
-adopted, failed, borrowed = (sum(count[n] for count in counts) for n in range(3))
+            continue
+        digest = importlib.util.source_hash(source)
+        if borrow(path, source, digest):
+            borrowed += 1
+            hashes[path] = digest.hex()
+        else:
+            left.append((path, digest.hex()))
+    if not left:
+        finished(index, hashes)
+    return index, (adopted, failed, borrowed), hashes, left
+def compile_left(job):
+    # in a new process of its own: the batch's files no byte code was found for
+    index, hashes, left = job
+    failed = 0
+    for path, digest in left:
+        try:
+            py_compile.compile(path, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            hashes[path] = digest
+        except Exception:
+            failed += 1
+    finished(index, hashes)
+    return failed
+totals, compiling = [0, 0, 0], []
+with multiprocessing.Pool() as scanning, multiprocessing.Pool(maxtasksperchild=1) as compilers:
+    for index, counts, hashes, left in scanning.imap_unordered(scan, list(enumerate(batches)), chunksize=1):
+        totals = [total + count for total, count in zip(totals, counts)]
+        if left:
+            compiling.append(compilers.apply_async(compile_left, ((index, hashes, left),)))
+    totals[1] += sum(result.get() for result in compiling)
+adopted, failed, borrowed = totals
 print(f"compiled {sum(map(len, batches)) - adopted - failed - borrowed} files, took the base image's byte code of "
       f"{borrowed} identical ones, adopted the byte code of {adopted} from their packages ({failed} did not compile)")
 """

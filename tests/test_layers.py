@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -18,6 +19,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import docker.errors
 import pytest
@@ -319,6 +321,17 @@ def test_the_compile_script_writes_no_byte_code_through_a_symlinked_pycache(tmp_
     assert reported == [{path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in batches[0]}, {}]
 
 
+def import_from(path: str, name: str) -> Any:
+    """The module at ``path`` as an import loads it: from its byte code, which must be valid for it
+    (the loader raises on a body that is not byte code, and it would recompile a stale one)."""
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    assert loader.get_code(name) is not None
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
 def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path) -> str:
     (work / "done").mkdir(parents=True)
     (work / "batches.json").write_text(json.dumps({"python": None, "root": str(root), "borrow_from": str(borrow_from),
@@ -336,11 +349,12 @@ def base_twin(base: Path, relative: str, source: bytes) -> Path:
     return twin
 
 
-def test_a_source_identical_to_the_base_images_takes_its_byte_code_named_for_its_own_path(tmp_path):
+def test_a_source_identical_to_the_base_images_takes_its_byte_code_and_imports_under_its_own_path(tmp_path):
     """The base image's environment holds the server's stack, compiled when the image was built: a
     staged source byte-identical to one at the same place there is not compiled again. Its byte code
-    is unchecked-hash byte code of its own source, its code objects name the staged file, and it runs;
-    a source that differs by a byte, or whose twin's byte code is stale, is compiled."""
+    is the twin's code under an unchecked-hash header of its own source; imported, every code object
+    names the staged file (importlib renames them as it loads them), and it runs. A source that
+    differs by a byte, or whose twin's byte code is stale, is compiled."""
     env, base = tmp_path / "env", tmp_path / "base"
     site = "lib/python3.9/site-packages/cs_shared"
     same = b"def where():\n    return lambda: 'shared'\n"
@@ -357,12 +371,12 @@ def test_a_source_identical_to_the_base_images_takes_its_byte_code_named_for_its
     assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
                       "adopted the byte code of 0 from their packages (0 did not compile)")
     pyc = Path(importlib.util.cache_from_source(paths[0])).read_bytes()
-    assert pyc[:16] == compiled(same, b"")
-    code = marshal.loads(pyc[16:])
-    namespace: dict = {}
-    exec(code, namespace)
-    inner = namespace["where"]()
-    assert (code.co_filename, inner.__code__.co_filename, inner()) == (paths[0], paths[0], "shared")
+    twin_pyc = Path(importlib.util.cache_from_source(str(base / site / "same.py"))).read_bytes()
+    assert pyc[:16] == compiled(same, b"") and pyc[16:] == twin_pyc[16:]  # taken as it is: nothing compiled
+    assert marshal.loads(pyc[16:]).co_filename == str(base / site / "same.py")  # until it is imported
+    module = import_from(paths[0], "cs_shared_same")
+    inner = module.where()
+    assert (module.where.__code__.co_filename, inner.__code__.co_filename, inner()) == (paths[0], paths[0], "shared")
     for path, source in zip(paths[1:], (b"X = 1\n", b"Y = 2\n")):
         assert marshal.loads(Path(importlib.util.cache_from_source(path)).read_bytes()[16:]).co_filename == path
         assert Path(importlib.util.cache_from_source(path)).read_bytes()[:16] == compiled(source, b"")
@@ -983,8 +997,8 @@ async def test_a_first_build_takes_the_base_images_byte_code_of_the_servers_stac
                                                                                  dev_python_channel, tmp_path):
     """A hub's first build (no byte code kept yet) compiles little of ipykernel's stack: the base image
     holds the single-user server, compiled when it was built, and the environment's identical sources
-    take its byte code. In the image every such file's code names the environment's own file, never the
-    base image's."""
+    take its byte code. Imported in the image (the kernel's Python, through the env's symlink), every
+    function of the environment's modules names the environment's own file, never the base image's."""
     repository = f"condaspawner-layers-{SESSION}-first"
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
     builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
@@ -995,15 +1009,17 @@ async def test_a_first_build_takes_the_base_images_byte_code_of_the_servers_stac
         log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
         assert re.search(r"^byte code of 0 Python files from the cache", log, re.M)
         assert int(re.search(r"took the base image's byte code of (\d+) identical ones", log).group(1)) > 100
-        script = ("import glob, marshal\n"
-                  "names = [marshal.loads(open(p, 'rb').read()[16:]).co_filename\n"
-                  "         for p in glob.glob('/opt/conda/envs/_shared/lib/python3.9/site-packages/**/*.pyc', recursive=True)]\n"
-                  "print(len(names), sum(n.startswith('/opt/conda/envs/_shared/') for n in names),\n"
+        script = ("import sys, types, ipykernel.kernelapp, jupyter_client, traitlets, tornado.web\n"
+                  "names = [value.__code__.co_filename for module in list(sys.modules.values())\n"
+                  "         if (getattr(module, '__file__', None) or '').startswith('/opt/conda/envs/')\n"
+                  "         for value in vars(module).values() if isinstance(value, types.FunctionType)\n"
+                  "         and value.__code__.co_filename.startswith('/')]  # not exec's '<string>'\n"
+                  "print(len(names), sum(n.startswith('/opt/conda/envs/first/') for n in names),\n"
                   "      sum(n.startswith('/opt/conda/lib/') for n in names))\n")
-        output = docker_daemon.client().containers.run(info.tag, ["/opt/conda/bin/python", "-c", script],
+        output = docker_daemon.client().containers.run(info.tag, ["/opt/conda/envs/first/bin/python", "-c", script],
                                                        network_mode="none", remove=True)
-        files, own, base = map(int, output.decode().split())
-        assert files > 100 and own > 100 and base == 0, (files, own, base)
+        functions, own, base = map(int, output.decode().split())
+        assert functions > 100 and own == functions and base == 0, (functions, own, base)
     finally:
         remove_repo_images(docker_daemon.client(), repository)
 
