@@ -34,7 +34,7 @@ from typing import Any
 import docker
 import docker.tls
 from jupyterhub.traitlets import ByteSpecification
-from traitlets import Bool, Dict, Float, Instance, Integer, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Instance, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from . import imagegc, metrics, staging
@@ -50,6 +50,7 @@ from .imagepush import transfer_failure as _transfer_failure  # noqa: F401  (tes
 from .profiles import Profile
 from .registry import ARCHITECTURES, RegistryClient, RemoteImage, Repository
 from .resolve import Lock, Resolver
+from .traittypes import FiniteFloat
 
 # A rebuilt base is noticed within this many seconds; lookups skip a daemon round trip.
 BASE_ID_TTL_S = 10.0
@@ -91,7 +92,7 @@ class ImageBuilder(LoggingConfigurable):
         c.ImageBuilder.insecure_registries = ["registry.lab.internal:5000"]
         """,
     )
-    registry_timeout = Float(
+    registry_timeout = FiniteFloat(
         30,
         config=True,
         help="""Seconds the builder waits for one registry API request (manifest, config, token).
@@ -212,7 +213,7 @@ class ImageBuilder(LoggingConfigurable):
         c.ImageBuilder.disk_budget = "500G"
         """,
     )
-    build_timeout = Float(
+    build_timeout = FiniteFloat(
         3600,
         config=True,
         help="""Seconds a whole build may take before it is abandoned.

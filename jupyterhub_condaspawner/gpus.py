@@ -31,7 +31,7 @@ from typing import Any
 
 import docker.types
 from jupyterhub.traitlets import ByteSpecification
-from traitlets import CaselessStrEnum, Float, Integer
+from traitlets import CaselessStrEnum, Integer
 from traitlets.config import LoggingConfigurable
 
 from . import gpustatus, metrics
@@ -87,6 +87,7 @@ from .gputable import (
     parse_since,
     parse_uuids,
 )
+from .traittypes import FiniteFloat
 
 # What other modules have always imported from here; each lives in the module its concept has.
 __all__ = [
@@ -187,7 +188,7 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    queue_timeout = Float(
+    queue_timeout = FiniteFloat(
         600.0,
         min=0.0,
         help="""Seconds a spawn waits in the GPU queue when every fitting GPU is held, before it
@@ -198,7 +199,7 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    queue_hold_after = Float(
+    queue_hold_after = FiniteFloat(
         120.0,
         min=0.0,
         help="""Seconds a waiting spawn may be overtaken by smaller requests of other kinds (a
@@ -211,7 +212,7 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    rescan_interval = Float(
+    rescan_interval = FiniteFloat(
         10.0,
         min=0.0,
         help="""Seconds an inventory scan stays fresh; an allocation after that rescans NVML
@@ -221,7 +222,7 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    idle_utilization = Float(
+    idle_utilization = FiniteFloat(
         5.0,
         min=0.0,
         max=100.0,
@@ -233,7 +234,7 @@ class GpuAllocator(LoggingConfigurable):
         """,
     ).tag(config=True)
 
-    gpu_sample_interval = Float(
+    gpu_sample_interval = FiniteFloat(
         30.0,
         min=0.0,
         help="""Seconds between the hub's samples of its GPUs (an NVML scan: utilization and

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from traitlets import Float, List, TraitError, Unicode, validate
+from traitlets import List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from .buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from .profiles import Profile
+from .traittypes import FiniteFloat
 
 if TYPE_CHECKING:
     from .buildmodel import ImageInfo
@@ -226,7 +227,7 @@ class KubernetesExport(Configurable):
         c.KubernetesExport.gpu_products = ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-L4"]
         """,
     )
-    cpu_guarantee_fraction = Float(
+    cpu_guarantee_fraction = FiniteFloat(
         1.0,
         config=True,
         help="""CPU guarantee (request) as a fraction of each profile's cpu_limit, from 0 to 1.
@@ -237,7 +238,7 @@ class KubernetesExport(Configurable):
         c.KubernetesExport.cpu_guarantee_fraction = 0.5
         """,
     )
-    mem_guarantee_fraction = Float(
+    mem_guarantee_fraction = FiniteFloat(
         1.0,
         config=True,
         help="""Memory guarantee (request) as a fraction of each profile's mem_limit, from 0 to 1.

@@ -37,13 +37,14 @@ from rattler import (
     Subdir,
     Version,
 )
-from traitlets import Dict, Float, List, Unicode, default
+from traitlets import Dict, List, Unicode, default
 from traitlets.config import Configurable
 
 from .installer import InstallerCrashed, InstallJob, shared_installers
 from .oneline import one_line
 from .packagepaths import UnreadablePackageError, UnsafePackageError, check_records
 from .spec import EnvironmentSpec
+from .traittypes import FiniteFloat
 
 LOCK_ENVIRONMENT = "default"
 # `nodefaults` only removes `defaults` from the channel list; it is not a channel.
@@ -203,7 +204,7 @@ class Resolver(Configurable):
         c.Resolver.glibc_version = "2.35"
         """,
     )
-    solve_timeout = Float(
+    solve_timeout = FiniteFloat(
         300,
         config=True,
         help="""Seconds a solve may take before it fails with a timeout message.

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any, AsyncIterator, Callable
 
 from dockerspawner import DockerSpawner
-from traitlets import Bool, Float, TraitError, default
+from traitlets import Bool, TraitError, default
 from traitlets.config import Config
 
 from .builderrors import one_line, unanswered
@@ -38,6 +38,7 @@ from .spawnform import SpawnFormMixin
 from .spawngpus import GpuBindingMixin
 from .spawnimage import SpawnImageMixin
 from .spec import EnvironmentSpec, SpecError
+from .traittypes import FiniteFloat
 
 # The spawner's limits a profile may override for one start.
 _LIMITS = ("cpu_limit", "mem_limit")
@@ -71,7 +72,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         """,
     )
 
-    gpu_idle_timeout = Float(
+    gpu_idle_timeout = FiniteFloat(
         0.0,
         min=0.0,
         config=True,

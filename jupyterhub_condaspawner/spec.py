@@ -14,13 +14,14 @@ and ``specmodel`` (SpecError, EnvironmentSpec). Their public names are re-export
 from __future__ import annotations
 
 import yaml
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Integer, List, Unicode
 from traitlets.config import Configurable
 
 from .specmodel import EnvironmentSpec, SpecError, SpecLimits, show
 from .specpip import pip_requirement_text
 from .specreader import TOP_LEVEL_KEYS, SpecReader
 from .specyaml import decode, load_yaml
+from .traittypes import FiniteFloat
 
 __all__ = ["DEFAULT_CHANNELS", "TOP_LEVEL_KEYS", "EnvironmentSpec", "SpecError", "SpecPolicy", "parse_environment",
            "pip_requirement_text", "show"]
@@ -79,7 +80,7 @@ class SpecPolicy(Configurable):
         c.SpecPolicy.max_problems = 50
         """,
     )
-    precheck_timeout = Float(
+    precheck_timeout = FiniteFloat(
         20,
         config=True,
         help="""Seconds the spawner may spend solving a user's own environment before it accepts

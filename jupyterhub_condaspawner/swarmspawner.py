@@ -24,7 +24,7 @@ import docker.errors
 import docker.types
 import requests
 from dockerspawner import SwarmSpawner
-from traitlets import Dict, Float, Unicode, default
+from traitlets import Dict, Unicode, default
 
 from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
@@ -37,6 +37,7 @@ from .spawner import CondaSpawner
 from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
 from .swarmservice import SwarmServiceMixin
 from .swarmtask import SwarmTaskMixin
+from .traittypes import FiniteFloat
 
 # Swarm's limit on a service's name (a DNS label: servers are reached by it with dnsrr).
 MAX_SERVICE_NAME = 63
@@ -107,7 +108,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         """,
     )
 
-    start_margin = Float(
+    start_margin = FiniteFloat(
         10.0,
         min=0.0,
         config=True,

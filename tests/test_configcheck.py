@@ -8,11 +8,15 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
 from test_cli import REPO
+from traitlets import Float, TraitError
 from traitlets.config import Config, Configurable
 
 import jupyterhub_condaspawner
 from jupyterhub_condaspawner.configcheck import SETTING_CLASSES, misspelled_sections
+from jupyterhub_condaspawner.spawner import CondaSpawner
+from jupyterhub_condaspawner.traittypes import FiniteFloat
 
 
 def test_the_list_is_every_configurable_class_of_the_package():
@@ -50,3 +54,33 @@ def test_the_command_warns_in_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.decode().splitlines() == [
         "warning: c.SpecPolcy is not a setting class, so its settings are ignored: did you mean c.SpecPolicy?"]
+
+
+def test_no_number_setting_of_the_package_takes_nan_or_infinity():
+    """``min=0`` lets NaN through (every comparison with it is false): a NaN gpu_idle_timeout or
+    queue_timeout would turn its feature off without a word."""
+    checked = []
+    for module in pkgutil.iter_modules(jupyterhub_condaspawner.__path__):
+        loaded = importlib.import_module(f"jupyterhub_condaspawner.{module.name}")
+        for value in vars(loaded).values():
+            if not (inspect.isclass(value) and issubclass(value, Configurable) and value.__module__ == loaded.__name__):
+                continue
+            for name, trait in value.class_traits(config=True).items():
+                if isinstance(trait, Float) and name in vars(value):
+                    assert isinstance(trait, FiniteFloat), f"{value.__name__}.{name}"
+                    with pytest.raises(TraitError, match="expected a finite number"):
+                        trait.validate(value, float("nan"))
+                    for infinite in (float("inf"), float("-inf")):  # or out of its range
+                        with pytest.raises(TraitError):
+                            trait.validate(value, infinite)
+                    checked.append(f"{value.__name__}.{name}")
+    assert {"CondaSpawner.gpu_idle_timeout", "GpuAllocator.queue_timeout", "ImageBuilder.build_timeout"} <= set(checked)
+
+
+def test_a_nan_spawner_setting_is_the_hubs_config_error_not_culling_turned_off():
+    config = Config()
+    config.CondaSpawner.gpu_idle_timeout = float("nan")
+    spawner = CondaSpawner(config=config)
+    assert spawner.gpu_idle_timeout == 0.0  # the default, and the error below refuses every start
+    assert len(spawner._config_errors) == 1 and "gpu_idle_timeout" in spawner._config_errors[0]
+    assert "expected a finite number, not the float nan" in spawner._config_errors[0]
