@@ -404,11 +404,11 @@ class GpuAllocator(LoggingConfigurable):
     def _record_states(self) -> None:
         metrics.show_gpu_states(self._shown_states)  # the allocator last used is the one scraped
 
-    def _shown_states(self) -> Iterable[str]:
+    def _shown_states(self) -> Iterable[str] | None:
         with self._lock:
             scan = self._scan
             if scan is None:
-                return []
+                return None  # not scanned yet: the metric shows nothing rather than "no GPU free"
             states = list(self.gpu_states(scan).values())
             # A GPU a running server holds and NVML no longer lists (off the bus, a driver
             # reloaded without it) is lost, not gone from the count. One NVML still lists without

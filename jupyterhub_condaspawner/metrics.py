@@ -6,7 +6,8 @@ where things happen (builder, GPU allocator, GPU queue) through the functions be
 Recording never raises: a metric must never break a spawn.
 
 - ``condaspawner_gpus{state}``: GPUs by state: ``free``, ``held_busy``, ``held_idle``
-  (utilization at or below ``GpuAllocator.idle_utilization``), ``unusable`` (lost or failing).
+  (utilization at or below ``GpuAllocator.idle_utilization``), ``unusable`` (lost or failing);
+  no sample until the hub's first GPU scan.
 - ``condaspawner_gpu_idle_seconds_total``: GPU-seconds held idle, advanced by
   ``GpuAllocator.sample()`` (the hub samples every ``GpuAllocator.gpu_sample_interval``).
 - ``condaspawner_gpu_queue_length``: spawns waiting for a GPU now.
@@ -85,22 +86,26 @@ class _GpuStates(Collector):
             "GpuAllocator.idle_utilization), unusable (lost or failing)")
 
     def __init__(self) -> None:
-        self.source: Callable[[], Callable[[], Iterable[str]] | None] = lambda: None
+        self.source: Callable[[], Callable[[], Iterable[str] | None] | None] = lambda: None
 
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(PREFIX + "gpus", self.help, labels=["state"])]
 
     def collect(self) -> Iterable[Metric]:
-        counts = dict.fromkeys(GPU_STATES, 0)
+        family = GaugeMetricFamily(PREFIX + "gpus", self.help, labels=["state"])
         try:
             states = self.source()
-            for state in states() if states is not None else ():
+            known = states() if states is not None else None
+            counts = dict.fromkeys(GPU_STATES, 0)
+            for state in known if known is not None else ():
                 counts[state] = counts.get(state, 0) + 1
         except Exception:  # a scrape must not fail either
-            pass
-        family = GaugeMetricFamily(PREFIX + "gpus", self.help, labels=["state"])
-        for state, count in counts.items():
-            family.add_metric([state], count)
+            known = None
+        # Until a scan says what the host has (a hub just restarted, before its first spawn or
+        # GPU sample), no sample at all: all zeros would read "no GPU free" and fire alerts.
+        if known is not None:
+            for state, count in counts.items():
+                family.add_metric([state], count)
         return [family]
 
 
@@ -109,9 +114,10 @@ REGISTRY.register(_GPU_STATES)
 
 
 @_quietly
-def show_gpu_states(states: Callable[[], Iterable[str]]) -> None:
-    """Count ``states()`` (one state string per GPU on the host) in ``condaspawner_gpus`` at each
-    scrape. A bound method is held weakly: an allocator that is gone shows no GPUs."""
+def show_gpu_states(states: Callable[[], Iterable[str] | None]) -> None:
+    """Count ``states()`` (one state string per GPU on the host; None: not known yet, no sample
+    shown) in ``condaspawner_gpus`` at each scrape. A bound method is held weakly: an allocator
+    that is gone shows none."""
     if getattr(states, "__self__", None) is not None:
         _GPU_STATES.source = weakref.WeakMethod(states)  # type: ignore[arg-type]
     else:

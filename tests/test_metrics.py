@@ -102,6 +102,18 @@ def test_gpu_states_and_gpu_seconds_held_idle_from_samples():
     assert allocator.gpu_states()[fake_uuid(1)] == "free"
 
 
+def test_no_gpu_sample_until_the_hubs_first_gpu_scan():
+    """A hub just restarted knows nothing of its GPUs until it scans them (its first spawn, or
+    sample): all zeros would read "no GPU free" and fire the admin's alerts."""
+    allocator = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(2)))
+    allocator.release("nobody", "")  # this allocator is now the one scraped: not scanned yet
+    assert [REGISTRY.get_sample_value("condaspawner_gpus", {"state": state}) for state in metrics.GPU_STATES] == \
+        [None] * len(metrics.GPU_STATES)
+    assert "# HELP condaspawner_gpus " in generate_latest(REGISTRY).decode()  # the family is still there
+    allocator.refresh()
+    assert gpu_states() == {"free": 2, "held_busy": 0, "held_idle": 0, "unusable": 0}
+
+
 def test_a_held_gpu_that_nvml_no_longer_lists_counts_as_unusable():
     fake = FakeNvml.with_gpus(3)
     allocator = GpuAllocator(inventory=GpuInventory(nvml=fake), rescan_interval=0)
