@@ -133,10 +133,11 @@ class GpuQueue:
 
     def waiting(self) -> list[dict[str, Any]]:
         """The spawns waiting now, JSON-ready, in the order they came: user, server, GPUs asked for,
-        model, profile, position among spawns of the same kind, seconds waited."""
-        now = self._clock()
-        placed = sorted(((waiter, position) for waiters in self._waiting.values()
-                         for position, waiter in enumerate(waiters)), key=lambda pair: pair[0].ticket)
+        model, profile, position (spawns ahead of it: :meth:`_position`), seconds waited."""
+        now, competing = self._clock(), dict[tuple[Kind, Kind], bool]()
+        placed = [(waiter, self._position(waiter, competing)) for waiter in
+                  sorted((waiter for waiters in self._waiting.values() for waiter in waiters),
+                         key=lambda waiter: waiter.ticket)]
         return [{"user": waiter.user, "server": waiter.server_name, "gpus": waiter.count,
                  "model": waiter.model_glob or "", "profile": waiter.profile or "", "position": position,
                  "waited_seconds": round(now - waiter.joined)} for waiter, position in placed]
@@ -195,11 +196,22 @@ class GpuQueue:
                                        waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile,
                                        rescan=False, avoid=avoid)
 
-    def _position(self, waiter: _Waiter) -> int:
-        """Spawns ahead of this one: of its kind, and an older one GPUs are held for."""
-        waiters = self._waiting.get(waiter.kind, [])
-        ahead = waiters.index(waiter) if waiter in waiters else 0
-        return ahead + (1 if self._held_back(waiter, self._holder()) else 0)
+    def _position(self, waiter: _Waiter, competing: dict[tuple[Kind, Kind], bool] | None = None) -> int:
+        """Spawns ahead of this one: the older ones, of any kind, that could take a GPU it could
+        use (freed GPUs go to the oldest kinds first), so a 2-GPU start behind an older 1-GPU
+        one of the same model is not told it is next. ``competing``: a cache for one listing."""
+        competing = {} if competing is None else competing
+        scan = self.allocator.known_scan()
+        ahead = 0
+        for older in (other for waiters in self._waiting.values() for other in waiters):
+            if older.ticket >= waiter.ticket or older.granted.done():
+                continue
+            pair = (older.kind, waiter.kind)
+            if pair not in competing:
+                competing[pair] = older.kind == waiter.kind or any(
+                    older.request.model_matches(gpu) and waiter.request.model_matches(gpu) for gpu in scan.countable)
+            ahead += competing[pair]
+        return ahead
 
     def _released(self) -> None:
         """GPUs were freed (maybe on another thread): let the heads of the queue try now."""
@@ -225,9 +237,7 @@ class GpuQueue:
                     if holder is None and self._clock() - head.joined >= self.allocator.queue_hold_after:
                         holder = head
                     break
-                waiters.pop(0)
-                for behind in waiters:
-                    behind.moved.set()
+                self._moved_up(waiters.pop(0))
 
     def _heads(self) -> list[_Waiter]:
         return [waiters[0] for waiters in self._waiting.values() if waiters]
@@ -238,22 +248,20 @@ class GpuQueue:
                    and self._clock() - waiter.joined >= self.allocator.queue_hold_after]
         return min(overdue, key=lambda waiter: waiter.ticket, default=None)
 
-    def _held_back(self, waiter: _Waiter, holder: _Waiter | None) -> bool:
-        """Whether ``waiter`` must wait behind ``holder``: younger, and after a GPU it could use."""
-        if holder is None or holder is waiter or waiter.ticket < holder.ticket:
-            return False
-        scan = self.allocator.known_scan()
-        wanted, asking = holder.request, waiter.request
-        return any(wanted.model_matches(gpu) and asking.model_matches(gpu) for gpu in scan.countable)
-
     def _leave(self, waiter: _Waiter) -> None:
         waiters = self._waiting.get(waiter.kind)
         if waiters and waiter in waiters:
             waiters.remove(waiter)
-            for behind in waiters:
-                behind.moved.set()
+            self._moved_up(waiter)
         if waiters == []:
             del self._waiting[waiter.kind]
+
+    def _moved_up(self, gone: _Waiter) -> None:
+        """Tell the spawns younger than ``gone`` (of every kind) that one ahead may have left."""
+        for waiters in self._waiting.values():
+            for behind in waiters:
+                if behind.ticket > gone.ticket:
+                    behind.moved.set()
 
     def _give_back(self, waiter: _Waiter) -> None:
         """A cancelled spawn that was granted GPUs in the same instant frees them again."""

@@ -77,6 +77,32 @@ async def test_a_newcomer_of_the_same_kind_never_overtakes_a_waiting_spawn():
     late.cancel()
 
 
+async def test_a_spawn_is_told_of_older_spawns_of_other_kinds_that_would_take_its_gpus_first():
+    """Freed GPUs go to the oldest kinds first: a 2-GPU start that joins behind an older 1-GPU one
+    on the same A100s is not next (it was told 0 ahead), while one waiting for a T4 only is."""
+    fake = FakeNvml([FakeGpu(fake_uuid(0), "NVIDIA A100-SXM4-80GB", 80 * GIB),
+                     FakeGpu(fake_uuid(1), "NVIDIA A100-SXM4-80GB", 80 * GIB),
+                     FakeGpu(fake_uuid(2), "Tesla T4", 16 * GIB)])
+    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=fake), queue_hold_after=600))
+    for holder, model in (("h0", "*A100*"), ("h1", "*A100*"), ("h2", "*T4*")):
+        await queue.allocate(holder, "", 1, model)
+    one = asyncio.ensure_future(queue.allocate("one", "", 1, "*A100*"))
+    await until(lambda: queue.length == 1)
+    told = Positions()
+    two = asyncio.ensure_future(queue.allocate("two", "", 2, "*A100*", waiting=told))
+    t4 = asyncio.ensure_future(queue.allocate("t4", "", 1, "*T4*"))
+    await until(lambda: queue.length == 3)
+    assert (queue.ahead_of("one", ""), queue.ahead_of("two", ""), queue.ahead_of("t4", "")) == (0, 1, 0)
+    assert [(row["user"], row["position"]) for row in queue.waiting()] == [("one", 0), ("two", 1), ("t4", 0)]
+
+    queue.allocator.release("h0", "")  # the first A100 freed goes to the older 1-GPU start
+    assert (await asyncio.wait_for(one, 5)).uuids == (fake_uuid(0),)
+    await until(lambda: told.told[-1] == 0)
+    assert told.told == [1, 0] and not two.done()
+    for task in (two, t4):
+        task.cancel()
+
+
 async def test_a_bigger_older_request_is_overtaken_only_until_queue_hold_after():
     now = [0.0]
     allocator = GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(2)), queue_hold_after=120)
