@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any, AsyncIterator, Callable
 
 from dockerspawner import DockerSpawner
+from tornado import web
 from traitlets import Bool, TraitError, default
 from traitlets.config import Config
 
@@ -396,8 +397,16 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     async def delete_forever(self) -> None:
         """The hub deletes this server, or (the default server) the user: what belonged to the
         name is not handed to the next user who gets it. A deleted user's home volumes are
-        kept but recorded as orphaned; their environments record and notices are removed."""
-        services = hub_services(self)
+        kept but recorded as orphaned; their environments record and notices are removed.
+
+        Not while a setting of the hub's config is wrong (no services): the orphaning could not
+        be recorded, and the next user given the name would get the home. The admin's delete
+        is refused in one line (JupyterHub then deletes nothing), naming the setting."""
+        try:
+            services = hub_services(self)
+        except HubConfigError as error:
+            raise web.HTTPError(409, f"{self._log_name} is not deleted: {error}. Fix it in the hub's config, "
+                                     "restart the hub, and delete again") from None
         services.notices.discard(self.user.name, self.name)
         if self.name:  # a named server: the user, their home and their record stay
             return

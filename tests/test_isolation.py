@@ -303,6 +303,21 @@ async def test_a_user_deleted_and_created_again_does_not_get_the_old_home(db, do
     assert new.services.usage.uses("dora") == [] and new.services.notices.take("dora", "") is None
 
 
+async def test_a_user_is_not_deleted_while_a_setting_of_the_hubs_config_is_wrong(db, tmp_path):
+    """Without the hub's services the orphaning of their homes could not be recorded (the next user
+    given the name would get them): the admin's delete is refused in one line naming the setting."""
+    config = Config()
+    config.GpuAllocator.queue_timeout = "ten minutes"
+    config.ImageBuilder.cache_dir = str(tmp_path / "cache")
+    for server in ("", "named"):
+        with pytest.raises(web.HTTPError) as refused:
+            await make_spawner(db, config, "dana", server).delete_forever()
+        assert refused.value.status_code == 409
+        assert refused.value.log_message.startswith(("dana is not deleted: ", "dana:named is not deleted: "))
+        assert "queue_timeout" in refused.value.log_message and refused.value.log_message.endswith(
+            "Fix it in the hub's config, restart the hub, and delete again")
+
+
 @pytest.mark.docker
 async def test_a_home_of_an_older_hub_is_adopted_by_its_user_and_no_later_one(db, docker_daemon, docker_config):
     config, prefix = docker_config
