@@ -268,9 +268,33 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         return max((len(node.gpus) for node in state.nodes), default=0)
 
     def form_gpu_note(self, profile: Profile, gpu_count: int) -> str:
-        if profile.gpus <= gpu_count:
+        """The card's note when ``profile`` could never start on this swarm, else "": as the start
+        would refuse it (more GPUs than any node has or than the per-user quota, no node of its
+        model, every fitting node's driver too old for its CUDA), judged by the read
+        :meth:`form_gpu_count` just made."""
+        if not profile.gpus:
             return ""
-        return "no node has a GPU" if gpu_count == 0 else f"no node has more than {gpu_count} GPU(s)"
+        if profile.gpus > gpu_count:
+            return "no node has a GPU" if gpu_count == 0 else f"no node has more than {gpu_count} GPU(s)"
+        request, quota = self.service_request(profile), self.services.allocator.per_user_gpu_quota
+        if quota and request.gpus > quota:
+            return f"more than the {quota}-GPU quota per user"
+        read_at, state = _last_read.get(id(self.config), (0.0, None))
+        if state is None or time.monotonic() - read_at > SWARM_STATE_FRESH_S:
+            return ""  # not read: the start checks
+        try:
+            swarm.check_feasible(state, request)
+        except swarm.SwarmCudaIncompatible:
+            return f"every fitting node's GPU driver is too old for CUDA {profile.cuda}"
+        except swarm.SwarmInfeasible:
+            model = (profile.gpu_model or "").strip("*")
+            most = max((len(node.gpus) for node in state.nodes if request.model_matches(node)), default=0)
+            if model and not most:
+                return f"no node has a {model}"
+            if most < profile.gpus:
+                return f"no node has {profile.gpus} {model} GPUs"
+            return "no node with its GPUs has the CPUs and memory it asks for"
+        return ""
 
     async def start(self) -> tuple[str, int]:
         self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)

@@ -427,7 +427,14 @@ async def test_the_form_notes_profiles_no_node_could_serve(servers):
 
     note = '<span class="text-danger">no node has more than 2 GPU(s)</span>'  # 'three' (3 GPUs); nodes have 2 each
     assert html.count(note) == 1 and html.count('text-danger">no node has more than') == 1
-    assert html.count("cannot start here</span>") == 1  # its badge, not "will build"
+    assert html.count('<span class="text-danger">no node has a H100</span>') == 1  # the start would refuse it too
+    assert html.count("cannot start here</span>") == 2  # their badges, not "will build"
+
+    config = copy.deepcopy(servers.config)
+    config.GpuAllocator.per_user_gpu_quota = 1
+    html = await servers.make("form", config=config).render_options_form()
+    assert html.count('<span class="text-danger">more than the 1-GPU quota per user</span>') == 1  # 'two'
+    assert html.count("cannot start here</span>") == 3
 
 
 async def test_a_swarm_spawner_without_a_registry_says_so(swarm_config, servers):
