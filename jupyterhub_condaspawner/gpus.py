@@ -469,8 +469,8 @@ class GpuAllocator(LoggingConfigurable):
         if not quota or held + request.count <= quota:
             return
         need = f"{describe_server(user, server_name, request)} needs {plural(request.count, 'GPU')}"
-        if request.count > quota:
-            raise GpuQuotaExceeded(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
+        if request.count > quota:  # as check_feasible says it: no stop of another server helps (400, not 429)
+            raise GpuOverQuota(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
         raise GpuQuotaExceeded(f"{need}, but {user} already holds {held} of their quota of {quota}: "
                                f"stop another server first")
 
