@@ -237,7 +237,12 @@ class GpuQueue:
                     if holder is None and self._clock() - head.joined >= self.allocator.queue_hold_after:
                         holder = head
                     break
-                self._moved_up(waiters.pop(0))
+                waiters.pop(0)
+                # Of its kind only: waking every kind's spawns would skip their periodic retries
+                # (which hand over held GPUs once queue_hold_after passes); others see their new
+                # position at their next retry, within RETRY_INTERVAL_S.
+                for behind in waiters:
+                    behind.moved.set()
 
     def _heads(self) -> list[_Waiter]:
         return [waiters[0] for waiters in self._waiting.values() if waiters]
@@ -252,16 +257,10 @@ class GpuQueue:
         waiters = self._waiting.get(waiter.kind)
         if waiters and waiter in waiters:
             waiters.remove(waiter)
-            self._moved_up(waiter)
+            for behind in waiters:
+                behind.moved.set()
         if waiters == []:
             del self._waiting[waiter.kind]
-
-    def _moved_up(self, gone: _Waiter) -> None:
-        """Tell the spawns younger than ``gone`` (of every kind) that one ahead may have left."""
-        for waiters in self._waiting.values():
-            for behind in waiters:
-                if behind.ticket > gone.ticket:
-                    behind.moved.set()
 
     def _give_back(self, waiter: _Waiter) -> None:
         """A cancelled spawn that was granted GPUs in the same instant frees them again."""
