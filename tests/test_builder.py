@@ -300,6 +300,8 @@ async def test_students_files_that_differ_only_in_their_name_share_one_build(bui
     texts.append(f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel]\nvariables: {{RUN: {run}}}\n")
     requests = [request_for_profile(profile, SpecPolicy().parse(text)) for text in texts]
     assert len({builder.build_key(req) for req in requests}) == 1
+    # and `condaspawner build FILE` (no profile) prebuilds that same image: the kernel's name is not in it
+    assert builder.build_key(BuildRequest(requests[0].spec)) == builder.build_key(requests[0])
     assert [req.display_name for req in requests] == ["hw", "other-name", "My environment"]  # how pages name them
 
     first = await builder.get_image(requests[0])

@@ -27,5 +27,5 @@ def test_a_wrong_type_for_a_spawner_setting_is_the_hubs_config_error(hub):  # no
     log = hub.log()
     assert "Traceback" not in log and "Uncaught exception" not in log
     named = [line for line in log.splitlines() if "gpu_idle_timeout" in line and "a setting in the hub's config" in line]
-    assert named and "expected a float, not the str '30 minutes'" in named[0]
+    assert named and "expected a finite number, not the str '30 minutes'" in named[0]
     assert "not recognized by `CondaSpawner`" not in log  # the other settings load as usual

@@ -81,7 +81,9 @@ def hub_before_start(hub) -> None:
     """An image of this installation built before the hub first ran (`condaspawner build`): no
     usage record will ever say who started it then."""
     path = hub.state / "early.yml"
-    path.write_text(f"name: {EARLY_NAME}\n" + own_env("cs-beta"))
+    # Not bob's file: `condaspawner build FILE` of a user's file builds the image a user's upload of
+    # the same file starts (the kernel's name is not in it), and this one must stay nobody's.
+    path.write_text(f"name: {EARLY_NAME}\n" + own_env("cs-beta", "cs-gamma"))
     built = subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", "build", "--config",
                             str(REPO / "demo" / "jupyterhub_config.py"), str(path)],
                            env=hub.env, cwd=hub.state, capture_output=True, text=True, timeout=900)
