@@ -170,7 +170,8 @@ class GpuAllocator(LoggingConfigurable):
         None,
         allow_none=True,
         help="""Only hand out GPUs with at least this much free memory (as last seen by NVML),
-        unless a request says otherwise. None: no minimum.
+        for every GPU profile (profiles have no setting of their own); a GPU whose total
+        memory is smaller is never offered. None: no minimum.
 
             c.GpuAllocator.min_free_memory = "20G"
         """,
@@ -193,7 +194,7 @@ class GpuAllocator(LoggingConfigurable):
         min=0.0,
         help="""Seconds a spawn waits in the GPU queue when every fitting GPU is held, before it
         is refused with "No GPU is free". Spawns wait first-come first-served per GPU
-        requirement (count, model, CUDA). 0 refuses at once.
+        requirement (count, model, CUDA, free memory). 0 refuses at once.
 
             c.GpuAllocator.queue_timeout = 1800
         """,

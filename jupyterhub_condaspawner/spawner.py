@@ -63,11 +63,13 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
     replace_changed_containers = Bool(
         True,
         config=True,
-        help="""Remove a kept (stopped) container when its image (or its labels: profile
-        key, host networking) no longer matches the user's choice, instead of restarting
-        the stale one (DockerSpawner keeps it). A kept container whose GPUs differ from
-        the start's is always replaced, whatever this says: its devices cannot change in
-        place, and its old GPUs may be another server's now.
+        help="""Remove a kept (stopped) container when its image, its labels (the build
+        key) or its kernel's name (the profile's display_name, renamed since) no longer
+        match the user's choice, and always under host networking (each start picks its
+        port), instead of restarting the stale one (DockerSpawner keeps it). False restarts
+        it as it was: a renamed profile's kernel then keeps its old name. A kept container
+        whose GPUs differ from the start's is always replaced, whatever this says: its
+        devices cannot change in place, and its old GPUs may be another server's now.
 
         c.CondaSpawner.replace_changed_containers = False
         """,

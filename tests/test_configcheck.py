@@ -84,3 +84,31 @@ def test_a_nan_spawner_setting_is_the_hubs_config_error_not_culling_turned_off()
     assert spawner.gpu_idle_timeout == 0.0  # the default, and the error below refuses every start
     assert len(spawner._config_errors) == 1 and "gpu_idle_timeout" in spawner._config_errors[0]
     assert "expected a finite number, not the float nan" in spawner._config_errors[0]
+
+
+def _setting_classes() -> dict[str, type[Configurable]]:
+    found = {}
+    for module in pkgutil.iter_modules(jupyterhub_condaspawner.__path__):
+        loaded = importlib.import_module(f"jupyterhub_condaspawner.{module.name}")
+        for value in vars(loaded).values():
+            if inspect.isclass(value) and issubclass(value, Configurable) and value.__module__ == loaded.__name__:
+                found[value.__name__] = value
+    return found
+
+
+def test_every_setting_has_a_config_example_and_a_row_in_the_readme():
+    """An admin reads a setting's help (`--help-all`, the docs) and the README's Configuration
+    table: each setting shows how it is written, and none is missing from the table."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Configuration\n")
+    rows = [line.split(" | ")[0] for line in readme[start:readme.index("\n## ", start + 1)].splitlines()
+            if line.startswith("| `c.")]
+    missing = []
+    for class_name, cls in _setting_classes().items():
+        shown = "CondaSpawner" if class_name == "IsolationMixin" else class_name  # a mixin of the spawners
+        for name, trait in cls.class_own_traits(config=True).items():
+            assert f"c.{shown}.{name} = " in (trait.help or ""), f"{class_name}.{name}: no config example"
+            if not any(row.startswith(f"| `c.{shown}.") and (f"`c.{shown}.{name}`" in row or f"`{name}`" in row)
+                       for row in rows):
+                missing.append(f"c.{shown}.{name}")
+    assert not missing, f"not in the README's Configuration table: {missing}"
