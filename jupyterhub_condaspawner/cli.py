@@ -841,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     lock = add("lock", cmd_lock, "print the lock (exact packages) of a build")
     lock.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
-    lock.add_argument("--json", action="store_true")
+    lock.add_argument("--json", action="store_true", help="print the lock as JSON (every field, as the cache keeps it)")
     log = add("log", cmd_log, "print the full log of a build")
     log.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
     for sub in (build, ls, gc, lock, log):

@@ -191,3 +191,43 @@ def test_the_gpus_command_runs_without_loading_the_solver(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["holders_known"] is False and isinstance(report["gpus"], list)
+
+
+def test_every_command_line_the_readme_and_docs_show_parses():
+    """A command copied from the README or docs/ names a real subcommand and real flags."""
+    import re
+
+    from jupyterhub_condaspawner.cli import build_parser
+
+    shown = set()
+    for path in (REPO / "README.md", REPO / "docs" / "kubernetes.md"):
+        text = path.read_text().replace("\\\n", " ")  # a console line continued
+        shown |= {match.group(1) for match in re.finditer(r"`(condaspawner [a-z][^`]*)`", text)}
+        shown |= {match.group(1) for match in re.finditer(r"^\s*\$ (condaspawner [^#\n]*)", text, re.MULTILINE)}
+    placeholders = {"KEY": "0123abcd", "FILE": "env.yml", "FILE...": "env.yml", "DIR": "profiles", "SLUG": "x"}
+    parser = build_parser()
+    checked = []
+    for line in sorted(shown):
+        words = [placeholders.get(word, word) for word in line.replace("[", " ").replace("]", " ").split()[1:]]
+        if words[0] not in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+            continue  # "condaspawner does not ...", prose
+        checked.append(words[0])
+        if len(words) == 1:
+            continue  # the command named in prose ("`condaspawner validate` says ..."): it exists
+        try:
+            parser.parse_args(words)
+        except SystemExit:
+            raise AssertionError(f"the docs show {line!r}, which the command refuses") from None
+    assert {"validate", "profiles", "build", "ls", "gc", "lock", "log", "gpus", "export"} <= set(checked)
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from jupyterhub_condaspawner.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, command in commands.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"condaspawner {name} {'/'.join(action.option_strings) or action.dest}: no help"
