@@ -225,8 +225,11 @@ class ProfileCatalog(Configurable):
         config=True,
         help="""Directory holding one YAML file per profile (relative to the hub's working directory).
 
-        Each file follows KubeSpawner's profile_list entries, plus `environment`, `gpus`,
-        `gpu_model`, `cuda`, `gpu_idle_timeout` (minutes), `allowed_groups`, `allowed_users` and `allow_custom_environment`.
+        Each file is one entry of KubeSpawner's profile_list (`display_name`, `description`,
+        `slug`, `default`; not `kubespawner_override` or `profile_options`), plus `environment`,
+        `gpus`, `gpu_model`, `cuda`, `cpu_limit`, `mem_limit` (at the top level), `gpu_idle_timeout`
+        (minutes), `allowed_groups`, `allowed_users` and `allow_custom_environment`. The hub reads
+        the folder again when a file in it changes.
 
         c.ProfileCatalog.profiles_dir = "/etc/jupyterhub/profiles"
         """,

@@ -357,3 +357,24 @@ def test_reload_if_changed_loads_the_first_time_and_reports_a_missing_folder(tmp
     write(tmp_path, {"a.yaml": "display_name: A\nallow_custom_environment: true\n"})
     catalog.profiles_dir = str(tmp_path)
     assert catalog.reload_if_changed() == [] and [p.slug for p in catalog.profiles] == ["a"]
+
+
+def test_the_readme_example_and_the_setting_help_name_every_profile_field():
+    """An admin writes profiles from the README's example and `profiles_dir`'s help: a field
+    the parser reads but neither names is one nobody uses."""
+    from jupyterhub_condaspawner.profiles import _FIELDS
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Profiles\n")
+    example = readme[readme.index("```yaml\n", start):readme.index("\n```", readme.index("```yaml\n", start))]
+    written = {line.split(":", 1)[0] for line in example.splitlines()[1:] if line and not line.startswith(" ")}
+    assert written == set(_FIELDS)
+    help_text = ProfileCatalog.class_traits()["profiles_dir"].help
+    assert all(f"`{field}`" in help_text for field in _FIELDS), help_text
+
+
+def test_demo_profiles_load():
+    # The README's demo section names these four; the demo's PyTorch profile reads the shipped env file.
+    catalog = load(REPO / "demo" / "profiles")
+    assert [p.slug for p in catalog.profiles] == ["python39", "datascience", "course-hw1", "pytorch-gpu"]
+    assert catalog.get("course-hw1").allowed_groups == ("dl-course",) and catalog.get("python39").default
