@@ -153,7 +153,9 @@ class ImageBuilder(LoggingConfigurable):
         None,
         allow_none=True,
         config=True,
-        help="""Memory limit of each build step (None: no limit).
+        help="""Memory limit of each container a build runs: the compile container and each
+        docker build step (a pip section's). The solve and the conda install run in the hub's
+        own processes, outside it. None: no limit.
 
         c.ImageBuilder.build_memory_limit = "4G"
         """,
@@ -161,7 +163,9 @@ class ImageBuilder(LoggingConfigurable):
     build_cpuset_cpus = Unicode(
         "",
         config=True,
-        help="""CPUs build steps may use, in docker's cpuset syntax ("" = all).
+        help="""CPUs the containers a build runs may use (the compile container and each docker
+        build step), in docker's cpuset syntax ("" = all). The solve and the conda install run
+        in the hub's own processes, outside it.
 
         c.ImageBuilder.build_cpuset_cpus = "0-3"
         """,
