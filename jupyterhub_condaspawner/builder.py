@@ -132,7 +132,10 @@ class ImageBuilder(LoggingConfigurable):
     )
     cache_dir = Unicode(
         config=True,
-        help="""Folder for build logs, locks, last-use times and staging (survives hub restarts).
+        help="""Folder for build logs, locks, last-use times and staging (survives hub restarts),
+        and for what is not a cache: who started which environment (usage/, the environments
+        page), users' notices (notices/) and the home volumes' owner ledger (volumes/). Keep it
+        across upgrades. "" (the default): ~/.cache/condaspawner of the hub's user.
 
         c.ImageBuilder.cache_dir = "/var/cache/condaspawner"
         """,

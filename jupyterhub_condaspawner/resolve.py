@@ -214,7 +214,9 @@ class Resolver(Configurable):
     )
     package_cache_dir = Unicode(
         config=True,
-        help="""Package cache shared by every install (downloads and extracted packages).
+        help="""Package cache shared by every install (downloads and extracted packages), and by
+        default the byte-code cache (ImageBuilder.bytecode_cache_dir). "" (the default):
+        ~/.cache/condaspawner/pkgs of the hub's user.
 
         c.Resolver.package_cache_dir = "/var/cache/condaspawner/pkgs"
         """,
