@@ -34,7 +34,9 @@ PROXY_PORT_ENV = "CONDASPAWNER_DEMO_PROXY_PORT"
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr)
+    # One write per line: the set-up's parts report from threads of their own, and print()
+    # writes the line and its newline apart ("... (cached)bench: real channel ...").
+    sys.stderr.write(line + "\n")
 
 
 def _real_set(args: argparse.Namespace, default: str | None) -> str | None:

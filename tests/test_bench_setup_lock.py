@@ -32,3 +32,26 @@ def test_a_second_set_up_of_a_bench_folder_waits_for_the_first_and_says_so(tmp_p
     with one_setup_at_a_time(tmp_path, say):  # free again: no wait, nothing said
         pass
     assert len(said) == 1
+
+
+def test_lines_said_from_the_set_up_threads_never_run_together(monkeypatch):
+    import io
+    import sys
+
+    from condaspawner_bench import cli
+
+    class Slow(io.StringIO):
+        def write(self, text: str) -> int:  # a thread switch between two writes, every time
+            written = super().write(text)
+            threading.Event().wait(0.0005)
+            return written
+
+    stream = Slow()
+    monkeypatch.setattr(sys, "stderr", stream)
+    lines = [f"bench: part {n}: 0.0 s (cached)" for n in range(8)]
+    threads = [threading.Thread(target=lambda line=line: [cli._say(line) for _ in range(20)]) for line in lines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(stream.getvalue().splitlines()) == sorted(line for line in lines for _ in range(20))
