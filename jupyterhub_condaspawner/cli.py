@@ -844,8 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--json", action="store_true", help="print the lock as JSON (every field, as the cache keeps it)")
     log = add("log", cmd_log, "print the full log of a build")
     log.add_argument("key", metavar="KEY", help="build key or its first 8+ hex digits")
-    for sub in (build, ls, gc, lock, log):
-        sub.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    build.add_argument("--channel-alias", metavar="URL", help="where channel names resolve (default: from config)")
+    for sub in (ls, gc, lock, log):  # they solve nothing: the option is taken so that scripts may pass it to all
+        sub.add_argument("--channel-alias", metavar="URL", help="no effect here (this command resolves no channel: "
+                         "build keys leave channels out)")
     return parser
 
 
