@@ -82,8 +82,8 @@ class _GpuStates(Collector):
     """``condaspawner_gpus{state}``, counted when /hub/metrics is scraped from the source last
     shown (:func:`show_gpu_states`): an allocation pays nothing for it."""
 
-    help = ("GPUs on this host by state: free, held_busy, held_idle (held, utilization at or below "
-            "GpuAllocator.idle_utilization), unusable (lost or failing)")
+    help = ("GPUs of this hub by state (on a conda-swarm hub, every node's): free, held_busy, held_idle "
+            "(held, utilization at or below GpuAllocator.idle_utilization), unusable (lost or failing)")
 
     def __init__(self) -> None:
         self.source: Callable[[], Callable[[], Iterable[str] | None] | None] = lambda: None
