@@ -227,9 +227,10 @@ class GpuAllocator(LoggingConfigurable):
         5.0,
         min=0.0,
         max=100.0,
-        help="""A held GPU whose utilization (percent, as NVML last read it) is at or below this
-        is idle: the condaspawner_gpus{state="held_idle"} metric and the GPU-seconds held
-        idle count it. GPUs without a utilization reading (static GPUs) are never idle.
+        help="""A held GPU whose utilization (percent, as NVML or, on a conda-swarm hub, the
+        node's dcgm-exporter last read it) is at or below this is idle: the
+        condaspawner_gpus{state="held_idle"} metric, the GPU-seconds held idle and GPU-aware
+        idle culling count it. GPUs without a utilization reading (static GPUs) are never idle.
 
             c.GpuAllocator.idle_utilization = 10
         """,
@@ -239,8 +240,9 @@ class GpuAllocator(LoggingConfigurable):
         30.0,
         min=0.0,
         help="""Seconds between the hub's samples of its GPUs (an NVML scan: utilization and
-        memory in use), which advance condaspawner_gpu_idle_seconds_total, refresh the
-        GPU metrics and drive GPU-aware idle culling. 0 turns sampling off, and with it
+        memory in use; on a conda-swarm hub, each GPU node's dcgm-exporter), which advance
+        condaspawner_gpu_idle_seconds_total, refresh the GPU metrics and drive GPU-aware idle
+        culling. 0 turns sampling off, and with it
         the culling of idle GPU servers (gpu_idle_timeout).
 
             c.GpuAllocator.gpu_sample_interval = 10
