@@ -19,14 +19,18 @@ from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.traittypes import FiniteFloat
 
 
-def test_the_list_is_every_configurable_class_of_the_package():
-    found = set()
+def _setting_classes() -> dict[str, type[Configurable]]:
+    found = {}
     for module in pkgutil.iter_modules(jupyterhub_condaspawner.__path__):
         loaded = importlib.import_module(f"jupyterhub_condaspawner.{module.name}")
         for value in vars(loaded).values():
             if inspect.isclass(value) and issubclass(value, Configurable) and value.__module__ == loaded.__name__:
-                found.add(value.__name__)
-    assert found == set(SETTING_CLASSES)
+                found[value.__name__] = value
+    return found
+
+
+def test_the_list_is_every_configurable_class_of_the_package():
+    assert set(_setting_classes()) == set(SETTING_CLASSES)
 
 
 def test_close_names_are_named_and_real_classes_are_not():
@@ -60,20 +64,16 @@ def test_no_number_setting_of_the_package_takes_nan_or_infinity():
     """``min=0`` lets NaN through (every comparison with it is false): a NaN gpu_idle_timeout or
     queue_timeout would turn its feature off without a word."""
     checked = []
-    for module in pkgutil.iter_modules(jupyterhub_condaspawner.__path__):
-        loaded = importlib.import_module(f"jupyterhub_condaspawner.{module.name}")
-        for value in vars(loaded).values():
-            if not (inspect.isclass(value) and issubclass(value, Configurable) and value.__module__ == loaded.__name__):
-                continue
-            for name, trait in value.class_traits(config=True).items():
-                if isinstance(trait, Float) and name in vars(value):
-                    assert isinstance(trait, FiniteFloat), f"{value.__name__}.{name}"
-                    with pytest.raises(TraitError, match="expected a finite number"):
-                        trait.validate(value, float("nan"))
-                    for infinite in (float("inf"), float("-inf")):  # or out of its range
-                        with pytest.raises(TraitError):
-                            trait.validate(value, infinite)
-                    checked.append(f"{value.__name__}.{name}")
+    for value in _setting_classes().values():
+        for name, trait in value.class_traits(config=True).items():
+            if isinstance(trait, Float) and name in vars(value):
+                assert isinstance(trait, FiniteFloat), f"{value.__name__}.{name}"
+                with pytest.raises(TraitError, match="expected a finite number"):
+                    trait.validate(value, float("nan"))
+                for infinite in (float("inf"), float("-inf")):  # or out of its range
+                    with pytest.raises(TraitError):
+                        trait.validate(value, infinite)
+                checked.append(f"{value.__name__}.{name}")
     assert {"CondaSpawner.gpu_idle_timeout", "GpuAllocator.queue_timeout", "ImageBuilder.build_timeout"} <= set(checked)
 
 
@@ -84,16 +84,6 @@ def test_a_nan_spawner_setting_is_the_hubs_config_error_not_culling_turned_off()
     assert spawner.gpu_idle_timeout == 0.0  # the default, and the error below refuses every start
     assert len(spawner._config_errors) == 1 and "gpu_idle_timeout" in spawner._config_errors[0]
     assert "expected a finite number, not the float nan" in spawner._config_errors[0]
-
-
-def _setting_classes() -> dict[str, type[Configurable]]:
-    found = {}
-    for module in pkgutil.iter_modules(jupyterhub_condaspawner.__path__):
-        loaded = importlib.import_module(f"jupyterhub_condaspawner.{module.name}")
-        for value in vars(loaded).values():
-            if inspect.isclass(value) and issubclass(value, Configurable) and value.__module__ == loaded.__name__:
-                found[value.__name__] = value
-    return found
 
 
 def test_every_setting_has_a_config_example_and_a_row_in_the_readme():
