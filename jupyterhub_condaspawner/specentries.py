@@ -47,6 +47,8 @@ _ANACONDA_DEFAULTS = ("defaults", "default", "anaconda", *_DEFAULTS_MEMBERS)
 _CHANNEL_TYPO_CUTOFF = 0.8
 # A conda-build selector (`numpy [linux]`), which a recipe has and an environment.yml cannot.
 _SELECTOR = re.compile(r"\[\s*(not\s+)?(linux|win|osx|unix|linux64|win64|osx64|x86_64|aarch64|arm64|py\d*)\b[^\]]*\]")
+# A version operator right after the package name: what follows was meant as a version.
+_OPERATOR_AFTER_NAME = re.compile(r"[A-Za-z0-9_.-]+\s*[=<>!~]")
 # What conda accepts as a build string (with `*` globs); MatchSpec takes anything.
 _BUILD_STRING = re.compile(r"[A-Za-z0-9_.+*]*[A-Za-z0-9_*][A-Za-z0-9_.+*]*\Z")
 
@@ -63,6 +65,9 @@ class EntryChecker:
         try:
             match_spec = MatchSpec(text)
         except Exception as error:  # py-rattler raises its own exception types
+            if _folded_pip_list(text, node):
+                raise SpecError(f"{show(text)} goes on to line {node.end_mark.line + 1}: is the ':' of '- pip:' missing?",
+                                field=at(where, node))
             selector = _SELECTOR.search(text)
             hint = (f"; {selector.group(0)!r} is a conda-build selector, not part of a spec: remove it" if selector
                     else "")
@@ -72,6 +77,8 @@ class EntryChecker:
             )
         if match_spec.name is None:
             raise SpecError(f"{show(text)} names no package", field=at(where, node))
+        if match_spec.namespace is not None:
+            raise SpecError(f"{show(text)}: {_namespace_reason(match_spec.namespace, text)}", field=at(where, node))
         if "[url=" in str(match_spec) or ("::" not in text and ("://" in text or text.lower().startswith("file:"))):
             # A direct URL has no channel to check: the solve would fetch it from wherever it points.
             raise SpecError(f"{show(text)} is a package URL or file; name the package (such as 'numpy=1.26') from "
@@ -97,6 +104,10 @@ class EntryChecker:
         version = str(match_spec.version or "")
         if not version or any(char.isdigit() for char in version) or version.strip("=<>!~ ") in ("*", ""):
             return
+        if _OPERATOR_AFTER_NAME.match(text.split("::")[-1]):  # `numpy=latest`: meant as a version, not as a second package
+            written = version.lstrip("=<>!~ ").removesuffix(".*")
+            raise SpecError(f"{show(text)}: {written!r} is not a version (versions have digits): write "
+                            f"{match_spec.name.normalized!r} for any version", field=at(where, node))
         folded = node.end_mark.line > node.start_mark.line
         hint = (f"it goes on to line {node.end_mark.line + 1}: is a '- ' missing there?" if folded
                 else "put each package on a '- ' line of its own")
@@ -218,6 +229,20 @@ def check_printable(text: str, where: str, node: yaml.Node) -> None:
             f"{show(text)} contains a control or invisible character (U+{ord(control):04X})",
             field=at(where, node),
         )
+
+
+def _namespace_reason(namespace: str, text: str) -> str:
+    """Why a spec with one ':' (MatchSpec's namespace, which the solver ignores) is refused."""
+    if namespace.strip() == "pip":  # `- pip:requests` would install conda's requests, not pip's
+        return "a pip section is '- pip:' with its packages listed on the lines below it"
+    name, _, version = text.partition(":")
+    instead = f"'{name.strip()}={version.strip()}'" if text.count(":") == 1 else "'package=version'"
+    return f"a single ':' has no meaning in a conda spec: write {instead} for a version, or 'channel::package' for a channel"
+
+
+def _folded_pip_list(text: str, node: yaml.Node) -> bool:
+    """`- pip` with the list below it but no ':', which YAML folds into one entry: `pip - requests`."""
+    return node.end_mark.line > node.start_mark.line and re.match(r"pip\s+-", text) is not None
 
 
 def _first_line(error: Exception) -> str:

@@ -210,10 +210,41 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
         key = _whole_line(mark).split(":", 1)[0].strip()
         problem = (f"a '- item' cannot follow the key {show(key)} on its line: put a list on the lines below "
                    f"'{key}:', or write a single value (a name) there without '- '")
+    elif problem == "mapping values are not allowed here" and (key_mark := _key_without_colon(mark)) is not None:
+        mark = key_mark
+        problem = f"{show(_whole_line(mark).split('#', 1)[0].strip())} needs a ':' after it (expected 'key: value')"
     elif problem == "mapping values are not allowed here":
         problem = "unexpected ':' (quote a value that contains ': ', or start a nested block on a new line)"
+    elif problem == "but found another document" and mark is not None:
+        problem = ("a second YAML document starts here ('---'): an environment.yml is one document: remove the "
+                   "'---' line (and merge what follows)")
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     return f"invalid YAML{where}: {problem}"
+
+
+def _key_without_colon(mark: yaml.Mark | None) -> yaml.Mark | None:
+    """The start of the key whose ':' is missing, when the ':' at ``mark`` ends a plain scalar
+    that began lines above at no deeper indentation (``channels`` then ``  - conda-forge`` then
+    ``dependencies:``: YAML reads the three lines as one key); None otherwise."""
+    lines = (mark.buffer or "").split("\n") if mark is not None else []
+    if mark is None or mark.line >= len(lines):  # lines PyYAML counts and "\n" does not (a lone CR)
+        return None
+    indent = len(lines[mark.line]) - len(lines[mark.line].lstrip(" "))
+    found = None
+    for number in range(mark.line - 1, -1, -1):
+        text = lines[number].rstrip("\r\x00")
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if stripped.startswith(("#", "---", "%")) or ": " in text or stripped.endswith(":"):
+            break  # a comment, a document start or a key of its own: the scalar began below it
+        if len(text) - len(text.lstrip(" ")) <= indent and not stripped.startswith("-"):
+            found = number
+    if found is None:
+        return None
+    pointer = sum(len(line) + 1 for line in lines[:found])
+    column = len(lines[found]) - len(lines[found].lstrip(" "))
+    return yaml.Mark(mark.name, pointer + column, found, column, mark.buffer, pointer + column)
 
 
 def _mark_line(error: yaml.MarkedYAMLError) -> str:

@@ -190,6 +190,19 @@ def test_a_conda_package_given_by_url_or_file_is_refused(entry):
      "a conda-build selector, not part of a spec: remove it"),
     ("dependencies:\n  - !!str 3.10\n", "line 2: YAML tags are not allowed ('tag:yaml.org,2002:str') (quote the "
                                           "value instead: '3.10')"),
+    # a single ':' is conda's rarely used namespace: `pip:requests` would install conda's requests
+    ("dependencies:\n  - numpy\n  - pip:requests\n",
+     "dependencies[1] (line 3): 'pip:requests': a pip section is '- pip:' with its packages listed on the lines "
+     "below it"),
+    ("dependencies: ['numpy:1.26']",
+     "dependencies[0] (line 1): 'numpy:1.26': a single ':' has no meaning in a conda spec: write 'numpy=1.26' for "
+     "a version, or 'channel::package' for a channel"),
+    # `- pip` without its ':': YAML folds the list below into the entry
+    ("dependencies:\n  - pip\n    - requests\n",
+     "dependencies[0] (line 2): 'pip - requests' goes on to line 3: is the ':' of '- pip:' missing?"),
+    ("dependencies: [numpy=latest]",
+     "dependencies[0] (line 1): 'numpy=latest': 'latest' is not a version (versions have digits): write 'numpy' "
+     "for any version"),
 ])
 def test_a_slip_is_refused_with_a_hint_of_what_to_do(text, message):
     with pytest.raises(SpecError) as refused:
@@ -574,6 +587,14 @@ def test_real_build_strings_are_accepted(spec):
     ("dependencies: {a: 1\n", "invalid YAML at line 1, column 15: the '{' opened here is never closed"),
     ("dependencies:\n  - numpy\n  pip:\n    - x\n", "invalid YAML at line 3, column 3: this line's indentation"),
     ("name: a: b\ndependencies: [numpy]\n", "invalid YAML at line 1, column 8: unexpected ':'"),
+    # the first key lacks its ':': YAML reads on to the next key's ':' before it fails
+    ("channels\n  - conda-forge\ndependencies:\n  - numpy\n",
+     "invalid YAML at line 1, column 1: 'channels' needs a ':' after it"),
+    ("# my env\n\nname x\nchannels: [conda-forge]\ndependencies: [numpy]\n",
+     "invalid YAML at line 3, column 1: 'name x' needs a ':' after it"),
+    ("dependencies: [numpy]\n---\nname: x\n",
+     "invalid YAML at line 2, column 1: a second YAML document starts here ('---'): an environment.yml is one "
+     "document: remove the '---' line (and merge what follows)"),
 ])
 def test_yaml_errors_point_at_the_place_to_fix(text, expected):
     assert refusal(text).startswith(f"env.yml: {expected}")
