@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -902,6 +904,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`validate ... | head`): as a shell tool ends on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 128 + signal.SIGPIPE
     except Exception as error:  # never show a user a traceback unless asked
         if args.debug:
             traceback.print_exc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,11 @@ def test_every_option_of_every_command_says_what_it_does():
         for action in command._actions:
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, f"condaspawner {name} {'/'.join(action.option_strings) or action.dest}: no help"
+
+
+def test_validate_piped_into_a_pager_that_quits_is_no_internal_error():
+    files = [str(CORPUS / "good" / "variables.yml")] * 2000
+    reader = subprocess.run(f"{shlex.join([sys.executable, '-m', 'jupyterhub_condaspawner.cli', 'validate', *files])}"
+                            " | head -n 1", shell=True, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert reader.stdout.count("\n") == 1
+    assert "internal error" not in reader.stderr and "Traceback" not in reader.stderr
