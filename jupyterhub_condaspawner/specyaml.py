@@ -215,6 +215,11 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
         problem = f"{show(_whole_line(mark).split('#', 1)[0].strip())} needs a ':' after it (expected 'key: value')"
     elif problem == "mapping values are not allowed here":
         problem = "unexpected ':' (quote a value that contains ': ', or start a nested block on a new line)"
+    elif problem.endswith("that cannot start any token") and mark is not None:
+        problem = ("a `conda list --explicit` file, not an environment.yml: write one, or export it with "
+                   "`conda env export --from-history`" if _whole_line(mark).strip() == "@EXPLICIT"
+                   else f"{problem.removeprefix('found character ').split(' that ', 1)[0]} cannot start a value: "
+                   "quote it")
     elif problem == "but found another document" and mark is not None:
         problem = ("a second YAML document starts here ('---'): an environment.yml is one document: remove the "
                    "'---' line (and merge what follows)")

@@ -595,6 +595,11 @@ def test_real_build_strings_are_accepted(spec):
     ("dependencies: [numpy]\n---\nname: x\n",
      "invalid YAML at line 2, column 1: a second YAML document starts here ('---'): an environment.yml is one "
      "document: remove the '---' line (and merge what follows)"),
+    # what `conda list --explicit` writes: package URLs, not an environment.yml
+    ("# platform: linux-64\n@EXPLICIT\nhttps://conda.anaconda.org/conda-forge/linux-64/numpy-1.26.4-0.conda\n",
+     "invalid YAML at line 2, column 1: a `conda list --explicit` file, not an environment.yml: write one, or "
+     "export it with `conda env export --from-history`"),
+    ("dependencies:\n  - @jupyter/lab\n", "invalid YAML at line 2, column 5: '@' cannot start a value: quote it"),
 ])
 def test_yaml_errors_point_at_the_place_to_fix(text, expected):
     assert refusal(text).startswith(f"env.yml: {expected}")
