@@ -131,6 +131,10 @@ class EntryChecker:
         if self._is_allowed_channel(channel):
             return channel
         if "://" in channel or channel.startswith(("/", ".", "~", "file:")) or "\\" in channel:
+            named = channel.rstrip("/").removeprefix(_ANACONDA_ALIAS)
+            if channel.startswith(_ANACONDA_ALIAS) and self._is_allowed_channel(named):
+                raise SpecError(f"{show(channel)} is a URL or a path: write its name, {named!r}; allowed channels: "
+                                f"{', '.join(self._limits.allowed_channels)}", field=at(where, node))
             kind = "a URL or a path"
             hint = ""
         elif channel in _ANACONDA_DEFAULTS and "defaults" not in self._limits.allowed_channels:

@@ -171,6 +171,10 @@ class SpecReader:
 
     def _pip_section(self, node: yaml.MappingNode, where: str) -> list[str]:
         if len(node.value) != 1 or getattr(node.value[0][0], "value", None) != "pip":
+            spec = _spec_written_as_mapping(node)
+            if spec is not None:
+                raise SpecError(f"{show(spec[0])} is read by YAML as a mapping (a ':' then a space): write "
+                                f"{spec[1]!r}", field=at(where, node))
             keys = ", ".join(show(getattr(k, "value", "?")) for k, _ in node.value)
             raise SpecError(f"only a 'pip:' list may appear here, found {keys}", field=at(where, node))
         requirements: list[str] = []
@@ -227,6 +231,19 @@ class SpecReader:
         except SpecError as error:
             self.problems.extend(error.problems)
             return fallback
+
+
+def _spec_written_as_mapping(node: yaml.MappingNode) -> tuple[str, str] | None:
+    """`numpy: 1.26` (as pixi and poetry write a dependency): what was written and the conda spec
+    it means, or None for any other mapping."""
+    if len(node.value) != 1:
+        return None
+    key, value = node.value[0]
+    if not (isinstance(key, yaml.ScalarNode) and isinstance(value, yaml.ScalarNode)) or is_null(value):
+        return None
+    version = value.value.strip()
+    operator = "" if version[:1] in "=<>!~" else "="
+    return f"{key.value}: {version}", f"{key.value}{operator}{version}"
 
 
 def is_windows_only(name: str) -> bool:

@@ -200,6 +200,11 @@ def test_a_conda_package_given_by_url_or_file_is_refused(entry):
     # `- pip` without its ':': YAML folds the list below into the entry
     ("dependencies:\n  - pip\n    - requests\n",
      "dependencies[0] (line 2): 'pip - requests' goes on to line 3: is the ':' of '- pip:' missing?"),
+    # a spec written as a mapping (`numpy: 1.26`, as in pixi or poetry)
+    ("dependencies:\n  - numpy: 1.26\n", "dependencies[0] (line 2): 'numpy: 1.26' is read by YAML as a mapping (a "
+                                          "':' then a space): write 'numpy=1.26'"),
+    ("dependencies:\n  - scipy: '>=1.11'\n", "dependencies[0] (line 2): 'scipy: >=1.11' is read by YAML as a "
+                                              "mapping (a ':' then a space): write 'scipy>=1.11'"),
     ("dependencies: [numpy=latest]",
      "dependencies[0] (line 1): 'numpy=latest': 'latest' is not a version (versions have digits): write 'numpy' "
      "for any version"),
@@ -516,6 +521,13 @@ def test_only_well_formed_hashes_pass_and_other_options_stay_refused(line):
     message = refusal(f"dependencies:\n - pip:\n   - {line}\n")
     assert "dependencies[0].pip[0] (line 3)" in message
     assert "--hash must be" in message or "pip options" in message
+
+
+def test_an_allowed_channel_given_by_its_anaconda_url_is_told_to_use_its_name():
+    assert "channels[0] (line 1): 'https://conda.anaconda.org/conda-forge/' is a URL or a path: write its name, " \
+        "'conda-forge';" in refusal("channels: ['https://conda.anaconda.org/conda-forge/']\ndependencies: [numpy]")
+    assert "'https://evil.example/conda-forge' is a URL or a path; allowed" in \
+        refusal("channels: ['https://evil.example/conda-forge']\ndependencies: [numpy]")
 
 
 def test_channel_hints_name_the_near_channel_and_the_admin_setting():
