@@ -300,7 +300,7 @@ class Resolver(Configurable):
             missing = self._missing_channel(error, spec) if unreachable else None
             if missing is not None:  # answered, with "no such channel": a retry never helps
                 raise ResolveError(f"cannot solve: the channel {missing!r} does not exist on this hub (it has no "
-                                   "noarch packages): remove it from channels", details=str(error)) from None
+                                   f"noarch packages): {_without_channel(missing, spec)}", details=str(error)) from None
             message = self._explain(error, cuda)
             if not unreachable and _NO_CANDIDATES in message:
                 message = _one_line(message + await self._missing_names(channels, spec, message))
@@ -519,6 +519,15 @@ def _channel_name(text: str) -> str:
     if channel is None or channel.name is None:
         raise ResolveError(f"{text!r} names no channel")
     return channel.name
+
+
+def _without_channel(channel: str, spec: EnvironmentSpec) -> str:
+    """What to change so that a missing channel is not asked for: the channels, or the
+    `channel::package` spec that alone names it."""
+    if channel in spec.channels:
+        return "remove it from channels"
+    named = next((text for text in spec.conda if "::" in text and _channel_name(text) == channel), None)
+    return f"write {named.split('::', 1)[1]!r} instead of {named!r}" if named else "remove it from channels"
 
 
 def _affixed(name: str, available: list[str]) -> list[str]:

@@ -182,6 +182,12 @@ async def test_a_label_of_a_mirrored_channel_is_looked_up_on_the_mirror(resolver
                                "no noarch packages): remove it from channels")
     assert dev_channel.url not in str(info.value)
 
+    # Named in a `channel::package` spec only: the spec is what to change, not the channels.
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-alpha, 'conda-forge/label/dev::cs-beta']"))
+    assert str(info.value) == ("cannot solve: the channel 'conda-forge/label/dev' does not exist on this hub (it has "
+                               "no noarch packages): write 'cs-beta' instead of 'conda-forge/label/dev::cs-beta'")
+
     # A mirror that has the label: used.
     mirror = tmp_path / "mirror"
     shutil.copytree(dev_channel.url.removeprefix("file://"), mirror)
