@@ -306,6 +306,8 @@ class Resolver(Configurable):
                 message = _one_line(message + await self._missing_names(channels, spec, message))
             elif not unreachable and _REQUIRES_NOTHING.search(message):
                 message = _one_line(message + await self._excluded_requirements(channels, spec, message))
+            if not unreachable:
+                message = self._named_channels(message, spec)
             raise ResolveError(message, unreachable=unreachable, details=str(error)) from None
         return Lock(
             records=records,
@@ -313,6 +315,14 @@ class Resolver(Configurable):
             channels=channels,
             virtual_packages=[f"{p.name.normalized}={p.version}={p.build_string}" for p in virtual],
         )
+
+    def _named_channels(self, message: str, spec: EnvironmentSpec) -> str:
+        """The solver's ``message`` with the channel URLs of `channel::package` specs (the
+        hub's mirror, a file:// path) put back as the names the user wrote."""
+        for name in self._channel_names(spec):
+            url = self.channel_url(name)
+            message = message.replace(f'"{url}/"', f'"{name}"').replace(f'"{url}"', f'"{name}"')
+        return message
 
     def _check_subdirs(self, spec: EnvironmentSpec) -> None:
         """A spec for another platform (`conda-forge/win-64::numpy`, `numpy[subdir=osx-arm64]`) would

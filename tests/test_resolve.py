@@ -71,6 +71,14 @@ async def test_channel_qualified_spec_uses_the_configured_url(resolver):
     assert [(p["name"], p["version"]) for p in lock.packages()] == [("cs-alpha", "1.0")]
 
 
+async def test_a_channel_qualified_spec_that_cannot_solve_names_its_channel_not_the_hubs_url(resolver, dev_channel):
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("dependencies: ['conda-forge::cs-gamaa', 'conda-forge/noarch::cs-alpha>=9']"))
+    assert dev_channel.url.rstrip("/") not in str(info.value)
+    assert str(info.value).startswith('cannot solve: No candidates were found for cs-alpha >=9[channel="conda-forge", '
+                                      'subdir="noarch"]. (')
+
+
 async def test_unsatisfiable_spec_names_what_is_missing(resolver):
     with pytest.raises(ResolveError) as info:
         await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-conflict]"))
