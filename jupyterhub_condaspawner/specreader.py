@@ -29,6 +29,8 @@ _IGNORED_NAMED = 10
 _WINDOWS_ONLY = frozenset({"vc", "vc14_runtime", "vs2015_runtime", "ucrt", "pywin32", "pywinpty", "winpty",
                            "wincertstore", "win_inet_pton", "menuinst-win"})
 _WINDOWS_ONLY_PREFIXES = ("vs20", "m2w64-", "m2-")
+# Windows-only packages a refusal names (an R export brings dozens of m2w64-*), the rest counted.
+_WINDOWS_NAMED = 5
 
 _T = TypeVar("_T")
 
@@ -156,7 +158,8 @@ class SpecReader:
         if not found:
             return None
         unique = list(dict.fromkeys(name for name, _ in found))
-        names = ", ".join(unique)
+        more = f" and {len(unique) - _WINDOWS_NAMED} more" if len(unique) > _WINDOWS_NAMED else ""
+        names = ", ".join(unique[:_WINDOWS_NAMED]) + more
         exported = len(unique) >= 3 or any(spec.build is not None for _, spec in conda)
         if not exported:  # written by hand: a package left from a selector (`pywin32  # [win]`)
             verb = "exists" if len(unique) == 1 else "exist"

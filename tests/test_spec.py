@@ -566,6 +566,15 @@ def test_a_linux_export_with_builds_is_not_taken_for_windows():
     assert "Windows export (m2w64-gcc-libs" in refusal("dependencies: [python=3.9, m2w64-gcc-libs=5.3.0=7]")
 
 
+def test_a_windows_export_of_many_windows_packages_names_a_few_on_its_line():
+    # An R environment exported on Windows brings dozens of m2w64-* packages.
+    packages = "".join(f"  - m2w64-lib{i}=5.3.0=7\n" for i in range(30))
+    message = refusal(f"dependencies:\n  - r-base=4.1=h_0\n{packages}")
+    assert message.startswith("env.yml: dependencies (line 3): a Windows export (m2w64-lib0, m2w64-lib1, m2w64-lib2, "
+                              "m2w64-lib3, m2w64-lib4 and 25 more exist only for Windows): export")
+    assert len(message) < 400
+
+
 @pytest.mark.parametrize("entry, refused", [
     ("3.10", "'3.10' is read by YAML as the number 3.1,"), ("42", "'42' is read by YAML as the number 42,"),
     ("yes", "'yes' is read by YAML as true/false"), ("1.0", "'1.0' is read by YAML as the number 1.0,"),
