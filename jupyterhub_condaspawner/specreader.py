@@ -29,6 +29,8 @@ _IGNORED_NAMED = 10
 _WINDOWS_ONLY = frozenset({"vc", "vc14_runtime", "vs2015_runtime", "ucrt", "pywin32", "pywinpty", "winpty",
                            "wincertstore", "win_inet_pton", "menuinst-win"})
 _WINDOWS_ONLY_PREFIXES = ("vs20", "m2w64-", "m2-")
+# Keys of a mapping in dependencies that a refusal names, the rest counted.
+_KEYS_NAMED = 3
 # Windows-only packages a refusal names (an R export brings dozens of m2w64-*), the rest counted.
 _WINDOWS_NAMED = 5
 
@@ -177,8 +179,9 @@ class SpecReader:
             spec = _spec_written_as_mapping(node)
             if spec is not None:
                 raise SpecError(f"{show(spec[0])} is read by YAML as a mapping (a ':' then a space): write "
-                                f"{spec[1]!r}", field=at(where, node))
-            keys = ", ".join(show(getattr(k, "value", "?")) for k, _ in node.value)
+                                f"{show(spec[1])}", field=at(where, node))
+            more = f" and {len(node.value) - _KEYS_NAMED} more" if len(node.value) > _KEYS_NAMED else ""
+            keys = ", ".join(show(getattr(k, "value", "?")) for k, _ in node.value[:_KEYS_NAMED]) + more
             raise SpecError(f"only a 'pip:' list may appear here, found {keys}", field=at(where, node))
         requirements: list[str] = []
         hashed: list[tuple[str, yaml.Node]] = []

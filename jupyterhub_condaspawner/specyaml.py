@@ -209,7 +209,7 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
     elif problem == "sequence entries are not allowed here" and mark is not None:
         key = _whole_line(mark).split(":", 1)[0].strip()
         problem = (f"a '- item' cannot follow the key {show(key)} on its line: put a list on the lines below "
-                   f"'{key}:', or write a single value (a name) there without '- '")
+                   f"{show(key + ':')}, or write a single value (a name) there without '- '")
     elif problem == "mapping values are not allowed here" and (key_mark := _key_without_colon(mark)) is not None:
         mark = key_mark
         problem = f"{show(_whole_line(mark).split('#', 1)[0].strip())} needs a ':' after it (expected 'key: value')"

@@ -566,6 +566,22 @@ def test_a_linux_export_with_builds_is_not_taken_for_windows():
     assert "Windows export (m2w64-gcc-libs" in refusal("dependencies: [python=3.9, m2w64-gcc-libs=5.3.0=7]")
 
 
+@pytest.mark.parametrize("text", [
+    "dependencies:\n  - {" + ", ".join(f"k{i}: 1" for i in range(500)) + "}\n",
+    "dependencies:\n  - numpy: " + "1" * 10000 + "\n",
+    "dependencies:\n  - " + "k" * 1000 + ": 1\n",
+    "dependencies" + "x" * 900 + ": - numpy\n",
+], ids=["mapping-of-many-keys", "mapping-of-a-long-value", "mapping-of-a-long-key", "item-after-a-long-key"])
+def test_what_the_user_wrote_is_shown_shortened_in_every_refusal(text):
+    assert all(len(line) < 400 for line in refused(text).details)
+
+
+def refused(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    return info.value
+
+
 def test_a_windows_export_of_many_windows_packages_names_a_few_on_its_line():
     # An R environment exported on Windows brings dozens of m2w64-* packages.
     packages = "".join(f"  - m2w64-lib{i}=5.3.0=7\n" for i in range(30))
