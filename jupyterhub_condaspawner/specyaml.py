@@ -14,7 +14,7 @@ from typing import Iterator
 
 import yaml
 
-from .specmodel import SpecError, printable, show
+from .specmodel import SHOWN_CHARS, SpecError, printable, show
 
 _UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 # Plain YAML scalars that are not text: `- 3.10` is the float 3.1, `- 42` an int.
@@ -152,11 +152,19 @@ def entry_text(node: yaml.Node, where: str) -> str:
     text = scalar_text(node, where)
     kind = _NON_TEXT_TAGS.get(node.tag) if node.style is None else None
     if kind is not None:
-        value = yaml.safe_load(text)  # a plain number or boolean: what YAML made of it
-        read = f"{kind} {value!r}" if kind == "the number" else kind
+        read = f"{kind} {_number(text)}" if kind == "the number" else kind
         raise SpecError(f"{show(text)} is read by YAML as {read}, not text: quote it (\"{printable(text)}\") "
                         "or write the package it means", field=at(where, node))
     return text
+
+
+def _number(text: str) -> str:
+    """The number YAML reads a plain scalar as, for a message: shortened, and never computed from
+    a long one (a sexagesimal `59:59:...` is a growing product; past 4300 digits `str()` fails)."""
+    if len(text) > SHOWN_CHARS:
+        return text[:SHOWN_CHARS] + "..."
+    shown = repr(yaml.safe_load(text))
+    return shown if len(shown) <= SHOWN_CHARS else shown[:SHOWN_CHARS] + "..."
 
 
 def line(node: yaml.Node) -> int:

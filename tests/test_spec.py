@@ -576,6 +576,17 @@ def test_what_the_user_wrote_is_shown_shortened_in_every_refusal(text):
     assert all(len(line) < 400 for line in refused(text).details)
 
 
+@pytest.mark.parametrize("number", ["1" * 5000, "0x" + "f" * 5000, ":".join(["59"] * 3000), "1" * 1000],
+                         ids=["int-past-python-digits", "hex-past-python-digits", "sexagesimal", "long-int"])
+@pytest.mark.parametrize("where", ["channels:\n  - {}\ndependencies: [numpy]\n", "dependencies:\n  - {}\n",
+                                   "dependencies:\n  - pip:\n    - {}\n"], ids=["channel", "conda", "pip"])
+def test_an_entry_yaml_reads_as_a_huge_number_is_refused_in_one_short_line(number, where):
+    started = time.perf_counter()
+    (line,) = refused(where.format(number)).details
+    assert "is read by YAML as the number" in line and len(line) < 400
+    assert time.perf_counter() - started < 1.0
+
+
 def refused(text: str) -> SpecError:
     with pytest.raises(SpecError) as info:
         parse(text)
