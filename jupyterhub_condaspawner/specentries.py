@@ -47,6 +47,8 @@ _ANACONDA_DEFAULTS = ("defaults", "default", "anaconda", *_DEFAULTS_MEMBERS)
 _CHANNEL_TYPO_CUTOFF = 0.8
 # A conda-build selector (`numpy [linux]`), which a recipe has and an environment.yml cannot.
 _SELECTOR = re.compile(r"\[\s*(not\s+)?(linux|win|osx|unix|linux64|win64|osx64|x86_64|aarch64|arm64|py\d*)\b[^\]]*\]")
+# The most of a parser's own reason a refusal quotes.
+_PARSER_REASON_CHARS = 160
 # A version operator right after the package name: what follows was meant as a version.
 _OPERATOR_AFTER_NAME = re.compile(r"[A-Za-z0-9_.-]+\s*[=<>!~]")
 # What conda accepts as a build string (with `*` globs); MatchSpec takes anything.
@@ -250,5 +252,7 @@ def _folded_pip_list(text: str, node: yaml.Node) -> bool:
 
 
 def _first_line(error: Exception) -> str:
+    """A parser's reason, shortened: MatchSpec's quotes the whole entry, twice."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else error.__class__.__name__
+    reason = lines[0] if lines else error.__class__.__name__
+    return reason if len(reason) <= _PARSER_REASON_CHARS else reason[:_PARSER_REASON_CHARS] + "..."

@@ -571,7 +571,10 @@ def test_a_linux_export_with_builds_is_not_taken_for_windows():
     "dependencies:\n  - numpy: " + "1" * 10000 + "\n",
     "dependencies:\n  - " + "k" * 1000 + ": 1\n",
     "dependencies" + "x" * 900 + ": - numpy\n",
-], ids=["mapping-of-many-keys", "mapping-of-a-long-value", "mapping-of-a-long-key", "item-after-a-long-key"])
+    "dependencies:\n  - " + "a" * 100 + "{" + "a" * 90 + "\n",  # the parsers' own words quote it twice
+    "dependencies:\n  - pip:\n    - " + "a" * 100 + "{" + "a" * 90 + "\n",
+], ids=["mapping-of-many-keys", "mapping-of-a-long-value", "mapping-of-a-long-key", "item-after-a-long-key",
+        "matchspec-error", "packaging-error"])
 def test_what_the_user_wrote_is_shown_shortened_in_every_refusal(text):
     assert all(len(line) < 400 for line in refused(text).details)
 
