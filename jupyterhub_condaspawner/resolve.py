@@ -61,6 +61,8 @@ _REQUIRES_NOTHING = re.compile(r"└─ (?P<who>\S+ \S+) would require └─ (?
 # rattler, when a channel answers that it has no such subdir (an HTTP 404, a missing folder).
 _NO_SUBDIR = "could not find subdir 'noarch' in channel"
 _NEAR_NAME_CUTOFF = 0.75
+# A version written into a package's name, as in a package file's name (`numpy-1.26.4`).
+_VERSION_IN_NAME = re.compile(r"(?P<name>.+)-(?P<version>\d+(\.\d+)+)\Z")
 _MOST_HINTS = 8  # names hinted at after a failed solve, then "and N more"
 _MOST_VERSIONS = 6  # the newest versions shown of a package the spec asks for in another one
 # Anaconda's `defaults` does not live under conda.anaconda.org.
@@ -377,8 +379,10 @@ class Resolver(Configurable):
                 if f"{_NO_CANDIDATES} {name.normalized} " in message:
                     hints.append(await self._versions_hint(channels, platforms, name.normalized, text))
                 continue
-            near = difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF) \
-                or _affixed(name.normalized, available)
+            versioned = _VERSION_IN_NAME.match(name.normalized)
+            near = ([f"{versioned['name']}={versioned['version']}"] if versioned and versioned["name"] in known
+                    else difflib.get_close_matches(name.normalized, available, n=2, cutoff=_NEAR_NAME_CUTOFF)
+                    or _affixed(name.normalized, available))
             hint = f"; did you mean {' or '.join(near)}?" if near else ""
             hints.append(f"nothing provides {name.normalized}{hint}")
         hints = [hint for hint in hints if hint]

@@ -79,6 +79,13 @@ async def test_a_channel_qualified_spec_that_cannot_solve_names_its_channel_not_
                                       'subdir="noarch"]. (')
 
 
+async def test_a_version_written_into_the_name_is_hinted_as_a_spec(resolver):
+    # `cs-alpha-1.0` (a package file's name) asks for a package of that name
+    with pytest.raises(ResolveError) as info:
+        await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-alpha-1.0]"))
+    assert str(info.value).endswith("(nothing provides cs-alpha-1.0; did you mean cs-alpha=1.0?)")
+
+
 async def test_unsatisfiable_spec_names_what_is_missing(resolver):
     with pytest.raises(ResolveError) as info:
         await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-conflict]"))
