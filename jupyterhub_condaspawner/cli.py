@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -904,14 +905,30 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader left (`validate ... | head`): as a shell tool ends on SIGPIPE
+    except BrokenPipeError as error:
+        if not _reader_left():  # another pipe or socket (the Docker daemon's): a failure like any other
+            return _internal_error(args, error)
+        # The reader left (`validate ... | head`): end as a shell tool does on SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 128 + signal.SIGPIPE
     except Exception as error:  # never show a user a traceback unless asked
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: internal error: {error.__class__.__name__}: {error} (rerun with --debug)", file=sys.stderr)
-        return 2
+        return _internal_error(args, error)
+
+
+def _internal_error(args: argparse.Namespace, error: Exception) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(f"error: internal error: {error.__class__.__name__}: {error} (rerun with --debug)", file=sys.stderr)
+    return 2
+
+
+def _reader_left() -> bool:
+    """Whether standard output is a pipe whose reader has gone (its write end polls as an error)."""
+    with contextlib.suppress(OSError, ValueError):
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    return False
 
 
 if __name__ == "__main__":

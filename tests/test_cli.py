@@ -240,3 +240,15 @@ def test_validate_piped_into_a_pager_that_quits_is_no_internal_error():
                             " | head -n 1", shell=True, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert reader.stdout.count("\n") == 1
     assert "internal error" not in reader.stderr and "Traceback" not in reader.stderr
+
+
+def test_a_broken_pipe_other_than_standard_output_stays_an_internal_error(monkeypatch, capsys):
+    from jupyterhub_condaspawner import cli
+
+    def handler(args, config):
+        raise BrokenPipeError(32, "Broken pipe")  # as a write to the Docker daemon's socket would
+
+    args = cli.build_parser().parse_args(["validate", "x.yml"])
+    monkeypatch.setattr(args, "handler", handler)
+    assert cli._run(args) == 2
+    assert "error: internal error: BrokenPipeError" in capsys.readouterr().err
