@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
+from typing import Collection
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -128,8 +129,9 @@ class EntryChecker:
             )
         self.allowed_channel(channel.name, where, node)
 
-    def allowed_channel(self, channel: str, where: str, node: yaml.Node | None) -> str:
-        """``channel`` if the policy allows it; otherwise SpecError, with the allowed ones."""
+    def allowed_channel(self, channel: str, where: str, node: yaml.Node | None, listed: Collection[str] = ()) -> str:
+        """``channel`` if the policy allows it; otherwise SpecError, with the allowed ones (``listed``:
+        the file's channels, where the hint would add one it already has)."""
         if self._is_allowed_channel(channel):
             return channel
         if "://" in channel or channel.startswith(("/", ".", "~", "file:")) or "\\" in channel:
@@ -149,7 +151,8 @@ class EntryChecker:
             near = difflib.get_close_matches(channel, names, n=1, cutoff=_CHANNEL_TYPO_CUTOFF)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             if not near and channel in _ANACONDA_DEFAULTS:
-                hint = " (it is one of Anaconda's defaults channels: write 'defaults')"
+                hint = (" (it is one of Anaconda's defaults channels, and 'defaults' is listed: remove it)"
+                        if "defaults" in listed else " (it is one of Anaconda's defaults channels: write 'defaults')")
         raise SpecError(
             f"{show(channel)} is {kind}{hint}; allowed channels: {', '.join(self._limits.allowed_channels)} "
             "(the hub admin sets them: c.SpecPolicy.allowed_channels)",

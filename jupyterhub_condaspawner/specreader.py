@@ -111,13 +111,15 @@ class SpecReader:
 
     def _channels(self, node: yaml.Node | None) -> list[str]:
         channels = []
-        for index, item in sequence(node, "channels"):
+        items = list(sequence(node, "channels"))
+        listed = {item.value.strip() for _, item in items if isinstance(item, yaml.ScalarNode)}
+        for index, item in items:
             where = f"channels[{index}]"
 
             def one(item: yaml.Node = item, where: str = where) -> str:
                 channel = entry_text(item, where)
                 self._entries.check_length(channel, self._limits.max_name_length, where, item)
-                return self._entries.allowed_channel(channel, where, item)
+                return self._entries.allowed_channel(channel, where, item, listed)
 
             channel = self._collect(one, None)
             if channel is not None:

@@ -671,3 +671,6 @@ def test_an_option_after_a_package_says_to_list_the_package_alone_and_anaconda_i
         refusal("channels: [anaconda]\ndependencies: [numpy]\n")
     assert "'default' is not an allowed channel (did you mean 'defaults'?)" in \
         refusal("channels: [default]\ndependencies: [numpy]\n")
+    # listed beside defaults, as a real file does: writing 'defaults' there would list it twice
+    assert "'anaconda' is not an allowed channel (it is one of Anaconda's defaults channels, and 'defaults' is " \
+        "listed: remove it)" in refusal("channels: [anaconda, conda-forge, defaults]\ndependencies: [numpy]\n")
