@@ -126,7 +126,10 @@ async def _solve_all(args: argparse.Namespace, config: Config, timeout: float, s
         except asyncio.TimeoutError:
             result["notes"].append(f"not solved within {timeout:g} s (SpecPolicy.precheck_timeout); the build will")
         except ResolveError as error:
-            result.update(ok=False, error=str(error), errors=[str(error)])
+            if error.unreachable:  # the spawn goes on then, and its build solves: not the file's fault
+                result["notes"].append(f"not solved: {error}; the build will")
+            else:
+                result.update(ok=False, error=str(error), errors=[str(error)])
 
 
 # -- profiles -----------------------------------------------------------------------

@@ -192,3 +192,15 @@ def test_validate_solve_from_the_command_line(tmp_path, dev_python_channel):
     assert validate("--config", str(config), str(typo)).returncode == 0  # without --solve: the checks only
 
 
+
+
+def test_validate_solve_leaves_an_unreachable_channel_to_the_build_as_the_spawn_does(tmp_path):
+    config = tmp_path / "c.py"
+    config.write_text("c = get_config()\nc.Resolver.channel_urls = {'conda-forge': 'https://127.0.0.1:9/nothing'}\n")
+    good = tmp_path / "good.yml"
+    good.write_text(GOOD)
+    result = validate("--solve", "--config", str(config), str(good))
+    assert result.returncode == 0, result.stdout
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"{good}: ok ") and "(not solved: a channel cannot be reached: " in line
+    assert line.endswith("; the build will)")
