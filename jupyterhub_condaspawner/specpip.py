@@ -13,6 +13,8 @@ import re
 from packaging.requirements import Requirement
 
 _VCS_PREFIXES = ("git+", "hg+", "svn+", "bzr+")
+# git's ssh form, `git@github.com:org/tool.git`: a repository, not a path.
+_SCP_LIKE = re.compile(r"[\w.-]+@[\w.-]+:")
 # pip's hash option on a requirement line, as `pip-compile --generate-hashes` writes it.
 _PIP_HASH = re.compile(r"\s+--hash[=\s]\s*(\S+)")
 _PIP_HASH_VALUE = re.compile(r"(sha256|sha384|sha512):([0-9a-fA-F]+)\Z")
@@ -45,7 +47,7 @@ def policy_refusal(text: str) -> str | None:
         if before and not re.search(r"[;\s]", before):  # `dipy --only-binary dipy`: the package is right there
             return f"pip options ({option.group(2)}) are not allowed: list {before!r} alone"
         return "pip options (-e, -r, --index-url, --extra-index-url, --find-links, ...) are not allowed"
-    if "://" in requirement_part or requirement_part.startswith(_VCS_PREFIXES):
+    if "://" in requirement_part or requirement_part.startswith(_VCS_PREFIXES) or _SCP_LIKE.match(requirement_part):
         return "URLs and version-control references are not allowed; name a package from the index"
     if requirement_part.startswith((".", "/", "~")) or "/" in requirement_part or "\\" in requirement_part:
         return "local paths are not allowed; name a package from the index"

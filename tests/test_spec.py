@@ -230,6 +230,12 @@ def test_a_pip_line_that_names_a_file_is_refused(name):
                                   "package from the index (such as 'numpy==1.26.4')")
 
 
+@pytest.mark.parametrize("line", ["git@github.com:org/tool.git", "git@gitlab.example.org:org/tool.git#egg=tool"])
+def test_a_pip_line_in_gits_ssh_form_is_named_a_version_control_reference(line):
+    assert refusal(f"dependencies:\n - pip:\n   - {line}\n").endswith(
+        f"{line!r}: URLs and version-control references are not allowed; name a package from the index")
+
+
 @pytest.mark.parametrize(
     "requirement",
     ["requests===", "requests>=", "requests >= ", "requests>=1.0,<", "requests[socks]~=",
