@@ -126,7 +126,8 @@ def load_yaml(text: str, max_depth: int, max_nodes: int, why_nodes: str) -> yaml
     if node is None:
         raise SpecError("file is empty")
     if not isinstance(node, yaml.MappingNode):
-        raise SpecError(f"line {line(node)}: the top level must be a mapping (name:, channels:, dependencies:)")
+        raise SpecError(f"line {line(node)}: the top level must be a mapping (name:, channels:, dependencies:): "
+                        "list conda packages under 'dependencies:', and pip's (a requirements.txt) under '- pip:' in it")
     return node
 
 

@@ -604,6 +604,14 @@ def refused(text: str) -> SpecError:
     return info.value
 
 
+@pytest.mark.parametrize("text", ["numpy==1.26.4\npandas>=2\n", "- numpy\n- pandas\n"],
+                         ids=["requirements.txt", "bare-list"])
+def test_a_list_of_packages_without_keys_is_told_where_it_goes(text):
+    assert refusal(text) == ("env.yml: line 1: the top level must be a mapping (name:, channels:, dependencies:): "
+                             "list conda packages under 'dependencies:', and pip's (a requirements.txt) under "
+                             "'- pip:' in it")
+
+
 def test_a_windows_export_of_many_windows_packages_names_a_few_on_its_line():
     # An R environment exported on Windows brings dozens of m2w64-* packages.
     packages = "".join(f"  - m2w64-lib{i}=5.3.0=7\n" for i in range(30))
