@@ -927,7 +927,7 @@ def _internal_error(args: argparse.Namespace, error: Exception) -> int:
 
 def _reader_left() -> bool:
     """Whether standard output is a pipe whose reader has gone (its write end polls as an error)."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # AttributeError: no poll() (Windows)
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
         return any(events & select.POLLERR for _, events in poll.poll(0))
