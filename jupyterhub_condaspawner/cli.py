@@ -17,6 +17,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -62,15 +63,23 @@ def load_config(path: str | None) -> Config:
 # -- validate -----------------------------------------------------------------------
 
 
-def _read_input(name: str) -> bytes:
+def _read_input(name: str, max_bytes: int) -> bytes:
+    """The file's bytes (standard input for "-"), read no further than one byte past
+    ``max_bytes`` (SpecPolicy.max_file_bytes): `validate /dev/zero` or a huge file is refused
+    in one line, not read into memory whole."""
     from .spec import SpecError
 
-    if name == "-":
-        return sys.stdin.buffer.read()
     try:
-        return Path(name).read_bytes()
+        with contextlib.ExitStack() as stack:
+            stream = sys.stdin.buffer if name == "-" else stack.enter_context(open(name, "rb"))
+            data = stream.read(max_bytes + 1)
+            if len(data) <= max_bytes:
+                return data
+            status = os.fstat(stream.fileno())
     except OSError as error:
-        raise SpecError(f"cannot read file ({error.strerror})")
+        raise SpecError(f"cannot read file ({error.strerror})") from None
+    size = f"{status.st_size} bytes, " if stat.S_ISREG(status.st_mode) else ""
+    raise SpecError(f"file is {size}larger than the limit of {max_bytes}" + ("" if size else " bytes"))
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
@@ -81,7 +90,7 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     specs = {}
     for index, name in enumerate(args.files):
         try:
-            spec = policy.parse(_read_input(name))
+            spec = policy.parse(_read_input(name, policy.max_file_bytes))
             specs[index] = spec
             results.append({"file": name, "ok": True, "key": spec.key(), "spec": spec.normalized(),
                             "notes": list(spec.notes)})
@@ -224,7 +233,8 @@ def cmd_resolve(args: argparse.Namespace, config: Config) -> int:
     from .spec import SpecError, SpecPolicy
 
     try:
-        spec = SpecPolicy(config=config).parse(_read_input(args.file), source=args.file)
+        policy = SpecPolicy(config=config)
+        spec = policy.parse(_read_input(args.file, policy.max_file_bytes), source=args.file)
         lock = asyncio.run(_resolver(args, config).solve(spec, cuda=args.cuda))
     except (SpecError, ResolveError) as error:
         raise CommandError(str(error))
@@ -365,7 +375,8 @@ def _build_requests(args: argparse.Namespace, config: Config,
         for name in args.files:
             _refuse_a_slug_for_a_file(name, profiles)
         try:
-            requests = [(name, BuildRequest(policy.parse(_read_input(name), source=name))) for name in args.files]
+            requests = [(name, BuildRequest(policy.parse(_read_input(name, policy.max_file_bytes), source=name)))
+                        for name in args.files]
         except SpecError as error:
             raise CommandError(str(error))
         for name in args.files:

@@ -252,3 +252,17 @@ def test_a_broken_pipe_other_than_standard_output_stays_an_internal_error(monkey
     monkeypatch.setattr(args, "handler", handler)
     assert cli._run(args) == 2
     assert "error: internal error: BrokenPipeError" in capsys.readouterr().err
+
+
+def test_a_file_past_the_size_limit_is_refused_without_being_read_whole(tmp_path):
+    """`validate /dev/zero` (or a multi-GB file, or a stream) stops one byte past
+    SpecPolicy.max_file_bytes: one line, no memory spent on the rest."""
+    big = tmp_path / "big.yml"
+    big.write_bytes(b"dependencies: [numpy]\n" + b"#" * (600 * 1024))
+    result = condaspawner("validate", str(big), "/dev/zero", "-", stdin=b"#" * (300 * 1024))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.decode().splitlines() == [
+        f"{big}: error: file is {big.stat().st_size} bytes, larger than the limit of 262144",
+        "/dev/zero: error: file is larger than the limit of 262144 bytes",
+        "-: error: file is larger than the limit of 262144 bytes",
+    ]
