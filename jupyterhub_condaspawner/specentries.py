@@ -78,7 +78,8 @@ class EntryChecker:
                 f"{show(text)} is not a valid conda spec (MatchSpec: {_first_line(error)}){hint}",
                 field=at(where, node),
             )
-        if match_spec.name is None:
+        if match_spec.name is None or not any(char.isalnum() for char in match_spec.name.normalized):
+            # MatchSpec takes '.', '..' or '-' as a name; no package is called that (a path, a stray dash)
             raise SpecError(f"{show(text)} names no package", field=at(where, node))
         if match_spec.namespace is not None:
             raise SpecError(f"{show(text)}: {_namespace_reason(match_spec.namespace, text)}", field=at(where, node))

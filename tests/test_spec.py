@@ -690,3 +690,11 @@ def test_an_option_after_a_package_says_to_list_the_package_alone_and_anaconda_i
     # listed beside defaults, as a real file does: writing 'defaults' there would list it twice
     assert "'anaconda' is not an allowed channel (it is one of Anaconda's defaults channels, and 'defaults' is " \
         "listed: remove it)" in refusal("channels: [anaconda, conda-forge, defaults]\ndependencies: [numpy]\n")
+
+
+@pytest.mark.parametrize("entry", [".", "..", "'-'", "_"])
+def test_an_entry_whose_name_has_no_letter_or_digit_names_no_package(entry):
+    """MatchSpec takes '.', '..' or '-' as a package name; no package is called that, and the
+    solve would fail on it later with 'no candidates'."""
+    message = refusal(f"dependencies:\n  - python=3.9\n  - {entry}\n")
+    assert message.startswith("env.yml: dependencies[1] (line 3): ") and message.endswith(" names no package")
