@@ -188,7 +188,12 @@ class SpecReader:
         requirements: list[str] = []
         hashed: list[tuple[str, yaml.Node]] = []
         unhashed: list[tuple[str, yaml.Node]] = []
-        for index, item in sequence(node.value[0][1], f"{where}.pip"):
+        listed = node.value[0][1]
+        if is_null(listed) or (isinstance(listed, yaml.SequenceNode) and not listed.value):
+            # Most often its '- package' lines are not indented below it: they are conda packages then
+            self.notes.append(f"{at(where, node)}: '- pip:' lists no packages (pip installs nothing): its "
+                              "'- package' lines go indented below it")
+        for index, item in sequence(listed, f"{where}.pip"):
             item_where = f"{where}.pip[{index}]"
 
             def one(item: yaml.Node = item, item_where: str = item_where) -> str:

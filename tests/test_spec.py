@@ -698,3 +698,14 @@ def test_an_entry_whose_name_has_no_letter_or_digit_names_no_package(entry):
     solve would fail on it later with 'no candidates'."""
     message = refusal(f"dependencies:\n  - python=3.9\n  - {entry}\n")
     assert message.startswith("env.yml: dependencies[1] (line 3): ") and message.endswith(" names no package")
+
+
+def test_an_empty_pip_section_is_noted_with_where_its_packages_go():
+    """`- pip:` whose '- package' lines were not indented below it: they are conda packages then,
+    and pip installs nothing. Accepted (conda accepts it), with a note saying so."""
+    spec = SpecPolicy().parse("dependencies:\n  - python=3.9\n  - pip:\n  - cs-alpha\n", source="env.yml")
+    assert spec.pip == () and "cs-alpha" in spec.conda
+    assert spec.notes == ("dependencies[1] (line 3): '- pip:' lists no packages (pip installs nothing): its "
+                          "'- package' lines go indented below it",)
+    assert SpecPolicy().parse("dependencies: [python=3.9, {pip: []}]\n").notes[0].endswith("go indented below it")
+    assert SpecPolicy().parse("dependencies: [python=3.9, {pip: [requests]}]\n").notes == ()
