@@ -80,12 +80,17 @@ def image_labels(key: str, request: BuildRequest, lock: Lock, base_image_id: str
 
 def kernel_spec(request: BuildRequest) -> dict[str, Any]:
     prefix = request.prefix
+    variables = dict(request.spec.variables)
     env = {
         "CONDA_PREFIX": prefix,
         "CONDA_DEFAULT_ENV": request.env_name,
         "PATH": f"{prefix}/bin:/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        **dict(request.spec.variables),
+        **variables,
     }
+    if "PATH" in variables:
+        # `PATH: $PATH:/x` expands from the server's PATH, whose first entry is the base's bin: the
+        # notebook's `!pip` and `!python` would be the server's, not the environment's
+        env["PATH"] = f"{prefix}/bin:{variables['PATH']}"
     return {
         "argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         # Not the profile's display name: the server names the kernel from the variable
