@@ -176,6 +176,9 @@ class EntryChecker:
             raise SpecError(f"{show(text)}: '\\' continues a line in a requirements file, not in an environment.yml: "
                             "write the requirement and its --hash options on one line, without '\\'",
                             field=at(where, node))
+        # `C:\pkg`: a Windows path is named as a path, not by its '\\' as a shell character
+        if "\\" in text and (refusal := policy_refusal(text)):
+            raise SpecError(f"{show(text)}: {refusal}", field=at(where, node))
         self._check_entry_text(text, where, node, _SHELL_CHARS_PIP)
         text, hashes = split_hashes(text)
         refusal = policy_refusal(text)

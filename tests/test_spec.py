@@ -709,3 +709,9 @@ def test_an_empty_pip_section_is_noted_with_where_its_packages_go():
                           "'- package' lines go indented below it",)
     assert SpecPolicy().parse("dependencies: [python=3.9, {pip: []}]\n").notes[0].endswith("go indented below it")
     assert SpecPolicy().parse("dependencies: [python=3.9, {pip: [requests]}]\n").notes == ()
+
+
+def test_a_windows_path_in_pip_is_named_a_local_path():
+    message = refusal("dependencies:\n  - python=3.9\n  - pip:\n    - 'C:\\pkg\\tool'\n")
+    assert message == "env.yml: dependencies[1].pip[0] (line 4): 'C:\\\\pkg\\\\tool': local paths are not allowed; " \
+                      "name a package from the index"
