@@ -118,6 +118,7 @@ class _Environments:
 
     @property
     def condaspawner(self) -> HubServices:  # not `services`: BaseHandler has that name
+        self.user_name  # noqa: B018 (a user, first: a service's token has no spawner)
         spawner = self.current_user.spawner
         if not isinstance(spawner, CondaSpawner):
             raise PageFailure(500, "the environments page needs CondaSpawner (or a subclass) as "
@@ -305,6 +306,9 @@ class _Environments:
         if servers:  # the admin's page: whose, so that they know which to stop
             raise PageFailure(409, f"a server uses this image ({', '.join(sorted(servers)[:5])}"
                                    f"{', ...' if len(servers) > 5 else ''}): stop it first")
+        if any(build.key == key for build in builder.in_progress()):  # a rebuild would tag it again
+            raise PageFailure(409, f"{builder.tag_for(key)} is being built now: delete it once its build has ended "
+                                   "(the builds table)")
         try:
             image = await asyncio.to_thread(builder.find_image, key)
             if image is None:
@@ -388,7 +392,7 @@ class _API(_Environments, APIHandler):
         self._refuse_large_body()
         try:
             data = json.loads(self.request.body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
             raise PageFailure(400, "the request body must be JSON") from None
         if not isinstance(data, dict):
             raise PageFailure(400, "the request body must be a JSON object")

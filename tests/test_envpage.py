@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fake_nvml import FakeNvml
@@ -12,7 +14,7 @@ from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.culler import GpuIdleCuller
-from jupyterhub_condaspawner.envhandlers import PageFailure, one_check_at_a_time
+from jupyterhub_condaspawner.envhandlers import _API, PageFailure, _Environments, one_check_at_a_time
 from jupyterhub_condaspawner.environments import admin_builds, gpu_map, recent_failures, swarm_gpu_map
 from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
@@ -133,3 +135,59 @@ async def test_the_gpu_map_lists_the_queue_as_the_event_loop_read_it():
     assert [holder["user"] for holder in page["gpus"][0]["holders"]] == ["alice"]
     queue.cancel("bob", "")
     await asyncio.gather(waiting, return_exceptions=True)
+
+
+class _Handler(_Environments):
+    """The handlers' shared part, as a request of ``user`` (a user, or a service) with ``scopes`` sees it."""
+
+    def __init__(self, user: Any, method: str = "GET", body: bytes = b"", scopes: tuple[str, ...] = ()):
+        self.current_user, self.expanded_scopes, self.settings = user, set(scopes), {}
+        self.request = SimpleNamespace(method=method, body=body)
+        self.users: dict[str, Any] = {}
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.expanded_scopes
+
+
+def test_a_services_token_is_refused_in_one_line_not_an_internal_error():
+    # A service has no spawner: asked for its environments, it is told the page is for users.
+    service = SimpleNamespace(kind="service", name="announcer")
+    for method in ("GET", "POST"):
+        with pytest.raises(PageFailure) as refused:
+            _Handler(service, method, scopes=("read:servers", "servers")).condaspawner  # noqa: B018
+        assert (refused.value.status, refused.value.message) == (
+            403, "the environments page is for users: log in, or use a user's API token")
+
+
+class _BodyHandler(_Handler):
+    body = _API.body
+    _refuse_large_body = _API._refuse_large_body
+    condaspawner = SimpleNamespace(policy=SpecPolicy())  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"server": ' * 50_000, b"\xff\xfe{", b"{", b"5"])
+def test_a_malformed_request_body_is_a_400_in_one_line(raw):
+    alice = SimpleNamespace(kind="user", name="alice")
+    handler = _BodyHandler(alice, "POST", raw, scopes=("servers!user=alice",))
+    with pytest.raises(PageFailure) as refused:
+        handler.body()
+    assert refused.value.status == 400 and refused.value.message in (
+        "the request body must be JSON", "the request body must be a JSON object")
+
+
+class _ServicesHandler(_Handler):
+    condaspawner: Any = None  # the test's HubServices
+
+
+async def test_an_image_whose_build_runs_is_not_deleted_under_it(tmp_path):
+    # Deleted while a rebuild runs, the image would be back once the rebuild tags its new one.
+    key = "c" * 64
+    builder = ImageBuilder(cache_dir=str(tmp_path), docker_host="unix:///nonexistent/docker.sock")
+    builder.in_progress = lambda: [SimpleNamespace(key=key)]  # type: ignore[method-assign]
+    builder.find_image = lambda key: SimpleNamespace(id="sha256:" + key)  # type: ignore[method-assign]
+    handler = _ServicesHandler(SimpleNamespace(kind="user", name="ops"), "DELETE", scopes=("servers!user=ops",))
+    handler.condaspawner = SimpleNamespace(builder=builder)
+    with pytest.raises(PageFailure) as refused:
+        await handler._delete(key)
+    assert (refused.value.status, refused.value.message) == (
+        409, f"{builder.tag_for(key)} is being built now: delete it once its build has ended (the builds table)")
