@@ -10,11 +10,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from jupyterhub import scopes
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.handlers.base import BaseHandler
+from jupyterhub.utils import url_escape_path, url_path_join
 from tornado import web
 from tornado.iostream import StreamClosedError
 
@@ -50,6 +50,11 @@ HEARTBEAT_S = 15.0  # a comment line this often: a closed connection shows on th
 # A request body is read (json.loads) only up to this many times SpecPolicy.max_file_bytes:
 # an environment.yml in JSON, with room for its escapes.
 BODY_FILE_FACTOR = 4
+
+
+def spawn_pending_url(base_url: str, user: Any, server_name: str) -> str:
+    """The progress page of ``user``'s start of ``server_name``, as the hub's own pages link it."""
+    return url_path_join(base_url, "spawn-pending", user.escaped_name, url_escape_path(server_name))
 
 
 def _refuse_unless_allowed(spawner: Any, slug: str) -> None:
@@ -216,8 +221,7 @@ class _Environments:
             await self.spawn_single_user(user, server_name, options=options)  # type: ignore[attr-defined]
         except web.HTTPError as error:
             raise PageFailure(error.status_code, f"cannot start: {error.log_message or error.reason}") from None
-        pending = f"{self.hub.base_url}spawn-pending/{quote(user.escaped_name)}"  # type: ignore[attr-defined]
-        return pending + (f"/{quote(server_name)}" if server_name else "")
+        return spawn_pending_url(self.hub.base_url, user, server_name)  # type: ignore[attr-defined]
 
     async def _refuse_a_changed_profile(self, use: Use) -> None:
         """PageFailure 409 when ``use``'s profile now builds another image (its environment.yml

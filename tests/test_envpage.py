@@ -14,7 +14,13 @@ from traitlets.config import Config
 
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.culler import GpuIdleCuller
-from jupyterhub_condaspawner.envhandlers import _API, PageFailure, _Environments, one_check_at_a_time
+from jupyterhub_condaspawner.envhandlers import (
+    _API,
+    PageFailure,
+    _Environments,
+    one_check_at_a_time,
+    spawn_pending_url,
+)
 from jupyterhub_condaspawner.environments import admin_builds, gpu_map, recent_failures, swarm_gpu_map
 from jupyterhub_condaspawner.envpage import ADMIN_SCOPE, EnvironmentsPage, configure, handlers
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
@@ -191,3 +197,14 @@ async def test_an_image_whose_build_runs_is_not_deleted_under_it(tmp_path):
         await handler._delete(key)
     assert (refused.value.status, refused.value.message) == (
         409, f"{builder.tag_for(key)} is being built now: delete it once its build has ended (the builds table)")
+
+
+def test_a_starts_progress_url_names_the_user_as_the_hubs_own_pages_do():
+    # escaped_name is escaped already: escaped again, "josé" became "jos%25C3%25A9", another (no) user.
+    from jupyterhub.user import User
+
+    class Named:
+        name = "josé"
+        escaped_name = User.escaped_name
+    assert spawn_pending_url("/hub/", Named(), "") == "/hub/spawn-pending/jos%C3%A9"
+    assert spawn_pending_url("/hub/", Named(), "second") == "/hub/spawn-pending/jos%C3%A9/second"
