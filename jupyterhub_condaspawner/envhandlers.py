@@ -332,11 +332,20 @@ class _Environments:
             profile = services.catalog.get(use.profile)
             custom = services.policy.parse(use.spec, source="environment.yml") if use.own and use.spec else None
             request = request_for_profile(profile, custom)
-        except (KeyError, ValueError, ProfileError, SpecError) as error:
+        except KeyError:  # str(KeyError) is the bare slug: say what is missing
+            raise PageFailure(400, f"cannot rebuild: {_unrebuildable(use)}") from None
+        except (ValueError, ProfileError, SpecError) as error:
             raise PageFailure(400, f"cannot rebuild: {str(error).splitlines()[0] if str(error) else 'no spec'}") from None
         # The old image serves new servers until the new one is tagged, and stays if this fails.
         build = await self._ensure(request, rebuild=True)
         return {"key": build.key, "message": f"rebuilding {request.display_name} ({build.key[:16]})"}
+
+
+def _unrebuildable(use: Use) -> str:
+    """Why ``use``, whose profile the hub does not have, cannot be built again."""
+    if use.profile:
+        return f"profile {use.profile!r}, which built it, is no longer on this hub"
+    return "its environment.yml is not recorded on this hub (no user started it here)"
 
 
 def _remove_image(builder: ImageBuilder, key: str, image_id: str) -> None:

@@ -28,6 +28,7 @@ from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory
 from jupyterhub_condaspawner.spec import SpecPolicy
 from jupyterhub_condaspawner.swarm import NodeInfo, SwarmState, TaskInfo
 from jupyterhub_condaspawner.swarmgpus import GpuReading
+from jupyterhub_condaspawner.usage import Use
 
 
 def test_configure_adds_the_handlers_templates_and_scope_and_keeps_what_was_there():
@@ -208,3 +209,18 @@ def test_a_starts_progress_url_names_the_user_as_the_hubs_own_pages_do():
         escaped_name = User.escaped_name
     assert spawn_pending_url("/hub/", Named(), "") == "/hub/spawn-pending/jos%C3%A9"
     assert spawn_pending_url("/hub/", Named(), "second") == "/hub/spawn-pending/jos%C3%A9/second"
+
+
+@pytest.mark.parametrize("profile,own,message", [
+    ("envtest", False, "cannot rebuild: profile 'envtest', which built it, is no longer on this hub"),
+    # `condaspawner build` of a user's file: no usage record has its environment.yml
+    ("", True, "cannot rebuild: its environment.yml is not recorded on this hub (no user started it here)"),
+])
+async def test_a_rebuild_that_cannot_be_says_why_in_words(profile, own, message):
+    key = "d" * 64
+    handler = _ServicesHandler(SimpleNamespace(kind="user", name="ops"), "POST", scopes=("servers!user=ops",))
+    handler.condaspawner = SimpleNamespace(catalog=SimpleNamespace(get=lambda slug: {}[slug]), policy=SpecPolicy())
+    handler.use_of = lambda key: Use("", key, profile, own, "env", "", 0.0, 0.0)  # type: ignore[method-assign]
+    with pytest.raises(PageFailure) as refused:
+        await handler._rebuild(key)
+    assert (refused.value.status, refused.value.message) == (400, message)
