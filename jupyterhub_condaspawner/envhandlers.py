@@ -761,7 +761,8 @@ class AdminForm(_Page):
         if action not in ("prebuild", "rebuild", "delete", "gc"):
             return self.back("environments/admin", "action: unknown action", "danger")
         try:
-            result = await self.admin_action(action, argument, dry_run=self.get_body_argument("dry_run", "") == "1")
+            # A dry run unless the "Run GC" button (0) says otherwise, as the API's default.
+            result = await self.admin_action(action, argument, dry_run=self.get_body_argument("dry_run", "1") != "0")
         except PageFailure as failure:
             if failure.status == 403:
                 raise

@@ -16,6 +16,7 @@ from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuild
 from jupyterhub_condaspawner.culler import GpuIdleCuller
 from jupyterhub_condaspawner.envhandlers import (
     _API,
+    AdminForm,
     PageFailure,
     _Environments,
     one_check_at_a_time,
@@ -224,3 +225,28 @@ async def test_a_rebuild_that_cannot_be_says_why_in_words(profile, own, message)
     with pytest.raises(PageFailure) as refused:
         await handler._rebuild(key)
     assert (refused.value.status, refused.value.message) == (400, message)
+
+
+async def test_the_admin_forms_gc_is_a_dry_run_unless_the_run_button_says_otherwise():
+    # As the API's: a post without dry_run (a script's, a form of an older page) removes nothing.
+    asked: list[tuple[str, str, bool]] = []
+
+    class Form:
+        current_user = SimpleNamespace(kind="user", name="ops")
+
+        def __init__(self, fields: dict[str, str]):
+            self.fields = fields
+
+        def get_body_argument(self, name: str, default: str) -> str:
+            return self.fields.get(name, default)
+
+        async def admin_action(self, action: str, argument: str, dry_run: bool) -> dict[str, Any]:
+            asked.append((action, argument, dry_run))
+            return {"message": "done"}
+
+        def back(self, path: str, message: str, kind: str = "info") -> None:
+            pass
+
+    for fields in ({"action": "gc"}, {"action": "gc", "dry_run": "1"}, {"action": "gc", "dry_run": "0"}):
+        await AdminForm.post(Form(fields))  # type: ignore[arg-type]
+    assert [dry_run for _, _, dry_run in asked] == [True, True, False]
