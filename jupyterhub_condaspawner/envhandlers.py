@@ -57,6 +57,11 @@ def spawn_pending_url(base_url: str, user: Any, server_name: str) -> str:
     return url_path_join(base_url, "spawn-pending", user.escaped_name, url_escape_path(server_name))
 
 
+def _already_active(server_name: str) -> PageFailure:
+    which = f"your server {server_name!r}" if server_name else "your server"
+    return PageFailure(409, f"{which} is already running or starting: stop it on the Home page first")
+
+
 def _refuse_unless_allowed(spawner: Any, slug: str) -> None:
     """PageFailure 403 when the user may no longer use profile ``slug`` (taken out of the course's
     group): told so first, not that the profile changed (which would also show them its new name);
@@ -211,8 +216,7 @@ class _Environments:
             await self._check_server_name(user, server_name)
         spawner = user.get_or_create_spawner(server_name, server_name)
         if spawner.active:
-            which = f"your server {server_name!r}" if server_name else "your server"
-            raise PageFailure(409, f"{which} is already running or starting: stop it on the Home page first")
+            raise _already_active(server_name)
         if not use.own:
             _refuse_unless_allowed(spawner, use.profile)
             await self._refuse_a_changed_profile(use)
@@ -221,6 +225,10 @@ class _Environments:
             await self.spawn_single_user(user, server_name, options=options)  # type: ignore[attr-defined]
         except web.HTTPError as error:
             raise PageFailure(error.status_code, f"cannot start: {error.log_message or error.reason}") from None
+        except RuntimeError:  # the hub's "pending": another start of this server began while this one waited
+            if not spawner.active:
+                raise
+            raise _already_active(server_name) from None
         return spawn_pending_url(self.hub.base_url, user, server_name)  # type: ignore[attr-defined]
 
     async def _refuse_a_changed_profile(self, use: Use) -> None:

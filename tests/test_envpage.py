@@ -250,3 +250,26 @@ async def test_the_admin_forms_gc_is_a_dry_run_unless_the_run_button_says_otherw
     for fields in ({"action": "gc"}, {"action": "gc", "dry_run": "1"}, {"action": "gc", "dry_run": "0"}):
         await AdminForm.post(Form(fields))  # type: ignore[arg-type]
     assert [dry_run for _, _, dry_run in asked] == [True, True, False]
+
+
+async def test_a_second_start_while_the_first_is_under_way_is_a_409_not_an_internal_error():
+    # A double click: both pass the "already running" check, then wait (the profile's current key,
+    # read in a thread); the first spawn begins, and the hub refuses the second (RuntimeError).
+    spawner = SimpleNamespace(active=False, allowed_profile=lambda slug: None)
+
+    async def spawn_single_user(user: Any, server_name: str, options: dict[str, Any]) -> None:
+        spawner.active = True  # the first request's spawn, pending now
+        raise RuntimeError("alice pending spawn")
+
+    alice = SimpleNamespace(kind="user", name="alice", get_or_create_spawner=lambda name, display: spawner)
+    handler = _ServicesHandler(alice, "POST", scopes=("servers!user=alice",))
+    handler.use_of = lambda key: Use("alice", key, "python39", False, "Python", "", 0.0, 0.0)  # type: ignore[method-assign]
+
+    async def unchanged(use: Use) -> None:
+        pass
+    handler._refuse_a_changed_profile = unchanged  # type: ignore[method-assign]
+    handler.spawn_single_user = spawn_single_user  # type: ignore[attr-defined]
+    with pytest.raises(PageFailure) as refused:
+        await handler.start("e" * 64)
+    assert (refused.value.status, refused.value.message) == (
+        409, "your server is already running or starting: stop it on the Home page first")
