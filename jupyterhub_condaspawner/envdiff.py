@@ -72,10 +72,14 @@ def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str =
 
     Channels are names conda knows elsewhere: the spec's, else ``default_channels`` (the
     hub's, which solved a spec that lists none); the lock's URLs only when neither is known
-    (they can be the hub's own mirror or local folders). A ``pip:`` section is kept as the
-    spec wrote it (pip packages are not in the conda lock).
+    (they can be the hub's own mirror or local folders). A ``pip:`` section and ``variables:``
+    are kept as the spec wrote them (neither is in the conda lock; conda sets the variables
+    when the environment is activated). A spec that is not YAML (a damaged record) adds nothing.
     """
-    spec = yaml.safe_load(spec_text) if spec_text else {}
+    try:
+        spec = yaml.safe_load(spec_text) if spec_text else {}
+    except yaml.YAMLError:
+        spec = {}
     spec = spec if isinstance(spec, dict) else {}
     channels = spec.get("channels") or list(default_channels or []) or list(lock.get("channels", []))
     dependencies: list[Any] = [f"{package['name']}={package['version']}={package['build']}"
@@ -88,6 +92,8 @@ def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str =
         document["name"] = name or spec["name"]
     document["channels"] = channels
     document["dependencies"] = dependencies
+    if isinstance(spec.get("variables"), dict) and spec["variables"]:
+        document["variables"] = dict(spec["variables"])
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
 

@@ -236,7 +236,7 @@ def test_downloads_an_exact_environment_yml_that_solves_to_the_same_lock(story, 
     status, lock, kind = alice.call("GET", f"/{key}/lock")
     assert status == 200 and "json" in kind
     exact = yaml.safe_load(text)
-    assert exact["channels"] == ["conda-forge"]
+    assert exact["channels"] == ["conda-forge"] and exact["variables"] == {"RUN": RUN}  # conda sets them too
     pinned = {f"{p['name']}={p['version']}={p['build']}" for p in lock["packages"]}
     assert set(exact["dependencies"]) == pinned
     # conda elsewhere re-creates it: the same packages, solved again from the file alone.

@@ -55,6 +55,15 @@ def test_the_exact_environment_yml_pins_every_package_and_keeps_the_pip_section(
     assert yaml.safe_load(exact_environment_yml(lock))["channels"] == ["file:///c"]  # nothing else known
 
 
+def test_the_exact_environment_yml_keeps_the_variables_and_survives_a_damaged_record():
+    lock = {"channels": ["file:///c"], "packages": [package("python", "3.9.18", "h_cs_0")]}
+    spec = "channels: [conda-forge]\ndependencies: [python=3.9]\nvariables: {OMP_NUM_THREADS: '4'}\n"
+    assert yaml.safe_load(exact_environment_yml(lock, spec))["variables"] == {"OMP_NUM_THREADS": "4"}
+    # a usage record whose spec is not YAML (damaged by hand): the lock's packages, nothing more
+    assert yaml.safe_load(exact_environment_yml(lock, "dependencies: [python\n  - : :")) == {
+        "channels": ["file:///c"], "dependencies": ["python=3.9.18=h_cs_0"]}
+
+
 def test_the_usage_log_keeps_each_users_environments_apart(tmp_path):
     log = UsageLog(tmp_path)
     log.record("alice", "a" * 64, profile="python39", own=True, name="Mine", spec="dependencies: [x]\n")
