@@ -409,13 +409,23 @@ class _BlockDumper(yaml.SafeDumper):
 
 
 # Plain scalars Helm's Go YAML reads as numbers, booleans or null where PyYAML reads text
-# (`1e3`, `19e0042`, `n`, `y`, `0o17`): a slug or user name like that would stop matching.
-_GO_YAML_NOT_TEXT = re.compile(r"[-+.]?[0-9]|(y|n|yes|no|on|off|true|false|null|~)\Z", re.IGNORECASE)
+# (`1e3`, `19e0042`, `n`, `y`, `0o17`; after a sign it drops `_`: `-_1`, `-.5`): a slug or user
+# name like that would stop matching.
+_GO_YAML_NOT_TEXT = re.compile(r"[-+]?[._]*[0-9]|(y|n|yes|no|on|off|true|false|null|~)\Z", re.IGNORECASE)
+# Line breaks to YAML 1.1 besides "\n": PyYAML's single quotes lose a NEL; escaped, every reader keeps them.
+_UNICODE_BREAKS = frozenset("\x85\u2028\u2029")
+
+
+def _scalar_style(value: str) -> str | None:
+    if not _UNICODE_BREAKS.isdisjoint(value):
+        return '"'
+    if "\n" in value:
+        return "|"
+    return "'" if not value or _GO_YAML_NOT_TEXT.match(value) else None
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.nodes.ScalarNode:
-    style = "|" if "\n" in value else "'" if not value or _GO_YAML_NOT_TEXT.match(value) else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=_scalar_style(value))
 
 
 _BlockDumper.add_representer(str, _represent_str)

@@ -279,6 +279,26 @@ def test_names_go_yaml_would_read_as_numbers_or_booleans_are_quoted(tmp_path: Pa
     assert "- alice" in text  # plain where it is text to every reader
 
 
+def test_names_go_yaml_reads_as_numbers_after_a_sign_or_underscores_are_quoted(tmp_path: Path):
+    """Go YAML drops `_` from a plain scalar that starts with a sign before reading it as a number:
+    `-_1` is -1 there, `+_2` is 2, and `-.5` is -0.5 (PyYAML reads all three as text)."""
+    (tmp_path / "p.yaml").write_text("display_name: '-.5'\nslug: course\nenvironment: {dependencies: [python=3.11]}\n"
+                                     "allowed_users: ['-_1', '-._5']\nallowed_groups: ['+_2', '+.5']\n")
+    profiles = load(tmp_path)
+    text = KubernetesExport().export(profiles, pushed(profiles)).to_yaml(source=tmp_path)
+    for value in ("-.5", "-_1", "-._5", "+_2", "+.5"):
+        assert f"'{value}'" in text, value
+
+
+def test_a_name_with_a_next_line_character_reads_back_as_written(tmp_path: Path):
+    """U+0085 (NEL) is a line break to YAML 1.1 readers: PyYAML's own single quotes lose it."""
+    (tmp_path / "p.yaml").write_text('display_name: "Lab\\Nx"\ndescription: "a\\Lb\\Pc"\n'
+                                     "environment: {dependencies: [python=3.11]}\n")
+    profiles = load(tmp_path)
+    export = KubernetesExport().export(profiles, pushed(profiles))
+    assert yaml.safe_load(export.to_yaml(source=tmp_path)) == export.values()
+
+
 def test_a_profiles_text_reads_as_text_on_kubespawners_form(tmp_path: Path):
     (tmp_path / "p.yaml").write_text('display_name: "CUDA <12 & friends"\n'
                                      'description: "PyTorch <img src=x onerror=alert(1)>"\n'
