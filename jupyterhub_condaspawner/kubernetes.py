@@ -338,8 +338,9 @@ class KubernetesExport(Configurable):
             entry["allowed_groups"] = list(profile.allowed_groups)
         if profile.allowed_users:
             entry["allowed_users"] = list(profile.allowed_users)
+        environment = {KERNEL_DISPLAY_NAME_VARIABLE: kubespawner_literal(profile.display_name)}
         entry["kubespawner_override"] = {"image": image, **self.resources(profile), **self.gpu_placement(profile),
-                                         "environment": {KERNEL_DISPLAY_NAME_VARIABLE: profile.display_name}}
+                                         "environment": environment}
         return entry
 
     # -- the whole catalog ------------------------------------------------------------------
@@ -394,6 +395,12 @@ class Export:
         header += [f"# note: {note}" for note in self.notes]
         return "\n".join(header) + "\n" + yaml.dump(self.values(), Dumper=_BlockDumper, sort_keys=False,
                                                     allow_unicode=True, width=100)
+
+
+def kubespawner_literal(text: str) -> str:
+    """``text`` as a string of KubeSpawner's ``environment``, which it reads as a template whose
+    ``{username}``-style fields it fills in: "Python {3.11}" would fail the start."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def byte_size(size: int) -> str | int:

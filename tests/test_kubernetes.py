@@ -299,6 +299,25 @@ def test_a_name_with_a_next_line_character_reads_back_as_written(tmp_path: Path)
     assert yaml.safe_load(export.to_yaml(source=tmp_path)) == export.values()
 
 
+def test_a_display_name_with_braces_names_the_kernel_as_written(tmp_path: Path):
+    """KubeSpawner fills `{username}`-style fields into every string of `environment`: a
+    display_name's braces must reach the pod as written, and never fail the start."""
+    (tmp_path / "a.yaml").write_text('display_name: "Python {3.11} for {username}"\nslug: braces\n'
+                                     "environment: {dependencies: [python=3.11]}\n")
+    (tmp_path / "b.yaml").write_text('display_name: "R {tidyverse"\nslug: open\n'
+                                     "environment: {dependencies: [python=3.11]}\n")
+    profiles = load(tmp_path)
+    config = hub_config(export_values(profiles))
+
+    async def check() -> None:
+        for profile in profiles:
+            pod = await pod_for(config, user("alice"), {"profile": profile.slug})
+            env = {variable["name"]: variable.get("value") for variable in container(pod)["env"]}
+            assert env[KERNEL_DISPLAY_NAME_VARIABLE] == profile.display_name
+
+    asyncio.run(check())
+
+
 def test_a_profiles_text_reads_as_text_on_kubespawners_form(tmp_path: Path):
     (tmp_path / "p.yaml").write_text('display_name: "CUDA <12 & friends"\n'
                                      'description: "PyTorch <img src=x onerror=alert(1)>"\n'
