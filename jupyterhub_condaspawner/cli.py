@@ -528,7 +528,7 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         for profile, _ in profile_builds:
             if profile.slug in pushed:
                 images.record(profile, pushed[profile.slug])
-        images.write(images.source)
+        _write_images(images)
         print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
     for failed_build in failed:  # one line each: the key, the phase in words, the cause, where the log is
         print(f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)", file=sys.stderr)
@@ -546,9 +546,30 @@ def _images_to_push(args: argparse.Namespace, config: Config) -> PushedImages:
     if problem:
         raise CommandError(f"cannot push: {problem}")
     path = Path(args.images or KubernetesExport(config=config).images_file)
+    # Found only after the builds, an unwritable file would lose every pushed reference.
+    problem = _cannot_write(path)
+    if problem:
+        raise CommandError(f"cannot write {path}: {problem}")
     images = _load_images(path) if path.exists() else PushedImages()
     images.source = str(path)
     return images
+
+
+def _cannot_write(path: Path) -> str | None:
+    """Why ``path`` cannot be written, as the system would say it, or None."""
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "Permission denied"
+    if not path.parent.is_dir():
+        return "No such file or directory"
+    return None if os.access(path.parent, os.W_OK) else "Permission denied"
+
+
+def _write_images(images: PushedImages) -> None:
+    try:
+        images.write(images.source)
+    except OSError as error:
+        raise CommandError(f"cannot write {images.source}: {error.strerror or error} "
+                           "(the table above shows the pushed references)") from None
 
 
 async def _push(builder: ImageBuilder, results: list[tuple]) -> tuple[list[tuple], dict[str, str]]:

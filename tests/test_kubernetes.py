@@ -723,6 +723,30 @@ def test_export_into_a_folder_that_is_not_there_is_one_error_line(fake_builder: 
     assert capsys.readouterr().err.splitlines()[-1] == f"error: cannot write {target}: No such file or directory"
 
 
+def test_build_push_to_an_images_file_it_cannot_write_says_so_before_building(
+        fake_builder: FakeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Found after the builds, it would lose every pushed reference (and show an internal error)."""
+    images = tmp_path / "missing" / "images.yaml"
+    assert cli.main(["build", "--push", "--profiles", str(SHIPPED), "--images", str(images)]) == 1
+    assert fake_builder.pushed == []
+    assert capsys.readouterr().err == f"error: cannot write {images}: No such file or directory\n"
+
+
+def test_build_push_that_cannot_write_the_images_file_after_building_is_one_error_line(
+        fake_builder: FakeBuilder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]):
+    images = tmp_path / "images.yaml"
+
+    def full(self: PushedImages, path: str | Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PushedImages, "write", full)
+    assert cli.main(["build", "--push", "--profiles", str(SHIPPED), "--images", str(images)]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1].startswith(f"error: cannot write {images}: No space left on device")
+    assert "internal error" not in err and out.count("@sha256:") == 4  # the references are still shown
+
+
 def test_a_profile_edited_while_build_push_runs_is_recorded_as_built_and_then_found_stale(
         fake_builder: FakeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The images file pairs each image with the profile it was built from, not with a later read
