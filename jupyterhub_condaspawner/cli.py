@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -643,7 +644,7 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
     text = export.to_yaml(source=catalog.profiles_dir)
     if args.output and args.output != "-":
         try:
-            Path(args.output).write_text(text, encoding="utf-8")
+            _write_whole(Path(args.output), text)
         except OSError as error:
             raise CommandError(f"cannot write {args.output}: {error.strerror or error}") from None
         print(f"wrote {args.output}: {len(export.profile_list)} profile(s) for singleuser.profileList",
@@ -651,6 +652,26 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: a write that fails (a full disk) leaves the file as
+    it was, never a values file cut short that Helm would deploy without its hub snippet."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # /dev/stdout (>> appends), a pipe
+        path.write_text(text, encoding="utf-8")
+        return
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w", encoding="utf-8") as file:
+            if path.exists():
+                os.fchmod(file.fileno(), stat.S_IMODE(path.stat().st_mode))  # as when written in place
+            file.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def cmd_ls(args: argparse.Namespace, config: Config) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,31 @@ def test_the_values_file_is_what_the_command_writes(tmp_path: Path):
     assert text.startswith("# Zero to JupyterHub values")
     assert yaml.safe_load(text) == export_values(profiles)
     assert f"    {ACCESS_CONFIG_KEY}: |\n" in text  # the hub snippet stays readable
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="RLIMIT_FSIZE stands in for a full disk")
+def test_an_export_that_cannot_be_written_whole_leaves_the_earlier_values_file(tmp_path: Path):
+    """A values file cut short may still read as YAML: without its hub snippet, Helm would
+    deploy every profile open to everyone."""
+    pushed(load()).write(tmp_path / "images.yaml")
+    out = tmp_path / "values.yaml"
+    out.write_text("earlier values\n")
+
+    def full_disk_after_2000_bytes() -> None:
+        import resource  # POSIX only
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jupyterhub_condaspawner.cli", "export", "kubespawner", "-o", str(out),
+         "--images", str(tmp_path / "images.yaml"), "--gpu-product", "NVIDIA-A100-SXM4-80GB"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=full_disk_after_2000_bytes,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"error: cannot write {out}: ")
+    assert out.read_text() == "earlier values\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images.yaml", "values.yaml"]
 
 
 def test_standard_output_and_every_missing_image_at_once(tmp_path: Path):
