@@ -36,6 +36,7 @@ from traitlets.config import Configurable
 
 from .buildcontext import KERNEL_DISPLAY_NAME_VARIABLE
 from .profiles import Profile
+from .specyaml import describe_yaml_error
 from .traittypes import FiniteFloat
 
 if TYPE_CHECKING:
@@ -132,11 +133,17 @@ class PushedImages:
         path = Path(path)
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as error:  # where, and what was expected there
+            raise ExportError([f"{path}: {describe_yaml_error(error)}"])
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ExportError([f"{path}: cannot read: {str(error).splitlines()[0]}"])
         images = document.get("images") if isinstance(document, dict) else None
         if not isinstance(images, dict):
             raise ExportError([f"{path}: must be a mapping with `images: {{slug: reference}}`"])
+        version = document.get("version", IMAGES_FILE_VERSION)
+        if version != IMAGES_FILE_VERSION:  # another release's entries may not mean what this one reads
+            raise ExportError([f"{path}: version {version!r}: this condaspawner reads version {IMAGES_FILE_VERSION}: "
+                               "use the release that wrote it, or move it aside and run `condaspawner build --push`"])
         entries: dict[str, dict[str, Any]] = {}
         problems = []
         for slug, entry in images.items():

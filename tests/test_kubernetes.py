@@ -624,6 +624,20 @@ def test_a_broken_images_file_is_one_line_per_problem(tmp_path: Path):
                                                           "datascience-cpu, dl-course-hw3, pytorch-gpu, vision-lab-2gpu)")
 
 
+def test_an_images_file_of_another_version_or_broken_yaml_is_one_line_that_says_where(tmp_path: Path):
+    path = tmp_path / "images.yaml"
+    path.write_text(f"version: 2\nimages: {{datascience-cpu: {REGISTRY}:t@sha256:{'0' * 64}}}\n")
+    with pytest.raises(ExportError) as failed:
+        PushedImages.load(path)
+    (problem,) = failed.value.problems
+    assert problem.startswith(f"{path}: version 2: ") and "reads version 1" in problem
+    path.write_text("images: {a: [}\n")
+    with pytest.raises(ExportError) as failed:
+        PushedImages.load(path)
+    (problem,) = failed.value.problems
+    assert problem.startswith(f"{path}: invalid YAML at line 1, column ")
+
+
 # -- the build side: `build --push` and the builder's push API --------------------------------------
 
 
