@@ -394,7 +394,7 @@ class Export:
 
     def to_yaml(self, source: str = "profiles/") -> str:
         header = [
-            f"# Zero to JupyterHub values: the condaspawner profiles of {source} for KubeSpawner.",
+            f"# Zero to JupyterHub values: the condaspawner profiles of {_comment_text(str(source))} for KubeSpawner.",
             "# Written by `condaspawner export kubespawner`; regenerate it rather than edit it.",
             "# Use it whole (helm upgrade ... -f THIS_FILE): hub.extraConfig enforces each",
             "# profile's allowed_groups / allowed_users, which KubeSpawner alone ignores.",
@@ -408,6 +408,12 @@ def kubespawner_literal(text: str) -> str:
     """``text`` as a string of KubeSpawner's ``environment``, which it reads as a template whose
     ``{username}``-style fields it fills in: "Python {3.11}" would fail the start."""
     return text.replace("{", "{{").replace("}", "}}")
+
+
+def _comment_text(text: str) -> str:
+    """``text`` fit for a YAML comment: no line break ends it (the rest would be values), no
+    character YAML refuses."""
+    return "".join(char if char.isprintable() else "?" for char in text)
 
 
 def byte_size(size: int) -> str | int:

@@ -344,6 +344,14 @@ def test_a_display_name_with_braces_names_the_kernel_as_written(tmp_path: Path):
     asyncio.run(check())
 
 
+def test_the_profiles_folders_name_stays_in_the_header_comment():
+    """A folder name with a line break must not end the comment: the rest would be values."""
+    profiles = load()
+    export = KubernetesExport(gpu_products=NODE_PRODUCTS).export(profiles, pushed(profiles))
+    for source in ("profiles\nsingleuser: {profileList: []}", "profiles\x85hub: {}", "profiles\u2028x: 1"):
+        assert yaml.safe_load(export.to_yaml(source=source)) == export.values(), repr(source)
+
+
 def test_a_profiles_text_reads_as_text_on_kubespawners_form(tmp_path: Path):
     (tmp_path / "p.yaml").write_text('display_name: "CUDA <12 & friends"\n'
                                      'description: "PyTorch <img src=x onerror=alert(1)>"\n'
