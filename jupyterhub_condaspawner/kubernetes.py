@@ -334,6 +334,10 @@ class KubernetesExport(Configurable):
 
     def profile_entry(self, profile: Profile, image: str) -> dict[str, Any]:
         """One ``profile_list`` entry: KubeSpawner's keys, plus the access lists the snippet reads."""
+        unreadable = _unreadable_by_the_hub(profile)
+        if unreadable is not None:
+            raise ValueError(f"{unreadable!r} cannot reach the hub: Helm's copy of the values writes it unquoted, "
+                             "and the hub's YAML reader refuses it (the hub would not start)")
         # KubeSpawner's form renders these as HTML; a profile's are text (CondaSpawner's form
         # escapes them), so "CUDA <12" reads the same on both.
         entry: dict[str, Any] = {"display_name": html.escape(profile.display_name), "slug": profile.slug}
@@ -402,6 +406,17 @@ class Export:
         header += [f"# note: {note}" for note in self.notes]
         return "\n".join(header) + "\n" + yaml.dump(self.values(), Dumper=_BlockDumper, sort_keys=False,
                                                     allow_unicode=True, width=100)
+
+
+# Z2JH gives the hub the values through Helm's toYaml, which writes these unquoted; the hub's
+# PyYAML reads them as YAML 1.1's value and merge keys, and cannot construct them.
+_HUB_UNREADABLE = frozenset({"=", "<<"})
+
+
+def _unreadable_by_the_hub(profile: Profile) -> str | None:
+    # as written: the description only HTML-escaped ("<<" is "&lt;&lt;"), the display_name raw in the environment too
+    texts = (profile.display_name, html.escape(profile.description), *profile.allowed_groups, *profile.allowed_users)
+    return next((text for text in texts if text in _HUB_UNREADABLE), None)
 
 
 def kubespawner_literal(text: str) -> str:

@@ -316,6 +316,24 @@ def test_names_go_yaml_reads_as_numbers_after_a_sign_or_underscores_are_quoted(t
         assert f"'{value}'" in text, value
 
 
+def test_a_name_the_hub_could_not_read_back_is_refused_in_one_line(tmp_path: Path):
+    """Z2JH hands the values to the hub through Helm's toYaml, which writes `=` and `<<` unquoted;
+    the hub's PyYAML cannot read them (ConstructorError), and the hub would not start."""
+    (tmp_path / "a.yaml").write_text("display_name: Lab\nslug: lab\nenvironment: {dependencies: [python=3.11]}\n"
+                                     "allowed_groups: [physics, '=']\n")
+    (tmp_path / "b.yaml").write_text("display_name: '<<'\nslug: odd\nenvironment: {dependencies: [python=3.11]}\n")
+    profiles = load(tmp_path)
+    with pytest.raises(ExportError) as failed:
+        KubernetesExport().export(profiles, pushed(profiles))
+    assert [problem.split(":")[0] for problem in failed.value.problems] == ["lab", "odd"]
+    assert "'='" in failed.value.problems[0] and "'<<'" in failed.value.problems[1]
+    assert "the hub" in failed.value.problems[0]
+    (tmp_path / "a.yaml").unlink()
+    (tmp_path / "b.yaml").write_text("display_name: Odd\ndescription: '<<'\nenvironment: {dependencies: [python=3.11]}\n")
+    profiles = load(tmp_path)
+    assert KubernetesExport().export(profiles, pushed(profiles)).profile_list[0]["description"] == "&lt;&lt;"
+
+
 def test_a_name_with_a_next_line_character_reads_back_as_written(tmp_path: Path):
     """U+0085 (NEL) is a line break to YAML 1.1 readers: PyYAML's own single quotes lose it."""
     (tmp_path / "p.yaml").write_text('display_name: "Lab\\Nx"\ndescription: "a\\Lb\\Pc"\n'
