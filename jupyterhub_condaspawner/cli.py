@@ -622,6 +622,10 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(str(error))
     catalog = _load_catalog(config, args.profiles)
     path = Path(args.images or exporter.images_file)
+    output = Path(args.output) if args.output and args.output != "-" else None
+    if output is not None and output.exists() and path.exists() and os.path.samefile(output, path):
+        # condaspawner-images.yaml and condaspawner-values.yaml: one tab completion apart
+        raise CommandError(f"-o {args.output}: that is the images file the export reads: write the values elsewhere")
     if path.exists():
         images = _load_images(path)
     elif args.images:
@@ -642,9 +646,9 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
     for note in export.notes:
         print(f"note: {note}", file=sys.stderr)
     text = export.to_yaml(source=catalog.profiles_dir)
-    if args.output and args.output != "-":
+    if output is not None:
         try:
-            _write_whole(Path(args.output), text)
+            _write_whole(output, text)
         except OSError as error:
             raise CommandError(f"cannot write {args.output}: {error.strerror or error}") from None
         print(f"wrote {args.output}: {len(export.profile_list)} profile(s) for singleuser.profileList",

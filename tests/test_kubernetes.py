@@ -813,6 +813,22 @@ def test_build_push_that_cannot_write_the_images_file_after_building_is_one_erro
     assert "internal error" not in err and out.count("@sha256:") == 4  # the references are still shown
 
 
+def test_export_onto_its_own_images_file_is_refused(fake_builder: FakeBuilder, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """condaspawner-images.yaml and condaspawner-values.yaml are one tab completion apart: the
+    values written over the images would lose every pushed reference."""
+    images = tmp_path / "images.yaml"
+    assert cli.main(["build", "--push", "--profiles", str(SHIPPED), "--images", str(images)]) == 0
+    recorded = images.read_text()
+    capsys.readouterr()
+    assert cli.main(["export", "kubespawner", "--profiles", str(SHIPPED), "--images", str(images),
+                     "--gpu-product", "NVIDIA-A100-SXM4-80GB", "-o", str(tmp_path / "." / "images.yaml")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: -o {tmp_path / '.' / 'images.yaml'}: that is the images file the export reads: write the values "
+        "elsewhere")
+    assert images.read_text() == recorded
+
+
 def test_a_profile_edited_while_build_push_runs_is_recorded_as_built_and_then_found_stale(
         fake_builder: FakeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """The images file pairs each image with the profile it was built from, not with a later read
