@@ -54,6 +54,9 @@ PINNED_REFERENCE = re.compile(
 )
 # A Kubernetes label value: at most 63 characters, alphanumerics at both ends.
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?\Z")
+# A Kubernetes qualified name (a label key, a resource name): [DNS subdomain/]name.
+QUALIFIED_NAME = re.compile(r"(?:(?P<prefix>[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)/)?"
+                            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
 GLOB_CHARACTERS = frozenset("*?[")
 # Z2JH runs hub.extraConfig entries in sorted key order: last, so that the hooks and profile
 # lists an admin sets in other entries are set by then, and wrapped.
@@ -271,6 +274,19 @@ class KubernetesExport(Configurable):
         value = float(proposal["value"])
         if not 0 <= value <= 1:
             raise TraitError(f"{proposal['trait'].name} must be from 0 to 1, not {value}")
+        return value
+
+    @validate("gpu_product_label", "gpu_resource")
+    def _qualified_name(self, proposal: Any) -> str:
+        # Found only when a pod is made, a bad one would fail every GPU start (422 from the API server).
+        name, value = proposal["trait"].name, proposal["value"]
+        match = QUALIFIED_NAME.match(value)
+        if not match or len(match["prefix"] or "") > 253:
+            raise TraitError(f"{name}: {value!r} is not a Kubernetes name ([DOMAIN/]NAME; NAME: 1-63 letters, "
+                             "digits, '-', '_', '.')")
+        if name == "gpu_resource" and (not match["prefix"] or "kubernetes.io/" in value):
+            raise TraitError(f"gpu_resource: {value!r} is not an extended resource name (DOMAIN/NAME, as the "
+                             "device plugin names it: nvidia.com/gpu)")
         return value
 
     @validate("gpu_products")

@@ -581,6 +581,24 @@ def test_settings_change_the_label_resource_and_guarantees():
             KubernetesExport(**bad)
 
 
+@pytest.mark.parametrize(("setting", "value"), [
+    ("gpu_product_label", "nvidia.com/gpu product"), ("gpu_product_label", "nvidia.com/"), ("gpu_product_label", ""),
+    ("gpu_resource", "gpu"), ("gpu_resource", "nvidia.com/gpu "), ("gpu_resource", "kubernetes.io/gpu"),
+])
+def test_a_label_or_resource_name_kubernetes_would_refuse_is_a_setting_error(setting: str, value: str):
+    """Found only when a pod is made, it would fail every GPU start (422 from the API server)."""
+    with pytest.raises(TraitError, match=setting):
+        KubernetesExport(**{setting: value})
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("gpu_product_label", "gpu.product"), ("gpu_product_label", "example.com/gpu"), ("gpu_resource", "amd.com/gpu"),
+    ("gpu_resource", "gpu.example.com/a100"),
+])
+def test_label_and_resource_names_kubernetes_accepts_are_taken(setting: str, value: str):
+    assert getattr(KubernetesExport(**{setting: value}), setting) == value
+
+
 def test_settings_come_from_the_hub_config_file(tmp_path: Path):
     config = tmp_path / "jupyterhub_config.py"
     config.write_text("c.KubernetesExport.gpu_products = ['NVIDIA-A100-SXM4-80GB']\n"
