@@ -539,7 +539,8 @@ def _condaspawner_access():
                 raise web.HTTPError(400, f"profile: no profile {slug!r} on this hub")
             if not allows(chosen[0], spawner):
                 raise web.HTTPError(403, f"profile: {slug!r} is not available to you")
-        if (spawner.user_options or {}).get("environment"):
+        options = spawner.user_options or {}
+        if options.get("environment") or options.get("environment_key"):  # the text, or the key of one built
             raise web.HTTPError(400, "This hub cannot build your own environment.yml (Kubernetes has no "
                                      "condaspawner builder here): start one of the profiles instead")
         if callable(earlier_hook):

@@ -458,6 +458,11 @@ def test_a_users_own_environment_is_refused_in_one_line_and_earlier_hooks_still_
         with pytest.raises(web.HTTPError) as refused:
             await own.run_pre_spawn_hook()
         assert refused.value.status_code == 400 and "cannot build your own environment.yml" in refused.value.log_message
+        # by the key of one (as the Docker hub's environments page starts it): not the profile's image instead
+        by_key = spawner(c, user("alice"), {"profile": "datascience-cpu", "environment_key": "ab" * 32})
+        with pytest.raises(web.HTTPError) as refused:
+            await by_key.run_pre_spawn_hook()
+        assert refused.value.status_code == 400 and "cannot build your own environment.yml" in refused.value.log_message
         assert ran == []
         await spawner(c, user("bob"), {"profile": "datascience-cpu"}).run_pre_spawn_hook()
         assert ran == ["bob"]
