@@ -32,7 +32,7 @@ class BuildError(Exception):
     with a server error (HTTP 500, 507: its storage full, say); config: inconsistent settings;
     disk: a disk filled up: "no space left in FOLDER (needs about N MB)");
     ``cause``: the reason alone, without the phase; ``key``: the build's key, when known;
-    ``unreachable``: a channel or index could not be reached (worth a retry).
+    ``unreachable``: a channel, index or the Docker daemon could not be reached (worth a retry).
     """
 
     def __init__(self, message: str, *, phase: str = "build", cause: str = "", key: str = "",
@@ -114,4 +114,5 @@ def daemon_call(what: str, where: str = "") -> Iterator[None]:
     except (docker.errors.DockerException, requests.exceptions.ConnectionError) as error:
         where = where or os.environ.get("DOCKER_HOST") or "the default socket"
         raise BuildError(f"cannot reach the Docker daemon at {where} ({what}): {one_line(error)}", phase="daemon",
-                         cause=f"the Docker daemon at {where} cannot be reached ({one_line(error)})") from None
+                         cause=f"the Docker daemon at {where} cannot be reached ({one_line(error)})",
+                         unreachable=True) from None

@@ -20,7 +20,7 @@ from tornado.iostream import StreamClosedError
 
 from . import environments
 from .builder import ImageBuilder
-from .builderrors import BuildError
+from .builderrors import BuildError, unanswered
 from .buildlog import CHUNK_BYTES, LogLines, LogReader
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
@@ -328,8 +328,10 @@ class _Environments:
             await asyncio.to_thread(_remove_image, builder, key, image.id)
         except PageFailure:
             raise
-        except Exception as error:  # docker refused (a stopped container still uses it) or is gone
-            raise PageFailure(409, f"cannot delete {builder.tag_for(key)}: {_daemon_line(builder, error)}") from None
+        except Exception as error:  # docker refused (a stopped container still uses it: 409) or is gone (503)
+            gone = unanswered(error) or (isinstance(error, BuildError) and error.unreachable)
+            raise PageFailure(503 if gone else 409,
+                              f"cannot delete {builder.tag_for(key)}: {_daemon_line(builder, error)}") from None
         return {"key": key, "message": f"deleted {builder.tag_for(key)}"}
 
     async def _rebuild(self, key: str) -> dict[str, Any]:

@@ -273,3 +273,15 @@ async def test_a_second_start_while_the_first_is_under_way_is_a_409_not_an_inter
         await handler.start("e" * 64)
     assert (refused.value.status, refused.value.message) == (
         409, "your server is already running or starting: stop it on the Home page first")
+
+
+async def test_a_delete_while_the_docker_daemon_is_gone_is_a_503_as_the_other_views_say(tmp_path):
+    # 409 said the daemon refused (a stopped container still uses the image): try again later instead
+    key = "e" * 64
+    builder = ImageBuilder(cache_dir=str(tmp_path), docker_host="unix:///nonexistent/docker.sock")
+    handler = _ServicesHandler(SimpleNamespace(kind="user", name="ops"), "DELETE", scopes=("servers!user=ops",))
+    handler.condaspawner = SimpleNamespace(builder=builder)
+    with pytest.raises(PageFailure) as refused:
+        await handler._delete(key)
+    assert refused.value.status == 503 and refused.value.message.startswith(f"cannot delete {builder.tag_for(key)}: ")
+    assert "cannot reach the Docker daemon" in refused.value.message
