@@ -294,12 +294,17 @@ def test_a_start_of_a_profile_not_open_to_the_user_is_a_one_line_403_before_kube
     asyncio.run(check())
 
 
+def exported_values_text(folder: Path, profile_yaml: str) -> str:
+    """The values file exported from one profile file holding ``profile_yaml``."""
+    (folder / "p.yaml").write_text(profile_yaml)
+    profiles = load(folder)
+    return KubernetesExport().export(profiles, pushed(profiles)).to_yaml(source=folder)
+
+
 def test_names_go_yaml_would_read_as_numbers_or_booleans_are_quoted(tmp_path: Path):
     """Helm reads the values with Go YAML: plain `1e3` is 1000 there, `n` is false."""
-    (tmp_path / "p.yaml").write_text("display_name: Course\nslug: 1e3\nenvironment: {dependencies: [python=3.11]}\n"
-                                     "allowed_users: ['19e0042', 'n', 'y', '0o17', alice]\n")
-    profiles = load(tmp_path)
-    text = KubernetesExport().export(profiles, pushed(profiles)).to_yaml(source=tmp_path)
+    text = exported_values_text(tmp_path, "display_name: Course\nslug: 1e3\nenvironment: {dependencies: [python=3.11]}\n"
+                                          "allowed_users: ['19e0042', 'n', 'y', '0o17', alice]\n")
     for value in ("1e3", "19e0042", "n", "y", "0o17"):
         assert f"'{value}'" in text, value
     assert "- alice" in text  # plain where it is text to every reader
@@ -308,10 +313,8 @@ def test_names_go_yaml_would_read_as_numbers_or_booleans_are_quoted(tmp_path: Pa
 def test_names_go_yaml_reads_as_numbers_after_a_sign_or_underscores_are_quoted(tmp_path: Path):
     """Go YAML drops `_` from a plain scalar that starts with a sign before reading it as a number:
     `-_1` is -1 there, `+_2` is 2, and `-.5` is -0.5 (PyYAML reads all three as text)."""
-    (tmp_path / "p.yaml").write_text("display_name: '-.5'\nslug: course\nenvironment: {dependencies: [python=3.11]}\n"
-                                     "allowed_users: ['-_1', '-._5']\nallowed_groups: ['+_2', '+.5']\n")
-    profiles = load(tmp_path)
-    text = KubernetesExport().export(profiles, pushed(profiles)).to_yaml(source=tmp_path)
+    text = exported_values_text(tmp_path, "display_name: '-.5'\nslug: course\nenvironment: {dependencies: [python=3.11]}\n"
+                                          "allowed_users: ['-_1', '-._5']\nallowed_groups: ['+_2', '+.5']\n")
     for value in ("-.5", "-_1", "-._5", "+_2", "+.5"):
         assert f"'{value}'" in text, value
 
