@@ -41,6 +41,7 @@ from .gpus import (
     LABEL_USER,
     CudaIncompatible,
     GpuInfeasible,
+    GpuOverQuota,
     GpuQuotaExceeded,
     cuda_supported,
 )
@@ -416,7 +417,7 @@ def service_ports(services: Iterable[Mapping[str, Any]]) -> frozenset[int]:
 def check_quota(state: SwarmState, user: str, server_name: str, count: int, quota: int,
                 profile: str | None = None, held: int | None = None) -> None:
     """Raise :class:`GpuQuotaExceeded` if the user's other live servers plus this one exceed ``quota``
-    (:class:`GpuInfeasible` if this one alone does: no waiting or stopping helps). ``held``: what the
+    (:class:`GpuOverQuota` if this one alone does: no waiting or stopping helps). ``held``: what the
     other servers ask for (:func:`requested_gpus`), else what their live tasks in ``state`` do."""
     if not quota or not count:
         return
@@ -424,7 +425,7 @@ def check_quota(state: SwarmState, user: str, server_name: str, count: int, quot
     server += f" (profile {profile!r})" if profile else ""
     need = f"{server} needs {count} GPU" + ("s" if count != 1 else "")
     if count > quota:
-        raise GpuInfeasible(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
+        raise GpuOverQuota(f"{need}, more than the per-user quota of {quota}: pick a smaller profile")
     if held is None:
         held = state.user_gpus(user, except_server=server_name)
     if held + count > quota:

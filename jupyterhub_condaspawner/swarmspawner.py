@@ -30,7 +30,15 @@ from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import explain
-from .gpus import ENV_NVIDIA_VISIBLE_DEVICES, LABEL_SERVER, LABEL_USER, NO_GPUS, Allocation, GpuUnavailable
+from .gpus import (
+    ENV_NVIDIA_VISIBLE_DEVICES,
+    LABEL_SERVER,
+    LABEL_USER,
+    NO_GPUS,
+    Allocation,
+    GpuOverQuota,
+    GpuUnavailable,
+)
 from .hubservices import GpuSample, HubServices
 from .profiles import Profile
 from .spawner import CondaSpawner
@@ -229,16 +237,25 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         may hang, but judges by the swarm as last read (at most SWARM_STATE_FRESH_S ago; not
         at all before a first read). The start checks again, on a fresh read.
         """
-        request = self.service_request(profile)
-        quota = self.services.allocator.per_user_gpu_quota
         try:
-            swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota,  # alone
-                              request.profile)
-            read_at, state = _last_read.get(id(self.config), (0.0, None))
-            if state is not None and time.monotonic() - read_at <= SWARM_STATE_FRESH_S:
-                swarm.check_feasible(state, request)
+            self._refuse_infeasible(self.service_request(profile))
         except GpuUnavailable as error:
             raise explain(error, custom_spec=False) from None
+
+    def _refuse_infeasible(self, request: ServiceRequest) -> None:
+        """GpuOverQuota for more GPUs than one user may hold, SwarmInfeasible (SwarmCudaIncompatible)
+        when no node of the swarm as last read (if lately: :meth:`_fresh_state`) could run it."""
+        quota = self.services.allocator.per_user_gpu_quota
+        swarm.check_quota(SwarmState((), ()), self.user.name, self.name, request.gpus, quota,  # alone
+                          request.profile)
+        state = self._fresh_state()
+        if state is not None:
+            swarm.check_feasible(state, request)
+
+    def _fresh_state(self) -> SwarmState | None:
+        """The swarm as this hub last read it, if at most SWARM_STATE_FRESH_S ago."""
+        read_at, state = _last_read.get(id(self.config), (0.0, None))
+        return state if state is not None and time.monotonic() - read_at <= SWARM_STATE_FRESH_S else None
 
     async def ready_gpu_view(self) -> None:
         """Nothing to read first: the checks on the event loop judge by the swarm's last read, if any."""
@@ -276,19 +293,17 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
             return ""
         if profile.gpus > gpu_count:
             return "no node has a GPU" if gpu_count == 0 else f"no node has more than {gpu_count} GPU(s)"
-        request, quota = self.service_request(profile), self.services.allocator.per_user_gpu_quota
-        if quota and request.gpus > quota:
-            return f"more than the {quota}-GPU quota per user"
-        read_at, state = _last_read.get(id(self.config), (0.0, None))
-        if state is None or time.monotonic() - read_at > SWARM_STATE_FRESH_S:
-            return ""  # not read: the start checks
-        try:
-            swarm.check_feasible(state, request)
+        request = self.service_request(profile)
+        try:  # the start's own checks (the nodes' only when the swarm was read lately)
+            self._refuse_infeasible(request)
+        except GpuOverQuota:
+            return f"more than the {self.services.allocator.per_user_gpu_quota}-GPU quota per user"
         except swarm.SwarmCudaIncompatible:
             return f"every fitting node's GPU driver is too old for CUDA {profile.cuda}"
         except swarm.SwarmInfeasible:
             model = (profile.gpu_model or "").strip("*")
-            most = max((len(node.gpus) for node in state.nodes if request.model_matches(node)), default=0)
+            nodes = state.nodes if (state := self._fresh_state()) is not None else ()
+            most = max((len(node.gpus) for node in nodes if request.model_matches(node)), default=0)
             if model and not most:
                 return f"no node has a {model}"
             if most < profile.gpus:
