@@ -384,6 +384,29 @@ async def test_a_kept_container_made_with_other_gpus_is_replaced_whatever_replac
 
 
 @pytest.mark.docker
+async def test_a_kept_container_of_a_since_renamed_profile_is_replaced_so_its_kernel_shows_the_new_name(
+        db, docker_daemon, docker_config, base_image):
+    # The kernel's name is in the container's environment, not the image: the same image, renamed
+    config, prefix = docker_config
+    client = docker_daemon.client()
+    info = ImageInfo("r" * 64, base_image, client.images.get(base_image).id, "course", cached=True)
+    spawner = make_spawner(db, config, "rhea")
+    spawner.image, spawner.network_name = base_image, "none"  # under host networking every start replaces it
+
+    async def kept_for_a_start_named(name: str) -> bool:
+        spawner._kernel_display_name = name
+        spawner._prepare_container(info, None)
+        await spawner._replace_if_changed(info)
+        return bool(client.containers.list(all=True, filters={"name": f"{prefix}-rhea"}))
+
+    spawner._kernel_display_name = "Homework 1"
+    spawner._prepare_container(info, None)
+    await spawner.create_object()  # rhea's server, stopped and kept
+    assert await kept_for_a_start_named("Homework 1")  # the same name: restarted as it is
+    assert not await kept_for_a_start_named("Homework 1 (2026)")  # renamed since: replaced
+
+
+@pytest.mark.docker
 async def test_a_running_leftover_is_gone_before_the_start_creates_its_container(
         db, docker_daemon, docker_config, base_image):
     # With DockerSpawner.remove, containers run with auto_remove: stopping the leftover started
