@@ -201,7 +201,8 @@ class _Environments:
             raise PageFailure(503, f"cannot read the swarm's GPUs from its manager: {_one_line(error)}") from None
         nodes = [node for node in state.nodes if node.gpus and node.ready]
         readings = await asyncio.to_thread(spawner.utilization_source().read, nodes)  # a node that fails: no reading
-        return environments.swarm_gpu_map(state, readings, services.allocator.idle_utilization, services.culler)
+        return environments.swarm_gpu_map(state, readings, services.allocator.idle_utilization, services.culler,
+                                          waiting=services.queue.waiting())
 
     async def start(self, key: str, server_name: str = "") -> str:
         """Start the user's server ``server_name`` ("": their default one) with ``key``'s environment;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -232,10 +232,12 @@ def gpu_map(allocator: GpuAllocator, waiting: list[dict[str, Any]], culler: GpuI
 
 
 def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_utilization: float,
-                  culler: GpuIdleCuller, now: float | None = None) -> dict[str, Any]:
+                  culler: GpuIdleCuller, now: float | None = None,
+                  waiting: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The GPU map of a swarm: every node's GPUs (the node, index, model, utilization and memory
     from its dcgm-exporter, state, holder from Swarm's tasks) and the servers waiting for GPUs
-    (Swarm's pending tasks, oldest first), in the rows :func:`gpu_map` gives on one host."""
+    (Swarm's pending tasks, oldest first, then ``waiting``, the hub's own queue:
+    :meth:`GpuQueue.waiting`), in the rows :func:`gpu_map` gives on one host."""
     holders = state.holders()
     states = swarmgpus.gpu_states(state, readings, idle_utilization)
     rows = []
@@ -253,12 +255,14 @@ def swarm_gpu_map(state: SwarmState, readings: Mapping[str, GpuReading], idle_ut
                     "idle_seconds": _rounded(culler.idle_for(task.user, task.server_name))}],
             })
     now = time.time() if now is None else now
-    waiting = sorted((task for task in state.tasks if task.live and task.gpus_requested and not task.gpus),
+    pending = sorted((task for task in state.tasks if task.live and task.gpus_requested and not task.gpus),
                      key=lambda task: task.created)
     queue = [{"user": task.user, "server": task.server_name, "gpus": task.gpus_requested, "model": "",
               "profile": "", "position": position, "reason": task.reason,
               "waited_seconds": max(0, round(now - _epoch(since_text(task.created))))}
-             for position, task in enumerate(waiting)]
+             for position, task in enumerate(pending)]
+    queue += [{**entry, "position": entry["position"] + len(pending), "reason": "in the hub's queue"}
+              for entry in waiting]
     return {"gpus": rows, "queue": queue}
 
 

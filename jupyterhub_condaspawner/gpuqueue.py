@@ -20,15 +20,39 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import metrics
-from .gpus import Allocation, GpuAllocator, GpuInfeasible, GpuQuotaExceeded, GpuRequest, GpuUnavailable
+from .gpuinventory import Gpu, GpuScan
+from .gpus import Allocation, GpuInfeasible, GpuQuotaExceeded, GpuRequest, GpuUnavailable
 
 # The longest a waiting spawn goes without retrying (memory freed outside the hub, rescans).
 RETRY_INTERVAL_S = 1.0
 
 Kind = tuple[int, str, str, int]  # count, model glob, cuda, min free memory
+
+
+class GpuSource(Protocol):
+    """What the queue hands out: one host's :class:`~.gpus.GpuAllocator`, or a swarm's
+    :class:`~.swarmqueue.SwarmSeats`."""
+
+    @property
+    def queue_timeout(self) -> float: ...
+
+    @property
+    def queue_hold_after(self) -> float: ...
+
+    def latest_scan(self) -> GpuScan: ...
+
+    def known_scan(self) -> GpuScan: ...
+
+    def allocate(self, user: str, server_name: str, count: int, model_glob: str | None = None,
+                 min_free_memory: int | None = None, *, cuda: str | None = None, profile: str | None = None,
+                 rescan: bool = True, avoid: Callable[[Gpu], bool] | None = None) -> Allocation: ...
+
+    def release(self, user: str, server_name: str) -> Allocation | None: ...
+
+    def on_release(self, listener: Callable[[], None]) -> None: ...
 
 
 @dataclass
@@ -61,7 +85,7 @@ class QueueCancelled(GpuUnavailable):
 class GpuQueue:
     """Waiting spawns of one hub, in front of its :class:`GpuAllocator`."""
 
-    def __init__(self, allocator: GpuAllocator, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, allocator: GpuSource, clock: Callable[[], float] = time.monotonic):
         self.allocator = allocator
         self._clock = clock
         self._waiting: dict[Kind, list[_Waiter]] = {}

@@ -83,7 +83,7 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
                 policy=SpecPolicy(config=config),
                 builder=builder,
                 allocator=allocator,
-                queue=GpuQueue(allocator),
+                queue=spawner.gpu_queue(allocator),
                 notices=Notices(Path(builder.cache_dir) / "notices"),
                 culler=GpuIdleCuller(allocator),
                 usage=UsageLog(Path(builder.cache_dir) / "usage"),

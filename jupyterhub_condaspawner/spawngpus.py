@@ -22,6 +22,7 @@ from .buildmodel import EventStream
 from .culler import REASON_GPU_IDLE, Cull
 from .dockerclient import daemon_settings
 from .failures import StartFailure
+from .gpuqueue import GpuQueue
 from .gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator
 from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
 from .owners import LABEL_IDENTITY, user_identity
@@ -35,7 +36,7 @@ RESTORE_TIMEOUT_S = 10.0
 # Seconds between looks at the container of a server whose stop failed: its GPUs are freed once it is seen stopped.
 FAILED_STOP_RECHECK_S = 15.0
 # What a start keeps of its start_timeout for creating and starting its container after its GPUs.
-_CONTAINER_START_S = 30.0
+CONTAINER_START_S = 30.0
 QUEUE_INTERRUPTED = "Your last start of {} was waiting for a GPU when the hub restarted, and did not go on: start it again"
 
 
@@ -85,24 +86,36 @@ class GpuBindingMixin:
         await self._feed.publish("gpus", 86, f"Allocating {profile.gpus} GPU(s)")
         if not services.allocator.restored:  # the daemon did not answer when the hub started
             await self._restore_gpu_table(services)
+        # JupyterHub ends a start past start_timeout with no word: the queue ends it first, in one line.
+        time_left = self.start_timeout - (time.monotonic() - self._start_began) - CONTAINER_START_S
+        allocation = await self._wait_in_gpu_queue(profile, time_left)
+        await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
+        return allocation
 
+    async def _wait_in_gpu_queue(self, profile: Profile, time_left: float) -> Allocation:
+        """The server's GPUs from the hub's queue, waiting its turn for at most ``time_left``
+        seconds (and GpuAllocator.queue_timeout), with its place on the progress page."""
         async def waiting(ahead: int, waited: float) -> None:
             # Taken back when the spawn leaves the queue; only a hub that stops under a
             # waiting spawn leaves it for the next spawn page.
             self._post_restart_notice(QUEUE_INTERRUPTED.format(profile.display_name))
-            who = "you are next" if not ahead else f"{ahead} ahead of you"
-            await self._feed.publish("gpus", 87, f"Waiting for a GPU: {who}")
+            await self._feed.publish("gpus", 87, self._queue_message(ahead))
 
         with self._restart_notice_kept_if_cancelled():
-            # JupyterHub ends a start past start_timeout with no word: the queue ends it first, in one line.
-            time_left = self.start_timeout - (time.monotonic() - self._start_began) - _CONTAINER_START_S
             self._gpu_key = (self.user.name, self.name)  # a rename must not change the key before release
-            allocation = await services.queue.allocate(
+            allocation = await self.services.queue.allocate(
                 *self._gpu_key, profile.gpus, profile.gpu_model, cuda=profile.cuda,
                 profile=profile.slug, waiting=waiting, time_left=(time_left, "Spawner.start_timeout"))
         self._refuse_if_access_withdrawn(profile)  # the GPUs are released with the failed start
-        await self._feed.publish("gpus", 89, "GPUs: " + ", ".join(allocation.uuids))
         return allocation
+
+    def _queue_message(self, ahead: int) -> str:
+        """The progress page's line while the start waits in the GPU queue."""
+        return "Waiting for a GPU: " + ("you are next" if not ahead else f"{ahead} ahead of you")
+
+    def gpu_queue(self, allocator: GpuAllocator) -> GpuQueue:
+        """The hub's GPU queue (made once per hub): in front of this host's allocator."""
+        return GpuQueue(allocator)
 
     def _refuse_if_access_withdrawn(self, profile: Profile, waited_for: str = "a GPU") -> None:
         """A start may wait for a GPU (or, on a swarm, a node) for minutes; meanwhile an admin may

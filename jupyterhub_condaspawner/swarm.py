@@ -19,8 +19,8 @@ Swarm does the placing and the GPU book-keeping; this module only reads and tran
   label are not checked, like a host whose driver NVML cannot read.
 - **Feasibility** (:func:`check_feasible`): a request no node of the swarm could ever meet
   (too many GPUs, a model no node has, drivers too old for its CUDA, more CPU or memory
-  than any node) is refused at once; one that only has to wait for a GPU is created and
-  stays pending until one frees.
+  than any node) is refused at once; one that only has to wait for a GPU waits in the hub's
+  GPU queue (swarmqueue.py) until a node has one free, and only then becomes a service.
 
 Nothing here holds state between calls: every answer comes from the manager's API.
 """
@@ -187,6 +187,13 @@ class SwarmState:
         """The newest task of a service, or None."""
         tasks = [task for task in self.tasks if task.service_id == service_id]
         return max(tasks, key=lambda task: task.created) if tasks else None
+
+
+def closed_gpus_note(state: SwarmState, open_gpus: int) -> str:
+    """", and 2 more are on nodes that take no new servers now (...)", or "" when every GPU node takes them
+    (``open_gpus``: the GPUs of the nodes that do, from SwarmState.open_gpus)."""
+    closed = state.total_gpus - open_gpus
+    return f", and {closed} more are on nodes that take no new servers now (down, drained or paused)" if closed else ""
 
 
 # -- reading the swarm ----------------------------------------------------------------------

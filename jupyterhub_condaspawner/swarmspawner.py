@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import docker.errors
 import docker.types
@@ -30,19 +30,23 @@ from . import swarm, swarmgpus
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import explain
+from .gpuqueue import GpuQueue
 from .gpus import (
     ENV_NVIDIA_VISIBLE_DEVICES,
     LABEL_SERVER,
     LABEL_USER,
     NO_GPUS,
     Allocation,
+    GpuAllocator,
     GpuOverQuota,
     GpuUnavailable,
 )
 from .hubservices import GpuSample, HubServices
 from .profiles import Profile
 from .spawner import CondaSpawner
+from .spawngpus import CONTAINER_START_S
 from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
+from .swarmqueue import SwarmSeats
 from .swarmservice import SwarmServiceMixin
 from .swarmtask import SwarmTaskMixin
 from .traittypes import FiniteFloat
@@ -315,7 +319,10 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)
         self._assigned, self._node = (), ""
         self._failed_nodes = {}
-        return await super().start()
+        try:
+            return await super().start()
+        finally:
+            self._leave_gpu_seat()
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
         self._check_home_settings()  # the admin's settings, before anything is built
@@ -338,10 +345,43 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         """Nothing to pull here: the node Swarm picks pulls the pinned reference itself."""
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
-        """Nothing to allocate: Swarm's scheduler assigns GPUs (the quota is checked at create_object)."""
+        """A GPU start waits its turn in the hub's queue until a node has a GPU for it
+        (swarmqueue.py); Swarm's scheduler then assigns the GPUs. Nothing is allocated here
+        (the quota is checked at create_object)."""
         self._request = self.service_request(profile)
         self._profile = profile  # access is checked again if the task waits for a node
+        if profile.gpus:
+            await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
         return None
+
+    def gpu_queue(self, allocator: GpuAllocator) -> GpuQueue:
+        """The hub's GPU queue, in front of the swarm: a start's service is created when its turn
+        comes and a node has a GPU for it."""
+        return GpuQueue(SwarmSeats(allocator, self.read_swarm))
+
+    @property
+    def _seats(self) -> SwarmSeats:
+        return cast(SwarmSeats, self.services.queue.allocator)
+
+    def _queue_message(self, ahead: int) -> str:
+        who = "you are next" if not ahead else f"{ahead} ahead of you"
+        state = self._fresh_state()
+        if state is None:
+            return f"Waiting for a GPU on any node: {who}"
+        held, open_gpus = state.open_gpus()
+        return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held"
+                f"{swarm.closed_gpus_note(state, open_gpus)}; {who}")
+
+    def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None:
+        """The start's seat in the swarm's queue goes (``placed``: the state in which Swarm placed
+        its task, whose GPUs the next in line then counts as held)."""
+        if self._request.gpus:
+            self._seats.release(*self.gpu_key, placed=placed)
+
+    def _release_gpus(self) -> None:
+        super()._release_gpus()
+        if self._assigned:  # Swarm frees them as the task ends: the queue's next read sees it
+            self._seats.freed()
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,

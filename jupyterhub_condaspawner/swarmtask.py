@@ -50,6 +50,8 @@ class SwarmTaskMixin(_SpawnerBase):
 
         async def remove_object(self) -> None: ...
 
+        def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None: ...
+
     async def start_object(self) -> None:
         """Wait until the task runs, saying where it stands; fail in one line if it cannot.
 
@@ -78,6 +80,7 @@ class SwarmTaskMixin(_SpawnerBase):
                     await self._refuse_if_access_withdrawn_on_swarm()
                 node = state.node(task.node_id)
                 self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
+                self._leave_gpu_seat(placed=state)
                 gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
                 await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
                 return
@@ -127,7 +130,7 @@ class SwarmTaskMixin(_SpawnerBase):
             reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
             if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
                 held, open_gpus = state.open_gpus()
-                return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{_closed_gpus(state, open_gpus)}; "
+                return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{swarm.closed_gpus_note(state, open_gpus)}; "
                         "your server starts when one is free")
             if "insufficient resources" in reason:
                 return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
@@ -145,7 +148,7 @@ class SwarmTaskMixin(_SpawnerBase):
         if self._request.gpus and state.waiting_for(self._request) == "a GPU":
             held, open_gpus = state.open_gpus()
             user = (f"No GPU is free on this hub: {open_gpus - held} of {open_gpus} ({self._request.describe(True)}; "
-                    f"no node had one free within {waited}{_closed_gpus(state, open_gpus)}: try again later)")
+                    f"no node had one free within {waited}{swarm.closed_gpus_note(state, open_gpus)}: try again later)")
         else:
             user = (f"No node had the CPU or memory free for your server within {waited} "
                     f"({self._request.describe()}): try again later")
@@ -213,13 +216,6 @@ class SwarmTaskMixin(_SpawnerBase):
             return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
                     "servers on any update of their node): start it again")
         return f"Your server on {what} stopped on {where} ({status}): start it again"
-
-
-def _closed_gpus(state: SwarmState, open_gpus: int) -> str:
-    """", and 2 more are on nodes that take no new servers now (...)", or "" when every GPU node takes them
-    (``open_gpus``: the GPUs of the nodes that do, from SwarmState.open_gpus)."""
-    closed = state.total_gpus - open_gpus
-    return f", and {closed} more are on nodes that take no new servers now (down, drained or paused)" if closed else ""
 
 
 def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:

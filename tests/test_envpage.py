@@ -76,7 +76,9 @@ def test_the_swarm_gpu_map_lists_each_nodes_gpus_holders_readings_and_the_pendin
     readings = {"GPU-b": GpuReading(97.0, 2 ** 30), "GPU-a": GpuReading(0.0, 0)}
     now = datetime(2026, 12, 1, 1, 1, 0, tzinfo=timezone.utc).timestamp()
 
-    view = swarm_gpu_map(SwarmState(nodes, tasks), readings, 10.0, culler, now=now)
+    in_the_hub = [{"user": "dan", "server": "", "gpus": 1, "model": "", "profile": "gpu", "position": 0,
+                   "waited_seconds": 5}]  # GpuQueue.waiting(): a start the hub's queue holds back
+    view = swarm_gpu_map(SwarmState(nodes, tasks), readings, 10.0, culler, now=now, waiting=in_the_hub)
 
     assert [(row["host"], row["index"], row["uuid"], row["state"]) for row in view["gpus"]] == [
         ("worker1", 0, "GPU-a", "free"), ("worker1", 1, "GPU-b", "held_busy"), ("worker2", 0, "GPU-c", "free")]
@@ -86,7 +88,9 @@ def test_the_swarm_gpu_map_lists_each_nodes_gpus_holders_readings_and_the_pendin
                                 "idle_seconds": None}]
     assert view["gpus"][2]["utilization"] is None  # worker2 gave no reading
     assert [(w["user"], w["position"], w["gpus"], w["waited_seconds"], w["reason"]) for w in view["queue"]] == [
-        ("bob", 0, 2, 50, ""), ("carol", 1, 2, 30, "insufficient resources on 2 nodes")]
+        ("bob", 0, 2, 50, ""), ("carol", 1, 2, 30, "insufficient resources on 2 nodes"),
+        ("dan", 2, 1, 5, "in the hub's queue")]
+    assert view["queue"][2]["profile"] == "gpu"
 
 
 def test_a_users_second_check_while_the_first_runs_is_a_429_in_one_line():

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import docker.types
@@ -220,28 +220,27 @@ async def test_requests_no_node_could_ever_meet_are_refused_at_once(swarm_bench,
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})  # nothing created
 
 
-async def test_a_fifth_request_waits_for_a_gpu_on_any_node_and_starts_when_one_stops(swarm_bench, servers, tmp_path,
-                                                                                    capsys):
+async def test_requests_past_the_swarms_gpus_wait_in_the_hubs_queue_and_start_first_come_first_served(
+        swarm_bench, servers, tmp_path, capsys):
     holders = [servers.make(f"holder{number}") for number in range(4)]
     await asyncio.gather(*(servers.start(spawner) for spawner in holders))
     placed = [assigned(swarm_bench, spawner) for spawner in holders]
     assert len({gpu for _, gpu in placed}) == 4, placed
     assert sorted(node for node, _ in placed) == ["worker1", "worker1", "worker2", "worker2"]
 
-    fifth = servers.make("fifth")
-    start = asyncio.ensure_future(servers.start(fifth))
-    seen: list[str] = []
-
-    async def until_waiting() -> None:
-        async for event in fifth.progress():
-            seen.append(event["message"])
-            if event["message"].startswith("Waiting for a GPU on any node"):
-                return
-
-    await asyncio.wait_for(until_waiting(), 120)
-    assert seen[-1] == "Waiting for a GPU on any node: 4 of 4 GPUs are held; your server starts when one is free"
-    assert not start.done() and await fifth.poll() is None  # pending is not stopped
-    assert task_of(swarm_bench, fifth)["Status"]["State"] == "pending"
+    fifth, sixth = servers.make("fifth"), servers.make("sixth")
+    fifth_start = asyncio.ensure_future(servers.start(fifth))
+    fifth_waits = await asyncio.wait_for(until_waiting_for(fifth, "Waiting for a GPU on any node"), 120)
+    sixth_start = asyncio.ensure_future(servers.start(sixth))
+    sixth_waits = await asyncio.wait_for(until_waiting_for(sixth, "Waiting for a GPU on any node"), 120)
+    assert fifth_waits == "Waiting for a GPU on any node: 4 of 4 GPUs are held; you are next"
+    assert sixth_waits == "Waiting for a GPU on any node: 4 of 4 GPUs are held; 1 ahead of you"
+    assert not fifth_start.done()
+    # They wait in the hub, not in Swarm: no service yet, whose task Swarm could place out of turn.
+    client = swarm_bench.manager_client()
+    assert not client.api.services(filters={"name": fifth.object_name})
+    assert [(entry["user"], entry["position"], entry["profile"]) for entry in hub_services(fifth).queue.waiting()] \
+        == [("fifth", 0, "gpu"), ("sixth", 1, "gpu")]
     # `condaspawner gpus` with the hub's config: the swarm's view, per node, from the manager.
     config_file = tmp_path / "jupyterhub_config.py"
     config_file.write_text(f'c.JupyterHub.spawner_class = "conda-swarm"\n'
@@ -254,26 +253,33 @@ async def test_a_fifth_request_waits_for_a_gpu_on_any_node_and_starts_when_one_s
         row = next(line for line in table.splitlines() if gpu in line)
         assert row.split()[:2] == [node, swarm_bench.nodes[node].address] and spawner.user.name in row.split()
     assert "3 nodes, 4 GPUs, 4 held" in table
-    assert "waiting: fifth for 1 GPU(s): no suitable node (insufficient resources on 3 nodes)" in table
 
-    await holders[0].stop()
-    await asyncio.wait_for(start, 120)
-
-    assert assigned(swarm_bench, fifth) == placed[0]  # the GPU that was freed
+    await holders[0].stop()  # the first in line gets the freed GPU, the second moves up
+    await asyncio.wait_for(fifth_start, 120)
+    assert assigned(swarm_bench, fifth) == placed[0]
     assert exported_gpus(swarm_bench, fifth) == placed[0][1]
+    await asyncio.wait_for(until_message(sixth, lambda message: message.endswith("held; you are next")), 60)
+    assert not sixth_start.done()
+
+    await holders[1].stop()
+    await asyncio.wait_for(sixth_start, 120)
+    assert assigned(swarm_bench, sixth) == placed[1]
 
 
 async def test_waiting_ends_at_start_timeout_with_one_line_and_no_service(swarm_bench, servers):
     holders = [servers.make(f"full{number}") for number in range(4)]
     await asyncio.gather(*(servers.start(spawner) for spawner in holders))
-    late = servers.make("late", start_timeout=12, start_margin=10)  # gives up after 2 s of waiting
+    # 10 s for Swarm at the end (start_margin) and 30 s to create and start the service: it waits 5 s at most.
+    late = servers.make("late", start_timeout=45, start_margin=10)
 
     with pytest.raises(StartFailure) as failure:
         await servers.start(late)
 
     assert failure.value.status_code == 503
-    assert failure.value.message == ("No GPU is free on this hub: 0 of 4 ('gpu' needs 1 GPU matching '*A100*'; "
-                                     "no node had one free within 12 s: try again later)")
+    message = failure.value.message
+    assert message.startswith("No GPU is free on this hub: 0 of 4 ('gpu' needs 1 GPU matching '*A100*'; try again "
+                              "when a server stops) after waiting "), message
+    assert message.endswith(" s in the queue (Spawner.start_timeout)"), message
     assert not swarm_bench.manager_client().api.services(filters={"name": late.object_name})
 
 
@@ -548,7 +554,7 @@ async def test_stopping_a_server_that_waits_for_a_gpu_ends_its_start(swarm_bench
     with pytest.raises(StartFailure) as failure:
         await asyncio.wait_for(start, 60)
 
-    assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    assert failure.value.message == "The start was cancelled while it waited for a GPU"
     assert not swarm_bench.manager_client().api.services(filters={"name": waiting.object_name})
 
 
@@ -578,8 +584,13 @@ async def test_a_profile_withdrawn_while_its_server_waits_for_a_gpu_is_refused_w
 
 
 async def until_waiting_for(spawner: CondaSwarmSpawner, prefix: str) -> str:
+    return await until_message(spawner, lambda message: message.startswith(prefix))
+
+
+async def until_message(spawner: CondaSwarmSpawner, wanted: Callable[[str], bool]) -> str:
+    """The first message on the server's progress page (from its first) that is ``wanted``."""
     async for event in spawner.progress():
-        if event["message"].startswith(prefix):
+        if wanted(event["message"]):
             return event["message"]
     return ""
 
@@ -656,7 +667,7 @@ async def test_a_start_waiting_while_a_gpu_node_is_drained_counts_only_gpus_it_c
         holders = [servers.make(f"open{number}") for number in range(2)]
         await asyncio.gather(*(servers.start(spawner) for spawner in holders))
         assert {assigned(swarm_bench, spawner)[0] for spawner in holders} == {open_node}
-        late = servers.make("maintenance", start_timeout=30, start_margin=10)  # gives up after 20 s
+        late = servers.make("maintenance", start_timeout=45, start_margin=10)  # waits 5 s in the queue at most
         start = asyncio.ensure_future(servers.start(late))
         waiting = await asyncio.wait_for(until_waiting_for(late, "Waiting for a GPU"), 120)
         with pytest.raises(StartFailure) as failure:
@@ -666,10 +677,11 @@ async def test_a_start_waiting_while_a_gpu_node_is_drained_counts_only_gpus_it_c
 
     print(waiting, "|", failure.value.message)
     assert waiting == ("Waiting for a GPU on any node: 2 of 2 GPUs are held, and 2 more are on nodes that take no "
-                       "new servers now (down, drained or paused); your server starts when one is free")
-    assert failure.value.message == ("No GPU is free on this hub: 0 of 2 ('gpu' needs 1 GPU matching '*A100*'; no "
-                                     "node had one free within 30 s, and 2 more are on nodes that take no new "
-                                     "servers now (down, drained or paused): try again later)")
+                       "new servers now (down, drained or paused); you are next")
+    assert failure.value.message.startswith(
+        "No GPU is free on this hub: 0 of 2 ('gpu' needs 1 GPU matching '*A100*', and 2 more are on nodes that take "
+        "no new servers now (down, drained or paused); try again when a server stops) after waiting "), \
+        failure.value.message
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])

@@ -1,0 +1,138 @@
+"""The hub's GPU queue in front of a swarm (swarmqueue.SwarmSeats), judged on swarm states as the
+manager reports them (nodes, tasks). tests/test_swarm_spawner.py runs it on the real swarm."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jupyterhub_condaspawner.gpuqueue import GpuQueue
+from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
+from jupyterhub_condaspawner.swarm import NodeInfo, SwarmInfeasible, SwarmState, TaskInfo
+from jupyterhub_condaspawner.swarmqueue import SwarmSeats
+
+A100 = "NVIDIA A100-SXM4-80GB"
+
+
+def node(name: str, gpus: int, availability: str = "active", model: str = A100) -> NodeInfo:
+    return NodeInfo(f"id-{name}", name, "10.0.0.1", "ready", availability, "worker",
+                    tuple(f"GPU-{name}-{index}" for index in range(gpus)), model, 4 * 10**9, 8 * 2**30)
+
+
+def task(user: str, gpus: tuple[str, ...] = (), requested: int = 1, state: str = "running") -> TaskInfo:
+    on = f"id-{gpus[0].split('-')[1]}" if gpus else ""  # GPU-worker3-0 is worker3's
+    return TaskInfo(f"task-{user}", f"service-{user}", on, state if gpus else "pending",
+                    "running", "", "", user, "", requested, gpus, "2026-12-03T10:00:00Z")
+
+
+class Swarm:
+    """What the manager would answer, changed by the test."""
+
+    def __init__(self, *nodes: NodeInfo):
+        self.state = SwarmState(nodes, ())
+        self.reads = 0
+
+    def read(self) -> SwarmState:
+        self.reads += 1
+        return self.state
+
+    def run(self, *tasks: TaskInfo) -> SwarmState:
+        self.state = SwarmState(self.state.nodes, tasks)
+        return self.state
+
+
+def seats_on(swarm: Swarm, **settings) -> SwarmSeats:
+    seats = SwarmSeats(GpuAllocator(inventory=GpuInventory(static_gpus=[]), **settings), swarm.read)
+    seats.latest_scan()
+    return seats
+
+
+def test_a_seat_counts_against_the_free_gpus_until_swarm_has_placed_its_task():
+    swarm = Swarm(node("worker1", 2))
+    seats = seats_on(swarm)
+    seats.allocate("ann", "", 1)
+    seats.allocate("bob", "", 1)
+    with pytest.raises(GpuUnavailable) as refusal:
+        seats.allocate("cid", "", 1)
+    assert refusal.value.user_message == ("No GPU is free on this hub: 0 of 2 (this server needs 1 GPU; try again "
+                                          "when a server stops)")
+
+    # Swarm placed ann's task: her GPU is held, bob's seat still counts: nothing for cid.
+    seats.observe(swarm.run(task("ann", ("GPU-worker1-0",)), task("bob")))
+    with pytest.raises(GpuUnavailable):
+        seats.allocate("cid", "", 1)
+    # bob's start ended before Swarm placed it (its service removed): his GPU is cid's.
+    seats.release("bob", "", placed=swarm.run(task("ann", ("GPU-worker1-0",))))
+    assert seats.allocate("cid", "", 1).user == "cid"
+
+
+def test_pending_gpu_tasks_of_the_swarm_go_first():
+    # Another hub's server (or one waiting in Swarm for CPU) asked before: the free GPU is its.
+    swarm = Swarm(node("worker1", 2))
+    swarm.run(task("ann", ("GPU-worker1-0",)), task("other-hub"))
+    seats = seats_on(swarm)
+    with pytest.raises(GpuUnavailable) as refusal:
+        seats.allocate("bob", "", 1)
+    assert "0 of 2" in refusal.value.user_message
+
+
+def test_gpus_of_a_drained_node_and_gpus_split_across_nodes_are_not_free_for_a_request():
+    swarm = Swarm(node("worker1", 2), node("worker2", 2, availability="drain"), node("worker3", 2))
+    swarm.run(task("ann", ("GPU-worker1-0",)), task("bob", ("GPU-worker3-0",)))
+    seats = seats_on(swarm)
+    with pytest.raises(GpuUnavailable) as refusal:
+        seats.allocate("cid", "", 2)  # one free on worker1, one on worker3: no node has two
+    assert refusal.value.user_message == (
+        "No GPU is free on this hub: 2 of 4 (this server needs 2 GPUs, and 2 more are on nodes that take no new "
+        "servers now (down, drained or paused); try again when a server stops)")
+    assert seats.allocate("cid", "", 1).user == "cid"
+
+
+def test_a_request_no_node_could_ever_meet_is_refused_as_infeasible():
+    seats = seats_on(Swarm(node("worker1", 2)))
+    with pytest.raises(SwarmInfeasible):
+        seats.allocate("ann", "", 3)
+    with pytest.raises(SwarmInfeasible):
+        seats.allocate("ann", "", 1, "*H100*")
+
+
+def test_the_swarm_is_read_again_only_when_the_last_read_is_stale_or_gpus_were_freed():
+    swarm = Swarm(node("worker1", 1))
+    seats = seats_on(swarm)
+    seats.latest_scan()
+    assert swarm.reads == 1  # read a moment ago
+    seats.freed()
+    seats.latest_scan()
+    assert swarm.reads == 2
+    assert [gpu.name for gpu in seats.known_scan().countable] == [A100]
+
+
+async def test_waiting_starts_get_the_swarms_freed_gpus_first_come_first_served():
+    swarm = Swarm(node("worker1", 1))
+    swarm.run(task("holder", ("GPU-worker1-0",)))
+    queue = GpuQueue(seats_on(swarm, queue_timeout=60))
+    seats = queue.allocator
+    first = asyncio.ensure_future(queue.allocate("first", "", 1))
+    await until(lambda: queue.ahead_of("first", "") == 0)
+    second = asyncio.ensure_future(queue.allocate("second", "", 1))
+    await until(lambda: queue.ahead_of("second", "") == 1)
+
+    seats.freed(swarm.run())  # the holder's service was removed
+    assert (await asyncio.wait_for(first, 5)).user == "first"
+    await until(lambda: queue.ahead_of("second", "") == 0)
+    assert not second.done()  # first's seat holds the GPU until Swarm places its task
+
+    seats.release("first", "", placed=swarm.run(task("first", ("GPU-worker1-0",))))
+    await asyncio.sleep(0.1)
+    assert not second.done()  # placed: the GPU is first's now
+    seats.freed(swarm.run())
+    assert (await asyncio.wait_for(second, 5)).user == "second"
+
+
+async def until(condition) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("not after 500 tries")
