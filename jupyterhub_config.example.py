@@ -115,9 +115,11 @@ c.JupyterHub.load_roles = [
 ]
 
 # -- Several GPU hosts in a Docker Swarm (README, "Docker Swarm") ----------------------------
-# Each server is a service that Swarm places on a node with free GPUs (generic resources
-# "NVIDIA-GPU"); needs the registry above. Last in this file on purpose: these settings replace
-# the one-host network and hub address of "Containers" above.
+# Each server is a service on a node with free GPUs (the nodes declare them as generic
+# resources "NVIDIA-GPU"; the hub picks a node's GPU ids and pins the service there, so servers
+# live through node updates); needs the registry above. Last in this file on purpose: these
+# settings replace the one-host network and hub address of "Containers" above.
+# c.CondaSwarmSpawner.gpu_assignment = "hub"  # "swarm" where other services reserve the GPUs too
 # c.JupyterHub.spawner_class = "conda-swarm"
 # c.DockerSpawner.client_kwargs = {"base_url": "tcp://swarm-manager.example.edu:2376"}
 # c.CondaSwarmSpawner.network_name = "host"  # servers listen on their node's address

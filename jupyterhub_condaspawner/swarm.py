@@ -1,17 +1,19 @@
 """Docker Swarm: what the conda-swarm spawner knows about a swarm, and how a profile becomes a service.
 
-Swarm does the placing and the GPU book-keeping; this module only reads and translates:
+Swarm does the placing; this module only reads and translates:
 
 - **GPUs are generic resources.** Each GPU node declares its GPUs in its daemon.json
   (``"node-generic-resources": ["NVIDIA-GPU=GPU-5d6f...", ...]``) and carries its model as
   a node label (``nvidia.gpu.product``: Swarm refuses a ``/`` in constraint keys). A
-  profile's ``gpus: N`` becomes a reservation of N ``NVIDIA-GPU``; its ``gpu_model`` glob
-  a placement constraint on that label; its ``cpu_limit``/``mem_limit`` limits and
-  reservations. Swarm's scheduler picks the node and the GPU ids and hands them to the
-  task (``task["GenericResources"]``, and ``DOCKER_RESOURCE_NVIDIA-GPU`` in its
-  environment, which :func:`launcher_args` copies into ``CONDASPAWNER_GPUS``).
-- **Who holds which GPU** is read from the manager's task state (:func:`read_swarm`):
-  restart-safe, and no second book-keeping that could disagree with Swarm's.
+  profile's ``gpu_model`` glob becomes a placement constraint on that label; its
+  ``cpu_limit``/``mem_limit`` limits and reservations. Its ``gpus: N`` becomes either N GPU
+  ids the hub picked (swarmqueue.py; ``gpu_assignment = "hub"``): a ``node.id`` constraint,
+  the ids in the service's ``io.condaspawner.gpus`` label and in ``DOCKER_RESOURCE_NVIDIA-GPU``
+  (:func:`pinned_gpus_env`); or a reservation of N ``NVIDIA-GPU``, whose ids Swarm's scheduler
+  picks and hands to the task (``task["GenericResources"]``, and the same variable). The
+  container's launcher (:func:`launcher_args`) copies that variable into ``CONDASPAWNER_GPUS``.
+- **Who holds which GPU** is read from the manager's task state (:func:`read_swarm`: the
+  label, or Swarm's assignment): restart-safe, and nothing kept only in the hub's memory.
 - **CUDA against the drivers**: a GPU node carries the newest CUDA its driver supports as
   a node label (``nvidia.cuda.version``, "CUDA Version" of ``nvidia-smi``), as it carries its
   model. A profile's ``cuda`` keeps its servers off nodes whose label is older (a ``!=``
@@ -35,8 +37,10 @@ from typing import Any
 
 import docker.types
 
+from . import swarmplacement
 from .gpus import (
     ENV_GPUS,
+    LABEL_GPUS,
     LABEL_SERVER,
     LABEL_USER,
     CudaIncompatible,
@@ -45,6 +49,7 @@ from .gpus import (
     GpuQuotaExceeded,
     cuda_supported,
 )
+from .gputable import parse_uuids
 
 GPU_RESOURCE = "NVIDIA-GPU"
 GPU_MODEL_LABEL = "nvidia.gpu.product"
@@ -89,6 +94,7 @@ class NodeInfo:
     nano_cpus: int
     memory: int
     cuda_version: str | None = None  # the CUDA label: the newest CUDA its driver supports
+    attributes: tuple[tuple[str, str], ...] = ()  # what placement constraints judge (swarmplacement.py)
 
     @property
     def ready(self) -> bool:
@@ -169,7 +175,8 @@ class SwarmState:
         Other services' reservations are not counted: only Swarm knows the whole picture.
         """
         placed = [task for task in self.tasks if task.live and task.node_id == node.id]
-        held = {gpu for task in placed for gpu in task.gpus}
+        # By id, not by node: the hub's own assignment holds its GPUs before Swarm has placed the task.
+        held = set(self.holders())
         return (len([gpu for gpu in node.gpus if gpu not in held]),
                 node.nano_cpus - sum(task.nano_cpus for task in placed),
                 node.memory - sum(task.memory for task in placed))
@@ -230,6 +237,7 @@ def node_info(attrs: Mapping[str, Any], resource: str = GPU_RESOURCE, model_labe
         nano_cpus=int(resources.get("NanoCPUs") or 0),
         memory=int(resources.get("MemoryBytes") or 0),
         cuda_version=labels.get(cuda_label) or None,
+        attributes=swarmplacement.node_attributes(attrs, node_address(attrs)),
     )
 
 
@@ -253,6 +261,7 @@ def task_info(task: Mapping[str, Any], resource: str = GPU_RESOURCE) -> TaskInfo
         return None
     status = task.get("Status") or {}
     reservations = (spec.get("Resources") or {}).get("Reservations") or {}
+    pinned = parse_uuids(str(labels.get(LABEL_GPUS, "")))  # GPUs the hub assigned (gpu_assignment "hub")
     return TaskInfo(
         id=str(task.get("ID", "")),
         service_id=str(task.get("ServiceID", "")),
@@ -263,8 +272,8 @@ def task_info(task: Mapping[str, Any], resource: str = GPU_RESOURCE) -> TaskInfo
         error=str(status.get("Err") or ""),
         user=labels[LABEL_USER],
         server_name=labels.get(LABEL_SERVER, ""),
-        gpus_requested=requested_count(reservations.get("GenericResources"), resource),
-        gpus=tuple(named_resources(task.get("GenericResources"), resource)),
+        gpus_requested=requested_count(reservations.get("GenericResources"), resource) or len(pinned),
+        gpus=tuple(named_resources(task.get("GenericResources"), resource)) or pinned,
         created=str(task.get("CreatedAt", "")),
         nano_cpus=int(reservations.get("NanoCPUs") or 0),
         memory=int(reservations.get("MemoryBytes") or 0),
@@ -471,8 +480,9 @@ def _cuda_constraints(state: SwarmState, request: ServiceRequest, cuda_label: st
 
 
 def resources(request: ServiceRequest, resource: str = GPU_RESOURCE,
-              extra: Mapping[str, Any] | None = None) -> docker.types.Resources:
-    """Limits and reservations of the task, the GPUs as a generic-resource reservation.
+              extra: Mapping[str, Any] | None = None, reserve_gpus: bool = True) -> docker.types.Resources:
+    """Limits and reservations of the task, the GPUs as a generic-resource reservation (unless
+    ``reserve_gpus`` is False: the hub assigned them, see :func:`pinned_gpus_env`).
 
     ``extra`` (SwarmSpawner.extra_resources_spec): the admin's limits and reservations, where the
     profile sets none; its generic resources (a mapping) add to the GPUs.
@@ -484,9 +494,16 @@ def resources(request: ServiceRequest, resource: str = GPU_RESOURCE,
         mem_reservation=request.mem_reservation or None,
     )
     kwargs = {**(extra or {}), **{key: value for key, value in ours.items() if value is not None}}
-    generic = {**((extra or {}).get("generic_resources") or {}), **({resource: request.gpus} if request.gpus else {})}
+    gpus = {resource: request.gpus} if request.gpus and reserve_gpus else {}
+    generic = {**((extra or {}).get("generic_resources") or {}), **gpus}
     kwargs["generic_resources"] = generic or None
     return docker.types.Resources(**kwargs)
+
+
+def pinned_gpus_env(gpus: Sequence[str], resource: str = GPU_RESOURCE) -> dict[str, str]:
+    """The environment that gives a container the GPUs the hub assigned it, as Swarm's own
+    assignment would: the NVIDIA runtime (its ``swarm-resource`` setting) reads the same variable."""
+    return {f"DOCKER_RESOURCE_{resource}": ",".join(gpus)}
 
 
 def launcher_args(command: Sequence[str], resource: str = GPU_RESOURCE, python: str = "python3") -> list[str]:

@@ -4,7 +4,8 @@ On a conda-swarm hub, GPU starts wait in the hub's own :class:`~.gpuqueue.GpuQue
 one host: first come, first served, "2 ahead of you" on the progress page,
 ``GpuAllocator.queue_timeout``, the hold for an older, bigger request. A start leaves the
 queue (its service is created) only when the swarm, as last read from the manager, has a GPU
-for it; Swarm then places the service and assigns its GPUs as before. Without this, every
+for it: with ``assign`` (``CondaSwarmSpawner.gpu_assignment = "hub"``) the seat names that
+node and GPU ids, which the service is pinned to; else Swarm's scheduler assigns them. Without this, every
 waiting start would be a pending service, and whichever Swarm's scheduler picks first would
 get the next free GPU.
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from . import swarmplacement
 from .gpuinventory import Gpu, GpuScan
 from .gpus import Allocation, GpuAllocator, GpuUnavailable
 from .swarm import NodeInfo, ServiceRequest, SwarmState, check_feasible, closed_gpus_note
@@ -30,22 +33,46 @@ SWARM_READ_INTERVAL_S = 1.0
 Key = tuple[str, str]  # (user name, server name)
 
 
+@dataclass(frozen=True)
+class _Seat:
+    count: int
+    node_id: str = ""  # with ``assign``: the node whose GPUs it was given
+    gpus: tuple[str, ...] = ()
+    cpus: int = 0  # nano-CPUs and memory bytes its service reserves on that node
+    memory: int = 0
+
+
+@dataclass(frozen=True)
+class _Needs:
+    nano_cpus: int = 0
+    memory: int = 0
+    constraints: tuple[str, ...] = ()  # the admin's (extra_placement_spec)
+
+
+class NodeBusy(GpuUnavailable):
+    """GPUs are free, but not on a node with the CPU and memory the start reserves (``assign`` only)."""
+
+
 class SwarmSeats:
     """What :class:`~.gpuqueue.GpuQueue` asks of an allocator, answered from the swarm's state.
 
     ``settings``: the hub's GpuAllocator, for ``queue_timeout`` and ``queue_hold_after``;
-    ``read_state``: reads the swarm from its manager (blocking).
+    ``read_state``: reads the swarm from its manager (blocking); ``assign``: the hub picks each
+    start's node and GPU ids (CondaSwarmSpawner.gpu_assignment "hub"), else Swarm does.
     """
 
-    def __init__(self, settings: GpuAllocator, read_state: Callable[[], SwarmState],
+    def __init__(self, settings: GpuAllocator, read_state: Callable[[], SwarmState], assign: bool = False,
                  clock: Callable[[], float] = time.monotonic):
         self.settings = settings
+        self.assign = assign
         self._read_state = read_state
         self._clock = clock
         self._lock = threading.Lock()
         self._state: SwarmState | None = None
         self._read_at = float("-inf")
-        self._seats: dict[Key, int] = {}
+        self._seats: dict[Key, _Seat] = {}
+        self._needs: dict[Key, _Needs] = {}  # what each start's service reserves, where it may go
+        self._refused: dict[Key, str] = {}  # what each start's last try lacked
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -87,44 +114,109 @@ class SwarmSeats:
                  rescan: bool = False, avoid: Callable[[Gpu], bool] | None = None) -> Allocation:
         """A seat for (user, server_name) when a node that fits has ``count`` GPUs free, counting
         the GPUs of tasks Swarm has not placed yet and of the other seats; else GpuUnavailable
-        (SwarmInfeasible when no node could ever run it). ``avoid``: GPUs not to go for (those
-        the queue holds for an older request): a node with one of them is not counted.
-        ``min_free_memory`` and ``rescan`` are the one-host allocator's (Swarm reads no memory)."""
+        (SwarmInfeasible when no node could ever run it). With ``assign``, the seat is ``count``
+        GPU ids of one node (the fullest that has them: whole nodes stay free for bigger
+        requests), which the allocation names. ``avoid``: GPUs not to go for (those the queue
+        holds for an older request): a node with one of them is not counted. ``min_free_memory``
+        and ``rescan`` are the one-host allocator's (Swarm reads no memory)."""
         with self._lock:
             state = self._state
             if state is None:
                 raise GpuUnavailable("the swarm has not been read yet", "No GPU is known on this hub yet: try again")
             request = ServiceRequest(gpus=count, gpu_model=model_glob, cuda=cuda, profile=profile)
             check_feasible(state, request)
+            allowed = self._needs.get((user, server_name), _Needs()).constraints
             nodes = [node for node in state.nodes if node.schedulable and request.fits(node)
+                     and swarmplacement.allows(node.attributes, allowed)
                      and not (avoid is not None and any(avoid(_as_gpu(node, index, gpu))
                                                         for index, gpu in enumerate(node.gpus)))]
-            free = [state.free_on(node)[0] for node in nodes]
+            free = {node.id: self._free_ids(state, node) for node in nodes}
             unplaced = self._unplaced(state, except_key=(user, server_name))
-            if max(free, default=0) < count or sum(free) - unplaced < count:
+            self._refused.pop((user, server_name), None)
+            if max(map(len, free.values()), default=0) < count or sum(map(len, free.values())) - unplaced < count:
+                self._refused[(user, server_name)] = "a GPU"
                 raise _no_gpu_free(state, request, unplaced)
-            self._seats[(user, server_name)] = count
-        return Allocation(user, server_name, (), time.time())
+            seat = _Seat(count)
+            if self.assign:
+                seat = self._pick(state, (user, server_name), request, free)
+            self._seats[(user, server_name)] = seat
+        return Allocation(user, server_name, seat.gpus, time.time())
+
+    def _pick(self, state: SwarmState, key: Key, request: ServiceRequest, free: dict[str, tuple[str, ...]]) -> _Seat:
+        """The seat of an assigning start: ``request.gpus`` ids of the fullest node that has them and the
+        CPU and memory the start reserves (:meth:`expect`) free; NodeBusy when no such node has those."""
+        needs = self._needs.get(key, _Needs())
+        cpus, memory = needs.nano_cpus, needs.memory
+        nodes = {node.id: node for node in state.nodes}
+        roomy = [node_id for node_id, ids in free.items() if len(ids) >= request.gpus
+                 and all(have >= need for have, need in zip(self._room(state, nodes[node_id]), (cpus, memory)))]
+        if not roomy:
+            self._refused[key] = "CPU or memory"
+            raise NodeBusy(f"{request.describe()}: the nodes with its GPUs free lack the CPU or memory it reserves",
+                           "No node with a free GPU has the CPU or memory your server reserves free now "
+                           "(try again when a server stops)")
+        node_id = min(roomy, key=lambda node_id: (len(free[node_id]), node_id))
+        return _Seat(request.gpus, node_id, free[node_id][:request.gpus], cpus, memory)
+
+    def _room(self, state: SwarmState, node: NodeInfo) -> tuple[int, int]:
+        """(nano-CPUs, memory bytes) the node has unreserved by conda-swarm tasks and by seats given
+        its GPUs whose task it does not run yet; a node that reports none has no limit."""
+        _, cpus, memory = state.free_on(node)
+        placed = {(task.user, task.server_name) for task in state.tasks if task.live and task.node_id == node.id}
+        for key, seat in self._seats.items():
+            if seat.node_id == node.id and key not in placed:
+                cpus, memory = cpus - seat.cpus, memory - seat.memory
+        return (cpus if node.nano_cpus else 1 << 62, memory if node.memory else 1 << 62)
+
+    def waiting_for(self, user: str, server_name: str) -> str:
+        """What (user, server_name)'s last try lacked: "a GPU", "CPU or memory" (beside free GPUs), or ""."""
+        with self._lock:
+            return self._refused.get((user, server_name), "")
+
+    def expect(self, user: str, server_name: str, nano_cpus: int = 0, memory: int = 0,
+               constraints: tuple[str, ...] = ()) -> None:
+        """What (user, server_name)'s service will reserve beside its GPUs, and the admin's placement
+        constraints it carries: its seat counts only nodes those allow, and an assigning seat goes to
+        one that has the CPU and memory free (forgotten with the seat)."""
+        with self._lock:
+            self._needs[(user, server_name)] = _Needs(nano_cpus, memory, constraints)
+
+    def _free_ids(self, state: SwarmState, node: NodeInfo) -> tuple[str, ...]:
+        """The node's GPUs that no live task holds and no seat has been given."""
+        taken = set(state.holders()) | {gpu for seat in self._seats.values() for gpu in seat.gpus}
+        return tuple(gpu for gpu in node.gpus if gpu not in taken)
 
     def _unplaced(self, state: SwarmState, except_key: Key) -> int:
         """GPUs asked for by live tasks Swarm has not assigned GPUs yet, and by seats whose task
-        is not placed (created a moment ago, or not yet): they go to those first."""
+        is not placed (created a moment ago, or not yet) and that name no GPUs: they go to those first."""
         placed = {(task.user, task.server_name) for task in state.tasks if task.live and task.gpus}
         waiting = {(task.user, task.server_name): task.gpus_requested for task in state.tasks
                    if task.live and task.gpus_requested and not task.gpus}
-        waiting.update((key, count) for key, count in self._seats.items() if key not in placed)
+        waiting.update((key, seat.count) for key, seat in self._seats.items() if key not in placed and not seat.gpus)
         waiting.pop(except_key, None)
         return sum(waiting.values())
 
+    def node_of(self, user: str, server_name: str) -> str:
+        """The node whose GPUs (user, server_name)'s seat was given ("" without ``assign``, or no seat)."""
+        with self._lock:
+            seat = self._seats.get((user, server_name))
+        return seat.node_id if seat is not None else ""
+
     def release(self, user: str, server_name: str, placed: SwarmState | None = None) -> Allocation | None:
         """Give up (user, server_name)'s seat: its start ended, or Swarm placed its task
-        (``placed``: the state that says so, so that the next in line counts its GPUs)."""
+        (``placed``: the state that says so, in which the task holds its GPUs; the queue's heads
+        try again on it). Without ``placed``, they try on the next read of the swarm: a service
+        of the seat that outlived its start (its removal failed) must be seen holding its GPUs."""
         with self._lock:
             if placed is not None:
                 self._state, self._read_at = placed, self._clock()
-            count = self._seats.pop((user, server_name), None)
-        if count is not None:
-            self.freed()
+            else:
+                self._read_at = float("-inf")
+            seat = self._seats.pop((user, server_name), None)
+            self._needs.pop((user, server_name), None)
+            self._refused.pop((user, server_name), None)
+        if seat is not None and placed is not None:
+            self._tell_listeners()
         return None
 
     def freed(self, state: SwarmState | None = None) -> None:
@@ -135,6 +227,9 @@ class SwarmSeats:
         else:  # the next try reads the swarm again
             with self._lock:
                 self._read_at = float("-inf")
+        self._tell_listeners()
+
+    def _tell_listeners(self) -> None:
         for listener in list(self._listeners):
             listener()
 
@@ -142,9 +237,10 @@ class SwarmSeats:
         """Call ``listener()`` (from any thread) whenever GPUs may have become free."""
         self._listeners.append(listener)
 
-    def seats(self) -> dict[Key, int]:
+    def seats(self) -> dict[Key, tuple[str, ...]]:
+        """The seats now: the GPU ids each was given (none without ``assign``)."""
         with self._lock:
-            return dict(self._seats)
+            return {key: seat.gpus for key, seat in self._seats.items()}
 
 
 def _as_gpu(node: NodeInfo, index: int, gpu_id: str) -> Gpu:

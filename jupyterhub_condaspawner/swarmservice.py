@@ -56,6 +56,7 @@ class SwarmServiceMixin(_SpawnerBase):
         _request: ServiceRequest
         _constraints: list[str]
         _failed_nodes: dict[str, str]
+        _pinned: tuple[str, tuple[str, ...]]
 
         async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
 
@@ -110,6 +111,9 @@ class SwarmServiceMixin(_SpawnerBase):
             self._constraints = swarm.placement_constraints(state, self._request, self.gpu_model_label,
                                                             self.cuda_label)
             self._constraints += [f"node.id!={node_id}" for node_id in self._failed_nodes]
+            pinned_node = self._pinned[0]
+            if pinned_node:  # the hub gave it that node's GPUs
+                self._constraints.append(f"node.id=={pinned_node}")
             services = await self.docker("services", filters={"label": [LABEL_PORT]})
             self.port = _claim_port(state.ports | swarm.service_ports(services))
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}
@@ -151,7 +155,8 @@ class SwarmServiceMixin(_SpawnerBase):
                      "constraints": [*self._constraints, *(self.extra_placement_spec.get("constraints") or [])] or None}
         task = dict(
             container_spec=docker.types.ContainerSpec(**container),
-            resources=swarm.resources(self._request, self.gpu_resource, self.extra_resources_spec),
+            resources=swarm.resources(self._request, self.gpu_resource, self.extra_resources_spec,
+                                      reserve_gpus=not self._pinned[1]),
             # A server that ends stays ended: the hub notices (poll) and the user starts it again.
             # Restarted elsewhere, it would listen at an address the hub does not know.
             restart_policy=docker.types.RestartPolicy(condition="none"),

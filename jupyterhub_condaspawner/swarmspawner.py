@@ -24,20 +24,22 @@ import docker.errors
 import docker.types
 import requests
 from dockerspawner import SwarmSpawner
-from traitlets import Dict, Unicode, default
+from traitlets import Dict, Enum, Unicode, default
 
-from . import swarm, swarmgpus
+from . import swarm, swarmgpus, swarmplacement
 from .builderrors import BuildError, one_line
 from .buildmodel import LABEL_KEY, ImageInfo
-from .failures import explain
+from .failures import config_failure, explain
 from .gpuqueue import GpuQueue
 from .gpus import (
     ENV_NVIDIA_VISIBLE_DEVICES,
+    LABEL_GPUS,
     LABEL_SERVER,
     LABEL_USER,
     NO_GPUS,
     Allocation,
     GpuAllocator,
+    GpuInfeasible,
     GpuOverQuota,
     GpuUnavailable,
 )
@@ -48,7 +50,7 @@ from .spawngpus import CONTAINER_START_S
 from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
 from .swarmqueue import SwarmSeats
 from .swarmservice import SwarmServiceMixin
-from .swarmtask import SwarmTaskMixin
+from .swarmtask import TASK_POLL_S, SwarmTaskMixin, cpu_wait_message
 from .traittypes import FiniteFloat
 
 # Swarm's limit on a service's name (a DNS label: servers are reached by it with dnsrr).
@@ -60,7 +62,8 @@ _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): wh
 
 
 class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSpawner):
-    """Spawn JupyterLab as a Docker Swarm service; Swarm places it and assigns its GPUs."""
+    """Spawn JupyterLab as a Docker Swarm service: GPU starts wait their turn in the hub's queue,
+    which gives them a node's GPUs (gpu_assignment); Swarm places and runs the service."""
 
     gpu_resource = Unicode(
         swarm.GPU_RESOURCE,
@@ -70,6 +73,23 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         reserves N of it.
 
         c.CondaSwarmSpawner.gpu_resource = "NVIDIA-GPU"
+        """,
+    )
+
+    gpu_assignment = Enum(
+        ["hub", "swarm"],
+        default_value="hub",
+        config=True,
+        help="""Who picks a GPU server's node and GPU ids. "hub": the hub, from the GPUs the nodes
+        declare and the ones its servers hold (service labels); the service is pinned to that node
+        and given those ids in DOCKER_RESOURCE_<gpu_resource>, which the NVIDIA runtime reads as
+        it reads Swarm's own assignment. Swarm then knows nothing of GPUs, so its servers live
+        through node updates and manager restarts; no other Swarm service may reserve the nodes'
+        gpu_resource (Swarm would hand out a GPU the hub gave). "swarm": a generic-resource
+        reservation, Swarm's scheduler picks; Swarm ends those servers whenever their node is
+        updated (a label, drain and activate, a manager restart).
+
+        c.CondaSwarmSpawner.gpu_assignment = "hub"
         """,
     )
 
@@ -184,6 +204,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         self._assigned: tuple[str, ...] = ()
         self._node = ""
         self._failed_nodes: dict[str, str] = {}  # node ID -> why this start's task ended there
+        self._pinned: tuple[str, tuple[str, ...]] = ("", ())  # gpu_assignment "hub": (node ID, GPU ids)
 
     # -- the swarm, as the manager reports it ---------------------------------------------
 
@@ -350,14 +371,37 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         (the quota is checked at create_object)."""
         self._request = self.service_request(profile)
         self._profile = profile  # access is checked again if the task waits for a node
+        self._pinned = ("", ())
         if profile.gpus:
-            await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
+            self._tell_seats_what_it_needs()
+            allocation = await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
+            if allocation.uuids:  # gpu_assignment "hub": these GPUs, on their node
+                self._pinned = (self._seats.node_of(*self.gpu_key), allocation.uuids)
         return None
+
+    def _tell_seats_what_it_needs(self) -> None:
+        """The CPU and memory the service reserves, and the admin's placement constraints: the
+        queue gives it a seat only on a node where it can run."""
+        request = self._request
+        constraints = tuple(self.extra_placement_spec.get("constraints") or ())
+        self._check_judged(constraints)
+        self._seats.expect(*self.gpu_key, int((request.cpu_reservation or 0) * 1e9), request.mem_reservation or 0,
+                           constraints)
+
+    def _check_judged(self, constraints: tuple[str, ...]) -> None:
+        """gpu_assignment "hub" picks the node itself: an admin's placement constraint it cannot
+        judge (not a node attribute) would let it pick one Swarm never runs the service on."""
+        unjudged = swarmplacement.unjudged(constraints) if self.gpu_assignment == "hub" else []
+        if unjudged:
+            raise config_failure(f"c.{type(self).__name__}.extra_placement_spec constraint {unjudged[0]!r} is not one "
+                                 "the hub can judge when it picks the node (gpu_assignment 'hub'): use node.labels.*, "
+                                 "node.role, node.hostname, node.id, node.ip, node.platform.* or engine.labels.*, "
+                                 "or gpu_assignment 'swarm'")
 
     def gpu_queue(self, allocator: GpuAllocator) -> GpuQueue:
         """The hub's GPU queue, in front of the swarm: a start's service is created when its turn
         comes and a node has a GPU for it."""
-        return GpuQueue(SwarmSeats(allocator, self.read_swarm))
+        return GpuQueue(SwarmSeats(allocator, self.read_swarm, assign=self.gpu_assignment == "hub"))
 
     @property
     def _seats(self) -> SwarmSeats:
@@ -368,6 +412,8 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         state = self._fresh_state()
         if state is None:
             return f"Waiting for a GPU on any node: {who}"
+        if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
+            return cpu_wait_message(self._request)
         held, open_gpus = state.open_gpus()
         return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held"
                 f"{swarm.closed_gpus_note(state, open_gpus)}; {who}")
@@ -386,11 +432,51 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
         self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
                               LABEL_GPU_REQUEST: str(self._request.gpus)}
-        # A GPU task's GPUs come from Swarm's DOCKER_RESOURCE_* (the runtime's swarm-resource);
-        # without one the runtime reads NVIDIA_VISIBLE_DEVICES: "void" over an admin's or an image's "all".
+        # A GPU task's GPUs come from DOCKER_RESOURCE_* (the runtime's swarm-resource), set by Swarm
+        # or, as Swarm would, by the hub; without one the runtime reads NVIDIA_VISIBLE_DEVICES:
+        # "void" over an admin's or an image's "all".
         self._extra_env = {} if self._request.gpus else {ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}
+        self._label_pinned_gpus()
         self._device_requests = []
         self.ip = "0.0.0.0"  # the node's every address; the hub connects to the one Swarm reports
+
+    def _label_pinned_gpus(self) -> None:
+        """gpu_assignment "hub": the service's GPU ids, in its label (which says who holds them:
+        swarm.task_info, for this hub and the next) and in the runtime's variable."""
+        gpus = self._pinned[1]
+        if gpus:
+            self._extra_labels[LABEL_GPUS] = ",".join(gpus)
+            self._extra_env.update(swarm.pinned_gpus_env(gpus, self.gpu_resource))
+
+    async def _pin_to_another_node(self) -> bool:
+        """gpu_assignment "hub": the node the hub picked could not start the server (its service
+        is removed): GPUs of a node this start has not failed on, as soon as one has them free
+        (this start had its turn in the queue). False when none has before the start's deadline
+        (the start fails: SwarmTaskMixin._try_another_node says why); True then, or when the hub
+        assigned no GPUs (Swarm picks the next node)."""
+        if not self._pinned[1]:
+            return True
+        seats, request = self._seats, self._request
+        seats.release(*self.gpu_key)
+        self._tell_seats_what_it_needs()
+        while True:
+            state = await self._read_swarm()
+            seats.observe(state)
+            node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
+            try:
+                allocation = seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,
+                                            profile=request.profile,
+                                            avoid=lambda gpu: node_of_gpu.get(gpu.uuid) in self._failed_nodes)
+                break
+            except GpuInfeasible:
+                return False
+            except GpuUnavailable:
+                if time.monotonic() >= self._deadline:
+                    return False
+                await asyncio.sleep(TASK_POLL_S)
+        self._pinned = (seats.node_of(*self.gpu_key), allocation.uuids)
+        self._label_pinned_gpus()
+        return True
 
     async def _replace_if_changed(self, info: ImageInfo) -> None:
         """A leftover service is removed by DockerSpawner.start (services are never kept)."""

@@ -44,6 +44,7 @@ class SwarmTaskMixin(_SpawnerBase):
         _assigned: tuple[str, ...]
         _node: str
         _failed_nodes: dict[str, str]
+        _pinned: tuple[str, tuple[str, ...]]
         _profile: Profile
 
         async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
@@ -51,6 +52,8 @@ class SwarmTaskMixin(_SpawnerBase):
         async def remove_object(self) -> None: ...
 
         def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None: ...
+
+        async def _pin_to_another_node(self) -> bool: ...
 
     async def start_object(self) -> None:
         """Wait until the task runs, saying where it stands; fail in one line if it cannot.
@@ -116,11 +119,12 @@ class SwarmTaskMixin(_SpawnerBase):
         self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
                          "see that node's Docker log")
         others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
-        if not others:
+        if others:
+            await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
+        if not others or not await self._pin_to_another_node():
             raise StartFailure(f"Docker Swarm could not start your server: {'; '.join(self._failed_nodes.values())}; "
                                "try again later, or tell the hub admin (those nodes' Docker logs say why)",
                                reason="swarm", status_code=503)
-        await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
         created = await self.create_object()
         self.object_id = created["ID"]
         return self.object_id
@@ -133,8 +137,7 @@ class SwarmTaskMixin(_SpawnerBase):
                 return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{swarm.closed_gpus_note(state, open_gpus)}; "
                         "your server starts when one is free")
             if "insufficient resources" in reason:
-                return (f"Waiting for CPU or memory on a node that fits: {self._request.describe()}, and every such "
-                        "node has less free; your server starts when a server there stops")
+                return cpu_wait_message(self._request)
             return f"Waiting for a node that fits: {reason}" if reason else "Waiting for Docker Swarm to place it"
         node = state.node(task.node_id)
         where = node.hostname if node else task.node_id
@@ -216,6 +219,12 @@ class SwarmTaskMixin(_SpawnerBase):
             return (f"Your server on {what} was stopped by Docker Swarm when {where} was updated (Swarm ends GPU "
                     "servers on any update of their node): start it again")
         return f"Your server on {what} stopped on {where} ({status}): start it again"
+
+
+def cpu_wait_message(request: ServiceRequest) -> str:
+    """The progress line of a start that waits for CPU or memory beside free GPUs."""
+    return (f"Waiting for CPU or memory on a node that fits: {request.describe()}, and every such node has less "
+            "free; your server starts when a server there stops")
 
 
 def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:

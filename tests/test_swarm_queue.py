@@ -4,13 +4,15 @@ manager reports them (nodes, tasks). tests/test_swarm_spawner.py runs it on the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
+from jupyterhub_condaspawner import swarmplacement
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
 from jupyterhub_condaspawner.swarm import NodeInfo, SwarmInfeasible, SwarmState, TaskInfo
-from jupyterhub_condaspawner.swarmqueue import SwarmSeats
+from jupyterhub_condaspawner.swarmqueue import NodeBusy, SwarmSeats
 
 A100 = "NVIDIA A100-SXM4-80GB"
 
@@ -42,8 +44,8 @@ class Swarm:
         return self.state
 
 
-def seats_on(swarm: Swarm, **settings) -> SwarmSeats:
-    seats = SwarmSeats(GpuAllocator(inventory=GpuInventory(static_gpus=[]), **settings), swarm.read)
+def seats_on(swarm: Swarm, assign: bool = False, **settings) -> SwarmSeats:
+    seats = SwarmSeats(GpuAllocator(inventory=GpuInventory(static_gpus=[]), **settings), swarm.read, assign=assign)
     seats.latest_scan()
     return seats
 
@@ -136,3 +138,79 @@ async def until(condition) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail("not after 500 tries")
+
+
+def test_assigning_seats_give_distinct_ids_of_the_fullest_node_that_has_them():
+    # gpu_assignment "hub": the seat names its node and GPU ids; whole nodes stay free for bigger requests.
+    swarm = Swarm(node("worker1", 2), node("worker2", 2))
+    swarm.run(task("ann", ("GPU-worker2-0",)))
+    seats = seats_on(swarm, assign=True)
+    first = seats.allocate("bob", "", 1)
+    assert first.uuids == ("GPU-worker2-1",) and seats.node_of("bob", "") == "id-worker2"
+    pair = seats.allocate("cid", "", 2)
+    assert set(pair.uuids) == {"GPU-worker1-0", "GPU-worker1-1"} and seats.node_of("cid", "") == "id-worker1"
+    with pytest.raises(GpuUnavailable):
+        seats.allocate("dan", "", 1)  # every id is held or given to a seat
+
+
+def test_gpus_a_hub_assigned_are_held_from_their_services_labels_even_before_swarm_placed_the_task():
+    # A new hub (no seats) reads who holds which GPU from the services' labels: never handed out twice.
+    swarm = Swarm(node("worker1", 2))
+    pending = TaskInfo("task-ann", "service-ann", "", "pending", "running", "", "", "ann", "", 1, ("GPU-worker1-1",),
+                       "2026-12-03T10:00:00Z")
+    swarm.run(pending)
+    seats = seats_on(swarm, assign=True)
+    assert seats.allocate("bob", "", 1).uuids == ("GPU-worker1-0",)
+
+
+
+def test_an_assigning_seat_goes_to_a_node_with_the_cpu_its_start_reserves_or_waits():
+    # Each node has 4 CPUs; ann's server reserves 3 on worker1, which has the most GPUs taken.
+    swarm = Swarm(node("worker1", 2), node("worker2", 2))
+    swarm.run(TaskInfo("task-ann", "service-ann", "id-worker1", "running", "running", "", "", "ann", "", 1,
+                       ("GPU-worker1-0",), "2026-12-03T10:00:00Z", nano_cpus=3 * 10**9))
+    seats = seats_on(swarm, assign=True)
+    seats.expect("bob", "", 2 * 10**9, 2**30)
+    assert seats.allocate("bob", "", 1).uuids == ("GPU-worker2-0",)  # not the fuller worker1: 1 CPU left there
+    seats.expect("cid", "", 3 * 10**9, 0)
+    with pytest.raises(NodeBusy) as busy:
+        seats.allocate("cid", "", 1)  # GPUs free on both, 3 CPUs on neither (bob's seat counts on worker2)
+    assert busy.value.user_message == ("No node with a free GPU has the CPU or memory your server reserves free now "
+                                       "(try again when a server stops)")
+    assert seats.allocate("dan", "", 1).uuids == ("GPU-worker1-1",)  # reserving nothing, it fits the fullest
+
+
+POOL_NODE = {"ID": "n1", "Description": {"Hostname": "gpu1", "Platform": {"OS": "linux", "Architecture": "x86_64"},
+                                         "Engine": {"Labels": {"rack": "B4"}}},
+             "Spec": {"Role": "worker", "Labels": {"pool": "Jupyter", "Zone": "east"}}}
+
+
+@pytest.mark.parametrize(("constraints", "allowed"), [
+    (["node.labels.pool==jupyter"], True),  # values without regard to case
+    (["node.labels.pool!=jupyter"], False),
+    (["node.labels.zone==east"], False),  # label names with it: "Zone" is another label
+    (["node.labels.gpu==yes"], False), (["node.labels.gpu!=yes"], True),  # a label the node lacks
+    (["node.role==worker", "node.hostname==gpu1", "node.id==n1"], True),
+    (["node.role==manager"], False),
+    (["node.ip==10.0.0.0/24"], True), (["node.ip==10.0.1.7"], False),
+    (["node.platform.os==linux", "node.platform.arch==x86_64", "engine.labels.rack==b4"], True),
+])
+def test_the_hub_judges_an_admins_placement_constraints_as_swarm_does(constraints, allowed):
+    attributes = swarmplacement.node_attributes(POOL_NODE, "10.0.0.7")
+    assert swarmplacement.allows(attributes, constraints) is allowed
+
+
+def test_constraints_the_hub_cannot_judge_are_named():
+    assert swarmplacement.unjudged(["node.labels.pool==jupyter", "node.weight>3", "service.name==x"]) == [
+        "node.weight>3", "service.name==x"]
+
+
+def test_a_seat_counts_only_nodes_the_admins_constraints_allow():
+    pooled = dataclasses.replace(node("worker1", 1), attributes=(("node.labels.pool", "jupyter"),))
+    swarm = Swarm(pooled, node("worker2", 2))
+    swarm.run(task("ann", ("GPU-worker1-0",)))
+    seats = seats_on(swarm, assign=True)
+    seats.expect("bob", "", constraints=("node.labels.pool==jupyter",))
+    with pytest.raises(GpuUnavailable):
+        seats.allocate("bob", "", 1)  # worker2's GPUs are free, but outside the pool
+    assert seats.allocate("cid", "", 1).uuids == ("GPU-worker2-0",)

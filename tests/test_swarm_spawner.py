@@ -28,7 +28,7 @@ from traitlets.config import Config
 from condaspawner_bench.swarm import SwarmBench
 from jupyterhub_condaspawner import cli
 from jupyterhub_condaspawner.failures import StartFailure
-from jupyterhub_condaspawner.gpus import LABEL_USER
+from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_USER
 from jupyterhub_condaspawner.hubservices import _services, hub_services
 from jupyterhub_condaspawner.swarmspawner import CondaSwarmSpawner
 
@@ -143,12 +143,27 @@ def exported_gpus(bench: SwarmBench, spawner: CondaSwarmSpawner) -> str:
     return wait_until(read, "the stand-in server to write its GPUs")[0]
 
 
+def gpus_of(task: dict) -> list[str]:
+    """The GPU ids of a server's task: Swarm's assignment, or the hub's (gpu_assignment "hub")."""
+    if task.get("GenericResources"):
+        return [item["NamedResourceSpec"]["Value"] for item in task["GenericResources"]]
+    labels = task["Spec"]["ContainerSpec"].get("Labels") or {}
+    return [gpu for gpu in labels.get(LABEL_GPUS, "").split(",") if gpu]
+
+
 def assigned(bench: SwarmBench, spawner: CondaSwarmSpawner) -> tuple[str, str]:
-    """(node name, GPU id) Swarm assigned to the server's task."""
+    """(node name, GPU id) the server's task was given."""
     task = task_of(bench, spawner)
-    gpus = [item["NamedResourceSpec"]["Value"] for item in task.get("GenericResources") or []]
+    gpus = gpus_of(task)
     assert len(gpus) == 1, task
     return bench.node_for_id(task["NodeID"]).name, gpus[0]
+
+
+def swarm_assigned(config: Config) -> Config:
+    """The config with Swarm's scheduler picking the GPUs (a generic-resource reservation)."""
+    config = copy.deepcopy(config)
+    config.CondaSwarmSpawner.gpu_assignment = "swarm"
+    return config
 
 
 async def progress_messages(spawner: CondaSwarmSpawner) -> list[str]:
@@ -158,8 +173,10 @@ async def progress_messages(spawner: CondaSwarmSpawner) -> list[str]:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, servers):
-    alice, bob = servers.make("alice"), servers.make("bob")
+@pytest.mark.parametrize("assignment", ["hub", "swarm"])
+async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, servers, swarm_config, assignment):
+    config = swarm_assigned(swarm_config) if assignment == "swarm" else swarm_config
+    alice, bob = servers.make("alice", config=config), servers.make("bob", config=config)
 
     (alice_ip, alice_port), (bob_ip, bob_port) = await asyncio.gather(servers.start(alice), servers.start(bob))
 
@@ -179,11 +196,19 @@ async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, se
             {"Type": "volume", "Source": f"csw-test-home-{spawner.user.name}", "Target": "/home/jovyan",
              "VolumeOptions": {"Labels": {LABEL_USER: spawner.user.name}}}]
         assert spec["RestartPolicy"]["Condition"] == "none"  # an ended server stays ended: the hub notices
-        assert spec["Resources"]["Reservations"]["GenericResources"] == [
-            {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
+        model = "node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB"
+        if assignment == "swarm":  # Swarm's scheduler picks the node and the GPU
+            assert spec["Resources"]["Reservations"]["GenericResources"] == [
+                {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
+            assert spec["Placement"]["Constraints"] == [model]
+        else:  # the hub did: the service is pinned to the node and names the GPU as Swarm would
+            assert "GenericResources" not in spec["Resources"]["Reservations"]
+            node_id = swarm_bench.nodes[node].node_id
+            assert sorted(spec["Placement"]["Constraints"]) == sorted([model, f"node.id=={node_id}"])
+            assert f"DOCKER_RESOURCE_NVIDIA-GPU={gpu}" in spec["ContainerSpec"]["Env"]
+            assert spec["ContainerSpec"]["Labels"][LABEL_GPUS] == gpu
         assert spec["Resources"]["Limits"]["NanoCPUs"] == spec["Resources"]["Reservations"]["NanoCPUs"] == 10**8
         assert spec["Resources"]["Limits"]["MemoryBytes"] == 256 * 2**20
-        assert spec["Placement"]["Constraints"] == ["node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB"]
         assert spec["ContainerSpec"]["Labels"][LABEL_USER] == spawner.user.name
         assert await spawner.poll() is None
     assert alice_port != bob_port
@@ -356,31 +381,39 @@ async def test_a_killed_workers_server_is_reported_stopped_and_respawns_on_the_o
         swarm_bench.wait_for_node_state(victim, "ready")
 
 
-async def test_a_gpu_servers_node_updated_by_the_admin_ends_it_and_its_user_is_told(swarm_bench, servers):
-    # Docker Swarm (20.10 here) ends every task holding a named generic resource (our GPUs) when
-    # its node is updated, even by a label: the hub cannot stop that, but the user learns why.
-    spawner = servers.make("relabelled")
-    await servers.start(spawner)
-    node_name, _ = assigned(swarm_bench, spawner)
+async def test_a_node_update_ends_gpu_servers_only_where_swarm_assigned_their_gpus(swarm_bench, servers,
+                                                                                  swarm_config):
+    # Docker Swarm (20.10 here) ends every task holding a named generic resource when its node is
+    # updated, even by a label. With gpu_assignment "swarm" the user learns why; with "hub" (the
+    # default) the task holds no generic resource and the server runs on.
+    pinned = servers.make("pinned")
+    relabelled = servers.make("relabelled", config=swarm_assigned(swarm_config))
+    await asyncio.gather(servers.start(pinned), servers.start(relabelled))
     client = swarm_bench.manager_client()
-    node = client.nodes.get(swarm_bench.nodes[node_name].node_id)
-    spec = node.attrs["Spec"]
-    node.update({**spec, "Labels": {**spec.get("Labels", {}), "io.condaspawner.test": "relabel"}})
+    nodes = {assigned(swarm_bench, spawner)[0] for spawner in (pinned, relabelled)}
+    for node_name in nodes:
+        node = client.nodes.get(swarm_bench.nodes[node_name].node_id)
+        spec = node.attrs["Spec"]
+        node.update({**spec, "Labels": {**spec.get("Labels", {}), "io.condaspawner.test": "relabel"}})
     try:
         for _ in range(300):
-            status = await spawner.poll()
+            status = await relabelled.poll()
             if status is not None:
                 break
             await asyncio.sleep(0.1)
         assert status is not None and "assigned node no longer meets constraints" in status
-        assert hub_services(spawner).notices.take("relabelled", "") == (
-            f"Your server on One GPU was stopped by Docker Swarm when node {node_name} was updated (Swarm ends GPU "
-            "servers on any update of their node): start it again")
+        notice = hub_services(relabelled).notices.take("relabelled", "")
+        assert notice is not None and notice.startswith("Your server on One GPU was stopped by Docker Swarm when node ")
+        assert notice.endswith(" was updated (Swarm ends GPU servers on any update of their node): start it again")
+        # By now Swarm has re-checked both nodes' tasks: the hub-assigned server was left running.
+        assert await pinned.poll() is None
+        assert task_of(swarm_bench, pinned)["Status"]["State"] == "running"
     finally:
-        node.reload()
-        spec = node.attrs["Spec"]
-        spec["Labels"].pop("io.condaspawner.test", None)
-        node.update(spec)
+        for node_name in nodes:
+            node = client.nodes.get(swarm_bench.nodes[node_name].node_id)
+            spec = node.attrs["Spec"]
+            spec["Labels"].pop("io.condaspawner.test", None)
+            node.update(spec)
 
 
 async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(swarm_bench, servers):
@@ -514,7 +547,7 @@ async def test_a_two_gpu_server_gets_two_ids_of_one_node_in_condaspawner_gpus(sw
     await servers.start(spawner, profile="two")
 
     task = task_of(swarm_bench, spawner)
-    gpus = [item["NamedResourceSpec"]["Value"] for item in task["GenericResources"]]
+    gpus = gpus_of(task)
     node = swarm_bench.node_for_id(task["NodeID"])
     assert len(gpus) == 2 and set(gpus) == set(node.gpus)
     assert sorted(exported_gpus(swarm_bench, spawner).split(",")) == sorted(gpus)
@@ -715,7 +748,8 @@ async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swa
     # GPU model (and CUDA) constraints must stay, or a "*A100*" server could land on any GPU node.
     # Its labels likewise: without the user's label, Swarm's tasks would name no holder for the GPU.
     # Its environment and mounts too: without the hub's, the server cannot reach the hub or has no home;
-    # and its resources: without the GPU reservation, Swarm would hand the GPU to two servers.
+    # and its resources: the profile's reservations win. The hub picks the node among those the
+    # admin's constraints allow (gpu_assignment "hub"), and pins the service to it.
     scratch = docker.types.Mount(target="/scratch", source="/tmp", type="bind", read_only=True)
     spawner = servers.make("pooled", extra_placement_spec={"constraints": ["node.role==worker"],
                                                            "preferences": [("spread", "node.id")]},
@@ -726,8 +760,9 @@ async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swa
     await servers.start(spawner)
 
     spec = swarm_bench.manager_client().api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]
+    node_id = task_of(swarm_bench, spawner)["NodeID"]  # the node the hub picked, among those the admin's allow
     assert spec["Placement"]["Constraints"] == ["node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB",
-                                                "node.role==worker"]
+                                                f"node.id=={node_id}", "node.role==worker"]
     assert spec["Placement"]["Preferences"] == [{"Spread": {"SpreadDescriptor": "node.id"}}]  # the rest as given
     labels = spec["ContainerSpec"]["Labels"]
     assert labels["edu.example.cost-centre"] == "physics" and labels[LABEL_USER] == "pooled"
@@ -736,10 +771,22 @@ async def test_an_admins_placement_constraints_add_to_the_profiles_gpu_model(swa
     assert {mount["Target"] for mount in spec["ContainerSpec"]["Mounts"]} == {"/home/jovyan", "/scratch"}
     reservations = spec["Resources"]["Reservations"]
     assert reservations["MemoryBytes"] == 256 * 2**20  # the profile's (its mem_limit) wins over the admin's
-    assert reservations["GenericResources"] == [{"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
+    assert "GenericResources" not in reservations  # the hub gave the GPU (gpu_assignment "hub")
     _, gpu = assigned(swarm_bench, spawner)
     holders = spawner.read_swarm().holders()
     assert holders[gpu].user == "pooled"
+
+
+async def test_an_admins_constraint_the_hub_cannot_judge_stops_a_gpu_start_with_the_config_line(swarm_bench,
+                                                                                                  servers, caplog):
+    spawner = servers.make("weighed", extra_placement_spec={"constraints": ["node.labels.pool==jupyter",
+                                                                            "node.weight>3"]})
+    with pytest.raises(StartFailure) as failure:
+        await servers.start(spawner)
+
+    assert (failure.value.status_code, failure.value.reason) == (500, "config")
+    assert "extra_placement_spec constraint 'node.weight>3' is not one the hub can judge" in caplog.text
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
 
 
 async def test_an_admins_extra_task_spec_that_would_replace_the_gpu_reservation_is_refused(swarm_bench, servers):
