@@ -44,6 +44,10 @@ class BuildRecord:
     started: str = ""
     finished: str = ""
     env_name: str = ""  # a profile's slug, or "custom" (empty in records older than it)
+    # What the key was built from, so that a rebuild builds this key again whatever the profile
+    # says now: the spec's normalized JSON and the CUDA ("" in records older than them).
+    spec: str = ""
+    cuda: str = ""
 
 
 _HEX_DIGITS = frozenset("0123456789abcdef")
@@ -109,7 +113,7 @@ class BuildRecords:
         except (OSError, ValueError):
             return None
         fields = {name: str(data.get(name, "")) for name in ("name", "phase", "cause", "started", "finished",
-                                                              "env_name")}
+                                                              "env_name", "spec", "cuda")}
         status = str(data.get("status", ""))
         if status == "building" and not lock_held(self.key_dir(key) / "build.lock"):
             status = "interrupted"

@@ -321,7 +321,8 @@ class BuildRuns:
             await asyncio.to_thread(leftovers.sweep, builder, key)  # before this key's made.json starts over
             madeids.start(key_dir)
             builder.records.record(key, status="building", name=request.display_name, phase="", cause="",
-                                   started=now(), finished="", env_name=request.env_name)
+                                   started=now(), finished="", env_name=request.env_name,
+                                   spec=request.spec.normalized_json(), cuda=request.cuda or "")
             # Removing a staged env is thousands of unlinks: keep them off the hub's event loop.
             await asyncio.to_thread(shutil.rmtree, context, True)
             # Each line reaches the file as it is written: a build process killed mid-build leaves

@@ -22,14 +22,22 @@ from . import environments
 from .builder import ImageBuilder
 from .builderrors import BuildError, unanswered
 from .buildlog import CHUNK_BYTES, LogLines, LogReader
-from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, request_for_profile
+from .buildmodel import (
+    CUSTOM_ENV_NAME,
+    CUSTOM_KERNEL_NAME,
+    LABEL_KEY,
+    Build,
+    BuildRequest,
+    request_for_profile,
+)
+from .buildrecords import BuildRecord
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .failures import StartFailure
 from .hubservices import HubServices
 from .owners import user_identity
-from .profiles import ProfileError
+from .profiles import Profile, ProfileError
 from .spawner import CondaSpawner
-from .spec import SpecError
+from .spec import EnvironmentSpec, SpecError
 from .swarmspawner import CondaSwarmSpawner
 from .usage import Use
 
@@ -336,13 +344,13 @@ class _Environments:
         return {"key": key, "message": f"deleted {builder.tag_for(key)}"}
 
     async def _rebuild(self, key: str) -> dict[str, Any]:
-        """Build the key's environment again from its spec (a fresh solve: newer packages)."""
+        """Build the key's environment again from its spec (a fresh solve: newer packages): that
+        very key, never the profile's current environment when the profile has changed since."""
         use = self.use_of(key)
         services = self.condaspawner
         try:
             profile = services.catalog.get(use.profile)
-            custom = services.policy.parse(use.spec, source="environment.yml") if use.own and use.spec else None
-            request = request_for_profile(profile, custom)
+            request = await self._request_of(key, use, profile)
         except KeyError:  # str(KeyError) is the bare slug: say what is missing
             raise PageFailure(400, f"cannot rebuild: {_unrebuildable(use)}") from None
         except (ValueError, ProfileError, SpecError) as error:
@@ -350,6 +358,59 @@ class _Environments:
         # The old image serves new servers until the new one is tagged, and stays if this fails.
         build = await self._ensure(request, rebuild=True)
         return {"key": build.key, "message": f"rebuilding {request.display_name} ({build.key[:16]})"}
+
+    async def _request_of(self, key: str, use: Use, profile: Profile) -> BuildRequest:
+        """The request whose build key is ``key``: from what its build recorded, the usage record's
+        spec, or the profile as it is now; PageFailure 409 when none is (the profile, or the
+        hub's base image, changed since and the key's own spec is not recorded here)."""
+        builder = self.condaspawner.builder
+        for request in self._candidates(key, use, profile):
+            try:
+                candidate = await asyncio.to_thread(builder.build_key, request)
+            except BuildError as error:
+                raise PageFailure(503, f"cannot build: {error}") from None
+            if candidate == key:
+                return request
+        raise PageFailure(409, f"cannot rebuild: {_older(builder.tag_for(key), use, profile)}")
+
+    def _candidates(self, key: str, use: Use, profile: Profile) -> Iterator[BuildRequest]:
+        """The requests that may have built ``key``, the likeliest first (each spec parsed only
+        when the ones before it did not match)."""
+        def request(spec: EnvironmentSpec, cuda: str | None) -> BuildRequest:
+            if use.own:
+                return BuildRequest(spec, cuda=cuda, env_name=CUSTOM_ENV_NAME, kernel_display_name=CUSTOM_KERNEL_NAME)
+            return BuildRequest(spec, cuda=cuda, env_name=profile.slug, kernel_display_name=profile.display_name)
+
+        policy = self.condaspawner.policy
+        record = self.condaspawner.builder.build_record(key)
+        recorded = _recorded_spec(record)
+        if record is not None and recorded is not None:  # checked as a start checks it: the policy may be stricter now
+            yield request(policy.parse(recorded.to_yaml(), source="environment.yml"), record.cuda or None)
+        if use.spec:
+            yield request(policy.parse(use.spec, source="environment.yml"), profile.cuda)
+        if not use.own and profile.environment is not None:
+            yield request_for_profile(profile)
+
+
+def _recorded_spec(record: BuildRecord | None) -> EnvironmentSpec | None:
+    """The spec a key's build recorded (its normalized JSON), or None (an older or damaged record)."""
+    if record is None or not record.spec:
+        return None
+    try:
+        return EnvironmentSpec.from_normalized(json.loads(record.spec))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _older(tag: str, use: Use, profile: Profile) -> str:
+    """Why ``use``'s image cannot be built again as it was: what changed, and what to do instead."""
+    if use.own:
+        return (f"{tag} is a user's own environment built for an earlier {profile.display_name} (its CUDA) or base "
+                "image, and what it was built from is not recorded here: the user's next start of their file "
+                "builds it for the profile as it is now")
+    return (f"{tag} is an older environment of {profile.display_name} (its environment.yml or CUDA, or the hub's "
+            "base image, changed since), and what it was built from is not recorded here: prebuild the profile, "
+            "or start it, to build its current environment")
 
 
 def _unrebuildable(use: Use) -> str:

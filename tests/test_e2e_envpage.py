@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import html
 import json
 import re
 import subprocess
@@ -365,6 +366,39 @@ def test_start_with_an_environment_its_profile_no_longer_builds_is_refused_in_on
         "Env page test has changed since this environment was built (its environment.yml or display name, or the "
         "hub's base image): a start now gets its current environment, not this one; start it from the Home page"), body
     assert hub.server_model("envadmin") is None
+
+
+def test_a_rebuild_of_an_older_image_of_a_profile_builds_that_image_or_says_why_it_cannot(story, hub):
+    # The prebuilt envtest image (cs-alpha 1.0): the profile builds 1.1 now. Its Rebuild builds
+    # 1.0 again, from what its build recorded, not the profile's current environment.
+    envadmin, old = story["envadmin"], story["first_profile_key"]
+    created = {image["key"]: image["created"] for image in envadmin.get("/admin/images")["images"]}
+    status_file = hub.state / "builder" / "builds" / old / "status.json"
+    recorded = status_file.read_text()
+    # As a hub that did not record what a key was built from: no record says how to build it again.
+    status_file.write_text(json.dumps({name: value for name, value in json.loads(recorded).items()
+                                       if name not in ("spec", "cuda")}))
+    try:
+        status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": old})
+        session, _ = hub.login("envadmin")
+        _, _, page = session.post("/hub/environments/admin/action", {"action": "rebuild", "argument": old})
+    finally:
+        status_file.write_text(recorded)
+    tag = next(image["tag"] for image in envadmin.get("/admin/images")["images"] if image["key"] == old)
+    refusal = (f"cannot rebuild: {tag} is an older environment of Env page test (its environment.yml or CUDA, or "
+               "the hub's base image, changed since), and what it was built from is not recorded here: prebuild "
+               "the profile, or start it, to build its current environment")
+    assert (status, body["message"]) == (409, refusal), body
+    assert f'id="notice">{refusal}</div>' in html.unescape(page)
+    assert envadmin.get("/admin/builds")["running"] == []  # nothing was built instead
+
+    status, body, _ = envadmin.call("POST", "/admin/rebuild", {"key": old})
+    assert status == 200 and body == {"key": old, "message": f"rebuilding Env page test ({old[:16]})"}, body
+    wait_for_builds(envadmin)
+    versions = {package["name"]: package["version"] for package in envadmin.get(f"/{old}")["packages"]}
+    assert versions["cs-alpha"] == "1.0"
+    after = {image["key"]: image["created"] for image in envadmin.get("/admin/images")["images"]}
+    assert after[story["profile_key"]] == created[story["profile_key"]]  # the current one: not built again
 
 
 def test_admin_actions_gc_dry_run_delete_and_refusals(story, hub):
