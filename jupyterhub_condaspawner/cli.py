@@ -609,6 +609,18 @@ def _image_argument(text: str) -> tuple[str, str]:
     return slug, reference
 
 
+def _set_images_given(images: PushedImages, given: list[tuple[str, str]], slugs: set[str]) -> None:
+    """``--image SLUG=REF`` into ``images``; a slug given twice is refused (which one was meant?)."""
+    references: dict[str, str] = {}
+    for slug, reference in given:
+        if slug not in slugs:
+            raise CommandError(f"--image {slug}=...: no such profile (profiles: {', '.join(sorted(slugs))})")
+        if slug in references:
+            raise CommandError(f"--image {slug}=...: given twice ({references[slug]} and {reference}): keep one")
+        references[slug] = reference
+        images.set(slug, reference)
+
+
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
     from traitlets import TraitError
 
@@ -632,11 +644,7 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         raise CommandError(f"images file not found: {path}")
     else:
         images = PushedImages(source=f"{path} (not found)")
-    slugs = {profile.slug for profile in catalog.profiles}
-    for slug, reference in args.image:
-        if slug not in slugs:
-            raise CommandError(f"--image {slug}=...: no such profile (profiles: {', '.join(sorted(slugs))})")
-        images.set(slug, reference)
+    _set_images_given(images, args.image, {profile.slug for profile in catalog.profiles})
     try:
         export = exporter.export(catalog.profiles, images)
     except ExportError as error:

@@ -135,11 +135,14 @@ class PushedImages:
         """Read an images file; raise ExportError naming the file and the entry."""
         path = Path(path)
         try:
-            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+            node, document = _read_yaml(path.read_text(encoding="utf-8"))
         except yaml.MarkedYAMLError as error:  # where, and what was expected there
             raise ExportError([f"{path}: {describe_yaml_error(error)}"])
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ExportError([f"{path}: cannot read: {str(error).splitlines()[0]}"])
+        duplicates = _repeated_slugs(node)
+        if duplicates:  # YAML keeps the last of each: which image an admin meant is not known
+            raise ExportError([f"{path}: {duplicate}" for duplicate in duplicates])
         images = document.get("images") if isinstance(document, dict) else None
         if not isinstance(images, dict):
             raise ExportError([f"{path}: must be a mapping with `images: {{slug: reference}}`"])
@@ -427,6 +430,41 @@ class Export:
 # Z2JH gives the hub the values through Helm's toYaml, which writes these unquoted; the hub's
 # PyYAML reads them as YAML 1.1's value and merge keys, and cannot construct them.
 _HUB_UNREADABLE = frozenset({"=", "<<"})
+
+
+def _read_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The images file as its YAML node tree (keys as written, with their lines: a repeated one
+    is still there) and as the document it makes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _repeated_slugs(root: yaml.Node | None) -> list[str]:
+    """A line per slug the file's ``images`` mapping gives twice (or ``images`` itself twice)."""
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    problems = _repeated_keys(root, "")
+    for key, value in root.value:
+        if key.value == "images" and isinstance(value, yaml.MappingNode):
+            problems += _repeated_keys(value, "images.")
+    return problems
+
+
+def _repeated_keys(mapping: yaml.MappingNode, prefix: str) -> list[str]:
+    first: dict[str, int] = {}
+    problems = []
+    for key, _ in mapping.value:
+        line = key.start_mark.line + 1
+        name = str(key.value)  # `1:` and `"1":` are one slug
+        if name in first:
+            problems.append(f"{prefix}{name}: given twice (lines {first[name]} and {line}): keep one entry")
+        else:
+            first[name] = line
+    return problems
 
 
 def _unreadable_by_the_hub(profile: Profile) -> str | None:

@@ -676,6 +676,37 @@ def test_a_broken_images_file_is_one_line_per_problem(tmp_path: Path):
                                                           "datascience-cpu, dl-course-hw3, pytorch-gpu, vision-lab-2gpu)")
 
 
+def test_a_slug_given_twice_in_the_images_file_or_by_hand_is_refused_naming_both(tmp_path: Path):
+    # YAML, and a repeated option, keep the last: the export would run whichever came last.
+    first, second = f"{REGISTRY}:a@sha256:{'1' * 64}", f"{REGISTRY}:b@sha256:{'2' * 64}"
+    path = tmp_path / "images.yaml"
+    path.write_text(f"version: 1\nimages:\n  datascience-cpu: {first}\n  pytorch-gpu: {first}\n"
+                    f"  datascience-cpu:\n    image: {second}\n")
+    with pytest.raises(ExportError) as failed:
+        PushedImages.load(path)
+    assert failed.value.problems == [f"{path}: images.datascience-cpu: given twice (lines 3 and 5): keep one entry"]
+    path.write_text(f"images:\n  1: {first}\n  '1': {second}\n")  # one slug, however it is quoted
+    with pytest.raises(ExportError) as failed:
+        PushedImages.load(path)
+    assert failed.value.problems == [f"{path}: images.1: given twice (lines 2 and 3): keep one entry"]
+
+    result = subprocess.run([sys.executable, "-m", "jupyterhub_condaspawner.cli", "export", "kubespawner",
+                             f"--image=datascience-cpu={first}", f"--image=datascience-cpu={second}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (
+        1, f"error: --image datascience-cpu=...: given twice ({first} and {second}): keep one", "")
+
+
+def test_build_push_refuses_an_images_file_that_gives_a_slug_twice(fake_builder: FakeBuilder, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]):
+    images = tmp_path / "images.yaml"
+    reference = f"{REGISTRY}:a@sha256:{'1' * 64}"
+    images.write_text(f"images:\n  pytorch-gpu: {reference}\n  pytorch-gpu: {reference}\n")
+    assert cli.main(["build", "--push", "--profiles", str(SHIPPED), "--images", str(images)]) == 1
+    assert capsys.readouterr().err == f"error: {images}: images.pytorch-gpu: given twice (lines 2 and 3): keep one entry\n"
+    assert fake_builder.pushed == []
+
+
 def test_an_images_file_of_another_version_or_broken_yaml_is_one_line_that_says_where(tmp_path: Path):
     path = tmp_path / "images.yaml"
     path.write_text(f"version: 2\nimages: {{datascience-cpu: {REGISTRY}:t@sha256:{'0' * 64}}}\n")
