@@ -42,6 +42,7 @@ _CONTINUATION = re.compile(r"\\(\s|\Z)")
 _LABEL = re.compile(r"(?!\.+\Z)[A-Za-z0-9_.-]+\Z")  # a name, never "." or ".." (a path step)
 # What `defaults` stands for: allowing `defaults` allows naming its members directly.
 _DEFAULTS_MEMBERS = ("pkgs/main", "pkgs/r")
+DEFAULTS_CHANNELS = ("defaults", *_DEFAULTS_MEMBERS)  # what `nodefaults` says not to use
 # What `conda env export` writes for Anaconda's channels, and its usual typo.
 _ANACONDA_DEFAULTS = ("defaults", "default", "anaconda", *_DEFAULTS_MEMBERS)
 # How close an unknown channel must be to an allowed one to be a typo (difflib's ratio).

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import yaml
 from rattler import MatchSpec
 
-from .specentries import EntryChecker, check_printable
+from .specentries import DEFAULTS_CHANNELS, EntryChecker, check_printable
 from .specmodel import EnvironmentSpec, SpecError, SpecLimits, printable, show
 from .specyaml import at, entry_text, is_null, line, scalar_text, sequence
 
@@ -124,7 +124,17 @@ class SpecReader:
             channel = self._collect(one, None)
             if channel is not None:
                 channels.append(channel)
+        self._note_defaults_and_nodefaults(channels, node)
         return channels
+
+    def _note_defaults_and_nodefaults(self, channels: list[str], node: yaml.Node | None) -> None:
+        """`nodefaults` means "not defaults": listed with `defaults` (or one of its members) the file
+        says both. Accepted, as conda accepts it (the listed channel is used), but noted."""
+        defaults = [channel for channel in channels if channel in DEFAULTS_CHANNELS]
+        if "nodefaults" in channels and defaults:
+            self.notes.append(f"{at('channels', node)}: lists both {defaults[0]!r} and 'nodefaults', which means "
+                              f"\"not defaults\": {defaults[0]!r} is used all the same; remove the one you did not "
+                              "mean")
 
     def _dependencies(self, node: yaml.Node | None) -> tuple[list[tuple[str, MatchSpec]], list[str]]:
         conda: list[tuple[str, MatchSpec]] = []

@@ -78,6 +78,16 @@ def test_validate_names_the_ignored_keys():
     assert entry["notes"] == ["ignored: platforms, category, extras"]
 
 
+def test_validate_notes_defaults_beside_nodefaults(tmp_path):
+    env = tmp_path / "env.yml"
+    env.write_text("channels: [defaults, nodefaults]\ndependencies: [numpy]\n")
+    result = condaspawner("validate", str(env))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip().endswith(
+        " (channels (line 1): lists both 'defaults' and 'nodefaults', which means \"not defaults\": 'defaults' is "
+        "used all the same; remove the one you did not mean)")
+
+
 def test_one_bad_file_makes_the_exit_status_nonzero():
     good = str(CORPUS / "good" / "variables.yml")
     result = condaspawner("validate", good, str(CORPUS / "hostile" / "empty.yml"))

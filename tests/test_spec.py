@@ -557,6 +557,19 @@ def test_anaconda_defaults_on_a_hub_without_them_is_never_offered_nodefaults():
     assert "did you mean" not in refusal("channels: [defautls]\ndependencies: [numpy]", allowed_channels=without)
 
 
+def test_defaults_and_nodefaults_together_are_accepted_with_a_note_naming_the_channels_field():
+    # `nodefaults` means "not defaults": which one the user meant is not known, and the listed one is used.
+    spec = SpecPolicy().parse("channels: [defaults, nodefaults]\ndependencies: [numpy]\n")
+    assert spec.channels == ("defaults", "nodefaults")
+    assert spec.notes == ("channels (line 1): lists both 'defaults' and 'nodefaults', which means \"not defaults\": "
+                          "'defaults' is used all the same; remove the one you did not mean",)
+    member = SpecPolicy().parse("name: x\nchannels:\n  - nodefaults\n  - pkgs/main\ndependencies: [numpy]\n")
+    assert member.notes == ("channels (line 3): lists both 'pkgs/main' and 'nodefaults', which means \"not "
+                            "defaults\": 'pkgs/main' is used all the same; remove the one you did not mean",)
+    assert SpecPolicy().parse("channels: [conda-forge, nodefaults]\ndependencies: [numpy]\n").notes == ()
+    assert SpecPolicy().parse("channels: [conda-forge, defaults]\ndependencies: [numpy]\n").notes == ()
+
+
 @pytest.mark.parametrize("line, conda", [
     ("torch==2.1.0+cu121", "pytorch-cuda=12.1"),
     ("torchvision==0.15.2+cpu", "cpuonly"),
