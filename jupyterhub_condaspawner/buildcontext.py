@@ -29,8 +29,13 @@ from .buildmodel import (
 from .resolve import Lock
 
 ENV_DOCKERFILE = Path(__file__).parent / "images" / "env.Dockerfile"
-# Names the environment's kernel from CONDASPAWNER_KERNEL_DISPLAY_NAME, which the spawner sets
-SERVER_CONFIG = Path(__file__).parent / "images" / "jupyter_server_config.py"
+# A server extension of the single-user server: applies SERVER_SETTINGS and names the
+# environment's kernel from CONDASPAWNER_KERNEL_DISPLAY_NAME, which the spawner sets. Files of
+# names of our own, never the base image's jupyter_server_config.py or .json.
+SERVER_EXTENSION = Path(__file__).parent / "images" / "condaspawner_server_settings.py"
+SERVER_SITE_PACKAGES = "/opt/conda/lib/python3.9/site-packages"  # the base's server (Base images)
+SERVER_EXTENSIONS_DIR = "/opt/conda/etc/jupyter/jupyter_server_config.d"
+SERVER_SETTINGS = "jupyter_server_settings.json"  # in meta/: /opt/condaspawner/, which the extension reads
 KERNEL_DISPLAY_NAME_VARIABLE = "CONDASPAWNER_KERNEL_DISPLAY_NAME"
 
 
@@ -46,22 +51,25 @@ def write_context(context: Path, request: BuildRequest, lock: Lock, pip_config: 
     kernel = context / "kernel"
     kernel.mkdir()
     (kernel / "kernel.json").write_text(json.dumps(kernel_spec(request), indent=2))
-    # Not a jupyter_server_config.d/ file: jupyter_server reads those for extensions only.
-    (context / "jupyter").mkdir()
     # The env's kernel is the only one offered: the base's own python3 kernel is hidden.
-    (context / "jupyter" / "jupyter_server_config.json").write_text(json.dumps({
+    (meta / SERVER_SETTINGS).write_text(json.dumps({
         "MultiKernelManager": {"default_kernel_name": request.env_name},
         "KernelSpecManager": {"ensure_native_kernel": False, "allowed_kernelspecs": [request.env_name]},
     }, indent=2))
-    shutil.copyfile(SERVER_CONFIG, context / "jupyter" / SERVER_CONFIG.name)
+    (context / "jupyter").mkdir()
+    (context / "jupyter" / f"{SERVER_EXTENSION.stem}.json").write_text(json.dumps({
+        "ServerApp": {"jpserver_extensions": {SERVER_EXTENSION.stem: True}}}, indent=2))
+    (context / "server").mkdir()
+    shutil.copyfile(SERVER_EXTENSION, context / "server" / SERVER_EXTENSION.name)
 
 
 def settings_files(context: Path, request: BuildRequest) -> dict[str, Path]:
     """Where env.Dockerfile's COPY steps put ``write_context``'s files: path in the image -> file."""
     files = {f"/opt/condaspawner/{path.name}": path for path in (context / "meta").iterdir()}
     files[f"/opt/conda/share/jupyter/kernels/{request.env_name}/kernel.json"] = context / "kernel" / "kernel.json"
-    for name in ("jupyter_server_config.json", SERVER_CONFIG.name):
-        files[f"/opt/conda/etc/jupyter/{name}"] = context / "jupyter" / name
+    enabling = f"{SERVER_EXTENSION.stem}.json"
+    files[f"{SERVER_EXTENSIONS_DIR}/{enabling}"] = context / "jupyter" / enabling
+    files[f"{SERVER_SITE_PACKAGES}/{SERVER_EXTENSION.name}"] = context / "server" / SERVER_EXTENSION.name
     return files
 
 
@@ -94,7 +102,7 @@ def kernel_spec(request: BuildRequest) -> dict[str, Any]:
     return {
         "argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         # Not the profile's display name: the server names the kernel from the variable
-        # KERNEL_DISPLAY_NAME_VARIABLE (SERVER_CONFIG), so that a renamed profile keeps its image.
+        # KERNEL_DISPLAY_NAME_VARIABLE (SERVER_EXTENSION), so that a renamed profile keeps its image.
         "display_name": request.env_name,
         "language": "python",
         "env": env,

@@ -14,7 +14,8 @@ from .profiles import Profile
 from .spec import EnvironmentSpec
 
 # Bump when the Dockerfile or the context layout changes: it changes every build key.
-RECIPE_VERSION = "5"  # 5: the kernel named at start (jupyter_server_config.py), not in the image
+# 6: the server settings as an extension of our own, not the base's jupyter_server_config.py/.json
+RECIPE_VERSION = "6"
 ENVS_ROOT = "/opt/conda/envs"
 LABEL_PREFIX = "io.condaspawner."
 LABEL_KEY = LABEL_PREFIX + "key"

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
 import signal
 import subprocess
+import tarfile
 import textwrap
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import docker
 import psutil
@@ -242,6 +245,48 @@ async def test_a_renamed_profile_keeps_its_image_and_its_server_shows_the_new_na
         server.remove(force=True)
 
 
+# A base image's own server config, where the base's server reads it (its sys-prefix folder).
+BASE_SERVER_CONFIG = 'c.ServerApp.tornado_settings = {"headers": {"X-Base-Config": "in force"}}\n'
+
+
+@pytest.fixture(scope="module")
+def base_with_its_own_server_config(docker_daemon, base_image):
+    """The bench's base with a /opt/conda/etc/jupyter/jupyter_server_config.py of its own."""
+    client, tag = docker_daemon.client(), f"condaspawner-test-base-{SESSION}:own-server-config"
+    files = {"Dockerfile": f"FROM {base_image}\nCOPY jupyter_server_config.py /opt/conda/etc/jupyter/\n",
+             "jupyter_server_config.py": BASE_SERVER_CONFIG}
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    context.seek(0)
+    client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    yield tag
+    remove_repo_images(client, tag.split(":")[0])
+
+
+@pytest.mark.parametrize("layered", [True, False], ids=["layered", "dockerfile"])
+async def test_a_base_images_own_server_config_stays_in_force_beside_ours(
+        builder, base_with_its_own_server_config, docker_daemon, layered):
+    on_own_base = ImageBuilder(resolver=builder.resolver, docker_client=builder.client,
+                               base_image=base_with_its_own_server_config, cache_dir=builder.cache_dir,
+                               image_repo=builder.image_repo, build_network_mode="host", layered_images=layered)
+    info = await on_own_base.get_image(unique_env())
+    port = free_port()
+    server = docker_daemon.client().containers.run(
+        info.tag, ["jupyter", "server", f"--port={port}", "--ip=127.0.0.1", "--IdentityProvider.token=t0ken"],
+        network_mode="host", detach=True, environment={KERNEL_DISPLAY_NAME_VARIABLE: "Course 2026"})
+    try:
+        specs, headers = wait_for_response(f"http://127.0.0.1:{port}/api/kernelspecs?token=t0ken")
+        assert headers.get("X-Base-Config") == "in force"  # the base's file was not replaced
+        assert specs["default"] == "demo" and list(specs["kernelspecs"]) == ["demo"]  # our settings too
+        assert specs["kernelspecs"]["demo"]["spec"]["display_name"] == "Course 2026"
+    finally:
+        server.remove(force=True)
+
+
 async def test_gc_removes_least_recently_used_but_never_an_image_in_use(builder, docker_daemon):
     client = docker_daemon.client()
     old, used = [await builder.get_image(unique_env()) for _ in range(2)]
@@ -328,11 +373,16 @@ async def test_gc_reads_0_as_no_limit_for_both_max_images_and_disk_budget(builde
 
 
 def wait_for_json(url: str, timeout: float = 60) -> dict:
+    return wait_for_response(url, timeout)[0]
+
+
+def wait_for_response(url: str, timeout: float = 60) -> tuple[dict, Any]:
+    """The JSON a server answers once it is up, and its response headers."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                return json.load(response)
+                return json.load(response), response.headers
         except OSError:
             if time.monotonic() > deadline:
                 raise

@@ -1054,12 +1054,15 @@ async def test_an_environment_without_pip_is_loaded_whole_with_no_docker_build(l
     history = docker_daemon.client().api.history(info.tag)  # newest first: this image's layers, then the base's
     assert history[0]["CreatedBy"].startswith(layers.HISTORY_PREFIX + "kernel and settings ")
     # what env.Dockerfile's COPY steps wrote: root's files, readable by the server's user
+    enabling = "/opt/conda/etc/jupyter/jupyter_server_config.d/condaspawner_server_settings.json"
+    module = "/opt/conda/lib/python3.9/site-packages/condaspawner_server_settings.py"
     script = ("stat -c '%U %a %n' /opt/condaspawner/environment.yml /opt/conda/share/jupyter/kernels/course/kernel.json"
-              " /opt/conda/etc/jupyter/jupyter_server_config.json && id -un")
+              f" /opt/condaspawner/jupyter_server_settings.json {enabling} {module} && id -un")
     output = docker_daemon.client().containers.run(info.tag, ["sh", "-c", script], network_mode="none", remove=True)
-    assert output.decode().split("\n")[:4] == [
+    assert output.decode().split("\n")[:6] == [
         "root 644 /opt/condaspawner/environment.yml", "root 644 /opt/conda/share/jupyter/kernels/course/kernel.json",
-        "root 644 /opt/conda/etc/jupyter/jupyter_server_config.json", "jovyan"]
+        "root 644 /opt/condaspawner/jupyter_server_settings.json", f"root 644 {enabling}", f"root 644 {module}",
+        "jovyan"]
 
 
 @pytest.mark.docker

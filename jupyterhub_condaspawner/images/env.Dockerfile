@@ -5,9 +5,12 @@
 #
 # Build context:
 #   env/                a conda env installed on the host for /opt/conda/envs/${ENV_NAME}
-#   meta/               environment.yml, condaspawner.lock, requirements.txt, pip.conf
+#   meta/               environment.yml, condaspawner.lock, requirements.txt, pip.conf,
+#                       jupyter_server_settings.json (the env's kernel the default and only one)
 #   kernel/kernel.json  the Jupyter kernel spec of the env
-#   jupyter/            server config making the env's kernel the default
+#   jupyter/            the server's drop-in enabling server/'s extension (names of our own:
+#                       a base's jupyter_server_config.py or .json stays in force)
+#   server/             that extension: applies the settings, names the kernel at start
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 ARG ENV_NAME
@@ -37,6 +40,7 @@ RUN set -e; \
     rm -rf /root/.cache /tmp/*
 
 COPY kernel /opt/conda/share/jupyter/kernels/${ENV_NAME}
-COPY jupyter /opt/conda/etc/jupyter
+COPY jupyter /opt/conda/etc/jupyter/jupyter_server_config.d
+COPY server /opt/conda/lib/python3.9/site-packages
 ENV CONDASPAWNER_ENV=/opt/conda/envs/${ENV_NAME}
 USER jovyan
