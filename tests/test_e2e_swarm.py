@@ -9,6 +9,7 @@ the server at that worker's address. A kernel then runs on each server through t
 from __future__ import annotations
 
 import pytest
+from fixtures_hub import metric
 from fixtures_swarm import SWARM_HUB_CONFIG
 from test_e2e_failures import Spawn, assert_one_clean_line, failure_message
 from test_swarm_spawner import wait_until
@@ -41,6 +42,9 @@ async def test_four_gpu_servers_run_kernels_through_the_proxy_and_a_fifth_waits_
         fifth = Spawn(hub, "swarm-eve", {"profile": "gpu-demo"})
         fifth.wait_for("Waiting for a GPU on any node")
         assert hub.server_model("swarm-eve")["pending"] == "spawn"
+        # It waits in the hub's GPU queue (no service yet): /hub/metrics counts it, as on one host.
+        assert metric(hub.metrics(), "condaspawner_gpu_queue_length") == 1
+        assert not swarm_bench.manager_client().services.list(filters={"label": f"{LABEL_USER}=swarm-eve"})
         hub.stop_server(users[0])
         assert fifth.wait().get("ready"), fifth.messages
         fifth_state = hub.server_model("swarm-eve")["state"]["condaspawner"]
@@ -62,6 +66,9 @@ async def test_four_gpu_servers_run_kernels_through_the_proxy_and_a_fifth_waits_
     # The fifth got the GPU the first gave back.
     assert (fifth_state["node"], fifth_state["gpus"]) == (states[0]["node"], states[0]["gpus"])
     assert fifth_output.strip() == states[0]["gpus"][0]
+    waited = hub.metrics()
+    assert metric(waited, "condaspawner_gpu_queue_length") == 0
+    assert metric(waited, "condaspawner_gpu_queue_wait_seconds_count", outcome="granted") == 1
     assert not swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
 
 
