@@ -74,6 +74,7 @@ class SwarmSeats:
         self._needs: dict[Key, _Needs] = {}  # what each start's service reserves, where it may go
         self._refused: dict[Key, str] = {}  # what each start's last try lacked
         self._listeners: list[Callable[[], None]] = []
+        self._releases = 0  # seats given up so far: a read begun before one may predate its task
 
     @property
     def queue_timeout(self) -> float:
@@ -91,8 +92,22 @@ class SwarmSeats:
         with self._lock:
             stale = self._clock() - self._read_at >= SWARM_READ_INTERVAL_S
         if stale:
-            self.observe(self._read_state())
+            self.refresh()
         return self.known_scan()
+
+    def refresh(self) -> SwarmState:
+        """Read the swarm from the manager now (blocking) and take that as its state, unless a seat
+        went while the read was under way: the read may predate that seat's task, whose GPUs would
+        look free (then the state the seat went with stands, or the swarm is read again)."""
+        while True:
+            with self._lock:
+                releases = self._releases
+            state = self._read_state()
+            with self._lock:
+                if self._releases == releases:
+                    self._state, self._read_at = state, self._clock()
+                if self._state is not None and self._read_at > float("-inf"):
+                    return self._state
 
     def known_scan(self) -> GpuScan:
         """The swarm's GPUs as last read, as GPUs named by their node's model (what the queue
@@ -213,6 +228,7 @@ class SwarmSeats:
             else:
                 self._read_at = float("-inf")
             seat = self._seats.pop((user, server_name), None)
+            self._releases += seat is not None
             self._needs.pop((user, server_name), None)
             self._refused.pop((user, server_name), None)
         if seat is not None and placed is not None:

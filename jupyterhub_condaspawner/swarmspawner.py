@@ -460,8 +460,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         seats.release(*self.gpu_key)
         self._tell_seats_what_it_needs()
         while True:
-            state = await self._read_swarm()
-            seats.observe(state)
+            state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went
             node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
             try:
                 allocation = seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -34,10 +35,14 @@ class Swarm:
     def __init__(self, *nodes: NodeInfo):
         self.state = SwarmState(nodes, ())
         self.reads = 0
+        self.meanwhile: Callable[[], object] | None = None  # what happens while a read is under way
 
     def read(self) -> SwarmState:
         self.reads += 1
-        return self.state
+        state = self.state
+        if self.meanwhile is not None:
+            self.meanwhile()
+        return state
 
     def run(self, *tasks: TaskInfo) -> SwarmState:
         self.state = SwarmState(self.state.nodes, tasks)
@@ -214,3 +219,18 @@ def test_a_seat_counts_only_nodes_the_admins_constraints_allow():
     with pytest.raises(GpuUnavailable):
         seats.allocate("bob", "", 1)  # worker2's GPUs are free, but outside the pool
     assert seats.allocate("cid", "", 1).uuids == ("GPU-worker2-0",)
+
+
+def test_a_read_begun_before_a_seat_went_does_not_free_that_seats_gpus():
+    # A slow read of the manager began before ann's service existed; meanwhile Swarm placed her task
+    # and her seat went (with the state that shows it). That older read must not make her GPU free.
+    swarm = Swarm(node("worker1", 1))
+    seats = seats_on(swarm, assign=True)
+    ann = seats.allocate("ann", "", 1)
+    swarm.meanwhile = lambda: seats.release("ann", "", placed=swarm.run(task("ann", ann.uuids)))
+    seats.freed()  # the next try reads the swarm again
+    seats.latest_scan()
+    swarm.meanwhile = None
+    with pytest.raises(GpuUnavailable):
+        seats.allocate("bob", "", 1)
+    assert seats.seats() == {}
