@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from . import swarmplacement
 from .gpuinventory import Gpu, GpuScan
 from .gpus import Allocation, GpuAllocator, GpuUnavailable
-from .swarm import NodeInfo, ServiceRequest, SwarmState, check_feasible, closed_gpus_note
+from .swarm import NodeInfo, ServiceRequest, SwarmState, check_feasible, check_quota, closed_gpus_note
 
 # How old the swarm's last read may be when a waiting start tries again (at most once a second).
 SWARM_READ_INTERVAL_S = 1.0
@@ -132,7 +132,8 @@ class SwarmSeats:
         (SwarmInfeasible when no node could ever run it). With ``assign``, the seat is ``count``
         GPU ids of one node (the fullest that has them: whole nodes stay free for bigger
         requests), which the allocation names. ``avoid``: GPUs not to go for (those the queue
-        holds for an older request): a node with one of them is not counted. ``min_free_memory``
+        holds for an older request): a node with one of them is not counted. GpuQuotaExceeded when the
+        user's other servers hold their quota (``settings.per_user_gpu_quota``). ``min_free_memory``
         and ``rescan`` are the one-host allocator's (Swarm reads no memory)."""
         with self._lock:
             state = self._state
@@ -140,6 +141,8 @@ class SwarmSeats:
                 raise GpuUnavailable("the swarm has not been read yet", "No GPU is known on this hub yet: try again")
             request = ServiceRequest(gpus=count, gpu_model=model_glob, cuda=cuda, profile=profile)
             check_feasible(state, request)
+            check_quota(state, user, server_name, count, self.settings.per_user_gpu_quota, profile,
+                        held=self._held_by(state, user, server_name))
             allowed = self._needs.get((user, server_name), _Needs()).constraints
             nodes = [node for node in state.nodes if node.schedulable and request.fits(node)
                      and swarmplacement.allows(node.attributes, allowed)
@@ -156,6 +159,15 @@ class SwarmSeats:
                 seat = self._pick(state, (user, server_name), request, free)
             self._seats[(user, server_name)] = seat
         return Allocation(user, server_name, seat.gpus, time.time())
+
+    def _held_by(self, state: SwarmState, user: str, server_name: str) -> int:
+        """GPUs the user's other servers hold or are about to: their live tasks', and their seats' whose
+        task Swarm has not made yet (a quota refusal never waits in the queue, as on one host)."""
+        asked = {task.server_name: task.gpus_requested for task in state.tasks if task.live and task.user == user}
+        asked.update((name, seat.count) for (owner, name), seat in self._seats.items()
+                     if owner == user and name not in asked)
+        asked.pop(server_name, None)
+        return sum(asked.values())
 
     def _pick(self, state: SwarmState, key: Key, request: ServiceRequest, free: dict[str, tuple[str, ...]]) -> _Seat:
         """The seat of an assigning start: ``request.gpus`` ids of the fullest node that has them and the

@@ -11,7 +11,7 @@ import pytest
 
 from jupyterhub_condaspawner import swarmplacement
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
-from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuUnavailable
+from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuQuotaExceeded, GpuUnavailable
 from jupyterhub_condaspawner.swarm import NodeInfo, SwarmInfeasible, SwarmState, TaskInfo
 from jupyterhub_condaspawner.swarmqueue import NodeBusy, SwarmSeats
 
@@ -234,3 +234,24 @@ def test_a_read_begun_before_a_seat_went_does_not_free_that_seats_gpus():
     with pytest.raises(GpuUnavailable):
         seats.allocate("bob", "", 1)
     assert seats.seats() == {}
+
+
+async def test_a_start_over_the_users_quota_is_refused_at_once_not_queued():
+    # per_user_gpu_quota 1: ann's running server holds one, so her second start is refused as on one
+    # host, not left waiting for a GPU it may never hold (and given one ahead of others).
+    swarm = Swarm(node("worker1", 2))
+    swarm.run(task("ann", ("GPU-worker1-0",)), task("bob", ("GPU-worker1-1",)))
+    queue = GpuQueue(seats_on(swarm, queue_timeout=60, per_user_gpu_quota=1))
+    with pytest.raises(GpuQuotaExceeded) as refusal:
+        await asyncio.wait_for(queue.allocate("ann", "second", 1), 5)
+    assert refusal.value.user_message.endswith("ann already holds 1 of their quota of 1: stop another server first")
+    assert queue.length == 0
+
+
+def test_a_seat_counts_against_its_users_quota_before_swarm_has_placed_its_task():
+    swarm = Swarm(node("worker1", 2))
+    seats = seats_on(swarm, assign=True, per_user_gpu_quota=1)
+    seats.allocate("ann", "", 1)
+    with pytest.raises(GpuQuotaExceeded):
+        seats.allocate("ann", "second", 1)
+    assert seats.allocate("bob", "", 1).user == "bob"
