@@ -181,13 +181,15 @@ class SwarmState:
                 node.nano_cpus - sum(task.nano_cpus for task in placed),
                 node.memory - sum(task.memory for task in placed))
 
-    def waiting_for(self, request: ServiceRequest) -> str:
+    def waiting_for(self, request: ServiceRequest, own: TaskInfo | None = None) -> str:
         """What a pending request lacks: "a GPU" when no up node has enough free GPUs of its kind,
-        else "CPU or memory" (a node has the GPUs, but not the CPU or memory reserved beside them)."""
+        else "CPU or memory" (a node has the GPUs, but not the CPU or memory reserved beside them).
+        ``own``: the request's task, whose GPUs (the hub's assignment, held from its label) are its own."""
         if not request.gpus:
             return "CPU or memory"
+        held = set(self.holders()) - set(own.gpus if own is not None else ())
         with_gpus = [node for node in self.nodes if node.schedulable and request.model_matches(node)
-                     and request.cuda_matches(node) and self.free_on(node)[0] >= request.gpus]
+                     and request.cuda_matches(node) and sum(gpu not in held for gpu in node.gpus) >= request.gpus]
         return "CPU or memory" if with_gpus else "a GPU"
 
     def task_for(self, service_id: str) -> TaskInfo | None:

@@ -132,7 +132,7 @@ class SwarmTaskMixin(_SpawnerBase):
     def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
         if task is None or task.state in ("new", "allocated", "pending"):
             reason = task.error if task else ""  # why the scheduler has not placed it (none yet at first)
-            if "insufficient resources" in reason and state.waiting_for(self._request) == "a GPU":
+            if "insufficient resources" in reason and state.waiting_for(self._request, task) == "a GPU":
                 held, open_gpus = state.open_gpus()
                 return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held{swarm.closed_gpus_note(state, open_gpus)}; "
                         "your server starts when one is free")
@@ -148,7 +148,7 @@ class SwarmTaskMixin(_SpawnerBase):
     def _timed_out(self, state: SwarmState, task: swarm.TaskInfo | None) -> GpuUnavailable:
         waited = f"{self.start_timeout:.0f} s" if self.start_timeout < 120 else f"{self.start_timeout / 60:.0f} min"
         reason = task.reason if task else "no task"
-        if self._request.gpus and state.waiting_for(self._request) == "a GPU":
+        if self._request.gpus and state.waiting_for(self._request, task) == "a GPU":
             held, open_gpus = state.open_gpus()
             user = (f"No GPU is free on this hub: {open_gpus - held} of {open_gpus} ({self._request.describe(True)}; "
                     f"no node had one free within {waited}{swarm.closed_gpus_note(state, open_gpus)}: try again later)")

@@ -12,7 +12,7 @@ import pytest
 from jupyterhub_condaspawner import swarmplacement
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuQuotaExceeded, GpuUnavailable
-from jupyterhub_condaspawner.swarm import NodeInfo, SwarmInfeasible, SwarmState, TaskInfo
+from jupyterhub_condaspawner.swarm import NodeInfo, ServiceRequest, SwarmInfeasible, SwarmState, TaskInfo
 from jupyterhub_condaspawner.swarmqueue import NodeBusy, SwarmSeats
 
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -255,3 +255,16 @@ def test_a_seat_counts_against_its_users_quota_before_swarm_has_placed_its_task(
     with pytest.raises(GpuQuotaExceeded):
         seats.allocate("ann", "second", 1)
     assert seats.allocate("bob", "", 1).user == "bob"
+
+
+def test_a_pinned_start_pending_in_swarm_waits_for_cpu_or_memory_not_for_its_own_gpus():
+    # gpu_assignment "hub": bob's service was given worker1's last GPU (its label) and waits in Swarm
+    # for CPU there. His progress line and timeout must say CPU or memory: the GPU is his.
+    swarm = Swarm(node("worker1", 2))
+    ann = task("ann", ("GPU-worker1-0",))
+    bob = TaskInfo("task-bob", "service-bob", "", "pending", "running", "", "no suitable node (insufficient "
+                   "resources on 1 node)", "bob", "", 1, ("GPU-worker1-1",), "2026-12-03T10:00:00Z")
+    state = swarm.run(ann, bob)
+    request = ServiceRequest(gpus=1, cpu_reservation=4)
+    assert state.waiting_for(request, own=bob) == "CPU or memory"
+    assert state.waiting_for(request) == "a GPU"  # for anyone else, none is free
