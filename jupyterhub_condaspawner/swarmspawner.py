@@ -205,6 +205,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         self._node = ""
         self._failed_nodes: dict[str, str] = {}  # node ID -> why this start's task ended there
         self._pinned: tuple[str, tuple[str, ...]] = ("", ())  # gpu_assignment "hub": (node ID, GPU ids)
+        self._stop_asked = False  # stop() came during this start (maybe between two of its services)
 
     # -- the swarm, as the manager reports it ---------------------------------------------
 
@@ -340,10 +341,17 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)
         self._assigned, self._node = (), ""
         self._failed_nodes = {}
+        self._stop_asked = False
         try:
             return await super().start()
         finally:
             self._leave_gpu_seat()
+
+    async def stop(self, now: bool = False) -> None:
+        # JupyterHub does not cancel start() itself: a start between two services (its node could not
+        # start it, _pin_to_another_node waits for another) has none for stop() to remove.
+        self._stop_asked = True
+        await super().stop(now=now)
 
     async def _ensure_image(self, request: Any) -> ImageInfo:
         self._check_home_settings()  # the admin's settings, before anything is built
@@ -461,6 +469,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
         self._tell_seats_what_it_needs()
         while True:
             state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went
+            self._end_if_stop_asked()
             node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
             try:
                 allocation = seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,

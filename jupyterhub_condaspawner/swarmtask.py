@@ -46,6 +46,7 @@ class SwarmTaskMixin(_SpawnerBase):
         _failed_nodes: dict[str, str]
         _pinned: tuple[str, tuple[str, ...]]
         _profile: Profile
+        _stop_asked: bool
 
         async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
 
@@ -72,11 +73,13 @@ class SwarmTaskMixin(_SpawnerBase):
             try:
                 state = await self._read_swarm(service_id)
             except docker.errors.NotFound:
-                if self.object_id:
+                if self.object_id and not self._stop_asked:
                     raise
             if not self.object_id:  # stop() removed the service: the user gave up waiting
-                message = "The start was cancelled while it waited for a GPU or a node"
-                raise QueueCancelled(message, message)
+                self._end_if_stop_asked(asked=True)
+            if self._stop_asked:  # stop() came while this start made a service on another node
+                await self._remove_quietly()
+                self._end_if_stop_asked()
             task = state.task_for(service_id)
             if task is not None and task.state == "running":
                 if said:  # it waited: the profile may have been taken away meanwhile
@@ -99,6 +102,12 @@ class SwarmTaskMixin(_SpawnerBase):
                 await self._remove_quietly()
                 raise self._timed_out(state, task)
             await asyncio.sleep(TASK_POLL_S)
+
+    def _end_if_stop_asked(self, asked: bool = False) -> None:
+        """QueueCancelled when the user stopped the start (``asked``, or stop() came meanwhile)."""
+        if asked or self._stop_asked:
+            message = "The start was cancelled while it waited for a GPU or a node"
+            raise QueueCancelled(message, message)
 
     async def _refuse_if_access_withdrawn_on_swarm(self) -> None:
         """The server, placed after a wait, is removed again if its profile is no longer the user's."""

@@ -431,13 +431,7 @@ async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(
 
 async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on(swarm_bench, servers):
     blocked, other = (node.name for node in swarm_bench.workers)
-    blocked_client = swarm_bench.nodes[blocked].client()
-    for image in blocked_client.images.list():  # what earlier tests pulled there: this start must pull
-        if any("condaspawner-swarmtest" in name for name in image.attrs.get("RepoDigests") or []):
-            blocked_client.images.remove(image.id, force=True)
-    host, port = swarm_bench.registry_address.rsplit(":", 1)
-    rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
-    subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-A", *rule), check=True)  # its registry is gone
+    rule = cut_off_from_the_registry(swarm_bench, blocked)  # this start must pull there, and cannot
     set_availability(swarm_bench, other, "pause")  # Swarm's only choice at first: the node that cannot pull
     try:
         spawner = servers.make("puller")
@@ -452,6 +446,39 @@ async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on
                    "trying another node"
     assert assigned(swarm_bench, spawner)[0] == other
     assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 1  # none left over
+
+
+async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_no_service(swarm_bench, servers):
+    # The hub picked a node that cannot pull; the start waits for another node's GPUs (the other is
+    # paused) with no service of its own, so stop() has none to remove: the start must still end.
+    blocked, other = (node.name for node in swarm_bench.workers)
+    rule = cut_off_from_the_registry(swarm_bench, blocked)
+    set_availability(swarm_bench, other, "pause")
+    try:
+        spawner = servers.make("changed-mind")
+        start = asyncio.ensure_future(servers.start(spawner))
+        await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
+        await spawner.stop()  # the user gives up
+        set_availability(swarm_bench, other, "active")  # GPUs free there now
+        with pytest.raises(StartFailure) as failure:
+            await asyncio.wait_for(start, 300)
+    finally:
+        set_availability(swarm_bench, other, "active")
+        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
+    assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
+def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
+    """The node loses the images earlier tests pulled and cannot reach the registry; the iptables rule."""
+    client = bench.nodes[name].client()
+    for image in client.images.list():
+        if any("condaspawner-swarmtest" in digest for digest in image.attrs.get("RepoDigests") or []):
+            client.images.remove(image.id, force=True)
+    host, port = bench.registry_address.rsplit(":", 1)
+    rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
+    subprocess.run(bench.nsenter(name, "iptables", "-A", *rule), check=True)
+    return rule
 
 
 def set_availability(bench: SwarmBench, name: str, availability: str) -> None:
