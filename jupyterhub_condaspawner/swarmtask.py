@@ -90,7 +90,8 @@ class SwarmTaskMixin(_SpawnerBase):
                 gpus = f" with GPU {', '.join(task.gpus)}" if task.gpus else ""
                 await self._feed.publish("start", 92, f"Running on node {self._node}{gpus}")
                 return
-            if task is not None and (task.state in swarm.ENDED_STATES or not task.live):
+            if task is not None and (task.state in swarm.ENDED_STATES or not task.live
+                                     or self._pinned_node_closed(state, task)):
                 service_id = await self._try_another_node(state, task)
                 said = ""
                 continue
@@ -117,14 +118,25 @@ class SwarmTaskMixin(_SpawnerBase):
             await self._remove_quietly()
             raise
 
+    def _pinned_node_closed(self, state: SwarmState, task: swarm.TaskInfo) -> bool:
+        """Whether the node the hub pinned a task Swarm has not placed yet to went down, was drained
+        or paused (or left the swarm): Swarm would keep it pending there until the start's deadline."""
+        node_id = self._pinned[0]
+        if not node_id or task.state not in ("new", "allocated", "pending"):
+            return False
+        node = state.node(node_id)
+        return node is None or node.state in ("down", "disconnected") or node.availability != "active"
+
     async def _try_another_node(self, state: SwarmState, task: swarm.TaskInfo) -> str:
-        """The task ended before it ran (a node that cannot pull, or went down): a new service
-        kept off that node, and its ID; StartFailure when no other node could run it."""
+        """The task ended before it ran (a node that cannot pull, or went down), or its pinned node
+        closed before Swarm placed it: a new service kept off that node, and its ID; StartFailure
+        when no other node could run it."""
         await self._remove_quietly()
-        node = state.node(task.node_id)
-        name = node.hostname if node else task.node_id
+        node_id = task.node_id or self._pinned[0]
+        node = state.node(node_id)
+        name = node.hostname if node else node_id
         cause = _why_task_ended(task, node)
-        self._failed_nodes[task.node_id] = f"node {name}: {cause}"
+        self._failed_nodes[node_id] = f"node {name}: {cause}"
         self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
                          "see that node's Docker log")
         others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
@@ -240,8 +252,10 @@ def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
     """A task's end before it ran, in a few words: the node's state, or what its daemon said."""
     if node is not None and node.state in ("down", "disconnected"):
         return f"the node is {node.state}"
-    if node is not None and node.availability == "drain":
-        return "an admin drained it"
+    if node is not None and node.availability in ("drain", "pause"):
+        return f"an admin {'drained' if node.availability == 'drain' else 'paused'} it"
+    if node is None and not task.node_id:
+        return "it left the swarm"
     if "No such image" in task.reason or "pull" in task.reason.lower():
         return "it could not pull the image from the registry"
     return task.reason or task.state

@@ -469,6 +469,33 @@ async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
 
 
+async def test_a_start_pinned_to_a_node_drained_before_swarm_placed_it_goes_to_another(swarm_bench, servers,
+                                                                                       swarm_base):
+    # The hub pins 'heavy' (1.5 of a worker's 2 CPUs) to the only active worker, where a service not
+    # the hub's reserves the CPUs: it waits in Swarm. That node is drained: the start goes elsewhere.
+    pinned, other = (node.name for node in swarm_bench.workers)
+    client = swarm_bench.manager_client()
+    set_availability(swarm_bench, other, "pause")
+    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
+                                     constraints=[f"node.hostname=={pinned}"],
+                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
+    try:
+        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
+        spawner = servers.make("drained-under")
+        start = asyncio.ensure_future(servers.start(spawner, "heavy"))
+        await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
+        set_availability(swarm_bench, other, "active")
+        set_availability(swarm_bench, pinned, "drain")
+        told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {pinned} could not start"), 300)
+        await asyncio.wait_for(start, 300)
+    finally:
+        blocker.remove()
+        set_availability(swarm_bench, other, "active")
+        set_availability(swarm_bench, pinned, "active")
+    assert told == f"Node {pinned} could not start your server (an admin drained it): trying another node"
+    assert assigned(swarm_bench, spawner)[0] == other
+
+
 def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
     """The node loses the images earlier tests pulled and cannot reach the registry; the iptables rule."""
     client = bench.nodes[name].client()
