@@ -3,7 +3,9 @@ judges them: where the hub picks a GPU server's node (``gpu_assignment = "hub"``
 one the service's constraints allow, or Swarm would never place it.
 
 Swarm's constraint syntax: ``KEY==VALUE`` or ``KEY!=VALUE``, values compared without regard to
-case (label names with it); a label the node lacks fails ``==`` and passes ``!=``; ``node.ip`` may be a CIDR block.
+case (label names with it); a label the node lacks fails ``==`` and passes ``!=``; ``node.ip`` is compared as
+an address, or may be a CIDR block (anything else matches no node), and is the address the node reports
+(``Status.Addr``: a manager's may be 0.0.0.0).
 The keys judged here are Swarm's node attributes (``node.id``, ``node.hostname``, ``node.role``,
 ``node.ip``, ``node.platform.os``, ``node.platform.arch``, ``node.labels.*``, ``engine.labels.*``).
 """
@@ -20,9 +22,11 @@ _NODE_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform
 _LABEL_PREFIXES = ("node.labels.", "engine.labels.")
 
 
-def node_attributes(attrs: Mapping[str, Any], address: str) -> tuple[tuple[str, str], ...]:
+def node_attributes(attrs: Mapping[str, Any], address: str | None = None) -> tuple[tuple[str, str], ...]:
     """What constraints are judged against, from a node as the manager reports it (``address``: its
-    swarm address)."""
+    address as Swarm's scheduler sees it; default its reported ``Status.Addr``)."""
+    if address is None:
+        address = str((attrs.get("Status") or {}).get("Addr") or "")
     description = attrs.get("Description") or {}
     platform = description.get("Platform") or {}
     spec = attrs.get("Spec") or {}
@@ -48,8 +52,9 @@ def allows(attributes: Iterable[tuple[str, str]], constraints: Iterable[str]) ->
         if parsed is None:
             return False
         key, operator, value = parsed
-        matches = key in known and _equal(key, known[key], value)
-        if matches != (operator == "=="):
+        matches = _ip_matches(known.get(key, ""), value) if key == "node.ip" else (
+            key in known and known[key].lower() == value.lower())
+        if matches is None or matches != (operator == "=="):
             return False
     return True
 
@@ -65,10 +70,21 @@ def _parse(constraint: str) -> tuple[str, str, str] | None:
     return (key.lower(), operator, value) if key.lower() in _NODE_KEYS else None
 
 
-def _equal(key: str, actual: str, wanted: str) -> bool:
-    if key == "node.ip" and "/" in wanted:
-        try:
-            return ipaddress.ip_address(actual) in ipaddress.ip_network(wanted, strict=False)
-        except ValueError:
-            return False
-    return actual.lower() == wanted.lower()
+def _ip_matches(actual: str, wanted: str) -> bool | None:
+    """Swarm's ``node.ip``: an address compared as an address, a CIDR block by containment; None when
+    ``wanted`` is neither (Swarm then places the service on no node, whatever the operator)."""
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(actual)
+    except ValueError:
+        address = None
+    try:
+        return address == ipaddress.ip_address(wanted)
+    except ValueError:
+        pass
+    if "/" not in wanted:
+        return None
+    try:
+        network = ipaddress.ip_network(wanted, strict=False)
+    except ValueError:
+        return None
+    return address is not None and address in network

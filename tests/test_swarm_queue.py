@@ -12,7 +12,7 @@ import pytest
 from jupyterhub_condaspawner import swarmplacement
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuQuotaExceeded, GpuUnavailable
-from jupyterhub_condaspawner.swarm import NodeInfo, ServiceRequest, SwarmInfeasible, SwarmState, TaskInfo
+from jupyterhub_condaspawner.swarm import NodeInfo, ServiceRequest, SwarmInfeasible, SwarmState, TaskInfo, node_info
 from jupyterhub_condaspawner.swarmqueue import NodeBusy, SwarmSeats
 
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -198,6 +198,8 @@ POOL_NODE = {"ID": "n1", "Description": {"Hostname": "gpu1", "Platform": {"OS": 
     (["node.role==worker", "node.hostname==gpu1", "node.id==n1"], True),
     (["node.role==manager"], False),
     (["node.ip==10.0.0.0/24"], True), (["node.ip==10.0.1.7"], False),
+    (["node.ip!=10.0.0.0/33"], False), (["node.ip!=gpu1"], False),  # malformed: Swarm places it on no node
+    (["NODE.IP == 10.0.0.7 "], True),  # keys without regard to case, spaces around
     (["node.platform.os==linux", "node.platform.arch==x86_64", "engine.labels.rack==b4"], True),
 ])
 def test_the_hub_judges_an_admins_placement_constraints_as_swarm_does(constraints, allowed):
@@ -268,3 +270,13 @@ def test_a_pinned_start_pending_in_swarm_waits_for_cpu_or_memory_not_for_its_own
     request = ServiceRequest(gpus=1, cpu_reservation=4)
     assert state.waiting_for(request, own=bob) == "CPU or memory"
     assert state.waiting_for(request) == "a GPU"  # for anyone else, none is free
+
+
+def test_node_ip_is_compared_as_an_address_and_as_swarm_sees_it():
+    attrs = {**POOL_NODE, "Status": {"Addr": "2001:db8::7"}}
+    assert swarmplacement.allows(node_info(attrs).attributes, ["node.ip==2001:DB8:0::7"])
+    # A manager that reports 0.0.0.0 is reached at its manager address, but Swarm's node.ip is 0.0.0.0.
+    manager = {**POOL_NODE, "Status": {"Addr": "0.0.0.0"}, "ManagerStatus": {"Addr": "10.0.0.9:2377"}}
+    info = node_info(manager)
+    assert info.address == "10.0.0.9"
+    assert not swarmplacement.allows(info.attributes, ["node.ip==10.0.0.9"])
