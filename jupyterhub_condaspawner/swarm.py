@@ -502,6 +502,13 @@ def resources(request: ServiceRequest, resource: str = GPU_RESOURCE,
     return docker.types.Resources(**kwargs)
 
 
+def reservation(request: ServiceRequest, extra: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """(nano-CPUs, memory bytes) a service reserves: the request's, else the admin's (``extra``), as
+    :func:`resources` puts them in its task (what the hub's pick of a node must find free)."""
+    reserved = resources(request, extra=extra, reserve_gpus=False).get("Reservations") or {}
+    return int(reserved.get("NanoCPUs") or 0), int(reserved.get("MemoryBytes") or 0)
+
+
 def pinned_gpus_env(gpus: Sequence[str], resource: str = GPU_RESOURCE) -> dict[str, str]:
     """The environment that gives a container the GPUs the hub assigned it, as Swarm's own
     assignment would: the NVIDIA runtime (its ``swarm-resource`` setting) reads the same variable."""

@@ -390,11 +390,9 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
     def _tell_seats_what_it_needs(self) -> None:
         """The CPU and memory the service reserves, and the admin's placement constraints: the
         queue gives it a seat only on a node where it can run."""
-        request = self._request
         constraints = tuple(self.extra_placement_spec.get("constraints") or ())
         self._check_judged(constraints)
-        self._seats.expect(*self.gpu_key, int((request.cpu_reservation or 0) * 1e9), request.mem_reservation or 0,
-                           constraints)
+        self._seats.expect(*self.gpu_key, *swarm.reservation(self._request, self.extra_resources_spec), constraints)
 
     def _check_judged(self, constraints: tuple[str, ...]) -> None:
         """gpu_assignment "hub" picks the node itself: an admin's placement constraint it cannot

@@ -12,7 +12,15 @@ import pytest
 from jupyterhub_condaspawner import swarmplacement
 from jupyterhub_condaspawner.gpuqueue import GpuQueue
 from jupyterhub_condaspawner.gpus import GpuAllocator, GpuInventory, GpuQuotaExceeded, GpuUnavailable
-from jupyterhub_condaspawner.swarm import NodeInfo, ServiceRequest, SwarmInfeasible, SwarmState, TaskInfo, node_info
+from jupyterhub_condaspawner.swarm import (
+    NodeInfo,
+    ServiceRequest,
+    SwarmInfeasible,
+    SwarmState,
+    TaskInfo,
+    node_info,
+    reservation,
+)
 from jupyterhub_condaspawner.swarmqueue import NodeBusy, SwarmSeats
 
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -280,3 +288,12 @@ def test_node_ip_is_compared_as_an_address_and_as_swarm_sees_it():
     info = node_info(manager)
     assert info.address == "10.0.0.9"
     assert not swarmplacement.allows(info.attributes, ["node.ip==10.0.0.9"])
+
+
+def test_the_cpu_and_memory_a_seat_must_find_free_are_what_the_service_reserves():
+    # The admin's reservations (extra_resources_spec) apply where the profile sets none: the hub's
+    # pick of a node must count them, or the pinned service waits in Swarm on a node without them.
+    admins = {"cpu_reservation": 2 * 10**9, "mem_reservation": 2**30}
+    assert reservation(ServiceRequest(gpus=1), admins) == (2 * 10**9, 2**30)
+    assert reservation(ServiceRequest(gpus=1, cpu_reservation=1.5), admins) == (1_500_000_000, 2**30)
+    assert reservation(ServiceRequest(gpus=1)) == (0, 0)
