@@ -153,7 +153,7 @@ class SwarmSeats:
             self._refused.pop((user, server_name), None)
             if max(map(len, free.values()), default=0) < count or sum(map(len, free.values())) - unplaced < count:
                 self._refused[(user, server_name)] = "a GPU"
-                raise _no_gpu_free(state, request, unplaced)
+                raise _no_gpu_free(state, request, unplaced + self._seated(state))
             seat = _Seat(count)
             if self.assign:
                 seat = self._pick(state, (user, server_name), request, free)
@@ -222,6 +222,12 @@ class SwarmSeats:
         waiting.update((key, seat.count) for key, seat in self._seats.items() if key not in placed and not seat.gpus)
         waiting.pop(except_key, None)
         return sum(waiting.values())
+
+    def _seated(self, state: SwarmState) -> int:
+        """GPU ids given to seats (``assign``) on the nodes that take servers, that no task holds yet."""
+        held = state.holders()
+        open_ids = {gpu for node in state.nodes if node.schedulable for gpu in node.gpus}
+        return len({gpu for seat in self._seats.values() for gpu in seat.gpus if gpu in open_ids and gpu not in held})
 
     def node_of(self, user: str, server_name: str) -> str:
         """The node whose GPUs (user, server_name)'s seat was given ("" without ``assign``, or no seat)."""

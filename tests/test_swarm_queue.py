@@ -297,3 +297,13 @@ def test_the_cpu_and_memory_a_seat_must_find_free_are_what_the_service_reserves(
     assert reservation(ServiceRequest(gpus=1), admins) == (2 * 10**9, 2**30)
     assert reservation(ServiceRequest(gpus=1, cpu_reservation=1.5), admins) == (1_500_000_000, 2**30)
     assert reservation(ServiceRequest(gpus=1)) == (0, 0)
+
+
+def test_a_refusal_counts_the_gpus_the_hub_gave_seats_as_not_free():
+    swarm = Swarm(node("worker1", 1))
+    seats = seats_on(swarm, assign=True)
+    seats.allocate("ann", "", 1)  # her service is being made: Swarm does not show it yet
+    with pytest.raises(GpuUnavailable) as refusal:
+        seats.allocate("bob", "", 1)
+    assert refusal.value.user_message == ("No GPU is free on this hub: 0 of 1 (this server needs 1 GPU; try again "
+                                          "when a server stops)")
