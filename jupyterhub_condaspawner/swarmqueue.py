@@ -223,6 +223,15 @@ class SwarmSeats:
         waiting.pop(except_key, None)
         return sum(waiting.values())
 
+    def open_gpus(self) -> tuple[int, int]:
+        """(held, all) GPUs of the nodes that take servers, as last read (SwarmState.open_gpus), the ids
+        given to seats whose task Swarm does not show yet counted as held (what the waiting line says)."""
+        with self._lock:
+            if self._state is None:
+                return 0, 0
+            held, open_gpus = self._state.open_gpus()
+            return held + self._seated(self._state), open_gpus
+
     def _seated(self, state: SwarmState) -> int:
         """GPU ids given to seats (``assign``) on the nodes that take servers, that no task holds yet."""
         held = state.holders()

@@ -420,7 +420,7 @@ class CondaSwarmSpawner(SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSp
             return f"Waiting for a GPU on any node: {who}"
         if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
             return cpu_wait_message(self._request)
-        held, open_gpus = state.open_gpus()
+        held, open_gpus = self._seats.open_gpus()  # the GPUs given to starts a moment ago too
         return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held"
                 f"{swarm.closed_gpus_note(state, open_gpus)}; {who}")
 

@@ -307,3 +307,12 @@ def test_a_refusal_counts_the_gpus_the_hub_gave_seats_as_not_free():
         seats.allocate("bob", "", 1)
     assert refusal.value.user_message == ("No GPU is free on this hub: 0 of 1 (this server needs 1 GPU; try again "
                                           "when a server stops)")
+
+
+def test_the_waiting_line_counts_gpus_given_to_seats_as_held():
+    swarm = Swarm(node("worker1", 2), node("worker2", 2, availability="drain"))
+    swarm.run(task("ann", ("GPU-worker1-0",)))
+    seats = seats_on(swarm, assign=True)
+    assert seats.open_gpus() == (1, 2)
+    seats.allocate("bob", "", 1)  # his service is being made: Swarm shows no task of it yet
+    assert seats.open_gpus() == (2, 2)
