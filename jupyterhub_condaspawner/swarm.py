@@ -60,6 +60,9 @@ LABEL_GPU_REQUEST = "io.condaspawner.gpus.requested"  # how many GPUs the servic
 # Task states (docker/swarmkit api/types.proto) before "running", and after it.
 WAITING_STATES = frozenset({"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"})
 LIVE_STATES = WAITING_STATES | {"running"}
+# States of a task whose container may exist on its node: it holds its GPUs (and port) whatever
+# Swarm now wants of it, until it has ended (a stopped server's container gets its grace period).
+ON_NODE_STATES = frozenset({"assigned", "accepted", "preparing", "ready", "starting", "running"})
 ENDED_STATES = frozenset({"complete", "shutdown", "failed", "rejected", "remove", "orphaned"})
 
 # Copies Swarm's GPU assignment into CONDASPAWNER_GPUS, then runs the server. A shell would not
@@ -131,6 +134,12 @@ class TaskInfo:
         return self.desired_state in ("running", "ready", "accepted") and self.state in LIVE_STATES
 
     @property
+    def holding(self) -> bool:
+        """Holding its GPUs: live, or being shut down (its server stopped, its service removed) while
+        its container may still run on its node, as Swarm's scheduler counts it."""
+        return self.live or self.state in ON_NODE_STATES
+
+    @property
     def reason(self) -> str:
         return self.error or self.message
 
@@ -151,8 +160,9 @@ class SwarmState:
         return sum(len(node.gpus) for node in self.nodes)
 
     def holders(self) -> dict[str, TaskInfo]:
-        """GPU id -> the live task Swarm assigned it to."""
-        return {gpu: task for task in self.tasks if task.live for gpu in task.gpus}
+        """GPU id -> the task holding it (TaskInfo.holding): a live one before one being shut down."""
+        holding = sorted((task for task in self.tasks if task.holding), key=lambda task: task.live)
+        return {gpu: task for task in holding for gpu in task.gpus}
 
     def held_gpus(self) -> int:
         return len(self.holders())
@@ -287,17 +297,20 @@ def read_swarm(api: Any, resource: str = GPU_RESOURCE, model_label: str = GPU_MO
                service_id: str | None = None, cuda_label: str = CUDA_LABEL) -> SwarmState:
     """Nodes and conda-swarm tasks from the manager (a docker ``APIClient``, or a ``DockerClient``).
 
-    Every live task is read (their GPUs and ports are what others cannot have); with
-    ``service_id``, that service's ended tasks too (what became of a server).
+    Every live task is read, and every task being shut down whose container may still run (their
+    GPUs and ports are what others cannot have: a removed service's tasks are listed by no
+    desired-state filter); with ``service_id``, that service's ended tasks too (what became of a server).
     """
     api = getattr(api, "api", api)
     nodes = tuple(node_info(attrs, resource, model_label, cuda_label) for attrs in api.nodes())
-    raw = list(api.tasks(filters={"desired-state": "running"}))
+    raw = [task for task in api.tasks() if task.get("DesiredState") in ("running", "ready", "accepted")
+           or (task.get("Status") or {}).get("State") in ON_NODE_STATES]
     if service_id:
         seen = {task["ID"] for task in raw}
         raw += [task for task in api.tasks(filters={"service": service_id}) if task["ID"] not in seen]
     tasks = tuple(info for info in (task_info(task, resource) for task in raw) if info is not None)
-    ports = frozenset(int(port) for task in raw if task.get("DesiredState") == "running"
+    ports = frozenset(int(port) for task in raw if (task.get("DesiredState") == "running"
+                                                    or (task.get("Status") or {}).get("State") in ON_NODE_STATES)
                       and str(port := _container_labels(task).get(LABEL_PORT, "")).isdigit())
     return SwarmState(nodes, tasks, ports)
 

@@ -60,7 +60,9 @@ class FakeApi:
     def nodes(self) -> list[dict]:
         return self._nodes
 
-    def tasks(self, filters: dict) -> list[dict]:
+    def tasks(self, filters: dict | None = None) -> list[dict]:
+        if filters is None:
+            return self._tasks
         if "service" in filters:
             return [t for t in self._tasks if t["ServiceID"] == filters["service"]]
         return [t for t in self._tasks if t["DesiredState"] == filters["desired-state"]]

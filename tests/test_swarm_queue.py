@@ -316,3 +316,16 @@ def test_the_waiting_line_counts_gpus_given_to_seats_as_held():
     assert seats.open_gpus() == (1, 2)
     seats.allocate("bob", "", 1)  # his service is being made: Swarm shows no task of it yet
     assert seats.open_gpus() == (2, 2)
+
+
+def test_a_stopped_servers_task_holds_its_gpu_until_its_container_has_ended():
+    # The user stopped ann's server (its service removed): Swarm shuts the task down, and its
+    # container runs on for its grace period with the GPU. That GPU is not bob's yet.
+    swarm = Swarm(node("worker1", 1))
+    stopping = dataclasses.replace(task("ann", ("GPU-worker1-0",)), desired_state="remove")
+    swarm.run(stopping)
+    seats = seats_on(swarm, assign=True)
+    with pytest.raises(GpuUnavailable):
+        seats.allocate("bob", "", 1)
+    seats.freed(swarm.run(dataclasses.replace(stopping, state="shutdown")))  # its container exited
+    assert seats.allocate("bob", "", 1).uuids == ("GPU-worker1-0",)

@@ -26,7 +26,7 @@ from stand_in_user import StandInUser
 from traitlets.config import Config
 
 from condaspawner_bench.swarm import SwarmBench
-from jupyterhub_condaspawner import cli
+from jupyterhub_condaspawner import cli, swarmservice
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_USER
 from jupyterhub_condaspawner.hubservices import _services, hub_services
@@ -494,6 +494,22 @@ async def test_a_start_pinned_to_a_node_drained_before_swarm_placed_it_goes_to_a
         set_availability(swarm_bench, pinned, "active")
     assert told == f"Node {pinned} could not start your server (an admin drained it): trying another node"
     assert assigned(swarm_bench, spawner)[0] == other
+
+
+async def test_a_stopped_servers_gpu_stays_held_while_its_container_shuts_down(swarm_bench, servers, monkeypatch):
+    # The stand-in (PID 1) ignores SIGTERM: with a long grace period its container runs on, GPU and
+    # all, after its service was removed. The hub must not hand that GPU out meanwhile.
+    monkeypatch.setattr(swarmservice, "STOP_GRACE_NS", 600 * 10**9)
+    spawner = servers.make("slow-to-stop")
+    await servers.start(spawner)
+    node, gpu = assigned(swarm_bench, spawner)
+    container = task_of(swarm_bench, spawner)["Status"]["ContainerStatus"]["ContainerID"]
+    await spawner.stop()
+    try:
+        holder = spawner.read_swarm().holders().get(gpu)
+    finally:
+        swarm_bench.nodes[node].client().containers.get(container).kill()
+    assert holder is not None and holder.user == "slow-to-stop"
 
 
 def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
