@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-_CONSTRAINT = re.compile(r"^\s*([\w.\-/]+)\s*(==|!=)\s*(.*?)\s*$")
+_CONSTRAINT = re.compile(r"^\s*([\w.\-/]+)\s*(==|!=)\s*(\S.*?)\s*$")  # Swarm refuses an empty value
 _NODE_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform.os", "node.platform.arch")
 _LABEL_PREFIXES = ("node.labels.", "engine.labels.")
 

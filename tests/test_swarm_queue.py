@@ -218,6 +218,8 @@ def test_the_hub_judges_an_admins_placement_constraints_as_swarm_does(constraint
 def test_constraints_the_hub_cannot_judge_are_named():
     assert swarmplacement.unjudged(["node.labels.pool==jupyter", "node.weight>3", "service.name==x"]) == [
         "node.weight>3", "service.name==x"]
+    # No value: Swarm refuses the service; the hub says so at once rather than finding no node for ever.
+    assert swarmplacement.unjudged(["node.labels.gpu==", "node.role != "]) == ["node.labels.gpu==", "node.role != "]
 
 
 def test_a_seat_counts_only_nodes_the_admins_constraints_allow():
