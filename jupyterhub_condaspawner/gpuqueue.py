@@ -78,6 +78,17 @@ class _Waiter:
         return GpuRequest(self.count, self.model_glob, self.min_free_memory, self.cuda, self.profile)
 
 
+@dataclass(frozen=True)
+class HeldFor:
+    """``avoid`` of a younger spawn: the GPUs an older spawn past queue_hold_after could use. A
+    swarm's seats read ``request`` too (its GPUs must be on one node: a smaller node is not held)."""
+
+    request: GpuRequest
+
+    def __call__(self, gpu: Gpu) -> bool:
+        return self.request.model_matches(gpu)
+
+
 class QueueCancelled(GpuUnavailable):
     """The spawn was stopped while it waited for a GPU."""
 
@@ -214,7 +225,7 @@ class GpuQueue:
         could use: a younger spawn may still take a GPU the holder never would (another model)."""
         avoid = None
         if holder is not None and holder is not waiter and waiter.ticket > holder.ticket:
-            avoid = holder.request.model_matches
+            avoid = HeldFor(holder.request)
         # On the event loop: by the last scan; _wait refreshes it in a thread.
         return self.allocator.allocate(waiter.user, waiter.server_name, waiter.count, waiter.model_glob,
                                        waiter.min_free_memory, cuda=waiter.cuda, profile=waiter.profile,

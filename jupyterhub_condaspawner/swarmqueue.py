@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from . import swarmplacement
 from .gpuinventory import Gpu, GpuScan
+from .gpuqueue import HeldFor
 from .gpus import Allocation, GpuAllocator, GpuUnavailable
 from .swarm import NodeInfo, ServiceRequest, SwarmState, check_feasible, check_quota, closed_gpus_note
 
@@ -145,9 +146,7 @@ class SwarmSeats:
                         held=self._held_by(state, user, server_name))
             allowed = self._needs.get((user, server_name), _Needs()).constraints
             nodes = [node for node in state.nodes if node.schedulable and request.fits(node)
-                     and swarmplacement.allows(node.attributes, allowed)
-                     and not (avoid is not None and any(avoid(_as_gpu(node, index, gpu))
-                                                        for index, gpu in enumerate(node.gpus)))]
+                     and swarmplacement.allows(node.attributes, allowed) and not _avoided(node, avoid)]
             free = {node.id: self._free_ids(state, node) for node in nodes}
             unplaced = self._unplaced(state, except_key=(user, server_name))
             self._refused.pop((user, server_name), None)
@@ -284,6 +283,14 @@ class SwarmSeats:
         """The seats now: the GPU ids each was given (none without ``assign``)."""
         with self._lock:
             return {key: seat.gpus for key, seat in self._seats.items()}
+
+
+def _avoided(node: NodeInfo, avoid: Callable[[Gpu], bool] | None) -> bool:
+    """Whether the node has a GPU ``avoid`` names; when they are held for an older start (HeldFor),
+    only if the node has as many GPUs as it asks for: its GPUs must all be on one node."""
+    if avoid is None or (isinstance(avoid, HeldFor) and len(node.gpus) < avoid.request.count):
+        return False
+    return any(avoid(_as_gpu(node, index, gpu)) for index, gpu in enumerate(node.gpus))
 
 
 def _as_gpu(node: NodeInfo, index: int, gpu_id: str) -> Gpu:

@@ -331,3 +331,17 @@ def test_a_stopped_servers_task_holds_its_gpu_until_its_container_has_ended():
         seats.allocate("bob", "", 1)
     seats.freed(swarm.run(dataclasses.replace(stopping, state="shutdown")))  # its container exited
     assert seats.allocate("bob", "", 1).uuids == ("GPU-worker1-0",)
+
+
+async def test_gpus_held_for_an_older_bigger_start_are_only_those_of_nodes_it_could_run_on():
+    # queue_hold_after has passed for a 4-GPU start waiting for node big: small's one GPU, which it
+    # could never use (a start's GPUs are on one node), still goes to a younger 1-GPU start.
+    swarm = Swarm(node("big", 4), node("small", 1))
+    swarm.run(*(task(f"user{index}", (f"GPU-big-{index}",)) for index in range(4)))
+    queue = GpuQueue(seats_on(swarm, assign=True, queue_timeout=60, queue_hold_after=0))
+    older = asyncio.ensure_future(queue.allocate("older", "", 4))
+    await until(lambda: queue.ahead_of("older", "") == 0)
+    younger = await asyncio.wait_for(queue.allocate("younger", "", 1), 5)
+    assert younger.uuids == ("GPU-small-0",)
+    assert not older.done()
+    older.cancel()
