@@ -1,0 +1,152 @@
+"""A conda-swarm GPU start's seat in the hub's GPU queue (swarmqueue.SwarmSeats): waiting its
+turn, what it tells the seats it needs (CPU, memory, the admin's placement constraints), the node
+and GPU ids the hub gives it (``gpu_assignment = "hub"``: pinned, labelled, in the runtime's
+variable), another node's when its node cannot start it, and the seat's end. Mixed into
+CondaSwarmSpawner by :class:`SwarmSeatMixin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from . import swarm, swarmplacement
+from .failures import config_failure
+from .gpuqueue import GpuQueue
+from .gpus import LABEL_GPUS, Allocation, GpuAllocator, GpuInfeasible, GpuUnavailable
+from .spawngpus import CONTAINER_START_S
+from .swarm import ServiceRequest, SwarmState
+from .swarmqueue import SwarmSeats
+from .swarmtask import TASK_POLL_S, cpu_wait_message
+
+if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
+    from .profiles import Profile
+    from .spawner import CondaSpawner as _SpawnerBase
+else:
+    _SpawnerBase = object
+
+
+class SwarmSeatMixin(_SpawnerBase):
+    """The GPU seat of a server's start; the host class is a CondaSwarmSpawner."""
+
+    if TYPE_CHECKING:  # CondaSwarmSpawner's own
+        gpu_assignment: str
+        gpu_resource: str
+        extra_placement_spec: dict[str, Any]
+        extra_resources_spec: dict[str, Any]
+        _request: ServiceRequest
+        _profile: Profile
+        _deadline: float
+        _assigned: tuple[str, ...]
+        _failed_nodes: dict[str, str]
+        _pinned: tuple[str, tuple[str, ...]]
+        _extra_labels: dict[str, str]
+
+        def service_request(self, profile: Profile) -> ServiceRequest: ...
+
+        def read_swarm(self, service_id: str | None = None) -> SwarmState: ...
+
+        def _fresh_state(self) -> SwarmState | None: ...
+
+        def _end_if_stop_asked(self, asked: bool = False) -> None: ...
+
+    async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
+        """A GPU start waits its turn in the hub's queue until a node has a GPU for it
+        (swarmqueue.py); Swarm's scheduler then assigns the GPUs. Nothing is allocated here
+        (the quota is checked at create_object)."""
+        self._request = self.service_request(profile)
+        self._profile = profile  # access is checked again if the task waits for a node
+        self._pinned = ("", ())
+        if profile.gpus:
+            self._tell_seats_what_it_needs()
+            allocation = await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
+            if allocation.uuids:  # gpu_assignment "hub": these GPUs, on their node
+                self._pinned = (self._seats.node_of(*self.gpu_key), allocation.uuids)
+        return None
+
+    def _tell_seats_what_it_needs(self) -> None:
+        """The CPU and memory the service reserves, and the admin's placement constraints: the
+        queue gives it a seat only on a node where it can run."""
+        constraints = tuple(self.extra_placement_spec.get("constraints") or ())
+        self._check_judged(constraints)
+        self._seats.expect(*self.gpu_key, *swarm.reservation(self._request, self.extra_resources_spec), constraints)
+
+    def _check_judged(self, constraints: tuple[str, ...]) -> None:
+        """gpu_assignment "hub" picks the node itself: an admin's placement constraint it cannot
+        judge (not a node attribute) would let it pick one Swarm never runs the service on."""
+        unjudged = swarmplacement.unjudged(constraints) if self.gpu_assignment == "hub" else []
+        if unjudged:
+            raise config_failure(f"c.{type(self).__name__}.extra_placement_spec constraint {unjudged[0]!r} is not one "
+                                 "the hub can judge when it picks the node (gpu_assignment 'hub'): use node.labels.*, "
+                                 "node.role, node.hostname, node.id, node.ip, node.platform.* or engine.labels.*, "
+                                 "or gpu_assignment 'swarm'")
+
+    def gpu_queue(self, allocator: GpuAllocator) -> GpuQueue:
+        """The hub's GPU queue, in front of the swarm: a start's service is created when its turn
+        comes and a node has a GPU for it."""
+        return GpuQueue(SwarmSeats(allocator, self.read_swarm, assign=self.gpu_assignment == "hub"))
+
+    @property
+    def _seats(self) -> SwarmSeats:
+        return cast(SwarmSeats, self.services.queue.allocator)
+
+    def _queue_message(self, ahead: int) -> str:
+        who = "you are next" if not ahead else f"{ahead} ahead of you"
+        state = self._fresh_state()
+        if state is None:
+            return f"Waiting for a GPU on any node: {who}"
+        if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
+            return cpu_wait_message(self._request)
+        held, open_gpus = self._seats.open_gpus()  # the GPUs given to starts a moment ago too
+        return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held"
+                f"{swarm.closed_gpus_note(state, open_gpus)}; {who}")
+
+    def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None:
+        """The start's seat in the swarm's queue goes (``placed``: the state in which Swarm placed
+        its task, whose GPUs the next in line then counts as held)."""
+        if self._request.gpus:
+            self._seats.release(*self.gpu_key, placed=placed)
+
+    def _release_gpus(self) -> None:
+        super()._release_gpus()
+        if self._assigned:  # Swarm frees them as the task ends: the queue's next read sees it
+            self._seats.freed()
+
+    def _label_pinned_gpus(self) -> None:
+        """gpu_assignment "hub": the service's GPU ids, in its label (which says who holds them:
+        swarm.task_info, for this hub and the next) and in the runtime's variable."""
+        gpus = self._pinned[1]
+        if gpus:
+            self._extra_labels[LABEL_GPUS] = ",".join(gpus)
+            self._extra_env.update(swarm.pinned_gpus_env(gpus, self.gpu_resource))
+
+    async def _pin_to_another_node(self) -> bool:
+        """gpu_assignment "hub": the node the hub picked could not start the server (its service
+        is removed): GPUs of a node this start has not failed on, as soon as one has them free
+        (this start had its turn in the queue). False when none has before the start's deadline
+        (the start fails: SwarmTaskMixin._try_another_node says why); True then, or when the hub
+        assigned no GPUs (Swarm picks the next node)."""
+        if not self._pinned[1]:
+            return True
+        seats, request = self._seats, self._request
+        seats.release(*self.gpu_key)
+        self._tell_seats_what_it_needs()
+        while True:
+            state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went
+            self._end_if_stop_asked()
+            node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
+            try:
+                allocation = seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,
+                                            profile=request.profile,
+                                            avoid=lambda gpu: node_of_gpu.get(gpu.uuid) in self._failed_nodes)
+                break
+            except GpuInfeasible:
+                return False
+            except GpuUnavailable:
+                if time.monotonic() >= self._deadline:
+                    return False
+                await asyncio.sleep(TASK_POLL_S)
+        self._pinned = (seats.node_of(*self.gpu_key), allocation.uuids)
+        self._label_pinned_gpus()
+        return True
