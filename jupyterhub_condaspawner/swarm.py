@@ -249,7 +249,7 @@ def node_info(attrs: Mapping[str, Any], resource: str = GPU_RESOURCE, model_labe
         nano_cpus=int(resources.get("NanoCPUs") or 0),
         memory=int(resources.get("MemoryBytes") or 0),
         cuda_version=labels.get(cuda_label) or None,
-        attributes=swarmplacement.node_attributes(attrs),  # node.ip: the address Swarm's scheduler compares
+        attributes=swarmplacement.node_attributes(attrs),
     )
 
 

@@ -22,11 +22,10 @@ _NODE_KEYS = ("node.id", "node.hostname", "node.role", "node.ip", "node.platform
 _LABEL_PREFIXES = ("node.labels.", "engine.labels.")
 
 
-def node_attributes(attrs: Mapping[str, Any], address: str | None = None) -> tuple[tuple[str, str], ...]:
-    """What constraints are judged against, from a node as the manager reports it (``address``: its
-    address as Swarm's scheduler sees it; default its reported ``Status.Addr``)."""
-    if address is None:
-        address = str((attrs.get("Status") or {}).get("Addr") or "")
+def node_attributes(attrs: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What constraints are judged against, from a node as the manager reports it (``node.ip``: the
+    address it reports, ``Status.Addr``, which Swarm's scheduler compares)."""
+    address = str((attrs.get("Status") or {}).get("Addr") or "")
     description = attrs.get("Description") or {}
     platform = description.get("Platform") or {}
     spec = attrs.get("Spec") or {}

@@ -53,8 +53,9 @@ class SwarmSeatMixin(_SpawnerBase):
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         """A GPU start waits its turn in the hub's queue until a node has a GPU for it
-        (swarmqueue.py); Swarm's scheduler then assigns the GPUs. Nothing is allocated here
-        (the quota is checked at create_object)."""
+        (swarmqueue.py; the per-user quota is checked there and again at create_object). With
+        gpu_assignment "hub" its seat names the node and GPU ids (``_pinned``); else Swarm's
+        scheduler assigns them. None: the server holds no allocation of the one-host allocator."""
         self._request = self.service_request(profile)
         self._profile = profile  # access is checked again if the task waits for a node
         self._pinned = ("", ())

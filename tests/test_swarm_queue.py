@@ -211,7 +211,7 @@ POOL_NODE = {"ID": "n1", "Description": {"Hostname": "gpu1", "Platform": {"OS": 
     (["node.platform.os==linux", "node.platform.arch==x86_64", "engine.labels.rack==b4"], True),
 ])
 def test_the_hub_judges_an_admins_placement_constraints_as_swarm_does(constraints, allowed):
-    attributes = swarmplacement.node_attributes(POOL_NODE, "10.0.0.7")
+    attributes = swarmplacement.node_attributes({**POOL_NODE, "Status": {"Addr": "10.0.0.7"}})
     assert swarmplacement.allows(attributes, constraints) is allowed
 
 
