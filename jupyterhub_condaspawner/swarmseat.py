@@ -51,6 +51,8 @@ class SwarmSeatMixin(_SpawnerBase):
 
         def _end_if_stop_asked(self, asked: bool = False) -> None: ...
 
+        async def _pull_onto_gpu_nodes(self) -> None: ...
+
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         """A GPU start waits its turn in the hub's queue until a node has a GPU for it
         (swarmqueue.py; the per-user quota is checked there and again at create_object). With
@@ -60,6 +62,7 @@ class SwarmSeatMixin(_SpawnerBase):
         self._profile = profile  # access is checked again if the task waits for a node
         self._pinned = ("", ())
         if profile.gpus:
+            await self._pull_onto_gpu_nodes()  # no GPU held while a node pulls the image
             self._tell_seats_what_it_needs()
             allocation = await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
             if allocation.uuids:  # gpu_assignment "hub": these GPUs, on their node
@@ -71,7 +74,9 @@ class SwarmSeatMixin(_SpawnerBase):
         queue gives it a seat only on a node where it can run."""
         constraints = tuple(self.extra_placement_spec.get("constraints") or ())
         self._check_judged(constraints)
-        self._seats.expect(*self.gpu_key, *swarm.reservation(self._request, self.extra_resources_spec), constraints)
+        left = tuple(f"node.id!={node_id}" for node_id in self._failed_nodes)  # nodes that could not get the image
+        self._seats.expect(*self.gpu_key, *swarm.reservation(self._request, self.extra_resources_spec),
+                           constraints + left)
 
     def _check_judged(self, constraints: tuple[str, ...]) -> None:
         """gpu_assignment "hub" picks the node itself: an admin's placement constraint it cannot

@@ -4,12 +4,12 @@ Glue over CondaSpawner (profiles, spec, builder, failures, progress) and DockerS
 SwarmSpawner (services on the manager); the Swarm concepts are in swarm.py. A spawn:
 the choice is validated and checked against the swarm's nodes (a request no node could
 ever meet is refused at once) -> the image is looked up in the registry or built and
-pushed there (every node pulls it from there) -> a service is created with the GPUs as a
-generic-resource reservation, the model as a placement constraint, CPU and memory
-limits and reservations, host networking and a port of its own -> Swarm places it and
-assigns GPU ids (a request that must wait says "Waiting for a GPU on any node" until
-``start_timeout``) -> the hub reaches the server at its node's address. The service is
-swarmservice.py's, its task swarmtask.py's.
+pushed there (every node pulls it from there) -> a GPU start has the nodes that could run it
+pull the image (swarmpull.py), then waits its turn in the hub's GPU queue for a node's GPUs
+(swarmseat.py, swarmqueue.py) -> a service is created, pinned to that node with those GPU ids
+(or, with gpu_assignment "swarm", reserving GPUs as a generic resource), with CPU and memory
+limits and reservations, host networking and a port of its own (swarmservice.py) -> Swarm
+places and runs it (swarmtask.py) -> the hub reaches the server at its node's address.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .hubservices import GpuSample, HubServices
 from .profiles import Profile
 from .spawner import CondaSpawner
 from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
+from .swarmpull import SwarmPullMixin
 from .swarmseat import SwarmSeatMixin
 from .swarmservice import SwarmServiceMixin
 from .swarmtask import SwarmTaskMixin
@@ -56,7 +57,8 @@ SWARM_CHECK_READ_S = 10.0  # how long the options' check waits for the manager
 _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
 
 
-class CondaSwarmSpawner(SwarmSeatMixin, SwarmTaskMixin, SwarmServiceMixin, CondaSpawner, SwarmSpawner):
+class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmServiceMixin, CondaSpawner,
+                        SwarmSpawner):
     """Spawn JupyterLab as a Docker Swarm service: GPU starts wait their turn in the hub's queue,
     which gives them a node's GPUs (gpu_assignment); Swarm places and runs the service."""
 
@@ -144,6 +146,21 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmTaskMixin, SwarmServiceMixin, Conda
         cuts the start short.
 
         c.CondaSwarmSpawner.start_margin = 10
+        """,
+    )
+
+    prepull_timeout = FiniteFloat(
+        600.0,
+        min=0.0,
+        config=True,
+        help="""Seconds a GPU start waits, before it takes a GPU, for the nodes that could run it to
+        pull its image (a job service pinned to each node; a node the hub saw pull that image is
+        not asked again): the GPU is not held, idle, while a node pulls a multi-GB CUDA image. A
+        node that cannot pull it is left out of that start. Past this (or start_timeout), the start
+        goes on and a node still pulling makes its server wait for the pull. 0: no pulls first
+        (the node given the server pulls the image with its GPU held).
+
+        c.CondaSwarmSpawner.prepull_timeout = 600
         """,
     )
 

@@ -17,6 +17,7 @@ from .gpuqueue import QueueCancelled
 from .gpus import GpuUnavailable
 from .spawngpus import QUEUE_INTERRUPTED
 from .swarm import ServiceRequest, SwarmState
+from .swarmpull import forget, no_node_could_start, why_not_pulled
 
 # How often a starting server's task is read (the progress page follows it).
 TASK_POLL_S = 1.0
@@ -137,15 +138,14 @@ class SwarmTaskMixin(_SpawnerBase):
         name = node.hostname if node else node_id
         cause = _why_task_ended(task, node)
         self._failed_nodes[node_id] = f"node {name}: {cause}"
+        forget(self.image, node_id)  # it may have lost the image since the hub saw it pulled
         self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
                          "see that node's Docker log")
         others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
         if others:
             await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
         if not others or not await self._pin_to_another_node():
-            raise StartFailure(f"Docker Swarm could not start your server: {'; '.join(self._failed_nodes.values())}; "
-                               "try again later, or tell the hub admin (those nodes' Docker logs say why)",
-                               reason="swarm", status_code=503)
+            raise no_node_could_start(self._failed_nodes)
         created = await self.create_object()
         self.object_id = created["ID"]
         return self.object_id
@@ -256,6 +256,4 @@ def _why_task_ended(task: swarm.TaskInfo, node: swarm.NodeInfo | None) -> str:
         return f"an admin {'drained' if node.availability == 'drain' else 'paused'} it"
     if node is None and not task.node_id:
         return "it left the swarm"
-    if "No such image" in task.reason or "pull" in task.reason.lower():
-        return "it could not pull the image from the registry"
-    return task.reason or task.state
+    return why_not_pulled(task.reason) or task.state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import shutil
 import subprocess
 import time
@@ -26,7 +27,7 @@ from stand_in_user import StandInUser
 from traitlets.config import Config
 
 from condaspawner_bench.swarm import SwarmBench
-from jupyterhub_condaspawner import cli, swarmservice
+from jupyterhub_condaspawner import cli, swarmpull, swarmservice
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_USER
 from jupyterhub_condaspawner.hubservices import _services, hub_services
@@ -163,6 +164,13 @@ def swarm_assigned(config: Config) -> Config:
     """The config with Swarm's scheduler picking the GPUs (a generic-resource reservation)."""
     config = copy.deepcopy(config)
     config.CondaSwarmSpawner.gpu_assignment = "swarm"
+    return config
+
+
+def without_pulls_first(config: Config) -> Config:
+    """The config with no pulls before the GPU (prepull_timeout 0): the node given the server pulls."""
+    config = copy.deepcopy(config)
+    config.CondaSwarmSpawner.prepull_timeout = 0
     return config
 
 
@@ -429,12 +437,15 @@ async def test_users_with_names_too_long_for_a_service_name_get_one_server_each(
     assert sorted(service.name for service in running) == sorted(spawner.service_name for spawner in spawners)
 
 
-async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on(swarm_bench, servers):
+async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on(swarm_bench, servers,
+                                                                                 swarm_config):
+    # Without pulls first, the node given the server finds it cannot pull (test_..._before_any_gpu_is_taken:
+    # with them).
     blocked, other = (node.name for node in swarm_bench.workers)
     rule = cut_off_from_the_registry(swarm_bench, blocked)  # this start must pull there, and cannot
     set_availability(swarm_bench, other, "pause")  # Swarm's only choice at first: the node that cannot pull
     try:
-        spawner = servers.make("puller")
+        spawner = servers.make("puller", config=without_pulls_first(swarm_config))
         start = asyncio.ensure_future(servers.start(spawner))
         told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
         set_availability(swarm_bench, other, "active")
@@ -448,14 +459,15 @@ async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on
     assert len(swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})) == 1  # none left over
 
 
-async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_no_service(swarm_bench, servers):
+async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_no_service(swarm_bench, servers,
+                                                                                         swarm_config):
     # The hub picked a node that cannot pull; the start waits for another node's GPUs (the other is
     # paused) with no service of its own, so stop() has none to remove: the start must still end.
     blocked, other = (node.name for node in swarm_bench.workers)
     rule = cut_off_from_the_registry(swarm_bench, blocked)
     set_availability(swarm_bench, other, "pause")
     try:
-        spawner = servers.make("changed-mind")
+        spawner = servers.make("changed-mind", config=without_pulls_first(swarm_config))
         start = asyncio.ensure_future(servers.start(spawner))
         await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
         await spawner.stop()  # the user gives up
@@ -512,12 +524,19 @@ async def test_a_stopped_servers_gpu_stays_held_while_its_container_shuts_down(s
     assert holder is not None and holder.user == "slow-to-stop"
 
 
-def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
-    """The node loses the images earlier tests pulled and cannot reach the registry; the iptables rule."""
+def remove_pulled_images(bench: SwarmBench, name: str) -> None:
+    """The node loses the environment images earlier tests pulled (behind the hub's back: it forgets
+    which nodes it saw pull them)."""
     client = bench.nodes[name].client()
     for image in client.images.list():
         if any("condaspawner-swarmtest" in digest for digest in image.attrs.get("RepoDigests") or []):
             client.images.remove(image.id, force=True)
+    swarmpull.forget_all()
+
+
+def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
+    """The node loses the images earlier tests pulled and cannot reach the registry; the iptables rule."""
+    remove_pulled_images(bench, name)
     host, port = bench.registry_address.rsplit(":", 1)
     rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
     subprocess.run(bench.nsenter(name, "iptables", "-A", *rule), check=True)
@@ -869,3 +888,89 @@ async def test_an_admins_extra_task_spec_that_would_replace_the_gpu_reservation_
     assert refusal.value.log_message == ("c.CondaSwarmSpawner.extra_task_spec['resources'] would replace the hub's "
                                          "own: set c.CondaSwarmSpawner.extra_resources_spec, which adds to it")
     assert not swarm_bench.manager_client().api.services(filters={"label": f"{LABEL_USER}=replacing"})
+
+
+# -- pulls before the GPU ------------------------------------------------------------------------
+
+
+def created_ns(service_attrs: dict) -> int:
+    """A service's CreatedAt (RFC 3339, nanoseconds) in nanoseconds since the epoch."""
+    stamp = service_attrs["CreatedAt"].rstrip("Z")
+    whole, _, fraction = stamp.partition(".")
+    seconds = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return int(seconds) * 10**9 + int((fraction + "000000000")[:9])
+
+
+def pull_events(bench: SwarmBench, node: str, since: float) -> list[dict]:
+    api = bench.nodes[node].client().api
+    return list(api.events(since=int(since), until=int(time.time()) + 1, decode=True,
+                           filters={"type": "image", "event": "pull"}))
+
+
+async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gpu(swarm_bench, servers):
+    for worker in swarm_bench.workers:
+        remove_pulled_images(swarm_bench, worker.name)
+    began = time.time() - 1
+    first = servers.make("first-puller")
+    await servers.start(first)
+    node, _ = assigned(swarm_bench, first)
+    messages = await progress_messages(first)
+    pulling = [message for message in messages if "Pull" in message]
+    assert pulling == ["Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 0 of 2 done",
+                       "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 1 of 2 done",
+                       "Pulled the image onto the 2 GPU nodes it may run on: 2 of 2 done"] or pulling == [
+                       "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 0 of 2 done",
+                       "Pulled the image onto the 2 GPU nodes it may run on: 2 of 2 done"], messages  # both at once
+    assert messages.index(pulling[-1]) < next(index for index, message in enumerate(messages)
+                                              if message.startswith("Running on node"))
+    # Each GPU node pulled it, and the server's node before its service (and GPU) existed.
+    service = swarm_bench.manager_client().api.inspect_service(first.object_id)
+    for worker in swarm_bench.workers:
+        pulls = pull_events(swarm_bench, worker.name, began)
+        assert pulls, f"{worker.name} pulled nothing"
+        if worker.name == node:
+            assert max(event["timeNano"] for event in pulls) < created_ns(service)
+    assert not swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})  # jobs removed
+
+    # The next start of that image asks no node again.
+    second = servers.make("second-puller")
+    await servers.start(second)
+    assert not [message for message in await progress_messages(second) if "Pull" in message]
+
+
+async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm_bench, servers):
+    blocked, other = (node.name for node in swarm_bench.workers)
+    rule = cut_off_from_the_registry(swarm_bench, blocked)
+    try:
+        spawner = servers.make("pulled-elsewhere")
+        await asyncio.wait_for(servers.start(spawner), 300)
+    finally:
+        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
+    messages = await progress_messages(spawner)
+    assert f"Node {blocked} could not get the image (it could not pull the image from the registry): your server " \
+           "will run on another node" in messages, messages
+    assert not [message for message in messages if "could not start your server" in message]  # no service there
+    assert assigned(swarm_bench, spawner)[0] == other
+    assert not swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})
+
+
+async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_service(swarm_bench, servers):
+    workers = [node.name for node in swarm_bench.workers]
+    rules = [cut_off_from_the_registry(swarm_bench, name) for name in workers]
+    try:
+        spawner = servers.make("nowhere-to-pull")
+        with pytest.raises(StartFailure) as failure:
+            await asyncio.wait_for(servers.start(spawner), 300)
+    finally:
+        for name, rule in zip(workers, rules):
+            subprocess.run(swarm_bench.nsenter(name, "iptables", "-D", *rule), check=True)
+    assert failure.value.status_code == 503
+    message = failure.value.message
+    lead, tail = "Docker Swarm could not start your server: ", "; try again later, or tell the hub admin (those " \
+                                                              "nodes' Docker logs say why)"
+    assert message.startswith(lead) and message.endswith(tail), message
+    assert sorted(message[len(lead):-len(tail)].split("; ")) == [  # in the order the pulls failed
+        f"node {name}: it could not pull the image from the registry" for name in sorted(workers)]
+    client = swarm_bench.manager_client().api
+    assert not client.services(filters={"label": LABEL_USER}) and not client.services(
+        filters={"label": swarmpull.LABEL_PULL})
