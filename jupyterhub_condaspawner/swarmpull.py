@@ -4,8 +4,8 @@ A Swarm node pulls a service's image when it is given the task: with the GPU alr
 idle, for the minutes a multi-GB CUDA image takes. So a GPU start first has each node that
 could run it (schedulable, with the GPUs, model and CUDA it asks for, allowed by the admin's
 placement constraints) pull the image, through a one-off job service pinned to that node
-(``replicated-job``: the node pulls the image, runs the image's Python doing nothing, and the
-task completes), and waits for those jobs before it waits for a GPU. Nodes holding no GPU of
+(``replicated-job``: the node pulls the image, runs the image's Python doing nothing, isolated
+and without site, and the task completes), and waits for those jobs before it waits for a GPU. Nodes holding no GPU of
 the start's are busy with nothing: nobody waits on them. One job per image and node at a time,
 shared by every start that needs it; a node the hub saw pull an image is not asked again
 (an image removed there behind the hub's back is pulled by the server's own task, as before).
@@ -113,7 +113,10 @@ class NodePuller:
     def _create(self, image: str, node_id: str) -> str:
         self.api.reload_config()  # a token `docker login` renewed reaches the node (X-Registry-Auth)
         task = docker.types.TaskTemplate(
-            container_spec=docker.types.ContainerSpec(image, command=[self.python, "-c", "pass"]),
+            # The image is a user's environment: its Python runs isolated (-I) and without site (-S),
+            # so that no package's .pth runs, and the container may do nothing else.
+            container_spec=docker.types.ContainerSpec(image, command=[self.python, "-I", "-S", "-c", "pass"],
+                                                      cap_drop=["ALL"]),
             restart_policy=docker.types.RestartPolicy(condition="none"),
             placement=docker.types.Placement(constraints=[f"node.id=={node_id}"]),
             networks=[self.network] if self.network else [],

@@ -534,11 +534,13 @@ def remove_pulled_images(bench: SwarmBench, name: str) -> None:
     swarmpull.forget_all()
 
 
-def cut_off_from_the_registry(bench: SwarmBench, name: str) -> list[str]:
-    """The node loses the images earlier tests pulled and cannot reach the registry; the iptables rule."""
+def cut_off_from_the_registry(bench: SwarmBench, name: str, answered: bool = True) -> list[str]:
+    """The node loses the images earlier tests pulled and cannot reach the registry (refused, or,
+    not ``answered``, its packets dropped: a pull that hangs); the iptables rule."""
     remove_pulled_images(bench, name)
     host, port = bench.registry_address.rsplit(":", 1)
-    rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", "REJECT", "--reject-with", "tcp-reset"]
+    action = ["REJECT", "--reject-with", "tcp-reset"] if answered else ["DROP"]
+    rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", *action]
     subprocess.run(bench.nsenter(name, "iptables", "-A", *rule), check=True)
     return rule
 
@@ -974,3 +976,27 @@ async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_servic
     client = swarm_bench.manager_client().api
     assert not client.services(filters={"label": LABEL_USER}) and not client.services(
         filters={"label": swarmpull.LABEL_PULL})
+
+
+async def test_a_stop_while_the_nodes_pull_ends_the_start_and_the_pull_jobs_end_by_themselves(swarm_bench, servers):
+    workers = [node.name for node in swarm_bench.workers]
+    rules = [cut_off_from_the_registry(swarm_bench, name, answered=False) for name in workers]  # pulls hang
+    try:
+        spawner = servers.make("gave-up-pulling", prepull_timeout=120)
+        start = asyncio.ensure_future(servers.start(spawner))
+        await asyncio.wait_for(until_waiting_for(spawner, "Pulling the image onto the 2 GPU nodes"), 300)
+        await spawner.stop()  # the user gives up
+        with pytest.raises(StartFailure) as failure:
+            await asyncio.wait_for(start, 60)
+    finally:
+        for name, rule in zip(workers, rules):
+            subprocess.run(swarm_bench.nsenter(name, "iptables", "-D", *rule), check=True)
+    assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
+    client = swarm_bench.manager_client().api
+    assert not client.services(filters={"label": LABEL_USER})
+    # Other starts may share the jobs: they go on, end (pulled now, or at prepull_timeout) and are removed.
+    for _ in range(300):
+        if not client.services(filters={"label": swarmpull.LABEL_PULL}):
+            break
+        await asyncio.sleep(1)
+    assert not client.services(filters={"label": swarmpull.LABEL_PULL})
