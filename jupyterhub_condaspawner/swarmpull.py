@@ -28,7 +28,7 @@ import requests
 from . import swarmplacement
 from .failures import StartFailure
 from .spawngpus import CONTAINER_START_S
-from .swarm import ENDED_STATES, NodeInfo, ServiceRequest, SwarmState
+from .swarm import ENDED_STATES, NodeInfo, ServiceRequest, SwarmState, check_quota
 
 if TYPE_CHECKING:  # what the mixin is mixed into, for the type checker
     from .spawner import CondaSpawner as _SpawnerBase
@@ -197,6 +197,9 @@ class SwarmPullMixin(_SpawnerBase):
         if limit <= 0 or "@" not in self.image:  # off, or no registry reference (the start fails later)
             return
         state = await self._read_swarm()
+        # Over the quota with the servers it runs, the user is refused now (429), not after the pulls.
+        check_quota(state, self.user.name, self.name, self._request.gpus, self.services.allocator.per_user_gpu_quota,
+                    self._request.profile)
         constraints = tuple(self.extra_placement_spec.get("constraints") or ())
         nodes = [node for node in targets(state, self._request, constraints, self._failed_nodes)
                  if not already_pulled(self.image, node.id)]

@@ -325,8 +325,12 @@ async def test_the_per_user_quota_counts_the_users_servers_in_swarms_tasks(swarm
     # A new hub process (new services, nothing in memory) knows from Swarm's tasks what the user holds.
     again = copy.deepcopy(config)
     second = servers.make("quota-user", server="second", config=again)
+    swarmpull.forget_all()  # the nodes would be asked to pull again: a start over the quota asks none
     with pytest.raises(StartFailure) as refusal:
         await servers.start(second)
+    told = await progress_messages(second)
+    assert any(message.startswith("Looking up the image") for message in told), told
+    assert not [message for message in told if "Pull" in message], told
     with pytest.raises(StartFailure) as too_big:
         servers.make("quota-user", server="big", config=again).apply_choice({"profile": "three"})
 
@@ -937,7 +941,9 @@ async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gp
     # The next start of that image asks no node again.
     second = servers.make("second-puller")
     await servers.start(second)
-    assert not [message for message in await progress_messages(second) if "Pull" in message]
+    told = await progress_messages(second)
+    assert any(message.startswith("Looking up the image") for message in told), told
+    assert not [message for message in told if "Pull" in message], told
 
 
 async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm_bench, servers):
