@@ -3,7 +3,7 @@
 
 Prints figures (and ratios); asserts nothing. Run it as root (network namespaces) with
 
-    .venv/bin/python benchmarks/bench_swarm.py [--runs N] [--users N] [--pollers N] [--keep-logs DIR]
+    .venv/bin/python benchmarks/bench_swarm.py [--runs N] [--gpu-runs N] [--link-mbit N] [--users N] [--pollers N] [--keep-logs DIR]
 
 It sets up the single-host bench (``ensure_bench``: daemon, channel, offline base, proxy) and a
 multi-node bench of its own (``condaspawner_bench/swarm.py``: a manager and two workers with two
@@ -17,7 +17,16 @@ profile ``python39``, real single-user servers). Then:
    image already on worker1 and ``--runs`` times after it was removed there (every layer is then
    pulled from the registry), interleaved. POST -> ready, and Swarm's part (the progress page's
    "Starting your server" -> "Running on node": placing, pull, create, start); medians, ratios.
-2. **Hub API p95 during concurrent spawns across nodes**: ``--users`` users spawn at once
+2. **The GPU held while a node pulls**: a GPU profile (``gpu39``: the same environment on one fake
+   GPU) spawned ``--gpu-runs`` times each way by users pinned to worker1, the image and its base
+   removed from worker1 before each (and the hub restarted before a pulls-first spawn: it
+   remembers which nodes pulled which image): with the nodes pulling first (the default) and with
+   ``prepull_timeout = 0`` (the node given the server pulls with its GPU held), interleaved. The
+   GPU is held from the service's creation ("Starting your server") until the task runs
+   ("Running on node"); worker1's link is shaped to ``--link-mbit`` (1000: a GPU node's LAN;
+   unshaped, the bench's nodes pull from a registry in memory at memory speed). Printed: how long
+   the nodes took to pull first, the GPU-held seconds each way, their ratio, spawn-to-ready each way.
+3. **Hub API p95 during concurrent spawns across nodes**: ``--users`` users spawn at once
    (placed by Swarm on the three nodes; worker2 pulls the image for the first of them), while
    ``--pollers`` threads poll ``GET /hub/api/users``; latency p50/p95 during the storm against
    the same pollers on the idle hub just before, as a ratio; how many got ready, the wall time,
@@ -38,6 +47,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +70,7 @@ from bench_spawn import (  # noqa: E402  (the single-host spawn benchmark's hub 
 )
 
 from condaspawner_bench.bench import Bench, ensure_bench  # noqa: E402
+from condaspawner_bench.netns import PrivateNetwork, nsenter  # noqa: E402
 from condaspawner_bench.swarm import SwarmBench  # noqa: E402
 from jupyterhub_condaspawner.gpus import LABEL_USER  # noqa: E402
 
@@ -67,6 +78,8 @@ RUN_ID = uuid.uuid4().hex[:8]
 REPOSITORY = "condaspawner-bench-swarm"
 PROFILE = "python39"
 PINNED = f"pin{RUN_ID}"
+GPU_PROFILE = "gpu39"
+PULLS_FIRST, PULLS_WITH_GPU = f"gpufirst{RUN_ID}", f"gpuheld{RUN_ID}"
 SPAWN_TIMEOUT_S = 900
 # The benchmark's own multi-node bench (the tests' lives in .swarm-bench): both may run at once.
 SWARM_DIR = REPO_ROOT / ".swarm-bench-benchmark"
@@ -84,22 +97,36 @@ c.Spawner.cpu_guarantee = 0.01
 c.Spawner.mem_guarantee = "64M"
 c.Spawner.start_timeout = {timeout}
 c.JupyterHub.concurrent_spawn_limit = 0
+c.ProfileCatalog.profiles_dir = {profiles!r}
 
 
 def _pin(spawner):
-    # Part 1: this user's servers run on worker1 only.
-    if spawner.user.name.startswith({pinned!r}):
+    # Parts 1 and 2: these users' servers run on worker1 only; part 2's second user without pulls first.
+    if spawner.user.name.startswith(({pinned!r}, {pulls_first!r}, {pulls_with_gpu!r})):
         spawner.extra_placement_spec = {{"constraints": ["node.hostname==worker1"]}}
+    if spawner.user.name.startswith({pulls_with_gpu!r}):
+        spawner.prepull_timeout = 0
 
 
 c.Spawner.pre_spawn_hook = _pin
 """
 
 
+def write_profiles(root: Path) -> Path:
+    """The demo's python39 profile, and the same environment on one GPU (``GPU_PROFILE``)."""
+    profiles = root / "profiles"
+    shutil.copytree(REPO_ROOT / "demo" / "profiles" / "envs", profiles / "envs")
+    shutil.copyfile(REPO_ROOT / "demo" / "profiles" / f"10-{PROFILE}.yaml", profiles / f"10-{PROFILE}.yaml")
+    (profiles / f"20-{GPU_PROFILE}.yaml").write_text(
+        f"display_name: Python 3.9 on one GPU\nslug: {GPU_PROFILE}\nenvironment: envs/python39.yml\ngpus: 1\n")
+    return profiles
+
+
 def make_swarm_hub(bench: Bench, swarm: SwarmBench, base: str, root: Path) -> BenchHub:
     return make_hub(bench, root, "hub", SWARM_CONFIG.format(
         manager=swarm.manager.docker_host, registry=swarm.registry_address, repository=REPOSITORY, base=base,
-        host=swarm.host_address, pinned=PINNED, timeout=SPAWN_TIMEOUT_S), image_repo=REPOSITORY)
+        host=swarm.host_address, pinned=PINNED, pulls_first=PULLS_FIRST, pulls_with_gpu=PULLS_WITH_GPU,
+        timeout=SPAWN_TIMEOUT_S, profiles=str(write_profiles(root))), image_repo=REPOSITORY)
 
 
 def remove_env_images(swarm: SwarmBench, node: str) -> int:
@@ -125,8 +152,8 @@ def node_part(result: Spawn) -> float | None:
     return running - start if start is not None and running is not None else None
 
 
-def timed_spawn(hub: BenchHub, user: str) -> Spawn:
-    result = spawn(hub, user, {"profile": PROFILE}, SPAWN_TIMEOUT_S)
+def timed_spawn(hub: BenchHub, user: str, profile: str = PROFILE) -> Spawn:
+    result = spawn(hub, user, {"profile": profile}, SPAWN_TIMEOUT_S)
     if not result.ready:
         raise RuntimeError(f"{user}'s spawn failed: {result.failure}")
     return result
@@ -160,6 +187,78 @@ def part1(hub: BenchHub, swarm: SwarmBench, runs: int) -> None:
         ratio = statistics.median(node_pulled) / statistics.median(node_cached)
         print(f"service created -> task running, has the image: {seconds_range(node_cached)}; "
               f"must pull: {seconds_range(node_pulled)}; ratio {ratio:.2f}")
+
+
+def remove_whole_image(swarm: SwarmBench, base: str) -> int:
+    """The environment images and the base below them removed from worker1: its next server pulls
+    every layer (a GPU node that never ran this base, as a CUDA image's GBs would be)."""
+    image_bytes = remove_env_images(swarm, "worker1")
+    client = swarm.nodes["worker1"].client()
+    client.containers.prune()  # ended pull jobs' containers: an image one uses stays, untagged
+    for image in client.images.list(all=True):
+        if not image.tags and not image.attrs.get("RepoDigests"):
+            client.images.remove(image.id, force=True)  # what the prune freed
+    for image in client.images.list():
+        if base in image.attrs.get("RepoDigests", []) + image.tags:
+            client.images.remove(image.id, force=True)
+    return image_bytes
+
+
+def limit_link(swarm: SwarmBench, node: str, mbit: int) -> list[str]:
+    """Traffic to ``node`` shaped to ``mbit`` Mbit/s (its switch port's egress); the command that undoes it."""
+    network = swarm.network
+    assert network is not None
+    port = f"p{list(network.nodes).index(node)}-{network.tag}"
+    subprocess.run(network_command(network, "tc", "qdisc", "add", "dev", port, "root", "tbf", "rate", f"{mbit}mbit",
+                                   "burst", "1mb", "latency", "100ms"), check=True)
+    return network_command(network, "tc", "qdisc", "del", "dev", port, "root")
+
+
+def network_command(network: PrivateNetwork, *argv: str) -> list[str]:
+    return nsenter(network.switch_path, *argv)
+
+
+def part_gpu_pull(hub: BenchHub, swarm: SwarmBench, base: str, runs: int, mbit: int) -> None:
+    say("GPU part: warm-up spawn (builds and pushes the GPU profile's image)")
+    hub.create_users([PULLS_FIRST, PULLS_WITH_GPU])
+    timed_spawn(hub, PULLS_FIRST, GPU_PROFILE)
+    hub.stop_server(PULLS_FIRST)
+    first: list[Spawn] = []
+    held: list[Spawn] = []
+    undo = limit_link(swarm, "worker1", mbit) if mbit else []
+    try:
+        pull_runs(hub, swarm, base, runs, first, held)
+    finally:
+        if undo:
+            subprocess.run(undo, check=True)
+    link = f" (worker1's link shaped to {mbit} Mbit/s)" if mbit else ""
+    held_first = [v for v in map(node_part, first) if v is not None]
+    held_with = [v for v in map(node_part, held) if v is not None]
+    pulls = [pulled - asked for asked, pulled in ((s.at("Pulling the image"), s.at("Pulled the image")) for s in first)
+             if asked is not None and pulled is not None]
+    print(f"nodes pulling first{link}: {seconds_range(pulls)}, no GPU held")
+    print(f"GPU held before the server ran, node must pull{link}: nodes pull first {seconds_range(held_first)}; "
+          f"node pulls with the GPU held {seconds_range(held_with)}")
+    if held_first and held_with:
+        print(f"GPU-seconds held before the server ran, ratio pulls-first/pull-with-GPU: "
+              f"{statistics.median(held_first) / statistics.median(held_with):.2f}")
+    print(f"spawn-to-ready, node must pull: nodes pull first {seconds_range([s.seconds for s in first])}; "
+          f"node pulls with the GPU held {seconds_range([s.seconds for s in held])}")
+
+
+def pull_runs(hub: BenchHub, swarm: SwarmBench, base: str, runs: int, first: list[Spawn], held: list[Spawn]) -> None:
+    for run in range(runs):
+        for user, results in ((PULLS_FIRST, first), (PULLS_WITH_GPU, held)):
+            image_bytes = remove_whole_image(swarm, base)
+            if user == PULLS_FIRST:  # the hub remembers which nodes pulled which image: a new hub process
+                hub.stop()
+                hub.start()
+            say(f"GPU part, run {run + 1}/{runs}: {user}, worker1 must pull the image "
+                f"({image_bytes / 2**20:.0f} MiB unpacked)")
+            results.append(timed_spawn(hub, user, GPU_PROFILE))
+            say("  " + "; ".join(f"{stamp - results[-1].posted:.1f} s {event.get('message', '')}"
+                                 for stamp, event in results[-1].events))
+            hub.stop_server(user)
 
 
 def part2(hub: BenchHub, users: int, pollers_count: int) -> None:
@@ -207,6 +306,10 @@ def part2(hub: BenchHub, users: int, pollers_count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="part 1: spawns per case (default 3)")
+    parser.add_argument("--gpu-runs", type=int, default=3,
+                        help="the GPU held while a node pulls: spawns per case (default 3; 0: skip)")
+    parser.add_argument("--link-mbit", type=int, default=1000,
+                        help="the GPU part: worker1's link shaped to this many Mbit/s, as a GPU node's LAN (0: not shaped)")
     parser.add_argument("--users", type=int, default=20, help="part 2: spawns at once (default 20; 0: skip)")
     parser.add_argument("--pollers", type=int, default=4, help="part 2: concurrent hub API pollers (default 4)")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the hub log here before clean-up")
@@ -224,6 +327,8 @@ def main() -> None:
         hub.start()
         if arguments.runs > 0:
             part1(hub, swarm, arguments.runs)
+        if arguments.gpu_runs > 0:
+            part_gpu_pull(hub, swarm, base, arguments.gpu_runs, arguments.link_mbit)
         if arguments.users > 0:
             part2(hub, arguments.users, arguments.pollers)
         print(f"machine: {os.cpu_count()} cores; swarm: "

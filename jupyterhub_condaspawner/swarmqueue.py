@@ -231,6 +231,16 @@ class SwarmSeats:
             held, open_gpus = self._state.open_gpus()
             return held + self._seated(self._state), open_gpus
 
+    def held_text(self) -> str | None:
+        """"3 of 4 GPUs are held" (as :meth:`open_gpus`), with the GPUs of nodes that take no servers now,
+        all from one read of the swarm (what the waiting line says); None before the first read."""
+        with self._lock:
+            if self._state is None:
+                return None
+            held, open_gpus = self._state.open_gpus()
+            held += self._seated(self._state)
+            return f"{held} of {open_gpus} GPUs are held{closed_gpus_note(self._state, open_gpus)}"
+
     def _seated(self, state: SwarmState) -> int:
         """GPU ids given to seats (``assign``) on the nodes that take servers, that no task holds yet."""
         held = state.holders()

@@ -47,8 +47,6 @@ class SwarmSeatMixin(_SpawnerBase):
 
         def read_swarm(self, service_id: str | None = None) -> SwarmState: ...
 
-        def _fresh_state(self) -> SwarmState | None: ...
-
         def _end_if_stop_asked(self, asked: bool = False) -> None: ...
 
         async def _pull_onto_gpu_nodes(self) -> None: ...
@@ -99,14 +97,12 @@ class SwarmSeatMixin(_SpawnerBase):
 
     def _queue_message(self, ahead: int) -> str:
         who = "you are next" if not ahead else f"{ahead} ahead of you"
-        state = self._fresh_state()
-        if state is None:
+        held = self._seats.held_text()  # the GPUs given to starts a moment ago too
+        if held is None:
             return f"Waiting for a GPU on any node: {who}"
         if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
             return cpu_wait_message(self._request)
-        held, open_gpus = self._seats.open_gpus()  # the GPUs given to starts a moment ago too
-        return (f"Waiting for a GPU on any node: {held} of {open_gpus} GPUs are held"
-                f"{swarm.closed_gpus_note(state, open_gpus)}; {who}")
+        return f"Waiting for a GPU on any node: {held}; {who}"
 
     def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None:
         """The start's seat in the swarm's queue goes (``placed``: the state in which Swarm placed

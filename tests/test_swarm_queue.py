@@ -318,6 +318,10 @@ def test_the_waiting_line_counts_gpus_given_to_seats_as_held():
     assert seats.open_gpus() == (1, 2)
     seats.allocate("bob", "", 1)  # his service is being made: Swarm shows no task of it yet
     assert seats.open_gpus() == (2, 2)
+    # The line's figures and its note on the drained node's GPUs come from one read.
+    assert seats.held_text() == ("2 of 2 GPUs are held, and 2 more are on nodes that take no new servers now "
+                                 "(down, drained or paused)")
+    assert seats_on(Swarm(), assign=True).held_text() == "0 of 0 GPUs are held"
 
 
 def test_a_stopped_servers_task_holds_its_gpu_until_its_container_has_ended():
