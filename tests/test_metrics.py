@@ -163,14 +163,16 @@ def test_gpu_states_are_counted_at_the_scrape_from_the_allocator_last_used():
 
 
 async def test_queue_length_and_wait_time_by_outcome():
-    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(1)), queue_timeout=0.3))
+    # A long queue_timeout while "first" and "second" wait (each reads it as it starts waiting):
+    # with a short one, a slow machine could time them out before the cancel and the release.
+    queue = GpuQueue(GpuAllocator(inventory=GpuInventory(nvml=FakeNvml.with_gpus(1)), queue_timeout=600))
     before = {outcome: value("condaspawner_gpu_queue_wait_seconds_count", outcome=outcome)
               for outcome in metrics.QUEUE_OUTCOMES}
     granted_sum = value("condaspawner_gpu_queue_wait_seconds_sum", outcome="granted")
     await queue.allocate("holder", "", 1)  # got it at once: never queued, not observed
     waiting = asyncio.ensure_future(queue.allocate("first", "", 1))
     cancelled = asyncio.ensure_future(queue.allocate("second", "", 1))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while queue.length < 2:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
@@ -180,7 +182,8 @@ async def test_queue_length_and_wait_time_by_outcome():
         await cancelled
     await asyncio.sleep(0.1)
     queue.allocator.release("holder", "")
-    await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(waiting, 60)
+    queue.allocator.queue_timeout = 0.3
     with pytest.raises(GpuUnavailable):  # "first" holds it now: this one times out
         await queue.allocate("third", "", 1)
     assert queue.length == 0
