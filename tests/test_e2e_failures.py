@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -25,7 +26,9 @@ pytestmark = pytest.mark.docker
 HUB_EXTRA_CONFIG = HUB_PIP_CONFIG + """
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 3}  # quick failures answer the POST itself
-c.GpuAllocator.queue_timeout = 20  # spawns wait this long for a busy GPU, then hear "No GPU is free"
+# Spawns wait this long for a busy GPU, then hear "No GPU is free". Long enough for the queue
+# test's two later spawns to line up behind the first while it still waits (about 5 s unloaded).
+c.GpuAllocator.queue_timeout = 45
 """
 GATED = "gated-package"
 NO_SUCH = "definitely-not-a-real-pkg-xyz"
@@ -244,13 +247,14 @@ def test_no_gpu_is_held_while_an_image_builds_and_busy_gpus_are_queued_for(hub, 
         last = Spawn(hub, "gpu-e", {"profile": "gpu-demo"})
         last.wait_for("Waiting for a GPU: 2 ahead of you")
         hub.stop_server("gpu-d")  # cancelling leaves the queue: the one behind moves up
-        last.wait_for("Waiting for a GPU: 1 ahead of you", timeout=10)
+        last.wait_for("Waiting for a GPU: 1 ahead of you")
         assert hub.server_model("gpu-d") is None and not gpus_held(hub, "gpu-d")
         hub.stop_server("gpu-e")
         # Nobody stops gpu-b: after GpuAllocator.queue_timeout gpu-c hears why, in one line.
         message = failure_message(hub, queued)
         assert message.startswith("No GPU is free on this hub: 0 of 1 ('gpu-demo' needs 1 GPU"), message
-        assert "after waiting 20 s in the queue" in message and "NVML" not in message
+        waited = re.search(r" after waiting (\d+) s in the queue \(GpuAllocator\.queue_timeout\)$", message)
+        assert waited and int(waited[1]) >= 45 and "NVML" not in message, message  # rounded: a late wake-up says 46
         hub.stop_server("gpu-b")
         assert not any(m.startswith("GPUs: ") for m in building.messages), building.messages
     finally:
