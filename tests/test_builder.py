@@ -537,9 +537,11 @@ async def test_a_build_cancelled_in_its_pip_step_stops_that_step(builder):
         while not pip_step and not build.task.done():  # pip asks the gated index: its step's container runs
             step = log.read_text().rsplit("Step ", 1)[-1]
             found = re.search(r"^ ---> Running in ([0-9a-f]+)$", step, re.MULTILINE)
-            pip_step = found.group(1) if found and "pip install" in step else ""
+            # Docker names the container once created, maybe a moment before it starts.
+            pip_step = found.group(1) if found and "pip install" in step and running(builder.client, found.group(1)) \
+                else ""
             await asyncio.sleep(0.2)
-        assert running(builder.client, pip_step)
+        assert pip_step and running(builder.client, pip_step)
         build.task.cancel()
         with pytest.raises((asyncio.CancelledError, BuildError)):
             await build.result()
@@ -834,7 +836,8 @@ async def pip_step_container(builder: ImageBuilder, build) -> str:
     while not build.task.done():
         step = log.read_text().rsplit("Step ", 1)[-1]
         found = re.search(r"^ ---> Running in ([0-9a-f]+)$", step, re.MULTILINE)
-        if found and "pip install" in step:
+        # Docker names the container once created, maybe a moment before it starts.
+        if found and "pip install" in step and running(builder.client, found.group(1)):
             return found.group(1)
         await asyncio.sleep(0.2)
     return ""
