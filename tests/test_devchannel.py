@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -66,14 +65,13 @@ def build_synthetic_only(directory: Path) -> str:
 # ---------------------------------------------------------------- build and cache
 
 
-def test_second_build_with_same_recipe_is_a_fast_no_op(dev_channel):
-    info_file = dev_channel.path / devchannel.INFO_FILE
-    written = info_file.stat().st_mtime_ns
-    started = time.monotonic()
+def test_second_build_with_same_recipe_is_a_no_op(dev_channel):
+    # A rebuild rewrites the info file and the index (whatever it took: never timed here).
+    written = {path: path.stat().st_mtime_ns for path in (dev_channel.path / devchannel.INFO_FILE,
+                                                           dev_channel.path / "noarch" / "repodata.json")}
     url = build_dev_channel(dev_channel.path)
-    assert time.monotonic() - started < 1.0
     assert url == dev_channel.url
-    assert info_file.stat().st_mtime_ns == written
+    assert {path: path.stat().st_mtime_ns for path in written} == written
 
 
 async def test_changed_recipe_rebuilds(tmp_path, monkeypatch):
