@@ -886,7 +886,9 @@ def test_the_compile_container_waits_for_its_batches_and_gives_up_when_none_come
         time.sleep(1.0)
         waiting.reload()
         assert waiting.status == "running" and not (work / "done" / "0").exists()
-        (work / "batches.json").write_text(json.dumps([["/work/lib/late.py"]]))
+        # whole when the container sees it, as the build writes it: the container polls for the file
+        (work / "batches.json.partial").write_text(json.dumps([["/work/lib/late.py"]]))
+        (work / "batches.json.partial").replace(work / "batches.json")
         assert waiting.wait(timeout=60)["StatusCode"] == 0
         assert (work / "done" / "0").exists() and (work / "lib" / "__pycache__" / "late.cpython-39.pyc").exists()
     finally:
