@@ -156,11 +156,12 @@ class Hub:
         raise RuntimeError(f"hub did not answer in {timeout} s:\n{self.log()[-3000:]}")
 
     def stop(self) -> bool:
-        """SIGTERM, as systemd or docker stop; False if the hub had to be killed after 30 s."""
+        """SIGTERM, as systemd or docker stop; False if the hub had to be killed after 90 s (a hub
+        that waits for something never ends: the bound only has to be far above a slow exit's)."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(90)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
