@@ -174,7 +174,7 @@ def open_custom_box(driver) -> None:
     box = one(driver, "#condaspawner-custom")
     if box.get_attribute("open") is None:
         press(driver, one(driver, "#condaspawner-custom > summary"))
-    wait_for(lambda: one(driver, "#environment_text").is_displayed(), 5, "the paste box to open")
+    wait_for(lambda: one(driver, "#environment_text").is_displayed(), 30, "the paste box to open")
 
 
 # -- the test ------------------------------------------------------------------------------------
