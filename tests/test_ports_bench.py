@@ -17,12 +17,14 @@ def test_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice():
 
 def test_a_port_something_listens_on_is_never_chosen(monkeypatch):
     with socket.socket() as server:
-        server.bind(("127.0.0.1", ports.LOWEST))
+        # A port no one else uses (not a fixed one: another test process may listen there).
+        server.bind(("127.0.0.1", 0))
         server.listen()
-        monkeypatch.setattr(ports, "_slice", lambda: (ports.LOWEST, 1 + 99))
+        taken = server.getsockname()[1]
+        monkeypatch.setattr(ports, "_slice", lambda: (taken, 1 + 99))
         monkeypatch.setattr(ports.random, "randrange", lambda first, end: first)
         # Only the taken port is ever drawn: the kernel's choice is the answer instead.
-        assert ports.free_port() != ports.LOWEST
+        assert ports.free_port() != taken
 
 
 def test_each_xdist_worker_draws_from_its_own_slice(monkeypatch):
