@@ -134,7 +134,7 @@ async def test_waiting_starts_get_the_swarms_freed_gpus_first_come_first_served(
     await until(lambda: queue.ahead_of("second", "") == 1)
 
     seats.freed(swarm.run())  # the holder's service was removed
-    assert (await asyncio.wait_for(first, 5)).user == "first"
+    assert (await asyncio.wait_for(first, 30)).user == "first"
     await until(lambda: queue.ahead_of("second", "") == 0)
     assert not second.done()  # first's seat holds the GPU until Swarm places its task
 
@@ -142,7 +142,7 @@ async def test_waiting_starts_get_the_swarms_freed_gpus_first_come_first_served(
     await asyncio.sleep(0.1)
     assert not second.done()  # placed: the GPU is first's now
     seats.freed(swarm.run())
-    assert (await asyncio.wait_for(second, 5)).user == "second"
+    assert (await asyncio.wait_for(second, 30)).user == "second"
 
 
 async def until(condition) -> None:
@@ -255,7 +255,7 @@ async def test_a_start_over_the_users_quota_is_refused_at_once_not_queued():
     swarm.run(task("ann", ("GPU-worker1-0",)), task("bob", ("GPU-worker1-1",)))
     queue = GpuQueue(seats_on(swarm, queue_timeout=60, per_user_gpu_quota=1))
     with pytest.raises(GpuQuotaExceeded) as refusal:
-        await asyncio.wait_for(queue.allocate("ann", "second", 1), 5)
+        await asyncio.wait_for(queue.allocate("ann", "second", 1), 30)
     assert refusal.value.user_message.endswith("ann already holds 1 of their quota of 1: stop another server first")
     assert queue.length == 0
 
@@ -345,7 +345,7 @@ async def test_gpus_held_for_an_older_bigger_start_are_only_those_of_nodes_it_co
     queue = GpuQueue(seats_on(swarm, assign=True, queue_timeout=60, queue_hold_after=0))
     older = asyncio.ensure_future(queue.allocate("older", "", 4))
     await until(lambda: queue.ahead_of("older", "") == 0)
-    younger = await asyncio.wait_for(queue.allocate("younger", "", 1), 5)
+    younger = await asyncio.wait_for(queue.allocate("younger", "", 1), 30)
     assert younger.uuids == ("GPU-small-0",)
     assert not older.done()
     older.cancel()
