@@ -1,19 +1,21 @@
 """Pulling a GPU server's image onto the nodes it may run on, before the start takes a GPU.
 
 A Swarm node pulls a service's image when it is given the task: with the GPU already held,
-idle, for the minutes a multi-GB CUDA image takes. So a GPU start first has each node that
-could run it (schedulable, with the GPUs, model and CUDA it asks for, allowed by the admin's
-placement constraints) pull the image, through a one-off job service pinned to that node
-(``replicated-job``: the node pulls the image, runs the image's Python doing nothing, isolated
-and without site, and the task completes), and waits for those jobs before it waits for a GPU. Nodes holding no GPU of
-the start's are busy with nothing: nobody waits on them. One job per image and node at a time,
-shared by every start that needs it; a node the hub saw pull an image is not asked again
-(an image removed there behind the hub's back is pulled by the server's own task, as before).
+idle, for the minutes a multi-GB CUDA image takes. So a GPU start has each node that could run
+it (schedulable, with the GPUs, model and CUDA it asks for, allowed by the admin's judged
+placement constraints) and lacks the image pull it, through a one-off job service pinned to
+that node (``replicated-job``: the node pulls the image, runs the image's Python doing nothing,
+isolated and without site, and the task completes). The start waits until one such node holds
+the image; in the GPU queue, the nodes still pulling are kept out of its seat until their pull
+ends (SwarmPullMixin). One job per image and node at a time, shared by every start that needs
+it; a node the hub saw pull an image is not asked again (an image removed there behind the
+hub's back is pulled by the server's own task, as before).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -26,6 +28,7 @@ import docker.types
 import requests
 
 from . import swarmplacement
+from .builderrors import one_line
 from .failures import StartFailure
 from .spawngpus import CONTAINER_START_S
 from .swarm import ENDED_STATES, NodeInfo, ServiceRequest, SwarmState, check_quota
@@ -51,6 +54,7 @@ class PullOutcome:
 
     node_id: str
     error: str = ""
+    not_run: str = ""  # why no job ran (the manager refused it: Docker before 20.10 has no jobs); no error
 
 
 def targets(state: SwarmState, request: ServiceRequest, constraints: Iterable[str],
@@ -90,7 +94,7 @@ class NodePuller:
         ends with a :class:`PullOutcome`, and outlives the start that asked (others may share it)."""
         key = (image, node_id)
         task = _pulling.get(key)
-        if task is None or task.done():
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             task = asyncio.ensure_future(self._run(image, node_id))
             _pulling[key] = task
             task.add_done_callback(lambda done: _pulling.pop(key, None) if _pulling.get(key) is done else None)
@@ -101,7 +105,7 @@ class NodePuller:
         try:
             service_id = await asyncio.to_thread(self._create, image, node_id)
         except (docker.errors.DockerException, requests.RequestException) as error:
-            return PullOutcome(node_id, f"the manager refused the pull job: {error}")
+            return PullOutcome(node_id, not_run=f"the manager refused the pull job: {error}")
         try:
             outcome = await self._until_ended(service_id, node_id)
         finally:
@@ -141,7 +145,7 @@ class NodePuller:
                     return PullOutcome(node_id)
                 return PullOutcome(node_id, str(status.get("Err") or status.get("Message") or status.get("State")))
             await asyncio.sleep(POLL_S)
-        return PullOutcome(node_id, f"it had not pulled the image within {self.timeout:.0f} s")
+        return PullOutcome(node_id, f"the image had not arrived within {self.timeout:.0f} s")
 
     def _remove(self, service_id: str) -> None:
         try:
@@ -173,7 +177,13 @@ def why_not_pulled(error: str) -> str:
 
 
 class SwarmPullMixin(_SpawnerBase):
-    """A GPU start's pulls, before its turn in the GPU queue; the host class is a CondaSwarmSpawner."""
+    """A GPU start's pulls, around its turn in the GPU queue; the host class is a CondaSwarmSpawner.
+
+    The start waits (out of the queue) only until one node that could run it holds the image:
+    one did already, or the first pull ends. In the queue, the nodes still pulling are kept out
+    of its seat until their pull ends (or prepull_timeout), so its GPU is never one of a node
+    still pulling; a node whose pull failed stays out.
+    """
 
     if TYPE_CHECKING:  # CondaSwarmSpawner's own
         prepull_timeout: float
@@ -189,10 +199,26 @@ class SwarmPullMixin(_SpawnerBase):
 
         def _end_if_stop_asked(self, asked: bool = False) -> None: ...
 
+        def _tell_seats_what_it_needs(self) -> None: ...
+
+        def _wake_the_queue(self) -> None: ...
+
+    def _init_pulls(self) -> None:
+        self._pulls: dict[str, asyncio.Task] = {}  # node ID -> its pull, while it goes on (this start's nodes)
+        self._pull_names: dict[str, str] = {}  # node ID -> hostname
+        self._pulls_until = 0.0  # when the nodes still pulling stop being kept out of the start's seat
+        self._pulls_matter = False  # the start waits for its seat: a pull's end changes where it may go
+        self._pulls_overdue: asyncio.TimerHandle | None = None
+
+    def _nodes_still_pulling(self) -> list[str]:
+        """Nodes kept out of the start's seat while they pull its image (until prepull_timeout)."""
+        return [node_id for node_id in self._pulls if time.monotonic() < self._pulls_until]
+
     async def _pull_onto_gpu_nodes(self) -> None:
-        """Have every node that could run this GPU server pull its image (those the hub has not seen
-        pull it), before the start takes a GPU; a node that cannot is left out of this start (its
-        ``_failed_nodes``). StartFailure when no node that could ever run the server is left."""
+        """Have the nodes that could run this GPU server and lack its image (as far as the hub saw)
+        pull it, and wait until one of them holds it, before the start joins the GPU queue.
+        StartFailure when no node that could ever run the server is left (every pull failed)."""
+        self._pulls, self._pull_names = {}, {}
         limit = min(self.prepull_timeout, self._deadline - time.monotonic() - CONTAINER_START_S)
         if limit <= 0 or "@" not in self.image:  # off, or no registry reference (the start fails later)
             return
@@ -201,44 +227,83 @@ class SwarmPullMixin(_SpawnerBase):
         check_quota(state, self.user.name, self.name, self._request.gpus, self.services.allocator.per_user_gpu_quota,
                     self._request.profile)
         constraints = tuple(self.extra_placement_spec.get("constraints") or ())
-        nodes = [node for node in targets(state, self._request, constraints, self._failed_nodes)
-                 if not already_pulled(self.image, node.id)]
+        eligible = targets(state, self._request, constraints, self._failed_nodes)
+        nodes = [node for node in eligible if not already_pulled(self.image, node.id)]
         if not nodes:
             return
         api = await asyncio.to_thread(lambda: self.client)
         puller = NodePuller(api, self.network_name, self.launcher_python, self.prepull_timeout, self.log)
-        pending = {puller.pull(self.image, node.id) for node in nodes}
-        names = {node.id: node.hostname for node in nodes}
-        what = f"{len(nodes)} GPU node{'s' if len(nodes) > 1 else ''}"
-        deadline, done, said = time.monotonic() + limit, 0, ""
-        while pending and time.monotonic() < deadline:
-            message = f"Pulling the image onto the {what} it may run on, before taking a GPU: {done} of {len(nodes)} done"
+        self._pull_names = {node.id: node.hostname for node in nodes}
+        self._pulls_until = time.monotonic() + limit
+        self._pulls = {node.id: puller.pull(self.image, node.id) for node in nodes}
+        for node_id, task in self._pulls.items():
+            task.add_done_callback(functools.partial(self._pull_ended, node_id))
+        self._pulls_overdue = asyncio.get_running_loop().call_later(limit, self._seat_anywhere_now)
+        if len(nodes) < len(eligible):
+            return  # a node holds the image already: the queue may seat the start there at once
+        await self._until_a_node_holds_the_image(len(nodes))
+        self._refuse_if_no_node_is_left(state)
+
+    async def _until_a_node_holds_the_image(self, count: int) -> None:
+        what = f"{count} GPU node{'s' if count > 1 else ''}"
+        said = ""
+        while self._pulls and len(self._pulls) == count - self._pulls_failed() and \
+                time.monotonic() < self._pulls_until:
+            failed = self._pulls_failed()
+            message = (f"Pulling the image onto the {what} it may run on, before taking a GPU"
+                       + (f" ({failed} could not)" if failed else ""))
             if message != said:
                 said = message
                 await self._feed.publish("pull", 86, message)
-            # the jobs go on if this start ends: others may wait for them, and each removes its service
-            ended, pending = await asyncio.wait(pending, timeout=min(POLL_S, max(deadline - time.monotonic(), 0)),
-                                                return_when=asyncio.FIRST_COMPLETED)
+            # The jobs go on if this start ends: others may wait for them, and each removes its service.
+            await asyncio.wait(set(self._pulls.values()), timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
             self._end_if_stop_asked()
-            for task in ended:
-                outcome: PullOutcome = task.result()
-                done += 1
-                if outcome.error:
-                    await self._leave_out(names[outcome.node_id], outcome)
-        if pending:
-            self.log.warning("Server %s: %d node(s) still pulling %s after %.0f s: going on (a server placed there "
-                             "waits for its pull)", self._log_name, len(pending), self.image, limit)
-        else:
-            await self._feed.publish("pull", 86, f"Pulled the image onto the {what} it may run on: {done} of "
-                                                 f"{len(nodes)} done")
-        self._refuse_if_no_node_is_left(state)
+        pulled = sorted(name for node_id, name in self._pull_names.items()
+                        if node_id not in self._pulls and node_id not in self._failed_nodes)
+        if pulled:
+            others = f"; {len(self._pulls)} more still pulling" if self._pulls else ""
+            await self._feed.publish("pull", 86, f"Pulled the image onto node {', '.join(pulled)}{others}")
+        elif self._pulls:
+            self.log.warning("Server %s: %d node(s) still pulling %s at prepull_timeout: going on (a server placed "
+                             "there waits for its pull)", self._log_name, len(self._pulls), self.image)
 
-    async def _leave_out(self, name: str, outcome: PullOutcome) -> None:
-        cause = why_not_pulled(outcome.error)
-        self._failed_nodes[outcome.node_id] = f"node {name}: {cause}"
-        self.log.warning("Server %s: node %s could not pull %s (%s)", self._log_name, name, self.image, outcome.error)
-        await self._feed.publish("pull", 86, f"Node {name} could not get the image ({cause}): your server will run "
-                                             "on another node")
+    def _pulls_failed(self) -> int:
+        return sum(node_id in self._failed_nodes for node_id in self._pull_names)
+
+    def _pull_ended(self, node_id: str, task: asyncio.Task) -> None:
+        """A pull of this start's ended (on the event loop): the node holds the image now, or is left out."""
+        if self._pulls.pop(node_id, None) is None:
+            return  # the start had ended
+        outcome: PullOutcome = task.result() if not task.cancelled() and task.exception() is None else \
+            PullOutcome(node_id, "the hub stopped its pull")
+        name = self._pull_names.get(node_id, node_id)
+        if outcome.error:
+            cause = why_not_pulled(outcome.error)
+            self._failed_nodes[node_id] = f"node {name}: {cause}"
+            self.log.warning("Server %s: node %s could not pull %s (%s)", self._log_name, name, self.image,
+                             outcome.error)
+            asyncio.ensure_future(self._feed.publish(
+                "pull", 86, f"Node {name} could not get the image ({cause}): your server will run on another node"))
+        elif outcome.not_run:  # the node pulls when it is given the server, as without pulls first
+            self.log.warning("Server %s: no pull onto node %s first: %s", self._log_name, name,
+                             one_line(outcome.not_run))
+        if self._pulls_matter:  # it may go to that node now (or, failed, never)
+            self._tell_seats_what_it_needs()
+            self._wake_the_queue()
+
+    def _seat_anywhere_now(self) -> None:
+        """prepull_timeout has passed: the nodes still pulling may take the start (it waits for the pull there)."""
+        if self._pulls_matter and self._pulls:
+            self._tell_seats_what_it_needs()
+            self._wake_the_queue()
+
+    def _stop_following_pulls(self) -> None:
+        """The start has its seat, or ended: the pulls go on for others, not for it."""
+        self._pulls_matter = False
+        self._pulls = {}
+        if self._pulls_overdue is not None:
+            self._pulls_overdue.cancel()
+            self._pulls_overdue = None
 
     def _refuse_if_no_node_is_left(self, state: SwarmState) -> None:
         """StartFailure when every node that could ever run the server failed its pull."""

@@ -51,6 +51,12 @@ class SwarmSeatMixin(_SpawnerBase):
 
         async def _pull_onto_gpu_nodes(self) -> None: ...
 
+        def _nodes_still_pulling(self) -> list[str]: ...
+
+        def _stop_following_pulls(self) -> None: ...
+
+        _pulls_matter: bool
+
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         """A GPU start waits its turn in the hub's queue until a node has a GPU for it
         (swarmqueue.py; the per-user quota is checked there and again at create_object). With
@@ -61,8 +67,13 @@ class SwarmSeatMixin(_SpawnerBase):
         self._pinned = ("", ())
         if profile.gpus:
             await self._pull_onto_gpu_nodes()  # no GPU held while a node pulls the image
-            self._tell_seats_what_it_needs()
-            allocation = await self._wait_in_gpu_queue(profile, self._deadline - time.monotonic() - CONTAINER_START_S)
+            self._pulls_matter = True
+            try:
+                self._tell_seats_what_it_needs()
+                allocation = await self._wait_in_gpu_queue(profile,
+                                                           self._deadline - time.monotonic() - CONTAINER_START_S)
+            finally:
+                self._stop_following_pulls()
             if allocation.uuids:  # gpu_assignment "hub": these GPUs, on their node
                 self._pinned = (self._seats.node_of(*self.gpu_key), allocation.uuids)
         return None
@@ -72,7 +83,8 @@ class SwarmSeatMixin(_SpawnerBase):
         queue gives it a seat only on a node where it can run."""
         constraints = tuple(self.extra_placement_spec.get("constraints") or ())
         self._check_judged(constraints)
-        left = tuple(f"node.id!={node_id}" for node_id in self._failed_nodes)  # nodes that could not get the image
+        # Nodes that could not get the image, and those still pulling it (swarmpull.py).
+        left = tuple(f"node.id!={node_id}" for node_id in [*self._failed_nodes, *self._nodes_still_pulling()])
         self._seats.expect(*self.gpu_key, *swarm.reservation(self._request, self.extra_resources_spec),
                            constraints + left)
 
@@ -90,6 +102,10 @@ class SwarmSeatMixin(_SpawnerBase):
         """The hub's GPU queue, in front of the swarm: a start's service is created when its turn
         comes and a node has a GPU for it."""
         return GpuQueue(SwarmSeats(allocator, self.read_swarm, assign=self.gpu_assignment == "hub"))
+
+    def _wake_the_queue(self) -> None:
+        """The start's needs changed (a node may take it now): the queue's heads try again."""
+        self._seats.freed()
 
     @property
     def _seats(self) -> SwarmSeats:

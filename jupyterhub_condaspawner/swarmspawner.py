@@ -153,12 +153,13 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         600.0,
         min=0.0,
         config=True,
-        help="""Seconds a GPU start waits, before it takes a GPU, for the nodes that could run it to
-        pull its image (a job service pinned to each node; a node the hub saw pull that image is
-        not asked again): the GPU is not held, idle, while a node pulls a multi-GB CUDA image. A
-        node that cannot pull it is left out of that start. Past this (or start_timeout), the start
-        goes on and a node still pulling makes its server wait for the pull. 0: no pulls first
-        (the node given the server pulls the image with its GPU held).
+        help="""How long the nodes that could run a GPU start and lack its image (a job service
+        pinned to each pulls it; a node the hub saw pull that image is not asked again) are kept
+        out of the start's GPU seat while they pull: the GPU is not held, idle, while a node pulls
+        a multi-GB CUDA image. The start waits until one such node holds the image, then takes its
+        turn in the queue among the nodes that hold it; a node that cannot pull is left out of that
+        start. Past this (or start_timeout), a node still pulling may take the start, whose server
+        waits there for the pull. 0: no pulls first (the node given the server pulls with its GPU held).
 
         c.CondaSwarmSpawner.prepull_timeout = 600
         """,
@@ -218,6 +219,7 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         self._failed_nodes: dict[str, str] = {}  # node ID -> why this start's task ended there
         self._pinned: tuple[str, tuple[str, ...]] = ("", ())  # gpu_assignment "hub": (node ID, GPU ids)
         self._stop_asked = False  # stop() came during this start (maybe between two of its services)
+        self._init_pulls()
 
     # -- the swarm, as the manager reports it ---------------------------------------------
 
@@ -357,6 +359,7 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         try:
             return await super().start()
         finally:
+            self._stop_following_pulls()
             self._leave_gpu_seat()
 
     async def stop(self, now: bool = False) -> None:

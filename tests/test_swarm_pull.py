@@ -60,7 +60,7 @@ def test_a_node_seen_pulling_an_image_is_not_asked_again_until_it_turns_out_to_l
 def test_a_failed_pull_is_told_in_the_words_of_a_failed_start():
     assert swarmpull.why_not_pulled("No such image: registry:5000/envs@sha256:00") == \
         "it could not pull the image from the registry"
-    assert swarmpull.why_not_pulled("it had not pulled the image within 600 s") == \
-        "it could not pull the image from the registry"
+    assert swarmpull.why_not_pulled("the image had not arrived within 600 s") == \
+        "the image had not arrived within 600 s"
     assert swarmpull.why_not_pulled("starting container failed: exec format error") == \
         "starting container failed: exec format error"

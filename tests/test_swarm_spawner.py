@@ -913,6 +913,16 @@ def pull_events(bench: SwarmBench, node: str, since: float) -> list[dict]:
                            filters={"type": "image", "event": "pull"}))
 
 
+async def until_no_pull_jobs(bench: SwarmBench) -> None:
+    """The pull jobs end (pulled, failed, or at prepull_timeout) and are removed."""
+    client = bench.manager_client().api
+    for _ in range(300):
+        if not client.services(filters={"label": swarmpull.LABEL_PULL}):
+            return
+        await asyncio.sleep(1)
+    pytest.fail("pull jobs left behind")
+
+
 async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gpu(swarm_bench, servers):
     for worker in swarm_bench.workers:
         remove_pulled_images(swarm_bench, worker.name)
@@ -922,21 +932,18 @@ async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gp
     node, _ = assigned(swarm_bench, first)
     messages = await progress_messages(first)
     pulling = [message for message in messages if "Pull" in message]
-    assert pulling == ["Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 0 of 2 done",
-                       "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 1 of 2 done",
-                       "Pulled the image onto the 2 GPU nodes it may run on: 2 of 2 done"] or pulling == [
-                       "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU: 0 of 2 done",
-                       "Pulled the image onto the 2 GPU nodes it may run on: 2 of 2 done"], messages  # both at once
-    assert messages.index(pulling[-1]) < next(index for index, message in enumerate(messages)
-                                              if message.startswith("Running on node"))
-    # Each GPU node pulled it, and the server's node before its service (and GPU) existed.
+    assert pulling[0] == "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU", messages
+    assert pulling[1] in (f"Pulled the image onto node {node}; 1 more still pulling",  # the first to end
+                          "Pulled the image onto node worker1, worker2"), messages  # both at once
+    assert messages.index(pulling[1]) < next(index for index, message in enumerate(messages)
+                                             if message.startswith("Running on node"))
+    # The server's node pulled it before its service (and GPU) existed; the other pulls it too.
     service = swarm_bench.manager_client().api.inspect_service(first.object_id)
-    for worker in swarm_bench.workers:
-        pulls = pull_events(swarm_bench, worker.name, began)
-        assert pulls, f"{worker.name} pulled nothing"
-        if worker.name == node:
-            assert max(event["timeNano"] for event in pulls) < created_ns(service)
-    assert not swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})  # jobs removed
+    pulls = pull_events(swarm_bench, node, began)
+    assert pulls and max(event["timeNano"] for event in pulls) < created_ns(service)
+    await until_no_pull_jobs(swarm_bench)
+    other = next(worker.name for worker in swarm_bench.workers if worker.name != node)
+    assert pull_events(swarm_bench, other, began), f"{other} pulled nothing"
 
     # The next start of that image asks no node again.
     second = servers.make("second-puller")
@@ -949,17 +956,42 @@ async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gp
 async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm_bench, servers):
     blocked, other = (node.name for node in swarm_bench.workers)
     rule = cut_off_from_the_registry(swarm_bench, blocked)
+    remove_pulled_images(swarm_bench, other)
+    set_availability(swarm_bench, other, "pause")  # the only node asked to pull: the one that cannot
     try:
         spawner = servers.make("pulled-elsewhere")
-        await asyncio.wait_for(servers.start(spawner), 300)
+        start = asyncio.ensure_future(servers.start(spawner))
+        told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not get"), 300)
+        set_availability(swarm_bench, other, "active")  # the start, in the queue, may go there
+        await asyncio.wait_for(start, 300)
     finally:
+        set_availability(swarm_bench, other, "active")
         subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
+    assert told == f"Node {blocked} could not get the image (it could not pull the image from the registry): your " \
+                   "server will run on another node"
     messages = await progress_messages(spawner)
-    assert f"Node {blocked} could not get the image (it could not pull the image from the registry): your server " \
-           "will run on another node" in messages, messages
     assert not [message for message in messages if "could not start your server" in message]  # no service there
     assert assigned(swarm_bench, spawner)[0] == other
-    assert not swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})
+    await until_no_pull_jobs(swarm_bench)
+
+
+async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can_take(swarm_bench, servers):
+    hanging, other = (node.name for node in swarm_bench.workers)
+    rule = cut_off_from_the_registry(swarm_bench, hanging, answered=False)
+    remove_pulled_images(swarm_bench, other)
+    try:
+        spawner = servers.make("not-held-up", prepull_timeout=600)
+        await asyncio.wait_for(servers.start(spawner), 300)
+        # Its server runs, on the node that got the image, while the other's pull still hangs.
+        still_pulling = swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})
+    finally:
+        subprocess.run(swarm_bench.nsenter(hanging, "iptables", "-D", *rule), check=True)
+    assert assigned(swarm_bench, spawner)[0] == other
+    assert [service["Spec"]["Labels"][swarmpull.LABEL_PULL] for service in still_pulling] == \
+        [swarm_bench.nodes[hanging].node_id]
+    messages = await progress_messages(spawner)
+    assert f"Pulled the image onto node {other}; 1 more still pulling" in messages, messages
+    await until_no_pull_jobs(swarm_bench)  # the rule gone, its pull ends too
 
 
 async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_service(swarm_bench, servers):
@@ -1001,8 +1033,4 @@ async def test_a_stop_while_the_nodes_pull_ends_the_start_and_the_pull_jobs_end_
     client = swarm_bench.manager_client().api
     assert not client.services(filters={"label": LABEL_USER})
     # Other starts may share the jobs: they go on, end (pulled now, or at prepull_timeout) and are removed.
-    for _ in range(300):
-        if not client.services(filters={"label": swarmpull.LABEL_PULL}):
-            break
-        await asyncio.sleep(1)
-    assert not client.services(filters={"label": swarmpull.LABEL_PULL})
+    await until_no_pull_jobs(swarm_bench)
