@@ -56,6 +56,7 @@ class SwarmSeatMixin(_SpawnerBase):
         def _stop_following_pulls(self) -> None: ...
 
         _pulls_matter: bool
+        _pull_names: dict[str, str]
 
     async def _allocate_gpus(self, profile: Profile) -> Allocation | None:
         """A GPU start waits its turn in the hub's queue until a node has a GPU for it
@@ -118,6 +119,10 @@ class SwarmSeatMixin(_SpawnerBase):
             return f"Waiting for a GPU on any node: {who}"
         if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
             return cpu_wait_message(self._request)
+        pulling = self._nodes_still_pulling()
+        if pulling:  # their free GPUs are not this start's yet
+            names = ", ".join(sorted(self._pull_names.get(node_id, node_id) for node_id in pulling))
+            return f"Waiting for a GPU on a node that holds the image: {held}; still pulling it: {names}; {who}"
         return f"Waiting for a GPU on any node: {held}; {who}"
 
     def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None:

@@ -994,6 +994,29 @@ async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can
     await until_no_pull_jobs(swarm_bench)  # the rule gone, its pull ends too
 
 
+async def test_a_start_waits_for_a_gpu_of_a_node_holding_its_image_while_another_node_still_pulls(
+        swarm_bench, servers):
+    hanging, other = (node.name for node in swarm_bench.workers)
+    rule = cut_off_from_the_registry(swarm_bench, hanging, answered=False)
+    remove_pulled_images(swarm_bench, other)
+    try:
+        holders = [servers.make(f"on-{other}-{number}") for number in range(2)]
+        for spawner in holders:  # both of the other node's GPUs
+            await asyncio.wait_for(servers.start(spawner), 300)
+        third = servers.make("third-in-line")
+        start = asyncio.ensure_future(servers.start(third))
+        told = await asyncio.wait_for(until_waiting_for(third, "Waiting for a GPU on a node"), 300)
+        assert not start.done()  # the hanging node's GPUs are free, and not its
+        await holders[0].stop()
+        await asyncio.wait_for(start, 300)
+    finally:
+        subprocess.run(swarm_bench.nsenter(hanging, "iptables", "-D", *rule), check=True)
+    assert told == (f"Waiting for a GPU on a node that holds the image: 2 of 4 GPUs are held; still pulling it: "
+                    f"{hanging}; you are next")
+    assert all(assigned(swarm_bench, spawner)[0] == other for spawner in (holders[1], third))
+    await until_no_pull_jobs(swarm_bench)
+
+
 async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_service(swarm_bench, servers):
     workers = [node.name for node in swarm_bench.workers]
     rules = [cut_off_from_the_registry(swarm_bench, name) for name in workers]
