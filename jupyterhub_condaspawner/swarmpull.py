@@ -63,10 +63,8 @@ def targets(state: SwarmState, request: ServiceRequest, constraints: Iterable[st
     model, CUDA) and CPU and memory it asks for, allowed by the admin's ``constraints`` (those the
     hub cannot judge are left to Swarm), and not in ``avoid`` (node IDs)."""
     judged = [constraint for constraint in constraints if not swarmplacement.unjudged([constraint])]
-    left_out = set(avoid)
-    return [node for node in state.nodes
-            if node.schedulable and node.id not in left_out and request.fits(node)
-            and swarmplacement.allows(node.attributes, judged)]
+    return [node for node in nodes_left(state, request, avoid)
+            if node.schedulable and swarmplacement.allows(node.attributes, judged)]
 
 
 def already_pulled(image: str, node_id: str) -> bool:
@@ -307,9 +305,15 @@ class SwarmPullMixin(_SpawnerBase):
 
     def _refuse_if_no_node_is_left(self, state: SwarmState) -> None:
         """StartFailure when every node that could ever run the server failed its pull."""
-        if self._failed_nodes and not any(node.id not in self._failed_nodes and self._request.fits(node)
-                                          for node in state.nodes):
+        if self._failed_nodes and not nodes_left(state, self._request, self._failed_nodes):
             raise no_node_could_start(self._failed_nodes)
+
+
+def nodes_left(state: SwarmState, request: ServiceRequest, failed: Iterable[str]) -> list[NodeInfo]:
+    """The nodes that could ever run ``request`` (whatever their availability now) and that a start has
+    not failed on (``failed``: node IDs)."""
+    left_out = set(failed)
+    return [node for node in state.nodes if node.id not in left_out and request.fits(node)]
 
 
 def no_node_could_start(failed_nodes: dict[str, str]) -> StartFailure:

@@ -226,10 +226,7 @@ class SwarmSeats:
         """(held, all) GPUs of the nodes that take servers, as last read (SwarmState.open_gpus), the ids
         given to seats whose task Swarm does not show yet counted as held (what the waiting line says)."""
         with self._lock:
-            if self._state is None:
-                return 0, 0
-            held, open_gpus = self._state.open_gpus()
-            return held + self._seated(self._state), open_gpus
+            return (0, 0) if self._state is None else self._held_and_open(self._state)
 
     def held_text(self) -> str | None:
         """"3 of 4 GPUs are held" (as :meth:`open_gpus`), with the GPUs of nodes that take no servers now,
@@ -237,9 +234,12 @@ class SwarmSeats:
         with self._lock:
             if self._state is None:
                 return None
-            held, open_gpus = self._state.open_gpus()
-            held += self._seated(self._state)
+            held, open_gpus = self._held_and_open(self._state)
             return f"{held} of {open_gpus} GPUs are held{closed_gpus_note(self._state, open_gpus)}"
+
+    def _held_and_open(self, state: SwarmState) -> tuple[int, int]:
+        held, open_gpus = state.open_gpus()
+        return held + self._seated(state), open_gpus
 
     def _seated(self, state: SwarmState) -> int:
         """GPU ids given to seats (``assign``) on the nodes that take servers, that no task holds yet."""

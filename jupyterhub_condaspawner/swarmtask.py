@@ -17,7 +17,7 @@ from .gpuqueue import QueueCancelled
 from .gpus import GpuUnavailable
 from .spawngpus import QUEUE_INTERRUPTED
 from .swarm import ServiceRequest, SwarmState
-from .swarmpull import forget, no_node_could_start, why_not_pulled
+from .swarmpull import forget, no_node_could_start, nodes_left, why_not_pulled
 
 # How often a starting server's task is read (the progress page follows it).
 TASK_POLL_S = 1.0
@@ -141,7 +141,7 @@ class SwarmTaskMixin(_SpawnerBase):
         forget(self.image, node_id)  # it may have lost the image since the hub saw it pulled
         self.log.warning("Server %s could not start on node %s (%s); %s", self._log_name, name, task.reason,
                          "see that node's Docker log")
-        others = [other for other in state.nodes if other.id not in self._failed_nodes and self._request.fits(other)]
+        others = nodes_left(state, self._request, self._failed_nodes)
         if others:
             await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
         if not others or not await self._pin_to_another_node():
