@@ -10,6 +10,7 @@ command (the hub they would call is not running): it records CONDASPAWNER_GPUS a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import shutil
@@ -446,17 +447,13 @@ async def test_a_node_that_cannot_pull_is_left_for_another_and_the_start_goes_on
     # Without pulls first, the node given the server finds it cannot pull (test_..._before_any_gpu_is_taken:
     # with them).
     blocked, other = (node.name for node in swarm_bench.workers)
-    rule = cut_off_from_the_registry(swarm_bench, blocked)  # this start must pull there, and cannot
-    set_availability(swarm_bench, other, "pause")  # Swarm's only choice at first: the node that cannot pull
-    try:
+    # This start must pull there, and cannot; Swarm's only choice at first: the node that cannot pull.
+    with cut_off_from_the_registry(swarm_bench, blocked), paused(swarm_bench, other):
         spawner = servers.make("puller", config=without_pulls_first(swarm_config))
         start = asyncio.ensure_future(servers.start(spawner))
         told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
         set_availability(swarm_bench, other, "active")
         await asyncio.wait_for(start, 300)
-    finally:
-        set_availability(swarm_bench, other, "active")
-        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
     assert told == f"Node {blocked} could not start your server (it could not pull the image from the registry): " \
                    "trying another node"
     assert assigned(swarm_bench, spawner)[0] == other
@@ -468,9 +465,7 @@ async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_
     # The hub picked a node that cannot pull; the start waits for another node's GPUs (the other is
     # paused) with no service of its own, so stop() has none to remove: the start must still end.
     blocked, other = (node.name for node in swarm_bench.workers)
-    rule = cut_off_from_the_registry(swarm_bench, blocked)
-    set_availability(swarm_bench, other, "pause")
-    try:
+    with cut_off_from_the_registry(swarm_bench, blocked), paused(swarm_bench, other):
         spawner = servers.make("changed-mind", config=without_pulls_first(swarm_config))
         start = asyncio.ensure_future(servers.start(spawner))
         await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not start"), 300)
@@ -478,9 +473,6 @@ async def test_a_stop_while_the_start_waits_for_another_nodes_gpus_ends_it_with_
         set_availability(swarm_bench, other, "active")  # GPUs free there now
         with pytest.raises(StartFailure) as failure:
             await asyncio.wait_for(start, 300)
-    finally:
-        set_availability(swarm_bench, other, "active")
-        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
     assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
 
@@ -538,15 +530,33 @@ def remove_pulled_images(bench: SwarmBench, name: str) -> None:
     swarmpull.forget_all()
 
 
-def cut_off_from_the_registry(bench: SwarmBench, name: str, answered: bool = True) -> list[str]:
-    """The node loses the images earlier tests pulled and cannot reach the registry (refused, or,
-    not ``answered``, its packets dropped: a pull that hangs); the iptables rule."""
-    remove_pulled_images(bench, name)
+@contextlib.contextmanager
+def cut_off_from_the_registry(bench: SwarmBench, *names: str, answered: bool = True) -> Iterator[None]:
+    """Within the block, the nodes have lost the images earlier tests pulled and cannot reach the
+    registry (refused, or, not ``answered``, their packets dropped: a pull that hangs)."""
     host, port = bench.registry_address.rsplit(":", 1)
     action = ["REJECT", "--reject-with", "tcp-reset"] if answered else ["DROP"]
     rule = ["OUTPUT", "-p", "tcp", "-d", host, "--dport", port, "-j", *action]
-    subprocess.run(bench.nsenter(name, "iptables", "-A", *rule), check=True)
-    return rule
+    cut: list[str] = []
+    try:
+        for name in names:
+            remove_pulled_images(bench, name)
+            subprocess.run(bench.nsenter(name, "iptables", "-A", *rule), check=True)
+            cut.append(name)
+        yield
+    finally:
+        for name in cut:
+            subprocess.run(bench.nsenter(name, "iptables", "-D", *rule), check=True)
+
+
+@contextlib.contextmanager
+def paused(bench: SwarmBench, name: str) -> Iterator[None]:
+    """Within the block, the node takes no new task (unless the test makes it active again)."""
+    set_availability(bench, name, "pause")
+    try:
+        yield
+    finally:
+        set_availability(bench, name, "active")
 
 
 def set_availability(bench: SwarmBench, name: str, availability: str) -> None:
@@ -955,18 +965,14 @@ async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gp
 
 async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm_bench, servers):
     blocked, other = (node.name for node in swarm_bench.workers)
-    rule = cut_off_from_the_registry(swarm_bench, blocked)
     remove_pulled_images(swarm_bench, other)
-    set_availability(swarm_bench, other, "pause")  # the only node asked to pull: the one that cannot
-    try:
+    # The only node asked to pull: the one that cannot.
+    with cut_off_from_the_registry(swarm_bench, blocked), paused(swarm_bench, other):
         spawner = servers.make("pulled-elsewhere")
         start = asyncio.ensure_future(servers.start(spawner))
         told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {blocked} could not get"), 300)
         set_availability(swarm_bench, other, "active")  # the start, in the queue, may go there
         await asyncio.wait_for(start, 300)
-    finally:
-        set_availability(swarm_bench, other, "active")
-        subprocess.run(swarm_bench.nsenter(blocked, "iptables", "-D", *rule), check=True)
     assert told == f"Node {blocked} could not get the image (it could not pull the image from the registry): your " \
                    "server will run on another node"
     messages = await progress_messages(spawner)
@@ -977,15 +983,12 @@ async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm
 
 async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can_take(swarm_bench, servers):
     hanging, other = (node.name for node in swarm_bench.workers)
-    rule = cut_off_from_the_registry(swarm_bench, hanging, answered=False)
     remove_pulled_images(swarm_bench, other)
-    try:
+    with cut_off_from_the_registry(swarm_bench, hanging, answered=False):
         spawner = servers.make("not-held-up", prepull_timeout=600)
         await asyncio.wait_for(servers.start(spawner), 300)
         # Its server runs, on the node that got the image, while the other's pull still hangs.
         still_pulling = swarm_bench.manager_client().api.services(filters={"label": swarmpull.LABEL_PULL})
-    finally:
-        subprocess.run(swarm_bench.nsenter(hanging, "iptables", "-D", *rule), check=True)
     assert assigned(swarm_bench, spawner)[0] == other
     assert [service["Spec"]["Labels"][swarmpull.LABEL_PULL] for service in still_pulling] == \
         [swarm_bench.nodes[hanging].node_id]
@@ -997,9 +1000,8 @@ async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can
 async def test_a_start_waits_for_a_gpu_of_a_node_holding_its_image_while_another_node_still_pulls(
         swarm_bench, servers):
     hanging, other = (node.name for node in swarm_bench.workers)
-    rule = cut_off_from_the_registry(swarm_bench, hanging, answered=False)
     remove_pulled_images(swarm_bench, other)
-    try:
+    with cut_off_from_the_registry(swarm_bench, hanging, answered=False):
         holders = [servers.make(f"on-{other}-{number}") for number in range(2)]
         for spawner in holders:  # both of the other node's GPUs
             await asyncio.wait_for(servers.start(spawner), 300)
@@ -1009,8 +1011,6 @@ async def test_a_start_waits_for_a_gpu_of_a_node_holding_its_image_while_another
         assert not start.done()  # the hanging node's GPUs are free, and not its
         await holders[0].stop()
         await asyncio.wait_for(start, 300)
-    finally:
-        subprocess.run(swarm_bench.nsenter(hanging, "iptables", "-D", *rule), check=True)
     assert told == (f"Waiting for a GPU on a node that holds the image: 2 of 4 GPUs are held; still pulling it: "
                     f"{hanging}; you are next")
     assert all(assigned(swarm_bench, spawner)[0] == other for spawner in (holders[1], third))
@@ -1019,14 +1019,10 @@ async def test_a_start_waits_for_a_gpu_of_a_node_holding_its_image_while_another
 
 async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_service(swarm_bench, servers):
     workers = [node.name for node in swarm_bench.workers]
-    rules = [cut_off_from_the_registry(swarm_bench, name) for name in workers]
-    try:
+    with cut_off_from_the_registry(swarm_bench, *workers):
         spawner = servers.make("nowhere-to-pull")
         with pytest.raises(StartFailure) as failure:
             await asyncio.wait_for(servers.start(spawner), 300)
-    finally:
-        for name, rule in zip(workers, rules):
-            subprocess.run(swarm_bench.nsenter(name, "iptables", "-D", *rule), check=True)
     assert failure.value.status_code == 503
     message = failure.value.message
     lead, tail = "Docker Swarm could not start your server: ", "; try again later, or tell the hub admin (those " \
@@ -1041,17 +1037,13 @@ async def test_a_gpu_start_no_node_can_pull_for_fails_in_one_line_with_no_servic
 
 async def test_a_stop_while_the_nodes_pull_ends_the_start_and_the_pull_jobs_end_by_themselves(swarm_bench, servers):
     workers = [node.name for node in swarm_bench.workers]
-    rules = [cut_off_from_the_registry(swarm_bench, name, answered=False) for name in workers]  # pulls hang
-    try:
+    with cut_off_from_the_registry(swarm_bench, *workers, answered=False):  # pulls hang
         spawner = servers.make("gave-up-pulling", prepull_timeout=120)
         start = asyncio.ensure_future(servers.start(spawner))
         await asyncio.wait_for(until_waiting_for(spawner, "Pulling the image onto the 2 GPU nodes"), 300)
         await spawner.stop()  # the user gives up
         with pytest.raises(StartFailure) as failure:
             await asyncio.wait_for(start, 60)
-    finally:
-        for name, rule in zip(workers, rules):
-            subprocess.run(swarm_bench.nsenter(name, "iptables", "-D", *rule), check=True)
     assert failure.value.message == "The start was cancelled while it waited for a GPU or a node"
     client = swarm_bench.manager_client().api
     assert not client.services(filters={"label": LABEL_USER})
