@@ -295,6 +295,22 @@ class SwarmPullMixin(_SpawnerBase):
             self._tell_seats_what_it_needs()
             self._wake_the_queue()
 
+    def _follow_pulls_under_way(self, state: SwarmState) -> None:
+        """The nodes pulling the start's image now (its own pulls, or another start's) stay out of its
+        seat again until their pull ends or prepull_timeout passes: the start looks for another node
+        after its own failed it (SwarmSeatMixin._pin_to_another_node), with no GPU held meanwhile."""
+        self._pulls = {node_id: task for (image, node_id), task in _pulling.items()
+                       if image == self.image and not task.done() and node_id not in self._failed_nodes}
+        if not self._pulls:
+            return
+        self._pull_names.update({node.id: node.hostname for node in state.nodes if node.id in self._pulls})
+        if not self._pulls_until:  # its own start asked no node (each held the image then)
+            self._pulls_until = time.monotonic() + min(self.prepull_timeout,
+                                                       self._deadline - time.monotonic() - CONTAINER_START_S)
+        for node_id, task in self._pulls.items():
+            task.add_done_callback(functools.partial(self._pull_ended, node_id))
+        self._pulls_matter = True
+
     def _stop_following_pulls(self) -> None:
         """The start has its seat, or ended: the pulls go on for others, not for it."""
         self._pulls_matter = False

@@ -55,6 +55,8 @@ class SwarmSeatMixin(_SpawnerBase):
 
         def _stop_following_pulls(self) -> None: ...
 
+        def _follow_pulls_under_way(self, state: SwarmState) -> None: ...
+
         _pulls_matter: bool
         _pull_names: dict[str, str]
 
@@ -152,24 +154,41 @@ class SwarmSeatMixin(_SpawnerBase):
         assigned no GPUs (Swarm picks the next node)."""
         if not self._pinned[1]:
             return True
-        seats, request = self._seats, self._request
+        seats = self._seats
         seats.release(*self.gpu_key)
-        self._tell_seats_what_it_needs()
+        self._follow_pulls_under_way(await asyncio.to_thread(seats.refresh))
+        try:
+            allocation = await self._another_nodes_gpus()
+        finally:
+            self._stop_following_pulls()
+        if allocation is None:
+            return False
+        self._pinned = (seats.node_of(*self.gpu_key), allocation.uuids)
+        self._label_pinned_gpus()
+        return True
+
+    async def _another_nodes_gpus(self) -> Allocation | None:
+        """GPUs of a node the start has not failed on and that is not still pulling its image, as soon as
+        one has them free; None when none has before the start's deadline."""
+        seats, request, told = self._seats, self._request, ""
         while True:
+            self._tell_seats_what_it_needs()  # a node whose pull ended (or is overdue) may take it now
             state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went
             self._end_if_stop_asked()
             node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
             try:
-                allocation = seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,
-                                            profile=request.profile,
-                                            avoid=lambda gpu: node_of_gpu.get(gpu.uuid) in self._failed_nodes)
-                break
+                return seats.allocate(*self.gpu_key, request.gpus, request.gpu_model, cuda=request.cuda,
+                                      profile=request.profile,
+                                      avoid=lambda gpu: node_of_gpu.get(gpu.uuid) in self._failed_nodes)
             except GpuInfeasible:
-                return False
+                return None
             except GpuUnavailable:
                 if time.monotonic() >= self._deadline:
-                    return False
-                await asyncio.sleep(TASK_POLL_S)
-        self._pinned = (seats.node_of(*self.gpu_key), allocation.uuids)
-        self._label_pinned_gpus()
-        return True
+                    return None
+            pulling = sorted(self._pull_names.get(node_id, node_id) for node_id in self._nodes_still_pulling())
+            message = f"Waiting for node {', '.join(pulling)} to finish pulling the image before taking its GPU" \
+                if pulling else ""
+            if message and message != told:
+                told = message
+                await self._feed.publish("start", 91, message)
+            await asyncio.sleep(TASK_POLL_S)

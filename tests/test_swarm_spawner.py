@@ -943,7 +943,9 @@ async def test_a_gpu_start_has_the_gpu_nodes_pull_its_image_before_it_takes_a_gp
     messages = await progress_messages(first)
     pulling = [message for message in messages if "Pull" in message]
     assert pulling[0] == "Pulling the image onto the 2 GPU nodes it may run on, before taking a GPU", messages
-    assert pulling[1] in (f"Pulled the image onto node {node}; 1 more still pulling",  # the first to end
+    # The first to end (the server may still go to the other, should its pull end before the seat is given)
+    assert pulling[1] in (*(f"Pulled the image onto node {worker.name}; 1 more still pulling"
+                            for worker in swarm_bench.workers),
                           "Pulled the image onto node worker1, worker2"), messages  # both at once
     assert messages.index(pulling[1]) < next(index for index, message in enumerate(messages)
                                              if message.startswith("Running on node"))
@@ -978,6 +980,40 @@ async def test_a_node_that_cannot_pull_is_left_out_before_any_gpu_is_taken(swarm
     messages = await progress_messages(spawner)
     assert not [message for message in messages if "could not start your server" in message]  # no service there
     assert assigned(swarm_bench, spawner)[0] == other
+    await until_no_pull_jobs(swarm_bench)
+
+
+async def test_a_start_whose_node_was_drained_waits_for_the_other_nodes_pull_before_taking_its_gpu(
+        swarm_bench, servers, swarm_base):
+    # As the drained test above, but the other node is still pulling the image (its pull hangs): the
+    # start looks for another node with no GPU held there until that node holds the image.
+    pinned, pulling = (node.name for node in swarm_bench.workers)
+    client = swarm_bench.manager_client()
+    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
+                                     constraints=[f"node.hostname=={pinned}"],
+                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
+    try:
+        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
+        with cut_off_from_the_registry(swarm_bench, pulling, answered=False):
+            spawner = servers.make("waits-for-the-pull", prepull_timeout=600)
+            start = asyncio.ensure_future(servers.start(spawner, "heavy"))
+            await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
+            set_availability(swarm_bench, pinned, "drain")
+            told = await asyncio.wait_for(until_message(spawner, lambda message: message.startswith("Waiting for node")
+                                                        or message.startswith("Running on node")), 300)
+            services_while_pulling = client.api.services(filters={"label": LABEL_USER})
+            assert not start.done()
+        began = time.time() - 1
+        await asyncio.wait_for(start, 300)  # the rule is gone: the pull ends, and the start goes there
+    finally:
+        blocker.remove()
+        set_availability(swarm_bench, pinned, "active")
+    assert told == f"Waiting for node {pulling} to finish pulling the image before taking its GPU"
+    assert not services_while_pulling  # the drained node's service removed, none on the pulling node yet
+    assert assigned(swarm_bench, spawner)[0] == pulling
+    service = client.api.inspect_service(spawner.object_id)
+    pulls = pull_events(swarm_bench, pulling, began)
+    assert pulls and max(event["timeNano"] for event in pulls) < created_ns(service)
     await until_no_pull_jobs(swarm_bench)
 
 
