@@ -279,6 +279,7 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
     staging = context / "env"
     launched = _launch_compile(builder, build, context, build_log)
     try:
+        await build.publish("plan", 41, "Planning the environment's layers")
         planned = await _plan(builder, build, request, staging, build_log)
         run = (await _hand_over(launched, build, context, planned.staged, planned.jobs, build_log)
                if launched is not None else None)

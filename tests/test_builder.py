@@ -116,7 +116,7 @@ async def test_build_then_cache_hit(builder):
     phases = [event["phase"] for event in events]
     assert phases[0] == "solve" and phases[-1] == "ready"
     # the layered route: the kernel spec is in the loaded layers, the pip section a docker build on them
-    order = ["solve", "install", "compile", "build", "kernel", "pip", "tag", "ready"]
+    order = ["solve", "install", "plan", "compile", "build", "kernel", "pip", "tag", "ready"]
     assert [p for p in dict.fromkeys(phases)] == order
     progress = [event["progress"] for event in events]
     assert progress == sorted(progress) and progress[-1] == 100

@@ -37,6 +37,7 @@ async def test_first_spawn_builds_and_the_kernel_runs_in_the_env(hub):
     text = messages(events)
     phases = ("Looking up the image", "First build of this environment", "Solving ",
               "Solved: ", ("Downloading ", "Installing "), "Installed the conda environment (",
+              "Planning the environment's layers",
               # the layered route; an earlier build may have compiled these packages already
               ("Compiling the environment's Python files", "Python files already compiled"),
               "Writing the environment as ",
