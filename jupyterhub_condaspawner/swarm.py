@@ -167,6 +167,15 @@ class SwarmState:
     def held_gpus(self) -> int:
         return len(self.holders())
 
+    def shared_gpu_ids(self) -> dict[str, tuple[str, ...]]:
+        """GPU ids more than one node declares (id -> those nodes' hostnames). The hub tells GPUs apart
+        by id across the swarm, so while one node's GPU of such an id is held, the others count as held."""
+        nodes: dict[str, list[str]] = {}
+        for node in self.nodes:
+            for gpu in dict.fromkeys(node.gpus):
+                nodes.setdefault(gpu, []).append(node.hostname)
+        return {gpu: tuple(names) for gpu, names in sorted(nodes.items()) if len(names) > 1}
+
     def open_gpus(self) -> tuple[int, int]:
         """(held, all) GPUs of the nodes that take new servers now (ready and active): a start that
         waits can get only these, not those of nodes that are down, drained or paused."""
@@ -313,6 +322,17 @@ def read_swarm(api: Any, resource: str = GPU_RESOURCE, model_label: str = GPU_MO
                                                     or (task.get("Status") or {}).get("State") in ON_NODE_STATES)
                       and str(port := _container_labels(task).get(LABEL_PORT, "")).isdigit())
     return SwarmState(nodes, tasks, ports)
+
+
+def shared_gpu_ids_line(shared: Mapping[str, tuple[str, ...]]) -> str:
+    """The admin's one line on GPU ids several nodes declare (SwarmState.shared_gpu_ids), or ""."""
+    if not shared:
+        return ""
+    listed = "; ".join(f"{gpu!r} on {', '.join(names)}" for gpu, names in list(shared.items())[:4])
+    more = f" and {len(shared) - 4} more" if len(shared) > 4 else ""
+    return (f"Swarm nodes declare the same GPU ids ({listed}{more}): the hub tells GPUs apart by id across the "
+            "swarm, so while one of them is held the others count as held and stay idle. Declare each GPU by its "
+            "UUID (nvidia-smi -L) in the nodes' node-generic-resources")
 
 
 def _container_labels(task: Mapping[str, Any]) -> Mapping[str, str]:

@@ -55,6 +55,7 @@ MAX_SERVICE_NAME = 63
 SWARM_STATE_FRESH_S = 60.0
 SWARM_CHECK_READ_S = 10.0  # how long the options' check waits for the manager
 _last_read: dict[int, tuple[float, SwarmState]] = {}  # per hub (its config): when, and what
+_shared_ids_told: dict[int, dict[str, tuple[str, ...]]] = {}  # per hub: the GPU ids several nodes declare, as logged
 
 
 class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmServiceMixin, CondaSpawner,
@@ -228,6 +229,11 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         sampler makes one every gpu_sample_interval, which keeps the checks' view fresh)."""
         state = swarm.read_swarm(self.client, self.gpu_resource, self.gpu_model_label, service_id, self.cuda_label)
         _last_read[id(self.config)] = (time.monotonic(), state)
+        shared = state.shared_gpu_ids()
+        if _shared_ids_told.get(id(self.config), {}) != shared:  # said once per change, not on every read
+            _shared_ids_told[id(self.config)] = shared
+            if shared:
+                self.log.error(swarm.shared_gpu_ids_line(shared))
         return state
 
     async def _read_swarm(self, service_id: str | None = None) -> SwarmState:

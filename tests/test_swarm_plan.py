@@ -129,6 +129,21 @@ def test_a_node_that_is_down_still_counts_it_may_come_back():
     swarm.check_feasible(cluster(), ServiceRequest(gpus=4, gpu_model="*H100*"))  # only h1 (down) has 4
 
 
+def test_gpu_ids_several_nodes_declare_are_named_in_one_line_for_the_admin():
+    # Index ids ("0", "1") on every node: the hub tells GPUs apart by id, so it must say so.
+    state = swarm.read_swarm(FakeApi([node_attrs("gpu-a", gpus=("0", "1")), node_attrs("gpu-b", gpus=("0", "1")),
+                                      node_attrs("gpu-c", gpus=("GPU-5d6f",))],
+                                     [task("s1", "alice", node="gpu-a", gpus=("0",), requested=1)]))
+    assert state.shared_gpu_ids() == {"0": ("gpu-a", "gpu-b"), "1": ("gpu-a", "gpu-b")}
+    assert state.open_gpus() == (2, 5)  # gpu-b's "0" counts as held with gpu-a's: what the line warns of
+    line = swarm.shared_gpu_ids_line(state.shared_gpu_ids())
+    assert line.startswith("Swarm nodes declare the same GPU ids ('0' on gpu-a, gpu-b; '1' on gpu-a, gpu-b): ")
+    assert line.endswith("Declare each GPU by its UUID (nvidia-smi -L) in the nodes' node-generic-resources")
+    assert "\n" not in line
+    unique = swarm.read_swarm(FakeApi([node_attrs("gpu-a", gpus=("GPU-1",)), node_attrs("gpu-b", gpus=("GPU-2",))], []))
+    assert unique.shared_gpu_ids() == {} and swarm.shared_gpu_ids_line({}) == ""
+
+
 def test_model_globs_become_constraints_swarm_understands():
     state = cluster()
 
