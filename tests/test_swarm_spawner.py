@@ -1085,3 +1085,41 @@ async def test_a_stop_while_the_nodes_pull_ends_the_start_and_the_pull_jobs_end_
     assert not client.services(filters={"label": LABEL_USER})
     # Other starts may share the jobs: they go on, end (pulled now, or at prepull_timeout) and are removed.
     await until_no_pull_jobs(swarm_bench)
+
+
+def pull_job(bench: SwarmBench, image: str, node: str, command: list[str]) -> str:
+    """A job service labelled as the hub's pull jobs are, as one a hub process stopped mid-pull leaves."""
+    node_id = bench.nodes[node].node_id
+    task = docker.types.TaskTemplate(container_spec=docker.types.ContainerSpec(image, command=command),
+                                     restart_policy=docker.types.RestartPolicy(condition="none"),
+                                     placement=docker.types.Placement(constraints=[f"node.id=={node_id}"]))
+    created = bench.manager_client().api.create_service(
+        task, name=f"leftover-pull-{uuid.uuid4().hex[:6]}", labels={swarmpull.LABEL_PULL: node_id},
+        mode=docker.types.ServiceMode("replicated-job", replicas=1))
+    return str(created["ID"])
+
+
+async def test_a_new_hub_process_removes_the_ended_pull_jobs_an_earlier_one_left_and_no_other(
+        swarm_bench, servers, swarm_base, monkeypatch):
+    client = swarm_bench.manager_client().api
+    worker = swarm_bench.workers[0].name
+    ended = pull_job(swarm_bench, swarm_base, worker, ["true"])
+    # Another hub's pull, still going on when the start sweeps (it ends by itself soon after).
+    going_on = pull_job(swarm_bench, swarm_base, worker, ["sleep", "30"])
+    try:
+        def states(service_id: str) -> set:
+            return {task["Status"]["State"] for task in client.tasks(filters={"service": service_id})}
+
+        wait_until(lambda: states(ended) == {"complete"} and states(going_on) == {"running"}, "the jobs to run",
+                   attempts=600)
+        monkeypatch.setattr(swarmpull, "_swept", False)  # a new hub process
+        for node in swarm_bench.workers:
+            remove_pulled_images(swarm_bench, node.name)  # so that the start pulls (and sweeps first)
+        await asyncio.wait_for(servers.start(servers.make("sweeper")), 300)
+        left = {service["ID"] for service in client.services(filters={"label": swarmpull.LABEL_PULL})}
+        assert ended not in left and going_on in left
+    finally:
+        for service_id in (ended, going_on):
+            with contextlib.suppress(docker.errors.NotFound):
+                client.remove_service(service_id)
+    await until_no_pull_jobs(swarm_bench)
