@@ -40,6 +40,7 @@ class SwarmSeatMixin(_SpawnerBase):
         _deadline: float
         _assigned: tuple[str, ...]
         _failed_nodes: dict[str, str]
+        _seated_off: tuple[str, ...]
         _pinned: tuple[str, tuple[str, ...]]
         _extra_labels: dict[str, str]
 
@@ -75,6 +76,8 @@ class SwarmSeatMixin(_SpawnerBase):
                 self._tell_seats_what_it_needs()
                 allocation = await self._wait_in_gpu_queue(profile,
                                                            self._deadline - time.monotonic() - CONTAINER_START_S)
+                # The seat counted no GPU of theirs: with gpu_assignment "swarm", Swarm may not place it there.
+                self._seated_off = tuple(self._nodes_still_pulling())
             finally:
                 self._stop_following_pulls()
             if allocation.uuids:  # gpu_assignment "hub": these GPUs, on their node

@@ -56,6 +56,7 @@ class SwarmServiceMixin(_SpawnerBase):
         _request: ServiceRequest
         _constraints: list[str]
         _failed_nodes: dict[str, str]
+        _seated_off: tuple[str, ...]
         _pinned: tuple[str, tuple[str, ...]]
 
         async def _read_swarm(self, service_id: str | None = None) -> SwarmState: ...
@@ -114,6 +115,8 @@ class SwarmServiceMixin(_SpawnerBase):
             pinned_node = self._pinned[0]
             if pinned_node:  # the hub gave it that node's GPUs
                 self._constraints.append(f"node.id=={pinned_node}")
+            else:  # Swarm picks: not a node whose GPUs the seat did not count (it still pulls the image)
+                self._constraints += [f"node.id!={node_id}" for node_id in self._seated_off]
             services = await self.docker("services", filters={"label": [LABEL_PORT]})
             self.port = _claim_port(state.ports | swarm.service_ports(services))
             labels = {**self._extra_labels, LABEL_PORT: str(self.port)}

@@ -218,6 +218,7 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         self._assigned: tuple[str, ...] = ()
         self._node = ""
         self._failed_nodes: dict[str, str] = {}  # node ID -> why this start's task ended there
+        self._seated_off: tuple[str, ...] = ()  # nodes still pulling when the start got its seat (swarmseat.py)
         self._pinned: tuple[str, tuple[str, ...]] = ("", ())  # gpu_assignment "hub": (node ID, GPU ids)
         self._stop_asked = False  # stop() came during this start (maybe between two of its services)
         self._init_pulls()
@@ -360,7 +361,7 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
     async def start(self) -> tuple[str, int]:
         self._deadline = time.monotonic() + max(self.start_timeout - self.start_margin, 0)
         self._assigned, self._node = (), ""
-        self._failed_nodes = {}
+        self._failed_nodes, self._seated_off = {}, ()
         self._stop_asked = False
         try:
             return await super().start()

@@ -45,6 +45,7 @@ class SwarmTaskMixin(_SpawnerBase):
         _assigned: tuple[str, ...]
         _node: str
         _failed_nodes: dict[str, str]
+        _seated_off: tuple[str, ...]
         _pinned: tuple[str, tuple[str, ...]]
         _profile: Profile
         _stop_asked: bool
@@ -133,6 +134,7 @@ class SwarmTaskMixin(_SpawnerBase):
         closed before Swarm placed it: a new service kept off that node, and its ID; StartFailure
         when no other node could run it."""
         await self._remove_quietly()
+        self._seated_off = ()  # its seat's moment has passed: those nodes may hold the image by now
         node_id = task.node_id or self._pinned[0]
         node = state.node(node_id)
         name = node.hostname if node else node_id

@@ -1017,6 +1017,34 @@ async def test_a_start_whose_node_was_drained_waits_for_the_other_nodes_pull_bef
     await until_no_pull_jobs(swarm_bench)
 
 
+async def test_with_swarm_assignment_the_service_is_not_placed_on_a_node_still_pulling_its_image(
+        swarm_bench, servers, swarm_config, swarm_base):
+    hanging, other = (node.name for node in swarm_bench.workers)
+    client = swarm_bench.manager_client()
+    # Swarm spreads a new service onto the node with fewer tasks: the other node runs three more (nothing
+    # reserved), so left to itself Swarm would place the server on the node still pulling.
+    fillers = [client.services.create(swarm_base, ["sleep", "3600"], name=f"filler-{uuid.uuid4().hex[:6]}",
+                                      constraints=[f"node.hostname=={other}"]) for _ in range(3)]
+    try:
+        wait_until(lambda: all(task["Status"]["State"] == "running" for filler in fillers for task in filler.tasks()),
+                   "the fillers to run", attempts=600)
+        remove_pulled_images(swarm_bench, other)
+        with cut_off_from_the_registry(swarm_bench, hanging, answered=False):
+            spawner = servers.make("kept-off-the-puller", config=swarm_assigned(swarm_config), prepull_timeout=600,
+                                   start_timeout=120)
+            await asyncio.wait_for(servers.start(spawner), 300)
+            placed = assigned(swarm_bench, spawner)[0]
+            constraints = client.api.inspect_service(spawner.object_id)["Spec"]["TaskTemplate"]["Placement"]
+    finally:
+        for filler in fillers:
+            filler.remove()
+    assert placed == other
+    assert f"node.id!={swarm_bench.nodes[hanging].node_id}" in constraints["Constraints"]
+    messages = await progress_messages(spawner)
+    assert not [message for message in messages if "could not start" in message], messages  # placed there at once
+    await until_no_pull_jobs(swarm_bench)
+
+
 async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can_take(swarm_bench, servers):
     hanging, other = (node.name for node in swarm_bench.workers)
     remove_pulled_images(swarm_bench, other)
