@@ -71,6 +71,12 @@ def already_pulled(image: str, node_id: str) -> bool:
     return (image, node_id) in _pulled
 
 
+def pulling_now(image: str, node_id: str) -> bool:
+    """Whether a job of this hub is pulling the image onto the node now."""
+    task = _pulling.get((image, node_id))
+    return task is not None and not task.done()
+
+
 def forget(image: str, node_id: str) -> None:
     """The node turned out to lack the image (its server's task could not get it): ask it again next time."""
     _pulled.discard((image, node_id))

@@ -17,7 +17,7 @@ from .gpuqueue import QueueCancelled
 from .gpus import GpuUnavailable
 from .spawngpus import QUEUE_INTERRUPTED
 from .swarm import ServiceRequest, SwarmState
-from .swarmpull import forget, no_node_could_start, nodes_left, why_not_pulled
+from .swarmpull import forget, no_node_could_start, nodes_left, pulling_now, why_not_pulled
 
 # How often a starting server's task is read (the progress page follows it).
 TASK_POLL_S = 1.0
@@ -97,6 +97,10 @@ class SwarmTaskMixin(_SpawnerBase):
                 service_id = await self._try_another_node(state, task)
                 said = ""
                 continue
+            if task is not None and self._pulled_where_kept_off(task):
+                service_id = await self._recreate_for_pulled_nodes()
+                said = ""
+                continue
             message = self._waiting_message(state, task)
             if message != said:
                 said = message
@@ -119,6 +123,21 @@ class SwarmTaskMixin(_SpawnerBase):
         except StartFailure:
             await self._remove_quietly()
             raise
+
+    def _pulled_where_kept_off(self, task: swarm.TaskInfo) -> bool:
+        """gpu_assignment "swarm": Swarm could not place the task (a reason: another service's CPU or
+        memory on the node the seat counted, say), and a node its service was kept off while it pulled
+        the image (SwarmSeatMixin) has finished: the service may go there now."""
+        return (task.state in ("new", "allocated", "pending") and bool(task.error)
+                and any(not pulling_now(self.image, node_id) for node_id in self._seated_off))
+
+    async def _recreate_for_pulled_nodes(self) -> str:
+        """The service again, kept off only the nodes still pulling, and its ID."""
+        await self._remove_quietly()
+        self._seated_off = tuple(node_id for node_id in self._seated_off if pulling_now(self.image, node_id))
+        created = await self.create_object()
+        self.object_id = created["ID"]
+        return self.object_id
 
     def _pinned_node_closed(self, state: SwarmState, task: swarm.TaskInfo) -> bool:
         """Whether the node the hub pinned a task Swarm has not placed yet to went down, was drained

@@ -1045,6 +1045,33 @@ async def test_with_swarm_assignment_the_service_is_not_placed_on_a_node_still_p
     await until_no_pull_jobs(swarm_bench)
 
 
+async def test_with_swarm_assignment_a_start_swarm_cannot_place_goes_to_the_kept_off_node_once_it_pulled(
+        swarm_bench, servers, swarm_config, swarm_base):
+    # The seat counts the busy node's free GPUs, but a service not the hub's holds its CPUs there: Swarm
+    # cannot place the server, and the other node is kept off while it pulls. Its pull ends: it goes there.
+    busy, pulling = (node.name for node in swarm_bench.workers)
+    client = swarm_bench.manager_client()
+    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
+                                     constraints=[f"node.hostname=={busy}"],
+                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
+    try:
+        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
+        with cut_off_from_the_registry(swarm_bench, pulling, answered=False):
+            spawner = servers.make("placed-once-pulled", config=swarm_assigned(swarm_config), prepull_timeout=600,
+                                   start_timeout=240)
+            start = asyncio.ensure_future(servers.start(spawner, "heavy"))
+            waiting = await asyncio.wait_for(until_message(spawner, lambda message: message.startswith(
+                ("Waiting for CPU", "Waiting for a node that fits", "Waiting for a GPU on any node: "))), 300)
+            assert not start.done(), waiting
+        await asyncio.wait_for(start, 300)  # the rule is gone: the pull ends, and the server goes there
+    finally:
+        blocker.remove()
+    assert assigned(swarm_bench, spawner)[0] == pulling
+    messages = await progress_messages(spawner)
+    assert not [message for message in messages if "could not start" in message], messages
+    await until_no_pull_jobs(swarm_bench)
+
+
 async def test_a_node_whose_pull_hangs_does_not_hold_up_a_start_another_node_can_take(swarm_bench, servers):
     hanging, other = (node.name for node in swarm_bench.workers)
     remove_pulled_images(swarm_bench, other)
