@@ -482,22 +482,17 @@ async def test_a_start_pinned_to_a_node_drained_before_swarm_placed_it_goes_to_a
     # The hub pins 'heavy' (1.5 of a worker's 2 CPUs) to the only active worker, where a service not
     # the hub's reserves the CPUs: it waits in Swarm. That node is drained: the start goes elsewhere.
     pinned, other = (node.name for node in swarm_bench.workers)
-    client = swarm_bench.manager_client()
     set_availability(swarm_bench, other, "pause")
-    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
-                                     constraints=[f"node.hostname=={pinned}"],
-                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
     try:
-        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
-        spawner = servers.make("drained-under")
-        start = asyncio.ensure_future(servers.start(spawner, "heavy"))
-        await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
-        set_availability(swarm_bench, other, "active")
-        set_availability(swarm_bench, pinned, "drain")
-        told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {pinned} could not start"), 300)
-        await asyncio.wait_for(start, 300)
+        with cpu_blocked(swarm_bench, swarm_base, pinned):
+            spawner = servers.make("drained-under")
+            start = asyncio.ensure_future(servers.start(spawner, "heavy"))
+            await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
+            set_availability(swarm_bench, other, "active")
+            set_availability(swarm_bench, pinned, "drain")
+            told = await asyncio.wait_for(until_waiting_for(spawner, f"Node {pinned} could not start"), 300)
+            await asyncio.wait_for(start, 300)
     finally:
-        blocker.remove()
         set_availability(swarm_bench, other, "active")
         set_availability(swarm_bench, pinned, "active")
     assert told == f"Node {pinned} could not start your server (an admin drained it): trying another node"
@@ -557,6 +552,20 @@ def paused(bench: SwarmBench, name: str) -> Iterator[None]:
         yield
     finally:
         set_availability(bench, name, "active")
+
+
+@contextlib.contextmanager
+def cpu_blocked(bench: SwarmBench, image: str, name: str) -> Iterator[None]:
+    """Within the block, a service not the hub's reserves 1.5 of the node's 2 CPUs ('heavy' asks as much)."""
+    blocker = bench.manager_client().services.create(image, ["sleep", "3600"],
+                                                     name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
+                                                     constraints=[f"node.hostname=={name}"],
+                                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
+    try:
+        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
+        yield
+    finally:
+        blocker.remove()
 
 
 def set_availability(bench: SwarmBench, name: str, availability: str) -> None:
@@ -989,24 +998,20 @@ async def test_a_start_whose_node_was_drained_waits_for_the_other_nodes_pull_bef
     # start looks for another node with no GPU held there until that node holds the image.
     pinned, pulling = (node.name for node in swarm_bench.workers)
     client = swarm_bench.manager_client()
-    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
-                                     constraints=[f"node.hostname=={pinned}"],
-                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
     try:
-        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
-        with cut_off_from_the_registry(swarm_bench, pulling, answered=False):
-            spawner = servers.make("waits-for-the-pull", prepull_timeout=600)
-            start = asyncio.ensure_future(servers.start(spawner, "heavy"))
-            await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
-            set_availability(swarm_bench, pinned, "drain")
-            told = await asyncio.wait_for(until_message(spawner, lambda message: message.startswith("Waiting for node")
-                                                        or message.startswith("Running on node")), 300)
-            services_while_pulling = client.api.services(filters={"label": LABEL_USER})
-            assert not start.done()
-        began = time.time() - 1
-        await asyncio.wait_for(start, 300)  # the rule is gone: the pull ends, and the start goes there
+        with cpu_blocked(swarm_bench, swarm_base, pinned):
+            with cut_off_from_the_registry(swarm_bench, pulling, answered=False):
+                spawner = servers.make("waits-for-the-pull", prepull_timeout=600)
+                start = asyncio.ensure_future(servers.start(spawner, "heavy"))
+                await asyncio.wait_for(until_waiting_for(spawner, "Waiting for CPU"), 300)
+                set_availability(swarm_bench, pinned, "drain")
+                told = await asyncio.wait_for(until_message(spawner, lambda message: message.startswith(
+                    ("Waiting for node", "Running on node"))), 300)
+                services_while_pulling = client.api.services(filters={"label": LABEL_USER})
+                assert not start.done()
+            began = time.time() - 1
+            await asyncio.wait_for(start, 300)  # the rule is gone: the pull ends, and the start goes there
     finally:
-        blocker.remove()
         set_availability(swarm_bench, pinned, "active")
     assert told == f"Waiting for node {pulling} to finish pulling the image before taking its GPU"
     assert not services_while_pulling  # the drained node's service removed, none on the pulling node yet
@@ -1050,12 +1055,7 @@ async def test_with_swarm_assignment_a_start_swarm_cannot_place_goes_to_the_kept
     # The seat counts the busy node's free GPUs, but a service not the hub's holds its CPUs there: Swarm
     # cannot place the server, and the other node is kept off while it pulls. Its pull ends: it goes there.
     busy, pulling = (node.name for node in swarm_bench.workers)
-    client = swarm_bench.manager_client()
-    blocker = client.services.create(swarm_base, ["sleep", "3600"], name=f"cpu-blocker-{uuid.uuid4().hex[:6]}",
-                                     constraints=[f"node.hostname=={busy}"],
-                                     resources=docker.types.Resources(cpu_reservation=int(1.5e9)))
-    try:
-        wait_until(lambda: any(task.get("NodeID") for task in blocker.tasks()), "the blocker to be placed")
+    with cpu_blocked(swarm_bench, swarm_base, busy):
         with cut_off_from_the_registry(swarm_bench, pulling, answered=False):
             spawner = servers.make("placed-once-pulled", config=swarm_assigned(swarm_config), prepull_timeout=600,
                                    start_timeout=240)
@@ -1064,8 +1064,6 @@ async def test_with_swarm_assignment_a_start_swarm_cannot_place_goes_to_the_kept
                 ("Waiting for CPU", "Waiting for a node that fits", "Waiting for a GPU on any node: "))), 300)
             assert not start.done(), waiting
         await asyncio.wait_for(start, 300)  # the rule is gone: the pull ends, and the server goes there
-    finally:
-        blocker.remove()
     assert assigned(swarm_bench, spawner)[0] == pulling
     messages = await progress_messages(spawner)
     assert not [message for message in messages if "could not start" in message], messages
