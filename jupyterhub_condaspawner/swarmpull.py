@@ -71,10 +71,9 @@ def already_pulled(image: str, node_id: str) -> bool:
     return (image, node_id) in _pulled
 
 
-def pulling_now(image: str, node_id: str) -> bool:
-    """Whether a job of this hub is pulling the image onto the node now."""
-    task = _pulling.get((image, node_id))
-    return task is not None and not task.done()
+def pulls_under_way(image: str) -> dict[str, asyncio.Task]:
+    """The jobs of this hub pulling the image now, by node ID."""
+    return {node_id: task for (pulled, node_id), task in _pulling.items() if pulled == image and not task.done()}
 
 
 def forget(image: str, node_id: str) -> None:
@@ -218,6 +217,10 @@ class SwarmPullMixin(_SpawnerBase):
         """Nodes kept out of the start's seat while they pull its image (until prepull_timeout)."""
         return [node_id for node_id in self._pulls if time.monotonic() < self._pulls_until]
 
+    def _still_pulling_names(self) -> str:
+        """The hostnames of :meth:`_nodes_still_pulling`, for the user."""
+        return ", ".join(sorted(self._pull_names.get(node_id, node_id) for node_id in self._nodes_still_pulling()))
+
     async def _pull_onto_gpu_nodes(self) -> None:
         """Have the nodes that could run this GPU server and lack its image (as far as the hub saw)
         pull it, and wait until one of them holds it, before the start joins the GPU queue.
@@ -305,8 +308,8 @@ class SwarmPullMixin(_SpawnerBase):
         """The nodes pulling the start's image now (its own pulls, or another start's) stay out of its
         seat again until their pull ends or prepull_timeout passes: the start looks for another node
         after its own failed it (SwarmSeatMixin._pin_to_another_node), with no GPU held meanwhile."""
-        self._pulls = {node_id: task for (image, node_id), task in _pulling.items()
-                       if image == self.image and not task.done() and node_id not in self._failed_nodes}
+        self._pulls = {node_id: task for node_id, task in pulls_under_way(self.image).items()
+                       if node_id not in self._failed_nodes}
         if not self._pulls:
             return
         self._pull_names.update({node.id: node.hostname for node in state.nodes if node.id in self._pulls})

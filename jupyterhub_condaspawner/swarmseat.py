@@ -54,6 +54,8 @@ class SwarmSeatMixin(_SpawnerBase):
 
         def _nodes_still_pulling(self) -> list[str]: ...
 
+        def _still_pulling_names(self) -> str: ...
+
         def _stop_following_pulls(self) -> None: ...
 
         def _follow_pulls_under_way(self, state: SwarmState) -> None: ...
@@ -124,10 +126,9 @@ class SwarmSeatMixin(_SpawnerBase):
             return f"Waiting for a GPU on any node: {who}"
         if self._seats.waiting_for(*self.gpu_key) == "CPU or memory":  # a node has the GPUs free, not the rest
             return cpu_wait_message(self._request)
-        pulling = self._nodes_still_pulling()
+        pulling = self._still_pulling_names()
         if pulling:  # their free GPUs are not this start's yet
-            names = ", ".join(sorted(self._pull_names.get(node_id, node_id) for node_id in pulling))
-            return f"Waiting for a GPU on a node that holds the image: {held}; still pulling it: {names}; {who}"
+            return f"Waiting for a GPU on a node that holds the image: {held}; still pulling it: {pulling}; {who}"
         return f"Waiting for a GPU on any node: {held}; {who}"
 
     def _leave_gpu_seat(self, placed: SwarmState | None = None) -> None:
@@ -159,9 +160,10 @@ class SwarmSeatMixin(_SpawnerBase):
             return True
         seats = self._seats
         seats.release(*self.gpu_key)
-        self._follow_pulls_under_way(await asyncio.to_thread(seats.refresh))
+        state = await asyncio.to_thread(seats.refresh)  # not one begun before its seat went
+        self._follow_pulls_under_way(state)
         try:
-            allocation = await self._another_nodes_gpus()
+            allocation = await self._another_nodes_gpus(state)
         finally:
             self._stop_following_pulls()
         if allocation is None:
@@ -170,13 +172,13 @@ class SwarmSeatMixin(_SpawnerBase):
         self._label_pinned_gpus()
         return True
 
-    async def _another_nodes_gpus(self) -> Allocation | None:
+    async def _another_nodes_gpus(self, state: SwarmState) -> Allocation | None:
         """GPUs of a node the start has not failed on and that is not still pulling its image, as soon as
-        one has them free; None when none has before the start's deadline."""
+        one has them free (``state``: the swarm read after its seat went); None when none has before the
+        start's deadline."""
         seats, request, told = self._seats, self._request, ""
         while True:
             self._tell_seats_what_it_needs()  # a node whose pull ended (or is overdue) may take it now
-            state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went
             self._end_if_stop_asked()
             node_of_gpu = {gpu: node.id for node in state.nodes for gpu in node.gpus}
             try:
@@ -188,10 +190,10 @@ class SwarmSeatMixin(_SpawnerBase):
             except GpuUnavailable:
                 if time.monotonic() >= self._deadline:
                     return None
-            pulling = sorted(self._pull_names.get(node_id, node_id) for node_id in self._nodes_still_pulling())
-            message = f"Waiting for node {', '.join(pulling)} to finish pulling the image before taking its GPU" \
-                if pulling else ""
+            pulling = self._still_pulling_names()
+            message = f"Waiting for node {pulling} to finish pulling the image before taking its GPU" if pulling else ""
             if message and message != told:
                 told = message
                 await self._feed.publish("start", 91, message)
             await asyncio.sleep(TASK_POLL_S)
+            state = await asyncio.to_thread(seats.refresh)  # not one begun before another seat went

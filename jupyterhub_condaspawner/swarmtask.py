@@ -17,7 +17,7 @@ from .gpuqueue import QueueCancelled
 from .gpus import GpuUnavailable
 from .spawngpus import QUEUE_INTERRUPTED
 from .swarm import ServiceRequest, SwarmState
-from .swarmpull import forget, no_node_could_start, nodes_left, pulling_now, why_not_pulled
+from .swarmpull import forget, no_node_could_start, nodes_left, pulls_under_way, why_not_pulled
 
 # How often a starting server's task is read (the progress page follows it).
 TASK_POLL_S = 1.0
@@ -129,12 +129,17 @@ class SwarmTaskMixin(_SpawnerBase):
         memory on the node the seat counted, say), and a node its service was kept off while it pulled
         the image (SwarmSeatMixin) has finished: the service may go there now."""
         return (task.state in ("new", "allocated", "pending") and bool(task.error)
-                and any(not pulling_now(self.image, node_id) for node_id in self._seated_off))
+                and not set(self._seated_off) <= pulls_under_way(self.image).keys())
 
     async def _recreate_for_pulled_nodes(self) -> str:
         """The service again, kept off only the nodes still pulling, and its ID."""
         await self._remove_quietly()
-        self._seated_off = tuple(node_id for node_id in self._seated_off if pulling_now(self.image, node_id))
+        under_way = pulls_under_way(self.image)
+        self._seated_off = tuple(node_id for node_id in self._seated_off if node_id in under_way)
+        return await self._create_again()
+
+    async def _create_again(self) -> str:
+        """A new service for the start (its last one removed), and its ID."""
         created = await self.create_object()
         self.object_id = created["ID"]
         return self.object_id
@@ -167,9 +172,7 @@ class SwarmTaskMixin(_SpawnerBase):
             await self._feed.publish("start", 91, f"Node {name} could not start your server ({cause}): trying another node")
         if not others or not await self._pin_to_another_node():
             raise no_node_could_start(self._failed_nodes)
-        created = await self.create_object()
-        self.object_id = created["ID"]
-        return self.object_id
+        return await self._create_again()
 
     def _waiting_message(self, state: SwarmState, task: swarm.TaskInfo | None) -> str:
         if task is None or task.state in ("new", "allocated", "pending"):
