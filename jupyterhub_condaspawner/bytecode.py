@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +70,19 @@ class BytecodeCache:
             done.update(path for path in files if path.endswith(".py") and path not in shipped)
         return done
 
-    def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes]) -> None:
+    def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes], packed: Collection[str] = ()
+             ) -> None:
         """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks, if each
         of its files' headers has the hash of the source it is filed under: ``source_hashes``, each
         compiled source's (staged path), as the compiling Python hashed it (importlib.util.source_hash,
-        which depends on that Python's release: the compile container reports them)."""
+        which depends on that Python's release: the compile container reports them). Not that of a
+        package with byte code in ``packed`` (staged .pyc paths taken from the base image into a pack,
+        not beside their sources): its entry would lack them, and a package is restored whole."""
         staging = staged.root
+        packed_sources = {source_of(path) for path in packed}
         for key, compiled in layers.compiled_files(staged).items():
             entry = self._entry(staged.identities.get(key, ""))
-            if entry is None or entry.exists():
+            if entry is None or entry.exists() or not packed_sources.isdisjoint(staged.files.get(key, ())):
                 continue
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
             try:

@@ -9,6 +9,7 @@ writing a layer is mostly the disk's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -38,6 +39,7 @@ class CompileRun:
         for index, (layer_name, _) in enumerate(jobs):
             self.batches_of.setdefault(layer_name, []).append(index)
         self.status: dict[str, Any] = {}
+        self.markers: dict[int, dict[str, Any]] = {}  # each done batch's marker, once read
         self.failed: CompileFailed | None = None  # why a layer could not wait for its batches
         self.complete = False  # it exited with every batch done
         self.exited = threading.Event()
@@ -66,15 +68,48 @@ class CompileRun:
         """The hash of each source compiled (as its Python hashed it, by staged path: below the shared
         prefix), from the batches' markers; those of a marker that cannot be read are left out."""
         hashes: dict[str, bytes] = {}
-        prefix = layers.SHARED_PREFIX + "/"
         for index in range(self.count):
-            try:
-                reported = json.loads((self.done_dir / str(index)).read_text())
-                hashes.update({path.removeprefix(prefix): bytes.fromhex(digest) for path, digest in reported.items()
-                               if path.startswith(prefix)})
-            except (OSError, ValueError, AttributeError, TypeError):
-                continue
+            reported = self._marker(index).get("hashes")
+            if isinstance(reported, dict):
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    hashes.update({staged: bytes.fromhex(digest) for path, digest in reported.items()
+                                   if (staged := _staged_path(path)) is not None})
         return hashes
+
+    def packed(self, indices: Iterable[int]) -> dict[str, tuple[Path, int, int]]:
+        """The byte code the batches ``indices`` (done) packed, taken from the base image: by staged
+        path of each .pyc, its pack and the slice of it (offset, size) that holds its bytes."""
+        packed: dict[str, tuple[Path, int, int]] = {}
+        for index in indices:
+            slices = self._marker(index).get("packed")
+            if not isinstance(slices, dict):
+                continue
+            for path, place in slices.items():
+                staged = _staged_path(path)
+                if (staged is not None and isinstance(place, list) and len(place) == 2
+                        and all(isinstance(number, int) and number >= 0 for number in place)):
+                    packed[staged] = (self.done_dir / f"{index}.pack", place[0], place[1])
+        return packed
+
+    def every_packed(self) -> dict[str, tuple[Path, int, int]] | None:
+        """:meth:`packed` of every batch; None if a marker cannot be read (it may have packed some)."""
+        if any(not self._marker(index) for index in range(self.count)):
+            return None
+        return self.packed(range(self.count))
+
+    def _marker(self, index: int) -> dict[str, Any]:
+        """What a done batch's marker says ({} if it cannot be read), remembered once read: the
+        folder goes with the compile's end, and the byte-code cache asks after that."""
+        if index in self.markers:
+            return self.markers[index]
+        try:
+            reported = json.loads((self.done_dir / str(index)).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(reported, dict):
+            return {}
+        self.markers[index] = reported
+        return reported
 
     def abandon(self) -> None:
         """Stop and remove the container in the background: the build that started it has ended."""
@@ -90,6 +125,12 @@ class CompileRun:
 
     def _remove(self) -> None:
         remove_container(self.container)
+
+
+def _staged_path(path: str) -> str | None:
+    """A path the compile container names (in the image) as a staged one, if below the shared prefix."""
+    prefix = layers.SHARED_PREFIX + "/"
+    return path.removeprefix(prefix) if path.startswith(prefix) else None
 
 
 def remove_container(container: Any) -> None:
@@ -117,10 +158,8 @@ def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers
     def prepare(layer: layers.Layer) -> layers.Layer:
         if layer.name not in planned:
             return layer  # the kernel's files
-        if layer.name == layers.ENVIRONMENT:
-            run.wait_for(range(run.count))
-        elif layer.name in run.batches_of:
-            run.wait_for(run.batches_of[layer.name])
-        return placer.layer_with_byte_code(layer)
+        batches = range(run.count) if layer.name == layers.ENVIRONMENT else run.batches_of.get(layer.name, [])
+        run.wait_for(batches)
+        return placer.layer_with_byte_code(layer, run.packed(batches))
 
     return prepare

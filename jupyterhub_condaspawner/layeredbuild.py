@@ -154,12 +154,13 @@ async def _keep_once_compiled(run: CompileRun, bytecode: BytecodeCache, staged: 
                               sent: threading.Event, stop: threading.Event) -> None:
     """Keep the staged byte code (bytecode.py) once the compile container has done every
     batch and every layer's bytes are sent (before, it would take the CPU and the hub's GIL
-    from writing the layers); nothing if it ended before (a package's byte code is kept whole
-    or not at all)."""
+    from writing the layers); nothing if it ended before, or if a batch's word of what it packed
+    is lost (a package's byte code is kept whole or not at all)."""
     await asyncio.to_thread(run.exited.wait)
     await asyncio.to_thread(_wait_for_either, sent, stop)
-    if run.complete and sent.is_set():
-        await asyncio.to_thread(lambda: bytecode.keep(staged, run.source_hashes()))
+    packed = await asyncio.to_thread(run.every_packed)  # the layers read them all: from memory then
+    if run.complete and sent.is_set() and packed is not None:
+        await asyncio.to_thread(lambda: bytecode.keep(staged, run.source_hashes(), packed))
 
 
 def _wait_for_either(event: threading.Event, other: threading.Event) -> None:

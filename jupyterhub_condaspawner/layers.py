@@ -31,7 +31,7 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +69,10 @@ class Entry:
     source: str | Path | None = None
     link: str | None = None
     keep_mtime: bool = False
+    # A slice of ``source`` (``length`` bytes from ``offset``) as a file of mode 644: byte code the
+    # compile container packed into one file (compilerun.py), not made a file of its own.
+    offset: int = 0
+    length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -345,19 +349,34 @@ def adopt(path):
             return False
     return True
 def write_new(cached, data, mode):
-    # ``data`` as a new file at ``cached``, written under a name no file of a package has (O_EXCL):
-    # a package's symlink at a name this script would choose (into another package's file, a hard
-    # link into the shared package cache) is never written through
-    folder, name = os.path.split(cached)
-    handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    # ``data`` as a new file at ``cached``, never written through what is there: a package's symlink
+    # at that name (into another package's file, a hard link into the shared package cache) or its
+    # file. Created in place (O_EXCL: no symlink is followed) when the name is free, as it mostly is:
+    # each file made costs this machine's filesystem, a temporary one and its rename twice that.
+    # Else written under a name no file of a package has (O_EXCL), then put in its place.
     try:
-        os.fchmod(handle, mode)
+        handle = os.open(cached, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        folder, name = os.path.split(cached)
+        handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+        try:
+            os.fchmod(handle, mode)
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+            os.replace(partial, cached)
+        except BaseException:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise
+        return
+    try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-        os.replace(partial, cached)
     except BaseException:
         try:
-            os.unlink(partial)
+            os.unlink(cached)  # no partial byte code left at its name
         except OSError:
             pass
         raise
@@ -372,7 +391,32 @@ def valid_for(pyc, status, digest):
                 and int.from_bytes(pyc[12:16], "little") == status.st_size & 0xFFFFFFFF)
     return pyc[8:16] == digest()
 CODE = ord("c")  # marshal's type of a code object (its top bit: FLAG_REF)
-def borrow(path, source, digest):
+class Pack:
+    # the byte code a batch takes from the base image, in one file (each file made costs far more
+    # than its bytes): the build writes each slice into its layer as the .pyc beside its source
+    def __init__(self, index):
+        self.path = os.path.join(sys.argv[2], f"{index}.pack")
+        self.file = None
+        self.slices = {}
+        self.end = 0
+        self.broken = False  # a write failed: what follows it would not be where the slices say
+    def add(self, path, data):
+        if self.broken:
+            raise OSError("the pack could not be written")
+        try:
+            if self.file is None:
+                self.file = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
+            self.file.write(data)
+            self.file.flush()
+        except OSError:
+            self.broken = True
+            raise
+        self.slices[path] = [self.end, len(data)]
+        self.end += len(data)
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+def borrow(path, source, digest, pack):
     if not borrow_from:
         return False
     twin = os.path.join(borrow_from, os.path.relpath(path, root))
@@ -389,24 +433,20 @@ def borrow(path, source, digest):
             return False  # not its byte code, or a header fit for it and no code object behind it
     except OSError:
         return False
-    cached = importlib.util.cache_from_source(path)
-    try:
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        mode = (os.stat(path).st_mode | 0o200) & 0o666 & ~UMASK  # as py_compile's file gets it (os.open, umask)
-        write_new(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + pyc[16:], mode)
-    except OSError:
-        return False
+    pack.add(importlib.util.cache_from_source(path), importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + pyc[16:])
     return True
-def finished(index, hashes):
+def finished(index, hashes, packed):
+    # ``packed``: the byte code in the batch's pack (the .pyc paths), by the slice that holds it
     marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
     with open(marker + ".partial", "w") as file:
-        json.dump(hashes, file)
+        json.dump({"hashes": hashes, "packed": packed}, file)
     os.replace(marker + ".partial", marker)
 def scan(job):
     # in a long-lived worker: what needs no compiler; the batch is finished here if nothing is left
     index, paths = job
     adopted = failed = borrowed = 0
     hashes, left = {}, []
+    pack = Pack(index)
     for path in paths:
         if not beside(path):
             failed += 1
@@ -421,17 +461,22 @@ def scan(job):
             failed += 1
             continue
         digest = importlib.util.source_hash(source)
-        if borrow(path, source, digest):
+        try:
+            borrowed_it = borrow(path, source, digest, pack)
+        except OSError:  # its pack could not be written (nor can the next ones be): compiled instead
+            borrowed_it = False
+        if borrowed_it:
             borrowed += 1
             hashes[path] = digest.hex()
         else:
             left.append((path, digest.hex()))
+    pack.close()
     if not left:
-        finished(index, hashes)
-    return index, (adopted, failed, borrowed), hashes, left
+        finished(index, hashes, pack.slices)
+    return index, (adopted, failed, borrowed), hashes, left, pack.slices
 def compile_left(job):
     # in a new process of its own: the batch's files no byte code was found for
-    index, hashes, left = job
+    index, hashes, left, packed = job
     failed = 0
     for path, digest in left:
         try:
@@ -439,14 +484,14 @@ def compile_left(job):
             hashes[path] = digest
         except Exception:
             failed += 1
-    finished(index, hashes)
+    finished(index, hashes, packed)
     return failed
 totals, compiling = [0, 0, 0], []
 with multiprocessing.Pool() as scanning, multiprocessing.Pool(maxtasksperchild=1) as compilers:
-    for index, counts, hashes, left in scanning.imap_unordered(scan, list(enumerate(batches)), chunksize=1):
+    for index, counts, hashes, left, packed in scanning.imap_unordered(scan, list(enumerate(batches)), chunksize=1):
         totals = [total + count for total, count in zip(totals, counts)]
         if left:
-            compiling.append(compilers.apply_async(compile_left, ((index, hashes, left),)))
+            compiling.append(compilers.apply_async(compile_left, ((index, hashes, left, packed),)))
     totals[1] += sum(result.get() for result in compiling)
 adopted, failed, borrowed = totals
 print(f"compiled {sum(map(len, batches)) - adopted - failed - borrowed} files, took the base image's byte code of "
@@ -511,11 +556,17 @@ class ByteCodePlacer:
         self.listed = staged.listed
         self.folders = staged.folders
 
-    def layer_with_byte_code(self, layer: Layer) -> Layer:
+    def layer_with_byte_code(self, layer: Layer, packed: Mapping[str, tuple[Path, int, int]] | None = None) -> Layer:
+        """``layer`` with the byte code of its sources: the files compiled beside them, and the slices
+        of ``packed`` (compilerun.CompileRun.packed's: by staged .pyc path), which stand for any file
+        at the same path (a package's stale one: the compiler would have replaced it)."""
         prefix = SHARED_PREFIX.lstrip("/") + "/"
-        have = {entry.path for entry in layer.entries}
-        sources = {path.removeprefix(prefix) for path in have if path.endswith(".py")}
-        added = []
+        sources = {entry.path.removeprefix(prefix) for entry in layer.entries if entry.path.endswith(".py")}
+        slices = {path: place for path, place in (packed or {}).items()
+                  if source_of(path) in sources and self.folders.can_hold(os.path.dirname(path))}
+        kept = [entry for entry in layer.entries if entry.path.removeprefix(prefix) not in slices]
+        have = {entry.path for entry in kept}
+        added = [Entry(prefix + path, pack, offset=offset, length=size) for path, (pack, offset, size) in slices.items()]
         for directory in sorted({os.path.dirname(path) for path in sources}):
             cache = f"{directory}/__pycache__" if directory else "__pycache__"
             if not self.folders.holds(cache):  # none yet, or a package's symlink to who knows where
@@ -526,12 +577,12 @@ class ByteCodePlacer:
                 continue
             for name in names:
                 path = f"{cache}/{name}"
-                if (path not in self.listed and prefix + path not in have and source_of(path) in sources
-                        and _is_file(f"{self.root}/{path}")):
+                if (path not in self.listed and path not in slices and prefix + path not in have
+                        and source_of(path) in sources and _is_file(f"{self.root}/{path}")):
                     added.append(Entry(prefix + path, f"{self.root}/{path}"))
         if not added:
             return layer
-        return Layer(layer.name, tuple(sorted([*layer.entries, *added], key=lambda entry: entry.path)), layer.identity)
+        return Layer(layer.name, tuple(sorted([*kept, *added], key=lambda entry: entry.path)), layer.identity)
 
 
 @dataclass(frozen=True)
@@ -542,15 +593,16 @@ class TarMember:
     header: bytes
     source: str | Path | None = None
     size: int = 0
+    offset: int = 0  # where in ``source`` its bytes start
 
 
 def tar_members(entries: Iterable[Entry]) -> list[TarMember]:
     """The members of :func:`write_tar`'s output, read from the files' metadata once: the tar's
     size and its bytes both come from them."""
     members = []
-    for info, source in _members(entries):
+    for info, source, offset in _members(entries):
         header = info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
-        members.append(TarMember(header, source, info.size if source is not None else 0))
+        members.append(TarMember(header, source, info.size if source is not None else 0, offset))
     return members
 
 
@@ -582,6 +634,8 @@ def write_members(members: Iterable[TarMember], out: Any) -> None:
             continue
         # O_NOFOLLOW: a file planned as a file is never read through a symlink put in its place
         with os.fdopen(os.open(member.source, os.O_RDONLY | os.O_NOFOLLOW), "rb") as content:
+            if member.offset:
+                content.seek(member.offset)
             left = member.size
             while left:
                 data = content.read(min(left, CHUNK))
@@ -682,7 +736,7 @@ def tree_paths(root: Path) -> Iterator[str]:
             yield f"{relative}/{name}" if relative else name
 
 
-def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | Path | None]]:
+def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | Path | None, int]]:
     seen_dirs: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.path):
         parts = entry.path.split("/")
@@ -690,25 +744,30 @@ def _members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, str | 
             parent = "/".join(parts[:depth])
             if parent not in seen_dirs:
                 seen_dirs.add(parent)
-                yield _info(parent, tarfile.DIRTYPE, 0o755), None
+                yield _info(parent, tarfile.DIRTYPE, 0o755), None, 0
         if entry.link is not None:
             info = _info(entry.path, tarfile.SYMTYPE, 0o777)
             info.linkname = entry.link
-            yield info, None
+            yield info, None, 0
             continue
         assert entry.source is not None
+        if entry.length is not None:
+            info = _info(entry.path, tarfile.REGTYPE, 0o644)
+            info.size = entry.length
+            yield info, entry.source, entry.offset
+            continue
         status = os.lstat(entry.source)
         mode = status.st_mode
         if stat.S_ISLNK(mode):
             info = _info(entry.path, tarfile.SYMTYPE, 0o777)
             info.linkname = os.readlink(entry.source)
-            yield info, None
+            yield info, None, 0
             continue
         info = _info(entry.path, tarfile.REGTYPE, 0o755 if mode & stat.S_IXUSR else 0o644)
         info.size = status.st_size if stat.S_ISREG(mode) else os.stat(entry.source).st_size
         if entry.keep_mtime and stat.S_ISREG(mode):
             info.mtime = int(status.st_mtime)
-        yield info, entry.source
+        yield info, entry.source, 0
 
 
 def _info(path: str, kind: bytes, mode: int) -> tarfile.TarInfo:

@@ -254,6 +254,56 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     assert cache.restore(read(third)) == set()
 
 
+def test_byte_code_taken_from_the_base_image_is_written_from_its_pack_over_any_stale_file(tmp_path):
+    """The compile container packs the byte code it takes from the base image into one file per
+    batch (no file each: on some disks each file made costs more than its bytes): the layer of its
+    source holds each slice as the .pyc beside that source (mode 644, the fixed mtime), in place of
+    a stale one the package ships; a slice for a source of another layer, or under a package's
+    symlinked __pycache__, is left out."""
+    staged = stage(tmp_path / "env", {"mine": {"lib/m.py": b"M = 1\n", "lib/__pycache__/m.cpython-39.pyc": b"stale",
+                                               "lib/linked/n.py": b"N = 1\n"},
+                                      "other": {"lib/o.py": b"O = 1\n"}})
+    (staged / "lib" / "linked" / "__pycache__").symlink_to(tmp_path)
+    pack = tmp_path / "0.pack"
+    pack.write_bytes(b"for o" + compiled(b"M = 1\n", b"taken") + b"for n")
+    packed = {"lib/__pycache__/m.cpython-39.pyc": (pack, 5, 16 + 5), "lib/__pycache__/o.cpython-39.pyc": (pack, 0, 5),
+              "lib/linked/__pycache__/n.cpython-39.pyc": (pack, 26, 5)}
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    layer = layers.Layer("mine", tuple(layers.Entry(f"{prefix}/{path}", staged / path)
+                                       for path in ("lib/m.py", "lib/__pycache__/m.cpython-39.pyc", "lib/linked/n.py")))
+    placed = layers.ByteCodePlacer(read(staged)).layer_with_byte_code(layer, packed)
+    tar = io.BytesIO()
+    layers.write_tar(placed.entries, tar)
+    tar.seek(0)
+    with tarfile.open(fileobj=tar) as archive:
+        files = {member.name: (member.mode, member.mtime, archive.extractfile(member).read())
+                 for member in archive.getmembers() if member.isfile()}
+    assert files == {f"{prefix}/lib/m.py": (0o644, layers.LAYER_MTIME, b"M = 1\n"),
+                     f"{prefix}/lib/__pycache__/m.cpython-39.pyc": (0o644, layers.LAYER_MTIME, compiled(b"M = 1\n", b"taken")),
+                     f"{prefix}/lib/linked/n.py": (0o644, layers.LAYER_MTIME, b"N = 1\n")}
+    assert layers.tar_size(placed.entries) == len(tar.getvalue())
+
+
+def test_a_package_with_byte_code_in_a_pack_is_not_kept_by_halves(tmp_path):
+    """The byte-code cache restores a package whole: a package some of whose byte code was packed
+    (taken from the base image, not beside its sources) is not kept, lest a later build take its
+    entry for all of its byte code; the packages compiled whole are."""
+    packages = {"half": {"lib/a.py": b"A = 1\n", "lib/b.py": b"B = 1\n"}, "whole": {"lib/c.py": b"C = 1\n"}}
+    staged = stage(tmp_path / "env", packages)
+    for name in packages:
+        record = staged / "conda-meta" / f"{name}-1.0-0.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": name[0] * 64}))
+    for source in ("a", "c"):
+        (staged / "lib" / "__pycache__").mkdir(exist_ok=True)
+        (staged / "lib" / "__pycache__" / f"{source}.cpython-39.pyc").write_bytes(compiled(f"{source.upper()} = 1\n".encode()))
+    cache = BytecodeCache(tmp_path / "bytecode")
+    cache.keep(read(staged), source_hashes(staged, "lib/a.py", "lib/c.py"), packed=["lib/__pycache__/b.cpython-39.pyc"])
+    again = stage(tmp_path / "again", packages)
+    for name in packages:
+        (again / "conda-meta" / f"{name}-1.0-0.json").write_text((staged / "conda-meta" / f"{name}-1.0-0.json").read_text())
+    assert cache.restore(read(again)) == {"lib/c.py"}
+
+
 def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
     """A cached .pyc cut short (a disk error, a bad copy of the folder) would break every later
     image with its package: each file's digest is checked first, and the entry removed."""
@@ -318,7 +368,8 @@ def test_the_compile_script_writes_no_byte_code_through_a_symlinked_pycache(tmp_
     pyc = importlib.util.cache_from_source(str(site / "cs_target/m.py"))
     assert Path(pyc).read_bytes()[8:16] == importlib.util.source_hash(b"WHO = 'target'\n")
     reported = [json.loads((work / "done" / str(index)).read_text()) for index in range(2)]
-    assert reported == [{path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in batches[0]}, {}]
+    assert reported == [{"hashes": {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in batches[0]},
+                         "packed": {}}, {"hashes": {}, "packed": {}}]
 
 
 def import_from(path: str, name: str) -> Any:
@@ -370,7 +421,13 @@ def test_a_source_identical_to_the_base_images_takes_its_byte_code_and_imports_u
     output = run_compile_script(tmp_path / "compile", env, [paths], base)
     assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
                       "adopted the byte code of 0 from their packages (0 did not compile)")
-    pyc = Path(importlib.util.cache_from_source(paths[0])).read_bytes()
+    # The byte code taken is packed: no file of its own in the staged environment (each file made costs)
+    cached = importlib.util.cache_from_source(paths[0])
+    reported = json.loads((tmp_path / "compile" / "done" / "0").read_text())
+    offset, size = reported["packed"][cached]
+    assert not os.path.exists(cached) and list(reported["packed"]) == [cached]
+    pyc = (tmp_path / "compile" / "done" / "0.pack").read_bytes()[offset:offset + size]
+    Path(cached).write_bytes(pyc)  # where the layer puts it, to be imported below
     twin_pyc = Path(importlib.util.cache_from_source(str(base / site / "same.py"))).read_bytes()
     assert pyc[:16] == compiled(same, b"") and pyc[16:] == twin_pyc[16:]  # taken as it is: nothing compiled
     assert marshal.loads(pyc[16:]).co_filename == str(base / site / "same.py")  # until it is imported
@@ -380,8 +437,7 @@ def test_a_source_identical_to_the_base_images_takes_its_byte_code_and_imports_u
     for path, source in zip(paths[1:], (b"X = 1\n", b"Y = 2\n")):
         assert marshal.loads(Path(importlib.util.cache_from_source(path)).read_bytes()[16:]).co_filename == path
         assert Path(importlib.util.cache_from_source(path)).read_bytes()[:16] == compiled(source, b"")
-    reported = json.loads((tmp_path / "compile" / "done" / "0").read_text())
-    assert reported == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
+    assert reported["hashes"] == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
 
 
 def test_a_source_whose_twins_byte_code_holds_no_code_object_is_compiled(tmp_path):
@@ -481,7 +537,7 @@ def test_layer_tars_are_what_tarfile_writes_and_a_changed_file_is_an_error(tmp_p
     for layer in layers.plan_layers(read(staged), "demo", min_bytes=MB, max_layers=10):
         reference = io.BytesIO()
         with tarfile.open(fileobj=reference, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            for member, source in layers._members(layer.entries):
+            for member, source, _ in layers._members(layer.entries):
                 with open(source, "rb") if source else contextlib.nullcontext() as content:
                     tar.addfile(member, content)
         out = io.BytesIO()
@@ -951,7 +1007,7 @@ def test_the_compile_container_adopts_the_byte_code_a_package_ships_and_compiles
         flags, compiled = header(name)
         assert flags == 1 and f"/work/lib/{name}.py".encode() in compiled
     # it reports the hash of each source it compiled, as its Python hashes it (the byte-code cache checks by them)
-    assert json.loads((work / "done" / "0").read_text()) == {
+    assert json.loads((work / "done" / "0").read_text())["hashes"] == {
         f"/work/lib/{name}.py": header(name)[1][8:16].hex() for name in ("stale", "bare")}
     assert not (pycache / "broken.cpython-39.pyc").exists()
     # Python 3.9 runs the shipped byte code: the source's mtime and size are what it was compiled from.
