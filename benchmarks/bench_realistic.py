@@ -22,9 +22,10 @@ are not part of any figure. Then:
    (files compiled, files that took the base image's byte code, shipped byte code adopted:
    the second depends on how much of the environment the base image holds too) and the
    image sizes. Then the same
-   environment on a hub that built another one first (the byte-code cache holds
-   ipykernel's closure, which every environment installs; python's layer is sent again,
-   as it sits above numpy's and pandas' here):
+   environment on a hub that built another one first (ipykernel's closure, which every
+   environment installs: the byte-code cache holds what the first build compiled of packages
+   the base image does not hold, the rest is taken from the base image again; python's layer is
+   sent again, as it sits above numpy's and pandas' here):
    ``cold build / floor, NAME, after another environment: X.XX``.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
    that differ in a few small packages, the fifth in python's patch release alone (the
@@ -226,7 +227,7 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
             remove_images(bench, results.values())  # Docker skips layers it holds: none of this environment's
             after = await build_after_another(bench, resolver, scratch, name, packages)
             print(f"    layered, on a hub that built another environment before "
-                  f"(ipykernel's closure's byte code kept): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown_and_compile()}")
+                  f"(ipykernel's closure built before): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown_and_compile()}")
             print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
 
 
@@ -260,8 +261,8 @@ async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str,
 async def build_after_another(bench: Bench, resolver: Resolver, scratch: Path, name: str, packages: tuple[str, ...]
                               ) -> Timed:
     """A new environment on a hub that has built before: every environment holds python and
-    ipykernel; the first build kept ipykernel's closure's byte code (bytecode.py), so only the
-    new packages are compiled. Its layers are all sent: python's sits on the base there, and
+    ipykernel; the first build kept the byte code it compiled of packages the base image does
+    not hold (bytecode.py), so only the new packages are compiled. Its layers are all sent: python's sits on the base there, and
     above the large packages that do not depend on it here. The first build is not timed."""
     builder = make_builder(bench, resolver, scratch, "layered", label=f"-after-{name}")
     say(f"{name}: a first environment (python, ipykernel), then {name} on the same builder")
