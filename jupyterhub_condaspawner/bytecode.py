@@ -29,8 +29,10 @@ from .stagedenv import StagedEnvironment, source_of
 
 COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole; its files' sha256
 # 2: ``complete`` holds each file's sha256, checked before the entry is linked; 3: and its source's sha256,
-# the source the byte code's header says it was compiled from (entries of 2 could hold another source's)
-ENTRY_FORMAT = "3"
+# the source the byte code's header says it was compiled from (entries of 2 could hold another source's);
+# 4: ``complete`` is {"files": those records, "from_base_image": the sources whose byte code the build
+# took from the base image (not kept: taken from there again)}
+ENTRY_FORMAT = "4"
 PARTIAL = ".tmp-*"  # an entry keep() is writing: a killed build leaves it (leftovers.py removes old ones)
 
 
@@ -55,9 +57,11 @@ class BytecodeCache:
             entry = self._entry(staged.identities[key])
             if entry is None:
                 continue
-            digests = _intact(entry)
-            if digests is None or not all(_source_digest(staged, path) == record["source"]
-                                          for path, record in digests.items()):
+            intact = _intact(entry)
+            if intact is None:
+                continue
+            digests, from_base_image = intact
+            if not all(_source_digest(staged, path) == record["source"] for path, record in digests.items()):
                 continue  # the sources here are not those it was compiled from (another package clobbered one)
             try:
                 for cached in digests:
@@ -65,9 +69,10 @@ class BytecodeCache:
                     _replace_with_link(f"{entry}/{cached}", f"{staging}/{cached}")
             except OSError:
                 continue  # a partial restore is compiled over
-            # The byte code a package ships is not cached: the compile container adopts it.
-            shipped = {source_of(path) for path in files}
-            done.update(path for path in files if path.endswith(".py") and path not in shipped)
+            # The byte code a package ships is not cached: the compile container adopts it, and takes
+            # again the base image's byte code of the sources it took it for.
+            left = {source_of(path) for path in files} | from_base_image
+            done.update(path for path in files if path.endswith(".py") and path not in left)
         return done
 
     def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes], packed: Collection[str] = ()
@@ -75,14 +80,15 @@ class BytecodeCache:
         """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks, if each
         of its files' headers has the hash of the source it is filed under: ``source_hashes``, each
         compiled source's (staged path), as the compiling Python hashed it (importlib.util.source_hash,
-        which depends on that Python's release: the compile container reports them). Not that of a
-        package with byte code in ``packed`` (staged .pyc paths taken from the base image into a pack,
-        not beside their sources): its entry would lack them, and a package is restored whole."""
+        which depends on that Python's release: the compile container reports them). The byte code
+        in ``packed`` (staged .pyc paths: taken from the base image into a pack, not beside their
+        sources) is not kept; each entry names those of its package's sources, which a later build
+        leaves to the compile container (it takes their byte code from the base image again)."""
         staging = staged.root
-        packed_sources = {source_of(path) for path in packed}
+        packed_sources = {source for path in packed if (source := source_of(path)) is not None}
         for key, compiled in layers.compiled_files(staged).items():
             entry = self._entry(staged.identities.get(key, ""))
-            if entry is None or entry.exists() or not packed_sources.isdisjoint(staged.files.get(key, ())):
+            if entry is None or entry.exists():
                 continue
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
             try:
@@ -91,7 +97,9 @@ class BytecodeCache:
                 for path in compiled:
                     _link(f"{staging}/{path}", f"{partial}/{path}", made)
                     digests[path] = _checked_record(staged, path, _read(partial / path), source_hashes)
-                (partial / COMPLETE).write_text(json.dumps(digests, sort_keys=True))
+                from_base_image = sorted(packed_sources.intersection(staged.files.get(key, ())))
+                (partial / COMPLETE).write_text(json.dumps({"files": digests, "from_base_image": from_base_image},
+                                                           sort_keys=True))
                 os.rename(partial, entry)  # another build may have kept it first: then ours goes
             except OSError:
                 pass
@@ -150,20 +158,24 @@ def _read(path: Path) -> bytes:
         return file.read()
 
 
-def _intact(entry: Path) -> dict[str, dict[str, str]] | None:
+def _intact(entry: Path) -> tuple[dict[str, dict[str, str]], set[str]] | None:
     """An entry's files and their records (their sha256 and their sources'), if it is whole and every
-    file still has its digest; None otherwise. A damaged entry (a disk error, a bad copy of the folder)
-    is removed, so that the next build compiles the package and keeps it again: never linked into an image."""
+    file still has its digest, and the sources it left to the base image; None otherwise. A damaged
+    entry (a disk error, a bad copy of the folder) is removed, so that the next build compiles the
+    package and keeps it again: never linked into an image."""
     try:
-        digests = json.loads((entry / COMPLETE).read_text())
+        complete = json.loads((entry / COMPLETE).read_text())
     except FileNotFoundError:
         return None  # not kept yet, or being kept
     except (OSError, ValueError):
-        digests = None
-    if (isinstance(digests, dict) and set(digests) == set(_files(entry))
+        complete = None
+    digests = complete.get("files") if isinstance(complete, dict) else None
+    from_base_image = complete.get("from_base_image") if isinstance(complete, dict) else None
+    if (isinstance(digests, dict) and isinstance(from_base_image, list)
+            and all(isinstance(source, str) for source in from_base_image) and set(digests) == set(_files(entry))
             and all(_well_formed(record) and _digest(entry / path) == record["sha256"]
                     for path, record in digests.items())):
-        return digests
+        return digests, set(from_base_image)
     shutil.rmtree(entry, ignore_errors=True)
     return None
 

@@ -283,11 +283,9 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # that does not match its source is compiled over. A file whose ``__pycache__`` is not where it
 # seems (a symlink in it or above it, below the plan's "root") is neither read nor written: a
 # package's symlinked ``__pycache__`` would have its byte code written into another package's folder.
-# Byte code it writes as a file is never written through what is at its name: made there with O_EXCL
-# (no symlink followed), or, where a file is there, under a new name of its own (O_EXCL) then renamed
-# over it: a package's symlink at a name it would pick ("m.cpython-39.pyc.7.borrowing") would have it
-# written into another package's file, a hard link into the shared package cache, that every later
-# environment links.
+# Byte code it rewrites goes to a new file of a random name (O_EXCL) first: a package's symlink at a
+# name it would pick ("m.cpython-39.pyc.7.borrowing") would have it written into another package's
+# file, a hard link into the shared package cache, that every later environment links.
 # A source byte-identical to one at the same place below the plan's "borrow_from" (the base
 # image's own environment, whose packages pip compiled when the image was built: the server's
 # stack, which every environment's ipykernel shares much of) takes that file's byte code when
@@ -355,34 +353,19 @@ def adopt(path):
             return False
     return True
 def write_new(cached, data, mode):
-    # ``data`` as a new file at ``cached``, never written through what is there: a package's symlink
-    # at that name (into another package's file, a hard link into the shared package cache) or its
-    # file. Created in place (O_EXCL: no symlink is followed) when the name is free, as it mostly is:
-    # each file made costs this machine's filesystem, a temporary one and its rename twice that.
-    # Else written under a name no file of a package has (O_EXCL), then put in its place.
+    # ``data`` as a new file at ``cached``, written under a name no file of a package has (O_EXCL):
+    # a package's symlink at a name this script would choose (into another package's file, a hard
+    # link into the shared package cache) is never written through
+    folder, name = os.path.split(cached)
+    handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
     try:
-        handle = os.open(cached, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        folder, name = os.path.split(cached)
-        handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
-        try:
-            os.fchmod(handle, mode)
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            os.replace(partial, cached)
-        except BaseException:
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
-            raise
-        return
-    try:
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.replace(partial, cached)
     except BaseException:
         try:
-            os.unlink(cached)  # no partial byte code left at its name
+            os.unlink(partial)
         except OSError:
             pass
         raise
