@@ -41,10 +41,11 @@ class InstallJob:
 
 @dataclass(frozen=True)
 class InstallOutcome:
-    """A child's answer: ``error`` is "" when the environment is installed."""
+    """A child's answer: ``error`` is "" when the environment is installed, in ``size`` bytes."""
 
     error: str = ""
     no_space: bool = False
+    size: int = 0
 
 
 class InstallerCrashed(Exception):
@@ -157,11 +158,11 @@ async def _install(job: InstallJob) -> InstallOutcome:
         await rattler.install(lock.records, target_prefix=Path(job.staging_prefix), cache_dir=Path(job.cache_dir),
                               alternative_target_prefix=job.target_prefix, execute_link_scripts=False,
                               show_progress=False)
-        make_world_readable(Path(job.staging_prefix))
+        size = make_world_readable(Path(job.staging_prefix))
     except Exception as error:  # download, checksum, link or disk failures
         message, no_space = install_error(error)
         return InstallOutcome(message, no_space)
-    return InstallOutcome()
+    return InstallOutcome(size=size)
 
 
 _shared: Installers | None = None

@@ -28,7 +28,7 @@ from .buildmodel import ENVS_ROOT, Build, BuildRequest
 from .bytecode import BytecodeCache, cache_directory
 from .compilerun import CompileRun, layer_preparer, remove_container, remove_in_background
 from .dockerbuild import daemon_disk_full, docker_build
-from .stagedenv import StagedEnvironment
+from .stagedenv import StagedEnvironment, TreeStats
 from .staging import drop_host_paths, settle_mtimes
 
 if TYPE_CHECKING:
@@ -227,7 +227,8 @@ async def _plan(builder: ImageBuilder, build: Build, request: BuildRequest, stag
                 build_log: io.TextIOBase) -> _Planned:
     staged = await asyncio.to_thread(StagedEnvironment.read, staging)
     check_installed(staged, staging.parent / "meta" / "condaspawner-lock.json")
-    settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME)
+    stats = TreeStats(staging)  # this pass's lstat of each file, shared by its steps
+    settled = await asyncio.to_thread(settle_mtimes, staged, layers.LAYER_MTIME, stats)
     await asyncio.to_thread(drop_host_paths, staged)
     if settled:
         build_log.write(f"mtimes of their packages given to {plural(settled, 'copied file')}\n")
@@ -244,13 +245,14 @@ async def _plan(builder: ImageBuilder, build: Build, request: BuildRequest, stag
                 "the other packages share a layer")
         build_log.write(note + "\n")
         builder.log.info("Build %s: %s", request.env_name, note)
-    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size, max_layers=cap)
+    plan = layers.plan_layers(staged, request.env_name, min_bytes=builder.shared_layer_min_size, max_layers=cap,
+                              stats=stats)
     # Layers Docker holds with their byte code already are neither compiled nor sent again,
     # and packages compiled for an earlier build are not compiled again.
     stored = layers.stored_layers(base_attrs, plan, known, memo)
     bytecode = BytecodeCache(cache_directory(builder.bytecode_cache_dir, builder.resolver.package_cache_dir))
     done = await asyncio.to_thread(bytecode.restore, staged)
-    jobs = layers.compile_plan(staged, plan, stored, done)
+    jobs = layers.compile_plan(staged, plan, stored, done, stats)
     build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
     return _Planned(staged, plan, known, memo, base_id, history, bytecode, jobs)
 

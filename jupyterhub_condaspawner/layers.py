@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .stagedenv import PackageKey, StagedEnvironment, source_of
+from .stagedenv import PackageKey, StagedEnvironment, TreeStats, source_of
 
 SHARED_PREFIX = "/opt/conda/envs/_shared"  # no profile slug can be "_shared"
 LAYER_MTIME = 1_700_000_000  # fixed: the same files give the same tar (a package's own files keep their package's)
@@ -125,17 +125,18 @@ class LayerMemo:
         return self.directory / f"{key}.json"
 
 
-def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max_layers: int) -> list[Layer]:
+def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max_layers: int,
+                stats: TreeStats | None = None) -> list[Layer]:
     """The layers of an environment ``staged`` for :data:`SHARED_PREFIX`.
 
     Packages of at least ``min_bytes`` get a layer each (the ``max_layers`` largest, if
     more), ordered by name, version and build, those whose byte code python compiles here
     above python's and the rest below it (:func:`large_package_order`); then the other
     packages' files, in a few layers (:func:`small_package_chunks`); then ``conda-meta``, anything no package claims, and the ``env_name``
-    symlink.
+    symlink. ``stats``: the tree's, when this planning pass has read some already.
     """
     root = os.fspath(staged.root)
-    lstat = _Lstat(root)  # each of thousands of files asked of the disk once: sizes, presence, identities
+    lstat = stats if stats is not None else TreeStats(root)  # each of thousands of files asked of the disk once: sizes, presence, identities
     records, identities = dict(staged.files), content_identities(staged, lstat)
     keep_mtime = {path for path in staged.listed if source_of(path) is None}
     # before the compiled files join them: the plan is the same before and after compiling
@@ -175,25 +176,7 @@ def plan_layers(staged: StagedEnvironment, env_name: str, *, min_bytes: int, max
     return layers
 
 
-class _Lstat:
-    """``os.lstat`` of a staged tree's paths (relative), each asked of the disk once; None: absent."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.known: dict[str, os.stat_result | None] = {}
-
-    def __call__(self, path: str) -> os.stat_result | None:
-        if path in self.known:
-            return self.known[path]
-        try:
-            status: os.stat_result | None = os.lstat(f"{self.root}/{path}")
-        except OSError:
-            status = None
-        self.known[path] = status
-        return status
-
-
-def content_identities(staged: StagedEnvironment, lstat: _Lstat) -> dict[PackageKey, str]:
+def content_identities(staged: StagedEnvironment, lstat: TreeStats) -> dict[PackageKey, str]:
     """Each package's identity (``staged.identities``) with a digest of the files it holds here, or ""
     (unknown). A package's files depend on the environment: where two packages ship one path, the
     installer moves one's copy under ``__clobbers__`` and rewrites its file list; a layer known by the
@@ -202,7 +185,7 @@ def content_identities(staged: StagedEnvironment, lstat: _Lstat) -> dict[Package
             for key, identity in staged.identities.items()}
 
 
-def _listing_digest(lstat: _Lstat, files: Iterable[str]) -> str:
+def _listing_digest(lstat: TreeStats, files: Iterable[str]) -> str:
     """sha256 of each file's path, type, mode, size, mtime and link target (lstat only: no file is read)."""
     digest = hashlib.sha256()
     for path in sorted(set(files)):
@@ -210,7 +193,7 @@ def _listing_digest(lstat: _Lstat, files: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _listing_line(lstat: _Lstat, path: str) -> str:
+def _listing_line(lstat: TreeStats, path: str) -> str:
     if source_of(path) is not None:  # byte code follows its source; compiling may rewrite it, with the fixed mtime
         return f"{path}\0byte code\n"
     status = lstat(path)
@@ -303,7 +286,7 @@ def _small_packages_identity(identities: dict[tuple[str, str, str], str], large:
 # depends on the Python release: the hub's may differ), by which bytecode.py checks what it keeps,
 # and the slice of its pack that holds each .pyc it took from the base image.
 COMPILE_SCRIPT = """
-import importlib.util, json, multiprocessing, os, py_compile, sys, tempfile, time
+import importlib.util, json, multiprocessing, os, py_compile, stat, sys, tempfile, time
 UNCHECKED_HASH = (1).to_bytes(4, "little")
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -325,16 +308,15 @@ root = plan.get("root", "/") if isinstance(plan, dict) else "/"
 real_root = os.path.realpath(root)
 borrow_from = plan.get("borrow_from") if isinstance(plan, dict) else None
 checked = {}  # each batch runs in a process of its own: its folders only
-def beside(path):
-    folder = os.path.dirname(importlib.util.cache_from_source(path))
+def beside(cached):
+    folder = os.path.dirname(cached)
     if folder not in checked:
         checked[folder] = os.path.realpath(folder) == os.path.join(real_root, os.path.relpath(folder, root))
     return checked[folder]
 def source_hash_of(path):
     with open(path, "rb") as file:
         return importlib.util.source_hash(file.read())
-def adopt(path):
-    cached = importlib.util.cache_from_source(path)
+def adopt(path, cached):
     try:
         with open(cached, "rb") as file:
             shipped = file.read(16)  # the header: the rest is read only to rewrite it
@@ -405,13 +387,24 @@ class Pack:
     def close(self):
         if self.file is not None:
             self.file.close()
-def borrow(path, source, digest, pack):
+resolved = {}  # the base image's folders, each resolved once (a batch's files share a few)
+def resolve_in_base(twin):
+    # where the base image's file ``twin`` resolves to, and its status
+    status = os.lstat(twin)
+    if stat.S_ISLNK(status.st_mode):
+        return os.path.realpath(twin), os.stat(twin)
+    folder, name = os.path.split(twin)
+    if folder not in resolved:
+        resolved[folder] = os.path.realpath(folder)
+    return os.path.join(resolved[folder], name), status
+def borrow(path, cached, source, digest, pack):
     if not borrow_from:
         return False
-    twin = os.path.join(borrow_from, os.path.relpath(path, root))
+    inside = path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else os.path.relpath(path, root)
+    twin = os.path.join(borrow_from, inside)
     try:
-        status = os.stat(twin)
-        if status.st_size != len(source) or os.path.realpath(twin).startswith(real_root + os.sep):
+        real, status = resolve_in_base(twin)
+        if not stat.S_ISREG(status.st_mode) or status.st_size != len(source) or real.startswith(real_root + os.sep):
             return False
         with open(twin, "rb") as file:
             if file.read() != source:
@@ -422,7 +415,7 @@ def borrow(path, source, digest, pack):
             return False  # not its byte code, or a header fit for it and no code object behind it
     except OSError:
         return False
-    pack.add(importlib.util.cache_from_source(path), importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + pyc[16:])
+    pack.add(cached, importlib.util.MAGIC_NUMBER + UNCHECKED_HASH + digest + pyc[16:])
     return True
 def finished(index, hashes, packed):
     # ``packed``: the byte code in the batch's pack (the .pyc paths), by the slice that holds it
@@ -437,10 +430,11 @@ def scan(job):
     hashes, left = {}, []
     pack = Pack(index)
     for path in paths:
-        if not beside(path):
+        cached = importlib.util.cache_from_source(path)
+        if not beside(cached):
             failed += 1
             continue
-        if adopt(path):
+        if adopt(path, cached):
             adopted += 1
             continue
         try:
@@ -451,7 +445,7 @@ def scan(job):
             continue
         digest = importlib.util.source_hash(source)
         try:
-            borrowed_it = borrow(path, source, digest, pack)
+            borrowed_it = borrow(path, cached, source, digest, pack)
         except OSError:  # its pack could not be written (nor can the next ones be): compiled instead
             borrowed_it = False
         if borrowed_it:
@@ -505,16 +499,18 @@ def stored_layers(base: dict[str, Any], plan: list[Layer], known_chains: set[str
     return stored
 
 
-def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], done: Collection[str] = ()
-                 ) -> list[tuple[str, list[str]]]:
+def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], done: Collection[str] = (),
+                 stats: TreeStats | None = None) -> list[tuple[str, list[str]]]:
     """The in-image paths of the Python files under ``lib/`` to byte-compile, in batches of one
     package's files each (so that a package's byte code does not depend on which packages share
     its layer), each with the name of the layer that holds them, in the order of the layers:
     every layer's but those named in ``skip`` (stored already, with their byte code), less the
     staged paths in ``done`` (byte code from the cache, bytecode.py), and less the sources whose
     ``__pycache__`` is no real folder of theirs: a package's symlinked ``__pycache__`` (or a folder
-    above it) could point into another package's folder, whose byte code would then be this one's."""
+    above it) could point into another package's folder, whose byte code would then be this one's.
+    ``stats``: the tree's, as this planning pass read it."""
     prefix = SHARED_PREFIX.lstrip("/")
+    lstat = stats if stats is not None else TreeStats(staged.root)
     owner = {path: "-".join(key) for key, files in staged.files.items() for path in files}
     skipped = set(done)
     jobs: list[tuple[str, list[str]]] = []
@@ -525,7 +521,7 @@ def compile_plan(staged: StagedEnvironment, plan: list[Layer], skip: set[str], d
         for entry in layer.entries:
             path = entry.path.removeprefix(prefix + "/")
             if (entry.source is None or path in skipped or not path.startswith("lib/") or not path.endswith(".py")
-                    or os.path.islink(entry.source)
+                    or _is_link(lstat(path))
                     or not staged.folders.can_hold(os.path.join(os.path.dirname(path), "__pycache__"))):
                 continue
             by_package.setdefault(owner.get(path, ""), set()).add(f"/{prefix}/{path}")
@@ -621,17 +617,19 @@ def write_members(members: Iterable[TarMember], out: Any) -> None:
         written += len(member.header)
         if member.source is None:
             continue
-        # O_NOFOLLOW: a file planned as a file is never read through a symlink put in its place
-        with os.fdopen(os.open(member.source, os.O_RDONLY | os.O_NOFOLLOW), "rb") as content:
-            if member.offset:
-                content.seek(member.offset)
-            left = member.size
-            while left:
-                data = content.read(min(left, CHUNK))
+        # O_NOFOLLOW: a file planned as a file is never read through a symlink put in its place.
+        # Unbuffered reads: most files are small, and a buffered reader for each costs more than them.
+        handle = os.open(member.source, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            at, end = member.offset, member.offset + member.size
+            while at < end:
+                data = os.pread(handle, min(end - at, CHUNK), at)
                 if not data:
                     raise OSError(f"{member.source} is shorter than when its layer was planned")
                 out.write(data)
-                left -= len(data)
+                at += len(data)
+        finally:
+            os.close(handle)
         padding = -member.size % tarfile.BLOCKSIZE
         out.write(b"\0" * padding)
         written += member.size + padding
@@ -707,6 +705,10 @@ def _compiled_files(paths: Iterable[str], staged: StagedEnvironment) -> dict[Pac
         if owner is not None:
             compiled.setdefault(owner, []).append(path)
     return compiled
+
+
+def _is_link(status: os.stat_result | None) -> bool:
+    return status is not None and stat.S_ISLNK(status.st_mode)
 
 
 def _is_file(path: str) -> bool:

@@ -449,9 +449,10 @@ class Resolver(Configurable):
         return [record for record in lock.records
                 if not (cache / f"{record.name.normalized}-{record.version}-{record.build}").is_dir()]
 
-    async def install(self, lock: Lock, staging_prefix: Path, target_prefix: str) -> None:
+    async def install(self, lock: Lock, staging_prefix: Path, target_prefix: str) -> int:
         """Link the locked packages into ``staging_prefix`` as if it lived at ``target_prefix``,
         in a child process (installer.py): a crash of the installer fails this install only.
+        The bytes installed (each hard-linked file once).
 
         Link scripts never run: user packages never execute code on the hub host.
         """
@@ -470,6 +471,7 @@ class Resolver(Configurable):
                 os.unlink(lock_path)
         if outcome.error:
             raise ResolveError(outcome.error, no_space=outcome.no_space)
+        return outcome.size
 
     async def _check_paths(self, lock: Lock) -> None:
         """Refuse a package that lists a path outside its prefix: rattler's installer would abort the
@@ -496,12 +498,20 @@ def is_no_space(error: BaseException) -> bool:
     return "no space left on device" in text or "os error 28" in text
 
 
-def make_world_readable(root: Path) -> None:
-    """chmod a+rX: rattler writes conda-meta/*.json with mode 0600, unreadable by the image's user."""
+def make_world_readable(root: Path) -> int:
+    """chmod a+rX: rattler writes conda-meta/*.json with mode 0600, unreadable by the image's user.
+    The bytes of the files under ``root``, each hard-linked file once (staged environments link into
+    the package cache): the same walk, so that the build need not walk thousands of files again."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
     for directory, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
+        for index, name in enumerate([*filenames, *dirnames]):
             path = os.path.join(directory, name)
-            mode = os.lstat(path).st_mode
+            status = os.lstat(path)
+            mode = status.st_mode
+            if index < len(filenames) and (status.st_dev, status.st_ino) not in seen:
+                seen.add((status.st_dev, status.st_ino))
+                total += status.st_size
             if stat.S_ISLNK(mode):
                 continue
             wanted = mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
@@ -509,6 +519,7 @@ def make_world_readable(root: Path) -> None:
                 wanted |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
             if wanted != mode:
                 os.chmod(path, stat.S_IMODE(wanted))
+    return total
 
 
 def _host_kernel_version() -> str:

@@ -24,6 +24,8 @@ _PYC = re.compile(r"^(?:(.*)/)?__pycache__/([^/]+?)\.[^./]+(?:\.opt-\d+)?\.pyc$"
 def source_of(path: str) -> str | None:
     """The source a compiled file was compiled from (``dir/__pycache__/m.cpython-39.pyc`` ->
     ``dir/m.py``), or None for any other file."""
+    if not path.endswith(".pyc"):  # asked of every file of an environment, several times a build
+        return None
     match = _PYC.match(path)
     if match is None:
         return None
@@ -98,6 +100,29 @@ class StagedEnvironment:
                 for key, package in self.packages.items()}
 
 
+class TreeStats:
+    """``os.lstat`` of a staged tree's paths (relative), each asked of the disk once; None: absent.
+    One planning pass's view (settling mtimes, planning the layers, the compile batches): a path
+    changed since is :meth:`forget`-ten, or read again in a new one."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = os.fspath(root)
+        self.known: dict[str, os.stat_result | None] = {}
+
+    def __call__(self, path: str) -> os.stat_result | None:
+        if path in self.known:
+            return self.known[path]
+        try:
+            status: os.stat_result | None = os.lstat(f"{self.root}/{path}")
+        except OSError:
+            status = None
+        self.known[path] = status
+        return status
+
+    def forget(self, path: str) -> None:
+        self.known.pop(path, None)
+
+
 class RealFolders:
     """Which folders below a staged environment's root are real folders all the way down.
 
@@ -127,7 +152,7 @@ class RealFolders:
 
     def holds_parent_of(self, path: str) -> bool:
         """Whether every folder above ``path`` (relative) is real."""
-        return self.holds(os.path.dirname(path))
+        return self.holds(path.rpartition("/")[0])  # os.path.dirname's answer for a relative path, faster
 
     def can_hold(self, folder: str) -> bool:
         """Whether ``folder`` (relative) is a real folder chain below the root, or is missing below

@@ -25,7 +25,7 @@ from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import Build, BuildRequest
 from .resolve import Lock, ResolveError, Resolver
 from .spec import EnvironmentSpec, pip_requirement_text
-from .stagedenv import StagedEnvironment
+from .stagedenv import StagedEnvironment, TreeStats
 
 
 async def solve(resolver: Resolver, build: Build, request: BuildRequest, build_log: io.TextIOBase, key_dir: Path,
@@ -64,36 +64,33 @@ async def install(resolver: Resolver, build: Build, lock: Lock, context: Path, b
                                         f" and installing {len(lock.records)}") if missing
                         else f"Installing {plural(len(lock.records), 'package')} from the package cache")
     try:
-        await resolver.install(lock, context / "env", prefix)
+        size = await resolver.install(lock, context / "env", prefix)
     except ResolveError as error:
         build_log.write(f"install failed: {error}\n")
         if error.no_space:
             raise  # the builder says which folder is full (no_space_error)
         raise BuildError(f"install: {error}", phase="install", cause=str(error).removeprefix("install failed: "),
                          unreachable=error.unreachable) from None
-    size = await asyncio.to_thread(tree_size, context / "env")
     build_log.write(f"installed into the staging prefix: {size} bytes\n")
     await build.publish("install", 40, f"Installed the conda environment ({megabytes(size)})")
     return size
 
 
-def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
+def settle_mtimes(staged: StagedEnvironment, fallback: int, stats: TreeStats | None = None) -> int:
     """Give each installed file of a package its mtime in the package cache (the package's own,
     as extracted), where the installer copied or rewrote it: so that the byte code a package
     ships, checked by its source's mtime, stays valid, and a package's files are the same bytes
     in a layer whether they were linked or copied. ``fallback`` where the cache's copy is gone.
-    How many files it changed."""
+    How many files it changed. ``stats``: the tree's, for this planning pass (the changed files forgotten)."""
     changed = 0
     root = os.fspath(staged.root)  # str paths: thousands of files, pathlib's joins cost more than the lstat
+    lstat = stats if stats is not None else TreeStats(root)
     for package in staged.packages.values():
         for path in package.files:
             if not staged.folders.holds_parent_of(path):
                 continue  # never through a package's symlink: the layers leave such a path out too
-            try:
-                status = os.lstat(f"{root}/{path}")
-            except OSError:
-                continue
-            if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+            status = lstat(path)
+            if status is None or not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
                 continue  # a hard link shares the cache's mtime
             try:
                 mtime = int(os.lstat(f"{package.extracted}/{path}").st_mtime) if package.extracted else fallback
@@ -101,6 +98,7 @@ def settle_mtimes(staged: StagedEnvironment, fallback: int) -> int:
                 mtime = fallback
             if int(status.st_mtime) != mtime:
                 os.utime(f"{root}/{path}", (mtime, mtime), follow_symlinks=False)
+                lstat.forget(path)
                 changed += 1
     return changed
 

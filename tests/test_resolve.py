@@ -21,6 +21,7 @@ from condaspawner_bench.devchannel import CondaPackage, PackageFile
 from jupyterhub_condaspawner import installer, resolve
 from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver, is_no_space
 from jupyterhub_condaspawner.spec import SpecPolicy
+from jupyterhub_condaspawner.staging import tree_size
 
 TARGET = "/opt/conda/envs/demo"
 
@@ -132,6 +133,12 @@ async def test_installed_files_are_world_readable(resolver, tmp_path):
     await resolver.install(lock, tmp_path / "env", TARGET)
     for path in (tmp_path / "env" / "conda-meta").iterdir():
         assert path.stat().st_mode & stat.S_IROTH, path
+
+
+async def test_an_install_tells_the_bytes_it_installed_each_hard_linked_file_once(resolver, tmp_path):
+    lock = await resolver.solve(spec("channels: [conda-forge]\ndependencies: [cs-gamma]"))
+    installed = await resolver.install(lock, tmp_path / "env", TARGET)
+    assert installed == tree_size(tmp_path / "env") > 0
 
 
 def test_reading_a_bad_lock_file_is_one_line(tmp_path):
