@@ -11,6 +11,9 @@ staged environment that installs the package, which then compiles only what is n
 Only byte code compiled from the source it is filed under is kept, and linked back only beside
 that same source: a package can install a symlinked ``__pycache__`` that points into another
 package's folder, and unchecked-hash byte code is never checked against its source by Python.
+The byte code the compile container took from the base image (the server's stack, which most
+environments' ipykernel shares) is kept as it came, in one pack per entry: a file each would
+cost the disk more than its bytes; the layers hold each slice as the .pyc beside its source.
 """
 
 from __future__ import annotations
@@ -20,19 +23,22 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import layers
-from .stagedenv import StagedEnvironment, source_of
+from .stagedenv import PackageKey, StagedEnvironment, source_of
 
 COMPLETE = "complete"  # in an entry: written last, so that an entry with it is whole; its files' sha256
 # 2: ``complete`` holds each file's sha256, checked before the entry is linked; 3: and its source's sha256,
 # the source the byte code's header says it was compiled from (entries of 2 could hold another source's);
 # 4: ``complete`` is {"files": those records, "from_base_image": the sources whose byte code the build
-# took from the base image (not kept: taken from there again)}
-ENTRY_FORMAT = "4"
+# took from the base image (not kept: taken from there again)}; 5: {"files": ..., "packed": the records of
+# the byte code taken from the base image, each with its slice of the entry's PACK (offset, size)}
+ENTRY_FORMAT = "5"
+PACK = "from-base-image.pack"  # in an entry: the byte code taken from the base image, one slice each
 PARTIAL = ".tmp-*"  # an entry keep() is writing: a killed build leaves it (leftovers.py removes old ones)
 
 
@@ -42,16 +48,30 @@ def cache_directory(bytecode_cache_dir: str, package_cache_dir: str) -> Path:
     return Path(bytecode_cache_dir or Path(package_cache_dir) / "condaspawner-bytecode")
 
 
+Slice = tuple[Path, int, int]  # byte code in a pack: the pack, where it starts, its size
+
+
+@dataclass
+class Restored:
+    """What :meth:`BytecodeCache.restore` gave a staged environment: the staged paths of the Python
+    files whose byte code is there (not to compile again), linked beside them or, for the byte code
+    taken from the base image, in ``packed``: by staged .pyc path, the slice that holds it (for
+    layers.ByteCodePlacer)."""
+
+    done: set[str] = field(default_factory=set)
+    packed: dict[str, Slice] = field(default_factory=dict)
+
+
 class BytecodeCache:
     """Compiled files by package identity under ``directory`` (None: no cache)."""
 
     def __init__(self, directory: Path | None):
         self.directory = directory
 
-    def restore(self, staged: StagedEnvironment) -> set[str]:
-        """Link the cached byte code of the packages ``staged`` into its folder: the staged
-        paths of the Python files whose byte code is now there (not to compile again)."""
-        done: set[str] = set()
+    def restore(self, staged: StagedEnvironment) -> Restored:
+        """Link the cached byte code of the packages ``staged`` into its folder, and name the slices
+        of the byte code kept packed."""
+        restored = Restored()
         staging = staged.root
         for key, files in staged.files.items():
             entry = self._entry(staged.identities[key])
@@ -60,46 +80,50 @@ class BytecodeCache:
             intact = _intact(entry)
             if intact is None:
                 continue
-            digests, from_base_image = intact
-            if not all(_source_digest(staged, path) == record["source"] for path, record in digests.items()):
+            digests, slices = intact
+            if not all(_source_digest(staged, path) == record["source"]
+                       for path, record in [*digests.items(), *slices.items()]):
                 continue  # the sources here are not those it was compiled from (another package clobbered one)
+            if not all(staged.folders.can_hold(os.path.dirname(path)) for path in slices):
+                continue  # compiled over: no byte code goes through a package's symlink
             try:
                 for cached in digests:
                     staged.folders.make(os.path.dirname(cached))  # never through a package's symlink
                     _replace_with_link(f"{entry}/{cached}", f"{staging}/{cached}")
             except OSError:
                 continue  # a partial restore is compiled over
-            # The byte code a package ships is not cached: the compile container adopts it, and takes
-            # again the base image's byte code of the sources it took it for.
-            left = {source_of(path) for path in files} | from_base_image
-            done.update(path for path in files if path.endswith(".py") and path not in left)
-        return done
+            restored.packed.update({path: (entry / PACK, record["offset"], record["size"])
+                                    for path, record in slices.items()})
+            # The byte code a package ships is not cached: the compile container adopts it.
+            left = {source_of(path) for path in files}
+            restored.done.update(path for path in files if path.endswith(".py") and path not in left)
+        return restored
 
-    def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes], packed: Collection[str] = ()
-             ) -> None:
-        """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks, if each
-        of its files' headers has the hash of the source it is filed under: ``source_hashes``, each
-        compiled source's (staged path), as the compiling Python hashed it (importlib.util.source_hash,
-        which depends on that Python's release: the compile container reports them). The byte code
-        in ``packed`` (staged .pyc paths: taken from the base image into a pack, not beside their
-        sources) is not kept; each entry names those of its package's sources, which a later build
-        leaves to the compile container (it takes their byte code from the base image again)."""
+    def keep(self, staged: StagedEnvironment, source_hashes: Mapping[str, bytes],
+             packed: Mapping[str, Slice] | None = None) -> None:
+        """Keep the byte code compiled in ``staged``'s folder of each package the cache lacks, and the
+        byte code ``packed`` (compilerun.CompileRun.every_packed's: taken from the base image, by staged
+        .pyc path), if each file's header has the hash of the source it is filed under:
+        ``source_hashes``, each compiled source's (staged path), as the compiling Python hashed it
+        (importlib.util.source_hash, which depends on that Python's release: the compile container
+        reports them)."""
         staging = staged.root
-        packed_sources = {source for path in packed if (source := source_of(path)) is not None}
-        for key, compiled in layers.compiled_files(staged).items():
+        compiled_by_package = layers.compiled_files(staged)
+        packed_by_package = _by_package(staged, packed or {})
+        for key in sorted({*compiled_by_package, *packed_by_package}):
             entry = self._entry(staged.identities.get(key, ""))
             if entry is None or entry.exists():
                 continue
             partial = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
             try:
-                made: set[str] = set()
+                partial.mkdir(parents=True)
+                made: set[str] = {str(partial)}
                 digests = {}
-                for path in compiled:
+                for path in compiled_by_package.get(key, []):
                     _link(f"{staging}/{path}", f"{partial}/{path}", made)
                     digests[path] = _checked_record(staged, path, _read(partial / path), source_hashes)
-                from_base_image = sorted(packed_sources.intersection(staged.files.get(key, ())))
-                (partial / COMPLETE).write_text(json.dumps({"files": digests, "from_base_image": from_base_image},
-                                                           sort_keys=True))
+                slices = _write_pack(staged, packed_by_package.get(key, {}), partial, source_hashes)
+                (partial / COMPLETE).write_text(json.dumps({"files": digests, "packed": slices}, sort_keys=True))
                 os.rename(partial, entry)  # another build may have kept it first: then ours goes
             except OSError:
                 pass
@@ -112,6 +136,44 @@ class BytecodeCache:
         key = hashlib.sha256(f"{layers.LAYER_RECIPE}\0{ENTRY_FORMAT}\0{layers.SHARED_PREFIX}\0{identity}".encode()
                              ).hexdigest()
         return self.directory / key
+
+
+def _by_package(staged: StagedEnvironment, packed: Mapping[str, Slice]) -> dict[PackageKey, dict[str, Slice]]:
+    """``packed`` by the package of each .pyc's source."""
+    owners = {path: key for key, files in staged.files.items() for path in files if path.endswith(".py")}
+    grouped: dict[PackageKey, dict[str, Slice]] = {}
+    for path, place in packed.items():
+        owner = owners.get(source_of(path) or "")
+        if owner is not None:
+            grouped.setdefault(owner, {})[path] = place
+    return grouped
+
+
+def _write_pack(staged: StagedEnvironment, packed: Mapping[str, Slice], partial: Path,
+                source_hashes: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The slices ``packed`` (one package's) copied into the entry's PACK, in ``partial``: their
+    records (_checked_record's, with the offset and size of each slice there); none, no pack."""
+    slices: dict[str, dict[str, Any]] = {}
+    if not packed:
+        return slices
+    with open(partial / PACK, "wb") as out:
+        for path, (pack, offset, size) in sorted(packed.items()):
+            pyc = _read_slice(pack, offset, size)
+            slices[path] = {**_checked_record(staged, path, pyc, source_hashes), "offset": out.tell(), "size": size}
+            out.write(pyc)
+    return slices
+
+
+def _read_slice(pack: Path, offset: int, size: int) -> bytes:
+    """``size`` bytes of ``pack`` from ``offset``; OSError if it holds fewer."""
+    handle = os.open(pack, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        data = os.pread(handle, size, offset)
+    finally:
+        os.close(handle)
+    if len(data) != size:
+        raise OSError(f"{pack} holds no {size} bytes at {offset}")
+    return data
 
 
 class _NotItsByteCode(OSError):
@@ -158,11 +220,11 @@ def _read(path: Path) -> bytes:
         return file.read()
 
 
-def _intact(entry: Path) -> tuple[dict[str, dict[str, str]], set[str]] | None:
-    """An entry's files and their records (their sha256 and their sources'), if it is whole and every
-    file still has its digest, and the sources it left to the base image; None otherwise. A damaged
-    entry (a disk error, a bad copy of the folder) is removed, so that the next build compiles the
-    package and keeps it again: never linked into an image."""
+def _intact(entry: Path) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, Any]]] | None:
+    """An entry's files and their records (their sha256 and their sources'), and its packed byte
+    code's (with their slices of its PACK), if it is whole and every file and slice still has its
+    digest; None otherwise. A damaged entry (a disk error, a bad copy of the folder) is removed, so
+    that the next build compiles the package and keeps it again: never linked into an image."""
     try:
         complete = json.loads((entry / COMPLETE).read_text())
     except FileNotFoundError:
@@ -170,14 +232,28 @@ def _intact(entry: Path) -> tuple[dict[str, dict[str, str]], set[str]] | None:
     except (OSError, ValueError):
         complete = None
     digests = complete.get("files") if isinstance(complete, dict) else None
-    from_base_image = complete.get("from_base_image") if isinstance(complete, dict) else None
-    if (isinstance(digests, dict) and isinstance(from_base_image, list)
-            and all(isinstance(source, str) for source in from_base_image) and set(digests) == set(_files(entry))
+    slices = complete.get("packed") if isinstance(complete, dict) else None
+    if (isinstance(digests, dict) and isinstance(slices, dict) and set(digests) == set(_files(entry))
             and all(_well_formed(record) and _digest(entry / path) == record["sha256"]
-                    for path, record in digests.items())):
-        return digests, set(from_base_image)
+                    for path, record in digests.items())
+            and _slices_intact(entry, slices)):
+        return digests, slices
     shutil.rmtree(entry, ignore_errors=True)
     return None
+
+
+def _slices_intact(entry: Path, slices: dict[str, Any]) -> bool:
+    """Whether each slice's record is well formed and its bytes in the entry's PACK have its digest."""
+    if not slices:
+        return not (entry / PACK).exists()
+    try:
+        pack = _read(entry / PACK)
+    except OSError:
+        return False
+    return all(_well_formed(record) and isinstance(record.get("offset"), int) and isinstance(record.get("size"), int)
+               and 0 <= record["offset"] and 0 < record["size"] and record["offset"] + record["size"] <= len(pack)
+               and hashlib.sha256(pack[record["offset"]:record["offset"] + record["size"]]).hexdigest() == record["sha256"]
+               for record in slices.values())
 
 
 def _well_formed(record: Any) -> bool:
@@ -192,7 +268,7 @@ def _digest(path: Path) -> str:
 
 
 def _files(entry: Path) -> list[str]:
-    return [path for path in layers.tree_paths(entry) if path != COMPLETE]
+    return [path for path in layers.tree_paths(entry) if path not in (COMPLETE, PACK)]
 
 
 def _link(source: str, target: str, made: set[str]) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +146,12 @@ def remove_in_background(container: Any) -> None:
     threading.Thread(target=remove_container, args=(container,), daemon=True).start()
 
 
-def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer]
-                   ) -> Callable[[layers.Layer], layers.Layer]:
+def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers.Layer],
+                   cached: Mapping[str, tuple[Path, int, int]] | None = None) -> Callable[[layers.Layer], layers.Layer]:
     """What :func:`imageload.load_image` calls before writing each layer (planned before compiling):
     a package's layer, or a small packages' one, waits for its own batches, the environment's
     (which holds what no package claims) for every batch; each then gets the byte code
-    compiled (or restored from the cache) for its own sources."""
+    compiled (or restored from the cache: linked, or ``cached``'s slices) for its own sources."""
     placer = layers.ByteCodePlacer(staged)
     planned = {layer.name for layer in plan}
 
@@ -160,6 +160,6 @@ def layer_preparer(run: CompileRun, staged: StagedEnvironment, plan: list[layers
             return layer  # the kernel's files
         batches = range(run.count) if layer.name == layers.ENVIRONMENT else run.batches_of.get(layer.name, [])
         run.wait_for(batches)
-        return placer.layer_with_byte_code(layer, run.packed(batches))
+        return placer.layer_with_byte_code(layer, {**(cached or {}), **run.packed(batches)})
 
     return prepare

@@ -25,7 +25,7 @@ from . import imageload, layers, madeids
 from .buildcontext import settings_files
 from .builderrors import BuildError, megabytes, one_line, plural
 from .buildmodel import ENVS_ROOT, Build, BuildRequest
-from .bytecode import BytecodeCache, cache_directory
+from .bytecode import BytecodeCache, Restored, cache_directory
 from .compilerun import CompileRun, layer_preparer, remove_container, remove_in_background
 from .dockerbuild import daemon_disk_full, docker_build
 from .stagedenv import StagedEnvironment, TreeStats
@@ -220,6 +220,7 @@ class _Planned:
     base_id: str
     history: list[dict[str, Any]]
     bytecode: BytecodeCache
+    restored: Restored
     jobs: list[tuple[str, list[str]]]
 
 
@@ -251,10 +252,11 @@ async def _plan(builder: ImageBuilder, build: Build, request: BuildRequest, stag
     # and packages compiled for an earlier build are not compiled again.
     stored = layers.stored_layers(base_attrs, plan, known, memo)
     bytecode = BytecodeCache(cache_directory(builder.bytecode_cache_dir, builder.resolver.package_cache_dir))
-    done = await asyncio.to_thread(bytecode.restore, staged)
-    jobs = layers.compile_plan(staged, plan, stored, done, stats)
-    build_log.write(f"byte code of {len(done)} Python files from the cache, {sum(len(p) for _, p in jobs)} compiled\n")
-    return _Planned(staged, plan, known, memo, base_id, history, bytecode, jobs)
+    restored = await asyncio.to_thread(bytecode.restore, staged)
+    jobs = layers.compile_plan(staged, plan, stored, restored.done, stats)
+    build_log.write(f"byte code of {len(restored.done)} Python files from the cache, "
+                    f"{sum(len(p) for _, p in jobs)} compiled\n")
+    return _Planned(staged, plan, known, memo, base_id, history, bytecode, restored, jobs)
 
 
 def check_installed(staged: StagedEnvironment, lock_file: Path) -> None:
@@ -296,10 +298,11 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         await build.publish("compile", 41, "Python files already compiled: byte code reused from earlier builds")
     compiled = not jobs or run is not None
     load_memo = memo if compiled else memo.without_byte_code()
-    prepare = layer_preparer(run, staged, plan) if run is not None else None
-    if compiled and run is None:  # byte code from the cache only: in place already
+    cached = planned.restored.packed
+    prepare = layer_preparer(run, staged, plan, cached) if run is not None else None
+    if compiled and run is None:  # byte code from the cache only: in place already, or in its packs
         placer = layers.ByteCodePlacer(staged)
-        plan = [placer.layer_with_byte_code(layer) for layer in plan]
+        plan = [placer.layer_with_byte_code(layer, cached) for layer in plan]
     plan.append(layers.files_layer("kernel and settings", settings_files(context, request)))
     env = {"CONDASPAWNER_ENV": f"{ENVS_ROOT}/{request.env_name}"}
     await build.publish("build", 42, f"Writing the environment as {plural(len(plan), 'layer')}")

@@ -241,17 +241,17 @@ def test_byte_code_is_kept_by_package_and_linked_into_the_next_environment(tmp_p
     (first / pyc).write_bytes(compiled(b"x = 1\n"))
     cache = BytecodeCache(tmp_path / "bytecode")
     cache.keep(read(first), source_hashes(first, "lib/small.py"))
-    assert cache.restore(read(first)) == {"lib/small.py"}  # python's os.py was not compiled: nothing kept for it
+    assert cache.restore(read(first)).done == {"lib/small.py"}  # python's os.py was not compiled: nothing kept for it
 
     second = staged_env("two", {"python": python, "small": {"lib/small.py": b"x = 1\n"}, "other": {"lib/o.py": b""}})
-    assert cache.restore(read(second)) == {"lib/small.py"} and (second / pyc).read_bytes() == compiled(b"x = 1\n")
+    assert cache.restore(read(second)).done == {"lib/small.py"} and (second / pyc).read_bytes() == compiled(b"x = 1\n")
     plan = layers.plan_layers(read(second), "demo", min_bytes=MB, max_layers=10)
     assert [f"{layers.SHARED_PREFIX}/lib/small.py"] not in compile_batches(second, plan, set(), {"lib/small.py"})
     # another python, another identity: nothing restored
     third = staged_env("three", {"python": {"lib/python3.9/os.py": b"sep = '\\\\'\n"}, "small": {"lib/small.py": b"x = 1\n"}})
     record = third / "conda-meta" / "python-1.0-0.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": "f" * 64}))
-    assert cache.restore(read(third)) == set()
+    assert cache.restore(read(third)).done == set()
 
 
 def test_byte_code_taken_from_the_base_image_is_written_from_its_pack_over_any_stale_file(tmp_path):
@@ -284,28 +284,70 @@ def test_byte_code_taken_from_the_base_image_is_written_from_its_pack_over_any_s
     assert layers.tar_size(placed.entries) == len(tar.getvalue())
 
 
-def test_byte_code_taken_from_the_base_image_is_left_to_it_by_the_byte_code_cache(tmp_path):
-    """The byte code taken from the base image is packed, not kept: a package's entry holds what was
-    compiled and names the sources left to the base image, which a later build hands the compile
-    container again (it takes their byte code from there) rather than taking them as restored."""
-    packages = {"half": {"lib/a.py": b"A = 1\n", "lib/b.py": b"B = 1\n"}, "whole": {"lib/c.py": b"C = 1\n"}}
-    staged = stage(tmp_path / "env", packages)
-    for name in packages:
-        record = staged / "conda-meta" / f"{name}-1.0-0.json"
-        record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": name[0] * 64}))
-    for source in ("a", "c"):
-        (staged / "lib" / "__pycache__").mkdir(exist_ok=True)
-        (staged / "lib" / "__pycache__" / f"{source}.cpython-39.pyc").write_bytes(compiled(f"{source.upper()} = 1\n".encode()))
+def packed_environment(root: Path, packages: dict[str, dict[str, bytes]]) -> Path:
+    staged = stage(root, packages, records={name: {"sha256": name[0] * 64} for name in packages})
+    (staged / "lib" / "__pycache__").mkdir(exist_ok=True)
+    return staged
+
+
+def test_byte_code_taken_from_the_base_image_is_kept_in_one_pack_and_written_from_it_into_the_next_image(tmp_path):
+    """The byte code taken from the base image comes in the compile container's packs, not as files:
+    the cache keeps it as it came, one pack per package's entry (a file each costs some disks more than
+    its bytes), and a later build's layers hold each slice as the .pyc beside its source, with the
+    byte code compiled before linked: nothing of that package is compiled or taken again."""
+    packages = {"half": {"lib/a.py": b"A = 1\n", "lib/b.py": b"B = 1\n"}, "whole": {"lib/c.py": b"C = 1\n"},
+                "none": {"lib/d.py": b"D = 1\n"}}
+    staged = packed_environment(tmp_path / "env", packages)
+    (staged / "lib" / "__pycache__" / "a.cpython-39.pyc").write_bytes(compiled(b"A = 1\n"))
+    pack = tmp_path / "0.pack"
+    taken = {"b": compiled(b"B = 1\n", b"from the base"), "c": compiled(b"C = 1\n", b"from it too")}
+    pack.write_bytes(taken["b"] + taken["c"])
+    packed = {"lib/__pycache__/b.cpython-39.pyc": (pack, 0, len(taken["b"])),
+              "lib/__pycache__/c.cpython-39.pyc": (pack, len(taken["b"]), len(taken["c"]))}
     cache = BytecodeCache(tmp_path / "bytecode")
-    cache.keep(read(staged), source_hashes(staged, "lib/a.py", "lib/c.py"), packed=["lib/__pycache__/b.cpython-39.pyc"])
-    again = stage(tmp_path / "again", packages)
-    for name in packages:
-        (again / "conda-meta" / f"{name}-1.0-0.json").write_text((staged / "conda-meta" / f"{name}-1.0-0.json").read_text())
-    assert cache.restore(read(again)) == {"lib/a.py", "lib/c.py"}
-    assert sorted(path.name for path in (again / "lib" / "__pycache__").iterdir()) == ["a.cpython-39.pyc", "c.cpython-39.pyc"]
+    cache.keep(read(staged), source_hashes(staged, "lib/a.py", "lib/b.py", "lib/c.py"), packed)
+    assert len(list((tmp_path / "bytecode").iterdir())) == 2  # "none" had nothing compiled nor taken
+    pack.unlink()  # the compile container's folder goes with its build
+
+    again = packed_environment(tmp_path / "again", packages)
+    restored = cache.restore(read(again))
+    assert restored.done == {"lib/a.py", "lib/b.py", "lib/c.py"}
+    assert sorted(path.name for path in (again / "lib" / "__pycache__").iterdir()) == ["a.cpython-39.pyc"]
     plan = layers.plan_layers(read(again), "demo", min_bytes=MB, max_layers=10)
-    assert compile_batches(again, plan, set(), {"lib/a.py", "lib/c.py"}) == [
-        [f"{layers.SHARED_PREFIX}/lib/b.py"]]
+    assert compile_batches(again, plan, set(), restored.done) == [[f"{layers.SHARED_PREFIX}/lib/d.py"]]
+    placer = layers.ByteCodePlacer(read(again))
+    prefix = layers.SHARED_PREFIX.lstrip("/")
+    held = {}
+    for layer in plan:
+        tar = io.BytesIO()
+        layers.write_tar(placer.layer_with_byte_code(layer, restored.packed).entries, tar)
+        tar.seek(0)
+        with tarfile.open(fileobj=tar) as archive:
+            held.update({member.name.removeprefix(f"{prefix}/"): archive.extractfile(member).read()
+                         for member in archive.getmembers() if member.name.endswith(".pyc")})
+    assert held == {"lib/__pycache__/a.cpython-39.pyc": compiled(b"A = 1\n"),
+                    "lib/__pycache__/b.cpython-39.pyc": taken["b"], "lib/__pycache__/c.cpython-39.pyc": taken["c"]}
+
+
+def test_a_packed_slice_that_is_not_its_sources_byte_code_or_is_damaged_is_neither_kept_nor_restored(tmp_path):
+    """A slice whose header names another source is not kept; a kept pack cut short drops its entry."""
+    packages = {"whole": {"lib/c.py": b"C = 1\n"}}
+    staged = packed_environment(tmp_path / "env", packages)
+    pack = tmp_path / "0.pack"
+    pack.write_bytes(compiled(b"C = 2\n"))
+    cache = BytecodeCache(tmp_path / "bytecode")
+    slices = {"lib/__pycache__/c.cpython-39.pyc": (pack, 0, pack.stat().st_size)}
+    cache.keep(read(staged), source_hashes(staged, "lib/c.py"), slices)
+    assert not list((tmp_path / "bytecode").iterdir())
+
+    pack.write_bytes(compiled(b"C = 1\n"))
+    cache.keep(read(staged), source_hashes(staged, "lib/c.py"), slices)
+    (entry,) = (tmp_path / "bytecode").iterdir()
+    kept = entry / "from-base-image.pack"
+    kept.write_bytes(kept.read_bytes()[:-1])
+    again = packed_environment(tmp_path / "again", packages)
+    restored = cache.restore(read(again))
+    assert restored.done == set() and restored.packed == {} and not entry.exists()
 
 
 def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
@@ -324,7 +366,7 @@ def test_a_damaged_byte_code_entry_is_dropped_not_linked(tmp_path):
     (entry / pyc).write_bytes(b"byte")  # truncated in the cache
     again = stage(tmp_path / "two", {"small": {"lib/small.py": b"x = 1\n"}})
     (again / "conda-meta" / "small-1.0-0.json").write_text(record.read_text())
-    assert cache.restore(read(again)) == set()  # compiled again
+    assert cache.restore(read(again)).done == set()  # compiled again
     assert not (again / pyc).exists() and not entry.exists()
 
 
@@ -503,13 +545,13 @@ def test_byte_code_not_compiled_from_the_source_it_is_filed_under_is_neither_kep
     clean = stage(tmp_path / "clean", {"cs-target": {"lib/python3.9/site-packages/cs_target/__init__.py": b"",
                                                      TARGET: b"WHO = 'target'\n"}},
                   records={"cs-target": {"sha256": "a" * 64}})
-    assert cache.restore(read(clean)) == {TARGET, "lib/python3.9/site-packages/cs_target/__init__.py"}
+    assert cache.restore(read(clean)).done == {TARGET, "lib/python3.9/site-packages/cs_target/__init__.py"}
     assert (clean / TARGET_PYC).read_bytes() == compiled(b"WHO = 'target'\n")
     # the same package, its m.py another's here (clobbered): its byte code is not this source's
     other = stage(tmp_path / "other", {"cs-target": {"lib/python3.9/site-packages/cs_target/__init__.py": b"",
                                                      TARGET: b"WHO = 'clobbered'\n"}},
                   records={"cs-target": {"sha256": "a" * 64}})
-    assert cache.restore(read(other)) == set() and not (other / TARGET_PYC).exists()
+    assert cache.restore(read(other)).done == set() and not (other / TARGET_PYC).exists()
 
 
 def digest(layer: layers.Layer) -> str:
