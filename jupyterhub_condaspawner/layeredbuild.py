@@ -346,10 +346,12 @@ async def _load_layers(builder: ImageBuilder, build: Build, request: BuildReques
         if keeping is not None:
             keeping.cancel()
         raise
-    if run is not None:
-        await _finish_compile(run, context, build_log)
-    if keeping is not None:
-        await keeping
+    try:
+        if keeping is not None:
+            await keeping  # it reads the compile container's packs: before their folder goes
+    finally:
+        if run is not None:
+            await _finish_compile(run, context, build_log)
     madeids.add(builder.key_dir(build.key), removed=result.removed)  # leftovers.py need not look for them
     for image in result.removed:
         build_log.write(f"removed the stage image {image}\n")

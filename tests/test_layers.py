@@ -1105,30 +1105,48 @@ async def test_a_first_build_takes_the_base_images_byte_code_of_the_servers_stac
     """A hub's first build (no byte code kept yet) compiles little of ipykernel's stack: the base image
     holds the single-user server, compiled when it was built, and the environment's identical sources
     take its byte code. Imported in the image (the kernel's Python, through the env's symlink), every
-    function of the environment's modules names the environment's own file, never the base image's."""
+    function of the environment's modules names the environment's own file, never the base image's.
+    The next environment with that stack has its byte code from the cache (kept in packs), the same
+    bytes, and takes nothing from the base image again."""
     repository = f"condaspawner-layers-{SESSION}-first"
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
     builder = ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
                            cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
                            image_repo=repository, layered_images=True)
+    client = docker_daemon.client()
+    kernelapp = f"{layers.SHARED_PREFIX}/lib/python3.9/site-packages/ipykernel/__pycache__/kernelapp.cpython-39.pyc"
     try:
         info = await builder.get_image(env_request("cs-gamma", "first"))
         log = (Path(builder.key_dir(info.key)) / "build.log").read_text()
         assert re.search(r"^byte code of 0 Python files from the cache", log, re.M)
         assert int(re.search(r"took the base image's byte code of (\d+) identical ones", log).group(1)) > 100
-        script = ("import sys, types, ipykernel.kernelapp, jupyter_client, traitlets, tornado.web\n"
-                  "names = [value.__code__.co_filename for module in list(sys.modules.values())\n"
-                  "         if (getattr(module, '__file__', None) or '').startswith('/opt/conda/envs/')\n"
-                  "         for value in vars(module).values() if isinstance(value, types.FunctionType)\n"
-                  "         and value.__code__.co_filename.startswith('/')]  # not exec's '<string>'\n"
-                  "print(len(names), sum(n.startswith('/opt/conda/envs/first/') for n in names),\n"
-                  "      sum(n.startswith('/opt/conda/lib/') for n in names))\n")
-        output = docker_daemon.client().containers.run(info.tag, ["/opt/conda/envs/first/bin/python", "-c", script],
-                                                       network_mode="none", remove=True)
-        functions, own, base = map(int, output.decode().split())
-        assert functions > 100 and own == functions and base == 0, (functions, own, base)
+        assert imported_function_files(client, info.tag, "first") == "all the environment's own"
+
+        second = await builder.get_image(env_request("cs-alpha", "second"))
+        log = (Path(builder.key_dir(second.key)) / "build.log").read_text()
+        assert int(re.search(r"^byte code of (\d+) Python files from the cache", log, re.M).group(1)) > 100
+        assert re.findall(r"took the base image's byte code of (\d+) identical ones", log) in ([], ["0"])
+        taken = client.containers.run(info.tag, ["sha256sum", kernelapp], network_mode="none", remove=True)
+        assert client.containers.run(second.tag, ["sha256sum", kernelapp], network_mode="none", remove=True) == taken
+        assert imported_function_files(client, second.tag, "second") == "all the environment's own"
     finally:
-        remove_repo_images(docker_daemon.client(), repository)
+        remove_repo_images(client, repository)
+
+
+def imported_function_files(client: docker.DockerClient, tag: str, env: str) -> str:
+    """Whose files the functions of ipykernel's stack name, imported in image ``tag`` by the kernel's
+    Python: "all the environment's own", or the counts (functions, the environment's, the base image's)."""
+    script = ("import sys, types, ipykernel.kernelapp, jupyter_client, traitlets, tornado.web\n"
+              "names = [value.__code__.co_filename for module in list(sys.modules.values())\n"
+              "         if (getattr(module, '__file__', None) or '').startswith('/opt/conda/envs/')\n"
+              "         for value in vars(module).values() if isinstance(value, types.FunctionType)\n"
+              "         and value.__code__.co_filename.startswith('/')]  # not exec's '<string>'\n"
+              f"print(len(names), sum(n.startswith('/opt/conda/envs/{env}/') for n in names),\n"
+              "      sum(n.startswith('/opt/conda/lib/') for n in names))\n")
+    output = client.containers.run(tag, [f"/opt/conda/envs/{env}/bin/python", "-c", script], network_mode="none",
+                                   remove=True)
+    functions, own, base = map(int, output.decode().split())
+    return "all the environment's own" if functions > 100 and own == functions and base == 0 else str((functions, own, base))
 
 
 @pytest.mark.docker
