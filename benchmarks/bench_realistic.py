@@ -23,8 +23,8 @@ are not part of any figure. Then:
    the second depends on how much of the environment the base image holds too) and the
    image sizes. Then the same
    environment on a hub that built another one first (ipykernel's closure, which every
-   environment installs: the byte-code cache holds what the first build compiled, and what it
-   took from the base image is taken from there again; python's layer is sent again, as it
+   environment installs: the byte-code cache holds what the first build compiled and what it
+   took from the base image, in packs; python's layer is sent again, as it
    sits above numpy's and pandas' here):
    ``cold build / floor, NAME, after another environment: X.XX``.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
@@ -261,8 +261,8 @@ async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str,
 async def build_after_another(bench: Bench, resolver: Resolver, scratch: Path, name: str, packages: tuple[str, ...]
                               ) -> Timed:
     """A new environment on a hub that has built before: every environment holds python and
-    ipykernel; the first build kept the byte code it compiled (bytecode.py; what it took from
-    the base image is taken again), so only the new packages are compiled. Its layers are all sent: python's sits on the base there, and
+    ipykernel; the first build kept the byte code it compiled and took from the base image
+    (bytecode.py), so only the new packages are compiled. Its layers are all sent: python's sits on the base there, and
     above the large packages that do not depend on it here. The first build is not timed."""
     builder = make_builder(bench, resolver, scratch, "layered", label=f"-after-{name}")
     say(f"{name}: a first environment (python, ipykernel), then {name} on the same builder")
