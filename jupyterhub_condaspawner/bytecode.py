@@ -140,10 +140,9 @@ class BytecodeCache:
 
 def _by_package(staged: StagedEnvironment, packed: Mapping[str, Slice]) -> dict[PackageKey, dict[str, Slice]]:
     """``packed`` by the package of each .pyc's source."""
-    owners = {path: key for key, files in staged.files.items() for path in files if path.endswith(".py")}
     grouped: dict[PackageKey, dict[str, Slice]] = {}
     for path, place in packed.items():
-        owner = owners.get(source_of(path) or "")
+        owner = staged.source_owners.get(source_of(path) or "")
         if owner is not None:
             grouped.setdefault(owner, {})[path] = place
     return grouped

@@ -697,11 +697,10 @@ def compiled_files(staged: StagedEnvironment) -> dict[PackageKey, list[str]]:
 def _compiled_files(paths: Iterable[str], staged: StagedEnvironment) -> dict[PackageKey, list[str]]:
     """The compiled files among ``paths`` (a staged tree's) that no package lists, by the package
     whose source they were compiled from."""
-    owners = {path: key for key, files in staged.files.items() for path in files if path.endswith(".py")}
     compiled: dict[PackageKey, list[str]] = {}
     for path in paths:
         source = source_of(path) if path not in staged.listed else None
-        owner = owners.get(source) if source is not None else None
+        owner = staged.source_owners.get(source) if source is not None else None
         if owner is not None:
             compiled.setdefault(owner, []).append(path)
     return compiled

@@ -70,6 +70,11 @@ class StagedEnvironment:
         return frozenset(path for package in self.packages.values() for path in package.files)
 
     @cached_property
+    def source_owners(self) -> dict[str, PackageKey]:
+        """The package that lists each Python source (``.py``), by path: whose byte code it is."""
+        return {path: key for key, package in self.packages.items() for path in package.files if path.endswith(".py")}
+
+    @cached_property
     def compiled_here(self) -> frozenset[PackageKey]:
         """The packages with Python files under ``lib/`` whose byte code they do not ship (conda
         ships none for ``noarch`` packages): the environment's python compiles it, so their
