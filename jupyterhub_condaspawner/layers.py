@@ -651,6 +651,12 @@ def files_layer(name: str, files: dict[str, Path]) -> Layer:
     return Layer(name, tuple(Entry(path.lstrip("/"), source) for path, source in sorted(files.items())))
 
 
+def with_files(layer: Layer, files: dict[str, Path]) -> Layer:
+    """``layer`` with ``files`` added, as :func:`files_layer` writes them; with no identity (the memo
+    knows it by what it held before)."""
+    return Layer(layer.name, (*layer.entries, *files_layer(layer.name, files).entries))
+
+
 def image_config(base: dict[str, Any], diff_ids: list[str], labels: dict[str, str], names: list[str] | None = None,
                  base_history: list[dict[str, Any]] | None = None, env: dict[str, str] | None = None
                  ) -> dict[str, Any]:

@@ -69,10 +69,10 @@ def test_build_ls_lock_log_gc(config, tmp_path, docker_daemon):
 
     lock = condaspawner("lock", "--config", str(config), key).stdout.decode().splitlines()
     assert {line.split()[0] for line in lock} >= {"python", "cs-gamma", "cs-alpha", "ipykernel"}
-    assert "layer kernel and settings: " in condaspawner("log", "--config", str(config), key).stdout.decode()
+    assert "layer environment: " in condaspawner("log", "--config", str(config), key).stdout.decode()
     # lock and log read the cache folder: no daemon needed
     assert without_daemon("lock", "--config", str(config), key).stdout.decode().splitlines() == lock
-    assert "layer kernel and settings: " in without_daemon("log", "--config", str(config), key).stdout.decode()
+    assert "layer environment: " in without_daemon("log", "--config", str(config), key).stdout.decode()
     missing = condaspawner("log", "--config", str(config), "ffffffffffff")
     assert missing.returncode == 1 and missing.stderr.decode().startswith(
         "error: no build has key 'ffffffffffff': `condaspawner ls` and `ls --failed` list the build keys")

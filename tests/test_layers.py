@@ -838,7 +838,7 @@ async def test_two_environments_store_their_shared_packages_once(layered_builder
 
 
 @pytest.mark.docker
-async def test_another_environment_of_the_same_packages_writes_only_its_own_top_layers(layered_builder):
+async def test_another_environment_of_the_same_packages_writes_only_its_own_top_layer(layered_builder):
     """A renamed profile, or one that differs in its variables only: every package layer, the
     small packages' one included, is already stored; nothing is compiled or sent again."""
     await layered_builder.get_image(env_request("cs-gamma", "before"))
@@ -846,7 +846,7 @@ async def test_another_environment_of_the_same_packages_writes_only_its_own_top_
     log = (Path(layered_builder.key_dir(renamed.key)) / "build.log").read_text()
     written = [line.split(":")[0].removeprefix("layer ") for line in log.splitlines()
                if line.startswith("layer ") and line.endswith(", written")]
-    assert written == ["environment", "kernel and settings"], log
+    assert written == ["environment"], log  # with the kernel spec and settings
     assert re.search(r"^layer small packages: .* already stored$", log, re.M)
     assert re.search(r"^byte code of \d+ Python files from the cache, 0 compiled$", log, re.M), log
 
@@ -885,7 +885,7 @@ async def test_a_staged_file_gone_during_the_load_is_the_staging_folders_fault_n
     removed: list[str] = []
 
     def stream_without_a_file(layer, size, members=None):
-        if layer.name != "kernel and settings" and not removed:  # the first layer sent (others may be stored)
+        if not removed:  # the first layer sent (others may be stored); its staged files come first
             source = next(str(entry.source) for entry in layer.entries
                           if entry.source is not None and os.path.isfile(entry.source))
             os.unlink(source)
@@ -1177,7 +1177,7 @@ async def test_an_environment_without_pip_is_loaded_whole_with_no_docker_build(l
     assert "CONDASPAWNER_ENV=/opt/conda/envs/course" in config["Env"] and config["User"] == "jovyan"
     assert config["Labels"]["io.condaspawner.key"] == info.key
     history = docker_daemon.client().api.history(info.tag)  # newest first: this image's layers, then the base's
-    assert history[0]["CreatedBy"].startswith(layers.HISTORY_PREFIX + "kernel and settings ")
+    assert history[0]["CreatedBy"].startswith(layers.HISTORY_PREFIX + "environment ")  # with the kernel spec
     # what env.Dockerfile's COPY steps wrote: root's files, readable by the server's user
     enabling = "/opt/conda/etc/jupyter/jupyter_server_config.d/condaspawner_server_settings.json"
     module = "/opt/conda/lib/python3.9/site-packages/condaspawner_server_settings.py"
