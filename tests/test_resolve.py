@@ -18,7 +18,7 @@ import pytest
 from throwaway_channel import write_channel
 
 from condaspawner_bench.devchannel import CondaPackage, PackageFile
-from jupyterhub_condaspawner import installer, resolve
+from jupyterhub_condaspawner import installer, packagepaths, resolve
 from jupyterhub_condaspawner.resolve import Lock, ResolveError, Resolver, is_no_space
 from jupyterhub_condaspawner.spec import SpecPolicy
 from jupyterhub_condaspawner.staging import tree_size
@@ -242,6 +242,32 @@ async def test_a_package_with_a_path_outside_its_prefix_is_refused_before_linkin
         with tarfile.open(tmp_path / "chan" / "noarch" / "cs-hostile-1.0-0.tar.bz2") as archive:  # as cached
             info = [member for member in archive.getmembers() if member.name.startswith("info/")]
             archive.extractall(tmp_path / "pkgs" / "cs-hostile-1.0-0", members=info, filter="data")
+
+
+async def test_a_cached_file_list_found_safe_is_read_once_and_again_once_it_changes(tmp_path, monkeypatch):
+    """The path check reads a package's file list in the package cache once per hub process,
+    not before every install; a list written since (another file, or the same one changed) is
+    read and checked again."""
+    resolver = Resolver(channel_urls={"conda-forge": hostile_channel(tmp_path / "chan", "share/cs-fine.txt")},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    lock = await resolver.solve(spec("dependencies: [cs-hostile]"))
+    await resolver.install(lock, tmp_path / "first", TARGET)  # checked from the archive, then cached
+    listed = packagepaths.listed_paths
+    reads: list[int] = []
+    monkeypatch.setattr(packagepaths, "listed_paths", lambda *lists: reads.append(1) or listed(*lists))
+    for name in ("second", "third"):
+        await resolver.install(lock, tmp_path / name, TARGET)
+    assert len(reads) == 1 and (tmp_path / "third" / "share" / "cs-fine.txt").is_file()
+
+    listing = tmp_path / "pkgs" / "cs-hostile-1.0-0" / "info" / "paths.json"
+    record = json.loads(listing.read_text())
+    record["paths"][0]["_path"] = "/tmp/cs-changed-outside/abs.txt"
+    listing.write_text(json.dumps(record))
+    with pytest.raises(ResolveError) as refused:
+        await resolver.install(lock, tmp_path / "fourth", TARGET)
+    assert str(refused.value).startswith("install failed: package cs-hostile-1.0-0 lists an absolute path")
+    assert len(reads) == 2 and not (tmp_path / "fourth" / "conda-meta").exists()
+    assert not Path("/tmp/cs-changed-outside").exists()
 
 
 async def test_an_installer_that_crashes_fails_its_install_in_one_line_and_the_hub_process_goes_on(
