@@ -731,7 +731,7 @@ def test_the_small_packages_are_cut_into_layers_that_docker_registers_one_after_
     kept the load going long after its last byte. They go in layers of about SMALL_LAYER_BYTES,
     each package whole, in the packages' order; every file in exactly one of them."""
     monkeypatch.setattr(layers, "SMALL_LAYER_BYTES", 3 * 100_000)
-    packages = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, f"lib/s{i}/__init__.py": b"X = 1\n"} for i in range(7)}
+    packages = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, f"lib/s{i}/__init__.py": b"X = 1\n"} for i in range(8)}
     packages["big"] = BIG
     staged = read(stage(tmp_path / "env", packages,
                         records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in packages}))
@@ -739,13 +739,23 @@ def test_the_small_packages_are_cut_into_layers_that_docker_registers_one_after_
     assert [layer.name for layer in plan] == ["big-1.0-0", "small packages 1 of 3", "small packages 2 of 3",
                                               "small packages 3 of 3", "environment"]
     prefix = layers.SHARED_PREFIX.lstrip("/")
-    held = [{entry.path.removeprefix(f"{prefix}/lib/").split("/")[0].removesuffix(".bin")
-             for entry in layer.entries} for layer in small_layers(plan)]
-    assert held == [{"s0", "s1", "s2"}, {"s3", "s4", "s5"}, {"s6"}]
+
+    def held(plan: list[layers.Layer]) -> list[set[str]]:
+        return [{entry.path.removeprefix(f"{prefix}/lib/").split("/")[0].removesuffix(".bin")
+                 for entry in layer.entries} for layer in small_layers(plan)]
+
+    assert held(plan) == [{"s0", "s1", "s2"}, {"s3", "s4", "s5"}, {"s6", "s7"}]
     assert len({layer.identity for layer in plan[1:4]}) == 3 and all(layer.identity for layer in plan[1:4])
     # each package's byte code is compiled in a batch named after the layer its sources are in
     batches = layers.compile_plan(staged, plan, set())
     assert {name for name, _ in batches} == {"big-1.0-0", *(layer.name for layer in small_layers(plan))}
+
+    # a last layer of less than half the size joins the one before (each layer costs Docker ~0.1 s)
+    seven = {name: files for name, files in packages.items() if name != "s7"}
+    fewer = read(stage(tmp_path / "fewer", seven,
+                       records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in seven}))
+    plan = layers.plan_layers(fewer, "demo", min_bytes=MB, max_layers=10)
+    assert held(plan) == [{"s0", "s1", "s2"}, {"s3", "s4", "s5", "s6"}]
 
     monkeypatch.setattr(layers, "SMALL_LAYERS_MAX", 2)  # the layers grow rather than outnumber the limit
     plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
@@ -759,7 +769,7 @@ def test_environments_that_differ_in_a_late_small_package_share_the_small_layers
     common = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, "share/both.txt": b"shared path\n"} for i in range(4)}
     plans = []
     for last in (b"one", b"two"):
-        packages = {**common, "zz-late": {"lib/late.bin": last * 1000}}
+        packages = {**common, "zz-late": {"lib/late.bin": last * 40_000}}  # no less than half a layer
         staged = stage(tmp_path / last.decode(), packages, mtime=1_234_567_890,
                        records={name: {"sha256": hashlib.sha256(name.encode() + (last if name == "zz-late" else b"")
                                                                 ).hexdigest()} for name in packages})
