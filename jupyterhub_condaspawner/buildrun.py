@@ -33,6 +33,7 @@ from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, ImageInfo
 from .buildrecords import BuildRecord, file_lock, now
 from .dockerbuild import docker_build
 from .resolve import Lock, Resolver, is_no_space
+from .stagedenv import StagedEnvironment
 
 if TYPE_CHECKING:
     from .builder import ImageBuilder
@@ -363,6 +364,7 @@ class BuildRuns:
         labels = buildcontext.image_labels(build.key, request, lock, builder.base_of(build))
         if layered:
             return await layeredbuild.build_layered(builder, build, request, context, build_log, labels)
+        await asyncio.to_thread(_as_layered_writes_it, context / "env")
         await build.publish("build", 45, "Writing the image")
         return await docker_build(builder, build, request, context, build_log, env_size, labels)
 
@@ -370,6 +372,16 @@ class BuildRuns:
         removal = asyncio.ensure_future(asyncio.to_thread(staging.remove_set_aside, folder))
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
+
+
+def _as_layered_writes_it(env: Path) -> None:
+    """The staged environment ``env`` as the Dockerfile route's COPY is to take it, and as the
+    layered route writes its layers: no conda-meta record names the hub's package-cache folders,
+    and nothing of layers.NOT_IN_IMAGES is at its top."""
+    staging.drop_host_paths(StagedEnvironment.read(env))
+    for name in layers.NOT_IN_IMAGES:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # a package's own folder stays
+            (env / name).unlink()
 
 
 def _logged_name(request: BuildRequest) -> str:

@@ -98,14 +98,14 @@ def request(packages: str, name: str) -> BuildRequest:
     return BuildRequest(policy.parse(textwrap.dedent(text)), env_name=name)
 
 
-def env_files(api, image: str) -> dict[str, bytes]:
-    """The environment's regular files in each of the image's layers (Docker's overlay2 folders
-    on this host), by path in the image; a path in several layers: the highest's."""
+def env_files(api, image: str, prefix: str = "opt/conda/envs/_shared") -> dict[str, bytes]:
+    """The environment's regular files (under ``prefix``) in each of the image's layers (Docker's
+    overlay2 folders on this host), by path in the image; a path in several layers: the highest's."""
     driver = api.inspect_image(image)["GraphDriver"]["Data"]
     folders = [driver["UpperDir"], *reversed((driver.get("LowerDir") or "").split(":"))]
     files: dict[str, bytes] = {}
     for folder in reversed(folders):  # the lowest first: a higher layer's file replaces it
-        top = Path(folder) / "opt/conda/envs/_shared"
+        top = Path(folder) / prefix
         for directory, _, names in os.walk(top):
             for name in names:
                 path = Path(directory) / name
@@ -189,19 +189,35 @@ async def test_an_environment_of_another_python_release_is_compiled_in_its_own_i
     assert "layered load failed" not in log and "compile container ended" not in log
 
 
+@pytest.fixture
+def dockerfile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path
+                       ) -> Iterator[ImageBuilder]:
+    """The Dockerfile route's (as with a daemon that keeps images in the containerd store)."""
+    url, _ = hostile_channel
+    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "lab": url},
+                        package_cache_dir=str(tmp_path / "pkgs"))
+    repo = f"condaspawner-hostile-dockerfile-{SESSION}"
+    yield ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
+                       cache_dir=str(tmp_path / "dockerfile-cache"), image_repo=repo, layered_images=False)
+    remove_repo_images(docker_daemon.client(), repo)
+
+
 @pytest.mark.docker
-async def test_an_image_names_no_folder_of_the_hub_host(builder, docker_daemon, tmp_path):
+@pytest.mark.parametrize("route", ["layered", "dockerfile"])
+async def test_an_image_names_no_folder_of_the_hub_host(route, builder, dockerfile_builder, docker_daemon, tmp_path):
     """conda-meta records name the package-cache folder each package was linked from: they are
     left out of the image (users would see the hub's layout; two hubs would write two layers)."""
-    info = await builder.get_image(request("cs-shared-victim", "meta"))
-    files = env_files(docker_daemon.client().api, info.tag)
+    chosen = builder if route == "layered" else dockerfile_builder
+    info = await chosen.get_image(request("cs-shared-victim", "meta"))
+    prefix = "opt/conda/envs/_shared" if route == "layered" else "opt/conda/envs/meta"
+    files = env_files(docker_daemon.client().api, info.tag, prefix)
     records = {path: data for path, data in files.items() if "/conda-meta/" in path and path.endswith(".json")}
     assert any("/conda-meta/cs-shared-victim-" in path for path in records)
     for path, data in records.items():
         record = json.loads(data)
         assert not {"extracted_package_dir", "link", "package_tarball_full_path"} & set(record), path
         assert str(tmp_path / "pkgs").encode() not in data, path  # the package cache (its channel URL stays)
-    assert "opt/conda/envs/_shared/CACHEDIR.TAG" not in files
+    assert f"{prefix}/CACHEDIR.TAG" not in files
 
 
 def test_real_folders_never_go_through_a_symlink(tmp_path):
