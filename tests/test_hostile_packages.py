@@ -114,16 +114,29 @@ def env_files(api, image: str, prefix: str = "opt/conda/envs/_shared") -> dict[s
     return files
 
 
-@pytest.fixture
-def builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path) -> Iterator[ImageBuilder]:
+def hostile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path, layered: bool
+                    ) -> Iterator[ImageBuilder]:
+    """A builder of the dev channel and the hostile packages' ``lab`` channel, by the layered
+    route or the Dockerfile route (as with a daemon that keeps images in the containerd store)."""
     url, _ = hostile_channel
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "lab": url},
                         package_cache_dir=str(tmp_path / "pkgs"))
-    repo = f"condaspawner-hostile-{SESSION}"
+    repo = f"condaspawner-hostile-{SESSION}" if layered else f"condaspawner-hostile-dockerfile-{SESSION}"
     yield ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
-                       cache_dir=str(tmp_path / "cache"), bytecode_cache_dir=str(tmp_path / "bytecode"),
-                       image_repo=repo, layered_images=True)
+                       cache_dir=str(tmp_path / ("cache" if layered else "dockerfile-cache")),
+                       bytecode_cache_dir=str(tmp_path / "bytecode"), image_repo=repo, layered_images=layered)
     remove_repo_images(docker_daemon.client(), repo)
+
+
+@pytest.fixture
+def builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path) -> Iterator[ImageBuilder]:
+    yield from hostile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path, layered=True)
+
+
+@pytest.fixture
+def dockerfile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path
+                       ) -> Iterator[ImageBuilder]:
+    yield from hostile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path, layered=False)
 
 
 @pytest.mark.docker
@@ -187,19 +200,6 @@ async def test_an_environment_of_another_python_release_is_compiled_in_its_own_i
     assert ("compile: the base image's Python 3.9 does not compile for the environment's Python 3.10; "
             "compiling in the Dockerfile") in log
     assert "layered load failed" not in log and "compile container ended" not in log
-
-
-@pytest.fixture
-def dockerfile_builder(docker_daemon, base_image, dev_python_channel, hostile_channel, tmp_path
-                       ) -> Iterator[ImageBuilder]:
-    """The Dockerfile route's (as with a daemon that keeps images in the containerd store)."""
-    url, _ = hostile_channel
-    resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url, "lab": url},
-                        package_cache_dir=str(tmp_path / "pkgs"))
-    repo = f"condaspawner-hostile-dockerfile-{SESSION}"
-    yield ImageBuilder(resolver=resolver, docker_client=docker_daemon.client(), base_image=base_image,
-                       cache_dir=str(tmp_path / "dockerfile-cache"), image_repo=repo, layered_images=False)
-    remove_repo_images(docker_daemon.client(), repo)
 
 
 @pytest.mark.docker

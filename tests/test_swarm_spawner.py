@@ -206,17 +206,16 @@ async def test_two_gpu_servers_run_on_workers_with_distinct_gpus(swarm_bench, se
              "VolumeOptions": {"Labels": {LABEL_USER: spawner.user.name}}}]
         assert spec["RestartPolicy"]["Condition"] == "none"  # an ended server stays ended: the hub notices
         model = "node.labels.nvidia.gpu.product==NVIDIA A100-SXM4-80GB"
+        node_id = swarm_bench.nodes[node].node_id
         if assignment == "swarm":  # Swarm's scheduler picks the node and the GPU
             assert spec["Resources"]["Reservations"]["GenericResources"] == [
                 {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 1}}]
             # plus, at most, a node still pulling the image for the other server: Swarm picks among the rest
-            node_id = swarm_bench.nodes[node].node_id
             others = {f"node.id!={other.node_id}" for other in swarm_bench.nodes.values() if other.node_id != node_id}
             assert model in spec["Placement"]["Constraints"]
             assert set(spec["Placement"]["Constraints"]) - {model} <= others, spec["Placement"]["Constraints"]
         else:  # the hub did: the service is pinned to the node and names the GPU as Swarm would
             assert "GenericResources" not in spec["Resources"]["Reservations"]
-            node_id = swarm_bench.nodes[node].node_id
             assert sorted(spec["Placement"]["Constraints"]) == sorted([model, f"node.id=={node_id}"])
             assert f"DOCKER_RESOURCE_NVIDIA-GPU={gpu}" in spec["ContainerSpec"]["Env"]
             assert spec["ContainerSpec"]["Labels"][LABEL_GPUS] == gpu
