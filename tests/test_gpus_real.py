@@ -10,10 +10,12 @@ culler's input. The busy half needs something that computes on the GPU (PyTorch 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +150,57 @@ def test_real_gpus_command_lists_the_gpu(inventory, capsys):
     print(json.dumps(report, indent=1))
     row = next(row for row in report["gpus"] if row["uuid"] == uuid)
     assert row["memory_total"] > 0 and row["state"] == "ok" and row["holders"] == []
+
+
+def _outcome(call, *args):
+    """What a call did, in terms both NVMLs can be compared by: its result's type, or the
+    NVML error code it raised."""
+    try:
+        result = call(*args)
+    except Exception as error:  # pynvml's NVMLError subclasses carry the C error code
+        return ("error", getattr(error, "value", type(error).__name__))
+    return ("ok", type(result).__name__)
+
+
+def _script(nvml) -> dict[str, tuple]:
+    """The calls the inventory makes, and the misuses the fake claims to answer as NVML does."""
+    seen = {}
+    nvml.nvmlInit()
+    nvml.nvmlInit()  # reference counted: one shutdown leaves a session open
+    nvml.nvmlShutdown()
+    seen["count, one of two sessions closed"] = _outcome(nvml.nvmlDeviceGetCount)
+    count = nvml.nvmlDeviceGetCount()
+    handle = nvml.nvmlDeviceGetHandleByIndex(0)
+    seen["handle past the last GPU"] = _outcome(nvml.nvmlDeviceGetHandleByIndex, count)
+    for name in ("nvmlSystemGetDriverVersion", "nvmlSystemGetCudaDriverVersion"):
+        seen[name] = _outcome(getattr(nvml, name))
+    for name in ("nvmlDeviceGetUUID", "nvmlDeviceGetName", "nvmlDeviceGetMemoryInfo",
+                 "nvmlDeviceGetUtilizationRates"):
+        seen[name] = _outcome(getattr(nvml, name), handle)
+    seen["uuid's shape"] = tuple(len(part) for part in nvml.nvmlDeviceGetUUID(handle).split("-"))
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    seen["memory fields"] = tuple(type(getattr(memory, field)).__name__ for field in ("total", "free", "used"))
+    utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+    seen["utilization fields"] = tuple(type(getattr(utilization, field)).__name__ for field in ("gpu", "memory"))
+    nvml.nvmlShutdown()
+    seen["count after the last shutdown"] = _outcome(nvml.nvmlDeviceGetCount)
+    seen["uuid after the last shutdown"] = _outcome(nvml.nvmlDeviceGetUUID, handle)
+    return seen
+
+
+def test_the_fake_nvml_answers_as_the_real_one(inventory):
+    """The fake (tests/fake_nvml.py) stands in for NVML in every other GPU test: here the
+    same calls go to both, and each must return the same types or raise the same codes."""
+    from fake_nvml import FakeNvml
+
+    # NVML counts sessions per process: the real script runs where no other test holds one.
+    here = Path(__file__).parent
+    code = ("import json, test_gpus_real as t; from jupyterhub_condaspawner.gpuinventory import _load_pynvml; "
+            "print(json.dumps(t._script(_load_pynvml())))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    real = json.loads(run.stdout.splitlines()[-1])
+    fake = json.loads(json.dumps(_script(FakeNvml.with_gpus(1))))
+    print("\n" + "\n".join(f"  {what}: real {real[what]}, fake {fake[what]}" for what in real))
+    assert fake == real
