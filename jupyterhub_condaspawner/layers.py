@@ -390,7 +390,12 @@ class Pack:
         self.end += len(data)
     def close(self):
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                if not self.broken:
+                    raise
+                # the failed write's bytes, still buffered: past every slice, and the file is closed
 resolved = {}  # the base image's folders, each resolved once (a batch's files share a few)
 def resolve_in_base(twin):
     # where the base image's file ``twin`` resolves to, and its status

@@ -486,6 +486,54 @@ def test_a_source_identical_to_the_base_images_takes_its_byte_code_and_imports_u
     assert reported["hashes"] == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
 
 
+def test_a_pack_that_cannot_grow_mid_batch_keeps_its_whole_slices_and_the_rest_is_compiled(tmp_path):
+    """The pack is one file per batch: a write that fails half-way (a full disk, a file-size
+    limit) must not leave a slice naming bytes that are not there, nor lose a file's byte code.
+    Here the second file taken from the base image would make the pack larger than the process may
+    write: the first keeps its whole slice, the second and every later one are compiled instead."""
+    env, base = tmp_path / "env", tmp_path / "base"
+    site = "lib/python3.9/site-packages/cs_shared"
+    paths = []
+    for name in ("a.py", "b.py", "c.py"):
+        # byte code of ~2 kB: more than the batch's marker, which the same limit holds to, and less
+        # than the pack's write buffer, as most files' (a failed write leaves its bytes buffered)
+        source = "".join([f"def {name[0]}():\n    return {name!r}\n", *(f"V{i} = {i} * {i}\n" for i in range(80))]).encode()
+        (env / site).mkdir(parents=True, exist_ok=True)
+        (env / site / name).write_bytes(source)
+        base_twin(base, f"{site}/{name}", source)
+        paths.append(str(env / site / name))
+    first_pyc = Path(importlib.util.cache_from_source(str(base / site / "a.py"))).read_bytes()
+    limit = len(first_pyc) + 8  # the first slice fits; the second would pass the limit half-way
+
+    def limited() -> None:  # EFBIG from the write that passes the limit, not the signal that kills
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    work = tmp_path / "compile"
+    (work / "done").mkdir(parents=True)
+    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(env), "borrow_from": str(base),
+                                                   "batches": [paths]}))
+    output = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                             str(work / "done"), "5"], capture_output=True, text=True,
+                            preexec_fn=limited)
+    assert output.returncode == 0, output.stderr
+    output = output.stdout.strip()
+    assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
+                      "adopted the byte code of 0 from their packages (0 did not compile)")
+    reported = json.loads((work / "done" / "0").read_text())
+    first = importlib.util.cache_from_source(paths[0])
+    assert list(reported["packed"]) == [first]
+    offset, size = reported["packed"][first]
+    pack = (work / "done" / "0.pack").read_bytes()
+    assert len(pack) >= offset + size and pack[offset + 16:offset + size] == first_pyc[16:]
+    for path in paths[1:]:  # compiled beside their sources, under their own names
+        pyc = Path(importlib.util.cache_from_source(path)).read_bytes()
+        assert marshal.loads(pyc[16:]).co_filename == path
+    assert reported["hashes"] == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
+
+
 def test_a_source_whose_twins_byte_code_holds_no_code_object_is_compiled(tmp_path):
     """Byte code of the base image's with a header fit for its source and no code object behind it (a
     damaged file, a tool's leftover) is not the staged source's: that source is compiled, not left
