@@ -515,13 +515,11 @@ def test_a_pack_that_cannot_grow_mid_batch_keeps_its_whole_slices_and_the_rest_i
     (work / "done").mkdir(parents=True)
     (work / "batches.json").write_text(json.dumps({"python": None, "root": str(env), "borrow_from": str(base),
                                                    "batches": [paths]}))
-    output = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
-                             str(work / "done"), "5"], capture_output=True, text=True,
-                            preexec_fn=limited)
-    assert output.returncode == 0, output.stderr
-    output = output.stdout.strip()
-    assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
-                      "adopted the byte code of 0 from their packages (0 did not compile)")
+    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                          str(work / "done"), "5"], capture_output=True, text=True, preexec_fn=limited)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
+                                  "adopted the byte code of 0 from their packages (0 did not compile)")
     reported = json.loads((work / "done" / "0").read_text())
     first = importlib.util.cache_from_source(paths[0])
     assert list(reported["packed"]) == [first]
