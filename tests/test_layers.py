@@ -429,12 +429,16 @@ def import_from(path: str, name: str) -> Any:
     return module
 
 
-def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path) -> str:
+def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path,
+                       preexec_fn: Any = None) -> str:
+    """The compile script's summary line, run here on ``batches`` (``preexec_fn``: the process's set-up)."""
     (work / "done").mkdir(parents=True)
     (work / "batches.json").write_text(json.dumps({"python": None, "root": str(root), "borrow_from": str(borrow_from),
                                                    "batches": batches}))
-    return subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
-                           str(work / "done"), "5"], capture_output=True, text=True, check=True).stdout.strip()
+    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                          str(work / "done"), "5"], capture_output=True, text=True, preexec_fn=preexec_fn)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
 
 
 def base_twin(base: Path, relative: str, source: bytes) -> Path:
@@ -512,14 +516,9 @@ def test_a_pack_that_cannot_grow_mid_batch_keeps_its_whole_slices_and_the_rest_i
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     work = tmp_path / "compile"
-    (work / "done").mkdir(parents=True)
-    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(env), "borrow_from": str(base),
-                                                   "batches": [paths]}))
-    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
-                          str(work / "done"), "5"], capture_output=True, text=True, preexec_fn=limited)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
-                                  "adopted the byte code of 0 from their packages (0 did not compile)")
+    output = run_compile_script(work, env, [paths], base, preexec_fn=limited)
+    assert output == ("compiled 2 files, took the base image's byte code of 1 identical ones, "
+                      "adopted the byte code of 0 from their packages (0 did not compile)")
     reported = json.loads((work / "done" / "0").read_text())
     first = importlib.util.cache_from_source(paths[0])
     assert list(reported["packed"]) == [first]
@@ -779,8 +778,12 @@ def test_the_small_packages_are_cut_into_layers_that_docker_registers_one_after_
     monkeypatch.setattr(layers, "SMALL_LAYER_BYTES", 3 * 100_000)
     packages = {f"s{i}": {f"lib/s{i}.bin": b"z" * 100_000, f"lib/s{i}/__init__.py": b"X = 1\n"} for i in range(8)}
     packages["big"] = BIG
-    staged = read(stage(tmp_path / "env", packages,
-                        records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in packages}))
+
+    def staged_of(folder: Path, packages: dict[str, Any]) -> StagedEnvironment:
+        return read(stage(folder, packages,
+                          records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in packages}))
+
+    staged = staged_of(tmp_path / "env", packages)
     plan = layers.plan_layers(staged, "demo", min_bytes=MB, max_layers=10)
     assert [layer.name for layer in plan] == ["big-1.0-0", "small packages 1 of 3", "small packages 2 of 3",
                                               "small packages 3 of 3", "environment"]
@@ -798,9 +801,7 @@ def test_the_small_packages_are_cut_into_layers_that_docker_registers_one_after_
 
     # a last layer of less than half the size joins the one before (each layer costs Docker ~0.1 s)
     seven = {name: files for name, files in packages.items() if name != "s7"}
-    fewer = read(stage(tmp_path / "fewer", seven,
-                       records={name: {"sha256": hashlib.sha256(name.encode()).hexdigest()} for name in seven}))
-    plan = layers.plan_layers(fewer, "demo", min_bytes=MB, max_layers=10)
+    plan = layers.plan_layers(staged_of(tmp_path / "fewer", seven), "demo", min_bytes=MB, max_layers=10)
     assert held(plan) == [{"s0", "s1", "s2"}, {"s3", "s4", "s5", "s6"}]
 
     monkeypatch.setattr(layers, "SMALL_LAYERS_MAX", 2)  # the layers grow rather than outnumber the limit
