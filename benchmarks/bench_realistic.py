@@ -26,7 +26,12 @@ are not part of any figure. Then:
    environment installs: the byte-code cache holds what the first build compiled and what it
    took from the base image, in packs; python's layer is sent again, as it
    sits above numpy's and pandas' here):
-   ``cold build / floor, NAME, after another environment: X.XX``.
+   ``cold build / floor, NAME, after another environment: X.XX``. Beside the seconds, the
+   whole machine's CPU-seconds (busy, not idle nor waiting on the disk: ``psutil``) over each
+   build and each floor: ``CPU-seconds cold build / floor, NAME: X.XX``, and the least a
+   build of those CPU-seconds could take on this machine's cores, as a ratio to the floor:
+   ``least possible on N cores / floor, NAME: X.XX`` (both medians over the rounds). The
+   CPU counts other work on the machine too: read it beside the load it prints.
 2. **Layers shared**: ``--shared`` environments (default 5) of the largest set's stack
    that differ in a few small packages, the fifth in python's patch release alone (the
    ``full`` channel's second python, ``condaspawner_bench.cpython``), built by the layered route and pushed to a new
@@ -53,6 +58,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -75,6 +82,7 @@ ENVIRONMENTS = {
 VARIANTS = ((), ("cs-alpha=1.0",), ("cs-beta",), ("cs-gamma",), (f"python={cpython.VERSION}",),
             ("cs-alpha=2.0",), ("cs-alpha=1.1", "pip"))
 FLOOR_GOAL, DISK_GOAL, REGISTRY_GOAL = 1.5, 1.5, 0.10
+CORES = psutil.cpu_count() or 1
 
 
 def say(message: str) -> None:
@@ -96,6 +104,7 @@ class Timed:
     seconds: float
     phases: list[tuple[float, str, str]] = field(default_factory=list)  # seconds since start, phase, message
     compiled: str = ""  # the compile container's summary line, from the build log
+    cpu_seconds: float = 0.0  # the whole machine's, over the build
 
     def breakdown_and_compile(self) -> str:
         return self.breakdown() + (f" ({self.compiled})" if self.compiled else "")
@@ -108,8 +117,22 @@ class Timed:
         return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in spans.items() if seconds >= 0.05)
 
 
+def busy_cpu_seconds() -> float:
+    """The whole machine's CPU-seconds so far, neither idle nor waiting on the disk (nor stolen
+    by a hypervisor; guest time is inside user time already)."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+
+
+@dataclass
+class Floor:
+    seconds: float
+    cpu_seconds: float
+
+
 async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Timed:
     os.sync()  # as for the floor: the disk's write-back of earlier runs is not this build's
+    cpu = busy_cpu_seconds()
     started = time.perf_counter()
     build = builder.ensure(build_request)
     phases = []
@@ -118,10 +141,11 @@ async def timed_build(builder: ImageBuilder, build_request: BuildRequest) -> Tim
             phases.append((time.perf_counter() - started, event["phase"], event["message"]))
     info = await build.result()
     seconds = time.perf_counter() - started
+    cpu = busy_cpu_seconds() - cpu
     await builder.finish_removals()  # the staging folder goes after the image is ready: not timed, not in the next run
     log = (Path(builder.key_dir(info.key)) / "build.log").read_text(errors="replace")
     compiled = next((line for line in log.splitlines() if line.startswith("compiled ")), "")
-    return Timed(info, seconds, phases, compiled)
+    return Timed(info, seconds, phases, compiled, cpu)
 
 
 async def install_anew(resolver: Resolver, build_request: BuildRequest, folder: Path) -> Path:
@@ -151,8 +175,9 @@ def whole_layer(name: str, staged: Path) -> layers.Layer:
 
 
 async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRequest, scratch: Path,
-                        label: str = "x") -> float:
-    """Stream the installed environment's bytes once into a new image layer (docker import)."""
+                        label: str = "x") -> Floor:
+    """Stream the installed environment's bytes once into a new image layer (docker import): its
+    seconds and the machine's CPU-seconds."""
     staging = await install_anew(resolver, build_request, scratch / "floor-env")  # the solve lists ipykernel
     mark(staging, f"floor {label}")
     whole = whole_layer("floor", staging)
@@ -160,12 +185,14 @@ async def floor_seconds(bench: Bench, resolver: Resolver, build_request: BuildRe
     api = bench.daemon.client(timeout=3600).api
     tag = f"condaspawner-floor-{RUN_ID}-{build_request.env_name}"
     os.sync()  # each figure starts with nothing left to write back (the staging, an earlier build)
+    cpu = busy_cpu_seconds()
     started = time.perf_counter()
     api.import_image_from_data(layers.stream_tar(whole, size), repository=tag, tag=label)
     seconds = time.perf_counter() - started
+    cpu = busy_cpu_seconds() - cpu
     # The image stays until the run's clean-up: see settle_daemon.
     shutil.rmtree(staging, ignore_errors=True)
-    return seconds
+    return Floor(seconds, cpu)
 
 
 def check_imports(bench: Bench, info: ImageInfo, packages: tuple[str, ...]) -> str:
@@ -205,11 +232,13 @@ def make_builder(bench: Bench, resolver: Resolver, scratch: Path, route: str, la
 
 async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: list[str], routes: list[str],
                       rounds: int = 1) -> None:
-    print(f"\nCold builds on {os.cpu_count()} cores (package cache warm; each build a new key; the floor "
+    print(f"\nCold builds on {CORES} cores (package cache warm; each build a new key; the floor "
           f"measured just before and just after the builds, their mean the ratios' floor)")
     for name in names:
         packages = ENVIRONMENTS[name]
         ratios: list[float] = []
+        cpu_ratios: list[float] = []
+        least: list[float] = []
         results: dict[str, Timed] = {}
         for round_ in range(rounds):
             if round_:  # a cold build again: Docker would skip the layers the last round's images hold
@@ -217,18 +246,23 @@ async def cold_builds(bench: Bench, resolver: Resolver, scratch: Path, names: li
                 await settle_again(bench, resolver, scratch, name, f"round {round_}")
             floor, results = await cold_round(bench, resolver, scratch, name, routes, round_)
             main_route = "layered" if "layered" in results else routes[0]
-            ratios.append(results[main_route].seconds / floor)
+            ratios.append(results[main_route].seconds / floor.seconds)
+            cpu_ratios.append(results[main_route].cpu_seconds / floor.cpu_seconds)
+            least.append(results[main_route].cpu_seconds / CORES / floor.seconds)
         if rounds > 1:
             print(f"  {name}: over {rounds} rounds, {main_route} cold build / floor median {statistics.median(ratios):.2f} "
                   f"(range {min(ratios):.2f}-{max(ratios):.2f})")
         print(f"cold build / floor, {name}: {statistics.median(ratios):.2f}")
+        print(f"CPU-seconds cold build / floor, {name}: {statistics.median(cpu_ratios):.2f}")
+        print(f"least possible on {CORES} cores / floor, {name}: {statistics.median(least):.2f}")
         print(f"  {name} runs: {check_imports(bench, results[main_route].info, packages)}")
         if "layered" in results:
             remove_images(bench, results.values())  # Docker skips layers it holds: none of this environment's
             after = await build_after_another(bench, resolver, scratch, name, packages)
             print(f"    layered, on a hub that built another environment before "
-                  f"(ipykernel's closure built before): {after.seconds:.1f} s = {after.seconds / floor:.2f} x floor: {after.breakdown_and_compile()}")
-            print(f"cold build / floor, {name}, after another environment: {after.seconds / floor:.2f}")
+                  f"(ipykernel's closure built before): {after.seconds:.1f} s = {after.seconds / floor.seconds:.2f} x floor, "
+                  f"{after.cpu_seconds:.1f} CPU-s: {after.breakdown_and_compile()}")
+            print(f"cold build / floor, {name}, after another environment: {after.seconds / floor.seconds:.2f}")
 
 
 async def settle_again(bench: Bench, resolver: Resolver, scratch: Path, name: str, label: str) -> None:
@@ -239,7 +273,7 @@ async def settle_again(bench: Bench, resolver: Resolver, scratch: Path, name: st
 
 
 async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str, routes: list[str], round_: int
-                     ) -> tuple[float, dict[str, Timed]]:
+                     ) -> tuple[Floor, dict[str, Timed]]:
     """One floor before and one after a cold build by each route: the floors' mean, and the builds."""
     packages = ENVIRONMENTS[name]
     before = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch, f"r{round_}-before")
@@ -249,12 +283,15 @@ async def cold_round(bench: Bench, resolver: Resolver, scratch: Path, name: str,
         results[route] = await timed_build(make_builder(bench, resolver, scratch, route, label=f"-r{round_}"),
                                            request(name, packages, f"cold-{route}-{round_}"))
     after = await floor_seconds(bench, resolver, request(name, packages, "floor"), scratch, f"r{round_}-after")
-    floor = (before + after) / 2
+    floor = Floor((before.seconds + after.seconds) / 2, (before.cpu_seconds + after.cpu_seconds) / 2)
     size = next(iter(results.values())).info.size
-    print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor:.1f} s "
-          f"({before:.1f} s before, {after:.1f} s after); image {size / 1e9:.2f} GB")
+    print(f"  {name}: floor (the installed bytes streamed once into a new layer) {floor.seconds:.1f} s "
+          f"({before.seconds:.1f} s before, {after.seconds:.1f} s after), {floor.cpu_seconds:.1f} CPU-s; "
+          f"image {size / 1e9:.2f} GB; load average {os.getloadavg()[0]:.1f}")
     for route, result in results.items():
-        print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor:5.2f} x floor: {result.breakdown_and_compile()}")
+        print(f"    {route:10} {result.seconds:7.1f} s = {result.seconds / floor.seconds:5.2f} x floor, "
+              f"{result.cpu_seconds:.1f} CPU-s = {result.cpu_seconds / floor.cpu_seconds:.2f} x the floor's: "
+              f"{result.breakdown_and_compile()}")
     return floor, results
 
 
