@@ -965,8 +965,9 @@ async def test_a_compile_container_that_dies_midway_leaves_the_byte_code_to_the_
     """Layers are written while the compile container works; if it ends before a batch a layer
     waits for, the image is loaded again without byte code and compiled by a Dockerfile step; no
     later build counts on those layers for their byte code."""
-    script = layers.COMPILE_SCRIPT.replace("with multiprocessing.Pool",
-                                           "batches = batches[:1]\nwith multiprocessing.Pool")  # then it exits
+    script = layers.COMPILE_SCRIPT.replace("    with multiprocessing.Pool",
+                                           "    batches = batches[:1]\n    with multiprocessing.Pool")  # then it exits
+    assert script != layers.COMPILE_SCRIPT
     monkeypatch.setattr(layers, "COMPILE_SCRIPT", script)
     resolver = Resolver(channel_urls={"conda-forge": dev_python_channel.url}, package_cache_dir=str(bench_dir() / "pkgs"))
     repo = f"condaspawner-compile-dies-{SESSION}"
