@@ -21,7 +21,7 @@ that does not match its source is compiled over. A file whose ``__pycache__`` is
 seems (a symlink in it or above it, below the plan's "root") is neither read nor written: a
 package's symlinked ``__pycache__`` would have its byte code written into another package's folder.
 Byte code it rewrites goes to a new file of a random name (O_EXCL) first: a package's symlink at a
-name it would pick ("m.cpython-39.pyc.7.borrowing") would have it written into another package's
+name it would pick (".m.cpython-39.pyc.x7k2.partial") would have it written into another package's
 file, a hard link into the shared package cache, that every later environment links.
 A source byte-identical to one at the same place below the plan's "borrow_from" (the base
 image's own environment, whose packages pip compiled when the image was built: the server's
