@@ -531,6 +531,31 @@ def test_a_pack_that_cannot_grow_mid_batch_keeps_its_whole_slices_and_the_rest_i
     assert reported["hashes"] == {path: importlib.util.source_hash(Path(path).read_bytes()).hex() for path in paths}
 
 
+def test_a_batch_whose_marker_cannot_be_written_fails_the_compile_run_and_no_marker_claims_it(tmp_path):
+    """The build takes a batch's byte code only once its marker is there. A marker that cannot be
+    written (a full disk; here its temporary name is taken by a folder, which stops root too) must
+    not leave the run looking done: the script exits non-zero (the build then compiles in the
+    Dockerfile, test_a_compile_container_that_dies_midway_...) and no marker names that batch. The
+    other batch, whose shipped byte code was adopted, was finished before: its marker is whole."""
+    env = tmp_path / "env"
+    site = env / "lib/python3.9/site-packages"
+    for name, source in (("cs_one", "ONE = 1\n"), ("cs_two", "TWO = 2\n")):
+        (site / name).mkdir(parents=True)
+        (site / name / "m.py").write_text(source)
+    py_compile.compile(str(site / "cs_one" / "m.py"), doraise=True,  # as its package ships it
+                       invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    work = tmp_path / "compile"
+    (work / "done" / "1.partial").mkdir(parents=True)
+    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(env), "borrow_from": str(tmp_path / "none"),
+                                                   "batches": [[str(site / "cs_one" / "m.py")],
+                                                               [str(site / "cs_two" / "m.py")]]}))
+    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                          str(work / "done"), "5"], capture_output=True, text=True)
+    assert run.returncode != 0 and "compiled " not in run.stdout
+    assert not (work / "done" / "1").exists()
+    assert json.loads((work / "done" / "0").read_text()) == {"hashes": {}, "packed": {}}
+
+
 def test_a_source_whose_twins_byte_code_holds_no_code_object_is_compiled(tmp_path):
     """Byte code of the base image's with a header fit for its source and no code object behind it (a
     damaged file, a tool's leftover) is not the staged source's: that source is compiled, not left
