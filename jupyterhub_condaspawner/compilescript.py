@@ -1,7 +1,6 @@
-"""The compile container's program (layers.COMPILE_SCRIPT is its text): run as
-``python -s -S -c <text> BATCHES_JSON DONE_FOLDER WAIT_SECONDS`` in a container of the base
-image by its own Python, 3.9: keep to what Python 3.9 runs, and to its standard library. The hub
-never imports it.
+"""The compile container's program: its text (layers.COMPILE_SCRIPT) runs as
+``python -s -S -c <text> BATCHES_JSON DONE_FOLDER WAIT_SECONDS``; keep it to Python 3.9 and its
+standard library. The hub never imports it.
 
 Run by the base image's Python (never the environment's: a package could replace a module
 of its standard library, and code it ran could write the staged files, which are hard links

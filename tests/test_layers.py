@@ -429,14 +429,21 @@ def import_from(path: str, name: str) -> Any:
     return module
 
 
-def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path,
-                       preexec_fn: Any = None) -> str:
-    """The compile script's summary line, run here on ``batches`` (``preexec_fn``: the process's set-up)."""
-    (work / "done").mkdir(parents=True)
+def compile_script_run(work: Path, root: Path, batches: list[list[str]], borrow_from: Path,
+                       preexec_fn: Any = None) -> subprocess.CompletedProcess[str]:
+    """The compile script run here on ``batches``, its markers in ``work``/done (``preexec_fn``: the
+    process's set-up)."""
+    (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "batches.json").write_text(json.dumps({"python": None, "root": str(root), "borrow_from": str(borrow_from),
                                                    "batches": batches}))
-    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
-                          str(work / "done"), "5"], capture_output=True, text=True, preexec_fn=preexec_fn)
+    return subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
+                           str(work / "done"), "5"], capture_output=True, text=True, preexec_fn=preexec_fn)
+
+
+def run_compile_script(work: Path, root: Path, batches: list[list[str]], borrow_from: Path,
+                       preexec_fn: Any = None) -> str:
+    """The compile script's summary line, run here on ``batches``: it must succeed."""
+    run = compile_script_run(work, root, batches, borrow_from, preexec_fn)
     assert run.returncode == 0, run.stderr
     return run.stdout.strip()
 
@@ -546,11 +553,8 @@ def test_a_batch_whose_marker_cannot_be_written_fails_the_compile_run_and_no_mar
                        invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
     work = tmp_path / "compile"
     (work / "done" / "1.partial").mkdir(parents=True)
-    (work / "batches.json").write_text(json.dumps({"python": None, "root": str(env), "borrow_from": str(tmp_path / "none"),
-                                                   "batches": [[str(site / "cs_one" / "m.py")],
-                                                               [str(site / "cs_two" / "m.py")]]}))
-    run = subprocess.run([sys.executable, "-s", "-S", "-c", layers.COMPILE_SCRIPT, str(work / "batches.json"),
-                          str(work / "done"), "5"], capture_output=True, text=True)
+    run = compile_script_run(work, env, [[str(site / "cs_one" / "m.py")], [str(site / "cs_two" / "m.py")]],
+                             tmp_path / "none")
     assert run.returncode != 0 and "compiled " not in run.stdout
     assert not (work / "done" / "1").exists()
     assert json.loads((work / "done" / "0").read_text()) == {"hashes": {}, "packed": {}}
