@@ -168,6 +168,12 @@ class Hub:
                 return False
         return True
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a crash: nothing of the hub runs at its end (its proxy stays)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -238,6 +244,15 @@ class Hub:
         status, model = self.api("GET", f"/users/{user}")
         assert status == 200, model
         return model["servers"].get(server)
+
+    def server_once_checked(self, user: str, server: str = "", timeout: float = 120) -> dict | None:
+        """The server's model once JupyterHub, started again, has checked that it answers (in the
+        background: ``pending`` is "check" meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while (model := self.server_model(user, server)) is not None and model["pending"] == "check":
+            assert time.monotonic() < deadline, model
+            time.sleep(0.5)
+        return model
 
     def stop_server(self, user: str, server: str = "", timeout: float = 60) -> None:
         self.api("DELETE", f"/users/{user}/servers/{server}")

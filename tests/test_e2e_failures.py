@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -268,36 +269,46 @@ def test_no_gpu_is_held_while_an_image_builds_and_busy_gpus_are_queued_for(hub, 
 
 
 async def test_a_sigterm_restart_keeps_servers_and_their_gpus(hub):
-    spawn = Spawn(hub, "gpu-r", {"profile": "gpu-demo"})
-    assert spawn.wait().get("ready"), spawn.messages
-    queued = Spawn(hub, "gpu-q", {"profile": "gpu-demo"})
-    queued.wait_for("Waiting for a GPU: you are next")
+    def restart() -> None:
+        hub.stop()  # SIGTERM, as systemd, docker stop or Ctrl-C would
+        left = [path.read_text() for path in (hub.state / "builder" / "notices").glob("*.json")]
+        assert len(left) == 1 and '"gpu-q"' in left[0], left
+        hub.start()
 
-    hub.stop()  # SIGTERM, as systemd, docker stop or Ctrl-C would
-    left = [path.read_text() for path in (hub.state / "builder" / "notices").glob("*.json")]
-    assert len(left) == 1 and '"gpu-q"' in left[0], left
-    hub.start()
-
-    model = hub.server_model("gpu-r")
-    assert model is not None and model["ready"], model
-    output = await hub.execute("gpu-r", "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
-    assert output.strip() == FAKE_GPU
-    # The queued spawn did not survive the restart, and its owner is told so on the spawn page.
-    assert not (hub.server_model("gpu-q") or {}).get("ready")
-    page = hub.spawn_page("gpu-q")
-    assert "Your last start of Fake A100 (CUDA 12.4) was waiting for a GPU when the hub restarted" in page
-    assert "was waiting for a GPU" not in hub.spawn_page("gpu-q")  # told once
-
-    # The GPU is still gpu-r's: the next one waits, and gets it when gpu-r stops.
-    waiting = Spawn(hub, "gpu-c", {"profile": "gpu-demo"})
-    waiting.wait_for("Waiting for a GPU: you are next")
-    hub.stop_server("gpu-r")
-    assert waiting.wait().get("ready"), waiting.messages
-    assert gpus_held(hub, "gpu-c") == [FAKE_GPU]
-    hub.stop_server("gpu-c")
+    await assert_a_restart_keeps_the_gpu_server(hub, ("gpu-r", "gpu-q", "gpu-c"), restart)
     after = Spawn(hub, "cpu-after-restart", {"profile": "python39"})
     assert after.wait().get("ready"), after.messages
     hub.stop_server("cpu-after-restart")
+
+
+async def assert_a_restart_keeps_the_gpu_server(hub, users: tuple[str, str, str], restart: Callable[[], None]) -> None:
+    """``users``: one whose GPU server runs, one whose start waits for its GPU, and one who asks for it
+    once ``restart()`` has started the hub again. The server is kept with its GPU, the waiting start
+    did not survive and its owner is told so on the next spawn page, and the GPU goes to the third only
+    when the first stops."""
+    running, queued, later = users
+    spawn = Spawn(hub, running, {"profile": "gpu-demo"})
+    assert spawn.wait().get("ready"), spawn.messages
+    waiting = Spawn(hub, queued, {"profile": "gpu-demo"})
+    waiting.wait_for("Waiting for a GPU: you are next")
+
+    restart()
+
+    model = hub.server_once_checked(running)
+    assert model is not None and model["ready"], model
+    output = await hub.execute(running, "gpu-demo", "import os; print(os.environ['CONDASPAWNER_GPUS'])")
+    assert output.strip() == FAKE_GPU
+    assert not (hub.server_model(queued) or {}).get("ready")
+    page = hub.spawn_page(queued)
+    assert "Your last start of Fake A100 (CUDA 12.4) was waiting for a GPU when the hub restarted" in page
+    assert "was waiting for a GPU" not in hub.spawn_page(queued)  # told once
+
+    next_one = Spawn(hub, later, {"profile": "gpu-demo"})
+    next_one.wait_for("Waiting for a GPU: you are next")
+    hub.stop_server(running)
+    assert next_one.wait().get("ready"), next_one.messages
+    assert gpus_held(hub, later) == [FAKE_GPU]
+    hub.stop_server(later)
 
 
 def spawn_held_in_pip(hub, pip_index, user: str):

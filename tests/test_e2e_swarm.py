@@ -137,3 +137,26 @@ async def test_the_hub_restarts_without_losing_its_swarm_servers(hub, swarm_benc
     assert model is not None and model["ready"], model
     assert model["state"]["condaspawner"] == before
     assert output.strip() == before["gpus"][0]
+
+
+async def test_a_killed_hub_finds_its_swarm_servers_running_a_booting_one_too(hub, swarm_bench):
+    # SIGKILL, not a stop: one server ready, another's service placed and its JupyterLab booting.
+    users = ["swarm-kate", "swarm-kit"]
+    ready = Spawn(hub, users[0], {"profile": "gpu-demo"})
+    try:
+        assert ready.wait().get("ready"), ready.messages
+        booting = Spawn(hub, users[1], {"profile": "gpu-demo"})
+        booting.wait_for("Running on node ")
+        hub.kill()
+        hub.start()
+        models = [hub.server_once_checked(user) for user in users]
+        code = "import os; print(os.environ['CONDASPAWNER_GPUS'])"
+        outputs = [await hub.execute(user, "gpu-demo", code) for user in users]
+    finally:
+        for user in users:
+            hub.stop_server(user)
+
+    assert all(model is not None and model["ready"] for model in models), models
+    gpus = [model["state"]["condaspawner"]["gpus"] for model in models]
+    assert [output.split() for output in outputs] == gpus and gpus[0] != gpus[1], (outputs, gpus)
+    assert not swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})
