@@ -40,6 +40,8 @@ depends on the Python release: the hub's may differ), by which bytecode.py check
 and the slice of its pack that holds each .pyc it took from the base image.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import json
 import multiprocessing
@@ -49,6 +51,8 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import BinaryIO
 
 UNCHECKED_HASH = (1).to_bytes(4, "little")
 CODE = ord("c")  # marshal's type of a code object (its top bit: FLAG_REF)
@@ -59,19 +63,19 @@ checked: dict[str, bool] = {}  # each batch runs in a process of its own: its fo
 resolved: dict[str, str] = {}  # the base image's folders, each resolved once (a batch's files share a few)
 
 
-def beside(cached):
+def beside(cached: str) -> bool:
     folder = os.path.dirname(cached)
     if folder not in checked:
         checked[folder] = os.path.realpath(folder) == os.path.join(real_root, os.path.relpath(folder, root))
     return checked[folder]
 
 
-def source_hash_of(path):
+def source_hash_of(path: str) -> bytes:
     with open(path, "rb") as file:
         return importlib.util.source_hash(file.read())
 
 
-def adopt(path, cached):
+def adopt(path: str, cached: str) -> bool:
     try:
         with open(cached, "rb") as file:
             shipped = file.read(16)  # the header: the rest is read only to rewrite it
@@ -91,7 +95,7 @@ def adopt(path, cached):
     return True
 
 
-def write_new(cached, data, mode):
+def write_new(cached: str, data: bytes, mode: int) -> None:
     # ``data`` as a new file at ``cached``, written under a name no file of a package has (O_EXCL):
     # a package's symlink at a name this script would choose (into another package's file, a hard
     # link into the shared package cache) is never written through
@@ -110,7 +114,7 @@ def write_new(cached, data, mode):
         raise
 
 
-def valid_for(pyc, status, digest):
+def valid_for(pyc: bytes, status: os.stat_result, digest: Callable[[], bytes]) -> bool:
     # whether byte code (its header at least) is its source's: by its mtime and size, or by its
     # hash (``digest()``, computed only then)
     flags = int.from_bytes(pyc[4:8], "little")
@@ -125,13 +129,13 @@ def valid_for(pyc, status, digest):
 class Pack:
     # the byte code a batch takes from the base image, in one file (each file made costs far more
     # than its bytes): the build writes each slice into its layer as the .pyc beside its source
-    def __init__(self, index):
+    def __init__(self, index: int) -> None:
         self.path = os.path.join(sys.argv[2], f"{index}.pack")
-        self.file = None
-        self.slices = {}
+        self.file: BinaryIO | None = None
+        self.slices: dict[str, list[int]] = {}
         self.end = 0
         self.broken = False  # a write failed: what follows it would not be where the slices say
-    def add(self, path, data):
+    def add(self, path: str, data: bytes) -> None:
         if self.broken:
             raise OSError("the pack could not be written")
         try:
@@ -144,7 +148,7 @@ class Pack:
             raise
         self.slices[path] = [self.end, len(data)]
         self.end += len(data)
-    def close(self):
+    def close(self) -> None:
         if self.file is not None:
             try:
                 self.file.close()
@@ -154,7 +158,7 @@ class Pack:
                 # the failed write's bytes, still buffered: past every slice, and the file is closed
 
 
-def resolve_in_base(twin):
+def resolve_in_base(twin: str) -> tuple[str, os.stat_result]:
     # where the base image's file ``twin`` resolves to, and its status
     status = os.lstat(twin)
     if stat.S_ISLNK(status.st_mode):
@@ -165,7 +169,7 @@ def resolve_in_base(twin):
     return os.path.join(resolved[folder], name), status
 
 
-def borrow(path, cached, source, digest, pack):
+def borrow(path: str, cached: str, source: bytes, digest: bytes, pack: Pack) -> bool:
     if not borrow_from:
         return False
     inside = path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else os.path.relpath(path, root)
@@ -187,7 +191,7 @@ def borrow(path, cached, source, digest, pack):
     return True
 
 
-def finished(index, hashes, packed):
+def finished(index: int, hashes: dict[str, str], packed: dict[str, list[int]]) -> None:
     # ``packed``: the byte code in the batch's pack (the .pyc paths), by the slice that holds it
     marker = os.path.join(sys.argv[2], str(index))  # the loader waits for this batch's files
     with open(marker + ".partial", "w") as file:
@@ -195,7 +199,8 @@ def finished(index, hashes, packed):
     os.replace(marker + ".partial", marker)
 
 
-def scan(job):
+def scan(job: tuple[int, list[str]]) -> tuple[int, tuple[int, int, int], dict[str, str], list[tuple[str, str]],
+                                            dict[str, list[int]]]:
     # in a long-lived worker: what needs no compiler; the batch is finished here if nothing is left
     index, paths = job
     adopted = failed = borrowed = 0
@@ -231,7 +236,7 @@ def scan(job):
     return index, (adopted, failed, borrowed), hashes, left, pack.slices
 
 
-def compile_left(job):
+def compile_left(job: tuple[int, dict[str, str], list[tuple[str, str]], dict[str, list[int]]]) -> int:
     # in a new process of its own: the batch's files no byte code was found for
     index, hashes, left, packed = job
     failed = 0

@@ -26,7 +26,7 @@ Three parts, mixed into CondaSpawner by :class:`IsolationMixin`:
 from __future__ import annotations
 
 import string
-from typing import TYPE_CHECKING, Any, Iterable, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 
 import docker
 from tornado import web
@@ -72,7 +72,7 @@ class IsolationMixin(LoggingConfigurable):
         async def docker(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
     @default("escape")
-    def _escape_default(self):
+    def _escape_default(self) -> Callable[[str], str]:
         # An admin's c.DockerSpawner.escape still wins; "legacy" brings the collisions back.
         return escape_name
 

@@ -104,19 +104,19 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
         return self.network_name != "bridge"
 
     @default("options_form")
-    def _default_options_form(self):
+    def _default_options_form(self) -> Callable[..., Any]:
         return CondaSpawner.render_options_form
 
     @default("options_from_form")
-    def _default_options_from_form(self):
+    def _default_options_from_form(self) -> Callable[..., Any]:
         return self.options_from_form_data
 
     @default("progress_ready_hook")
-    def _default_progress_ready_hook(self):
+    def _default_progress_ready_hook(self) -> Callable[..., Any]:
         return cancelled_start_is_not_ready
 
     @default("apply_user_options")
-    def _default_apply_user_options(self):
+    def _default_apply_user_options(self) -> Callable[..., Any]:
         return apply_user_options_hook
 
     _config_errors: tuple[str, ...] = ()  # this spawner's own settings that did not load (_load_config)

@@ -48,7 +48,7 @@ class _StrictLoader(yaml.SafeLoader):
         self._max_nodes = max_nodes
         self._why_nodes = why_nodes
 
-    def compose_node(self, parent, index):
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise _Refused("YAML anchors and aliases (&name, *name) are not allowed", event.start_mark)

@@ -11,9 +11,12 @@
 # hub sets from the profile's display name (CONDASPAWNER_KERNEL_DISPLAY_NAME): the image holds
 # no display name, so renaming a profile reuses its image. Without the variable (the image
 # run by hand) the kernel keeps the name in its kernel.json, the environment's folder name.
+from __future__ import annotations
+
 import inspect
 import json
 import os
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
@@ -23,11 +26,11 @@ DISPLAY_NAME_VARIABLE = "CONDASPAWNER_KERNEL_DISPLAY_NAME"
 SETTINGS_FILE = "/opt/condaspawner/jupyter_server_settings.json"
 
 
-def _jupyter_server_extension_points():
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "condaspawner_server_settings"}]
 
 
-def _link_jupyter_server_extension(serverapp):
+def _link_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.update_config(Config(_unset(serverapp.config, _settings(serverapp.log))))
     # The default class is only known once the server made its gateway settings, after this.
     configured = "ServerApp.kernel_spec_manager_class" in serverapp.config
@@ -35,11 +38,11 @@ def _link_jupyter_server_extension(serverapp):
         serverapp.kernel_spec_manager_class if configured else KernelSpecManager)
 
 
-def _load_jupyter_server_extension(serverapp):
+def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Nothing to do once the server runs: linking applied the settings."""
 
 
-def _settings(log):
+def _settings(log: Any) -> dict[str, dict[str, Any]]:
     try:
         with open(SETTINGS_FILE, encoding="utf-8") as settings:
             return json.load(settings)
@@ -48,14 +51,14 @@ def _settings(log):
         return {}
 
 
-def _unset(config, settings):
+def _unset(config: Any, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The settings no config file (the base image's, the user's) or command line set already:
     those stay as they are."""
     return {section: {name: value for name, value in values.items() if f"{section}.{name}" not in config}
             for section, values in settings.items()}
 
 
-def named_by_the_hub(manager_class):
+def named_by_the_hub(manager_class: type) -> type:
     """``manager_class`` (the base image's, if it configures one) naming the environment's
     kernel from DISPLAY_NAME_VARIABLE."""
     if inspect.iscoroutinefunction(getattr(manager_class, "get_kernel_spec", None)):
@@ -64,7 +67,7 @@ def named_by_the_hub(manager_class):
     class EnvironmentKernelSpecManager(manager_class):
         """Kernel specs as on disk, but the environment's kernel named by the hub."""
 
-        def get_kernel_spec(self, kernel_name, *args, **kwargs):
+        def get_kernel_spec(self, kernel_name: str, *args: Any, **kwargs: Any) -> Any:
             spec = super().get_kernel_spec(kernel_name, *args, **kwargs)
             display_name = os.environ.get(DISPLAY_NAME_VARIABLE, "").strip()
             if display_name and "condaspawner" in (spec.metadata or {}):
