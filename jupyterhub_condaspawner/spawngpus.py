@@ -18,7 +18,7 @@ from tornado import web
 
 from . import metrics
 from .builderrors import one_line
-from .buildmodel import EventStream
+from .buildmodel import EventStream, ImageInfo
 from .culler import REASON_GPU_IDLE, Cull
 from .dockerclient import daemon_settings
 from .failures import StartFailure
@@ -27,6 +27,7 @@ from .gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator
 from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
 from .owners import LABEL_IDENTITY, user_identity
 from .profiles import Profile
+from .spawnimage import image_of_unsaved_start
 
 if TYPE_CHECKING:
     from .spawner import CondaSpawner
@@ -53,6 +54,7 @@ class GpuBindingMixin:
         _start_began: float
         _feed: EventStream
         _allocation: Allocation | None
+        _image_info: ImageInfo | None
         _gpu_key: tuple[str, str] | None
         _not_adoptable: tuple[str, tuple[str, str]] | None
         object_id: str
@@ -199,6 +201,10 @@ class GpuBindingMixin:
         self.log.info("Adopting the GPUs of %s, whose start the hub did not record: %s", self._log_name,
                       ",".join(held.uuids))
         self._gpu_key, self._allocation = key, held
+        if self._image_info is None:  # for the state, the environments page and the next restart
+            config = container["Config"]
+            self._image_info = image_of_unsaved_start(config.get("Labels") or {}, str(config.get("Image", "")),
+                                                      str(container.get("Image", "")), config.get("Env") or [])
         self._watch_gpu_idleness(self._profile_of_saved_options())
 
     def _labelled_as(self, container: Mapping[str, Any], key: tuple[str, str]) -> bool:

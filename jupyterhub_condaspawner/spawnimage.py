@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable, Mapping
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import docker.errors
 
 from . import environments
 from .builderrors import BuildError
-from .buildmodel import CUSTOM_ENV_NAME, Build, BuildRequest, EventStream, ImageInfo
+from .buildmodel import CUSTOM_ENV_NAME, LABEL_KEY, Build, BuildRequest, EventStream, ImageInfo
 from .failures import StartFailure
 from .hubservices import HubServices
 from .owners import user_identity
@@ -134,3 +136,17 @@ def _changes_line(services: HubServices, who: tuple[str, str], key: str, request
         return ""
     against = "your previous environment" if request.env_name == CUSTOM_ENV_NAME else "the previous build"
     return f"What changed since {against}: {diff.summary()}"
+
+
+def image_of_unsaved_start(labels: Mapping[str, str], image: str, image_id: str, env: Iterable[str]) -> ImageInfo | None:
+    """The image of a server whose start JupyterHub never recorded (the hub was killed after its
+    container or service started, before its state was saved), as that container or service says:
+    its key label, the image it runs (a registry reference pinned by digest, or the local tag) and
+    its CONDASPAWNER_ENV. None without a key label."""
+    key = labels.get(LABEL_KEY, "")
+    if not key:
+        return None
+    folder = next((item.split("=", 1)[1] for item in env if item.startswith("CONDASPAWNER_ENV=")), "")
+    reference = image if "@sha256:" in image else ""
+    return ImageInfo(key, image.split("@", 1)[0], image_id, PurePosixPath(folder).name, cached=True,
+                     reference=reference)

@@ -1,21 +1,24 @@
 """A conda-swarm server's task: waiting for Swarm to place and run it (saying where it
-stands), another node when one cannot start it, and what ended it (poll, and the notice the
-user reads). Mixed into CondaSwarmSpawner by :class:`SwarmTaskMixin`.
+stands), another node when one cannot start it, what ended it (poll, and the notice the
+user reads), and a server whose start the hub never recorded (poll adopts it). Mixed into CondaSwarmSpawner by :class:`SwarmTaskMixin`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import docker.errors
 
 from . import swarm
 from .failures import StartFailure
 from .gpuqueue import QueueCancelled
-from .gpus import GpuUnavailable
+from .gpus import LABEL_SERVER, LABEL_USER, GpuUnavailable
+from .owners import LABEL_IDENTITY, user_identity
 from .spawngpus import QUEUE_INTERRUPTED
+from .spawnimage import image_of_unsaved_start
 from .swarm import ServiceRequest, SwarmState
 from .swarmpull import forget, no_node_could_start, nodes_left, pulls_under_way, why_not_pulled
 
@@ -239,6 +242,8 @@ class SwarmTaskMixin(_SpawnerBase):
         elif not task.live:
             status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
         else:
+            if self._image_info is None and task.state == "running":
+                self._adopt_unsaved_start(service, task, node)
             return None
         self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
         await self._remove_quietly()
@@ -246,6 +251,28 @@ class SwarmTaskMixin(_SpawnerBase):
         services.culler.forget(self.user.name, self.name)  # its GPUs are Swarm's again
         services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
         return status
+
+    def _adopt_unsaved_start(self, service: Mapping[str, Any], task: swarm.TaskInfo,
+                             node: swarm.NodeInfo | None) -> None:
+        """A start the hub was killed under after Swarm ran its task, before JupyterHub saved its
+        state: JupyterHub finds the server running, and nothing here says what it runs or holds.
+        Its service's labels do, when they name this user's server (never a renamed user's of this
+        name): its image, GPUs, node and port, for the culler, the environments page and the state."""
+        spec = ((service.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
+        labels = spec.get("Labels") or {}
+        if ((labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != (self.user.name, self.name)
+                or labels.get(LABEL_IDENTITY) != user_identity(self.user)):
+            return
+        info = image_of_unsaved_start(labels, str(spec.get("Image", "")), "", spec.get("Env") or [])
+        if info is None:
+            return
+        self._image_info, self.image = info, info.image
+        self._assigned, self._node = task.gpus, node.hostname if node else task.node_id
+        if str(labels.get(swarm.LABEL_PORT, "")).isdigit():
+            self.port = int(labels[swarm.LABEL_PORT])
+        self.log.info("Adopting %s, whose start the hub did not record: it runs %s on node %s%s", self._log_name,
+                      info.image, self._node, f" with GPU {', '.join(task.gpus)}" if task.gpus else "")
+        self._watch_gpu_idleness(self._profile_of_saved_options())
 
     def _profile_name(self, fallback: str) -> str:
         """The server's profile in the user's words: its display name (kept for GPU servers), else its slug."""

@@ -157,6 +157,7 @@ async def test_a_killed_hub_finds_its_swarm_servers_running_a_booting_one_too(hu
             hub.stop_server(user)
 
     assert all(model is not None and model["ready"] for model in models), models
+    assert all("condaspawner" in model["state"] for model in models), [model["state"] for model in models]
     gpus = [model["state"]["condaspawner"]["gpus"] for model in models]
     assert [output.split() for output in outputs] == gpus and gpus[0] != gpus[1], (outputs, gpus)
     assert not swarm_bench.manager_client().services.list(filters={"label": LABEL_USER})

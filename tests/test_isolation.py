@@ -23,7 +23,7 @@ from jupyterhub.user import User
 from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
-from jupyterhub_condaspawner.buildmodel import ImageInfo
+from jupyterhub_condaspawner.buildmodel import LABEL_KEY, ImageInfo
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation
 from jupyterhub_condaspawner.isolation import IsolationMixin, escape_name, is_user_template
@@ -456,10 +456,12 @@ async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a
     rosa, tess = make_spawner(db, config, "rosa"), make_spawner(db, config, "tess")
     # SIGTERM after docker start, before JupyterHub's commit: rosa's container runs, her state is empty.
     # tess's name was an earlier user's, renamed while that server ran on the other GPU.
+    key = uuid.uuid4().hex * 2
     for spawner, gpu, identity in ((rosa, gpus[0], user_identity(rosa.user)), (tess, gpus[1], "7@2020-01-01T00:00:00")):
         client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-{spawner.user.name}", detach=True,
-                              stop_signal="SIGKILL", labels={LABEL_USER: spawner.user.name, LABEL_SERVER: "",
-                                                             LABEL_GPUS: gpu, LABEL_IDENTITY: identity})
+                              stop_signal="SIGKILL", environment={"CONDASPAWNER_ENV": "/opt/conda/envs/python39"},
+                              labels={LABEL_USER: spawner.user.name, LABEL_SERVER: "", LABEL_GPUS: gpu,
+                                      LABEL_IDENTITY: identity, LABEL_KEY: key})
     services = rosa.services  # the restarted hub's: the GPU table is rebuilt from the labels
     assert services.allocator.allocation("rosa", "").uuids == (gpus[0],)
 
@@ -468,6 +470,11 @@ async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a
         spawner.load_state({})  # nothing saved
         assert await spawner.poll() is None  # JupyterHub checks the servers it has a record of
     assert services.culler.watched() == {("rosa", ""): 30 * 60.0}  # tess's GPU is not hers: not watched
+    # What rosa's server runs, as its container says: for her state, the environments page, a next restart.
+    saved = rosa.get_state()["condaspawner"]
+    assert (saved["key"], saved["image"], saved["image_id"], saved["env_name"], saved["gpus"]) == (
+        key, base_image, client.images.get(base_image).id, "python39", [gpus[0]])
+    assert "condaspawner" not in tess.get_state()
     assert len(inspections) == 2  # for the adoption, then for DockerSpawner's poll
     for _ in range(3):
         assert await tess.poll() is None  # JupyterHub polls its servers every few seconds

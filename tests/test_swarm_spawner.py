@@ -625,6 +625,39 @@ async def test_a_restarted_hub_finds_its_server_through_the_saved_state(swarm_be
     assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
 
 
+async def test_a_server_whose_start_the_hub_never_recorded_is_adopted_from_its_service(swarm_bench, servers,
+                                                                                        swarm_config):
+    config = copy.deepcopy(swarm_config)
+    config.CondaSpawner.gpu_idle_timeout = 30
+    before = servers.make("unrecorded", config=config)
+    await servers.start(before)
+    saved = before.get_state()["condaspawner"]
+    node, gpu = assigned(swarm_bench, before)
+
+    # The hub was killed after Swarm ran the task, before JupyterHub saved the state: another hub
+    # process has the user's options (saved when the start began) and no state of this server.
+    after = servers.make("unrecorded", config=copy.deepcopy(config))
+    after.user_options = dict(before.user_options)
+    after.load_state({})
+    assert "condaspawner" not in after.get_state()
+    assert await after.poll() is None
+
+    adopted = after.get_state()["condaspawner"]
+    assert adopted == {**saved, "image_id": ""}, (adopted, saved)  # the manager holds no image id
+    assert (adopted["gpus"], adopted["node"]) == ([gpu], node)
+    assert after.services.culler.watched() == {("unrecorded", ""): 30 * 60}  # its GPU is watched for idleness
+    assert await after.get_ip_and_port() == (swarm_bench.nodes[node].address, before.port)
+
+    # A user of that name created again (another identity) adopts nothing of it.
+    other = servers.make("unrecorded", config=copy.deepcopy(config))
+    other.user.created = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    other.load_state({})
+    assert await other.poll() is None
+    assert "condaspawner" not in other.get_state()
+    await after.stop()
+    assert not swarm_bench.manager_client().api.services(filters={"label": LABEL_USER})
+
+
 async def test_a_registry_that_cannot_be_reached_fails_the_spawn_in_one_line(swarm_bench, servers, swarm_config):
     config = copy.deepcopy(swarm_config)
     nowhere = f"{swarm_bench.manager.address}:5999"  # nothing listens there
