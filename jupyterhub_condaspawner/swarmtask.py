@@ -1,6 +1,7 @@
 """A conda-swarm server's task: waiting for Swarm to place and run it (saying where it
 stands), another node when one cannot start it, what ended it (poll, and the notice the
-user reads), and a server whose start the hub never recorded (poll adopts it). Mixed into CondaSwarmSpawner by :class:`SwarmTaskMixin`.
+user reads), and a running one whose start the hub never recorded (poll adopts it). Mixed
+into CondaSwarmSpawner by :class:`SwarmTaskMixin`.
 """
 
 from __future__ import annotations
