@@ -326,7 +326,7 @@ class CondaSpawner(SpawnChoiceMixin, SpawnFormMixin, SpawnImageMixin, GpuBinding
             self._keep_failure_visible()
             return 0
         try:
-            await self._adopt_gpus_of_unsaved_start()
+            await self._adopt_unsaved_start()
             status = await super().poll()
         except Exception as error:
             self._unknown_while_unanswered(error)

@@ -178,15 +178,17 @@ class GpuBindingMixin:
         except Exception as error:
             failures.append(error)
 
-    async def _adopt_gpus_of_unsaved_start(self) -> None:
-        """A start the hub was stopped under after its container started but before JupyterHub
-        saved its state: the table (rebuilt from the container's labels) holds GPUs under this
-        server's name, and nothing here says so. Adopted when that container is this user's
-        (never a renamed user's of this name), so that stopping it releases them and the
-        culler watches it."""
+    async def _adopt_unsaved_start(self) -> None:
+        """A start the hub was stopped or killed under after its container started, before
+        JupyterHub saved its state: nothing here says what the server runs, and the table
+        (rebuilt from the container's labels) may hold GPUs under its name. Its container's labels
+        say both, when they name this user's server (never a renamed user's of this name): its
+        image, for the state, the environments page and the next restart; its GPUs, so that
+        stopping it releases them and the culler watches it."""
         key = (self.user.name, self.name)
         held = hub_services(cast("CondaSpawner", self)).allocator.allocation(*key)
-        if self._gpu_key is not None or held is None or not held.active:
+        unclaimed = held if self._gpu_key is None and held is not None and held.active else None
+        if self._image_info is not None and unclaimed is None:
             return
         # Polled every few seconds while a renamed user's server holds GPUs under this name: a
         # container's labels never change, so the daemon is asked about each container once.
@@ -195,23 +197,24 @@ class GpuBindingMixin:
         container = await self.get_object()
         if container is None or not container["State"].get("Running"):
             return
-        if not self._labelled_as(container, key):
+        config = container["Config"]
+        labels = config.get("Labels") or {}
+        if (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != key \
+                or labels.get(LABEL_IDENTITY) != user_identity(self.user):
+            self._not_adoptable = (container["Id"], key)
+            return
+        if self._image_info is None:
+            self._image_info = image_of_unsaved_start(labels, str(config.get("Image", "")),
+                                                      str(container.get("Image", "")), config.get("Env") or [])
+        if unclaimed is None:
+            return
+        if not labels.get(LABEL_GPUS):  # the GPUs held under its name are another container's
             self._not_adoptable = (container["Id"], key)
             return
         self.log.info("Adopting the GPUs of %s, whose start the hub did not record: %s", self._log_name,
-                      ",".join(held.uuids))
-        self._gpu_key, self._allocation = key, held
-        if self._image_info is None:  # for the state, the environments page and the next restart
-            config = container["Config"]
-            self._image_info = image_of_unsaved_start(config.get("Labels") or {}, str(config.get("Image", "")),
-                                                      str(container.get("Image", "")), config.get("Env") or [])
+                      ",".join(unclaimed.uuids))
+        self._gpu_key, self._allocation = key, unclaimed
         self._watch_gpu_idleness(self._profile_of_saved_options())
-
-    def _labelled_as(self, container: Mapping[str, Any], key: tuple[str, str]) -> bool:
-        """Whether ``container``'s labels say it is this user's server ``key`` with GPUs."""
-        labels = container["Config"].get("Labels") or {}
-        return (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) == key and bool(labels.get(LABEL_GPUS)) \
-            and labels.get(LABEL_IDENTITY) == user_identity(self.user)
 
     def _release_gpus(self) -> None:
         services = hub_services(cast("CondaSpawner", self))

@@ -244,7 +244,7 @@ class SwarmTaskMixin(_SpawnerBase):
             status = f"task {task.state}{where} (desired state {task.desired_state}): {task.reason}"
         else:
             if self._image_info is None and task.state == "running":
-                self._adopt_unsaved_start(service, task, node)
+                self._adopt_unsaved_service(service, task, node)
             return None
         self.log.warning("Server %s stopped: %s; removing service %s", self._log_name, status, self.service_name)
         await self._remove_quietly()
@@ -253,8 +253,8 @@ class SwarmTaskMixin(_SpawnerBase):
         services.notices.post(self.user.name, self.name, self._ended_notice(status, task, node))
         return status
 
-    def _adopt_unsaved_start(self, service: Mapping[str, Any], task: swarm.TaskInfo,
-                             node: swarm.NodeInfo | None) -> None:
+    def _adopt_unsaved_service(self, service: Mapping[str, Any], task: swarm.TaskInfo,
+                               node: swarm.NodeInfo | None) -> None:
         """A start the hub was killed under after Swarm ran its task, before JupyterHub saved its
         state: JupyterHub finds the server running, and nothing here says what it runs or holds.
         Its service's labels do, when they name this user's server (never a renamed user's of this

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.docker
 
 HUB_EXTRA_CONFIG = HUB_PIP_CONFIG + """
 c.GpuAllocator.device_mode = "nvidia-runtime"  # no NVIDIA runtime here: the fake GPU travels as an env var
-c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 3}
 """
 
 

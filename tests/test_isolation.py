@@ -475,6 +475,19 @@ async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a
     assert (saved["key"], saved["image"], saved["image_id"], saved["env_name"], saved["gpus"]) == (
         key, base_image, client.images.get(base_image).id, "python39", [gpus[0]])
     assert "condaspawner" not in tess.get_state()
+
+    # A server without GPUs is adopted too: what it runs, nothing to release or watch.
+    una = make_spawner(db, config, "una")
+    client.containers.run(base_image, ["sleep", "600"], name=f"{prefix}-una", detach=True, stop_signal="SIGKILL",
+                          environment={"CONDASPAWNER_ENV": "/opt/conda/envs/python39"},
+                          labels={LABEL_USER: "una", LABEL_SERVER: "", LABEL_IDENTITY: user_identity(una.user),
+                                  LABEL_KEY: key})
+    una.load_state({})
+    assert await una.poll() is None
+    assert {k: v for k, v in una.get_state()["condaspawner"].items() if k in ("key", "env_name", "gpus")} == {
+        "key": key, "env_name": "python39", "gpus": []}
+    assert ("una", "") not in services.culler.watched()
+    await una.stop()
     assert len(inspections) == 2  # for the adoption, then for DockerSpawner's poll
     for _ in range(3):
         assert await tess.poll() is None  # JupyterHub polls its servers every few seconds
