@@ -26,8 +26,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .gputable import LABEL_SERVER, LABEL_USER
 
 LABEL_IDENTITY = "io.condaspawner.user-identity"
 ADOPTED = "adopted"
@@ -40,6 +43,18 @@ def user_identity(user: Any) -> str:
     a user created again under the same name."""
     created = getattr(user, "created", None)
     return f"{user.id}@{created.isoformat() if created is not None else 'unknown'}"
+
+
+def server_labels(user: Any, server_name: str) -> dict[str, str]:
+    """The labels that name this user's server ``server_name`` on its container or service."""
+    return {LABEL_USER: user.name, LABEL_SERVER: server_name, LABEL_IDENTITY: user_identity(user)}
+
+
+def labels_name_server(labels: Mapping[str, str], user: Any, server_name: str) -> bool:
+    """Whether a container's or service's labels name this user's server ``server_name``: by the
+    user's name and identity (never a renamed user's server, nor one of a user of that name before)."""
+    return ((labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) == (user.name, server_name)
+            and labels.get(LABEL_IDENTITY) == user_identity(user))
 
 
 class VolumeLedger:

@@ -19,14 +19,12 @@ from .gpus import (
     ENV_GPUS,
     ENV_NVIDIA_VISIBLE_DEVICES,
     LABEL_GPUS,
-    LABEL_SERVER,
-    LABEL_USER,
     NO_GPUS,
     Allocation,
     parse_uuids,
 )
 from .hubservices import HubServices
-from .owners import LABEL_IDENTITY, user_identity
+from .owners import LABEL_IDENTITY, server_labels, user_identity
 
 REMOVAL_TIMEOUT = 60  # seconds Docker may take to remove a stopped container (its layer and anonymous volumes)
 
@@ -69,8 +67,7 @@ class SpawnContainerMixin:
         def hardening_host_config(self, admin: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
-        labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
-                  LABEL_IDENTITY: user_identity(self.user)}
+        labels = {**server_labels(self.user, self.name), LABEL_KEY: info.key}
         # No GPUs: "void" hides every GPU under the NVIDIA runtime, over an admin's or a CUDA
         # image's NVIDIA_VISIBLE_DEVICES=all (get_env puts this after the admin's environment).
         self._extra_env, self._device_requests = {ENV_GPUS: "", ENV_NVIDIA_VISIBLE_DEVICES: NO_GPUS}, []

@@ -23,9 +23,9 @@ from .culler import REASON_GPU_IDLE, Cull
 from .dockerclient import daemon_settings
 from .failures import StartFailure
 from .gpuqueue import GpuQueue
-from .gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation, GpuAllocator
+from .gpus import LABEL_GPUS, Allocation, GpuAllocator
 from .hubservices import GpuSample, HubServices, host_gpu_sampler, hub_services
-from .owners import LABEL_IDENTITY, user_identity
+from .owners import labels_name_server
 from .profiles import Profile
 from .spawnimage import image_of_unsaved_start
 
@@ -199,8 +199,7 @@ class GpuBindingMixin:
             return
         config = container["Config"]
         labels = config.get("Labels") or {}
-        if (labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != key \
-                or labels.get(LABEL_IDENTITY) != user_identity(self.user):
+        if not labels_name_server(labels, self.user, self.name):
             self._not_adoptable = (container["Id"], key)
             return
         if self._image_info is None:

@@ -32,15 +32,13 @@ from .buildmodel import LABEL_KEY, ImageInfo
 from .failures import explain
 from .gpus import (
     ENV_NVIDIA_VISIBLE_DEVICES,
-    LABEL_SERVER,
-    LABEL_USER,
     NO_GPUS,
     Allocation,
     GpuOverQuota,
     GpuUnavailable,
 )
 from .hubservices import GpuSample, HubServices
-from .owners import LABEL_IDENTITY, user_identity
+from .owners import server_labels
 from .profiles import Profile
 from .spawner import CondaSpawner
 from .swarm import LABEL_GPU_REQUEST, ServiceRequest, SwarmState
@@ -397,9 +395,8 @@ class CondaSwarmSpawner(SwarmSeatMixin, SwarmPullMixin, SwarmTaskMixin, SwarmSer
         """Nothing to pull here: the node Swarm picks pulls the pinned reference itself."""
 
     def _prepare_container(self, info: ImageInfo, allocation: Allocation | None) -> None:
-        # The identity: a server found running that JupyterHub never recorded is adopted only by its own user.
-        self._extra_labels = {LABEL_USER: self.user.name, LABEL_SERVER: self.name, LABEL_KEY: info.key,
-                              LABEL_IDENTITY: user_identity(self.user), LABEL_GPU_REQUEST: str(self._request.gpus)}
+        self._extra_labels = {**server_labels(self.user, self.name), LABEL_KEY: info.key,
+                              LABEL_GPU_REQUEST: str(self._request.gpus)}
         # A GPU task's GPUs come from DOCKER_RESOURCE_* (the runtime's swarm-resource), set by Swarm
         # or, as Swarm would, by the hub; without one the runtime reads NVIDIA_VISIBLE_DEVICES:
         # "void" over an admin's or an image's "all".

@@ -16,8 +16,8 @@ import docker.errors
 from . import swarm
 from .failures import StartFailure
 from .gpuqueue import QueueCancelled
-from .gpus import LABEL_SERVER, LABEL_USER, GpuUnavailable
-from .owners import LABEL_IDENTITY, user_identity
+from .gpus import GpuUnavailable
+from .owners import labels_name_server
 from .spawngpus import QUEUE_INTERRUPTED
 from .spawnimage import image_of_unsaved_start
 from .swarm import ServiceRequest, SwarmState
@@ -261,8 +261,7 @@ class SwarmTaskMixin(_SpawnerBase):
         name): its image, GPUs, node and port, for the culler, the environments page and the state."""
         spec = ((service.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
         labels = spec.get("Labels") or {}
-        if ((labels.get(LABEL_USER), labels.get(LABEL_SERVER, "")) != (self.user.name, self.name)
-                or labels.get(LABEL_IDENTITY) != user_identity(self.user)):
+        if not labels_name_server(labels, self.user, self.name):
             return
         info = image_of_unsaved_start(labels, str(spec.get("Image", "")), "", spec.get("Env") or [])
         if info is None:
