@@ -205,6 +205,8 @@ class GpuBindingMixin:
         if self._image_info is None:
             self._image_info = image_of_unsaved_start(labels, str(config.get("Image", "")),
                                                       str(container.get("Image", "")), config.get("Env") or [])
+            if self._image_info is not None:
+                self.image = self._image_info.image  # as load_state sets it from a saved start
         if unclaimed is None:
             return
         if not labels.get(LABEL_GPUS):  # the GPUs held under its name are another container's

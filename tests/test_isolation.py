@@ -474,6 +474,7 @@ async def test_gpus_of_a_start_the_hub_never_recorded_are_released_on_stop_and_a
     saved = rosa.get_state()["condaspawner"]
     assert (saved["key"], saved["image"], saved["image_id"], saved["env_name"], saved["gpus"]) == (
         key, base_image, client.images.get(base_image).id, "python39", [gpus[0]])
+    assert rosa.image == base_image  # as a restart's load_state of a saved start would set it
     assert "condaspawner" not in tess.get_state()
 
     # A server without GPUs is adopted too: what it runs, nothing to release or watch.
