@@ -134,12 +134,22 @@ async def _solve_all(args: argparse.Namespace, config: Config, timeout: float, s
             result["notes"].append(f"solved: {len(lock.records)} packages")
             result["packages"] = len(lock.records)
         except asyncio.TimeoutError:
-            result["notes"].append(f"not solved within {timeout:g} s (SpecPolicy.precheck_timeout); the build will")
+            _not_solved(result, f"not solved within {timeout:g} s (SpecPolicy.precheck_timeout)", args.strict)
         except ResolveError as error:
             if error.unreachable:  # the spawn goes on then, and its build solves: not the file's fault
-                result["notes"].append(f"not solved: {error}; the build will")
+                _not_solved(result, f"not solved: {error}", args.strict)
             else:
                 result.update(ok=False, error=str(error), errors=[str(error)])
+
+
+def _not_solved(result: dict[str, Any], why: str, strict: bool) -> None:
+    """A file whose solve could not run: 'ok' with a note, as the spawn goes on and its build solves;
+    with --strict an error, for a check that must know each file solves."""
+    if strict:
+        problem = f"{why} (--strict: run it where the channels answer, or raise SpecPolicy.precheck_timeout)"
+        result.update(ok=False, error=problem, errors=[problem])
+    else:
+        result["notes"].append(f"{why}; the build will")
 
 
 # -- profiles -----------------------------------------------------------------------
@@ -855,6 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--solve", action="store_true",
                           help="also solve each valid file as the spawner's pre-check does (within "
                                "c.SpecPolicy.precheck_timeout): 'cannot solve: ...' is an error")
+    validate.add_argument("--strict", action="store_true",
+                          help="with --solve: a file that could not be solved (a channel did not answer, or the "
+                               "solve ran past the timeout) is an error too, not 'ok' with a note (for CI)")
     validate.add_argument("--cuda", metavar="VERSION", help="with --solve: solve for this __cuda, as a GPU profile")
     validate.add_argument("--channel-alias", metavar="URL", help="with --solve: where channel names resolve "
                           "(default: from config)")

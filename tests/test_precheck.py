@@ -194,6 +194,20 @@ def test_validate_solve_from_the_command_line(tmp_path, dev_python_channel):
 
 
 
+def test_validate_solve_strict_counts_a_solve_past_the_timeout_as_an_error(tmp_path, dev_python_channel):
+    config = tmp_path / "c.py"
+    config.write_text(f"c = get_config()\nc.Resolver.channel_urls = {{'conda-forge': {dev_python_channel.url!r}}}\n"
+                      "c.SpecPolicy.precheck_timeout = 0.001\n")  # no solve ends within a millisecond
+    good = tmp_path / "good.yml"
+    good.write_text(GOOD)
+    lenient = validate("--solve", "--config", str(config), str(good))
+    assert lenient.returncode == 0 and "(not solved within 0.001 s (SpecPolicy.precheck_timeout); the build will)" in lenient.stdout
+    strict = validate("--solve", "--strict", "--config", str(config), str(good))
+    assert strict.returncode == 1
+    assert strict.stdout == (f"{good}: error: not solved within 0.001 s (SpecPolicy.precheck_timeout) (--strict: run it "
+                             "where the channels answer, or raise SpecPolicy.precheck_timeout)\n")
+
+
 def test_validate_solve_leaves_an_unreachable_channel_to_the_build_as_the_spawn_does(tmp_path):
     config = tmp_path / "c.py"
     config.write_text("c = get_config()\nc.Resolver.channel_urls = {'conda-forge': 'https://127.0.0.1:9/nothing'}\n")
@@ -204,3 +218,8 @@ def test_validate_solve_leaves_an_unreachable_channel_to_the_build_as_the_spawn_
     (line,) = result.stdout.splitlines()
     assert line.startswith(f"{good}: ok ") and "(not solved: a channel cannot be reached: " in line
     assert line.endswith("; the build will)")
+    strict = validate("--solve", "--strict", "--config", str(config), str(good))  # for CI that must know it solves
+    assert strict.returncode == 1 and strict.stderr == ""
+    (line,) = strict.stdout.splitlines()
+    assert line.startswith(f"{good}: error: not solved: a channel cannot be reached: ")
+    assert line.endswith(" (--strict: run it where the channels answer, or raise SpecPolicy.precheck_timeout)")
