@@ -167,6 +167,10 @@ class IsolationMixin(LoggingConfigurable):
             # so two users racing for one name cannot both win.
             labels = {LABEL_USER: self.user.name, LABEL_IDENTITY: identity}
             volume = await self.docker("create_volume", name=name, labels=labels)
+            if not volume.get("Labels"):
+                # Docker 20.10, restarted, answers a create of an existing volume without its labels
+                # until something reads that volume once: read it, rather than take it for unlabelled.
+                volume = await self.docker("inspect_volume", name)
             refusal = self._ownership_refusal(name, volume.get("Labels") or {}, identity)
             if refusal:
                 self.log.warning("Refusing volume %s for %s (%s): labels %r", name, self.user.name, identity,

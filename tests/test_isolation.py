@@ -23,6 +23,7 @@ from jupyterhub.user import User
 from tornado import web
 from traitlets.config import Config, PyFileConfigLoader
 
+from condaspawner_bench.dockerd import ensure_daemon
 from jupyterhub_condaspawner.buildmodel import LABEL_KEY, ImageInfo
 from jupyterhub_condaspawner.failures import StartFailure
 from jupyterhub_condaspawner.gpus import LABEL_GPUS, LABEL_SERVER, LABEL_USER, Allocation
@@ -48,12 +49,13 @@ def db():
     return orm.new_session_factory("sqlite:///:memory:")()
 
 
-def make_spawner(db, config: Config, user_name: str, server: str = "") -> CondaSpawner:
+def make_spawner(db, config: Config, user_name: str, server: str = "",
+                 spawner_class: type[CondaSpawner] = CondaSpawner) -> CondaSpawner:
     """A CondaSpawner of a real JupyterHub user, as the hub creates it."""
     orm_user = orm.User.find(db, user_name) or orm.User(name=user_name)
     db.add(orm_user)
     db.commit()
-    user = User(orm_user, settings={"spawner_class": CondaSpawner, "config": config, "db": db, "hub": Hub(),
+    user = User(orm_user, settings={"spawner_class": spawner_class, "config": config, "db": db, "hub": Hub(),
                                     "allow_named_servers": True})
     return user.get_or_create_spawner(server, server)
 
@@ -226,6 +228,35 @@ async def test_a_home_volume_another_user_owns_is_refused_and_nothing_is_created
     assert client.volumes.get(f"{prefix}-home-kai").attrs["Labels"] == {LABEL_USER: "kai",
                                                                        LABEL_IDENTITY: user_identity(kai)}
     await created_host_config(make_spawner(db, config, "kai", "second"))  # kai's other server: same home
+
+
+class _OnItsOwnDaemon(CondaSpawner):
+    _client = None  # DockerSpawner keeps one client per class: this class's talks to the test's own daemon
+
+
+@pytest.mark.docker
+async def test_a_home_stays_its_users_after_the_docker_daemon_restarts(db, tmp_path):
+    """Docker 20.10, restarted (a host reboot, an upgrade), answers a create of an existing volume
+    without its labels until the volume is read once: every returning user was refused their own home."""
+    bench = tmp_path / "daemon"
+    daemon = ensure_daemon(bench, use_external=False)  # its own, to restart: the suite shares the bench's
+    try:
+        config = Config()
+        config.ImageBuilder.cache_dir = str(tmp_path / "cache")
+        config.DockerSpawner.client_kwargs = {"base_url": daemon.docker_host}
+        config.DockerSpawner.volumes = {"home-{username}": "/home/jovyan"}
+        mira = make_spawner(db, config, "mira", spawner_class=_OnItsOwnDaemon)
+        await mira.claim_user_volumes()  # her first start labels her home
+        daemon.client().volumes.create("home-nils", labels={LABEL_USER: "someone-else"})
+        daemon.stop()
+        daemon = ensure_daemon(bench, use_external=False)
+        await mira.claim_user_volumes()  # still hers
+        assert daemon.client().volumes.get("home-mira").attrs["Labels"] == {
+            LABEL_USER: "mira", LABEL_IDENTITY: user_identity(orm.User.find(db, "mira"))}
+        with pytest.raises(web.HTTPError, match="volume home-nils belongs to another user"):
+            await make_spawner(db, config, "nils", spawner_class=_OnItsOwnDaemon).claim_user_volumes()
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.docker
