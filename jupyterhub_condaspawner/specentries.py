@@ -65,13 +65,14 @@ class EntryChecker:
 
     def conda_spec(self, text: str, where: str, node: yaml.Node) -> tuple[str, MatchSpec]:
         """A conda dependency in canonical form, and its MatchSpec."""
+        if _folded_pip_list(text, node):
+            raise SpecError(f"{show(text)} goes on to line {node.end_mark.line + 1}: is the ':' of '- pip:' missing?",
+                            field=at(where, node))
+        check_one_line(text, where, node)
         self._check_entry_text(text, where, node, _SHELL_CHARS_CONDA)
         try:
             match_spec = MatchSpec(text)
         except Exception as error:  # py-rattler raises its own exception types
-            if _folded_pip_list(text, node):
-                raise SpecError(f"{show(text)} goes on to line {node.end_mark.line + 1}: is the ':' of '- pip:' missing?",
-                                field=at(where, node))
             selector = _SELECTOR.search(text)
             hint = (f"; {selector.group(0)!r} is a conda-build selector, not part of a spec: remove it" if selector
                     else "")
@@ -172,11 +173,12 @@ class EntryChecker:
 
     def pip_requirement(self, text: str, where: str, node: yaml.Node) -> str:
         """A pip requirement in canonical form (its ``--hash`` options after it)."""
-        check_printable(text, where, node)
         if _CONTINUATION.search(text):
             raise SpecError(f"{show(text)}: '\\' continues a line in a requirements file, not in an environment.yml: "
                             "write the requirement and its --hash options on one line, without '\\'",
                             field=at(where, node))
+        check_one_line(text, where, node)
+        check_printable(text, where, node)
         # `C:\pkg`: a Windows path is named as a path, not by its '\\' as a shell character
         if "\\" in text and (refusal := policy_refusal(text)):
             raise SpecError(f"{show(text)}: {refusal}", field=at(where, node))
@@ -252,6 +254,44 @@ def _namespace_reason(namespace: str, text: str) -> str:
     name, _, version = text.partition(":")
     instead = f"'{name.strip()}={version.strip()}'" if text.count(":") == 1 else "'package=version'"
     return f"a single ':' has no meaning in a conda spec: write {instead} for a version, or 'channel::package' for a channel"
+
+
+_CONSTRAINT_STARTS = (",", "|", ";", "<", ">", "=", "!", "~")
+_EMITTER_WIDTH = 80  # PyYAML's and ruamel's default: they break a plain scalar at a space past this column
+
+
+def check_one_line(text: str, where: str, node: yaml.Node) -> None:
+    """Refuse an unquoted entry YAML read from several lines: the next entry's '- ' went missing
+    (`- python=3.9` then `pandas`, which would read as python's build string), or the next line is
+    indented further than the entries (`- numpy` then `   - pandas`), and YAML folded it into this one."""
+    if node.style is not None or node.end_mark.line <= node.start_mark.line:
+        return
+    line = _first_unwrapped_line(node)
+    if line is None:
+        return
+    if re.search(r"\s-\s", text):
+        reason = (f"line {line} is indented further than the entries above it, and YAML reads it as part of "
+                  "this one: indent its '- ' as theirs")
+    else:
+        reason = f"it goes on to line {line}: is a '- ' missing there?"
+    raise SpecError(f"{show(text)}: {reason}", field=at(where, node))
+
+
+def _first_unwrapped_line(node: yaml.Node) -> int | None:
+    """The first line (from 1) a folded entry goes on to other than mid-constraint, or None when each
+    line ends, or the next begins, with a ',', '|', ';' or an operator: one long spec wrapped on
+    purpose (`numpy >=1.26,` then `<2`), which YAML folds as meant."""
+    source = node.start_mark.buffer
+    if not source:
+        return node.start_mark.line + 2
+    lines = [(number, line) for number, line in
+             enumerate(source[node.start_mark.pointer:node.end_mark.pointer].split("\n"), start=node.start_mark.line + 1)
+             if line.strip()]  # a blank line folds in too
+    for (_, first), (number, then) in zip(lines, lines[1:]):
+        emitted = len(first.rstrip()) >= _EMITTER_WIDTH  # a YAML writer breaks long lines at a space: as meant
+        if not (emitted or first.rstrip().endswith((",", "|", ";")) or then.lstrip().startswith(_CONSTRAINT_STARTS)):
+            return number
+    return None
 
 
 def _folded_pip_list(text: str, node: yaml.Node) -> bool:

@@ -177,8 +177,20 @@ def test_a_conda_package_given_by_url_or_file_is_refused(entry):
     # two names read as one spec: pandas would be dropped
     ("dependencies:\n  - numpy pandas\n", "dependencies[0] (line 2): 'numpy pandas' reads as numpy version 'pandas': "
                                            "put each package on a '- ' line of its own"),
-    ("dependencies:\n  - numpy\n    pandas\n", "dependencies[0] (line 2): 'numpy pandas' reads as numpy version "
-                                               "'pandas': it goes on to line 3: is a '- ' missing there?"),
+    # an unquoted entry YAML folded from several lines: a next entry's '- ' missing, or indented further
+    ("dependencies:\n  - numpy\n    pandas\n", "dependencies[0] (line 2): 'numpy pandas': it goes on to line 3: "
+                                               "is a '- ' missing there?"),
+    ("dependencies:\n  - python=3.9\n    pandas\n",  # would read as python's build string, and validate
+     "dependencies[0] (line 2): 'python=3.9 pandas': it goes on to line 3: is a '- ' missing there?"),
+    ("dependencies:\n  - numpy >=1.26,\n    <2\n    pandas\n",
+     "dependencies[0] (line 2): 'numpy >=1.26, <2 pandas': it goes on to line 4: is a '- ' missing there?"),
+    ("dependencies:\n  - python=3.9\n   - numpy\n",
+     "dependencies[0] (line 2): 'python=3.9 - numpy': line 3 is indented further than the entries above it, and "
+     "YAML reads it as part of this one: indent its '- ' as theirs"),
+    ("dependencies:\n  - numpy\n\n    pandas\n", "dependencies[0] (line 2): 'numpy\\npandas': it goes on to line 4: "
+                                                 "is a '- ' missing there?"),
+    ("dependencies:\n  - pip\n  - pip:\n    - requests==2.31\n      flask\n",
+     "dependencies[1].pip[0] (line 4): 'requests==2.31 flask': it goes on to line 5: is a '- ' missing there?"),
     ("dependencies: [nodefaults::numpy]",
      "dependencies[0] (line 1): 'nodefaults::numpy': nodefaults is not a channel to take a package from; write 'numpy'"),
     # what a recipe writer would type
@@ -213,6 +225,13 @@ def test_a_slip_is_refused_with_a_hint_of_what_to_do(text, message):
     with pytest.raises(SpecError) as refused:
         parse(text)
     assert str(refused.value) == message
+
+
+def test_a_long_spec_wrapped_mid_constraint_is_read_as_one():
+    spec = parse("dependencies:\n  - numpy >=1.26,\n    <2\n  - scipy >=1.11\n    ,<2\n  - pip\n  - pip:\n"
+                 "    - requests >=2.0\n      ; python_version >= '3.8'\n")
+    assert spec.conda == ("numpy >=1.26,<2", "pip", "scipy >=1.11,<2")
+    assert spec.pip == ('requests>=2.0; python_version >= "3.8"',)
 
 
 def test_versions_builds_and_globs_are_not_taken_for_package_names():
