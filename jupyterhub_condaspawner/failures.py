@@ -143,12 +143,29 @@ def _docker_failure(error: BaseException) -> StartFailure:
 def log_failure(log: logging.Logger | logging.LoggerAdapter, who: str, failure: StartFailure,
                 error: BaseException) -> None:
     """One line per refused or failed start; a traceback only for the unexpected."""
+    _quiet_unretrieved_failures()
     if failure.unexpected:
         log.error("Start of %s failed unexpectedly: %s", who, failure.log_message, exc_info=error)
     elif failure.status_code >= 500:
         log.error("Start of %s failed: %s", who, failure.log_message)
     else:
         log.warning("Start of %s refused (%s): %s", who, failure.status_code, failure.log_message)
+
+
+class _LoggedOnce(logging.Filter):
+    """JupyterHub's spawn handler waits a second for a start and leaves it running; a start that
+    fails later is a task whose exception no one retrieves, which asyncio logs again at its end,
+    with its traceback ("Task exception was never retrieved"). log_failure has logged it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(failure, StartFailure) and not failure.unexpected)
+
+
+def _quiet_unretrieved_failures() -> None:
+    logger = logging.getLogger("asyncio")  # where asyncio's default exception handler logs
+    if not any(isinstance(existing, _LoggedOnce) for existing in logger.filters):
+        logger.addFilter(_LoggedOnce())
 
 
 def _one_line(value: object, max_chars: int = _MESSAGE_CHARS) -> str:

@@ -12,8 +12,10 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -37,7 +39,7 @@ from jupyterhub_condaspawner import gpuinventory, spawngpus
 from jupyterhub_condaspawner.builder import BuildRequest, _StepTracker
 from jupyterhub_condaspawner.buildmodel import request_for_profile
 from jupyterhub_condaspawner.dockerbuild import OUTPUT_LINE_CHARS, OUTPUT_LINES
-from jupyterhub_condaspawner.failures import StartFailure, explain
+from jupyterhub_condaspawner.failures import StartFailure, explain, log_failure
 from jupyterhub_condaspawner.gpus import Allocation, GpuUnavailable
 from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.spec import parse_environment
@@ -97,6 +99,26 @@ async def failed_start(spawner: CondaSpawner, options: dict) -> tuple[StartFailu
     assert failure.value.jupyterhub_message == failure.value.message  # what the progress page shows
     return failure.value, messages
 
+
+
+async def test_a_failed_start_no_one_waited_for_is_logged_once_not_again_with_its_traceback(caplog):
+    """JupyterHub's spawn handler waits a second for a start and leaves it running: a start that fails
+    later is a task whose exception no one retrieves, which asyncio used to log again, traceback and all."""
+    failure = StartFailure("pip could not install the pip: section: ...", reason="pip", status_code=400)
+    log_failure(logging.getLogger("test-starts"), "carol", failure, failure)  # the spawner's one line
+
+    async def start(error: Exception) -> None:
+        raise error
+
+    for error in (failure, ValueError("a bug of the hub's")):
+        task = asyncio.ensure_future(start(error))
+        await asyncio.sleep(0)  # it fails; nothing awaits it
+        del task
+        gc.collect()  # asyncio logs an exception no one retrieved when the task goes
+    logged = [record for record in caplog.records if "never retrieved" in record.getMessage()]
+    assert [type(record.exc_info[1]) for record in logged] == [ValueError]  # the unexpected still say so
+    assert [record.getMessage() for record in caplog.records if record.name == "test-starts"] == [
+        "Start of carol refused (400): pip could not install the pip: section: ..."]
 
 @pytest.mark.docker
 async def test_a_missing_base_image_is_the_admins_to_fix(tmp_path, docker_daemon, dev_python_channel):
