@@ -10,6 +10,7 @@ page, as the progress page's "Spawn failed: ..." line and in the REST reply, wit
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 
 import docker.errors
@@ -98,7 +99,7 @@ def _build_failure(error: BuildError, custom_spec: bool) -> StartFailure:
                             "admin if it keeps failing", reason="pip-index", status_code=503)
     if phase == "pip":
         return StartFailure(f"pip could not install the pip: section: {cause}; "
-                            + ("check the pip: packages of your environment.yml" if custom_spec else owner),
+                            + (_check_pip_packages(cause) if custom_spec else owner),
                             reason="pip", status_code=400 if custom_spec else 500)
     if phase == "timeout":
         return StartFailure(f"Building this environment took too long: {cause}; ask the hub admin to prebuild it "
@@ -138,6 +139,20 @@ def _docker_failure(error: BaseException) -> StartFailure:
                             reason="docker", status_code=500, log_message=text)
     return StartFailure("The Docker daemon cannot be reached: try again in a minute, or tell the hub admin",
                         reason="docker-unreachable", status_code=503, log_message=text)
+
+
+def _check_pip_packages(cause: str) -> str:
+    """What a user does about a pip section that did not install: check it; and, where pip had to build
+    a package from source and could not (a C library or compiler the image lacks), take the conda package."""
+    if _BUILT_FROM_SOURCE.search(cause):
+        return ("check the pip: packages of your environment.yml (a package pip must build from source is "
+                "often a conda package too: list it under dependencies instead)")
+    return "check the pip: packages of your environment.yml"
+
+
+_BUILT_FROM_SOURCE = re.compile(r"failed to build|failed building wheel|build wheel|metadata-generation-failed|"
+                                r"did not run successfully|generating package metadata",
+                                re.IGNORECASE)
 
 
 def log_failure(log: logging.Logger | logging.LoggerAdapter, who: str, failure: StartFailure,

@@ -807,7 +807,9 @@ async def test_a_pip_package_whose_build_cannot_download_is_the_packages_failure
     assert (failed.value.phase, failed.value.unreachable) == ("pip", False)
     assert "cs-fetcher" in failed.value.cause and "\n" not in failed.value.cause
     failure = explain(failed.value, custom_spec=True)
-    assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")
+    assert failure.status_code == 400 and failure.message.endswith(
+        "check the pip: packages of your environment.yml (a package pip must build from source is often a conda "
+        "package too: list it under dependencies instead)")
 
 
 async def test_a_pip_package_that_prints_a_later_step_is_still_a_pip_failure(builder):
@@ -824,7 +826,9 @@ async def test_a_pip_package_that_prints_a_later_step_is_still_a_pip_failure(bui
     assert "\nStep 12/15 : COPY kernel" in (builder.key_dir(forged.build_key(req)) / "build.log").read_text()
     assert failed.value.phase == "pip"
     failure = explain(failed.value, custom_spec=True)
-    assert failure.status_code == 400 and failure.message.endswith("check the pip: packages of your environment.yml")
+    assert failure.status_code == 400 and failure.message.endswith(
+        "check the pip: packages of your environment.yml (a package pip must build from source is often a conda "
+        "package too: list it under dependencies instead)")
 
 
 async def pip_step_container(builder: ImageBuilder, build) -> str:
