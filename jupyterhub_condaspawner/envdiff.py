@@ -15,32 +15,50 @@ from rattler import Version
 
 @dataclass
 class Diff:
-    """Packages added, removed, upgraded and downgraded (``rebuilt``: same version, other build)."""
+    """Packages added, removed, upgraded and downgraded (``rebuilt``: same version, other build); the
+    pip section's requirements added and removed, and the names of the ``variables`` that changed
+    (neither is in the conda lock: they come from the two specs)."""
 
     added: list[dict[str, str]] = field(default_factory=list)
     removed: list[dict[str, str]] = field(default_factory=list)
     upgraded: list[dict[str, str]] = field(default_factory=list)
     downgraded: list[dict[str, str]] = field(default_factory=list)
     rebuilt: list[dict[str, str]] = field(default_factory=list)
+    pip_added: list[str] = field(default_factory=list)
+    pip_removed: list[str] = field(default_factory=list)
+    variables: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.upgraded or self.downgraded or self.rebuilt)
+        return not any(self.as_dict().values())
 
-    def as_dict(self) -> dict[str, list[dict[str, str]]]:
+    def as_dict(self) -> dict[str, list[Any]]:
         return {"added": self.added, "removed": self.removed, "upgraded": self.upgraded,
-                "downgraded": self.downgraded, "rebuilt": self.rebuilt}
+                "downgraded": self.downgraded, "rebuilt": self.rebuilt, "pip_added": self.pip_added,
+                "pip_removed": self.pip_removed, "variables": self.variables}
 
     def summary(self, limit: int = 4) -> str:
-        """One line: "2 upgraded (numpy 1.26.4 -> 2.0.0, ...), 1 added (rich 13.7)"."""
-        parts = []
-        for kind, changes in self.as_dict().items():
-            if not changes:
-                continue
-            shown = [_change_text(change) for change in changes[:limit]]
-            more = f", {len(changes) - limit} more" if len(changes) > limit else ""
-            parts.append(f"{len(changes)} {kind} ({', '.join(shown)}{more})")
+        """One line: "2 upgraded (numpy 1.26.4 -> 2.0.0, ...), 1 added (rich 13.7); pip: 1 added (six)"."""
+        packages = [_kind_text(kind, [_change_text(change) for change in changes], limit)
+                    for kind, changes in self.as_dict().items() if changes and kind in _PACKAGE_KINDS]
+        pip = [_kind_text(kind.removeprefix("pip_"), changes, limit)
+               for kind, changes in (("pip_added", self.pip_added), ("pip_removed", self.pip_removed)) if changes]
+        parts = [*packages, *(["pip: " + ", ".join(pip)] if pip else []),
+                 *([f"variables changed ({_listed(self.variables, limit)})"] if self.variables else [])]
         return "; ".join(parts) or "no package changed"
+
+
+_PACKAGE_KINDS = ("added", "removed", "upgraded", "downgraded", "rebuilt")
+
+
+def spec_changes(result: Diff, old_spec: dict[str, Any], new_spec: dict[str, Any]) -> Diff:
+    """``result`` with what changed from the ``old`` normalised spec's pip section and variables to the ``new`` one's."""
+    old_pip, new_pip = set(old_spec.get("pip") or []), set(new_spec.get("pip") or [])
+    result.pip_added, result.pip_removed = sorted(new_pip - old_pip), sorted(old_pip - new_pip)
+    old_variables, new_variables = dict(old_spec.get("variables") or {}), dict(new_spec.get("variables") or {})
+    result.variables = sorted(name for name in set(old_variables) | set(new_variables)
+                              if old_variables.get(name) != new_variables.get(name))
+    return result
 
 
 def diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> Diff:
@@ -95,6 +113,15 @@ def exact_environment_yml(lock: dict[str, Any], spec_text: str = "", name: str =
     if isinstance(spec.get("variables"), dict) and spec["variables"]:
         document["variables"] = dict(spec["variables"])
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def _kind_text(kind: str, shown: list[str], limit: int) -> str:
+    return f"{len(shown)} {kind} ({_listed(shown, limit)})"
+
+
+def _listed(shown: list[str], limit: int) -> str:
+    more = f", {len(shown) - limit} more" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
 
 
 def _change_text(change: dict[str, str]) -> str:

@@ -72,7 +72,19 @@ def change(builder: ImageBuilder, old_key: str | None, new_key: str) -> envdiff.
     old, new = read_lock(builder, old_key), read_lock(builder, new_key)
     if old is None or new is None:
         return None
-    return envdiff.diff(old.get("packages", []), new.get("packages", []))
+    packages = envdiff.diff(old.get("packages", []), new.get("packages", []))
+    old_spec, new_spec = _recorded_spec(builder, old_key), _recorded_spec(builder, new_key)
+    return envdiff.spec_changes(packages, old_spec, new_spec) if old_spec and new_spec else packages
+
+
+def _recorded_spec(builder: ImageBuilder, key: str) -> dict[str, Any]:
+    """The normalised spec the key was built from, as its build record keeps it ({} in records older than it)."""
+    record = builder.build_record(key)
+    try:
+        spec = json.loads(record.spec) if record and record.spec else {}
+    except ValueError:
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def image_facts(builder: ImageBuilder, key: str) -> dict[str, Any]:

@@ -96,8 +96,9 @@ def own_env(*packages: str) -> str:
     return f"channels: [conda-forge]\ndependencies:\n{lines}variables: {{RUN: {RUN}}}\n"
 
 
-def profile_env(alpha: str) -> str:
-    return f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, cs-alpha={alpha}]\nvariables: {{RUN: {RUN}}}\n"
+def profile_env(alpha: str, extra: str = "") -> str:
+    variables = f"{{RUN: {RUN}, EXTRA: '{extra}'}}" if extra else f"{{RUN: {RUN}}}"
+    return f"channels: [conda-forge]\ndependencies: [python=3.9, ipykernel, cs-alpha={alpha}]\nvariables: {variables}\n"
 
 
 class Client:
@@ -170,7 +171,7 @@ def story(hub) -> dict[str, Any]:
     assert status == 200, body
     first_profile_key = body["key"]
     wait_for_builds(envadmin)
-    (profiles / "envs" / "envtest.yml").write_text(profile_env("1.1"))
+    (profiles / "envs" / "envtest.yml").write_text(profile_env("1.1", extra="1"))  # a variable is set too
 
     spawn_and_wait(hub, "alice", {"profile": "python39", "environment": own_env("cs-alpha=1.1", "cs-gamma")})
     hub.stop_server("alice")
@@ -222,12 +223,17 @@ def test_what_changed_against_my_previous_own_environment(story):
     assert story["alice"].get(f"/{story['own_a']}")["diff"] is None  # her first: nothing to compare
 
 
-def test_a_profile_rebuild_shows_what_changed_in_the_api_and_on_the_progress_page(story):
+def test_a_profile_rebuild_shows_what_changed_in_the_api_and_on_the_progress_page(story, hub):
     detail = story["alice"].get(f"/{story['profile_key']}")
     assert detail["previous"] == story["first_profile_key"]
     assert detail["diff"]["upgraded"] == [{"name": "cs-alpha", "from": "1.0", "to": "1.1"}]
+    assert detail["diff"]["variables"] == ["EXTRA"]  # not in the lock: from the two builds' specs
     messages = [event["message"] for event in story["profile_events"]]
-    assert "What changed since the previous build: 1 upgraded (cs-alpha 1.0 -> 1.1)" in messages, messages
+    assert ("What changed since the previous build: 1 upgraded (cs-alpha 1.0 -> 1.1); variables changed (EXTRA)"
+            in messages), messages
+    session, _ = hub.login("envadmin")  # alice's server runs: her login lands in it; an admin sees her key too
+    _, _, page = session.get(f"/hub/environments?key={story['profile_key']}")
+    assert "variables changed</h3>" in page and "<li>EXTRA</li>" in page, page
 
 
 def test_downloads_an_exact_environment_yml_that_solves_to_the_same_lock(story, dev_python_channel):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from jupyterhub_condaspawner.envdiff import diff, exact_environment_yml
+from jupyterhub_condaspawner.envdiff import diff, exact_environment_yml, spec_changes
 from jupyterhub_condaspawner.usage import UsageLog
 
 
@@ -37,6 +37,21 @@ def test_the_same_lock_changes_nothing_and_long_lists_are_cut():
     assert diff(same, same).empty and diff(same, same).summary() == "no package changed"
     many = diff([], [package(f"p{i}", "1") for i in range(6)])
     assert many.summary(limit=2) == "6 added (p0 1, p1 1, 4 more)"
+
+
+def test_the_pip_section_and_the_variables_count_too():
+    """Neither is in the conda lock: a pip-only change said "no package changed"."""
+    same = [package("python", "3.9.18"), package("pip", "24.0")]
+    old = {"conda": ["pip", "python=3.9"], "pip": ["requests==2.31"], "variables": {"A": "1", "B": "2"}}
+    new = {"conda": ["pip", "python=3.9"], "pip": ["rich==13.7", "six"], "variables": {"A": "1", "B": "3", "C": "4"}}
+    changes = spec_changes(diff(same, same), old, new)
+    assert (changes.pip_added, changes.pip_removed, changes.variables) == (["rich==13.7", "six"], ["requests==2.31"],
+                                                                           ["B", "C"])
+    assert not changes.empty
+    assert changes.summary() == "pip: 2 added (rich==13.7, six), 1 removed (requests==2.31); variables changed (B, C)"
+    assert spec_changes(diff(same, same), old, old).summary() == "no package changed"
+    upgraded = spec_changes(diff(same, [package("python", "3.9.18"), package("pip", "24.1")]), old, {**old, "pip": []})
+    assert upgraded.summary() == "1 upgraded (pip 24.0 -> 24.1); pip: 1 removed (requests==2.31)"
 
 
 def test_the_exact_environment_yml_pins_every_package_and_keeps_the_pip_section():
