@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from rattler import Version
 
+_PACKAGE_KINDS = ("added", "removed", "upgraded", "downgraded", "rebuilt")
+
 
 @dataclass
 class Diff:
@@ -39,16 +41,13 @@ class Diff:
 
     def summary(self, limit: int = 4) -> str:
         """One line: "2 upgraded (numpy 1.26.4 -> 2.0.0, ...), 1 added (rich 13.7); pip: 1 added (six)"."""
-        packages = [_kind_text(kind, [_change_text(change) for change in changes], limit)
-                    for kind, changes in self.as_dict().items() if changes and kind in _PACKAGE_KINDS]
-        pip = [_kind_text(kind.removeprefix("pip_"), changes, limit)
-               for kind, changes in (("pip_added", self.pip_added), ("pip_removed", self.pip_removed)) if changes]
+        packages = [_kind_text(kind, [_change_text(change) for change in getattr(self, kind)], limit)
+                    for kind in _PACKAGE_KINDS if getattr(self, kind)]
+        pip = [_kind_text(kind, changes, limit)
+               for kind, changes in (("added", self.pip_added), ("removed", self.pip_removed)) if changes]
         parts = [*packages, *(["pip: " + ", ".join(pip)] if pip else []),
                  *([f"variables changed ({_listed(self.variables, limit)})"] if self.variables else [])]
         return "; ".join(parts) or "no package changed"
-
-
-_PACKAGE_KINDS = ("added", "removed", "upgraded", "downgraded", "rebuilt")
 
 
 def spec_changes(result: Diff, old_spec: dict[str, Any], new_spec: dict[str, Any]) -> Diff:

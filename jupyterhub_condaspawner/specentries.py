@@ -264,7 +264,7 @@ def check_one_line(text: str, where: str, node: yaml.Node) -> None:
     """Refuse an unquoted entry YAML read from several lines: the next entry's '- ' went missing
     (`- python=3.9` then `pandas`, which would read as python's build string), or the next line is
     indented further than the entries (`- numpy` then `   - pandas`), and YAML folded it into this one."""
-    if node.style is not None or node.end_mark.line <= node.start_mark.line:
+    if not isinstance(node, yaml.ScalarNode) or node.style is not None or node.end_mark.line <= node.start_mark.line:
         return
     line = _first_unwrapped_line(node)
     if line is None:
