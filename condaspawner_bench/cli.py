@@ -87,6 +87,12 @@ def check_demo_ports(args: argparse.Namespace, bench_dir: Path) -> None:
     taken = [(port, what, option) for port, what, option in ports if _in_use(port)]
     if taken:
         listed = "; ".join(f"127.0.0.1:{port} ({what}, {option})" for port, what, option in taken)
+        if _left_proxy_runs(state):
+            # Its hub would stop that proxy: another --hub-port would take the running demo's proxy away.
+            raise cli.CommandError(f"cannot start the demo hub: already in use: {listed}, and the proxy of this "
+                                   "bench's demo runs: that demo hub is likely running: stop it first (a second "
+                                   "demo beside it needs its own CONDASPAWNER_DEMO_STATE folder and free ports: "
+                                   "--port, --hub-port, --proxy-api-port)")
         raise cli.CommandError(f"cannot start the demo hub: already in use: {listed}; another JupyterHub (a "
                                "demo?) may be running: stop it, or choose free ports with "
                                + ", ".join(option for _, _, option in taken))

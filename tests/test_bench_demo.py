@@ -72,6 +72,10 @@ def test_the_ports_of_the_proxy_a_previous_demo_left_are_not_refused(tmp_path):
         refused = demo(tmp_path, public, hub, api)
     assert refused.returncode == 1 and f"127.0.0.1:{hub} (the hub's own port" in refused.stderr
     assert f":{public} " not in refused.stderr and f":{api} " not in refused.stderr
+    # Its proxy runs and its hub's port is taken: that demo is likely running. Another --hub-port
+    # would have the new hub stop the running demo's proxy: it is told to stop that demo instead.
+    assert "and the proxy of this bench's demo runs: that demo hub is likely running: stop it first" in refused.stderr
+    assert "choose free ports with --hub-port" not in refused.stderr
 
 
 def test_the_demo_offers_users_only_the_channel_it_serves_and_keeps_its_pytorch_profile(tmp_path, monkeypatch):
