@@ -217,6 +217,27 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
 _KUBESPAWNER_ONLY = frozenset({"kubespawner_override", "profile_options"})
 
 
+
+class _SetTwice(yaml.YAMLError):
+    """A key written twice in one mapping of a profile file: ``str(error)`` names its line and key."""
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping, where YAML keeps the last one
+    silently: an `allowed_groups: []` added below a course's `allowed_groups: [dl-course]` would
+    open its profile to everyone, and no message would say so."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:  # as written: before `<<` merges, whose keys the mapping may override
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise _SetTwice(f"line {key_node.start_mark.line + 1}: {show(key_node.value)} is set twice in "
+                                    "one mapping (YAML would keep the last one): keep one")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
 class ProfileCatalog(Configurable):
     """The admin's profiles, loaded from ``profiles_dir``, and who may use which."""
 
@@ -319,7 +340,10 @@ class ProfileCatalog(Configurable):
 
     def _load_file(self, path: Path, problems: list[str]) -> Profile | None:
         try:
-            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+            document = yaml.load(path.read_text(encoding="utf-8"), Loader=_ProfileLoader)  # noqa: S506 (a SafeLoader)
+        except _SetTwice as twice:
+            problems.append(f"{path}: {twice}")
+            return None
         except yaml.MarkedYAMLError as error:  # where, and what was expected there
             problems.append(f"{path}: {describe_yaml_error(error)}")
             return None

@@ -216,6 +216,24 @@ def test_duplicate_slugs_and_two_defaults_are_reported(tmp_path):
     assert any("more than one profile is the default" in p for p in found)
 
 
+def test_a_field_set_twice_is_refused_not_the_last_one_taken(tmp_path):
+    """YAML keeps the last of two equal keys: an `allowed_groups: []` appended below a course's
+    restriction would open its profile to everyone without a word."""
+    write(tmp_path, {
+        "hw.yaml": "display_name: Homework\nenvironment: envs/e.yml\nallowed_groups: [dl-course]\n"
+                   "mem_limit: 2G\nallowed_groups: []\n",
+        "gpu.yaml": "display_name: GPU\nenvironment: envs/e.yml\nkubespawner_override:\n  mem_limit: 1G\n"
+                    "  mem_limit: 8G\n",
+        "merged.yaml": "base: &base {mem_limit: 1G, cpu_limit: 1}\n",  # anchors: not a key set twice
+        "envs/e.yml": ENV,
+    })
+    found = problems(tmp_path)
+    assert f"{tmp_path / 'hw.yaml'}: line 5: 'allowed_groups' is set twice in one mapping (YAML would keep the " \
+           "last one): keep one" in found
+    assert any(p.startswith(f"{tmp_path / 'gpu.yaml'}: line 5: 'mem_limit' is set twice") for p in found)
+    assert not any("merged.yaml" in p and "set twice" in p for p in found)
+
+
 def test_environment_file_among_profiles_gets_a_hint(tmp_path):
     write(tmp_path, {"env.yml": ENV})
     assert "looks like an environment.yml; keep those in a subfolder" in problems(tmp_path)[0]
