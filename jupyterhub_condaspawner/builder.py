@@ -94,6 +94,7 @@ class ImageBuilder(LoggingConfigurable):
     )
     registry_timeout = FiniteFloat(
         30,
+        min=1,
         config=True,
         help="""Seconds the builder waits for one registry API request (manifest, config, token).
 
@@ -175,6 +176,7 @@ class ImageBuilder(LoggingConfigurable):
     )
     max_concurrent_builds = Integer(
         2,
+        min=1,  # 0 would queue every build for ever, without a word
         config=True,
         help="""Builds run at once in this hub; further requests wait in a queue.
 
@@ -204,6 +206,7 @@ class ImageBuilder(LoggingConfigurable):
     )
     max_images = Integer(
         50,
+        min=0,
         config=True,
         help="""`gc` keeps at most this many environment images (0 = no count limit).
 
@@ -222,6 +225,7 @@ class ImageBuilder(LoggingConfigurable):
     )
     build_timeout = FiniteFloat(
         3600,
+        min=1,
         config=True,
         help="""Seconds a whole build may take before it is abandoned.
 

@@ -242,6 +242,8 @@ class KubernetesExport(Configurable):
     )
     cpu_guarantee_fraction = FiniteFloat(
         1.0,
+        min=0,
+        max=1,
         config=True,
         help="""CPU guarantee (request) as a fraction of each profile's cpu_limit, from 0 to 1.
 
@@ -253,6 +255,8 @@ class KubernetesExport(Configurable):
     )
     mem_guarantee_fraction = FiniteFloat(
         1.0,
+        min=0,
+        max=1,
         config=True,
         help="""Memory guarantee (request) as a fraction of each profile's mem_limit, from 0 to 1.
 

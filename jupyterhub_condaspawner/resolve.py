@@ -208,6 +208,7 @@ class Resolver(Configurable):
     )
     solve_timeout = FiniteFloat(
         300,
+        min=1,
         config=True,
         help="""Seconds a solve may take before it fails with a timeout message.
 

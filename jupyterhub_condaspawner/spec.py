@@ -34,6 +34,7 @@ class SpecPolicy(Configurable):
 
     max_file_bytes = Integer(
         256 * 1024,
+        min=1,
         config=True,
         help="""Largest environment.yml accepted, in bytes.
 
@@ -42,6 +43,7 @@ class SpecPolicy(Configurable):
     )
     max_dependencies = Integer(
         1000,
+        min=1,
         config=True,
         help="""Most dependencies (conda and pip together) one environment may list.
 
@@ -50,6 +52,7 @@ class SpecPolicy(Configurable):
     )
     max_spec_length = Integer(
         200,
+        min=1,
         config=True,
         help="""Longest single dependency line, in characters.
 
@@ -58,6 +61,7 @@ class SpecPolicy(Configurable):
     )
     max_name_length = Integer(
         100,
+        min=1,
         config=True,
         help="""Longest package name, environment name or variable name, in characters.
 
@@ -66,6 +70,7 @@ class SpecPolicy(Configurable):
     )
     max_yaml_depth = Integer(
         10,
+        min=1,
         config=True,
         help="""Deepest YAML nesting accepted (an environment.yml needs 5).
 
@@ -74,6 +79,7 @@ class SpecPolicy(Configurable):
     )
     max_problems = Integer(
         20,
+        min=1,
         config=True,
         help="""Most problems one refused file reports (the rest are counted).
 
@@ -82,6 +88,7 @@ class SpecPolicy(Configurable):
     )
     precheck_timeout = FiniteFloat(
         20,
+        min=0,
         config=True,
         help="""Seconds the spawner may spend solving a user's own environment before it accepts
         the spawn (and `condaspawner validate --solve` per file). One that cannot be solved is

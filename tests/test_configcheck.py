@@ -77,6 +77,21 @@ def test_no_number_setting_of_the_package_takes_nan_or_infinity():
     assert {"CondaSpawner.gpu_idle_timeout", "GpuAllocator.queue_timeout", "ImageBuilder.build_timeout"} <= set(checked)
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("ImageBuilder.max_concurrent_builds", 0),  # every build queued for ever, without a word
+    ("ImageBuilder.max_images", -3),  # gc read it as 1
+    ("ImageBuilder.build_timeout", 0), ("ImageBuilder.registry_timeout", 0), ("Resolver.solve_timeout", -1),
+    ("SpecPolicy.max_file_bytes", 0), ("SpecPolicy.max_dependencies", 0), ("SpecPolicy.max_problems", 0),
+    ("SpecPolicy.precheck_timeout", -5), ("KubernetesExport.cpu_guarantee_fraction", 1.5),
+    ("KubernetesExport.mem_guarantee_fraction", -0.5),
+])
+def test_a_count_or_a_limit_that_would_wedge_the_hub_is_refused(setting, value):
+    section, name = setting.split(".")
+    cls = _setting_classes()[section]
+    with pytest.raises(TraitError, match=rf"'{name}' trait of .* should not be (less|greater) than"):
+        cls.class_traits()[name].validate(cls, value)
+
+
 def test_a_nan_spawner_setting_is_the_hubs_config_error_not_culling_turned_off():
     config = Config()
     config.CondaSpawner.gpu_idle_timeout = float("nan")
