@@ -241,10 +241,10 @@ class GpuInventory(LoggingConfigurable):
             gpus = [static_gpu(position, entry) for position, entry in enumerate(entries)]
         except (TypeError, ValueError) as error:
             raise TraitError(str(error))
-        uuids = [gpu.uuid for gpu in gpus]
-        duplicates = sorted({uuid for uuid in uuids if uuids.count(uuid) > 1})
-        if duplicates:
-            raise TraitError(f"static_gpus: the same uuid is declared twice: {', '.join(duplicates)}")
+        for field, values in (("uuid", [gpu.uuid for gpu in gpus]), ("index", [gpu.index for gpu in gpus])):
+            duplicates = sorted({str(value) for value in values if values.count(value) > 1})
+            if duplicates:
+                raise TraitError(f"static_gpus: the same {field} is declared twice: {', '.join(duplicates)}")
         return entries
 
     def __init__(self, nvml: Nvml | None = None, **kwargs: Any):
