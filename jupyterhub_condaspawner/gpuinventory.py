@@ -241,8 +241,8 @@ class GpuInventory(LoggingConfigurable):
             gpus = [static_gpu(position, entry) for position, entry in enumerate(entries)]
         except (TypeError, ValueError) as error:
             raise TraitError(str(error))
-        for field, values in (("uuid", [gpu.uuid for gpu in gpus]), ("index", [gpu.index for gpu in gpus])):
-            duplicates = sorted({str(value) for value in values if values.count(value) > 1})
+        for field, values in (("uuid", [gpu.uuid for gpu in gpus]), ("index", [str(gpu.index) for gpu in gpus])):
+            duplicates = sorted({value for value in values if values.count(value) > 1})
             if duplicates:
                 raise TraitError(f"static_gpus: the same {field} is declared twice: {', '.join(duplicates)}")
         return entries
