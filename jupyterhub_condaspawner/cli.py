@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import docker
 
     from .builder import ImageBuilder
+    from .builderrors import BuildError
     from .buildmodel import BuildRequest
     from .kubernetes import PushedImages
     from .profiles import Profile, ProfileCatalog
@@ -532,7 +533,7 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         rows.append((label, info.key[:16], info.image, _size(info.size), f"{info.seconds:.1f}",
                      "cached" if info.cached else "built", *bytes_pushed))
     print(_table(rows))
-    if pushing:
+    if pushing and any(info is not None for _, info, _ in results):
         total = sum(info.pushed_bytes or 0 for _, info, _ in results if info is not None)
         print(f"pushed {_size(total)} to {builder.registry} (layers it already had are not uploaded again)")
     if images is not None and pushed:
@@ -542,8 +543,17 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
         _write_images(images)
         print(f"wrote {images.source}: {len(pushed)} pinned image(s) for `condaspawner export kubespawner`")
     for failed_build in failed:  # one line each: the key, the phase in words, the cause, where the log is
-        print(f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)", file=sys.stderr)
+        print(_failure_line(failed_build), file=sys.stderr)
     return 1 if any(info is None for _, info, _ in results) else 0
+
+
+def _failure_line(failed_build: BuildError) -> str:
+    """A failed row's line: the key, the phase in words, the cause, and where its log is; a registry that
+    failed it is no build's failure (the image may be built and here), and its log does not say."""
+    if failed_build.phase == "registry":
+        return (f"{failed_build.summary()}: the image is not in the registry (it is built on this host if the "
+                "build ran); run the command again once the registry answers")
+    return f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)"
 
 
 def _images_to_push(args: argparse.Namespace, config: Config) -> PushedImages:

@@ -17,6 +17,7 @@ import pytest
 from fixtures_docker import bench_dir, bench_unavailable, remove_repo_images
 from test_cli import REPO, condaspawner
 
+from condaspawner_bench.ports import free_port
 from jupyterhub_condaspawner.builder import BuildError, BuildRequest, ImageBuilder
 from jupyterhub_condaspawner.failures import explain
 from jupyterhub_condaspawner.spec import SpecPolicy
@@ -235,6 +236,25 @@ def test_a_failed_build_has_a_key_a_log_and_a_status(config, tmp_path):
 
     images = without_daemon("ls", "--config", str(config))  # the images need the daemon: one line, no traceback
     assert images.returncode == 1 and images.stderr.decode().startswith("error: cannot reach the Docker daemon")
+
+
+def test_a_registry_that_does_not_answer_fails_the_row_without_a_push_total_or_a_log_to_read(config, tmp_path):
+    """Nothing was pushed: no 'pushed 0 B to ...' line; the failure is the registry's, not a build's, and
+    its build log (if a build even ran) does not say it: the line says what to do instead."""
+    port = free_port()  # nothing listens there
+    down = tmp_path / "down.py"
+    down.write_text(config.read_text() + f"c.ImageBuilder.registry = '127.0.0.1:{port}/envs'\n"
+                                         f"c.ImageBuilder.insecure_registries = ['127.0.0.1:{port}']\n")
+    env = tmp_path / "env.yml"
+    env.write_text(f"channels: [conda-forge]\ndependencies: [python=3.9]\nvariables: {{ID: {uuid.uuid4().hex}}}\n")
+    result = condaspawner("build", "--config", str(down), str(env))
+    assert result.returncode == 1
+    out, line = result.stdout.decode(), result.stderr.decode().splitlines()[-1]
+    key = out.splitlines()[1].split()[1]
+    assert "FAILED: " in out and "pushed " not in out, out
+    assert line == (f"build {key} failed at the registry: the registry 127.0.0.1:{port} cannot be reached "
+                    "(connection refused): the image is not in the registry (it is built on this host if the build "
+                    "ran); run the command again once the registry answers"), line
 
 
 def test_a_killed_build_is_listed_as_interrupted_with_its_log(config, tmp_path):
