@@ -74,6 +74,8 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
     key = id(spawner.config)
     if key not in _services:
         config = spawner.config
+        for line in misspelled_sections(config):  # first: a refused setting below would hide them
+            spawner.log.warning("%s", line)
         try:
             allocator = GpuAllocator(config=config, log=spawner.log)
             builder = ImageBuilder(config=config, log=spawner.log,
@@ -91,8 +93,6 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
             )
         except TraitError as error:
             raise HubConfigError(f"a setting in the hub's config: {one_line(error)}") from None
-        for line in misspelled_sections(config):
-            spawner.log.warning("%s", line)
         if builder.docker_host and not builder.registry:
             spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
                               "images built on another daemon", builder.docker_host)

@@ -15,6 +15,7 @@ from traitlets.config import Config, Configurable
 
 import jupyterhub_condaspawner
 from jupyterhub_condaspawner.configcheck import SETTING_CLASSES, misspelled_sections
+from jupyterhub_condaspawner.hubservices import HubConfigError, hub_services
 from jupyterhub_condaspawner.spawner import CondaSpawner
 from jupyterhub_condaspawner.traittypes import FiniteFloat
 
@@ -46,6 +47,19 @@ def test_close_names_are_named_and_real_classes_are_not():
         "c.ImageBuildr is not a setting class, so its settings are ignored: did you mean c.ImageBuilder?",
         "c.GPUAllocator is not a setting class, so its settings are ignored: did you mean c.GpuAllocator?",
     ]
+
+
+def test_the_hub_names_a_misspelled_class_even_when_another_setting_is_refused(caplog):
+    """The warning came after the services were made: a refused setting raised first, and the
+    misspelled class, the mistake that explains the rest, never reached the hub's log."""
+    config = Config()
+    config.GpuAlocator.per_user_gpu_quota = 1
+    config.GpuAllocator.policy = "fastest"  # refused: not a policy
+    spawner = CondaSpawner(config=config)
+    with pytest.raises(HubConfigError, match="policy"):
+        hub_services(spawner)
+    assert ("c.GpuAlocator is not a setting class, so its settings are ignored: did you mean c.GpuAllocator?"
+            in caplog.text)
 
 
 def test_the_command_warns_in_one_line(tmp_path):
