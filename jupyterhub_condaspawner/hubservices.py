@@ -63,6 +63,7 @@ class HubConfigError(ValueError):
 
 # Keyed by the config's id; the config itself is kept too, so that id is never reused.
 _services: dict[int, tuple[Any, HubServices]] = {}
+_warned: dict[int, Any] = {}  # the configs whose misspelled classes were logged, kept as _services keeps them
 
 
 def hub_services(spawner: "CondaSpawner") -> HubServices:
@@ -74,8 +75,10 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
     key = id(spawner.config)
     if key not in _services:
         config = spawner.config
-        for line in misspelled_sections(config):  # first: a refused setting below would hide them
-            spawner.log.warning("%s", line)
+        if key not in _warned:  # first: a refused setting below would hide them; once, though that raises each time
+            _warned[key] = config
+            for line in misspelled_sections(config):
+                spawner.log.warning("%s", line)
         try:
             allocator = GpuAllocator(config=config, log=spawner.log)
             builder = ImageBuilder(config=config, log=spawner.log,
