@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from traitlets import TraitError
+from traitlets.config import Config
 
 from .builder import ImageBuilder
 from .builderrors import one_line
 from .configcheck import misspelled_sections
 from .culler import Cull, GpuIdleCuller
 from .dockerclient import daemon_settings
+from .gpuinventory import GpuInventory
 from .gpuqueue import GpuQueue
 from .gpus import Allocation, GpuAllocator
 from .notices import Notices
 from .owners import VolumeLedger
 from .profiles import ProfileCatalog
+from .resolve import Resolver
 from .spec import SpecPolicy
 from .usage import UsageLog
 
@@ -95,7 +98,9 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
                 owners=VolumeLedger(Path(builder.cache_dir) / "volumes"),
             )
         except TraitError as error:
-            raise HubConfigError(f"a setting in the hub's config: {one_line(error)}") from None
+            refused = refused_settings(config) or [one_line(error)]
+            raise HubConfigError(f"{'settings' if len(refused) > 1 else 'a setting'} in the hub's config: "
+                                 + "; ".join(refused)) from None
         if builder.docker_host and not builder.registry:
             spawner.log.error("ImageBuilder.docker_host (%s) needs ImageBuilder.registry: servers cannot run "
                               "images built on another daemon", builder.docker_host)
@@ -111,6 +116,23 @@ def hub_services(spawner: "CondaSpawner") -> HubServices:
     services = _services[key][1]
     _start_gpu_sampler(services, spawner.log)
     return services
+
+
+def refused_settings(config: Any) -> list[str]:
+    """One line for each setting of the hub's services that traitlets refuses: it stops at a class's first,
+    and an admin with three mistakes would restart the hub three times to learn them."""
+    refused = []
+    for cls in (GpuAllocator, GpuInventory, ImageBuilder, Resolver, ProfileCatalog, SpecPolicy):
+        for name in cls.class_traits(config=True):
+            given = {section: {name: config[section][name]} for section in cls.section_names()
+                     if section in config and name in config[section]}
+            if not given:
+                continue
+            try:
+                cls(config=Config(given))  # that setting alone
+            except TraitError as error:
+                refused.append(one_line(error))
+    return refused
 
 
 def _start_gpu_sampler(services: HubServices, log: Any) -> None:

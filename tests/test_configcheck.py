@@ -63,6 +63,24 @@ def test_the_hub_names_a_misspelled_class_even_when_another_setting_is_refused(c
         "c.GpuAlocator is not a setting class, so its settings are ignored: did you mean c.GpuAllocator?") == 1
 
 
+def test_the_hub_names_every_refused_setting_of_its_services_at_once():
+    """traitlets stops at a class's first refused setting: three mistakes took three restarts to learn."""
+    config = Config()
+    config.GpuAllocator.policy = "fastest"
+    config.SpecPolicy.max_file_bytes = "256K"
+    config.ImageBuilder.max_images = -3
+    config.ImageBuilder.max_concurrent_builds = 0
+    config.ImageBuilder.max_concurrent_presolves = 4  # fine: not named
+    with pytest.raises(HubConfigError) as refused:
+        hub_services(CondaSpawner(config=config))
+    message = str(refused.value)
+    assert message.startswith("settings in the hub's config: ") and "\n" not in message
+    for name in ("'policy' trait of a GpuAllocator", "'max_file_bytes' trait of a SpecPolicy",
+                 "'max_images' trait of an ImageBuilder", "'max_concurrent_builds' trait of an ImageBuilder"):
+        assert name in message, message
+    assert message.count("; ") == 3 and "max_concurrent_presolves" not in message
+
+
 def test_the_command_warns_in_one_line(tmp_path):
     path = tmp_path / "jupyterhub_config.py"
     path.write_text("c = get_config()\nc.SpecPolcy.max_dependencies = 5\n")
