@@ -125,7 +125,7 @@ class SpecPolicy(Configurable):
     def parse_mapping(self, mapping: dict, source: str | None = None) -> EnvironmentSpec:
         """Validate an environment given as an already-loaded mapping (inline in a profile)."""
         try:
-            text = yaml.safe_dump(mapping)
+            text = yaml.safe_dump(mapping, width=float("inf"))  # no line broken: the check reads entries whole
         except yaml.YAMLError as error:
             raise SpecError(f"not a plain YAML mapping ({error.__class__.__name__})", source=source)
         return self.parse(text, source)

@@ -256,8 +256,9 @@ def _namespace_reason(namespace: str, text: str) -> str:
     return f"a single ':' has no meaning in a conda spec: write {instead} for a version, or 'channel::package' for a channel"
 
 
-_CONSTRAINT_STARTS = (",", "|", ";", "<", ">", "=", "!", "~")
+_CONSTRAINT_STARTS = (",", "|", ";", "<", ">", "=", "!", "~", "--")  # `--`: a pip option such as --hash
 _EMITTER_WIDTH = 80  # PyYAML's and ruamel's default: they break a plain scalar at a space past this column
+_LINE_BREAKS = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # YAML's
 
 
 def check_one_line(text: str, where: str, node: yaml.Node) -> None:
@@ -272,26 +273,38 @@ def check_one_line(text: str, where: str, node: yaml.Node) -> None:
     if re.search(r"\s-\s", text):
         reason = (f"line {line} is indented further than the entries above it, and YAML reads it as part of "
                   "this one: indent its '- ' as theirs")
+    elif _in_flow_list(node):
+        reason = f"it goes on to line {line}: is a ',' missing before it?"
     else:
         reason = f"it goes on to line {line}: is a '- ' missing there?"
     raise SpecError(f"{show(text)}: {reason}", field=at(where, node))
 
 
 def _first_unwrapped_line(node: yaml.Node) -> int | None:
-    """The first line (from 1) a folded entry goes on to other than mid-constraint, or None when each
-    line ends, or the next begins, with a ',', '|', ';' or an operator: one long spec wrapped on
-    purpose (`numpy >=1.26,` then `<2`), which YAML folds as meant."""
+    """The first line (from 1) a folded entry goes on to other than as one spec wrapped on purpose, or None:
+    a line that ends mid-constraint (`numpy >=1.26,` then `<2`; `;` before a pip marker), a next line
+    that begins with an operator or a pip option (`--hash=...`), or a line a YAML writer broke (past
+    80 columns), which YAML folds as meant."""
     source = node.start_mark.buffer
     if not source:
         return node.start_mark.line + 2
-    lines = [(number, line) for number, line in
-             enumerate(source[node.start_mark.pointer:node.end_mark.pointer].split("\n"), start=node.start_mark.line + 1)
+    pieces = _LINE_BREAKS.split(source[node.start_mark.pointer:node.end_mark.pointer])
+    lines = [(number, line) for number, line in enumerate(pieces, start=node.start_mark.line + 1)
              if line.strip()]  # a blank line folds in too
-    for (_, first), (number, then) in zip(lines, lines[1:]):
-        emitted = len(first.rstrip()) >= _EMITTER_WIDTH  # a YAML writer breaks long lines at a space: as meant
-        if not (emitted or first.rstrip().endswith((",", "|", ";")) or then.lstrip().startswith(_CONSTRAINT_STARTS)):
+    for index, ((_, first), (number, then)) in enumerate(zip(lines, lines[1:])):
+        first, then = first.rstrip(), then.lstrip()
+        width = len(first) + (node.start_mark.column if index == 0 else 0)  # the first piece starts mid-line
+        ends_mid_constraint = first.endswith(";") or (first.endswith((",", "|")) and then[:1] in "<>=!~0123456789")
+        if not (width >= _EMITTER_WIDTH or ends_mid_constraint or then.startswith(_CONSTRAINT_STARTS)):
             return number
     return None
+
+
+def _in_flow_list(node: yaml.Node) -> bool:
+    """Whether the entry sits in a `[...]` list (after '[' or ','), not on a '- ' line."""
+    source, pointer = node.start_mark.buffer or "", node.start_mark.pointer
+    before = source[source.rfind("\n", 0, pointer) + 1:pointer].rstrip()
+    return before.endswith(("[", ","))
 
 
 def _folded_pip_list(text: str, node: yaml.Node) -> bool:

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from packaging.requirements import Requirement
 
 from jupyterhub_condaspawner.spec import (
     EnvironmentSpec,
@@ -191,6 +193,12 @@ def test_a_conda_package_given_by_url_or_file_is_refused(entry):
                                                  "is a '- ' missing there?"),
     ("dependencies:\n  - pip\n  - pip:\n    - requests==2.31\n      flask\n",
      "dependencies[1].pip[0] (line 4): 'requests==2.31 flask': it goes on to line 5: is a '- ' missing there?"),
+    ("dependencies:\r  - python=3.9\r    pandas\r",  # a lone CR is a line break to YAML too
+     "dependencies[0] (line 2): 'python=3.9 pandas': it goes on to line 3: is a '- ' missing there?"),
+    ("dependencies:\n  - numpy >=1.26,\n    pandas\n",  # a ',' then a name: not a wrapped constraint
+     "dependencies[0] (line 2): 'numpy >=1.26, pandas': it goes on to line 3: is a '- ' missing there?"),
+    ("dependencies: [python=3.9, numpy\n   pandas]\n",
+     "dependencies[1] (line 1): 'numpy pandas': it goes on to line 2: is a ',' missing before it?"),
     ("dependencies: [nodefaults::numpy]",
      "dependencies[0] (line 1): 'nodefaults::numpy': nodefaults is not a channel to take a package from; write 'numpy'"),
     # what a recipe writer would type
@@ -225,6 +233,20 @@ def test_a_slip_is_refused_with_a_hint_of_what_to_do(text, message):
     with pytest.raises(SpecError) as refused:
         parse(text)
     assert str(refused.value) == message
+
+
+def test_entries_a_yaml_writer_wrapped_are_read_whole_whatever_their_length():
+    """PyYAML breaks a plain scalar at a space once past column 80, counted from the line's start."""
+    for length in range(60, 130):
+        marker = "; " + " and ".join(["python_version >= '3.8'"] * 6)
+        requirement = ("a" * max(1, length - len(marker) - 10)) + marker
+        text = yaml.safe_dump({"dependencies": ["pip", {"pip": [requirement]}]})
+        assert parse(text).pip == (str(Requirement(requirement)),), (length, text)
+
+
+def test_a_pip_option_on_the_next_line_belongs_to_the_requirement():
+    spec = parse("dependencies:\n  - pip\n  - pip:\n    - requests==2.31.0\n      --hash=sha256:" + "a" * 64 + "\n")
+    assert spec.pip == ("requests==2.31.0 --hash=sha256:" + "a" * 64,)
 
 
 def test_a_long_spec_wrapped_mid_constraint_is_read_as_one():
