@@ -227,15 +227,21 @@ class _ProfileLoader(yaml.SafeLoader):
     silently: an `allowed_groups: []` added below a course's `allowed_groups: [dl-course]` would
     open its profile to everyone, and no message would say so."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:  # as written: before `<<` merges, whose keys the mapping may override
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in seen:
-                    raise _SetTwice(f"line {key_node.start_mark.line + 1}: {show(key_node.value)} is set twice in "
-                                    "one mapping (YAML would keep the last one): keep one")
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # As written (composed once, before any `<<` merge flattens it), keys compared as the dict will hold
+        # them (`yes` and `true` are one key, `1` and `'1'` two); `<<` merges are no key of their own.
+        node = super().compose_mapping_node(anchor)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            constructor = self.yaml_constructors.get(key_node.tag)
+            key = constructor(self, key_node) if constructor is not None else key_node.value  # as the dict will hold it
+            if key in seen:
+                raise _SetTwice(f"line {key_node.start_mark.line + 1}: {show(key_node.value)} is set twice in "
+                                "one mapping (YAML would keep the last one): keep one")
+            seen.add(key)
+        return node
 
 
 class ProfileCatalog(Configurable):

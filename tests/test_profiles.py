@@ -224,13 +224,17 @@ def test_a_field_set_twice_is_refused_not_the_last_one_taken(tmp_path):
                    "mem_limit: 2G\nallowed_groups: []\n",
         "gpu.yaml": "display_name: GPU\nenvironment: envs/e.yml\nkubespawner_override:\n  mem_limit: 1G\n"
                     "  mem_limit: 8G\n",
-        "merged.yaml": "base: &base {mem_limit: 1G, cpu_limit: 1}\n",  # anchors: not a key set twice
+        # `<<` merges override keys as meant, also when a merged mapping is used again by an alias
+        "merged.yaml": "a: &base {mem_limit: 1G, cpu_limit: 1}\nb: {<<: &mid {<<: *base, cpu_limit: 2}}\n"
+                       "c: *mid\nd: {<<: *base, <<: *mid}\n",
+        "bools.yaml": "display_name: B\nenvironment: envs/e.yml\nkubespawner_override: {yes: 1, true: 2}\n",
         "envs/e.yml": ENV,
     })
     found = problems(tmp_path)
     assert f"{tmp_path / 'hw.yaml'}: line 5: 'allowed_groups' is set twice in one mapping (YAML would keep the " \
            "last one): keep one" in found
     assert any(p.startswith(f"{tmp_path / 'gpu.yaml'}: line 5: 'mem_limit' is set twice") for p in found)
+    assert any(p.startswith(f"{tmp_path / 'bools.yaml'}: line 3: 'true' is set twice") for p in found)  # both True
     assert not any("merged.yaml" in p and "set twice" in p for p in found)
 
 
