@@ -550,10 +550,12 @@ def cmd_build(args: argparse.Namespace, config: Config) -> int:
 def _failure_line(failed_build: BuildError) -> str:
     """A failed row's line: the key, the phase in words, the cause, and where its log is; a registry that
     failed it is no build's failure (the image may be built and here), and its log does not say."""
-    if failed_build.phase == "registry":
-        return (f"{failed_build.summary()}: the image is not in the registry (it is built on this host if the "
-                "build ran); run the command again once the registry answers")
-    return f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)"
+    if failed_build.phase not in ("registry", "registry-failed"):
+        return f"{failed_build.summary()} (`condaspawner log {failed_build.key[:16]}` shows its log)"
+    todo = ("run the command again once the registry answers" if failed_build.unreachable
+            else "see to the registry (or the settings for it) and run the command again")
+    return (f"{failed_build.summary()}: the image is not in the registry (it is built on this host if the build "
+            f"ran); {todo}")
 
 
 def _images_to_push(args: argparse.Namespace, config: Config) -> PushedImages:
