@@ -30,6 +30,7 @@ from .realchannel import NO_REAL_SET, REAL_SETS, REAL_SETS_ENV, build_real_chann
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "demo" / "jupyterhub_config.py"
 # demo/jupyterhub_config.py reads these (its defaults: 8081, 8001); the demo command sets them.
 HUB_PORT_ENV = "CONDASPAWNER_DEMO_HUB_PORT"
+EXTRA_CONFIG_ENV = "CONDASPAWNER_DEMO_EXTRA_CONFIG"  # more settings, loaded last by the demo's config
 PROXY_PORT_ENV = "CONDASPAWNER_DEMO_PROXY_PORT"
 
 
@@ -102,11 +103,11 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     real_set = _real_set(args, "datascience")
     bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else default_bench_dir()
     check_demo_ports(args, bench_dir)
+    demo_config = _demo_config(args)  # before the bench's set-up, as the ports
     try:
         bench = ensure_bench(bench_dir, say=_say, real_set=real_set)
     except (BenchError, BenchDaemonError, ImageBuildError, ResolveError) as error:
         raise cli.CommandError(f"cannot set up the demo bench: {error}")
-    demo_config = _demo_config(args)
     os.environ.update({
         **_demo_environment(bench),
         "CONDASPAWNER_DEMO_PORT": str(args.port),
@@ -139,7 +140,21 @@ def _demo_config(args: argparse.Namespace) -> Path:
     demo_config = Path(args.hub_config).resolve()
     if not demo_config.is_file():
         raise cli.CommandError(f"demo config not found: {demo_config}")
+    _check_extra_config()
     return demo_config
+
+
+def _check_extra_config() -> None:
+    """The settings file CONDASPAWNER_DEMO_EXTRA_CONFIG names, made absolute: the demo's config loads it
+    with traitlets' load_subconfig, which takes a relative path from demo/ and loads a missing file as
+    nothing, without a word."""
+    extra = os.environ.get(EXTRA_CONFIG_ENV)
+    if not extra:
+        return
+    path = Path(extra).expanduser().resolve()
+    if not path.is_file():
+        raise cli.CommandError(f"{EXTRA_CONFIG_ENV}={extra}: no such file ({path})")
+    os.environ[EXTRA_CONFIG_ENV] = str(path)
 
 
 def _demo_environment(bench: Bench) -> dict[str, str]:

@@ -30,10 +30,10 @@ def listening(port: int) -> Iterator[None]:
         yield
 
 
-def demo(tmp_path: Path, *ports: int) -> subprocess.CompletedProcess:
+def demo(tmp_path: Path, *ports: int, **environment: str) -> subprocess.CompletedProcess:
     public, hub, api = ports
     bench = tmp_path / "bench"
-    env = {**os.environ, "CONDASPAWNER_DEMO_STATE": str(tmp_path / "state")}
+    env = {**os.environ, "CONDASPAWNER_DEMO_STATE": str(tmp_path / "state"), **environment}
     result = subprocess.run([sys.executable, "-m", "condaspawner_bench", "demo", "--bench-dir", str(bench),
                              "--port", str(public), "--hub-port", str(hub), "--proxy-api-port", str(api)],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
@@ -53,6 +53,14 @@ def test_a_taken_port_is_named_in_one_line_with_the_option_that_moves_it(tmp_pat
         refused = demo(tmp_path, public, hub, api)
     assert refused.returncode == 1
     assert f"127.0.0.1:{public} (the demo's address, --port); 127.0.0.1:{api} (the proxy's API port" in refused.stderr
+
+
+def test_a_settings_file_that_is_not_there_is_refused_not_loaded_as_nothing(tmp_path):
+    """traitlets' load_subconfig loads a missing file as nothing: the demo would run without the settings."""
+    refused = demo(tmp_path, free_port(), free_port(), free_port(), CONDASPAWNER_DEMO_EXTRA_CONFIG="extra.py")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"error: CONDASPAWNER_DEMO_EXTRA_CONFIG=extra.py: no such file ({REPO / 'extra.py'})"]
 
 
 def test_one_port_given_for_two_of_the_demos_servers_is_refused(tmp_path):
