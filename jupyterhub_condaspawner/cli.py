@@ -87,6 +87,8 @@ def _read_input(name: str, max_bytes: int) -> bytes:
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     from .spec import SpecError, SpecPolicy
 
+    if args.strict and not args.solve:
+        raise CommandError("--strict goes with --solve: without a solve, nothing can fail to be solved")
     policy = SpecPolicy(config=config)
     results: list[dict[str, Any]] = []
     specs = {}

@@ -53,7 +53,9 @@ class Diff:
 def spec_changes(result: Diff, old_spec: dict[str, Any], new_spec: dict[str, Any]) -> Diff:
     """``result`` with what changed from the ``old`` normalised spec's pip section and variables to the ``new`` one's."""
     old_pip, new_pip = set(old_spec.get("pip") or []), set(new_spec.get("pip") or [])
-    result.pip_added, result.pip_removed = sorted(new_pip - old_pip), sorted(old_pip - new_pip)
+    # shown without their --hash options (64 hex digits each): the requirement says which changed
+    result.pip_added = sorted(requirement.split(" --hash", 1)[0] for requirement in new_pip - old_pip)
+    result.pip_removed = sorted(requirement.split(" --hash", 1)[0] for requirement in old_pip - new_pip)
     old_variables, new_variables = dict(old_spec.get("variables") or {}), dict(new_spec.get("variables") or {})
     result.variables = sorted(name for name in set(old_variables) | set(new_variables)
                               if old_variables.get(name) != new_variables.get(name))

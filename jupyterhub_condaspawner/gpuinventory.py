@@ -244,7 +244,8 @@ class GpuInventory(LoggingConfigurable):
         for field, values in (("uuid", [gpu.uuid for gpu in gpus]), ("index", [str(gpu.index) for gpu in gpus])):
             duplicates = sorted({value for value in values if values.count(value) > 1})
             if duplicates:
-                raise TraitError(f"static_gpus: the same {field} is declared twice: {', '.join(duplicates)}")
+                implied = " (an entry without 'index' is at its position in the list)" if field == "index" else ""
+                raise TraitError(f"static_gpus: the same {field} is declared twice: {', '.join(duplicates)}{implied}")
         return entries
 
     def __init__(self, nvml: Nvml | None = None, **kwargs: Any):

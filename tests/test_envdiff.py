@@ -50,6 +50,8 @@ def test_the_pip_section_and_the_variables_count_too():
     assert not changes.empty
     assert changes.summary() == "pip: 2 added (rich==13.7, six), 1 removed (requests==2.31); variables changed (B, C)"
     assert spec_changes(diff(same, same), old, old).summary() == "no package changed"
+    hashed = {**new, "pip": [f"six==1.16.0 --hash=sha256:{'b' * 64}"]}
+    assert spec_changes(diff(same, same), {**new, "pip": []}, hashed).pip_added == ["six==1.16.0"]  # no 64 hex digits
     upgraded = spec_changes(diff(same, [package("python", "3.9.18"), package("pip", "24.1")]), old, {**old, "pip": []})
     assert upgraded.summary() == "1 upgraded (pip 24.0 -> 24.1); pip: 1 removed (requests==2.31)"
 

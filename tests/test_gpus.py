@@ -322,7 +322,7 @@ def test_nvml_wins_over_a_static_entry_for_the_same_gpu():
     ([{"uuid": "GPU-a", "index": -1}], r"'index' must be a whole number"),
     ([{"uuid": "GPU-a"}, {"uuid": "GPU-a"}], r"the same uuid is declared twice: GPU-a"),
     ([{"uuid": "GPU-a", "index": 0}, {"uuid": "GPU-b", "index": 0}], r"the same index is declared twice: 0"),
-    ([{"uuid": "GPU-a"}, {"uuid": "GPU-b", "index": 0}], r"the same index is declared twice: 0"),  # a's is 0 too
+    ([{"uuid": "GPU-a"}, {"uuid": "GPU-b", "index": 0}], r"the same index is declared twice: 0 \(an entry without 'index' is at its position"),
     (["GPU-a"], r"expected a dict, not the str"),
 ])
 def test_bad_static_gpus_are_refused_with_the_reason(entries, message):

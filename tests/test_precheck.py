@@ -190,6 +190,9 @@ def test_validate_solve_from_the_command_line(tmp_path, dev_python_channel):
     assert validate("--solve", "--config", str(config), str(cuda)).returncode == 1
     assert validate("--solve", "--cuda", "12.4", "--config", str(config), str(cuda)).returncode == 0
     assert validate("--config", str(config), str(typo)).returncode == 0  # without --solve: the checks only
+    alone = validate("--strict", "--config", str(config), str(typo))
+    assert alone.returncode == 1 and alone.stderr.strip() == (
+        "error: --strict goes with --solve: without a solve, nothing can fail to be solved")
 
 
 
