@@ -217,7 +217,6 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
 _KUBESPAWNER_ONLY = frozenset({"kubespawner_override", "profile_options"})
 
 
-
 class _SetTwice(yaml.YAMLError):
     """A key written twice in one mapping of a profile file: ``str(error)`` names its line and key."""
 
