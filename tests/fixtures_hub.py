@@ -247,12 +247,22 @@ class Hub:
 
     def server_once_checked(self, user: str, server: str = "", timeout: float = 120) -> dict | None:
         """The server's model once JupyterHub, started again, has checked that it answers (in the
-        background: ``pending`` is "check" meanwhile)."""
+        background: ``pending`` is "check" meanwhile), and has routed it again: JupyterHub adds the
+        routes of servers checked in the background just after their check ends, and until then
+        the proxy sends their requests to the hub."""
         deadline = time.monotonic() + timeout
         while (model := self.server_model(user, server)) is not None and model["pending"] == "check":
             assert time.monotonic() < deadline, model
             time.sleep(0.5)
+        while model is not None and model["ready"] and not self._answers(user, server):
+            assert time.monotonic() < deadline, "the proxy never routed the server again"
+            time.sleep(0.5)
         return model
+
+    def _answers(self, user: str, server: str = "") -> bool:
+        """Whether the single-user server itself answers through the proxy (its own status, not a hub page)."""
+        status, body = self.user_api(user, "/status", server=server)
+        return status == 200 and isinstance(body, dict) and "started" in body
 
     def stop_server(self, user: str, server: str = "", timeout: float = 60) -> None:
         self.api("DELETE", f"/users/{user}/servers/{server}")
