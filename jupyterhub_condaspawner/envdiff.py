@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from rattler import Version
 
+from .specmodel import EnvironmentSpec
+
 _PACKAGE_KINDS = ("added", "removed", "upgraded", "downgraded", "rebuilt")
 
 
@@ -50,13 +52,13 @@ class Diff:
         return "; ".join(parts) or "no package changed"
 
 
-def spec_changes(result: Diff, old_spec: dict[str, Any], new_spec: dict[str, Any]) -> Diff:
-    """``result`` with what changed from the ``old`` normalised spec's pip section and variables to the ``new`` one's."""
-    old_pip, new_pip = set(old_spec.get("pip") or []), set(new_spec.get("pip") or [])
+def spec_changes(result: Diff, old_spec: EnvironmentSpec, new_spec: EnvironmentSpec) -> Diff:
+    """``result`` with what changed from the ``old`` spec's pip section and variables to the ``new`` one's."""
+    old_pip, new_pip = set(old_spec.pip), set(new_spec.pip)
     # shown without their --hash options (64 hex digits each): the requirement says which changed
     result.pip_added = sorted(requirement.split(" --hash", 1)[0] for requirement in new_pip - old_pip)
     result.pip_removed = sorted(requirement.split(" --hash", 1)[0] for requirement in old_pip - new_pip)
-    old_variables, new_variables = dict(old_spec.get("variables") or {}), dict(new_spec.get("variables") or {})
+    old_variables, new_variables = dict(old_spec.variables), dict(new_spec.variables)
     result.variables = sorted(name for name in set(old_variables) | set(new_variables)
                               if old_variables.get(name) != new_variables.get(name))
     return result

@@ -30,7 +30,6 @@ from .buildmodel import (
     BuildRequest,
     request_for_profile,
 )
-from .buildrecords import BuildRecord
 from .envpage import ADMIN_SCOPE, EnvironmentsPage
 from .failures import StartFailure
 from .hubservices import HubServices
@@ -383,23 +382,13 @@ class _Environments:
 
         policy = self.condaspawner.policy
         record = self.condaspawner.builder.build_record(key)
-        recorded = _recorded_spec(record)
+        recorded = environments.recorded_spec(record)
         if record is not None and recorded is not None:  # checked as a start checks it: the policy may be stricter now
             yield request(policy.parse(recorded.to_yaml(), source="environment.yml"), record.cuda or None)
         if use.spec:
             yield request(policy.parse(use.spec, source="environment.yml"), profile.cuda)
         if not use.own and profile.environment is not None:
             yield request_for_profile(profile)
-
-
-def _recorded_spec(record: BuildRecord | None) -> EnvironmentSpec | None:
-    """The spec a key's build recorded (its normalized JSON), or None (an older or damaged record)."""
-    if record is None or not record.spec:
-        return None
-    try:
-        return EnvironmentSpec.from_normalized(json.loads(record.spec))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def _older(tag: str, use: Use, profile: Profile) -> str:

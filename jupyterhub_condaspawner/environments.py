@@ -20,6 +20,8 @@ from . import envdiff, swarmgpus
 from .builder import ImageBuilder
 from .builderrors import BuildError
 from .buildmodel import CUSTOM_ENV_NAME, LABEL_CREATED, LABEL_ENV_NAME, LABEL_KEY, LABEL_SPEC
+from .buildrecords import BuildRecord
+from .specmodel import EnvironmentSpec
 from .swarm import SwarmState, since_text
 from .swarmgpus import GpuReading
 from .usage import UsageLog, Use
@@ -73,18 +75,18 @@ def change(builder: ImageBuilder, old_key: str | None, new_key: str) -> envdiff.
     if old is None or new is None:
         return None
     packages = envdiff.diff(old.get("packages", []), new.get("packages", []))
-    old_spec, new_spec = _recorded_spec(builder, old_key), _recorded_spec(builder, new_key)
+    old_spec, new_spec = recorded_spec(builder.build_record(old_key)), recorded_spec(builder.build_record(new_key))
     return envdiff.spec_changes(packages, old_spec, new_spec) if old_spec and new_spec else packages
 
 
-def _recorded_spec(builder: ImageBuilder, key: str) -> dict[str, Any]:
-    """The normalised spec the key was built from, as its build record keeps it ({} in records older than it)."""
-    record = builder.build_record(key)
+def recorded_spec(record: BuildRecord | None) -> EnvironmentSpec | None:
+    """The spec a key's build recorded (its normalized JSON), or None (an older or damaged record)."""
+    if record is None or not record.spec:
+        return None
     try:
-        spec = json.loads(record.spec) if record and record.spec else {}
-    except ValueError:
-        return {}
-    return spec if isinstance(spec, dict) else {}
+        return EnvironmentSpec.from_normalized(json.loads(record.spec))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def image_facts(builder: ImageBuilder, key: str) -> dict[str, Any]:

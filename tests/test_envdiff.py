@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from jupyterhub_condaspawner.envdiff import diff, exact_environment_yml, spec_changes
+from jupyterhub_condaspawner.specmodel import EnvironmentSpec
 from jupyterhub_condaspawner.usage import UsageLog
 
 
@@ -39,20 +40,26 @@ def test_the_same_lock_changes_nothing_and_long_lists_are_cut():
     assert many.summary(limit=2) == "6 added (p0 1, p1 1, 4 more)"
 
 
+def spec(pip: list[str] | None = None, variables: dict[str, str] | None = None) -> EnvironmentSpec:
+    return EnvironmentSpec.from_normalized({"channels": [], "conda": ["pip", "python=3.9"], "pip": pip or [],
+                                            "variables": variables or {}})
+
+
 def test_the_pip_section_and_the_variables_count_too():
     """Neither is in the conda lock: a pip-only change said "no package changed"."""
     same = [package("python", "3.9.18"), package("pip", "24.0")]
-    old = {"conda": ["pip", "python=3.9"], "pip": ["requests==2.31"], "variables": {"A": "1", "B": "2"}}
-    new = {"conda": ["pip", "python=3.9"], "pip": ["rich==13.7", "six"], "variables": {"A": "1", "B": "3", "C": "4"}}
+    old = spec(pip=["requests==2.31"], variables={"A": "1", "B": "2"})
+    new = spec(pip=["rich==13.7", "six"], variables={"A": "1", "B": "3", "C": "4"})
     changes = spec_changes(diff(same, same), old, new)
     assert (changes.pip_added, changes.pip_removed, changes.variables) == (["rich==13.7", "six"], ["requests==2.31"],
                                                                            ["B", "C"])
     assert not changes.empty
     assert changes.summary() == "pip: 2 added (rich==13.7, six), 1 removed (requests==2.31); variables changed (B, C)"
     assert spec_changes(diff(same, same), old, old).summary() == "no package changed"
-    hashed = {**new, "pip": [f"six==1.16.0 --hash=sha256:{'b' * 64}"]}
-    assert spec_changes(diff(same, same), {**new, "pip": []}, hashed).pip_added == ["six==1.16.0"]  # no 64 hex digits
-    upgraded = spec_changes(diff(same, [package("python", "3.9.18"), package("pip", "24.1")]), old, {**old, "pip": []})
+    hashed = spec(pip=[f"six==1.16.0 --hash=sha256:{'b' * 64}"])
+    assert spec_changes(diff(same, same), spec(), hashed).pip_added == ["six==1.16.0"]  # no 64 hex digits
+    upgraded = spec_changes(diff(same, [package("python", "3.9.18"), package("pip", "24.1")]), old,
+                            spec(variables={"A": "1", "B": "2"}))
     assert upgraded.summary() == "1 upgraded (pip 24.0 -> 24.1); pip: 1 removed (requests==2.31)"
 
 
