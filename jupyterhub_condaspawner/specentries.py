@@ -27,7 +27,7 @@ from .specpip import (
     pytorch_local_label,
     split_hashes,
 )
-from .specyaml import at
+from .specyaml import at, whole_line
 
 # MatchSpec's default channel alias: a spec's channel that lives elsewhere was given as
 # a URL or a path, not as a name.
@@ -302,9 +302,7 @@ def _first_unwrapped_line(node: yaml.Node) -> int | None:
 
 def _in_flow_list(node: yaml.Node) -> bool:
     """Whether the entry sits in a `[...]` list (after '[' or ','), not on a '- ' line."""
-    source, pointer = node.start_mark.buffer or "", node.start_mark.pointer
-    before = source[source.rfind("\n", 0, pointer) + 1:pointer].rstrip()
-    return before.endswith(("[", ","))
+    return whole_line(node.start_mark)[:node.start_mark.column].rstrip().endswith(("[", ","))
 
 
 def _folded_pip_list(text: str, node: yaml.Node) -> bool:

@@ -216,17 +216,17 @@ def describe_yaml_error(error: yaml.MarkedYAMLError) -> str:
         problem = (f"this line's indentation does not fit the block started at line {error.context_mark.line + 1} "
                    "(items of one list or mapping line up; a list item starts with '- ')")
     elif problem == "sequence entries are not allowed here" and mark is not None:
-        key = _whole_line(mark).split(":", 1)[0].strip()
+        key = whole_line(mark).split(":", 1)[0].strip()
         problem = (f"a '- item' cannot follow the key {show(key)} on its line: put a list on the lines below "
                    f"{show(key + ':')}, or write a single value (a name) there without '- '")
     elif problem == "mapping values are not allowed here" and (key_mark := _key_without_colon(mark)) is not None:
         mark = key_mark
-        problem = f"{show(_whole_line(mark).split('#', 1)[0].strip())} needs a ':' after it (expected 'key: value')"
+        problem = f"{show(whole_line(mark).split('#', 1)[0].strip())} needs a ':' after it (expected 'key: value')"
     elif problem == "mapping values are not allowed here":
         problem = "unexpected ':' (quote a value that contains ': ', or start a nested block on a new line)"
     elif problem.endswith("that cannot start any token") and mark is not None:
         problem = ("a `conda list --explicit` file, not an environment.yml: write one, or export it with "
-                   "`conda env export --from-history`" if _whole_line(mark).strip() == "@EXPLICIT"
+                   "`conda env export --from-history`" if whole_line(mark).strip() == "@EXPLICIT"
                    else f"{problem.removeprefix('found character ').split(' that ', 1)[0]} cannot start a value: "
                    "quote it")
     elif problem == "but found another document" and mark is not None:
@@ -265,7 +265,7 @@ def _mark_line(error: yaml.MarkedYAMLError) -> str:
     return str(error.problem_mark.line + 1) if error.problem_mark else "?"
 
 
-def _whole_line(mark: yaml.Mark) -> str:
+def whole_line(mark: yaml.Mark) -> str:
     """The whole source line a mark points into."""
     buffer = mark.buffer or ""
     start = buffer.rfind("\n", 0, mark.pointer) + 1
